@@ -40,12 +40,14 @@ def resolve_device(device: str) -> str:
     import torch
 
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         return "cpu"
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ValueError(f"device={device!r} but CUDA is not available here; use device=cpu or device=auto")
+        if device == "cuda" and "LOCAL_RANK" in os.environ:  # one GPU per torchrun worker
+            return f"cuda:{int(os.environ['LOCAL_RANK'])}"
         return device
     raise ValueError(f"device={device!r} is not one of cpu, cuda, cuda:N, auto")
 
@@ -164,8 +166,8 @@ def run_train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         tokens=int(t.tokens),
         batch_tokens=int(t.batch_tokens),
         lr=None if t.lr is None else float(t.lr),
-        betas=tuple(float(b) for b in t.betas),
-        eps=float(t.eps),
+        adam_betas=tuple(float(b) for b in t.betas),
+        adam_eps=float(t.eps),
         warmup_steps=int(t.warmup_steps),
         lr_decay_frac=float(t.lr_decay_frac),
         ema=bool(t.ema),
@@ -174,6 +176,7 @@ def run_train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         checkpoint_every_steps=int(t.checkpoint_every_steps),
         keep_checkpoints=int(t.keep_checkpoints),
         log_every_steps=int(t.log_every_steps),
+        bf16=bool(t.bf16),
         shuffle_shards=int(cfg.store.shuffle_shards),
         prefetch=int(cfg.store.prefetch),
     )

@@ -1,0 +1,183 @@
+"""Downstream loss of an SAE: the LM's next-token cross entropy with the SAE's reconstruction spliced
+into the forward pass.
+
+Definitions (Gao et al. 2024, "Scaling and evaluating sparse autoencoders", sec. 4.1 "Downstream loss";
+the normalised "CE loss score" as reported by SAELens' evals):
+
+    ce_loss_clean          CE of the unmodified LM
+    ce_loss_sae            CE with the hooked activation a replaced by x^ = SAE(a)
+    ce_loss_zero_ablation  CE with the hooked activation replaced by 0
+    ce_loss_score          (CE_zero - CE_sae) / (CE_zero - CE_clean)   (1 = as good as clean, 0 = as bad
+                           as zero ablation; NaN when CE_zero == CE_clean)
+    ce_loss_delta          CE_sae - CE_clean  (the paper's "delta loss")
+    kl_div                 mean over predicted tokens of KL(P_clean || P_sae) in nats
+
+Positions. Position 0 of every sequence is BOS, the attention sink, which the SAE never trained on;
+positions < `skip_positions` keep their clean activation in every run. Cross entropy and KL are taken
+over the positions whose prediction depends on a spliced position: logits at positions
+skip_positions .. T-2 predicting targets skip_positions+1 .. T-1 (with the default skip_positions=1:
+targets 2..T-1). The same positions are used for all three runs. Log-probabilities are computed in
+float32, sums accumulated in float64. The SAE is applied in float32 and its output cast back to the LM's
+activation dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["downstream_loss"]
+
+
+def _module_device(module: nn.Module, fallback: torch.device) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    for b in module.buffers():
+        return b.device
+    return fallback
+
+
+def _sae_splice(sae: nn.Module, sae_device: torch.device, skip: int):
+    def fn(a: torch.Tensor) -> torch.Tensor:
+        b, t, d = a.shape
+        out = a.clone()
+        x = a[:, skip:, :].reshape(-1, d).to(device=sae_device, dtype=torch.float32)
+        x_hat = sae(x)
+        if not isinstance(x_hat, torch.Tensor) or x_hat.shape != x.shape:
+            got = tuple(x_hat.shape) if isinstance(x_hat, torch.Tensor) else type(x_hat).__name__
+            raise ValueError(f"sae(x) must return a tensor of shape {tuple(x.shape)}, got {got}")
+        out[:, skip:, :] = x_hat.to(device=a.device, dtype=a.dtype).reshape(b, t - skip, d)
+        return out
+
+    return fn
+
+
+def _zero_splice(skip: int):
+    def fn(a: torch.Tensor) -> torch.Tensor:
+        out = a.clone()
+        out[:, skip:, :] = 0
+        return out
+
+    return fn
+
+
+@torch.no_grad()
+def downstream_loss(
+    model: nn.Module,
+    sae: nn.Module,
+    hook: str,
+    sequences: torch.Tensor,
+    *,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    skip_positions: int = 1,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Clean, SAE-spliced and zero-ablated next-token cross entropy, CE loss score and KL divergence.
+
+    Definitions, positions and precision: see the module docstring (Gao et al. 2024 sec. 4.1; SAELens'
+    CE loss score).
+
+    Args:
+        model: HF causal LM (returns `.logits` [B, T, V]); put in eval mode for the call.
+        sae: module with `forward(x [M, d_in] float32) -> x_hat [M, d_in]` in the raw activation units
+            of `hook` (e.g. from `sae_dist.load_sae`).
+        hook: hook name (`sae_dist.harvest.hooks` scheme), e.g. "blocks.19.hook_resid_post".
+        sequences: int64 [N, T] token ids, every row a full sequence (no padding), T >= skip_positions+2.
+        batch_size: sequences per forward.
+        device: device the token ids are moved to (the model's, or its first device).
+        skip_positions: leading positions left clean (default 1: BOS / attention sink).
+        progress: show a tqdm bar.
+
+    Returns:
+        dict of Python floats: `ce_loss_clean`, `ce_loss_sae`, `ce_loss_zero_ablation`, `ce_loss_score`,
+        `ce_loss_delta`, `kl_div`, `kl_div_zero_ablation`, and int `ce_tokens` (number of predicted
+        tokens). CE in nats per token.
+
+    Raises:
+        ValueError: `sequences` not a 2-D integer tensor, too short for `skip_positions`, empty,
+            `batch_size` < 1, or non-finite clean logits (names the sequence range).
+    """
+    from sae_dist.harvest.hooks import resolve_hook, splice_hook
+
+    if not isinstance(sequences, torch.Tensor) or sequences.ndim != 2 or sequences.is_floating_point():
+        shape = tuple(sequences.shape) if isinstance(sequences, torch.Tensor) else type(sequences).__name__
+        raise ValueError(f"sequences must be an integer tensor [N, T], got {shape}")
+    n, t = sequences.shape
+    if skip_positions < 0:
+        raise ValueError(f"skip_positions must be >= 0, got {skip_positions}")
+    if t < skip_positions + 2:
+        raise ValueError(
+            f"sequences have length T={t}, but skip_positions={skip_positions} needs T >= {skip_positions + 2} "
+            "(at least one prediction that depends on a spliced position); use a longer ctx_len"
+        )
+    if n == 0:
+        raise ValueError("sequences is empty (N=0); nothing to evaluate")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+    device = torch.device(device)
+    spec = resolve_hook(model, hook)
+    sae_device = _module_device(sae, device)
+    s = skip_positions
+    sae_fn = _sae_splice(sae, sae_device, s)
+    zero_fn = _zero_splice(s)
+
+    def logprobs(ids: torch.Tensor) -> torch.Tensor:
+        logits = model(input_ids=ids, use_cache=False).logits
+        # logits at positions s..T-2 predict tokens s+1..T-1
+        return torch.log_softmax(logits[:, s : t - 1, :].float(), dim=-1)
+
+    sums = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "kl_sae": 0.0, "kl_zero": 0.0}
+    n_pred = 0
+    was_training = model.training
+    sae_was_training = sae.training
+    model.eval()
+    sae.eval()
+    starts = range(0, n, batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="eval: downstream CE", unit="batch")
+    try:
+        for i in starts:
+            ids = sequences[i : i + batch_size].to(device=device, dtype=torch.long)
+            targets = ids[:, s + 1 :].unsqueeze(-1)
+            lp_clean = logprobs(ids)
+            if not torch.isfinite(lp_clean).all():
+                raise ValueError(
+                    f"non-finite clean logits for sequences [{i}, {i + ids.shape[0]}) (batch {i // batch_size}); "
+                    "the LM produces NaN/Inf on these inputs (try dtype=float32)"
+                )
+            p_clean = lp_clean.exp()
+            sums["clean"] -= float(lp_clean.gather(-1, targets).sum(dtype=torch.float64))
+            for name, fn in (("sae", sae_fn), ("zero", zero_fn)):
+                with splice_hook(model, spec, fn):
+                    lp = logprobs(ids)
+                sums[name] -= float(lp.gather(-1, targets).sum(dtype=torch.float64))
+                kl = (p_clean * (lp_clean - lp)).sum(-1, dtype=torch.float64)
+                sums["kl_" + name] += float(kl.sum())
+                del lp
+            n_pred += targets.numel()
+    finally:
+        model.train(was_training)
+        sae.train(sae_was_training)
+
+    ce_clean = sums["clean"] / n_pred
+    ce_sae = sums["sae"] / n_pred
+    ce_zero = sums["zero"] / n_pred
+    denom = ce_zero - ce_clean
+    score = (ce_zero - ce_sae) / denom if denom != 0 else math.nan
+    return {
+        "ce_loss_clean": ce_clean,
+        "ce_loss_sae": ce_sae,
+        "ce_loss_zero_ablation": ce_zero,
+        "ce_loss_score": score,
+        "ce_loss_delta": ce_sae - ce_clean,
+        "kl_div": sums["kl_sae"] / n_pred,
+        "kl_div_zero_ablation": sums["kl_zero"] / n_pred,
+        "ce_tokens": int(n_pred),
+    }

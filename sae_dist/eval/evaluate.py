@@ -1,0 +1,329 @@
+"""End-to-end SAE evaluation on held-out text -> the eval.json CONTRACT keys (ARCHITECTURE.md).
+
+`evaluate` loads an exported SAE, packs held-out documents into sequences exactly as harvest does
+(`packed_sequences(..., split="eval")`), and measures
+
+* reconstruction (Gao et al. 2024 sec. 2.1; `sae_dist.eval.metrics`): fvu, normalized_mse,
+  explained_variance, mse, l0, on the hook activations at positions >= 1 (position 0 = BOS, the
+  attention sink, is never stored nor trained on);
+* downstream loss (Gao et al. 2024 sec. 4.1; `sae_dist.eval.downstream`): CE clean / SAE-spliced /
+  zero-ablated, CE loss score, KL(clean || spliced);
+* dead latents: read from `training_state.json` beside the exported SAE (written by the trainer:
+  `tokens_trained`, `dead_fraction`, `dead_fraction_window`), else measured over the eval tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from sae_dist.eval.downstream import downstream_loss
+from sae_dist.eval.metrics import LatentFiringCounter, ReconstructionStats
+
+__all__ = ["evaluate", "write_eval_json", "CONTRACT_KEYS"]
+
+#: eval.json keys fixed by ARCHITECTURE.md (later metrics add keys, never rename these).
+CONTRACT_KEYS = (
+    "fvu",
+    "normalized_mse",
+    "explained_variance",
+    "l0",
+    "dead_fraction",
+    "ce_loss_clean",
+    "ce_loss_sae",
+    "ce_loss_zero_ablation",
+    "ce_loss_score",
+    "kl_div",
+    "tokens_trained",
+    "n_latents",
+    "k",
+    "d_in",
+    "hook",
+    "model",
+    "eval_tokens",
+)
+
+
+def _sae_field(sae: nn.Module, cfg_json: dict, *names: str):
+    """First of `names` found as an attribute of `sae`, of `sae.cfg` (object or dict), or in cfg.json."""
+    cfg = getattr(sae, "cfg", None)
+    for name in names:
+        v = getattr(sae, name, None)
+        if v is None and cfg is not None:
+            v = cfg.get(name) if isinstance(cfg, dict) else getattr(cfg, name, None)
+        if v is None:
+            v = cfg_json.get(name)
+        if v is not None:
+            return v
+    return None
+
+
+def _module_device(module: nn.Module, fallback) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device(fallback)
+
+
+def _collect_sequences(docs, tokenizer, ctx_len: int, eval_tokens: int, eval_fraction: float) -> torch.Tensor:
+    from sae_dist.harvest.text import packed_sequences
+
+    per_seq = ctx_len - 1
+    n_seq = math.ceil(eval_tokens / per_seq)
+    seqs: list[list[int]] = []
+    for s in packed_sequences(docs, tokenizer, ctx_len, eval_fraction=eval_fraction, split="eval"):
+        seqs.append(s)
+        if len(seqs) >= n_seq:
+            break
+    if not seqs:
+        raise ValueError(
+            f"no held-out sequences: no document of the corpus is in the eval split (eval_fraction="
+            f"{eval_fraction}) with at least ctx_len-1={per_seq} tokens; raise eval_fraction, lower "
+            "ctx_len, or use a larger corpus"
+        )
+    if len(seqs) < n_seq:
+        warnings.warn(
+            f"the eval split holds only {len(seqs)} sequences ({len(seqs) * per_seq} tokens) of the "
+            f"{eval_tokens} eval_tokens asked for; evaluating on those",
+            stacklevel=3,
+        )
+    return torch.tensor(seqs, dtype=torch.long)
+
+
+def _read_training_state(sae_path: Path) -> dict | None:
+    p = sae_path / "training_state.json"
+    if not p.is_file():
+        return None
+    with open(p) as f:
+        return json.load(f)
+
+
+@torch.no_grad()
+def evaluate(
+    *,
+    sae_path: str | os.PathLike,
+    model: nn.Module,
+    tokenizer,
+    hook: str | None = None,
+    docs: Iterable[str],
+    ctx_len: int = 64,
+    eval_tokens: int = 16_384,
+    eval_fraction: float = 0.05,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+    model_name: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate the exported SAE at `sae_path` on held-out text; returns the eval.json dict.
+
+    Args:
+        sae_path: directory with `cfg.json` + `sae_weights.safetensors` (and optionally the trainer's
+            `training_state.json`).
+        model: the HF causal LM the SAE was trained on (already loaded, e.g. by `load_lm`).
+        tokenizer: its tokenizer.
+        hook: hook name; None -> the SAE's `hook_name` from cfg.json. A hook different from the SAE's
+            `hook_name` gives a warning.
+        docs: iterable of document strings (the same corpus and order as harvest; only documents with
+            `is_eval_document(text, eval_fraction)` are used).
+        ctx_len: sequence length incl. BOS (as in harvest); each sequence gives ctx_len - 1 eval tokens.
+        eval_tokens: eval tokens wanted; ceil(eval_tokens / (ctx_len - 1)) sequences are used (fewer,
+            with a warning, if the eval split is smaller).
+        eval_fraction: held-out fraction of documents (must match harvest's `data.eval_fraction`).
+        batch_size: sequences per LM forward.
+        device: device of the LM inputs and of the loaded SAE ("cpu", "cuda", ...).
+        model_name: recorded as `model`; None -> cfg.json `model_name`, else the LM's `name_or_path`.
+        progress: tqdm progress bars.
+
+    Returns:
+        dict with every CONTRACT key (`CONTRACT_KEYS`) plus `dead_fraction_window`, `dead_fraction_eval`,
+        `mse`, `mse_per_token`, `variance_per_token`, `ce_loss_delta`, `kl_div_zero_ablation`,
+        `ce_tokens`, `ctx_len`, `eval_sequences`, `eval_fraction`, `sae_path`, `architecture`,
+        `normalized_mse_definition`. Floats are Python floats; `eval_tokens` is the number of tokens
+        actually evaluated (reconstruction); `ce_tokens` the number of predictions in the CE averages.
+        `tokens_trained` is None when neither training_state.json nor cfg.json records it.
+
+    Raises:
+        ValueError: hook width != SAE d_in (names both), non-finite activations (names the sequence
+            range), empty eval split, ctx_len < 3.
+        FileNotFoundError: no exported SAE at `sae_path` (from `load_sae`).
+    """
+    from sae_dist.harvest.hooks import resolve_hook, run_to_hook
+    from sae_dist.sae.export import load_sae
+
+    if int(ctx_len) < 3:
+        raise ValueError(f"ctx_len must be >= 3 for the downstream loss (BOS + 2 tokens), got {ctx_len}")
+    if int(eval_tokens) < 1:
+        raise ValueError(f"eval_tokens must be >= 1, got {eval_tokens}")
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    sae_dir = Path(sae_path)
+    device = torch.device(device)
+    sae = load_sae(str(sae_dir), device=device)
+    sae.eval()
+    cfg_json: dict = {}
+    if (sae_dir / "cfg.json").is_file():
+        cfg_json = json.loads((sae_dir / "cfg.json").read_text())
+    d_in = _sae_field(sae, cfg_json, "d_in")
+    d_sae = _sae_field(sae, cfg_json, "d_sae", "n_latents")
+    if d_in is None or d_sae is None:
+        raise ValueError(
+            f"the SAE at {str(sae_dir)!r} records no d_in/d_sae (got d_in={d_in}, d_sae={d_sae}); "
+            "re-export it with sae_dist.sae.export.export_sae"
+        )
+    d_in, d_sae = int(d_in), int(d_sae)
+    k = _sae_field(sae, cfg_json, "k")
+    k = int(k) if k is not None else None
+    sae_hook = cfg_json.get("hook_name")
+    if hook is None:
+        if sae_hook is None:
+            raise ValueError(f"no hook given and {sae_dir / 'cfg.json'} has no hook_name; pass hook=")
+        hook = sae_hook
+    spec = resolve_hook(model, hook)
+    if sae_hook is not None and sae_hook != spec.name:
+        warnings.warn(f"evaluating at hook {spec.name!r}, but the SAE was trained at {sae_hook!r}", stacklevel=2)
+    if model_name is None:
+        model_name = cfg_json.get("model_name") or getattr(getattr(model, "config", None), "_name_or_path", None)
+
+    sequences = _collect_sequences(docs, tokenizer, int(ctx_len), int(eval_tokens), float(eval_fraction))
+    n_seq, t = sequences.shape
+    sae_device = _module_device(sae, device)
+
+    was_training = model.training
+    model.eval()
+    stats = ReconstructionStats(d_in, device=sae_device)
+    firing = LatentFiringCounter(d_sae, device=sae_device)
+    starts = range(0, n_seq, batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="eval: reconstruction", unit="batch")
+    try:
+        for i in starts:
+            ids = sequences[i : i + batch_size].to(device)
+            acts = run_to_hook(model, spec, ids)
+            if acts.shape[-1] != d_in:
+                raise ValueError(
+                    f"hook {spec.name!r} of model {model_name!r} has width {acts.shape[-1]}, but the SAE at "
+                    f"{str(sae_dir)!r} has d_in={d_in}; evaluate the SAE on the model and hook it was trained "
+                    f"on (its cfg.json: hook_name={sae_hook!r}, model_name={cfg_json.get('model_name')!r})"
+                )
+            x = acts[:, 1:, :].reshape(-1, d_in)
+            if not torch.isfinite(x).all():
+                bad = (~torch.isfinite(acts[:, 1:, :])).flatten(1).any(1).nonzero().flatten().tolist()
+                raise ValueError(
+                    f"non-finite (NaN/Inf) activations at hook {spec.name!r} in batch {i // batch_size} "
+                    f"(sequences [{i}, {i + ids.shape[0]})), e.g. sequence {i + bad[0]}; the LM overflows "
+                    "in its dtype on these inputs (try dtype=float32)"
+                )
+            x32 = x.to(device=sae_device, dtype=torch.float32)
+            if hasattr(sae, "encode_sparse") and hasattr(sae, "decode_sparse"):
+                # TopK family: one encoder pass; decode_sparse(encode_sparse(x)) == forward(x)
+                values, indices = sae.encode_sparse(x32)
+                x_hat = sae.decode_sparse(values, indices)
+                stats.update(x32, x_hat, l0=(values != 0).sum(1))
+                firing.update_sparse(values, indices)
+            else:
+                z = sae.encode(x32)
+                x_hat = sae(x32)
+                stats.update(x32, x_hat, l0=z)
+                firing.update_dense(z)
+    finally:
+        model.train(was_training)
+
+    recon = stats.result()
+    down = downstream_loss(
+        model, sae, spec.name, sequences, batch_size=batch_size, device=device, skip_positions=1, progress=progress
+    )
+
+    state = _read_training_state(sae_dir)
+    dead_eval = firing.dead_fraction()
+    n_eval = recon["n_tokens"]
+    if state is not None and state.get("dead_fraction") is not None:
+        dead_fraction = float(state["dead_fraction"])
+        window = state.get("dead_fraction_window", "training (window not recorded)")
+    else:
+        dead_fraction = dead_eval
+        window = (
+            f"no fire on the {n_eval} eval tokens (training_state.json not found beside the SAE, so the "
+            "training-time window is unknown)"
+        )
+    tokens_trained = (state or {}).get("tokens_trained", cfg_json.get("tokens_trained"))
+
+    result: dict[str, Any] = {
+        "fvu": recon["fvu"],
+        "normalized_mse": recon["normalized_mse"],
+        "explained_variance": recon["explained_variance"],
+        "l0": recon["l0"],
+        "dead_fraction": dead_fraction,
+        "ce_loss_clean": down["ce_loss_clean"],
+        "ce_loss_sae": down["ce_loss_sae"],
+        "ce_loss_zero_ablation": down["ce_loss_zero_ablation"],
+        "ce_loss_score": down["ce_loss_score"],
+        "kl_div": down["kl_div"],
+        "tokens_trained": None if tokens_trained is None else int(tokens_trained),
+        "n_latents": d_sae,
+        "k": k,
+        "d_in": d_in,
+        "hook": spec.name,
+        "model": model_name,
+        "eval_tokens": int(n_eval),
+        # extras
+        "dead_fraction_window": window,
+        "dead_fraction_eval": dead_eval,
+        "mse": recon["mse"],
+        "mse_per_token": recon["mse_per_token"],
+        "variance_per_token": recon["variance_per_token"],
+        "ce_loss_delta": down["ce_loss_delta"],
+        "kl_div_zero_ablation": down["kl_div_zero_ablation"],
+        "ce_tokens": down["ce_tokens"],
+        "ctx_len": int(t),
+        "eval_sequences": int(n_seq),
+        "eval_fraction": float(eval_fraction),
+        "architecture": cfg_json.get("architecture"),
+        "sae_path": str(sae_dir),
+        "normalized_mse_definition": (
+            "MSE / MSE of predicting the eval-set mean activation (Gao et al. 2024 sec. 2.1); equals fvu"
+        ),
+    }
+    return result
+
+
+def _plain(v):
+    if isinstance(v, torch.Tensor):
+        v = v.item() if v.numel() == 1 else v.tolist()
+    if hasattr(v, "item") and not isinstance(v, (list, dict, str)):
+        try:
+            v = v.item()  # numpy scalars
+        except (TypeError, ValueError):
+            pass
+    if isinstance(v, bool) or v is None or isinstance(v, (int, str)):
+        return v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return str(v)
+
+
+def write_eval_json(result: dict[str, Any], path: str | os.PathLike) -> str:
+    """Write `result` to `path` as JSON (indent 2) with plain floats/ints; NaN/Inf become null
+    (strict JSON has no NaN). Creates parent directories; writes atomically (temp file + rename).
+
+    Returns the path written.
+    """
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(_plain(result), f, indent=2, allow_nan=False)
+        f.write("\n")
+    os.replace(tmp, p)
+    return str(p)

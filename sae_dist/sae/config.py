@@ -1,0 +1,111 @@
+"""Configuration of the TopK sparse autoencoder (Gao et al. 2024, "Scaling and evaluating sparse
+autoencoders", arXiv:2406.04093).
+
+Every field is a recipe knob of the paper; defaults follow the paper (section numbers in comments).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+__all__ = ["SAEConfig", "default_k_aux", "NORMALIZE_MODES", "B_PRE_INITS", "DTYPES"]
+
+NORMALIZE_MODES = ("layer_norm", "scalar", "none")
+B_PRE_INITS = ("geometric_median", "mean", "zeros")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def default_k_aux(d_in: int) -> int:
+    """Power of two nearest (in log scale) to d_in / 2: the paper's k_aux heuristic (Appendix A.2:
+    "k_aux = d_model / 2", rounded here to a power of two). 768 -> 512, 576 -> 256, 32 -> 16."""
+    if d_in < 2:
+        return 1
+    return 2 ** int(round(math.log2(d_in / 2)))
+
+
+@dataclass
+class SAEConfig:
+    """TopK SAE hyper-parameters.
+
+    Fields:
+      d_in: width of the hooked activation (the LM's d_model).
+      n_latents: number of latents (d_sae, "n" in the paper).
+      k: active latents per token (TopK, section 2.3).
+      k_aux: latents used by the AuxK loss (Appendix A.2); None -> `default_k_aux(d_in)`, capped at
+        n_latents.
+      auxk_coef: AuxK loss coefficient alpha (Appendix A.2: 1/32).
+      dead_tokens: a latent is dead when it has not fired for this many tokens (section 2.4.1: 10M).
+      multi_topk: add the Multi-TopK term L(multi_topk_factor * k) * multi_topk_weight (section 5.3,
+        L(k) + L(4k)/8).
+      b_pre_init: "geometric_median" (section 2.1 / Appendix A.1), "mean" or "zeros".
+      normalize: input normalisation of the activations, "layer_norm" (per-token mean-subtract, unit
+        norm times sqrt(d_in), section 2.1), "scalar" (x * s, s = sqrt(d_in) / E||x||) or "none".
+      dtype: parameter dtype ("float32"; master weights stay fp32 even under bf16 autocast).
+      enc_init_scale: W_enc = enc_init_scale * W_dec^T at init (tied init, section 2.4.1).
+
+    Raises ValueError naming the bad field and its valid range.
+    """
+
+    d_in: int
+    n_latents: int
+    k: int
+    k_aux: int | None = None
+    auxk_coef: float = 1.0 / 32.0
+    dead_tokens: int = 10_000_000
+    multi_topk: bool = False
+    multi_topk_factor: int = 4
+    multi_topk_weight: float = 0.125
+    b_pre_init: str = "geometric_median"
+    normalize: str = "layer_norm"
+    dtype: str = "float32"
+    enc_init_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("d_in", "n_latents", "k"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"SAEConfig.{name} must be a positive int, got {v!r}")
+        if self.k > self.n_latents:
+            raise ValueError(
+                f"SAEConfig.k={self.k} > n_latents={self.n_latents}: k must be <= n_latents "
+                "(lower sae.k or raise sae.n_latents)"
+            )
+        if self.k_aux is None:
+            self.k_aux = min(default_k_aux(self.d_in), self.n_latents)
+        if not isinstance(self.k_aux, int) or self.k_aux < 1 or self.k_aux > self.n_latents:
+            raise ValueError(
+                f"SAEConfig.k_aux={self.k_aux!r} must be an int in [1, n_latents={self.n_latents}]"
+            )
+        if self.auxk_coef < 0:
+            raise ValueError(f"SAEConfig.auxk_coef={self.auxk_coef} must be >= 0")
+        if self.dead_tokens < 1:
+            raise ValueError(f"SAEConfig.dead_tokens={self.dead_tokens} must be >= 1")
+        if self.multi_topk:
+            if self.multi_topk_factor < 1:
+                raise ValueError(
+                    f"SAEConfig.multi_topk_factor={self.multi_topk_factor} must be >= 1"
+                )
+            if self.multi_topk_factor * self.k > self.n_latents:
+                raise ValueError(
+                    f"Multi-TopK needs multi_topk_factor*k = {self.multi_topk_factor * self.k} <= "
+                    f"n_latents={self.n_latents}; lower multi_topk_factor or k"
+                )
+            if self.multi_topk_weight < 0:
+                raise ValueError(
+                    f"SAEConfig.multi_topk_weight={self.multi_topk_weight} must be >= 0"
+                )
+        if self.b_pre_init not in B_PRE_INITS:
+            raise ValueError(f"SAEConfig.b_pre_init={self.b_pre_init!r}; valid: {B_PRE_INITS}")
+        if self.normalize not in NORMALIZE_MODES:
+            raise ValueError(f"SAEConfig.normalize={self.normalize!r}; valid: {NORMALIZE_MODES}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"SAEConfig.dtype={self.dtype!r}; valid: {DTYPES}")
+
+    @property
+    def d_sae(self) -> int:
+        """SAELens' name for n_latents."""
+        return self.n_latents
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,290 @@
+"""Export a trained TopK SAE in SAELens' on-disk layout and load it back (ARCHITECTURE.md CONTRACT).
+
+Files: `cfg.json` + `sae_weights.safetensors` (`W_enc` [d_in, d_sae], `b_enc` [d_sae], `W_dec`
+[d_sae, d_in] with unit-norm rows, `b_dec` [d_in]). The exported SAE takes RAW activations.
+
+How the training-time input normalisation is folded (the training module sees x_n, computes
+pre = (x_n - b_pre) W_enc + b_enc, z = TopK(pre), x_n^ = z W_dec + b_pre):
+
+* "scalar" (x_n = s * x, s = sqrt(d_in) / E||x||): exported with normalize_activations "none" and
+  b_enc' = b_enc / s, b_dec' = b_pre / s, W_enc' = W_enc, W_dec' = W_dec. Then on raw x,
+  pre' = (x - b_dec') W_enc + b_enc' = pre / s (same TopK selection since s > 0), z' = z / s and
+  z' W_dec + b_dec' = x_n^ / s = the raw reconstruction. W_dec keeps unit-norm rows; the latent
+  activations of the exported SAE are those of the training module divided by s.
+* "layer_norm" (ours, paper section 2.1: x_n = (x - mean(x)) / ||x - mean(x)|| * sqrt(d)) is
+  per-token and cannot be folded; it is exported as normalize_activations "layer_norm". SAELens
+  computes x_sl = (x - mu) / (std(x) + 1e-5) with the unbiased std (correction 1) and outputs
+  x_sl^ * std + mu. Since ||x - mu|| = std * sqrt(d - 1), x_n = c * x_sl with c = sqrt(d / (d - 1))
+  (up to SAELens' eps, a relative 1e-5/std difference). The constant c is folded exactly like s
+  above: b_enc' = b_enc / c, b_dec' = b_pre / c, W_enc, W_dec unchanged (unit rows). `load_sae`
+  applies our normalisation exactly (sae_dist.store.normalize) and divides by c, so it reproduces
+  the training module's x^ to float rounding; SAELens reproduces it up to its eps.
+* "none": weights exported unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from sae_dist.sae.auxk import sparse_decode
+
+__all__ = ["export_sae", "load_sae", "ExportedTopKSAE", "check_d_in", "CFG_FILENAME",
+           "WEIGHTS_FILENAME"]
+
+CFG_FILENAME = "cfg.json"
+WEIGHTS_FILENAME = "sae_weights.safetensors"
+
+
+def _hook_layer(hook_name: str | None) -> int | None:
+    m = re.match(r"blocks\.(\d+)\.", hook_name or "")
+    return int(m.group(1)) if m else None
+
+
+def _fold_factor(normalize: str, d_in: int, scale: float | None) -> tuple[float, str]:
+    """(factor f, exported normalize_activations): exported b_enc = b_enc/f, b_dec = b_pre/f."""
+    if normalize == "scalar":
+        if scale is None or not (scale > 0) or not math.isfinite(scale):
+            raise ValueError(
+                f"export with normalize='scalar' needs the store's scale s > 0, got scale={scale!r}"
+            )
+        return float(scale), "none"
+    if normalize == "layer_norm":
+        if d_in < 2:
+            raise ValueError(f"layer_norm needs d_in >= 2, got {d_in}")
+        return math.sqrt(d_in / (d_in - 1)), "layer_norm"
+    if normalize == "none":
+        return 1.0, "none"
+    raise ValueError(f"normalize={normalize!r}; valid: layer_norm, scalar, none")
+
+
+@torch.no_grad()
+def export_sae(
+    sae,
+    out_dir: str | os.PathLike,
+    *,
+    hook_name: str | None,
+    model_name: str | None,
+    normalize: str,
+    scale: float | None = None,
+    extra_cfg: dict | None = None,
+) -> Path:
+    """Write `out_dir/cfg.json` and `out_dir/sae_weights.safetensors` (SAELens layout, float32).
+
+    sae: a `TopKSAE` (or any module with W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_in], b_dec
+      and an integer `k`) trained on normalised inputs.
+    normalize: the training normalisation ("layer_norm" | "scalar" | "none"); scale: the store's
+      scalar s for "scalar" mode (ValueError if missing). See the module docstring for the folding.
+    extra_cfg: merged into cfg.json (top level) e.g. {"context_size": 128, "dataset_path": ...}.
+    Returns the output directory. The files are written to temporary names then renamed.
+    """
+    W_enc = sae.W_enc.detach().float().cpu()
+    b_enc = sae.b_enc.detach().float().cpu()
+    W_dec = sae.W_dec.detach().float().cpu()
+    b_dec = sae.b_dec.detach().float().cpu()
+    d_in, d_sae = W_enc.shape
+    if W_dec.shape != (d_sae, d_in) or b_enc.shape != (d_sae,) or b_dec.shape != (d_in,):
+        raise ValueError(
+            f"inconsistent SAE shapes W_enc {tuple(W_enc.shape)} W_dec {tuple(W_dec.shape)} "
+            f"b_enc {tuple(b_enc.shape)} b_dec {tuple(b_dec.shape)}"
+        )
+    k = int(sae.k)
+    f, norm_out = _fold_factor(normalize, d_in, scale)
+    tensors = {
+        "W_enc": W_enc.contiguous(),
+        "b_enc": (b_enc / f).contiguous(),
+        "W_dec": W_dec.contiguous(),
+        "b_dec": (b_dec / f).contiguous(),
+    }
+    layer = _hook_layer(hook_name)
+    meta = {
+        "model_name": model_name,
+        "hook_name": hook_name,
+        "hook_layer": layer,
+        "hook_head_index": None,
+        "prepend_bos": True,
+        "context_size": None,
+        "dataset_path": None,
+    }
+    cfg = {
+        "architecture": "topk",
+        "d_in": int(d_in),
+        "d_sae": int(d_sae),
+        "k": k,
+        "activation_fn": "topk",
+        "activation_fn_kwargs": {"k": k},
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": norm_out,
+        "reshape_activations": "none",
+        "finetuning_scaling_factor": False,
+        **meta,
+        "metadata": dict(meta),
+        "sae_dist": {
+            "train_normalize": normalize,
+            "scale": None if scale is None else float(scale),
+            "fold_factor": f,
+            "note": "b_enc and b_dec were divided by fold_factor; see sae_dist/sae/export.py",
+        },
+    }
+    if extra_cfg:
+        for key, val in extra_cfg.items():
+            cfg[key] = val
+            if key in cfg["metadata"]:
+                cfg["metadata"][key] = val
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp_w = out / (WEIGHTS_FILENAME + ".tmp")
+    tmp_c = out / (CFG_FILENAME + ".tmp")
+    save_file(tensors, str(tmp_w))
+    tmp_c.write_text(json.dumps(cfg, indent=2, default=str))
+    os.replace(tmp_w, out / WEIGHTS_FILENAME)
+    os.replace(tmp_c, out / CFG_FILENAME)
+    return out
+
+
+class ExportedTopKSAE(nn.Module):
+    """An exported TopK SAE taking RAW activations (the contract API).
+
+    Parameters W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in] as in the file.
+    Inputs may have any leading dims [..., d_in].
+      encode(x) -> [..., d_sae] dense; encode_sparse(x) -> (values [..., k], indices [..., k] int64)
+      decode(z), decode_sparse(values, indices) -> [..., d_in] raw space
+      forward(x) -> x_hat [..., d_in] raw space.
+    In "layer_norm" mode the per-token statistics come from the input: forward handles them
+    itself; decode/decode_sparse use the statistics of the most recent encode/encode_sparse call
+    (as SAELens does) and raise RuntimeError when there is none of a matching shape.
+    """
+
+    def __init__(self, cfg: dict, tensors: dict[str, torch.Tensor]):
+        super().__init__()
+        self.cfg = cfg
+        self.W_enc = nn.Parameter(tensors["W_enc"])
+        self.b_enc = nn.Parameter(tensors["b_enc"])
+        self.W_dec = nn.Parameter(tensors["W_dec"])
+        self.b_dec = nn.Parameter(tensors["b_dec"])
+        self.d_in = int(cfg["d_in"])
+        self.d_sae = int(cfg["d_sae"])
+        self.k = int(cfg["k"])
+        self.normalize_activations = cfg.get("normalize_activations", "none")
+        if self.normalize_activations not in ("none", "layer_norm"):
+            raise ValueError(
+                f"normalize_activations={self.normalize_activations!r} is not supported by "
+                "sae_dist.load_sae (supported: none, layer_norm)"
+            )
+        d = self.d_in
+        self.ln_factor = float(
+            cfg.get("sae_dist", {}).get("fold_factor", math.sqrt(d / (d - 1)))
+        ) if self.normalize_activations == "layer_norm" else 1.0
+        self._ln_ctx = None
+
+    def _flat(self, x: torch.Tensor) -> torch.Tensor:
+        check_d_in(self, x.shape[-1])
+        return x.reshape(-1, self.d_in).to(self.W_enc.dtype)
+
+    def _norm_in(self, x: torch.Tensor) -> torch.Tensor:
+        if self.normalize_activations != "layer_norm":
+            self._ln_ctx = None
+            return x
+        from sae_dist.store import normalize
+
+        x_n, ctx = normalize(x, "layer_norm")
+        self._ln_ctx = (x.shape[0], ctx)
+        return x_n / self.ln_factor
+
+    def _norm_out(self, y: torch.Tensor) -> torch.Tensor:
+        if self.normalize_activations != "layer_norm":
+            return y
+        if self._ln_ctx is None or self._ln_ctx[0] != y.shape[0]:
+            raise RuntimeError(
+                "this SAE normalises inputs per token (layer_norm): call encode/encode_sparse on "
+                "the same batch before decode, or use forward(x)"
+            )
+        from sae_dist.store import denormalize
+
+        return denormalize(y * self.ln_factor, "layer_norm", self._ln_ctx[1])
+
+    def _pre(self, x: torch.Tensor) -> torch.Tensor:
+        return (self._norm_in(x) - self.b_dec) @ self.W_enc + self.b_enc
+
+    def encode_sparse(self, x: torch.Tensor):
+        """x [..., d_in] raw -> (values [..., k] >= 0, indices [..., k] int64)."""
+        lead = x.shape[:-1]
+        vals, idx = self._pre(self._flat(x)).topk(self.k, dim=-1)
+        vals = torch.relu(vals)
+        return vals.reshape(*lead, self.k), idx.reshape(*lead, self.k)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., d_in] raw -> z [..., d_sae] dense with k non-negative entries per token."""
+        lead = x.shape[:-1]
+        pre = self._pre(self._flat(x))
+        vals, idx = pre.topk(self.k, dim=-1)
+        z = torch.zeros_like(pre).scatter_(-1, idx, torch.relu(vals))
+        return z.reshape(*lead, self.d_sae)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """z [..., d_sae] -> raw reconstruction [..., d_in]."""
+        lead = z.shape[:-1]
+        y = z.reshape(-1, self.d_sae).to(self.W_dec.dtype) @ self.W_dec + self.b_dec
+        return self._norm_out(y).reshape(*lead, self.d_in)
+
+    def decode_sparse(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """(values, indices) [..., k] -> raw reconstruction [..., d_in]."""
+        lead = values.shape[:-1]
+        kk = values.shape[-1]
+        y = sparse_decode(values.reshape(-1, kk), indices.reshape(-1, kk), self.W_dec) + self.b_dec
+        return self._norm_out(y).reshape(*lead, self.d_in)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., d_in] raw -> x_hat [..., d_in] raw."""
+        vals, idx = self.encode_sparse(x)
+        return self.decode_sparse(vals, idx)
+
+
+def check_d_in(sae, d: int) -> None:
+    """ValueError "activation width d != SAE d_in D" when an input width does not match."""
+    if int(d) != int(sae.d_in):
+        raise ValueError(
+            f"activation width {d} != SAE d_in {sae.d_in}: this SAE was trained on a hook of "
+            f"width {sae.d_in}; use the matching model/hook"
+        )
+
+
+def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu") -> ExportedTopKSAE:
+    """Load an exported SAE directory -> `ExportedTopKSAE` on `device` (takes raw activations).
+
+    FileNotFoundError naming the missing file(s); ValueError for a non-topk architecture or weights
+    whose shapes disagree with cfg.json.
+    """
+    p = Path(path)
+    missing = [n for n in (CFG_FILENAME, WEIGHTS_FILENAME) if not (p / n).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"SAE directory {str(p)!r} lacks {', '.join(missing)} (expected an export made by "
+            "sae_dist.sae.export.export_sae / sae-train: cfg.json + sae_weights.safetensors)"
+        )
+    cfg = json.loads((p / CFG_FILENAME).read_text())
+    arch = cfg.get("architecture")
+    if arch != "topk":
+        raise ValueError(f"{p / CFG_FILENAME}: architecture {arch!r} is not 'topk'")
+    tensors = load_file(str(p / WEIGHTS_FILENAME), device="cpu")
+    need = {"W_enc": (cfg["d_in"], cfg["d_sae"]), "b_enc": (cfg["d_sae"],),
+            "W_dec": (cfg["d_sae"], cfg["d_in"]), "b_dec": (cfg["d_in"],)}
+    for name, shape in need.items():
+        if name not in tensors:
+            raise ValueError(f"{p / WEIGHTS_FILENAME} lacks tensor {name!r}")
+        if tuple(tensors[name].shape) != tuple(shape):
+            raise ValueError(
+                f"{p / WEIGHTS_FILENAME}: {name} has shape {tuple(tensors[name].shape)}, "
+                f"cfg.json implies {shape}"
+            )
+    model = ExportedTopKSAE(cfg, {n: tensors[n].float() for n in need})
+    return model.to(device).eval()

@@ -1,0 +1,458 @@
+"""`ActivationStore`: endless, shuffled, dp-split, prefetched, normalised batches from a store.
+
+Order of rows (a pure function of ``seed``, the epoch and the batch index, so resume is exact and
+free). The read unit is one shard file (``shard_tokens`` rows).
+
+1. Epoch e permutes the shards with ``np.random.default_rng([seed, e, 0])``.
+2. The permuted shards are cut into groups of ``shuffle_shards`` consecutive shards (the shuffle
+   buffer). Group g's rows (its shards concatenated in permuted order) are permuted with
+   ``np.random.default_rng([seed, e, 1, g])``.
+3. The epoch's row stream is the concatenation of the permuted groups; global batch j is stream
+   positions ``[j*B, (j+1)*B)`` (B = batch_tokens; a batch may straddle two groups). The incomplete
+   last global batch of each epoch (``tokens_per_epoch % B`` rows) is dropped, so every epoch has
+   ``tokens_per_epoch // B`` batches and no row appears twice in an epoch.
+4. dp rank r gets rows ``[r*b, (r+1)*b)`` of each global batch (b = B // dp_size): the union over
+   ranks is exactly the single-process global batch, whatever dp_size is. Every rank reads whole
+   shards (page cache is shared on a node) and gathers only its own rows.
+
+With ``shuffle=False`` shards and rows keep store order (stream = rows 0, 1, 2, ...).
+
+Resuming from ``state_dict() == {"epoch": e, "batch": j, ...}`` recomputes which group holds position
+j*B and starts there; nothing is replayed. A state saved at one dp_size can be loaded at another
+(same batch_tokens): the global batch sequence does not depend on dp_size.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import queue
+import threading
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import torch
+from zarr.core.buffer import default_buffer_prototype
+
+from sae_dist.store.errors import IncompleteStoreError, NonFiniteError, StoreError
+from sae_dist.store.layout import (
+    BF16,
+    HARVEST_RESUME_HINT,
+    _grid,
+    _norm_stats_from_data,
+    done_shards,
+    dtype_name,
+    merge_norm_stats,
+    open_store,
+)
+from sae_dist.store.normalize import check_mode, normalize as _normalize, scalar_scale
+
+_STATE_VERSION = 1
+_ND = default_buffer_prototype().nd_buffer
+
+
+def _native_to_torch(a: np.ndarray) -> torch.Tensor:
+    """Zero-copy torch view of a numpy activation array (ml_dtypes.bfloat16 -> torch.bfloat16)."""
+    if a.dtype == BF16:
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
+class ActivationStore:
+    """Iterator of float32 activation batches ``[batch_tokens // dp_size, d_model]`` on ``device``.
+
+    Endless (epochs follow each other); see the module docstring for the exact order, the dp split and
+    the epoch tail (the incomplete last global batch of each epoch is dropped).
+
+    Args:
+        path: store directory (written by `sae-harvest` or `write_store`).
+        batch_tokens: global batch size B (tokens over all dp ranks); must be divisible by dp_size and
+            at most the store's token count.
+        dp_rank, dp_size: this process's data-parallel rank and the dp world size.
+        seed: non-negative int; the order is a pure function of (seed, epoch, batch index).
+        shuffle: permute shards and rows (False: store order).
+        shuffle_shards: shards read together and shuffled as one buffer (memory: this many shards of
+            the store dtype, plus one batch).
+        prefetch: batches prepared ahead by a background daemon thread (0: no thread, read inline).
+        device: torch device of the returned batches ("cpu", "cuda", "cuda:1", ...).
+        normalize: "layer_norm" | "scalar" | "none" (sae_dist.store.normalize; Gao et al. 2024 sec. 2.1).
+        check_finite: raise NonFiniteError naming the token rows / chunk if a batch holds NaN or Inf.
+        allow_incomplete: read a store whose harvest is unfinished, using only shards with progress
+            markers (otherwise IncompleteStoreError).
+        read_ahead: read the next shuffle group in a helper thread while serving the current one
+            (hides read latency; host memory: two groups instead of one).
+
+    Attributes: d_model, n_tokens, attrs (group attributes), scale (s in "scalar" mode, else None),
+        tokens_per_epoch, batches_per_epoch, local_batch_tokens, epoch, batch_index (next batch).
+    Raises (constructor): StoreError (missing / invalid store), IncompleteStoreError, ValueError for
+        bad arguments. During iteration: StoreError naming the shard file for missing/corrupt shards,
+        NonFiniteError naming rows and chunk; exceptions of the prefetch thread are re-raised here.
+    """
+
+    def __init__(self, path, *, batch_tokens: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0,
+                 shuffle: bool = True, shuffle_shards: int = 4, prefetch: int = 2, device="cpu",
+                 normalize: str = "layer_norm", check_finite: bool = True, allow_incomplete: bool = False,
+                 read_ahead: bool = True):
+        def _int(name, v, lo):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+                raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+            return int(v)
+
+        self.path = os.fspath(path)
+        self.batch_tokens = _int("batch_tokens", batch_tokens, 1)
+        self.dp_size = _int("dp_size", dp_size, 1)
+        self.dp_rank = _int("dp_rank", dp_rank, 0)
+        if self.dp_rank >= self.dp_size:
+            raise ValueError(f"dp_rank={dp_rank} must be < dp_size={dp_size}")
+        if self.batch_tokens % self.dp_size:
+            raise ValueError(f"batch_tokens={batch_tokens} is not divisible by dp_size={dp_size}; choose a "
+                             f"batch_tokens that is a multiple of the data-parallel size, e.g. "
+                             f"{max(1, self.batch_tokens // self.dp_size) * self.dp_size}")
+        self.seed = _int("seed", seed, 0)
+        self.shuffle = bool(shuffle)
+        self.shuffle_shards = _int("shuffle_shards", shuffle_shards, 1)
+        self.prefetch = _int("prefetch", prefetch, 0)
+        self.device = torch.device(device)
+        self.normalize = check_mode(normalize)
+        self.check_finite = bool(check_finite)
+        self.read_ahead = bool(read_ahead)
+        self.local_batch_tokens = self.batch_tokens // self.dp_size
+
+        g = open_store(self.path, "r")
+        self._acts = g["activations"]
+        self.attrs: dict[str, Any] = dict(g.attrs)
+        self.n_tokens, self.d_model = (int(s) for s in self._acts.shape)
+        self.dtype = dtype_name(self._acts.dtype)
+        if self.dtype not in ("float16", "bfloat16", "float32"):
+            raise StoreError(f"store {self.path!r}: activations dtype {self.dtype} is not float16/bfloat16/float32")
+        self.chunk_tokens, self.shard_tokens = _grid(self._acts)
+        # Stores written by other tools may carry no harvest attribute: they are complete by definition.
+        complete = bool((self.attrs.get("harvest") or {"complete": True}).get("complete", False))
+        self._own_layout = "layout_version" in self.attrs
+        n_shards = math.ceil(self.n_tokens / self.shard_tokens)
+        if complete:
+            self._units = [(i, i * self.shard_tokens, min((i + 1) * self.shard_tokens, self.n_tokens))
+                           for i in range(n_shards)]
+        elif not allow_incomplete:
+            raise IncompleteStoreError(
+                f"store {self.path!r}: the harvest is unfinished (attribute harvest.complete is false; "
+                f"{len(done_shards(self.path))} of {n_shards} shards done). To finish it, {HARVEST_RESUME_HINT}; "
+                f"or pass allow_incomplete=True to read only the finished shards.")
+        else:
+            marks = done_shards(self.path)
+            self._units = []
+            for i in sorted(marks):
+                if i >= n_shards:
+                    continue
+                lo = i * self.shard_tokens
+                hi = min(lo + self.shard_tokens, self.n_tokens)
+                if "n_tokens" in marks[i]:
+                    hi = min(hi, lo + int(marks[i]["n_tokens"]))
+                if hi > lo:
+                    self._units.append((i, lo, hi))
+            if not self._units:
+                raise IncompleteStoreError(f"store {self.path!r}: the harvest is unfinished and no shard is "
+                                           f"done yet; {HARVEST_RESUME_HINT}")
+        self._unit_sizes = np.array([hi - lo for _, lo, hi in self._units], dtype=np.int64)
+        self.tokens_per_epoch = int(self._unit_sizes.sum())
+        self.batches_per_epoch = self.tokens_per_epoch // self.batch_tokens
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"batch_tokens={self.batch_tokens} exceeds the {self.tokens_per_epoch} tokens "
+                             f"available in store {self.path!r}; lower batch_tokens or harvest more tokens")
+
+        self.scale: float | None = None
+        if self.normalize == "scalar":
+            ns = self.attrs.get("norm_stats")
+            if not (isinstance(ns, dict) and ns.get("mean_norm")):
+                parts = [m["norm_stats"] for m in done_shards(self.path).values()
+                         if isinstance(m.get("norm_stats"), dict)]
+                ns = merge_norm_stats(parts) if parts else None
+            if (not ns or not ns.get("n")) and complete:
+                warnings.warn(f"store {self.path!r} has no norm_stats attribute; computing it from the data "
+                              f"(one pass) for normalize='scalar'")
+                ns = _norm_stats_from_data(self._acts, self.n_tokens)
+            if not ns or not ns.get("n"):
+                raise StoreError(f"store {self.path!r} has no norm_stats attribute, needed for "
+                                 f"normalize='scalar'; finish the harvest or use normalize='layer_norm'")
+            self.scale = scalar_scale(ns, self.d_model)
+
+        self.epoch = 0
+        self.batch_index = 0
+        self._thread: threading.Thread | None = None
+        self._queue: queue.Queue | None = None
+        self._stop: threading.Event | None = None
+        self._gen: Iterator | None = None
+
+    # ------------------------------------------------------------------ order (pure functions)
+
+    def epoch_groups(self, epoch: int) -> list[np.ndarray]:
+        """Unit (shard) indices into ``self._units`` of each shuffle group of an epoch, in stream order."""
+        n = len(self._units)
+        order = (np.random.default_rng([self.seed, epoch, 0]).permutation(n) if self.shuffle
+                 else np.arange(n))
+        return [order[i : i + self.shuffle_shards] for i in range(0, n, self.shuffle_shards)]
+
+    def _group_perm(self, epoch: int, g: int, size: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(size)
+        return np.random.default_rng([self.seed, epoch, 1, g]).permutation(size)
+
+    def global_batch_rows(self, epoch: int, batch: int) -> np.ndarray:
+        """Store row indices [batch_tokens] of global batch ``batch`` of ``epoch`` (for tests/tools; no I/O)."""
+        groups = self.epoch_groups(epoch)
+        sizes = [int(self._unit_sizes[u].sum()) for u in groups]
+        cum = np.concatenate([[0], np.cumsum(sizes)])
+        lo, hi = batch * self.batch_tokens, (batch + 1) * self.batch_tokens
+        out = []
+        for gi, units in enumerate(groups):
+            a, b = max(lo, cum[gi]), min(hi, cum[gi + 1])
+            if a >= b:
+                continue
+            rows = np.concatenate([np.arange(self._units[u][1], self._units[u][2]) for u in units])
+            out.append(rows[self._group_perm(epoch, gi, sizes[gi])[a - cum[gi] : b - cum[gi]]])
+        return np.concatenate(out)
+
+    # ------------------------------------------------------------------ reading
+
+    def _shard_file(self, shard: int) -> str:
+        key = self._acts.metadata.encode_chunk_key((shard, 0))
+        return os.path.join(self.path, "activations", *key.split("/"))
+
+    def _read_unit(self, u: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Read unit (shard) u's rows [hi - lo, d] with one zarr call, into ``out`` if given."""
+        shard, lo, hi = self._units[u]
+        f = self._shard_file(shard)
+        marker = os.path.join(self.path, "_progress", f"shard_{shard:08d}.json")
+        hint = (f"Re-harvest it: delete {f} and {marker}, then {HARVEST_RESUME_HINT}; "
+                f"for a store made by write_store(), write it again.")
+        if not os.path.isfile(f) and not self._own_layout:
+            # plain zarr skips all-fill shards (write_empty_chunks=False); our writers never do
+            warnings.warn(f"store {self.path!r}: no file {f} for shard {shard}; reading it as zeros (fill value)")
+        elif not os.path.isfile(f):
+            raise StoreError(f"store {self.path!r}: shard {shard} (token rows [{lo}, {hi})) is missing: no file "
+                             f"{f}. Re-harvest it: delete {marker} (if present), then {HARVEST_RESUME_HINT}; "
+                             f"for a store made by write_store(), write it again.")
+        try:
+            if out is None:
+                a = self._acts[lo:hi]
+            else:
+                self._acts.get_basic_selection((slice(lo, hi),), out=_ND.from_numpy_array(out))
+                a = out
+        except Exception as e:
+            raise StoreError(f"store {self.path!r}: shard {shard} (token rows [{lo}, {hi})) is corrupt: cannot "
+                             f"decode {f} ({type(e).__name__}: {e}). {hint}") from e
+        if a.shape != (hi - lo, self.d_model):
+            raise StoreError(f"store {self.path!r}: shard {shard} decoded to shape {a.shape}, expected "
+                             f"{(hi - lo, self.d_model)}. {hint}")
+        return a
+
+    def _load_group(self, units: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        """Read a group's shards: (rows [size, d] in the store dtype as a torch tensor, store row of each)."""
+        if len(units) == 1:
+            raw = self._read_unit(int(units[0]))
+        else:
+            sizes = self._unit_sizes[units]
+            raw = np.empty((int(sizes.sum()), self.d_model), dtype=self._acts.dtype)
+            off = 0
+            for u, n in zip(units, sizes):
+                self._read_unit(int(u), out=raw[off : off + n])  # no concatenation copy
+                off += n
+        rows = np.concatenate([np.arange(self._units[u][1], self._units[u][2]) for u in units])
+        return _native_to_torch(raw), rows
+
+    def _raise_nonfinite(self, x: torch.Tensor, store_rows: np.ndarray):
+        bad = (~torch.isfinite(x).all(dim=1)).nonzero()[:, 0].numpy()
+        if len(bad) == 0:
+            return  # the fast check's sum overflowed; the data is finite
+        rows = np.sort(store_rows[bad])
+        r = int(rows[0])
+        c_lo = (r // self.chunk_tokens) * self.chunk_tokens
+        c_hi = min(c_lo + self.chunk_tokens, self.n_tokens)
+        shard = r // self.shard_tokens
+        raise NonFiniteError(
+            f"store {self.path!r}: NaN/Inf activations at token row {r} (chunk rows [{c_lo}, {c_hi}) in shard "
+            f"{shard}, file {self._shard_file(shard)}; {len(rows)} bad row(s) in this batch, first few: "
+            f"{rows[:8].tolist()}). Re-harvest that shard (delete the file and its _progress marker, then "
+            f"{HARVEST_RESUME_HINT}), or pass check_finite=False.")
+
+    def _plan(self, epoch: int):
+        groups = self.epoch_groups(epoch)
+        sizes = [int(self._unit_sizes[u].sum()) for u in groups]
+        return groups, sizes, np.concatenate([[0], np.cumsum(sizes)])
+
+    def _batches(self, epoch: int, batch: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """Generator of (epoch, batch index, float32 CPU tensor [b, d]) from a position, endless.
+
+        With read_ahead, the next shuffle group is read by a helper thread while the current one is
+        being served (two groups in memory).
+        """
+        B, b, r = self.batch_tokens, self.local_batch_tokens, self.dp_rank
+        pin = self.device.type == "cuda" and torch.cuda.is_available()
+        pool = ThreadPoolExecutor(1, thread_name_prefix="ActivationStore-read") if self.read_ahead else None
+        pending: dict[tuple[int, int], Future] = {}
+
+        def load(e: int, gi: int, groups):
+            fut = pending.pop((e, gi), None)
+            raw, rows = fut.result() if fut is not None else self._load_group(groups[gi])
+            if pool is not None:  # start reading the group after this one
+                ne, ngi, ngroups = (e, gi + 1, groups) if gi + 1 < len(groups) else (e + 1, 0, self._plan(e + 1)[0])
+                pending.clear()
+                pending[(ne, ngi)] = pool.submit(self._load_group, ngroups[ngi])
+            return raw, rows
+
+        try:
+            while True:
+                groups, sizes, cum = self._plan(epoch)
+                gi, cur = -1, None  # loaded group index, (raw, store rows, permutation)
+                while batch < self.batches_per_epoch:
+                    lo, hi = batch * B + r * b, batch * B + (r + 1) * b
+                    xs, rs = [], []
+                    while lo < hi:
+                        if gi < 0 or lo >= cum[gi + 1]:
+                            gi = int(np.searchsorted(cum, lo, side="right") - 1)
+                            cur = None  # free the old group before the next one arrives
+                            raw, rows = load(epoch, gi, groups)
+                            cur = (raw, rows, torch.from_numpy(self._group_perm(epoch, gi, sizes[gi])))
+                        take = min(hi, int(cum[gi + 1])) - lo
+                        idx = cur[2][lo - cum[gi] : lo - cum[gi] + take]
+                        xs.append(cur[0].index_select(0, idx))
+                        rs.append(cur[1][idx.numpy()])
+                        lo += take
+                    x = (xs[0] if len(xs) == 1 else torch.cat(xs)).float()
+                    # fast check: the sum is finite iff every entry is (barring overflow, which the
+                    # exact scan in _raise_nonfinite then clears)
+                    if self.check_finite and not bool(torch.isfinite(x.sum())):
+                        self._raise_nonfinite(x, np.concatenate(rs))
+                    if pin:
+                        x = x.pin_memory()
+                    yield epoch, batch, x
+                    batch += 1
+                epoch, batch = epoch + 1, 0
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------------ prefetch thread
+
+    def _worker(self, gen, q: queue.Queue, stop: threading.Event):
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        try:
+            for item in gen:
+                if not put(("ok", item)):
+                    return
+        except BaseException as e:  # re-raised in the consumer
+            put(("error", e))
+        finally:
+            gen.close()
+
+    def _start(self):
+        gen = self._batches(self.epoch, self.batch_index)
+        if self.prefetch == 0:
+            self._gen = gen
+            return
+        self._queue = queue.Queue(maxsize=self.prefetch)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._worker, args=(gen, self._queue, self._stop),
+                                        name=f"ActivationStore-prefetch-r{self.dp_rank}", daemon=True)
+        self._thread.start()
+
+    def _next_raw(self):
+        if self._gen is None and self._thread is None:
+            self._start()
+        if self._gen is not None:
+            return next(self._gen)
+        while True:
+            try:
+                kind, item = self._queue.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive():
+                    self.close()
+                    raise RuntimeError(f"ActivationStore prefetch thread for {self.path!r} stopped unexpectedly")
+        if kind == "error":
+            self.close()
+            raise item
+        return item
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        """Next float32 batch [batch_tokens // dp_size, d_model] on self.device, normalised."""
+        epoch, batch, x = self._next_raw()
+        assert (epoch, batch) == (self.epoch, self.batch_index), "prefetch order out of sync"
+        self.batch_index += 1
+        if self.batch_index == self.batches_per_epoch:
+            self.epoch, self.batch_index = self.epoch + 1, 0
+        x = x.to(self.device, non_blocking=True)
+        x, _ = _normalize(x, self.normalize, self.scale)
+        return x
+
+    def close(self):
+        """Stop the prefetch thread (idempotent). Iterating again restarts it at the current position."""
+        if self._thread is not None:
+            self._stop.set()
+            try:
+                while True:
+                    self._queue.get_nowait()
+            except queue.Empty:
+                pass
+            self._thread.join(timeout=10)
+            if self._thread.is_alive():
+                warnings.warn("ActivationStore prefetch thread did not stop within 10 s")
+        if self._gen is not None:
+            self._gen.close()
+        self._thread = self._queue = self._stop = self._gen = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # ------------------------------------------------------------------ resume
+
+    def state_dict(self) -> dict:
+        """Small dict for exact resume: position of the NEXT batch to be returned plus the order's inputs."""
+        return {"version": _STATE_VERSION, "epoch": self.epoch, "batch": self.batch_index, "seed": self.seed,
+                "batch_tokens": self.batch_tokens, "shuffle": self.shuffle, "shuffle_shards": self.shuffle_shards,
+                "tokens_per_epoch": self.tokens_per_epoch, "shard_tokens": self.shard_tokens,
+                "dp_size": self.dp_size, "tokens_seen": (self.epoch * self.batches_per_epoch + self.batch_index)
+                * self.batch_tokens}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from a `state_dict()`: the next batch is the one an uninterrupted run would return.
+
+        dp_size may differ from the saving run's (the global batches are the same). Raises ValueError if
+        seed, batch_tokens, shuffle, shuffle_shards, tokens_per_epoch or shard_tokens differ (the order
+        would differ), naming the value.
+        """
+        for key in ("seed", "batch_tokens", "shuffle", "shuffle_shards", "tokens_per_epoch", "shard_tokens"):
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(f"cannot resume: saved {key}={state[key]!r} but this ActivationStore has "
+                                 f"{key}={getattr(self, key)!r}; use the same value (the data order depends on it)")
+        epoch, batch = int(state["epoch"]), int(state["batch"])
+        if epoch < 0 or not 0 <= batch < self.batches_per_epoch:
+            raise ValueError(f"invalid resume position epoch={epoch}, batch={batch} "
+                             f"(batches_per_epoch={self.batches_per_epoch})")
+        self.close()
+        self.epoch, self.batch_index = epoch, batch
+
+
+__all__ = ["ActivationStore"]

@@ -1,0 +1,112 @@
+"""Training metrics sinks: `out_dir/train_log.jsonl` (always) and Weights & Biases (optional).
+
+wandb runs offline (`mode="offline"`, files under `out_dir/wandb`) when no API key is configured
+(neither `WANDB_API_KEY` nor a netrc entry for api.wandb.ai), so a laptop run never touches the
+network; `wandb_cfg` = {"project", "mode", "group", "name", "enabled"} overrides.
+"""
+
+from __future__ import annotations
+
+import json
+import netrc
+import os
+import uuid
+from pathlib import Path
+
+__all__ = ["JsonlLogger", "WandbLogger", "wandb_has_api_key", "truncate_jsonl"]
+
+
+class JsonlLogger:
+    """Append one JSON object per logged step to `path` (flushed each line)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def log(self, record: dict) -> None:
+        self._f.write(json.dumps(record) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def truncate_jsonl(path: str | os.PathLike, max_step: int) -> None:
+    """Keep only records with record["step"] <= max_step (used when resuming from a checkpoint so
+    that steps logged after it by a killed run are not duplicated). Drops a torn last line."""
+    p = Path(path)
+    if not p.exists():
+        return
+    keep = []
+    for line in p.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if int(rec.get("step", -1)) <= max_step:
+            keep.append(line)
+    tmp = p.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
+    os.replace(tmp, p)
+
+
+def wandb_has_api_key() -> bool:
+    """True when WANDB_API_KEY is set or ~/.netrc (or $NETRC) has an api.wandb.ai entry."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        rc = netrc.netrc(os.environ.get("NETRC") or None)
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    return rc.authenticators(host) is not None
+
+
+class WandbLogger:
+    """Thin wandb wrapper; no-op when disabled. Logs scalar dicts with `tokens` as a metric."""
+
+    def __init__(self, out_dir: str | os.PathLike, wandb_cfg: dict | None, config: dict):
+        cfg = dict(wandb_cfg or {})
+        self.run = None
+        if not cfg.get("enabled", True):
+            return
+        mode = cfg.get("mode") or os.environ.get("WANDB_MODE")
+        if mode is None:
+            mode = "online" if wandb_has_api_key() else "offline"
+        if mode == "disabled":
+            return
+        import wandb
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        id_file = out / "wandb_run_id.txt"
+        run_id = id_file.read_text().strip() if id_file.exists() else None
+        if run_id is None:
+            run_id = uuid.uuid4().hex[:12]
+            id_file.write_text(run_id)
+        self.run = wandb.init(
+            project=cfg.get("project", "sae-dist"),
+            group=cfg.get("group"),
+            name=cfg.get("name"),
+            mode=mode,
+            dir=str(out),
+            id=run_id,
+            resume="allow",
+            config=config,
+            settings=wandb.Settings(console="off", silent=True),
+        )
+
+    def log(self, metrics: dict, step: int) -> None:
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+
+    def summary(self, metrics: dict) -> None:
+        if self.run is not None:
+            for k, v in metrics.items():
+                self.run.summary[k] = v
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None

@@ -1,0 +1,109 @@
+"""Export -> load round trip: the loaded SAE on RAW activations reproduces the training module's
+reconstruction after denormalisation, and SAELens' own formulas on the files give the same x^."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import sae_dist
+from sae_dist.sae import SAEConfig, TopKSAE, export_sae, load_sae
+from sae_dist.store import denormalize, normalize
+
+
+def _trained_like_sae(d, n, k, mode):
+    sae = TopKSAE(SAEConfig(d_in=d, n_latents=n, k=k, normalize=mode),
+                  generator=torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()))))
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.2)
+        sae.b_dec.normal_(0, 0.3)
+        sae.W_enc.add_(0.1 * torch.randn_like(sae.W_enc))
+    return sae
+
+
+def _raw_acts(b, d):
+    # LM-like: a large shared offset, heterogeneous per-token norms
+    return (torch.randn(b, d) * torch.rand(b, 1) * 5 + 2.0 * torch.randn(d)).float()
+
+
+def _reference_xhat(sae, x, mode, scale=None):
+    x_n, ctx = normalize(x, mode, scale=scale)
+    with torch.no_grad():
+        return denormalize(sae(x_n), mode, ctx)
+
+
+def _saelens_formula(tensors, cfg, x):
+    """SAELens TopKSAE.forward on the exported files, written from its definition: optional
+    layer_norm in (x - mu) / (std + 1e-5) (unbiased std), (x - b_dec) W_enc + b_enc, TopK + ReLU,
+    z W_dec + b_dec, layer_norm out y * std + mu."""
+    x = x.double()
+    W_enc, b_enc, W_dec, b_dec = (tensors[n].double() for n in ("W_enc", "b_enc", "W_dec", "b_dec"))
+    if cfg["normalize_activations"] == "layer_norm":
+        mu = x.mean(-1, keepdim=True)
+        xc = x - mu
+        std = xc.std(-1, keepdim=True)
+        x = xc / (std + 1e-5)
+    pre = (x - b_dec) @ W_enc + b_enc
+    top = pre.topk(cfg["k"], dim=-1)
+    z = torch.zeros_like(pre).scatter_(-1, top.indices, torch.relu(top.values))
+    y = z @ W_dec + b_dec
+    if cfg["normalize_activations"] == "layer_norm":
+        y = y * std + mu
+    return y
+
+
+@pytest.mark.parametrize("mode", ["scalar", "layer_norm", "none"])
+def test_export_load_round_trip(tmp_path, mode):
+    d, n, k = 32, 128, 6
+    sae = _trained_like_sae(d, n, k, mode)
+    x = _raw_acts(200, d)
+    scale = math.sqrt(d) / float(x.norm(dim=-1).mean()) if mode == "scalar" else None
+    ref = _reference_xhat(sae, x, mode, scale)
+    out = export_sae(sae, tmp_path / "sae", hook_name="blocks.1.hook_resid_post", model_name="tiny",
+                     normalize=mode, scale=scale, extra_cfg={"context_size": 64})
+    loaded = sae_dist.load_sae(out)
+    with torch.no_grad():
+        got = loaded(x)
+        torch.testing.assert_close(got, ref, atol=2e-4 * float(x.abs().max()), rtol=1e-4)
+        # dense and sparse API agree
+        vals, idx = loaded.encode_sparse(x)
+        assert vals.shape == (200, k) and idx.dtype == torch.int64
+        z = loaded.encode(x)
+        assert z.shape == (200, n) and ((z > 0).sum(-1) <= k).all()
+        torch.testing.assert_close(loaded.decode(z), got, atol=1e-4, rtol=1e-4)
+        # same latents as the training module (TopK selection unchanged by the folding)
+        _, idx_train = sae.encode_sparse(normalize(x, mode, scale=scale)[0])
+        assert (idx.sort(-1).values == idx_train.sort(-1).values).float().mean() > 0.99
+        # leading dims
+        torch.testing.assert_close(loaded(x.reshape(10, 20, d)).reshape(200, d), got)
+
+    files = load_file(str(out / "sae_weights.safetensors"))
+    assert files["W_enc"].shape == (d, n) and files["W_dec"].shape == (n, d)
+    assert files["b_enc"].shape == (n,) and files["b_dec"].shape == (d,)
+    torch.testing.assert_close(files["W_dec"].norm(dim=-1), torch.ones(n))
+    cfg = json.loads((out / "cfg.json").read_text())
+    assert cfg["architecture"] == "topk" and cfg["d_in"] == d and cfg["d_sae"] == n and cfg["k"] == k
+    assert cfg["hook_name"] == "blocks.1.hook_resid_post" and cfg["model_name"] == "tiny"
+    assert cfg["hook_layer"] == 1 and cfg["context_size"] == 64 and cfg["dtype"] == "float32"
+    assert cfg["normalize_activations"] == ("layer_norm" if mode == "layer_norm" else "none")
+    # SAELens' computation on the same files gives our x^ (layer_norm: up to SAELens' eps)
+    y = _saelens_formula(files, cfg, x)
+    torch.testing.assert_close(y.float(), ref, atol=1e-3 * float(x.abs().max()), rtol=1e-3)
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="cfg.json, sae_weights.safetensors"):
+        load_sae(tmp_path)
+    sae = _trained_like_sae(8, 16, 2, "none")
+    export_sae(sae, tmp_path / "s", hook_name=None, model_name=None, normalize="none")
+    (tmp_path / "s" / "sae_weights.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="sae_weights.safetensors"):
+        load_sae(tmp_path / "s")
+    export_sae(sae, tmp_path / "s", hook_name=None, model_name=None, normalize="none")
+    m = load_sae(tmp_path / "s")
+    with pytest.raises(ValueError, match="activation width 9 != SAE d_in 8"):
+        m(torch.randn(3, 9))
+    with pytest.raises(ValueError, match="scale"):
+        export_sae(sae, tmp_path / "t", hook_name=None, model_name=None, normalize="scalar")

@@ -1,0 +1,264 @@
+"""ActivationStore: epoch coverage, seeded order, dp split, exact resume, errors, normalisation, prefetch."""
+
+import math
+import os
+import threading
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from sae_dist.store import (
+    ActivationStore,
+    IncompleteStoreError,
+    NonFiniteError,
+    StoreError,
+    create_store,
+    mark_shard_done,
+    open_store,
+    write_block,
+    write_store,
+)
+
+N, D, CHUNK, SHARD = 1100, 6, 32, 128  # 9 shards, the last one partial
+
+
+def _id_store(path, n=N, dtype=torch.float32):
+    """Store whose row i has x[i, 0] = i (exact in float32) and random other columns."""
+    x = torch.randn(n, D)
+    x[:, 0] = torch.arange(n, dtype=torch.float32)
+    write_store(path, x.to(dtype), chunk_tokens=CHUNK, shard_tokens=SHARD)
+    return x
+
+
+def _ids(batch):
+    return batch[:, 0].round().long().numpy()
+
+
+def _naive_epoch_rows(seed, epoch, n, shard, shuffle_shards):
+    """Independent re-implementation of the documented order (reader module docstring)."""
+    n_shards = math.ceil(n / shard)
+    order = np.random.default_rng([seed, epoch, 0]).permutation(n_shards)
+    stream = []
+    for g, i in enumerate(range(0, n_shards, shuffle_shards)):
+        rows = np.concatenate([np.arange(s * shard, min((s + 1) * shard, n)) for s in order[i : i + shuffle_shards]])
+        stream.append(rows[np.random.default_rng([seed, epoch, 1, g]).permutation(len(rows))])
+    return np.concatenate(stream)
+
+
+def test_epoch_covers_every_row_once_and_matches_documented_order(tmp_path):
+    _id_store(tmp_path / "s")
+    B, seed = 100, int(np.random.default_rng().integers(1 << 30))
+    with ActivationStore(tmp_path / "s", batch_tokens=B, seed=seed, shuffle_shards=3, normalize="none") as st:
+        assert st.batches_per_epoch == N // B == 11 and st.tokens_per_epoch == N
+        epochs = [np.concatenate([_ids(next(st)) for _ in range(st.batches_per_epoch)]) for _ in range(2)]
+        assert st.epoch == 2 and st.batch_index == 0
+    for e, seen in enumerate(epochs):
+        assert len(np.unique(seen)) == len(seen) == N // B * B  # no repeats; only the tail is dropped
+        np.testing.assert_array_equal(seen, _naive_epoch_rows(seed, e, N, SHARD, 3)[: N // B * B])
+    assert not np.array_equal(epochs[0], epochs[1])
+    assert sorted(epochs[0][:128]) != list(range(128))  # rows really shuffled
+
+
+def test_no_shuffle_is_store_order_and_batches_straddle_tail(tmp_path):
+    _id_store(tmp_path / "s")
+    with ActivationStore(tmp_path / "s", batch_tokens=300, shuffle=False, normalize="none", prefetch=0) as st:
+        got = [_ids(next(st)) for _ in range(4)]
+    np.testing.assert_array_equal(np.concatenate(got[:3]), np.arange(900))  # rows 900..1099 dropped
+    np.testing.assert_array_equal(got[3], np.arange(300))  # next epoch
+
+
+@pytest.mark.parametrize("dp_size", [2, 4])
+def test_dp_ranks_disjoint_and_union_is_global_batch(tmp_path, dp_size):
+    _id_store(tmp_path / "s")
+    B = 120
+    kw = dict(batch_tokens=B, seed=7, shuffle_shards=2, normalize="none")
+    with ActivationStore(tmp_path / "s", **kw) as st:
+        glob = [_ids(next(st)) for _ in range(12)]  # crosses an epoch boundary (9 batches/epoch)
+    ranks = [ActivationStore(tmp_path / "s", dp_rank=r, dp_size=dp_size, **kw) for r in range(dp_size)]
+    for j in range(12):
+        parts = [_ids(next(s)) for s in ranks]
+        assert all(len(p) == B // dp_size for p in parts)
+        np.testing.assert_array_equal(np.concatenate(parts), glob[j])
+        assert len(np.unique(np.concatenate(parts))) == B
+    for s in ranks:
+        s.close()
+    with pytest.raises(ValueError, match="not divisible by dp_size=4"):
+        ActivationStore(tmp_path / "s", batch_tokens=122, dp_size=4)
+
+
+@pytest.mark.parametrize("k", [3, 10])  # mid-epoch and just after an epoch boundary
+def test_resume_is_exact(tmp_path, k):
+    _id_store(tmp_path / "s")
+    kw = dict(batch_tokens=96, seed=11, shuffle_shards=2, normalize="layer_norm")
+    with ActivationStore(tmp_path / "s", **kw) as st:
+        ref = [next(st) for _ in range(k + 5)]
+    a = ActivationStore(tmp_path / "s", **kw)
+    for _ in range(k):
+        next(a)
+    state = a.state_dict()
+    a.close()
+    assert state["epoch"] * a.batches_per_epoch + state["batch"] == k
+    b = ActivationStore(tmp_path / "s", **kw)
+    b.load_state_dict(state)
+    for j in range(5):
+        assert torch.equal(next(b), ref[k + j])
+    b.close()
+    # resuming at another dp size gives that rank's part of the same global batch
+    c = ActivationStore(tmp_path / "s", dp_rank=1, dp_size=2, **kw)
+    c.load_state_dict(state)
+    assert torch.equal(next(c), ref[k][48:])
+    c.close()
+    with pytest.raises(ValueError, match="seed"):
+        ActivationStore(tmp_path / "s", **{**kw, "seed": 12}).load_state_dict(state)
+
+
+def test_corrupt_and_missing_shard_errors_name_the_shard(tmp_path):
+    _id_store(tmp_path / "s", dtype=torch.float16)
+    f = tmp_path / "s" / "activations" / "c" / "4" / "0"
+    good = f.read_bytes()
+    kw = dict(batch_tokens=100, shuffle=False, normalize="none")
+
+    def first_error():
+        with ActivationStore(tmp_path / "s", **kw) as st:
+            with pytest.raises(StoreError) as e:
+                for _ in range(st.batches_per_epoch):
+                    next(st)
+        return str(e.value)
+
+    for bad in (good[: len(good) // 2], os.urandom(len(good)), good[:100] + bytes(len(good) - 100)):
+        f.write_bytes(bad)
+        msg = first_error()
+        assert "shard 4" in msg and str(f) in msg and "[512, 640)" in msg and "corrupt" in msg
+        assert "sae-harvest" in msg
+    f.unlink()
+    msg = first_error()
+    assert "shard 4" in msg and "missing" in msg and str(f) in msg
+
+
+def test_nonfinite_error_names_rows_and_chunk(tmp_path):
+    _id_store(tmp_path / "s")
+    row = int(np.random.default_rng().integers(200, 1000))
+    a = open_store(tmp_path / "s", "r+")["activations"]
+    v = a[row : row + 1]
+    v[0, 3] = np.inf
+    a[row : row + 1] = v
+    c0 = row // CHUNK * CHUNK
+    with ActivationStore(tmp_path / "s", batch_tokens=100, seed=3, normalize="none") as st:
+        with pytest.raises(NonFiniteError) as e:
+            for _ in range(st.batches_per_epoch):
+                next(st)
+    msg = str(e.value)
+    assert f"token row {row}" in msg and f"chunk rows [{c0}, {c0 + CHUNK})" in msg and f"shard {row // SHARD}" in msg
+    with ActivationStore(tmp_path / "s", batch_tokens=100, seed=3, normalize="none", check_finite=False) as st:
+        seen = np.concatenate([next(st).numpy() for _ in range(st.batches_per_epoch)])
+    assert np.isinf(seen).sum() == (1 if row in _naive_epoch_rows(3, 0, N, SHARD, 4)[:1100] else 0)
+
+
+def test_store_errors(tmp_path):
+    with pytest.raises(StoreError, match="does not exist"):
+        ActivationStore(tmp_path / "missing", batch_tokens=8)
+    (tmp_path / "notastore").mkdir()
+    with pytest.raises(StoreError, match="not an activation store"):
+        ActivationStore(tmp_path / "notastore", batch_tokens=8)
+    _id_store(tmp_path / "s", n=300)
+    with pytest.raises(ValueError, match="exceeds the 300 tokens"):
+        ActivationStore(tmp_path / "s", batch_tokens=301)
+    with pytest.raises(ValueError, match="valid modes"):
+        ActivationStore(tmp_path / "s", batch_tokens=8, normalize="bogus")
+
+
+def test_incomplete_store(tmp_path):
+    p = tmp_path / "s"
+    g = create_store(p, n_tokens=1024, d_model=D, dtype="float32", chunk_tokens=CHUNK, shard_tokens=256, attrs={})
+    x = torch.randn(1024, D)
+    x[:, 0] = torch.arange(1024, dtype=torch.float32)
+    for s in (1, 3):
+        write_block(g, s * 256, x[s * 256 : (s + 1) * 256])
+        mark_shard_done(p, s, {"n_tokens": 256})
+    with pytest.raises(IncompleteStoreError) as e:
+        ActivationStore(p, batch_tokens=64)
+    assert "unfinished" in str(e.value) and "sae-harvest" in str(e.value) and "allow_incomplete" in str(e.value)
+    with ActivationStore(p, batch_tokens=64, allow_incomplete=True, normalize="none") as st:
+        assert st.tokens_per_epoch == 512
+        seen = np.concatenate([_ids(next(st)) for _ in range(st.batches_per_epoch)])
+    np.testing.assert_array_equal(np.sort(seen), np.r_[256:512, 768:1024])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_normalised_batches_match_numpy(tmp_path, dtype):
+    x = _id_store(tmp_path / "s", dtype=dtype).to(dtype)
+    ref = x.float().numpy().astype(np.float64)  # exactly what is stored, widened
+    with ActivationStore(tmp_path / "s", batch_tokens=64, seed=5, normalize="none") as st:
+        rows = [st.global_batch_rows(0, j) for j in range(3)]
+        raw = [next(st) for _ in range(3)]
+    for r, b in zip(rows, raw):
+        assert b.dtype == torch.float32 and b.shape == (64, D)
+        np.testing.assert_array_equal(b.numpy(), ref[r])
+    with ActivationStore(tmp_path / "s", batch_tokens=64, seed=5, normalize="layer_norm") as st:
+        ln = [next(st) for _ in range(3)]
+    for r, b in zip(rows, ln):
+        c = ref[r] - ref[r].mean(1, keepdims=True)
+        np.testing.assert_allclose(b.numpy(), c / np.linalg.norm(c, axis=1, keepdims=True) * math.sqrt(D),
+                                   rtol=1e-4, atol=1e-5)
+    with ActivationStore(tmp_path / "s", batch_tokens=64, seed=5, normalize="scalar") as st:
+        sc = [next(st) for _ in range(3)]
+        s = math.sqrt(D) / np.linalg.norm(ref, axis=1).mean()
+        assert st.scale == pytest.approx(s, rel=1e-9)
+    for r, b in zip(rows, sc):
+        np.testing.assert_allclose(b.numpy(), ref[r] * s, rtol=1e-6)
+
+
+def test_prefetch_thread_exception_surfaces_and_close(tmp_path, monkeypatch):
+    _id_store(tmp_path / "s")
+    st = ActivationStore(tmp_path / "s", batch_tokens=100, prefetch=3)
+    next(st)
+    thread = st._thread
+    assert thread is not None and thread.daemon and thread.is_alive()
+    st.close()
+    assert not thread.is_alive()
+
+    class Boom(RuntimeError):
+        pass
+
+    calls = []
+
+    def broken(self, u, out=None):
+        calls.append(u)
+        if len(calls) > 2:
+            raise Boom(f"disk on fire reading unit {u}")
+        return orig(self, u, out)
+
+    orig = ActivationStore._read_unit
+    monkeypatch.setattr(ActivationStore, "_read_unit", broken)
+    st = ActivationStore(tmp_path / "s", batch_tokens=100, shuffle_shards=2, prefetch=2)
+    with pytest.raises(Boom, match="disk on fire"):
+        for _ in range(20):
+            next(st)
+    assert st._thread is None  # the failed thread was cleaned up
+    assert not any(t.name.startswith("ActivationStore-prefetch") and t.is_alive() for t in threading.enumerate())
+
+
+def test_store_written_by_plain_zarr_is_accepted(tmp_path):
+    # CONTRACT: any tool writing the layout (here plain zarr, no harvest attribute) gives a usable store
+    x = np.random.default_rng().standard_normal((700, D)).astype(np.float32)
+    x[:, 0] = np.arange(700)
+    g = zarr.open_group(tmp_path / "other.zarr", mode="w", zarr_format=3)
+    g.attrs.update({"d_model": D, "n_tokens": 700, "dtype": "float32", "model": "m", "hook": "h"})
+    a = g.create_array("activations", shape=x.shape, dtype="float32", chunks=(50, D), shards=(100, D))
+    a[:] = x
+    with ActivationStore(tmp_path / "other.zarr", batch_tokens=70, seed=1, normalize="none") as st:
+        assert st.shard_tokens == 100 and st.chunk_tokens == 50
+        seen = np.concatenate([_ids(next(st)) for _ in range(st.batches_per_epoch)])
+    np.testing.assert_array_equal(np.sort(seen), np.arange(700))
+
+
+def test_scalar_mode_without_norm_stats_computes_them(tmp_path):
+    x = np.random.default_rng().standard_normal((400, D)).astype(np.float32) * 3
+    g = zarr.open_group(tmp_path / "o.zarr", mode="w", zarr_format=3)
+    g.create_array("activations", shape=x.shape, dtype="float32", chunks=(100, D), shards=(200, D))[:] = x
+    with pytest.warns(UserWarning, match="norm_stats"):
+        st = ActivationStore(tmp_path / "o.zarr", batch_tokens=100, normalize="scalar")
+    assert st.scale == pytest.approx(math.sqrt(D) / np.linalg.norm(x.astype(np.float64), axis=1).mean(), rel=1e-9)
+    st.close()
