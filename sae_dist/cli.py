@@ -88,9 +88,9 @@ def _hook_name(cfg: DictConfig, model) -> str:
 
 def _model_name(cfg: DictConfig) -> str:
     """The model name recorded in store attrs, cfg.json and eval.json."""
-    if cfg.model.name in (None, "embedded"):
-        return "SmolLM2-135M-Instruct"
-    return str(cfg.model.name) + (f"/{cfg.model.gguf_file}" if cfg.model.gguf_file else "")
+    from sae_dist.harvest.lm import model_display_name
+
+    return model_display_name(cfg.model.name, cfg.model.gguf_file)
 
 
 def _docs(cfg: DictConfig):

@@ -109,6 +109,12 @@ def test_eval_fvu_matches_an_independent_recomputation(pipeline_run: Path, tiny_
     r = recon.double().numpy()
     fvu = ((x - r) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
     assert abs(fvu - ev["fvu"]) < 1e-4 * max(1.0, fvu), (fvu, ev["fvu"])
+    # the same in the per-token layer-normed space the SAE trained in (the paper's convention)
+    mu = x.mean(1, keepdims=True)
+    nrm = np.linalg.norm(x - mu, axis=1, keepdims=True) / np.sqrt(x.shape[1])
+    xn, rn = (x - mu) / nrm, (r - mu) / nrm
+    fvu_n = ((xn - rn) ** 2).sum() / ((xn - xn.mean(0)) ** 2).sum()
+    assert abs(fvu_n - ev["fvu_normalized_inputs"]) < 1e-4, (fvu_n, ev["fvu_normalized_inputs"])
 
 
 def test_help_lists_config_groups():
@@ -170,3 +176,30 @@ def test_eval_refuses_an_sae_of_the_wrong_width(pipeline_run: Path, tiny_lm_dir:
     assert proc.returncode != 0
     err = proc.stderr + proc.stdout
     assert "24" in err and "32" in err
+
+
+def test_torchrun_two_harvest_workers_equal_one(tiny_lm_dir, tmp_path):
+    """`torchrun --nproc-per-node 2 sae-harvest ...` writes one store identical to a single worker's."""
+    import zarr
+
+    import sae_dist.store  # noqa: F401  (registers the bfloat16 zarr type)
+
+    common = [f"model.name={tiny_lm_dir}", "device=cpu", "data.ctx_len=32", "harvest.tokens=6000",
+              "harvest.seqs_per_chunk=8", "harvest.seqs_per_shard=32", "harvest.batch_size=16"]
+    _run("sae-harvest", f"run_dir={tmp_path / 'one'}", *common)
+    env = dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-port", "29517",
+         str(BIN / "sae-harvest"), f"run_dir={tmp_path / 'two'}", *common],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    one = zarr.open_group(str(tmp_path / "one" / "activations.zarr"), mode="r")
+    two = zarr.open_group(str(tmp_path / "two" / "activations.zarr"), mode="r")
+    assert two.attrs["harvest"]["complete"] is True
+    for name in ["activations", "token_ids", "seq_index", "position"]:
+        np.testing.assert_array_equal(one[name][:], two[name][:], err_msg=name)
+    # both ranks wrote: shard markers from 2 workers cover every shard exactly once
+    markers = sorted((tmp_path / "two" / "activations.zarr" / "_progress").glob("shard_*.json"))
+    assert len(markers) == -(-one["activations"].shape[0] // (32 * 31))
+    assert {json.loads(m.read_text())["rank"] for m in markers} == {0, 1}

@@ -26,6 +26,7 @@ from torch import nn
 
 from sae_dist.eval.downstream import downstream_loss
 from sae_dist.eval.metrics import LatentFiringCounter, ReconstructionStats
+from sae_dist.store.normalize import normalize
 
 __all__ = ["evaluate", "write_eval_json", "CONTRACT_KEYS"]
 
@@ -197,6 +198,10 @@ def evaluate(
     was_training = model.training
     model.eval()
     stats = ReconstructionStats(d_in, device=sae_device)
+    # the same fvu in the space the SAE was trained in (the paper reports MSE on normalised inputs);
+    # only per-token layer_norm changes it: a scalar scale cancels in the fvu ratio
+    per_token_norm = cfg_json.get("normalize_activations") == "layer_norm"
+    stats_norm = ReconstructionStats(d_in, device=sae_device) if per_token_norm else stats
     firing = LatentFiringCounter(d_sae, device=sae_device)
     starts = range(0, n_seq, batch_size)
     if progress:
@@ -228,11 +233,15 @@ def evaluate(
                 x_hat = sae.decode_sparse(values, indices)
                 stats.update(x32, x_hat, l0=(values != 0).sum(1))
                 firing.update_sparse(values, indices)
+                if per_token_norm:
+                    stats_norm.update(*_layer_norm_pair(x32, x_hat))
             else:
                 z = sae.encode(x32)
                 x_hat = sae(x32)
                 stats.update(x32, x_hat, l0=z)
                 firing.update_dense(z)
+                if per_token_norm:
+                    stats_norm.update(*_layer_norm_pair(x32, x_hat))
     finally:
         model.train(was_training)
 
@@ -274,6 +283,7 @@ def evaluate(
         "model": model_name,
         "eval_tokens": int(n_eval),
         # extras
+        "fvu_normalized_inputs": stats_norm.result()["fvu"],
         "dead_fraction_window": window,
         "dead_fraction_eval": dead_eval,
         "mse": recon["mse"],
@@ -292,6 +302,13 @@ def evaluate(
         ),
     }
     return result
+
+
+def _layer_norm_pair(x: torch.Tensor, x_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_n, x_hat_n): x and its reconstruction mapped with x's own per-token layer norm
+    (`sae_dist.store.normalize`, mode "layer_norm"), i.e. into the space the SAE was trained in."""
+    x_n, ctx = normalize(x, "layer_norm")
+    return x_n, (x_hat - ctx["mean"]) * (math.sqrt(x.shape[-1]) / ctx["norm"])
 
 
 def _plain(v):
