@@ -84,7 +84,7 @@ def test_trainer_learns_exports_and_is_idempotent(tmp_path, capsys):
     runs = list((out / "wandb").glob("offline-run-*"))
     assert runs and any(p.suffix == ".wandb" for p in runs[0].iterdir())
     # checkpoints: keep 2, atomically named
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000100", "step_00000200"]
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000100", "step_00000200"]
     # rerun: no-op that says so
     capsys.readouterr()
     res2 = train(store_path=store, out_dir=out, sae_cfg=sae_cfg, trainer_cfg=tcfg, progress=False,
@@ -250,3 +250,17 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     wr = load_file(str(ref / "sae" / "sae_weights.safetensors"))
     for name in wr:
         assert torch.equal(wk[name], wr[name]), name
+
+
+def test_resume_with_a_changed_configuration_names_what_changed(tmp_path):
+    """Checkpoints made with n_latents=128 are not silently resumed with n_latents=64."""
+    x = _sparse_dictionary_data(n_tokens=4096)
+    store = _store(tmp_path, x)
+    out = tmp_path / "run"
+    tcfg = TrainerConfig(tokens=256 * 20, batch_tokens=256, checkpoint_every_steps=5, max_steps=6,
+                         warmup_steps=0)
+    train(store_path=store, out_dir=out, sae_cfg=SAEConfig(d_in=32, n_latents=128, k=4), trainer_cfg=tcfg,
+          progress=False, wandb_cfg={"enabled": False})
+    with pytest.raises(ValueError, match=r"n_latents: checkpoint 128 != now 64"):
+        train(store_path=store, out_dir=out, sae_cfg=SAEConfig(d_in=32, n_latents=64, k=4), trainer_cfg=tcfg,
+              progress=False, wandb_cfg={"enabled": False})

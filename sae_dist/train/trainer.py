@@ -134,6 +134,33 @@ def _ema_update(ema: TopKSAE, sae: TopKSAE, decay: float) -> None:
     ema.normalize_decoder_()
 
 
+#: Options a checkpoint cannot be resumed under once changed: they fix parameter shapes, the loss or
+#: the data order. Kept in checkpoints/run_identity.json and compared before any checkpoint is loaded.
+_IDENTITY_KEYS = ("d_in", "n_latents", "k", "k_aux", "multi_topk", "normalize", "batch_tokens", "seed")
+
+
+def _check_run_identity(ckpt_root: Path, sae_cfg: SAEConfig, tcfg: TrainerConfig, seed: int,
+                        resuming: bool) -> None:
+    """Record (new run) or verify (resume) the options that a resumed run must share with its checkpoints.
+
+    Raises ValueError naming each changed option with its checkpointed and its new value.
+    """
+    ident = {**{k: getattr(sae_cfg, k) for k in _IDENTITY_KEYS[:6]},
+             "batch_tokens": tcfg.batch_tokens, "seed": seed}
+    path = ckpt_root / "run_identity.json"
+    if resuming and path.is_file():
+        old = json.loads(path.read_text())
+        changed = [f"{k}: checkpoint {old.get(k)!r} != now {ident[k]!r}" for k in ident if old.get(k) != ident[k]]
+        if changed:
+            raise ValueError(
+                f"cannot resume the checkpoints in {ckpt_root} with a different configuration ("
+                + "; ".join(changed) + "). Use a new run_dir, or restore the checkpointed values."
+            )
+        return
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(ident, indent=2))
+
+
 #: The eval.json contract's dead-latent window: a latent is dead when it did not fire in the last 10M
 #: training tokens, or over the whole run when the run is shorter (ARCHITECTURE.md, eval.json keys).
 #: Independent of `SAEConfig.dead_tokens`, which only sets the AuxK threshold.
@@ -225,6 +252,7 @@ def train(
 
     step, tokens_seen, last_metrics = 0, 0, {}
     ck = latest_checkpoint(ckpt_root)
+    _check_run_identity(ckpt_root, sae_cfg, tcfg, seed, resuming=ck is not None)
     if ck is not None:
         ts = load_checkpoint(ck[1], model=sae, optimizer=opt, ema=ema, dead_state=tracker.state_dict())
         step, tokens_seen = int(ts["step"]), int(ts["tokens_seen"])
