@@ -160,6 +160,8 @@ def run_train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         multi_topk_weight=float(s.multi_topk_weight),
         b_pre_init=s.b_pre_init,
         normalize=s.normalize,
+        kernels=bool(s.get("kernels", True)),
+        kernel_backend=str(s.get("kernel_backend", "auto")),
     )
     t = cfg.trainer
     trainer_cfg = TrainerConfig(
@@ -273,10 +275,9 @@ def print_summary(out: Path, harvest_summary: dict, train_summary: dict, result:
     from rich.table import Table
 
     rows = [
-        ("tokens harvested", f"{harvest_summary.get('n_tokens', harvest_summary.get('tokens', '?')):,}"
-         if isinstance(harvest_summary.get('n_tokens', harvest_summary.get('tokens')), int) else "?"),
+        ("tokens harvested", _fmt(harvest_summary.get("n_tokens"), ",")),
         ("harvest tokens/s", _fmt(harvest_summary.get("tokens_per_s"), ".0f")),
-        ("tokens trained", f"{result.get('tokens_trained', 0):,}"),
+        ("tokens trained", _fmt(result.get("tokens_trained"), ",")),
         ("train tokens/s", _fmt(train_summary.get("tokens_per_s"), ".0f")),
         ("n_latents / k", f"{result.get('n_latents')} / {result.get('k')}"),
         ("fvu", _fmt(result.get("fvu"), ".4f")),
@@ -287,7 +288,7 @@ def print_summary(out: Path, harvest_summary: dict, train_summary: dict, result:
          f"{_fmt(result.get('ce_loss_sae'), '.4f')} / {_fmt(result.get('ce_loss_zero_ablation'), '.4f')}"),
         ("CE loss score", _fmt(result.get("ce_loss_score"), ".4f")),
         ("KL(clean || SAE)", _fmt(result.get("kl_div"), ".4f")),
-        ("eval tokens", f"{result.get('eval_tokens', 0):,}"),
+        ("eval tokens", _fmt(result.get("eval_tokens"), ",")),
         ("wall time", f"{wall_s:.0f} s"),
     ]
     table = Table(title=f"sae-dist pipeline: {out}")

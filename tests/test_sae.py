@@ -231,3 +231,20 @@ def test_config_validation_and_k_aux_default():
     with pytest.raises(ValueError, match="d_in 8"):
         TopKSAE(SAEConfig(d_in=8, n_latents=16, k=2)).encode(torch.randn(3, 9))
     assert math.isclose(SAEConfig(d_in=8, n_latents=16, k=2).auxk_coef, 1 / 32)
+
+
+def test_auxk_zero_variance_residual_gives_zero_loss_and_finite_grads():
+    """A constant residual has zero variance: the paper's NaN -> 0 rule must not poison the gradients."""
+    from sae_dist.sae.auxk import auxk_loss as plain_auxk_loss
+
+    n, d, B = 40, 8, 6
+    pre = torch.randn(B, n, requires_grad=True)
+    W_dec = torch.nn.functional.normalize(torch.randn(n, d), dim=-1).requires_grad_(True)
+    # every token the same small integers: the batch mean is exact, so the variance is exactly 0
+    residual = torch.randint(-3, 4, (1, d)).float().expand(B, d).contiguous()
+    dead = torch.rand(n) < 0.5
+    dead[0] = True
+    loss = plain_auxk_loss(pre, dead, residual, W_dec, k_aux=4)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.isfinite(pre.grad).all() and torch.isfinite(W_dec.grad).all()

@@ -75,8 +75,14 @@ def auxk_loss(
     vals, idx = masked.topk(k_eff, dim=-1, sorted=False)
     vals = F.relu(vals)
     e_hat = sparse_decode(vals, idx, W_dec)
-    loss = normalized_mse(residual, e_hat)
-    return torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0)
+    t, r = residual.float(), e_hat.float()
+    num = (t - r).pow(2).sum(-1).mean()
+    den = (t - t.mean(0, keepdim=True)).pow(2).sum(-1).mean()
+    # NaN/Inf -> 0 with finite (zero) gradients: replace a bad denominator BEFORE dividing, because
+    # nan_to_num after the division would still back-propagate 0 * (1/0) = NaN.
+    ok = torch.isfinite(den) & (den > 0)
+    ratio = num / torch.where(ok, den, torch.ones_like(den))
+    return torch.where(ok & torch.isfinite(ratio), ratio, torch.zeros_like(ratio))
 
 
 class DeadLatentTracker:

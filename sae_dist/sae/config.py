@@ -9,11 +9,12 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-__all__ = ["SAEConfig", "default_k_aux", "NORMALIZE_MODES", "B_PRE_INITS", "DTYPES"]
+__all__ = ["SAEConfig", "default_k_aux", "NORMALIZE_MODES", "B_PRE_INITS", "DTYPES", "KERNEL_BACKENDS"]
 
 NORMALIZE_MODES = ("layer_norm", "scalar", "none")
 B_PRE_INITS = ("geometric_median", "mean", "zeros")
 DTYPES = ("float32", "bfloat16", "float16")
+KERNEL_BACKENDS = ("auto", "torch", "triton")
 
 
 def default_k_aux(d_in: int) -> int:
@@ -43,6 +44,13 @@ class SAEConfig:
         norm times sqrt(d_in), section 2.1), "scalar" (x * s, s = sqrt(d_in) / E||x||) or "none".
       dtype: parameter dtype ("float32"; master weights stay fp32 even under bf16 autocast).
       enc_init_scale: W_enc = enc_init_scale * W_dec^T at init (tied init, section 2.4.1).
+      kernels: True (default) -> `TopKSAE.training_step_losses` uses the `sae_dist.kernels` ops
+        (fused encoder + running TopK that never materialises the [B, n_latents] pre-activations and
+        yields the AuxK candidates from the same pass, sparse decode, AuxK loss); False -> the plain
+        torch path (dense pre-activations, `torch.topk`, `F.embedding_bag`). Same losses, gradients
+        and parameters up to float rounding; only speed and memory differ.
+      kernel_backend: backend of those kernels, "auto" (Triton when the tensors are on CUDA, else the
+        chunked torch reference), "torch", or "triton" (CPU only under TRITON_INTERPRET=1, for tests).
 
     Raises ValueError naming the bad field and its valid range.
     """
@@ -60,6 +68,8 @@ class SAEConfig:
     normalize: str = "layer_norm"
     dtype: str = "float32"
     enc_init_scale: float = 1.0
+    kernels: bool = True
+    kernel_backend: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("d_in", "n_latents", "k"):
@@ -101,6 +111,12 @@ class SAEConfig:
             raise ValueError(f"SAEConfig.normalize={self.normalize!r}; valid: {NORMALIZE_MODES}")
         if self.dtype not in DTYPES:
             raise ValueError(f"SAEConfig.dtype={self.dtype!r}; valid: {DTYPES}")
+        if not isinstance(self.kernels, bool):
+            raise ValueError(f"SAEConfig.kernels={self.kernels!r} must be true or false")
+        if self.kernel_backend not in KERNEL_BACKENDS:
+            raise ValueError(
+                f"SAEConfig.kernel_backend={self.kernel_backend!r}; valid: {KERNEL_BACKENDS}"
+            )
 
     @property
     def d_sae(self) -> int:

@@ -11,6 +11,8 @@ module (`sae_dist.sae.export.load_sae`) takes raw activations.
 
 from __future__ import annotations
 
+import importlib
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +22,7 @@ from torch import nn
 from sae_dist.sae.auxk import auxk_loss, normalized_mse, sparse_decode
 from sae_dist.sae.config import SAEConfig
 
-__all__ = ["TopKSAE", "TrainOutput"]
+__all__ = ["TopKSAE", "TrainOutput", "kernel_ops"]
 
 
 @dataclass
@@ -42,6 +44,40 @@ class TrainOutput:
 
 def _torch_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+_KERNEL_OPS: tuple | None = None
+_KERNEL_IMPORT_ERROR: str | None = None
+
+
+def kernel_ops():
+    """The `sae_dist.kernels` ops used by the kernel training path, or None when they cannot be imported.
+
+    Returns (encode_topk, sparse_decode, auxk_loss) from `sae_dist.kernels.encoder_topk`,
+    `.sparse_decode` and `.auxk`. On an ImportError, warns once (RuntimeWarning naming the error and
+    the switch `sae.kernels=false`) and returns None, so `SAEConfig.kernels=True` falls back to the plain
+    torch path instead of breaking training.
+    """
+    global _KERNEL_OPS, _KERNEL_IMPORT_ERROR
+    if _KERNEL_OPS is not None:
+        return _KERNEL_OPS
+    if _KERNEL_IMPORT_ERROR is not None:
+        return None
+    try:
+        enc = importlib.import_module("sae_dist.kernels.encoder_topk")
+        dec = importlib.import_module("sae_dist.kernels.sparse_decode")
+        aux = importlib.import_module("sae_dist.kernels.auxk")
+        _KERNEL_OPS = (enc.encode_topk, dec.sparse_decode, aux.auxk_loss)
+    except (ImportError, AttributeError) as e:
+        _KERNEL_IMPORT_ERROR = f"{type(e).__name__}: {e}"
+        warnings.warn(
+            f"SAEConfig.kernels=True but sae_dist.kernels could not be imported ({_KERNEL_IMPORT_ERROR}); "
+            "using the plain torch training path (set sae.kernels=false to silence this)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+    return _KERNEL_OPS
 
 
 class TopKSAE(nn.Module):
@@ -150,8 +186,19 @@ class TopKSAE(nn.Module):
         - Multi-TopK (section 5.3, optional): + multi_topk_weight * NMSE(decode(TopK_{f*k}(x))).
         - AuxK (section 2.4.1): + auxk_coef * auxk_loss(pre, dead_mask, x - x^.detach(), W_dec).
         dead_mask: bool [d_sae] or None (no AuxK term).
+
+        With `cfg.kernels` (default) the `sae_dist.kernels` ops compute the same losses without the
+        [B, d_sae] pre-activations: one fused encoder + TopK pass yields the top max(k, f*k) latents
+        (Multi-TopK's TopK_k is its first k columns, values sorted descending) and the AuxK candidates,
+        then sparse decodes; gradients reach W_enc, b_enc, b_dec (b_pre, via encoder and decoder) and
+        W_dec as in the plain path. With `cfg.kernels=False` (or when the kernels cannot be imported)
+        the plain torch path below runs.
         """
         cfg = self.cfg
+        if cfg.kernels:
+            ops = kernel_ops()
+            if ops is not None:
+                return self._training_step_losses_kernels(x, dead_mask, ops)
         pre = self.pre_acts(x)
         if cfg.multi_topk:
             kk = cfg.multi_topk_factor * cfg.k
@@ -177,6 +224,50 @@ class TopKSAE(nn.Module):
         return TrainOutput(loss, nmse.detach(), aux.detach(), None if mt is None else mt.detach(),
                            x_hat.detach(), vals.detach(), idx)
 
+    def _training_step_losses_kernels(self, x, dead_mask, ops) -> TrainOutput:
+        """`training_step_losses` through the sae_dist.kernels ops (see there); never [B, d_sae]."""
+        encode_topk, k_sparse_decode, k_auxk_loss = ops
+        cfg = self.cfg
+        self._check_x(x)
+        backend = cfg.kernel_backend
+        use_aux = dead_mask is not None and cfg.auxk_coef > 0
+        k_aux = 0
+        if use_aux:
+            if dead_mask.dtype != torch.bool or dead_mask.shape != (cfg.n_latents,):
+                raise ValueError(
+                    f"dead_mask must be bool [{cfg.n_latents}], got {dead_mask.dtype} "
+                    f"{tuple(dead_mask.shape)}"
+                )
+            k_aux = min(cfg.k_aux, int(dead_mask.sum()))
+        kk = cfg.multi_topk_factor * cfg.k if cfg.multi_topk else cfg.k
+        xw = x.to(self.W_enc.dtype)
+        vals_all, idx_all, aux_vals, aux_idx = encode_topk(
+            xw, self.W_enc, self.b_enc, self.b_dec, kk,
+            dead_mask=dead_mask if k_aux > 0 else None, k_aux=k_aux, backend=backend,
+        )
+        if cfg.multi_topk:
+            vals, idx = vals_all[:, : cfg.k], idx_all[:, : cfg.k]
+        else:
+            vals, idx = vals_all, idx_all
+        x_hat = k_sparse_decode(vals, idx, self.W_dec, self.b_dec, backend=backend)
+        xf = x.to(x_hat.dtype)
+        nmse = normalized_mse(xf, x_hat)
+        loss = nmse
+        mt = None
+        if cfg.multi_topk:
+            x_hat_mt = k_sparse_decode(vals_all, idx_all, self.W_dec, self.b_dec, backend=backend)
+            mt = normalized_mse(xf, x_hat_mt)
+            loss = loss + cfg.multi_topk_weight * mt
+        if k_aux > 0:
+            residual = (xf - x_hat.detach()).float()
+            aux = k_auxk_loss(aux_vals, aux_idx, self.W_dec, residual, backend=backend)
+            aux = torch.nan_to_num(aux.float(), nan=0.0, posinf=0.0, neginf=0.0)
+        else:
+            aux = x_hat.new_zeros((), dtype=torch.float32)
+        loss = loss + cfg.auxk_coef * aux
+        return TrainOutput(loss, nmse.detach(), aux.detach(), None if mt is None else mt.detach(),
+                           x_hat.detach(), vals.detach(), idx)
+
     # ------------------------------------------------------------------ decoder constraint
     @torch.no_grad()
     def remove_parallel_grads_(self) -> None:
@@ -187,7 +278,10 @@ class TopKSAE(nn.Module):
         if g is None:
             return
         w = self.W_dec
-        g.sub_((g * w).sum(-1, keepdim=True) * w)
+        # Row-wise dot products as a batched contraction and an in-place fused multiply-subtract: no
+        # [d_sae, d_in] temporary (at d_sae = 2^18, d_in = 576 each such temporary is 604 MB).
+        coef = torch.einsum("nd,nd->n", g, w.to(g.dtype))
+        g.addcmul_(coef.unsqueeze(-1), w, value=-1.0)
 
     @torch.no_grad()
     def normalize_decoder_(self, eps: float = 0.0) -> None:

@@ -1,0 +1,112 @@
+"""Helpers shared by the kernels: backend selection, lazy Triton import, input checks.
+
+Triton is imported lazily so that `import sae_dist.kernels.<module>` works on a machine without
+Triton; only `backend="triton"` (or `"auto"` on CUDA) needs it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+__all__ = ["BACKENDS", "triton_available", "interpret_mode", "resolve_backend", "check_sparse_codes",
+           "drop_padding"]
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def triton_available() -> bool:
+    """True when `import triton` succeeds (the result is cached after the first call)."""
+    global _TRITON_OK
+    if _TRITON_OK is None:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+
+            _TRITON_OK = True
+        except Exception:  # ImportError, or a broken install
+            _TRITON_OK = False
+    return _TRITON_OK
+
+
+_TRITON_OK: bool | None = None
+
+
+def interpret_mode() -> bool:
+    """True when Triton's CPU interpreter is on (env TRITON_INTERPRET=1, read at kernel definition)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+
+
+def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
+    """Map a requested backend to "torch" or "triton".
+
+    "auto": "triton" when every given tensor is on CUDA and Triton imports, else "torch".
+    "triton": forced; raises RuntimeError if Triton is missing, or if a tensor is on CPU while the
+    interpreter is off (set TRITON_INTERPRET=1 before importing the kernels to run Triton on CPU).
+    "torch": the torch reference path.
+    Raises ValueError for any other string.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+    if backend == "torch":
+        return "torch"
+    on_cuda = all(t.is_cuda for t in tensors if t is not None)
+    if backend == "auto":
+        return "triton" if on_cuda and triton_available() else "torch"
+    if not triton_available():
+        raise RuntimeError("backend='triton' needs the `triton` package; install it or use backend='torch'")
+    if not on_cuda and not interpret_mode():
+        raise RuntimeError(
+            "backend='triton' got CPU tensors but TRITON_INTERPRET is not set; move the tensors to CUDA, "
+            "set TRITON_INTERPRET=1 before importing sae_dist.kernels, or use backend='torch'"
+        )
+    return "triton"
+
+
+def check_sparse_codes(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor,
+                       names: tuple[str, str] = ("values", "indices")) -> bool | None:
+    """Validate sparse codes against a decoder: values/indices [B, k], indices integer in [0, n) or
+    -1 (padding: "no latent", e.g. fewer dead latents than k_aux; its value is ignored).
+
+    Returns whether any index is -1 (False/True), or None on CUDA, where the range is not checked (the
+    check would force a host sync every step; the Triton kernels mask indices outside [0, n)).
+    Raises ValueError naming the bad shape, dtype, device or index range.
+    """
+    vn, iname = names
+    if values.dim() != 2 or values.shape != indices.shape:
+        raise ValueError(
+            f"{vn} {tuple(values.shape)} and {iname} {tuple(indices.shape)} must both be [B, k]"
+        )
+    if indices.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{iname} must be int64 (or int32), got {indices.dtype}; use .long()")
+    if not values.is_floating_point():
+        raise ValueError(f"{vn} must be a floating tensor, got {values.dtype}")
+    if W_dec.dim() != 2:
+        raise ValueError(f"W_dec must be [n_latents, d_in], got shape {tuple(W_dec.shape)}")
+    if not (values.device == indices.device == W_dec.device):
+        raise ValueError(
+            f"{vn} ({values.device}), {iname} ({indices.device}) and W_dec ({W_dec.device}) must be "
+            "on one device"
+        )
+    if indices.is_cuda:
+        return None
+    if indices.numel() == 0:
+        return False
+    lo, hi = int(indices.min()), int(indices.max())
+    if lo < -1 or hi >= W_dec.shape[0]:
+        raise ValueError(
+            f"{iname} must lie in [0, n_latents={W_dec.shape[0]}) (or be -1 for padding), got range "
+            f"[{lo}, {hi}]"
+        )
+    return lo == -1
+
+
+def drop_padding(values: torch.Tensor, indices: torch.Tensor, has_pad: bool | None):
+    """(values, indices int64) with padding entries (index -1) turned into value 0 at row 0, so that
+    plain torch ops (embedding_bag, scatter) can consume them; a no-op when has_pad is False."""
+    if has_pad is False:
+        return values, indices.long()
+    valid = indices >= 0
+    return torch.where(valid, values, torch.zeros((), dtype=values.dtype, device=values.device)), \
+        indices.clamp_min(0).long()

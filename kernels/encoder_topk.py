@@ -1,0 +1,546 @@
+"""Fused TopK-SAE encoder: pre-activations, TopK (and AuxK candidates) without a [B, n] matrix.
+
+Method (Gao et al. 2024, "Scaling and evaluating sparse autoencoders"):
+    pre   = (x - b_pre) @ W_enc + b_enc                       (section 2.1 / 2.3, eq. 3)
+    z     = ReLU(TopK_k(pre))                                 (section 2.3)
+    aux   = ReLU(TopK_{k_aux}(pre restricted to dead latents)) (section 2.4.1, AuxK; Appendix A.2)
+and the section-5.1 observation that the encoder's backward only needs the k selected columns.
+
+Forward, two implementations with the same result:
+
+* torch (CPU, and CUDA with ``backend="torch"``): the latents are processed in chunks of
+  ``latent_chunk`` columns. For each chunk the [B, chunk] pre-activations are computed into one
+  reused buffer (``addmm``), the chunk's top-k is taken and merged with the running top-k
+  (``cat([B, k], [B, k]) -> topk``). The AuxK candidates come from the same chunk buffer with the
+  non-dead columns masked to -inf. Peak extra memory is one [B, chunk] buffer (plus a second one for
+  the AuxK mask), never [B, n].
+* Triton (CUDA, or CPU under ``TRITON_INTERPRET=1``): grid (token blocks of BLOCK_B, latent splits).
+  Each program computes [BLOCK_B, BLOCK_N] pre-activation tiles with ``tl.dot`` over d in BLOCK_D
+  steps and keeps a per-token running top-k in registers (and a second one for the AuxK candidates
+  among dead latents). A tile is merged by repeated extraction: while some row's tile maximum beats
+  that row's running minimum, the maximum replaces the minimum (at most k+1 rounds per tile, usually
+  far fewer once the running set is warm). Each program writes its split's local top-k to a small
+  [B, splits, k] candidate buffer; ``torch.topk`` over the splits*k candidates gives the final,
+  sorted result (a standard two-pass split-k selection). One split spans ``latent_chunk`` latents
+  (rounded up to a multiple of BLOCK_N).
+
+Backward (both backends, torch ops touching only the selected latents): with
+g[b, j] = grad_values[b, j] * (values[b, j] > 0) (ReLU) and i = indices[b, j] (main and AuxK
+selections together, duplicates summed),
+    grad W_enc[:, i] += g[b, j] * (x[b] - b_pre)   (= (G^T @ (x - b_pre))^T, G^T a sparse COO
+                                                  [n, B] matrix of the B*k entries: torch.sparse.mm)
+    grad b_enc[i]    += g[b, j]                     (index_add_)
+    grad b_pre        = -W_enc @ grad b_enc         (one [d, n] x [n] matvec)
+    grad x[b]         = sum_j g[b, j] * W_enc[:, i] (only when need_x_grad=True; gathered columns)
+Gradients are accumulated in float32 and cast to the parameters' dtypes. grad W_enc is computed per
+latent chunk of `latent_chunk` columns ([chunk, d] sparse product, copied transposed into a [d, n]
+buffer laid out like W_enc), so no second parameter-sized temporary exists. Entries with g = 0
+(ReLU-clipped) are dropped first. On CPU (d=576, n=16384, k=32, B=4096, fp32) the sparse product
+measured ~4x faster than index_add_ of the [B*k, d] rows and needs no [B*k, d] temporary. Both are
+deterministic on CPU; on CUDA index_add_ and the sparse product use atomics (float summation order
+may vary between runs).
+
+Measured (2-core CPU, torch 2.13, fp32, d=576, n=16384, k=32, B=4096; CPU-seconds of the process,
+median of 5, relative to one bare dense x @ W_enc in the same loop): forward 1.09x (dense addmm +
+torch.topk: 1.12x), backward 0.08x; with AuxK (k_aux=256, 5% dead) forward 1.21x, backward 0.23x.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["encode_topk", "encode_topk_reference", "triton_available", "BACKENDS"]
+
+BACKENDS = ("auto", "torch", "triton")
+
+try:  # Triton is optional: the module (and the torch path) works without it.
+    import triton
+    import triton.language as tl
+
+    _HAS_TRITON = True
+except Exception:  # pragma: no cover - exercised only where Triton is absent
+    triton = None
+    tl = None
+    _HAS_TRITON = False
+
+
+def triton_available(device: torch.device | str) -> bool:
+    """True when the Triton kernel can run on tensors of `device`: Triton importable and either a
+    CUDA device or the Triton interpreter (env TRITON_INTERPRET=1, CPU tensors)."""
+    if not _HAS_TRITON:
+        return False
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return True
+    return dev.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ---------------------------------------------------------------------------------------- checks
+def _check_inputs(x, W_enc, b_enc, b_pre, k, dead_mask, k_aux, backend, latent_chunk):
+    if W_enc.dim() != 2:
+        raise ValueError(f"W_enc must be [d_in, n_latents], got shape {tuple(W_enc.shape)}")
+    d, n = W_enc.shape
+    if x.dim() != 2 or x.shape[1] != d:
+        raise ValueError(
+            f"x must be [B, d_in={d}] (flatten leading dims first), got shape {tuple(x.shape)}"
+        )
+    if b_enc.shape != (n,):
+        raise ValueError(f"b_enc must be [n_latents={n}], got shape {tuple(b_enc.shape)}")
+    if b_pre.shape != (d,):
+        raise ValueError(f"b_pre must be [d_in={d}], got shape {tuple(b_pre.shape)}")
+    for name, t in (("x", x), ("b_enc", b_enc), ("b_pre", b_pre)):
+        if t.device != W_enc.device:
+            raise ValueError(f"{name} is on {t.device} but W_enc is on {W_enc.device}; move it")
+    if b_enc.dtype != W_enc.dtype or b_pre.dtype != W_enc.dtype:
+        raise ValueError(
+            f"b_enc ({b_enc.dtype}) and b_pre ({b_pre.dtype}) must have W_enc's dtype {W_enc.dtype}"
+        )
+    if not x.is_floating_point():
+        raise ValueError(f"x must be floating point, got {x.dtype}")
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= n:
+        raise ValueError(f"k={k!r} must be an int in [1, n_latents={n}]")
+    if not isinstance(k_aux, int) or isinstance(k_aux, bool) or k_aux < 0:
+        raise ValueError(f"k_aux={k_aux!r} must be an int >= 0 (0 disables the AuxK candidates)")
+    if dead_mask is not None:
+        if dead_mask.dtype != torch.bool or dead_mask.shape != (n,):
+            raise ValueError(
+                f"dead_mask must be bool [n_latents={n}], got {dead_mask.dtype} "
+                f"{tuple(dead_mask.shape)}"
+            )
+        if dead_mask.device != W_enc.device:
+            raise ValueError(f"dead_mask is on {dead_mask.device} but W_enc on {W_enc.device}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}; choose one of {BACKENDS}")
+    if not isinstance(latent_chunk, int) or isinstance(latent_chunk, bool) or latent_chunk < 1:
+        raise ValueError(f"latent_chunk={latent_chunk!r} must be an int >= 1 (e.g. 4096)")
+
+
+# ---------------------------------------------------------------------------- torch selection
+class _RunningTopK:
+    """Running per-row top-k over column chunks: candidates are buffered and reduced with one
+    torch.topk whenever their total width exceeds `flush_width` (and at the end), which costs less
+    than merging after every chunk."""
+
+    def __init__(self, k: int, flush_width: int):
+        self.k = k
+        self.flush_width = max(flush_width, 2 * k)
+        self.vals: list[torch.Tensor] = []
+        self.idx: list[torch.Tensor] = []
+        self.width = 0
+
+    def add(self, v: torch.Tensor, i: torch.Tensor) -> None:
+        self.vals.append(v)
+        self.idx.append(i)
+        self.width += v.shape[1]
+        if self.width > self.flush_width:
+            self._reduce()
+
+    def _reduce(self) -> None:
+        if len(self.vals) == 1 and self.width <= self.k:
+            return
+        cv = torch.cat(self.vals, dim=1) if len(self.vals) > 1 else self.vals[0]
+        ci = torch.cat(self.idx, dim=1) if len(self.idx) > 1 else self.idx[0]
+        kk = min(self.k, cv.shape[1])
+        if kk < cv.shape[1]:
+            cv, j = cv.topk(kk, dim=1, sorted=False)
+            ci = ci.gather(1, j)
+        self.vals, self.idx, self.width = [cv], [ci], cv.shape[1]
+
+    def result(self):
+        if not self.vals:
+            return None, None
+        self._reduce()
+        return self.vals[0], self.idx[0]
+
+
+@torch.no_grad()
+def _select_torch(xc, W_enc, b_enc, k, dead_mask, k_aux, latent_chunk):
+    """Chunked selection. xc [B, d] = x - b_pre in W_enc's dtype. Returns unsorted
+    (vals [B, k], idx [B, k] int64, aux_vals [B, k_aux] | None, aux_idx | None) of raw pre-acts."""
+    B = xc.shape[0]
+    n = W_enc.shape[1]
+    C = min(latent_chunk, n)
+    buf = torch.empty(B * C, dtype=W_enc.dtype, device=W_enc.device)
+    want_aux = k_aux > 0
+    if want_aux:
+        # Per-chunk dead counts in one host transfer; chunks without dead latents are skipped.
+        n_chunks = (n + C - 1) // C
+        pad = n_chunks * C - n
+        dm = F.pad(dead_mask, (0, pad)) if pad else dead_mask
+        dead_per_chunk = dm.view(n_chunks, C).sum(1).tolist()
+        abuf = None  # [B * C] buffer for chunks where most latents are dead (made on first use)
+        neg_inf = torch.full((), float("-inf"), dtype=W_enc.dtype, device=W_enc.device)
+    main = _RunningTopK(k, flush_width=8 * k)
+    aux = _RunningTopK(k_aux, flush_width=2 * k_aux) if want_aux else None
+    for ci, c0 in enumerate(range(0, n, C)):
+        c1 = min(n, c0 + C)
+        w = c1 - c0
+        pre = buf[: B * w].view(B, w)
+        torch.addmm(b_enc[c0:c1], xc, W_enc[:, c0:c1], out=pre)
+        v, i = pre.topk(min(k, w), dim=1, sorted=False)
+        i += c0
+        main.add(v, i)
+        nd = dead_per_chunk[ci] if want_aux else 0
+        if nd == 0:
+            continue
+        if 2 * nd <= w:
+            # few dead latents in this chunk (the usual case): gather their columns only
+            cols = dead_mask[c0:c1].nonzero().squeeze(1)
+            apre = pre.index_select(1, cols)  # [B, nd]
+            if nd > k_aux:
+                v, j = apre.topk(k_aux, dim=1, sorted=False)
+                i = cols[j] + c0
+            else:
+                v, i = apre, (cols + c0).expand(B, nd)
+        else:
+            if abuf is None:
+                abuf = torch.empty(B * C, dtype=W_enc.dtype, device=W_enc.device)
+            apre = abuf[: B * w].view(B, w)
+            torch.where(dead_mask[c0:c1], pre, neg_inf, out=apre)
+            v, i = apre.topk(min(k_aux, nd), dim=1, sorted=False)
+            i += c0
+        aux.add(v, i)
+    rv, ri = main.result()
+    av, ai = aux.result() if want_aux else (None, None)
+    return rv, ri, av, ai
+
+
+# --------------------------------------------------------------------------- Triton selection
+if _HAS_TRITON:
+
+    @triton.jit
+    def _merge_tile(tile, n0, rv, ri, K_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Merge a [BLOCK_B, BLOCK_N] tile (columns n0 + 0..BLOCK_N-1) into the running top-k
+        (rv, ri) [BLOCK_B, K_PAD]: padded slots hold +inf and are never replaced."""
+        kcols = tl.arange(0, K_PAD)
+        ncols = tl.arange(0, BLOCK_N)
+        m = tl.max(tile, axis=1)
+        rmin = tl.min(rv, axis=1)
+        go = tl.max((m > rmin).to(tl.int32), axis=0)
+        while go > 0:
+            am = tl.argmax(tile, axis=1)
+            ramin = tl.argmin(rv, axis=1)
+            upd = m > rmin
+            slot = (kcols[None, :] == ramin[:, None]) & upd[:, None]
+            rv = tl.where(slot, m[:, None], rv)
+            ri = tl.where(slot, (n0 + am)[:, None], ri)
+            tile = tl.where(ncols[None, :] == am[:, None], float("-inf"), tile)
+            m = tl.max(tile, axis=1)
+            rmin = tl.min(rv, axis=1)
+            go = tl.max((m > rmin).to(tl.int32), axis=0)
+        return rv, ri
+
+    @triton.jit
+    def _encoder_topk_kernel(
+        xc_ptr, w_ptr, b_ptr, dead_ptr,
+        out_v_ptr, out_i_ptr, aux_v_ptr, aux_i_ptr,
+        B, D, N, SPAN, SPLITS,
+        stride_xb, stride_xd, stride_wd, stride_wn,
+        K: tl.constexpr, K_PAD: tl.constexpr, KA: tl.constexpr, KA_PAD: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        pid_b = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+        row_ok = rows < B
+        kcols = tl.arange(0, K_PAD)
+        rv = tl.where(kcols[None, :] < K, float("-inf"), float("inf")) + tl.zeros(
+            [BLOCK_B, K_PAD], tl.float32)
+        ri = tl.full([BLOCK_B, K_PAD], -1, tl.int32)
+        kacols = tl.arange(0, KA_PAD)
+        av = tl.where(kacols[None, :] < KA, float("-inf"), float("inf")) + tl.zeros(
+            [BLOCK_B, KA_PAD], tl.float32)
+        ai = tl.full([BLOCK_B, KA_PAD], -1, tl.int32)
+        n_start = pid_s * SPAN
+        n_end = tl.minimum(n_start + SPAN, N)
+        for n0 in range(n_start, n_end, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            col_ok = cols < n_end
+            acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                dd = d0 + tl.arange(0, BLOCK_D)
+                d_ok = dd < D
+                a = tl.load(xc_ptr + rows[:, None] * stride_xb + dd[None, :] * stride_xd,
+                            mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+                w = tl.load(w_ptr + dd[:, None] * stride_wd + cols[None, :] * stride_wn,
+                            mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+                if UPCAST:  # Triton 3.9's interpreter computes garbage for 16-bit tl.dot
+                    a = a.to(tl.float32)
+                    w = w.to(tl.float32)
+                acc = tl.dot(a, w, acc, input_precision=PRECISION)
+            bias = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            acc = acc + bias[None, :]
+            acc = tl.where(col_ok[None, :], acc, float("-inf"))
+            if KA > 0:
+                dead = tl.load(dead_ptr + cols, mask=col_ok, other=0) != 0
+                aacc = tl.where(dead[None, :], acc, float("-inf"))
+                av, ai = _merge_tile(aacc, n0, av, ai, KA_PAD, BLOCK_N)
+            rv, ri = _merge_tile(acc, n0, rv, ri, K_PAD, BLOCK_N)
+        # candidate buffers are [B, SPLITS, K] (and [B, SPLITS, KA]), contiguous
+        out_off = rows[:, None] * (SPLITS * K) + pid_s * K + kcols[None, :]
+        out_mask = row_ok[:, None] & (kcols[None, :] < K)
+        tl.store(out_v_ptr + out_off, rv, mask=out_mask)
+        tl.store(out_i_ptr + out_off, ri, mask=out_mask)
+        if KA > 0:
+            aoff = rows[:, None] * (SPLITS * KA) + pid_s * KA + kacols[None, :]
+            amask = row_ok[:, None] & (kacols[None, :] < KA)
+            tl.store(aux_v_ptr + aoff, av, mask=amask)
+            tl.store(aux_i_ptr + aoff, ai, mask=amask)
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, (int(v) - 1).bit_length())
+
+
+@torch.no_grad()
+def _select_triton(xc, W_enc, b_enc, k, dead_mask, k_aux, latent_chunk):
+    """Triton split-k selection; same contract as `_select_torch` (unsorted raw pre-acts)."""
+    if not triton_available(xc.device):
+        raise RuntimeError(
+            f"backend='triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1 for CPU "
+            f"tensors); tensors are on {xc.device}, triton importable: {_HAS_TRITON}. "
+            f"Use backend='torch' or 'auto'."
+        )
+    B, D = xc.shape
+    N = W_enc.shape[1]
+    interp = xc.device.type != "cuda"
+    BLOCK_B = max(16, min(64, _next_pow2(B)))
+    BLOCK_N = max(16, min(128, _next_pow2(N)))
+    BLOCK_D = max(16, min(32 if interp else 64, _next_pow2(D)))
+    span = ((max(latent_chunk, 1) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+    splits = (N + span - 1) // span
+    K_PAD = max(2, _next_pow2(k))
+    KA = k_aux if (k_aux > 0 and dead_mask is not None) else 0
+    KA_PAD = max(2, _next_pow2(max(KA, 1)))
+    dev = xc.device
+    cand_v = torch.empty(B, splits, k, dtype=torch.float32, device=dev)
+    cand_i = torch.empty(B, splits, k, dtype=torch.int32, device=dev)
+    if KA:
+        aux_v = torch.empty(B, splits, KA, dtype=torch.float32, device=dev)
+        aux_i = torch.empty(B, splits, KA, dtype=torch.int32, device=dev)
+        dead = dead_mask.to(torch.int8).contiguous()
+    else:
+        aux_v = torch.empty(1, dtype=torch.float32, device=dev)
+        aux_i = torch.empty(1, dtype=torch.int32, device=dev)
+        dead = torch.zeros(1, dtype=torch.int8, device=dev)
+    if interp:
+        precision = "ieee"  # 16-bit tiles are upcast to fp32 under the interpreter (UPCAST below)
+    elif xc.dtype == torch.float32:
+        # follow torch's matmul setting, so the Triton and torch paths select the same latents
+        precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    else:
+        precision = None  # 16-bit inputs: native tensor-core dot, fp32 accumulation
+    grid = (triton.cdiv(B, BLOCK_B), splits)
+    _encoder_topk_kernel[grid](
+        xc, W_enc, b_enc, dead, cand_v, cand_i, aux_v, aux_i,
+        B, D, N, span, splits,
+        xc.stride(0), xc.stride(1), W_enc.stride(0), W_enc.stride(1),
+        K=k, K_PAD=K_PAD, KA=KA, KA_PAD=KA_PAD,
+        BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=precision,
+        UPCAST=interp and xc.dtype != torch.float32,
+    )
+    v, j = cand_v.view(B, splits * k).topk(k, dim=1, sorted=False)
+    i = cand_i.view(B, splits * k).gather(1, j).long()
+    av = ai = None
+    if KA:
+        v2, j2 = aux_v.view(B, splits * KA).topk(KA, dim=1, sorted=False)
+        av, ai = v2, aux_i.view(B, splits * KA).gather(1, j2).long()
+    return v, i, av, ai
+
+
+# ----------------------------------------------------------------------------- autograd glue
+def _sort_desc(v, i):
+    v, j = v.sort(dim=1, descending=True)
+    return v, i.gather(1, j)
+
+
+class _EncodeTopK(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, b_pre, k, dead_mask, k_aux, backend, latent_chunk,
+                need_x_grad, token_chunk):
+        xc = x.to(W_enc.dtype) - b_pre
+        B = x.shape[0]
+        if backend == "triton":
+            v, i, av, ai = _select_triton(xc.contiguous(), W_enc, b_enc, k, dead_mask, k_aux,
+                                          latent_chunk)
+        else:
+            v, i, av, ai = _select_torch(xc, W_enc, b_enc, k, dead_mask, k_aux, latent_chunk)
+        v, i = _sort_desc(v, i)
+        values = F.relu(v).to(W_enc.dtype)
+        if av is None:
+            aux_values = values.new_zeros(B, 0)
+            aux_indices = i.new_zeros(B, 0)
+        else:
+            av, ai = _sort_desc(av, ai)
+            aux_values, aux_indices = F.relu(av).to(W_enc.dtype), ai
+        ctx.save_for_backward(xc, W_enc, values, i, aux_values, aux_indices)
+        ctx.x_dtype = x.dtype
+        ctx.need_x_grad = need_x_grad
+        ctx.token_chunk = token_chunk
+        ctx.latent_chunk = latent_chunk
+        ctx.mark_non_differentiable(i, aux_indices)
+        return values, i, aux_values, aux_indices
+
+    @staticmethod
+    def backward(ctx, g_values, _g_idx, g_aux, _g_aux_idx):
+        xc, W_enc, values, idx, aux_values, aux_idx = ctx.saved_tensors
+        B, d = xc.shape
+        n = W_enc.shape[1]
+        g = (g_values * (values > 0)).float()
+        if aux_values.shape[1] > 0:
+            g = torch.cat([g, (g_aux * (aux_values > 0)).float()], dim=1)
+            idx = torch.cat([idx, aux_idx], dim=1)
+        kk = g.shape[1]
+        need_w, need_benc, need_bpre = ctx.needs_input_grad[1:4]
+        need_x = ctx.needs_input_grad[0] and ctx.need_x_grad
+        gsum = None
+        if need_benc or need_bpre:
+            gsum = torch.zeros(n, dtype=torch.float32, device=g.device)
+            gsum.index_add_(0, idx.reshape(-1), g.reshape(-1))
+        gW = gx = None
+        if need_w:
+            # grad W_enc[:, c0:c1] = (G_c^T @ (x - b_pre))^T per latent chunk c; G_c^T is the sparse
+            # COO [chunk, B] matrix holding g[b, j] at (idx[b, j] - c0, b): a sparse x dense product
+            # over the selected entries only (module docstring: measurement). Each chunk's result is
+            # copied transposed into the W_enc-layout [d, n] buffer; no sort of the entries needed.
+            rows = idx.reshape(-1)
+            toks = torch.arange(B, device=g.device).repeat_interleave(kk)
+            gf = g.reshape(-1)
+            if g.device.type == "cpu":
+                # entries with g = 0 (ReLU-clipped, e.g. most AuxK candidates) add nothing
+                nz = gf.nonzero().squeeze(1)
+                if nz.numel() < 0.9 * gf.numel():
+                    rows, toks, gf = rows[nz], toks[nz], gf[nz]
+            C = max(1, min(ctx.latent_chunk, n))
+            chunk_of = torch.div(rows, C, rounding_mode="floor")
+            xcf = xc if xc.dtype == torch.float32 else xc.float()
+            gW = torch.empty(d, n, dtype=W_enc.dtype, device=g.device)
+            for c, c0 in enumerate(range(0, n, C)):
+                c1 = min(n, c0 + C)
+                sel = (chunk_of == c).nonzero().squeeze(1) if c1 - c0 < n else None
+                r, t, v = (rows, toks, gf) if sel is None else (rows[sel], toks[sel], gf[sel])
+                # uncoalesced COO: torch's sparse x dense product accumulates duplicates itself
+                Gt = torch.sparse_coo_tensor(
+                    torch.stack([r - c0, t]), v, (c1 - c0, B), check_invariants=False,
+                )
+                gW[:, c0:c1].copy_(torch.sparse.mm(Gt, xcf).t())
+        if need_x:
+            Wt = W_enc.t()
+            gx = torch.empty(B, d, dtype=torch.float32, device=g.device)
+            tb = max(1, ctx.token_chunk)
+            for t0 in range(0, B, tb):
+                t1 = min(B, t0 + tb)
+                cols = Wt.index_select(0, idx[t0:t1].reshape(-1)).float().view(t1 - t0, kk, d)
+                gx[t0:t1] = torch.bmm(g[t0:t1, None, :], cols).squeeze(1)
+            gx = gx.to(ctx.x_dtype)
+        g_benc = gsum.to(W_enc.dtype) if need_benc else None
+        g_bpre = None
+        if need_bpre:
+            g_bpre = (-(W_enc.float() @ gsum)).to(W_enc.dtype)
+        return gx, gW, g_benc, g_bpre, None, None, None, None, None, None, None
+
+
+def encode_topk(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    b_pre: torch.Tensor,
+    k: int,
+    *,
+    dead_mask: torch.Tensor | None = None,
+    k_aux: int = 0,
+    backend: str = "auto",
+    latent_chunk: int = 4096,
+    need_x_grad: bool = False,
+    token_chunk: int = 512,
+):
+    """Fused TopK-SAE encoder: ReLU(TopK_k((x - b_pre) @ W_enc + b_enc)) without a [B, n] matrix.
+
+    Gao et al. 2024, section 2.3 (TopK activation, eq. 3), section 2.4.1 (AuxK dead-latent
+    candidates), section 5.1 (sparse kernels). See the module docstring for the algorithms.
+
+    Args:
+      x: [B, d_in] float (any float dtype; cast to W_enc's dtype).
+      W_enc: [d_in, n_latents] float32/bfloat16/float16; b_enc: [n_latents]; b_pre: [d_in]
+        (= b_dec), both in W_enc's dtype, all on one device.
+      k: latents kept per token, 1 <= k <= n_latents.
+      dead_mask: bool [n_latents], True for dead latents, or None (no AuxK candidates).
+      k_aux: AuxK candidates per token among dead latents (0 disables them).
+      backend: "auto" (Triton on CUDA when importable, else torch), "torch", or "triton" (CUDA, or
+        CPU tensors under TRITON_INTERPRET=1).
+      latent_chunk: latents per chunk (torch path: columns of one [B, chunk] buffer; Triton path:
+        latents per program split, rounded up to the tile BLOCK_N). Any value >= 1 is valid.
+      need_x_grad: also return a gradient for x (else x gets None).
+      token_chunk: tokens per block when gathering W_enc columns for the x gradient (bounds its
+        [token_chunk * k, d] temporary; only used with need_x_grad).
+
+    Returns (values, indices, aux_values, aux_indices):
+      values [B, k] in W_enc's dtype, ReLU of the top-k pre-activations, sorted descending
+        (a value is 0 when fewer than k pre-activations are positive); indices [B, k] int64.
+      aux_values / aux_indices [B, k_eff] with k_eff = min(k_aux, number of dead latents), the
+        ReLU'd top pre-activations among dead latents, sorted descending (the AuxK input); width 0
+        when no latent is dead; both None when k_aux == 0 or dead_mask is None.
+    Differentiable w.r.t. W_enc, b_enc, b_pre (and x when need_x_grad) through values and
+    aux_values; the backward touches only the selected columns of W_enc (module docstring).
+
+    Raises ValueError naming the bad argument (shapes, dtypes, devices, k, k_aux, backend,
+    latent_chunk); RuntimeError when backend="triton" cannot run on the tensors' device.
+    """
+    _check_inputs(x, W_enc, b_enc, b_pre, k, dead_mask, k_aux, backend, latent_chunk)
+    if backend == "auto":
+        backend = "triton" if (W_enc.device.type == "cuda" and _HAS_TRITON) else "torch"
+    if backend == "triton" and not triton_available(W_enc.device):
+        raise RuntimeError(
+            f"backend='triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1 for CPU "
+            f"tensors); W_enc is on {W_enc.device}, triton importable: {_HAS_TRITON}. "
+            f"Use backend='torch' or 'auto'."
+        )
+    use_aux = k_aux > 0 and dead_mask is not None
+    if use_aux:
+        n_dead = int(dead_mask.sum())
+        k_eff = min(k_aux, n_dead)
+        dm = dead_mask
+    else:
+        k_eff, dm = 0, None
+    values, indices, aux_values, aux_indices = _EncodeTopK.apply(
+        x, W_enc, b_enc, b_pre, k, dm, k_eff, backend, latent_chunk, bool(need_x_grad),
+        int(token_chunk),
+    )
+    if not use_aux:
+        return values, indices, None, None
+    return values, indices, aux_values, aux_indices
+
+
+def encode_topk_reference(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    b_pre: torch.Tensor,
+    k: int,
+    *,
+    dead_mask: torch.Tensor | None = None,
+    k_aux: int = 0,
+    backend: str = "auto",
+    latent_chunk: int = 4096,
+    need_x_grad: bool = False,
+    token_chunk: int = 512,
+):
+    """Dense torch oracle of `encode_topk` (same signature and returns; `backend`, `latent_chunk`,
+    `need_x_grad` and `token_chunk` are accepted and ignored). Materialises the [B, n]
+    pre-activations and differentiates through plain autograd (x gets a gradient when it requires
+    one). Tests and small inputs only. Gao et al. 2024, section 2.3 / 2.4.1.
+    """
+    _check_inputs(x, W_enc, b_enc, b_pre, k, dead_mask, k_aux, "torch", max(1, latent_chunk))
+    pre = (x.to(W_enc.dtype) - b_pre) @ W_enc + b_enc
+    v, i = pre.topk(k, dim=1, sorted=True)
+    values = F.relu(v)
+    if k_aux == 0 or dead_mask is None:
+        return values, i, None, None
+    k_eff = min(k_aux, int(dead_mask.sum()))
+    masked = pre.masked_fill(~dead_mask, float("-inf"))
+    av, ai = masked.topk(k_eff, dim=1, sorted=True)
+    return values, i, F.relu(av), ai

@@ -1,0 +1,404 @@
+"""Training-step benchmark: `python -m sae_dist.bench --d D --n N --k K --batch B [--vs sparsify]`.
+
+Prints ONE JSON line (ARCHITECTURE.md, "Performance: how it is measured"):
+
+- `step_ms`: median wall time of one TopKSAE training step exactly as `sae_dist.train.trainer` runs it:
+  `training_step_losses` (AuxK on, against a fixed random dead mask of `--dead-frac` of the latents;
+  Multi-TopK with `--multi-topk`), finiteness check of the loss, `zero_grad(set_to_none=True)`,
+  backward, `remove_parallel_grads_` (decoder-gradient projection, Gao et al. 2024 section 2.4.1),
+  `torch.optim.Adam.step` with the trainer's lr/betas/eps (`--adam fused`: the same with fused=True),
+  `normalize_decoder_`, dead-latent tracker update. The SAE config switch `kernels` is set by `--kernels on|off`.
+- `matmul_ms`: median of one bare dense encoder matmul x[B, d] @ W_enc[d, n] (same dtype, device, run):
+  the floor of a TopK SAE step (2*B*d*n FLOPs). Timed with W_enc row-major [d, n] (TopKSAE's layout)
+  and latent-major (transpose of a contiguous [n, d]); the faster one is reported (`matmul_layout`,
+  `matmul_ms_by_layout`), so the baseline is the best dense matmul torch does at that shape.
+- `step_over_matmul` = step_ms / matmul_ms; `tokens_per_s` = batch / step seconds.
+- `peak_mem_mb`: memory high-water mark of the step phase (SAE parameters, gradients, Adam state,
+  activations, workspaces; the input batches are allocated before the baseline), in MiB:
+  CUDA: `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`, minus the allocation before the
+  SAE is built. CPU: the kernel's peak resident set size of the process, VmHWM of /proc/self/status,
+  reset to the current RSS by writing "5" to /proc/self/clear_refs (Linux >= 4.0) just before the SAE is
+  built, minus the RSS at that moment. (tracemalloc does not see torch's allocator and
+  `ru_maxrss` cannot be reset, so a delta of it under-reports when an earlier phase peaked higher;
+  it is only the fallback, named in `peak_mem_method`.)
+- `param_grad_adam_mb`: bytes of parameters + gradients + Adam's two moments (4 x parameter bytes),
+  the reference of the memory goal `peak_mem_mb <= 1.15 * param_grad_adam_mb + 256`.
+- with `--vs sparsify`: EleutherAI sparsify's `SparseCoder` (PyPI `eai-sparsify`) step on the same shape
+  in the same process, set up as its trainer does (forward with dead mask and AuxK, loss
+  fvu + auxk_alpha * auxk_loss, backward, its decoder-gradient projection, `torch.optim.Adam`,
+  decoder renormalisation, fired-latent bookkeeping): `sparsify_step_ms`, `speedup_vs_sparsify` =
+  sparsify_step_ms / step_ms.
+
+All timings synchronise the device around each timed region (CUDA) and use `time.perf_counter`.
+Errors: SystemExit with a message naming the bad option (e.g. `--device cuda` without CUDA, or
+`--vs sparsify` without the package: `pip install eai-sparsify` / `pip install sae-dist[bench]`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+
+__all__ = ["main", "run_bench", "time_fn", "PeakMemory"]
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+# ---------------------------------------------------------------------------------------------- memory
+def _proc_status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _malloc_trim() -> None:
+    """Return glibc's free heap pages to the OS (so the CPU baseline RSS holds no reusable free memory
+    that would hide later growth). No-op where glibc is absent."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PeakMemory:
+    """High-water mark of memory used between `start()` and `peak_mb()`, in MiB (see module docstring).
+
+    device: torch.device. `method` names how it was measured: "cuda_max_memory_allocated",
+    "linux_vmhwm_reset" (CPU, exact high-water mark of the resident set) or "ru_maxrss_delta" (CPU
+    fallback; a lower bound when the process peaked higher before `start()`).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.method = ""
+        self._base = 0
+
+    def start(self) -> None:
+        gc.collect()
+        _malloc_trim()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            self.method = "cuda_max_memory_allocated"
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            rss = _proc_status_kb("VmRSS")
+            hwm = _proc_status_kb("VmHWM")
+            if rss is None or hwm is None or hwm > rss + 1024:
+                raise OSError("VmHWM was not reset")
+            self._base = rss
+            self.method = "linux_vmhwm_reset"
+        except OSError:
+            self._base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            self.method = "ru_maxrss_delta"
+
+    def peak_mb(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return (torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20
+        if self.method == "linux_vmhwm_reset":
+            return (_proc_status_kb("VmHWM") - self._base) / 1024
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - self._base) / 1024
+
+
+# ---------------------------------------------------------------------------------------------- timing
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[int], object], iters: int, warmup: int, device: torch.device) -> list[float]:
+    """Run fn(i) `warmup` times untimed, then `iters` times timed; returns the times in ms.
+
+    The device is synchronised before and after each timed call (CUDA kernels are asynchronous).
+    """
+    for i in range(warmup):
+        fn(i)
+    _sync(device)
+    times = []
+    for i in range(iters):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn(warmup + i)
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+# ---------------------------------------------------------------------------------------------- steps
+def _make_our_step(d, n, k, dtype, device, kernels, multi_topk, dead, xs, bf16, adam="trainer"):
+    from sae_dist.sae.auxk import DeadLatentTracker
+    from sae_dist.sae.config import SAEConfig
+    from sae_dist.sae.topk import TopKSAE, kernel_ops
+    from sae_dist.train.lr import default_lr
+    from sae_dist.train.trainer import TrainerConfig, make_optimizer
+
+    cfg = SAEConfig(d_in=d, n_latents=n, k=k, multi_topk=multi_topk, kernels=kernels)
+    tcfg = TrainerConfig()
+    sae = TopKSAE(cfg, device=device, generator=torch.Generator().manual_seed(0))
+    if adam == "trainer":
+        opt = make_optimizer(sae, default_lr(n), tcfg)
+    else:
+        opt = torch.optim.Adam(sae.parameters(), lr=default_lr(n), betas=tcfg.adam_betas, eps=tcfg.adam_eps,
+                               fused=adam == "fused")
+    tracker = DeadLatentTracker(n, cfg.dead_tokens, device=device)
+    kernels_used = bool(kernels and kernel_ops() is not None)
+
+    def step(i: int) -> None:
+        x = xs[i % len(xs)]
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+            res = sae.training_step_losses(x, dead)
+        if not torch.isfinite(res.loss):
+            raise FloatingPointError(f"bench: non-finite loss {float(res.loss)} at iteration {i}")
+        opt.zero_grad(set_to_none=True)
+        res.loss.backward()
+        sae.remove_parallel_grads_()
+        opt.step()
+        sae.normalize_decoder_()
+        tracker.update(res.values, res.indices)
+
+    return sae, opt, step, cfg, kernels_used
+
+
+def _import_sparsify(device: torch.device):
+    """Import sparsify's SparseCoder; SystemExit naming the install command when it is missing."""
+    if device.type != "cuda":
+        # sparsify picks its Triton decoder whenever triton imports; on CPU tensors only its eager
+        # (embedding_bag) decoder runs, which this switch of sparsify selects.
+        os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # sparsify prints at import; keep stdout = 1 JSON line
+            from sparsify import SparseCoder, SparseCoderConfig
+    except ImportError as e:
+        raise SystemExit(
+            f"--vs sparsify needs EleutherAI sparsify ({e}); install it with `pip install eai-sparsify` "
+            "(or `pip install 'sae-dist[bench]'`)"
+        ) from e
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ver = version("eai-sparsify")
+    except PackageNotFoundError:
+        ver = "unknown"
+    return SparseCoder, SparseCoderConfig, ver
+
+
+def _make_sparsify_step(d, n, k, device, multi_topk, dead, xs, bf16, auxk_alpha):
+    SparseCoder, SparseCoderConfig, ver = _import_sparsify(device)
+    torch.manual_seed(0)
+    sc = SparseCoder(d, SparseCoderConfig(num_latents=n, k=k, multi_topk=multi_topk),
+                     device=device, dtype=torch.float32)
+    # sparsify's trainer: Adam at lr 2e-4 / sqrt(n / 2^14), default betas/eps.
+    opt = torch.optim.Adam(sc.parameters(), lr=2e-4 / (n / 2**14) ** 0.5)
+    since_fired = torch.zeros(n, dtype=torch.long, device=device)
+    did_fire = torch.zeros(n, dtype=torch.bool, device=device)
+
+    def step(i: int) -> None:
+        x = xs[i % len(xs)]
+        sc.set_decoder_norm_to_unit_norm()
+        total_variance = (x - x.mean(0)).pow(2).sum()
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = sc(x, dead_mask=dead, total_variance=total_variance)
+            loss = out.fvu + auxk_alpha * out.auxk_loss + out.multi_topk_fvu / 8
+        did_fire[out.latent_indices.flatten()] = True
+        loss.backward()
+        sc.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        opt.zero_grad()
+        with torch.no_grad():
+            since_fired.add_(x.shape[0])
+            since_fired[did_fire] = 0
+            did_fire.zero_()
+
+    return step, ver
+
+
+# ---------------------------------------------------------------------------------------------- main
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({torch.get_num_threads()} torch threads, {os.cpu_count()} cpus)"
+
+
+def run_bench(args: argparse.Namespace) -> dict:
+    """Run the benchmark described in the module docstring; returns the JSON record (a dict)."""
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch.cuda.is_available() is False on this machine; use --device cpu")
+    if args.vs == "sparsify":
+        _import_sparsify(device)  # fail fast, before the long runs
+    dtype = _DTYPES[args.dtype]
+    bf16 = dtype == torch.bfloat16
+    d, n, k, B = args.d, args.n, args.k, args.batch
+    gen = torch.Generator().manual_seed(1234)
+    # A few distinct normalised batches (layer-norm'd activations have norm sqrt(d)), fp32 like the store.
+    xs = []
+    for _ in range(2):
+        x = torch.randn(B, d, generator=gen)
+        x = (x - x.mean(-1, keepdim=True))
+        x = x / x.norm(dim=-1, keepdim=True) * d**0.5
+        xs.append(x.to(device))
+    n_dead = int(round(args.dead_frac * n))
+    dead = torch.zeros(n, dtype=torch.bool)
+    dead[torch.randperm(n, generator=gen)[:n_dead]] = True
+    dead = dead.to(device)
+
+    # Import everything the step touches (kernels, Triton) before the memory baseline.
+    from sae_dist.sae.topk import kernel_ops
+    from sae_dist.train import trainer  # noqa: F401
+
+    if args.kernels == "on":
+        kernel_ops()
+    mem = PeakMemory(device)
+    mem.start()
+    sae, opt, step, cfg, kernels_used = _make_our_step(
+        d, n, k, dtype, device, args.kernels == "on", args.multi_topk, dead, xs, bf16, args.adam)
+    step_times = time_fn(step, args.iters, args.warmup, device)
+    peak_mb = mem.peak_mb()
+    n_params = sum(p.numel() * p.element_size() for p in sae.parameters())
+    W_src = sae.W_enc.detach()
+    del opt, step, sae
+    gc.collect()
+
+    # The bare matmul x[B, d] @ W_enc[d, n], timed with W_enc row-major [d, n] (TopKSAE's layout) and
+    # latent-major (the transpose of a contiguous [n, d]); the faster layout is the baseline.
+    xm = [x.to(dtype) for x in xs]
+    matmul_layouts = {}
+    for layout in ("d_n", "n_d_t"):
+        W = W_src.to(dtype).contiguous() if layout == "d_n" else W_src.t().to(dtype).contiguous().t()
+
+        def matmul(i: int, W=W) -> None:
+            xm[i % len(xm)] @ W
+
+        matmul_layouts[layout] = time_fn(matmul, args.iters, args.warmup, device)
+        del W, matmul
+        gc.collect()
+    del W_src
+    best = min(matmul_layouts, key=lambda key: statistics.median(matmul_layouts[key]))
+    matmul_times = matmul_layouts[best]
+
+    step_ms = statistics.median(step_times)
+    matmul_ms = statistics.median(matmul_times)
+    tv = getattr(torch.version, "cuda", None)
+    try:
+        import triton
+
+        triton_ver = triton.__version__
+    except ImportError:
+        triton_ver = None
+    rec = {
+        "d": d, "n": n, "k": k, "batch": B, "dtype": args.dtype, "device": device.type,
+        "device_name": _device_name(device),
+        "kernels": args.kernels == "on", "kernels_used": kernels_used,
+        "multi_topk": args.multi_topk, "k_aux": cfg.k_aux, "dead_latents": n_dead, "adam": args.adam,
+        "iters": args.iters, "warmup": args.warmup,
+        "step_ms": step_ms, "matmul_ms": matmul_ms, "step_over_matmul": step_ms / matmul_ms,
+        "tokens_per_s": B / (step_ms / 1e3),
+        "step_ms_min": min(step_times), "matmul_ms_min": min(matmul_times),
+        "matmul_layout": best,
+        "matmul_ms_by_layout": {key: statistics.median(v) for key, v in matmul_layouts.items()},
+        "matmul_gflop_per_s": 2 * B * d * n / (matmul_ms / 1e3) / 1e9,
+        "peak_mem_mb": peak_mb, "peak_mem_method": mem.method,
+        "param_grad_adam_mb": 4 * n_params / 2**20,
+        "torch": torch.__version__, "cuda": tv, "triton": triton_ver,
+        "python": platform.python_version(),
+        "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    if args.vs == "sparsify":
+        sp_step, ver = _make_sparsify_step(d, n, k, device, args.multi_topk, dead, xs, bf16,
+                                           auxk_alpha=cfg.auxk_coef)
+        sp_times = time_fn(sp_step, args.iters, args.warmup, device)
+        sp_ms = statistics.median(sp_times)
+        rec.update(sparsify_step_ms=sp_ms, sparsify_step_ms_min=min(sp_times),
+                   speedup_vs_sparsify=sp_ms / step_ms, sparsify_version=ver,
+                   sparsify_over_matmul=sp_ms / matmul_ms)
+    return rec
+
+
+def _positive_int(name):
+    def conv(v):
+        try:
+            i = int(v)
+        except ValueError:
+            i = 0
+        if i < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {v!r}")
+        return i
+    return conv
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sae_dist.bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--d", type=_positive_int("--d"), required=True, help="d_in")
+    p.add_argument("--n", type=_positive_int("--n"), required=True, help="n_latents (d_sae)")
+    p.add_argument("--k", type=_positive_int("--k"), required=True, help="active latents per token")
+    p.add_argument("--batch", type=_positive_int("--batch"), required=True, help="tokens per step")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32",
+                   help="fp32, or bf16 (autocast, fp32 master weights, as the trainer on CUDA)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu | cuda | cuda:N (default: cuda when available)")
+    p.add_argument("--iters", type=_positive_int("--iters"), default=10, help="timed iterations")
+    p.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
+    p.add_argument("--vs", choices=["sparsify"], default=None, help="also time EleutherAI sparsify")
+    p.add_argument("--kernels", choices=["on", "off"], default="on",
+                   help="SAEConfig.kernels: sae_dist.kernels path (on) or plain torch (off)")
+    p.add_argument("--adam", choices=["trainer", "fused", "unfused"], default="trainer",
+                   help="trainer: the optimizer sae_dist.train.trainer builds (default; fused Adam); "
+                        "fused / unfused: torch.optim.Adam with fused=True / False")
+    p.add_argument("--multi-topk", action="store_true", help="add the Multi-TopK term (L(k) + L(4k)/8)")
+    p.add_argument("--dead-frac", type=float, default=0.05,
+                   help="fraction of latents marked dead (AuxK targets); default 0.05")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.warmup < 0:
+        raise SystemExit(f"--warmup must be >= 0, got {args.warmup}")
+    if not 0.0 <= args.dead_frac <= 1.0:
+        raise SystemExit(f"--dead-frac must be in [0, 1], got {args.dead_frac}")
+    if args.k > args.n:
+        raise SystemExit(f"--k {args.k} > --n {args.n}: k must be <= n_latents")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    rec = run_bench(args)
+    print(json.dumps(rec), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,181 @@
+"""A full TopK SAE training step through sae_dist.kernels equals the plain torch step.
+
+One step = `training_step_losses` -> backward -> decoder-gradient projection -> Adam step -> W_dec
+row renormalisation (the trainer's order, Gao et al. 2024 section 2.4.1). The oracle is the same SAE
+with `SAEConfig.kernels=False` (dense pre-activations, torch.topk, embedding_bag); the losses of that
+path are themselves checked against an independent dense re-implementation here. Both SAEs start from
+the same random parameters (b_pre and b_enc made non-zero so every gradient path is exercised).
+
+Adam's first update is lr * g / (|g| + eps): with the trainer's eps = 6.25e-10 it is lr * sign(g), so a
+gradient entry that is 0 up to rounding would flip between +lr and -lr on float noise alone. The
+comparison therefore uses eps = 1e-4, which keeps the update a smooth function of the gradient
+(|d update / d g| <= lr / eps) while still exercising Adam's state and the renormalisation.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sae_dist.sae.config import SAEConfig
+from sae_dist.sae.topk import TopKSAE, kernel_ops
+
+LR, EPS = 1e-3, 1e-4
+NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
+
+
+def _pair(cfg_kw: dict, backend: str = "auto"):
+    """Two SAEs with identical random parameters: kernels on (with `backend`) and off."""
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    a = TopKSAE(SAEConfig(**cfg_kw, kernels=True, kernel_backend=backend),
+                generator=torch.Generator().manual_seed(seed))
+    b = TopKSAE(SAEConfig(**cfg_kw, kernels=False), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        a.b_dec.normal_(0.0, 0.3)
+        a.b_enc.normal_(0.0, 0.1)
+        b.b_dec.copy_(a.b_dec)
+        b.b_enc.copy_(a.b_enc)
+    for n in NAMES:
+        assert torch.equal(getattr(a, n), getattr(b, n))
+    return a, b
+
+
+def _step(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor | None):
+    opt = torch.optim.Adam(sae.parameters(), lr=LR, eps=EPS)
+    res = sae.training_step_losses(x, dead)
+    opt.zero_grad(set_to_none=True)
+    res.loss.backward()
+    sae.remove_parallel_grads_()
+    grads = {n: getattr(sae, n).grad.detach().clone() for n in NAMES}
+    opt.step()
+    sae.normalize_decoder_()
+    params = {n: getattr(sae, n).detach().clone() for n in NAMES}
+    return res, grads, params
+
+
+def _independent_losses(sae: TopKSAE, x, dead, k_aux):
+    """Dense re-implementation of the paper's losses (section 2.2, 2.4.1, 5.3) from the parameters."""
+    cfg = sae.cfg
+    with torch.no_grad():
+        pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+
+        def recon(kk):
+            v, i = pre.topk(kk, dim=-1)
+            z = torch.zeros_like(pre).scatter_(-1, i, v.clamp_min(0))
+            return z @ sae.W_dec + sae.b_dec
+
+        def nmse(t, r):
+            return float(((t - r) ** 2).sum() / ((t - t.mean(0)) ** 2).sum())
+
+        x_hat = recon(cfg.k)
+        main = nmse(x, x_hat)
+        mt = nmse(x, recon(cfg.multi_topk_factor * cfg.k)) if cfg.multi_topk else None
+        aux = 0.0
+        if dead is not None and int(dead.sum()) > 0:
+            ke = min(k_aux, int(dead.sum()))
+            v, i = pre.masked_fill(~dead, float("-inf")).topk(ke, dim=-1)
+            z = torch.zeros_like(pre).scatter_(-1, i, v.clamp_min(0))
+            aux = nmse(x - x_hat, z @ sae.W_dec)
+    return main, mt, aux
+
+
+def _check_equal_steps(cfg_kw, B, dead_fn, backend="auto", tol=2e-5):
+    assert kernel_ops() is not None, "sae_dist.kernels must import for the kernel path to be tested"
+    a, b = _pair(cfg_kw, backend)
+    n = cfg_kw["n_latents"]
+    x = torch.randn(B, cfg_kw["d_in"]) * 1.5 + 0.5
+    dead = dead_fn(n)
+    main, mt, aux = _independent_losses(b, x, dead, b.cfg.k_aux)
+    ra, ga, pa = _step(a, x, dead)
+    rb, gb, pb = _step(b, x, dead)
+    # the oracle path agrees with the independent dense losses
+    assert float(rb.normalized_mse) == pytest.approx(main, rel=1e-4)
+    assert float(rb.auxk_loss) == pytest.approx(aux, rel=1e-4, abs=1e-7)
+    if mt is not None:
+        assert float(rb.multi_topk_mse) == pytest.approx(mt, rel=1e-4)
+    # same selection, same losses
+    assert torch.equal(ra.indices, rb.indices)
+    torch.testing.assert_close(ra.values, rb.values, rtol=tol, atol=tol)
+    torch.testing.assert_close(ra.x_hat, rb.x_hat, rtol=tol, atol=tol)
+    for name in ("loss", "normalized_mse", "auxk_loss"):
+        torch.testing.assert_close(getattr(ra, name), getattr(rb, name), rtol=tol, atol=1e-7)
+    if cfg_kw.get("multi_topk"):
+        torch.testing.assert_close(ra.multi_topk_mse, rb.multi_topk_mse, rtol=tol, atol=1e-7)
+    else:
+        assert ra.multi_topk_mse is None and rb.multi_topk_mse is None
+    if dead is not None and int(dead.sum()) > 0:
+        assert float(rb.auxk_loss) > 0  # AuxK really active in this comparison
+    # gradients (after the decoder projection), then parameters after one Adam step + renorm
+    for nme in NAMES:
+        scale = float(gb[nme].abs().max()) + 1e-12
+        assert float(gb[nme].abs().sum()) > 0, f"{nme} got no gradient"
+        torch.testing.assert_close(ga[nme], gb[nme], rtol=1e-4, atol=tol * scale, msg=f"grad {nme}")
+        torch.testing.assert_close(pa[nme], pb[nme], rtol=1e-5, atol=1e-6, msg=f"param {nme}")
+    return ra, rb
+
+
+def _some_dead(frac):
+    def f(n):
+        m = torch.rand(n) < frac
+        m[torch.randint(0, n, (1,))] = True
+        return m
+    return f
+
+
+@pytest.mark.parametrize("multi_topk", [False, True])
+def test_kernel_step_equals_torch_step_with_auxk(multi_topk):
+    _check_equal_steps(dict(d_in=24, n_latents=160, k=5, multi_topk=multi_topk, normalize="none"),
+                       B=48, dead_fn=_some_dead(0.3))
+
+
+def test_kernel_step_fewer_dead_than_k_aux_and_chunked_latents():
+    # k_aux = 8 (d_in 16) but only 3 dead latents: both paths use min(k_aux, n_dead). n_latents is
+    # larger than the encoder's default latent chunk, so the running top-k crosses chunks.
+    def three_dead(n):
+        m = torch.zeros(n, dtype=torch.bool)
+        m[torch.randperm(n)[:3]] = True
+        return m
+
+    _check_equal_steps(dict(d_in=16, n_latents=4096 + 77, k=3, auxk_coef=0.5, normalize="none"),
+                       B=20, dead_fn=three_dead)
+
+
+def test_kernel_step_without_auxk():
+    # no dead mask, and a mask with no dead latent: AuxK term exactly 0 in both paths
+    ra, rb = _check_equal_steps(dict(d_in=16, n_latents=64, k=4, multi_topk=True, normalize="none"),
+                                B=32, dead_fn=lambda n: None)
+    assert float(ra.auxk_loss) == 0.0 == float(rb.auxk_loss)
+    ra, rb = _check_equal_steps(dict(d_in=16, n_latents=64, k=4, normalize="none"),
+                                B=32, dead_fn=lambda n: torch.zeros(n, dtype=torch.bool))
+    assert float(ra.auxk_loss) == 0.0 == float(rb.auxk_loss)
+
+
+@pytest.mark.parametrize("multi_topk", [False, True])
+def test_kernel_step_triton_backend_equals_torch_step(multi_topk):
+    # The Triton kernels themselves (CUDA, or Triton's CPU interpreter: tests/conftest.py sets
+    # TRITON_INTERPRET=1 on machines without an NVIDIA GPU) inside the full step, at a tiny shape.
+    _check_equal_steps(dict(d_in=16, n_latents=48, k=2, multi_topk=multi_topk, normalize="none"),
+                       B=18, dead_fn=_some_dead(0.4), backend="triton", tol=5e-5)
+
+
+def test_kernel_step_bad_dead_mask_and_backend():
+    a, _ = _pair(dict(d_in=8, n_latents=32, k=2, normalize="none"))
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="dead_mask"):
+        a.training_step_losses(x, torch.ones(32))  # float, not bool
+    with pytest.raises(ValueError, match="dead_mask"):
+        a.training_step_losses(x, torch.ones(31, dtype=torch.bool))
+    with pytest.raises(ValueError, match="kernel_backend"):
+        SAEConfig(d_in=8, n_latents=32, k=2, kernel_backend="cuda")
+    with pytest.raises(ValueError, match="kernels"):
+        SAEConfig(d_in=8, n_latents=32, k=2, kernels="yes")
+
+
+def test_kernels_default_on_and_forward_unchanged():
+    # the switch defaults to on; encode / encode_sparse / forward do not depend on it
+    a, b = _pair(dict(d_in=12, n_latents=40, k=3, normalize="none"))
+    assert SAEConfig(d_in=8, n_latents=32, k=2).kernels is True
+    x = torch.randn(10, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+        torch.testing.assert_close(a.encode(x), b.encode(x), rtol=0, atol=0)

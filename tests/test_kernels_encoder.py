@@ -1,0 +1,319 @@
+"""Fused encoder + TopK (`sae_dist.kernels.encoder_topk`) against a dense oracle written here.
+
+The Triton kernel runs under TRITON_INTERPRET=1 (set by conftest.py when there is no GPU) on CPU
+tensors, so shapes stay tiny. Every run starts with `torch.empty` poisoned (NaN / sentinel ints),
+so a kernel that leaves part of an output buffer unwritten fails the comparisons.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from sae_dist.kernels import encoder_topk as et
+from sae_dist.kernels.encoder_topk import encode_topk, encode_topk_reference
+
+_REAL_EMPTY = torch.empty
+
+
+def _poisoned_empty(*args, **kwargs):
+    t = _REAL_EMPTY(*args, **kwargs)
+    if t.is_floating_point():
+        t.fill_(float("nan"))
+    elif t.dtype == torch.bool:
+        t.fill_(True)
+    else:
+        t.fill_(-777)
+    return t
+
+
+@pytest.fixture(autouse=True)
+def poison_empty(monkeypatch):
+    monkeypatch.setattr(torch, "empty", _poisoned_empty)
+
+
+def _problem(B, d, n, dtype=torch.float32, seed=0, dead_frac=0.3):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, d, generator=g)
+    W = (torch.randn(d, n, generator=g) / d**0.5).to(dtype)
+    b_enc = (0.1 * torch.randn(n, generator=g)).to(dtype)
+    b_pre = (0.1 * torch.randn(d, generator=g)).to(dtype)
+    dead = torch.rand(n, generator=g) < dead_frac
+    return x, W, b_enc, b_pre, dead
+
+
+def _dense(x, W, b_enc, b_pre, k, dead=None, k_aux=0):
+    """Independent oracle: full [B, n] pre-activations, torch.topk, masked topk for AuxK."""
+    pre = (x.to(W.dtype) - b_pre) @ W + b_enc
+    v, i = torch.topk(pre, k, dim=1)
+    out = [F.relu(v), i, None, None]
+    if k_aux and dead is not None:
+        ke = min(k_aux, int(dead.sum()))
+        av, ai = torch.topk(torch.where(dead, pre, torch.full_like(pre, float("-inf"))), ke, dim=1)
+        out[2], out[3] = F.relu(av), ai
+    return out
+
+
+def _leaf(*ts):
+    return [t.detach().clone().requires_grad_(True) for t in ts]
+
+
+def _same_sets(a, b):
+    return torch.equal(a.sort(dim=1).values, b.sort(dim=1).values)
+
+
+BACKEND_CHUNKS = [
+    ("torch", 4096),  # one chunk
+    ("torch", 64),  # n=300 is not a multiple of 64
+    ("torch", 3),  # chunk < k
+    ("torch", 1),
+    ("triton", 4096),  # one split, n not a multiple of BLOCK_N
+    ("triton", 40),  # several splits (span rounded up to BLOCK_N)
+]
+
+
+@pytest.mark.parametrize("backend,chunk", BACKEND_CHUNKS)
+@pytest.mark.parametrize("k,k_aux", [(5, 4), (1, 1)])
+def test_forward_and_grads_fp32(backend, chunk, k, k_aux):
+    B, d, n = 13, 24, 300
+    x, W, be, bp, dead = _problem(B, d, n, seed=hash((backend, chunk, k)) % 1000)
+    dead[:3] = True  # at least k_aux dead latents
+    x1, W1, be1, bp1 = _leaf(x, W, be, bp)
+    v, i, av, ai = encode_topk(x1, W1, be1, bp1, k, dead_mask=dead, k_aux=k_aux,
+                               backend=backend, latent_chunk=chunk, need_x_grad=True)
+    x2, W2, be2, bp2 = _leaf(x, W, be, bp)
+    rv, ri, rav, rai = _dense(x2, W2, be2, bp2, k, dead, k_aux)
+    assert v.shape == (B, k) and i.dtype == torch.int64 and av.shape == (B, k_aux)
+    torch.testing.assert_close(v, rv, rtol=1e-5, atol=1e-5)
+    assert _same_sets(i, ri)
+    assert torch.all(v[:, :-1] >= v[:, 1:]), "values must be sorted descending"
+    torch.testing.assert_close(av, rav, rtol=1e-5, atol=1e-5)
+    assert _same_sets(ai, rai)
+    assert bool(dead[ai].all()), "AuxK candidates must be dead latents"
+    # gradients through values and aux values, against autograd through the dense oracle
+    gv = torch.randn(B, k)
+    ga = torch.randn(B, k_aux)
+    ((v * gv).sum() + (av * ga).sum()).backward()
+    # the oracle's columns are matched to the kernel's by index (same sets, order may differ)
+    order = [torch.argsort(ri, 1), torch.argsort(i, 1)]
+    gv_ref = torch.zeros_like(gv).scatter_(1, order[0], gv.gather(1, order[1]))
+    aorder = [torch.argsort(rai, 1), torch.argsort(ai, 1)]
+    ga_ref = torch.zeros_like(ga).scatter_(1, aorder[0], ga.gather(1, aorder[1]))
+    ((rv * gv_ref).sum() + (rav * ga_ref).sum()).backward()
+    for got, ref in ((W1, W2), (be1, be2), (bp1, bp2), (x1, x2)):
+        assert got.grad.shape == ref.grad.shape
+        torch.testing.assert_close(got.grad, ref.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,chunk", [("torch", 64), ("torch", 4096), ("triton", 40)])
+def test_bf16_selection_values_and_grads(backend, chunk):
+    """bf16 parameters: near-ties may legitimately flip, so the selection is checked for validity
+    (every chosen latent's fp32 pre-activation is within tolerance of the k-th largest) and the
+    gradients against a dense fp32 formula on the kernel's chosen indices."""
+    B, d, n, k, k_aux = 12, 32, 200, 6, 3
+    x, W, be, bp, dead = _problem(B, d, n, dtype=torch.bfloat16, seed=7)
+    W1, be1, bp1 = _leaf(W, be, bp)
+    v, i, av, ai = encode_topk(x, W1, be1, bp1, k, dead_mask=dead, k_aux=k_aux,
+                               backend=backend, latent_chunk=chunk)
+    assert v.dtype == torch.bfloat16 and av.dtype == torch.bfloat16
+    pre32 = (x.to(torch.bfloat16).float() - bp.float()) @ W.float() + be.float()
+    kth = pre32.topk(k, dim=1).values[:, -1:]
+    chosen = pre32.gather(1, i)
+    assert bool((chosen >= kth - 0.05).all())
+    assert all(len(set(r.tolist())) == k for r in i), "indices must be distinct per token"
+    torch.testing.assert_close(v.float(), F.relu(chosen), rtol=2e-2, atol=2e-2)
+    pre_dead = torch.where(dead, pre32, torch.full_like(pre32, float("-inf")))
+    akth = pre_dead.topk(k_aux, dim=1).values[:, -1:]
+    assert bool(dead[ai].all())
+    assert bool((pre32.gather(1, ai) >= akth - 0.05).all())
+    gv, ga = torch.randn(B, k), torch.randn(B, k_aux)
+    ((v.float() * gv).sum() + (av.float() * ga).sum()).backward()
+    # dense fp32 formula on the chosen indices: G[b, i] = g * 1[value > 0]
+    G = torch.zeros(B, n)
+    G.scatter_add_(1, i, gv * (v.float() > 0))
+    G.scatter_add_(1, ai, ga * (av.float() > 0))
+    xc = x.to(torch.bfloat16).float() - bp.float()
+    torch.testing.assert_close(W1.grad.float(), xc.T @ G, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(be1.grad.float(), G.sum(0), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(bp1.grad.float(), -(W.float() @ G.sum(0)), rtol=2e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_dead_mask_edge_cases(backend):
+    B, d, n, k = 9, 16, 70, 4
+    x, W, be, bp, _ = _problem(B, d, n, seed=3)
+    ref_v, ref_i, _, _ = _dense(x, W, be, bp, k)
+    # no dead latent: the AuxK candidates have width 0
+    v, i, av, ai = encode_topk(x, W, be, bp, k, dead_mask=torch.zeros(n, dtype=torch.bool),
+                               k_aux=5, backend=backend, latent_chunk=32)
+    assert av.shape == (B, 0) and ai.shape == (B, 0)
+    torch.testing.assert_close(v, ref_v)
+    # all dead: AuxK equals the plain top-k_aux
+    v, i, av, ai = encode_topk(x, W, be, bp, k, dead_mask=torch.ones(n, dtype=torch.bool),
+                               k_aux=6, backend=backend, latent_chunk=32)
+    rv6, ri6, _, _ = _dense(x, W, be, bp, 6)
+    torch.testing.assert_close(av, rv6)
+    assert _same_sets(ai, ri6)
+    # fewer dead latents than k_aux: width = number of dead latents
+    dead = torch.zeros(n, dtype=torch.bool)
+    dead[[5, 40, 69]] = True
+    _, _, av, ai = encode_topk(x, W, be, bp, k, dead_mask=dead, k_aux=8, backend=backend,
+                               latent_chunk=32)
+    assert ai.shape == (B, 3)
+    assert _same_sets(ai, torch.tensor([[5, 40, 69]] * B))
+    # k_aux = 0 or no mask: no AuxK output
+    no_aux = encode_topk(x, W, be, bp, k, dead_mask=dead, k_aux=0, backend=backend)
+    assert no_aux[2:] == (None, None)
+    assert encode_topk(x, W, be, bp, k, k_aux=3, backend=backend)[2:] == (None, None)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_relu_zero_values_get_no_gradient(backend):
+    """All pre-activations negative: values are 0 and nothing may flow back (ReLU)."""
+    B, d, n, k = 5, 16, 40, 3
+    x, W, be, bp, _ = _problem(B, d, n, seed=11)
+    be = be - 100.0
+    W1, be1, bp1 = _leaf(W, be, bp)
+    v, i, _, _ = encode_topk(x, W1, be1, bp1, k, backend=backend)
+    assert torch.equal(v, torch.zeros(B, k))
+    _, ri, _, _ = _dense(x, W, be, bp, k)
+    assert _same_sets(i, ri)  # selection still among the largest (negative) pre-activations
+    v.sum().backward()
+    for p in (W1, be1, bp1):
+        assert torch.equal(p.grad, torch.zeros_like(p))
+
+
+def test_reference_matches_test_oracle():
+    B, d, n, k = 7, 16, 50, 4
+    x, W, be, bp, dead = _problem(B, d, n, seed=5)
+    a = encode_topk_reference(x, W, be, bp, k, dead_mask=dead, k_aux=2)
+    b = _dense(x, W, be, bp, k, dead, 2)
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
+
+
+def test_auto_backend_on_cpu_uses_torch(monkeypatch):
+    def boom(*a, **kw):
+        raise AssertionError("triton selection must not run for CPU tensors with backend='auto'")
+
+    monkeypatch.setattr(et, "_select_triton", boom)
+    x, W, be, bp, _ = _problem(4, 16, 30)
+    v, _, _, _ = encode_topk(x, W, be, bp, 2)
+    torch.testing.assert_close(v, _dense(x, W, be, bp, 2)[0])
+
+
+def test_x_grad_only_when_asked():
+    x, W, be, bp, _ = _problem(4, 16, 30)
+    x1, W1 = _leaf(x, W)
+    v, _, _, _ = encode_topk(x1, W1, be, bp, 2)
+    v.sum().backward()
+    assert x1.grad is None and W1.grad is not None
+
+
+class _ShapeRecorder(TorchDispatchMode):
+    """Records the stored element count of every tensor produced by any aten op while active
+    (for a sparse COO tensor: its nnz values plus indices, which is what it holds in memory)."""
+
+    def __init__(self):
+        super().__init__()
+        self.biggest = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                if t.layout == torch.sparse_coo:
+                    stored = t._nnz() * (1 + t.sparse_dim())
+                else:
+                    stored = t.numel()
+                self.biggest.append((stored, tuple(t.shape), str(func)))
+        return out
+
+
+def test_torch_path_never_allocates_batch_by_latents():
+    """Every aten op's output during forward + backward is recorded (TorchDispatchMode sees all
+    tensors the torch path creates); none may be as large as [B, n]. The dense oracle, run under
+    the same recorder, does produce one, which shows the check can fail."""
+    B, d, n, k, chunk = 64, 16, 1024, 4, 128
+    x, W, be, bp, dead = _problem(B, d, n, seed=2)
+    W1, be1, bp1 = _leaf(W, be, bp)
+    rec = _ShapeRecorder()
+    with rec:
+        v, i, av, ai = encode_topk(x, W1, be1, bp1, k, dead_mask=dead, k_aux=3,
+                                   backend="torch", latent_chunk=chunk, token_chunk=16)
+        (v.sum() + av.sum()).backward()
+    worst = max(rec.biggest)
+    assert worst[0] <= max(B * chunk, d * n), worst  # a chunk buffer or a parameter-sized grad
+    assert not any(s[0] >= B * n for s in rec.biggest)
+    rec2 = _ShapeRecorder()
+    with rec2:
+        _dense(x, W, be, bp, k, dead, 3)
+    assert any(s[1] == (B, n) for s in rec2.biggest)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(k=0), "k=0"),
+        (dict(k=31), "k=31"),
+        (dict(k=2, k_aux=-1), "k_aux=-1"),
+        (dict(k=2, dead_mask=torch.zeros(30)), "dead_mask"),
+        (dict(k=2, backend="cuda"), "backend='cuda'"),
+        (dict(k=2, latent_chunk=0), "latent_chunk=0"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    x, W, be, bp, _ = _problem(4, 16, 30)
+    with pytest.raises(ValueError, match=match):
+        encode_topk(x, W, be, bp, **kwargs)
+
+
+def test_bad_shapes():
+    x, W, be, bp, _ = _problem(4, 16, 30)
+    with pytest.raises(ValueError, match="d_in=16"):
+        encode_topk(x[:, :8], W, be, bp, 2)
+    with pytest.raises(ValueError, match="b_enc"):
+        encode_topk(x, W, be[:5], bp, 2)
+
+
+def test_triton_several_token_blocks_and_splits():
+    """B > BLOCK_B (64), n over two latent splits: a 2 x 2 grid of programs, last ones partial."""
+    B, d, n, k, k_aux = 70, 16, 150, 3, 2
+    x, W, be, bp, dead = _problem(B, d, n, seed=21)
+    W1, be1, bp1 = _leaf(W, be, bp)
+    v, i, av, ai = encode_topk(x, W1, be1, bp1, k, dead_mask=dead, k_aux=k_aux, backend="triton",
+                               latent_chunk=100)
+    W2, be2, bp2 = _leaf(W, be, bp)
+    rv, ri, rav, rai = _dense(x, W2, be2, bp2, k, dead, k_aux)
+    torch.testing.assert_close(v, rv, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(av, rav, rtol=1e-5, atol=1e-5)
+    assert torch.equal(i, ri) and torch.equal(ai, rai)  # random inputs: no ties, same order
+    (v.sum() + 2 * av.sum()).backward()
+    (rv.sum() + 2 * rav.sum()).backward()
+    for got, ref in ((W1, W2), (be1, be2), (bp1, bp2)):
+        torch.testing.assert_close(got.grad, ref.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_partly_clipped_values_grads(backend):
+    """About half of the selected pre-activations are negative (ReLU -> 0, no gradient), the rest
+    positive: gradients must still match autograd through the dense oracle."""
+    B, d, n, k, k_aux = 10, 16, 90, 6, 5
+    x, W, be, bp, dead = _problem(B, d, n, seed=31, dead_frac=0.5)
+    pre = (x - bp) @ W + be
+    be = be - pre.topk(k, dim=1).values[:, k // 2].median()  # shift: ~half of the top-k below 0
+    x1, W1, be1, bp1 = _leaf(x, W, be, bp)
+    v, i, av, ai = encode_topk(x1, W1, be1, bp1, k, dead_mask=dead, k_aux=k_aux, backend=backend,
+                               latent_chunk=32, need_x_grad=True)
+    frac_zero = float((v == 0).float().mean())
+    assert 0.2 < frac_zero < 0.8, frac_zero
+    x2, W2, be2, bp2 = _leaf(x, W, be, bp)
+    rv, ri, rav, rai = _dense(x2, W2, be2, bp2, k, dead, k_aux)
+    assert torch.equal(i, ri) and torch.equal(ai, rai)
+    gv, ga = torch.randn(B, k), torch.randn(B, k_aux)
+    ((v * gv).sum() + (av * ga).sum()).backward()
+    ((rv * gv).sum() + (rav * ga).sum()).backward()
+    for got, ref in ((W1, W2), (be1, be2), (bp1, bp2), (x1, x2)):
+        torch.testing.assert_close(got.grad, ref.grad, rtol=1e-4, atol=1e-5)
