@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 TORCH_PIN ?= $(if $(HAS_GPU),torch>=2.4,torch==2.13.0)
 
-# The demo's sizes: fit the main job on a 2-core CPU machine in about a quarter of an hour while still
+# The demo's sizes: fit the main job on a 2-core CPU machine in about ten minutes while still
 # training a useful SAE (14x expansion of SmolLM2's d_model=576, k=32). AuxK's dead threshold is scaled
 # down with the run: the paper's 10M tokens is ~76 of its 131072-token steps; 250k is ~61 of ours.
 DEMO_ARGS ?= harvest.tokens=250000 sae.n_latents=8192 sae.k=32 sae.dead_tokens=250000 \
