@@ -11,9 +11,8 @@ k_aux)`), the dead latents reconstruct the residual through the decoder WITHOUT 
 NaN/Inf (e.g. a zero-variance residual) are replaced by 0, as in the paper's reference code; the
 loss is 0 when there is no AuxK term (k_aux == 0 or no dead latents: the encoder returns None).
 Implementations (`backend`):
-- triton (CUDA; CPU under TRITON_INTERPRET=1): one fused kernel decodes a [tokens x features] tile of
-  e^ in registers, writes e - e^ (kept for the backward) and the tile's partial sum of squares (e^ is
-  never stored; the partials are summed by torch in a fixed order). The backward feeds
+- triton (CUDA; CPU under TRITON_INTERPRET=1): `sparse_decode`'s forward kernel decodes e^ (fp32,
+  no b_pre); e - e^ (kept for the backward) and its sum of squares are torch ops. The backward feeds
   -2 (e - e^) * dL/dnum to `sparse_decode`'s gradient kernels (values: gathered dot products;
   W_dec: fp32 atomic scatter).
 - torch (CPU): embedding_bag, or, when the batch's aux latents span few distinct rows u, a dense
@@ -98,63 +97,21 @@ def _decode_aux_torch(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.
 
 
 # ----------------------------------------------------------------------------------------- Triton
-_AUX_KERNEL = None
-
-
-def _aux_kernel():
-    global _AUX_KERNEL
-    if _AUX_KERNEL is not None:
-        return _AUX_KERNEL
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _auxk_sse(V, I, W, E, DIFF, PART, B, K, D, N, s_vb, s_ib, s_wn, s_eb, s_db,
-                  BB: tl.constexpr, BD: tl.constexpr):
-        pid_b = tl.program_id(0)
-        pid_d = tl.program_id(1)
-        rb = pid_b * BB + tl.arange(0, BB)
-        rd = pid_d * BD + tl.arange(0, BD)
-        mb = rb < B
-        md = rd < D
-        m2 = mb[:, None] & md[None, :]
-        acc = tl.zeros((BB, BD), dtype=tl.float32)
-        for j in range(0, K):
-            idx = tl.load(I + rb * s_ib + j, mask=mb, other=-1).to(tl.int64)
-            ok = (idx >= 0) & (idx < N)  # -1 = padding: contributes nothing
-            v = tl.load(V + rb * s_vb + j, mask=ok, other=0.0).to(tl.float32)
-            w = tl.load(W + idx[:, None] * s_wn + rd[None, :], mask=ok[:, None] & md[None, :],
-                        other=0.0).to(tl.float32)
-            acc += v[:, None] * w
-        rb64 = rb[:, None].to(tl.int64)
-        e = tl.load(E + rb64 * s_eb + rd[None, :], mask=m2, other=0.0).to(tl.float32)
-        diff = tl.where(m2, e - acc, 0.0)
-        tl.store(DIFF + rb64 * s_db + rd[None, :], diff, mask=m2)
-        tl.store(PART + pid_b * tl.num_programs(1) + pid_d, tl.sum(tl.sum(diff * diff, axis=1), axis=0))
-
-    _AUX_KERNEL = _auxk_sse
-    return _AUX_KERNEL
-
-
 class _AuxSSETriton(torch.autograd.Function):
-    """sum_b ||e_b - e^_b||^2 (0-d fp32) with e^ the sparse decode of (values, indices); fused Triton."""
+    """sum_b ||e_b - e^_b||^2 (0-d fp32) with e^ the sparse decode of (values, indices) by Triton."""
 
     @staticmethod
     def forward(ctx, values, indices, W_dec, residual, deterministic):
         values, indices = values.contiguous(), indices.contiguous()
         W_dec = W_dec.contiguous()
         e = residual.detach().contiguous()
-        B, K = values.shape
-        D = W_dec.shape[1]
-        gb, gd = _sd._cdiv(B, _sd.BLOCK_B), _sd._cdiv(D, _sd.BLOCK_D)
-        diff = _sd._empty((B, D), torch.float32, W_dec.device)
-        part = _sd._empty((gb * gd,), torch.float32, W_dec.device)
-        _aux_kernel()[(gb, gd)](values, indices, W_dec, e, diff, part, B, K, D, W_dec.shape[0],
-                                values.stride(0), indices.stride(0), W_dec.stride(0), e.stride(0),
-                                diff.stride(0), BB=_sd.BLOCK_B, BD=_sd.BLOCK_D)
+        # e^ by sparse_decode's forward kernel (fp32 output, no b_pre), then e - e^ and its sum of
+        # squares in torch: one [B, d] fp32 buffer more than a fused kernel, and no second decode loop.
+        e_hat = _sd.triton_decode_forward(values, indices, W_dec, None, out_dtype=torch.float32)
+        diff = e.float() - e_hat
         ctx.save_for_backward(values, indices, W_dec, diff)
         ctx.deterministic = deterministic
-        return part.sum()
+        return diff.pow(2).sum()
 
     @staticmethod
     def backward(ctx, grad):
@@ -221,7 +178,7 @@ def auxk_loss(
     deterministic: Triton only: W_dec gradient by the row-sorted segment sum of `sparse_decode`
       (bit-identical across runs) instead of atomic adds; also on under
       `torch.use_deterministic_algorithms(True)`.
-    backend: "auto" | "torch" | "triton", as in `sparse_decode` (Triton: the fused kernel above).
+    backend: "auto" | "torch" | "triton", as in `sparse_decode` (Triton: sparse_decode's kernels).
     Raises ValueError on mismatched shapes (naming them), a lone None, or indices out of range (CPU).
     """
     which = resolve_backend(backend, W_dec, residual,

@@ -187,12 +187,13 @@ def _empty(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def triton_decode_forward(values, indices, W_dec, b_pre):
-    """Forward kernel only (no autograd): x_hat [B, d] in W_dec's dtype, fp32 accumulation."""
+def triton_decode_forward(values, indices, W_dec, b_pre, out_dtype=None):
+    """Forward kernel only (no autograd): x_hat [B, d] in `out_dtype` (default W_dec's dtype), fp32
+    accumulation."""
     _, fwd, _, _, _ = _kernels()
     B, K = values.shape
     D = W_dec.shape[1]
-    out = _empty((B, D), W_dec.dtype, W_dec.device)
+    out = _empty((B, D), out_dtype or W_dec.dtype, W_dec.device)
     if B == 0:
         return out
     bp = b_pre if b_pre is not None else W_dec  # dummy pointer when HAS_BP is False

@@ -195,12 +195,9 @@ for dt in ("fp32", "bf16"):
                    s_wn=i32), dict(BB=sd.BLOCK_B, BD=sd.BLOCK_D))
     comp(gwr, dict(GO=p, TOK="*i64", WT=p, OFFS="*i64", GW=p, D=i32, s_gb=i32, s_wn=i32),
          dict(BP=sd.BLOCK_P, BD=sd.BLOCK_D))
-import sae_dist.kernels.auxk as ak
-for dt in ("fp32", "bf16"):
-    p = "*" + dt
-    comp(ak._aux_kernel(), dict(V=p, I="*i64", W=p, E="*fp32", DIFF="*fp32", PART="*fp32", B=i32, K=i32,
-                                D=i32, N=i32, s_vb=i32, s_ib=i32, s_wn=i32, s_eb=i32, s_db=i32),
-         dict(BB=sd.BLOCK_B, BD=sd.BLOCK_D))
+    # the AuxK path: no b_pre, fp32 output whatever W_dec's dtype
+    comp(fwd, dict(V=p, I="*i64", W=p, BP=p, OUT="*fp32", B=i32, K=i32, D=i32, N=i32, s_vb=i32, s_ib=i32,
+                   s_wn=i32, s_ob=i32), dict(HAS_BP=False, BB=sd.BLOCK_B, BD=sd.BLOCK_D))
 print("ok")
 '''
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
