@@ -100,8 +100,7 @@ def _docs(cfg: DictConfig):
         cfg.data.dataset,
         split=cfg.data.split,
         text_field=cfg.data.text_field,
-        data_files=OmegaConf.to_container(cfg.data.data_files) if OmegaConf.is_config(cfg.data.data_files)
-        else cfg.data.data_files,
+        data_files=OmegaConf.to_container(cfg.data, resolve=True)["data_files"],
     )
 
 

@@ -7,6 +7,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from sae_dist.kernels.auxk import auxk_loss_reference
+from sae_dist.kernels.sparse_decode import sparse_decode_reference
+
 __all__ = ["sparse_decode", "normalized_mse", "auxk_loss", "DeadLatentTracker"]
 
 
@@ -14,17 +17,11 @@ def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tens
     """sum_j values[b, j] * W_dec[indices[b, j]] without a dense [B, n_latents] matrix.
 
     values [B, k] float, indices [B, k] int64 in [0, n_latents), W_dec [n_latents, d_in].
-    Returns [B, d_in] in W_dec's dtype (no bias). Differentiable in values and W_dec
-    (embedding_bag with per-sample weights: a gather of k rows per token, section 5.1's sparse
-    decoder). IndexError from torch if an index is out of range.
+    Returns [B, d_in] in W_dec's dtype (no bias), differentiable in values and W_dec: the torch path
+    of `sae_dist.kernels.sparse_decode` (embedding_bag, section 5.1's sparse decoder).
+    Raises ValueError for mismatched shapes or out-of-range indices.
     """
-    if values.shape != indices.shape or values.dim() != 2:
-        raise ValueError(
-            f"values {tuple(values.shape)} and indices {tuple(indices.shape)} must both be [B, k]"
-        )
-    return F.embedding_bag(
-        indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum"
-    )
+    return sparse_decode_reference(values, indices, W_dec, None)
 
 
 def normalized_mse(target: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
@@ -73,16 +70,7 @@ def auxk_loss(
     k_eff = min(k_aux, n_dead)
     masked = pre_acts.masked_fill(~dead_mask, float("-inf"))
     vals, idx = masked.topk(k_eff, dim=-1, sorted=False)
-    vals = F.relu(vals)
-    e_hat = sparse_decode(vals, idx, W_dec)
-    t, r = residual.float(), e_hat.float()
-    num = (t - r).pow(2).sum(-1).mean()
-    den = (t - t.mean(0, keepdim=True)).pow(2).sum(-1).mean()
-    # NaN/Inf -> 0 with finite (zero) gradients: replace a bad denominator BEFORE dividing, because
-    # nan_to_num after the division would still back-propagate 0 * (1/0) = NaN.
-    ok = torch.isfinite(den) & (den > 0)
-    ratio = num / torch.where(ok, den, torch.ones_like(den))
-    return torch.where(ok & torch.isfinite(ratio), ratio, torch.zeros_like(ratio))
+    return auxk_loss_reference(F.relu(vals), idx, W_dec, residual)
 
 
 class DeadLatentTracker:

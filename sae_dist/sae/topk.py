@@ -260,8 +260,7 @@ class TopKSAE(nn.Module):
             loss = loss + cfg.multi_topk_weight * mt
         if k_aux > 0:
             residual = (xf - x_hat.detach()).float()
-            aux = k_auxk_loss(aux_vals, aux_idx, self.W_dec, residual, backend=backend)
-            aux = torch.nan_to_num(aux.float(), nan=0.0, posinf=0.0, neginf=0.0)
+            aux = k_auxk_loss(aux_vals, aux_idx, self.W_dec, residual, backend=backend)  # NaN -> 0 inside
         else:
             aux = x_hat.new_zeros((), dtype=torch.float32)
         loss = loss + cfg.auxk_coef * aux
