@@ -110,3 +110,35 @@ def drop_padding(values: torch.Tensor, indices: torch.Tensor, has_pad: bool | No
     valid = indices >= 0
     return torch.where(valid, values, torch.zeros((), dtype=values.dtype, device=values.device)), \
         indices.clamp_min(0).long()
+
+
+# CPU torch paths: when a batch's sparse codes span few distinct latents u (the usual case for the AuxK
+# codes, which are drawn from the dead latents only), a dense [B, u] code block and BLAS matmuls beat
+# gathers/scatters of the B*k rows. Measured on 2 shared (noisy) CPU cores, fp32, B=4096, d=576,
+# k_aux=256: AuxK decode fwd+bwd, u=500 about 2.5x and u=1000 about 2x faster than embedding_bag,
+# u=2000 a tie within noise, u=4000 slower; the encoder's W_enc gradient of the same codes, u=819:
+# 26 ms dense against 60 ms for the CSR product of the 1M entries.
+DENSE_ROWS_FACTOR = 4
+DENSE_MAX_ELEMENTS = 1 << 24  # B * u cap: 64 MiB per fp32 [B, u] buffer
+
+
+def dense_rows_block(values: torch.Tensor, indices: torch.Tensor, n_rows: int, dtype: torch.dtype):
+    """Sparse codes as a dense block over their distinct latents, when that is the cheaper form.
+
+    values [B, k] float, indices [B, k] int64 in [0, n_rows) (no padding), on a CPU device; dtype is the
+    block's dtype. Returns (rows [u] int64 ascending distinct latents, Z [B, u] with
+    Z[b, position of indices[b, j] in rows] += values[b, j]) when u <= DENSE_ROWS_FACTOR * k and
+    B * u <= DENSE_MAX_ELEMENTS, else None (callers then take their gather/scatter path). Only for
+    fp32/fp64 on CPU (None otherwise: CUDA runs Triton, and CPU half matmuls may be slow).
+    """
+    B, k = indices.shape
+    if indices.is_cuda or dtype not in (torch.float32, torch.float64) or DENSE_ROWS_FACTOR <= 0:
+        return None
+    present = torch.bincount(indices.reshape(-1), minlength=n_rows) > 0  # faster than index_put
+    u = int(present.sum())
+    if u > DENSE_ROWS_FACTOR * k or B * u > DENSE_MAX_ELEMENTS:
+        return None
+    rows = present.nonzero().squeeze(1)  # distinct rows, ascending
+    local = (torch.cumsum(present, 0) - 1)[indices]  # position of each index in rows
+    Z = torch.zeros(B, u, dtype=dtype, device=indices.device).scatter_add_(1, local, values.to(dtype))
+    return rows, Z

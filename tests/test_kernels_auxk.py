@@ -8,6 +8,7 @@ import zlib
 import pytest
 import torch
 
+import sae_dist.kernels._common as kc
 import sae_dist.kernels.auxk as ak
 import sae_dist.kernels.sparse_decode as sd
 from sae_dist.kernels.auxk import auxk_loss, auxk_loss_reference
@@ -38,7 +39,7 @@ PATH_IDS = ["torch-sparse", "torch-dense-rows", "triton"]
 
 def use_path(monkeypatch, path):
     backend, factor = path
-    monkeypatch.setattr(ak, "DENSE_ROWS_FACTOR", factor)
+    monkeypatch.setattr(kc, "DENSE_ROWS_FACTOR", factor)
     return backend
 
 
@@ -174,3 +175,21 @@ def test_padding_index_minus_one_is_ignored(path, monkeypatch, poison):
     assert (v.grad[pad] == 0).all()
     torch.testing.assert_close(v.grad[~pad].double(), ref_gv[~pad], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(Wr.grad.double(), ref_gW, rtol=1e-5, atol=1e-6)
+
+
+def test_sparse_grad_sums_into_a_dense_decoder_gradient(monkeypatch):
+    """sparse_grad=True (the SAE's training path): with another loss giving W_dec a dense gradient in
+    the same backward, W_dec.grad is dense and equals the plain dense-rows path's gradient."""
+    monkeypatch.setattr(kc, "DENSE_ROWS_FACTOR", 10**6)  # force the dense-rows decode
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10**6, ())))
+    vals, idx, W, res = make(16, 5, 40, 12, torch.float32, g)
+    grads = []
+    for sparse in (True, False):
+        Wp = W.clone().requires_grad_(True)
+        v = vals.clone().requires_grad_(True)
+        main = (Wp.sum(0) ** 2).sum()  # any loss with a dense W_dec gradient
+        (main + auxk_loss(v, idx, Wp, res, sparse_grad=sparse)).backward()
+        assert Wp.grad.layout == torch.strided
+        grads.append((Wp.grad, v.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])

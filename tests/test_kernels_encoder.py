@@ -12,8 +12,20 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import sae_dist.kernels._common as kc
 from sae_dist.kernels import encoder_topk as et
-from sae_dist.kernels.encoder_topk import encode_topk, encode_topk_reference
+from sae_dist.kernels.encoder_topk import encode_topk as _encode_topk
+from sae_dist.kernels.encoder_topk import encode_topk_reference
+
+
+def encode_topk(*args, **kwargs):
+    """`encode_topk` with its (unordered) AuxK outputs sorted descending, to compare with the
+    oracle's torch.topk order; the sort is a differentiable gather, so gradients are unchanged."""
+    v, i, av, ai = _encode_topk(*args, **kwargs)
+    if av is not None:
+        av, j = av.sort(dim=1, descending=True)
+        ai = ai.gather(1, j)
+    return v, i, av, ai
 
 _REAL_EMPTY = torch.empty
 
@@ -74,9 +86,13 @@ BACKEND_CHUNKS = [
 ]
 
 
+@pytest.mark.parametrize("aux_grad", ["sparse", "dense-rows"])
 @pytest.mark.parametrize("backend,chunk", BACKEND_CHUNKS)
 @pytest.mark.parametrize("k,k_aux", [(5, 4), (1, 1)])
-def test_forward_and_grads_fp32(backend, chunk, k, k_aux):
+def test_forward_and_grads_fp32(backend, chunk, k, k_aux, aux_grad, monkeypatch):
+    # the CPU backward takes the AuxK codes' gradient either entry by entry or as a dense block over
+    # their distinct latents (`_common.dense_rows_block`); force each
+    monkeypatch.setattr(kc, "DENSE_ROWS_FACTOR", 0 if aux_grad == "sparse" else 10**6)
     B, d, n = 13, 24, 300
     x, W, be, bp, dead = _problem(B, d, n, seed=hash((backend, chunk, k)) % 1000)
     dead[:3] = True  # at least k_aux dead latents
@@ -134,7 +150,7 @@ def test_bf16_selection_values_and_grads(backend, chunk):
     G = torch.zeros(B, n)
     G.scatter_add_(1, i, gv * (v.float() > 0))
     G.scatter_add_(1, ai, ga * (av.float() > 0))
-    xc = x.to(torch.bfloat16).float() - bp.float()
+    xc = (x.to(torch.bfloat16) - bp).float()  # the kernel centres in the parameters' dtype (bf16)
     torch.testing.assert_close(W1.grad.float(), xc.T @ G, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(be1.grad.float(), G.sum(0), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(bp1.grad.float(), -(W.float() @ G.sum(0)), rtol=2e-2, atol=5e-2)
@@ -214,7 +230,7 @@ def test_x_grad_only_when_asked():
 
 class _ShapeRecorder(TorchDispatchMode):
     """Records the stored element count of every tensor produced by any aten op while active
-    (for a sparse COO tensor: its nnz values plus indices, which is what it holds in memory)."""
+    (for a sparse COO/CSR tensor: its nnz values plus indices, which is what it holds in memory)."""
 
     def __init__(self):
         super().__init__()
@@ -226,6 +242,8 @@ class _ShapeRecorder(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 if t.layout == torch.sparse_coo:
                     stored = t._nnz() * (1 + t.sparse_dim())
+                elif t.layout == torch.sparse_csr:  # values + column indices + row pointers
+                    stored = 2 * t._nnz() + t.shape[0] + 1
                 else:
                     stored = t.numel()
                 self.biggest.append((stored, tuple(t.shape), str(func)))
@@ -289,7 +307,7 @@ def test_triton_several_token_blocks_and_splits():
     rv, ri, rav, rai = _dense(x, W2, be2, bp2, k, dead, k_aux)
     torch.testing.assert_close(v, rv, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(av, rav, rtol=1e-5, atol=1e-5)
-    assert torch.equal(i, ri) and torch.equal(ai, rai)  # random inputs: no ties, same order
+    assert torch.equal(i, ri) and _same_sets(ai, rai)  # aux order among ReLU zeros is arbitrary  # random inputs: no ties, same order
     (v.sum() + 2 * av.sum()).backward()
     (rv.sum() + 2 * rav.sum()).backward()
     for got, ref in ((W1, W2), (be1, be2), (bp1, bp2)):
@@ -311,9 +329,41 @@ def test_partly_clipped_values_grads(backend):
     assert 0.2 < frac_zero < 0.8, frac_zero
     x2, W2, be2, bp2 = _leaf(x, W, be, bp)
     rv, ri, rav, rai = _dense(x2, W2, be2, bp2, k, dead, k_aux)
-    assert torch.equal(i, ri) and torch.equal(ai, rai)
+    assert torch.equal(i, ri) and _same_sets(ai, rai)  # aux order among ReLU zeros is arbitrary
     gv, ga = torch.randn(B, k), torch.randn(B, k_aux)
     ((v * gv).sum() + (av * ga).sum()).backward()
     ((rv * gv).sum() + (rav * ga).sum()).backward()
     for got, ref in ((W1, W2), (be1, be2), (bp1, bp2), (x1, x2)):
         torch.testing.assert_close(got.grad, ref.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunk_topk_prefilter_is_exact(dtype):
+    """The max-pool prefilter of the torch path (`_chunk_topk`, used when a chunk's width is a
+    multiple of 8 and >= 16 k) returns exactly torch.topk's values, also with heavy exact ties
+    (values quantised to a few levels) and with whole groups tied."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10**6, ())))
+    for B, w, k in ((7, 512, 5), (3, 128, 8), (5, 1024, 1)):
+        for pre in (torch.randn(B, w, generator=g).to(dtype),
+                    torch.randint(0, 4, (B, w), generator=g).to(dtype),
+                    torch.zeros(B, w, dtype=dtype)):
+            v, i = et._chunk_topk(pre, k)
+            rv, _ = pre.topk(k, dim=1)
+            assert i.dtype == torch.int64 and v.shape == (B, k)
+            torch.testing.assert_close(v.sort(dim=1).values, rv.sort(dim=1).values, rtol=0, atol=0)
+            torch.testing.assert_close(pre.gather(1, i), v, rtol=0, atol=0)  # indices carry the values
+            assert all(len(set(r.tolist())) == k for r in i), "indices must be distinct per row"
+    # too narrow for the prefilter: plain torch.topk
+    pre = torch.randn(4, 40, generator=g).to(dtype)
+    torch.testing.assert_close(et._chunk_topk(pre, 3)[0].sort(1).values, pre.topk(3, 1)[0].sort(1).values)
+
+
+def test_aux_outputs_unordered_but_complete():
+    """The raw AuxK outputs are in no particular order: as sets they equal the oracle's."""
+    B, d, n, k = 6, 16, 256, 4
+    x, W, be, bp, dead = _problem(B, d, n, seed=int(torch.randint(0, 10**6, ())), dead_frac=0.5)
+    _, _, av, ai = _encode_topk(x, W, be, bp, k, dead_mask=dead, k_aux=7, backend="torch",
+                                latent_chunk=128)
+    _, _, rav, rai = _dense(x, W, be, bp, k, dead, 7)
+    assert _same_sets(ai, rai)
+    torch.testing.assert_close(av.sort(1).values, rav.sort(1).values)

@@ -260,7 +260,9 @@ class TopKSAE(nn.Module):
             loss = loss + cfg.multi_topk_weight * mt
         if k_aux > 0:
             residual = (xf - x_hat.detach()).float()
-            aux = k_auxk_loss(aux_vals, aux_idx, self.W_dec, residual, backend=backend)  # NaN -> 0 inside
+            # NaN -> 0 inside; sparse_grad: the main decode above gives W_dec a dense gradient
+            aux = k_auxk_loss(aux_vals, aux_idx, self.W_dec, residual, backend=backend,
+                              sparse_grad=True)
         else:
             aux = x_hat.new_zeros((), dtype=torch.float32)
         loss = loss + cfg.auxk_coef * aux
