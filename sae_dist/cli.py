@@ -57,15 +57,6 @@ def _dist_env() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def _check_tp(cfg: DictConfig) -> None:
-    tp = int(cfg.parallel.tp)
-    if tp != 1:
-        raise NotImplementedError(
-            f"parallel.tp={tp}: latent-sharded tensor parallelism is not available in this version; "
-            "use parallel.tp=1 (data parallelism over torchrun ranks is planned with it)"
-        )
-
-
 def _load_lm(cfg: DictConfig, device: str):
     from sae_dist.harvest.lm import load_lm
 
@@ -142,7 +133,6 @@ def run_train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     from sae_dist.store import open_store
     from sae_dist.train.trainer import TrainerConfig, train
 
-    _check_tp(cfg)
     if cfg.sae.architecture != "topk":
         raise ValueError(f"sae={cfg.sae.architecture!r}: only the 'topk' architecture is available in this version")
     store_attrs = dict(open_store(cfg.store.path).attrs)
@@ -180,6 +170,9 @@ def run_train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         bf16=bool(t.bf16),
         shuffle_shards=int(cfg.store.shuffle_shards),
         prefetch=int(cfg.store.prefetch),
+        engine=str(t.get("engine", "torch")),
+        zero_stage=int(t.get("zero_stage", 1)),
+        offload_optimizer=bool(t.get("offload_optimizer", False)),
     )
     wandb_cfg = OmegaConf.to_container(cfg.wandb, resolve=True)
     wandb_cfg["config"] = OmegaConf.to_container(cfg, resolve=True)
@@ -193,6 +186,7 @@ def run_train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         hook_name=store_attrs.get("hook"),
         model_name=store_attrs.get("model"),
         wandb_cfg=wandb_cfg,
+        tp=int(cfg.parallel.tp),
     )
 
 
@@ -240,9 +234,20 @@ def harvest_main(cfg: DictConfig) -> None:
 
 @_app
 def train_main(cfg: DictConfig) -> None:
-    """sae-train: activation store -> SAE checkpoints + export (sae/cfg.json, sae/sae_weights.safetensors)."""
-    summary = run_train(cfg, _out_dir())
-    print(json.dumps(summary, indent=2, default=str))
+    """sae-train: activation store -> SAE checkpoints + export (sae/cfg.json, sae/sae_weights.safetensors).
+
+    The same command runs under torchrun / slurm: `parallel.tp=P` shards latents over P ranks and dp =
+    world size / P (sae_dist.parallel). Only global rank 0 prints the summary.
+    """
+    import torch.distributed as dist
+
+    try:
+        summary = run_train(cfg, _out_dir())
+        if _dist_env()[0] == 0:
+            print(json.dumps(summary, indent=2, default=str))
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 @_app

@@ -88,11 +88,22 @@ class DeadLatentTracker:
         self.ever_fired = torch.zeros(n_latents, dtype=torch.bool, device=device)
 
     @torch.no_grad()
-    def update(self, values: torch.Tensor, indices: torch.Tensor) -> None:
-        """values, indices [B, k] of one batch of B tokens."""
+    def fired(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """bool [n_latents]: latents among `indices` [B, k] with a value > 0 in `values` [B, k]."""
         fired = torch.zeros(self.n_latents, dtype=torch.bool, device=indices.device)
         fired[indices[values > 0]] = True
-        self.tokens_since_fired += indices.shape[0]
+        return fired
+
+    @torch.no_grad()
+    def update(self, values: torch.Tensor, indices: torch.Tensor) -> None:
+        """values, indices [B, k] of one batch of B tokens."""
+        self.update_fired(self.fired(values, indices), indices.shape[0])
+
+    @torch.no_grad()
+    def update_fired(self, fired: torch.Tensor, n_tokens: int) -> None:
+        """Advance the counters by a batch of n_tokens in which the latents of bool [n_latents] `fired`
+        fired (under data parallelism: OR-reduced over dp, n_tokens = the global batch)."""
+        self.tokens_since_fired += int(n_tokens)
         self.tokens_since_fired[fired] = 0
         self.ever_fired |= fired
 

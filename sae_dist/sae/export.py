@@ -65,44 +65,23 @@ def _fold_factor(normalize: str, d_in: int, scale: float | None) -> tuple[float,
     raise ValueError(f"normalize={normalize!r}; valid: layer_norm, scalar, none")
 
 
-@torch.no_grad()
-def export_sae(
-    sae,
-    out_dir: str | os.PathLike,
+def _cfg_dict(
     *,
+    d_in: int,
+    d_sae: int,
+    k: int,
+    normalize: str,
+    scale: float | None,
     hook_name: str | None,
     model_name: str | None,
-    normalize: str,
-    scale: float | None = None,
-    extra_cfg: dict | None = None,
-) -> Path:
-    """Write `out_dir/cfg.json` and `out_dir/sae_weights.safetensors` (SAELens layout, float32).
+    extra_cfg: dict | None,
+) -> tuple[dict, float]:
+    """(cfg.json content, fold factor f) of an export; shared by `export_sae` and the sharded export
+    (`sae_dist.parallel.export.export_sae_sharded`) so both write the same file.
 
-    sae: a `TopKSAE` (or any module with W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_in], b_dec
-      and an integer `k`) trained on normalised inputs.
-    normalize: the training normalisation ("layer_norm" | "scalar" | "none"); scale: the store's
-      scalar s for "scalar" mode (ValueError if missing). See the module docstring for the folding.
-    extra_cfg: merged into cfg.json (top level) e.g. {"context_size": 128, "dataset_path": ...}.
-    Returns the output directory. The files are written to temporary names then renamed.
+    ValueError from `_fold_factor` for a bad normalize / missing scale.
     """
-    W_enc = sae.W_enc.detach().float().cpu()
-    b_enc = sae.b_enc.detach().float().cpu()
-    W_dec = sae.W_dec.detach().float().cpu()
-    b_dec = sae.b_dec.detach().float().cpu()
-    d_in, d_sae = W_enc.shape
-    if W_dec.shape != (d_sae, d_in) or b_enc.shape != (d_sae,) or b_dec.shape != (d_in,):
-        raise ValueError(
-            f"inconsistent SAE shapes W_enc {tuple(W_enc.shape)} W_dec {tuple(W_dec.shape)} "
-            f"b_enc {tuple(b_enc.shape)} b_dec {tuple(b_dec.shape)}"
-        )
-    k = int(sae.k)
     f, norm_out = _fold_factor(normalize, d_in, scale)
-    tensors = {
-        "W_enc": W_enc.contiguous(),
-        "b_enc": (b_enc / f).contiguous(),
-        "W_dec": W_dec.contiguous(),
-        "b_dec": (b_dec / f).contiguous(),
-    }
     layer = _hook_layer(hook_name)
     meta = {
         "model_name": model_name,
@@ -117,9 +96,9 @@ def export_sae(
         "architecture": "topk",
         "d_in": int(d_in),
         "d_sae": int(d_sae),
-        "k": k,
+        "k": int(k),
         "activation_fn": "topk",
-        "activation_fn_kwargs": {"k": k},
+        "activation_fn_kwargs": {"k": int(k)},
         "dtype": "float32",
         "device": "cpu",
         "apply_b_dec_to_input": True,
@@ -140,14 +119,66 @@ def export_sae(
             cfg[key] = val
             if key in cfg["metadata"]:
                 cfg["metadata"][key] = val
+    return cfg, f
+
+
+def _tmp_weights_path(out: Path) -> Path:
+    """Temporary name the weights are written under before `_commit` renames them."""
+    return out / (WEIGHTS_FILENAME + ".tmp")
+
+
+def _commit(out: Path, cfg: dict) -> None:
+    """Write cfg.json (via a temporary name) and rename the temporary weights then the cfg into place."""
+    tmp_c = out / (CFG_FILENAME + ".tmp")
+    tmp_c.write_text(json.dumps(cfg, indent=2, default=str))
+    os.replace(_tmp_weights_path(out), out / WEIGHTS_FILENAME)
+    os.replace(tmp_c, out / CFG_FILENAME)
+
+
+@torch.no_grad()
+def export_sae(
+    sae,
+    out_dir: str | os.PathLike,
+    *,
+    hook_name: str | None,
+    model_name: str | None,
+    normalize: str,
+    scale: float | None = None,
+    extra_cfg: dict | None = None,
+) -> Path:
+    """Write `out_dir/cfg.json` and `out_dir/sae_weights.safetensors` (SAELens layout, float32).
+
+    sae: a `TopKSAE` (or any module with W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_in], b_dec
+      and an integer `k`) trained on normalised inputs.
+    normalize: the training normalisation ("layer_norm" | "scalar" | "none"); scale: the store's
+      scalar s for "scalar" mode (ValueError if missing). See the module docstring for the folding.
+    extra_cfg: merged into cfg.json (top level) e.g. {"context_size": 128, "dataset_path": ...}.
+    Returns the output directory. The files are written to temporary names then renamed.
+    A latent-sharded SAE is exported without gathering it by
+    `sae_dist.parallel.export.export_sae_sharded` (same files).
+    """
+    W_enc = sae.W_enc.detach().float().cpu()
+    b_enc = sae.b_enc.detach().float().cpu()
+    W_dec = sae.W_dec.detach().float().cpu()
+    b_dec = sae.b_dec.detach().float().cpu()
+    d_in, d_sae = W_enc.shape
+    if W_dec.shape != (d_sae, d_in) or b_enc.shape != (d_sae,) or b_dec.shape != (d_in,):
+        raise ValueError(
+            f"inconsistent SAE shapes W_enc {tuple(W_enc.shape)} W_dec {tuple(W_dec.shape)} "
+            f"b_enc {tuple(b_enc.shape)} b_dec {tuple(b_dec.shape)}"
+        )
+    cfg, f = _cfg_dict(d_in=d_in, d_sae=d_sae, k=int(sae.k), normalize=normalize, scale=scale,
+                       hook_name=hook_name, model_name=model_name, extra_cfg=extra_cfg)
+    tensors = {
+        "W_enc": W_enc.contiguous(),
+        "b_enc": (b_enc / f).contiguous(),
+        "W_dec": W_dec.contiguous(),
+        "b_dec": (b_dec / f).contiguous(),
+    }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tmp_w = out / (WEIGHTS_FILENAME + ".tmp")
-    tmp_c = out / (CFG_FILENAME + ".tmp")
-    save_file(tensors, str(tmp_w))
-    tmp_c.write_text(json.dumps(cfg, indent=2, default=str))
-    os.replace(tmp_w, out / WEIGHTS_FILENAME)
-    os.replace(tmp_c, out / CFG_FILENAME)
+    save_file(tensors, str(_tmp_weights_path(out)))
+    _commit(out, cfg)
     return out
 
 

@@ -1,15 +1,13 @@
-"""Training checkpoints with torch.distributed.checkpoint (DCP).
+"""Training checkpoints with torch.distributed.checkpoint (DCP), reshardable across meshes.
 
-Layout: `out_dir/checkpoints/step_00000100/` (DCP files). A checkpoint holds:
-  model      SAE parameters (FQN keys from `get_model_state_dict`)
-  optim      optimizer state (`get_optimizer_state_dict`, FQN-keyed so it reshards)
-  ema        EMA parameters (when EMA is on)
-  dead       dead-latent counters (tokens_since_fired, ever_fired)
-  trainer    a pickled dict: step, tokens_seen, store state_dict, RNG states, last metrics
-DCP works without a process group (single process) and, under torchrun, saves/loads shards.
-Atomicity: DCP writes into `checkpoints/.tmp_step_XXXXXXXX`, which is renamed to its final name
-only after the save returned; a process killed during a save leaves the previous checkpoint as the
-latest valid one (temporary directories are ignored and cleaned on the next save).
+Layout: `out_dir/checkpoints/step_00000100/` (DCP files). A checkpoint holds the state dict of
+`sae_dist.parallel.state.build_state` (model, optim, ema, dead; every tensor under its GLOBAL shape,
+DTensors over the dp x tp mesh in a distributed run, so a checkpoint saved at one mesh resumes at
+another) plus `trainer`: a pickled dict (step, tokens_seen, store state_dict, RNG states, metrics).
+Atomicity: all ranks write into `checkpoints/.tmp_step_XXXXXXXX`; after every rank returned from
+dcp.save (a barrier), global rank 0 renames it to its final name, so a process killed during a save
+leaves the previous checkpoint as the latest valid one (temporary directories are ignored and
+cleaned on the next save). The checkpoint directory must be on a filesystem all ranks share.
 """
 
 from __future__ import annotations
@@ -20,15 +18,7 @@ import shutil
 import warnings
 from pathlib import Path
 
-import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints",
            "checkpoint_dir_name"]
@@ -66,81 +56,63 @@ def _quiet():
     return ctx
 
 
+def _barrier(ctx) -> None:
+    if ctx is not None and ctx.distributed:
+        ctx.barrier()
+
+
 def save_checkpoint(
     ckpt_root: str | Path,
     step: int,
     *,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    ema: torch.nn.Module | None,
-    dead_state: dict[str, torch.Tensor],
+    state: dict,
     trainer_state: dict,
     keep: int | None = None,
+    ctx=None,
 ) -> Path:
     """Save a checkpoint for `step` atomically and keep only the `keep` newest (None: all).
 
-    trainer_state: any picklable dict (step, tokens_seen, store state, RNG states, metrics).
-    Returns the final checkpoint directory.
+    state: the tensor state (`sae_dist.parallel.state.build_state`); trainer_state: any picklable
+    dict (global rank 0's is kept). ctx: the ParallelContext (None: single process); every rank of a
+    distributed run must call this. Returns the final checkpoint directory.
     """
     root = Path(ckpt_root)
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp_step_*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    is_main = ctx is None or ctx.is_main
     final = root / checkpoint_dir_name(step)
     tmp = root / (".tmp_" + checkpoint_dir_name(step))
-    opts = StateDictOptions(full_state_dict=False)
-    state = {
-        "model": get_model_state_dict(model, options=opts),
-        "optim": get_optimizer_state_dict(model, optimizer, options=opts),
-        "dead": dict(dead_state),
-        "trainer": {"blob": pickle.dumps(trainer_state)},
-    }
-    if ema is not None:
-        state["ema"] = {k: v for k, v in ema.state_dict().items()}
-    ctx = _quiet()
+    if is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp_step_*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    _barrier(ctx)
+    full = dict(state)
+    full["trainer"] = {"blob": pickle.dumps(trainer_state)}
+    qctx = _quiet()
     try:
-        dcp.save(state, checkpoint_id=str(tmp))
+        dcp.save(full, checkpoint_id=str(tmp))
     finally:
-        ctx.__exit__(None, None, None)
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    if keep is not None and keep > 0:
-        for _, old in list_checkpoints(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        qctx.__exit__(None, None, None)
+    _barrier(ctx)
+    if is_main:
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        if keep is not None and keep > 0:
+            for _, old in list_checkpoints(root)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    _barrier(ctx)
     return final
 
 
-def load_checkpoint(
-    path: str | Path,
-    *,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    ema: torch.nn.Module | None,
-    dead_state: dict[str, torch.Tensor],
-) -> dict:
-    """Load a checkpoint directory in place into model / optimizer / ema / dead_state tensors and
-    return the trainer_state dict. RuntimeError from DCP if the checkpoint does not match (e.g. a
-    different n_latents)."""
-    opts = StateDictOptions(full_state_dict=False)
-    state = {
-        "model": get_model_state_dict(model, options=opts),
-        "optim": get_optimizer_state_dict(model, optimizer, options=opts),
-        "dead": dict(dead_state),
-        "trainer": {"blob": b""},
-    }
-    if ema is not None:
-        state["ema"] = {k: v for k, v in ema.state_dict().items()}
-    ctx = _quiet()
+def load_checkpoint(path: str | Path, *, state: dict) -> dict:
+    """Load a checkpoint directory in place into the tensors of `state` (as built for saving, at
+    this run's mesh: DCP reads each rank's shard of the global tensors) and return the trainer_state
+    dict. RuntimeError from DCP if the checkpoint does not match (e.g. a different n_latents)."""
+    full = dict(state)
+    full["trainer"] = {"blob": b""}
+    qctx = _quiet()
     try:
-        dcp.load(state, checkpoint_id=str(path))
+        dcp.load(full, checkpoint_id=str(path))
     finally:
-        ctx.__exit__(None, None, None)
-    set_model_state_dict(model, state["model"], options=opts)
-    set_optimizer_state_dict(model, optimizer, state["optim"], options=opts)
-    if ema is not None:
-        ema.load_state_dict(state["ema"])
-    for k, v in dead_state.items():
-        if v is not state["dead"][k]:
-            v.copy_(state["dead"][k])
-    return pickle.loads(state["trainer"]["blob"])
+        qctx.__exit__(None, None, None)
+    return pickle.loads(full["trainer"]["blob"])

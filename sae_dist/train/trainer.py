@@ -1,16 +1,19 @@
-"""Single-process TopK SAE trainer (the recipe of Gao et al. 2024, "Scaling and evaluating sparse
-autoencoders", sections 2 and Appendix A).
+"""TopK SAE trainer (the recipe of Gao et al. 2024, "Scaling and evaluating sparse autoencoders",
+sections 2 and Appendix A), single-process or over a dp x tp mesh (the same code under torchrun).
 
-One loop, top to bottom: open the activation store -> tied init + b_pre at the geometric median of
-the first batches -> Adam steps (gradient component parallel to the W_dec rows removed, W_dec rows
-renormalised after each step, optional clipping and EMA, bf16 autocast on CUDA with fp32 master
-weights) -> AuxK against latents dead for `dead_tokens` tokens -> logs (tqdm, jsonl, wandb) ->
-atomic DCP checkpoints with exact resume -> export to `out_dir/sae/`.
+One loop, top to bottom: open the activation store (each dp rank reads its rows of every global
+batch) -> tied init (mesh-independent, `init_rows`) + b_pre at the geometric median of the first
+batches -> steps through an engine (torch Adam or DeepSpeed ZeRO: gradient component parallel to the
+W_dec rows removed, W_dec rows renormalised after each step, optional clipping; EMA; bf16 autocast
+on CUDA with fp32 master weights) -> AuxK against latents dead for `dead_tokens` tokens (counters
+OR-reduced over dp) -> logs on global rank 0 (tqdm, jsonl, wandb) -> atomic, reshardable DCP
+checkpoints with exact resume -> export to `out_dir/sae/`.
+With parallel tp > 1 the SAE is the latent-sharded `sae_dist.parallel.tp.ShardedTopKSAE`; with tp = 1
+and several processes, every rank holds the whole SAE and dp sums the gradients.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -23,6 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sae_dist.parallel.comm import all_reduce_
+from sae_dist.parallel.mesh import ParallelContext, init_parallel
+from sae_dist.parallel.state import build_state
+from sae_dist.parallel.tp import ShardedTopKSAE, init_rows, reduce_fired_over_dp
 from sae_dist.sae.auxk import DeadLatentTracker
 from sae_dist.sae.config import SAEConfig
 from sae_dist.sae.export import export_sae
@@ -30,10 +37,11 @@ from sae_dist.sae.init import init_b_pre_
 from sae_dist.sae.topk import TopKSAE
 from sae_dist.store.errors import NonFiniteError
 from sae_dist.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from sae_dist.train.engine import TorchEngine, make_optimizer
 from sae_dist.train.logging import JsonlLogger, WandbLogger, truncate_jsonl
 from sae_dist.train.lr import default_lr, lr_at_step
 
-__all__ = ["TrainerConfig", "train"]
+__all__ = ["TrainerConfig", "train", "make_optimizer"]
 
 
 @dataclass
@@ -53,6 +61,8 @@ class TrainerConfig:
     bf16: autocast to bfloat16 on CUDA (ignored on CPU); master weights stay fp32.
     shuffle_shards, prefetch: ActivationStore options. b_pre_sample_tokens: sample size for b_pre.
     max_steps: stop after this many (global) steps without exporting (simulates an interruption).
+    engine: "torch" (fused torch Adam) or "deepspeed" (DeepSpeed ZeRO over the dp group);
+      zero_stage: 1 or 2 (deepspeed); offload_optimizer: ZeRO optimizer-state CPU offload (deepspeed).
     """
 
     tokens: int = 2_000_000
@@ -73,6 +83,9 @@ class TrainerConfig:
     prefetch: int = 2
     b_pre_sample_tokens: int = 32768
     max_steps: int | None = None
+    engine: str = "torch"
+    zero_stage: int = 1
+    offload_optimizer: bool = False
 
     def __post_init__(self) -> None:
         if self.tokens < 1 or self.batch_tokens < 1:
@@ -88,6 +101,8 @@ class TrainerConfig:
         if self.checkpoint_every_steps < 1 or self.log_every_steps < 1:
             raise ValueError("checkpoint_every_steps and log_every_steps must be >= 1")
         self.adam_betas = tuple(self.adam_betas)
+        if self.engine not in ("torch", "deepspeed"):
+            raise ValueError(f"trainer.engine={self.engine!r}; valid: torch, deepspeed")
 
 
 def _rng_state() -> dict:
@@ -105,12 +120,15 @@ def _set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def _open_store(store_path, batch_tokens, seed, tcfg: TrainerConfig, device, normalize):
+def _open_store(store_path, batch_tokens, seed, tcfg: TrainerConfig, device, normalize,
+                dp_rank: int = 0, dp_size: int = 1):
     from sae_dist.store import ActivationStore
 
     return ActivationStore(
         store_path,
         batch_tokens=batch_tokens,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
         seed=seed,
         shuffle=True,
         shuffle_shards=tcfg.shuffle_shards,
@@ -134,20 +152,15 @@ def _ema_update(ema: TopKSAE, sae: TopKSAE, decay: float) -> None:
     ema.normalize_decoder_()
 
 
-def make_optimizer(sae: torch.nn.Module, lr: float, tcfg: "TrainerConfig") -> torch.optim.Adam:
-    """Adam with the paper's betas/eps (Gao et al. 2024, Appendix A), fused (one multi-tensor kernel,
-    no per-parameter temporaries: at n=2^18 the unfused step adds two weight-sized buffers)."""
-    return torch.optim.Adam(sae.parameters(), lr=lr, betas=tcfg.adam_betas, eps=tcfg.adam_eps, fused=True)
-
-
 #: Options a checkpoint cannot be resumed under once changed: they fix parameter shapes, the loss or
 #: the data order. Kept in checkpoints/run_identity.json and compared before any checkpoint is loaded.
 _IDENTITY_KEYS = ("d_in", "n_latents", "k", "k_aux", "multi_topk", "normalize", "batch_tokens", "seed")
 
 
 def _check_run_identity(ckpt_root: Path, sae_cfg: SAEConfig, tcfg: TrainerConfig, seed: int,
-                        resuming: bool) -> None:
-    """Record (new run) or verify (resume) the options that a resumed run must share with its checkpoints.
+                        resuming: bool, ctx: ParallelContext) -> None:
+    """Record (new run, global rank 0) or verify (resume, every rank) the options that a resumed run
+    must share with its checkpoints. The mesh (tp, dp) may change between runs: checkpoints reshard.
 
     Raises ValueError naming each changed option with its checkpointed and its new value.
     """
@@ -163,8 +176,9 @@ def _check_run_identity(ckpt_root: Path, sae_cfg: SAEConfig, tcfg: TrainerConfig
                 + "; ".join(changed) + "). Use a new run_dir, or restore the checkpointed values."
             )
         return
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(ident, indent=2))
+    if ctx.is_main:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(ident, indent=2))
 
 
 #: The eval.json contract's dead-latent window: a latent is dead when it did not fire in the last 10M
@@ -173,13 +187,70 @@ def _check_run_identity(ckpt_root: Path, sae_cfg: SAEConfig, tcfg: TrainerConfig
 DEAD_WINDOW_TOKENS = 10_000_000
 
 
-def _dead_summary(tracker: DeadLatentTracker, tokens_trained: int) -> tuple[float, str]:
-    """Fraction of latents with no fire in the last min(10M, tokens_trained) tokens, and which window."""
+def _dead_summary(tracker: DeadLatentTracker, tokens_trained: int,
+                  ctx: ParallelContext) -> tuple[float, str]:
+    """Fraction of ALL latents (summed over tp shards) with no fire in the last min(10M,
+    tokens_trained) tokens, and which window."""
     window = min(DEAD_WINDOW_TOKENS, tokens_trained)
-    frac = float((tracker.tokens_since_fired >= max(window, 1)).float().mean())
+    n_dead = all_reduce_((tracker.tokens_since_fired >= max(window, 1)).sum(), ctx.tp_group)
+    frac = float(n_dead) / (tracker.n_latents * ctx.tp)
     if tokens_trained >= DEAD_WINDOW_TOKENS:
         return frac, f"no fire in the last {DEAD_WINDOW_TOKENS} training tokens"
     return frac, f"no fire over the whole run ({tokens_trained} training tokens < {DEAD_WINDOW_TOKENS})"
+
+
+def _build_sae(sae_cfg: SAEConfig, ctx: ParallelContext, device, seed: int):
+    """The whole TopKSAE (single process, or tp = 1: every rank holds it) or this rank's latent shard,
+    with the mesh-independent tied init (`init_rows`): every mesh starts from the same global weights."""
+    if ctx.tp > 1:
+        sae = ShardedTopKSAE(sae_cfg, ctx, device=device)
+        sae.init_weights_(seed)
+        return sae
+    sae = ShardedTopKSAE(sae_cfg, ctx, device=device) if ctx.distributed else TopKSAE(sae_cfg, device=device)
+    with torch.no_grad():
+        w = init_rows(0, sae_cfg.n_latents, sae_cfg.d_in, seed)
+        sae.W_dec.copy_(w.to(sae.W_dec.device, sae.W_dec.dtype))
+        sae.W_enc.copy_((sae_cfg.enc_init_scale * w.T).to(sae.W_enc.device, sae.W_enc.dtype))
+        sae.b_enc.zero_()
+    return sae
+
+
+def _make_engine(sae, lr: float, tcfg: TrainerConfig, ctx: ParallelContext):
+    if tcfg.engine == "torch":
+        return TorchEngine(sae, lr, tcfg)
+    from sae_dist.train.deepspeed_engine import DeepSpeedEngine
+
+    return DeepSpeedEngine(sae, lr, tcfg, ctx, zero_stage=tcfg.zero_stage,
+                           offload_optimizer=tcfg.offload_optimizer)
+
+
+@torch.no_grad()
+def _global_metrics(res, ctx: ParallelContext, tracker: DeadLatentTracker, lr: float, tps: float) -> dict:
+    """Logged metrics of a step over the global batch (loss terms summed over dp for a sharded
+    model; L0 = kept latents per token summed over tp, averaged over all tokens)."""
+    terms = [res.loss.detach().float(), res.normalized_mse.float(), res.auxk_loss.float()]
+    if res.multi_topk_mse is not None:
+        terms.append(res.multi_topk_mse.float())
+    vec = torch.stack(terms)
+    l0_sum = (res.values > 0).sum().to(torch.float64)
+    l0_sum = all_reduce_(l0_sum, ctx.tp_group)
+    all_reduce_(vec, ctx.dp_group)  # distributed models return per-dp-rank shares of the loss
+    l0_sum = all_reduce_(l0_sum, ctx.dp_group)
+    n_tokens = res.values.shape[0] * ctx.dp
+    n_dead = all_reduce_(tracker.dead_mask().sum(), ctx.tp_group)
+    m = {
+        "train/loss": float(vec[0]),
+        "train/fvu": float(vec[1]),
+        "train/normalized_mse": float(vec[1]),
+        "train/auxk_loss": float(vec[2]),
+        "train/l0": float(l0_sum) / n_tokens,
+        "train/dead_fraction": float(n_dead) / (tracker.n_latents * ctx.tp),
+        "train/lr": lr,
+        "train/tokens_per_s": tps,
+    }
+    if res.multi_topk_mse is not None:
+        m["train/multi_topk_mse"] = float(vec[3])
+    return m
 
 
 def train(
@@ -194,6 +265,7 @@ def train(
     model_name: str | None = None,
     wandb_cfg: dict | None = None,
     progress: bool = True,
+    tp: int = 1,
 ) -> dict:
     """Train a TopK SAE on an activation store; resume from `out_dir/checkpoints` if present.
 
@@ -206,6 +278,9 @@ def train(
       seed: init and data-order seed. hook_name / model_name: for cfg.json (default: the store's
         `hook` / `model` attributes). wandb_cfg: {project, mode, group, name, enabled}.
       progress: show a tqdm bar (tokens, loss, fvu, L0, dead %, tokens/s).
+      tp: tensor-parallel degree (latent shards). Under torchrun (WORLD_SIZE > 1) the process group
+        and the dp x tp mesh are initialised here (`sae_dist.parallel.mesh.init_parallel`); dp =
+        world size / tp, each dp rank reads its rows of every global batch of batch_tokens.
     Returns a dict: out_dir, sae_dir (None if stopped early), steps, tokens_trained, final metrics
       (`train/...` keys), dead_fraction, dead_fraction_window, already_finished, stopped_early.
     Raises ValueError "store d_model X != SAE d_in Y" on a width mismatch; FloatingPointError
@@ -230,7 +305,10 @@ def train(
                     "already_finished": True, "stopped_early": False}
 
     device = torch.device(device)
-    store = _open_store(store_path, tcfg.batch_tokens, seed, tcfg, device, sae_cfg.normalize)
+    ctx = init_parallel(tp, device)
+    device = ctx.device
+    store = _open_store(store_path, tcfg.batch_tokens, seed, tcfg, device, sae_cfg.normalize,
+                        dp_rank=ctx.dp_rank, dp_size=ctx.dp)
     if int(store.d_model) != int(sae_cfg.d_in):
         _close(store)
         raise ValueError(
@@ -244,33 +322,39 @@ def train(
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    sae = TopKSAE(sae_cfg, device=device, generator=gen)
+    sae = _build_sae(sae_cfg, ctx, device, seed)
     base_lr = tcfg.lr if tcfg.lr is not None else default_lr(sae_cfg.n_latents)
-    opt = make_optimizer(sae, base_lr, tcfg)
+    engine = _make_engine(sae, base_lr, tcfg, ctx)
     ema = None
     if tcfg.ema:
-        ema = copy.deepcopy(sae)
+        ema = _build_sae(sae_cfg, ctx, device, seed)
         ema.requires_grad_(False)
-    tracker = DeadLatentTracker(sae_cfg.n_latents, sae_cfg.dead_tokens, device=device)
+    tracker = DeadLatentTracker(sae.W_dec.shape[0], sae_cfg.dead_tokens, device=device)
     ckpt_root = out / "checkpoints"
     log_path = out / "train_log.jsonl"
+    main = ctx.is_main
+
+    def state():
+        return build_state(sae, engine.optimizer_state(), ema, tracker.state_dict(), ctx)
 
     step, tokens_seen, last_metrics = 0, 0, {}
     ck = latest_checkpoint(ckpt_root)
-    _check_run_identity(ckpt_root, sae_cfg, tcfg, seed, resuming=ck is not None)
+    _check_run_identity(ckpt_root, sae_cfg, tcfg, seed, resuming=ck is not None, ctx=ctx)
     if ck is not None:
-        ts = load_checkpoint(ck[1], model=sae, optimizer=opt, ema=ema, dead_state=tracker.state_dict())
+        ts = load_checkpoint(ck[1], state=state())
         step, tokens_seen = int(ts["step"]), int(ts["tokens_seen"])
         last_metrics = ts.get("metrics", {})
         store.load_state_dict(ts["store"])
         _set_rng_state(ts["rng"])
-        truncate_jsonl(log_path, step)
-        if progress:
+        if main:
+            truncate_jsonl(log_path, step)
+        if progress and main:
             print(f"sae-train: resuming from {ck[1]} (step {step}, {tokens_seen} tokens)", file=sys.stderr)
     else:
-        truncate_jsonl(log_path, -1)
+        if main:
+            truncate_jsonl(log_path, -1)
         if sae_cfg.b_pre_init != "zeros":
+            # every rank reads the same (whole) first batches, so b_pre is identical everywhere
             n_sample = max(1, math.ceil(tcfg.b_pre_sample_tokens / tcfg.batch_tokens))
             sampler = _open_store(store_path, tcfg.batch_tokens, seed, tcfg, device, sae_cfg.normalize)
             it0 = iter(sampler)
@@ -285,19 +369,23 @@ def train(
             if not torch.isfinite(sample).all():
                 raise FloatingPointError("non-finite activations in the b_pre sample (first batches)")
             init_b_pre_(sae, sample, sae_cfg.b_pre_init)
+            if ctx.distributed:  # guard against any float difference between ranks
+                torch.distributed.broadcast(sae.b_dec.data, src=0)
         if ema is not None:
             ema.load_state_dict(sae.state_dict())
 
-    jsonl = JsonlLogger(log_path)
-    wb = WandbLogger(out, wandb_cfg, {"sae": asdict(sae_cfg), "trainer": asdict(tcfg), "seed": seed,
-                                      "store_path": str(store_path), "hook_name": hook_name,
-                                      "model_name": model_name})
+    jsonl = JsonlLogger(log_path) if main else None
+    wb = WandbLogger(out, wandb_cfg if main else {**(wandb_cfg or {}), "enabled": False},
+                     {"sae": asdict(sae_cfg), "trainer": asdict(tcfg), "seed": seed,
+                      "store_path": str(store_path), "hook_name": hook_name,
+                      "model_name": model_name, "parallel": {"tp": ctx.tp, "dp": ctx.dp}})
     use_autocast = device.type == "cuda" and tcfg.bf16
     stop_at = n_steps if tcfg.max_steps is None else min(n_steps, tcfg.max_steps)
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=n_steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=n_steps, initial=step, disable=not (progress and main), unit="step",
+               dynamic_ncols=True)
     t_last, tok_last = time.perf_counter(), tokens_seen
     t_start, tok_start = t_last, tokens_seen
     it = iter(store)
@@ -313,72 +401,59 @@ def train(
                 )
             x = x.to(device, torch.float32, non_blocking=True)
             lr = lr_at_step(step, n_steps, base_lr, tcfg.warmup_steps, tcfg.lr_decay_frac)
-            for g in opt.param_groups:
-                g["lr"] = lr
+            engine.set_lr(lr)
             dead = tracker.dead_mask()
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_autocast):
                 res = sae.training_step_losses(x, dead)
-            if not torch.isfinite(res.loss):
+            # every rank must agree on stopping: check the loss summed over dp (tp ranks are identical)
+            loss_all = all_reduce_(res.loss.detach().float().clone(), ctx.dp_group)
+            if not torch.isfinite(loss_all):
                 raise FloatingPointError(
-                    f"loss is {float(res.loss)} at step {step} (normalized_mse "
+                    f"loss is {float(loss_all)} at step {step} (normalized_mse "
                     f"{float(res.normalized_mse)}, auxk {float(res.auxk_loss)}); lower trainer.lr"
                 )
-            opt.zero_grad(set_to_none=True)
-            res.loss.backward()
-            sae.remove_parallel_grads_()
-            if tcfg.grad_clip_norm is not None:
-                torch.nn.utils.clip_grad_norm_(sae.parameters(), tcfg.grad_clip_norm)
-            opt.step()
-            sae.normalize_decoder_()
+            engine.step(res.loss)
             if ema is not None:
                 _ema_update(ema, sae, tcfg.ema_decay)
-            tracker.update(res.values, res.indices)
+            fired = reduce_fired_over_dp(tracker.fired(res.values, res.indices), ctx)
+            tracker.update_fired(fired, tcfg.batch_tokens if ctx.distributed else x.shape[0])
             step += 1
-            tokens_seen += x.shape[0]
+            tokens_seen += tcfg.batch_tokens if ctx.distributed else x.shape[0]
             bar.update(1)
 
             if step % tcfg.log_every_steps == 0 or step == n_steps:
                 now = time.perf_counter()
                 tps = (tokens_seen - tok_last) / max(now - t_last, 1e-9)
                 t_last, tok_last = now, tokens_seen
-                nmse = float(res.normalized_mse)
-                last_metrics = {
-                    "train/loss": float(res.loss.detach()),
-                    "train/fvu": nmse,
-                    "train/normalized_mse": nmse,
-                    "train/auxk_loss": float(res.auxk_loss),
-                    "train/l0": float((res.values > 0).sum(-1).float().mean()),
-                    "train/dead_fraction": tracker.dead_fraction(),
-                    "train/lr": lr,
-                    "train/tokens_per_s": tps,
-                }
-                if res.multi_topk_mse is not None:
-                    last_metrics["train/multi_topk_mse"] = float(res.multi_topk_mse)
-                jsonl.log({"step": step, "tokens": tokens_seen, **last_metrics})
-                wb.log({**last_metrics, "tokens": tokens_seen}, step=step)
-                bar.set_postfix(tokens=tokens_seen, loss=f"{last_metrics['train/loss']:.4f}",
-                                fvu=f"{nmse:.4f}", L0=f"{last_metrics['train/l0']:.1f}",
-                                dead=f"{100 * last_metrics['train/dead_fraction']:.1f}%",
-                                tok_s=f"{tps:.0f}")
+                last_metrics = _global_metrics(res, ctx, tracker, lr, tps)
+                if main:
+                    jsonl.log({"step": step, "tokens": tokens_seen, **last_metrics})
+                    wb.log({**last_metrics, "tokens": tokens_seen}, step=step)
+                    bar.set_postfix(tokens=tokens_seen, loss=f"{last_metrics['train/loss']:.4f}",
+                                    fvu=f"{last_metrics['train/fvu']:.4f}",
+                                    L0=f"{last_metrics['train/l0']:.1f}",
+                                    dead=f"{100 * last_metrics['train/dead_fraction']:.1f}%",
+                                    tok_s=f"{tps:.0f}")
 
             if tcfg.keep_checkpoints != 0 and (step % tcfg.checkpoint_every_steps == 0 or step == n_steps):
                 save_checkpoint(
-                    ckpt_root, step, model=sae, optimizer=opt, ema=ema,
-                    dead_state=tracker.state_dict(),
+                    ckpt_root, step, state=state(),
                     trainer_state={"step": step, "tokens_seen": tokens_seen,
                                    "store": store.state_dict(), "rng": _rng_state(),
                                    "metrics": last_metrics},
-                    keep=tcfg.keep_checkpoints,
+                    keep=tcfg.keep_checkpoints, ctx=ctx,
                 )
     finally:
         bar.close()
-        jsonl.close()
+        if jsonl is not None:
+            jsonl.close()
         _close(store)
 
     result = {"out_dir": str(out), "steps": step, "tokens_trained": tokens_seen,
               "metrics": last_metrics, "already_finished": False,
-              "tokens_per_s": (tokens_seen - tok_start) / max(time.perf_counter() - t_start, 1e-9)}
-    dead_frac, window = _dead_summary(tracker, tokens_seen)
+              "tokens_per_s": (tokens_seen - tok_start) / max(time.perf_counter() - t_start, 1e-9),
+              "parallel": {"tp": ctx.tp, "dp": ctx.dp, "world_size": ctx.world_size}}
+    dead_frac, window = _dead_summary(tracker, tokens_seen, ctx)
     result.update(dead_fraction=dead_frac, dead_fraction_window=window)
     if step < n_steps:
         wb.finish()
@@ -386,12 +461,16 @@ def train(
         return result
 
     final = ema if ema is not None else sae
-    export_sae(
-        final, sae_dir, hook_name=hook_name, model_name=model_name,
-        normalize=sae_cfg.normalize, scale=getattr(store, "scale", None),
-        extra_cfg={"context_size": attrs.get("ctx_len"), "dataset_path": attrs.get("dataset"),
-                   "training_tokens": tokens_seen},
-    )
+    export_kw = dict(hook_name=hook_name, model_name=model_name,
+                     normalize=sae_cfg.normalize, scale=getattr(store, "scale", None),
+                     extra_cfg={"context_size": attrs.get("ctx_len"), "dataset_path": attrs.get("dataset"),
+                                "training_tokens": tokens_seen})
+    if isinstance(final, ShardedTopKSAE):
+        from sae_dist.parallel.export import export_sae_sharded
+
+        export_sae_sharded(final, ctx, sae_dir, **export_kw)
+    else:
+        export_sae(final, sae_dir, **export_kw)
     training_state = {
         "tokens_trained": tokens_seen,
         "steps": step,
@@ -405,11 +484,14 @@ def train(
         "sae_cfg": asdict(sae_cfg),
         "trainer_cfg": asdict(tcfg),
         "seed": seed,
+        "parallel": {"tp": ctx.tp, "dp": ctx.dp},
     }
-    tmp = state_file.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(training_state, indent=2))
-    os.replace(tmp, state_file)
-    wb.summary({"tokens_trained": tokens_seen, "dead_fraction": dead_frac})
+    if main:
+        tmp = state_file.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(training_state, indent=2))
+        os.replace(tmp, state_file)
+        wb.summary({"tokens_trained": tokens_seen, "dead_fraction": dead_frac})
     wb.finish()
+    ctx.barrier()
     result.update(sae_dir=str(sae_dir), stopped_early=False)
     return result

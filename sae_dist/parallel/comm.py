@@ -1,0 +1,75 @@
+"""Autograd-aware collectives for the latent-sharded SAE (the two conjugate operators of Megatron-LM
+tensor parallelism, Shoeybi et al. 2019, section 3: f = identity forward / all-reduce backward, and
+g = all-reduce forward / identity backward), plus no-grad helpers. Every collective is synchronous
+(waited on before returning), and each is a no-op when its group is None (dim of size 1 or a
+single-process run).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["copy_to_tp", "reduce_from_tp", "all_reduce_", "all_gather_cat", "group_size"]
+
+
+def group_size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def all_reduce_(t: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """In-place all-reduce of t over `group` (waited); returns t. No-op when group is None."""
+    if group is not None:
+        dist.all_reduce(t, op=op, group=group)
+    return t
+
+
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return all_reduce_(g.contiguous().clone(), ctx.group), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        return all_reduce_(x.contiguous().clone(), group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:
+    """f: identity forward, all-reduce (sum) of the gradient backward.
+
+    For a replicated tensor (e.g. b_pre) feeding each tp rank's local shard: every rank's backward
+    holds only its shard's contribution, the sum over tp is the full gradient.
+    """
+    return x if group is None else _CopyToTP.apply(x, group)
+
+
+def reduce_from_tp(x: torch.Tensor, group) -> torch.Tensor:
+    """g: all-reduce (sum) forward, identity backward.
+
+    For partial results (e.g. each shard's partial reconstruction [B, d]): the sum is replicated on
+    every tp rank, the loss computed from it is identical on every rank, so each rank's gradient of
+    its partial is the gradient of the sum.
+    """
+    return x if group is None else _ReduceFromTP.apply(x, group)
+
+
+@torch.no_grad()
+def all_gather_cat(t: torch.Tensor, group, dim: int = 1) -> torch.Tensor:
+    """Concatenate `t` (same shape on every rank) from all ranks of `group` along `dim`, in rank
+    order (no gradient). Returns t itself when group is None."""
+    if group is None:
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)

@@ -1,0 +1,72 @@
+"""Mesh-independent checkpoint state: every tensor under its GLOBAL shape.
+
+A single-process run saves plain full tensors. A dp x tp run wraps each rank's local tensors as
+DTensors over the ("dp", "tp") mesh: Replicate over dp, and over tp Shard(1) for W_enc [d_in, n] or
+Shard(0) for the latent-indexed tensors (b_enc, W_dec, the dead-latent counters, and the matching Adam
+moments); b_dec and Adam's step counters are replicated. torch.distributed.checkpoint (DCP) stores the
+global layout, so a checkpoint written at one mesh loads at any other (tp=2 x dp=2 -> tp=1, tp=4, or a
+single process) by loading each rank's shard of the global tensors in place. The DTensors are views of
+the live tensors (`DTensor.from_local` without copies), so `dcp.load` writes straight into the model,
+optimizer and counters.
+
+Layout of the state dict (keys are the global names):
+    model/{W_enc, b_enc, W_dec, b_dec}
+    optim/{param}/{exp_avg, exp_avg_sq, step}
+    ema/{...}   (when EMA is on)
+    dead/{tokens_since_fired, ever_fired}
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sae_dist.parallel.mesh import ParallelContext
+
+__all__ = ["LATENT_DIM", "global_view", "build_state"]
+
+#: dim of each tensor that indexes latents (sharded over tp); None: replicated.
+LATENT_DIM = {"W_enc": 1, "b_enc": 0, "W_dec": 0, "b_dec": None,
+              "tokens_since_fired": 0, "ever_fired": 0}
+
+
+def global_view(t: torch.Tensor, latent_dim: int | None, ctx: ParallelContext):
+    """t as a tensor of its global shape: itself single-process, else a DTensor view over ctx.mesh
+    (Replicate over dp; Shard(latent_dim) over tp, or Replicate when latent_dim is None)."""
+    if not ctx.distributed:
+        return t
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    if latent_dim is None or ctx.tp == 1:
+        placements = [Replicate(), Replicate()]
+        shape = t.shape
+    else:
+        placements = [Replicate(), Shard(latent_dim)]
+        shape = list(t.shape)
+        shape[latent_dim] *= ctx.tp
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(t, ctx.mesh, placements, run_check=False, shape=torch.Size(shape),
+                              stride=stride)
+
+
+def build_state(model: torch.nn.Module, optimizer_state: dict, ema: torch.nn.Module | None,
+                dead_state: dict, ctx: ParallelContext) -> dict:
+    """The DCP state dict of a run (module docstring: layout), viewing the live tensors.
+
+    model / ema: modules with parameters W_enc, b_enc, W_dec, b_dec (local shards when sharded).
+    optimizer_state: {param name: {"exp_avg", "exp_avg_sq", "step"}} as the engines return it.
+    dead_state: DeadLatentTracker.state_dict() (local shard).
+    """
+    def params(mod):
+        return {n: global_view(p.data, LATENT_DIM[n], ctx) for n, p in mod.named_parameters()}
+
+    state = {
+        "model": params(model),
+        "optim": {n: {"exp_avg": global_view(st["exp_avg"], LATENT_DIM[n], ctx),
+                      "exp_avg_sq": global_view(st["exp_avg_sq"], LATENT_DIM[n], ctx),
+                      "step": st["step"]}
+                  for n, st in optimizer_state.items()},
+        "dead": {n: global_view(t, LATENT_DIM[n], ctx) for n, t in dead_state.items()},
+    }
+    if ema is not None:
+        state["ema"] = params(ema)
+    return state

@@ -1,0 +1,287 @@
+"""Latent-sharded (tensor-parallel) TopK SAE with exact global TopK, over a dp x tp mesh.
+
+Design (ARCHITECTURE.md, Parallelism; Gao et al. 2024 for the recipe): tp rank r holds latents
+[r n/tp, (r+1) n/tp): W_enc[:, shard] [d_in, n/tp], b_enc[shard], W_dec[shard] [n/tp, d_in]; b_dec
+(= b_pre) [d_in] is replicated. Every tp rank of a dp group sees the same batch rows; dp rank q holds
+rows [q B/dp, (q+1) B/dp) of the global batch of B tokens.
+
+One training step (all collectives synchronous; tp collectives over the tp group, dp over the dp group):
+1. Local fused encoder + TopK on the shard (`sae_dist.kernels.encoder_topk`): the local top-k
+   (ReLU'd values, latent ids) and, against the local part of the dead mask, the local AuxK candidates.
+   b_pre enters through `copy_to_tp` so its encoder gradient is summed over the shards.
+2. Exact global TopK: all-gather of the tp * k (value, global id) candidates, torch.topk over them;
+   each rank keeps the selected entries that are its own (the global top-k of the union of per-shard
+   top-k sets equals the top-k over all n latents). Values of entries not kept are multiplied by 0,
+   so no gradient reaches them. Multi-TopK (section 5.3) selects the top 4k the same way; its first k
+   are the top k.
+3. Each rank decodes its kept entries (sparse decode of its W_dec rows); `reduce_from_tp` sums the
+   partial reconstructions [B/dp, d] over tp (identity backward), then + b_pre.
+4. AuxK (section 2.4.1): the same gather/select over the dead latents' candidates (top min(k_aux,
+   global dead count)), partial decodes summed over tp.
+5. Losses use global-batch statistics: the normalised-MSE denominators sum_b ||x_b - mean(x)||^2 (and
+   of the AuxK residual) are all-reduced over dp, so the per-rank loss is that rank's share of the
+   global loss and the dp SUM of the gradients (`sync_grads_`) is the single-process gradient.
+Dead-latent counters are kept per shard and OR-reduced over dp by the trainer
+(`reduce_fired_over_dp`).
+
+Source of the sharding scheme: Megatron-LM's column/row parallel split (Shoeybi et al. 2019), with
+the exact top-k selection across shards that Gao et al. 2024 approximate in their released code.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sae_dist.parallel.comm import all_gather_cat, all_reduce_, copy_to_tp, reduce_from_tp
+from sae_dist.parallel.mesh import ParallelContext, shard_range
+from sae_dist.sae.config import SAEConfig
+from sae_dist.sae.topk import TopKSAE, TrainOutput, _torch_dtype
+
+__all__ = ["ShardedTopKSAE", "init_rows", "INIT_BLOCK_ROWS", "reduce_fired_over_dp"]
+
+#: Rows of W_dec drawn per generator in the mesh-independent tied init (`init_rows`).
+INIT_BLOCK_ROWS = 4096
+
+
+@torch.no_grad()
+def init_rows(start: int, end: int, d_in: int, seed: int) -> torch.Tensor:
+    """Rows [start, end) of the tied-init decoder (Gao et al. 2024, section 2.4.1): i.i.d. uniformly
+    random unit vectors, float32 [end - start, d_in] on CPU.
+
+    Mesh independent: rows come in blocks of INIT_BLOCK_ROWS, block b drawn from a CPU generator
+    seeded with (seed, b), so any shard of latents gets the same rows as the unsharded model and no
+    rank ever draws more than its own rows plus one block.
+    """
+    if not 0 <= start <= end:
+        raise ValueError(f"init_rows: bad latent range [{start}, {end})")
+    out = torch.empty(end - start, d_in, dtype=torch.float32)
+    b0, b1 = start // INIT_BLOCK_ROWS, (end + INIT_BLOCK_ROWS - 1) // INIT_BLOCK_ROWS
+    for b in range(b0, b1):
+        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + b)
+        block = torch.randn(INIT_BLOCK_ROWS, d_in, generator=g, dtype=torch.float32)
+        lo, hi = max(start, b * INIT_BLOCK_ROWS), min(end, (b + 1) * INIT_BLOCK_ROWS)
+        out[lo - start: hi - start] = block[lo - b * INIT_BLOCK_ROWS: hi - b * INIT_BLOCK_ROWS]
+    return out / out.norm(dim=-1, keepdim=True)
+
+
+@torch.no_grad()
+def reduce_fired_over_dp(fired: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    """bool [n_local] 'fired on this rank's rows' -> 'fired anywhere in the global batch' (max over dp)."""
+    if ctx.dp_group is None:
+        return fired
+    f = fired.to(torch.uint8)
+    all_reduce_(f, ctx.dp_group, op=torch.distributed.ReduceOp.MAX)
+    return f.bool()
+
+
+class ShardedTopKSAE(TopKSAE):
+    """The shard of a TopK SAE held by one tp rank (module docstring: the algorithm).
+
+    Args:
+      cfg: SAEConfig of the WHOLE SAE (n_latents is the global width; must be divisible by tp).
+      ctx: ParallelContext (its tp, tp_rank and groups). For building on the meta device without a
+        process group (planning, shape checks) pass `tp` and `tp_rank` instead of ctx.
+      device: parameter device (default ctx.device; "meta" allocates nothing).
+    Parameters (local shard): W_enc [d_in, n/tp], b_enc [n/tp], W_dec [n/tp, d_in], b_dec [d_in].
+    Attributes latent_start / latent_end: this shard's global latent range.
+    Weights are uninitialised until `init_weights_(seed)` (or a checkpoint load).
+    Inference methods (encode, decode, forward, ...) raise: export the SAE and use `load_sae`.
+    """
+
+    def __init__(self, cfg: SAEConfig, ctx: ParallelContext | None = None, *, tp: int | None = None,
+                 tp_rank: int | None = None, device: torch.device | str | None = None):
+        nn.Module.__init__(self)
+        if ctx is None:
+            if tp is None or tp_rank is None:
+                raise ValueError("ShardedTopKSAE needs a ParallelContext, or tp and tp_rank (meta builds)")
+            ctx = ParallelContext(tp=tp, tp_rank=tp_rank, world_size=tp, rank=tp_rank)
+        self.cfg = cfg
+        self.ctx = ctx
+        self.latent_start, self.latent_end = shard_range(cfg.n_latents, ctx.tp, ctx.tp_rank)
+        n_local = self.latent_end - self.latent_start
+        dtype = _torch_dtype(cfg.dtype)
+        dev = ctx.device if device is None else device
+        d = cfg.d_in
+        self.W_enc = nn.Parameter(torch.empty(d, n_local, dtype=dtype, device=dev))
+        self.b_enc = nn.Parameter(torch.zeros(n_local, dtype=dtype, device=dev))
+        self.W_dec = nn.Parameter(torch.empty(n_local, d, dtype=dtype, device=dev))
+        self.b_dec = nn.Parameter(torch.zeros(d, dtype=dtype, device=dev))
+
+    @property
+    def n_local(self) -> int:
+        return self.latent_end - self.latent_start
+
+    @torch.no_grad()
+    def init_weights_(self, seed: int) -> None:
+        """Tied init of this shard's rows (`init_rows`: identical to the unsharded model's rows),
+        W_enc = enc_init_scale * W_dec^T, b_enc = 0; b_dec untouched."""
+        w = init_rows(self.latent_start, self.latent_end, self.cfg.d_in, seed)
+        self.W_dec.copy_(w.to(self.W_dec.device, self.W_dec.dtype))
+        self.W_enc.copy_((self.cfg.enc_init_scale * w.T).to(self.W_enc.device, self.W_enc.dtype))
+        self.b_enc.zero_()
+
+    # ------------------------------------------------------------------ inference: not on shards
+    def _shard_only(self, *_a, **_k):
+        raise NotImplementedError(
+            "a ShardedTopKSAE holds one latent shard: export the trained SAE (sae/ in the run dir) and "
+            "use sae_dist.load_sae for inference"
+        )
+
+    pre_acts = encode_sparse = encode = decode = decode_sparse = forward = _shard_only
+
+    # ------------------------------------------------------------------ global selection
+    def _global_select(self, vals: torch.Tensor, kk: int):
+        """Positions of the global top-kk among all tp ranks' candidates.
+
+        vals [B, w]: this rank's candidate values (w equal on every tp rank; pads are -inf). Returns
+        (sel_pos [B, kk] positions in the gathered [B, tp * w] block, sorted by value descending;
+        offset of this rank's block in it; w).
+        """
+        group = self.ctx.tp_group
+        w = vals.shape[1]
+        all_v = all_gather_cat(vals.detach().float(), group)
+        sel_pos = all_v.topk(kk, dim=1, sorted=True).indices
+        r = self.ctx.tp_rank if group is not None else 0
+        return sel_pos, r * w, w
+
+    @staticmethod
+    def _own_mask(sel_pos: torch.Tensor, offset: int, w: int, total: int) -> torch.Tensor:
+        keep_all = torch.zeros(sel_pos.shape[0], total, dtype=torch.bool, device=sel_pos.device)
+        keep_all.scatter_(1, sel_pos, True)
+        return keep_all[:, offset: offset + w]
+
+    def _dp_den(self, t: torch.Tensor, n_global: int) -> torch.Tensor:
+        """sum_b ||t_b - mean_global(t)||^2 over the GLOBAL batch (all-reduced over dp), float32."""
+        g = self.ctx.dp_group
+        s = all_reduce_(t.sum(0), g)
+        mean = s / n_global
+        return all_reduce_((t - mean).pow(2).sum(), g)
+
+    # ------------------------------------------------------------------ training
+    def training_step_losses(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None) -> TrainOutput:
+        """This rank's share of the losses of one global batch (module docstring: algorithm).
+
+        x [B/dp, d_in]: this dp rank's rows (normalised activations, identical on the tp ranks of a dp
+        group). dead_mask: bool [n/tp] (this shard's dead latents, identical over dp) or None.
+        Returns a TrainOutput whose loss terms summed over dp equal the single-process losses of the
+        global batch (`x_hat` is the full reconstruction of the local rows; values / indices [B/dp, k]
+        hold this shard's kept TopK entries: values 0 where another shard won, indices local ids).
+        """
+        from sae_dist.sae.topk import kernel_ops
+
+        cfg, ctx = self.cfg, self.ctx
+        self._check_x(x)
+        ops = kernel_ops()
+        if ops is None:
+            raise RuntimeError("the sharded SAE needs sae_dist.kernels (fused encoder + TopK); see the "
+                               "warning above for the import error")
+        encode_topk, k_sparse_decode, _ = ops
+        tp_group = ctx.tp_group
+        backend = cfg.kernel_backend
+        B = x.shape[0]
+        n_global_tokens = B * ctx.dp
+        n_loc = self.n_local
+        k = cfg.k
+        kk = cfg.multi_topk_factor * k if cfg.multi_topk else k
+        if kk > cfg.n_latents:
+            raise ValueError(f"k={kk} exceeds n_latents={cfg.n_latents}")
+        k_loc = min(kk, n_loc)
+
+        # AuxK widths: k_aux_eff = min(k_aux, global dead count) as in the single-process model
+        k_aux_eff = k_aux_loc = 0
+        if dead_mask is not None and cfg.auxk_coef > 0:
+            if dead_mask.dtype != torch.bool or dead_mask.shape != (n_loc,):
+                raise ValueError(f"dead_mask must be bool [{n_loc}] (this shard), got {dead_mask.dtype} "
+                                 f"{tuple(dead_mask.shape)}")
+            n_dead_loc = dead_mask.sum()
+            n_dead = int(all_reduce_(n_dead_loc.clone(), tp_group))
+            k_aux_eff = min(cfg.k_aux, n_dead)
+            k_aux_loc = min(k_aux_eff, int(n_dead_loc))
+
+        xw = x.to(self.W_enc.dtype)
+        b_pre_in = copy_to_tp(self.b_dec, tp_group)
+        vals, idx, av, ai = encode_topk(
+            xw, self.W_enc, self.b_enc, b_pre_in, k_loc,
+            dead_mask=dead_mask if k_aux_loc > 0 else None, k_aux=k_aux_loc, backend=backend,
+        )
+        sel_pos, off, w = self._global_select(vals, kk)
+        total = w * (ctx.tp if tp_group is not None else 1)
+        keep_k = self._own_mask(sel_pos[:, :k], off, w, total)
+        v_k = vals * keep_k
+        x_hat = reduce_from_tp(k_sparse_decode(v_k, idx, self.W_dec, None, backend=backend), tp_group)
+        x_hat = x_hat + self.b_dec
+        xf = x.float()
+        den = self._dp_den(xf, n_global_tokens)
+        nmse = (xf - x_hat.float()).pow(2).sum() / den
+        loss = nmse
+        mt = None
+        if cfg.multi_topk:
+            keep_kk = self._own_mask(sel_pos, off, w, total)
+            part = k_sparse_decode(vals * keep_kk, idx, self.W_dec, None, backend=backend)
+            x_hat_mt = reduce_from_tp(part, tp_group) + self.b_dec
+            mt = (xf - x_hat_mt.float()).pow(2).sum() / den
+            loss = loss + cfg.multi_topk_weight * mt
+        if k_aux_eff > 0:
+            aux = self._auxk(xf, x_hat, av, ai, k_aux_eff, k_aux_loc, n_global_tokens, k_sparse_decode)
+        else:
+            aux = x_hat.new_zeros((), dtype=torch.float32)
+        loss = loss + cfg.auxk_coef * aux
+        return TrainOutput(loss, nmse.detach(), aux.detach(), None if mt is None else mt.detach(),
+                           x_hat.detach(), v_k.detach(), idx)
+
+    def _auxk(self, xf, x_hat, av, ai, k_aux_eff, k_aux_loc, n_global_tokens, k_sparse_decode):
+        """This rank's share of the AuxK loss (section 2.4.1) with the global top-k_aux_eff dead
+        candidates across shards and a dp-global residual variance."""
+        ctx = self.ctx
+        tp_group = ctx.tp_group
+        B = xf.shape[0]
+        pad = k_aux_eff - k_aux_loc
+        if k_aux_loc > 0:
+            cand_v = av.detach().float()
+        else:
+            cand_v = xf.new_empty(B, 0)
+        if pad:  # widths must match across ranks for the all-gather; -inf pads are never selected
+            cand_v = F.pad(cand_v, (0, pad), value=float("-inf"))
+        sel_pos, off, w = self._global_select(cand_v, k_aux_eff)
+        total = w * (ctx.tp if tp_group is not None else 1)
+        keep = self._own_mask(sel_pos, off, w, total)[:, :k_aux_loc]
+        e = (xf - x_hat.detach().float())
+        if k_aux_loc > 0:
+            part = k_sparse_decode(av * keep, ai, self.W_dec, None, backend=self.cfg.kernel_backend).float()
+        else:
+            part = torch.zeros_like(e)
+        e_hat = reduce_from_tp(part, tp_group)
+        num = (e - e_hat).pow(2).sum()
+        den = self._dp_den(e, n_global_tokens)
+        ok = torch.isfinite(den) & (den > 0)
+        ratio = num / torch.where(ok, den, torch.ones_like(den))
+        return torch.where(ok & torch.isfinite(ratio), ratio, torch.zeros_like(ratio))
+
+    # ------------------------------------------------------------------ dp / clipping
+    @torch.no_grad()
+    def sync_grads_(self) -> None:
+        """Sum every gradient over dp (the per-rank losses are shares of the global loss)."""
+        g = self.ctx.dp_group
+        if g is None:
+            return
+        for p in self.parameters():
+            if p.grad is not None:
+                all_reduce_(p.grad, g)
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Clip to a global L2 norm over the whole (unsharded) SAE: shard norms summed over tp,
+        the replicated b_dec counted once. Returns the total norm before clipping (0-d float32)."""
+        sharded = [p.grad for p in (self.W_enc, self.b_enc, self.W_dec) if p.grad is not None]
+        sq = sum((g.float().pow(2).sum() for g in sharded), torch.zeros((), device=self.W_dec.device))
+        sq = all_reduce_(sq, self.ctx.tp_group)
+        if self.b_dec.grad is not None:
+            sq = sq + self.b_dec.grad.float().pow(2).sum()
+        total = sq.sqrt()
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for p in self.parameters():
+            if p.grad is not None:
+                p.grad.mul_(coef.to(p.grad.dtype))
+        return total

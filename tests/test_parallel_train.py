@@ -1,0 +1,165 @@
+"""`sae-train` under torchrun (gloo, CPU): meshes against the single-process run, checkpoints saved at
+one mesh resumed at another, and a killed rank (fail fast, naming it; the rerun resumes with no lost or
+repeated steps). Every run trains the same tiny SAE on a synthetic store made here (fresh data)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sae_dist.store import write_store
+
+BIN = Path(sys.executable).parent
+STEPS, CKPT = 60, 20
+NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pstore")
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    D = torch.randn(96, 24, generator=g)
+    D /= D.norm(dim=-1, keepdim=True)
+    codes = (torch.rand(8192, 96, generator=g) < 0.06).float() * torch.rand(8192, 96, generator=g) * 3
+    x = codes @ D + 0.05 * torch.randn(8192, 24, generator=g)
+    path = root / "store.zarr"
+    write_store(path, x, attrs={"hook": "blocks.0.hook_resid_post", "model": "synthetic"})
+    return path
+
+
+def _args(store, run_dir, extra=()):
+    return [f"run_dir={run_dir}", f"store.path={store}", "sae.n_latents=384", "sae.k=4",
+            "sae.k_aux=8", "sae.dead_tokens=512", f"trainer.tokens={STEPS * 256}",
+            "trainer.batch_tokens=256", f"trainer.checkpoint_every_steps={CKPT}",
+            "trainer.keep_checkpoints=5", "trainer.log_every_steps=1", "device=cpu",
+            "wandb.mode=disabled", *extra]
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "SAE_DIST_TIMEOUT_S": "60"}
+
+
+def _train(store, run_dir, nproc=1, tp=1, extra=(), check=True, **popen):
+    cmd = [str(BIN / "sae-train"), *_args(store, run_dir, extra), f"parallel.tp={tp}"]
+    if nproc > 1:
+        cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc-per-node={nproc}", "--no-python", *cmd]
+    if popen:
+        return subprocess.Popen(cmd, env=_env(), **popen)
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def _log(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "train_log.jsonl").read_text().splitlines()]
+
+
+def _weights(run_dir):
+    return load_file(str(Path(run_dir) / "sae" / "sae_weights.safetensors"))
+
+
+def _close(a, b, what):
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, STEPS + 1)), what
+    worst = 0.0
+    for x, y in zip(a, b):
+        for key in ("train/loss", "train/fvu", "train/auxk_loss", "train/l0", "train/dead_fraction"):
+            assert abs(x[key] - y[key]) <= 1e-5 + 1e-5 * abs(y[key]), (what, x["step"], key, x[key], y[key])
+            worst = max(worst, abs(x[key] - y[key]))
+    return worst
+
+
+@pytest.fixture(scope="module")
+def reference(store, tmp_path_factory):
+    """The single-process run every mesh is compared with."""
+    run = tmp_path_factory.mktemp("ref") / "single"
+    _train(store, run)
+    log = _log(run)
+    assert any(r["train/auxk_loss"] > 0 for r in log), "AuxK never ran: the comparison would be weak"
+    return run
+
+
+@pytest.mark.parametrize("nproc,tp", [(2, 2), (2, 1), (4, 2)], ids=["tp2", "dp2", "tp2xdp2"])
+def test_mesh_matches_single_process(store, reference, tmp_path, nproc, tp):
+    run = tmp_path / "run"
+    _train(store, run, nproc=nproc, tp=tp)
+    worst = _close(_log(run), _log(reference), f"tp={tp} world={nproc}")
+    ref_w, got_w = _weights(reference), _weights(run)
+    for n in NAMES:
+        torch.testing.assert_close(got_w[n], ref_w[n], rtol=1e-5, atol=1e-5)
+        worst = max(worst, float((got_w[n] - ref_w[n]).abs().max()))
+    state = json.loads((run / "sae" / "training_state.json").read_text())
+    assert state["parallel"] == {"tp": tp, "dp": nproc // tp}
+    print(f"tp={tp} dp={nproc // tp}: max |difference| over {STEPS} steps of logged metrics and the "
+          f"exported weights: {worst:.3g}")
+
+
+def _restart_from(src: Path, dst: Path, step: int):
+    """A copy of a finished run directory as it was right after the checkpoint of `step`."""
+    shutil.copytree(src, dst)
+    shutil.rmtree(dst / "sae")
+    for ck in (dst / "checkpoints").glob("step_*"):
+        if int(ck.name.split("_")[1]) > step:
+            shutil.rmtree(ck)
+
+
+def test_checkpoint_reshards_across_meshes(store, reference, tmp_path):
+    saved = tmp_path / "tp2xdp2"
+    _train(store, saved, nproc=4, tp=2)
+    for name, nproc, tp in (("single", 1, 1), ("tp4", 4, 4), ("dp2", 2, 1)):
+        run = tmp_path / name
+        _restart_from(saved, run, 2 * CKPT)
+        r = _train(store, run, nproc=nproc, tp=tp)
+        assert f"step_{2 * CKPT:08d} (step {2 * CKPT}" in r.stderr
+        _close(_log(run), _log(reference), f"resumed at {name}")
+        for n in NAMES:
+            torch.testing.assert_close(_weights(run)[n], _weights(reference)[n], rtol=1e-5, atol=1e-5)
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def test_killed_rank_fails_fast_and_rerun_resumes(store, reference, tmp_path):
+    run = tmp_path / "killed"
+    # slow the run down (a checkpoint every step) so it is surely mid-training when a rank is killed
+    proc = _train(store, run, nproc=2, tp=2, extra=("trainer.checkpoint_every_steps=1",),
+                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = run / "train_log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not log.is_file() or len(log.read_text().splitlines()) < 5):
+        time.sleep(0.2)
+    workers = _children(proc.pid)
+    assert len(workers) == 2, workers
+    os.kill(workers[1], signal.SIGKILL)
+    t0 = time.time()
+    _, err = proc.communicate(timeout=120)
+    elapsed = time.time() - t0
+    assert proc.returncode != 0
+    assert elapsed < 90, f"the job took {elapsed:.0f} s to fail after a rank died"
+    assert "local_rank: 1" in err and "SIGKILL" in err, err[-2000:]
+    done = len(_log(run))
+    assert done < STEPS
+    r = _train(store, run, nproc=2, tp=2)  # the rerun resumes from the last complete checkpoint
+    assert "resuming from" in r.stderr
+    _close(_log(run), _log(reference), "after a killed rank")
+    for n in NAMES:
+        torch.testing.assert_close(_weights(run)[n], _weights(reference)[n], rtol=1e-5, atol=1e-5)
+
+
+def test_tp_errors_are_clear(store, tmp_path):
+    r = _train(store, tmp_path / "a", nproc=1, tp=2, check=False)
+    assert r.returncode != 0 and "needs 2 processes" in r.stderr
+    r = _train(store, tmp_path / "b", nproc=2, tp=3, check=False)
+    assert r.returncode != 0 and "does not divide the world size 2" in r.stderr
