@@ -100,7 +100,8 @@ class _DenseRowsDecode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         Z, W_rows, rows = ctx.saved_tensors
-        gZ = grad @ W_rows.t() if ctx.needs_input_grad[0] else None
+        grad = grad.to(W_rows.dtype)  # the forward may have run under autocast
+        gZ = (grad @ W_rows.t()).to(Z.dtype) if ctx.needs_input_grad[0] else None
         gW = None
         if ctx.needs_input_grad[1]:
             gW = torch.sparse_coo_tensor(rows.unsqueeze(0), Z.t() @ grad, (ctx.n_rows, W_rows.shape[1]),

@@ -22,7 +22,8 @@ Forward, two implementations with the same result:
   far fewer once the running set is warm). Each program writes its split's local top-k to a small
   [B, splits, k] candidate buffer; ``torch.topk`` over the splits*k candidates gives the final,
   sorted result (a standard two-pass split-k selection). One split spans ``latent_chunk`` latents
-  (rounded up to a multiple of BLOCK_N).
+  (rounded up to a multiple of BLOCK_N), widened when needed so that the candidate buffers stay
+  under CANDIDATE_BUFFER_BYTES (1 GiB).
 
 Backward (both backends, torch ops touching only the selected latents): with
 g[b, j] = grad_values[b, j] * (values[b, j] > 0) (ReLU) and i = indices[b, j] (main and AuxK
@@ -343,6 +344,10 @@ if _HAS_TRITON:
             tl.store(aux_i_ptr + aoff, ai, mask=amask)
 
 
+#: Upper bound of the Triton path's split candidate buffers (`_select_triton`).
+CANDIDATE_BUFFER_BYTES = 1 << 30
+
+
 def _next_pow2(v: int) -> int:
     return 1 << max(0, (int(v) - 1).bit_length())
 
@@ -362,10 +367,16 @@ def _select_triton(xc, W_enc, b_enc, k, dead_mask, k_aux, latent_chunk):
     BLOCK_B = max(16, min(64, _next_pow2(B)))
     BLOCK_N = max(16, min(128, _next_pow2(N)))
     BLOCK_D = max(16, min(32 if interp else 64, _next_pow2(D)))
-    span = ((max(latent_chunk, 1) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+    KA = k_aux if (k_aux > 0 and dead_mask is not None) else 0
+    # Latent splits give parallelism when there are few token blocks; their [B, splits, k + k_aux]
+    # candidate buffers (8 bytes per entry) are capped at CANDIDATE_BUFFER_BYTES by widening the span
+    # (at B = 131072, k_aux = 2048 a 4096-latent span would need 8.7 GB per million latents).
+    span = max(latent_chunk, 1)
+    max_splits = max(1, CANDIDATE_BUFFER_BYTES // max(1, B * (k + KA) * 8))
+    span = max(span, -(-N // max_splits))
+    span = ((span + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
     splits = (N + span - 1) // span
     K_PAD = max(2, _next_pow2(k))
-    KA = k_aux if (k_aux > 0 and dead_mask is not None) else 0
     KA_PAD = max(2, _next_pow2(max(KA, 1)))
     dev = xc.device
     cand_v = torch.empty(B, splits, k, dtype=torch.float32, device=dev)

@@ -367,3 +367,25 @@ def test_aux_outputs_unordered_but_complete():
     _, _, rav, rai = _dense(x, W, be, bp, k, dead, 7)
     assert _same_sets(ai, rai)
     torch.testing.assert_close(av.sort(1).values, rav.sort(1).values)
+
+
+def test_triton_split_buffer_is_capped(monkeypatch):
+    """With a tiny candidate-buffer budget the Triton path uses fewer, wider splits (still exact)."""
+    B, d, n, k = 33, 16, 200, 3
+    x, W, be, bp, dead = _problem(B, d, n, seed=int(torch.randint(0, 10**6, ())))
+    rv, ri, rav, rai = _dense(x, W, be, bp, k, dead, 2)
+    seen = []
+    real_empty = torch.empty
+
+    def spy(*shape, **kw):
+        t = real_empty(*shape, **kw)
+        if len(t.shape) == 3 and t.shape[0] == B:
+            seen.append(t.shape[1])
+        return t
+
+    monkeypatch.setattr(et, "CANDIDATE_BUFFER_BYTES", B * (k + 2) * 8 * 2)  # room for 2 splits
+    monkeypatch.setattr(torch, "empty", spy)
+    v, i, av, ai = encode_topk(x, W, be, bp, k, dead_mask=dead, k_aux=2, backend="triton", latent_chunk=16)
+    assert seen and max(seen) <= 2, seen  # latent_chunk=16 alone would give 13 splits
+    torch.testing.assert_close(v, rv)
+    assert _same_sets(i, ri) and _same_sets(ai, rai)

@@ -81,13 +81,14 @@ def _shard(t: torch.Tensor, name: str, lo: int, hi: int) -> torch.Tensor:
             "b_dec": lambda: t}[name]()
 
 
-@pytest.mark.parametrize("tp,dp,multi_topk", [(2, 1, False), (1, 2, False), (2, 2, True)])
-def test_sharded_steps_match_single_process(tp, dp, multi_topk, tmp_path):
+@pytest.mark.parametrize("tp,dp,multi_topk,B", [(2, 1, False, 32), (1, 2, False, 32), (2, 2, True, 32),
+                                                 (4, 1, True, 34)])
+def test_sharded_steps_match_single_process(tp, dp, multi_topk, B, tmp_path):
+    """B divisible by tp: the token-sharded all_to_all selection; B=34 at tp=4: the all-gather one."""
     world = tp * dp
     cfg = _cfg(multi_topk)
     seed = int(torch.randint(0, 2**31 - 1, ()))
     g = torch.Generator().manual_seed(seed)
-    B = 32
     xs = torch.randn(STEPS, B, cfg.d_in, generator=g) * 2.0 + 0.3
     dead = torch.rand(cfg.n_latents, generator=g) < 0.3
     b_dec = 0.1 * torch.randn(cfg.d_in, generator=g)

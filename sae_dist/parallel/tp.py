@@ -9,11 +9,13 @@ One training step (all collectives synchronous; tp collectives over the tp group
 1. Local fused encoder + TopK on the shard (`sae_dist.kernels.encoder_topk`): the local top-k
    (ReLU'd values, latent ids) and, against the local part of the dead mask, the local AuxK candidates.
    b_pre enters through `copy_to_tp` so its encoder gradient is summed over the shards.
-2. Exact global TopK: all-gather of the tp * k (value, global id) candidates, torch.topk over them;
-   each rank keeps the selected entries that are its own (the global top-k of the union of per-shard
-   top-k sets equals the top-k over all n latents). Values of entries not kept are multiplied by 0,
-   so no gradient reaches them. Multi-TopK (section 5.3) selects the top 4k the same way; its first k
-   are the top k.
+2. Exact global TopK: the tp * k candidate values of each token are brought together (token-sharded:
+   an all_to_all sends each token block to one rank, which selects and returns keep masks with a
+   second all_to_all; `_global_keep`), torch.topk over them; each rank keeps the selected entries
+   that are its own (the global top-k of the union of per-shard top-k sets equals the top-k over all
+   n latents). Values of entries not kept are multiplied by 0, so no gradient reaches them, and
+   their ids become -1 (padding) in the decode. Multi-TopK (section 5.3) selects the top 4k the same
+   way, and the top k among them.
 3. Each rank decodes its kept entries (sparse decode of its W_dec rows); `reduce_from_tp` sums the
    partial reconstructions [B/dp, d] over tp (identity backward), then + b_pre.
 4. AuxK (section 2.4.1): the same gather/select over the dead latents' candidates (top min(k_aux,
@@ -37,7 +39,7 @@ from torch import nn
 from sae_dist.parallel.comm import all_gather_cat, all_reduce_, copy_to_tp, reduce_from_tp
 from sae_dist.parallel.mesh import ParallelContext, shard_range
 from sae_dist.sae.config import SAEConfig
-from sae_dist.sae.topk import TopKSAE, TrainOutput, _torch_dtype
+from sae_dist.sae.topk import TopKSAE, TrainOutput, _torch_dtype, encoder_operands
 
 __all__ = ["ShardedTopKSAE", "init_rows", "INIT_BLOCK_ROWS", "reduce_fired_over_dp"]
 
@@ -132,25 +134,54 @@ class ShardedTopKSAE(TopKSAE):
     pre_acts = encode_sparse = encode = decode = decode_sparse = forward = _shard_only
 
     # ------------------------------------------------------------------ global selection
-    def _global_select(self, vals: torch.Tensor, kk: int):
-        """Positions of the global top-kk among all tp ranks' candidates.
+    def _global_keep(self, vals: torch.Tensor, kk: int, firsts: tuple[int, ...] = ()) -> list[torch.Tensor]:
+        """Which of this rank's candidates are among the global top-kk of their token.
 
-        vals [B, w]: this rank's candidate values (w equal on every tp rank; pads are -inf). Returns
-        (sel_pos [B, kk] positions in the gathered [B, tp * w] block, sorted by value descending;
-        offset of this rank's block in it; w).
+        vals [B, w]: this rank's candidate values (w equal on every tp rank; pads are -inf).
+        Returns [keep_kk] + [keep_m for m in firsts]: bool [B, w] masks of this rank's entries in the
+        global top-kk, and in the global top-m (m <= kk, the m largest of the top-kk).
+
+        Token-sharded exchange (exact, less traffic than an all-gather): when B is divisible by tp,
+        one all_to_all sends rows [j B/tp, (j+1) B/tp) of every rank's candidates to rank j, which
+        selects for those tokens among all tp * w candidates and sends the keep masks back with a
+        second all_to_all. Per rank that moves B w values and B w mask bytes, against the (tp - 1) B w
+        values an all-gather would bring in, and holds [B/tp, tp w] instead of [B, tp w]. Otherwise
+        an all-gather of the values and a local selection.
         """
         group = self.ctx.tp_group
-        w = vals.shape[1]
-        all_v = all_gather_cat(vals.detach().float(), group)
-        sel_pos = all_v.topk(kk, dim=1, sorted=True).indices
-        r = self.ctx.tp_rank if group is not None else 0
-        return sel_pos, r * w, w
+        B, w = vals.shape
+        ms = (kk, *firsts)
+        v = vals.detach().float()
+        if group is None:
+            return self._keep_from_topk(v, ms, 0, w)
+        tp, r = self.ctx.tp, self.ctx.tp_rank
+        if B % tp:
+            return self._keep_from_topk(all_gather_cat(v, group), ms, r * w, w)
+        import torch.distributed as dist
+
+        bt = B // tp
+        recv = torch.empty(tp, bt, w, dtype=v.dtype, device=v.device)  # [source rank, my tokens, w]
+        dist.all_to_all_single(recv, v.view(tp, bt, w).contiguous(), group=group)
+        cand = recv.permute(1, 0, 2).reshape(bt, tp * w)  # my tokens x all ranks' candidates
+        out = []
+        for m in ms:
+            sel = cand.topk(m, dim=1, sorted=False).indices
+            keep = torch.zeros(bt, tp * w, dtype=torch.uint8, device=v.device)
+            keep.scatter_(1, sel, 1)
+            back = torch.empty(tp, bt, w, dtype=torch.uint8, device=v.device)  # [token block, bt, w]
+            dist.all_to_all_single(back, keep.view(bt, tp, w).permute(1, 0, 2).contiguous(), group=group)
+            out.append(back.view(B, w).bool())
+        return out
 
     @staticmethod
-    def _own_mask(sel_pos: torch.Tensor, offset: int, w: int, total: int) -> torch.Tensor:
-        keep_all = torch.zeros(sel_pos.shape[0], total, dtype=torch.bool, device=sel_pos.device)
-        keep_all.scatter_(1, sel_pos, True)
-        return keep_all[:, offset: offset + w]
+    def _keep_from_topk(all_v: torch.Tensor, ms, offset: int, w: int) -> list[torch.Tensor]:
+        out = []
+        for m in ms:
+            sel = all_v.topk(m, dim=1, sorted=False).indices
+            keep = torch.zeros(all_v.shape, dtype=torch.bool, device=all_v.device)
+            keep.scatter_(1, sel, True)
+            out.append(keep[:, offset: offset + w])
+        return out
 
     def _dp_den(self, t: torch.Tensor, n_global: int) -> torch.Tensor:
         """sum_b ||t_b - mean_global(t)||^2 over the GLOBAL batch (all-reduced over dp), float32."""
@@ -200,17 +231,19 @@ class ShardedTopKSAE(TopKSAE):
             k_aux_eff = min(cfg.k_aux, n_dead)
             k_aux_loc = min(k_aux_eff, int(n_dead_loc))
 
-        xw = x.to(self.W_enc.dtype)
-        b_pre_in = copy_to_tp(self.b_dec, tp_group)
+        xw, W, be, bp = encoder_operands(x, self.W_enc, self.b_enc, copy_to_tp(self.b_dec, tp_group))
         vals, idx, av, ai = encode_topk(
-            xw, self.W_enc, self.b_enc, b_pre_in, k_loc,
+            xw, W, be, bp, k_loc,
             dead_mask=dead_mask if k_aux_loc > 0 else None, k_aux=k_aux_loc, backend=backend,
         )
-        sel_pos, off, w = self._global_select(vals, kk)
-        total = w * (ctx.tp if tp_group is not None else 1)
-        keep_k = self._own_mask(sel_pos[:, :k], off, w, total)
+        if cfg.multi_topk:
+            keep_kk, keep_k = self._global_keep(vals, kk, (k,))
+        else:
+            (keep_k,) = self._global_keep(vals, k)
         v_k = vals * keep_k
-        x_hat = reduce_from_tp(k_sparse_decode(v_k, idx, self.W_dec, None, backend=backend), tp_group)
+        # entries another shard won are decoded as padding (-1): no W_dec row is read for them
+        x_hat = reduce_from_tp(
+            k_sparse_decode(v_k, torch.where(keep_k, idx, -1), self.W_dec, None, backend=backend), tp_group)
         x_hat = x_hat + self.b_dec
         xf = x.float()
         den = self._dp_den(xf, n_global_tokens)
@@ -218,8 +251,8 @@ class ShardedTopKSAE(TopKSAE):
         loss = nmse
         mt = None
         if cfg.multi_topk:
-            keep_kk = self._own_mask(sel_pos, off, w, total)
-            part = k_sparse_decode(vals * keep_kk, idx, self.W_dec, None, backend=backend)
+            part = k_sparse_decode(vals * keep_kk, torch.where(keep_kk, idx, -1), self.W_dec, None,
+                                   backend=backend)
             x_hat_mt = reduce_from_tp(part, tp_group) + self.b_dec
             mt = (xf - x_hat_mt.float()).pow(2).sum() / den
             loss = loss + cfg.multi_topk_weight * mt
@@ -244,12 +277,11 @@ class ShardedTopKSAE(TopKSAE):
             cand_v = xf.new_empty(B, 0)
         if pad:  # widths must match across ranks for the all-gather; -inf pads are never selected
             cand_v = F.pad(cand_v, (0, pad), value=float("-inf"))
-        sel_pos, off, w = self._global_select(cand_v, k_aux_eff)
-        total = w * (ctx.tp if tp_group is not None else 1)
-        keep = self._own_mask(sel_pos, off, w, total)[:, :k_aux_loc]
+        keep = self._global_keep(cand_v, k_aux_eff)[0][:, :k_aux_loc]
         e = (xf - x_hat.detach().float())
         if k_aux_loc > 0:
-            part = k_sparse_decode(av * keep, ai, self.W_dec, None, backend=self.cfg.kernel_backend).float()
+            part = k_sparse_decode(av * keep, torch.where(keep, ai, -1), self.W_dec, None,
+                                   backend=self.cfg.kernel_backend).float()
         else:
             part = torch.zeros_like(e)
         e_hat = reduce_from_tp(part, tp_group)

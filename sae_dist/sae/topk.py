@@ -22,7 +22,7 @@ from torch import nn
 from sae_dist.sae.auxk import auxk_loss, normalized_mse, sparse_decode
 from sae_dist.sae.config import SAEConfig
 
-__all__ = ["TopKSAE", "TrainOutput", "kernel_ops"]
+__all__ = ["TopKSAE", "TrainOutput", "kernel_ops", "encoder_operands"]
 
 
 @dataclass
@@ -78,6 +78,22 @@ def kernel_ops():
         )
         return None
     return _KERNEL_OPS
+
+
+def encoder_operands(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_pre: torch.Tensor):
+    """(x, W_enc, b_enc, b_pre) for the fused encoder, in the autocast dtype when autocast is on for
+    their device (e.g. bf16 on CUDA with fp32 master weights), else x cast to W_enc's dtype.
+
+    The fused encoder is a custom op that autocast does not see, so without this it would run its
+    matmul in fp32 (tf32 at best) under bf16 autocast; the casts are differentiable, so the fp32
+    parameters still get (fp32) gradients, as for an autocast matmul.
+    """
+    dev = W_enc.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        if dt != W_enc.dtype:
+            return x.to(dt), W_enc.to(dt), b_enc.to(dt), b_pre.to(dt)
+    return x.to(W_enc.dtype), W_enc, b_enc, b_pre
 
 
 class TopKSAE(nn.Module):
@@ -240,10 +256,9 @@ class TopKSAE(nn.Module):
                 )
             k_aux = min(cfg.k_aux, int(dead_mask.sum()))
         kk = cfg.multi_topk_factor * cfg.k if cfg.multi_topk else cfg.k
-        xw = x.to(self.W_enc.dtype)
+        xw, W, be, bp = encoder_operands(x, self.W_enc, self.b_enc, self.b_dec)
         vals_all, idx_all, aux_vals, aux_idx = encode_topk(
-            xw, self.W_enc, self.b_enc, self.b_dec, kk,
-            dead_mask=dead_mask if k_aux > 0 else None, k_aux=k_aux, backend=backend,
+            xw, W, be, bp, kk, dead_mask=dead_mask if k_aux > 0 else None, k_aux=k_aux, backend=backend,
         )
         if cfg.multi_topk:
             vals, idx = vals_all[:, : cfg.k], idx_all[:, : cfg.k]
