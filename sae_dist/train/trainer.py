@@ -334,14 +334,17 @@ def train(
     log_path = out / "train_log.jsonl"
     main = ctx.is_main
 
-    def state():
-        return build_state(sae, engine.optimizer_state(), ema, tracker.state_dict(), ctx)
+    def state(opt_state=None):
+        opt_state = engine.optimizer_state() if opt_state is None else opt_state
+        return build_state(sae, opt_state, ema, tracker.state_dict(), ctx)
 
     step, tokens_seen, last_metrics = 0, 0, {}
     ck = latest_checkpoint(ckpt_root)
     _check_run_identity(ckpt_root, sae_cfg, tcfg, seed, resuming=ck is not None, ctx=ctx)
     if ck is not None:
-        ts = load_checkpoint(ck[1], state=state())
+        opt_state = engine.optimizer_state()  # live tensors (torch) or gathered copies (DeepSpeed)
+        ts = load_checkpoint(ck[1], state=state(opt_state))
+        engine.load_optimizer_state(opt_state)
         step, tokens_seen = int(ts["step"]), int(ts["tokens_seen"])
         last_metrics = ts.get("metrics", {})
         store.load_state_dict(ts["store"])
@@ -448,6 +451,7 @@ def train(
         if jsonl is not None:
             jsonl.close()
         _close(store)
+        getattr(engine, "close", lambda: None)()
 
     result = {"out_dir": str(out), "steps": step, "tokens_trained": tokens_seen,
               "metrics": last_metrics, "already_finished": False,
