@@ -240,9 +240,12 @@ def train_main(cfg: DictConfig) -> None:
     world size / P (sae_dist.parallel). Only global rank 0 prints the summary.
     """
     import torch.distributed as dist
+    from torch.distributed.elastic.multiprocessing.errors import record
 
     try:
-        summary = run_train(cfg, _out_dir())
+        # record: under torchrun the failing rank's traceback goes to its error file, which torchrun's
+        # failure report prints next to the rank's number
+        summary = record(run_train)(cfg, _out_dir())
         if _dist_env()[0] == 0:
             print(json.dumps(summary, indent=2, default=str))
     finally:
