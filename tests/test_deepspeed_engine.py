@@ -262,12 +262,15 @@ def test_single_process_matches_torch_engine(stage, clip, offload, amp, tmp_path
     _spawn(1, 1, "single_bf16" if amp else "single", data, stage, clip, offload, tmp_path)
     got = torch.load(tmp_path / "rank0.pt")
     assert got["aux"] > 0  # AuxK really contributes
-    torch.testing.assert_close(got["losses"], got["ref_losses"], **TOL)
+    # under bf16 autocast a last-bit difference of an fp32 weight (the two engines sum in different
+    # orders) can round a bf16 operand differently, which moves a loss by ~1e-5: a bf16-sized tolerance
+    tol = dict(rtol=1e-4, atol=1e-4) if amp else TOL
+    torch.testing.assert_close(got["losses"], got["ref_losses"], **tol)
     for n in NAMES:
-        torch.testing.assert_close(got["weights"][n], got["ref_weights"][n], **TOL,
+        torch.testing.assert_close(got["weights"][n], got["ref_weights"][n], **tol,
                                    msg=lambda m: f"weight {n}: {m}")
         for k in ("exp_avg", "exp_avg_sq", "step"):
-            torch.testing.assert_close(got["opt"][n][k], got["ref_opt"][n][k], **TOL,
+            torch.testing.assert_close(got["opt"][n][k], got["ref_opt"][n][k], **tol,
                                        msg=lambda m: f"optimizer state {n}.{k}: {m}")
             assert got["before"][n][k].shape == got["ref_weights"][n].shape or k == "step"
             assert float(got["before"][n][k].abs().max()) == 0.0
