@@ -484,11 +484,11 @@ class _EncodeTopK(torch.autograd.Function):
             rows = idx.reshape(-1)
             toks = torch.arange(B, device=g.device).repeat_interleave(kk)
             gf = g.reshape(-1)
-            if g.device.type == "cpu":
-                # entries with g = 0 (ReLU-clipped, e.g. most AuxK candidates) add nothing
-                nz = gf.nonzero().squeeze(1)
-                if nz.numel() < 0.9 * gf.numel():
-                    rows, toks, gf = rows[nz], toks[nz], gf[nz]
+            # entries with g = 0 add nothing: ReLU-clipped values, and under tensor parallelism the
+            # candidates another shard won (most of a rank's AuxK candidates)
+            nz = gf.nonzero().squeeze(1)
+            if nz.numel() < 0.9 * gf.numel():
+                rows, toks, gf = rows[nz], toks[nz], gf[nz]
             order = torch.argsort(rows, stable=True)
             toks, gf = toks[order], gf[order]
             crow = torch.zeros(n + 1, dtype=torch.int64, device=g.device)
@@ -525,7 +525,12 @@ class _EncodeTopK(torch.autograd.Function):
         g_benc = gsum.to(W_enc.dtype) if need_benc else None
         g_bpre = None
         if need_bpre:
-            g_bpre = (-(W_enc.float() @ gsum)).to(W_enc.dtype)
+            # -W_enc @ gsum in fp32, a latent chunk at a time (no fp32 copy of a 16-bit W_enc)
+            acc = torch.zeros(d, dtype=torch.float32, device=g.device)
+            C = max(1, min(ctx.latent_chunk, n))
+            for c0 in range(0, n, C):
+                acc -= W_enc[:, c0:c0 + C].float() @ gsum[c0:c0 + C]
+            g_bpre = acc.to(W_enc.dtype)
         return gx, gW, g_benc, g_bpre, None, None, None, None, None, None, None
 
 

@@ -144,3 +144,19 @@ def test_meta_build_has_shard_shapes():
     assert shapes == {"W_enc": (4096, per), "b_enc": (per,), "W_dec": (per, 4096), "b_dec": (4096,)}
     with pytest.raises(ValueError, match="not divisible by parallel.tp=3"):
         ShardedTopKSAE(SAEConfig(d_in=8, n_latents=64, k=2), tp=3, tp_rank=0, device="meta")
+
+
+def test_meta_shards_agree_with_sae_plan():
+    """The 2^24 x 4096 SAE built on the meta device at tp=64: every rank's parameters have the
+    planner's shard shapes, and `sae-plan`'s parameter memory equals 4 bytes x the module's count."""
+    from sae_dist.plan import plan, shard_shapes
+
+    d, n, tp = 4096, 2**24, 64
+    cfg = SAEConfig(d_in=d, n_latents=n, k=32)
+    planned = shard_shapes(d, n, tp)
+    for r in (0, int(torch.randint(1, tp - 1, ())), tp - 1):
+        m = ShardedTopKSAE(cfg, tp=tp, tp_rank=r, device="meta")
+        assert {name: tuple(p.shape) for name, p in m.named_parameters()} == planned
+        n_params = sum(p.numel() for p in m.parameters())
+    res = plan(d_in=d, n_latents=n, k=32, batch_tokens=131072, tp=tp, cluster={"nodes": 8, "gpus_per_node": 8})
+    assert res["memory_bytes"]["params"] == 4 * n_params

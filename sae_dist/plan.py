@@ -1,0 +1,1068 @@
+"""sae-plan: capacity planner for a latent-sharded TopK SAE on a GPU cluster.
+
+For an SAE config (d_in, n_latents, k, k_aux, batch) and a cluster shape (nodes x GPUs per node, GPU
+memory, interconnect and HBM bandwidths, bf16 FLOP/s) it computes, per GPU and per optimizer step:
+memory (parameters, gradients, optimizer state, activations, workspace), FLOPs and HBM bytes of every
+component of the step, the bytes every collective moves, and an estimated step time and tokens/s. It
+refuses a shape that does not fit, saying by how many GiB and which trainer settings would fit.
+
+These are MODEL ESTIMATES from the formulas below, not measurements (`python -m sae_dist.bench`
+measures a step on one device). The defaults model the code as it is: `ShardedTopKSAE.
+training_step_losses` (`sae_dist.parallel.tp`), the Triton kernels of `sae_dist.kernels`
+(`encoder_topk`, `sparse_decode`) and the trainer's bf16 autocast on CUDA. The `estimate.*` switches
+marked "what-if" below model changes that are not in the code.
+
+Layout planned for (ARCHITECTURE.md "Parallelism"): a dp x tp mesh, tp innermost (the tp ranks of a
+group are consecutive GPUs, inside one node when tp divides gpus_per_node). tp shards the latents:
+rank r holds latents [r*n/tp, (r+1)*n/tp) (`shard_shapes`); b_dec (= b_pre) is replicated. Every tp
+rank of a dp group sees the same B/dp tokens. fp32 master weights, Adam's two fp32 moments, fp32
+gradients.
+
+Notation, per GPU: Bl = B/dp tokens, nl = n/tp latents, P = parameters (`shard_shapes`), d = d_in,
+ks = k (4k with Multi-TopK), ka = k_aux (AuxK planned in full: >= k_aux dead latents on every rank,
+the worst case; the code uses min(k_aux, global dead count)), wm = min(ks, nl) and wa = min(ka, nl)
+the local candidate slots per token, vb = bytes of the encoder's operands and values (2 with
+bf16_operand_copies, else 4), TD = ceil(d/64) feature tiles and CB = ceil(w/8) code blocks of the
+Triton sparse-decode kernels (BLOCK_D 64, BLOCK_K 8).
+
+Exact global TopK (`ShardedTopKSAE._global_keep`), for one selection of exchange width wx and mask
+widths ms (main TopK: wx = wm, ms = (k,) or (4k, k) with Multi-TopK; AuxK: wx = ka, ms = (ka,)):
+  alltoall (the code, when Bl is divisible by tp): one all_to_all_single of every rank's candidate
+    values, fp32 [Bl, wx] per rank, no indices (each rank receives [Bl/tp, tp*wx] for its token
+    block), a local torch.topk per width m, then one all_to_all_single per m sending uint8 keep masks
+    back, [Bl, wx] bytes per rank. Wire: values Bl*wx*4 bytes sent per rank, masks Bl*wx*1 per m;
+    (tp-1)/tp of each crosses links. Memory (forward transient): the fp32 send copy when the values
+    are bf16, the received block and its [Bl/tp, tp*wx] transpose (8*Bl*wx), mask, its send copy and
+    the received masks (3*Bl*wx), torch.topk's [Bl/tp, m] outputs (12 bytes each).
+  allgather (the code's fallback when Bl % tp != 0; chosen automatically then): all-gather of the
+    fp32 values, tp*Bl*wx*4 bytes gathered per rank; the tp parts and their concatenation (8*tp*Bl*wx)
+    held at once; a local torch.topk per m over [Bl, tp*wx].
+  Kept for the backward either way: one bool keep mask per m (alltoall [Bl, wx]; allgather the
+  [Bl, tp*wx] mask of which the rank's slice is a view).
+
+Compute. kind "matmul": FLOPs / (bf16 FLOP/s * mfu); "memory": HBM bytes / (HBM B/s * efficiency);
+"fused": counted, hidden in the fused encoder kernel (its cost is in the mfu derate); "host" / "pcie":
+optimizer offload (host memory bandwidth / PCIe bandwidth).
+  bf16_operand_casts   bf16 copies of W_enc, b_enc and x each step (`encoder_operands` under autocast)
+  encoder_matmul       2*Bl*d*nl          the only dense matmul (Gao et al. 2024, eq. 3)
+  topk_select          Bl*nl*(2 [+1])     bias add, running-top-k compares [+ the dead-masked AuxK ones]
+  split_candidate_topk reading the Triton split candidate buffer (below) for the final torch.topk
+  topk_merge/auxk_merge  the exchange's local selection, masks, and the keep masks applied (tp > 1)
+  decode, multi_topk_decode, auxk_decode (Triton `sparse_decode`), per call with w slots, r rows:
+                       r = decoded W_dec rows: decode_compact=True (the code: another shard's winners
+                       are index -1) r = Bl*k/tp (Bl*4k/tp, Bl*ka/tp) on average; False (what-if, the
+                       code before): every local slot, r = Bl*w.
+                       forward 2*r*d FLOPs; HBM r*d*4 (rows) + S*8*TD (int64 indices, re-read by every
+                       feature tile) + Bl*d*4 (output), S = Bl*w slots (decode_scan_slots=True: the
+                       kernels loop over every slot, padding included) or r (what-if: winners only).
+  *_bwd                4*r*d FLOPs; grad of values: grad_out read CB times (Bl*d*4*CB; r*d*4 when
+                       not scanning) + rows + indices; grad of W_dec (atomic kernel): a dense fp32
+                       [nl, d] buffer zero-filled per call (4*nl*d), indices re-read per feature
+                       tile, r*d*8 atomic read-modify-writes.
+  decoder_grad_accumulate  12*nl*d per extra decode call (autograd sums the [nl, d] W_dec gradients)
+  encoder_sparse_bwd   CSR x dense over E (token, latent) entries (`encoder_topk` backward): 2*E*d
+                       FLOPs; HBM E*d*4 (gathered fp32 input rows) + E*320 (cat, repeat_interleave,
+                       stable argsort ~8 radix passes, gathers; rough) + nl*d*(8 + gradient bytes).
+                       E = Bl*(wm + wa), every local candidate: the CUDA path keeps the zero-gradient
+                       entries of candidates another shard won (the CPU path drops them);
+                       encoder_bwd_drop_zeros=True (what-if): E = Bl*(ks + ka)/tp, the winners.
+  b_pre_grad           2*d*nl (-W_enc @ grad b_enc; upcasts a bf16 W_enc copy to fp32 first)
+  bf16_grad_cast       the bf16 W_enc gradient cast to the fp32 parameter's gradient (6*d*nl bytes)
+  decoder_grad_projection 4*nl*d; decoder_renorm 3*nl*d (section 2.4.1)
+  adam                 12 FLOPs, 28 HBM bytes per parameter it updates (P, or P/dp under ZeRO)
+
+Communication (ring model; S = buffer bytes, p = group size, alpha = latency per ring step):
+  all_reduce 2(p-1)/p*S/bw + 2(p-1)*alpha; all_gather (S = gathered total) and reduce_scatter (S =
+  input) (p-1)/p*S/bw + (p-1)*alpha; all_to_all (S = bytes each rank sends, its own block included)
+  (p-1)/p*S/bw + (p-1)*alpha. bw = intra-node bandwidth when the group lies in one node, else the
+  inter-node bandwidth (per-GPU NIC; a collective crossing nodes runs at its slowest link).
+  tp: the TopK exchange above (main and AuxK), all-reduce of the partial reconstructions [Bl, d] fp32
+  (main, Multi-TopK, AuxK), of the dead-latent count and of the b_pre gradient [d].
+  dp: gradient all-reduce of the local shard (trainer.engine=torch) or reduce-scatter + parameter
+  all-gather (DeepSpeed ZeRO-1/2); dead-latent "fired" flags [nl] uint8; the loss statistics (the
+  global-batch variance: a [d] sum and a scalar, for the loss and for AuxK).
+
+Step time = compute + communication (no overlap: every collective on the critical path, as the
+synchronous collectives of `sae_dist.parallel` and DeepSpeed's overlap_comm=false are);
+`step_time_overlapped_s` = max(compute, communication) is the perfect-overlap lower bound.
+tokens/s = B / step time.
+
+Memory per GPU: params 4P; grads 4P (ZeRO-2: none kept whole); Adam moments 8P, or under ZeRO-1/2
+(8 + 4 + 4)*P/dp (moments, DeepSpeed's fp32 master partition, its fp32 gradient partition) plus a
+reduce bucket; with optimizer offload those partitions live in host memory. EMA 4P when trainer.ema;
+dead-latent state 9 bytes per latent; the bf16 W_enc copy (2*d*nl, saved for the backward);
+activations = what the forward keeps for the backward (inputs, [Bl, d] buffers, the encoder's saved
+input and selections, keep masks, the decode calls' masked values and -1-padded int64 indices) + the
+larger of the forward's and the backward's transient peaks (`transient_bytes`):
+  forward: the Triton split candidate buffer [Bl, splits, wm + wa] x 8 bytes (fp32 value + int32 id;
+    splits = ceil(nl / span), span = latent_chunk widened so that the buffer stays under
+    candidate_buffer_bytes = 1 GiB, `CANDIDATE_BUFFER_BYTES`, then rounded up to the 128-latent
+    tile; one split when even that is over the cap), or the exchange buffers, whichever is larger;
+  backward: the encoder backward's index arrays (E_all*16 + E*40 bytes), its [latent_chunk, d] fp32
+    product, and with bf16 copies the bf16 W_enc gradient (2*d*nl), the fp32 upcast of the W_enc copy
+    for the b_pre gradient (4*d*nl) and the fp32 input (Bl*d*4); or one extra [nl, d] fp32 W_dec
+    gradient when two or more decode calls run; whichever is larger;
+plus a workspace margin (CUDA context, NCCL buffers, allocator slack).
+
+Console script `sae-plan` (a Hydra app over `conf/plan.yaml`), e.g.
+    sae-plan sae.d_in=4096 sae.n_latents=16777216 trainer.batch_tokens=131072 parallel.tp=64 \\
+        cluster.nodes=8 output=json
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, fields
+from importlib import resources
+from typing import Any
+
+__all__ = [
+    "Cluster",
+    "PlanDoesNotFit",
+    "check_fits",
+    "plan",
+    "shard_shapes",
+    "params_per_gpu",
+    "triton_encoder_splits",
+    "render",
+    "render_compare",
+    "main",
+    "GiB",
+    "ENGINES",
+    "TOPK_EXCHANGES",
+    "CANDIDATE_BUFFER_BYTES",
+]
+
+GiB = 2**30  # memory sizes are binary (GiB)
+GB = 1e9  # bandwidths are decimal (GB/s)
+ENGINES = ("torch", "deepspeed")
+ZERO_STAGES = (1, 2)  # DeepSpeed stages `sae_dist.train.deepspeed_engine` runs
+TOPK_EXCHANGES = ("alltoall", "allgather")
+KERNEL_BACKENDS = ("auto", "triton", "torch")
+#: The Triton encoder's cap on its split candidate buffers (mirrors
+#: `sae_dist.kernels.encoder_topk.CANDIDATE_BUFFER_BYTES`; tests check they agree).
+CANDIDATE_BUFFER_BYTES = 1 << 30
+_DEC_BLOCK_D, _DEC_BLOCK_K = 64, 8  # tiles of the Triton sparse-decode kernels (sparse_decode.BLOCK_*)
+_INDEX_WORK_BYTES = 320  # HBM bytes per entry of the encoder backward's index work (rough, see docstring)
+#: Kept activations still alive when the encoder backward runs (the step's last backward op).
+KEPT_TO_ENCODER_BWD = ("inputs_fp32", "encoder_saved_input", "selections")
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """A homogeneous GPU cluster. Defaults: one node of 8 H100 SXM 80GB (NVLink + InfiniBand NDR).
+
+    Fields (units in the names; GB = 1e9 bytes, GiB = 2^30 bytes):
+      nodes, gpus_per_node: world size = nodes * gpus_per_node.
+      gpu_memory_gib: usable memory of one GPU (H100 80GB: nvidia-smi reports 81559 MiB = 79.6 GiB).
+      intra_node_gbytes_per_s: per-GPU, per-direction bandwidth inside a node (NVLink 4 through
+        NVSwitch: 900 GB/s bidirectional, 450 per direction).
+      inter_node_gbytes_per_s: per-GPU network bandwidth between nodes (InfiniBand NDR 400 Gb/s,
+        one NIC per GPU: 50 GB/s).
+      bf16_tflops: dense bf16 tensor-core peak (H100 SXM: 989).
+      hbm_gbytes_per_s: HBM bandwidth (H100 SXM HBM3: 3350).
+      hbm_efficiency: fraction of hbm_gbytes_per_s the memory-bound kernels reach, in (0, 1].
+      mfu: fraction of bf16_tflops the fused encoder matmul reaches, in (0, 1].
+      latency_us: latency of one ring step of a collective, microseconds.
+      pcie_gbytes_per_s: host <-> GPU bandwidth per GPU (optimizer offload only; PCIe 5 x16).
+      host_gbytes_per_s: host-memory bandwidth one GPU's share of the CPUs reaches when running Adam
+        on an offloaded partition (optimizer offload only; a rough figure).
+
+    Raises ValueError naming the bad field.
+    """
+
+    nodes: int = 1
+    gpus_per_node: int = 8
+    gpu_memory_gib: float = 79.6
+    intra_node_gbytes_per_s: float = 450.0
+    inter_node_gbytes_per_s: float = 50.0
+    bf16_tflops: float = 989.0
+    hbm_gbytes_per_s: float = 3350.0
+    hbm_efficiency: float = 0.7
+    mfu: float = 0.5
+    latency_us: float = 5.0
+    pcie_gbytes_per_s: float = 50.0
+    host_gbytes_per_s: float = 20.0
+
+    def __post_init__(self) -> None:
+        for name in ("nodes", "gpus_per_node"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"cluster.{name}={v!r} must be a positive int")
+        for name in ("gpu_memory_gib", "intra_node_gbytes_per_s", "inter_node_gbytes_per_s",
+                     "bf16_tflops", "hbm_gbytes_per_s", "pcie_gbytes_per_s", "host_gbytes_per_s"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
+                raise ValueError(f"cluster.{name}={v!r} must be a positive number")
+        for name in ("mfu", "hbm_efficiency"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v <= 1:
+                raise ValueError(f"cluster.{name}={v!r} must be in (0, 1]")
+        if not isinstance(self.latency_us, (int, float)) or self.latency_us < 0:
+            raise ValueError(f"cluster.latency_us={self.latency_us!r} must be >= 0")
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "Cluster":
+        """Build from a mapping (e.g. the Hydra `cluster:` block); unknown keys raise ValueError."""
+        d = dict(d or {})
+        names = [f.name for f in fields(cls)]
+        unknown = set(d) - set(names)
+        if unknown:
+            raise ValueError(f"unknown cluster keys {sorted(unknown)}; valid: {names}")
+        return cls(**d)
+
+
+def shard_shapes(d_in: int, n_latents: int, tp: int) -> dict[str, tuple[int, ...]]:
+    """Per-rank parameter shapes of the latent-sharded TopK SAE (ARCHITECTURE.md "Parallelism").
+
+    tp rank r holds latents [r*n/tp, (r+1)*n/tp): W_enc [d_in, n/tp], b_enc [n/tp],
+    W_dec [n/tp, d_in]; b_dec [d_in] is replicated on every rank. Names follow the export contract.
+
+    Raises ValueError when an argument is not a positive int or n_latents is not divisible by tp.
+    """
+    for name, v in (("d_in", d_in), ("n_latents", n_latents), ("tp", tp)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name}={v!r} must be a positive int")
+    from sae_dist.parallel.mesh import shard_range
+
+    lo, hi = shard_range(n_latents, tp, 0)  # the trainer's own split; raises when tp does not divide n
+    nl = hi - lo
+    return {"W_enc": (d_in, nl), "b_enc": (nl,), "W_dec": (nl, d_in), "b_dec": (d_in,)}
+
+
+def params_per_gpu(d_in: int, n_latents: int, tp: int) -> int:
+    """Number of parameters one rank holds: the sum over `shard_shapes` (= 2*d*n/tp + n/tp + d)."""
+    return sum(math.prod(s) for s in shard_shapes(d_in, n_latents, tp).values())
+
+
+class PlanDoesNotFit(ValueError):
+    """The planned step needs more memory than one GPU has; the message says by how many GiB."""
+
+
+def check_fits(result: dict) -> dict:
+    """Return `result` (a `plan` dict) when it fits, else raise PlanDoesNotFit with its message."""
+    if not result["fits"]:
+        raise PlanDoesNotFit(result["message"])
+    return result
+
+
+# ------------------------------------------------------------------------------------ the model
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, (int(v) - 1).bit_length())
+
+
+def triton_encoder_splits(tokens: int, n_local: int, k: int, k_aux: int, latent_chunk: int = 4096,
+                          cap_bytes: int = CANDIDATE_BUFFER_BYTES) -> int:
+    """Number of latent splits the Triton fused encoder (`encoder_topk._select_triton`) launches for
+    `tokens` x `n_local` latents selecting k (+ k_aux AuxK candidates); its split candidate buffers
+    are [tokens, splits, k + k_aux] x 8 bytes (fp32 value + int32 id).
+
+    span = max(latent_chunk, ceil(n_local / max_splits)) rounded up to the tile BLOCK_N = clamp(
+    next_pow2(n_local), 16, 128), with max_splits = max(1, cap_bytes // (tokens * (k + k_aux) * 8)):
+    the buffers stay under cap_bytes unless one split alone is larger. Returns ceil(n_local / span).
+    Raises ValueError for non-positive sizes or k_aux < 0.
+    """
+    for name, v in (("tokens", tokens), ("n_local", n_local), ("k", k), ("latent_chunk", latent_chunk),
+                    ("cap_bytes", cap_bytes)):
+        _posint(name, v)
+    if not isinstance(k_aux, int) or k_aux < 0:
+        raise ValueError(f"k_aux={k_aux!r} must be an int >= 0")
+    block_n = max(16, min(128, _next_pow2(n_local)))
+    max_splits = max(1, cap_bytes // (tokens * (k + k_aux) * 8))
+    span = max(latent_chunk, -(-n_local // max_splits))
+    span = -(-span // block_n) * block_n
+    return -(-n_local // span)
+
+
+def _collective(name, group, op, size, p, link, bw_gbytes, latency_us, what, count=1):
+    """`count` collectives of `size` bytes under the ring model; bytes_per_gpu = what one GPU sends
+    (= receives) over links in all of them."""
+    if op == "all_reduce":
+        moved, steps = 2 * (p - 1) / p * size, 2 * (p - 1)
+    elif op in ("all_gather", "reduce_scatter", "all_to_all"):
+        moved, steps = (p - 1) / p * size, p - 1
+    else:  # pragma: no cover - internal
+        raise ValueError(op)
+    return {
+        "name": name, "group": group, "op": op, "group_size": p, "link": link, "count": count,
+        "size_bytes": int(size), "bytes_per_gpu": int(round(count * moved)),
+        "time_s": count * (moved / (bw_gbytes * GB) + steps * latency_us * 1e-6), "what": what,
+    }
+
+
+def _posint(name: str, v) -> None:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ValueError(f"{name}={v!r} must be a positive int")
+
+
+def plan(
+    *,
+    d_in: int,
+    n_latents: int,
+    k: int,
+    batch_tokens: int,
+    tp: int = 1,
+    cluster: Cluster | dict | None = None,
+    k_aux: int | None = None,
+    auxk: bool = True,
+    multi_topk: bool = False,
+    multi_topk_factor: int = 4,
+    engine: str = "torch",
+    zero_stage: int = 1,
+    offload_optimizer: bool = False,
+    ema: bool = False,
+    topk_exchange: str = "alltoall",
+    decode_compact: bool = True,
+    decode_scan_slots: bool = True,
+    encoder_bwd_drop_zeros: bool = False,
+    kernels: bool = True,
+    kernel_backend: str = "auto",
+    latent_chunk: int = 4096,
+    candidate_buffer_bytes: int = CANDIDATE_BUFFER_BYTES,
+    bf16_operand_copies: bool = True,
+    topk_value_bytes: int = 4,
+    input_buffers: int = 2,
+    workspace_gib: float = 2.0,
+    zero_bucket_elements: int = 500_000_000,
+    suggest: bool = True,
+) -> dict[str, Any]:
+    """Plan one training step of a latent-sharded TopK SAE; a pure function of its arguments.
+
+    Args, SAE and trainer (the sae.* / trainer.* options of the same names):
+      d_in, n_latents, k: SAE width, latents, active latents per token.
+      batch_tokens: global batch B in tokens; each dp rank gets B/dp.
+      k_aux: AuxK latents per token; None -> `sae_dist.sae.config.default_k_aux(d_in)` capped at n
+        (a power of two near d_in/2). Planned in full (>= k_aux dead latents on every rank).
+      auxk: False when AuxK is off (sae.auxk_coef == 0).
+      multi_topk, multi_topk_factor: Multi-TopK (L(k) + L(4k)/8): the encoder selects factor*k.
+      engine, zero_stage, offload_optimizer: trainer.engine "torch" (fused Adam, gradients
+        all-reduced over dp) or "deepspeed" (ZeRO zero_stage 1 or 2 over dp; zero_stage is ignored
+        with engine="torch"); offload_optimizer keeps DeepSpeed's partitions on the host.
+      ema: trainer.ema (one more fp32 copy of the parameters).
+    Args, parallelism and kernels (defaults: the code as it is; "what-if" = not in the code):
+      tp: latent shards (parallel.tp); dp = world / tp.
+      cluster: a `Cluster` or a dict of its fields (default: one node of 8 H100 80GB).
+      topk_exchange: "alltoall" (token-sharded, the code) or "allgather" (the code's fallback).
+        When B/dp is not divisible by tp the code always gathers, and so does the plan
+        (config["topk_exchange"] is then "allgather", config["topk_exchange_requested"] the input).
+      decode_compact: True (the code): each rank decodes only its own winners (the others are index
+        -1); False (what-if): every local candidate's W_dec row is read.
+      decode_scan_slots: True (the code): the sparse-decode kernels loop over every slot of the
+        [Bl, w] codes, padding included; False (what-if): they visit only the winners.
+      encoder_bwd_drop_zeros: False (the code on CUDA): the encoder backward's CSR holds every local
+        candidate (zero gradient where another shard won); True (what-if): only nonzero entries.
+      kernels, kernel_backend, latent_chunk, candidate_buffer_bytes: sae.kernels, sae.kernel_backend,
+        the fused encoder's `latent_chunk` (the trainer uses the default 4096) and its candidate
+        buffer cap. "auto" plans the Triton path (a GPU plan; `triton_encoder_splits`); "torch":
+        [Bl, latent_chunk] chunk buffers; kernels=False: dense [Bl, nl] fp32 pre-activations.
+      bf16_operand_copies: True (the code under the trainer's bf16 autocast on CUDA,
+        `sae_dist.sae.topk.encoder_operands`): the fused encoder runs on bf16 copies of W_enc, b_enc
+        and x; False: fp32 operands (trainer.bf16=false: pass the tf32 / fp32 rate as
+        cluster.bf16_tflops).
+      topk_value_bytes: bytes of one exchanged candidate value (the code: 4, fp32).
+      input_buffers: fp32 [Bl, d] batches resident (current + prefetched).
+      workspace_gib: memory margin for the CUDA context, NCCL buffers and allocator slack.
+      zero_bucket_elements: DeepSpeed's reduce bucket (fp32 elements) under ZeRO.
+      suggest: when the plan does not fit, search tp / engine / ZeRO stage / batch size settings of
+        the same cluster that fit.
+
+    Returns a JSON-serialisable dict:
+      config: the resolved inputs plus world, dp, tokens_per_gpu (Bl), latents_per_gpu (nl), k_aux
+        (0 when AuxK is off), k_select (ks), topk_exchange (the one planned) and
+        topk_exchange_requested, encoder_splits (Triton path, else 0), decode_rows {call: W_dec rows per rank},
+        decode_slots {call: slots per token}, encoder_bwd_entries (E), tp_link / dp_link
+        ("intra" | "inter" | "none").
+      cluster: the Cluster fields.
+      shard_shapes: {name: [dims]} per GPU; params_per_gpu: int.
+      memory_bytes: {params, grads, optimizer, ema, dead_latent_state, bf16_operand_copies,
+        activations, zero_buckets, workspace, total} per GPU in bytes; memory_gib: the same in GiB;
+        host_memory_bytes: per GPU on the host (optimizer offload), else 0.
+      activation_bytes: {component: bytes} kept for the backward, plus "transient_peak";
+        transient_bytes: {"fwd": {component: bytes}, "bwd": {...}}; transient_phase: the larger.
+      flops: {component: {phase, kind, flops, hbm_bytes, time_s}}; flops_total; matmul_flops.
+      comm: list of {name, group, op, group_size, link, count, size_bytes, bytes_per_gpu, time_s,
+        what}; comm_bytes_per_gpu (sum of bytes_per_gpu).
+      compute_s, matmul_s, tp_comm_s, dp_comm_s, comm_s, step_time_s (compute + comm),
+      step_time_overlapped_s (max of the two), tokens_per_s, tokens_per_s_overlapped, comm_fraction
+      (comm_s / step_time_s), step_over_matmul, input_bytes_per_gpu (fp32 batch bytes per step).
+      gpu_memory_gib, fits, excess_gib (> 0 iff not fits), headroom_gib, message ("" when it fits,
+      else the refusal, with the excess in GiB), suggestions (when it does not fit: up to 3
+      {overrides, total_gib, step_time_s, tokens_per_s} that fit, highest tokens/s first), assumptions.
+
+    Raises ValueError naming the bad option and the fix (tp not dividing the world or n, B not
+    divisible by dp, k > n, an unknown engine / zero stage / exchange, ...). A shape that does not
+    fit is not an error here: see `fits` / `message`, or call `check_fits`.
+    """
+    c = cluster if isinstance(cluster, Cluster) else Cluster.from_dict(cluster)
+    for name, v in (("d_in", d_in), ("n_latents", n_latents), ("k", k), ("batch_tokens", batch_tokens),
+                    ("tp", tp), ("latent_chunk", latent_chunk), ("multi_topk_factor", multi_topk_factor),
+                    ("topk_value_bytes", topk_value_bytes), ("input_buffers", input_buffers),
+                    ("zero_bucket_elements", zero_bucket_elements),
+                    ("candidate_buffer_bytes", candidate_buffer_bytes)):
+        _posint(name, v)
+    if engine not in ENGINES:
+        raise ValueError(f"trainer.engine={engine!r}; valid: {ENGINES}")
+    if engine == "deepspeed" and zero_stage not in ZERO_STAGES:
+        raise ValueError(f"trainer.zero_stage={zero_stage!r}; valid with engine=deepspeed: {ZERO_STAGES}")
+    if offload_optimizer and engine != "deepspeed":
+        raise ValueError("trainer.offload_optimizer=true needs trainer.engine=deepspeed")
+    if topk_exchange not in TOPK_EXCHANGES:
+        raise ValueError(f"topk_exchange={topk_exchange!r}; valid: {TOPK_EXCHANGES}")
+    if kernel_backend not in KERNEL_BACKENDS:
+        raise ValueError(f"sae.kernel_backend={kernel_backend!r}; valid: {KERNEL_BACKENDS}")
+    if not workspace_gib >= 0:
+        raise ValueError(f"workspace_gib={workspace_gib!r} must be >= 0")
+    world = c.world
+    if tp > world or world % tp:
+        raise ValueError(
+            f"parallel.tp={tp} must divide the world size {world} (= cluster.nodes {c.nodes} x "
+            f"cluster.gpus_per_node {c.gpus_per_node}); divisors: "
+            f"{[t for t in range(1, world + 1) if world % t == 0]}"
+        )
+    dp = world // tp
+    shapes = shard_shapes(d_in, n_latents, tp)  # raises when tp does not divide n
+    if batch_tokens % dp:
+        raise ValueError(f"trainer.batch_tokens={batch_tokens} is not divisible by dp={dp} "
+                         f"(= world {world} / tp {tp}); use a multiple of {dp}")
+    if k > n_latents:
+        raise ValueError(f"sae.k={k} > sae.n_latents={n_latents}: lower sae.k")
+    if k_aux is None:
+        from sae_dist.sae.config import default_k_aux
+
+        k_aux = min(default_k_aux(d_in), n_latents)
+    if not isinstance(k_aux, int) or isinstance(k_aux, bool) or not 1 <= k_aux <= n_latents:
+        raise ValueError(f"sae.k_aux={k_aux!r} must be an int in [1, n_latents={n_latents}]")
+    ks = multi_topk_factor * k if multi_topk else k
+    if ks > n_latents:
+        raise ValueError(f"Multi-TopK selects multi_topk_factor*k = {ks} > n_latents={n_latents}")
+    ka = k_aux if auxk else 0
+
+    d, n, B = d_in, n_latents, batch_tokens
+    nl, Bl = n // tp, B // dp
+    P = params_per_gpu(d, n, tp)
+    zero = zero_stage if engine == "deepspeed" else 0
+    gpn = c.gpus_per_node
+    tp_link = "none" if tp == 1 else ("intra" if gpn % tp == 0 else "inter")
+    dp_link = "none" if dp == 1 else ("intra" if world <= gpn else "inter")
+    bw = {"intra": c.intra_node_gbytes_per_s, "inter": c.inter_node_gbytes_per_s}
+    exchange = topk_exchange if (tp == 1 or Bl % tp == 0) else "allgather"  # the code's fallback
+    backend = "triton" if kernel_backend == "auto" else kernel_backend
+    vb = 2 if bf16_operand_copies else 4  # encoder operand / value bytes
+    vx = topk_value_bytes
+    bd = Bl * d * 4  # one fp32 [Bl, d] tensor
+    chunk = min(latent_chunk, nl)
+    wm, wa = min(ks, nl), min(ka, nl)  # local candidate slots per token (main, AuxK)
+    td = -(-d // _DEC_BLOCK_D)
+
+    # decode calls (name, slots per token w, W_dec rows decoded r); compact: own winners only
+    calls = [("decode", wm, Bl * k / tp if decode_compact else Bl * wm)]
+    if multi_topk:
+        calls.append(("multi_topk_decode", wm, Bl * ks / tp if decode_compact else Bl * wm))
+    if ka:
+        calls.append(("auxk_decode", wa, Bl * ka / tp if decode_compact else Bl * wa))
+    e_all = Bl * (wm + wa)  # encoder-backward entries as the CUDA code builds them
+    e_bwd = min(e_all, -(-Bl * (ks + ka) // tp)) if encoder_bwd_drop_zeros else e_all
+
+    # exchanges: (prefix, exchange width wx, mask widths ms)
+    selections = [("topk", wm, (ks, k) if multi_topk else (k,))]
+    if ka:
+        selections.append(("auxk", ka, (ka,)))
+
+    # ------------------------------------------------------------------ memory
+    part = -(-P // dp)  # ZeRO partition (elements), rounded up
+    host = 16 * part if (zero and offload_optimizer) else 0  # master + its grad + 2 moments, fp32
+    mem = {
+        "params": 4 * P,
+        "grads": (4 * P if zero < 2 else 0) + (4 * part if zero and not offload_optimizer else 0),
+        "optimizer": (12 * part if not offload_optimizer else 0) if zero else 8 * P,
+        "ema": 4 * P if ema else 0,
+        "dead_latent_state": 9 * nl,  # int64 tokens-since-fired + bool ever-fired
+        "bf16_operand_copies": (2 * d * nl + 2 * nl) if bf16_operand_copies else 0,  # saved W_enc, b_enc copies
+    }
+    # live fp32 [Bl, d] tensors: loss path (partial decode, its all-reduced copy, x_hat, x - x_hat,
+    # its grad), AuxK the same for e / e_hat, Multi-TopK 3 more
+    n_bd = 4 + (4 if ka else 0) + (3 if multi_topk else 0)
+    act = {
+        "inputs_fp32": input_buffers * bd,
+        "dense_Bxd_buffers": n_bd * bd,
+        "bf16_input_copy": 2 * Bl * d if bf16_operand_copies else 0,  # x in bf16, held by the forward
+        "encoder_saved_input": Bl * d * vb,  # x - b_pre in the operand dtype, saved for the backward
+        "selections": e_all * (vb + 8),  # the encoder's values + int64 ids (main and AuxK)
+        "keep_masks": 0,
+        "decode_inputs": sum(Bl * w * (vb + 8) for _, w, _ in calls),  # masked values, -1-padded ids
+    }
+    fwd: dict[str, int] = {}
+    if not kernels:
+        fwd["dense_preacts"] = Bl * nl * 4 * (2 if ka else 1)
+    elif backend == "torch":
+        fwd["encoder_chunk_buffers"] = Bl * chunk * vb * (2 if ka else 1) + Bl * (8 * wm + 2 * wa) * 12
+    splits = triton_encoder_splits(Bl, nl, wm, wa, latent_chunk, candidate_buffer_bytes)
+    if kernels and backend == "triton":
+        fwd["encoder_split_candidates"] = Bl * splits * (wm + wa) * 8
+
+    comm: list[dict] = []
+    lat = c.latency_us
+    flops: dict[str, dict] = {}
+    rates = {"matmul": c.bf16_tflops * 1e12 * c.mfu, "memory": c.hbm_gbytes_per_s * GB * c.hbm_efficiency,
+             "pcie": c.pcie_gbytes_per_s * GB, "host": c.host_gbytes_per_s * GB}
+
+    def add(name, phase, fl, nbytes, kind):
+        t = 0.0 if kind == "fused" else (fl if kind == "matmul" else nbytes) / rates[kind]
+        flops[name] = {"phase": phase, "kind": kind, "flops": int(fl), "hbm_bytes": int(nbytes), "time_s": t}
+
+    merges = {}
+    for prefix, wx, ms in selections:
+        send = Bl * wx * vx if vb != vx else 0  # fp32 copy of bf16 values (none when already fp32)
+        if tp == 1:
+            act["keep_masks"] += len(ms) * Bl * wx
+            continue
+        if exchange == "alltoall":
+            act["keep_masks"] += len(ms) * Bl * wx
+            fwd[f"{prefix}_exchange"] = send + 2 * Bl * wx * vx + 3 * Bl * wx + -(-Bl // tp) * max(ms) * 12
+            merges[f"{prefix}_merge"] = (len(ms) * Bl * wx, Bl * wx * (2 * vx + 9 * len(ms)))
+        else:
+            act["keep_masks"] += len(ms) * tp * Bl * wx
+            fwd[f"{prefix}_exchange"] = send + 2 * tp * Bl * wx * vx + Bl * max(ms) * 12
+            merges[f"{prefix}_merge"] = (len(ms) * tp * Bl * wx, tp * Bl * wx * (2 * vx + 6 * len(ms)))
+
+    transient = {
+        "forward": fwd,
+        # a second dense fp32 [nl, d] W_dec gradient (atomic kernel) before autograd sums them, and
+        # the value gradients [Bl, w]
+        "decode_backward": {"decode_grad_buffers": (4 * nl * d if len(calls) > 1 else 0)
+                            + max(Bl * w * vb for _, w, _ in calls)},
+        # index arrays (g, ids, their concatenation; repeat_interleave, argsort, gathers), CSR row
+        # pointers, the [chunk, d] fp32 product; bf16: the fp32 input, the bf16 W_enc gradient and
+        # the fp32 upcast of the W_enc copy for the b_pre gradient
+        "encoder_backward": {"encoder_backward": e_all * 16 + e_bwd * 40 + (nl + 1) * 16 + nl * 4
+                             + chunk * d * 4
+                             + ((Bl * d * 4 + 2 * d * nl + 4 * d * nl) if bf16_operand_copies else 0)},
+    }
+    kept_all = sum(act.values())
+    kept_enc = sum(act[key] for key in KEPT_TO_ENCODER_BWD)  # the rest is freed by then
+    phases = {ph: (kept_enc if ph == "encoder_backward" else kept_all) + max(t.values(), default=0)
+              for ph, t in transient.items()}
+    peak_phase = max(phases, key=phases.get)
+    mem["activations"] = phases[peak_phase]
+    mem["zero_buckets"] = 4 * zero_bucket_elements if zero else 0
+    mem["workspace"] = int(round(workspace_gib * GiB))
+    mem["total"] = sum(mem.values())
+
+    # ------------------------------------------------------------------ compute
+    if bf16_operand_copies:
+        add("bf16_operand_casts", "fwd", d * nl + nl + Bl * d, 6 * (d * nl + nl + Bl * d), "memory")
+    add("encoder_matmul", "fwd", 2 * Bl * d * nl, 0, "matmul")
+    sel_fl = Bl * nl * (3 if ka else 2)
+    if not kernels:  # dense pre-activations written, then read by torch.topk (and the AuxK masked copy)
+        add("topk_select", "fwd", sel_fl, Bl * nl * 4 * (4 if ka else 2), "memory")
+    elif backend == "torch":  # [Bl, chunk] buffers written by addmm and read by the chunk top-k
+        add("topk_select", "fwd", sel_fl, Bl * nl * vb * (3 if ka else 2), "memory")
+    else:
+        add("topk_select", "fwd", sel_fl, 0, "fused")
+        add("split_candidate_topk", "fwd", Bl * splits * (wm + wa), Bl * splits * (wm + wa) * 8, "memory")
+    for name, (fl, nbytes) in merges.items():
+        add(name, "fwd", fl, nbytes, "memory")
+    # keep masks applied: values * keep, where(keep, ids, -1) for every decode call
+    add("keep_apply", "fwd", sum(Bl * w for _, w, _ in calls),
+        sum(Bl * w * (2 * vb + 18) for _, w, _ in calls), "memory")
+    rows = {}
+    for name, w, r in calls:
+        slots = Bl * w if decode_scan_slots else r  # code slots the kernels visit
+        rows[name] = r
+        add(name, "fwd", 2 * r * d, r * d * 4 + slots * 8 * td + bd, "memory")
+    add("loss_elementwise", "fwd+bwd", 3 * n_bd * Bl * d, 3 * n_bd * bd, "memory")
+    for name, w, r in calls:
+        slots = Bl * w if decode_scan_slots else r
+        go_reads = Bl * d * 4 * -(-w // _DEC_BLOCK_K) if decode_scan_slots else r * d * 4
+        grad_values = go_reads + r * d * 4 + Bl * w * 8 + Bl * w * vb
+        grad_wdec = nl * d * 4 + bd + slots * 8 * td + r * d * 8
+        add(name + "_bwd", "bwd", 4 * r * d, grad_values + grad_wdec, "memory")
+    if len(calls) > 1:
+        add("decoder_grad_accumulate", "bwd", (len(calls) - 1) * nl * d, (len(calls) - 1) * 12 * nl * d,
+            "memory")
+    gb = 2 if bf16_operand_copies else 4  # bytes of the encoder's W_enc gradient
+    add("encoder_sparse_bwd", "bwd", 2 * e_bwd * d,
+        e_bwd * d * 4 + e_bwd * _INDEX_WORK_BYTES + nl * d * (8 + gb)
+        + (Bl * d * 6 if bf16_operand_copies else 0), "memory")
+    add("b_pre_grad", "bwd", 2 * d * nl, d * nl * (10 if bf16_operand_copies else 4), "memory")
+    if bf16_operand_copies:
+        add("bf16_grad_cast", "bwd", d * nl, 6 * d * nl, "memory")
+    add("decoder_grad_projection", "opt", 4 * nl * d, 3 * nl * d * 4, "memory")
+    p_opt = part if zero else P
+    if zero and offload_optimizer:
+        add("offload_pcie_copies", "opt", 0, 8 * p_opt, "pcie")  # gradient partition down, weights up
+        add("adam_on_host", "opt", 12 * p_opt, 28 * p_opt, "host")
+    else:
+        add("adam", "opt", 12 * p_opt, 28 * p_opt, "memory")
+    if zero:  # module weights -> master partition before the step, updated partition -> weights after
+        add("zero_master_copies", "opt", 0, 16 * p_opt, "memory")
+    add("decoder_renorm", "opt", 3 * nl * d, 3 * nl * d * 4, "memory")
+    if ema:
+        add("ema", "opt", 3 * P, 12 * P, "memory")
+    add("dead_latent_update", "opt", 2 * nl, 18 * nl, "memory")
+
+    # ------------------------------------------------------------------ communication
+    if tp > 1:
+        b = bw[tp_link]
+
+        def exchange_comm(prefix: str, wx: int, ms: tuple[int, ...], what: str):
+            if exchange == "alltoall":
+                comm.append(_collective(f"{prefix}_values_alltoall", "tp", "all_to_all", Bl * wx * vx, tp,
+                                        tp_link, b, lat, f"{what}: fp32 candidate values [Bl, {wx}] to the "
+                                        "ranks selecting their token blocks"))
+                comm.append(_collective(f"{prefix}_masks_alltoall", "tp", "all_to_all", Bl * wx, tp, tp_link,
+                                        b, lat, f"{what}: uint8 keep masks [Bl, {wx}] back, one per width "
+                                        f"{list(ms)}", count=len(ms)))
+            else:
+                comm.append(_collective(f"{prefix}_allgather", "tp", "all_gather", tp * Bl * wx * vx, tp,
+                                        tp_link, b, lat, f"{what}: every rank's {wx} candidate values of "
+                                        f"{Bl} tokens"))
+
+        exchange_comm("topk", wm, selections[0][2], "exact global TopK")
+        comm.append(_collective("recon_allreduce", "tp", "all_reduce", bd, tp, tp_link, b, lat,
+                                "partial reconstructions [Bl, d] fp32"))
+        if multi_topk:
+            comm.append(_collective("multi_topk_recon_allreduce", "tp", "all_reduce", bd, tp, tp_link, b,
+                                    lat, "Multi-TopK partial reconstructions [Bl, d] fp32"))
+        if ka:
+            comm.append(_collective("dead_count_allreduce", "tp", "all_reduce", 8, tp, tp_link, b, lat,
+                                    "global number of dead latents (int64)"))
+            exchange_comm("auxk", ka, (ka,), "exact AuxK top-k_aux over dead latents")
+            comm.append(_collective("auxk_recon_allreduce", "tp", "all_reduce", bd, tp, tp_link, b, lat,
+                                    "partial AuxK reconstructions [Bl, d] fp32"))
+        comm.append(_collective("b_pre_grad_allreduce", "tp", "all_reduce", 4 * d, tp, tp_link, b, lat,
+                                "b_pre gradient through the encoder [d] fp32"))
+    if dp > 1:
+        b = bw[dp_link]
+        comm.append(_collective("loss_stats_allreduce", "dp", "all_reduce", 4 * d, dp, dp_link, b, lat,
+                                "global-batch mean [d] and variance (scalar), loss and AuxK",
+                                count=4 if ka else 2))
+        if zero:
+            comm.append(_collective("grad_reduce_scatter", "dp", "reduce_scatter", 4 * P, dp, dp_link, b, lat,
+                                    "ZeRO: fp32 gradients of the local shard"))
+            comm.append(_collective("param_allgather", "dp", "all_gather", 4 * P, dp, dp_link, b, lat,
+                                    "ZeRO: updated fp32 parameters of the local shard"))
+        else:
+            comm.append(_collective("grad_allreduce", "dp", "all_reduce", 4 * P, dp, dp_link, b, lat,
+                                    "fp32 gradients of the local shard"))
+        comm.append(_collective("dead_latent_allreduce", "dp", "all_reduce", nl, dp, dp_link, b, lat,
+                                "fired flags [nl] uint8 (MAX)"))
+
+    # ------------------------------------------------------------------ step
+    compute_s = sum(v["time_s"] for v in flops.values())
+    matmul_s = sum(v["time_s"] for v in flops.values() if v["kind"] == "matmul")
+    tp_comm_s = sum(x["time_s"] for x in comm if x["group"] == "tp")
+    dp_comm_s = sum(x["time_s"] for x in comm if x["group"] == "dp")
+    comm_s = tp_comm_s + dp_comm_s
+    step = compute_s + comm_s
+    step_ov = max(compute_s, comm_s)
+
+    excess = mem["total"] - c.gpu_memory_gib * GiB
+    fits = excess <= 0
+    config = {
+        "d_in": d, "n_latents": n, "k": k, "k_aux": ka, "k_select": ks, "auxk": bool(ka),
+        "multi_topk": multi_topk, "batch_tokens": B, "tp": tp, "dp": dp, "world": world,
+        "tokens_per_gpu": Bl, "latents_per_gpu": nl, "engine": engine, "zero_stage": zero,
+        "offload_optimizer": bool(offload_optimizer), "ema": ema, "topk_exchange": exchange,
+        "topk_exchange_requested": topk_exchange,
+        "decode_compact": decode_compact, "decode_scan_slots": decode_scan_slots,
+        "decode_rows": {k_: int(round(v)) for k_, v in rows.items()},
+        "decode_slots": {name: w for name, w, _ in calls},
+        "encoder_bwd_drop_zeros": encoder_bwd_drop_zeros, "encoder_bwd_entries": e_bwd,
+        "kernels": kernels, "kernel_backend": backend, "latent_chunk": latent_chunk,
+        "candidate_buffer_bytes": candidate_buffer_bytes,
+        "encoder_splits": splits if (kernels and backend == "triton") else 0,
+        "bf16_operand_copies": bf16_operand_copies, "topk_value_bytes": vx,
+        "input_buffers": input_buffers, "workspace_gib": workspace_gib, "tp_link": tp_link, "dp_link": dp_link,
+    }
+    assumptions = [
+        "model estimates from formulas, not measurements",
+        "tp innermost in the mesh: a tp group lies in one node iff tp divides gpus_per_node",
+        "no overlap: every collective on the critical path (step_time_overlapped_s: perfect-overlap bound)",
+        "ring collectives at the slowest link of the group (per-GPU NIC across nodes)",
+        f"k_aux={ka} AuxK candidates per token on every rank (worst case: >= k_aux dead latents per rank)",
+        "selected latents spread evenly over the tp ranks",
+        "top-k selection fused into the encoder matmul (its cost is in the mfu derate; the running "
+        "top-k_aux in registers is untested at large k_aux)",
+        "encoder matmul at cluster.bf16_tflops * cluster.mfu" + (
+            "" if bf16_operand_copies else " (fp32 operands: pass the tf32 or fp32 rate)"),
+        "activations: the largest of three phase peaks (forward, decode backward, encoder backward), "
+        "each = the tensors alive then + that phase's largest transient",
+    ]
+    if exchange != topk_exchange:
+        assumptions.append(f"B/dp = {Bl} is not divisible by tp = {tp}: the code falls back to the all-gather "
+                           "exchange, and so does this plan")
+    result: dict[str, Any] = {
+        "config": config,
+        "cluster": asdict(c),
+        "shard_shapes": {k_: list(v) for k_, v in shapes.items()},
+        "params_per_gpu": P,
+        "memory_bytes": mem,
+        "memory_gib": {k_: v / GiB for k_, v in mem.items()},
+        "host_memory_bytes": host,
+        "activation_bytes": act,
+        "transient_bytes": transient,
+        "activation_phases": phases,
+        "activation_peak_phase": peak_phase,
+        "flops": flops,
+        "flops_total": sum(v["flops"] for v in flops.values()),
+        "matmul_flops": sum(v["flops"] for v in flops.values() if v["kind"] == "matmul"),
+        "comm": comm,
+        "comm_bytes_per_gpu": sum(x["bytes_per_gpu"] for x in comm),
+        "compute_s": compute_s,
+        "matmul_s": matmul_s,
+        "tp_comm_s": tp_comm_s,
+        "dp_comm_s": dp_comm_s,
+        "comm_s": comm_s,
+        "step_time_s": step,
+        "step_time_overlapped_s": step_ov,
+        "tokens_per_s": B / step,
+        "tokens_per_s_overlapped": B / step_ov,
+        "comm_fraction": comm_s / step,
+        "step_over_matmul": step / matmul_s,
+        "input_bytes_per_gpu": bd,
+        "gpu_memory_gib": c.gpu_memory_gib,
+        "fits": fits,
+        "excess_gib": max(0.0, excess / GiB),
+        "headroom_gib": max(0.0, -excess / GiB),
+        "message": "",
+        "assumptions": assumptions,
+    }
+    if not fits:
+        kw = dict(
+            d_in=d_in, n_latents=n_latents, k=k, batch_tokens=batch_tokens, tp=tp, cluster=c, k_aux=k_aux,
+            auxk=auxk, multi_topk=multi_topk, multi_topk_factor=multi_topk_factor, engine=engine,
+            zero_stage=zero_stage, offload_optimizer=offload_optimizer, ema=ema, topk_exchange=topk_exchange,
+            decode_compact=decode_compact, decode_scan_slots=decode_scan_slots,
+            encoder_bwd_drop_zeros=encoder_bwd_drop_zeros, kernels=kernels, kernel_backend=kernel_backend,
+            latent_chunk=latent_chunk, candidate_buffer_bytes=candidate_buffer_bytes,
+            bf16_operand_copies=bf16_operand_copies, topk_value_bytes=topk_value_bytes,
+            input_buffers=input_buffers, workspace_gib=workspace_gib, zero_bucket_elements=zero_bucket_elements,
+        )
+        result["suggestions"] = _suggestions(kw) if suggest else []
+        result["message"] = _refusal(result)
+    return result
+
+
+def _suggestions(kw: dict, limit: int = 3) -> list[dict]:
+    """Trainer settings of the same cluster that fit, highest tokens/s first: parallel.tp >= the given
+    tp (dividing world and n), trainer.engine torch or DeepSpeed ZeRO-1/2, trainer.batch_tokens B,
+    B/2 or B/4. Returns up to `limit` {overrides, total_gib, step_time_s, tokens_per_s}."""
+    c: Cluster = kw["cluster"]
+    world, n, B0 = c.world, kw["n_latents"], kw["batch_tokens"]
+    cur_engine = (kw["engine"], kw["zero_stage"] if kw["engine"] == "deepspeed" else 0)
+    found = []
+    for tp in (t for t in range(kw["tp"], world + 1) if world % t == 0 and n % t == 0):
+        dp = world // tp
+        engines = {cur_engine, ("torch", 0)} | ({("deepspeed", 1), ("deepspeed", 2)} if dp > 1 else set())
+        for (engine, zero), B in itertools.product(sorted(engines), (B0, B0 // 2, B0 // 4)):
+            if B < 1 or B % dp or (tp, (engine, zero), B) == (kw["tp"], cur_engine, B0):
+                continue
+            r = plan(**{**kw, "tp": tp, "engine": engine, "zero_stage": zero or 1, "batch_tokens": B,
+                        "offload_optimizer": kw["offload_optimizer"] and engine == "deepspeed"},
+                     suggest=False)
+            if not r["fits"]:
+                continue
+            ov = []
+            if tp != kw["tp"]:
+                ov.append(f"parallel.tp={tp}")
+            if (engine, zero) != cur_engine:
+                ov.append(f"trainer.engine={engine}" + (f" trainer.zero_stage={zero}" if zero else ""))
+            if B != B0:
+                ov.append(f"trainer.batch_tokens={B}")
+            found.append({"overrides": " ".join(ov), "total_gib": r["memory_gib"]["total"],
+                          "step_time_s": r["step_time_s"], "tokens_per_s": r["tokens_per_s"]})
+    found.sort(key=lambda s: -s["tokens_per_s"])
+    return found[:limit]
+
+
+def _refusal(r: dict) -> str:
+    g, cfg = r["memory_gib"], r["config"]
+    parts = ", ".join(f"{k} {g[k]:.1f}" for k in ("params", "grads", "optimizer", "activations") if g[k] > 0)
+    phase = r["activation_peak_phase"]
+    tr = max(r["transient_bytes"][phase].items(), key=lambda kv: kv[1])
+    msg = (
+        f"does not fit: tp={cfg['tp']} x dp={cfg['dp']} needs {g['total']:.1f} GiB per GPU, "
+        f"{r['excess_gib']:.1f} GiB more than cluster.gpu_memory_gib={r['gpu_memory_gib']:g} "
+        f"({parts} GiB; activation peak in the {phase.replace('_', ' ')}, largest transient: {tr[0]} "
+        f"{tr[1] / GiB:.1f} GiB)."
+    )
+    if r.get("suggestions"):
+        msg += " Settings that fit: " + "; ".join(
+            f"{s['overrides']} ({s['total_gib']:.1f} GiB, {s['tokens_per_s']:,.0f} tokens/s)"
+            for s in r["suggestions"]
+        ) + "."
+    else:
+        msg += (" No tp / ZeRO stage / batch size (B, B/2, B/4) of this cluster fits: add nodes, lower "
+                "trainer.batch_tokens further, or use GPUs with more memory.")
+    return msg
+
+
+# ------------------------------------------------------------------------------------ rendering
+def _fmt_bytes(b: float) -> str:
+    if b >= GiB / 10:
+        return f"{b / GiB:,.2f} GiB"
+    if b >= 2**20 / 10:
+        return f"{b / 2**20:,.2f} MiB"
+    return f"{b / 2**10:,.2f} KiB" if b >= 1024 else f"{b:,.0f} B"
+
+
+def _fmt_s(s: float) -> str:
+    return f"{s * 1e3:,.2f} ms"
+
+
+def _header(r: dict) -> str:
+    c, cl = r["config"], r["cluster"]
+    zero = f" zero_stage={c['zero_stage']}" if c["engine"] == "deepspeed" else ""
+    zero += " offload_optimizer" if c["offload_optimizer"] else ""
+    return (
+        f"n={c['n_latents']:,} d_in={c['d_in']} k={c['k']} k_aux={c['k_aux']} B={c['batch_tokens']:,} | "
+        f"mesh tp={c['tp']} x dp={c['dp']} on {cl['nodes']} x {cl['gpus_per_node']} GPUs | "
+        f"engine={c['engine']}{zero} | {_switches(c)}"
+    )
+
+
+def _switches(c: dict) -> str:
+    """The modelling switches of a plan's config, as one line (header of both reports)."""
+    ex = c["topk_exchange"] + ("" if c["topk_exchange"] == c["topk_exchange_requested"]
+                               else f" (fallback: B/dp % tp != 0; asked {c['topk_exchange_requested']})")
+    return (f"topk_exchange={ex} decode_compact={c['decode_compact']} "
+            f"decode_scan_slots={c['decode_scan_slots']} encoder_bwd_drop_zeros={c['encoder_bwd_drop_zeros']} "
+            f"bf16_operand_copies={c['bf16_operand_copies']} latent_chunk={c['latent_chunk']}")
+
+
+# A table: (title, [(column, "l" | "r")], rows of strings)
+_Table = tuple[str, list[tuple[str, str]], list[list[str]]]
+
+
+def plan_tables(r: dict) -> list[_Table]:
+    """The tables `render` prints for one plan: memory, compute, communication, step estimate."""
+    out: list[_Table] = []
+    rows = []
+    for key, v in r["memory_bytes"].items():
+        if key == "total" or v == 0:
+            continue
+        rows.append([key, _fmt_bytes(v)])
+        if key == "activations":
+            rows[-1][0] = f"activations (peak: {r['activation_peak_phase'].replace('_', ' ')})"
+            rows += [[f"  kept: {ak}" + ("" if ak in KEPT_TO_ENCODER_BWD else " (freed before the encoder bwd)"),
+                      _fmt_bytes(av)] for ak, av in r["activation_bytes"].items() if av]
+            for phase, total in r["activation_phases"].items():
+                rows.append([f"  {phase.replace('_', ' ')} peak", _fmt_bytes(total)])
+                rows += [[f"    transient: {tk}", _fmt_bytes(tv)]
+                         for tk, tv in r["transient_bytes"][phase].items() if tv]
+    rows.append(["total", _fmt_bytes(r["memory_bytes"]["total"])])
+    rows.append(["GPU memory", f"{r['gpu_memory_gib']:,.2f} GiB"])
+    if r["host_memory_bytes"]:
+        rows.append(["host memory (offloaded optimizer)", _fmt_bytes(r["host_memory_bytes"])])
+    out.append(("memory per GPU", [("item", "l"), ("size", "r")], rows))
+
+    rows = [[name, v["phase"], v["kind"], f"{v['flops'] / 1e9:,.1f}", f"{v['hbm_bytes'] / 1e9:,.2f}",
+             _fmt_s(v["time_s"])] for name, v in r["flops"].items()]
+    rows.append(["total", "", "", f"{r['flops_total'] / 1e9:,.1f}",
+                 f"{sum(v['hbm_bytes'] for v in r['flops'].values()) / 1e9:,.2f}", _fmt_s(r["compute_s"])])
+    out.append(("compute per GPU per step", [("component", "l"), ("phase", "l"), ("kind", "l"),
+                                             ("GFLOP", "r"), ("HBM GB", "r"), ("time", "r")], rows))
+    if r["comm"]:
+        rows = [[x["name"] + (f" x{x['count']}" if x["count"] > 1 else ""), f"{x['group']}({x['group_size']})",
+                 x["link"], x["op"], _fmt_bytes(x["size_bytes"]), _fmt_bytes(x["bytes_per_gpu"]),
+                 _fmt_s(x["time_s"])] for x in r["comm"]]
+        rows.append(["total", "", "", "", "", _fmt_bytes(r["comm_bytes_per_gpu"]), _fmt_s(r["comm_s"])])
+        out.append(("communication per GPU per step", [("collective", "l"), ("group", "l"), ("link", "l"),
+                                                       ("op", "l"), ("payload", "r"), ("moved/GPU", "r"),
+                                                       ("time", "r")], rows))
+    rows = [
+        ["compute", _fmt_s(r["compute_s"])],
+        ["  of which encoder matmul", _fmt_s(r["matmul_s"])],
+        ["tp communication", _fmt_s(r["tp_comm_s"])],
+        ["dp communication", _fmt_s(r["dp_comm_s"])],
+        ["step time (no overlap)", _fmt_s(r["step_time_s"])],
+        ["tokens/s (no overlap)", f"{r['tokens_per_s']:,.0f}"],
+        ["step time (perfect overlap)", _fmt_s(r["step_time_overlapped_s"])],
+        ["tokens/s (perfect overlap)", f"{r['tokens_per_s_overlapped']:,.0f}"],
+        ["communication share", f"{100 * r['comm_fraction']:.1f} %"],
+        ["memory", f"{r['memory_gib']['total']:,.2f} / {r['gpu_memory_gib']:g} GiB"],
+    ]
+    out.append(("step estimate (model, not a measurement)", [("quantity", "l"), ("value", "r")], rows))
+    return out
+
+
+def compare_table(results: list[dict]) -> _Table:
+    """One row per plan: mesh, memory (state = params + grads + optimizer + EMA + dead-latent state,
+    act = activations + the bf16 W_enc copy, GiB), fit, compute / communication / step time, tokens/s,
+    communication share; "enc splits" = the Triton encoder's latent splits."""
+    cols = [("B", "r"), ("tp x dp", "l"), ("tp link", "l"), ("ZeRO", "r"), ("exchange", "l"),
+            ("enc splits", "r"), ("state GiB", "r"), ("act GiB", "r"), ("total GiB", "r"), ("fits", "l"),
+            ("compute ms", "r"), ("tp comm ms", "r"), ("dp comm ms", "r"), ("step ms", "r"), ("tokens/s", "r"),
+            ("comm %", "r")]
+    rows = []
+    for r in results:
+        c, g = r["config"], r["memory_gib"]
+        rows.append([
+            f"{c['batch_tokens']:,}", f"{c['tp']} x {c['dp']}", c["tp_link"],
+            str(c["zero_stage"]) if c["engine"] == "deepspeed" else "-", c["topk_exchange"],
+            f"{c['encoder_splits']}",
+            f"{g['params'] + g['grads'] + g['optimizer'] + g['ema'] + g['dead_latent_state']:,.1f}",
+            f"{g['activations'] + g['bf16_operand_copies']:,.1f}", f"{g['total']:,.1f}",
+            "yes" if r["fits"] else f"no, +{r['excess_gib']:.1f}",
+            f"{r['compute_s'] * 1e3:,.0f}", f"{r['tp_comm_s'] * 1e3:,.0f}", f"{r['dp_comm_s'] * 1e3:,.0f}",
+            f"{r['step_time_s'] * 1e3:,.0f}", f"{r['tokens_per_s']:,.0f}", f"{100 * r['comm_fraction']:.0f}",
+        ])
+    return ("plans (model estimates, not measurements)", cols, rows)
+
+
+def _md_indent(cell: str) -> str:
+    """Leading spaces of a table cell as &nbsp; (markdown collapses plain spaces)."""
+    stripped = cell.lstrip(" ")
+    return "&nbsp;" * (len(cell) - len(stripped)) + stripped
+
+
+def _print_tables(tables: list[_Table], markdown: bool) -> None:
+    if markdown:  # GitHub-flavoured markdown, for pasting into docs
+        for title, cols, rows in tables:
+            print(f"\n**{title}**\n")
+            print("| " + " | ".join(c for c, _ in cols) + " |")
+            print("|" + "|".join("---:" if j == "r" else "---" for _, j in cols) + "|")
+            for row in rows:
+                print("| " + " | ".join(_md_indent(cell) for cell in row) + " |")
+        return
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    # piped output gets a fixed wide console so tables do not wrap
+    con = Console() if sys.stdout.isatty() else Console(width=220)
+    for title, cols, rows in tables:
+        t = Table(title=title, box=box.HEAVY_HEAD)
+        for c, j in cols:
+            t.add_column(c, justify="right" if j == "r" else "left")
+        for row in rows:
+            t.add_row(*row)
+        con.print(t)
+
+
+def render(r: dict, markdown: bool = False) -> None:
+    """Print one plan: a header, the `plan_tables` (rich, or markdown with markdown=True), and
+    "fits" or the refusal."""
+    cfg = r["config"]
+    print(_header(r))
+    print(f"per GPU: {cfg['tokens_per_gpu']:,} tokens, {cfg['latents_per_gpu']:,} latents, "
+          f"{r['params_per_gpu']:,} params, shards {r['shard_shapes']}")
+    _print_tables(plan_tables(r), markdown)
+    print("\nfits" if r["fits"] else f"\nREFUSED: {r['message']}")
+
+
+def render_compare(results: list[dict], markdown: bool = False) -> None:
+    """Print the `compare_table` of several plans (rich, or markdown with markdown=True)."""
+    if results:
+        c, cl = results[0]["config"], results[0]["cluster"]
+        print(f"n={c['n_latents']:,} d_in={c['d_in']} k={c['k']} k_aux={c['k_aux']} on {cl['nodes']} x "
+              f"{cl['gpus_per_node']} GPUs ({cl['gpu_memory_gib']:g} GiB each) | {_switches(c)}")
+    _print_tables([compare_table(results)], markdown)
+
+
+# ------------------------------------------------------------------------------------ Hydra app
+CONF_DIR = str(resources.files("sae_dist.conf"))
+OUTPUTS = ("table", "markdown", "json")
+_COMPARE_KEYS = {"tp": int, "zero_stage": int, "topk_exchange": str, "latent_chunk": int, "batch_tokens": int}
+
+
+def plan_from_cfg(cfg, **overrides) -> dict:
+    """`plan(...)` from a Hydra config composed from conf/plan.yaml: sae.* (d_in, n_latents, k,
+    k_aux, auxk_coef, multi_topk, multi_topk_factor, kernels, kernel_backend), trainer.* (batch_tokens,
+    ema, engine, zero_stage, offload_optimizer, bf16), parallel.tp, topk_exchange, cluster.*,
+    estimate.* (estimate.bf16_operand_copies null: follow trainer.bf16, as the trainer's autocast does).
+    `overrides` replace plan() keyword arguments. Raises ValueError when sae.d_in is null."""
+    from omegaconf import OmegaConf
+
+    s, t, e = cfg.sae, cfg.trainer, cfg.estimate
+    if s.get("d_in") is None:
+        raise ValueError("sae.d_in is null: the planner has no activation store to read d_model from; "
+                         "pass it, e.g. sae.d_in=4096")
+    kw = dict(
+        d_in=int(s.d_in), n_latents=int(s.n_latents), k=int(s.k),
+        k_aux=None if s.get("k_aux") is None else int(s.k_aux),
+        auxk=float(s.get("auxk_coef", 1.0)) > 0,
+        multi_topk=bool(s.get("multi_topk", False)), multi_topk_factor=int(s.get("multi_topk_factor", 4)),
+        kernels=bool(s.get("kernels", True)), kernel_backend=str(s.get("kernel_backend", "auto")),
+        batch_tokens=int(t.batch_tokens), ema=bool(t.get("ema", False)),
+        engine=str(t.get("engine", "torch")), zero_stage=int(t.get("zero_stage", 1)),
+        offload_optimizer=bool(t.get("offload_optimizer", False)),
+        tp=int(cfg.parallel.tp), cluster=OmegaConf.to_container(cfg.cluster, resolve=True),
+        topk_exchange=str(cfg.topk_exchange),
+        decode_compact=bool(e.decode_compact), decode_scan_slots=bool(e.decode_scan_slots),
+        encoder_bwd_drop_zeros=bool(e.encoder_bwd_drop_zeros), latent_chunk=int(e.latent_chunk),
+        candidate_buffer_bytes=int(e.candidate_buffer_bytes),
+        bf16_operand_copies=bool(t.get("bf16", True) if e.get("bf16_operand_copies") is None
+                                 else e.bf16_operand_copies),
+        topk_value_bytes=int(e.topk_value_bytes),
+        input_buffers=int(e.input_buffers), workspace_gib=float(e.workspace_gib),
+        zero_bucket_elements=int(e.zero_bucket_elements),
+    )
+    kw.update(overrides)
+    return plan(**kw)
+
+
+def _run(cfg) -> int:
+    """Plan (or compare) from the composed config, print it; returns the exit code."""
+    output = str(cfg.output)
+    if output not in OUTPUTS:
+        raise ValueError(f"output={output!r}; valid: {OUTPUTS}")
+    cmp = cfg.get("compare") or {}
+    grid = {key: list(cmp[key]) for key in _COMPARE_KEYS if cmp.get(key) is not None}
+    if grid:  # a comparison report: one row per combination, exit 0
+        results = []
+        for values in itertools.product(*grid.values()):
+            ov = {key: _COMPARE_KEYS[key](v) for key, v in zip(grid, values)}
+            if "zero_stage" in ov:  # 0: the torch engine, 1 / 2: DeepSpeed ZeRO
+                ov["engine"] = "deepspeed" if ov["zero_stage"] else "torch"
+                ov["zero_stage"] = ov["zero_stage"] or 1
+                if ov["engine"] == "torch":
+                    ov["offload_optimizer"] = False
+            results.append(plan_from_cfg(cfg, suggest=False, **ov))
+        if output == "json":
+            print(json.dumps({"plans": results}))
+        else:
+            render_compare(results, markdown=output == "markdown")
+        return 0
+    r = plan_from_cfg(cfg)
+    if output == "json":
+        print(json.dumps(r))
+    else:
+        render(r, markdown=output == "markdown")
+    if not r["fits"]:
+        print(f"sae-plan: {r['message']}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _hydra_entry():
+    import hydra
+
+    @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="plan")
+    def _app(cfg) -> None:
+        code = _run(cfg)
+        if code:
+            raise SystemExit(code)
+
+    return _app
+
+
+def main() -> None:
+    """Console script `sae-plan`: a Hydra app over conf/plan.yaml (see there for every option).
+
+    Prints the plan (output=table | markdown | json); exits 1 with the refusal on stderr when the
+    shape does not fit one GPU's memory. With compare.tp / compare.zero_stage / compare.topk_exchange /
+    compare.latent_chunk / compare.batch_tokens lists it prints one row per combination instead (exit 0)."""
+    _hydra_entry()()
+
+
+if __name__ == "__main__":
+    main()

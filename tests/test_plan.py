@@ -1,0 +1,458 @@
+"""sae-plan (sae_dist/plan.py): shard shapes, memory / FLOPs / communication against hand counts, the
+byte counts of the TopK exchange and the Triton split count against the code itself (recorded
+collectives of `ShardedTopKSAE._global_keep`, the buffers `_select_triton` allocates), the refusal
+path, and the Hydra CLI in a subprocess (JSON output, exit codes, no files in the cwd)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from sae_dist.plan import (
+    CANDIDATE_BUFFER_BYTES,
+    Cluster,
+    GiB,
+    PlanDoesNotFit,
+    check_fits,
+    params_per_gpu,
+    plan,
+    shard_shapes,
+    triton_encoder_splits,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+N24, D4K, B_PAPER = 2**24, 4096, 131072
+H100_8x8 = {"nodes": 8, "gpus_per_node": 8}
+
+
+# ------------------------------------------------------------------------------------ shard shapes
+def test_shard_shapes_match_an_independent_split():
+    rng = random.Random()  # fresh inputs every run
+    for _ in range(20):
+        tp = rng.choice([1, 2, 4, 8, 16])
+        d, n = rng.randint(1, 48), tp * rng.randint(1, 40)
+        shapes = shard_shapes(d, n, tp)
+        # the unsharded parameters split along the latent dim into tp equal parts (meta: no memory)
+        full = {"W_enc": torch.empty(d, n, device="meta"), "b_enc": torch.empty(n, device="meta"),
+                "W_dec": torch.empty(n, d, device="meta")}
+        dims = {"W_enc": 1, "b_enc": 0, "W_dec": 0}
+        for name, t in full.items():
+            parts = torch.tensor_split(t, tp, dim=dims[name])
+            assert {tuple(p.shape) for p in parts} == {shapes[name]}, (name, d, n, tp)
+        assert shapes["b_dec"] == (d,)  # replicated
+        # over all ranks: every latent parameter exactly once, b_dec once per rank
+        assert tp * params_per_gpu(d, n, tp) == 2 * d * n + n + tp * d
+
+
+def test_shard_shapes_refuses_uneven_split():
+    with pytest.raises(ValueError, match="not divisible by parallel.tp"):
+        shard_shapes(64, 1000, 3)
+
+
+def test_planned_shards_at_2_24_on_64_gpus():
+    shapes = shard_shapes(D4K, N24, 64)
+    assert shapes == {"W_enc": (4096, 262144), "b_enc": (262144,), "W_dec": (262144, 4096), "b_dec": (4096,)}
+    r = plan(d_in=D4K, n_latents=N24, k=32, batch_tokens=B_PAPER, tp=64, cluster=H100_8x8)
+    assert r["shard_shapes"] == {k: list(v) for k, v in shapes.items()}
+    assert r["params_per_gpu"] == 2 * 4096 * 262144 + 262144 + 4096 == 2_147_749_888
+    assert r["memory_bytes"]["params"] == 4 * 2_147_749_888
+    assert r["config"]["k_aux"] == 2048  # power of two near d_in / 2
+    assert (r["config"]["dp"], r["config"]["tokens_per_gpu"], r["config"]["latents_per_gpu"]) == (1, 131072, 262144)
+    # Triton candidate buffer: one split of [131072, 32 + 2048] x 8 bytes is already over the 1 GiB
+    # cap, so the kernel runs one split per rank and the buffer is that one split
+    assert r["config"]["encoder_splits"] == 1
+    assert r["transient_bytes"]["forward"]["encoder_split_candidates"] == 131072 * 2080 * 8
+
+
+# ------------------------------------------------------------------------------------ hand counts
+SMALL = dict(d_in=64, n_latents=1024, k=8, k_aux=32, batch_tokens=256, tp=4, cluster={"nodes": 1, "gpus_per_node": 8})
+# by hand: dp = 8 / 4 = 2, Bl = 128 tokens, nl = 256 latents, P = 2*64*256 + 256 + 64 = 33088 params;
+# slots per token: main wm = 8, AuxK wa = 32; own winners per rank: 128*8/4 = 256, 128*32/4 = 1024
+
+
+def test_memory_equals_hand_count_torch_engine():
+    r = plan(**SMALL)  # defaults: alltoall, compact decode, bf16 operand copies
+    m = r["memory_bytes"]
+    assert r["params_per_gpu"] == 33088
+    assert m["params"] == 132352 and m["grads"] == 132352  # 4 B each
+    assert m["optimizer"] == 264704  # Adam: two fp32 moments
+    assert m["dead_latent_state"] == 9 * 256
+    assert m["bf16_operand_copies"] == 64 * 256 * 2 + 256 * 2  # bf16 W_enc and b_enc
+    a = r["activation_bytes"]
+    bd = 128 * 64 * 4
+    assert a["inputs_fp32"] == 2 * bd  # current + prefetched batch
+    assert a["dense_Bxd_buffers"] == 8 * bd  # 4 loss-path + 4 AuxK [Bl, d] fp32 tensors
+    assert a["bf16_input_copy"] == 128 * 64 * 2
+    assert a["encoder_saved_input"] == 128 * 64 * 2  # x - b_pre in bf16
+    assert a["selections"] == 128 * 8 * (2 + 8) + 128 * 32 * (2 + 8)  # bf16 values + int64 ids
+    assert a["keep_masks"] == 128 * 8 + 128 * 32  # one bool [Bl, w] per selection width
+    assert a["decode_inputs"] == 128 * 8 * 10 + 128 * 32 * 10  # masked bf16 values + -1-padded int64 ids
+    kept = 65536 + 262144 + 16384 + 16384 + 51200 + 5120 + 51200
+    assert sum(a.values()) == kept == 467968
+    t = r["transient_bytes"]
+    assert t["forward"]["encoder_split_candidates"] == 128 * 1 * (8 + 32) * 8  # one split (4096 > 256)
+    # AuxK exchange: fp32 copy of the bf16 values, received block + its transpose, 3 uint8 masks,
+    # torch.topk's [Bl/tp, 32] values + ids
+    assert t["forward"]["auxk_exchange"] == 128 * 32 * 4 + 2 * 128 * 32 * 4 + 3 * 128 * 32 + 32 * 32 * 12
+    assert t["forward"]["topk_exchange"] == 128 * 8 * 4 + 2 * 128 * 8 * 4 + 3 * 128 * 8 + 32 * 8 * 12
+    # two decode calls: a second dense fp32 [nl, d] W_dec gradient + the AuxK value gradients (bf16)
+    assert t["decode_backward"]["decode_grad_buffers"] == 256 * 64 * 4 + 128 * 32 * 2
+    # encoder backward, every local candidate (5120 entries): index arrays 16 + 40 bytes each, CSR
+    # pointers and bincount, b_enc grad, [chunk=256, d] fp32 product, fp32 input, bf16 W_enc grad,
+    # fp32 upcast of the W_enc copy
+    enc = 5120 * 56 + 257 * 16 + 256 * 4 + 256 * 64 * 4 + 128 * 64 * 4 + 64 * 256 * 2 + 64 * 256 * 4
+    assert t["encoder_backward"]["encoder_backward"] == enc
+    phases = r["activation_phases"]
+    assert phases["forward"] == kept + 73728 and phases["decode_backward"] == kept + 73728
+    assert phases["encoder_backward"] == 2 * bd + 16384 + 51200 + enc  # inputs, saved x, selections
+    assert r["activation_peak_phase"] == "encoder_backward"
+    assert m["activations"] == max(phases.values()) == 621584
+    assert m["workspace"] == 2 * GiB
+    assert m["total"] == 132352 * 2 + 264704 + 2304 + 33280 + 621584 + 2 * GiB
+    assert r["memory_gib"]["total"] == pytest.approx(m["total"] / 2**30)
+
+
+def test_memory_fp32_operands_and_allgather_fallback():
+    r = plan(**SMALL, bf16_operand_copies=False, topk_exchange="allgather")
+    a, t = r["activation_bytes"], r["transient_bytes"]
+    assert r["memory_bytes"]["bf16_operand_copies"] == 0 and a["bf16_input_copy"] == 0
+    assert a["selections"] == 128 * 40 * 12  # fp32 values + int64 ids
+    # the gathered tp parts and their concatenation; no send copy (values already fp32)
+    assert t["forward"]["auxk_exchange"] == 2 * 4 * 128 * 32 * 4 + 128 * 32 * 12
+    assert a["keep_masks"] == 4 * 128 * 8 + 4 * 128 * 32  # the full [Bl, tp w] masks stay alive
+    assert t["encoder_backward"]["encoder_backward"] == 5120 * 56 + 257 * 16 + 256 * 4 + 256 * 64 * 4
+
+
+def test_memory_equals_hand_count_zero_stages():
+    z1 = plan(**SMALL, engine="deepspeed", zero_stage=1)["memory_bytes"]
+    z2 = plan(**SMALL, engine="deepspeed", zero_stage=2)["memory_bytes"]
+    part = 33088 // 2  # ZeRO partition over dp = 2
+    assert z1["params"] == z2["params"] == 132352
+    assert z1["grads"] == 132352 + 4 * part  # full grads + fp32 gradient partition
+    assert z2["grads"] == 4 * part  # stage 2 keeps only the partition
+    assert z1["optimizer"] == z2["optimizer"] == 12 * part  # 2 moments + fp32 master partition
+    assert z1["zero_buckets"] == z2["zero_buckets"] == 4 * 500_000_000
+    off = plan(**SMALL, engine="deepspeed", zero_stage=2, offload_optimizer=True)
+    assert off["memory_bytes"]["optimizer"] == 0 and off["memory_bytes"]["grads"] == 0
+    assert off["host_memory_bytes"] == 16 * part
+    assert off["flops"]["adam_on_host"]["time_s"] == pytest.approx(28 * part / 20e9)
+    # engine=torch ignores zero_stage (trainer.zero_stage only applies to DeepSpeed)
+    assert plan(**SMALL, zero_stage=2)["memory_bytes"] == plan(**SMALL)["memory_bytes"]
+
+
+def test_encoder_flops_are_2_B_over_dp_d_n_over_tp():
+    rng = random.Random()
+    for _ in range(25):
+        nodes, gpn = rng.choice([1, 2, 4]), rng.choice([4, 8])
+        world = nodes * gpn
+        tp = rng.choice([t for t in (1, 2, 4, 8, 16, 32) if world % t == 0])
+        dp = world // tp
+        d, n, B = rng.randint(8, 512), tp * rng.randint(64, 4096), dp * rng.randint(16, 2048)
+        r = plan(d_in=d, n_latents=n, k=8, batch_tokens=B, tp=tp, cluster={"nodes": nodes, "gpus_per_node": gpn})
+        enc = r["flops"]["encoder_matmul"]
+        assert enc["flops"] == 2 * (B // dp) * d * (n // tp), (d, n, B, tp, dp)
+        assert enc["time_s"] == pytest.approx(enc["flops"] / (989e12 * 0.5))
+        assert r["matmul_flops"] == enc["flops"]
+        assert r["flops"]["b_pre_grad"]["flops"] == 2 * d * (n // tp)
+        assert r["flops"]["adam"]["flops"] == 12 * (2 * d * (n // tp) + n // tp + d)
+        # the exchange the code picks: all_to_all when B/dp divides by tp, else the all-gather
+        assert r["config"]["topk_exchange"] == ("alltoall" if (B // dp) % tp == 0 else "allgather")
+
+
+def test_decode_rows_slots_and_encoder_backward_entries():
+    r = plan(**SMALL)  # the code: own winners decoded, every slot scanned, every candidate in the CSR
+    assert r["config"]["decode_rows"] == {"decode": 128 * 8 // 4, "auxk_decode": 128 * 32 // 4}
+    assert r["config"]["decode_slots"] == {"decode": 8, "auxk_decode": 32}
+    assert r["flops"]["decode"]["flops"] == 2 * 256 * 64
+    assert r["flops"]["decode_bwd"]["flops"] == 2 * r["flops"]["decode"]["flops"]
+    # AuxK decode forward: 1024 W_dec rows (fp32), the int64 ids of all 128 x 32 slots read by each of
+    # the ceil(64 / 64) = 1 feature tiles, the [Bl, d] fp32 output
+    assert r["flops"]["auxk_decode"]["hbm_bytes"] == 1024 * 64 * 4 + 128 * 32 * 8 + 128 * 64 * 4
+    # backward: grad_out re-read by the 32 / 8 = 4 code blocks, rows, ids, bf16 value grads; W_dec
+    # grad: dense fp32 zero fill, grad_out tile, ids per feature tile, atomic read-modify-writes
+    gv = 4 * 128 * 64 * 4 + 1024 * 64 * 4 + 128 * 32 * 8 + 128 * 32 * 2
+    gw = 256 * 64 * 4 + 128 * 64 * 4 + 128 * 32 * 8 + 1024 * 64 * 8
+    assert r["flops"]["auxk_decode_bwd"]["hbm_bytes"] == gv + gw
+    assert r["config"]["encoder_bwd_entries"] == 128 * (8 + 32)
+    assert r["flops"]["encoder_sparse_bwd"]["flops"] == 2 * 5120 * 64
+    # what-ifs: only the winners visited / in the CSR; every candidate's row decoded
+    w = plan(**SMALL, decode_scan_slots=False, encoder_bwd_drop_zeros=True)
+    assert w["flops"]["auxk_decode"]["hbm_bytes"] == 1024 * 64 * 4 + 1024 * 8 + 128 * 64 * 4
+    assert w["config"]["encoder_bwd_entries"] == 128 * 40 // 4
+    full = plan(**SMALL, decode_compact=False)
+    assert full["config"]["decode_rows"] == {"decode": 128 * 8, "auxk_decode": 128 * 32}
+
+
+def test_own_winners_per_rank_average_B_k_over_tp():
+    """The compact decode's rows per rank: over the tp ranks the own winners of the exact global
+    top-k add up to Bl*k, so Bl*k/tp on average (random pre-activations, fresh every run)."""
+    tp, Bl, nl, k = 4, 64, 50, 8
+    pre = torch.randn(Bl, tp * nl)
+    win = pre.topk(k, dim=1).indices  # exact global top-k
+    own = [((win >= r * nl) & (win < (r + 1) * nl)).sum().item() for r in range(tp)]
+    assert sum(own) == Bl * k
+    r = plan(d_in=16, n_latents=tp * nl, k=k, batch_tokens=Bl, tp=tp, cluster={"nodes": 1, "gpus_per_node": tp},
+             auxk=False)
+    assert r["config"]["decode_rows"]["decode"] == sum(own) / tp
+
+
+# ---------------------------------------------------------------------- against the code itself
+def _record_global_keep(monkeypatch, B, w, tp, kk, firsts=()):
+    """Run `ShardedTopKSAE._global_keep` as rank 1 of a fake tp group, recording every collective's
+    (op, bytes this rank sends, dtype). The fake all_to_all returns the rank's own blocks (as if
+    every rank held the same candidates); the fake all-gather concatenates tp copies."""
+    import torch.distributed as dist
+
+    from sae_dist.parallel import tp as tpmod
+
+    calls = []
+
+    def a2a(out, inp, group=None):
+        calls.append(("all_to_all", inp.numel() * inp.element_size(), inp.dtype))
+        out.copy_(inp)
+
+    def gather(t, group, dim=1):
+        calls.append(("all_gather", tp * t.numel() * t.element_size(), t.dtype))
+        return torch.cat([t] * tp, dim=dim)
+
+    monkeypatch.setattr(dist, "all_to_all_single", a2a)
+    monkeypatch.setattr(tpmod, "all_gather_cat", gather)
+    fake = SimpleNamespace(ctx=SimpleNamespace(tp_group=object(), tp=tp, tp_rank=1),
+                           _keep_from_topk=tpmod.ShardedTopKSAE._keep_from_topk)
+    vals = torch.randn(B, w).to(torch.bfloat16)  # the encoder's values under bf16 autocast
+    masks = tpmod.ShardedTopKSAE._global_keep(fake, vals, kk, firsts)
+    assert [m.shape for m in masks] == [(B, w)] * (1 + len(firsts))
+    return calls
+
+
+def test_alltoall_bytes_match_the_code(monkeypatch):
+    """The planner's exchange collectives equal what `_global_keep` sends: one fp32 values
+    all_to_all of [Bl, w] and one uint8 mask all_to_all per selection width (main TopK with
+    Multi-TopK: two; AuxK with w = k_aux: one)."""
+    tp, Bl = 4, 128
+    cl = {"nodes": 1, "gpus_per_node": 8}
+    # Multi-TopK main selection: w = min(4k, nl) = 32, widths (32, 8)
+    r = plan(d_in=64, n_latents=1024, k=8, k_aux=64, batch_tokens=2 * Bl, tp=tp, cluster=cl, multi_topk=True)
+    comm = {x["name"]: x for x in r["comm"]}
+    calls = _record_global_keep(monkeypatch, Bl, 32, tp, 32, (8,))
+    assert calls == [("all_to_all", Bl * 32 * 4, torch.float32)] + [("all_to_all", Bl * 32, torch.uint8)] * 2
+    assert comm["topk_values_alltoall"]["size_bytes"] == calls[0][1]
+    assert (comm["topk_masks_alltoall"]["size_bytes"], comm["topk_masks_alltoall"]["count"]) == (calls[1][1], 2)
+    # (tp - 1) / tp of what each rank sends crosses links
+    assert comm["topk_values_alltoall"]["bytes_per_gpu"] == 3 * Bl * 32 * 4 // 4
+    assert comm["topk_masks_alltoall"]["bytes_per_gpu"] == 2 * 3 * Bl * 32 // 4
+    # AuxK: w = k_aux = 64 (> nl? no: nl = 256), one width
+    calls = _record_global_keep(monkeypatch, Bl, 64, tp, 64)
+    assert comm["auxk_values_alltoall"]["size_bytes"] == calls[0][1] == Bl * 64 * 4
+    assert comm["auxk_masks_alltoall"]["size_bytes"] == calls[1][1] == Bl * 64
+    assert comm["auxk_masks_alltoall"]["count"] == len(calls) - 1 == 1
+    # time: (p-1)/p * S / bw + (p-1) * latency, NVLink inside the node
+    v = comm["auxk_values_alltoall"]
+    assert v["time_s"] == pytest.approx(3 / 4 * Bl * 64 * 4 / 450e9 + 3 * 5e-6)
+
+
+def test_allgather_fallback_bytes_match_the_code(monkeypatch):
+    """B/dp not divisible by tp: the code gathers the fp32 values (tp * Bl * w * 4 bytes per rank),
+    and the planner switches to that exchange by itself."""
+    tp, Bl = 4, 130  # 130 % 4 != 0
+    r = plan(d_in=64, n_latents=1024, k=8, k_aux=32, batch_tokens=2 * Bl, tp=tp, cluster={"nodes": 1})
+    assert r["config"]["topk_exchange"] == "allgather" and r["config"]["topk_exchange_requested"] == "alltoall"
+    comm = {x["name"]: x for x in r["comm"]}
+    assert "topk_values_alltoall" not in comm
+    for name, w in (("topk_allgather", 8), ("auxk_allgather", 32)):
+        calls = _record_global_keep(monkeypatch, Bl, w, tp, w if name == "auxk_allgather" else 8)
+        assert calls == [("all_gather", tp * Bl * w * 4, torch.float32)]
+        assert comm[name]["size_bytes"] == calls[0][1]
+        assert comm[name]["bytes_per_gpu"] == 3 * Bl * w * 4  # (tp - 1) / tp of the gathered total
+
+
+def test_candidate_buffer_cap_matches_the_kernel(monkeypatch):
+    """The split count of `triton_encoder_splits` equals the one `_select_triton` allocates (run
+    through the Triton interpreter on CPU, or on a GPU), with the cap lowered so that it binds."""
+    from sae_dist.kernels import encoder_topk as et
+
+    assert CANDIDATE_BUFFER_BYTES == et.CANDIDATE_BUFFER_BYTES == 2**30
+    B, d, N, k, ka = 32, 16, 512, 4, 8
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if not et.triton_available(dev):
+        pytest.fail("Triton cannot run here (needs CUDA or TRITON_INTERPRET=1, set by conftest)")
+    g = torch.Generator().manual_seed(random.randrange(2**31))
+    x = torch.randn(B, d, generator=g).to(dev)
+    W = torch.randn(d, N, generator=g).to(dev)
+    be = torch.zeros(N, device=dev)
+    dead = torch.rand(N, generator=g).to(dev) < 0.5
+    real_empty = torch.empty
+    for cap, chunk in ((B * (k + ka) * 8 * 2 + 5, 128), (B * (k + ka) * 8 * 3, 64), (2**30, 128), (10, 128)):
+        seen = []
+
+        def empty(*shape, **kw):
+            if len(shape) == 3 and kw.get("dtype") == torch.float32:
+                seen.append(shape)
+            return real_empty(*shape, **kw)
+
+        monkeypatch.setattr(et, "CANDIDATE_BUFFER_BYTES", cap)
+        monkeypatch.setattr(torch, "empty", empty)
+        et._select_triton(x, W, be, k, dead, ka, chunk)
+        monkeypatch.setattr(torch, "empty", real_empty)
+        splits = seen[0][1]
+        assert seen == [(B, splits, k), (B, splits, ka)]
+        assert triton_encoder_splits(B, N, k, ka, chunk, cap) == splits, (cap, chunk)
+        # by hand: span = max(chunk, ceil(N / max_splits)) rounded to 128, max_splits = cap // 3072
+        ms = max(1, cap // (B * (k + ka) * 8))
+        assert splits == -(-N // (-(-max(chunk, -(-N // ms)) // 128) * 128))
+        if ms > 1:
+            assert B * splits * (k + ka) * 8 <= cap
+
+
+# ------------------------------------------------------------------------------------ comm, step
+def test_communication_hand_count_and_links():
+    r = plan(**SMALL)
+    comm = {x["name"]: x for x in r["comm"]}
+    bd = 128 * 64 * 4  # one fp32 [Bl, d]
+    rec = comm["recon_allreduce"]
+    assert (rec["group"], rec["link"], rec["group_size"]) == ("tp", "intra", 4)  # tp=4 inside a node of 8
+    assert rec["bytes_per_gpu"] == 2 * 3 * bd // 4
+    assert rec["time_s"] == pytest.approx(2 * 3 / 4 * bd / 450e9 + 2 * 3 * 5e-6)
+    assert comm["topk_values_alltoall"]["size_bytes"] == 128 * 8 * 4
+    assert comm["auxk_values_alltoall"]["size_bytes"] == 128 * 32 * 4
+    ag = {x["name"]: x for x in plan(**SMALL, topk_exchange="allgather")["comm"]}
+    assert ag["auxk_allgather"]["size_bytes"] == 4 * 128 * 32 * 4
+    g = comm["grad_allreduce"]
+    assert (g["group"], g["link"], g["bytes_per_gpu"]) == ("dp", "intra", 132352)  # 2 * (1/2) * 4P
+    # ZeRO: reduce-scatter + all-gather move the same bytes as the all-reduce
+    z = {x["name"]: x for x in plan(**SMALL, engine="deepspeed", zero_stage=2)["comm"]}
+    assert z["grad_reduce_scatter"]["bytes_per_gpu"] + z["param_allgather"]["bytes_per_gpu"] == 132352
+    assert "grad_allreduce" not in z
+    # tp groups spanning nodes use the inter-node bandwidth; so does dp across nodes
+    big = plan(d_in=64, n_latents=1024, k=8, k_aux=32, batch_tokens=256, tp=16, cluster={"nodes": 4})
+    links = {(x["group"], x["link"]) for x in big["comm"]}
+    assert links == {("tp", "inter"), ("dp", "inter")}
+    assert {x["link"] for x in plan(**{**SMALL, "tp": 1})["comm"]} == {"intra"}
+    assert plan(**{**SMALL, "tp": 8})["config"]["dp_link"] == "none"
+
+
+def test_step_time_is_compute_plus_communication():
+    r = plan(d_in=D4K, n_latents=N24, k=32, batch_tokens=B_PAPER, tp=32, cluster=H100_8x8,
+             engine="deepspeed", zero_stage=2, encoder_bwd_drop_zeros=True)
+    assert r["compute_s"] == pytest.approx(sum(v["time_s"] for v in r["flops"].values()))
+    assert r["comm_s"] == pytest.approx(sum(x["time_s"] for x in r["comm"]))
+    assert r["step_time_s"] == pytest.approx(r["compute_s"] + r["tp_comm_s"] + r["dp_comm_s"])
+    assert r["tokens_per_s"] == pytest.approx(B_PAPER / r["step_time_s"])
+    assert r["step_time_overlapped_s"] == pytest.approx(max(r["compute_s"], r["comm_s"]))
+    # tp=32 spans 4 nodes: its collectives run at the InfiniBand rate
+    assert r["config"]["tp_link"] == "inter" and r["config"]["dp_link"] == "inter"
+    assert r["memory_bytes"]["total"] == sum(v for k, v in r["memory_bytes"].items() if k != "total")
+    json.dumps(r)  # JSON-serialisable
+
+
+def test_what_if_switches_only_lower_the_cost_at_2_24():
+    """At the 16M shape each what-if removes work the code does: the step gets shorter, the
+    communication stays the same."""
+    kw = dict(d_in=D4K, n_latents=N24, k=32, batch_tokens=B_PAPER, tp=64, cluster=H100_8x8)
+    code = plan(**kw)
+    assert code["fits"]
+    for sw in ({"encoder_bwd_drop_zeros": True}, {"decode_scan_slots": False}):
+        w = plan(**kw, **sw)
+        assert w["step_time_s"] < code["step_time_s"] and w["comm_s"] == code["comm_s"], sw
+    # the encoder backward over every local candidate: 2 * Bl * (k + k_aux) * d FLOPs
+    assert code["flops"]["encoder_sparse_bwd"]["flops"] == 2 * 131072 * (32 + 2048) * 4096
+
+
+# ------------------------------------------------------------------------------------ refusal
+def test_refuses_tp8_at_2_24_with_excess_in_gib():
+    r = plan(d_in=D4K, n_latents=N24, k=32, batch_tokens=B_PAPER, tp=8, cluster=H100_8x8,
+             engine="deepspeed", zero_stage=2)
+    # one weight shard is 4096 x 2^21 fp32 = 32 GiB; W_enc + W_dec = 64 GiB of parameters alone
+    assert r["memory_gib"]["params"] == pytest.approx(64.0, abs=0.01)
+    assert not r["fits"]
+    excess = r["memory_gib"]["total"] - 79.6
+    assert excess > 0 and r["excess_gib"] == pytest.approx(excess)
+    assert f"{excess:.1f} GiB more than cluster.gpu_memory_gib=79.6" in r["message"]
+    with pytest.raises(PlanDoesNotFit, match=r"GiB more than"):
+        check_fits(r)
+    assert r["suggestions"], r["message"]
+    for s in r["suggestions"]:  # every suggestion is a trainer setting that fits, with a larger tp
+        assert s["total_gib"] <= 79.6 and "parallel.tp=" in s["overrides"]
+        assert s["overrides"] in r["message"]
+        assert all(o.split("=")[0] in ("parallel.tp", "trainer.engine", "trainer.zero_stage",
+                                       "trainer.batch_tokens") for o in s["overrides"].split())
+    ok = plan(**SMALL)
+    assert check_fits(ok) is ok and ok["message"] == "" and ok["excess_gib"] == 0
+
+
+def test_bad_options_raise_with_the_fix():
+    with pytest.raises(ValueError, match="must divide the world size 8"):
+        plan(**{**SMALL, "tp": 3, "n_latents": 1023})
+    with pytest.raises(ValueError, match="not divisible by dp=2"):
+        plan(**{**SMALL, "batch_tokens": 255})
+    with pytest.raises(ValueError, match="zero_stage"):
+        plan(**SMALL, engine="deepspeed", zero_stage=3)
+    with pytest.raises(ValueError, match="needs trainer.engine=deepspeed"):
+        plan(**SMALL, offload_optimizer=True)
+    with pytest.raises(ValueError, match="topk_exchange"):
+        plan(**SMALL, topk_exchange="ring")
+    with pytest.raises(ValueError, match="unknown cluster keys"):
+        plan(**{**SMALL, "cluster": {"gpus": 8}})
+    with pytest.raises(ValueError, match="mfu"):
+        Cluster(mfu=1.5)
+    with pytest.raises(ValueError, match="candidate_buffer_bytes"):
+        plan(**SMALL, candidate_buffer_bytes=0)
+
+
+# ------------------------------------------------------------------------------------ CLI
+def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT)] + ([os.environ["PYTHONPATH"]]
+                                                                      if os.environ.get("PYTHONPATH") else []))}
+    return subprocess.run([sys.executable, "-m", "sae_dist.plan", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_json_refusal_and_no_output_dir(tmp_path):
+    big = ["sae.d_in=4096", "sae.n_latents=16777216", "trainer.batch_tokens=131072", "cluster.nodes=8"]
+    p = _cli(big + ["parallel.tp=64", "output=json"], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(p.stdout)
+    assert r["shard_shapes"] == {"W_enc": [4096, 262144], "b_enc": [262144], "W_dec": [262144, 4096],
+                                 "b_dec": [4096]}
+    assert r["params_per_gpu"] == params_per_gpu(4096, 2**24, 64)
+    assert r["memory_bytes"]["params"] == 4 * r["params_per_gpu"]
+    assert r["fits"] and r["config"]["k_aux"] == 2048 and r["config"]["engine"] == "torch"
+    # the Hydra glue passes every option through: same numbers as calling plan() directly (whose
+    # defaults model the code; bf16 copies follow trainer.bf16 = true)
+    direct = plan(d_in=4096, n_latents=2**24, k=32, batch_tokens=131072, tp=64, cluster=H100_8x8)
+    assert r == json.loads(json.dumps(direct))
+    c = r["config"]
+    assert (c["topk_exchange"], c["decode_compact"], c["decode_scan_slots"], c["encoder_bwd_drop_zeros"],
+            c["bf16_operand_copies"]) == ("alltoall", True, True, False, True)
+
+    p = _cli(big + ["parallel.tp=64", "trainer.bf16=false", "estimate.encoder_bwd_drop_zeros=true",
+                    "output=json"], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    c = json.loads(p.stdout)["config"]
+    assert c["bf16_operand_copies"] is False and c["encoder_bwd_drop_zeros"] is True
+
+    p = _cli(big + ["parallel.tp=8", "trainer.engine=deepspeed", "trainer.zero_stage=2"], tmp_path)
+    assert p.returncode != 0
+    assert "GiB more than cluster.gpu_memory_gib=79.6" in p.stderr and "parallel.tp=" in p.stderr
+    assert "memory per GPU" in p.stdout and "REFUSED" in p.stdout
+
+    p = _cli(["sae.n_latents=4096"], tmp_path)  # no d_in: nothing to read it from
+    assert p.returncode != 0 and "sae.d_in" in p.stderr
+
+    p = _cli(big + ["compare.tp=[16,64]", "compare.zero_stage=[0,2]", "output=json"], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    plans = json.loads(p.stdout)["plans"]
+    assert [(x["config"]["tp"], x["config"]["engine"], x["config"]["zero_stage"]) for x in plans] == [
+        (16, "torch", 0), (16, "deepspeed", 2), (64, "torch", 0), (64, "deepspeed", 2)]
+
+    assert list(tmp_path.iterdir()) == []  # Hydra wrote no outputs/, .hydra/ or log file here
+    assert not math.isnan(plans[0]["step_time_s"])
