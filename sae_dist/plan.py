@@ -61,12 +61,18 @@ optimizer offload (host memory bandwidth / PCIe bandwidth).
                        tile, r*d*8 atomic read-modify-writes.
   decoder_grad_accumulate  12*nl*d per extra decode call (autograd sums the [nl, d] W_dec gradients)
   encoder_sparse_bwd   CSR x dense over E (token, latent) entries (`encoder_topk` backward): 2*E*d
-                       FLOPs; HBM E*d*4 (gathered fp32 input rows) + E*320 (cat, repeat_interleave,
-                       stable argsort ~8 radix passes, gathers; rough) + nl*d*(8 + gradient bytes).
-                       E = Bl*(wm + wa), every local candidate: the CUDA path keeps the zero-gradient
-                       entries of candidates another shard won (the CPU path drops them);
-                       encoder_bwd_drop_zeros=True (what-if): E = Bl*(ks + ka)/tp, the winners.
-  b_pre_grad           2*d*nl (-W_enc @ grad b_enc; upcasts a bf16 W_enc copy to fp32 first)
+                       FLOPs; HBM E*d*4 (gathered fp32 input rows) + E_all*60 (every slot: the masked
+                       fp32 gradients, the concatenated ids, token ids, the nonzero scan, the b_enc
+                       gradient's index_add_; rough) + E*320 (the filter's gathers, stable argsort ~8
+                       radix passes, gathers; rough) + nl*d*(8 + gradient bytes). E_all = Bl*(wm + wa)
+                       local candidate slots. encoder_bwd_drop_zeros=True (the code, every device): the
+                       backward drops the zero-gradient entries when they are over 10 % of the slots
+                       (`nz.numel() < 0.9 * gf.numel()`), so E = the winners Ew = Bl*(ks + ka)/tp (the
+                       rank's share of the exact global selections; ReLU zeros not subtracted) when
+                       Ew < 0.9*E_all, else E_all (e.g. tp = 1); False (what-if, the CUDA code before
+                       the filter): E = E_all, the candidates another shard won included.
+  b_pre_grad           2*d*nl (-W_enc @ grad b_enc in fp32, a latent chunk at a time: reads the bf16
+                       W_enc copy, writes and reads its [d, latent_chunk] fp32 upcast)
   bf16_grad_cast       the bf16 W_enc gradient cast to the fp32 parameter's gradient (6*d*nl bytes)
   decoder_grad_projection 4*nl*d; decoder_renorm 3*nl*d (section 2.4.1)
   adam                 12 FLOPs, 28 HBM bytes per parameter it updates (P, or P/dp under ZeRO)
@@ -98,9 +104,10 @@ larger of the forward's and the backward's transient peaks (`transient_bytes`):
     splits = ceil(nl / span), span = latent_chunk widened so that the buffer stays under
     candidate_buffer_bytes = 1 GiB, `CANDIDATE_BUFFER_BYTES`, then rounded up to the 128-latent
     tile; one split when even that is over the cap), or the exchange buffers, whichever is larger;
-  backward: the encoder backward's index arrays (E_all*16 + E*40 bytes), its [latent_chunk, d] fp32
-    product, and with bf16 copies the bf16 W_enc gradient (2*d*nl), the fp32 upcast of the W_enc copy
-    for the b_pre gradient (4*d*nl) and the fp32 input (Bl*d*4); or one extra [nl, d] fp32 W_dec
+  backward: the encoder backward's index arrays (E_all*16 + E*40 bytes), its last [latent_chunk, d]
+    fp32 product (still referenced when the b_pre gradient runs), and with bf16 copies the bf16 W_enc
+    gradient (2*d*nl), the fp32 upcast of one [d, latent_chunk] W_enc chunk for the b_pre gradient
+    (4*d*latent_chunk; no full fp32 copy) and the fp32 input (Bl*d*4); or one extra [nl, d] fp32 W_dec
     gradient when two or more decode calls run; whichever is larger;
 plus a workspace margin (CUDA context, NCCL buffers, allocator slack).
 
@@ -146,7 +153,11 @@ KERNEL_BACKENDS = ("auto", "triton", "torch")
 #: `sae_dist.kernels.encoder_topk.CANDIDATE_BUFFER_BYTES`; tests check they agree).
 CANDIDATE_BUFFER_BYTES = 1 << 30
 _DEC_BLOCK_D, _DEC_BLOCK_K = 64, 8  # tiles of the Triton sparse-decode kernels (sparse_decode.BLOCK_*)
-_INDEX_WORK_BYTES = 320  # HBM bytes per entry of the encoder backward's index work (rough, see docstring)
+_INDEX_WORK_BYTES = 320  # HBM bytes per CSR entry of the encoder backward's index work (rough, see docstring)
+_SLOT_WORK_BYTES = 60  # HBM bytes per candidate slot of the encoder backward's pre-filter work (rough)
+#: The encoder backward drops zero-gradient entries when fewer than this fraction of its slots are
+#: nonzero (`encoder_topk._EncodeTopK.backward`: `nz.numel() < 0.9 * gf.numel()`).
+ENCODER_BWD_DROP_BELOW = 0.9
 #: Kept activations still alive when the encoder backward runs (the step's last backward op).
 KEPT_TO_ENCODER_BWD = ("inputs_fp32", "encoder_saved_input", "selections")
 
@@ -321,7 +332,7 @@ def plan(
     topk_exchange: str = "alltoall",
     decode_compact: bool = True,
     decode_scan_slots: bool = True,
-    encoder_bwd_drop_zeros: bool = False,
+    encoder_bwd_drop_zeros: bool = True,
     kernels: bool = True,
     kernel_backend: str = "auto",
     latent_chunk: int = 4096,
@@ -356,8 +367,10 @@ def plan(
         -1); False (what-if): every local candidate's W_dec row is read.
       decode_scan_slots: True (the code): the sparse-decode kernels loop over every slot of the
         [Bl, w] codes, padding included; False (what-if): they visit only the winners.
-      encoder_bwd_drop_zeros: False (the code on CUDA): the encoder backward's CSR holds every local
-        candidate (zero gradient where another shard won); True (what-if): only nonzero entries.
+      encoder_bwd_drop_zeros: True (the code, every device): the encoder backward drops the
+        zero-gradient entries (candidates another shard won) when they are over 10 % of its slots,
+        so its CSR holds the rank's winners, Bl*(ks + ka)/tp on average; False (what-if, the CUDA
+        code before that filter): every local candidate, Bl*(wm + wa).
       kernels, kernel_backend, latent_chunk, candidate_buffer_bytes: sae.kernels, sae.kernel_backend,
         the fused encoder's `latent_chunk` (the trainer uses the default 4096) and its candidate
         buffer cap. "auto" plans the Triton path (a GPU plan; `triton_encoder_splits`); "torch":
@@ -467,8 +480,9 @@ def plan(
         calls.append(("multi_topk_decode", wm, Bl * ks / tp if decode_compact else Bl * wm))
     if ka:
         calls.append(("auxk_decode", wa, Bl * ka / tp if decode_compact else Bl * wa))
-    e_all = Bl * (wm + wa)  # encoder-backward entries as the CUDA code builds them
-    e_bwd = min(e_all, -(-Bl * (ks + ka) // tp)) if encoder_bwd_drop_zeros else e_all
+    e_all = Bl * (wm + wa)  # encoder-backward candidate slots (gradients, ids) before the filter
+    e_win = min(e_all, -(-Bl * (ks + ka) // tp))  # the rank's winners (nonzero gradients), on average
+    e_bwd = e_win if (encoder_bwd_drop_zeros and e_win < ENCODER_BWD_DROP_BELOW * e_all) else e_all
 
     # exchanges: (prefix, exchange width wx, mask widths ms)
     selections = [("topk", wm, (ks, k) if multi_topk else (k,))]
@@ -538,12 +552,12 @@ def plan(
         # the value gradients [Bl, w]
         "decode_backward": {"decode_grad_buffers": (4 * nl * d if len(calls) > 1 else 0)
                             + max(Bl * w * vb for _, w, _ in calls)},
-        # index arrays (g, ids, their concatenation; repeat_interleave, argsort, gathers), CSR row
-        # pointers, the [chunk, d] fp32 product; bf16: the fp32 input, the bf16 W_enc gradient and
-        # the fp32 upcast of the W_enc copy for the b_pre gradient
+        # index arrays (g, ids, their concatenation; repeat_interleave, nonzero, argsort, gathers),
+        # CSR row pointers, the last [chunk, d] fp32 product; bf16: the fp32 input, the bf16 W_enc
+        # gradient and the fp32 upcast of one [d, chunk] W_enc chunk for the b_pre gradient
         "encoder_backward": {"encoder_backward": e_all * 16 + e_bwd * 40 + (nl + 1) * 16 + nl * 4
                              + chunk * d * 4
-                             + ((Bl * d * 4 + 2 * d * nl + 4 * d * nl) if bf16_operand_copies else 0)},
+                             + ((Bl * d * 4 + 2 * d * nl + 4 * d * chunk) if bf16_operand_copies else 0)},
     }
     kept_all = sum(act.values())
     kept_enc = sum(act[key] for key in KEPT_TO_ENCODER_BWD)  # the rest is freed by then
@@ -589,7 +603,7 @@ def plan(
             "memory")
     gb = 2 if bf16_operand_copies else 4  # bytes of the encoder's W_enc gradient
     add("encoder_sparse_bwd", "bwd", 2 * e_bwd * d,
-        e_bwd * d * 4 + e_bwd * _INDEX_WORK_BYTES + nl * d * (8 + gb)
+        e_bwd * d * 4 + e_all * _SLOT_WORK_BYTES + e_bwd * _INDEX_WORK_BYTES + nl * d * (8 + gb)
         + (Bl * d * 6 if bf16_operand_copies else 0), "memory")
     add("b_pre_grad", "bwd", 2 * d * nl, d * nl * (10 if bf16_operand_copies else 4), "memory")
     if bf16_operand_copies:

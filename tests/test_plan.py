@@ -80,7 +80,7 @@ SMALL = dict(d_in=64, n_latents=1024, k=8, k_aux=32, batch_tokens=256, tp=4, clu
 
 
 def test_memory_equals_hand_count_torch_engine():
-    r = plan(**SMALL)  # defaults: alltoall, compact decode, bf16 operand copies
+    r = plan(**SMALL)  # defaults: alltoall, compact decode, zero-gradient entries dropped, bf16 copies
     m = r["memory_bytes"]
     assert r["params_per_gpu"] == 33088
     assert m["params"] == 132352 and m["grads"] == 132352  # 4 B each
@@ -106,18 +106,20 @@ def test_memory_equals_hand_count_torch_engine():
     assert t["forward"]["topk_exchange"] == 128 * 8 * 4 + 2 * 128 * 8 * 4 + 3 * 128 * 8 + 32 * 8 * 12
     # two decode calls: a second dense fp32 [nl, d] W_dec gradient + the AuxK value gradients (bf16)
     assert t["decode_backward"]["decode_grad_buffers"] == 256 * 64 * 4 + 128 * 32 * 2
-    # encoder backward, every local candidate (5120 entries): index arrays 16 + 40 bytes each, CSR
-    # pointers and bincount, b_enc grad, [chunk=256, d] fp32 product, fp32 input, bf16 W_enc grad,
-    # fp32 upcast of the W_enc copy
-    enc = 5120 * 56 + 257 * 16 + 256 * 4 + 256 * 64 * 4 + 128 * 64 * 4 + 64 * 256 * 2 + 64 * 256 * 4
-    assert t["encoder_backward"]["encoder_backward"] == enc
+    # encoder backward: 16 bytes per candidate slot (5120: masked gradients, ids) and 40 per CSR
+    # entry, which holds only the nonzero gradients, the rank's winners: 128 * (8 + 32) / 4 = 1280
+    # (< 0.9 * 5120, so the code filters); CSR pointers and bincount, b_enc grad, the last
+    # [chunk=256, d] fp32 product, fp32 input, bf16 W_enc grad, the fp32 upcast of one [d, chunk=256]
+    # W_enc chunk for the b_pre gradient (here the whole shard: nl = 256 = one chunk)
+    enc = 5120 * 16 + 1280 * 40 + 257 * 16 + 256 * 4 + 256 * 64 * 4 + 128 * 64 * 4 + 64 * 256 * 2 + 64 * 256 * 4
+    assert t["encoder_backward"]["encoder_backward"] == enc == 334864
     phases = r["activation_phases"]
     assert phases["forward"] == kept + 73728 and phases["decode_backward"] == kept + 73728
     assert phases["encoder_backward"] == 2 * bd + 16384 + 51200 + enc  # inputs, saved x, selections
-    assert r["activation_peak_phase"] == "encoder_backward"
-    assert m["activations"] == max(phases.values()) == 621584
+    assert r["activation_peak_phase"] in ("forward", "decode_backward")  # tied here
+    assert m["activations"] == max(phases.values()) == 541696
     assert m["workspace"] == 2 * GiB
-    assert m["total"] == 132352 * 2 + 264704 + 2304 + 33280 + 621584 + 2 * GiB
+    assert m["total"] == 132352 * 2 + 264704 + 2304 + 33280 + 541696 + 2 * GiB
     assert r["memory_gib"]["total"] == pytest.approx(m["total"] / 2**30)
 
 
@@ -129,7 +131,17 @@ def test_memory_fp32_operands_and_allgather_fallback():
     # the gathered tp parts and their concatenation; no send copy (values already fp32)
     assert t["forward"]["auxk_exchange"] == 2 * 4 * 128 * 32 * 4 + 128 * 32 * 12
     assert a["keep_masks"] == 4 * 128 * 8 + 4 * 128 * 32  # the full [Bl, tp w] masks stay alive
-    assert t["encoder_backward"]["encoder_backward"] == 5120 * 56 + 257 * 16 + 256 * 4 + 256 * 64 * 4
+    assert t["encoder_backward"]["encoder_backward"] == 5120 * 16 + 1280 * 40 + 257 * 16 + 256 * 4 + 256 * 64 * 4
+
+
+def test_b_pre_gradient_upcasts_one_latent_chunk_not_the_shard():
+    """The b_pre gradient runs a latent chunk at a time: with latent_chunk = 64 < nl = 256 the
+    encoder backward holds a [64, d] fp32 product and a [d, 64] fp32 W_enc chunk, not a [d, 256] copy."""
+    t = plan(**SMALL, latent_chunk=64)["transient_bytes"]["encoder_backward"]["encoder_backward"]
+    assert t == 5120 * 16 + 1280 * 40 + 257 * 16 + 256 * 4 + 64 * 64 * 4 + 128 * 64 * 4 + 64 * 256 * 2 + 64 * 64 * 4
+    # what-if: every local candidate in the CSR (5120 entries of 40 bytes instead of 1280)
+    w = plan(**SMALL, latent_chunk=64, encoder_bwd_drop_zeros=False)
+    assert w["transient_bytes"]["encoder_backward"]["encoder_backward"] == t + (5120 - 1280) * 40
 
 
 def test_memory_equals_hand_count_zero_stages():
@@ -169,7 +181,7 @@ def test_encoder_flops_are_2_B_over_dp_d_n_over_tp():
 
 
 def test_decode_rows_slots_and_encoder_backward_entries():
-    r = plan(**SMALL)  # the code: own winners decoded, every slot scanned, every candidate in the CSR
+    r = plan(**SMALL)  # the code: own winners decoded, every slot scanned, only the winners in the CSR
     assert r["config"]["decode_rows"] == {"decode": 128 * 8 // 4, "auxk_decode": 128 * 32 // 4}
     assert r["config"]["decode_slots"] == {"decode": 8, "auxk_decode": 32}
     assert r["flops"]["decode"]["flops"] == 2 * 256 * 64
@@ -182,12 +194,22 @@ def test_decode_rows_slots_and_encoder_backward_entries():
     gv = 4 * 128 * 64 * 4 + 1024 * 64 * 4 + 128 * 32 * 8 + 128 * 32 * 2
     gw = 256 * 64 * 4 + 128 * 64 * 4 + 128 * 32 * 8 + 1024 * 64 * 8
     assert r["flops"]["auxk_decode_bwd"]["hbm_bytes"] == gv + gw
-    assert r["config"]["encoder_bwd_entries"] == 128 * (8 + 32)
-    assert r["flops"]["encoder_sparse_bwd"]["flops"] == 2 * 5120 * 64
-    # what-ifs: only the winners visited / in the CSR; every candidate's row decoded
-    w = plan(**SMALL, decode_scan_slots=False, encoder_bwd_drop_zeros=True)
+    assert r["config"]["encoder_bwd_entries"] == 128 * (8 + 32) // 4  # winners: 1280 < 0.9 * 5120 slots
+    assert r["flops"]["encoder_sparse_bwd"]["flops"] == 2 * 1280 * 64
+    # HBM: gathered fp32 input rows per entry, 60 bytes per slot (5120) + 320 per entry of index work,
+    # the [nl, d] gradient work (fp32 product 8 + bf16 gradient 2 bytes), the fp32 input cast (6 B)
+    assert r["flops"]["encoder_sparse_bwd"]["hbm_bytes"] == (1280 * 64 * 4 + 5120 * 60 + 1280 * 320
+                                                             + 256 * 64 * 10 + 128 * 64 * 6)
+    # what-ifs: only the winners visited; every candidate in the CSR; every candidate's row decoded
+    w = plan(**SMALL, decode_scan_slots=False, encoder_bwd_drop_zeros=False)
     assert w["flops"]["auxk_decode"]["hbm_bytes"] == 1024 * 64 * 4 + 1024 * 8 + 128 * 64 * 4
-    assert w["config"]["encoder_bwd_entries"] == 128 * 40 // 4
+    assert w["config"]["encoder_bwd_entries"] == 128 * 40
+    assert w["flops"]["encoder_sparse_bwd"]["flops"] == 2 * 5120 * 64
+    # tp = 1: every slot is a winner, nothing to drop; tp = 2 with k = n: the rank's 2 + 2 slots hold
+    # (4 + 4) / 2 = 4 winners per token, not under 0.9 of the slots, so the code keeps them all
+    assert plan(**{**SMALL, "tp": 1})["config"]["encoder_bwd_entries"] == 256 // 8 * (8 + 32)
+    kn = plan(d_in=8, n_latents=4, k=4, k_aux=4, batch_tokens=16, tp=2, cluster={"nodes": 1, "gpus_per_node": 2})
+    assert kn["config"]["encoder_bwd_entries"] == 16 * (2 + 2)
     full = plan(**SMALL, decode_compact=False)
     assert full["config"]["decode_rows"] == {"decode": 128 * 8, "auxk_decode": 128 * 32}
 
@@ -206,6 +228,49 @@ def test_own_winners_per_rank_average_B_k_over_tp():
 
 
 # ---------------------------------------------------------------------- against the code itself
+def test_encoder_backward_csr_holds_the_winners_as_planned(monkeypatch):
+    """The planner's CSR entries per rank (Bl*k/tp on average, the winners) equal what
+    `_EncodeTopK.backward` builds: run the encoder on each of tp latent shards, keep the exact global
+    top-k (as the sharded SAE's keep masks do), backpropagate, and count the entries of the sparse
+    CSR matrices the backward multiplies (fresh random inputs every run)."""
+    from sae_dist.kernels import encoder_topk as et
+
+    tp, Bl, nl, d, k = 4, 64, 32, 16, 8
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    x = torch.randn(Bl, d, generator=gen)
+    W = torch.randn(d, tp * nl, generator=gen)
+    b_enc = torch.full((tp * nl,), 10.0)  # every pre-activation positive: no ReLU zeros
+    b_pre = torch.zeros(d, requires_grad=True)
+    shards = []
+    for r in range(tp):
+        Wr = W[:, r * nl:(r + 1) * nl].clone().requires_grad_(True)
+        br = b_enc[r * nl:(r + 1) * nl].clone().requires_grad_(True)
+        v, _, _, _ = et.encode_topk(x, Wr, br, b_pre, k, backend="torch")
+        shards.append(v)
+    thr = torch.cat([v.detach() for v in shards], 1).topk(k, dim=1).values[:, -1:]  # global k-th value
+    real = torch.sparse_csr_tensor
+    nnz, own = [], []
+    for v in shards:
+        seen = []
+
+        def csr(crow, col, val, size, **kw):
+            seen.append(int(col.numel()))
+            return real(crow, col, val, size, **kw)
+
+        keep = v.detach() >= thr  # this rank's winners of the exact global top-k
+        monkeypatch.setattr(torch, "sparse_csr_tensor", csr)
+        (v * keep).sum().backward()
+        monkeypatch.setattr(torch, "sparse_csr_tensor", real)
+        nnz.append(sum(seen))
+        own.append(int(keep.sum()))
+    assert nnz == own and sum(nnz) == Bl * k  # only the winners, k per token over the tp ranks
+    r = plan(d_in=d, n_latents=tp * nl, k=k, batch_tokens=Bl, tp=tp, auxk=False,
+             cluster={"nodes": 1, "gpus_per_node": tp})
+    assert r["config"]["encoder_bwd_entries"] == sum(nnz) / tp == Bl * k // tp
+    assert plan(d_in=d, n_latents=tp * nl, k=k, batch_tokens=Bl, tp=tp, auxk=False, encoder_bwd_drop_zeros=False,
+                cluster={"nodes": 1, "gpus_per_node": tp})["config"]["encoder_bwd_entries"] == Bl * k
+
+
 def _record_global_keep(monkeypatch, B, w, tp, kk, firsts=()):
     """Run `ShardedTopKSAE._global_keep` as rank 1 of a fake tp group, recording every collective's
     (op, bytes this rank sends, dtype). The fake all_to_all returns the rank's own blocks (as if
@@ -342,7 +407,7 @@ def test_communication_hand_count_and_links():
 
 def test_step_time_is_compute_plus_communication():
     r = plan(d_in=D4K, n_latents=N24, k=32, batch_tokens=B_PAPER, tp=32, cluster=H100_8x8,
-             engine="deepspeed", zero_stage=2, encoder_bwd_drop_zeros=True)
+             engine="deepspeed", zero_stage=2)
     assert r["compute_s"] == pytest.approx(sum(v["time_s"] for v in r["flops"].values()))
     assert r["comm_s"] == pytest.approx(sum(x["time_s"] for x in r["comm"]))
     assert r["step_time_s"] == pytest.approx(r["compute_s"] + r["tp_comm_s"] + r["dp_comm_s"])
@@ -354,17 +419,21 @@ def test_step_time_is_compute_plus_communication():
     json.dumps(r)  # JSON-serialisable
 
 
-def test_what_if_switches_only_lower_the_cost_at_2_24():
-    """At the 16M shape each what-if removes work the code does: the step gets shorter, the
-    communication stays the same."""
+def test_what_if_switches_at_2_24():
+    """At the 16M shape the remaining what-if (decode kernels that skip padding) removes work the
+    code does, and the former encoder backward (every local candidate in the CSR) adds work: the
+    step gets shorter / longer, the communication stays the same."""
     kw = dict(d_in=D4K, n_latents=N24, k=32, batch_tokens=B_PAPER, tp=64, cluster=H100_8x8)
     code = plan(**kw)
     assert code["fits"]
-    for sw in ({"encoder_bwd_drop_zeros": True}, {"decode_scan_slots": False}):
-        w = plan(**kw, **sw)
-        assert w["step_time_s"] < code["step_time_s"] and w["comm_s"] == code["comm_s"], sw
-    # the encoder backward over every local candidate: 2 * Bl * (k + k_aux) * d FLOPs
-    assert code["flops"]["encoder_sparse_bwd"]["flops"] == 2 * 131072 * (32 + 2048) * 4096
+    w = plan(**kw, decode_scan_slots=False)
+    assert w["step_time_s"] < code["step_time_s"] and w["comm_s"] == code["comm_s"]
+    old = plan(**kw, encoder_bwd_drop_zeros=False)
+    assert old["step_time_s"] > code["step_time_s"] and old["comm_s"] == code["comm_s"]
+    # the encoder backward over the rank's winners: 2 * Bl * (k + k_aux) / tp * d FLOPs; before the
+    # filter, over every local candidate: tp times that
+    assert code["flops"]["encoder_sparse_bwd"]["flops"] == 2 * (131072 * (32 + 2048) // 64) * 4096
+    assert old["flops"]["encoder_sparse_bwd"]["flops"] == 2 * 131072 * (32 + 2048) * 4096
 
 
 # ------------------------------------------------------------------------------------ refusal
@@ -432,13 +501,13 @@ def test_cli_json_refusal_and_no_output_dir(tmp_path):
     assert r == json.loads(json.dumps(direct))
     c = r["config"]
     assert (c["topk_exchange"], c["decode_compact"], c["decode_scan_slots"], c["encoder_bwd_drop_zeros"],
-            c["bf16_operand_copies"]) == ("alltoall", True, True, False, True)
+            c["bf16_operand_copies"]) == ("alltoall", True, True, True, True)
 
-    p = _cli(big + ["parallel.tp=64", "trainer.bf16=false", "estimate.encoder_bwd_drop_zeros=true",
+    p = _cli(big + ["parallel.tp=64", "trainer.bf16=false", "estimate.encoder_bwd_drop_zeros=false",
                     "output=json"], tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     c = json.loads(p.stdout)["config"]
-    assert c["bf16_operand_copies"] is False and c["encoder_bwd_drop_zeros"] is True
+    assert c["bf16_operand_copies"] is False and c["encoder_bwd_drop_zeros"] is False
 
     p = _cli(big + ["parallel.tp=8", "trainer.engine=deepspeed", "trainer.zero_stage=2"], tmp_path)
     assert p.returncode != 0
