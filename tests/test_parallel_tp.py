@@ -160,3 +160,31 @@ def test_meta_shards_agree_with_sae_plan():
         n_params = sum(p.numel() for p in m.parameters())
     res = plan(d_in=d, n_latents=n, k=32, batch_tokens=131072, tp=tp, cluster={"nodes": 8, "gpus_per_node": 8})
     assert res["memory_bytes"]["params"] == 4 * n_params
+
+
+def test_decode_kept_compacts_and_matches_full_width():
+    """`_decode_kept` decodes only the kept entries, in a width cut to the largest per-row count, and
+    equals the full-width decode with the others as padding; a rank keeping nothing decodes 0."""
+    from sae_dist.kernels.sparse_decode import sparse_decode
+
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    m = ShardedTopKSAE(SAEConfig(d_in=8, n_latents=64, k=4), tp=1, tp_rank=0)
+    with torch.no_grad():
+        m.W_dec.copy_(torch.randn(64, 8, generator=g))
+    widths = []
+
+    def spy(v, i, W, b, backend):
+        widths.append(v.shape[1])
+        return sparse_decode(v, i, W, b, backend="torch")
+
+    B, w = 6, 20
+    vals = torch.randn(B, w, generator=g).abs()
+    idx = torch.randint(0, 64, (B, w), generator=g)
+    keep = torch.rand(B, w, generator=g) < 0.2
+    keep[0, :7] = True  # the widest row keeps 7 (or more)
+    got = m._decode_kept(spy, vals * keep, idx, keep)
+    ref = sparse_decode(vals * keep, torch.where(keep, idx, -1), m.W_dec, None, backend="torch")
+    torch.testing.assert_close(got, ref)
+    assert widths == [int(keep.sum(1).max())] and widths[0] < w
+    none = torch.zeros(B, w, dtype=torch.bool)
+    assert torch.equal(m._decode_kept(spy, vals * none, idx, none), torch.zeros(B, 8))
