@@ -48,17 +48,37 @@ optimizer offload (host memory bandwidth / PCIe bandwidth).
   topk_select          Bl*nl*(2 [+1])     bias add, running-top-k compares [+ the dead-masked AuxK ones]
   split_candidate_topk reading the Triton split candidate buffer (below) for the final torch.topk
   topk_merge/auxk_merge  the exchange's local selection, masks, and the keep masks applied (tp > 1)
-  decode, multi_topk_decode, auxk_decode (Triton `sparse_decode`), per call with w slots, r rows:
+  decode_compaction, multi_topk_/auxk_decode_compaction (`ShardedTopKSAE._decode_kept`, when m < w):
+                       the rank's kept entries moved to the front of every row and the width cut to
+                       m (below). HBM per call: Bl*w*_COMPACT_SORT_BYTES (= 32, rough: the keep mask
+                       cast to uint8 and its per-row count for the max, torch.sort's input copy,
+                       int64 index fill and one read+write pass of the (uint8, int64) pairs) +
+                       Bl*m*(42 + 2*vb) (three gathers of the mask, values and ids by the int64
+                       order: order, source and output) + Bl*m*17 (where(keep, ids, -1) on m
+                       slots). Its backward (`*_compaction_bwd`): the values gather's scatter into a
+                       zero-filled [Bl, w] gradient, Bl*w*vb + Bl*m*(2*vb + 8). Not modelled: the
+                       host sync of int(max) (one per call).
+  decode, multi_topk_decode, auxk_decode (Triton `sparse_decode`), per call with w local slots,
+                       m scanned slots, r rows:
                        r = decoded W_dec rows: decode_compact=True (the code: another shard's winners
                        are index -1) r = Bl*k/tp (Bl*4k/tp, Bl*ka/tp) on average; False (what-if, the
                        code before): every local slot, r = Bl*w.
+                       m = slots per token the kernels scan: decode_scan_slots="compacted" (the
+                       code) m = `kept_width(K, tp, w, Bl)`, the largest per-row kept count of the
+                       batch with K = k (4k, ka) global winners per token: each winner on this rank
+                       with probability 1/tp (latents spread evenly), so a row's count is
+                       Binomial(K, 1/tp) capped at w, and m = the smallest count c >= ceil(K/tp)
+                       (>= 1) with Bl * P(count > c) <= 0.01 (union bound: the batch max exceeds m
+                       with probability <= 1 %); tp = 1: m = K. "full" (the code before the
+                       compaction, for comparison): m = w, every slot, padding included.
                        forward 2*r*d FLOPs; HBM r*d*4 (rows) + S*8*TD (int64 indices, re-read by every
-                       feature tile) + Bl*d*4 (output), S = Bl*w slots (decode_scan_slots=True: the
-                       kernels loop over every slot, padding included) or r (what-if: winners only).
-  *_bwd                4*r*d FLOPs; grad of values: grad_out read CB times (Bl*d*4*CB; r*d*4 when
-                       not scanning) + rows + indices; grad of W_dec (atomic kernel): a dense fp32
-                       [nl, d] buffer zero-filled per call (4*nl*d), indices re-read per feature
-                       tile, r*d*8 atomic read-modify-writes.
+                       feature tile) + Bl*d*4 (output), S = Bl*m slots (padding inside the m
+                       included).
+  *_bwd                4*r*d FLOPs; grad of values: grad_out read CB = ceil(m/8) times (Bl*d*4*CB)
+                       + rows + indices and value gradients over Bl*m slots;
+                       grad of W_dec (atomic kernel): a dense fp32 [nl, d] buffer zero-filled per
+                       call (4*nl*d), indices re-read per feature tile, r*d*8 atomic
+                       read-modify-writes.
   decoder_grad_accumulate  12*nl*d per extra decode call (autograd sums the [nl, d] W_dec gradients)
   encoder_sparse_bwd   CSR x dense over E (token, latent) entries (`encoder_topk` backward): 2*E*d
                        FLOPs; HBM E*d*4 (gathered fp32 input rows) + E_all*60 (every slot: the masked
@@ -98,7 +118,8 @@ Memory per GPU: params 4P; grads 4P (ZeRO-2: none kept whole); Adam moments 8P, 
 reduce bucket; with optimizer offload those partitions live in host memory. EMA 4P when trainer.ema;
 dead-latent state 9 bytes per latent; the bf16 W_enc copy (2*d*nl, saved for the backward);
 activations = what the forward keeps for the backward (inputs, [Bl, d] buffers, the encoder's saved
-input and selections, keep masks, the decode calls' masked values and -1-padded int64 indices) + the
+input and selections, keep masks, the masked main TopK values [Bl, wm] the step returns, the decode
+calls' compacted values and -1-padded int64 ids [Bl, m] and the gathers' int64 order [Bl, m]) + the
 larger of the forward's and the backward's transient peaks (`transient_bytes`):
   forward: the Triton split candidate buffer [Bl, splits, wm + wa] x 8 bytes (fp32 value + int32 id;
     splits = ceil(nl / span), span = latent_chunk widened so that the buffer stays under
@@ -141,6 +162,8 @@ __all__ = [
     "ENGINES",
     "TOPK_EXCHANGES",
     "CANDIDATE_BUFFER_BYTES",
+    "DECODE_SCANS",
+    "kept_width",
 ]
 
 GiB = 2**30  # memory sizes are binary (GiB)
@@ -148,11 +171,18 @@ GB = 1e9  # bandwidths are decimal (GB/s)
 ENGINES = ("torch", "deepspeed")
 ZERO_STAGES = (1, 2)  # DeepSpeed stages `sae_dist.train.deepspeed_engine` runs
 TOPK_EXCHANGES = ("alltoall", "allgather")
+#: estimate.decode_scan_slots: "compacted" (the code), "full" (the code before `_decode_kept`
+#: compacted the kept entries, for comparison).
+DECODE_SCANS = ("compacted", "full")
 KERNEL_BACKENDS = ("auto", "triton", "torch")
 #: The Triton encoder's cap on its split candidate buffers (mirrors
 #: `sae_dist.kernels.encoder_topk.CANDIDATE_BUFFER_BYTES`; tests check they agree).
 CANDIDATE_BUFFER_BYTES = 1 << 30
 _DEC_BLOCK_D, _DEC_BLOCK_K = 64, 8  # tiles of the Triton sparse-decode kernels (sparse_decode.BLOCK_*)
+#: HBM bytes per [Bl, w] slot of `_decode_kept`'s mask cast, count and stable uint8 sort (rough).
+_COMPACT_SORT_BYTES = 32
+#: `kept_width`: allowed probability that a batch's largest per-row kept count exceeds the planned m.
+KEPT_WIDTH_TAIL = 0.01
 _INDEX_WORK_BYTES = 320  # HBM bytes per CSR entry of the encoder backward's index work (rough, see docstring)
 _SLOT_WORK_BYTES = 60  # HBM bytes per candidate slot of the encoder backward's pre-filter work (rough)
 #: The encoder backward drops zero-gradient entries when fewer than this fraction of its slots are
@@ -292,6 +322,45 @@ def triton_encoder_splits(tokens: int, n_local: int, k: int, k_aux: int, latent_
     return -(-n_local // span)
 
 
+def kept_width(K: int, tp: int, w: int, rows: int, tail: float = KEPT_WIDTH_TAIL) -> int:
+    """Planned decode width m of `ShardedTopKSAE._decode_kept`: the largest per-row count of this
+    rank's kept entries over a batch of `rows` tokens.
+
+    K global winners per token (k, Multi-TopK's factor*k, or k_aux), each on this rank with
+    probability 1/tp (latents spread evenly over the shards; real winners are correlated, so a
+    skewed batch can need more, up to w). A row's count is modelled as Binomial(K, 1/tp), capped at
+    the rank's w local slots; returns the smallest c in [max(1, ceil(K/tp)), w] with
+    rows * P(count > c) <= tail (union bound: the batch maximum exceeds c with probability <= tail),
+    or w. tp = 1: every winner is local, m = min(K, w). Example: K = 2048, tp = 64, 2^17 rows: the
+    mean count is 32, m = 65.
+    Raises ValueError for non-positive K, tp, w, rows or a tail outside (0, 1).
+    """
+    for name, v in (("K", K), ("tp", tp), ("w", w), ("rows", rows)):
+        _posint(name, v)
+    if not 0 < tail < 1:
+        raise ValueError(f"tail={tail!r} must be in (0, 1)")
+    lo = min(w, max(1, -(-K // tp)))
+    if tp == 1 or lo >= w:
+        return min(K, w) if tp == 1 else w
+    p = 1.0 / tp
+    # pmf(j) in log space (lgamma), upper tail summed from the top
+    logp, log1p = math.log(p), math.log1p(-p)
+    lg = math.lgamma
+
+    def pmf(j: int) -> float:
+        return math.exp(lg(K + 1) - lg(j + 1) - lg(K - j + 1) + j * logp + (K - j) * log1p)
+
+    upper = min(K, w)
+    above = 0.0  # P(count > c) for c = upper, upper-1, ...
+    best = upper
+    for c in range(upper - 1, lo - 1, -1):
+        above += pmf(c + 1)
+        if rows * above > tail:
+            break
+        best = c
+    return best
+
+
 def _collective(name, group, op, size, p, link, bw_gbytes, latency_us, what, count=1):
     """`count` collectives of `size` bytes under the ring model; bytes_per_gpu = what one GPU sends
     (= receives) over links in all of them."""
@@ -331,7 +400,7 @@ def plan(
     ema: bool = False,
     topk_exchange: str = "alltoall",
     decode_compact: bool = True,
-    decode_scan_slots: bool = True,
+    decode_scan_slots: str = "compacted",
     encoder_bwd_drop_zeros: bool = True,
     kernels: bool = True,
     kernel_backend: str = "auto",
@@ -365,8 +434,11 @@ def plan(
         (config["topk_exchange"] is then "allgather", config["topk_exchange_requested"] the input).
       decode_compact: True (the code): each rank decodes only its own winners (the others are index
         -1); False (what-if): every local candidate's W_dec row is read.
-      decode_scan_slots: True (the code): the sparse-decode kernels loop over every slot of the
-        [Bl, w] codes, padding included; False (what-if): they visit only the winners.
+      decode_scan_slots: "compacted" (the code, `ShardedTopKSAE._decode_kept`): the kept entries
+        are moved to the front and the codes cut to m = `kept_width` slots per token, which the
+        sparse-decode kernels scan (padding inside the m included), plus the sort / gather cost;
+        "full" (the code before that compaction, for comparison): they scan all w local slots,
+        padding included, and nothing is sorted.
       encoder_bwd_drop_zeros: True (the code, every device): the encoder backward drops the
         zero-gradient entries (candidates another shard won) when they are over 10 % of its slots,
         so its CSR holds the rank's winners, Bl*(ks + ka)/tp on average; False (what-if, the CUDA
@@ -390,7 +462,8 @@ def plan(
       config: the resolved inputs plus world, dp, tokens_per_gpu (Bl), latents_per_gpu (nl), k_aux
         (0 when AuxK is off), k_select (ks), topk_exchange (the one planned) and
         topk_exchange_requested, encoder_splits (Triton path, else 0), decode_rows {call: W_dec rows per rank},
-        decode_slots {call: slots per token}, encoder_bwd_entries (E), tp_link / dp_link
+        decode_slots {call: local slots per token w}, decode_scan_width {call: slots per token
+        the kernels scan, m}, encoder_bwd_entries (E), tp_link / dp_link
         ("intra" | "inter" | "none").
       cluster: the Cluster fields.
       shard_shapes: {name: [dims]} per GPU; params_per_gpu: int.
@@ -428,6 +501,9 @@ def plan(
         raise ValueError("trainer.offload_optimizer=true needs trainer.engine=deepspeed")
     if topk_exchange not in TOPK_EXCHANGES:
         raise ValueError(f"topk_exchange={topk_exchange!r}; valid: {TOPK_EXCHANGES}")
+    if decode_scan_slots not in DECODE_SCANS:
+        raise ValueError(f"estimate.decode_scan_slots={decode_scan_slots!r}; valid: {DECODE_SCANS} "
+                         "(\"compacted\" is the code)")
     if kernel_backend not in KERNEL_BACKENDS:
         raise ValueError(f"sae.kernel_backend={kernel_backend!r}; valid: {KERNEL_BACKENDS}")
     if not workspace_gib >= 0:
@@ -474,12 +550,17 @@ def plan(
     wm, wa = min(ks, nl), min(ka, nl)  # local candidate slots per token (main, AuxK)
     td = -(-d // _DEC_BLOCK_D)
 
-    # decode calls (name, slots per token w, W_dec rows decoded r); compact: own winners only
-    calls = [("decode", wm, Bl * k / tp if decode_compact else Bl * wm)]
+    # decode calls (name, local slots per token w, W_dec rows decoded r, scanned slots per token m);
+    # compact: own winners only; compacted: kept entries moved to the front, width cut to m
+    def _call(name, K, w):
+        m = kept_width(K, tp, w, Bl) if decode_scan_slots != "full" else w
+        return name, w, (Bl * K / tp if decode_compact else Bl * w), m
+
+    calls = [_call("decode", k, wm)]
     if multi_topk:
-        calls.append(("multi_topk_decode", wm, Bl * ks / tp if decode_compact else Bl * wm))
+        calls.append(_call("multi_topk_decode", ks, wm))
     if ka:
-        calls.append(("auxk_decode", wa, Bl * ka / tp if decode_compact else Bl * wa))
+        calls.append(_call("auxk_decode", ka, wa))
     e_all = Bl * (wm + wa)  # encoder-backward candidate slots (gradients, ids) before the filter
     e_win = min(e_all, -(-Bl * (ks + ka) // tp))  # the rank's winners (nonzero gradients), on average
     e_bwd = e_win if (encoder_bwd_drop_zeros and e_win < ENCODER_BWD_DROP_BELOW * e_all) else e_all
@@ -510,7 +591,10 @@ def plan(
         "encoder_saved_input": Bl * d * vb,  # x - b_pre in the operand dtype, saved for the backward
         "selections": e_all * (vb + 8),  # the encoder's values + int64 ids (main and AuxK)
         "keep_masks": 0,
-        "decode_inputs": sum(Bl * w * (vb + 8) for _, w, _ in calls),  # masked values, -1-padded ids
+        # masked main values [Bl, wm] (returned); per call the compacted values + -1-padded int64 ids
+        # [Bl, m] the decode saves, and the gathers' int64 order [Bl, m] (only when m < w)
+        "decode_inputs": Bl * wm * vb + sum(Bl * m * (vb + 8) + (Bl * m * 8 if m < w else 0)
+                                            for _, w, _, m in calls),
     }
     fwd: dict[str, int] = {}
     if not kernels:
@@ -551,7 +635,7 @@ def plan(
         # a second dense fp32 [nl, d] W_dec gradient (atomic kernel) before autograd sums them, and
         # the value gradients [Bl, w]
         "decode_backward": {"decode_grad_buffers": (4 * nl * d if len(calls) > 1 else 0)
-                            + max(Bl * w * vb for _, w, _ in calls)},
+                            + max(Bl * m * vb + (Bl * w * vb if m < w else 0) for _, w, _, m in calls)},
         # index arrays (g, ids, their concatenation; repeat_interleave, nonzero, argsort, gathers),
         # CSR row pointers, the last [chunk, d] fp32 product; bf16: the fp32 input, the bf16 W_enc
         # gradient and the fp32 upcast of one [d, chunk] W_enc chunk for the b_pre gradient
@@ -583,21 +667,25 @@ def plan(
         add("split_candidate_topk", "fwd", Bl * splits * (wm + wa), Bl * splits * (wm + wa) * 8, "memory")
     for name, (fl, nbytes) in merges.items():
         add(name, "fwd", fl, nbytes, "memory")
-    # keep masks applied: values * keep, where(keep, ids, -1) for every decode call
-    add("keep_apply", "fwd", sum(Bl * w for _, w, _ in calls),
-        sum(Bl * w * (2 * vb + 18) for _, w, _ in calls), "memory")
-    rows = {}
-    for name, w, r in calls:
-        slots = Bl * w if decode_scan_slots else r  # code slots the kernels visit
-        rows[name] = r
-        add(name, "fwd", 2 * r * d, r * d * 4 + slots * 8 * td + bd, "memory")
+    # keep masks applied: values * keep on all w slots, where(keep, ids, -1) on the m decoded slots
+    add("keep_apply", "fwd", sum(Bl * (w + m) for _, w, _, m in calls),
+        sum(Bl * w * (2 * vb + 1) + Bl * m * 17 for _, w, _, m in calls), "memory")
+    for name, w, r, m in calls:  # _decode_kept's sort of the keep mask and gathers (when m < w)
+        if m < w:
+            add(name + "_compaction", "fwd", Bl * w, Bl * w * _COMPACT_SORT_BYTES + Bl * m * (42 + 2 * vb),
+                "memory")
+    rows, scan = {}, {}
+    for name, w, r, m in calls:  # the kernels scan Bl*m code slots, padding inside the m included
+        rows[name], scan[name] = r, m
+        add(name, "fwd", 2 * r * d, r * d * 4 + Bl * m * 8 * td + bd, "memory")
     add("loss_elementwise", "fwd+bwd", 3 * n_bd * Bl * d, 3 * n_bd * bd, "memory")
-    for name, w, r in calls:
-        slots = Bl * w if decode_scan_slots else r
-        go_reads = Bl * d * 4 * -(-w // _DEC_BLOCK_K) if decode_scan_slots else r * d * 4
-        grad_values = go_reads + r * d * 4 + Bl * w * 8 + Bl * w * vb
-        grad_wdec = nl * d * 4 + bd + slots * 8 * td + r * d * 8
+    for name, w, r, m in calls:
+        go_reads = Bl * d * 4 * -(-m // _DEC_BLOCK_K)  # grad_out tile re-read per 8-slot code block
+        grad_values = go_reads + r * d * 4 + Bl * m * 8 + Bl * m * vb
+        grad_wdec = nl * d * 4 + bd + Bl * m * 8 * td + r * d * 8
         add(name + "_bwd", "bwd", 4 * r * d, grad_values + grad_wdec, "memory")
+        if m < w:  # the values gather's backward: scatter into a zero-filled [Bl, w] gradient
+            add(name + "_compaction_bwd", "bwd", Bl * m, Bl * w * vb + Bl * m * (2 * vb + 8), "memory")
     if len(calls) > 1:
         add("decoder_grad_accumulate", "bwd", (len(calls) - 1) * nl * d, (len(calls) - 1) * 12 * nl * d,
             "memory")
@@ -688,7 +776,8 @@ def plan(
         "topk_exchange_requested": topk_exchange,
         "decode_compact": decode_compact, "decode_scan_slots": decode_scan_slots,
         "decode_rows": {k_: int(round(v)) for k_, v in rows.items()},
-        "decode_slots": {name: w for name, w, _ in calls},
+        "decode_slots": {name: w for name, w, _, _ in calls},
+        "decode_scan_width": scan,
         "encoder_bwd_drop_zeros": encoder_bwd_drop_zeros, "encoder_bwd_entries": e_bwd,
         "kernels": kernels, "kernel_backend": backend, "latent_chunk": latent_chunk,
         "candidate_buffer_bytes": candidate_buffer_bytes,
@@ -703,6 +792,8 @@ def plan(
         "ring collectives at the slowest link of the group (per-GPU NIC across nodes)",
         f"k_aux={ka} AuxK candidates per token on every rank (worst case: >= k_aux dead latents per rank)",
         "selected latents spread evenly over the tp ranks",
+        "decode width m: the batch's largest per-row kept count, each winner on a rank with probability "
+        f"1/tp (Binomial), exceeded with probability <= {KEPT_WIDTH_TAIL:g}; correlated winners can need up to w",
         "top-k selection fused into the encoder matmul (its cost is in the mfu derate; the running "
         "top-k_aux in registers is untested at large k_aux)",
         "encoder matmul at cluster.bf16_tflops * cluster.mfu" + (
@@ -1011,7 +1102,7 @@ def plan_from_cfg(cfg, **overrides) -> dict:
         offload_optimizer=bool(t.get("offload_optimizer", False)),
         tp=int(cfg.parallel.tp), cluster=OmegaConf.to_container(cfg.cluster, resolve=True),
         topk_exchange=str(cfg.topk_exchange),
-        decode_compact=bool(e.decode_compact), decode_scan_slots=bool(e.decode_scan_slots),
+        decode_compact=bool(e.decode_compact), decode_scan_slots=str(e.decode_scan_slots),
         encoder_bwd_drop_zeros=bool(e.encoder_bwd_drop_zeros), latent_chunk=int(e.latent_chunk),
         candidate_buffer_bytes=int(e.candidate_buffer_bytes),
         bf16_operand_copies=bool(t.get("bf16", True) if e.get("bf16_operand_copies") is None

@@ -23,6 +23,7 @@ from sae_dist.plan import (
     GiB,
     PlanDoesNotFit,
     check_fits,
+    kept_width,
     params_per_gpu,
     plan,
     shard_shapes,
@@ -95,17 +96,20 @@ def test_memory_equals_hand_count_torch_engine():
     assert a["encoder_saved_input"] == 128 * 64 * 2  # x - b_pre in bf16
     assert a["selections"] == 128 * 8 * (2 + 8) + 128 * 32 * (2 + 8)  # bf16 values + int64 ids
     assert a["keep_masks"] == 128 * 8 + 128 * 32  # one bool [Bl, w] per selection width
-    assert a["decode_inputs"] == 128 * 8 * 10 + 128 * 32 * 10  # masked bf16 values + -1-padded int64 ids
-    kept = 65536 + 262144 + 16384 + 16384 + 51200 + 5120 + 51200
-    assert sum(a.values()) == kept == 467968
+    # masked main bf16 values [128, 8] (returned); per decode call its compacted bf16 values, -1-padded
+    # int64 ids and the gathers' int64 order over m = 7 (main) and 18 (AuxK) slots
+    assert a["decode_inputs"] == 128 * 8 * 2 + 128 * (7 + 18) * (2 + 8 + 8)
+    kept = 65536 + 262144 + 16384 + 16384 + 51200 + 5120 + 59648
+    assert sum(a.values()) == kept == 476416
     t = r["transient_bytes"]
     assert t["forward"]["encoder_split_candidates"] == 128 * 1 * (8 + 32) * 8  # one split (4096 > 256)
     # AuxK exchange: fp32 copy of the bf16 values, received block + its transpose, 3 uint8 masks,
     # torch.topk's [Bl/tp, 32] values + ids
     assert t["forward"]["auxk_exchange"] == 128 * 32 * 4 + 2 * 128 * 32 * 4 + 3 * 128 * 32 + 32 * 32 * 12
     assert t["forward"]["topk_exchange"] == 128 * 8 * 4 + 2 * 128 * 8 * 4 + 3 * 128 * 8 + 32 * 8 * 12
-    # two decode calls: a second dense fp32 [nl, d] W_dec gradient + the AuxK value gradients (bf16)
-    assert t["decode_backward"]["decode_grad_buffers"] == 256 * 64 * 4 + 128 * 32 * 2
+    # two decode calls: a second dense fp32 [nl, d] W_dec gradient + the AuxK value gradients (bf16):
+    # the kernel's [128, 18] and the gather backward's zero-filled [128, 32]
+    assert t["decode_backward"]["decode_grad_buffers"] == 256 * 64 * 4 + 128 * (18 + 32) * 2
     # encoder backward: 16 bytes per candidate slot (5120: masked gradients, ids) and 40 per CSR
     # entry, which holds only the nonzero gradients, the rank's winners: 128 * (8 + 32) / 4 = 1280
     # (< 0.9 * 5120, so the code filters); CSR pointers and bincount, b_enc grad, the last
@@ -114,12 +118,12 @@ def test_memory_equals_hand_count_torch_engine():
     enc = 5120 * 16 + 1280 * 40 + 257 * 16 + 256 * 4 + 256 * 64 * 4 + 128 * 64 * 4 + 64 * 256 * 2 + 64 * 256 * 4
     assert t["encoder_backward"]["encoder_backward"] == enc == 334864
     phases = r["activation_phases"]
-    assert phases["forward"] == kept + 73728 and phases["decode_backward"] == kept + 73728
+    assert phases["forward"] == kept + 73728 and phases["decode_backward"] == kept + 78336
     assert phases["encoder_backward"] == 2 * bd + 16384 + 51200 + enc  # inputs, saved x, selections
-    assert r["activation_peak_phase"] in ("forward", "decode_backward")  # tied here
-    assert m["activations"] == max(phases.values()) == 541696
+    assert r["activation_peak_phase"] == "decode_backward"
+    assert m["activations"] == max(phases.values()) == 554752
     assert m["workspace"] == 2 * GiB
-    assert m["total"] == 132352 * 2 + 264704 + 2304 + 33280 + 541696 + 2 * GiB
+    assert m["total"] == 132352 * 2 + 264704 + 2304 + 33280 + 554752 + 2 * GiB
     assert r["memory_gib"]["total"] == pytest.approx(m["total"] / 2**30)
 
 
@@ -181,33 +185,62 @@ def test_encoder_flops_are_2_B_over_dp_d_n_over_tp():
 
 
 def test_decode_rows_slots_and_encoder_backward_entries():
-    r = plan(**SMALL)  # the code: own winners decoded, every slot scanned, only the winners in the CSR
+    r = plan(**SMALL)  # the code: own winners decoded, compacted codes scanned, winners in the CSR
     assert r["config"]["decode_rows"] == {"decode": 128 * 8 // 4, "auxk_decode": 128 * 32 // 4}
     assert r["config"]["decode_slots"] == {"decode": 8, "auxk_decode": 32}
+    # scanned width m: a row's kept count ~ Binomial(K, 1/4); m = the smallest c >= K/4 with
+    # 128 * P(count > c) <= 0.01, from exact integer binomial tails (independent of kept_width's lgamma)
+    def m_ref(K):
+        tail = lambda c: sum(math.comb(K, j) * 3 ** (K - j) for j in range(c + 1, K + 1)) / 4 ** K
+        return next(c for c in range(-(-K // 4), K + 1) if 128 * tail(c) <= 0.01)
+    assert (m_ref(8), m_ref(32)) == (7, 18)
+    assert r["config"]["decode_scan_width"] == {"decode": 7, "auxk_decode": 18}
     assert r["flops"]["decode"]["flops"] == 2 * 256 * 64
     assert r["flops"]["decode_bwd"]["flops"] == 2 * r["flops"]["decode"]["flops"]
-    # AuxK decode forward: 1024 W_dec rows (fp32), the int64 ids of all 128 x 32 slots read by each of
-    # the ceil(64 / 64) = 1 feature tiles, the [Bl, d] fp32 output
-    assert r["flops"]["auxk_decode"]["hbm_bytes"] == 1024 * 64 * 4 + 128 * 32 * 8 + 128 * 64 * 4
-    # backward: grad_out re-read by the 32 / 8 = 4 code blocks, rows, ids, bf16 value grads; W_dec
+    # AuxK decode forward: 1024 W_dec rows (fp32), the int64 ids of the 128 x 18 scanned slots read by
+    # each of the ceil(64 / 64) = 1 feature tiles, the [Bl, d] fp32 output
+    assert r["flops"]["auxk_decode"]["hbm_bytes"] == 1024 * 64 * 4 + 128 * 18 * 8 + 128 * 64 * 4
+    # backward: grad_out re-read by the ceil(18 / 8) = 3 code blocks, rows, ids, bf16 value grads; W_dec
     # grad: dense fp32 zero fill, grad_out tile, ids per feature tile, atomic read-modify-writes
-    gv = 4 * 128 * 64 * 4 + 1024 * 64 * 4 + 128 * 32 * 8 + 128 * 32 * 2
-    gw = 256 * 64 * 4 + 128 * 64 * 4 + 128 * 32 * 8 + 1024 * 64 * 8
+    gv = 3 * 128 * 64 * 4 + 1024 * 64 * 4 + 128 * 18 * 8 + 128 * 18 * 2
+    gw = 256 * 64 * 4 + 128 * 64 * 4 + 128 * 18 * 8 + 1024 * 64 * 8
     assert r["flops"]["auxk_decode_bwd"]["hbm_bytes"] == gv + gw
+    # the compaction: 32 B per [128, 32] slot (mask cast, count, sort), three gathers of 18 slots
+    # (int64 order, source, output: 24 + 2 * (1 + 2 + 8) bytes), backward: zero-filled bf16 [128, 32]
+    # value gradient, scatter of 18 (bf16 read + write, int64 order)
+    assert r["flops"]["auxk_decode_compaction"]["hbm_bytes"] == 128 * 32 * 32 + 128 * 18 * (24 + 22)
+    assert r["flops"]["auxk_decode_compaction_bwd"]["hbm_bytes"] == 128 * 32 * 2 + 128 * 18 * 12
+    # keep applied: values * keep over w (bf16 in, bool in, bf16 out), where(keep, ids, -1) over m
+    assert r["flops"]["keep_apply"]["hbm_bytes"] == 128 * (8 + 32) * 5 + 128 * (7 + 18) * 17
+    # kept for the backward: masked main values [128, 8] bf16; per call bf16 values + int64 ids +
+    # int64 gather order over m slots
+    assert r["activation_bytes"]["decode_inputs"] == 128 * 8 * 2 + 128 * (7 + 18) * 18
+    # the former full-width scan (for comparison): m = w, nothing sorted
+    f = plan(**SMALL, decode_scan_slots="full")
+    assert f["config"]["decode_scan_width"] == {"decode": 8, "auxk_decode": 32}
+    assert f["flops"]["auxk_decode"]["hbm_bytes"] == 1024 * 64 * 4 + 128 * 32 * 8 + 128 * 64 * 4
+    assert f["flops"]["auxk_decode_bwd"]["hbm_bytes"] == (4 * 128 * 64 * 4 + 1024 * 64 * 4 + 128 * 32 * 10
+                                                          + gw - 128 * 18 * 8 + 128 * 32 * 8)
+    assert not any("compaction" in name for name in f["flops"])
     assert r["config"]["encoder_bwd_entries"] == 128 * (8 + 32) // 4  # winners: 1280 < 0.9 * 5120 slots
     assert r["flops"]["encoder_sparse_bwd"]["flops"] == 2 * 1280 * 64
     # HBM: gathered fp32 input rows per entry, 60 bytes per slot (5120) + 320 per entry of index work,
     # the [nl, d] gradient work (fp32 product 8 + bf16 gradient 2 bytes), the fp32 input cast (6 B)
     assert r["flops"]["encoder_sparse_bwd"]["hbm_bytes"] == (1280 * 64 * 4 + 5120 * 60 + 1280 * 320
                                                              + 256 * 64 * 10 + 128 * 64 * 6)
-    # what-ifs: only the winners visited; every candidate in the CSR; every candidate's row decoded
-    w = plan(**SMALL, decode_scan_slots=False, encoder_bwd_drop_zeros=False)
-    assert w["flops"]["auxk_decode"]["hbm_bytes"] == 1024 * 64 * 4 + 1024 * 8 + 128 * 64 * 4
+    # what-ifs: every candidate in the CSR; every candidate's row decoded
+    w = plan(**SMALL, encoder_bwd_drop_zeros=False)
     assert w["config"]["encoder_bwd_entries"] == 128 * 40
     assert w["flops"]["encoder_sparse_bwd"]["flops"] == 2 * 5120 * 64
     # tp = 1: every slot is a winner, nothing to drop; tp = 2 with k = n: the rank's 2 + 2 slots hold
     # (4 + 4) / 2 = 4 winners per token, not under 0.9 of the slots, so the code keeps them all
-    assert plan(**{**SMALL, "tp": 1})["config"]["encoder_bwd_entries"] == 256 // 8 * (8 + 32)
+    one = plan(**{**SMALL, "tp": 1})
+    assert one["config"]["encoder_bwd_entries"] == 256 // 8 * (8 + 32)
+    # tp = 1: every winner is local, m = w, no compaction
+    assert one["config"]["decode_scan_width"] == {"decode": 8, "auxk_decode": 32}
+    assert not any("compaction" in name for name in one["flops"])
+    with pytest.raises(ValueError, match="decode_scan_slots"):
+        plan(**SMALL, decode_scan_slots=True)
     kn = plan(d_in=8, n_latents=4, k=4, k_aux=4, batch_tokens=16, tp=2, cluster={"nodes": 1, "gpus_per_node": 2})
     assert kn["config"]["encoder_bwd_entries"] == 16 * (2 + 2)
     full = plan(**SMALL, decode_compact=False)
@@ -225,6 +258,24 @@ def test_own_winners_per_rank_average_B_k_over_tp():
     r = plan(d_in=16, n_latents=tp * nl, k=k, batch_tokens=Bl, tp=tp, cluster={"nodes": 1, "gpus_per_node": tp},
              auxk=False)
     assert r["config"]["decode_rows"]["decode"] == sum(own) / tp
+
+
+def test_kept_width_bounds_the_batch_max_of_the_exact_selection():
+    """`kept_width` against the code's compaction width: exact global top-K over random
+    pre-activations (fresh every run) split into tp shards; the largest per-row kept count over
+    all ranks (what `_decode_kept` cuts to) is >= ceil(K/tp) and below the bound with tail 1e-6
+    (a failure probability of at most 1e-6 per run)."""
+    rng = random.Random()
+    for _ in range(4):
+        tp, Bl, nl, K = rng.choice([2, 4, 8]), rng.randint(64, 512), rng.randint(40, 120), rng.randint(4, 40)
+        win = torch.randn(Bl, tp * nl).topk(K, dim=1).indices
+        counts = torch.stack([((win >= r * nl) & (win < (r + 1) * nl)).sum(1) for r in range(tp)])
+        m = int(counts.max())
+        w = min(K, nl)
+        assert -(-K // tp) <= m <= kept_width(K, tp, w, Bl * tp, tail=1e-6) <= w, (tp, Bl, nl, K, m)
+    assert kept_width(32, 1, 32, 1000) == 32 and kept_width(2048, 64, 2048, 131072) == 65
+    with pytest.raises(ValueError, match="tail"):
+        kept_width(8, 2, 8, 10, tail=0)
 
 
 # ---------------------------------------------------------------------- against the code itself
@@ -420,14 +471,16 @@ def test_step_time_is_compute_plus_communication():
 
 
 def test_what_if_switches_at_2_24():
-    """At the 16M shape the remaining what-if (decode kernels that skip padding) removes work the
-    code does, and the former encoder backward (every local candidate in the CSR) adds work: the
-    step gets shorter / longer, the communication stays the same."""
+    """At the 16M shape the former full-width decode scan and the former encoder backward (every
+    local candidate in the CSR) add work: the step gets longer, the communication stays the same."""
     kw = dict(d_in=D4K, n_latents=N24, k=32, batch_tokens=B_PAPER, tp=64, cluster=H100_8x8)
     code = plan(**kw)
     assert code["fits"]
-    w = plan(**kw, decode_scan_slots=False)
-    assert w["step_time_s"] < code["step_time_s"] and w["comm_s"] == code["comm_s"]
+    # AuxK: 2048 winners, 32 per rank on average; the planned batch max over 131072 rows is 65 slots
+    assert code["config"]["decode_scan_width"] == {"decode": kept_width(32, 64, 32, B_PAPER), "auxk_decode": 65}
+    full = plan(**kw, decode_scan_slots="full")
+    assert full["config"]["decode_scan_width"] == {"decode": 32, "auxk_decode": 2048}
+    assert full["step_time_s"] > code["step_time_s"] and full["comm_s"] == code["comm_s"]
     old = plan(**kw, encoder_bwd_drop_zeros=False)
     assert old["step_time_s"] > code["step_time_s"] and old["comm_s"] == code["comm_s"]
     # the encoder backward over the rank's winners: 2 * Bl * (k + k_aux) / tp * d FLOPs; before the
@@ -501,13 +554,14 @@ def test_cli_json_refusal_and_no_output_dir(tmp_path):
     assert r == json.loads(json.dumps(direct))
     c = r["config"]
     assert (c["topk_exchange"], c["decode_compact"], c["decode_scan_slots"], c["encoder_bwd_drop_zeros"],
-            c["bf16_operand_copies"]) == ("alltoall", True, True, True, True)
+            c["bf16_operand_copies"]) == ("alltoall", True, "compacted", True, True)
 
     p = _cli(big + ["parallel.tp=64", "trainer.bf16=false", "estimate.encoder_bwd_drop_zeros=false",
-                    "output=json"], tmp_path)
+                    "estimate.decode_scan_slots=full", "output=json"], tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     c = json.loads(p.stdout)["config"]
     assert c["bf16_operand_copies"] is False and c["encoder_bwd_drop_zeros"] is False
+    assert c["decode_scan_slots"] == "full" and c["decode_scan_width"]["auxk_decode"] == 2048
 
     p = _cli(big + ["parallel.tp=8", "trainer.engine=deepspeed", "trainer.zero_stage=2"], tmp_path)
     assert p.returncode != 0
