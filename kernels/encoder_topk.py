@@ -458,8 +458,7 @@ class _EncodeTopK(torch.autograd.Function):
         block = None
         if aux_values.shape[1] > 0:
             ga = (g_aux * (aux_values > 0)).float()
-            if xc.device.type == "cpu":
-                block = dense_rows_block(ga, aux_idx, n, torch.float32)
+            block = dense_rows_block(ga, aux_idx, n, torch.float32)  # None on CUDA
             if block is None:
                 g = torch.cat([g, ga], dim=1)
                 idx = torch.cat([idx, aux_idx], dim=1)

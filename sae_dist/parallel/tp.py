@@ -37,12 +37,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sae_dist.kernels.auxk import _safe_ratio as safe_ratio
 from sae_dist.parallel.comm import all_gather_cat, all_reduce_, copy_to_tp, reduce_from_tp
 from sae_dist.parallel.mesh import ParallelContext, shard_range
 from sae_dist.sae.config import SAEConfig
 from sae_dist.sae.topk import TopKSAE, TrainOutput, _torch_dtype, encoder_operands
 
-__all__ = ["ShardedTopKSAE", "init_rows", "INIT_BLOCK_ROWS", "reduce_fired_over_dp"]
+__all__ = ["ShardedTopKSAE", "init_rows", "tied_init_rows_", "INIT_BLOCK_ROWS", "reduce_fired_over_dp"]
 
 #: Rows of W_dec drawn per generator in the mesh-independent tied init (`init_rows`).
 INIT_BLOCK_ROWS = 4096
@@ -67,6 +68,19 @@ def init_rows(start: int, end: int, d_in: int, seed: int) -> torch.Tensor:
         lo, hi = max(start, b * INIT_BLOCK_ROWS), min(end, (b + 1) * INIT_BLOCK_ROWS)
         out[lo - start: hi - start] = block[lo - b * INIT_BLOCK_ROWS: hi - b * INIT_BLOCK_ROWS]
     return out / out.norm(dim=-1, keepdim=True)
+
+
+@torch.no_grad()
+def tied_init_rows_(sae, seed: int, latent_start: int = 0) -> None:
+    """Mesh-independent tied init (Gao et al. 2024, section 2.4.1) of `sae` holding latents
+    [latent_start, latent_start + W_dec.shape[0]): W_dec = `init_rows`, W_enc = enc_init_scale *
+    W_dec^T, b_enc = 0; b_dec untouched. The whole SAE (latent_start 0) and every shard get the same
+    global weights."""
+    n_rows, d = sae.W_dec.shape
+    w = init_rows(latent_start, latent_start + n_rows, d, seed)
+    sae.W_dec.copy_(w.to(sae.W_dec.device, sae.W_dec.dtype))
+    sae.W_enc.copy_((sae.cfg.enc_init_scale * w.T).to(sae.W_enc.device, sae.W_enc.dtype))
+    sae.b_enc.zero_()
 
 
 @torch.no_grad()
@@ -118,12 +132,8 @@ class ShardedTopKSAE(TopKSAE):
 
     @torch.no_grad()
     def init_weights_(self, seed: int) -> None:
-        """Tied init of this shard's rows (`init_rows`: identical to the unsharded model's rows),
-        W_enc = enc_init_scale * W_dec^T, b_enc = 0; b_dec untouched."""
-        w = init_rows(self.latent_start, self.latent_end, self.cfg.d_in, seed)
-        self.W_dec.copy_(w.to(self.W_dec.device, self.W_dec.dtype))
-        self.W_enc.copy_((self.cfg.enc_init_scale * w.T).to(self.W_enc.device, self.W_enc.dtype))
-        self.b_enc.zero_()
+        """Tied init of this shard's rows (`tied_init_rows_`: identical to the unsharded model's)."""
+        tied_init_rows_(self, seed, self.latent_start)
 
     # ------------------------------------------------------------------ inference: not on shards
     def _shard_only(self, *_a, **_k):
@@ -305,10 +315,7 @@ class ShardedTopKSAE(TopKSAE):
             part = torch.zeros_like(e)
         e_hat = reduce_from_tp(part, tp_group)
         num = (e - e_hat).pow(2).sum()
-        den = self._dp_den(e, n_global_tokens)
-        ok = torch.isfinite(den) & (den > 0)
-        ratio = num / torch.where(ok, den, torch.ones_like(den))
-        return torch.where(ok & torch.isfinite(ratio), ratio, torch.zeros_like(ratio))
+        return safe_ratio(num, self._dp_den(e, n_global_tokens))  # NaN/Inf -> 0, as unsharded
 
     # ------------------------------------------------------------------ dp / clipping
     @torch.no_grad()

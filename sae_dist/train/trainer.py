@@ -29,7 +29,7 @@ import torch
 from sae_dist.parallel.comm import all_reduce_
 from sae_dist.parallel.mesh import ParallelContext, init_parallel
 from sae_dist.parallel.state import build_state
-from sae_dist.parallel.tp import ShardedTopKSAE, init_rows, reduce_fired_over_dp
+from sae_dist.parallel.tp import ShardedTopKSAE, reduce_fired_over_dp, tied_init_rows_
 from sae_dist.sae.auxk import DeadLatentTracker
 from sae_dist.sae.config import SAEConfig
 from sae_dist.sae.export import export_sae
@@ -202,16 +202,12 @@ def _dead_summary(tracker: DeadLatentTracker, tokens_trained: int,
 def _build_sae(sae_cfg: SAEConfig, ctx: ParallelContext, device, seed: int):
     """The whole TopKSAE (single process, or tp = 1: every rank holds it) or this rank's latent shard,
     with the mesh-independent tied init (`init_rows`): every mesh starts from the same global weights."""
-    if ctx.tp > 1:
-        sae = ShardedTopKSAE(sae_cfg, ctx, device=device)
-        sae.init_weights_(seed)
-        return sae
-    sae = ShardedTopKSAE(sae_cfg, ctx, device=device) if ctx.distributed else TopKSAE(sae_cfg, device=device)
-    with torch.no_grad():
-        w = init_rows(0, sae_cfg.n_latents, sae_cfg.d_in, seed)
-        sae.W_dec.copy_(w.to(sae.W_dec.device, sae.W_dec.dtype))
-        sae.W_enc.copy_((sae_cfg.enc_init_scale * w.T).to(sae.W_enc.device, sae.W_enc.dtype))
-        sae.b_enc.zero_()
+    if ctx.distributed:
+        sae = ShardedTopKSAE(sae_cfg, ctx, device=device)  # at tp = 1 the shard is the whole SAE
+        tied_init_rows_(sae, seed, sae.latent_start)
+    else:
+        sae = TopKSAE(sae_cfg, device=device)
+        tied_init_rows_(sae, seed)
     return sae
 
 
@@ -419,9 +415,10 @@ def train(
             if ema is not None:
                 _ema_update(ema, sae, tcfg.ema_decay)
             fired = reduce_fired_over_dp(tracker.fired(res.values, res.indices), ctx)
-            tracker.update_fired(fired, tcfg.batch_tokens if ctx.distributed else x.shape[0])
+            n_tokens = tcfg.batch_tokens if ctx.distributed else x.shape[0]  # the global batch
+            tracker.update_fired(fired, n_tokens)
             step += 1
-            tokens_seen += tcfg.batch_tokens if ctx.distributed else x.shape[0]
+            tokens_seen += n_tokens
             bar.update(1)
 
             if step % tcfg.log_every_steps == 0 or step == n_steps:
