@@ -127,31 +127,35 @@ def run_harvest(cfg: DictConfig, out_dir: Path, lm=None) -> dict[str, Any]:
     )
 
 
+def sae_config_from(sae: DictConfig, d_in: int):
+    """SAEConfig from the `sae` config group: the keys SAEConfig has are its fields, every other key
+    is an option of the architecture (`SAEConfig.options`, validated by the architecture's class,
+    which names unknown ones). d_in comes from the store."""
+    import dataclasses
+
+    from sae_dist.sae.config import SAEConfig
+    from sae_dist.sae.registry import architecture_class
+
+    node = OmegaConf.to_container(sae, resolve=True)
+    fields = {f.name for f in dataclasses.fields(SAEConfig)} - {"d_in", "options"}
+    common = {key: node.pop(key) for key in list(node) if key in fields}
+    common.setdefault("architecture", "topk")
+    options = node
+    sae_cfg = SAEConfig(d_in=d_in, **common, options=options)
+    from sae_dist.sae.base import parse_options
+
+    cls = architecture_class(sae_cfg.architecture)
+    parse_options(cls.Options, options, sae_cfg.architecture)  # fail before any data is read
+    return sae_cfg
+
+
 def run_train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """Train an SAE on `cfg.store.path`; checkpoints under out_dir/checkpoints, export to out_dir/sae."""
-    from sae_dist.sae.config import SAEConfig
     from sae_dist.store import open_store
     from sae_dist.train.trainer import TrainerConfig, train
 
-    if cfg.sae.architecture != "topk":
-        raise ValueError(f"sae={cfg.sae.architecture!r}: only the 'topk' architecture is available in this version")
     store_attrs = dict(open_store(cfg.store.path).attrs)
-    s = cfg.sae
-    sae_cfg = SAEConfig(
-        d_in=int(store_attrs["d_model"]),
-        n_latents=int(s.n_latents),
-        k=int(s.k),
-        k_aux=None if s.k_aux is None else int(s.k_aux),
-        auxk_coef=float(s.auxk_coef),
-        dead_tokens=int(s.dead_tokens),
-        multi_topk=bool(s.multi_topk),
-        multi_topk_factor=int(s.multi_topk_factor),
-        multi_topk_weight=float(s.multi_topk_weight),
-        b_pre_init=s.b_pre_init,
-        normalize=s.normalize,
-        kernels=bool(s.get("kernels", True)),
-        kernel_backend=str(s.get("kernel_backend", "auto")),
-    )
+    sae_cfg = sae_config_from(cfg.sae, d_in=int(store_attrs["d_model"]))
     t = cfg.trainer
     trainer_cfg = TrainerConfig(
         tokens=int(t.tokens),
@@ -234,7 +238,8 @@ def harvest_main(cfg: DictConfig) -> None:
 
 @_app
 def train_main(cfg: DictConfig) -> None:
-    """sae-train: activation store -> SAE checkpoints + export (sae/cfg.json, sae/sae_weights.safetensors).
+    """sae-train: activation store -> SAE checkpoints + export (sae/cfg.json, sae/sae_weights.safetensors);
+    with `eval.after_train=true` also eval.json (global rank 0 evaluates after training).
 
     The same command runs under torchrun / slurm: `parallel.tp=P` shards latents over P ranks and dp =
     world size / P (sae_dist.parallel). Only global rank 0 prints the summary.
@@ -245,8 +250,13 @@ def train_main(cfg: DictConfig) -> None:
     try:
         # record: under torchrun the failing rank's traceback goes to its error file, which torchrun's
         # failure report prints next to the rank's number
-        summary = record(run_train)(cfg, _out_dir())
+        out = _out_dir()
+        summary = record(run_train)(cfg, out)
         if _dist_env()[0] == 0:
+            if cfg.eval.get("after_train", False) and summary.get("sae_dir"):
+                if dist.is_available() and dist.is_initialized():
+                    dist.destroy_process_group()  # the evaluation runs on global rank 0 alone
+                summary["eval"] = run_eval(cfg, out, sae_path=summary["sae_dir"])
             print(json.dumps(summary, indent=2, default=str))
     finally:
         if dist.is_available() and dist.is_initialized():

@@ -10,7 +10,7 @@ import os
 import sysconfig
 from pathlib import Path
 
-__all__ = ["make_tiny_lm", "tiny_corpus"]
+__all__ = ["make_tiny_lm", "tiny_corpus", "train_on_synthetic"]
 
 
 def tiny_corpus(n_files: int = 8, max_chars: int = 20_000) -> list[str]:
@@ -79,3 +79,33 @@ def make_tiny_lm(
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(out)
     return str(out)
+
+
+def train_on_synthetic(tmp_path, sae_cfg, *, dictionary=None, n_store_tokens: int = 32768,
+                       tokens: int = 300_000, batch_tokens: int = 1024, seed: int | None = None, **trainer_kw):
+    """Train `sae_cfg` (any architecture) through the real trainer on activations drawn from a
+    `sae_dist.eval.synthetic.SyntheticDictionary` and load the export back.
+
+    Args: tmp_path: a fresh directory. sae_cfg: SAEConfig (its d_in must be the dictionary's d).
+      dictionary: a SyntheticDictionary (default: d=sae_cfg.d_in, 64 features, p_active 0.05).
+      n_store_tokens: samples written to the store; tokens / batch_tokens: training length;
+      seed: data-order / init seed (default: fresh random); trainer_kw: more TrainerConfig fields.
+    Returns (dictionary, train() result dict, loaded exported SAE (`sae_dist.load_sae`)).
+    """
+    import torch
+
+    from sae_dist.eval.synthetic import SyntheticDictionary
+    from sae_dist.sae.export import load_sae
+    from sae_dist.store import write_store
+    from sae_dist.train.trainer import TrainerConfig, train
+
+    tmp_path = Path(tmp_path)
+    seed = int(torch.randint(0, 2**31 - 1, ())) if seed is None else seed
+    sd = dictionary or SyntheticDictionary(sae_cfg.d_in, 64, p_active=0.05, seed=seed)
+    x, _ = sd.sample(n_store_tokens)
+    write_store(tmp_path / "s.zarr", x, attrs={"hook": "synthetic", "model": "synthetic"})
+    kw = dict(tokens=tokens, batch_tokens=batch_tokens, keep_checkpoints=0, log_every_steps=50)
+    kw.update(trainer_kw)
+    res = train(store_path=tmp_path / "s.zarr", out_dir=tmp_path / "run", sae_cfg=sae_cfg, seed=seed,
+                trainer_cfg=TrainerConfig(**kw), progress=False, wandb_cfg={"enabled": False})
+    return sd, res, load_sae(tmp_path / "run" / "sae")

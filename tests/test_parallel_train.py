@@ -178,3 +178,23 @@ def test_deepspeed_engine_matches_and_resumes(store, reference, tmp_path):
     r = _train(store, resumed, nproc=2, tp=2, extra=("trainer.engine=deepspeed", "trainer.zero_stage=2"))
     assert "resuming from" in r.stderr
     _close(_log(resumed), _log(reference), "deepspeed zero-2 tp=2, resumed")
+
+
+def test_unsharded_architecture_refuses_tp_and_trains_data_parallel(store, tmp_path):
+    """Architectures other than TopK do not shard latents: tp > 1 fails naming the architecture; at
+    tp = 1 the ranks are data-parallel replicas whose logged losses track the single-process run
+    (each rank normalises over its own half of the batch, so not bit-equal)."""
+    relu = ("sae=relu", "sae.k=null", "sae.l1_coef=0.1")
+    r = _train(store, tmp_path / "tp2", nproc=2, tp=2, extra=relu, check=False)
+    assert r.returncode != 0 and "sae=relu does not train latent-sharded" in r.stderr, r.stderr[-2000:]
+    single, dp2 = tmp_path / "single", tmp_path / "dp2"
+    _train(store, single, extra=relu)
+    _train(store, dp2, nproc=2, tp=1, extra=relu)
+    a, b = _log(single), _log(dp2)
+    assert [x["step"] for x in a] == [x["step"] for x in b] == list(range(1, STEPS + 1))
+    for x, y in zip(a, b):
+        for key in ("train/loss", "train/fvu", "train/l0"):
+            assert abs(x[key] - y[key]) <= 0.03 * abs(y[key]) + 1e-3, (x["step"], key, x[key], y[key])
+    assert b[-1]["train/fvu"] < 0.5 * b[0]["train/fvu"]
+    wa, wb = _weights(single), _weights(dp2)
+    assert (wa["W_dec"] - wb["W_dec"]).abs().max() < 0.05

@@ -203,3 +203,29 @@ def test_torchrun_two_harvest_workers_equal_one(tiny_lm_dir, tmp_path):
     markers = sorted((tmp_path / "two" / "activations.zarr" / "_progress").glob("shard_*.json"))
     assert len(markers) == -(-one["activations"].shape[0] // (32 * 31))
     assert {json.loads(m.read_text())["rank"] for m in markers} == {0, 1}
+
+
+def test_architecture_comparison_script(pipeline_run: Path, tiny_lm_dir: str, tmp_path):
+    """launch/compare_architectures.sh as docs/architectures.md runs it, at toy size on the pipeline's
+    store: every architecture trains through `sae-train -m`, is evaluated (eval.after_train=true), and
+    lands in the comparison table with the exported format its method calls for."""
+    out = tmp_path / "cmp"
+    env = dict(os.environ, WANDB_MODE="offline", N_LATENTS="128", TOKENS="10240", K_LIST="4",
+               TARGET_L0="4", RELU_L1="1", PROLU_L1="1", EXTRA_K="4", SAE_TRAIN=str(BIN / "sae-train"))
+    script = Path(__file__).resolve().parents[1] / "launch" / "compare_architectures.sh"
+    proc = subprocess.run(
+        [str(script), str(pipeline_run / "activations.zarr"), str(out), f"model.name={tiny_lm_dir}",
+         "device=cpu", "data.ctx_len=32", "trainer.batch_tokens=512", "sae.dead_tokens=20000",
+         "eval.eval_tokens=512", "eval.batch_size=16"],
+        capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    rows = json.loads((out / "compare.json").read_text())
+    expect = {"topk": "topk", "batchtopk": "jumprelu", "matryoshka": "jumprelu", "relu": "standard",
+              "prolu": "prolu", "jumprelu": "jumprelu", "soft_topk": "topk", "tree": "topk"}
+    assert {r["architecture"]: r["exported"] for r in rows} == expect
+    for r in rows:
+        assert 0 < r["l0"] and math.isfinite(r["fvu"]) and math.isfinite(r["ce_loss_score"]), r
+        if r["architecture"] in ("topk", "soft_topk", "tree"):  # hard TopK at inference
+            assert r["l0"] <= 4 + 1e-9, r
+    assert (out / "compare.png").stat().st_size > 10_000
+    assert len((out / "compare.md").read_text().strip().splitlines()) == 2 + len(expect)

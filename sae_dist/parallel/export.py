@@ -224,7 +224,7 @@ def export_sae_sharded(
         if not isinstance(max_buffer_bytes, int) or max_buffer_bytes < _F32_BYTES:
             raise ValueError(f"max_buffer_bytes={max_buffer_bytes!r} must be an int >= {_F32_BYTES}")
         d, n, lo, hi = _check_shard(model, ctx)
-        cfg, f = _cfg_dict(d_in=d, d_sae=n, k=int(model.cfg.k), normalize=normalize, scale=scale,
+        cfg, f = _cfg_dict(d_in=d, d_sae=n, k=None, arch_cfg=model.export_cfg(), normalize=normalize, scale=scale,
                            hook_name=hook_name, model_name=model_name, extra_cfg=extra_cfg)
         layout = safetensors_f32_layout({"W_enc": (d, n), "b_enc": (n,), "W_dec": (n, d), "b_dec": (d,)})
     except Exception as e:  # noqa: BLE001 - re-raised by _agree on this rank

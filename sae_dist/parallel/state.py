@@ -14,6 +14,8 @@ Layout of the state dict (keys are the global names):
     optim/{param}/{exp_avg, exp_avg_sq, step}
     ema/{...}   (when EMA is on)
     dead/{tokens_since_fired, ever_fired}
+    buffers/{...} (the architecture's persistent buffers, e.g. BatchTopK's threshold; only when it has any)
+Architecture extras (e.g. JumpReLU's log_threshold) are latent-indexed along dim 0 unless listed.
 """
 
 from __future__ import annotations
@@ -27,6 +29,11 @@ __all__ = ["LATENT_DIM", "global_view", "build_state"]
 #: dim of each tensor that indexes latents (sharded over tp); None: replicated.
 LATENT_DIM = {"W_enc": 1, "b_enc": 0, "W_dec": 0, "b_dec": None,
               "tokens_since_fired": 0, "ever_fired": 0}
+
+
+def _latent_dim(name: str) -> int | None:
+    # architectures other than TopK train unsharded (tp = 1), where every tensor is replicated
+    return LATENT_DIM.get(name, 0)
 
 
 def global_view(t: torch.Tensor, latent_dim: int | None, ctx: ParallelContext):
@@ -57,16 +64,19 @@ def build_state(model: torch.nn.Module, optimizer_state: dict, ema: torch.nn.Mod
     dead_state: DeadLatentTracker.state_dict() (local shard).
     """
     def params(mod):
-        return {n: global_view(p.data, LATENT_DIM[n], ctx) for n, p in mod.named_parameters()}
+        return {n: global_view(p.data, _latent_dim(n), ctx) for n, p in mod.named_parameters()}
 
     state = {
         "model": params(model),
-        "optim": {n: {"exp_avg": global_view(st["exp_avg"], LATENT_DIM[n], ctx),
-                      "exp_avg_sq": global_view(st["exp_avg_sq"], LATENT_DIM[n], ctx),
+        "optim": {n: {"exp_avg": global_view(st["exp_avg"], _latent_dim(n), ctx),
+                      "exp_avg_sq": global_view(st["exp_avg_sq"], _latent_dim(n), ctx),
                       "step": st["step"]}
                   for n, st in optimizer_state.items()},
         "dead": {n: global_view(t, LATENT_DIM[n], ctx) for n, t in dead_state.items()},
     }
     if ema is not None:
         state["ema"] = params(ema)
+    buffers = {n: b for n, b in model.named_buffers() if n not in model._non_persistent_buffers_set}
+    if buffers:
+        state["buffers"] = {n: global_view(b, None, ctx) for n, b in buffers.items()}
     return state

@@ -41,7 +41,8 @@ from sae_dist.kernels.auxk import _safe_ratio as safe_ratio
 from sae_dist.parallel.comm import all_gather_cat, all_reduce_, copy_to_tp, reduce_from_tp
 from sae_dist.parallel.mesh import ParallelContext, shard_range
 from sae_dist.sae.config import SAEConfig
-from sae_dist.sae.topk import TopKSAE, TrainOutput, _torch_dtype, encoder_operands
+from sae_dist.sae.base import torch_dtype
+from sae_dist.sae.topk import TopKSAE, TrainOutput, encoder_operands
 
 __all__ = ["ShardedTopKSAE", "init_rows", "tied_init_rows_", "INIT_BLOCK_ROWS", "reduce_fired_over_dp"]
 
@@ -118,7 +119,7 @@ class ShardedTopKSAE(TopKSAE):
         self.ctx = ctx
         self.latent_start, self.latent_end = shard_range(cfg.n_latents, ctx.tp, ctx.tp_rank)
         n_local = self.latent_end - self.latent_start
-        dtype = _torch_dtype(cfg.dtype)
+        dtype = torch_dtype(cfg.dtype)
         dev = ctx.device if device is None else device
         d = cfg.d_in
         self.W_enc = nn.Parameter(torch.empty(d, n_local, dtype=dtype, device=dev))

@@ -7,13 +7,15 @@ Every field is a recipe knob of the paper; defaults follow the paper (section nu
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 __all__ = ["SAEConfig", "default_k_aux", "NORMALIZE_MODES", "B_PRE_INITS", "DTYPES", "KERNEL_BACKENDS"]
 
 NORMALIZE_MODES = ("layer_norm", "scalar", "none")
 B_PRE_INITS = ("geometric_median", "mean", "zeros")
 DTYPES = ("float32", "bfloat16", "float16")
+#: architectures whose k is required (active latents per token, or per token on average)
+_NEEDS_K = ("topk", "batchtopk", "matryoshka", "tree", "soft_topk")
 KERNEL_BACKENDS = ("auto", "torch", "triton")
 
 
@@ -49,6 +51,9 @@ class SAEConfig:
         yields the AuxK candidates from the same pass, sparse decode, AuxK loss); False -> the plain
         torch path (dense pre-activations, `torch.topk`, `F.embedding_bag`). Same losses, gradients
         and parameters up to float rounding; only speed and memory differ.
+      architecture: registry name (`sae_dist.sae.registry.ARCHITECTURES`, Hydra `sae=<name>`).
+      options: the architecture's own options (validated by its `Options` dataclass), e.g.
+        {"l1_coef": 0.008} for relu. k may be None for architectures without k (relu, prolu, jumprelu).
       kernel_backend: backend of those kernels, "auto" (Triton when the tensors are on CUDA, else the
         chunked torch reference), "torch", or "triton" (CPU only under TRITON_INTERPRET=1, for tests).
 
@@ -57,7 +62,7 @@ class SAEConfig:
 
     d_in: int
     n_latents: int
-    k: int
+    k: int | None
     k_aux: int | None = None
     auxk_coef: float = 1.0 / 32.0
     dead_tokens: int = 10_000_000
@@ -70,13 +75,24 @@ class SAEConfig:
     enc_init_scale: float = 1.0
     kernels: bool = True
     kernel_backend: str = "auto"
+    architecture: str = "topk"
+    options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        from sae_dist.sae.registry import ARCHITECTURES
+
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(
+                f"SAEConfig.architecture={self.architecture!r}; valid: {', '.join(ARCHITECTURES)}"
+            )
+        self.options = dict(self.options or {})
         for name in ("d_in", "n_latents", "k"):
             v = getattr(self, name)
+            if name == "k" and v is None and self.architecture not in _NEEDS_K:
+                continue
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"SAEConfig.{name} must be a positive int, got {v!r}")
-        if self.k > self.n_latents:
+        if self.k is not None and self.k > self.n_latents:
             raise ValueError(
                 f"SAEConfig.k={self.k} > n_latents={self.n_latents}: k must be <= n_latents "
                 "(lower sae.k or raise sae.n_latents)"
@@ -96,6 +112,8 @@ class SAEConfig:
                 raise ValueError(
                     f"SAEConfig.multi_topk_factor={self.multi_topk_factor} must be >= 1"
                 )
+            if self.k is None:
+                raise ValueError(f"Multi-TopK needs sae.k (architecture {self.architecture!r})")
             if self.multi_topk_factor * self.k > self.n_latents:
                 raise ValueError(
                     f"Multi-TopK needs multi_topk_factor*k = {self.multi_topk_factor * self.k} <= "

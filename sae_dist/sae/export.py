@@ -1,4 +1,4 @@
-"""Export a trained TopK SAE in SAELens' on-disk layout and load it back (ARCHITECTURE.md CONTRACT).
+"""Export a trained SAE (any architecture) in SAELens' on-disk layout and load it back (ARCHITECTURE.md CONTRACT).
 
 Files: `cfg.json` + `sae_weights.safetensors` (`W_enc` [d_in, d_sae], `b_enc` [d_sae], `W_dec`
 [d_sae, d_in] with unit-norm rows, `b_dec` [d_in]). The exported SAE takes RAW activations.
@@ -36,7 +36,7 @@ from torch import nn
 
 from sae_dist.sae.auxk import sparse_decode
 
-__all__ = ["export_sae", "load_sae", "ExportedTopKSAE", "check_d_in", "CFG_FILENAME",
+__all__ = ["export_sae", "load_sae", "ExportedSAE", "ExportedTopKSAE", "check_d_in", "CFG_FILENAME",
            "WEIGHTS_FILENAME"]
 
 CFG_FILENAME = "cfg.json"
@@ -69,15 +69,17 @@ def _cfg_dict(
     *,
     d_in: int,
     d_sae: int,
-    k: int,
+    k: int | None,
     normalize: str,
     scale: float | None,
     hook_name: str | None,
     model_name: str | None,
     extra_cfg: dict | None,
+    arch_cfg: dict | None = None,
 ) -> tuple[dict, float]:
     """(cfg.json content, fold factor f) of an export; shared by `export_sae` and the sharded export
-    (`sae_dist.parallel.export.export_sae_sharded`) so both write the same file.
+    (`sae_dist.parallel.export.export_sae_sharded`) so both write the same file. arch_cfg: the
+    architecture's fields (`SparseAutoencoder.export_cfg`); None: TopK with `k`.
 
     ValueError from `_fold_factor` for a bad normalize / missing scale.
     """
@@ -92,13 +94,14 @@ def _cfg_dict(
         "context_size": None,
         "dataset_path": None,
     }
+    if arch_cfg is None:
+        arch_cfg = {"architecture": "topk", "k": int(k), "activation_fn": "topk",
+                    "activation_fn_kwargs": {"k": int(k)}}
     cfg = {
-        "architecture": "topk",
+        "architecture": arch_cfg["architecture"],
         "d_in": int(d_in),
         "d_sae": int(d_sae),
-        "k": int(k),
-        "activation_fn": "topk",
-        "activation_fn_kwargs": {"k": int(k)},
+        **{key: val for key, val in arch_cfg.items() if key != "architecture"},
         "dtype": "float32",
         "device": "cpu",
         "apply_b_dec_to_input": True,
@@ -148,8 +151,11 @@ def export_sae(
 ) -> Path:
     """Write `out_dir/cfg.json` and `out_dir/sae_weights.safetensors` (SAELens layout, float32).
 
-    sae: a `TopKSAE` (or any module with W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_in], b_dec
-      and an integer `k`) trained on normalised inputs.
+    sae: a `SparseAutoencoder` of any architecture (or any module with W_enc [d_in, d_sae], b_enc,
+      W_dec [d_sae, d_in], b_dec and an integer `k`: exported as TopK) trained on normalised inputs.
+      Its `export_cfg()` gives cfg.json's architecture fields, `export_extras()` extra tensors in
+      activation units (folded like b_enc, e.g. a JumpReLU `threshold`), `export_files()` extra JSON
+      files written next to the weights (e.g. a tree's `tree.json`).
     normalize: the training normalisation ("layer_norm" | "scalar" | "none"); scale: the store's
       scalar s for "scalar" mode (ValueError if missing). See the module docstring for the folding.
     extra_cfg: merged into cfg.json (top level) e.g. {"context_size": 128, "dataset_path": ...}.
@@ -157,54 +163,71 @@ def export_sae(
     A latent-sharded SAE is exported without gathering it by
     `sae_dist.parallel.export.export_sae_sharded` (same files).
     """
-    W_enc = sae.W_enc.detach().float().cpu()
-    b_enc = sae.b_enc.detach().float().cpu()
-    W_dec = sae.W_dec.detach().float().cpu()
-    b_dec = sae.b_dec.detach().float().cpu()
+    params = sae.export_params() if hasattr(sae, "export_params") else {
+        "W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
+    W_enc, b_enc, W_dec, b_dec = (params[n].detach().float().cpu() for n in ("W_enc", "b_enc", "W_dec", "b_dec"))
     d_in, d_sae = W_enc.shape
     if W_dec.shape != (d_sae, d_in) or b_enc.shape != (d_sae,) or b_dec.shape != (d_in,):
         raise ValueError(
             f"inconsistent SAE shapes W_enc {tuple(W_enc.shape)} W_dec {tuple(W_dec.shape)} "
             f"b_enc {tuple(b_enc.shape)} b_dec {tuple(b_dec.shape)}"
         )
-    cfg, f = _cfg_dict(d_in=d_in, d_sae=d_sae, k=int(sae.k), normalize=normalize, scale=scale,
-                       hook_name=hook_name, model_name=model_name, extra_cfg=extra_cfg)
+    arch_cfg = sae.export_cfg() if hasattr(sae, "export_cfg") else None
+    cfg, f = _cfg_dict(d_in=d_in, d_sae=d_sae, k=None if arch_cfg else int(sae.k), normalize=normalize,
+                       scale=scale, hook_name=hook_name, model_name=model_name, extra_cfg=extra_cfg,
+                       arch_cfg=arch_cfg)
     tensors = {
         "W_enc": W_enc.contiguous(),
         "b_enc": (b_enc / f).contiguous(),
         "W_dec": W_dec.contiguous(),
         "b_dec": (b_dec / f).contiguous(),
     }
+    extras = sae.export_extras() if hasattr(sae, "export_extras") else {}
+    for name, t in extras.items():
+        tensors[name] = (t.detach().float().cpu() / f).contiguous()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    files = sae.export_files() if hasattr(sae, "export_files") else {}
+    for name, obj in files.items():
+        tmp = out / (name + ".tmp")
+        tmp.write_text(json.dumps(obj, indent=2))
+        os.replace(tmp, out / name)
     save_file(tensors, str(_tmp_weights_path(out)))
     _commit(out, cfg)
     return out
 
 
-class ExportedTopKSAE(nn.Module):
-    """An exported TopK SAE taking RAW activations (the contract API).
+class ExportedSAE(nn.Module):
+    """An exported SAE of a dense-activation architecture taking RAW activations (the contract API).
 
-    Parameters W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in] as in the file.
+    cfg.json "architecture" -> activation of the pre-activations pre = (x_n - b_dec) W_enc + b_enc:
+      "standard" (ReLU+L1; SAELens' name): z = ReLU(pre)
+      "jumprelu" (JumpReLU, and BatchTopK / Matryoshka-BatchTopK at inference; SAELens' name):
+          z = ReLU(pre) * 1[pre > threshold], `threshold` [d_sae] in the weights file
+      "prolu" (ProLU, Taggart 2024): m = pre - b_enc, z = m * 1[m > 0] * 1[m + b_enc > 0]
+    Parameters W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in] (+ threshold).
     Inputs may have any leading dims [..., d_in].
-      encode(x) -> [..., d_sae] dense; encode_sparse(x) -> (values [..., k], indices [..., k] int64)
-      decode(z), decode_sparse(values, indices) -> [..., d_in] raw space
-      forward(x) -> x_hat [..., d_in] raw space.
+      encode(x) -> [..., d_sae] dense; decode(z) -> [..., d_in]; forward(x) -> x_hat [..., d_in].
     In "layer_norm" mode the per-token statistics come from the input: forward handles them
-    itself; decode/decode_sparse use the statistics of the most recent encode/encode_sparse call
-    (as SAELens does) and raise RuntimeError when there is none of a matching shape.
+    itself; decode uses the statistics of the most recent encode call (as SAELens does) and raises
+    RuntimeError when there is none of a matching shape.
     """
+
+    ARCHITECTURES = ("standard", "jumprelu", "prolu")
 
     def __init__(self, cfg: dict, tensors: dict[str, torch.Tensor]):
         super().__init__()
         self.cfg = cfg
+        self.architecture = cfg.get("architecture", "topk")
         self.W_enc = nn.Parameter(tensors["W_enc"])
         self.b_enc = nn.Parameter(tensors["b_enc"])
         self.W_dec = nn.Parameter(tensors["W_dec"])
         self.b_dec = nn.Parameter(tensors["b_dec"])
+        if "threshold" in tensors:
+            self.threshold = nn.Parameter(tensors["threshold"])
         self.d_in = int(cfg["d_in"])
         self.d_sae = int(cfg["d_sae"])
-        self.k = int(cfg["k"])
+        self.k = None if cfg.get("k") is None else int(cfg["k"])
         self.normalize_activations = cfg.get("normalize_activations", "none")
         if self.normalize_activations not in ("none", "layer_norm"):
             raise ValueError(
@@ -246,26 +269,50 @@ class ExportedTopKSAE(nn.Module):
     def _pre(self, x: torch.Tensor) -> torch.Tensor:
         return (self._norm_in(x) - self.b_dec) @ self.W_enc + self.b_enc
 
-    def encode_sparse(self, x: torch.Tensor):
-        """x [..., d_in] raw -> (values [..., k] >= 0, indices [..., k] int64)."""
-        lead = x.shape[:-1]
-        vals, idx = self._pre(self._flat(x)).topk(self.k, dim=-1)
-        vals = torch.relu(vals)
-        return vals.reshape(*lead, self.k), idx.reshape(*lead, self.k)
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        """Dense latents [B, d_sae] from pre-activations [B, d_sae] (the class docstring's rules)."""
+        if self.architecture == "standard":
+            return torch.relu(pre)
+        if self.architecture == "jumprelu":
+            return torch.relu(pre) * (pre > self.threshold)
+        if self.architecture == "prolu":
+            m = pre - self.b_enc
+            return m * ((m > 0) & (pre > 0))
+        raise ValueError(f"architecture {self.architecture!r}; valid: {self.ARCHITECTURES}")
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., d_in] raw -> z [..., d_sae] dense with k non-negative entries per token."""
+        """x [..., d_in] raw -> z [..., d_sae] dense, non-negative."""
         lead = x.shape[:-1]
-        pre = self._pre(self._flat(x))
-        vals, idx = pre.topk(self.k, dim=-1)
-        z = torch.zeros_like(pre).scatter_(-1, idx, torch.relu(vals))
-        return z.reshape(*lead, self.d_sae)
+        return self.activation(self._pre(self._flat(x))).reshape(*lead, self.d_sae)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z [..., d_sae] -> raw reconstruction [..., d_in]."""
         lead = z.shape[:-1]
         y = z.reshape(-1, self.d_sae).to(self.W_dec.dtype) @ self.W_dec + self.b_dec
         return self._norm_out(y).reshape(*lead, self.d_in)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., d_in] raw -> x_hat [..., d_in] raw."""
+        return self.decode(self.encode(x))
+
+
+class ExportedTopKSAE(ExportedSAE):
+    """An exported TopK SAE ("topk": TopK, soft TopK, Matryoshka/tree over TopK) taking RAW
+    activations (the contract API): as `ExportedSAE`, z = ReLU of the k largest pre-activations, and
+      encode_sparse(x) -> (values [..., k], indices [..., k] int64)
+      decode_sparse(values, indices) -> [..., d_in] raw space.
+    """
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        vals, idx = pre.topk(self.k, dim=-1)
+        return torch.zeros_like(pre).scatter_(-1, idx, torch.relu(vals))
+
+    def encode_sparse(self, x: torch.Tensor):
+        """x [..., d_in] raw -> (values [..., k] >= 0, indices [..., k] int64)."""
+        lead = x.shape[:-1]
+        vals, idx = self._pre(self._flat(x)).topk(self.k, dim=-1)
+        vals = torch.relu(vals)
+        return vals.reshape(*lead, self.k), idx.reshape(*lead, self.k)
 
     def decode_sparse(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """(values, indices) [..., k] -> raw reconstruction [..., d_in]."""
@@ -289,11 +336,12 @@ def check_d_in(sae, d: int) -> None:
         )
 
 
-def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu") -> ExportedTopKSAE:
-    """Load an exported SAE directory -> `ExportedTopKSAE` on `device` (takes raw activations).
+def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu") -> ExportedSAE:
+    """Load an exported SAE directory -> `ExportedTopKSAE` (architecture "topk") or `ExportedSAE`
+    ("standard", "jumprelu", "prolu") on `device`; it takes raw activations.
 
-    FileNotFoundError naming the missing file(s); ValueError for a non-topk architecture or weights
-    whose shapes disagree with cfg.json.
+    FileNotFoundError naming the missing file(s); ValueError for an unknown architecture or weights
+    whose shapes disagree with cfg.json (or a jumprelu without `threshold`).
     """
     p = Path(path)
     missing = [n for n in (CFG_FILENAME, WEIGHTS_FILENAME) if not (p / n).is_file()]
@@ -304,11 +352,14 @@ def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu") -> Exp
         )
     cfg = json.loads((p / CFG_FILENAME).read_text())
     arch = cfg.get("architecture")
-    if arch != "topk":
-        raise ValueError(f"{p / CFG_FILENAME}: architecture {arch!r} is not 'topk'")
+    valid = ("topk", *ExportedSAE.ARCHITECTURES)
+    if arch not in valid:
+        raise ValueError(f"{p / CFG_FILENAME}: architecture {arch!r} is not one of {valid}")
     tensors = load_file(str(p / WEIGHTS_FILENAME), device="cpu")
     need = {"W_enc": (cfg["d_in"], cfg["d_sae"]), "b_enc": (cfg["d_sae"],),
             "W_dec": (cfg["d_sae"], cfg["d_in"]), "b_dec": (cfg["d_in"],)}
+    if arch == "jumprelu":
+        need["threshold"] = (cfg["d_sae"],)
     for name, shape in need.items():
         if name not in tensors:
             raise ValueError(f"{p / WEIGHTS_FILENAME} lacks tensor {name!r}")
@@ -317,5 +368,6 @@ def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu") -> Exp
                 f"{p / WEIGHTS_FILENAME}: {name} has shape {tuple(tensors[name].shape)}, "
                 f"cfg.json implies {shape}"
             )
-    model = ExportedTopKSAE(cfg, {n: tensors[n].float() for n in need})
+    cls = ExportedTopKSAE if arch == "topk" else ExportedSAE
+    model = cls(cfg, {n: tensors[n].float() for n in need})
     return model.to(device).eval()

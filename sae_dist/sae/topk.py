@@ -13,37 +13,15 @@ from __future__ import annotations
 
 import importlib
 import warnings
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from sae_dist.sae.auxk import auxk_loss, normalized_mse, sparse_decode
+from sae_dist.sae.base import SparseAutoencoder, TrainOutput
 from sae_dist.sae.config import SAEConfig
 
 __all__ = ["TopKSAE", "TrainOutput", "kernel_ops", "encoder_operands"]
-
-
-@dataclass
-class TrainOutput:
-    """Result of `TopKSAE.training_step_losses`. All losses are 0-d float32 tensors.
-
-    loss = normalized_mse (+ multi_topk_weight * multi_topk_mse) + auxk_coef * auxk_loss.
-    values/indices [B, k] are the TopK latents (for dead-latent tracking), x_hat [B, d_in].
-    """
-
-    loss: torch.Tensor
-    normalized_mse: torch.Tensor
-    auxk_loss: torch.Tensor
-    multi_topk_mse: torch.Tensor | None
-    x_hat: torch.Tensor
-    values: torch.Tensor
-    indices: torch.Tensor
-
-
-def _torch_dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 _KERNEL_OPS: tuple | None = None
@@ -96,8 +74,8 @@ def encoder_operands(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, 
     return x.to(W_enc.dtype), W_enc, b_enc, b_pre
 
 
-class TopKSAE(nn.Module):
-    """TopK SAE with the paper's training recipe hooks.
+class TopKSAE(SparseAutoencoder):
+    """TopK SAE with the paper's training recipe hooks (`sae=topk`; the base of the TopK family).
 
     Args:
       cfg: SAEConfig.
@@ -107,58 +85,20 @@ class TopKSAE(nn.Module):
     cfg.enc_init_scale * W_dec^T, b_enc = 0, b_dec (b_pre) = 0 until `sae_dist.sae.init.init_b_pre`.
     """
 
+    architecture = "topk"
+    export_architecture = "topk"
+    shardable = True
+    uses_k = True
+
     def __init__(
         self,
         cfg: SAEConfig,
         device: torch.device | str = "cpu",
         generator: torch.Generator | None = None,
     ):
-        super().__init__()
-        self.cfg = cfg
-        dtype = _torch_dtype(cfg.dtype)
-        d, n = cfg.d_in, cfg.n_latents
-        self.W_enc = nn.Parameter(torch.empty(d, n, dtype=dtype, device=device))
-        self.b_enc = nn.Parameter(torch.zeros(n, dtype=dtype, device=device))
-        self.W_dec = nn.Parameter(torch.empty(n, d, dtype=dtype, device=device))
-        self.b_dec = nn.Parameter(torch.zeros(d, dtype=dtype, device=device))
-        from sae_dist.sae.init import tied_init_
-
-        tied_init_(self, generator=generator, enc_scale=cfg.enc_init_scale)
-
-    # ------------------------------------------------------------------ shapes / properties
-    @property
-    def d_in(self) -> int:
-        return self.cfg.d_in
-
-    @property
-    def d_sae(self) -> int:
-        return self.cfg.n_latents
-
-    @property
-    def k(self) -> int:
-        return self.cfg.k
-
-    @property
-    def b_pre(self) -> torch.Tensor:
-        """Alias of b_dec (the paper's b_pre)."""
-        return self.b_dec
-
-    def _check_x(self, x: torch.Tensor) -> None:
-        if x.shape[-1] != self.cfg.d_in:
-            raise ValueError(
-                f"input last dim {x.shape[-1]} != SAE d_in {self.cfg.d_in} "
-                f"(input shape {tuple(x.shape)})"
-            )
+        super().__init__(cfg, device=device, generator=generator)
 
     # ------------------------------------------------------------------ encoder
-    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
-        """Encoder pre-activations W_enc^T (x - b_pre) + b_enc: x [B, d_in] -> [B, d_sae].
-
-        A dense matmul (the fused Triton encoder+TopK of sae_dist.kernels replaces it on CUDA).
-        """
-        self._check_x(x)
-        return (x.to(self.W_enc.dtype) - self.b_dec) @ self.W_enc + self.b_enc
-
     def topk_from_pre(self, pre: torch.Tensor, k: int | None = None):
         """TopK then ReLU of pre-activations [B, d_sae] -> (values [B, k], indices [B, k] int64).
 
@@ -172,17 +112,12 @@ class TopKSAE(nn.Module):
         """x [B, d_in] (normalised space) -> (values [B, k] float, indices [B, k] int64)."""
         return self.topk_from_pre(self.pre_acts(x), k)
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, d_in] -> dense z [B, d_sae] with k non-negative entries per row (rest 0)."""
-        pre = self.pre_acts(x)
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        """pre [B, d_sae] -> dense z [B, d_sae] with the k largest (ReLU'd) entries per row, rest 0."""
         vals, idx = self.topk_from_pre(pre)
         return torch.zeros_like(pre).scatter_(-1, idx, vals)
 
     # ------------------------------------------------------------------ decoder
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Dense decode z [B, d_sae] -> z @ W_dec + b_pre [B, d_in] (for inference/eval only)."""
-        return z.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
-
     def decode_sparse(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Sparse decode (values, indices) [B, k] -> sum_j v_j W_dec[i_j] + b_pre [B, d_in]."""
         return sparse_decode(values, indices, self.W_dec) + self.b_dec
@@ -202,6 +137,8 @@ class TopKSAE(nn.Module):
         - Multi-TopK (section 5.3, optional): + multi_topk_weight * NMSE(decode(TopK_{f*k}(x))).
         - AuxK (section 2.4.1): + auxk_coef * auxk_loss(pre, dead_mask, x - x^.detach(), W_dec).
         dead_mask: bool [d_sae] or None (no AuxK term).
+        The returned `values` [B, k] stay attached to the graph, so a subclass can add loss terms on
+        them (e.g. `sae_dist.sae.tree`); the trainer only reads them.
 
         With `cfg.kernels` (default) the `sae_dist.kernels` ops compute the same losses without the
         [B, d_sae] pre-activations: one fused encoder + TopK pass yields the top max(k, f*k) latents
@@ -238,7 +175,7 @@ class TopKSAE(nn.Module):
             aux = pre.new_zeros((), dtype=torch.float32)
         loss = loss + cfg.auxk_coef * aux
         return TrainOutput(loss, nmse.detach(), aux.detach(), None if mt is None else mt.detach(),
-                           x_hat.detach(), vals.detach(), idx)
+                           x_hat.detach(), vals, idx)
 
     def _training_step_losses_kernels(self, x, dead_mask, ops) -> TrainOutput:
         """`training_step_losses` through the sae_dist.kernels ops (see there); never [B, d_sae]."""
@@ -282,27 +219,4 @@ class TopKSAE(nn.Module):
             aux = x_hat.new_zeros((), dtype=torch.float32)
         loss = loss + cfg.auxk_coef * aux
         return TrainOutput(loss, nmse.detach(), aux.detach(), None if mt is None else mt.detach(),
-                           x_hat.detach(), vals.detach(), idx)
-
-    # ------------------------------------------------------------------ decoder constraint
-    @torch.no_grad()
-    def remove_parallel_grads_(self) -> None:
-        """Remove from W_dec.grad the component parallel to each (unit) row of W_dec (section 2.4.1
-        / Appendix A.1), so the step moves along the unit sphere's tangent: g_i -= (g_i . w_i) w_i.
-        No-op when W_dec.grad is None."""
-        g = self.W_dec.grad
-        if g is None:
-            return
-        w = self.W_dec
-        # Row-wise dot products as a batched contraction and an in-place fused multiply-subtract: no
-        # [d_sae, d_in] temporary (at d_sae = 2^18, d_in = 576 each such temporary is 604 MB).
-        coef = torch.einsum("nd,nd->n", g, w.to(g.dtype))
-        g.addcmul_(coef.unsqueeze(-1), w, value=-1.0)
-
-    @torch.no_grad()
-    def normalize_decoder_(self, eps: float = 0.0) -> None:
-        """Rescale each W_dec row to unit L2 norm (after every optimizer step, section 2.4.1)."""
-        norms = self.W_dec.norm(dim=-1, keepdim=True)
-        if eps:
-            norms = norms.clamp_min(eps)
-        self.W_dec.div_(norms)
+                           x_hat.detach(), vals, idx)

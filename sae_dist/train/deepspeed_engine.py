@@ -327,7 +327,9 @@ class DeepSpeedEngine:
             "wall_clock_breakdown": False,
         }
         self._mpu = MeshMPU(ctx)
-        self._w_dec_hook = model.W_dec.register_hook(lambda g: _project_out_rows(g, model.W_dec))
+        self._w_dec_hook = None
+        if getattr(model, "unit_norm_decoder", True):  # e.g. not for ReLU with decoder-norm-weighted L1
+            self._w_dec_hook = model.W_dec.register_hook(lambda g: _project_out_rows(g, model.W_dec))
         try:
             optimizer = make_optimizer(model, lr, tcfg)
             self._wrapper = _LossPassthrough(model)
@@ -338,7 +340,8 @@ class DeepSpeedEngine:
                 raise RuntimeError(f"DeepSpeed moved the SAE parameters {moved} off {device}")
             self._init_adam_state()
         except BaseException:
-            self._w_dec_hook.remove()
+            if self._w_dec_hook is not None:
+                self._w_dec_hook.remove()
             if self._own_group:
                 dist.destroy_process_group()
             raise
@@ -443,7 +446,8 @@ class DeepSpeedEngine:
     def close(self) -> None:
         """Remove the W_dec hook and DeepSpeed's gradient hooks, and destroy the 1-rank process group
         if this engine created it. The engine is unusable afterwards."""
-        self._w_dec_hook.remove()
+        if self._w_dec_hook is not None:
+            self._w_dec_hook.remove()
         destroy = getattr(self.ds_engine, "destroy", None)
         if destroy is not None:
             destroy()

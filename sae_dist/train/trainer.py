@@ -34,7 +34,8 @@ from sae_dist.sae.auxk import DeadLatentTracker
 from sae_dist.sae.config import SAEConfig
 from sae_dist.sae.export import export_sae
 from sae_dist.sae.init import init_b_pre_
-from sae_dist.sae.topk import TopKSAE
+from sae_dist.sae.base import SparseAutoencoder
+from sae_dist.sae.registry import architecture_class, build_sae
 from sae_dist.store.errors import NonFiniteError
 from sae_dist.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from sae_dist.train.engine import TorchEngine, make_optimizer
@@ -145,16 +146,19 @@ def _close(obj) -> None:
 
 
 @torch.no_grad()
-def _ema_update(ema: TopKSAE, sae: TopKSAE, decay: float) -> None:
+def _ema_update(ema: SparseAutoencoder, sae: SparseAutoencoder, decay: float) -> None:
     e = [p for p in ema.parameters()]
     s = [p.detach() for p in sae.parameters()]
     torch._foreach_lerp_(e, s, 1.0 - decay)
+    for eb, sb in zip(ema.buffers(), sae.buffers()):  # running statistics (e.g. BatchTopK's threshold)
+        eb.copy_(sb)
     ema.normalize_decoder_()
 
 
 #: Options a checkpoint cannot be resumed under once changed: they fix parameter shapes, the loss or
 #: the data order. Kept in checkpoints/run_identity.json and compared before any checkpoint is loaded.
-_IDENTITY_KEYS = ("d_in", "n_latents", "k", "k_aux", "multi_topk", "normalize", "batch_tokens", "seed")
+_IDENTITY_KEYS = ("d_in", "n_latents", "k", "k_aux", "multi_topk", "normalize", "architecture", "options",
+                  "batch_tokens", "seed")
 
 
 def _check_run_identity(ckpt_root: Path, sae_cfg: SAEConfig, tcfg: TrainerConfig, seed: int,
@@ -164,11 +168,14 @@ def _check_run_identity(ckpt_root: Path, sae_cfg: SAEConfig, tcfg: TrainerConfig
 
     Raises ValueError naming each changed option with its checkpointed and its new value.
     """
-    ident = {**{k: getattr(sae_cfg, k) for k in _IDENTITY_KEYS[:6]},
+    ident = {**{k: getattr(sae_cfg, k) for k in _IDENTITY_KEYS[:8]},
              "batch_tokens": tcfg.batch_tokens, "seed": seed}
     path = ckpt_root / "run_identity.json"
     if resuming and path.is_file():
         old = json.loads(path.read_text())
+        old.setdefault("architecture", "topk")  # identities written before architectures existed
+        old.setdefault("options", {})
+        ident = json.loads(json.dumps(ident))  # as stored (tuples -> lists)
         changed = [f"{k}: checkpoint {old.get(k)!r} != now {ident[k]!r}" for k in ident if old.get(k) != ident[k]]
         if changed:
             raise ValueError(
@@ -200,14 +207,26 @@ def _dead_summary(tracker: DeadLatentTracker, tokens_trained: int,
 
 
 def _build_sae(sae_cfg: SAEConfig, ctx: ParallelContext, device, seed: int):
-    """The whole TopKSAE (single process, or tp = 1: every rank holds it) or this rank's latent shard,
-    with the mesh-independent tied init (`init_rows`): every mesh starts from the same global weights."""
-    if ctx.distributed:
+    """The SAE of `sae_cfg.architecture` (`sae_dist.sae.registry`) with the mesh-independent tied init
+    (`init_rows`): every mesh starts from the same global weights.
+
+    TopK under torch.distributed: this rank's latent shard (`ShardedTopKSAE`; at tp = 1 the whole SAE).
+    Other architectures: the whole SAE on every rank (tp = 1 only: dp averages their gradients);
+    ValueError naming the architecture for tp > 1."""
+    cls = architecture_class(sae_cfg.architecture)
+    if ctx.distributed and cls.shardable:
         sae = ShardedTopKSAE(sae_cfg, ctx, device=device)  # at tp = 1 the shard is the whole SAE
         tied_init_rows_(sae, seed, sae.latent_start)
-    else:
-        sae = TopKSAE(sae_cfg, device=device)
-        tied_init_rows_(sae, seed)
+        return sae
+    if ctx.tp > 1:
+        raise ValueError(
+            f"sae={sae_cfg.architecture} does not train latent-sharded (parallel.tp={ctx.tp}); only sae=topk "
+            "shards over tp. Use parallel.tp=1 (data parallel over all ranks) or sae=topk"
+        )
+    sae = build_sae(sae_cfg, device=device)
+    tied_init_rows_(sae, seed)
+    if ctx.distributed:
+        sae.attach_dp_(ctx.dp_group, ctx.dp)
     return sae
 
 
@@ -221,18 +240,24 @@ def _make_engine(sae, lr: float, tcfg: TrainerConfig, ctx: ParallelContext):
 
 
 @torch.no_grad()
-def _global_metrics(res, ctx: ParallelContext, tracker: DeadLatentTracker, lr: float, tps: float) -> dict:
+def _global_metrics(res, ctx: ParallelContext, tracker: DeadLatentTracker, lr: float, tps: float,
+                    dp_mean: bool = False) -> dict:
     """Logged metrics of a step over the global batch (loss terms summed over dp for a sharded
-    model; L0 = kept latents per token summed over tp, averaged over all tokens)."""
+    model, averaged over dp when `dp_mean` (whole-SAE replicas); L0 = non-zero latents per token
+    summed over tp, averaged over all tokens)."""
     terms = [res.loss.detach().float(), res.normalized_mse.float(), res.auxk_loss.float()]
     if res.multi_topk_mse is not None:
         terms.append(res.multi_topk_mse.float())
+    extra = sorted(res.terms)
+    terms += [res.terms[n].float() for n in extra]
     vec = torch.stack(terms)
-    l0_sum = (res.values > 0).sum().to(torch.float64)
-    l0_sum = all_reduce_(l0_sum, ctx.tp_group)
-    all_reduce_(vec, ctx.dp_group)  # distributed models return per-dp-rank shares of the loss
+    l0_sum = res.l0_sum if res.l0_sum is not None else (res.values > 0).sum()
+    l0_sum = all_reduce_(l0_sum.to(torch.float64), ctx.tp_group)
+    all_reduce_(vec, ctx.dp_group)  # sharded models return per-dp-rank shares of the loss
+    if dp_mean:
+        vec /= ctx.dp  # whole-SAE replicas: each rank's loss is over its own rows, so average
     l0_sum = all_reduce_(l0_sum, ctx.dp_group)
-    n_tokens = res.values.shape[0] * ctx.dp
+    n_tokens = res.x_hat.shape[0] * ctx.dp
     n_dead = all_reduce_(tracker.dead_mask().sum(), ctx.tp_group)
     m = {
         "train/loss": float(vec[0]),
@@ -246,6 +271,8 @@ def _global_metrics(res, ctx: ParallelContext, tracker: DeadLatentTracker, lr: f
     }
     if res.multi_topk_mse is not None:
         m["train/multi_topk_mse"] = float(vec[3])
+    for i, n in enumerate(extra):
+        m[f"train/{n}"] = float(vec[len(terms) - len(extra) + i])
     return m
 
 
@@ -263,7 +290,8 @@ def train(
     progress: bool = True,
     tp: int = 1,
 ) -> dict:
-    """Train a TopK SAE on an activation store; resume from `out_dir/checkpoints` if present.
+    """Train an SAE (`sae_cfg.architecture`, any of `sae_dist.sae.registry.ARCHITECTURES`) on an
+    activation store; resume from `out_dir/checkpoints` if present.
 
     Args:
       store_path: activation store (zarr v3, ARCHITECTURE.md CONTRACT). Batches come normalised by
@@ -326,6 +354,7 @@ def train(
         ema = _build_sae(sae_cfg, ctx, device, seed)
         ema.requires_grad_(False)
     tracker = DeadLatentTracker(sae.W_dec.shape[0], sae_cfg.dead_tokens, device=device)
+    replicas = ctx.distributed and not isinstance(sae, ShardedTopKSAE)  # whole-SAE replicas over dp
     ckpt_root = out / "checkpoints"
     log_path = out / "train_log.jsonl"
     main = ctx.is_main
@@ -401,20 +430,24 @@ def train(
             x = x.to(device, torch.float32, non_blocking=True)
             lr = lr_at_step(step, n_steps, base_lr, tcfg.warmup_steps, tcfg.lr_decay_frac)
             engine.set_lr(lr)
+            sae.set_progress(step, n_steps)
             dead = tracker.dead_mask()
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_autocast):
                 res = sae.training_step_losses(x, dead)
             # every rank must agree on stopping: check the loss summed over dp (tp ranks are identical)
             loss_all = all_reduce_(res.loss.detach().float().clone(), ctx.dp_group)
+            if replicas:
+                loss_all /= ctx.dp
             if not torch.isfinite(loss_all):
                 raise FloatingPointError(
                     f"loss is {float(loss_all)} at step {step} (normalized_mse "
                     f"{float(res.normalized_mse)}, auxk {float(res.auxk_loss)}); lower trainer.lr"
                 )
-            engine.step(res.loss)
+            engine.step(res.loss / ctx.dp if replicas else res.loss)
             if ema is not None:
                 _ema_update(ema, sae, tcfg.ema_decay)
-            fired = reduce_fired_over_dp(tracker.fired(res.values, res.indices), ctx)
+            fired = res.fired if res.fired is not None else tracker.fired(res.values, res.indices)
+            fired = reduce_fired_over_dp(fired, ctx)
             n_tokens = tcfg.batch_tokens if ctx.distributed else x.shape[0]  # the global batch
             tracker.update_fired(fired, n_tokens)
             step += 1
@@ -425,7 +458,7 @@ def train(
                 now = time.perf_counter()
                 tps = (tokens_seen - tok_last) / max(now - t_last, 1e-9)
                 t_last, tok_last = now, tokens_seen
-                last_metrics = _global_metrics(res, ctx, tracker, lr, tps)
+                last_metrics = _global_metrics(res, ctx, tracker, lr, tps, dp_mean=replicas)
                 if main:
                     jsonl.log({"step": step, "tokens": tokens_seen, **last_metrics})
                     wb.log({**last_metrics, "tokens": tokens_seen}, step=step)

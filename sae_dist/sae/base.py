@@ -1,0 +1,264 @@
+"""The one interface every SAE architecture implements, so that one trainer, one evaluation and one
+export serve them all (issue 5: TopK, ReLU+L1, JumpReLU, BatchTopK, Matryoshka, tree, soft TopK, ProLU).
+
+An architecture is a subclass of `SparseAutoencoder` registered in `sae_dist.sae.registry`:
+
+    class MySAE(SparseAutoencoder):
+        architecture = "mine"              # the Hydra option `sae=mine` and SAEConfig.architecture
+        export_architecture = "standard"   # cfg.json "architecture" (SAELens' name where it has one)
+        Options = MyOptions                # dataclass of the architecture's own options (SAEConfig.options)
+
+        def activation(self, pre) -> z     # dense [B, d_sae] latents from pre-activations (inference)
+        def training_step_losses(self, x, dead_mask) -> TrainOutput   # the losses of one batch
+
+and optionally `set_progress` (schedules: L1 warm-up, temperature annealing), `export_extras`
+(extra tensors such as a JumpReLU `threshold`), `export_cfg` (cfg.json fields), `export_files`
+(files written next to the weights, e.g. a tree) and persistent buffers (saved in checkpoints).
+
+Parameters and layouts follow the export contract (SAELens): `W_enc` [d_in, d_sae], `b_enc` [d_sae],
+`W_dec` [d_sae, d_in], `b_dec` [d_in] (b_dec is the paper's b_pre, subtracted before encoding),
+extras by name. Inputs are the NORMALISED activations of the store; export folds the normalisation.
+The shared pieces every architecture uses: the tied init (W_enc = W_dec^T, Gao et al. 2024 section
+2.4.1; also Conerly et al. 2024), unit-norm decoder rows with the parallel gradient component removed
+(Gao et al. 2024 Appendix A.1; Bricken et al. 2023), the normalised MSE and the AuxK loss on dense
+pre-activations (`sae_dist.sae.auxk`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from sae_dist.sae.config import SAEConfig
+
+__all__ = ["SparseAutoencoder", "TrainOutput", "NoOptions", "torch_dtype", "parse_options"]
+
+
+@dataclass
+class TrainOutput:
+    """Result of `training_step_losses` for one batch x [B, d_in]. Losses are 0-d float32 tensors.
+
+    loss: the differentiable total (the only field with a graph).
+    normalized_mse: detached NMSE of the main reconstruction (logged as train/fvu).
+    auxk_loss: detached AuxK loss (0 when the architecture has none).
+    multi_topk_mse: detached Multi-TopK NMSE or None.
+    x_hat [B, d_in]: detached reconstruction.
+    values, indices [B, k]: the kept latents of TopK-family architectures (None for dense ones).
+    fired: bool [d_sae] latents that fired on this batch (None: derived from values/indices).
+    l0_sum: 0-d, number of non-zero latent activations in the batch (None: counted from values).
+    terms: other detached loss terms, logged as train/<name> (e.g. l1, l0, tree).
+    """
+
+    loss: torch.Tensor
+    normalized_mse: torch.Tensor
+    auxk_loss: torch.Tensor
+    multi_topk_mse: torch.Tensor | None
+    x_hat: torch.Tensor
+    values: torch.Tensor | None = None
+    indices: torch.Tensor | None = None
+    fired: torch.Tensor | None = None
+    l0_sum: torch.Tensor | None = None
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @staticmethod
+    def from_dense(loss, nmse, z: torch.Tensor, x_hat: torch.Tensor, aux=None, terms=None) -> "TrainOutput":
+        """TrainOutput of an architecture with dense latents z [B, d_sae] (fired / L0 from z != 0)."""
+        nz = z.detach() != 0
+        zero = loss.new_zeros((), dtype=torch.float32)
+        return TrainOutput(loss, nmse.detach().float(), zero if aux is None else aux.detach().float(), None,
+                           x_hat.detach(), fired=nz.any(0), l0_sum=nz.sum().to(torch.float64),
+                           terms={k: v.detach().float() for k, v in (terms or {}).items()})
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """"float32" | "bfloat16" | "float16" -> the torch dtype."""
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+@dataclass
+class NoOptions:
+    """An architecture without options of its own."""
+
+
+def parse_options(options_cls, options: dict | None, architecture: str):
+    """options_cls(**options), with a ValueError naming the architecture, the unknown option(s) and
+    the valid ones instead of a TypeError."""
+    options = dict(options or {})
+    valid = [f.name for f in dataclasses.fields(options_cls)]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"sae={architecture}: unknown option(s) {unknown}; valid options of this architecture: "
+            f"{valid or 'none'}"
+        )
+    return options_cls(**options)
+
+
+class SparseAutoencoder(nn.Module):
+    """Base of all SAE architectures (module docstring: the interface).
+
+    Args:
+      cfg: SAEConfig (cfg.options holds the architecture's own options, parsed into `self.opts`).
+      device: where the parameters live.
+      generator: optional torch.Generator for the tied initialisation (the trainer re-initialises
+        with the mesh-independent `sae_dist.parallel.tp.tied_init_rows_`).
+    Raises ValueError for unknown options (naming them and the valid ones).
+    """
+
+    architecture: ClassVar[str] = ""
+    export_architecture: ClassVar[str] = ""
+    #: True when the architecture trains latent-sharded under tp > 1 (else the trainer refuses tp > 1).
+    shardable: ClassVar[bool] = False
+    #: True for TopK-family models: k latents per token, `encode_sparse` / sparse training outputs.
+    uses_k: ClassVar[bool] = False
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, cfg: SAEConfig, device: torch.device | str = "cpu",
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.opts = parse_options(self.Options, cfg.options, cfg.architecture or self.architecture)
+        if self.uses_k and cfg.k is None:
+            raise ValueError(f"sae={self.architecture} needs sae.k (active latents per token)")
+        dtype = torch_dtype(cfg.dtype)
+        d, n = cfg.d_in, cfg.n_latents
+        self.W_enc = nn.Parameter(torch.empty(d, n, dtype=dtype, device=device))
+        self.b_enc = nn.Parameter(torch.zeros(n, dtype=dtype, device=device))
+        self.W_dec = nn.Parameter(torch.empty(n, d, dtype=dtype, device=device))
+        self.b_dec = nn.Parameter(torch.zeros(d, dtype=dtype, device=device))
+        from sae_dist.sae.init import tied_init_
+
+        tied_init_(self, generator=generator, enc_scale=cfg.enc_init_scale)
+
+    # ------------------------------------------------------------------ shapes
+    @property
+    def d_in(self) -> int:
+        return self.cfg.d_in
+
+    @property
+    def d_sae(self) -> int:
+        return self.cfg.n_latents
+
+    @property
+    def k(self) -> int | None:
+        return self.cfg.k
+
+    @property
+    def b_pre(self) -> torch.Tensor:
+        """Alias of b_dec (the paper's b_pre)."""
+        return self.b_dec
+
+    @property
+    def unit_norm_decoder(self) -> bool:
+        """Whether W_dec rows are kept at unit norm (override: e.g. ReLU with decoder-norm-weighted L1)."""
+        return True
+
+    def _check_x(self, x: torch.Tensor) -> None:
+        if x.shape[-1] != self.cfg.d_in:
+            raise ValueError(
+                f"input last dim {x.shape[-1]} != SAE d_in {self.cfg.d_in} (input shape {tuple(x.shape)})"
+            )
+
+    # ------------------------------------------------------------------ inference
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """Encoder pre-activations (x - b_pre) @ W_enc + b_enc: x [B, d_in] -> [B, d_sae]."""
+        self._check_x(x)
+        return (x.to(self.W_enc.dtype) - self.b_dec) @ self.W_enc + self.b_enc
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        """Dense latents z [B, d_sae] from pre-activations [B, d_sae] (inference rule)."""
+        raise NotImplementedError
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, d_in] (normalised) -> dense non-negative latents z [B, d_sae]."""
+        return self.activation(self.pre_acts(x))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """z [B, d_sae] -> z @ W_dec + b_pre [B, d_in]."""
+        return z.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, d_in] -> x_hat [B, d_in] (normalised space)."""
+        return self.decode(self.encode(x))
+
+    # ------------------------------------------------------------------ training
+    def training_step_losses(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None) -> TrainOutput:
+        """Losses of one batch x [B, d_in] (normalised). dead_mask: bool [d_sae] latents dead for
+        `cfg.dead_tokens` tokens (for AuxK-style terms) or None."""
+        raise NotImplementedError
+
+    def set_progress(self, step: int, n_steps: int) -> None:
+        """Called by the trainer before each step (0-based `step` of `n_steps`): schedules such as an
+        L1 warm-up or a temperature annealing read it. Default: nothing."""
+
+    # ------------------------------------------------------------------ data parallelism (tp = 1)
+    def attach_dp_(self, dp_group, dp: int) -> None:
+        """Make this whole-SAE replica sum its gradients over `dp_group` (dp ranks) in `sync_grads_`
+        (the trainer calls it for non-sharded architectures under torch.distributed, and steps on
+        loss / dp, so the sum is the gradient of the mean of the per-rank losses, each over that
+        rank's rows of the global batch). Batch-level statistics (normalised-MSE denominators,
+        BatchTopK's batch threshold) are per rank."""
+        self._dp_group, self._dp = dp_group, int(dp)
+
+    @torch.no_grad()
+    def sync_grads_(self) -> None:
+        """Sum the gradients over the dp group set by `attach_dp_` (no-op without one)."""
+        group = getattr(self, "_dp_group", None)
+        if group is None:
+            return
+        from sae_dist.parallel.comm import all_reduce_
+
+        for p in self.parameters():
+            if p.grad is not None:
+                all_reduce_(p.grad, group)
+
+    # ------------------------------------------------------------------ decoder constraint
+    @torch.no_grad()
+    def remove_parallel_grads_(self) -> None:
+        """Remove from W_dec.grad the component parallel to each (unit) row of W_dec (Gao et al. 2024,
+        Appendix A.1): g_i -= (g_i . w_i) w_i. No-op without a gradient or a unit-norm decoder."""
+        g = self.W_dec.grad
+        if g is None or not self.unit_norm_decoder:
+            return
+        w = self.W_dec
+        coef = torch.einsum("nd,nd->n", g, w.to(g.dtype))
+        g.addcmul_(coef.unsqueeze(-1), w, value=-1.0)
+
+    @torch.no_grad()
+    def normalize_decoder_(self, eps: float = 0.0) -> None:
+        """Rescale each W_dec row to unit L2 norm (after every optimizer step) when the architecture
+        keeps a unit-norm decoder."""
+        if not self.unit_norm_decoder:
+            return
+        norms = self.W_dec.norm(dim=-1, keepdim=True)
+        if eps:
+            norms = norms.clamp_min(eps)
+        self.W_dec.div_(norms)
+
+    # ------------------------------------------------------------------ export
+    def export_params(self) -> dict[str, torch.Tensor]:
+        """W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in] as exported, in the
+        training space (the export folds the input normalisation afterwards). Default: the
+        parameters. Override to fold something exactly, e.g. decoder row norms into the encoder."""
+        return {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec}
+
+    def export_extras(self) -> dict[str, torch.Tensor]:
+        """Extra tensors of the export in ACTIVATION units of the training space (e.g. a JumpReLU
+        `threshold` [d_sae]); the export divides them by the normalisation fold factor like b_enc."""
+        return {}
+
+    def export_cfg(self) -> dict:
+        """cfg.json fields of this architecture (at least "architecture"; "k" where it applies)."""
+        if self.uses_k:
+            k = int(self.cfg.k)
+            return {"architecture": self.export_architecture, "k": k, "activation_fn": "topk",
+                    "activation_fn_kwargs": {"k": k}}
+        return {"architecture": self.export_architecture, "activation_fn": "relu", "activation_fn_kwargs": {}}
+
+    def export_files(self) -> dict[str, object]:
+        """JSON-serialisable objects written as `<name>` next to the weights (e.g. "tree.json")."""
+        return {}

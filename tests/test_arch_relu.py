@@ -1,0 +1,336 @@
+"""`sae=relu` (ReLU + L1; Bricken et al. 2023, Cunningham et al. 2023, Conerly et al. 2024): ground-truth
+recovery through the real trainer, L1 -> sparsity, the loss against a numpy computation, the L1 warm-up,
+the exact decoder-norm fold of the export, tied weights (shared storage, summed gradient, exact resume)
+and the `sae-train sae=relu` console script. Fresh random data every run (seed in the messages)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sae_dist.eval.synthetic import SyntheticDictionary, mean_max_cosine
+from sae_dist.sae.config import SAEConfig
+from sae_dist.sae.export import export_sae, load_sae
+from sae_dist.sae.registry import build_sae
+from sae_dist.sae.relu import ReLUSAE, l1_coef_at
+from sae_dist.store import write_store
+from sae_dist.testing import train_on_synthetic
+from sae_dist.train.trainer import TrainerConfig, train
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # small matmuls: faster single-threaded on a shared 2-core box
+    yield
+    torch.set_num_threads(n)
+
+
+def _seed() -> int:
+    return int(torch.randint(0, 2**31 - 1, ()))
+
+
+def _cfg(d=12, n=40, normalize="none", **options) -> SAEConfig:
+    return SAEConfig(d_in=d, n_latents=n, k=None, architecture="relu", normalize=normalize, options=options)
+
+
+@torch.no_grad()
+def _randomize(sae, g, row_scale=True):
+    """Non-trivial weights: random encoder/biases, decoder rows of random norms in [0.2, 3] (or unit)."""
+    d, n = sae.d_in, sae.d_sae
+    w = torch.randn(n, d, generator=g)
+    w = w / w.norm(dim=-1, keepdim=True)
+    if row_scale:
+        w = w * (0.2 + 2.8 * torch.rand(n, 1, generator=g))
+    sae.W_dec.copy_(w)
+    if "W_enc" in dict(sae.named_parameters()):
+        sae.W_enc.copy_(torch.randn(d, n, generator=g) / d**0.5)
+    sae.b_enc.copy_(0.3 * torch.randn(n, generator=g))
+    sae.b_dec.copy_(0.5 * torch.randn(d, generator=g))
+
+
+# ----------------------------------------------------------------------------------------------
+# training on a known dictionary
+
+# Data: 64 unit features in R^32, each on with p = 0.05 (true L0 = 3.2), magnitudes U[0.5, 2]; total
+# variance D = 64 * (0.05 * 1.75 - 0.05^2 * 1.25^2) ~ 5.35. With the NMSE loss the L1 soft threshold is
+# tau = l1_coef * D / 2 (see ReLUOptions): l1_coef = 0.12 puts it at ~0.32, below every true
+# coefficient (>= 0.5) yet above most feature-interference (cosines ~ 1/sqrt(32)).
+_GT_L1 = 0.12
+# the default lr (2e-4 sqrt(2^14 / n) = 2.3e-3 at n = 128) needs ~3x more tokens for an L1 SAE to
+# settle; lr 1e-2 on 512-token batches converges within 300k tokens
+_GT_TRAIN = dict(tokens=300_000, batch_tokens=512, lr=1e-2)
+
+
+def test_relu_recovers_a_synthetic_dictionary(tmp_path):
+    seed = _seed()
+    cfg = SAEConfig(d_in=32, n_latents=128, k=None, architecture="relu", normalize="none",
+                    options={"l1_coef": _GT_L1})
+    sd, res, loaded = train_on_synthetic(tmp_path, cfg, seed=seed, **_GT_TRAIN)
+    before = mean_max_cosine(sd.features, torch.randn(128, 32))  # a random decoder: the metric can fail
+    after = mean_max_cosine(sd.features, loaded.W_dec)
+    assert before < 0.7, before
+    assert after >= 0.9, (after, seed)
+    # exported decoder rows are unit norm (decoder norms folded into the encoder)
+    torch.testing.assert_close(loaded.W_dec.norm(dim=-1), torch.ones(128), rtol=1e-5, atol=1e-5)
+    # L0 of the exported SAE on fresh samples. Lower bound: every active coefficient (>= 0.5) exceeds
+    # tau ~ 0.32, so each of the ~3.2 active features needs at least one latent (15% slack for tokens the
+    # encoder misses). Upper bound: L1 is indifferent to splitting a feature between two parallel
+    # latents and n_latents = 2 * n_features leaves room for one duplicate per feature (<= 2 x true),
+    # plus small interference fires (~0.5 per token measured; 0.75 x true allowed): 2.75 x true.
+    # (No L1 at all gives L0 > 10 here.)
+    x, coef = sd.sample(4096)
+    true_l0 = float((coef > 0).sum(1).float().mean())
+    assert abs(true_l0 - 3.2) < 0.2
+    with torch.no_grad():
+        l0 = float((loaded.encode(x) > 0).sum(1).float().mean())
+    assert 0.85 * true_l0 <= l0 <= 2.75 * true_l0, (l0, true_l0, seed)
+    assert abs(res["metrics"]["train/l0"] - l0) < 0.25 * l0  # the trainer's last-batch L0 agrees
+    with torch.no_grad():
+        xh = loaded(x).double()
+    xd = x.double()
+    fvu = float(((xd - xh) ** 2).sum() / ((xd - xd.mean(0)) ** 2).sum())
+    assert fvu < 0.3, (fvu, seed)  # L1 shrinkage costs some reconstruction, but the model is not trivial
+
+
+def test_a_larger_l1_coefficient_gives_a_lower_l0(tmp_path):
+    seed = _seed()
+    sd = SyntheticDictionary(32, 64, p_active=0.05, seed=seed)
+    l0 = {}
+    for coef in (0.03, 0.3):
+        cfg = SAEConfig(d_in=32, n_latents=128, k=None, architecture="relu", normalize="none",
+                        options={"l1_coef": coef})
+        _, res, _ = train_on_synthetic(tmp_path / str(coef), cfg, dictionary=sd, seed=seed, tokens=60_000,
+                                       batch_tokens=512, lr=1e-2)
+        l0[coef] = res["metrics"]["train/l0"]
+    assert l0[0.3] < 0.5 * l0[0.03], (l0, seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# unit checks against independent references
+
+
+@pytest.mark.parametrize("decoder_norm", [True, False])
+def test_loss_matches_a_numpy_computation(decoder_norm):
+    seed = _seed()
+    g = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    l1, frac, n_steps = float(rng.uniform(0.01, 0.5)), float(rng.uniform(0.05, 0.5)), int(rng.integers(20, 200))
+    step = int(rng.integers(0, n_steps))
+    sae = build_sae(_cfg(l1_coef=l1, l1_warmup_frac=frac, l1_decoder_norm=decoder_norm))
+    _randomize(sae, g, row_scale=decoder_norm)
+    sae.set_progress(step, n_steps)
+    x = 2.0 * torch.randn(64, 12, generator=g) + torch.randn(12, generator=g)
+    res = sae.training_step_losses(x, torch.zeros(40, dtype=torch.bool))
+
+    X = x.double().numpy()
+    We, be = sae.W_enc.detach().double().numpy(), sae.b_enc.detach().double().numpy()
+    Wd, bd = sae.W_dec.detach().double().numpy(), sae.b_dec.detach().double().numpy()
+    z = np.zeros((64, 40))
+    for b in range(64):
+        for i in range(40):
+            z[b, i] = max(0.0, float(np.dot(X[b] - bd, We[:, i]) + be[i]))
+    xh = z @ Wd + bd
+    nmse = ((X - xh) ** 2).sum() / ((X - X.mean(0)) ** 2).sum()
+    w = np.linalg.norm(Wd, axis=1) if decoder_norm else np.ones(40)
+    pen = (np.abs(z) * w).sum(1).mean()
+    lam = float(np.interp(step, [0.0, frac * n_steps], [0.0, l1]))  # linear ramp, flat after
+    msg = f"seed {seed}"
+    np.testing.assert_allclose(float(res.normalized_mse), nmse, rtol=1e-5, err_msg=msg)
+    np.testing.assert_allclose(float(res.terms["l1"]), pen, rtol=1e-5, err_msg=msg)
+    np.testing.assert_allclose(float(res.terms["l1_coef"]), lam, rtol=1e-6, atol=1e-9, err_msg=msg)
+    np.testing.assert_allclose(float(res.loss.detach()), nmse + lam * pen, rtol=1e-5, err_msg=msg)
+    np.testing.assert_allclose(res.x_hat.double().numpy(), xh, rtol=1e-4, atol=1e-4, err_msg=msg)
+    assert int(res.l0_sum) == int((z > 0).sum()), msg
+    assert torch.equal(res.fired, torch.from_numpy((z > 0).any(0))), msg
+    assert float(res.auxk_loss) == 0.0
+
+
+def test_l1_warmup_schedule():
+    seed = _seed()
+    rng = np.random.default_rng(seed)
+    l1, frac, n_steps = float(rng.uniform(0.1, 2)), float(rng.uniform(0.02, 0.6)), int(rng.integers(50, 500))
+    end = frac * n_steps
+    for step in [0, 1, int(end / 3), int(end / 2), max(int(end) - 1, 0), int(np.ceil(end)), n_steps - 1]:
+        want = l1 * step / end if step < end else l1  # 0 at step 0, linear, l1 from step >= end on
+        assert np.isclose(l1_coef_at(l1, frac, step, n_steps), want, rtol=1e-12), (step, seed)
+    assert l1_coef_at(l1, 0.0, 0, n_steps) == l1  # no warm-up
+    assert l1_coef_at(l1, frac, None, None) == l1  # outside the trainer
+    # through the module: the logged coefficient and the loss follow the schedule
+    sae = build_sae(_cfg(l1_coef=l1, l1_warmup_frac=frac))
+    x = torch.randn(32, 12)
+    values = []
+    for step in range(n_steps):
+        sae.set_progress(step, n_steps)
+        values.append(float(sae.training_step_losses(x).terms["l1_coef"]))
+    ref = l1 * np.minimum(1.0, np.arange(n_steps) / end)
+    np.testing.assert_allclose(values, ref, rtol=1e-6, atol=1e-12, err_msg=f"seed {seed}")
+    assert values[0] == 0.0 and values[-1] == pytest.approx(l1)
+
+
+@pytest.mark.parametrize("normalize", ["none", "scalar"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_export_folds_decoder_norms_and_reproduces_the_training_forward(tmp_path, normalize, tied):
+    """load_sae(export(sae)) on raw x reproduces the TRAINING forward (training_step_losses' x^) on the
+    normalised x = s * raw, with unit decoder rows although the trained rows are not unit."""
+    seed = _seed()
+    g = torch.Generator().manual_seed(seed)
+    sae = build_sae(_cfg(normalize=normalize, l1_decoder_norm=True, tied_weights=tied))
+    _randomize(sae, g, row_scale=True)
+    norms = sae.W_dec.detach().norm(dim=-1)
+    assert (norms - 1).abs().max() > 0.1  # the fold has something to do
+    s = 0.5 + float(torch.rand((), generator=g)) if normalize == "scalar" else 1.0
+    export_sae(sae, tmp_path / "sae", hook_name="blocks.0.hook_resid_post", model_name="m",
+               normalize=normalize, scale=s if normalize == "scalar" else None)
+    loaded = load_sae(tmp_path / "sae")
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    assert cfg["architecture"] == "standard" and "k" not in cfg
+    torch.testing.assert_close(loaded.W_dec.norm(dim=-1), torch.ones(40), rtol=1e-5, atol=1e-5)
+    raw = 2.0 * torch.randn(100, 12, generator=g) + 0.5
+    x = raw * s
+    res = sae.training_step_losses(x)
+    with torch.no_grad():
+        z = sae.encode(x)
+        z_l = loaded.encode(raw)
+        xh_l = loaded(raw)
+    msg = f"seed {seed}"
+    torch.testing.assert_close(xh_l * s, res.x_hat, rtol=1e-4, atol=1e-4, msg=msg)
+    # exported latents = training latents x decoder row norm (the penalised quantity), / s
+    torch.testing.assert_close(z_l * s, z * norms, rtol=1e-4, atol=1e-4, msg=msg)
+    assert int((z_l > 0).sum()) == int(res.l0_sum), msg
+    # the fold is exact math: W_enc' = W_enc * n, b_enc' = b_enc * n / s
+    torch.testing.assert_close(loaded.W_enc, sae.W_enc.detach() * norms, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(loaded.b_enc * s, sae.b_enc.detach() * norms, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("decoder_norm", [True, False])
+def test_tied_weights_share_storage_and_gradient(decoder_norm):
+    seed = _seed()
+    g = torch.Generator().manual_seed(seed)
+    tied = build_sae(_cfg(tied_weights=True, l1_coef=0.1, l1_decoder_norm=decoder_norm))
+    assert [n for n, _ in tied.named_parameters()] == ["b_enc", "W_dec", "b_dec"]
+    assert set(tied.state_dict()) == {"b_enc", "W_dec", "b_dec"}
+    torch.testing.assert_close(tied.W_enc, tied.W_dec.T, rtol=0, atol=0)  # tied init
+    _randomize(tied, g, row_scale=decoder_norm)
+    W = tied.W_enc
+    assert W.shape == (12, 40) and W.data_ptr() == tied.W_dec.data_ptr()  # a view, not a copy
+    with torch.no_grad():
+        tied.W_dec[3, 5] += 1.0
+    assert W[5, 3] == tied.W_dec[3, 5]
+    # reference: an untied SAE holding the same numbers; d loss / d W_dec(tied) must be the sum of the
+    # decoder gradient and the transposed encoder gradient of the untied copy (chain rule)
+    ref = build_sae(_cfg(l1_coef=0.1, l1_decoder_norm=decoder_norm))
+    with torch.no_grad():
+        for name in ("b_enc", "W_dec", "b_dec"):
+            getattr(ref, name).copy_(getattr(tied, name))
+        ref.W_enc.copy_(tied.W_dec.T)
+    x = torch.randn(64, 12, generator=g) + 0.3
+    lt, lr = tied.training_step_losses(x).loss, ref.training_step_losses(x).loss
+    torch.testing.assert_close(lt, lr)
+    lt.backward()
+    lr.backward()
+    msg = f"seed {seed}"
+    torch.testing.assert_close(tied.W_dec.grad, ref.W_dec.grad + ref.W_enc.grad.T, msg=msg)
+    torch.testing.assert_close(tied.b_enc.grad, ref.b_enc.grad, msg=msg)
+    torch.testing.assert_close(tied.b_dec.grad, ref.b_dec.grad, msg=msg)
+    # an optimizer step moves encoder and decoder together
+    torch.optim.SGD(tied.parameters(), lr=0.1).step()
+    torch.testing.assert_close(tied.W_enc, tied.W_dec.T, rtol=0, atol=0)
+
+
+def test_bad_options_are_named():
+    with pytest.raises(ValueError, match=r"l1_coef=-1.*>= 0"):
+        ReLUSAE(_cfg(l1_coef=-1))
+    with pytest.raises(ValueError, match=r"l1_warmup_frac=1.5.*\[0.0, 1.0\]"):
+        ReLUSAE(_cfg(l1_warmup_frac=1.5))
+    with pytest.raises(ValueError, match="l1_decoder_norm='yes'"):
+        ReLUSAE(_cfg(l1_decoder_norm="yes"))
+    with pytest.raises(ValueError, match="enc_init_scale"):
+        ReLUSAE(SAEConfig(d_in=8, n_latents=16, k=None, architecture="relu", enc_init_scale=0.5,
+                          options={"tied_weights": True}))
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['k_l1'\]"):
+        ReLUSAE(_cfg(k_l1=3))
+
+
+# ----------------------------------------------------------------------------------------------
+# trainer integration
+
+
+@pytest.mark.parametrize("decoder_norm", [True, False])
+def test_tied_relu_resumes_exactly(tmp_path, decoder_norm):
+    """Stopped at step 19 (checkpoints every 8) then resumed == uninterrupted: same logged losses
+    (L1 warm-up crossing the resume point), bit-identical exported weights; EMA and clipping on."""
+    seed = _seed()
+    sd = SyntheticDictionary(16, 32, p_active=0.1, seed=seed)
+    x, _ = sd.sample(3000)
+    store = write_store(tmp_path / "s.zarr", x.numpy(), attrs={"model": "synthetic", "hook": "none"},
+                        chunk_tokens=512, shard_tokens=1024)
+    sae_cfg = SAEConfig(d_in=16, n_latents=64, k=None, architecture="relu", normalize="scalar",
+                        options={"tied_weights": True, "l1_coef": 0.05, "l1_warmup_frac": 0.8,
+                                 "l1_decoder_norm": decoder_norm})
+
+    def tcfg(max_steps=None):
+        return TrainerConfig(tokens=128 * 30, batch_tokens=128, lr=4e-3, warmup_steps=3, lr_decay_frac=0.3,
+                             ema=True, ema_decay=0.9, grad_clip_norm=1.0, checkpoint_every_steps=8,
+                             keep_checkpoints=2, log_every_steps=1, max_steps=max_steps, prefetch=2)
+
+    kw = dict(store_path=store, sae_cfg=sae_cfg, progress=False, seed=seed % 1000, wandb_cfg={"enabled": False})
+    train(out_dir=tmp_path / "a", trainer_cfg=tcfg(), **kw)
+    r1 = train(out_dir=tmp_path / "b", trainer_cfg=tcfg(max_steps=19), **kw)
+    assert r1["stopped_early"] and r1["steps"] == 19
+    r2 = train(out_dir=tmp_path / "b", trainer_cfg=tcfg(), **kw)
+    assert r2["steps"] == 30 and not r2["stopped_early"]
+
+    def log(run):
+        rows = [json.loads(line) for line in (tmp_path / run / "train_log.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k != "train/tokens_per_s"} for r in rows]
+
+    la, lb = log("a"), log("b")
+    assert [r["step"] for r in lb] == list(range(1, 31))
+    assert la == lb, f"seed {seed}"
+    assert la[15]["train/l1_coef"] < la[-1]["train/l1_coef"] == pytest.approx(0.05)  # warm-up spans step 16
+    wa = load_file(str(tmp_path / "a" / "sae" / "sae_weights.safetensors"))
+    wb = load_file(str(tmp_path / "b" / "sae" / "sae_weights.safetensors"))
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert torch.equal(wa[name], wb[name]), (name, seed)
+    # the exported encoder is the (folded) transpose of the exported decoder: the weights stayed tied
+    n = wa["W_enc"].norm(dim=0) if decoder_norm else torch.ones(64)
+    torch.testing.assert_close(wa["W_enc"] / n, wa["W_dec"].T, rtol=1e-5, atol=1e-6)
+
+
+def test_sae_train_console_script_with_sae_relu(tmp_path):
+    rng = np.random.default_rng()
+    d = 24
+    atoms = rng.normal(size=(48, d))
+    atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
+    coef = rng.exponential(size=(8000, 48)) * (rng.random((8000, 48)) < 3 / 48)
+    acts = (coef @ atoms + 0.01 * rng.normal(size=(8000, d))).astype(np.float32)
+    store = write_store(tmp_path / "acts.zarr", acts, attrs={"model": "synthetic", "hook": "none"})
+    run = tmp_path / "x"
+    env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "sae-train"), f"run_dir={run}", f"store.path={store}", "sae=relu",
+         "sae.n_latents=64", "sae.l1_coef=0.02", "sae.tied_weights=true", "trainer.tokens=16384",
+         "trainer.batch_tokens=512", "device=cpu", "wandb.enabled=false"],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    cfg = json.loads((run / "sae" / "cfg.json").read_text())
+    assert cfg["architecture"] == "standard" and cfg["d_in"] == d and cfg["d_sae"] == 64
+    st = json.loads((run / "sae" / "training_state.json").read_text())
+    assert st["sae_cfg"]["architecture"] == "relu"
+    assert st["sae_cfg"]["options"] == {"l1_coef": 0.02, "l1_warmup_frac": 0.05, "l1_decoder_norm": True,
+                                        "tied_weights": True}
+    sae = load_sae(run / "sae")
+    torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(64), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        z = sae.encode(torch.from_numpy(acts[:512]))
+    assert (z >= 0).all() and 0 < float((z > 0).sum(1).float().mean()) < 64
