@@ -39,7 +39,7 @@ def store(tmp_path_factory):
 
 def _args(store, run_dir, extra=()):
     return [f"run_dir={run_dir}", f"store.path={store}", "sae.n_latents=384", "sae.k=4",
-            "sae.k_aux=8", "sae.dead_tokens=512", f"trainer.tokens={STEPS * 256}",
+            "++sae.k_aux=8", "sae.dead_tokens=512", f"trainer.tokens={STEPS * 256}",
             "trainer.batch_tokens=256", f"trainer.checkpoint_every_steps={CKPT}",
             "trainer.keep_checkpoints=5", "trainer.log_every_steps=1", "device=cpu",
             "wandb.mode=disabled", *extra]
@@ -194,7 +194,7 @@ def test_unsharded_architecture_refuses_tp_and_trains_data_parallel(store, tmp_p
     assert [x["step"] for x in a] == [x["step"] for x in b] == list(range(1, STEPS + 1))
     for x, y in zip(a, b):
         for key in ("train/loss", "train/fvu", "train/l0"):
-            assert abs(x[key] - y[key]) <= 0.03 * abs(y[key]) + 1e-3, (x["step"], key, x[key], y[key])
+            assert abs(x[key] - y[key]) <= 0.06 * abs(y[key]) + 2e-3, (x["step"], key, x[key], y[key])
     assert b[-1]["train/fvu"] < 0.5 * b[0]["train/fvu"]
     wa, wb = _weights(single), _weights(dp2)
     assert (wa["W_dec"] - wb["W_dec"]).abs().max() < 0.05
