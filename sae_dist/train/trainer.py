@@ -503,7 +503,9 @@ def train(
         from sae_dist.parallel.export import export_sae_sharded
 
         export_sae_sharded(final, ctx, sae_dir, **export_kw)
-    else:
+    elif main:
+        # A replicated (unsharded) SAE is identical on every rank: rank 0 alone writes it, since
+        # concurrent writers would race on the temporary file names. The barrier below orders it.
         export_sae(final, sae_dir, **export_kw)
     training_state = {
         "tokens_trained": tokens_seen,
