@@ -178,7 +178,10 @@ def run_train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         zero_stage=int(t.get("zero_stage", 1)),
         offload_optimizer=bool(t.get("offload_optimizer", False)),
     )
+    from sae_dist.sweep import sweep_wandb_group
+
     wandb_cfg = OmegaConf.to_container(cfg.wandb, resolve=True)
+    wandb_cfg["group"] = sweep_wandb_group(cfg)  # all points of a sweep share one group
     wandb_cfg["config"] = OmegaConf.to_container(cfg, resolve=True)
     return train(
         store_path=cfg.store.path,
@@ -240,6 +243,8 @@ def harvest_main(cfg: DictConfig) -> None:
 def train_main(cfg: DictConfig) -> None:
     """sae-train: activation store -> SAE checkpoints + export (sae/cfg.json, sae/sae_weights.safetensors);
     with `eval.after_train=true` also eval.json (global rank 0 evaluates after training).
+    Under `-m` (a sweep) a failing point is recorded in its job_status.json and the sweep goes on;
+    `sae_dist.sweep.SweepReport` reports the failures at the end.
 
     The same command runs under torchrun / slurm: `parallel.tp=P` shards latents over P ranks and dp =
     world size / P (sae_dist.parallel). Only global rank 0 prints the summary.
@@ -247,10 +252,11 @@ def train_main(cfg: DictConfig) -> None:
     import torch.distributed as dist
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    try:
+    from sae_dist.sweep import run_point
+
+    def point(out: Path) -> dict:
         # record: under torchrun the failing rank's traceback goes to its error file, which torchrun's
         # failure report prints next to the rank's number
-        out = _out_dir()
         summary = record(run_train)(cfg, out)
         if _dist_env()[0] == 0:
             if cfg.eval.get("after_train", False) and summary.get("sae_dir"):
@@ -258,6 +264,12 @@ def train_main(cfg: DictConfig) -> None:
                     dist.destroy_process_group()  # the evaluation runs on global rank 0 alone
                 summary["eval"] = run_eval(cfg, out, sae_path=summary["sae_dir"])
             print(json.dumps(summary, indent=2, default=str))
+        return summary
+
+    try:
+        out = _out_dir()
+        # under -m a failing point is recorded (job_status.json) and the sweep goes on (sae_dist.sweep)
+        run_point(lambda: point(out), out, is_main=_dist_env()[0] == 0)
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
