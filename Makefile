@@ -36,7 +36,7 @@ demo: $(STAMP)
 	$(BIN)/sae-pipeline run_dir=runs/demo $(DEMO_ARGS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 clean:
 	rm -rf $(VENV) runs outputs multirun wandb

@@ -12,7 +12,10 @@
 # slurm logs go to SWEEP_DIR/.submitit/<job id>/. Rerunning the same command resumes every point from
 # its latest checkpoint (finished points are no-ops). Points that hit the time limit are requeued by
 # submitit and resume the same way (hydra.launcher.max_num_timeout, conf/hydra/launcher/slurm.yaml).
-# Fit scaling laws over SWEEP_DIR afterwards.
+# Every point is evaluated right after training (eval.after_train=true: eval.json, with the LM of the
+# `model` group, which must be the store's; pass eval.after_train=false to skip). A failing point does
+# not stop the others: it is listed in SWEEP_DIR/sweep_summary.json and the command exits 1.
+# Fit the scaling laws afterwards: sae-scaling SWEEP_DIR (docs/scaling.md).
 #
 # Environment (all optional):
 #   N_LIST     comma-separated n_latents values (default 4096,16384,65536)
@@ -57,6 +60,6 @@ fi
 
 # User overrides come last so they win (e.g. a different wandb.group or hydra.launcher.timeout_min).
 cmd=("$sae_train" -m "hydra/launcher=$launcher" "run_dir=$sweep_dir" "store.path=$store"
-     "sae.n_latents=$n_list" "sae.k=$k_list" "wandb.group=$(basename "$sweep_dir")" "$@")
+     "sae.n_latents=$n_list" "sae.k=$k_list" "wandb.group=$(basename "$sweep_dir")" "eval.after_train=true" "$@")
 echo "+ ${cmd[*]}" >&2
 exec "${cmd[@]}"

@@ -505,7 +505,7 @@ def test_sweep_sh_command_line(shims, tmp_path):
     assert r.returncode == 0, r.stderr
     assert _shim_args(env) == [
         "-m", "hydra/launcher=slurm", "run_dir=runs/nk", "store.path=/data/acts.zarr",
-        "sae.n_latents=1024,2048", "sae.k=8,16", "wandb.group=nk", "trainer.tokens=1000", "hydra.launcher.partition=p",
+        "sae.n_latents=1024,2048", "sae.k=8,16", "wandb.group=nk", "eval.after_train=true", "trainer.tokens=1000", "hydra.launcher.partition=p",
     ]
     env["LAUNCHER"] = "pbs"
     r = _run([str(SWEEP_SH), "/data/acts.zarr", "runs/nk"], env)
@@ -526,7 +526,7 @@ def test_sweep_local_launcher_end_to_end(tmp_path):
     env.update(LAUNCHER="local", N_LIST="32,64", K_LIST="4", SAE_TRAIN=str(VENV_BIN / "sae-train"))
     sweep = tmp_path / "sweep"
     r = _run([str(SWEEP_SH), str(store), str(sweep), "trainer.tokens=1024", "trainer.batch_tokens=256",
-              "sae.dead_tokens=512", "wandb.enabled=false", "device=cpu"], env, timeout=300)
+              "sae.dead_tokens=512", "wandb.enabled=false", "device=cpu", "eval.after_train=false"], env, timeout=300)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     for i, n in enumerate((32, 64)):
         point = sweep / f"{i}_n{n}_k4"
@@ -534,3 +534,6 @@ def test_sweep_local_launcher_end_to_end(tmp_path):
         assert (cfg["d_sae"], cfg["k"], cfg["d_in"]) == (n, 4, 16)
         assert (point / ".hydra" / "overrides.yaml").exists()
     assert len(list((sweep / ".submitit").glob("*/*_result.pkl"))) == 2
+    # the points wrote their status in the submitit processes; the report was made by the launching one
+    summary = json.loads((sweep / "sweep_summary.json").read_text())
+    assert (summary["points"], summary["completed"], summary["failed"]) == (2, 2, []), summary
