@@ -191,6 +191,27 @@ class SparseAutoencoder(nn.Module):
         `cfg.dead_tokens` tokens (for AuxK-style terms) or None."""
         raise NotImplementedError
 
+    def auxk_term(self, pre: torch.Tensor, dead_mask: torch.Tensor | None, x: torch.Tensor,
+                  x_hat: torch.Tensor) -> torch.Tensor:
+        """The AuxK loss of Gao et al. 2024 (sec. 2.4.1 / A.2): the top `cfg.k_aux` dead-latent
+        pre-activations pre [B, d_sae] reconstruct the residual x - x_hat.detach() (x, x_hat [B, d_in]),
+        normalised by the residual's variance (`sae_dist.sae.auxk.auxk_loss`). A float32 scalar; 0 when
+        `dead_mask` (bool [d_sae]) is None or `cfg.auxk_coef` is 0. The caller adds auxk_coef times it."""
+        if dead_mask is None or self.cfg.auxk_coef <= 0:
+            return pre.new_zeros((), dtype=torch.float32)
+        from sae_dist.sae.auxk import auxk_loss
+
+        residual = (x - x_hat.detach()).float()
+        return auxk_loss(pre, dead_mask, residual, self.W_dec, self.cfg.k_aux)
+
+    def refuse_multi_topk(self) -> None:
+        """ValueError naming the architecture when `cfg.multi_topk` is set on one that lacks it."""
+        if self.cfg.multi_topk:
+            raise ValueError(
+                f"sae={self.architecture} does not support multi_topk=True (a TopK-only option); "
+                "set sae.multi_topk=false"
+            )
+
     def set_progress(self, step: int, n_steps: int) -> None:
         """Called by the trainer before each step (0-based `step` of `n_steps`): schedules such as an
         L1 warm-up or a temperature annealing read it. Default: nothing."""

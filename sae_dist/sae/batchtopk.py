@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from sae_dist.sae.auxk import auxk_loss, normalized_mse
+from sae_dist.sae.auxk import normalized_mse
 from sae_dist.sae.base import TrainOutput
 from sae_dist.sae.config import SAEConfig
 from sae_dist.sae.topk import TopKSAE
@@ -124,11 +124,7 @@ class BatchTopKSAE(TopKSAE):
     def __init__(self, cfg: SAEConfig, device: torch.device | str = "cpu",
                  generator: torch.Generator | None = None):
         super().__init__(cfg, device=device, generator=generator)
-        if cfg.multi_topk:
-            raise ValueError(
-                f"sae={self.architecture} does not support multi_topk=True (a TopK-only option); "
-                "set sae.multi_topk=false"
-            )
+        self.refuse_multi_topk()
         self.register_buffer("threshold", torch.zeros((), dtype=torch.float32, device=device))
         self.register_buffer("threshold_batches", torch.zeros((), dtype=torch.int64, device=device))
         self._step, self._n_steps = 0, None
@@ -221,11 +217,7 @@ class BatchTopKSAE(TopKSAE):
         rows, cols, vals = self.select_entries(pre)
         xf = x.to(self.W_dec.dtype)
         x_hat, loss, nmse, terms = self.reconstruction_losses(xf, rows, cols, vals)
-        if dead_mask is not None and cfg.auxk_coef > 0:
-            residual = (xf - x_hat.detach()).float()
-            aux = auxk_loss(pre, dead_mask, residual, self.W_dec, cfg.k_aux)
-        else:
-            aux = pre.new_zeros((), dtype=torch.float32)
+        aux = self.auxk_term(pre, dead_mask, xf, x_hat)
         loss = loss + cfg.auxk_coef * aux
         if self.uses_threshold() and self.training and self.estimates_threshold():
             self.update_threshold_(vals)

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from sae_dist.sae.auxk import auxk_loss, normalized_mse
+from sae_dist.sae.auxk import normalized_mse
 from sae_dist.sae.base import TrainOutput
 from sae_dist.sae.config import SAEConfig
 from sae_dist.sae.topk import TopKSAE
@@ -226,11 +226,7 @@ class SoftTopKSAE(TopKSAE):
     def __init__(self, cfg: SAEConfig, device: torch.device | str = "cpu",
                  generator: torch.Generator | None = None):
         super().__init__(cfg, device=device, generator=generator)
-        if cfg.multi_topk:
-            raise ValueError(
-                f"sae={self.architecture} does not support multi_topk=True (a TopK-only option); "
-                "set sae.multi_topk=false"
-            )
+        self.refuse_multi_topk()
         self.register_buffer("temperature",
                              torch.tensor(self.opts.temperature, dtype=torch.float32, device=device))
 
@@ -293,11 +289,7 @@ class SoftTopKSAE(TopKSAE):
         xf = x.to(x_hat.dtype)
         nmse = normalized_mse(xf, x_hat)
         loss = nmse
-        if dead_mask is not None and cfg.auxk_coef > 0:
-            residual = (xf - x_hat.detach()).float()
-            aux = auxk_loss(pre, dead_mask, residual, self.W_dec, cfg.k_aux)
-        else:
-            aux = pre.new_zeros((), dtype=torch.float32)
+        aux = self.auxk_term(pre, dead_mask, xf, x_hat)
         loss = loss + cfg.auxk_coef * aux
         with torch.no_grad():
             B = pre.shape[0]

@@ -17,7 +17,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from sae_dist.sae.auxk import auxk_loss, normalized_mse, sparse_decode
+from sae_dist.sae.auxk import normalized_mse, sparse_decode
 from sae_dist.sae.base import SparseAutoencoder, TrainOutput
 from sae_dist.sae.config import SAEConfig
 
@@ -168,11 +168,7 @@ class TopKSAE(SparseAutoencoder):
             x_hat_mt = self.decode_sparse(vals_all, idx_all)
             mt = normalized_mse(xf, x_hat_mt)
             loss = loss + cfg.multi_topk_weight * mt
-        if dead_mask is not None and cfg.auxk_coef > 0:
-            residual = (xf - x_hat.detach()).float()
-            aux = auxk_loss(pre, dead_mask, residual, self.W_dec, cfg.k_aux)
-        else:
-            aux = pre.new_zeros((), dtype=torch.float32)
+        aux = self.auxk_term(pre, dead_mask, xf, x_hat)
         loss = loss + cfg.auxk_coef * aux
         return TrainOutput(loss, nmse.detach(), aux.detach(), None if mt is None else mt.detach(),
                            x_hat.detach(), vals, idx)
