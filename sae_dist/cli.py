@@ -197,6 +197,21 @@ def run_train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     )
 
 
+def _lm_family(cfg: DictConfig, device: str) -> list[dict]:
+    """The loaded members of `eval.lm_family` (equivalent compute, Gao et al. 2024 sec. 4.1): each entry
+    {name, gguf_file?, compute | params + train_tokens} loaded like `model` (same dtype and device)."""
+    from sae_dist.harvest.lm import load_lm, model_display_name
+
+    members = []
+    for i, entry in enumerate(cfg.eval.get("lm_family") or []):
+        entry = OmegaConf.to_container(entry, resolve=True) if isinstance(entry, DictConfig) else dict(entry)
+        if not entry.get("name"):
+            raise ValueError(f"eval.lm_family[{i}] has no `name` (an HF model name or local directory): {entry}")
+        model, _ = load_lm(entry["name"], gguf_file=entry.get("gguf_file"), dtype=cfg.model.dtype, device=device)
+        members.append({**entry, "name": model_display_name(entry["name"], entry.get("gguf_file")), "model": model})
+    return members
+
+
 def run_eval(cfg: DictConfig, out_dir: Path, lm=None, sae_path: str | None = None) -> dict[str, Any]:
     """Evaluate the SAE at `sae_path` (default cfg.sae_path) on held-out text; writes out_dir/eval.json."""
     from sae_dist.eval.evaluate import evaluate, write_eval_json
@@ -208,7 +223,10 @@ def run_eval(cfg: DictConfig, out_dir: Path, lm=None, sae_path: str | None = Non
     if not cfg_json.exists():
         raise FileNotFoundError(f"no exported SAE at sae_path={sae_path!r} ({cfg_json} is missing); "
                                 "train one with sae-train or point sae_path= at an export directory")
-    hook = cfg.hook if cfg.hook is not None else json.loads(cfg_json.read_text()).get("hook_name")
+    from sae_dist.sae.formats import read_sae_cfg
+
+    # read_sae_cfg: ours or a SAELens save (which nests hook_name under "metadata")
+    hook = cfg.hook if cfg.hook is not None else read_sae_cfg(sae_path).get("hook_name")
     if hook is None:
         hook = _hook_name(cfg, model)
     result = evaluate(
@@ -223,6 +241,22 @@ def run_eval(cfg: DictConfig, out_dir: Path, lm=None, sae_path: str | None = Non
         batch_size=int(cfg.eval.batch_size),
         device=device,
         model_name=_model_name(cfg),
+        # metrics of Gao et al. 2024 sec. 4.3-5.1 (defaults = conf/eval/default.yaml, for older configs)
+        probes=bool(cfg.eval.get("probes", True)),
+        probe_min_count=int(cfg.eval.get("probe_min_count", 20)),
+        ablation_latents=int(cfg.eval.get("ablation_latents", 16)),
+        ablation_occurrences=int(cfg.eval.get("ablation_occurrences", 4)),
+        ablation_positions=int(cfg.eval.get("ablation_positions", 16)),
+        ablation_seed=int(cfg.eval.get("ablation_seed", 0)),
+        shrinkage_tokens=int(cfg.eval.get("shrinkage_tokens", 2048)),
+        shrinkage_support=str(cfg.eval.get("shrinkage_support", "active")),
+        dense_threshold=float(cfg.eval.get("dense_threshold", 0.1)),
+        density_bins=int(cfg.eval.get("density_bins", 32)),
+        n2g_latents=int(cfg.eval.get("n2g_latents", 64)),
+        n2g_max_n=int(cfg.eval.get("n2g_max_n", 4)),
+        n2g_min_precision=float(cfg.eval.get("n2g_min_precision", 0.5)),
+        lm_family=_lm_family(cfg, device),
+        model_compute=None if cfg.eval.get("model_compute") is None else float(cfg.eval.model_compute),
     )
     write_eval_json(result, out_dir / "eval.json")
     return result
@@ -317,6 +351,11 @@ def print_summary(out: Path, harvest_summary: dict, train_summary: dict, result:
          f"{_fmt(result.get('ce_loss_sae'), '.4f')} / {_fmt(result.get('ce_loss_zero_ablation'), '.4f')}"),
         ("CE loss score", _fmt(result.get("ce_loss_score"), ".4f")),
         ("KL(clean || SAE)", _fmt(result.get("kl_div"), ".4f")),
+        ("probe loss / baseline", f"{_fmt(result.get('probe_loss'), '.4f')} / {_fmt(result.get('probe_baseline'), '.4f')}"),
+        ("N2G precision / recall", f"{_fmt(result.get('n2g_precision'), '.3f')} / {_fmt(result.get('n2g_recall'), '.3f')}"),
+        ("ablation sparsity", _fmt(result.get("ablation_sparsity_fraction"), ".4f")),
+        ("shrinkage ratio", _fmt(result.get("shrinkage_ratio"), ".4f")),
+        ("dense fraction", _fmt(result.get("dense_fraction"), ".4f")),
         ("eval tokens", _fmt(result.get("eval_tokens"), ",")),
         ("wall time", f"{wall_s:.0f} s"),
     ]

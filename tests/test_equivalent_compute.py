@@ -3,6 +3,7 @@ is measured with."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -78,3 +79,61 @@ def test_clean_cross_entropy_matches_downstream_loss(tiny_lm_dir):
     bad[0, 3] = model.config.vocab_size + 5
     with pytest.raises(ValueError, match="share the evaluated model's tokenizer"):
         clean_cross_entropy(model, bad)
+
+
+def test_sae_eval_reports_equivalent_compute_of_an_lm_family(tiny_lm_dir, tmp_path):
+    """run_eval (sae-eval) with eval.lm_family: every member loaded from its directory, its clean CE measured
+    on the eval sequences (checked against a float64 log-softmax by hand), and the equivalent compute equal
+    to inverting the family's fit at the spliced CE; the evaluated model's own compute is found by name."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sae_dist.cli import CONF_DIR, _docs, run_eval
+    from sae_dist.eval.evaluate import _collect_sequences
+    from sae_dist.sae.config import SAEConfig
+    from sae_dist.sae.export import export_sae
+    from sae_dist.sae.topk import TopKSAE
+    from sae_dist.testing import make_tiny_lm
+
+    seed = _seed()
+    torch.manual_seed(seed)
+    family = [{"name": make_tiny_lm(tmp_path / "lm16", hidden_size=16, seed=seed % 1000 + 1), "params": 2e5,
+               "train_tokens": 1e9},
+              {"name": tiny_lm_dir, "params": 6e5, "train_tokens": 1e9},
+              {"name": make_tiny_lm(tmp_path / "lm48", hidden_size=48, n_heads=4, seed=seed % 1000 + 2),
+               "compute": 9e15}]
+    sae = TopKSAE(SAEConfig(d_in=32, n_latents=64, k=4, normalize="none"))
+    export_sae(sae, tmp_path / "sae", hook_name="blocks.1.hook_resid_post", model_name=tiny_lm_dir, normalize="none")
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            f"run_dir={tmp_path / 'run'}", "model=hf", f"model.name={tiny_lm_dir}", "model.dtype=float32",
+            "device=cpu", f"sae_path={tmp_path / 'sae'}", "data.ctx_len=32", "eval.eval_tokens=300",
+            "eval.probes=false", "eval.ablation_latents=0", "eval.shrinkage_tokens=0", "eval.n2g_latents=0"])
+    with open_dict(cfg):
+        cfg.eval.lm_family = family
+    (tmp_path / "run").mkdir()
+    res = run_eval(cfg, tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["lm_family_ce"] == res["lm_family_ce"]
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    seqs = _collect_sequences(_docs(cfg), tok, 32, 300, float(cfg.data.eval_fraction))
+    hand = []
+    for m in family:
+        lm = AutoModelForCausalLM.from_pretrained(m["name"], dtype=torch.float32).eval()
+        with torch.no_grad():
+            lp = torch.log_softmax(lm(input_ids=seqs).logits.double(), -1)
+        hand.append(-lp[:, 1:-1].gather(-1, seqs[:, 2:].unsqueeze(-1)).mean().item())
+    assert list(res["lm_family_ce"].values()) == pytest.approx(hand, rel=1e-5), seed
+    assert res["lm_family_ce"][tiny_lm_dir] == pytest.approx(res["ce_loss_clean"], rel=1e-6), seed
+    computes = [6 * 2e5 * 1e9, 6 * 6e5 * 1e9, 9e15]
+    ref = equivalent_compute(res["ce_loss_sae"], computes, hand, computes[1])
+    assert res["model_compute"] == computes[1]
+    for key in ("equivalent_compute", "equivalent_compute_fraction"):
+        assert (res[key] is None and ref[key] is None) or res[key] == pytest.approx(ref[key], rel=1e-3), (seed, key)
+    assert (res["equivalent_compute_note"] is None) == (ref["equivalent_compute_note"] is None), (seed, res, ref)
+
+    with open_dict(cfg):
+        cfg.eval.lm_family = family[:1]
+    with pytest.raises(ValueError, match=">= 2 members"):
+        run_eval(cfg, tmp_path / "run")

@@ -9,7 +9,16 @@
 * downstream loss (Gao et al. 2024 sec. 4.1; `sae_dist.eval.downstream`): CE clean / SAE-spliced /
   zero-ablated, CE loss score, KL(clean || spliced);
 * dead latents: read from `training_state.json` beside the exported SAE (written by the trainer:
-  `tokens_trained`, `dead_fraction`, `dead_fraction_window`), else measured over the eval tokens.
+  `tokens_trained`, `dead_fraction`, `dead_fraction_window`), else measured over the eval tokens;
+* probe loss (Gao et al. 2024 sec. 4.3; `sae_dist.eval.probes`): best single-latent logistic probe per
+  binary token task derived from the eval text, against the constant-predictor baseline;
+* ablation sparsity (Gao et al. 2024 sec. 4.5; `sae_dist.eval.ablation`): (L1/L2)^2 of the logit change
+  when one latent is ablated at one token;
+* N2G explainability (Gao et al. 2024 sec. 4.4; `sae_dist.eval.n2g`): n-gram explanations of a sample
+  of latents fitted on the first half of the eval contexts, precision / recall on the other half;
+* shrinkage (Gao et al. 2024 sec. 5.1; `sae_dist.eval.shrinkage`): growth of the activations when they
+  are refined against the frozen decoder on their support;
+* feature density: log10-density histogram and the fraction of dense latents.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Iterable
@@ -24,8 +34,12 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from sae_dist.eval.ablation import ablation_sparsity
 from sae_dist.eval.downstream import downstream_loss
-from sae_dist.eval.metrics import LatentFiringCounter, ReconstructionStats
+from sae_dist.eval.metrics import LatentCodes, LatentFiringCounter, ReconstructionStats
+from sae_dist.eval.n2g import n2g_metrics_from_codes
+from sae_dist.eval.probes import probe_loss, token_task_labels
+from sae_dist.eval.shrinkage import sae_shrinkage
 from sae_dist.store.normalize import normalize
 
 __all__ = ["evaluate", "write_eval_json", "CONTRACT_KEYS"]
@@ -120,6 +134,21 @@ def evaluate(
     device: str | torch.device = "cpu",
     model_name: str | None = None,
     progress: bool = True,
+    probes: bool = True,
+    probe_min_count: int = 20,
+    ablation_latents: int = 16,
+    ablation_occurrences: int = 4,
+    ablation_positions: int = 16,
+    ablation_seed: int = 0,
+    shrinkage_tokens: int = 2048,
+    shrinkage_support: str = "active",
+    dense_threshold: float = 0.1,
+    density_bins: int = 32,
+    n2g_latents: int = 64,
+    n2g_max_n: int = 4,
+    n2g_min_precision: float = 0.5,
+    lm_family: Iterable[dict] | None = None,
+    model_compute: float | None = None,
 ) -> dict[str, Any]:
     """Evaluate the exported SAE at `sae_path` on held-out text; returns the eval.json dict.
 
@@ -140,18 +169,48 @@ def evaluate(
         device: device of the LM inputs and of the loaded SAE ("cpu", "cuda", ...).
         model_name: recorded as `model`; None -> cfg.json `model_name`, else the LM's `name_or_path`.
         progress: tqdm progress bars.
+        probes: compute the probe loss (Gao et al. 2024 sec. 4.3; `sae_dist.eval.probes`).
+        probe_min_count: a probe task needs at least this many positive and negative eval tokens.
+        ablation_latents: latents ablated for the ablation sparsity (sec. 4.5; `sae_dist.eval.ablation`);
+            0 turns it off.
+        ablation_occurrences: firing tokens ablated per latent.
+        ablation_positions: T, logit positions per ablation (the paper's 16).
+        ablation_seed: seed of the latent / occurrence draws and of the shrinkage token sample.
+        shrinkage_tokens: eval tokens sampled for the shrinkage refinement (sec. 5.1;
+            `sae_dist.eval.shrinkage`); 0 turns it off.
+        shrinkage_support: "active" (refine on each token's active latents) or "all".
+        dense_threshold: a latent firing on more than this fraction of eval tokens is dense.
+        density_bins: bins of the log10-density histogram over [-8, 0].
+        n2g_latents: latents explained by N2G (sec. 4.4; `sae_dist.eval.n2g`), drawn with
+            `ablation_seed` among those firing on the fit half of the eval contexts; 0 turns it off.
+        n2g_max_n: longest n-gram of an explanation. n2g_min_precision: fit precision an n-gram needs.
+        lm_family: for the "equivalent compute" framing of the downstream loss (sec. 4.1;
+            `sae_dist.eval.equivalent_compute`): >= 2 dicts {"name", "model" (a loaded causal LM with
+            the evaluated model's tokenizer), "compute" (pretraining FLOPs) or "params" +
+            "train_tokens" (6ND)}; their clean CE is measured on the eval sequences. None / empty: off.
+        model_compute: pretraining FLOPs of the evaluated model (for `equivalent_compute_fraction`);
+            None: the family member whose name equals `model_name`, else the fraction is None.
 
     Returns:
         dict with every CONTRACT key (`CONTRACT_KEYS`) plus `dead_fraction_window`, `dead_fraction_eval`,
         `mse`, `mse_per_token`, `variance_per_token`, `ce_loss_delta`, `kl_div_zero_ablation`,
         `ce_tokens`, `ctx_len`, `eval_sequences`, `eval_fraction`, `sae_path`, `architecture`,
-        `normalized_mse_definition`. Floats are Python floats; `eval_tokens` is the number of tokens
+        `normalized_mse_definition`, and the keys of the metrics above: `probe_loss`, `probe_baseline`,
+        `probe_loss_per_task`, `probe_tasks_skipped`, `probe_min_count`; `ablation_sparsity`,
+        `ablation_sparsity_fraction`, `ablation_latents`, `ablation_positions`, `ablation_vocab`,
+        `ablation_count`, `ablation_zero_effect`, `ablation_per_latent`, `ablation_definition`;
+        `shrinkage_ratio`, `shrinkage_fvu_encoder`, `shrinkage_fvu_refined`, `shrinkage_fvu_gain`,
+        `shrinkage_tokens`, `shrinkage_support`; `n2g_precision`, `n2g_recall`, `n2g_f1`, `n2g_latents`
+        (scored latents), `n2g_latents_sampled`, `n2g_heldout_contexts`; `equivalent_compute`,
+        `equivalent_compute_fraction`, `equivalent_compute_note`, `lm_family_fit`, `lm_family_ce`; `density_histogram` ({"log10_density_bin_edges",
+        "counts", "n_dead"}), `dense_fraction`, `dense_threshold`; `metric_seconds` (wall time of
+        each of these metrics). A metric that is turned off has None values. Floats are Python floats; `eval_tokens` is the number of tokens
         actually evaluated (reconstruction); `ce_tokens` the number of predictions in the CE averages.
         `tokens_trained` is None when neither training_state.json nor cfg.json records it.
 
     Raises:
         ValueError: hook width != SAE d_in (names both), non-finite activations (names the sequence
-            range), empty eval split, ctx_len < 3.
+            range), empty eval split, ctx_len < 3, an option of the metrics above out of range.
         FileNotFoundError: no exported SAE at `sae_path` (from `load_sae`).
     """
     from sae_dist.harvest.hooks import resolve_hook, run_to_hook
@@ -163,13 +222,21 @@ def evaluate(
         raise ValueError(f"eval_tokens must be >= 1, got {eval_tokens}")
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    _check_metric_options(probe_min_count, ablation_latents, ablation_occurrences, ablation_positions,
+                          shrinkage_tokens, shrinkage_support, dense_threshold, density_bins)
+    if int(n2g_latents) < 0 or int(n2g_max_n) < 1 or not (0.0 < float(n2g_min_precision) <= 1.0):
+        raise ValueError(f"n2g options out of range: n2g_latents={n2g_latents} (>= 0), n2g_max_n={n2g_max_n} "
+                         f"(>= 1), n2g_min_precision={n2g_min_precision} (in (0, 1])")
     sae_dir = Path(sae_path)
     device = torch.device(device)
     sae = load_sae(str(sae_dir), device=device)
     sae.eval()
-    cfg_json: dict = {}
-    if (sae_dir / "cfg.json").is_file():
-        cfg_json = json.loads((sae_dir / "cfg.json").read_text())
+    # the canonical cfg: SAELens saves nest hook_name / model_name under "metadata"
+    cfg_json: dict = dict(getattr(sae, "cfg", None) or {})
+    if not cfg_json and (sae_dir / "cfg.json").is_file():
+        from sae_dist.sae.formats import read_sae_cfg
+
+        cfg_json = read_sae_cfg(sae_dir)
     d_in = _sae_field(sae, cfg_json, "d_in")
     d_sae = _sae_field(sae, cfg_json, "d_sae", "n_latents")
     if d_in is None or d_sae is None:
@@ -203,6 +270,13 @@ def evaluate(
     per_token_norm = cfg_json.get("normalize_activations") == "layer_norm"
     stats_norm = ReconstructionStats(d_in, device=sae_device) if per_token_norm else stats
     firing = LatentFiringCounter(d_sae, device=sae_device)
+    codes = LatentCodes(d_sae) if (probes or int(ablation_latents) > 0 or int(n2g_latents) > 0) else None
+    n_rows = n_seq * (t - 1)
+    shrink_rows = torch.zeros(n_rows, dtype=torch.bool)
+    if int(shrinkage_tokens) > 0:
+        gen = torch.Generator().manual_seed(int(ablation_seed))
+        shrink_rows[torch.randperm(n_rows, generator=gen)[: int(shrinkage_tokens)]] = True
+    shrink_x: list[torch.Tensor] = []
     starts = range(0, n_seq, batch_size)
     if progress:
         from tqdm.auto import tqdm
@@ -227,12 +301,18 @@ def evaluate(
                     "in its dtype on these inputs (try dtype=float32)"
                 )
             x32 = x.to(device=sae_device, dtype=torch.float32)
+            row0 = i * (t - 1)
+            take = shrink_rows[row0 : row0 + x32.shape[0]].to(sae_device)
+            if bool(take.any()):
+                shrink_x.append(x32[take])
             if hasattr(sae, "encode_sparse") and hasattr(sae, "decode_sparse"):
                 # TopK family: one encoder pass; decode_sparse(encode_sparse(x)) == forward(x)
                 values, indices = sae.encode_sparse(x32)
                 x_hat = sae.decode_sparse(values, indices)
                 stats.update(x32, x_hat, l0=(values != 0).sum(1))
                 firing.update_sparse(values, indices)
+                if codes is not None:
+                    codes.add_sparse(values, indices)
                 if per_token_norm:
                     stats_norm.update(*_layer_norm_pair(x32, x_hat))
             else:
@@ -240,6 +320,8 @@ def evaluate(
                 x_hat = sae(x32)
                 stats.update(x32, x_hat, l0=z)
                 firing.update_dense(z)
+                if codes is not None:
+                    codes.add_dense(z)
                 if per_token_norm:
                     stats_norm.update(*_layer_norm_pair(x32, x_hat))
     finally:
@@ -249,6 +331,61 @@ def evaluate(
     down = downstream_loss(
         model, sae, spec.name, sequences, batch_size=batch_size, device=device, skip_positions=1, progress=progress
     )
+
+    extra, seconds = {}, {}
+    clock = time.perf_counter()
+    if probes:
+        labels, valid = token_task_labels(sequences, tokenizer, skip_positions=1)
+        extra.update(probe_loss(codes, labels, valid, min_count=int(probe_min_count)))
+    else:
+        extra.update({"probe_loss": None, "probe_baseline": None, "probe_loss_per_task": {},
+                      "probe_tasks_skipped": {}, "probe_min_count": int(probe_min_count)})
+    seconds["probes"], clock = time.perf_counter() - clock, time.perf_counter()
+    if int(ablation_latents) > 0:
+        extra.update(ablation_sparsity(
+            model, sae, spec.name, sequences, codes=codes, n_latents=int(ablation_latents),
+            occurrences=int(ablation_occurrences), positions=int(ablation_positions), seed=int(ablation_seed),
+            batch_size=min(int(batch_size), 8), device=device, skip_positions=1,
+        ))
+    else:
+        extra.update({"ablation_sparsity": None, "ablation_sparsity_fraction": None, "ablation_latents": []})
+    extra["ablation_definition"] = (
+        "Gao et al. 2024 sec. 4.5: one latent set to 0 at one token of the SAE-spliced forward; logit change at "
+        "that token and the next ablation_positions-1, minus each position's median; ablation_sparsity = "
+        "(L1/L2)^2 of the concatenated changes (effective number of logits affected), "
+        "ablation_sparsity_fraction = that / (vocab * positions); mean over a latent's ablations, then over latents"
+    )
+    seconds["ablation"], clock = time.perf_counter() - clock, time.perf_counter()
+    if shrink_x:
+        extra.update(sae_shrinkage(sae, torch.cat(shrink_x), support=shrinkage_support))
+    else:
+        extra.update({"shrinkage_ratio": None, "shrinkage_fvu_encoder": None, "shrinkage_fvu_refined": None,
+                      "shrinkage_fvu_gain": None, "shrinkage_tokens": 0, "shrinkage_support": shrinkage_support})
+    seconds["shrinkage"], clock = time.perf_counter() - clock, time.perf_counter()
+    if int(n2g_latents) > 0:
+        # contexts = the eval sequences without the BOS position, exactly the rows `codes` holds
+        extra.update(n2g_metrics_from_codes(
+            sequences[:, 1:], codes, n_latents=int(n2g_latents), seed=int(ablation_seed), heldout_fraction=0.5,
+            max_n=int(n2g_max_n), min_precision=float(n2g_min_precision)))
+    else:
+        extra.update({"n2g_precision": None, "n2g_recall": None, "n2g_f1": None, "n2g_latents": 0,
+                      "n2g_latents_sampled": [], "n2g_heldout_contexts": 0})
+    extra["n2g_definition"] = (
+        "Gao et al. 2024 sec. 4.4 (N2G, Foote et al. 2023): n-gram explanations (<= n2g_max_n tokens, one "
+        "interior wildcard) fitted on the first half of the eval contexts; a latent is predicted to fire where "
+        "one of its n-grams ends; precision / recall / F1 on the second half, averaged over sampled latents that "
+        "fire there"
+    )
+    seconds["n2g"], clock = time.perf_counter() - clock, time.perf_counter()
+    extra.update(_equivalent_compute(lm_family, model_compute, model_name, down["ce_loss_sae"], sequences,
+                                     batch_size=batch_size, device=device))
+    seconds["equivalent_compute"] = time.perf_counter() - clock
+    hist, edges, n_dead = firing.log10_density_histogram(bins=int(density_bins), range_=(-8.0, 0.0))
+    extra["density_histogram"] = {"log10_density_bin_edges": edges.tolist(), "counts": hist.tolist(),
+                                  "n_dead": int(n_dead)}
+    extra["dense_fraction"] = float((firing.density() > float(dense_threshold)).mean())
+    extra["dense_threshold"] = float(dense_threshold)
+    extra["metric_seconds"] = seconds
 
     state = _read_training_state(sae_dir)
     dead_eval = firing.dead_fraction()
@@ -300,8 +437,51 @@ def evaluate(
         "normalized_mse_definition": (
             "MSE / MSE of predicting the eval-set mean activation (Gao et al. 2024 sec. 2.1); equals fvu"
         ),
+        **extra,
     }
     return result
+
+
+def _equivalent_compute(lm_family, model_compute, model_name, ce_sae, sequences, *, batch_size, device) -> dict:
+    """eval.json keys of the equivalent-compute framing (Gao et al. 2024 sec. 4.1) for `evaluate`."""
+    from sae_dist.eval.equivalent_compute import clean_cross_entropy, equivalent_compute, member_compute
+
+    family = list(lm_family or [])
+    if not family:
+        return {"equivalent_compute": None, "equivalent_compute_fraction": None, "lm_family_fit": None,
+                "lm_family_ce": {}, "equivalent_compute_note": "no LM family given (eval.lm_family)"}
+    if len(family) < 2:
+        raise ValueError(f"eval.lm_family needs >= 2 members of one LM family, got {len(family)}: "
+                         f"{[m.get('name') for m in family]}")
+    computes = [member_compute(m) for m in family]
+    ce = {}
+    for m in family:
+        ce[str(m["name"])] = clean_cross_entropy(m["model"], sequences, batch_size=batch_size, device=device)
+    if model_compute is None:
+        own = [c for m, c in zip(family, computes) if str(m["name"]) == str(model_name)]
+        model_compute = own[0] if own else None
+    out = equivalent_compute(ce_sae, computes, list(ce.values()), model_compute if model_compute else 1.0)
+    if model_compute is None:
+        out["equivalent_compute_fraction"] = None
+    out["lm_family_ce"] = ce
+    out["lm_family_compute"] = {str(m["name"]): c for m, c in zip(family, computes)}
+    out["model_compute"] = model_compute
+    return out
+
+
+def _check_metric_options(probe_min_count, ablation_latents, ablation_occurrences, ablation_positions,
+                          shrinkage_tokens, shrinkage_support, dense_threshold, density_bins) -> None:
+    """ValueError naming the option, its value and the valid range for a bad metric option."""
+    for name, v, lo in (("probe_min_count", probe_min_count, 1), ("ablation_latents", ablation_latents, 0),
+                        ("ablation_occurrences", ablation_occurrences, 1),
+                        ("ablation_positions", ablation_positions, 1), ("shrinkage_tokens", shrinkage_tokens, 0),
+                        ("density_bins", density_bins, 1)):
+        if int(v) < lo:
+            raise ValueError(f"{name} must be an integer >= {lo}, got {v}")
+    if shrinkage_support not in ("active", "all"):
+        raise ValueError(f"shrinkage_support must be 'active' or 'all', got {shrinkage_support!r}")
+    if not (0.0 < float(dense_threshold) <= 1.0):
+        raise ValueError(f"dense_threshold must be in (0, 1], got {dense_threshold}")
 
 
 def _layer_norm_pair(x: torch.Tensor, x_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

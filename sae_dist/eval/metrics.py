@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["ReconstructionStats", "LatentFiringCounter"]
+__all__ = ["ReconstructionStats", "LatentFiringCounter", "LatentCodes"]
 
 
 def _as_2d(name: str, t: torch.Tensor) -> torch.Tensor:
@@ -302,3 +302,86 @@ class LatentFiringCounter:
         alive = d[d > 0]
         hist, edges = np.histogram(np.log10(alive), bins=bins, range=range_)
         return hist, edges, int((d == 0).sum())
+
+
+class LatentCodes:
+    """Accumulates the non-zero latent activations of a stream of tokens in coordinate (COO) form, for
+    the per-latent metrics that need the activations themselves (probe loss, Gao et al. 2024 sec. 4.3;
+    ablation sparsity, sec. 4.5, which picks the tokens where a latent fires).
+
+    Args:
+        d_sae: number of latents n.
+
+    Use:
+        codes = LatentCodes(d_sae)
+        codes.add_sparse(values, indices)   # TopK: values/indices [B, k]; or codes.add_dense(z [B, d_sae])
+        rows, latents, values = codes.tensors()
+
+    `rows` int64 [nnz] are token indices in the order tokens were added (0 .. n_tokens-1), `latents`
+    int64 [nnz] latent ids, `values` float32 [nnz] the activations (only entries != 0 are kept), all on
+    the CPU. Memory: 20 bytes per non-zero (n_tokens * L0 entries).
+    """
+
+    def __init__(self, d_sae: int):
+        if int(d_sae) <= 0:
+            raise ValueError(f"d_sae must be positive, got {d_sae}")
+        self.d_sae = int(d_sae)
+        self.n_tokens = 0
+        self._rows: list[torch.Tensor] = []
+        self._lat: list[torch.Tensor] = []
+        self._val: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def add_sparse(self, values: torch.Tensor, indices: torch.Tensor) -> None:
+        """values [B, k] float, indices [B, k] int64 (as from `encode_sparse`); entries with value 0 are
+        dropped. ValueError on a shape mismatch or an index outside [0, d_sae)."""
+        if values.shape != indices.shape or values.ndim != 2:
+            raise ValueError(
+                f"values and indices must both be [B, k]; got {tuple(values.shape)} and {tuple(indices.shape)}"
+            )
+        b, k = values.shape
+        nz = values != 0
+        rows = (torch.arange(b, device=values.device).unsqueeze(1).expand(b, k))[nz] + self.n_tokens
+        lat = indices[nz].to(torch.int64)
+        if lat.numel() and (int(lat.min()) < 0 or int(lat.max()) >= self.d_sae):
+            raise ValueError(f"latent index out of range [0, {self.d_sae}): min {int(lat.min())}, max {int(lat.max())}")
+        self._rows.append(rows.cpu())
+        self._lat.append(lat.cpu())
+        self._val.append(values[nz].float().cpu())
+        self.n_tokens += b
+
+    @torch.no_grad()
+    def add_dense(self, z: torch.Tensor) -> None:
+        """z: latent activations [B, d_sae]; entries != 0 are kept."""
+        if z.ndim != 2 or z.shape[1] != self.d_sae:
+            raise ValueError(f"latent activations must have shape [B, {self.d_sae}], got {tuple(z.shape)}")
+        r, c = (z != 0).nonzero(as_tuple=True)
+        self._rows.append((r + self.n_tokens).cpu())
+        self._lat.append(c.cpu())
+        self._val.append(z[r, c].float().cpu())
+        self.n_tokens += z.shape[0]
+
+    @classmethod
+    def from_dense(cls, z: torch.Tensor) -> "LatentCodes":
+        """Codes of a dense activation matrix z [N, d_sae]."""
+        out = cls(z.shape[1])
+        out.add_dense(z)
+        return out
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows int64 [nnz], latents int64 [nnz], values float32 [nnz]) on the CPU."""
+        if not self._rows:
+            e = torch.zeros(0, dtype=torch.int64)
+            return e, e.clone(), torch.zeros(0, dtype=torch.float32)
+        if len(self._rows) > 1:  # consolidate once
+            self._rows = [torch.cat(self._rows)]
+            self._lat = [torch.cat(self._lat)]
+            self._val = [torch.cat(self._val)]
+        return self._rows[0], self._lat[0], self._val[0]
+
+    def to_dense(self) -> torch.Tensor:
+        """Dense float32 [n_tokens, d_sae] (for small cases and tests)."""
+        rows, lat, val = self.tensors()
+        z = torch.zeros(self.n_tokens, self.d_sae, dtype=torch.float32)
+        z[rows, lat] = val
+        return z

@@ -20,6 +20,13 @@ pre = (x_n - b_pre) W_enc + b_enc, z = TopK(pre), x_n^ = z W_dec + b_pre):
   applies our normalisation exactly (sae_dist.store.normalize) and divides by c, so it reproduces
   the training module's x^ to float rounding; SAELens reproduces it up to its eps.
 * "none": weights exported unchanged.
+
+Compatibility (docs/formats.md; tests/test_formats_saelens.py checks it against SAELens 6.x): SAELens'
+`SAE.load_from_disk` loads "topk", "standard" and "jumprelu" exports as they are (cfg.json's
+metadata.sae_lens_version marks the 6.x layout); "prolu" goes through
+`sae_dist.sae.formats.to_saelens`. `load_sae` also reads SAELens' own saves (via
+`sae_dist.sae.formats.read_sae_files`), and `sae_dist.sae.formats.export_sparsify` writes TopK SAEs
+for EleutherAI sparsify.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from sae_dist.sae.auxk import sparse_decode
@@ -40,6 +47,8 @@ __all__ = ["export_sae", "load_sae", "ExportedSAE", "ExportedTopKSAE", "check_d_
            "WEIGHTS_FILENAME"]
 
 CFG_FILENAME = "cfg.json"
+#: the SAELens cfg.json layout version our export follows (written as metadata.sae_lens_version)
+SAELENS_FORMAT_VERSION = "6.0.0"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
 
 
@@ -109,7 +118,10 @@ def _cfg_dict(
         "reshape_activations": "none",
         "finetuning_scaling_factor": False,
         **meta,
-        "metadata": dict(meta),
+        # "sae_lens_version" marks the layout (SAELens >= 6.0: metadata nested here), so SAELens'
+        # loader reads it as a 6.x file instead of converting it as a pre-6.0 one (that conversion
+        # fails on hook_name None); the SAE was not trained by SAELens ("sae_lens_training_version")
+        "metadata": {**meta, "sae_lens_version": SAELENS_FORMAT_VERSION, "sae_lens_training_version": None},
         "sae_dist": {
             "train_normalize": normalize,
             "scale": None if scale is None else float(scale),
@@ -200,7 +212,8 @@ def export_sae(
 class ExportedSAE(nn.Module):
     """An exported SAE of a dense-activation architecture taking RAW activations (the contract API).
 
-    cfg.json "architecture" -> activation of the pre-activations pre = (x_n - b_dec) W_enc + b_enc:
+    cfg.json "architecture" -> activation of the pre-activations pre = (x_n - b_dec) W_enc + b_enc
+    (x_n - b_dec replaced by x_n when cfg.json says apply_b_dec_to_input false, as SAELens does):
       "standard" (ReLU+L1; SAELens' name): z = ReLU(pre)
       "jumprelu" (JumpReLU, and BatchTopK / Matryoshka-BatchTopK at inference; SAELens' name):
           z = ReLU(pre) * 1[pre > threshold], `threshold` [d_sae] in the weights file
@@ -208,12 +221,23 @@ class ExportedSAE(nn.Module):
     Parameters W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in] (+ threshold).
     Inputs may have any leading dims [..., d_in].
       encode(x) -> [..., d_sae] dense; decode(z) -> [..., d_in]; forward(x) -> x_hat [..., d_in].
-    In "layer_norm" mode the per-token statistics come from the input: forward handles them
-    itself; decode uses the statistics of the most recent encode call (as SAELens does) and raises
-    RuntimeError when there is none of a matching shape.
+
+    cfg.json "normalize_activations" (x -> x_n on the way in, the inverse on the way out):
+      "none": x_n = x.
+      "layer_norm", our export (cfg.json has a "sae_dist" block): our per-token normalisation
+          (sae_dist.store.normalize, Gao et al. 2024 sec. 2.1) divided by the fold factor
+          c = sqrt(d_in / (d_in - 1)) (module docstring), i.e. x_n = (x - mean) / std_unbiased.
+      "layer_norm", written by SAELens: SAELens' rule x_n = (x - mean) / (std_unbiased + 1e-5),
+          output y * std_unbiased + mean.
+      "constant_norm_rescale" (SAELens): x_n = x * sqrt(d_in) / ||x||, output y * ||x|| / sqrt(d_in).
+    Per-token modes take their statistics from the input: forward handles them itself; decode uses
+    the statistics of the most recent encode call (as SAELens does) and raises RuntimeError when
+    there is none of a matching shape. Other modes raise ValueError at construction
+    ("expected_average_only_in": see `sae_dist.sae.formats.import_saelens`).
     """
 
     ARCHITECTURES = ("standard", "jumprelu", "prolu")
+    NORMALIZE_MODES = ("none", "layer_norm", "constant_norm_rescale")
 
     def __init__(self, cfg: dict, tensors: dict[str, torch.Tensor]):
         super().__init__()
@@ -228,46 +252,83 @@ class ExportedSAE(nn.Module):
         self.d_in = int(cfg["d_in"])
         self.d_sae = int(cfg["d_sae"])
         self.k = None if cfg.get("k") is None else int(cfg["k"])
+        self.apply_b_dec_to_input = bool(cfg.get("apply_b_dec_to_input", True))
         self.normalize_activations = cfg.get("normalize_activations", "none")
-        if self.normalize_activations not in ("none", "layer_norm"):
+        if self.normalize_activations == "expected_average_only_in":
+            raise ValueError(
+                "normalize_activations='expected_average_only_in': this SAE expects inputs multiplied by "
+                "a dataset constant s = sqrt(d_in) / E||x|| that its files do not store (SAELens keeps "
+                "it in its pretrained-SAE directory as norm_scaling_factor); fold it into a copy with "
+                "sae_dist.sae.formats.import_saelens(src, dst, norm_scaling_factor=s) and load that"
+            )
+        if self.normalize_activations not in self.NORMALIZE_MODES:
             raise ValueError(
                 f"normalize_activations={self.normalize_activations!r} is not supported by "
-                "sae_dist.load_sae (supported: none, layer_norm)"
+                f"sae_dist.load_sae (supported: {', '.join(self.NORMALIZE_MODES)})"
             )
         d = self.d_in
+        self.ln_convention = "sae_dist" if isinstance(cfg.get("sae_dist"), dict) else "saelens"
         self.ln_factor = float(
             cfg.get("sae_dist", {}).get("fold_factor", math.sqrt(d / (d - 1)))
-        ) if self.normalize_activations == "layer_norm" else 1.0
+        ) if (self.normalize_activations == "layer_norm" and self.ln_convention == "sae_dist") else 1.0
         self._ln_ctx = None
 
     def _flat(self, x: torch.Tensor) -> torch.Tensor:
         check_d_in(self, x.shape[-1])
         return x.reshape(-1, self.d_in).to(self.W_enc.dtype)
 
-    def _norm_in(self, x: torch.Tensor) -> torch.Tensor:
-        if self.normalize_activations != "layer_norm":
+    def normalize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, d_in] raw -> x_n [B, d_in], the input the weights act on (class docstring); per-token
+        modes remember the statistics for the next `decode`."""
+        mode = self.normalize_activations
+        if mode == "none":
             self._ln_ctx = None
             return x
+        if mode == "constant_norm_rescale":
+            coeff = math.sqrt(self.d_in) / x.norm(dim=-1, keepdim=True)
+            self._ln_ctx = (x.shape[0], coeff)
+            return x * coeff
+        if self.ln_convention == "saelens":
+            mu = x.mean(dim=-1, keepdim=True)
+            xc = x - mu
+            std = xc.std(dim=-1, keepdim=True)
+            self._ln_ctx = (x.shape[0], (mu, std))
+            return xc / (std + 1e-5)
         from sae_dist.store import normalize
 
         x_n, ctx = normalize(x, "layer_norm")
         self._ln_ctx = (x.shape[0], ctx)
         return x_n / self.ln_factor
 
-    def _norm_out(self, y: torch.Tensor) -> torch.Tensor:
-        if self.normalize_activations != "layer_norm":
+    def denormalize_output(self, y: torch.Tensor) -> torch.Tensor:
+        """y [B, d_in] in the weights' space -> raw space, with the statistics of the last encode."""
+        mode = self.normalize_activations
+        if mode == "none":
             return y
         if self._ln_ctx is None or self._ln_ctx[0] != y.shape[0]:
             raise RuntimeError(
-                "this SAE normalises inputs per token (layer_norm): call encode/encode_sparse on "
+                f"this SAE normalises inputs per token ({mode}): call encode/encode_sparse on "
                 "the same batch before decode, or use forward(x)"
             )
+        stats = self._ln_ctx[1]
+        if mode == "constant_norm_rescale":
+            return y / stats
+        if self.ln_convention == "saelens":
+            mu, std = stats
+            return y * std + mu
         from sae_dist.store import denormalize
 
-        return denormalize(y * self.ln_factor, "layer_norm", self._ln_ctx[1])
+        return denormalize(y * self.ln_factor, "layer_norm", stats)
+
+    # old private names, kept for callers inside the package
+    _norm_in = normalize_input
+    _norm_out = denormalize_output
 
     def _pre(self, x: torch.Tensor) -> torch.Tensor:
-        return (self._norm_in(x) - self.b_dec) @ self.W_enc + self.b_enc
+        x_n = self.normalize_input(x)
+        if self.apply_b_dec_to_input:
+            x_n = x_n - self.b_dec
+        return x_n @ self.W_enc + self.b_enc
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         """Dense latents [B, d_sae] from pre-activations [B, d_sae] (the class docstring's rules)."""
@@ -289,7 +350,7 @@ class ExportedSAE(nn.Module):
         """z [..., d_sae] -> raw reconstruction [..., d_in]."""
         lead = z.shape[:-1]
         y = z.reshape(-1, self.d_sae).to(self.W_dec.dtype) @ self.W_dec + self.b_dec
-        return self._norm_out(y).reshape(*lead, self.d_in)
+        return self.denormalize_output(y).reshape(*lead, self.d_in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., d_in] raw -> x_hat [..., d_in] raw."""
@@ -319,7 +380,7 @@ class ExportedTopKSAE(ExportedSAE):
         lead = values.shape[:-1]
         kk = values.shape[-1]
         y = sparse_decode(values.reshape(-1, kk), indices.reshape(-1, kk), self.W_dec) + self.b_dec
-        return self._norm_out(y).reshape(*lead, self.d_in)
+        return self.denormalize_output(y).reshape(*lead, self.d_in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., d_in] raw -> x_hat [..., d_in] raw."""
@@ -337,37 +398,31 @@ def check_d_in(sae, d: int) -> None:
 
 
 def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu") -> ExportedSAE:
-    """Load an exported SAE directory -> `ExportedTopKSAE` (architecture "topk") or `ExportedSAE`
-    ("standard", "jumprelu", "prolu") on `device`; it takes raw activations.
+    """Load an SAE directory -> `ExportedTopKSAE` (architecture "topk") or `ExportedSAE`
+    ("standard", "jumprelu", "prolu") on `device`, float32; it takes raw activations.
 
-    FileNotFoundError naming the missing file(s); ValueError for an unknown architecture or weights
-    whose shapes disagree with cfg.json (or a jumprelu without `threshold`).
+    Reads our exports and SAELens' own saves (`SAE.save_model`, any 6.x and the older layouts:
+    hook_name under "metadata", "hook_point", "activation_fn_str", log_threshold, scaling_factor,
+    rescale_acts_by_decoder_norm, apply_b_dec_to_input false, bfloat16 weights); how each is
+    mapped: `sae_dist.sae.formats.canonical_cfg` / `canonical_tensors`. The model's `cfg` is the
+    canonical dict (hook_name, model_name, ... at top level).
+
+    FileNotFoundError naming the missing file(s); ValueError for an unsupported architecture (e.g.
+    SAELens' "gated"), an unsupported normalize_activations, or weights whose shapes disagree with
+    cfg.json (or a jumprelu without `threshold`).
     """
+    from sae_dist.sae.formats import read_sae_files
+
     p = Path(path)
     missing = [n for n in (CFG_FILENAME, WEIGHTS_FILENAME) if not (p / n).is_file()]
     if missing:
         raise FileNotFoundError(
             f"SAE directory {str(p)!r} lacks {', '.join(missing)} (expected an export made by "
-            "sae_dist.sae.export.export_sae / sae-train: cfg.json + sae_weights.safetensors)"
+            "sae_dist.sae.export.export_sae / sae-train, or SAELens' SAE.save_model: cfg.json + "
+            "sae_weights.safetensors)"
         )
-    cfg = json.loads((p / CFG_FILENAME).read_text())
-    arch = cfg.get("architecture")
-    valid = ("topk", *ExportedSAE.ARCHITECTURES)
-    if arch not in valid:
-        raise ValueError(f"{p / CFG_FILENAME}: architecture {arch!r} is not one of {valid}")
-    tensors = load_file(str(p / WEIGHTS_FILENAME), device="cpu")
-    need = {"W_enc": (cfg["d_in"], cfg["d_sae"]), "b_enc": (cfg["d_sae"],),
-            "W_dec": (cfg["d_sae"], cfg["d_in"]), "b_dec": (cfg["d_in"],)}
-    if arch == "jumprelu":
-        need["threshold"] = (cfg["d_sae"],)
-    for name, shape in need.items():
-        if name not in tensors:
-            raise ValueError(f"{p / WEIGHTS_FILENAME} lacks tensor {name!r}")
-        if tuple(tensors[name].shape) != tuple(shape):
-            raise ValueError(
-                f"{p / WEIGHTS_FILENAME}: {name} has shape {tuple(tensors[name].shape)}, "
-                f"cfg.json implies {shape}"
-            )
+    cfg, tensors = read_sae_files(p)
+    arch = cfg["architecture"]
     cls = ExportedTopKSAE if arch == "topk" else ExportedSAE
-    model = cls(cfg, {n: tensors[n].float() for n in need})
+    model = cls(cfg, tensors)
     return model.to(device).eval()

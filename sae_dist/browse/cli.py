@@ -1,0 +1,99 @@
+"""`sae-browse`: Hydra console script writing the static feature browser.
+
+    sae-browse sae_path=runs/demo/sae store.path=runs/demo/activations.zarr run_dir=/tmp/b \
+        browse.tokens=100000 browse.latents_top=100
+
+Options: conf/browse/default.yaml (`browse.*`), plus `sae_path`, `store.path`, `model` (the LM whose
+tokenizer decodes the stored token ids and whose unembedding gives the logit effects), `device`,
+`seed`. Output: `browse.out_dir` (default ${run_dir}/browser).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import warnings
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from sae_dist.cli import CONF_DIR, _app, _load_lm, _model_name, resolve_device
+
+__all__ = ["main", "run_browse", "browse_options"]
+
+
+def _with_browse_group(cfg: DictConfig) -> DictConfig:
+    """cfg with a `browse` node: conf/browse/default.yaml when the root defaults do not list the group."""
+    if "browse" not in cfg:
+        with open_dict(cfg):
+            cfg.browse = OmegaConf.load(Path(CONF_DIR) / "browse" / "default.yaml")
+    return cfg
+
+
+def browse_options(cfg: DictConfig):
+    """BrowseOptions from the `browse` group (+ the root `seed`); ValueError naming unknown keys."""
+    from sae_dist.browse.build import BrowseOptions
+
+    node = OmegaConf.to_container(cfg.browse, resolve=True)
+    node.pop("out_dir", None)
+    names = {f.name for f in dataclasses.fields(BrowseOptions)}
+    unknown = sorted(set(node) - names)
+    if unknown:
+        raise ValueError(f"unknown browse option(s) {unknown}; valid: {sorted(names - {'seed'}) + ['out_dir']}")
+    node.setdefault("seed", int(cfg.get("seed", 0)))
+    node["latent_ids"] = [int(i) for i in node.get("latent_ids") or []]
+    opts = BrowseOptions(**node)
+    opts.validate()
+    return opts
+
+
+def run_browse(cfg: DictConfig, lm=None, progress: bool = True) -> dict:
+    """Build the browser described by cfg (see the module docstring); returns build_browser's summary.
+
+    lm: optional already loaded (model, tokenizer). FileNotFoundError for a missing SAE export;
+    ValueError for bad options, a store whose d_model != the SAE's d_in, or a store without token_ids.
+    """
+    from sae_dist.browse.build import build_browser
+    from sae_dist.sae.export import load_sae
+    from sae_dist.sae.formats import read_sae_cfg
+    from sae_dist.store import open_store
+
+    cfg = _with_browse_group(cfg)
+    opts = browse_options(cfg)
+    device = resolve_device(cfg.device)
+    sae_path = Path(cfg.sae_path)
+    sae = load_sae(sae_path, device=device)
+    store_path = str(cfg.store.path)
+    attrs = dict(open_store(store_path).attrs)
+    model, tokenizer = lm if lm is not None else _load_lm(cfg, device)
+    want = _model_name(cfg)
+    if attrs.get("model") not in (None, want):
+        warnings.warn(f"the store was harvested from model {attrs.get('model')!r} but model={want!r} is loaded: "
+                      f"tokens and logit effects may be wrong (choose the store's model with model=...)")
+    sae_cfg = read_sae_cfg(sae_path)  # ours or a SAELens save (hook_name under "metadata")
+    sae_info = {k: sae_cfg.get(k) for k in ("architecture", "d_in", "d_sae", "k", "hook_name", "model_name")}
+    sae_info["path"] = str(sae_path)
+    store_info = {"path": store_path, "model": attrs.get("model"), "hook": attrs.get("hook"),
+                  "n_tokens": attrs.get("n_tokens"), "dataset": attrs.get("dataset")}
+    out_dir = Path(cfg.browse.out_dir)
+    t0 = time.perf_counter()
+    summary = build_browser(sae, store_path, out_dir, tokenizer=tokenizer, lm=model, opts=opts, device=device,
+                            progress=progress, sae_info=sae_info, store_info=store_info)
+    summary["out_dir"] = str(out_dir)
+    summary["wall_s"] = time.perf_counter() - t0
+    return summary
+
+
+@_app
+def main(cfg: DictConfig) -> None:
+    """sae-browse: SAE + activation store -> static HTML feature browser (browse.out_dir/index.html)."""
+    summary = run_browse(cfg)
+    keys = ("tokens_scanned", "alive", "latents_written", "n2g_precision", "n2g_recall", "n2g_f1", "n2g_latents",
+            "wall_s")
+    print(json.dumps({k: summary.get(k) for k in keys}, indent=2, default=str))
+    print(f"wrote {Path(summary['out_dir']) / 'index.html'}")
+
+
+if __name__ == "__main__":
+    main()
