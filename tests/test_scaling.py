@@ -126,6 +126,9 @@ def _fake_sweep(root: Path, true: dict, rng, d_in=64, tokens=400_000):
     noeval = root / f"{job + 1}_n8192_k4"
     (noeval / "sae").mkdir(parents=True)
     (noeval / "sae" / "cfg.json").write_text(json.dumps({"d_sae": 8192, "k": 4, "d_in": d_in}))
+    running = root / f"{job + 2}_n8192_k8"  # a point still training (or killed): status only
+    running.mkdir()
+    (running / "job_status.json").write_text(json.dumps({"status": "running", "job_num": job + 2}))
     return job
 
 
@@ -140,6 +143,7 @@ def test_run_scaling_on_a_sweep_dir(tmp_path):
     reasons = {s["dir"]: s["reason"] for s in data["skipped"]}
     assert "failed: ValueError: k too large" in reasons[f"{n_points}_n8192_k64"], reasons
     assert "no eval.json" in reasons[f"{n_points + 1}_n8192_k4"], reasons
+    assert reasons[f"{n_points + 2}_n8192_k8"].startswith("running (no result yet"), reasons
     p = next(p for p in data["points"] if p["n"] == 1024 and p["k"] == 8)
     assert p["compute"] == pytest.approx(6 * 64 * 1024 * 400_000)
 

@@ -308,7 +308,12 @@ def collect_sweep(sweep_dir: str | os.PathLike, metric: str | None = None, smoot
     for d, ev, cfg, st, js in raw:
         rel = str(d.relative_to(root)) or "."
         if js.get("status") not in (None, "completed"):
-            skipped.append({"dir": rel, "reason": f"{js.get('status')}: {js.get('error_type')}: {js.get('error')}"})
+            reason = str(js.get("status"))
+            if js.get("error_type") or js.get("error"):
+                reason += f": {js.get('error_type')}: {js.get('error')}"
+            elif js.get("status") == "running":
+                reason += " (no result yet: still training, or killed; rerun the sweep command to resume it)"
+            skipped.append({"dir": rel, "reason": reason})
             continue
         n = ev.get("n_latents") or cfg.get("d_sae") or st.get("n_latents")
         k = ev.get("k") or cfg.get("k") or st.get("k")
