@@ -430,8 +430,28 @@ def _plots(result: dict, out: Path) -> list[str]:
     written = []
     cmap = plt.get_cmap("viridis")
 
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda v, _pos: f"{v:.3g}")
+
+    def data_ticks(ax, values):
+        # n and k of a sweep are few (often powers of two): label exactly those on the x axis
+        ax.set_xticks(sorted(set(values)), [f"{v:g}" for v in sorted(set(values))])
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
+
     def save(fig, name):
         p = out / name
+        # losses span less than a decade: plain numbers on every log axis (matplotlib's default
+        # labels those minor ticks as overlapping "2.5 x 10^-1")
+        for ax in fig.axes:
+            axes = [(ax.yaxis, ax.get_yscale())]
+            if ax.get_xlabel() == "observed":
+                axes.append((ax.xaxis, ax.get_xscale()))
+            for axis, scale in axes:
+                lo, hi = sorted(axis.get_view_interval())
+                if scale == "log" and lo > 0 and hi / lo < 10:
+                    axis.set_major_formatter(plain)
+                    axis.set_minor_formatter(plain)
         fig.tight_layout()
         fig.savefig(p, dpi=110)
         plt.close(fig)
@@ -450,6 +470,7 @@ def _plots(result: dict, out: Path) -> list[str]:
                 ax.plot(xs, f.predict(xs), "-", color=col, lw=1,
                         label=f"fit: beta={f.params['beta']:.3f}, c={f.params['c']:.3f}")
         ax.set(xscale="log", yscale="log", xlabel=xkey, ylabel=metric, title=f"{law} per {gkey}")
+        data_ticks(ax, [p[xkey] for p in pts])
         ax.legend(fontsize=7)
         save(fig, name)
     jf = fits["L(n,k)"]
@@ -463,6 +484,7 @@ def _plots(result: dict, out: Path) -> list[str]:
             xs = np.geomspace(min(p["n"] for p in pts), max(p["n"] for p in pts), 100)
             ax1.plot(xs, jf.predict(xs, np.full_like(xs, k)), "-", color=col, lw=1)
         ax1.set(xscale="log", yscale="log", xlabel="n", ylabel=metric, title="joint L(n,k) fit (lines)")
+        data_ticks(ax1, [p["n"] for p in pts])
         ax1.legend(fontsize=7)
         obs = np.array([p["loss"] for p in pts])
         pred = jf.predict([p["n"] for p in pts], [p["k"] for p in pts])
