@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sae_dist.eval.downstream import _module_device, replace_after
 from sae_dist.eval.metrics import LatentCodes
 
 __all__ = ["effective_logit_count", "ablation_sparsity", "collect_codes"]
@@ -87,44 +88,38 @@ def collect_codes(model: nn.Module, sae: nn.Module, hook: str, sequences: torch.
     return codes
 
 
-def _module_device(module: nn.Module, fallback: torch.device) -> torch.device:
-    for p in module.parameters():
-        return p.device
-    return fallback
-
-
 def _ablation_splice(sae: nn.Module, sae_device: torch.device, skip: int, ablate: list[tuple[int, int, int]] | None):
     """Hook fn: a [B, L, d] -> a with positions >= skip replaced by the SAE reconstruction; `ablate`
     lists (batch row, position, latent) whose activation is set to 0 before decoding."""
 
     def fn(a: torch.Tensor) -> torch.Tensor:
-        b, length, d = a.shape
-        m = length - skip
-        x = a[:, skip:, :].reshape(-1, d).to(device=sae_device, dtype=torch.float32)
-        if hasattr(sae, "encode_sparse") and hasattr(sae, "decode_sparse"):
-            vals, idx = sae.encode_sparse(x)
-            x_hat = sae.decode_sparse(vals, idx)
+        m = a.shape[1] - skip
+
+        def rows(x: torch.Tensor) -> torch.Tensor:
+            if hasattr(sae, "encode_sparse") and hasattr(sae, "decode_sparse"):
+                vals, idx = sae.encode_sparse(x)
+                x_hat = sae.decode_sparse(vals, idx)
+                if ablate:
+                    vals = vals.clone()
+                    for r, pos, j in ablate:
+                        row = r * m + pos - skip
+                        vals[row] = torch.where(idx[row] == j, torch.zeros_like(vals[row]), vals[row])
+                    x_abl = sae.decode_sparse(vals, idx)
+            else:
+                z = sae.encode(x)
+                x_hat = sae.decode(z)
+                if ablate:
+                    z = z.clone()
+                    for r, pos, j in ablate:
+                        z[r * m + pos - skip, j] = 0
+                    x_abl = sae.decode(z)
             if ablate:
-                vals = vals.clone()
-                for r, pos, j in ablate:
-                    row = r * m + pos - skip
-                    vals[row] = torch.where(idx[row] == j, torch.zeros_like(vals[row]), vals[row])
-                x_abl = sae.decode_sparse(vals, idx)
-        else:
-            z = sae.encode(x)
-            x_hat = sae.decode(z)
-            if ablate:
-                z = z.clone()
-                for r, pos, j in ablate:
-                    z[r * m + pos - skip, j] = 0
-                x_abl = sae.decode(z)
-        if ablate:
-            rows = torch.tensor([r * m + pos - skip for r, pos, _ in ablate], device=x_hat.device)
-            x_hat = x_hat.clone()
-            x_hat[rows] = x_abl[rows]  # every other row stays bit-identical to the "before" pass
-        out = a.clone()
-        out[:, skip:, :] = x_hat.to(device=a.device, dtype=a.dtype).reshape(b, m, d)
-        return out
+                sel = torch.tensor([r * m + pos - skip for r, pos, _ in ablate], device=x_hat.device)
+                x_hat = x_hat.clone()
+                x_hat[sel] = x_abl[sel]  # every other row stays bit-identical to the "before" pass
+            return x_hat
+
+        return replace_after(a, skip, sae_device, rows)
 
     return fn
 

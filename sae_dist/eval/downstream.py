@@ -40,19 +40,26 @@ def _module_device(module: nn.Module, fallback: torch.device) -> torch.device:
     return fallback
 
 
+def replace_after(a: torch.Tensor, skip: int, sae_device: torch.device, rows_fn) -> torch.Tensor:
+    """a [B, L, d] -> a copy whose positions >= skip are rows_fn(x), x = those positions flattened to
+    [B * (L - skip), d] float32 on `sae_device`; the result is cast back to a's device and dtype."""
+    b, t, d = a.shape
+    x = a[:, skip:, :].reshape(-1, d).to(device=sae_device, dtype=torch.float32)
+    x_hat = rows_fn(x)
+    out = a.clone()
+    out[:, skip:, :] = x_hat.to(device=a.device, dtype=a.dtype).reshape(b, t - skip, d)
+    return out
+
+
 def _sae_splice(sae: nn.Module, sae_device: torch.device, skip: int):
-    def fn(a: torch.Tensor) -> torch.Tensor:
-        b, t, d = a.shape
-        out = a.clone()
-        x = a[:, skip:, :].reshape(-1, d).to(device=sae_device, dtype=torch.float32)
+    def rows(x: torch.Tensor) -> torch.Tensor:
         x_hat = sae(x)
         if not isinstance(x_hat, torch.Tensor) or x_hat.shape != x.shape:
             got = tuple(x_hat.shape) if isinstance(x_hat, torch.Tensor) else type(x_hat).__name__
             raise ValueError(f"sae(x) must return a tensor of shape {tuple(x.shape)}, got {got}")
-        out[:, skip:, :] = x_hat.to(device=a.device, dtype=a.dtype).reshape(b, t - skip, d)
-        return out
+        return x_hat
 
-    return fn
+    return lambda a: replace_after(a, skip, sae_device, rows)
 
 
 def _zero_splice(skip: int):
