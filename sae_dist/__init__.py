@@ -1,9 +1,14 @@
 """sae-dist: train very wide TopK sparse autoencoders on language-model activations.
 
-Public API (ARCHITECTURE.md CONTRACT): `load_sae(path)` and `sae_dist.store.write_store(...)`.
+Public API (docs/formats.md): `load_sae(path)` and `sae_dist.store.write_store(...)`.
 """
 
+from pathlib import Path
+
 __version__ = "0.1.0"
+
+#: The Hydra config tree (`conf/` in the repository, `sae_dist/conf/` in an installed wheel).
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 
 
 def load_sae(path, device="cpu"):
@@ -13,4 +18,4 @@ def load_sae(path, device="cpu"):
     return _load(path, device=device)
 
 
-__all__ = ["load_sae", "__version__"]
+__all__ = ["CONF_DIR", "load_sae", "__version__"]

@@ -1,6 +1,6 @@
 """Training-step benchmark: `python -m sae_dist.bench --d D --n N --k K --batch B [--vs sparsify]`.
 
-Prints ONE JSON line (ARCHITECTURE.md, "Performance: how it is measured"):
+Prints ONE JSON line (docs/benchmarks.md, "How a step is measured"):
 
 - `step_ms`: median wall time of one TopKSAE training step exactly as `sae_dist.train.trainer` runs it:
   `training_step_losses` (AuxK on, against a fixed random dead mask of `--dead-frac` of the latents;
@@ -50,6 +50,8 @@ import time
 from typing import Callable
 
 import torch
+
+from sae_dist.extras import install_command
 
 __all__ = ["main", "run_bench", "time_fn", "PeakMemory"]
 
@@ -193,8 +195,8 @@ def _import_sparsify(device: torch.device):
             from sparsify import SparseCoder, SparseCoderConfig
     except ImportError as e:
         raise SystemExit(
-            f"--vs sparsify needs EleutherAI sparsify ({e}); install it with `pip install eai-sparsify` "
-            "(or `pip install 'sae-dist[bench]'`)"
+            f"--vs sparsify needs EleutherAI sparsify ({e}), sae-dist's [bench] extra; install it with: "
+            f"{install_command('bench')}"
         ) from e
     from importlib.metadata import PackageNotFoundError, version
 

@@ -7,21 +7,46 @@ is saved by Hydra under `<run_dir>/.hydra/`.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import sys
 import time
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-CONF_DIR = str(resources.files("sae_dist.conf"))
+from sae_dist import CONF_DIR
+from sae_dist.extras import MissingExtraError, require_extra
+
+#: `hydra/launcher=` choices of conf/hydra/launcher/ that run through submitit (the [slurm] extra)
+SUBMITIT_LAUNCHERS = ("slurm", "local")
+
+
+def check_launcher_extra(argv: list[str]) -> None:
+    """MissingExtraError naming the [slurm] extra when `argv` selects a submitit launcher
+    (`hydra/launcher=slurm|local`) and hydra-submitit-launcher is not installed (Hydra itself would
+    fail later with a bare "Could not find 'hydra/launcher/submitit_slurm'")."""
+    for arg in argv:
+        name, _, value = arg.partition("=")
+        if name.lstrip("+~") == "hydra/launcher" and value in SUBMITIT_LAUNCHERS:
+            require_extra("slurm", f"hydra/launcher={value}")
 
 
 def _app(fn):
-    return hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")(fn)
+    app = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")(fn)
+
+    @functools.wraps(fn)
+    def main(*args, **kwargs):
+        try:
+            check_launcher_extra(sys.argv[1:])
+        except MissingExtraError as e:
+            raise SystemExit(f"error: {e}") from None
+        return app(*args, **kwargs)
+
+    return main
 
 
 def _out_dir() -> Path:
@@ -351,8 +376,10 @@ def print_summary(out: Path, harvest_summary: dict, train_summary: dict, result:
          f"{_fmt(result.get('ce_loss_sae'), '.4f')} / {_fmt(result.get('ce_loss_zero_ablation'), '.4f')}"),
         ("CE loss score", _fmt(result.get("ce_loss_score"), ".4f")),
         ("KL(clean || SAE)", _fmt(result.get("kl_div"), ".4f")),
-        ("probe loss / baseline", f"{_fmt(result.get('probe_loss'), '.4f')} / {_fmt(result.get('probe_baseline'), '.4f')}"),
-        ("N2G precision / recall", f"{_fmt(result.get('n2g_precision'), '.3f')} / {_fmt(result.get('n2g_recall'), '.3f')}"),
+        ("probe loss / baseline",
+         f"{_fmt(result.get('probe_loss'), '.4f')} / {_fmt(result.get('probe_baseline'), '.4f')}"),
+        ("N2G precision / recall",
+         f"{_fmt(result.get('n2g_precision'), '.3f')} / {_fmt(result.get('n2g_recall'), '.3f')}"),
         ("ablation sparsity", _fmt(result.get("ablation_sparsity_fraction"), ".4f")),
         ("shrinkage ratio", _fmt(result.get("shrinkage_ratio"), ".4f")),
         ("dense fraction", _fmt(result.get("dense_fraction"), ".4f")),

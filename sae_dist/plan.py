@@ -12,7 +12,7 @@ training_step_losses` (`sae_dist.parallel.tp`), the Triton kernels of `sae_dist.
 (`encoder_topk`, `sparse_decode`) and the trainer's bf16 autocast on CUDA. The `estimate.*` switches
 marked "what-if" below model changes that are not in the code.
 
-Layout planned for (ARCHITECTURE.md "Parallelism"): a dp x tp mesh, tp innermost (the tp ranks of a
+Layout planned for (docs/parallel.md): a dp x tp mesh, tp innermost (the tp ranks of a
 group are consecutive GPUs, inside one node when tp divides gpus_per_node). tp shards the latents:
 rank r holds latents [r*n/tp, (r+1)*n/tp) (`shard_shapes`); b_dec (= b_pre) is replicated. Every tp
 rank of a dp group sees the same B/dp tokens. fp32 master weights, Adam's two fp32 moments, fp32
@@ -144,8 +144,9 @@ import json
 import math
 import sys
 from dataclasses import asdict, dataclass, fields
-from importlib import resources
 from typing import Any
+
+from sae_dist import CONF_DIR
 
 __all__ = [
     "Cluster",
@@ -261,7 +262,7 @@ class Cluster:
 
 
 def shard_shapes(d_in: int, n_latents: int, tp: int) -> dict[str, tuple[int, ...]]:
-    """Per-rank parameter shapes of the latent-sharded TopK SAE (ARCHITECTURE.md "Parallelism").
+    """Per-rank parameter shapes of the latent-sharded TopK SAE (docs/parallel.md).
 
     tp rank r holds latents [r*n/tp, (r+1)*n/tp): W_enc [d_in, n/tp], b_enc [n/tp],
     W_dec [n/tp, d_in]; b_dec [d_in] is replicated on every rank. Names follow the export contract.
@@ -670,12 +671,12 @@ def plan(
     # keep masks applied: values * keep on all w slots, where(keep, ids, -1) on the m decoded slots
     add("keep_apply", "fwd", sum(Bl * (w + m) for _, w, _, m in calls),
         sum(Bl * w * (2 * vb + 1) + Bl * m * 17 for _, w, _, m in calls), "memory")
-    for name, w, r, m in calls:  # _decode_kept's sort of the keep mask and gathers (when m < w)
+    for name, w, _, m in calls:  # _decode_kept's sort of the keep mask and gathers (when m < w)
         if m < w:
             add(name + "_compaction", "fwd", Bl * w, Bl * w * _COMPACT_SORT_BYTES + Bl * m * (42 + 2 * vb),
                 "memory")
     rows, scan = {}, {}
-    for name, w, r, m in calls:  # the kernels scan Bl*m code slots, padding inside the m included
+    for name, _, r, m in calls:  # the kernels scan Bl*m code slots, padding inside the m included
         rows[name], scan[name] = r, m
         add(name, "fwd", 2 * r * d, r * d * 4 + Bl * m * 8 * td + bd, "memory")
     add("loss_elementwise", "fwd+bwd", 3 * n_bd * Bl * d, 3 * n_bd * bd, "memory")
@@ -1074,7 +1075,6 @@ def render_compare(results: list[dict], markdown: bool = False) -> None:
 
 
 # ------------------------------------------------------------------------------------ Hydra app
-CONF_DIR = str(resources.files("sae_dist.conf"))
 OUTPUTS = ("table", "markdown", "json")
 _COMPARE_KEYS = {"tp": int, "zero_stage": int, "topk_exchange": str, "latent_chunk": int, "batch_tokens": int}
 
@@ -1125,7 +1125,7 @@ def _run(cfg) -> int:
     if grid:  # a comparison report: one row per combination, exit 0
         results = []
         for values in itertools.product(*grid.values()):
-            ov = {key: _COMPARE_KEYS[key](v) for key, v in zip(grid, values)}
+            ov = {key: _COMPARE_KEYS[key](v) for key, v in zip(grid, values, strict=True)}
             if "zero_stage" in ov:  # 0: the torch engine, 1 / 2: DeepSpeed ZeRO
                 ov["engine"] = "deepspeed" if ov["zero_stage"] else "torch"
                 ov["zero_stage"] = ov["zero_stage"] or 1

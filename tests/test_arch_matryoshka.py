@@ -75,7 +75,7 @@ def test_nested_loss_and_gradients_match_a_loop_over_prefixes(base):
         nmses.append(_ref_nmse(x, z_m @ P["W_dec"] + P["b_dec"]))
     x_hat = z @ P["W_dec"] + P["b_dec"]
     aux = _ref_auxk(pre, dead, (x - x_hat).detach(), P["W_dec"], 6)
-    loss = sum(w / sum(weights) * v for w, v in zip(weights, nmses)) + sae.cfg.auxk_coef * aux
+    loss = sum(w / sum(weights) * v for w, v in zip(weights, nmses, strict=True)) + sae.cfg.auxk_coef * aux
     loss.backward()
     msg = f"base {base} seed {seed}"
     torch.testing.assert_close(res.loss, loss.detach(), rtol=1e-5, atol=1e-6, msg=msg)

@@ -19,8 +19,15 @@ from safetensors.torch import load_file
 from sae_dist.eval.synthetic import SyntheticDictionary, mean_max_cosine
 from sae_dist.sae.config import SAEConfig
 from sae_dist.sae.export import load_sae
-from sae_dist.sae.tree import (TreeSAE, build_parents, check_parents, forest_depths, limit_depth, load_tree,
-                               tree_violation_loss)
+from sae_dist.sae.tree import (
+    TreeSAE,
+    build_parents,
+    check_parents,
+    forest_depths,
+    limit_depth,
+    load_tree,
+    tree_violation_loss,
+)
 from sae_dist.store import write_store
 from sae_dist.testing import train_on_synthetic
 from sae_dist.train.trainer import TrainerConfig, train

@@ -6,20 +6,20 @@ ground-truth tests live in tests/test_arch_<name>.py (TopK: tests/test_synthetic
 from __future__ import annotations
 
 import json
-from importlib import resources
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
+from sae_dist import CONF_DIR
 from sae_dist.cli import sae_config_from
 from sae_dist.sae.base import SparseAutoencoder
 from sae_dist.sae.config import SAEConfig
 from sae_dist.sae.export import export_sae, load_sae
 from sae_dist.sae.registry import ARCHITECTURES, architecture_class, build_sae
 
-CONF = Path(str(resources.files("sae_dist.conf"))) / "sae"
+CONF = Path(CONF_DIR) / "sae"
 
 
 def _cfg(name: str, d_in: int, **over) -> SAEConfig:
@@ -47,7 +47,7 @@ def test_config_builds_the_registered_class(name):
 @pytest.mark.parametrize("normalize", ["none", "scalar"])
 def test_export_reproduces_the_training_module(name, normalize, tmp_path):
     """load_sae(export(sae)) on RAW x equals the training module on the normalised x = s * raw,
-    reconstruction divided by s (ARCHITECTURE.md: normalisation folded into the exported weights)."""
+    reconstruction divided by s (docs/formats.md#sae-export: normalisation folded into the exported weights)."""
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
     sae = build_sae(_cfg(name, 24, normalize=normalize))
     with torch.no_grad():  # non-trivial biases and thresholds

@@ -9,7 +9,6 @@ import re
 import shutil
 import subprocess
 import tempfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -165,8 +164,8 @@ def test_index_table_and_sorting_in_chromium(setup, built):
 
 
 def test_latent_page_in_chromium(setup, built):
-    s, (summary, out) = setup, built
-    z, token_ids, seq = s["z"], s["token_ids"], s["seq_index"]
+    s, (_, out) = setup, built
+    z, seq = s["z"], s["seq_index"]
     density = (z > 0).mean(0)
     i = int(np.argmax(density))
     msg = f"seed={s['seed']} latent={i}"
@@ -180,7 +179,7 @@ def test_latent_page_in_chromium(setup, built):
     hi = min(r + 3, int(np.flatnonzero(seq == seq[r])[-1]) + 1)
     spans = re.findall(r'<span class="(tok[^"]*)"( style="[^"]*")? title="([^"]*)" data-act="([^"]+)">', ctxs[0])
     assert len(spans) == hi - lo, msg
-    for (cls, style, title, act), row in zip(spans, range(lo, hi)):
+    for (cls, style, title, act), row in zip(spans, range(lo, hi), strict=True):
         assert float(act) == pytest.approx(z[row, i], rel=1e-4, abs=1e-6), f"{msg} row {row}"
         assert ("act" in cls.split()) == (z[row, i] > 0), msg
         if z[row, i] > 0:
@@ -193,8 +192,10 @@ def test_latent_page_in_chromium(setup, built):
     W_U = s["lm"].get_output_embeddings().weight.detach().numpy().astype(np.float64)
     g = s["lm"].model.norm.weight.detach().numpy().astype(np.float64)
     eff = (s["W_dec"][i] * g) @ W_U.T
-    pos = [int(t) for t in re.findall(r'data-token-id="(\d+)"', dom.split('id="logits-pos"', 1)[1].split("</table>")[0])]
-    neg = [int(t) for t in re.findall(r'data-token-id="(\d+)"', dom.split('id="logits-neg"', 1)[1].split("</table>")[0])]
+    pos_table = dom.split('id="logits-pos"', 1)[1].split("</table>")[0]
+    neg_table = dom.split('id="logits-neg"', 1)[1].split("</table>")[0]
+    pos = [int(t) for t in re.findall(r'data-token-id="(\d+)"', pos_table)]
+    neg = [int(t) for t in re.findall(r'data-token-id="(\d+)"', neg_table)]
     assert pos == list(np.argsort(-eff)[:7]) and neg == list(np.argsort(eff)[:7]), msg
 
 

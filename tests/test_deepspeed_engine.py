@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+from functools import partial
 
 import pytest
 import torch
@@ -38,6 +39,11 @@ from sae_dist.train.trainer import TrainerConfig
 STEPS, LR, B = 8, 3e-3, 32
 CLIP = 0.05  # below the gradient norm of these shapes (asserted), so clipping is active
 NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
+
+
+def _prefixed(prefix: str, report: str) -> str:
+    """assert_close `msg` callable (bound with partial): `prefix` before torch's mismatch report."""
+    return f"{prefix}: {report}"
 TOL = dict(rtol=1e-5, atol=1e-5)
 _LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -100,7 +106,7 @@ def _run_reference(model, engine, xs, dead, amp=False):
         engine.set_lr(_lr(s))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
             res = model.training_step_losses(xs[s], dead)
-        grads = dict(zip(NAMES, torch.autograd.grad(res.loss, params, retain_graph=True)))
+        grads = dict(zip(NAMES, torch.autograd.grad(res.loss, params, retain_graph=True), strict=True))
         w = model.W_dec.detach()
         g = grads["W_dec"]
         grads["W_dec"] = g - (g * w).sum(-1, keepdim=True) * w
@@ -268,10 +274,10 @@ def test_single_process_matches_torch_engine(stage, clip, offload, amp, tmp_path
     torch.testing.assert_close(got["losses"], got["ref_losses"], **tol)
     for n in NAMES:
         torch.testing.assert_close(got["weights"][n], got["ref_weights"][n], **tol,
-                                   msg=lambda m: f"weight {n}: {m}")
+                                   msg=partial(_prefixed, f"weight {n}"))
         for k in ("exp_avg", "exp_avg_sq", "step"):
             torch.testing.assert_close(got["opt"][n][k], got["ref_opt"][n][k], **tol,
-                                       msg=lambda m: f"optimizer state {n}.{k}: {m}")
+                                       msg=partial(_prefixed, f"optimizer state {n}.{k}"))
             assert got["before"][n][k].shape == got["ref_weights"][n].shape or k == "step"
             assert float(got["before"][n][k].abs().max()) == 0.0
     assert float(got["opt"]["W_dec"]["step"]) == STEPS
@@ -314,17 +320,17 @@ def test_mesh_matches_single_process_torch_engine(tp, dp, stage, clip, offload, 
         for n in NAMES:
             exp = _shard(ref_w[n], n, lo, hi)
             torch.testing.assert_close(got["weights"][n], exp, **TOL,
-                                       msg=lambda m: f"weight {n}, rank {r}: {m}")
+                                       msg=partial(_prefixed, f"weight {n}, rank {r}"))
             worst = max(worst, float((got["weights"][n] - exp).abs().max()))
             for k in ("exp_avg", "exp_avg_sq"):
                 exp = _shard(ref_opt[n][k], n, lo, hi)
                 torch.testing.assert_close(got["opt"][n][k], exp, **TOL,
-                                           msg=lambda m: f"optimizer state {n}.{k}, rank {r}: {m}")
+                                           msg=partial(_prefixed, f"optimizer state {n}.{k}, rank {r}"))
                 worst = max(worst, float((got["opt"][n][k] - exp).abs().max()))
             assert float(got["opt"][n]["step"]) == STEPS
         # global norm over dp partitions and tp shards, the replicated b_dec counted once
         torch.testing.assert_close(got["norms"], ref_norms, rtol=1e-5, atol=0,
-                                   msg=lambda m: f"gradient norms, rank {r}: {m}")
+                                   msg=partial(_prefixed, f"gradient norms, rank {r}"))
         norm_rel = max(norm_rel, float(((got["norms"] - ref_norms) / ref_norms).abs().max()))
     if clip is not None:
         assert float(ref_norms.max()) > clip  # clipping was active

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import numpy as np
 import pytest
 import torch
@@ -36,7 +38,7 @@ def test_matches_numpy_on_uneven_batches():
     x, x_hat, l0 = _data(rng)
     cuts = [0, 1, 8, 311, 313, 700, 1000]  # uneven batches, including a batch of one token
     stats = ReconstructionStats()
-    for a, b in zip(cuts[:-1], cuts[1:]):
+    for a, b in pairwise(cuts):
         stats.update(torch.from_numpy(x[a:b]), torch.from_numpy(x_hat[a:b]), l0=torch.from_numpy(l0[a:b]))
     got = stats.result()
     ref = _numpy_reference(x, x_hat, l0)

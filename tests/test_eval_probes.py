@@ -15,7 +15,7 @@ from sae_dist.eval.probes import TASKS, char_states, fit_logistic_1d, label_span
 
 def _spans(pieces):
     ends = np.cumsum([len(p) for p in pieces]).tolist()
-    return "".join(pieces), list(zip([0, *ends[:-1]], ends))
+    return "".join(pieces), list(zip([0, *ends[:-1]], ends, strict=True))
 
 
 def _positives(pieces):

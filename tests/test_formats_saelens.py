@@ -22,11 +22,11 @@ import json
 import math
 import random
 import warnings
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
 # sae-lens is a test extra (pyproject `test`): CI installs it, and a missing package fails here, no skip
 from sae_lens import (  # noqa: E402
@@ -41,6 +41,7 @@ from sae_lens import (  # noqa: E402
     TopKSAEConfig,
 )
 from sae_lens.saes.sae import SAEMetadata  # noqa: E402
+from safetensors.torch import save_file
 
 from sae_dist.sae import SAEConfig, export_sae, load_sae  # noqa: E402
 from sae_dist.sae.formats import import_saelens, read_sae_cfg, to_saelens  # noqa: E402
@@ -51,6 +52,11 @@ HOOK = "blocks.3.hook_resid_post"
 
 def _seed():
     return random.randrange(2**31)
+
+
+def _prefixed(prefix: str, report: str) -> str:
+    """assert_close `msg` callable (bound with partial): `prefix` on a line before torch's mismatch report."""
+    return f"{prefix}\n{report}"
 
 
 def _raw_acts(g, b, d, offset_scale=2.0):
@@ -317,9 +323,9 @@ def test_pre6_saelens_layout(tmp_path):
         with torch.no_grad():
             z, y = m.encode(x), m(x)
         torch.testing.assert_close(z.double(), z_ref, atol=1e-5 * float(z_ref.abs().max()), rtol=1e-5,
-                                   msg=lambda s: f"seed {seed} {name}: latents\n{s}")
+                                   msg=partial(_prefixed, f"seed {seed} {name}: latents"))
         torch.testing.assert_close(y.double(), y_ref, atol=1e-5 * float(x.abs().max()), rtol=1e-5,
-                                   msg=lambda s: f"seed {seed} {name}: reconstruction\n{s}")
+                                   msg=partial(_prefixed, f"seed {seed} {name}: reconstruction"))
     assert load_sae(tmp_path / "topk").architecture == "topk" and load_sae(tmp_path / "topk").k == k
 
 

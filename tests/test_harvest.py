@@ -157,7 +157,8 @@ _SCRIPT = textwrap.dedent(
     from sae_dist.harvest import harvest
     from sae_dist.harvest.lm import load_lm
     from sae_dist.testing import tiny_corpus
-    lm_dir, store, tokens, rank, world, delay = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6])
+    lm_dir, store = sys.argv[1], sys.argv[2]
+    tokens, rank, world, delay = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6])
     model, tok = load_lm(lm_dir)
     if delay:  # slow each LM forward down so that the parent can kill us mid-harvest
         model.get_input_embeddings().register_forward_hook(lambda *a: time.sleep(delay))

@@ -151,10 +151,10 @@ def test_triton_deterministic_bit_identical_and_correct(poison):
         loss = auxk_loss(v, idx, Wr, res, backend="triton", deterministic=True)
         loss.backward()
         outs.append((loss.detach(), v.grad, Wr.grad))
-    for a, b in zip(*outs):
+    for a, b in zip(*outs, strict=True):
         assert torch.equal(a, b)
     ref = oracle(vals, idx, W, res)
-    for a, b in zip(outs[0], ref):
+    for a, b in zip(outs[0], ref, strict=True):
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
 
 

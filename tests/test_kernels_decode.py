@@ -80,7 +80,7 @@ def test_decode_matches_dense_oracle(kind, dtype, backend, det, poison):
     ref = dense_oracle(vals, idx, W, b, go)
     assert got[0].dtype == dtype and got[1].dtype == dtype and got[2].dtype == dtype
     names = ["x_hat", "grad_values", "grad_W_dec", "grad_b_pre"]
-    for name, a, r in zip(names, got, ref):
+    for name, a, r in zip(names, got, ref, strict=True):
         assert a.shape == r.shape, name
         assert torch.isfinite(a).all(), f"{name} has non-finite entries (unwritten output?)"
         scale = r.abs().max().item() + 1.0
@@ -99,7 +99,7 @@ def test_deterministic_grads_bit_identical(poison):
     vals, idx, W, b, go = make_case("repeats", torch.float32, g)
     a = run_decode(vals, idx, W, b, go, "triton", deterministic=True)
     c = run_decode(vals, idx, W, b, go, "triton", deterministic=True)
-    for x, y in zip(a, c):
+    for x, y in zip(a, c, strict=True):
         assert torch.equal(x, y)
     # and it sums in sorted-pair order, which matches the oracle
     ref = dense_oracle(vals, idx, W, b, go)
@@ -187,16 +187,16 @@ def comp(fn, sig, const):
 i32 = "i32"
 for dt in ("fp32", "bf16"):
     p = "*" + dt
-    comp(fwd, dict(V=p, I="*i64", W=p, BP=p, OUT=p, B=i32, K=i32, D=i32, N=i32, s_vb=i32, s_ib=i32,
+    comp(fwd, dict(V=p, IDX="*i64", W=p, BP=p, OUT=p, B=i32, K=i32, D=i32, N=i32, s_vb=i32, s_ib=i32,
                    s_wn=i32, s_ob=i32), dict(HAS_BP=True, BB=sd.BLOCK_B, BD=sd.BLOCK_D))
-    comp(gv, dict(GO=p, I="*i64", W=p, GV=p, B=i32, K=i32, D=i32, N=i32, s_gb=i32, s_ib=i32, s_wn=i32,
+    comp(gv, dict(GO=p, IDX="*i64", W=p, GV=p, B=i32, K=i32, D=i32, N=i32, s_gb=i32, s_ib=i32, s_wn=i32,
                   s_vb=i32), dict(BB=sd.BLOCK_B, BK=sd.BLOCK_K, BD=sd.BLOCK_D))
-    comp(gwa, dict(GO=p, I="*i64", V=p, GW="*fp32", B=i32, K=i32, D=i32, N=i32, s_gb=i32, s_ib=i32, s_vb=i32,
+    comp(gwa, dict(GO=p, IDX="*i64", V=p, GW="*fp32", B=i32, K=i32, D=i32, N=i32, s_gb=i32, s_ib=i32, s_vb=i32,
                    s_wn=i32), dict(BB=sd.BLOCK_B, BD=sd.BLOCK_D))
     comp(gwr, dict(GO=p, TOK="*i64", WT=p, OFFS="*i64", GW=p, D=i32, s_gb=i32, s_wn=i32),
          dict(BP=sd.BLOCK_P, BD=sd.BLOCK_D))
     # the AuxK path: no b_pre, fp32 output whatever W_dec's dtype
-    comp(fwd, dict(V=p, I="*i64", W=p, BP=p, OUT="*fp32", B=i32, K=i32, D=i32, N=i32, s_vb=i32, s_ib=i32,
+    comp(fwd, dict(V=p, IDX="*i64", W=p, BP=p, OUT="*fp32", B=i32, K=i32, D=i32, N=i32, s_vb=i32, s_ib=i32,
                    s_wn=i32, s_ob=i32), dict(HAS_BP=False, BB=sd.BLOCK_B, BD=sd.BLOCK_D))
 print("ok")
 '''

@@ -206,7 +206,7 @@ def test_reference_matches_test_oracle():
     x, W, be, bp, dead = _problem(B, d, n, seed=5)
     a = encode_topk_reference(x, W, be, bp, k, dead_mask=dead, k_aux=2)
     b = _dense(x, W, be, bp, k, dead, 2)
-    for p, q in zip(a, b):
+    for p, q in zip(a, b, strict=True):
         assert torch.equal(p, q)
 
 
@@ -307,7 +307,8 @@ def test_triton_several_token_blocks_and_splits():
     rv, ri, rav, rai = _dense(x, W2, be2, bp2, k, dead, k_aux)
     torch.testing.assert_close(v, rv, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(av, rav, rtol=1e-5, atol=1e-5)
-    assert torch.equal(i, ri) and _same_sets(ai, rai)  # aux order among ReLU zeros is arbitrary  # random inputs: no ties, same order
+    # random inputs: no ties, so the same order; the aux order among ReLU zeros is arbitrary
+    assert torch.equal(i, ri) and _same_sets(ai, rai)
     (v.sum() + 2 * av.sum()).backward()
     (rv.sum() + 2 * rav.sum()).backward()
     for got, ref in ((W1, W2), (be1, be2), (bp1, bp2)):

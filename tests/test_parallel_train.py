@@ -72,7 +72,7 @@ def _weights(run_dir):
 def _close(a, b, what):
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, STEPS + 1)), what
     worst = 0.0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         for key in ("train/loss", "train/fvu", "train/auxk_loss", "train/l0", "train/dead_fraction"):
             assert abs(x[key] - y[key]) <= 1e-5 + 1e-5 * abs(y[key]), (what, x["step"], key, x[key], y[key])
             worst = max(worst, abs(x[key] - y[key]))
@@ -192,7 +192,7 @@ def test_unsharded_architecture_refuses_tp_and_trains_data_parallel(store, tmp_p
     _train(store, dp2, nproc=2, tp=1, extra=relu)
     a, b = _log(single), _log(dp2)
     assert [x["step"] for x in a] == [x["step"] for x in b] == list(range(1, STEPS + 1))
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         for key in ("train/loss", "train/fvu", "train/l0"):
             assert abs(x[key] - y[key]) <= 0.06 * abs(y[key]) + 2e-3, (x["step"], key, x[key], y[key])
     assert b[-1]["train/fvu"] < 0.5 * b[0]["train/fvu"]

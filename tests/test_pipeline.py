@@ -135,7 +135,7 @@ def test_wrong_hook_lists_valid_names(tiny_lm_dir, tmp_path):
 
 
 def test_contract_train_command_on_a_write_store_store(tmp_path):
-    """The ARCHITECTURE.md sae-train command, on a store written by write_store from arrays."""
+    """README's sae-train command, on a store written by write_store from arrays."""
     from sae_dist.store import write_store
 
     rng = np.random.default_rng()

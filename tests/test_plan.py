@@ -11,6 +11,7 @@ import os
 import random
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -191,7 +192,9 @@ def test_decode_rows_slots_and_encoder_backward_entries():
     # scanned width m: a row's kept count ~ Binomial(K, 1/4); m = the smallest c >= K/4 with
     # 128 * P(count > c) <= 0.01, from exact integer binomial tails (independent of kept_width's lgamma)
     def m_ref(K):
-        tail = lambda c: sum(math.comb(K, j) * 3 ** (K - j) for j in range(c + 1, K + 1)) / 4 ** K
+        def tail(c):
+            return sum(math.comb(K, j) * 3 ** (K - j) for j in range(c + 1, K + 1)) / 4 ** K
+
         return next(c for c in range(-(-K // 4), K + 1) if 128 * tail(c) <= 0.01)
     assert (m_ref(8), m_ref(32)) == (7, 18)
     assert r["config"]["decode_scan_width"] == {"decode": 7, "auxk_decode": 18}
@@ -279,6 +282,21 @@ def test_kept_width_bounds_the_batch_max_of_the_exact_selection():
 
 
 # ---------------------------------------------------------------------- against the code itself
+def _recording_csr(seen: list, real, crow, col, val, size, **kw):
+    """Stand-in for torch.sparse_csr_tensor (bind `seen`, `real` with partial): appends the entry count
+    to `seen`, then builds the tensor with `real`."""
+    seen.append(int(col.numel()))
+    return real(crow, col, val, size, **kw)
+
+
+def _recording_empty(seen: list, real, *shape, **kw):
+    """Stand-in for torch.empty (bind `seen`, `real` with partial): appends the shape of every 3-d
+    float32 allocation to `seen`, then allocates with `real`."""
+    if len(shape) == 3 and kw.get("dtype") == torch.float32:
+        seen.append(shape)
+    return real(*shape, **kw)
+
+
 def test_encoder_backward_csr_holds_the_winners_as_planned(monkeypatch):
     """The planner's CSR entries per rank (Bl*k/tp on average, the winners) equal what
     `_EncodeTopK.backward` builds: run the encoder on each of tp latent shards, keep the exact global
@@ -303,13 +321,8 @@ def test_encoder_backward_csr_holds_the_winners_as_planned(monkeypatch):
     nnz, own = [], []
     for v in shards:
         seen = []
-
-        def csr(crow, col, val, size, **kw):
-            seen.append(int(col.numel()))
-            return real(crow, col, val, size, **kw)
-
         keep = v.detach() >= thr  # this rank's winners of the exact global top-k
-        monkeypatch.setattr(torch, "sparse_csr_tensor", csr)
+        monkeypatch.setattr(torch, "sparse_csr_tensor", partial(_recording_csr, seen, real))
         (v * keep).sum().backward()
         monkeypatch.setattr(torch, "sparse_csr_tensor", real)
         nnz.append(sum(seen))
@@ -409,14 +422,8 @@ def test_candidate_buffer_cap_matches_the_kernel(monkeypatch):
     real_empty = torch.empty
     for cap, chunk in ((B * (k + ka) * 8 * 2 + 5, 128), (B * (k + ka) * 8 * 3, 64), (2**30, 128), (10, 128)):
         seen = []
-
-        def empty(*shape, **kw):
-            if len(shape) == 3 and kw.get("dtype") == torch.float32:
-                seen.append(shape)
-            return real_empty(*shape, **kw)
-
         monkeypatch.setattr(et, "CANDIDATE_BUFFER_BYTES", cap)
-        monkeypatch.setattr(torch, "empty", empty)
+        monkeypatch.setattr(torch, "empty", partial(_recording_empty, seen, real_empty))
         et._select_triton(x, W, be, k, dead, ka, chunk)
         monkeypatch.setattr(torch, "empty", real_empty)
         splits = seen[0][1]

@@ -17,8 +17,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sae_dist.eval.scaling import (collect_sweep, compute_frontier, fit_joint, fit_power_law, joint_law,
-                                   power_law, run_scaling)
+from sae_dist.eval.scaling import (
+    collect_sweep,
+    compute_frontier,
+    fit_joint,
+    fit_power_law,
+    joint_law,
+    power_law,
+    run_scaling,
+)
 
 BIN = Path(sys.executable).parent
 
@@ -93,7 +100,7 @@ def test_compute_frontier_is_the_lower_envelope():
     allC = np.concatenate([c for c, _ in curves])
     allL = np.concatenate([v for _, v in curves])
     # brute force: every frontier point is a data point, and no data point at <= its compute is lower
-    for c, v in zip(fc, fl):
+    for c, v in zip(fc, fl, strict=True):
         assert np.any((allC == c) & (allL == v)), seed
         assert allL[allC <= c].min() >= v - 1e-12, (seed, c, v)
     # the overall minimum loss is on the frontier

@@ -193,12 +193,12 @@ def test_normalised_batches_match_numpy(tmp_path, dtype):
     with ActivationStore(tmp_path / "s", batch_tokens=64, seed=5, normalize="none") as st:
         rows = [st.global_batch_rows(0, j) for j in range(3)]
         raw = [next(st) for _ in range(3)]
-    for r, b in zip(rows, raw):
+    for r, b in zip(rows, raw, strict=True):
         assert b.dtype == torch.float32 and b.shape == (64, D)
         np.testing.assert_array_equal(b.numpy(), ref[r])
     with ActivationStore(tmp_path / "s", batch_tokens=64, seed=5, normalize="layer_norm") as st:
         ln = [next(st) for _ in range(3)]
-    for r, b in zip(rows, ln):
+    for r, b in zip(rows, ln, strict=True):
         c = ref[r] - ref[r].mean(1, keepdims=True)
         np.testing.assert_allclose(b.numpy(), c / np.linalg.norm(c, axis=1, keepdims=True) * math.sqrt(D),
                                    rtol=1e-4, atol=1e-5)
@@ -206,7 +206,7 @@ def test_normalised_batches_match_numpy(tmp_path, dtype):
         sc = [next(st) for _ in range(3)]
         s = math.sqrt(D) / np.linalg.norm(ref, axis=1).mean()
         assert st.scale == pytest.approx(s, rel=1e-9)
-    for r, b in zip(rows, sc):
+    for r, b in zip(rows, sc, strict=True):
         np.testing.assert_allclose(b.numpy(), ref[r] * s, rtol=1e-6)
 
 

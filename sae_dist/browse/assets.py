@@ -16,13 +16,16 @@ h1 { font-size: 22px; margin: 4px 0 6px; } h2 { font-size: 16px; margin: 22px 0 
 .meta { color: var(--muted); margin-bottom: 10px; }
 .meta b { color: var(--fg); font-weight: 600; }
 .cards { display: flex; flex-wrap: wrap; gap: 10px; margin: 10px 0 4px; }
-.card { border: 1px solid var(--line); border-radius: 6px; padding: 6px 12px; background: var(--bg2); min-width: 110px; }
+.card { border: 1px solid var(--line); border-radius: 6px; padding: 6px 12px; background: var(--bg2);
+        min-width: 110px; }
 .card .v { font-size: 17px; font-weight: 600; } .card .k { color: var(--muted); font-size: 12px; }
 .row { display: flex; flex-wrap: wrap; gap: 28px; align-items: flex-start; }
 table { border-collapse: collapse; }
 table.index { width: 100%; font-size: 13px; }
-table.index th, table.index td { padding: 4px 8px; border-bottom: 1px solid var(--line); text-align: left; vertical-align: top; }
-table.index th { position: sticky; top: 0; background: #fff; border-bottom: 2px solid var(--line); white-space: nowrap; }
+table.index th, table.index td { padding: 4px 8px; border-bottom: 1px solid var(--line); text-align: left;
+                                 vertical-align: top; }
+table.index th { position: sticky; top: 0; background: #fff; border-bottom: 2px solid var(--line);
+                 white-space: nowrap; }
 table.index th.sortable { cursor: pointer; user-select: none; }
 table.index th.sortable::after { content: " \\2195"; color: #aab; }
 table.index th.sorted-desc::after { content: " \\25BC"; color: var(--fg); }
@@ -36,13 +39,15 @@ table.logits td.v { text-align: right; font-variant-numeric: tabular-nums; }
 table.logits th { text-align: left; padding: 2px 8px; font-size: 12px; color: var(--muted); }
 td.pos { color: #1a7f37; } td.neg { color: #cf222e; }
 .chip { display: inline-block; font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 12px;
-        background: var(--bg2); border: 1px solid var(--line); border-radius: 4px; padding: 0 4px; margin: 1px; white-space: pre; }
+        background: var(--bg2); border: 1px solid var(--line); border-radius: 4px; padding: 0 4px; margin: 1px;
+        white-space: pre; }
 .chip.wild { color: var(--muted); border-style: dashed; }
 .ngram { margin: 3px 0; }
 .ctx { display: flex; font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 12.5px;
        line-height: 1.9; padding: 2px 8px; border-bottom: 1px solid #eef1f4; white-space: nowrap; }
 .ctx:hover { background: #fafbfc; }
-.ctx .a { flex: 0 0 56px; align-self: center; color: var(--muted); font-size: 11px; text-align: right; margin-right: 10px; }
+.ctx .a { flex: 0 0 56px; align-self: center; color: var(--muted); font-size: 11px; text-align: right;
+          margin-right: 10px; }
 .ctx .l { flex: 0 0 58%; overflow: hidden; direction: rtl; text-align: right; }
 .ctx .l .in { direction: ltr; unicode-bidi: isolate; }
 .ctx .r { flex: 1 1 auto; overflow: hidden; }

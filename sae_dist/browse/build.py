@@ -21,7 +21,6 @@ from __future__ import annotations
 import html
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -223,7 +222,7 @@ def logit_effects(W_dec: torch.Tensor, W_U: torch.Tensor, k: int, norm_weight: t
         e = d @ W_U.T
         tv, ti = e.topk(k, dim=-1)
         bv, bi = e.topk(k, dim=-1, largest=False)
-        for lst, t in zip(outs, (tv, ti, bv, bi)):
+        for lst, t in zip(outs, (tv, ti, bv, bi), strict=True):
             lst.append(t.cpu())
     if not outs[0]:
         z = torch.zeros(0, k)
@@ -327,7 +326,7 @@ def _ctx_html(scan: ScanResult, dec: _Decoder, row: int, lat_rows: np.ndarray, l
     hit = (pos < len(lat_rows)) & (lat_rows[pos_c] == rng) if len(lat_rows) else np.zeros(len(rng), bool)
     acts = np.where(hit, lat_vals[pos_c] if len(lat_vals) else 0.0, 0.0)
     spans = []
-    for r, v in zip(rng, acts):
+    for r, v in zip(rng, acts, strict=True):
         t = dec.show(scan.token_ids[r], visible_spaces=v > 0)
         cls = "tok"
         style = ""
@@ -402,7 +401,7 @@ def _n2g(scan: ScanResult, sel: list[int], opts: BrowseOptions, decode: Callable
                      fire_frac=float(opts.n2g_fire_frac), min_precision=float(opts.n2g_min_precision),
                      min_count=opts.n2g_min_count, decode=decode)
         sc = score_n2g(ex, tok[n_fit:], acts[n_fit:])
-        for e, s in zip(ex, sc):
+        for e, s in zip(ex, sc, strict=True):
             expl[e.latent], scores[e.latent] = e, s
     return expl, scores
 
@@ -474,8 +473,8 @@ def build_browser(sae, store_path, out_dir, *, tokenizer=None, lm=None, opts: Br
                "n2g_f1": s.f1 if s and s.scored else None}
         if logits is not None:
             tv, ti, bv, bi = (x[pos_in_sel] for x in logits)
-            rec["logits_pos"] = [(int(a), float(b)) for a, b in zip(ti, tv)]
-            rec["logits_neg"] = [(int(a), float(b)) for a, b in zip(bi, bv)]
+            rec["logits_pos"] = [(int(a), float(b)) for a, b in zip(ti, tv, strict=True)]
+            rec["logits_neg"] = [(int(a), float(b)) for a, b in zip(bi, bv, strict=True)]
         records.append(rec)
         prev_i = sel[pos_in_sel - 1] if pos_in_sel > 0 else None
         next_i = sel[pos_in_sel + 1] if pos_in_sel + 1 < len(sel) else None
@@ -551,7 +550,8 @@ def _index_body(summary: dict, records: list[dict], density: np.ndarray, dec: _D
             f'data-recall="{num(r["n2g_recall"])}"><td><a href="latents/{r["latent"]}.html">{r["latent"]}</a></td>'
             f'<td class="num">{r["density"] * 100:.3f}%</td><td class="num">{r["max_act"]:.3g}</td>'
             f'<td class="num">{_fmt(r["n2g_f1"], ".2f")}</td><td class="num">{_fmt(r["n2g_precision"], ".2f")}</td>'
-            f'<td class="num">{_fmt(r["n2g_recall"], ".2f")}</td><td class="expl">{expl}</td><td class="lg">{lg}</td></tr>')
+            f'<td class="num">{_fmt(r["n2g_recall"], ".2f")}</td><td class="expl">{expl}</td>'
+            f'<td class="lg">{lg}</td></tr>')
     return (f'<h1>{_esc(title)}</h1><div class="meta">{meta}</div>{cards}'
             f'<div class="row">{hist}<div class="muted" style="max-width:520px;margin-top:14px">'
             f'Density: fraction of the {summary["tokens_scanned"]:,} scanned tokens on which a latent fires. '
@@ -580,7 +580,7 @@ def _latent_body(rec, e, s, scan, dec, lr, lv, top_rows, rnd, opts, prev_i, next
     if e is not None and e.ngrams:
         grams = "".join(f'<div class="ngram">{_ngram_html(g, dec)} <span class="muted">fit precision '
                         f'{p:.2f}, {n} matches</span></div>'
-                        for g, p, n in zip(e.ngrams, e.ngram_precision, e.ngram_support))
+                        for g, p, n in zip(e.ngrams, e.ngram_precision, e.ngram_support, strict=True))
     else:
         grams = '<div class="muted">no n-gram passed (the latent is not explained by a short token pattern)</div>'
     if s is not None and s.scored:
@@ -593,11 +593,14 @@ def _latent_body(rec, e, s, scan, dec, lr, lv, top_rows, rnd, opts, prev_i, next
     # logits
     if "logits_pos" in rec:
         def rows(items, cls):
-            return "".join(f'<tr data-token-id="{t}"><td><span class="chip">{_esc(dec.show(t, visible_spaces=True))}</span></td>'
+            return "".join(f'<tr data-token-id="{t}"><td><span class="chip">'
+                           f'{_esc(dec.show(t, visible_spaces=True))}</span></td>'
                            f'<td class="v {cls}">{v:+.3f}</td></tr>' for t, v in items)
         lg = ('<div><h2>Logit effects</h2><div class="row">'
-              f'<table class="logits" id="logits-pos"><tr><th>top positive</th><th></th></tr>{rows(rec["logits_pos"], "pos")}</table>'
-              f'<table class="logits" id="logits-neg"><tr><th>top negative</th><th></th></tr>{rows(rec["logits_neg"], "neg")}</table>'
+              '<table class="logits" id="logits-pos"><tr><th>top positive</th><th></th></tr>'
+              f'{rows(rec["logits_pos"], "pos")}</table>'
+              '<table class="logits" id="logits-neg"><tr><th>top negative</th><th></th></tr>'
+              f'{rows(rec["logits_neg"], "neg")}</table>'
               '</div><div class="muted">W_dec[i] &middot; W_U<sup>T</sup>'
               f'{" through the final norm weight" if opts.logit_through_norm else ""}</div></div>')
     else:
@@ -608,7 +611,9 @@ def _latent_body(rec, e, s, scan, dec, lr, lv, top_rows, rnd, opts, prev_i, next
     top = "".join(_ctx_html(scan, dec, int(r), lr, lv, vmax, opts.window_before, opts.window_after) for r in top_rows)
     rnd_html = "".join(_ctx_html(scan, dec, int(r), lr, lv, vmax, opts.window_before, opts.window_after) for r in rnd)
     return (f'<div class="nav">{" &middot; ".join(nav)}</div><h1>Latent {i}</h1>'
-            f'<div class="meta">{_esc(sae_info.get("hook_name", ""))} &middot; {_esc(sae_info.get("model_name", ""))}</div>'
-            f'{cards}<div class="row"><div>{n2g}<div id="hist"><h2>Activation histogram</h2>{hist}</div></div>{lg}</div>'
+            f'<div class="meta">{_esc(sae_info.get("hook_name", ""))} &middot; '
+            f'{_esc(sae_info.get("model_name", ""))}</div>'
+            f'{cards}<div class="row"><div>{n2g}<div id="hist"><h2>Activation histogram</h2>{hist}</div></div>'
+            f'{lg}</div>'
             f'<h2>Top activations</h2><div id="top">{top}</div>'
             f'<h2>Random activating examples</h2><div id="random">{rnd_html or "<div class=muted>none</div>"}</div>')

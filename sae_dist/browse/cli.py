@@ -70,7 +70,8 @@ def run_browse(cfg: DictConfig, lm=None, progress: bool = True) -> dict:
     want = _model_name(cfg)
     if attrs.get("model") not in (None, want):
         warnings.warn(f"the store was harvested from model {attrs.get('model')!r} but model={want!r} is loaded: "
-                      f"tokens and logit effects may be wrong (choose the store's model with model=...)")
+                      f"tokens and logit effects may be wrong (choose the store's model with model=...)",
+                      stacklevel=2)
     sae_cfg = read_sae_cfg(sae_path)  # ours or a SAELens save (hook_name under "metadata")
     sae_info = {k: sae_cfg.get(k) for k in ("architecture", "d_in", "d_sae", "k", "hook_name", "model_name")}
     sae_info["path"] = str(sae_path)

@@ -249,7 +249,9 @@ def ablation_sparsity(
             }
     n_zero = sum(math.isnan(d["sparsity"]) for d in details)
     out: dict[str, Any] = {
-        "ablation_sparsity": (sum(v["sparsity"] for v in per_latent.values()) / len(per_latent)) if per_latent else None,
+        "ablation_sparsity": (
+            (sum(v["sparsity"] for v in per_latent.values()) / len(per_latent)) if per_latent else None
+        ),
         "ablation_sparsity_fraction": (
             sum(v["fraction"] for v in per_latent.values()) / len(per_latent) if per_latent else None
         ),

@@ -129,7 +129,7 @@ def plot_frontier(rows: list[dict], path: str | Path, title: str = "") -> Path:
         pts = sorted((r for r in rows if r["architecture"] == a and r["l0"]), key=lambda r: r["l0"])
         if not pts:
             continue
-        for ax, key in zip(axes, ("fvu", "ce_loss_score")):
+        for ax, key in zip(axes, ("fvu", "ce_loss_score"), strict=True):
             ax.plot([p["l0"] for p in pts], [p[key] for p in pts], marker=markers[i % len(markers)], label=a)
     axes[0].set_ylabel("FVU (eval, raw activations)")
     axes[1].set_ylabel("CE loss score")

@@ -1,4 +1,4 @@
-"""End-to-end SAE evaluation on held-out text -> the eval.json CONTRACT keys (ARCHITECTURE.md).
+"""End-to-end SAE evaluation on held-out text -> eval.json (its keys: docs/evaluation.md).
 
 `evaluate` loads an exported SAE, packs held-out documents into sequences exactly as harvest does
 (`packed_sequences(..., split="eval")`), and measures
@@ -44,7 +44,7 @@ from sae_dist.store.normalize import normalize
 
 __all__ = ["evaluate", "write_eval_json", "CONTRACT_KEYS"]
 
-#: eval.json keys fixed by ARCHITECTURE.md (later metrics add keys, never rename these).
+#: The stable eval.json keys (docs/evaluation.md#evaljson-keys): later metrics add keys, never rename these.
 CONTRACT_KEYS = (
     "fvu",
     "normalized_mse",
@@ -202,10 +202,11 @@ def evaluate(
         `shrinkage_ratio`, `shrinkage_fvu_encoder`, `shrinkage_fvu_refined`, `shrinkage_fvu_gain`,
         `shrinkage_tokens`, `shrinkage_support`; `n2g_precision`, `n2g_recall`, `n2g_f1`, `n2g_latents`
         (scored latents), `n2g_latents_sampled`, `n2g_heldout_contexts`; `equivalent_compute`,
-        `equivalent_compute_fraction`, `equivalent_compute_note`, `lm_family_fit`, `lm_family_ce`; `density_histogram` ({"log10_density_bin_edges",
-        "counts", "n_dead"}), `dense_fraction`, `dense_threshold`; `metric_seconds` (wall time of
-        each of these metrics). A metric that is turned off has None values. Floats are Python floats; `eval_tokens` is the number of tokens
-        actually evaluated (reconstruction); `ce_tokens` the number of predictions in the CE averages.
+        `equivalent_compute_fraction`, `equivalent_compute_note`, `lm_family_fit`, `lm_family_ce`;
+        `density_histogram` ({"log10_density_bin_edges", "counts", "n_dead"}), `dense_fraction`,
+        `dense_threshold`; `metric_seconds` (wall time of each of these metrics). A metric that is turned
+        off has None values. Floats are Python floats; `eval_tokens` is the number of tokens actually
+        evaluated (reconstruction); `ce_tokens` the number of predictions in the CE averages.
         `tokens_trained` is None when neither training_state.json nor cfg.json records it.
 
     Raises:
@@ -458,13 +459,13 @@ def _equivalent_compute(lm_family, model_compute, model_name, ce_sae, sequences,
     for m in family:
         ce[str(m["name"])] = clean_cross_entropy(m["model"], sequences, batch_size=batch_size, device=device)
     if model_compute is None:
-        own = [c for m, c in zip(family, computes) if str(m["name"]) == str(model_name)]
+        own = [c for m, c in zip(family, computes, strict=True) if str(m["name"]) == str(model_name)]
         model_compute = own[0] if own else None
     out = equivalent_compute(ce_sae, computes, list(ce.values()), model_compute if model_compute else 1.0)
     if model_compute is None:
         out["equivalent_compute_fraction"] = None
     out["lm_family_ce"] = ce
-    out["lm_family_compute"] = {str(m["name"]): c for m, c in zip(family, computes)}
+    out["lm_family_compute"] = {str(m["name"]): c for m, c in zip(family, computes, strict=True)}
     out["model_compute"] = model_compute
     return out
 

@@ -1,8 +1,8 @@
 """Streaming reconstruction metrics for SAEs: FVU / normalized MSE / explained variance / L0, and
 latent firing counts.
 
-Definitions (Gao et al. 2024, "Scaling and evaluating sparse autoencoders", sec. 2.1; ARCHITECTURE.md
-eval.json CONTRACT). Over the N evaluated tokens x_i in R^d with reconstructions x^_i:
+Definitions (Gao et al. 2024, "Scaling and evaluating sparse autoencoders", sec. 2.1; the eval.json
+keys of docs/evaluation.md). Over the N evaluated tokens x_i in R^d with reconstructions x^_i:
 
     fvu            = sum_i ||x_i - x^_i||^2 / sum_i ||x_i - mu||^2,   mu = (1/N) sum_i x_i
     normalized_mse = MSE(x, x^) / MSE(x, mu)      (the paper's "normalized MSE": the baseline predicts

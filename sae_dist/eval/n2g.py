@@ -200,7 +200,8 @@ def _generalizes(h: tuple[int, ...], g: tuple[int, ...]) -> bool:
     """True when n-gram h matches wherever g matches (h aligned at the end of g)."""
     if len(h) > len(g) or h == g:
         return False
-    return all(a == WILDCARD or a == b for a, b in zip(h[::-1], g[::-1]))
+    # strict=False: h may be shorter than g; only h's positions (aligned at g's end) are compared
+    return all(a == WILDCARD or a == b for a, b in zip(h[::-1], g[::-1], strict=False))
 
 
 def fit_n2g(
@@ -379,7 +380,8 @@ def n2g_metrics(token_ids, acts, *, heldout_fraction: float = 0.5, latent_ids: S
     n = int(token_ids.shape[0])
     n_ho = int(np.ceil(heldout_fraction * n))
     if n < 2 or n_ho >= n:
-        raise ValueError(f"n2g_metrics needs at least 2 contexts to split (got N_ctx={n}, heldout_fraction={heldout_fraction})")
+        raise ValueError(f"n2g_metrics needs at least 2 contexts to split (got N_ctx={n}, "
+                         f"heldout_fraction={heldout_fraction})")
     expl = fit_n2g(token_ids[: n - n_ho], acts[: n - n_ho], latent_ids=latent_ids, **fit_kw)
     return summarize_scores(score_n2g(expl, token_ids[n - n_ho:], acts[n - n_ho:]))
 
@@ -406,7 +408,8 @@ def n2g_metrics_from_codes(token_ids, codes, *, n_latents: int = 64, seed: int =
         raise ValueError(f"heldout_fraction={heldout_fraction!r}; must be in (0, 1)")
     n_ho = int(np.ceil(heldout_fraction * n_ctx))
     if n_ctx < 2 or n_ho >= n_ctx:
-        raise ValueError(f"N2G needs at least 2 contexts to split (got N_ctx={n_ctx}, heldout_fraction={heldout_fraction})")
+        raise ValueError(f"N2G needs at least 2 contexts to split (got N_ctx={n_ctx}, "
+                         f"heldout_fraction={heldout_fraction})")
     rows, lat, val = (t.numpy() for t in codes.tensors())
     fit_rows = rows < (n_ctx - n_ho) * T
     alive = np.unique(lat[fit_rows])

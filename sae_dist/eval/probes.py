@@ -261,7 +261,8 @@ def label_spans(text: str, spans: list[tuple[int, int]]) -> tuple[dict[str, np.n
         labels["space_before"][t] = bool(nonws) and a > 0 and text[a - 1].isspace()
         labels["punctuation"][t] = bool(nonws) and not any(_is_ident(piece[k]) for k in nonws)
         labels["attribute"][t] = (
-            (ch.isalpha() or ch == "_") and a >= 2 and text[a - 1] == "." and (_is_ident(text[a - 2]) or text[a - 2] in ")]")
+            (ch.isalpha() or ch == "_") and a >= 2 and text[a - 1] == "."
+            and (_is_ident(text[a - 2]) or text[a - 2] in ")]")
         )
         labels["newline"][t] = "\n" in piece
     return labels, valid
@@ -295,7 +296,7 @@ def token_spans(ids: Iterable[int], tokenizer, cache: dict | None = None) -> tup
             ends.append(last)
         ends[-1] = len(text)
     starts = [0, *ends[:-1]]
-    return text, [(int(s), int(e)) for s, e in zip(starts, ends)]
+    return text, [(int(s), int(e)) for s, e in zip(starts, ends, strict=True)]
 
 
 def token_task_labels(

@@ -103,7 +103,7 @@ class FitResult:
 def _stderr(pcov: np.ndarray, names: Sequence[str]) -> dict[str, float | None]:
     out = {}
     diag = np.diag(pcov) if pcov is not None and np.ndim(pcov) == 2 else [np.inf] * len(names)
-    for name, v in zip(names, diag):
+    for name, v in zip(names, diag, strict=True):
         out[name] = float(math.sqrt(v)) if np.isfinite(v) and v >= 0 else None
     return out
 
@@ -153,8 +153,8 @@ def fit_power_law(x: Sequence[float], y: Sequence[float], *, law: str = "L(x)",
     names = ("alpha", "beta", "c")
     stderr = _stderr(pcov, names) if len(x) > 3 else dict.fromkeys(names)
     return FitResult(law=law, form="exp(alpha + beta*log x) + c",
-                     params={nm: float(v) for nm, v in zip(names, popt)}, stderr=stderr, n_points=len(x),
-                     rms_log_residual=math.sqrt(sse / len(x)), group=dict(group or {}),
+                     params={nm: float(v) for nm, v in zip(names, popt, strict=True)}, stderr=stderr,
+                     n_points=len(x), rms_log_residual=math.sqrt(sse / len(x)), group=dict(group or {}),
                      x=x.tolist(), y=y.tolist())
 
 
@@ -205,12 +205,14 @@ def fit_joint(n: Sequence[float], k: Sequence[float], y: Sequence[float]) -> Fit
     sse, popt, pcov = best
     names = ("a", "b_k", "b_n", "g", "z", "e")
     return FitResult(law="L(n,k)", form="exp(a + b_k*log k + b_n*log n + g*log k*log n) + exp(z + e*log k)",
-                     params={nm: float(v) for nm, v in zip(names, popt)}, stderr=_stderr(pcov, names),
+                     params={nm: float(v) for nm, v in zip(names, popt, strict=True)}, stderr=_stderr(pcov, names),
                      n_points=len(y), rms_log_residual=math.sqrt(sse / len(y)),
                      x=[n.tolist(), k.tolist()], y=y.tolist())
 
 
-def compute_frontier(curves: Sequence[tuple[np.ndarray, np.ndarray]], n_bins: int = 24) -> tuple[np.ndarray, np.ndarray]:
+def compute_frontier(
+    curves: Sequence[tuple[np.ndarray, np.ndarray]], n_bins: int = 24
+) -> tuple[np.ndarray, np.ndarray]:
     """Lower envelope of training curves in (compute, loss): the compute-efficient frontier.
 
     curves: [(C [m], L [m])] per run (C in FLOPs, increasing). The log-C range is split into `n_bins`
@@ -236,7 +238,7 @@ def compute_frontier(curves: Sequence[tuple[np.ndarray, np.ndarray]], n_bins: in
             fl.append(L[i])
     fc, fl = np.array(fc), np.array(fl)
     out_c, out_l, best = [], [], np.inf
-    for c, v in zip(fc, fl):
+    for c, v in zip(fc, fl, strict=True):
         if v < best:
             out_c.append(c)
             out_l.append(v)
@@ -406,7 +408,8 @@ def markdown(result: dict) -> str:
              "| n \\ k | " + " | ".join(str(k) for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
     for n in ns:
         lines.append(f"| {n} | " + " | ".join(f"{grid[(n, k)]:.4f}" if (n, k) in grid else "-" for k in ks) + " |")
-    lines += ["", "| law | at | form | parameters (± 1 sigma) | points | rms log residual |", "|---|---|---|---|---|---|"]
+    lines += ["", "| law | at | form | parameters (± 1 sigma) | points | rms log residual |",
+              "|---|---|---|---|---|---|"]
     rows = fits["L(n)"] + fits["L(k)"] + ([fits["L(n,k)"]] if fits["L(n,k)"] else []) + fits["L(C)"]
     for f in rows:
         f = f if isinstance(f, dict) else asdict(f)

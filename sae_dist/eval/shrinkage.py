@@ -31,12 +31,23 @@ vs. original activations.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
 __all__ = ["refine_support", "refine_all", "shrinkage", "sae_shrinkage"]
+
+
+def _grad_gram(y: torch.Tensor, G: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Gradient G y - c of 0.5 y^T G y - c^T y, batched: y, c [B, k]; G [B, k, k]."""
+    return (G @ y.unsqueeze(-1)).squeeze(-1) - c
+
+
+def _grad_lstsq(y: torch.Tensor, W: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Gradient (y W - target) W^T of 0.5 ||y W - target||^2: y [B, d_sae]; W [d_sae, d]; target [B, d]."""
+    return (y @ W - target) @ W.T
 
 
 def _fista(grad_fn, z0: torch.Tensor, lipschitz: torch.Tensor, max_iter: int, tol: float) -> torch.Tensor:
@@ -111,7 +122,7 @@ def refine_support(
         if bool(bad.any()):
             Gb, cb = G[bad], c[bad]
             lip = torch.linalg.eigvalsh(Gb)[:, -1].clamp_min(1e-30)
-            sol[bad] = _fista(lambda y: (Gb @ y.unsqueeze(-1)).squeeze(-1) - cb, sol[bad], lip, max_iter, tol)
+            sol[bad] = _fista(partial(_grad_gram, G=Gb, c=cb), sol[bad], lip, max_iter, tol)
         out[i : i + chunk] = sol.to(out.device)
     return out
 
@@ -145,7 +156,7 @@ def refine_all(
         target = x[i : i + chunk].to(torch.float64) - b_dec.to(torch.float64)
         zc = z0[i : i + chunk].to(torch.float64)
         lipb = lip.expand(zc.shape[0])
-        out[i : i + chunk] = _fista(lambda y: (y @ W - target) @ W.T, zc, lipb, max_iter, tol).cpu()
+        out[i : i + chunk] = _fista(partial(_grad_lstsq, W=W, target=target), zc, lipb, max_iter, tol).cpu()
     return out
 
 

@@ -1,6 +1,6 @@
 """The harvester: LM activations at one hook for a deterministic stream of packed sequences -> zarr store.
 
-Design (deterministic and resumable; ARCHITECTURE.md "CONTRACT: activation store"):
+Design (deterministic and resumable; the store layout is docs/formats.md#activation-store):
 
 * The packed train-sequence stream (`text.packed_sequences`) is a deterministic function of the
   documents, the tokenizer, `ctx_len` and `eval_fraction`. Sequence i (0-based) is stored at token

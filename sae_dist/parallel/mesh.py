@@ -1,4 +1,4 @@
-"""The dp x tp process mesh from the torchrun / slurm environment (ARCHITECTURE.md, Parallelism).
+"""The dp x tp process mesh from the torchrun / slurm environment (docs/parallel.md).
 
 `init_parallel(tp, device)` reads the launcher's environment, initialises torch.distributed (NCCL on
 CUDA, gloo on CPU) with a collective timeout, and builds a 2-D `DeviceMesh` with dims ("dp", "tp"):

@@ -1,6 +1,6 @@
 """Latent-sharded (tensor-parallel) TopK SAE with exact global TopK, over a dp x tp mesh.
 
-Design (ARCHITECTURE.md, Parallelism; Gao et al. 2024 for the recipe): tp rank r holds latents
+Design (docs/parallel.md; Gao et al. 2024 for the recipe): tp rank r holds latents
 [r n/tp, (r+1) n/tp): W_enc[:, shard] [d_in, n/tp], b_enc[shard], W_dec[shard] [n/tp, d_in]; b_dec
 (= b_pre) [d_in] is replicated. Every tp rank of a dp group sees the same batch rows; dp rank q holds
 rows [q B/dp, (q+1) B/dp) of the global batch of B tokens.
@@ -40,8 +40,8 @@ from torch import nn
 from sae_dist.kernels.auxk import _safe_ratio as safe_ratio
 from sae_dist.parallel.comm import all_gather_cat, all_reduce_, copy_to_tp, reduce_from_tp
 from sae_dist.parallel.mesh import ParallelContext, shard_range
-from sae_dist.sae.config import SAEConfig
 from sae_dist.sae.base import torch_dtype
+from sae_dist.sae.config import SAEConfig
 from sae_dist.sae.topk import TopKSAE, TrainOutput, encoder_operands
 
 __all__ = ["ShardedTopKSAE", "init_rows", "tied_init_rows_", "INIT_BLOCK_ROWS", "reduce_fired_over_dp"]

@@ -3,12 +3,12 @@ autoencoders") and the architectures compared against it (`registry`: relu, prol
 batchtopk, matryoshka, tree, soft_topk), all behind one interface (`base.SparseAutoencoder`):
 config, modules, AuxK loss, initialisation, export/load."""
 
-from sae_dist.sae.base import SparseAutoencoder
-from sae_dist.sae.registry import ARCHITECTURES, architecture_class, build_sae
 from sae_dist.sae.auxk import DeadLatentTracker, auxk_loss, normalized_mse, sparse_decode
+from sae_dist.sae.base import SparseAutoencoder
 from sae_dist.sae.config import SAEConfig, default_k_aux
 from sae_dist.sae.export import ExportedSAE, ExportedTopKSAE, check_d_in, export_sae, load_sae
 from sae_dist.sae.init import geometric_median, init_b_pre_, tied_init_
+from sae_dist.sae.registry import ARCHITECTURES, architecture_class, build_sae
 from sae_dist.sae.topk import TopKSAE, TrainOutput
 
 __all__ = [

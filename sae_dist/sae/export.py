@@ -1,4 +1,4 @@
-"""Export a trained SAE (any architecture) in SAELens' on-disk layout and load it back (ARCHITECTURE.md CONTRACT).
+"""Export a trained SAE (any architecture) in SAELens' on-disk layout and load it back (docs/formats.md#sae-export).
 
 Files: `cfg.json` + `sae_weights.safetensors` (`W_enc` [d_in, d_sae], `b_enc` [d_sae], `W_dec`
 [d_sae, d_in] with unit-norm rows, `b_dec` [d_in]). The exported SAE takes RAW activations.

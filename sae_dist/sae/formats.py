@@ -40,7 +40,8 @@ from sae_dist.sae.export import (
 )
 
 __all__ = [
-    "SUPPORTED_ARCHITECTURES", "SPARSIFY_WEIGHTS_FILENAME", "SPARSIFY_PROVENANCE_FILENAME", "canonical_cfg", "canonical_tensors",
+    "SUPPORTED_ARCHITECTURES", "SPARSIFY_WEIGHTS_FILENAME", "SPARSIFY_PROVENANCE_FILENAME", "canonical_cfg",
+    "canonical_tensors",
     "read_sae_cfg", "read_sae_files", "import_saelens", "to_saelens", "export_sparsify",
 ]
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 
@@ -89,7 +90,7 @@ def check_prefixes(prefixes, n_latents: int) -> list[int]:
             raise ValueError(f"sae option prefixes={p!r}: entry {m!r} is not an int")
     if p[0] < 1:
         raise ValueError(f"sae option prefixes={p!r}: entries must be >= 1 (got {p[0]})")
-    for a, b in zip(p, p[1:]):
+    for a, b in pairwise(p):
         if b <= a:
             raise ValueError(f"sae option prefixes={p!r} must be strictly increasing ({a} then {b})")
     if p[-1] != n_latents:

@@ -515,7 +515,8 @@ class TreeSAE(TopKSAE):
                 cnt[rows] = (self.partner_count.cpu()[rows] * hit).sum(1)
             prob = cnt.double() / f.double().clamp_min(1)
             err = self.count_deficit.cpu().double() / f.double().clamp_min(1)
-            out.update(parent_probability=[round(float(p), 6) if c else None for p, c in zip(prob, child)],
+            out.update(parent_probability=[round(float(p), 6) if c else None
+                                           for p, c in zip(prob, child, strict=True)],
                        max_probability_error=float(err[child].max()) if child.any() else 0.0,
                        tokens_counted=int(self.stat_tokens), built_at_step=int(self.built_step),
                        min_cooccurrence=self.opts.min_cooccurrence, min_fires=self.opts.min_fires,

@@ -1,6 +1,6 @@
 """sae_dist.store: the zarr v3 activation store (layout, writer, shuffling reader, normalisation).
 
-Layout and attributes: see `sae_dist.store.layout` and ARCHITECTURE.md (CONTRACT: activation store).
+Layout and attributes: see `sae_dist.store.layout` and docs/formats.md#activation-store.
 Importing this package registers the zarr "bfloat16" data type (backed by ml_dtypes).
 """
 

@@ -1,4 +1,4 @@
-"""Activation-store layout: create, write, mark progress, finalize (ARCHITECTURE.md CONTRACT).
+"""Activation-store layout: create, write, mark progress, finalize (docs/formats.md#activation-store).
 
 A store is a zarr v3 group (a local directory)::
 
@@ -39,9 +39,7 @@ from typing import Any, ClassVar, Iterable, Mapping
 import ml_dtypes
 import numpy as np
 import zarr
-from zarr.core.dtype import data_type_registry
-from zarr.core.dtype.common import DataTypeValidationError
-from zarr.core.dtype.npy.float import BaseFloat
+from zarr.dtype import DataTypeValidationError, Float16, data_type_registry
 
 from sae_dist.store.errors import NonFiniteError, StoreError
 
@@ -57,10 +55,12 @@ HARVEST_RESUME_HINT = "rerun the same `sae-harvest` command (it resumes from the
 
 
 @dataclass(frozen=True, kw_only=True)
-class BFloat16(BaseFloat):
+class BFloat16(Float16):
     """zarr v3 data type "bfloat16" (1 sign, 8 exponent, 7 mantissa bits), numpy side ``ml_dtypes.bfloat16``.
 
-    Stored little-endian by the ``bytes`` codec like every other 2-byte float; fill values are JSON floats.
+    Built on zarr's public data-type API (`zarr.dtype`, zarr >= 3.1): it reuses the 2-byte float
+    behaviour of `zarr.dtype.Float16` and swaps the numpy dtype and the v3 name. Stored little-endian
+    by the ``bytes`` codec like every other 2-byte float; fill values are JSON floats.
     """
 
     dtype_cls = type(BF16)
@@ -447,7 +447,7 @@ def done_shards(path) -> dict[int, dict]:
             with open(os.path.join(d, name)) as f:
                 info = json.load(f)
         except (ValueError, OSError) as e:
-            warnings.warn(f"ignoring unreadable progress marker {os.path.join(d, name)!r}: {e}")
+            warnings.warn(f"ignoring unreadable progress marker {os.path.join(d, name)!r}: {e}", stacklevel=2)
             continue
         out[idx] = info if isinstance(info, dict) else {"info": info}
     return out
@@ -572,7 +572,7 @@ def write_store(path, activations, token_ids=None, attrs: Mapping[str, Any] | No
                 chunk_tokens: int = 4096, shard_tokens: int = 65536, seq_index=None, position=None,
                 dtype: str | None = None, compression: str | None = None, checksum: bool = True,
                 overwrite: bool = True) -> str:
-    """Write a complete activation store from in-memory arrays (ARCHITECTURE.md CONTRACT).
+    """Write a complete activation store from in-memory arrays (docs/formats.md#activation-store).
 
     `sae-train` accepts the result exactly like a harvested store.
 

@@ -34,7 +34,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
-from zarr.core.buffer import default_buffer_prototype
+from zarr.buffer import default_buffer_prototype
 
 from sae_dist.store.errors import IncompleteStoreError, NonFiniteError, StoreError
 from sae_dist.store.layout import (
@@ -47,7 +47,8 @@ from sae_dist.store.layout import (
     merge_norm_stats,
     open_store,
 )
-from sae_dist.store.normalize import check_mode, normalize as _normalize, scalar_scale
+from sae_dist.store.normalize import check_mode, scalar_scale
+from sae_dist.store.normalize import normalize as _normalize
 
 _STATE_VERSION = 1
 _ND = default_buffer_prototype().nd_buffer
@@ -171,7 +172,7 @@ class ActivationStore:
                 ns = merge_norm_stats(parts) if parts else None
             if (not ns or not ns.get("n")) and complete:
                 warnings.warn(f"store {self.path!r} has no norm_stats attribute; computing it from the data "
-                              f"(one pass) for normalize='scalar'")
+                              f"(one pass) for normalize='scalar'", stacklevel=2)
                 ns = _norm_stats_from_data(self._acts, self.n_tokens)
             if not ns or not ns.get("n"):
                 raise StoreError(f"store {self.path!r} has no norm_stats attribute, needed for "
@@ -229,7 +230,8 @@ class ActivationStore:
                 f"for a store made by write_store(), write it again.")
         if not os.path.isfile(f) and not self._own_layout:
             # plain zarr skips all-fill shards (write_empty_chunks=False); our writers never do
-            warnings.warn(f"store {self.path!r}: no file {f} for shard {shard}; reading it as zeros (fill value)")
+            warnings.warn(f"store {self.path!r}: no file {f} for shard {shard}; reading it as zeros (fill value)",
+                          stacklevel=2)
         elif not os.path.isfile(f):
             raise StoreError(f"store {self.path!r}: shard {shard} (token rows [{lo}, {hi})) is missing: no file "
                              f"{f}. Re-harvest it: delete {marker} (if present), then {HARVEST_RESUME_HINT}; "
@@ -256,7 +258,7 @@ class ActivationStore:
             sizes = self._unit_sizes[units]
             raw = np.empty((int(sizes.sum()), self.d_model), dtype=self._acts.dtype)
             off = 0
-            for u, n in zip(units, sizes):
+            for u, n in zip(units, sizes, strict=True):
                 self._read_unit(int(u), out=raw[off : off + n])  # no concatenation copy
                 off += n
         rows = np.concatenate([np.arange(self._units[u][1], self._units[u][2]) for u in units])
@@ -378,7 +380,8 @@ class ActivationStore:
             except queue.Empty:
                 if not self._thread.is_alive():
                     self.close()
-                    raise RuntimeError(f"ActivationStore prefetch thread for {self.path!r} stopped unexpectedly")
+                    raise RuntimeError(
+                        f"ActivationStore prefetch thread for {self.path!r} stopped unexpectedly") from None
         if kind == "error":
             self.close()
             raise item
@@ -409,7 +412,7 @@ class ActivationStore:
                 pass
             self._thread.join(timeout=10)
             if self._thread.is_alive():
-                warnings.warn("ActivationStore prefetch thread did not stop within 10 s")
+                warnings.warn("ActivationStore prefetch thread did not stop within 10 s", stacklevel=2)
         if self._gen is not None:
             self._gen.close()
         self._thread = self._queue = self._stop = self._gen = None

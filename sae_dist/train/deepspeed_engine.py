@@ -84,6 +84,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from sae_dist.extras import require_extra
 from sae_dist.parallel.mesh import ParallelContext
 from sae_dist.train.engine import make_optimizer
 
@@ -191,14 +192,10 @@ def _import_deepspeed(device: torch.device):
         raise ValueError(f"trainer.engine=deepspeed supports cpu and cuda parameters, got {device}")
     if "deepspeed" not in sys.modules:
         os.environ.setdefault("DS_ACCELERATOR", want)
-    try:
-        import deepspeed
-        from deepspeed.accelerator import get_accelerator
-    except ImportError as e:  # pragma: no cover - deepspeed is a declared dependency
-        raise ImportError(
-            f"trainer.engine=deepspeed needs the deepspeed package ({e}); install it or use "
-            "trainer.engine=torch"
-        ) from e
+    require_extra("deepspeed", "trainer.engine=deepspeed")
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
     have = get_accelerator().device_name()
     if have != want:
         raise RuntimeError(

