@@ -8,10 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -304,18 +300,16 @@ def test_resume_is_exact(tmp_path):
     assert len({r["train/mean_threshold"] for r in la}) > 5, seed  # the thresholds do train
 
 
-def test_sae_train_cli_jumprelu(tmp_path):
+def test_sae_train_cli_jumprelu(tmp_path, console_script):
     seed = _seed()
     sd = SyntheticDictionary(24, 48, p_active=0.08, seed=seed)
     x, _ = sd.sample(8192)
     store = write_store(tmp_path / "acts.zarr", x, attrs={"model": "synthetic", "hook": "none"})
     run = tmp_path / "run"
-    env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [str(Path(sys.executable).parent / "sae-train"), f"run_dir={run}", f"store.path={store}", "sae=jumprelu",
-         "sae.n_latents=64", "sae.target_l0=4", "sae.bandwidth=0.01", "trainer.tokens=16384",
-         "trainer.batch_tokens=512", "device=cpu", f"seed={seed % 1000}", "wandb.enabled=false"],
-        capture_output=True, text=True, env=env, timeout=300)
+    proc = console_script(  # the sae-train command line, run in this process (conftest.py)
+        "sae-train", f"run_dir={run}", f"store.path={store}", "sae=jumprelu",
+        "sae.n_latents=64", "sae.target_l0=4", "sae.bandwidth=0.01", "trainer.tokens=16384",
+        "trainer.batch_tokens=512", "device=cpu", f"seed={seed % 1000}", "wandb.enabled=false", threads=1)
     assert proc.returncode == 0, proc.stderr[-4000:]
     cfg = json.loads((run / "sae" / "cfg.json").read_text())
     assert cfg["architecture"] == "jumprelu" and cfg["d_sae"] == 64 and cfg["d_in"] == 24, cfg

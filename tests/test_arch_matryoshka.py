@@ -7,10 +7,6 @@ SAE), and the Hydra CLI. Fresh random inputs every run (the seed is in the asser
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -188,18 +184,16 @@ def test_first_prefix_carries_the_frequent_features(tmp_path):
     assert nmse["matryoshka"][1] < 0.3, (nmse, seed)  # and the whole SAE still reconstructs
 
 
-def test_sae_train_cli_matryoshka(tmp_path):
+def test_sae_train_cli_matryoshka(tmp_path, console_script):
     seed = _seed()
     sd = SyntheticDictionary(24, 48, p_active=0.08, seed=seed)
     x, _ = sd.sample(8192)
     store = write_store(tmp_path / "acts.zarr", x, attrs={"model": "synthetic", "hook": "none"})
     run = tmp_path / "run"
-    env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1")
-    proc = subprocess.run(
-        [str(Path(sys.executable).parent / "sae-train"), f"run_dir={run}", f"store.path={store}", "sae=matryoshka",
-         "sae.n_latents=64", "sae.k=4", "sae.prefixes=[8,32,64]", "trainer.tokens=16384",
-         "trainer.batch_tokens=512", "device=cpu", f"seed={seed % 1000}", "wandb.enabled=false"],
-        capture_output=True, text=True, env=env, timeout=300)
+    proc = console_script(  # the sae-train command line, run in this process (conftest.py)
+        "sae-train", f"run_dir={run}", f"store.path={store}", "sae=matryoshka",
+        "sae.n_latents=64", "sae.k=4", "sae.prefixes=[8,32,64]", "trainer.tokens=16384",
+        "trainer.batch_tokens=512", "device=cpu", f"seed={seed % 1000}", "wandb.enabled=false")
     assert proc.returncode == 0, proc.stderr[-4000:]
     cfg = json.loads((run / "sae" / "cfg.json").read_text())
     assert cfg["architecture"] == "jumprelu" and cfg["k"] == 4 and cfg["d_sae"] == 64, cfg  # default base

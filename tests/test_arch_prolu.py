@@ -6,10 +6,6 @@ numpy, the export's forward, ground-truth recovery through the real trainer, L1 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -231,8 +227,8 @@ def test_a_larger_l1_coefficient_gives_a_lower_l0(tmp_path):
     assert l0[0.3] < 0.5 * l0[0.03], (l0, seed)
 
 
-def test_sae_train_console_script_with_sae_prolu(tmp_path):
-    rng = np.random.default_rng()
+def test_sae_train_console_script_with_sae_prolu(tmp_path, console_script):
+    rng = np.random.default_rng(np.random.randint(2**31))
     d = 24
     atoms = rng.normal(size=(48, d))
     atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
@@ -240,12 +236,10 @@ def test_sae_train_console_script_with_sae_prolu(tmp_path):
     acts = (coef @ atoms + 0.01 * rng.normal(size=(8000, d))).astype(np.float32)
     store = write_store(tmp_path / "acts.zarr", acts, attrs={"model": "synthetic", "hook": "none"})
     run = tmp_path / "x"
-    env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1")
-    proc = subprocess.run(
-        [str(Path(sys.executable).parent / "sae-train"), f"run_dir={run}", f"store.path={store}", "sae=prolu",
-         "sae.n_latents=64", "sae.ste=relu", "trainer.tokens=16384", "trainer.batch_tokens=512",
-         "device=cpu", "wandb.enabled=false"],
-        capture_output=True, text=True, env=env, timeout=300)
+    proc = console_script(  # the sae-train command line, run in this process (conftest.py)
+        "sae-train", f"run_dir={run}", f"store.path={store}", "sae=prolu",
+        "sae.n_latents=64", "sae.ste=relu", "trainer.tokens=16384", "trainer.batch_tokens=512",
+        "device=cpu", "seed=0", "wandb.enabled=false")
     assert proc.returncode == 0, proc.stderr[-6000:]
     cfg = json.loads((run / "sae" / "cfg.json").read_text())
     assert cfg["architecture"] == "prolu" and cfg["d_in"] == d and cfg["d_sae"] == 64

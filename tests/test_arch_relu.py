@@ -6,10 +6,6 @@ and the `sae-train sae=relu` console script. Fresh random data every run (seed i
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -307,8 +303,8 @@ def test_tied_relu_resumes_exactly(tmp_path, decoder_norm):
     torch.testing.assert_close(wa["W_enc"] / n, wa["W_dec"].T, rtol=1e-5, atol=1e-6)
 
 
-def test_sae_train_console_script_with_sae_relu(tmp_path):
-    rng = np.random.default_rng()
+def test_sae_train_console_script_with_sae_relu(tmp_path, console_script):
+    rng = np.random.default_rng(np.random.randint(2**31))
     d = 24
     atoms = rng.normal(size=(48, d))
     atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
@@ -316,12 +312,10 @@ def test_sae_train_console_script_with_sae_relu(tmp_path):
     acts = (coef @ atoms + 0.01 * rng.normal(size=(8000, d))).astype(np.float32)
     store = write_store(tmp_path / "acts.zarr", acts, attrs={"model": "synthetic", "hook": "none"})
     run = tmp_path / "x"
-    env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1")
-    proc = subprocess.run(
-        [str(Path(sys.executable).parent / "sae-train"), f"run_dir={run}", f"store.path={store}", "sae=relu",
-         "sae.n_latents=64", "sae.l1_coef=0.02", "sae.tied_weights=true", "trainer.tokens=16384",
-         "trainer.batch_tokens=512", "device=cpu", "wandb.enabled=false"],
-        capture_output=True, text=True, env=env, timeout=300)
+    proc = console_script(  # the sae-train command line, run in this process (conftest.py)
+        "sae-train", f"run_dir={run}", f"store.path={store}", "sae=relu",
+        "sae.n_latents=64", "sae.l1_coef=0.02", "sae.tied_weights=true", "trainer.tokens=16384",
+        "trainer.batch_tokens=512", "device=cpu", "seed=0", "wandb.enabled=false")
     assert proc.returncode == 0, proc.stderr[-6000:]
     cfg = json.loads((run / "sae" / "cfg.json").read_text())
     assert cfg["architecture"] == "standard" and cfg["d_in"] == d and cfg["d_sae"] == 64

@@ -7,10 +7,6 @@ random inputs every run (the seed is in the assert messages)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -428,18 +424,16 @@ def test_resume_mid_count_equals_an_uninterrupted_run(tmp_path):
     assert all(r["train/tree"] == 0 for r in la[:13]) and any(r["train/tree"] > 0 for r in la[13:]), seed
 
 
-def test_sae_train_cli_tree(tmp_path):
+def test_sae_train_cli_tree(tmp_path, console_script):
     seed = _seed()
     sd = SyntheticDictionary(24, 48, p_active=0.08, seed=seed)
     store = write_store(tmp_path / "acts.zarr", sd.sample(8192)[0], attrs={"model": "synthetic", "hook": "none"})
     run = tmp_path / "run"
-    env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1")
-    proc = subprocess.run(
-        [str(Path(sys.executable).parent / "sae-train"), f"run_dir={run}", f"store.path={store}", "sae=tree",
-         "sae.n_latents=64", "sae.k=4", "sae.build_start_frac=0.25", "sae.build_tokens=4096",
-         "sae.min_cooccurrence=0.2", "trainer.tokens=16384", "trainer.batch_tokens=2048", "device=cpu",
-         f"seed={seed % 1000}", "wandb.enabled=false"],
-        capture_output=True, text=True, env=env, timeout=300)
+    proc = console_script(  # the sae-train command line, run in this process (conftest.py)
+        "sae-train", f"run_dir={run}", f"store.path={store}", "sae=tree",
+        "sae.n_latents=64", "sae.k=4", "sae.build_start_frac=0.25", "sae.build_tokens=4096",
+        "sae.min_cooccurrence=0.2", "trainer.tokens=16384", "trainer.batch_tokens=2048", "device=cpu",
+        f"seed={seed % 1000}", "wandb.enabled=false")
     assert proc.returncode == 0, proc.stderr[-4000:]
     cfg = json.loads((run / "sae" / "cfg.json").read_text())
     assert cfg["architecture"] == "topk" and cfg["k"] == 4 and cfg["d_sae"] == 64, cfg

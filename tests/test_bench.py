@@ -82,7 +82,7 @@ def test_bench_vs_sparsify_missing_names_install(tmp_path):
     p = _run(["--d", "8", "--n", "32", "--k", "2", "--batch", "8", "--vs", "sparsify", "--device", "cpu"],
              env_extra={"PYTHONPATH": str(tmp_path)})
     assert p.returncode != 0
-    assert "pip install eai-sparsify" in p.stderr
+    assert "[bench] extra" in p.stderr and 'pip install "sae-dist[bench]"' in p.stderr
     assert p.stdout.strip() == ""
 
 

@@ -25,7 +25,7 @@ SEQ_LEN, N_SEQ, D_SAE, K = 24, 50, 40, 3
 
 
 def _seed():
-    return int(np.random.SeedSequence().entropy % (2**31))
+    return int(np.random.randint(2**31))
 
 
 def chromium_dom(url: str) -> str:

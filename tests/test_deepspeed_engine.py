@@ -256,10 +256,11 @@ def _spawn(nprocs, tp, mode, data, stage, clip, offload, out_dir):
     cfg, seed, xs, dead, b_dec = data
     mp.start_processes(_worker, args=(nprocs, tp, _free_port(), mode, cfg, seed, xs, dead, b_dec, stage,
                                       clip, offload, str(out_dir)),
-                       nprocs=nprocs, join=True, start_method="spawn")
+                       nprocs=nprocs, join=True, start_method="forkserver")
 
 
 # ---------------------------------------------------------------------------------- tests
+@pytest.mark.usefixtures("worker_forkserver")  # tests/conftest.py
 @pytest.mark.parametrize("stage,clip,offload,amp", [(1, None, False, False), (2, None, False, False),
                                                     (1, CLIP, True, False), (2, CLIP, True, False),
                                                     (2, CLIP, False, True)])
@@ -293,6 +294,7 @@ def test_single_process_matches_torch_engine(stage, clip, offload, amp, tmp_path
           f"difference over losses, weights, optimizer state = {worst:.3g}; grad norm rel {norm_rel:.3g}")
 
 
+@pytest.mark.usefixtures("worker_forkserver")  # tests/conftest.py
 @pytest.mark.parametrize("tp,dp,stage,clip,offload", [
     (1, 2, 1, None, False),
     (1, 2, 2, CLIP, False),
@@ -338,6 +340,7 @@ def test_mesh_matches_single_process_torch_engine(tp, dp, stage, clip, offload, 
           f"losses, weight shards, optimizer state shards = {worst:.3g}; grad norm rel {norm_rel:.3g}")
 
 
+@pytest.mark.usefixtures("worker_forkserver")  # tests/conftest.py
 @pytest.mark.parametrize("stage,offload", [(1, False), (2, True)])
 def test_optimizer_state_round_trip(stage, offload, tmp_path):
     data = _data()

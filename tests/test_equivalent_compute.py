@@ -14,7 +14,7 @@ from sae_dist.eval.equivalent_compute import clean_cross_entropy, equivalent_com
 
 
 def _seed() -> int:
-    return int(np.random.default_rng().integers(0, 2**31))
+    return int(np.random.default_rng(np.random.randint(2**31)).integers(0, 2**31))
 
 
 def test_inverts_a_power_law_family():

@@ -34,7 +34,7 @@ def _data(rng, n=1000, d=24, offset=40.0):
 
 
 def test_matches_numpy_on_uneven_batches():
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(np.random.randint(2**31))
     x, x_hat, l0 = _data(rng)
     cuts = [0, 1, 8, 311, 313, 700, 1000]  # uneven batches, including a batch of one token
     stats = ReconstructionStats()
@@ -50,7 +50,7 @@ def test_matches_numpy_on_uneven_batches():
 
 
 def test_merge_equals_single_accumulator():
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(np.random.randint(2**31))
     x, x_hat, l0 = _data(rng, n=517, d=9)
     t = [torch.from_numpy(a) for a in (x, x_hat)]
     one = ReconstructionStats()
@@ -70,7 +70,7 @@ def test_merge_equals_single_accumulator():
 
 
 def test_closed_forms_mean_and_identity():
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(np.random.randint(2**31))
     x = torch.from_numpy(rng.normal(loc=3.0, size=(300, 16)))
     mean = x.mean(0, keepdim=True).expand_as(x)
     s_mean, s_id = ReconstructionStats(), ReconstructionStats()
@@ -84,7 +84,7 @@ def test_closed_forms_mean_and_identity():
 
 
 def test_l0_from_dense_latents_and_firing_counts():
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(np.random.randint(2**31))
     n, d_sae, k = 200, 50, 5
     idx = np.stack([rng.choice(d_sae, size=k, replace=False) for _ in range(n)])
     vals = rng.uniform(0.1, 2.0, size=(n, k))

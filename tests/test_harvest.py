@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import socket
-import subprocess
-import sys
-import textwrap
 import time
+import traceback
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +17,7 @@ import zarr
 
 from sae_dist.harvest import HarvestError, harvest, packed_sequences, run_to_hook, splice_hook
 from sae_dist.harvest.lm import load_lm
-from sae_dist.testing import make_tiny_lm, tiny_corpus
+from sae_dist.testing import tiny_corpus
 
 HOOK = "blocks.1.hook_resid_post"
 CTX = 16
@@ -27,8 +27,8 @@ SMALL = dict(n_files=3, max_chars=4000)  # ~ a few hundred sequences of 16 token
 
 
 @pytest.fixture(scope="module")
-def lm_dir(tmp_path_factory):
-    return make_tiny_lm(tmp_path_factory.mktemp("tiny_lm"))
+def lm_dir(tiny_lm_dir):
+    return tiny_lm_dir
 
 
 @pytest.fixture(scope="module")
@@ -151,33 +151,39 @@ def test_bad_arguments(lm, tmp_path):
         _run(lm, tmp_path / "empty", ["too short"], 100)
 
 
-_SCRIPT = textwrap.dedent(
-    """
-    import sys, time, torch
-    from sae_dist.harvest import harvest
-    from sae_dist.harvest.lm import load_lm
-    from sae_dist.testing import tiny_corpus
-    lm_dir, store = sys.argv[1], sys.argv[2]
-    tokens, rank, world, delay = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6])
-    model, tok = load_lm(lm_dir)
-    if delay:  # slow each LM forward down so that the parent can kill us mid-harvest
-        model.get_input_embeddings().register_forward_hook(lambda *a: time.sleep(delay))
-    out = harvest(model=model, tokenizer=tok, hook="%s", docs=tiny_corpus(%s), store_path=store,
-                  tokens=tokens, ctx_len=%d, batch_size=5, seqs_per_chunk=4, seqs_per_shard=16,
-                  eval_fraction=%r, rank=rank, world_size=world, progress=False, attrs={"dataset": "tiny"})
-    print("RESULT", out, flush=True)
-    """
-) % (HOOK, "n_files=3, max_chars=4000", CTX, EVAL)
+def _harvest_worker(lm_dir, store, tokens, rank, world, delay, env, result_file):
+    """A harvest of tiny_corpus(**SMALL) in a process of its own; writes its result (or traceback) to
+    `result_file`."""
+    try:
+        os.environ.update(env)
+        model, tok = load_lm(lm_dir)
+        if delay:  # slow each LM forward down so that the parent can kill us mid-harvest
+            model.get_input_embeddings().register_forward_hook(lambda *a: time.sleep(delay))
+        out = harvest(model=model, tokenizer=tok, hook=HOOK, docs=tiny_corpus(**SMALL), store_path=store,
+                      tokens=tokens, ctx_len=CTX, batch_size=5, seqs_per_chunk=4, seqs_per_shard=16,
+                      eval_fraction=EVAL, rank=rank, world_size=world, progress=False, attrs={"dataset": "tiny"})
+        Path(result_file).write_text(f"RESULT {out}")
+    except BaseException:
+        Path(result_file).write_text(traceback.format_exc())
+        raise
 
 
 def _launch(lm_dir, store, tokens, rank=0, world=1, delay=0.0, env=None):
-    e = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-    return subprocess.Popen(
-        [sys.executable, "-c", _SCRIPT, lm_dir, str(store), str(tokens), str(rank), str(world), str(delay)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=e,
-    )
+    """`_harvest_worker` in a new process, forked from the forkserver that has imported torch,
+    transformers and sae_dist once (`worker_forkserver`, tests/conftest.py). `.result` is its result file."""
+    result = Path(f"{store}.rank{rank}.txt")
+    proc = multiprocessing.get_context("forkserver").Process(
+        target=_harvest_worker, args=(lm_dir, str(store), tokens, rank, world, delay, env or {}, str(result)))
+    proc.start()
+    proc.result = result
+    return proc
 
 
+def _output(proc) -> str:
+    return proc.result.read_text() if proc.result.exists() else "(no result file)"
+
+
+@pytest.mark.usefixtures("worker_forkserver")
 def test_kill_and_resume_equals_uninterrupted(lm, lm_dir, tmp_path):
     """SIGKILL a real harvest after its first shard marker; the rerun completes it bit-identically."""
     docs = tiny_corpus(**SMALL)
@@ -188,18 +194,17 @@ def test_kill_and_resume_equals_uninterrupted(lm, lm_dir, tmp_path):
     deadline = time.time() + 120
     try:
         while not (progress.is_dir() and any(p.suffix == ".json" for p in progress.iterdir())):
-            assert proc.poll() is None, proc.stdout.read()
+            assert proc.is_alive(), _output(proc)
             assert time.time() < deadline, "no shard marker appeared"
             time.sleep(0.02)
-        assert proc.poll() is None  # still running: killed mid-harvest
+        assert proc.is_alive()  # still running: killed mid-harvest
         os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+        proc.join(timeout=30)
     finally:
-        if proc.poll() is None:
+        if proc.is_alive():
             proc.kill()
-            proc.wait()
-        proc.stdout.close()
-    assert proc.returncode == -signal.SIGKILL
+            proc.join()
+    assert proc.exitcode == -signal.SIGKILL
     n_marked = len([p for p in progress.iterdir() if p.suffix == ".json"])
     assert 1 <= n_marked < 13
     assert zarr.open_group(str(store), mode="r").attrs["harvest"]["complete"] is False
@@ -212,6 +217,7 @@ def test_kill_and_resume_equals_uninterrupted(lm, lm_dir, tmp_path):
     np.testing.assert_array_equal(arrays["seq_index"], np.repeat(np.arange(200), BODY))
 
 
+@pytest.mark.usefixtures("worker_forkserver")
 def test_two_worker_processes_with_gloo_barrier(lm, lm_dir, tmp_path):
     """Two real worker processes (torchrun-style env): rank 0 finalises after the gloo barrier."""
     tokens = 100 * BODY
@@ -221,8 +227,10 @@ def test_two_worker_processes_with_gloo_barrier(lm, lm_dir, tmp_path):
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
     procs = [_launch(lm_dir, tmp_path / "dist", tokens, rank=r, world=2, env={**env, "RANK": str(r)})
              for r in range(2)]
-    outs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
+    for p in procs:
+        p.join(timeout=300)
+    outs = [_output(p) for p in procs]
+    assert [p.exitcode for p in procs] == [0, 0], outs
     assert all("'complete': True" in o for o in outs), outs
     _run(lm, tmp_path / "single", tiny_corpus(**SMALL), tokens)
     _assert_same_store(tmp_path / "dist", tmp_path / "single")

@@ -525,14 +525,15 @@ def test_sweep_local_launcher_end_to_end(tmp_path):
 
     from sae_dist.store import write_store
 
-    rng = np.random.default_rng(int(time.time()))
+    rng = np.random.default_rng(np.random.randint(2**31))
     store = tmp_path / "acts.zarr"
     write_store(str(store), rng.standard_normal((2048, 16)).astype(np.float32), attrs={"model": "m", "hook": "h"})
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update(LAUNCHER="local", N_LIST="32,64", K_LIST="4", SAE_TRAIN=str(VENV_BIN / "sae-train"))
     sweep = tmp_path / "sweep"
     r = _run([str(SWEEP_SH), str(store), str(sweep), "trainer.tokens=1024", "trainer.batch_tokens=256",
-              "sae.dead_tokens=512", "wandb.enabled=false", "device=cpu", "eval.after_train=false"], env, timeout=300)
+              "sae.dead_tokens=512", "wandb.enabled=false", "device=cpu", "seed=0", "eval.after_train=false"], env,
+             timeout=300)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     for i, n in enumerate((32, 64)):
         point = sweep / f"{i}_n{n}_k4"

@@ -11,7 +11,7 @@ from sae_dist.eval.n2g import WILDCARD, N2GExplanation, fit_n2g, n2g_metrics, sc
 
 
 def _seed():
-    return int(np.random.SeedSequence().entropy % (2**31))
+    return int(np.random.randint(2**31))
 
 
 def _bigram_data(rng, A, B, V, C=300, T=32, inserts=30):

@@ -161,6 +161,7 @@ def _check_reconstruction(out_dir, ref_sae, mode, scale, g):
     torch.testing.assert_close(got, expected, atol=2e-4 * float(x.abs().max()), rtol=1e-4)
 
 
+@pytest.mark.usefixtures("worker_forkserver")  # tests/conftest.py
 @pytest.mark.parametrize("tp,dp", [(2, 1), (4, 1), (2, 2)])
 def test_sharded_export_equals_single_process_export(tp, dp, tmp_path):
     world = tp * dp
@@ -178,7 +179,7 @@ def test_sharded_export_equals_single_process_export(tp, dp, tmp_path):
 
     (tmp_path / "sharded").mkdir()
     args = (world, tp, _free_port(), cfg, weights, scale, str(tmp_path / "sharded"))
-    mp.start_processes(_worker, args=args, nprocs=world, join=True, start_method="spawn")
+    mp.start_processes(_worker, args=args, nprocs=world, join=True, start_method="forkserver")
 
     for mode in MODES:
         _assert_same_export(tmp_path / "sharded" / mode, tmp_path / "ref" / mode, d, n)

@@ -87,6 +87,7 @@ def _shard(t: torch.Tensor, name: str, lo: int, hi: int) -> torch.Tensor:
             "b_dec": lambda: t}[name]()
 
 
+@pytest.mark.usefixtures("worker_forkserver")  # tests/conftest.py
 @pytest.mark.parametrize("tp,dp,multi_topk,B", [(2, 1, False, 32), (1, 2, False, 32), (2, 2, True, 32),
                                                  (4, 1, True, 34)])
 def test_sharded_steps_match_single_process(tp, dp, multi_topk, B, tmp_path):
@@ -108,7 +109,7 @@ def test_sharded_steps_match_single_process(tp, dp, multi_topk, B, tmp_path):
     ref_losses, ref_grads, ref_weights = _run(ref, xs, dead, lambda x: x)
 
     mp.start_processes(_worker, args=(world, tp, _free_port(), cfg, xs, dead, b_dec, seed, str(tmp_path)),
-                       nprocs=world, join=True, start_method="spawn")
+                       nprocs=world, join=True, start_method="forkserver")
     worst = 0.0
     for r in range(world):
         got = torch.load(tmp_path / f"rank{r}.pt")

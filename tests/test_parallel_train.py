@@ -1,6 +1,11 @@
 """`sae-train` under torchrun (gloo, CPU): meshes against the single-process run, checkpoints saved at
 one mesh resumed at another, and a killed rank (fail fast, naming it; the rerun resumes with no lost or
-repeated steps). Every run trains the same tiny SAE on a synthetic store made here (fresh data)."""
+repeated steps). Every run trains the same tiny SAE on a synthetic store made here.
+
+The runs compared with the reference start their ranks as processes forked from the test forkserver
+(`_run_ranks`: the `sae-train` entry point with torchrun's environment) rather than through torchrun,
+whose agent and per-rank imports cost ~2 + 4 s a launch; torchrun itself runs where its behaviour is
+under test (the killed rank) and for a refusal under it."""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,9 +21,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from sae_dist.store import write_store
+
+pytestmark = pytest.mark.usefixtures("worker_forkserver")  # tests/conftest.py, for _run_ranks
 
 BIN = Path(sys.executable).parent
 STEPS, CKPT = 60, 20
@@ -41,7 +50,7 @@ def _args(store, run_dir, extra=()):
     return [f"run_dir={run_dir}", f"store.path={store}", "sae.n_latents=384", "sae.k=4",
             "++sae.k_aux=8", "sae.dead_tokens=512", f"trainer.tokens={STEPS * 256}",
             "trainer.batch_tokens=256", f"trainer.checkpoint_every_steps={CKPT}",
-            "trainer.keep_checkpoints=5", "trainer.log_every_steps=1", "device=cpu",
+            "trainer.keep_checkpoints=5", "trainer.log_every_steps=1", "device=cpu", "seed=0",
             "wandb.mode=disabled", *extra]
 
 
@@ -59,6 +68,55 @@ def _train(store, run_dir, nproc=1, tp=1, extra=(), check=True, **popen):
     if check:
         assert r.returncode == 0, r.stderr[-3000:]
     return r
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_worker(rank, world, port, argv, log_files):
+    """One rank of `torchrun --standalone --nproc-per-node=world sae-train *argv` (with _env()'s
+    variables), or of a plain `sae-train *argv` when world == 1: torchrun's environment, then the
+    console script's entry point; its stdout and stderr go to `log_files[rank]`."""
+    env = {k: v for k, v in _env().items() if k in ("OMP_NUM_THREADS", "SAE_DIST_TIMEOUT_S")}
+    if world > 1:
+        env.update(RANK=str(rank), LOCAL_RANK=str(rank), GROUP_RANK="0", WORLD_SIZE=str(world),
+                   LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(env)
+    torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    fd = os.open(log_files[rank], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    sys.argv = [str(BIN / "sae-train"), *argv]
+    from sae_dist.cli import train_main
+
+    try:
+        train_main()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+def _run_ranks(store, run_dir, nproc=1, tp=1, extra=(), fail=False) -> str:
+    """`_train(store, run_dir, nproc, tp, extra)` with the ranks forked from the forkserver of
+    tests/conftest.py (torch, DeepSpeed and sae_dist imported once) instead of started by torchrun;
+    asserts that it succeeds (fail=True: that it fails) and returns the ranks' output (stdout and stderr)."""
+    logs = [Path(f"{run_dir}.rank{r}.log") for r in range(nproc)]
+    argv = [*_args(store, run_dir, extra), f"parallel.tp={tp}"]
+    try:
+        mp.start_processes(_rank_worker, args=(nproc, _free_port(), argv, [str(f) for f in logs]), nprocs=nproc,
+                           join=True, start_method="forkserver")
+        error = None
+    except (mp.ProcessExitedException, mp.ProcessRaisedException) as e:
+        error = e
+    out = "".join(f.read_text() for f in logs if f.exists())
+    if fail:
+        assert error is not None, f"sae-train at nproc={nproc} tp={tp} succeeded:\n{out[-3000:]}"
+    elif error is not None:
+        raise AssertionError(f"sae-train at nproc={nproc} tp={tp} failed: {error}\n{out[-3000:]}")
+    return out
 
 
 def _log(run_dir):
@@ -83,16 +141,28 @@ def _close(a, b, what):
 def reference(store, tmp_path_factory):
     """The single-process run every mesh is compared with."""
     run = tmp_path_factory.mktemp("ref") / "single"
-    _train(store, run)
+    _run_ranks(store, run)
     log = _log(run)
     assert any(r["train/auxk_loss"] > 0 for r in log), "AuxK never ran: the comparison would be weak"
     return run
 
 
+@pytest.fixture(scope="module")
+def tp2xdp2(store, tmp_path_factory):
+    """A run from scratch at tp=2 x dp=2 (4 processes): compared with the reference, and the
+    checkpoints that test_checkpoint_reshards_across_meshes resumes at other meshes."""
+    run = tmp_path_factory.mktemp("tp2xdp2") / "run"
+    _run_ranks(store, run, nproc=4, tp=2)
+    return run
+
+
 @pytest.mark.parametrize("nproc,tp", [(2, 2), (2, 1), (4, 2)], ids=["tp2", "dp2", "tp2xdp2"])
-def test_mesh_matches_single_process(store, reference, tmp_path, nproc, tp):
-    run = tmp_path / "run"
-    _train(store, run, nproc=nproc, tp=tp)
+def test_mesh_matches_single_process(store, reference, tmp_path, nproc, tp, request):
+    if (nproc, tp) == (4, 2):
+        run = request.getfixturevalue("tp2xdp2")
+    else:
+        run = tmp_path / "run"
+        _run_ranks(store, run, nproc=nproc, tp=tp)
     worst = _close(_log(run), _log(reference), f"tp={tp} world={nproc}")
     ref_w, got_w = _weights(reference), _weights(run)
     for n in NAMES:
@@ -113,14 +183,13 @@ def _restart_from(src: Path, dst: Path, step: int):
             shutil.rmtree(ck)
 
 
-def test_checkpoint_reshards_across_meshes(store, reference, tmp_path):
-    saved = tmp_path / "tp2xdp2"
-    _train(store, saved, nproc=4, tp=2)
+def test_checkpoint_reshards_across_meshes(store, reference, tp2xdp2, tmp_path):
+    saved = tp2xdp2  # only copied (_restart_from)
     for name, nproc, tp in (("single", 1, 1), ("tp4", 4, 4), ("dp2", 2, 1)):
         run = tmp_path / name
         _restart_from(saved, run, 2 * CKPT)
-        r = _train(store, run, nproc=nproc, tp=tp)
-        assert f"step_{2 * CKPT:08d} (step {2 * CKPT}" in r.stderr
+        out = _run_ranks(store, run, nproc=nproc, tp=tp)
+        assert f"step_{2 * CKPT:08d} (step {2 * CKPT}" in out
         _close(_log(run), _log(reference), f"resumed at {name}")
         for n in NAMES:
             torch.testing.assert_close(_weights(run)[n], _weights(reference)[n], rtol=1e-5, atol=1e-5)
@@ -151,15 +220,16 @@ def test_killed_rank_fails_fast_and_rerun_resumes(store, reference, tmp_path):
     assert "local_rank: 1" in err and "SIGKILL" in err, err[-2000:]
     done = len(_log(run))
     assert done < STEPS
-    r = _train(store, run, nproc=2, tp=2)  # the rerun resumes from the last complete checkpoint
-    assert "resuming from" in r.stderr
+    out = _run_ranks(store, run, nproc=2, tp=2)  # the rerun resumes from the last complete checkpoint
+    assert "resuming from" in out
     _close(_log(run), _log(reference), "after a killed rank")
     for n in NAMES:
         torch.testing.assert_close(_weights(run)[n], _weights(reference)[n], rtol=1e-5, atol=1e-5)
 
 
-def test_tp_errors_are_clear(store, tmp_path):
-    r = _train(store, tmp_path / "a", nproc=1, tp=2, check=False)
+def test_tp_errors_are_clear(store, tmp_path, console_script):
+    # a plain single process: the sae-train command line, run in this process (conftest.py)
+    r = console_script("sae-train", *_args(store, tmp_path / "a"), "parallel.tp=2")
     assert r.returncode != 0 and "needs 2 processes" in r.stderr
     r = _train(store, tmp_path / "b", nproc=2, tp=3, check=False)
     assert r.returncode != 0 and "does not divide the world size 2" in r.stderr
@@ -169,14 +239,14 @@ def test_deepspeed_engine_matches_and_resumes(store, reference, tmp_path):
     """trainer.engine=deepspeed (ZeRO-1 over dp=2) matches the single-process torch-engine run; its
     checkpoint resumes under ZeRO-2 at another mesh (tp=2) and still matches."""
     run = tmp_path / "ds"
-    _train(store, run, nproc=2, tp=1, extra=("trainer.engine=deepspeed", "trainer.zero_stage=1"))
+    _run_ranks(store, run, nproc=2, tp=1, extra=("trainer.engine=deepspeed", "trainer.zero_stage=1"))
     _close(_log(run), _log(reference), "deepspeed zero-1 dp=2")
     for n in NAMES:
         torch.testing.assert_close(_weights(run)[n], _weights(reference)[n], rtol=1e-5, atol=1e-5)
     resumed = tmp_path / "ds_resumed"
     _restart_from(run, resumed, 2 * CKPT)
-    r = _train(store, resumed, nproc=2, tp=2, extra=("trainer.engine=deepspeed", "trainer.zero_stage=2"))
-    assert "resuming from" in r.stderr
+    out = _run_ranks(store, resumed, nproc=2, tp=2, extra=("trainer.engine=deepspeed", "trainer.zero_stage=2"))
+    assert "resuming from" in out
     _close(_log(resumed), _log(reference), "deepspeed zero-2 tp=2, resumed")
 
 
@@ -185,11 +255,11 @@ def test_unsharded_architecture_refuses_tp_and_trains_data_parallel(store, tmp_p
     tp = 1 the ranks are data-parallel replicas whose logged losses track the single-process run
     (each rank normalises over its own half of the batch, so not bit-equal)."""
     relu = ("sae=relu", "sae.k=null", "sae.l1_coef=0.1")
-    r = _train(store, tmp_path / "tp2", nproc=2, tp=2, extra=relu, check=False)
-    assert r.returncode != 0 and "sae=relu does not train latent-sharded" in r.stderr, r.stderr[-2000:]
+    out = _run_ranks(store, tmp_path / "tp2", nproc=2, tp=2, extra=relu, fail=True)
+    assert "sae=relu does not train latent-sharded" in out, out[-2000:]
     single, dp2 = tmp_path / "single", tmp_path / "dp2"
-    _train(store, single, extra=relu)
-    _train(store, dp2, nproc=2, tp=1, extra=relu)
+    _run_ranks(store, single, extra=relu)
+    _run_ranks(store, dp2, nproc=2, tp=1, extra=relu)
     a, b = _log(single), _log(dp2)
     assert [x["step"] for x in a] == [x["step"] for x in b] == list(range(1, STEPS + 1))
     for x, y in zip(a, b, strict=True):

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import subprocess
-import sys
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -38,7 +36,7 @@ H100_8x8 = {"nodes": 8, "gpus_per_node": 8}
 
 # ------------------------------------------------------------------------------------ shard shapes
 def test_shard_shapes_match_an_independent_split():
-    rng = random.Random()  # fresh inputs every run
+    rng = random.Random(random.randrange(2**31))  # inputs drawn from the per-test seed (conftest.py)
     for _ in range(20):
         tp = rng.choice([1, 2, 4, 8, 16])
         d, n = rng.randint(1, 48), tp * rng.randint(1, 40)
@@ -167,7 +165,7 @@ def test_memory_equals_hand_count_zero_stages():
 
 
 def test_encoder_flops_are_2_B_over_dp_d_n_over_tp():
-    rng = random.Random()
+    rng = random.Random(random.randrange(2**31))
     for _ in range(25):
         nodes, gpn = rng.choice([1, 2, 4]), rng.choice([4, 8])
         world = nodes * gpn
@@ -268,7 +266,7 @@ def test_kept_width_bounds_the_batch_max_of_the_exact_selection():
     pre-activations (fresh every run) split into tp shards; the largest per-row kept count over
     all ranks (what `_decode_kept` cuts to) is >= ceil(K/tp) and below the bound with tail 1e-6
     (a failure probability of at most 1e-6 per run)."""
-    rng = random.Random()
+    rng = random.Random(random.randrange(2**31))
     for _ in range(4):
         tp, Bl, nl, K = rng.choice([2, 4, 8]), rng.randint(64, 512), rng.randint(40, 120), rng.randint(4, 40)
         win = torch.randn(Bl, tp * nl).topk(K, dim=1).indices
@@ -538,14 +536,14 @@ def test_bad_options_raise_with_the_fix():
 
 
 # ------------------------------------------------------------------------------------ CLI
-def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT)] + ([os.environ["PYTHONPATH"]]
-                                                                      if os.environ.get("PYTHONPATH") else []))}
-    return subprocess.run([sys.executable, "-m", "sae_dist.plan", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+def test_cli_json_refusal_and_no_output_dir(tmp_path, console_script, monkeypatch):
+    monkeypatch.chdir(tmp_path)
 
+    def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+        """`sae-plan *args` (`python -m sae_dist.plan`) in `cwd`, run in this process (conftest.py)."""
+        assert Path.cwd() == cwd
+        return console_script("sae-plan", *args)
 
-def test_cli_json_refusal_and_no_output_dir(tmp_path):
     big = ["sae.d_in=4096", "sae.n_latents=16777216", "trainer.batch_tokens=131072", "cluster.nodes=8"]
     p = _cli(big + ["parallel.tp=64", "output=json"], tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]

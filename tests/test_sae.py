@@ -116,7 +116,7 @@ def test_unit_norm_after_step_and_parallel_grad_removed():
 
 
 def test_geometric_median_matches_scipy():
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(np.random.randint(2**31))
     pts = rng.standard_normal((60, 5)) * rng.uniform(0.5, 3, size=5) + rng.standard_normal(5)
     pts[:6] += 20.0  # outliers pull the mean, not the median
     m = geometric_median(torch.from_numpy(pts).float(), n_iter=500).double().numpy()

@@ -31,7 +31,7 @@ BIN = Path(sys.executable).parent
 
 
 def _seed() -> int:
-    return int(np.random.default_rng().integers(0, 2**31))
+    return int(np.random.default_rng(np.random.randint(2**31)).integers(0, 2**31))
 
 
 def test_power_law_fit_recovers_parameters():
@@ -139,7 +139,7 @@ def _fake_sweep(root: Path, true: dict, rng, d_in=64, tokens=400_000):
     return job
 
 
-def test_run_scaling_on_a_sweep_dir(tmp_path):
+def test_run_scaling_on_a_sweep_dir(tmp_path, console_script):
     seed = _seed()
     rng = np.random.default_rng(seed)
     true = dict(a=1.2, b_k=-0.5, b_n=-0.25, g=0.01, z=-2.5, e=-0.1)
@@ -154,8 +154,8 @@ def test_run_scaling_on_a_sweep_dir(tmp_path):
     p = next(p for p in data["points"] if p["n"] == 1024 and p["k"] == 8)
     assert p["compute"] == pytest.approx(6 * 64 * 1024 * 400_000)
 
-    proc = subprocess.run([str(BIN / "sae-scaling"), str(tmp_path / "sweep"), "--out", str(tmp_path / "out")],
-                          capture_output=True, text=True, timeout=300)
+    # the sae-scaling command lines, run in this process (conftest.py)
+    proc = console_script("sae-scaling", str(tmp_path / "sweep"), "--out", str(tmp_path / "out"))
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "out"
     for name in ("scaling.json", "scaling.md", "scaling_n.png", "scaling_k.png", "scaling_joint.png",
@@ -172,7 +172,7 @@ def test_run_scaling_on_a_sweep_dir(tmp_path):
     res2 = run_scaling(tmp_path / "sweep", tmp_path / "out2", metric="normalized_mse", plots=False)
     assert res2["fits"]["L(n,k)"].params["b_n"] == pytest.approx(joint["params"]["b_n"], abs=0.02)
     # errors name the problem
-    proc = subprocess.run([str(BIN / "sae-scaling"), str(tmp_path / "nope")], capture_output=True, text=True)
+    proc = console_script("sae-scaling", str(tmp_path / "nope"))
     assert proc.returncode == 2 and "does not exist" in proc.stderr
 
 

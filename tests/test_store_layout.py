@@ -36,7 +36,7 @@ def _bits(a):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 @pytest.mark.parametrize("kind", ["torch", "numpy"])
 def test_round_trip_bit_exact(tmp_path, dtype, kind):
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(np.random.randint(2**31))
     n, d = 1000, 24  # n not a multiple of the shard size
     x = torch.from_numpy(rng.standard_normal((n, d), dtype=np.float32) * 3).to(getattr(torch, dtype))
     if kind == "numpy":
@@ -81,7 +81,7 @@ def test_bfloat16_cast_matches_torch(tmp_path):
 
 def test_chunk_and_shard_grid_on_disk(tmp_path):
     n, d, chunk, shard = 1000, 12, 32, 256
-    x = np.random.default_rng().standard_normal((n, d)).astype(np.float16)
+    x = np.random.default_rng(np.random.randint(2**31)).standard_normal((n, d)).astype(np.float16)
     write_store(tmp_path / "s", x, np.arange(n), chunk_tokens=chunk, shard_tokens=shard)
     meta = json.loads((tmp_path / "s" / "activations" / "zarr.json").read_text())
     assert meta["zarr_format"] == 3
@@ -191,7 +191,7 @@ def test_progress_markers(tmp_path):
 
 def test_finalize_trims_and_merges(tmp_path):
     p = tmp_path / "s"
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(np.random.randint(2**31))
     n_alloc, d, shard = 1024, 8, 256
     g = create_store(p, n_tokens=n_alloc, d_model=d, dtype="float32", chunk_tokens=64, shard_tokens=shard,
                      attrs={"model": "m", "ctx_len": 17})
@@ -224,7 +224,7 @@ def test_finalize_trims_and_merges(tmp_path):
 
 def test_finalize_computes_norm_stats_without_markers(tmp_path):
     p = tmp_path / "s"
-    x = np.random.default_rng().standard_normal((300, 5)).astype(np.float16)
+    x = np.random.default_rng(np.random.randint(2**31)).standard_normal((300, 5)).astype(np.float16)
     g = create_store(p, n_tokens=512, d_model=5, dtype="float16", chunk_tokens=64, shard_tokens=128, attrs={})
     write_block(g, 0, x)
     finalize_store(p, 300, {})
@@ -234,7 +234,7 @@ def test_finalize_computes_norm_stats_without_markers(tmp_path):
 
 
 def test_norm_stats_partial_and_merge():
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(np.random.randint(2**31))
     x = rng.standard_normal((5000, 33)) * rng.uniform(0.1, 10, (5000, 1))
     norms = np.sqrt((x ** 2).sum(1))
     parts = [norm_stats_partial(x[:1234]), norm_stats_partial(torch.from_numpy(x[1234:4000])),
@@ -247,7 +247,7 @@ def test_norm_stats_partial_and_merge():
 
 
 def test_write_store_rejects_bad_input(tmp_path):
-    x = np.random.default_rng().standard_normal((500, 4)).astype(np.float32)
+    x = np.random.default_rng(np.random.randint(2**31)).standard_normal((500, 4)).astype(np.float32)
     x[321, 2] = np.nan
     with pytest.raises(NonFiniteError, match="row 321"):
         write_store(tmp_path / "nan", x, chunk_tokens=16, shard_tokens=64)

@@ -1,7 +1,6 @@
 """ActivationStore: epoch coverage, seeded order, dp split, exact resume, errors, normalisation, prefetch."""
 
 import math
-import os
 import threading
 
 import numpy as np
@@ -49,7 +48,7 @@ def _naive_epoch_rows(seed, epoch, n, shard, shuffle_shards):
 
 def test_epoch_covers_every_row_once_and_matches_documented_order(tmp_path):
     _id_store(tmp_path / "s")
-    B, seed = 100, int(np.random.default_rng().integers(1 << 30))
+    B, seed = 100, int(np.random.default_rng(np.random.randint(2**31)).integers(1 << 30))
     with ActivationStore(tmp_path / "s", batch_tokens=B, seed=seed, shuffle_shards=3, normalize="none") as st:
         assert st.batches_per_epoch == N // B == 11 and st.tokens_per_epoch == N
         epochs = [np.concatenate([_ids(next(st)) for _ in range(st.batches_per_epoch)]) for _ in range(2)]
@@ -127,7 +126,7 @@ def test_corrupt_and_missing_shard_errors_name_the_shard(tmp_path):
                     next(st)
         return str(e.value)
 
-    for bad in (good[: len(good) // 2], os.urandom(len(good)), good[:100] + bytes(len(good) - 100)):
+    for bad in (good[: len(good) // 2], np.random.bytes(len(good)), good[:100] + bytes(len(good) - 100)):
         f.write_bytes(bad)
         msg = first_error()
         assert "shard 4" in msg and str(f) in msg and "[512, 640)" in msg and "corrupt" in msg
@@ -139,7 +138,7 @@ def test_corrupt_and_missing_shard_errors_name_the_shard(tmp_path):
 
 def test_nonfinite_error_names_rows_and_chunk(tmp_path):
     _id_store(tmp_path / "s")
-    row = int(np.random.default_rng().integers(200, 1000))
+    row = int(np.random.default_rng(np.random.randint(2**31)).integers(200, 1000))
     a = open_store(tmp_path / "s", "r+")["activations"]
     v = a[row : row + 1]
     v[0, 3] = np.inf
@@ -242,7 +241,7 @@ def test_prefetch_thread_exception_surfaces_and_close(tmp_path, monkeypatch):
 
 def test_store_written_by_plain_zarr_is_accepted(tmp_path):
     # CONTRACT: any tool writing the layout (here plain zarr, no harvest attribute) gives a usable store
-    x = np.random.default_rng().standard_normal((700, D)).astype(np.float32)
+    x = np.random.default_rng(np.random.randint(2**31)).standard_normal((700, D)).astype(np.float32)
     x[:, 0] = np.arange(700)
     g = zarr.open_group(tmp_path / "other.zarr", mode="w", zarr_format=3)
     g.attrs.update({"d_model": D, "n_tokens": 700, "dtype": "float32", "model": "m", "hook": "h"})
@@ -255,7 +254,7 @@ def test_store_written_by_plain_zarr_is_accepted(tmp_path):
 
 
 def test_scalar_mode_without_norm_stats_computes_them(tmp_path):
-    x = np.random.default_rng().standard_normal((400, D)).astype(np.float32) * 3
+    x = np.random.default_rng(np.random.randint(2**31)).standard_normal((400, D)).astype(np.float32) * 3
     g = zarr.open_group(tmp_path / "o.zarr", mode="w", zarr_format=3)
     g.create_array("activations", shape=x.shape, dtype="float32", chunks=(100, D), shards=(200, D))[:] = x
     with pytest.warns(UserWarning, match="norm_stats"):

@@ -63,7 +63,7 @@ def test_iter_documents_local_files_and_missing_column(tmp_path):
 
 
 def test_is_eval_document_stable_and_calibrated():
-    rng = random.Random()
+    rng = random.Random(random.randrange(2**31))
     docs = [f"doc {rng.random()} {i}" for i in range(4000)]
     frac = 0.2
     flags = [is_eval_document(d, frac) for d in docs]
@@ -112,7 +112,7 @@ def test_packing_contiguous_slices_with_bos(tok, ctx_len):
 
 
 def test_packing_train_eval_disjoint(tok):
-    rng = random.Random()
+    rng = random.Random(random.randrange(2**31))
     words = ["alpha", "beta", "gamma", "delta", "def", "return", "(", ")", ":", "\n"]
     docs = [" ".join(rng.choice(words) for _ in range(rng.randint(20, 200))) + f" #{i}" for i in range(60)]
     frac = 0.4

@@ -198,24 +198,20 @@ def test_trainer_config_validation():
     np.testing.assert_allclose(lr, [0.5, 1, 1, 1, 1, 1, 1.0, 0.75, 0.5, 0.25])
 
 
-_KILL_SCRIPT = r"""
-import json, sys, torch
-torch.set_num_threads(1)
-from sae_dist.sae import SAEConfig
-from sae_dist.train import TrainerConfig, train
-a = json.loads(sys.argv[1])
-train(store_path=a["store"], out_dir=a["out"], sae_cfg=SAEConfig(**a["sae"]),
-      trainer_cfg=TrainerConfig(**a["trainer"]), seed=1, progress=False, wandb_cfg={"enabled": False})
-"""
+def _train_to_be_killed(a: dict) -> None:
+    """The training that test_sigkill_then_resume_matches_uninterrupted_run kills (in its own process)."""
+    torch.set_num_threads(1)
+    train(store_path=a["store"], out_dir=a["out"], sae_cfg=SAEConfig(**a["sae"]),
+          trainer_cfg=TrainerConfig(**a["trainer"]), seed=1, progress=False, wandb_cfg={"enabled": False})
 
 
+@pytest.mark.usefixtures("worker_forkserver")
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     """A real SIGKILL at an arbitrary moment (possibly inside a checkpoint save) then a resume
     reproduces the uninterrupted run's losses and final weights exactly."""
+    import multiprocessing
     import os
     import signal
-    import subprocess
-    import sys
     import time
 
     store = _store(tmp_path, _sparse_dictionary_data(n_tokens=4096))
@@ -223,18 +219,20 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     tr_kw = dict(tokens=128 * 400, batch_tokens=128, lr=3e-3, checkpoint_every_steps=5,
                  keep_checkpoints=2, log_every_steps=1)
     killed = tmp_path / "killed"
-    args = json.dumps({"store": str(store), "out": str(killed), "sae": sae_kw, "trainer": tr_kw})
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, args], env=env)
+    args = {"store": str(store), "out": str(killed), "sae": sae_kw, "trainer": tr_kw}
+    # a process of its own, forked from the forkserver that has imported torch and sae_dist (conftest.py)
+    proc = multiprocessing.get_context("forkserver").Process(target=_train_to_be_killed, args=(args,))
+    proc.start()
     log = killed / "train_log.jsonl"
     deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
+    while time.time() < deadline and proc.is_alive():
         if log.exists() and len(log.read_text().splitlines()) >= 23:
             break
         time.sleep(0.05)
-    assert proc.poll() is None, "the training subprocess ended before it could be killed"
+    assert proc.is_alive(), "the training process ended before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc.join()
+    assert proc.exitcode == -signal.SIGKILL
     n_before = len(_log(killed))
     assert 23 <= n_before < 400
     kw = dict(store_path=store, seed=1, progress=False, wandb_cfg={"enabled": False})
