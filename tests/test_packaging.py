@@ -155,3 +155,14 @@ def test_every_import_is_a_declared_dependency():
     assert not heavy & core
     extras = py["optional-dependencies"]
     assert {"deepspeed", "demo", "slurm", "bench", "test"} <= set(extras)
+
+
+def test_submitit_launcher_without_the_slurm_extra_is_named(monkeypatch):
+    """`hydra/launcher=slurm|local` needs hydra-submitit-launcher: the CLI checks before Hydra composes."""
+    from sae_dist.cli import check_launcher_extra
+
+    monkeypatch.setattr("sae_dist.extras._installed", lambda name: "submitit" not in name)
+    for value in ("slurm", "local"):
+        with pytest.raises(MissingExtraError, match=r"hydra/launcher=.*\[slurm\] extra"):
+            check_launcher_extra(["-m", "sae.k=8", f"hydra/launcher={value}"])
+    check_launcher_extra(["hydra/launcher=basic", "run_dir=slurm"])  # other launchers need nothing
