@@ -142,3 +142,71 @@ def dense_rows_block(values: torch.Tensor, indices: torch.Tensor, n_rows: int, d
     local = (torch.cumsum(present, 0) - 1)[indices]  # position of each index in rows
     Z = torch.zeros(B, u, dtype=dtype, device=indices.device).scatter_add_(1, local, values.to(dtype))
     return rows, Z
+
+
+# ------------------------------------------------------------------------------------ launches
+class Launch:
+    """One Triton kernel launch, described before it runs: `kernel[grid](*args, **constexprs,
+    **options)`. The same object is what runs (`run`), what `sae_dist.kernels.report` compiles
+    ahead of time for a GPU architecture (with meta tensors standing in for the real ones), and what
+    `record_variants` counts, so the report and the variant test see exactly the production launch.
+
+    name: the kernel's public name (report rows); args: runtime arguments in the kernel's order
+    (tensors, ints); constexprs: the tl.constexpr arguments by name; options: launch options
+    (num_warps, num_stages).
+    """
+
+    __slots__ = ("name", "kernel", "grid", "args", "constexprs", "options")
+
+    def __init__(self, name, kernel, grid, args, constexprs, options=None):
+        self.name, self.kernel, self.grid = name, kernel, tuple(int(g) for g in grid)
+        self.args, self.constexprs, self.options = tuple(args), dict(constexprs), dict(options or {})
+
+    def run(self) -> None:
+        if _RECORDERS:
+            key = self.variant_key()
+            for rec in _RECORDERS:
+                rec.add(key)
+        self.kernel[self.grid](*self.args, **self.constexprs, **self.options)
+
+    def signature(self) -> list[tuple]:
+        """Triton's specialisation of each runtime argument, as its JIT computes it: (type, attribute)
+        pairs such as ('*bf16', 'D') (16-byte aligned pointer), ('i32', 'D') (int divisible by 16),
+        ('i64', '') (an int >= 2^31) or ('constexpr', 1) (ints equal to 1 are specialised)."""
+        from triton._C.libtriton import native_specialize_impl
+        from triton.backends.compiler import BaseBackend
+
+        return [tuple(native_specialize_impl(BaseBackend, a, False, True, True)) for a in self.args]
+
+    def variant_key(self) -> tuple:
+        """What selects a compiled binary: the argument specialisation, the constexprs and the launch
+        options. Two launches with equal keys reuse one compiled kernel."""
+        return (self.name, tuple(self.signature()), tuple(sorted(self.constexprs.items())),
+                tuple(sorted(self.options.items())))
+
+
+_RECORDERS: list[set] = []
+
+
+class record_variants:
+    """Context manager collecting the `Launch.variant_key` of every Triton launch inside it:
+    ``with record_variants() as seen: ...; len(seen)`` is the number of distinct compiled variants the
+    block needed. Used by the tests to bound recompilation (no data-dependent constexpr)."""
+
+    def __enter__(self) -> set:
+        self.seen: set = set()
+        _RECORDERS.append(self.seen)
+        return self.seen
+
+    def __exit__(self, *exc) -> None:
+        _RECORDERS.remove(self.seen)
+
+
+def tf32_enabled() -> bool:
+    """torch's choice for fp32 CUDA matmuls: True when they may use TF32 tensor cores (the
+    `torch.backends.cuda.matmul.fp32_precision = "tf32"` setting of torch >= 2.9, or the older
+    `allow_tf32` flag). The Triton encoder follows it so that both backends select the same latents."""
+    prec = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if prec in ("tf32", "ieee"):
+        return prec == "tf32"
+    return bool(torch.backends.cuda.matmul.allow_tf32)

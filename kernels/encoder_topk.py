@@ -16,14 +16,22 @@ Forward, two implementations with the same result:
   the AuxK mask), never [B, n].
 * Triton (CUDA, or CPU under ``TRITON_INTERPRET=1``): grid (token blocks of BLOCK_B, latent splits).
   Each program computes [BLOCK_B, BLOCK_N] pre-activation tiles with ``tl.dot`` over d in BLOCK_D
-  steps and keeps a per-token running top-k in registers (and a second one for the AuxK candidates
-  among dead latents). A tile is merged by repeated extraction: while some row's tile maximum beats
-  that row's running minimum, the maximum replaces the minimum (at most k+1 rounds per tile, usually
-  far fewer once the running set is warm). Each program writes its split's local top-k to a small
-  [B, splits, k] candidate buffer; ``torch.topk`` over the splits*k candidates gives the final,
-  sorted result (a standard two-pass split-k selection). One split spans ``latent_chunk`` latents
-  (rounded up to a multiple of BLOCK_N), widened when needed so that the candidate buffers stay
-  under CANDIDATE_BUFFER_BYTES (1 GiB).
+  steps (tensor cores: bf16/fp16, or TF32 for fp32 when torch's fp32 matmul precision allows it) and
+  keeps a per-token running top-k of next_pow2(k) slots in registers. A tile is merged by repeated
+  extraction: while some row's tile maximum beats that row's running minimum, the maximum replaces
+  the minimum (at most k+1 rounds per tile, usually far fewer once the running set is warm). Each
+  program writes its split's local top-k to a [B, splits * k] candidate buffer; ``torch.topk`` over
+  the splits*k candidates gives the final result (a standard two-pass split-k selection). One split
+  spans ``latent_chunk`` latents (rounded up to a multiple of BLOCK_N), widened when needed so that
+  the candidate buffers stay under CANDIDATE_BUFFER_BYTES (1 GiB). The AuxK candidates are not
+  selected in the kernel (k_aux = 2048 running slots per row would not fit in registers, and a
+  dead-count-dependent width would recompile the kernel as latents die): `_select_dead` gathers the
+  dead latents' W_enc columns, a chunk at a time, and merges one [rows, chunk] matmul per token
+  block into a running top-k_aux, costing n_dead / n of the encoder matmul with transients bounded
+  by DEAD_PASS_ELEMENTS whatever B and n_dead are. No kernel argument depends on the data, so one
+  compiled variant serves a whole run. Tile shapes and launch options per shape class:
+  `encoder_launch_config` (checked with `python -m sae_dist.kernels.report`). All pointer offsets
+  are int64 (d_in x n_latents reaches 2^31 at production widths).
 
 Backward (both backends, torch ops touching only the selected latents): with
 g[b, j] = grad_values[b, j] * (values[b, j] > 0) (ReLU) and i = indices[b, j] (main and AuxK
@@ -33,14 +41,16 @@ selections together, duplicates summed),
     grad b_enc[i]    += g[b, j]                     (index_add_)
     grad b_pre        = -W_enc @ grad b_enc         (one [d, n] x [n] matvec)
     grad x[b]         = sum_j g[b, j] * W_enc[:, i] (only when need_x_grad=True; gathered columns)
-Gradients are accumulated in float32 and cast to the parameters' dtypes. grad W_enc is computed per
-latent chunk of `latent_chunk` rows (a slice of the latent-sorted CSR matrix, [chunk, d] product,
-copied transposed into a [d, n] buffer laid out like W_enc), so no second parameter-sized temporary
-exists. Entries with g = 0 (ReLU-clipped) are dropped first. On CPU (d=576, n=16384, k=32, B=4096, fp32)
-the CSR product measured 35 ms against 52 ms for a COO torch.sparse.mm and 137 ms for index_add_ of
-the [B*k, d] rows (which also needs a [B*k, d] temporary). Deterministic on CPU (rows sorted by a
-stable sort, one thread per output row); on CUDA index_add_ uses atomics (float summation order may
-vary between runs).
+Gradients are accumulated in float32 and cast to the parameters' dtypes. grad W_enc: on the Triton
+backend with fp32 weights (the trainer's master weights), one atomic-scatter kernel into the [d, n]
+gradient; otherwise per latent chunk (a slice of the latent-sorted CSR matrix, [chunk, d] product,
+copied transposed into a [d, n] buffer laid out like W_enc, chunks of up to GRAD_CHUNK_BYTES on
+CUDA), so no second parameter-sized temporary exists. Entries with g = 0 (ReLU-clipped) are dropped
+first. On CPU (d=576, n=16384, k=32, B=4096, fp32) the CSR product measured 35 ms against 52 ms for a
+COO torch.sparse.mm and 137 ms for index_add_ of the [B*k, d] rows (which also needs a [B*k, d]
+temporary). Deterministic on CPU (rows sorted by a stable sort, one thread per output row); on CUDA
+index_add_ and the atomic scatter use atomics (float summation order may vary between runs;
+`torch.use_deterministic_algorithms(True)` selects the CSR path for W_enc).
 
 Measured (2-core CPU, torch 2.13, fp32, d=576, n=16384, k=32, B=4096; CPU-seconds of the process,
 median of 5, relative to one bare dense x @ W_enc in the same loop): forward 1.09x (dense addmm +
@@ -56,7 +66,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from ._common import dense_rows_block
+from ._common import Launch, dense_rows_block, tf32_enabled
 
 __all__ = ["encode_topk", "encode_topk_reference", "triton_available", "BACKENDS"]
 
@@ -287,64 +297,56 @@ if _HAS_TRITON:
 
     @triton.jit
     def _encoder_topk_kernel(
-        xc_ptr, w_ptr, b_ptr, dead_ptr,
-        out_v_ptr, out_i_ptr, aux_v_ptr, aux_i_ptr,
-        B, D, N, SPAN, SPLITS,
-        stride_xb, stride_xd, stride_wd, stride_wn,
-        K: tl.constexpr, K_PAD: tl.constexpr, KA: tl.constexpr, KA_PAD: tl.constexpr,
+        xc_ptr, w_ptr, b_ptr, out_v_ptr, out_i_ptr,
+        B, D, N, SPAN,
+        stride_xb, stride_xd, stride_wd, stride_wn, stride_ob,
+        K: tl.constexpr, K_PAD: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):
+        # Every pointer offset is int64: d_in x n_local reaches 2^31 at production widths.
         pid_b = tl.program_id(0)
         pid_s = tl.program_id(1)
         rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
         row_ok = rows < B
+        rows64 = rows.to(tl.int64)
+        dk = tl.arange(0, BLOCK_D).to(tl.int64)
+        x_step = tl.full((), BLOCK_D, tl.int64) * stride_xd
+        w_step = tl.full((), BLOCK_D, tl.int64) * stride_wd
         kcols = tl.arange(0, K_PAD)
         rv = tl.where(kcols[None, :] < K, float("-inf"), float("inf")) + tl.zeros(
             [BLOCK_B, K_PAD], tl.float32)
         ri = tl.full([BLOCK_B, K_PAD], -1, tl.int32)
-        kacols = tl.arange(0, KA_PAD)
-        av = tl.where(kacols[None, :] < KA, float("-inf"), float("inf")) + tl.zeros(
-            [BLOCK_B, KA_PAD], tl.float32)
-        ai = tl.full([BLOCK_B, KA_PAD], -1, tl.int32)
         n_start = pid_s * SPAN
         n_end = tl.minimum(n_start + SPAN, N)
         for n0 in range(n_start, n_end, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             col_ok = cols < n_end
+            cols64 = cols.to(tl.int64)
+            a_ptrs = xc_ptr + rows64[:, None] * stride_xb + dk[None, :] * stride_xd
+            w_ptrs = w_ptr + dk[:, None] * stride_wd + cols64[None, :] * stride_wn
             acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
             for d0 in range(0, D, BLOCK_D):
-                dd = d0 + tl.arange(0, BLOCK_D)
-                d_ok = dd < D
-                a = tl.load(xc_ptr + rows[:, None] * stride_xb + dd[None, :] * stride_xd,
-                            mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-                w = tl.load(w_ptr + dd[:, None] * stride_wd + cols[None, :] * stride_wn,
-                            mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+                d_ok = dk < D - d0
+                a = tl.load(a_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+                w = tl.load(w_ptrs, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
                 if UPCAST:  # Triton 3.9's interpreter computes garbage for 16-bit tl.dot
                     a = a.to(tl.float32)
                     w = w.to(tl.float32)
                 acc = tl.dot(a, w, acc, input_precision=PRECISION)
-            bias = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-            acc = acc + bias[None, :]
-            acc = tl.where(col_ok[None, :], acc, float("-inf"))
-            if KA > 0:
-                dead = tl.load(dead_ptr + cols, mask=col_ok, other=0) != 0
-                aacc = tl.where(dead[None, :], acc, float("-inf"))
-                av, ai = _merge_tile(aacc, n0, av, ai, KA_PAD, BLOCK_N)
+                a_ptrs += x_step
+                w_ptrs += w_step
+            bias = tl.load(b_ptr + cols64, mask=col_ok, other=0.0).to(tl.float32)
+            acc = tl.where(col_ok[None, :], acc + bias[None, :], float("-inf"))
             rv, ri = _merge_tile(acc, n0, rv, ri, K_PAD, BLOCK_N)
-        # candidate buffers are [B, SPLITS, K] (and [B, SPLITS, KA]), contiguous
-        out_off = rows[:, None] * (SPLITS * K) + pid_s * K + kcols[None, :]
+        # candidate buffers are [B, SPLITS * K]: this split's k slots of each row
+        out_off = rows64[:, None] * stride_ob + (pid_s * K + kcols)[None, :].to(tl.int64)
         out_mask = row_ok[:, None] & (kcols[None, :] < K)
         tl.store(out_v_ptr + out_off, rv, mask=out_mask)
         tl.store(out_i_ptr + out_off, ri, mask=out_mask)
-        if KA > 0:
-            aoff = rows[:, None] * (SPLITS * KA) + pid_s * KA + kacols[None, :]
-            amask = row_ok[:, None] & (kacols[None, :] < KA)
-            tl.store(aux_v_ptr + aoff, av, mask=amask)
-            tl.store(aux_i_ptr + aoff, ai, mask=amask)
 
 
-#: Upper bound of the Triton path's split candidate buffers (`_select_triton`).
+#: Upper bound of the Triton path's split candidate buffers ([B, splits, k] values and indices).
 CANDIDATE_BUFFER_BYTES = 1 << 30
 
 
@@ -352,66 +354,146 @@ def _next_pow2(v: int) -> int:
     return 1 << max(0, (int(v) - 1).bit_length())
 
 
+def encoder_launch_config(d_in: int, k: int, precision: str | None, interpret: bool = False) -> dict:
+    """Tile shape and launch options of the fused encoder kernel for one shape class.
+
+    precision: the dot's input precision: None (16-bit inputs, tensor cores), "tf32" (fp32 inputs
+    on TF32 tensor cores) or "ieee" (fp32 FMA dots). Hopper (sm_90a) choices, checked offline with
+    `python -m sae_dist.kernels.report` (0 spill bytes at d_in 768 / 2304 / 4096, k 32 / 64, bf16,
+    tf32 and ieee): BLOCK_B x BLOCK_N pre-activation tiles over BLOCK_D steps with a 3-stage
+    pipeline, a running top-k of K_PAD = next_pow2(k) slots per row in registers. 16-bit inputs take
+    BLOCK_D = 64, fp32 BLOCK_D = 32, so a pipeline stage is the same number of bytes; IEEE dots hold
+    their operands in registers and take half the token and latent blocks. The interpreter (CPU tests) takes
+    small tiles. d_in enters only through masking (any d_in compiles to the same kernel).
+    Returns a dict with BLOCK_B, BLOCK_N, BLOCK_D, K_PAD, num_warps, num_stages.
+    """
+    K_PAD = max(2, _next_pow2(k))
+    if interpret:
+        return dict(BLOCK_B=16, BLOCK_N=32, BLOCK_D=16, K_PAD=K_PAD, num_warps=4, num_stages=1)
+    if precision is None:
+        return dict(BLOCK_B=64, BLOCK_N=128, BLOCK_D=64, K_PAD=K_PAD, num_warps=8 if K_PAD >= 64 else 4,
+                    num_stages=3)
+    ieee = precision == "ieee"
+    return dict(BLOCK_B=32 if ieee else 64, BLOCK_N=64 if ieee else 128, BLOCK_D=32, K_PAD=K_PAD,
+                num_warps=8, num_stages=3)
+
+
+def encoder_launch(xc, W_enc, b_enc, k, latent_chunk, cand_v=None, cand_i=None):
+    """The fused encoder's `Launch` for xc [B, d] (= x - b_pre), W_enc [d, n], b_enc [n]: a grid of
+    (token blocks, latent splits); split s writes its local top-k of every row into columns
+    [s k, (s + 1) k) of the [B, splits * k] candidate buffers (fp32 values, int32 latent ids).
+    Returns (launch, cand_v, cand_i). Meta tensors are accepted (the report compiles from them)."""
+    B, D = xc.shape
+    N = W_enc.shape[1]
+    interp = xc.device.type == "cpu"
+    if interp:
+        precision = "ieee"  # 16-bit tiles are upcast to fp32 under the interpreter (UPCAST below)
+    elif W_enc.dtype == torch.float32:
+        # follow torch's matmul setting, so the Triton and torch paths select the same latents
+        precision = "tf32" if tf32_enabled() else "ieee"
+    else:
+        precision = None  # 16-bit inputs: native tensor-core dot, fp32 accumulation
+    cfg = encoder_launch_config(D, k, precision, interpret=interp)
+    bn = cfg["BLOCK_N"]
+    # Latent splits give parallelism when there are few token blocks; the candidate buffers
+    # (8 bytes per entry) stay under CANDIDATE_BUFFER_BYTES by widening the span.
+    max_splits = max(1, CANDIDATE_BUFFER_BYTES // max(1, B * k * 8))
+    span = max(latent_chunk, -(-N // max_splits), 1)
+    span = -(-span // bn) * bn
+    splits = -(-N // span)
+    if cand_v is None:
+        cand_v = torch.empty(B, splits * k, dtype=torch.float32, device=xc.device)
+        cand_i = torch.empty(B, splits * k, dtype=torch.int32, device=xc.device)
+    grid = (-(-B // cfg["BLOCK_B"]), splits)
+    args = (xc, W_enc, b_enc, cand_v, cand_i, B, D, N, span,
+            xc.stride(0), xc.stride(1), W_enc.stride(0), W_enc.stride(1), cand_v.stride(0))
+    constexprs = dict(K=k, K_PAD=cfg["K_PAD"], BLOCK_B=cfg["BLOCK_B"], BLOCK_N=bn,
+                      BLOCK_D=cfg["BLOCK_D"], PRECISION=precision,
+                      UPCAST=interp and W_enc.dtype != torch.float32)
+    options = {} if interp else dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    launch = Launch("encoder_topk", _encoder_topk_kernel, grid, args, constexprs, options)
+    return launch, cand_v, cand_i
+
+
 @torch.no_grad()
 def _select_triton(xc, W_enc, b_enc, k, dead_mask, k_aux, latent_chunk):
-    """Triton split-k selection; same contract as `_select_torch` (unsorted raw pre-acts)."""
+    """Triton split-k selection; same contract as `_select_torch` (unsorted raw pre-acts). The kernel
+    keeps only the k main slots per row; the AuxK candidates come from `_select_dead` (a pass over
+    the dead latents' columns only), so no kernel depends on the dead count."""
     if not triton_available(xc.device):
         raise RuntimeError(
             f"backend='triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1 for CPU "
             f"tensors); tensors are on {xc.device}, triton importable: {_HAS_TRITON}. "
             f"Use backend='torch' or 'auto'."
         )
-    B, D = xc.shape
     N = W_enc.shape[1]
-    interp = xc.device.type != "cuda"
-    BLOCK_B = max(16, min(64, _next_pow2(B)))
-    BLOCK_N = max(16, min(128, _next_pow2(N)))
-    BLOCK_D = max(16, min(32 if interp else 64, _next_pow2(D)))
-    KA = k_aux if (k_aux > 0 and dead_mask is not None) else 0
-    # Latent splits give parallelism when there are few token blocks; their [B, splits, k + k_aux]
-    # candidate buffers (8 bytes per entry) are capped at CANDIDATE_BUFFER_BYTES by widening the span
-    # (at B = 131072, k_aux = 2048 a 4096-latent span would need 8.7 GB per million latents).
-    span = max(latent_chunk, 1)
-    max_splits = max(1, CANDIDATE_BUFFER_BYTES // max(1, B * (k + KA) * 8))
-    span = max(span, -(-N // max_splits))
-    span = ((span + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
-    splits = (N + span - 1) // span
-    K_PAD = max(2, _next_pow2(k))
-    KA_PAD = max(2, _next_pow2(max(KA, 1)))
-    dev = xc.device
-    cand_v = torch.empty(B, splits, k, dtype=torch.float32, device=dev)
-    cand_i = torch.empty(B, splits, k, dtype=torch.int32, device=dev)
-    if KA:
-        aux_v = torch.empty(B, splits, KA, dtype=torch.float32, device=dev)
-        aux_i = torch.empty(B, splits, KA, dtype=torch.int32, device=dev)
-        dead = dead_mask.to(torch.int8).contiguous()
-    else:
-        aux_v = torch.empty(1, dtype=torch.float32, device=dev)
-        aux_i = torch.empty(1, dtype=torch.int32, device=dev)
-        dead = torch.zeros(1, dtype=torch.int8, device=dev)
-    if interp:
-        precision = "ieee"  # 16-bit tiles are upcast to fp32 under the interpreter (UPCAST below)
-    elif xc.dtype == torch.float32:
-        # follow torch's matmul setting, so the Triton and torch paths select the same latents
-        precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    else:
-        precision = None  # 16-bit inputs: native tensor-core dot, fp32 accumulation
-    grid = (triton.cdiv(B, BLOCK_B), splits)
-    _encoder_topk_kernel[grid](
-        xc, W_enc, b_enc, dead, cand_v, cand_i, aux_v, aux_i,
-        B, D, N, span, splits,
-        xc.stride(0), xc.stride(1), W_enc.stride(0), W_enc.stride(1),
-        K=k, K_PAD=K_PAD, KA=KA, KA_PAD=KA_PAD,
-        BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=precision,
-        UPCAST=interp and xc.dtype != torch.float32,
-    )
-    v, j = cand_v.view(B, splits * k).topk(k, dim=1, sorted=False)
-    i = cand_i.view(B, splits * k).gather(1, j).long()
+    if N >= 2**31:
+        raise ValueError(f"n_latents={N} per process must be < 2^31 (int32 latent ids); shard wider")
+    launch, cand_v, cand_i = encoder_launch(xc, W_enc, b_enc, k, latent_chunk)
+    if xc.shape[0]:
+        launch.run()
+    v, j = cand_v.topk(k, dim=1, sorted=False)
+    i = cand_i.gather(1, j).long()
     av = ai = None
-    if KA:
-        v2, j2 = aux_v.view(B, splits * KA).topk(KA, dim=1, sorted=False)
-        av, ai = v2, aux_i.view(B, splits * KA).gather(1, j2).long()
+    if k_aux > 0 and dead_mask is not None:
+        av, ai = _select_dead(xc, W_enc, b_enc, dead_mask, k_aux, latent_chunk)
     return v, i, av, ai
+
+
+#: Bound of one token block of the dead-latent pass, in elements of its [rows, k_aux + chunk] merge.
+DEAD_PASS_ELEMENTS = 1 << 27
+
+
+@torch.no_grad()
+def _select_dead(xc, W_enc, b_enc, dead_mask, k_aux, latent_chunk):
+    """AuxK candidates (Gao et al. 2024, section 2.4.1): the top-k_aux raw pre-activations of each
+    row among the dead latents (k_aux <= n_dead, as `encode_topk` passes it).
+
+    The dead latents' W_enc columns are gathered C = min(max(latent_chunk, 2 k_aux), n_dead) at a
+    time; for each chunk and each block of R = DEAD_PASS_ELEMENTS // (k_aux + C) rows, one [R, C]
+    addmm is merged into the running [B, k_aux] result (one torch.topk over k_aux + C columns). Costs
+    n_dead / n of an encoder matmul; transients are bounded by the block, whatever B and n_dead
+    (sizes: `sae_dist.plan._dead_pass`). Returns unsorted (values [B, k_aux] in W_enc's dtype,
+    int64 latent ids [B, k_aux])."""
+    B = xc.shape[0]
+    dead = dead_mask.nonzero().squeeze(1)
+    nd = dead.numel()
+    C = max(1, min(max(latent_chunk, 2 * k_aux), nd))
+    R = max(1, DEAD_PASS_ELEMENTS // (k_aux + C))
+    out_v = xc.new_empty(B, k_aux)
+    out_i = torch.empty(B, k_aux, dtype=torch.long, device=xc.device)
+    for c0 in range(0, nd, C):
+        cols = dead[c0:c0 + C]
+        Wc, bc = W_enc.index_select(1, cols), b_enc.index_select(0, cols)
+        for r0 in range(0, B, R):
+            _merge_dead(out_v[r0:r0 + R], out_i[r0:r0 + R], xc[r0:r0 + R], Wc, bc, cols, c0 == 0)
+    return out_v, out_i
+
+
+def _merge_dead(out_v, out_i, xb, Wc, bc, cols, first):
+    """Merge one chunk's pre-activations xb @ Wc + bc ([rows, w]; latent ids cols [w]) into the
+    running top-k_aux out_v / out_i [rows, k_aux], in place. The first chunk (w >= k_aux) is selected
+    alone."""
+    ka = out_v.shape[1]
+    pre = torch.addmm(bc, xb, Wc)
+    if first:
+        if pre.shape[1] == ka:
+            out_v.copy_(pre)
+            out_i.copy_(cols.expand_as(out_i))
+        else:
+            v, j = pre.topk(ka, dim=1, sorted=False)
+            out_v.copy_(v)
+            torch.index_select(cols, 0, j.view(-1), out=out_i.view(-1))
+        return
+    merged = torch.cat([out_v, pre], dim=1)
+    del pre
+    v, j = merged.topk(ka, dim=1, sorted=False)  # j < ka: a held slot; else column j - ka of pre
+    del merged
+    out_v.copy_(v)
+    new = j >= ka
+    new_ids = cols[(j - ka).clamp_(min=0)]
+    old_ids = out_i.gather(1, j.clamp_(max=ka - 1))
+    torch.where(new, new_ids, old_ids, out=out_i)
 
 
 # ----------------------------------------------------------------------------- autograd glue
@@ -443,13 +525,13 @@ class _EncodeTopK(torch.autograd.Function):
         ctx.need_x_grad = need_x_grad
         ctx.token_chunk = token_chunk
         ctx.latent_chunk = latent_chunk
+        ctx.backend = backend
         ctx.mark_non_differentiable(i, aux_indices)
         return values, i, aux_values, aux_indices
 
     @staticmethod
     def backward(ctx, g_values, _g_idx, g_aux, _g_aux_idx):
         xc, W_enc, values, idx, aux_values, aux_idx = ctx.saved_tensors
-        B, d = xc.shape
         n = W_enc.shape[1]
         g = (g_values * (values > 0)).float()
         # The AuxK codes span only the dead latents: on CPU, when they are few, their part of every
@@ -458,13 +540,12 @@ class _EncodeTopK(torch.autograd.Function):
         block = None
         if aux_values.shape[1] > 0:
             ga = (g_aux * (aux_values > 0)).float()
-            block = dense_rows_block(ga, aux_idx, n, torch.float32)  # None on CUDA
+            if ctx.backend == "torch":  # (None on CUDA)
+                block = dense_rows_block(ga, aux_idx, n, torch.float32)
             if block is None:
                 g = torch.cat([g, ga], dim=1)
                 idx = torch.cat([idx, aux_idx], dim=1)
-        kk = g.shape[1]
         need_w, need_benc, need_bpre = ctx.needs_input_grad[1:4]
-        need_x = ctx.needs_input_grad[0] and ctx.need_x_grad
         xcf = xc if xc.dtype == torch.float32 else xc.float()
         gsum = None
         if need_benc or need_bpre:
@@ -472,65 +553,96 @@ class _EncodeTopK(torch.autograd.Function):
             gsum.index_add_(0, idx.reshape(-1), g.reshape(-1))
             if block is not None:
                 gsum.index_add_(0, block[0], block[1].sum(0))
-        gW = gx = None
-        if need_w:
-            # grad W_enc^T = G^T @ (x - b_pre), G^T the sparse [n, B] matrix holding g[b, j] at
-            # (idx[b, j], b): CSR x dense products over the selected entries only (module docstring:
-            # measurement). The entries are sorted by latent (stable sort: deterministic on CPU), so
-            # each latent chunk of `latent_chunk` rows is a slice of one CSR matrix; its [chunk, d]
-            # product is copied transposed into the [d, n] gradient laid out like W_enc, so no
-            # second parameter-sized temporary exists.
-            rows = idx.reshape(-1)
-            toks = torch.arange(B, device=g.device).repeat_interleave(kk)
-            gf = g.reshape(-1)
-            # entries with g = 0 add nothing: ReLU-clipped values, and under tensor parallelism the
-            # candidates another shard won (most of a rank's AuxK candidates)
-            nz = gf.nonzero().squeeze(1)
-            if nz.numel() < 0.9 * gf.numel():
-                rows, toks, gf = rows[nz], toks[nz], gf[nz]
-            order = torch.argsort(rows, stable=True)
-            toks, gf = toks[order], gf[order]
-            crow = torch.zeros(n + 1, dtype=torch.int64, device=g.device)
-            torch.cumsum(torch.bincount(rows, minlength=n), 0, out=crow[1:])
-            gW = torch.empty(d, n, dtype=W_enc.dtype, device=g.device)
-            C = max(1, min(ctx.latent_chunk, n))
-            bounds = crow[::C].tolist() + ([] if n % C == 0 else [crow[-1].item()])
-            if block is not None:  # the dense AuxK block's rows, split by chunk (rows ascending)
-                b_rows, b_gw = block[0], block[1].t() @ xcf  # [u], [u, d] fp32
-                b_cut = torch.searchsorted(b_rows, torch.arange(0, n + C, C, device=g.device)).tolist()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-                for c, c0 in enumerate(range(0, n, C)):
-                    c1 = min(n, c0 + C)
-                    e0, e1 = bounds[c], bounds[c + 1]
-                    Gt = torch.sparse_csr_tensor(crow[c0:c1 + 1] - e0, toks[e0:e1], gf[e0:e1],
-                                                 (c1 - c0, B))
-                    out = Gt @ xcf  # [chunk, d] fp32
-                    if block is not None and b_cut[c] < b_cut[c + 1]:
-                        sl = slice(b_cut[c], b_cut[c + 1])
-                        out.index_add_(0, b_rows[sl] - c0, b_gw[sl])
-                    gW[:, c0:c1].copy_(out.t())
-        if need_x:
-            Wt = W_enc.t()
-            gx = torch.empty(B, d, dtype=torch.float32, device=g.device)
-            tb = max(1, ctx.token_chunk)
-            for t0 in range(0, B, tb):
-                t1 = min(B, t0 + tb)
-                cols = Wt.index_select(0, idx[t0:t1].reshape(-1)).float().view(t1 - t0, kk, d)
-                gx[t0:t1] = torch.bmm(g[t0:t1, None, :], cols).squeeze(1)
-            if block is not None:
-                gx += block[1] @ Wt.index_select(0, block[0]).float()
-            gx = gx.to(ctx.x_dtype)
+        gW = _grad_w_enc(xcf, g, idx, block, W_enc, ctx.backend, ctx.latent_chunk) if need_w else None
+        gx = None
+        if ctx.needs_input_grad[0] and ctx.need_x_grad:
+            gx = _grad_x(g, idx, block, W_enc, ctx.token_chunk).to(ctx.x_dtype)
         g_benc = gsum.to(W_enc.dtype) if need_benc else None
-        g_bpre = None
-        if need_bpre:
-            # -W_enc @ gsum in fp32, a latent chunk at a time (no fp32 copy of a 16-bit W_enc)
-            acc = torch.zeros(d, dtype=torch.float32, device=g.device)
-            C = max(1, min(ctx.latent_chunk, n))
-            for c0 in range(0, n, C):
-                acc -= W_enc[:, c0:c0 + C].float() @ gsum[c0:c0 + C]
-            g_bpre = acc.to(W_enc.dtype)
+        g_bpre = _grad_b_pre(W_enc, gsum, ctx.latent_chunk) if need_bpre else None
         return gx, gW, g_benc, g_bpre, None, None, None, None, None, None, None
+
+
+#: Bound of the CSR W_enc-gradient path's per-chunk [chunk, d] fp32 product, in bytes.
+GRAD_CHUNK_BYTES = 1 << 28
+
+
+def _grad_w_enc(xcf, g, idx, block, W_enc, backend, latent_chunk):
+    """grad W_enc [d, n] = (G^T @ (x - b_pre))^T for the sparse codes (g, idx) [B, kk] (plus the dense
+    AuxK block, CPU). Triton backend with an fp32 W_enc and nondeterminism allowed: one atomic-scatter
+    kernel (`sparse_decode`'s W_dec-gradient kernel writing through the [n, d] view of the [d, n]
+    gradient). Otherwise CSR x dense products per latent chunk (module docstring)."""
+    d, n = W_enc.shape
+    if (backend == "triton" and W_enc.dtype == torch.float32 and block is None
+            and not torch.are_deterministic_algorithms_enabled()):
+        from .sparse_decode import grad_wdec_atomic_launch
+
+        gW = torch.zeros(d, n, dtype=torch.float32, device=g.device)
+        if g.numel():
+            grad_wdec_atomic_launch(xcf.contiguous(), idx.contiguous(), g.contiguous(), gW.t()).run()
+        return gW
+    B, kk = g.shape
+    # The entries are sorted by latent (stable sort: deterministic on CPU), so each latent chunk is a
+    # slice of one CSR matrix; its [chunk, d] product is copied transposed into the [d, n] gradient, so
+    # no second parameter-sized temporary exists. Chunks of >= latent_chunk latents and up to
+    # GRAD_CHUNK_BYTES per product (few Python iterations at large n).
+    rows = idx.reshape(-1)
+    toks = torch.arange(B, device=g.device).repeat_interleave(kk)
+    gf = g.reshape(-1)
+    # entries with g = 0 add nothing: ReLU-clipped values, and under tensor parallelism the
+    # candidates another shard won (most of a rank's AuxK candidates)
+    nz = gf.nonzero().squeeze(1)
+    if nz.numel() < 0.9 * gf.numel():
+        rows, toks, gf = rows[nz], toks[nz], gf[nz]
+    order = torch.argsort(rows, stable=True)
+    toks, gf = toks[order], gf[order]
+    crow = torch.zeros(n + 1, dtype=torch.int64, device=g.device)
+    torch.cumsum(torch.bincount(rows, minlength=n), 0, out=crow[1:])
+    gW = torch.empty(d, n, dtype=W_enc.dtype, device=g.device)
+    C = max(1, min(n, max(latent_chunk, GRAD_CHUNK_BYTES // (4 * d) if g.is_cuda else latent_chunk)))
+    bounds = crow[::C].tolist() + ([] if n % C == 0 else [crow[-1].item()])
+    if block is not None:  # the dense AuxK block's rows, split by chunk (rows ascending)
+        b_rows, b_gw = block[0], block[1].t() @ xcf  # [u], [u, d] fp32
+        b_cut = torch.searchsorted(b_rows, torch.arange(0, n + C, C, device=g.device)).tolist()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+        for c, c0 in enumerate(range(0, n, C)):
+            c1 = min(n, c0 + C)
+            e0, e1 = bounds[c], bounds[c + 1]
+            Gt = torch.sparse_csr_tensor(crow[c0:c1 + 1] - e0, toks[e0:e1], gf[e0:e1], (c1 - c0, B))
+            out = Gt @ xcf  # [chunk, d] fp32
+            if block is not None and b_cut[c] < b_cut[c + 1]:
+                sl = slice(b_cut[c], b_cut[c + 1])
+                out.index_add_(0, b_rows[sl] - c0, b_gw[sl])
+            gW[:, c0:c1].copy_(out.t())
+    return gW
+
+
+def _grad_x(g, idx, block, W_enc, token_chunk):
+    """grad x [B, d] fp32 = sum_j g[b, j] W_enc[:, idx[b, j]] (gathered columns, token_chunk tokens at
+    a time), plus the dense AuxK block's part."""
+    B, kk = g.shape
+    d = W_enc.shape[0]
+    Wt = W_enc.t()
+    gx = torch.empty(B, d, dtype=torch.float32, device=g.device)
+    tb = max(1, token_chunk)
+    for t0 in range(0, B, tb):
+        t1 = min(B, t0 + tb)
+        cols = Wt.index_select(0, idx[t0:t1].reshape(-1)).float().view(t1 - t0, kk, d)
+        gx[t0:t1] = torch.bmm(g[t0:t1, None, :], cols).squeeze(1)
+    if block is not None:
+        gx += block[1] @ Wt.index_select(0, block[0]).float()
+    return gx
+
+
+def _grad_b_pre(W_enc, gsum, latent_chunk):
+    """grad b_pre [d] = -W_enc @ gsum in fp32, a latent chunk at a time (no fp32 copy of a 16-bit
+    W_enc), cast to W_enc's dtype."""
+    d, n = W_enc.shape
+    acc = torch.zeros(d, dtype=torch.float32, device=gsum.device)
+    C = max(1, min(latent_chunk, n))
+    for c0 in range(0, n, C):
+        acc -= W_enc[:, c0:c0 + C].float() @ gsum[c0:c0 + C]
+    return acc.to(W_enc.dtype)
 
 
 def encode_topk(

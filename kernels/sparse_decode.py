@@ -37,7 +37,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import check_sparse_codes, drop_padding, resolve_backend
+from ._common import Launch, check_sparse_codes, drop_padding, resolve_backend
 
 __all__ = ["sparse_decode", "sparse_decode_reference"]
 
@@ -88,7 +88,8 @@ _KERNELS = None
 
 
 def _kernels():
-    """Define the Triton kernels on first use (so importing this module never needs Triton)."""
+    """Define the Triton kernels on first use (so importing this module never needs Triton). Every
+    pointer offset is int64 (n_latents x d_in and B x k_aux can reach 2^31)."""
     global _KERNELS
     if _KERNELS is not None:
         return _KERNELS
@@ -103,18 +104,18 @@ def _kernels():
         mb = rb < B
         md = rd < D
         m2 = mb[:, None] & md[None, :]
+        rb, rd = rb.to(tl.int64), rd.to(tl.int64)
         acc = tl.zeros((BB, BD), dtype=tl.float32)
         for j in range(0, K):
-            idx = tl.load(IDX + rb * s_ib + j, mask=mb, other=-1).to(tl.int64)
+            idx = tl.load(IDX + (rb * s_ib + j), mask=mb, other=-1).to(tl.int64)
             ok = (idx >= 0) & (idx < N)  # -1 = padding: contributes nothing
-            v = tl.load(V + rb * s_vb + j, mask=ok, other=0.0).to(tl.float32)
+            v = tl.load(V + (rb * s_vb + j), mask=ok, other=0.0).to(tl.float32)
             w = tl.load(W + idx[:, None] * s_wn + rd[None, :], mask=ok[:, None] & md[None, :],
                         other=0.0).to(tl.float32)
             acc += v[:, None] * w
         if HAS_BP:
             acc += tl.load(BP + rd, mask=md, other=0.0).to(tl.float32)[None, :]
-        tl.store(OUT + rb[:, None].to(tl.int64) * s_ob + rd[None, :],
-                 acc.to(OUT.dtype.element_ty), mask=m2)
+        tl.store(OUT + rb[:, None] * s_ob + rd[None, :], acc.to(OUT.dtype.element_ty), mask=m2)
 
     @triton.jit
     def _grad_values(GO, IDX, W, GV, B, K, D, N, s_gb, s_ib, s_wn, s_vb,
@@ -124,13 +125,15 @@ def _kernels():
         rk = tl.program_id(1) * BK + tl.arange(0, BK)
         mb = rb < B
         mbk = mb[:, None] & (rk < K)[None, :]
+        rb, rk = rb.to(tl.int64), rk.to(tl.int64)
         idx = tl.load(IDX + rb[:, None] * s_ib + rk[None, :], mask=mbk, other=-1).to(tl.int64)
         ok = (idx >= 0) & (idx < N)
         acc = tl.zeros((BB, BK), dtype=tl.float32)
         for d0 in range(0, D, BD):
             rd = d0 + tl.arange(0, BD)
             md = rd < D
-            g = tl.load(GO + rb[:, None].to(tl.int64) * s_gb + rd[None, :],
+            rd = rd.to(tl.int64)
+            g = tl.load(GO + rb[:, None] * s_gb + rd[None, :],
                         mask=mb[:, None] & md[None, :], other=0.0).to(tl.float32)
             w = tl.load(W + idx[:, :, None] * s_wn + rd[None, None, :],
                         mask=ok[:, :, None] & md[None, None, :], other=0.0).to(tl.float32)
@@ -138,40 +141,42 @@ def _kernels():
         tl.store(GV + rb[:, None] * s_vb + rk[None, :], acc.to(GV.dtype.element_ty), mask=mbk)
 
     @triton.jit
-    def _grad_wdec_atomic(GO, IDX, V, GW, B, K, D, N, s_gb, s_ib, s_vb, s_wn,
+    def _grad_wdec_atomic(GO, IDX, V, GW, B, K, D, N, s_gb, s_ib, s_vb, s_wn, s_wd,
                           BB: tl.constexpr, BD: tl.constexpr):
         rb = tl.program_id(0) * BB + tl.arange(0, BB)
         rd = tl.program_id(1) * BD + tl.arange(0, BD)
         mb = rb < B
         md = rd < D
-        g = tl.load(GO + rb[:, None].to(tl.int64) * s_gb + rd[None, :],
-                    mask=mb[:, None] & md[None, :], other=0.0)
+        rb, rd = rb.to(tl.int64), rd.to(tl.int64)
+        g = tl.load(GO + rb[:, None] * s_gb + rd[None, :], mask=mb[:, None] & md[None, :], other=0.0)
         g = g.to(tl.float32)
         for j in range(0, K):
-            idx = tl.load(IDX + rb * s_ib + j, mask=mb, other=-1).to(tl.int64)
+            idx = tl.load(IDX + (rb * s_ib + j), mask=mb, other=-1).to(tl.int64)
             ok = (idx >= 0) & (idx < N)
-            v = tl.load(V + rb * s_vb + j, mask=ok, other=0.0).to(tl.float32)
-            tl.atomic_add(GW + idx[:, None] * s_wn + rd[None, :], v[:, None] * g,
-                          mask=ok[:, None] & md[None, :])
+            v = tl.load(V + (rb * s_vb + j), mask=ok, other=0.0).to(tl.float32)
+            # relaxed: a sum needs atomicity, not ordering against other memory operations
+            tl.atomic_add(GW + (idx[:, None] * s_wn + rd[None, :] * s_wd), v[:, None] * g,
+                          mask=ok[:, None] & md[None, :], sem="relaxed")
 
     @triton.jit
     def _grad_wdec_rows(GO, TOK, WT, OFFS, GW, D, s_gb, s_wn,
                         BP: tl.constexpr, BD: tl.constexpr):
-        r = tl.program_id(0)
+        r = tl.program_id(0).to(tl.int64)
         rd = tl.program_id(1) * BD + tl.arange(0, BD)
         md = rd < D
+        rd = rd.to(tl.int64)
         start = tl.load(OFFS + r)
-        end = tl.load(OFFS + r + 1)
+        end = tl.load(OFFS + (r + 1))
         acc = tl.zeros((BD,), dtype=tl.float32)
         for p0 in range(start, end, BP):
-            rp = p0 + tl.arange(0, BP)
+            rp = p0 + tl.arange(0, BP).to(tl.int64)
             mp = rp < end
             tok = tl.load(TOK + rp, mask=mp, other=0).to(tl.int64)
             w = tl.load(WT + rp, mask=mp, other=0.0).to(tl.float32)
             g = tl.load(GO + tok[:, None] * s_gb + rd[None, :], mask=mp[:, None] & md[None, :],
                         other=0.0)
             acc += tl.sum(w[:, None] * g.to(tl.float32), axis=0)
-        tl.store(GW + r.to(tl.int64) * s_wn + rd, acc.to(GW.dtype.element_ty), mask=md)
+        tl.store(GW + r * s_wn + rd, acc.to(GW.dtype.element_ty), mask=md)
 
     _KERNELS = (triton, _fwd, _grad_values, _grad_wdec_atomic, _grad_wdec_rows)
     return _KERNELS
@@ -187,34 +192,63 @@ def _empty(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+# Launches (`_common.Launch`): what runs, what `sae_dist.kernels.report` compiles offline.
+def forward_launch(values, indices, W_dec, b_pre, out) -> Launch:
+    """out [B, d] = sum_j values[b, j] W_dec[indices[b, j]] (+ b_pre), fp32 accumulation."""
+    B, K = values.shape
+    D = W_dec.shape[1]
+    bp = b_pre if b_pre is not None else W_dec  # dummy pointer when HAS_BP is False
+    return Launch("fwd", _kernels()[1], (_cdiv(B, BLOCK_B), _cdiv(D, BLOCK_D)),
+                  (values, indices, W_dec, bp, out, B, K, D, W_dec.shape[0],
+                   values.stride(0), indices.stride(0), W_dec.stride(0), out.stride(0)),
+                  dict(HAS_BP=b_pre is not None, BB=BLOCK_B, BD=BLOCK_D))
+
+
+def grad_values_launch(grad_out, indices, W_dec, gv) -> Launch:
+    """gv [B, k] = <grad_out[b], W_dec[indices[b, j]]>."""
+    B, K = indices.shape
+    return Launch("grad_values", _kernels()[2], (_cdiv(B, BLOCK_B), _cdiv(K, BLOCK_K)),
+                  (grad_out, indices, W_dec, gv, B, K, W_dec.shape[1], W_dec.shape[0], grad_out.stride(0),
+                   indices.stride(0), W_dec.stride(0), gv.stride(0)),
+                  dict(BB=BLOCK_B, BK=BLOCK_K, BD=BLOCK_D))
+
+
+def grad_wdec_atomic_launch(grad_out, indices, values, gw) -> Launch:
+    """gw [n, d] (fp32, zeroed; any strides, e.g. the transposed view of a [d, n] W_enc gradient)
+    += values[b, j] grad_out[b] at rows indices[b, j], by atomic adds."""
+    B, K = indices.shape
+    D = grad_out.shape[1]
+    return Launch("grad_wdec_atomic", _kernels()[3], (_cdiv(B, BLOCK_B), _cdiv(D, BLOCK_D)),
+                  (grad_out, indices, values, gw, B, K, D, gw.shape[0],
+                   grad_out.stride(0), indices.stride(0), values.stride(0), gw.stride(0), gw.stride(1)),
+                  dict(BB=BLOCK_B, BD=BLOCK_D))
+
+
+def grad_wdec_rows_launch(grad_out, tok, wt, offs, gw) -> Launch:
+    """gw [n, d]: row r sums wt[p] grad_out[tok[p]] over its pairs p in [offs[r], offs[r + 1])."""
+    n, D = gw.shape
+    return Launch("grad_wdec_rows", _kernels()[4], (n, _cdiv(D, BLOCK_D)),
+                  (grad_out, tok, wt, offs, gw, D, grad_out.stride(0), gw.stride(0)),
+                  dict(BP=BLOCK_P, BD=BLOCK_D))
+
+
 def triton_decode_forward(values, indices, W_dec, b_pre, out_dtype=None):
     """Forward kernel only (no autograd): x_hat [B, d] in `out_dtype` (default W_dec's dtype), fp32
     accumulation."""
-    _, fwd, _, _, _ = _kernels()
-    B, K = values.shape
-    D = W_dec.shape[1]
-    out = _empty((B, D), out_dtype or W_dec.dtype, W_dec.device)
-    if B == 0:
-        return out
-    bp = b_pre if b_pre is not None else W_dec  # dummy pointer when HAS_BP is False
-    grid = (_cdiv(B, BLOCK_B), _cdiv(D, BLOCK_D))
-    fwd[grid](values, indices, W_dec, bp, out, B, K, D, W_dec.shape[0],
-              values.stride(0), indices.stride(0), W_dec.stride(0), out.stride(0),
-              HAS_BP=b_pre is not None, BB=BLOCK_B, BD=BLOCK_D)
+    B = values.shape[0]
+    out = _empty((B, W_dec.shape[1]), out_dtype or W_dec.dtype, W_dec.device)
+    if B:
+        forward_launch(values, indices, W_dec, b_pre, out).run()
     return out
 
 
 def triton_grad_values(grad_out, indices, W_dec, values_dtype):
     """grad_values[b, j] = <grad_out[b], W_dec[indices[b, j]]>, [B, k] in values_dtype."""
-    _, _, gv_kernel, _, _ = _kernels()
     B, K = indices.shape
-    D = W_dec.shape[1]
     gv = _empty((B, K), values_dtype, W_dec.device)
     if B == 0 or K == 0:
         return gv.zero_()
-    gv_kernel[(_cdiv(B, BLOCK_B), _cdiv(K, BLOCK_K))](
-        grad_out, indices, W_dec, gv, B, K, D, W_dec.shape[0], grad_out.stride(0), indices.stride(0),
-        W_dec.stride(0), gv.stride(0), BB=BLOCK_B, BK=BLOCK_K, BD=BLOCK_D)
+    grad_values_launch(grad_out, indices, W_dec, gv).run()
     return gv
 
 
@@ -225,17 +259,13 @@ def triton_grad_wdec(grad_out, indices, values, n_latents, out_dtype, determinis
     deterministic=True: stable sort of the pairs by row, one program per row and feature tile,
     summing in sorted order (bit-identical across runs).
     """
-    _, _, _, atomic_kernel, rows_kernel = _kernels()
     B, K = indices.shape
     D = grad_out.shape[1]
     dev = grad_out.device
     if not deterministic:
         gw = torch.zeros((n_latents, D), dtype=torch.float32, device=dev)
         if B and K:
-            atomic_kernel[(_cdiv(B, BLOCK_B), _cdiv(D, BLOCK_D))](
-                grad_out, indices, values, gw, B, K, D, n_latents,
-                grad_out.stride(0), indices.stride(0), values.stride(0), gw.stride(0),
-                BB=BLOCK_B, BD=BLOCK_D)
+            grad_wdec_atomic_launch(grad_out, indices, values, gw).run()
         return gw.to(out_dtype)
     flat = indices.reshape(-1).long()
     flat = torch.where((flat >= 0) & (flat < n_latents), flat, n_latents)  # padding -> sentinel row n
@@ -248,9 +278,7 @@ def triton_grad_wdec(grad_out, indices, values, n_latents, out_dtype, determinis
         torch.cumsum(counts, 0, out=offs[1:])
     gw = _empty((n_latents, D), out_dtype, dev)
     if n_latents:
-        rows_kernel[(n_latents, _cdiv(D, BLOCK_D))](grad_out, tok, wt, offs, gw, D,
-                                                    grad_out.stride(0), gw.stride(0),
-                                                    BP=BLOCK_P, BD=BLOCK_D)
+        grad_wdec_rows_launch(grad_out, tok, wt, offs, gw).run()
     return gw
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from _kernel_tol import choose_kernel_device
 
 # Tests never touch the network: wandb writes offline run files, HF libraries stay offline.
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -17,10 +18,11 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Without an NVIDIA GPU the Triton kernels are tested through Triton's interpreter; it must be chosen
-# before any kernel module is imported (triton.jit reads it at decoration time).
-if shutil.which("nvidia-smi") is None:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+# The kernel tests' device, decided here once (tests/_kernel_tol.py): CUDA when torch sees a CUDA device
+# (compiled Triton kernels, TRITON_INTERPRET removed), else CPU through Triton's interpreter
+# (TRITON_INTERPRET=1). This runs before any test module imports Triton or sae_dist.kernels, as it must:
+# triton.jit reads TRITON_INTERPRET when a kernel is defined.
+KERNEL_DEVICE = choose_kernel_device()
 
 #: The seed of `random`, `numpy` and `torch` before every test (`seed_everything`): a failure reproduces
 #: on a rerun. SAE_DIST_TEST_SEED=N runs the suite under another seed.
@@ -47,6 +49,24 @@ def pytest_fixture_setup(fixturedef, request):
     the test's own `seed_everything`), so what they draw does not depend on the tests run before."""
     if fixturedef.scope != "function":
         _seed_all()
+
+
+@pytest.fixture
+def kernel_device():
+    """The device of the kernel tests' tensors with backend="triton": torch.device("cuda") when
+    torch.cuda.is_available() at startup, else CPU (Triton's interpreter). On CUDA, fp32 matmuls
+    (torch's and the Triton encoder's, which follows torch's setting) run in IEEE fp32 during the
+    test: TF32 is off, so fp32 selections can be compared exactly; a test may switch it on
+    (`torch.set_float32_matmul_precision("high")`) and the previous setting is restored after it."""
+    if KERNEL_DEVICE.type != "cuda":
+        yield KERNEL_DEVICE
+        return
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield KERNEL_DEVICE
+    finally:
+        torch.set_float32_matmul_precision(prev)
 
 
 @pytest.fixture(scope="session")

@@ -10,12 +10,17 @@ Adam's first update is lr * g / (|g| + eps): with the trainer's eps = 6.25e-10 i
 gradient entry that is 0 up to rounding would flip between +lr and -lr on float noise alone. The
 comparison therefore uses eps = 1e-4, which keeps the update a smooth function of the gradient
 (|d update / d g| <= lr / eps) while still exercising Adam's state and the renormalisation.
+
+The backend="triton" steps run on the `kernel_device` fixture's device (conftest.py): the compiled
+kernels on CUDA when torch sees a CUDA device (both SAEs and the batch moved there), else Triton's
+interpreter on CPU. The other steps (backend "auto"/"torch" on CPU) test the torch path and stay on CPU.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from _kernel_tol import kernel_tol
 
 from sae_dist.sae.config import SAEConfig
 from sae_dist.sae.topk import TopKSAE, kernel_ops
@@ -24,8 +29,9 @@ LR, EPS = 1e-3, 1e-4
 NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
 
 
-def _pair(cfg_kw: dict, backend: str = "auto"):
-    """Two SAEs with identical random parameters: kernels on (with `backend`) and off."""
+def _pair(cfg_kw: dict, backend: str = "auto", device: torch.device | str = "cpu"):
+    """Two SAEs with identical random parameters: kernels on (with `backend`) and off; built on CPU
+    (the same numbers on every device), then moved to `device`."""
     seed = int(torch.randint(0, 2**31 - 1, ()))
     a = TopKSAE(SAEConfig(**cfg_kw, kernels=True, kernel_backend=backend),
                 generator=torch.Generator().manual_seed(seed))
@@ -35,6 +41,7 @@ def _pair(cfg_kw: dict, backend: str = "auto"):
         a.b_enc.normal_(0.0, 0.1)
         b.b_dec.copy_(a.b_dec)
         b.b_enc.copy_(a.b_enc)
+    a, b = a.to(device), b.to(device)
     for n in NAMES:
         assert torch.equal(getattr(a, n), getattr(b, n))
     return a, b
@@ -79,12 +86,13 @@ def _independent_losses(sae: TopKSAE, x, dead, k_aux):
     return main, mt, aux
 
 
-def _check_equal_steps(cfg_kw, B, dead_fn, backend="auto", tol=2e-5):
+def _check_equal_steps(cfg_kw, B, dead_fn, backend="auto", tol=2e-5, device="cpu"):
     assert kernel_ops() is not None, "sae_dist.kernels must import for the kernel path to be tested"
-    a, b = _pair(cfg_kw, backend)
+    a, b = _pair(cfg_kw, backend, device)
     n = cfg_kw["n_latents"]
-    x = torch.randn(B, cfg_kw["d_in"]) * 1.5 + 0.5
+    x = (torch.randn(B, cfg_kw["d_in"]) * 1.5 + 0.5).to(device)
     dead = dead_fn(n)
+    dead = None if dead is None else dead.to(device)
     main, mt, aux = _independent_losses(b, x, dead, b.cfg.k_aux)
     ra, ga, pa = _step(a, x, dead)
     rb, gb, pb = _step(b, x, dead)
@@ -93,14 +101,15 @@ def _check_equal_steps(cfg_kw, B, dead_fn, backend="auto", tol=2e-5):
     assert float(rb.auxk_loss) == pytest.approx(aux, rel=1e-4, abs=1e-7)
     if mt is not None:
         assert float(rb.multi_topk_mse) == pytest.approx(mt, rel=1e-4)
-    # same selection, same losses
+    # same selection, same losses (fp32, TF32 off on CUDA: kernel_device)
+    f32 = torch.float32
     assert torch.equal(ra.indices, rb.indices)
-    torch.testing.assert_close(ra.values, rb.values, rtol=tol, atol=tol)
-    torch.testing.assert_close(ra.x_hat, rb.x_hat, rtol=tol, atol=tol)
+    torch.testing.assert_close(ra.values, rb.values, **kernel_tol(device, f32, tol, tol))
+    torch.testing.assert_close(ra.x_hat, rb.x_hat, **kernel_tol(device, f32, tol, tol))
     for name in ("loss", "normalized_mse", "auxk_loss"):
-        torch.testing.assert_close(getattr(ra, name), getattr(rb, name), rtol=tol, atol=1e-7)
+        torch.testing.assert_close(getattr(ra, name), getattr(rb, name), **kernel_tol(device, f32, tol, 1e-7))
     if cfg_kw.get("multi_topk"):
-        torch.testing.assert_close(ra.multi_topk_mse, rb.multi_topk_mse, rtol=tol, atol=1e-7)
+        torch.testing.assert_close(ra.multi_topk_mse, rb.multi_topk_mse, **kernel_tol(device, f32, tol, 1e-7))
     else:
         assert ra.multi_topk_mse is None and rb.multi_topk_mse is None
     if dead is not None and int(dead.sum()) > 0:
@@ -109,8 +118,9 @@ def _check_equal_steps(cfg_kw, B, dead_fn, backend="auto", tol=2e-5):
     for nme in NAMES:
         scale = float(gb[nme].abs().max()) + 1e-12
         assert float(gb[nme].abs().sum()) > 0, f"{nme} got no gradient"
-        torch.testing.assert_close(ga[nme], gb[nme], rtol=1e-4, atol=tol * scale, msg=f"grad {nme}")
-        torch.testing.assert_close(pa[nme], pb[nme], rtol=1e-5, atol=1e-6, msg=f"param {nme}")
+        torch.testing.assert_close(ga[nme], gb[nme], **kernel_tol(device, f32, 1e-4, tol * scale, scale=scale),
+                                   msg=f"grad {nme}")
+        torch.testing.assert_close(pa[nme], pb[nme], **kernel_tol(device, f32, 1e-5, 1e-6), msg=f"param {nme}")
     return ra, rb
 
 
@@ -151,11 +161,11 @@ def test_kernel_step_without_auxk():
 
 
 @pytest.mark.parametrize("multi_topk", [False, True])
-def test_kernel_step_triton_backend_equals_torch_step(multi_topk):
-    # The Triton kernels themselves (CUDA, or Triton's CPU interpreter: tests/conftest.py sets
-    # TRITON_INTERPRET=1 on machines without an NVIDIA GPU) inside the full step, at a tiny shape.
+def test_kernel_step_triton_backend_equals_torch_step(multi_topk, kernel_device):
+    # The Triton kernels themselves (compiled on CUDA, or Triton's CPU interpreter: tests/conftest.py
+    # chooses) inside the full step, at a tiny shape; the torch step runs on the same device.
     _check_equal_steps(dict(d_in=16, n_latents=48, k=2, multi_topk=multi_topk, normalize="none"),
-                       B=18, dead_fn=_some_dead(0.4), backend="triton", tol=5e-5)
+                       B=18, dead_fn=_some_dead(0.4), backend="triton", tol=5e-5, device=kernel_device)
 
 
 def test_kernel_step_bad_dead_mask_and_backend():
@@ -184,10 +194,20 @@ def test_kernels_default_on_and_forward_unchanged():
 def test_fused_encoder_runs_in_the_autocast_dtype(monkeypatch):
     """Under bf16 autocast the fused encoder gets bf16 operands (autocast cannot see the custom op),
     and the fp32 master parameters get fp32 gradients close to the fp32 step's."""
+    _check_autocast_step(monkeypatch, "torch", torch.device("cpu"))
+
+
+def test_autocast_step_through_triton_kernels(monkeypatch, kernel_device):
+    """The same mixed-precision step through the Triton kernels on the kernel tests' device (on CUDA:
+    the bf16 tensor-core encoder that bf16 training runs)."""
+    _check_autocast_step(monkeypatch, "triton", kernel_device)
+
+
+def _check_autocast_step(monkeypatch, backend, dev):
     import sae_dist.sae.topk as topk_mod
 
     cfg = dict(d_in=32, n_latents=128, k=4, k_aux=8)
-    a, b = _pair(cfg, backend="torch")
+    a, b = _pair(cfg, backend=backend, device=dev)
     enc, dec, aux = kernel_ops()
     seen = []
 
@@ -196,9 +216,9 @@ def test_fused_encoder_runs_in_the_autocast_dtype(monkeypatch):
         return enc(x, W, *args, **kw)
 
     monkeypatch.setattr(topk_mod, "_KERNEL_OPS", (spy, dec, aux))
-    x = torch.randn(64, 32)
-    dead = torch.rand(128) < 0.3
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    x = torch.randn(64, 32).to(dev)
+    dead = (torch.rand(128) < 0.3).to(dev)
+    with torch.autocast(dev.type, dtype=torch.bfloat16):
         res_a = a.training_step_losses(x, dead)
     res_a.loss.backward()
     assert seen == [(torch.bfloat16, torch.bfloat16)]

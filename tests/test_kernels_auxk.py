@@ -1,5 +1,10 @@
-"""AuxK loss kernel (torch path and Triton through TRITON_INTERPRET=1) against a dense float64 oracle
-written here: one-hot code matrix @ W_dec, then sum ||e - e^||^2 / sum ||e - mean(e)||^2."""
+"""AuxK loss kernel (torch path and Triton) against a dense float64 oracle written here: one-hot code
+matrix @ W_dec, then sum ||e - e^||^2 / sum ||e - mean(e)||^2.
+
+The Triton path runs on the `kernel_device` fixture's device (conftest.py, tests/_kernel_tol.py): the
+compiled kernels on CUDA tensors when torch sees a CUDA device, else Triton's interpreter
+(TRITON_INTERPRET=1) on CPU tensors. The torch paths and input-validation tests stay on CPU.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import zlib
 
 import pytest
 import torch
+from _kernel_tol import kernel_tol, requires_cuda
 
 import sae_dist.kernels._common as kc
 import sae_dist.kernels.auxk as ak
@@ -43,6 +49,15 @@ def use_path(monkeypatch, path):
     return backend
 
 
+def _dev(backend, kernel_device):
+    """backend="triton" runs on the kernel tests' device; the torch paths stay on CPU."""
+    return kernel_device if backend == "triton" else torch.device("cpu")
+
+
+def _on(dev, *ts):
+    return [t.to(dev) for t in ts]
+
+
 def make(B, k_aux, n, d, dtype, g, repeats=False):
     idx = torch.randint(0, n, (B, k_aux), generator=g)
     if repeats and k_aux > 1:
@@ -56,11 +71,12 @@ def make(B, k_aux, n, d, dtype, g, repeats=False):
 @pytest.mark.parametrize("shape", [(20, 6, 37, 72, False), (9, 1, 50, 40, False), (16, 8, 5, 33, True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
-def test_auxk_matches_dense_oracle(shape, dtype, path, poison, monkeypatch):
+def test_auxk_matches_dense_oracle(shape, dtype, path, poison, monkeypatch, kernel_device):
     backend = use_path(monkeypatch, path)
+    dev = _dev(backend, kernel_device)
     B, k_aux, n, d, rep = shape
     g = torch.Generator().manual_seed(zlib.crc32(f"{shape}{dtype}{path}".encode()))
-    vals, idx, W, res = make(B, k_aux, n, d, dtype, g, rep)
+    vals, idx, W, res = _on(dev, *make(B, k_aux, n, d, dtype, g, rep))
     v = vals.clone().requires_grad_()
     Wr = W.clone().requires_grad_()
     r = res.clone().requires_grad_()  # must NOT receive a gradient
@@ -69,12 +85,19 @@ def test_auxk_matches_dense_oracle(shape, dtype, path, poison, monkeypatch):
     loss.backward()
     ref_loss, ref_gv, ref_gW = oracle(vals, idx, W, res)
     assert r.grad is None
+    _assert_loss_and_grads(loss, v.grad, Wr.grad, (ref_loss, ref_gv, ref_gW), dtype, dev)
+
+
+def _assert_loss_and_grads(loss, gv, gW, ref, dtype, dev):
+    """Loss and gradients against the fp64 oracle: fp32 1e-5, bf16 2e-2 (atol relative to each
+    gradient's magnitude), raised to the CUDA floors of tests/_kernel_tol.py on a GPU."""
+    ref_loss, ref_gv, ref_gW = ref
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(loss.double(), ref_loss, rtol=tol, atol=tol)
-    for name, a, b in (("grad aux_values", v.grad, ref_gv), ("grad W_dec", Wr.grad, ref_gW)):
+    torch.testing.assert_close(loss.double(), ref_loss, **kernel_tol(dev, dtype, tol, tol))
+    for name, a, b in (("grad aux_values", gv, ref_gv), ("grad W_dec", gW, ref_gW)):
         assert torch.isfinite(a).all(), name
         scale = b.abs().max().item()
-        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol * scale, msg=name)
+        torch.testing.assert_close(a.double(), b, **kernel_tol(dev, dtype, tol, tol * scale, scale=scale), msg=name)
 
 
 def test_reference_equals_dispatch_on_cpu(monkeypatch):
@@ -92,14 +115,15 @@ def test_reference_equals_dispatch_on_cpu(monkeypatch):
 
 
 @pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
-def test_nan_and_inf_become_zero_with_finite_grads(path, monkeypatch):
+def test_nan_and_inf_become_zero_with_finite_grads(path, monkeypatch, kernel_device):
     backend = use_path(monkeypatch, path)
+    dev = _dev(backend, kernel_device)
     g = torch.Generator().manual_seed(5)
-    vals, idx, W, _ = make(8, 3, 20, 16, torch.float32, g)
+    vals, idx, W, _ = _on(dev, *make(8, 3, 20, 16, torch.float32, g))
     # zero-variance residual (every row the same): denominator 0 -> inf -> 0
-    const = torch.randn(1, 16, generator=g).expand(8, 16).contiguous()
+    const = torch.randn(1, 16, generator=g).expand(8, 16).contiguous().to(dev)
     # all-zero residual and all-zero aux values: 0 / 0 = NaN -> 0
-    for res, v0 in ((const, vals), (torch.zeros(8, 16), torch.zeros_like(vals))):
+    for res, v0 in ((const, vals), (torch.zeros(8, 16, device=dev), torch.zeros_like(vals))):
         v = v0.clone().requires_grad_()
         Wr = W.clone().requires_grad_()
         raw = ((res - 0) ** 2).sum() / ((res - res.mean(0)) ** 2).sum()
@@ -112,11 +136,12 @@ def test_nan_and_inf_become_zero_with_finite_grads(path, monkeypatch):
 
 
 @pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
-def test_empty_aux_gives_differentiable_zero(path, monkeypatch):
+def test_empty_aux_gives_differentiable_zero(path, monkeypatch, kernel_device):
     backend = use_path(monkeypatch, path)
-    W = torch.randn(10, 8, requires_grad=True)
-    res = torch.randn(4, 8)
-    for vals, idx in ((None, None), (torch.zeros(4, 0), torch.zeros(4, 0, dtype=torch.long))):
+    dev = _dev(backend, kernel_device)
+    W = torch.randn(10, 8).to(dev).requires_grad_(True)
+    res = torch.randn(4, 8).to(dev)
+    for vals, idx in ((None, None), (torch.zeros(4, 0, device=dev), torch.zeros(4, 0, dtype=torch.long, device=dev))):
         W.grad = None
         loss = auxk_loss(vals, idx, W, res, backend=backend)
         assert loss.dim() == 0 and loss.dtype == torch.float32 and loss.item() == 0.0
@@ -141,9 +166,9 @@ def test_bad_inputs():
         auxk_loss(torch.rand(4, 2), torch.full((4, 2), 12), W, torch.randn(4, 8))
 
 
-def test_triton_deterministic_bit_identical_and_correct(poison):
+def test_triton_deterministic_bit_identical_and_correct(poison, kernel_device):
     g = torch.Generator().manual_seed(23)
-    vals, idx, W, res = make(20, 6, 9, 72, torch.float32, g, repeats=True)
+    vals, idx, W, res = _on(kernel_device, *make(20, 6, 9, 72, torch.float32, g, repeats=True))
     outs = []
     for _ in range(2):
         v = vals.clone().requires_grad_()
@@ -155,26 +180,29 @@ def test_triton_deterministic_bit_identical_and_correct(poison):
         assert torch.equal(a, b)
     ref = oracle(vals, idx, W, res)
     for a, b in zip(outs[0], ref, strict=True):
-        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.double(), b, **kernel_tol(kernel_device, torch.float32, 1e-5, 1e-6))
 
 
 @pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
-def test_padding_index_minus_one_is_ignored(path, monkeypatch, poison):
+def test_padding_index_minus_one_is_ignored(path, monkeypatch, poison, kernel_device):
     backend = use_path(monkeypatch, path)
+    dev = _dev(backend, kernel_device)
     g = torch.Generator().manual_seed(zlib.crc32(f"auxpad{path}".encode()))
     vals, idx, W, res = make(20, 6, 37, 72, torch.float32, g)
     vals = vals + 0.5  # padded entries carry a non-zero value that must be ignored
     pad = torch.rand(idx.shape, generator=g) < 0.3
     idx = idx.masked_fill(pad, -1)
+    vals, idx, W, res, pad = _on(dev, vals, idx, W, res, pad)
     v = vals.clone().requires_grad_()
     Wr = W.clone().requires_grad_()
     loss = auxk_loss(v, idx, Wr, res, backend=backend)
     loss.backward()
     ref_loss, ref_gv, ref_gW = oracle(vals.masked_fill(pad, 0.0), idx.clamp_min(0), W, res)
-    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+    tol = kernel_tol(dev, torch.float32, 1e-5, 1e-6)
+    torch.testing.assert_close(loss.double(), ref_loss, **tol)
     assert (v.grad[pad] == 0).all()
-    torch.testing.assert_close(v.grad[~pad].double(), ref_gv[~pad], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(Wr.grad.double(), ref_gW, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(v.grad[~pad].double(), ref_gv[~pad], **tol)
+    torch.testing.assert_close(Wr.grad.double(), ref_gW, **tol)
 
 
 def test_sparse_grad_sums_into_a_dense_decoder_gradient(monkeypatch):
@@ -193,3 +221,58 @@ def test_sparse_grad_sums_into_a_dense_decoder_gradient(monkeypatch):
         grads.append((Wp.grad, v.grad))
     torch.testing.assert_close(grads[0][0], grads[1][0])
     torch.testing.assert_close(grads[0][1], grads[1][1])
+
+
+def scatter_oracle(values, indices, W_dec, residual):
+    """`oracle` for shapes where the one-hot [B, k_aux, n] does not fit: the code matrix [B, n] by
+    scatter_add (repeats add up, index -1 dropped), in float64."""
+    v = values.detach().double().requires_grad_()
+    W = W_dec.detach().double().requires_grad_()
+    e = residual.detach().double()
+    keep = indices >= 0
+    Z = torch.zeros(v.shape[0], W.shape[0], dtype=torch.float64, device=v.device)
+    Z = Z.scatter_add(1, indices.clamp_min(0), torch.where(keep, v, torch.zeros_like(v)))
+    loss = ((e - Z @ W) ** 2).sum() / ((e - e.mean(0)) ** 2).sum()
+    gv, gW = torch.autograd.grad(loss, (v, W))
+    return loss.detach(), gv, gW
+
+
+# (B, k_aux, n, d, dead latents the codes are drawn from): "small" runs everywhere; the large one
+# (k_aux 2048 as at d_in 4096, every code among 3,277 dead latents: ~2,500 atomic adds per W_dec row)
+# on CUDA only.
+LARGE_AUXK = [
+    pytest.param((24, 16, 60, 40, 12), id="small"),
+    pytest.param((4096, 2048, 65536, 768, 3277), id="B4096-kaux2048-n65536-d768", marks=requires_cuda),
+]
+
+
+@pytest.mark.parametrize("det", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", LARGE_AUXK)
+def test_triton_auxk_against_fp64_oracle(shape, dtype, det, poison, kernel_device):
+    """The Triton AuxK loss and its gradients against an fp64 oracle at scale, with -1 padding (fewer
+    dead latents than k_aux in some rows); the deterministic path also bit-identical across two runs."""
+    dev = kernel_device
+    B, k_aux, n, d, n_dead = shape
+    g = torch.Generator().manual_seed(zlib.crc32(f"auxlarge{shape}{dtype}{det}".encode()))
+    dead = torch.randperm(n, generator=g)[:n_dead]
+    idx = dead[torch.randint(0, n_dead, (B, k_aux), generator=g)]
+    idx = idx.masked_fill(torch.rand(B, k_aux, generator=g) < 0.05, -1)
+    vals = torch.relu(torch.randn(B, k_aux, generator=g)).to(dtype)
+    W = (torch.randn(n, d, generator=g) / d**0.5).to(dtype)
+    res = torch.randn(B, d, generator=g)
+    vals, idx, W, res = _on(dev, vals, idx, W, res)
+    outs = []
+    for _ in range(2 if det else 1):
+        v = vals.clone().requires_grad_()
+        Wr = W.clone().requires_grad_()
+        loss = auxk_loss(v, idx, Wr, res, backend="triton", deterministic=det)
+        loss.backward()
+        outs.append((loss.detach(), v.grad, Wr.grad))
+    loss, gv, gW = outs[0]
+    assert loss.dim() == 0 and loss.dtype == torch.float32 and gv.dtype == gW.dtype == dtype
+    assert (gv[idx < 0] == 0).all(), "padding entries must get zero gradient"
+    _assert_loss_and_grads(loss, gv, gW, scatter_oracle(vals, idx, W, res), dtype, dev)
+    if det:
+        for a, b in zip(*outs, strict=True):
+            assert torch.equal(a, b)
