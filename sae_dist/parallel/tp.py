@@ -44,10 +44,56 @@ from sae_dist.sae.base import torch_dtype
 from sae_dist.sae.config import SAEConfig
 from sae_dist.sae.topk import TopKSAE, TrainOutput, encoder_operands
 
-__all__ = ["ShardedTopKSAE", "init_rows", "tied_init_rows_", "INIT_BLOCK_ROWS", "reduce_fired_over_dp"]
+__all__ = ["ShardedTopKSAE", "init_rows", "tied_init_rows_", "INIT_BLOCK_ROWS", "reduce_fired_over_dp",
+           "GATHER_CHUNK_BYTES", "gather_chunk_rows"]
 
 #: Rows of W_dec drawn per generator in the mesh-independent tied init (`init_rows`).
 INIT_BLOCK_ROWS = 4096
+
+#: The all-gather fallback of the exact global TopK (B not divisible by tp) gathers the fp32
+#: candidate values of at most this many bytes at a time ([rows, tp * w] per chunk of tokens, rows =
+#: `gather_chunk_rows`), so its temporaries stay bounded whatever tp is (`sae_dist.plan` mirrors it).
+GATHER_CHUNK_BYTES = 1 << 28  # 256 MiB
+
+
+def gather_chunk_rows(tokens: int, tp: int, w: int, chunk_bytes: int = GATHER_CHUNK_BYTES) -> int:
+    """Tokens per chunk of the all-gather fallback: the most rows whose gathered fp32 candidates
+    [rows, tp * w] fit in `chunk_bytes`, at least 1 (one row alone may exceed it) and at most `tokens`.
+
+    Raises ValueError when an argument is not a positive int.
+    """
+    for name, v in (("tokens", tokens), ("tp", tp), ("w", w), ("chunk_bytes", chunk_bytes)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"gather_chunk_rows: {name}={v!r} must be a positive int")
+    return max(1, min(tokens, chunk_bytes // (tp * w * 4)))
+
+
+def _allgather_keep(v: torch.Tensor, ms: tuple[int, ...], group, tp: int, rank: int) -> list[torch.Tensor]:
+    """The all-gather fallback of `ShardedTopKSAE._global_keep`, chunked over tokens.
+
+    v [B, w] fp32: this rank's candidate values (w and B equal on every tp rank). For each chunk of
+    R = `gather_chunk_rows(B, tp, w)` tokens (read from GATHER_CHUNK_BYTES at call time) the ranks
+    all-gather their values into [R, tp * w] fp32 (rank order), select the global top-m per token and
+    keep this rank's slice of the masks. Returns one bool [B, w] mask per m in ms, equal to the masks
+    of gathering all B tokens at once (the same torch.topk on the same rows; only an exact tie at a
+    row's m-th value could resolve differently, where torch.topk picks its algorithm by shape, as
+    CUDA's does for a few very long rows).
+
+    Peak temporary memory, independent of tp and B, with C = R * tp * w * 4 bytes (<= GATHER_CHUNK_BYTES
+    unless one row alone is larger): 2 C while gathering (the tp parts and their concatenation), then
+    C + len(ms) * C / 4 (the bool masks) + R * max(ms) * 12 (torch.topk's outputs) while selecting;
+    since max(ms) <= tp * w that is at most 4.5 C. The [B, w] outputs come on top (as on the
+    all_to_all path). Raises ValueError for an empty v.
+    """
+    B, w = v.shape
+    rows = gather_chunk_rows(B, tp, w, GATHER_CHUNK_BYTES)
+    out = [torch.empty(B, w, dtype=torch.bool, device=v.device) for _ in ms]
+    for s in range(0, B, rows):
+        keeps = ShardedTopKSAE._keep_from_topk(all_gather_cat(v[s:s + rows], group), ms, rank * w, w)
+        for o, keep in zip(out, keeps, strict=True):
+            o[s:s + rows] = keep
+        del keeps  # free this chunk's [R, tp * w] buffers before the next gather
+    return out
 
 
 @torch.no_grad()
@@ -158,7 +204,8 @@ class ShardedTopKSAE(TopKSAE):
         selects for those tokens among all tp * w candidates and sends the keep masks back with a
         second all_to_all. Per rank that moves B w values and B w mask bytes, against the (tp - 1) B w
         values an all-gather would bring in, and holds [B/tp, tp w] instead of [B, tp w]. Otherwise
-        an all-gather of the values and a local selection.
+        an all-gather of the values and a local selection, chunked over tokens so that at most
+        GATHER_CHUNK_BYTES of gathered values exist at a time (`_allgather_keep`).
         """
         group = self.ctx.tp_group
         B, w = vals.shape
@@ -168,7 +215,7 @@ class ShardedTopKSAE(TopKSAE):
             return self._keep_from_topk(v, ms, 0, w)
         tp, r = self.ctx.tp, self.ctx.tp_rank
         if B % tp:
-            return self._keep_from_topk(all_gather_cat(v, group), ms, r * w, w)
+            return _allgather_keep(v, ms, group, tp, r)
         import torch.distributed as dist
 
         bt = B // tp
