@@ -38,7 +38,15 @@ define install_project
 	$(1)/bin/python -m pip install -q --no-deps "$(DEMO_MODEL)"
 endef
 
-.PHONY: demo test test-latest lint install constraints clean
+# `make gpu-check`: the prepared check for one GPU machine (sae_dist/gpu_check.py, docs/gpu-check.md): the
+# kernel tests, the benchmarks against sparsify, a kernels on/off training comparison and sae-plan's
+# prediction, under 8 minutes on one H100/H200; writes $(GPU_CHECK_OUT)/gpu_check.json and gpu_check.md.
+# DRY=1: the same script at tiny shapes on the CPU (`make test` runs it too, tests/test_gpu_check.py).
+# It installs nothing (a lent GPU machine may be offline): the venv's Python when there is one.
+GPU_CHECK_OUT ?= runs/gpu_check
+GPU_CHECK_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
+
+.PHONY: demo test test-latest lint install constraints clean gpu-check
 
 # The tested set: every version pinned by constraints.txt (the versions the suite last passed with).
 install: $(STAMP)
@@ -55,6 +63,9 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q --durations=10 tests
+
+gpu-check:
+	$(GPU_CHECK_PYTHON) -m sae_dist.gpu_check $(if $(filter 1 yes true,$(DRY)),--dry) --out $(GPU_CHECK_OUT)
 
 # The newest versions pyproject allows (torch stays at TORCH_PIN), in a fresh venv: a breaking upstream
 # release fails here, after a list of every version that differs from constraints.txt.

@@ -27,7 +27,11 @@ Prints ONE JSON line (docs/benchmarks.md, "How a step is measured"):
   in the same process, set up as its trainer does (forward with dead mask and AuxK, loss
   fvu + auxk_alpha * auxk_loss, backward, its decoder-gradient projection, `torch.optim.Adam`,
   decoder renormalisation, fired-latent bookkeeping): `sparsify_step_ms`, `speedup_vs_sparsify` =
-  sparsify_step_ms / step_ms.
+  sparsify_step_ms / step_ms, `sparsify_micro_batches`. `--sparsify-micro-batches M` splits each batch
+  into M chunks (forward + backward per chunk, one Adam step), as sparsify's trainer does with
+  `micro_acc_steps` to fit memory (its dense [B, n] pre-activations are 64 GiB in bf16 at B=32768,
+  n=2^20); `auto` starts at 1 and doubles M on CUDA out-of-memory. When no M fits, the record holds
+  `sparsify_error` instead of the sparsify timings (our step's numbers are kept).
 
 All timings synchronise the device around each timed region (CUDA) and use `time.perf_counter`.
 Errors: SystemExit with a message naming the bad option (e.g. `--device cuda` without CUDA, or
@@ -207,7 +211,9 @@ def _import_sparsify(device: torch.device):
     return SparseCoder, SparseCoderConfig, ver
 
 
-def _make_sparsify_step(d, n, k, device, multi_topk, dead, xs, bf16, auxk_alpha):
+def _make_sparsify_step(d, n, k, device, multi_topk, dead, xs, bf16, auxk_alpha, micro=1):
+    """sparsify's training step (see the module docstring); `micro` > 1 splits each batch into that
+    many chunks against the whole batch's variance, loss / micro per chunk (its `micro_acc_steps`)."""
     SparseCoder, SparseCoderConfig, ver = _import_sparsify(device)
     torch.manual_seed(0)
     sc = SparseCoder(d, SparseCoderConfig(num_latents=n, k=k, multi_topk=multi_topk),
@@ -221,11 +227,12 @@ def _make_sparsify_step(d, n, k, device, multi_topk, dead, xs, bf16, auxk_alpha)
         x = xs[i % len(xs)]
         sc.set_decoder_norm_to_unit_norm()
         total_variance = (x - x.mean(0)).pow(2).sum()
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = sc(x, dead_mask=dead, total_variance=total_variance)
-            loss = out.fvu + auxk_alpha * out.auxk_loss + out.multi_topk_fvu / 8
-        did_fire[out.latent_indices.flatten()] = True
-        loss.backward()
+        for xc in (x,) if micro == 1 else x.chunk(micro):
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+                out = sc(xc, dead_mask=dead, total_variance=total_variance)
+                loss = out.fvu + auxk_alpha * out.auxk_loss + out.multi_topk_fvu / 8
+            did_fire[out.latent_indices.flatten()] = True
+            (loss if micro == 1 else loss / micro).backward()
         sc.remove_gradient_parallel_to_decoder_directions()
         opt.step()
         opt.zero_grad()
@@ -235,6 +242,30 @@ def _make_sparsify_step(d, n, k, device, multi_topk, dead, xs, bf16, auxk_alpha)
             did_fire.zero_()
 
     return step, ver
+
+
+def _time_sparsify(args: argparse.Namespace, device: torch.device, dead, xs, bf16: bool,
+                   auxk_alpha: float) -> dict:
+    """Time sparsify's step at `args.sparsify_micro_batches` (an int, or "auto": 1, doubled on CUDA
+    out-of-memory while a chunk keeps >= 1 token). Returns {"micro": M, "version": str, "times": [ms]}
+    or, when "auto" ran out of micro-batch counts, {"micro": M, "error": message}."""
+    auto = args.sparsify_micro_batches == "auto"
+    micro = 1 if auto else int(args.sparsify_micro_batches)
+    while True:
+        try:
+            sp_step, ver = _make_sparsify_step(args.d, args.n, args.k, device, args.multi_topk, dead, xs, bf16,
+                                               auxk_alpha, micro)
+            return {"micro": micro, "version": ver, "times": time_fn(sp_step, args.iters, args.warmup, device)}
+        except torch.cuda.OutOfMemoryError as e:
+            if not auto:
+                raise
+            msg = str(e).splitlines()[0] if str(e) else "CUDA out of memory"
+        sp_step = None  # drop the failed attempt's model, optimizer and activations before retrying
+        gc.collect()
+        torch.cuda.empty_cache()
+        if micro * 2 > args.batch:
+            return {"micro": micro, "error": f"sparsify: CUDA out of memory with up to {micro} micro-batches: {msg}"}
+        micro *= 2
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -339,12 +370,16 @@ def run_bench(args: argparse.Namespace) -> dict:
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
     if args.vs == "sparsify":
-        sp_step, ver = _make_sparsify_step(d, n, k, device, args.multi_topk, dead, xs, bf16,
-                                           auxk_alpha=cfg.auxk_coef)
-        sp_times = time_fn(sp_step, args.iters, args.warmup, device)
-        sp_ms = statistics.median(sp_times)
-        rec.update(sparsify_step_ms=sp_ms, sparsify_step_ms_min=min(sp_times),
-                   speedup_vs_sparsify=sp_ms / step_ms, sparsify_version=ver,
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # our step's cached blocks go back before sparsify's dense [B, n]
+        sp = _time_sparsify(args, device, dead, xs, bf16, auxk_alpha=cfg.auxk_coef)
+        rec["sparsify_micro_batches"] = sp["micro"]
+        if "error" in sp:
+            rec["sparsify_error"] = sp["error"]
+            return rec
+        sp_ms = statistics.median(sp["times"])
+        rec.update(sparsify_step_ms=sp_ms, sparsify_step_ms_min=min(sp["times"]),
+                   speedup_vs_sparsify=sp_ms / step_ms, sparsify_version=sp["version"],
                    sparsify_over_matmul=sp_ms / matmul_ms)
     return rec
 
@@ -361,6 +396,12 @@ def _positive_int(name):
     return conv
 
 
+def _micro_batches(v: str) -> int | str:
+    if v == "auto":
+        return v
+    return _positive_int("--sparsify-micro-batches")(v)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sae_dist.bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -375,6 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=_positive_int("--iters"), default=10, help="timed iterations")
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
     p.add_argument("--vs", choices=["sparsify"], default=None, help="also time EleutherAI sparsify")
+    p.add_argument("--sparsify-micro-batches", type=_micro_batches, default=1, metavar="M|auto",
+                   help="with --vs sparsify: split each batch into M chunks as sparsify's trainer does "
+                        "(micro_acc_steps) to fit memory; auto: 1, doubled on CUDA out-of-memory (default 1)")
     p.add_argument("--kernels", choices=["on", "off"], default="on",
                    help="SAEConfig.kernels: sae_dist.kernels path (on) or plain torch (off)")
     p.add_argument("--adam", choices=["trainer", "fused", "unfused"], default="trainer",

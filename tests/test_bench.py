@@ -93,3 +93,54 @@ def test_bench_bad_arguments():
         main(["--d", "4", "--n", "8", "--k", "9", "--batch", "2"])
     with pytest.raises(SystemExit):  # argparse: non-positive size
         main(["--d", "0", "--n", "8", "--k", "1", "--batch", "2"])
+
+
+def test_bench_sparsify_micro_batches():
+    # sparsify's trainer splits a batch into micro-batches to fit memory (micro_acc_steps); bench does the
+    # same with --sparsify-micro-batches and records the count (`auto`, which doubles it on CUDA
+    # out-of-memory, runs in tests/test_gpu_check.py's dry run)
+    args = ["--d", "16", "--n", "256", "--k", "4", "--batch", "64", "--iters", "1", "--warmup", "0",
+            "--device", "cpu", "--threads", "1", "--vs", "sparsify"]
+    p = _run(args + ["--sparsify-micro-batches", "2"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    rec = json.loads(p.stdout)
+    assert rec["sparsify_micro_batches"] == 2 and rec["sparsify_step_ms"] > 0
+    from sae_dist.bench import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--d", "1", "--n", "1", "--k", "1", "--batch", "1",
+                                   "--sparsify-micro-batches", "0"])
+
+
+def test_sparsify_auto_micro_batches_double_on_cuda_oom(monkeypatch):
+    # no GPU needed: a fake sparsify step that runs out of CUDA memory below 4 micro-batches
+    import argparse
+
+    import torch
+
+    from sae_dist import bench
+
+    made = []
+
+    def fake_make(d, n, k, device, multi_topk, dead, xs, bf16, auxk_alpha, micro=1):
+        made.append(micro)
+
+        def step(i):
+            if micro < 4:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB")
+
+        return step, "fake"
+
+    monkeypatch.setattr(bench, "_make_sparsify_step", fake_make)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    args = argparse.Namespace(d=8, n=32, k=2, batch=8, multi_topk=False, iters=2, warmup=1,
+                              sparsify_micro_batches="auto")
+    res = bench._time_sparsify(args, torch.device("cpu"), None, [], False, 1 / 32)
+    assert made == [1, 2, 4] and res["micro"] == 4 and len(res["times"]) == 2
+    args.batch = 2  # no count up to the batch size fits: an error in the record instead of a crash
+    made.clear()
+    res = bench._time_sparsify(args, torch.device("cpu"), None, [], False, 1 / 32)
+    assert made == [1, 2] and "out of memory" in res["error"] and "times" not in res
+    args.sparsify_micro_batches = 1  # an explicit count keeps the exception
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        bench._time_sparsify(args, torch.device("cpu"), None, [], False, 1 / 32)

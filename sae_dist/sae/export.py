@@ -43,8 +43,8 @@ from torch import nn
 
 from sae_dist.sae.auxk import sparse_decode
 
-__all__ = ["export_sae", "load_sae", "ExportedSAE", "ExportedTopKSAE", "check_d_in", "CFG_FILENAME",
-           "WEIGHTS_FILENAME"]
+__all__ = ["export_sae", "load_sae", "ExportedSAE", "ExportedTopKSAE", "check_d_in", "topk_pre_blocked",
+           "MAX_PRE_ELEMENTS", "CFG_FILENAME", "WEIGHTS_FILENAME"]
 
 CFG_FILENAME = "cfg.json"
 #: the SAELens cfg.json layout version our export follows (written as metadata.sae_lens_version)
@@ -357,21 +357,74 @@ class ExportedSAE(nn.Module):
         return self.decode(self.encode(x))
 
 
+#: Most pre-activation elements `ExportedTopKSAE.encode_sparse` materialises at once (256 MiB of
+#: float32): a batch whose [B, d_sae] pre-activations are larger is encoded in blocks of tokens, and
+#: a single token whose d_sae alone exceeds it in blocks of latents too.
+MAX_PRE_ELEMENTS = 1 << 26
+
+
+def topk_pre_blocked(xc: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int,
+                     max_elements: int = MAX_PRE_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest pre-activations of xc @ W_enc + b_enc per row, never more than `max_elements`
+    of them in memory at once: (values [B, k] sorted descending, before any ReLU; indices [B, k] int64).
+
+    xc [B, d_in] (already normalised and centred), W_enc [d_in, n], b_enc [n], 1 <= k <= n. When
+    B * n <= max_elements this is the plain dense `topk`; otherwise rows are taken in blocks of
+    max(1, max_elements // n) tokens, and when one row alone exceeds the budget its latents in blocks
+    of max(k, max_elements) columns whose top-k are merged into a running top-k (same selection; an
+    exact tie at the k-th value may pick another index of the same value). Differentiable.
+    """
+    B, n = xc.shape[0], W_enc.shape[1]
+    if B * n <= max_elements:
+        return (xc @ W_enc + b_enc).topk(k, dim=-1)
+    cols = n if n <= max_elements else max(k, max_elements)
+    rows = max(1, max_elements // cols)
+    out_v, out_i = [], []
+    for r0 in range(0, B, rows):
+        xr = xc[r0:r0 + rows]
+        best_v = best_i = None
+        for c0 in range(0, n, cols):
+            pre = torch.addmm(b_enc[c0:c0 + cols], xr, W_enc[:, c0:c0 + cols])
+            v, i = pre.topk(min(k, pre.shape[1]), dim=-1)
+            i = i + c0
+            if best_v is not None:
+                v, j = torch.cat([best_v, v], dim=1).topk(k, dim=-1)
+                i = torch.cat([best_i, i], dim=1).gather(1, j)
+            best_v, best_i = v, i
+        out_v.append(best_v)
+        out_i.append(best_i)
+    return torch.cat(out_v), torch.cat(out_i)
+
+
 class ExportedTopKSAE(ExportedSAE):
     """An exported TopK SAE ("topk": TopK, soft TopK, Matryoshka/tree over TopK) taking RAW
     activations (the contract API): as `ExportedSAE`, z = ReLU of the k largest pre-activations, and
       encode_sparse(x) -> (values [..., k], indices [..., k] int64)
       decode_sparse(values, indices) -> [..., d_in] raw space.
+    encode_sparse and forward hold at most `max_pre_elements` (default MAX_PRE_ELEMENTS) pre-activations
+    at a time (`topk_pre_blocked`), so a batch of a 16M-latent SAE needs no [B, d_sae] matrix; `encode`
+    returns the dense [..., d_sae] latents it promises, built from the sparse ones.
     """
+
+    max_pre_elements: int = MAX_PRE_ELEMENTS
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         vals, idx = pre.topk(self.k, dim=-1)
         return torch.zeros_like(pre).scatter_(-1, idx, torch.relu(vals))
 
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., d_in] raw -> z [..., d_sae] dense, non-negative (k non-zero entries at most)."""
+        vals, idx = self.encode_sparse(x)
+        z = vals.new_zeros(*vals.shape[:-1], self.d_sae)
+        return z.scatter(-1, idx, vals)
+
     def encode_sparse(self, x: torch.Tensor):
         """x [..., d_in] raw -> (values [..., k] >= 0, indices [..., k] int64)."""
         lead = x.shape[:-1]
-        vals, idx = self._pre(self._flat(x)).topk(self.k, dim=-1)
+        x_n = self.normalize_input(self._flat(x))
+        if self.apply_b_dec_to_input:
+            x_n = x_n - self.b_dec
+        vals, idx = topk_pre_blocked(x_n, self.W_enc, self.b_enc, self.k, self.max_pre_elements)
         vals = torch.relu(vals)
         return vals.reshape(*lead, self.k), idx.reshape(*lead, self.k)
 

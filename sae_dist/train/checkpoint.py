@@ -18,10 +18,11 @@ import shutil
 import warnings
 from pathlib import Path
 
+import torch
 import torch.distributed.checkpoint as dcp
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints",
-           "checkpoint_dir_name"]
+           "checkpoint_dir_name", "read_checkpoint_tensors"]
 
 _STEP_RE = re.compile(r"^step_(\d{8})$")
 
@@ -116,3 +117,29 @@ def load_checkpoint(path: str | Path, *, state: dict) -> dict:
     finally:
         qctx.__exit__(None, None, None)
     return pickle.loads(full["trainer"]["blob"])
+
+
+def read_checkpoint_tensors(path: str | Path, prefix: str = "model") -> dict[str, torch.Tensor]:
+    """The tensors under `prefix` of the checkpoint directory `path` (e.g. "model", "ema", "optim",
+    "dead") as plain CPU tensors of their GLOBAL shapes, whatever mesh saved them: the weights a
+    tp-sharded run holds, gathered, in one process and without a process group.
+
+    Keys are the names below the prefix with DCP's "." separators (e.g. "W_enc", "W_enc.exp_avg").
+    Memory: the selected tensors plus DCP's read buffers. ValueError when no tensor has that prefix.
+    """
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(str(path))
+    meta = reader.read_metadata().state_dict_metadata
+    head = prefix + "."
+    flat = {key: torch.empty(m.size, dtype=m.properties.dtype) for key, m in meta.items()
+            if key.startswith(head) and isinstance(m, TensorStorageMetadata)}
+    if not flat:
+        raise ValueError(f"checkpoint {path} holds no tensor under {prefix!r} (has: "
+                         f"{sorted({k.split('.')[0] for k in meta})})")
+    qctx = _quiet()
+    try:
+        dcp.load(flat, storage_reader=reader)
+    finally:
+        qctx.__exit__(None, None, None)
+    return {key[len(head):]: t for key, t in flat.items()}
