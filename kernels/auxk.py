@@ -23,6 +23,7 @@ The denominator sum_b ||e_b - mean(e)||^2 is a torch fp32 reduction over [B, d] 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from . import sparse_decode as _sd
 from ._common import check_sparse_codes, dense_rows_block, drop_padding, resolve_backend
@@ -63,8 +64,9 @@ def _validate(aux_values, aux_indices, W_dec, residual):
 
 
 def _normalised_mse(residual: torch.Tensor, e_hat: torch.Tensor) -> torch.Tensor:
-    e = residual.detach().float()
-    return _safe_ratio((e - e_hat.float()).pow(2).sum(), _residual_ss(residual))
+    # mse_loss: one fused pass forward and backward (2.7 ms against 6.7 for sub/pow/sum at [4096, 576])
+    sse = F.mse_loss(e_hat.float(), residual.detach().float(), reduction="sum")
+    return _safe_ratio(sse, _residual_ss(residual))
 
 
 def _decode_aux_torch(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor,
@@ -81,6 +83,17 @@ def _decode_aux_torch(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.
                 return _DenseRowsDecode.apply(Z, W_dec, rows)
             return Z @ W_dec[rows]
     return sparse_decode_reference(values, indices, W_dec, None)
+
+
+def _mm_padded_t(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """a [B, d] @ w[u, d].t() -> [B, u], with w zero-padded to a multiple of 16 rows for the product
+    (returned as a [B, u] view): CPU BLAS is ~1.4x slower at an odd output width (measured 29 ms at
+    u=819 against 21 ms at u=832 for B=4096, d=576, fp32, 2 threads)."""
+    u = w.shape[0]
+    pad = -u % 16
+    if pad == 0:
+        return a @ w.t()
+    return (a @ F.pad(w, (0, 0, 0, pad)).t())[:, :u]
 
 
 class _DenseRowsDecode(torch.autograd.Function):
@@ -101,7 +114,7 @@ class _DenseRowsDecode(torch.autograd.Function):
     def backward(ctx, grad):
         Z, W_rows, rows = ctx.saved_tensors
         grad = grad.to(W_rows.dtype)  # the forward may have run under autocast
-        gZ = (grad @ W_rows.t()).to(Z.dtype) if ctx.needs_input_grad[0] else None
+        gZ = _mm_padded_t(grad, W_rows).to(Z.dtype) if ctx.needs_input_grad[0] else None
         gW = None
         if ctx.needs_input_grad[1]:
             gW = torch.sparse_coo_tensor(rows.unsqueeze(0), Z.t() @ grad, (ctx.n_rows, W_rows.shape[1]),

@@ -138,7 +138,9 @@ def _check_inputs(x, W_enc, b_enc, b_pre, k, dead_mask, k_aux, backend, latent_c
 class _RunningTopK:
     """Running per-row top-k over column chunks: candidates are buffered and reduced with one
     torch.topk whenever their total width exceeds `flush_width` (and at the end), which costs less
-    than merging after every chunk."""
+    than merging after every chunk. A chunk's ids are [B, w] int64, or [w] when every row has the
+    same candidate columns (a gather of the dead latents): those stay 1-D until a reduction picks
+    from them, so no [B, w] id block is built for them."""
 
     def __init__(self, k: int, flush_width: int):
         self.k = k
@@ -148,28 +150,33 @@ class _RunningTopK:
         self.width = 0
 
     def add(self, v: torch.Tensor, i: torch.Tensor) -> None:
+        if self.vals and self.width + v.shape[1] > self.flush_width:
+            self._reduce()  # the buffer never exceeds max(flush_width, k + this chunk's width)
         self.vals.append(v)
         self.idx.append(i)
         self.width += v.shape[1]
-        if self.width > self.flush_width:
-            self._reduce()
 
     def _reduce(self) -> None:
+        B = self.vals[0].shape[0]
         if len(self.vals) == 1 and self.width <= self.k:
-            return
-        cv = torch.cat(self.vals, dim=1) if len(self.vals) > 1 else self.vals[0]
-        ci = torch.cat(self.idx, dim=1) if len(self.idx) > 1 else self.idx[0]
-        kk = min(self.k, cv.shape[1])
-        if kk < cv.shape[1]:
-            cv, j = cv.topk(kk, dim=1, sorted=False)
-            ci = ci.gather(1, j)
+            cv, ci = self.vals[0], self.idx[0]
+        else:
+            cv = torch.cat(self.vals, dim=1) if len(self.vals) > 1 else self.vals[0]
+            shared = all(i.dim() == 1 for i in self.idx)
+            ids = self.idx if shared else [i.expand(B, -1) if i.dim() == 1 else i for i in self.idx]
+            ci = torch.cat(ids, dim=-1) if len(ids) > 1 else ids[0]
+            kk = min(self.k, cv.shape[1])
+            if kk < cv.shape[1]:
+                cv, j = cv.topk(kk, dim=1, sorted=False)
+                ci = ci[j] if shared else ci.gather(1, j)
         self.vals, self.idx, self.width = [cv], [ci], cv.shape[1]
 
     def result(self):
         if not self.vals:
             return None, None
         self._reduce()
-        return self.vals[0], self.idx[0]
+        v, i = self.vals[0], self.idx[0]
+        return v, (i.expand(v.shape[0], -1) if i.dim() == 1 else i)
 
 
 _WORKSPACES = threading.local()
@@ -233,9 +240,9 @@ def _select_torch(xc, W_enc, b_enc, k, dead_mask, k_aux, latent_chunk):
         abuf = None  # [B * C] buffer for chunks where most latents are dead (made on first use)
         neg_inf = torch.full((), float("-inf"), dtype=W_enc.dtype, device=W_enc.device)
     main = _RunningTopK(k, flush_width=8 * k)
-    # AuxK candidates are few (at most the dead latents): buffer up to a [B, 2^24 / B] block of them
-    # and reduce once, rather than one torch.topk(k_aux) per chunk.
-    aux = (_RunningTopK(k_aux, flush_width=max(2 * k_aux, (1 << 24) // max(B, 1)))
+    # AuxK candidates are few (at most the dead latents): buffer up to a [B, min(C, 2^24 / B)] block
+    # of them and reduce once, rather than one torch.topk(k_aux) per chunk.
+    aux = (_RunningTopK(k_aux, flush_width=max(2 * k_aux, min(C, (1 << 24) // max(B, 1))))
            if want_aux else None)
     for ci, c0 in enumerate(range(0, n, C)):
         c1 = min(n, c0 + C)
@@ -251,12 +258,7 @@ def _select_torch(xc, W_enc, b_enc, k, dead_mask, k_aux, latent_chunk):
         if 2 * nd <= w:
             # few dead latents in this chunk (the usual case): gather their columns only
             cols = dead_mask[c0:c1].nonzero().squeeze(1)
-            apre = pre.index_select(1, cols)  # [B, nd]
-            if nd > k_aux:
-                v, j = apre.topk(k_aux, dim=1, sorted=False)
-                i = cols[j] + c0
-            else:
-                v, i = apre, (cols + c0).expand(B, nd)
+            v, i = pre.gather(1, cols.expand(B, nd)), cols + c0  # [B, nd]; faster than index_select
         else:
             if abuf is None:
                 abuf = torch.empty(B * C, dtype=W_enc.dtype, device=W_enc.device)

@@ -389,6 +389,27 @@ def test_aux_outputs_unordered_but_complete():
     torch.testing.assert_close(av.sort(1).values, rav.sort(1).values)
 
 
+@pytest.mark.parametrize("k_aux", [3, 40])
+def test_aux_selection_mixing_gathered_and_masked_chunks(k_aux):
+    """The torch path takes the dead latents of a chunk either as a gather of their columns (ids
+    shared by all rows) or, when most of the chunk is dead, as a masked top-k (ids per row); the
+    running top-k mixes both kinds and reduces several times at this width. Its result equals the
+    dense oracle's."""
+    B, d, n, k, chunk = 10, 16, 320, 4, 32
+    x, W, be, bp, _ = _problem(B, d, n, seed=11)
+    g = torch.Generator().manual_seed(12)
+    dead = torch.rand(n, generator=g) < 0.2
+    dead[32:64] = True  # a fully dead chunk: masked top-k
+    dead[64:96] = torch.arange(32) % 2 == 0  # half dead: masked top-k
+    v, i, av, ai = encode_topk(x, W, be, bp, k, dead_mask=dead, k_aux=k_aux, backend="torch",
+                               latent_chunk=chunk)
+    rv, ri, rav, rai = _dense(x, W, be, bp, k, dead, k_aux)
+    assert av.shape == rav.shape == (B, k_aux)
+    assert _same_sets(ai, rai)
+    torch.testing.assert_close(av.sort(1).values, rav.sort(1).values)
+    torch.testing.assert_close(v, rv)
+
+
 def test_triton_split_buffer_is_capped(monkeypatch, kernel_device):
     """With a tiny candidate-buffer budget the Triton path uses fewer, wider splits (still exact)."""
     B, d, n, k = 33, 16, 200, 3
