@@ -19,7 +19,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from sae_dist import CONF_DIR
-from sae_dist.extras import MissingExtraError, require_extra
+from sae_dist.extras import require_extra
 
 #: `hydra/launcher=` choices of conf/hydra/launcher/ that run through submitit (the [slurm] extra)
 SUBMITIT_LAUNCHERS = ("slurm", "local")
@@ -35,18 +35,61 @@ def check_launcher_extra(argv: list[str]) -> None:
             require_extra("slurm", f"hydra/launcher={value}")
 
 
+def check_run_dir(argv: list[str]) -> None:
+    """NotADirectoryError when `run_dir=PATH` names an existing file (Hydra would fail creating its
+    output directory there with a bare "File exists")."""
+    for arg in argv:
+        name, _, value = arg.partition("=")
+        if name.lstrip("+~") == "run_dir" and value and os.path.exists(value) and not os.path.isdir(value):
+            raise NotADirectoryError(f"run_dir={value} is an existing file, not a directory: choose another "
+                                     "run_dir (every output of the run goes under it)")
+
+
+def _prog() -> str:
+    return os.path.basename(sys.argv[0]) or "sae-dist"
+
+
+def _user_errors_first(fn):
+    """Run `fn`; a user error (sae_dist.errors) prints its one-line message and exits with status 2,
+    unless tracebacks were asked for (SAE_DIST_DEBUG=1 / HYDRA_FULL_ERROR=1). Other errors propagate."""
+    from sae_dist.errors import USER_ERROR_EXIT_CODE, debug_errors, is_user_error, report_user_error
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            if debug_errors() or not is_user_error(e):
+                raise
+            report_user_error(_prog(), e)
+            raise SystemExit(USER_ERROR_EXIT_CODE) from None
+
+    return wrapped
+
+
 def _app(fn):
-    app = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")(fn)
+    # the task runs inside Hydra's job (which would print a traceback before the message): user errors
+    # are reported there; checks of the command line run before Hydra starts
+    app = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")(_user_errors_first(fn))
 
     @functools.wraps(fn)
     def main(*args, **kwargs):
-        try:
+        def checks():
             check_launcher_extra(sys.argv[1:])
-        except MissingExtraError as e:
-            raise SystemExit(f"error: {e}") from None
+            check_run_dir(sys.argv[1:])
+
+        _user_errors_first(checks)()
         return app(*args, **kwargs)
 
     return main
+
+
+def _exit_if_preempted(summary) -> None:
+    """Exit with PREEMPTED_EXIT_CODE when the job stopped on SIGTERM (state saved; rerun to resume)."""
+    if isinstance(summary, dict) and summary.get("preempted"):
+        from sae_dist.preempt import PREEMPTED_EXIT_CODE
+
+        raise SystemExit(PREEMPTED_EXIT_CODE)
 
 
 def _out_dir() -> Path:
@@ -296,6 +339,7 @@ def harvest_main(cfg: DictConfig) -> None:
     """sae-harvest: LM + text -> activation store (zarr v3)."""
     summary = run_harvest(cfg, _out_dir())
     print(json.dumps(summary, indent=2, default=str))
+    _exit_if_preempted(summary)
 
 
 @_app
@@ -328,10 +372,11 @@ def train_main(cfg: DictConfig) -> None:
     try:
         out = _out_dir()
         # under -m a failing point is recorded (job_status.json) and the sweep goes on (sae_dist.sweep)
-        run_point(lambda: point(out), out, is_main=_dist_env()[0] == 0)
+        summary = run_point(lambda: point(out), out, is_main=_dist_env()[0] == 0)
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+    _exit_if_preempted(summary)
 
 
 @_app
@@ -351,7 +396,9 @@ def pipeline_main(cfg: DictConfig) -> None:
     device = resolve_device(cfg.device)
     lm = _load_lm(cfg, device)
     harvest_summary = run_harvest(cfg, out, lm=lm)
+    _exit_if_preempted(harvest_summary)
     train_summary = run_train(cfg, out)
+    _exit_if_preempted(train_summary)
     result = run_eval(cfg, out, lm=lm, sae_path=str(out / "sae"))
     wall = time.perf_counter() - t0
     print_summary(out, harvest_summary, train_summary, result, wall)

@@ -97,8 +97,11 @@ def run_point(fn: Callable[[], Any], out_dir: Path, *, is_main: bool = True) -> 
         result = None
         record.update(status="failed", error=str(e) or repr(e), error_type=type(e).__name__,
                       traceback=traceback.format_exc())
+        from sae_dist.errors import debug_errors, is_user_error
+
+        tb = "" if is_user_error(e) and not debug_errors() else "\n" + record["traceback"]
         print(f"sweep point {record['job_num']} ({' '.join(record['overrides'])}) FAILED: "
-              f"{record['error_type']}: {record['error']}\n{record['traceback']}", file=sys.stderr, flush=True)
+              f"{record['error_type']}: {record['error']}{tb}", file=sys.stderr, flush=True)
     record["wall_s"] = round(time.perf_counter() - t0, 3)
     if is_main:
         _write_json(out_dir / STATUS_FILE, record)

@@ -50,6 +50,19 @@ def test_two_members_use_the_line_through_both():
         equivalent_compute(ce, [1e19], [3.0], 1e21)
 
 
+@pytest.mark.parametrize("beta", [-1e-6, -1e-300, -1e-30])
+def test_a_flat_family_gives_a_note_not_an_overflow(beta):
+    """A family whose loss barely moves with compute: inverting it at another loss overflows a float."""
+    C = np.array([1e15, 1e16, 1e17])
+    L = np.exp(1.1 + beta * np.log(C))
+    for ce in (5.0, 1.5):  # above and below the family's losses (~3.0)
+        out = equivalent_compute(ce, C[:2], L[:2], 1e16)
+        assert out["equivalent_compute"] is None and out["equivalent_compute_fraction"] is None, out
+        assert "hardly changes with compute" in out["equivalent_compute_note"] or "does not fall" in out[
+            "equivalent_compute_note"], out
+    json.dumps(out)  # eval.json-ready
+
+
 def test_member_compute():
     assert member_compute({"name": "a", "params": 1e8, "train_tokens": 2e9}) == pytest.approx(1.2e18)
     assert member_compute({"name": "b", "compute": 5e20}) == 5e20

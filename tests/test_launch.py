@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -135,7 +136,8 @@ def test_sbatch_header():
     directives = [line for line in lines[:first_command] if line.startswith("#SBATCH")]
     later = [line for line in lines[first_command:] if line.startswith("#SBATCH")]
     assert not later, f"sbatch ignores #SBATCH lines after the first command: {later}"
-    opts = dict(d.split()[1].lstrip("-").split("=", 1) for d in directives)
+    opts = dict((d.split()[1].lstrip("-") + "=").split("=", 2)[:2] for d in directives)  # flags: ""
+    assert opts["signal"] == "B:USR1@300" and "requeue" in opts  # preemption: checkpoint, then requeue
     assert opts["ntasks-per-node"] == "1"  # one torchrun agent per node
     for key in ("nodes", "gpus-per-node", "cpus-per-task", "time", "output", "job-name"):
         assert key in opts, f"#SBATCH --{key} missing"
@@ -386,6 +388,7 @@ def test_torchrun_sh_fails_fast_naming_the_rank(shims, fake_app, tmp_path):
 
 
 SCONTROL = """#!/bin/bash
+if [[ "$1" == requeue ]]; then echo "$*" >> "$SHIM_ARGS.scontrol"; exit 0; fi
 if [[ "$1 $2" != "show hostnames" || "$3" != "$SLURM_JOB_NODELIST" ]]; then
     echo "scontrol shim: unexpected $*" >&2; exit 9
 fi
@@ -395,8 +398,10 @@ printf '%s\\n' {hosts}
 # srun: records argv/env; with SRUN_EXEC=1 runs the command once per "node" (SLURM_NNODES copies,
 # SLURM_NODEID set) and, as --kill-on-bad-exit=1 does, stops the others when one fails.
 SRUN = """#!{python}
-import os, subprocess, sys, time
+import os, signal, subprocess, sys, time
 from pathlib import Path
+signal.signal(signal.SIGTERM, lambda *a: [p.terminate() for p in procs])  # as srun forwards it to tasks
+procs = []
 args = sys.argv[1:]
 Path(os.environ["SHIM_ARGS"]).write_text("\\n".join(args) + "\\n")
 Path(os.environ["SHIM_ARGS"] + ".env").write_text("".join(f"{{k}}={{v}}\\n" for k, v in os.environ.items()))
@@ -405,8 +410,8 @@ if os.environ.get("SRUN_EXEC") != "1":
 i = 0
 while i < len(args) and args[i].startswith("--"):
     i += 1
-procs = [subprocess.Popen(args[i:], env={{**os.environ, "SLURM_NODEID": str(n)}})
-         for n in range(int(os.environ["SLURM_NNODES"]))]
+procs += [subprocess.Popen(args[i:], env={{**os.environ, "SLURM_NODEID": str(n)}})
+          for n in range(int(os.environ["SLURM_NNODES"]))]
 rc = 0
 while any(p.poll() is None for p in procs):
     bad = [p.returncode for p in procs if p.returncode not in (None, 0)]
@@ -512,6 +517,38 @@ def test_sbatch_rendezvous_two_emulated_nodes(shims, fake_app, tmp_path):
     assert all(s["rank_sum"] == 6.0 for s in seen)
     assert all(s["argv"] == ["run_dir=runs/mn", "parallel.tp=2"] for s in seen)
     assert {s["TORCH_NCCL_ASYNC_ERROR_HANDLING"] for s in seen} == {"1"}
+
+
+# a rank as sae-train behaves on SIGTERM: finish, checkpoint, exit 75 (sae_dist.preempt)
+PREEMPTIBLE_RANK = """#!{python}
+import os, signal, sys, time
+from pathlib import Path
+signal.signal(signal.SIGTERM, lambda *a: sys.exit(75))
+Path(os.environ["RANK_READY"] + os.environ["SLURM_NODEID"]).touch()
+time.sleep(120)
+sys.exit(0)
+"""
+
+
+@pytest.mark.parametrize("sig, requeued", [(signal.SIGUSR1, True), (signal.SIGTERM, False)])
+def test_sbatch_signal_stops_the_ranks_and_requeues_before_the_time_limit(shims, tmp_path, sig, requeued):
+    """USR1 (slurm's warning before the time limit, `--signal=B:USR1@300`) and SIGTERM (scancel,
+    preemption) both reach every rank as SIGTERM; only USR1 requeues, once the ranks exited with 75."""
+    env, submit = _slurm_env(shims, tmp_path, ["n1", "n2"], 2, gpus="1")
+    rank = tmp_path / "rank.py"
+    _write_exe(rank, PREEMPTIBLE_RANK.format(python=sys.executable))
+    env.update(SRUN_EXEC="1", TORCHRUN=str(rank), RANK_READY=str(tmp_path / "ready"))
+    proc = subprocess.Popen(["bash", str(SBATCH), "run_dir=r"], env=env, cwd=submit, stderr=subprocess.PIPE,
+                            text=True)
+    t0 = time.monotonic()
+    while not all((tmp_path / f"ready{n}").exists() for n in range(2)):
+        assert proc.poll() is None and time.monotonic() - t0 < 60, proc.stderr.read() if proc.poll() else "slow"
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 75, err
+    scontrol = Path(env["SHIM_ARGS"] + ".scontrol")
+    assert (scontrol.read_text() == "requeue 4242\n") if requeued else not scontrol.exists(), err
 
 
 # ----------------------------------------------------------------------------------------------

@@ -259,6 +259,27 @@ def test_resume_with_a_changed_configuration_names_what_changed(tmp_path):
                          warmup_steps=0)
     train(store_path=store, out_dir=out, sae_cfg=SAEConfig(d_in=32, n_latents=128, k=4), trainer_cfg=tcfg,
           progress=False, wandb_cfg={"enabled": False})
-    with pytest.raises(ValueError, match=r"n_latents: checkpoint 128 != now 64"):
+    with pytest.raises(ValueError, match=r"n_latents: recorded 128 != now 64"):
         train(store_path=store, out_dir=out, sae_cfg=SAEConfig(d_in=32, n_latents=64, k=4), trainer_cfg=tcfg,
               progress=False, wandb_cfg={"enabled": False})
+
+
+def test_auxk_first_activation_is_logged_and_an_unreachable_threshold_warned(tmp_path, capsys):
+    store = _store(tmp_path, _sparse_dictionary_data(n_tokens=8192, seed=5))
+    kw = dict(store_path=store, progress=False, wandb_cfg={"enabled": False})
+    out = tmp_path / "run"
+    train(out_dir=out, sae_cfg=SAEConfig(d_in=32, n_latents=512, k=4, dead_tokens=1024),
+          trainer_cfg=TrainerConfig(tokens=256 * 40, batch_tokens=256, lr=5e-3, log_every_steps=2), **kw)
+    err = capsys.readouterr().err
+    st = json.loads((out / "sae" / "training_state.json").read_text())
+    first = next(r["step"] for r in _log(out) if r["train/auxk_loss"] > 0)  # logged every 2 steps
+    assert st["auxk_active_from_step"] == first
+    assert f"AuxK active from step {first} ({first * 256} tokens)" in err and "warning" not in err
+    # a dead threshold the run cannot reach: said up front, and AuxK indeed never runs
+    out2 = tmp_path / "run2"
+    train(out_dir=out2, sae_cfg=SAEConfig(d_in=32, n_latents=512, k=4, dead_tokens=10_000_000),
+          trainer_cfg=TrainerConfig(tokens=256 * 8, batch_tokens=256, log_every_steps=1), **kw)
+    err = capsys.readouterr().err
+    assert "sae.dead_tokens=10000000 >= the run's 2048 tokens" in err and "AuxK active" not in err
+    assert all(r["train/auxk_loss"] == 0 for r in _log(out2))
+    assert json.loads((out2 / "sae" / "training_state.json").read_text())["auxk_active_from_step"] is None

@@ -73,6 +73,10 @@ def clean_cross_entropy(model: nn.Module, sequences: torch.Tensor, *, batch_size
     return total / count
 
 
+#: ln of the smallest and largest compute (FLOPs) reported as a number: 1e-300 .. 1e300
+_LOG_TINY, _LOG_HUGE = -300 * math.log(10), 300 * math.log(10)
+
+
 def equivalent_compute(ce_sae: float, family_compute: Sequence[float], family_ce: Sequence[float],
                        model_compute: float) -> dict[str, Any]:
     """The pretraining compute at which the LM family reaches the spliced loss `ce_sae` (Gao et al.
@@ -81,7 +85,10 @@ def equivalent_compute(ce_sae: float, family_compute: Sequence[float], family_ce
     family_compute: FLOPs of each member (>= 2, distinct); family_ce: their clean CE (nats) on the same
     tokens; model_compute: FLOPs of the hooked model. Returns {"equivalent_compute" (FLOPs or None),
     "equivalent_compute_fraction" (C_eq / model_compute or None), "lm_family_fit" {form, params},
-    "equivalent_compute_note"}. Raises ValueError for fewer than 2 members or mismatched lengths.
+    "equivalent_compute_note"}: None values and a note (never an exception) when the family's fit
+    cannot be inverted at ce_sae (loss not falling with compute, ce_sae below the fitted irreducible
+    loss, or a fit so flat that the compute is beyond 1e300). Raises ValueError for fewer than 2
+    members or mismatched lengths.
     """
     C = np.asarray(family_compute, dtype=np.float64)
     L = np.asarray(family_ce, dtype=np.float64)
@@ -102,6 +109,9 @@ def equivalent_compute(ce_sae: float, family_compute: Sequence[float], family_ce
            "members": len(C)}
     out: dict[str, Any] = {"equivalent_compute": None, "equivalent_compute_fraction": None, "lm_family_fit": fit,
                            "equivalent_compute_note": None}
+    if not all(math.isfinite(v) for v in (alpha, beta, c)):
+        out["equivalent_compute_note"] = f"the family's fit failed (alpha={alpha}, beta={beta}, c={c})"
+        return out
     if beta >= 0:
         out["equivalent_compute_note"] = f"the family's loss does not fall with compute (beta={beta:.3g})"
         return out
@@ -109,7 +119,15 @@ def equivalent_compute(ce_sae: float, family_compute: Sequence[float], family_ce
         out["equivalent_compute_note"] = (f"spliced CE {ce_sae:.4f} is below the family's fitted irreducible "
                                           f"loss {c:.4f}")
         return out
-    c_eq = math.exp((math.log(ce_sae - c) - alpha) / beta)
+    log_c_eq = (math.log(ce_sae - c) - alpha) / beta
+    if not _LOG_TINY < log_c_eq < _LOG_HUGE:
+        # a family whose loss barely moves with compute (beta near 0) puts any other loss at an absurd
+        # compute: report its order of magnitude instead of overflowing
+        out["equivalent_compute_note"] = (
+            f"the family's fit (beta={beta:.3g}) puts spliced CE {ce_sae:.4f} at 1e{log_c_eq / math.log(10):.3g} "
+            f"FLOPs, outside any meaningful range: the family's loss hardly changes with compute")
+        return out
+    c_eq = math.exp(log_c_eq)
     out["equivalent_compute"] = c_eq
     out["equivalent_compute_fraction"] = c_eq / float(model_compute)
     if not (C[0] / 10 <= c_eq <= C[-1] * 10):

@@ -35,6 +35,9 @@ from typing import Iterable
 import numpy as np
 import torch
 
+from sae_dist.lock import DirectoryLock
+from sae_dist.preempt import Preemption
+
 from .hooks import resolve_hook, run_to_hook
 from .text import packed_sequences
 
@@ -89,6 +92,13 @@ def _read_complete(store_path: str) -> dict | None:
     attrs = dict(group.attrs)
     h = attrs.get("harvest") or {}
     return attrs if h.get("complete") else None
+
+
+def harvest_lock_file(store_path, rank: int) -> str:
+    """Harvest worker `rank`'s lock file on `store_path`: beside the store, since the store directory
+    itself appears by an atomic rename (`create_store`). sae_dist.lock explains the lock."""
+    path = os.path.abspath(os.fspath(store_path))
+    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.harvest-worker{rank}.lock")
 
 
 def _maybe_dist(world_size: int, rank: int, timeout_s: float):
@@ -259,6 +269,7 @@ def harvest(
         "complete": False,
         "already_complete": False,
         "n_tokens": None,
+        "preempted": False,
     }
 
     existing = _read_complete(store_path)
@@ -278,70 +289,84 @@ def harvest(
                        wall_s=time.perf_counter() - t0)
         return summary
 
-    group = create_store(
-        store_path,
-        n_tokens=n_tokens,
-        d_model=d_model,
-        dtype=dtype,
-        chunk_tokens=chunk_tokens,
-        shard_tokens=shard_tokens,
-        attrs={**base_attrs, "harvest": harvest_info},
-    )
-    done = done_shards(store_path)
-    todo = [s for s in range(n_shards) if s % world_size == rank and s not in done]
-    if done and rank == 0:
-        _log(f"resuming: {len(done)}/{n_shards} shards already done", rank)
-
-    written = 0
-    if todo:
-        written = _harvest_shards(
-            model=model, tokenizer=tokenizer, spec=spec, docs=docs, group=group, store_path=store_path,
-            todo=todo, n_seqs=n_seqs, body=body, ctx_len=int(ctx_len), batch_size=int(batch_size),
-            seqs_per_shard=int(seqs_per_shard), d_model=d_model, store_dtype=store_dtype,
-            device=device, eval_fraction=eval_fraction, progress=progress, rank=rank,
-            write_block=write_block, mark_shard_done=mark_shard_done,
-            norm_stats_partial=norm_stats_partial, to_numpy=to_numpy,
+    lock = DirectoryLock(store_path, f"sae-harvest worker {rank} of {world_size}",
+                         lock_file=harvest_lock_file(store_path, rank))
+    lock.acquire()  # DirectoryBusyError naming the holder when another process harvests these shards
+    try:
+        group = create_store(
+            store_path,
+            n_tokens=n_tokens,
+            d_model=d_model,
+            dtype=dtype,
+            chunk_tokens=chunk_tokens,
+            shard_tokens=shard_tokens,
+            attrs={**base_attrs, "harvest": harvest_info},
         )
-    summary["shards_written"] = len(todo)
-    summary["tokens_written"] = written
+        done = done_shards(store_path)
+        todo = [s for s in range(n_shards) if s % world_size == rank and s not in done]
+        if done and rank == 0:
+            _log(f"resuming: {len(done)}/{n_shards} shards already done", rank)
 
-    if finalize:
-        dist, created = _maybe_dist(world_size, rank, barrier_timeout_s)
-        try:
-            if dist is not None:
-                dist.barrier()
-            done = done_shards(store_path)
-            all_done = all(s in done for s in range(n_shards))
-            if all_done and (rank == 0 or dist is None):
-                final_n = _final_n_tokens(done, n_shards, seqs_per_shard, body, store_path)
-                if final_n == 0:
-                    raise HarvestError(
-                        f"the corpus gave no train sequence of ctx_len={ctx_len} tokens (documents "
-                        f"shorter than {ctx_len - 1} tokens are dropped, and eval_fraction="
-                        f"{eval_fraction} are held out); use more data or a shorter ctx_len"
-                    )
-                stats = merge_norm_stats([done[s]["norm_stats"] for s in range(n_shards)
-                                          if done[s].get("n_tokens", 0) > 0])
-                end_of_data = any(done[s].get("end_of_data") for s in range(n_shards))
-                final_attrs = {
-                    **base_attrs,
-                    "n_tokens": final_n,
-                    "norm_stats": stats,
-                    "harvest": {**harvest_info, "complete": True, "n_tokens": final_n,
-                                "end_of_data": bool(end_of_data)},
-                }
-                finalize_store(store_path, final_n, final_attrs)
-                if end_of_data:
-                    _log(f"the corpus ended after {final_n} tokens (asked for {n_tokens}); store trimmed", rank)
-                _log(f"store {store_path} complete: {final_n} tokens x {d_model}", rank)
-            if dist is not None:
-                dist.barrier()  # nobody returns (and reads the store) before rank 0 has finalised
-            if all_done:
-                summary["complete"] = True
-                summary["n_tokens"] = _final_n_tokens(done, n_shards, seqs_per_shard, body, store_path)
-        finally:
-            if created:
-                dist.destroy_process_group()
+        written, preempted = 0, False
+        if todo:
+            with Preemption("sae-harvest") as preempt:
+                written, preempted = _harvest_shards(
+                    model=model, tokenizer=tokenizer, spec=spec, docs=docs, group=group, store_path=store_path,
+                    todo=todo, n_seqs=n_seqs, body=body, ctx_len=int(ctx_len), batch_size=int(batch_size),
+                    seqs_per_shard=int(seqs_per_shard), d_model=d_model, store_dtype=store_dtype,
+                    device=device, eval_fraction=eval_fraction, progress=progress, rank=rank,
+                    write_block=write_block, mark_shard_done=mark_shard_done,
+                    norm_stats_partial=norm_stats_partial, to_numpy=to_numpy,
+                    should_stop=lambda: preempt.requested,
+                )
+        now_done = done_shards(store_path)
+        summary["shards_written"] = sum(1 for s in todo if s in now_done)
+        summary["tokens_written"] = written
+        summary["preempted"] = preempted
+        if preempted:
+            _log(f"stopped on SIGTERM after {written} tokens (every written shard is kept); rerun the same "
+                 "command to resume", rank)
+
+        if finalize and not preempted:
+            dist, created = _maybe_dist(world_size, rank, barrier_timeout_s)
+            try:
+                if dist is not None:
+                    dist.barrier()
+                done = done_shards(store_path)
+                all_done = all(s in done for s in range(n_shards))
+                if all_done and (rank == 0 or dist is None):
+                    final_n = _final_n_tokens(done, n_shards, seqs_per_shard, body, store_path)
+                    if final_n == 0:
+                        raise HarvestError(
+                            f"the corpus gave no train sequence of ctx_len={ctx_len} tokens (documents "
+                            f"shorter than {ctx_len - 1} tokens are dropped, and eval_fraction="
+                            f"{eval_fraction} are held out); use more data or a shorter ctx_len"
+                        )
+                    stats = merge_norm_stats([done[s]["norm_stats"] for s in range(n_shards)
+                                              if done[s].get("n_tokens", 0) > 0])
+                    end_of_data = any(done[s].get("end_of_data") for s in range(n_shards))
+                    final_attrs = {
+                        **base_attrs,
+                        "n_tokens": final_n,
+                        "norm_stats": stats,
+                        "harvest": {**harvest_info, "complete": True, "n_tokens": final_n,
+                                    "end_of_data": bool(end_of_data)},
+                    }
+                    finalize_store(store_path, final_n, final_attrs)
+                    if end_of_data:
+                        _log(f"the corpus ended after {final_n} tokens (asked for {n_tokens}); store trimmed", rank)
+                    _log(f"store {store_path} complete: {final_n} tokens x {d_model}", rank)
+                if dist is not None:
+                    dist.barrier()  # nobody returns (and reads the store) before rank 0 has finalised
+                if all_done:
+                    summary["complete"] = True
+                    summary["n_tokens"] = _final_n_tokens(done, n_shards, seqs_per_shard, body, store_path)
+            finally:
+                if created:
+                    dist.destroy_process_group()
+
+    finally:
+        lock.release()
 
     wall = time.perf_counter() - t0
     summary["wall_s"] = wall
@@ -371,9 +396,11 @@ def _final_n_tokens(done: dict, n_shards: int, seqs_per_shard: int, body: int, s
 def _harvest_shards(
     *, model, tokenizer, spec, docs, group, store_path, todo, n_seqs, body, ctx_len, batch_size,
     seqs_per_shard, d_model, store_dtype, device, eval_fraction, progress, rank,
-    write_block, mark_shard_done, norm_stats_partial, to_numpy,
-) -> int:
-    """Walk the sequence stream, run the LM on this worker's unfinished shards and write them."""
+    write_block, mark_shard_done, norm_stats_partial, to_numpy, should_stop=None,
+) -> tuple[int, bool]:
+    """Walk the sequence stream, run the LM on this worker's unfinished shards and write them.
+    Returns (tokens written, stopped): `should_stop()` is asked after every written shard, and True
+    ends the walk there (preemption)."""
     from tqdm.auto import tqdm
 
     todo_set = set(todo)
@@ -437,7 +464,7 @@ def _harvest_shards(
 
     stream = packed_sequences(docs, tokenizer, ctx_len, eval_fraction=eval_fraction, split="train")
     i = -1
-    ended = True
+    ended, stopped = True, False
     try:
         for i, seq in enumerate(stream):
             if i >= n_seqs:
@@ -465,6 +492,9 @@ def _harvest_shards(
                 write_shard(s, end_of_data=False)
                 bar.update(left * body)
                 cur_shard = None
+                if should_stop is not None and should_stop():
+                    ended, stopped = False, True
+                    break
         else:
             ended = True
         n_avail = i + 1 if ended else None  # sequences in the corpus (when it ended early)
@@ -484,4 +514,4 @@ def _harvest_shards(
                     write_shard(s, end_of_data=True)
     finally:
         bar.close()
-    return written
+    return written, stopped

@@ -45,7 +45,11 @@ class SAEConfig:
       normalize: input normalisation of the activations, "layer_norm" (per-token mean-subtract, unit
         norm times sqrt(d_in), section 2.1), "scalar" (x * s, s = sqrt(d_in) / E||x||) or "none".
       dtype: parameter dtype ("float32"; master weights stay fp32 even under bf16 autocast).
-      enc_init_scale: W_enc = enc_init_scale * W_dec^T at init (tied init, section 2.4.1).
+      enc_init_scale: W_enc = enc_init_scale * W_dec^T at init (tied init, section 2.4.1; 1.0 here,
+        the paper's transpose). The `sae=topk` CLI default (conf/sae/topk.yaml) is 1/sqrt(3), the row norm
+        of `nn.Linear`'s default init that EleutherAI sparsify keeps for its encoder while tying only the
+        direction: on the issue-15 comparison (benchmarks/quality.py) it lowers held-out fvu and the CE
+        increase at once.
       kernels: True (default) -> `TopKSAE.training_step_losses` uses the `sae_dist.kernels` ops
         (fused encoder + running TopK that never materialises the [B, n_latents] pre-activations and
         yields the AuxK candidates from the same pass, sparse decode, AuxK loss); False -> the plain

@@ -7,7 +7,9 @@ another) plus `trainer`: a pickled dict (step, tokens_seen, store state_dict, RN
 Atomicity: all ranks write into `checkpoints/.tmp_step_XXXXXXXX`; after every rank returned from
 dcp.save (a barrier), global rank 0 renames it to its final name, so a process killed during a save
 leaves the previous checkpoint as the latest valid one (temporary directories are ignored and
-cleaned on the next save). The checkpoint directory must be on a filesystem all ranks share.
+cleaned on the next save: the trainer saves only while it holds the run directory's lock,
+`sae_dist.lock`, so any other temporary directory is a dead process's). The checkpoint directory must
+be on a filesystem all ranks share.
 """
 
 from __future__ import annotations

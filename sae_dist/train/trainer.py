@@ -26,10 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sae_dist.lock import DirectoryBusyError, DirectoryLock
 from sae_dist.parallel.comm import all_reduce_
 from sae_dist.parallel.mesh import ParallelContext, init_parallel
 from sae_dist.parallel.state import build_state
 from sae_dist.parallel.tp import ShardedTopKSAE, reduce_fired_over_dp, tied_init_rows_
+from sae_dist.preempt import Preemption
 from sae_dist.sae.auxk import DeadLatentTracker
 from sae_dist.sae.base import SparseAutoencoder
 from sae_dist.sae.config import SAEConfig
@@ -157,35 +159,97 @@ def _ema_update(ema: SparseAutoencoder, sae: SparseAutoencoder, decay: float) ->
 
 #: Options a checkpoint cannot be resumed under once changed: they fix parameter shapes, the loss or
 #: the data order. Kept in checkpoints/run_identity.json and compared before any checkpoint is loaded.
-_IDENTITY_KEYS = ("d_in", "n_latents", "k", "k_aux", "multi_topk", "normalize", "architecture", "options",
-                  "batch_tokens", "seed")
+_IDENTITY_KEYS = ("d_in", "n_latents", "k", "k_aux", "multi_topk", "normalize", "architecture", "options")
+
+#: TrainerConfig fields that shape a finished run's result: a rerun of a finished run with other values
+#: is refused (`_check_finished_run`). `tokens` is checked apart (a larger value continues training).
+#: A mid-run resume accepts changes to them (e.g. a lower lr after a divergence); the rest of the
+#: identity (`_run_identity`) is checked in both cases.
+_RESULT_TRAINER_KEYS = ("lr", "adam_betas", "adam_eps", "warmup_steps", "lr_decay_frac", "ema", "ema_decay",
+                        "grad_clip_norm", "bf16", "shuffle_shards", "b_pre_sample_tokens")
 
 
-def _check_run_identity(ckpt_root: Path, sae_cfg: SAEConfig, tcfg: TrainerConfig, seed: int,
-                        resuming: bool, ctx: ParallelContext) -> None:
-    """Record (new run, global rank 0) or verify (resume, every rank) the options that a resumed run
-    must share with its checkpoints. The mesh (tp, dp) may change between runs: checkpoints reshard.
+def _store_fingerprint(store, store_path) -> dict:
+    """What identifies a run's training data: the store's absolute path, width, rows, harvest origin
+    and norm statistics (JSON-ready)."""
+    attrs = dict(getattr(store, "attrs", {}) or {})
+    return {"path": str(Path(store_path).resolve()), "d_model": int(store.d_model),
+            "n_tokens": getattr(store, "n_tokens", None), "model": attrs.get("model"), "hook": attrs.get("hook"),
+            "norm_stats": attrs.get("norm_stats")}
 
-    Raises ValueError naming each changed option with its checkpointed and its new value.
+
+def _run_identity(sae_cfg: SAEConfig, tcfg: TrainerConfig, seed: int, store_fp: dict) -> dict:
+    """The options a resumed or rerun run must share with its checkpoints and export, as stored in
+    `checkpoints/run_identity.json` (JSON round trip: tuples become lists)."""
+    ident = {**{k: getattr(sae_cfg, k) for k in _IDENTITY_KEYS}, "batch_tokens": tcfg.batch_tokens,
+             "seed": seed, "store": store_fp}
+    return json.loads(json.dumps(ident))
+
+
+def _differences(old: dict, new: dict, keys) -> list[str]:
+    return [f"{k}: recorded {old.get(k)!r} != now {new[k]!r}" for k in keys if old.get(k) != new[k]]
+
+
+def _check_run_identity(ckpt_root: Path, ident: dict, existing: bool, ctx: ParallelContext) -> None:
+    """Record (new run, global rank 0) or verify (resume or rerun of a finished run, every rank) the
+    run identity (`_run_identity`). The mesh (tp, dp) may change between runs: checkpoints reshard.
+
+    Raises ValueError naming each changed option with its recorded and its new value.
     """
-    ident = {**{k: getattr(sae_cfg, k) for k in _IDENTITY_KEYS[:8]},
-             "batch_tokens": tcfg.batch_tokens, "seed": seed}
     path = ckpt_root / "run_identity.json"
-    if resuming and path.is_file():
+    if existing and path.is_file():
         old = json.loads(path.read_text())
         old.setdefault("architecture", "topk")  # identities written before architectures existed
         old.setdefault("options", {})
-        ident = json.loads(json.dumps(ident))  # as stored (tuples -> lists)
-        changed = [f"{k}: checkpoint {old.get(k)!r} != now {ident[k]!r}" for k in ident if old.get(k) != ident[k]]
+        old.setdefault("store", ident["store"])  # identities written before the store was recorded
+        if isinstance(old["store"], dict):  # a store recorded before a field existed
+            old["store"] = {**ident["store"], **old["store"]}
+        changed = _differences(old, ident, ident)
         if changed:
             raise ValueError(
-                f"cannot resume the checkpoints in {ckpt_root} with a different configuration ("
-                + "; ".join(changed) + "). Use a new run_dir, or restore the checkpointed values."
+                f"run directory {ckpt_root.parent} was trained with a different configuration or store ("
+                + "; ".join(changed) + "). Use a new run_dir, or restore the recorded values."
             )
         return
     if ctx.is_main:
         ckpt_root.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(ident, indent=2))
+
+
+def _check_finished_run(out: Path, done: dict, tcfg: TrainerConfig, target_tokens: int) -> None:
+    """A finished run (sae/training_state.json) rerun with `tcfg`: ValueError naming every result-shaping
+    trainer option that differs from the finished run's, and a token budget below what it trained."""
+    old = json.loads(json.dumps(done.get("trainer_cfg") or {}))
+    new = json.loads(json.dumps(asdict(tcfg)))
+    changed = _differences(old, new, [k for k in _RESULT_TRAINER_KEYS if k in old])
+    if int(done["tokens_trained"]) > target_tokens:
+        changed.append(f"trainer.tokens: the run trained {done['tokens_trained']} tokens, now "
+                       f"{tcfg.tokens} asks for {target_tokens}")
+    if changed:
+        raise ValueError(
+            f"run directory {out} holds a finished run with other trainer options ("
+            + "; ".join(changed) + "). Use a new run_dir, or restore the recorded values (a larger "
+            "trainer.tokens continues the run)."
+        )
+
+
+def _lock_run_dir(out: Path, ctx: ParallelContext) -> DirectoryLock | None:
+    """Global rank 0 takes the run directory's lock for the whole job; every rank raises
+    DirectoryBusyError (naming the holder) when another process holds it."""
+    lock, err = None, ""
+    if ctx.is_main:
+        lock = DirectoryLock(out, f"sae-train (world size {ctx.world_size})")
+        try:
+            lock.acquire()
+        except DirectoryBusyError as e:
+            err = str(e)
+    if ctx.distributed:
+        box = [err]
+        torch.distributed.broadcast_object_list(box, src=0)
+        err = box[0]
+    if err:
+        raise DirectoryBusyError(err)
+    return lock
 
 
 #: The eval.json contract's dead-latent window: a latent is dead when it did not fire in the last 10M
@@ -276,6 +340,62 @@ def _global_metrics(res, ctx: ParallelContext, tracker: DeadLatentTracker, lr: f
     return m
 
 
+def _init_b_pre(sae, sae_cfg: SAEConfig, tcfg: TrainerConfig, store_path, seed: int, ctx: ParallelContext):
+    """b_pre (b_dec) at `sae_cfg.b_pre_init` of the first `b_pre_sample_tokens` tokens of the data order.
+    Every rank reads the same (whole) first batches, so b_pre is identical everywhere.
+    Raises FloatingPointError when the sample holds NaN/Inf."""
+    n_sample = max(1, math.ceil(tcfg.b_pre_sample_tokens / tcfg.batch_tokens))
+    sampler = _open_store(store_path, tcfg.batch_tokens, seed, tcfg, ctx.device, sae_cfg.normalize)
+    it0 = iter(sampler)
+    try:
+        sample = torch.cat([next(it0).float() for _ in range(n_sample)])
+    except NonFiniteError as e:
+        raise FloatingPointError(
+            f"non-finite activations in the b_pre sample (the first {n_sample} batches): {e}"
+        ) from e
+    finally:
+        _close(sampler)
+    if not torch.isfinite(sample).all():
+        raise FloatingPointError("non-finite activations in the b_pre sample (first batches)")
+    init_b_pre_(sae, sample, sae_cfg.b_pre_init)
+    if ctx.distributed:  # guard against any float difference between ranks
+        torch.distributed.broadcast(sae.b_dec.data, src=0)
+
+
+def _export_final(final, ctx: ParallelContext, sae_dir: Path, sae_cfg: SAEConfig, store, hook_name, model_name,
+                  tokens_seen: int) -> None:
+    """Export the trained SAE to `sae_dir` (docs/formats.md): gathered over tp for a sharded SAE; by
+    global rank 0 alone for a replicated one (concurrent writers would race on temporary names)."""
+    attrs = dict(getattr(store, "attrs", {}) or {})
+    export_kw = dict(hook_name=hook_name, model_name=model_name,
+                     normalize=sae_cfg.normalize, scale=getattr(store, "scale", None),
+                     extra_cfg={"context_size": attrs.get("ctx_len"), "dataset_path": attrs.get("dataset"),
+                                "training_tokens": tokens_seen})
+    if isinstance(final, ShardedTopKSAE):
+        from sae_dist.parallel.export import export_sae_sharded
+
+        export_sae_sharded(final, ctx, sae_dir, **export_kw)
+    elif ctx.is_main:
+        export_sae(final, sae_dir, **export_kw)
+
+
+def _show_progress(bar, m: dict, tokens_seen: int, tps: float) -> None:
+    bar.set_postfix(tokens=tokens_seen, loss=f"{m['train/loss']:.4f}", fvu=f"{m['train/fvu']:.4f}",
+                    L0=f"{m['train/l0']:.1f}", dead=f"{100 * m['train/dead_fraction']:.1f}%", tok_s=f"{tps:.0f}")
+
+
+def _warn_if_auxk_cannot_fire(sae_cfg: SAEConfig, target_tokens: int, main: bool) -> None:
+    """A warning when no latent can be counted dead before the run ends, so AuxK (sec. 2.4.1) never runs."""
+    from sae_dist.sae.topk import TopKSAE
+
+    uses_auxk = issubclass(architecture_class(sae_cfg.architecture), TopKSAE)  # the TopK family
+    k_aux = sae_cfg.k_aux if sae_cfg.k_aux is not None else 1
+    if main and uses_auxk and k_aux > 0 and sae_cfg.auxk_coef > 0 and sae_cfg.dead_tokens >= target_tokens:
+        print(f"sae-train: warning: sae.dead_tokens={sae_cfg.dead_tokens} >= the run's {target_tokens} tokens: "
+              "no latent can be counted dead, so the AuxK loss never runs. Lower sae.dead_tokens (the paper's "
+              "10M tokens is a small fraction of its runs) or set sae.auxk_coef=0 to say so.", file=sys.stderr)
+
+
 def train(
     *,
     store_path: str | os.PathLike,
@@ -313,25 +433,22 @@ def train(
     """
     tcfg = trainer_cfg
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"run_dir {out} is a file, not a directory: choose another run_dir")
     out.mkdir(parents=True, exist_ok=True)
-    sae_dir = out / "sae"
-    n_steps = max(1, tcfg.tokens // tcfg.batch_tokens)
-    target_tokens = n_steps * tcfg.batch_tokens
-    state_file = sae_dir / "training_state.json"
-    if state_file.is_file():
-        done = json.loads(state_file.read_text())
-        if int(done.get("tokens_trained", -1)) >= target_tokens:
-            msg = (f"sae-train: {out} already finished ({done['tokens_trained']} tokens); "
-                   "nothing to do (delete the run directory to retrain)")
-            print(msg, file=sys.stderr)
-            return {**done, "metrics": done.get("final_metrics", {}), "out_dir": str(out),
-                    "sae_dir": str(sae_dir),
-                    "already_finished": True, "stopped_early": False}
+    ctx = init_parallel(tp, torch.device(device))
+    lock = _lock_run_dir(out, ctx)
+    try:
+        return _train_locked(store_path, out, sae_cfg, tcfg, ctx, seed, hook_name, model_name, wandb_cfg,
+                             progress)
+    finally:
+        if lock is not None:
+            lock.release()
 
-    device = torch.device(device)
-    ctx = init_parallel(tp, device)
-    device = ctx.device
-    store = _open_store(store_path, tcfg.batch_tokens, seed, tcfg, device, sae_cfg.normalize,
+
+def _open_training_store(store_path, sae_cfg: SAEConfig, tcfg: TrainerConfig, seed: int, ctx: ParallelContext):
+    """This rank's ActivationStore; ValueError (store closed) when its width is not sae_cfg.d_in."""
+    store = _open_store(store_path, tcfg.batch_tokens, seed, tcfg, ctx.device, sae_cfg.normalize,
                         dp_rank=ctx.dp_rank, dp_size=ctx.dp)
     if int(store.d_model) != int(sae_cfg.d_in):
         _close(store)
@@ -339,6 +456,36 @@ def train(
             f"store d_model {store.d_model} != SAE d_in {sae_cfg.d_in}: set sae.d_in to the "
             f"store's width ({store.d_model}) or use a store harvested at a hook of width {sae_cfg.d_in}"
         )
+    return store
+
+
+def _train_locked(store_path, out: Path, sae_cfg: SAEConfig, tcfg: TrainerConfig, ctx: ParallelContext,
+                  seed: int, hook_name, model_name, wandb_cfg, progress: bool) -> dict:
+    """`train` once the run directory's lock is held (same arguments and result)."""
+    device = ctx.device
+    sae_dir = out / "sae"
+    n_steps = max(1, tcfg.tokens // tcfg.batch_tokens)
+    target_tokens = n_steps * tcfg.batch_tokens
+    ckpt_root = out / "checkpoints"
+    store = _open_training_store(store_path, sae_cfg, tcfg, seed, ctx)
+    ident = _run_identity(sae_cfg, tcfg, seed, _store_fingerprint(store, store_path))
+    state_file = sae_dir / "training_state.json"
+    done = json.loads(state_file.read_text()) if state_file.is_file() else None
+    ck = latest_checkpoint(ckpt_root)
+    try:
+        _check_run_identity(ckpt_root, ident, existing=ck is not None or done is not None, ctx=ctx)
+    except ValueError:
+        _close(store)
+        raise
+    if done is not None and int(done.get("tokens_trained", -1)) >= target_tokens:
+        _close(store)
+        _check_finished_run(out, done, tcfg, target_tokens)
+        if ctx.is_main:
+            print(f"sae-train: {out} already finished ({done['tokens_trained']} tokens, same store and "
+                  "configuration); nothing to do (use a new run_dir to retrain)", file=sys.stderr)
+        return {**done, "metrics": done.get("final_metrics", {}), "out_dir": str(out),
+                "sae_dir": str(sae_dir), "already_finished": True, "stopped_early": False,
+                "preempted": False}
     attrs = dict(getattr(store, "attrs", {}) or {})
     hook_name = hook_name or attrs.get("hook")
     model_name = model_name or attrs.get("model")
@@ -355,7 +502,6 @@ def train(
         ema.requires_grad_(False)
     tracker = DeadLatentTracker(sae.W_dec.shape[0], sae_cfg.dead_tokens, device=device)
     replicas = ctx.distributed and not isinstance(sae, ShardedTopKSAE)  # whole-SAE replicas over dp
-    ckpt_root = out / "checkpoints"
     log_path = out / "train_log.jsonl"
     main = ctx.is_main
 
@@ -364,13 +510,14 @@ def train(
         return build_state(sae, opt_state, ema, tracker.state_dict(), ctx)
 
     step, tokens_seen, last_metrics = 0, 0, {}
-    ck = latest_checkpoint(ckpt_root)
-    _check_run_identity(ckpt_root, sae_cfg, tcfg, seed, resuming=ck is not None, ctx=ctx)
     if ck is not None:
         opt_state = engine.optimizer_state()  # live tensors (torch) or gathered copies (DeepSpeed)
         ts = load_checkpoint(ck[1], state=state(opt_state))
         engine.load_optimizer_state(opt_state)
         step, tokens_seen = int(ts["step"]), int(ts["tokens_seen"])
+        if step > n_steps:
+            raise ValueError(f"the checkpoint {ck[1]} is at step {step}, past this run's {n_steps} steps "
+                             f"(trainer.tokens={tcfg.tokens}): raise trainer.tokens or use a new run_dir")
         last_metrics = ts.get("metrics", {})
         store.load_state_dict(ts["store"])
         _set_rng_state(ts["rng"])
@@ -382,23 +529,7 @@ def train(
         if main:
             truncate_jsonl(log_path, -1)
         if sae_cfg.b_pre_init != "zeros":
-            # every rank reads the same (whole) first batches, so b_pre is identical everywhere
-            n_sample = max(1, math.ceil(tcfg.b_pre_sample_tokens / tcfg.batch_tokens))
-            sampler = _open_store(store_path, tcfg.batch_tokens, seed, tcfg, device, sae_cfg.normalize)
-            it0 = iter(sampler)
-            try:
-                sample = torch.cat([next(it0).float() for _ in range(n_sample)])
-            except NonFiniteError as e:
-                raise FloatingPointError(
-                    f"non-finite activations in the b_pre sample (the first {n_sample} batches): {e}"
-                ) from e
-            finally:
-                _close(sampler)
-            if not torch.isfinite(sample).all():
-                raise FloatingPointError("non-finite activations in the b_pre sample (first batches)")
-            init_b_pre_(sae, sample, sae_cfg.b_pre_init)
-            if ctx.distributed:  # guard against any float difference between ranks
-                torch.distributed.broadcast(sae.b_dec.data, src=0)
+            _init_b_pre(sae, sae_cfg, tcfg, store_path, seed, ctx)
         if ema is not None:
             ema.load_state_dict(sae.state_dict())
 
@@ -417,74 +548,83 @@ def train(
     t_last, tok_last = time.perf_counter(), tokens_seen
     t_start, tok_start = t_last, tokens_seen
     it = iter(store)
-    try:
-        while step < stop_at:
-            try:
-                x = next(it)
-            except NonFiniteError as e:
-                raise FloatingPointError(f"non-finite activations in the batch of step {step}: {e}") from e
-            if not torch.isfinite(x).all():
-                raise FloatingPointError(
-                    f"non-finite activations (NaN/Inf) in the batch of step {step} from {store_path}"
-                )
-            x = x.to(device, torch.float32, non_blocking=True)
-            lr = lr_at_step(step, n_steps, base_lr, tcfg.warmup_steps, tcfg.lr_decay_frac)
-            engine.set_lr(lr)
-            sae.set_progress(step, n_steps)
-            dead = tracker.dead_mask()
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_autocast):
-                res = sae.training_step_losses(x, dead)
-            # every rank must agree on stopping: check the loss summed over dp (tp ranks are identical)
-            loss_all = all_reduce_(res.loss.detach().float().clone(), ctx.dp_group)
-            if replicas:
-                loss_all /= ctx.dp
-            if not torch.isfinite(loss_all):
-                raise FloatingPointError(
-                    f"loss is {float(loss_all)} at step {step} (normalized_mse "
-                    f"{float(res.normalized_mse)}, auxk {float(res.auxk_loss)}); lower trainer.lr"
-                )
-            engine.step(res.loss / ctx.dp if replicas else res.loss)
-            if ema is not None:
-                _ema_update(ema, sae, tcfg.ema_decay)
-            fired = res.fired if res.fired is not None else tracker.fired(res.values, res.indices)
-            fired = reduce_fired_over_dp(fired, ctx)
-            n_tokens = tcfg.batch_tokens if ctx.distributed else x.shape[0]  # the global batch
-            tracker.update_fired(fired, n_tokens)
-            step += 1
-            tokens_seen += n_tokens
-            bar.update(1)
 
-            if step % tcfg.log_every_steps == 0 or step == n_steps:
-                now = time.perf_counter()
-                tps = (tokens_seen - tok_last) / max(now - t_last, 1e-9)
-                t_last, tok_last = now, tokens_seen
-                last_metrics = _global_metrics(res, ctx, tracker, lr, tps, dp_mean=replicas)
-                if main:
-                    jsonl.log({"step": step, "tokens": tokens_seen, **last_metrics})
-                    wb.log({**last_metrics, "tokens": tokens_seen}, step=step)
-                    bar.set_postfix(tokens=tokens_seen, loss=f"{last_metrics['train/loss']:.4f}",
-                                    fvu=f"{last_metrics['train/fvu']:.4f}",
-                                    L0=f"{last_metrics['train/l0']:.1f}",
-                                    dead=f"{100 * last_metrics['train/dead_fraction']:.1f}%",
-                                    tok_s=f"{tps:.0f}")
+    def checkpoint() -> None:
+        save_checkpoint(ckpt_root, step, state=state(), keep=tcfg.keep_checkpoints, ctx=ctx,
+                        trainer_state={"step": step, "tokens_seen": tokens_seen, "store": store.state_dict(),
+                                       "rng": _rng_state(), "metrics": last_metrics})
 
-            if tcfg.keep_checkpoints != 0 and (step % tcfg.checkpoint_every_steps == 0 or step == n_steps):
-                save_checkpoint(
-                    ckpt_root, step, state=state(),
-                    trainer_state={"step": step, "tokens_seen": tokens_seen,
-                                   "store": store.state_dict(), "rng": _rng_state(),
-                                   "metrics": last_metrics},
-                    keep=tcfg.keep_checkpoints, ctx=ctx,
-                )
-    finally:
-        bar.close()
-        if jsonl is not None:
-            jsonl.close()
-        _close(store)
-        getattr(engine, "close", lambda: None)()
+    preempted, auxk_from = False, None
+    _warn_if_auxk_cannot_fire(sae_cfg, target_tokens, main)
+    with Preemption("sae-train") as preempt:
+        try:
+            while step < stop_at and not preempted:
+                try:
+                    x = next(it)
+                except NonFiniteError as e:
+                    raise FloatingPointError(f"non-finite activations in the batch of step {step}: {e}") from e
+                if not torch.isfinite(x).all():
+                    raise FloatingPointError(
+                        f"non-finite activations (NaN/Inf) in the batch of step {step} from {store_path}"
+                    )
+                x = x.to(device, torch.float32, non_blocking=True)
+                lr = lr_at_step(step, n_steps, base_lr, tcfg.warmup_steps, tcfg.lr_decay_frac)
+                engine.set_lr(lr)
+                sae.set_progress(step, n_steps)
+                dead = tracker.dead_mask()
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_autocast):
+                    res = sae.training_step_losses(x, dead)
+                # every rank must agree on stopping: check the loss summed over dp (tp ranks are identical)
+                loss_all = all_reduce_(res.loss.detach().float().clone(), ctx.dp_group)
+                if replicas:
+                    loss_all /= ctx.dp
+                if not torch.isfinite(loss_all):
+                    raise FloatingPointError(
+                        f"loss is {float(loss_all)} at step {step} (normalized_mse "
+                        f"{float(res.normalized_mse)}, auxk {float(res.auxk_loss)}); lower trainer.lr"
+                    )
+                engine.step(res.loss / ctx.dp if replicas else res.loss)
+                if ema is not None:
+                    _ema_update(ema, sae, tcfg.ema_decay)
+                fired = res.fired if res.fired is not None else tracker.fired(res.values, res.indices)
+                fired = reduce_fired_over_dp(fired, ctx)
+                n_tokens = tcfg.batch_tokens if ctx.distributed else x.shape[0]  # the global batch
+                tracker.update_fired(fired, n_tokens)
+                step += 1
+                tokens_seen += n_tokens
+                bar.update(1)
 
+                if step % tcfg.log_every_steps == 0 or step == n_steps:
+                    now = time.perf_counter()
+                    tps = (tokens_seen - tok_last) / max(now - t_last, 1e-9)
+                    t_last, tok_last = now, tokens_seen
+                    last_metrics = _global_metrics(res, ctx, tracker, lr, tps, dp_mean=replicas)
+                    if main:
+                        jsonl.log({"step": step, "tokens": tokens_seen, **last_metrics})
+                        wb.log({**last_metrics, "tokens": tokens_seen}, step=step)
+                        _show_progress(bar, last_metrics, tokens_seen, tps)
+                        if auxk_from is None and last_metrics["train/auxk_loss"] > 0:
+                            auxk_from = step
+                            bar.write(f"sae-train: AuxK active from step {step} ({tokens_seen} tokens): "
+                                      f"{100 * last_metrics['train/dead_fraction']:.2f}% of the latents have "
+                                      f"not fired in sae.dead_tokens={sae_cfg.dead_tokens} tokens", file=sys.stderr)
+
+                preempted = preempt.agreed(device) and step < n_steps
+                due = step % tcfg.checkpoint_every_steps == 0 or step == n_steps or preempted
+                if tcfg.keep_checkpoints != 0 and due:
+                    checkpoint()
+        finally:
+            bar.close()
+            if jsonl is not None:
+                jsonl.close()
+            _close(store)
+            getattr(engine, "close", lambda: None)()
+
+    if preempted and main:
+        print(f"sae-train: stopped on SIGTERM after step {step} (checkpoint written); rerun the same "
+              f"command to resume", file=sys.stderr)
     result = {"out_dir": str(out), "steps": step, "tokens_trained": tokens_seen,
-              "metrics": last_metrics, "already_finished": False,
+              "metrics": last_metrics, "already_finished": False, "preempted": preempted,
               "tokens_per_s": (tokens_seen - tok_start) / max(time.perf_counter() - t_start, 1e-9),
               "parallel": {"tp": ctx.tp, "dp": ctx.dp, "world_size": ctx.world_size}}
     dead_frac, window = _dead_summary(tracker, tokens_seen, ctx)
@@ -495,18 +635,7 @@ def train(
         return result
 
     final = ema if ema is not None else sae
-    export_kw = dict(hook_name=hook_name, model_name=model_name,
-                     normalize=sae_cfg.normalize, scale=getattr(store, "scale", None),
-                     extra_cfg={"context_size": attrs.get("ctx_len"), "dataset_path": attrs.get("dataset"),
-                                "training_tokens": tokens_seen})
-    if isinstance(final, ShardedTopKSAE):
-        from sae_dist.parallel.export import export_sae_sharded
-
-        export_sae_sharded(final, ctx, sae_dir, **export_kw)
-    elif main:
-        # A replicated (unsharded) SAE is identical on every rank: rank 0 alone writes it, since
-        # concurrent writers would race on the temporary file names. The barrier below orders it.
-        export_sae(final, sae_dir, **export_kw)
+    _export_final(final, ctx, sae_dir, sae_cfg, store, hook_name, model_name, tokens_seen)
     training_state = {
         "tokens_trained": tokens_seen,
         "steps": step,
@@ -516,6 +645,7 @@ def train(
         "k": sae_cfg.k,
         "d_in": sae_cfg.d_in,
         "used_ema": ema is not None,
+        "auxk_active_from_step": auxk_from,
         "final_metrics": last_metrics,
         "sae_cfg": asdict(sae_cfg),
         "trainer_cfg": asdict(tcfg),
