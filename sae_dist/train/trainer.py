@@ -169,10 +169,9 @@ _RESULT_TRAINER_KEYS = ("lr", "adam_betas", "adam_eps", "warmup_steps", "lr_deca
                         "grad_clip_norm", "bf16", "shuffle_shards", "b_pre_sample_tokens")
 
 
-def _store_fingerprint(store, store_path) -> dict:
+def _store_fingerprint(store, store_path, attrs: dict) -> dict:
     """What identifies a run's training data: the store's absolute path, width, rows, harvest origin
-    and norm statistics (JSON-ready)."""
-    attrs = dict(getattr(store, "attrs", {}) or {})
+    and norm statistics (JSON-ready); attrs: the store's attributes."""
     return {"path": str(Path(store_path).resolve()), "d_model": int(store.d_model),
             "n_tokens": getattr(store, "n_tokens", None), "model": attrs.get("model"), "hook": attrs.get("hook"),
             "norm_stats": attrs.get("norm_stats")}
@@ -362,11 +361,11 @@ def _init_b_pre(sae, sae_cfg: SAEConfig, tcfg: TrainerConfig, store_path, seed: 
         torch.distributed.broadcast(sae.b_dec.data, src=0)
 
 
-def _export_final(final, ctx: ParallelContext, sae_dir: Path, sae_cfg: SAEConfig, store, hook_name, model_name,
-                  tokens_seen: int) -> None:
+def _export_final(final, ctx: ParallelContext, sae_dir: Path, sae_cfg: SAEConfig, store, attrs: dict, hook_name,
+                  model_name, tokens_seen: int) -> None:
     """Export the trained SAE to `sae_dir` (docs/formats.md): gathered over tp for a sharded SAE; by
-    global rank 0 alone for a replicated one (concurrent writers would race on temporary names)."""
-    attrs = dict(getattr(store, "attrs", {}) or {})
+    global rank 0 alone for a replicated one (concurrent writers would race on temporary names).
+    attrs: the store's attributes."""
     export_kw = dict(hook_name=hook_name, model_name=model_name,
                      normalize=sae_cfg.normalize, scale=getattr(store, "scale", None),
                      extra_cfg={"context_size": attrs.get("ctx_len"), "dataset_path": attrs.get("dataset"),
@@ -389,8 +388,7 @@ def _warn_if_auxk_cannot_fire(sae_cfg: SAEConfig, target_tokens: int, main: bool
     from sae_dist.sae.topk import TopKSAE
 
     uses_auxk = issubclass(architecture_class(sae_cfg.architecture), TopKSAE)  # the TopK family
-    k_aux = sae_cfg.k_aux if sae_cfg.k_aux is not None else 1
-    if main and uses_auxk and k_aux > 0 and sae_cfg.auxk_coef > 0 and sae_cfg.dead_tokens >= target_tokens:
+    if main and uses_auxk and sae_cfg.auxk_coef > 0 and sae_cfg.dead_tokens >= target_tokens:
         print(f"sae-train: warning: sae.dead_tokens={sae_cfg.dead_tokens} >= the run's {target_tokens} tokens: "
               "no latent can be counted dead, so the AuxK loss never runs. Lower sae.dead_tokens (the paper's "
               "10M tokens is a small fraction of its runs) or set sae.auxk_coef=0 to say so.", file=sys.stderr)
@@ -468,7 +466,8 @@ def _train_locked(store_path, out: Path, sae_cfg: SAEConfig, tcfg: TrainerConfig
     target_tokens = n_steps * tcfg.batch_tokens
     ckpt_root = out / "checkpoints"
     store = _open_training_store(store_path, sae_cfg, tcfg, seed, ctx)
-    ident = _run_identity(sae_cfg, tcfg, seed, _store_fingerprint(store, store_path))
+    attrs = dict(getattr(store, "attrs", {}) or {})
+    ident = _run_identity(sae_cfg, tcfg, seed, _store_fingerprint(store, store_path, attrs))
     state_file = sae_dir / "training_state.json"
     done = json.loads(state_file.read_text()) if state_file.is_file() else None
     ck = latest_checkpoint(ckpt_root)
@@ -486,7 +485,6 @@ def _train_locked(store_path, out: Path, sae_cfg: SAEConfig, tcfg: TrainerConfig
         return {**done, "metrics": done.get("final_metrics", {}), "out_dir": str(out),
                 "sae_dir": str(sae_dir), "already_finished": True, "stopped_early": False,
                 "preempted": False}
-    attrs = dict(getattr(store, "attrs", {}) or {})
     hook_name = hook_name or attrs.get("hook")
     model_name = model_name or attrs.get("model")
 
@@ -635,7 +633,7 @@ def _train_locked(store_path, out: Path, sae_cfg: SAEConfig, tcfg: TrainerConfig
         return result
 
     final = ema if ema is not None else sae
-    _export_final(final, ctx, sae_dir, sae_cfg, store, hook_name, model_name, tokens_seen)
+    _export_final(final, ctx, sae_dir, sae_cfg, store, attrs, hook_name, model_name, tokens_seen)
     training_state = {
         "tokens_trained": tokens_seen,
         "steps": step,
