@@ -156,7 +156,7 @@ def time_fn(fn: Callable[[int], object], iters: int, warmup: int, device: torch.
 # ---------------------------------------------------------------------------------------------- steps
 def _make_our_step(d, n, k, dtype, device, kernels, multi_topk, dead, xs, bf16, adam="trainer"):
     from sae_dist.sae.auxk import DeadLatentTracker
-    from sae_dist.sae.config import SAEConfig
+    from sae_dist.sae.config import PAPER_DEAD_TOKENS, SAEConfig
     from sae_dist.sae.topk import TopKSAE, kernel_ops
     from sae_dist.train.lr import default_lr
     from sae_dist.train.trainer import TrainerConfig, make_optimizer
@@ -169,7 +169,7 @@ def _make_our_step(d, n, k, dtype, device, kernels, multi_topk, dead, xs, bf16, 
     else:
         opt = torch.optim.Adam(sae.parameters(), lr=default_lr(n), betas=tcfg.adam_betas, eps=tcfg.adam_eps,
                                fused=adam == "fused")
-    tracker = DeadLatentTracker(n, cfg.dead_tokens, device=device)
+    tracker = DeadLatentTracker(n, PAPER_DEAD_TOKENS, device=device)  # only its update's cost: `dead` is given
     kernels_used = bool(kernels and kernel_ops() is not None)
 
     def step(i: int) -> None:

@@ -245,6 +245,7 @@ def run_train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         engine=str(t.get("engine", "torch")),
         zero_stage=int(t.get("zero_stage", 1)),
         offload_optimizer=bool(t.get("offload_optimizer", False)),
+        deterministic=bool(t.deterministic),
     )
     from sae_dist.sweep import sweep_wandb_group
 
@@ -278,6 +279,15 @@ def _lm_family(cfg: DictConfig, device: str) -> list[dict]:
         model, _ = load_lm(entry["name"], gguf_file=entry.get("gguf_file"), dtype=cfg.model.dtype, device=device)
         members.append({**entry, "name": model_display_name(entry["name"], entry.get("gguf_file")), "model": model})
     return members
+
+
+def _progressive_k_factors(cfg) -> list[float] | None:
+    """eval.progressive (sec. 5.3 progressive recovery): the k'/k factors, or None when it is off."""
+    if not cfg.eval.get("progressive", False):
+        return None
+    from sae_dist.eval.progressive import DEFAULT_K_FACTORS
+
+    return list(cfg.eval.get("progressive_k_factors", DEFAULT_K_FACTORS))  # validated by evaluate
 
 
 def run_eval(cfg: DictConfig, out_dir: Path, lm=None, sae_path: str | None = None) -> dict[str, Any]:
@@ -325,6 +335,7 @@ def run_eval(cfg: DictConfig, out_dir: Path, lm=None, sae_path: str | None = Non
         n2g_min_precision=float(cfg.eval.get("n2g_min_precision", 0.5)),
         lm_family=_lm_family(cfg, device),
         model_compute=None if cfg.eval.get("model_compute") is None else float(cfg.eval.model_compute),
+        progressive_k_factors=_progressive_k_factors(cfg),
     )
     write_eval_json(result, out_dir / "eval.json")
     return result

@@ -283,3 +283,53 @@ def test_auxk_first_activation_is_logged_and_an_unreachable_threshold_warned(tmp
     assert "sae.dead_tokens=10000000 >= the run's 2048 tokens" in err and "AuxK active" not in err
     assert all(r["train/auxk_loss"] == 0 for r in _log(out2))
     assert json.loads((out2 / "sae" / "training_state.json").read_text())["auxk_active_from_step"] is None
+
+
+def test_dead_tokens_default_is_a_tenth_of_the_run_capped_at_the_papers_10m(tmp_path):
+    from sae_dist.sae.config import resolve_dead_tokens
+
+    assert resolve_dead_tokens(None, 1_600_000) == 160_000
+    assert resolve_dead_tokens(None, 8_000_000_000) == 10_000_000  # the paper's threshold in a long run
+    assert resolve_dead_tokens(None, 5) == 1 and resolve_dead_tokens(250_000, 1_600_000) == 250_000
+    with pytest.raises(ValueError, match="dead_tokens=0 must be an int >= 1, or null"):
+        SAEConfig(d_in=8, n_latents=16, k=2, dead_tokens=0)
+    # null in a 40-step run of 256 tokens = a threshold of 1024 tokens: the same run as an explicit 1024
+    store = _store(tmp_path, _sparse_dictionary_data(n_tokens=8192, seed=5))
+    kw = dict(store_path=store, progress=False, wandb_cfg={"enabled": False},
+              trainer_cfg=TrainerConfig(tokens=256 * 40, batch_tokens=256, lr=5e-3, log_every_steps=2))
+    logs = []
+    for name, dead in (("auto", None), ("explicit", 1024)):
+        train(out_dir=tmp_path / name, sae_cfg=SAEConfig(d_in=32, n_latents=512, k=4, dead_tokens=dead), **kw)
+        st = json.loads((tmp_path / name / "sae" / "training_state.json").read_text())
+        assert st["dead_tokens"] == 1024 and st["auxk_active_from_step"] is not None
+        logs.append([{k: v for k, v in r.items() if k.startswith("train/") and k != "train/tokens_per_s"}
+                     for r in _log(tmp_path / name)])
+    assert logs[0] == logs[1]
+
+
+def test_deterministic_runs_are_bit_identical_and_the_mode_is_scoped(tmp_path, monkeypatch):
+    import sae_dist.train.trainer as trainer_mod
+
+    store = _store(tmp_path, _sparse_dictionary_data(n_tokens=8192, seed=7))
+    seen = []
+    lr_at_step = trainer_mod.lr_at_step
+
+    def spy(*a, **k):  # called once per step, inside the training loop
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        return lr_at_step(*a, **k)
+
+    monkeypatch.setattr(trainer_mod, "lr_at_step", spy)
+    assert not torch.are_deterministic_algorithms_enabled()
+    runs = []
+    for name in ("a", "b"):
+        train(store_path=store, out_dir=tmp_path / name, progress=False, wandb_cfg={"enabled": False},
+              sae_cfg=SAEConfig(d_in=32, n_latents=256, k=4, dead_tokens=512, multi_topk=True),
+              trainer_cfg=TrainerConfig(tokens=256 * 24, batch_tokens=256, lr=5e-3, log_every_steps=1,
+                                        deterministic=True))
+        w = load_file(str(tmp_path / name / "sae" / "sae_weights.safetensors"))
+        log = [{k: v for k, v in r.items() if k != "train/tokens_per_s"} for r in _log(tmp_path / name)]
+        runs.append((w, log))
+    assert seen == [True] * 48 and not torch.are_deterministic_algorithms_enabled()  # restored after the run
+    (w0, log0), (w1, log1) = runs
+    assert log0 == log1 and len(log0) == 24 and log0[-1]["train/auxk_loss"] > 0
+    assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)

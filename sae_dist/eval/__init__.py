@@ -3,6 +3,8 @@
 - `metrics`: streaming `ReconstructionStats` (fvu, normalized_mse, explained_variance, mse, l0) and
   `LatentFiringCounter` (per-latent firing counts, dead fraction, density histogram).
 - `downstream`: `downstream_loss` (CE clean / SAE-spliced / zero-ablated, CE loss score, KL).
+- `progressive`: progressive recovery (sec. 5.3): test-time TopK(k') and one-threshold JumpReLU curves,
+  threshold calibration and the JumpReLU export (`export_fixed_threshold`).
 - `evaluate`: `evaluate(...)` end to end and `write_eval_json`.
 """
 

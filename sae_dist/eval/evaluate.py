@@ -39,6 +39,7 @@ from sae_dist.eval.downstream import downstream_loss
 from sae_dist.eval.metrics import LatentCodes, LatentFiringCounter, ReconstructionStats
 from sae_dist.eval.n2g import n2g_metrics_from_codes
 from sae_dist.eval.probes import probe_loss, token_task_labels
+from sae_dist.eval.progressive import check_topk_sae, k_values_from_factors, progressive_curve
 from sae_dist.eval.shrinkage import sae_shrinkage
 from sae_dist.store.normalize import normalize
 
@@ -149,6 +150,7 @@ def evaluate(
     n2g_min_precision: float = 0.5,
     lm_family: Iterable[dict] | None = None,
     model_compute: float | None = None,
+    progressive_k_factors: Iterable[float] | None = None,
 ) -> dict[str, Any]:
     """Evaluate the exported SAE at `sae_path` on held-out text; returns the eval.json dict.
 
@@ -190,6 +192,9 @@ def evaluate(
             "train_tokens" (6ND)}; their clean CE is measured on the eval sequences. None / empty: off.
         model_compute: pretraining FLOPs of the evaluated model (for `equivalent_compute_fraction`);
             None: the family member whose name equals `model_name`, else the fraction is None.
+        progressive_k_factors: progressive recovery (sec. 5.3; `sae_dist.eval.progressive`), TopK SAEs
+            only: the curve at k' = round(f * k) for each factor f, and the one-threshold JumpReLU at the
+            same L0s, on the eval tokens. None / empty: off (`progressive` is None).
 
     Returns:
         dict with every CONTRACT key (`CONTRACT_KEYS`) plus `dead_fraction_window`, `dead_fraction_eval`,
@@ -203,6 +208,7 @@ def evaluate(
         `shrinkage_tokens`, `shrinkage_support`; `n2g_precision`, `n2g_recall`, `n2g_f1`, `n2g_latents`
         (scored latents), `n2g_latents_sampled`, `n2g_heldout_contexts`; `equivalent_compute`,
         `equivalent_compute_fraction`, `equivalent_compute_note`, `lm_family_fit`, `lm_family_ce`;
+        `progressive` (`sae_dist.eval.progressive.progressive_curve`'s dict, or None);
         `density_histogram` ({"log10_density_bin_edges", "counts", "n_dead"}), `dense_fraction`,
         `dense_threshold`; `metric_seconds` (wall time of each of these metrics). A metric that is turned
         off has None values. Floats are Python floats; `eval_tokens` is the number of tokens actually
@@ -278,6 +284,10 @@ def evaluate(
         gen = torch.Generator().manual_seed(int(ablation_seed))
         shrink_rows[torch.randperm(n_rows, generator=gen)[: int(shrinkage_tokens)]] = True
     shrink_x: list[torch.Tensor] = []
+    # checked before the LM passes: progressive recovery needs a TopK SAE and valid factors
+    prog_k = k_values_from_factors(check_topk_sae(sae), list(progressive_k_factors), d_sae) \
+        if progressive_k_factors else None
+    prog_x: list[torch.Tensor] | None = None if prog_k is None else []
     starts = range(0, n_seq, batch_size)
     if progress:
         from tqdm.auto import tqdm
@@ -306,6 +316,8 @@ def evaluate(
             take = shrink_rows[row0 : row0 + x32.shape[0]].to(sae_device)
             if bool(take.any()):
                 shrink_x.append(x32[take])
+            if prog_x is not None:
+                prog_x.append(x32)
             if hasattr(sae, "encode_sparse") and hasattr(sae, "decode_sparse"):
                 # TopK family: one encoder pass; decode_sparse(encode_sparse(x)) == forward(x)
                 values, indices = sae.encode_sparse(x32)
@@ -378,6 +390,8 @@ def evaluate(
         "fire there"
     )
     seconds["n2g"], clock = time.perf_counter() - clock, time.perf_counter()
+    extra["progressive"] = None if prog_x is None else progressive_curve(sae, torch.cat(prog_x), prog_k)
+    seconds["progressive"], clock = time.perf_counter() - clock, time.perf_counter()
     extra.update(_equivalent_compute(lm_family, model_compute, model_name, down["ce_loss_sae"], sequences,
                                      batch_size=batch_size, device=device))
     seconds["equivalent_compute"] = time.perf_counter() - clock

@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-__all__ = ["SAEConfig", "default_k_aux", "NORMALIZE_MODES", "B_PRE_INITS", "DTYPES", "KERNEL_BACKENDS"]
+__all__ = ["SAEConfig", "default_k_aux", "resolve_dead_tokens", "PAPER_DEAD_TOKENS", "NORMALIZE_MODES",
+           "B_PRE_INITS", "DTYPES", "KERNEL_BACKENDS"]
 
 NORMALIZE_MODES = ("layer_norm", "scalar", "none")
 B_PRE_INITS = ("geometric_median", "mean", "zeros")
@@ -27,6 +28,23 @@ def default_k_aux(d_in: int) -> int:
     return 2 ** int(round(math.log2(d_in / 2)))
 
 
+#: The paper's dead-latent threshold (Gao et al. 2024, section 2.4.1): no fire in 10M tokens.
+PAPER_DEAD_TOKENS = 10_000_000
+
+
+def resolve_dead_tokens(dead_tokens: int | None, run_tokens: int) -> int:
+    """The AuxK dead threshold in tokens: `dead_tokens` when set, else min(10M, run_tokens // 10).
+
+    The paper's 10M tokens (section 2.4.1) is a small fraction of its multi-billion-token runs; in a run
+    of fewer than 100M tokens a tenth of the run plays that role, so that AuxK can fire at all (a
+    threshold >= the run's length never marks a latent dead). run_tokens: the run's total training
+    tokens (>= 1). Returns an int >= 1.
+    """
+    if dead_tokens is not None:
+        return int(dead_tokens)
+    return max(1, min(PAPER_DEAD_TOKENS, int(run_tokens) // 10))
+
+
 @dataclass
 class SAEConfig:
     """TopK SAE hyper-parameters.
@@ -38,7 +56,9 @@ class SAEConfig:
       k_aux: latents used by the AuxK loss (Appendix A.2); None -> `default_k_aux(d_in)`, capped at
         n_latents.
       auxk_coef: AuxK loss coefficient alpha (Appendix A.2: 1/32).
-      dead_tokens: a latent is dead when it has not fired for this many tokens (section 2.4.1: 10M).
+      dead_tokens: a latent is dead (an AuxK target) when it has not fired for this many tokens;
+        None (default) -> `resolve_dead_tokens`: the paper's 10M (section 2.4.1), or a tenth of the
+        run when that is shorter (the paper's 10M is a small fraction of its runs).
       multi_topk: add the Multi-TopK term L(multi_topk_factor * k) * multi_topk_weight (section 5.3,
         L(k) + L(4k)/8).
       b_pre_init: "geometric_median" (section 2.1 / Appendix A.1), "mean" or "zeros".
@@ -69,7 +89,7 @@ class SAEConfig:
     k: int | None
     k_aux: int | None = None
     auxk_coef: float = 1.0 / 32.0
-    dead_tokens: int = 10_000_000
+    dead_tokens: int | None = None
     multi_topk: bool = False
     multi_topk_factor: int = 4
     multi_topk_weight: float = 0.125
@@ -109,8 +129,10 @@ class SAEConfig:
             )
         if self.auxk_coef < 0:
             raise ValueError(f"SAEConfig.auxk_coef={self.auxk_coef} must be >= 0")
-        if self.dead_tokens < 1:
-            raise ValueError(f"SAEConfig.dead_tokens={self.dead_tokens} must be >= 1")
+        if self.dead_tokens is not None and (isinstance(self.dead_tokens, bool)
+                                             or not isinstance(self.dead_tokens, int) or self.dead_tokens < 1):
+            raise ValueError(f"SAEConfig.dead_tokens={self.dead_tokens!r} must be an int >= 1, or null for "
+                             "min(10M, a tenth of the run's tokens)")
         if self.multi_topk:
             if self.multi_topk_factor < 1:
                 raise ValueError(

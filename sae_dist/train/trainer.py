@@ -14,6 +14,7 @@ and several processes, every rank holds the whole SAE and dp sums the gradients.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -34,7 +35,7 @@ from sae_dist.parallel.tp import ShardedTopKSAE, reduce_fired_over_dp, tied_init
 from sae_dist.preempt import Preemption
 from sae_dist.sae.auxk import DeadLatentTracker
 from sae_dist.sae.base import SparseAutoencoder
-from sae_dist.sae.config import SAEConfig
+from sae_dist.sae.config import SAEConfig, resolve_dead_tokens
 from sae_dist.sae.export import export_sae
 from sae_dist.sae.init import init_b_pre_
 from sae_dist.sae.registry import architecture_class, build_sae
@@ -66,14 +67,19 @@ class TrainerConfig:
     max_steps: stop after this many (global) steps without exporting (simulates an interruption).
     engine: "torch" (fused torch Adam) or "deepspeed" (DeepSpeed ZeRO over the dp group);
       zero_stage: 1 or 2 (deepspeed); offload_optimizer: ZeRO optimizer-state CPU offload (deepspeed).
+    deterministic: `torch.use_deterministic_algorithms(True)` for the run (restored afterwards), which
+      also selects the kernels' sorted segment sums instead of atomic adds, and on CUDA sets
+      CUBLAS_WORKSPACE_CONFIG=:4096:8 when unset: two runs of one configuration on one machine (same
+      device, world size and thread count) give bit-identical weights and logs. An op without a
+      deterministic implementation raises RuntimeError instead of running.
     """
 
-    tokens: int = 2_000_000
+    tokens: int = 10_000_000
     batch_tokens: int = 4096
     lr: float | None = None
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 6.25e-10
-    warmup_steps: int = 10
+    warmup_steps: int = 20
     lr_decay_frac: float = 0.0
     ema: bool = False
     ema_decay: float = 0.999
@@ -89,6 +95,7 @@ class TrainerConfig:
     engine: str = "torch"
     zero_stage: int = 1
     offload_optimizer: bool = False
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         if self.tokens < 1 or self.batch_tokens < 1:
@@ -383,15 +390,15 @@ def _show_progress(bar, m: dict, tokens_seen: int, tps: float) -> None:
                     L0=f"{m['train/l0']:.1f}", dead=f"{100 * m['train/dead_fraction']:.1f}%", tok_s=f"{tps:.0f}")
 
 
-def _warn_if_auxk_cannot_fire(sae_cfg: SAEConfig, target_tokens: int, main: bool) -> None:
+def _warn_if_auxk_cannot_fire(sae_cfg: SAEConfig, dead_tokens: int, target_tokens: int, main: bool) -> None:
     """A warning when no latent can be counted dead before the run ends, so AuxK (sec. 2.4.1) never runs."""
     from sae_dist.sae.topk import TopKSAE
 
     uses_auxk = issubclass(architecture_class(sae_cfg.architecture), TopKSAE)  # the TopK family
-    if main and uses_auxk and sae_cfg.auxk_coef > 0 and sae_cfg.dead_tokens >= target_tokens:
-        print(f"sae-train: warning: sae.dead_tokens={sae_cfg.dead_tokens} >= the run's {target_tokens} tokens: "
-              "no latent can be counted dead, so the AuxK loss never runs. Lower sae.dead_tokens (the paper's "
-              "10M tokens is a small fraction of its runs) or set sae.auxk_coef=0 to say so.", file=sys.stderr)
+    if main and uses_auxk and sae_cfg.auxk_coef > 0 and dead_tokens >= target_tokens:
+        print(f"sae-train: warning: sae.dead_tokens={dead_tokens} >= the run's {target_tokens} tokens: "
+              "no latent can be counted dead, so the AuxK loss never runs. Lower sae.dead_tokens (null: a tenth "
+              "of the run, at most the paper's 10M) or set sae.auxk_coef=0 to say so.", file=sys.stderr)
 
 
 def train(
@@ -437,11 +444,30 @@ def train(
     ctx = init_parallel(tp, torch.device(device))
     lock = _lock_run_dir(out, ctx)
     try:
-        return _train_locked(store_path, out, sae_cfg, tcfg, ctx, seed, hook_name, model_name, wandb_cfg,
-                             progress)
+        with _deterministic_mode(tcfg.deterministic, ctx.device):
+            return _train_locked(store_path, out, sae_cfg, tcfg, ctx, seed, hook_name, model_name, wandb_cfg,
+                                 progress)
     finally:
         if lock is not None:
             lock.release()
+
+
+@contextlib.contextmanager
+def _deterministic_mode(enabled: bool, device: torch.device):
+    """`TrainerConfig.deterministic`: deterministic torch algorithms inside the block, the previous
+    setting restored after it. cuBLAS needs CUBLAS_WORKSPACE_CONFIG for reproducible GEMMs (PyTorch's
+    reproducibility notes); it is set here, before the run's first CUDA matmul, unless the user set it."""
+    if not enabled:
+        yield
+        return
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 def _open_training_store(store_path, sae_cfg: SAEConfig, tcfg: TrainerConfig, seed: int, ctx: ParallelContext):
@@ -498,7 +524,8 @@ def _train_locked(store_path, out: Path, sae_cfg: SAEConfig, tcfg: TrainerConfig
     if tcfg.ema:
         ema = _build_sae(sae_cfg, ctx, device, seed)
         ema.requires_grad_(False)
-    tracker = DeadLatentTracker(sae.W_dec.shape[0], sae_cfg.dead_tokens, device=device)
+    dead_tokens = resolve_dead_tokens(sae_cfg.dead_tokens, target_tokens)
+    tracker = DeadLatentTracker(sae.W_dec.shape[0], dead_tokens, device=device)
     replicas = ctx.distributed and not isinstance(sae, ShardedTopKSAE)  # whole-SAE replicas over dp
     log_path = out / "train_log.jsonl"
     main = ctx.is_main
@@ -553,7 +580,7 @@ def _train_locked(store_path, out: Path, sae_cfg: SAEConfig, tcfg: TrainerConfig
                                        "rng": _rng_state(), "metrics": last_metrics})
 
     preempted, auxk_from = False, None
-    _warn_if_auxk_cannot_fire(sae_cfg, target_tokens, main)
+    _warn_if_auxk_cannot_fire(sae_cfg, dead_tokens, target_tokens, main)
     with Preemption("sae-train") as preempt:
         try:
             while step < stop_at and not preempted:
@@ -605,7 +632,7 @@ def _train_locked(store_path, out: Path, sae_cfg: SAEConfig, tcfg: TrainerConfig
                             auxk_from = step
                             bar.write(f"sae-train: AuxK active from step {step} ({tokens_seen} tokens): "
                                       f"{100 * last_metrics['train/dead_fraction']:.2f}% of the latents have "
-                                      f"not fired in sae.dead_tokens={sae_cfg.dead_tokens} tokens", file=sys.stderr)
+                                      f"not fired in {dead_tokens} tokens (sae.dead_tokens)", file=sys.stderr)
 
                 preempted = preempt.agreed(device) and step < n_steps
                 due = step % tcfg.checkpoint_every_steps == 0 or step == n_steps or preempted
@@ -644,6 +671,7 @@ def _train_locked(store_path, out: Path, sae_cfg: SAEConfig, tcfg: TrainerConfig
         "d_in": sae_cfg.d_in,
         "used_ema": ema is not None,
         "auxk_active_from_step": auxk_from,
+        "dead_tokens": dead_tokens,
         "final_metrics": last_metrics,
         "sae_cfg": asdict(sae_cfg),
         "trainer_cfg": asdict(tcfg),
