@@ -9,8 +9,9 @@ standard-library source, `sae-harvest`), one token budget, one batch size, one s
   (unnormalised) activations, the encoder at `nn.Linear`'s default init with the decoder its unit-norm
   copy, b_dec set to the mean of the first batch, loss = batch fvu + auxk_alpha * its AuxK loss, decoder
   rows renormalised before each step and the gradient component parallel to them removed, Adam at
-  lr 2e-4 / sqrt(n / 2^14) (constant unless `--sparsify-schedule trainer`), a latent dead once it has
-  not been among the top k for more than `--dead-tokens` tokens. The batches are the ones our trainer
+  lr 2e-4 / sqrt(n / 2^14) (times `--sparsify-lr-scale`, 1 by default; constant unless
+  `--sparsify-schedule trainer`), a latent dead once it has not been among the top k for more than
+  `--dead-tokens` tokens. The batches are the ones our trainer
   reads (our store reader, same seed, `normalize="none"`).
 
 sparsify's weights are copied into our export layout (normalize "none": the model takes raw
@@ -156,7 +157,7 @@ def train_sparsify(args, name: str) -> dict:
         with torch.no_grad():
             sc.set_decoder_norm_to_unit_norm()
             sc.encoder.weight.copy_(float(args.sparsify_enc_init) * sc.W_dec)
-    lr = 2e-4 / math.sqrt(n / 2**14)
+    lr = args.sparsify_lr_scale * 2e-4 / math.sqrt(n / 2**14)
     opt = torch.optim.Adam(sc.parameters(), lr=lr)
     n_steps = args.tokens // B
     warm = args.sparsify_warmup
@@ -207,7 +208,7 @@ def train_sparsify(args, name: str) -> dict:
     wall = time.perf_counter() - t0
     rec = {"train_wall_s": wall, "step_ms": 1000 * statistics.median(step_times[1:] or step_times),
            "command": f"train_sparsify(auxk_alpha={args.sparsify_auxk_alpha}, schedule={args.sparsify_schedule}, "
-                      f"b_dec={args.sparsify_b_dec}, enc_init={args.sparsify_enc_init})"}
+                      f"b_dec={args.sparsify_b_dec}, enc_init={args.sparsify_enc_init}, lr={lr:.4g})"}
     done.write_text(json.dumps(rec, indent=2))
     return rec
 
@@ -266,6 +267,8 @@ def main(argv=None) -> int:
     p.add_argument("--sparsify-enc-init", default="default",
                    help="'default' (nn.Linear's init, decoder its unit-norm copy) or a number c: encoder = "
                         "c * the unit-norm decoder (ablation; c=1 is our tied init)")
+    p.add_argument("--sparsify-lr-scale", type=float, default=1.0,
+                   help="sparsify's lr = this * 2e-4 / sqrt(n / 2^14) (its default rule at 1.0; ablation)")
     p.add_argument("--sparsify-name", default="sparsify", help="run name of the sparsify run")
     p.add_argument("--reuse", action="store_true", help="reuse finished runs / evals found under --out")
     p.add_argument("--json", default=None, help="output JSON (default <out>/quality.json)")
