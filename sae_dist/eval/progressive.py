@@ -181,20 +181,20 @@ def evaluate_threshold(sae, x: torch.Tensor, theta: float) -> dict[str, float]:
     return {"theta": theta, **_point(sae, x2, values, indices)}
 
 
+def _positive(name: str, value, hint: str) -> float:
+    """value as a float; ValueError naming `name` and `hint` unless it is a finite number > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name}={value!r} must be a finite number > 0 ({hint})")
+    return float(value)
+
+
 def _check_theta(theta) -> float:
-    """theta as a float; ValueError unless it is a finite number > 0."""
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 0:
-        raise ValueError(f"threshold theta={theta!r} must be a finite number > 0 (the units of the SAE's "
-                         "pre-activations; get one with calibrate_threshold / threshold_for_l0)")
-    return float(theta)
+    return _positive("threshold theta", theta, "the units of the SAE's pre-activations; get one with "
+                     "calibrate_threshold / threshold_for_l0")
 
 
 def _check_target(target_l0) -> float:
-    """target_l0 as a float; ValueError unless it is a finite number > 0."""
-    if isinstance(target_l0, bool) or not isinstance(target_l0, (int, float)) or not math.isfinite(target_l0) \
-            or target_l0 <= 0:
-        raise ValueError(f"target_l0={target_l0!r} must be a finite number > 0 (mean active latents per token)")
-    return float(target_l0)
+    return _positive("target_l0", target_l0, "mean active latents per token")
 
 
 def calibrate_threshold(values: torch.Tensor, target_l0: float, d_sae: int) -> float:
@@ -275,11 +275,12 @@ def progressive_curve(sae, x: torch.Tensor, k_values: Sequence[int] | None = Non
     if ks[0] < 1 or ks[-1] > sae.d_sae:
         raise ValueError(f"k' values {ks} must lie in [1, d_sae={sae.d_sae}]")
     x2 = _flat(sae, x)
+    calib2 = None if calib_x is None else _flat(sae, calib_x)
     values, indices = topk_codes(sae, x2, min(sae.d_sae, 2 * ks[-1]))
     topk = [{"k": kp, **_point(sae, x2, torch.relu(values[:, :kp]), indices[:, :kp])} for kp in ks]
     targets = [p["l0"] for p in topk]
-    if calib_x is not None:
-        thetas = _covering_codes(sae, _flat(sae, calib_x), values.shape[1], targets)[2]
+    if calib2 is not None:
+        thetas = _covering_codes(sae, calib2, values.shape[1], targets)[2]
     else:
         values, indices, thetas = _covering_codes(sae, x2, values.shape[1], targets)
     m = values.shape[1]
@@ -292,7 +293,7 @@ def progressive_curve(sae, x: torch.Tensor, k_values: Sequence[int] | None = Non
         threshold.append({"target_l0": target, "theta": theta,
                           **_point(sae, x2, values * keep, indices)})
     return {"k_train": k, "tokens": int(x2.shape[0]), "topk": topk, "threshold": threshold,
-            "calibration": "same tokens" if calib_x is None else f"calib_x ({_flat(sae, calib_x).shape[0]} tokens)",
+            "calibration": "same tokens" if calib2 is None else f"calib_x ({calib2.shape[0]} tokens)",
             "definition": _DEFINITION}
 
 
@@ -307,7 +308,7 @@ def export_fixed_threshold(src: str | os.PathLike, dst: str | os.PathLike, theta
     ValueError: `src` is not a "topk" export, theta not a finite number > 0; FileNotFoundError /
     ValueError from `sae_dist.sae.formats.read_sae_files` for a missing or bad `src`.
     """
-    from sae_dist.sae.formats import _write_our_layout, read_sae_files
+    from sae_dist.sae.formats import read_sae_files, write_sae_files
 
     theta = _check_theta(theta)
     cfg, tensors = read_sae_files(src)
@@ -320,4 +321,4 @@ def export_fixed_threshold(src: str | os.PathLike, dst: str | os.PathLike, theta
                                    "(Gao et al. 2024 sec. 5.3; sae_dist.eval.progressive)"),
                 "fixed_threshold": theta, "trained_k": int(k)})
     tensors = {**tensors, "threshold": torch.full((int(cfg["d_sae"]),), theta, dtype=torch.float32)}
-    return _write_our_layout(Path(dst), cfg, tensors)
+    return write_sae_files(Path(dst), cfg, tensors)

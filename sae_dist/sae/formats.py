@@ -42,7 +42,7 @@ from sae_dist.sae.export import (
 __all__ = [
     "SUPPORTED_ARCHITECTURES", "SPARSIFY_WEIGHTS_FILENAME", "SPARSIFY_PROVENANCE_FILENAME", "canonical_cfg",
     "canonical_tensors",
-    "read_sae_cfg", "read_sae_files", "import_saelens", "to_saelens", "export_sparsify",
+    "read_sae_cfg", "read_sae_files", "write_sae_files", "import_saelens", "to_saelens", "export_sparsify",
 ]
 
 #: Architectures `load_sae` runs ("prolu" is ours; the others are SAELens' names).
@@ -205,7 +205,9 @@ def read_sae_files(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tenso
     return canonical_tensors(cfg, tensors, where=str(p / WEIGHTS_FILENAME))
 
 
-def _write_our_layout(out: Path, cfg: dict, tensors: dict[str, torch.Tensor]) -> Path:
+def write_sae_files(out: Path, cfg: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write an SAE directory in our layout (the inverse of `read_sae_files`): the tensors as float32
+    sae_weights.safetensors and cfg.json, committed atomically; returns `out`."""
     out.mkdir(parents=True, exist_ok=True)
     save_file({n: t.detach().float().cpu().contiguous() for n, t in tensors.items()},
               str(_tmp_weights_path(out)))
@@ -254,7 +256,7 @@ def import_saelens(src: str | os.PathLike, dst: str | os.PathLike, *,
     cfg["dtype"] = "float32"
     cfg["imported_from"] = str(src)
     ExportedTopKSAE(cfg, t) if cfg["architecture"] == "topk" else ExportedSAE(cfg, t)  # validates
-    return _write_our_layout(Path(dst), cfg, t)
+    return write_sae_files(Path(dst), cfg, t)
 
 
 def to_saelens(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
@@ -277,7 +279,7 @@ def to_saelens(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
         t["b_enc"] = torch.zeros_like(t["b_enc"])
         cfg = {**cfg, "architecture": "jumprelu", "activation_fn": "relu", "activation_fn_kwargs": {},
                "converted_from": "prolu (b_enc' = 0, threshold = max(0, -b_enc); see sae_dist.sae.formats)"}
-    return _write_our_layout(Path(dst), cfg, t)
+    return write_sae_files(Path(dst), cfg, t)
 
 
 def export_sparsify(sae, out_dir: str | os.PathLike, *, allow_normalized_inputs: bool = False) -> Path:
