@@ -192,8 +192,12 @@ def test_d_model_mismatch_and_nan_batch(tmp_path, monkeypatch):
 def test_trainer_config_validation():
     with pytest.raises(ValueError, match="lr_decay_frac=2"):
         TrainerConfig(tokens=10, lr_decay_frac=2)
-    assert np.isclose(sae_dist.train.default_lr(2**14), 2e-4)
-    assert np.isclose(sae_dist.train.default_lr(2**16), 1e-4)
+    # 3x the paper's 2e-4 / sqrt(n / 2^14) (Appendix A.3), computed here from the formula
+    assert np.isclose(sae_dist.train.default_lr(2**14), 6e-4)
+    assert np.isclose(sae_dist.train.default_lr(2**16), 3e-4)
+    assert np.isclose(sae_dist.train.default_lr(8192), 3 * 2e-4 / np.sqrt(0.5))
+    with pytest.raises(ValueError, match="n_latents must be > 0, got 0"):
+        sae_dist.train.default_lr(0)
     lr = [sae_dist.train.lr_at_step(s, 10, 1.0, warmup_steps=2, decay_frac=0.4) for s in range(10)]
     np.testing.assert_allclose(lr, [0.5, 1, 1, 1, 1, 1, 1.0, 0.75, 0.5, 0.25])
 

@@ -54,7 +54,8 @@ class TrainerConfig:
 
     tokens: total training tokens (steps = max(1, tokens // batch_tokens)).
     batch_tokens: tokens per step (paper: 131072; default 4096 for laptops).
-    lr: None -> 2e-4 / sqrt(n_latents / 2^14). adam_betas, adam_eps: (0.9, 0.999), 6.25e-10.
+    lr: None -> 6e-4 / sqrt(n_latents / 2^14) (the paper's rule at 3x, `default_lr`).
+    adam_betas, adam_eps: (0.9, 0.999), 6.25e-10.
     warmup_steps: linear warmup; lr_decay_frac: linear decay to 0 over that final fraction of the
       steps (0 = constant).
     ema, ema_decay: keep an EMA of the weights (W_dec rows of the EMA renormalised after each
