@@ -68,8 +68,8 @@ def _randomize(sae, g, row_scale=True):
 # tau = l1_coef * D / 2 (see ReLUOptions): l1_coef = 0.12 puts it at ~0.32, below every true
 # coefficient (>= 0.5) yet above most feature-interference (cosines ~ 1/sqrt(32)).
 _GT_L1 = 0.12
-# the default lr (6e-4 sqrt(2^14 / n) = 6.8e-3 at n = 128) needs ~3x more tokens for an L1 SAE to
-# settle; lr 1e-2 on 512-token batches converges within 300k tokens
+# lr 1e-2 on 512-token batches converges within 300k tokens (the paper's rule, 2.3e-3 at n = 128, needed
+# ~3x more tokens for an L1 SAE to settle; the trainer's default is 3x that rule)
 _GT_TRAIN = dict(tokens=300_000, batch_tokens=512, lr=1e-2)
 
 
