@@ -165,9 +165,9 @@ def _make_our_step(d, n, k, dtype, device, kernels, multi_topk, dead, xs, bf16, 
     tcfg = TrainerConfig()
     sae = TopKSAE(cfg, device=device, generator=torch.Generator().manual_seed(0))
     if adam == "trainer":
-        opt = make_optimizer(sae, default_lr(n), tcfg)
+        opt = make_optimizer(sae, default_lr(n, 200), tcfg)
     else:
-        opt = torch.optim.Adam(sae.parameters(), lr=default_lr(n), betas=tcfg.adam_betas, eps=tcfg.adam_eps,
+        opt = torch.optim.Adam(sae.parameters(), lr=default_lr(n, 200), betas=tcfg.adam_betas, eps=tcfg.adam_eps,
                                fused=adam == "fused")
     tracker = DeadLatentTracker(n, PAPER_DEAD_TOKENS, device=device)  # only its update's cost: `dead` is given
     kernels_used = bool(kernels and kernel_ops() is not None)

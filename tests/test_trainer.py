@@ -192,14 +192,32 @@ def test_d_model_mismatch_and_nan_batch(tmp_path, monkeypatch):
 def test_trainer_config_validation():
     with pytest.raises(ValueError, match="lr_decay_frac=2"):
         TrainerConfig(tokens=10, lr_decay_frac=2)
-    # 3x the paper's 2e-4 / sqrt(n / 2^14) (Appendix A.3), computed here from the formula
-    assert np.isclose(sae_dist.train.default_lr(2**14), 6e-4)
-    assert np.isclose(sae_dist.train.default_lr(2**16), 3e-4)
-    assert np.isclose(sae_dist.train.default_lr(8192), 3 * 2e-4 / np.sqrt(0.5))
+    # the paper's 2e-4 / sqrt(n / 2^14) (Appendix A.3) times clip(sqrt(24000 / steps), 1, 12), by hand
+    assert np.isclose(sae_dist.train.default_lr(2**14, 24_000), 2e-4)
+    assert np.isclose(sae_dist.train.default_lr(2**16, 10**6), 1e-4)
+    assert np.isclose(sae_dist.train.default_lr(2**14, 6_000), 4e-4)
+    assert np.isclose(sae_dist.train.default_lr(8192, 195), 2e-4 / np.sqrt(0.5) * np.sqrt(24_000 / 195))
+    assert np.isclose(sae_dist.train.default_lr(8192, 10), 12 * 2e-4 / np.sqrt(0.5))
     with pytest.raises(ValueError, match="n_latents must be > 0, got 0"):
-        sae_dist.train.default_lr(0)
+        sae_dist.train.default_lr(0, 100)
+    with pytest.raises(ValueError, match="n_steps must be > 0, got 0"):
+        sae_dist.train.default_lr(1024, 0)
     lr = [sae_dist.train.lr_at_step(s, 10, 1.0, warmup_steps=2, decay_frac=0.4) for s in range(10)]
     np.testing.assert_allclose(lr, [0.5, 1, 1, 1, 1, 1, 1.0, 0.75, 0.5, 0.25])
+
+
+def test_default_lr_is_the_budget_rule_and_is_announced(tmp_path, capsys):
+    """trainer.lr=null trains at 2e-4 / sqrt(n / 2^14) * clip(sqrt(24000 / steps), 1, 12) (after the
+    warm-up), computed here by hand, and says so on stderr."""
+    store = _store(tmp_path, _sparse_dictionary_data(n_tokens=4096, seed=0))
+    tcfg = TrainerConfig(tokens=256 * 400, batch_tokens=256, warmup_steps=2, log_every_steps=100,
+                         keep_checkpoints=0)
+    train(store_path=store, out_dir=tmp_path / "run", sae_cfg=SAEConfig(d_in=32, n_latents=64, k=4),
+          trainer_cfg=tcfg, progress=False, wandb_cfg={"enabled": False})
+    expected = 2e-4 / np.sqrt(64 / 2**14) * np.sqrt(24_000 / 400)  # 7.75x: inside the clip
+    assert [r["train/lr"] for r in _log(tmp_path / "run")] == pytest.approx([expected] * 4)
+    err = capsys.readouterr().err
+    assert f"lr {expected:.3g}" in err and "x 7.75 for a 400-step run" in err, err
 
 
 def _train_to_be_killed(a: dict) -> None:

@@ -43,7 +43,7 @@ from sae_dist.store.errors import NonFiniteError
 from sae_dist.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from sae_dist.train.engine import TorchEngine, make_optimizer
 from sae_dist.train.logging import JsonlLogger, WandbLogger, truncate_jsonl
-from sae_dist.train.lr import default_lr, lr_at_step
+from sae_dist.train.lr import budget_factor, default_lr, lr_at_step
 
 __all__ = ["TrainerConfig", "train", "make_optimizer"]
 
@@ -54,7 +54,8 @@ class TrainerConfig:
 
     tokens: total training tokens (steps = max(1, tokens // batch_tokens)).
     batch_tokens: tokens per step (paper: 131072; default 4096 for laptops).
-    lr: None -> 6e-4 / sqrt(n_latents / 2^14) (the paper's rule at 3x, `default_lr`).
+    lr: None -> 2e-4 / sqrt(n_latents / 2^14) * budget_factor(steps) (`default_lr`: the paper's rule,
+      raised for runs shorter than 24,000 steps, 11x at 195 steps, at most 12x).
     adam_betas, adam_eps: (0.9, 0.999), 6.25e-10.
     warmup_steps: linear warmup; lr_decay_frac: linear decay to 0 over that final fraction of the
       steps (0 = constant).
@@ -301,6 +302,17 @@ def _build_sae(sae_cfg: SAEConfig, ctx: ParallelContext, device, seed: int):
     return sae
 
 
+def _base_lr(tcfg: TrainerConfig, n_latents: int, n_steps: int, announce: bool) -> float:
+    """`trainer.lr`, or the default rule for this width and run length (printed once when `announce`)."""
+    if tcfg.lr is not None:
+        return tcfg.lr
+    lr = default_lr(n_latents, n_steps)
+    if announce:
+        print(f"sae-train: lr {lr:.3g} (default: the paper's 2e-4 / sqrt(n / 2^14) x {budget_factor(n_steps):.2f} "
+              f"for a {n_steps}-step run; set trainer.lr to override)", file=sys.stderr)
+    return lr
+
+
 def _make_engine(sae, lr: float, tcfg: TrainerConfig, ctx: ParallelContext):
     if tcfg.engine == "torch":
         return TorchEngine(sae, lr, tcfg)
@@ -519,7 +531,7 @@ def _train_locked(store_path, out: Path, sae_cfg: SAEConfig, tcfg: TrainerConfig
     random.seed(seed)
     np.random.seed(seed)
     sae = _build_sae(sae_cfg, ctx, device, seed)
-    base_lr = tcfg.lr if tcfg.lr is not None else default_lr(sae_cfg.n_latents)
+    base_lr = _base_lr(tcfg, sae_cfg.n_latents, n_steps, announce=ctx.is_main)
     engine = _make_engine(sae, base_lr, tcfg, ctx)
     ema = None
     if tcfg.ema:
