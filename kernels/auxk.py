@@ -29,7 +29,7 @@ from . import sparse_decode as _sd
 from ._common import check_sparse_codes, dense_rows_block, drop_padding, resolve_backend
 from .sparse_decode import sparse_decode_reference
 
-__all__ = ["auxk_loss", "auxk_loss_reference"]
+__all__ = ["auxk_loss", "auxk_loss_reference", "decode_aux", "safe_ratio"]
 
 
 def _zero_loss(W_dec: torch.Tensor) -> torch.Tensor:
@@ -66,7 +66,7 @@ def _validate(aux_values, aux_indices, W_dec, residual):
 def _normalised_mse(residual: torch.Tensor, e_hat: torch.Tensor) -> torch.Tensor:
     # mse_loss: one fused pass forward and backward (2.7 ms against 6.7 for sub/pow/sum at [4096, 576])
     sse = F.mse_loss(e_hat.float(), residual.detach().float(), reduction="sum")
-    return _safe_ratio(sse, _residual_ss(residual))
+    return safe_ratio(sse, _residual_ss(residual))
 
 
 def _decode_aux_torch(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor,
@@ -152,9 +152,11 @@ class _AuxSSETriton(torch.autograd.Function):
         return gv, None, gw, None, None
 
 
-def _safe_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    # NaN/Inf -> 0 with finite (zero) gradients: nan_to_num alone would back-propagate 0 * (1/0) = NaN
-    # through the division, so the denominator is replaced before dividing (no host sync).
+def safe_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """num / den (0-d tensors) with NaN/Inf results, and den <= 0, replaced by 0 (the paper's AuxK
+    convention), with finite (zero) gradients and no host synchronisation."""
+    # nan_to_num alone would back-propagate 0 * (1/0) = NaN through the division, so the denominator
+    # is replaced before dividing.
     ok = torch.isfinite(den) & (den > 0)
     ratio = num / torch.where(ok, den, torch.ones_like(den))
     return torch.where(ok & torch.isfinite(ratio), ratio, torch.zeros_like(ratio))
@@ -163,6 +165,21 @@ def _safe_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
 def _residual_ss(residual: torch.Tensor) -> torch.Tensor:
     e = residual.detach().float()
     return (e - e.mean(0, keepdim=True)).pow(2).sum()
+
+
+def decode_aux(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor, *, backend: str = "auto",
+               sparse_grad: bool = False, deterministic: bool = False) -> torch.Tensor:
+    """The AuxK reconstruction e^ [B, d_in] = sum_j values[b, j] W_dec[indices[b, j]] (no b_pre) of
+    values / indices [B, k_aux] (index -1: padding, value ignored), in W_dec's dtype.
+
+    backend "torch" (or "auto" off CUDA): a dense [B, u] code block times the u distinct rows when the
+    codes span few latents, else embedding_bag; with `sparse_grad` the W_dec gradient of that block is a
+    row-sparse COO tensor (see `auxk_loss`). Triton: `sparse_decode`'s kernels. Raises as `sparse_decode`.
+    """
+    which = resolve_backend(backend, W_dec, values, indices)
+    if which == "torch":
+        return _decode_aux_torch(values, indices, W_dec, sparse_grad)
+    return _sd.sparse_decode(values, indices, W_dec, None, deterministic=deterministic, backend="triton")
 
 
 def auxk_loss_reference(
@@ -216,8 +233,8 @@ def auxk_loss(
     if _validate(aux_values, aux_indices, W_dec, residual):
         return _zero_loss(W_dec)
     if which == "torch":
-        e_hat = _decode_aux_torch(aux_values, aux_indices, W_dec, sparse_grad)
-        return _normalised_mse(residual, e_hat)
+        return _normalised_mse(residual, decode_aux(aux_values, aux_indices, W_dec, backend="torch",
+                                                    sparse_grad=sparse_grad))
     det = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
     num = _AuxSSETriton.apply(aux_values, aux_indices, W_dec, residual, det)
-    return _safe_ratio(num, _residual_ss(residual))
+    return safe_ratio(num, _residual_ss(residual))

@@ -7,7 +7,8 @@ Prints ONE JSON line (docs/benchmarks.md, "How a step is measured"):
   Multi-TopK with `--multi-topk`), finiteness check of the loss, `zero_grad(set_to_none=True)`,
   backward, `remove_parallel_grads_` (decoder-gradient projection, Gao et al. 2024 section 2.4.1),
   `torch.optim.Adam.step` with the trainer's lr/betas/eps (`--adam fused`: the same with fused=True),
-  `normalize_decoder_`, dead-latent tracker update. The SAE config switch `kernels` is set by `--kernels on|off`.
+  `normalize_decoder_`, dead-latent tracker update. `--kernels off` times the dense torch oracle
+  (`topk_losses_reference`) instead.
 - `matmul_ms`: median of one bare dense encoder matmul x[B, d] @ W_enc[d, n] (same dtype, device, run):
   the floor of a TopK SAE step (2*B*d*n FLOPs). Timed with W_enc row-major [d, n] (TopKSAE's layout)
   and latent-major (transpose of a contiguous [n, d]); the faster one is reported (`matmul_layout`,
@@ -157,11 +158,11 @@ def time_fn(fn: Callable[[int], object], iters: int, warmup: int, device: torch.
 def _make_our_step(d, n, k, dtype, device, kernels, multi_topk, dead, xs, bf16, adam="trainer"):
     from sae_dist.sae.auxk import DeadLatentTracker
     from sae_dist.sae.config import PAPER_DEAD_TOKENS, SAEConfig
-    from sae_dist.sae.topk import TopKSAE, kernel_ops
+    from sae_dist.sae.topk import TopKSAE, topk_losses_reference
     from sae_dist.train.lr import default_lr
     from sae_dist.train.trainer import TrainerConfig, make_optimizer
 
-    cfg = SAEConfig(d_in=d, n_latents=n, k=k, multi_topk=multi_topk, kernels=kernels)
+    cfg = SAEConfig(d_in=d, n_latents=n, k=k, multi_topk=multi_topk)
     tcfg = TrainerConfig()
     sae = TopKSAE(cfg, device=device, generator=torch.Generator().manual_seed(0))
     if adam == "trainer":
@@ -170,12 +171,12 @@ def _make_our_step(d, n, k, dtype, device, kernels, multi_topk, dead, xs, bf16, 
         opt = torch.optim.Adam(sae.parameters(), lr=default_lr(n, 200), betas=tcfg.adam_betas, eps=tcfg.adam_eps,
                                fused=adam == "fused")
     tracker = DeadLatentTracker(n, PAPER_DEAD_TOKENS, device=device)  # only its update's cost: `dead` is given
-    kernels_used = bool(kernels and kernel_ops() is not None)
+    losses = sae.training_step_losses if kernels else (lambda x, dead: topk_losses_reference(sae, x, dead))
 
     def step(i: int) -> None:
         x = xs[i % len(xs)]
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-            res = sae.training_step_losses(x, dead)
+            res = losses(x, dead)
         if not torch.isfinite(res.loss):
             raise FloatingPointError(f"bench: non-finite loss {float(res.loss)} at iteration {i}")
         opt.zero_grad(set_to_none=True)
@@ -185,7 +186,7 @@ def _make_our_step(d, n, k, dtype, device, kernels, multi_topk, dead, xs, bf16, 
         sae.normalize_decoder_()
         tracker.update(res.values, res.indices)
 
-    return sae, opt, step, cfg, kernels_used
+    return sae, opt, step, cfg, kernels
 
 
 def _import_sparsify(device: torch.device):
@@ -308,11 +309,8 @@ def run_bench(args: argparse.Namespace) -> dict:
     dead = dead.to(device)
 
     # Import everything the step touches (kernels, Triton) before the memory baseline.
-    from sae_dist.sae.topk import kernel_ops
+    from sae_dist.sae import topk  # noqa: F401  (imports the kernels and Triton)
     from sae_dist.train import trainer  # noqa: F401
-
-    if args.kernels == "on":
-        kernel_ops()
     mem = PeakMemory(device)
     mem.start()
     sae, opt, step, cfg, kernels_used = _make_our_step(
@@ -420,7 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --vs sparsify: split each batch into M chunks as sparsify's trainer does "
                         "(micro_acc_steps) to fit memory; auto: 1, doubled on CUDA out-of-memory (default 1)")
     p.add_argument("--kernels", choices=["on", "off"], default="on",
-                   help="SAEConfig.kernels: sae_dist.kernels path (on) or plain torch (off)")
+                   help="on: the training path (sae_dist.kernels); off: its dense torch oracle "
+                        "(topk_losses_reference: [B, n] pre-activations, torch.topk)")
     p.add_argument("--adam", choices=["trainer", "fused", "unfused"], default="trainer",
                    help="trainer: the optimizer sae_dist.train.trainer builds (default; fused Adam); "
                         "fused / unfused: torch.optim.Adam with fused=True / False")

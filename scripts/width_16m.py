@@ -12,7 +12,7 @@ the sum over the phase's process tree and the largest single process):
   resume   the same command into the same run_dir at parallel.tp=--tp-resume (--tp-resume processes):
            the checkpoint reshards, training finishes and the SAE is exported shard by shard
   probe    the trainer's own sharded model at parallel.tp=--tp-resume, loaded from the last
-           checkpoint, reconstructs --probe-rows rows of the store (`ShardedTopKSAE.training_step_losses`)
+           checkpoint, reconstructs --probe-rows rows of the store (`TopKSAE.training_step_losses` on its latent shard)
   verify   `sae_dist.load_sae` on the export: its weights against the last checkpoint's, gathered
            (`read_checkpoint_tensors`), and its reconstruction of those rows against the probe's
 Writes WORK/summary.json (configuration, facts, per-phase wall_s and peak RSS) and prints it; exits 1
@@ -227,7 +227,7 @@ def probe_main(a) -> None:
 
     from sae_dist.parallel.mesh import destroy_parallel, init_parallel
     from sae_dist.parallel.state import LATENT_DIM, global_view
-    from sae_dist.parallel.tp import ShardedTopKSAE
+    from sae_dist.parallel.tp import build_sharded_sae
     from sae_dist.sae.config import SAEConfig
     from sae_dist.store import normalize, open_store
     from sae_dist.train.checkpoint import latest_checkpoint
@@ -235,7 +235,7 @@ def probe_main(a) -> None:
     run = Path(a.run_dir)
     ctx = init_parallel(a.tp, torch.device("cpu"))
     cfg = SAEConfig(**json.loads((run / "sae" / "training_state.json").read_text())["sae_cfg"])
-    sae = ShardedTopKSAE(cfg, ctx, device="cpu")
+    sae = build_sharded_sae(cfg, ctx, device="cpu")
     step, ck = latest_checkpoint(run / "checkpoints")
     views = {"model": {n: global_view(p.data, LATENT_DIM[n], ctx) for n, p in sae.named_parameters()}}
     dcp.load(views, checkpoint_id=str(ck))

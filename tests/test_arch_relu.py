@@ -368,7 +368,7 @@ def test_auto_init_scale_makes_the_first_reconstruction_the_input_scale(d, n):
 def test_init_scale_reaches_the_trainers_reinitialisation():
     """The trainer re-initialises every SAE with `tied_init_rows_` (reading sae.cfg.enc_init_scale):
     the ReLU encoder must come out init_scale * enc_init_scale * W_dec^T there too."""
-    from sae_dist.parallel.tp import tied_init_rows_
+    from sae_dist.sae.init import tied_init_rows_
 
     cfg = SAEConfig(d_in=16, n_latents=128, k=None, architecture="relu", enc_init_scale=0.5)
     sae = ReLUSAE(cfg)
@@ -454,8 +454,14 @@ def _dp_controller_worker(rank: int, world: int, port: int, out_dir: str) -> Non
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
     try:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from sae_dist.parallel.mesh import ParallelContext
+        from sae_dist.parallel.tp import parallelize_sae
+
         sae, data = _dp_case()
-        sae.attach_dp_(dist.group.WORLD, world)
+        mesh = init_device_mesh("cpu", (world, 1), mesh_dim_names=("dp", "tp"))
+        parallelize_sae(sae, ParallelContext(world_size=world, rank=rank, dp=world, dp_rank=rank, mesh=mesh))
         b = data.shape[1] // world
         states = []
         for t in range(data.shape[0]):

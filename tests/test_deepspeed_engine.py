@@ -7,7 +7,8 @@ independently:
   take the same steps in one worker: per-step losses, final weights and the Adam state
   (`optimizer_state()`: exp_avg, exp_avg_sq, step) within 1e-5, with and without clipping and
   optimizer-state CPU offload.
-- dp x tp meshes: `ShardedTopKSAE` + `DeepSpeedEngine` on 2 or 4 processes against the unsharded
+- dp x tp meshes: a latent-sharded `TopKSAE` (`parallelize_sae`) + `DeepSpeedEngine` on 2 or 4 processes
+  against the unsharded
   `TopKSAE` + `TorchEngine` run in this (pytest) process on the whole batch: global per-step losses,
   each rank's weight shard and Adam-state shard within 1e-5.
 - checkpoint round trip: optimizer_state() after a few steps, a fresh model + engine loading it,
@@ -20,7 +21,6 @@ as the trainer does on CUDA) with DeepSpeed in fp32 mode. Fresh random data and 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import socket
 from functools import partial
@@ -29,8 +29,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from sae_dist.parallel.tp import init_rows
 from sae_dist.sae.config import SAEConfig
+from sae_dist.sae.init import init_rows, tied_init_rows_
 from sae_dist.sae.topk import TopKSAE
 from sae_dist.train.deepspeed_engine import DeepSpeedEngine
 from sae_dist.train.engine import TorchEngine
@@ -163,8 +163,6 @@ def _worker(rank, world, tp, port, mode, cfg, seed, xs, dead, b_dec, stage, clip
 
 def _single(cfg, seed, xs, dead, b_dec, stage, clip, offload, out_dir, amp=False):
     tcfg = TrainerConfig(grad_clip_norm=clip)
-    if amp:  # bf16 autocast as the trainer does on CUDA; the plain torch path of the SAE (kernels off)
-        cfg = dataclasses.replace(cfg, kernels=False)
     ref, model = _ref_model(cfg, seed, b_dec), _ref_model(cfg, seed, b_dec)
     ref_engine = TorchEngine(ref, LR, tcfg)
     engine = DeepSpeedEngine(model, LR, tcfg, None, zero_stage=stage, offload_optimizer=offload)
@@ -185,10 +183,10 @@ def _single(cfg, seed, xs, dead, b_dec, stage, clip, offload, out_dir, amp=False
 
 
 def _sharded(ctx, cfg, seed, b_dec):
-    from sae_dist.parallel.tp import ShardedTopKSAE
+    from sae_dist.parallel.tp import build_sharded_sae
 
-    m = ShardedTopKSAE(cfg, ctx)
-    m.init_weights_(seed)
+    m = build_sharded_sae(cfg, ctx)
+    tied_init_rows_(m, seed, m.latent_start)
     with torch.no_grad():
         m.b_dec.copy_(b_dec)
     return m

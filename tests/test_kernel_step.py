@@ -1,9 +1,10 @@
-"""A full TopK SAE training step through sae_dist.kernels equals the plain torch step.
+"""A full TopK SAE training step (the one training path, through sae_dist.kernels) equals the dense
+torch step.
 
 One step = `training_step_losses` -> backward -> decoder-gradient projection -> Adam step -> W_dec
 row renormalisation (the trainer's order, Gao et al. 2024 section 2.4.1). The oracle is the same SAE
-with `SAEConfig.kernels=False` (dense pre-activations, torch.topk, embedding_bag); the losses of that
-path are themselves checked against an independent dense re-implementation here. Both SAEs start from
+stepped on `topk_losses_reference` (dense pre-activations, torch.topk, embedding_bag); the losses of
+that oracle are themselves checked against an independent dense re-implementation here. Both SAEs start from
 the same random parameters (b_pre and b_enc made non-zero so every gradient path is exercised).
 
 Adam's first update is lr * g / (|g| + eps): with the trainer's eps = 6.25e-10 it is lr * sign(g), so a
@@ -23,19 +24,19 @@ import torch
 from _kernel_tol import kernel_tol
 
 from sae_dist.sae.config import SAEConfig
-from sae_dist.sae.topk import TopKSAE, kernel_ops
+from sae_dist.sae.topk import TopKSAE, topk_losses_reference
 
 LR, EPS = 1e-3, 1e-4
 NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
 
 
 def _pair(cfg_kw: dict, backend: str = "auto", device: torch.device | str = "cpu"):
-    """Two SAEs with identical random parameters: kernels on (with `backend`) and off; built on CPU
-    (the same numbers on every device), then moved to `device`."""
+    """Two SAEs with identical random parameters: the training path's (with `backend`) and the oracle's
+    (stepped by `_step(..., oracle=True)`); built on CPU (the same numbers on every device), then moved
+    to `device`."""
     seed = int(torch.randint(0, 2**31 - 1, ()))
-    a = TopKSAE(SAEConfig(**cfg_kw, kernels=True, kernel_backend=backend),
-                generator=torch.Generator().manual_seed(seed))
-    b = TopKSAE(SAEConfig(**cfg_kw, kernels=False), generator=torch.Generator().manual_seed(seed))
+    a = TopKSAE(SAEConfig(**cfg_kw, kernel_backend=backend), generator=torch.Generator().manual_seed(seed))
+    b = TopKSAE(SAEConfig(**cfg_kw), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         a.b_dec.normal_(0.0, 0.3)
         a.b_enc.normal_(0.0, 0.1)
@@ -47,9 +48,9 @@ def _pair(cfg_kw: dict, backend: str = "auto", device: torch.device | str = "cpu
     return a, b
 
 
-def _step(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor | None):
+def _step(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor | None, oracle: bool = False):
     opt = torch.optim.Adam(sae.parameters(), lr=LR, eps=EPS)
-    res = sae.training_step_losses(x, dead)
+    res = topk_losses_reference(sae, x, dead) if oracle else sae.training_step_losses(x, dead)
     opt.zero_grad(set_to_none=True)
     res.loss.backward()
     sae.remove_parallel_grads_()
@@ -87,7 +88,6 @@ def _independent_losses(sae: TopKSAE, x, dead, k_aux):
 
 
 def _check_equal_steps(cfg_kw, B, dead_fn, backend="auto", tol=2e-5, device="cpu"):
-    assert kernel_ops() is not None, "sae_dist.kernels must import for the kernel path to be tested"
     a, b = _pair(cfg_kw, backend, device)
     n = cfg_kw["n_latents"]
     x = (torch.randn(B, cfg_kw["d_in"]) * 1.5 + 0.5).to(device)
@@ -95,7 +95,7 @@ def _check_equal_steps(cfg_kw, B, dead_fn, backend="auto", tol=2e-5, device="cpu
     dead = None if dead is None else dead.to(device)
     main, mt, aux = _independent_losses(b, x, dead, b.cfg.k_aux)
     ra, ga, pa = _step(a, x, dead)
-    rb, gb, pb = _step(b, x, dead)
+    rb, gb, pb = _step(b, x, dead, oracle=True)
     # the oracle path agrees with the independent dense losses
     assert float(rb.normalized_mse) == pytest.approx(main, rel=1e-4)
     assert float(rb.auxk_loss) == pytest.approx(aux, rel=1e-4, abs=1e-7)
@@ -181,14 +181,16 @@ def test_kernel_step_bad_dead_mask_and_backend():
         SAEConfig(d_in=8, n_latents=32, k=2, kernels="yes")
 
 
-def test_kernels_default_on_and_forward_unchanged():
-    # the switch defaults to on; encode / encode_sparse / forward do not depend on it
-    a, b = _pair(dict(d_in=12, n_latents=40, k=3, normalize="none"))
-    assert SAEConfig(d_in=8, n_latents=32, k=2).kernels is True
+def test_kernels_switch_is_deprecated_and_ignored():
+    """`sae.kernels=false` warns (FutureWarning naming the replacement) and changes nothing: the training
+    path is the same with either value."""
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    with pytest.warns(FutureWarning, match="kernel_backend=torch"):
+        off = SAEConfig(d_in=12, n_latents=40, k=3, kernels=False, normalize="none")
+    a = TopKSAE(off, generator=torch.Generator().manual_seed(seed))
+    b = TopKSAE(SAEConfig(d_in=12, n_latents=40, k=3, normalize="none"), generator=torch.Generator().manual_seed(seed))
     x = torch.randn(10, 12)
-    with torch.no_grad():
-        torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
-        torch.testing.assert_close(a.encode(x), b.encode(x), rtol=0, atol=0)
+    torch.testing.assert_close(a.training_step_losses(x).loss, b.training_step_losses(x).loss, rtol=0, atol=0)
 
 
 def test_fused_encoder_runs_in_the_autocast_dtype(monkeypatch):
@@ -208,21 +210,21 @@ def _check_autocast_step(monkeypatch, backend, dev):
 
     cfg = dict(d_in=32, n_latents=128, k=4, k_aux=8)
     a, b = _pair(cfg, backend=backend, device=dev)
-    enc, dec, aux = kernel_ops()
+    enc = topk_mod.encode_topk
     seen = []
 
     def spy(x, W, *args, **kw):
         seen.append((x.dtype, W.dtype))
         return enc(x, W, *args, **kw)
 
-    monkeypatch.setattr(topk_mod, "_KERNEL_OPS", (spy, dec, aux))
+    monkeypatch.setattr(topk_mod, "encode_topk", spy)
     x = torch.randn(64, 32).to(dev)
     dead = (torch.rand(128) < 0.3).to(dev)
     with torch.autocast(dev.type, dtype=torch.bfloat16):
         res_a = a.training_step_losses(x, dead)
     res_a.loss.backward()
     assert seen == [(torch.bfloat16, torch.bfloat16)]
-    res_b = b.training_step_losses(x, dead)  # kernels off, fp32: the reference
+    res_b = topk_losses_reference(b, x, dead)  # the dense oracle, fp32
     res_b.loss.backward()
     # bf16 rounding may change which latents win near-ties, so compare directions, not entries
     assert abs(float(res_a.loss) - float(res_b.loss)) < 0.03 * float(res_b.loss)

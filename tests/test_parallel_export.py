@@ -92,11 +92,11 @@ def _worker(rank, world, tp, port, cfg, weights, scale, out_dir):
 
     import sae_dist.parallel.export as pexport
     from sae_dist.parallel.mesh import destroy_parallel, init_parallel
-    from sae_dist.parallel.tp import ShardedTopKSAE
+    from sae_dist.parallel.tp import build_sharded_sae
 
     torch.set_num_threads(1)
     ctx = init_parallel(tp=tp, device="cpu")
-    model = ShardedTopKSAE(cfg, ctx)
+    model = build_sharded_sae(cfg, ctx)
     lo, hi = model.latent_start, model.latent_end
     with torch.no_grad():
         model.W_enc.copy_(weights["W_enc"][:, lo:hi])
@@ -205,16 +205,16 @@ def test_sharded_export_equals_single_process_export(tp, dp, tmp_path):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_single_process_fallback_equals_export_sae(dtype, tmp_path):
-    """ctx without a mesh, a tp=1 ShardedTopKSAE: same files as export_sae; bounded allocations."""
+    """ctx without a mesh, a tp=1 shard (the whole SAE): same files as export_sae; bounded allocations."""
     from sae_dist.parallel.export import export_sae_sharded
-    from sae_dist.parallel.tp import ShardedTopKSAE
+    from sae_dist.parallel.tp import build_sharded_sae
 
     d, n = 12, 40
     cfg = SAEConfig(d_in=d, n_latents=n, k=3, dtype=dtype)
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
     weights = _global_weights(d, n, g)
     scale = _scale(g)
-    ref_sae, shard = TopKSAE(cfg), ShardedTopKSAE(cfg, tp=1, tp_rank=0)
+    ref_sae, shard = TopKSAE(cfg), build_sharded_sae(cfg, tp=1, tp_rank=0)
     with torch.no_grad():
         for name in NAMES:
             getattr(ref_sae, name).copy_(weights[name])
@@ -237,20 +237,20 @@ def test_single_process_fallback_equals_export_sae(dtype, tmp_path):
 
 def test_errors(tmp_path):
     from sae_dist.parallel.export import export_sae_sharded, safetensors_f32_layout
-    from sae_dist.parallel.tp import ShardedTopKSAE
+    from sae_dist.parallel.tp import build_sharded_sae
 
     cfg = SAEConfig(d_in=8, n_latents=16, k=2)
-    shard = ShardedTopKSAE(cfg, tp=1, tp_rank=0)
-    shard.init_weights_(0)
+    shard = build_sharded_sae(cfg, tp=1, tp_rank=0)
+    sae_dist.sae.init.tied_init_rows_(shard, 0)
     kw = _export_kwargs("none", None)
     with pytest.raises(ValueError, match="scale"):
         export_sae_sharded(shard, ParallelContext(), tmp_path / "a", **_export_kwargs("scalar", None))
     with pytest.raises(ValueError, match=r"max_buffer_bytes=2"):
         export_sae_sharded(shard, ParallelContext(), tmp_path / "a", max_buffer_bytes=2, **kw)
-    other = ShardedTopKSAE(cfg, tp=2, tp_rank=1)
+    other = build_sharded_sae(cfg, tp=2, tp_rank=1)
     with pytest.raises(ValueError, match=r"holds latents \[8, 16\) but ctx"):
         export_sae_sharded(other, ParallelContext(), tmp_path / "a", **kw)
-    meta = ShardedTopKSAE(cfg, tp=2, tp_rank=1, device="meta")
+    meta = build_sharded_sae(cfg, tp=2, tp_rank=1, device="meta")
     ctx = dataclasses.replace(ParallelContext(), tp=2, tp_rank=1, world_size=2, rank=1)
     with pytest.raises(ValueError, match="meta device"):
         export_sae_sharded(meta, ctx, tmp_path / "a", **kw)

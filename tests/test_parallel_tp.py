@@ -1,9 +1,10 @@
-"""Latent-sharded TopK SAE over gloo (2 and 4 CPU processes) against the single-process TopKSAE.
+"""Latent-sharded TopK SAE over gloo (2 and 4 CPU processes) against the dense single-process oracle.
 
 For each mesh, 20 Adam steps (AuxK on against a fixed random dead mask, decoder projection and
-renormalisation as the trainer does) of `ShardedTopKSAE` are compared with the same steps of the
-unsharded `TopKSAE` computed in this process: per-step global loss, gradients of steps 1 and 20 and
-the final weights, all within 1e-5 (fp32). Fresh random data and seed every run.
+renormalisation as the trainer does) of a `TopKSAE` under `parallelize_sae` are compared with the same
+steps of the unsharded SAE's dense torch losses (`topk_losses_reference`) computed in this process:
+per-step global loss, gradients of steps 1 and 20 and the final weights, all within 1e-5 (fp32). Fresh
+random data and seed every run.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import torch
 import torch.multiprocessing as mp
 
 from sae_dist.parallel.mesh import shard_range
-from sae_dist.parallel.tp import ShardedTopKSAE, init_rows
+from sae_dist.parallel.tp import build_sharded_sae, compact_kept, keep_from_topk
 from sae_dist.sae.config import SAEConfig
-from sae_dist.sae.topk import TopKSAE
+from sae_dist.sae.init import init_rows, tied_init_rows_
+from sae_dist.sae.topk import TopKSAE, topk_losses_reference
 
 STEPS, LR = 20, 3e-3
 NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
@@ -40,12 +42,14 @@ def _cfg(multi_topk: bool) -> SAEConfig:
     return SAEConfig(d_in=16, n_latents=64, k=4, k_aux=6, multi_topk=multi_topk, multi_topk_factor=2)
 
 
-def _run(model, xs, dead, step_fn_rows, sync=None):
-    """STEPS trainer-like steps; returns (per-step local losses, grads at steps 1 and STEPS, weights)."""
+def _run(model, xs, dead, step_fn_rows, sync=None, losses_fn=None):
+    """STEPS trainer-like steps; returns (per-step local losses, grads at steps 1 and STEPS, weights).
+    losses_fn(x, dead): the step's losses (default: the model's training path)."""
     opt = torch.optim.Adam(model.parameters(), lr=LR, betas=(0.9, 0.999), eps=6.25e-10)
+    losses_fn = losses_fn or model.training_step_losses
     losses, grads = [], {}
     for s in range(STEPS):
-        res = model.training_step_losses(step_fn_rows(xs[s]), dead)
+        res = losses_fn(step_fn_rows(xs[s]), dead)
         opt.zero_grad(set_to_none=True)
         res.loss.backward()
         if sync is not None:
@@ -70,14 +74,14 @@ def _worker(rank, world, tp, port, cfg, xs, dead, b_dec, seed, out_dir, gather_c
     if gather_cap is not None:  # the all-gather fallback in chunks of a few tokens
         tpmod.GATHER_CHUNK_BYTES = gather_cap
     ctx = init_parallel(tp=tp, device="cpu")
-    model = ShardedTopKSAE(cfg, ctx)
-    model.init_weights_(seed)
+    model = build_sharded_sae(cfg, ctx)
+    tied_init_rows_(model, seed, model.latent_start)
     with torch.no_grad():
         model.b_dec.copy_(b_dec)
     lo, hi = model.latent_start, model.latent_end
     b = xs.shape[1] // ctx.dp
     rows = lambda x: x[ctx.dp_rank * b:(ctx.dp_rank + 1) * b]  # noqa: E731
-    losses, grads, weights = _run(model, xs, dead[lo:hi], rows, sync=model.sync_grads_)
+    losses, grads, weights = _run(model, xs, dead[lo:hi], rows, sync=lambda: tpmod.sync_grads_over_dp(model, ctx))
     all_reduce_(losses, ctx.dp_group)  # the per-rank losses are shares of the global loss
     torch.save({"rank": rank, "tp_rank": ctx.tp_rank, "dp_rank": ctx.dp_rank, "range": (lo, hi),
                 "losses": losses, "grads": grads, "weights": weights},
@@ -112,7 +116,8 @@ def test_sharded_steps_match_single_process(tp, dp, multi_topk, B, gather_cap, t
         ref.W_dec.copy_(w)
         ref.W_enc.copy_(w.T)
         ref.b_dec.copy_(b_dec)
-    ref_losses, ref_grads, ref_weights = _run(ref, xs, dead, lambda x: x)
+    ref_losses, ref_grads, ref_weights = _run(ref, xs, dead, lambda x: x,
+                                              losses_fn=lambda x, d: topk_losses_reference(ref, x, d))
 
     mp.start_processes(_worker, args=(world, tp, _free_port(), cfg, xs, dead, b_dec, seed, str(tmp_path),
                                       gather_cap), nprocs=world, join=True, start_method="forkserver")
@@ -150,13 +155,13 @@ def test_init_rows_is_mesh_independent():
 
 def test_meta_build_has_shard_shapes():
     cfg = SAEConfig(d_in=4096, n_latents=2**24, k=32)
-    m = ShardedTopKSAE(cfg, tp=64, tp_rank=63, device="meta")
+    m = build_sharded_sae(cfg, tp=64, tp_rank=63, device="meta")
     per = 2**24 // 64
     assert (m.latent_start, m.latent_end) == (63 * per, 64 * per)
     shapes = {n: tuple(getattr(m, n).shape) for n in NAMES}
     assert shapes == {"W_enc": (4096, per), "b_enc": (per,), "W_dec": (per, 4096), "b_dec": (4096,)}
     with pytest.raises(ValueError, match="not divisible by parallel.tp=3"):
-        ShardedTopKSAE(SAEConfig(d_in=8, n_latents=64, k=2), tp=3, tp_rank=0, device="meta")
+        build_sharded_sae(SAEConfig(d_in=8, n_latents=64, k=2), tp=3, tp_rank=0, device="meta")
 
 
 def test_meta_shards_agree_with_sae_plan():
@@ -168,39 +173,35 @@ def test_meta_shards_agree_with_sae_plan():
     cfg = SAEConfig(d_in=d, n_latents=n, k=32)
     planned = shard_shapes(d, n, tp)
     for r in (0, int(torch.randint(1, tp - 1, ())), tp - 1):
-        m = ShardedTopKSAE(cfg, tp=tp, tp_rank=r, device="meta")
+        m = build_sharded_sae(cfg, tp=tp, tp_rank=r, device="meta")
         assert {name: tuple(p.shape) for name, p in m.named_parameters()} == planned
         n_params = sum(p.numel() for p in m.parameters())
     res = plan(d_in=d, n_latents=n, k=32, batch_tokens=131072, tp=tp, cluster={"nodes": 8, "gpus_per_node": 8})
     assert res["memory_bytes"]["params"] == 4 * n_params
 
 
-def test_decode_kept_compacts_and_matches_full_width():
-    """`_decode_kept` decodes only the kept entries, in a width cut to the largest per-row count, and
-    equals the full-width decode with the others as padding; a rank keeping nothing decodes 0."""
+def test_compact_kept_matches_full_width_decode():
+    """`compact_kept` keeps only the kept entries, in a width cut to the largest per-row count, and their
+    decode equals the full-width decode with the others as padding; a rank keeping nothing gets one slot
+    of padding, which decodes to 0."""
     from sae_dist.kernels.sparse_decode import sparse_decode
 
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
-    m = ShardedTopKSAE(SAEConfig(d_in=8, n_latents=64, k=4), tp=1, tp_rank=0)
-    with torch.no_grad():
-        m.W_dec.copy_(torch.randn(64, 8, generator=g))
-    widths = []
-
-    def spy(v, i, W, b, backend):
-        widths.append(v.shape[1])
-        return sparse_decode(v, i, W, b, backend="torch")
-
+    W_dec = torch.randn(64, 8, generator=g)
     B, w = 6, 20
     vals = torch.randn(B, w, generator=g).abs()
     idx = torch.randint(0, 64, (B, w), generator=g)
     keep = torch.rand(B, w, generator=g) < 0.2
     keep[0, :7] = True  # the widest row keeps 7 (or more)
-    got = m._decode_kept(spy, vals * keep, idx, keep)
-    ref = sparse_decode(vals * keep, torch.where(keep, idx, -1), m.W_dec, None, backend="torch")
-    torch.testing.assert_close(got, ref)
-    assert widths == [int(keep.sum(1).max())] and widths[0] < w
+    v, i = compact_kept(vals, idx, keep)
+    assert v.shape[1] == int(keep.sum(1).max()) < w
+    assert torch.equal((i >= 0).sum(1), keep.sum(1)) and bool((v[i < 0] == 0).all())
+    ref = sparse_decode(vals * keep, torch.where(keep, idx, -1), W_dec, None, backend="torch")
+    torch.testing.assert_close(sparse_decode(v, i, W_dec, None, backend="torch"), ref)
     none = torch.zeros(B, w, dtype=torch.bool)
-    assert torch.equal(m._decode_kept(spy, vals * none, idx, none), torch.zeros(B, 8))
+    v0, i0 = compact_kept(vals, idx, none)
+    assert v0.shape == (B, 1) and bool((i0 == -1).all())
+    assert torch.equal(sparse_decode(v0, i0, W_dec, None, backend="torch"), torch.zeros(B, 8))
 
 
 # ------------------------------------------------------------------ the all-gather fallback, chunked
@@ -211,7 +212,7 @@ GATHER_CAPS = (None, 7 * GATHER_TP * GATHER_W * 4, 1)
 
 
 def _gather_worker(rank, world, port, full, ms, out_dir):
-    """Rank `rank` of a tp group of `world`: `_global_keep` on its slice of `full` [B, world * w] under
+    """Rank `rank` of a tp group of `world`: `global_keep` on its slice of `full` [B, world * w] under
     each cap of GATHER_CAPS, recording the bytes of every all-gather; also the unchunked selection as
     the code did it before the chunking (one all-gather of every token)."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
@@ -222,7 +223,6 @@ def _gather_worker(rank, world, port, full, ms, out_dir):
 
     torch.set_num_threads(1)
     ctx = init_parallel(tp=world, device="cpu")
-    model = ShardedTopKSAE(SAEConfig(d_in=4, n_latents=world * GATHER_W, k=ms[0]), ctx)
     mine = full[:, rank * GATHER_W:(rank + 1) * GATHER_W].contiguous()
     gathered = []
 
@@ -236,15 +236,16 @@ def _gather_worker(rank, world, port, full, ms, out_dir):
     for cap in GATHER_CAPS:
         tpmod.GATHER_CHUNK_BYTES = tpmod.GATHER_CHUNK_BYTES if cap is None else cap
         gathered.clear()
-        res[cap] = {"masks": model._global_keep(mine, ms[0], tuple(ms[1:])), "gathered": list(gathered)}
-    unchunked = ShardedTopKSAE._keep_from_topk(all_gather_cat(mine, ctx.tp_group), ms, rank * GATHER_W, GATHER_W)
+        res[cap] = {"masks": tpmod.global_keep(mine, ms, ctx.tp_group, ctx.tp, ctx.tp_rank),
+                    "gathered": list(gathered)}
+    unchunked = keep_from_topk(all_gather_cat(mine, ctx.tp_group), ms, rank * GATHER_W, GATHER_W)
     torch.save({"res": res, "unchunked": [m.clone() for m in unchunked]}, os.path.join(out_dir, f"rank{rank}.pt"))
     destroy_parallel(ctx)
 
 
 @pytest.mark.usefixtures("worker_forkserver")  # tests/conftest.py
 def test_allgather_fallback_is_chunked_and_exact(tmp_path):
-    """B % tp != 0: `_global_keep` all-gathers the candidates in chunks of tokens. At every chunk size
+    """B % tp != 0: `global_keep` all-gathers the candidates in chunks of tokens. At every chunk size
     the masks equal the unchunked gather bit for bit and the dense global top-m of the [B, n] values;
     every gather holds at most the cap (or one token's row when the cap is below it)."""
     from sae_dist.parallel.tp import GATHER_CHUNK_BYTES, gather_chunk_rows

@@ -1,6 +1,6 @@
 """sae-plan (sae_dist/plan.py): shard shapes, memory / FLOPs / communication against hand counts, the
 byte counts of the TopK exchange and the Triton split count against the code itself (recorded
-collectives of `ShardedTopKSAE._global_keep`, the buffers `_select_triton` allocates), the refusal
+collectives of `sae_dist.parallel.tp.global_keep`, the buffers `_select_triton` allocates), the refusal
 path, and the Hydra CLI in a subprocess (JSON output, exit codes, no files in the cwd)."""
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import random
 import subprocess
 from functools import partial
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -317,7 +316,7 @@ def test_own_winners_per_rank_average_B_k_over_tp():
 def test_kept_width_bounds_the_batch_max_of_the_exact_selection():
     """`kept_width` against the code's compaction width: exact global top-K over random
     pre-activations (fresh every run) split into tp shards; the largest per-row kept count over
-    all ranks (what `_decode_kept` cuts to) is >= ceil(K/tp) and below the bound with tail 1e-6
+    all ranks (what `compact_kept` cuts to) is >= ceil(K/tp) and below the bound with tail 1e-6
     (a failure probability of at most 1e-6 per run)."""
     rng = random.Random(random.randrange(2**31))
     for _ in range(4):
@@ -387,7 +386,7 @@ def test_encoder_backward_csr_holds_the_winners_as_planned(monkeypatch):
 
 
 def _record_global_keep(monkeypatch, B, w, tp, kk, firsts=()):
-    """Run `ShardedTopKSAE._global_keep` as rank 1 of a fake tp group, recording every collective's
+    """Run `sae_dist.parallel.tp.global_keep` as rank 1 of a fake tp group, recording every collective's
     (op, bytes this rank sends, dtype). The fake all_to_all returns the rank's own blocks (as if
     every rank held the same candidates); the fake all-gather concatenates tp copies."""
     import torch.distributed as dist
@@ -406,16 +405,14 @@ def _record_global_keep(monkeypatch, B, w, tp, kk, firsts=()):
 
     monkeypatch.setattr(dist, "all_to_all_single", a2a)
     monkeypatch.setattr(tpmod, "all_gather_cat", gather)
-    fake = SimpleNamespace(ctx=SimpleNamespace(tp_group=object(), tp=tp, tp_rank=1),
-                           _keep_from_topk=tpmod.ShardedTopKSAE._keep_from_topk)
     vals = torch.randn(B, w).to(torch.bfloat16)  # the encoder's values under bf16 autocast
-    masks = tpmod.ShardedTopKSAE._global_keep(fake, vals, kk, firsts)
+    masks = tpmod.global_keep(vals, (kk, *firsts), object(), tp, 1)
     assert [m.shape for m in masks] == [(B, w)] * (1 + len(firsts))
     return calls
 
 
 def test_alltoall_bytes_match_the_code(monkeypatch):
-    """The planner's exchange collectives equal what `_global_keep` sends: one fp32 values
+    """The planner's exchange collectives equal what `global_keep` sends: one fp32 values
     all_to_all of [Bl, w] and one uint8 mask all_to_all per selection width (main TopK with
     Multi-TopK: two; AuxK with w = k_aux: one)."""
     tp, Bl = 4, 128

@@ -121,12 +121,12 @@ def test_export_at_16m_latents_past_4gib_offsets_loads(tmp_path):
     shard's slices come back exactly."""
     from sae_dist.parallel.export import export_sae_sharded
     from sae_dist.parallel.mesh import ParallelContext
-    from sae_dist.parallel.tp import ShardedTopKSAE
+    from sae_dist.parallel.tp import build_sharded_sae
     from sae_dist.sae.config import SAEConfig
 
     d, tp = 36, 64
     ctx = ParallelContext(world_size=tp, rank=0, tp=tp, tp_rank=tp - 1)  # rank 0 role + the last shard
-    shard = ShardedTopKSAE(SAEConfig(d_in=d, n_latents=N16M, k=32), ctx, device="cpu")
+    shard = build_sharded_sae(SAEConfig(d_in=d, n_latents=N16M, k=32), ctx, device="cpu")
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in shard.parameters():

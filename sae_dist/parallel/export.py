@@ -205,8 +205,8 @@ def export_sae_sharded(
     byte for byte, the tensors exactly (W_enc [d_in, d_sae], b_enc [d_sae] / f, W_dec [d_sae, d_in],
     b_dec [d_in] / f, float32, f the fold factor of `normalize`; see sae_dist/sae/export.py).
 
-    model: this rank's `ShardedTopKSAE` (W_enc [d_in, n/tp], b_enc [n/tp], W_dec [n/tp, d_in],
-      b_dec [d_in]; any float dtype, any device); a tp=1 shard in a single-process ctx exports the
+    model: this rank's latent shard of a TopK SAE (`parallelize_sae`: W_enc [d_in, n/tp], b_enc [n/tp],
+      W_dec [n/tp, d_in], b_dec [d_in]; any float dtype, any device); a tp=1 shard in a single-process ctx exports the
       whole SAE. ctx: the `ParallelContext` the model was built with (its tp, tp_rank, dp_rank, rank).
     normalize / scale / hook_name / model_name / extra_cfg: as in `export_sae`.
     max_buffer_bytes: bound on the float32 bytes a rank converts and writes at a time (a row of

@@ -33,6 +33,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from sae_dist.sae.comm import LOCAL, LocalComm
 from sae_dist.sae.config import SAEConfig
 
 __all__ = ["SparseAutoencoder", "TrainOutput", "NoOptions", "torch_dtype", "parse_options"]
@@ -105,7 +106,7 @@ class SparseAutoencoder(nn.Module):
       cfg: SAEConfig (cfg.options holds the architecture's own options, parsed into `self.opts`).
       device: where the parameters live.
       generator: optional torch.Generator for the tied initialisation (the trainer re-initialises
-        with the mesh-independent `sae_dist.parallel.tp.tied_init_rows_`).
+        with the mesh-independent `sae_dist.sae.init.tied_init_rows_`).
     Raises ValueError for unknown options (naming them and the valid ones).
     """
 
@@ -116,6 +117,9 @@ class SparseAutoencoder(nn.Module):
     #: True for TopK-family models: k latents per token, `encode_sparse` / sparse training outputs.
     uses_k: ClassVar[bool] = False
     Options: ClassVar[type] = NoOptions
+    #: The collectives of the training step (`sae_dist.sae.comm`): identities on one process;
+    #: `sae_dist.parallel.tp.parallelize_sae` installs the mesh's on the instance.
+    comm: LocalComm = LOCAL
 
     def __init__(self, cfg: SAEConfig, device: torch.device | str = "cpu",
                  generator: torch.Generator | None = None):
@@ -130,6 +134,8 @@ class SparseAutoencoder(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(n, dtype=dtype, device=device))
         self.W_dec = nn.Parameter(torch.empty(n, d, dtype=dtype, device=device))
         self.b_dec = nn.Parameter(torch.zeros(d, dtype=dtype, device=device))
+        #: global latent range [latent_start, latent_end) this module holds (a shard under parallelize_sae)
+        self.latent_start, self.latent_end = 0, n
         from sae_dist.sae.init import tied_init_
 
         tied_init_(self, generator=generator, enc_scale=cfg.enc_init_scale)
@@ -157,6 +163,19 @@ class SparseAutoencoder(nn.Module):
         """Whether W_dec rows are kept at unit norm (override: e.g. ReLU with decoder-norm-weighted L1)."""
         return True
 
+    @property
+    def n_local(self) -> int:
+        """Latents held by this module: d_sae, or the shard's width under latent sharding."""
+        return self.latent_end - self.latent_start
+
+    def _check_whole(self) -> None:
+        """NotImplementedError for inference on one latent shard (only training steps run sharded)."""
+        if self.n_local != self.cfg.n_latents:
+            raise NotImplementedError(
+                "this module holds one latent shard of the SAE: export the trained SAE (sae/ in the run dir) "
+                "and use sae_dist.load_sae for inference"
+            )
+
     def _check_x(self, x: torch.Tensor) -> None:
         if x.shape[-1] != self.cfg.d_in:
             raise ValueError(
@@ -167,6 +186,7 @@ class SparseAutoencoder(nn.Module):
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         """Encoder pre-activations (x - b_pre) @ W_enc + b_enc: x [B, d_in] -> [B, d_sae]."""
         self._check_x(x)
+        self._check_whole()
         return (x.to(self.W_enc.dtype) - self.b_dec) @ self.W_enc + self.b_enc
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
@@ -179,6 +199,7 @@ class SparseAutoencoder(nn.Module):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z [B, d_sae] -> z @ W_dec + b_pre [B, d_in]."""
+        self._check_whole()
         return z.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -215,27 +236,6 @@ class SparseAutoencoder(nn.Module):
     def set_progress(self, step: int, n_steps: int) -> None:
         """Called by the trainer before each step (0-based `step` of `n_steps`): schedules such as an
         L1 warm-up or a temperature annealing read it. Default: nothing."""
-
-    # ------------------------------------------------------------------ data parallelism (tp = 1)
-    def attach_dp_(self, dp_group, dp: int) -> None:
-        """Make this whole-SAE replica sum its gradients over `dp_group` (dp ranks) in `sync_grads_`
-        (the trainer calls it for non-sharded architectures under torch.distributed, and steps on
-        loss / dp, so the sum is the gradient of the mean of the per-rank losses, each over that
-        rank's rows of the global batch). Batch-level statistics (normalised-MSE denominators,
-        BatchTopK's batch threshold) are per rank."""
-        self._dp_group, self._dp = dp_group, int(dp)
-
-    @torch.no_grad()
-    def sync_grads_(self) -> None:
-        """Sum the gradients over the dp group set by `attach_dp_` (no-op without one)."""
-        group = getattr(self, "_dp_group", None)
-        if group is None:
-            return
-        from sae_dist.parallel.comm import all_reduce_
-
-        for p in self.parameters():
-            if p.grad is not None:
-                all_reduce_(p.grad, group)
 
     # ------------------------------------------------------------------ decoder constraint
     @torch.no_grad()

@@ -158,11 +158,7 @@ class BatchTopKSAE(TopKSAE):
         m = v.masked_fill(v <= 0, float("inf")).min()
         has = torch.isfinite(m)
         stats = torch.stack([torch.where(has, m, torch.zeros_like(m)).double(), has.double()])
-        group = getattr(self, "_dp_group", None)
-        if group is not None:
-            from sae_dist.parallel.comm import all_reduce_
-
-            all_reduce_(stats, group)
+        self.comm.sum_over_dp_(stats)
         has_any = stats[1] > 0
         batch_min = stats[0] / stats[1].clamp_min(1.0)
         count = self.threshold_batches + has_any.long()

@@ -7,6 +7,7 @@ Every field is a recipe knob of the paper; defaults follow the paper (section nu
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 
 __all__ = ["SAEConfig", "default_k_aux", "resolve_dead_tokens", "PAPER_DEAD_TOKENS", "NORMALIZE_MODES",
@@ -70,11 +71,10 @@ class SAEConfig:
         of `nn.Linear`'s default init that EleutherAI sparsify keeps for its encoder while tying only the
         direction: on the issue-15 comparison (benchmarks/quality.py) it lowers held-out fvu and the CE
         increase at once.
-      kernels: True (default) -> `TopKSAE.training_step_losses` uses the `sae_dist.kernels` ops
-        (fused encoder + running TopK that never materialises the [B, n_latents] pre-activations and
-        yields the AuxK candidates from the same pass, sparse decode, AuxK loss); False -> the plain
-        torch path (dense pre-activations, `torch.topk`, `F.embedding_bag`). Same losses, gradients
-        and parameters up to float rounding; only speed and memory differ.
+      kernels: deprecated and ignored (false warns): `TopKSAE.training_step_losses` always runs the
+        `sae_dist.kernels` ops (fused encoder + running TopK that never materialises the [B, n_latents]
+        pre-activations, sparse decode, AuxK), on CPU through their torch backend; the dense torch
+        version is `sae_dist.sae.topk.topk_losses_reference`, the test oracle.
       architecture: registry name (`sae_dist.sae.registry.ARCHITECTURES`, Hydra `sae=<name>`).
       options: the architecture's own options (validated by its `Options` dataclass), e.g.
         {"l1_coef": 0.008} for relu. k may be None for architectures without k (relu, prolu, jumprelu).
@@ -157,6 +157,10 @@ class SAEConfig:
             raise ValueError(f"SAEConfig.dtype={self.dtype!r}; valid: {DTYPES}")
         if not isinstance(self.kernels, bool):
             raise ValueError(f"SAEConfig.kernels={self.kernels!r} must be true or false")
+        if not self.kernels:
+            warnings.warn("sae.kernels=false is deprecated and ignored: the kernel path is the only TopK "
+                          "training path (its torch backend runs on CPU); set sae.kernel_backend=torch to "
+                          "keep Triton out", FutureWarning, stacklevel=3)
         if self.kernel_backend not in KERNEL_BACKENDS:
             raise ValueError(
                 f"SAEConfig.kernel_backend={self.kernel_backend!r}; valid: {KERNEL_BACKENDS}"

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["tied_init_", "geometric_median", "init_b_pre_"]
+__all__ = ["tied_init_", "init_rows", "tied_init_rows_", "INIT_BLOCK_ROWS", "geometric_median", "init_b_pre_"]
 
 
 @torch.no_grad()
@@ -23,6 +23,44 @@ def tied_init_(sae, generator: torch.Generator | None = None, enc_scale: float =
     w = w / w.norm(dim=-1, keepdim=True)
     sae.W_dec.copy_(w.to(sae.W_dec.device, sae.W_dec.dtype))
     sae.W_enc.copy_((enc_scale * w.T).to(sae.W_enc.device, sae.W_enc.dtype))
+    sae.b_enc.zero_()
+
+
+#: Rows of W_dec drawn per generator in the mesh-independent tied init (`init_rows`).
+INIT_BLOCK_ROWS = 4096
+
+
+@torch.no_grad()
+def init_rows(start: int, end: int, d_in: int, seed: int) -> torch.Tensor:
+    """Rows [start, end) of the tied-init decoder (Gao et al. 2024, section 2.4.1): i.i.d. uniformly
+    random unit vectors, float32 [end - start, d_in] on CPU.
+
+    Mesh independent: rows come in blocks of INIT_BLOCK_ROWS, block b drawn from a CPU generator
+    seeded with (seed, b), so any shard of latents gets the same rows as the unsharded model and no
+    rank ever draws more than its own rows plus one block.
+    """
+    if not 0 <= start <= end:
+        raise ValueError(f"init_rows: bad latent range [{start}, {end})")
+    out = torch.empty(end - start, d_in, dtype=torch.float32)
+    b0, b1 = start // INIT_BLOCK_ROWS, (end + INIT_BLOCK_ROWS - 1) // INIT_BLOCK_ROWS
+    for b in range(b0, b1):
+        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + b)
+        block = torch.randn(INIT_BLOCK_ROWS, d_in, generator=g, dtype=torch.float32)
+        lo, hi = max(start, b * INIT_BLOCK_ROWS), min(end, (b + 1) * INIT_BLOCK_ROWS)
+        out[lo - start: hi - start] = block[lo - b * INIT_BLOCK_ROWS: hi - b * INIT_BLOCK_ROWS]
+    return out / out.norm(dim=-1, keepdim=True)
+
+
+@torch.no_grad()
+def tied_init_rows_(sae, seed: int, latent_start: int = 0) -> None:
+    """Mesh-independent tied init (Gao et al. 2024, section 2.4.1) of `sae` holding latents
+    [latent_start, latent_start + W_dec.shape[0]): W_dec = `init_rows`, W_enc = enc_init_scale *
+    W_dec^T, b_enc = 0; b_dec untouched. The whole SAE (latent_start 0) and every shard get the same
+    global weights."""
+    n_rows, d = sae.W_dec.shape
+    w = init_rows(latent_start, latent_start + n_rows, d, seed)
+    sae.W_dec.copy_(w.to(sae.W_dec.device, sae.W_dec.dtype))
+    sae.W_enc.copy_((sae.cfg.enc_init_scale * w.T).to(sae.W_enc.device, sae.W_enc.dtype))
     sae.b_enc.zero_()
 
 

@@ -304,7 +304,7 @@ class JumpReLUSAE(SparseAutoencoder):
                           batch's L0 is T (to 1 / B).
 
         Floored at the bandwidth (theta > 0 even for l0_coef = 0 or a batch with too few positive
-        pre-activations). Under data parallelism (`attach_dp_`) the ranks' values are averaged, so
+        pre-activations). Under data parallelism (`self.comm`) the ranks' values are averaged, so
         every replica starts from the same theta. Returns a Python float.
         """
         if self.opts.target_l0 is None:
@@ -320,12 +320,9 @@ class JumpReLUSAE(SparseAutoencoder):
                 top = flat.topk(kk + 1, sorted=True).values
                 theta = 0.5 * (top[kk - 1] + top[kk])  # exactly kk entries above it
         theta = theta.reshape(1).clamp_min(self.opts.bandwidth)
-        group = getattr(self, "_dp_group", None)
-        if group is not None:
-            from sae_dist.parallel.comm import all_reduce_
-
-            all_reduce_(theta, group)
-            theta /= self._dp
+        if self.comm.dp > 1:
+            self.comm.sum_over_dp_(theta)
+            theta /= self.comm.dp
         return float(theta)
 
     @torch.no_grad()

@@ -360,7 +360,7 @@ class ReLUSAE(SparseAutoencoder):
     @torch.no_grad()
     def update_l1_controller_(self, l0_sum: torch.Tensor, n_tokens: int) -> float:
         """After a training step with `target_l0`: L0 = l0_sum / n_tokens (non-zero latents per token of
-        this rank's batch), averaged over the dp group of `attach_dp_` (one all-reduce of two numbers,
+        this rank's batch), averaged over the dp ranks (`self.comm`) (one all-reduce of two numbers,
         so every replica sees the same global L0 and keeps the same lambda), then `l1_controller_step`
         on the l1_controller buffer with tau = l0_tau_frac * n_steps (0 outside the trainer, where no
         set_progress was called). Skipped during the warm-up. l0_sum: 0-d tensor (any dtype/device).
@@ -371,11 +371,7 @@ class ReLUSAE(SparseAutoencoder):
             return math.nan
         counts = torch.stack([l0_sum.detach().to(torch.float64).reshape(()),
                               torch.tensor(float(n_tokens), dtype=torch.float64, device=l0_sum.device)])
-        group = getattr(self, "_dp_group", None)
-        if group is not None:
-            from sae_dist.parallel.comm import all_reduce_
-
-            all_reduce_(counts, group)
+        self.comm.sum_over_dp_(counts)
         l0 = float(counts[0] / counts[1])
         tau = 0.0 if self._n_steps is None else self.opts.l0_tau_frac * self._n_steps
         new = l1_controller_step(self.l1_controller.tolist(), l0, self.opts.target_l0, self.opts.l0_gain, tau)

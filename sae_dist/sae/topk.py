@@ -7,55 +7,26 @@ Parameter names and layouts follow the export contract (SAELens): `W_enc` [d_in,
 `b_enc` [d_sae], `W_dec` [d_sae, d_in] (unit-norm rows), `b_dec` [d_in] (b_dec IS b_pre).
 Inputs of this module are the NORMALISED activations the store yields; the exported/loaded
 module (`sae_dist.sae.export.load_sae`) takes raw activations.
+
+`TopKSAE.training_step_losses` is the one training path, on one process and latent-sharded alike: the
+fused encoder + TopK of `sae_dist.kernels` (never the [B, d_sae] pre-activations), the exact global
+TopK through `self.comm.select_topk`, sparse decodes, Multi-TopK and AuxK. `topk_losses_reference`
+is the same loss computed densely with plain torch: the test oracle.
 """
 
 from __future__ import annotations
 
-import importlib
-import warnings
-
 import torch
 import torch.nn.functional as F
 
+from sae_dist.kernels.auxk import decode_aux, safe_ratio
+from sae_dist.kernels.encoder_topk import encode_topk
+from sae_dist.kernels.sparse_decode import sparse_decode as kernel_sparse_decode
 from sae_dist.sae.auxk import normalized_mse, sparse_decode
 from sae_dist.sae.base import SparseAutoencoder, TrainOutput
 from sae_dist.sae.config import SAEConfig
 
-__all__ = ["TopKSAE", "TrainOutput", "kernel_ops", "encoder_operands"]
-
-
-_KERNEL_OPS: tuple | None = None
-_KERNEL_IMPORT_ERROR: str | None = None
-
-
-def kernel_ops():
-    """The `sae_dist.kernels` ops used by the kernel training path, or None when they cannot be imported.
-
-    Returns (encode_topk, sparse_decode, auxk_loss) from `sae_dist.kernels.encoder_topk`,
-    `.sparse_decode` and `.auxk`. On an ImportError, warns once (RuntimeWarning naming the error and
-    the switch `sae.kernels=false`) and returns None, so `SAEConfig.kernels=True` falls back to the plain
-    torch path instead of breaking training.
-    """
-    global _KERNEL_OPS, _KERNEL_IMPORT_ERROR
-    if _KERNEL_OPS is not None:
-        return _KERNEL_OPS
-    if _KERNEL_IMPORT_ERROR is not None:
-        return None
-    try:
-        enc = importlib.import_module("sae_dist.kernels.encoder_topk")
-        dec = importlib.import_module("sae_dist.kernels.sparse_decode")
-        aux = importlib.import_module("sae_dist.kernels.auxk")
-        _KERNEL_OPS = (enc.encode_topk, dec.sparse_decode, aux.auxk_loss)
-    except (ImportError, AttributeError) as e:
-        _KERNEL_IMPORT_ERROR = f"{type(e).__name__}: {e}"
-        warnings.warn(
-            f"SAEConfig.kernels=True but sae_dist.kernels could not be imported ({_KERNEL_IMPORT_ERROR}); "
-            "using the plain torch training path (set sae.kernels=false to silence this)",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        return None
-    return _KERNEL_OPS
+__all__ = ["TopKSAE", "TrainOutput", "encoder_operands", "topk_losses_reference"]
 
 
 def encoder_operands(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_pre: torch.Tensor):
@@ -72,6 +43,11 @@ def encoder_operands(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, 
         if dt != W_enc.dtype:
             return x.to(dt), W_enc.to(dt), b_enc.to(dt), b_pre.to(dt)
     return x.to(W_enc.dtype), W_enc, b_enc, b_pre
+
+
+def _sse(target: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+    """sum of squared errors in float32 (F.mse_loss: one fused pass forward and backward)."""
+    return F.mse_loss(recon.float(), target.float(), reduction="sum")
 
 
 class TopKSAE(SparseAutoencoder):
@@ -128,91 +104,99 @@ class TopKSAE(SparseAutoencoder):
         return self.decode_sparse(vals, idx)
 
     # ------------------------------------------------------------------ training
-    def training_step_losses(
-        self, x: torch.Tensor, dead_mask: torch.Tensor | None = None
-    ) -> TrainOutput:
-        """Losses of one training batch x [B, d_in] (normalised), never a dense decode.
+    def training_step_losses(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None) -> TrainOutput:
+        """This module's share of the losses of one training batch, never a dense [B, d_sae] tensor.
 
-        - main: normalised MSE (section 2.2) of x^ = decode_sparse(TopK(x)).
-        - Multi-TopK (section 5.3, optional): + multi_topk_weight * NMSE(decode(TopK_{f*k}(x))).
-        - AuxK (section 2.4.1): + auxk_coef * auxk_loss(pre, dead_mask, x - x^.detach(), W_dec).
-        dead_mask: bool [d_sae] or None (no AuxK term).
-        The returned `values` [B, k] stay attached to the graph, so a subclass can add loss terms on
-        them (e.g. `sae_dist.sae.tree`); the trainer only reads them.
-
-        With `cfg.kernels` (default) the `sae_dist.kernels` ops compute the same losses without the
-        [B, d_sae] pre-activations: one fused encoder + TopK pass yields the top max(k, f*k) latents
-        (Multi-TopK's TopK_k is its first k columns, values sorted descending) and the AuxK candidates,
-        then sparse decodes; gradients reach W_enc, b_enc, b_dec (b_pre, via encoder and decoder) and
-        W_dec as in the plain path. With `cfg.kernels=False` (or when the kernels cannot be imported)
-        the plain torch path below runs.
+        x [B, d_in]: the batch rows of this process (normalised activations; under data parallelism
+        this dp rank's rows, identical on the tp ranks of a latent-sharded SAE). dead_mask: bool
+        [n_local] (latents dead for `cfg.dead_tokens` tokens, this module's shard) or None (no AuxK).
+        Losses (Gao et al. 2024), each normalised by the global batch's variance (`comm.batch_variance`):
+        - main: normalised MSE (section 2.2) of x^ = decode(TopK_k(x));
+        - Multi-TopK (section 5.3, `cfg.multi_topk`): + multi_topk_weight * NMSE(decode(TopK_{f k}(x)));
+        - AuxK (section 2.4.1): + auxk_coef * NMSE of the residual x - x^ by the top min(k_aux, dead)
+          dead latents.
+        TopK is exact over all d_sae latents: the fused encoder picks this shard's candidates and
+        `comm.select_topk` keeps those among the global top-k of each token. The loss terms summed over
+        dp ranks equal the single-process losses of the global batch. The returned values / indices
+        [B, k'] (the kept entries of this shard; index -1 where none) stay attached to the graph, so a
+        subclass can add loss terms on them (e.g. `sae_dist.sae.tree`).
+        Raises ValueError for a wrong input width or dead_mask.
         """
-        cfg = self.cfg
-        if cfg.kernels:
-            ops = kernel_ops()
-            if ops is not None:
-                return self._training_step_losses_kernels(x, dead_mask, ops)
-        pre = self.pre_acts(x)
-        if cfg.multi_topk:
-            kk = cfg.multi_topk_factor * cfg.k
-            vals_all, idx_all = self.topk_from_pre(pre, kk)
-            vals, idx = vals_all[:, : cfg.k], idx_all[:, : cfg.k]
-        else:
-            vals, idx = self.topk_from_pre(pre)
-        x_hat = self.decode_sparse(vals, idx)
-        xf = x.to(x_hat.dtype)
-        nmse = normalized_mse(xf, x_hat)
-        loss = nmse
-        mt = None
-        if cfg.multi_topk:
-            x_hat_mt = self.decode_sparse(vals_all, idx_all)
-            mt = normalized_mse(xf, x_hat_mt)
-            loss = loss + cfg.multi_topk_weight * mt
-        aux = self.auxk_term(pre, dead_mask, xf, x_hat)
-        loss = loss + cfg.auxk_coef * aux
-        return TrainOutput(loss, nmse.detach(), aux.detach(), None if mt is None else mt.detach(),
-                           x_hat.detach(), vals, idx)
-
-    def _training_step_losses_kernels(self, x, dead_mask, ops) -> TrainOutput:
-        """`training_step_losses` through the sae_dist.kernels ops (see there); never [B, d_sae]."""
-        encode_topk, k_sparse_decode, k_auxk_loss = ops
-        cfg = self.cfg
+        cfg, comm = self.cfg, self.comm
         self._check_x(x)
-        backend = cfg.kernel_backend
-        use_aux = dead_mask is not None and cfg.auxk_coef > 0
-        k_aux = 0
-        if use_aux:
-            if dead_mask.dtype != torch.bool or dead_mask.shape != (cfg.n_latents,):
-                raise ValueError(
-                    f"dead_mask must be bool [{cfg.n_latents}], got {dead_mask.dtype} "
-                    f"{tuple(dead_mask.shape)}"
-                )
-            k_aux = min(cfg.k_aux, int(dead_mask.sum()))
-        kk = cfg.multi_topk_factor * cfg.k if cfg.multi_topk else cfg.k
-        xw, W, be, bp = encoder_operands(x, self.W_enc, self.b_enc, self.b_dec)
-        vals_all, idx_all, aux_vals, aux_idx = encode_topk(
-            xw, W, be, bp, kk, dead_mask=dead_mask if k_aux > 0 else None, k_aux=k_aux, backend=backend,
-        )
+        k = cfg.k
+        kk = cfg.multi_topk_factor * k if cfg.multi_topk else k
+        if kk > cfg.n_latents:
+            raise ValueError(f"k={kk} exceeds n_latents={cfg.n_latents}")
+        k_aux, k_aux_local = self._auxk_widths(dead_mask)
+        xw, W, be, bp = encoder_operands(x, self.W_enc, self.b_enc, comm.copy_to_tp(self.b_dec))
+        vals, idx, aux_vals, aux_idx = encode_topk(
+            xw, W, be, bp, min(kk, self.n_local), dead_mask=dead_mask if k_aux_local else None,
+            k_aux=k_aux_local, backend=cfg.kernel_backend)
+        picks = comm.select_topk(vals, idx, (k, kk) if cfg.multi_topk else (k,))
+        xf = x.float()
+        den = comm.batch_variance(xf)
+        x_hat = self._decode(*picks[0])
+        nmse = _sse(xf, x_hat) / den
+        loss, mt = nmse, None
         if cfg.multi_topk:
-            vals, idx = vals_all[:, : cfg.k], idx_all[:, : cfg.k]
-        else:
-            vals, idx = vals_all, idx_all
-        x_hat = k_sparse_decode(vals, idx, self.W_dec, self.b_dec, backend=backend)
-        xf = x.to(x_hat.dtype)
-        nmse = normalized_mse(xf, x_hat)
-        loss = nmse
-        mt = None
-        if cfg.multi_topk:
-            x_hat_mt = k_sparse_decode(vals_all, idx_all, self.W_dec, self.b_dec, backend=backend)
-            mt = normalized_mse(xf, x_hat_mt)
+            mt = _sse(xf, self._decode(*picks[1])) / den
             loss = loss + cfg.multi_topk_weight * mt
-        if k_aux > 0:
-            residual = (xf - x_hat.detach()).float()
-            # NaN -> 0 inside; sparse_grad: the main decode above gives W_dec a dense gradient
-            aux = k_auxk_loss(aux_vals, aux_idx, self.W_dec, residual, backend=backend,
-                              sparse_grad=True)
-        else:
-            aux = x_hat.new_zeros((), dtype=torch.float32)
+        aux = self._auxk_loss(xf - x_hat.detach().float(), aux_vals, aux_idx, k_aux)
         loss = loss + cfg.auxk_coef * aux
+        values, indices = picks[0]
         return TrainOutput(loss, nmse.detach(), aux.detach(), None if mt is None else mt.detach(),
-                           x_hat.detach(), vals, idx)
+                           x_hat.detach(), values, indices)
+
+    def _decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """x^ [B, d_in] = sum over the tp shards of this shard's sparse decode, + b_pre."""
+        part = kernel_sparse_decode(values, indices, self.W_dec, None, backend=self.cfg.kernel_backend)
+        return self.comm.reduce_from_tp(part) + self.b_dec
+
+    def _auxk_widths(self, dead_mask: torch.Tensor | None) -> tuple[int, int]:
+        """(k_aux over the whole SAE = min(k_aux, dead latents of all shards), this shard's part of it)."""
+        if dead_mask is None or self.cfg.auxk_coef <= 0:
+            return 0, 0
+        if dead_mask.dtype != torch.bool or dead_mask.shape != (self.n_local,):
+            raise ValueError(f"dead_mask must be bool [{self.n_local}], got {dead_mask.dtype} "
+                             f"{tuple(dead_mask.shape)}")
+        n_dead_local = dead_mask.sum()
+        k_aux = min(self.cfg.k_aux, int(self.comm.sum_over_tp_(n_dead_local.clone())))
+        return k_aux, min(k_aux, int(n_dead_local))
+
+    def _auxk_loss(self, residual: torch.Tensor, aux_vals, aux_idx, k_aux: int) -> torch.Tensor:
+        """AuxK (section 2.4.1, Appendix A.2): NMSE of the residual [B, d_in] (constant) by the global
+        top-k_aux dead-latent candidates, decoded without b_pre; float32, NaN/Inf -> 0, 0 when k_aux = 0."""
+        if k_aux == 0:
+            return residual.new_zeros(())
+        if aux_vals is None:  # this shard has no dead latent: an empty candidate set
+            aux_vals = residual.new_empty(residual.shape[0], 0)
+            aux_idx = torch.empty(residual.shape[0], 0, dtype=torch.int64, device=residual.device)
+        ((v, i),) = self.comm.select_topk(aux_vals, aux_idx, (k_aux,), width=k_aux)
+        # sparse_grad: the main decode gives W_dec a dense gradient, this one adds its rows to it
+        e_hat = self.comm.reduce_from_tp(decode_aux(v, i, self.W_dec, backend=self.cfg.kernel_backend,
+                                                    sparse_grad=True))
+        return safe_ratio(_sse(residual, e_hat), self.comm.batch_variance(residual))
+
+
+def topk_losses_reference(sae: TopKSAE, x: torch.Tensor, dead_mask: torch.Tensor | None = None) -> TrainOutput:
+    """The losses of `TopKSAE.training_step_losses` on one process computed densely with plain torch
+    (pre-activations [B, d_sae], torch.topk, embedding_bag decode, dense AuxK): the test oracle of the
+    training path and the `--kernels off` row of `python -m sae_dist.bench`. Same arguments and result
+    (values / indices [B, k] of the kept latents)."""
+    cfg = sae.cfg
+    pre = sae.pre_acts(x)
+    kk = cfg.multi_topk_factor * cfg.k if cfg.multi_topk else cfg.k
+    vals_all, idx_all = sae.topk_from_pre(pre, kk)
+    vals, idx = vals_all[:, : cfg.k], idx_all[:, : cfg.k]
+    x_hat = sae.decode_sparse(vals, idx)
+    xf = x.to(x_hat.dtype)
+    nmse = normalized_mse(xf, x_hat)
+    loss, mt = nmse, None
+    if cfg.multi_topk:
+        mt = normalized_mse(xf, sae.decode_sparse(vals_all, idx_all))
+        loss = loss + cfg.multi_topk_weight * mt
+    aux = sae.auxk_term(pre, dead_mask, xf, x_hat)
+    loss = loss + cfg.auxk_coef * aux
+    return TrainOutput(loss, nmse.detach(), aux.detach(), None if mt is None else mt.detach(),
+                       x_hat.detach(), vals, idx)

@@ -442,17 +442,12 @@ class TreeSAE(TopKSAE):
     @torch.no_grad()
     def update_statistics_(self, values: torch.Tensor, indices: torch.Tensor) -> None:
         """Count one batch (values, indices [B, k] of the kept latents; fired = value > 0) into the
-        co-activation buffers, all-gathered over dp when attached (`attach_dp_`), and build the tree
+        co-activation buffers, all-gathered over dp (`self.comm`), and build the tree
         once build_tokens tokens are counted or at the last step. No-op when a tree exists."""
         if self.has_tree:
             return
         fired = values.detach() > 0
-        group = getattr(self, "_dp_group", None)
-        if group is not None:
-            from sae_dist.parallel.comm import all_gather_cat
-
-            indices = all_gather_cat(indices.contiguous(), group, dim=0)
-            fired = all_gather_cat(fired.contiguous(), group, dim=0)
+        indices, fired = self.comm.gather_over_dp(indices), self.comm.gather_over_dp(fired)
         merge_partner_counts_(self.fire_count, self.partner_idx, self.partner_count, self.count_deficit,
                               indices, fired)
         self.stat_tokens.add_(indices.shape[0])

@@ -3,7 +3,7 @@
 ZeRO (Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward Training Trillion Parameter Models",
 section 5.1/5.2) shards over the data-parallel (dp) group: stage 1 the Adam state (and the fp32 master
 weights), stage 2 also the reduced gradients. It runs over OUR dp group only: the latents are already
-sharded over tp by `ShardedTopKSAE`, and DeepSpeed is told so through an `mpu` object (`MeshMPU`):
+sharded over tp by `parallelize_sae`, and DeepSpeed is told so through an `mpu` object (`MeshMPU`):
 data-parallel group = the mesh's "dp" dim, model-parallel group = the mesh's "tp" dim. Stage 3 (which
 shards the parameters themselves over dp and gathers them in every forward) is refused: it would
 re-partition the latent shards that tp already owns and the training step reads `W_dec` / `W_enc`
@@ -18,12 +18,12 @@ One `step(loss)` does exactly what `TorchEngine.step` does, with the same number
    reduce (stage 1 at the end of backward, stage 2 bucketed during backward).
 2. DeepSpeed SUMS the gradients over dp (`gradient_allreduce_op: "sum"`): the per-rank losses of the
    sharded model are shares of the global loss, so the dp sum is the single-process gradient (the
-   same reduction `ShardedTopKSAE.sync_grads_` does for the torch engine, which is not called here).
+   same reduction `sync_grads_over_dp` does for the torch engine, which is not called here).
 3. optional clipping to `tcfg.grad_clip_norm` by DeepSpeed (`gradient_clipping`): the norm is
    summed over the dp partitions and, for tp > 1, over the tp group with only the latent-sharded
    parameters counted on every tp rank and the replicated `b_dec` counted once (the shards are marked
    `tensor_model_parallel`, DeepSpeed's `is_model_parallel_parameter`): the same global norm as
-   `ShardedTopKSAE.clip_grad_norm_` (DeepSpeed accumulates it in float64; measured relative difference
+   `sae_dist.parallel.tp.clip_grad_norm_` (DeepSpeed accumulates it in float64; measured relative difference
    to an independent fp64 norm ~1e-7). Coefficient max_norm / (norm + 1e-6), capped at 1, as torch.
 4. the client `torch.optim.Adam` (`sae_dist.train.engine.make_optimizer`: betas, eps 6.25e-10, no
    weight decay, fused) steps on this rank's fp32 ZeRO partition; DeepSpeed all-gathers the updated
@@ -220,9 +220,10 @@ class DeepSpeedEngine:
     """DeepSpeed ZeRO-1/2 over the dp group with the interface of `TorchEngine` (module docstring).
 
     Args:
-      model: TopKSAE or ShardedTopKSAE (float32 parameters W_enc, b_enc, W_dec, b_dec on one device;
-        `normalize_decoder_()`). Its parameters become views into DeepSpeed's flat buffers; keep
-        using the module as before (forward, export, checkpoints), changing weights only in place.
+      model: an SAE, whole or a latent shard under `parallelize_sae` (float32 parameters W_enc, b_enc,
+        W_dec, b_dec on one device; `normalize_decoder_()`). Its parameters become views into
+        DeepSpeed's flat buffers; keep using the module as before (forward, export, checkpoints),
+        changing weights only in place.
       lr: initial learning rate (`set_lr` changes it).
       tcfg: TrainerConfig (adam_betas, adam_eps, grad_clip_norm).
       ctx: the ParallelContext of this process (`init_parallel`); None = single process on the
@@ -294,7 +295,7 @@ class DeepSpeedEngine:
         if ctx.tp > 1:
             # latent shards count on every tp rank in the global grad norm, replicated b_dec once
             if "b_dec" not in self._params:
-                raise ValueError("a tp > 1 model must have the replicated parameter b_dec (ShardedTopKSAE)")
+                raise ValueError("a tp > 1 model must have the replicated parameter b_dec (parallelize_sae)")
             for n, p in params:
                 p.tensor_model_parallel = n != "b_dec"
 

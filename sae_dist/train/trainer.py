@@ -8,8 +8,9 @@ W_dec rows removed, W_dec rows renormalised after each step, optional clipping; 
 on CUDA with fp32 master weights) -> AuxK against latents dead for `dead_tokens` tokens (counters
 OR-reduced over dp) -> logs on global rank 0 (tqdm, jsonl, wandb) -> atomic, reshardable DCP
 checkpoints with exact resume -> export to `out_dir/sae/`.
-With parallel tp > 1 the SAE is the latent-sharded `sae_dist.parallel.tp.ShardedTopKSAE`; with tp = 1
-and several processes, every rank holds the whole SAE and dp sums the gradients.
+The model is built, then `sae_dist.parallel.tp.parallelize_sae` applies the mesh: with parallel tp > 1
+each rank holds one latent shard of a TopK SAE; under data parallelism the ranks share the global
+batch's statistics through the model's `comm`, and the engine sums the gradients over dp.
 """
 
 from __future__ import annotations
@@ -31,17 +32,17 @@ from sae_dist.lock import DirectoryBusyError, DirectoryLock
 from sae_dist.parallel.comm import all_reduce_
 from sae_dist.parallel.mesh import ParallelContext, init_parallel
 from sae_dist.parallel.state import build_state
-from sae_dist.parallel.tp import ShardedTopKSAE, reduce_fired_over_dp, tied_init_rows_
+from sae_dist.parallel.tp import parallelize_sae, reduce_fired_over_dp
 from sae_dist.preempt import Preemption
 from sae_dist.sae.auxk import DeadLatentTracker
 from sae_dist.sae.base import SparseAutoencoder
 from sae_dist.sae.config import SAEConfig, resolve_dead_tokens
 from sae_dist.sae.export import export_sae
-from sae_dist.sae.init import init_b_pre_
+from sae_dist.sae.init import init_b_pre_, tied_init_rows_
 from sae_dist.sae.registry import architecture_class, build_sae
 from sae_dist.store.errors import NonFiniteError
 from sae_dist.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from sae_dist.train.engine import TorchEngine, make_optimizer
+from sae_dist.train.engine import Engine, TorchEngine, make_optimizer
 from sae_dist.train.logging import JsonlLogger, WandbLogger, truncate_jsonl
 from sae_dist.train.lr import budget_factor, default_lr, lr_at_step
 
@@ -278,27 +279,14 @@ def _dead_summary(tracker: DeadLatentTracker, tokens_trained: int,
     return frac, f"no fire over the whole run ({tokens_trained} training tokens < {DEAD_WINDOW_TOKENS})"
 
 
-def _build_sae(sae_cfg: SAEConfig, ctx: ParallelContext, device, seed: int):
-    """The SAE of `sae_cfg.architecture` (`sae_dist.sae.registry`) with the mesh-independent tied init
-    (`init_rows`): every mesh starts from the same global weights.
-
-    TopK under torch.distributed: this rank's latent shard (`ShardedTopKSAE`; at tp = 1 the whole SAE).
-    Other architectures: the whole SAE on every rank (tp = 1 only: dp averages their gradients);
-    ValueError naming the architecture for tp > 1."""
-    cls = architecture_class(sae_cfg.architecture)
-    if ctx.distributed and cls.shardable:
-        sae = ShardedTopKSAE(sae_cfg, ctx, device=device)  # at tp = 1 the shard is the whole SAE
-        tied_init_rows_(sae, seed, sae.latent_start)
-        return sae
-    if ctx.tp > 1:
-        raise ValueError(
-            f"sae={sae_cfg.architecture} does not train latent-sharded (parallel.tp={ctx.tp}); only sae=topk "
-            "shards over tp. Use parallel.tp=1 (data parallel over all ranks) or sae=topk"
-        )
-    sae = build_sae(sae_cfg, device=device)
-    tied_init_rows_(sae, seed)
-    if ctx.distributed:
-        sae.attach_dp_(ctx.dp_group, ctx.dp)
+def _build_sae(sae_cfg: SAEConfig, ctx: ParallelContext, seed: int):
+    """The SAE of `sae_cfg.architecture` (`sae_dist.sae.registry`) with the mesh applied
+    (`parallelize_sae`: this rank's latent shard under tp > 1, built on the meta device first) and the
+    mesh-independent tied init (`tied_init_rows_`): every mesh starts from the same global weights.
+    Raises ValueError naming the architecture for tp > 1 on one that does not shard."""
+    sae = build_sae(sae_cfg, device="meta" if ctx.tp > 1 else ctx.device)
+    parallelize_sae(sae, ctx)
+    tied_init_rows_(sae, seed, sae.latent_start)
     return sae
 
 
@@ -313,9 +301,10 @@ def _base_lr(tcfg: TrainerConfig, n_latents: int, n_steps: int, announce: bool) 
     return lr
 
 
-def _make_engine(sae, lr: float, tcfg: TrainerConfig, ctx: ParallelContext):
+def _make_engine(sae, lr: float, tcfg: TrainerConfig, ctx: ParallelContext) -> Engine:
+    """The `trainer.engine` (torch Adam or DeepSpeed ZeRO) over this rank's parameters of `sae`."""
     if tcfg.engine == "torch":
-        return TorchEngine(sae, lr, tcfg)
+        return TorchEngine(sae, lr, tcfg, ctx)
     from sae_dist.train.deepspeed_engine import DeepSpeedEngine
 
     return DeepSpeedEngine(sae, lr, tcfg, ctx, zero_stage=tcfg.zero_stage,
@@ -390,7 +379,7 @@ def _export_final(final, ctx: ParallelContext, sae_dir: Path, sae_cfg: SAEConfig
                      normalize=sae_cfg.normalize, scale=getattr(store, "scale", None),
                      extra_cfg={"context_size": attrs.get("ctx_len"), "dataset_path": attrs.get("dataset"),
                                 "training_tokens": tokens_seen})
-    if isinstance(final, ShardedTopKSAE):
+    if final.shardable and ctx.distributed:  # collective: every rank writes its latents
         from sae_dist.parallel.export import export_sae_sharded
 
         export_sae_sharded(final, ctx, sae_dir, **export_kw)
@@ -530,16 +519,16 @@ def _train_locked(store_path, out: Path, sae_cfg: SAEConfig, tcfg: TrainerConfig
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
-    sae = _build_sae(sae_cfg, ctx, device, seed)
+    sae = _build_sae(sae_cfg, ctx, seed)
     base_lr = _base_lr(tcfg, sae_cfg.n_latents, n_steps, announce=ctx.is_main)
     engine = _make_engine(sae, base_lr, tcfg, ctx)
     ema = None
     if tcfg.ema:
-        ema = _build_sae(sae_cfg, ctx, device, seed)
+        ema = _build_sae(sae_cfg, ctx, seed)
         ema.requires_grad_(False)
     dead_tokens = resolve_dead_tokens(sae_cfg.dead_tokens, target_tokens)
     tracker = DeadLatentTracker(sae.W_dec.shape[0], dead_tokens, device=device)
-    replicas = ctx.distributed and not isinstance(sae, ShardedTopKSAE)  # whole-SAE replicas over dp
+    replicas = ctx.distributed and not sae.shardable  # whole-SAE replicas: per-rank losses, averaged
     log_path = out / "train_log.jsonl"
     main = ctx.is_main
 
@@ -656,7 +645,7 @@ def _train_locked(store_path, out: Path, sae_cfg: SAEConfig, tcfg: TrainerConfig
             if jsonl is not None:
                 jsonl.close()
             _close(store)
-            getattr(engine, "close", lambda: None)()
+            engine.close()
 
     if preempted and main:
         print(f"sae-train: stopped on SIGTERM after step {step} (checkpoint written); rerun the same "
