@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from sae_dist.eval.ablation import ablation_sparsity
-from sae_dist.eval.downstream import downstream_loss
+from sae_dist.eval.downstream import downstream_loss, eval_mode
 from sae_dist.eval.metrics import LatentCodes, LatentFiringCounter, ReconstructionStats
 from sae_dist.eval.n2g import n2g_metrics_from_codes
 from sae_dist.eval.probes import probe_loss, token_task_labels
@@ -383,17 +383,13 @@ def _reconstruction_pass(o: _EvalOptions, target: _Target, sequences: torch.Tens
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc="eval: reconstruction", unit="batch")
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for i in starts:
             ids = sequences[i : i + batch_size].to(target.device)
             acts = run_to_hook(model, target.spec, ids)
             _check_activations(target, acts, i, batch_size, ids.shape[0])
             x32 = acts[:, 1:, :].reshape(-1, target.d_in).to(device=target.sae_device, dtype=torch.float32)
             _accumulate(target.sae, acc, x32, row0=i * (t - 1))
-    finally:
-        model.train(was_training)
     return acc
 
 
