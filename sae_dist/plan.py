@@ -530,6 +530,8 @@ def plan(
 
     Keyword arguments: every field of `_PlanOptions` (documented there: the sae.* / trainer.* options,
     parallelism, kernels and the estimate.* what-ifs), with the defaults above (the code as it is).
+    Phases: `_resolve` (checks, per-GPU shapes) -> `_memory` -> `_compute` -> `_comms` -> `_result`
+    (step time, fit), then `_suggestions` when it does not fit.
 
     Returns a JSON-serialisable dict:
       config: the resolved inputs plus world, dp, tokens_per_gpu (Bl), latents_per_gpu (nl), k_aux
@@ -1141,7 +1143,8 @@ def _step_times(flops: dict[str, dict], comm: list[dict], B: int) -> dict[str, f
 
 
 def _result(s: _Step, m: _Memory, flops: dict[str, dict], comm: list[dict]) -> dict[str, Any]:
-    """`plan`'s result dict (documented there) for a fitting plan; the caller adds the refusal."""
+    """`plan`'s result dict (documented there) without the refusal: message "" and no suggestions,
+    which `plan` adds when the step does not fit."""
     excess = m.per_gpu["total"] - s.c.gpu_memory_gib * GiB
     return {
         "config": _config(s),

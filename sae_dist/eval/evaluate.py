@@ -136,6 +136,8 @@ def evaluate(
     """Evaluate the exported SAE at `sae_path` on held-out text; returns the eval.json dict.
 
     Args: the fields of `_EvalOptions`, documented there, with the defaults above.
+    Phases: `_load_target` -> `_reconstruction_pass` -> `downstream_loss` -> `_metrics` (one function
+    per metric) -> `_eval_json`.
 
     Returns:
         dict with every CONTRACT key (`CONTRACT_KEYS`) plus `dead_fraction_window`, `dead_fraction_eval`,
