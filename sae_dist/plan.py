@@ -171,7 +171,7 @@ import json
 import math
 import sys
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, NamedTuple
 
 from sae_dist import CONF_DIR
 
@@ -516,41 +516,70 @@ def _posint(name: str, v) -> None:
 
 
 def plan(
-    *,
-    d_in: int,
-    n_latents: int,
-    k: int,
-    batch_tokens: int,
-    tp: int = 1,
-    cluster: Cluster | dict | None = None,
-    k_aux: int | None = None,
-    auxk: bool = True,
-    multi_topk: bool = False,
-    multi_topk_factor: int = 4,
-    engine: str = "torch",
-    zero_stage: int = 1,
-    offload_optimizer: bool = False,
-    ema: bool = False,
-    topk_exchange: str = "alltoall",
-    decode_compact: bool = True,
-    decode_scan_slots: str = "compacted",
-    encoder_bwd_drop_zeros: bool = True,
-    kernels: bool = True,
-    kernel_backend: str = "auto",
-    latent_chunk: int = 4096,
-    candidate_buffer_bytes: int = CANDIDATE_BUFFER_BYTES,
-    allgather_chunk_bytes: int = ALLGATHER_CHUNK_BYTES,
-    bf16_operand_copies: bool = True,
-    dead_fraction: float = DEAD_FRACTION,
-    topk_value_bytes: int = 4,
-    input_buffers: int = 2,
-    workspace_gib: float = 2.0,
-    zero_bucket_elements: int = 500_000_000,
-    suggest: bool = True,
+    *, d_in: int, n_latents: int, k: int, batch_tokens: int, tp: int = 1, cluster: Cluster | dict | None = None,
+    k_aux: int | None = None, auxk: bool = True, multi_topk: bool = False, multi_topk_factor: int = 4,
+    engine: str = "torch", zero_stage: int = 1, offload_optimizer: bool = False, ema: bool = False,
+    topk_exchange: str = "alltoall", decode_compact: bool = True, decode_scan_slots: str = "compacted",
+    encoder_bwd_drop_zeros: bool = True, kernels: bool = True, kernel_backend: str = "auto",
+    latent_chunk: int = 4096, candidate_buffer_bytes: int = CANDIDATE_BUFFER_BYTES,
+    allgather_chunk_bytes: int = ALLGATHER_CHUNK_BYTES, bf16_operand_copies: bool = True,
+    dead_fraction: float = DEAD_FRACTION, topk_value_bytes: int = 4, input_buffers: int = 2,
+    workspace_gib: float = 2.0, zero_bucket_elements: int = 500_000_000, suggest: bool = True,
 ) -> dict[str, Any]:
     """Plan one training step of a latent-sharded TopK SAE; a pure function of its arguments.
 
-    Args, SAE and trainer (the sae.* / trainer.* options of the same names):
+    Keyword arguments: every field of `_PlanOptions` (documented there: the sae.* / trainer.* options,
+    parallelism, kernels and the estimate.* what-ifs), with the defaults above (the code as it is).
+    Phases: `_resolve` (checks, per-GPU shapes) -> `_memory` -> `_compute` -> `_comms` -> `_result`
+    (step time, fit), then `_suggestions` when it does not fit.
+
+    Returns a JSON-serialisable dict:
+      config: the resolved inputs plus world, dp, tokens_per_gpu (Bl), latents_per_gpu (nl), k_aux
+        (0 when AuxK is off), k_select (ks), topk_exchange (the one planned) and
+        topk_exchange_requested, encoder_splits (Triton path, else 0), decode_rows {call: W_dec rows per rank},
+        decode_slots {call: local slots per token w}, decode_scan_width {call: slots per token
+        the kernels scan, m}, encoder_bwd_entries (E), encoder_bwd_grad_w ("csr" | "atomic"),
+        dead_fraction, dead_latents_per_gpu (nd), auxk_dead_chunk (C of the AuxK dead pass, 0 without
+        it), tp_link / dp_link ("intra" | "inter" | "none").
+      cluster: the Cluster fields.
+      shard_shapes: {name: [dims]} per GPU; params_per_gpu: int.
+      memory_bytes: {params, grads, optimizer, ema, dead_latent_state, bf16_operand_copies,
+        activations, zero_buckets, workspace, total} per GPU in bytes; memory_gib: the same in GiB;
+        host_memory_bytes: per GPU on the host (optimizer offload), else 0.
+      activation_bytes: {component: bytes} kept for the backward; transient_bytes: {phase: {component:
+        bytes}} for the phases "forward", "decode_backward" and "encoder_backward"; activation_phases:
+        {phase: kept + largest transient, bytes}; activation_peak_phase: the largest (memory_bytes'
+        activations).
+      flops: {component: {phase, kind, flops, hbm_bytes, time_s}}; flops_total; matmul_flops (every
+        dense matmul costed at mfu: the encoder's and the AuxK dead pass's; matmul_s their time).
+      comm: list of {name, group, op, group_size, link, count, size_bytes, bytes_per_gpu, calls (the
+        collectives one of them is split into: the chunked all-gather fallback), time_s, what};
+        comm_bytes_per_gpu (sum of bytes_per_gpu).
+      compute_s, matmul_s, tp_comm_s, dp_comm_s, comm_s, step_time_s (compute + comm),
+      step_time_overlapped_s (max of the two), tokens_per_s, tokens_per_s_overlapped, comm_fraction
+      (comm_s / step_time_s), step_over_matmul, input_bytes_per_gpu (fp32 batch bytes per step).
+      gpu_memory_gib, fits, excess_gib (> 0 iff not fits), headroom_gib, message ("" when it fits,
+      else the refusal, with the excess in GiB), suggestions (when it does not fit: up to 3
+      {overrides, total_gib, step_time_s, tokens_per_s} that fit, highest tokens/s first), assumptions.
+
+    Raises ValueError naming the bad option and the fix (tp not dividing the world or n, B not
+    divisible by dp, k > n, an unknown engine / zero stage / exchange, ...). A shape that does not
+    fit is not an error here: see `fits` / `message`, or call `check_fits`.
+    """
+    options = _PlanOptions(**locals())  # every keyword argument above, by name
+    s = _resolve(options)
+    result = _result(s, _memory(s), _compute(s), _comms(s))
+    if not result["fits"]:
+        result["suggestions"] = _suggestions(_suggestion_kwargs(s)) if suggest else []
+        result["message"] = _refusal(result)
+    return result
+
+
+@dataclass(frozen=True)
+class _PlanOptions:
+    """The keyword arguments of `plan`, by name; their defaults are in `plan`'s signature.
+
+    SAE and trainer (the sae.* / trainer.* options of the same names):
       d_in, n_latents, k: SAE width, latents, active latents per token.
       batch_tokens: global batch B in tokens; each dp rank gets B/dp.
       k_aux: AuxK latents per token; None -> `sae_dist.sae.config.default_k_aux(d_in)` capped at n
@@ -561,7 +590,7 @@ def plan(
         all-reduced over dp) or "deepspeed" (ZeRO zero_stage 1 or 2 over dp; zero_stage is ignored
         with engine="torch"); offload_optimizer keeps DeepSpeed's partitions on the host.
       ema: trainer.ema (one more fp32 copy of the parameters).
-    Args, parallelism and kernels (defaults: the code as it is; "what-if" = not in the code):
+    Parallelism and kernels (defaults: the code as it is; "what-if" = not in the code):
       tp: latent shards (parallel.tp); dp = world / tp.
       cluster: a `Cluster` or a dict of its fields (default: one node of 8 H100 80GB).
       topk_exchange: "alltoall" (token-sharded, the code) or "allgather" (the code's fallback).
@@ -603,65 +632,136 @@ def plan(
       zero_bucket_elements: DeepSpeed's reduce bucket (fp32 elements) under ZeRO.
       suggest: when the plan does not fit, search tp / engine / ZeRO stage / batch size settings of
         the same cluster that fit.
-
-    Returns a JSON-serialisable dict:
-      config: the resolved inputs plus world, dp, tokens_per_gpu (Bl), latents_per_gpu (nl), k_aux
-        (0 when AuxK is off), k_select (ks), topk_exchange (the one planned) and
-        topk_exchange_requested, encoder_splits (Triton path, else 0), decode_rows {call: W_dec rows per rank},
-        decode_slots {call: local slots per token w}, decode_scan_width {call: slots per token
-        the kernels scan, m}, encoder_bwd_entries (E), encoder_bwd_grad_w ("csr" | "atomic"),
-        dead_fraction, dead_latents_per_gpu (nd), auxk_dead_chunk (C of the AuxK dead pass, 0 without
-        it), tp_link / dp_link ("intra" | "inter" | "none").
-      cluster: the Cluster fields.
-      shard_shapes: {name: [dims]} per GPU; params_per_gpu: int.
-      memory_bytes: {params, grads, optimizer, ema, dead_latent_state, bf16_operand_copies,
-        activations, zero_buckets, workspace, total} per GPU in bytes; memory_gib: the same in GiB;
-        host_memory_bytes: per GPU on the host (optimizer offload), else 0.
-      activation_bytes: {component: bytes} kept for the backward, plus "transient_peak";
-        transient_bytes: {"fwd": {component: bytes}, "bwd": {...}}; transient_phase: the larger.
-      flops: {component: {phase, kind, flops, hbm_bytes, time_s}}; flops_total; matmul_flops (every
-        dense matmul costed at mfu: the encoder's and the AuxK dead pass's; matmul_s their time).
-      comm: list of {name, group, op, group_size, link, count, size_bytes, bytes_per_gpu, calls (the
-        collectives one of them is split into: the chunked all-gather fallback), time_s, what};
-        comm_bytes_per_gpu (sum of bytes_per_gpu).
-      compute_s, matmul_s, tp_comm_s, dp_comm_s, comm_s, step_time_s (compute + comm),
-      step_time_overlapped_s (max of the two), tokens_per_s, tokens_per_s_overlapped, comm_fraction
-      (comm_s / step_time_s), step_over_matmul, input_bytes_per_gpu (fp32 batch bytes per step).
-      gpu_memory_gib, fits, excess_gib (> 0 iff not fits), headroom_gib, message ("" when it fits,
-      else the refusal, with the excess in GiB), suggestions (when it does not fit: up to 3
-      {overrides, total_gib, step_time_s, tokens_per_s} that fit, highest tokens/s first), assumptions.
-
-    Raises ValueError naming the bad option and the fix (tp not dividing the world or n, B not
-    divisible by dp, k > n, an unknown engine / zero stage / exchange, ...). A shape that does not
-    fit is not an error here: see `fits` / `message`, or call `check_fits`.
     """
-    c = cluster if isinstance(cluster, Cluster) else Cluster.from_dict(cluster)
-    for name, v in (("d_in", d_in), ("n_latents", n_latents), ("k", k), ("batch_tokens", batch_tokens),
-                    ("tp", tp), ("latent_chunk", latent_chunk), ("multi_topk_factor", multi_topk_factor),
-                    ("topk_value_bytes", topk_value_bytes), ("input_buffers", input_buffers),
-                    ("zero_bucket_elements", zero_bucket_elements),
-                    ("candidate_buffer_bytes", candidate_buffer_bytes),
-                    ("allgather_chunk_bytes", allgather_chunk_bytes)):
-        _posint(name, v)
-    if engine not in ENGINES:
-        raise ValueError(f"trainer.engine={engine!r}; valid: {ENGINES}")
-    if engine == "deepspeed" and zero_stage not in ZERO_STAGES:
-        raise ValueError(f"trainer.zero_stage={zero_stage!r}; valid with engine=deepspeed: {ZERO_STAGES}")
-    if offload_optimizer and engine != "deepspeed":
+
+    d_in: int
+    n_latents: int
+    k: int
+    batch_tokens: int
+    tp: int
+    cluster: Cluster | dict | None
+    k_aux: int | None
+    auxk: bool
+    multi_topk: bool
+    multi_topk_factor: int
+    engine: str
+    zero_stage: int
+    offload_optimizer: bool
+    ema: bool
+    topk_exchange: str
+    decode_compact: bool
+    decode_scan_slots: str
+    encoder_bwd_drop_zeros: bool
+    kernels: bool
+    kernel_backend: str
+    latent_chunk: int
+    candidate_buffer_bytes: int
+    allgather_chunk_bytes: int
+    bf16_operand_copies: bool
+    dead_fraction: float
+    topk_value_bytes: int
+    input_buffers: int
+    workspace_gib: float
+    zero_bucket_elements: int
+    suggest: bool
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One planned step's resolved shapes, in the notation of the module docstring (per GPU).
+
+    o: the options; c: the cluster; shapes: `shard_shapes`; k_aux: the resolved sae.k_aux (AuxK on
+    or off); ks: the main selection width (k, or factor*k with Multi-TopK); ka: k_aux, 0 when AuxK is
+    off; d, n, B: d_in, n_latents, batch_tokens; Bl, nl: tokens and latents per GPU; P: parameters
+    per GPU, part: its ZeRO partition (rounded up); zero: the ZeRO stage, 0 with the torch engine;
+    tp_link / dp_link: "intra" | "inter" | "none", link_bw: GB/s per link; exchange: the TopK
+    exchange planned (the all-gather fallback when Bl % tp); backend: the resolved kernel backend,
+    triton: the Triton path planned; vb / vx: bytes of an encoder value / an exchanged value;
+    bd: bytes of one fp32 [Bl, d] tensor, n_bd: the live ones; chunk: min(latent_chunk, nl);
+    wm, wa: local candidate slots per token (main, AuxK); td: decode feature tiles; calls:
+    `_decode_calls`; e_all, e_win: encoder-backward slots and winners; ebw: `_encoder_backward`;
+    n_dead: the rank's dead latents, dead: `_dead_pass` (Triton with AuxK) or None; selections:
+    (prefix, exchange width wx, mask widths ms) per exact global selection; exchanges: {prefix:
+    `_exchange_costs`} when tp > 1; splits: `triton_encoder_splits`.
+    """
+
+    o: _PlanOptions
+    c: Cluster
+    shapes: dict[str, tuple[int, ...]]
+    world: int
+    dp: int
+    k_aux: int
+    ks: int
+    ka: int
+    d: int
+    n: int
+    B: int
+    Bl: int
+    nl: int
+    P: int
+    part: int
+    zero: int
+    tp_link: str
+    dp_link: str
+    link_bw: dict[str, float]
+    exchange: str
+    backend: str
+    triton: bool
+    vb: int
+    vx: int
+    bd: int
+    n_bd: int
+    chunk: int
+    wm: int
+    wa: int
+    td: int
+    calls: list[tuple[str, int, float, int]]
+    e_all: int
+    e_win: int
+    ebw: dict[str, Any]
+    n_dead: int
+    dead: dict[str, int] | None
+    selections: list[tuple[str, int, tuple[int, ...]]]
+    exchanges: dict[str, tuple[int, int, int]]
+    splits: int
+
+
+def _check_options(o: _PlanOptions) -> None:
+    """Raise ValueError naming the first bad option that needs no shape to judge: the positive ints,
+    trainer.engine / zero_stage / offload_optimizer, topk_exchange, estimate.decode_scan_slots,
+    sae.kernel_backend, workspace_gib >= 0 and estimate.dead_fraction in [0, 1]."""
+    for name in ("d_in", "n_latents", "k", "batch_tokens", "tp", "latent_chunk", "multi_topk_factor",
+                 "topk_value_bytes", "input_buffers", "zero_bucket_elements", "candidate_buffer_bytes",
+                 "allgather_chunk_bytes"):
+        _posint(name, getattr(o, name))
+    if o.engine not in ENGINES:
+        raise ValueError(f"trainer.engine={o.engine!r}; valid: {ENGINES}")
+    if o.engine == "deepspeed" and o.zero_stage not in ZERO_STAGES:
+        raise ValueError(f"trainer.zero_stage={o.zero_stage!r}; valid with engine=deepspeed: {ZERO_STAGES}")
+    if o.offload_optimizer and o.engine != "deepspeed":
         raise ValueError("trainer.offload_optimizer=true needs trainer.engine=deepspeed")
-    if topk_exchange not in TOPK_EXCHANGES:
-        raise ValueError(f"topk_exchange={topk_exchange!r}; valid: {TOPK_EXCHANGES}")
-    if decode_scan_slots not in DECODE_SCANS:
-        raise ValueError(f"estimate.decode_scan_slots={decode_scan_slots!r}; valid: {DECODE_SCANS} "
+    if o.topk_exchange not in TOPK_EXCHANGES:
+        raise ValueError(f"topk_exchange={o.topk_exchange!r}; valid: {TOPK_EXCHANGES}")
+    if o.decode_scan_slots not in DECODE_SCANS:
+        raise ValueError(f"estimate.decode_scan_slots={o.decode_scan_slots!r}; valid: {DECODE_SCANS} "
                          "(\"compacted\" is the code)")
-    if kernel_backend not in KERNEL_BACKENDS:
-        raise ValueError(f"sae.kernel_backend={kernel_backend!r}; valid: {KERNEL_BACKENDS}")
-    if not workspace_gib >= 0:
-        raise ValueError(f"workspace_gib={workspace_gib!r} must be >= 0")
-    if isinstance(dead_fraction, bool) or not isinstance(dead_fraction, (int, float)) or not 0 <= dead_fraction <= 1:
-        raise ValueError(f"estimate.dead_fraction={dead_fraction!r} must be a number in [0, 1] (the fraction "
+    if o.kernel_backend not in KERNEL_BACKENDS:
+        raise ValueError(f"sae.kernel_backend={o.kernel_backend!r}; valid: {KERNEL_BACKENDS}")
+    if not o.workspace_gib >= 0:
+        raise ValueError(f"workspace_gib={o.workspace_gib!r} must be >= 0")
+    df = o.dead_fraction
+    if isinstance(df, bool) or not isinstance(df, (int, float)) or not 0 <= df <= 1:
+        raise ValueError(f"estimate.dead_fraction={df!r} must be a number in [0, 1] (the fraction "
                          "of a rank's latents that are dead, e.g. 0.05)")
-    world = c.world
+
+
+def _resolve(o: _PlanOptions) -> _Step:
+    """Check the options against each other and the cluster (ValueError naming the bad one and the
+    fix: tp dividing the world and n, B divisible by dp, k, k_aux and factor*k within n) and resolve
+    the step's shapes (`_shape_step`)."""
+    c = o.cluster if isinstance(o.cluster, Cluster) else Cluster.from_dict(o.cluster)
+    _check_options(o)
+    world, tp, n = c.world, o.tp, o.n_latents
     if tp > world or world % tp:
         raise ValueError(
             f"parallel.tp={tp} must divide the world size {world} (= cluster.nodes {c.nodes} x "
@@ -669,255 +769,366 @@ def plan(
             f"{[t for t in range(1, world + 1) if world % t == 0]}"
         )
     dp = world // tp
-    shapes = shard_shapes(d_in, n_latents, tp)  # raises when tp does not divide n
-    if batch_tokens % dp:
-        raise ValueError(f"trainer.batch_tokens={batch_tokens} is not divisible by dp={dp} "
+    shapes = shard_shapes(o.d_in, n, tp)  # raises when tp does not divide n
+    if o.batch_tokens % dp:
+        raise ValueError(f"trainer.batch_tokens={o.batch_tokens} is not divisible by dp={dp} "
                          f"(= world {world} / tp {tp}); use a multiple of {dp}")
-    if k > n_latents:
-        raise ValueError(f"sae.k={k} > sae.n_latents={n_latents}: lower sae.k")
+    if o.k > n:
+        raise ValueError(f"sae.k={o.k} > sae.n_latents={n}: lower sae.k")
+    k_aux = o.k_aux
     if k_aux is None:
         from sae_dist.sae.config import default_k_aux
 
-        k_aux = min(default_k_aux(d_in), n_latents)
-    if not isinstance(k_aux, int) or isinstance(k_aux, bool) or not 1 <= k_aux <= n_latents:
-        raise ValueError(f"sae.k_aux={k_aux!r} must be an int in [1, n_latents={n_latents}]")
-    ks = multi_topk_factor * k if multi_topk else k
-    if ks > n_latents:
-        raise ValueError(f"Multi-TopK selects multi_topk_factor*k = {ks} > n_latents={n_latents}")
-    ka = k_aux if auxk else 0
+        k_aux = min(default_k_aux(o.d_in), n)
+    if not isinstance(k_aux, int) or isinstance(k_aux, bool) or not 1 <= k_aux <= n:
+        raise ValueError(f"sae.k_aux={k_aux!r} must be an int in [1, n_latents={n}]")
+    ks = o.multi_topk_factor * o.k if o.multi_topk else o.k
+    if ks > n:
+        raise ValueError(f"Multi-TopK selects multi_topk_factor*k = {ks} > n_latents={n}")
+    return _shape_step(o, c, shapes, dp, k_aux, ks)
 
-    d, n, B = d_in, n_latents, batch_tokens
+
+def _shape_step(o: _PlanOptions, c: Cluster, shapes: dict, dp: int, k_aux: int, ks: int) -> _Step:
+    """The `_Step` of validated options: per-GPU sizes, links, the exchange and kernel path planned,
+    the decode calls, the encoder backward, the AuxK dead pass and the exchanges' costs."""
+    d, n, B, tp = o.d_in, o.n_latents, o.batch_tokens, o.tp
     nl, Bl = n // tp, B // dp
     P = params_per_gpu(d, n, tp)
-    zero = zero_stage if engine == "deepspeed" else 0
-    gpn = c.gpus_per_node
-    tp_link = "none" if tp == 1 else ("intra" if gpn % tp == 0 else "inter")
-    dp_link = "none" if dp == 1 else ("intra" if world <= gpn else "inter")
-    bw = {"intra": c.intra_node_gbytes_per_s, "inter": c.inter_node_gbytes_per_s}
-    exchange = topk_exchange if (tp == 1 or Bl % tp == 0) else "allgather"  # the code's fallback
-    backend = "triton" if kernel_backend == "auto" else kernel_backend
-    vb = 2 if bf16_operand_copies else 4  # encoder operand / value bytes
-    vx = topk_value_bytes
-    bd = Bl * d * 4  # one fp32 [Bl, d] tensor
-    chunk = min(latent_chunk, nl)
+    ka = k_aux if o.auxk else 0
+    gpn, world = c.gpus_per_node, c.world
+    backend = "triton" if o.kernel_backend == "auto" else o.kernel_backend
+    triton = o.kernels and backend == "triton"
+    vb = 2 if o.bf16_operand_copies else 4  # encoder operand / value bytes
     wm, wa = min(ks, nl), min(ka, nl)  # local candidate slots per token (main, AuxK)
-    td = -(-d // _DEC_BLOCK_D)
-
-    # decode calls (name, local slots per token w, W_dec rows decoded r, scanned slots per token m);
-    # compact: own winners only; compacted: kept entries moved to the front, width cut to m
-    def _call(name, K, w):
-        m = kept_width(K, tp, w, Bl) if decode_scan_slots != "full" else w
-        return name, w, (Bl * K / tp if decode_compact else Bl * w), m
-
-    calls = [_call("decode", k, wm)]
-    if multi_topk:
-        calls.append(_call("multi_topk_decode", ks, wm))
-    if ka:
-        calls.append(_call("auxk_decode", ka, wa))
+    exchange = o.topk_exchange if (tp == 1 or Bl % tp == 0) else "allgather"  # the code's fallback
     e_all = Bl * (wm + wa)  # encoder-backward candidate slots (gradients, ids) before the filter
     e_win = min(e_all, -(-Bl * (ks + ka) // tp))  # the rank's winners (nonzero gradients), on average
-    triton = kernels and backend == "triton"
-    ebw = _encoder_backward(Bl, d, nl, e_all, e_win, latent_chunk, bf16_operand_copies,
-                            triton and not bf16_operand_copies, encoder_bwd_drop_zeros)
-    e_bwd = ebw["entries"]
-    n_dead = int(round(dead_fraction * nl)) if ka else 0  # the rank's dead latents (the AuxK pass)
-    dead = _dead_pass(Bl, d, nl, wa, latent_chunk, vb, n_dead) if (triton and ka) else None
-
-    # exchanges: (prefix, exchange width wx, mask widths ms)
-    selections = [("topk", wm, (ks, k) if multi_topk else (k,))]
+    n_dead = int(round(o.dead_fraction * nl)) if ka else 0  # the rank's dead latents (the AuxK pass)
+    selections = [("topk", wm, (ks, o.k) if o.multi_topk else (o.k,))]
     if ka:
         selections.append(("auxk", ka, (ka,)))
+    exchanges = {prefix: _exchange_costs(Bl, tp, wx, ms, vb, o.topk_value_bytes, exchange,
+                                         o.allgather_chunk_bytes)
+                 for prefix, wx, ms in selections} if tp > 1 else {}
+    return _Step(
+        o=o, c=c, shapes=shapes, world=world, dp=dp, k_aux=k_aux, ks=ks, ka=ka, d=d, n=n, B=B, Bl=Bl, nl=nl,
+        P=P, part=-(-P // dp), zero=o.zero_stage if o.engine == "deepspeed" else 0,
+        tp_link="none" if tp == 1 else ("intra" if gpn % tp == 0 else "inter"),
+        dp_link="none" if dp == 1 else ("intra" if world <= gpn else "inter"),
+        link_bw={"intra": c.intra_node_gbytes_per_s, "inter": c.inter_node_gbytes_per_s},
+        exchange=exchange, backend=backend, triton=triton, vb=vb, vx=o.topk_value_bytes, bd=Bl * d * 4,
+        # live fp32 [Bl, d] tensors: loss path (partial decode, its all-reduced copy, x_hat, x - x_hat,
+        # its grad), AuxK the same for e / e_hat, Multi-TopK 3 more
+        n_bd=4 + (4 if ka else 0) + (3 if o.multi_topk else 0),
+        chunk=min(o.latent_chunk, nl), wm=wm, wa=wa, td=-(-d // _DEC_BLOCK_D),
+        calls=_decode_calls(o, Bl, ks, ka, wm, wa), e_all=e_all, e_win=e_win,
+        ebw=_encoder_backward(Bl, d, nl, e_all, e_win, o.latent_chunk, o.bf16_operand_copies,
+                              triton and not o.bf16_operand_copies, o.encoder_bwd_drop_zeros),
+        n_dead=n_dead, dead=_dead_pass(Bl, d, nl, wa, o.latent_chunk, vb, n_dead) if (triton and ka) else None,
+        selections=selections, exchanges=exchanges,
+        splits=triton_encoder_splits(Bl, nl, wm, o.latent_chunk, o.candidate_buffer_bytes,
+                                     ENCODER_BLOCK_N["bf16" if o.bf16_operand_copies else "ieee"]),
+    )
 
-    # ------------------------------------------------------------------ memory
-    part = -(-P // dp)  # ZeRO partition (elements), rounded up
-    host = 16 * part if (zero and offload_optimizer) else 0  # master + its grad + 2 moments, fp32
-    mem = {
-        "params": 4 * P,
-        "grads": (4 * P if zero < 2 else 0) + (4 * part if zero and not offload_optimizer else 0),
-        "optimizer": (12 * part if not offload_optimizer else 0) if zero else 8 * P,
-        "ema": 4 * P if ema else 0,
-        "dead_latent_state": 9 * nl,  # int64 tokens-since-fired + bool ever-fired
-        "bf16_operand_copies": (2 * d * nl + 2 * nl) if bf16_operand_copies else 0,  # saved W_enc, b_enc copies
-    }
-    # live fp32 [Bl, d] tensors: loss path (partial decode, its all-reduced copy, x_hat, x - x_hat,
-    # its grad), AuxK the same for e / e_hat, Multi-TopK 3 more
-    n_bd = 4 + (4 if ka else 0) + (3 if multi_topk else 0)
-    act = {
-        "inputs_fp32": input_buffers * bd,
-        "dense_Bxd_buffers": n_bd * bd,
-        "bf16_input_copy": 2 * Bl * d if bf16_operand_copies else 0,  # x in bf16, held by the forward
-        "encoder_saved_input": Bl * d * vb,  # x - b_pre in the operand dtype, saved for the backward
-        "selections": e_all * (vb + 8),  # the encoder's values + int64 ids (main and AuxK)
-        "keep_masks": 0,
-        # masked main values [Bl, wm] (returned); per call the compacted values + -1-padded int64 ids
-        # [Bl, m] the decode saves, and the gathers' int64 order [Bl, m] (only when m < w)
-        "decode_inputs": Bl * wm * vb + sum(Bl * m * (vb + 8) + (Bl * m * 8 if m < w else 0)
-                                            for _, w, _, m in calls),
-    }
-    fwd: dict[str, int] = {}
-    if not kernels:
-        fwd["dense_preacts"] = Bl * nl * 4 * (2 if ka else 1)
-    elif backend == "torch":
-        fwd["encoder_chunk_buffers"] = Bl * chunk * vb * (2 if ka else 1) + Bl * (8 * wm + 2 * wa) * 12
-    splits = triton_encoder_splits(Bl, nl, wm, latent_chunk, candidate_buffer_bytes,
-                                   ENCODER_BLOCK_N["bf16" if bf16_operand_copies else "ieee"])
-    if triton:
-        fwd["encoder_split_candidates"] = Bl * splits * wm * 8
-    if dead:  # with the candidate buffers and the main selection, still referenced by _select_triton
-        fwd["auxk_dead_pass"] = dead["transient_bytes"] + Bl * splits * wm * 8 + Bl * wm * 20
 
-    comm: list[dict] = []
-    lat = c.latency_us
-    flops: dict[str, dict] = {}
-    rates = {"matmul": c.bf16_tflops * 1e12 * c.mfu, "memory": c.hbm_gbytes_per_s * GB * c.hbm_efficiency,
-             "pcie": c.pcie_gbytes_per_s * GB, "host": c.host_gbytes_per_s * GB}
+def _decode_calls(o: _PlanOptions, Bl: int, ks: int, ka: int, wm: int, wa: int) -> list[tuple[str, int, float, int]]:
+    """The step's sparse-decode calls, [(name, w local slots per token, r W_dec rows decoded, m scanned
+    slots per token)]: "decode" (k winners), "multi_topk_decode" (ks, Multi-TopK only) and
+    "auxk_decode" (ka, AuxK only). decode_compact: r = Bl*K/tp (own winners only), else Bl*w;
+    decode_scan_slots "compacted": m = `kept_width` (kept entries moved to the front), "full": m = w."""
+    def call(name: str, K: int, w: int) -> tuple[str, int, float, int]:
+        m = kept_width(K, o.tp, w, Bl) if o.decode_scan_slots != "full" else w
+        return name, w, (Bl * K / o.tp if o.decode_compact else Bl * w), m
 
-    def add(name, phase, fl, nbytes, kind):
-        t = 0.0 if kind == "fused" else (fl if kind == "matmul" else nbytes) / rates[kind]
-        flops[name] = {"phase": phase, "kind": kind, "flops": int(fl), "hbm_bytes": int(nbytes), "time_s": t}
+    calls = [call("decode", o.k, wm)]
+    if o.multi_topk:
+        calls.append(call("multi_topk_decode", ks, wm))
+    if ka:
+        calls.append(call("auxk_decode", ka, wa))
+    return calls
 
-    merges = {}
-    for prefix, wx, ms in selections:
-        send = Bl * wx * vx if vb != vx else 0  # fp32 copy of bf16 values (none when already fp32)
-        if tp == 1:
-            act["keep_masks"] += len(ms) * Bl * wx
-            continue
-        if exchange == "alltoall":
-            act["keep_masks"] += len(ms) * Bl * wx
-            fwd[f"{prefix}_exchange"] = send + 2 * Bl * wx * vx + 3 * Bl * wx + -(-Bl // tp) * max(ms) * 12
-            merges[f"{prefix}_merge"] = (len(ms) * Bl * wx, Bl * wx * (2 * vx + 9 * len(ms)))
-        else:  # chunks of R tokens: C = R tp wx vx gathered at a time (`tp._allgather_keep`)
-            act["keep_masks"] += len(ms) * Bl * wx
-            R = _gather_rows(Bl, tp, wx, vx, allgather_chunk_bytes)
-            cb = R * tp * wx * vx
-            fwd[f"{prefix}_exchange"] = send + max(2 * cb, cb + len(ms) * R * tp * wx + R * max(ms) * 12)
-            merges[f"{prefix}_merge"] = (len(ms) * tp * Bl * wx,
-                                         tp * Bl * wx * (2 * vx + 6 * len(ms)) + len(ms) * Bl * wx)
 
-    transient = {
-        "forward": fwd,
-        # a second dense fp32 [nl, d] W_dec gradient (atomic kernel) before autograd sums them, and
-        # the value gradients [Bl, w]
-        "decode_backward": {"decode_grad_buffers": (4 * nl * d if len(calls) > 1 else 0)
-                            + max(Bl * m * vb + (Bl * w * vb if m < w else 0) for _, w, _, m in calls)},
-        "encoder_backward": {"encoder_backward": ebw["transient_bytes"]},  # `_encoder_backward`
-    }
-    kept_all = sum(act.values())
-    kept_enc = sum(act[key] for key in KEPT_TO_ENCODER_BWD)  # the rest is freed by then
+def _exchange_costs(Bl: int, tp: int, wx: int, ms: tuple[int, ...], vb: int, vx: int, exchange: str,
+                    cap: int) -> tuple[int, int, int]:
+    """One exact global selection's exchange on one rank (tp > 1), exchange width wx, mask widths ms:
+    (forward transient bytes, merge FLOPs, merge HBM bytes). alltoall: the fp32 send copy of bf16
+    values, the received block and its transpose, the masks and topk outputs; allgather: chunks of
+    R = `_gather_rows` tokens, C = R*tp*wx*vx bytes gathered at a time (`tp._allgather_keep`)."""
+    send = Bl * wx * vx if vb != vx else 0  # fp32 copy of bf16 values (none when already fp32)
+    if exchange == "alltoall":
+        return (send + 2 * Bl * wx * vx + 3 * Bl * wx + -(-Bl // tp) * max(ms) * 12,
+                len(ms) * Bl * wx, Bl * wx * (2 * vx + 9 * len(ms)))
+    R = _gather_rows(Bl, tp, wx, vx, cap)
+    cb = R * tp * wx * vx
+    return (send + max(2 * cb, cb + len(ms) * R * tp * wx + R * max(ms) * 12),
+            len(ms) * tp * Bl * wx, tp * Bl * wx * (2 * vx + 6 * len(ms)) + len(ms) * Bl * wx)
+
+
+# ------------------------------------------------------------------ memory
+class _Memory(NamedTuple):
+    """Per-GPU memory of a step (`plan`'s memory_bytes, host_memory_bytes, activation_bytes,
+    transient_bytes, activation_phases and activation_peak_phase)."""
+
+    per_gpu: dict[str, int]
+    host: int
+    kept: dict[str, int]
+    transient: dict[str, dict[str, int]]
+    phases: dict[str, int]
+    peak_phase: str
+
+
+def _memory(s: _Step) -> _Memory:
+    """Memory per GPU (module docstring, "Memory per GPU"): the persistent state, the activations
+    (what the forward keeps + the largest transient of the peak phase), ZeRO buckets, workspace."""
+    o = s.o
+    mem = _state_memory(s)
+    kept = _kept_activations(s)
+    transient = _transients(s)
+    kept_all = sum(kept.values())
+    kept_enc = sum(kept[key] for key in KEPT_TO_ENCODER_BWD)  # the rest is freed by then
     phases = {ph: (kept_enc if ph == "encoder_backward" else kept_all) + max(t.values(), default=0)
               for ph, t in transient.items()}
     peak_phase = max(phases, key=phases.get)
     mem["activations"] = phases[peak_phase]
-    mem["zero_buckets"] = 4 * zero_bucket_elements if zero else 0
-    mem["workspace"] = int(round(workspace_gib * GiB))
+    mem["zero_buckets"] = 4 * o.zero_bucket_elements if s.zero else 0
+    mem["workspace"] = int(round(o.workspace_gib * GiB))
     mem["total"] = sum(mem.values())
+    host = 16 * s.part if (s.zero and o.offload_optimizer) else 0  # master + its grad + 2 moments, fp32
+    return _Memory(mem, host, kept, transient, phases, peak_phase)
 
-    # ------------------------------------------------------------------ compute
-    if bf16_operand_copies:
-        add("bf16_operand_casts", "fwd", d * nl + nl + Bl * d, 6 * (d * nl + nl + Bl * d), "memory")
-    add("encoder_matmul", "fwd", 2 * Bl * d * nl, 0, "matmul")
-    sel_fl = Bl * nl * (3 if ka and not triton else 2)  # bias add, running top-k [+ dead-masked AuxK]
-    if not kernels:  # dense pre-activations written, then read by torch.topk (and the AuxK masked copy)
-        add("topk_select", "fwd", sel_fl, Bl * nl * 4 * (4 if ka else 2), "memory")
-    elif backend == "torch":  # [Bl, chunk] buffers written by addmm and read by the chunk top-k
-        add("topk_select", "fwd", sel_fl, Bl * nl * vb * (3 if ka else 2), "memory")
+
+def _state_memory(s: _Step) -> dict[str, int]:
+    """Bytes per GPU of the persistent state: params, grads, optimizer, ema, dead_latent_state and
+    bf16_operand_copies (fp32 master weights, Adam moments; ZeRO partitions of `part` elements)."""
+    o, P, part, zero = s.o, s.P, s.part, s.zero
+    return {
+        "params": 4 * P,
+        "grads": (4 * P if zero < 2 else 0) + (4 * part if zero and not o.offload_optimizer else 0),
+        "optimizer": (12 * part if not o.offload_optimizer else 0) if zero else 8 * P,
+        "ema": 4 * P if o.ema else 0,
+        "dead_latent_state": 9 * s.nl,  # int64 tokens-since-fired + bool ever-fired
+        # saved W_enc, b_enc copies
+        "bf16_operand_copies": (2 * s.d * s.nl + 2 * s.nl) if o.bf16_operand_copies else 0,
+    }
+
+
+def _kept_activations(s: _Step) -> dict[str, int]:
+    """Bytes per GPU the forward keeps for the backward, by component (`activation_bytes`)."""
+    Bl, d, vb = s.Bl, s.d, s.vb
+    return {
+        "inputs_fp32": s.o.input_buffers * s.bd,
+        "dense_Bxd_buffers": s.n_bd * s.bd,
+        "bf16_input_copy": 2 * Bl * d if s.o.bf16_operand_copies else 0,  # x in bf16, held by the forward
+        "encoder_saved_input": Bl * d * vb,  # x - b_pre in the operand dtype, saved for the backward
+        "selections": s.e_all * (vb + 8),  # the encoder's values + int64 ids (main and AuxK)
+        "keep_masks": sum(len(ms) * Bl * wx for _, wx, ms in s.selections),  # bool [Bl, wx] per width
+        # masked main values [Bl, wm] (returned); per call the compacted values + -1-padded int64 ids
+        # [Bl, m] the decode saves, and the gathers' int64 order [Bl, m] (only when m < w)
+        "decode_inputs": Bl * s.wm * vb + sum(Bl * m * (vb + 8) + (Bl * m * 8 if m < w else 0)
+                                              for _, w, _, m in s.calls),
+    }
+
+
+def _transients(s: _Step) -> dict[str, dict[str, int]]:
+    """Transient bytes per GPU by phase ("forward", "decode_backward", "encoder_backward") and
+    component (`transient_bytes`)."""
+    o, Bl, wm, vb = s.o, s.Bl, s.wm, s.vb
+    fwd: dict[str, int] = {}
+    if not o.kernels:
+        fwd["dense_preacts"] = Bl * s.nl * 4 * (2 if s.ka else 1)
+    elif s.backend == "torch":
+        fwd["encoder_chunk_buffers"] = Bl * s.chunk * vb * (2 if s.ka else 1) + Bl * (8 * wm + 2 * s.wa) * 12
+    if s.triton:
+        fwd["encoder_split_candidates"] = Bl * s.splits * wm * 8
+    if s.dead:  # with the candidate buffers and the main selection, still referenced by _select_triton
+        fwd["auxk_dead_pass"] = s.dead["transient_bytes"] + Bl * s.splits * wm * 8 + Bl * wm * 20
+    for prefix, (exchange_bytes, _, _) in s.exchanges.items():
+        fwd[f"{prefix}_exchange"] = exchange_bytes
+    return {
+        "forward": fwd,
+        # a second dense fp32 [nl, d] W_dec gradient (atomic kernel) before autograd sums them, and
+        # the value gradients [Bl, w]
+        "decode_backward": {"decode_grad_buffers": (4 * s.nl * s.d if len(s.calls) > 1 else 0)
+                            + max(Bl * m * vb + (Bl * w * vb if m < w else 0) for _, w, _, m in s.calls)},
+        "encoder_backward": {"encoder_backward": s.ebw["transient_bytes"]},  # `_encoder_backward`
+    }
+
+
+# ------------------------------------------------------------------ compute
+class _Costs:
+    """The step's components, {name: {phase, kind, flops, hbm_bytes, time_s}} in `rows`, timed at the
+    cluster's rates by kind (module docstring, "Compute")."""
+
+    def __init__(self, c: Cluster) -> None:
+        self.rates = {"matmul": c.bf16_tflops * 1e12 * c.mfu,
+                      "memory": c.hbm_gbytes_per_s * GB * c.hbm_efficiency,
+                      "pcie": c.pcie_gbytes_per_s * GB, "host": c.host_gbytes_per_s * GB}
+        self.rows: dict[str, dict] = {}
+
+    def add(self, name: str, phase: str, fl: float, nbytes: float, kind: str) -> None:
+        """Add a component: "matmul" timed by FLOPs, "memory" / "pcie" / "host" by bytes, "fused" free."""
+        t = 0.0 if kind == "fused" else (fl if kind == "matmul" else nbytes) / self.rates[kind]
+        self.rows[name] = {"phase": phase, "kind": kind, "flops": int(fl), "hbm_bytes": int(nbytes), "time_s": t}
+
+
+def _compute(s: _Step) -> dict[str, dict]:
+    """FLOPs, HBM bytes and time of every component of the step, in step order (`plan`'s flops)."""
+    costs = _Costs(s.c)
+    _encoder_costs(s, costs)
+    _decode_costs(s, costs)
+    _backward_costs(s, costs)
+    _optimizer_costs(s, costs)
+    return costs.rows
+
+
+def _encoder_costs(s: _Step, costs: _Costs) -> None:
+    """The encoder forward: operand casts, the matmul, the top-k selection and the AuxK dead pass."""
+    o, Bl, d, nl, vb, ka = s.o, s.Bl, s.d, s.nl, s.vb, s.ka
+    if o.bf16_operand_copies:
+        costs.add("bf16_operand_casts", "fwd", d * nl + nl + Bl * d, 6 * (d * nl + nl + Bl * d), "memory")
+    costs.add("encoder_matmul", "fwd", 2 * Bl * d * nl, 0, "matmul")
+    sel_fl = Bl * nl * (3 if ka and not s.triton else 2)  # bias add, running top-k [+ dead-masked AuxK]
+    if not o.kernels:  # dense pre-activations written, then read by torch.topk (and the AuxK masked copy)
+        costs.add("topk_select", "fwd", sel_fl, Bl * nl * 4 * (4 if ka else 2), "memory")
+    elif s.backend == "torch":  # [Bl, chunk] buffers written by addmm and read by the chunk top-k
+        costs.add("topk_select", "fwd", sel_fl, Bl * nl * vb * (3 if ka else 2), "memory")
     else:
-        add("topk_select", "fwd", sel_fl, 0, "fused")
-        add("split_candidate_topk", "fwd", Bl * splits * wm, Bl * splits * wm * 8, "memory")
-        if dead and n_dead:  # the AuxK candidates: a pass over the dead latents' gathered columns
-            add("auxk_dead_matmul", "fwd", dead["matmul_flops"], 0, "matmul")
-            add("auxk_dead_gather_topk", "fwd", dead["select_flops"], dead["hbm_bytes"], "memory")
-    for name, (fl, nbytes) in merges.items():
-        add(name, "fwd", fl, nbytes, "memory")
+        costs.add("topk_select", "fwd", sel_fl, 0, "fused")
+        costs.add("split_candidate_topk", "fwd", Bl * s.splits * s.wm, Bl * s.splits * s.wm * 8, "memory")
+        if s.dead and s.n_dead:  # the AuxK candidates: a pass over the dead latents' gathered columns
+            costs.add("auxk_dead_matmul", "fwd", s.dead["matmul_flops"], 0, "matmul")
+            costs.add("auxk_dead_gather_topk", "fwd", s.dead["select_flops"], s.dead["hbm_bytes"], "memory")
+
+
+def _decode_costs(s: _Step, costs: _Costs) -> None:
+    """The forward after the encoder: the exchanges' merges, the keep masks applied, `_decode_kept`'s
+    compaction, the sparse decodes and the loss's elementwise passes."""
+    Bl, d, vb = s.Bl, s.d, s.vb
+    for prefix, (_, merge_flops, merge_bytes) in s.exchanges.items():
+        costs.add(f"{prefix}_merge", "fwd", merge_flops, merge_bytes, "memory")
     # keep masks applied: values * keep on all w slots, where(keep, ids, -1) on the m decoded slots
-    add("keep_apply", "fwd", sum(Bl * (w + m) for _, w, _, m in calls),
-        sum(Bl * w * (2 * vb + 1) + Bl * m * 17 for _, w, _, m in calls), "memory")
-    for name, w, _, m in calls:  # _decode_kept's sort of the keep mask and gathers (when m < w)
+    costs.add("keep_apply", "fwd", sum(Bl * (w + m) for _, w, _, m in s.calls),
+              sum(Bl * w * (2 * vb + 1) + Bl * m * 17 for _, w, _, m in s.calls), "memory")
+    for name, w, _, m in s.calls:  # _decode_kept's sort of the keep mask and gathers (when m < w)
         if m < w:
-            add(name + "_compaction", "fwd", Bl * w, Bl * w * _COMPACT_SORT_BYTES + Bl * m * (42 + 2 * vb),
-                "memory")
-    rows, scan = {}, {}
-    for name, _, r, m in calls:  # the kernels scan Bl*m code slots, padding inside the m included
-        rows[name], scan[name] = r, m
-        add(name, "fwd", 2 * r * d, r * d * 4 + Bl * m * 8 * td + bd, "memory")
-    add("loss_elementwise", "fwd+bwd", 3 * n_bd * Bl * d, 3 * n_bd * bd, "memory")
-    for name, w, r, m in calls:
+            costs.add(name + "_compaction", "fwd", Bl * w,
+                      Bl * w * _COMPACT_SORT_BYTES + Bl * m * (42 + 2 * vb), "memory")
+    for name, _, r, m in s.calls:  # the kernels scan Bl*m code slots, padding inside the m included
+        costs.add(name, "fwd", 2 * r * d, r * d * 4 + Bl * m * 8 * s.td + s.bd, "memory")
+    costs.add("loss_elementwise", "fwd+bwd", 3 * s.n_bd * Bl * d, 3 * s.n_bd * s.bd, "memory")
+
+
+def _backward_costs(s: _Step, costs: _Costs) -> None:
+    """The backward: the sparse decodes' (and their compactions'), the W_dec gradient sums, the
+    encoder's sparse backward, the b_pre gradient and the bf16 gradient cast."""
+    Bl, d, nl, vb, bf16 = s.Bl, s.d, s.nl, s.vb, s.o.bf16_operand_copies
+    for name, w, r, m in s.calls:
         go_reads = Bl * d * 4 * -(-m // _DEC_BLOCK_K)  # grad_out tile re-read per 8-slot code block
         grad_values = go_reads + r * d * 4 + Bl * m * 8 + Bl * m * vb
-        grad_wdec = nl * d * 4 + bd + Bl * m * 8 * td + r * d * 8
-        add(name + "_bwd", "bwd", 4 * r * d, grad_values + grad_wdec, "memory")
+        grad_wdec = nl * d * 4 + s.bd + Bl * m * 8 * s.td + r * d * 8
+        costs.add(name + "_bwd", "bwd", 4 * r * d, grad_values + grad_wdec, "memory")
         if m < w:  # the values gather's backward: scatter into a zero-filled [Bl, w] gradient
-            add(name + "_compaction_bwd", "bwd", Bl * m, Bl * w * vb + Bl * m * (2 * vb + 8), "memory")
-    if len(calls) > 1:
-        add("decoder_grad_accumulate", "bwd", (len(calls) - 1) * nl * d, (len(calls) - 1) * 12 * nl * d,
-            "memory")
-    add("encoder_sparse_bwd", "bwd", ebw["flops"], ebw["hbm_bytes"], "memory")
-    add("b_pre_grad", "bwd", 2 * d * nl, d * nl * (10 if bf16_operand_copies else 4), "memory")
-    if bf16_operand_copies:
-        add("bf16_grad_cast", "bwd", d * nl, 6 * d * nl, "memory")
-    add("decoder_grad_projection", "opt", 4 * nl * d, 3 * nl * d * 4, "memory")
-    p_opt = part if zero else P
-    if zero and offload_optimizer:
-        add("offload_pcie_copies", "opt", 0, 8 * p_opt, "pcie")  # gradient partition down, weights up
-        add("adam_on_host", "opt", 12 * p_opt, 28 * p_opt, "host")
+            costs.add(name + "_compaction_bwd", "bwd", Bl * m, Bl * w * vb + Bl * m * (2 * vb + 8), "memory")
+    extra = len(s.calls) - 1
+    if extra:
+        costs.add("decoder_grad_accumulate", "bwd", extra * nl * d, extra * 12 * nl * d, "memory")
+    costs.add("encoder_sparse_bwd", "bwd", s.ebw["flops"], s.ebw["hbm_bytes"], "memory")
+    costs.add("b_pre_grad", "bwd", 2 * d * nl, d * nl * (10 if bf16 else 4), "memory")
+    if bf16:
+        costs.add("bf16_grad_cast", "bwd", d * nl, 6 * d * nl, "memory")
+
+
+def _optimizer_costs(s: _Step, costs: _Costs) -> None:
+    """The optimizer step: the decoder-gradient projection, Adam (on the GPU or offloaded), the ZeRO
+    master copies, the decoder renorm, the EMA and the dead-latent update."""
+    o, d, nl, P = s.o, s.d, s.nl, s.P
+    costs.add("decoder_grad_projection", "opt", 4 * nl * d, 3 * nl * d * 4, "memory")
+    p_opt = s.part if s.zero else P
+    if s.zero and o.offload_optimizer:
+        costs.add("offload_pcie_copies", "opt", 0, 8 * p_opt, "pcie")  # gradient partition down, weights up
+        costs.add("adam_on_host", "opt", 12 * p_opt, 28 * p_opt, "host")
     else:
-        add("adam", "opt", 12 * p_opt, 28 * p_opt, "memory")
-    if zero:  # module weights -> master partition before the step, updated partition -> weights after
-        add("zero_master_copies", "opt", 0, 16 * p_opt, "memory")
-    add("decoder_renorm", "opt", 3 * nl * d, 3 * nl * d * 4, "memory")
-    if ema:
-        add("ema", "opt", 3 * P, 12 * P, "memory")
-    add("dead_latent_update", "opt", 2 * nl, 18 * nl, "memory")
+        costs.add("adam", "opt", 12 * p_opt, 28 * p_opt, "memory")
+    if s.zero:  # module weights -> master partition before the step, updated partition -> weights after
+        costs.add("zero_master_copies", "opt", 0, 16 * p_opt, "memory")
+    costs.add("decoder_renorm", "opt", 3 * nl * d, 3 * nl * d * 4, "memory")
+    if o.ema:
+        costs.add("ema", "opt", 3 * P, 12 * P, "memory")
+    costs.add("dead_latent_update", "opt", 2 * nl, 18 * nl, "memory")
 
-    # ------------------------------------------------------------------ communication
-    if tp > 1:
-        b = bw[tp_link]
 
-        def exchange_comm(prefix: str, wx: int, ms: tuple[int, ...], what: str):
-            if exchange == "alltoall":
-                comm.append(_collective(f"{prefix}_values_alltoall", "tp", "all_to_all", Bl * wx * vx, tp,
-                                        tp_link, b, lat, f"{what}: fp32 candidate values [Bl, {wx}] to the "
-                                        "ranks selecting their token blocks"))
-                comm.append(_collective(f"{prefix}_masks_alltoall", "tp", "all_to_all", Bl * wx, tp, tp_link,
-                                        b, lat, f"{what}: uint8 keep masks [Bl, {wx}] back, one per width "
-                                        f"{list(ms)}", count=len(ms)))
-            else:
-                chunks = -(-Bl // _gather_rows(Bl, tp, wx, vx, allgather_chunk_bytes))
-                comm.append(_collective(f"{prefix}_allgather", "tp", "all_gather", tp * Bl * wx * vx, tp,
-                                        tp_link, b, lat, f"{what}: every rank's {wx} candidate values of "
-                                        f"{Bl} tokens, in {chunks} chunk(s) of tokens", calls=chunks))
+# ------------------------------------------------------------------ communication
+def _comms(s: _Step) -> list[dict]:
+    """Every collective of the step (module docstring, "Communication"): the tp group's, then dp's."""
+    return (_tp_comms(s) if s.o.tp > 1 else []) + (_dp_comms(s) if s.dp > 1 else [])
 
-        exchange_comm("topk", wm, selections[0][2], "exact global TopK")
-        comm.append(_collective("recon_allreduce", "tp", "all_reduce", bd, tp, tp_link, b, lat,
-                                "partial reconstructions [Bl, d] fp32"))
-        if multi_topk:
-            comm.append(_collective("multi_topk_recon_allreduce", "tp", "all_reduce", bd, tp, tp_link, b,
-                                    lat, "Multi-TopK partial reconstructions [Bl, d] fp32"))
-        if ka:
-            comm.append(_collective("dead_count_allreduce", "tp", "all_reduce", 8, tp, tp_link, b, lat,
-                                    "global number of dead latents (int64)"))
-            exchange_comm("auxk", ka, (ka,), "exact AuxK top-k_aux over dead latents")
-            comm.append(_collective("auxk_recon_allreduce", "tp", "all_reduce", bd, tp, tp_link, b, lat,
-                                    "partial AuxK reconstructions [Bl, d] fp32"))
-        comm.append(_collective("b_pre_grad_allreduce", "tp", "all_reduce", 4 * d, tp, tp_link, b, lat,
-                                "b_pre gradient through the encoder [d] fp32"))
-    if dp > 1:
-        b = bw[dp_link]
-        comm.append(_collective("loss_stats_allreduce", "dp", "all_reduce", 4 * d, dp, dp_link, b, lat,
-                                "global-batch mean [d] and variance (scalar), loss and AuxK",
-                                count=4 if ka else 2))
-        if zero:
-            comm.append(_collective("grad_reduce_scatter", "dp", "reduce_scatter", 4 * P, dp, dp_link, b, lat,
-                                    "ZeRO: fp32 gradients of the local shard"))
-            comm.append(_collective("param_allgather", "dp", "all_gather", 4 * P, dp, dp_link, b, lat,
-                                    "ZeRO: updated fp32 parameters of the local shard"))
-        else:
-            comm.append(_collective("grad_allreduce", "dp", "all_reduce", 4 * P, dp, dp_link, b, lat,
-                                    "fp32 gradients of the local shard"))
-        comm.append(_collective("dead_latent_allreduce", "dp", "all_reduce", nl, dp, dp_link, b, lat,
-                                "fired flags [nl] uint8 (MAX)"))
 
-    # ------------------------------------------------------------------ step
+def _group_collective(s: _Step, group: str, name: str, op: str, size: int, what: str, **kw) -> dict:
+    """`_collective` over the "tp" or "dp" group of the step, at its link's bandwidth."""
+    p, link = (s.o.tp, s.tp_link) if group == "tp" else (s.dp, s.dp_link)
+    return _collective(name, group, op, size, p, link, s.link_bw[link], s.c.latency_us, what, **kw)
+
+
+def _exchange_comms(s: _Step, prefix: str, wx: int, ms: tuple[int, ...], what: str) -> list[dict]:
+    """The collectives of one exact global selection (exchange width wx, mask widths ms)."""
+    Bl, tp, vx = s.Bl, s.o.tp, s.vx
+    if s.exchange == "alltoall":
+        return [_group_collective(s, "tp", f"{prefix}_values_alltoall", "all_to_all", Bl * wx * vx,
+                                  f"{what}: fp32 candidate values [Bl, {wx}] to the ranks selecting their "
+                                  "token blocks"),
+                _group_collective(s, "tp", f"{prefix}_masks_alltoall", "all_to_all", Bl * wx,
+                                  f"{what}: uint8 keep masks [Bl, {wx}] back, one per width {list(ms)}",
+                                  count=len(ms))]
+    chunks = -(-Bl // _gather_rows(Bl, tp, wx, vx, s.o.allgather_chunk_bytes))
+    return [_group_collective(s, "tp", f"{prefix}_allgather", "all_gather", tp * Bl * wx * vx,
+                              f"{what}: every rank's {wx} candidate values of {Bl} tokens, in {chunks} "
+                              "chunk(s) of tokens", calls=chunks)]
+
+
+def _tp_comms(s: _Step) -> list[dict]:
+    """The tp group's collectives: the TopK (and AuxK) exchanges and the all-reduces of the partial
+    reconstructions, the dead-latent count and the b_pre gradient."""
+    _, wm, ms = s.selections[0]
+    comm = _exchange_comms(s, "topk", wm, ms, "exact global TopK")
+    comm.append(_group_collective(s, "tp", "recon_allreduce", "all_reduce", s.bd,
+                                  "partial reconstructions [Bl, d] fp32"))
+    if s.o.multi_topk:
+        comm.append(_group_collective(s, "tp", "multi_topk_recon_allreduce", "all_reduce", s.bd,
+                                      "Multi-TopK partial reconstructions [Bl, d] fp32"))
+    if s.ka:
+        comm.append(_group_collective(s, "tp", "dead_count_allreduce", "all_reduce", 8,
+                                      "global number of dead latents (int64)"))
+        comm += _exchange_comms(s, "auxk", s.ka, (s.ka,), "exact AuxK top-k_aux over dead latents")
+        comm.append(_group_collective(s, "tp", "auxk_recon_allreduce", "all_reduce", s.bd,
+                                      "partial AuxK reconstructions [Bl, d] fp32"))
+    comm.append(_group_collective(s, "tp", "b_pre_grad_allreduce", "all_reduce", 4 * s.d,
+                                  "b_pre gradient through the encoder [d] fp32"))
+    return comm
+
+
+def _dp_comms(s: _Step) -> list[dict]:
+    """The dp group's collectives: loss statistics, the gradients (all-reduce, or ZeRO's
+    reduce-scatter + parameter all-gather) and the dead-latent fired flags."""
+    comm = [_group_collective(s, "dp", "loss_stats_allreduce", "all_reduce", 4 * s.d,
+                              "global-batch mean [d] and variance (scalar), loss and AuxK",
+                              count=4 if s.ka else 2)]
+    if s.zero:
+        comm.append(_group_collective(s, "dp", "grad_reduce_scatter", "reduce_scatter", 4 * s.P,
+                                      "ZeRO: fp32 gradients of the local shard"))
+        comm.append(_group_collective(s, "dp", "param_allgather", "all_gather", 4 * s.P,
+                                      "ZeRO: updated fp32 parameters of the local shard"))
+    else:
+        comm.append(_group_collective(s, "dp", "grad_allreduce", "all_reduce", 4 * s.P,
+                                      "fp32 gradients of the local shard"))
+    comm.append(_group_collective(s, "dp", "dead_latent_allreduce", "all_reduce", s.nl,
+                                  "fired flags [nl] uint8 (MAX)"))
+    return comm
+
+
+# ------------------------------------------------------------------ step time and the result
+def _step_times(flops: dict[str, dict], comm: list[dict], B: int) -> dict[str, float]:
+    """Step time = compute + communication (no overlap); the perfect-overlap bound max(compute,
+    comm); tokens/s = B / step time (module docstring, "Step time")."""
     compute_s = sum(v["time_s"] for v in flops.values())
     matmul_s = sum(v["time_s"] for v in flops.values() if v["kind"] == "matmul")  # encoder + AuxK dead pass
     tp_comm_s = sum(x["time_s"] for x in comm if x["group"] == "tp")
@@ -925,101 +1136,102 @@ def plan(
     comm_s = tp_comm_s + dp_comm_s
     step = compute_s + comm_s
     step_ov = max(compute_s, comm_s)
+    return {"compute_s": compute_s, "matmul_s": matmul_s, "tp_comm_s": tp_comm_s, "dp_comm_s": dp_comm_s,
+            "comm_s": comm_s, "step_time_s": step, "step_time_overlapped_s": step_ov,
+            "tokens_per_s": B / step, "tokens_per_s_overlapped": B / step_ov,
+            "comm_fraction": comm_s / step, "step_over_matmul": step / matmul_s}
 
-    excess = mem["total"] - c.gpu_memory_gib * GiB
-    fits = excess <= 0
-    config = {
-        "d_in": d, "n_latents": n, "k": k, "k_aux": ka, "k_select": ks, "auxk": bool(ka),
-        "multi_topk": multi_topk, "batch_tokens": B, "tp": tp, "dp": dp, "world": world,
-        "tokens_per_gpu": Bl, "latents_per_gpu": nl, "engine": engine, "zero_stage": zero,
-        "offload_optimizer": bool(offload_optimizer), "ema": ema, "topk_exchange": exchange,
-        "topk_exchange_requested": topk_exchange,
-        "decode_compact": decode_compact, "decode_scan_slots": decode_scan_slots,
-        "decode_rows": {k_: int(round(v)) for k_, v in rows.items()},
-        "decode_slots": {name: w for name, w, _, _ in calls},
-        "decode_scan_width": scan,
-        "encoder_bwd_drop_zeros": encoder_bwd_drop_zeros, "encoder_bwd_entries": e_bwd,
-        "kernels": kernels, "kernel_backend": backend, "latent_chunk": latent_chunk,
-        "candidate_buffer_bytes": candidate_buffer_bytes, "allgather_chunk_bytes": allgather_chunk_bytes,
-        "encoder_splits": splits if triton else 0,
-        "dead_fraction": dead_fraction, "dead_latents_per_gpu": n_dead,
-        "auxk_dead_chunk": dead["chunk"] if dead else 0,
-        "encoder_bwd_grad_w": ("atomic" if triton and not bf16_operand_copies else "csr"),
-        "bf16_operand_copies": bf16_operand_copies, "topk_value_bytes": vx,
-        "input_buffers": input_buffers, "workspace_gib": workspace_gib, "tp_link": tp_link, "dp_link": dp_link,
-    }
-    assumptions = [
-        "model estimates from formulas, not measurements",
-        "tp innermost in the mesh: a tp group lies in one node iff tp divides gpus_per_node",
-        "no overlap: every collective on the critical path (step_time_overlapped_s: perfect-overlap bound)",
-        "ring collectives at the slowest link of the group (per-GPU NIC across nodes)",
-        f"k_aux={ka} AuxK candidates per token on every rank (worst case: >= k_aux dead latents per rank)",
-        "selected latents spread evenly over the tp ranks",
-        "decode width m: the batch's largest per-row kept count, each winner on a rank with probability "
-        f"1/tp (Binomial), exceeded with probability <= {KEPT_WIDTH_TAIL:g}; correlated winners can need up to w",
-        "top-k selection fused into the encoder matmul (its cost is in the mfu derate; the kernel keeps "
-        "k slots per row)",
-        f"AuxK candidates (Triton): a pass over dead_fraction={dead_fraction:g} of the rank's latents "
-        f"({n_dead:,}); its memory planned for the worst case over dead counts",
-        "encoder matmul at cluster.bf16_tflops * cluster.mfu" + (
-            "" if bf16_operand_copies else " (fp32 operands: pass the tf32 or fp32 rate)"),
-        "activations: the largest of three phase peaks (forward, decode backward, encoder backward), "
-        "each = the tensors alive then + that phase's largest transient",
-    ]
-    if exchange != topk_exchange:
-        assumptions.append(f"B/dp = {Bl} is not divisible by tp = {tp}: the code falls back to the all-gather "
-                           "exchange, and so does this plan")
-    result: dict[str, Any] = {
-        "config": config,
-        "cluster": asdict(c),
-        "shard_shapes": {k_: list(v) for k_, v in shapes.items()},
-        "params_per_gpu": P,
-        "memory_bytes": mem,
-        "memory_gib": {k_: v / GiB for k_, v in mem.items()},
-        "host_memory_bytes": host,
-        "activation_bytes": act,
-        "transient_bytes": transient,
-        "activation_phases": phases,
-        "activation_peak_phase": peak_phase,
+
+def _result(s: _Step, m: _Memory, flops: dict[str, dict], comm: list[dict]) -> dict[str, Any]:
+    """`plan`'s result dict (documented there) without the refusal: message "" and no suggestions,
+    which `plan` adds when the step does not fit."""
+    excess = m.per_gpu["total"] - s.c.gpu_memory_gib * GiB
+    return {
+        "config": _config(s),
+        "cluster": asdict(s.c),
+        "shard_shapes": {k_: list(v) for k_, v in s.shapes.items()},
+        "params_per_gpu": s.P,
+        "memory_bytes": m.per_gpu,
+        "memory_gib": {k_: v / GiB for k_, v in m.per_gpu.items()},
+        "host_memory_bytes": m.host,
+        "activation_bytes": m.kept,
+        "transient_bytes": m.transient,
+        "activation_phases": m.phases,
+        "activation_peak_phase": m.peak_phase,
         "flops": flops,
         "flops_total": sum(v["flops"] for v in flops.values()),
         "matmul_flops": sum(v["flops"] for v in flops.values() if v["kind"] == "matmul"),
         "comm": comm,
         "comm_bytes_per_gpu": sum(x["bytes_per_gpu"] for x in comm),
-        "compute_s": compute_s,
-        "matmul_s": matmul_s,
-        "tp_comm_s": tp_comm_s,
-        "dp_comm_s": dp_comm_s,
-        "comm_s": comm_s,
-        "step_time_s": step,
-        "step_time_overlapped_s": step_ov,
-        "tokens_per_s": B / step,
-        "tokens_per_s_overlapped": B / step_ov,
-        "comm_fraction": comm_s / step,
-        "step_over_matmul": step / matmul_s,
-        "input_bytes_per_gpu": bd,
-        "gpu_memory_gib": c.gpu_memory_gib,
-        "fits": fits,
+        **_step_times(flops, comm, s.B),
+        "input_bytes_per_gpu": s.bd,
+        "gpu_memory_gib": s.c.gpu_memory_gib,
+        "fits": excess <= 0,
         "excess_gib": max(0.0, excess / GiB),
         "headroom_gib": max(0.0, -excess / GiB),
         "message": "",
-        "assumptions": assumptions,
+        "assumptions": _assumptions(s),
     }
-    if not fits:
-        kw = dict(
-            d_in=d_in, n_latents=n_latents, k=k, batch_tokens=batch_tokens, tp=tp, cluster=c, k_aux=k_aux,
-            auxk=auxk, multi_topk=multi_topk, multi_topk_factor=multi_topk_factor, engine=engine,
-            zero_stage=zero_stage, offload_optimizer=offload_optimizer, ema=ema, topk_exchange=topk_exchange,
-            decode_compact=decode_compact, decode_scan_slots=decode_scan_slots,
-            encoder_bwd_drop_zeros=encoder_bwd_drop_zeros, kernels=kernels, kernel_backend=kernel_backend,
-            latent_chunk=latent_chunk, candidate_buffer_bytes=candidate_buffer_bytes,
-            allgather_chunk_bytes=allgather_chunk_bytes,
-            bf16_operand_copies=bf16_operand_copies, dead_fraction=dead_fraction, topk_value_bytes=topk_value_bytes,
-            input_buffers=input_buffers, workspace_gib=workspace_gib, zero_bucket_elements=zero_bucket_elements,
-        )
-        result["suggestions"] = _suggestions(kw) if suggest else []
-        result["message"] = _refusal(result)
-    return result
+
+
+def _config(s: _Step) -> dict[str, Any]:
+    """`plan`'s config: the resolved inputs and the derived per-GPU shapes (documented in `plan`)."""
+    o = s.o
+    return {
+        "d_in": s.d, "n_latents": s.n, "k": o.k, "k_aux": s.ka, "k_select": s.ks, "auxk": bool(s.ka),
+        "multi_topk": o.multi_topk, "batch_tokens": s.B, "tp": o.tp, "dp": s.dp, "world": s.world,
+        "tokens_per_gpu": s.Bl, "latents_per_gpu": s.nl, "engine": o.engine, "zero_stage": s.zero,
+        "offload_optimizer": bool(o.offload_optimizer), "ema": o.ema, "topk_exchange": s.exchange,
+        "topk_exchange_requested": o.topk_exchange,
+        "decode_compact": o.decode_compact, "decode_scan_slots": o.decode_scan_slots,
+        "decode_rows": {name: int(round(r)) for name, _, r, _ in s.calls},
+        "decode_slots": {name: w for name, w, _, _ in s.calls},
+        "decode_scan_width": {name: m for name, _, _, m in s.calls},
+        "encoder_bwd_drop_zeros": o.encoder_bwd_drop_zeros, "encoder_bwd_entries": s.ebw["entries"],
+        "kernels": o.kernels, "kernel_backend": s.backend, "latent_chunk": o.latent_chunk,
+        "candidate_buffer_bytes": o.candidate_buffer_bytes, "allgather_chunk_bytes": o.allgather_chunk_bytes,
+        "encoder_splits": s.splits if s.triton else 0,
+        "dead_fraction": o.dead_fraction, "dead_latents_per_gpu": s.n_dead,
+        "auxk_dead_chunk": s.dead["chunk"] if s.dead else 0,
+        "encoder_bwd_grad_w": ("atomic" if s.triton and not o.bf16_operand_copies else "csr"),
+        "bf16_operand_copies": o.bf16_operand_copies, "topk_value_bytes": s.vx,
+        "input_buffers": o.input_buffers, "workspace_gib": o.workspace_gib, "tp_link": s.tp_link,
+        "dp_link": s.dp_link,
+    }
+
+
+def _assumptions(s: _Step) -> list[str]:
+    """`plan`'s assumptions: the modelling choices behind the numbers, in words."""
+    o = s.o
+    assumptions = [
+        "model estimates from formulas, not measurements",
+        "tp innermost in the mesh: a tp group lies in one node iff tp divides gpus_per_node",
+        "no overlap: every collective on the critical path (step_time_overlapped_s: perfect-overlap bound)",
+        "ring collectives at the slowest link of the group (per-GPU NIC across nodes)",
+        f"k_aux={s.ka} AuxK candidates per token on every rank (worst case: >= k_aux dead latents per rank)",
+        "selected latents spread evenly over the tp ranks",
+        "decode width m: the batch's largest per-row kept count, each winner on a rank with probability "
+        f"1/tp (Binomial), exceeded with probability <= {KEPT_WIDTH_TAIL:g}; correlated winners can need up to w",
+        "top-k selection fused into the encoder matmul (its cost is in the mfu derate; the kernel keeps "
+        "k slots per row)",
+        f"AuxK candidates (Triton): a pass over dead_fraction={o.dead_fraction:g} of the rank's latents "
+        f"({s.n_dead:,}); its memory planned for the worst case over dead counts",
+        "encoder matmul at cluster.bf16_tflops * cluster.mfu" + (
+            "" if o.bf16_operand_copies else " (fp32 operands: pass the tf32 or fp32 rate)"),
+        "activations: the largest of three phase peaks (forward, decode backward, encoder backward), "
+        "each = the tensors alive then + that phase's largest transient",
+    ]
+    if s.exchange != o.topk_exchange:
+        assumptions.append(f"B/dp = {s.Bl} is not divisible by tp = {o.tp}: the code falls back to the all-gather "
+                           "exchange, and so does this plan")
+    return assumptions
+
+
+def _suggestion_kwargs(s: _Step) -> dict[str, Any]:
+    """`plan` keyword arguments of this step for `_suggestions`: the options with the cluster and
+    k_aux resolved, without `suggest`."""
+    kw = {f.name: getattr(s.o, f.name) for f in fields(s.o) if f.name != "suggest"}
+    return {**kw, "cluster": s.c, "k_aux": s.k_aux}
 
 
 def _suggestions(kw: dict, limit: int = 3) -> list[dict]:

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sae_dist.eval.downstream import _module_device, replace_after
+from sae_dist.eval.downstream import _module_device, eval_mode, replace_after
 from sae_dist.eval.metrics import LatentCodes
 
 __all__ = ["effective_logit_count", "ablation_sparsity", "collect_codes"]
@@ -126,20 +126,9 @@ def _ablation_splice(sae: nn.Module, sae_device: torch.device, skip: int, ablate
 
 @torch.no_grad()
 def ablation_sparsity(
-    model: nn.Module,
-    sae: nn.Module,
-    hook: str,
-    sequences: torch.Tensor,
-    *,
-    codes: LatentCodes | None = None,
-    n_latents: int = 16,
-    occurrences: int = 4,
-    positions: int = 16,
-    seed: int = 0,
-    batch_size: int = 8,
-    device: str | torch.device = "cpu",
-    skip_positions: int = 1,
-    subtract_median: bool = True,
+    model: nn.Module, sae: nn.Module, hook: str, sequences: torch.Tensor, *, codes: LatentCodes | None = None,
+    n_latents: int = 16, occurrences: int = 4, positions: int = 16, seed: int = 0, batch_size: int = 8,
+    device: str | torch.device = "cpu", skip_positions: int = 1, subtract_median: bool = True,
     return_details: bool = False,
 ) -> dict[str, Any]:
     """Sparsity of the downstream effect of ablating single latents (Gao et al. 2024 sec. 4.5;
@@ -175,51 +164,85 @@ def ablation_sparsity(
         ValueError: a negative n_latents, occurrences/positions/batch_size < 1, bad `sequences`, or
             codes whose token count does not match `sequences`.
     """
-    from sae_dist.harvest.hooks import resolve_hook, splice_hook
+    from sae_dist.harvest.hooks import resolve_hook
 
+    _check_ablation_options(n_latents, occurrences, positions, batch_size)
+    if int(n_latents) == 0:
+        return {}
+    n_seq, t, s = _token_grid(sequences, skip_positions)
+    device = torch.device(device)
+    spec = resolve_hook(model, hook)
+    if codes is None:
+        codes = collect_codes(model, sae, spec.name, sequences, batch_size=batch_size, device=device, skip_positions=s)
+    if codes.n_tokens != n_seq * (t - s):
+        raise ValueError(f"codes hold {codes.n_tokens} tokens but sequences {tuple(sequences.shape)} give "
+                         f"{n_seq * (t - s)} with skip_positions={s}")
+    T = min(int(positions), t - s)
+    chosen, jobs = _ablation_jobs(codes, t, s, T, int(n_latents), int(occurrences), int(seed))
+    details, vocab = _run_ablations(model, sae, spec, sequences, jobs, T, s, batch_size, device, subtract_median)
+    out = _ablation_summary(chosen, details, T, vocab)
+    if return_details:
+        out["ablation_details"] = details
+    return out
+
+
+def _check_ablation_options(n_latents: int, occurrences: int, positions: int, batch_size: int) -> None:
+    """ValueError naming the option: n_latents < 0, or occurrences / positions / batch_size < 1."""
     for name, v, lo in (("ablation_latents", n_latents, 0), ("ablation_occurrences", occurrences, 1),
                         ("ablation_positions", positions, 1), ("batch_size", batch_size, 1)):
         if int(v) < lo:
             raise ValueError(f"{name} must be >= {lo}, got {v}")
-    if int(n_latents) == 0:
-        return {}
+
+
+def _token_grid(sequences: torch.Tensor, skip_positions: int) -> tuple[int, int, int]:
+    """(N, T, skip_positions as an int) of the int64 token ids `sequences` [N, T]; ValueError when it
+    is not an integer 2-d tensor or has no position >= skip_positions."""
     if not isinstance(sequences, torch.Tensor) or sequences.ndim != 2 or sequences.is_floating_point():
         raise ValueError("sequences must be an integer tensor [N, T]")
     n_seq, t = sequences.shape
     s = int(skip_positions)
     if t - s < 1:
         raise ValueError(f"sequences of length {t} have no position >= skip_positions={s}")
-    device = torch.device(device)
-    spec = resolve_hook(model, hook)
-    if codes is None:
-        codes = collect_codes(model, sae, spec.name, sequences, batch_size=batch_size, device=device, skip_positions=s)
+    return n_seq, t, s
+
+
+def _ablation_jobs(codes: LatentCodes, t: int, s: int, T: int, n_latents: int, occurrences: int,
+                   seed: int) -> tuple[list[int], list[tuple[int, int, int]]]:
+    """The seeded draws (module docstring): up to n_latents sorted latent ids among those firing on an
+    eligible token (positions p..p+T-1 inside its length-t sequence), and for each up to `occurrences`
+    of those tokens. Returns (chosen latents, jobs [(latent, sequence, position)] sorted by position,
+    so that a batch's lengths are similar: less padding work)."""
     per_seq = t - s
-    if codes.n_tokens != n_seq * per_seq:
-        raise ValueError(f"codes hold {codes.n_tokens} tokens but sequences {tuple(sequences.shape)} give "
-                         f"{n_seq * per_seq} with skip_positions={s}")
-    T = min(int(positions), per_seq)
     rows, lat, _ = codes.tensors()
     seq_of = rows // per_seq
     pos_of = rows % per_seq + s
     ok = pos_of <= t - T
-    rows, lat, seq_of, pos_of = rows[ok], lat[ok], seq_of[ok], pos_of[ok]
-    g = torch.Generator().manual_seed(int(seed))
+    lat, seq_of, pos_of = lat[ok], seq_of[ok], pos_of[ok]
+    g = torch.Generator().manual_seed(seed)
     candidates = torch.unique(lat)
-    chosen = candidates[torch.randperm(candidates.numel(), generator=g)[: int(n_latents)]].sort().values.tolist()
+    chosen = candidates[torch.randperm(candidates.numel(), generator=g)[:n_latents]].sort().values.tolist()
     jobs: list[tuple[int, int, int]] = []  # (latent, sequence, position)
     for j in chosen:
         where = (lat == j).nonzero().flatten()
-        pick = where[torch.randperm(where.numel(), generator=g)[: int(occurrences)]]
+        pick = where[torch.randperm(where.numel(), generator=g)[:occurrences]]
         jobs += [(int(j), int(seq_of[e]), int(pos_of[e])) for e in pick]
-    jobs.sort(key=lambda job: job[2])  # similar lengths in a batch: less padding work
+    jobs.sort(key=lambda job: job[2])
+    return chosen, jobs
+
+
+def _run_ablations(model: nn.Module, sae: nn.Module, spec, sequences: torch.Tensor, jobs: list[tuple[int, int, int]],
+                   T: int, s: int, batch_size: int, device: torch.device,
+                   subtract_median: bool) -> tuple[list[dict], int | None]:
+    """Run the ablation jobs batch_size at a time (model and SAE in eval mode, restored after): an
+    SAE-spliced forward before and one with each row's latent ablated at its position, truncated to
+    the batch's last position + T. Returns (one {latent, seq, pos, sparsity, fraction} per job, in
+    job order; sparsity NaN for no effect, vocabulary size V, None without jobs)."""
+    from sae_dist.harvest.hooks import splice_hook
 
     sae_device = _module_device(sae, device)
-    was_training, sae_was_training = model.training, sae.training
-    model.eval()
-    sae.eval()
     details = []
     vocab = None
-    try:
+    with eval_mode(model, sae):
         for i in range(0, len(jobs), batch_size):
             batch = jobs[i : i + batch_size]
             length = max(p for _, _, p in batch) + T
@@ -234,10 +257,12 @@ def ablation_sparsity(
                 delta = after[r, p : p + T].float() - before[r, p : p + T].float()
                 eff = effective_logit_count(delta, subtract_median)
                 details.append({"latent": j, "seq": q, "pos": p, "sparsity": eff, "fraction": eff / (T * vocab)})
-    finally:
-        model.train(was_training)
-        sae.train(sae_was_training)
+    return details, vocab
 
+
+def _ablation_summary(chosen: list[int], details: list[dict], T: int, vocab: int | None) -> dict[str, Any]:
+    """`ablation_sparsity`'s dict (without details): per latent the mean over its ablations with an
+    effect, then the mean over those latents (None when none had an effect)."""
     per_latent: dict[int, dict] = {}
     for j in chosen:
         effs = [d for d in details if d["latent"] == j and not math.isnan(d["sparsity"])]
@@ -248,7 +273,7 @@ def ablation_sparsity(
                 "occurrences": len(effs),
             }
     n_zero = sum(math.isnan(d["sparsity"]) for d in details)
-    out: dict[str, Any] = {
+    return {
         "ablation_sparsity": (
             (sum(v["sparsity"] for v in per_latent.values()) / len(per_latent)) if per_latent else None
         ),
@@ -262,6 +287,3 @@ def ablation_sparsity(
         "ablation_zero_effect": int(n_zero),
         "ablation_per_latent": {str(j): v for j, v in per_latent.items()},
     }
-    if return_details:
-        out["ablation_details"] = details
-    return out

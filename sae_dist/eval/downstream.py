@@ -24,7 +24,8 @@ activation dtype.
 from __future__ import annotations
 
 import math
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -71,17 +72,24 @@ def _zero_splice(skip: int):
     return fn
 
 
+@contextmanager
+def eval_mode(*modules: nn.Module) -> Iterator[None]:
+    """Put `modules` in eval mode for the block and restore each one's training flag after it, in
+    the same order, even when the block raises."""
+    flags = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, flag in zip(modules, flags, strict=True):
+            m.train(flag)
+
+
 @torch.no_grad()
 def downstream_loss(
-    model: nn.Module,
-    sae: nn.Module,
-    hook: str,
-    sequences: torch.Tensor,
-    *,
-    batch_size: int = 8,
-    device: str | torch.device = "cpu",
-    skip_positions: int = 1,
-    progress: bool = False,
+    model: nn.Module, sae: nn.Module, hook: str, sequences: torch.Tensor, *, batch_size: int = 8,
+    device: str | torch.device = "cpu", skip_positions: int = 1, progress: bool = False,
 ) -> dict[str, Any]:
     """Clean, SAE-spliced and zero-ablated next-token cross entropy, CE loss score and KL divergence.
 
@@ -108,8 +116,29 @@ def downstream_loss(
         ValueError: `sequences` not a 2-D integer tensor, too short for `skip_positions`, empty,
             `batch_size` < 1, or non-finite clean logits (names the sequence range).
     """
-    from sae_dist.harvest.hooks import resolve_hook, splice_hook
+    from sae_dist.harvest.hooks import resolve_hook
 
+    n, t = _check_downstream_inputs(sequences, skip_positions, batch_size)
+    device = torch.device(device)
+    spec = resolve_hook(model, hook)
+    s = skip_positions
+    splices = {"sae": _sae_splice(sae, _module_device(sae, device), s), "zero": _zero_splice(s)}
+    sums = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "kl_sae": 0.0, "kl_zero": 0.0}
+    n_pred = 0
+    starts = range(0, n, batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="eval: downstream CE", unit="batch")
+    with eval_mode(model, sae):
+        for i in starts:
+            ids = sequences[i : i + batch_size].to(device=device, dtype=torch.long)
+            n_pred += _add_batch_losses(model, spec, splices, ids, s, sums, i, batch_size)
+    return _ce_summary(sums, n_pred)
+
+
+def _check_downstream_inputs(sequences: torch.Tensor, skip_positions: int, batch_size: int) -> tuple[int, int]:
+    """(N, T) of `sequences`; ValueError (the `downstream_loss` cases) naming what is wrong."""
     if not isinstance(sequences, torch.Tensor) or sequences.ndim != 2 or sequences.is_floating_point():
         shape = tuple(sequences.shape) if isinstance(sequences, torch.Tensor) else type(sequences).__name__
         raise ValueError(f"sequences must be an integer tensor [N, T], got {shape}")
@@ -125,54 +154,46 @@ def downstream_loss(
         raise ValueError("sequences is empty (N=0); nothing to evaluate")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return n, t
 
-    device = torch.device(device)
-    spec = resolve_hook(model, hook)
-    sae_device = _module_device(sae, device)
-    s = skip_positions
-    sae_fn = _sae_splice(sae, sae_device, s)
-    zero_fn = _zero_splice(s)
 
-    def logprobs(ids: torch.Tensor) -> torch.Tensor:
+def _add_batch_losses(model: nn.Module, spec, splices: dict, ids: torch.Tensor, s: int, sums: dict[str, float],
+                      i: int, batch_size: int) -> int:
+    """Add one batch's summed CE (nats, float64) of the clean and of each spliced forward, and each
+    splice's KL(clean || spliced), to `sums`; returns the batch's number of predictions. Predictions
+    from positions s..T-2 (of tokens s+1..T-1). ValueError for non-finite clean logits (names the
+    sequences [i, i + rows) of batch i // batch_size)."""
+    from sae_dist.harvest.hooks import splice_hook
+
+    t = ids.shape[1]
+
+    def logprobs() -> torch.Tensor:
         logits = model(input_ids=ids, use_cache=False).logits
         # logits at positions s..T-2 predict tokens s+1..T-1
         return torch.log_softmax(logits[:, s : t - 1, :].float(), dim=-1)
 
-    sums = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "kl_sae": 0.0, "kl_zero": 0.0}
-    n_pred = 0
-    was_training = model.training
-    sae_was_training = sae.training
-    model.eval()
-    sae.eval()
-    starts = range(0, n, batch_size)
-    if progress:
-        from tqdm.auto import tqdm
+    targets = ids[:, s + 1 :].unsqueeze(-1)
+    lp_clean = logprobs()
+    if not torch.isfinite(lp_clean).all():
+        raise ValueError(
+            f"non-finite clean logits for sequences [{i}, {i + ids.shape[0]}) (batch {i // batch_size}); "
+            "the LM produces NaN/Inf on these inputs (try dtype=float32)"
+        )
+    p_clean = lp_clean.exp()
+    sums["clean"] -= float(lp_clean.gather(-1, targets).sum(dtype=torch.float64))
+    for name, fn in splices.items():
+        with splice_hook(model, spec, fn):
+            lp = logprobs()
+        sums[name] -= float(lp.gather(-1, targets).sum(dtype=torch.float64))
+        kl = (p_clean * (lp_clean - lp)).sum(-1, dtype=torch.float64)
+        sums["kl_" + name] += float(kl.sum())
+        del lp
+    return targets.numel()
 
-        starts = tqdm(starts, desc="eval: downstream CE", unit="batch")
-    try:
-        for i in starts:
-            ids = sequences[i : i + batch_size].to(device=device, dtype=torch.long)
-            targets = ids[:, s + 1 :].unsqueeze(-1)
-            lp_clean = logprobs(ids)
-            if not torch.isfinite(lp_clean).all():
-                raise ValueError(
-                    f"non-finite clean logits for sequences [{i}, {i + ids.shape[0]}) (batch {i // batch_size}); "
-                    "the LM produces NaN/Inf on these inputs (try dtype=float32)"
-                )
-            p_clean = lp_clean.exp()
-            sums["clean"] -= float(lp_clean.gather(-1, targets).sum(dtype=torch.float64))
-            for name, fn in (("sae", sae_fn), ("zero", zero_fn)):
-                with splice_hook(model, spec, fn):
-                    lp = logprobs(ids)
-                sums[name] -= float(lp.gather(-1, targets).sum(dtype=torch.float64))
-                kl = (p_clean * (lp_clean - lp)).sum(-1, dtype=torch.float64)
-                sums["kl_" + name] += float(kl.sum())
-                del lp
-            n_pred += targets.numel()
-    finally:
-        model.train(was_training)
-        sae.train(sae_was_training)
 
+def _ce_summary(sums: dict[str, float], n_pred: int) -> dict[str, Any]:
+    """`downstream_loss`'s dict from the summed losses over n_pred predictions (nats per token; the
+    CE loss score is NaN when zero ablation does not change the CE)."""
     ce_clean = sums["clean"] / n_pred
     ce_sae = sums["sae"] / n_pred
     ce_zero = sums["zero"] / n_pred

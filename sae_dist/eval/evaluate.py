@@ -28,6 +28,7 @@ import math
 import os
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -35,7 +36,7 @@ import torch
 from torch import nn
 
 from sae_dist.eval.ablation import ablation_sparsity
-from sae_dist.eval.downstream import downstream_loss
+from sae_dist.eval.downstream import downstream_loss, eval_mode
 from sae_dist.eval.metrics import LatentCodes, LatentFiringCounter, ReconstructionStats
 from sae_dist.eval.n2g import n2g_metrics_from_codes
 from sae_dist.eval.probes import probe_loss, token_task_labels
@@ -122,39 +123,65 @@ def _read_training_state(sae_path: Path) -> dict | None:
 
 @torch.no_grad()
 def evaluate(
-    *,
-    sae_path: str | os.PathLike,
-    model: nn.Module,
-    tokenizer,
-    hook: str | None = None,
-    docs: Iterable[str],
-    ctx_len: int = 64,
-    eval_tokens: int = 16_384,
-    eval_fraction: float = 0.05,
-    batch_size: int = 32,
-    device: str | torch.device = "cpu",
-    model_name: str | None = None,
-    progress: bool = True,
-    probes: bool = True,
-    probe_min_count: int = 20,
-    ablation_latents: int = 16,
-    ablation_occurrences: int = 4,
-    ablation_positions: int = 16,
-    ablation_seed: int = 0,
-    shrinkage_tokens: int = 2048,
-    shrinkage_support: str = "active",
-    dense_threshold: float = 0.1,
-    density_bins: int = 32,
-    n2g_latents: int = 64,
-    n2g_max_n: int = 4,
-    n2g_min_precision: float = 0.5,
-    lm_family: Iterable[dict] | None = None,
-    model_compute: float | None = None,
+    *, sae_path: str | os.PathLike, model: nn.Module, tokenizer, hook: str | None = None, docs: Iterable[str],
+    ctx_len: int = 64, eval_tokens: int = 16_384, eval_fraction: float = 0.05, batch_size: int = 32,
+    device: str | torch.device = "cpu", model_name: str | None = None, progress: bool = True,
+    probes: bool = True, probe_min_count: int = 20, ablation_latents: int = 16, ablation_occurrences: int = 4,
+    ablation_positions: int = 16, ablation_seed: int = 0, shrinkage_tokens: int = 2048,
+    shrinkage_support: str = "active", dense_threshold: float = 0.1, density_bins: int = 32,
+    n2g_latents: int = 64, n2g_max_n: int = 4, n2g_min_precision: float = 0.5,
+    lm_family: Iterable[dict] | None = None, model_compute: float | None = None,
     progressive_k_factors: Iterable[float] | None = None,
 ) -> dict[str, Any]:
     """Evaluate the exported SAE at `sae_path` on held-out text; returns the eval.json dict.
 
-    Args:
+    Args: the fields of `_EvalOptions`, documented there, with the defaults above.
+    Phases: `_load_target` -> `_reconstruction_pass` -> `downstream_loss` -> `_metrics` (one function
+    per metric) -> `_eval_json`.
+
+    Returns:
+        dict with every CONTRACT key (`CONTRACT_KEYS`) plus `dead_fraction_window`, `dead_fraction_eval`,
+        `mse`, `mse_per_token`, `variance_per_token`, `ce_loss_delta`, `kl_div_zero_ablation`,
+        `ce_tokens`, `ctx_len`, `eval_sequences`, `eval_fraction`, `sae_path`, `architecture`,
+        `normalized_mse_definition`, and the keys of the metrics above: `probe_loss`, `probe_baseline`,
+        `probe_loss_per_task`, `probe_tasks_skipped`, `probe_min_count`; `ablation_sparsity`,
+        `ablation_sparsity_fraction`, `ablation_latents`, `ablation_positions`, `ablation_vocab`,
+        `ablation_count`, `ablation_zero_effect`, `ablation_per_latent`, `ablation_definition`;
+        `shrinkage_ratio`, `shrinkage_fvu_encoder`, `shrinkage_fvu_refined`, `shrinkage_fvu_gain`,
+        `shrinkage_tokens`, `shrinkage_support`; `n2g_precision`, `n2g_recall`, `n2g_f1`, `n2g_latents`
+        (scored latents), `n2g_latents_sampled`, `n2g_heldout_contexts`; `equivalent_compute`,
+        `equivalent_compute_fraction`, `equivalent_compute_note`, `lm_family_fit`, `lm_family_ce`;
+        `progressive` (`sae_dist.eval.progressive.progressive_curve`'s dict, or None);
+        `density_histogram` ({"log10_density_bin_edges", "counts", "n_dead"}), `dense_fraction`,
+        `dense_threshold`; `metric_seconds` (wall time of each of these metrics). A metric that is turned
+        off has None values. Floats are Python floats; `eval_tokens` is the number of tokens actually
+        evaluated (reconstruction); `ce_tokens` the number of predictions in the CE averages.
+        `tokens_trained` is None when neither training_state.json nor cfg.json records it.
+
+    Raises:
+        ValueError: hook width != SAE d_in (names both), non-finite activations (names the sequence
+            range), empty eval split, ctx_len < 3, an option of the metrics above out of range.
+        FileNotFoundError: no exported SAE at `sae_path` (from `load_sae`).
+    """
+    o = _EvalOptions(**locals())  # every keyword argument above, by name
+    _check_eval_options(o)
+    target = _load_target(o)
+    if target.sae_hook is not None and target.sae_hook != target.spec.name:
+        warnings.warn(f"evaluating at hook {target.spec.name!r}, but the SAE was trained at {target.sae_hook!r}",
+                      stacklevel=2)
+    sequences = _collect_sequences(docs, tokenizer, int(ctx_len), int(eval_tokens), float(eval_fraction))
+    acc = _reconstruction_pass(o, target, sequences)
+    down = downstream_loss(model, target.sae, target.spec.name, sequences, batch_size=batch_size, device=target.device,
+                           skip_positions=1, progress=progress)
+    extra = _metrics(o, target, sequences, acc, down)
+    return _eval_json(o, target, sequences, acc, down, extra)
+
+
+@dataclass(frozen=True)
+class _EvalOptions:
+    """The keyword arguments of `evaluate`, by name; their defaults are in its signature.
+
+    Fields:
         sae_path: directory with `cfg.json` + `sae_weights.safetensors` (and optionally the trainer's
             `training_state.json`).
         model: the HF causal LM the SAE was trained on (already loaded, e.g. by `load_lm`).
@@ -195,47 +222,101 @@ def evaluate(
         progressive_k_factors: progressive recovery (sec. 5.3; `sae_dist.eval.progressive`), TopK SAEs
             only: the curve at k' = round(f * k) for each factor f, and the one-threshold JumpReLU at the
             same L0s, on the eval tokens. None / empty: off (`progressive` is None).
-
-    Returns:
-        dict with every CONTRACT key (`CONTRACT_KEYS`) plus `dead_fraction_window`, `dead_fraction_eval`,
-        `mse`, `mse_per_token`, `variance_per_token`, `ce_loss_delta`, `kl_div_zero_ablation`,
-        `ce_tokens`, `ctx_len`, `eval_sequences`, `eval_fraction`, `sae_path`, `architecture`,
-        `normalized_mse_definition`, and the keys of the metrics above: `probe_loss`, `probe_baseline`,
-        `probe_loss_per_task`, `probe_tasks_skipped`, `probe_min_count`; `ablation_sparsity`,
-        `ablation_sparsity_fraction`, `ablation_latents`, `ablation_positions`, `ablation_vocab`,
-        `ablation_count`, `ablation_zero_effect`, `ablation_per_latent`, `ablation_definition`;
-        `shrinkage_ratio`, `shrinkage_fvu_encoder`, `shrinkage_fvu_refined`, `shrinkage_fvu_gain`,
-        `shrinkage_tokens`, `shrinkage_support`; `n2g_precision`, `n2g_recall`, `n2g_f1`, `n2g_latents`
-        (scored latents), `n2g_latents_sampled`, `n2g_heldout_contexts`; `equivalent_compute`,
-        `equivalent_compute_fraction`, `equivalent_compute_note`, `lm_family_fit`, `lm_family_ce`;
-        `progressive` (`sae_dist.eval.progressive.progressive_curve`'s dict, or None);
-        `density_histogram` ({"log10_density_bin_edges", "counts", "n_dead"}), `dense_fraction`,
-        `dense_threshold`; `metric_seconds` (wall time of each of these metrics). A metric that is turned
-        off has None values. Floats are Python floats; `eval_tokens` is the number of tokens actually
-        evaluated (reconstruction); `ce_tokens` the number of predictions in the CE averages.
-        `tokens_trained` is None when neither training_state.json nor cfg.json records it.
-
-    Raises:
-        ValueError: hook width != SAE d_in (names both), non-finite activations (names the sequence
-            range), empty eval split, ctx_len < 3, an option of the metrics above out of range.
-        FileNotFoundError: no exported SAE at `sae_path` (from `load_sae`).
     """
-    from sae_dist.harvest.hooks import resolve_hook, run_to_hook
+
+    sae_path: str | os.PathLike
+    model: nn.Module
+    tokenizer: Any
+    hook: str | None
+    docs: Iterable[str]
+    ctx_len: int
+    eval_tokens: int
+    eval_fraction: float
+    batch_size: int
+    device: str | torch.device
+    model_name: str | None
+    progress: bool
+    probes: bool
+    probe_min_count: int
+    ablation_latents: int
+    ablation_occurrences: int
+    ablation_positions: int
+    ablation_seed: int
+    shrinkage_tokens: int
+    shrinkage_support: str
+    dense_threshold: float
+    density_bins: int
+    n2g_latents: int
+    n2g_max_n: int
+    n2g_min_precision: float
+    lm_family: Iterable[dict] | None
+    model_compute: float | None
+    progressive_k_factors: Iterable[float] | None
+
+
+@dataclass(frozen=True)
+class _Target:
+    """The SAE under evaluation and where it reads: the loaded `sae` (eval mode) from `sae_dir`, its
+    canonical `cfg_json`, d_in, d_sae and k (None for a non-TopK SAE), the hook it was trained at
+    (`sae_hook`, None when cfg.json has none), the resolved hook `spec`, the recorded `model_name`,
+    the LM input `device` and the SAE's own `sae_device`."""
+
+    sae: nn.Module
+    sae_dir: Path
+    cfg_json: dict
+    d_in: int
+    d_sae: int
+    k: int | None
+    sae_hook: str | None
+    spec: Any  # sae_dist.harvest.hooks.HookSpec
+    model_name: str | None
+    device: torch.device
+    sae_device: torch.device
+
+
+@dataclass
+class _Accumulated:
+    """What the reconstruction pass gathers over the eval tokens (positions >= 1): reconstruction
+    stats (raw and, for layer_norm SAEs, in the normalised space: `stats_norm` is `stats` otherwise),
+    latent firing counts, the latent codes (None when no metric needs them), the fp32 [rows, d_in]
+    activations sampled for shrinkage, and the progressive k' values with their activations (None: off)."""
+
+    stats: ReconstructionStats
+    stats_norm: ReconstructionStats
+    per_token_norm: bool
+    firing: LatentFiringCounter
+    codes: LatentCodes | None
+    shrink_rows: torch.Tensor  # bool [n_seq * (ctx_len - 1)]: the rows sampled for shrinkage
+    shrink_x: list[torch.Tensor]
+    prog_k: list[int] | None
+    prog_x: list[torch.Tensor] | None
+
+
+def _check_eval_options(o: _EvalOptions) -> None:
+    """ValueError naming the first option of `evaluate` out of range (ctx_len >= 3, eval_tokens >= 1,
+    batch_size >= 1, the metric options, the n2g options), before anything is loaded."""
+    if int(o.ctx_len) < 3:
+        raise ValueError(f"ctx_len must be >= 3 for the downstream loss (BOS + 2 tokens), got {o.ctx_len}")
+    if int(o.eval_tokens) < 1:
+        raise ValueError(f"eval_tokens must be >= 1, got {o.eval_tokens}")
+    if int(o.batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {o.batch_size}")
+    _check_metric_options(o.probe_min_count, o.ablation_latents, o.ablation_occurrences, o.ablation_positions,
+                          o.shrinkage_tokens, o.shrinkage_support, o.dense_threshold, o.density_bins)
+    if int(o.n2g_latents) < 0 or int(o.n2g_max_n) < 1 or not (0.0 < float(o.n2g_min_precision) <= 1.0):
+        raise ValueError(f"n2g options out of range: n2g_latents={o.n2g_latents} (>= 0), n2g_max_n={o.n2g_max_n} "
+                         f"(>= 1), n2g_min_precision={o.n2g_min_precision} (in (0, 1])")
+
+
+def _load_target(o: _EvalOptions) -> _Target:
+    """Load the SAE at o.sae_path and resolve its hook on o.model (o.hook, else cfg.json's hook_name).
+    Raises FileNotFoundError without an export, ValueError when it records no d_in / d_sae or no hook
+    is known."""
+    from sae_dist.harvest.hooks import resolve_hook
     from sae_dist.sae.export import load_sae
 
-    if int(ctx_len) < 3:
-        raise ValueError(f"ctx_len must be >= 3 for the downstream loss (BOS + 2 tokens), got {ctx_len}")
-    if int(eval_tokens) < 1:
-        raise ValueError(f"eval_tokens must be >= 1, got {eval_tokens}")
-    if int(batch_size) < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    _check_metric_options(probe_min_count, ablation_latents, ablation_occurrences, ablation_positions,
-                          shrinkage_tokens, shrinkage_support, dense_threshold, density_bins)
-    if int(n2g_latents) < 0 or int(n2g_max_n) < 1 or not (0.0 < float(n2g_min_precision) <= 1.0):
-        raise ValueError(f"n2g options out of range: n2g_latents={n2g_latents} (>= 0), n2g_max_n={n2g_max_n} "
-                         f"(>= 1), n2g_min_precision={n2g_min_precision} (in (0, 1])")
-    sae_dir = Path(sae_path)
-    device = torch.device(device)
+    sae_dir = Path(o.sae_path)
+    device = torch.device(o.device)
     sae = load_sae(str(sae_dir), device=device)
     sae.eval()
     # the canonical cfg: SAELens saves nest hook_name / model_name under "metadata"
@@ -251,160 +332,209 @@ def evaluate(
             f"the SAE at {str(sae_dir)!r} records no d_in/d_sae (got d_in={d_in}, d_sae={d_sae}); "
             "re-export it with sae_dist.sae.export.export_sae"
         )
-    d_in, d_sae = int(d_in), int(d_sae)
     k = _sae_field(sae, cfg_json, "k")
-    k = int(k) if k is not None else None
     sae_hook = cfg_json.get("hook_name")
+    hook = o.hook
     if hook is None:
         if sae_hook is None:
             raise ValueError(f"no hook given and {sae_dir / 'cfg.json'} has no hook_name; pass hook=")
         hook = sae_hook
-    spec = resolve_hook(model, hook)
-    if sae_hook is not None and sae_hook != spec.name:
-        warnings.warn(f"evaluating at hook {spec.name!r}, but the SAE was trained at {sae_hook!r}", stacklevel=2)
+    spec = resolve_hook(o.model, hook)
+    model_name = o.model_name
     if model_name is None:
-        model_name = cfg_json.get("model_name") or getattr(getattr(model, "config", None), "_name_or_path", None)
+        model_name = cfg_json.get("model_name") or getattr(getattr(o.model, "config", None), "_name_or_path", None)
+    return _Target(sae=sae, sae_dir=sae_dir, cfg_json=cfg_json, d_in=int(d_in), d_sae=int(d_sae),
+                   k=int(k) if k is not None else None, sae_hook=sae_hook, spec=spec, model_name=model_name,
+                   device=device, sae_device=_module_device(sae, device))
 
-    sequences = _collect_sequences(docs, tokenizer, int(ctx_len), int(eval_tokens), float(eval_fraction))
-    n_seq, t = sequences.shape
-    sae_device = _module_device(sae, device)
 
-    was_training = model.training
-    model.eval()
-    stats = ReconstructionStats(d_in, device=sae_device)
+def _accumulators(o: _EvalOptions, target: _Target, n_rows: int) -> _Accumulated:
+    """Empty accumulators of the reconstruction pass over n_rows eval tokens; the shrinkage rows drawn
+    with ablation_seed; progressive recovery checked (a TopK SAE, valid factors: ValueError) before
+    the LM passes."""
+    d_in, d_sae, dev = target.d_in, target.d_sae, target.sae_device
+    stats = ReconstructionStats(d_in, device=dev)
     # the same fvu in the space the SAE was trained in (the paper reports MSE on normalised inputs);
     # only per-token layer_norm changes it: a scalar scale cancels in the fvu ratio
-    per_token_norm = cfg_json.get("normalize_activations") == "layer_norm"
-    stats_norm = ReconstructionStats(d_in, device=sae_device) if per_token_norm else stats
-    firing = LatentFiringCounter(d_sae, device=sae_device)
-    codes = LatentCodes(d_sae) if (probes or int(ablation_latents) > 0 or int(n2g_latents) > 0) else None
-    n_rows = n_seq * (t - 1)
+    per_token_norm = target.cfg_json.get("normalize_activations") == "layer_norm"
     shrink_rows = torch.zeros(n_rows, dtype=torch.bool)
-    if int(shrinkage_tokens) > 0:
-        gen = torch.Generator().manual_seed(int(ablation_seed))
-        shrink_rows[torch.randperm(n_rows, generator=gen)[: int(shrinkage_tokens)]] = True
-    shrink_x: list[torch.Tensor] = []
-    # checked before the LM passes: progressive recovery needs a TopK SAE and valid factors
-    prog_k = k_values_from_factors(check_topk_sae(sae), list(progressive_k_factors), d_sae) \
-        if progressive_k_factors else None
-    prog_x: list[torch.Tensor] | None = None if prog_k is None else []
+    if int(o.shrinkage_tokens) > 0:
+        gen = torch.Generator().manual_seed(int(o.ablation_seed))
+        shrink_rows[torch.randperm(n_rows, generator=gen)[: int(o.shrinkage_tokens)]] = True
+    prog_k = k_values_from_factors(check_topk_sae(target.sae), list(o.progressive_k_factors), d_sae) \
+        if o.progressive_k_factors else None
+    return _Accumulated(
+        stats=stats, stats_norm=ReconstructionStats(d_in, device=dev) if per_token_norm else stats,
+        per_token_norm=per_token_norm, firing=LatentFiringCounter(d_sae, device=dev),
+        codes=LatentCodes(d_sae) if (o.probes or int(o.ablation_latents) > 0 or int(o.n2g_latents) > 0) else None,
+        shrink_rows=shrink_rows, shrink_x=[], prog_k=prog_k, prog_x=None if prog_k is None else [],
+    )
+
+
+def _reconstruction_pass(o: _EvalOptions, target: _Target, sequences: torch.Tensor) -> _Accumulated:
+    """One LM + SAE pass over the eval sequences (batch_size at a time, the model in eval mode and
+    restored after): the hook activations at positions >= 1, fp32 on the SAE's device, fed to
+    `_accumulate`. ValueError for a hook width != d_in or non-finite activations."""
+    from sae_dist.harvest.hooks import run_to_hook
+
+    n_seq, t = sequences.shape
+    acc = _accumulators(o, target, n_seq * (t - 1))
+    batch_size, model = o.batch_size, o.model
     starts = range(0, n_seq, batch_size)
-    if progress:
+    if o.progress:
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc="eval: reconstruction", unit="batch")
-    try:
+    with eval_mode(model):
         for i in starts:
-            ids = sequences[i : i + batch_size].to(device)
-            acts = run_to_hook(model, spec, ids)
-            if acts.shape[-1] != d_in:
-                raise ValueError(
-                    f"hook {spec.name!r} of model {model_name!r} has width {acts.shape[-1]}, but the SAE at "
-                    f"{str(sae_dir)!r} has d_in={d_in}; evaluate the SAE on the model and hook it was trained "
-                    f"on (its cfg.json: hook_name={sae_hook!r}, model_name={cfg_json.get('model_name')!r})"
-                )
-            x = acts[:, 1:, :].reshape(-1, d_in)
-            if not torch.isfinite(x).all():
-                bad = (~torch.isfinite(acts[:, 1:, :])).flatten(1).any(1).nonzero().flatten().tolist()
-                raise ValueError(
-                    f"non-finite (NaN/Inf) activations at hook {spec.name!r} in batch {i // batch_size} "
-                    f"(sequences [{i}, {i + ids.shape[0]})), e.g. sequence {i + bad[0]}; the LM overflows "
-                    "in its dtype on these inputs (try dtype=float32)"
-                )
-            x32 = x.to(device=sae_device, dtype=torch.float32)
-            row0 = i * (t - 1)
-            take = shrink_rows[row0 : row0 + x32.shape[0]].to(sae_device)
-            if bool(take.any()):
-                shrink_x.append(x32[take])
-            if prog_x is not None:
-                prog_x.append(x32)
-            if hasattr(sae, "encode_sparse") and hasattr(sae, "decode_sparse"):
-                # TopK family: one encoder pass; decode_sparse(encode_sparse(x)) == forward(x)
-                values, indices = sae.encode_sparse(x32)
-                x_hat = sae.decode_sparse(values, indices)
-                stats.update(x32, x_hat, l0=(values != 0).sum(1))
-                firing.update_sparse(values, indices)
-                if codes is not None:
-                    codes.add_sparse(values, indices)
-                if per_token_norm:
-                    stats_norm.update(*_layer_norm_pair(x32, x_hat))
-            else:
-                z = sae.encode(x32)
-                x_hat = sae(x32)
-                stats.update(x32, x_hat, l0=z)
-                firing.update_dense(z)
-                if codes is not None:
-                    codes.add_dense(z)
-                if per_token_norm:
-                    stats_norm.update(*_layer_norm_pair(x32, x_hat))
-    finally:
-        model.train(was_training)
+            ids = sequences[i : i + batch_size].to(target.device)
+            acts = run_to_hook(model, target.spec, ids)
+            _check_activations(target, acts, i, batch_size, ids.shape[0])
+            x32 = acts[:, 1:, :].reshape(-1, target.d_in).to(device=target.sae_device, dtype=torch.float32)
+            _accumulate(target.sae, acc, x32, row0=i * (t - 1))
+    return acc
 
-    recon = stats.result()
-    down = downstream_loss(
-        model, sae, spec.name, sequences, batch_size=batch_size, device=device, skip_positions=1, progress=progress
-    )
 
-    extra, seconds = {}, {}
-    clock = time.perf_counter()
-    if probes:
-        labels, valid = token_task_labels(sequences, tokenizer, skip_positions=1)
-        extra.update(probe_loss(codes, labels, valid, min_count=int(probe_min_count)))
+def _check_activations(target: _Target, acts: torch.Tensor, i: int, batch_size: int, n: int) -> None:
+    """ValueError when the hook activations [n, t, width] of sequences [i, i + n) have a width other
+    than d_in (names the hook, model and SAE) or are not finite at positions >= 1 (names a sequence)."""
+    if acts.shape[-1] != target.d_in:
+        raise ValueError(
+            f"hook {target.spec.name!r} of model {target.model_name!r} has width {acts.shape[-1]}, but the SAE at "
+            f"{str(target.sae_dir)!r} has d_in={target.d_in}; evaluate the SAE on the model and hook it was trained "
+            f"on (its cfg.json: hook_name={target.sae_hook!r}, model_name={target.cfg_json.get('model_name')!r})"
+        )
+    finite = torch.isfinite(acts[:, 1:, :])
+    if not finite.all():
+        bad = (~finite).flatten(1).any(1).nonzero().flatten().tolist()
+        raise ValueError(
+            f"non-finite (NaN/Inf) activations at hook {target.spec.name!r} in batch {i // batch_size} "
+            f"(sequences [{i}, {i + n})), e.g. sequence {i + bad[0]}; the LM overflows "
+            "in its dtype on these inputs (try dtype=float32)"
+        )
+
+
+def _accumulate(sae: nn.Module, acc: _Accumulated, x32: torch.Tensor, row0: int) -> None:
+    """Add one batch of fp32 activations [rows, d_in] (eval rows row0..) to the accumulators: the
+    reconstruction stats, firing counts and codes, the shrinkage sample and the progressive inputs."""
+    take = acc.shrink_rows[row0 : row0 + x32.shape[0]].to(x32.device)
+    if bool(take.any()):
+        acc.shrink_x.append(x32[take])
+    if acc.prog_x is not None:
+        acc.prog_x.append(x32)
+    if hasattr(sae, "encode_sparse") and hasattr(sae, "decode_sparse"):
+        # TopK family: one encoder pass; decode_sparse(encode_sparse(x)) == forward(x)
+        values, indices = sae.encode_sparse(x32)
+        x_hat = sae.decode_sparse(values, indices)
+        acc.stats.update(x32, x_hat, l0=(values != 0).sum(1))
+        acc.firing.update_sparse(values, indices)
+        if acc.codes is not None:
+            acc.codes.add_sparse(values, indices)
     else:
-        extra.update({"probe_loss": None, "probe_baseline": None, "probe_loss_per_task": {},
-                      "probe_tasks_skipped": {}, "probe_min_count": int(probe_min_count)})
-    seconds["probes"], clock = time.perf_counter() - clock, time.perf_counter()
-    if int(ablation_latents) > 0:
-        extra.update(ablation_sparsity(
-            model, sae, spec.name, sequences, codes=codes, n_latents=int(ablation_latents),
-            occurrences=int(ablation_occurrences), positions=int(ablation_positions), seed=int(ablation_seed),
-            batch_size=min(int(batch_size), 8), device=device, skip_positions=1,
-        ))
+        z = sae.encode(x32)
+        x_hat = sae(x32)
+        acc.stats.update(x32, x_hat, l0=z)
+        acc.firing.update_dense(z)
+        if acc.codes is not None:
+            acc.codes.add_dense(z)
+    if acc.per_token_norm:
+        acc.stats_norm.update(*_layer_norm_pair(x32, x_hat))
+
+
+def _metrics(o: _EvalOptions, target: _Target, sequences: torch.Tensor, acc: _Accumulated,
+             down: dict[str, Any]) -> dict[str, Any]:
+    """The eval.json keys of the metrics after reconstruction and downstream loss, in this order:
+    probes, ablation, shrinkage, n2g, progressive, equivalent compute (each timed in
+    metric_seconds), then the density histogram and dense fraction."""
+    extra: dict[str, Any] = {}
+    seconds: dict[str, float] = {}
+
+    def timed(name: str, keys) -> None:
+        clock = time.perf_counter()
+        extra.update(keys())
+        seconds[name] = time.perf_counter() - clock
+
+    timed("probes", lambda: _probe_keys(o, sequences, acc.codes))
+    timed("ablation", lambda: _ablation_keys(o, target, sequences, acc.codes))
+    timed("shrinkage", lambda: _shrinkage_keys(o, target.sae, acc.shrink_x))
+    timed("n2g", lambda: _n2g_keys(o, sequences, acc.codes))
+    timed("progressive", lambda: {"progressive": None if acc.prog_x is None
+                                  else progressive_curve(target.sae, torch.cat(acc.prog_x), acc.prog_k)})
+    timed("equivalent_compute", lambda: _equivalent_compute(
+        o.lm_family, o.model_compute, target.model_name, down["ce_loss_sae"], sequences,
+        batch_size=o.batch_size, device=target.device))
+    hist, edges, n_dead = acc.firing.log10_density_histogram(bins=int(o.density_bins), range_=(-8.0, 0.0))
+    extra["density_histogram"] = {"log10_density_bin_edges": edges.tolist(), "counts": hist.tolist(),
+                                  "n_dead": int(n_dead)}
+    extra["dense_fraction"] = float((acc.firing.density() > float(o.dense_threshold)).mean())
+    extra["dense_threshold"] = float(o.dense_threshold)
+    extra["metric_seconds"] = seconds
+    return extra
+
+
+def _probe_keys(o: _EvalOptions, sequences: torch.Tensor, codes: LatentCodes | None) -> dict[str, Any]:
+    """Probe loss (sec. 4.3) on the binary token tasks of the eval text; None values when off."""
+    if not o.probes:
+        return {"probe_loss": None, "probe_baseline": None, "probe_loss_per_task": {},
+                "probe_tasks_skipped": {}, "probe_min_count": int(o.probe_min_count)}
+    labels, valid = token_task_labels(sequences, o.tokenizer, skip_positions=1)
+    return probe_loss(codes, labels, valid, min_count=int(o.probe_min_count))
+
+
+def _ablation_keys(o: _EvalOptions, target: _Target, sequences: torch.Tensor,
+                   codes: LatentCodes | None) -> dict[str, Any]:
+    """Ablation sparsity (sec. 4.5) and its definition; None values when ablation_latents is 0."""
+    if int(o.ablation_latents) > 0:
+        keys = ablation_sparsity(
+            o.model, target.sae, target.spec.name, sequences, codes=codes, n_latents=int(o.ablation_latents),
+            occurrences=int(o.ablation_occurrences), positions=int(o.ablation_positions),
+            seed=int(o.ablation_seed), batch_size=min(int(o.batch_size), 8), device=target.device,
+            skip_positions=1,
+        )
     else:
-        extra.update({"ablation_sparsity": None, "ablation_sparsity_fraction": None, "ablation_latents": []})
-    extra["ablation_definition"] = (
+        keys = {"ablation_sparsity": None, "ablation_sparsity_fraction": None, "ablation_latents": []}
+    keys["ablation_definition"] = (
         "Gao et al. 2024 sec. 4.5: one latent set to 0 at one token of the SAE-spliced forward; logit change at "
         "that token and the next ablation_positions-1, minus each position's median; ablation_sparsity = "
         "(L1/L2)^2 of the concatenated changes (effective number of logits affected), "
         "ablation_sparsity_fraction = that / (vocab * positions); mean over a latent's ablations, then over latents"
     )
-    seconds["ablation"], clock = time.perf_counter() - clock, time.perf_counter()
+    return keys
+
+
+def _shrinkage_keys(o: _EvalOptions, sae: nn.Module, shrink_x: list[torch.Tensor]) -> dict[str, Any]:
+    """Shrinkage (sec. 5.1) on the sampled eval tokens; None values when none were sampled."""
     if shrink_x:
-        extra.update(sae_shrinkage(sae, torch.cat(shrink_x), support=shrinkage_support))
-    else:
-        extra.update({"shrinkage_ratio": None, "shrinkage_fvu_encoder": None, "shrinkage_fvu_refined": None,
-                      "shrinkage_fvu_gain": None, "shrinkage_tokens": 0, "shrinkage_support": shrinkage_support})
-    seconds["shrinkage"], clock = time.perf_counter() - clock, time.perf_counter()
-    if int(n2g_latents) > 0:
+        return sae_shrinkage(sae, torch.cat(shrink_x), support=o.shrinkage_support)
+    return {"shrinkage_ratio": None, "shrinkage_fvu_encoder": None, "shrinkage_fvu_refined": None,
+            "shrinkage_fvu_gain": None, "shrinkage_tokens": 0, "shrinkage_support": o.shrinkage_support}
+
+
+def _n2g_keys(o: _EvalOptions, sequences: torch.Tensor, codes: LatentCodes | None) -> dict[str, Any]:
+    """N2G explainability (sec. 4.4) and its definition; None values when n2g_latents is 0."""
+    if int(o.n2g_latents) > 0:
         # contexts = the eval sequences without the BOS position, exactly the rows `codes` holds
-        extra.update(n2g_metrics_from_codes(
-            sequences[:, 1:], codes, n_latents=int(n2g_latents), seed=int(ablation_seed), heldout_fraction=0.5,
-            max_n=int(n2g_max_n), min_precision=float(n2g_min_precision)))
+        keys = n2g_metrics_from_codes(
+            sequences[:, 1:], codes, n_latents=int(o.n2g_latents), seed=int(o.ablation_seed), heldout_fraction=0.5,
+            max_n=int(o.n2g_max_n), min_precision=float(o.n2g_min_precision))
     else:
-        extra.update({"n2g_precision": None, "n2g_recall": None, "n2g_f1": None, "n2g_latents": 0,
-                      "n2g_latents_sampled": [], "n2g_heldout_contexts": 0})
-    extra["n2g_definition"] = (
+        keys = {"n2g_precision": None, "n2g_recall": None, "n2g_f1": None, "n2g_latents": 0,
+                "n2g_latents_sampled": [], "n2g_heldout_contexts": 0}
+    keys["n2g_definition"] = (
         "Gao et al. 2024 sec. 4.4 (N2G, Foote et al. 2023): n-gram explanations (<= n2g_max_n tokens, one "
         "interior wildcard) fitted on the first half of the eval contexts; a latent is predicted to fire where "
         "one of its n-grams ends; precision / recall / F1 on the second half, averaged over sampled latents that "
         "fire there"
     )
-    seconds["n2g"], clock = time.perf_counter() - clock, time.perf_counter()
-    extra["progressive"] = None if prog_x is None else progressive_curve(sae, torch.cat(prog_x), prog_k)
-    seconds["progressive"], clock = time.perf_counter() - clock, time.perf_counter()
-    extra.update(_equivalent_compute(lm_family, model_compute, model_name, down["ce_loss_sae"], sequences,
-                                     batch_size=batch_size, device=device))
-    seconds["equivalent_compute"] = time.perf_counter() - clock
-    hist, edges, n_dead = firing.log10_density_histogram(bins=int(density_bins), range_=(-8.0, 0.0))
-    extra["density_histogram"] = {"log10_density_bin_edges": edges.tolist(), "counts": hist.tolist(),
-                                  "n_dead": int(n_dead)}
-    extra["dense_fraction"] = float((firing.density() > float(dense_threshold)).mean())
-    extra["dense_threshold"] = float(dense_threshold)
-    extra["metric_seconds"] = seconds
+    return keys
 
-    state = _read_training_state(sae_dir)
+
+def _dead_fraction(target: _Target, firing: LatentFiringCounter, n_eval: int) -> tuple[float, str, Any, float]:
+    """(dead_fraction, dead_fraction_window, tokens_trained, dead_fraction_eval): the trainer's
+    training_state.json beside the SAE when it records them, else measured on the n_eval eval tokens
+    (tokens_trained: training_state.json, else cfg.json, else None)."""
+    state = _read_training_state(target.sae_dir)
     dead_eval = firing.dead_fraction()
-    n_eval = recon["n_tokens"]
     if state is not None and state.get("dead_fraction") is not None:
         dead_fraction = float(state["dead_fraction"])
         window = state.get("dead_fraction_window", "training (window not recorded)")
@@ -414,47 +544,47 @@ def evaluate(
             f"no fire on the {n_eval} eval tokens (training_state.json not found beside the SAE, so the "
             "training-time window is unknown)"
         )
-    tokens_trained = (state or {}).get("tokens_trained", cfg_json.get("tokens_trained"))
+    return dead_fraction, window, (state or {}).get("tokens_trained", target.cfg_json.get("tokens_trained")), dead_eval
 
-    result: dict[str, Any] = {
+
+def _eval_json(o: _EvalOptions, target: _Target, sequences: torch.Tensor, acc: _Accumulated,
+               down: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """The eval.json dict (keys: `evaluate`): CONTRACT_KEYS first, then the extras."""
+    recon = acc.stats.result()
+    n_eval = recon["n_tokens"]
+    dead_fraction, window, tokens_trained, dead_eval = _dead_fraction(target, acc.firing, n_eval)
+    n_seq, t = sequences.shape
+    return {
         "fvu": recon["fvu"],
         "normalized_mse": recon["normalized_mse"],
         "explained_variance": recon["explained_variance"],
         "l0": recon["l0"],
         "dead_fraction": dead_fraction,
-        "ce_loss_clean": down["ce_loss_clean"],
-        "ce_loss_sae": down["ce_loss_sae"],
-        "ce_loss_zero_ablation": down["ce_loss_zero_ablation"],
-        "ce_loss_score": down["ce_loss_score"],
-        "kl_div": down["kl_div"],
+        **{key: down[key] for key in ("ce_loss_clean", "ce_loss_sae", "ce_loss_zero_ablation", "ce_loss_score",
+                                      "kl_div")},
         "tokens_trained": None if tokens_trained is None else int(tokens_trained),
-        "n_latents": d_sae,
-        "k": k,
-        "d_in": d_in,
-        "hook": spec.name,
-        "model": model_name,
+        "n_latents": target.d_sae,
+        "k": target.k,
+        "d_in": target.d_in,
+        "hook": target.spec.name,
+        "model": target.model_name,
         "eval_tokens": int(n_eval),
         # extras
-        "fvu_normalized_inputs": stats_norm.result()["fvu"],
+        "fvu_normalized_inputs": acc.stats_norm.result()["fvu"],
         "dead_fraction_window": window,
         "dead_fraction_eval": dead_eval,
-        "mse": recon["mse"],
-        "mse_per_token": recon["mse_per_token"],
-        "variance_per_token": recon["variance_per_token"],
-        "ce_loss_delta": down["ce_loss_delta"],
-        "kl_div_zero_ablation": down["kl_div_zero_ablation"],
-        "ce_tokens": down["ce_tokens"],
+        **{key: recon[key] for key in ("mse", "mse_per_token", "variance_per_token")},
+        **{key: down[key] for key in ("ce_loss_delta", "kl_div_zero_ablation", "ce_tokens")},
         "ctx_len": int(t),
         "eval_sequences": int(n_seq),
-        "eval_fraction": float(eval_fraction),
-        "architecture": cfg_json.get("architecture"),
-        "sae_path": str(sae_dir),
+        "eval_fraction": float(o.eval_fraction),
+        "architecture": target.cfg_json.get("architecture"),
+        "sae_path": str(target.sae_dir),
         "normalized_mse_definition": (
             "MSE / MSE of predicting the eval-set mean activation (Gao et al. 2024 sec. 2.1); equals fvu"
         ),
         **extra,
     }
-    return result
 
 
 def _equivalent_compute(lm_family, model_compute, model_name, ce_sae, sequences, *, batch_size, device) -> dict:

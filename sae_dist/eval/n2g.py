@@ -205,16 +205,8 @@ def _generalizes(h: tuple[int, ...], g: tuple[int, ...]) -> bool:
 
 
 def fit_n2g(
-    token_ids,
-    acts,
-    *,
-    latent_ids: Sequence[int] | None = None,
-    max_n: int = 4,
-    n_top: int = 20,
-    fire_frac: float = 0.0,
-    min_precision: float = 0.5,
-    min_count: int = 3,
-    wildcards: bool = True,
+    token_ids, acts, *, latent_ids: Sequence[int] | None = None, max_n: int = 4, n_top: int = 20,
+    fire_frac: float = 0.0, min_precision: float = 0.5, min_count: int = 3, wildcards: bool = True,
     decode: Callable[[int], str] | None = None,
 ) -> list[N2GExplanation]:
     """Fit an N2G n-gram explanation per latent (Gao et al. 2024 sec. 4.4; Foote et al. 2023).
@@ -233,6 +225,25 @@ def fit_n2g(
     Raises: ValueError for bad shapes or options (naming the option, value and valid range).
     Memory: one [N_ctx*T, n] int64 window array per pattern; acts is converted to one float32 copy.
     """
+    _check_fit_options(max_n, n_top, fire_frac, min_precision, min_count)
+    tok = _as_np_tokens(token_ids)
+    a = _as_np_acts(acts, tok.shape)
+    n_lat = a.shape[-1]
+    ids = list(range(n_lat)) if latent_ids is None else [int(i) for i in latent_ids]
+    if len(ids) != n_lat:
+        raise ValueError(f"latent_ids has {len(ids)} entries but acts has L={n_lat} latents")
+    valid = (tok >= 0).reshape(-1)
+    flat = a.reshape(-1, n_lat)
+    groups = _pattern_groups(tok, _patterns(max_n, wildcards))
+    out = []
+    for j, lat in enumerate(ids):
+        col = np.where(valid, flat[:, j], -np.inf)
+        out.append(_fit_latent(col, tok, lat, groups, n_top, fire_frac, min_precision, min_count, decode))
+    return out
+
+
+def _check_fit_options(max_n: int, n_top: int, fire_frac: float, min_precision: float, min_count: int) -> None:
+    """ValueError naming the first `fit_n2g` option out of range, its value and the valid range."""
     if not (isinstance(max_n, int) and max_n >= 1):
         raise ValueError(f"max_n={max_n!r}; must be an int >= 1")
     if not (isinstance(n_top, int) and n_top >= 1):
@@ -243,18 +254,16 @@ def fit_n2g(
         raise ValueError(f"min_precision={min_precision!r}; must be in (0, 1]")
     if not (isinstance(min_count, int) and min_count >= 1):
         raise ValueError(f"min_count={min_count!r}; must be an int >= 1")
-    tok = _as_np_tokens(token_ids)
-    a = _as_np_acts(acts, tok.shape)
-    n_lat = a.shape[-1]
-    ids = list(range(n_lat)) if latent_ids is None else [int(i) for i in latent_ids]
-    if len(ids) != n_lat:
-        raise ValueError(f"latent_ids has {len(ids)} entries but acts has L={n_lat} latents")
-    valid = (tok >= 0).reshape(-1)
-    flat = a.reshape(-1, n_lat)
 
-    # group ids of every position under every pattern (exact: np.unique over the window rows)
-    pats = _patterns(max_n, wildcards)
-    groups: dict[tuple[int, int | None], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+_Groups = dict[tuple[int, int | None], tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+def _pattern_groups(tok: np.ndarray, pats: list[tuple[int, int | None]]) -> _Groups:
+    """For every pattern (n, wildcard position), in the order of `pats`: (the [N_ctx*T, n] int64
+    windows ending at each position, each position's group id (exact: np.unique over the window
+    rows; -1 where the window leaves the context), the int64 count of positions per group id)."""
+    groups: _Groups = {}
     for p in pats:
         w = _windows(tok, *p)
         ok = (w != _NO_TOKEN).all(axis=1)
@@ -263,57 +272,69 @@ def fit_n2g(
         inv = np.where(ok, inv, -1)
         count = np.bincount(inv[ok], minlength=int(inv.max()) + 1)
         groups[p] = (w, inv, count)
+    return groups
 
-    out = []
-    for j, lat in enumerate(ids):
-        col = np.where(valid, flat[:, j], -np.inf)
-        max_act = float(col.max()) if col.size else 0.0
-        if not np.isfinite(max_act) or max_act <= 0:
-            out.append(N2GExplanation(latent=lat, max_act=max(0.0, max_act) if np.isfinite(max_act) else 0.0))
+
+def _fit_latent(col: np.ndarray, tok: np.ndarray, lat: int, groups: _Groups, n_top: int, fire_frac: float,
+                min_precision: float, min_count: int, decode: Callable[[int], str] | None) -> N2GExplanation:
+    """One latent's explanation from its float32 activations `col` [N_ctx*T] (-inf at padding): for
+    each of its top examples the best n-gram ending there (`_best_ngram`), then the redundant ones
+    pruned; its text filled by `decode` when given. An empty explanation (no text) when the latent
+    never fires (max activation <= 0)."""
+    max_act = float(col.max()) if col.size else 0.0
+    if not np.isfinite(max_act) or max_act <= 0:
+        return N2GExplanation(latent=lat, max_act=max(0.0, max_act) if np.isfinite(max_act) else 0.0)
+    thr = float(fire_frac * max_act)
+    fire = col > thr
+    fired_pos = np.flatnonzero(fire)
+    # top examples: best token per context, then the n_top best contexts
+    per_ctx = col.reshape(tok.shape)
+    best_t = per_ctx.argmax(axis=1)
+    best_v = per_ctx[np.arange(tok.shape[0]), best_t]
+    order = np.argsort(-best_v, kind="stable")
+    tops = [int(c) * tok.shape[1] + int(best_t[c]) for c in order[:n_top] if best_v[c] > thr]
+    chosen: dict[tuple[int, ...], tuple[float, int]] = {}
+    n_explained = 0
+    fires_cache: dict[tuple[int, int | None], np.ndarray] = {}
+    for pos in tops:
+        best = _best_ngram(pos, groups, fired_pos, fires_cache, min_precision, min_count)
+        if best is not None:
+            n_explained += 1
+            chosen[best[3]] = (best[4], best[5])
+    # prune n-grams made redundant by a more general chosen one; shortest first
+    grams = sorted(chosen, key=lambda g: (len(g), g))
+    kept = [g for g in grams if not any(_generalizes(h, g) for h in grams)]
+    e = N2GExplanation(latent=lat, ngrams=kept, ngram_precision=[chosen[g][0] for g in kept],
+                       ngram_support=[chosen[g][1] for g in kept], threshold=thr, max_act=max_act,
+                       fit_fires=int(fire.sum()), n_examples=len(tops), n_explained=n_explained)
+    if decode is not None:
+        e.text = e.describe(decode)
+    return e
+
+
+def _best_ngram(pos: int, groups: _Groups, fired_pos: np.ndarray, fires_cache: dict, min_precision: float,
+                min_count: int) -> tuple | None:
+    """The best n-gram ending at flat position `pos` among the patterns of `groups` (shortest, then
+    most fit fires, then without wildcard) with >= min_count matches and fit precision >=
+    min_precision: (n, -fires, has_wild, gram, precision, support), or None. `fires_cache` holds each
+    pattern's fire count per group id (filled on first use)."""
+    best = None
+    for p, (w, inv, count) in groups.items():
+        if best is not None and p[0] > best[0]:
+            break
+        g_id = inv[pos]
+        if g_id < 0 or count[g_id] < min_count:
             continue
-        thr = float(fire_frac * max_act)
-        fire = col > thr
-        fired_pos = np.flatnonzero(fire)
-        # top examples: best token per context, then the n_top best contexts
-        per_ctx = col.reshape(tok.shape)
-        best_t = per_ctx.argmax(axis=1)
-        best_v = per_ctx[np.arange(tok.shape[0]), best_t]
-        order = np.argsort(-best_v, kind="stable")
-        tops = [int(c) * tok.shape[1] + int(best_t[c]) for c in order[:n_top] if best_v[c] > thr]
-        chosen: dict[tuple[int, ...], tuple[float, int]] = {}
-        n_explained = 0
-        fires_cache: dict[tuple[int, int | None], np.ndarray] = {}
-        for pos in tops:
-            best = None  # (n, -fires, has_wild, gram, precision, support)
-            for p in pats:
-                if best is not None and p[0] > best[0]:
-                    break
-                w, inv, count = groups[p]
-                g_id = inv[pos]
-                if g_id < 0 or count[g_id] < min_count:
-                    continue
-                if p not in fires_cache:
-                    fires_cache[p] = np.bincount(inv[fired_pos][inv[fired_pos] >= 0], minlength=len(count))
-                nf = int(fires_cache[p][g_id])
-                prec = nf / int(count[g_id])
-                if prec < min_precision:
-                    continue
-                cand = (p[0], -nf, p[1] is not None, tuple(int(x) for x in w[pos]), prec, int(count[g_id]))
-                if best is None or cand[:3] < best[:3]:
-                    best = cand
-            if best is not None:
-                n_explained += 1
-                chosen[best[3]] = (best[4], best[5])
-        # prune n-grams made redundant by a more general chosen one; shortest first
-        grams = sorted(chosen, key=lambda g: (len(g), g))
-        kept = [g for g in grams if not any(_generalizes(h, g) for h in grams)]
-        e = N2GExplanation(latent=lat, ngrams=kept, ngram_precision=[chosen[g][0] for g in kept],
-                           ngram_support=[chosen[g][1] for g in kept], threshold=thr, max_act=max_act,
-                           fit_fires=int(fire.sum()), n_examples=len(tops), n_explained=n_explained)
-        if decode is not None:
-            e.text = e.describe(decode)
-        out.append(e)
-    return out
+        if p not in fires_cache:
+            fires_cache[p] = np.bincount(inv[fired_pos][inv[fired_pos] >= 0], minlength=len(count))
+        nf = int(fires_cache[p][g_id])
+        prec = nf / int(count[g_id])
+        if prec < min_precision:
+            continue
+        cand = (p[0], -nf, p[1] is not None, tuple(int(x) for x in w[pos]), prec, int(count[g_id]))
+        if best is None or cand[:3] < best[:3]:
+            best = cand
+    return best
 
 
 # ----------------------------------------------------------------------------------------------

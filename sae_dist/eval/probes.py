@@ -119,66 +119,80 @@ def char_states(text: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
     Returns (in_string, in_comment, in_brackets): bool numpy arrays [len(text)], one entry per character.
     """
-    n = len(text)
-    in_str = np.zeros(n, dtype=bool)
-    in_com = np.zeros(n, dtype=bool)
-    depth_before = np.zeros(n, dtype=np.int64)
-    depth_after = np.zeros(n, dtype=np.int64)
-    state = "normal"
-    quote = ""  # the closing delimiter of the open string: ', ", ''' or \"\"\"
-    depth = 0
+    scan = _CodeScan(text)
+    steps = {"normal": scan.normal, "comment": scan.comment, "string": scan.string}
     i = 0
-    while i < n:
-        c = text[i]
-        depth_before[i] = depth
-        if state == "normal":
-            if c == "#":
-                state = "comment"
-                in_com[i] = True
-            elif c in "\"'" and _opens_string(text, i):
-                q3 = text[i : i + 3]
-                quote = q3 if q3 == c * 3 else c
-                state = "string"
-                for j in range(i, min(i + len(quote), n)):
-                    in_str[j] = True
-                    depth_before[j] = depth
-                    depth_after[j] = depth
-                i += len(quote)
-                continue
-            elif c in "([{":
-                depth += 1
-            elif c in ")]}":
-                depth = max(depth - 1, 0)
-        elif state == "comment":
-            if c == "\n":
-                state = "normal"
-            else:
-                in_com[i] = True
-        else:  # string
-            if c == "\\":
-                in_str[i] = True
-                if i + 1 < n:
-                    in_str[i + 1] = True
-                    depth_before[i + 1] = depth
-                    depth_after[i + 1] = depth
-                depth_after[i] = depth
-                i += 2
-                continue
-            if c == "\n" and len(quote) == 1:
-                state = "normal"  # unterminated single-quoted string ends at the newline
-            elif text.startswith(quote, i):
-                for j in range(i, min(i + len(quote), n)):
-                    in_str[j] = True
-                    depth_before[j] = depth
-                    depth_after[j] = depth
-                state = "normal"
-                i += len(quote)
-                continue
-            else:
-                in_str[i] = True
-        depth_after[i] = depth
-        i += 1
-    return in_str, in_com, (np.minimum(depth_before, depth_after) > 0)
+    while i < len(text):
+        scan.depth_before[i] = scan.depth
+        nxt = steps[scan.state](i)
+        if nxt is None:  # one character scanned in place
+            scan.depth_after[i] = scan.depth
+            nxt = i + 1
+        i = nxt
+    return scan.in_str, scan.in_com, (np.minimum(scan.depth_before, scan.depth_after) > 0)
+
+
+class _CodeScan:
+    """The state of `char_states` over one text: per-character in_str / in_com flags and the bracket
+    depth before and after each character (int64 [len(text)]), the scanner `state` ("normal",
+    "comment" or "string"), the open string's closing delimiter `quote` (', ", ''' or \"\"\") and the
+    current bracket `depth`. Each state's method scans character i and returns the index of the next
+    character to scan when it consumed more than one (their flags and depths set), else None."""
+
+    def __init__(self, text: str) -> None:
+        n = len(text)
+        self.text = text
+        self.in_str = np.zeros(n, dtype=bool)
+        self.in_com = np.zeros(n, dtype=bool)
+        self.depth_before = np.zeros(n, dtype=np.int64)
+        self.depth_after = np.zeros(n, dtype=np.int64)
+        self.state = "normal"
+        self.quote = ""
+        self.depth = 0
+
+    def _mark_string(self, lo: int, hi: int) -> int:
+        """Characters [lo, hi) (clipped to the text) are inside a string, at the current depth; returns hi."""
+        for j in range(lo, min(hi, len(self.text))):
+            self.in_str[j] = True
+            self.depth_before[j] = self.depth
+            self.depth_after[j] = self.depth
+        return hi
+
+    def normal(self, i: int) -> int | None:
+        c = self.text[i]
+        if c == "#":
+            self.state = "comment"
+            self.in_com[i] = True
+        elif c in "\"'" and _opens_string(self.text, i):
+            q3 = self.text[i : i + 3]
+            self.quote = q3 if q3 == c * 3 else c
+            self.state = "string"
+            return self._mark_string(i, i + len(self.quote))
+        elif c in "([{":
+            self.depth += 1
+        elif c in ")]}":
+            self.depth = max(self.depth - 1, 0)
+        return None
+
+    def comment(self, i: int) -> int | None:
+        if self.text[i] == "\n":
+            self.state = "normal"
+        else:
+            self.in_com[i] = True
+        return None
+
+    def string(self, i: int) -> int | None:
+        c = self.text[i]
+        if c == "\\":  # the escape and the escaped character
+            return self._mark_string(i, i + 2)
+        if c == "\n" and len(self.quote) == 1:
+            self.state = "normal"  # unterminated single-quoted string ends at the newline
+        elif self.text.startswith(self.quote, i):
+            self.state = "normal"
+            return self._mark_string(i, i + len(self.quote))
+        else:
+            self.in_str[i] = True
+        return None
 
 
 def _opens_string(text: str, i: int) -> bool:
@@ -334,15 +348,8 @@ def token_task_labels(
 # ------------------------------------------------------------------------------------- fitting
 @torch.no_grad()
 def fit_logistic_1d(
-    rows: torch.Tensor,
-    latents: torch.Tensor,
-    values: torch.Tensor,
-    y: torch.Tensor,
-    d_sae: int,
-    *,
-    l2: float = 1e-4,
-    max_iter: int = 100,
-    tol: float = 1e-10,
+    rows: torch.Tensor, latents: torch.Tensor, values: torch.Tensor, y: torch.Tensor, d_sae: int, *,
+    l2: float = 1e-4, max_iter: int = 100, tol: float = 1e-10,
 ) -> dict[str, torch.Tensor]:
     """Per-latent 1-D logistic regression of labels `y` on each latent's activation (probe loss,
     Gao et al. 2024 sec. 4.3), all latents at once (vectorised Newton with line search, float64).
@@ -365,6 +372,32 @@ def fit_logistic_1d(
         ValueError: shape mismatch, an index out of range, or y not binary.
     """
     n = int(y.shape[0])
+    yd = _check_logistic_inputs(rows, latents, values, y, d_sae)
+    rows, lat = rows.cpu().long(), latents.cpu().long()
+    v = values.cpu().to(torch.float64)
+    scale = torch.zeros(d_sae, dtype=torch.float64).scatter_reduce(0, lat, v.abs(), "amax", include_self=True)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    prob = _LogisticProblem(lat, v / scale[lat], yd, rows, d_sae, l2)
+    p_mean = min(max(float(yd.mean()), 1e-12), 1 - 1e-12) if n else 0.5
+    a = torch.zeros(d_sae, dtype=torch.float64)
+    b = torch.full((d_sae,), math.log(p_mean / (1 - p_mean)), dtype=torch.float64)
+    _, f = prob.objective(a, b)
+    for _ in range(max_iter):
+        da, db, slope = prob.newton_direction(a, b)
+        if float((-slope).max()) < tol:
+            break
+        step = prob.line_search(a, b, da, db, slope, f)
+        a = a + step * da
+        b = b + step * db
+        _, f = prob.objective(a, b)
+    data, _ = prob.objective(a, b)
+    return {"loss": data / max(n, 1), "a": a / scale, "b": b, "fired": prob.fired}
+
+
+def _check_logistic_inputs(rows: torch.Tensor, latents: torch.Tensor, values: torch.Tensor, y: torch.Tensor,
+                           d_sae: int) -> torch.Tensor:
+    """The labels y as float64 on the CPU; ValueError (`fit_logistic_1d`'s cases) naming the problem."""
+    n = int(y.shape[0])
     if not (rows.shape == latents.shape == values.shape) or rows.ndim != 1:
         raise ValueError(
             f"rows, latents, values must be 1-D of one length; got {tuple(rows.shape)}, "
@@ -377,62 +410,65 @@ def fit_logistic_1d(
     yd = y.to(torch.float64).cpu()
     if not torch.all((yd == 0) | (yd == 1)):
         raise ValueError("y must be binary (0/1 or bool)")
-    rows, lat = rows.cpu().long(), latents.cpu().long()
-    v = values.cpu().to(torch.float64)
-    scale = torch.zeros(d_sae, dtype=torch.float64).scatter_reduce(0, lat, v.abs(), "amax", include_self=True)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    s = v / scale[lat]
-    yr = yd[rows]
-    zeros = torch.zeros(d_sae, dtype=torch.float64)
+    return yd
 
-    def seg(x):
-        return zeros.index_add(0, lat, x)
 
-    fired = seg(torch.ones_like(s))
-    n0 = n - fired  # tokens where the latent is 0
-    y0 = float(yd.sum()) - seg(yr)  # positives among them
+class _LogisticProblem:
+    """The d_sae penalised 1-D logistic regressions of `fit_logistic_1d`, float64 on the CPU: the
+    scaled activations s [nnz] of latents lat [nnz] at tokens with labels yr [nnz]; per latent,
+    `fired` tokens with a non-zero activation, n0 tokens where it is 0 and y0 positives among them
+    (the zero tokens enter in closed form: u = b there)."""
 
-    def objective(a, b):
-        u = a[lat] * s + b[lat]
-        data = seg(F.softplus(u) - yr * u) + n0 * F.softplus(b) - y0 * b
-        return data, data + 0.5 * l2 * (a * a + b * b)
+    def __init__(self, lat: torch.Tensor, s: torch.Tensor, yd: torch.Tensor, rows: torch.Tensor, d_sae: int,
+                 l2: float) -> None:
+        self.lat, self.s, self.yr, self.l2, self.d_sae = lat, s, yd[rows], l2, d_sae
+        self.zeros = torch.zeros(d_sae, dtype=torch.float64)
+        self.fired = self.seg(torch.ones_like(s))
+        self.n0 = int(yd.shape[0]) - self.fired  # tokens where the latent is 0
+        self.y0 = float(yd.sum()) - self.seg(self.yr)  # positives among them
 
-    p_mean = min(max(float(yd.mean()), 1e-12), 1 - 1e-12) if n else 0.5
-    a = torch.zeros(d_sae, dtype=torch.float64)
-    b = torch.full((d_sae,), math.log(p_mean / (1 - p_mean)), dtype=torch.float64)
-    _, f = objective(a, b)
-    for _ in range(max_iter):
-        u = a[lat] * s + b[lat]
-        p = torch.sigmoid(u)
-        r = p - yr
+    def seg(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-latent sums [d_sae] of the per-entry values x [nnz]."""
+        return self.zeros.index_add(0, self.lat, x)
+
+    def objective(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed BCE, summed BCE + 0.5*l2*(a^2 + b^2)) per latent, [d_sae] each."""
+        u = a[self.lat] * self.s + b[self.lat]
+        data = self.seg(F.softplus(u) - self.yr * u) + self.n0 * F.softplus(b) - self.y0 * b
+        return data, data + 0.5 * self.l2 * (a * a + b * b)
+
+    def newton_direction(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The Newton direction (da, db) of every latent's penalised loss (2x2 Hessian, solved in
+        closed form) and its directional derivative `slope` (< 0: the Hessian is positive definite)."""
+        s, l2 = self.s, self.l2
+        p = torch.sigmoid(a[self.lat] * s + b[self.lat])
+        r = p - self.yr
         w = p * (1 - p)
         p0 = torch.sigmoid(b)
-        ga = seg(r * s) + l2 * a
-        gb = seg(r) + n0 * p0 - y0 + l2 * b
-        haa = seg(w * s * s) + l2
-        hab = seg(w * s)
-        hbb = seg(w) + n0 * p0 * (1 - p0) + l2
+        ga = self.seg(r * s) + l2 * a
+        gb = self.seg(r) + self.n0 * p0 - self.y0 + l2 * b
+        haa = self.seg(w * s * s) + l2
+        hab = self.seg(w * s)
+        hbb = self.seg(w) + self.n0 * p0 * (1 - p0) + l2
         det = haa * hbb - hab * hab
         da = -(hbb * ga - hab * gb) / det
         db = -(haa * gb - hab * ga) / det
-        slope = ga * da + gb * db  # < 0: descent direction (H positive definite)
-        if float((-slope).max()) < tol:
-            break
-        step = torch.ones(d_sae, dtype=torch.float64)
-        todo = torch.ones(d_sae, dtype=torch.bool)
+        return da, db, ga * da + gb * db
+
+    def line_search(self, a: torch.Tensor, b: torch.Tensor, da: torch.Tensor, db: torch.Tensor,
+                    slope: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        """Per-latent backtracking step [d_sae] (1, halved up to 40 times) meeting the Armijo condition
+        f_new <= f + 1e-4 * step * slope; 0 where no decrease was found (the latent stays)."""
+        step = torch.ones(self.d_sae, dtype=torch.float64)
+        todo = torch.ones(self.d_sae, dtype=torch.bool)
         for _ls in range(40):
-            _, f_new = objective(a + step * da, b + step * db)
+            _, f_new = self.objective(a + step * da, b + step * db)
             ok = f_new <= f + 1e-4 * step * slope
             todo = todo & ~ok
             if not bool(todo.any()):
                 break
             step = torch.where(todo, step * 0.5, step)
-        step = torch.where(todo, torch.zeros_like(step), step)  # no decrease found: stay
-        a = a + step * da
-        b = b + step * db
-        _, f = objective(a, b)
-    data, _ = objective(a, b)
-    return {"loss": data / max(n, 1), "a": a / scale, "b": b, "fired": fired}
+        return torch.where(todo, torch.zeros_like(step), step)
 
 
 def _entropy(p: float) -> float:
@@ -442,13 +478,8 @@ def _entropy(p: float) -> float:
 
 
 def probe_loss(
-    codes: LatentCodes,
-    labels: dict[str, torch.Tensor],
-    valid: torch.Tensor | None = None,
-    *,
-    min_count: int = 20,
-    l2: float = 1e-4,
-    max_iter: int = 100,
+    codes: LatentCodes, labels: dict[str, torch.Tensor], valid: torch.Tensor | None = None, *,
+    min_count: int = 20, l2: float = 1e-4, max_iter: int = 100,
 ) -> dict[str, Any]:
     """Probe loss of an SAE's latents on binary token tasks (Gao et al. 2024 sec. 4.3).
 
@@ -472,15 +503,7 @@ def probe_loss(
     if int(min_count) < 1:
         raise ValueError(f"probe_min_count must be >= 1, got {min_count}")
     n_all = codes.n_tokens
-    rows, lat, val = codes.tensors()
-    if valid is None:
-        valid = torch.ones(n_all, dtype=torch.bool)
-    valid = valid.cpu().bool()
-    if valid.shape[0] != n_all:
-        raise ValueError(f"valid has {valid.shape[0]} entries but the codes hold {n_all} tokens")
-    new_index = torch.cumsum(valid.long(), 0) - 1
-    keep = valid[rows]
-    rows_v, lat_v, val_v = new_index[rows[keep]], lat[keep], val[keep]
+    valid, (rows_v, lat_v, val_v) = _valid_codes(codes, valid)
     per_task: dict[str, dict] = {}
     skipped: dict[str, str] = {}
     for task, y in labels.items():
@@ -494,13 +517,8 @@ def probe_loss(
             continue
         fit = fit_logistic_1d(rows_v, lat_v, val_v, yv, codes.d_sae, l2=l2, max_iter=max_iter)
         best = int(torch.argmin(fit["loss"]))
-        per_task[task] = {
-            "loss": float(fit["loss"][best]),
-            "baseline": _entropy(pos / n),
-            "best_latent": best,
-            "positives": pos,
-            "n": n,
-        }
+        per_task[task] = {"loss": float(fit["loss"][best]), "baseline": _entropy(pos / n), "best_latent": best,
+                          "positives": pos, "n": n}
     losses = [v["loss"] for v in per_task.values()]
     return {
         "probe_loss": float(np.mean(losses)) if losses else None,
@@ -509,3 +527,18 @@ def probe_loss(
         "probe_tasks_skipped": skipped,
         "probe_min_count": int(min_count),
     }
+
+
+def _valid_codes(codes: LatentCodes, valid: torch.Tensor | None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """(valid as a CPU bool [N], the codes' (rows, latents, values) on the valid tokens, rows
+    renumbered 0.. over them); ValueError when valid's length is not codes.n_tokens."""
+    n_all = codes.n_tokens
+    rows, lat, val = codes.tensors()
+    if valid is None:
+        valid = torch.ones(n_all, dtype=torch.bool)
+    valid = valid.cpu().bool()
+    if valid.shape[0] != n_all:
+        raise ValueError(f"valid has {valid.shape[0]} entries but the codes hold {n_all} tokens")
+    new_index = torch.cumsum(valid.long(), 0) - 1
+    keep = valid[rows]
+    return valid, (new_index[rows[keep]], lat[keep], val[keep])

@@ -297,64 +297,83 @@ def collect_sweep(sweep_dir: str | os.PathLike, metric: str | None = None, smoot
         raise FileNotFoundError(
             f"no sweep points under {str(root)!r}: expected point dirs with eval.json / sae/cfg.json / "
             "job_status.json (run `sae-train -m ... eval.after_train=true` into it)")
-    raw = []
-    for d in dirs:
-        ev = _read_json(d / "eval.json") or {}
-        cfg = _read_json(d / "sae" / "cfg.json") or {}
-        st = _read_json(d / "sae" / "training_state.json") or _read_json(d / "training_state.json") or {}
-        js = _read_json(d / "job_status.json") or {}
-        raw.append((d, ev, cfg, st, js))
+    raw = [(d, *_point_files(d)) for d in dirs]
     if metric is None:
         metric = next((m for m in DEFAULT_METRICS if any(m in ev for _, ev, *_ in raw)), DEFAULT_METRICS[-1])
     points, skipped = [], []
     for d, ev, cfg, st, js in raw:
         rel = str(d.relative_to(root)) or "."
-        if js.get("status") not in (None, "completed"):
-            reason = str(js.get("status"))
-            if js.get("error_type") or js.get("error"):
-                reason += f": {js.get('error_type')}: {js.get('error')}"
-            elif js.get("status") == "running":
-                reason += " (no result yet: still training, or killed; rerun the sweep command to resume it)"
-            skipped.append({"dir": rel, "reason": reason})
-            continue
-        n = ev.get("n_latents") or cfg.get("d_sae") or st.get("n_latents")
-        k = ev.get("k") or cfg.get("k") or st.get("k")
-        d_in = ev.get("d_in") or cfg.get("d_in") or st.get("d_in")
-        tokens = ev.get("tokens_trained") or st.get("tokens_trained")
-        if metric.startswith("train/"):
-            loss = (st.get("final_metrics") or {}).get(metric)
+        point = _sweep_point(d, ev, cfg, st, js, metric, smooth)
+        if isinstance(point, str):
+            skipped.append({"dir": rel, "reason": point})
         else:
-            loss = ev.get(metric)
-        if loss is None and not metric.startswith("train/") and not ev:
-            skipped.append({"dir": rel, "reason": "no eval.json (run sae-eval or sae-train eval.after_train=true)"})
-            continue
-        if n is None or k is None or loss is None or not np.isfinite(loss) or loss <= 0:
-            skipped.append({"dir": rel, "reason": f"missing n/k/{metric} (n={n}, k={k}, {metric}={loss})"})
-            continue
-        point = {"dir": rel, "n": int(n), "k": int(k), "d_in": None if d_in is None else int(d_in),
-                 "tokens": None if tokens is None else int(tokens), "loss": float(loss),
-                 "architecture": ev.get("architecture") or cfg.get("architecture"), "curve": None}
-        point["compute"] = (6.0 * point["d_in"] * point["n"] * point["tokens"]
-                            if point["d_in"] and point["tokens"] else None)
-        log = d / "train_log.jsonl"
-        if log.is_file() and point["d_in"]:
-            tok, val = [], []
-            for line in log.read_text().splitlines():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                v = rec.get("train/normalized_mse", rec.get("train/fvu"))
-                if rec.get("tokens") and v is not None:
-                    tok.append(float(rec["tokens"]))
-                    val.append(float(v))
-            if tok:
-                order = np.argsort(tok)
-                t = np.asarray(tok)[order]
-                v = _smooth(np.asarray(val)[order], smooth)
-                point["curve"] = {"compute": (6.0 * point["d_in"] * point["n"] * t).tolist(), "loss": v.tolist()}
-        points.append(point)
+            points.append({"dir": rel, **point})
     return {"metric": metric, "points": sorted(points, key=lambda p: (p["k"], p["n"])), "skipped": skipped}
+
+
+def _point_files(d: Path) -> tuple[dict, dict, dict, dict]:
+    """(eval.json, sae/cfg.json, training_state.json (under sae/, else beside it), job_status.json)
+    of the point dir `d`; {} for a file that is missing or unreadable."""
+    ev = _read_json(d / "eval.json") or {}
+    cfg = _read_json(d / "sae" / "cfg.json") or {}
+    st = _read_json(d / "sae" / "training_state.json") or _read_json(d / "training_state.json") or {}
+    js = _read_json(d / "job_status.json") or {}
+    return ev, cfg, st, js
+
+
+def _sweep_point(d: Path, ev: dict, cfg: dict, st: dict, js: dict, metric: str, smooth: int) -> dict | str:
+    """One point of `collect_sweep` (without "dir") from its files, or the reason it is skipped: a
+    job that did not complete, no eval.json for an eval metric, or no n / k / finite positive loss."""
+    if js.get("status") not in (None, "completed"):
+        reason = str(js.get("status"))
+        if js.get("error_type") or js.get("error"):
+            reason += f": {js.get('error_type')}: {js.get('error')}"
+        elif js.get("status") == "running":
+            reason += " (no result yet: still training, or killed; rerun the sweep command to resume it)"
+        return reason
+    n = ev.get("n_latents") or cfg.get("d_sae") or st.get("n_latents")
+    k = ev.get("k") or cfg.get("k") or st.get("k")
+    d_in = ev.get("d_in") or cfg.get("d_in") or st.get("d_in")
+    tokens = ev.get("tokens_trained") or st.get("tokens_trained")
+    if metric.startswith("train/"):
+        loss = (st.get("final_metrics") or {}).get(metric)
+    else:
+        loss = ev.get(metric)
+    if loss is None and not metric.startswith("train/") and not ev:
+        return "no eval.json (run sae-eval or sae-train eval.after_train=true)"
+    if n is None or k is None or loss is None or not np.isfinite(loss) or loss <= 0:
+        return f"missing n/k/{metric} (n={n}, k={k}, {metric}={loss})"
+    point = {"n": int(n), "k": int(k), "d_in": None if d_in is None else int(d_in),
+             "tokens": None if tokens is None else int(tokens), "loss": float(loss),
+             "architecture": ev.get("architecture") or cfg.get("architecture"), "curve": None}
+    point["compute"] = (6.0 * point["d_in"] * point["n"] * point["tokens"]
+                        if point["d_in"] and point["tokens"] else None)
+    log = d / "train_log.jsonl"
+    if log.is_file() and point["d_in"]:
+        point["curve"] = _train_curve(log, point["d_in"], point["n"], smooth)
+    return point
+
+
+def _train_curve(log: Path, d_in: int, n: int, smooth: int) -> dict | None:
+    """The training curve of train_log.jsonl: {"compute": 6 d_in n tokens, "loss": the logged
+    train/normalized_mse (else train/fvu), sorted by tokens and smoothed over `smooth` records}, or None
+    when no record has both (lines that are not JSON are skipped)."""
+    tok, val = [], []
+    for line in log.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        v = rec.get("train/normalized_mse", rec.get("train/fvu"))
+        if rec.get("tokens") and v is not None:
+            tok.append(float(rec["tokens"]))
+            val.append(float(v))
+    if not tok:
+        return None
+    order = np.argsort(tok)
+    t = np.asarray(tok)[order]
+    v = _smooth(np.asarray(val)[order], smooth)
+    return {"compute": (6.0 * d_in * n * t).tolist(), "loss": v.tolist()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -424,98 +443,127 @@ def markdown(result: dict) -> str:
 
 
 def _plots(result: dict, out: Path) -> list[str]:
+    """Write the PNGs of a `run_scaling` result into `out`: L(n) per k and L(k) per n with their fits
+    (scaling_n.png, scaling_k.png), the joint L(n,k) fit with observed vs fitted (scaling_joint.png, when
+    fitted) and the training curves with the L(C) frontier fits (scaling_compute.png, when any point has a
+    curve). Returns the paths written."""
+    plt = _pyplot()
+    pts, fits, metric = result["points"], result["fits"], result["metric"]
+    written = [_save(_plot_law(plt, pts, fits[law], metric, law, xkey, gkey), out / name)
+               for law, xkey, gkey, name in (("L(n)", "n", "k", "scaling_n.png"), ("L(k)", "k", "n", "scaling_k.png"))]
+    if fits["L(n,k)"] is not None:
+        written.append(_save(_plot_joint(plt, pts, fits["L(n,k)"], metric), out / "scaling_joint.png"))
+    if any(p["curve"] for p in pts):
+        written.append(_save(_plot_compute(plt, pts, fits["L(C)"]), out / "scaling_compute.png"))
+    return written
+
+
+def _pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts, fits, metric = result["points"], result["fits"], result["metric"]
-    written = []
-    cmap = plt.get_cmap("viridis")
+    return plt
 
+
+def _colored(plt, values) -> list[tuple[Any, Any]]:
+    """(value, colour) for the sorted distinct `values`, spread over the viridis colormap."""
+    groups = sorted(set(values))
+    cmap = plt.get_cmap("viridis")
+    return [(g, cmap(i / max(len(groups) - 1, 1))) for i, g in enumerate(groups)]
+
+
+def _data_ticks(ax, values) -> None:
+    """n and k of a sweep are few (often powers of two): label exactly those on the x axis."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xticks(sorted(set(values)), [f"{v:g}" for v in sorted(set(values))])
+    ax.xaxis.set_minor_formatter(plt.NullFormatter())
+
+
+def _save(fig, p: Path) -> str:
+    """Save `fig` to `p` (dpi 110) and close it; returns str(p). Losses span less than a decade: plain
+    numbers on every log axis spanning less than one (matplotlib's default labels those minor ticks
+    as overlapping "2.5 x 10^-1")."""
+    import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter
 
     plain = FuncFormatter(lambda v, _pos: f"{v:.3g}")
+    for ax in fig.axes:
+        axes = [(ax.yaxis, ax.get_yscale())]
+        if ax.get_xlabel() == "observed":
+            axes.append((ax.xaxis, ax.get_xscale()))
+        for axis, scale in axes:
+            lo, hi = sorted(axis.get_view_interval())
+            if scale == "log" and lo > 0 and hi / lo < 10:
+                axis.set_major_formatter(plain)
+                axis.set_minor_formatter(plain)
+    fig.tight_layout()
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return str(p)
 
-    def data_ticks(ax, values):
-        # n and k of a sweep are few (often powers of two): label exactly those on the x axis
-        ax.set_xticks(sorted(set(values)), [f"{v:g}" for v in sorted(set(values))])
-        ax.xaxis.set_minor_formatter(plt.NullFormatter())
 
-    def save(fig, name):
-        p = out / name
-        # losses span less than a decade: plain numbers on every log axis (matplotlib's default
-        # labels those minor ticks as overlapping "2.5 x 10^-1")
-        for ax in fig.axes:
-            axes = [(ax.yaxis, ax.get_yscale())]
-            if ax.get_xlabel() == "observed":
-                axes.append((ax.xaxis, ax.get_xscale()))
-            for axis, scale in axes:
-                lo, hi = sorted(axis.get_view_interval())
-                if scale == "log" and lo > 0 and hi / lo < 10:
-                    axis.set_major_formatter(plain)
-                    axis.set_minor_formatter(plain)
-        fig.tight_layout()
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        written.append(str(p))
+def _plot_law(plt, pts: list[dict], fits: list[FitResult], metric: str, law: str, xkey: str, gkey: str):
+    """The figure of one power law `law` (L(n) or L(k)): loss against xkey, one colour per gkey value,
+    with that group's fit when there is one."""
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for g, col in _colored(plt, [p[gkey] for p in pts]):
+        sub = sorted((p for p in pts if p[gkey] == g), key=lambda p: p[xkey])
+        ax.plot([p[xkey] for p in sub], [p["loss"] for p in sub], "o", color=col, label=f"{gkey}={g}")
+        f = next((f for f in fits if f.group.get(gkey) == g), None)
+        if f is not None:
+            xs = np.geomspace(min(f.x), max(f.x), 100)
+            ax.plot(xs, f.predict(xs), "-", color=col, lw=1,
+                    label=f"fit: beta={f.params['beta']:.3f}, c={f.params['c']:.3f}")
+    ax.set(xscale="log", yscale="log", xlabel=xkey, ylabel=metric, title=f"{law} per {gkey}")
+    _data_ticks(ax, [p[xkey] for p in pts])
+    ax.legend(fontsize=7)
+    return fig
 
-    for law, xkey, gkey, name in (("L(n)", "n", "k", "scaling_n.png"), ("L(k)", "k", "n", "scaling_k.png")):
-        fig, ax = plt.subplots(figsize=(6, 4.5))
-        groups = sorted({p[gkey] for p in pts})
-        for i, g in enumerate(groups):
-            col = cmap(i / max(len(groups) - 1, 1))
-            sub = sorted((p for p in pts if p[gkey] == g), key=lambda p: p[xkey])
-            ax.plot([p[xkey] for p in sub], [p["loss"] for p in sub], "o", color=col, label=f"{gkey}={g}")
-            f = next((f for f in fits[law] if f.group.get(gkey) == g), None)
-            if f is not None:
-                xs = np.geomspace(min(f.x), max(f.x), 100)
-                ax.plot(xs, f.predict(xs), "-", color=col, lw=1,
-                        label=f"fit: beta={f.params['beta']:.3f}, c={f.params['c']:.3f}")
-        ax.set(xscale="log", yscale="log", xlabel=xkey, ylabel=metric, title=f"{law} per {gkey}")
-        data_ticks(ax, [p[xkey] for p in pts])
-        ax.legend(fontsize=7)
-        save(fig, name)
-    jf = fits["L(n,k)"]
-    if jf is not None:
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
-        ks = sorted({p["k"] for p in pts})
-        for i, k in enumerate(ks):
-            col = cmap(i / max(len(ks) - 1, 1))
-            sub = sorted((p for p in pts if p["k"] == k), key=lambda p: p["n"])
-            ax1.plot([p["n"] for p in sub], [p["loss"] for p in sub], "o", color=col, label=f"k={k}")
-            xs = np.geomspace(min(p["n"] for p in pts), max(p["n"] for p in pts), 100)
-            ax1.plot(xs, jf.predict(xs, np.full_like(xs, k)), "-", color=col, lw=1)
-        ax1.set(xscale="log", yscale="log", xlabel="n", ylabel=metric, title="joint L(n,k) fit (lines)")
-        data_ticks(ax1, [p["n"] for p in pts])
-        ax1.legend(fontsize=7)
-        obs = np.array([p["loss"] for p in pts])
-        pred = jf.predict([p["n"] for p in pts], [p["k"] for p in pts])
-        ax2.plot(obs, pred, "o")
-        lo, hi = min(obs.min(), pred.min()), max(obs.max(), pred.max())
-        ax2.plot([lo, hi], [lo, hi], "k--", lw=1)
-        ax2.set(xscale="log", yscale="log", xlabel="observed", ylabel="fitted",
-                title=f"L(n,k): rms log residual {jf.rms_log_residual:.3f}")
-        save(fig, "scaling_joint.png")
-    if any(p["curve"] for p in pts):
-        fig, ax = plt.subplots(figsize=(6.5, 4.5))
-        ks = sorted({p["k"] for p in pts})
-        for i, k in enumerate(ks):
-            col = cmap(i / max(len(ks) - 1, 1))
-            for p in pts:
-                if p["k"] == k and p["curve"]:
-                    ax.plot(p["curve"]["compute"], p["curve"]["loss"], "-", color=col, alpha=0.25, lw=0.8)
-            f = next((f for f in fits["L(C)"] if f.group.get("k") == k), None)
-            if f is not None:
-                ax.plot(f.x, f.y, "o", color=col, ms=3)
-                xs = np.geomspace(min(f.x), max(f.x), 100)
-                ax.plot(xs, f.predict(xs), "-", color=col, lw=1.5,
-                        label=f"k={k}: beta={f.params['beta']:.3f}, c={f.params['c']:.3f}")
-        ax.set(xscale="log", yscale="log", xlabel="training compute C = 6 d n tokens (FLOPs)",
-               ylabel="train normalized MSE (smoothed)", title="L(C): curves and compute-efficient frontier")
-        ax.legend(fontsize=7)
-        save(fig, "scaling_compute.png")
-    return written
+
+def _plot_joint(plt, pts: list[dict], jf: FitResult, metric: str):
+    """The figure of the joint L(n,k) fit: loss against n per k with the fitted lines, and fitted
+    against observed."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for k, col in _colored(plt, [p["k"] for p in pts]):
+        sub = sorted((p for p in pts if p["k"] == k), key=lambda p: p["n"])
+        ax1.plot([p["n"] for p in sub], [p["loss"] for p in sub], "o", color=col, label=f"k={k}")
+        xs = np.geomspace(min(p["n"] for p in pts), max(p["n"] for p in pts), 100)
+        ax1.plot(xs, jf.predict(xs, np.full_like(xs, k)), "-", color=col, lw=1)
+    ax1.set(xscale="log", yscale="log", xlabel="n", ylabel=metric, title="joint L(n,k) fit (lines)")
+    _data_ticks(ax1, [p["n"] for p in pts])
+    ax1.legend(fontsize=7)
+    obs = np.array([p["loss"] for p in pts])
+    pred = jf.predict([p["n"] for p in pts], [p["k"] for p in pts])
+    ax2.plot(obs, pred, "o")
+    lo, hi = min(obs.min(), pred.min()), max(obs.max(), pred.max())
+    ax2.plot([lo, hi], [lo, hi], "k--", lw=1)
+    ax2.set(xscale="log", yscale="log", xlabel="observed", ylabel="fitted",
+            title=f"L(n,k): rms log residual {jf.rms_log_residual:.3f}")
+    return fig
+
+
+def _plot_compute(plt, pts: list[dict], fits: list[FitResult]):
+    """The figure of the training curves against compute, one colour per k, with the L(C) frontier
+    points and fit of each k."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for k, col in _colored(plt, [p["k"] for p in pts]):
+        for p in pts:
+            if p["k"] == k and p["curve"]:
+                ax.plot(p["curve"]["compute"], p["curve"]["loss"], "-", color=col, alpha=0.25, lw=0.8)
+        f = next((f for f in fits if f.group.get("k") == k), None)
+        if f is not None:
+            ax.plot(f.x, f.y, "o", color=col, ms=3)
+            xs = np.geomspace(min(f.x), max(f.x), 100)
+            ax.plot(xs, f.predict(xs), "-", color=col, lw=1.5,
+                    label=f"k={k}: beta={f.params['beta']:.3f}, c={f.params['c']:.3f}")
+    ax.set(xscale="log", yscale="log", xlabel="training compute C = 6 d n tokens (FLOPs)",
+           ylabel="train normalized MSE (smoothed)", title="L(C): curves and compute-efficient frontier")
+    ax.legend(fontsize=7)
+    return fig
 
 
 def run_scaling(sweep_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, metric: str | None = None,

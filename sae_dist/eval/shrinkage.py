@@ -162,14 +162,8 @@ def refine_all(
 
 @torch.no_grad()
 def shrinkage(
-    x: torch.Tensor,
-    values: torch.Tensor,
-    indices: torch.Tensor,
-    W_dec: torch.Tensor,
-    b_dec: torch.Tensor,
-    *,
-    support: str = "active",
-    max_iter: int | None = None,
+    x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor, *,
+    support: str = "active", max_iter: int | None = None,
 ) -> dict[str, Any]:
     """Shrinkage metrics of encoder codes against their frozen-decoder refinement (module docstring;
     Gao et al. 2024 sec. 5.1).
@@ -199,16 +193,7 @@ def shrinkage(
                 "shrinkage_fvu_gain": None}
     W = W_dec.to(torch.float64)
     v64 = values.to(torch.float64)
-    kw = {} if max_iter is None else {"max_iter": int(max_iter)}
-    if support == "active":
-        ref = refine_support(x, values, indices, W_dec, b_dec, **kw)
-        x_hat_ref = torch.einsum("nk,nkd->nd", ref.to(W.device), W[indices])
-        norm_ref = ref.norm(dim=1)
-    else:
-        z0 = torch.zeros(x.shape[0], W.shape[0], dtype=torch.float64).scatter_(1, indices.cpu(), v64.cpu())
-        ref = refine_all(x, z0, W_dec, b_dec, **kw)
-        x_hat_ref = ref.to(W.device) @ W
-        norm_ref = ref.norm(dim=1)
+    x_hat_ref, norm_ref = _refined(x, values, indices, W_dec, b_dec, support, max_iter)
     x_hat_enc = torch.einsum("nk,nkd->nd", v64.to(W.device), W[indices])
     target = x.to(torch.float64).to(W.device) - b_dec.to(torch.float64)
     total = float((target - target.mean(0)).square().sum())
@@ -224,6 +209,22 @@ def shrinkage(
         "shrinkage_fvu_refined": fvu_ref,
         "shrinkage_fvu_gain": (fvu_enc - fvu_ref) / fvu_enc if fvu_enc > 0 else math.nan,
     }
+
+
+def _refined(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor,
+             support: str, max_iter: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The refined codes' float64 decoded rows [N, d_in] (b_dec excluded, on W_dec's device) and their
+    L2 norms [N]: `refine_support` on each token's support ("active") or `refine_all` over every
+    latent from the encoder's codes ("all")."""
+    W = W_dec.to(torch.float64)
+    kw = {} if max_iter is None else {"max_iter": int(max_iter)}
+    if support == "active":
+        ref = refine_support(x, values, indices, W_dec, b_dec, **kw)
+        return torch.einsum("nk,nkd->nd", ref.to(W.device), W[indices]), ref.norm(dim=1)
+    v64 = values.to(torch.float64)
+    z0 = torch.zeros(x.shape[0], W.shape[0], dtype=torch.float64).scatter_(1, indices.cpu(), v64.cpu())
+    ref = refine_all(x, z0, W_dec, b_dec, **kw)
+    return ref.to(W.device) @ W, ref.norm(dim=1)
 
 
 @torch.no_grad()
