@@ -694,21 +694,10 @@ def encode_topk(
     latent_chunk); RuntimeError when backend="triton" cannot run on the tensors' device.
     """
     _check_inputs(x, W_enc, b_enc, b_pre, k, dead_mask, k_aux, backend, latent_chunk)
-    if backend == "auto":
-        backend = "triton" if (W_enc.device.type == "cuda" and _HAS_TRITON) else "torch"
-    if backend == "triton" and not triton_available(W_enc.device):
-        raise RuntimeError(
-            f"backend='triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1 for CPU "
-            f"tensors); W_enc is on {W_enc.device}, triton importable: {_HAS_TRITON}. "
-            f"Use backend='torch' or 'auto'."
-        )
+    backend = _encoder_backend(backend, W_enc.device)
     use_aux = k_aux > 0 and dead_mask is not None
-    if use_aux:
-        n_dead = int(dead_mask.sum())
-        k_eff = min(k_aux, n_dead)
-        dm = dead_mask
-    else:
-        k_eff, dm = 0, None
+    # AuxK candidates: k_eff = min(k_aux, number of dead latents) of them, among dead_mask's latents
+    k_eff, dm = (min(k_aux, int(dead_mask.sum())), dead_mask) if use_aux else (0, None)
     values, indices, aux_values, aux_indices = _EncodeTopK.apply(
         x, W_enc, b_enc, b_pre, k, dm, k_eff, backend, latent_chunk, bool(need_x_grad),
         int(token_chunk),
@@ -716,6 +705,20 @@ def encode_topk(
     if not use_aux:
         return values, indices, None, None
     return values, indices, aux_values, aux_indices
+
+
+def _encoder_backend(backend: str, device: torch.device) -> str:
+    """`encode_topk`'s backend ("torch" | "triton") for W_enc on `device`: "auto" is Triton on CUDA when
+    Triton imports, else torch. RuntimeError when "triton" cannot run there (`triton_available`)."""
+    if backend == "auto":
+        backend = "triton" if (device.type == "cuda" and _HAS_TRITON) else "torch"
+    if backend == "triton" and not triton_available(device):
+        raise RuntimeError(
+            f"backend='triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1 for CPU "
+            f"tensors); W_enc is on {device}, triton importable: {_HAS_TRITON}. "
+            f"Use backend='torch' or 'auto'."
+        )
+    return backend
 
 
 def encode_topk_reference(

@@ -88,11 +88,21 @@ _KERNELS = None
 
 
 def _kernels():
-    """Define the Triton kernels on first use (so importing this module never needs Triton). Every
-    pointer offset is int64 (n_latents x d_in and B x k_aux can reach 2^31)."""
+    """(triton, _fwd, _grad_values, _grad_wdec_atomic, _grad_wdec_rows): the Triton kernels, defined on first
+    use (so importing this module never needs Triton), one factory per kernel. Every pointer offset is int64
+    (n_latents x d_in and B x k_aux can reach 2^31)."""
     global _KERNELS
-    if _KERNELS is not None:
-        return _KERNELS
+    if _KERNELS is None:
+        import triton
+
+        _KERNELS = (triton, _fwd_kernel(), _grad_values_kernel(), _grad_wdec_atomic_kernel(),
+                    _grad_wdec_rows_kernel())
+    return _KERNELS
+
+
+def _fwd_kernel():
+    """The forward kernel: one program per [BB tokens x BD features] tile of OUT [B, D], summing V[b, j] *
+    W[IDX[b, j]] over the K codes (index -1 or >= N: padding, skipped) plus BP when HAS_BP; fp32 accumulation."""
     import triton
     import triton.language as tl
 
@@ -117,6 +127,15 @@ def _kernels():
             acc += tl.load(BP + rd, mask=md, other=0.0).to(tl.float32)[None, :]
         tl.store(OUT + rb[:, None] * s_ob + rd[None, :], acc.to(OUT.dtype.element_ty), mask=m2)
 
+    return _fwd
+
+
+def _grad_values_kernel():
+    """The values-gradient kernel: one program per [BB tokens x BK codes] tile of GV [B, K], the dot
+    products <GO[b], W[IDX[b, j]]> over D in steps of BD (padding codes get 0); fp32 accumulation."""
+    import triton
+    import triton.language as tl
+
     @triton.jit
     def _grad_values(GO, IDX, W, GV, B, K, D, N, s_gb, s_ib, s_wn, s_vb,
                      BB: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr):
@@ -140,6 +159,15 @@ def _kernels():
             acc += tl.sum(g[:, None, :] * w, axis=2)
         tl.store(GV + rb[:, None] * s_vb + rk[None, :], acc.to(GV.dtype.element_ty), mask=mbk)
 
+    return _grad_values
+
+
+def _grad_wdec_atomic_kernel():
+    """The atomic W_dec-gradient kernel: one program per [BB tokens x BD features] tile of GO, adding
+    V[b, j] * GO[b] into GW's row IDX[b, j] with fp32 atomic adds (summation order not fixed)."""
+    import triton
+    import triton.language as tl
+
     @triton.jit
     def _grad_wdec_atomic(GO, IDX, V, GW, B, K, D, N, s_gb, s_ib, s_vb, s_wn, s_wd,
                           BB: tl.constexpr, BD: tl.constexpr):
@@ -157,6 +185,15 @@ def _kernels():
             # relaxed: a sum needs atomicity, not ordering against other memory operations
             tl.atomic_add(GW + (idx[:, None] * s_wn + rd[None, :] * s_wd), v[:, None] * g,
                           mask=ok[:, None] & md[None, :], sem="relaxed")
+
+    return _grad_wdec_atomic
+
+
+def _grad_wdec_rows_kernel():
+    """The deterministic W_dec-gradient kernel: one program per [GW row r x BD features] tile, summing
+    WT[p] * GO[TOK[p]] over the row's (row, token) pairs p in [OFFS[r], OFFS[r + 1]) in sorted order, BP at a time."""
+    import triton
+    import triton.language as tl
 
     @triton.jit
     def _grad_wdec_rows(GO, TOK, WT, OFFS, GW, D, s_gb, s_wn,
@@ -178,8 +215,7 @@ def _kernels():
             acc += tl.sum(w[:, None] * g.to(tl.float32), axis=0)
         tl.store(GW + r * s_wn + rd, acc.to(GW.dtype.element_ty), mask=md)
 
-    _KERNELS = (triton, _fwd, _grad_values, _grad_wdec_atomic, _grad_wdec_rows)
-    return _KERNELS
+    return _grad_wdec_rows
 
 
 def _cdiv(a: int, b: int) -> int:

@@ -418,8 +418,6 @@ def build_browser(sae, store_path, out_dir, *, tokenizer=None, lm=None, opts: Br
     n2g_f1 / n2g_latents over the written latents, counts, timings).
     Raises ValueError (bad option; d_model != d_in; store without token_ids).
     """
-    from tqdm.auto import tqdm
-
     from sae_dist.eval.n2g import summarize_scores
 
     opts = opts or BrowseOptions()
@@ -430,59 +428,21 @@ def build_browser(sae, store_path, out_dir, *, tokenizer=None, lm=None, opts: Br
     scan = scan_store(sae, store_path, tokens=opts.tokens, batch_tokens=opts.batch_tokens, device=device,
                       progress=progress)
     t_scan = time.perf_counter() - t0
-    d_sae = scan.d_sae
-    fires = np.bincount(scan.latents, minlength=d_sae)
+    fires = np.bincount(scan.latents, minlength=scan.d_sae)
     density = fires / max(1, scan.n_tokens)
-    max_act = np.zeros(d_sae, np.float32)
-    np.maximum.at(max_act, scan.latents, scan.values)
     sel = _select_latents(density, opts)
     dec = _Decoder(tokenizer)
 
     expl, scores = _n2g(scan, sel, opts, dec.show, progress)
     t_n2g = time.perf_counter() - t0 - t_scan
 
-    logits = None
-    if lm is not None and sel:
-        W_U = lm.get_output_embeddings().weight.detach()
-        g = final_norm_weight(lm) if opts.logit_through_norm else None
-        W_dec = sae.W_dec.detach()[torch.as_tensor(sel, device=sae.W_dec.device)]
-        logits = logit_effects(W_dec.to(W_U.device), W_U, opts.logit_k, g)
-
-    rng = np.random.default_rng(opts.seed + 1)
+    logits = _logit_tables(sae, lm, sel, opts)
     sae_info = dict(sae_info or {})
     store_info = dict(store_info or {})
-    records = []
-    for pos_in_sel, i in enumerate(tqdm(sel, desc="pages", unit="latent", disable=not progress)):
-        sl = scan.latent_slice(i)
-        lr, lv = scan.rows[sl], scan.values[sl]
-        vmax = float(lv.max()) if len(lv) else 0.0
-        # top contexts: one per sequence
-        order = np.argsort(-lv, kind="stable")
-        seqs = scan.seq_of(lr[order])
-        _, first = np.unique(seqs, return_index=True)
-        top_rows = lr[order[np.sort(first)][: opts.top_contexts]]
-        others = np.setdiff1d(lr, top_rows)
-        rnd = rng.choice(others, size=min(len(others), opts.random_contexts), replace=False) if len(others) else []
-        rnd = sorted(rnd, key=lambda r: -float(lv[np.searchsorted(lr, r)]))
-        e, s = expl.get(i), scores.get(i)
-        rec = {"latent": i, "density": float(density[i]), "fires": int(fires[i]), "max_act": vmax,
-               "mean_act": float(lv.mean()) if len(lv) else 0.0,
-               "n2g": e.to_dict() if e else None,
-               "n2g_precision": s.precision if s and s.scored else None,
-               "n2g_recall": s.recall if s and s.scored else None,
-               "n2g_f1": s.f1 if s and s.scored else None}
-        if logits is not None:
-            tv, ti, bv, bi = (x[pos_in_sel] for x in logits)
-            rec["logits_pos"] = [(int(a), float(b)) for a, b in zip(ti, tv, strict=True)]
-            rec["logits_neg"] = [(int(a), float(b)) for a, b in zip(bi, bv, strict=True)]
-        records.append(rec)
-        prev_i = sel[pos_in_sel - 1] if pos_in_sel > 0 else None
-        next_i = sel[pos_in_sel + 1] if pos_in_sel + 1 < len(sel) else None
-        body = _latent_body(rec, e, s, scan, dec, lr, lv, top_rows, rnd, opts, prev_i, next_i, sae_info)
-        (out / "latents" / f"{i}.html").write_text(_page(f"latent {i}", body, css="../style.css"), encoding="utf-8")
-
+    records = _write_latent_pages(out, scan, sel, fires, density, expl, scores, logits, dec, opts, sae_info,
+                                  progress)
     summary = {
-        "sae": sae_info, "store": store_info, "tokens_scanned": scan.n_tokens, "d_sae": d_sae,
+        "sae": sae_info, "store": store_info, "tokens_scanned": scan.n_tokens, "d_sae": scan.d_sae,
         "alive": int((fires > 0).sum()), "dead_in_scan": int((fires == 0).sum()),
         "latents_written": len(sel), **summarize_scores([scores[i] for i in sel if i in scores]),
         "seconds": {"scan": t_scan, "n2g": t_n2g, "total": time.perf_counter() - t0},
@@ -495,6 +455,73 @@ def build_browser(sae, store_path, out_dir, *, tokenizer=None, lm=None, opts: Br
     summary["seconds"]["total"] = time.perf_counter() - t0
     (out / "browser.json").write_text(json.dumps({**summary, "latents": records}, indent=1, default=str))
     return summary
+
+
+def _logit_tables(sae, lm, sel: list[int], opts: BrowseOptions):
+    """`logit_effects` of the selected latents' decoder rows through `lm`'s unembedding (and its final norm
+    weight when opts.logit_through_norm), or None without an LM or a selection."""
+    if lm is None or not sel:
+        return None
+    W_U = lm.get_output_embeddings().weight.detach()
+    g = final_norm_weight(lm) if opts.logit_through_norm else None
+    W_dec = sae.W_dec.detach()[torch.as_tensor(sel, device=sae.W_dec.device)]
+    return logit_effects(W_dec.to(W_U.device), W_U, opts.logit_k, g)
+
+
+def _context_rows(scan: ScanResult, lr: np.ndarray, lv: np.ndarray, opts: BrowseOptions,
+                  rng: np.random.Generator) -> tuple[np.ndarray, list]:
+    """(top rows, random rows) shown for a latent firing at scan rows `lr` with values `lv` (sorted by row):
+    the top opts.top_contexts rows by value, one per sequence; then up to opts.random_contexts other firing
+    rows drawn with `rng`, sorted by decreasing value."""
+    order = np.argsort(-lv, kind="stable")
+    seqs = scan.seq_of(lr[order])
+    _, first = np.unique(seqs, return_index=True)
+    top_rows = lr[order[np.sort(first)][: opts.top_contexts]]
+    others = np.setdiff1d(lr, top_rows)
+    rnd = rng.choice(others, size=min(len(others), opts.random_contexts), replace=False) if len(others) else []
+    rnd = sorted(rnd, key=lambda r: -float(lv[np.searchsorted(lr, r)]))
+    return top_rows, rnd
+
+
+def _latent_record(i: int, fires: np.ndarray, density: np.ndarray, lv: np.ndarray, e, s, logits,
+                   pos_in_sel: int) -> dict:
+    """browser.json's record of latent `i` (values `lv` where it fires; N2G explanation `e` and score `s`, or
+    None; `logits` from `_logit_tables`, row pos_in_sel, or None)."""
+    rec = {"latent": i, "density": float(density[i]), "fires": int(fires[i]),
+           "max_act": float(lv.max()) if len(lv) else 0.0,
+           "mean_act": float(lv.mean()) if len(lv) else 0.0,
+           "n2g": e.to_dict() if e else None,
+           "n2g_precision": s.precision if s and s.scored else None,
+           "n2g_recall": s.recall if s and s.scored else None,
+           "n2g_f1": s.f1 if s and s.scored else None}
+    if logits is not None:
+        tv, ti, bv, bi = (x[pos_in_sel] for x in logits)
+        rec["logits_pos"] = [(int(a), float(b)) for a, b in zip(ti, tv, strict=True)]
+        rec["logits_neg"] = [(int(a), float(b)) for a, b in zip(bi, bv, strict=True)]
+    return rec
+
+
+def _write_latent_pages(out: Path, scan: ScanResult, sel: list[int], fires, density, expl, scores, logits,
+                        dec: _Decoder, opts: BrowseOptions, sae_info: dict, progress: bool) -> list[dict]:
+    """Write out/latents/<i>.html for every selected latent (linked to its neighbours in `sel`); returns their
+    records (`_latent_record`) in `sel` order. The random contexts are drawn from one generator seeded
+    opts.seed + 1, latent after latent."""
+    from tqdm.auto import tqdm
+
+    rng = np.random.default_rng(opts.seed + 1)
+    records = []
+    for pos_in_sel, i in enumerate(tqdm(sel, desc="pages", unit="latent", disable=not progress)):
+        sl = scan.latent_slice(i)
+        lr, lv = scan.rows[sl], scan.values[sl]
+        top_rows, rnd = _context_rows(scan, lr, lv, opts, rng)
+        e, s = expl.get(i), scores.get(i)
+        rec = _latent_record(i, fires, density, lv, e, s, logits, pos_in_sel)
+        records.append(rec)
+        prev_i = sel[pos_in_sel - 1] if pos_in_sel > 0 else None
+        next_i = sel[pos_in_sel + 1] if pos_in_sel + 1 < len(sel) else None
+        body = _latent_body(rec, e, s, scan, dec, lr, lv, top_rows, rnd, opts, prev_i, next_i, sae_info)
+        (out / "latents" / f"{i}.html").write_text(_page(f"latent {i}", body, css="../style.css"), encoding="utf-8")
+    return records
 
 
 # ----------------------------------------------------------------------------------------------

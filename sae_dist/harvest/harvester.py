@@ -17,6 +17,10 @@ Design (deterministic and resumable; the store layout is docs/formats.md#activat
   most one half-written shard without a marker, which the rerun rewrites entirely.
 * If the corpus ends before n_seqs sequences, the shard holding the end is partial (its marker says
   so) and later shards are marked empty; finalisation trims the arrays to the data actually written.
+* Store arrays: `activations` [n_tokens, d_model] (the store dtype), `token_ids` int32, `seq_index` int64
+  (global sequence index i), `position` int32 (1..ctx_len-1). Group attributes: d_model, n_tokens, model,
+  hook, layer, ctx_len, dataset, dtype, eval_fraction, norm_stats (merged over shards: mean_norm,
+  mean_sq_norm, n), harvest (progress; complete), plus the caller's `attrs`.
 * When every shard has a marker the store is finalised (`store.finalize_store`: trim, merged
   attributes, `harvest.complete = true`). With world_size > 1 the workers meet at a
   torch.distributed barrier (gloo; initialised from the torchrun env RANK/WORLD_SIZE/MASTER_ADDR/
@@ -30,7 +34,8 @@ import datetime
 import math
 import os
 import time
-from typing import Iterable
+from dataclasses import dataclass
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -129,87 +134,77 @@ def _maybe_dist(world_size: int, rank: int, timeout_s: float):
 
 
 def harvest(
-    *,
-    model,
-    tokenizer,
-    hook: str,
-    docs: Iterable[str],
-    store_path: str,
-    tokens: int,
-    ctx_len: int = 64,
-    batch_size: int = 32,
-    dtype: str = "float16",
-    seqs_per_chunk: int = 64,
-    seqs_per_shard: int = 1024,
-    rank: int | None = None,
-    world_size: int | None = None,
-    eval_fraction: float = 0.05,
-    attrs: dict | None = None,
-    progress: bool = True,
-    finalize: bool = True,
-    barrier_timeout_s: float = 48 * 3600.0,
+    *, model, tokenizer, hook: str, docs: Iterable[str], store_path: str, tokens: int, ctx_len: int = 64,
+    batch_size: int = 32, dtype: str = "float16", seqs_per_chunk: int = 64, seqs_per_shard: int = 1024,
+    rank: int | None = None, world_size: int | None = None, eval_fraction: float = 0.05, attrs: dict | None = None,
+    progress: bool = True, finalize: bool = True, barrier_timeout_s: float = 48 * 3600.0,
 ) -> dict:
     """Harvest LM activations at `hook` into a zarr v3 activation store (resumable, multi-worker).
 
     Args:
-        model: HF causal LM in eval mode (e.g. from `load_lm`); run in its own dtype under
-            `torch.inference_mode`, stopped right after the hooked module (`run_to_hook`).
-        tokenizer: its tokenizer.
+        model: HF causal LM in eval mode (e.g. from `load_lm`); run in its own dtype under `torch.inference_mode`,
+            stopped right after the hooked module (`run_to_hook`). tokenizer: its tokenizer.
         hook: hook name, e.g. "blocks.19.hook_resid_post" (see `hooks.valid_hook_names`).
         docs: iterable of documents (strings) in a deterministic order (e.g. `iter_documents(...)`).
             Every worker and every rerun must see the same documents in the same order.
         store_path: directory of the zarr store (created if missing, resumed if partial).
         tokens: activation rows to store; rounded up to whole sequences:
             n_seqs = ceil(tokens / (ctx_len - 1)), n_tokens = n_seqs * (ctx_len - 1).
-        ctx_len: tokens per sequence including BOS (paper: 64).
-        batch_size: sequences per LM forward.
+        ctx_len: tokens per sequence including BOS (paper: 64). batch_size: sequences per LM forward.
         dtype: storage dtype of `activations`: "float16", "bfloat16" or "float32".
         seqs_per_chunk: zarr chunk = seqs_per_chunk * (ctx_len - 1) rows.
-        seqs_per_shard: zarr shard file = seqs_per_shard * (ctx_len - 1) rows (multiple of
-            seqs_per_chunk); the unit of work and of resume.
-        rank, world_size: this worker and the number of workers; None (default) reads the torchrun
-            env RANK / WORLD_SIZE (0 / 1 when unset).
+        seqs_per_shard: zarr shard file = seqs_per_shard * (ctx_len - 1) rows (multiple of seqs_per_chunk); the
+            unit of work and of resume.
+        rank, world_size: this worker and the number of workers; None (default) reads the torchrun env RANK /
+            WORLD_SIZE (0 / 1 when unset).
         eval_fraction: documents with `is_eval_document(text, eval_fraction)` are held out.
-        attrs: extra group attributes (e.g. {"dataset": "stdlib", "model": "SmolLM2-135M-Instruct"});
-            they override the defaults (`model` defaults to `model.sae_dist_name` or the config name).
+        attrs: extra group attributes (e.g. {"dataset": "stdlib", "model": "SmolLM2-135M-Instruct"}); they
+            override the defaults (`model` defaults to `model.sae_dist_name` or the config name).
         progress: show a tqdm bar in tokens (tokens/s) for this worker's shards (position = rank).
-        finalize: finalise the store once every shard is done (default). With world_size > 1 the
-            workers first meet at a torch.distributed barrier (an existing process group, else a gloo
-            group made from the torchrun env RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT) and rank 0
-            finalises. Without a process group or torchrun env (workers run one after another), the
-            worker that finds every shard marked finalises. False leaves finalisation to a later call.
+        finalize: finalise the store once every shard is done (default). With world_size > 1 the workers first
+            meet at a torch.distributed barrier (an existing process group, else a gloo group made from the
+            torchrun env RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT) and rank 0 finalises. Without a process group
+            or torchrun env (workers run one after another), the worker that finds every shard marked
+            finalises. False leaves finalisation to a later call.
         barrier_timeout_s: timeout of the gloo process group this function creates (if it does).
 
-    Store arrays: `activations` [n_tokens, d_model] (dtype), `token_ids` int32, `seq_index` int64
-    (global sequence index i), `position` int32 (1..ctx_len-1). Group attributes: d_model,
-    n_tokens, model, hook, layer, ctx_len, dataset, dtype, norm_stats (merged over shards: mean_norm,
-    mean_sq_norm, n), harvest (progress; complete), plus `attrs`.
+    The store's arrays and group attributes: module docstring.
 
     Returns:
-        dict: store_path, tokens_written (this call), wall_s, tokens_per_s, shards_written,
-        shards_total, complete (bool), already_complete (bool), n_tokens (final, when complete).
+        dict: store_path, tokens_written (this call), wall_s, tokens_per_s, shards_written, shards_total,
+        complete (bool), already_complete (bool), n_tokens (final, when complete), preempted (bool).
 
     Raises:
         HarvestError: non-finite activations (names the sequence range), inconsistent arguments.
         ValueError: bad hook name / dtype / sizes. StoreError: an existing store does not match.
     """
-    from sae_dist.store import (
-        create_store,
-        done_shards,
-        finalize_store,
-        mark_shard_done,
-        merge_norm_stats,
-        norm_stats_partial,
-        write_block,
-    )
-    from sae_dist.store.layout import to_numpy
-
     t0 = time.perf_counter()
-    store_path = os.fspath(store_path)
+    run = _HarvestRun.plan(model=model, tokenizer=tokenizer, hook=hook, docs=docs, store_path=store_path,
+                           tokens=tokens, ctx_len=ctx_len, batch_size=batch_size, dtype=dtype,
+                           seqs_per_chunk=seqs_per_chunk, seqs_per_shard=seqs_per_shard, rank=rank,
+                           world_size=world_size, eval_fraction=eval_fraction, attrs=attrs, progress=progress)
+    summary = _new_summary(run)
+    existing = _read_complete(run.store_path)
+    if existing is not None:
+        return _already_complete(run, existing, attrs, summary, t0)
+    written = _harvest_locked(run, summary, finalize, barrier_timeout_s)
+    wall = time.perf_counter() - t0
+    summary.update(wall_s=wall, tokens_per_s=written / wall if wall > 0 else 0.0)
+    return summary
+
+
+def _resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """(rank, world_size), each None read from the torchrun env RANK / WORLD_SIZE (0 / 1 when unset)."""
     if rank is None:
         rank = int(os.environ.get("RANK", "0") or 0)
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return rank, world_size
+
+
+def _check_args(*, tokens, ctx_len, batch_size, dtype, seqs_per_chunk, seqs_per_shard, rank, world_size) -> None:
+    """ValueError for a `harvest` argument out of range (unknown dtype, a size < 1, ctx_len < 2, a shard that
+    is not whole chunks, rank outside [0, world_size))."""
     if dtype not in STORE_DTYPES:
         raise ValueError(f"unknown store dtype {dtype!r}; use one of {sorted(STORE_DTYPES)}")
     for name, v in (("tokens", tokens), ("batch_size", batch_size), ("seqs_per_chunk", seqs_per_chunk),
@@ -226,159 +221,220 @@ def harvest(
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank!r}")
 
-    spec = resolve_hook(model, hook)
-    body = int(ctx_len) - 1
-    n_seqs = math.ceil(int(tokens) / body)
-    n_tokens = n_seqs * body
-    n_shards = math.ceil(n_seqs / seqs_per_shard)
-    chunk_tokens = seqs_per_chunk * body
-    shard_tokens = seqs_per_shard * body
-    d_model = _d_model(model)
-    store_dtype = STORE_DTYPES[dtype]
-    device = _input_device(model)
 
-    base_attrs = {
-        "model": _model_name(model),
-        "dataset": "unknown",
-        **(attrs or {}),
-        "d_model": d_model,
-        "hook": spec.name,
-        "layer": spec.layer,
-        "ctx_len": int(ctx_len),
-        "dtype": dtype,
-        "eval_fraction": float(eval_fraction),
-    }
-    harvest_info = {
-        "complete": False,
-        "tokens_requested": int(tokens),
-        "n_seqs_planned": n_seqs,
-        "n_shards": n_shards,
-        "seqs_per_shard": int(seqs_per_shard),
-        "seqs_per_chunk": int(seqs_per_chunk),
-        "chunk_tokens": chunk_tokens,
-        "shard_tokens": shard_tokens,
-    }
+@dataclass(frozen=True)
+class _Geometry:
+    """Where the sequence stream goes in the store (module docstring); counts in sequences or token rows."""
 
-    summary = {
-        "store_path": store_path,
+    ctx_len: int  # tokens per sequence, BOS included
+    body: int  # rows stored per sequence: ctx_len - 1 (BOS is not stored)
+    n_seqs: int  # sequences planned: ceil(tokens / body)
+    n_tokens: int  # rows planned: n_seqs * body
+    n_shards: int  # ceil(n_seqs / seqs_per_shard)
+    seqs_per_shard: int
+    seqs_per_chunk: int
+    chunk_tokens: int  # rows per zarr chunk: seqs_per_chunk * body
+    shard_tokens: int  # rows per zarr shard file: seqs_per_shard * body
+
+    @classmethod
+    def plan(cls, tokens: int, ctx_len: int, seqs_per_chunk: int, seqs_per_shard: int) -> _Geometry:
+        """The geometry of a harvest of `tokens` rows (already validated by `_check_args`)."""
+        body = int(ctx_len) - 1
+        n_seqs = math.ceil(int(tokens) / body)
+        return cls(ctx_len=int(ctx_len), body=body, n_seqs=n_seqs, n_tokens=n_seqs * body,
+                   n_shards=math.ceil(n_seqs / seqs_per_shard), seqs_per_shard=int(seqs_per_shard),
+                   seqs_per_chunk=int(seqs_per_chunk), chunk_tokens=seqs_per_chunk * body,
+                   shard_tokens=seqs_per_shard * body)
+
+    def shard_tokens_planned(self, s: int) -> int:
+        """Rows shard `s` holds when the corpus does not end early (the last shard may be short)."""
+        return (min(self.n_seqs, (s + 1) * self.seqs_per_shard) - s * self.seqs_per_shard) * self.body
+
+
+@dataclass(frozen=True)
+class _HarvestRun:
+    """One `harvest` call, validated: its inputs, the store geometry and the store attributes it writes."""
+
+    model: Any
+    tokenizer: Any
+    spec: Any  # the resolved hook (`hooks.HookSpec`)
+    docs: Iterable[str]
+    store_path: str
+    geom: _Geometry
+    batch_size: int  # sequences per LM forward
+    d_model: int  # residual-stream width (`_d_model`)
+    dtype: str  # store dtype name, a key of STORE_DTYPES
+    device: torch.device  # the model's input device
+    eval_fraction: float
+    progress: bool
+    rank: int
+    world_size: int
+    store_attrs: dict  # group attributes written at creation (`harvest` docstring), without "harvest"
+    harvest_info: dict  # the "harvest" attribute before completion
+
+    @classmethod
+    def plan(cls, *, model, tokenizer, hook, docs, store_path, tokens, ctx_len, batch_size, dtype,
+             seqs_per_chunk, seqs_per_shard, rank, world_size, eval_fraction, attrs, progress) -> _HarvestRun:
+        """Resolve rank / world_size and the hook, validate the arguments (ValueError) and plan the store."""
+        store_path = os.fspath(store_path)
+        rank, world_size = _resolve_rank(rank, world_size)
+        _check_args(tokens=tokens, ctx_len=ctx_len, batch_size=batch_size, dtype=dtype,
+                    seqs_per_chunk=seqs_per_chunk, seqs_per_shard=seqs_per_shard, rank=rank, world_size=world_size)
+        spec = resolve_hook(model, hook)
+        geom = _Geometry.plan(tokens, ctx_len, seqs_per_chunk, seqs_per_shard)
+        d_model = _d_model(model)
+        store_attrs = {
+            "model": _model_name(model), "dataset": "unknown", **(attrs or {}), "d_model": d_model,
+            "hook": spec.name, "layer": spec.layer, "ctx_len": int(ctx_len), "dtype": dtype,
+            "eval_fraction": float(eval_fraction),
+        }
+        harvest_info = {
+            "complete": False, "tokens_requested": int(tokens), "n_seqs_planned": geom.n_seqs,
+            "n_shards": geom.n_shards, "seqs_per_shard": int(seqs_per_shard), "seqs_per_chunk": int(seqs_per_chunk),
+            "chunk_tokens": geom.chunk_tokens, "shard_tokens": geom.shard_tokens,
+        }
+        return cls(model=model, tokenizer=tokenizer, spec=spec, docs=docs, store_path=store_path, geom=geom,
+                   batch_size=int(batch_size), d_model=d_model, dtype=dtype, device=_input_device(model),
+                   eval_fraction=eval_fraction, progress=progress, rank=rank, world_size=world_size,
+                   store_attrs=store_attrs, harvest_info=harvest_info)
+
+
+def _new_summary(run: _HarvestRun) -> dict:
+    """`harvest`'s return value before any work (nothing written, not complete)."""
+    return {
+        "store_path": run.store_path,
         "tokens_written": 0,
         "wall_s": 0.0,
         "tokens_per_s": 0.0,
         "shards_written": 0,
-        "shards_total": n_shards,
+        "shards_total": run.geom.n_shards,
         "complete": False,
         "already_complete": False,
         "n_tokens": None,
         "preempted": False,
     }
 
-    existing = _read_complete(store_path)
-    if existing is not None:
-        keys = ["hook", "ctx_len", "d_model", "model", "dtype"] + (["dataset"] if "dataset" in (attrs or {}) else [])
-        for key in keys:
-            if key in existing and existing[key] != base_attrs[key]:
-                from sae_dist.store.errors import StoreError
 
-                raise StoreError(
-                    f"store {store_path!r} is a complete harvest with {key}={existing[key]!r}, but "
-                    f"this run asks for {key}={base_attrs[key]!r}; use another store.path or delete it"
-                )
-        if rank == 0:
-            _log(f"store {store_path} is already complete ({existing.get('n_tokens')} tokens); nothing to do", rank)
-        summary.update(complete=True, already_complete=True, n_tokens=existing.get("n_tokens"),
-                       wall_s=time.perf_counter() - t0)
-        return summary
+def _check_same_harvest(run: _HarvestRun, existing: dict, attrs: dict | None) -> None:
+    """StoreError when the complete store's attributes `existing` disagree with this run's hook, ctx_len, d_model,
+    model, dtype (and dataset, when `attrs` names one)."""
+    keys = ["hook", "ctx_len", "d_model", "model", "dtype"] + (["dataset"] if "dataset" in (attrs or {}) else [])
+    for key in keys:
+        if key in existing and existing[key] != run.store_attrs[key]:
+            from sae_dist.store.errors import StoreError
 
-    lock = DirectoryLock(store_path, f"sae-harvest worker {rank} of {world_size}",
-                         lock_file=harvest_lock_file(store_path, rank))
-    lock.acquire()  # DirectoryBusyError naming the holder when another process harvests these shards
+            raise StoreError(
+                f"store {run.store_path!r} is a complete harvest with {key}={existing[key]!r}, but "
+                f"this run asks for {key}={run.store_attrs[key]!r}; use another store.path or delete it"
+            )
+
+
+def _already_complete(run: _HarvestRun, existing: dict, attrs: dict | None, summary: dict, t0: float) -> dict:
+    """`harvest`'s answer for a store that is already a complete harvest with the attributes `existing`:
+    StoreError when it is another harvest (`_check_same_harvest`), else `summary` marked complete."""
+    _check_same_harvest(run, existing, attrs)
+    if run.rank == 0:
+        _log(f"store {run.store_path} is already complete ({existing.get('n_tokens')} tokens); nothing to do",
+             run.rank)
+    summary.update(complete=True, already_complete=True, n_tokens=existing.get("n_tokens"),
+                   wall_s=time.perf_counter() - t0)
+    return summary
+
+
+def _harvest_locked(run: _HarvestRun, summary: dict, finalize: bool, barrier_timeout_s: float) -> int:
+    """Under this worker's lock: create or resume the store, harvest this worker's unfinished shards, then
+    finalise (`_finalize`) unless preempted or `finalize` is False. Updates `summary` (shards_written,
+    tokens_written, preempted, complete, n_tokens); returns the tokens written. DirectoryBusyError naming the
+    holder when another process harvests these shards."""
+    from sae_dist.store import create_store, done_shards
+
+    lock = DirectoryLock(run.store_path, f"sae-harvest worker {run.rank} of {run.world_size}",
+                         lock_file=harvest_lock_file(run.store_path, run.rank))
+    lock.acquire()
     try:
-        group = create_store(
-            store_path,
-            n_tokens=n_tokens,
-            d_model=d_model,
-            dtype=dtype,
-            chunk_tokens=chunk_tokens,
-            shard_tokens=shard_tokens,
-            attrs={**base_attrs, "harvest": harvest_info},
-        )
-        done = done_shards(store_path)
-        todo = [s for s in range(n_shards) if s % world_size == rank and s not in done]
-        if done and rank == 0:
-            _log(f"resuming: {len(done)}/{n_shards} shards already done", rank)
-
+        g = run.geom
+        group = create_store(run.store_path, n_tokens=g.n_tokens, d_model=run.d_model, dtype=run.dtype,
+                             chunk_tokens=g.chunk_tokens, shard_tokens=g.shard_tokens,
+                             attrs={**run.store_attrs, "harvest": run.harvest_info})
+        done = done_shards(run.store_path)
+        todo = [s for s in range(g.n_shards) if s % run.world_size == run.rank and s not in done]
+        if done and run.rank == 0:
+            _log(f"resuming: {len(done)}/{g.n_shards} shards already done", run.rank)
         written, preempted = 0, False
         if todo:
             with Preemption("sae-harvest") as preempt:
-                written, preempted = _harvest_shards(
-                    model=model, tokenizer=tokenizer, spec=spec, docs=docs, group=group, store_path=store_path,
-                    todo=todo, n_seqs=n_seqs, body=body, ctx_len=int(ctx_len), batch_size=int(batch_size),
-                    seqs_per_shard=int(seqs_per_shard), d_model=d_model, store_dtype=store_dtype,
-                    device=device, eval_fraction=eval_fraction, progress=progress, rank=rank,
-                    write_block=write_block, mark_shard_done=mark_shard_done,
-                    norm_stats_partial=norm_stats_partial, to_numpy=to_numpy,
-                    should_stop=lambda: preempt.requested,
-                )
-        now_done = done_shards(store_path)
+                written, preempted = _harvest_shards(run, group, todo, should_stop=lambda: preempt.requested)
+        now_done = done_shards(run.store_path)
         summary["shards_written"] = sum(1 for s in todo if s in now_done)
         summary["tokens_written"] = written
         summary["preempted"] = preempted
         if preempted:
             _log(f"stopped on SIGTERM after {written} tokens (every written shard is kept); rerun the same "
-                 "command to resume", rank)
-
+                 "command to resume", run.rank)
         if finalize and not preempted:
-            dist, created = _maybe_dist(world_size, rank, barrier_timeout_s)
-            try:
-                if dist is not None:
-                    dist.barrier()
-                done = done_shards(store_path)
-                all_done = all(s in done for s in range(n_shards))
-                if all_done and (rank == 0 or dist is None):
-                    final_n = _final_n_tokens(done, n_shards, seqs_per_shard, body, store_path)
-                    if final_n == 0:
-                        raise HarvestError(
-                            f"the corpus gave no train sequence of ctx_len={ctx_len} tokens (documents "
-                            f"shorter than {ctx_len - 1} tokens are dropped, and eval_fraction="
-                            f"{eval_fraction} are held out); use more data or a shorter ctx_len"
-                        )
-                    stats = merge_norm_stats([done[s]["norm_stats"] for s in range(n_shards)
-                                              if done[s].get("n_tokens", 0) > 0])
-                    end_of_data = any(done[s].get("end_of_data") for s in range(n_shards))
-                    final_attrs = {
-                        **base_attrs,
-                        "n_tokens": final_n,
-                        "norm_stats": stats,
-                        "harvest": {**harvest_info, "complete": True, "n_tokens": final_n,
-                                    "end_of_data": bool(end_of_data)},
-                    }
-                    finalize_store(store_path, final_n, final_attrs)
-                    if end_of_data:
-                        _log(f"the corpus ended after {final_n} tokens (asked for {n_tokens}); store trimmed", rank)
-                    _log(f"store {store_path} complete: {final_n} tokens x {d_model}", rank)
-                if dist is not None:
-                    dist.barrier()  # nobody returns (and reads the store) before rank 0 has finalised
-                if all_done:
-                    summary["complete"] = True
-                    summary["n_tokens"] = _final_n_tokens(done, n_shards, seqs_per_shard, body, store_path)
-            finally:
-                if created:
-                    dist.destroy_process_group()
-
+            _finalize(run, summary, barrier_timeout_s)
     finally:
         lock.release()
-
-    wall = time.perf_counter() - t0
-    summary["wall_s"] = wall
-    summary["tokens_per_s"] = written / wall if wall > 0 else 0.0
-    return summary
+    return written
 
 
-def _final_n_tokens(done: dict, n_shards: int, seqs_per_shard: int, body: int, store_path: str) -> int:
+def _finalize(run: _HarvestRun, summary: dict, barrier_timeout_s: float) -> None:
+    """Meet the other workers (torch.distributed barrier, when there is a process group or a torchrun env);
+    when every shard is marked, rank 0 (or, without a process group, this worker) finalises the store
+    (`_write_final`) and `summary` gets complete and n_tokens."""
+    from sae_dist.store import done_shards
+
+    g = run.geom
+    dist, created = _maybe_dist(run.world_size, run.rank, barrier_timeout_s)
+    try:
+        if dist is not None:
+            dist.barrier()
+        done = done_shards(run.store_path)
+        all_done = all(s in done for s in range(g.n_shards))
+        if all_done and (run.rank == 0 or dist is None):
+            _write_final(run, done)
+        if dist is not None:
+            dist.barrier()  # nobody returns (and reads the store) before rank 0 has finalised
+        if all_done:
+            summary["complete"] = True
+            summary["n_tokens"] = _final_n_tokens(done, g, run.store_path)
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def _write_final(run: _HarvestRun, done: dict) -> None:
+    """Finalise the store from the shard markers `done` (every shard present): trim to the rows written, merge
+    the norm stats, mark the harvest complete. HarvestError when no train sequence was written at all."""
+    from sae_dist.store import finalize_store, merge_norm_stats
+
+    g = run.geom
+    final_n = _final_n_tokens(done, g, run.store_path)
+    if final_n == 0:
+        raise HarvestError(
+            f"the corpus gave no train sequence of ctx_len={g.ctx_len} tokens (documents "
+            f"shorter than {g.ctx_len - 1} tokens are dropped, and eval_fraction="
+            f"{run.eval_fraction} are held out); use more data or a shorter ctx_len"
+        )
+    stats = merge_norm_stats([done[s]["norm_stats"] for s in range(g.n_shards) if done[s].get("n_tokens", 0) > 0])
+    end_of_data = any(done[s].get("end_of_data") for s in range(g.n_shards))
+    final_attrs = {
+        **run.store_attrs,
+        "n_tokens": final_n,
+        "norm_stats": stats,
+        "harvest": {**run.harvest_info, "complete": True, "n_tokens": final_n, "end_of_data": bool(end_of_data)},
+    }
+    finalize_store(run.store_path, final_n, final_attrs)
+    if end_of_data:
+        _log(f"the corpus ended after {final_n} tokens (asked for {g.n_tokens}); store trimmed", run.rank)
+    _log(f"store {run.store_path} complete: {final_n} tokens x {run.d_model}", run.rank)
+
+
+def _final_n_tokens(done: dict, geom: _Geometry, store_path: str) -> int:
     """Rows actually written: full shards, then at most one partial shard, then only empty shards."""
     total = 0
     short_seen = None
-    for s in range(n_shards):
+    for s in range(geom.n_shards):
         n = int(done[s].get("n_seqs", 0))
         if short_seen is not None and n > 0:
             raise HarvestError(
@@ -387,131 +443,145 @@ def _final_n_tokens(done: dict, n_shards: int, seqs_per_shard: int, body: int, s
                 "and harvest again with identical data on every worker."
             )
         total += n
-        expected_full = seqs_per_shard if s < n_shards - 1 else None
+        expected_full = geom.seqs_per_shard if s < geom.n_shards - 1 else None
         if expected_full is not None and n < expected_full and short_seen is None:
             short_seen = s
-    return total * body
+    return total * geom.body
 
 
-def _harvest_shards(
-    *, model, tokenizer, spec, docs, group, store_path, todo, n_seqs, body, ctx_len, batch_size,
-    seqs_per_shard, d_model, store_dtype, device, eval_fraction, progress, rank,
-    write_block, mark_shard_done, norm_stats_partial, to_numpy, should_stop=None,
-) -> tuple[int, bool]:
-    """Walk the sequence stream, run the LM on this worker's unfinished shards and write them.
+class _ShardWriter:
+    """This worker's shard in progress: its sequences' token ids, their LM activations, and the sequences not
+    yet run through the LM. `write_shard` writes a shard with ONE `write_block` and marks it done."""
+
+    def __init__(self, run: _HarvestRun, group, bar):
+        self.run, self.group, self.bar = run, group, bar
+        self.written = 0  # token rows written by this call
+        self.seq_ids: list[list[int]] = []  # sequences of the current shard (token ids incl. BOS)
+        self.acts_parts: list[torch.Tensor] = []  # their activations, [n * body, d_model] blocks on the CPU
+        self.pending: list[list[int]] = []  # sequences not yet run through the LM
+        self.pending_start = 0  # global index of pending[0]
+
+    def add(self, i: int, seq: list[int]) -> None:
+        """Queue sequence `i` (token ids incl. BOS) of the current shard; runs the LM on a full batch."""
+        if not self.pending:
+            self.pending_start = i
+        self.seq_ids.append(seq)
+        self.pending.append(seq)
+        if len(self.pending) >= self.run.batch_size:
+            self.flush_pending()
+            self.bar.update(self.run.batch_size * self.run.geom.body)
+
+    def flush_pending(self) -> None:
+        """Run the LM on the pending sequences and keep their activations at positions 1.. (store dtype).
+        HarvestError for a non-finite activation (naming the sequences) or a width other than d_model."""
+        run, pending = self.run, self.pending
+        if not pending:
+            return
+        store_dtype = STORE_DTYPES[run.dtype]
+        ids = torch.tensor(pending, dtype=torch.long, device=run.device)
+        with torch.inference_mode():
+            a = run_to_hook(run.model, run.spec, ids)[:, 1:, :].to(store_dtype)
+        if not bool(torch.isfinite(a).all()):
+            bad = (~torch.isfinite(a)).flatten(1).any(1).nonzero().flatten().tolist()
+            raise HarvestError(
+                f"non-finite activations at hook {run.spec.name!r} for sequences "
+                f"[{self.pending_start}, {self.pending_start + len(pending)}) (bad: "
+                f"{[self.pending_start + b for b in bad[:8]]}) in dtype {store_dtype}; try dtype='float32'"
+                " or check the model"
+            )
+        if a.shape[-1] != run.d_model:
+            raise HarvestError(
+                f"hook {run.spec.name!r} gives activations of width {a.shape[-1]}, but the model config "
+                f"says d_model={run.d_model}; this hook point is not supported for {type(run.model).__name__}"
+            )
+        self.acts_parts.append(a.reshape(-1, run.d_model).cpu())
+        self.pending = []
+
+    def write_shard(self, s: int, end_of_data: bool) -> None:
+        """Write the buffered sequences as shard `s` (none: an empty shard) and mark it done (info: n_seqs,
+        n_tokens, first_seq, end_of_data, norm_stats, rank); advances the progress bar by the rows the LM
+        had not yet run on."""
+        from sae_dist.store import mark_shard_done, norm_stats_partial, write_block
+        from sae_dist.store.layout import to_numpy
+
+        body = self.run.geom.body
+        left = len(self.pending)
+        self.flush_pending()
+        n = len(self.seq_ids)
+        start_seq = s * self.run.geom.seqs_per_shard
+        stats = None
+        if n:
+            tok = np.asarray(self.seq_ids, dtype=np.int32)[:, 1:].reshape(-1)
+            sidx = np.repeat(np.arange(start_seq, start_seq + n, dtype=np.int64), body)
+            pos = np.tile(np.arange(1, body + 1, dtype=np.int32), n)
+            acts_np = to_numpy(torch.cat(self.acts_parts, 0))
+            write_block(self.group, start_seq * body, acts_np, token_ids=tok, seq_index=sidx, position=pos)
+            stats = norm_stats_partial(acts_np)
+        info = {"n_seqs": n, "n_tokens": n * body, "first_seq": start_seq,
+                "end_of_data": bool(end_of_data), "norm_stats": stats, "rank": self.run.rank}
+        mark_shard_done(self.run.store_path, s, info)
+        self.written += n * body
+        self.seq_ids, self.acts_parts = [], []
+        self.bar.update(left * body)
+
+
+def _harvest_shards(run: _HarvestRun, group, todo: list[int], should_stop=None) -> tuple[int, bool]:
+    """Walk the sequence stream, run the LM on this worker's unfinished shards `todo` and write them.
     Returns (tokens written, stopped): `should_stop()` is asked after every written shard, and True
     ends the walk there (preemption)."""
     from tqdm.auto import tqdm
 
-    todo_set = set(todo)
-    last_needed = max(todo)
-    total_tokens = sum(
-        (min(n_seqs, (s + 1) * seqs_per_shard) - s * seqs_per_shard) * body for s in todo
-    )
-    bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, disable=not progress,
-               position=rank, desc=f"harvest r{rank}", dynamic_ncols=True, leave=rank == 0)
-    written = 0
-
-    cur_shard: int | None = None
-    seq_ids: list[list[int]] = []  # sequences of the current shard (token ids incl. BOS)
-    acts_parts: list[torch.Tensor] = []
-    pending: list[list[int]] = []  # sequences not yet run through the LM
-    pending_start = 0  # global index of pending[0]
-
-    def flush_pending():
-        nonlocal pending
-        if not pending:
-            return
-        ids = torch.tensor(pending, dtype=torch.long, device=device)
-        with torch.inference_mode():
-            a = run_to_hook(model, spec, ids)[:, 1:, :].to(store_dtype)
-        if not bool(torch.isfinite(a).all()):
-            bad = (~torch.isfinite(a)).flatten(1).any(1).nonzero().flatten().tolist()
-            raise HarvestError(
-                f"non-finite activations at hook {spec.name!r} for sequences "
-                f"[{pending_start}, {pending_start + len(pending)}) (bad: "
-                f"{[pending_start + b for b in bad[:8]]}) in dtype {store_dtype}; try dtype='float32'"
-                " or check the model"
-            )
-        if a.shape[-1] != d_model:
-            raise HarvestError(
-                f"hook {spec.name!r} gives activations of width {a.shape[-1]}, but the model config "
-                f"says d_model={d_model}; this hook point is not supported for {type(model).__name__}"
-            )
-        acts_parts.append(a.reshape(-1, d_model).cpu())
-        pending = []
-
-    def write_shard(s: int, end_of_data: bool):
-        nonlocal written, seq_ids, acts_parts, pending_start
-        flush_pending()
-        n = len(seq_ids)
-        start_seq = s * seqs_per_shard
-        if n:
-            acts = torch.cat(acts_parts, 0)
-            tok = np.asarray(seq_ids, dtype=np.int32)[:, 1:].reshape(-1)
-            sidx = np.repeat(np.arange(start_seq, start_seq + n, dtype=np.int64), body)
-            pos = np.tile(np.arange(1, body + 1, dtype=np.int32), n)
-            acts_np = to_numpy(acts)
-            write_block(group, start_seq * body, acts_np, token_ids=tok, seq_index=sidx, position=pos)
-            stats = norm_stats_partial(acts_np)
-        else:
-            stats = None
-        info = {"n_seqs": n, "n_tokens": n * body, "first_seq": start_seq,
-                "end_of_data": bool(end_of_data), "norm_stats": stats, "rank": rank}
-        mark_shard_done(store_path, s, info)
-        written += n * body
-        seq_ids, acts_parts = [], []
-
-    stream = packed_sequences(docs, tokenizer, ctx_len, eval_fraction=eval_fraction, split="train")
-    i = -1
-    ended, stopped = True, False
+    bar = tqdm(total=sum(run.geom.shard_tokens_planned(s) for s in todo), unit="tok", unit_scale=True,
+               disable=not run.progress, position=run.rank, desc=f"harvest r{run.rank}", dynamic_ncols=True,
+               leave=run.rank == 0)
+    writer = _ShardWriter(run, group, bar)
     try:
-        for i, seq in enumerate(stream):
-            if i >= n_seqs:
-                ended = False
-                break
-            s = i // seqs_per_shard
-            if s > last_needed:
-                ended = False
-                break
-            if s not in todo_set:
-                continue
-            if cur_shard != s:
-                if cur_shard is not None:
-                    write_shard(cur_shard, end_of_data=False)
-                cur_shard = s
-            if not pending:
-                pending_start = i
-            seq_ids.append(seq)
-            pending.append(seq)
-            if len(pending) >= batch_size:
-                flush_pending()
-                bar.update(batch_size * body)
-            if (i + 1) % seqs_per_shard == 0 or i + 1 == n_seqs:
-                left = len(pending)
-                write_shard(s, end_of_data=False)
-                bar.update(left * body)
-                cur_shard = None
-                if should_stop is not None and should_stop():
-                    ended, stopped = False, True
-                    break
-        else:
-            ended = True
-        n_avail = i + 1 if ended else None  # sequences in the corpus (when it ended early)
-        if ended and n_avail is not None and n_avail < n_seqs:
-            # The corpus ran out: finish the shard it ended in and mark this worker's later shards empty.
-            end_shard = n_avail // seqs_per_shard
-            for s in sorted(todo_set):
-                if s < end_shard:
-                    continue  # already written above
-                if s == end_shard and cur_shard == s:
-                    left = len(pending)
-                    write_shard(s, end_of_data=True)
-                    bar.update(left * body)
-                    cur_shard = None
-                else:
-                    seq_ids, acts_parts = [], []
-                    write_shard(s, end_of_data=True)
+        n_avail, stopped, cur_shard = _walk_stream(run, writer, set(todo), should_stop)
+        if n_avail is not None and n_avail < run.geom.n_seqs:
+            _write_after_end(run, writer, set(todo), n_avail, cur_shard)
     finally:
         bar.close()
-    return written, stopped
+    return writer.written, stopped
+
+
+def _walk_stream(run: _HarvestRun, writer: _ShardWriter, todo: set[int],
+                 should_stop) -> tuple[int | None, bool, int | None]:
+    """Feed the packed train sequences of the shards in `todo` to `writer`, writing each shard as it
+    completes, up to n_seqs sequences or the last shard needed. Returns (n_avail, stopped, cur_shard):
+    n_avail the number of sequences in the corpus when the stream ended (else None), stopped whether
+    `should_stop()` ended the walk, cur_shard the shard still buffered in `writer` (None if none)."""
+    g = run.geom
+    last_needed = max(todo)
+    stream = packed_sequences(run.docs, run.tokenizer, g.ctx_len, eval_fraction=run.eval_fraction, split="train")
+    cur_shard: int | None = None
+    i = -1
+    for i, seq in enumerate(stream):
+        s = i // g.seqs_per_shard
+        if i >= g.n_seqs or s > last_needed:
+            return None, False, cur_shard
+        if s not in todo:
+            continue
+        if cur_shard != s:
+            if cur_shard is not None:
+                writer.write_shard(cur_shard, end_of_data=False)
+            cur_shard = s
+        writer.add(i, seq)
+        if (i + 1) % g.seqs_per_shard == 0 or i + 1 == g.n_seqs:
+            writer.write_shard(s, end_of_data=False)
+            cur_shard = None
+            if should_stop is not None and should_stop():
+                return None, True, cur_shard
+    return i + 1, False, cur_shard
+
+
+def _write_after_end(run: _HarvestRun, writer: _ShardWriter, todo: set[int], n_avail: int,
+                     cur_shard: int | None) -> None:
+    """The corpus ran out after `n_avail` sequences: finish the shard it ended in and mark this worker's
+    later shards empty (all with end_of_data)."""
+    end_shard = n_avail // run.geom.seqs_per_shard
+    for s in sorted(todo):
+        if s < end_shard:
+            continue  # already written by `_walk_stream`
+        if not (s == end_shard and cur_shard == s):
+            writer.seq_ids, writer.acts_parts = [], []
+        writer.write_shard(s, end_of_data=True)

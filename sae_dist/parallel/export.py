@@ -47,7 +47,9 @@ import torch
 import torch.distributed as dist
 
 from sae_dist.parallel.mesh import ParallelContext, shard_range
-from sae_dist.sae.export import _cfg_dict, _commit, _tmp_weights_path
+from sae_dist.sae.export import commit_export as _commit
+from sae_dist.sae.export import export_cfg_dict as _cfg_dict
+from sae_dist.sae.export import tmp_weights_path as _tmp_weights_path
 
 __all__ = ["export_sae_sharded", "SafetensorsLayout", "safetensors_f32_layout", "DEFAULT_BUFFER_BYTES"]
 

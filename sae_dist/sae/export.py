@@ -25,7 +25,7 @@ Compatibility (docs/formats.md; tests/test_formats_saelens.py checks it against 
 `SAE.load_from_disk` loads "topk", "standard" and "jumprelu" exports as they are (cfg.json's
 metadata.sae_lens_version marks the 6.x layout); "prolu" goes through
 `sae_dist.sae.formats.to_saelens`. `load_sae` also reads SAELens' own saves (via
-`sae_dist.sae.formats.read_sae_files`), and `sae_dist.sae.formats.export_sparsify` writes TopK SAEs
+`sae_dist.sae.sae_files.read_sae_files`), and `sae_dist.sae.formats.export_sparsify` writes TopK SAEs
 for EleutherAI sparsify.
 """
 
@@ -34,7 +34,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -42,19 +41,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 from sae_dist.sae.auxk import sparse_decode
+from sae_dist.sae.sae_files import CFG_FILENAME, WEIGHTS_FILENAME, hook_layer, read_sae_files
 
 __all__ = ["export_sae", "load_sae", "ExportedSAE", "ExportedTopKSAE", "check_d_in", "topk_pre_blocked",
-           "MAX_PRE_ELEMENTS", "CFG_FILENAME", "WEIGHTS_FILENAME"]
+           "MAX_PRE_ELEMENTS", "CFG_FILENAME", "WEIGHTS_FILENAME", "export_cfg_dict", "tmp_weights_path",
+           "commit_export"]
 
-CFG_FILENAME = "cfg.json"
 #: the SAELens cfg.json layout version our export follows (written as metadata.sae_lens_version)
 SAELENS_FORMAT_VERSION = "6.0.0"
-WEIGHTS_FILENAME = "sae_weights.safetensors"
-
-
-def _hook_layer(hook_name: str | None) -> int | None:
-    m = re.match(r"blocks\.(\d+)\.", hook_name or "")
-    return int(m.group(1)) if m else None
 
 
 def _fold_factor(normalize: str, d_in: int, scale: float | None) -> tuple[float, str]:
@@ -74,30 +68,21 @@ def _fold_factor(normalize: str, d_in: int, scale: float | None) -> tuple[float,
     raise ValueError(f"normalize={normalize!r}; valid: layer_norm, scalar, none")
 
 
-def _cfg_dict(
-    *,
-    d_in: int,
-    d_sae: int,
-    k: int | None,
-    normalize: str,
-    scale: float | None,
-    hook_name: str | None,
-    model_name: str | None,
-    extra_cfg: dict | None,
-    arch_cfg: dict | None = None,
-) -> tuple[dict, float]:
+def export_cfg_dict(*, d_in: int, d_sae: int, k: int | None, normalize: str, scale: float | None,
+                    hook_name: str | None, model_name: str | None, extra_cfg: dict | None,
+                    arch_cfg: dict | None = None) -> tuple[dict, float]:
     """(cfg.json content, fold factor f) of an export; shared by `export_sae` and the sharded export
     (`sae_dist.parallel.export.export_sae_sharded`) so both write the same file. arch_cfg: the
-    architecture's fields (`SparseAutoencoder.export_cfg`); None: TopK with `k`.
+    architecture's fields (`SparseAutoencoder.export_cfg`); None: TopK with `k`. extra_cfg: merged
+    into the top level (and into "metadata" where it has the key).
 
     ValueError from `_fold_factor` for a bad normalize / missing scale.
     """
     f, norm_out = _fold_factor(normalize, d_in, scale)
-    layer = _hook_layer(hook_name)
     meta = {
         "model_name": model_name,
         "hook_name": hook_name,
-        "hook_layer": layer,
+        "hook_layer": hook_layer(hook_name),
         "hook_head_index": None,
         "prepend_bos": True,
         "context_size": None,
@@ -129,24 +114,26 @@ def _cfg_dict(
             "note": "b_enc and b_dec were divided by fold_factor; see sae_dist/sae/export.py",
         },
     }
-    if extra_cfg:
-        for key, val in extra_cfg.items():
-            cfg[key] = val
-            if key in cfg["metadata"]:
-                cfg["metadata"][key] = val
+    for key, val in (extra_cfg or {}).items():
+        cfg[key] = val
+        if key in cfg["metadata"]:
+            cfg["metadata"][key] = val
     return cfg, f
 
 
-def _tmp_weights_path(out: Path) -> Path:
-    """Temporary name the weights are written under before `_commit` renames them."""
+def tmp_weights_path(out: Path) -> Path:
+    """Temporary name (in the SAE directory `out`) the weights are written under before `commit_export`
+    renames them to sae_weights.safetensors."""
     return out / (WEIGHTS_FILENAME + ".tmp")
 
 
-def _commit(out: Path, cfg: dict) -> None:
-    """Write cfg.json (via a temporary name) and rename the temporary weights then the cfg into place."""
+def commit_export(out: Path, cfg: dict) -> None:
+    """Finish an export into the directory `out` whose weights are already at `tmp_weights_path(out)`: write
+    `cfg` as cfg.json (via a temporary name), then rename the weights, then the cfg into place (a reader that
+    finds cfg.json finds complete weights)."""
     tmp_c = out / (CFG_FILENAME + ".tmp")
     tmp_c.write_text(json.dumps(cfg, indent=2, default=str))
-    os.replace(_tmp_weights_path(out), out / WEIGHTS_FILENAME)
+    os.replace(tmp_weights_path(out), out / WEIGHTS_FILENAME)
     os.replace(tmp_c, out / CFG_FILENAME)
 
 
@@ -185,9 +172,9 @@ def export_sae(
             f"b_enc {tuple(b_enc.shape)} b_dec {tuple(b_dec.shape)}"
         )
     arch_cfg = sae.export_cfg() if hasattr(sae, "export_cfg") else None
-    cfg, f = _cfg_dict(d_in=d_in, d_sae=d_sae, k=None if arch_cfg else int(sae.k), normalize=normalize,
-                       scale=scale, hook_name=hook_name, model_name=model_name, extra_cfg=extra_cfg,
-                       arch_cfg=arch_cfg)
+    cfg, f = export_cfg_dict(d_in=d_in, d_sae=d_sae, k=None if arch_cfg else int(sae.k), normalize=normalize,
+                             scale=scale, hook_name=hook_name, model_name=model_name, extra_cfg=extra_cfg,
+                             arch_cfg=arch_cfg)
     tensors = {
         "W_enc": W_enc.contiguous(),
         "b_enc": (b_enc / f).contiguous(),
@@ -204,8 +191,8 @@ def export_sae(
         tmp = out / (name + ".tmp")
         tmp.write_text(json.dumps(obj, indent=2))
         os.replace(tmp, out / name)
-    save_file(tensors, str(_tmp_weights_path(out)))
-    _commit(out, cfg)
+    save_file(tensors, str(tmp_weights_path(out)))
+    commit_export(out, cfg)
     return out
 
 
@@ -457,15 +444,13 @@ def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu") -> Exp
     Reads our exports and SAELens' own saves (`SAE.save_model`, any 6.x and the older layouts:
     hook_name under "metadata", "hook_point", "activation_fn_str", log_threshold, scaling_factor,
     rescale_acts_by_decoder_norm, apply_b_dec_to_input false, bfloat16 weights); how each is
-    mapped: `sae_dist.sae.formats.canonical_cfg` / `canonical_tensors`. The model's `cfg` is the
+    mapped: `sae_dist.sae.sae_files.canonical_cfg` / `canonical_tensors`. The model's `cfg` is the
     canonical dict (hook_name, model_name, ... at top level).
 
     FileNotFoundError naming the missing file(s); ValueError for an unsupported architecture (e.g.
     SAELens' "gated"), an unsupported normalize_activations, or weights whose shapes disagree with
     cfg.json (or a jumprelu without `threshold`).
     """
-    from sae_dist.sae.formats import read_sae_files
-
     p = Path(path)
     missing = [n for n in (CFG_FILENAME, WEIGHTS_FILENAME) if not (p / n).is_file()]
     if missing:

@@ -200,8 +200,9 @@ def open_store(path, mode: str = "r") -> zarr.Group:
     return g
 
 
-def _grid(arr: zarr.Array) -> tuple[int, int]:
-    """(chunk_tokens, shard_tokens) of an array; shard_tokens == chunk_tokens when unsharded."""
+def chunk_grid(arr: zarr.Array) -> tuple[int, int]:
+    """(chunk_tokens, shard_tokens) of a store array: rows per inner chunk and per shard file (the first
+    dimension of its chunk and shard shapes); shard_tokens == chunk_tokens when unsharded."""
     chunk = arr.chunks[0]
     shard = arr.shards[0] if arr.shards is not None else chunk
     return int(chunk), int(shard)
@@ -221,7 +222,7 @@ def _check_existing(path, *, n_tokens, d_model, dtype, chunk_tokens, shard_token
     # A finished harvest may have been trimmed below the requested size (the corpus ran out).
     if acts.shape[0] != n_tokens and not (complete and acts.shape[0] < n_tokens):
         problems.append(f"n_tokens: store has {acts.shape[0]}, requested {n_tokens}")
-    c, s = _grid(acts)
+    c, s = chunk_grid(acts)
     if c != chunk_tokens:
         problems.append(f"chunk_tokens: store has {c}, requested {chunk_tokens}")
     if s != shard_tokens:
@@ -282,9 +283,32 @@ def create_store(path, *, n_tokens: int, d_model: int, dtype: str, chunk_tokens:
     if os.path.exists(path) and not (os.path.isdir(path) and not os.listdir(path)):
         return _check_existing(path, **kw)
 
+    tmp = _tmp_dir_beside(path)
+    try:
+        _build_store(tmp, _new_group_attrs(attrs, n_tokens=n_tokens, d_model=d_model, dtype=dtype,
+                                           chunk_tokens=chunk_tokens, shard_tokens=shard_tokens),
+                     n_tokens=n_tokens, d_model=d_model, npdt=npdt, chunk_tokens=chunk_tokens,
+                     shard_tokens=shard_tokens, compressors=compressors, text_names=text_names)
+        if not _move_into_place(tmp, path):
+            return _check_existing(path, **kw)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return zarr.open_group(path, mode="r+", zarr_format=3)
+
+
+def _tmp_dir_beside(path: str) -> str:
+    """A private name for building a store next to `path` (same filesystem, so the final os.rename is atomic);
+    the parent directory is created if missing."""
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(path)}.creating-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    return os.path.join(parent, f".{os.path.basename(path)}.creating-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _new_group_attrs(attrs: dict, *, n_tokens: int, d_model: int, dtype: str, chunk_tokens: int,
+                     shard_tokens: int) -> dict:
+    """Group attributes of a new store (module docstring): model/hook/layer/ctx_len/dataset default to None,
+    the caller's `attrs` are kept, the layout keys are set, and harvest.complete is False."""
     group_attrs = {"model": None, "hook": None, "layer": None, "ctx_len": None, "dataset": None}
     group_attrs.update(attrs)
     group_attrs.update({
@@ -293,30 +317,37 @@ def create_store(path, *, n_tokens: int, d_model: int, dtype: str, chunk_tokens:
         "harvest": {"complete": False, **dict(attrs.get("harvest") or {})},
     })
     group_attrs["harvest"]["complete"] = False
+    return group_attrs
+
+
+def _build_store(tmp: str, group_attrs: dict, *, n_tokens: int, d_model: int, npdt: np.dtype, chunk_tokens: int,
+                 shard_tokens: int, compressors, text_names: list[str]) -> None:
+    """Create the empty store (group with `group_attrs`, `activations` [n_tokens, d_model] of npdt, the text
+    arrays `text_names`; chunked and sharded along tokens) in the new directory `tmp`."""
+    g = zarr.open_group(tmp, mode="w-", zarr_format=3, attributes=group_attrs)
+    # write_empty_chunks: every shard file exists once written, even if all zeros, so a missing
+    # file always means a missing/deleted shard (the reader checks for it).
+    cfg = {"write_empty_chunks": True}
+    g.create_array("activations", shape=(n_tokens, d_model), dtype=npdt, chunks=(chunk_tokens, d_model),
+                   shards=(shard_tokens, d_model), compressors=compressors, fill_value=0, config=cfg,
+                   dimension_names=("token", "d_model"))
+    for name in text_names:
+        g.create_array(name, shape=(n_tokens,), dtype=TEXT_ARRAYS[name], chunks=(chunk_tokens,),
+                       shards=(shard_tokens,), compressors=compressors, fill_value=0, config=cfg,
+                       dimension_names=("token",))
+
+
+def _move_into_place(tmp: str, path: str) -> bool:
+    """Rename the store built in `tmp` to `path` (atomic; also replaces an empty directory). False when another
+    process won the race (a store now exists at `path`; `tmp` is removed); other OSErrors propagate."""
     try:
-        g = zarr.open_group(tmp, mode="w-", zarr_format=3, attributes=group_attrs)
-        # write_empty_chunks: every shard file exists once written, even if all zeros, so a missing
-        # file always means a missing/deleted shard (the reader checks for it).
-        cfg = {"write_empty_chunks": True}
-        g.create_array("activations", shape=(n_tokens, d_model), dtype=npdt, chunks=(chunk_tokens, d_model),
-                       shards=(shard_tokens, d_model), compressors=compressors, fill_value=0, config=cfg,
-                       dimension_names=("token", "d_model"))
-        for name in text_names:
-            g.create_array(name, shape=(n_tokens,), dtype=TEXT_ARRAYS[name], chunks=(chunk_tokens,),
-                           shards=(shard_tokens,), compressors=compressors, fill_value=0, config=cfg,
-                           dimension_names=("token",))
-        try:
-            os.rename(tmp, path)  # atomic; also replaces an empty directory
-        except OSError:
-            if not _is_store_dir(path):
-                raise
-            # another process won the race: use its store if identical
-            shutil.rmtree(tmp, ignore_errors=True)
-            return _check_existing(path, **kw)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-    return zarr.open_group(path, mode="r+", zarr_format=3)
+        os.rename(tmp, path)
+    except OSError:
+        if not _is_store_dir(path):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------------------------------
@@ -505,8 +536,10 @@ def merge_norm_stats(parts: Iterable[Mapping[str, Any]]) -> dict:
     return {"mean_norm": s_norm / n, "mean_sq_norm": s_sq / n, "n": n}
 
 
-def _norm_stats_from_data(arr: zarr.Array, n_tokens: int) -> dict:
-    _, shard = _grid(arr)
+def norm_stats_from_data(arr: zarr.Array, n_tokens: int) -> dict:
+    """`merge_norm_stats` of the first n_tokens rows of the activation array `arr`, read shard by shard (one
+    streaming pass; float64 accumulation as `norm_stats_partial`)."""
+    _, shard = chunk_grid(arr)
     return merge_norm_stats(norm_stats_partial(arr[i : min(i + shard, n_tokens)])
                             for i in range(0, n_tokens, shard))
 
@@ -558,7 +591,7 @@ def finalize_store(path, n_tokens: int, attrs: Mapping[str, Any] | None = None) 
             if isinstance(old_ns, dict) and old_ns.get("n") == n_tokens:
                 ns = old_ns
             else:
-                ns = _norm_stats_from_data(acts, n_tokens)
+                ns = norm_stats_from_data(acts, n_tokens)
     harvest = dict(old.get("harvest") or {})
     harvest.update(dict(attrs.pop("harvest", None) or {}))
     harvest.update({"complete": True, "n_tokens": n_tokens})
@@ -597,28 +630,8 @@ def write_store(path, activations, token_ids=None, attrs: Mapping[str, Any] | No
     if len(shape) != 2 or shape[0] < 1 or shape[1] < 1:
         raise ValueError(f"activations must be a non-empty 2-D array [n_tokens, d_model], got shape {list(shape)}")
     n, d = shape
-    in_dtype = dtype_name(activations.dtype)
-    if dtype is None:
-        if in_dtype in ACT_DTYPES:
-            dtype = in_dtype
-        elif in_dtype == "float64":
-            dtype = "float32"
-        else:
-            raise ValueError(f"activations must be a float array (float16/bfloat16/float32/float64), got {in_dtype}")
-    np_dtype(dtype)
-    text = {}
-    for name, vals in (("token_ids", token_ids), ("seq_index", seq_index), ("position", position)):
-        if vals is None:
-            continue
-        v = to_numpy(vals)
-        if v.shape != (n,):
-            raise ValueError(f"{name} must have shape [{n}] (one per activation row), got {list(v.shape)}")
-        if not np.issubdtype(v.dtype, np.integer):
-            raise ValueError(f"{name} must be integers, got dtype {v.dtype}")
-        lim = np.iinfo(TEXT_ARRAYS[name])
-        if v.size and (v.min() < lim.min or v.max() > lim.max):
-            raise ValueError(f"{name} values out of range for {TEXT_ARRAYS[name]}")
-        text[name] = v
+    dtype = _storage_dtype(activations, dtype)
+    text = _checked_text_arrays(n, token_ids=token_ids, seq_index=seq_index, position=position)
     shard_tokens = _check_positive_int("shard_tokens", shard_tokens)
     # Check every row first so a bad input leaves nothing behind.
     for i in range(0, n, shard_tokens):
@@ -626,14 +639,7 @@ def write_store(path, activations, token_ids=None, attrs: Mapping[str, Any] | No
         if bad is not None:
             raise NonFiniteError(f"write_store: activations row {i + bad} contains NaN or Inf; "
                                  f"clean the input (e.g. drop that row) before writing")
-    if os.path.exists(path):
-        if not overwrite:
-            raise StoreError(f"{path!r} already exists; pass overwrite=True or choose another path")
-        if os.path.isdir(path) and (_is_store_dir(path) or not os.listdir(path)):
-            shutil.rmtree(path)
-        else:
-            raise StoreError(f"{path!r} exists and is not an activation store; refusing to delete it. "
-                             f"Choose another path.")
+    _clear_path(path, overwrite)
     all_attrs = dict(attrs or {})
     all_attrs.setdefault("harvest", {})
     all_attrs["harvest"] = {**dict(all_attrs["harvest"]), "source": "write_store"}
@@ -649,8 +655,55 @@ def write_store(path, activations, token_ids=None, attrs: Mapping[str, Any] | No
     return path
 
 
+def _storage_dtype(activations, dtype: str | None) -> str:
+    """`write_store`'s storage dtype name: `dtype` if given, else the input's (float64 -> "float32").
+    ValueError for a non-float input or an unsupported `dtype`."""
+    in_dtype = dtype_name(activations.dtype)
+    if dtype is None:
+        if in_dtype in ACT_DTYPES:
+            dtype = in_dtype
+        elif in_dtype == "float64":
+            dtype = "float32"
+        else:
+            raise ValueError(f"activations must be a float array (float16/bfloat16/float32/float64), got {in_dtype}")
+    np_dtype(dtype)
+    return dtype
+
+
+def _checked_text_arrays(n: int, **arrays) -> dict[str, np.ndarray]:
+    """{name: numpy array} of the given (not None) text arrays (names of TEXT_ARRAYS), each checked to be
+    [n] integers within its stored dtype's range; ValueError naming the array otherwise."""
+    text = {}
+    for name, vals in arrays.items():
+        if vals is None:
+            continue
+        v = to_numpy(vals)
+        if v.shape != (n,):
+            raise ValueError(f"{name} must have shape [{n}] (one per activation row), got {list(v.shape)}")
+        if not np.issubdtype(v.dtype, np.integer):
+            raise ValueError(f"{name} must be integers, got dtype {v.dtype}")
+        lim = np.iinfo(TEXT_ARRAYS[name])
+        if v.size and (v.min() < lim.min or v.max() > lim.max):
+            raise ValueError(f"{name} values out of range for {TEXT_ARRAYS[name]}")
+        text[name] = v
+    return text
+
+
+def _clear_path(path: str, overwrite: bool) -> None:
+    """Make room for a new store at `path`: remove an existing activation store or empty directory there
+    (only with overwrite; else StoreError). StoreError for anything else at `path` (never deleted)."""
+    if os.path.exists(path):
+        if not overwrite:
+            raise StoreError(f"{path!r} already exists; pass overwrite=True or choose another path")
+        if os.path.isdir(path) and (_is_store_dir(path) or not os.listdir(path)):
+            shutil.rmtree(path)
+        else:
+            raise StoreError(f"{path!r} exists and is not an activation store; refusing to delete it. "
+                             f"Choose another path.")
+
+
 __all__ = [
     "ACT_DTYPES", "BFloat16", "create_store", "open_store", "write_block", "mark_shard_done", "done_shards",
     "finalize_store", "norm_stats_partial", "merge_norm_stats", "write_store", "np_dtype", "dtype_name",
-    "to_numpy", "first_nonfinite_row",
+    "to_numpy", "first_nonfinite_row", "chunk_grid", "norm_stats_from_data",
 ]

@@ -40,11 +40,11 @@ from sae_dist.store.errors import IncompleteStoreError, NonFiniteError, StoreErr
 from sae_dist.store.layout import (
     BF16,
     HARVEST_RESUME_HINT,
-    _grid,
-    _norm_stats_from_data,
+    chunk_grid,
     done_shards,
     dtype_name,
     merge_norm_stats,
+    norm_stats_from_data,
     open_store,
 )
 from sae_dist.store.normalize import check_mode, scalar_scale
@@ -52,6 +52,13 @@ from sae_dist.store.normalize import normalize as _normalize
 
 _STATE_VERSION = 1
 _ND = default_buffer_prototype().nd_buffer
+
+
+def _check_int(name: str, v, lo: int) -> int:
+    """int(v) for an int (numpy ints included, bools not) >= lo; ValueError naming the argument otherwise."""
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+        raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+    return int(v)
 
 
 def _native_to_torch(a: np.ndarray) -> torch.Tensor:
@@ -96,88 +103,35 @@ class ActivationStore:
                  shuffle: bool = True, shuffle_shards: int = 4, prefetch: int = 2, device="cpu",
                  normalize: str = "layer_norm", check_finite: bool = True, allow_incomplete: bool = False,
                  read_ahead: bool = True):
-        def _int(name, v, lo):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-                raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
-            return int(v)
-
         self.path = os.fspath(path)
-        self.batch_tokens = _int("batch_tokens", batch_tokens, 1)
-        self.dp_size = _int("dp_size", dp_size, 1)
-        self.dp_rank = _int("dp_rank", dp_rank, 0)
+        self.batch_tokens = _check_int("batch_tokens", batch_tokens, 1)
+        self.dp_size = _check_int("dp_size", dp_size, 1)
+        self.dp_rank = _check_int("dp_rank", dp_rank, 0)
         if self.dp_rank >= self.dp_size:
             raise ValueError(f"dp_rank={dp_rank} must be < dp_size={dp_size}")
         if self.batch_tokens % self.dp_size:
             raise ValueError(f"batch_tokens={batch_tokens} is not divisible by dp_size={dp_size}; choose a "
                              f"batch_tokens that is a multiple of the data-parallel size, e.g. "
                              f"{max(1, self.batch_tokens // self.dp_size) * self.dp_size}")
-        self.seed = _int("seed", seed, 0)
+        self.seed = _check_int("seed", seed, 0)
         self.shuffle = bool(shuffle)
-        self.shuffle_shards = _int("shuffle_shards", shuffle_shards, 1)
-        self.prefetch = _int("prefetch", prefetch, 0)
+        self.shuffle_shards = _check_int("shuffle_shards", shuffle_shards, 1)
+        self.prefetch = _check_int("prefetch", prefetch, 0)
         self.device = torch.device(device)
         self.normalize = check_mode(normalize)
         self.check_finite = bool(check_finite)
         self.read_ahead = bool(read_ahead)
         self.local_batch_tokens = self.batch_tokens // self.dp_size
 
-        g = open_store(self.path, "r")
-        self._acts = g["activations"]
-        self.attrs: dict[str, Any] = dict(g.attrs)
-        self.n_tokens, self.d_model = (int(s) for s in self._acts.shape)
-        self.dtype = dtype_name(self._acts.dtype)
-        if self.dtype not in ("float16", "bfloat16", "float32"):
-            raise StoreError(f"store {self.path!r}: activations dtype {self.dtype} is not float16/bfloat16/float32")
-        self.chunk_tokens, self.shard_tokens = _grid(self._acts)
-        # Stores written by other tools may carry no harvest attribute: they are complete by definition.
-        complete = bool((self.attrs.get("harvest") or {"complete": True}).get("complete", False))
-        self._own_layout = "layout_version" in self.attrs
-        n_shards = math.ceil(self.n_tokens / self.shard_tokens)
-        if complete:
-            self._units = [(i, i * self.shard_tokens, min((i + 1) * self.shard_tokens, self.n_tokens))
-                           for i in range(n_shards)]
-        elif not allow_incomplete:
-            raise IncompleteStoreError(
-                f"store {self.path!r}: the harvest is unfinished (attribute harvest.complete is false; "
-                f"{len(done_shards(self.path))} of {n_shards} shards done). To finish it, {HARVEST_RESUME_HINT}; "
-                f"or pass allow_incomplete=True to read only the finished shards.")
-        else:
-            marks = done_shards(self.path)
-            self._units = []
-            for i in sorted(marks):
-                if i >= n_shards:
-                    continue
-                lo = i * self.shard_tokens
-                hi = min(lo + self.shard_tokens, self.n_tokens)
-                if "n_tokens" in marks[i]:
-                    hi = min(hi, lo + int(marks[i]["n_tokens"]))
-                if hi > lo:
-                    self._units.append((i, lo, hi))
-            if not self._units:
-                raise IncompleteStoreError(f"store {self.path!r}: the harvest is unfinished and no shard is "
-                                           f"done yet; {HARVEST_RESUME_HINT}")
+        complete = self._open_activations()
+        self._units = self._readable_units(complete, allow_incomplete)
         self._unit_sizes = np.array([hi - lo for _, lo, hi in self._units], dtype=np.int64)
         self.tokens_per_epoch = int(self._unit_sizes.sum())
         self.batches_per_epoch = self.tokens_per_epoch // self.batch_tokens
         if self.batches_per_epoch == 0:
             raise ValueError(f"batch_tokens={self.batch_tokens} exceeds the {self.tokens_per_epoch} tokens "
                              f"available in store {self.path!r}; lower batch_tokens or harvest more tokens")
-
-        self.scale: float | None = None
-        if self.normalize == "scalar":
-            ns = self.attrs.get("norm_stats")
-            if not (isinstance(ns, dict) and ns.get("mean_norm")):
-                parts = [m["norm_stats"] for m in done_shards(self.path).values()
-                         if isinstance(m.get("norm_stats"), dict)]
-                ns = merge_norm_stats(parts) if parts else None
-            if (not ns or not ns.get("n")) and complete:
-                warnings.warn(f"store {self.path!r} has no norm_stats attribute; computing it from the data "
-                              f"(one pass) for normalize='scalar'", stacklevel=2)
-                ns = _norm_stats_from_data(self._acts, self.n_tokens)
-            if not ns or not ns.get("n"):
-                raise StoreError(f"store {self.path!r} has no norm_stats attribute, needed for "
-                                 f"normalize='scalar'; finish the harvest or use normalize='layer_norm'")
-            self.scale = scalar_scale(ns, self.d_model)
+        self.scale: float | None = self._scalar_scale(complete) if self.normalize == "scalar" else None
 
         self.epoch = 0
         self.batch_index = 0
@@ -185,6 +139,70 @@ class ActivationStore:
         self._queue: queue.Queue | None = None
         self._stop: threading.Event | None = None
         self._gen: Iterator | None = None
+
+    # ------------------------------------------------------------------ opening
+
+    def _open_activations(self) -> bool:
+        """Open the store's `activations` and set _acts, attrs, n_tokens, d_model, dtype, chunk_tokens,
+        shard_tokens; returns whether the harvest is complete (a store without a harvest attribute, written
+        by another tool, is). StoreError for a missing store or an activation dtype we do not read."""
+        g = open_store(self.path, "r")
+        self._acts = g["activations"]
+        self.attrs: dict[str, Any] = dict(g.attrs)
+        self.n_tokens, self.d_model = (int(s) for s in self._acts.shape)
+        self.dtype = dtype_name(self._acts.dtype)
+        if self.dtype not in ("float16", "bfloat16", "float32"):
+            raise StoreError(f"store {self.path!r}: activations dtype {self.dtype} is not float16/bfloat16/float32")
+        self.chunk_tokens, self.shard_tokens = chunk_grid(self._acts)
+        self._own_layout = "layout_version" in self.attrs
+        return bool((self.attrs.get("harvest") or {"complete": True}).get("complete", False))
+
+    def _readable_units(self, complete: bool, allow_incomplete: bool) -> list[tuple[int, int, int]]:
+        """The read units (shard index, first row, end row) of the store: every shard of a complete store;
+        of an unfinished one (only with allow_incomplete, else IncompleteStoreError) the shards with a
+        progress marker, cut to the rows the marker says were written (IncompleteStoreError if none)."""
+        n_shards = math.ceil(self.n_tokens / self.shard_tokens)
+        if complete:
+            return [(i, i * self.shard_tokens, min((i + 1) * self.shard_tokens, self.n_tokens))
+                    for i in range(n_shards)]
+        if not allow_incomplete:
+            raise IncompleteStoreError(
+                f"store {self.path!r}: the harvest is unfinished (attribute harvest.complete is false; "
+                f"{len(done_shards(self.path))} of {n_shards} shards done). To finish it, {HARVEST_RESUME_HINT}; "
+                f"or pass allow_incomplete=True to read only the finished shards.")
+        marks = done_shards(self.path)
+        units = []
+        for i in sorted(marks):
+            if i >= n_shards:
+                continue
+            lo = i * self.shard_tokens
+            hi = min(lo + self.shard_tokens, self.n_tokens)
+            if "n_tokens" in marks[i]:
+                hi = min(hi, lo + int(marks[i]["n_tokens"]))
+            if hi > lo:
+                units.append((i, lo, hi))
+        if not units:
+            raise IncompleteStoreError(f"store {self.path!r}: the harvest is unfinished and no shard is "
+                                       f"done yet; {HARVEST_RESUME_HINT}")
+        return units
+
+    def _scalar_scale(self, complete: bool) -> float:
+        """s = sqrt(d_model) / E||x|| of normalize="scalar", from the norm_stats attribute, else the progress
+        markers' partial stats, else (complete store only; UserWarning) one pass over the data. StoreError
+        when there are none."""
+        ns = self.attrs.get("norm_stats")
+        if not (isinstance(ns, dict) and ns.get("mean_norm")):
+            parts = [m["norm_stats"] for m in done_shards(self.path).values()
+                     if isinstance(m.get("norm_stats"), dict)]
+            ns = merge_norm_stats(parts) if parts else None
+        if (not ns or not ns.get("n")) and complete:
+            warnings.warn(f"store {self.path!r} has no norm_stats attribute; computing it from the data "
+                          f"(one pass) for normalize='scalar'", stacklevel=3)
+            ns = norm_stats_from_data(self._acts, self.n_tokens)
+        if not ns or not ns.get("n"):
+            raise StoreError(f"store {self.path!r} has no norm_stats attribute, needed for "
+                             f"normalize='scalar'; finish the harvest or use normalize='layer_norm'")
+        return scalar_scale(ns, self.d_model)
 
     # ------------------------------------------------------------------ order (pure functions)
 
