@@ -270,7 +270,8 @@ def _time_sparsify(args: argparse.Namespace, device: torch.device, dead, xs, bf1
 
 
 # ---------------------------------------------------------------------------------------------- main
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
+    """A readable name of the device: the GPU's, or the CPU model with its thread and core counts."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     name = platform.processor() or platform.machine()
@@ -350,7 +351,7 @@ def run_bench(args: argparse.Namespace) -> dict:
         triton_ver = None
     rec = {
         "d": d, "n": n, "k": k, "batch": B, "dtype": args.dtype, "device": device.type,
-        "device_name": _device_name(device),
+        "device_name": device_name(device),
         "kernels": args.kernels == "on", "kernels_used": kernels_used,
         "multi_topk": args.multi_topk, "k_aux": cfg.k_aux, "dead_latents": n_dead, "adam": args.adam,
         "iters": args.iters, "warmup": args.warmup,

@@ -294,14 +294,14 @@ def _device_info(device) -> dict:
     """name, memory_gib (GPU memory, or the host's RAM for the CPU), capability and SM count (CUDA)."""
     import torch
 
-    from sae_dist.bench import _device_name
+    from sae_dist.bench import device_name
 
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         return {"name": p.name, "memory_gib": p.total_memory / GiB, "capability": f"{p.major}.{p.minor}",
                 "multiprocessors": p.multi_processor_count}
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
-    return {"name": _device_name(device), "memory_gib": ram / GiB, "capability": None, "multiprocessors": None}
+    return {"name": device_name(device), "memory_gib": ram / GiB, "capability": None, "multiprocessors": None}
 
 
 def _matmul_ms_by_layout(d: int, n: int, batch: int, dt, dev, gen, iters: int) -> dict[str, float]:

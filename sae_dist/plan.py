@@ -9,8 +9,8 @@ With harvest.tokens=T it also sizes the activation store a harvest of T tokens w
 (`harvest_store_bytes`: exact shard files, a metadata allowance).
 
 These are MODEL ESTIMATES from the formulas below, not measurements (`python -m sae_dist.bench`
-measures a step on one device). The defaults model the code as it is: `ShardedTopKSAE.
-training_step_losses` (`sae_dist.parallel.tp`), the Triton kernels of `sae_dist.kernels`
+measures a step on one device). The defaults model the code as it is: `TopKSAE.
+training_step_losses` under `sae_dist.parallel.tp.parallelize_sae`, the Triton kernels of `sae_dist.kernels`
 (`encoder_topk`, `sparse_decode`) and the trainer's bf16 autocast on CUDA. The `estimate.*` switches
 marked "what-if" below model changes that are not in the code.
 
@@ -28,7 +28,7 @@ compute of the AuxK dead-latent pass only), vb = bytes of the encoder's operands
 bf16_operand_copies, else 4), TD = ceil(d/64) feature tiles and CB = ceil(w/8) code blocks of the
 Triton sparse-decode kernels (BLOCK_D 64, BLOCK_K 8).
 
-Exact global TopK (`ShardedTopKSAE._global_keep`), for one selection of exchange width wx and mask
+Exact global TopK (`sae_dist.parallel.tp.global_keep`), for one selection of exchange width wx and mask
 widths ms (main TopK: wx = wm, ms = (k,) or (4k, k) with Multi-TopK; AuxK: wx = ka, ms = (ka,)):
   alltoall (the code, when Bl is divisible by tp): one all_to_all_single of every rank's candidate
     values, fp32 [Bl, wx] per rank, no indices (each rank receives [Bl/tp, tp*wx] for its token
@@ -62,7 +62,7 @@ optimizer offload (host memory bandwidth / PCIe bandwidth).
                        into the running [Bl, ka] result by one topk over ka + C; HBM: the gather
                        (2*d*nd*vb, read + write), the blocks and the merges (`_dead_pass`; rough).
   topk_merge/auxk_merge  the exchange's local selection, masks, and the keep masks applied (tp > 1)
-  decode_compaction, multi_topk_/auxk_decode_compaction (`ShardedTopKSAE._decode_kept`, when m < w):
+  decode_compaction, multi_topk_/auxk_decode_compaction (`sae_dist.parallel.tp.compact_kept`, when m < w):
                        the rank's kept entries moved to the front of every row and the width cut to
                        m (below). HBM per call: Bl*w*_COMPACT_SORT_BYTES (= 32, rough: the keep mask
                        cast to uint8 and its per-row count for the max, torch.sort's input copy,
@@ -207,7 +207,7 @@ GB = 1e9  # bandwidths are decimal (GB/s)
 ENGINES = ("torch", "deepspeed")
 ZERO_STAGES = (1, 2)  # DeepSpeed stages `sae_dist.train.deepspeed_engine` runs
 TOPK_EXCHANGES = ("alltoall", "allgather")
-#: estimate.decode_scan_slots: "compacted" (the code), "full" (the code before `_decode_kept`
+#: estimate.decode_scan_slots: "compacted" (the code), "full" (the code before `compact_kept`
 #: compacted the kept entries, for comparison).
 DECODE_SCANS = ("compacted", "full")
 KERNEL_BACKENDS = ("auto", "triton", "torch")
@@ -229,7 +229,7 @@ DEAD_FRACTION = 0.05
 #: `sae_dist.parallel.tp.GATHER_CHUNK_BYTES`; tests check they agree).
 ALLGATHER_CHUNK_BYTES = 1 << 28
 _DEC_BLOCK_D, _DEC_BLOCK_K = 64, 8  # tiles of the Triton sparse-decode kernels (sparse_decode.BLOCK_*)
-#: HBM bytes per [Bl, w] slot of `_decode_kept`'s mask cast, count and stable uint8 sort (rough).
+#: HBM bytes per [Bl, w] slot of `compact_kept`'s mask cast, count and stable uint8 sort (rough).
 _COMPACT_SORT_BYTES = 32
 #: `kept_width`: allowed probability that a batch's largest per-row kept count exceeds the planned m.
 KEPT_WIDTH_TAIL = 0.01
@@ -370,7 +370,7 @@ def triton_encoder_splits(tokens: int, n_local: int, k: int, latent_chunk: int =
 
 
 def kept_width(K: int, tp: int, w: int, rows: int, tail: float = KEPT_WIDTH_TAIL) -> int:
-    """Planned decode width m of `ShardedTopKSAE._decode_kept`: the largest per-row count of this
+    """Planned decode width m of `sae_dist.parallel.tp.compact_kept`: the largest per-row count of this
     rank's kept entries over a batch of `rows` tokens.
 
     K global winners per token (k, Multi-TopK's factor*k, or k_aux), each on this rank with
@@ -600,7 +600,7 @@ class _PlanOptions:
         time, in chunks of tokens (`sae_dist.parallel.tp.GATHER_CHUNK_BYTES`).
       decode_compact: True (the code): each rank decodes only its own winners (the others are index
         -1); False (what-if): every local candidate's W_dec row is read.
-      decode_scan_slots: "compacted" (the code, `ShardedTopKSAE._decode_kept`): the kept entries
+      decode_scan_slots: "compacted" (the code, `sae_dist.parallel.tp.compact_kept`): the kept entries
         are moved to the front and the codes cut to m = `kept_width` slots per token, which the
         sparse-decode kernels scan (padding inside the m included), plus the sort / gather cost;
         "full" (the code before that compaction, for comparison): they scan all w local slots,
@@ -1001,7 +1001,7 @@ def _encoder_costs(s: _Step, costs: _Costs) -> None:
 
 
 def _decode_costs(s: _Step, costs: _Costs) -> None:
-    """The forward after the encoder: the exchanges' merges, the keep masks applied, `_decode_kept`'s
+    """The forward after the encoder: the exchanges' merges, the keep masks applied, `compact_kept`'s
     compaction, the sparse decodes and the loss's elementwise passes."""
     Bl, d, vb = s.Bl, s.d, s.vb
     for prefix, (_, merge_flops, merge_bytes) in s.exchanges.items():
@@ -1009,7 +1009,7 @@ def _decode_costs(s: _Step, costs: _Costs) -> None:
     # keep masks applied: values * keep on all w slots, where(keep, ids, -1) on the m decoded slots
     costs.add("keep_apply", "fwd", sum(Bl * (w + m) for _, w, _, m in s.calls),
               sum(Bl * w * (2 * vb + 1) + Bl * m * 17 for _, w, _, m in s.calls), "memory")
-    for name, w, _, m in s.calls:  # _decode_kept's sort of the keep mask and gathers (when m < w)
+    for name, w, _, m in s.calls:  # compact_kept's sort of the keep mask and gathers (when m < w)
         if m < w:
             costs.add(name + "_compaction", "fwd", Bl * w,
                       Bl * w * _COMPACT_SORT_BYTES + Bl * m * (42 + 2 * vb), "memory")

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sae_dist.eval.downstream import _module_device, eval_mode, replace_after
+from sae_dist.eval.downstream import eval_mode, module_device, replace_after
 from sae_dist.eval.metrics import LatentCodes
 
 __all__ = ["effective_logit_count", "ablation_sparsity", "collect_codes"]
@@ -76,7 +76,7 @@ def collect_codes(model: nn.Module, sae: nn.Module, hook: str, sequences: torch.
     from sae_dist.harvest.hooks import resolve_hook, run_to_hook
 
     spec = resolve_hook(model, hook)
-    sae_device = _module_device(sae, torch.device(device))
+    sae_device = module_device(sae, torch.device(device))
     codes = LatentCodes(int(sae.d_sae))
     for i in range(0, sequences.shape[0], batch_size):
         acts = run_to_hook(model, spec, sequences[i : i + batch_size].to(device))
@@ -239,7 +239,7 @@ def _run_ablations(model: nn.Module, sae: nn.Module, spec, sequences: torch.Tens
     job order; sparsity NaN for no effect, vocabulary size V, None without jobs)."""
     from sae_dist.harvest.hooks import splice_hook
 
-    sae_device = _module_device(sae, device)
+    sae_device = module_device(sae, device)
     details = []
     vocab = None
     with eval_mode(model, sae):

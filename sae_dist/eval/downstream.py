@@ -30,10 +30,11 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-__all__ = ["downstream_loss"]
+__all__ = ["downstream_loss", "module_device", "eval_mode", "replace_after"]
 
 
-def _module_device(module: nn.Module, fallback: torch.device) -> torch.device:
+def module_device(module: nn.Module, fallback: torch.device) -> torch.device:
+    """The device of the module's first parameter (else first buffer), else `fallback`."""
     for p in module.parameters():
         return p.device
     for b in module.buffers():
@@ -122,7 +123,7 @@ def downstream_loss(
     device = torch.device(device)
     spec = resolve_hook(model, hook)
     s = skip_positions
-    splices = {"sae": _sae_splice(sae, _module_device(sae, device), s), "zero": _zero_splice(s)}
+    splices = {"sae": _sae_splice(sae, module_device(sae, device), s), "zero": _zero_splice(s)}
     sums = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "kl_sae": 0.0, "kl_zero": 0.0}
     n_pred = 0
     starts = range(0, n, batch_size)

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from sae_dist.eval.ablation import ablation_sparsity
-from sae_dist.eval.downstream import downstream_loss, eval_mode
+from sae_dist.eval.downstream import downstream_loss, eval_mode, module_device
 from sae_dist.eval.metrics import LatentCodes, LatentFiringCounter, ReconstructionStats
 from sae_dist.eval.n2g import n2g_metrics_from_codes
 from sae_dist.eval.probes import probe_loss, token_task_labels
@@ -80,12 +80,6 @@ def _sae_field(sae: nn.Module, cfg_json: dict, *names: str):
         if v is not None:
             return v
     return None
-
-
-def _module_device(module: nn.Module, fallback) -> torch.device:
-    for p in module.parameters():
-        return p.device
-    return torch.device(fallback)
 
 
 def _collect_sequences(docs, tokenizer, ctx_len: int, eval_tokens: int, eval_fraction: float) -> torch.Tensor:
@@ -345,7 +339,7 @@ def _load_target(o: _EvalOptions) -> _Target:
         model_name = cfg_json.get("model_name") or getattr(getattr(o.model, "config", None), "_name_or_path", None)
     return _Target(sae=sae, sae_dir=sae_dir, cfg_json=cfg_json, d_in=int(d_in), d_sae=int(d_sae),
                    k=int(k) if k is not None else None, sae_hook=sae_hook, spec=spec, model_name=model_name,
-                   device=device, sae_device=_module_device(sae, device))
+                   device=device, sae_device=module_device(sae, torch.device(device)))
 
 
 def _accumulators(o: _EvalOptions, target: _Target, n_rows: int) -> _Accumulated:

@@ -47,9 +47,7 @@ import torch
 import torch.distributed as dist
 
 from sae_dist.parallel.mesh import ParallelContext, shard_range
-from sae_dist.sae.export import commit_export as _commit
-from sae_dist.sae.export import export_cfg_dict as _cfg_dict
-from sae_dist.sae.export import tmp_weights_path as _tmp_weights_path
+from sae_dist.sae.export import commit_export, export_cfg_dict, tmp_weights_path
 
 __all__ = ["export_sae_sharded", "SafetensorsLayout", "safetensors_f32_layout", "DEFAULT_BUFFER_BYTES"]
 
@@ -219,14 +217,14 @@ def export_sae_sharded(
     others. Every rank raises together, so none is left waiting in a collective.
     """
     out = Path(out_dir)
-    tmp = _tmp_weights_path(out)
+    tmp = tmp_weights_path(out)
     writer = ctx.dp_rank == 0
     err: BaseException | None = None
     try:  # 1. validate + layout (every rank, from the global shapes)
         if not isinstance(max_buffer_bytes, int) or max_buffer_bytes < _F32_BYTES:
             raise ValueError(f"max_buffer_bytes={max_buffer_bytes!r} must be an int >= {_F32_BYTES}")
         d, n, lo, hi = _check_shard(model, ctx)
-        cfg, f = _cfg_dict(d_in=d, d_sae=n, k=None, arch_cfg=model.export_cfg(), normalize=normalize, scale=scale,
+        cfg, f = export_cfg_dict(d_in=d, d_sae=n, k=None, arch_cfg=model.export_cfg(), normalize=normalize, scale=scale,
                            hook_name=hook_name, model_name=model_name, extra_cfg=extra_cfg)
         layout = safetensors_f32_layout({"W_enc": (d, n), "b_enc": (n,), "W_dec": (n, d), "b_dec": (d,)})
     except Exception as e:  # noqa: BLE001 - re-raised by _agree on this rank
@@ -275,7 +273,7 @@ def export_sae_sharded(
             if tmp.stat().st_size != layout.size:
                 raise OSError(f"{tmp} has {tmp.stat().st_size} bytes after the writes, expected "
                               f"{layout.size}: was it written concurrently by another export?")
-            _commit(out, cfg)
+            commit_export(out, cfg)
         except Exception as e:  # noqa: BLE001
             err = e
     _agree(ctx, f"committing the export in {out}", err, _remove_tmp)
