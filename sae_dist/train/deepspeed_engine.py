@@ -216,6 +216,73 @@ def _import_deepspeed(device: torch.device):
     return deepspeed
 
 
+def _check_engine_inputs(params: list, zero_stage) -> torch.device:
+    """The one device of the SAE parameters [(name, param)]; ValueError for an unsupported ZeRO stage,
+    non-float32 parameters or parameters on several devices."""
+    if isinstance(zero_stage, bool) or zero_stage not in ZERO_STAGES:
+        raise ValueError(
+            f"trainer.zero_stage={zero_stage!r} is not supported by trainer.engine=deepspeed: use 1 "
+            "(Adam state sharded over dp) or 2 (+ gradients). ZeRO stage 3 would also shard the "
+            "parameters over dp, which conflicts with the latent sharding over tp (parallel.tp) that "
+            "already partitions W_enc / b_enc / W_dec; stage 0 is plain data parallelism: use "
+            "trainer.engine=torch"
+        )
+    bad = [f"{n}: {p.dtype}" for n, p in params if p.dtype != torch.float32]
+    if bad:
+        raise ValueError(
+            f"trainer.engine=deepspeed runs DeepSpeed in fp32 mode and needs float32 parameters, got "
+            f"{', '.join(bad)}: set sae.dtype=float32 (bf16 compute comes from trainer.bf16 autocast)"
+        )
+    devices = {p.device for _, p in params}
+    if len(devices) != 1:
+        raise ValueError(f"all SAE parameters must be on one device, got {sorted(map(str, devices))}")
+    return devices.pop()
+
+
+def _set_local_rank(device: torch.device) -> None:
+    """LOCAL_RANK for DeepSpeed (which places the model on cuda:LOCAL_RANK): set from `device` when unset;
+    ValueError when it names another GPU than the parameters'."""
+    if "LOCAL_RANK" not in os.environ:
+        idx = device.index if device.type == "cuda" and device.index is not None else (
+            torch.cuda.current_device() if device.type == "cuda" else 0)
+        os.environ["LOCAL_RANK"] = str(idx)
+    if device.type == "cuda" and int(os.environ["LOCAL_RANK"]) != (
+            device.index if device.index is not None else torch.cuda.current_device()):
+        raise ValueError(
+            f"DeepSpeed places the model on cuda:{os.environ['LOCAL_RANK']} (LOCAL_RANK) but the SAE "
+            f"parameters are on {device}: put the SAE on cuda:LOCAL_RANK (init_parallel does)"
+        )
+
+
+def _deepspeed_config(zero_stage: int, offload_optimizer: bool, clip: float | None, numel: int,
+                      device: torch.device) -> dict:
+    """The DeepSpeed config of `DeepSpeedEngine` (module docstring): ZeRO `zero_stage` with synchronous
+    reductions, DeepSpeed's default bucket (5e8 elements, a 2 GB fp32 buffer allocated every step) capped
+    at this rank's parameter count `numel` (even: DeepSpeed's all-gather alignment), gradient SUM over dp,
+    DeepSpeed's clipping at `clip` (None: off), optional optimizer-state CPU offload."""
+    bucket = int(min(_DEFAULT_BUCKET, numel + numel % 2))
+    zero = {
+        "stage": zero_stage,
+        "overlap_comm": False,         # every reduction / gather synchronous
+        "contiguous_gradients": True,
+        "reduce_scatter": True,
+        "reduce_bucket_size": bucket,
+        "allgather_bucket_size": bucket,
+    }
+    if offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
+    return {
+        "train_micro_batch_size_per_gpu": 1,   # batching is the trainer's; DeepSpeed sees one loss
+        "gradient_accumulation_steps": 1,
+        "gradient_allreduce_op": "sum",        # per-rank losses are shares of the global loss
+        "gradient_clipping": float(clip) if clip is not None else 0.0,
+        "zero_optimization": zero,
+        "zero_force_ds_cpu_optimizer": False,  # torch Adam on the offloaded partition
+        "steps_per_print": None,
+        "wall_clock_breakdown": False,
+    }
+
+
 class DeepSpeedEngine:
     """DeepSpeed ZeRO-1/2 over the dp group with the interface of `TorchEngine` (module docstring).
 
@@ -239,25 +306,8 @@ class DeepSpeedEngine:
 
     def __init__(self, model: torch.nn.Module, lr: float, tcfg, ctx: ParallelContext | None = None,
                  zero_stage: int = 1, offload_optimizer: bool = False):
-        if isinstance(zero_stage, bool) or zero_stage not in ZERO_STAGES:
-            raise ValueError(
-                f"trainer.zero_stage={zero_stage!r} is not supported by trainer.engine=deepspeed: use 1 "
-                "(Adam state sharded over dp) or 2 (+ gradients). ZeRO stage 3 would also shard the "
-                "parameters over dp, which conflicts with the latent sharding over tp (parallel.tp) that "
-                "already partitions W_enc / b_enc / W_dec; stage 0 is plain data parallelism: use "
-                "trainer.engine=torch"
-            )
         params = list(model.named_parameters())
-        bad = [f"{n}: {p.dtype}" for n, p in params if p.dtype != torch.float32]
-        if bad:
-            raise ValueError(
-                f"trainer.engine=deepspeed runs DeepSpeed in fp32 mode and needs float32 parameters, got "
-                f"{', '.join(bad)}: set sae.dtype=float32 (bf16 compute comes from trainer.bf16 autocast)"
-            )
-        devices = {p.device for _, p in params}
-        if len(devices) != 1:
-            raise ValueError(f"all SAE parameters must be on one device, got {sorted(map(str, devices))}")
-        device = devices.pop()
+        device = _check_engine_inputs(params, zero_stage)
         if ctx is None:
             ctx = ParallelContext(device=device)
         self.model = model
@@ -274,16 +324,7 @@ class DeepSpeedEngine:
         self._get_state = safe_get_full_optimizer_state
         self._set_state = safe_set_full_optimizer_state
 
-        if "LOCAL_RANK" not in os.environ:
-            idx = device.index if device.type == "cuda" and device.index is not None else (
-                torch.cuda.current_device() if device.type == "cuda" else 0)
-            os.environ["LOCAL_RANK"] = str(idx)
-        if device.type == "cuda" and int(os.environ["LOCAL_RANK"]) != (
-                device.index if device.index is not None else torch.cuda.current_device()):
-            raise ValueError(
-                f"DeepSpeed places the model on cuda:{os.environ['LOCAL_RANK']} (LOCAL_RANK) but the SAE "
-                f"parameters are on {device}: put the SAE on cuda:LOCAL_RANK (init_parallel does)"
-            )
+        _set_local_rank(device)
         self._own_group = False
         if not dist.is_initialized():
             if ctx.mesh is not None:
@@ -299,31 +340,8 @@ class DeepSpeedEngine:
             for n, p in params:
                 p.tensor_model_parallel = n != "b_dec"
 
-        clip = tcfg.grad_clip_norm
-        # DeepSpeed's default bucket (5e8 elements, a 2 GB fp32 buffer allocated every step) capped
-        # at this rank's parameter count (even: DeepSpeed's all-gather alignment)
-        numel = sum(p.numel() for _, p in params)
-        bucket = int(min(_DEFAULT_BUCKET, numel + numel % 2))
-        zero = {
-            "stage": self.zero_stage,
-            "overlap_comm": False,         # every reduction / gather synchronous
-            "contiguous_gradients": True,
-            "reduce_scatter": True,
-            "reduce_bucket_size": bucket,
-            "allgather_bucket_size": bucket,
-        }
-        if self.offload_optimizer:
-            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
-        config = {
-            "train_micro_batch_size_per_gpu": 1,   # batching is the trainer's; DeepSpeed sees one loss
-            "gradient_accumulation_steps": 1,
-            "gradient_allreduce_op": "sum",        # per-rank losses are shares of the global loss
-            "gradient_clipping": float(clip) if clip is not None else 0.0,
-            "zero_optimization": zero,
-            "zero_force_ds_cpu_optimizer": False,  # torch Adam on the offloaded partition
-            "steps_per_print": None,
-            "wall_clock_breakdown": False,
-        }
+        config = _deepspeed_config(self.zero_stage, self.offload_optimizer, tcfg.grad_clip_norm,
+                                   sum(p.numel() for _, p in params), device)
         self._mpu = MeshMPU(ctx)
         self._w_dec_hook = None
         if getattr(model, "unit_norm_decoder", True):  # e.g. not for ReLU with decoder-norm-weighted L1

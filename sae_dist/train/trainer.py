@@ -22,7 +22,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +35,7 @@ from sae_dist.parallel.state import build_state
 from sae_dist.parallel.tp import parallelize_sae, reduce_fired_over_dp
 from sae_dist.preempt import Preemption
 from sae_dist.sae.auxk import DeadLatentTracker
-from sae_dist.sae.base import SparseAutoencoder
+from sae_dist.sae.base import SparseAutoencoder, TrainOutput
 from sae_dist.sae.config import SAEConfig, resolve_dead_tokens
 from sae_dist.sae.export import export_sae
 from sae_dist.sae.init import init_b_pre_, tied_init_rows_
@@ -485,37 +485,107 @@ def _open_training_store(store_path, sae_cfg: SAEConfig, tcfg: TrainerConfig, se
     return store
 
 
+@dataclass
+class _Run:
+    """One training run between steps: what `_setup_run` builds and the loop advances."""
+
+    sae: SparseAutoencoder
+    engine: Engine
+    ema: SparseAutoencoder | None
+    tracker: DeadLatentTracker
+    store: object
+    ctx: ParallelContext
+    sae_cfg: SAEConfig
+    tcfg: TrainerConfig
+    out: Path
+    n_steps: int
+    base_lr: float
+    dead_tokens: int
+    step: int = 0
+    tokens_seen: int = 0
+    last_metrics: dict = field(default_factory=dict)
+    auxk_from: int | None = None
+
+    @property
+    def replicas(self) -> bool:
+        """Whole-SAE replicas over dp (an architecture that does not shard): per-rank losses, averaged."""
+        return self.ctx.distributed and not self.sae.shardable
+
+    def state(self, opt_state=None) -> dict:
+        """The checkpointed state (model, Adam, EMA, dead-latent counters) under global shapes."""
+        opt_state = self.engine.optimizer_state() if opt_state is None else opt_state
+        return build_state(self.sae, opt_state, self.ema, self.tracker.state_dict(), self.ctx)
+
+    def checkpoint(self) -> None:
+        save_checkpoint(self.out / "checkpoints", self.step, state=self.state(), keep=self.tcfg.keep_checkpoints,
+                        ctx=self.ctx, trainer_state={"step": self.step, "tokens_seen": self.tokens_seen,
+                                                     "store": self.store.state_dict(), "rng": _rng_state(),
+                                                     "metrics": self.last_metrics})
+
+
 def _train_locked(store_path, out: Path, sae_cfg: SAEConfig, tcfg: TrainerConfig, ctx: ParallelContext,
                   seed: int, hook_name, model_name, wandb_cfg, progress: bool) -> dict:
-    """`train` once the run directory's lock is held (same arguments and result)."""
-    device = ctx.device
-    sae_dir = out / "sae"
+    """`train` once the run directory's lock is held (same arguments and result): check the inputs,
+    build, resume or initialise, step, finalise."""
     n_steps = max(1, tcfg.tokens // tcfg.batch_tokens)
-    target_tokens = n_steps * tcfg.batch_tokens
-    ckpt_root = out / "checkpoints"
     store = _open_training_store(store_path, sae_cfg, tcfg, seed, ctx)
     attrs = dict(getattr(store, "attrs", {}) or {})
-    ident = _run_identity(sae_cfg, tcfg, seed, _store_fingerprint(store, store_path, attrs))
+    finished, ck = _check_inputs(store, store_path, attrs, out, sae_cfg, tcfg, seed, n_steps, ctx)
+    if finished is not None:
+        return finished
+    hook_name, model_name = hook_name or attrs.get("hook"), model_name or attrs.get("model")
+    run = _setup_run(store, out, sae_cfg, tcfg, ctx, seed, n_steps)
+    _resume_or_init(run, ck, store_path, seed, progress)
+    wb = WandbLogger(out, wandb_cfg if ctx.is_main else {**(wandb_cfg or {}), "enabled": False},
+                     {"sae": asdict(sae_cfg), "trainer": asdict(tcfg), "seed": seed,
+                      "store_path": str(store_path), "hook_name": hook_name,
+                      "model_name": model_name, "parallel": {"tp": ctx.tp, "dp": ctx.dp}})
+    _warn_if_auxk_cannot_fire(sae_cfg, run.dead_tokens, n_steps * tcfg.batch_tokens, ctx.is_main)
+    t0, tok0 = time.perf_counter(), run.tokens_seen
+    preempted = _train_loop(run, store_path, wb, progress)
+    result = {"out_dir": str(out), "steps": run.step, "tokens_trained": run.tokens_seen,
+              "metrics": run.last_metrics, "already_finished": False, "preempted": preempted,
+              "tokens_per_s": (run.tokens_seen - tok0) / max(time.perf_counter() - t0, 1e-9),
+              "parallel": {"tp": ctx.tp, "dp": ctx.dp, "world_size": ctx.world_size}}
+    dead_frac, window = _dead_summary(run.tracker, run.tokens_seen, ctx)
+    result.update(dead_fraction=dead_frac, dead_fraction_window=window)
+    if run.step < n_steps:
+        wb.finish()
+        return {**result, "sae_dir": None, "stopped_early": True}
+    _finalize(run, store_path, attrs, hook_name, model_name, seed, wb, dead_frac, window)
+    return {**result, "sae_dir": str(out / "sae"), "stopped_early": False}
+
+
+def _check_inputs(store, store_path, attrs: dict, out: Path, sae_cfg: SAEConfig, tcfg: TrainerConfig, seed: int,
+                  n_steps: int, ctx: ParallelContext):
+    """Record or verify the run identity (`_check_run_identity`); for a finished run also its trainer
+    options (`_check_finished_run`). Returns (the result of an already finished run, store closed, or
+    None; the latest checkpoint or None). Closes the store before raising ValueError."""
+    target_tokens = n_steps * tcfg.batch_tokens
+    sae_dir = out / "sae"
     state_file = sae_dir / "training_state.json"
     done = json.loads(state_file.read_text()) if state_file.is_file() else None
-    ck = latest_checkpoint(ckpt_root)
+    ck = latest_checkpoint(out / "checkpoints")
+    ident = _run_identity(sae_cfg, tcfg, seed, _store_fingerprint(store, store_path, attrs))
     try:
-        _check_run_identity(ckpt_root, ident, existing=ck is not None or done is not None, ctx=ctx)
+        _check_run_identity(out / "checkpoints", ident, existing=ck is not None or done is not None, ctx=ctx)
     except ValueError:
         _close(store)
         raise
-    if done is not None and int(done.get("tokens_trained", -1)) >= target_tokens:
-        _close(store)
-        _check_finished_run(out, done, tcfg, target_tokens)
-        if ctx.is_main:
-            print(f"sae-train: {out} already finished ({done['tokens_trained']} tokens, same store and "
-                  "configuration); nothing to do (use a new run_dir to retrain)", file=sys.stderr)
-        return {**done, "metrics": done.get("final_metrics", {}), "out_dir": str(out),
-                "sae_dir": str(sae_dir), "already_finished": True, "stopped_early": False,
-                "preempted": False}
-    hook_name = hook_name or attrs.get("hook")
-    model_name = model_name or attrs.get("model")
+    if done is None or int(done.get("tokens_trained", -1)) < target_tokens:
+        return None, ck
+    _close(store)
+    _check_finished_run(out, done, tcfg, target_tokens)
+    if ctx.is_main:
+        print(f"sae-train: {out} already finished ({done['tokens_trained']} tokens, same store and "
+              "configuration); nothing to do (use a new run_dir to retrain)", file=sys.stderr)
+    return {**done, "metrics": done.get("final_metrics", {}), "out_dir": str(out), "sae_dir": str(sae_dir),
+            "already_finished": True, "stopped_early": False, "preempted": False}, ck
 
+
+def _setup_run(store, out: Path, sae_cfg: SAEConfig, tcfg: TrainerConfig, ctx: ParallelContext, seed: int,
+               n_steps: int) -> _Run:
+    """Seed the RNGs, build the SAE (mesh applied), its engine, the EMA copy and the dead-latent tracker."""
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
@@ -526,166 +596,151 @@ def _train_locked(store_path, out: Path, sae_cfg: SAEConfig, tcfg: TrainerConfig
     if tcfg.ema:
         ema = _build_sae(sae_cfg, ctx, seed)
         ema.requires_grad_(False)
-    dead_tokens = resolve_dead_tokens(sae_cfg.dead_tokens, target_tokens)
-    tracker = DeadLatentTracker(sae.W_dec.shape[0], dead_tokens, device=device)
-    replicas = ctx.distributed and not sae.shardable  # whole-SAE replicas: per-rank losses, averaged
-    log_path = out / "train_log.jsonl"
-    main = ctx.is_main
+    dead_tokens = resolve_dead_tokens(sae_cfg.dead_tokens, n_steps * tcfg.batch_tokens)
+    tracker = DeadLatentTracker(sae.W_dec.shape[0], dead_tokens, device=ctx.device)
+    return _Run(sae, engine, ema, tracker, store, ctx, sae_cfg, tcfg, out, n_steps, base_lr, dead_tokens)
 
-    def state(opt_state=None):
-        opt_state = engine.optimizer_state() if opt_state is None else opt_state
-        return build_state(sae, opt_state, ema, tracker.state_dict(), ctx)
 
-    step, tokens_seen, last_metrics = 0, 0, {}
-    if ck is not None:
-        opt_state = engine.optimizer_state()  # live tensors (torch) or gathered copies (DeepSpeed)
-        ts = load_checkpoint(ck[1], state=state(opt_state))
-        engine.load_optimizer_state(opt_state)
-        step, tokens_seen = int(ts["step"]), int(ts["tokens_seen"])
-        if step > n_steps:
-            raise ValueError(f"the checkpoint {ck[1]} is at step {step}, past this run's {n_steps} steps "
-                             f"(trainer.tokens={tcfg.tokens}): raise trainer.tokens or use a new run_dir")
-        last_metrics = ts.get("metrics", {})
-        store.load_state_dict(ts["store"])
-        _set_rng_state(ts["rng"])
-        if main:
-            truncate_jsonl(log_path, step)
-        if progress and main:
-            print(f"sae-train: resuming from {ck[1]} (step {step}, {tokens_seen} tokens)", file=sys.stderr)
-    else:
+def _resume_or_init(run: _Run, ck, store_path, seed: int, progress: bool) -> None:
+    """Resume from checkpoint `ck` (weights, Adam, EMA, counters, data position, RNG, the log cut back to
+    its step) or start afresh (b_pre from the data, empty log). ValueError for a checkpoint past the run."""
+    log_path = run.out / "train_log.jsonl"
+    main = run.ctx.is_main
+    if ck is None:
         if main:
             truncate_jsonl(log_path, -1)
-        if sae_cfg.b_pre_init != "zeros":
-            _init_b_pre(sae, sae_cfg, tcfg, store_path, seed, ctx)
-        if ema is not None:
-            ema.load_state_dict(sae.state_dict())
+        if run.sae_cfg.b_pre_init != "zeros":
+            _init_b_pre(run.sae, run.sae_cfg, run.tcfg, store_path, seed, run.ctx)
+        if run.ema is not None:
+            run.ema.load_state_dict(run.sae.state_dict())
+        return
+    opt_state = run.engine.optimizer_state()  # live tensors (torch) or gathered copies (DeepSpeed)
+    ts = load_checkpoint(ck[1], state=run.state(opt_state))
+    run.engine.load_optimizer_state(opt_state)
+    run.step, run.tokens_seen = int(ts["step"]), int(ts["tokens_seen"])
+    if run.step > run.n_steps:
+        raise ValueError(f"the checkpoint {ck[1]} is at step {run.step}, past this run's {run.n_steps} steps "
+                         f"(trainer.tokens={run.tcfg.tokens}): raise trainer.tokens or use a new run_dir")
+    run.last_metrics = ts.get("metrics", {})
+    run.store.load_state_dict(ts["store"])
+    _set_rng_state(ts["rng"])
+    if main:
+        truncate_jsonl(log_path, run.step)
+    if progress and main:
+        print(f"sae-train: resuming from {ck[1]} (step {run.step}, {run.tokens_seen} tokens)", file=sys.stderr)
 
-    jsonl = JsonlLogger(log_path) if main else None
-    wb = WandbLogger(out, wandb_cfg if main else {**(wandb_cfg or {}), "enabled": False},
-                     {"sae": asdict(sae_cfg), "trainer": asdict(tcfg), "seed": seed,
-                      "store_path": str(store_path), "hook_name": hook_name,
-                      "model_name": model_name, "parallel": {"tp": ctx.tp, "dp": ctx.dp}})
-    use_autocast = device.type == "cuda" and tcfg.bf16
-    stop_at = n_steps if tcfg.max_steps is None else min(n_steps, tcfg.max_steps)
 
+def _next_batch(it, run: _Run, store_path) -> torch.Tensor:
+    """The next batch on the run's device, float32 [B / dp, d_in]; FloatingPointError naming the step on
+    NaN/Inf."""
+    try:
+        x = next(it)
+    except NonFiniteError as e:
+        raise FloatingPointError(f"non-finite activations in the batch of step {run.step}: {e}") from e
+    if not torch.isfinite(x).all():
+        raise FloatingPointError(f"non-finite activations (NaN/Inf) in the batch of step {run.step} from {store_path}")
+    return x.to(run.ctx.device, torch.float32, non_blocking=True)
+
+
+def _train_step(run: _Run, x: torch.Tensor) -> tuple[TrainOutput, float]:
+    """One optimisation step on batch x (Gao et al. 2024, sections 2 and A): lr, losses (bf16 autocast on
+    CUDA), the engine's step, EMA, dead-latent counters. Returns (the step's losses, its lr).
+    FloatingPointError when the loss summed over dp is not finite (every rank agrees to stop)."""
+    sae, ctx, tcfg = run.sae, run.ctx, run.tcfg
+    lr = lr_at_step(run.step, run.n_steps, run.base_lr, tcfg.warmup_steps, tcfg.lr_decay_frac)
+    run.engine.set_lr(lr)
+    sae.set_progress(run.step, run.n_steps)
+    autocast = ctx.device.type == "cuda" and tcfg.bf16
+    with torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16, enabled=autocast):
+        res = sae.training_step_losses(x, run.tracker.dead_mask())
+    loss_all = all_reduce_(res.loss.detach().float().clone(), ctx.dp_group)  # tp ranks are identical
+    if run.replicas:
+        loss_all /= ctx.dp
+    if not torch.isfinite(loss_all):
+        raise FloatingPointError(f"loss is {float(loss_all)} at step {run.step} (normalized_mse "
+                                 f"{float(res.normalized_mse)}, auxk {float(res.auxk_loss)}); lower trainer.lr")
+    run.engine.step(res.loss / ctx.dp if run.replicas else res.loss)
+    if run.ema is not None:
+        _ema_update(run.ema, sae, tcfg.ema_decay)
+    fired = res.fired if res.fired is not None else run.tracker.fired(res.values, res.indices)
+    n_tokens = tcfg.batch_tokens if ctx.distributed else x.shape[0]  # the global batch
+    run.tracker.update_fired(reduce_fired_over_dp(fired, ctx), n_tokens)
+    run.step += 1
+    run.tokens_seen += n_tokens
+    return res, lr
+
+
+def _train_loop(run: _Run, store_path, wb, progress: bool) -> bool:
+    """Steps until the run's end, `trainer.max_steps` or an agreed SIGTERM, with logs and checkpoints.
+    Closes the store, the log and the engine. Returns whether it stopped on SIGTERM."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=n_steps, initial=step, disable=not (progress and main), unit="step",
-               dynamic_ncols=True)
-    t_last, tok_last = time.perf_counter(), tokens_seen
-    t_start, tok_start = t_last, tokens_seen
-    it = iter(store)
-
-    def checkpoint() -> None:
-        save_checkpoint(ckpt_root, step, state=state(), keep=tcfg.keep_checkpoints, ctx=ctx,
-                        trainer_state={"step": step, "tokens_seen": tokens_seen, "store": store.state_dict(),
-                                       "rng": _rng_state(), "metrics": last_metrics})
-
-    preempted, auxk_from = False, None
-    _warn_if_auxk_cannot_fire(sae_cfg, dead_tokens, target_tokens, main)
+    tcfg, main = run.tcfg, run.ctx.is_main
+    stop_at = run.n_steps if tcfg.max_steps is None else min(run.n_steps, tcfg.max_steps)
+    bar = tqdm(total=run.n_steps, initial=run.step, disable=not (progress and main), unit="step", dynamic_ncols=True)
+    jsonl = JsonlLogger(run.out / "train_log.jsonl") if main else None
+    clock = [time.perf_counter(), run.tokens_seen]
+    preempted, it = False, iter(run.store)
     with Preemption("sae-train") as preempt:
         try:
-            while step < stop_at and not preempted:
-                try:
-                    x = next(it)
-                except NonFiniteError as e:
-                    raise FloatingPointError(f"non-finite activations in the batch of step {step}: {e}") from e
-                if not torch.isfinite(x).all():
-                    raise FloatingPointError(
-                        f"non-finite activations (NaN/Inf) in the batch of step {step} from {store_path}"
-                    )
-                x = x.to(device, torch.float32, non_blocking=True)
-                lr = lr_at_step(step, n_steps, base_lr, tcfg.warmup_steps, tcfg.lr_decay_frac)
-                engine.set_lr(lr)
-                sae.set_progress(step, n_steps)
-                dead = tracker.dead_mask()
-                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_autocast):
-                    res = sae.training_step_losses(x, dead)
-                # every rank must agree on stopping: check the loss summed over dp (tp ranks are identical)
-                loss_all = all_reduce_(res.loss.detach().float().clone(), ctx.dp_group)
-                if replicas:
-                    loss_all /= ctx.dp
-                if not torch.isfinite(loss_all):
-                    raise FloatingPointError(
-                        f"loss is {float(loss_all)} at step {step} (normalized_mse "
-                        f"{float(res.normalized_mse)}, auxk {float(res.auxk_loss)}); lower trainer.lr"
-                    )
-                engine.step(res.loss / ctx.dp if replicas else res.loss)
-                if ema is not None:
-                    _ema_update(ema, sae, tcfg.ema_decay)
-                fired = res.fired if res.fired is not None else tracker.fired(res.values, res.indices)
-                fired = reduce_fired_over_dp(fired, ctx)
-                n_tokens = tcfg.batch_tokens if ctx.distributed else x.shape[0]  # the global batch
-                tracker.update_fired(fired, n_tokens)
-                step += 1
-                tokens_seen += n_tokens
+            while run.step < stop_at and not preempted:
+                res, lr = _train_step(run, _next_batch(it, run, store_path))
                 bar.update(1)
-
-                if step % tcfg.log_every_steps == 0 or step == n_steps:
-                    now = time.perf_counter()
-                    tps = (tokens_seen - tok_last) / max(now - t_last, 1e-9)
-                    t_last, tok_last = now, tokens_seen
-                    last_metrics = _global_metrics(res, ctx, tracker, lr, tps, dp_mean=replicas)
-                    if main:
-                        jsonl.log({"step": step, "tokens": tokens_seen, **last_metrics})
-                        wb.log({**last_metrics, "tokens": tokens_seen}, step=step)
-                        _show_progress(bar, last_metrics, tokens_seen, tps)
-                        if auxk_from is None and last_metrics["train/auxk_loss"] > 0:
-                            auxk_from = step
-                            bar.write(f"sae-train: AuxK active from step {step} ({tokens_seen} tokens): "
-                                      f"{100 * last_metrics['train/dead_fraction']:.2f}% of the latents have "
-                                      f"not fired in {dead_tokens} tokens (sae.dead_tokens)", file=sys.stderr)
-
-                preempted = preempt.agreed(device) and step < n_steps
-                due = step % tcfg.checkpoint_every_steps == 0 or step == n_steps or preempted
+                if run.step % tcfg.log_every_steps == 0 or run.step == run.n_steps:
+                    _log_step(run, res, lr, clock, bar, jsonl, wb)
+                preempted = preempt.agreed(run.ctx.device) and run.step < run.n_steps
+                due = run.step % tcfg.checkpoint_every_steps == 0 or run.step == run.n_steps or preempted
                 if tcfg.keep_checkpoints != 0 and due:
-                    checkpoint()
+                    run.checkpoint()
         finally:
             bar.close()
             if jsonl is not None:
                 jsonl.close()
-            _close(store)
-            engine.close()
-
+            _close(run.store)
+            run.engine.close()
     if preempted and main:
-        print(f"sae-train: stopped on SIGTERM after step {step} (checkpoint written); rerun the same "
+        print(f"sae-train: stopped on SIGTERM after step {run.step} (checkpoint written); rerun the same "
               f"command to resume", file=sys.stderr)
-    result = {"out_dir": str(out), "steps": step, "tokens_trained": tokens_seen,
-              "metrics": last_metrics, "already_finished": False, "preempted": preempted,
-              "tokens_per_s": (tokens_seen - tok_start) / max(time.perf_counter() - t_start, 1e-9),
-              "parallel": {"tp": ctx.tp, "dp": ctx.dp, "world_size": ctx.world_size}}
-    dead_frac, window = _dead_summary(tracker, tokens_seen, ctx)
-    result.update(dead_fraction=dead_frac, dead_fraction_window=window)
-    if step < n_steps:
-        wb.finish()
-        result.update(sae_dir=None, stopped_early=True)
-        return result
+    return preempted
 
-    final = ema if ema is not None else sae
-    _export_final(final, ctx, sae_dir, sae_cfg, store, attrs, hook_name, model_name, tokens_seen)
+
+def _log_step(run: _Run, res: TrainOutput, lr: float, clock: list, bar, jsonl, wb) -> None:
+    """The global metrics of this step (`_global_metrics`, collective) to jsonl, wandb and the progress
+    bar on rank 0; announces AuxK's first activation. clock: [time, tokens] of the last log, updated."""
+    now = time.perf_counter()
+    tps = (run.tokens_seen - clock[1]) / max(now - clock[0], 1e-9)
+    clock[:] = [now, run.tokens_seen]
+    m = run.last_metrics = _global_metrics(res, run.ctx, run.tracker, lr, tps, dp_mean=run.replicas)
+    if not run.ctx.is_main:
+        return
+    jsonl.log({"step": run.step, "tokens": run.tokens_seen, **m})
+    wb.log({**m, "tokens": run.tokens_seen}, step=run.step)
+    _show_progress(bar, m, run.tokens_seen, tps)
+    if run.auxk_from is None and m["train/auxk_loss"] > 0:
+        run.auxk_from = run.step
+        bar.write(f"sae-train: AuxK active from step {run.step} ({run.tokens_seen} tokens): "
+                  f"{100 * m['train/dead_fraction']:.2f}% of the latents have not fired in {run.dead_tokens} "
+                  "tokens (sae.dead_tokens)", file=sys.stderr)
+
+
+def _finalize(run: _Run, store_path, attrs: dict, hook_name, model_name, seed: int, wb, dead_frac: float,
+              window: str) -> None:
+    """Export the SAE (the EMA when on) to out/sae and write sae/training_state.json (rank 0, atomically)."""
+    ctx, sae_cfg = run.ctx, run.sae_cfg
+    final = run.ema if run.ema is not None else run.sae
+    _export_final(final, ctx, run.out / "sae", sae_cfg, run.store, attrs, hook_name, model_name, run.tokens_seen)
     training_state = {
-        "tokens_trained": tokens_seen,
-        "steps": step,
-        "dead_fraction": dead_frac,
-        "dead_fraction_window": window,
-        "n_latents": sae_cfg.n_latents,
-        "k": sae_cfg.k,
-        "d_in": sae_cfg.d_in,
-        "used_ema": ema is not None,
-        "auxk_active_from_step": auxk_from,
-        "dead_tokens": dead_tokens,
-        "final_metrics": last_metrics,
-        "sae_cfg": asdict(sae_cfg),
-        "trainer_cfg": asdict(tcfg),
-        "seed": seed,
-        "parallel": {"tp": ctx.tp, "dp": ctx.dp},
+        "tokens_trained": run.tokens_seen, "steps": run.step, "dead_fraction": dead_frac,
+        "dead_fraction_window": window, "n_latents": sae_cfg.n_latents, "k": sae_cfg.k, "d_in": sae_cfg.d_in,
+        "used_ema": run.ema is not None, "auxk_active_from_step": run.auxk_from, "dead_tokens": run.dead_tokens,
+        "final_metrics": run.last_metrics, "sae_cfg": asdict(sae_cfg), "trainer_cfg": asdict(run.tcfg),
+        "seed": seed, "parallel": {"tp": ctx.tp, "dp": ctx.dp},
     }
-    if main:
+    if ctx.is_main:
+        state_file = run.out / "sae" / "training_state.json"
         tmp = state_file.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(training_state, indent=2))
         os.replace(tmp, state_file)
-        wb.summary({"tokens_trained": tokens_seen, "dead_fraction": dead_frac})
+        wb.summary({"tokens_trained": run.tokens_seen, "dead_fraction": dead_frac})
     wb.finish()
     ctx.barrier()
-    result.update(sae_dir=str(sae_dir), stopped_early=False)
-    return result
