@@ -21,7 +21,8 @@ markdown are rewritten after every step, so no step's result is lost:
                     n_large with `--vs sparsify` (dead fraction 0.05), and n_large at --dead-frac 0.
   synthetic_store   a `SyntheticDictionary` activation store (`sae_dist.store.write_store`).
   train_kernels_on / train_kernels_off
-                    `sae-train` on that store with sae.kernels=true / false, same seed and data order.
+                    `sae-train` on that store with sae.kernel_backend=auto (Triton on CUDA) / torch (the
+                    kernels' torch backend), same seed and data order.
   train_curves      the two runs' train/fvu curves (train_log.jsonl), smoothed by a trailing mean over
                     `curve_window` logged points, compared after `curve_skip_frac` of the steps:
                     pass when max |on - off| / off <= `curve_rtol` (2 %: bf16 tolerance).
@@ -632,12 +633,14 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def step_train(c: Check, store: Path, kernels: bool) -> list[dict]:
-    """(c) one `sae-train` run (sae.kernels on or off, seed 0); returns its logged records (a run that
+    """(c) one `sae-train` run (kernels on: `sae.kernel_backend=auto`, Triton on CUDA; off: their torch
+    backend; seed 0); returns its logged records (a run that
     ran past its budget keeps the steps it logged, which the curve check still compares)."""
     s, tag = c.sizes, "on" if kernels else "off"
     name, run_dir = f"train_kernels_{tag}", c.work / f"train_kernels_{tag}"
     overrides = [f"run_dir={run_dir}", f"store.path={store}", "sae=topk", f"sae.n_latents={s.train_n}",
-                 f"sae.k={s.train_k}", f"sae.dead_tokens={s.train_dead_tokens}", f"sae.kernels={str(kernels).lower()}",
+                 f"sae.k={s.train_k}", f"sae.dead_tokens={s.train_dead_tokens}",
+                 f"sae.kernel_backend={'auto' if kernels else 'torch'}",
                  f"trainer.tokens={s.train_steps * s.train_batch}", f"trainer.batch_tokens={s.train_batch}",
                  f"trainer.log_every_steps={s.train_log_every}", "trainer.keep_checkpoints=0", "trainer.bf16=true",
                  f"device={s.device}", "seed=0", "wandb.enabled=false"]
