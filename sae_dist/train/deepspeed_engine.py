@@ -344,7 +344,7 @@ class DeepSpeedEngine:
                                    sum(p.numel() for _, p in params), device)
         self._mpu = MeshMPU(ctx)
         self._w_dec_hook = None
-        if getattr(model, "unit_norm_decoder", True):  # e.g. not for ReLU with decoder-norm-weighted L1
+        if model.unit_norm_decoder:  # e.g. not for ReLU with decoder-norm-weighted L1
             self._w_dec_hook = model.W_dec.register_hook(lambda g: _project_out_rows(g, model.W_dec))
         try:
             optimizer = make_optimizer(model, lr, tcfg)
