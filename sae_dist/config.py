@@ -393,13 +393,14 @@ def check_config(cfg, d_in: int | None = None) -> None:
     with config_error("browse"):
         browse_config(cfg)
     for name in ("model", "data", "harvest", "parallel", "wandb"):
-        with config_error(name):
+        with config_error(name, tolerate_missing=True):  # model=hf / data=hf name theirs only when used
             node_object(cfg[name], _GROUPS[name])
 
 
 class _ConfigError:
-    def __init__(self, group: str):
+    def __init__(self, group: str, tolerate_missing: bool = False):
         self.group = group
+        self.tolerate_missing = tolerate_missing
 
     def __enter__(self):
         return self
@@ -407,8 +408,10 @@ class _ConfigError:
     def __exit__(self, typ, e, tb):
         if e is None:
             return False
-        from omegaconf.errors import OmegaConfBaseException
+        from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+        if isinstance(e, MissingMandatoryValue) and self.tolerate_missing:
+            return True  # a required value (`???`, e.g. model=hf's model.name) of a node this command may not use
         if isinstance(e, OmegaConfBaseException):
             raise ValueError(omegaconf_message(e)) from e
         if isinstance(e, (ValueError, TypeError)):
@@ -419,10 +422,11 @@ class _ConfigError:
         return False
 
 
-def config_error(group: str) -> _ConfigError:
+def config_error(group: str, tolerate_missing: bool = False) -> _ConfigError:
     """Context manager: an error converting the `group` node becomes a ValueError whose message starts
-    with the key (`group.key: ...`), the commands' one-line user-error style."""
-    return _ConfigError(group)
+    with the key (`group.key: ...`), the commands' one-line user-error style. tolerate_missing: a
+    missing required value (`???`) ends the block silently instead."""
+    return _ConfigError(group, tolerate_missing)
 
 
 def omegaconf_message(e) -> str:

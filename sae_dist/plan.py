@@ -1373,10 +1373,9 @@ def plan_from_cfg(cfg, **overrides) -> dict:
         decode_compact=bool(e.decode_compact), decode_scan_slots=str(e.decode_scan_slots),
         encoder_bwd_drop_zeros=bool(e.encoder_bwd_drop_zeros), latent_chunk=int(e.latent_chunk),
         candidate_buffer_bytes=int(e.candidate_buffer_bytes),
-        allgather_chunk_bytes=int(e.get("allgather_chunk_bytes", ALLGATHER_CHUNK_BYTES)),
-        bf16_operand_copies=bool(t.bf16 if e.get("bf16_operand_copies") is None
-                                 else e.bf16_operand_copies),
-        dead_fraction=float(e.get("dead_fraction", DEAD_FRACTION)),
+        allgather_chunk_bytes=int(e.allgather_chunk_bytes),
+        bf16_operand_copies=bool(t.bf16 if e.bf16_operand_copies is None else e.bf16_operand_copies),
+        dead_fraction=float(e.dead_fraction),
         topk_value_bytes=int(e.topk_value_bytes),
         input_buffers=int(e.input_buffers), workspace_gib=float(e.workspace_gib),
         zero_bucket_elements=int(e.zero_bucket_elements),
@@ -1403,8 +1402,8 @@ def _run(cfg) -> int:
     output = str(cfg.output)
     if output not in OUTPUTS:
         raise ValueError(f"output={output!r}; valid: {OUTPUTS}")
-    cmp = cfg.get("compare") or {}
-    grid = {key: list(cmp[key]) for key in _COMPARE_KEYS if cmp.get(key) is not None}
+    cmp = cfg.compare
+    grid = {key: list(cmp[key]) for key in _COMPARE_KEYS if cmp[key] is not None}
     if grid:  # a comparison report: one row per combination, exit 0
         results = []
         for values in itertools.product(*grid.values()):
@@ -1434,7 +1433,9 @@ def _run(cfg) -> int:
 def _hydra_entry():
     import hydra
 
-    import sae_dist.config  # noqa: F401  (registers the sae / trainer / harvest schemas conf/plan.yaml extends)
+    from sae_dist.plan_config import register_plan_configs
+
+    register_plan_configs()  # the schemas conf/plan.yaml extends
 
     @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="plan")
     def _app(cfg) -> None:
@@ -1454,8 +1455,10 @@ def main() -> None:
     A wrong key or type fails first with one line naming the key (sae_dist.cli.check_command_line)."""
     from sae_dist.cli import _user_errors_first, check_command_line
     from sae_dist.config import upgrade_overrides
+    from sae_dist.plan_config import register_plan_configs
 
     def checks():
+        register_plan_configs()
         sys.argv[1:] = upgrade_overrides(sys.argv[1:], warn=lambda m: print(f"sae-plan: {m}", file=sys.stderr))
         check_command_line(sys.argv[1:], config_name="plan")
 

@@ -172,3 +172,23 @@ def test_run_config_records_the_typed_values(console_script, tmp_path):
     job = OmegaConf.to_container(OmegaConf.create(r.stdout))
     json.dumps(job)
     assert job["sae"]["n_latents"] == 64 and job["store"]["shuffle_shards"] == 4
+
+
+def test_plan_config_defaults_and_errors(console_script):
+    """sae-plan's root is typed too (sae_dist/plan_config.py): cluster.* are plan.Cluster's defaults,
+    estimate.* plan.plan's, and a wrong type fails with one line naming the key."""
+    from hydra import compose, initialize_config_dir
+
+    from sae_dist.plan import Cluster
+    from sae_dist.plan_config import PlanConfig, register_plan_configs
+
+    register_plan_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="plan", overrides=["sae.d_in=64"])
+    assert OmegaConf.get_type(cfg) is PlanConfig
+    assert OmegaConf.to_container(cfg.cluster) == dataclasses.asdict(Cluster())
+    assert cfg.harvest.tokens is None and cfg.estimate.bf16_operand_copies is None  # plan.yaml's / null
+    r = console_script("sae-plan", "sae.d_in=64", "cluster.nodes=x")
+    assert r.returncode == 2
+    assert r.stderr.splitlines()[0].startswith("sae-plan: error: cluster.nodes: Value 'x' of type 'str' could not "
+                                               "be converted to Integer"), r.stderr
