@@ -166,10 +166,11 @@ def check_command_line(argv: list[str], config_name: str = "config") -> None:
 def print_help_config(argv: list[str], config_name: str = "config") -> None:
     """--help-config: every option of the composed config (argv's other overrides applied, e.g.
     `sae=relu`) with its value and one-line doc."""
-    from sae_dist.config import describe
+    from sae_dist.config import describe, upgrade_overrides
 
-    overrides = [a for a in argv if a != HELP_CONFIG_FLAG and not a.startswith("-")
-                 and not a.lstrip("+~").startswith("hydra")]
+    overrides = upgrade_overrides([a for a in argv if a != HELP_CONFIG_FLAG and not a.startswith("-")
+                                   and not a.lstrip("+~").startswith("hydra")],
+                                  warn=lambda m: print(f"{_prog()}: {m}", file=sys.stderr))
     print(describe(_composed(overrides, config_name)))
 
 
