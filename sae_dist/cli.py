@@ -394,6 +394,7 @@ def _progressive_k_factors(cfg) -> list[float] | None:
 
 
 #: the eval.* keys that are not keyword arguments of sae_dist.eval.evaluate.evaluate of the same name
+#: (lm_family: loaded here first; progressive + progressive_k_factors: evaluate's progressive_k_factors)
 EVAL_KEYS_NOT_EVALUATE_ARGS = ("after_train", "progressive", "progressive_k_factors", "lm_family")
 
 

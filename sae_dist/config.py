@@ -19,6 +19,7 @@ One function per node turns the composed YAML into Python objects: `trainer_conf
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import sys
 import types
 import typing
@@ -142,33 +143,53 @@ class WandbConfig:
     name: str | None = option(None, "wandb run name; null: wandb's")
 
 
-@dataclass
-class EvalConfig:
-    """sae-eval and eval.after_train (`eval` group; metrics of Gao et al. 2024, docs/evaluation.md)."""
+#: eval.* keys and docs, in order; those that are keyword arguments of sae_dist.eval.evaluate.evaluate take
+#: its default (EVAL_OWN_DEFAULTS: the others, with their types and defaults)
+_EVAL_DOCS = {
+    "eval_tokens": "held-out tokens for reconstruction and downstream loss",
+    "batch_size": "sequences per LM forward",
+    "after_train": "sae-train: evaluate the exported SAE right after training (eval.json)",
+    "probes": "probe loss (sec. 4.3): best single-latent logistic probe on 13 token tasks",
+    "probe_min_count": "a probe task needs this many positives and negatives",
+    "ablation_latents": "ablation sparsity (sec. 4.5): latents ablated one at a time; 0 = off",
+    "ablation_occurrences": "firing tokens ablated per latent",
+    "ablation_positions": "logit positions per ablation (the paper's 16)",
+    "ablation_seed": "seed of the ablation draws and of the shrinkage token sample",
+    "shrinkage_tokens": "shrinkage (sec. 5.1): eval tokens whose codes are refined; 0 = off",
+    "shrinkage_support": "refine on each token's active latents (active) or all (all)",
+    "dense_threshold": "a latent firing on more than this fraction of tokens is dense",
+    "density_bins": "bins of the log10 feature-density histogram over [-8, 0]",
+    "n2g_latents": "N2G explainability (sec. 4.4): latents explained; 0 = off",
+    "n2g_max_n": "longest n-gram of an N2G explanation",
+    "n2g_min_precision": "fit precision an n-gram needs to be kept",
+    "progressive": "progressive recovery (sec. 5.3; TopK SAEs): fvu and L0 at TopK(k')",
+    "progressive_k_factors": "k'/k factors of eval.progressive (k/4 ... 4k, the paper's range)",
+    "lm_family": "equivalent compute (sec. 4.1): [{name, params, train_tokens} | {name, compute}, ...] sharing "
+                 "the model's tokenizer; empty = off",
+    "model_compute": "pretraining FLOPs of the evaluated model; null: its lm_family entry, if any",
+}
+EVAL_OWN_DEFAULTS = {
+    "after_train": (bool, False),
+    "progressive": (bool, False),
+    "progressive_k_factors": (list[float], list(DEFAULT_K_FACTORS)),
+    "lm_family": (list[Any], []),
+}
 
-    eval_tokens: int = option(16384, "held-out tokens for reconstruction and downstream loss")
-    batch_size: int = option(32, "sequences per LM forward")
-    after_train: bool = option(False, "sae-train: evaluate the exported SAE right after training (eval.json)")
-    probes: bool = option(True, "probe loss (sec. 4.3): best single-latent logistic probe on 13 token tasks")
-    probe_min_count: int = option(20, "a probe task needs this many positives and negatives")
-    ablation_latents: int = option(16, "ablation sparsity (sec. 4.5): latents ablated one at a time; 0 = off")
-    ablation_occurrences: int = option(4, "firing tokens ablated per latent")
-    ablation_positions: int = option(16, "logit positions per ablation (the paper's 16)")
-    ablation_seed: int = option(0, "seed of the ablation draws and of the shrinkage token sample")
-    shrinkage_tokens: int = option(2048, "shrinkage (sec. 5.1): eval tokens whose codes are refined; 0 = off")
-    shrinkage_support: str = option("active", "refine on each token's active latents (active) or all (all)")
-    dense_threshold: float = option(0.1, "a latent firing on more than this fraction of tokens is dense")
-    density_bins: int = option(32, "bins of the log10 feature-density histogram over [-8, 0]")
-    n2g_latents: int = option(64, "N2G explainability (sec. 4.4): latents explained; 0 = off")
-    n2g_max_n: int = option(4, "longest n-gram of an N2G explanation")
-    n2g_min_precision: float = option(0.5, "fit precision an n-gram needs to be kept")
-    progressive: bool = option(False, "progressive recovery (sec. 5.3; TopK SAEs): fvu and L0 at TopK(k')")
-    progressive_k_factors: list[float] = option(list(DEFAULT_K_FACTORS),
-                                                "k'/k factors of eval.progressive (k/4 ... 4k, the paper's range)")
-    lm_family: list[Any] = option([], "equivalent compute (sec. 4.1): [{name, params, train_tokens} | "
-                                      "{name, compute}, ...] sharing the model's tokenizer; empty = off")
-    model_compute: float | None = option(None, "pretraining FLOPs of the evaluated model; null: its lm_family "
-                                               "entry, if any")
+
+def _eval_node() -> type:
+    from sae_dist.eval.evaluate import evaluate
+
+    params = inspect.signature(evaluate).parameters
+    hints = typing.get_type_hints(evaluate)
+    specs = []
+    for name, doc in _EVAL_DOCS.items():
+        typ, default = EVAL_OWN_DEFAULTS.get(name) or (_omegaconf_type(hints[name]), params[name].default)
+        specs.append((name, typ, option(default, doc)))
+    return _make("EvalConfig", specs, "sae-eval and eval.after_train (`eval` group; metrics of Gao et al. 2024, "
+                 "docs/evaluation.md): evaluate()'s keyword defaults plus after_train / progressive / lm_family.")
+
+
+EvalConfig = _eval_node()
 
 
 @dataclass
