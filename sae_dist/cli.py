@@ -1,12 +1,15 @@
 """Console scripts: Hydra apps over one config tree (`conf/`, installed as `sae_dist.conf`).
 
 `sae-harvest`, `sae-train`, `sae-eval` and `sae-pipeline` (harvest -> train -> eval in one run dir).
-Every option is a Hydra override; `--help` lists the config groups. The resolved config of every run
-is saved by Hydra under `<run_dir>/.hydra/`.
+Every option is a Hydra override; `--help` lists the config groups, `--help-config` every option with
+its default and doc (the typed configuration of sae_dist.config, the one source of defaults). A wrong
+key, type or value fails before any work starts with one line naming the key. The resolved config of
+every run is saved by Hydra under `<run_dir>/.hydra/`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -67,18 +70,146 @@ def _user_errors_first(fn):
     return wrapped
 
 
+#: prints every option with its default and doc (sae_dist.config.describe), then exits
+HELP_CONFIG_FLAG = "--help-config"
+
+
+def _hydra_args(argv: list[str]):
+    from hydra._internal.utils import get_args_parser
+
+    return get_args_parser().parse_args(argv)
+
+
+def _composed(overrides: list[str], config_name: str = "config"):
+    """The config `config_name` composed with `overrides` (Hydra's compose API, as the apps do)."""
+    from hydra import compose, initialize_config_dir
+
+    from sae_dist.config import register_configs
+
+    register_configs()  # the schemas conf/ extends (idempotent)
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name=config_name, overrides=overrides)
+
+
+def _override_sets(overrides: list[str]) -> list[list[str]]:
+    """The override lists a (multirun) command line stands for, linear in its sweep values: the first
+    value of every sweep, and each other value of each sweep with the first of the others."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    if not any(o.is_sweep_override() for o in parsed):
+        return [overrides]
+
+    def line(o, value):
+        return f"{o.get_key_element()}={value}"
+
+    values = [list(o.sweep_string_iterator()) if o.is_sweep_override() else None for o in parsed]
+    base = [line(o, v[0]) if v else o.input_line for o, v in zip(parsed, values, strict=True)]
+    sets = [base]
+    for i, (o, v) in enumerate(zip(parsed, values, strict=True)):
+        for value in (v or [])[1:]:
+            sets.append([*base[:i], line(o, value), *base[i + 1:]])
+    return sets
+
+
+def composition_message(e: BaseException) -> str:
+    """One line for a Hydra composition error: `key: what is wrong` when OmegaConf names the key."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    from sae_dist.config import omegaconf_message
+
+    cause = e
+    while cause is not None:
+        if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
+            msg = omegaconf_message(cause)
+            if "not in struct" in msg or "not in" in msg and "Key '" in msg:
+                msg += " (an unknown key: see --help-config for the valid ones)"
+            return msg
+        cause = cause.__cause__ or cause.__context__
+    return " ".join(str(e).split("\n")[0:2]).strip()
+
+
+def check_command_line(argv: list[str], config_name: str = "config") -> None:
+    """ValueError naming the key when the config composed from `argv`'s overrides has a wrong key, type
+    or value (every node converted to its object, sae_dist.config.check_config), before Hydra starts the
+    job. Under -m every value of every sweep is composed (keys and types); the values are checked by each
+    point (a failing point is recorded and the sweep goes on). Skipped for --help / --hydra-help / --info /
+    shell completion and another config directory."""
+    from hydra.errors import ConfigCompositionException, HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from sae_dist.config import check_config
+
+    try:
+        args = _hydra_args(argv)
+    except SystemExit:  # Hydra's own parser reports it
+        return
+    if (args.help or args.hydra_help or args.info or args.shell_completion or args.config_dir
+            or args.config_path or (args.config_name not in (None, config_name))):
+        return
+    overrides = [o for o in args.overrides if not o.lstrip("+~").startswith("hydra")]
+    try:
+        sets = _override_sets(overrides)
+    except HydraException:
+        return  # Hydra reports its syntax errors itself
+    for over in sets:
+        try:
+            cfg = _composed(over, config_name)
+        except (ConfigCompositionException, OmegaConfBaseException) as e:
+            raise ValueError(composition_message(e)) from e
+        # the values of a sweep (-m) are checked by each point, whose failure is recorded while the sweep
+        # goes on (sae_dist.sweep); the AppConfig apps only (sae-plan's root is conf/plan.yaml)
+        if not args.multirun and config_name == "config":
+            check_config(cfg)
+
+
+def print_help_config(argv: list[str], config_name: str = "config") -> None:
+    """--help-config: every option of the composed config (argv's other overrides applied, e.g.
+    `sae=relu`) with its value and one-line doc."""
+    from sae_dist.config import describe, upgrade_overrides
+
+    overrides = upgrade_overrides([a for a in argv if a != HELP_CONFIG_FLAG and not a.startswith("-")
+                                   and not a.lstrip("+~").startswith("hydra")],
+                                  warn=lambda m: print(f"{_prog()}: {m}", file=sys.stderr))
+    print(describe(_composed(overrides, config_name)))
+
+
 def _app(fn):
     # the task runs inside Hydra's job (which would print a traceback before the message): user errors
-    # are reported there; checks of the command line run before Hydra starts
-    app = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")(_user_errors_first(fn))
+    # are reported there; checks of the command line (the whole config included) run before Hydra starts
+    import sae_dist.config  # noqa: F401  (registers the structured configs with Hydra's ConfigStore)
+
+    @functools.wraps(fn)
+    def task(cfg):
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        from sae_dist.config import check_config
+
+        # every node converted to its object before any work; a sweep's point checks inside its recorded
+        # run (sae_dist.sweep.run_point), so that its failure does not stop the sweep
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            check_config(cfg)
+        return fn(cfg)
+
+    app = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")(_user_errors_first(task))
 
     @functools.wraps(fn)
     def main(*args, **kwargs):
+        from sae_dist.config import upgrade_overrides
+
+        if HELP_CONFIG_FLAG in sys.argv[1:]:
+            _user_errors_first(print_help_config)(sys.argv[1:])
+            return None
+
         def checks():
             check_launcher_extra(sys.argv[1:])
             check_run_dir(sys.argv[1:])
+            sys.argv[1:] = upgrade_overrides(sys.argv[1:], warn=lambda m: print(f"{_prog()}: {m}", file=sys.stderr))
+            check_command_line(sys.argv[1:])
 
         _user_errors_first(checks)()
+        sae_dist.config.register_configs()  # (again: a test or launcher may have reset Hydra's singletons)
         return app(*args, **kwargs)
 
     return main
@@ -169,84 +300,57 @@ def _docs(cfg: DictConfig):
 
 def run_harvest(cfg: DictConfig, out_dir: Path, lm=None) -> dict[str, Any]:
     """Harvest activations into `cfg.store.path`; returns the harvester's summary dict."""
+    from sae_dist.config import DataConfig, HarvestConfig, node_object
     from sae_dist.harvest.harvester import harvest
 
+    hc = node_object(cfg.harvest, HarvestConfig)
+    data = node_object(cfg.data, DataConfig)
     device = resolve_device(cfg.device)
     rank, world = _dist_env()
     model, tokenizer = lm if lm is not None else _load_lm(cfg, device)
     hook = _hook_name(cfg, model)
+    if hc.tokens is None:
+        raise ValueError("harvest.tokens=null: sae-harvest needs the number of activation rows to store")
     return harvest(
         model=model,
         tokenizer=tokenizer,
         hook=hook,
         docs=_docs(cfg),
         store_path=cfg.store.path,
-        tokens=int(cfg.harvest.tokens),
-        ctx_len=int(cfg.data.ctx_len),
-        batch_size=int(cfg.harvest.batch_size),
-        dtype=cfg.harvest.dtype,
-        seqs_per_chunk=int(cfg.harvest.seqs_per_chunk),
-        seqs_per_shard=int(cfg.harvest.seqs_per_shard),
+        tokens=hc.tokens,
+        ctx_len=data.ctx_len,
+        batch_size=hc.batch_size,
+        dtype=hc.dtype,
+        seqs_per_chunk=hc.seqs_per_chunk,
+        seqs_per_shard=hc.seqs_per_shard,
         rank=rank,
         world_size=world,
-        eval_fraction=float(cfg.data.eval_fraction),
+        eval_fraction=data.eval_fraction,
         attrs={"model": _model_name(cfg), "dataset": cfg.data.dataset},
         progress=rank == 0,
     )
 
 
 def sae_config_from(sae: DictConfig, d_in: int):
-    """SAEConfig from the `sae` config group: the keys SAEConfig has are its fields, every other key
-    is an option of the architecture (`SAEConfig.options`, validated by the architecture's class,
-    which names unknown ones). d_in comes from the store."""
-    import dataclasses
+    """SAEConfig from the `sae` config group (sae_dist.config.sae_config); d_in comes from the store."""
+    from sae_dist.config import sae_config
 
-    from sae_dist.sae.config import SAEConfig
-    from sae_dist.sae.registry import architecture_class
-
-    node = OmegaConf.to_container(sae, resolve=True)
-    fields = {f.name for f in dataclasses.fields(SAEConfig)} - {"d_in", "options"}
-    common = {key: node.pop(key) for key in list(node) if key in fields}
-    common.setdefault("architecture", "topk")
-    options = node
-    sae_cfg = SAEConfig(d_in=d_in, **common, options=options)
-    from sae_dist.sae.base import parse_options
-
-    cls = architecture_class(sae_cfg.architecture)
-    parse_options(cls.Options, options, sae_cfg.architecture)  # fail before any data is read
-    return sae_cfg
+    return sae_config(sae, d_in=d_in)
 
 
 def run_train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """Train an SAE on `cfg.store.path`; checkpoints under out_dir/checkpoints, export to out_dir/sae."""
+    from sae_dist.config import config_error, trainer_config
     from sae_dist.store import open_store
-    from sae_dist.train.trainer import TrainerConfig, train
+    from sae_dist.train.trainer import train
 
     store_attrs = dict(open_store(cfg.store.path).attrs)
-    sae_cfg = sae_config_from(cfg.sae, d_in=int(store_attrs["d_model"]))
-    t = cfg.trainer
-    trainer_cfg = TrainerConfig(
-        tokens=int(t.tokens),
-        batch_tokens=int(t.batch_tokens),
-        lr=None if t.lr is None else float(t.lr),
-        adam_betas=tuple(float(b) for b in t.betas),
-        adam_eps=float(t.eps),
-        warmup_steps=int(t.warmup_steps),
-        lr_decay_frac=float(t.lr_decay_frac),
-        ema=bool(t.ema),
-        ema_decay=float(t.ema_decay),
-        grad_clip_norm=None if t.grad_clip_norm is None else float(t.grad_clip_norm),
-        checkpoint_every_steps=int(t.checkpoint_every_steps),
-        keep_checkpoints=int(t.keep_checkpoints),
-        log_every_steps=int(t.log_every_steps),
-        bf16=bool(t.bf16),
-        shuffle_shards=int(cfg.store.shuffle_shards),
-        prefetch=int(cfg.store.prefetch),
-        engine=str(t.get("engine", "torch")),
-        zero_stage=int(t.get("zero_stage", 1)),
-        offload_optimizer=bool(t.get("offload_optimizer", False)),
-        deterministic=bool(t.deterministic),
-    )
+    if cfg.sae.d_in is not None and int(cfg.sae.d_in) != int(store_attrs["d_model"]):
+        raise ValueError(f"sae.d_in={cfg.sae.d_in} but the store at store.path={cfg.store.path} has d_model "
+                         f"{store_attrs['d_model']}: sae-train takes d_in from the store (leave sae.d_in unset)")
+    with config_error("sae"):
+        sae_cfg = sae_config_from(cfg.sae, d_in=int(store_attrs["d_model"]))
+    trainer_cfg = trainer_config(cfg)
     from sae_dist.sweep import sweep_wandb_group
 
     wandb_cfg = OmegaConf.to_container(cfg.wandb, resolve=True)
@@ -266,14 +370,14 @@ def run_train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     )
 
 
-def _lm_family(cfg: DictConfig, device: str) -> list[dict]:
+def _lm_family(cfg: DictConfig, device: str, lm_family: list) -> list[dict]:
     """The loaded members of `eval.lm_family` (equivalent compute, Gao et al. 2024 sec. 4.1): each entry
     {name, gguf_file?, compute | params + train_tokens} loaded like `model` (same dtype and device)."""
     from sae_dist.harvest.lm import load_lm, model_display_name
 
     members = []
-    for i, entry in enumerate(cfg.eval.get("lm_family") or []):
-        entry = OmegaConf.to_container(entry, resolve=True) if isinstance(entry, DictConfig) else dict(entry)
+    for i, entry in enumerate(lm_family or []):
+        entry = dict(entry) if isinstance(entry, dict) else {}
         if not entry.get("name"):
             raise ValueError(f"eval.lm_family[{i}] has no `name` (an HF model name or local directory): {entry}")
         model, _ = load_lm(entry["name"], gguf_file=entry.get("gguf_file"), dtype=cfg.model.dtype, device=device)
@@ -283,16 +387,23 @@ def _lm_family(cfg: DictConfig, device: str) -> list[dict]:
 
 def _progressive_k_factors(cfg) -> list[float] | None:
     """eval.progressive (sec. 5.3 progressive recovery): the k'/k factors, or None when it is off."""
-    if not cfg.eval.get("progressive", False):
-        return None
-    from sae_dist.eval.progressive import DEFAULT_K_FACTORS
+    from sae_dist.config import eval_config
 
-    return list(cfg.eval.get("progressive_k_factors", DEFAULT_K_FACTORS))  # validated by evaluate
+    ev = eval_config(cfg)
+    return list(ev.progressive_k_factors) if ev.progressive else None  # validated by evaluate
+
+
+#: the eval.* keys that are not keyword arguments of sae_dist.eval.evaluate.evaluate of the same name
+#: (lm_family: loaded here first; progressive + progressive_k_factors: evaluate's progressive_k_factors)
+EVAL_KEYS_NOT_EVALUATE_ARGS = ("after_train", "progressive", "progressive_k_factors", "lm_family")
 
 
 def run_eval(cfg: DictConfig, out_dir: Path, lm=None, sae_path: str | None = None) -> dict[str, Any]:
     """Evaluate the SAE at `sae_path` (default cfg.sae_path) on held-out text; writes out_dir/eval.json."""
+    from sae_dist.config import eval_config
     from sae_dist.eval.evaluate import evaluate, write_eval_json
+
+    ev = eval_config(cfg)
 
     device = resolve_device(cfg.device)
     model, tokenizer = lm if lm is not None else _load_lm(cfg, device)
@@ -314,28 +425,13 @@ def run_eval(cfg: DictConfig, out_dir: Path, lm=None, sae_path: str | None = Non
         hook=hook,
         docs=_docs(cfg),
         ctx_len=int(cfg.data.ctx_len),
-        eval_tokens=int(cfg.eval.eval_tokens),
         eval_fraction=float(cfg.data.eval_fraction),
-        batch_size=int(cfg.eval.batch_size),
         device=device,
         model_name=_model_name(cfg),
-        # metrics of Gao et al. 2024 sec. 4.3-5.1 (defaults = conf/eval/default.yaml, for older configs)
-        probes=bool(cfg.eval.get("probes", True)),
-        probe_min_count=int(cfg.eval.get("probe_min_count", 20)),
-        ablation_latents=int(cfg.eval.get("ablation_latents", 16)),
-        ablation_occurrences=int(cfg.eval.get("ablation_occurrences", 4)),
-        ablation_positions=int(cfg.eval.get("ablation_positions", 16)),
-        ablation_seed=int(cfg.eval.get("ablation_seed", 0)),
-        shrinkage_tokens=int(cfg.eval.get("shrinkage_tokens", 2048)),
-        shrinkage_support=str(cfg.eval.get("shrinkage_support", "active")),
-        dense_threshold=float(cfg.eval.get("dense_threshold", 0.1)),
-        density_bins=int(cfg.eval.get("density_bins", 32)),
-        n2g_latents=int(cfg.eval.get("n2g_latents", 64)),
-        n2g_max_n=int(cfg.eval.get("n2g_max_n", 4)),
-        n2g_min_precision=float(cfg.eval.get("n2g_min_precision", 0.5)),
-        lm_family=_lm_family(cfg, device),
-        model_compute=None if cfg.eval.get("model_compute") is None else float(cfg.eval.model_compute),
-        progressive_k_factors=_progressive_k_factors(cfg),
+        lm_family=_lm_family(cfg, device, ev.lm_family),
+        progressive_k_factors=list(ev.progressive_k_factors) if ev.progressive else None,
+        # eval_tokens, batch_size and the metrics of Gao et al. 2024 sec. 4.3-5.1 (sae_dist.config.EvalConfig)
+        **{k: v for k, v in dataclasses.asdict(ev).items() if k not in EVAL_KEYS_NOT_EVALUATE_ARGS},
     )
     write_eval_json(result, out_dir / "eval.json")
     return result
@@ -366,14 +462,16 @@ def train_main(cfg: DictConfig) -> None:
     import torch.distributed as dist
     from torch.distributed.elastic.multiprocessing.errors import record
 
+    from sae_dist.config import check_config
     from sae_dist.sweep import run_point
 
     def point(out: Path) -> dict:
+        check_config(cfg)  # before any work (under -m: this point's failure is recorded, the sweep goes on)
         # record: under torchrun the failing rank's traceback goes to its error file, which torchrun's
         # failure report prints next to the rank's number
         summary = record(run_train)(cfg, out)
         if _dist_env()[0] == 0:
-            if cfg.eval.get("after_train", False) and summary.get("sae_dir"):
+            if cfg.eval.after_train and summary.get("sae_dir"):
                 if dist.is_available() and dist.is_initialized():
                     dist.destroy_process_group()  # the evaluation runs on global rank 0 alone
                 summary["eval"] = run_eval(cfg, out, sae_path=summary["sae_dir"])

@@ -1566,28 +1566,28 @@ def plan_from_cfg(cfg, **overrides) -> dict:
     Raises ValueError when sae.d_in is null."""
     from omegaconf import OmegaConf
 
+    # sae and trainer are the typed nodes of sae_dist.config (SAE_<arch>, TrainerNode): every key present
     s, t, e = cfg.sae, cfg.trainer, cfg.estimate
-    if s.get("d_in") is None:
+    if s.d_in is None:
         raise ValueError("sae.d_in is null: the planner has no activation store to read d_model from; "
                          "pass it, e.g. sae.d_in=4096")
     kw = dict(
         d_in=int(s.d_in), n_latents=int(s.n_latents), k=int(s.k),
-        k_aux=None if s.get("k_aux") is None else int(s.k_aux),
-        auxk=float(s.get("auxk_coef", 1.0)) > 0,
-        multi_topk=bool(s.get("multi_topk", False)), multi_topk_factor=int(s.get("multi_topk_factor", 4)),
-        kernels=bool(s.get("kernels", True)), kernel_backend=str(s.get("kernel_backend", "auto")),
-        batch_tokens=int(t.batch_tokens), ema=bool(t.get("ema", False)),
-        engine=str(t.get("engine", "torch")), zero_stage=int(t.get("zero_stage", 1)),
-        offload_optimizer=bool(t.get("offload_optimizer", False)),
+        k_aux=None if s.k_aux is None else int(s.k_aux),
+        auxk=float(s.auxk_coef) > 0,
+        multi_topk=bool(s.multi_topk), multi_topk_factor=int(s.multi_topk_factor),
+        kernels=bool(s.kernels), kernel_backend=str(s.kernel_backend),
+        batch_tokens=int(t.batch_tokens), ema=bool(t.ema),
+        engine=str(t.engine), zero_stage=int(t.zero_stage),
+        offload_optimizer=bool(t.offload_optimizer),
         tp=int(cfg.parallel.tp), cluster=OmegaConf.to_container(cfg.cluster, resolve=True),
         topk_exchange=str(cfg.topk_exchange),
         decode_compact=bool(e.decode_compact), decode_scan_slots=str(e.decode_scan_slots),
         encoder_bwd_drop_zeros=bool(e.encoder_bwd_drop_zeros), latent_chunk=int(e.latent_chunk),
         candidate_buffer_bytes=int(e.candidate_buffer_bytes),
-        allgather_chunk_bytes=int(e.get("allgather_chunk_bytes", ALLGATHER_CHUNK_BYTES)),
-        bf16_operand_copies=bool(t.get("bf16", True) if e.get("bf16_operand_copies") is None
-                                 else e.bf16_operand_copies),
-        dead_fraction=float(e.get("dead_fraction", DEAD_FRACTION)),
+        allgather_chunk_bytes=int(e.allgather_chunk_bytes),
+        bf16_operand_copies=bool(t.bf16 if e.bf16_operand_copies is None else e.bf16_operand_copies),
+        dead_fraction=float(e.dead_fraction),
         topk_value_bytes=int(e.topk_value_bytes),
         input_buffers=int(e.input_buffers), workspace_gib=float(e.workspace_gib),
         zero_bucket_elements=int(e.zero_bucket_elements),
@@ -1614,8 +1614,8 @@ def _run(cfg) -> int:
     output = str(cfg.output)
     if output not in OUTPUTS:
         raise ValueError(f"output={output!r}; valid: {OUTPUTS}")
-    cmp = cfg.get("compare") or {}
-    grid = {key: list(cmp[key]) for key in _COMPARE_KEYS if cmp.get(key) is not None}
+    cmp = cfg.compare
+    grid = {key: list(cmp[key]) for key in _COMPARE_KEYS if cmp[key] is not None}
     if grid:  # a comparison report: one row per combination, exit 0
         results = []
         for values in itertools.product(*grid.values()):
@@ -1645,6 +1645,10 @@ def _run(cfg) -> int:
 def _hydra_entry():
     import hydra
 
+    from sae_dist.plan_config import register_plan_configs
+
+    register_plan_configs()  # the schemas conf/plan.yaml extends
+
     @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="plan")
     def _app(cfg) -> None:
         code = _run(cfg)
@@ -1659,7 +1663,18 @@ def main() -> None:
 
     Prints the plan (output=table | markdown | json); exits 1 with the refusal on stderr when the
     shape does not fit one GPU's memory. With compare.tp / compare.zero_stage / compare.topk_exchange /
-    compare.latent_chunk / compare.batch_tokens lists it prints one row per combination instead (exit 0)."""
+    compare.latent_chunk / compare.batch_tokens lists it prints one row per combination instead (exit 0).
+    A wrong key or type fails first with one line naming the key (sae_dist.cli.check_command_line)."""
+    from sae_dist.cli import _user_errors_first, check_command_line
+    from sae_dist.config import upgrade_overrides
+    from sae_dist.plan_config import register_plan_configs
+
+    def checks():
+        register_plan_configs()
+        sys.argv[1:] = upgrade_overrides(sys.argv[1:], warn=lambda m: print(f"sae-plan: {m}", file=sys.stderr))
+        check_command_line(sys.argv[1:], config_name="plan")
+
+    _user_errors_first(checks)()
     _hydra_entry()()
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from sae_dist import CONF_DIR
 from sae_dist.cli import sae_config_from
@@ -22,8 +21,18 @@ from sae_dist.sae.registry import ARCHITECTURES, architecture_class, build_sae
 CONF = Path(CONF_DIR) / "sae"
 
 
+def _sae_node(name: str):
+    """The composed `sae` node of `sae=<name>` (its schema, sae_dist.config.SAE_<name>, + conf/sae/<name>.yaml)."""
+    from hydra import compose, initialize_config_dir
+
+    import sae_dist.config  # noqa: F401  (registers the schemas)
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=[f"sae={name}"]).sae
+
+
 def _cfg(name: str, d_in: int, **over) -> SAEConfig:
-    node = OmegaConf.load(CONF / f"{name}.yaml")
+    node = _sae_node(name)
     node.n_latents = 64
     if node.get("k") is not None:
         node.k = 4

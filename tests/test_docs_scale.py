@@ -186,9 +186,10 @@ def compose(args: list[str]):
     from hydra import initialize_config_dir
 
     from sae_dist import CONF_DIR
+    from sae_dist.config import upgrade_overrides  # registers the schemas; old keys as the CLI takes them
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return hcompose(config_name="config", overrides=args)
+        return hcompose(config_name="config", overrides=upgrade_overrides(args, warn=lambda m: None))
 
 
 def d_in_of(cmd: Command, cfg, args: list[str]) -> int:

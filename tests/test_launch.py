@@ -221,6 +221,9 @@ def test_launcher_configs_are_packaged():
 def _compose(overrides):
     from hydra import compose, initialize_config_dir
 
+    from sae_dist.config import register_configs
+
+    register_configs()  # the schemas conf/ extends (a launcher test may have reset Hydra's singletons)
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose("config", overrides=overrides, return_hydra_config=True)
 

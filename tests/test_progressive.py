@@ -239,15 +239,13 @@ def test_evaluate_writes_progressive_entry(lm, tmp_path):
 
 
 def test_sae_eval_options():
-    from pathlib import Path
-
     from omegaconf import OmegaConf
 
-    import sae_dist
     from sae_dist.cli import _progressive_k_factors
+    from sae_dist.config import EvalConfig
     from sae_dist.eval.progressive import DEFAULT_K_FACTORS
 
-    default = OmegaConf.load(Path(sae_dist.__file__).parent / "conf" / "eval" / "default.yaml")
+    default = OmegaConf.structured(EvalConfig)  # the eval group's defaults (conf/eval/default.yaml adds none)
     assert default.progressive is False and _progressive_k_factors(OmegaConf.create({"eval": default})) is None
     default.progressive = True
     factors = _progressive_k_factors(OmegaConf.create({"eval": default}))

@@ -3,49 +3,31 @@
     sae-browse sae_path=runs/demo/sae store.path=runs/demo/activations.zarr run_dir=/tmp/b \
         browse.tokens=100000 browse.latents_top=100
 
-Options: conf/browse/default.yaml (`browse.*`), plus `sae_path`, `store.path`, `model` (the LM whose
-tokenizer decodes the stored token ids and whose unembedding gives the logit effects), `device`,
-`seed`. Output: `browse.out_dir` (default ${run_dir}/browser).
+Options: sae_dist.config.BrowseConfig (`browse.*`; `sae-browse --help-config` lists them), plus
+`sae_path`, `store.path`, `model` (the LM whose tokenizer decodes the stored token ids and whose
+unembedding gives the logit effects), `device`, `seed`. Output: `browse.out_dir` (default ${run_dir}/browser).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 import warnings
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig
 
-from sae_dist.cli import CONF_DIR, _app, _load_lm, _model_name, resolve_device
+from sae_dist.cli import _app, _load_lm, _model_name, resolve_device
 
 __all__ = ["main", "run_browse", "browse_options"]
 
 
-def _with_browse_group(cfg: DictConfig) -> DictConfig:
-    """cfg with a `browse` node: conf/browse/default.yaml when the root defaults do not list the group."""
-    if "browse" not in cfg:
-        with open_dict(cfg):
-            cfg.browse = OmegaConf.load(Path(CONF_DIR) / "browse" / "default.yaml")
-    return cfg
-
-
 def browse_options(cfg: DictConfig):
-    """BrowseOptions from the `browse` group (+ the root `seed`); ValueError naming unknown keys."""
-    from sae_dist.browse.build import BrowseOptions
+    """BrowseOptions from the `browse` group (+ the root `seed`), validated (sae_dist.config.browse_config);
+    a config without a `browse` node gets BrowseConfig's defaults."""
+    from sae_dist.config import browse_config
 
-    node = OmegaConf.to_container(cfg.browse, resolve=True)
-    node.pop("out_dir", None)
-    names = {f.name for f in dataclasses.fields(BrowseOptions)}
-    unknown = sorted(set(node) - names)
-    if unknown:
-        raise ValueError(f"unknown browse option(s) {unknown}; valid: {sorted(names - {'seed'}) + ['out_dir']}")
-    node.setdefault("seed", int(cfg.get("seed", 0)))
-    node["latent_ids"] = [int(i) for i in node.get("latent_ids") or []]
-    opts = BrowseOptions(**node)
-    opts.validate()
-    return opts
+    return browse_config(cfg)
 
 
 def run_browse(cfg: DictConfig, lm=None, progress: bool = True) -> dict:
@@ -55,11 +37,11 @@ def run_browse(cfg: DictConfig, lm=None, progress: bool = True) -> dict:
     ValueError for bad options, a store whose d_model != the SAE's d_in, or a store without token_ids.
     """
     from sae_dist.browse.build import build_browser
+    from sae_dist.config import BrowseConfig, node_object
     from sae_dist.sae.export import load_sae
     from sae_dist.sae.formats import read_sae_cfg
     from sae_dist.store import open_store
 
-    cfg = _with_browse_group(cfg)
     opts = browse_options(cfg)
     device = resolve_device(cfg.device)
     sae_path = Path(cfg.sae_path)
@@ -77,7 +59,7 @@ def run_browse(cfg: DictConfig, lm=None, progress: bool = True) -> dict:
     sae_info["path"] = str(sae_path)
     store_info = {"path": store_path, "model": attrs.get("model"), "hook": attrs.get("hook"),
                   "n_tokens": attrs.get("n_tokens"), "dataset": attrs.get("dataset")}
-    out_dir = Path(cfg.browse.out_dir)
+    out_dir = Path(node_object(cfg.get("browse"), BrowseConfig).out_dir)
     t0 = time.perf_counter()
     summary = build_browser(sae, store_path, out_dir, tokenizer=tokenizer, lm=model, opts=opts, device=device,
                             progress=progress, sae_info=sae_info, store_info=store_info)

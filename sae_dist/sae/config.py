@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+
+from sae_dist.fielddoc import option
 
 __all__ = ["SAEConfig", "default_k_aux", "resolve_dead_tokens", "PAPER_DEAD_TOKENS", "NORMALIZE_MODES",
            "B_PRE_INITS", "DTYPES", "KERNEL_BACKENDS"]
@@ -51,9 +53,9 @@ class SAEConfig:
     """TopK SAE hyper-parameters.
 
     Fields:
-      d_in: width of the hooked activation (the LM's d_model).
-      n_latents: number of latents (d_sae, "n" in the paper).
-      k: active latents per token (TopK, section 2.3).
+      d_in: width of the hooked activation (the LM's d_model); required.
+      n_latents: number of latents (d_sae, "n" in the paper); default 16384.
+      k: active latents per token (TopK, section 2.3); default 32.
       k_aux: latents used by the AuxK loss (Appendix A.2); None -> `default_k_aux(d_in)`, capped at
         n_latents.
       auxk_coef: AuxK loss coefficient alpha (Appendix A.2: 1/32).
@@ -84,30 +86,32 @@ class SAEConfig:
     Raises ValueError naming the bad field and its valid range.
     """
 
-    d_in: int
-    n_latents: int
-    k: int | None
-    k_aux: int | None = None
-    auxk_coef: float = 1.0 / 32.0
-    dead_tokens: int | None = None
-    multi_topk: bool = False
-    multi_topk_factor: int = 4
-    multi_topk_weight: float = 0.125
-    b_pre_init: str = "geometric_median"
-    normalize: str = "layer_norm"
-    dtype: str = "float32"
-    enc_init_scale: float = 1.0
-    kernels: bool = True
-    kernel_backend: str = "auto"
-    architecture: str = "topk"
-    options: dict = field(default_factory=dict)
+    d_in: int = option(doc="width of the hooked activation (sae-train reads it from the store)")
+    n_latents: int = option(16384, "number of latents (d_sae, n in the paper)")
+    k: int | None = option(32, "active latents per token (TopK family); null for relu / prolu / jumprelu")
+    k_aux: int | None = option(None, "latents of the AuxK loss; null: a power of two near d_in / 2")
+    auxk_coef: float = option(1.0 / 32.0, "AuxK loss coefficient (the paper's 1/32)")
+    dead_tokens: int | None = option(None, "a latent not fired for this many tokens is dead (AuxK target); "
+                                           "null: min(10M, tokens / 10)")
+    multi_topk: bool = option(False, "add the Multi-TopK term L(factor * k) * weight (L(k) + L(4k)/8)")
+    multi_topk_factor: int = option(4, "Multi-TopK: k multiplier of the second term")
+    multi_topk_weight: float = option(0.125, "Multi-TopK: weight of the second term")
+    b_pre_init: str = option("geometric_median", "b_pre (b_dec) init: geometric_median | mean | zeros")
+    normalize: str = option("layer_norm", "input normalisation: layer_norm (paper, per token) | scalar "
+                                          "(sqrt(d)/E||x||, folded at export) | none")
+    dtype: str = option("float32", "parameter dtype: float32 | bfloat16 | float16")
+    enc_init_scale: float = option(1.0, "tied init W_enc = c * W_dec^T (sae=topk: 1/sqrt(3))")
+    kernels: bool = option(True, "deprecated and ignored: the TopK training path always runs sae_dist.kernels")
+    kernel_backend: str = option("auto", "auto (Triton on CUDA, chunked torch on CPU) | torch | triton")
+    architecture: str = option("topk", "architecture (the sae=<name> option)")
+    options: dict = option({}, "the architecture's own options (top-level keys of the sae group on the CLI)")
 
     def __post_init__(self) -> None:
         from sae_dist.sae.registry import ARCHITECTURES
 
         if self.architecture not in ARCHITECTURES:
             raise ValueError(
-                f"SAEConfig.architecture={self.architecture!r}; valid: {', '.join(ARCHITECTURES)}"
+                f"sae.architecture={self.architecture!r}; valid: {', '.join(ARCHITECTURES)}"
             )
         self.options = dict(self.options or {})
         for name in ("d_in", "n_latents", "k"):
@@ -115,28 +119,28 @@ class SAEConfig:
             if name == "k" and v is None and self.architecture not in _NEEDS_K:
                 continue
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"SAEConfig.{name} must be a positive int, got {v!r}")
+                raise ValueError(f"sae.{name} must be a positive int, got {v!r}")
         if self.k is not None and self.k > self.n_latents:
             raise ValueError(
-                f"SAEConfig.k={self.k} > n_latents={self.n_latents}: k must be <= n_latents "
+                f"sae.k={self.k} > n_latents={self.n_latents}: k must be <= n_latents "
                 "(lower sae.k or raise sae.n_latents)"
             )
         if self.k_aux is None:
             self.k_aux = min(default_k_aux(self.d_in), self.n_latents)
         if not isinstance(self.k_aux, int) or self.k_aux < 1 or self.k_aux > self.n_latents:
             raise ValueError(
-                f"SAEConfig.k_aux={self.k_aux!r} must be an int in [1, n_latents={self.n_latents}]"
+                f"sae.k_aux={self.k_aux!r} must be an int in [1, n_latents={self.n_latents}]"
             )
         if self.auxk_coef < 0:
-            raise ValueError(f"SAEConfig.auxk_coef={self.auxk_coef} must be >= 0")
+            raise ValueError(f"sae.auxk_coef={self.auxk_coef} must be >= 0")
         if self.dead_tokens is not None and (isinstance(self.dead_tokens, bool)
                                              or not isinstance(self.dead_tokens, int) or self.dead_tokens < 1):
-            raise ValueError(f"SAEConfig.dead_tokens={self.dead_tokens!r} must be an int >= 1, or null for "
+            raise ValueError(f"sae.dead_tokens={self.dead_tokens!r} must be an int >= 1, or null for "
                              "min(10M, a tenth of the run's tokens)")
         if self.multi_topk:
             if self.multi_topk_factor < 1:
                 raise ValueError(
-                    f"SAEConfig.multi_topk_factor={self.multi_topk_factor} must be >= 1"
+                    f"sae.multi_topk_factor={self.multi_topk_factor} must be >= 1"
                 )
             if self.k is None:
                 raise ValueError(f"Multi-TopK needs sae.k (architecture {self.architecture!r})")
@@ -147,23 +151,23 @@ class SAEConfig:
                 )
             if self.multi_topk_weight < 0:
                 raise ValueError(
-                    f"SAEConfig.multi_topk_weight={self.multi_topk_weight} must be >= 0"
+                    f"sae.multi_topk_weight={self.multi_topk_weight} must be >= 0"
                 )
         if self.b_pre_init not in B_PRE_INITS:
-            raise ValueError(f"SAEConfig.b_pre_init={self.b_pre_init!r}; valid: {B_PRE_INITS}")
+            raise ValueError(f"sae.b_pre_init={self.b_pre_init!r}; valid: {B_PRE_INITS}")
         if self.normalize not in NORMALIZE_MODES:
-            raise ValueError(f"SAEConfig.normalize={self.normalize!r}; valid: {NORMALIZE_MODES}")
+            raise ValueError(f"sae.normalize={self.normalize!r}; valid: {NORMALIZE_MODES}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"SAEConfig.dtype={self.dtype!r}; valid: {DTYPES}")
+            raise ValueError(f"sae.dtype={self.dtype!r}; valid: {DTYPES}")
         if not isinstance(self.kernels, bool):
-            raise ValueError(f"SAEConfig.kernels={self.kernels!r} must be true or false")
+            raise ValueError(f"sae.kernels={self.kernels!r} must be true or false")
         if not self.kernels:
             warnings.warn("sae.kernels=false is deprecated and ignored: the kernel path is the only TopK "
                           "training path (its torch backend runs on CPU); set sae.kernel_backend=torch to "
                           "keep Triton out", FutureWarning, stacklevel=3)
         if self.kernel_backend not in KERNEL_BACKENDS:
             raise ValueError(
-                f"SAEConfig.kernel_backend={self.kernel_backend!r}; valid: {KERNEL_BACKENDS}"
+                f"sae.kernel_backend={self.kernel_backend!r}; valid: {KERNEL_BACKENDS}"
             )
 
     @property

@@ -42,80 +42,12 @@ from sae_dist.sae.init import init_b_pre_, tied_init_rows_
 from sae_dist.sae.registry import architecture_class, build_sae
 from sae_dist.store.errors import NonFiniteError
 from sae_dist.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from sae_dist.train.config import TrainerConfig
 from sae_dist.train.engine import Engine, TorchEngine, make_optimizer
 from sae_dist.train.logging import JsonlLogger, WandbLogger, truncate_jsonl
 from sae_dist.train.lr import budget_factor, default_lr, lr_at_step
 
 __all__ = ["TrainerConfig", "train", "make_optimizer"]
-
-
-@dataclass
-class TrainerConfig:
-    """Trainer options (paper defaults where it gives them, Appendix A).
-
-    tokens: total training tokens (steps = max(1, tokens // batch_tokens)).
-    batch_tokens: tokens per step (paper: 131072; default 4096 for laptops).
-    lr: None -> 2e-4 / sqrt(n_latents / 2^14) * budget_factor(steps) (`default_lr`: the paper's rule,
-      raised for runs shorter than 24,000 steps, 11x at 195 steps, at most 12x).
-    adam_betas, adam_eps: (0.9, 0.999), 6.25e-10.
-    warmup_steps: linear warmup; lr_decay_frac: linear decay to 0 over that final fraction of the
-      steps (0 = constant).
-    ema, ema_decay: keep an EMA of the weights (W_dec rows of the EMA renormalised after each
-      update); eval/export use it when on.
-    grad_clip_norm: None or max global grad norm.
-    checkpoint_every_steps, keep_checkpoints: DCP checkpoint cadence / how many to keep (0: none).
-    log_every_steps: jsonl/wandb/progress cadence.
-    bf16: autocast to bfloat16 on CUDA (ignored on CPU); master weights stay fp32.
-    shuffle_shards, prefetch: ActivationStore options. b_pre_sample_tokens: sample size for b_pre.
-    max_steps: stop after this many (global) steps without exporting (simulates an interruption).
-    engine: "torch" (fused torch Adam) or "deepspeed" (DeepSpeed ZeRO over the dp group);
-      zero_stage: 1 or 2 (deepspeed); offload_optimizer: ZeRO optimizer-state CPU offload (deepspeed).
-    deterministic: `torch.use_deterministic_algorithms(True)` for the run (restored afterwards), which
-      also selects the kernels' sorted segment sums instead of atomic adds, and on CUDA sets
-      CUBLAS_WORKSPACE_CONFIG=:4096:8 when unset: two runs of one configuration on one machine (same
-      device, world size and thread count) give bit-identical weights and logs. An op without a
-      deterministic implementation raises RuntimeError instead of running.
-    """
-
-    tokens: int = 10_000_000
-    batch_tokens: int = 4096
-    lr: float | None = None
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = 6.25e-10
-    warmup_steps: int = 20
-    lr_decay_frac: float = 0.0
-    ema: bool = False
-    ema_decay: float = 0.999
-    grad_clip_norm: float | None = None
-    checkpoint_every_steps: int = 500
-    keep_checkpoints: int = 2
-    log_every_steps: int = 10
-    bf16: bool = True
-    shuffle_shards: int = 4
-    prefetch: int = 2
-    b_pre_sample_tokens: int = 32768
-    max_steps: int | None = None
-    engine: str = "torch"
-    zero_stage: int = 1
-    offload_optimizer: bool = False
-    deterministic: bool = False
-
-    def __post_init__(self) -> None:
-        if self.tokens < 1 or self.batch_tokens < 1:
-            raise ValueError(
-                f"TrainerConfig.tokens={self.tokens} and batch_tokens={self.batch_tokens} must be >= 1"
-            )
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"TrainerConfig.lr={self.lr} must be > 0 (or null for the 1/sqrt(n) rule)")
-        if not 0.0 <= self.lr_decay_frac <= 1.0:
-            raise ValueError(f"TrainerConfig.lr_decay_frac={self.lr_decay_frac} must be in [0, 1]")
-        if not 0.0 < self.ema_decay < 1.0:
-            raise ValueError(f"TrainerConfig.ema_decay={self.ema_decay} must be in (0, 1)")
-        if self.checkpoint_every_steps < 1 or self.log_every_steps < 1:
-            raise ValueError("checkpoint_every_steps and log_every_steps must be >= 1")
-        self.adam_betas = tuple(self.adam_betas)
-        if self.engine not in ("torch", "deepspeed"):
-            raise ValueError(f"trainer.engine={self.engine!r}; valid: torch, deepspeed")
 
 
 def _rng_state() -> dict:
