@@ -52,7 +52,7 @@ def _prog() -> str:
     return os.path.basename(sys.argv[0]) or "sae-dist"
 
 
-def _user_errors_first(fn):
+def user_errors_first(fn):
     """Run `fn`; a user error (sae_dist.errors) prints its one-line message and exits with status 2,
     unless tracebacks were asked for (SAE_DIST_DEBUG=1 / HYDRA_FULL_ERROR=1). Other errors propagate."""
     from sae_dist.errors import USER_ERROR_EXIT_CODE, debug_errors, is_user_error, report_user_error
@@ -174,7 +174,9 @@ def print_help_config(argv: list[str], config_name: str = "config") -> None:
     print(describe(_composed(overrides, config_name)))
 
 
-def _app(fn):
+def hydra_app(fn):
+    """Wrap a console script's task `fn(cfg)` as a Hydra app of this package's conf/ (used by every
+    sae-* command, sae-browse included)."""
     # the task runs inside Hydra's job (which would print a traceback before the message): user errors
     # are reported there; checks of the command line (the whole config included) run before Hydra starts
     import sae_dist.config  # noqa: F401  (registers the structured configs with Hydra's ConfigStore)
@@ -192,14 +194,14 @@ def _app(fn):
             check_config(cfg)
         return fn(cfg)
 
-    app = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")(_user_errors_first(task))
+    app = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")(user_errors_first(task))
 
     @functools.wraps(fn)
     def main(*args, **kwargs):
         from sae_dist.config import upgrade_overrides
 
         if HELP_CONFIG_FLAG in sys.argv[1:]:
-            _user_errors_first(print_help_config)(sys.argv[1:])
+            user_errors_first(print_help_config)(sys.argv[1:])
             return None
 
         def checks():
@@ -208,7 +210,7 @@ def _app(fn):
             sys.argv[1:] = upgrade_overrides(sys.argv[1:], warn=lambda m: print(f"{_prog()}: {m}", file=sys.stderr))
             check_command_line(sys.argv[1:])
 
-        _user_errors_first(checks)()
+        user_errors_first(checks)()
         sae_dist.config.register_configs()  # (again: a test or launcher may have reset Hydra's singletons)
         return app(*args, **kwargs)
 
@@ -256,7 +258,8 @@ def _dist_env() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def _load_lm(cfg: DictConfig, device: str):
+def load_configured_lm(cfg: DictConfig, device: str):
+    """(model, tokenizer) of the config's `model` node (`sae_dist.harvest.lm.load_lm`) on `device`."""
     from sae_dist.harvest.lm import load_lm
 
     return load_lm(
@@ -276,7 +279,7 @@ def _hook_name(cfg: DictConfig, model) -> str:
     return name
 
 
-def _model_name(cfg: DictConfig) -> str:
+def configured_model_name(cfg: DictConfig) -> str:
     """The model name recorded in store attrs, cfg.json and eval.json."""
     from sae_dist.harvest.lm import model_display_name
 
@@ -307,7 +310,7 @@ def run_harvest(cfg: DictConfig, out_dir: Path, lm=None) -> dict[str, Any]:
     data = node_object(cfg.data, DataConfig)
     device = resolve_device(cfg.device)
     rank, world = _dist_env()
-    model, tokenizer = lm if lm is not None else _load_lm(cfg, device)
+    model, tokenizer = lm if lm is not None else load_configured_lm(cfg, device)
     hook = _hook_name(cfg, model)
     if hc.tokens is None:
         raise ValueError("harvest.tokens=null: sae-harvest needs the number of activation rows to store")
@@ -326,7 +329,7 @@ def run_harvest(cfg: DictConfig, out_dir: Path, lm=None) -> dict[str, Any]:
         rank=rank,
         world_size=world,
         eval_fraction=data.eval_fraction,
-        attrs={"model": _model_name(cfg), "dataset": cfg.data.dataset},
+        attrs={"model": configured_model_name(cfg), "dataset": cfg.data.dataset},
         progress=rank == 0,
     )
 
@@ -406,7 +409,7 @@ def run_eval(cfg: DictConfig, out_dir: Path, lm=None, sae_path: str | None = Non
     ev = eval_config(cfg)
 
     device = resolve_device(cfg.device)
-    model, tokenizer = lm if lm is not None else _load_lm(cfg, device)
+    model, tokenizer = lm if lm is not None else load_configured_lm(cfg, device)
     sae_path = sae_path or cfg.sae_path
     cfg_json = Path(sae_path) / "cfg.json"
     if not cfg_json.exists():
@@ -427,7 +430,7 @@ def run_eval(cfg: DictConfig, out_dir: Path, lm=None, sae_path: str | None = Non
         ctx_len=int(cfg.data.ctx_len),
         eval_fraction=float(cfg.data.eval_fraction),
         device=device,
-        model_name=_model_name(cfg),
+        model_name=configured_model_name(cfg),
         lm_family=_lm_family(cfg, device, ev.lm_family),
         progressive_k_factors=list(ev.progressive_k_factors) if ev.progressive else None,
         # eval_tokens, batch_size and the metrics of Gao et al. 2024 sec. 4.3-5.1 (sae_dist.config.EvalConfig)
@@ -441,7 +444,7 @@ def run_eval(cfg: DictConfig, out_dir: Path, lm=None, sae_path: str | None = Non
 # console entry points
 
 
-@_app
+@hydra_app
 def harvest_main(cfg: DictConfig) -> None:
     """sae-harvest: LM + text -> activation store (zarr v3)."""
     summary = run_harvest(cfg, _out_dir())
@@ -449,7 +452,7 @@ def harvest_main(cfg: DictConfig) -> None:
     _exit_if_preempted(summary)
 
 
-@_app
+@hydra_app
 def train_main(cfg: DictConfig) -> None:
     """sae-train: activation store -> SAE checkpoints + export (sae/cfg.json, sae/sae_weights.safetensors);
     with `eval.after_train=true` also eval.json (global rank 0 evaluates after training).
@@ -488,7 +491,7 @@ def train_main(cfg: DictConfig) -> None:
     _exit_if_preempted(summary)
 
 
-@_app
+@hydra_app
 def eval_main(cfg: DictConfig) -> None:
     """sae-eval: SAE + LM + text -> eval.json."""
     out = _out_dir()
@@ -497,13 +500,13 @@ def eval_main(cfg: DictConfig) -> None:
     print(f"wrote {out / 'eval.json'}")
 
 
-@_app
+@hydra_app
 def pipeline_main(cfg: DictConfig) -> None:
     """sae-pipeline: harvest -> train -> eval in one run directory, then a summary table."""
     out = _out_dir()
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
-    lm = _load_lm(cfg, device)
+    lm = load_configured_lm(cfg, device)
     harvest_summary = run_harvest(cfg, out, lm=lm)
     _exit_if_preempted(harvest_summary)
     train_summary = run_train(cfg, out)

@@ -1665,7 +1665,7 @@ def main() -> None:
     shape does not fit one GPU's memory. With compare.tp / compare.zero_stage / compare.topk_exchange /
     compare.latent_chunk / compare.batch_tokens lists it prints one row per combination instead (exit 0).
     A wrong key or type fails first with one line naming the key (sae_dist.cli.check_command_line)."""
-    from sae_dist.cli import _user_errors_first, check_command_line
+    from sae_dist.cli import check_command_line, user_errors_first
     from sae_dist.config import upgrade_overrides
     from sae_dist.plan_config import register_plan_configs
 
@@ -1674,7 +1674,7 @@ def main() -> None:
         sys.argv[1:] = upgrade_overrides(sys.argv[1:], warn=lambda m: print(f"sae-plan: {m}", file=sys.stderr))
         check_command_line(sys.argv[1:], config_name="plan")
 
-    _user_errors_first(checks)()
+    user_errors_first(checks)()
     _hydra_entry()()
 
 

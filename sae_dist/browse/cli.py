@@ -17,7 +17,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from sae_dist.cli import _app, _load_lm, _model_name, resolve_device
+from sae_dist.cli import configured_model_name, hydra_app, load_configured_lm, resolve_device
 
 __all__ = ["main", "run_browse", "browse_options"]
 
@@ -48,8 +48,8 @@ def run_browse(cfg: DictConfig, lm=None, progress: bool = True) -> dict:
     sae = load_sae(sae_path, device=device)
     store_path = str(cfg.store.path)
     attrs = dict(open_store(store_path).attrs)
-    model, tokenizer = lm if lm is not None else _load_lm(cfg, device)
-    want = _model_name(cfg)
+    model, tokenizer = lm if lm is not None else load_configured_lm(cfg, device)
+    want = configured_model_name(cfg)
     if attrs.get("model") not in (None, want):
         warnings.warn(f"the store was harvested from model {attrs.get('model')!r} but model={want!r} is loaded: "
                       f"tokens and logit effects may be wrong (choose the store's model with model=...)",
@@ -68,7 +68,7 @@ def run_browse(cfg: DictConfig, lm=None, progress: bool = True) -> dict:
     return summary
 
 
-@_app
+@hydra_app
 def main(cfg: DictConfig) -> None:
     """sae-browse: SAE + activation store -> static HTML feature browser (browse.out_dir/index.html)."""
     summary = run_browse(cfg)
