@@ -1,21 +1,17 @@
 """`sae_dist.eval.compare` (the architecture comparison of docs/architectures.md) on run directories
 laid out as sae-train writes them, with fresh random metrics: the rows, the Pareto front against a
-brute-force check, the markdown table, the JSON and the PNG."""
+brute-force check, the markdown table, the JSON and the PNG. The launch script:
+tests/integration/eval/test_compare_script.py."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from sae_dist.eval.compare import collect_runs, main, pareto_front
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _fake_run(root: Path, i: int, arch: str, exported: str, l0: float, fvu: float, options: dict, k):
@@ -62,14 +58,3 @@ def test_no_runs_is_an_error(tmp_path):
         collect_runs([tmp_path])
 
 
-def test_compare_script_help_and_syntax():
-    script = REPO / "launch" / "compare_architectures.sh"
-    assert os.access(script, os.X_OK)
-    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
-    r = subprocess.run([str(script), "--help"], capture_output=True, text=True)
-    assert r.returncode == 0 and "docs/architectures.md" in r.stdout and "Environment" in r.stdout
-    r = subprocess.run([str(script), "only-one-arg"], capture_output=True, text=True)
-    assert r.returncode == 2
-    r = subprocess.run([str(script), "s", "o"], capture_output=True, text=True,
-                       env={**os.environ, "FAMILIES": "gated", "SAE_TRAIN": sys.executable})
-    assert r.returncode == 2 and "unknown family 'gated'" in r.stderr
