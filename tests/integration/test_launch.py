@@ -26,7 +26,7 @@ import pytest
 
 from sae_dist import CONF_DIR
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TORCHRUN_SH = REPO / "launch" / "torchrun.sh"
 SBATCH = REPO / "launch" / "slurm.sbatch"
 SWEEP_SH = REPO / "launch" / "sweep_slurm.sh"

@@ -181,7 +181,7 @@ def test_export_reproduces_the_training_forward(tmp_path, normalize, opts):
 # training
 
 
-# Same data and scales as tests/test_arch_relu.py: D ~ 5.35, true L0 3.2, coefficients U[0.5, 2]. ProLU's
+# Same data and scales as tests/unit/sae/test_arch_relu.py: D ~ 5.35, true L0 3.2, coefficients U[0.5, 2]. ProLU's
 # bias is a pure threshold on m (no shrinkage of active values), and the STE gradient of the L1 term
 # raises each threshold until it sits just under the smallest coefficients its feature takes.
 _GT_L1 = 0.12

@@ -14,7 +14,7 @@ import pytest
 
 from sae_dist import gpu_check as gc
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 STEPS = ["env", "kernel_tests", "encoder_matmul", "bench_n2048", "bench_n2048_dead0", "bench_n1024",

@@ -34,7 +34,7 @@ from sae_dist.plan import (
     triton_encoder_splits,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 N24, D4K, B_PAPER = 2**24, 4096, 131072
 H100_8x8 = {"nodes": 8, "gpus_per_node": 8}
 

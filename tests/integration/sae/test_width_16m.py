@@ -7,7 +7,7 @@ directory at parallel.tp=2, exported shard by shard and loaded with `sae_dist.lo
 memory over 4 processes and 8 GiB of disk (removed when it passes) on a 2-core machine, so it is skipped unless the
 environment sets SAE_DIST_RUN_16M=1:
 
-    SAE_DIST_RUN_16M=1 .venv/bin/python -m pytest -q tests/test_width_16m.py
+    SAE_DIST_RUN_16M=1 .venv/bin/python -m pytest -q tests/integration/sae/test_width_16m.py
 
 The other tests run in `make test`: the width's fixes at small shapes (the exported TopK SAE's
 blocked encoder, the gathered checkpoint reader), the script's overrides against sae-train's config,
@@ -33,7 +33,7 @@ from sae_dist.sae.export import ExportedTopKSAE, topk_pre_blocked
 from sae_dist.store import denormalize, normalize
 from sae_dist.train.checkpoint import latest_checkpoint, read_checkpoint_tensors, save_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 SCRIPT = ROOT / "scripts" / "width_16m.py"
 N16M = 16_777_216
 NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")

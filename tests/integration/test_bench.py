@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 BASE_KEYS = {"step_ms", "matmul_ms", "step_over_matmul", "tokens_per_s", "peak_mem_mb",
              "peak_mem_method", "param_grad_adam_mb", "device", "device_name", "torch", "triton",
@@ -98,7 +98,7 @@ def test_bench_bad_arguments():
 def test_bench_sparsify_micro_batches():
     # sparsify's trainer splits a batch into micro-batches to fit memory (micro_acc_steps); bench does the
     # same with --sparsify-micro-batches and records the count (`auto`, which doubles it on CUDA
-    # out-of-memory, runs in tests/test_gpu_check.py's dry run)
+    # out-of-memory, runs in tests/unit/test_gpu_check.py's dry run)
     args = ["--d", "16", "--n", "256", "--k", "4", "--batch", "64", "--iters", "1", "--warmup", "0",
             "--device", "cpu", "--threads", "1", "--vs", "sparsify"]
     p = _run(args + ["--sparsify-micro-batches", "2"])

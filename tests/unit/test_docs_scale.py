@@ -39,7 +39,7 @@ import pytest
 
 from sae_dist.plan import plan
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 #: Widths of the stores the docs name: the demo harvest (SmolLM2-135M, d_model 576) and formats.md's
 #: write_store example (64).

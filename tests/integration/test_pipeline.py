@@ -217,7 +217,7 @@ def test_architecture_comparison_script(pipeline_run: Path, tiny_lm_dir: str, tm
     # and the sweep's shared group are checked in test_trainer.py and test_scaling.py
     env = dict(os.environ, WANDB_MODE="disabled", N_LATENTS="128", TOKENS="10240", K_LIST="4",
                TARGET_L0="4", RELU_L1="1", PROLU_L1="1", EXTRA_K="4", SAE_TRAIN=str(BIN / "sae-train"))
-    script = Path(__file__).resolve().parents[1] / "launch" / "compare_architectures.sh"
+    script = Path(__file__).resolve().parents[2] / "launch" / "compare_architectures.sh"
     proc = subprocess.run(
         [str(script), str(pipeline_run / "activations.zarr"), str(out), f"model.name={tiny_lm_dir}",
          "device=cpu", "seed=0", "data.ctx_len=32", "trainer.batch_tokens=512", "sae.dead_tokens=20000",

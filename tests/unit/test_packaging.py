@@ -19,7 +19,7 @@ import pytest
 
 from sae_dist.extras import EXTRAS, MissingExtraError, require_extra
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_only_sae_dist_is_a_package_at_the_root():

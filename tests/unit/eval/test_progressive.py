@@ -1,6 +1,6 @@
 """Progressive recovery (sae_dist.eval.progressive; Gao et al. 2024 sec. 5.3): TopK(k') and one-threshold
 JumpReLU curves of an exported TopK SAE, checked against a float64 dense reference written from the
-export's definition (tests/test_export.py's formulas), the threshold calibration, the JumpReLU export
+export's definition (tests/unit/sae/test_export.py's formulas), the threshold calibration, the JumpReLU export
 round trip through load_sae, and the eval.json hook."""
 
 from __future__ import annotations

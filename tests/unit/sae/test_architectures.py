@@ -1,7 +1,7 @@
 """The architecture interface across every registered architecture (`sae_dist.sae.registry`): each has
 its Hydra config, builds from it, and its export loads back (`sae_dist.load_sae`) to a module that
 computes what the training module computes, on fresh random weights and inputs. The per-architecture
-ground-truth tests live in tests/test_arch_<name>.py (TopK: tests/test_synthetic.py)."""
+ground-truth tests live in tests/unit/sae/test_arch_<name>.py (TopK: tests/unit/eval/test_synthetic.py)."""
 
 from __future__ import annotations
 
