@@ -789,9 +789,10 @@ def test_harvest_store_bytes_equal_a_harvest(tiny_lm_dir, tmp_path):
     """`harvest_store_bytes` (what sae-plan reports for harvest.tokens=T) against a real harvest of
     the tiny LM: T rounded up to whole sequences of ctx_len - 1 tokens, the three text arrays, one
     progress marker per shard; shard files exact, the whole directory within the allowance."""
+    from helpers.synthetic import tiny_corpus
+
     from sae_dist.harvest import harvest
     from sae_dist.harvest.lm import load_lm
-    from sae_dist.testing import tiny_corpus
 
     model, tok = load_lm(tiny_lm_dir)
     tokens, ctx, spc, sps = 1000 + random.randrange(200), 16, 4, 16

@@ -55,9 +55,8 @@ class _TinyTopK(nn.Module):
 
 @pytest.fixture(scope="module")
 def setup(tiny_lm_dir, tmp_path_factory):
+    from helpers.synthetic import tiny_corpus
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from sae_dist.testing import tiny_corpus
 
     seed = _seed()
     rng = np.random.default_rng(seed)

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from helpers.synthetic import tiny_corpus
 
 from sae_dist.harvest import HarvestError, harvest, packed_sequences, run_to_hook, splice_hook
 from sae_dist.harvest.lm import load_lm
-from sae_dist.testing import tiny_corpus
 
 HOOK = "blocks.1.hook_resid_post"
 CTX = 16

@@ -98,6 +98,7 @@ def test_sae_eval_reports_equivalent_compute_of_an_lm_family(tiny_lm_dir, tmp_pa
     """run_eval (sae-eval) with eval.lm_family: every member loaded from its directory, its clean CE measured
     on the eval sequences (checked against a float64 log-softmax by hand), and the equivalent compute equal
     to inverting the family's fit at the spliced CE; the evaluated model's own compute is found by name."""
+    from helpers.synthetic import make_tiny_lm
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -107,7 +108,6 @@ def test_sae_eval_reports_equivalent_compute_of_an_lm_family(tiny_lm_dir, tmp_pa
     from sae_dist.sae.config import SAEConfig
     from sae_dist.sae.export import export_sae
     from sae_dist.sae.topk import TopKSAE
-    from sae_dist.testing import make_tiny_lm
 
     seed = _seed()
     torch.manual_seed(seed)

@@ -164,9 +164,10 @@ NEW_KEYS = (
 
 
 def test_evaluate_new_keys_end_to_end(lm, tmp_path):
+    from helpers.synthetic import tiny_corpus
+
     from sae_dist.eval.evaluate import CONTRACT_KEYS, evaluate, write_eval_json
     from sae_dist.eval.probes import TASKS
-    from sae_dist.testing import tiny_corpus
 
     model, tok = lm
     seed = _seed()

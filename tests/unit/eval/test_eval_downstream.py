@@ -1,4 +1,4 @@
-"""downstream_loss and evaluate() on the tiny random Llama (sae_dist.testing.make_tiny_lm).
+"""downstream_loss and evaluate() on the tiny random Llama (tests/helpers/synthetic.py: make_tiny_lm).
 
 References are independent of the code under test: splicing through our own `register_forward_hook`
 on the decoder layer (not `splice_hook`), and cross entropy / KL recomputed in numpy float64 from the
@@ -176,10 +176,11 @@ def _export_random_sae(out_dir, d_in, n_latents=64, k=4, seed=0):
 
 
 def test_evaluate_end_to_end(lm, tmp_path):
+    from helpers.synthetic import tiny_corpus
+
     from sae_dist.eval.evaluate import CONTRACT_KEYS, evaluate, write_eval_json
     from sae_dist.harvest.text import packed_sequences
     from sae_dist.sae.export import load_sae
-    from sae_dist.testing import tiny_corpus
 
     model, tok = lm
     d = model.config.hidden_size
@@ -237,8 +238,9 @@ def test_evaluate_end_to_end(lm, tmp_path):
 def test_evaluate_errors(lm, tmp_path):
     import copy
 
+    from helpers.synthetic import tiny_corpus
+
     from sae_dist.eval.evaluate import evaluate
-    from sae_dist.testing import tiny_corpus
 
     model, tok = lm
     docs = tiny_corpus(n_files=3, max_chars=3000)

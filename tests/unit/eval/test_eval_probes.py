@@ -89,9 +89,8 @@ def test_char_states_strings_comments_brackets():
 
 
 def test_token_spans_fast_path_and_fallback(tiny_lm_dir):
+    from helpers.synthetic import tiny_corpus
     from transformers import AutoTokenizer
-
-    from sae_dist.testing import tiny_corpus
 
     tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
     seed = int(torch.randint(0, 2**31, ()).item())

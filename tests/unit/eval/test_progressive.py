@@ -213,8 +213,9 @@ def lm(tiny_lm_dir):
 
 
 def test_evaluate_writes_progressive_entry(lm, tmp_path):
+    from helpers.synthetic import tiny_corpus
+
     from sae_dist.eval.evaluate import evaluate, write_eval_json
-    from sae_dist.testing import tiny_corpus
 
     model, tok = lm
     sae_dir = _export(tmp_path, "layer_norm", seed=14, d=model.config.hidden_size)

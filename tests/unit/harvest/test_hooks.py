@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.synthetic import make_tiny_lm
 
 from sae_dist.harvest.hooks import (
     decoder_layers,
@@ -14,7 +15,6 @@ from sae_dist.harvest.hooks import (
     valid_hook_names,
 )
 from sae_dist.harvest.lm import load_lm
-from sae_dist.testing import make_tiny_lm
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+from helpers.synthetic import make_tiny_lm, tiny_corpus
 from transformers import AutoTokenizer
 
 from sae_dist.harvest.text import (
@@ -17,7 +18,6 @@ from sae_dist.harvest.text import (
     packed_sequences,
     stdlib_corpus_files,
 )
-from sae_dist.testing import make_tiny_lm, tiny_corpus
 
 
 @pytest.fixture(scope="module")

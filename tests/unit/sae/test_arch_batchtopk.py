@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+from helpers.synthetic import train_on_synthetic
 from safetensors.torch import load_file
 
 import sae_dist
@@ -18,7 +19,6 @@ from sae_dist.sae.batchtopk import BatchTopKSAE, batch_topk
 from sae_dist.sae.config import SAEConfig
 from sae_dist.sae.export import export_sae
 from sae_dist.store import write_store
-from sae_dist.testing import train_on_synthetic
 from sae_dist.train.trainer import TrainerConfig, train
 
 

@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from helpers.synthetic import train_on_synthetic
 from safetensors.torch import load_file
 
 import sae_dist
@@ -19,7 +20,6 @@ from sae_dist.sae.config import SAEConfig
 from sae_dist.sae.export import export_sae
 from sae_dist.sae.jumprelu import JumpReLUSAE, jumprelu, l0_coef_at, step
 from sae_dist.store import denormalize, normalize, write_store
-from sae_dist.testing import train_on_synthetic
 from sae_dist.train.trainer import TrainerConfig, train
 
 

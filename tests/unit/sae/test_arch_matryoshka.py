@@ -10,13 +10,13 @@ import json
 
 import pytest
 import torch
+from helpers.synthetic import train_on_synthetic
 
 import sae_dist
 from sae_dist.eval.synthetic import SyntheticDictionary, mean_max_cosine
 from sae_dist.sae.config import SAEConfig
 from sae_dist.sae.matryoshka import MatryoshkaSAE, default_prefixes
 from sae_dist.store import write_store
-from sae_dist.testing import train_on_synthetic
 from sae_dist.train.trainer import TrainerConfig, train
 
 

@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers.synthetic import train_on_synthetic
 
 from sae_dist.eval.synthetic import SyntheticDictionary, mean_max_cosine
 from sae_dist.sae.config import SAEConfig
@@ -17,7 +18,6 @@ from sae_dist.sae.export import export_sae, load_sae
 from sae_dist.sae.prolu import ProLUSAE, prolu
 from sae_dist.sae.registry import build_sae
 from sae_dist.store import write_store
-from sae_dist.testing import train_on_synthetic
 
 
 @pytest.fixture(autouse=True)

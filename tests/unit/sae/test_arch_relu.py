@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.synthetic import train_on_synthetic
 from safetensors.torch import load_file
 
 from sae_dist.eval.synthetic import SyntheticDictionary, mean_max_cosine
@@ -24,7 +25,6 @@ from sae_dist.sae.export import export_sae, load_sae
 from sae_dist.sae.registry import build_sae
 from sae_dist.sae.relu import ReLUSAE, auto_init_scale, l1_coef_at, l1_controller_step
 from sae_dist.store import write_store
-from sae_dist.testing import train_on_synthetic
 from sae_dist.train.trainer import TrainerConfig, train
 
 

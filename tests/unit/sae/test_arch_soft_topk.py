@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.synthetic import train_on_synthetic
 
 from sae_dist.eval.synthetic import mean_max_cosine
 from sae_dist.sae.config import SAEConfig
 from sae_dist.sae.soft_topk import annealed_temperature, soft_topk_mask, soft_topk_threshold
-from sae_dist.testing import train_on_synthetic
 
 
 def _seed() -> int:

@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+from helpers.synthetic import train_on_synthetic
 from safetensors.torch import load_file
 
 from sae_dist.eval.synthetic import SyntheticDictionary, mean_max_cosine
@@ -25,7 +26,6 @@ from sae_dist.sae.tree import (
     tree_violation_loss,
 )
 from sae_dist.store import write_store
-from sae_dist.testing import train_on_synthetic
 from sae_dist.train.trainer import TrainerConfig, train
 
 

@@ -335,13 +335,13 @@ def test_saelens_save_through_eval_and_browse(tmp_path, tiny_lm_dir):
     `evaluate` (sae-eval) and browsed by `run_browse` (sae-browse) without naming the hook: eval.json's
     fvu equals the fvu of SAELens' own forward on the same held-out activations, and the browser's
     latent densities equal SAELens' encode on the store."""
+    from helpers.synthetic import tiny_corpus
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sae_dist.browse.cli import run_browse
     from sae_dist.eval.evaluate import _collect_sequences, evaluate
     from sae_dist.harvest.hooks import resolve_hook, run_to_hook
     from sae_dist.store import write_store
-    from sae_dist.testing import tiny_corpus
 
     seed = _seed()
     g = torch.Generator().manual_seed(seed)

@@ -1,4 +1,5 @@
-"""Small, real-shaped fixtures for tests and examples: a tiny random Llama and a tiny corpus.
+"""Small, real-shaped fixtures for the tests: a tiny random Llama, a tiny corpus, a training run on a synthetic
+dictionary.
 
 Nothing here downloads anything: the tokenizer is a byte-level BPE trained on the fly on a few
 standard-library source files, the LM is a `LlamaForCausalLM` built from a config with random weights.
