@@ -13,6 +13,7 @@ import tempfile
 import numpy as np
 import pytest
 import torch
+from helpers.seeds import numpy_seed
 from torch import nn
 
 from sae_dist.browse.build import BrowseOptions, build_browser, final_norm_weight, logit_effects
@@ -22,10 +23,6 @@ from sae_dist.store import write_store
 CHROMIUM_HINT = ("headless Chromium is needed for the browser tests: install it with `apt-get install chromium` "
                  "(Debian/Ubuntu) so that `chromium` is on PATH")
 SEQ_LEN, N_SEQ, D_SAE, K = 24, 50, 40, 3
-
-
-def _seed():
-    return int(np.random.randint(2**31))
 
 
 def chromium_dom(url: str) -> str:
@@ -58,7 +55,7 @@ def setup(tiny_lm_dir, tmp_path_factory):
     from helpers.synthetic import tiny_corpus
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    seed = _seed()
+    seed = numpy_seed()
     rng = np.random.default_rng(seed)
     tmp = tmp_path_factory.mktemp("browse")
     tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
@@ -199,7 +196,7 @@ def test_latent_page_in_chromium(setup, built):
 
 
 def test_logit_effects_through_norm():
-    seed = _seed()
+    seed = numpy_seed()
     g = torch.Generator().manual_seed(seed)
     W_dec, W_U, w = torch.randn(5, 16, generator=g), torch.randn(50, 16, generator=g), torch.rand(16, generator=g) + 0.5
     tv, ti, bv, bi = logit_effects(W_dec, W_U, 4, w, chunk=2)
@@ -226,7 +223,7 @@ def test_clear_errors(setup, tmp_path):
 
     s = setup
     sae = load_sae(s["sae_dir"])
-    rng = np.random.default_rng(_seed())
+    rng = np.random.default_rng(numpy_seed())
     bad = write_store(tmp_path / "d16.zarr", rng.standard_normal((64, 16)).astype(np.float32),
                       token_ids=np.arange(64))
     with pytest.raises(ValueError, match=r"d_model=16.*d_in=32"):

@@ -12,15 +12,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from helpers.seeds import numpy_rng_seed
 
 from sae_dist.eval.scaling import (
     run_scaling,
 )
-
-
-def _seed() -> int:
-    return int(np.random.default_rng(np.random.randint(2**31)).integers(0, 2**31))
-
 
 BIN = Path(sys.executable).parent
 
@@ -58,7 +54,7 @@ def test_multirun_failed_points_are_reported_and_share_a_wandb_group(tmp_path):
     the completed points' wandb runs carry the sweep dir's name as their group."""
     from sae_dist.store import write_store
 
-    seed = _seed()
+    seed = numpy_rng_seed()
     rng = np.random.default_rng(seed)
     acts = rng.normal(size=(6000, 16)).astype(np.float32)
     store = write_store(tmp_path / "acts.zarr", acts, attrs={"model": "synthetic", "hook": "none"})

@@ -9,16 +9,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers.seeds import numpy_rng_seed
 
 from sae_dist.eval.equivalent_compute import clean_cross_entropy, equivalent_compute, member_compute
 
 
-def _seed() -> int:
-    return int(np.random.default_rng(np.random.randint(2**31)).integers(0, 2**31))
-
-
 def test_inverts_a_power_law_family():
-    seed = _seed()
+    seed = numpy_rng_seed()
     rng = np.random.default_rng(seed)
     alpha, beta, c = rng.uniform(3, 5), rng.uniform(-0.2, -0.05), rng.uniform(1.0, 2.0)
     C = np.geomspace(1e18, 1e22, 5)
@@ -36,7 +33,7 @@ def test_inverts_a_power_law_family():
 
 
 def test_two_members_use_the_line_through_both():
-    seed = _seed()
+    seed = numpy_rng_seed()
     rng = np.random.default_rng(seed)
     C = np.array([1e19, 1e21])
     L = np.array([rng.uniform(3.5, 4.0), rng.uniform(2.5, 3.0)])
@@ -75,7 +72,7 @@ def test_clean_cross_entropy_matches_downstream_loss(tiny_lm_dir):
 
     from sae_dist.eval.downstream import downstream_loss
 
-    seed = _seed()
+    seed = numpy_rng_seed()
     g = torch.Generator().manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir, dtype=torch.float32).eval()
     ids = torch.randint(3, model.config.vocab_size, (5, 12), generator=g)
@@ -109,7 +106,7 @@ def test_sae_eval_reports_equivalent_compute_of_an_lm_family(tiny_lm_dir, tmp_pa
     from sae_dist.sae.export import export_sae
     from sae_dist.sae.topk import TopKSAE
 
-    seed = _seed()
+    seed = numpy_rng_seed()
     torch.manual_seed(seed)
     family = [{"name": make_tiny_lm(tmp_path / "lm16", hidden_size=16, seed=seed % 1000 + 1), "params": 2e5,
                "train_tokens": 1e9},

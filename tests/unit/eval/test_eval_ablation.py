@@ -14,6 +14,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers.seeds import torch_seed
 
 from sae_dist.eval.ablation import ablation_sparsity, effective_logit_count
 
@@ -21,12 +22,8 @@ HOOK = "blocks.1.hook_resid_post"
 LAYER = 1
 
 
-def _seed() -> int:
-    return int(torch.randint(0, 2**31, ()).item())
-
-
 def test_effective_count_known_answers():
-    seed = _seed()
+    seed = torch_seed(2**31)
     rng = np.random.default_rng(seed)
     T, V = 4, 50
     one_hot = torch.zeros(T, V)
@@ -113,7 +110,7 @@ def _manual_logits(model, ids, sae, ablate=None):
 
 def test_matches_hand_written_loop(lm, tmp_path):
     model, tok = lm
-    seed = _seed()
+    seed = torch_seed(2**31)
     ids = _sequences(tok, 6, 24, seed)
     sae = _export_sae(model, tmp_path / "sae", 48, 4, seed, ids)
     T = 5
@@ -170,7 +167,7 @@ def test_evaluate_new_keys_end_to_end(lm, tmp_path):
     from sae_dist.eval.probes import TASKS
 
     model, tok = lm
-    seed = _seed()
+    seed = torch_seed(2**31)
     _export_sae(model, tmp_path / "sae", 64, 4, seed, _sequences(tok, 8, 32, seed))
     docs = tiny_corpus(n_files=6, max_chars=8000)
     res = evaluate(sae_path=tmp_path / "sae", model=model, tokenizer=tok, hook=HOOK, docs=docs, ctx_len=32,

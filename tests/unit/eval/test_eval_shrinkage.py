@@ -7,12 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers.seeds import torch_seed
 
 from sae_dist.eval.shrinkage import refine_support, sae_shrinkage, shrinkage
-
-
-def _seed() -> int:
-    return int(torch.randint(0, 2**31, ()).item())
 
 
 def _problem(seed, n_tok=200, d=24, n=96, k=5, noise=0.02):
@@ -27,7 +24,7 @@ def _problem(seed, n_tok=200, d=24, n=96, k=5, noise=0.02):
 
 
 def test_exact_encoder_ratio_one_and_halved_ratio_two():
-    seed = _seed()
+    seed = torch_seed(2**31)
     x, idx, W, b = _problem(seed)
     # reference least squares on each token's support (torch.linalg.lstsq, float64)
     ls = torch.linalg.lstsq(W[idx].transpose(1, 2).double(), (x - b).double().unsqueeze(-1)).solution.squeeze(-1)
@@ -53,7 +50,7 @@ def test_exact_encoder_ratio_one_and_halved_ratio_two():
 def test_refinement_matches_scipy_nnls():
     from scipy.optimize import nnls
 
-    seed = _seed()
+    seed = torch_seed(2**31)
     x, idx, W, b = _problem(seed, n_tok=30, k=8)
     x = x + 2.0 * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 1))  # some LS codes < 0
     values = torch.rand(idx.shape, generator=torch.Generator().manual_seed(seed + 2)) + 0.1
@@ -74,7 +71,7 @@ def test_sae_shrinkage_on_exported_sae(tmp_path):
     from sae_dist.sae.export import export_sae, load_sae
     from sae_dist.sae.topk import TopKSAE
 
-    seed = _seed()
+    seed = torch_seed(2**31)
     d, n, k = 16, 64, 4
     sae = TopKSAE(SAEConfig(d_in=d, n_latents=n, k=k, normalize="none"), generator=torch.Generator().manual_seed(seed))
     export_sae(sae, tmp_path, hook_name="blocks.0.hook_resid_post", model_name="m", normalize="none")

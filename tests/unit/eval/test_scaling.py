@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.seeds import numpy_rng_seed
 
 from sae_dist.eval.scaling import (
     collect_sweep,
@@ -24,12 +25,8 @@ from sae_dist.eval.scaling import (
 )
 
 
-def _seed() -> int:
-    return int(np.random.default_rng(np.random.randint(2**31)).integers(0, 2**31))
-
-
 def test_power_law_fit_recovers_parameters():
-    seed = _seed()
+    seed = numpy_rng_seed()
     rng = np.random.default_rng(seed)
     alpha, beta, c = rng.uniform(0.0, 1.5), rng.uniform(-0.6, -0.15), rng.uniform(0.02, 0.2)
     x = np.geomspace(256, 65536, 7)
@@ -47,7 +44,7 @@ def test_power_law_fit_recovers_parameters():
 
 
 def test_power_law_with_three_points_is_exact_and_has_no_uncertainty():
-    seed = _seed()
+    seed = numpy_rng_seed()
     rng = np.random.default_rng(seed)
     x = np.array([512.0, 2048.0, 8192.0])
     y = power_law(x, 0.5, rng.uniform(-0.5, -0.2), rng.uniform(0.05, 0.2))
@@ -61,7 +58,7 @@ def test_power_law_with_three_points_is_exact_and_has_no_uncertainty():
 
 
 def test_joint_fit_recovers_parameters_of_eq2():
-    seed = _seed()
+    seed = numpy_rng_seed()
     rng = np.random.default_rng(seed)
     true = dict(a=rng.uniform(1.0, 2.0), b_k=rng.uniform(-0.8, -0.4), b_n=rng.uniform(-0.4, -0.2),
                 g=rng.uniform(-0.03, 0.03), z=rng.uniform(-3.0, -2.0), e=rng.uniform(-0.3, 0.0))
@@ -82,7 +79,7 @@ def test_joint_fit_recovers_parameters_of_eq2():
 
 
 def test_compute_frontier_is_the_lower_envelope():
-    seed = _seed()
+    seed = numpy_rng_seed()
     rng = np.random.default_rng(seed)
     curves = []
     for scale in (1.0, 2.0, 4.0):
@@ -134,7 +131,7 @@ def _fake_sweep(root: Path, true: dict, rng, d_in=64, tokens=400_000):
 
 
 def test_run_scaling_on_a_sweep_dir(tmp_path, console_script):
-    seed = _seed()
+    seed = numpy_rng_seed()
     rng = np.random.default_rng(seed)
     true = dict(a=1.2, b_k=-0.5, b_n=-0.25, g=0.01, z=-2.5, e=-0.1)
     n_points = _fake_sweep(tmp_path / "sweep", true, rng)

@@ -10,8 +10,9 @@ import json
 
 import pytest
 import torch
+from helpers.sae import perturb_topk_family, sae_train_on_synthetic, train_interrupted_and_resumed
+from helpers.seeds import torch_seed
 from helpers.synthetic import train_on_synthetic
-from safetensors.torch import load_file
 
 import sae_dist
 from sae_dist.eval.synthetic import SyntheticDictionary, mean_max_cosine
@@ -19,21 +20,13 @@ from sae_dist.sae.batchtopk import BatchTopKSAE, batch_topk
 from sae_dist.sae.config import SAEConfig
 from sae_dist.sae.export import export_sae
 from sae_dist.store import write_store
-from sae_dist.train.trainer import TrainerConfig, train
-
-
-def _seed() -> int:
-    return int(torch.randint(0, 2**31 - 1, ()))
 
 
 def _random_sae(seed: int, d: int = 12, n: int = 48, k: int = 3, **options) -> BatchTopKSAE:
     g = torch.Generator().manual_seed(seed)
     sae = BatchTopKSAE(SAEConfig(d_in=d, n_latents=n, k=k, architecture="batchtopk", options=options,
                                  k_aux=8), generator=g)
-    with torch.no_grad():
-        sae.b_enc.copy_(0.3 * torch.randn(n, generator=g))
-        sae.b_dec.copy_(0.5 * torch.randn(d, generator=g))
-        sae.W_enc.add_(0.2 * torch.randn(d, n, generator=g))
+    perturb_topk_family(sae, g)
     return sae
 
 
@@ -59,7 +52,7 @@ def _ref_auxk(pre, dead, residual, W_dec, k_aux):
 
 
 def test_batch_selection_equals_flat_topk_reference():
-    seed = _seed()
+    seed = torch_seed()
     g = torch.Generator().manual_seed(seed)
     B, n, k = 64, 96, 5
     pre = torch.randn(B, n, generator=g)  # continuous values: no ties
@@ -73,7 +66,7 @@ def test_batch_selection_equals_flat_topk_reference():
 
 
 def test_training_losses_and_gradients_match_a_dense_reference():
-    seed = _seed()
+    seed = torch_seed()
     sae = _random_sae(seed)
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(40, sae.d_in, generator=g)
@@ -103,7 +96,7 @@ def test_training_losses_and_gradients_match_a_dense_reference():
 
 @pytest.mark.parametrize("beta", [None, 1.0])
 def test_threshold_is_a_bias_corrected_average_of_batch_minima(beta):
-    seed = _seed()
+    seed = torch_seed()
     g = torch.Generator().manual_seed(seed)
     beta = float(0.5 + 0.45 * torch.rand((), generator=g)) if beta is None else beta
     start = 3
@@ -141,7 +134,7 @@ def test_threshold_is_a_bias_corrected_average_of_batch_minima(beta):
 
 
 def test_export_is_a_jumprelu_with_the_normalisation_folded(tmp_path):
-    seed = _seed()
+    seed = torch_seed()
     sae = _random_sae(seed)
     with torch.no_grad():
         sae.threshold.fill_(0.4)
@@ -177,7 +170,7 @@ def test_options_are_validated():
 
 
 def test_recovers_the_dictionary_and_the_jumprelu_export_matches(tmp_path):
-    seed = _seed()
+    seed = torch_seed()
     k = 4
     cfg = SAEConfig(d_in=32, n_latents=128, k=k, normalize="none", dead_tokens=16384, architecture="batchtopk")
     sd, res, loaded = train_on_synthetic(tmp_path, cfg, tokens=600_000, batch_tokens=1024, seed=seed)
@@ -205,25 +198,13 @@ def test_recovers_the_dictionary_and_the_jumprelu_export_matches(tmp_path):
 
 
 def test_threshold_buffer_survives_a_checkpoint_resume(tmp_path):
-    seed = _seed()
+    seed = torch_seed()
     sd = SyntheticDictionary(16, 48, p_active=0.06, seed=seed)
     x, _ = sd.sample(4096)
     store = write_store(tmp_path / "s.zarr", x, attrs={"hook": "synthetic", "model": "synthetic"})
     cfg = SAEConfig(d_in=16, n_latents=64, k=3, normalize="none", dead_tokens=512, architecture="batchtopk",
                     options={"threshold_beta": 0.8, "threshold_start_step": 4})
-
-    def tcfg(max_steps=None):
-        return TrainerConfig(tokens=128 * 30, batch_tokens=128, lr=3e-3, warmup_steps=2, ema=True, ema_decay=0.9,
-                             checkpoint_every_steps=8, keep_checkpoints=2, log_every_steps=1, max_steps=max_steps)
-
-    kw = dict(store_path=store, sae_cfg=cfg, progress=False, seed=seed, wandb_cfg={"enabled": False})
-    train(out_dir=tmp_path / "a", trainer_cfg=tcfg(), **kw)
-    r1 = train(out_dir=tmp_path / "b", trainer_cfg=tcfg(max_steps=19), **kw)
-    assert r1["stopped_early"] and r1["steps"] == 19
-    r2 = train(out_dir=tmp_path / "b", trainer_cfg=tcfg(), **kw)
-    assert not r2["stopped_early"] and r2["steps"] == 30
-    wa = load_file(str(tmp_path / "a" / "sae" / "sae_weights.safetensors"))
-    wb = load_file(str(tmp_path / "b" / "sae" / "sae_weights.safetensors"))
+    wa, wb = train_interrupted_and_resumed(tmp_path, store, cfg, seed)
     for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
         assert torch.equal(wa[name], wb[name]), (name, seed)
     assert float(wa["threshold"][0]) > 0, seed
@@ -236,15 +217,9 @@ def test_threshold_buffer_survives_a_checkpoint_resume(tmp_path):
 
 
 def test_sae_train_cli_batchtopk(tmp_path, console_script):
-    seed = _seed()
-    sd = SyntheticDictionary(24, 48, p_active=0.08, seed=seed)
-    x, _ = sd.sample(8192)
-    store = write_store(tmp_path / "acts.zarr", x, attrs={"model": "synthetic", "hook": "none"})
-    run = tmp_path / "run"
-    proc = console_script(  # the sae-train command line, run in this process (conftest.py)
-        "sae-train", f"run_dir={run}", f"store.path={store}", "sae=batchtopk",
-        "sae.n_latents=64", "sae.k=4", "sae.threshold_beta=0.9", "trainer.tokens=16384",
-        "trainer.batch_tokens=512", "device=cpu", f"seed={seed % 1000}", "wandb.enabled=false")
+    seed = torch_seed()
+    _, x, proc, run = sae_train_on_synthetic(  # sae-train, in this process (conftest.py)
+        console_script, tmp_path, seed, "sae=batchtopk", "sae.n_latents=64", "sae.k=4", "sae.threshold_beta=0.9")
     assert proc.returncode == 0, proc.stderr[-4000:]
     cfg = json.loads((run / "sae" / "cfg.json").read_text())
     assert cfg["architecture"] == "jumprelu" and cfg["k"] == 4 and cfg["d_sae"] == 64, cfg

@@ -11,6 +11,8 @@ import math
 
 import pytest
 import torch
+from helpers.sae import sae_train_on_synthetic, train_interrupted_and_resumed
+from helpers.seeds import torch_seed
 from helpers.synthetic import train_on_synthetic
 from safetensors.torch import load_file
 
@@ -20,19 +22,8 @@ from sae_dist.sae.config import SAEConfig
 from sae_dist.sae.export import export_sae
 from sae_dist.sae.jumprelu import JumpReLUSAE, jumprelu, l0_coef_at, step
 from sae_dist.store import denormalize, normalize, write_store
-from sae_dist.train.trainer import TrainerConfig, train
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # small matmuls: faster single-threaded on a shared 2-core box
-    yield
-    torch.set_num_threads(n)
-
-
-def _seed() -> int:
-    return int(torch.randint(0, 2**31 - 1, ()))
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _window_inputs(g, B, n, theta, eps):
@@ -48,7 +39,7 @@ def _window_inputs(g, B, n, theta, eps):
 
 
 def test_straight_through_functions_match_the_papers_closed_forms():
-    seed = _seed()
+    seed = torch_seed()
     g = torch.Generator().manual_seed(seed)
     B, n = 37, 23
     eps = float(10 ** (-3 + 2 * torch.rand((), generator=g)))  # 1e-3 .. 1e-1
@@ -102,7 +93,7 @@ def _random_sae(seed: int, d: int = 12, n: int = 40, **options) -> JumpReLUSAE:
 def test_loss_and_gradients_match_a_detach_trick_reference(target):
     """Every parameter's gradient against the same estimator built without custom Functions:
     value * H.detach() plus (theta - theta.detach()) * pseudo-derivative.detach()."""
-    seed = _seed()
+    seed = torch_seed()
     g = torch.Generator().manual_seed(seed)
     eps = 0.3  # wide window: many entries inside it
     coef = float(0.01 + 0.1 * torch.rand((), generator=g))
@@ -144,7 +135,7 @@ def test_loss_and_gradients_match_a_detach_trick_reference(target):
 
 
 def test_auto_initial_threshold():
-    seed = _seed()
+    seed = torch_seed()
     g = torch.Generator().manual_seed(seed)
     coef = float(0.01 + 0.1 * torch.rand((), generator=g))
     sae = _random_sae(seed, l0_coef=coef)
@@ -192,7 +183,7 @@ def test_options_and_schedule():
 
 @pytest.mark.parametrize("mode", ["none", "scalar", "layer_norm"])
 def test_export_reproduces_the_training_module(tmp_path, mode):
-    seed = _seed()
+    seed = torch_seed()
     sae = _random_sae(seed, d=16, n=48, init_threshold=0.3)
     g = torch.Generator().manual_seed(seed + 1)
     s = float(0.5 + 3 * torch.rand((), generator=g))
@@ -223,7 +214,7 @@ def test_export_reproduces_the_training_module(tmp_path, mode):
 
 
 def test_recovers_the_dictionary(tmp_path):
-    seed = _seed()
+    seed = torch_seed()
     cfg = SAEConfig(d_in=32, n_latents=128, k=None, normalize="none", architecture="jumprelu",
                     options={"l0_coef": 0.05})
     sd, res, loaded = train_on_synthetic(tmp_path, cfg, tokens=450_000, batch_tokens=1024, seed=seed, lr=0.006)
@@ -237,7 +228,7 @@ def test_recovers_the_dictionary(tmp_path):
 
 
 def test_l0_lands_at_the_target(tmp_path):
-    seed = _seed()
+    seed = torch_seed()
     T = 4.0
     cfg = SAEConfig(d_in=32, n_latents=128, k=None, normalize="none", architecture="jumprelu",
                     options={"l0_coef": 1.0, "target_l0": T, "bandwidth": 0.02})
@@ -255,7 +246,7 @@ def test_l0_lands_at_the_target(tmp_path):
 def test_larger_l0_coef_gives_lower_l0(tmp_path):
     """Same numeric init (no data-derived threshold): only the straight-through threshold
     gradients of the L0 term separate the two runs."""
-    seed = _seed()
+    seed = torch_seed()
     out = {}
     for coef in (0.01, 0.1):
         cfg = SAEConfig(d_in=32, n_latents=128, k=None, normalize="none", architecture="jumprelu",
@@ -271,25 +262,13 @@ def test_larger_l0_coef_gives_lower_l0(tmp_path):
 
 
 def test_resume_is_exact(tmp_path):
-    seed = _seed()
+    seed = torch_seed()
     sd = SyntheticDictionary(16, 48, p_active=0.06, seed=seed)
     x, _ = sd.sample(4096)
     store = write_store(tmp_path / "s.zarr", x, attrs={"hook": "synthetic", "model": "synthetic"})
     cfg = SAEConfig(d_in=16, n_latents=64, k=None, normalize="none", architecture="jumprelu",
                     options={"l0_coef": 1.0, "target_l0": 3, "bandwidth": 0.02, "l0_warmup_frac": 0.2})
-
-    def tcfg(max_steps=None):
-        return TrainerConfig(tokens=128 * 30, batch_tokens=128, lr=3e-3, warmup_steps=2, ema=True, ema_decay=0.9,
-                             checkpoint_every_steps=8, keep_checkpoints=2, log_every_steps=1, max_steps=max_steps)
-
-    kw = dict(store_path=store, sae_cfg=cfg, progress=False, seed=seed, wandb_cfg={"enabled": False})
-    train(out_dir=tmp_path / "a", trainer_cfg=tcfg(), **kw)
-    r1 = train(out_dir=tmp_path / "b", trainer_cfg=tcfg(max_steps=19), **kw)
-    assert r1["stopped_early"] and r1["steps"] == 19
-    r2 = train(out_dir=tmp_path / "b", trainer_cfg=tcfg(), **kw)
-    assert not r2["stopped_early"] and r2["steps"] == 30
-    wa = load_file(str(tmp_path / "a" / "sae" / "sae_weights.safetensors"))
-    wb = load_file(str(tmp_path / "b" / "sae" / "sae_weights.safetensors"))
+    wa, wb = train_interrupted_and_resumed(tmp_path, store, cfg, seed)
     for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
         assert torch.equal(wa[name], wb[name]), (name, seed)
     assert float(wa["threshold"].min()) > 0, seed
@@ -301,15 +280,10 @@ def test_resume_is_exact(tmp_path):
 
 
 def test_sae_train_cli_jumprelu(tmp_path, console_script):
-    seed = _seed()
-    sd = SyntheticDictionary(24, 48, p_active=0.08, seed=seed)
-    x, _ = sd.sample(8192)
-    store = write_store(tmp_path / "acts.zarr", x, attrs={"model": "synthetic", "hook": "none"})
-    run = tmp_path / "run"
-    proc = console_script(  # the sae-train command line, run in this process (conftest.py)
-        "sae-train", f"run_dir={run}", f"store.path={store}", "sae=jumprelu",
-        "sae.n_latents=64", "sae.target_l0=4", "sae.bandwidth=0.01", "trainer.tokens=16384",
-        "trainer.batch_tokens=512", "device=cpu", f"seed={seed % 1000}", "wandb.enabled=false", threads=1)
+    seed = torch_seed()
+    _, x, proc, run = sae_train_on_synthetic(  # sae-train, in this process (conftest.py)
+        console_script, tmp_path, seed, "sae=jumprelu", "sae.n_latents=64", "sae.target_l0=4", "sae.bandwidth=0.01",
+        threads=1)
     assert proc.returncode == 0, proc.stderr[-4000:]
     cfg = json.loads((run / "sae" / "cfg.json").read_text())
     assert cfg["architecture"] == "jumprelu" and cfg["d_sae"] == 64 and cfg["d_in"] == 24, cfg

@@ -10,6 +10,8 @@ import json
 
 import pytest
 import torch
+from helpers.sae import perturb_topk_family, sae_train_on_synthetic
+from helpers.seeds import torch_seed
 from helpers.synthetic import train_on_synthetic
 
 import sae_dist
@@ -18,10 +20,6 @@ from sae_dist.sae.config import SAEConfig
 from sae_dist.sae.matryoshka import MatryoshkaSAE, default_prefixes
 from sae_dist.store import write_store
 from sae_dist.train.trainer import TrainerConfig, train
-
-
-def _seed() -> int:
-    return int(torch.randint(0, 2**31 - 1, ()))
 
 
 def _ref_nmse(x, r):
@@ -46,17 +44,14 @@ def _ref_auxk(pre, dead, residual, W_dec, k_aux):
 
 @pytest.mark.parametrize("base", ["topk", "batchtopk"])
 def test_nested_loss_and_gradients_match_a_loop_over_prefixes(base):
-    seed = _seed()
+    seed = torch_seed()
     g = torch.Generator().manual_seed(seed)
     d, n, k = 12, 40, 3
     prefixes, weights = [3, 10, 25, 40], [1.0, 2.0, 0.5, 3.5]
     sae = MatryoshkaSAE(SAEConfig(d_in=d, n_latents=n, k=k, k_aux=6, architecture="matryoshka",
                                   options={"base": base, "prefixes": prefixes, "level_weights": weights}),
                         generator=g)
-    with torch.no_grad():
-        sae.b_enc.copy_(0.3 * torch.randn(n, generator=g))
-        sae.b_dec.copy_(0.5 * torch.randn(d, generator=g))
-        sae.W_enc.add_(0.2 * torch.randn(d, n, generator=g))
+    perturb_topk_family(sae, g)
     x = torch.randn(48, d, generator=g)
     dead = torch.rand(n, generator=g) < 0.4
     res = sae.training_step_losses(x, dead)
@@ -126,7 +121,7 @@ def test_prefix_and_option_validation():
 
 
 def test_base_topk_recovers_the_dictionary(tmp_path):
-    seed = _seed()
+    seed = torch_seed()
     k = 4
     cfg = SAEConfig(d_in=32, n_latents=128, k=k, normalize="none", dead_tokens=16384, architecture="matryoshka",
                     options={"base": "topk"})
@@ -156,7 +151,7 @@ def test_first_prefix_carries_the_frequent_features(tmp_path):
     """Data where 8 of 64 features are 12x more frequent than the rest: the Matryoshka SAE's first
     prefix (8 latents) alone reconstructs them; a TopK SAE trained identically, truncated to its first
     8 latents, has no reason to put them there."""
-    seed = _seed()
+    seed = torch_seed()
     g = torch.Generator().manual_seed(seed)
     sd = SyntheticDictionary(32, 64, seed=seed)
     p = torch.cat([torch.full((8,), 0.25), torch.full((56,), 0.02)])
@@ -185,15 +180,9 @@ def test_first_prefix_carries_the_frequent_features(tmp_path):
 
 
 def test_sae_train_cli_matryoshka(tmp_path, console_script):
-    seed = _seed()
-    sd = SyntheticDictionary(24, 48, p_active=0.08, seed=seed)
-    x, _ = sd.sample(8192)
-    store = write_store(tmp_path / "acts.zarr", x, attrs={"model": "synthetic", "hook": "none"})
-    run = tmp_path / "run"
-    proc = console_script(  # the sae-train command line, run in this process (conftest.py)
-        "sae-train", f"run_dir={run}", f"store.path={store}", "sae=matryoshka",
-        "sae.n_latents=64", "sae.k=4", "sae.prefixes=[8,32,64]", "trainer.tokens=16384",
-        "trainer.batch_tokens=512", "device=cpu", f"seed={seed % 1000}", "wandb.enabled=false")
+    seed = torch_seed()
+    _, _, proc, run = sae_train_on_synthetic(  # sae-train, in this process (conftest.py)
+        console_script, tmp_path, seed, "sae=matryoshka", "sae.n_latents=64", "sae.k=4", "sae.prefixes=[8,32,64]")
     assert proc.returncode == 0, proc.stderr[-4000:]
     cfg = json.loads((run / "sae" / "cfg.json").read_text())
     assert cfg["architecture"] == "jumprelu" and cfg["k"] == 4 and cfg["d_sae"] == 64, cfg  # default base

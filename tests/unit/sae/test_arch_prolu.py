@@ -6,49 +6,28 @@ numpy, the export's forward, ground-truth recovery through the real trainer, L1 
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
+from helpers.sae import l1_cfg, randomize_weights, sae_train_on_sparse_atoms, train_l0_by_l1_coef
+from helpers.seeds import torch_seed
 from helpers.synthetic import train_on_synthetic
 
-from sae_dist.eval.synthetic import SyntheticDictionary, mean_max_cosine
+from sae_dist.eval.synthetic import mean_max_cosine
 from sae_dist.sae.config import SAEConfig
 from sae_dist.sae.export import export_sae, load_sae
 from sae_dist.sae.prolu import ProLUSAE, prolu
 from sae_dist.sae.registry import build_sae
-from sae_dist.store import write_store
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+_cfg = partial(l1_cfg, "prolu")
 
 
-def _seed() -> int:
-    return int(torch.randint(0, 2**31 - 1, ()))
-
-
-def _cfg(d=12, n=40, normalize="none", **options) -> SAEConfig:
-    return SAEConfig(d_in=d, n_latents=n, k=None, architecture="prolu", normalize=normalize, options=options)
-
-
-@torch.no_grad()
-def _randomize(sae, g, row_scale=False):
-    d, n = sae.d_in, sae.d_sae
-    w = torch.randn(n, d, generator=g)
-    w = w / w.norm(dim=-1, keepdim=True)
-    if row_scale:
-        w = w * (0.2 + 2.8 * torch.rand(n, 1, generator=g))
-    sae.W_dec.copy_(w)
-    if "W_enc" in dict(sae.named_parameters()):
-        sae.W_enc.copy_(torch.randn(d, n, generator=g) / d**0.5)
-    sae.b_enc.copy_(0.5 * torch.randn(n, generator=g))  # both signs: positive biases gate nothing
-    sae.b_dec.copy_(0.5 * torch.randn(d, generator=g))
+_randomize = partial(randomize_weights, row_scale=False, b_enc_scale=0.5)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -57,7 +36,7 @@ def _randomize(sae, g, row_scale=False):
 
 @pytest.mark.parametrize("ste", ["ste", "relu"])
 def test_prolu_function_forward_and_synthetic_gradients(ste):
-    seed = _seed()
+    seed = torch_seed()
     g = torch.Generator().manual_seed(seed)
     m = torch.randn(50, 30, generator=g, dtype=torch.float64)
     b = torch.randn(30, generator=g, dtype=torch.float64)
@@ -87,7 +66,7 @@ def test_prolu_function_forward_and_synthetic_gradients(ste):
 
 def test_prolu_function_mixed_precision_and_bad_variant():
     """bf16 m (autocast matmul output) with an fp32 bias: gradients come back in each input's dtype."""
-    seed = _seed()
+    seed = torch_seed()
     g = torch.Generator().manual_seed(seed)
     m32 = torch.randn(64, 16, generator=g)
     b = torch.randn(16, generator=g, requires_grad=True)
@@ -111,7 +90,7 @@ def test_prolu_function_mixed_precision_and_bad_variant():
 
 @pytest.mark.parametrize("ste", ["ste", "relu"])
 def test_loss_and_bias_gradient_match_numpy(ste):
-    seed = _seed()
+    seed = torch_seed()
     g = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     l1 = float(rng.uniform(0.01, 0.5))
@@ -150,7 +129,7 @@ def test_loss_and_bias_gradient_match_numpy(ste):
 def test_export_reproduces_the_training_forward(tmp_path, normalize, opts):
     """load_sae(export(sae)) on raw x (architecture "prolu": m = pre - b_enc, z = m 1[m>0] 1[pre>0])
     reproduces the training forward (the custom Function) on x = s * raw."""
-    seed = _seed()
+    seed = torch_seed()
     g = torch.Generator().manual_seed(seed)
     sae = build_sae(_cfg(normalize=normalize, **opts))
     _randomize(sae, g, row_scale=bool(opts.get("l1_decoder_norm")))
@@ -189,7 +168,7 @@ _GT_TRAIN = dict(tokens=300_000, batch_tokens=512, lr=1e-2)
 
 
 def test_prolu_recovers_a_synthetic_dictionary(tmp_path):
-    seed = _seed()
+    seed = torch_seed()
     cfg = SAEConfig(d_in=32, n_latents=128, k=None, architecture="prolu", normalize="none",
                     options={"l1_coef": _GT_L1})
     sd, res, loaded = train_on_synthetic(tmp_path, cfg, seed=seed, **_GT_TRAIN)
@@ -215,31 +194,15 @@ def test_prolu_recovers_a_synthetic_dictionary(tmp_path):
 
 
 def test_a_larger_l1_coefficient_gives_a_lower_l0(tmp_path):
-    seed = _seed()
-    sd = SyntheticDictionary(32, 64, p_active=0.05, seed=seed)
-    l0 = {}
-    for coef in (0.03, 0.3):
-        cfg = SAEConfig(d_in=32, n_latents=128, k=None, architecture="prolu", normalize="none",
-                        options={"l1_coef": coef})
-        _, res, _ = train_on_synthetic(tmp_path / str(coef), cfg, dictionary=sd, seed=seed, tokens=60_000,
-                                       batch_tokens=512, lr=1e-2)
-        l0[coef] = res["metrics"]["train/l0"]
+    seed = torch_seed()
+    l0 = train_l0_by_l1_coef(tmp_path, "prolu", seed)
     assert l0[0.3] < 0.5 * l0[0.03], (l0, seed)
 
 
 def test_sae_train_console_script_with_sae_prolu(tmp_path, console_script):
-    rng = np.random.default_rng(np.random.randint(2**31))
     d = 24
-    atoms = rng.normal(size=(48, d))
-    atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
-    coef = rng.exponential(size=(8000, 48)) * (rng.random((8000, 48)) < 3 / 48)
-    acts = (coef @ atoms + 0.01 * rng.normal(size=(8000, d))).astype(np.float32)
-    store = write_store(tmp_path / "acts.zarr", acts, attrs={"model": "synthetic", "hook": "none"})
-    run = tmp_path / "x"
-    proc = console_script(  # the sae-train command line, run in this process (conftest.py)
-        "sae-train", f"run_dir={run}", f"store.path={store}", "sae=prolu",
-        "sae.n_latents=64", "sae.ste=relu", "trainer.tokens=16384", "trainer.batch_tokens=512",
-        "device=cpu", "seed=0", "wandb.enabled=false")
+    acts, proc, run = sae_train_on_sparse_atoms(  # sae-train, in this process (conftest.py)
+        console_script, tmp_path, "sae=prolu", "sae.n_latents=64", "sae.ste=relu")
     assert proc.returncode == 0, proc.stderr[-6000:]
     cfg = json.loads((run / "sae" / "cfg.json").read_text())
     assert cfg["architecture"] == "prolu" and cfg["d_in"] == d and cfg["d_sae"] == 64

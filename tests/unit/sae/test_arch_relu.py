@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import json
 import math
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.sae import l1_cfg, randomize_weights, sae_train_on_sparse_atoms, train_l0_by_l1_coef
+from helpers.seeds import torch_seed
 from helpers.synthetic import train_on_synthetic
 from safetensors.torch import load_file
 
@@ -27,37 +30,13 @@ from sae_dist.sae.relu import ReLUSAE, auto_init_scale, l1_coef_at, l1_controlle
 from sae_dist.store import write_store
 from sae_dist.train.trainer import TrainerConfig, train
 
-
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # small matmuls: faster single-threaded on a shared 2-core box
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
-def _seed() -> int:
-    return int(torch.randint(0, 2**31 - 1, ()))
+_cfg = partial(l1_cfg, "relu")
 
 
-def _cfg(d=12, n=40, normalize="none", **options) -> SAEConfig:
-    return SAEConfig(d_in=d, n_latents=n, k=None, architecture="relu", normalize=normalize, options=options)
-
-
-@torch.no_grad()
-def _randomize(sae, g, row_scale=True):
-    """Non-trivial weights: random encoder/biases, decoder rows of random norms in [0.2, 3] (or unit)."""
-    d, n = sae.d_in, sae.d_sae
-    w = torch.randn(n, d, generator=g)
-    w = w / w.norm(dim=-1, keepdim=True)
-    if row_scale:
-        w = w * (0.2 + 2.8 * torch.rand(n, 1, generator=g))
-    sae.W_dec.copy_(w)
-    if "W_enc" in dict(sae.named_parameters()):
-        sae.W_enc.copy_(torch.randn(d, n, generator=g) / d**0.5)
-    sae.b_enc.copy_(0.3 * torch.randn(n, generator=g))
-    sae.b_dec.copy_(0.5 * torch.randn(d, generator=g))
+_randomize = partial(randomize_weights, row_scale=True, b_enc_scale=0.3)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -74,7 +53,7 @@ _GT_TRAIN = dict(tokens=300_000, batch_tokens=512, lr=1e-2)
 
 
 def test_relu_recovers_a_synthetic_dictionary(tmp_path):
-    seed = _seed()
+    seed = torch_seed()
     cfg = SAEConfig(d_in=32, n_latents=128, k=None, architecture="relu", normalize="none",
                     options={"l1_coef": _GT_L1})
     sd, res, loaded = train_on_synthetic(tmp_path, cfg, seed=seed, **_GT_TRAIN)
@@ -105,15 +84,8 @@ def test_relu_recovers_a_synthetic_dictionary(tmp_path):
 
 
 def test_a_larger_l1_coefficient_gives_a_lower_l0(tmp_path):
-    seed = _seed()
-    sd = SyntheticDictionary(32, 64, p_active=0.05, seed=seed)
-    l0 = {}
-    for coef in (0.03, 0.3):
-        cfg = SAEConfig(d_in=32, n_latents=128, k=None, architecture="relu", normalize="none",
-                        options={"l1_coef": coef})
-        _, res, _ = train_on_synthetic(tmp_path / str(coef), cfg, dictionary=sd, seed=seed, tokens=60_000,
-                                       batch_tokens=512, lr=1e-2)
-        l0[coef] = res["metrics"]["train/l0"]
+    seed = torch_seed()
+    l0 = train_l0_by_l1_coef(tmp_path, "relu", seed)
     assert l0[0.3] < 0.5 * l0[0.03], (l0, seed)
 
 
@@ -123,7 +95,7 @@ def test_a_larger_l1_coefficient_gives_a_lower_l0(tmp_path):
 
 @pytest.mark.parametrize("decoder_norm", [True, False])
 def test_loss_matches_a_numpy_computation(decoder_norm):
-    seed = _seed()
+    seed = torch_seed()
     g = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     l1, frac, n_steps = float(rng.uniform(0.01, 0.5)), float(rng.uniform(0.05, 0.5)), int(rng.integers(20, 200))
@@ -158,7 +130,7 @@ def test_loss_matches_a_numpy_computation(decoder_norm):
 
 
 def test_l1_warmup_schedule():
-    seed = _seed()
+    seed = torch_seed()
     rng = np.random.default_rng(seed)
     l1, frac, n_steps = float(rng.uniform(0.1, 2)), float(rng.uniform(0.02, 0.6)), int(rng.integers(50, 500))
     end = frac * n_steps
@@ -184,7 +156,7 @@ def test_l1_warmup_schedule():
 def test_export_folds_decoder_norms_and_reproduces_the_training_forward(tmp_path, normalize, tied):
     """load_sae(export(sae)) on raw x reproduces the TRAINING forward (training_step_losses' x^) on the
     normalised x = s * raw, with unit decoder rows although the trained rows are not unit."""
-    seed = _seed()
+    seed = torch_seed()
     g = torch.Generator().manual_seed(seed)
     sae = build_sae(_cfg(normalize=normalize, l1_decoder_norm=True, tied_weights=tied))
     _randomize(sae, g, row_scale=True)
@@ -216,7 +188,7 @@ def test_export_folds_decoder_norms_and_reproduces_the_training_forward(tmp_path
 
 @pytest.mark.parametrize("decoder_norm", [True, False])
 def test_tied_weights_share_storage_and_gradient(decoder_norm):
-    seed = _seed()
+    seed = torch_seed()
     g = torch.Generator().manual_seed(seed)
     tied = build_sae(_cfg(tied_weights=True, l1_coef=0.1, l1_decoder_norm=decoder_norm))
     assert [n for n, _ in tied.named_parameters()] == ["b_enc", "W_dec", "b_dec"]
@@ -285,7 +257,7 @@ def test_bad_options_are_named():
 def test_tied_relu_resumes_exactly(tmp_path, decoder_norm):
     """Stopped at step 19 (checkpoints every 8) then resumed == uninterrupted: same logged losses
     (L1 warm-up crossing the resume point), bit-identical exported weights; EMA and clipping on."""
-    seed = _seed()
+    seed = torch_seed()
     sd = SyntheticDictionary(16, 32, p_active=0.1, seed=seed)
     x, _ = sd.sample(3000)
     store = write_store(tmp_path / "s.zarr", x.numpy(), attrs={"model": "synthetic", "hook": "none"},
@@ -313,18 +285,9 @@ def test_tied_relu_resumes_exactly(tmp_path, decoder_norm):
 
 
 def test_sae_train_console_script_with_sae_relu(tmp_path, console_script):
-    rng = np.random.default_rng(np.random.randint(2**31))
     d = 24
-    atoms = rng.normal(size=(48, d))
-    atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
-    coef = rng.exponential(size=(8000, 48)) * (rng.random((8000, 48)) < 3 / 48)
-    acts = (coef @ atoms + 0.01 * rng.normal(size=(8000, d))).astype(np.float32)
-    store = write_store(tmp_path / "acts.zarr", acts, attrs={"model": "synthetic", "hook": "none"})
-    run = tmp_path / "x"
-    proc = console_script(  # the sae-train command line, run in this process (conftest.py)
-        "sae-train", f"run_dir={run}", f"store.path={store}", "sae=relu",
-        "sae.n_latents=64", "sae.l1_coef=0.02", "sae.tied_weights=true", "trainer.tokens=16384",
-        "trainer.batch_tokens=512", "device=cpu", "seed=0", "wandb.enabled=false")
+    acts, proc, run = sae_train_on_sparse_atoms(  # sae-train, in this process (conftest.py)
+        console_script, tmp_path, "sae=relu", "sae.n_latents=64", "sae.l1_coef=0.02", "sae.tied_weights=true")
     assert proc.returncode == 0, proc.stderr[-6000:]
     cfg = json.loads((run / "sae" / "cfg.json").read_text())
     assert cfg["architecture"] == "standard" and cfg["d_in"] == d and cfg["d_sae"] == 64

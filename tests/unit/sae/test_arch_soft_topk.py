@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.seeds import torch_seed
 from helpers.synthetic import train_on_synthetic
 
 from sae_dist.eval.synthetic import mean_max_cosine
@@ -12,12 +13,8 @@ from sae_dist.sae.config import SAEConfig
 from sae_dist.sae.soft_topk import annealed_temperature, soft_topk_mask, soft_topk_threshold
 
 
-def _seed() -> int:
-    return int(torch.randint(0, 2**31 - 1, ()))
-
-
 def test_mask_sums_to_k_and_tends_to_hard_topk():
-    seed = _seed()
+    seed = torch_seed()
     g = torch.Generator().manual_seed(seed)
     s = torch.randn(16, 40, generator=g, dtype=torch.float64)
     k = 5
@@ -33,7 +30,7 @@ def test_mask_sums_to_k_and_tends_to_hard_topk():
 
 
 def test_threshold_matches_a_bisection_reference():
-    seed = _seed()
+    seed = torch_seed()
     g = torch.Generator().manual_seed(seed)
     s = torch.randn(8, 30, generator=g, dtype=torch.float64)
     k, T = 4, 0.2
@@ -48,7 +45,7 @@ def test_threshold_matches_a_bisection_reference():
 
 def test_mask_gradient_is_the_implicit_function_formula():
     """d m_i / d s_j = m_i (1 - m_i) / T * (delta_ij - w_j), w_j = m_j (1 - m_j) / sum m (1 - m)."""
-    seed = _seed()
+    seed = torch_seed()
     g = torch.Generator().manual_seed(seed)
     s = torch.randn(1, 12, generator=g, dtype=torch.float64, requires_grad=True)
     k, T = 3, 0.5

@@ -10,6 +10,8 @@ import json
 
 import pytest
 import torch
+from helpers.sae import perturb_topk_family, sae_train_on_synthetic
+from helpers.seeds import torch_seed
 from helpers.synthetic import train_on_synthetic
 from safetensors.torch import load_file
 
@@ -28,19 +30,7 @@ from sae_dist.sae.tree import (
 from sae_dist.store import write_store
 from sae_dist.train.trainer import TrainerConfig, train
 
-
-@pytest.fixture(autouse=True)
-def _env(monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: faster single-threaded on a shared 2-core box
-    yield
-    torch.set_num_threads(n)
-
-
-def _seed() -> int:
-    return int(torch.randint(0, 2**31 - 1, ()))
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _random_forest(n: int, g: torch.Generator, p_edge: float = 0.7) -> torch.Tensor:
@@ -85,7 +75,7 @@ def _dense_tree_loss(z: torch.Tensor, par: torch.Tensor) -> torch.Tensor:
 
 
 def test_tree_loss_matches_a_dense_loop():
-    seed = _seed()
+    seed = torch_seed()
     g = torch.Generator().manual_seed(seed)
     n, B, k = 40, 64, 6
     par = _random_forest(n, g)
@@ -112,17 +102,14 @@ def _ref_auxk(pre, dead, residual, W_dec, k_aux):
 
 def test_training_step_matches_a_dense_reference():
     """Loss terms and every gradient of one step (configured tree, AuxK on) against dense autograd."""
-    seed = _seed()
+    seed = torch_seed()
     g = torch.Generator().manual_seed(seed)
     d, n, k, coef = 12, 40, 4, 0.7
     par = _random_forest(n, g)
     cfg = SAEConfig(d_in=d, n_latents=n, k=k, k_aux=6, architecture="tree",
                     options={"parents": par.tolist(), "tree_coef": coef})
     sae = TreeSAE(cfg, generator=g)
-    with torch.no_grad():
-        sae.b_enc.copy_(0.3 * torch.randn(n, generator=g))
-        sae.b_dec.copy_(0.5 * torch.randn(d, generator=g))
-        sae.W_enc.add_(0.2 * torch.randn(d, n, generator=g))
+    perturb_topk_family(sae, g)
     x = torch.randn(48, d, generator=g)
     dead = torch.rand(n, generator=g) < 0.4
     res = sae.training_step_losses(x, dead)
@@ -197,7 +184,7 @@ def _dense_rule(on: torch.Tensor, min_cooc: float, min_fires: int) -> list[int]:
 
 
 def test_coactivation_builder_recovers_a_planted_forest():
-    seed = _seed()
+    seed = torch_seed()
     g = torch.Generator().manual_seed(seed)
     n, T = 30, 6000
     vals, idx, planted, on = _planted_stream(n, T, g)
@@ -244,7 +231,7 @@ def test_bounded_partner_tables_are_lower_bounds_within_the_deficit():
     """With few partners per latent (Misra-Gries pruning) the kept counts are lower bounds of the exact
     co-firing counts, short by at most the row's deficit, absent partners fired together at most
     deficit times, and every edge made has a TRUE P(parent | child) >= min_cooccurrence."""
-    seed = _seed()
+    seed = torch_seed()
     g = torch.Generator().manual_seed(seed)
     n, T = 30, 4000
     vals, idx, _, on = _planted_stream(n, T, g)
@@ -313,7 +300,7 @@ def test_configured_parents_are_validated():
 
 
 def test_configured_tree_is_used_in_training_and_exported(tmp_path):
-    seed = _seed()
+    seed = torch_seed()
     g = torch.Generator().manual_seed(seed)
     par = _random_forest(64, g)
     cfg = SAEConfig(d_in=16, n_latents=64, k=4, normalize="none", architecture="tree",
@@ -328,7 +315,7 @@ def test_configured_tree_is_used_in_training_and_exported(tmp_path):
 
 
 def test_recovers_the_dictionary_and_writes_the_tree(tmp_path):
-    seed = _seed()
+    seed = torch_seed()
     k = 4
     cfg = SAEConfig(d_in=32, n_latents=128, k=k, normalize="none", dead_tokens=16384, architecture="tree",
                     options={"build_start_frac": 0.3, "build_tokens": 40_960})
@@ -366,7 +353,7 @@ def test_built_tree_links_child_features_to_their_parents(tmp_path):
     child for a random parent). Feature absorption (Chanin et al. 2024) pulls the parent direction into
     child latents, so P(parent latent | child latent) is often near 0.5, not 1: the tree is built with
     min_cooccurrence 0.3 here (about half of the 24 links are found on typical runs)."""
-    seed = _seed()
+    seed = torch_seed()
     g = torch.Generator().manual_seed(seed)
     d, n_par, n_ch, n = 32, 12, 2, 64
     F = torch.nn.functional.normalize(torch.randn(n_par * (1 + n_ch), d, generator=g), dim=-1)
@@ -398,7 +385,7 @@ def _resume_run(store, out, seed, max_steps=None):
 def test_resume_mid_count_equals_an_uninterrupted_run(tmp_path):
     """Counting runs over steps 6..13 (build_start_frac 0.2 of 30 steps, 8 batches); the run stops at
     step 10, resumes from the checkpoint of step 10: same weights, same tree, same logs."""
-    seed = _seed()
+    seed = torch_seed()
     sd = SyntheticDictionary(16, 48, p_active=0.08, seed=seed)
     store = write_store(tmp_path / "s.zarr", sd.sample(8192)[0], attrs={"hook": "h", "model": "m"})
     a, b = tmp_path / "a", tmp_path / "b"
@@ -424,15 +411,10 @@ def test_resume_mid_count_equals_an_uninterrupted_run(tmp_path):
 
 
 def test_sae_train_cli_tree(tmp_path, console_script):
-    seed = _seed()
-    sd = SyntheticDictionary(24, 48, p_active=0.08, seed=seed)
-    store = write_store(tmp_path / "acts.zarr", sd.sample(8192)[0], attrs={"model": "synthetic", "hook": "none"})
-    run = tmp_path / "run"
-    proc = console_script(  # the sae-train command line, run in this process (conftest.py)
-        "sae-train", f"run_dir={run}", f"store.path={store}", "sae=tree",
-        "sae.n_latents=64", "sae.k=4", "sae.build_start_frac=0.25", "sae.build_tokens=4096",
-        "sae.min_cooccurrence=0.2", "trainer.tokens=16384", "trainer.batch_tokens=2048", "device=cpu",
-        f"seed={seed % 1000}", "wandb.enabled=false")
+    seed = torch_seed()
+    sd, _, proc, run = sae_train_on_synthetic(  # sae-train, in this process (conftest.py)
+        console_script, tmp_path, seed, "sae=tree", "sae.n_latents=64", "sae.k=4", "sae.build_start_frac=0.25",
+        "sae.build_tokens=4096", "sae.min_cooccurrence=0.2", batch_tokens=2048)
     assert proc.returncode == 0, proc.stderr[-4000:]
     cfg = json.loads((run / "sae" / "cfg.json").read_text())
     assert cfg["architecture"] == "topk" and cfg["k"] == 4 and cfg["d_sae"] == 64, cfg

@@ -20,13 +20,13 @@ on rows with a near-tie (checked explicitly, at most 2 rows of 256).
 
 import json
 import math
-import random
 import warnings
 from functools import partial
 
 import numpy as np
 import pytest
 import torch
+from helpers.seeds import python_seed
 
 # sae-lens is a test extra (pyproject `test`): CI installs it, and a missing package fails here, no skip
 from sae_lens import (  # noqa: E402
@@ -48,10 +48,6 @@ from sae_dist.sae.formats import import_saelens, read_sae_cfg, to_saelens  # noq
 from sae_dist.sae.registry import build_sae  # noqa: E402
 
 HOOK = "blocks.3.hook_resid_post"
-
-
-def _seed():
-    return random.randrange(2**31)
 
 
 def _prefixed(prefix: str, report: str) -> str:
@@ -135,7 +131,7 @@ def _load_in_saelens(path):
 @pytest.mark.parametrize("arch", ["topk", "relu", "jumprelu", "batchtopk", "prolu"])
 @pytest.mark.parametrize("mode", ["scalar", "layer_norm"])
 def test_our_export_loads_in_saelens(tmp_path, arch, mode):
-    seed = _seed()
+    seed = python_seed()
     g = torch.Generator().manual_seed(seed)
     d, n, k = 24, 96, 5
     uses_k = arch in ("topk", "batchtopk")
@@ -166,7 +162,7 @@ def test_our_export_loads_in_saelens(tmp_path, arch, mode):
 
 def test_export_without_hook_or_model_loads_in_saelens(tmp_path):
     """hook_name / model_name None (export_sae allows it): SAELens still loads the file."""
-    seed = _seed()
+    seed = python_seed()
     g = torch.Generator().manual_seed(seed)
     sae = build_sae(SAEConfig(d_in=8, n_latents=32, k=3, architecture="topk", normalize="none"),
                     generator=torch.Generator().manual_seed(seed))
@@ -218,7 +214,7 @@ CASES = [
 @pytest.mark.parametrize("arch,cfg_kw", CASES, ids=[f"{a}-{'-'.join(f'{k}={v}' for k, v in c.items())}"
                                                     for a, c in CASES])
 def test_saelens_saved_loads_in_ours(tmp_path, arch, cfg_kw):
-    seed = _seed()
+    seed = python_seed()
     g = torch.Generator().manual_seed(seed)
     d, n, k = 20, 80, 6
     sl = _saelens_sae(arch, d, n, k, g, **cfg_kw)
@@ -248,7 +244,7 @@ def test_saelens_saved_loads_in_ours(tmp_path, arch, cfg_kw):
 
 
 def test_expected_average_only_in_folds_like_saelens(tmp_path):
-    seed = _seed()
+    seed = python_seed()
     g = torch.Generator().manual_seed(seed)
     d, n, k = 16, 64, 4
     sl = _saelens_sae("topk", d, n, k, g, normalize_activations="expected_average_only_in")
@@ -277,7 +273,7 @@ def test_expected_average_only_in_folds_like_saelens(tmp_path):
 
 
 def test_unsupported_saelens_architecture_is_named(tmp_path):
-    g = torch.Generator().manual_seed(_seed())
+    g = torch.Generator().manual_seed(python_seed())
     _saelens_sae("gated", 8, 16, None, g).save_model(tmp_path / "gated")
     with pytest.raises(ValueError, match="architecture 'gated' is not supported"):
         load_sae(tmp_path / "gated")
@@ -285,7 +281,7 @@ def test_unsupported_saelens_architecture_is_named(tmp_path):
 
 # ------------------------------------------------------------------ 3. pre-6.0 SAELens files
 def test_pre6_saelens_layout(tmp_path):
-    seed = _seed()
+    seed = python_seed()
     g = torch.Generator().manual_seed(seed)
     d, n, k = 12, 48, 3
     W_enc, W_dec = torch.randn(d, n, generator=g) / math.sqrt(d), torch.randn(n, d, generator=g) / math.sqrt(d)
@@ -343,7 +339,7 @@ def test_saelens_save_through_eval_and_browse(tmp_path, tiny_lm_dir):
     from sae_dist.harvest.hooks import resolve_hook, run_to_hook
     from sae_dist.store import write_store
 
-    seed = _seed()
+    seed = python_seed()
     g = torch.Generator().manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
     lm = AutoModelForCausalLM.from_pretrained(tiny_lm_dir, dtype=torch.float32).eval()

@@ -13,13 +13,13 @@ k-th and (k+1)-th pre-activations are within 1e-4 of each other (checked, at mos
 import json
 import math
 import os
-import random
 
 import pytest
 import torch
 
 os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # CPU tensors: sparsify's eager decoder
 import sparsify.sparse_coder  # noqa: E402  (a test extra: CI installs it; missing -> this file fails)
+from helpers.seeds import python_seed
 from sparsify import SparseCoder  # noqa: E402
 from sparsify.utils import eager_decode  # noqa: E402
 
@@ -32,10 +32,6 @@ from sae_dist.sae.registry import build_sae  # noqa: E402
 def _eager_sparsify_decoder(monkeypatch):
     # if another test imported sparsify before the env switch above, its Triton decoder was chosen
     monkeypatch.setattr(sparsify.sparse_coder, "decoder_impl", eager_decode)
-
-
-def _seed():
-    return random.randrange(2**31)
 
 
 def _topk_sae(d, n, k, mode, seed):
@@ -96,7 +92,7 @@ def _compare(sc, ours, x_sparsify, x_ours, seed, *, rtol, allow_flips=0, y_map=l
 
 @pytest.mark.parametrize("mode", ["none", "scalar"])
 def test_sparsify_loads_our_topk(tmp_path, mode, caplog):
-    seed = _seed()
+    seed = python_seed()
     g = torch.Generator().manual_seed(seed)
     d, n, k = 24, 96, 6
     sae = _topk_sae(d, n, k, mode, seed)
@@ -122,7 +118,7 @@ def test_sparsify_loads_our_topk(tmp_path, mode, caplog):
 def test_sparsify_from_loaded_module_with_b_dec_folded(tmp_path):
     """An SAE with apply_b_dec_to_input false (SAELens option; pre = x W_enc + b_enc) exported from the
     loaded module: b_dec W_enc folded into sparsify's encoder bias."""
-    seed = _seed()
+    seed = python_seed()
     g = torch.Generator().manual_seed(seed)
     d, n, k = 16, 64, 4
     out = export_sae(_topk_sae(d, n, k, "none", seed), tmp_path / "sae", hook_name=None, model_name=None,
@@ -144,7 +140,7 @@ def test_sparsify_from_loaded_module_with_b_dec_folded(tmp_path):
 
 
 def test_sparsify_layer_norm_needs_opt_in(tmp_path):
-    seed = _seed()
+    seed = python_seed()
     g = torch.Generator().manual_seed(seed)
     d, n, k = 16, 64, 4
     out = export_sae(_topk_sae(d, n, k, "layer_norm", seed), tmp_path / "sae", hook_name=None,
