@@ -116,3 +116,15 @@ def train_l0_by_l1_coef(tmp_path: Path, architecture: str, seed: int, coefs=(0.0
                                        batch_tokens=512, lr=1e-2)
         l0[coef] = res["metrics"]["train/l0"]
     return l0
+
+
+def reference_l1_controller(l0s, target, gain, tau, log0):
+    """The controller of `l1_controller_step` written out over a whole sequence of L0s with numpy."""
+    logs, e_prev, r = [log0], None, 0.0
+    for l0 in l0s:
+        e = np.log(max(l0, target / 1000) / target)
+        if e_prev is not None:
+            r = 0.9 * r + 0.1 * (e - e_prev)
+        logs.append(logs[-1] + gain * np.clip(e + tau * r, -1, 1))
+        e_prev = e
+    return np.array(logs)

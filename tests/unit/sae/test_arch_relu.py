@@ -1,23 +1,29 @@
 """`sae=relu` (ReLU + L1; Bricken et al. 2023, Cunningham et al. 2023, Conerly et al. 2024): ground-truth
-recovery through the real trainer (uniform, and Zipf-frequency / log-normal-magnitude dictionaries at the
-true L0), L1 -> sparsity, the loss against a numpy computation, the L1 warm-up, the initial encoder scale
-against its derivation, the L0-target controller (against a reference, in training steps only, identical
-on two data-parallel ranks, reaching its target, exact resume), the exact decoder-norm fold of the
-export, tied weights (shared storage, summed gradient, exact resume) and the `sae-train sae=relu`
-console script. Seeds from the conftest's fixed seed or fixed here (seed in the messages)."""
+recovery through the real trainer (uniform, and Zipf-frequency / log-normal-magnitude dictionaries at
+the true L0), L1 -> sparsity, the loss against a numpy computation, the L1 warm-up, the initial encoder
+scale against its derivation, the L0-target controller (against a reference, in training steps only,
+reaching its target, exact resume; identical on two data-parallel ranks:
+tests/integration/sae/test_arch_relu_dp.py), the exact decoder-norm fold of the export, tied weights
+(shared storage, summed gradient, exact resume) and the `sae-train sae=relu` console script. Seeds from
+the conftest's fixed seed or fixed here (seed in the messages)."""
 
 from __future__ import annotations
 
 import json
 import math
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers.sae import l1_cfg, randomize_weights, sae_train_on_sparse_atoms, train_l0_by_l1_coef
+from helpers.sae import (
+    l1_cfg,
+    randomize_weights,
+    reference_l1_controller,
+    sae_train_on_sparse_atoms,
+    train_l0_by_l1_coef,
+)
 from helpers.seeds import torch_seed
 from helpers.synthetic import train_on_synthetic
 from safetensors.torch import load_file
@@ -347,18 +353,6 @@ def test_init_scale_reaches_the_trainers_reinitialisation():
     assert tied.cfg.enc_init_scale == 1.0
 
 
-def _reference_controller(l0s, target, gain, tau, log0):
-    """The controller of `l1_controller_step` written out over a whole sequence of L0s with numpy."""
-    logs, e_prev, r = [log0], None, 0.0
-    for l0 in l0s:
-        e = np.log(max(l0, target / 1000) / target)
-        if e_prev is not None:
-            r = 0.9 * r + 0.1 * (e - e_prev)
-        logs.append(logs[-1] + gain * np.clip(e + tau * r, -1, 1))
-        e_prev = e
-    return np.array(logs)
-
-
 def test_controller_step_matches_a_reference():
     rng = np.random.default_rng(5)
     target, gain, tau = 6.0, 0.03, 7.0
@@ -368,7 +362,7 @@ def test_controller_step_matches_a_reference():
     for l0 in l0s:
         state = l1_controller_step(state, float(l0), target, gain, tau)
         got.append(state[0])
-    np.testing.assert_allclose(got, _reference_controller(l0s, target, gain, tau, np.log(0.02)), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(got, reference_l1_controller(l0s, target, gain, tau, np.log(0.02)), rtol=0, atol=1e-12)
     # direction and bounds: above the target and not approaching -> up by gain; below -> down; at it, held
     assert l1_controller_step((0.0, math.nan, 0.0), 6.0 * math.e**2, 6.0, 0.05, 10.0)[0] == pytest.approx(0.05)
     assert l1_controller_step((0.0, math.nan, 0.0), 12.0, 6.0, 0.05, 10.0)[0] == pytest.approx(0.05 * math.log(2))
@@ -403,73 +397,9 @@ def test_controller_runs_in_training_steps_after_the_warmup_only():
     assert l0 > 5.0  # a raise is due
     res = sae.training_step_losses(x)
     assert float(res.terms["l1_coef"]) == pytest.approx(0.05)  # this step used the old lambda
-    want = _reference_controller([l0], 5.0, 0.02, 0.1 * 10, np.log(0.05))[-1]
+    want = reference_l1_controller([l0], 5.0, 0.02, 0.1 * 10, np.log(0.05))[-1]
     assert float(sae.l1_controller[0]) == pytest.approx(want, abs=1e-12)
     assert sae.l1_coef_now() == pytest.approx(math.exp(want))
-
-
-def _dp_controller_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    """One gloo rank: the same SAE on every rank, each rank's own rows of a global batch (the second
-    half of the rows shifted along the encoder, so the ranks' local L0s differ), the controller's state
-    after every step."""
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
-
-        from sae_dist.parallel.mesh import ParallelContext
-        from sae_dist.parallel.tp import parallelize_sae
-
-        sae, data = _dp_case()
-        mesh = init_device_mesh("cpu", (world, 1), mesh_dim_names=("dp", "tp"))
-        parallelize_sae(sae, ParallelContext(world_size=world, rank=rank, dp=world, dp_rank=rank, mesh=mesh))
-        b = data.shape[1] // world
-        states = []
-        for t in range(data.shape[0]):
-            sae.set_progress(t, data.shape[0])
-            sae.training_step_losses(data[t, rank * b:(rank + 1) * b])
-            states.append(sae.l1_controller.clone())
-        torch.save(torch.stack(states), Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def _dp_case():
-    g = torch.Generator().manual_seed(21)
-    sae = build_sae(_cfg(target_l0=4.0, l1_coef=0.05, l1_warmup_frac=0.0, l0_gain=0.05))
-    _randomize(sae, g)
-    data = torch.randn(12, 128, 12, generator=g)
-    u = sae.W_enc.detach().sum(1)
-    data[:, 64:] += 3.0 * u / u.norm()  # raises most pre-activations of the second half's rows
-    return sae, data
-
-
-@pytest.mark.usefixtures("worker_forkserver")  # tests/conftest.py
-def test_controller_state_is_identical_on_every_data_parallel_rank(tmp_path):
-    """Two gloo ranks with different local L0s keep bit-identical controller states, equal to the
-    controller driven by the GLOBAL batch's L0 (computed here in one process)."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_dp_controller_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True,
-                       start_method="forkserver")
-    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
-    assert torch.equal(r0, r1)
-    sae, data = _dp_case()
-    with torch.no_grad():
-        active = F.relu((data - sae.b_dec) @ sae.W_enc + sae.b_enc) > 0  # [steps, 128, d_sae]
-    per_row = active.sum(-1).double()
-    global_l0 = per_row.mean(1).numpy()
-    local_l0 = per_row[:, :64].mean(1).numpy(), per_row[:, 64:].mean(1).numpy()
-    assert np.all(local_l0[1] > local_l0[0] + 2)  # the ranks see different L0s
-    ref = _reference_controller(global_l0, 4.0, 0.05, 0.1 * 12, np.log(0.05))[1:]
-    np.testing.assert_allclose(r0[:, 0].numpy(), ref, rtol=0, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------------------------
