@@ -16,11 +16,11 @@ import dataclasses
 import json
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from helpers.dist import free_port
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -38,12 +38,6 @@ BUF = 24  # bytes: 6 floats, smaller than one row of a W_enc or W_dec shard, so 
 FORBIDDEN = ("all_gather", "all_gather_into_tensor", "_all_gather_base", "gather", "all_gather_object",
              "gather_object", "broadcast", "broadcast_object_list", "scatter", "reduce_scatter",
              "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "send", "recv", "isend", "irecv")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _AllocRecorder(TorchDispatchMode):
@@ -178,7 +172,7 @@ def test_sharded_export_equals_single_process_export(tp, dp, tmp_path):
         export_sae(ref_sae, tmp_path / "ref" / mode, **_export_kwargs(mode, scale))
 
     (tmp_path / "sharded").mkdir()
-    args = (world, tp, _free_port(), cfg, weights, scale, str(tmp_path / "sharded"))
+    args = (world, tp, free_port(), cfg, weights, scale, str(tmp_path / "sharded"))
     mp.start_processes(_worker, args=args, nprocs=world, join=True, start_method="forkserver")
 
     for mode in MODES:

@@ -10,12 +10,12 @@ random data and seed every run.
 from __future__ import annotations
 
 import os
-import socket
 from functools import partial
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from helpers.dist import free_port, prefixed, tp_shard
 
 from sae_dist.parallel.mesh import shard_range
 from sae_dist.parallel.tp import build_sharded_sae, compact_kept, keep_from_topk
@@ -25,17 +25,6 @@ from sae_dist.sae.topk import TopKSAE, topk_losses_reference
 
 STEPS, LR = 20, 3e-3
 NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
-
-
-def _prefixed(prefix: str, report: str) -> str:
-    """assert_close `msg` callable (bound with partial): `prefix` before torch's mismatch report."""
-    return f"{prefix}: {report}"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cfg(multi_topk: bool) -> SAEConfig:
@@ -89,11 +78,6 @@ def _worker(rank, world, tp, port, cfg, xs, dead, b_dec, seed, out_dir, gather_c
     destroy_parallel(ctx)
 
 
-def _shard(t: torch.Tensor, name: str, lo: int, hi: int) -> torch.Tensor:
-    return {"W_enc": lambda: t[:, lo:hi], "b_enc": lambda: t[lo:hi], "W_dec": lambda: t[lo:hi],
-            "b_dec": lambda: t}[name]()
-
-
 @pytest.mark.usefixtures("worker_forkserver")  # tests/conftest.py
 @pytest.mark.parametrize("tp,dp,multi_topk,B,gather_cap", [
     (2, 1, False, 32, None), (1, 2, False, 32, None), (2, 2, True, 32, None), (4, 1, True, 34, None),
@@ -119,7 +103,7 @@ def test_sharded_steps_match_single_process(tp, dp, multi_topk, B, gather_cap, t
     ref_losses, ref_grads, ref_weights = _run(ref, xs, dead, lambda x: x,
                                               losses_fn=lambda x, d: topk_losses_reference(ref, x, d))
 
-    mp.start_processes(_worker, args=(world, tp, _free_port(), cfg, xs, dead, b_dec, seed, str(tmp_path),
+    mp.start_processes(_worker, args=(world, tp, free_port(), cfg, xs, dead, b_dec, seed, str(tmp_path),
                                       gather_cap), nprocs=world, join=True, start_method="forkserver")
     worst = 0.0
     for r in range(world):
@@ -130,14 +114,14 @@ def test_sharded_steps_match_single_process(tp, dp, multi_topk, B, gather_cap, t
         worst = max(worst, float((got["losses"] - ref_losses).abs().max()))
         for s in (0, STEPS - 1):
             for n in NAMES:
-                exp = _shard(ref_grads[s][n], n, lo, hi)
+                exp = tp_shard(ref_grads[s][n], n, lo, hi)
                 torch.testing.assert_close(got["grads"][s][n], exp, rtol=1e-5, atol=1e-5,
-                                           msg=partial(_prefixed, f"grad {n} step {s + 1}, rank {r}"))
+                                           msg=partial(prefixed, f"grad {n} step {s + 1}, rank {r}"))
                 worst = max(worst, float((got["grads"][s][n] - exp).abs().max()))
         for n in NAMES:
-            exp = _shard(ref_weights[n], n, lo, hi)
+            exp = tp_shard(ref_weights[n], n, lo, hi)
             torch.testing.assert_close(got["weights"][n], exp, rtol=1e-5, atol=1e-5,
-                                       msg=partial(_prefixed, f"weight {n}, rank {r}"))
+                                       msg=partial(prefixed, f"weight {n}, rank {r}"))
             worst = max(worst, float((got["weights"][n] - exp).abs().max()))
     print(f"tp={tp} dp={dp}: max abs difference over losses, grads, weights = {worst:.3g}")
     # AuxK must really have run in the compared steps
@@ -255,7 +239,7 @@ def test_allgather_fallback_is_chunked_and_exact(tmp_path):
     full = torch.randn(GATHER_B, n, generator=g)
     full[::4, 1] = float("-inf")  # AuxK pads: never selected
     ms = (6, 2)  # Multi-TopK-like: the top 6 and the top 2 among them
-    mp.start_processes(_gather_worker, args=(GATHER_TP, _free_port(), full, ms, str(tmp_path)),
+    mp.start_processes(_gather_worker, args=(GATHER_TP, free_port(), full, ms, str(tmp_path)),
                        nprocs=GATHER_TP, join=True, start_method="forkserver")
     row = GATHER_TP * GATHER_W * 4
     for r in range(GATHER_TP):

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from helpers.dist import free_port
 from safetensors.torch import load_file
 
 from sae_dist.store import write_store
@@ -70,12 +70,6 @@ def _train(store, run_dir, nproc=1, tp=1, extra=(), check=True, **popen):
     return r
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_worker(rank, world, port, argv, log_files):
     """One rank of `torchrun --standalone --nproc-per-node=world sae-train *argv` (with _env()'s
     variables), or of a plain `sae-train *argv` when world == 1: torchrun's environment, then the
@@ -106,7 +100,7 @@ def _run_ranks(store, run_dir, nproc=1, tp=1, extra=(), fail=False) -> str:
     logs = [Path(f"{run_dir}.rank{r}.log") for r in range(nproc)]
     argv = [*_args(store, run_dir, extra), f"parallel.tp={tp}"]
     try:
-        mp.start_processes(_rank_worker, args=(nproc, _free_port(), argv, [str(f) for f in logs]), nprocs=nproc,
+        mp.start_processes(_rank_worker, args=(nproc, free_port(), argv, [str(f) for f in logs]), nprocs=nproc,
                            join=True, start_method="forkserver")
         error = None
     except (mp.ProcessExitedException, mp.ProcessRaisedException) as e:

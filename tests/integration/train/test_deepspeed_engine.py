@@ -22,12 +22,12 @@ as the trainer does on CUDA) with DeepSpeed in fp32 mode. Fresh random data and 
 from __future__ import annotations
 
 import os
-import socket
 from functools import partial
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from helpers.dist import free_port, prefixed, tp_shard
 
 from sae_dist.sae.config import SAEConfig
 from sae_dist.sae.init import init_rows, tied_init_rows_
@@ -41,17 +41,8 @@ CLIP = 0.05  # below the gradient norm of these shapes (asserted), so clipping i
 NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
 
 
-def _prefixed(prefix: str, report: str) -> str:
-    """assert_close `msg` callable (bound with partial): `prefix` before torch's mismatch report."""
-    return f"{prefix}: {report}"
 TOL = dict(rtol=1e-5, atol=1e-5)
 _LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cfg() -> SAEConfig:
@@ -122,11 +113,6 @@ def _weights(model) -> dict:
 
 def _opt_state(engine) -> dict:
     return {n: {k: v.detach().clone() for k, v in st.items()} for n, st in engine.optimizer_state().items()}
-
-
-def _shard(t: torch.Tensor, name: str, lo: int, hi: int) -> torch.Tensor:
-    return {"W_enc": lambda: t[:, lo:hi], "b_enc": lambda: t[lo:hi], "W_dec": lambda: t[lo:hi],
-            "b_dec": lambda: t}[name]()
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -252,7 +238,7 @@ def _roundtrip(ctx, cfg, seed, xs, dead, b_dec, stage, clip, offload, out_dir):
 
 def _spawn(nprocs, tp, mode, data, stage, clip, offload, out_dir):
     cfg, seed, xs, dead, b_dec = data
-    mp.start_processes(_worker, args=(nprocs, tp, _free_port(), mode, cfg, seed, xs, dead, b_dec, stage,
+    mp.start_processes(_worker, args=(nprocs, tp, free_port(), mode, cfg, seed, xs, dead, b_dec, stage,
                                       clip, offload, str(out_dir)),
                        nprocs=nprocs, join=True, start_method="forkserver")
 
@@ -273,10 +259,10 @@ def test_single_process_matches_torch_engine(stage, clip, offload, amp, tmp_path
     torch.testing.assert_close(got["losses"], got["ref_losses"], **tol)
     for n in NAMES:
         torch.testing.assert_close(got["weights"][n], got["ref_weights"][n], **tol,
-                                   msg=partial(_prefixed, f"weight {n}"))
+                                   msg=partial(prefixed, f"weight {n}"))
         for k in ("exp_avg", "exp_avg_sq", "step"):
             torch.testing.assert_close(got["opt"][n][k], got["ref_opt"][n][k], **tol,
-                                       msg=partial(_prefixed, f"optimizer state {n}.{k}"))
+                                       msg=partial(prefixed, f"optimizer state {n}.{k}"))
             assert got["before"][n][k].shape == got["ref_weights"][n].shape or k == "step"
             assert float(got["before"][n][k].abs().max()) == 0.0
     assert float(got["opt"]["W_dec"]["step"]) == STEPS
@@ -318,19 +304,19 @@ def test_mesh_matches_single_process_torch_engine(tp, dp, stage, clip, offload, 
         torch.testing.assert_close(got["losses"], ref_losses, **TOL)
         worst = max(worst, float((got["losses"] - ref_losses).abs().max()))
         for n in NAMES:
-            exp = _shard(ref_w[n], n, lo, hi)
+            exp = tp_shard(ref_w[n], n, lo, hi)
             torch.testing.assert_close(got["weights"][n], exp, **TOL,
-                                       msg=partial(_prefixed, f"weight {n}, rank {r}"))
+                                       msg=partial(prefixed, f"weight {n}, rank {r}"))
             worst = max(worst, float((got["weights"][n] - exp).abs().max()))
             for k in ("exp_avg", "exp_avg_sq"):
-                exp = _shard(ref_opt[n][k], n, lo, hi)
+                exp = tp_shard(ref_opt[n][k], n, lo, hi)
                 torch.testing.assert_close(got["opt"][n][k], exp, **TOL,
-                                           msg=partial(_prefixed, f"optimizer state {n}.{k}, rank {r}"))
+                                           msg=partial(prefixed, f"optimizer state {n}.{k}, rank {r}"))
                 worst = max(worst, float((got["opt"][n][k] - exp).abs().max()))
             assert float(got["opt"][n]["step"]) == STEPS
         # global norm over dp partitions and tp shards, the replicated b_dec counted once
         torch.testing.assert_close(got["norms"], ref_norms, rtol=1e-5, atol=0,
-                                   msg=partial(_prefixed, f"gradient norms, rank {r}"))
+                                   msg=partial(prefixed, f"gradient norms, rank {r}"))
         norm_rel = max(norm_rel, float(((got["norms"] - ref_norms) / ref_norms).abs().max()))
     if clip is not None:
         assert float(ref_norms.max()) > clip  # clipping was active
