@@ -45,6 +45,7 @@ def _check_record(rec: dict, d, n, k, batch) -> None:
     assert rec["dead_latents"] == round(0.05 * n)
 
 
+@pytest.mark.slow
 def test_bench_cli_one_json_line(tmp_path):
     # eai-sparsify is a test extra: the comparison always runs in `make test`
     have_sparsify = importlib.util.find_spec("sparsify") is not None

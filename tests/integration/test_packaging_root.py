@@ -56,6 +56,7 @@ _FROM_ROOT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_root_first_on_sys_path_imports_peers_and_runs_a_kernel():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": ""}
     p = subprocess.run([sys.executable, "-c", _FROM_ROOT], cwd=ROOT, env=env, capture_output=True, text=True,

@@ -54,6 +54,7 @@ def pipeline_run(tiny_lm_dir, tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_pipeline_outputs_follow_the_contract(pipeline_run: Path):
     run = pipeline_run
     for rel in ["activations.zarr/zarr.json", "sae/cfg.json", "sae/sae_weights.safetensors",
@@ -134,6 +135,7 @@ def test_wrong_hook_lists_valid_names(tiny_lm_dir, tmp_path, console_script):
     assert all(kind in err for kind in ["resid_pre", "resid_post", "attn_out", "mlp_out"])
 
 
+@pytest.mark.slow
 def test_contract_train_command_on_a_write_store_store(tmp_path):
     """README's sae-train command, on a store written by write_store from arrays."""
     from sae_dist.store import write_store
@@ -179,6 +181,7 @@ def test_eval_refuses_an_sae_of_the_wrong_width(tiny_lm_dir: str, tmp_path, cons
     assert "24" in err and "32" in err
 
 
+@pytest.mark.slow
 def test_torchrun_two_harvest_workers_equal_one(pipeline_run: Path, tiny_lm_dir, tmp_path):
     """`torchrun --nproc-per-node 2 sae-harvest ...` writes one store identical to a single worker's:
     the store that the pipeline run's harvest (one worker, the same model, text and harvest options) wrote."""
@@ -208,6 +211,7 @@ def test_torchrun_two_harvest_workers_equal_one(pipeline_run: Path, tiny_lm_dir,
     assert {json.loads(m.read_text())["rank"] for m in markers} == {0, 1}
 
 
+@pytest.mark.slow
 def test_architecture_comparison_script(pipeline_run: Path, tiny_lm_dir: str, tmp_path):
     """launch/compare_architectures.sh as docs/architectures.md runs it, at toy size on the pipeline's
     store: every architecture trains through `sae-train -m`, is evaluated (eval.after_train=true), and

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from helpers.seeds import numpy_rng_seed
 
 from sae_dist.eval.scaling import (
@@ -48,6 +49,7 @@ def _wandb_records(path: Path):
             buf = b""
 
 
+@pytest.mark.slow
 def test_multirun_failed_points_are_reported_and_share_a_wandb_group(tmp_path):
     """A real `sae-train -m` sweep where half the points fail (k > n_latents): the others complete,
     every point has job_status.json, sweep_summary.json lists the failures, the command exits 1, and

@@ -113,6 +113,7 @@ def test_harvest_float16_and_bfloat16_round_the_fp32_values(lm, tmp_path):
         np.testing.assert_allclose(got, exp, rtol=0, atol=1e-6 * np.abs(ref).max())
 
 
+@pytest.mark.slow
 def test_two_workers_equal_one_worker_and_exhaustion_trims(lm, tmp_path):
     docs = tiny_corpus(**SMALL)
     _, tok = lm
@@ -183,6 +184,7 @@ def _output(proc) -> str:
     return proc.result.read_text() if proc.result.exists() else "(no result file)"
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("worker_forkserver")
 def test_kill_and_resume_equals_uninterrupted(lm, lm_dir, tmp_path):
     """SIGKILL a real harvest after its first shard marker; the rerun completes it bit-identically."""
@@ -217,6 +219,7 @@ def test_kill_and_resume_equals_uninterrupted(lm, lm_dir, tmp_path):
     np.testing.assert_array_equal(arrays["seq_index"], np.repeat(np.arange(200), BODY))
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("worker_forkserver")
 def test_two_worker_processes_with_gloo_barrier(lm, lm_dir, tmp_path):
     """Two real worker processes (torchrun-style env): rank 0 finalises after the gloo barrier."""

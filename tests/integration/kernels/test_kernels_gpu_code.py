@@ -25,6 +25,7 @@ def _env():
     return env
 
 
+@pytest.mark.slow
 def test_report_compiles_every_kernel_for_sm90a_without_spills_and_with_int64_offsets():
     """The production extremes (d_in 4096, k 64, k_aux 2048; bf16 and TF32) through the report CLI in a
     process without the interpreter: every kernel of the step, 0 spill bytes, 64-bit offsets."""

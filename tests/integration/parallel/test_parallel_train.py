@@ -150,6 +150,7 @@ def tp2xdp2(store, tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nproc,tp", [(2, 2), (2, 1), (4, 2)], ids=["tp2", "dp2", "tp2xdp2"])
 def test_mesh_matches_single_process(store, reference, tmp_path, nproc, tp, request):
     if (nproc, tp) == (4, 2):
@@ -177,6 +178,7 @@ def _restart_from(src: Path, dst: Path, step: int):
             shutil.rmtree(ck)
 
 
+@pytest.mark.slow
 def test_checkpoint_reshards_across_meshes(store, reference, tp2xdp2, tmp_path):
     saved = tp2xdp2  # only copied (_restart_from)
     for name, nproc, tp in (("single", 1, 1), ("tp4", 4, 4), ("dp2", 2, 1)):
@@ -194,6 +196,7 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in out.split()]
 
 
+@pytest.mark.slow
 def test_killed_rank_fails_fast_and_rerun_resumes(store, reference, tmp_path):
     run = tmp_path / "killed"
     # slow the run down (a checkpoint every step) so it is surely mid-training when a rank is killed
@@ -221,6 +224,7 @@ def test_killed_rank_fails_fast_and_rerun_resumes(store, reference, tmp_path):
         torch.testing.assert_close(_weights(run)[n], _weights(reference)[n], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_tp_errors_are_clear(store, tmp_path, console_script):
     # a plain single process: the sae-train command line, run in this process (conftest.py)
     r = console_script("sae-train", *_args(store, tmp_path / "a"), "parallel.tp=2")
@@ -229,6 +233,7 @@ def test_tp_errors_are_clear(store, tmp_path, console_script):
     assert r.returncode != 0 and "does not divide the world size 2" in r.stderr
 
 
+@pytest.mark.slow
 def test_deepspeed_engine_matches_and_resumes(store, reference, tmp_path):
     """trainer.engine=deepspeed (ZeRO-1 over dp=2) matches the single-process torch-engine run; its
     checkpoint resumes under ZeRO-2 at another mesh (tp=2) and still matches."""
@@ -244,6 +249,7 @@ def test_deepspeed_engine_matches_and_resumes(store, reference, tmp_path):
     _close(_log(resumed), _log(reference), "deepspeed zero-2 tp=2, resumed")
 
 
+@pytest.mark.slow
 def test_unsharded_architecture_refuses_tp_and_trains_data_parallel(store, tmp_path):
     """Architectures other than TopK do not shard latents: tp > 1 fails naming the architecture; at
     tp = 1 the ranks are data-parallel replicas whose logged losses track the single-process run

@@ -59,6 +59,7 @@ def _wait_for(cond, proc: subprocess.Popen, timeout: float = 120.0) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_second_trainer_is_refused_and_a_killed_holder_frees_the_run_dir(tmp_path):
     store = _store(tmp_path / "acts.zarr")
     run = tmp_path / "run"
@@ -128,6 +129,7 @@ def _log(run: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "train/tokens_per_s"} for r in rows]
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_exits_75_and_the_rerun_resumes_exactly(tmp_path, console_script):
     store = _store(tmp_path / "acts.zarr", n_tokens=16384)
     run = tmp_path / "run"
@@ -238,6 +240,7 @@ def _harvest_cli(run: Path, lm: str) -> list[str]:
             "harvest.tokens=20000", "harvest.seqs_per_chunk=8", "harvest.seqs_per_shard=8", "harvest.batch_size=8"]
 
 
+@pytest.mark.slow
 def test_sigterm_ends_a_harvest_between_shards_and_the_rerun_completes_it(tmp_path, tiny_lm_dir, console_script):
     import zarr
 
