@@ -42,7 +42,7 @@ endef
 # `make gpu-check`: the prepared check for one GPU machine (sae_dist/gpu_check.py, docs/gpu-check.md): the
 # kernel tests, the benchmarks against sparsify, a kernels on/off training comparison and sae-plan's
 # prediction, under 8 minutes on one H100/H200; writes $(GPU_CHECK_OUT)/gpu_check.json and gpu_check.md.
-# DRY=1: the same script at tiny shapes on the CPU (`make test` runs it too, tests/test_gpu_check.py).
+# DRY=1: the same script at tiny shapes on the CPU (`make test` runs it too, tests/integration/test_gpu_check_dry.py).
 # It installs nothing (a lent GPU machine may be offline): the venv's Python when there is one.
 GPU_CHECK_OUT ?= runs/gpu_check
 GPU_CHECK_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))

@@ -33,7 +33,7 @@ the measured number, and the sae-plan constants this measurement recalibrates (`
 
 `--dry` runs the same steps at tiny shapes (`DRY`: fp32 on the CPU unless --device cuda, the kernel
 tests' `-k` subset under Triton's interpreter, a few training steps), so that a script bug is found
-before GPU minutes are spent; `tests/test_gpu_check.py` runs it in `make test`.
+before GPU minutes are spent; `tests/integration/test_gpu_check_dry.py` runs it in `make test`.
 Exit code: 0 when every step passed (goals are recorded, not enforced), 1 otherwise; 2 for bad usage
 (e.g. the full check without CUDA).
 """
@@ -63,8 +63,9 @@ __all__ = ["CheckSizes", "FULL", "DRY", "ChipPeak", "CHIP_PEAKS", "chip_peak", "
            "evaluate_goals", "recalibrate", "render_markdown", "run_check", "main"]
 
 ROOT = Path(__file__).resolve().parents[1]
-KERNEL_TEST_FILES = ("tests/test_kernels_encoder.py", "tests/test_kernels_decode.py",
-                     "tests/test_kernels_auxk.py", "tests/test_kernel_step.py")
+KERNEL_TEST_FILES = ("tests/unit/kernels/test_kernels_encoder.py", "tests/unit/kernels/test_kernels_decode.py",
+                     "tests/unit/kernels/test_kernels_auxk.py", "tests/unit/kernels/test_kernel_step.py",
+                     "tests/integration/kernels/test_kernels_import.py")
 GiB = 2**30
 
 

@@ -1,4 +1,4 @@
-"""Device and tolerances of the kernel tests (tests/test_kernels_*.py, tests/test_kernel_step.py).
+"""Device and tolerances of the kernel tests (tests/unit/kernels/).
 
 Device: decided once, by `choose_kernel_device`, which conftest.py calls when pytest loads it (before
 any test module imports Triton or sae_dist.kernels: `triton.jit` reads TRITON_INTERPRET when a kernel

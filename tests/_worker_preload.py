@@ -19,7 +19,7 @@ for _name in (
     "sae_dist.harvest.lm",
     "sae_dist.parallel.export",
     "sae_dist.parallel.tp",
-    "sae_dist.testing",
+    "helpers.synthetic",
     "sae_dist.train.deepspeed_engine",
     "sae_dist.train.trainer",
     "deepspeed",

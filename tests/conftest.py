@@ -72,7 +72,7 @@ def kernel_device():
 @pytest.fixture(scope="session")
 def tiny_lm_dir(tmp_path_factory) -> str:
     """Directory holding a tiny random LlamaForCausalLM (d_model 32, 3 layers) and its BPE tokenizer."""
-    from sae_dist.testing import make_tiny_lm
+    from helpers.synthetic import make_tiny_lm
 
     return make_tiny_lm(tmp_path_factory.mktemp("tiny_lm"))
 

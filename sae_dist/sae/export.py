@@ -21,7 +21,7 @@ pre = (x_n - b_pre) W_enc + b_enc, z = TopK(pre), x_n^ = z W_dec + b_pre):
   the training module's x^ to float rounding; SAELens reproduces it up to its eps.
 * "none": weights exported unchanged.
 
-Compatibility (docs/formats.md; tests/test_formats_saelens.py checks it against SAELens 6.x): SAELens'
+Compatibility (docs/formats.md; tests/unit/sae/test_formats_saelens.py checks it against SAELens 6.x): SAELens'
 `SAE.load_from_disk` loads "topk", "standard" and "jumprelu" exports as they are (cfg.json's
 metadata.sae_lens_version marks the 6.x layout); "prolu" goes through
 `sae_dist.sae.formats.to_saelens`. `load_sae` also reads SAELens' own saves (via

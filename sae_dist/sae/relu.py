@@ -16,7 +16,7 @@ Sources:
   5% of training (`l1_warmup_frac`).
 
 Two departures from the papers, both measured on a planted dictionary (docs/architectures.md, "ReLU +
-L1"; tests/test_arch_relu.py):
+L1"; tests/unit/sae/test_arch_relu.py):
 - the initial encoder scale (`init_scale`, `auto_init_scale`): with the tied init W_enc = W_dec^T and
   b_enc = 0, about half of the n latents fire on every token and the first reconstruction is about
   n / (2 d_in) times the input (measured fvu 10.8 after 20 steps at n / d_in = 8). By default the

@@ -1,0 +1,169 @@
+"""The GPU code checked without a GPU: every kernel compiled for sm_90a (registers, spills, 64-bit
+offsets, by `sae_dist.kernels.report`), and a bounded number of compiled variants per shape."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sae_dist.kernels import report
+from sae_dist.kernels._common import record_variants
+from sae_dist.kernels.auxk import auxk_loss
+from sae_dist.kernels.encoder_topk import encode_topk
+
+KERNELS = {"encoder_topk"} | {f"{p}.{k}" for p in ("decode", "auxk_decode")
+                              for k in ("fwd", "grad_values", "grad_wdec_atomic", "grad_wdec_rows")}
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    return env
+
+
+@pytest.mark.slow
+def test_report_compiles_every_kernel_for_sm90a_without_spills_and_with_int64_offsets():
+    """The production extremes (d_in 4096, k 64, k_aux 2048; bf16 and TF32) through the report CLI in a
+    process without the interpreter: every kernel of the step, 0 spill bytes, 64-bit offsets."""
+    cmd = [sys.executable, "-m", "sae_dist.kernels.report", "--d-in", "4096", "--k", "64", "--k-aux", "2048",
+           "--dtype", "bf16", "fp32", "--jobs", "2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=_env())
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert {row["kernel"] for row in rows} == KERNELS
+    assert len(rows) == 2 * len(KERNELS)
+    for row in rows:
+        assert row["arch"] == "sm_90a" and row["config"]["d_in"] == 4096
+        assert row["spill_bytes"] == 0 and row["int64_offsets"] is True, row
+        assert 0 < row["registers"] <= 255 and row["shared_bytes"] <= 228 * 1024, row
+
+
+def _compile_ttir(src: str, tmp_path, name: str) -> str:
+    """Triton IR of a one-kernel module `src` compiled for sm_90a in a fresh process."""
+    path = tmp_path / f"{name}.py"
+    path.write_text(src)
+    code = (
+        "import importlib.util, sys, triton\n"
+        "from triton.backends.compiler import GPUTarget\nfrom triton.compiler import ASTSource\n"
+        f"spec = importlib.util.spec_from_file_location('m', {str(path)!r})\n"
+        "m = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(m)\n"
+        "sig = {'x': '*fp32', 'out': '*fp32', 'i': 'i32', 'stride': 'i32', 'BLOCK': 'constexpr'}\n"
+        "k = triton.compile(ASTSource(m.kern, sig, {'BLOCK': 16}), target=GPUTarget('cuda', 90, 32))\n"
+        "sys.stdout.write(k.asm['ttir'])\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+_KERNEL_SRC = """
+import triton
+import triton.language as tl
+
+@triton.jit
+def kern(x, out, i, stride, BLOCK: tl.constexpr):
+    r = tl.arange(0, BLOCK){cast}
+    tl.store(out + r, tl.load(x + (r * stride + i)))
+"""
+
+
+def test_int64_offset_check_tells_32_bit_from_64_bit_pointer_arithmetic(tmp_path):
+    """The report's offset check on IR of known width: `x + r * stride` in int32 (how the fused encoder
+    indexed W_enc before: it wraps once d_in x n >= 2^31) fails, the int64 form passes."""
+    ttir32 = _compile_ttir(_KERNEL_SRC.format(cast=""), tmp_path, "k32")
+    ttir64 = _compile_ttir(_KERNEL_SRC.format(cast=".to(tl.int64)"), tmp_path, "k64")
+    assert "tt.addptr" in ttir32 and not report.int64_offsets(ttir32)
+    assert report.int64_offsets(ttir64)
+
+
+def test_report_rejects_a_bad_arch():
+    r = subprocess.run([sys.executable, "-m", "sae_dist.kernels.report", "--arch", "hopper"],
+                       capture_output=True, text=True, timeout=60, env=_env())
+    assert r.returncode != 0 and "--arch 'hopper'" in r.stderr and "sm_90a" in r.stderr
+
+
+def _variants_by_kernel(seen) -> dict:
+    out: dict = {}
+    for key in seen:
+        out[key[0]] = out.get(key[0], 0) + 1
+    return out
+
+
+@pytest.mark.parametrize("k_aux", [16, 24])
+def test_dead_count_sweep_compiles_a_bounded_number_of_variants(k_aux, kernel_device):
+    """As the dead count sweeps every value 0..k_aux + 2, the fused encoder launches one variant and no
+    kernel of the step more than log2(k_aux) + 2 (Triton's compile-cache key: argument specialisation,
+    constexprs and launch options, recorded at each launch)."""
+    B, d, n, k = 8, 16, 96, 4
+    g = torch.Generator().manual_seed(0)
+    dev = kernel_device
+    x = torch.randn(B, d, generator=g).to(dev)
+    W_enc = torch.randn(d, n, generator=g).to(dev).requires_grad_()
+    W_dec = torch.randn(n, d, generator=g).to(dev).requires_grad_()
+    b_enc, b_pre = torch.zeros(n, device=dev), torch.zeros(d, device=dev)
+    with record_variants() as seen:
+        for n_dead in range(k_aux + 3):
+            dead = torch.zeros(n, dtype=torch.bool)
+            dead[torch.randperm(n, generator=g)[:n_dead]] = True
+            dead = dead.to(dev)
+            v, i, av, ai = encode_topk(x, W_enc, b_enc, b_pre, k, dead_mask=dead, k_aux=k_aux, backend="triton")
+            loss = auxk_loss(av, ai, W_dec, x, backend="triton") if av is not None else W_dec.sum() * 0
+            (loss + v.sum()).backward()
+    counts = _variants_by_kernel(seen)
+    assert counts["encoder_topk"] == 1, counts
+    assert counts["fwd"] >= 2  # the AuxK decode did run at several widths
+    assert max(counts.values()) <= math.log2(k_aux) + 2, counts
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_triton_w_enc_gradient_atomic_and_csr_paths_equal_the_reference(deterministic, kernel_device):
+    """fp32 W_enc on the Triton backend: the atomic-scatter W_enc gradient (default) and the CSR path
+    (deterministic algorithms on) both equal the dense autograd oracle, AuxK codes included."""
+    from sae_dist.kernels.encoder_topk import encode_topk_reference
+
+    B, d, n, k, k_aux = 24, 16, 80, 4, 6
+    g = torch.Generator().manual_seed(1)
+    dev = kernel_device
+    x = torch.randn(B, d, generator=g).to(dev)
+    dead = (torch.rand(n, generator=g) < 0.3).to(dev)
+    grads = []
+    for fn, backend in ((encode_topk, "triton"), (encode_topk_reference, "torch")):
+        W = torch.randn(d, n, generator=torch.Generator().manual_seed(2)).to(dev).requires_grad_()
+        b_enc = torch.zeros(n, device=dev, requires_grad=True)
+        b_pre = torch.zeros(d, device=dev, requires_grad=True)
+        prev = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(deterministic and backend == "triton")
+        try:
+            v, _, av, _ = fn(x, W, b_enc, b_pre, k, dead_mask=dead, k_aux=k_aux, backend=backend)
+            (v.pow(2).sum() + 0.5 * av.sum()).backward()
+        finally:
+            torch.use_deterministic_algorithms(prev)
+        grads.append((W.grad, b_enc.grad, b_pre.grad))
+    for got, want in zip(grads[0], grads[1], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_dead_latent_pass_in_several_chunks_equals_the_reference(monkeypatch, kernel_device):
+    """The AuxK candidates of the Triton path come from a pass over the dead latents' columns; with a
+    tiny latent_chunk and block budget it runs in many column chunks and token blocks and still gives
+    the reference's candidates."""
+    import sae_dist.kernels.encoder_topk as et
+
+    B, d, n, k, k_aux = 16, 8, 120, 3, 5
+    g = torch.Generator().manual_seed(3)
+    dev = kernel_device
+    x, W = torch.randn(B, d, generator=g).to(dev), torch.randn(d, n, generator=g).to(dev)
+    b_enc, b_pre = torch.randn(n, generator=g).to(dev), torch.zeros(d, device=dev)
+    dead = (torch.rand(n, generator=g) < 0.5).to(dev)
+    # chunks of max(latent_chunk, 2 k_aux) = 10 dead latents, blocks of 7 * 15 // (5 + 10) = 7 tokens
+    monkeypatch.setattr(et, "DEAD_PASS_ELEMENTS", 7 * 15)
+    _, _, av, ai = et.encode_topk(x, W, b_enc, b_pre, k, dead_mask=dead, k_aux=k_aux, backend="triton",
+                                  latent_chunk=4)
+    _, _, rav, rai = et.encode_topk_reference(x, W, b_enc, b_pre, k, dead_mask=dead, k_aux=k_aux)
+    torch.testing.assert_close(av.sort(1).values, rav.sort(1).values)
+    assert torch.equal(ai.sort(1).values, rai.sort(1).values)

