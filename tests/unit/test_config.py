@@ -20,7 +20,7 @@ from sae_dist import CONF_DIR
 from sae_dist.sae.config import SAEConfig
 from sae_dist.train.config import TrainerConfig
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 #: the only values a YAML of conf/ sets differently from its dataclass (everything else is a default)
 YAML_DIFFERENCES = {
