@@ -95,7 +95,9 @@ class TopKSAE(SparseAutoencoder):
 
     # ------------------------------------------------------------------ decoder
     def decode_sparse(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """Sparse decode (values, indices) [B, k] -> sum_j v_j W_dec[i_j] + b_pre [B, d_in]."""
+        """Sparse decode (values, indices) [B, k] -> sum_j v_j W_dec[i_j] + b_pre [B, d_in] (the whole SAE:
+        NotImplementedError on a latent shard)."""
+        self._check_whole()
         return sparse_decode(values, indices, self.W_dec) + self.b_dec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

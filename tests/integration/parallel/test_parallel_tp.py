@@ -148,6 +148,18 @@ def test_meta_build_has_shard_shapes():
         build_sharded_sae(SAEConfig(d_in=8, n_latents=64, k=2), tp=3, tp_rank=0, device="meta")
 
 
+def test_inference_on_a_shard_refuses():
+    """A latent shard trains but does not run inference (it would silently use its own latents only)."""
+    shard = build_sharded_sae(SAEConfig(d_in=8, n_latents=16, k=2), tp=2, tp_rank=1)
+    x = torch.randn(3, 8)
+    for call in (lambda: shard(x), lambda: shard.encode(x), lambda: shard.decode(torch.zeros(3, 16)),
+                 lambda: shard.decode_sparse(torch.ones(3, 2), torch.zeros(3, 2, dtype=torch.long))):
+        with pytest.raises(NotImplementedError, match="one latent shard"):
+            call()
+    whole = build_sharded_sae(SAEConfig(d_in=8, n_latents=16, k=2), tp=1, tp_rank=0)
+    assert whole(x).shape == (3, 8)
+
+
 def test_meta_shards_agree_with_sae_plan():
     """The 2^24 x 4096 SAE built on the meta device at tp=64: every rank's parameters have the
     planner's shard shapes, and `sae-plan`'s parameter memory equals 4 bytes x the module's count."""
