@@ -196,6 +196,7 @@ def test_splice_identity_zero_and_restore(tiny):
     assert _n_hooks(model) == before
 
 
+@pytest.mark.slow  # trains through the real trainer (or loads the embedded LM): over 10 s
 def test_embedded_smollm2_default_hook():
     """Smoke: the embedded SmolLM2-135M GGUF loads and its default hook resolves and runs (~25 s)."""
     from sae_dist.harvest.lm import embedded_default_lm

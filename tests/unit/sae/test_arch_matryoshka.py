@@ -120,6 +120,7 @@ def test_prefix_and_option_validation():
     assert MatryoshkaSAE.shardable is False
 
 
+@pytest.mark.slow  # trains through the real trainer (or loads the embedded LM): over 10 s
 def test_base_topk_recovers_the_dictionary(tmp_path):
     seed = torch_seed()
     k = 4
@@ -147,6 +148,7 @@ def _skewed_data(sd: SyntheticDictionary, n: int, p: torch.Tensor, g: torch.Gene
     return coef @ sd.features + 0.01 * torch.randn(n, sd.d, generator=g)
 
 
+@pytest.mark.slow  # trains through the real trainer (or loads the embedded LM): over 10 s
 def test_first_prefix_carries_the_frequent_features(tmp_path):
     """Data where 8 of 64 features are 12x more frequent than the rest: the Matryoshka SAE's first
     prefix (8 latents) alone reconstructs them; a TopK SAE trained identically, truncated to its first

@@ -428,6 +428,7 @@ def _zipf_run(tmp_path, **options):
                 train_l0=res["metrics"]["train/l0"], random=mean_max_cosine(sd.features, torch.randn(512, 64)))
 
 
+@pytest.mark.slow  # trains through the real trainer (or loads the embedded LM): over 10 s
 def test_relu_recovers_a_zipf_lognormal_dictionary_at_the_true_l0(tmp_path):
     """target_l0 = the true L0 with the default options: the dictionary is recovered (MMCS >= 0.9, a
     random decoder scores ~0.37) at L0 within 20% of the truth, and the SAE still explains > 40% of the

@@ -68,6 +68,7 @@ def test_anneal_schedule():
     assert annealed_temperature(7, 11, T0, T1, "none") == pytest.approx(T0)
 
 
+@pytest.mark.slow  # trains through the real trainer (or loads the embedded LM): over 10 s
 @pytest.mark.parametrize("mode", ["ste", "soft"])
 def test_recovers_the_dictionary_with_hard_l0_k(tmp_path, mode):
     k = 4
