@@ -156,10 +156,10 @@ def time_fn(fn: Callable[[int], object], iters: int, warmup: int, device: torch.
 
 # ---------------------------------------------------------------------------------------------- steps
 def _make_our_step(d, n, k, dtype, device, kernels, multi_topk, dead, xs, bf16, adam="trainer"):
-    from sae_dist.sae.auxk import DeadLatentTracker
+    from sae_dist.sae.base import DeadLatentTracker
     from sae_dist.sae.config import PAPER_DEAD_TOKENS, SAEConfig
     from sae_dist.sae.topk import TopKSAE, topk_losses_reference
-    from sae_dist.train.lr import default_lr
+    from sae_dist.train.engine import default_lr
     from sae_dist.train.trainer import TrainerConfig, make_optimizer
 
     cfg = SAEConfig(d_in=d, n_latents=n, k=k, multi_topk=multi_topk)

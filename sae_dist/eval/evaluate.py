@@ -42,7 +42,7 @@ from sae_dist.eval.n2g import n2g_metrics_from_codes
 from sae_dist.eval.probes import probe_loss, token_task_labels
 from sae_dist.eval.progressive import check_topk_sae, k_values_from_factors, progressive_curve
 from sae_dist.eval.shrinkage import sae_shrinkage
-from sae_dist.store.normalize import normalize
+from sae_dist.store.reader import normalize
 
 __all__ = ["evaluate", "write_eval_json", "CONTRACT_KEYS"]
 
@@ -625,7 +625,7 @@ def _check_metric_options(probe_min_count, ablation_latents, ablation_occurrence
 
 def _layer_norm_pair(x: torch.Tensor, x_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(x_n, x_hat_n): x and its reconstruction mapped with x's own per-token layer norm
-    (`sae_dist.store.normalize`, mode "layer_norm"), i.e. into the space the SAE was trained in."""
+    (`sae_dist.store.reader.normalize`, mode "layer_norm"), i.e. into the space the SAE was trained in."""
     x_n, ctx = normalize(x, "layer_norm")
     return x_n, (x_hat - ctx["mean"]) * (math.sqrt(x.shape[-1]) / ctx["norm"])
 

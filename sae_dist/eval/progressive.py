@@ -39,7 +39,7 @@ import torch
 
 from sae_dist.eval.metrics import ReconstructionStats
 from sae_dist.sae.export import check_d_in, topk_pre_blocked
-from sae_dist.store.normalize import normalize
+from sae_dist.store.reader import normalize
 
 __all__ = [
     "DEFAULT_K_FACTORS", "TruncatedCodesError", "check_topk_sae", "k_values_from_factors", "topk_codes",

@@ -22,7 +22,7 @@ the covariance curve_fit estimates from the residuals - None when there are no d
   term depends on k alone.
 * L(C) at each k: C = 6 * d_in * n * tokens (FLOPs of a dense forward + backward through an encoder of
   d_in x n parameters, the 6ND convention; the sparse decoder's O(k) cost is left out), along the
-  compute-efficient frontier: every point's training curve (train_log.jsonl, train/normalized_mse,
+  compute-efficient frontier: every point's training curve (train_log.jsonl, train/fvu,
   smoothed over a few log records) gives (C, L) pairs; the frontier is the lower envelope over all
   n at that k; fitted with the same power law + irreducible term (sec. 3.1, "L(C)").
 
@@ -356,7 +356,8 @@ def _sweep_point(d: Path, ev: dict, cfg: dict, st: dict, js: dict, metric: str, 
 
 def _train_curve(log: Path, d_in: int, n: int, smooth: int) -> dict | None:
     """The training curve of train_log.jsonl: {"compute": 6 d_in n tokens, "loss": the logged
-    train/normalized_mse (else train/fvu), sorted by tokens and smoothed over `smooth` records}, or None
+    train/fvu (train/normalized_mse in logs of earlier releases), sorted by tokens and smoothed over
+    `smooth` records}, or None
     when no record has both (lines that are not JSON are skipped)."""
     tok, val = [], []
     for line in log.read_text().splitlines():
@@ -364,7 +365,7 @@ def _train_curve(log: Path, d_in: int, n: int, smooth: int) -> dict | None:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue
-        v = rec.get("train/normalized_mse", rec.get("train/fvu"))
+        v = rec.get("train/fvu", rec.get("train/normalized_mse"))
         if rec.get("tokens") and v is not None:
             tok.append(float(rec["tokens"]))
             val.append(float(v))

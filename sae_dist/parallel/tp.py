@@ -2,9 +2,9 @@
 
 `parallelize_sae(sae, ctx)` is the one entry point, in the manner of torchtitan's `parallelize_*`
 functions: it cuts a model built on the meta device down to this rank's latent shard, materialises it,
-and installs `MeshComm`, the collectives of `sae_dist.sae.comm` over the mesh's groups. The model's
-own training step (`TopKSAE.training_step_losses`) then runs unchanged; the engines sum gradients
-over dp with `sync_grads_over_dp` and clip with `clip_grad_norm_` (docs/parallel.md).
+and installs `MeshComm`, the collectives of `sae_dist.sae.base.LocalComm` over the mesh's groups. The
+model's own training step (`TopKSAE.training_step_losses`) then runs unchanged; the torch engine sums
+gradients over dp and clips them through the same `sae.comm` (`sae_dist.train.engine`, docs/parallel.md).
 
 Layout: tp rank r holds latents [r n/tp, (r+1) n/tp): W_enc[:, shard] [d_in, n/tp], b_enc[shard],
 W_dec[shard] [n/tp, d_in]; b_dec (= b_pre) [d_in] is replicated. Every tp rank of a dp group sees the
@@ -44,8 +44,7 @@ from sae_dist.sae.config import SAEConfig
 from sae_dist.sae.registry import build_sae
 
 __all__ = ["parallelize_sae", "build_sharded_sae", "MeshComm", "global_keep", "compact_kept", "keep_from_topk",
-           "allgather_keep", "sync_grads_over_dp", "clip_grad_norm_", "reduce_fired_over_dp", "GATHER_CHUNK_BYTES",
-           "gather_chunk_rows"]
+           "allgather_keep", "GATHER_CHUNK_BYTES", "gather_chunk_rows"]
 
 #: The all-gather fallback of the exact global TopK (B not divisible by tp) gathers the fp32
 #: candidate values of at most this many bytes at a time ([rows, tp * w] per chunk of tokens, rows =
@@ -155,7 +154,7 @@ def compact_kept(values: torch.Tensor, indices: torch.Tensor, keep: torch.Tensor
 
 
 class MeshComm:
-    """The collectives of `sae_dist.sae.comm.LocalComm` over the dp x tp mesh of `ctx` (module docstring).
+    """The collectives of `sae_dist.sae.base.LocalComm` over the dp x tp mesh of `ctx` (module docstring).
     A dim of size 1 has no group and its collectives are identities."""
 
     def __init__(self, ctx: ParallelContext):
@@ -249,43 +248,3 @@ def build_sharded_sae(cfg: SAEConfig, ctx: ParallelContext | None = None, *, tp:
     if ctx.tp == 1:
         _shard_parameters_(sae, 0, cfg.n_latents, ctx.device)
     return parallelize_sae(sae, ctx)
-
-
-@torch.no_grad()
-def sync_grads_over_dp(sae: nn.Module, ctx: ParallelContext) -> None:
-    """Sum every gradient of `sae` over the dp group (no-op without one): the per-rank losses are shares
-    of the global loss (or, for whole-SAE replicas, loss / dp), so the sum is the global gradient."""
-    g = ctx.dp_group
-    if g is None:
-        return
-    for p in sae.parameters():
-        if p.grad is not None:
-            all_reduce_(p.grad, g)
-
-
-@torch.no_grad()
-def clip_grad_norm_(sae: SparseAutoencoder, max_norm: float, ctx: ParallelContext) -> torch.Tensor:
-    """Clip the gradients of `sae` to a global L2 norm over the whole (unsharded) SAE: the latent shards'
-    squared norms summed over tp, the replicated b_dec (and any other replicated parameter) counted once.
-    Returns the total norm before clipping (0-d float32)."""
-    sharded = {"W_enc", "b_enc", "W_dec"} if ctx.tp > 1 else set()
-    grads = [(n, p.grad) for n, p in sae.named_parameters() if p.grad is not None]
-    zero = torch.zeros((), device=sae.W_dec.device)
-    sq_sharded = sum((g.float().pow(2).sum() for n, g in grads if n in sharded), zero)
-    sq = all_reduce_(sq_sharded, ctx.tp_group) + sum((g.float().pow(2).sum() for n, g in grads if n not in sharded),
-                                                     zero)
-    total = sq.sqrt()
-    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for _, g in grads:
-        g.mul_(coef.to(g.dtype))
-    return total
-
-
-@torch.no_grad()
-def reduce_fired_over_dp(fired: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
-    """bool [n_local] 'fired on this rank's rows' -> 'fired anywhere in the global batch' (max over dp)."""
-    if ctx.dp_group is None:
-        return fired
-    f = fired.to(torch.uint8)
-    all_reduce_(f, ctx.dp_group, op=torch.distributed.ReduceOp.MAX)
-    return f.bool()

@@ -21,7 +21,12 @@ extras by name. Inputs are the NORMALISED activations of the store; export folds
 The shared pieces every architecture uses: the tied init (W_enc = W_dec^T, Gao et al. 2024 section
 2.4.1; also Conerly et al. 2024), unit-norm decoder rows with the parallel gradient component removed
 (Gao et al. 2024 Appendix A.1; Bricken et al. 2023), the normalised MSE and the AuxK loss on dense
-pre-activations (`sae_dist.sae.auxk`).
+pre-activations (`auxk_term`).
+
+Also here, because every architecture's training step uses them: `LocalComm`, the collectives a
+step calls through `sae.comm` (identities on one process; `sae_dist.parallel.tp.MeshComm` over a
+mesh), `normalized_mse`, and `DeadLatentTracker`, the per-latent "tokens since last fired" counter
+that marks AuxK's dead latents.
 """
 
 from __future__ import annotations
@@ -33,10 +38,148 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from sae_dist.sae.comm import LOCAL, LocalComm
+from sae_dist.kernels.sparse_decode import auxk_loss_reference
 from sae_dist.sae.config import SAEConfig
 
-__all__ = ["SparseAutoencoder", "TrainOutput", "NoOptions", "torch_dtype", "parse_options"]
+__all__ = ["SparseAutoencoder", "TrainOutput", "NoOptions", "torch_dtype", "parse_options", "LocalComm",
+           "LOCAL", "normalized_mse", "dead_topk", "DeadLatentTracker"]
+
+
+# ------------------------------------------------------------------------------------------ collectives
+class LocalComm:
+    """One process holding the whole SAE and the whole batch: tp = dp = 1, every collective the identity.
+
+    The methods (the contract `MeshComm` implements over a mesh):
+      copy_to_tp(t) / reduce_from_tp(t): the two conjugate tensor-parallel operators (Shoeybi et al.
+        2019): identity forward with the gradient summed over tp, and the sum over tp forward with an
+        identity backward. Differentiable.
+      sum_over_tp_(t), sum_over_dp_(t), max_over_dp_(t): in-place sums / maxima of a no-grad tensor.
+      gather_over_dp(t): rows of every dp rank concatenated along dim 0 (rank order).
+      batch_variance(x): sum_b ||x_b - mean(x)||^2 over the GLOBAL batch (all dp ranks' rows), float32;
+        the denominator of the paper's normalised MSE (Gao et al. 2024, section 2.2).
+      select_topk(values, indices, ms, width): per m in ms, this shard's entries among the global
+        top-m of each row of the candidates (values, indices [B, w], values sorted descending along
+        each row, w >= max(ms) here); returns [(values [B, m'], indices [B, m'])] with -1 indices (and
+        values 0) where a slot holds no kept entry. Locally: the first m columns. width: the common
+        candidate width over tp (pad target; unused here).
+    """
+
+    tp = 1
+    dp = 1
+    tp_rank = 0
+
+    def copy_to_tp(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def reduce_from_tp(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def sum_over_tp_(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def sum_over_dp_(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def max_over_dp_(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def gather_over_dp(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def batch_variance(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf - xf.mean(0, keepdim=True)).pow(2).sum()
+
+    def select_topk(self, values: torch.Tensor, indices: torch.Tensor, ms: tuple[int, ...],
+                    width: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(values[:, :m], indices[:, :m]) for m in ms]
+
+
+#: The shared single-process instance (stateless).
+LOCAL = LocalComm()
+
+
+# ------------------------------------------------------------------------------------------ losses
+def normalized_mse(target: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+    """Paper's normalised MSE (section 2.2): sum_b ||t_b - r_b||^2 / sum_b ||t_b - mean_b(t)||^2.
+
+    target, recon [B, d]. Over one batch this equals the fraction of variance unexplained (fvu).
+    Returns a 0-d tensor (float32 accumulation); NaN/Inf if the batch has zero variance.
+    """
+    t = target.float()
+    r = recon.float()
+    num = (t - r).pow(2).sum(-1).mean()
+    den = (t - t.mean(0, keepdim=True)).pow(2).sum(-1).mean()
+    return num / den
+
+
+def dead_topk(pre_acts: torch.Tensor, dead_mask: torch.Tensor, k_aux: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The AuxK latents of each token from dense pre-activations (Gao et al. 2024, section 2.4.1): the
+    top min(k_aux, n_dead) pre-activations among the dead latents, ReLU'd.
+
+    pre_acts [B, d_sae] float; dead_mask bool [d_sae]; k_aux >= 1. Returns (values [B, k'] >= 0,
+    indices [B, k'] int64), k' = min(k_aux, dead latents), for `sae_dist.kernels.sparse_decode.auxk_loss`.
+    Raises ValueError when dead_mask is not bool [d_sae].
+    """
+    if dead_mask.dtype != torch.bool or dead_mask.shape != pre_acts.shape[-1:]:
+        raise ValueError(f"dead_mask must be bool [{pre_acts.shape[-1]}], got {dead_mask.dtype} "
+                         f"{tuple(dead_mask.shape)}")
+    k_eff = min(int(k_aux), int(dead_mask.sum()))
+    vals, idx = pre_acts.masked_fill(~dead_mask, float("-inf")).topk(k_eff, dim=-1, sorted=False)
+    return torch.relu(vals), idx
+
+
+# ------------------------------------------------------------------------------------------ dead latents
+class DeadLatentTracker:
+    """Per-latent count of tokens since each latent last fired (section 2.4.1).
+
+    `tokens_since_fired` int64 [n_latents]; `ever_fired` bool [n_latents]. A latent is dead when
+    tokens_since_fired >= dead_tokens. A latent "fires" on a token when it is among the TopK and
+    its ReLU'd value is > 0.
+    """
+
+    def __init__(self, n_latents: int, dead_tokens: int, device: torch.device | str = "cpu"):
+        self.n_latents = n_latents
+        self.dead_tokens = int(dead_tokens)
+        self.tokens_since_fired = torch.zeros(n_latents, dtype=torch.int64, device=device)
+        self.ever_fired = torch.zeros(n_latents, dtype=torch.bool, device=device)
+
+    @torch.no_grad()
+    def fired(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """bool [n_latents]: latents among `indices` [B, k] with a value > 0 in `values` [B, k]."""
+        fired = torch.zeros(self.n_latents, dtype=torch.bool, device=indices.device)
+        fired[indices[values > 0]] = True
+        return fired
+
+    @torch.no_grad()
+    def update(self, values: torch.Tensor, indices: torch.Tensor) -> None:
+        """values, indices [B, k] of one batch of B tokens."""
+        self.update_fired(self.fired(values, indices), indices.shape[0])
+
+    @torch.no_grad()
+    def update_fired(self, fired: torch.Tensor, n_tokens: int) -> None:
+        """Advance the counters by a batch of n_tokens in which the latents of bool [n_latents] `fired`
+        fired (under data parallelism: OR-reduced over dp, n_tokens = the global batch)."""
+        self.tokens_since_fired += int(n_tokens)
+        self.tokens_since_fired[fired] = 0
+        self.ever_fired |= fired
+
+    def dead_mask(self) -> torch.Tensor:
+        """bool [n_latents]: True where tokens_since_fired >= dead_tokens."""
+        return self.tokens_since_fired >= self.dead_tokens
+
+    def dead_fraction(self) -> float:
+        return float(self.dead_mask().float().mean())
+
+    def state_dict(self) -> dict:
+        return {
+            "tokens_since_fired": self.tokens_since_fired,
+            "ever_fired": self.ever_fired,
+        }
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.tokens_since_fired.copy_(sd["tokens_since_fired"])
+        self.ever_fired.copy_(sd["ever_fired"])
 
 
 @dataclass
@@ -44,9 +187,10 @@ class TrainOutput:
     """Result of `training_step_losses` for one batch x [B, d_in]. Losses are 0-d float32 tensors.
 
     loss: the differentiable total (the only field with a graph).
-    normalized_mse: detached NMSE of the main reconstruction (logged as train/fvu).
+    fvu: detached normalised MSE of the main reconstruction over the batch (Gao et al. 2024, section
+      2.2; over one batch it is the fraction of variance unexplained), logged as train/fvu.
     auxk_loss: detached AuxK loss (0 when the architecture has none).
-    multi_topk_mse: detached Multi-TopK NMSE or None.
+    multi_topk_fvu: detached normalised MSE of the Multi-TopK reconstruction (at multi_topk_factor * k) or None.
     x_hat [B, d_in]: detached reconstruction.
     values, indices [B, k]: the kept latents of TopK-family architectures (None for dense ones).
     fired: bool [d_sae] latents that fired on this batch (None: derived from values/indices).
@@ -55,9 +199,9 @@ class TrainOutput:
     """
 
     loss: torch.Tensor
-    normalized_mse: torch.Tensor
+    fvu: torch.Tensor
     auxk_loss: torch.Tensor
-    multi_topk_mse: torch.Tensor | None
+    multi_topk_fvu: torch.Tensor | None
     x_hat: torch.Tensor
     values: torch.Tensor | None = None
     indices: torch.Tensor | None = None
@@ -117,7 +261,7 @@ class SparseAutoencoder(nn.Module):
     #: True for TopK-family models: k latents per token, `encode_sparse` / sparse training outputs.
     uses_k: ClassVar[bool] = False
     Options: ClassVar[type] = NoOptions
-    #: The collectives of the training step (`sae_dist.sae.comm`): identities on one process;
+    #: The collectives of the training step (`LocalComm`): identities on one process;
     #: `sae_dist.parallel.tp.parallelize_sae` installs the mesh's on the instance.
     comm: LocalComm = LOCAL
 
@@ -216,14 +360,13 @@ class SparseAutoencoder(nn.Module):
                   x_hat: torch.Tensor) -> torch.Tensor:
         """The AuxK loss of Gao et al. 2024 (sec. 2.4.1 / A.2): the top `cfg.k_aux` dead-latent
         pre-activations pre [B, d_sae] reconstruct the residual x - x_hat.detach() (x, x_hat [B, d_in]),
-        normalised by the residual's variance (`sae_dist.sae.auxk.auxk_loss`). A float32 scalar; 0 when
-        `dead_mask` (bool [d_sae]) is None or `cfg.auxk_coef` is 0. The caller adds auxk_coef times it."""
+        normalised by the residual's variance (`dead_topk`, then
+        `sae_dist.kernels.sparse_decode.auxk_loss_reference`). A float32 scalar; 0 when `dead_mask` (bool
+        [d_sae]) is None, no latent is dead or `cfg.auxk_coef` is 0. The caller adds auxk_coef times it."""
         if dead_mask is None or self.cfg.auxk_coef <= 0:
             return pre.new_zeros((), dtype=torch.float32)
-        from sae_dist.sae.auxk import auxk_loss
-
-        residual = (x - x_hat.detach()).float()
-        return auxk_loss(pre, dead_mask, residual, self.W_dec, self.cfg.k_aux)
+        values, indices = dead_topk(pre, dead_mask, self.cfg.k_aux)
+        return auxk_loss_reference(values, indices, self.W_dec, (x - x_hat.detach()).float())
 
     def refuse_multi_topk(self) -> None:
         """ValueError naming the architecture when `cfg.multi_topk` is set on one that lacks it."""

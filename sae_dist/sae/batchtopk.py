@@ -32,8 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from sae_dist.sae.auxk import normalized_mse
-from sae_dist.sae.base import TrainOutput
+from sae_dist.sae.base import TrainOutput, normalized_mse
 from sae_dist.sae.config import SAEConfig
 from sae_dist.sae.topk import TopKSAE
 

@@ -17,7 +17,7 @@ pre = (x_n - b_pre) W_enc + b_enc, z = TopK(pre), x_n^ = z W_dec + b_pre):
   x_sl^ * std + mu. Since ||x - mu|| = std * sqrt(d - 1), x_n = c * x_sl with c = sqrt(d / (d - 1))
   (up to SAELens' eps, a relative 1e-5/std difference). The constant c is folded exactly like s
   above: b_enc' = b_enc / c, b_dec' = b_pre / c, W_enc, W_dec unchanged (unit rows). `load_sae`
-  applies our normalisation exactly (sae_dist.store.normalize) and divides by c, so it reproduces
+  applies our normalisation exactly (sae_dist.store.reader.normalize) and divides by c, so it reproduces
   the training module's x^ to float rounding; SAELens reproduces it up to its eps.
 * "none": weights exported unchanged.
 
@@ -40,7 +40,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from sae_dist.sae.auxk import sparse_decode
+from sae_dist.kernels.sparse_decode import sparse_decode_reference
 from sae_dist.sae.sae_files import CFG_FILENAME, WEIGHTS_FILENAME, hook_layer, read_sae_files
 
 __all__ = ["export_sae", "load_sae", "ExportedSAE", "ExportedTopKSAE", "check_d_in", "topk_pre_blocked",
@@ -212,7 +212,7 @@ class ExportedSAE(nn.Module):
     cfg.json "normalize_activations" (x -> x_n on the way in, the inverse on the way out):
       "none": x_n = x.
       "layer_norm", our export (cfg.json has a "sae_dist" block): our per-token normalisation
-          (sae_dist.store.normalize, Gao et al. 2024 sec. 2.1) divided by the fold factor
+          (sae_dist.store.reader.normalize, Gao et al. 2024 sec. 2.1) divided by the fold factor
           c = sqrt(d_in / (d_in - 1)) (module docstring), i.e. x_n = (x - mean) / std_unbiased.
       "layer_norm", written by SAELens: SAELens' rule x_n = (x - mean) / (std_unbiased + 1e-5),
           output y * std_unbiased + mean.
@@ -419,7 +419,7 @@ class ExportedTopKSAE(ExportedSAE):
         """(values, indices) [..., k] -> raw reconstruction [..., d_in]."""
         lead = values.shape[:-1]
         kk = values.shape[-1]
-        y = sparse_decode(values.reshape(-1, kk), indices.reshape(-1, kk), self.W_dec) + self.b_dec
+        y = sparse_decode_reference(values.reshape(-1, kk), indices.reshape(-1, kk), self.W_dec, self.b_dec)
         return self.denormalize_output(y).reshape(*lead, self.d_in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ Sources:
   reconstruction's pull towards more latents balances a small excess over T (see `JumpReLUOptions`).
 
 The reconstruction term is the normalised MSE of Gao et al. 2024 (section 2.2) that every architecture
-of this package uses (`sae_dist.sae.auxk.normalized_mse`), i.e. the paper's squared error divided by
+of this package uses (`sae_dist.sae.base.normalized_mse`), i.e. the paper's squared error divided by
 the batch variance D = E_b||x_b - mean(x)||^2: lambda here is the paper's lambda / D.
 """
 
@@ -46,8 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sae_dist.sae.auxk import normalized_mse
-from sae_dist.sae.base import SparseAutoencoder, TrainOutput
+from sae_dist.sae.base import SparseAutoencoder, TrainOutput, normalized_mse
 from sae_dist.sae.config import SAEConfig
 
 __all__ = ["JumpReLUSAE", "JumpReLUOptions", "JumpReLUFunction", "StepFunction", "jumprelu", "step",

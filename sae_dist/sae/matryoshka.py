@@ -199,7 +199,7 @@ class MatryoshkaSAE(BatchTopKSAE):
 
     def reconstruction_losses(self, x: torch.Tensor, rows, cols, values):
         """(x^_L, sum_l w_l NMSE(x, x^_l), NMSE(x, x^_L), {"nmse_level{l}": NMSE of level l < L-1}).
-        x^_l = x^_{l-1} + D_l (`band_decodes`), x^_0 = b_pre; NMSE as `sae_dist.sae.auxk.normalized_mse`
+        x^_l = x^_{l-1} + D_l (`band_decodes`), x^_0 = b_pre; NMSE as `sae_dist.sae.base.normalized_mse`
         (float32 sums, one denominator for all levels)."""
         parts = self.band_decodes(rows, cols, values, x.shape[0])
         xf = x.float()

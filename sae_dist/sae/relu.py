@@ -28,7 +28,7 @@ L1"; tests/unit/sae/test_arch_relu.py):
   L0 is not known in advance).
 
 The reconstruction term is the normalised MSE of Gao et al. 2024 (section 2.2) that every architecture
-of this package uses (`sae_dist.sae.auxk.normalized_mse`), so lambda is in units of "fraction of
+of this package uses (`sae_dist.sae.base.normalized_mse`), so lambda is in units of "fraction of
 variance per unit of summed latent activation": see `ReLUOptions` for the default's derivation.
 `l1_coef_at`, `l1_penalty`, `fold_decoder_norms` and the class itself are reused by the ProLU SAE
 (`sae_dist.sae.prolu.ProLUSAE` subclasses `ReLUSAE`).
@@ -43,8 +43,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from sae_dist.sae.auxk import normalized_mse
-from sae_dist.sae.base import SparseAutoencoder, TrainOutput, parse_options
+from sae_dist.sae.base import SparseAutoencoder, TrainOutput, normalized_mse, parse_options
 from sae_dist.sae.config import SAEConfig
 
 __all__ = ["ReLUSAE", "ReLUOptions", "l1_coef_at", "l1_penalty", "fold_decoder_norms", "auto_init_scale",

@@ -19,11 +19,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sae_dist.kernels.auxk import decode_aux, safe_ratio
 from sae_dist.kernels.encoder_topk import encode_topk
-from sae_dist.kernels.sparse_decode import sparse_decode as kernel_sparse_decode
-from sae_dist.sae.auxk import normalized_mse, sparse_decode
-from sae_dist.sae.base import SparseAutoencoder, TrainOutput
+from sae_dist.kernels.sparse_decode import decode_aux, safe_ratio, sparse_decode, sparse_decode_reference
+from sae_dist.sae.base import SparseAutoencoder, TrainOutput, normalized_mse
 from sae_dist.sae.config import SAEConfig
 
 __all__ = ["TopKSAE", "TrainOutput", "encoder_operands", "topk_losses_reference"]
@@ -98,7 +96,7 @@ class TopKSAE(SparseAutoencoder):
         """Sparse decode (values, indices) [B, k] -> sum_j v_j W_dec[i_j] + b_pre [B, d_in] (the whole SAE:
         NotImplementedError on a latent shard)."""
         self._check_whole()
-        return sparse_decode(values, indices, self.W_dec) + self.b_dec
+        return sparse_decode_reference(values, indices, self.W_dec, self.b_dec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, d_in] -> x_hat [B, d_in] (normalised space)."""
@@ -152,7 +150,7 @@ class TopKSAE(SparseAutoencoder):
 
     def _decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """x^ [B, d_in] = sum over the tp shards of this shard's sparse decode, + b_pre."""
-        part = kernel_sparse_decode(values, indices, self.W_dec, None, backend=self.cfg.kernel_backend)
+        part = sparse_decode(values, indices, self.W_dec, None, backend=self.cfg.kernel_backend)
         return self.comm.reduce_from_tp(part) + self.b_dec
 
     def _auxk_widths(self, dead_mask: torch.Tensor | None) -> tuple[int, int]:

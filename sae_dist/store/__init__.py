@@ -17,15 +17,16 @@ from sae_dist.store.layout import (
     write_block,
     write_store,
 )
-from sae_dist.store.normalize import MODES, denormalize, normalize, scalar_scale
+
+#: names of `sae_dist.store.reader`, imported on first use: the reader pulls in torch, writers stay light
+_READER_NAMES = ("ActivationStore", "MODES", "denormalize", "normalize", "scalar_scale")
 
 
 def __getattr__(name):
-    # The reader pulls in torch; import it lazily so writers stay light.
-    if name == "ActivationStore":
-        from sae_dist.store.reader import ActivationStore
+    if name in _READER_NAMES:
+        from sae_dist.store import reader
 
-        return ActivationStore
+        return getattr(reader, name)
     raise AttributeError(f"module 'sae_dist.store' has no attribute {name!r}")
 
 

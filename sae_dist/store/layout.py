@@ -495,7 +495,7 @@ def norm_stats_partial(acts) -> dict:
     Args: acts [m, d_model] numpy array or torch tensor (any float dtype, any device).
     Returns: {"mean_norm": mean_i ||x_i||_2, "mean_sq_norm": mean_i ||x_i||_2^2, "n": m}, accumulated
         in float64 (0.0 means when m == 0). mean_norm is E||x|| of the scalar normalisation
-        s = sqrt(d) / E||x|| (see `sae_dist.store.normalize.scalar_scale`).
+        s = sqrt(d) / E||x|| (see `sae_dist.store.reader.scalar_scale`).
     """
     m = int(acts.shape[0])
     if m == 0:

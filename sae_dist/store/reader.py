@@ -1,4 +1,5 @@
-"""`ActivationStore`: endless, shuffled, dp-split, prefetched, normalised batches from a store.
+"""`ActivationStore`: endless, shuffled, dp-split, prefetched, normalised batches from a store; the input
+normalisation of activations and its exact inverse.
 
 Order of rows (a pure function of ``seed``, the epoch and the batch index, so resume is exact and
 free). The read unit is one shard file (``shard_tokens`` rows).
@@ -20,6 +21,21 @@ With ``shuffle=False`` shards and rows keep store order (stream = rows 0, 1, 2, 
 Resuming from ``state_dict() == {"epoch": e, "batch": j, ...}`` recomputes which group holds position
 j*B and starts there; nothing is replayed. A state saved at one dp_size can be loaded at another
 (same batch_tokens): the global batch sequence does not depend on dp_size.
+
+Input normalisation (`normalize`, `denormalize`, `scalar_scale`), applied to every batch:
+Modes (Gao et al. 2024, "Scaling and evaluating sparse autoencoders", sec. 2.1 and appendix):
+
+- ``"layer_norm"``: per token, subtract the mean over d_model and scale to unit L2 norm (the paper's
+  LayerNorm without affine parameters); we multiply by sqrt(d) so that ||x_n|| = sqrt(d) (entries of
+  order 1). ctx = {"mean": [..., 1], "norm": [..., 1]} (the norm after the eps floor) so `denormalize`
+  restores x exactly (up to float rounding).
+- ``"scalar"``: x_n = s * x with one dataset-wide scalar s = sqrt(d) / E||x|| (`scalar_scale`, from
+  the store's norm_stats), so E||x_n|| = sqrt(d). ctx = {"scale": s}. Linear, hence foldable into
+  exported SAE weights.
+- ``"none"``: identity.
+
+Functions accept torch tensors or numpy arrays [..., d] and return the same kind; half-precision
+inputs are computed in float32 and returned in their own dtype.
 """
 
 from __future__ import annotations
@@ -47,13 +63,114 @@ from sae_dist.store.layout import (
     norm_stats_from_data,
     open_store,
 )
-from sae_dist.store.normalize import check_mode, scalar_scale
-from sae_dist.store.normalize import normalize as _normalize
+
+__all__ = ["ActivationStore", "MODES", "check_mode", "scalar_scale", "normalize", "denormalize"]
 
 _STATE_VERSION = 1
 _ND = default_buffer_prototype().nd_buffer
 
 
+# ----------------------------------------------------------------------------------------- normalisation
+MODES = ("layer_norm", "scalar", "none")
+EPS = 1e-8
+
+
+def check_mode(mode) -> str:
+    """Return the canonical mode name (None -> "none"); ValueError listing the valid modes otherwise."""
+    if mode is None:
+        return "none"
+    if mode not in MODES:
+        raise ValueError(f"unknown normalisation mode {mode!r}; valid modes: {list(MODES)}")
+    return mode
+
+
+def scalar_scale(norm_stats: Mapping[str, Any], d: int) -> float:
+    """s = sqrt(d) / E||x|| for the "scalar" mode, from a store's ``norm_stats`` attribute.
+
+    Args: norm_stats with "mean_norm" (mean L2 norm of activation rows, > 0); d = d_model.
+    Raises: ValueError if mean_norm is missing, non-finite or <= 0.
+    """
+    try:
+        mean_norm = float(norm_stats["mean_norm"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"norm_stats {norm_stats!r} has no usable 'mean_norm'; recompute it with "
+                         f"sae_dist.store.finalize_store or write_store") from None
+    if not math.isfinite(mean_norm) or mean_norm <= 0:
+        raise ValueError(f"norm_stats mean_norm={mean_norm} must be finite and > 0 for scalar normalisation")
+    return math.sqrt(d) / mean_norm
+
+
+def _is_torch(x) -> bool:
+    return type(x).__module__.startswith("torch")
+
+
+def normalize(x, mode: str, scale: float | None = None):
+    """Normalise activations x [..., d] (torch or numpy).
+
+    Args:
+        x: activations, last axis = d_model.
+        mode: "layer_norm" | "scalar" | "none" (see module docstring).
+        scale: s for "scalar" mode (required there, see `scalar_scale`); ignored otherwise.
+    Returns: (x_n, ctx): x_n like x (same shape, dtype, device); ctx a dict for `denormalize`.
+    Raises: ValueError for an unknown mode or a missing/invalid scale in "scalar" mode.
+    """
+    mode = check_mode(mode)
+    if mode == "none":
+        return x, {}
+    if mode == "scalar":
+        if scale is None or not math.isfinite(float(scale)) or float(scale) <= 0:
+            raise ValueError(f"scalar normalisation needs a finite scale > 0 (scalar_scale(norm_stats, d)), "
+                             f"got {scale!r}")
+        return x * float(scale), {"scale": float(scale)}
+    d = x.shape[-1]
+    if _is_torch(x):
+        import torch
+
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        mean = xf.mean(dim=-1, keepdim=True)
+        xc = xf - mean
+        norm = torch.linalg.vector_norm(xc, dim=-1, keepdim=True).clamp_min(EPS)
+        out = xc * (math.sqrt(d) / norm)
+        return out.to(x.dtype), {"mean": mean, "norm": norm}
+    a = np.asarray(x)
+    af = a.astype(np.float32) if a.dtype.itemsize < 4 else a
+    mean = af.mean(axis=-1, keepdims=True)
+    xc = af - mean
+    norm = np.maximum(np.sqrt(np.sum(xc * xc, axis=-1, keepdims=True)), EPS).astype(af.dtype)
+    out = xc * (math.sqrt(d) / norm)
+    return out.astype(a.dtype), {"mean": mean, "norm": norm}
+
+
+def denormalize(x_n, mode: str, ctx: Mapping[str, Any]):
+    """Invert `normalize`: map x_n [..., d] (or a reconstruction of it) back to activation space.
+
+    Args: x_n as returned by normalize (or an SAE reconstruction), mode, ctx from that normalize call.
+    Returns: x like x_n. Raises: ValueError for an unknown mode or a ctx missing its keys.
+    """
+    mode = check_mode(mode)
+    if mode == "none":
+        return x_n
+    if mode == "scalar":
+        if "scale" not in ctx:
+            raise ValueError("denormalize(mode='scalar') needs ctx['scale'] from normalize()")
+        return x_n / ctx["scale"]
+    if "mean" not in ctx or "norm" not in ctx:
+        raise ValueError("denormalize(mode='layer_norm') needs ctx['mean'] and ctx['norm'] from normalize()")
+    d = x_n.shape[-1]
+    if _is_torch(x_n):
+        import torch
+
+        xf = x_n.float() if x_n.dtype in (torch.float16, torch.bfloat16) else x_n
+        return (xf * (ctx["norm"] / math.sqrt(d)) + ctx["mean"]).to(x_n.dtype)
+    a = np.asarray(x_n)
+    af = a.astype(np.float32) if a.dtype.itemsize < 4 else a
+    return (af * (ctx["norm"] / math.sqrt(d)) + ctx["mean"]).astype(a.dtype)
+
+
+__all__ = ["MODES", "EPS", "normalize", "denormalize", "scalar_scale", "check_mode"]
+
+
+# ----------------------------------------------------------------------------------------- reader
 def _check_int(name: str, v, lo: int) -> int:
     """int(v) for an int (numpy ints included, bools not) >= lo; ValueError naming the argument otherwise."""
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
@@ -85,7 +202,7 @@ class ActivationStore:
             the store dtype, plus one batch).
         prefetch: batches prepared ahead by a background daemon thread (0: no thread, read inline).
         device: torch device of the returned batches ("cpu", "cuda", "cuda:1", ...).
-        normalize: "layer_norm" | "scalar" | "none" (sae_dist.store.normalize; Gao et al. 2024 sec. 2.1).
+        normalize: "layer_norm" | "scalar" | "none" (`normalize`; Gao et al. 2024 sec. 2.1).
         check_finite: raise NonFiniteError naming the token rows / chunk if a batch holds NaN or Inf.
         allow_incomplete: read a store whose harvest is unfinished, using only shards with progress
             markers (otherwise IncompleteStoreError).
@@ -416,7 +533,7 @@ class ActivationStore:
         if self.batch_index == self.batches_per_epoch:
             self.epoch, self.batch_index = self.epoch + 1, 0
         x = x.to(self.device, non_blocking=True)
-        x, _ = _normalize(x, self.normalize, self.scale)
+        x, _ = normalize(x, self.normalize, self.scale)
         return x
 
     def close(self):

@@ -32,10 +32,9 @@ from sae_dist.lock import DirectoryBusyError, DirectoryLock
 from sae_dist.parallel.comm import all_reduce_
 from sae_dist.parallel.mesh import ParallelContext, init_parallel
 from sae_dist.parallel.state import build_state
-from sae_dist.parallel.tp import parallelize_sae, reduce_fired_over_dp
+from sae_dist.parallel.tp import parallelize_sae
 from sae_dist.preempt import Preemption
-from sae_dist.sae.auxk import DeadLatentTracker
-from sae_dist.sae.base import SparseAutoencoder, TrainOutput
+from sae_dist.sae.base import DeadLatentTracker, SparseAutoencoder, TrainOutput
 from sae_dist.sae.config import SAEConfig, resolve_dead_tokens
 from sae_dist.sae.export import export_sae
 from sae_dist.sae.init import init_b_pre_, tied_init_rows_
@@ -43,9 +42,8 @@ from sae_dist.sae.registry import architecture_class, build_sae
 from sae_dist.store.errors import NonFiniteError
 from sae_dist.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from sae_dist.train.config import TrainerConfig
-from sae_dist.train.engine import Engine, TorchEngine, make_optimizer
+from sae_dist.train.engine import Engine, TorchEngine, budget_factor, default_lr, lr_at_step, make_optimizer
 from sae_dist.train.logging import JsonlLogger, WandbLogger, truncate_jsonl
-from sae_dist.train.lr import budget_factor, default_lr, lr_at_step
 
 __all__ = ["TrainerConfig", "train", "make_optimizer"]
 
@@ -236,7 +234,7 @@ def _base_lr(tcfg: TrainerConfig, n_latents: int, n_steps: int, announce: bool) 
 def _make_engine(sae, lr: float, tcfg: TrainerConfig, ctx: ParallelContext) -> Engine:
     """The `trainer.engine` (torch Adam or DeepSpeed ZeRO) over this rank's parameters of `sae`."""
     if tcfg.engine == "torch":
-        return TorchEngine(sae, lr, tcfg, ctx)
+        return TorchEngine(sae, lr, tcfg)
     from sae_dist.train.deepspeed_engine import DeepSpeedEngine
 
     return DeepSpeedEngine(sae, lr, tcfg, ctx, zero_stage=tcfg.zero_stage,
@@ -249,9 +247,9 @@ def _global_metrics(res, ctx: ParallelContext, tracker: DeadLatentTracker, lr: f
     """Logged metrics of a step over the global batch (loss terms summed over dp for a sharded
     model, averaged over dp when `dp_mean` (whole-SAE replicas); L0 = non-zero latents per token
     summed over tp, averaged over all tokens)."""
-    terms = [res.loss.detach().float(), res.normalized_mse.float(), res.auxk_loss.float()]
-    if res.multi_topk_mse is not None:
-        terms.append(res.multi_topk_mse.float())
+    terms = [res.loss.detach().float(), res.fvu.float(), res.auxk_loss.float()]
+    if res.multi_topk_fvu is not None:
+        terms.append(res.multi_topk_fvu.float())
     extra = sorted(res.terms)
     terms += [res.terms[n].float() for n in extra]
     vec = torch.stack(terms)
@@ -266,15 +264,14 @@ def _global_metrics(res, ctx: ParallelContext, tracker: DeadLatentTracker, lr: f
     m = {
         "train/loss": float(vec[0]),
         "train/fvu": float(vec[1]),
-        "train/normalized_mse": float(vec[1]),
         "train/auxk_loss": float(vec[2]),
         "train/l0": float(l0_sum) / n_tokens,
         "train/dead_fraction": float(n_dead) / (tracker.n_latents * ctx.tp),
         "train/lr": lr,
         "train/tokens_per_s": tps,
     }
-    if res.multi_topk_mse is not None:
-        m["train/multi_topk_mse"] = float(vec[3])
+    if res.multi_topk_fvu is not None:
+        m["train/multi_topk_fvu"] = float(vec[3])
     for i, n in enumerate(extra):
         m[f"train/{n}"] = float(vec[len(terms) - len(extra) + i])
     return m
@@ -441,7 +438,7 @@ class _Run:
     @property
     def replicas(self) -> bool:
         """Whole-SAE replicas over dp (an architecture that does not shard): per-rank losses, averaged."""
-        return self.ctx.distributed and not self.sae.shardable
+        return self.sae.comm.dp > 1 and not self.sae.shardable
 
     def state(self, opt_state=None) -> dict:
         """The checkpointed state (model, Adam, EMA, dead-latent counters) under global shapes."""
@@ -576,27 +573,28 @@ def _next_batch(it, run: _Run, store_path) -> torch.Tensor:
 
 def _train_step(run: _Run, x: torch.Tensor) -> tuple[TrainOutput, float]:
     """One optimisation step on batch x (Gao et al. 2024, sections 2 and A): lr, losses (bf16 autocast on
-    CUDA), the engine's step, EMA, dead-latent counters. Returns (the step's losses, its lr).
+    CUDA), the engine's step, EMA, dead-latent counters. Every collective goes through `sae.comm`
+    (identities on one process). Returns (the step's losses, its lr).
     FloatingPointError when the loss summed over dp is not finite (every rank agrees to stop)."""
-    sae, ctx, tcfg = run.sae, run.ctx, run.tcfg
+    sae, comm, tcfg = run.sae, run.sae.comm, run.tcfg
     lr = lr_at_step(run.step, run.n_steps, run.base_lr, tcfg.warmup_steps, tcfg.lr_decay_frac)
     run.engine.set_lr(lr)
     sae.set_progress(run.step, run.n_steps)
-    autocast = ctx.device.type == "cuda" and tcfg.bf16
-    with torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=x.is_cuda and tcfg.bf16):
         res = sae.training_step_losses(x, run.tracker.dead_mask())
-    loss_all = all_reduce_(res.loss.detach().float().clone(), ctx.dp_group)  # tp ranks are identical
+    loss_all = comm.sum_over_dp_(res.loss.detach().float().clone())  # tp ranks are identical
     if run.replicas:
-        loss_all /= ctx.dp
+        loss_all /= comm.dp
     if not torch.isfinite(loss_all):
-        raise FloatingPointError(f"loss is {float(loss_all)} at step {run.step} (normalized_mse "
-                                 f"{float(res.normalized_mse)}, auxk {float(res.auxk_loss)}); lower trainer.lr")
-    run.engine.step(res.loss / ctx.dp if run.replicas else res.loss)
+        raise FloatingPointError(f"loss is {float(loss_all)} at step {run.step} (fvu "
+                                 f"{float(res.fvu)}, auxk {float(res.auxk_loss)}); lower trainer.lr")
+    run.engine.step(res.loss / comm.dp if run.replicas else res.loss)
     if run.ema is not None:
         _ema_update(run.ema, sae, tcfg.ema_decay)
     fired = res.fired if res.fired is not None else run.tracker.fired(res.values, res.indices)
-    n_tokens = tcfg.batch_tokens if ctx.distributed else x.shape[0]  # the global batch
-    run.tracker.update_fired(reduce_fired_over_dp(fired, ctx), n_tokens)
+    fired = comm.max_over_dp_(fired.to(torch.uint8)).bool()  # fired anywhere in the global batch
+    n_tokens = tcfg.batch_tokens if comm.dp > 1 else x.shape[0]  # the global batch
+    run.tracker.update_fired(fired, n_tokens)
     run.step += 1
     run.tokens_seen += n_tokens
     return res, lr

@@ -82,7 +82,7 @@ def test_multirun_failed_points_are_reported_and_share_a_wandb_group(tmp_path):
         groups = [r.run.run_group for r in _wandb_records(runs[0]) if r.WhichOneof("record_type") == "run"]
         assert groups and set(groups) == {sweep.name}, groups
     # sae-scaling over it lists the failed points and fits nothing from 2 points without failing
-    res = run_scaling(sweep, tmp_path / "sc", metric="train/normalized_mse", plots=False)
+    res = run_scaling(sweep, tmp_path / "sc", metric="train/fvu", plots=False)
     assert len(res["points"]) == 2 and {p["n"] for p in res["points"]} == {32, 64}
     assert sum("k=100 > n_latents" in s["reason"] for s in res["skipped"]) == 2, res["skipped"]
     assert res["fits"]["L(n,k)"] is None and res["fits"]["notes"]

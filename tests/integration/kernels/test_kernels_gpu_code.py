@@ -12,8 +12,8 @@ import torch
 
 from sae_dist.kernels import report
 from sae_dist.kernels._common import record_variants
-from sae_dist.kernels.auxk import auxk_loss
 from sae_dist.kernels.encoder_topk import encode_topk
+from sae_dist.kernels.sparse_decode import auxk_loss
 
 KERNELS = {"encoder_topk"} | {f"{p}.{k}" for p in ("decode", "auxk_decode")
                               for k in ("fwd", "grad_values", "grad_wdec_atomic", "grad_wdec_rows")}

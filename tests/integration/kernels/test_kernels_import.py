@@ -13,7 +13,7 @@ def test_import_without_triton():
         "import sys; sys.modules['triton'] = None\n"
         "import torch\n"
         "from sae_dist.kernels.sparse_decode import sparse_decode\n"
-        "from sae_dist.kernels.auxk import auxk_loss\n"
+        "from sae_dist.kernels.sparse_decode import auxk_loss\n"
         "W = torch.randn(6, 4); v = torch.rand(2, 2); i = torch.tensor([[0, 5], [1, 1]])\n"
         "x = sparse_decode(v, i, W, backend='auto')\n"
         "assert torch.allclose(x[1], v[1].sum() * W[1])\n"

@@ -58,6 +58,7 @@ def _worker(rank, world, tp, port, cfg, xs, dead, b_dec, seed, out_dir, gather_c
     from sae_dist.parallel import tp as tpmod
     from sae_dist.parallel.comm import all_reduce_
     from sae_dist.parallel.mesh import destroy_parallel, init_parallel
+    from sae_dist.train.engine import sync_grads_over_dp
 
     torch.set_num_threads(1)
     if gather_cap is not None:  # the all-gather fallback in chunks of a few tokens
@@ -70,7 +71,7 @@ def _worker(rank, world, tp, port, cfg, xs, dead, b_dec, seed, out_dir, gather_c
     lo, hi = model.latent_start, model.latent_end
     b = xs.shape[1] // ctx.dp
     rows = lambda x: x[ctx.dp_rank * b:(ctx.dp_rank + 1) * b]  # noqa: E731
-    losses, grads, weights = _run(model, xs, dead[lo:hi], rows, sync=lambda: tpmod.sync_grads_over_dp(model, ctx))
+    losses, grads, weights = _run(model, xs, dead[lo:hi], rows, sync=lambda: sync_grads_over_dp(model))
     all_reduce_(losses, ctx.dp_group)  # the per-rank losses are shares of the global loss
     torch.save({"rank": rank, "tp_rank": ctx.tp_rank, "dp_rank": ctx.dp_rank, "range": (lo, hi),
                 "losses": losses, "grads": grads, "weights": weights},

@@ -114,7 +114,7 @@ def _fake_sweep(root: Path, true: dict, rng, d_in=64, tokens=400_000):
             with open(d / "train_log.jsonl", "w") as f:
                 for t in steps:  # loss decays to the final value with training tokens
                     f.write(json.dumps({"step": int(t // 1000), "tokens": int(t),
-                                        "train/normalized_mse": loss * (1 + 2.0 * (t / tokens) ** -0.7 - 2.0)
+                                        "train/fvu": loss * (1 + 2.0 * (t / tokens) ** -0.7 - 2.0)
                                         if t < tokens else loss}) + "\n")
             job += 1
     bad = root / f"{job}_n8192_k64"

@@ -97,21 +97,21 @@ def _check_equal_steps(cfg_kw, B, dead_fn, backend="auto", tol=2e-5, device="cpu
     ra, ga, pa = _step(a, x, dead)
     rb, gb, pb = _step(b, x, dead, oracle=True)
     # the oracle path agrees with the independent dense losses
-    assert float(rb.normalized_mse) == pytest.approx(main, rel=1e-4)
+    assert float(rb.fvu) == pytest.approx(main, rel=1e-4)
     assert float(rb.auxk_loss) == pytest.approx(aux, rel=1e-4, abs=1e-7)
     if mt is not None:
-        assert float(rb.multi_topk_mse) == pytest.approx(mt, rel=1e-4)
+        assert float(rb.multi_topk_fvu) == pytest.approx(mt, rel=1e-4)
     # same selection, same losses (fp32, TF32 off on CUDA: kernel_device)
     f32 = torch.float32
     assert torch.equal(ra.indices, rb.indices)
     torch.testing.assert_close(ra.values, rb.values, **kernel_tol(device, f32, tol, tol))
     torch.testing.assert_close(ra.x_hat, rb.x_hat, **kernel_tol(device, f32, tol, tol))
-    for name in ("loss", "normalized_mse", "auxk_loss"):
+    for name in ("loss", "fvu", "auxk_loss"):
         torch.testing.assert_close(getattr(ra, name), getattr(rb, name), **kernel_tol(device, f32, tol, 1e-7))
     if cfg_kw.get("multi_topk"):
-        torch.testing.assert_close(ra.multi_topk_mse, rb.multi_topk_mse, **kernel_tol(device, f32, tol, 1e-7))
+        torch.testing.assert_close(ra.multi_topk_fvu, rb.multi_topk_fvu, **kernel_tol(device, f32, tol, 1e-7))
     else:
-        assert ra.multi_topk_mse is None and rb.multi_topk_mse is None
+        assert ra.multi_topk_fvu is None and rb.multi_topk_fvu is None
     if dead is not None and int(dead.sum()) > 0:
         assert float(rb.auxk_loss) > 0  # AuxK really active in this comparison
     # gradients (after the decoder projection), then parameters after one Adam step + renorm

@@ -15,9 +15,9 @@ import torch
 from _kernel_tol import kernel_tol, requires_cuda
 
 import sae_dist.kernels._common as kc
-import sae_dist.kernels.auxk as ak
+import sae_dist.kernels.sparse_decode as ak
 import sae_dist.kernels.sparse_decode as sd
-from sae_dist.kernels.auxk import auxk_loss, auxk_loss_reference
+from sae_dist.kernels.sparse_decode import auxk_loss, auxk_loss_reference
 
 
 def oracle(values, indices, W_dec, residual):

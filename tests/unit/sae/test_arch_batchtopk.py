@@ -84,7 +84,7 @@ def test_training_losses_and_gradients_match_a_dense_reference():
     loss.backward()
     msg = f"seed {seed}"
     torch.testing.assert_close(res.loss, loss.detach(), rtol=1e-5, atol=1e-6, msg=msg)
-    torch.testing.assert_close(res.normalized_mse, nmse.detach(), rtol=1e-5, atol=1e-6, msg=msg)
+    torch.testing.assert_close(res.fvu, nmse.detach(), rtol=1e-5, atol=1e-6, msg=msg)
     torch.testing.assert_close(res.auxk_loss, aux.detach(), rtol=1e-5, atol=1e-6, msg=msg)
     assert float(res.auxk_loss) > 0, msg
     torch.testing.assert_close(res.x_hat, x_hat.detach(), rtol=1e-5, atol=1e-5, msg=msg)

@@ -70,7 +70,7 @@ def test_nested_loss_and_gradients_match_a_loop_over_prefixes(base):
     loss.backward()
     msg = f"base {base} seed {seed}"
     torch.testing.assert_close(res.loss, loss.detach(), rtol=1e-5, atol=1e-6, msg=msg)
-    torch.testing.assert_close(res.normalized_mse, nmses[-1].detach(), rtol=1e-5, atol=1e-6, msg=msg)
+    torch.testing.assert_close(res.fvu, nmses[-1].detach(), rtol=1e-5, atol=1e-6, msg=msg)
     torch.testing.assert_close(res.auxk_loss, aux.detach(), rtol=1e-5, atol=1e-6, msg=msg)
     for i in range(len(prefixes) - 1):
         torch.testing.assert_close(res.terms[f"nmse_level{i}"], nmses[i].detach(), rtol=1e-5, atol=1e-6, msg=msg)

@@ -111,7 +111,7 @@ def test_loss_and_bias_gradient_match_numpy(ste):
     nmse = ((X - xh) ** 2).sum() / den
     pen = np.abs(z).sum(1).mean()  # unit-norm decoder by default for prolu: plain L1
     msg = f"seed {seed}"
-    np.testing.assert_allclose(float(res.normalized_mse), nmse, rtol=1e-5, err_msg=msg)
+    np.testing.assert_allclose(float(res.fvu), nmse, rtol=1e-5, err_msg=msg)
     np.testing.assert_allclose(float(res.terms["l1"]), pen, rtol=1e-5, err_msg=msg)
     np.testing.assert_allclose(float(res.loss.detach()), nmse + l1 * pen, rtol=1e-5, err_msg=msg)
     assert int(res.l0_sum) == int(gate.sum()), msg

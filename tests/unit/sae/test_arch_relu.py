@@ -125,7 +125,7 @@ def test_loss_matches_a_numpy_computation(decoder_norm):
     pen = (np.abs(z) * w).sum(1).mean()
     lam = float(np.interp(step, [0.0, frac * n_steps], [0.0, l1]))  # linear ramp, flat after
     msg = f"seed {seed}"
-    np.testing.assert_allclose(float(res.normalized_mse), nmse, rtol=1e-5, err_msg=msg)
+    np.testing.assert_allclose(float(res.fvu), nmse, rtol=1e-5, err_msg=msg)
     np.testing.assert_allclose(float(res.terms["l1"]), pen, rtol=1e-5, err_msg=msg)
     np.testing.assert_allclose(float(res.terms["l1_coef"]), lam, rtol=1e-6, atol=1e-9, err_msg=msg)
     np.testing.assert_allclose(float(res.loss.detach()), nmse + lam * pen, rtol=1e-5, err_msg=msg)

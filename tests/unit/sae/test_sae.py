@@ -7,15 +7,21 @@ import pytest
 import torch
 from scipy.optimize import minimize
 
+from sae_dist.kernels.sparse_decode import auxk_loss_reference
 from sae_dist.sae import (
     DeadLatentTracker,
     SAEConfig,
     TopKSAE,
-    auxk_loss,
     default_k_aux,
     geometric_median,
     init_b_pre_,
 )
+from sae_dist.sae.base import dead_topk
+
+
+def auxk_loss(pre, dead, residual, W_dec, k_aux):
+    """The dense AuxK loss every non-kernel architecture uses: `dead_topk` then the plain torch loss."""
+    return auxk_loss_reference(*dead_topk(pre, dead, k_aux), W_dec, residual)
 
 
 def _sae(d=24, n=96, k=5, seed=None, **kw):
@@ -196,8 +202,8 @@ def test_training_losses_auxk_and_multitopk_formula():
     l_k, l_4k = nmse(z_k @ W_dec + b_dec), nmse(z_4k @ W_dec + b_dec)
     e = x.double() - (z_k @ W_dec + b_dec)
     aux = _independent_auxk(pre, dead, e, W_dec, sae.cfg.k_aux)
-    assert float(out.normalized_mse) == pytest.approx(l_k, rel=1e-5)
-    assert float(out.multi_topk_mse) == pytest.approx(l_4k, rel=1e-5)
+    assert float(out.fvu) == pytest.approx(l_k, rel=1e-5)
+    assert float(out.multi_topk_fvu) == pytest.approx(l_4k, rel=1e-5)
     assert float(out.auxk_loss) == pytest.approx(aux, rel=1e-4)
     assert float(out.loss.detach()) == pytest.approx(l_k + l_4k / 8 + aux / 32, rel=1e-5)
     # aux gradient does not flow into the main reconstruction (residual detached): with every
@@ -235,7 +241,6 @@ def test_config_validation_and_k_aux_default():
 
 def test_auxk_zero_variance_residual_gives_zero_loss_and_finite_grads():
     """A constant residual has zero variance: the paper's NaN -> 0 rule must not poison the gradients."""
-    from sae_dist.sae.auxk import auxk_loss as plain_auxk_loss
 
     n, d, B = 40, 8, 6
     pre = torch.randn(B, n, requires_grad=True)
@@ -244,7 +249,7 @@ def test_auxk_zero_variance_residual_gives_zero_loss_and_finite_grads():
     residual = torch.randint(-3, 4, (1, d)).float().expand(B, d).contiguous()
     dead = torch.rand(n) < 0.5
     dead[0] = True
-    loss = plain_auxk_loss(pre, dead, residual, W_dec, k_aux=4)
+    loss = auxk_loss(pre, dead, residual, W_dec, k_aux=4)
     loss.backward()
     assert loss.item() == 0.0
     assert torch.isfinite(pre.grad).all() and torch.isfinite(W_dec.grad).all()
