@@ -72,8 +72,8 @@ Checkpoints: unlike `TorchEngine`, whose `optimizer_state()` returns the live Ad
 `optimizer_state()` here returns gathered COPIES: after loading a checkpoint into them, hand them
 back with `load_optimizer_state(state)` (a no-op for the torch engine, so a trainer can always do it).
 
-Tests: tests/integration/train/test_deepspeed_engine.py (single process and dp x tp meshes against the torch engine,
-optimizer-state round trip).
+Tests: tests/integration/train/test_deepspeed_engine_gloo.py (single process and dp x tp meshes against the torch
+engine, optimizer-state round trip), tests/unit/train/test_deepspeed_engine.py (argument checks).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""What the multi-process tests (tests/integration/parallel/, tests/integration/train/) share: a free TCP
+"""What the multi-process tests (tests/integration/parallel/, tests/integration/train/) and the in-process
+tests of the latent sharding (tests/unit/parallel/) share: the TopK SAE's parameter names, a free TCP
 port for a gloo rendezvous, the shard of a full SAE tensor that a tensor-parallel rank holds, and a
 prefix for assert_close's mismatch report."""
 
@@ -7,6 +8,9 @@ from __future__ import annotations
 import socket
 
 import torch
+
+#: the TopK SAE's parameters, which a tensor-parallel rank holds shards of (`tp_shard`)
+NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
 
 
 def free_port() -> int:

@@ -218,7 +218,7 @@ def test_architecture_comparison_script(pipeline_run: Path, tiny_lm_dir: str, tm
     lands in the comparison table with the exported format its method calls for."""
     out = tmp_path / "cmp"
     # wandb off: its start (~3 s a process, ~1 s a run) is most of a toy run here; the wandb offline files
-    # and the sweep's shared group are checked in test_trainer.py and test_scaling.py
+    # and the sweep's shared group are checked in test_trainer_processes.py and test_scaling.py
     env = dict(os.environ, WANDB_MODE="disabled", N_LATENTS="128", TOKENS="10240", K_LIST="4",
                TARGET_L0="4", RELU_L1="1", PROLU_L1="1", EXTRA_K="4", SAE_TRAIN=str(BIN / "sae-train"))
     script = Path(__file__).resolve().parents[2] / "launch" / "compare_architectures.sh"

@@ -7,12 +7,12 @@ for normalize "layer_norm", "scalar" (random scale) and "none". During the expor
 collective may run (they are replaced by functions that raise) and no torch op may allocate more than
 the write buffer (a TorchDispatchMode records every non-view op's output bytes). `sae_dist.load_sae`
 on the sharded export reproduces the unsharded model's reconstruction. A rank failing mid-write makes
-every rank raise and leaves no file behind.
+every rank raise and leaves no file behind. The single-process fallback and the errors:
+tests/unit/parallel/test_parallel_export.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -20,56 +20,18 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers.dist import free_port
-from safetensors import safe_open
-from safetensors.torch import load_file
-from torch.utils._python_dispatch import TorchDispatchMode
+from helpers.dist import NAMES, free_port
+from helpers.export import BUF, MODES, AllocRecorder, assert_same_export, export_kwargs, global_weights, random_scale
 
 import sae_dist
-from sae_dist.parallel.mesh import ParallelContext
 from sae_dist.sae.config import SAEConfig
 from sae_dist.sae.export import export_sae
 from sae_dist.sae.topk import TopKSAE
 from sae_dist.store import denormalize, normalize
 
-NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
-MODES = ("layer_norm", "scalar", "none")
-BUF = 24  # bytes: 6 floats, smaller than one row of a W_enc or W_dec shard, so every path is chunked
 FORBIDDEN = ("all_gather", "all_gather_into_tensor", "_all_gather_base", "gather", "all_gather_object",
              "gather_object", "broadcast", "broadcast_object_list", "scatter", "reduce_scatter",
              "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "send", "recv", "isend", "irecv")
-
-
-class _AllocRecorder(TorchDispatchMode):
-    """Records the output bytes and shapes of every torch op that is not a view."""
-
-    def __init__(self):
-        super().__init__()
-        self.sizes: list[tuple[str, tuple[int, ...], int]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if not func.is_view:
-            for t in (out if isinstance(out, (tuple, list)) else (out,)):
-                if isinstance(t, torch.Tensor):
-                    self.sizes.append((str(func), tuple(t.shape), t.numel() * t.element_size()))
-        return out
-
-
-def _global_weights(d, n, g):
-    W_dec = torch.randn(n, d, generator=g)
-    return {"W_enc": torch.randn(d, n, generator=g) * 0.3, "b_enc": torch.randn(n, generator=g) * 0.2,
-            "W_dec": W_dec / W_dec.norm(dim=-1, keepdim=True), "b_dec": torch.randn(d, generator=g)}
-
-
-def _scale(g) -> float:
-    return float(torch.rand((), generator=g)) * 3 + 0.1
-
-
-def _export_kwargs(mode, scale):
-    return dict(hook_name="blocks.3.hook_resid_post", model_name="tiny-lm", normalize=mode,
-                scale=scale if mode == "scalar" else None,
-                extra_cfg={"context_size": 32, "dataset_path": "stdlib"})
 
 
 def _raiser(name):
@@ -101,11 +63,11 @@ def _worker(rank, world, tp, port, cfg, weights, scale, out_dir):
     for name in saved:
         setattr(dist, name, _raiser(name))
         setattr(c10d, name, _raiser(name))
-    rec = _AllocRecorder()
+    rec = AllocRecorder()
     with rec:
         for mode in MODES:
             pexport.export_sae_sharded(model, ctx, os.path.join(out_dir, mode), max_buffer_bytes=BUF,
-                                       **_export_kwargs(mode, scale))
+                                       **export_kwargs(mode, scale))
     # a writer failing mid-write: every rank must raise, rank 0 must remove the temporary file
     bad_rank = tp - 1  # a writer (dp_rank 0) that is not rank 0
     if rank == bad_rank:
@@ -114,7 +76,7 @@ def _worker(rank, world, tp, port, cfg, weights, scale, out_dir):
         pexport._write_strided = broken
     try:
         pexport.export_sae_sharded(model, ctx, os.path.join(out_dir, "failed"), max_buffer_bytes=BUF,
-                                   **_export_kwargs("none", None))
+                                   **export_kwargs("none", None))
         failure = None
     except Exception as e:  # noqa: BLE001 - reported to the test process
         failure = (type(e).__name__, str(e))
@@ -124,23 +86,6 @@ def _worker(rank, world, tp, port, cfg, weights, scale, out_dir):
     torch.save({"sizes": rec.sizes, "failure": failure, "bad_rank": bad_rank, "range": (lo, hi)},
                os.path.join(out_dir, f"rank{rank}.pt"))
     destroy_parallel(ctx)
-
-
-def _assert_same_export(got_dir, ref_dir, d, n):
-    assert (got_dir / "cfg.json").read_text() == (ref_dir / "cfg.json").read_text()
-    got = load_file(str(got_dir / "sae_weights.safetensors"))
-    ref = load_file(str(ref_dir / "sae_weights.safetensors"))
-    assert set(got) == set(NAMES) == set(ref)
-    for name in NAMES:
-        assert got[name].dtype == torch.float32
-        assert torch.equal(got[name], ref[name]), name
-    with safe_open(str(got_dir / "sae_weights.safetensors"), framework="pt") as fh:
-        assert fh.get_slice("W_enc").get_shape() == [d, n]
-        assert torch.equal(fh.get_slice("W_enc")[:, 5:9], ref["W_enc"][:, 5:9])
-    # the layout is safetensors' own: the whole file is the bytes save_file wrote
-    weights = "sae_weights.safetensors"
-    assert (got_dir / weights).read_bytes() == (ref_dir / weights).read_bytes()
-    assert sorted(os.listdir(got_dir)) == ["cfg.json", "sae_weights.safetensors"]
 
 
 def _check_reconstruction(out_dir, ref_sae, mode, scale, g):
@@ -162,21 +107,21 @@ def test_sharded_export_equals_single_process_export(tp, dp, tmp_path):
     d, n = 8, 64
     cfg = SAEConfig(d_in=d, n_latents=n, k=4)
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
-    weights = _global_weights(d, n, g)
-    scale = _scale(g)
+    weights = global_weights(d, n, g)
+    scale = random_scale(g)
     ref_sae = TopKSAE(cfg)
     with torch.no_grad():
         for name in NAMES:
             getattr(ref_sae, name).copy_(weights[name])
     for mode in MODES:
-        export_sae(ref_sae, tmp_path / "ref" / mode, **_export_kwargs(mode, scale))
+        export_sae(ref_sae, tmp_path / "ref" / mode, **export_kwargs(mode, scale))
 
     (tmp_path / "sharded").mkdir()
     args = (world, tp, free_port(), cfg, weights, scale, str(tmp_path / "sharded"))
     mp.start_processes(_worker, args=args, nprocs=world, join=True, start_method="forkserver")
 
     for mode in MODES:
-        _assert_same_export(tmp_path / "sharded" / mode, tmp_path / "ref" / mode, d, n)
+        assert_same_export(tmp_path / "sharded" / mode, tmp_path / "ref" / mode, d, n)
         _check_reconstruction(tmp_path / "sharded" / mode, ref_sae, mode, scale, g)
     cfg_ln = json.loads((tmp_path / "sharded" / "layer_norm" / "cfg.json").read_text())
     assert cfg_ln["sae_dist"]["fold_factor"] == math.sqrt(d / (d - 1)) and cfg_ln["d_sae"] == n
@@ -195,60 +140,3 @@ def test_sharded_export_equals_single_process_export(tp, dp, tmp_path):
         else:
             assert name == "RuntimeError" and f"[{got['bad_rank']}]" in msg and "writing" in msg
     assert os.listdir(tmp_path / "sharded" / "failed") == []
-
-
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_single_process_fallback_equals_export_sae(dtype, tmp_path):
-    """ctx without a mesh, a tp=1 shard (the whole SAE): same files as export_sae; bounded allocations."""
-    from sae_dist.parallel.export import export_sae_sharded
-    from sae_dist.parallel.tp import build_sharded_sae
-
-    d, n = 12, 40
-    cfg = SAEConfig(d_in=d, n_latents=n, k=3, dtype=dtype)
-    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
-    weights = _global_weights(d, n, g)
-    scale = _scale(g)
-    ref_sae, shard = TopKSAE(cfg), build_sharded_sae(cfg, tp=1, tp_rank=0)
-    with torch.no_grad():
-        for name in NAMES:
-            getattr(ref_sae, name).copy_(weights[name])
-            getattr(shard, name).copy_(weights[name])
-    ctx = ParallelContext()
-    for mode in MODES:
-        export_sae(ref_sae, tmp_path / "ref" / mode, **_export_kwargs(mode, scale))
-        rec = _AllocRecorder()
-        with rec:
-            out = export_sae_sharded(shard, ctx, tmp_path / "got" / mode, max_buffer_bytes=BUF,
-                                     **_export_kwargs(mode, scale))
-        assert out == tmp_path / "got" / mode
-        _assert_same_export(out, tmp_path / "ref" / mode, d, n)
-        # bf16 chunks are converted to float32 (BUF bytes) from at most BUF / 4 bf16 elements
-        assert rec.sizes and max(s[2] for s in rec.sizes) <= BUF
-    # with the default buffer too
-    export_sae_sharded(shard, ctx, tmp_path / "default", **_export_kwargs("scalar", scale))
-    _assert_same_export(tmp_path / "default", tmp_path / "ref" / "scalar", d, n)
-
-
-def test_errors(tmp_path):
-    from sae_dist.parallel.export import export_sae_sharded, safetensors_f32_layout
-    from sae_dist.parallel.tp import build_sharded_sae
-
-    cfg = SAEConfig(d_in=8, n_latents=16, k=2)
-    shard = build_sharded_sae(cfg, tp=1, tp_rank=0)
-    sae_dist.sae.init.tied_init_rows_(shard, 0)
-    kw = _export_kwargs("none", None)
-    with pytest.raises(ValueError, match="scale"):
-        export_sae_sharded(shard, ParallelContext(), tmp_path / "a", **_export_kwargs("scalar", None))
-    with pytest.raises(ValueError, match=r"max_buffer_bytes=2"):
-        export_sae_sharded(shard, ParallelContext(), tmp_path / "a", max_buffer_bytes=2, **kw)
-    other = build_sharded_sae(cfg, tp=2, tp_rank=1)
-    with pytest.raises(ValueError, match=r"holds latents \[8, 16\) but ctx"):
-        export_sae_sharded(other, ParallelContext(), tmp_path / "a", **kw)
-    meta = build_sharded_sae(cfg, tp=2, tp_rank=1, device="meta")
-    ctx = dataclasses.replace(ParallelContext(), tp=2, tp_rank=1, world_size=2, rank=1)
-    with pytest.raises(ValueError, match="meta device"):
-        export_sae_sharded(meta, ctx, tmp_path / "a", **kw)
-    assert not (tmp_path / "a").exists()
-    # the layout helper agrees with safetensors on an odd header length
-    lay = safetensors_f32_layout({"x": (3,), "a_long_name": (2, 5)})
-    assert len(lay.header) % 8 == 0 and lay.size == len(lay.header) + 4 * 13

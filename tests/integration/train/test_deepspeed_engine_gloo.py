@@ -17,6 +17,7 @@ AuxK is on (fixed random dead mask), the learning rate changes every step (set_l
 clipping is active where tested (max norm below the gradients' norm) and DeepSpeed's global gradient
 norm is checked against an independent one; one case runs the forward under bf16 autocast (on CPU,
 as the trainer does on CUDA) with DeepSpeed in fp32 mode. Fresh random data and seed every run.
+The engine's argument checks (in this process): tests/unit/train/test_deepspeed_engine.py.
 """
 
 from __future__ import annotations
@@ -28,25 +29,21 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from helpers.dist import free_port, prefixed, tp_shard
+from helpers.train import LR, engine_cfg
 
-from sae_dist.sae.config import SAEConfig
 from sae_dist.sae.init import init_rows, tied_init_rows_
 from sae_dist.sae.topk import TopKSAE
 from sae_dist.train.deepspeed_engine import DeepSpeedEngine
 from sae_dist.train.engine import TorchEngine
 from sae_dist.train.trainer import TrainerConfig
 
-STEPS, LR, B = 8, 3e-3, 32
+STEPS, B = 8, 32
 CLIP = 0.05  # below the gradient norm of these shapes (asserted), so clipping is active
 NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
 
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 _LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
-def _cfg() -> SAEConfig:
-    return SAEConfig(d_in=16, n_latents=64, k=4, k_aux=6)
 
 
 def _lr(s: int) -> float:
@@ -56,7 +53,7 @@ def _lr(s: int) -> float:
 def _data():
     seed = int(torch.randint(0, 2**31 - 1, ()))
     g = torch.Generator().manual_seed(seed)
-    cfg = _cfg()
+    cfg = engine_cfg()
     xs = torch.randn(STEPS, B, cfg.d_in, generator=g) * 2.0 + 0.3
     dead = torch.rand(cfg.n_latents, generator=g) < 0.3
     b_dec = 0.1 * torch.randn(cfg.d_in, generator=g)
@@ -339,18 +336,3 @@ def test_optimizer_state_round_trip(stage, offload, tmp_path):
             assert torch.equal(got["w_a"][n], got["w_b"][n]), f"weight {n}, rank {r}"
         assert _max_diff(got["opt_a"], got["opt_b"]) == 0.0
         assert float(got["opt_b"]["b_dec"]["step"]) == STEPS
-
-
-@pytest.mark.parametrize("bad", [0, 3, 4, "2", True, None])
-def test_bad_zero_stage_raises(bad):
-    model = TopKSAE(_cfg())
-    with pytest.raises(ValueError, match=r"trainer.zero_stage=.*use 1 .* or 2") as e:
-        DeepSpeedEngine(model, LR, TrainerConfig(), None, zero_stage=bad)
-    if bad == 3:
-        assert "conflicts with the latent sharding" in str(e.value)
-
-
-def test_non_float32_parameters_raise():
-    model = TopKSAE(SAEConfig(d_in=16, n_latents=64, k=4, dtype="bfloat16"))
-    with pytest.raises(ValueError, match="needs float32 parameters.*sae.dtype=float32"):
-        DeepSpeedEngine(model, LR, TrainerConfig(), None, zero_stage=1)
