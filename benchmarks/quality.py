@@ -84,7 +84,7 @@ def build_store(args) -> None:
 
 
 def _shape_overrides(args) -> list[str]:
-    return [f"sae.n_latents={args.n_latents}", f"sae.k={args.k}", f"sae.dead_tokens={args.dead_tokens}",
+    return [f"sae.d_sae={args.d_sae}", f"sae.k={args.k}", f"sae.dead_tokens={args.dead_tokens}",
             f"trainer.tokens={args.tokens}", f"trainer.batch_tokens={args.batch_tokens}",
             "trainer.checkpoint_every_steps=100000"]
 
@@ -151,7 +151,7 @@ def train_sparsify(args, name: str) -> dict:
     torch.manual_seed(args.seed)
     store = ActivationStore(args.store, batch_tokens=args.batch_tokens, seed=args.seed, device=device,
                             normalize="none")
-    d, n, k, B = store.d_model, args.n_latents, args.k, args.batch_tokens
+    d, n, k, B = store.d_in, args.d_sae, args.k, args.batch_tokens
     sc = SparseCoder(d, SparseCoderConfig(num_latents=n, k=k), device=device, dtype=torch.float32)
     if args.sparsify_enc_init != "default":  # ablation: W_enc = scale * W_dec^T (our tied init) instead
         with torch.no_grad():
@@ -195,9 +195,9 @@ def train_sparsify(args, name: str) -> dict:
             print(f"[{name}] step {step + 1}/{n_steps} fvu {float(out.fvu):.4f} "
                   f"dead {float((since_fired > args.dead_tokens).float().mean()):.3f} "
                   f"{1000 * statistics.median(step_times[-50:]):.0f} ms/step", flush=True)
-    hook, model_name = store.attrs.get("hook"), store.attrs.get("model")
+    hook, model_name = store.attrs.get("hook_name"), store.attrs.get("model")
     store.close()
-    sae = TopKSAE(SAEConfig(d_in=d, n_latents=n, k=k, normalize="none"))
+    sae = TopKSAE(SAEConfig(d_in=d, d_sae=n, k=k, normalize="none"))
     with torch.no_grad():
         sae.W_enc.copy_(sc.encoder.weight.T)
         sae.b_enc.copy_(sc.encoder.bias)
@@ -245,7 +245,7 @@ def main(argv=None) -> int:
     p.add_argument("--store", default=None, help="activation store (default <out>/store; harvested if absent)")
     p.add_argument("--harvest-tokens", type=int, default=250_000, help="tokens to harvest when building the store")
     p.add_argument("--tokens", type=int, default=1_600_000, help="training tokens per SAE")
-    p.add_argument("--n-latents", type=int, default=8192)
+    p.add_argument("--d-sae", "--n-latents", type=int, default=8192)
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--batch-tokens", type=int, default=4096)
     p.add_argument("--dead-tokens", type=int, default=250_000, help="AuxK dead threshold (tokens), both trainers")

@@ -83,7 +83,7 @@ def check_sparse_codes(values: torch.Tensor, indices: torch.Tensor, W_dec: torch
     if not values.is_floating_point():
         raise ValueError(f"{vn} must be a floating tensor, got {values.dtype}")
     if W_dec.dim() != 2:
-        raise ValueError(f"W_dec must be [n_latents, d_in], got shape {tuple(W_dec.shape)}")
+        raise ValueError(f"W_dec must be [d_sae, d_in], got shape {tuple(W_dec.shape)}")
     if not (values.device == indices.device == W_dec.device):
         raise ValueError(
             f"{vn} ({values.device}), {iname} ({indices.device}) and W_dec ({W_dec.device}) must be "
@@ -96,7 +96,7 @@ def check_sparse_codes(values: torch.Tensor, indices: torch.Tensor, W_dec: torch
     lo, hi = int(indices.min()), int(indices.max())
     if lo < -1 or hi >= W_dec.shape[0]:
         raise ValueError(
-            f"{iname} must lie in [0, n_latents={W_dec.shape[0]}) (or be -1 for padding), got range "
+            f"{iname} must lie in [0, d_sae={W_dec.shape[0]}) (or be -1 for padding), got range "
             f"[{lo}, {hi}]"
         )
     return lo == -1

@@ -1,7 +1,7 @@
 """Fused TopK-SAE encoder: pre-activations, TopK (and AuxK candidates) without a [B, n] matrix.
 
 Method (Gao et al. 2024, "Scaling and evaluating sparse autoencoders"):
-    pre   = (x - b_pre) @ W_enc + b_enc                       (section 2.1 / 2.3, eq. 3)
+    pre   = (x - b_dec) @ W_enc + b_enc                       (section 2.1 / 2.3, eq. 3)
     z     = ReLU(TopK_k(pre))                                 (section 2.3)
     aux   = ReLU(TopK_{k_aux}(pre restricted to dead latents)) (section 2.4.1, AuxK; Appendix A.2)
 and the section-5.1 observation that the encoder's backward only needs the k selected columns.
@@ -31,15 +31,15 @@ Forward, two implementations with the same result:
   by DEAD_PASS_ELEMENTS whatever B and n_dead are. No kernel argument depends on the data, so one
   compiled variant serves a whole run. Tile shapes and launch options per shape class:
   `encoder_launch_config` (checked with `python -m sae_dist.kernels.report`). All pointer offsets
-  are int64 (d_in x n_latents reaches 2^31 at production widths).
+  are int64 (d_in x d_sae reaches 2^31 at production widths).
 
 Backward (both backends, torch ops touching only the selected latents): with
 g[b, j] = grad_values[b, j] * (values[b, j] > 0) (ReLU) and i = indices[b, j] (main and AuxK
 selections together, duplicates summed),
-    grad W_enc[:, i] += g[b, j] * (x[b] - b_pre)   (= (G^T @ (x - b_pre))^T, G^T a sparse CSR
+    grad W_enc[:, i] += g[b, j] * (x[b] - b_dec)   (= (G^T @ (x - b_dec))^T, G^T a sparse CSR
                                                   [n, B] matrix of the B*k entries)
     grad b_enc[i]    += g[b, j]                     (index_add_)
-    grad b_pre        = -W_enc @ grad b_enc         (one [d, n] x [n] matvec)
+    grad b_dec        = -W_enc @ grad b_enc         (one [d, n] x [n] matvec)
     grad x[b]         = sum_j g[b, j] * W_enc[:, i] (only when need_x_grad=True; gathered columns)
 Gradients are accumulated in float32 and cast to the parameters' dtypes. grad W_enc: on the Triton
 backend with fp32 weights (the trainer's master weights), one atomic-scatter kernel into the [d, n]
@@ -95,35 +95,35 @@ def triton_available(device: torch.device | str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------- checks
-def _check_inputs(x, W_enc, b_enc, b_pre, k, dead_mask, k_aux, backend, latent_chunk):
+def _check_inputs(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, backend, latent_chunk):
     if W_enc.dim() != 2:
-        raise ValueError(f"W_enc must be [d_in, n_latents], got shape {tuple(W_enc.shape)}")
+        raise ValueError(f"W_enc must be [d_in, d_sae], got shape {tuple(W_enc.shape)}")
     d, n = W_enc.shape
     if x.dim() != 2 or x.shape[1] != d:
         raise ValueError(
             f"x must be [B, d_in={d}] (flatten leading dims first), got shape {tuple(x.shape)}"
         )
     if b_enc.shape != (n,):
-        raise ValueError(f"b_enc must be [n_latents={n}], got shape {tuple(b_enc.shape)}")
-    if b_pre.shape != (d,):
-        raise ValueError(f"b_pre must be [d_in={d}], got shape {tuple(b_pre.shape)}")
-    for name, t in (("x", x), ("b_enc", b_enc), ("b_pre", b_pre)):
+        raise ValueError(f"b_enc must be [d_sae={n}], got shape {tuple(b_enc.shape)}")
+    if b_dec.shape != (d,):
+        raise ValueError(f"b_dec must be [d_in={d}], got shape {tuple(b_dec.shape)}")
+    for name, t in (("x", x), ("b_enc", b_enc), ("b_dec", b_dec)):
         if t.device != W_enc.device:
             raise ValueError(f"{name} is on {t.device} but W_enc is on {W_enc.device}; move it")
-    if b_enc.dtype != W_enc.dtype or b_pre.dtype != W_enc.dtype:
+    if b_enc.dtype != W_enc.dtype or b_dec.dtype != W_enc.dtype:
         raise ValueError(
-            f"b_enc ({b_enc.dtype}) and b_pre ({b_pre.dtype}) must have W_enc's dtype {W_enc.dtype}"
+            f"b_enc ({b_enc.dtype}) and b_dec ({b_dec.dtype}) must have W_enc's dtype {W_enc.dtype}"
         )
     if not x.is_floating_point():
         raise ValueError(f"x must be floating point, got {x.dtype}")
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= n:
-        raise ValueError(f"k={k!r} must be an int in [1, n_latents={n}]")
+        raise ValueError(f"k={k!r} must be an int in [1, d_sae={n}]")
     if not isinstance(k_aux, int) or isinstance(k_aux, bool) or k_aux < 0:
         raise ValueError(f"k_aux={k_aux!r} must be an int >= 0 (0 disables the AuxK candidates)")
     if dead_mask is not None:
         if dead_mask.dtype != torch.bool or dead_mask.shape != (n,):
             raise ValueError(
-                f"dead_mask must be bool [n_latents={n}], got {dead_mask.dtype} "
+                f"dead_mask must be bool [d_sae={n}], got {dead_mask.dtype} "
                 f"{tuple(dead_mask.shape)}"
             )
         if dead_mask.device != W_enc.device:
@@ -224,7 +224,7 @@ def _chunk_topk(pre: torch.Tensor, k: int):
 
 @torch.no_grad()
 def _select_torch(xc, W_enc, b_enc, k, dead_mask, k_aux, latent_chunk):
-    """Chunked selection. xc [B, d] = x - b_pre in W_enc's dtype. Returns unsorted
+    """Chunked selection. xc [B, d] = x - b_dec in W_enc's dtype. Returns unsorted
     (vals [B, k], idx [B, k] int64, aux_vals [B, k_aux] | None, aux_idx | None) of raw pre-acts."""
     B = xc.shape[0]
     n = W_enc.shape[1]
@@ -381,7 +381,7 @@ def encoder_launch_config(d_in: int, k: int, precision: str | None, interpret: b
 
 
 def encoder_launch(xc, W_enc, b_enc, k, latent_chunk, cand_v=None, cand_i=None):
-    """The fused encoder's `Launch` for xc [B, d] (= x - b_pre), W_enc [d, n], b_enc [n]: a grid of
+    """The fused encoder's `Launch` for xc [B, d] (= x - b_dec), W_enc [d, n], b_enc [n]: a grid of
     (token blocks, latent splits); split s writes its local top-k of every row into columns
     [s k, (s + 1) k) of the [B, splits * k] candidate buffers (fp32 values, int32 latent ids).
     Returns (launch, cand_v, cand_i). Meta tensors are accepted (the report compiles from them)."""
@@ -430,7 +430,7 @@ def _select_triton(xc, W_enc, b_enc, k, dead_mask, k_aux, latent_chunk):
         )
     N = W_enc.shape[1]
     if N >= 2**31:
-        raise ValueError(f"n_latents={N} per process must be < 2^31 (int32 latent ids); shard wider")
+        raise ValueError(f"d_sae={N} per process must be < 2^31 (int32 latent ids); shard wider")
     launch, cand_v, cand_i = encoder_launch(xc, W_enc, b_enc, k, latent_chunk)
     if xc.shape[0]:
         launch.run()
@@ -506,9 +506,9 @@ def _sort_desc(v, i):
 
 class _EncodeTopK(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, b_pre, k, dead_mask, k_aux, backend, latent_chunk,
+    def forward(ctx, x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, backend, latent_chunk,
                 need_x_grad, token_chunk):
-        xc = x.to(W_enc.dtype) - b_pre
+        xc = x.to(W_enc.dtype) - b_dec
         B = x.shape[0]
         if backend == "triton":
             v, i, av, ai = _select_triton(xc.contiguous(), W_enc, b_enc, k, dead_mask, k_aux,
@@ -560,7 +560,7 @@ class _EncodeTopK(torch.autograd.Function):
         if ctx.needs_input_grad[0] and ctx.need_x_grad:
             gx = _grad_x(g, idx, block, W_enc, ctx.token_chunk).to(ctx.x_dtype)
         g_benc = gsum.to(W_enc.dtype) if need_benc else None
-        g_bpre = _grad_b_pre(W_enc, gsum, ctx.latent_chunk) if need_bpre else None
+        g_bpre = _grad_b_dec(W_enc, gsum, ctx.latent_chunk) if need_bpre else None
         return gx, gW, g_benc, g_bpre, None, None, None, None, None, None, None
 
 
@@ -569,7 +569,7 @@ GRAD_CHUNK_BYTES = 1 << 28
 
 
 def _grad_w_enc(xcf, g, idx, block, W_enc, backend, latent_chunk):
-    """grad W_enc [d, n] = (G^T @ (x - b_pre))^T for the sparse codes (g, idx) [B, kk] (plus the dense
+    """grad W_enc [d, n] = (G^T @ (x - b_dec))^T for the sparse codes (g, idx) [B, kk] (plus the dense
     AuxK block, CPU). Triton backend with an fp32 W_enc and nondeterminism allowed: one atomic-scatter
     kernel (`sparse_decode`'s W_dec-gradient kernel writing through the [n, d] view of the [d, n]
     gradient). Otherwise CSR x dense products per latent chunk (module docstring)."""
@@ -636,8 +636,8 @@ def _grad_x(g, idx, block, W_enc, token_chunk):
     return gx
 
 
-def _grad_b_pre(W_enc, gsum, latent_chunk):
-    """grad b_pre [d] = -W_enc @ gsum in fp32, a latent chunk at a time (no fp32 copy of a 16-bit
+def _grad_b_dec(W_enc, gsum, latent_chunk):
+    """grad b_dec [d] = -W_enc @ gsum in fp32, a latent chunk at a time (no fp32 copy of a 16-bit
     W_enc), cast to W_enc's dtype."""
     d, n = W_enc.shape
     acc = torch.zeros(d, dtype=torch.float32, device=gsum.device)
@@ -651,7 +651,7 @@ def encode_topk(
     x: torch.Tensor,
     W_enc: torch.Tensor,
     b_enc: torch.Tensor,
-    b_pre: torch.Tensor,
+    b_dec: torch.Tensor,
     k: int,
     *,
     dead_mask: torch.Tensor | None = None,
@@ -661,17 +661,17 @@ def encode_topk(
     need_x_grad: bool = False,
     token_chunk: int = 512,
 ):
-    """Fused TopK-SAE encoder: ReLU(TopK_k((x - b_pre) @ W_enc + b_enc)) without a [B, n] matrix.
+    """Fused TopK-SAE encoder: ReLU(TopK_k((x - b_dec) @ W_enc + b_enc)) without a [B, n] matrix.
 
     Gao et al. 2024, section 2.3 (TopK activation, eq. 3), section 2.4.1 (AuxK dead-latent
     candidates), section 5.1 (sparse kernels). See the module docstring for the algorithms.
 
     Args:
       x: [B, d_in] float (any float dtype; cast to W_enc's dtype).
-      W_enc: [d_in, n_latents] float32/bfloat16/float16; b_enc: [n_latents]; b_pre: [d_in]
-        (= b_dec), both in W_enc's dtype, all on one device.
-      k: latents kept per token, 1 <= k <= n_latents.
-      dead_mask: bool [n_latents], True for dead latents, or None (no AuxK candidates).
+      W_enc: [d_in, d_sae] float32/bfloat16/float16; b_enc: [d_sae]; b_dec: [d_in]
+        both in W_enc's dtype, all on one device.
+      k: latents kept per token, 1 <= k <= d_sae.
+      dead_mask: bool [d_sae], True for dead latents, or None (no AuxK candidates).
       k_aux: AuxK candidates per token among dead latents (0 disables them).
       backend: "auto" (Triton on CUDA when importable, else torch), "torch", or "triton" (CUDA, or
         CPU tensors under TRITON_INTERPRET=1).
@@ -687,19 +687,19 @@ def encode_topk(
       aux_values / aux_indices [B, k_eff] with k_eff = min(k_aux, number of dead latents), the
         ReLU'd top pre-activations among dead latents, in no particular order (the AuxK input); width 0
         when no latent is dead; both None when k_aux == 0 or dead_mask is None.
-    Differentiable w.r.t. W_enc, b_enc, b_pre (and x when need_x_grad) through values and
+    Differentiable w.r.t. W_enc, b_enc, b_dec (and x when need_x_grad) through values and
     aux_values; the backward touches only the selected columns of W_enc (module docstring).
 
     Raises ValueError naming the bad argument (shapes, dtypes, devices, k, k_aux, backend,
     latent_chunk); RuntimeError when backend="triton" cannot run on the tensors' device.
     """
-    _check_inputs(x, W_enc, b_enc, b_pre, k, dead_mask, k_aux, backend, latent_chunk)
+    _check_inputs(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, backend, latent_chunk)
     backend = _encoder_backend(backend, W_enc.device)
     use_aux = k_aux > 0 and dead_mask is not None
     # AuxK candidates: k_eff = min(k_aux, number of dead latents) of them, among dead_mask's latents
     k_eff, dm = (min(k_aux, int(dead_mask.sum())), dead_mask) if use_aux else (0, None)
     values, indices, aux_values, aux_indices = _EncodeTopK.apply(
-        x, W_enc, b_enc, b_pre, k, dm, k_eff, backend, latent_chunk, bool(need_x_grad),
+        x, W_enc, b_enc, b_dec, k, dm, k_eff, backend, latent_chunk, bool(need_x_grad),
         int(token_chunk),
     )
     if not use_aux:
@@ -725,7 +725,7 @@ def encode_topk_reference(
     x: torch.Tensor,
     W_enc: torch.Tensor,
     b_enc: torch.Tensor,
-    b_pre: torch.Tensor,
+    b_dec: torch.Tensor,
     k: int,
     *,
     dead_mask: torch.Tensor | None = None,
@@ -740,8 +740,8 @@ def encode_topk_reference(
     pre-activations and differentiates through plain autograd (x gets a gradient when it requires
     one). Tests and small inputs only. Gao et al. 2024, section 2.3 / 2.4.1.
     """
-    _check_inputs(x, W_enc, b_enc, b_pre, k, dead_mask, k_aux, "torch", max(1, latent_chunk))
-    pre = (x.to(W_enc.dtype) - b_pre) @ W_enc + b_enc
+    _check_inputs(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, "torch", max(1, latent_chunk))
+    pre = (x.to(W_enc.dtype) - b_dec) @ W_enc + b_enc
     v, i = pre.topk(k, dim=1, sorted=True)
     values = F.relu(v)
     if k_aux == 0 or dead_mask is None:

@@ -16,7 +16,7 @@ that ships in Triton's wheel, so no GPU is needed:
 - registers / spill_bytes: from `ptxas -v` (spill_bytes = spill stores + spill loads, per thread);
 - shared_bytes: the kernel's static shared memory (Triton's metadata);
 - int64_offsets: every pointer offset in the kernel's Triton IR (`tt.addptr`) is 64-bit, so no index
-  product wraps at 2^31 (d_in x n_latents reaches it at production widths);
+  product wraps at 2^31 (d_in x d_sae reaches it at production widths);
 - compile_s: wall seconds of Triton's compile to cubin for that variant. Configurations that launch
   an identical variant (same key) are compiled once and share the numbers.
 
@@ -161,7 +161,7 @@ def report(configs, arch: str = "sm_90a", jobs: int = 1):
     with cf.ProcessPoolExecutor(max_workers=max(1, jobs)) as pool:
         done = dict(zip(todo, pool.map(_compile_indexed, todo.values()), strict=True))
     for name, (d_in, k, k_aux, dtype), key in rows:
-        config = dict(d_in=d_in, k=k, k_aux=k_aux, dtype=dtype, tokens=REPORT_TOKENS, n_latents=REPORT_LATENTS)
+        config = dict(d_in=d_in, k=k, k_aux=k_aux, dtype=dtype, tokens=REPORT_TOKENS, d_sae=REPORT_LATENTS)
         yield dict(kernel=name, config=config, arch=arch, **done[key])
 
 

@@ -1,15 +1,15 @@
-"""Sparse TopK decode x^ = sum_j v_j W_dec[i_j] (+ b_pre) and its sparse backward; the AuxK loss, the
+"""Sparse TopK decode x^ = sum_j v_j W_dec[i_j] (+ b_dec) and its sparse backward; the AuxK loss, the
 same sparse decode of the dead latents against the residual (second half of this module).
 
 The decoder of a TopK SAE (Gao et al. 2024, "Scaling and evaluating sparse autoencoders", section 2.1
 eq. 2 with the TopK code of section 2.3) touches only k rows of W_dec per token; the paper's systems
 appendix describes sparse TopK decoder kernels of this kind (the design below is our own):
 
-    forward          x^[b]           = sum_j v[b, j] * W_dec[i[b, j]] (+ b_pre)          [B, d]
+    forward          x^[b]           = sum_j v[b, j] * W_dec[i[b, j]] (+ b_dec)          [B, d]
     backward values  dL/dv[b, j]     = <dL/dx^[b], W_dec[i[b, j]]>   (gathered dot products)
     backward W_dec   dL/dW_dec[r]    = sum_{(b, j): i[b, j] = r} v[b, j] * dL/dx^[b]
                                        (sparse-transpose x dense)
-    backward b_pre   dL/db_pre       = sum_b dL/dx^[b]
+    backward b_dec   dL/db_dec       = sum_b dL/dx^[b]
 
 Two implementations with one signature:
 - torch (CPU, and the reference): `F.embedding_bag(indices, W_dec, per_sample_weights=values,
@@ -37,7 +37,7 @@ AuxK (`auxk_loss`, `decode_aux`): the auxiliary loss on dead latents (Gao et al.
 
 Given the residual of the main reconstruction e = x - x^ (detached) and the top-k_aux dead latents of
 each token (values v_aux >= 0 after ReLU, indices i_aux; produced by `encode_topk(..., dead_mask,
-k_aux)`), the dead latents reconstruct the residual through the decoder WITHOUT b_pre:
+k_aux)`), the dead latents reconstruct the residual through the decoder WITHOUT b_dec:
 
     e^[b]  = sum_j v_aux[b, j] W_dec[i_aux[b, j]]
     L_aux  = sum_b ||e[b] - e^[b]||^2 / sum_b ||e[b] - mean_b(e)||^2      (normalised MSE)
@@ -46,7 +46,7 @@ NaN/Inf (e.g. a zero-variance residual) are replaced by 0, as in the paper's ref
 loss is 0 when there is no AuxK term (k_aux == 0 or no dead latents: the encoder returns None).
 Implementations (`backend`):
 - triton (CUDA; CPU under TRITON_INTERPRET=1): `sparse_decode`'s forward kernel decodes e^ (fp32,
-  no b_pre); e - e^ (kept for the backward) and its sum of squares are torch ops. The backward feeds
+  no b_dec); e - e^ (kept for the backward) and its sum of squares are torch ops. The backward feeds
   -2 (e - e^) * dL/dnum to `sparse_decode`'s gradient kernels (values: gathered dot products;
   W_dec: fp32 atomic scatter).
 - torch (CPU): embedding_bag, or, when the batch's aux latents span few distinct rows u, a dense
@@ -71,11 +71,11 @@ BLOCK_K = 8  # codes per program of the grad-values kernel (one grad_out load se
 BLOCK_P = 16  # (row, token) pairs per inner step of the deterministic W_dec-gradient kernel
 
 
-def _check(values, indices, W_dec, b_pre):
+def _check(values, indices, W_dec, b_dec):
     has_pad = check_sparse_codes(values, indices, W_dec)
-    if b_pre is not None and (b_pre.dim() != 1 or b_pre.shape[0] != W_dec.shape[1]):
+    if b_dec is not None and (b_dec.dim() != 1 or b_dec.shape[0] != W_dec.shape[1]):
         raise ValueError(
-            f"b_pre must be [d_in={W_dec.shape[1]}], got shape {tuple(b_pre.shape)}"
+            f"b_dec must be [d_in={W_dec.shape[1]}], got shape {tuple(b_dec.shape)}"
         )
     return has_pad
 
@@ -84,25 +84,25 @@ def sparse_decode_reference(
     values: torch.Tensor,
     indices: torch.Tensor,
     W_dec: torch.Tensor,
-    b_pre: torch.Tensor | None = None,
+    b_dec: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Torch sparse decode (plain autograd; the CPU path): sum_j values[b,j] W_dec[indices[b,j]] + b_pre.
+    """Torch sparse decode (plain autograd; the CPU path): sum_j values[b,j] W_dec[indices[b,j]] + b_dec.
 
     Args:
       values [B, k] float: TopK activations (cast to W_dec's dtype).
-      indices [B, k] int64 (int32 accepted) in [0, n_latents), or -1 for padding (no latent; its
+      indices [B, k] int64 (int32 accepted) in [0, d_sae), or -1 for padding (no latent; its
         value is ignored and gets zero gradient).
-      W_dec [n_latents, d_in] float.
-      b_pre [d_in] or None: added to every row (Gao et al. 2024, eq. 2).
-    Returns x_hat [B, d_in] in W_dec's dtype. Differentiable w.r.t. values, W_dec and b_pre; never
-    materialises [B, n_latents] or [B, k, d_in] (F.embedding_bag, mode="sum").
+      W_dec [d_sae, d_in] float.
+      b_dec [d_in] or None: added to every row (Gao et al. 2024, eq. 2).
+    Returns x_hat [B, d_in] in W_dec's dtype. Differentiable w.r.t. values, W_dec and b_dec; never
+    materialises [B, d_sae] or [B, k, d_in] (F.embedding_bag, mode="sum").
     Raises ValueError on mismatched shapes, non-integer indices, indices out of range (CPU), or
     tensors on different devices.
     """
-    values, indices = drop_padding(values, indices, _check(values, indices, W_dec, b_pre))
+    values, indices = drop_padding(values, indices, _check(values, indices, W_dec, b_dec))
     x = F.embedding_bag(indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum")
-    if b_pre is not None:
-        x = (x + b_pre).to(W_dec.dtype)
+    if b_dec is not None:
+        x = (x + b_dec).to(W_dec.dtype)
     return x
 
 
@@ -113,7 +113,7 @@ _KERNELS = None
 def _kernels():
     """(triton, _fwd, _grad_values, _grad_wdec_atomic, _grad_wdec_rows): the Triton kernels, defined on first
     use (so importing this module never needs Triton), one factory per kernel. Every pointer offset is int64
-    (n_latents x d_in and B x k_aux can reach 2^31)."""
+    (d_sae x d_in and B x k_aux can reach 2^31)."""
     global _KERNELS
     if _KERNELS is None:
         import triton
@@ -252,15 +252,15 @@ def _empty(shape, dtype, device) -> torch.Tensor:
 
 
 # Launches (`_common.Launch`): what runs, what `sae_dist.kernels.report` compiles offline.
-def forward_launch(values, indices, W_dec, b_pre, out) -> Launch:
-    """out [B, d] = sum_j values[b, j] W_dec[indices[b, j]] (+ b_pre), fp32 accumulation."""
+def forward_launch(values, indices, W_dec, b_dec, out) -> Launch:
+    """out [B, d] = sum_j values[b, j] W_dec[indices[b, j]] (+ b_dec), fp32 accumulation."""
     B, K = values.shape
     D = W_dec.shape[1]
-    bp = b_pre if b_pre is not None else W_dec  # dummy pointer when HAS_BP is False
+    bp = b_dec if b_dec is not None else W_dec  # dummy pointer when HAS_BP is False
     return Launch("fwd", _kernels()[1], (_cdiv(B, BLOCK_B), _cdiv(D, BLOCK_D)),
                   (values, indices, W_dec, bp, out, B, K, D, W_dec.shape[0],
                    values.stride(0), indices.stride(0), W_dec.stride(0), out.stride(0)),
-                  dict(HAS_BP=b_pre is not None, BB=BLOCK_B, BD=BLOCK_D))
+                  dict(HAS_BP=b_dec is not None, BB=BLOCK_B, BD=BLOCK_D))
 
 
 def grad_values_launch(grad_out, indices, W_dec, gv) -> Launch:
@@ -291,13 +291,13 @@ def grad_wdec_rows_launch(grad_out, tok, wt, offs, gw) -> Launch:
                   dict(BP=BLOCK_P, BD=BLOCK_D))
 
 
-def triton_decode_forward(values, indices, W_dec, b_pre, out_dtype=None):
+def triton_decode_forward(values, indices, W_dec, b_dec, out_dtype=None):
     """Forward kernel only (no autograd): x_hat [B, d] in `out_dtype` (default W_dec's dtype), fp32
     accumulation."""
     B = values.shape[0]
     out = _empty((B, W_dec.shape[1]), out_dtype or W_dec.dtype, W_dec.device)
     if B:
-        forward_launch(values, indices, W_dec, b_pre, out).run()
+        forward_launch(values, indices, W_dec, b_dec, out).run()
     return out
 
 
@@ -311,7 +311,7 @@ def triton_grad_values(grad_out, indices, W_dec, values_dtype):
     return gv
 
 
-def triton_grad_wdec(grad_out, indices, values, n_latents, out_dtype, deterministic):
+def triton_grad_wdec(grad_out, indices, values, d_sae, out_dtype, deterministic):
     """grad_W_dec [n, d] = sparse-transpose scatter of values[b, j] * grad_out[b] into rows indices[b, j].
 
     deterministic=False: fp32 atomic adds (summation order varies between runs).
@@ -322,36 +322,36 @@ def triton_grad_wdec(grad_out, indices, values, n_latents, out_dtype, determinis
     D = grad_out.shape[1]
     dev = grad_out.device
     if not deterministic:
-        gw = torch.zeros((n_latents, D), dtype=torch.float32, device=dev)
+        gw = torch.zeros((d_sae, D), dtype=torch.float32, device=dev)
         if B and K:
             grad_wdec_atomic_launch(grad_out, indices, values, gw).run()
         return gw.to(out_dtype)
     flat = indices.reshape(-1).long()
-    flat = torch.where((flat >= 0) & (flat < n_latents), flat, n_latents)  # padding -> sentinel row n
+    flat = torch.where((flat >= 0) & (flat < d_sae), flat, d_sae)  # padding -> sentinel row n
     rows_sorted, perm = torch.sort(flat, stable=True)
     tok = torch.div(perm, K, rounding_mode="floor").contiguous()
     wt = values.reshape(-1)[perm].contiguous()
-    offs = torch.zeros(n_latents + 1, dtype=torch.int64, device=dev)
+    offs = torch.zeros(d_sae + 1, dtype=torch.int64, device=dev)
     if flat.numel():
-        counts = torch.bincount(rows_sorted, minlength=n_latents + 1)[:n_latents]
+        counts = torch.bincount(rows_sorted, minlength=d_sae + 1)[:d_sae]
         torch.cumsum(counts, 0, out=offs[1:])
-    gw = _empty((n_latents, D), out_dtype, dev)
-    if n_latents:
+    gw = _empty((d_sae, D), out_dtype, dev)
+    if d_sae:
         grad_wdec_rows_launch(grad_out, tok, wt, offs, gw).run()
     return gw
 
 
 class _SparseDecodeTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, values, indices, W_dec, b_pre, deterministic):
+    def forward(ctx, values, indices, W_dec, b_dec, deterministic):
         values = values.contiguous()
         indices = indices.contiguous()
         W_dec_c = W_dec.contiguous()
-        b_pre_c = None if b_pre is None else b_pre.contiguous()
-        out = triton_decode_forward(values, indices, W_dec_c, b_pre_c)
+        b_dec_c = None if b_dec is None else b_dec.contiguous()
+        out = triton_decode_forward(values, indices, W_dec_c, b_dec_c)
         ctx.save_for_backward(values, indices, W_dec_c)
         ctx.deterministic = deterministic
-        ctx.b_pre_dtype = None if b_pre is None else b_pre.dtype
+        ctx.b_dec_dtype = None if b_dec is None else b_dec.dtype
         return out
 
     @staticmethod
@@ -365,7 +365,7 @@ class _SparseDecodeTriton(torch.autograd.Function):
             gw = triton_grad_wdec(grad_out, indices, values, W_dec.shape[0], W_dec.dtype,
                                   ctx.deterministic)
         if ctx.needs_input_grad[3]:
-            gb = grad_out.sum(0, dtype=torch.float32).to(ctx.b_pre_dtype)
+            gb = grad_out.sum(0, dtype=torch.float32).to(ctx.b_dec_dtype)
         return gv, None, gw, gb, None
 
 
@@ -373,37 +373,37 @@ def sparse_decode(
     values: torch.Tensor,
     indices: torch.Tensor,
     W_dec: torch.Tensor,
-    b_pre: torch.Tensor | None = None,
+    b_dec: torch.Tensor | None = None,
     *,
     deterministic: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Sparse TopK decode x^ = sum_j values[b,j] W_dec[indices[b,j]] + b_pre (Gao et al. 2024, eq. 2,
+    """Sparse TopK decode x^ = sum_j values[b,j] W_dec[indices[b,j]] + b_dec (Gao et al. 2024, eq. 2,
     sparse decoder kernel of the paper's systems appendix).
 
     Args:
       values [B, k] float: the TopK activations.
-      indices [B, k] int64 (int32 accepted) in [0, n_latents); repeats within or across rows are
+      indices [B, k] int64 (int32 accepted) in [0, d_sae); repeats within or across rows are
         allowed (they add up); -1 marks padding (no latent, value ignored, zero gradient). On CUDA
-        the range is not checked: the Triton kernels skip any index outside [0, n_latents).
-      W_dec [n_latents, d_in] float (fp32, bf16 or fp16).
-      b_pre [d_in] or None.
+        the range is not checked: the Triton kernels skip any index outside [0, d_sae).
+      W_dec [d_sae, d_in] float (fp32, bf16 or fp16).
+      b_dec [d_in] or None.
       deterministic: Triton only: grad of W_dec by a row-sorted segment sum instead of atomic adds,
         bit-identical across runs (the torch path is always deterministic). Also switched on by
         `torch.use_deterministic_algorithms(True)`.
       backend: "auto" (Triton when the tensors are on CUDA and Triton imports, else torch),
         "triton" (forced; on CPU only with TRITON_INTERPRET=1), or "torch".
     Returns x_hat [B, d_in] in W_dec's dtype (Triton accumulates in fp32, then casts).
-    Differentiable w.r.t. values, W_dec and b_pre; the backward never materialises [B, n_latents].
+    Differentiable w.r.t. values, W_dec and b_dec; the backward never materialises [B, d_sae].
     Raises ValueError on bad shapes/dtypes/devices, indices out of range (checked on CPU), or an unknown
     backend; RuntimeError when Triton is forced but unavailable.
     """
-    which = resolve_backend(backend, values, indices, W_dec, b_pre)
+    which = resolve_backend(backend, values, indices, W_dec, b_dec)
     if which == "torch":
-        return sparse_decode_reference(values, indices, W_dec, b_pre)
-    _check(values, indices, W_dec, b_pre)
+        return sparse_decode_reference(values, indices, W_dec, b_dec)
+    _check(values, indices, W_dec, b_dec)
     det = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
-    return _SparseDecodeTriton.apply(values, indices, W_dec, b_pre, det)
+    return _SparseDecodeTriton.apply(values, indices, W_dec, b_dec, det)
 
 
 # ========================================================================================= AuxK
@@ -507,7 +507,7 @@ class _AuxSSETriton(torch.autograd.Function):
         values, indices = values.contiguous(), indices.contiguous()
         W_dec = W_dec.contiguous()
         e = residual.detach().contiguous()
-        # e^ by sparse_decode's forward kernel (fp32 output, no b_pre), then e - e^ and its sum of
+        # e^ by sparse_decode's forward kernel (fp32 output, no b_dec), then e - e^ and its sum of
         # squares in torch: one [B, d] fp32 buffer more than a fused kernel, and no second decode loop.
         e_hat = triton_decode_forward(values, indices, W_dec, None, out_dtype=torch.float32)
         diff = e.float() - e_hat
@@ -545,7 +545,7 @@ def _residual_ss(residual: torch.Tensor) -> torch.Tensor:
 
 def decode_aux(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor, *, backend: str = "auto",
                sparse_grad: bool = False, deterministic: bool = False) -> torch.Tensor:
-    """The AuxK reconstruction e^ [B, d_in] = sum_j values[b, j] W_dec[indices[b, j]] (no b_pre) of
+    """The AuxK reconstruction e^ [B, d_in] = sum_j values[b, j] W_dec[indices[b, j]] (no b_dec) of
     values / indices [B, k_aux] (index -1: padding, value ignored), in W_dec's dtype.
 
     backend "torch" (or "auto" off CUDA): a dense [B, u] code block times the u distinct rows when the
@@ -583,13 +583,13 @@ def auxk_loss(
     sparse_grad: bool = False,
 ) -> torch.Tensor:
     """AuxK loss (Gao et al. 2024, section 2.4.1, Appendix A.2): normalised MSE of the residual's
-    reconstruction by the top-k_aux dead latents, sparse-decoded without b_pre.
+    reconstruction by the top-k_aux dead latents, sparse-decoded without b_dec.
 
     Args:
       aux_values [B, k_aux] float (ReLU'd pre-activations of dead latents) or None.
-      aux_indices [B, k_aux] int64 in [0, n_latents), -1 for padding (fewer dead latents than k_aux;
+      aux_indices [B, k_aux] int64 in [0, d_sae), -1 for padding (fewer dead latents than k_aux;
         the value is ignored), or None (None/None or k_aux == 0: no AuxK term).
-      W_dec [n_latents, d_in].
+      W_dec [d_sae, d_in].
       residual [B, d_in]: e = x - x^ of the main reconstruction; treated as a constant (detached).
     Returns a 0-d float32 tensor
         sum_b ||e_b - e^_b||^2 / sum_b ||e_b - mean_b(e)||^2,

@@ -5,7 +5,7 @@
 #
 #   launch/compare_architectures.sh STORE OUT_DIR [hydra overrides for every run...]
 #   launch/compare_architectures.sh runs/demo/activations.zarr runs/compare
-#   launch/compare_architectures.sh /data/acts.zarr runs/cmp sae.n_latents=65536 trainer.tokens=200000000 \
+#   launch/compare_architectures.sh /data/acts.zarr runs/cmp sae.d_sae=65536 trainer.tokens=200000000 \
 #       hydra/launcher=slurm        # one slurm task per run (conf/hydra/launcher/slurm.yaml)
 #
 # Runs go to OUT_DIR/<family>/<job num>_<architecture>_<setting>/; the table, JSON and plot to
@@ -51,7 +51,7 @@ fi
 python=$(dirname "$sae_train")/python
 [[ -x $python ]] || python=python
 
-common=("store.path=$store" "sae.n_latents=${N_LATENTS:-2048}" "trainer.tokens=${TOKENS:-500000}"
+common=("store.path=$store" "sae.d_sae=${N_LATENTS:-2048}" "trainer.tokens=${TOKENS:-500000}"
         "eval.after_train=true" "trainer.keep_checkpoints=1" "wandb.group=$(basename "$out")")
 
 run() {  # run FAMILY SUBDIR_PATTERN OVERRIDES...
@@ -79,5 +79,5 @@ for family in ${FAMILIES:-topk relu prolu jumprelu extra}; do
 done
 
 "$python" -m sae_dist.eval.compare "$out" --out "$out/compare.md" --json "$out/compare.json" \
-    --plot "$out/compare.png" --title "$(basename "$store"): n_latents=${N_LATENTS:-2048}, ${TOKENS:-500000} tokens"
+    --plot "$out/compare.png" --title "$(basename "$store"): d_sae=${N_LATENTS:-2048}, ${TOKENS:-500000} tokens"
 cat "$out/compare.md"

@@ -18,7 +18,7 @@
 # Fit the scaling laws afterwards: sae-scaling SWEEP_DIR (docs/scaling.md).
 #
 # Environment (all optional):
-#   N_LIST     comma-separated n_latents values (default 4096,16384,65536)
+#   N_LIST     comma-separated d_sae values (default 4096,16384,65536)
 #   K_LIST     comma-separated k values (default 16,32,64)
 #   LAUNCHER   slurm | local: the config under conf/hydra/launcher/ (default slurm)
 #   SAE_TRAIN  the sae-train executable (default: this checkout's .venv, else PATH)
@@ -60,6 +60,6 @@ fi
 
 # User overrides come last so they win (e.g. a different wandb.group or hydra.launcher.timeout_min).
 cmd=("$sae_train" -m "hydra/launcher=$launcher" "run_dir=$sweep_dir" "store.path=$store"
-     "sae.n_latents=$n_list" "sae.k=$k_list" "wandb.group=$(basename "$sweep_dir")" "eval.after_train=true" "$@")
+     "sae.d_sae=$n_list" "sae.k=$k_list" "wandb.group=$(basename "$sweep_dir")" "eval.after_train=true" "$@")
 echo "+ ${cmd[*]}" >&2
 exec "${cmd[@]}"

@@ -3,7 +3,7 @@
 #
 #   launch/torchrun.sh NPROC [hydra overrides...]
 #   launch/torchrun.sh 2 run_dir=runs/tp2 store.path=runs/demo/activations.zarr parallel.tp=2 device=cpu
-#   launch/torchrun.sh 8 run_dir=runs/big store.path=/data/acts.zarr sae.n_latents=1048576 parallel.tp=8
+#   launch/torchrun.sh 8 run_dir=runs/big store.path=/data/acts.zarr sae.d_sae=1048576 parallel.tp=8
 #
 # Every rank runs the same Hydra command; the mesh is dp x tp with dp = NPROC / parallel.tp.
 # `run_dir=` is required: all ranks must write to one directory (the config's default name holds the

@@ -162,7 +162,7 @@ def _make_our_step(d, n, k, dtype, device, kernels, multi_topk, dead, xs, bf16, 
     from sae_dist.train.engine import default_lr
     from sae_dist.train.trainer import TrainerConfig, make_optimizer
 
-    cfg = SAEConfig(d_in=d, n_latents=n, k=k, multi_topk=multi_topk)
+    cfg = SAEConfig(d_in=d, d_sae=n, k=k, multi_topk=multi_topk)
     tcfg = TrainerConfig()
     sae = TopKSAE(cfg, device=device, generator=torch.Generator().manual_seed(0))
     if adam == "trainer":
@@ -405,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sae_dist.bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--d", type=_positive_int("--d"), required=True, help="d_in")
-    p.add_argument("--n", type=_positive_int("--n"), required=True, help="n_latents (d_sae)")
+    p.add_argument("--n", type=_positive_int("--n"), required=True, help="d_sae (n in the paper)")
     p.add_argument("--k", type=_positive_int("--k"), required=True, help="active latents per token")
     p.add_argument("--batch", type=_positive_int("--batch"), required=True, help="tokens per step")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32",
@@ -438,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 0.0 <= args.dead_frac <= 1.0:
         raise SystemExit(f"--dead-frac must be in [0, 1], got {args.dead_frac}")
     if args.k > args.n:
-        raise SystemExit(f"--k {args.k} > --n {args.n}: k must be <= n_latents")
+        raise SystemExit(f"--k {args.k} > --n {args.n}: k must be <= d_sae")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     rec = run_bench(args)

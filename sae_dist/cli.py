@@ -274,7 +274,7 @@ def load_configured_lm(cfg: DictConfig, device: str):
 def _hook_name(cfg: DictConfig, model) -> str:
     from sae_dist.harvest.hooks import default_hook_name, resolve_hook
 
-    name = cfg.hook if cfg.hook is not None else default_hook_name(model)
+    name = cfg.hook_name if cfg.hook_name is not None else default_hook_name(model)
     resolve_hook(model, name)  # raises with the list of valid names
     return name
 
@@ -317,7 +317,7 @@ def run_harvest(cfg: DictConfig, out_dir: Path, lm=None) -> dict[str, Any]:
     return harvest(
         model=model,
         tokenizer=tokenizer,
-        hook=hook,
+        hook_name=hook,
         docs=_docs(cfg),
         store_path=cfg.store.path,
         tokens=hc.tokens,
@@ -344,15 +344,15 @@ def sae_config_from(sae: DictConfig, d_in: int):
 def run_train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """Train an SAE on `cfg.store.path`; checkpoints under out_dir/checkpoints, export to out_dir/sae."""
     from sae_dist.config import config_error, trainer_config
-    from sae_dist.store import open_store
+    from sae_dist.store import open_store, read_attrs
     from sae_dist.train.trainer import train
 
-    store_attrs = dict(open_store(cfg.store.path).attrs)
-    if cfg.sae.d_in is not None and int(cfg.sae.d_in) != int(store_attrs["d_model"]):
-        raise ValueError(f"sae.d_in={cfg.sae.d_in} but the store at store.path={cfg.store.path} has d_model "
-                         f"{store_attrs['d_model']}: sae-train takes d_in from the store (leave sae.d_in unset)")
+    store_attrs = read_attrs(open_store(cfg.store.path))
+    if cfg.sae.d_in is not None and int(cfg.sae.d_in) != int(store_attrs["d_in"]):
+        raise ValueError(f"sae.d_in={cfg.sae.d_in} but the store at store.path={cfg.store.path} has d_in "
+                         f"{store_attrs['d_in']}: sae-train takes d_in from the store (leave sae.d_in unset)")
     with config_error("sae"):
-        sae_cfg = sae_config_from(cfg.sae, d_in=int(store_attrs["d_model"]))
+        sae_cfg = sae_config_from(cfg.sae, d_in=int(store_attrs["d_in"]))
     trainer_cfg = trainer_config(cfg)
     from sae_dist.sweep import sweep_wandb_group
 
@@ -366,7 +366,7 @@ def run_train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         trainer_cfg=trainer_cfg,
         device=resolve_device(cfg.device),
         seed=int(cfg.seed),
-        hook_name=store_attrs.get("hook"),
+        hook_name=store_attrs.get("hook_name"),
         model_name=store_attrs.get("model"),
         wandb_cfg=wandb_cfg,
         tp=int(cfg.parallel.tp),
@@ -418,14 +418,14 @@ def run_eval(cfg: DictConfig, out_dir: Path, lm=None, sae_path: str | None = Non
     from sae_dist.sae.formats import read_sae_cfg
 
     # read_sae_cfg: ours or a SAELens save (which nests hook_name under "metadata")
-    hook = cfg.hook if cfg.hook is not None else read_sae_cfg(sae_path).get("hook_name")
+    hook = cfg.hook_name if cfg.hook_name is not None else read_sae_cfg(sae_path).get("hook_name")
     if hook is None:
         hook = _hook_name(cfg, model)
     result = evaluate(
         sae_path=str(sae_path),
         model=model,
         tokenizer=tokenizer,
-        hook=hook,
+        hook_name=hook,
         docs=_docs(cfg),
         ctx_len=int(cfg.data.ctx_len),
         eval_fraction=float(cfg.data.eval_fraction),
@@ -526,7 +526,7 @@ def print_summary(out: Path, harvest_summary: dict, train_summary: dict, result:
         ("harvest tokens/s", _fmt(harvest_summary.get("tokens_per_s"), ".0f")),
         ("tokens trained", _fmt(result.get("tokens_trained"), ",")),
         ("train tokens/s", _fmt(train_summary.get("tokens_per_s"), ".0f")),
-        ("n_latents / k", f"{result.get('n_latents')} / {result.get('k')}"),
+        ("d_sae / k", f"{result.get('d_sae')} / {result.get('k')}"),
         ("fvu", _fmt(result.get("fvu"), ".4f")),
         ("normalized mse", _fmt(result.get("normalized_mse"), ".4f")),
         ("L0", _fmt(result.get("l0"), ".1f")),

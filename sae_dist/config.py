@@ -238,7 +238,7 @@ _SAE_OPTION_DOCS = {
     "l1_warmup_frac": "lambda rises linearly from 0 over this fraction of the steps",
     "l1_decoder_norm": "true: penalise z_i * ||W_dec_i|| (rows free); false: unit-norm rows, plain L1",
     "tied_weights": "true: W_enc = W_dec^T, one weight matrix",
-    "init_scale": "initial W_enc = init_scale * enc_init_scale * W_dec^T; auto: 2 * d_in / n_latents (<= 1)",
+    "init_scale": "initial W_enc = init_scale * enc_init_scale * W_dec^T; auto: 2 * d_in / d_sae (<= 1)",
     "target_l0": "L0 target: null (fixed penalty) or a number > 0 the penalty drives L0 to",
     "l0_gain": "relu / prolu target_l0 controller: lambda moves by at most e^l0_gain per step",
     "l0_tau_frac": "relu / prolu target_l0 controller: look-ahead as a fraction of the steps",
@@ -250,7 +250,7 @@ _SAE_OPTION_DOCS = {
     "threshold_beta": "BatchTopK: momentum of the bias-corrected EMA of the threshold, in [0, 1]",
     "threshold_start_step": "BatchTopK: first step estimating the threshold (capped at half the steps)",
     "base": "Matryoshka: batchtopk | topk, the selection of the kept latents",
-    "prefixes": "Matryoshka: increasing prefix sizes ending with n_latents; null: [n/16, n/8, n/4, n/2, n]",
+    "prefixes": "Matryoshka: increasing prefix sizes ending with d_sae; null: [n/16, n/8, n/4, n/2, n]",
     "level_weights": "Matryoshka: one weight per prefix (normalised); null: uniform",
     "parents": "tree: parent latent per latent (-1 = root; a forest); null: built from co-activations",
     "tree_coef": "tree: weight of the tree loss; 0: none",
@@ -297,7 +297,7 @@ class AppConfig:
                                                             "checkpoints/, eval.json, .hydra/); Hydra's run dir")
     device: str = option("auto", "cpu | cuda | cuda:N | auto (cuda when available)")
     seed: int = option(0, "seed of the SAE init, the data order and the browser's random picks")
-    hook: str | None = option(None, "hook point (blocks.{L}.hook_resid_post | hook_resid_pre | hook_attn_out | "
+    hook_name: str | None = option(None, "hook point (blocks.{L}.hook_resid_post | hook_resid_pre | hook_attn_out | "
                                     "hook_mlp_out); null: the residual stream about 2/3 up the model")
     sae_path: str = option("${run_dir}/sae", "exported SAE read by sae-eval and sae-browse (ours or a SAELens save)")
     store: StoreConfig = option(StoreConfig(), "")
@@ -464,7 +464,9 @@ def omegaconf_message(e) -> str:
 
 
 #: old key -> current key, accepted on the command line with a deprecation line (for one release)
-RENAMED_KEYS = {"trainer.betas": "trainer.adam_betas", "trainer.eps": "trainer.adam_eps"}
+RENAMED_KEYS = {"trainer.betas": "trainer.adam_betas", "trainer.eps": "trainer.adam_eps",
+                "sae.n_latents": "sae.d_sae", "sae.b_pre_init": "sae.b_dec_init",
+                "trainer.b_pre_sample_tokens": "trainer.b_dec_sample_tokens", "hook": "hook_name"}
 
 
 def upgrade_overrides(overrides: list[str], warn=None) -> list[str]:

@@ -356,7 +356,7 @@ def write_synthetic_store(path: str, d: int, tokens: int, features: int, p_activ
     t0 = time.perf_counter()
     sd = SyntheticDictionary(d, features, p_active=p_active, seed=seed)
     x = torch.cat([sd.sample(min(16384, tokens - i))[0] for i in range(0, tokens, 16384)])
-    write_store(path, x, attrs={"hook": "synthetic", "model": "synthetic"})
+    write_store(path, x, attrs={"hook_name": "synthetic", "model": "synthetic"})
     return {"path": path, "tokens": tokens, "d": d, "features": features, "seconds": time.perf_counter() - t0}
 
 
@@ -639,7 +639,7 @@ def step_train(c: Check, store: Path, kernels: bool) -> list[dict]:
     ran past its budget keeps the steps it logged, which the curve check still compares)."""
     s, tag = c.sizes, "on" if kernels else "off"
     name, run_dir = f"train_kernels_{tag}", c.work / f"train_kernels_{tag}"
-    overrides = [f"run_dir={run_dir}", f"store.path={store}", "sae=topk", f"sae.n_latents={s.train_n}",
+    overrides = [f"run_dir={run_dir}", f"store.path={store}", "sae=topk", f"sae.d_sae={s.train_n}",
                  f"sae.k={s.train_k}", f"sae.dead_tokens={s.train_dead_tokens}",
                  f"sae.kernel_backend={'auto' if kernels else 'torch'}",
                  f"trainer.tokens={s.train_steps * s.train_batch}", f"trainer.batch_tokens={s.train_batch}",
@@ -764,7 +764,7 @@ def step_plan(c: Check) -> None:
     for name, _, n, dead_frac, _ in _bench_specs(s):
         if dead_frac == 0:
             continue  # the plan models AuxK in full: compare with the dead_frac runs
-        r = plan(d_in=s.d_in, n_latents=n, k=s.k, batch_tokens=s.batch, tp=1, cluster=cluster,
+        r = plan(d_in=s.d_in, d_sae=n, k=s.k, batch_tokens=s.batch, tp=1, cluster=cluster,
                  kernel_backend="auto" if s.device == "cuda" else "torch",
                  bf16_operand_copies=s.dtype == "bf16" and s.device == "cuda", suggest=False)
         rows.append(_plan_row(n, r, (c.step(name) or {}).get("bench")))
@@ -1023,7 +1023,7 @@ def main(argv: list[str] | None = None) -> int:
         rc = recalibrate(json.loads(path.read_text()))
         print(json.dumps(rc, indent=2))
         if rc.get("sae_plan_args"):
-            print(f"\nsae-plan sae.d_in=... sae.n_latents=... {rc['sae_plan_args']}")
+            print(f"\nsae-plan sae.d_in=... sae.d_sae=... {rc['sae_plan_args']}")
         return 0 if rc["ok"] else 1
     sizes = sizes_for(args.dry, args.device)
     record = run_check(sizes, Path(args.out), keep_work=args.keep_work)

@@ -1,6 +1,6 @@
 """sae-plan: capacity planner for a latent-sharded TopK SAE on a GPU cluster.
 
-For an SAE config (d_in, n_latents, k, k_aux, batch) and a cluster shape (nodes x GPUs per node, GPU
+For an SAE config (d_in, d_sae, k, k_aux, batch) and a cluster shape (nodes x GPUs per node, GPU
 memory, interconnect and HBM bandwidths, bf16 FLOP/s) it computes, per GPU and per optimizer step:
 memory (parameters, gradients, optimizer state, activations, workspace), FLOPs and HBM bytes of every
 component of the step, the bytes every collective moves, and an estimated step time and tokens/s. It
@@ -16,7 +16,7 @@ marked "what-if" below model changes that are not in the code.
 
 Layout planned for (docs/parallel.md): a dp x tp mesh, tp innermost (the tp ranks of a
 group are consecutive GPUs, inside one node when tp divides gpus_per_node). tp shards the latents:
-rank r holds latents [r*n/tp, (r+1)*n/tp) (`shard_shapes`); b_dec (= b_pre) is replicated. Every tp
+rank r holds latents [r*n/tp, (r+1)*n/tp) (`shard_shapes`); b_dec is replicated. Every tp
 rank of a dp group sees the same B/dp tokens. fp32 master weights, Adam's two fp32 moments, fp32
 gradients.
 
@@ -112,7 +112,7 @@ optimizer offload (host memory bandwidth / PCIe bandwidth).
                        rank's share of the exact global selections; ReLU zeros not subtracted) when
                        Ew < 0.9*E_all, else E_all (e.g. tp = 1); False (what-if, the CUDA code before
                        the filter): E = E_all, the candidates another shard won included.
-  b_pre_grad           2*d*nl (-W_enc @ grad b_enc in fp32, a latent chunk at a time: reads the bf16
+  b_dec_grad           2*d*nl (-W_enc @ grad b_enc in fp32, a latent chunk at a time: reads the bf16
                        W_enc copy, writes and reads its [d, latent_chunk] fp32 upcast)
   bf16_grad_cast       the bf16 W_enc gradient cast to the fp32 parameter's gradient (6*d*nl bytes)
   decoder_grad_projection 4*nl*d; decoder_renorm 3*nl*d (section 2.4.1)
@@ -124,7 +124,7 @@ Communication (ring model; S = buffer bytes, p = group size, alpha = latency per
   (p-1)/p*S/bw + (p-1)*alpha. bw = intra-node bandwidth when the group lies in one node, else the
   inter-node bandwidth (per-GPU NIC; a collective crossing nodes runs at its slowest link).
   tp: the TopK exchange above (main and AuxK), all-reduce of the partial reconstructions [Bl, d] fp32
-  (main, Multi-TopK, AuxK), of the dead-latent count and of the b_pre gradient [d].
+  (main, Multi-TopK, AuxK), of the dead-latent count and of the b_dec gradient [d].
   dp: gradient all-reduce of the local shard (trainer.engine=torch) or reduce-scatter + parameter
   all-gather (DeepSpeed ZeRO-1/2); dead-latent "fired" flags [nl] uint8; the loss statistics (the
   global-batch variance: a [d] sum and a scalar, for the loss and for AuxK).
@@ -151,16 +151,16 @@ larger of the forward's and the backward's transient peaks (`transient_bytes`):
     pre-activations, merge and topk (`_dead_pass`; planned for the worst case over dead counts, not
     for nd); or the exchange buffers; whichever is largest;
   backward: the encoder backward's transients: CSR path, its index arrays (E_all*16 + E*40 bytes),
-    its last [C, d] fp32 product (C above; still referenced when the b_pre gradient runs), and with
+    its last [C, d] fp32 product (C above; still referenced when the b_dec gradient runs), and with
     bf16 copies the bf16 W_enc
-    gradient (2*d*nl), the fp32 upcast of one [d, latent_chunk] W_enc chunk for the b_pre gradient
+    gradient (2*d*nl), the fp32 upcast of one [d, latent_chunk] W_enc chunk for the b_dec gradient
     (4*d*latent_chunk; no full fp32 copy) and the fp32 input (Bl*d*4); atomic path, the masked
     gradients and ids (E_all*16) and the b_enc gradient (4*nl); or one extra [nl, d] fp32 W_dec
     gradient when two or more decode calls run; whichever is larger;
 plus a workspace margin (CUDA context, NCCL buffers, allocator slack).
 
 Console script `sae-plan` (a Hydra app over `conf/plan.yaml`), e.g.
-    sae-plan sae.d_in=4096 sae.n_latents=16777216 trainer.batch_tokens=131072 parallel.tp=64 \\
+    sae-plan sae.d_in=4096 sae.d_sae=16777216 trainer.batch_tokens=131072 parallel.tp=64 \\
         cluster.nodes=8 output=json
 """
 
@@ -311,27 +311,27 @@ class Cluster:
         return cls(**d)
 
 
-def shard_shapes(d_in: int, n_latents: int, tp: int) -> dict[str, tuple[int, ...]]:
+def shard_shapes(d_in: int, d_sae: int, tp: int) -> dict[str, tuple[int, ...]]:
     """Per-rank parameter shapes of the latent-sharded TopK SAE (docs/parallel.md).
 
     tp rank r holds latents [r*n/tp, (r+1)*n/tp): W_enc [d_in, n/tp], b_enc [n/tp],
     W_dec [n/tp, d_in]; b_dec [d_in] is replicated on every rank. Names follow the export contract.
 
-    Raises ValueError when an argument is not a positive int or n_latents is not divisible by tp.
+    Raises ValueError when an argument is not a positive int or d_sae is not divisible by tp.
     """
-    for name, v in (("d_in", d_in), ("n_latents", n_latents), ("tp", tp)):
+    for name, v in (("d_in", d_in), ("d_sae", d_sae), ("tp", tp)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name}={v!r} must be a positive int")
     from sae_dist.parallel.mesh import shard_range
 
-    lo, hi = shard_range(n_latents, tp, 0)  # the trainer's own split; raises when tp does not divide n
+    lo, hi = shard_range(d_sae, tp, 0)  # the trainer's own split; raises when tp does not divide n
     nl = hi - lo
     return {"W_enc": (d_in, nl), "b_enc": (nl,), "W_dec": (nl, d_in), "b_dec": (d_in,)}
 
 
-def params_per_gpu(d_in: int, n_latents: int, tp: int) -> int:
+def params_per_gpu(d_in: int, d_sae: int, tp: int) -> int:
     """Number of parameters one rank holds: the sum over `shard_shapes` (= 2*d*n/tp + n/tp + d)."""
-    return sum(math.prod(s) for s in shard_shapes(d_in, n_latents, tp).values())
+    return sum(math.prod(s) for s in shard_shapes(d_in, d_sae, tp).values())
 
 
 class PlanDoesNotFit(ValueError):
@@ -502,7 +502,7 @@ def _encoder_backward(Bl: int, d: int, nl: int, e_all: int, e_win: int, latent_c
     gb = 2 if bf16 else 4  # bytes of the encoder's W_enc gradient
     # index arrays (g, ids, their concatenation; repeat_interleave, nonzero, argsort, gathers), CSR
     # row pointers, the last [gchunk, d] fp32 product; bf16: the fp32 input, the bf16 W_enc gradient
-    # and the fp32 upcast of one [d, chunk] W_enc chunk for the b_pre gradient
+    # and the fp32 upcast of one [d, chunk] W_enc chunk for the b_dec gradient
     transient = (e_all * 16 + e * 40 + (nl + 1) * 16 + nl * 4 + gchunk * d * 4
                  + ((Bl * d * 4 + 2 * d * nl + 4 * d * chunk) if bf16 else 0))
     hbm = (e * d * 4 + e_all * _SLOT_WORK_BYTES + e * _INDEX_WORK_BYTES + nl * d * (8 + gb)
@@ -516,7 +516,7 @@ def _posint(name: str, v) -> None:
 
 
 def plan(
-    *, d_in: int, n_latents: int, k: int, batch_tokens: int, tp: int = 1, cluster: Cluster | dict | None = None,
+    *, d_in: int, d_sae: int, k: int, batch_tokens: int, tp: int = 1, cluster: Cluster | dict | None = None,
     k_aux: int | None = None, auxk: bool = True, multi_topk: bool = False, multi_topk_factor: int = 4,
     engine: str = "torch", zero_stage: int = 1, offload_optimizer: bool = False, ema: bool = False,
     topk_exchange: str = "alltoall", decode_compact: bool = True, decode_scan_slots: str = "compacted",
@@ -580,7 +580,7 @@ class _PlanOptions:
     """The keyword arguments of `plan`, by name; their defaults are in `plan`'s signature.
 
     SAE and trainer (the sae.* / trainer.* options of the same names):
-      d_in, n_latents, k: SAE width, latents, active latents per token.
+      d_in, d_sae, k: SAE width, latents, active latents per token.
       batch_tokens: global batch B in tokens; each dp rank gets B/dp.
       k_aux: AuxK latents per token; None -> `sae_dist.sae.config.default_k_aux(d_in)` capped at n
         (a power of two near d_in/2). Planned in full (>= k_aux dead latents on every rank).
@@ -635,7 +635,7 @@ class _PlanOptions:
     """
 
     d_in: int
-    n_latents: int
+    d_sae: int
     k: int
     batch_tokens: int
     tp: int
@@ -672,7 +672,7 @@ class _Step:
 
     o: the options; c: the cluster; shapes: `shard_shapes`; k_aux: the resolved sae.k_aux (AuxK on
     or off); ks: the main selection width (k, or factor*k with Multi-TopK); ka: k_aux, 0 when AuxK is
-    off; d, n, B: d_in, n_latents, batch_tokens; Bl, nl: tokens and latents per GPU; P: parameters
+    off; d, n, B: d_in, d_sae, batch_tokens; Bl, nl: tokens and latents per GPU; P: parameters
     per GPU, part: its ZeRO partition (rounded up); zero: the ZeRO stage, 0 with the torch engine;
     tp_link / dp_link: "intra" | "inter" | "none", link_bw: GB/s per link; exchange: the TopK
     exchange planned (the all-gather fallback when Bl % tp); backend: the resolved kernel backend,
@@ -730,7 +730,7 @@ def _check_options(o: _PlanOptions) -> None:
     """Raise ValueError naming the first bad option that needs no shape to judge: the positive ints,
     trainer.engine / zero_stage / offload_optimizer, topk_exchange, estimate.decode_scan_slots,
     sae.kernel_backend, workspace_gib >= 0 and estimate.dead_fraction in [0, 1]."""
-    for name in ("d_in", "n_latents", "k", "batch_tokens", "tp", "latent_chunk", "multi_topk_factor",
+    for name in ("d_in", "d_sae", "k", "batch_tokens", "tp", "latent_chunk", "multi_topk_factor",
                  "topk_value_bytes", "input_buffers", "zero_bucket_elements", "candidate_buffer_bytes",
                  "allgather_chunk_bytes"):
         _posint(name, getattr(o, name))
@@ -761,7 +761,7 @@ def _resolve(o: _PlanOptions) -> _Step:
     the step's shapes (`_shape_step`)."""
     c = o.cluster if isinstance(o.cluster, Cluster) else Cluster.from_dict(o.cluster)
     _check_options(o)
-    world, tp, n = c.world, o.tp, o.n_latents
+    world, tp, n = c.world, o.tp, o.d_sae
     if tp > world or world % tp:
         raise ValueError(
             f"parallel.tp={tp} must divide the world size {world} (= cluster.nodes {c.nodes} x "
@@ -774,24 +774,24 @@ def _resolve(o: _PlanOptions) -> _Step:
         raise ValueError(f"trainer.batch_tokens={o.batch_tokens} is not divisible by dp={dp} "
                          f"(= world {world} / tp {tp}); use a multiple of {dp}")
     if o.k > n:
-        raise ValueError(f"sae.k={o.k} > sae.n_latents={n}: lower sae.k")
+        raise ValueError(f"sae.k={o.k} > sae.d_sae={n}: lower sae.k")
     k_aux = o.k_aux
     if k_aux is None:
         from sae_dist.sae.config import default_k_aux
 
         k_aux = min(default_k_aux(o.d_in), n)
     if not isinstance(k_aux, int) or isinstance(k_aux, bool) or not 1 <= k_aux <= n:
-        raise ValueError(f"sae.k_aux={k_aux!r} must be an int in [1, n_latents={n}]")
+        raise ValueError(f"sae.k_aux={k_aux!r} must be an int in [1, d_sae={n}]")
     ks = o.multi_topk_factor * o.k if o.multi_topk else o.k
     if ks > n:
-        raise ValueError(f"Multi-TopK selects multi_topk_factor*k = {ks} > n_latents={n}")
+        raise ValueError(f"Multi-TopK selects multi_topk_factor*k = {ks} > d_sae={n}")
     return _shape_step(o, c, shapes, dp, k_aux, ks)
 
 
 def _shape_step(o: _PlanOptions, c: Cluster, shapes: dict, dp: int, k_aux: int, ks: int) -> _Step:
     """The `_Step` of validated options: per-GPU sizes, links, the exchange and kernel path planned,
     the decode calls, the encoder backward, the AuxK dead pass and the exchanges' costs."""
-    d, n, B, tp = o.d_in, o.n_latents, o.batch_tokens, o.tp
+    d, n, B, tp = o.d_in, o.d_sae, o.batch_tokens, o.tp
     nl, Bl = n // tp, B // dp
     P = params_per_gpu(d, n, tp)
     ka = k_aux if o.auxk else 0
@@ -919,7 +919,7 @@ def _kept_activations(s: _Step) -> dict[str, int]:
         "inputs_fp32": s.o.input_buffers * s.bd,
         "dense_Bxd_buffers": s.n_bd * s.bd,
         "bf16_input_copy": 2 * Bl * d if s.o.bf16_operand_copies else 0,  # x in bf16, held by the forward
-        "encoder_saved_input": Bl * d * vb,  # x - b_pre in the operand dtype, saved for the backward
+        "encoder_saved_input": Bl * d * vb,  # x - b_dec in the operand dtype, saved for the backward
         "selections": s.e_all * (vb + 8),  # the encoder's values + int64 ids (main and AuxK)
         "keep_masks": sum(len(ms) * Bl * wx for _, wx, ms in s.selections),  # bool [Bl, wx] per width
         # masked main values [Bl, wm] (returned); per call the compacted values + -1-padded int64 ids
@@ -1020,7 +1020,7 @@ def _decode_costs(s: _Step, costs: _Costs) -> None:
 
 def _backward_costs(s: _Step, costs: _Costs) -> None:
     """The backward: the sparse decodes' (and their compactions'), the W_dec gradient sums, the
-    encoder's sparse backward, the b_pre gradient and the bf16 gradient cast."""
+    encoder's sparse backward, the b_dec gradient and the bf16 gradient cast."""
     Bl, d, nl, vb, bf16 = s.Bl, s.d, s.nl, s.vb, s.o.bf16_operand_copies
     for name, w, r, m in s.calls:
         go_reads = Bl * d * 4 * -(-m // _DEC_BLOCK_K)  # grad_out tile re-read per 8-slot code block
@@ -1033,7 +1033,7 @@ def _backward_costs(s: _Step, costs: _Costs) -> None:
     if extra:
         costs.add("decoder_grad_accumulate", "bwd", extra * nl * d, extra * 12 * nl * d, "memory")
     costs.add("encoder_sparse_bwd", "bwd", s.ebw["flops"], s.ebw["hbm_bytes"], "memory")
-    costs.add("b_pre_grad", "bwd", 2 * d * nl, d * nl * (10 if bf16 else 4), "memory")
+    costs.add("b_dec_grad", "bwd", 2 * d * nl, d * nl * (10 if bf16 else 4), "memory")
     if bf16:
         costs.add("bf16_grad_cast", "bwd", d * nl, 6 * d * nl, "memory")
 
@@ -1087,7 +1087,7 @@ def _exchange_comms(s: _Step, prefix: str, wx: int, ms: tuple[int, ...], what: s
 
 def _tp_comms(s: _Step) -> list[dict]:
     """The tp group's collectives: the TopK (and AuxK) exchanges and the all-reduces of the partial
-    reconstructions, the dead-latent count and the b_pre gradient."""
+    reconstructions, the dead-latent count and the b_dec gradient."""
     _, wm, ms = s.selections[0]
     comm = _exchange_comms(s, "topk", wm, ms, "exact global TopK")
     comm.append(_group_collective(s, "tp", "recon_allreduce", "all_reduce", s.bd,
@@ -1101,8 +1101,8 @@ def _tp_comms(s: _Step) -> list[dict]:
         comm += _exchange_comms(s, "auxk", s.ka, (s.ka,), "exact AuxK top-k_aux over dead latents")
         comm.append(_group_collective(s, "tp", "auxk_recon_allreduce", "all_reduce", s.bd,
                                       "partial AuxK reconstructions [Bl, d] fp32"))
-    comm.append(_group_collective(s, "tp", "b_pre_grad_allreduce", "all_reduce", 4 * s.d,
-                                  "b_pre gradient through the encoder [d] fp32"))
+    comm.append(_group_collective(s, "tp", "b_dec_grad_allreduce", "all_reduce", 4 * s.d,
+                                  "b_dec gradient through the encoder [d] fp32"))
     return comm
 
 
@@ -1178,7 +1178,7 @@ def _config(s: _Step) -> dict[str, Any]:
     """`plan`'s config: the resolved inputs and the derived per-GPU shapes (documented in `plan`)."""
     o = s.o
     return {
-        "d_in": s.d, "n_latents": s.n, "k": o.k, "k_aux": s.ka, "k_select": s.ks, "auxk": bool(s.ka),
+        "d_in": s.d, "d_sae": s.n, "k": o.k, "k_aux": s.ka, "k_select": s.ks, "auxk": bool(s.ka),
         "multi_topk": o.multi_topk, "batch_tokens": s.B, "tp": o.tp, "dp": s.dp, "world": s.world,
         "tokens_per_gpu": s.Bl, "latents_per_gpu": s.nl, "engine": o.engine, "zero_stage": s.zero,
         "offload_optimizer": bool(o.offload_optimizer), "ema": o.ema, "topk_exchange": s.exchange,
@@ -1239,7 +1239,7 @@ def _suggestions(kw: dict, limit: int = 3) -> list[dict]:
     tp (dividing world and n), trainer.engine torch or DeepSpeed ZeRO-1/2, trainer.batch_tokens B,
     B/2 or B/4. Returns up to `limit` {overrides, total_gib, step_time_s, tokens_per_s}."""
     c: Cluster = kw["cluster"]
-    world, n, B0 = c.world, kw["n_latents"], kw["batch_tokens"]
+    world, n, B0 = c.world, kw["d_sae"], kw["batch_tokens"]
     cur_engine = (kw["engine"], kw["zero_stage"] if kw["engine"] == "deepspeed" else 0)
     found = []
     for tp in (t for t in range(kw["tp"], world + 1) if world % t == 0 and n % t == 0):
@@ -1385,7 +1385,7 @@ def _header(r: dict) -> str:
     zero = f" zero_stage={c['zero_stage']}" if c["engine"] == "deepspeed" else ""
     zero += " offload_optimizer" if c["offload_optimizer"] else ""
     return (
-        f"n={c['n_latents']:,} d_in={c['d_in']} k={c['k']} k_aux={c['k_aux']} B={c['batch_tokens']:,} | "
+        f"n={c['d_sae']:,} d_in={c['d_in']} k={c['k']} k_aux={c['k_aux']} B={c['batch_tokens']:,} | "
         f"mesh tp={c['tp']} x dp={c['dp']} on {cl['nodes']} x {cl['gpus_per_node']} GPUs | "
         f"engine={c['engine']}{zero} | {_switches(c)}"
     )
@@ -1542,7 +1542,7 @@ def render_compare(results: list[dict], markdown: bool = False) -> None:
     """Print the `compare_table` of several plans (rich, or markdown with markdown=True)."""
     if results:
         c, cl = results[0]["config"], results[0]["cluster"]
-        print(f"n={c['n_latents']:,} d_in={c['d_in']} k={c['k']} k_aux={c['k_aux']} on {cl['nodes']} x "
+        print(f"n={c['d_sae']:,} d_in={c['d_in']} k={c['k']} k_aux={c['k_aux']} on {cl['nodes']} x "
               f"{cl['gpus_per_node']} GPUs ({cl['gpu_memory_gib']:g} GiB each) | {_switches(c)}")
         st = results[0].get("store")
         if st:
@@ -1557,7 +1557,7 @@ _COMPARE_KEYS = {"tp": int, "zero_stage": int, "topk_exchange": str, "latent_chu
 
 
 def plan_from_cfg(cfg, **overrides) -> dict:
-    """`plan(...)` from a Hydra config composed from conf/plan.yaml: sae.* (d_in, n_latents, k,
+    """`plan(...)` from a Hydra config composed from conf/plan.yaml: sae.* (d_in, d_sae, k,
     k_aux, auxk_coef, multi_topk, multi_topk_factor, kernels, kernel_backend), trainer.* (batch_tokens,
     ema, engine, zero_stage, offload_optimizer, bf16), parallel.tp, topk_exchange, cluster.*,
     estimate.* (estimate.bf16_operand_copies null: follow trainer.bf16, as the trainer's autocast does).
@@ -1572,7 +1572,7 @@ def plan_from_cfg(cfg, **overrides) -> dict:
         raise ValueError("sae.d_in is null: the planner has no activation store to read d_model from; "
                          "pass it, e.g. sae.d_in=4096")
     kw = dict(
-        d_in=int(s.d_in), n_latents=int(s.n_latents), k=int(s.k),
+        d_in=int(s.d_in), d_sae=int(s.d_sae), k=int(s.k),
         k_aux=None if s.k_aux is None else int(s.k_aux),
         auxk=float(s.auxk_coef) > 0,
         multi_topk=bool(s.multi_topk), multi_topk_factor=int(s.multi_topk_factor),

@@ -111,7 +111,7 @@ def _env() -> dict:
 def train_overrides(a, tp: int) -> list[str]:
     """The `sae-train` Hydra overrides of both training phases (only parallel.tp differs)."""
     w = Path(a.work)
-    return [f"run_dir={w / 'run'}", f"store.path={w / 'store.zarr'}", f"sae.n_latents={a.n_latents}",
+    return [f"run_dir={w / 'run'}", f"store.path={w / 'store.zarr'}", f"sae.d_sae={a.d_sae}",
             f"sae.k={a.k}", f"sae.k_aux={a.k_aux}", f"sae.dead_tokens={a.batch_tokens}",
             f"trainer.tokens={a.steps * a.batch_tokens}", f"trainer.batch_tokens={a.batch_tokens}",
             f"trainer.checkpoint_every_steps={a.checkpoint_every}", "trainer.keep_checkpoints=2",
@@ -173,7 +173,7 @@ def phase_store(a) -> dict:
     D /= D.norm(dim=-1, keepdim=True)
     codes = (torch.rand(a.rows, 4 * a.d_in, generator=g) < 0.1).float() * torch.rand(a.rows, 4 * a.d_in, generator=g)
     x = 3 * codes @ D + 0.05 * torch.randn(a.rows, a.d_in, generator=g)
-    write_store(Path(a.work) / "store.zarr", x, attrs={"hook": "blocks.0.hook_resid_post", "model": "synthetic"})
+    write_store(Path(a.work) / "store.zarr", x, attrs={"hook_name": "blocks.0.hook_resid_post", "model": "synthetic"})
     return {"rc": 0, "wall_s": round(time.perf_counter() - t0, 1)}
 
 
@@ -311,7 +311,7 @@ def run_all(a) -> int:
     lines = (work / "verify.log").read_text().strip().splitlines()
     checks = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {"ok": False}
     summary = {
-        "config": {k: getattr(a, k) for k in ("n_latents", "d_in", "k", "k_aux", "batch_tokens", "steps",
+        "config": {k: getattr(a, k) for k in ("d_sae", "d_in", "k", "k_aux", "batch_tokens", "steps",
                                               "checkpoint_every", "tp_first", "tp_resume", "lr", "rows")},
         "phases": phases, "checks": checks,
         "total_wall_s": round(time.perf_counter() - t0, 1),
@@ -333,7 +333,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("cmd", nargs="?", default="run", choices=("run", "probe", "verify"))
     p.add_argument("--work", default="runs/width_16m", help="empty directory for the store, run and logs")
-    p.add_argument("--n-latents", type=int, default=16_777_216)
+    p.add_argument("--d-sae", "--n-latents", type=int, default=16_777_216, help="latents (--n-latents: old name)")
     p.add_argument("--d-in", type=int, default=8)
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--k-aux", type=int, default=32)

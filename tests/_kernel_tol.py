@@ -46,7 +46,7 @@ requires_cuda = pytest.mark.skipif(
 # an fp64 oracle (unit-variance pre-activations): largest |error| of a pre-activation
 #   fp32, IEEE dots (TF32 off): 2.4e-6 (summation order and FMA only)               -> floor 1e-5
 #   fp32, TF32 dots (operands truncated to a 10-bit mantissa): 4.2e-3 (std 7.8e-4)   -> floor 1e-2 / 2e-2
-#   bf16 (exact products, fp32 accumulation; x - b_pre rounded to bf16): 9.8e-3, and
+#   bf16 (exact products, fp32 accumulation; x - b_dec rounded to bf16): 9.8e-3, and
 #        bf16 outputs add half an ulp (2^-9 relative; 0.016 at values in [4, 8))     -> floor 2e-2
 # The bf16 floor is the budget the CPU bf16 tests already use.
 CUDA_FLOOR = {

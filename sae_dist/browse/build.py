@@ -118,9 +118,9 @@ class ScanResult:
 
 
 def _check_store(g, store_path, sae) -> None:
-    d_model = int(g["activations"].shape[1])
-    if d_model != int(sae.d_in):
-        raise ValueError(f"the activation store {str(store_path)!r} has d_model={d_model} but the SAE has "
+    d_in = int(g["activations"].shape[1])
+    if d_in != int(sae.d_in):
+        raise ValueError(f"the activation store {str(store_path)!r} has d_in={d_in} but the SAE has "
                          f"d_in={int(sae.d_in)}: use the store harvested at the SAE's hook "
                          f"(cfg.json hook_name) with the same model")
     if "token_ids" not in g:
@@ -136,7 +136,7 @@ def scan_store(sae, store_path, *, tokens: int, batch_tokens: int = 4096, device
 
     sae: an exported SAE (`sae_dist.load_sae`; raw activations in). store_path: a store with
     token_ids (seq_index optional: without it the scan is treated as one sequence).
-    Returns a ScanResult. ValueError when the store's d_model != the SAE's d_in (naming both) or the
+    Returns a ScanResult. ValueError when the store's d_in != the SAE's d_in (naming both) or the
     store has no token_ids (contexts cannot be shown).
     """
     from tqdm.auto import tqdm
@@ -416,7 +416,7 @@ def build_browser(sae, store_path, out_dir, *, tokenizer=None, lm=None, opts: Br
     None: no logit tables. opts: BrowseOptions. sae_info / store_info: shown in the page header.
     Returns the summary dict also written to out_dir/browser.json (n2g_precision / n2g_recall /
     n2g_f1 / n2g_latents over the written latents, counts, timings).
-    Raises ValueError (bad option; d_model != d_in; store without token_ids).
+    Raises ValueError (bad option; store d_in != SAE d_in; store without token_ids).
     """
     from sae_dist.eval.n2g import summarize_scores
 
@@ -538,7 +538,8 @@ def _index_body(summary: dict, records: list[dict], density: np.ndarray, dec: _D
     sae, store = summary["sae"], summary["store"]
     title = f"{sae.get('architecture', 'SAE')} SAE, d_sae={summary['d_sae']:,}"
     meta = " &middot; ".join(f"{_esc(k)} <b>{_esc(v)}</b>" for k, v in (
-        ("model", store.get("model") or sae.get("model_name")), ("hook", sae.get("hook_name") or store.get("hook")),
+        ("model", store.get("model") or sae.get("model_name")),
+        ("hook", sae.get("hook_name") or store.get("hook_name")),
         ("d_in", sae.get("d_in")), ("k", sae.get("k")), ("SAE", sae.get("path")), ("store", store.get("path")),
     ) if v is not None)
     cards = _cards([

@@ -34,20 +34,20 @@ def run_browse(cfg: DictConfig, lm=None, progress: bool = True) -> dict:
     """Build the browser described by cfg (see the module docstring); returns build_browser's summary.
 
     lm: optional already loaded (model, tokenizer). FileNotFoundError for a missing SAE export;
-    ValueError for bad options, a store whose d_model != the SAE's d_in, or a store without token_ids.
+    ValueError for bad options, a store whose d_in != the SAE's d_in, or a store without token_ids.
     """
     from sae_dist.browse.build import build_browser
     from sae_dist.config import BrowseConfig, node_object
     from sae_dist.sae.export import load_sae
     from sae_dist.sae.formats import read_sae_cfg
-    from sae_dist.store import open_store
+    from sae_dist.store import open_store, read_attrs
 
     opts = browse_options(cfg)
     device = resolve_device(cfg.device)
     sae_path = Path(cfg.sae_path)
     sae = load_sae(sae_path, device=device)
     store_path = str(cfg.store.path)
-    attrs = dict(open_store(store_path).attrs)
+    attrs = read_attrs(open_store(store_path))
     model, tokenizer = lm if lm is not None else load_configured_lm(cfg, device)
     want = configured_model_name(cfg)
     if attrs.get("model") not in (None, want):
@@ -57,7 +57,7 @@ def run_browse(cfg: DictConfig, lm=None, progress: bool = True) -> dict:
     sae_cfg = read_sae_cfg(sae_path)  # ours or a SAELens save (hook_name under "metadata")
     sae_info = {k: sae_cfg.get(k) for k in ("architecture", "d_in", "d_sae", "k", "hook_name", "model_name")}
     sae_info["path"] = str(sae_path)
-    store_info = {"path": store_path, "model": attrs.get("model"), "hook": attrs.get("hook"),
+    store_info = {"path": store_path, "model": attrs.get("model"), "hook_name": attrs.get("hook_name"),
                   "n_tokens": attrs.get("n_tokens"), "dataset": attrs.get("dataset")}
     out_dir = Path(node_object(cfg.get("browse"), BrowseConfig).out_dir)
     t0 = time.perf_counter()

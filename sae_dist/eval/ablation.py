@@ -16,7 +16,7 @@ What this module does (choices the paper leaves open are marked *ours*):
   is the same pass with latent j's activation set to 0 at the ablated index only, i.e. that position's
   reconstruction decoded from the ablated code (for a "none"-normalised SAE, x^ - z_j W_dec[j]).
   Position 0 (BOS, the attention sink) is never spliced nor ablated.
-* latents and token indices (*ours*): `n_latents` latents are drawn (seeded, without replacement) from
+* latents and token indices (*ours*): `n_ablated` latents are drawn (seeded, without replacement) from
   those that fire on at least one eligible eval token; for each, up to `occurrences` of its firing
   tokens are drawn. A token index i is eligible if all T positions i .. i+T-1 exist in its sequence
   (T = min(positions, ctx_len - skip_positions)).
@@ -69,13 +69,13 @@ def effective_logit_count(delta: torch.Tensor, subtract_median: bool = True) -> 
 
 
 @torch.no_grad()
-def collect_codes(model: nn.Module, sae: nn.Module, hook: str, sequences: torch.Tensor, *, batch_size: int = 8,
+def collect_codes(model: nn.Module, sae: nn.Module, hook_name: str, sequences: torch.Tensor, *, batch_size: int = 8,
                   device: str | torch.device = "cpu", skip_positions: int = 1) -> LatentCodes:
     """The SAE's codes on the hook activations of `sequences` [N, T] at positions >= skip_positions,
     in row-major (sequence, position) order: token row = n * (T - skip_positions) + (pos - skip_positions)."""
     from sae_dist.harvest.hooks import resolve_hook, run_to_hook
 
-    spec = resolve_hook(model, hook)
+    spec = resolve_hook(model, hook_name)
     sae_device = module_device(sae, torch.device(device))
     codes = LatentCodes(int(sae.d_sae))
     for i in range(0, sequences.shape[0], batch_size):
@@ -126,8 +126,8 @@ def _ablation_splice(sae: nn.Module, sae_device: torch.device, skip: int, ablate
 
 @torch.no_grad()
 def ablation_sparsity(
-    model: nn.Module, sae: nn.Module, hook: str, sequences: torch.Tensor, *, codes: LatentCodes | None = None,
-    n_latents: int = 16, occurrences: int = 4, positions: int = 16, seed: int = 0, batch_size: int = 8,
+    model: nn.Module, sae: nn.Module, hook_name: str, sequences: torch.Tensor, *, codes: LatentCodes | None = None,
+    n_ablated: int = 16, occurrences: int = 4, positions: int = 16, seed: int = 0, batch_size: int = 8,
     device: str | torch.device = "cpu", skip_positions: int = 1, subtract_median: bool = True,
     return_details: bool = False,
 ) -> dict[str, Any]:
@@ -138,10 +138,10 @@ def ablation_sparsity(
         model: HF causal LM (returns `.logits` [B, L, V]).
         sae: exported SAE (`sae_dist.load_sae`): encode/decode, or encode_sparse/decode_sparse (TopK);
             it has `d_sae`.
-        hook: hook name (`sae_dist.harvest.hooks` scheme).
+        hook_name: hook name (`sae_dist.harvest.hooks` scheme).
         sequences: int64 [N, T] token ids (position 0 = BOS).
         codes: the SAE's codes on `sequences` (`collect_codes` order); None -> computed here.
-        n_latents: latents to ablate (0 -> off: returns {}); fewer if fewer latents fire.
+        n_ablated: latents to ablate (0 -> off: returns {}); fewer if fewer latents fire.
         occurrences: firing tokens ablated per latent (at most).
         positions: T, logit positions per ablation (the ablated one and the following T-1).
         seed: seed of the latent / occurrence draws.
@@ -161,24 +161,24 @@ def ablation_sparsity(
          "occurrences"}}}; the means are None when no ablation had an effect.
 
     Raises:
-        ValueError: a negative n_latents, occurrences/positions/batch_size < 1, bad `sequences`, or
+        ValueError: a negative n_ablated, occurrences/positions/batch_size < 1, bad `sequences`, or
             codes whose token count does not match `sequences`.
     """
     from sae_dist.harvest.hooks import resolve_hook
 
-    _check_ablation_options(n_latents, occurrences, positions, batch_size)
-    if int(n_latents) == 0:
+    _check_ablation_options(n_ablated, occurrences, positions, batch_size)
+    if int(n_ablated) == 0:
         return {}
     n_seq, t, s = _token_grid(sequences, skip_positions)
     device = torch.device(device)
-    spec = resolve_hook(model, hook)
+    spec = resolve_hook(model, hook_name)
     if codes is None:
         codes = collect_codes(model, sae, spec.name, sequences, batch_size=batch_size, device=device, skip_positions=s)
     if codes.n_tokens != n_seq * (t - s):
         raise ValueError(f"codes hold {codes.n_tokens} tokens but sequences {tuple(sequences.shape)} give "
                          f"{n_seq * (t - s)} with skip_positions={s}")
     T = min(int(positions), t - s)
-    chosen, jobs = _ablation_jobs(codes, t, s, T, int(n_latents), int(occurrences), int(seed))
+    chosen, jobs = _ablation_jobs(codes, t, s, T, int(n_ablated), int(occurrences), int(seed))
     details, vocab = _run_ablations(model, sae, spec, sequences, jobs, T, s, batch_size, device, subtract_median)
     out = _ablation_summary(chosen, details, T, vocab)
     if return_details:
@@ -186,9 +186,9 @@ def ablation_sparsity(
     return out
 
 
-def _check_ablation_options(n_latents: int, occurrences: int, positions: int, batch_size: int) -> None:
-    """ValueError naming the option: n_latents < 0, or occurrences / positions / batch_size < 1."""
-    for name, v, lo in (("ablation_latents", n_latents, 0), ("ablation_occurrences", occurrences, 1),
+def _check_ablation_options(n_ablated: int, occurrences: int, positions: int, batch_size: int) -> None:
+    """ValueError naming the option: n_ablated < 0, or occurrences / positions / batch_size < 1."""
+    for name, v, lo in (("ablation_latents", n_ablated, 0), ("ablation_occurrences", occurrences, 1),
                         ("ablation_positions", positions, 1), ("batch_size", batch_size, 1)):
         if int(v) < lo:
             raise ValueError(f"{name} must be >= {lo}, got {v}")
@@ -206,9 +206,9 @@ def _token_grid(sequences: torch.Tensor, skip_positions: int) -> tuple[int, int,
     return n_seq, t, s
 
 
-def _ablation_jobs(codes: LatentCodes, t: int, s: int, T: int, n_latents: int, occurrences: int,
+def _ablation_jobs(codes: LatentCodes, t: int, s: int, T: int, n_ablated: int, occurrences: int,
                    seed: int) -> tuple[list[int], list[tuple[int, int, int]]]:
-    """The seeded draws (module docstring): up to n_latents sorted latent ids among those firing on an
+    """The seeded draws (module docstring): up to n_ablated sorted latent ids among those firing on an
     eligible token (positions p..p+T-1 inside its length-t sequence), and for each up to `occurrences`
     of those tokens. Returns (chosen latents, jobs [(latent, sequence, position)] sorted by position,
     so that a batch's lengths are similar: less padding work)."""
@@ -220,7 +220,7 @@ def _ablation_jobs(codes: LatentCodes, t: int, s: int, T: int, n_latents: int, o
     lat, seq_of, pos_of = lat[ok], seq_of[ok], pos_of[ok]
     g = torch.Generator().manual_seed(seed)
     candidates = torch.unique(lat)
-    chosen = candidates[torch.randperm(candidates.numel(), generator=g)[:n_latents]].sort().values.tolist()
+    chosen = candidates[torch.randperm(candidates.numel(), generator=g)[:n_ablated]].sort().values.tolist()
     jobs: list[tuple[int, int, int]] = []  # (latent, sequence, position)
     for j in chosen:
         where = (lat == j).nonzero().flatten()

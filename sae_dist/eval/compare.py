@@ -43,7 +43,7 @@ def collect_runs(roots: list[str | Path]) -> list[dict]:
     """One row per run directory found under `roots` (searched recursively for eval.json).
 
     Row keys: run (path), architecture (the sae= name), exported (cfg.json's architecture), setting
-    (the sparsity option), n_latents, l0, fvu, fvu_normalized_inputs, normalized_mse,
+    (the sparsity option), d_sae, l0, fvu, fvu_normalized_inputs, normalized_mse,
     dead_fraction, ce_loss_score, ce_loss_delta, kl_div, tokens_trained. Runs without
     sae/training_state.json are skipped with a message on stderr. Sorted by architecture then L0.
     ValueError when no run is found.
@@ -65,7 +65,7 @@ def collect_runs(roots: list[str | Path]) -> list[dict]:
                 "architecture": sae_cfg.get("architecture", "topk"),
                 "exported": cfg_json.get("architecture"),
                 "setting": _setting(sae_cfg),
-                "n_latents": e.get("n_latents"),
+                "d_sae": e.get("d_sae"),
                 "l0": e.get("l0"),
                 "fvu": e.get("fvu"),
                 "fvu_normalized_inputs": e.get("fvu_normalized_inputs"),

@@ -89,7 +89,7 @@ def eval_mode(*modules: nn.Module) -> Iterator[None]:
 
 @torch.no_grad()
 def downstream_loss(
-    model: nn.Module, sae: nn.Module, hook: str, sequences: torch.Tensor, *, batch_size: int = 8,
+    model: nn.Module, sae: nn.Module, hook_name: str, sequences: torch.Tensor, *, batch_size: int = 8,
     device: str | torch.device = "cpu", skip_positions: int = 1, progress: bool = False,
 ) -> dict[str, Any]:
     """Clean, SAE-spliced and zero-ablated next-token cross entropy, CE loss score and KL divergence.
@@ -100,8 +100,8 @@ def downstream_loss(
     Args:
         model: HF causal LM (returns `.logits` [B, T, V]); put in eval mode for the call.
         sae: module with `forward(x [M, d_in] float32) -> x_hat [M, d_in]` in the raw activation units
-            of `hook` (e.g. from `sae_dist.load_sae`).
-        hook: hook name (`sae_dist.harvest.hooks` scheme), e.g. "blocks.19.hook_resid_post".
+            of `hook_name` (e.g. from `sae_dist.load_sae`).
+        hook_name: hook name (`sae_dist.harvest.hooks` scheme), e.g. "blocks.19.hook_resid_post".
         sequences: int64 [N, T] token ids, every row a full sequence (no padding), T >= skip_positions+2.
         batch_size: sequences per forward.
         device: device the token ids are moved to (the model's, or its first device).
@@ -121,7 +121,7 @@ def downstream_loss(
 
     n, t = _check_downstream_inputs(sequences, skip_positions, batch_size)
     device = torch.device(device)
-    spec = resolve_hook(model, hook)
+    spec = resolve_hook(model, hook_name)
     s = skip_positions
     splices = {"sae": _sae_splice(sae, module_device(sae, device), s), "zero": _zero_splice(s)}
     sums = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "kl_sae": 0.0, "kl_zero": 0.0}

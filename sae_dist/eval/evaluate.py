@@ -59,10 +59,10 @@ CONTRACT_KEYS = (
     "ce_loss_score",
     "kl_div",
     "tokens_trained",
-    "n_latents",
+    "d_sae",
     "k",
     "d_in",
-    "hook",
+    "hook_name",
     "model",
     "eval_tokens",
 )
@@ -117,7 +117,7 @@ def _read_training_state(sae_path: Path) -> dict | None:
 
 @torch.no_grad()
 def evaluate(
-    *, sae_path: str | os.PathLike, model: nn.Module, tokenizer, hook: str | None = None, docs: Iterable[str],
+    *, sae_path: str | os.PathLike, model: nn.Module, tokenizer, hook_name: str | None = None, docs: Iterable[str],
     ctx_len: int = 64, eval_tokens: int = 16_384, eval_fraction: float = 0.05, batch_size: int = 32,
     device: str | torch.device = "cpu", model_name: str | None = None, progress: bool = True,
     probes: bool = True, probe_min_count: int = 20, ablation_latents: int = 16, ablation_occurrences: int = 4,
@@ -180,7 +180,7 @@ class _EvalOptions:
             `training_state.json`).
         model: the HF causal LM the SAE was trained on (already loaded, e.g. by `load_lm`).
         tokenizer: its tokenizer.
-        hook: hook name; None -> the SAE's `hook_name` from cfg.json. A hook different from the SAE's
+        hook_name: hook name; None -> the SAE's `hook_name` from cfg.json. A hook different from the SAE's
             `hook_name` gives a warning.
         docs: iterable of document strings (the same corpus and order as harvest; only documents with
             `is_eval_document(text, eval_fraction)` are used).
@@ -221,7 +221,7 @@ class _EvalOptions:
     sae_path: str | os.PathLike
     model: nn.Module
     tokenizer: Any
-    hook: str | None
+    hook_name: str | None
     docs: Iterable[str]
     ctx_len: int
     eval_tokens: int
@@ -303,7 +303,7 @@ def _check_eval_options(o: _EvalOptions) -> None:
 
 
 def _load_target(o: _EvalOptions) -> _Target:
-    """Load the SAE at o.sae_path and resolve its hook on o.model (o.hook, else cfg.json's hook_name).
+    """Load the SAE at o.sae_path and resolve its hook on o.model (o.hook_name, else cfg.json's hook_name).
     Raises FileNotFoundError without an export, ValueError when it records no d_in / d_sae or no hook
     is known."""
     from sae_dist.harvest.hooks import resolve_hook
@@ -320,7 +320,7 @@ def _load_target(o: _EvalOptions) -> _Target:
 
         cfg_json = read_sae_cfg(sae_dir)
     d_in = _sae_field(sae, cfg_json, "d_in")
-    d_sae = _sae_field(sae, cfg_json, "d_sae", "n_latents")
+    d_sae = _sae_field(sae, cfg_json, "d_sae")
     if d_in is None or d_sae is None:
         raise ValueError(
             f"the SAE at {str(sae_dir)!r} records no d_in/d_sae (got d_in={d_in}, d_sae={d_sae}); "
@@ -328,10 +328,10 @@ def _load_target(o: _EvalOptions) -> _Target:
         )
     k = _sae_field(sae, cfg_json, "k")
     sae_hook = cfg_json.get("hook_name")
-    hook = o.hook
+    hook = o.hook_name
     if hook is None:
         if sae_hook is None:
-            raise ValueError(f"no hook given and {sae_dir / 'cfg.json'} has no hook_name; pass hook=")
+            raise ValueError(f"no hook given and {sae_dir / 'cfg.json'} has no hook_name; pass hook_name=")
         hook = sae_hook
     spec = resolve_hook(o.model, hook)
     model_name = o.model_name
@@ -480,7 +480,7 @@ def _ablation_keys(o: _EvalOptions, target: _Target, sequences: torch.Tensor,
     """Ablation sparsity (sec. 4.5) and its definition; None values when ablation_latents is 0."""
     if int(o.ablation_latents) > 0:
         keys = ablation_sparsity(
-            o.model, target.sae, target.spec.name, sequences, codes=codes, n_latents=int(o.ablation_latents),
+            o.model, target.sae, target.spec.name, sequences, codes=codes, n_ablated=int(o.ablation_latents),
             occurrences=int(o.ablation_occurrences), positions=int(o.ablation_positions),
             seed=int(o.ablation_seed), batch_size=min(int(o.batch_size), 8), device=target.device,
             skip_positions=1,
@@ -509,7 +509,7 @@ def _n2g_keys(o: _EvalOptions, sequences: torch.Tensor, codes: LatentCodes | Non
     if int(o.n2g_latents) > 0:
         # contexts = the eval sequences without the BOS position, exactly the rows `codes` holds
         keys = n2g_metrics_from_codes(
-            sequences[:, 1:], codes, n_latents=int(o.n2g_latents), seed=int(o.ablation_seed), heldout_fraction=0.5,
+            sequences[:, 1:], codes, n_sampled=int(o.n2g_latents), seed=int(o.ablation_seed), heldout_fraction=0.5,
             max_n=int(o.n2g_max_n), min_precision=float(o.n2g_min_precision))
     else:
         keys = {"n2g_precision": None, "n2g_recall": None, "n2g_f1": None, "n2g_latents": 0,
@@ -557,11 +557,14 @@ def _eval_json(o: _EvalOptions, target: _Target, sequences: torch.Tensor, acc: _
         **{key: down[key] for key in ("ce_loss_clean", "ce_loss_sae", "ce_loss_zero_ablation", "ce_loss_score",
                                       "kl_div")},
         "tokens_trained": None if tokens_trained is None else int(tokens_trained),
-        "n_latents": target.d_sae,
+        "d_sae": target.d_sae,
         "k": target.k,
         "d_in": target.d_in,
-        "hook": target.spec.name,
+        "hook_name": target.spec.name,
         "model": target.model_name,
+        # the names of earlier releases, written for one more release (docs/evaluation.md)
+        "n_latents": target.d_sae,
+        "hook": target.spec.name,
         "eval_tokens": int(n_eval),
         # extras
         "fvu_normalized_inputs": acc.stats_norm.result()["fvu"],

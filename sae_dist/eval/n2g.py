@@ -407,24 +407,24 @@ def n2g_metrics(token_ids, acts, *, heldout_fraction: float = 0.5, latent_ids: S
     return summarize_scores(score_n2g(expl, token_ids[n - n_ho:], acts[n - n_ho:]))
 
 
-def n2g_metrics_from_codes(token_ids, codes, *, n_latents: int = 64, seed: int = 0,
+def n2g_metrics_from_codes(token_ids, codes, *, n_sampled: int = 64, seed: int = 0,
                            heldout_fraction: float = 0.5, **fit_kw) -> dict:
     """N2G precision / recall (Gao et al. 2024 sec. 4.4) of a random sample of the latents that fire.
 
     token_ids: int [N_ctx, T]: the contexts whose tokens were encoded, row-major (token row
       c * T + t of `codes` is context c, position t). codes: `sae_dist.eval.metrics.LatentCodes`
-      holding those N_ctx * T tokens' non-zero activations. n_latents: latents drawn (seeded by
+      holding those N_ctx * T tokens' non-zero activations. n_sampled: latents drawn (seeded by
       `seed`, without replacement) among those firing at least once in the FIT contexts (the first
       N_ctx - ceil(heldout_fraction * N_ctx)); all of them when fewer fire. fit_kw: `fit_n2g` options.
     Returns `n2g_metrics`' keys plus `n2g_latents_sampled` (sorted latent ids) and `n2g_heldout_contexts`.
-    ValueError when codes do not hold N_ctx * T tokens, n_latents < 1, or the split is impossible.
+    ValueError when codes do not hold N_ctx * T tokens, n_sampled < 1, or the split is impossible.
     """
     tok = _as_np_tokens(token_ids)
     n_ctx, T = tok.shape
     if codes.n_tokens != n_ctx * T:
         raise ValueError(f"codes hold {codes.n_tokens} tokens but token_ids has {n_ctx} x {T} = {n_ctx * T}")
-    if int(n_latents) < 1:
-        raise ValueError(f"n_latents={n_latents!r}; must be >= 1")
+    if int(n_sampled) < 1:
+        raise ValueError(f"n_sampled={n_sampled!r}; must be >= 1")
     if not (0.0 < heldout_fraction < 1.0):
         raise ValueError(f"heldout_fraction={heldout_fraction!r}; must be in (0, 1)")
     n_ho = int(np.ceil(heldout_fraction * n_ctx))
@@ -435,7 +435,7 @@ def n2g_metrics_from_codes(token_ids, codes, *, n_latents: int = 64, seed: int =
     fit_rows = rows < (n_ctx - n_ho) * T
     alive = np.unique(lat[fit_rows])
     rng = np.random.default_rng(int(seed))
-    sel = np.sort(rng.choice(alive, size=min(int(n_latents), len(alive)), replace=False)) if len(alive) else alive
+    sel = np.sort(rng.choice(alive, size=min(int(n_sampled), len(alive)), replace=False)) if len(alive) else alive
     out_extra = {"n2g_latents_sampled": [int(i) for i in sel], "n2g_heldout_contexts": n_ho}
     if not len(sel):
         return {**summarize_scores([]), **out_extra}

@@ -331,7 +331,7 @@ def _sweep_point(d: Path, ev: dict, cfg: dict, st: dict, js: dict, metric: str, 
         elif js.get("status") == "running":
             reason += " (no result yet: still training, or killed; rerun the sweep command to resume it)"
         return reason
-    n = ev.get("n_latents") or cfg.get("d_sae") or st.get("n_latents")
+    n = ev.get("d_sae") or ev.get("n_latents") or cfg.get("d_sae") or st.get("d_sae") or st.get("n_latents")
     k = ev.get("k") or cfg.get("k") or st.get("k")
     d_in = ev.get("d_in") or cfg.get("d_in") or st.get("d_in")
     tokens = ev.get("tokens_trained") or st.get("tokens_trained")

@@ -91,7 +91,7 @@ class SyntheticDictionary:
 @torch.no_grad()
 def mean_max_cosine(features: torch.Tensor, W_dec: torch.Tensor) -> float:
     """Mean over true features [n_f, d] of the max cosine similarity to any decoder row of
-    W_dec [n_latents, d] (rows need not be normalised). Returns a float in [-1, 1]."""
+    W_dec [d_sae, d] (rows need not be normalised). Returns a float in [-1, 1]."""
     f = features.float() / features.float().norm(dim=-1, keepdim=True)
     w = W_dec.float() / W_dec.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
     return float((f @ w.T).max(dim=1).values.mean())

@@ -17,9 +17,9 @@ Design (deterministic and resumable; the store layout is docs/formats.md#activat
   most one half-written shard without a marker, which the rerun rewrites entirely.
 * If the corpus ends before n_seqs sequences, the shard holding the end is partial (its marker says
   so) and later shards are marked empty; finalisation trims the arrays to the data actually written.
-* Store arrays: `activations` [n_tokens, d_model] (the store dtype), `token_ids` int32, `seq_index` int64
-  (global sequence index i), `position` int32 (1..ctx_len-1). Group attributes: d_model, n_tokens, model,
-  hook, layer, ctx_len, dataset, dtype, eval_fraction, norm_stats (merged over shards: mean_norm,
+* Store arrays: `activations` [n_tokens, d_in] (the store dtype), `token_ids` int32, `seq_index` int64
+  (global sequence index i), `position` int32 (1..ctx_len-1). Group attributes: d_in, n_tokens, model,
+  hook_name, layer, ctx_len, dataset, dtype, eval_fraction, norm_stats (merged over shards: mean_norm,
   mean_sq_norm, n), harvest (progress; complete), plus the caller's `attrs`.
 * When every shard has a marker the store is finalised (`store.finalize_store`: trim, merged
   attributes, `harvest.complete = true`). With world_size > 1 the workers meet at a
@@ -85,7 +85,7 @@ def _input_device(model) -> torch.device:
 
 def _read_complete(store_path: str) -> dict | None:
     """The store's `harvest` attribute if the store exists and is complete, else None."""
-    from sae_dist.store import open_store
+    from sae_dist.store import open_store, read_attrs
     from sae_dist.store.errors import StoreError
 
     if not os.path.exists(store_path):
@@ -94,7 +94,7 @@ def _read_complete(store_path: str) -> dict | None:
         group = open_store(store_path, mode="r")
     except (StoreError, FileNotFoundError, ValueError, KeyError):
         return None
-    attrs = dict(group.attrs)
+    attrs = read_attrs(group)
     h = attrs.get("harvest") or {}
     return attrs if h.get("complete") else None
 
@@ -134,17 +134,17 @@ def _maybe_dist(world_size: int, rank: int, timeout_s: float):
 
 
 def harvest(
-    *, model, tokenizer, hook: str, docs: Iterable[str], store_path: str, tokens: int, ctx_len: int = 64,
+    *, model, tokenizer, hook_name: str, docs: Iterable[str], store_path: str, tokens: int, ctx_len: int = 64,
     batch_size: int = 32, dtype: str = "float16", seqs_per_chunk: int = 64, seqs_per_shard: int = 1024,
     rank: int | None = None, world_size: int | None = None, eval_fraction: float = 0.05, attrs: dict | None = None,
     progress: bool = True, finalize: bool = True, barrier_timeout_s: float = 48 * 3600.0,
 ) -> dict:
-    """Harvest LM activations at `hook` into a zarr v3 activation store (resumable, multi-worker).
+    """Harvest LM activations at `hook_name` into a zarr v3 activation store (resumable, multi-worker).
 
     Args:
         model: HF causal LM in eval mode (e.g. from `load_lm`); run in its own dtype under `torch.inference_mode`,
             stopped right after the hooked module (`run_to_hook`). tokenizer: its tokenizer.
-        hook: hook name, e.g. "blocks.19.hook_resid_post" (see `hooks.valid_hook_names`).
+        hook_name: hook name, e.g. "blocks.19.hook_resid_post" (see `hooks.valid_hook_names`).
         docs: iterable of documents (strings) in a deterministic order (e.g. `iter_documents(...)`).
             Every worker and every rerun must see the same documents in the same order.
         store_path: directory of the zarr store (created if missing, resumed if partial).
@@ -179,7 +179,7 @@ def harvest(
         ValueError: bad hook name / dtype / sizes. StoreError: an existing store does not match.
     """
     t0 = time.perf_counter()
-    run = _HarvestRun.plan(model=model, tokenizer=tokenizer, hook=hook, docs=docs, store_path=store_path,
+    run = _HarvestRun.plan(model=model, tokenizer=tokenizer, hook_name=hook_name, docs=docs, store_path=store_path,
                            tokens=tokens, ctx_len=ctx_len, batch_size=batch_size, dtype=dtype,
                            seqs_per_chunk=seqs_per_chunk, seqs_per_shard=seqs_per_shard, rank=rank,
                            world_size=world_size, eval_fraction=eval_fraction, attrs=attrs, progress=progress)
@@ -273,19 +273,19 @@ class _HarvestRun:
     harvest_info: dict  # the "harvest" attribute before completion
 
     @classmethod
-    def plan(cls, *, model, tokenizer, hook, docs, store_path, tokens, ctx_len, batch_size, dtype,
+    def plan(cls, *, model, tokenizer, hook_name, docs, store_path, tokens, ctx_len, batch_size, dtype,
              seqs_per_chunk, seqs_per_shard, rank, world_size, eval_fraction, attrs, progress) -> _HarvestRun:
         """Resolve rank / world_size and the hook, validate the arguments (ValueError) and plan the store."""
         store_path = os.fspath(store_path)
         rank, world_size = _resolve_rank(rank, world_size)
         _check_args(tokens=tokens, ctx_len=ctx_len, batch_size=batch_size, dtype=dtype,
                     seqs_per_chunk=seqs_per_chunk, seqs_per_shard=seqs_per_shard, rank=rank, world_size=world_size)
-        spec = resolve_hook(model, hook)
+        spec = resolve_hook(model, hook_name)
         geom = _Geometry.plan(tokens, ctx_len, seqs_per_chunk, seqs_per_shard)
         d_model = _d_model(model)
         store_attrs = {
-            "model": _model_name(model), "dataset": "unknown", **(attrs or {}), "d_model": d_model,
-            "hook": spec.name, "layer": spec.layer, "ctx_len": int(ctx_len), "dtype": dtype,
+            "model": _model_name(model), "dataset": "unknown", **(attrs or {}), "d_in": d_model,
+            "hook_name": spec.name, "layer": spec.layer, "ctx_len": int(ctx_len), "dtype": dtype,
             "eval_fraction": float(eval_fraction),
         }
         harvest_info = {
@@ -316,9 +316,9 @@ def _new_summary(run: _HarvestRun) -> dict:
 
 
 def _check_same_harvest(run: _HarvestRun, existing: dict, attrs: dict | None) -> None:
-    """StoreError when the complete store's attributes `existing` disagree with this run's hook, ctx_len, d_model,
+    """StoreError when the complete store's attributes `existing` disagree with this run's hook_name, ctx_len, d_in,
     model, dtype (and dataset, when `attrs` names one)."""
-    keys = ["hook", "ctx_len", "d_model", "model", "dtype"] + (["dataset"] if "dataset" in (attrs or {}) else [])
+    keys = ["hook_name", "ctx_len", "d_in", "model", "dtype"] + (["dataset"] if "dataset" in (attrs or {}) else [])
     for key in keys:
         if key in existing and existing[key] != run.store_attrs[key]:
             from sae_dist.store.errors import StoreError
@@ -353,7 +353,7 @@ def _harvest_locked(run: _HarvestRun, summary: dict, finalize: bool, barrier_tim
     lock.acquire()
     try:
         g = run.geom
-        group = create_store(run.store_path, n_tokens=g.n_tokens, d_model=run.d_model, dtype=run.dtype,
+        group = create_store(run.store_path, n_tokens=g.n_tokens, d_in=run.d_model, dtype=run.dtype,
                              chunk_tokens=g.chunk_tokens, shard_tokens=g.shard_tokens,
                              attrs={**run.store_attrs, "harvest": run.harvest_info})
         done = done_shards(run.store_path)

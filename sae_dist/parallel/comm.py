@@ -48,7 +48,7 @@ class _ReduceFromTP(torch.autograd.Function):
 def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:
     """f: identity forward, all-reduce (sum) of the gradient backward.
 
-    For a replicated tensor (e.g. b_pre) feeding each tp rank's local shard: every rank's backward
+    For a replicated tensor (e.g. b_dec) feeding each tp rank's local shard: every rank's backward
     holds only its shard's contribution, the sum over tp is the full gradient.
     """
     return x if group is None else _CopyToTP.apply(x, group)

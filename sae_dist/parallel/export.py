@@ -166,7 +166,7 @@ def _agree(ctx: ParallelContext, step: str, err: BaseException | None, cleanup=N
 def _check_shard(model, ctx: ParallelContext) -> tuple[int, int, int, int]:
     """(d_in, n, lo, hi) of the shard after checking it matches ctx; ValueError otherwise."""
     cfg = model.cfg
-    d, n = int(cfg.d_in), int(cfg.n_latents)
+    d, n = int(cfg.d_in), int(cfg.d_sae)
     lo, hi = shard_range(n, ctx.tp, ctx.tp_rank)
     if (int(model.latent_start), int(model.latent_end)) != (lo, hi):
         raise ValueError(

@@ -35,7 +35,7 @@ def shard_range(n: int, tp: int, tp_rank: int) -> tuple[int, int]:
         raise ValueError(f"tp_rank={tp_rank} must be in [0, tp={tp})")
     if n % tp:
         raise ValueError(
-            f"sae.n_latents={n} is not divisible by parallel.tp={tp}; use n_latents="
+            f"sae.d_sae={n} is not divisible by parallel.tp={tp}; use d_sae="
             f"{(n // tp + 1) * tp} or a tp that divides {n}"
         )
     per = n // tp
@@ -84,8 +84,8 @@ class ParallelContext:
     def tp_group(self):
         return self.group("tp")
 
-    def latent_range(self, n_latents: int) -> tuple[int, int]:
-        return shard_range(n_latents, self.tp, self.tp_rank)
+    def latent_range(self, d_sae: int) -> tuple[int, int]:
+        return shard_range(d_sae, self.tp, self.tp_rank)
 
     def barrier(self) -> None:
         if self.mesh is not None:

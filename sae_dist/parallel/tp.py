@@ -7,11 +7,11 @@ model's own training step (`TopKSAE.training_step_losses`) then runs unchanged; 
 gradients over dp and clips them through the same `sae.comm` (`sae_dist.train.engine`, docs/parallel.md).
 
 Layout: tp rank r holds latents [r n/tp, (r+1) n/tp): W_enc[:, shard] [d_in, n/tp], b_enc[shard],
-W_dec[shard] [n/tp, d_in]; b_dec (= b_pre) [d_in] is replicated. Every tp rank of a dp group sees the
+W_dec[shard] [n/tp, d_in]; b_dec [d_in] is replicated. Every tp rank of a dp group sees the
 same batch rows; dp rank q holds rows [q B/dp, (q+1) B/dp) of the global batch of B tokens.
 
 The collectives of one TopK step (`MeshComm`; all synchronous):
-1. b_pre enters the local fused encoder through `copy_to_tp`, so its encoder gradient is summed over
+1. b_dec enters the local fused encoder through `copy_to_tp`, so its encoder gradient is summed over
    the shards; the encoder yields this shard's top-k candidates (and AuxK candidates).
 2. Exact global TopK (`select_topk` -> `global_keep`): the tp * k candidate values of each token are
    brought together token-sharded (an all_to_all sends each token block to one rank, which selects and
@@ -222,7 +222,7 @@ def parallelize_sae(sae: SparseAutoencoder, ctx: ParallelContext) -> SparseAutoe
             raise ValueError(
                 f"sae={sae.architecture} does not train latent-sharded (parallel.tp={ctx.tp}); only sae=topk "
                 "shards over tp. Use parallel.tp=1 (data parallel over all ranks) or sae=topk")
-        _shard_parameters_(sae, *ctx.latent_range(sae.cfg.n_latents), ctx.device)
+        _shard_parameters_(sae, *ctx.latent_range(sae.cfg.d_sae), ctx.device)
     if ctx.distributed:
         sae.comm = MeshComm(ctx)
     return sae
@@ -241,10 +241,10 @@ def build_sharded_sae(cfg: SAEConfig, ctx: ParallelContext | None = None, *, tp:
         ctx = ParallelContext(tp=tp, tp_rank=tp_rank, world_size=tp, rank=tp_rank)
     if device is not None:
         ctx = dataclasses.replace(ctx, device=torch.device(device))
-    shard_range(cfg.n_latents, ctx.tp, ctx.tp_rank)  # the width check, before any allocation
+    shard_range(cfg.d_sae, ctx.tp, ctx.tp_rank)  # the width check, before any allocation
     sae = build_sae(cfg, device="meta")
     if not sae.shardable:
         raise ValueError(f"sae={cfg.architecture} does not train latent-sharded; only sae=topk shards")
     if ctx.tp == 1:
-        _shard_parameters_(sae, 0, cfg.n_latents, ctx.device)
+        _shard_parameters_(sae, 0, cfg.d_sae, ctx.device)
     return parallelize_sae(sae, ctx)

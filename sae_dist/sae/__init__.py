@@ -6,12 +6,12 @@ config, modules, initialisation, export/load; the kernels of the TopK step are `
 from sae_dist.sae.base import DeadLatentTracker, SparseAutoencoder, normalized_mse
 from sae_dist.sae.config import SAEConfig, default_k_aux
 from sae_dist.sae.export import ExportedSAE, ExportedTopKSAE, check_d_in, export_sae, load_sae
-from sae_dist.sae.init import geometric_median, init_b_pre_, tied_init_
+from sae_dist.sae.init import geometric_median, init_b_dec_, tied_init_
 from sae_dist.sae.registry import ARCHITECTURES, architecture_class, build_sae
 from sae_dist.sae.topk import TopKSAE, TrainOutput
 
 __all__ = [
     "SAEConfig", "default_k_aux", "TopKSAE", "TrainOutput", "normalized_mse", "DeadLatentTracker",
-    "geometric_median", "init_b_pre_", "tied_init_", "export_sae", "load_sae", "ExportedSAE", "ExportedTopKSAE",
+    "geometric_median", "init_b_dec_", "tied_init_", "export_sae", "load_sae", "ExportedSAE", "ExportedTopKSAE",
     "check_d_in", "SparseAutoencoder", "ARCHITECTURES", "architecture_class", "build_sae",
 ]

@@ -133,21 +133,21 @@ def dead_topk(pre_acts: torch.Tensor, dead_mask: torch.Tensor, k_aux: int) -> tu
 class DeadLatentTracker:
     """Per-latent count of tokens since each latent last fired (section 2.4.1).
 
-    `tokens_since_fired` int64 [n_latents]; `ever_fired` bool [n_latents]. A latent is dead when
+    `tokens_since_fired` int64 [d_sae]; `ever_fired` bool [d_sae]. A latent is dead when
     tokens_since_fired >= dead_tokens. A latent "fires" on a token when it is among the TopK and
     its ReLU'd value is > 0.
     """
 
-    def __init__(self, n_latents: int, dead_tokens: int, device: torch.device | str = "cpu"):
-        self.n_latents = n_latents
+    def __init__(self, d_sae: int, dead_tokens: int, device: torch.device | str = "cpu"):
+        self.d_sae = d_sae
         self.dead_tokens = int(dead_tokens)
-        self.tokens_since_fired = torch.zeros(n_latents, dtype=torch.int64, device=device)
-        self.ever_fired = torch.zeros(n_latents, dtype=torch.bool, device=device)
+        self.tokens_since_fired = torch.zeros(d_sae, dtype=torch.int64, device=device)
+        self.ever_fired = torch.zeros(d_sae, dtype=torch.bool, device=device)
 
     @torch.no_grad()
     def fired(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """bool [n_latents]: latents among `indices` [B, k] with a value > 0 in `values` [B, k]."""
-        fired = torch.zeros(self.n_latents, dtype=torch.bool, device=indices.device)
+        """bool [d_sae]: latents among `indices` [B, k] with a value > 0 in `values` [B, k]."""
+        fired = torch.zeros(self.d_sae, dtype=torch.bool, device=indices.device)
         fired[indices[values > 0]] = True
         return fired
 
@@ -158,14 +158,14 @@ class DeadLatentTracker:
 
     @torch.no_grad()
     def update_fired(self, fired: torch.Tensor, n_tokens: int) -> None:
-        """Advance the counters by a batch of n_tokens in which the latents of bool [n_latents] `fired`
+        """Advance the counters by a batch of n_tokens in which the latents of bool [d_sae] `fired`
         fired (under data parallelism: OR-reduced over dp, n_tokens = the global batch)."""
         self.tokens_since_fired += int(n_tokens)
         self.tokens_since_fired[fired] = 0
         self.ever_fired |= fired
 
     def dead_mask(self) -> torch.Tensor:
-        """bool [n_latents]: True where tokens_since_fired >= dead_tokens."""
+        """bool [d_sae]: True where tokens_since_fired >= dead_tokens."""
         return self.tokens_since_fired >= self.dead_tokens
 
     def dead_fraction(self) -> float:
@@ -273,7 +273,7 @@ class SparseAutoencoder(nn.Module):
         if self.uses_k and cfg.k is None:
             raise ValueError(f"sae={self.architecture} needs sae.k (active latents per token)")
         dtype = torch_dtype(cfg.dtype)
-        d, n = cfg.d_in, cfg.n_latents
+        d, n = cfg.d_in, cfg.d_sae
         self.W_enc = nn.Parameter(torch.empty(d, n, dtype=dtype, device=device))
         self.b_enc = nn.Parameter(torch.zeros(n, dtype=dtype, device=device))
         self.W_dec = nn.Parameter(torch.empty(n, d, dtype=dtype, device=device))
@@ -291,16 +291,11 @@ class SparseAutoencoder(nn.Module):
 
     @property
     def d_sae(self) -> int:
-        return self.cfg.n_latents
+        return self.cfg.d_sae
 
     @property
     def k(self) -> int | None:
         return self.cfg.k
-
-    @property
-    def b_pre(self) -> torch.Tensor:
-        """Alias of b_dec (the paper's b_pre)."""
-        return self.b_dec
 
     @property
     def unit_norm_decoder(self) -> bool:
@@ -314,7 +309,7 @@ class SparseAutoencoder(nn.Module):
 
     def _check_whole(self) -> None:
         """NotImplementedError for inference on one latent shard (only training steps run sharded)."""
-        if self.n_local != self.cfg.n_latents:
+        if self.n_local != self.cfg.d_sae:
             raise NotImplementedError(
                 "this module holds one latent shard of the SAE: export the trained SAE (sae/ in the run dir) "
                 "and use sae_dist.load_sae for inference"
@@ -328,7 +323,7 @@ class SparseAutoencoder(nn.Module):
 
     # ------------------------------------------------------------------ inference
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
-        """Encoder pre-activations (x - b_pre) @ W_enc + b_enc: x [B, d_in] -> [B, d_sae]."""
+        """Encoder pre-activations (x - b_dec) @ W_enc + b_enc: x [B, d_in] -> [B, d_sae]."""
         self._check_x(x)
         self._check_whole()
         return (x.to(self.W_enc.dtype) - self.b_dec) @ self.W_enc + self.b_enc
@@ -342,7 +337,7 @@ class SparseAutoencoder(nn.Module):
         return self.activation(self.pre_acts(x))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """z [B, d_sae] -> z @ W_dec + b_pre [B, d_in]."""
+        """z [B, d_sae] -> z @ W_dec + b_dec [B, d_in]."""
         self._check_whole()
         return z.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
 

@@ -2,12 +2,12 @@
 arXiv:2412.06410).
 
 Training (paper section 3, eq. 3-4): the TopK of Gao et al. 2024 taken over the WHOLE batch instead of
-per token. With pre = (x - b_pre) W_enc + b_enc [B, d_sae],
+per token. With pre = (x - b_dec) W_enc + b_enc [B, d_sae],
 
     z = BatchTopK_{k*B}(ReLU(pre))   keep the k*B largest entries of the flattened [B * d_sae] matrix
 
 so the mean L0 over the batch is exactly k (fewer only when fewer than k*B pre-activations are
-positive) while single tokens may use more or fewer latents. x^ = z W_dec + b_pre; the loss is the
+positive) while single tokens may use more or fewer latents. x^ = z W_dec + b_dec; the loss is the
 normalised MSE plus AuxK against dead latents (Gao et al. 2024 section 2.4.1; the paper's code adds
 the same auxiliary loss).
 
@@ -194,7 +194,7 @@ class BatchTopKSAE(TopKSAE):
 
     def reconstruction_losses(self, x: torch.Tensor, rows, cols, values):
         """(x_hat [B, d_in], reconstruction loss, NMSE of x_hat, extra terms) from the kept entries.
-        BatchTopK: x^ = decode_entries(...) + b_pre, loss = NMSE (Gao et al. 2024 section 2.2)."""
+        BatchTopK: x^ = decode_entries(...) + b_dec, loss = NMSE (Gao et al. 2024 section 2.2)."""
         x_hat = decode_entries(rows, cols, values, self.W_dec, x.shape[0]) + self.b_dec
         nmse = normalized_mse(x, x_hat)
         return x_hat, nmse, nmse, {}

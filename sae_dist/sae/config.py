@@ -13,10 +13,10 @@ from dataclasses import asdict, dataclass
 from sae_dist.fielddoc import option
 
 __all__ = ["SAEConfig", "default_k_aux", "resolve_dead_tokens", "PAPER_DEAD_TOKENS", "NORMALIZE_MODES",
-           "B_PRE_INITS", "DTYPES", "KERNEL_BACKENDS"]
+           "B_DEC_INITS", "DTYPES", "KERNEL_BACKENDS"]
 
 NORMALIZE_MODES = ("layer_norm", "scalar", "none")
-B_PRE_INITS = ("geometric_median", "mean", "zeros")
+B_DEC_INITS = ("geometric_median", "mean", "zeros")
 DTYPES = ("float32", "bfloat16", "float16")
 #: architectures whose k is required (active latents per token, or per token on average)
 _NEEDS_K = ("topk", "batchtopk", "matryoshka", "tree", "soft_topk")
@@ -54,17 +54,17 @@ class SAEConfig:
 
     Fields:
       d_in: width of the hooked activation (the LM's d_model); required.
-      n_latents: number of latents (d_sae, "n" in the paper); default 16384.
+      d_sae: number of latents ("n" in the paper); default 16384.
       k: active latents per token (TopK, section 2.3); default 32.
       k_aux: latents used by the AuxK loss (Appendix A.2); None -> `default_k_aux(d_in)`, capped at
-        n_latents.
+        d_sae.
       auxk_coef: AuxK loss coefficient alpha (Appendix A.2: 1/32).
       dead_tokens: a latent is dead (an AuxK target) when it has not fired for this many tokens;
         None (default) -> `resolve_dead_tokens`: the paper's 10M (section 2.4.1), or a tenth of the
         run when that is shorter (the paper's 10M is a small fraction of its runs).
       multi_topk: add the Multi-TopK term L(multi_topk_factor * k) * multi_topk_weight (section 5.3,
         L(k) + L(4k)/8).
-      b_pre_init: "geometric_median" (section 2.1 / Appendix A.1), "mean" or "zeros".
+      b_dec_init: "geometric_median" (section 2.1 / Appendix A.1), "mean" or "zeros".
       normalize: input normalisation of the activations, "layer_norm" (per-token mean-subtract, unit
         norm times sqrt(d_in), section 2.1), "scalar" (x * s, s = sqrt(d_in) / E||x||) or "none".
       dtype: parameter dtype ("float32"; master weights stay fp32 even under bf16 autocast).
@@ -74,7 +74,7 @@ class SAEConfig:
         direction: on the issue-15 comparison (benchmarks/quality.py) it lowers held-out fvu and the CE
         increase at once.
       kernels: deprecated and ignored (false warns): `TopKSAE.training_step_losses` always runs the
-        `sae_dist.kernels` ops (fused encoder + running TopK that never materialises the [B, n_latents]
+        `sae_dist.kernels` ops (fused encoder + running TopK that never materialises the [B, d_sae]
         pre-activations, sparse decode, AuxK), on CPU through their torch backend; the dense torch
         version is `sae_dist.sae.topk.topk_losses_reference`, the test oracle.
       architecture: registry name (`sae_dist.sae.registry.ARCHITECTURES`, Hydra `sae=<name>`).
@@ -87,7 +87,7 @@ class SAEConfig:
     """
 
     d_in: int = option(doc="width of the hooked activation (sae-train reads it from the store)")
-    n_latents: int = option(16384, "number of latents (d_sae, n in the paper)")
+    d_sae: int = option(16384, "number of latents (n in the paper)")
     k: int | None = option(32, "active latents per token (TopK family); null for relu / prolu / jumprelu")
     k_aux: int | None = option(None, "latents of the AuxK loss; null: a power of two near d_in / 2")
     auxk_coef: float = option(1.0 / 32.0, "AuxK loss coefficient (the paper's 1/32)")
@@ -96,7 +96,7 @@ class SAEConfig:
     multi_topk: bool = option(False, "add the Multi-TopK term L(factor * k) * weight (L(k) + L(4k)/8)")
     multi_topk_factor: int = option(4, "Multi-TopK: k multiplier of the second term")
     multi_topk_weight: float = option(0.125, "Multi-TopK: weight of the second term")
-    b_pre_init: str = option("geometric_median", "b_pre (b_dec) init: geometric_median | mean | zeros")
+    b_dec_init: str = option("geometric_median", "b_dec init: geometric_median | mean | zeros")
     normalize: str = option("layer_norm", "input normalisation: layer_norm (paper, per token) | scalar "
                                           "(sqrt(d)/E||x||, folded at export) | none")
     dtype: str = option("float32", "parameter dtype: float32 | bfloat16 | float16")
@@ -114,22 +114,22 @@ class SAEConfig:
                 f"sae.architecture={self.architecture!r}; valid: {', '.join(ARCHITECTURES)}"
             )
         self.options = dict(self.options or {})
-        for name in ("d_in", "n_latents", "k"):
+        for name in ("d_in", "d_sae", "k"):
             v = getattr(self, name)
             if name == "k" and v is None and self.architecture not in _NEEDS_K:
                 continue
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"sae.{name} must be a positive int, got {v!r}")
-        if self.k is not None and self.k > self.n_latents:
+        if self.k is not None and self.k > self.d_sae:
             raise ValueError(
-                f"sae.k={self.k} > n_latents={self.n_latents}: k must be <= n_latents "
-                "(lower sae.k or raise sae.n_latents)"
+                f"sae.k={self.k} > d_sae={self.d_sae}: k must be <= d_sae "
+                "(lower sae.k or raise sae.d_sae)"
             )
         if self.k_aux is None:
-            self.k_aux = min(default_k_aux(self.d_in), self.n_latents)
-        if not isinstance(self.k_aux, int) or self.k_aux < 1 or self.k_aux > self.n_latents:
+            self.k_aux = min(default_k_aux(self.d_in), self.d_sae)
+        if not isinstance(self.k_aux, int) or self.k_aux < 1 or self.k_aux > self.d_sae:
             raise ValueError(
-                f"sae.k_aux={self.k_aux!r} must be an int in [1, n_latents={self.n_latents}]"
+                f"sae.k_aux={self.k_aux!r} must be an int in [1, d_sae={self.d_sae}]"
             )
         if self.auxk_coef < 0:
             raise ValueError(f"sae.auxk_coef={self.auxk_coef} must be >= 0")
@@ -144,17 +144,17 @@ class SAEConfig:
                 )
             if self.k is None:
                 raise ValueError(f"Multi-TopK needs sae.k (architecture {self.architecture!r})")
-            if self.multi_topk_factor * self.k > self.n_latents:
+            if self.multi_topk_factor * self.k > self.d_sae:
                 raise ValueError(
                     f"Multi-TopK needs multi_topk_factor*k = {self.multi_topk_factor * self.k} <= "
-                    f"n_latents={self.n_latents}; lower multi_topk_factor or k"
+                    f"d_sae={self.d_sae}; lower multi_topk_factor or k"
                 )
             if self.multi_topk_weight < 0:
                 raise ValueError(
                     f"sae.multi_topk_weight={self.multi_topk_weight} must be >= 0"
                 )
-        if self.b_pre_init not in B_PRE_INITS:
-            raise ValueError(f"sae.b_pre_init={self.b_pre_init!r}; valid: {B_PRE_INITS}")
+        if self.b_dec_init not in B_DEC_INITS:
+            raise ValueError(f"sae.b_dec_init={self.b_dec_init!r}; valid: {B_DEC_INITS}")
         if self.normalize not in NORMALIZE_MODES:
             raise ValueError(f"sae.normalize={self.normalize!r}; valid: {NORMALIZE_MODES}")
         if self.dtype not in DTYPES:
@@ -169,11 +169,6 @@ class SAEConfig:
             raise ValueError(
                 f"sae.kernel_backend={self.kernel_backend!r}; valid: {KERNEL_BACKENDS}"
             )
-
-    @property
-    def d_sae(self) -> int:
-        """SAELens' name for n_latents."""
-        return self.n_latents
 
     def to_dict(self) -> dict:
         return asdict(self)

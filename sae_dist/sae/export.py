@@ -4,10 +4,10 @@ Files: `cfg.json` + `sae_weights.safetensors` (`W_enc` [d_in, d_sae], `b_enc` [d
 [d_sae, d_in] with unit-norm rows, `b_dec` [d_in]). The exported SAE takes RAW activations.
 
 How the training-time input normalisation is folded (the training module sees x_n, computes
-pre = (x_n - b_pre) W_enc + b_enc, z = TopK(pre), x_n^ = z W_dec + b_pre):
+pre = (x_n - b_dec) W_enc + b_enc, z = TopK(pre), x_n^ = z W_dec + b_dec):
 
 * "scalar" (x_n = s * x, s = sqrt(d_in) / E||x||): exported with normalize_activations "none" and
-  b_enc' = b_enc / s, b_dec' = b_pre / s, W_enc' = W_enc, W_dec' = W_dec. Then on raw x,
+  b_enc' = b_enc / s, b_dec' = b_dec / s, W_enc' = W_enc, W_dec' = W_dec. Then on raw x,
   pre' = (x - b_dec') W_enc + b_enc' = pre / s (same TopK selection since s > 0), z' = z / s and
   z' W_dec + b_dec' = x_n^ / s = the raw reconstruction. W_dec keeps unit-norm rows; the latent
   activations of the exported SAE are those of the training module divided by s.
@@ -16,7 +16,7 @@ pre = (x_n - b_pre) W_enc + b_enc, z = TopK(pre), x_n^ = z W_dec + b_pre):
   computes x_sl = (x - mu) / (std(x) + 1e-5) with the unbiased std (correction 1) and outputs
   x_sl^ * std + mu. Since ||x - mu|| = std * sqrt(d - 1), x_n = c * x_sl with c = sqrt(d / (d - 1))
   (up to SAELens' eps, a relative 1e-5/std difference). The constant c is folded exactly like s
-  above: b_enc' = b_enc / c, b_dec' = b_pre / c, W_enc, W_dec unchanged (unit rows). `load_sae`
+  above: b_enc' = b_enc / c, b_dec' = b_dec / c, W_enc, W_dec unchanged (unit rows). `load_sae`
   applies our normalisation exactly (sae_dist.store.reader.normalize) and divides by c, so it reproduces
   the training module's x^ to float rounding; SAELens reproduces it up to its eps.
 * "none": weights exported unchanged.
@@ -52,7 +52,7 @@ SAELENS_FORMAT_VERSION = "6.0.0"
 
 
 def _fold_factor(normalize: str, d_in: int, scale: float | None) -> tuple[float, str]:
-    """(factor f, exported normalize_activations): exported b_enc = b_enc/f, b_dec = b_pre/f."""
+    """(factor f, exported normalize_activations): exported b_enc = b_enc/f, b_dec = b_dec/f."""
     if normalize == "scalar":
         if scale is None or not (scale > 0) or not math.isfinite(scale):
             raise ValueError(

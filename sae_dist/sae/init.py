@@ -1,12 +1,12 @@
 """Initialisation of the TopK SAE (Gao et al. 2024, section 2.1 and section 2.4.1 / Appendix A.1):
-tied encoder/decoder init and b_pre at the geometric median of a data sample.
+tied encoder/decoder init and b_dec at the geometric median of a data sample.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["tied_init_", "init_rows", "tied_init_rows_", "INIT_BLOCK_ROWS", "geometric_median", "init_b_pre_"]
+__all__ = ["tied_init_", "init_rows", "tied_init_rows_", "INIT_BLOCK_ROWS", "geometric_median", "init_b_dec_"]
 
 
 @torch.no_grad()
@@ -72,7 +72,7 @@ def geometric_median(
 
     Starts from the mean; each iteration m <- sum_i w_i x_i / sum_i w_i with w_i = 1 / max(||x_i -
     m||, eps); stops after `n_iter` iterations or when the step is below tol * (1 + ||m||).
-    Computed in float64; returns [d] in x's dtype. Used for b_pre (Gao et al. 2024, section 2.1,
+    Computed in float64; returns [d] in x's dtype. Used for b_dec (Gao et al. 2024, section 2.1,
     following Bricken et al. 2023). ValueError for an empty or non-2-D sample, or non-finite values.
     """
     if x.dim() != 2 or x.shape[0] == 0:
@@ -93,8 +93,8 @@ def geometric_median(
 
 
 @torch.no_grad()
-def init_b_pre_(sae, sample: torch.Tensor, mode: str = "geometric_median", n_iter: int = 300) -> None:
-    """Set sae.b_dec (b_pre) from a sample of normalised activations [N, d_in].
+def init_b_dec_(sae, sample: torch.Tensor, mode: str = "geometric_median", n_iter: int = 300) -> None:
+    """Set sae.b_dec from a sample of normalised activations [N, d_in].
 
     mode: "geometric_median" (paper), "mean", or "zeros". ValueError for other modes or a d_in
     mismatch.
@@ -104,12 +104,12 @@ def init_b_pre_(sae, sample: torch.Tensor, mode: str = "geometric_median", n_ite
         return
     if sample.dim() != 2 or sample.shape[-1] != sae.b_dec.shape[0]:
         raise ValueError(
-            f"b_pre sample must be [N, d_in={sae.b_dec.shape[0]}], got {tuple(sample.shape)}"
+            f"b_dec sample must be [N, d_in={sae.b_dec.shape[0]}], got {tuple(sample.shape)}"
         )
     if mode == "geometric_median":
         b = geometric_median(sample.float(), n_iter=n_iter)
     elif mode == "mean":
         b = sample.double().mean(0)
     else:
-        raise ValueError(f"b_pre_init={mode!r}; valid: geometric_median, mean, zeros")
+        raise ValueError(f"b_dec_init={mode!r}; valid: geometric_median, mean, zeros")
     sae.b_dec.copy_(b.to(sae.b_dec.device, sae.b_dec.dtype))

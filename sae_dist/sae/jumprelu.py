@@ -234,7 +234,7 @@ class JumpReLUSAE(SparseAutoencoder):
       default: renormalised after every step with the parallel gradient removed. The loss is invariant
       under W_dec_i -> c W_dec_i with W_enc[:, i], b_enc_i, theta_i -> / c (same x^, same L0), so the
       constraint only fixes that scale and gives the export contract's unit rows; it does not change
-      which reconstructions are reachable), b_dec [d_in] (b_pre), and log_threshold float32 [d_sae] (the paper's
+      which reconstructions are reachable), b_dec [d_in], and log_threshold float32 [d_sae] (the paper's
       log-parametrised threshold, latent-indexed along dim 0; checkpointed and EMA-averaged like
       every parameter):
 
@@ -267,7 +267,7 @@ class JumpReLUSAE(SparseAutoencoder):
         init = 0.0 if auto else math.log(self.opts.init_threshold)
         offset = math.log(PAPER_INIT_THRESHOLD) if auto else 0.0
         self.log_threshold = torch.nn.Parameter(
-            torch.full((cfg.n_latents,), init, dtype=torch.float32, device=device))
+            torch.full((cfg.d_sae,), init, dtype=torch.float32, device=device))
         self.register_buffer("log_threshold_offset", torch.tensor(offset, dtype=torch.float32, device=device))
         self.register_buffer("threshold_initialized", torch.tensor(not auto, device=device))
         self._init_pending = auto
@@ -341,7 +341,7 @@ class JumpReLUSAE(SparseAutoencoder):
 
     # ------------------------------------------------------------------ forward
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
-        """(x - b_pre) W_enc + b_enc: x [B, d_in] -> float32 [B, d_sae] (autocast off: see the class)."""
+        """(x - b_dec) W_enc + b_enc: x [B, d_in] -> float32 [B, d_sae] (autocast off: see the class)."""
         self._check_x(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
             return (x.float() - self.b_dec.float()) @ self.W_enc.float() + self.b_enc.float()

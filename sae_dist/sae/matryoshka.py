@@ -6,7 +6,7 @@ The latents are ordered and nested: prefixes m_1 < m_2 < ... < m_L = d_sae. One 
 one selection (TopK per token, or BatchTopK over the batch: option `base`) give the kept latents z;
 every prefix must reconstruct the input on its own from ITS latents of that same selection:
 
-    x^_l = sum_{j < m_l} z_j W_dec[j] + b_pre,      L = sum_l w_l * NMSE(x, x^_l)  (+ auxk_coef * AuxK)
+    x^_l = sum_{j < m_l} z_j W_dec[j] + b_dec,      L = sum_l w_l * NMSE(x, x^_l)  (+ auxk_coef * AuxK)
 
 (paper section 3, eq. 2: the sum over the nested dictionaries of their reconstruction losses; the
 normalised MSE of Gao et al. 2024 section 2.2 per level). The early latents are thus pushed to carry
@@ -16,7 +16,7 @@ x^_L, as the authors' code does.
 
 Cost: the prefix reconstructions are one sparse decode. Each kept entry (token b, latent j) lies in
 exactly one band [m_{l-1}, m_l); decoding the entries into L x B bags (band, token) gives the band
-contributions D_l [B, d_in], and x^_l = b_pre + D_1 + ... + D_l is a cumulative sum over the bands
+contributions D_l [B, d_in], and x^_l = b_dec + D_1 + ... + D_l is a cumulative sum over the bands
 (x^_l = x^_{l-1} + D_l). So the work is that of one decode of the kept entries (k*B rows of W_dec)
 plus L x B x d_in additions, never a dense [B, d_sae] decode per level.
 
@@ -49,7 +49,7 @@ class MatryoshkaOptions(BatchTopKOptions):
     """Options of `sae=matryoshka`.
 
     base: "batchtopk" (default, the paper's choice) or "topk": the selection of the kept latents.
-    prefixes: list of ints m_1 < ... < m_L = n_latents (each >= 1), or None: `default_prefixes`
+    prefixes: list of ints m_1 < ... < m_L = d_sae (each >= 1), or None: `default_prefixes`
       (n/16, n/8, n/4, n/2, n: the paper's group sizes n/16, n/16, n/8, n/4, n/2).
     level_weights: list of L non-negative numbers (sum > 0), or None: uniform. Always normalised to
       sum 1, so the loss is a weighted MEAN of the level NMSEs, on the scale of one NMSE (the learning
@@ -57,7 +57,7 @@ class MatryoshkaOptions(BatchTopKOptions):
     threshold_beta, threshold_start_step: the BatchTopK threshold estimate (`BatchTopKOptions`);
       unused with base "topk".
     Raises ValueError naming the option, the bad value and the valid range (prefixes against
-    n_latents are checked by `MatryoshkaSAE`).
+    d_sae are checked by `MatryoshkaSAE`).
     """
 
     base: str = "batchtopk"
@@ -68,23 +68,23 @@ class MatryoshkaOptions(BatchTopKOptions):
         super().__post_init__()
         if self.base not in BASES:
             raise ValueError(f"sae option base={self.base!r}; valid: {', '.join(BASES)}")
-        # lists are checked against n_latents by MatryoshkaSAE (check_prefixes, _check_weights)
+        # lists are checked against d_sae by MatryoshkaSAE (check_prefixes, _check_weights)
 
 
-def default_prefixes(n_latents: int) -> list[int]:
+def default_prefixes(d_sae: int) -> list[int]:
     """The default ladder [n/16, n/8, n/4, n/2, n] (integer division; zeros and repeats dropped)."""
-    return sorted({m for m in (n_latents // 16, n_latents // 8, n_latents // 4, n_latents // 2, n_latents)
+    return sorted({m for m in (d_sae // 16, d_sae // 8, d_sae // 4, d_sae // 2, d_sae)
                    if m >= 1})
 
 
-def check_prefixes(prefixes, n_latents: int) -> list[int]:
+def check_prefixes(prefixes, d_sae: int) -> list[int]:
     """Validate prefixes: a non-empty list of ints, strictly increasing, first >= 1, last ==
-    n_latents. Returns them as a list of int; ValueError naming the option, value and valid range."""
+    d_sae. Returns them as a list of int; ValueError naming the option, value and valid range."""
     if isinstance(prefixes, (str, bytes)) or not hasattr(prefixes, "__iter__"):
         raise ValueError(f"sae option prefixes={prefixes!r} must be a list of ints (or null for the default)")
     p = list(prefixes)
     if not p:
-        raise ValueError(f"sae option prefixes={prefixes!r} must not be empty (last entry = n_latents={n_latents})")
+        raise ValueError(f"sae option prefixes={prefixes!r} must not be empty (last entry = d_sae={d_sae})")
     for m in p:
         if isinstance(m, bool) or not isinstance(m, int):
             raise ValueError(f"sae option prefixes={p!r}: entry {m!r} is not an int")
@@ -93,10 +93,10 @@ def check_prefixes(prefixes, n_latents: int) -> list[int]:
     for a, b in pairwise(p):
         if b <= a:
             raise ValueError(f"sae option prefixes={p!r} must be strictly increasing ({a} then {b})")
-    if p[-1] != n_latents:
+    if p[-1] != d_sae:
         raise ValueError(
-            f"sae option prefixes={p!r}: the last prefix must equal n_latents={n_latents} (got {p[-1]}); "
-            f"valid: strictly increasing ints in [1, {n_latents}] ending with {n_latents}"
+            f"sae option prefixes={p!r}: the last prefix must equal d_sae={d_sae} (got {p[-1]}); "
+            f"valid: strictly increasing ints in [1, {d_sae}] ending with {d_sae}"
         )
     return p
 
@@ -141,8 +141,8 @@ class MatryoshkaSAE(BatchTopKSAE):
                  generator: torch.Generator | None = None):
         super().__init__(cfg, device=device, generator=generator)
         o = self.opts
-        self.prefixes = (default_prefixes(cfg.n_latents) if o.prefixes is None
-                         else check_prefixes(o.prefixes, cfg.n_latents))
+        self.prefixes = (default_prefixes(cfg.d_sae) if o.prefixes is None
+                         else check_prefixes(o.prefixes, cfg.d_sae))
         n_levels = len(self.prefixes)
         self.level_weights = ([1.0 / n_levels] * n_levels if o.level_weights is None
                               else _check_weights(o.level_weights, n_levels))
@@ -190,8 +190,8 @@ class MatryoshkaSAE(BatchTopKSAE):
     # ------------------------------------------------------------------ nested loss
     def band_decodes(self, rows, cols, values, n_rows: int) -> torch.Tensor:
         """D_l for every band: [L, B, d_in] in W_dec's dtype, D_l[b] = sum of the kept entries of token
-        b with latent in [m_{l-1}, m_l) (one sparse decode into (band, token) bags; no b_pre).
-        x^_l = b_pre + D_1 + ... + D_l. rows, cols int64 [E], values [E]."""
+        b with latent in [m_{l-1}, m_l) (one sparse decode into (band, token) bags; no b_dec).
+        x^_l = b_dec + D_1 + ... + D_l. rows, cols int64 [E], values [E]."""
         band = torch.bucketize(cols, self._bounds, right=True)
         L = len(self.prefixes)
         parts = decode_entries(band * n_rows + rows, cols, values, self.W_dec, L * n_rows)
@@ -199,7 +199,7 @@ class MatryoshkaSAE(BatchTopKSAE):
 
     def reconstruction_losses(self, x: torch.Tensor, rows, cols, values):
         """(x^_L, sum_l w_l NMSE(x, x^_l), NMSE(x, x^_L), {"nmse_level{l}": NMSE of level l < L-1}).
-        x^_l = x^_{l-1} + D_l (`band_decodes`), x^_0 = b_pre; NMSE as `sae_dist.sae.base.normalized_mse`
+        x^_l = x^_{l-1} + D_l (`band_decodes`), x^_0 = b_dec; NMSE as `sae_dist.sae.base.normalized_mse`
         (float32 sums, one denominator for all levels)."""
         parts = self.band_decodes(rows, cols, values, x.shape[0])
         xf = x.float()

@@ -82,7 +82,7 @@ class ReLUOptions:
     tied_weights: True (Cunningham et al. 2023): W_enc IS W_dec^T (one parameter, W_dec); needs
       SAEConfig.enc_init_scale == 1. False (default): separate encoder, tied only at init.
     init_scale: "auto" (default) or a number > 0: the initial encoder is init_scale *
-      SAEConfig.enc_init_scale * W_dec^T (`auto_init_scale`: min(1, 2 d_in / n_latents) for a separate
+      SAEConfig.enc_init_scale * W_dec^T (`auto_init_scale`: min(1, 2 d_in / d_sae) for a separate
       encoder, 1 with tied weights). 1 is the plain tied init of earlier versions.
     target_l0: None (default: lambda follows l1_coef and its warm-up) or a number > 0: after the
       warm-up, lambda is driven by `l1_controller_step` so that the training L0 (non-zero latents per
@@ -104,7 +104,7 @@ class ReLUOptions:
     exceeds tau. A token made of L0 features has coefficients ~ sqrt(D / L0); putting tau at ~40% of
     that (the heuristic this default is calibrated on: the heavy tail of small coefficients is cut,
     the bulk kept) gives lambda ~ 0.8 / sqrt(c * d_in * L0) = 0.0079 for d_in = 576,
-    c = 0.45, L0 = 40. Check: 2M tokens of SmolLM2-135M layer-19 activations (d_in 576, n_latents 2048,
+    c = 0.45, L0 = 40. Check: 2M tokens of SmolLM2-135M layer-19 activations (d_in 576, d_sae 2048,
     default lr, before `init_scale` existed) end at L0 ~ 37 (still slowly falling) and NMSE 0.31. At
     other widths scale lambda as 1 / sqrt(c * d_in) (e.g. ~0.007 at d_in 768, ~0.004 at 2048 for
     c ~ 0.45). When the wanted L0 is known, `target_l0` finds lambda instead.
@@ -161,10 +161,10 @@ def _is_positive(value) -> bool:
             and float(value) > 0)
 
 
-def auto_init_scale(d_in: int, n_latents: int, tied_weights: bool) -> float:
+def auto_init_scale(d_in: int, d_sae: int, tied_weights: bool) -> float:
     """The initial encoder scale c of init_scale="auto" (W_enc = c * SAEConfig.enc_init_scale * W_dec^T):
 
-        c = min(1, 2 d_in / n_latents)     (separate encoder)        c = 1     (tied weights)
+        c = min(1, 2 d_in / d_sae)     (separate encoder)        c = 1     (tied weights)
 
     With unit decoder rows w_i and b_enc = 0, E_w[ReLU(c w . x) w] = c x / (2 d_in) for w uniform on the
     sphere, so the n latents' first reconstruction is ~ c n / (2 d_in) x: c = 2 d_in / n makes it the
@@ -174,7 +174,7 @@ def auto_init_scale(d_in: int, n_latents: int, tied_weights: bool) -> float:
     """
     if tied_weights:
         return 1.0
-    return min(1.0, 2.0 * float(d_in) / float(n_latents))
+    return min(1.0, 2.0 * float(d_in) / float(d_sae))
 
 
 def l1_coef_at(l1_coef: float, warmup_frac: float, step: int | None, n_steps: int | None) -> float:
@@ -268,7 +268,7 @@ class ReLUSAE(SparseAutoencoder):
       generator: optional torch.Generator for the tied initialisation (W_enc = W_dec^T, b_enc = 0,
         Gao et al. 2024 section 2.4.1; the trainer re-initialises mesh-independently).
     Parameters: W_enc [d_in, d_sae] (absent with `tied_weights`: then `W_enc` is the view W_dec^T),
-      b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in] (b_pre).
+      b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in].
     Initial encoder: `self.cfg` is `cfg` with enc_init_scale multiplied by the `init_scale` option's
       factor (`init_factor`, `auto_init_scale`), so that both this constructor's tied init and the
       trainer's mesh-independent re-initialisation (which reads `sae.cfg.enc_init_scale`) apply it.
@@ -318,7 +318,7 @@ class ReLUSAE(SparseAutoencoder):
         """The factor applied to cfg.enc_init_scale: `auto_init_scale` for init_scale="auto", else the
         number given."""
         if opts.init_scale == "auto":
-            return auto_init_scale(cfg.d_in, cfg.n_latents, opts.tied_weights)
+            return auto_init_scale(cfg.d_in, cfg.d_sae, opts.tied_weights)
         return float(opts.init_scale)
 
     # ------------------------------------------------------------------ parameters

@@ -268,7 +268,7 @@ class SoftTopKSAE(TopKSAE):
 
     # ------------------------------------------------------------------ training
     def training_step_losses(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None) -> TrainOutput:
-        """Losses of one batch x [B, d_in] (normalised): NMSE of x^ = z W_dec + b_pre with z from
+        """Losses of one batch x [B, d_in] (normalised): NMSE of x^ = z W_dec + b_dec with z from
         `train_latents` + auxk_coef * AuxK (dense pre-activations of the dead latents reconstruct
         x - x^.detach(); Gao et al. 2024 Appendix A.2). dead_mask: bool [d_sae] or None (no AuxK).
 

@@ -1,10 +1,10 @@
 """TopK sparse autoencoder (Gao et al. 2024, "Scaling and evaluating sparse autoencoders").
 
-    z   = TopK(W_enc^T (x - b_pre) + b_enc), ReLU on the kept values        (section 2.3, eq. 3)
-    x^  = W_dec^T z + b_pre                                                  (section 2.1, eq. 2)
+    z   = TopK(W_enc^T (x - b_dec) + b_enc), ReLU on the kept values        (section 2.3, eq. 3)
+    x^  = W_dec^T z + b_dec                                                  (section 2.1, eq. 2)
 
 Parameter names and layouts follow the export contract (SAELens): `W_enc` [d_in, d_sae],
-`b_enc` [d_sae], `W_dec` [d_sae, d_in] (unit-norm rows), `b_dec` [d_in] (b_dec IS b_pre).
+`b_enc` [d_sae], `W_dec` [d_sae, d_in] (unit-norm rows), `b_dec` [d_in] (the paper's b_pre).
 Inputs of this module are the NORMALISED activations the store yields; the exported/loaded
 module (`sae_dist.sae.export.load_sae`) takes raw activations.
 
@@ -27,8 +27,8 @@ from sae_dist.sae.config import SAEConfig
 __all__ = ["TopKSAE", "TrainOutput", "encoder_operands", "topk_losses_reference"]
 
 
-def encoder_operands(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_pre: torch.Tensor):
-    """(x, W_enc, b_enc, b_pre) for the fused encoder, in the autocast dtype when autocast is on for
+def encoder_operands(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor):
+    """(x, W_enc, b_enc, b_dec) for the fused encoder, in the autocast dtype when autocast is on for
     their device (e.g. bf16 on CUDA with fp32 master weights), else x cast to W_enc's dtype.
 
     The fused encoder is a custom op that autocast does not see, so without this it would run its
@@ -39,8 +39,8 @@ def encoder_operands(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, 
     if torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
         if dt != W_enc.dtype:
-            return x.to(dt), W_enc.to(dt), b_enc.to(dt), b_pre.to(dt)
-    return x.to(W_enc.dtype), W_enc, b_enc, b_pre
+            return x.to(dt), W_enc.to(dt), b_enc.to(dt), b_dec.to(dt)
+    return x.to(W_enc.dtype), W_enc, b_enc, b_dec
 
 
 def _sse(target: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
@@ -56,7 +56,7 @@ class TopKSAE(SparseAutoencoder):
       device: where the parameters live.
       generator: optional torch.Generator for the tied initialisation (else the global RNG).
     Initialisation (section 2.4.1 "tied init"): W_dec rows are random unit vectors, W_enc =
-    cfg.enc_init_scale * W_dec^T, b_enc = 0, b_dec (b_pre) = 0 until `sae_dist.sae.init.init_b_pre`.
+    cfg.enc_init_scale * W_dec^T, b_enc = 0, b_dec = 0 until `sae_dist.sae.init.init_b_dec_`.
     """
 
     architecture = "topk"
@@ -93,7 +93,7 @@ class TopKSAE(SparseAutoencoder):
 
     # ------------------------------------------------------------------ decoder
     def decode_sparse(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """Sparse decode (values, indices) [B, k] -> sum_j v_j W_dec[i_j] + b_pre [B, d_in] (the whole SAE:
+        """Sparse decode (values, indices) [B, k] -> sum_j v_j W_dec[i_j] + b_dec [B, d_in] (the whole SAE:
         NotImplementedError on a latent shard)."""
         self._check_whole()
         return sparse_decode_reference(values, indices, self.W_dec, self.b_dec)
@@ -126,8 +126,8 @@ class TopKSAE(SparseAutoencoder):
         self._check_x(x)
         k = cfg.k
         kk = cfg.multi_topk_factor * k if cfg.multi_topk else k
-        if kk > cfg.n_latents:
-            raise ValueError(f"k={kk} exceeds n_latents={cfg.n_latents}")
+        if kk > cfg.d_sae:
+            raise ValueError(f"k={kk} exceeds d_sae={cfg.d_sae}")
         k_aux, k_aux_local = self._auxk_widths(dead_mask)
         xw, W, be, bp = encoder_operands(x, self.W_enc, self.b_enc, comm.copy_to_tp(self.b_dec))
         vals, idx, aux_vals, aux_idx = encode_topk(
@@ -149,7 +149,7 @@ class TopKSAE(SparseAutoencoder):
                            x_hat.detach(), values, indices)
 
     def _decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """x^ [B, d_in] = sum over the tp shards of this shard's sparse decode, + b_pre."""
+        """x^ [B, d_in] = sum over the tp shards of this shard's sparse decode, + b_dec."""
         part = sparse_decode(values, indices, self.W_dec, None, backend=self.cfg.kernel_backend)
         return self.comm.reduce_from_tp(part) + self.b_dec
 
@@ -166,7 +166,7 @@ class TopKSAE(SparseAutoencoder):
 
     def _auxk_loss(self, residual: torch.Tensor, aux_vals, aux_idx, k_aux: int) -> torch.Tensor:
         """AuxK (section 2.4.1, Appendix A.2): NMSE of the residual [B, d_in] (constant) by the global
-        top-k_aux dead-latent candidates, decoded without b_pre; float32, NaN/Inf -> 0, 0 when k_aux = 0."""
+        top-k_aux dead-latent candidates, decoded without b_dec; float32, NaN/Inf -> 0, 0 when k_aux = 0."""
         if k_aux == 0:
             return residual.new_zeros(())
         if aux_vals is None:  # this shard has no dead latent: an empty candidate set

@@ -14,7 +14,7 @@ Mairal, Obozinski, Bach 2011, "Proximal Methods for Hierarchical Sparse Coding",
 and 2) the tree-structured norm sum_g ||z_g|| over the groups g = {node and its descendants} selects
 supports that are rooted subtrees: a node may be non-zero only if its ancestors are.
 
-What. With z = TopK(W_enc^T (x - b_pre) + b_enc) (ReLU on the kept values) and a forest
+What. With z = TopK(W_enc^T (x - b_dec) + b_enc) (ReLU on the kept values) and a forest
 `parents` [d_sae] (parent index, -1 for a root), the tree loss of a batch is the fraction of the
 code's L1 mass that sits on latents whose parent is silent:
 
@@ -399,13 +399,13 @@ class TreeSAE(TopKSAE):
     def __init__(self, cfg: SAEConfig, device: torch.device | str = "cpu",
                  generator: torch.Generator | None = None):
         super().__init__(cfg, device=device, generator=generator)
-        o, n = self.opts, cfg.n_latents
+        o, n = self.opts, cfg.d_sae
         given = o.parents is not None
         m = 0 if given else min(o.partners, n - 1)
         nbytes = (n * (16 * m + 24)) if not given else 0
         if nbytes > o.max_stats_mb * 2**20:
             raise ValueError(
-                f"sae=tree: the co-activation tables need {nbytes / 2**20:.0f} MiB (n_latents={n} x "
+                f"sae=tree: the co-activation tables need {nbytes / 2**20:.0f} MiB (d_sae={n} x "
                 f"(16 * partners={m} + 24) bytes) > max_stats_mb={o.max_stats_mb}; lower sae.partners, raise "
                 "sae.max_stats_mb, or give the tree in sae.parents"
             )

@@ -14,6 +14,7 @@ from sae_dist.store.layout import (
     merge_norm_stats,
     norm_stats_partial,
     open_store,
+    read_attrs,
     write_block,
     write_store,
 )
@@ -33,5 +34,5 @@ def __getattr__(name):
 __all__ = [
     "ACT_DTYPES", "MODES", "ActivationStore", "IncompleteStoreError", "NonFiniteError", "StoreError",
     "create_store", "denormalize", "done_shards", "finalize_store", "mark_shard_done", "merge_norm_stats",
-    "norm_stats_partial", "normalize", "open_store", "scalar_scale", "write_block", "write_store",
+    "norm_stats_partial", "normalize", "open_store", "read_attrs", "scalar_scale", "write_block", "write_store",
 ]

@@ -3,7 +3,7 @@
 A store is a zarr v3 group (a local directory)::
 
     <store>/zarr.json                 group attributes (see below)
-    <store>/activations/              float16 | bfloat16 | float32  [n_tokens, d_model]
+    <store>/activations/              float16 | bfloat16 | float32  [n_tokens, d_in]
     <store>/token_ids/                int32 [n_tokens]     (optional: stores not made from text)
     <store>/seq_index/                int64 [n_tokens]     (optional: index of the packed sequence)
     <store>/position/                 int32 [n_tokens]     (optional: position inside that sequence)
@@ -14,7 +14,7 @@ files of ``shard_tokens`` rows by zarr's sharding codec (``activations/c/<shard>
 holds token rows ``[i * shard_tokens, min((i + 1) * shard_tokens, n_tokens))``; harvest workers each
 write whole shards, so no two processes ever write into the same shard file.
 
-Group attributes: ``d_model``, ``n_tokens``, ``dtype`` ("float16" | "bfloat16" | "float32"),
+Group attributes: ``d_in``, ``n_tokens``, ``dtype`` ("float16" | "bfloat16" | "float32"),
 ``chunk_tokens``, ``shard_tokens``, ``model``, ``hook``, ``layer``, ``ctx_len``, ``dataset``,
 ``norm_stats`` (``{"mean_norm", "mean_sq_norm", "n"}``: mean L2 norm and mean squared L2 norm of the
 activation rows, over ``n`` rows) and ``harvest`` (``{"complete": bool, ...}``). Attributes callers add
@@ -170,7 +170,7 @@ def open_store(path, mode: str = "r") -> zarr.Group:
     Args:
         path: store directory.
         mode: "r" (read only) or "r+" (read/write; the layout functions use it).
-    Returns: the zarr v3 group (``group["activations"]`` is [n_tokens, d_model]).
+    Returns: the zarr v3 group (``group["activations"]`` is [n_tokens, d_in]).
     Raises: StoreError naming the path if it does not exist, is not a zarr v3 group, or has no
         ``activations`` array.
     """
@@ -195,9 +195,37 @@ def open_store(path, mode: str = "r") -> zarr.Group:
     except Exception as e:
         raise StoreError(f"store {path!r}: cannot open 'activations': {type(e).__name__}: {e}") from e
     if not isinstance(acts, zarr.Array) or acts.ndim != 2:
-        raise StoreError(f"store {path!r}: 'activations' must be a 2-D array [n_tokens, d_model], "
+        raise StoreError(f"store {path!r}: 'activations' must be a 2-D array [n_tokens, d_in], "
                          f"got {getattr(acts, 'shape', acts)!r}")
     return g
+
+
+#: Group attributes renamed since stores were first written (old name -> name used now), so that a store
+#: harvested by an earlier release still trains, evaluates and resumes (read with a FutureWarning).
+RENAMED_ATTRS = {"d_model": "d_in", "hook": "hook_name"}
+
+
+def _with_old_names(attrs: dict) -> dict:
+    """`attrs` plus a copy of each renamed attribute under its old name (`RENAMED_ATTRS`), which stores
+    keep writing for one release so that tools reading the old names keep working."""
+    return {**attrs, **{old: attrs[new] for old, new in RENAMED_ATTRS.items() if new in attrs}}
+
+
+def read_attrs(group: zarr.Group) -> dict:
+    """The group attributes of a store as a plain dict under today's names: a store written by an earlier
+    release (`RENAMED_ATTRS`: d_model, hook only) is read as d_in / hook_name, with a FutureWarning; the
+    old-name copies that stores still write are dropped. The store itself is not changed."""
+    attrs = dict(group.attrs)
+    old = [k for k in RENAMED_ATTRS if k in attrs and RENAMED_ATTRS[k] not in attrs]
+    for k, new in RENAMED_ATTRS.items():
+        value = attrs.pop(k, None)
+        if k in old:
+            attrs[new] = value
+    if old:
+        warnings.warn(f"store {group.store}: attributes {old} were written by an earlier sae-dist release and "
+                      f"are read as {[RENAMED_ATTRS[k] for k in old]}; re-harvest to drop this warning",
+                      FutureWarning, stacklevel=2)
+    return attrs
 
 
 def chunk_grid(arr: zarr.Array) -> tuple[int, int]:
@@ -208,17 +236,17 @@ def chunk_grid(arr: zarr.Array) -> tuple[int, int]:
     return int(chunk), int(shard)
 
 
-def _check_existing(path, *, n_tokens, d_model, dtype, chunk_tokens, shard_tokens, attrs, text_names):
+def _check_existing(path, *, n_tokens, d_in, dtype, chunk_tokens, shard_tokens, attrs, text_names):
     g = open_store(path, "r+")
     acts = g["activations"]
-    a = dict(g.attrs)
+    a = read_attrs(g)
     complete = bool((a.get("harvest") or {}).get("complete", False))
     problems = []
     have_dtype = dtype_name(acts.dtype)
     if have_dtype != dtype:
         problems.append(f"dtype: store has {have_dtype!r}, requested {dtype!r}")
-    if acts.shape[1] != d_model:
-        problems.append(f"d_model: store has {acts.shape[1]}, requested {d_model}")
+    if acts.shape[1] != d_in:
+        problems.append(f"d_in: store has {acts.shape[1]}, requested {d_in}")
     # A finished harvest may have been trimmed below the requested size (the corpus ran out).
     if acts.shape[0] != n_tokens and not (complete and acts.shape[0] < n_tokens):
         problems.append(f"n_tokens: store has {acts.shape[0]}, requested {n_tokens}")
@@ -230,7 +258,7 @@ def _check_existing(path, *, n_tokens, d_model, dtype, chunk_tokens, shard_token
     missing = [n for n in text_names if n not in g]
     if missing:
         problems.append(f"arrays {missing}: missing in the store, requested")
-    for key in ("model", "hook", "layer", "ctx_len", "dataset"):
+    for key in ("model", "hook_name", "layer", "ctx_len", "dataset"):
         if key in attrs and key in a and attrs[key] != a[key]:
             problems.append(f"{key}: store has {a[key]!r}, requested {attrs[key]!r}")
     if problems:
@@ -239,7 +267,7 @@ def _check_existing(path, *, n_tokens, d_model, dtype, chunk_tokens, shard_token
     return g
 
 
-def create_store(path, *, n_tokens: int, d_model: int, dtype: str, chunk_tokens: int = 4096,
+def create_store(path, *, n_tokens: int, d_in: int, dtype: str, chunk_tokens: int = 4096,
                  shard_tokens: int = 65536, attrs: Mapping[str, Any] | None = None,
                  with_text_arrays=True, compression: str | None = None, checksum: bool = True) -> zarr.Group:
     """Create an empty activation store, or open the identical one that exists (idempotent).
@@ -250,7 +278,7 @@ def create_store(path, *, n_tokens: int, d_model: int, dtype: str, chunk_tokens:
     Args:
         path: store directory (local filesystem).
         n_tokens: rows to allocate (the harvest target; `finalize_store` trims to what was written).
-        d_model: activation width.
+        d_in: activation width.
         dtype: "float16" | "bfloat16" | "float32" (activation storage dtype).
         chunk_tokens: rows per inner zarr chunk (the unit of a partial read).
         shard_tokens: rows per shard file (a multiple of chunk_tokens; the unit of harvest work,
@@ -269,7 +297,7 @@ def create_store(path, *, n_tokens: int, d_model: int, dtype: str, chunk_tokens:
     """
     path = os.fspath(path)
     n_tokens = _check_positive_int("n_tokens", n_tokens)
-    d_model = _check_positive_int("d_model", d_model)
+    d_in = _check_positive_int("d_in", d_in)
     chunk_tokens = _check_positive_int("chunk_tokens", chunk_tokens)
     shard_tokens = _check_positive_int("shard_tokens", shard_tokens)
     if shard_tokens % chunk_tokens:
@@ -278,16 +306,16 @@ def create_store(path, *, n_tokens: int, d_model: int, dtype: str, chunk_tokens:
     compressors = _compressors(compression, checksum)
     text_names = _text_array_names(with_text_arrays)
     attrs = dict(attrs or {})
-    kw = dict(n_tokens=n_tokens, d_model=d_model, dtype=dtype, chunk_tokens=chunk_tokens,
+    kw = dict(n_tokens=n_tokens, d_in=d_in, dtype=dtype, chunk_tokens=chunk_tokens,
               shard_tokens=shard_tokens, attrs=attrs, text_names=text_names)
     if os.path.exists(path) and not (os.path.isdir(path) and not os.listdir(path)):
         return _check_existing(path, **kw)
 
     tmp = _tmp_dir_beside(path)
     try:
-        _build_store(tmp, _new_group_attrs(attrs, n_tokens=n_tokens, d_model=d_model, dtype=dtype,
+        _build_store(tmp, _new_group_attrs(attrs, n_tokens=n_tokens, d_in=d_in, dtype=dtype,
                                            chunk_tokens=chunk_tokens, shard_tokens=shard_tokens),
-                     n_tokens=n_tokens, d_model=d_model, npdt=npdt, chunk_tokens=chunk_tokens,
+                     n_tokens=n_tokens, d_in=d_in, npdt=npdt, chunk_tokens=chunk_tokens,
                      shard_tokens=shard_tokens, compressors=compressors, text_names=text_names)
         if not _move_into_place(tmp, path):
             return _check_existing(path, **kw)
@@ -305,32 +333,32 @@ def _tmp_dir_beside(path: str) -> str:
     return os.path.join(parent, f".{os.path.basename(path)}.creating-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
-def _new_group_attrs(attrs: dict, *, n_tokens: int, d_model: int, dtype: str, chunk_tokens: int,
+def _new_group_attrs(attrs: dict, *, n_tokens: int, d_in: int, dtype: str, chunk_tokens: int,
                      shard_tokens: int) -> dict:
     """Group attributes of a new store (module docstring): model/hook/layer/ctx_len/dataset default to None,
     the caller's `attrs` are kept, the layout keys are set, and harvest.complete is False."""
-    group_attrs = {"model": None, "hook": None, "layer": None, "ctx_len": None, "dataset": None}
+    group_attrs = {"model": None, "hook_name": None, "layer": None, "ctx_len": None, "dataset": None}
     group_attrs.update(attrs)
     group_attrs.update({
-        "d_model": d_model, "n_tokens": n_tokens, "dtype": dtype, "chunk_tokens": chunk_tokens,
+        "d_in": d_in, "n_tokens": n_tokens, "dtype": dtype, "chunk_tokens": chunk_tokens,
         "shard_tokens": shard_tokens, "layout_version": 1,
         "harvest": {"complete": False, **dict(attrs.get("harvest") or {})},
     })
     group_attrs["harvest"]["complete"] = False
-    return group_attrs
+    return _with_old_names(group_attrs)
 
 
-def _build_store(tmp: str, group_attrs: dict, *, n_tokens: int, d_model: int, npdt: np.dtype, chunk_tokens: int,
+def _build_store(tmp: str, group_attrs: dict, *, n_tokens: int, d_in: int, npdt: np.dtype, chunk_tokens: int,
                  shard_tokens: int, compressors, text_names: list[str]) -> None:
-    """Create the empty store (group with `group_attrs`, `activations` [n_tokens, d_model] of npdt, the text
+    """Create the empty store (group with `group_attrs`, `activations` [n_tokens, d_in] of npdt, the text
     arrays `text_names`; chunked and sharded along tokens) in the new directory `tmp`."""
     g = zarr.open_group(tmp, mode="w-", zarr_format=3, attributes=group_attrs)
     # write_empty_chunks: every shard file exists once written, even if all zeros, so a missing
     # file always means a missing/deleted shard (the reader checks for it).
     cfg = {"write_empty_chunks": True}
-    g.create_array("activations", shape=(n_tokens, d_model), dtype=npdt, chunks=(chunk_tokens, d_model),
-                   shards=(shard_tokens, d_model), compressors=compressors, fill_value=0, config=cfg,
-                   dimension_names=("token", "d_model"))
+    g.create_array("activations", shape=(n_tokens, d_in), dtype=npdt, chunks=(chunk_tokens, d_in),
+                   shards=(shard_tokens, d_in), compressors=compressors, fill_value=0, config=cfg,
+                   dimension_names=("token", "d_in"))
     for name in text_names:
         g.create_array(name, shape=(n_tokens,), dtype=TEXT_ARRAYS[name], chunks=(chunk_tokens,),
                        shards=(shard_tokens,), compressors=compressors, fill_value=0, config=cfg,
@@ -396,7 +424,7 @@ def write_block(group, start: int, activations, token_ids=None, seq_index=None, 
     Args:
         group: zarr group from `create_store`/`open_store(..., "r+")`, or a store path.
         start: first token row (>= 0).
-        activations: [m, d_model] numpy array or torch tensor (any device; float16/bfloat16/float32/
+        activations: [m, d_in] numpy array or torch tensor (any device; float16/bfloat16/float32/
             float64, cast to the store dtype with round-to-nearest-even).
         token_ids: optional [m] int (stored int32); seq_index: optional [m] (int64);
             position: optional [m] (int32).
@@ -407,14 +435,14 @@ def write_block(group, start: int, activations, token_ids=None, seq_index=None, 
     """
     g = _as_group(group)
     arr = _writable(g["activations"])
-    n_tokens, d_model = arr.shape
+    n_tokens, d_in = arr.shape
     store_dtype = dtype_name(arr.dtype)
     if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or start < 0:
         raise ValueError(f"start must be a non-negative int, got {start!r}")
     start = int(start)
     shape = tuple(activations.shape)
-    if len(shape) != 2 or shape[1] != d_model:
-        raise ValueError(f"activations must be [m, d_model={d_model}], got shape {list(shape)}")
+    if len(shape) != 2 or shape[1] != d_in:
+        raise ValueError(f"activations must be [m, d_in={d_in}], got shape {list(shape)}")
     m = shape[0]
     if start + m > n_tokens:
         raise ValueError(f"rows [{start}, {start + m}) exceed the store's n_tokens={n_tokens}")
@@ -492,7 +520,7 @@ def done_shards(path) -> dict[int, dict]:
 def norm_stats_partial(acts) -> dict:
     """Norm statistics of one block of activations, to be merged with `merge_norm_stats`.
 
-    Args: acts [m, d_model] numpy array or torch tensor (any float dtype, any device).
+    Args: acts [m, d_in] numpy array or torch tensor (any float dtype, any device).
     Returns: {"mean_norm": mean_i ||x_i||_2, "mean_sq_norm": mean_i ||x_i||_2^2, "n": m}, accumulated
         in float64 (0.0 means when m == 0). mean_norm is E||x|| of the scalar normalisation
         s = sqrt(d) / E||x|| (see `sae_dist.store.reader.scalar_scale`).
@@ -579,7 +607,7 @@ def finalize_store(path, n_tokens: int, attrs: Mapping[str, Any] | None = None) 
         if a.shape[0] != n_tokens:
             a.resize((n_tokens,) + tuple(a.shape[1:]))
     attrs = dict(attrs or {})
-    old = dict(g.attrs)
+    old = read_attrs(g)
     if "norm_stats" in attrs:
         ns = dict(attrs["norm_stats"])
     else:
@@ -595,9 +623,9 @@ def finalize_store(path, n_tokens: int, attrs: Mapping[str, Any] | None = None) 
     harvest = dict(old.get("harvest") or {})
     harvest.update(dict(attrs.pop("harvest", None) or {}))
     harvest.update({"complete": True, "n_tokens": n_tokens})
-    new = {**attrs, "n_tokens": n_tokens, "d_model": int(acts.shape[1]), "dtype": dtype_name(acts.dtype),
+    new = {**attrs, "n_tokens": n_tokens, "d_in": int(acts.shape[1]), "dtype": dtype_name(acts.dtype),
            "norm_stats": ns, "harvest": harvest}
-    g.update_attributes(new)
+    g.update_attributes(_with_old_names(new))
     return g
 
 
@@ -611,7 +639,7 @@ def write_store(path, activations, token_ids=None, attrs: Mapping[str, Any] | No
 
     Args:
         path: store directory to create.
-        activations: [n_tokens, d_model] numpy array or torch tensor (float16 / bfloat16 / float32 are
+        activations: [n_tokens, d_in] numpy array or torch tensor (float16 / bfloat16 / float32 are
             stored as is; float64 is stored as float32). Written shard by shard (no full copy).
         token_ids: optional [n_tokens] integer token ids (stored int32).
         attrs: extra group attributes (model, hook, layer, ctx_len, dataset, ...); kept.
@@ -628,7 +656,7 @@ def write_store(path, activations, token_ids=None, attrs: Mapping[str, Any] | No
     path = os.fspath(path)
     shape = tuple(getattr(activations, "shape", ()))
     if len(shape) != 2 or shape[0] < 1 or shape[1] < 1:
-        raise ValueError(f"activations must be a non-empty 2-D array [n_tokens, d_model], got shape {list(shape)}")
+        raise ValueError(f"activations must be a non-empty 2-D array [n_tokens, d_in], got shape {list(shape)}")
     n, d = shape
     dtype = _storage_dtype(activations, dtype)
     text = _checked_text_arrays(n, token_ids=token_ids, seq_index=seq_index, position=position)
@@ -643,7 +671,7 @@ def write_store(path, activations, token_ids=None, attrs: Mapping[str, Any] | No
     all_attrs = dict(attrs or {})
     all_attrs.setdefault("harvest", {})
     all_attrs["harvest"] = {**dict(all_attrs["harvest"]), "source": "write_store"}
-    g = create_store(path, n_tokens=n, d_model=d, dtype=dtype, chunk_tokens=chunk_tokens,
+    g = create_store(path, n_tokens=n, d_in=d, dtype=dtype, chunk_tokens=chunk_tokens,
                      shard_tokens=shard_tokens, attrs=all_attrs, with_text_arrays=list(text),
                      compression=compression, checksum=checksum)
     parts = []
@@ -703,7 +731,7 @@ def _clear_path(path: str, overwrite: bool) -> None:
 
 
 __all__ = [
-    "ACT_DTYPES", "BFloat16", "create_store", "open_store", "write_block", "mark_shard_done", "done_shards",
-    "finalize_store", "norm_stats_partial", "merge_norm_stats", "write_store", "np_dtype", "dtype_name",
-    "to_numpy", "first_nonfinite_row", "chunk_grid", "norm_stats_from_data",
+    "ACT_DTYPES", "BFloat16", "create_store", "open_store", "read_attrs", "RENAMED_ATTRS", "write_block",
+    "mark_shard_done", "done_shards", "finalize_store", "norm_stats_partial", "merge_norm_stats", "write_store",
+    "np_dtype", "dtype_name", "to_numpy", "first_nonfinite_row", "chunk_grid", "norm_stats_from_data",
 ]

@@ -25,7 +25,7 @@ j*B and starts there; nothing is replayed. A state saved at one dp_size can be l
 Input normalisation (`normalize`, `denormalize`, `scalar_scale`), applied to every batch:
 Modes (Gao et al. 2024, "Scaling and evaluating sparse autoencoders", sec. 2.1 and appendix):
 
-- ``"layer_norm"``: per token, subtract the mean over d_model and scale to unit L2 norm (the paper's
+- ``"layer_norm"``: per token, subtract the mean over d_in and scale to unit L2 norm (the paper's
   LayerNorm without affine parameters); we multiply by sqrt(d) so that ||x_n|| = sqrt(d) (entries of
   order 1). ctx = {"mean": [..., 1], "norm": [..., 1]} (the norm after the eps floor) so `denormalize`
   restores x exactly (up to float rounding).
@@ -62,6 +62,7 @@ from sae_dist.store.layout import (
     merge_norm_stats,
     norm_stats_from_data,
     open_store,
+    read_attrs,
 )
 
 __all__ = ["ActivationStore", "MODES", "check_mode", "scalar_scale", "normalize", "denormalize"]
@@ -87,7 +88,7 @@ def check_mode(mode) -> str:
 def scalar_scale(norm_stats: Mapping[str, Any], d: int) -> float:
     """s = sqrt(d) / E||x|| for the "scalar" mode, from a store's ``norm_stats`` attribute.
 
-    Args: norm_stats with "mean_norm" (mean L2 norm of activation rows, > 0); d = d_model.
+    Args: norm_stats with "mean_norm" (mean L2 norm of activation rows, > 0); d = d_in.
     Raises: ValueError if mean_norm is missing, non-finite or <= 0.
     """
     try:
@@ -108,7 +109,7 @@ def normalize(x, mode: str, scale: float | None = None):
     """Normalise activations x [..., d] (torch or numpy).
 
     Args:
-        x: activations, last axis = d_model.
+        x: activations, last axis = d_in.
         mode: "layer_norm" | "scalar" | "none" (see module docstring).
         scale: s for "scalar" mode (required there, see `scalar_scale`); ignored otherwise.
     Returns: (x_n, ctx): x_n like x (same shape, dtype, device); ctx a dict for `denormalize`.
@@ -186,7 +187,7 @@ def _native_to_torch(a: np.ndarray) -> torch.Tensor:
 
 
 class ActivationStore:
-    """Iterator of float32 activation batches ``[batch_tokens // dp_size, d_model]`` on ``device``.
+    """Iterator of float32 activation batches ``[batch_tokens // dp_size, d_in]`` on ``device``.
 
     Endless (epochs follow each other); see the module docstring for the exact order, the dp split and
     the epoch tail (the incomplete last global batch of each epoch is dropped).
@@ -209,7 +210,7 @@ class ActivationStore:
         read_ahead: read the next shuffle group in a helper thread while serving the current one
             (hides read latency; host memory: two groups instead of one).
 
-    Attributes: d_model, n_tokens, attrs (group attributes), scale (s in "scalar" mode, else None),
+    Attributes: d_in, n_tokens, attrs (group attributes), scale (s in "scalar" mode, else None),
         tokens_per_epoch, batches_per_epoch, local_batch_tokens, epoch, batch_index (next batch).
     Raises (constructor): StoreError (missing / invalid store), IncompleteStoreError, ValueError for
         bad arguments. During iteration: StoreError naming the shard file for missing/corrupt shards,
@@ -260,13 +261,13 @@ class ActivationStore:
     # ------------------------------------------------------------------ opening
 
     def _open_activations(self) -> bool:
-        """Open the store's `activations` and set _acts, attrs, n_tokens, d_model, dtype, chunk_tokens,
+        """Open the store's `activations` and set _acts, attrs, n_tokens, d_in, dtype, chunk_tokens,
         shard_tokens; returns whether the harvest is complete (a store without a harvest attribute, written
         by another tool, is). StoreError for a missing store or an activation dtype we do not read."""
         g = open_store(self.path, "r")
         self._acts = g["activations"]
-        self.attrs: dict[str, Any] = dict(g.attrs)
-        self.n_tokens, self.d_model = (int(s) for s in self._acts.shape)
+        self.attrs: dict[str, Any] = read_attrs(g)
+        self.n_tokens, self.d_in = (int(s) for s in self._acts.shape)
         self.dtype = dtype_name(self._acts.dtype)
         if self.dtype not in ("float16", "bfloat16", "float32"):
             raise StoreError(f"store {self.path!r}: activations dtype {self.dtype} is not float16/bfloat16/float32")
@@ -304,7 +305,7 @@ class ActivationStore:
         return units
 
     def _scalar_scale(self, complete: bool) -> float:
-        """s = sqrt(d_model) / E||x|| of normalize="scalar", from the norm_stats attribute, else the progress
+        """s = sqrt(d_in) / E||x|| of normalize="scalar", from the norm_stats attribute, else the progress
         markers' partial stats, else (complete store only; UserWarning) one pass over the data. StoreError
         when there are none."""
         ns = self.attrs.get("norm_stats")
@@ -319,7 +320,7 @@ class ActivationStore:
         if not ns or not ns.get("n"):
             raise StoreError(f"store {self.path!r} has no norm_stats attribute, needed for "
                              f"normalize='scalar'; finish the harvest or use normalize='layer_norm'")
-        return scalar_scale(ns, self.d_model)
+        return scalar_scale(ns, self.d_in)
 
     # ------------------------------------------------------------------ order (pure functions)
 
@@ -380,9 +381,9 @@ class ActivationStore:
         except Exception as e:
             raise StoreError(f"store {self.path!r}: shard {shard} (token rows [{lo}, {hi})) is corrupt: cannot "
                              f"decode {f} ({type(e).__name__}: {e}). {hint}") from e
-        if a.shape != (hi - lo, self.d_model):
+        if a.shape != (hi - lo, self.d_in):
             raise StoreError(f"store {self.path!r}: shard {shard} decoded to shape {a.shape}, expected "
-                             f"{(hi - lo, self.d_model)}. {hint}")
+                             f"{(hi - lo, self.d_in)}. {hint}")
         return a
 
     def _load_group(self, units: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
@@ -391,7 +392,7 @@ class ActivationStore:
             raw = self._read_unit(int(units[0]))
         else:
             sizes = self._unit_sizes[units]
-            raw = np.empty((int(sizes.sum()), self.d_model), dtype=self._acts.dtype)
+            raw = np.empty((int(sizes.sum()), self.d_in), dtype=self._acts.dtype)
             off = 0
             for u, n in zip(units, sizes, strict=True):
                 self._read_unit(int(u), out=raw[off : off + n])  # no concatenation copy
@@ -526,7 +527,7 @@ class ActivationStore:
         return self
 
     def __next__(self) -> torch.Tensor:
-        """Next float32 batch [batch_tokens // dp_size, d_model] on self.device, normalised."""
+        """Next float32 batch [batch_tokens // dp_size, d_in] on self.device, normalised."""
         epoch, batch, x = self._next_raw()
         assert (epoch, batch) == (self.epoch, self.batch_index), "prefetch order out of sync"
         self.batch_index += 1

@@ -110,7 +110,7 @@ def save_checkpoint(
 def load_checkpoint(path: str | Path, *, state: dict) -> dict:
     """Load a checkpoint directory in place into the tensors of `state` (as built for saving, at
     this run's mesh: DCP reads each rank's shard of the global tensors) and return the trainer_state
-    dict. RuntimeError from DCP if the checkpoint does not match (e.g. a different n_latents)."""
+    dict. RuntimeError from DCP if the checkpoint does not match (e.g. a different d_sae)."""
     full = dict(state)
     full["trainer"] = {"blob": b""}
     qctx = _quiet()

@@ -20,7 +20,7 @@ class TrainerConfig:
 
     tokens: total training tokens (steps = max(1, tokens // batch_tokens)).
     batch_tokens: tokens per step (paper: 131072; default 4096 for laptops).
-    lr: None -> 2e-4 / sqrt(n_latents / 2^14) * budget_factor(steps) (`default_lr`: the paper's rule,
+    lr: None -> 2e-4 / sqrt(d_sae / 2^14) * budget_factor(steps) (`default_lr`: the paper's rule,
       raised for runs shorter than 24,000 steps, 11x at 195 steps, at most 12x).
     adam_betas, adam_eps: (0.9, 0.999), 6.25e-10.
     warmup_steps: linear warmup; lr_decay_frac: linear decay to 0 over that final fraction of the
@@ -31,7 +31,7 @@ class TrainerConfig:
     checkpoint_every_steps, keep_checkpoints: DCP checkpoint cadence / how many to keep (0: none).
     log_every_steps: jsonl/wandb/progress cadence.
     bf16: autocast to bfloat16 on CUDA (ignored on CPU); master weights stay fp32.
-    shuffle_shards, prefetch: ActivationStore options. b_pre_sample_tokens: sample size for b_pre.
+    shuffle_shards, prefetch: ActivationStore options. b_dec_sample_tokens: sample size for b_dec.
     max_steps: stop after this many (global) steps without exporting (simulates an interruption).
     engine: "torch" (fused torch Adam) or "deepspeed" (DeepSpeed ZeRO over the dp group);
       zero_stage: 1 or 2 (deepspeed); offload_optimizer: ZeRO optimizer-state CPU offload (deepspeed).
@@ -46,7 +46,7 @@ class TrainerConfig:
 
     tokens: int = option(10_000_000, "tokens to train on (steps = max(1, tokens // batch_tokens))")
     batch_tokens: int = option(4096, "tokens per optimizer step (the paper uses 131072 at scale)")
-    lr: float | None = option(None, "learning rate; null: 2e-4 / sqrt(n_latents / 2^14) x budget factor "
+    lr: float | None = option(None, "learning rate; null: 2e-4 / sqrt(d_sae / 2^14) x budget factor "
                                     "(1..12, 11 at 195 steps; docs/evaluation.md)")
     adam_betas: tuple[float, float] = option((0.9, 0.999), "Adam betas (old key: trainer.betas)")
     adam_eps: float = option(6.25e-10, "Adam epsilon (old key: trainer.eps)")
@@ -61,7 +61,7 @@ class TrainerConfig:
     bf16: bool = option(True, "bf16 autocast on CUDA (fp32 master weights); ignored on CPU")
     shuffle_shards: int = option(4, "shards read into the in-memory shuffle buffer together")
     prefetch: int = option(2, "batches prepared ahead by the background thread")
-    b_pre_sample_tokens: int = option(32768, "tokens sampled to initialise b_pre (sae.b_pre_init)")
+    b_dec_sample_tokens: int = option(32768, "tokens sampled to initialise b_dec (sae.b_dec_init)")
     max_steps: int | None = option(None, "stop after this many steps without exporting (simulates an "
                                          "interruption); null: run to the end")
     engine: str = option("torch", "torch (fused Adam) | deepspeed (ZeRO over the dp group)")

@@ -23,7 +23,7 @@ One `step(loss)` does exactly what `TorchEngine.step` does, with the same number
    summed over the dp partitions and, for tp > 1, over the tp group with only the latent-sharded
    parameters counted on every tp rank and the replicated `b_dec` counted once (the shards are marked
    `tensor_model_parallel`, DeepSpeed's `is_model_parallel_parameter`): the same global norm as
-   `sae_dist.parallel.tp.clip_grad_norm_` (DeepSpeed accumulates it in float64; measured relative difference
+   `sae_dist.train.engine.clip_grad_norm_` (DeepSpeed accumulates it in float64; measured relative difference
    to an independent fp64 norm ~1e-7). Coefficient max_norm / (norm + 1e-6), capped at 1, as torch.
 4. the client `torch.optim.Adam` (`sae_dist.train.engine.make_optimizer`: betas, eps 6.25e-10, no
    weight decay, fused) steps on this rank's fp32 ZeRO partition; DeepSpeed all-gathers the updated
@@ -31,7 +31,7 @@ One `step(loss)` does exactly what `TorchEngine.step` does, with the same number
 5. `model.normalize_decoder_()` renormalises the W_dec rows of the module's parameters.
 
 ZeRO keeps fp32 master partitions separate from the module's parameters (even in fp32 mode), so any
-in-place change of the module's weights between steps (the renormalisation of step 5, b_pre
+in-place change of the module's weights between steps (the renormalisation of step 5, b_dec
 initialisation, a checkpoint load) would be overwritten by the next optimizer step. `step()`
 therefore first copies the module's weights into the master partitions (`refresh_fp32_params`):
 between steps the module's parameters are the source of truth, as with `TorchEngine`. They must be

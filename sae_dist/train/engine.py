@@ -56,16 +56,16 @@ def budget_factor(n_steps: int) -> float:
     return min(MAX_BUDGET_FACTOR, max(1.0, math.sqrt(BUDGET_STEPS / n_steps)))
 
 
-def default_lr(n_latents: int, n_steps: int) -> float:
+def default_lr(d_sae: int, n_steps: int) -> float:
     """lr = 2e-4 / sqrt(n / 2^14) * budget_factor(n_steps): the paper's 1/sqrt(n) rule (Gao et al. 2024,
     Appendix A.3) raised for short runs.
 
-    n_latents: the SAE width n (> 0); n_steps: optimizer steps of the run (> 0). Returns the Adam learning
+    d_sae: the SAE width n (> 0); n_steps: optimizer steps of the run (> 0). Returns the Adam learning
     rate (float). Raises ValueError on a non-positive argument. Set `trainer.lr` to override it.
     """
-    if n_latents <= 0:
-        raise ValueError(f"n_latents must be > 0, got {n_latents}")
-    return PAPER_LR_CONSTANT / math.sqrt(n_latents / 2**14) * budget_factor(n_steps)
+    if d_sae <= 0:
+        raise ValueError(f"d_sae must be > 0, got {d_sae}")
+    return PAPER_LR_CONSTANT / math.sqrt(d_sae / 2**14) * budget_factor(n_steps)
 
 
 def lr_at_step(step: int, total_steps: int, base_lr: float, warmup_steps: int = 0,

@@ -2,7 +2,7 @@
 sections 2 and Appendix A), single-process or over a dp x tp mesh (the same code under torchrun).
 
 One loop, top to bottom: open the activation store (each dp rank reads its rows of every global
-batch) -> tied init (mesh-independent, `init_rows`) + b_pre at the geometric median of the first
+batch) -> tied init (mesh-independent, `init_rows`) + b_dec at the geometric median of the first
 batches -> steps through an engine (torch Adam or DeepSpeed ZeRO: gradient component parallel to the
 W_dec rows removed, W_dec rows renormalised after each step, optional clipping; EMA; bf16 autocast
 on CUDA with fp32 master weights) -> AuxK against latents dead for `dead_tokens` tokens (counters
@@ -37,9 +37,10 @@ from sae_dist.preempt import Preemption
 from sae_dist.sae.base import DeadLatentTracker, SparseAutoencoder, TrainOutput
 from sae_dist.sae.config import SAEConfig, resolve_dead_tokens
 from sae_dist.sae.export import export_sae
-from sae_dist.sae.init import init_b_pre_, tied_init_rows_
+from sae_dist.sae.init import init_b_dec_, tied_init_rows_
 from sae_dist.sae.registry import architecture_class, build_sae
 from sae_dist.store.errors import NonFiniteError
+from sae_dist.store.layout import RENAMED_ATTRS
 from sae_dist.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from sae_dist.train.config import TrainerConfig
 from sae_dist.train.engine import Engine, TorchEngine, budget_factor, default_lr, lr_at_step, make_optimizer
@@ -99,22 +100,22 @@ def _ema_update(ema: SparseAutoencoder, sae: SparseAutoencoder, decay: float) ->
 
 #: Options a checkpoint cannot be resumed under once changed: they fix parameter shapes, the loss or
 #: the data order. Kept in checkpoints/run_identity.json and compared before any checkpoint is loaded.
-_IDENTITY_KEYS = ("d_in", "n_latents", "k", "k_aux", "multi_topk", "normalize", "architecture", "options")
+_IDENTITY_KEYS = ("d_in", "d_sae", "k", "k_aux", "multi_topk", "normalize", "architecture", "options")
 
 #: TrainerConfig fields that shape a finished run's result: a rerun of a finished run with other values
 #: is refused (`_check_finished_run`). `tokens` is checked apart (a larger value continues training).
 #: A mid-run resume accepts changes to them (e.g. a lower lr after a divergence); the rest of the
 #: identity (`_run_identity`) is checked in both cases.
 _RESULT_TRAINER_KEYS = ("lr", "adam_betas", "adam_eps", "warmup_steps", "lr_decay_frac", "ema", "ema_decay",
-                        "grad_clip_norm", "bf16", "shuffle_shards", "b_pre_sample_tokens")
+                        "grad_clip_norm", "bf16", "shuffle_shards", "b_dec_sample_tokens")
 
 
 def _store_fingerprint(store, store_path, attrs: dict) -> dict:
     """What identifies a run's training data: the store's absolute path, width, rows, harvest origin
     and norm statistics (JSON-ready); attrs: the store's attributes."""
-    return {"path": str(Path(store_path).resolve()), "d_model": int(store.d_model),
-            "n_tokens": getattr(store, "n_tokens", None), "model": attrs.get("model"), "hook": attrs.get("hook"),
-            "norm_stats": attrs.get("norm_stats")}
+    return {"path": str(Path(store_path).resolve()), "d_in": int(store.d_in),
+            "n_tokens": getattr(store, "n_tokens", None), "model": attrs.get("model"),
+            "hook_name": attrs.get("hook_name"), "norm_stats": attrs.get("norm_stats")}
 
 
 def _run_identity(sae_cfg: SAEConfig, tcfg: TrainerConfig, seed: int, store_fp: dict) -> dict:
@@ -123,6 +124,11 @@ def _run_identity(sae_cfg: SAEConfig, tcfg: TrainerConfig, seed: int, store_fp: 
     ident = {**{k: getattr(sae_cfg, k) for k in _IDENTITY_KEYS}, "batch_tokens": tcfg.batch_tokens,
              "seed": seed, "store": store_fp}
     return json.loads(json.dumps(ident))
+
+
+def _renamed(d: dict, renames: dict) -> dict:
+    """`d` with the keys of an earlier release renamed (`renames`: old -> new) where the new key is absent."""
+    return {(renames[k] if k in renames and renames[k] not in d else k): v for k, v in d.items()}
 
 
 def _differences(old: dict, new: dict, keys) -> list[str]:
@@ -137,12 +143,12 @@ def _check_run_identity(ckpt_root: Path, ident: dict, existing: bool, ctx: Paral
     """
     path = ckpt_root / "run_identity.json"
     if existing and path.is_file():
-        old = json.loads(path.read_text())
+        old = _renamed(json.loads(path.read_text()), {"n_latents": "d_sae"})
         old.setdefault("architecture", "topk")  # identities written before architectures existed
         old.setdefault("options", {})
         old.setdefault("store", ident["store"])  # identities written before the store was recorded
-        if isinstance(old["store"], dict):  # a store recorded before a field existed
-            old["store"] = {**ident["store"], **old["store"]}
+        if isinstance(old["store"], dict):  # a store recorded before a field existed, or renamed
+            old["store"] = {**ident["store"], **_renamed(old["store"], RENAMED_ATTRS)}
         changed = _differences(old, ident, ident)
         if changed:
             raise ValueError(
@@ -158,7 +164,8 @@ def _check_run_identity(ckpt_root: Path, ident: dict, existing: bool, ctx: Paral
 def _check_finished_run(out: Path, done: dict, tcfg: TrainerConfig, target_tokens: int) -> None:
     """A finished run (sae/training_state.json) rerun with `tcfg`: ValueError naming every result-shaping
     trainer option that differs from the finished run's, and a token budget below what it trained."""
-    old = json.loads(json.dumps(done.get("trainer_cfg") or {}))
+    old = _renamed(json.loads(json.dumps(done.get("trainer_cfg") or {})),
+                   {"b_pre_sample_tokens": "b_dec_sample_tokens"})
     new = json.loads(json.dumps(asdict(tcfg)))
     changed = _differences(old, new, [k for k in _RESULT_TRAINER_KEYS if k in old])
     if int(done["tokens_trained"]) > target_tokens:
@@ -203,7 +210,7 @@ def _dead_summary(tracker: DeadLatentTracker, tokens_trained: int,
     tokens_trained) tokens, and which window."""
     window = min(DEAD_WINDOW_TOKENS, tokens_trained)
     n_dead = all_reduce_((tracker.tokens_since_fired >= max(window, 1)).sum(), ctx.tp_group)
-    frac = float(n_dead) / (tracker.n_latents * ctx.tp)
+    frac = float(n_dead) / (tracker.d_sae * ctx.tp)
     if tokens_trained >= DEAD_WINDOW_TOKENS:
         return frac, f"no fire in the last {DEAD_WINDOW_TOKENS} training tokens"
     return frac, f"no fire over the whole run ({tokens_trained} training tokens < {DEAD_WINDOW_TOKENS})"
@@ -220,11 +227,11 @@ def _build_sae(sae_cfg: SAEConfig, ctx: ParallelContext, seed: int):
     return sae
 
 
-def _base_lr(tcfg: TrainerConfig, n_latents: int, n_steps: int, announce: bool) -> float:
+def _base_lr(tcfg: TrainerConfig, d_sae: int, n_steps: int, announce: bool) -> float:
     """`trainer.lr`, or the default rule for this width and run length (printed once when `announce`)."""
     if tcfg.lr is not None:
         return tcfg.lr
-    lr = default_lr(n_latents, n_steps)
+    lr = default_lr(d_sae, n_steps)
     if announce:
         print(f"sae-train: lr {lr:.3g} (default: the paper's 2e-4 / sqrt(n / 2^14) x {budget_factor(n_steps):.2f} "
               f"for a {n_steps}-step run; set trainer.lr to override)", file=sys.stderr)
@@ -266,7 +273,7 @@ def _global_metrics(res, ctx: ParallelContext, tracker: DeadLatentTracker, lr: f
         "train/fvu": float(vec[1]),
         "train/auxk_loss": float(vec[2]),
         "train/l0": float(l0_sum) / n_tokens,
-        "train/dead_fraction": float(n_dead) / (tracker.n_latents * ctx.tp),
+        "train/dead_fraction": float(n_dead) / (tracker.d_sae * ctx.tp),
         "train/lr": lr,
         "train/tokens_per_s": tps,
     }
@@ -277,24 +284,24 @@ def _global_metrics(res, ctx: ParallelContext, tracker: DeadLatentTracker, lr: f
     return m
 
 
-def _init_b_pre(sae, sae_cfg: SAEConfig, tcfg: TrainerConfig, store_path, seed: int, ctx: ParallelContext):
-    """b_pre (b_dec) at `sae_cfg.b_pre_init` of the first `b_pre_sample_tokens` tokens of the data order.
-    Every rank reads the same (whole) first batches, so b_pre is identical everywhere.
+def _init_b_dec(sae, sae_cfg: SAEConfig, tcfg: TrainerConfig, store_path, seed: int, ctx: ParallelContext):
+    """b_dec at `sae_cfg.b_dec_init` of the first `b_dec_sample_tokens` tokens of the data order.
+    Every rank reads the same (whole) first batches, so b_dec is identical everywhere.
     Raises FloatingPointError when the sample holds NaN/Inf."""
-    n_sample = max(1, math.ceil(tcfg.b_pre_sample_tokens / tcfg.batch_tokens))
+    n_sample = max(1, math.ceil(tcfg.b_dec_sample_tokens / tcfg.batch_tokens))
     sampler = _open_store(store_path, tcfg.batch_tokens, seed, tcfg, ctx.device, sae_cfg.normalize)
     it0 = iter(sampler)
     try:
         sample = torch.cat([next(it0).float() for _ in range(n_sample)])
     except NonFiniteError as e:
         raise FloatingPointError(
-            f"non-finite activations in the b_pre sample (the first {n_sample} batches): {e}"
+            f"non-finite activations in the b_dec sample (the first {n_sample} batches): {e}"
         ) from e
     finally:
         _close(sampler)
     if not torch.isfinite(sample).all():
-        raise FloatingPointError("non-finite activations in the b_pre sample (first batches)")
-    init_b_pre_(sae, sample, sae_cfg.b_pre_init)
+        raise FloatingPointError("non-finite activations in the b_dec sample (first batches)")
+    init_b_dec_(sae, sample, sae_cfg.b_dec_init)
     if ctx.distributed:  # guard against any float difference between ranks
         torch.distributed.broadcast(sae.b_dec.data, src=0)
 
@@ -363,7 +370,7 @@ def train(
         world size / tp, each dp rank reads its rows of every global batch of batch_tokens.
     Returns a dict: out_dir, sae_dir (None if stopped early), steps, tokens_trained, final metrics
       (`train/...` keys), dead_fraction, dead_fraction_window, already_finished, stopped_early.
-    Raises ValueError "store d_model X != SAE d_in Y" on a width mismatch; FloatingPointError
+    Raises ValueError "store d_in X != SAE d_in Y" on a width mismatch; FloatingPointError
       naming the step when a batch or the loss is NaN/Inf.
     Resume is exact: the same losses (bit-for-bit on CPU fp32) as an uninterrupted run.
     """
@@ -405,11 +412,11 @@ def _open_training_store(store_path, sae_cfg: SAEConfig, tcfg: TrainerConfig, se
     """This rank's ActivationStore; ValueError (store closed) when its width is not sae_cfg.d_in."""
     store = _open_store(store_path, tcfg.batch_tokens, seed, tcfg, ctx.device, sae_cfg.normalize,
                         dp_rank=ctx.dp_rank, dp_size=ctx.dp)
-    if int(store.d_model) != int(sae_cfg.d_in):
+    if int(store.d_in) != int(sae_cfg.d_in):
         _close(store)
         raise ValueError(
-            f"store d_model {store.d_model} != SAE d_in {sae_cfg.d_in}: set sae.d_in to the "
-            f"store's width ({store.d_model}) or use a store harvested at a hook of width {sae_cfg.d_in}"
+            f"store d_in {store.d_in} != SAE d_in {sae_cfg.d_in}: set sae.d_in to the "
+            f"store's width ({store.d_in}) or use a store harvested at a hook of width {sae_cfg.d_in}"
         )
     return store
 
@@ -462,7 +469,7 @@ def _train_locked(store_path, out: Path, sae_cfg: SAEConfig, tcfg: TrainerConfig
     finished, ck = _check_inputs(store, store_path, attrs, out, sae_cfg, tcfg, seed, n_steps, ctx)
     if finished is not None:
         return finished
-    hook_name, model_name = hook_name or attrs.get("hook"), model_name or attrs.get("model")
+    hook_name, model_name = hook_name or attrs.get("hook_name"), model_name or attrs.get("model")
     run = _setup_run(store, out, sae_cfg, tcfg, ctx, seed, n_steps)
     _resume_or_init(run, ck, store_path, seed, progress)
     wb = WandbLogger(out, wandb_cfg if ctx.is_main else {**(wandb_cfg or {}), "enabled": False},
@@ -519,7 +526,7 @@ def _setup_run(store, out: Path, sae_cfg: SAEConfig, tcfg: TrainerConfig, ctx: P
     random.seed(seed)
     np.random.seed(seed)
     sae = _build_sae(sae_cfg, ctx, seed)
-    base_lr = _base_lr(tcfg, sae_cfg.n_latents, n_steps, announce=ctx.is_main)
+    base_lr = _base_lr(tcfg, sae_cfg.d_sae, n_steps, announce=ctx.is_main)
     engine = _make_engine(sae, base_lr, tcfg, ctx)
     ema = None
     if tcfg.ema:
@@ -532,14 +539,14 @@ def _setup_run(store, out: Path, sae_cfg: SAEConfig, tcfg: TrainerConfig, ctx: P
 
 def _resume_or_init(run: _Run, ck, store_path, seed: int, progress: bool) -> None:
     """Resume from checkpoint `ck` (weights, Adam, EMA, counters, data position, RNG, the log cut back to
-    its step) or start afresh (b_pre from the data, empty log). ValueError for a checkpoint past the run."""
+    its step) or start afresh (b_dec from the data, empty log). ValueError for a checkpoint past the run."""
     log_path = run.out / "train_log.jsonl"
     main = run.ctx.is_main
     if ck is None:
         if main:
             truncate_jsonl(log_path, -1)
-        if run.sae_cfg.b_pre_init != "zeros":
-            _init_b_pre(run.sae, run.sae_cfg, run.tcfg, store_path, seed, run.ctx)
+        if run.sae_cfg.b_dec_init != "zeros":
+            _init_b_dec(run.sae, run.sae_cfg, run.tcfg, store_path, seed, run.ctx)
         if run.ema is not None:
             run.ema.load_state_dict(run.sae.state_dict())
         return
@@ -661,7 +668,7 @@ def _finalize(run: _Run, store_path, attrs: dict, hook_name, model_name, seed: i
     _export_final(final, ctx, run.out / "sae", sae_cfg, run.store, attrs, hook_name, model_name, run.tokens_seen)
     training_state = {
         "tokens_trained": run.tokens_seen, "steps": run.step, "dead_fraction": dead_frac,
-        "dead_fraction_window": window, "n_latents": sae_cfg.n_latents, "k": sae_cfg.k, "d_in": sae_cfg.d_in,
+        "dead_fraction_window": window, "d_sae": sae_cfg.d_sae, "k": sae_cfg.k, "d_in": sae_cfg.d_in,
         "used_ema": run.ema is not None, "auxk_active_from_step": run.auxk_from, "dead_tokens": run.dead_tokens,
         "final_metrics": run.last_metrics, "sae_cfg": asdict(sae_cfg), "trainer_cfg": asdict(run.tcfg),
         "seed": seed, "parallel": {"tp": ctx.tp, "dp": ctx.dp},

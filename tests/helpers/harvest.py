@@ -20,7 +20,7 @@ def run_harvest(lm, path, docs, tokens, **kw):
     """`harvest` of `docs` with the (model, tokenizer) `lm` into `path`: HOOK, CTX, batches of 5 sequences,
     chunks of 4, shards of 16, EVAL held out, no progress bar; `kw` overrides any argument."""
     model, tok = lm
-    args = dict(model=model, tokenizer=tok, hook=HOOK, docs=docs, store_path=str(path), tokens=tokens,
+    args = dict(model=model, tokenizer=tok, hook_name=HOOK, docs=docs, store_path=str(path), tokens=tokens,
                 ctx_len=CTX, batch_size=5, seqs_per_chunk=4, seqs_per_shard=16, eval_fraction=EVAL,
                 progress=False, attrs={"dataset": "tiny"})
     args.update(kw)

@@ -19,7 +19,7 @@ from sae_dist.train.trainer import TrainerConfig, train
 
 def l1_cfg(architecture: str, d=12, n=40, normalize="none", **options) -> SAEConfig:
     """An SAEConfig of an L1-penalised architecture (relu, prolu: no k) with `options`."""
-    return SAEConfig(d_in=d, n_latents=n, k=None, architecture=architecture, normalize=normalize, options=options)
+    return SAEConfig(d_in=d, d_sae=n, k=None, architecture=architecture, normalize=normalize, options=options)
 
 
 @torch.no_grad()
@@ -74,7 +74,7 @@ def sae_train_on_synthetic(console_script, tmp_path: Path, seed: int, *sae_args:
     wandb off. Returns (dictionary, stored activations, CompletedProcess, run directory)."""
     sd = SyntheticDictionary(24, 48, p_active=0.08, seed=seed)
     x, _ = sd.sample(8192)
-    store = write_store(tmp_path / "acts.zarr", x, attrs={"model": "synthetic", "hook": "none"})
+    store = write_store(tmp_path / "acts.zarr", x, attrs={"model": "synthetic", "hook_name": "none"})
     run = tmp_path / "run"
     proc = console_script(
         "sae-train", f"run_dir={run}", f"store.path={store}", *sae_args, "trainer.tokens=16384",
@@ -93,7 +93,7 @@ def sae_train_on_sparse_atoms(console_script, tmp_path: Path, *sae_args: str):
     atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
     coef = rng.exponential(size=(8000, 48)) * (rng.random((8000, 48)) < 3 / 48)
     acts = (coef @ atoms + 0.01 * rng.normal(size=(8000, d))).astype(np.float32)
-    store = write_store(tmp_path / "acts.zarr", acts, attrs={"model": "synthetic", "hook": "none"})
+    store = write_store(tmp_path / "acts.zarr", acts, attrs={"model": "synthetic", "hook_name": "none"})
     run = tmp_path / "x"
     proc = console_script(
         "sae-train", f"run_dir={run}", f"store.path={store}", *sae_args, "trainer.tokens=16384",
@@ -110,7 +110,7 @@ def train_l0_by_l1_coef(tmp_path: Path, architecture: str, seed: int, coefs=(0.0
     sd = SyntheticDictionary(32, 64, p_active=0.05, seed=seed)
     l0 = {}
     for coef in coefs:
-        cfg = SAEConfig(d_in=32, n_latents=128, k=None, architecture=architecture, normalize="none",
+        cfg = SAEConfig(d_in=32, d_sae=128, k=None, architecture=architecture, normalize="none",
                         options={"l1_coef": coef})
         _, res, _ = train_on_synthetic(tmp_path / str(coef), cfg, dictionary=sd, seed=seed, tokens=60_000,
                                        batch_tokens=512, lr=1e-2)

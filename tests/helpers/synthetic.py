@@ -104,7 +104,7 @@ def train_on_synthetic(tmp_path, sae_cfg, *, dictionary=None, n_store_tokens: in
     seed = int(torch.randint(0, 2**31 - 1, ())) if seed is None else seed
     sd = dictionary or SyntheticDictionary(sae_cfg.d_in, 64, p_active=0.05, seed=seed)
     x, _ = sd.sample(n_store_tokens)
-    write_store(tmp_path / "s.zarr", x, attrs={"hook": "synthetic", "model": "synthetic"})
+    write_store(tmp_path / "s.zarr", x, attrs={"hook_name": "synthetic", "model": "synthetic"})
     kw = dict(tokens=tokens, batch_tokens=batch_tokens, keep_checkpoints=0, log_every_steps=50)
     kw.update(trainer_kw)
     res = train(store_path=tmp_path / "s.zarr", out_dir=tmp_path / "run", sae_cfg=sae_cfg, seed=seed,

@@ -42,7 +42,7 @@ def sparse_dictionary_data(n_tokens=16384, d=32, n_feat=64, k_true=3, seed=None)
 
 def synthetic_store(tmp_path, x, name="store"):
     """An activation store of `x` at tmp_path / name (chunks of 512 tokens, shards of 2048)."""
-    return write_store(tmp_path / name, x.numpy(), attrs={"model": "synthetic", "hook": "blocks.0.hook_resid_post",
+    return write_store(tmp_path / name, x.numpy(), attrs={"model": "synthetic", "hook_name": "blocks.0.hook_resid_post",
                                                         "ctx_len": 64, "dataset": "synthetic"},
                        chunk_tokens=512, shard_tokens=2048)
 
@@ -54,4 +54,4 @@ def train_log(out):
 
 def engine_cfg() -> SAEConfig:
     """The engine tests' TopK SAE: d_in 16, 64 latents, k 4, k_aux 6."""
-    return SAEConfig(d_in=16, n_latents=64, k=4, k_aux=6)
+    return SAEConfig(d_in=16, d_sae=64, k=4, k_aux=6)

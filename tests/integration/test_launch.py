@@ -282,7 +282,7 @@ def test_slurm_launcher_writes_the_expected_sbatch(tmp_path, monkeypatch):
     HydraConfig.instance().set_config(cfg)
     launcher = instantiate(cfg.hydra.launcher)
     launcher.setup(hydra_context=None, task_function=lambda c: None, config=cfg)
-    points = [[f"sae.n_latents={n}", f"sae.k={k}"] for n in (64, 128) for k in (4, 8)]
+    points = [[f"sae.d_sae={n}", f"sae.k={k}"] for n in (64, 128) for k in (4, 8)]
     with pytest.raises(Submitted):
         launcher.launch(points, initial_job_idx=0)
     sb = dict(re.findall(r"^#SBATCH --([\w-]+)=(\S+)$", captured["sbatch"], flags=re.M))
@@ -566,7 +566,7 @@ def test_sweep_sh_command_line(shims, tmp_path):
     assert r.returncode == 0, r.stderr
     assert _shim_args(env) == [
         "-m", "hydra/launcher=slurm", "run_dir=runs/nk", "store.path=/data/acts.zarr",
-        "sae.n_latents=1024,2048", "sae.k=8,16", "wandb.group=nk", "eval.after_train=true", "trainer.tokens=1000",
+        "sae.d_sae=1024,2048", "sae.k=8,16", "wandb.group=nk", "eval.after_train=true", "trainer.tokens=1000",
         "hydra.launcher.partition=p",
     ]
     env["LAUNCHER"] = "pbs"
@@ -583,7 +583,7 @@ def test_sweep_local_launcher_end_to_end(tmp_path):
 
     rng = np.random.default_rng(np.random.randint(2**31))
     store = tmp_path / "acts.zarr"
-    write_store(str(store), rng.standard_normal((2048, 16)).astype(np.float32), attrs={"model": "m", "hook": "h"})
+    write_store(str(store), rng.standard_normal((2048, 16)).astype(np.float32), attrs={"model": "m", "hook_name": "h"})
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update(LAUNCHER="local", N_LIST="32,64", K_LIST="4", SAE_TRAIN=str(VENV_BIN / "sae-train"))
     sweep = tmp_path / "sweep"

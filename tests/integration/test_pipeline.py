@@ -20,7 +20,7 @@ import pytest
 EVAL_KEYS = [
     "fvu", "normalized_mse", "explained_variance", "l0", "dead_fraction", "ce_loss_clean",
     "ce_loss_sae", "ce_loss_zero_ablation", "ce_loss_score", "kl_div", "tokens_trained",
-    "n_latents", "k", "d_in", "hook", "model", "eval_tokens",
+    "d_sae", "k", "d_in", "hook_name", "model", "eval_tokens",
 ]
 
 BIN = Path(sys.executable).parent
@@ -40,7 +40,7 @@ def _tiny(tiny_lm_dir: str, run_dir: Path) -> list[str]:
     return [
         f"run_dir={run_dir}", f"model.name={tiny_lm_dir}", "device=cpu", "seed=0", "data.ctx_len=32",
         "harvest.tokens=12000", "harvest.seqs_per_chunk=8", "harvest.seqs_per_shard=64",
-        "harvest.batch_size=16", "sae.n_latents=256", "sae.k=8", "sae.dead_tokens=20000",
+        "harvest.batch_size=16", "sae.d_sae=256", "sae.k=8", "sae.dead_tokens=20000",
         "trainer.tokens=60000", "trainer.batch_tokens=512", "trainer.checkpoint_every_steps=40",
         "trainer.log_every_steps=10", "eval.eval_tokens=1024", "eval.batch_size=16",
     ]
@@ -67,7 +67,7 @@ def test_pipeline_outputs_follow_the_contract(pipeline_run: Path):
     for k in ["fvu", "normalized_mse", "explained_variance", "l0", "ce_loss_clean", "ce_loss_sae",
               "ce_loss_zero_ablation", "kl_div"]:
         assert math.isfinite(ev[k]), (k, ev[k])
-    assert ev["n_latents"] == 256 and ev["k"] == 8 and ev["d_in"] == 32
+    assert ev["d_sae"] == 256 and ev["k"] == 8 and ev["d_in"] == 32
     assert 60000 - 512 < ev["tokens_trained"] <= 60000  # whole steps of 512 tokens
     assert abs(ev["explained_variance"] - (1 - ev["fvu"])) < 1e-9
     assert 0 < ev["l0"] <= 8 + 1e-9
@@ -77,7 +77,7 @@ def test_pipeline_outputs_follow_the_contract(pipeline_run: Path):
     cfg = json.loads((run / "sae" / "cfg.json").read_text())
     for k in ["architecture", "d_in", "d_sae", "k", "hook_name", "model_name", "dtype", "normalize_activations"]:
         assert k in cfg, k
-    assert cfg["hook_name"] == ev["hook"] == "blocks.1.hook_resid_post"  # 3 layers: round(2*3/3)-1
+    assert cfg["hook_name"] == ev["hook_name"] == "blocks.1.hook_resid_post"  # 3 layers: round(2*3/3)-1
     out = (run / "stdout.txt").read_text()
     for label in ["tokens harvested", "fvu", "normalized mse", "L0", "dead fraction", "CE loss score"]:
         assert label in out, f"summary table lacks {label!r}"
@@ -104,7 +104,7 @@ def test_eval_fvu_matches_an_independent_recomputation(pipeline_run: Path, tiny_
             break
     ids = torch.tensor(seqs)
     with torch.no_grad():
-        acts = run_to_hook(model, ev["hook"], ids)[:, 1:].reshape(-1, 32).float()
+        acts = run_to_hook(model, ev["hook_name"], ids)[:, 1:].reshape(-1, 32).float()
         recon = sae(acts)
     x = acts.double().numpy()
     r = recon.double().numpy()
@@ -126,7 +126,7 @@ def test_help_lists_config_groups():
 
 def test_wrong_hook_lists_valid_names(tiny_lm_dir, tmp_path, console_script):
     # the sae-harvest command line, run in this process (conftest.py)
-    proc = console_script("sae-harvest", *_tiny(tiny_lm_dir, tmp_path / "r"), "hook=blocks.7.hook_resid_post")
+    proc = console_script("sae-harvest", *_tiny(tiny_lm_dir, tmp_path / "r"), "hook_name=blocks.7.hook_resid_post")
     assert proc.returncode != 0
     err = proc.stderr + proc.stdout
     assert "blocks.7.hook_resid_post" in err
@@ -146,9 +146,9 @@ def test_contract_train_command_on_a_write_store_store(tmp_path):
     atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
     coef = rng.exponential(size=(20000, n_atoms)) * (rng.random((20000, n_atoms)) < 4 / n_atoms)
     acts = (coef @ atoms + 0.01 * rng.normal(size=(20000, d))).astype(np.float32)
-    store = write_store(tmp_path / "acts.zarr", acts, attrs={"model": "synthetic", "hook": "none"})
+    store = write_store(tmp_path / "acts.zarr", acts, attrs={"model": "synthetic", "hook_name": "none"})
     run = tmp_path / "x"
-    _run("sae-train", f"run_dir={run}", f"store.path={store}", "sae=topk", "sae.n_latents=128",
+    _run("sae-train", f"run_dir={run}", f"store.path={store}", "sae=topk", "sae.d_sae=128",
          "sae.k=8", "trainer.tokens=80000", "trainer.batch_tokens=1024", "device=cpu", "seed=0")
     cfg = json.loads((run / "sae" / "cfg.json").read_text())
     assert cfg["d_in"] == d and cfg["d_sae"] == 128 and cfg["k"] == 8
@@ -171,7 +171,7 @@ def test_eval_refuses_an_sae_of_the_wrong_width(tiny_lm_dir: str, tmp_path, cons
     from sae_dist.sae.export import export_sae
     from sae_dist.sae.topk import TopKSAE
 
-    sae = TopKSAE(SAEConfig(d_in=24, n_latents=64, k=4, normalize="none"))
+    sae = TopKSAE(SAEConfig(d_in=24, d_sae=64, k=4, normalize="none"))
     export_sae(sae, tmp_path / "sae", hook_name="blocks.1.hook_resid_post", model_name="tiny", normalize="none")
     # the sae-eval command line, run in this process (conftest.py)
     proc = console_script("sae-eval", f"run_dir={tmp_path / 'e'}", f"model.name={tiny_lm_dir}", "device=cpu",

@@ -26,7 +26,7 @@ def test_cli_json_refusal_and_no_output_dir(tmp_path, console_script, monkeypatc
         assert Path.cwd() == cwd
         return console_script("sae-plan", *args)
 
-    big = ["sae.d_in=4096", "sae.n_latents=16777216", "trainer.batch_tokens=131072", "cluster.nodes=8"]
+    big = ["sae.d_in=4096", "sae.d_sae=16777216", "trainer.batch_tokens=131072", "cluster.nodes=8"]
     p = _cli(big + ["parallel.tp=64", "output=json"], tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads(p.stdout)
@@ -37,7 +37,7 @@ def test_cli_json_refusal_and_no_output_dir(tmp_path, console_script, monkeypatc
     assert r["fits"] and r["config"]["k_aux"] == 2048 and r["config"]["engine"] == "torch"
     # the Hydra glue passes every option through: same numbers as calling plan() directly (whose
     # defaults model the code; bf16 copies follow trainer.bf16 = true)
-    direct = plan(d_in=4096, n_latents=2**24, k=32, batch_tokens=131072, tp=64, cluster=H100_8x8)
+    direct = plan(d_in=4096, d_sae=2**24, k=32, batch_tokens=131072, tp=64, cluster=H100_8x8)
     assert r.pop("store") is None  # no harvest.tokens: no store sized
     assert r == json.loads(json.dumps(direct))
     c = r["config"]
@@ -67,7 +67,7 @@ def test_cli_json_refusal_and_no_output_dir(tmp_path, console_script, monkeypatc
     assert "GiB more than cluster.gpu_memory_gib=79.6" in p.stderr and "parallel.tp=" in p.stderr
     assert "memory per GPU" in p.stdout and "REFUSED" in p.stdout
 
-    p = _cli(["sae.n_latents=4096"], tmp_path)  # no d_in: nothing to read it from
+    p = _cli(["sae.d_sae=4096"], tmp_path)  # no d_in: nothing to read it from
     assert p.returncode != 0 and "sae.d_in" in p.stderr
 
     p = _cli(big + ["compare.tp=[16,64]", "compare.zero_stage=[0,2]", "output=json"], tmp_path)

@@ -65,11 +65,11 @@ def test_composed_config_is_the_dataclass_defaults(arch):
 
 def test_cli_values_reach_the_objects():
     cfg = _compose("trainer.lr=3e-4", "store.shuffle_shards=7", "trainer.adam_betas=[0.8,0.9]", "sae=relu",
-                   "sae.l1_coef=0.02", "sae.n_latents=128", "eval.probes=false")
+                   "sae.l1_coef=0.02", "sae.d_sae=128", "eval.probes=false")
     t = C.trainer_config(cfg)
     assert (t.lr, t.shuffle_shards, t.prefetch, t.adam_betas) == (3e-4, 7, 2, (0.8, 0.9))
     s = C.sae_config(cfg.sae, d_in=16)
-    assert (s.d_in, s.n_latents, s.k, s.architecture) == (16, 128, None, "relu")
+    assert (s.d_in, s.d_sae, s.k, s.architecture) == (16, 128, None, "relu")
     assert s.options["l1_coef"] == 0.02 and s.options["l1_decoder_norm"] is True
     assert C.eval_config(cfg).probes is False
 
@@ -100,12 +100,12 @@ def test_changing_a_dataclass_default_changes_what_the_cli_gets():
     (["sae.foo=1"], "sae-train: error: sae.foo: Key 'foo' not in 'SAE_topk'"),
     (["sae=relu", "sae.l1_coef=x"], "sae-train: error: sae.l1_coef: Value 'x' of type 'str' could not be "
                                     "converted to Float"),
-    (["sae.k=999999"], "sae-train: error: sae.k=999999 > n_latents=16384"),
+    (["sae.k=999999"], "sae-train: error: sae.k=999999 > d_sae=16384"),
     (["sae.normalize=bogus"], "sae-train: error: sae.normalize='bogus'"),
     (["eval.batch_size=1.5"], "sae-train: error: eval.batch_size: Value '1.5' of type 'float' could not be "
                               "converted to Integer"),
     (["-m", "trainer.lr=1e-3,abc"], "sae-train: error: trainer.lr: Value 'abc'"),
-    (["-m", "sae.n_latents=64,128", "sae.kk=4,8"], "sae-train: error: sae.kk: Key 'kk' not in 'SAE_topk'"),
+    (["-m", "sae.d_sae=64,128", "sae.kk=4,8"], "sae-train: error: sae.kk: Key 'kk' not in 'SAE_topk'"),
 ])
 def test_bad_value_fails_first_naming_the_key(console_script, tmp_path, args, message):
     run_dir = tmp_path / "run"
@@ -150,6 +150,22 @@ def test_old_trainer_keys_work_with_a_deprecation_line(console_script):
     assert "eps" not in job.trainer and "betas" not in job.trainer
 
 
+def test_old_names_of_renamed_keys_work_with_a_deprecation_line(console_script):
+    """The keys renamed to SAELens' names (one release of grace): sae.n_latents, sae.b_pre_init,
+    trainer.b_pre_sample_tokens, hook."""
+    r = console_script("sae-harvest", "sae.n_latents=96", "sae.b_pre_init=mean", "trainer.b_pre_sample_tokens=512",
+                       "hook=blocks.1.hook_mlp_out", "--cfg", "job")
+    assert r.returncode == 0, r.stderr
+    for old, new in [("sae.n_latents", "sae.d_sae"), ("sae.b_pre_init", "sae.b_dec_init"),
+                     ("trainer.b_pre_sample_tokens", "trainer.b_dec_sample_tokens"), ("hook", "hook_name")]:
+        assert (f"sae-harvest: warning: {old} is deprecated and will be removed in the next release; use {new}"
+                in r.stderr.splitlines()), old
+    job = OmegaConf.create(r.stdout)
+    assert (job.sae.d_sae, job.sae.b_dec_init, job.trainer.b_dec_sample_tokens, job.hook_name) == \
+        (96, "mean", 512, "blocks.1.hook_mlp_out")
+    assert "n_latents" not in job.sae and "hook" not in job
+
+
 def test_upgrade_overrides():
     seen = []
     assert C.upgrade_overrides(["trainer.eps=1e-7", "+trainer.betas=[0.9,0.9]", "trainer.lr=1"], warn=seen.append) \
@@ -159,7 +175,7 @@ def test_upgrade_overrides():
 
 def test_sae_config_keeps_its_python_defaults():
     cfg = SAEConfig(d_in=8)
-    assert (cfg.n_latents, cfg.k, cfg.architecture) == (16384, 32, "topk")
+    assert (cfg.d_sae, cfg.k, cfg.architecture) == (16384, 32, "topk")
     with pytest.raises(ValueError, match=r"^sae\.k=0 must be|^sae\.k must be"):
         SAEConfig(d_in=8, k=0)
 
@@ -167,11 +183,11 @@ def test_sae_config_keeps_its_python_defaults():
 def test_run_config_records_the_typed_values(console_script, tmp_path):
     """--cfg job of the composed config is JSON-serialisable plain data (what .hydra/config.yaml and
     wandb record)."""
-    r = console_script("sae-train", "--cfg", "job", "sae.n_latents=64", "sae.k=4")
+    r = console_script("sae-train", "--cfg", "job", "sae.d_sae=64", "sae.k=4")
     assert r.returncode == 0, r.stderr
     job = OmegaConf.to_container(OmegaConf.create(r.stdout))
     json.dumps(job)
-    assert job["sae"]["n_latents"] == 64 and job["store"]["shuffle_shards"] == 4
+    assert job["sae"]["d_sae"] == 64 and job["store"]["shuffle_shards"] == 4
 
 
 def test_plan_config_defaults_and_errors(console_script):

@@ -9,7 +9,7 @@ What counts as a launch example (the docs follow this rule):
   `sbatch`) and `launch/sweep_slurm.sh`;
 - and that is not a template: after its leading `VAR=value` assignments, no word holds a placeholder
   (`...`, `<`, `>`, `$`, `|`, or a word in square brackets). A template shows syntax, not a shape, so it
-  must not set a size either (no `sae.n_latents=`, `sae.k=`, `parallel.tp=`, `trainer.batch_tokens=`
+  must not set a size either (no `sae.d_sae=`, `sae.k=`, `parallel.tp=`, `trainer.batch_tokens=`
   with a number): the test checks that too.
 
 How an example becomes a plan (`sae_dist.plan.plan`, the API behind `sae-plan`):
@@ -24,7 +24,7 @@ How an example becomes a plan (`sae_dist.plan.plan`, the API behind `sae-plan`):
   cluster examples read `/data/acts.zarr`, which docs/cluster.md declares a d_in = 4096 store); a
   `sae-pipeline` without `store.path` harvests the default LM (d_model 576);
 - the GPUs are the planner's defaults (H100 80GB, `conf/plan.yaml`); every architecture is planned as the
-  TopK SAE of the same n_latents and k (the only one that shards; the others train with tp = 1).
+  TopK SAE of the same d_sae and k (the only one that shards; the others train with tp = 1).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ DEFAULT_D_IN = 4096
 #: sae-pipeline without store.path harvests the default LM of conf/model/smollm2.yaml.
 DEFAULT_LM_D_IN = 576
 LAUNCHERS = ("sae-train", "sae-pipeline", "torchrun.sh", "slurm.sbatch", "sweep_slurm.sh")
-SIZE_KEYS = ("sae.n_latents", "sae.k", "parallel.tp", "trainer.batch_tokens")
+SIZE_KEYS = ("sae.d_sae", "sae.k", "parallel.tp", "trainer.batch_tokens")
 _ASSIGN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 _FENCE = re.compile(r"^```(\w*)\s*$")
 
@@ -172,7 +172,7 @@ def overrides(cmd: Command) -> list[list[str]]:
     if prog == "sweep_slurm.sh":  # STORE SWEEP_DIR [overrides]: sae-train -m over N_LIST x K_LIST
         n = cmd.env.get("N_LIST") or _script_default("launch/sweep_slurm.sh", r"N_LIST:-([\d,]+)")
         k = cmd.env.get("K_LIST") or _script_default("launch/sweep_slurm.sh", r"K_LIST:-([\d,]+)")
-        args = [f"store.path={words[i + 1]}", f"sae.n_latents={n}", f"sae.k={k}", *args]
+        args = [f"store.path={words[i + 1]}", f"sae.d_sae={n}", f"sae.k={k}", *args]
     sweep = prog == "sweep_slurm.sh" or "-m" in words or "--multirun" in words
     if not sweep:
         return [args]
@@ -209,7 +209,7 @@ def plan_example(cmd: Command) -> list[tuple[list[str], dict]]:
         cfg = compose(args)
         s, t = cfg.sae, cfg.trainer
         k = int(s.get("k", 32) or 32)
-        r = plan(d_in=d_in_of(cmd, cfg, args), n_latents=int(s.n_latents), k=k,
+        r = plan(d_in=d_in_of(cmd, cfg, args), d_sae=int(s.d_sae), k=k,
                  k_aux=None if s.get("k_aux") is None else int(s.k_aux), multi_topk=bool(s.get("multi_topk", False)),
                  batch_tokens=int(t.batch_tokens), tp=int(cfg.parallel.tp), engine=str(t.engine),
                  zero_stage=int(t.zero_stage), offload_optimizer=bool(t.offload_optimizer), ema=bool(t.ema),
@@ -224,7 +224,7 @@ def test_the_docs_have_launch_examples_at_every_scale():
     examples, templates = launch_examples()
     progs = {c.words[launcher_index(c)].rsplit("/", 1)[-1] for c in examples}
     assert {"sae-train", "sae-pipeline", "torchrun.sh", "slurm.sbatch", "sweep_slurm.sh"} <= progs
-    big = [c for c in examples if "sae.n_latents=16777216" in c.words]
+    big = [c for c in examples if "sae.d_sae=16777216" in c.words]
     assert big and {c.doc for c in big} >= {"README.md", "docs/cluster.md"}
     assert len(examples) >= 20 and templates
 
@@ -234,7 +234,7 @@ def test_launch_example_fits(cmd):
     """The planner accepts the example: tp divides the world and n, B divides by dp, and it fits."""
     for args, r in plan_example(cmd):
         c = r["config"]
-        assert r["fits"], (f"{cmd.where()}\n  planned as tp={c['tp']} x dp={c['dp']}, n={c['n_latents']:,}, "
+        assert r["fits"], (f"{cmd.where()}\n  planned as tp={c['tp']} x dp={c['dp']}, n={c['d_sae']:,}, "
                            f"d_in={c['d_in']}, B={c['batch_tokens']:,} ({' '.join(args)}): {r['message']}")
 
 
@@ -249,7 +249,7 @@ def test_templates_set_no_size():
 def test_parser_rules():
     """Joined lines, prompts, separators, assignments, templates and world shapes, on inline examples."""
     cmds = _split("x.md", 1, "$ SAE_DIST_IMAGE=$PWD/i.sqsh sbatch --nodes=8 launch/slurm.sbatch run_dir=r "
-                  "sae.n_latents=64 parallel.tp=8 && echo done; launch/torchrun.sh 2 run_dir=r parallel.tp=2 # c")
+                  "sae.d_sae=64 parallel.tp=8 && echo done; launch/torchrun.sh 2 run_dir=r parallel.tp=2 # c")
     assert [c.words[0] for c in cmds] == ["sbatch", "echo", "launch/torchrun.sh"]
     assert cmds[0].env == {"SAE_DIST_IMAGE": "$PWD/i.sqsh"} and not is_template(cmds[0])
     assert world_shape(cmds[0]) == (8, 8) and world_shape(cmds[2]) == (1, 2)
@@ -257,5 +257,5 @@ def test_parser_rules():
     assert is_template(_split("x.md", 1, "sbatch launch/slurm.sbatch run_dir=... parallel.tp=P")[0])
     tr = _split("x.md", 1, "torchrun --nnodes 2 --nproc-per-node 4 --no-python sae-train parallel.tp=4")[0]
     assert world_shape(tr) == (2, 4) and overrides(tr) == [["parallel.tp=4"]]
-    sw = _split("x.md", 1, "sae-train -m store.path=s sae.n_latents=8,16 sae.k=2,4 hydra/launcher=slurm")[0]
-    assert len(overrides(sw)) == 4 and ["store.path=s", "sae.n_latents=16", "sae.k=2"] in overrides(sw)
+    sw = _split("x.md", 1, "sae-train -m store.path=s sae.d_sae=8,16 sae.k=2,4 hydra/launcher=slurm")[0]
+    assert len(overrides(sw)) == 4 and ["store.path=s", "sae.d_sae=16", "sae.k=2"] in overrides(sw)

@@ -66,7 +66,7 @@ def test_shard_shapes_refuses_uneven_split():
 def test_planned_shards_at_2_24_on_64_gpus():
     shapes = shard_shapes(D4K, N24, 64)
     assert shapes == {"W_enc": (4096, 262144), "b_enc": (262144,), "W_dec": (262144, 4096), "b_dec": (4096,)}
-    r = plan(d_in=D4K, n_latents=N24, k=32, batch_tokens=B_PAPER, tp=64, cluster=H100_8x8)
+    r = plan(d_in=D4K, d_sae=N24, k=32, batch_tokens=B_PAPER, tp=64, cluster=H100_8x8)
     assert r["shard_shapes"] == {k: list(v) for k, v in shapes.items()}
     assert r["params_per_gpu"] == 2 * 4096 * 262144 + 262144 + 4096 == 2_147_749_888
     assert r["memory_bytes"]["params"] == 4 * 2_147_749_888
@@ -85,7 +85,7 @@ def test_planned_shards_at_2_24_on_64_gpus():
 
 
 # ------------------------------------------------------------------------------------ hand counts
-SMALL = dict(d_in=64, n_latents=1024, k=8, k_aux=32, batch_tokens=256, tp=4, cluster={"nodes": 1, "gpus_per_node": 8})
+SMALL = dict(d_in=64, d_sae=1024, k=8, k_aux=32, batch_tokens=256, tp=4, cluster={"nodes": 1, "gpus_per_node": 8})
 # by hand: dp = 8 / 4 = 2, Bl = 128 tokens, nl = 256 latents, P = 2*64*256 + 256 + 64 = 33088 params;
 # slots per token: main wm = 8, AuxK wa = 32; own winners per rank: 128*8/4 = 256, 128*32/4 = 1024
 
@@ -103,7 +103,7 @@ def test_memory_equals_hand_count_torch_engine():
     assert a["inputs_fp32"] == 2 * bd  # current + prefetched batch
     assert a["dense_Bxd_buffers"] == 8 * bd  # 4 loss-path + 4 AuxK [Bl, d] fp32 tensors
     assert a["bf16_input_copy"] == 128 * 64 * 2
-    assert a["encoder_saved_input"] == 128 * 64 * 2  # x - b_pre in bf16
+    assert a["encoder_saved_input"] == 128 * 64 * 2  # x - b_dec in bf16
     assert a["selections"] == 128 * 8 * (2 + 8) + 128 * 32 * (2 + 8)  # bf16 values + int64 ids
     assert a["keep_masks"] == 128 * 8 + 128 * 32  # one bool [Bl, w] per selection width
     # masked main bf16 values [128, 8] (returned); per decode call its compacted bf16 values, -1-padded
@@ -132,7 +132,7 @@ def test_memory_equals_hand_count_torch_engine():
     # entry, which holds only the nonzero gradients, the rank's winners: 128 * (8 + 32) / 4 = 1280
     # (< 0.9 * 5120, so the code filters); CSR pointers and bincount, b_enc grad, the last
     # [chunk=256, d] fp32 product, fp32 input, bf16 W_enc grad, the fp32 upcast of one [d, chunk=256]
-    # W_enc chunk for the b_pre gradient (here the whole shard: nl = 256 = one chunk)
+    # W_enc chunk for the b_dec gradient (here the whole shard: nl = 256 = one chunk)
     enc = 5120 * 16 + 1280 * 40 + 257 * 16 + 256 * 4 + 256 * 64 * 4 + 128 * 64 * 4 + 64 * 256 * 2 + 64 * 256 * 4
     assert t["encoder_backward"]["encoder_backward"] == enc == 334864
     phases = r["activation_phases"]
@@ -186,8 +186,8 @@ def test_memory_fp32_operands_and_allgather_fallback():
         assert many[name]["time_s"] - one[name]["time_s"] == pytest.approx((calls - 1) * 3 * 5e-6)
 
 
-def test_b_pre_gradient_upcasts_one_latent_chunk_not_the_shard():
-    """The b_pre gradient runs a latent chunk at a time: with latent_chunk = 64 < nl = 256 the
+def test_b_dec_gradient_upcasts_one_latent_chunk_not_the_shard():
+    """The b_dec gradient runs a latent chunk at a time: with latent_chunk = 64 < nl = 256 the
     encoder backward holds a [d, 64] fp32 W_enc chunk, not a [d, 256] copy. Its CSR products span
     max(latent_chunk, GRAD_CHUNK_BYTES // (4 d)) latents on CUDA (capped at nl): here all 256."""
     t = plan(**SMALL, latent_chunk=64)["transient_bytes"]["encoder_backward"]["encoder_backward"]
@@ -222,13 +222,13 @@ def test_encoder_flops_are_2_B_over_dp_d_n_over_tp():
         tp = rng.choice([t for t in (1, 2, 4, 8, 16, 32) if world % t == 0])
         dp = world // tp
         d, n, B = rng.randint(8, 512), tp * rng.randint(64, 4096), dp * rng.randint(16, 2048)
-        r = plan(d_in=d, n_latents=n, k=8, batch_tokens=B, tp=tp, cluster={"nodes": nodes, "gpus_per_node": gpn})
+        r = plan(d_in=d, d_sae=n, k=8, batch_tokens=B, tp=tp, cluster={"nodes": nodes, "gpus_per_node": gpn})
         enc = r["flops"]["encoder_matmul"]
         assert enc["flops"] == 2 * (B // dp) * d * (n // tp), (d, n, B, tp, dp)
         assert enc["time_s"] == pytest.approx(enc["flops"] / (989e12 * 0.5))
         dead = r["flops"].get("auxk_dead_matmul", {"flops": 0})["flops"]  # the AuxK pass's matmul
         assert dead == 2 * (B // dp) * d * round(0.05 * (n // tp)) and r["matmul_flops"] == enc["flops"] + dead
-        assert r["flops"]["b_pre_grad"]["flops"] == 2 * d * (n // tp)
+        assert r["flops"]["b_dec_grad"]["flops"] == 2 * d * (n // tp)
         assert r["flops"]["adam"]["flops"] == 12 * (2 * d * (n // tp) + n // tp + d)
         # the exchange the code picks: all_to_all when B/dp divides by tp, else the all-gather
         assert r["config"]["topk_exchange"] == ("alltoall" if (B // dp) % tp == 0 else "allgather")
@@ -293,7 +293,7 @@ def test_decode_rows_slots_and_encoder_backward_entries():
     assert not any("compaction" in name for name in one["flops"])
     with pytest.raises(ValueError, match="decode_scan_slots"):
         plan(**SMALL, decode_scan_slots=True)
-    kn = plan(d_in=8, n_latents=4, k=4, k_aux=4, batch_tokens=16, tp=2, cluster={"nodes": 1, "gpus_per_node": 2})
+    kn = plan(d_in=8, d_sae=4, k=4, k_aux=4, batch_tokens=16, tp=2, cluster={"nodes": 1, "gpus_per_node": 2})
     assert kn["config"]["encoder_bwd_entries"] == 16 * (2 + 2)
     full = plan(**SMALL, decode_compact=False)
     assert full["config"]["decode_rows"] == {"decode": 128 * 8, "auxk_decode": 128 * 32}
@@ -307,7 +307,7 @@ def test_own_winners_per_rank_average_B_k_over_tp():
     win = pre.topk(k, dim=1).indices  # exact global top-k
     own = [((win >= r * nl) & (win < (r + 1) * nl)).sum().item() for r in range(tp)]
     assert sum(own) == Bl * k
-    r = plan(d_in=16, n_latents=tp * nl, k=k, batch_tokens=Bl, tp=tp, cluster={"nodes": 1, "gpus_per_node": tp},
+    r = plan(d_in=16, d_sae=tp * nl, k=k, batch_tokens=Bl, tp=tp, cluster={"nodes": 1, "gpus_per_node": tp},
              auxk=False)
     assert r["config"]["decode_rows"]["decode"] == sum(own) / tp
 
@@ -358,12 +358,12 @@ def test_encoder_backward_csr_holds_the_winners_as_planned(monkeypatch):
     x = torch.randn(Bl, d, generator=gen)
     W = torch.randn(d, tp * nl, generator=gen)
     b_enc = torch.full((tp * nl,), 10.0)  # every pre-activation positive: no ReLU zeros
-    b_pre = torch.zeros(d, requires_grad=True)
+    b_dec = torch.zeros(d, requires_grad=True)
     shards = []
     for r in range(tp):
         Wr = W[:, r * nl:(r + 1) * nl].clone().requires_grad_(True)
         br = b_enc[r * nl:(r + 1) * nl].clone().requires_grad_(True)
-        v, _, _, _ = et.encode_topk(x, Wr, br, b_pre, k, backend="torch")
+        v, _, _, _ = et.encode_topk(x, Wr, br, b_dec, k, backend="torch")
         shards.append(v)
     thr = torch.cat([v.detach() for v in shards], 1).topk(k, dim=1).values[:, -1:]  # global k-th value
     real = torch.sparse_csr_tensor
@@ -377,10 +377,10 @@ def test_encoder_backward_csr_holds_the_winners_as_planned(monkeypatch):
         nnz.append(sum(seen))
         own.append(int(keep.sum()))
     assert nnz == own and sum(nnz) == Bl * k  # only the winners, k per token over the tp ranks
-    r = plan(d_in=d, n_latents=tp * nl, k=k, batch_tokens=Bl, tp=tp, auxk=False,
+    r = plan(d_in=d, d_sae=tp * nl, k=k, batch_tokens=Bl, tp=tp, auxk=False,
              cluster={"nodes": 1, "gpus_per_node": tp})
     assert r["config"]["encoder_bwd_entries"] == sum(nnz) / tp == Bl * k // tp
-    assert plan(d_in=d, n_latents=tp * nl, k=k, batch_tokens=Bl, tp=tp, auxk=False, encoder_bwd_drop_zeros=False,
+    assert plan(d_in=d, d_sae=tp * nl, k=k, batch_tokens=Bl, tp=tp, auxk=False, encoder_bwd_drop_zeros=False,
                 cluster={"nodes": 1, "gpus_per_node": tp})["config"]["encoder_bwd_entries"] == Bl * k
 
 
@@ -417,7 +417,7 @@ def test_alltoall_bytes_match_the_code(monkeypatch):
     tp, Bl = 4, 128
     cl = {"nodes": 1, "gpus_per_node": 8}
     # Multi-TopK main selection: w = min(4k, nl) = 32, widths (32, 8)
-    r = plan(d_in=64, n_latents=1024, k=8, k_aux=64, batch_tokens=2 * Bl, tp=tp, cluster=cl, multi_topk=True)
+    r = plan(d_in=64, d_sae=1024, k=8, k_aux=64, batch_tokens=2 * Bl, tp=tp, cluster=cl, multi_topk=True)
     comm = {x["name"]: x for x in r["comm"]}
     calls = _record_global_keep(monkeypatch, Bl, 32, tp, 32, (8,))
     assert calls == [("all_to_all", Bl * 32 * 4, torch.float32)] + [("all_to_all", Bl * 32, torch.uint8)] * 2
@@ -440,7 +440,7 @@ def test_allgather_fallback_bytes_match_the_code(monkeypatch):
     """B/dp not divisible by tp: the code gathers the fp32 values (tp * Bl * w * 4 bytes per rank),
     and the planner switches to that exchange by itself."""
     tp, Bl = 4, 130  # 130 % 4 != 0
-    r = plan(d_in=64, n_latents=1024, k=8, k_aux=32, batch_tokens=2 * Bl, tp=tp, cluster={"nodes": 1})
+    r = plan(d_in=64, d_sae=1024, k=8, k_aux=32, batch_tokens=2 * Bl, tp=tp, cluster={"nodes": 1})
     assert r["config"]["topk_exchange"] == "allgather" and r["config"]["topk_exchange_requested"] == "alltoall"
     comm = {x["name"]: x for x in r["comm"]}
     assert "topk_values_alltoall" not in comm
@@ -460,7 +460,7 @@ def test_allgather_chunks_match_the_code(monkeypatch):
     tp, Bl, w, cap = 4, 130, 32, 3000  # 5 tokens of 4 x 32 fp32 values per chunk: 26 gathers
     monkeypatch.setattr(tpmod, "GATHER_CHUNK_BYTES", cap)
     calls = _record_global_keep(monkeypatch, Bl, w, tp, w)
-    r = plan(d_in=64, n_latents=1024, k=8, k_aux=w, batch_tokens=2 * Bl, tp=tp, cluster={"nodes": 1},
+    r = plan(d_in=64, d_sae=1024, k=8, k_aux=w, batch_tokens=2 * Bl, tp=tp, cluster={"nodes": 1},
              allgather_chunk_bytes=cap)
     ag = {x["name"]: x for x in r["comm"]}["auxk_allgather"]
     assert len(calls) == ag["calls"] == 26 and sum(b for _, b, _ in calls) == ag["size_bytes"] == tp * Bl * w * 4
@@ -627,7 +627,7 @@ def test_communication_hand_count_and_links():
     assert z["grad_reduce_scatter"]["bytes_per_gpu"] + z["param_allgather"]["bytes_per_gpu"] == 132352
     assert "grad_allreduce" not in z
     # tp groups spanning nodes use the inter-node bandwidth; so does dp across nodes
-    big = plan(d_in=64, n_latents=1024, k=8, k_aux=32, batch_tokens=256, tp=16, cluster={"nodes": 4})
+    big = plan(d_in=64, d_sae=1024, k=8, k_aux=32, batch_tokens=256, tp=16, cluster={"nodes": 4})
     links = {(x["group"], x["link"]) for x in big["comm"]}
     assert links == {("tp", "inter"), ("dp", "inter")}
     assert {x["link"] for x in plan(**{**SMALL, "tp": 1})["comm"]} == {"intra"}
@@ -635,7 +635,7 @@ def test_communication_hand_count_and_links():
 
 
 def test_step_time_is_compute_plus_communication():
-    r = plan(d_in=D4K, n_latents=N24, k=32, batch_tokens=B_PAPER, tp=32, cluster=H100_8x8,
+    r = plan(d_in=D4K, d_sae=N24, k=32, batch_tokens=B_PAPER, tp=32, cluster=H100_8x8,
              engine="deepspeed", zero_stage=2)
     assert r["compute_s"] == pytest.approx(sum(v["time_s"] for v in r["flops"].values()))
     assert r["comm_s"] == pytest.approx(sum(x["time_s"] for x in r["comm"]))
@@ -651,7 +651,7 @@ def test_step_time_is_compute_plus_communication():
 def test_what_if_switches_at_2_24():
     """At the 16M shape the former full-width decode scan and the former encoder backward (every
     local candidate in the CSR) add work: the step gets longer, the communication stays the same."""
-    kw = dict(d_in=D4K, n_latents=N24, k=32, batch_tokens=B_PAPER, tp=64, cluster=H100_8x8)
+    kw = dict(d_in=D4K, d_sae=N24, k=32, batch_tokens=B_PAPER, tp=64, cluster=H100_8x8)
     code = plan(**kw)
     assert code["fits"]
     # AuxK: 2048 winners, 32 per rank on average; the planned batch max over 131072 rows is 65 slots
@@ -696,7 +696,7 @@ def test_dead_fraction_scales_the_auxk_pass_only():
 def test_encoder_backward_grad_chunk_on_cuda_at_2_24():
     """bf16 operands (the CSR path) at d_in 4096: the products span GRAD_CHUNK_BYTES // (4 d) = 16384
     latents, so the last [16384, 4096] fp32 product (256 MiB) is held, not a [latent_chunk, d] one."""
-    r = plan(d_in=D4K, n_latents=N24, k=32, batch_tokens=B_PAPER, tp=64, cluster=H100_8x8)
+    r = plan(d_in=D4K, d_sae=N24, k=32, batch_tokens=B_PAPER, tp=64, cluster=H100_8x8)
     Bl, nl, d = 131072, 262144, 4096
     e_all, e = Bl * (32 + 2048), -(-Bl * (32 + 2048) // 64)
     assert r["config"]["encoder_bwd_grad_w"] == "csr" and r["config"]["encoder_bwd_entries"] == e
@@ -707,7 +707,7 @@ def test_encoder_backward_grad_chunk_on_cuda_at_2_24():
 
 # ------------------------------------------------------------------------------------ refusal
 def test_refuses_tp8_at_2_24_with_excess_in_gib():
-    r = plan(d_in=D4K, n_latents=N24, k=32, batch_tokens=B_PAPER, tp=8, cluster=H100_8x8,
+    r = plan(d_in=D4K, d_sae=N24, k=32, batch_tokens=B_PAPER, tp=8, cluster=H100_8x8,
              engine="deepspeed", zero_stage=2)
     # one weight shard is 4096 x 2^21 fp32 = 32 GiB; W_enc + W_dec = 64 GiB of parameters alone
     assert r["memory_gib"]["params"] == pytest.approx(64.0, abs=0.01)
@@ -729,7 +729,7 @@ def test_refuses_tp8_at_2_24_with_excess_in_gib():
 
 def test_bad_options_raise_with_the_fix():
     with pytest.raises(ValueError, match="must divide the world size 8"):
-        plan(**{**SMALL, "tp": 3, "n_latents": 1023})
+        plan(**{**SMALL, "tp": 3, "d_sae": 1023})
     with pytest.raises(ValueError, match="not divisible by dp=2"):
         plan(**{**SMALL, "batch_tokens": 255})
     with pytest.raises(ValueError, match="zero_stage"):
@@ -799,7 +799,7 @@ def test_harvest_store_bytes_equal_a_harvest(tiny_lm_dir, tmp_path):
 
     model, tok = load_lm(tiny_lm_dir)
     tokens, ctx, spc, sps = 1000 + random.randrange(200), 16, 4, 16
-    out = harvest(model=model, tokenizer=tok, hook="blocks.1.hook_resid_post", docs=tiny_corpus(),
+    out = harvest(model=model, tokenizer=tok, hook_name="blocks.1.hook_resid_post", docs=tiny_corpus(),
                   store_path=str(tmp_path / "h"), tokens=tokens, ctx_len=ctx, batch_size=8, seqs_per_chunk=spc,
                   seqs_per_shard=sps, dtype="bfloat16", progress=False)
     want = harvest_store_bytes(tokens, model.config.hidden_size, dtype="bfloat16", ctx_len=ctx,

@@ -77,7 +77,7 @@ def setup(tiny_lm_dir, tmp_path_factory):
     sae_dir = export_sae(_TinyTopK(torch.tensor(W_dec, dtype=torch.float32)), tmp / "sae",
                          hook_name="blocks.1.hook_resid_post", model_name=tiny_lm_dir, normalize="none")
     store = write_store(tmp / "acts.zarr", x.astype(np.float32), token_ids=token_ids, seq_index=seq_index,
-                        position=position, attrs={"model": tiny_lm_dir, "hook": "blocks.1.hook_resid_post"},
+                        position=position, attrs={"model": tiny_lm_dir, "hook_name": "blocks.1.hook_resid_post"},
                         chunk_tokens=256, shard_tokens=512)
     # independent reference: TopK(ReLU) of x @ W_enc (b_enc = b_dec = 0)
     pre = x.astype(np.float32).astype(np.float64) @ W_dec.T
@@ -226,7 +226,7 @@ def test_clear_errors(setup, tmp_path):
     rng = np.random.default_rng(numpy_seed())
     bad = write_store(tmp_path / "d16.zarr", rng.standard_normal((64, 16)).astype(np.float32),
                       token_ids=np.arange(64))
-    with pytest.raises(ValueError, match=r"d_model=16.*d_in=32"):
+    with pytest.raises(ValueError, match=r"d_in=16.*d_in=32"):
         build_browser(sae, bad, tmp_path / "o1", progress=False)
     notext = write_store(tmp_path / "notext.zarr", rng.standard_normal((64, 32)).astype(np.float32))
     with pytest.raises(ValueError, match="no token_ids.*contexts cannot be shown"):

@@ -51,7 +51,7 @@ def _wandb_records(path: Path):
 
 @pytest.mark.slow
 def test_multirun_failed_points_are_reported_and_share_a_wandb_group(tmp_path):
-    """A real `sae-train -m` sweep where half the points fail (k > n_latents): the others complete,
+    """A real `sae-train -m` sweep where half the points fail (k > d_sae): the others complete,
     every point has job_status.json, sweep_summary.json lists the failures, the command exits 1, and
     the completed points' wandb runs carry the sweep dir's name as their group."""
     from sae_dist.store import write_store
@@ -59,11 +59,11 @@ def test_multirun_failed_points_are_reported_and_share_a_wandb_group(tmp_path):
     seed = numpy_rng_seed()
     rng = np.random.default_rng(seed)
     acts = rng.normal(size=(6000, 16)).astype(np.float32)
-    store = write_store(tmp_path / "acts.zarr", acts, attrs={"model": "synthetic", "hook": "none"})
+    store = write_store(tmp_path / "acts.zarr", acts, attrs={"model": "synthetic", "hook_name": "none"})
     sweep = tmp_path / f"grid{seed % 10_000}"
     env = dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="1")
     proc = subprocess.run(
-        [str(BIN / "sae-train"), "-m", f"run_dir={sweep}", f"store.path={store}", "sae.n_latents=32,64",
+        [str(BIN / "sae-train"), "-m", f"run_dir={sweep}", f"store.path={store}", "sae.d_sae=32,64",
          "sae.k=4,100", "trainer.tokens=6000", "trainer.batch_tokens=1000", "device=cpu", f"seed={seed % 1000}"],
         capture_output=True, text=True, env=env, timeout=400)
     assert proc.returncode == 1, proc.stderr[-3000:]
@@ -72,7 +72,7 @@ def test_multirun_failed_points_are_reported_and_share_a_wandb_group(tmp_path):
     assert summary["points"] == 4 and summary["completed"] == 2 and summary["missing_job_nums"] == []
     failed = {f["job_num"]: f for f in summary["failed"]}
     assert set(failed) == {1, 3}, failed
-    assert all("k=100 > n_latents" in f["error"] for f in failed.values()), failed
+    assert all("k=100 > d_sae" in f["error"] for f in failed.values()), failed
     for job, name in ((0, "0_n32_k4"), (2, "2_n64_k4")):
         st = json.loads((sweep / name / "job_status.json").read_text())
         assert st["status"] == "completed" and st["job_num"] == job, st
@@ -84,5 +84,5 @@ def test_multirun_failed_points_are_reported_and_share_a_wandb_group(tmp_path):
     # sae-scaling over it lists the failed points and fits nothing from 2 points without failing
     res = run_scaling(sweep, tmp_path / "sc", metric="train/fvu", plots=False)
     assert len(res["points"]) == 2 and {p["n"] for p in res["points"]} == {32, 64}
-    assert sum("k=100 > n_latents" in s["reason"] for s in res["skipped"]) == 2, res["skipped"]
+    assert sum("k=100 > d_sae" in s["reason"] for s in res["skipped"]) == 2, res["skipped"]
     assert res["fits"]["L(n,k)"] is None and res["fits"]["notes"]

@@ -41,7 +41,7 @@ def _harvest_worker(lm_dir, store, tokens, rank, world, delay, env, result_file)
         model, tok = load_lm(lm_dir)
         if delay:  # slow each LM forward down so that the parent can kill us mid-harvest
             model.get_input_embeddings().register_forward_hook(lambda *a: time.sleep(delay))
-        out = harvest(model=model, tokenizer=tok, hook=HOOK, docs=tiny_corpus(**SMALL), store_path=store,
+        out = harvest(model=model, tokenizer=tok, hook_name=HOOK, docs=tiny_corpus(**SMALL), store_path=store,
                       tokens=tokens, ctx_len=CTX, batch_size=5, seqs_per_chunk=4, seqs_per_shard=16,
                       eval_fraction=EVAL, rank=rank, world_size=world, progress=False, attrs={"dataset": "tiny"})
         Path(result_file).write_text(f"RESULT {out}")

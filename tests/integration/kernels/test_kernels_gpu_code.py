@@ -105,13 +105,13 @@ def test_dead_count_sweep_compiles_a_bounded_number_of_variants(k_aux, kernel_de
     x = torch.randn(B, d, generator=g).to(dev)
     W_enc = torch.randn(d, n, generator=g).to(dev).requires_grad_()
     W_dec = torch.randn(n, d, generator=g).to(dev).requires_grad_()
-    b_enc, b_pre = torch.zeros(n, device=dev), torch.zeros(d, device=dev)
+    b_enc, b_dec = torch.zeros(n, device=dev), torch.zeros(d, device=dev)
     with record_variants() as seen:
         for n_dead in range(k_aux + 3):
             dead = torch.zeros(n, dtype=torch.bool)
             dead[torch.randperm(n, generator=g)[:n_dead]] = True
             dead = dead.to(dev)
-            v, i, av, ai = encode_topk(x, W_enc, b_enc, b_pre, k, dead_mask=dead, k_aux=k_aux, backend="triton")
+            v, i, av, ai = encode_topk(x, W_enc, b_enc, b_dec, k, dead_mask=dead, k_aux=k_aux, backend="triton")
             loss = auxk_loss(av, ai, W_dec, x, backend="triton") if av is not None else W_dec.sum() * 0
             (loss + v.sum()).backward()
     counts = _variants_by_kernel(seen)
@@ -135,15 +135,15 @@ def test_triton_w_enc_gradient_atomic_and_csr_paths_equal_the_reference(determin
     for fn, backend in ((encode_topk, "triton"), (encode_topk_reference, "torch")):
         W = torch.randn(d, n, generator=torch.Generator().manual_seed(2)).to(dev).requires_grad_()
         b_enc = torch.zeros(n, device=dev, requires_grad=True)
-        b_pre = torch.zeros(d, device=dev, requires_grad=True)
+        b_dec = torch.zeros(d, device=dev, requires_grad=True)
         prev = torch.are_deterministic_algorithms_enabled()
         torch.use_deterministic_algorithms(deterministic and backend == "triton")
         try:
-            v, _, av, _ = fn(x, W, b_enc, b_pre, k, dead_mask=dead, k_aux=k_aux, backend=backend)
+            v, _, av, _ = fn(x, W, b_enc, b_dec, k, dead_mask=dead, k_aux=k_aux, backend=backend)
             (v.pow(2).sum() + 0.5 * av.sum()).backward()
         finally:
             torch.use_deterministic_algorithms(prev)
-        grads.append((W.grad, b_enc.grad, b_pre.grad))
+        grads.append((W.grad, b_enc.grad, b_dec.grad))
     for got, want in zip(grads[0], grads[1], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
@@ -158,12 +158,12 @@ def test_dead_latent_pass_in_several_chunks_equals_the_reference(monkeypatch, ke
     g = torch.Generator().manual_seed(3)
     dev = kernel_device
     x, W = torch.randn(B, d, generator=g).to(dev), torch.randn(d, n, generator=g).to(dev)
-    b_enc, b_pre = torch.randn(n, generator=g).to(dev), torch.zeros(d, device=dev)
+    b_enc, b_dec = torch.randn(n, generator=g).to(dev), torch.zeros(d, device=dev)
     dead = (torch.rand(n, generator=g) < 0.5).to(dev)
     # chunks of max(latent_chunk, 2 k_aux) = 10 dead latents, blocks of 7 * 15 // (5 + 10) = 7 tokens
     monkeypatch.setattr(et, "DEAD_PASS_ELEMENTS", 7 * 15)
-    _, _, av, ai = et.encode_topk(x, W, b_enc, b_pre, k, dead_mask=dead, k_aux=k_aux, backend="triton",
+    _, _, av, ai = et.encode_topk(x, W, b_enc, b_dec, k, dead_mask=dead, k_aux=k_aux, backend="triton",
                                   latent_chunk=4)
-    _, _, rav, rai = et.encode_topk_reference(x, W, b_enc, b_pre, k, dead_mask=dead, k_aux=k_aux)
+    _, _, rav, rai = et.encode_topk_reference(x, W, b_enc, b_dec, k, dead_mask=dead, k_aux=k_aux)
     torch.testing.assert_close(av.sort(1).values, rav.sort(1).values)
     assert torch.equal(ai.sort(1).values, rai.sort(1).values)

@@ -105,7 +105,7 @@ def _check_reconstruction(out_dir, ref_sae, mode, scale, g):
 def test_sharded_export_equals_single_process_export(tp, dp, tmp_path):
     world = tp * dp
     d, n = 8, 64
-    cfg = SAEConfig(d_in=d, n_latents=n, k=4)
+    cfg = SAEConfig(d_in=d, d_sae=n, k=4)
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
     weights = global_weights(d, n, g)
     scale = random_scale(g)

@@ -29,7 +29,7 @@ STEPS, LR = 20, 3e-3
 
 
 def _cfg(multi_topk: bool) -> SAEConfig:
-    return SAEConfig(d_in=16, n_latents=64, k=4, k_aux=6, multi_topk=multi_topk, multi_topk_factor=2)
+    return SAEConfig(d_in=16, d_sae=64, k=4, k_aux=6, multi_topk=multi_topk, multi_topk_factor=2)
 
 
 def _run(model, xs, dead, step_fn_rows, sync=None, losses_fn=None):
@@ -93,11 +93,11 @@ def test_sharded_steps_match_single_process(tp, dp, multi_topk, B, gather_cap, t
     seed = int(torch.randint(0, 2**31 - 1, ()))
     g = torch.Generator().manual_seed(seed)
     xs = torch.randn(STEPS, B, cfg.d_in, generator=g) * 2.0 + 0.3
-    dead = torch.rand(cfg.n_latents, generator=g) < 0.3
+    dead = torch.rand(cfg.d_sae, generator=g) < 0.3
     b_dec = 0.1 * torch.randn(cfg.d_in, generator=g)
 
     ref = TopKSAE(cfg)
-    w = init_rows(0, cfg.n_latents, cfg.d_in, seed)
+    w = init_rows(0, cfg.d_sae, cfg.d_in, seed)
     with torch.no_grad():
         ref.W_dec.copy_(w)
         ref.W_enc.copy_(w.T)
@@ -111,7 +111,7 @@ def test_sharded_steps_match_single_process(tp, dp, multi_topk, B, gather_cap, t
     for r in range(world):
         got = torch.load(tmp_path / f"rank{r}.pt")
         lo, hi = got["range"]
-        assert (lo, hi) == shard_range(cfg.n_latents, tp, got["tp_rank"])
+        assert (lo, hi) == shard_range(cfg.d_sae, tp, got["tp_rank"])
         torch.testing.assert_close(got["losses"], ref_losses, rtol=1e-5, atol=1e-5)
         worst = max(worst, float((got["losses"] - ref_losses).abs().max()))
         for s in (0, STEPS - 1):

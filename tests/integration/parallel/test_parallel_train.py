@@ -42,12 +42,12 @@ def store(tmp_path_factory):
     codes = (torch.rand(8192, 96, generator=g) < 0.06).float() * torch.rand(8192, 96, generator=g) * 3
     x = codes @ D + 0.05 * torch.randn(8192, 24, generator=g)
     path = root / "store.zarr"
-    write_store(path, x, attrs={"hook": "blocks.0.hook_resid_post", "model": "synthetic"})
+    write_store(path, x, attrs={"hook_name": "blocks.0.hook_resid_post", "model": "synthetic"})
     return path
 
 
 def _args(store, run_dir, extra=()):
-    return [f"run_dir={run_dir}", f"store.path={store}", "sae.n_latents=384", "sae.k=4",
+    return [f"run_dir={run_dir}", f"store.path={store}", "sae.d_sae=384", "sae.k=4",
             "++sae.k_aux=8", "sae.dead_tokens=512", f"trainer.tokens={STEPS * 256}",
             "trainer.batch_tokens=256", f"trainer.checkpoint_every_steps={CKPT}",
             "trainer.keep_checkpoints=5", "trainer.log_every_steps=1", "device=cpu", "seed=0",

@@ -111,7 +111,7 @@ def test_script_overrides_resolve_in_sae_train(console_script, tmp_path):
     for tp in (args.tp_first, args.tp_resume):
         r = console_script("sae-train", *mod.train_overrides(args, tp), "--cfg", "job")
         assert r.returncode == 0, r.stderr[-2000:]
-        assert f"n_latents: {N16M}" in r.stdout and f"tp: {tp}" in r.stdout, r.stdout
+        assert f"d_sae: {N16M}" in r.stdout and f"tp: {tp}" in r.stdout, r.stdout
 
 
 def test_export_at_16m_latents_past_4gib_offsets_loads(tmp_path):
@@ -126,7 +126,7 @@ def test_export_at_16m_latents_past_4gib_offsets_loads(tmp_path):
 
     d, tp = 36, 64
     ctx = ParallelContext(world_size=tp, rank=0, tp=tp, tp_rank=tp - 1)  # rank 0 role + the last shard
-    shard = build_sharded_sae(SAEConfig(d_in=d, n_latents=N16M, k=32), ctx, device="cpu")
+    shard = build_sharded_sae(SAEConfig(d_in=d, d_sae=N16M, k=32), ctx, device="cpu")
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in shard.parameters():

@@ -55,7 +55,7 @@ def _data():
     g = torch.Generator().manual_seed(seed)
     cfg = engine_cfg()
     xs = torch.randn(STEPS, B, cfg.d_in, generator=g) * 2.0 + 0.3
-    dead = torch.rand(cfg.n_latents, generator=g) < 0.3
+    dead = torch.rand(cfg.d_sae, generator=g) < 0.3
     b_dec = 0.1 * torch.randn(cfg.d_in, generator=g)
     return cfg, seed, xs, dead, b_dec
 
@@ -63,7 +63,7 @@ def _data():
 def _ref_model(cfg, seed, b_dec) -> TopKSAE:
     """Unsharded TopKSAE with the mesh-independent tied init of `init_rows`."""
     m = TopKSAE(cfg)
-    w = init_rows(0, cfg.n_latents, cfg.d_in, seed)
+    w = init_rows(0, cfg.d_sae, cfg.d_in, seed)
     with torch.no_grad():
         m.W_dec.copy_(w)
         m.W_enc.copy_(cfg.enc_init_scale * w.T)

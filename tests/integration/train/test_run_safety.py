@@ -28,7 +28,7 @@ import json, sys
 from sae_dist.sae import SAEConfig
 from sae_dist.train import TrainerConfig, train
 store, out, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
-res = train(store_path=store, out_dir=out, sae_cfg=SAEConfig(d_in=32, n_latents=2048, k=8),
+res = train(store_path=store, out_dir=out, sae_cfg=SAEConfig(d_in=32, d_sae=2048, k=8),
             trainer_cfg=TrainerConfig(tokens=512 * steps, batch_tokens=512, log_every_steps=1,
                                       checkpoint_every_steps=25),
             progress=False, wandb_cfg={"enabled": False})
@@ -39,7 +39,7 @@ print(json.dumps({"steps": res["steps"], "already_finished": res["already_finish
 def _store(path: Path, n_tokens=8192, d=32, seed=0) -> str:
     g = np.random.default_rng(seed)
     x = g.normal(size=(n_tokens, d)).astype(np.float32)
-    return str(write_store(path, x, attrs={"model": "synthetic", "hook": "blocks.0.hook_resid_post"},
+    return str(write_store(path, x, attrs={"model": "synthetic", "hook_name": "blocks.0.hook_resid_post"},
                            chunk_tokens=512, shard_tokens=2048))
 
 
@@ -119,7 +119,7 @@ def test_lock_is_exclusive_across_processes_and_released_by_sigkill(tmp_path):
 
 
 def _train_cli(run: Path, store: str, *extra: str) -> list[str]:
-    return [str(BIN / "sae-train"), f"run_dir={run}", f"store.path={store}", "sae.n_latents=2048", "sae.k=8",
+    return [str(BIN / "sae-train"), f"run_dir={run}", f"store.path={store}", "sae.d_sae=2048", "sae.k=8",
             "trainer.tokens=204800", "trainer.batch_tokens=512", "trainer.log_every_steps=1",
             "trainer.checkpoint_every_steps=1000", "device=cpu", "seed=0", "wandb.enabled=false", *extra]
 
@@ -158,7 +158,7 @@ def test_sigterm_checkpoints_exits_75_and_the_rerun_resumes_exactly(tmp_path, co
 def test_finished_run_checks_its_inputs(tmp_path, capsys):
     store = _store(tmp_path / "a.zarr")
     kw = dict(progress=False, wandb_cfg={"enabled": False})
-    cfg = SAEConfig(d_in=32, n_latents=64, k=4)
+    cfg = SAEConfig(d_in=32, d_sae=64, k=4)
     tcfg = TrainerConfig(tokens=512 * 6, batch_tokens=512, checkpoint_every_steps=3)
     out = tmp_path / "run"
     train(store_path=store, out_dir=out, sae_cfg=cfg, trainer_cfg=tcfg, **kw)
@@ -168,8 +168,8 @@ def test_finished_run_checks_its_inputs(tmp_path, capsys):
     # a store of another width, with the SAE width taken from it (as sae-train does)
     narrow = _store(tmp_path / "narrow.zarr", d=16)
     with pytest.raises(ValueError, match=r"d_in: recorded 32 != now 16") as e:
-        train(store_path=narrow, out_dir=out, sae_cfg=SAEConfig(d_in=16, n_latents=64, k=4), trainer_cfg=tcfg, **kw)
-    assert "d_model" in str(e.value) and "Use a new run_dir" in str(e.value)
+        train(store_path=narrow, out_dir=out, sae_cfg=SAEConfig(d_in=16, d_sae=64, k=4), trainer_cfg=tcfg, **kw)
+    assert "d_in" in str(e.value) and "Use a new run_dir" in str(e.value)
     # same width, other data (norm statistics and path differ)
     other = _store(tmp_path / "b.zarr", seed=1)
     with pytest.raises(ValueError, match=r"store: recorded .*a\.zarr.* != now .*b\.zarr"):
@@ -225,11 +225,11 @@ def test_checkpoint_temporaries_are_cleaned_only_under_the_lock(tmp_path):
     (out / "checkpoints" / ".tmp_step_00000007").mkdir(parents=True)
     with DirectoryLock(out, "another sae-train"):
         with pytest.raises(DirectoryBusyError, match="another sae-train"):
-            train(store_path=store, out_dir=out, sae_cfg=SAEConfig(d_in=32, n_latents=64, k=4),
+            train(store_path=store, out_dir=out, sae_cfg=SAEConfig(d_in=32, d_sae=64, k=4),
                   trainer_cfg=TrainerConfig(tokens=1024, batch_tokens=512), progress=False,
                   wandb_cfg={"enabled": False})
         assert (out / "checkpoints" / ".tmp_step_00000007").exists()
-    train(store_path=store, out_dir=out, sae_cfg=SAEConfig(d_in=32, n_latents=64, k=4),
+    train(store_path=store, out_dir=out, sae_cfg=SAEConfig(d_in=32, d_sae=64, k=4),
           trainer_cfg=TrainerConfig(tokens=1024, batch_tokens=512, checkpoint_every_steps=1), progress=False,
           wandb_cfg={"enabled": False})
     assert not (out / "checkpoints" / ".tmp_step_00000007").exists()

@@ -26,7 +26,7 @@ def test_trainer_learns_exports_and_is_idempotent(tmp_path, capsys):
     x = sparse_dictionary_data()
     store = synthetic_store(tmp_path, x)
     out = tmp_path / "run"
-    sae_cfg = SAEConfig(d_in=32, n_latents=128, k=4, dead_tokens=4096, normalize="layer_norm")
+    sae_cfg = SAEConfig(d_in=32, d_sae=128, k=4, dead_tokens=4096, normalize="layer_norm")
     tcfg = TrainerConfig(tokens=256 * 200, batch_tokens=256, lr=5e-3, log_every_steps=20,
                          checkpoint_every_steps=100, prefetch=1)
     res = train(store_path=store, out_dir=out, sae_cfg=sae_cfg, trainer_cfg=tcfg, progress=False,
@@ -51,7 +51,7 @@ def test_trainer_learns_exports_and_is_idempotent(tmp_path, capsys):
     cfg = json.loads((out / "sae" / "cfg.json").read_text())
     assert cfg["hook_name"] == "blocks.0.hook_resid_post" and cfg["model_name"] == "synthetic"
     st = json.loads((out / "sae" / "training_state.json").read_text())
-    assert st["tokens_trained"] == 256 * 200 and st["n_latents"] == 128 and st["k"] == 4
+    assert st["tokens_trained"] == 256 * 200 and st["d_sae"] == 128 and st["k"] == 4
     # the contract's window: 10M tokens, or the whole run when shorter (51200 tokens here)
     assert 0.0 <= st["dead_fraction"] <= 1.0
     assert "whole run" in st["dead_fraction_window"] and str(256 * 200) in st["dead_fraction_window"]
@@ -86,7 +86,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     import time
 
     store = synthetic_store(tmp_path, sparse_dictionary_data(n_tokens=4096))
-    sae_kw = dict(d_in=32, n_latents=128, k=4, dead_tokens=256, normalize="layer_norm")
+    sae_kw = dict(d_in=32, d_sae=128, k=4, dead_tokens=256, normalize="layer_norm")
     tr_kw = dict(tokens=128 * 400, batch_tokens=128, lr=3e-3, checkpoint_every_steps=5,
                  keep_checkpoints=2, log_every_steps=1)
     killed = tmp_path / "killed"

@@ -19,7 +19,7 @@ def _fake_run(root: Path, i: int, arch: str, exported: str, l0: float, fvu: floa
     (run / "sae").mkdir(parents=True)
     (run / "eval.json").write_text(json.dumps({
         "l0": l0, "fvu": fvu, "fvu_normalized_inputs": fvu * 2, "normalized_mse": fvu, "dead_fraction": 0.01 * i,
-        "ce_loss_score": 1 - fvu, "ce_loss_delta": fvu, "kl_div": fvu / 2, "n_latents": 64,
+        "ce_loss_score": 1 - fvu, "ce_loss_delta": fvu, "kl_div": fvu / 2, "d_sae": 64,
         "tokens_trained": 1000}))
     (run / "sae" / "training_state.json").write_text(json.dumps(
         {"sae_cfg": {"architecture": arch, "k": k, "options": options}}))

@@ -113,7 +113,7 @@ def test_sae_eval_reports_equivalent_compute_of_an_lm_family(tiny_lm_dir, tmp_pa
               {"name": tiny_lm_dir, "params": 6e5, "train_tokens": 1e9},
               {"name": make_tiny_lm(tmp_path / "lm48", hidden_size=48, n_heads=4, seed=seed % 1000 + 2),
                "compute": 9e15}]
-    sae = TopKSAE(SAEConfig(d_in=32, n_latents=64, k=4, normalize="none"))
+    sae = TopKSAE(SAEConfig(d_in=32, d_sae=64, k=4, normalize="none"))
     export_sae(sae, tmp_path / "sae", hook_name="blocks.1.hook_resid_post", model_name=tiny_lm_dir, normalize="none")
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=[

@@ -66,7 +66,7 @@ def _sequences(tok, n, t, seed):
     return ids
 
 
-def _export_sae(model, out_dir, n_latents, k, seed, ids):
+def _export_sae(model, out_dir, d_sae, k, seed, ids):
     """A TopK SAE with tied random directions and b_dec = the mean hook activation (so many latents
     fire), exported through the real export."""
     from sae_dist.sae.config import SAEConfig
@@ -74,7 +74,7 @@ def _export_sae(model, out_dir, n_latents, k, seed, ids):
     from sae_dist.sae.topk import TopKSAE
 
     d = model.config.hidden_size
-    sae = TopKSAE(SAEConfig(d_in=d, n_latents=n_latents, k=k, normalize="none"),
+    sae = TopKSAE(SAEConfig(d_in=d, d_sae=d_sae, k=k, normalize="none"),
                   generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         h = model(input_ids=ids, output_hidden_states=True).hidden_states[LAYER + 1][:, 1:].reshape(-1, d)
@@ -114,7 +114,7 @@ def test_matches_hand_written_loop(lm, tmp_path):
     ids = _sequences(tok, 6, 24, seed)
     sae = _export_sae(model, tmp_path / "sae", 48, 4, seed, ids)
     T = 5
-    out = ablation_sparsity(model, sae, HOOK, ids, n_latents=5, occurrences=2, positions=T, seed=seed % 1000,
+    out = ablation_sparsity(model, sae, HOOK, ids, n_ablated=5, occurrences=2, positions=T, seed=seed % 1000,
                             batch_size=3, return_details=True)
     details = out["ablation_details"]
     assert len(out["ablation_latents"]) == 5 and len(set(out["ablation_latents"])) == 5
@@ -138,8 +138,8 @@ def test_matches_hand_written_loop(lm, tmp_path):
     assert out["ablation_sparsity"] == pytest.approx(np.mean([np.mean(v) for v in per.values()]), rel=1e-12)
 
     # off, too many latents asked, bad options
-    assert ablation_sparsity(model, sae, HOOK, ids, n_latents=0) == {}
-    many = ablation_sparsity(model, sae, HOOK, ids, n_latents=10_000, occurrences=1, positions=T, seed=1)
+    assert ablation_sparsity(model, sae, HOOK, ids, n_ablated=0) == {}
+    many = ablation_sparsity(model, sae, HOOK, ids, n_ablated=10_000, occurrences=1, positions=T, seed=1)
     from sae_dist.eval.ablation import collect_codes
 
     rows, lat, _ = collect_codes(model, sae, HOOK, ids).tensors()
@@ -148,7 +148,7 @@ def test_matches_hand_written_loop(lm, tmp_path):
     with pytest.raises(ValueError, match="ablation_positions must be >= 1, got 0"):
         ablation_sparsity(model, sae, HOOK, ids, positions=0)
     with pytest.raises(ValueError, match="ablation_latents must be >= 0, got -1"):
-        ablation_sparsity(model, sae, HOOK, ids, n_latents=-1)
+        ablation_sparsity(model, sae, HOOK, ids, n_ablated=-1)
 
 
 NEW_KEYS = (
@@ -170,7 +170,7 @@ def test_evaluate_new_keys_end_to_end(lm, tmp_path):
     seed = torch_seed(2**31)
     _export_sae(model, tmp_path / "sae", 64, 4, seed, _sequences(tok, 8, 32, seed))
     docs = tiny_corpus(n_files=6, max_chars=8000)
-    res = evaluate(sae_path=tmp_path / "sae", model=model, tokenizer=tok, hook=HOOK, docs=docs, ctx_len=32,
+    res = evaluate(sae_path=tmp_path / "sae", model=model, tokenizer=tok, hook_name=HOOK, docs=docs, ctx_len=32,
                    eval_tokens=1200, eval_fraction=1.0, batch_size=8, progress=False, ablation_latents=6,
                    ablation_occurrences=2, shrinkage_tokens=500, probe_min_count=10)
     for key in (*CONTRACT_KEYS, *NEW_KEYS):
@@ -209,11 +209,11 @@ def test_evaluate_new_keys_end_to_end(lm, tmp_path):
         assert loaded[key] == json.loads(json.dumps(res[key])), key
 
     # everything off: the keys stay, with None values
-    off = evaluate(sae_path=tmp_path / "sae", model=model, tokenizer=tok, hook=HOOK, docs=docs, ctx_len=32,
+    off = evaluate(sae_path=tmp_path / "sae", model=model, tokenizer=tok, hook_name=HOOK, docs=docs, ctx_len=32,
                    eval_tokens=200, eval_fraction=1.0, batch_size=8, progress=False, probes=False,
                    ablation_latents=0, shrinkage_tokens=0, n2g_latents=0)
     assert off["n2g_precision"] is None and off["n2g_latents"] == 0
     assert off["probe_loss"] is None and off["ablation_sparsity"] is None and off["shrinkage_ratio"] is None
     with pytest.raises(ValueError, match="dense_threshold must be in"):
-        evaluate(sae_path=tmp_path / "sae", model=model, tokenizer=tok, hook=HOOK, docs=docs, ctx_len=32,
+        evaluate(sae_path=tmp_path / "sae", model=model, tokenizer=tok, hook_name=HOOK, docs=docs, ctx_len=32,
                  eval_tokens=200, eval_fraction=1.0, progress=False, dense_threshold=0.0)

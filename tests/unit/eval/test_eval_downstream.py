@@ -160,13 +160,13 @@ def test_bad_sequences_raise(lm):
 # evaluate(): end to end with an SAE exported through the real export
 
 
-def _export_random_sae(out_dir, d_in, n_latents=64, k=4, seed=0):
+def _export_random_sae(out_dir, d_in, d_sae=64, k=4, seed=0):
     from sae_dist.sae.config import SAEConfig
     from sae_dist.sae.export import export_sae
     from sae_dist.sae.topk import TopKSAE
 
     sae = TopKSAE(
-        SAEConfig(d_in=d_in, n_latents=n_latents, k=k, normalize="none"),
+        SAEConfig(d_in=d_in, d_sae=d_sae, k=k, normalize="none"),
         generator=torch.Generator().manual_seed(seed),
     )
     with torch.no_grad():
@@ -190,16 +190,17 @@ def test_evaluate_end_to_end(lm, tmp_path):
     )
     docs = tiny_corpus(n_files=4, max_chars=4000)
     ctx_len, eval_tokens = 16, 200
-    res = evaluate(sae_path=sae_dir, model=model, tokenizer=tok, hook=HOOK, docs=docs, ctx_len=ctx_len,
+    res = evaluate(sae_path=sae_dir, model=model, tokenizer=tok, hook_name=HOOK, docs=docs, ctx_len=ctx_len,
                    eval_tokens=eval_tokens, eval_fraction=1.0, batch_size=5, progress=False)
     for key in CONTRACT_KEYS:
         assert key in res, key
-        if key not in ("hook", "model"):
+        if key not in ("hook_name", "model"):
             assert isinstance(res[key], (int, float)) and math.isfinite(res[key]), (key, res[key])
     n_seq = math.ceil(eval_tokens / (ctx_len - 1))
     assert res["eval_tokens"] == n_seq * (ctx_len - 1)
     assert (res["tokens_trained"], res["dead_fraction"], res["dead_fraction_window"]) == (12345, 0.25, "last 10 tokens")
-    assert (res["n_latents"], res["k"], res["d_in"], res["hook"], res["model"]) == (64, 4, d, HOOK, "tiny-llama")
+    assert (res["d_sae"], res["k"], res["d_in"], res["hook_name"], res["model"]) == (64, 4, d, HOOK, "tiny-llama")
+    assert (res["n_latents"], res["hook"]) == (64, HOOK)  # the earlier names, kept for one release
 
     # independent reference: activations from output_hidden_states, numpy float64 fvu / l0
     seqs = []
@@ -229,7 +230,7 @@ def test_evaluate_end_to_end(lm, tmp_path):
 
     # without training_state.json: dead fraction measured on the eval tokens, and the window says so
     (sae_dir / "training_state.json").unlink()
-    res2 = evaluate(sae_path=sae_dir, model=model, tokenizer=tok, hook=HOOK, docs=docs, ctx_len=ctx_len,
+    res2 = evaluate(sae_path=sae_dir, model=model, tokenizer=tok, hook_name=HOOK, docs=docs, ctx_len=ctx_len,
                     eval_tokens=60, eval_fraction=1.0, batch_size=4, progress=False)
     assert res2["dead_fraction"] == res2["dead_fraction_eval"]
     assert "eval tokens" in res2["dead_fraction_window"] and res2["tokens_trained"] is None
@@ -246,7 +247,7 @@ def test_evaluate_errors(lm, tmp_path):
     docs = tiny_corpus(n_files=3, max_chars=3000)
     narrow = _export_random_sae(tmp_path / "narrow", 16)
     with pytest.raises(ValueError, match=r"width 32.*d_in=16"):
-        evaluate(sae_path=narrow, model=model, tokenizer=tok, hook=HOOK, docs=docs, ctx_len=16,
+        evaluate(sae_path=narrow, model=model, tokenizer=tok, hook_name=HOOK, docs=docs, ctx_len=16,
                  eval_tokens=30, eval_fraction=1.0, batch_size=2, progress=False)
 
     # NaN in one token's embedding -> the error names the batch / sequence range
@@ -259,5 +260,5 @@ def test_evaluate_errors(lm, tmp_path):
         bad.get_input_embeddings().weight[seqs[3][5]] = float("nan")
     first_bad = next(i for i, s in enumerate(seqs) if seqs[3][5] in s[1:])
     with pytest.raises(ValueError, match=rf"non-finite.*batch {first_bad // 2} \(sequences \[{first_bad // 2 * 2}, "):
-        evaluate(sae_path=sae_dir, model=bad, tokenizer=tok, hook=HOOK, docs=docs, ctx_len=16,
+        evaluate(sae_path=sae_dir, model=bad, tokenizer=tok, hook_name=HOOK, docs=docs, ctx_len=16,
                  eval_tokens=6 * 15, eval_fraction=1.0, batch_size=2, progress=False)

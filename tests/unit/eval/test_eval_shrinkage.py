@@ -73,7 +73,7 @@ def test_sae_shrinkage_on_exported_sae(tmp_path):
 
     seed = torch_seed(2**31)
     d, n, k = 16, 64, 4
-    sae = TopKSAE(SAEConfig(d_in=d, n_latents=n, k=k, normalize="none"), generator=torch.Generator().manual_seed(seed))
+    sae = TopKSAE(SAEConfig(d_in=d, d_sae=n, k=k, normalize="none"), generator=torch.Generator().manual_seed(seed))
     export_sae(sae, tmp_path, hook_name="blocks.0.hook_resid_post", model_name="m", normalize="none")
     exp = load_sae(tmp_path)
     x = torch.randn(300, d, generator=torch.Generator().manual_seed(seed + 1)) * 3

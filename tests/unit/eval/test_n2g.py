@@ -191,7 +191,7 @@ def test_metrics_from_codes_samples_firing_latents_and_matches_dense_path():
     z[:, 1, 7] = 1.0 + rng.random(C)
     codes = LatentCodes(L)
     codes.add_dense(torch.from_numpy(z.reshape(C * T, L)))
-    res = n2g_metrics_from_codes(tok, codes, n_latents=L, seed=seed, heldout_fraction=0.5)
+    res = n2g_metrics_from_codes(tok, codes, n_sampled=L, seed=seed, heldout_fraction=0.5)
     sampled = res["n2g_latents_sampled"]
     assert 5 not in sampled and 7 in sampled and len(sampled) == L - 1, f"seed={seed}"
     ref = n2g_metrics(tok, z[..., sampled], heldout_fraction=0.5, latent_ids=sampled)
@@ -202,7 +202,7 @@ def test_metrics_from_codes_samples_firing_latents_and_matches_dense_path():
     s7 = score_n2g([e], tok[C // 2:], z[C // 2:, :, 7])[0]
     assert (s7.precision, s7.recall, s7.tp) == (1.0, 1.0, C - C // 2), f"seed={seed}: {s7}"
     # a smaller sample is a seeded subset of the firing latents
-    small = n2g_metrics_from_codes(tok, codes, n_latents=4, seed=seed)["n2g_latents_sampled"]
+    small = n2g_metrics_from_codes(tok, codes, n_sampled=4, seed=seed)["n2g_latents_sampled"]
     assert len(small) == 4 and set(small) <= set(sampled), f"seed={seed}"
     with pytest.raises(ValueError, match="codes hold"):
         n2g_metrics_from_codes(tok[:-1], codes)

@@ -34,7 +34,7 @@ HOOK = "blocks.1.hook_resid_post"
 
 def _export(tmp_path, mode, seed=0, d=D):
     g = torch.Generator().manual_seed(seed)
-    sae = TopKSAE(SAEConfig(d_in=d, n_latents=N_LAT, k=K, normalize=mode), generator=g)
+    sae = TopKSAE(SAEConfig(d_in=d, d_sae=N_LAT, k=K, normalize=mode), generator=g)
     with torch.no_grad():
         sae.b_enc.copy_(0.2 * torch.randn(N_LAT, generator=g))
         sae.b_dec.copy_(0.3 * torch.randn(d, generator=g))
@@ -219,7 +219,7 @@ def test_evaluate_writes_progressive_entry(lm, tmp_path):
 
     model, tok = lm
     sae_dir = _export(tmp_path, "layer_norm", seed=14, d=model.config.hidden_size)
-    kw = dict(model=model, tokenizer=tok, hook=HOOK, docs=tiny_corpus(n_files=4, max_chars=4000), ctx_len=16,
+    kw = dict(model=model, tokenizer=tok, hook_name=HOOK, docs=tiny_corpus(n_files=4, max_chars=4000), ctx_len=16,
               eval_tokens=150, eval_fraction=1.0, batch_size=4, progress=False, probes=False,
               ablation_latents=0, shrinkage_tokens=0, n2g_latents=0)
     res = evaluate(sae_path=sae_dir, progressive_k_factors=[0.5, 1, 2], **kw)

@@ -106,7 +106,7 @@ def _fake_sweep(root: Path, true: dict, rng, d_in=64, tokens=400_000):
             d = root / f"{job}_n{n}_k{k}"
             d.mkdir(parents=True)
             loss = float(joint_law(n, k, **true) * np.exp(rng.normal(0, 0.002)))
-            (d / "eval.json").write_text(json.dumps({"n_latents": n, "k": k, "d_in": d_in, "tokens_trained": tokens,
+            (d / "eval.json").write_text(json.dumps({"d_sae": n, "k": k, "d_in": d_in, "tokens_trained": tokens,
                                                      "fvu_normalized_inputs": loss, "normalized_mse": 2 * loss,
                                                      "architecture": "topk"}))
             (d / "job_status.json").write_text(json.dumps({"status": "completed", "job_num": job}))

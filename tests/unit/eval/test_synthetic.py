@@ -36,9 +36,9 @@ def test_topk_recovers_the_dictionary(tmp_path):
     seed = int(torch.randint(0, 2**31 - 1, ()))
     sd = SyntheticDictionary(32, 64, p_active=0.05, seed=seed)
     x, _ = sd.sample(32768)
-    write_store(tmp_path / "s.zarr", x, attrs={"hook": "synthetic", "model": "synthetic"})
+    write_store(tmp_path / "s.zarr", x, attrs={"hook_name": "synthetic", "model": "synthetic"})
     k = 4
-    cfg = SAEConfig(d_in=32, n_latents=128, k=k, normalize="none", dead_tokens=16384)
+    cfg = SAEConfig(d_in=32, d_sae=128, k=k, normalize="none", dead_tokens=16384)
     res = train(store_path=tmp_path / "s.zarr", out_dir=tmp_path / "run", sae_cfg=cfg, seed=seed,
                 trainer_cfg=TrainerConfig(tokens=300_000, batch_tokens=1024, keep_checkpoints=0,
                                           log_every_steps=50),

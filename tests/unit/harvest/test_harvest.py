@@ -52,8 +52,8 @@ def test_harvest_values_layout_and_attrs(lm, tmp_path):
     assert attrs["norm_stats"]["n"] == n
     np.testing.assert_allclose(attrs["norm_stats"]["mean_norm"], norms.mean(), rtol=1e-9)
     np.testing.assert_allclose(attrs["norm_stats"]["mean_sq_norm"], (norms**2).mean(), rtol=1e-9)
-    assert attrs["d_model"] == model.config.hidden_size and attrs["n_tokens"] == n
-    assert attrs["hook"] == HOOK and attrs["layer"] == 1 and attrs["ctx_len"] == CTX
+    assert attrs["d_in"] == model.config.hidden_size and attrs["n_tokens"] == n
+    assert attrs["hook_name"] == HOOK and attrs["layer"] == 1 and attrs["ctx_len"] == CTX
     assert attrs["dataset"] == "tiny" and attrs["dtype"] == "float32" and attrs["model"]
     assert attrs["harvest"]["complete"] is True and attrs["harvest"]["end_of_data"] is False
     # a rerun of a complete harvest is a no-op that says so and touches nothing
@@ -111,6 +111,6 @@ def test_bad_arguments(lm, tmp_path):
     with pytest.raises(ValueError, match="unknown store dtype 'int8'"):
         run_harvest(lm, tmp_path / "x", [], 100, dtype="int8")
     with pytest.raises(ValueError, match="blocks.9.hook_resid_post"):
-        run_harvest(lm, tmp_path / "x", [], 100, hook="blocks.9.hook_resid_post")
+        run_harvest(lm, tmp_path / "x", [], 100, hook_name="blocks.9.hook_resid_post")
     with pytest.raises(HarvestError, match="no train sequence"):
         run_harvest(lm, tmp_path / "empty", ["too short"], 100)

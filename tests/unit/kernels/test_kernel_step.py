@@ -5,7 +5,7 @@ One step = `training_step_losses` -> backward -> decoder-gradient projection -> 
 row renormalisation (the trainer's order, Gao et al. 2024 section 2.4.1). The oracle is the same SAE
 stepped on `topk_losses_reference` (dense pre-activations, torch.topk, embedding_bag); the losses of
 that oracle are themselves checked against an independent dense re-implementation here. Both SAEs start from
-the same random parameters (b_pre and b_enc made non-zero so every gradient path is exercised).
+the same random parameters (b_dec and b_enc made non-zero so every gradient path is exercised).
 
 Adam's first update is lr * g / (|g| + eps): with the trainer's eps = 6.25e-10 it is lr * sign(g), so a
 gradient entry that is 0 up to rounding would flip between +lr and -lr on float noise alone. The
@@ -89,7 +89,7 @@ def _independent_losses(sae: TopKSAE, x, dead, k_aux):
 
 def _check_equal_steps(cfg_kw, B, dead_fn, backend="auto", tol=2e-5, device="cpu"):
     a, b = _pair(cfg_kw, backend, device)
-    n = cfg_kw["n_latents"]
+    n = cfg_kw["d_sae"]
     x = (torch.randn(B, cfg_kw["d_in"]) * 1.5 + 0.5).to(device)
     dead = dead_fn(n)
     dead = None if dead is None else dead.to(device)
@@ -134,28 +134,28 @@ def _some_dead(frac):
 
 @pytest.mark.parametrize("multi_topk", [False, True])
 def test_kernel_step_equals_torch_step_with_auxk(multi_topk):
-    _check_equal_steps(dict(d_in=24, n_latents=160, k=5, multi_topk=multi_topk, normalize="none"),
+    _check_equal_steps(dict(d_in=24, d_sae=160, k=5, multi_topk=multi_topk, normalize="none"),
                        B=48, dead_fn=_some_dead(0.3))
 
 
 def test_kernel_step_fewer_dead_than_k_aux_and_chunked_latents():
-    # k_aux = 8 (d_in 16) but only 3 dead latents: both paths use min(k_aux, n_dead). n_latents is
+    # k_aux = 8 (d_in 16) but only 3 dead latents: both paths use min(k_aux, n_dead). d_sae is
     # larger than the encoder's default latent chunk, so the running top-k crosses chunks.
     def three_dead(n):
         m = torch.zeros(n, dtype=torch.bool)
         m[torch.randperm(n)[:3]] = True
         return m
 
-    _check_equal_steps(dict(d_in=16, n_latents=4096 + 77, k=3, auxk_coef=0.5, normalize="none"),
+    _check_equal_steps(dict(d_in=16, d_sae=4096 + 77, k=3, auxk_coef=0.5, normalize="none"),
                        B=20, dead_fn=three_dead)
 
 
 def test_kernel_step_without_auxk():
     # no dead mask, and a mask with no dead latent: AuxK term exactly 0 in both paths
-    ra, rb = _check_equal_steps(dict(d_in=16, n_latents=64, k=4, multi_topk=True, normalize="none"),
+    ra, rb = _check_equal_steps(dict(d_in=16, d_sae=64, k=4, multi_topk=True, normalize="none"),
                                 B=32, dead_fn=lambda n: None)
     assert float(ra.auxk_loss) == 0.0 == float(rb.auxk_loss)
-    ra, rb = _check_equal_steps(dict(d_in=16, n_latents=64, k=4, normalize="none"),
+    ra, rb = _check_equal_steps(dict(d_in=16, d_sae=64, k=4, normalize="none"),
                                 B=32, dead_fn=lambda n: torch.zeros(n, dtype=torch.bool))
     assert float(ra.auxk_loss) == 0.0 == float(rb.auxk_loss)
 
@@ -164,21 +164,21 @@ def test_kernel_step_without_auxk():
 def test_kernel_step_triton_backend_equals_torch_step(multi_topk, kernel_device):
     # The Triton kernels themselves (compiled on CUDA, or Triton's CPU interpreter: tests/conftest.py
     # chooses) inside the full step, at a tiny shape; the torch step runs on the same device.
-    _check_equal_steps(dict(d_in=16, n_latents=48, k=2, multi_topk=multi_topk, normalize="none"),
+    _check_equal_steps(dict(d_in=16, d_sae=48, k=2, multi_topk=multi_topk, normalize="none"),
                        B=18, dead_fn=_some_dead(0.4), backend="triton", tol=5e-5, device=kernel_device)
 
 
 def test_kernel_step_bad_dead_mask_and_backend():
-    a, _ = _pair(dict(d_in=8, n_latents=32, k=2, normalize="none"))
+    a, _ = _pair(dict(d_in=8, d_sae=32, k=2, normalize="none"))
     x = torch.randn(4, 8)
     with pytest.raises(ValueError, match="dead_mask"):
         a.training_step_losses(x, torch.ones(32))  # float, not bool
     with pytest.raises(ValueError, match="dead_mask"):
         a.training_step_losses(x, torch.ones(31, dtype=torch.bool))
     with pytest.raises(ValueError, match="kernel_backend"):
-        SAEConfig(d_in=8, n_latents=32, k=2, kernel_backend="cuda")
+        SAEConfig(d_in=8, d_sae=32, k=2, kernel_backend="cuda")
     with pytest.raises(ValueError, match="kernels"):
-        SAEConfig(d_in=8, n_latents=32, k=2, kernels="yes")
+        SAEConfig(d_in=8, d_sae=32, k=2, kernels="yes")
 
 
 def test_kernels_switch_is_deprecated_and_ignored():
@@ -186,9 +186,9 @@ def test_kernels_switch_is_deprecated_and_ignored():
     path is the same with either value."""
     seed = int(torch.randint(0, 2**31 - 1, ()))
     with pytest.warns(FutureWarning, match="kernel_backend=torch"):
-        off = SAEConfig(d_in=12, n_latents=40, k=3, kernels=False, normalize="none")
+        off = SAEConfig(d_in=12, d_sae=40, k=3, kernels=False, normalize="none")
     a = TopKSAE(off, generator=torch.Generator().manual_seed(seed))
-    b = TopKSAE(SAEConfig(d_in=12, n_latents=40, k=3, normalize="none"), generator=torch.Generator().manual_seed(seed))
+    b = TopKSAE(SAEConfig(d_in=12, d_sae=40, k=3, normalize="none"), generator=torch.Generator().manual_seed(seed))
     x = torch.randn(10, 12)
     torch.testing.assert_close(a.training_step_losses(x).loss, b.training_step_losses(x).loss, rtol=0, atol=0)
 
@@ -208,7 +208,7 @@ def test_autocast_step_through_triton_kernels(monkeypatch, kernel_device):
 def _check_autocast_step(monkeypatch, backend, dev):
     import sae_dist.sae.topk as topk_mod
 
-    cfg = dict(d_in=32, n_latents=128, k=4, k_aux=8)
+    cfg = dict(d_in=32, d_sae=128, k=4, k_aux=8)
     a, b = _pair(cfg, backend=backend, device=dev)
     enc = topk_mod.encode_topk
     seen = []

@@ -20,11 +20,11 @@ from sae_dist.kernels._common import resolve_backend
 from sae_dist.kernels.sparse_decode import sparse_decode
 
 
-def dense_oracle(values, indices, W_dec, b_pre, grad_out):
-    """x = onehot-code @ W_dec + b_pre in float64 and its gradients by autograd (dense)."""
+def dense_oracle(values, indices, W_dec, b_dec, grad_out):
+    """x = onehot-code @ W_dec + b_dec in float64 and its gradients by autograd (dense)."""
     v = values.detach().double().requires_grad_()
     W = W_dec.detach().double().requires_grad_()
-    b = b_pre.detach().double().requires_grad_()
+    b = b_dec.detach().double().requires_grad_()
     onehot = torch.nn.functional.one_hot(indices, W.shape[0]).double()  # [B, k, n]
     Z = (onehot * v[..., None]).sum(1)  # [B, n], repeated indices add up
     x = Z @ W + b
@@ -104,7 +104,7 @@ def test_decode_matches_dense_oracle(kind, dtype, backend, det, poison, kernel_d
     got = run_decode(vals, idx, W, b, go, backend, det)
     ref = dense_oracle(vals, idx, W, b, go)
     assert got[0].dtype == dtype and got[1].dtype == dtype and got[2].dtype == dtype
-    _assert_close_scaled(got, ref, dtype, dev, ["x_hat", "grad_values", "grad_W_dec", "grad_b_pre"])
+    _assert_close_scaled(got, ref, dtype, dev, ["x_hat", "grad_values", "grad_W_dec", "grad_b_dec"])
     # Rows of W_dec never selected get exactly zero gradient.
     unused = torch.ones(W.shape[0], dtype=torch.bool, device=dev)
     unused[idx.reshape(-1)] = False
@@ -123,7 +123,7 @@ def test_deterministic_grads_bit_identical(poison, kernel_device):
     torch.testing.assert_close(a[2].double(), ref[2], **kernel_tol(kernel_device, torch.float32, 1e-5, 1e-5))
 
 
-def test_no_b_pre_and_partial_grads(kernel_device):
+def test_no_b_dec_and_partial_grads(kernel_device):
     g = torch.Generator().manual_seed(3)
     case = make_case("general", torch.float32, g)
     for backend in ("torch", "triton"):
@@ -141,13 +141,13 @@ def test_bad_inputs_raise_clear_errors():
     W = torch.randn(10, 8)
     v = torch.rand(4, 3)
     i = torch.randint(0, 10, (4, 3))
-    with pytest.raises(ValueError, match="n_latents=10"):
+    with pytest.raises(ValueError, match="d_sae=10"):
         sparse_decode(v, torch.full((4, 3), 10), W)
     with pytest.raises(ValueError, match=r"\[B, k\]"):
         sparse_decode(v, i[:, :2], W)
     with pytest.raises(ValueError, match="int64"):
         sparse_decode(v, i.float(), W)
-    with pytest.raises(ValueError, match="b_pre"):
+    with pytest.raises(ValueError, match="b_dec"):
         sparse_decode(v, i, W, torch.zeros(7))
     with pytest.raises(ValueError, match="backend"):
         sparse_decode(v, i, W, backend="cuda")
@@ -207,12 +207,12 @@ def test_padding_index_minus_one_is_ignored(backend, det, poison, kernel_device)
             sparse_decode(vals, idx.masked_fill(pad, -2), W, b, backend=backend)
 
 
-def scatter_oracle(values, indices, W_dec, b_pre, grad_out):
+def scatter_oracle(values, indices, W_dec, b_dec, grad_out):
     """`dense_oracle` for shapes where the one-hot [B, k, n] does not fit: Z [B, n] by scatter_add
     (repeats add up; index -1 dropped), in float64, gradients by autograd."""
     v = values.detach().double().requires_grad_()
     W = W_dec.detach().double().requires_grad_()
-    b = b_pre.detach().double().requires_grad_()
+    b = b_dec.detach().double().requires_grad_()
     keep = indices >= 0
     Z = torch.zeros(v.shape[0], W.shape[0], dtype=torch.float64, device=v.device)
     Z = Z.scatter_add(1, indices.clamp_min(0), torch.where(keep, v, torch.zeros_like(v)))
@@ -249,7 +249,7 @@ def test_triton_decode_against_fp64_oracle(shape, dtype, det, poison, kernel_dev
     got = run_decode(vals, idx, W, b, go, "triton", det)
     assert all(t.dtype == dtype for t in got[:3])
     ref = scatter_oracle(vals, idx, W, b, go)
-    _assert_close_scaled(got, ref, dtype, dev, ["x_hat", "grad_values", "grad_W_dec", "grad_b_pre"])
+    _assert_close_scaled(got, ref, dtype, dev, ["x_hat", "grad_values", "grad_W_dec", "grad_b_dec"])
     assert (got[1][idx < 0] == 0).all(), "padding entries must get zero gradient"
     if det:
         again = run_decode(vals, idx, W, b, go, "triton", det)

@@ -57,9 +57,9 @@ def _problem(B, d, n, dtype=torch.float32, seed=0, dead_frac=0.3, device="cpu"):
     x = torch.randn(B, d, generator=g)
     W = (torch.randn(d, n, generator=g) / d**0.5).to(dtype)
     b_enc = (0.1 * torch.randn(n, generator=g)).to(dtype)
-    b_pre = (0.1 * torch.randn(d, generator=g)).to(dtype)
+    b_dec = (0.1 * torch.randn(d, generator=g)).to(dtype)
     dead = torch.rand(n, generator=g) < dead_frac
-    return tuple(t.to(device) for t in (x, W, b_enc, b_pre, dead))
+    return tuple(t.to(device) for t in (x, W, b_enc, b_dec, dead))
 
 
 def _dev(backend, kernel_device):
@@ -67,9 +67,9 @@ def _dev(backend, kernel_device):
     return kernel_device if backend == "triton" else torch.device("cpu")
 
 
-def _dense(x, W, b_enc, b_pre, k, dead=None, k_aux=0):
+def _dense(x, W, b_enc, b_dec, k, dead=None, k_aux=0):
     """Independent oracle: full [B, n] pre-activations, torch.topk, masked topk for AuxK."""
-    pre = (x.to(W.dtype) - b_pre) @ W + b_enc
+    pre = (x.to(W.dtype) - b_dec) @ W + b_enc
     v, i = torch.topk(pre, k, dim=1)
     out = [F.relu(v), i, None, None]
     if k_aux and dead is not None:
@@ -450,7 +450,7 @@ ROBUST_SHAPES = [
 def test_triton_against_fp64_oracle(shape, precision, kernel_device):
     """The Triton encoder against an fp64 oracle computed from the same (rounded) inputs: selections
     compared robustly (a different latent only at a near-tie, `assert_topk_selection`), values, and
-    the gradients of W_enc, b_enc, b_pre and x against a dense fp64 formula on the kernel's own
+    the gradients of W_enc, b_enc, b_dec and x against a dense fp64 formula on the kernel's own
     selection. "tf32": fp32 parameters with torch's TF32 matmul setting on (the training path's
     tensor-core dots), CUDA only."""
     dev = kernel_device
@@ -482,7 +482,7 @@ def test_triton_against_fp64_oracle(shape, precision, kernel_device):
     G.scatter_add_(1, i, (gv * (v > 0)).double())
     G.scatter_add_(1, ai, (ga * (av > 0)).double())
     gsum = G.sum(0)
-    refs = (("W_enc", W1, xc.T @ G), ("b_enc", be1, gsum), ("b_pre", bp1, -(W.double() @ gsum)),
+    refs = (("W_enc", W1, xc.T @ G), ("b_enc", be1, gsum), ("b_dec", bp1, -(W.double() @ gsum)),
             ("x", x1, G @ W.double().T))
     g_tol = kernel_tol(dev, dtype, *((1e-4, 1e-4) if dtype == torch.float32 else (2e-2, 2e-2)))
     for name, p, ref in refs:

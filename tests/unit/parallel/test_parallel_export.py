@@ -28,7 +28,7 @@ def test_single_process_fallback_equals_export_sae(dtype, tmp_path):
     from sae_dist.parallel.tp import build_sharded_sae
 
     d, n = 12, 40
-    cfg = SAEConfig(d_in=d, n_latents=n, k=3, dtype=dtype)
+    cfg = SAEConfig(d_in=d, d_sae=n, k=3, dtype=dtype)
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
     weights = global_weights(d, n, g)
     scale = random_scale(g)
@@ -57,7 +57,7 @@ def test_errors(tmp_path):
     from sae_dist.parallel.export import export_sae_sharded, safetensors_f32_layout
     from sae_dist.parallel.tp import build_sharded_sae
 
-    cfg = SAEConfig(d_in=8, n_latents=16, k=2)
+    cfg = SAEConfig(d_in=8, d_sae=16, k=2)
     shard = build_sharded_sae(cfg, tp=1, tp_rank=0)
     sae_dist.sae.init.tied_init_rows_(shard, 0)
     kw = export_kwargs("none", None)

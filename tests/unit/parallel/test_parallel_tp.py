@@ -25,25 +25,25 @@ def test_init_rows_is_mesh_independent():
 
 
 def test_meta_build_has_shard_shapes():
-    cfg = SAEConfig(d_in=4096, n_latents=2**24, k=32)
+    cfg = SAEConfig(d_in=4096, d_sae=2**24, k=32)
     m = build_sharded_sae(cfg, tp=64, tp_rank=63, device="meta")
     per = 2**24 // 64
     assert (m.latent_start, m.latent_end) == (63 * per, 64 * per)
     shapes = {n: tuple(getattr(m, n).shape) for n in NAMES}
     assert shapes == {"W_enc": (4096, per), "b_enc": (per,), "W_dec": (per, 4096), "b_dec": (4096,)}
     with pytest.raises(ValueError, match="not divisible by parallel.tp=3"):
-        build_sharded_sae(SAEConfig(d_in=8, n_latents=64, k=2), tp=3, tp_rank=0, device="meta")
+        build_sharded_sae(SAEConfig(d_in=8, d_sae=64, k=2), tp=3, tp_rank=0, device="meta")
 
 
 def test_inference_on_a_shard_refuses():
     """A latent shard trains but does not run inference (it would silently use its own latents only)."""
-    shard = build_sharded_sae(SAEConfig(d_in=8, n_latents=16, k=2), tp=2, tp_rank=1)
+    shard = build_sharded_sae(SAEConfig(d_in=8, d_sae=16, k=2), tp=2, tp_rank=1)
     x = torch.randn(3, 8)
     for call in (lambda: shard(x), lambda: shard.encode(x), lambda: shard.decode(torch.zeros(3, 16)),
                  lambda: shard.decode_sparse(torch.ones(3, 2), torch.zeros(3, 2, dtype=torch.long))):
         with pytest.raises(NotImplementedError, match="one latent shard"):
             call()
-    whole = build_sharded_sae(SAEConfig(d_in=8, n_latents=16, k=2), tp=1, tp_rank=0)
+    whole = build_sharded_sae(SAEConfig(d_in=8, d_sae=16, k=2), tp=1, tp_rank=0)
     assert whole(x).shape == (3, 8)
 
 
@@ -53,13 +53,13 @@ def test_meta_shards_agree_with_sae_plan():
     from sae_dist.plan import plan, shard_shapes
 
     d, n, tp = 4096, 2**24, 64
-    cfg = SAEConfig(d_in=d, n_latents=n, k=32)
+    cfg = SAEConfig(d_in=d, d_sae=n, k=32)
     planned = shard_shapes(d, n, tp)
     for r in (0, int(torch.randint(1, tp - 1, ())), tp - 1):
         m = build_sharded_sae(cfg, tp=tp, tp_rank=r, device="meta")
         assert {name: tuple(p.shape) for name, p in m.named_parameters()} == planned
         n_params = sum(p.numel() for p in m.parameters())
-    res = plan(d_in=d, n_latents=n, k=32, batch_tokens=131072, tp=tp, cluster={"nodes": 8, "gpus_per_node": 8})
+    res = plan(d_in=d, d_sae=n, k=32, batch_tokens=131072, tp=tp, cluster={"nodes": 8, "gpus_per_node": 8})
     assert res["memory_bytes"]["params"] == 4 * n_params
 
 

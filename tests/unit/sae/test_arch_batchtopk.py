@@ -24,7 +24,7 @@ from sae_dist.store import write_store
 
 def _random_sae(seed: int, d: int = 12, n: int = 48, k: int = 3, **options) -> BatchTopKSAE:
     g = torch.Generator().manual_seed(seed)
-    sae = BatchTopKSAE(SAEConfig(d_in=d, n_latents=n, k=k, architecture="batchtopk", options=options,
+    sae = BatchTopKSAE(SAEConfig(d_in=d, d_sae=n, k=k, architecture="batchtopk", options=options,
                                  k_aux=8), generator=g)
     perturb_topk_family(sae, g)
     return sae
@@ -157,7 +157,7 @@ def test_export_is_a_jumprelu_with_the_normalisation_folded(tmp_path):
 
 
 def test_options_are_validated():
-    base = dict(d_in=8, n_latents=16, k=2, architecture="batchtopk")
+    base = dict(d_in=8, d_sae=16, k=2, architecture="batchtopk")
     with pytest.raises(ValueError, match=r"threshold_beta=1\.5.*\[0, 1\]"):
         BatchTopKSAE(SAEConfig(**base, options={"threshold_beta": 1.5}))
     with pytest.raises(ValueError, match=r"threshold_start_step=-1"):
@@ -172,7 +172,7 @@ def test_options_are_validated():
 def test_recovers_the_dictionary_and_the_jumprelu_export_matches(tmp_path):
     seed = torch_seed()
     k = 4
-    cfg = SAEConfig(d_in=32, n_latents=128, k=k, normalize="none", dead_tokens=16384, architecture="batchtopk")
+    cfg = SAEConfig(d_in=32, d_sae=128, k=k, normalize="none", dead_tokens=16384, architecture="batchtopk")
     sd, res, loaded = train_on_synthetic(tmp_path, cfg, tokens=600_000, batch_tokens=1024, seed=seed)
     before = mean_max_cosine(sd.features, torch.randn(128, 32))
     after = mean_max_cosine(sd.features, loaded.W_dec)
@@ -201,8 +201,8 @@ def test_threshold_buffer_survives_a_checkpoint_resume(tmp_path):
     seed = torch_seed()
     sd = SyntheticDictionary(16, 48, p_active=0.06, seed=seed)
     x, _ = sd.sample(4096)
-    store = write_store(tmp_path / "s.zarr", x, attrs={"hook": "synthetic", "model": "synthetic"})
-    cfg = SAEConfig(d_in=16, n_latents=64, k=3, normalize="none", dead_tokens=512, architecture="batchtopk",
+    store = write_store(tmp_path / "s.zarr", x, attrs={"hook_name": "synthetic", "model": "synthetic"})
+    cfg = SAEConfig(d_in=16, d_sae=64, k=3, normalize="none", dead_tokens=512, architecture="batchtopk",
                     options={"threshold_beta": 0.8, "threshold_start_step": 4})
     wa, wb = train_interrupted_and_resumed(tmp_path, store, cfg, seed)
     for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
@@ -219,7 +219,7 @@ def test_threshold_buffer_survives_a_checkpoint_resume(tmp_path):
 def test_sae_train_cli_batchtopk(tmp_path, console_script):
     seed = torch_seed()
     _, x, proc, run = sae_train_on_synthetic(  # sae-train, in this process (conftest.py)
-        console_script, tmp_path, seed, "sae=batchtopk", "sae.n_latents=64", "sae.k=4", "sae.threshold_beta=0.9")
+        console_script, tmp_path, seed, "sae=batchtopk", "sae.d_sae=64", "sae.k=4", "sae.threshold_beta=0.9")
     assert proc.returncode == 0, proc.stderr[-4000:]
     cfg = json.loads((run / "sae" / "cfg.json").read_text())
     assert cfg["architecture"] == "jumprelu" and cfg["k"] == 4 and cfg["d_sae"] == 64, cfg

@@ -79,7 +79,7 @@ def test_straight_through_functions_match_the_papers_closed_forms():
 
 def _random_sae(seed: int, d: int = 12, n: int = 40, **options) -> JumpReLUSAE:
     g = torch.Generator().manual_seed(seed)
-    sae = JumpReLUSAE(SAEConfig(d_in=d, n_latents=n, k=None, architecture="jumprelu", options=options),
+    sae = JumpReLUSAE(SAEConfig(d_in=d, d_sae=n, k=None, architecture="jumprelu", options=options),
                       generator=g)
     with torch.no_grad():
         sae.b_enc.copy_(0.3 * torch.randn(n, generator=g))
@@ -168,7 +168,7 @@ def test_auto_initial_threshold():
 
 
 def test_options_and_schedule():
-    base = dict(d_in=8, n_latents=16, k=None, architecture="jumprelu")
+    base = dict(d_in=8, d_sae=16, k=None, architecture="jumprelu")
     for opt, bad, rng in [("l0_coef", -1.0, r">= 0"), ("bandwidth", 0.0, r"> 0"), ("target_l0", -2, r"> 0"),
                           ("l0_warmup_frac", 1.5, r"\[0.0, 1.0\]"), ("init_threshold", "big", r"auto"),
                           ("init_threshold", 0, r"> 0")]:
@@ -215,7 +215,7 @@ def test_export_reproduces_the_training_module(tmp_path, mode):
 
 def test_recovers_the_dictionary(tmp_path):
     seed = torch_seed()
-    cfg = SAEConfig(d_in=32, n_latents=128, k=None, normalize="none", architecture="jumprelu",
+    cfg = SAEConfig(d_in=32, d_sae=128, k=None, normalize="none", architecture="jumprelu",
                     options={"l0_coef": 0.05})
     sd, res, loaded = train_on_synthetic(tmp_path, cfg, tokens=450_000, batch_tokens=1024, seed=seed, lr=0.006)
     before = mean_max_cosine(sd.features, torch.randn(128, 32))  # a random decoder: the metric can fail
@@ -230,7 +230,7 @@ def test_recovers_the_dictionary(tmp_path):
 def test_l0_lands_at_the_target(tmp_path):
     seed = torch_seed()
     T = 4.0
-    cfg = SAEConfig(d_in=32, n_latents=128, k=None, normalize="none", architecture="jumprelu",
+    cfg = SAEConfig(d_in=32, d_sae=128, k=None, normalize="none", architecture="jumprelu",
                     options={"l0_coef": 1.0, "target_l0": T, "bandwidth": 0.02})
     sd, res, loaded = train_on_synthetic(tmp_path, cfg, tokens=300_000, batch_tokens=1024, seed=seed, lr=0.006)
     x, _ = sd.sample(8192)
@@ -249,7 +249,7 @@ def test_larger_l0_coef_gives_lower_l0(tmp_path):
     seed = torch_seed()
     out = {}
     for coef in (0.01, 0.1):
-        cfg = SAEConfig(d_in=32, n_latents=128, k=None, normalize="none", architecture="jumprelu",
+        cfg = SAEConfig(d_in=32, d_sae=128, k=None, normalize="none", architecture="jumprelu",
                         options={"l0_coef": coef, "init_threshold": 0.3, "bandwidth": 0.02})
         sd = SyntheticDictionary(32, 64, p_active=0.05, seed=seed)
         _, res, loaded = train_on_synthetic(tmp_path / str(coef), cfg, dictionary=sd, tokens=153_600,
@@ -265,8 +265,8 @@ def test_resume_is_exact(tmp_path):
     seed = torch_seed()
     sd = SyntheticDictionary(16, 48, p_active=0.06, seed=seed)
     x, _ = sd.sample(4096)
-    store = write_store(tmp_path / "s.zarr", x, attrs={"hook": "synthetic", "model": "synthetic"})
-    cfg = SAEConfig(d_in=16, n_latents=64, k=None, normalize="none", architecture="jumprelu",
+    store = write_store(tmp_path / "s.zarr", x, attrs={"hook_name": "synthetic", "model": "synthetic"})
+    cfg = SAEConfig(d_in=16, d_sae=64, k=None, normalize="none", architecture="jumprelu",
                     options={"l0_coef": 1.0, "target_l0": 3, "bandwidth": 0.02, "l0_warmup_frac": 0.2})
     wa, wb = train_interrupted_and_resumed(tmp_path, store, cfg, seed)
     for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
@@ -282,7 +282,7 @@ def test_resume_is_exact(tmp_path):
 def test_sae_train_cli_jumprelu(tmp_path, console_script):
     seed = torch_seed()
     _, x, proc, run = sae_train_on_synthetic(  # sae-train, in this process (conftest.py)
-        console_script, tmp_path, seed, "sae=jumprelu", "sae.n_latents=64", "sae.target_l0=4", "sae.bandwidth=0.01",
+        console_script, tmp_path, seed, "sae=jumprelu", "sae.d_sae=64", "sae.target_l0=4", "sae.bandwidth=0.01",
         threads=1)
     assert proc.returncode == 0, proc.stderr[-4000:]
     cfg = json.loads((run / "sae" / "cfg.json").read_text())

@@ -48,7 +48,7 @@ def test_nested_loss_and_gradients_match_a_loop_over_prefixes(base):
     g = torch.Generator().manual_seed(seed)
     d, n, k = 12, 40, 3
     prefixes, weights = [3, 10, 25, 40], [1.0, 2.0, 0.5, 3.5]
-    sae = MatryoshkaSAE(SAEConfig(d_in=d, n_latents=n, k=k, k_aux=6, architecture="matryoshka",
+    sae = MatryoshkaSAE(SAEConfig(d_in=d, d_sae=n, k=k, k_aux=6, architecture="matryoshka",
                                   options={"base": base, "prefixes": prefixes, "level_weights": weights}),
                         generator=g)
     perturb_topk_family(sae, g)
@@ -85,7 +85,7 @@ def test_nested_loss_and_gradients_match_a_loop_over_prefixes(base):
 
 def test_prefix_and_option_validation():
     def make(n=64, **options):
-        return MatryoshkaSAE(SAEConfig(d_in=8, n_latents=n, k=2, architecture="matryoshka", options=options))
+        return MatryoshkaSAE(SAEConfig(d_in=8, d_sae=n, k=2, architecture="matryoshka", options=options))
 
     assert make().prefixes == [4, 8, 16, 32, 64] == default_prefixes(64)
     assert default_prefixes(8) == [1, 2, 4, 8] and default_prefixes(1) == [1]
@@ -95,9 +95,9 @@ def test_prefix_and_option_validation():
         make(prefixes=[8, 8, 64])
     with pytest.raises(ValueError, match=r"prefixes=\[32, 16, 64\] must be strictly increasing"):
         make(prefixes=[32, 16, 64])
-    with pytest.raises(ValueError, match=r"last prefix must equal n_latents=64 \(got 32\)"):
+    with pytest.raises(ValueError, match=r"last prefix must equal d_sae=64 \(got 32\)"):
         make(prefixes=[8, 32])
-    with pytest.raises(ValueError, match=r"last prefix must equal n_latents=64 \(got 128\)"):
+    with pytest.raises(ValueError, match=r"last prefix must equal d_sae=64 \(got 128\)"):
         make(prefixes=[8, 128])
     with pytest.raises(ValueError, match=r"entries must be >= 1"):
         make(prefixes=[0, 64])
@@ -124,7 +124,7 @@ def test_prefix_and_option_validation():
 def test_base_topk_recovers_the_dictionary(tmp_path):
     seed = torch_seed()
     k = 4
-    cfg = SAEConfig(d_in=32, n_latents=128, k=k, normalize="none", dead_tokens=16384, architecture="matryoshka",
+    cfg = SAEConfig(d_in=32, d_sae=128, k=k, normalize="none", dead_tokens=16384, architecture="matryoshka",
                     options={"base": "topk"})
     sd, res, loaded = train_on_synthetic(tmp_path, cfg, tokens=600_000, batch_tokens=1024, seed=seed)
     before = mean_max_cosine(sd.features, torch.randn(128, 32))
@@ -158,12 +158,12 @@ def test_first_prefix_carries_the_frequent_features(tmp_path):
     sd = SyntheticDictionary(32, 64, seed=seed)
     p = torch.cat([torch.full((8,), 0.25), torch.full((56,), 0.02)])
     x = _skewed_data(sd, 32768, p, g)
-    store = write_store(tmp_path / "s.zarr", x, attrs={"hook": "synthetic", "model": "synthetic"})
+    store = write_store(tmp_path / "s.zarr", x, attrs={"hook_name": "synthetic", "model": "synthetic"})
     fresh = _skewed_data(sd, 8192, p, g)
     m1, k = 8, 4
     nmse = {}
     for arch in ("matryoshka", "topk"):
-        cfg = SAEConfig(d_in=32, n_latents=128, k=k, normalize="none", dead_tokens=16384, architecture=arch,
+        cfg = SAEConfig(d_in=32, d_sae=128, k=k, normalize="none", dead_tokens=16384, architecture=arch,
                         options={"base": "topk"} if arch == "matryoshka" else {})
         train(store_path=store, out_dir=tmp_path / arch, sae_cfg=cfg, seed=seed,
               trainer_cfg=TrainerConfig(tokens=600_000, batch_tokens=1024, keep_checkpoints=0, log_every_steps=50),
@@ -184,7 +184,7 @@ def test_first_prefix_carries_the_frequent_features(tmp_path):
 def test_sae_train_cli_matryoshka(tmp_path, console_script):
     seed = torch_seed()
     _, _, proc, run = sae_train_on_synthetic(  # sae-train, in this process (conftest.py)
-        console_script, tmp_path, seed, "sae=matryoshka", "sae.n_latents=64", "sae.k=4", "sae.prefixes=[8,32,64]")
+        console_script, tmp_path, seed, "sae=matryoshka", "sae.d_sae=64", "sae.k=4", "sae.prefixes=[8,32,64]")
     assert proc.returncode == 0, proc.stderr[-4000:]
     cfg = json.loads((run / "sae" / "cfg.json").read_text())
     assert cfg["architecture"] == "jumprelu" and cfg["k"] == 4 and cfg["d_sae"] == 64, cfg  # default base

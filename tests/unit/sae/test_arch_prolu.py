@@ -169,7 +169,7 @@ _GT_TRAIN = dict(tokens=300_000, batch_tokens=512, lr=1e-2)
 
 def test_prolu_recovers_a_synthetic_dictionary(tmp_path):
     seed = torch_seed()
-    cfg = SAEConfig(d_in=32, n_latents=128, k=None, architecture="prolu", normalize="none",
+    cfg = SAEConfig(d_in=32, d_sae=128, k=None, architecture="prolu", normalize="none",
                     options={"l1_coef": _GT_L1})
     sd, res, loaded = train_on_synthetic(tmp_path, cfg, seed=seed, **_GT_TRAIN)
     before = mean_max_cosine(sd.features, torch.randn(128, 32))
@@ -178,7 +178,7 @@ def test_prolu_recovers_a_synthetic_dictionary(tmp_path):
     assert after >= 0.9, (after, seed)
     # L0 bounds. Lower: thresholds may cut the smallest true coefficients (U[0.5, 2]): a threshold at
     # 0.8 would drop 20% of them, so L0 >= 0.7 x true. Upper: the thresholds remove the small interference
-    # fires a ReLU SAE keeps; what remains is a duplicate latent for some features (n_latents = 2 x
+    # fires a ReLU SAE keeps; what remains is a duplicate latent for some features (d_sae = 2 x
     # n_features; L1 does not penalise splitting), bounded by 1.8 x true.
     x, coef = sd.sample(4096)
     true_l0 = float((coef > 0).sum(1).float().mean())
@@ -202,7 +202,7 @@ def test_a_larger_l1_coefficient_gives_a_lower_l0(tmp_path):
 def test_sae_train_console_script_with_sae_prolu(tmp_path, console_script):
     d = 24
     acts, proc, run = sae_train_on_sparse_atoms(  # sae-train, in this process (conftest.py)
-        console_script, tmp_path, "sae=prolu", "sae.n_latents=64", "sae.ste=relu")
+        console_script, tmp_path, "sae=prolu", "sae.d_sae=64", "sae.ste=relu")
     assert proc.returncode == 0, proc.stderr[-6000:]
     cfg = json.loads((run / "sae" / "cfg.json").read_text())
     assert cfg["architecture"] == "prolu" and cfg["d_in"] == d and cfg["d_sae"] == 64

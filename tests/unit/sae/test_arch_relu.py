@@ -60,7 +60,7 @@ _GT_TRAIN = dict(tokens=300_000, batch_tokens=512, lr=1e-2)
 
 def test_relu_recovers_a_synthetic_dictionary(tmp_path):
     seed = torch_seed()
-    cfg = SAEConfig(d_in=32, n_latents=128, k=None, architecture="relu", normalize="none",
+    cfg = SAEConfig(d_in=32, d_sae=128, k=None, architecture="relu", normalize="none",
                     options={"l1_coef": _GT_L1})
     sd, res, loaded = train_on_synthetic(tmp_path, cfg, seed=seed, **_GT_TRAIN)
     before = mean_max_cosine(sd.features, torch.randn(128, 32))  # a random decoder: the metric can fail
@@ -72,7 +72,7 @@ def test_relu_recovers_a_synthetic_dictionary(tmp_path):
     # L0 of the exported SAE on fresh samples. Lower bound: every active coefficient (>= 0.5) exceeds
     # tau ~ 0.32, so each of the ~3.2 active features needs at least one latent (15% slack for tokens the
     # encoder misses). Upper bound: L1 is indifferent to splitting a feature between two parallel
-    # latents and n_latents = 2 * n_features leaves room for one duplicate per feature (<= 2 x true),
+    # latents and d_sae = 2 * n_features leaves room for one duplicate per feature (<= 2 x true),
     # plus small interference fires (~0.5 per token measured; 0.75 x true allowed): 2.75 x true.
     # (No L1 at all gives L0 > 10 here.)
     x, coef = sd.sample(4096)
@@ -235,7 +235,7 @@ def test_bad_options_are_named():
     with pytest.raises(ValueError, match="l1_decoder_norm='yes'"):
         ReLUSAE(_cfg(l1_decoder_norm="yes"))
     with pytest.raises(ValueError, match="enc_init_scale"):
-        ReLUSAE(SAEConfig(d_in=8, n_latents=16, k=None, architecture="relu", enc_init_scale=0.5,
+        ReLUSAE(SAEConfig(d_in=8, d_sae=16, k=None, architecture="relu", enc_init_scale=0.5,
                           options={"tied_weights": True}))
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['k_l1'\]"):
         ReLUSAE(_cfg(k_l1=3))
@@ -266,9 +266,9 @@ def test_tied_relu_resumes_exactly(tmp_path, decoder_norm):
     seed = torch_seed()
     sd = SyntheticDictionary(16, 32, p_active=0.1, seed=seed)
     x, _ = sd.sample(3000)
-    store = write_store(tmp_path / "s.zarr", x.numpy(), attrs={"model": "synthetic", "hook": "none"},
+    store = write_store(tmp_path / "s.zarr", x.numpy(), attrs={"model": "synthetic", "hook_name": "none"},
                         chunk_tokens=512, shard_tokens=1024)
-    sae_cfg = SAEConfig(d_in=16, n_latents=64, k=None, architecture="relu", normalize="scalar",
+    sae_cfg = SAEConfig(d_in=16, d_sae=64, k=None, architecture="relu", normalize="scalar",
                         options={"tied_weights": True, "l1_coef": 0.05, "l1_warmup_frac": 0.8,
                                  "l1_decoder_norm": decoder_norm})
 
@@ -293,7 +293,7 @@ def test_tied_relu_resumes_exactly(tmp_path, decoder_norm):
 def test_sae_train_console_script_with_sae_relu(tmp_path, console_script):
     d = 24
     acts, proc, run = sae_train_on_sparse_atoms(  # sae-train, in this process (conftest.py)
-        console_script, tmp_path, "sae=relu", "sae.n_latents=64", "sae.l1_coef=0.02", "sae.tied_weights=true")
+        console_script, tmp_path, "sae=relu", "sae.d_sae=64", "sae.l1_coef=0.02", "sae.tied_weights=true")
     assert proc.returncode == 0, proc.stderr[-6000:]
     cfg = json.loads((run / "sae" / "cfg.json").read_text())
     assert cfg["architecture"] == "standard" and cfg["d_in"] == d and cfg["d_sae"] == 64
@@ -339,7 +339,7 @@ def test_init_scale_reaches_the_trainers_reinitialisation():
     the ReLU encoder must come out init_scale * enc_init_scale * W_dec^T there too."""
     from sae_dist.sae.init import tied_init_rows_
 
-    cfg = SAEConfig(d_in=16, n_latents=128, k=None, architecture="relu", enc_init_scale=0.5)
+    cfg = SAEConfig(d_in=16, d_sae=128, k=None, architecture="relu", enc_init_scale=0.5)
     sae = ReLUSAE(cfg)
     assert cfg.enc_init_scale == 0.5  # the caller's config is not modified
     assert sae.cfg.enc_init_scale == pytest.approx(0.5 * 2 * 16 / 128)
@@ -415,7 +415,7 @@ _ZIPF_TRAIN = dict(tokens=1_000_000, batch_tokens=2048, n_store_tokens=65536, se
 
 def _zipf_run(tmp_path, **options):
     sd = SyntheticDictionary(64, 256, **_ZIPF)
-    cfg = SAEConfig(d_in=64, n_latents=512, k=None, architecture="relu", options=options)
+    cfg = SAEConfig(d_in=64, d_sae=512, k=None, architecture="relu", options=options)
     _, res, loaded = train_on_synthetic(tmp_path, cfg, dictionary=sd, **_ZIPF_TRAIN)
     x, coef = sd.sample(8192)
     with torch.no_grad():
@@ -453,9 +453,9 @@ def test_target_l0_resumes_exactly(tmp_path):
     bit-identical exported weights (EMA on: the buffer is copied into the EMA model too)."""
     sd = SyntheticDictionary(16, 32, p_active=0.1, seed=3)
     x, _ = sd.sample(3000)
-    store = write_store(tmp_path / "s.zarr", x.numpy(), attrs={"model": "synthetic", "hook": "none"},
+    store = write_store(tmp_path / "s.zarr", x.numpy(), attrs={"model": "synthetic", "hook_name": "none"},
                         chunk_tokens=512, shard_tokens=1024)
-    sae_cfg = SAEConfig(d_in=16, n_latents=64, k=None, architecture="relu", normalize="scalar",
+    sae_cfg = SAEConfig(d_in=16, d_sae=64, k=None, architecture="relu", normalize="scalar",
                         options={"target_l0": 2.0, "l1_coef": 0.05, "l1_warmup_frac": 0.1, "l0_gain": 0.05})
 
     def tcfg(max_steps=None):
@@ -491,10 +491,10 @@ def test_target_l0_lowers_lambda_to_reach_a_higher_target(tmp_path):
     needs ~200 steps to revive them (L0 3.5 at the end, measured)."""
     sd = SyntheticDictionary(32, 128, **{**_ZIPF, "p_active": 4 / 128})
     train_kw = dict(dictionary=sd, tokens=400_000, batch_tokens=1024, n_store_tokens=65536, seed=0, lr=1.6e-3)
-    cfg = SAEConfig(d_in=32, n_latents=256, k=None, architecture="relu", options={"l1_coef": 0.3})
+    cfg = SAEConfig(d_in=32, d_sae=256, k=None, architecture="relu", options={"l1_coef": 0.3})
     _, fixed, _ = train_on_synthetic(tmp_path / "fixed", cfg, **train_kw)
     assert fixed["metrics"]["train/l0"] < 5, fixed["metrics"]
-    cfg = SAEConfig(d_in=32, n_latents=256, k=None, architecture="relu", options={"l1_coef": 0.3, "target_l0": 10})
+    cfg = SAEConfig(d_in=32, d_sae=256, k=None, architecture="relu", options={"l1_coef": 0.3, "target_l0": 10})
     _, res, loaded = train_on_synthetic(tmp_path / "target", cfg, **train_kw)
     m = res["metrics"]
     assert abs(m["train/l0"] - 10) < 1.5, m

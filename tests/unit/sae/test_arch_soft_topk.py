@@ -72,7 +72,7 @@ def test_anneal_schedule():
 @pytest.mark.parametrize("mode", ["ste", "soft"])
 def test_recovers_the_dictionary_with_hard_l0_k(tmp_path, mode):
     k = 4
-    cfg = SAEConfig(d_in=32, n_latents=128, k=k, normalize="none", dead_tokens=16384,
+    cfg = SAEConfig(d_in=32, d_sae=128, k=k, normalize="none", dead_tokens=16384,
                     architecture="soft_topk", options={"mode": mode})
     sd, res, sae = train_on_synthetic(tmp_path, cfg, tokens=300_000, batch_tokens=1024)
     before = mean_max_cosine(sd.features, torch.randn(128, 32))

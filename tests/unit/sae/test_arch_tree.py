@@ -106,7 +106,7 @@ def test_training_step_matches_a_dense_reference():
     g = torch.Generator().manual_seed(seed)
     d, n, k, coef = 12, 40, 4, 0.7
     par = _random_forest(n, g)
-    cfg = SAEConfig(d_in=d, n_latents=n, k=k, k_aux=6, architecture="tree",
+    cfg = SAEConfig(d_in=d, d_sae=n, k=k, k_aux=6, architecture="tree",
                     options={"parents": par.tolist(), "tree_coef": coef})
     sae = TreeSAE(cfg, generator=g)
     perturb_topk_family(sae, g)
@@ -189,7 +189,7 @@ def test_coactivation_builder_recovers_a_planted_forest():
     n, T = 30, 6000
     vals, idx, planted, on = _planted_stream(n, T, g)
     msg = f"seed {seed}"
-    sae = TreeSAE(SAEConfig(d_in=8, n_latents=n, k=4, architecture="tree",
+    sae = TreeSAE(SAEConfig(d_in=8, d_sae=n, k=4, architecture="tree",
                             options={"build_tokens": T, "min_cooccurrence": 0.5, "min_fires": 5, "partners": n}))
     for s in range(0, T, 1000):  # the training path: counted in batches, built once T tokens are in
         assert int(sae.tree_state) == 0, msg
@@ -235,7 +235,7 @@ def test_bounded_partner_tables_are_lower_bounds_within_the_deficit():
     g = torch.Generator().manual_seed(seed)
     n, T = 30, 4000
     vals, idx, _, on = _planted_stream(n, T, g)
-    sae = TreeSAE(SAEConfig(d_in=8, n_latents=n, k=4, architecture="tree",
+    sae = TreeSAE(SAEConfig(d_in=8, d_sae=n, k=4, architecture="tree",
                             options={"build_tokens": 10**9, "partners": 3, "min_fires": 1}))
     for s in range(0, T, 500):
         sae.update_statistics_(vals[s:s + 500], idx[s:s + 500])
@@ -259,7 +259,7 @@ def test_bounded_partner_tables_are_lower_bounds_within_the_deficit():
 
 def test_configured_parents_are_validated():
     def make(parents, n=6, **opt):
-        return TreeSAE(SAEConfig(d_in=4, n_latents=n, k=2, architecture="tree", options={"parents": parents, **opt}))
+        return TreeSAE(SAEConfig(d_in=4, d_sae=n, k=2, architecture="tree", options={"parents": parents, **opt}))
 
     assert make([-1, 0, 0, 1, -1, 4]).parents.tolist() == [-1, 0, 0, 1, -1, 4]
     with pytest.raises(ValueError, match=r"parents has 5 entries; valid: one per latent \(d_sae=6\)"):
@@ -289,9 +289,9 @@ def test_configured_parents_are_validated():
         with pytest.raises(ValueError, match=pat):
             make(None, **{opt: val})
     with pytest.raises(ValueError, match=r"unknown option.*'parent'"):
-        TreeSAE(SAEConfig(d_in=4, n_latents=6, k=2, architecture="tree", options={"parent": [0]}))
+        TreeSAE(SAEConfig(d_in=4, d_sae=6, k=2, architecture="tree", options={"parent": [0]}))
     with pytest.raises(ValueError, match=r"need \d+ MiB .* > max_stats_mb=1.*lower sae.partners"):
-        TreeSAE(SAEConfig(d_in=4, n_latents=65536, k=2, architecture="tree", options={"max_stats_mb": 1}))
+        TreeSAE(SAEConfig(d_in=4, d_sae=65536, k=2, architecture="tree", options={"max_stats_mb": 1}))
     # the depth limiter and the depth count against a hand-made forest
     par = torch.tensor([-1, 0, 1, 2, 3, -1, 5])
     assert forest_depths(par).tolist() == [0, 1, 2, 3, 4, 0, 1]
@@ -303,7 +303,7 @@ def test_configured_tree_is_used_in_training_and_exported(tmp_path):
     seed = torch_seed()
     g = torch.Generator().manual_seed(seed)
     par = _random_forest(64, g)
-    cfg = SAEConfig(d_in=16, n_latents=64, k=4, normalize="none", architecture="tree",
+    cfg = SAEConfig(d_in=16, d_sae=64, k=4, normalize="none", architecture="tree",
                     options={"parents": par.tolist(), "tree_coef": 0.5})
     _, res, _ = train_on_synthetic(tmp_path, cfg, tokens=40_960, batch_tokens=2048, seed=seed, lr=5e-3)
     tree = load_tree(tmp_path / "run" / "sae")
@@ -317,7 +317,7 @@ def test_configured_tree_is_used_in_training_and_exported(tmp_path):
 def test_recovers_the_dictionary_and_writes_the_tree(tmp_path):
     seed = torch_seed()
     k = 4
-    cfg = SAEConfig(d_in=32, n_latents=128, k=k, normalize="none", dead_tokens=16384, architecture="tree",
+    cfg = SAEConfig(d_in=32, d_sae=128, k=k, normalize="none", dead_tokens=16384, architecture="tree",
                     options={"build_start_frac": 0.3, "build_tokens": 40_960})
     sd, res, loaded = train_on_synthetic(tmp_path, cfg, tokens=300_000, batch_tokens=2048, seed=seed, lr=5e-3)
     before = mean_max_cosine(sd.features, torch.randn(128, 32))
@@ -357,8 +357,8 @@ def test_built_tree_links_child_features_to_their_parents(tmp_path):
     g = torch.Generator().manual_seed(seed)
     d, n_par, n_ch, n = 32, 12, 2, 64
     F = torch.nn.functional.normalize(torch.randn(n_par * (1 + n_ch), d, generator=g), dim=-1)
-    write_store(tmp_path / "s.zarr", _hier_sample(F, n_par, n_ch, 32768, g), attrs={"hook": "h", "model": "m"})
-    cfg = SAEConfig(d_in=d, n_latents=n, k=4, normalize="none", dead_tokens=16384, architecture="tree",
+    write_store(tmp_path / "s.zarr", _hier_sample(F, n_par, n_ch, 32768, g), attrs={"hook_name": "h", "model": "m"})
+    cfg = SAEConfig(d_in=d, d_sae=n, k=4, normalize="none", dead_tokens=16384, architecture="tree",
                     options={"build_start_frac": 0.5, "build_tokens": 65536, "min_cooccurrence": 0.3})
     train(store_path=tmp_path / "s.zarr", out_dir=tmp_path / "run", sae_cfg=cfg, seed=seed,
           trainer_cfg=TrainerConfig(tokens=400_000, batch_tokens=2048, lr=5e-3, keep_checkpoints=0),
@@ -374,7 +374,7 @@ def test_built_tree_links_child_features_to_their_parents(tmp_path):
 
 
 def _resume_run(store, out, seed, max_steps=None):
-    cfg = SAEConfig(d_in=16, n_latents=64, k=4, normalize="none", dead_tokens=4096, architecture="tree",
+    cfg = SAEConfig(d_in=16, d_sae=64, k=4, normalize="none", dead_tokens=4096, architecture="tree",
                     options={"build_start_frac": 0.2, "build_tokens": 8 * 2048, "min_cooccurrence": 0.2})
     tcfg = TrainerConfig(tokens=30 * 2048, batch_tokens=2048, lr=5e-3, checkpoint_every_steps=5, keep_checkpoints=2,
                          log_every_steps=1, max_steps=max_steps)
@@ -387,7 +387,7 @@ def test_resume_mid_count_equals_an_uninterrupted_run(tmp_path):
     step 10, resumes from the checkpoint of step 10: same weights, same tree, same logs."""
     seed = torch_seed()
     sd = SyntheticDictionary(16, 48, p_active=0.08, seed=seed)
-    store = write_store(tmp_path / "s.zarr", sd.sample(8192)[0], attrs={"hook": "h", "model": "m"})
+    store = write_store(tmp_path / "s.zarr", sd.sample(8192)[0], attrs={"hook_name": "h", "model": "m"})
     a, b = tmp_path / "a", tmp_path / "b"
     _resume_run(store, a, seed)
     r1 = _resume_run(store, b, seed, max_steps=10)
@@ -413,7 +413,7 @@ def test_resume_mid_count_equals_an_uninterrupted_run(tmp_path):
 def test_sae_train_cli_tree(tmp_path, console_script):
     seed = torch_seed()
     sd, _, proc, run = sae_train_on_synthetic(  # sae-train, in this process (conftest.py)
-        console_script, tmp_path, seed, "sae=tree", "sae.n_latents=64", "sae.k=4", "sae.build_start_frac=0.25",
+        console_script, tmp_path, seed, "sae=tree", "sae.d_sae=64", "sae.k=4", "sae.build_start_frac=0.25",
         "sae.build_tokens=4096", "sae.min_cooccurrence=0.2", batch_tokens=2048)
     assert proc.returncode == 0, proc.stderr[-4000:]
     cfg = json.loads((run / "sae" / "cfg.json").read_text())

@@ -33,7 +33,7 @@ def _sae_node(name: str):
 
 def _cfg(name: str, d_in: int, **over) -> SAEConfig:
     node = _sae_node(name)
-    node.n_latents = 64
+    node.d_sae = 64
     if node.get("k") is not None:
         node.k = 4
     for key, val in over.items():
@@ -88,8 +88,8 @@ def test_export_reproduces_the_training_module(name, normalize, tmp_path):
 
 def test_bad_names_are_named():
     with pytest.raises(ValueError, match="valid: topk, relu"):
-        SAEConfig(d_in=8, n_latents=16, k=2, architecture="gated")
+        SAEConfig(d_in=8, d_sae=16, k=2, architecture="gated")
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['l1_cof'\]"):
-        build_sae(SAEConfig(d_in=8, n_latents=16, k=None, architecture="relu", options={"l1_cof": 1.0}))
+        build_sae(SAEConfig(d_in=8, d_sae=16, k=None, architecture="relu", options={"l1_cof": 1.0}))
     with pytest.raises(ValueError, match="needs sae.k|must be a positive int"):
-        SAEConfig(d_in=8, n_latents=16, k=None, architecture="batchtopk")
+        SAEConfig(d_in=8, d_sae=16, k=None, architecture="batchtopk")

@@ -14,7 +14,7 @@ from sae_dist.store import denormalize, normalize
 
 
 def _trained_like_sae(d, n, k, mode):
-    sae = TopKSAE(SAEConfig(d_in=d, n_latents=n, k=k, normalize=mode),
+    sae = TopKSAE(SAEConfig(d_in=d, d_sae=n, k=k, normalize=mode),
                   generator=torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()))))
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.2)

@@ -135,7 +135,7 @@ def test_our_export_loads_in_saelens(tmp_path, arch, mode):
     g = torch.Generator().manual_seed(seed)
     d, n, k = 24, 96, 5
     uses_k = arch in ("topk", "batchtopk")
-    sae = build_sae(SAEConfig(d_in=d, n_latents=n, k=k if uses_k else None, architecture=arch, normalize=mode),
+    sae = build_sae(SAEConfig(d_in=d, d_sae=n, k=k if uses_k else None, architecture=arch, normalize=mode),
                     generator=torch.Generator().manual_seed(seed))
     _randomize_ours(sae, g)
     x = _raw_acts(g, 256, d)
@@ -164,7 +164,7 @@ def test_export_without_hook_or_model_loads_in_saelens(tmp_path):
     """hook_name / model_name None (export_sae allows it): SAELens still loads the file."""
     seed = python_seed()
     g = torch.Generator().manual_seed(seed)
-    sae = build_sae(SAEConfig(d_in=8, n_latents=32, k=3, architecture="topk", normalize="none"),
+    sae = build_sae(SAEConfig(d_in=8, d_sae=32, k=3, architecture="topk", normalize="none"),
                     generator=torch.Generator().manual_seed(seed))
     _randomize_ours(sae, g)
     out = export_sae(sae, tmp_path / "sae", hook_name=None, model_name=None, normalize="none")
@@ -354,10 +354,10 @@ def test_saelens_save_through_eval_and_browse(tmp_path, tiny_lm_dir):
     sl.eval().save_model(tmp_path / "sl")
     docs = tiny_corpus(n_files=6, max_chars=8000)
 
-    res = evaluate(sae_path=tmp_path / "sl", model=lm, tokenizer=tok, hook=None, docs=docs, ctx_len=ctx,
+    res = evaluate(sae_path=tmp_path / "sl", model=lm, tokenizer=tok, hook_name=None, docs=docs, ctx_len=ctx,
                    eval_tokens=600, eval_fraction=1.0, batch_size=8, progress=False, ablation_latents=2,
                    ablation_occurrences=1, shrinkage_tokens=100, n2g_latents=8, probe_min_count=5)
-    assert res["hook"] == hook and res["k"] == k and res["n_latents"] == n and res["d_in"] == d
+    assert res["hook_name"] == hook and res["k"] == k and res["d_sae"] == n and res["d_in"] == d
     seqs = _collect_sequences(docs, tok, ctx, 600, 1.0)
     with torch.no_grad():
         x = run_to_hook(lm, resolve_hook(lm, hook), seqs)[:, 1:].reshape(-1, d).double()
@@ -372,7 +372,7 @@ def test_saelens_save_through_eval_and_browse(tmp_path, tiny_lm_dir):
     store = write_store(tmp_path / "acts.zarr", acts, token_ids=ids,
                         seq_index=np.repeat(np.arange(seqs.shape[0]), ctx - 1),
                         position=np.tile(np.arange(1, ctx), seqs.shape[0]),
-                        attrs={"model": tiny_lm_dir, "hook": hook}, chunk_tokens=256, shard_tokens=512)
+                        attrs={"model": tiny_lm_dir, "hook_name": hook}, chunk_tokens=256, shard_tokens=512)
     from hydra import compose, initialize_config_dir
 
     from sae_dist.cli import CONF_DIR

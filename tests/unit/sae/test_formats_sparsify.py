@@ -36,7 +36,7 @@ def _eager_sparsify_decoder(monkeypatch):
 
 def _topk_sae(d, n, k, mode, seed):
     g = torch.Generator().manual_seed(seed)
-    sae = TopKSAE(SAEConfig(d_in=d, n_latents=n, k=k, normalize=mode), generator=g)
+    sae = TopKSAE(SAEConfig(d_in=d, d_sae=n, k=k, normalize=mode), generator=g)
     with torch.no_grad():
         sae.b_enc.copy_(0.2 * torch.randn(n, generator=g))
         sae.b_dec.copy_(0.3 * torch.randn(d, generator=g))
@@ -159,7 +159,7 @@ def test_sparsify_layer_norm_needs_opt_in(tmp_path):
 
 def test_sparsify_refuses_other_architectures(tmp_path):
     for arch in ("jumprelu", "relu"):
-        sae = build_sae(SAEConfig(d_in=8, n_latents=16, k=None, architecture=arch, normalize="none"))
+        sae = build_sae(SAEConfig(d_in=8, d_sae=16, k=None, architecture=arch, normalize="none"))
         out = export_sae(sae, tmp_path / arch, hook_name=None, model_name=None, normalize="none")
         want = {"jumprelu": "jumprelu", "relu": "standard"}[arch]
         with pytest.raises(ValueError, match=f"architecture '{want}' is not supported"):

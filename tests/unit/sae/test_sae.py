@@ -14,7 +14,7 @@ from sae_dist.sae import (
     TopKSAE,
     default_k_aux,
     geometric_median,
-    init_b_pre_,
+    init_b_dec_,
 )
 from sae_dist.sae.base import dead_topk
 
@@ -25,7 +25,7 @@ def auxk_loss(pre, dead, residual, W_dec, k_aux):
 
 
 def _sae(d=24, n=96, k=5, seed=None, **kw):
-    cfg = SAEConfig(d_in=d, n_latents=n, k=k, **kw)
+    cfg = SAEConfig(d_in=d, d_sae=n, k=k, **kw)
     g = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**31, ())))
     sae = TopKSAE(cfg, generator=g)
     with torch.no_grad():  # non-trivial biases
@@ -35,7 +35,7 @@ def _sae(d=24, n=96, k=5, seed=None, **kw):
 
 
 def _naive_encode(sae, x):
-    """Dense reference: pre = (x - b_pre) W_enc + b_enc; keep top-k per row, relu, zeros elsewhere."""
+    """Dense reference: pre = (x - b_dec) W_enc + b_enc; keep top-k per row, relu, zeros elsewhere."""
     W_enc, b_enc, b_dec = (t.detach().double() for t in (sae.W_enc, sae.b_enc, sae.b_dec))
     pre = (x.double() - b_dec) @ W_enc + b_enc
     z = torch.zeros_like(pre)
@@ -86,7 +86,7 @@ def test_decode_sparse_equals_dense_decode_and_grads():
 
 
 def test_tied_init_unit_rows_and_transpose():
-    sae = _sae(d=32, n=200, k=4, b_pre_init="zeros")
+    sae = _sae(d=32, n=200, k=4, b_dec_init="zeros")
     norms = sae.W_dec.detach().norm(dim=-1)
     torch.testing.assert_close(norms, torch.ones(200))
     torch.testing.assert_close(sae.W_enc.detach(), sae.W_dec.detach().T)
@@ -94,7 +94,7 @@ def test_tied_init_unit_rows_and_transpose():
     cos = sae.W_dec.detach() @ sae.W_dec.detach().T
     off = cos[~torch.eye(200, dtype=torch.bool)].abs().mean()
     assert 0.05 < off < 0.3
-    scaled = TopKSAE(SAEConfig(d_in=32, n_latents=200, k=4, enc_init_scale=0.5),
+    scaled = TopKSAE(SAEConfig(d_in=32, d_sae=200, k=4, enc_init_scale=0.5),
                      generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(scaled.W_enc.detach(), 0.5 * scaled.W_dec.detach().T)
 
@@ -137,15 +137,15 @@ def test_geometric_median_matches_scipy():
     assert np.linalg.norm(m - ref) < 0.2 * np.linalg.norm(pts.mean(0) - ref)
 
 
-def test_init_b_pre_modes():
+def test_init_b_dec_modes():
     sae = _sae(d=8, n=32, k=2)
     sample = torch.randn(100, 8) + 3.0
-    init_b_pre_(sae, sample, "mean")
+    init_b_dec_(sae, sample, "mean")
     torch.testing.assert_close(sae.b_dec.detach(), sample.mean(0), atol=1e-6, rtol=1e-6)
-    init_b_pre_(sae, sample, "zeros")
+    init_b_dec_(sae, sample, "zeros")
     assert (sae.b_dec == 0).all()
     with pytest.raises(ValueError, match="d_in=8"):
-        init_b_pre_(sae, torch.randn(10, 9), "geometric_median")
+        init_b_dec_(sae, torch.randn(10, 9), "geometric_median")
 
 
 def _independent_auxk(pre, dead, e, W_dec, k_aux):
@@ -226,17 +226,17 @@ def test_dead_latent_tracker():
 
 def test_config_validation_and_k_aux_default():
     assert default_k_aux(768) == 512 and default_k_aux(576) == 256
-    assert SAEConfig(d_in=768, n_latents=4096, k=32).k_aux == 512
-    assert SAEConfig(d_in=768, n_latents=100, k=32).k_aux == 100
-    with pytest.raises(ValueError, match="k=65 > n_latents=64"):
-        SAEConfig(d_in=8, n_latents=64, k=65)
+    assert SAEConfig(d_in=768, d_sae=4096, k=32).k_aux == 512
+    assert SAEConfig(d_in=768, d_sae=100, k=32).k_aux == 100
+    with pytest.raises(ValueError, match="k=65 > d_sae=64"):
+        SAEConfig(d_in=8, d_sae=64, k=65)
     with pytest.raises(ValueError, match="multi_topk_factor"):
-        SAEConfig(d_in=8, n_latents=64, k=20, multi_topk=True)
+        SAEConfig(d_in=8, d_sae=64, k=20, multi_topk=True)
     with pytest.raises(ValueError, match="normalize"):
-        SAEConfig(d_in=8, n_latents=64, k=2, normalize="bogus")
+        SAEConfig(d_in=8, d_sae=64, k=2, normalize="bogus")
     with pytest.raises(ValueError, match="d_in 8"):
-        TopKSAE(SAEConfig(d_in=8, n_latents=16, k=2)).encode(torch.randn(3, 9))
-    assert math.isclose(SAEConfig(d_in=8, n_latents=16, k=2).auxk_coef, 1 / 32)
+        TopKSAE(SAEConfig(d_in=8, d_sae=16, k=2)).encode(torch.randn(3, 9))
+    assert math.isclose(SAEConfig(d_in=8, d_sae=16, k=2).auxk_coef, 1 / 32)
 
 
 def test_auxk_zero_variance_residual_gives_zero_loss_and_finite_grads():

@@ -21,6 +21,7 @@ from sae_dist.store import (
     merge_norm_stats,
     norm_stats_partial,
     open_store,
+    read_attrs,
     write_block,
     write_store,
 )
@@ -44,7 +45,7 @@ def test_round_trip_bit_exact(tmp_path, dtype, kind):
     tok = rng.integers(0, 50_000, n)
     seq = np.arange(n) // 7
     pos = np.arange(n) % 7 + 1
-    p = write_store(tmp_path / "s.zarr", x, tok, attrs={"model": "m", "hook": "h", "extra": [1, 2]},
+    p = write_store(tmp_path / "s.zarr", x, tok, attrs={"model": "m", "hook_name": "h", "extra": [1, 2]},
                     chunk_tokens=64, shard_tokens=256, seq_index=seq, position=pos)
     g = open_store(p)
     y = g["activations"][:]
@@ -56,9 +57,13 @@ def test_round_trip_bit_exact(tmp_path, dtype, kind):
     np.testing.assert_array_equal(g["seq_index"][:], seq)
     np.testing.assert_array_equal(g["position"][:], pos)
     a = dict(g.attrs)
-    assert a["dtype"] == dtype and a["d_model"] == d and a["n_tokens"] == n
+    assert a["dtype"] == dtype and a["d_in"] == d and a["n_tokens"] == n
     assert a["harvest"]["complete"] is True
-    assert a["model"] == "m" and a["hook"] == "h" and a["extra"] == [1, 2]
+    assert a["model"] == "m" and a["hook_name"] == "h" and a["extra"] == [1, 2]
+    # the names of earlier releases are still written for one release; read_attrs gives today's only
+    assert a["d_model"] == d and a["hook"] == "h"
+    r = read_attrs(g)
+    assert r["d_in"] == d and r["hook_name"] == "h" and "d_model" not in r and "hook" not in r
     for key in ("layer", "ctx_len", "dataset"):
         assert key in a
     # norm_stats against numpy in float64
@@ -105,7 +110,7 @@ def test_chunk_and_shard_grid_on_disk(tmp_path):
 
 def test_all_zero_shard_file_exists(tmp_path):
     # write_empty_chunks: a shard of zeros is still written, so a missing file means a missing shard
-    g = create_store(tmp_path / "s", n_tokens=512, d_model=4, dtype="float32", chunk_tokens=64,
+    g = create_store(tmp_path / "s", n_tokens=512, d_in=4, dtype="float32", chunk_tokens=64,
                      shard_tokens=256, attrs={}, with_text_arrays=False)
     write_block(g, 0, np.zeros((256, 4), np.float32))
     assert os.path.isfile(tmp_path / "s" / "activations" / "c" / "0" / "0")
@@ -113,8 +118,8 @@ def test_all_zero_shard_file_exists(tmp_path):
 
 def test_create_idempotent_and_mismatch(tmp_path):
     p = tmp_path / "s"
-    kw = dict(n_tokens=2048, d_model=16, dtype="bfloat16", chunk_tokens=128, shard_tokens=512,
-              attrs={"model": "tiny", "hook": "blocks.1.hook_resid_post", "layer": 1})
+    kw = dict(n_tokens=2048, d_in=16, dtype="bfloat16", chunk_tokens=128, shard_tokens=512,
+              attrs={"model": "tiny", "hook_name": "blocks.1.hook_resid_post", "layer": 1})
     g1 = create_store(p, **kw)
     write_block(g1, 0, torch.ones(512, 16), token_ids=torch.arange(512))
     g2 = create_store(p, **kw)  # returns the existing store, keeps data
@@ -128,7 +133,7 @@ def test_create_idempotent_and_mismatch(tmp_path):
         create_store(p, **{**kw, "shard_tokens": 1024})
     assert "512" in str(e.value) and "1024" in str(e.value)
     with pytest.raises(StoreError) as e:
-        create_store(p, **{**kw, "attrs": {"hook": "blocks.0.hook_resid_post"}})
+        create_store(p, **{**kw, "attrs": {"hook_name": "blocks.0.hook_resid_post"}})
     assert "blocks.0.hook_resid_post" in str(e.value) and "blocks.1.hook_resid_post" in str(e.value)
     with pytest.raises(ValueError, match="multiple of chunk_tokens"):
         create_store(tmp_path / "t", **{**kw, "chunk_tokens": 100})
@@ -138,14 +143,14 @@ def test_create_idempotent_and_mismatch(tmp_path):
 
 def test_create_into_empty_directory(tmp_path):
     (tmp_path / "s").mkdir()
-    g = create_store(tmp_path / "s", n_tokens=64, d_model=4, dtype="float16", chunk_tokens=16,
+    g = create_store(tmp_path / "s", n_tokens=64, d_in=4, dtype="float16", chunk_tokens=16,
                      shard_tokens=32, attrs={"model": "m"})
     assert g["activations"].shape == (64, 4) and g.attrs["model"] == "m"
 
 
 def test_concurrent_create(tmp_path):
     p = tmp_path / "s"
-    kw = dict(n_tokens=4096, d_model=8, dtype="float16", chunk_tokens=256, shard_tokens=1024, attrs={"x": 1})
+    kw = dict(n_tokens=4096, d_in=8, dtype="float16", chunk_tokens=256, shard_tokens=1024, attrs={"x": 1})
     errors, barrier = [], threading.Barrier(4)
 
     def work():
@@ -164,9 +169,9 @@ def test_concurrent_create(tmp_path):
 
 
 def test_write_block_validation(tmp_path):
-    g = create_store(tmp_path / "s", n_tokens=100, d_model=4, dtype="float32", chunk_tokens=16,
+    g = create_store(tmp_path / "s", n_tokens=100, d_in=4, dtype="float32", chunk_tokens=16,
                      shard_tokens=32, attrs={}, with_text_arrays=False)
-    with pytest.raises(ValueError, match=r"\[m, d_model=4\]"):
+    with pytest.raises(ValueError, match=r"\[m, d_in=4\]"):
         write_block(g, 0, np.zeros((10, 5), np.float32))
     with pytest.raises(ValueError, match="exceed"):
         write_block(g, 95, np.zeros((10, 4), np.float32))
@@ -193,7 +198,7 @@ def test_finalize_trims_and_merges(tmp_path):
     p = tmp_path / "s"
     rng = np.random.default_rng(np.random.randint(2**31))
     n_alloc, d, shard = 1024, 8, 256
-    g = create_store(p, n_tokens=n_alloc, d_model=d, dtype="float32", chunk_tokens=64, shard_tokens=shard,
+    g = create_store(p, n_tokens=n_alloc, d_in=d, dtype="float32", chunk_tokens=64, shard_tokens=shard,
                      attrs={"model": "m", "ctx_len": 17})
     data = rng.standard_normal((700, d)).astype(np.float32)
     for s in range(0, 700, shard):
@@ -216,7 +221,7 @@ def test_finalize_trims_and_merges(tmp_path):
     finalize_store(p, 700, {"dataset": "stdlib", "harvest": {"workers": 2}})  # idempotent
     assert dict(open_store(p).attrs) == a
     # resuming the harvest command on a finished, trimmed store is accepted
-    create_store(p, n_tokens=n_alloc, d_model=d, dtype="float32", chunk_tokens=64, shard_tokens=shard,
+    create_store(p, n_tokens=n_alloc, d_in=d, dtype="float32", chunk_tokens=64, shard_tokens=shard,
                  attrs={"model": "m"})
     with pytest.raises(StoreError, match="n_tokens=2000"):
         finalize_store(p, 2000, {})
@@ -225,7 +230,7 @@ def test_finalize_trims_and_merges(tmp_path):
 def test_finalize_computes_norm_stats_without_markers(tmp_path):
     p = tmp_path / "s"
     x = np.random.default_rng(np.random.randint(2**31)).standard_normal((300, 5)).astype(np.float16)
-    g = create_store(p, n_tokens=512, d_model=5, dtype="float16", chunk_tokens=64, shard_tokens=128, attrs={})
+    g = create_store(p, n_tokens=512, d_in=5, dtype="float16", chunk_tokens=64, shard_tokens=128, attrs={})
     write_block(g, 0, x)
     finalize_store(p, 300, {})
     ns = open_store(p).attrs["norm_stats"]
@@ -256,7 +261,7 @@ def test_write_store_rejects_bad_input(tmp_path):
     y[77, 0] = float("inf")
     with pytest.raises(NonFiniteError, match="row 77"):
         write_store(tmp_path / "inf", y)
-    with pytest.raises(ValueError, match=r"\[n_tokens, d_model\]"):
+    with pytest.raises(ValueError, match=r"\[n_tokens, d_in\]"):
         write_store(tmp_path / "a", np.zeros(10, np.float32))
     with pytest.raises(ValueError, match=r"token_ids must have shape \[100\]"):
         write_store(tmp_path / "b", torch.randn(100, 4), token_ids=np.arange(99))

@@ -170,7 +170,7 @@ def test_store_errors(tmp_path):
 
 def test_incomplete_store(tmp_path):
     p = tmp_path / "s"
-    g = create_store(p, n_tokens=1024, d_model=D, dtype="float32", chunk_tokens=CHUNK, shard_tokens=256, attrs={})
+    g = create_store(p, n_tokens=1024, d_in=D, dtype="float32", chunk_tokens=CHUNK, shard_tokens=256, attrs={})
     x = torch.randn(1024, D)
     x[:, 0] = torch.arange(1024, dtype=torch.float32)
     for s in (1, 3):
@@ -244,13 +244,27 @@ def test_store_written_by_plain_zarr_is_accepted(tmp_path):
     x = np.random.default_rng(np.random.randint(2**31)).standard_normal((700, D)).astype(np.float32)
     x[:, 0] = np.arange(700)
     g = zarr.open_group(tmp_path / "other.zarr", mode="w", zarr_format=3)
-    g.attrs.update({"d_model": D, "n_tokens": 700, "dtype": "float32", "model": "m", "hook": "h"})
+    g.attrs.update({"d_in": D, "n_tokens": 700, "dtype": "float32", "model": "m", "hook_name": "h"})
     a = g.create_array("activations", shape=x.shape, dtype="float32", chunks=(50, D), shards=(100, D))
     a[:] = x
     with ActivationStore(tmp_path / "other.zarr", batch_tokens=70, seed=1, normalize="none") as st:
         assert st.shard_tokens == 100 and st.chunk_tokens == 50
         seen = np.concatenate([_ids(next(st)) for _ in range(st.batches_per_epoch)])
     np.testing.assert_array_equal(np.sort(seen), np.arange(700))
+
+
+def test_store_of_an_earlier_release_reads_old_attribute_names(tmp_path):
+    # stores written before the rename carry d_model / hook: read as d_in / hook_name, with a FutureWarning
+    x = np.random.default_rng(np.random.randint(2**31)).standard_normal((200, D)).astype(np.float32)
+    g = zarr.open_group(tmp_path / "old.zarr", mode="w", zarr_format=3)
+    g.attrs.update({"d_model": D, "n_tokens": 200, "dtype": "float32", "model": "m", "hook": "blocks.0.hook_mlp_out"})
+    g.create_array("activations", shape=x.shape, dtype="float32", chunks=(50, D), shards=(100, D))[:] = x
+    with pytest.warns(FutureWarning, match=r"\['d_model', 'hook'\].*\['d_in', 'hook_name'\]"):
+        st = ActivationStore(tmp_path / "old.zarr", batch_tokens=50, seed=0, normalize="none")
+    with st:
+        assert st.attrs["d_in"] == D and st.attrs["hook_name"] == "blocks.0.hook_mlp_out"
+        assert "d_model" not in st.attrs and "hook" not in st.attrs and st.d_in == D
+    assert dict(zarr.open_group(tmp_path / "old.zarr", mode="r").attrs)["d_model"] == D  # the store is untouched
 
 
 def test_scalar_mode_without_norm_stats_computes_them(tmp_path):

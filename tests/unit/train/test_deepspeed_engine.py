@@ -24,6 +24,6 @@ def test_bad_zero_stage_raises(bad):
 
 
 def test_non_float32_parameters_raise():
-    model = TopKSAE(SAEConfig(d_in=16, n_latents=64, k=4, dtype="bfloat16"))
+    model = TopKSAE(SAEConfig(d_in=16, d_sae=64, k=4, dtype="bfloat16"))
     with pytest.raises(ValueError, match="needs float32 parameters.*sae.dtype=float32"):
         DeepSpeedEngine(model, LR, TrainerConfig(), None, zero_stage=1)

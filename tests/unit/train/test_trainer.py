@@ -1,9 +1,10 @@
 """Trainer in this process on synthetic stores made from a known sparse dictionary: exact resume (an
-interrupted run, torn checkpoints), errors (d_model mismatch, NaN batches, a changed configuration), the
+interrupted run, torn checkpoints), errors (store width mismatch, NaN batches, a changed configuration), the
 config's validation and the default learning rate, AuxK's first activation and the dead-token threshold,
 deterministic runs. Learning, export and wandb's offline files (written by wandb's service process) and a
 resume after a real SIGKILL: tests/integration/train/test_trainer_processes.py."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -24,7 +25,7 @@ def _env(monkeypatch):
 
 
 def _resume_cfgs(max_steps=None):
-    sae_cfg = SAEConfig(d_in=32, n_latents=256, k=4, dead_tokens=128, normalize="scalar",
+    sae_cfg = SAEConfig(d_in=32, d_sae=256, k=4, dead_tokens=128, normalize="scalar",
                         multi_topk=True, multi_topk_factor=2)
     tcfg = TrainerConfig(tokens=128 * 30, batch_tokens=128, lr=4e-3, warmup_steps=3, lr_decay_frac=0.3,
                          ema=True, ema_decay=0.9, grad_clip_norm=1.0, checkpoint_every_steps=8,
@@ -65,10 +66,10 @@ def test_exact_resume_matches_uninterrupted_run(tmp_path):
     assert sa["dead_fraction"] == sb["dead_fraction"]
 
 
-def test_d_model_mismatch_and_nan_batch(tmp_path, monkeypatch):
+def test_width_mismatch_and_nan_batch(tmp_path, monkeypatch):
     store = synthetic_store(tmp_path, torch.randn(2048, 24))
-    with pytest.raises(ValueError, match="store d_model 24 != SAE d_in 32"):
-        train(store_path=store, out_dir=tmp_path / "r", sae_cfg=SAEConfig(d_in=32, n_latents=64, k=4),
+    with pytest.raises(ValueError, match="store d_in 24 != SAE d_in 32"):
+        train(store_path=store, out_dir=tmp_path / "r", sae_cfg=SAEConfig(d_in=32, d_sae=64, k=4),
               trainer_cfg=TrainerConfig(tokens=1024, batch_tokens=256), progress=False,
               wandb_cfg={"enabled": False})
 
@@ -81,17 +82,17 @@ def test_d_model_mismatch_and_nan_batch(tmp_path, monkeypatch):
     zarr.open_group(nan_store, mode="r+")["activations"][1500, 3] = float("nan")
     with pytest.raises(FloatingPointError, match=r"batch of step \d+"):
         train(store_path=nan_store, out_dir=tmp_path / "n0",
-              sae_cfg=SAEConfig(d_in=24, n_latents=64, k=4, b_pre_init="zeros"),
+              sae_cfg=SAEConfig(d_in=24, d_sae=64, k=4, b_dec_init="zeros"),
               trainer_cfg=TrainerConfig(tokens=2048, batch_tokens=256), progress=False,
               wandb_cfg={"enabled": False})
-    with pytest.raises(FloatingPointError, match="b_pre sample"):
-        train(store_path=nan_store, out_dir=tmp_path / "n1", sae_cfg=SAEConfig(d_in=24, n_latents=64, k=4),
-              trainer_cfg=TrainerConfig(tokens=2048, batch_tokens=256, b_pre_sample_tokens=2048),
+    with pytest.raises(FloatingPointError, match="b_dec sample"):
+        train(store_path=nan_store, out_dir=tmp_path / "n1", sae_cfg=SAEConfig(d_in=24, d_sae=64, k=4),
+              trainer_cfg=TrainerConfig(tokens=2048, batch_tokens=256, b_dec_sample_tokens=2048),
               progress=False, wandb_cfg={"enabled": False})
 
     # a store that yields a NaN batch at the third step (the real reader refuses NaN itself)
     class NaNStore:
-        d_model, attrs, scale = 24, {}, None
+        d_in, attrs, scale = 24, {}, None
 
         def __init__(self, *a, **k):
             self.i = 0
@@ -102,7 +103,7 @@ def test_d_model_mismatch_and_nan_batch(tmp_path, monkeypatch):
         def __next__(self):
             self.i += 1
             x = torch.randn(256, 24)
-            if self.i == 3:  # main store: steps 0, 1 fine, step 2 NaN (the b_pre sampler reads 1 batch)
+            if self.i == 3:  # main store: steps 0, 1 fine, step 2 NaN (the b_dec sampler reads 1 batch)
                 x[5, 3] = float("nan")
             return x
 
@@ -114,8 +115,8 @@ def test_d_model_mismatch_and_nan_batch(tmp_path, monkeypatch):
     stores = iter([NaNStore(), NaNStore()])
     monkeypatch.setattr(tr, "_open_store", lambda *a, **k: next(stores))
     with pytest.raises(FloatingPointError, match="step 2"):
-        train(store_path=store, out_dir=tmp_path / "n", sae_cfg=SAEConfig(d_in=24, n_latents=64, k=4),
-              trainer_cfg=TrainerConfig(tokens=256 * 10, batch_tokens=256, b_pre_sample_tokens=256),
+        train(store_path=store, out_dir=tmp_path / "n", sae_cfg=SAEConfig(d_in=24, d_sae=64, k=4),
+              trainer_cfg=TrainerConfig(tokens=256 * 10, batch_tokens=256, b_dec_sample_tokens=256),
               progress=False, wandb_cfg={"enabled": False})
 
 
@@ -128,7 +129,7 @@ def test_trainer_config_validation():
     assert np.isclose(sae_dist.train.default_lr(2**14, 6_000), 4e-4)
     assert np.isclose(sae_dist.train.default_lr(8192, 195), 2e-4 / np.sqrt(0.5) * np.sqrt(24_000 / 195))
     assert np.isclose(sae_dist.train.default_lr(8192, 10), 12 * 2e-4 / np.sqrt(0.5))
-    with pytest.raises(ValueError, match="n_latents must be > 0, got 0"):
+    with pytest.raises(ValueError, match="d_sae must be > 0, got 0"):
         sae_dist.train.default_lr(0, 100)
     with pytest.raises(ValueError, match="n_steps must be > 0, got 0"):
         sae_dist.train.default_lr(1024, 0)
@@ -142,7 +143,7 @@ def test_default_lr_is_the_budget_rule_and_is_announced(tmp_path, capsys):
     store = synthetic_store(tmp_path, sparse_dictionary_data(n_tokens=4096, seed=0))
     tcfg = TrainerConfig(tokens=256 * 400, batch_tokens=256, warmup_steps=2, log_every_steps=100,
                          keep_checkpoints=0)
-    train(store_path=store, out_dir=tmp_path / "run", sae_cfg=SAEConfig(d_in=32, n_latents=64, k=4),
+    train(store_path=store, out_dir=tmp_path / "run", sae_cfg=SAEConfig(d_in=32, d_sae=64, k=4),
           trainer_cfg=tcfg, progress=False, wandb_cfg={"enabled": False})
     expected = 2e-4 / np.sqrt(64 / 2**14) * np.sqrt(24_000 / 400)  # 7.75x: inside the clip
     assert [r["train/lr"] for r in train_log(tmp_path / "run")] == pytest.approx([expected] * 4)
@@ -151,24 +152,46 @@ def test_default_lr_is_the_budget_rule_and_is_announced(tmp_path, capsys):
 
 
 def test_resume_with_a_changed_configuration_names_what_changed(tmp_path):
-    """Checkpoints made with n_latents=128 are not silently resumed with n_latents=64."""
+    """Checkpoints made with d_sae=128 are not silently resumed with d_sae=64."""
     x = sparse_dictionary_data(n_tokens=4096)
     store = synthetic_store(tmp_path, x)
     out = tmp_path / "run"
     tcfg = TrainerConfig(tokens=256 * 20, batch_tokens=256, checkpoint_every_steps=5, max_steps=6,
                          warmup_steps=0)
-    train(store_path=store, out_dir=out, sae_cfg=SAEConfig(d_in=32, n_latents=128, k=4), trainer_cfg=tcfg,
+    train(store_path=store, out_dir=out, sae_cfg=SAEConfig(d_in=32, d_sae=128, k=4), trainer_cfg=tcfg,
           progress=False, wandb_cfg={"enabled": False})
-    with pytest.raises(ValueError, match=r"n_latents: recorded 128 != now 64"):
-        train(store_path=store, out_dir=out, sae_cfg=SAEConfig(d_in=32, n_latents=64, k=4), trainer_cfg=tcfg,
+    with pytest.raises(ValueError, match=r"d_sae: recorded 128 != now 64"):
+        train(store_path=store, out_dir=out, sae_cfg=SAEConfig(d_in=32, d_sae=64, k=4), trainer_cfg=tcfg,
               progress=False, wandb_cfg={"enabled": False})
+
+
+def test_checkpoints_of_an_earlier_release_resume_under_the_renamed_keys(tmp_path):
+    """run_identity.json written before the renames (n_latents, store d_model / hook) resumes: the old
+    names are read as d_sae, d_in, hook_name; a really changed width is still refused."""
+    store = synthetic_store(tmp_path, sparse_dictionary_data(n_tokens=4096))
+    out = tmp_path / "run"
+    tcfg = TrainerConfig(tokens=256 * 12, batch_tokens=256, checkpoint_every_steps=5, max_steps=6, warmup_steps=0)
+    run = dict(store_path=store, out_dir=out, progress=False, wandb_cfg={"enabled": False})
+    train(sae_cfg=SAEConfig(d_in=32, d_sae=128, k=4), trainer_cfg=tcfg, **run)
+    path = out / "checkpoints" / "run_identity.json"
+    ident = json.loads(path.read_text())
+    assert ident["d_sae"] == 128 and ident["store"]["d_in"] == 32
+    ident["n_latents"] = ident.pop("d_sae")
+    ident["store"]["d_model"] = ident["store"].pop("d_in")
+    ident["store"]["hook"] = ident["store"].pop("hook_name")
+    path.write_text(json.dumps(ident))
+    with pytest.raises(ValueError, match=r"d_sae: recorded 128 != now 64"):
+        train(sae_cfg=SAEConfig(d_in=32, d_sae=64, k=4), trainer_cfg=tcfg, **run)
+    res = train(sae_cfg=SAEConfig(d_in=32, d_sae=128, k=4), trainer_cfg=dataclasses.replace(tcfg, max_steps=None),
+                **run)
+    assert res["tokens_trained"] == 256 * 12 and train_log(out)[-1]["step"] == 12
 
 
 def test_auxk_first_activation_is_logged_and_an_unreachable_threshold_warned(tmp_path, capsys):
     store = synthetic_store(tmp_path, sparse_dictionary_data(n_tokens=8192, seed=5))
     kw = dict(store_path=store, progress=False, wandb_cfg={"enabled": False})
     out = tmp_path / "run"
-    train(out_dir=out, sae_cfg=SAEConfig(d_in=32, n_latents=512, k=4, dead_tokens=1024),
+    train(out_dir=out, sae_cfg=SAEConfig(d_in=32, d_sae=512, k=4, dead_tokens=1024),
           trainer_cfg=TrainerConfig(tokens=256 * 40, batch_tokens=256, lr=5e-3, log_every_steps=2), **kw)
     err = capsys.readouterr().err
     st = json.loads((out / "sae" / "training_state.json").read_text())
@@ -177,7 +200,7 @@ def test_auxk_first_activation_is_logged_and_an_unreachable_threshold_warned(tmp
     assert f"AuxK active from step {first} ({first * 256} tokens)" in err and "warning" not in err
     # a dead threshold the run cannot reach: said up front, and AuxK indeed never runs
     out2 = tmp_path / "run2"
-    train(out_dir=out2, sae_cfg=SAEConfig(d_in=32, n_latents=512, k=4, dead_tokens=10_000_000),
+    train(out_dir=out2, sae_cfg=SAEConfig(d_in=32, d_sae=512, k=4, dead_tokens=10_000_000),
           trainer_cfg=TrainerConfig(tokens=256 * 8, batch_tokens=256, log_every_steps=1), **kw)
     err = capsys.readouterr().err
     assert "sae.dead_tokens=10000000 >= the run's 2048 tokens" in err and "AuxK active" not in err
@@ -192,14 +215,14 @@ def test_dead_tokens_default_is_a_tenth_of_the_run_capped_at_the_papers_10m(tmp_
     assert resolve_dead_tokens(None, 8_000_000_000) == 10_000_000  # the paper's threshold in a long run
     assert resolve_dead_tokens(None, 5) == 1 and resolve_dead_tokens(250_000, 1_600_000) == 250_000
     with pytest.raises(ValueError, match="dead_tokens=0 must be an int >= 1, or null"):
-        SAEConfig(d_in=8, n_latents=16, k=2, dead_tokens=0)
+        SAEConfig(d_in=8, d_sae=16, k=2, dead_tokens=0)
     # null in a 40-step run of 256 tokens = a threshold of 1024 tokens: the same run as an explicit 1024
     store = synthetic_store(tmp_path, sparse_dictionary_data(n_tokens=8192, seed=5))
     kw = dict(store_path=store, progress=False, wandb_cfg={"enabled": False},
               trainer_cfg=TrainerConfig(tokens=256 * 40, batch_tokens=256, lr=5e-3, log_every_steps=2))
     logs = []
     for name, dead in (("auto", None), ("explicit", 1024)):
-        train(out_dir=tmp_path / name, sae_cfg=SAEConfig(d_in=32, n_latents=512, k=4, dead_tokens=dead), **kw)
+        train(out_dir=tmp_path / name, sae_cfg=SAEConfig(d_in=32, d_sae=512, k=4, dead_tokens=dead), **kw)
         st = json.loads((tmp_path / name / "sae" / "training_state.json").read_text())
         assert st["dead_tokens"] == 1024 and st["auxk_active_from_step"] is not None
         logs.append([{k: v for k, v in r.items() if k.startswith("train/") and k != "train/tokens_per_s"}
@@ -223,7 +246,7 @@ def test_deterministic_runs_are_bit_identical_and_the_mode_is_scoped(tmp_path, m
     runs = []
     for name in ("a", "b"):
         train(store_path=store, out_dir=tmp_path / name, progress=False, wandb_cfg={"enabled": False},
-              sae_cfg=SAEConfig(d_in=32, n_latents=256, k=4, dead_tokens=512, multi_topk=True),
+              sae_cfg=SAEConfig(d_in=32, d_sae=256, k=4, dead_tokens=512, multi_topk=True),
               trainer_cfg=TrainerConfig(tokens=256 * 24, batch_tokens=256, lr=5e-3, log_every_steps=1,
                                         deterministic=True))
         w = load_file(str(tmp_path / name / "sae" / "sae_weights.safetensors"))
