@@ -37,7 +37,7 @@ __all__ = ["AppConfig", "ModelConfig", "DataConfig", "HarvestConfig", "StoreConf
            "upgrade_overrides", "describe", "config_error"]
 
 
-def _make(name: str, specs: list[tuple], doc: str) -> type:
+def make_node_class(name: str, specs: list[tuple], doc: str) -> type:
     """make_dataclass, importable as sae_dist.config.<name> (so a pickled config, e.g. a submitit job's,
     loads)."""
     cls = dataclasses.make_dataclass(name, specs)
@@ -46,7 +46,7 @@ def _make(name: str, specs: list[tuple], doc: str) -> type:
     return cls
 
 
-def _copy_fields(cls, names=None, exclude=(), docs: dict | None = None) -> list[tuple]:
+def copy_fields(cls, names=None, exclude=(), docs: dict | None = None) -> list[tuple]:
     """make_dataclass field specs of `cls`'s fields (same type, default and doc, or `docs[name]`): the
     derived dataclasses below take their defaults from the classes the library uses, never restate them."""
     hints = typing.get_type_hints(cls)
@@ -61,11 +61,11 @@ def _copy_fields(cls, names=None, exclude=(), docs: dict | None = None) -> list[
             fld = option(f.default_factory(), doc)
         else:
             fld = option(doc=doc)
-        specs.append((f.name, _omegaconf_type(hints[f.name]), fld))
+        specs.append((f.name, omegaconf_type(hints[f.name]), fld))
     return specs
 
 
-def _omegaconf_type(t):
+def omegaconf_type(t):
     """The type OmegaConf 2.3 checks for annotation `t`: Optional[X] stays, another union (e.g.
     `float | str`) becomes Any, tuple[X, ...] becomes list[X]."""
     args = typing.get_args(t)
@@ -121,13 +121,13 @@ class HarvestConfig:
 #: the trainer options that are the store's on the command line (`store.shuffle_shards`, `store.prefetch`)
 STORE_TRAINER_KEYS = ("shuffle_shards", "prefetch")
 
-StoreConfig = _make("StoreConfig", [
+StoreConfig = make_node_class("StoreConfig", [
     ("path", str, option("${run_dir}/activations.zarr", "activation store sae-harvest writes and sae-train reads")),
-    *_copy_fields(TrainerConfig, STORE_TRAINER_KEYS),
+    *copy_fields(TrainerConfig, STORE_TRAINER_KEYS),
 ], "The activation store (`store`); shuffle_shards / prefetch default to TrainerConfig's.")
 
 #: the `trainer` node: TrainerConfig's fields but the store's
-TrainerNode = _make("TrainerNode", _copy_fields(TrainerConfig, exclude=STORE_TRAINER_KEYS),
+TrainerNode = make_node_class("TrainerNode", copy_fields(TrainerConfig, exclude=STORE_TRAINER_KEYS),
                     "The trainer (`trainer` group): sae_dist.train.config.TrainerConfig less store.*.")
 
 
@@ -183,10 +183,12 @@ def _eval_node() -> type:
     hints = typing.get_type_hints(evaluate)
     specs = []
     for name, doc in _EVAL_DOCS.items():
-        typ, default = EVAL_OWN_DEFAULTS.get(name) or (_omegaconf_type(hints[name]), params[name].default)
+        typ, default = EVAL_OWN_DEFAULTS.get(name) or (omegaconf_type(hints[name]), params[name].default)
         specs.append((name, typ, option(default, doc)))
-    return _make("EvalConfig", specs, "sae-eval and eval.after_train (`eval` group; metrics of Gao et al. 2024, "
-                 "docs/evaluation.md): evaluate()'s keyword defaults plus after_train / progressive / lm_family.")
+    return make_node_class("EvalConfig", specs,
+                           "sae-eval and eval.after_train (`eval` group; metrics of Gao et al. 2024, "
+                           "docs/evaluation.md): evaluate()'s keyword defaults plus after_train / progressive / "
+                           "lm_family.")
 
 
 EvalConfig = _eval_node()
@@ -225,8 +227,8 @@ def _browse_node():
     from sae_dist.browse.build import BrowseOptions
 
     specs = [("out_dir", str, option("${run_dir}/browser", "where index.html, latents/<i>.html, ... go"))]
-    specs += _copy_fields(BrowseOptions, exclude=("seed",), docs=_BROWSE_DOCS)
-    return _make("BrowseConfig", specs,
+    specs += copy_fields(BrowseOptions, exclude=("seed",), docs=_BROWSE_DOCS)
+    return make_node_class("BrowseConfig", specs,
                  "sae-browse (`browse` group): sae_dist.browse.build.BrowseOptions (+ out_dir; seed is the root's).")
 
 
@@ -278,10 +280,10 @@ def _sae_nodes() -> dict[str, type]:
     nodes = {}
     for name in ARCHITECTURES:
         specs = [("d_in", int | None, option(None, d_in_doc))]
-        for n, t, f in _copy_fields(SAEConfig, exclude=("options", "d_in")):
+        for n, t, f in copy_fields(SAEConfig, exclude=("options", "d_in")):
             specs.append((n, t, option(name, field_doc(f)) if n == "architecture" else f))
-        specs += _copy_fields(architecture_class(name).Options, docs=_SAE_OPTION_DOCS)
-        nodes[name] = _make(f"SAE_{name}", specs,
+        specs += copy_fields(architecture_class(name).Options, docs=_SAE_OPTION_DOCS)
+        nodes[name] = make_node_class(f"SAE_{name}", specs,
                             f"sae={name}: SAEConfig's fields and {architecture_class(name).Options.__name__}'s.")
     return nodes
 

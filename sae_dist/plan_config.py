@@ -17,9 +17,9 @@ from sae_dist.config import (
     HarvestConfig,
     ParallelConfig,
     TrainerNode,
-    _copy_fields,
-    _make,
-    _omegaconf_type,
+    copy_fields,
+    make_node_class,
+    omegaconf_type,
     option,
     register_configs,
 )
@@ -68,11 +68,12 @@ def _estimate_node() -> type:
         if name == "bf16_operand_copies":  # null here: follow trainer.bf16 (plan() takes the resolved bool)
             specs.append((name, bool | None, option(None, doc)))
         else:
-            specs.append((name, _omegaconf_type(hints[name]), option(params[name].default, doc)))
-    return _make("EstimateConfig", specs, "sae-plan's modelling switches (`estimate.*`): plan.plan's defaults.")
+            specs.append((name, omegaconf_type(hints[name]), option(params[name].default, doc)))
+    return make_node_class("EstimateConfig", specs,
+                           "sae-plan's modelling switches (`estimate.*`): plan.plan's defaults.")
 
 
-ClusterConfig = _make("ClusterConfig", _copy_fields(Cluster, docs=_CLUSTER_DOCS),
+ClusterConfig = make_node_class("ClusterConfig", copy_fields(Cluster, docs=_CLUSTER_DOCS),
                       "sae-plan's cluster shape (`cluster.*`): plan.Cluster's fields and defaults.")
 EstimateConfig = _estimate_node()
 

@@ -77,6 +77,14 @@ def tiny_lm_dir(tmp_path_factory) -> str:
     return make_tiny_lm(tmp_path_factory.mktemp("tiny_lm"))
 
 
+@pytest.fixture(scope="module")
+def lm(tiny_lm_dir):
+    """(model, tokenizer) of the tiny LM in float32, eval mode, gradients off; loaded once per test module."""
+    from sae_dist.harvest.lm import load_lm
+
+    return load_lm(tiny_lm_dir, dtype="float32")
+
+
 @pytest.fixture(scope="session")
 def worker_forkserver():
     """Start torch.multiprocessing's "forkserver" with tests/_worker_preload.py imported in it.

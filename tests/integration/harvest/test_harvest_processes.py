@@ -23,16 +23,6 @@ from sae_dist.harvest import harvest
 from sae_dist.harvest.lm import load_lm
 
 
-@pytest.fixture(scope="module")
-def lm_dir(tiny_lm_dir):
-    return tiny_lm_dir
-
-
-@pytest.fixture(scope="module")
-def lm(lm_dir):
-    return load_lm(lm_dir)
-
-
 def _harvest_worker(lm_dir, store, tokens, rank, world, delay, env, result_file):
     """A harvest of tiny_corpus(**SMALL) in a process of its own; writes its result (or traceback) to
     `result_file`."""
@@ -67,12 +57,12 @@ def _output(proc) -> str:
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("worker_forkserver")
-def test_kill_and_resume_equals_uninterrupted(lm, lm_dir, tmp_path):
+def test_kill_and_resume_equals_uninterrupted(lm, tiny_lm_dir, tmp_path):
     """SIGKILL a real harvest after its first shard marker; the rerun completes it bit-identically."""
     docs = tiny_corpus(**SMALL)
     tokens = 200 * BODY  # 200 sequences = 13 shards (the last one partial)
     store = tmp_path / "killed"
-    proc = _launch(lm_dir, store, tokens, delay=0.05)
+    proc = _launch(tiny_lm_dir, store, tokens, delay=0.05)
     progress = store / "_progress"
     deadline = time.time() + 120
     try:
@@ -102,14 +92,14 @@ def test_kill_and_resume_equals_uninterrupted(lm, lm_dir, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("worker_forkserver")
-def test_two_worker_processes_with_gloo_barrier(lm, lm_dir, tmp_path):
+def test_two_worker_processes_with_gloo_barrier(lm, tiny_lm_dir, tmp_path):
     """Two real worker processes (torchrun-style env): rank 0 finalises after the gloo barrier."""
     tokens = 100 * BODY
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
-    procs = [_launch(lm_dir, tmp_path / "dist", tokens, rank=r, world=2, env={**env, "RANK": str(r)})
+    procs = [_launch(tiny_lm_dir, tmp_path / "dist", tokens, rank=r, world=2, env={**env, "RANK": str(r)})
              for r in range(2)]
     for p in procs:
         p.join(timeout=300)

@@ -51,14 +51,6 @@ def test_effective_count_known_answers():
         effective_logit_count(torch.ones(V))
 
 
-@pytest.fixture(scope="module")
-def lm(tiny_lm_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(tiny_lm_dir)
-
-
 def _sequences(tok, n, t, seed):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, len(tok), (n, t), generator=g)

@@ -21,15 +21,6 @@ HOOK = "blocks.1.hook_resid_post"
 LAYER = 1
 
 
-@pytest.fixture(scope="module")
-def lm(tiny_lm_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
-    return model, tok
-
-
 def _sequences(tok, n=6, t=16, seed=None):
     g = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**31, ()).item()))
     ids = torch.randint(3, len(tok), (n, t), generator=g)

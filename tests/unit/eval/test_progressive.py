@@ -204,14 +204,6 @@ def test_fixed_threshold_export_round_trips(tmp_path):
         export_fixed_threshold(src, tmp_path / "neg", -1.0)
 
 
-@pytest.fixture(scope="module")
-def lm(tiny_lm_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(tiny_lm_dir)
-
-
 def test_evaluate_writes_progressive_entry(lm, tmp_path):
     from helpers.synthetic import tiny_corpus
 

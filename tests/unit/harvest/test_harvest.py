@@ -12,17 +12,6 @@ from helpers.harvest import BODY, CTX, EVAL, HOOK, SMALL, assert_same_store, rea
 from helpers.synthetic import tiny_corpus
 
 from sae_dist.harvest import HarvestError, packed_sequences, run_to_hook, splice_hook
-from sae_dist.harvest.lm import load_lm
-
-
-@pytest.fixture(scope="module")
-def lm_dir(tiny_lm_dir):
-    return tiny_lm_dir
-
-
-@pytest.fixture(scope="module")
-def lm(lm_dir):
-    return load_lm(lm_dir)
 
 
 def test_harvest_values_layout_and_attrs(lm, tmp_path):
