@@ -279,6 +279,17 @@ def _hook_name(cfg: DictConfig, model) -> str:
     return name
 
 
+def _harvest_hooks(cfg: DictConfig, model) -> str | list[str]:
+    """The hook point(s) sae-harvest fills: the list `hooks` (one store each under store.path), else hook_name.
+    ValueError for an empty list or `hooks` given together with hook_name."""
+    if cfg.hooks is None:
+        return _hook_name(cfg, model)
+    if not cfg.hooks or cfg.hook_name is not None:
+        raise ValueError(f"hooks={list(cfg.hooks)} with hook_name={cfg.hook_name}: give one or the other "
+                         "(hooks: a non-empty list of hook points, one store each at store.path/<hook_name>)")
+    return list(cfg.hooks)
+
+
 def configured_model_name(cfg: DictConfig) -> str:
     """The model name recorded in store attrs, cfg.json and eval.json."""
     from sae_dist.harvest.lm import model_display_name
@@ -302,7 +313,8 @@ def _docs(cfg: DictConfig):
 
 
 def run_harvest(cfg: DictConfig, out_dir: Path, lm=None) -> dict[str, Any]:
-    """Harvest activations into `cfg.store.path`; returns the harvester's summary dict."""
+    """Harvest activations into `cfg.store.path` (with `hooks`: one store per hook under it); returns the
+    harvester's summary dict."""
     from sae_dist.config import DataConfig, HarvestConfig, node_object
     from sae_dist.harvest.harvester import harvest
 
@@ -311,7 +323,7 @@ def run_harvest(cfg: DictConfig, out_dir: Path, lm=None) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     rank, world = _dist_env()
     model, tokenizer = lm if lm is not None else load_configured_lm(cfg, device)
-    hook = _hook_name(cfg, model)
+    hook = _harvest_hooks(cfg, model)
     if hc.tokens is None:
         raise ValueError("harvest.tokens=null: sae-harvest needs the number of activation rows to store")
     return harvest(
@@ -504,6 +516,9 @@ def eval_main(cfg: DictConfig) -> None:
 def pipeline_main(cfg: DictConfig) -> None:
     """sae-pipeline: harvest -> train -> eval in one run directory, then a summary table."""
     out = _out_dir()
+    if cfg.hooks is not None:
+        raise ValueError(f"hooks={list(cfg.hooks)}: sae-pipeline trains one SAE on one store; set hook_name, or "
+                         "run sae-harvest hooks=[...] and then sae-train store.path=<store.path>/<hook_name>")
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
     lm = load_configured_lm(cfg, device)

@@ -301,6 +301,8 @@ class AppConfig:
     seed: int = option(0, "seed of the SAE init, the data order and the browser's random picks")
     hook_name: str | None = option(None, "hook point (blocks.{L}.hook_resid_post | hook_resid_pre | hook_attn_out | "
                                     "hook_mlp_out); null: the residual stream about 2/3 up the model")
+    hooks: list[str] | None = option(None, "sae-harvest: several hook points from one LM pass, one store each "
+                                           "at store.path/<hook_name>; null: the one store of hook_name")
     sae_path: str = option("${run_dir}/sae", "exported SAE read by sae-eval and sae-browse (ours or a SAELens save)")
     store: StoreConfig = option(StoreConfig(), "")
     wandb: WandbConfig = option(WandbConfig(), "")

@@ -1368,7 +1368,8 @@ def harvest_store_bytes(tokens: int, d_in: int, *, dtype: str = "float16", ctx_l
 
 
 # ------------------------------------------------------------------------------------ rendering
-def _fmt_bytes(b: float) -> str:
+def format_bytes(b: float) -> str:
+    """b bytes for people: "1.25 GiB", "3.10 MiB", "12.00 KiB" or "512 B" (powers of 1024)."""
     if b >= GiB / 10:
         return f"{b / GiB:,.2f} GiB"
     if b >= 2**20 / 10:
@@ -1412,19 +1413,19 @@ def plan_tables(r: dict) -> list[_Table]:
     for key, v in r["memory_bytes"].items():
         if key == "total" or v == 0:
             continue
-        rows.append([key, _fmt_bytes(v)])
+        rows.append([key, format_bytes(v)])
         if key == "activations":
             rows[-1][0] = f"activations (peak: {r['activation_peak_phase'].replace('_', ' ')})"
             rows += [[f"  kept: {ak}" + ("" if ak in KEPT_TO_ENCODER_BWD else " (freed before the encoder bwd)"),
-                      _fmt_bytes(av)] for ak, av in r["activation_bytes"].items() if av]
+                      format_bytes(av)] for ak, av in r["activation_bytes"].items() if av]
             for phase, total in r["activation_phases"].items():
-                rows.append([f"  {phase.replace('_', ' ')} peak", _fmt_bytes(total)])
-                rows += [[f"    transient: {tk}", _fmt_bytes(tv)]
+                rows.append([f"  {phase.replace('_', ' ')} peak", format_bytes(total)])
+                rows += [[f"    transient: {tk}", format_bytes(tv)]
                          for tk, tv in r["transient_bytes"][phase].items() if tv]
-    rows.append(["total", _fmt_bytes(r["memory_bytes"]["total"])])
+    rows.append(["total", format_bytes(r["memory_bytes"]["total"])])
     rows.append(["GPU memory", f"{r['gpu_memory_gib']:,.2f} GiB"])
     if r["host_memory_bytes"]:
-        rows.append(["host memory (offloaded optimizer)", _fmt_bytes(r["host_memory_bytes"])])
+        rows.append(["host memory (offloaded optimizer)", format_bytes(r["host_memory_bytes"])])
     out.append(("memory per GPU", [("item", "l"), ("size", "r")], rows))
 
     rows = [[name, v["phase"], v["kind"], f"{v['flops'] / 1e9:,.1f}", f"{v['hbm_bytes'] / 1e9:,.2f}",
@@ -1435,9 +1436,9 @@ def plan_tables(r: dict) -> list[_Table]:
                                              ("GFLOP", "r"), ("HBM GB", "r"), ("time", "r")], rows))
     if r["comm"]:
         rows = [[x["name"] + (f" x{x['count']}" if x["count"] > 1 else ""), f"{x['group']}({x['group_size']})",
-                 x["link"], x["op"], _fmt_bytes(x["size_bytes"]), _fmt_bytes(x["bytes_per_gpu"]),
+                 x["link"], x["op"], format_bytes(x["size_bytes"]), format_bytes(x["bytes_per_gpu"]),
                  _fmt_s(x["time_s"])] for x in r["comm"]]
-        rows.append(["total", "", "", "", "", _fmt_bytes(r["comm_bytes_per_gpu"]), _fmt_s(r["comm_s"])])
+        rows.append(["total", "", "", "", "", format_bytes(r["comm_bytes_per_gpu"]), _fmt_s(r["comm_s"])])
         out.append(("communication per GPU per step", [("collective", "l"), ("group", "l"), ("link", "l"),
                                                        ("op", "l"), ("payload", "r"), ("moved/GPU", "r"),
                                                        ("time", "r")], rows))
@@ -1466,8 +1467,8 @@ def store_table(st: dict) -> _Table:
     rows = [["tokens stored" + (f" (harvest.tokens={asked:,})" if asked != st["tokens"] else ""), f"{st['tokens']:,}"],
             ["layout", f"{st['dtype']} activations of width {st['d_in']}, chunks of {st['chunk_tokens']:,} tokens, "
                        f"{st['shards']:,} shard file(s) of {st['shard_tokens']:,}"]]
-    rows += [[name, _fmt_bytes(b)] for name, b in st["bytes"].items()]
-    rows += [["total", _fmt_bytes(st["total_bytes"])], ["per token", f"{st['bytes_per_token']:,.1f} B"]]
+    rows += [[name, format_bytes(b)] for name, b in st["bytes"].items()]
+    rows += [["total", format_bytes(st["total_bytes"])], ["per token", f"{st['bytes_per_token']:,.1f} B"]]
     return ("activation store on disk (uncompressed; shard files exact, metadata an allowance)",
             [("item", "l"), ("size", "r")], rows)
 
@@ -1546,7 +1547,7 @@ def render_compare(results: list[dict], markdown: bool = False) -> None:
               f"{cl['gpus_per_node']} GPUs ({cl['gpu_memory_gib']:g} GiB each) | {_switches(c)}")
         st = results[0].get("store")
         if st:
-            print(f"activation store of {st['tokens']:,} tokens ({st['dtype']}): {_fmt_bytes(st['total_bytes'])} "
+            print(f"activation store of {st['tokens']:,} tokens ({st['dtype']}): {format_bytes(st['total_bytes'])} "
                   "on disk")
     _print_tables([compare_table(results)], markdown)
 

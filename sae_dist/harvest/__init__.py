@@ -1,18 +1,19 @@
 """sae_dist.harvest: LM loading, hook points, the text pipeline and the activation harvester.
 
     load_lm / embedded_default_lm            (lm.py)      transformers: HF name, local dir, GGUF
-    resolve_hook / run_to_hook / splice_hook (hooks.py)   blocks.{L}.hook_{resid_pre,resid_post,attn_out,mlp_out}
+    resolve_hook / run_to_hook(s) / splice_hook (hooks.py) blocks.{L}.hook_{resid_pre,resid_post,attn_out,mlp_out}
     iter_documents / packed_sequences        (text.py)    HF datasets -> [BOS] + (ctx_len-1) tokens
-    harvest                                  (harvester.py) deterministic, resumable, multi-worker
+    harvest / hook_store_path                (harvester.py) deterministic, resumable, multi-worker, multi-hook
 """
 
-from sae_dist.harvest.harvester import HarvestError, harvest
+from sae_dist.harvest.harvester import HarvestError, harvest, hook_store_path
 from sae_dist.harvest.hooks import (
     HookSpec,
     decoder_layers,
     default_hook_name,
     resolve_hook,
     run_to_hook,
+    run_to_hooks,
     splice_hook,
     valid_hook_names,
 )
@@ -28,7 +29,7 @@ from sae_dist.harvest.text import (
 
 __all__ = [
     "HarvestError", "HookSpec", "bos_token_id", "decoder_layers", "default_hook_name",
-    "embedded_default_lm", "harvest", "is_eval_document", "iter_documents", "load_lm",
-    "model_display_name", "packed_sequences", "resolve_hook", "run_to_hook", "splice_hook",
+    "embedded_default_lm", "harvest", "hook_store_path", "is_eval_document", "iter_documents", "load_lm",
+    "model_display_name", "packed_sequences", "resolve_hook", "run_to_hook", "run_to_hooks", "splice_hook",
     "stdlib_corpus_files", "tokenize_document", "valid_hook_names",
 ]

@@ -1,4 +1,5 @@
-"""The harvester: LM activations at one hook for a deterministic stream of packed sequences -> zarr store.
+"""The harvester: LM activations at one or several hooks for a deterministic stream of packed sequences ->
+one zarr store per hook.
 
 Design (deterministic and resumable; the store layout is docs/formats.md#activation-store):
 
@@ -21,6 +22,10 @@ Design (deterministic and resumable; the store layout is docs/formats.md#activat
   (global sequence index i), `position` int32 (1..ctx_len-1). Group attributes: d_in, n_tokens, model,
   hook_name, layer, ctx_len, dataset, dtype, eval_fraction, norm_stats (merged over shards: mean_norm,
   mean_sq_norm, n), harvest (progress; complete), plus the caller's `attrs`.
+* Several hook points (`hook_name` a list) are harvested from ONE forward per batch, stopped after the
+  deepest hooked module (`hooks.run_to_hooks`); each hook gets its own store ``store_path/<hook_name>``
+  with the same token ids in the same order. A shard counts as done only when every store has its
+  marker; a store already complete is left alone.
 * When every shard has a marker the store is finalised (`store.finalize_store`: trim, merged
   attributes, `harvest.complete = true`). With world_size > 1 the workers meet at a
   torch.distributed barrier (gloo; initialised from the torchrun env RANK/WORLD_SIZE/MASTER_ADDR/
@@ -34,8 +39,9 @@ import datetime
 import math
 import os
 import time
-from dataclasses import dataclass
-from typing import Any, Iterable
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -43,10 +49,10 @@ import torch
 from sae_dist.lock import DirectoryLock
 from sae_dist.preempt import Preemption
 
-from .hooks import resolve_hook, run_to_hook
+from .hooks import resolve_hook, run_to_hooks
 from .text import packed_sequences
 
-__all__ = ["harvest", "HarvestError", "STORE_DTYPES"]
+__all__ = ["harvest", "hook_store_path", "HarvestError", "STORE_DTYPES"]
 
 STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -134,20 +140,23 @@ def _maybe_dist(world_size: int, rank: int, timeout_s: float):
 
 
 def harvest(
-    *, model, tokenizer, hook_name: str, docs: Iterable[str], store_path: str, tokens: int, ctx_len: int = 64,
+    *, model, tokenizer, hook_name: str | Sequence[str], docs: Iterable[str], store_path: str, tokens: int,
+    ctx_len: int = 64,
     batch_size: int = 32, dtype: str = "float16", seqs_per_chunk: int = 64, seqs_per_shard: int = 1024,
     rank: int | None = None, world_size: int | None = None, eval_fraction: float = 0.05, attrs: dict | None = None,
     progress: bool = True, finalize: bool = True, barrier_timeout_s: float = 48 * 3600.0,
 ) -> dict:
-    """Harvest LM activations at `hook_name` into a zarr v3 activation store (resumable, multi-worker).
+    """Harvest LM activations at `hook_name` into zarr v3 activation stores (resumable, multi-worker).
 
     Args:
         model: HF causal LM in eval mode (e.g. from `load_lm`); run in its own dtype under `torch.inference_mode`,
-            stopped right after the hooked module (`run_to_hook`). tokenizer: its tokenizer.
-        hook_name: hook name, e.g. "blocks.19.hook_resid_post" (see `hooks.valid_hook_names`).
+            stopped right after the (deepest) hooked module (`run_to_hooks`). tokenizer: its tokenizer.
+        hook_name: hook name, e.g. "blocks.19.hook_resid_post" (see `hooks.valid_hook_names`), or a list of
+            them: all are harvested from one forward per batch, one store each (`store_path` below).
         docs: iterable of documents (strings) in a deterministic order (e.g. `iter_documents(...)`).
             Every worker and every rerun must see the same documents in the same order.
-        store_path: directory of the zarr store (created if missing, resumed if partial).
+        store_path: directory of the zarr store (created if missing, resumed if partial); when `hook_name` is
+            a list, the directory holding one store per hook, ``hook_store_path(store_path, name)``.
         tokens: activation rows to store; rounded up to whole sequences:
             n_seqs = ceil(tokens / (ctx_len - 1)), n_tokens = n_seqs * (ctx_len - 1).
         ctx_len: tokens per sequence including BOS (paper: 64). batch_size: sequences per LM forward.
@@ -171,8 +180,9 @@ def harvest(
     The store's arrays and group attributes: module docstring.
 
     Returns:
-        dict: store_path, tokens_written (this call), wall_s, tokens_per_s, shards_written, shards_total,
-        complete (bool), already_complete (bool), n_tokens (final, when complete), preempted (bool).
+        dict: store_path, stores ({hook name: store path}), tokens_written (this call, per store), wall_s,
+        tokens_per_s, shards_written, shards_total, complete (bool), already_complete (bool), n_tokens (final,
+        when complete), preempted (bool).
 
     Raises:
         HarvestError: non-finite activations (names the sequence range), inconsistent arguments.
@@ -183,10 +193,14 @@ def harvest(
                            tokens=tokens, ctx_len=ctx_len, batch_size=batch_size, dtype=dtype,
                            seqs_per_chunk=seqs_per_chunk, seqs_per_shard=seqs_per_shard, rank=rank,
                            world_size=world_size, eval_fraction=eval_fraction, attrs=attrs, progress=progress)
-    summary = _new_summary(run)
-    existing = _read_complete(run.store_path)
-    if existing is not None:
-        return _already_complete(run, existing, attrs, summary, t0)
+    summary = _new_summary(run, store_path)
+    existing = {t.name: _read_complete(t.store_path) for t in run.targets}
+    for t in run.targets:
+        if existing[t.name] is not None:
+            _check_same_harvest(t, existing[t.name], attrs)
+    if all(v is not None for v in existing.values()):
+        return _already_complete(run, existing[run.targets[0].name], summary, t0)
+    run = run.without({name for name, v in existing.items() if v is not None})
     written = _harvest_locked(run, summary, finalize, barrier_timeout_s)
     wall = time.perf_counter() - t0
     summary.update(wall_s=wall, tokens_per_s=written / wall if wall > 0 else 0.0)
@@ -251,15 +265,32 @@ class _Geometry:
         return (min(self.n_seqs, (s + 1) * self.seqs_per_shard) - s * self.seqs_per_shard) * self.body
 
 
+def hook_store_path(store_path, hook_name: str) -> str:
+    """The store of hook `hook_name` in a multi-hook harvest into directory `store_path`: store_path/hook_name."""
+    return os.path.join(os.fspath(store_path), hook_name)
+
+
+@dataclass(frozen=True)
+class _Target:
+    """One hook point of a harvest and the store it fills."""
+
+    spec: Any  # the resolved hook (`hooks.HookSpec`)
+    store_path: str
+    store_attrs: dict  # group attributes written at creation (`harvest` docstring), without "harvest"
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
 @dataclass(frozen=True)
 class _HarvestRun:
-    """One `harvest` call, validated: its inputs, the store geometry and the store attributes it writes."""
+    """One `harvest` call, validated: its inputs, the store geometry, and its hook points with their stores."""
 
     model: Any
     tokenizer: Any
-    spec: Any  # the resolved hook (`hooks.HookSpec`)
+    targets: tuple[_Target, ...]  # the hooks, one store each, all filled from one forward per batch
     docs: Iterable[str]
-    store_path: str
     geom: _Geometry
     batch_size: int  # sequences per LM forward
     d_model: int  # residual-stream width (`_d_model`)
@@ -269,40 +300,61 @@ class _HarvestRun:
     progress: bool
     rank: int
     world_size: int
-    store_attrs: dict  # group attributes written at creation (`harvest` docstring), without "harvest"
     harvest_info: dict  # the "harvest" attribute before completion
 
     @classmethod
     def plan(cls, *, model, tokenizer, hook_name, docs, store_path, tokens, ctx_len, batch_size, dtype,
              seqs_per_chunk, seqs_per_shard, rank, world_size, eval_fraction, attrs, progress) -> _HarvestRun:
-        """Resolve rank / world_size and the hook, validate the arguments (ValueError) and plan the store."""
-        store_path = os.fspath(store_path)
+        """Resolve rank / world_size and the hooks, validate the arguments (ValueError) and plan the stores."""
         rank, world_size = _resolve_rank(rank, world_size)
         _check_args(tokens=tokens, ctx_len=ctx_len, batch_size=batch_size, dtype=dtype,
                     seqs_per_chunk=seqs_per_chunk, seqs_per_shard=seqs_per_shard, rank=rank, world_size=world_size)
-        spec = resolve_hook(model, hook_name)
         geom = _Geometry.plan(tokens, ctx_len, seqs_per_chunk, seqs_per_shard)
         d_model = _d_model(model)
-        store_attrs = {
-            "model": _model_name(model), "dataset": "unknown", **(attrs or {}), "d_in": d_model,
-            "hook_name": spec.name, "layer": spec.layer, "ctx_len": int(ctx_len), "dtype": dtype,
-            "eval_fraction": float(eval_fraction),
-        }
+        common = {"model": _model_name(model), "dataset": "unknown", **(attrs or {}), "d_in": d_model,
+                  "ctx_len": int(ctx_len), "dtype": dtype, "eval_fraction": float(eval_fraction)}
+        targets = tuple(_Target(spec, path, {**common, "hook_name": spec.name, "layer": spec.layer})
+                        for spec, path in _resolve_targets(model, hook_name, store_path))
         harvest_info = {
             "complete": False, "tokens_requested": int(tokens), "n_seqs_planned": geom.n_seqs,
             "n_shards": geom.n_shards, "seqs_per_shard": int(seqs_per_shard), "seqs_per_chunk": int(seqs_per_chunk),
             "chunk_tokens": geom.chunk_tokens, "shard_tokens": geom.shard_tokens,
         }
-        return cls(model=model, tokenizer=tokenizer, spec=spec, docs=docs, store_path=store_path, geom=geom,
+        return cls(model=model, tokenizer=tokenizer, targets=targets, docs=docs, geom=geom,
                    batch_size=int(batch_size), d_model=d_model, dtype=dtype, device=_input_device(model),
                    eval_fraction=eval_fraction, progress=progress, rank=rank, world_size=world_size,
-                   store_attrs=store_attrs, harvest_info=harvest_info)
+                   harvest_info=harvest_info)
+
+    def without(self, names: set[str]) -> _HarvestRun:
+        """This run less the hooks in `names` (their stores are complete)."""
+        return replace(self, targets=tuple(t for t in self.targets if t.name not in names))
+
+    def done_shards(self) -> dict[int, dict]:
+        """{shard: marker info} of the shards every store of this run has marked done (the first store's info)."""
+        from sae_dist.store import done_shards
+
+        marks = [done_shards(t.store_path) for t in self.targets]
+        return {s: info for s, info in marks[0].items() if all(s in m for m in marks[1:])}
 
 
-def _new_summary(run: _HarvestRun) -> dict:
+def _resolve_targets(model, hook_name, store_path) -> list[tuple[Any, str]]:
+    """[(HookSpec, store path)]: one hook name -> the store `store_path`; a list of names -> one store per hook
+    under `store_path` (`hook_store_path`). ValueError for an unknown hook, an empty list or a repeated name."""
+    store_path = os.fspath(store_path)
+    if isinstance(hook_name, str):
+        return [(resolve_hook(model, hook_name), store_path)]
+    specs = [resolve_hook(model, h) for h in hook_name]
+    names = [s.name for s in specs]
+    if not specs or len(set(names)) != len(names):
+        raise ValueError(f"hook_name lists {names}: give at least one hook point and none twice")
+    return [(spec, hook_store_path(store_path, spec.name)) for spec in specs]
+
+
+def _new_summary(run: _HarvestRun, store_path) -> dict:
     """`harvest`'s return value before any work (nothing written, not complete)."""
     return {
-        "store_path": run.store_path,
+        "store_path": os.fspath(store_path),
+        "stores": {t.name: t.store_path for t in run.targets},
         "tokens_written": 0,
         "wall_s": 0.0,
         "tokens_per_s": 0.0,
@@ -315,56 +367,56 @@ def _new_summary(run: _HarvestRun) -> dict:
     }
 
 
-def _check_same_harvest(run: _HarvestRun, existing: dict, attrs: dict | None) -> None:
-    """StoreError when the complete store's attributes `existing` disagree with this run's hook_name, ctx_len, d_in,
-    model, dtype (and dataset, when `attrs` names one)."""
+def _check_same_harvest(target: _Target, existing: dict, attrs: dict | None) -> None:
+    """StoreError when the complete store's attributes `existing` disagree with this target's hook_name, ctx_len,
+    d_in, model, dtype (and dataset, when `attrs` names one)."""
     keys = ["hook_name", "ctx_len", "d_in", "model", "dtype"] + (["dataset"] if "dataset" in (attrs or {}) else [])
     for key in keys:
-        if key in existing and existing[key] != run.store_attrs[key]:
+        if key in existing and existing[key] != target.store_attrs[key]:
             from sae_dist.store.errors import StoreError
 
             raise StoreError(
-                f"store {run.store_path!r} is a complete harvest with {key}={existing[key]!r}, but "
-                f"this run asks for {key}={run.store_attrs[key]!r}; use another store.path or delete it"
+                f"store {target.store_path!r} is a complete harvest with {key}={existing[key]!r}, but "
+                f"this run asks for {key}={target.store_attrs[key]!r}; use another store.path or delete it"
             )
 
 
-def _already_complete(run: _HarvestRun, existing: dict, attrs: dict | None, summary: dict, t0: float) -> dict:
-    """`harvest`'s answer for a store that is already a complete harvest with the attributes `existing`:
-    StoreError when it is another harvest (`_check_same_harvest`), else `summary` marked complete."""
-    _check_same_harvest(run, existing, attrs)
+def _already_complete(run: _HarvestRun, existing: dict, summary: dict, t0: float) -> dict:
+    """`harvest`'s answer when every store is already a complete harvest (`existing`: the first one's
+    attributes): `summary` marked complete."""
     if run.rank == 0:
-        _log(f"store {run.store_path} is already complete ({existing.get('n_tokens')} tokens); nothing to do",
-             run.rank)
+        _log(f"{', '.join(t.store_path for t in run.targets)}: already complete ({existing.get('n_tokens')} "
+             "tokens); nothing to do", run.rank)
     summary.update(complete=True, already_complete=True, n_tokens=existing.get("n_tokens"),
                    wall_s=time.perf_counter() - t0)
     return summary
 
 
 def _harvest_locked(run: _HarvestRun, summary: dict, finalize: bool, barrier_timeout_s: float) -> int:
-    """Under this worker's lock: create or resume the store, harvest this worker's unfinished shards, then
-    finalise (`_finalize`) unless preempted or `finalize` is False. Updates `summary` (shards_written,
-    tokens_written, preempted, complete, n_tokens); returns the tokens written. DirectoryBusyError naming the
-    holder when another process harvests these shards."""
-    from sae_dist.store import create_store, done_shards
+    """Under this worker's lock on each store: create or resume the stores, harvest this worker's shards that
+    some store lacks, then finalise (`_finalize`) unless preempted or `finalize` is False. Updates `summary`
+    (shards_written, tokens_written, preempted, complete, n_tokens); returns the tokens written per store.
+    DirectoryBusyError naming the holder when another process harvests these shards."""
+    from sae_dist.store import create_store
 
-    lock = DirectoryLock(run.store_path, f"sae-harvest worker {run.rank} of {run.world_size}",
-                         lock_file=harvest_lock_file(run.store_path, run.rank))
-    lock.acquire()
-    try:
+    with ExitStack() as locks:
+        for t in run.targets:
+            locks.enter_context(DirectoryLock(t.store_path, f"sae-harvest worker {run.rank} of {run.world_size}",
+                                              lock_file=harvest_lock_file(t.store_path, run.rank)))
         g = run.geom
-        group = create_store(run.store_path, n_tokens=g.n_tokens, d_in=run.d_model, dtype=run.dtype,
-                             chunk_tokens=g.chunk_tokens, shard_tokens=g.shard_tokens,
-                             attrs={**run.store_attrs, "harvest": run.harvest_info})
-        done = done_shards(run.store_path)
+        done = run.done_shards()
+        _check_disk_space(run, len(done))
+        groups = [create_store(t.store_path, n_tokens=g.n_tokens, d_in=run.d_model, dtype=run.dtype,
+                               chunk_tokens=g.chunk_tokens, shard_tokens=g.shard_tokens,
+                               attrs={**t.store_attrs, "harvest": run.harvest_info}) for t in run.targets]
         todo = [s for s in range(g.n_shards) if s % run.world_size == run.rank and s not in done]
         if done and run.rank == 0:
             _log(f"resuming: {len(done)}/{g.n_shards} shards already done", run.rank)
         written, preempted = 0, False
         if todo:
             with Preemption("sae-harvest") as preempt:
-                written, preempted = _harvest_shards(run, group, todo, should_stop=lambda: preempt.requested)
-        now_done = done_shards(run.store_path)
+                written, preempted = _harvest_shards(run, groups, todo, should_stop=lambda: preempt.requested)
+        now_done = run.done_shards()
         summary["shards_written"] = sum(1 for s in todo if s in now_done)
         summary["tokens_written"] = written
         summary["preempted"] = preempted
@@ -373,15 +425,37 @@ def _harvest_locked(run: _HarvestRun, summary: dict, finalize: bool, barrier_tim
                  "command to resume", run.rank)
         if finalize and not preempted:
             _finalize(run, summary, barrier_timeout_s)
-    finally:
-        lock.release()
     return written
+
+
+def _check_disk_space(run: _HarvestRun, n_done: int) -> None:
+    """Log (rank 0) the size on disk of the stores this harvest writes (`plan.harvest_store_bytes`) and the free
+    space; HarvestError, before any LM forward, when the shards still to write need more than is free."""
+    import shutil
+
+    from sae_dist.plan import format_bytes, harvest_store_bytes
+
+    g = run.geom
+    per_store = harvest_store_bytes(g.n_tokens, run.d_model, dtype=run.dtype, ctx_len=g.ctx_len,
+                                    seqs_per_chunk=g.seqs_per_chunk, seqs_per_shard=g.seqs_per_shard)["total_bytes"]
+    need = per_store * len(run.targets) * (g.n_shards - n_done) / g.n_shards
+    free = shutil.disk_usage(os.path.dirname(os.path.abspath(run.targets[0].store_path))).free
+    where = os.path.dirname(os.path.abspath(run.targets[0].store_path))
+    if run.rank == 0:
+        _log(f"{g.n_tokens:,} tokens x {run.d_model} {run.dtype}: {format_bytes(per_store)} per store, "
+             f"{len(run.targets)} store(s); {format_bytes(need)} still to write, {format_bytes(free)} free in "
+             f"{where}", run.rank)
+    if need > free:
+        raise HarvestError(
+            f"the harvest still has {format_bytes(need)} to write ({len(run.targets)} store(s) of {g.n_tokens:,} "
+            f"tokens x {run.d_model} {run.dtype}) but {where} has {format_bytes(free)} free; free some space, or "
+            "use another store.path, fewer harvest.tokens or harvest.dtype=bfloat16/float16")
 
 
 def _finalize(run: _HarvestRun, summary: dict, barrier_timeout_s: float) -> None:
     """Meet the other workers (torch.distributed barrier, when there is a process group or a torchrun env);
-    when every shard is marked, rank 0 (or, without a process group, this worker) finalises the store
-    (`_write_final`) and `summary` gets complete and n_tokens."""
+    when every shard is marked in every store, rank 0 (or, without a process group, this worker) finalises the
+    stores (`_write_final`) and `summary` gets complete and n_tokens."""
     from sae_dist.store import done_shards
 
     g = run.geom
@@ -389,27 +463,28 @@ def _finalize(run: _HarvestRun, summary: dict, barrier_timeout_s: float) -> None
     try:
         if dist is not None:
             dist.barrier()
-        done = done_shards(run.store_path)
+        done = run.done_shards()
         all_done = all(s in done for s in range(g.n_shards))
         if all_done and (run.rank == 0 or dist is None):
-            _write_final(run, done)
+            for t in run.targets:
+                _write_final(run, t, done_shards(t.store_path))
         if dist is not None:
-            dist.barrier()  # nobody returns (and reads the store) before rank 0 has finalised
+            dist.barrier()  # nobody returns (and reads the stores) before rank 0 has finalised
         if all_done:
             summary["complete"] = True
-            summary["n_tokens"] = _final_n_tokens(done, g, run.store_path)
+            summary["n_tokens"] = _final_n_tokens(done, g, run.targets[0].store_path)
     finally:
         if created:
             dist.destroy_process_group()
 
 
-def _write_final(run: _HarvestRun, done: dict) -> None:
-    """Finalise the store from the shard markers `done` (every shard present): trim to the rows written, merge
-    the norm stats, mark the harvest complete. HarvestError when no train sequence was written at all."""
+def _write_final(run: _HarvestRun, target: _Target, done: dict) -> None:
+    """Finalise `target`'s store from its shard markers `done` (every shard present): trim to the rows written,
+    merge the norm stats, mark the harvest complete. HarvestError when no train sequence was written at all."""
     from sae_dist.store import finalize_store, merge_norm_stats
 
     g = run.geom
-    final_n = _final_n_tokens(done, g, run.store_path)
+    final_n = _final_n_tokens(done, g, target.store_path)
     if final_n == 0:
         raise HarvestError(
             f"the corpus gave no train sequence of ctx_len={g.ctx_len} tokens (documents "
@@ -419,15 +494,15 @@ def _write_final(run: _HarvestRun, done: dict) -> None:
     stats = merge_norm_stats([done[s]["norm_stats"] for s in range(g.n_shards) if done[s].get("n_tokens", 0) > 0])
     end_of_data = any(done[s].get("end_of_data") for s in range(g.n_shards))
     final_attrs = {
-        **run.store_attrs,
+        **target.store_attrs,
         "n_tokens": final_n,
         "norm_stats": stats,
         "harvest": {**run.harvest_info, "complete": True, "n_tokens": final_n, "end_of_data": bool(end_of_data)},
     }
-    finalize_store(run.store_path, final_n, final_attrs)
+    finalize_store(target.store_path, final_n, final_attrs)
     if end_of_data:
         _log(f"the corpus ended after {final_n} tokens (asked for {g.n_tokens}); store trimmed", run.rank)
-    _log(f"store {run.store_path} complete: {final_n} tokens x {run.d_model}", run.rank)
+    _log(f"store {target.store_path} complete: {final_n} tokens x {run.d_model}", run.rank)
 
 
 def _final_n_tokens(done: dict, geom: _Geometry, store_path: str) -> int:
@@ -450,14 +525,15 @@ def _final_n_tokens(done: dict, geom: _Geometry, store_path: str) -> int:
 
 
 class _ShardWriter:
-    """This worker's shard in progress: its sequences' token ids, their LM activations, and the sequences not
-    yet run through the LM. `write_shard` writes a shard with ONE `write_block` and marks it done."""
+    """This worker's shard in progress: its sequences' token ids, their LM activations at each hook, and the
+    sequences not yet run through the LM. `write_shard` writes a shard into each store with ONE `write_block`
+    and marks it done there."""
 
-    def __init__(self, run: _HarvestRun, group, bar):
-        self.run, self.group, self.bar = run, group, bar
-        self.written = 0  # token rows written by this call
+    def __init__(self, run: _HarvestRun, groups: list, bar):
+        self.run, self.groups, self.bar = run, groups, bar
+        self.written = 0  # token rows written by this call (per store)
         self.seq_ids: list[list[int]] = []  # sequences of the current shard (token ids incl. BOS)
-        self.acts_parts: list[torch.Tensor] = []  # their activations, [n * body, d_model] blocks on the CPU
+        self.acts_parts: list[list[torch.Tensor]] = [[] for _ in run.targets]  # per hook: [n * body, d] blocks
         self.pending: list[list[int]] = []  # sequences not yet run through the LM
         self.pending_start = 0  # global index of pending[0]
 
@@ -472,35 +548,38 @@ class _ShardWriter:
             self.bar.update(self.run.batch_size * self.run.geom.body)
 
     def flush_pending(self) -> None:
-        """Run the LM on the pending sequences and keep their activations at positions 1.. (store dtype).
+        """Run the LM on the pending sequences and keep each hook's activations at positions 1.. (store dtype).
         HarvestError for a non-finite activation (naming the sequences) or a width other than d_model."""
         run, pending = self.run, self.pending
         if not pending:
             return
-        store_dtype = STORE_DTYPES[run.dtype]
         ids = torch.tensor(pending, dtype=torch.long, device=run.device)
         with torch.inference_mode():
-            a = run_to_hook(run.model, run.spec, ids)[:, 1:, :].to(store_dtype)
+            acts = run_to_hooks(run.model, [t.spec for t in run.targets], ids)
+        for t, a, parts in zip(run.targets, acts, self.acts_parts, strict=True):
+            parts.append(self._checked(t.name, a[:, 1:, :].to(STORE_DTYPES[run.dtype])).reshape(-1, run.d_model).cpu())
+        self.pending = []
+
+    def _checked(self, hook: str, a: torch.Tensor) -> torch.Tensor:
+        """`a` [n, body, d] of the pending sequences at `hook`; HarvestError if non-finite or not d_model wide."""
         if not bool(torch.isfinite(a).all()):
             bad = (~torch.isfinite(a)).flatten(1).any(1).nonzero().flatten().tolist()
             raise HarvestError(
-                f"non-finite activations at hook {run.spec.name!r} for sequences "
-                f"[{self.pending_start}, {self.pending_start + len(pending)}) (bad: "
-                f"{[self.pending_start + b for b in bad[:8]]}) in dtype {store_dtype}; try dtype='float32'"
-                " or check the model"
+                f"non-finite activations at hook {hook!r} for sequences [{self.pending_start}, "
+                f"{self.pending_start + len(self.pending)}) (bad: {[self.pending_start + b for b in bad[:8]]}) "
+                f"in dtype {a.dtype}; try dtype='float32' or check the model"
             )
-        if a.shape[-1] != run.d_model:
+        if a.shape[-1] != self.run.d_model:
             raise HarvestError(
-                f"hook {run.spec.name!r} gives activations of width {a.shape[-1]}, but the model config "
-                f"says d_model={run.d_model}; this hook point is not supported for {type(run.model).__name__}"
+                f"hook {hook!r} gives activations of width {a.shape[-1]}, but the model config says "
+                f"d_model={self.run.d_model}; this hook point is not supported for {type(self.run.model).__name__}"
             )
-        self.acts_parts.append(a.reshape(-1, run.d_model).cpu())
-        self.pending = []
+        return a
 
     def write_shard(self, s: int, end_of_data: bool) -> None:
-        """Write the buffered sequences as shard `s` (none: an empty shard) and mark it done (info: n_seqs,
-        n_tokens, first_seq, end_of_data, norm_stats, rank); advances the progress bar by the rows the LM
-        had not yet run on."""
+        """Write the buffered sequences as shard `s` of every store (none: an empty shard) and mark it done
+        there (info: n_seqs, n_tokens, first_seq, end_of_data, norm_stats, rank); advances the progress bar by
+        the rows the LM had not yet run on."""
         from sae_dist.store import mark_shard_done, norm_stats_partial, write_block
         from sae_dist.store.layout import to_numpy
 
@@ -509,23 +588,30 @@ class _ShardWriter:
         self.flush_pending()
         n = len(self.seq_ids)
         start_seq = s * self.run.geom.seqs_per_shard
-        stats = None
         if n:
             tok = np.asarray(self.seq_ids, dtype=np.int32)[:, 1:].reshape(-1)
             sidx = np.repeat(np.arange(start_seq, start_seq + n, dtype=np.int64), body)
             pos = np.tile(np.arange(1, body + 1, dtype=np.int32), n)
-            acts_np = to_numpy(torch.cat(self.acts_parts, 0))
-            write_block(self.group, start_seq * body, acts_np, token_ids=tok, seq_index=sidx, position=pos)
-            stats = norm_stats_partial(acts_np)
-        info = {"n_seqs": n, "n_tokens": n * body, "first_seq": start_seq,
-                "end_of_data": bool(end_of_data), "norm_stats": stats, "rank": self.run.rank}
-        mark_shard_done(self.run.store_path, s, info)
+        for t, group, parts in zip(self.run.targets, self.groups, self.acts_parts, strict=True):
+            stats = None
+            if n:
+                acts_np = to_numpy(torch.cat(parts, 0))
+                write_block(group, start_seq * body, acts_np, token_ids=tok, seq_index=sidx, position=pos)
+                stats = norm_stats_partial(acts_np)
+            info = {"n_seqs": n, "n_tokens": n * body, "first_seq": start_seq,
+                    "end_of_data": bool(end_of_data), "norm_stats": stats, "rank": self.run.rank}
+            mark_shard_done(t.store_path, s, info)
         self.written += n * body
-        self.seq_ids, self.acts_parts = [], []
+        self.clear()
         self.bar.update(left * body)
 
+    def clear(self) -> None:
+        """Drop the buffered sequences and activations."""
+        self.seq_ids = []
+        self.acts_parts = [[] for _ in self.run.targets]
 
-def _harvest_shards(run: _HarvestRun, group, todo: list[int], should_stop=None) -> tuple[int, bool]:
+
+def _harvest_shards(run: _HarvestRun, groups: list, todo: list[int], should_stop=None) -> tuple[int, bool]:
     """Walk the sequence stream, run the LM on this worker's unfinished shards `todo` and write them.
     Returns (tokens written, stopped): `should_stop()` is asked after every written shard, and True
     ends the walk there (preemption)."""
@@ -534,7 +620,7 @@ def _harvest_shards(run: _HarvestRun, group, todo: list[int], should_stop=None) 
     bar = tqdm(total=sum(run.geom.shard_tokens_planned(s) for s in todo), unit="tok", unit_scale=True,
                disable=not run.progress, position=run.rank, desc=f"harvest r{run.rank}", dynamic_ncols=True,
                leave=run.rank == 0)
-    writer = _ShardWriter(run, group, bar)
+    writer = _ShardWriter(run, groups, bar)
     try:
         n_avail, stopped, cur_shard = _walk_stream(run, writer, set(todo), should_stop)
         if n_avail is not None and n_avail < run.geom.n_seqs:
@@ -583,5 +669,5 @@ def _write_after_end(run: _HarvestRun, writer: _ShardWriter, todo: set[int], n_a
         if s < end_shard:
             continue  # already written by `_walk_stream`
         if not (s == end_shard and cur_shard == s):
-            writer.seq_ids, writer.acts_parts = [], []
+            writer.clear()
         writer.write_shard(s, end_of_data=True)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -30,6 +30,7 @@ __all__ = [
     "resolve_hook",
     "default_hook_name",
     "run_to_hook",
+    "run_to_hooks",
     "splice_hook",
 ]
 
@@ -205,49 +206,65 @@ def run_to_hook(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Forward `input_ids` only up to the hooked module and return its activation.
+    """Forward `input_ids` only up to the hooked module and return its activation [B, T, d_model]
+    (the model's dtype, detached): `run_to_hooks` with one hook."""
+    return run_to_hooks(model, [hook], input_ids, attention_mask)[0]
 
-    The forward is stopped by an exception raised from the hook right after the module runs (for
-    resid_pre: right before decoder layer L runs), so later layers and the LM head never run.
+
+def run_to_hooks(
+    model: nn.Module,
+    hooks: Sequence[str | HookSpec],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
+    """Forward `input_ids` once, only up to the deepest hooked module, and return every hook's activation.
+
+    The forward is stopped by an exception raised from the hook that completes the set (right after its
+    module runs; for resid_pre: right before decoder layer L runs), so later layers and the LM head never
+    run: harvesting several hook points costs one forward to the deepest of them.
 
     Args:
         model: HF causal LM (or bare decoder) in eval mode.
-        hook: hook name or `HookSpec`.
+        hooks: hook names or `HookSpec`s, at least one, no name twice.
         input_ids: int64 [B, T] token ids on the model's (first) device.
         attention_mask: optional [B, T] (1 = attend).
 
     Returns:
-        Tensor [B, T, d_model] in the model's dtype (detached).
+        One tensor [B, T, d_model] per hook, in the order of `hooks`, in the model's dtype (detached).
 
     Raises:
-        ValueError: bad hook name. RuntimeError: the hooked module never ran.
+        ValueError: bad or repeated hook name, no hooks. RuntimeError: a hooked module never ran.
     """
-    spec = _as_spec(model, hook)
-    captured: list[torch.Tensor] = []
+    specs = [_as_spec(model, h) for h in hooks]
+    names = [s.name for s in specs]
+    if not specs or len(set(names)) != len(names):
+        raise ValueError(f"run_to_hooks needs at least one hook and no name twice, got {names}")
+    captured: dict[str, torch.Tensor] = {}
 
-    if spec.pre:
-
-        def pre_hook(_mod, args, kwargs):
-            captured.append(_pre_hook_input(args, kwargs))
+    def keep(name: str, a: torch.Tensor) -> None:
+        captured[name] = a.detach()
+        if len(captured) == len(specs):
             raise _StopForward
 
-        handle = spec.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    else:
-
-        def fwd_hook(_mod, _args, output):
-            captured.append(_first_tensor(output))
-            raise _StopForward
-
-        handle = spec.module.register_forward_hook(fwd_hook)
+    handles = []
+    for spec in specs:
+        if spec.pre:
+            handles.append(spec.module.register_forward_pre_hook(
+                lambda _m, args, kwargs, n=spec.name: keep(n, _pre_hook_input(args, kwargs)), with_kwargs=True))
+        else:
+            handles.append(spec.module.register_forward_hook(
+                lambda _m, _args, output, n=spec.name: keep(n, _first_tensor(output))))
     try:
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     except _StopForward:
         pass
     finally:
-        handle.remove()
-    if not captured:
-        raise RuntimeError(f"hook {spec.name!r}: the hooked module did not run during the forward")
-    return captured[0].detach()
+        for h in handles:
+            h.remove()
+    missing = [n for n in names if n not in captured]
+    if missing:
+        raise RuntimeError(f"hooks {missing}: the hooked module did not run during the forward")
+    return [captured[n] for n in names]
 
 
 @contextlib.contextmanager

@@ -135,6 +135,16 @@ def test_wrong_hook_lists_valid_names(tiny_lm_dir, tmp_path, console_script):
     assert all(kind in err for kind in ["resid_pre", "resid_post", "attn_out", "mlp_out"])
 
 
+def test_hooks_and_hook_name_together_are_refused(tiny_lm_dir, tmp_path, console_script):
+    """sae-harvest hooks=[...] hook_name=... names both and writes nothing; sae-pipeline refuses hooks=."""
+    args = _tiny(tiny_lm_dir, tmp_path / "r")
+    proc = console_script("sae-harvest", *args, "hooks=[blocks.0.hook_mlp_out]", "hook_name=blocks.1.hook_mlp_out")
+    assert proc.returncode != 0 and "give one or the other" in proc.stderr + proc.stdout
+    proc = console_script("sae-pipeline", *args, "hooks=[blocks.0.hook_mlp_out]")
+    assert proc.returncode != 0 and "sae-pipeline trains one SAE" in proc.stderr + proc.stdout
+    assert not (tmp_path / "r" / "activations.zarr").exists()
+
+
 @pytest.mark.slow
 def test_contract_train_command_on_a_write_store_store(tmp_path):
     """README's sae-train command, on a store written by write_store from arrays."""
@@ -182,9 +192,10 @@ def test_eval_refuses_an_sae_of_the_wrong_width(tiny_lm_dir: str, tmp_path, cons
 
 
 @pytest.mark.slow
-def test_torchrun_two_harvest_workers_equal_one(pipeline_run: Path, tiny_lm_dir, tmp_path):
-    """`torchrun --nproc-per-node 2 sae-harvest ...` writes one store identical to a single worker's:
-    the store that the pipeline run's harvest (one worker, the same model, text and harvest options) wrote."""
+def test_torchrun_two_harvest_workers_and_two_hooks_equal_one(pipeline_run: Path, tiny_lm_dir, tmp_path):
+    """`torchrun --nproc-per-node 2 sae-harvest hooks=[<the pipeline's hook>,blocks.0.hook_mlp_out] ...` writes
+    one store per hook; the pipeline's hook's store is identical to the one the pipeline run's harvest (one
+    worker, one hook, the same model, text and harvest options) wrote."""
     import zarr
 
     import sae_dist.store  # noqa: F401  (registers the bfloat16 zarr type)
@@ -193,20 +204,26 @@ def test_torchrun_two_harvest_workers_equal_one(pipeline_run: Path, tiny_lm_dir,
     common = [o for o in _tiny(tiny_lm_dir, tmp_path / "two") if o.startswith(("run_dir=", "model.", "device=",
                                                                                 "data.", "harvest."))]
     assert "harvest.seqs_per_shard=64" in common and "data.ctx_len=32" in common
+    one = zarr.open_group(str(pipeline_run / "activations.zarr"), mode="r")
+    hook = one.attrs["hook_name"]
     env = dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-port", "29517",
-         str(BIN / "sae-harvest"), *common],
+         str(BIN / "sae-harvest"), *common, f"hooks=[{hook},blocks.0.hook_mlp_out]"],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-6000:]
-    one = zarr.open_group(str(pipeline_run / "activations.zarr"), mode="r")
-    two = zarr.open_group(str(tmp_path / "two" / "activations.zarr"), mode="r")
-    assert two.attrs["harvest"]["complete"] is True
+    stores = tmp_path / "two" / "activations.zarr"
+    two = zarr.open_group(str(stores / hook), mode="r")
+    mlp = zarr.open_group(str(stores / "blocks.0.hook_mlp_out"), mode="r")
+    assert two.attrs["harvest"]["complete"] is True and mlp.attrs["harvest"]["complete"] is True
     for name in ["activations", "token_ids", "seq_index", "position"]:
         np.testing.assert_array_equal(one[name][:], two[name][:], err_msg=name)
+        if name != "activations":
+            np.testing.assert_array_equal(one[name][:], mlp[name][:], err_msg=name)
+    assert mlp.attrs["hook_name"] == "blocks.0.hook_mlp_out" and mlp["activations"].shape == one["activations"].shape
     # both ranks wrote: shard markers from 2 workers cover every shard exactly once
-    markers = sorted((tmp_path / "two" / "activations.zarr" / "_progress").glob("shard_*.json"))
+    markers = sorted((stores / hook / "_progress").glob("shard_*.json"))
     assert len(markers) == -(-one["activations"].shape[0] // (64 * 31)) > 2
     assert {json.loads(m.read_text())["rank"] for m in markers} == {0, 1}
 

@@ -1,9 +1,11 @@
 """The harvester in this process on the tiny LM + tiny corpus: values, layout, attrs, float16/bfloat16
-rounding, two workers (run one after the other) against one, exhaustion, non-finite activations, bad
-arguments. A harvest killed mid-run then resumed and two worker processes meeting at a gloo barrier:
-tests/integration/harvest/test_harvest_processes.py."""
+rounding, two workers (run one after the other) against one, exhaustion, several hooks from one forward,
+non-finite activations, bad arguments. A harvest killed mid-run then resumed and two worker processes
+meeting at a gloo barrier: tests/integration/harvest/test_harvest_processes.py."""
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
@@ -87,6 +89,88 @@ def test_two_workers_equal_one_worker_and_exhaustion_trims(lm, tmp_path):
     assert_same_store(tmp_path / "one", tmp_path / "two")
 
 
+HOOKS = ["blocks.0.hook_mlp_out", HOOK, "blocks.0.hook_resid_pre"]
+
+
+def _single_hook_stores(lm, tmp_path, docs, tokens) -> dict:
+    """{hook: the store of a harvest of that hook alone} for every hook of HOOKS."""
+    for h in HOOKS:
+        run_harvest(lm, tmp_path / "single" / h, docs, tokens, hook_name=h)
+    return {h: tmp_path / "single" / h for h in HOOKS}
+
+
+def test_several_hooks_from_one_forward_equal_single_hook_harvests(lm, tmp_path):
+    """hook_name=[3 hooks]: one store per hook under store_path, each identical to that hook's own harvest
+    (values, token ids, attributes), from as many LM forwards as one hook alone (counted at the embedding)."""
+    model, _ = lm
+    docs = tiny_corpus(**SMALL)
+    tokens = 40 * BODY  # 40 sequences: shards of 16, 16 and 8
+    forwards = []
+    h = model.get_input_embeddings().register_forward_hook(lambda *_a: forwards.append(1))
+    try:
+        out = run_harvest(lm, tmp_path / "multi", docs, tokens, hook_name=HOOKS)
+        n_multi = len(forwards)
+        run_harvest(lm, tmp_path / "one", docs, tokens)
+    finally:
+        h.remove()
+    assert n_multi == len(forwards) - n_multi == 4 + 4 + 2  # batches of 5 sequences within each shard
+    assert out["complete"] and out["n_tokens"] == tokens and out["tokens_written"] == tokens
+    assert out["stores"] == {h: os.path.join(tmp_path / "multi", h) for h in HOOKS}
+    for h, ref in _single_hook_stores(lm, tmp_path, docs, tokens).items():
+        assert_same_store(tmp_path / "multi" / h, ref)
+    again = run_harvest(lm, tmp_path / "multi", docs, tokens, hook_name=HOOKS)
+    assert again["already_complete"] and again["tokens_written"] == 0
+
+
+def test_several_hooks_resume_where_any_store_lacks_a_shard(lm, tmp_path):
+    """A store that is already complete is left alone; a shard marked in some stores but not all (a worker
+    killed between them) is redone in all; two workers run one after the other finish every store."""
+    docs = tiny_corpus(**SMALL)
+    tokens = 40 * BODY
+    refs = _single_hook_stores(lm, tmp_path, docs, tokens)
+    run_harvest(lm, tmp_path / "m" / HOOK, docs, tokens)  # this hook's store exists, complete
+    files = sorted(p for p in (tmp_path / "m" / HOOK).rglob("*") if p.is_file())
+    mtimes = [p.stat().st_mtime_ns for p in files]
+    r0 = run_harvest(lm, tmp_path / "m", docs, tokens, hook_name=HOOKS, rank=0, world_size=2)
+    assert not r0["complete"] and r0["shards_written"] == 2  # shards 0 and 2
+    os.remove(tmp_path / "m" / HOOKS[0] / "_progress" / "shard_00000002.json")
+    r0 = run_harvest(lm, tmp_path / "m", docs, tokens, hook_name=HOOKS, rank=0, world_size=2)
+    assert r0["shards_written"] == 1 and r0["tokens_written"] == 8 * BODY  # shard 2 again, in both stores
+    r1 = run_harvest(lm, tmp_path / "m", docs, tokens, hook_name=HOOKS, rank=1, world_size=2)
+    assert r1["complete"] and r1["shards_written"] == 1
+    for h, ref in refs.items():
+        assert_same_store(tmp_path / "m" / h, ref)
+    assert [p.stat().st_mtime_ns for p in files] == mtimes
+
+
+def _logged_bytes(line: str, key: str) -> float:
+    """The size in a harvest log line just before `key`, e.g. "... 1.50 MiB per store ..." -> 1572864.0."""
+    value, unit = line.split(key)[0].split()[-2:]
+    return float(value.replace(",", "")) * {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[unit]
+
+
+def test_disk_space_is_stated_and_checked_before_any_work(lm, tmp_path, capsys, monkeypatch):
+    """Before the LM runs the log states the size of each store (that of the finished store's files, plus a
+    small allowance for metadata) and of what is left to write; a harvest that does not fit stops with both
+    sizes named, writing nothing."""
+    import shutil
+    from collections import namedtuple
+
+    docs = tiny_corpus(**SMALL)
+    run_harvest(lm, tmp_path / "s", docs, 40 * BODY, hook_name=[HOOK, "blocks.0.hook_mlp_out"])
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if "per store" in x]
+    real = sum(p.stat().st_size for p in (tmp_path / "s" / HOOK).rglob("*") if p.is_file())
+    per_store = _logged_bytes(line, " per store")
+    # shard files exactly, plus an upper-bound allowance of 8.5 KiB for the zarr.json files and the 3 markers
+    assert real <= per_store <= real + 8.5 * 2**10, (line, real)
+    assert abs(_logged_bytes(line, " still to write") - 2 * per_store) <= 0.005 * 2**20, line  # 2 decimals of MiB
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _p: usage(10**6, 10**6 - 5000, 5000))
+    with pytest.raises(HarvestError, match=r"still has .* to write .* has 4.88 KiB free"):
+        run_harvest(lm, tmp_path / "full", docs, 40 * BODY)
+    assert not (tmp_path / "full").exists()
+
+
 def test_nonfinite_activations_raise_naming_sequences(lm, tmp_path):
     model, _ = lm
     with splice_hook(model, "blocks.0.hook_mlp_out", lambda a: a * float("nan")):
@@ -103,3 +187,8 @@ def test_bad_arguments(lm, tmp_path):
         run_harvest(lm, tmp_path / "x", [], 100, hook_name="blocks.9.hook_resid_post")
     with pytest.raises(HarvestError, match="no train sequence"):
         run_harvest(lm, tmp_path / "empty", ["too short"], 100)
+    with pytest.raises(ValueError, match="none twice"):
+        run_harvest(lm, tmp_path / "x", [], 100, hook_name=[HOOK, HOOK])
+    with pytest.raises(ValueError, match="at least one"):
+        run_harvest(lm, tmp_path / "x", [], 100, hook_name=[])
+    assert not (tmp_path / "x").exists()  # nothing written for bad arguments

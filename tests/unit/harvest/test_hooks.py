@@ -11,6 +11,7 @@ from sae_dist.harvest.hooks import (
     default_hook_name,
     resolve_hook,
     run_to_hook,
+    run_to_hooks,
     splice_hook,
     valid_hook_names,
 )
@@ -98,6 +99,49 @@ def test_run_to_hook_stops_forward(tiny, name):
     assert fired == []
     assert out.shape[-1] == model.config.hidden_size
     assert _n_hooks(model) == before  # run_to_hook removed its hook
+
+
+def test_run_to_hooks_one_forward_stopped_after_the_deepest(tiny):
+    """Three hooks, not in depth order, from one forward: each equals what a full forward (with the test's own
+    hooks) computes there; nothing after the deepest hooked module runs; the hooks are removed."""
+    model, _ = tiny
+    layers = decoder_layers(model)
+    names = ["blocks.1.hook_mlp_out", "blocks.0.hook_resid_pre", "blocks.1.hook_attn_out"]
+    ids = _ids(model, seed=3)
+    ref = {}
+    mods = {"mlp": layers[1].mlp, "attn": layers[1].self_attn}
+
+    def keep(k, out) -> None:  # returns None: the module's output stays as it is
+        ref[k] = out[0] if isinstance(out, tuple) else out
+
+    handles = [m.register_forward_hook(lambda _m, _a, out, k=k: keep(k, out)) for k, m in mods.items()]
+    try:
+        with torch.inference_mode():
+            hs = model(ids, output_hidden_states=True).hidden_states
+    finally:
+        for h in handles:
+            h.remove()
+    before = _n_hooks(model)
+    starts, fired = [], []
+    handles = [layers[0].register_forward_pre_hook(lambda *_a: starts.append(0))]
+    handles += [m.register_forward_hook(lambda *_a, m=m: fired.append(m))
+                for m in (layers[1], layers[2], model.model.norm, model.lm_head)]
+    try:
+        with torch.inference_mode():
+            mlp, pre, attn = run_to_hooks(model, names, ids)
+    finally:
+        for h in handles:
+            h.remove()
+    assert starts == [0] and fired == []  # one forward, stopped inside layer 1 after its MLP
+    torch.testing.assert_close(pre, hs[0], rtol=0, atol=0)
+    torch.testing.assert_close(attn, ref["attn"], rtol=0, atol=0)
+    torch.testing.assert_close(mlp, ref["mlp"], rtol=0, atol=0)
+    assert _n_hooks(model) == before
+    with pytest.raises(ValueError, match="no name twice"):
+        run_to_hooks(model, [names[0], names[0]], ids)
+    with pytest.raises(ValueError, match="at least one hook"):
+        run_to_hooks(model, [], ids)
+    assert _n_hooks(model) == before
 
 
 def test_bad_hook_name_lists_valid_names(tiny):

@@ -1,0 +1,98 @@
+"""Harvest benchmark: several hook points from one LM pass against the deepest of them alone.
+
+`python -m sae_dist.bench_harvest [--tokens T] [--hooks H1,H2,...] [--repeats R] [--threads N]` runs the
+LM of the default config (the embedded SmolLM2-135M-Instruct, fp32 on CPU) over the default text (this
+interpreter's standard library) and times `harvest` twice per repeat into fresh temporary stores: the
+deepest hook alone, then all the hooks (one store each). It prints ONE JSON line: `model`, `hooks`,
+`deepest`, `tokens`, `single_s` and `multi_s` (medians over the repeats of the wall time of one
+`harvest` call, model loading excluded), `multi_over_single` = multi_s / single_s, `threads`, `torch`,
+`device`, `date`. docs/benchmarks.md records the result; the goal (issue: many hook points from one LM
+pass) is multi_over_single <= 1.2 for three hooks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import json
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+DEFAULT_HOOKS = "blocks.6.hook_resid_post,blocks.12.hook_mlp_out,blocks.20.hook_resid_post"
+_KIND_ORDER = ("resid_pre", "attn_out", "mlp_out", "resid_post")  # order of execution inside a layer
+
+
+def deepest_hook(model, hooks: list[str]) -> str:
+    """The hook among `hooks` that the forward reaches last (ValueError for an unknown hook name)."""
+    from sae_dist.harvest.hooks import resolve_hook
+
+    specs = [resolve_hook(model, h) for h in hooks]
+    return max(specs, key=lambda s: (s.layer, _KIND_ORDER.index(s.kind))).name
+
+
+def _timed_harvest(model, tok, hook_name, tokens: int, ctx_len: int) -> float:
+    """Wall seconds of one `harvest` of `tokens` rows at `hook_name` (str or list) into a temporary store."""
+    from sae_dist.config import DataConfig
+    from sae_dist.harvest.harvester import harvest
+    from sae_dist.harvest.text import iter_documents
+
+    with tempfile.TemporaryDirectory(prefix="bench_harvest_") as d:
+        docs = iter_documents(DataConfig().dataset)
+        t0 = time.perf_counter()
+        with contextlib.redirect_stdout(sys.stderr):  # stdout holds the one JSON line
+            harvest(model=model, tokenizer=tok, hook_name=hook_name, docs=docs, store_path=f"{d}/store",
+                    tokens=tokens, ctx_len=ctx_len, progress=False)
+        return time.perf_counter() - t0
+
+
+def run_bench(args: argparse.Namespace) -> dict:
+    """Load the default LM, harvest the deepest hook alone and all hooks `args.repeats` times, alternating."""
+    from sae_dist.config import DataConfig, ModelConfig
+    from sae_dist.harvest.lm import load_lm, model_display_name
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    mc, ctx_len = ModelConfig(), DataConfig().ctx_len
+    model, tok = load_lm(mc.name, gguf_file=mc.gguf_file, dtype=mc.dtype, device="cpu")
+    hooks = [h.strip() for h in args.hooks.split(",") if h.strip()]
+    deepest = deepest_hook(model, hooks)
+    _timed_harvest(model, tok, deepest, min(args.tokens, 2 * ctx_len), ctx_len)  # warm-up
+    single, multi = [], []
+    for _ in range(args.repeats):
+        single.append(_timed_harvest(model, tok, deepest, args.tokens, ctx_len))
+        multi.append(_timed_harvest(model, tok, hooks, args.tokens, ctx_len))
+    s, m = statistics.median(single), statistics.median(multi)
+    return {"model": model_display_name(mc.name, mc.gguf_file), "hooks": hooks, "deepest": deepest,
+            "tokens": args.tokens, "ctx_len": ctx_len, "repeats": args.repeats, "single_s": round(s, 4),
+            "multi_s": round(m, 4), "multi_over_single": round(m / s, 4), "single_all_s": [round(x, 3) for x in single],
+            "multi_all_s": [round(x, 3) for x in multi], "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "device": "cpu", "date": _dt.date.today().isoformat()}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sae_dist.bench_harvest", description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, default=20_000, help="activation rows per harvest")
+    p.add_argument("--hooks", default=DEFAULT_HOOKS, help="comma-separated hook names (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=2, help="timed harvests of each kind (medians are reported)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.tokens < 1 or args.repeats < 1:
+        raise SystemExit(f"--tokens ({args.tokens}) and --repeats ({args.repeats}) must be >= 1")
+    try:
+        print(json.dumps(run_bench(args)), flush=True)
+    except ValueError as e:  # an unknown hook name: the message lists the valid ones
+        raise SystemExit(f"python -m sae_dist.bench_harvest: error: {e}") from None
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
