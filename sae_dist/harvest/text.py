@@ -17,11 +17,13 @@ from typing import Iterable, Iterator, Sequence
 __all__ = [
     "STDLIB_DATASET",
     "stdlib_corpus_files",
+    "load_documents",
     "iter_documents",
     "is_eval_document",
     "bos_token_id",
     "tokenize_document",
     "packed_sequences",
+    "pack_document",
 ]
 
 STDLIB_DATASET = "stdlib"
@@ -49,6 +51,58 @@ def _check_text_field(columns: Sequence[str] | None, text_field: str, dataset: s
         )
 
 
+def load_documents(
+    dataset: str,
+    *,
+    split: str = "train",
+    text_field: str = "text",
+    data_files=None,
+    streaming: bool = True,
+    name: str | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+):
+    """(HF datasets Dataset or IterableDataset, its text column) of a dataset, in its deterministic order.
+
+    Args: as `iter_documents`. Raises: ValueError when `text_field` is not a column (the message lists the
+    columns) or trust_remote_code is asked of a datasets release that runs no dataset scripts.
+    """
+    from datasets import load_dataset
+
+    if dataset == STDLIB_DATASET:
+        files = stdlib_corpus_files()
+        if not files:
+            raise FileNotFoundError(
+                f"no standard-library .py files under {sysconfig.get_paths()['stdlib']!r}"
+            )
+        ds = load_dataset("text", data_files={"train": files}, split="train", sample_by="document",
+                          encoding_errors="replace", streaming=streaming, keep_linebreaks=True)
+        text_field = "text"
+    else:
+        ds = load_dataset(dataset, name, split=split, data_files=data_files, streaming=streaming,
+                          revision=revision, **_remote_code_kwargs(trust_remote_code))
+    _check_text_field(getattr(ds, "column_names", None), text_field, dataset)
+    return ds, text_field
+
+
+def _remote_code_kwargs(trust_remote_code: bool) -> dict:
+    """{"trust_remote_code": True} for a datasets release that still runs dataset scripts (< 4); {} when
+    not asked; ValueError when asked of a release without scripts (the message says what to do instead)."""
+    import inspect
+
+    from datasets import load_dataset
+
+    if not trust_remote_code:
+        return {}
+    if "trust_remote_code" in inspect.signature(load_dataset).parameters:
+        return {"trust_remote_code": True}
+    import datasets
+
+    raise ValueError(f"data.trust_remote_code=true, but datasets {datasets.__version__} runs no dataset scripts; "
+                     "load the dataset's data files instead (data.revision=refs/convert/parquet on the hub, or "
+                     "data.dataset=parquet with data.data_files=...), and set data.trust_remote_code=false")
+
+
 def iter_documents(
     dataset: str,
     *,
@@ -57,8 +111,11 @@ def iter_documents(
     data_files=None,
     streaming: bool = True,
     name: str | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
 ) -> Iterator[str]:
-    """Yield documents (strings) from a dataset, in the dataset's deterministic order, via HF datasets.
+    """Yield documents (strings) from a dataset, in the dataset's deterministic order, via HF datasets;
+    empty documents are skipped.
 
     Args:
         dataset: "stdlib" (the embedded default: `stdlib_corpus_files()` read with the datasets "text"
@@ -69,31 +126,15 @@ def iter_documents(
         data_files: passed to `datasets.load_dataset` (local files).
         streaming: stream instead of downloading/materialising the whole dataset.
         name: dataset configuration name (e.g. "sample-10BT").
+        revision: hub revision (branch, tag or commit) of the dataset.
+        trust_remote_code: run the dataset's loading script (datasets < 4 only).
 
     Raises:
-        ValueError: `text_field` is not a column (the message lists the columns).
+        ValueError: `text_field` is not a column (the message lists the columns); see `load_documents`.
     """
-    from datasets import load_dataset
-
-    if dataset == STDLIB_DATASET:
-        files = stdlib_corpus_files()
-        if not files:
-            raise FileNotFoundError(
-                f"no standard-library .py files under {sysconfig.get_paths()['stdlib']!r}"
-            )
-        ds = load_dataset(
-            "text",
-            data_files={"train": files},
-            split="train",
-            sample_by="document",
-            encoding_errors="replace",
-            streaming=streaming,
-            keep_linebreaks=True,
-        )
-        text_field = "text"
-    else:
-        ds = load_dataset(dataset, name, split=split, data_files=data_files, streaming=streaming)
-    _check_text_field(getattr(ds, "column_names", None), text_field, dataset)
+    ds, text_field = load_documents(dataset, split=split, text_field=text_field, data_files=data_files,
+                                    streaming=streaming, name=name, revision=revision,
+                                    trust_remote_code=trust_remote_code)
     for i, row in enumerate(ds):
         if i == 0:
             _check_text_field(list(row.keys()), text_field, dataset)
@@ -165,11 +206,15 @@ def packed_sequences(
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     want_eval = split == "eval"
     bos = bos_token_id(tokenizer)
-    body = int(ctx_len) - 1
     for text in docs:
-        if is_eval_document(text, eval_fraction) != want_eval:
-            continue
-        ids = tokenize_document(text, tokenizer)
-        for start in range(0, len(ids) - body + 1, body):
-            yield [bos, *ids[start : start + body]]
+        if is_eval_document(text, eval_fraction) == want_eval:
+            yield from pack_document(text, tokenizer, int(ctx_len), bos)
+
+
+def pack_document(text: str, tokenizer, ctx_len: int, bos: int) -> list[list[int]]:
+    """One document's sequences: [bos] + ids[j*(ctx_len-1) : (j+1)*(ctx_len-1)] for j = 0, 1, ... over its
+    token ids (`tokenize_document`); the final piece shorter than ctx_len - 1 is dropped."""
+    body = ctx_len - 1
+    ids = tokenize_document(text, tokenizer)
+    return [[bos, *ids[start : start + body]] for start in range(0, len(ids) - body + 1, body)]
 
