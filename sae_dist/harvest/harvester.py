@@ -140,11 +140,11 @@ def _maybe_dist(world_size: int, rank: int, timeout_s: float):
 
 
 def harvest(
-    *, model, tokenizer, hook_name: str | Sequence[str], docs: Iterable[str], store_path: str, tokens: int,
-    ctx_len: int = 64,
-    batch_size: int = 32, dtype: str = "float16", seqs_per_chunk: int = 64, seqs_per_shard: int = 1024,
-    rank: int | None = None, world_size: int | None = None, eval_fraction: float = 0.05, attrs: dict | None = None,
-    progress: bool = True, finalize: bool = True, barrier_timeout_s: float = 48 * 3600.0, sequences=None,
+    *, model, tokenizer, hook_name: str | Sequence[str], docs: Iterable[str] | None, store_path: str, tokens: int,
+    ctx_len: int = 64, batch_size: int = 32, dtype: str = "float16", seqs_per_chunk: int = 64,
+    seqs_per_shard: int = 1024, rank: int | None = None, world_size: int | None = None, eval_fraction: float = 0.05,
+    attrs: dict | None = None, progress: bool = True, finalize: bool = True, barrier_timeout_s: float = 48 * 3600.0,
+    sequences=None,
 ) -> dict:
     """Harvest LM activations at `hook_name` into zarr v3 activation stores (resumable, multi-worker).
 
