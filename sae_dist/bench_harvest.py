@@ -1,13 +1,13 @@
 """Harvest benchmark: several hook points from one LM pass against the deepest of them alone.
 
-`python -m sae_dist.bench_harvest [--tokens T] [--hooks H1,H2,...] [--repeats R] [--threads N]` runs the
-LM of the default config (the embedded SmolLM2-135M-Instruct, fp32 on CPU) over the default text (this
-interpreter's standard library) and times `harvest` twice per repeat into fresh temporary stores: the
-deepest hook alone, then all the hooks (one store each). It prints ONE JSON line: `model`, `hooks`,
-`deepest`, `tokens`, `single_s` and `multi_s` (medians over the repeats of the wall time of one
-`harvest` call, model loading excluded), `multi_over_single` = multi_s / single_s, `threads`, `torch`,
-`device`, `date`. docs/benchmarks.md records the result; the goal (issue: many hook points from one LM
-pass) is multi_over_single <= 1.2 for three hooks.
+`python -m sae_dist.bench_harvest [--tokens T] [--hooks H1,H2,...] [--repeats R] [--threads N] [--model M]`
+runs the LM of the default config (the embedded SmolLM2-135M-Instruct, fp32 on CPU; `--model` a local
+transformers directory instead) over the default text (this interpreter's standard library) and times
+`harvest` twice per repeat into fresh temporary stores: the deepest hook alone, then all the hooks (one
+store each). It prints ONE JSON line: `model`, `hooks`, `deepest`, `tokens`, `single_s` and `multi_s`
+(medians over the repeats of the wall time of one `harvest` call, model loading excluded),
+`multi_over_single` = multi_s / single_s, `threads`, `torch`, `device`, `date`. docs/benchmarks.md records
+the result; the goal (issue: many hook points from one LM pass) is multi_over_single <= 1.2 for three hooks.
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ def run_bench(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     mc, ctx_len = ModelConfig(), DataConfig().ctx_len
-    model, tok = load_lm(mc.name, gguf_file=mc.gguf_file, dtype=mc.dtype, device="cpu")
+    name, gguf = (mc.name, mc.gguf_file) if args.model is None else (args.model, None)
+    model, tok = load_lm(name, gguf_file=gguf, dtype=mc.dtype, device="cpu")
     hooks = [h.strip() for h in args.hooks.split(",") if h.strip()]
     deepest = deepest_hook(model, hooks)
     _timed_harvest(model, tok, deepest, min(args.tokens, 2 * ctx_len), ctx_len)  # warm-up
@@ -67,7 +68,7 @@ def run_bench(args: argparse.Namespace) -> dict:
         single.append(_timed_harvest(model, tok, deepest, args.tokens, ctx_len))
         multi.append(_timed_harvest(model, tok, hooks, args.tokens, ctx_len))
     s, m = statistics.median(single), statistics.median(multi)
-    return {"model": model_display_name(mc.name, mc.gguf_file), "hooks": hooks, "deepest": deepest,
+    return {"model": model_display_name(name, gguf), "hooks": hooks, "deepest": deepest,
             "tokens": args.tokens, "ctx_len": ctx_len, "repeats": args.repeats, "single_s": round(s, 4),
             "multi_s": round(m, 4), "multi_over_single": round(m / s, 4), "single_all_s": [round(x, 3) for x in single],
             "multi_all_s": [round(x, 3) for x in multi], "threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hooks", default=DEFAULT_HOOKS, help="comma-separated hook names (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=2, help="timed harvests of each kind (medians are reported)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--model", default=None, help="a local transformers LM directory (default: the embedded LM)")
     return p
 
 

@@ -347,6 +347,7 @@ def run_harvest(cfg: DictConfig, out_dir: Path, lm=None) -> dict[str, Any]:
         dtype=hc.dtype,
         seqs_per_chunk=hc.seqs_per_chunk,
         seqs_per_shard=hc.seqs_per_shard,
+        shuffle_rows=hc.shuffle_rows,
         rank=rank,
         world_size=world,
         eval_fraction=data.eval_fraction,

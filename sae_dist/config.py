@@ -122,6 +122,8 @@ class HarvestConfig:
     dtype: str = option("float16", "stored dtype: float16 | bfloat16 | float32")
     seqs_per_chunk: int = option(64, "zarr chunk = seqs_per_chunk * (ctx_len - 1) tokens")
     seqs_per_shard: int = option(1024, "shard file = seqs_per_shard * (ctx_len - 1) tokens; the unit of resume")
+    shuffle_rows: bool = option(True, "write each shard's rows in a fixed random order (store attribute "
+                                      "row_order), so training batches mix documents; false: text order")
 
 
 #: the trainer options that are the store's on the command line (`store.shuffle_shards`, `store.prefetch`)

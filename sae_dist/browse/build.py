@@ -1,7 +1,7 @@
 """Build a static HTML feature browser for an exported SAE over an activation store.
 
 Pipeline (`build_browser`):
-1. scan the first `tokens` rows of the store (activations + token_ids + seq_index), encode them
+1. scan the first `tokens` rows of the store's text (activations + token_ids + seq_index), encode them
    with the SAE in batches, keep the sparse (row, latent, value) triples of every firing;
 2. latent statistics: density (fraction of scanned tokens where the latent is > 0), max and mean
    activation; pick the latents to write (the `latents_top` densest alive ones, `latents_random`
@@ -129,13 +129,34 @@ def _check_store(g, store_path, sae) -> None:
                          f"with write_store(..., token_ids=...)")
 
 
+def _text_order(g, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The first `n` rows of a store's text: (scan position of each store row to read, -1 for rows beyond the
+    scan; token_ids [n] and seq_index [n] in text order). A store in text order reads its first n rows; one
+    with row_order "shuffled_in_shard" reads whole shards and sorts them by (seq_index, position)."""
+    from sae_dist.store.layout import chunk_grid
+
+    tok_all, has_seq = g["token_ids"], "seq_index" in g
+    if dict(g.attrs).get("row_order", "text") == "text" or not has_seq or "position" not in g:
+        seq = np.asarray(g["seq_index"][:n]) if has_seq else np.zeros(n, np.int64)
+        return np.arange(n), np.asarray(tok_all[:n], dtype=np.int64), seq
+    shard = chunk_grid(g["activations"])[1]
+    n_read = min(int(g["activations"].shape[0]), -(-n // shard) * shard)
+    seq, pos = np.asarray(g["seq_index"][:n_read]), np.asarray(g["position"][:n_read])
+    order = np.lexsort((pos, seq))
+    rank = np.empty(n_read, np.int64)
+    rank[order] = np.arange(n_read)
+    tok = np.asarray(tok_all[:n_read], dtype=np.int64)[order[:n]]
+    return np.where(rank < n, rank, -1), tok, seq[order[:n]]
+
+
 @torch.no_grad()
 def scan_store(sae, store_path, *, tokens: int, batch_tokens: int = 4096, device: str = "cpu",
                progress: bool = True) -> ScanResult:
-    """Encode the first `tokens` rows of an activation store with `sae` and keep every firing.
+    """Encode the first `tokens` rows of an activation store's text with `sae` and keep every firing.
 
     sae: an exported SAE (`sae_dist.load_sae`; raw activations in). store_path: a store with
-    token_ids (seq_index optional: without it the scan is treated as one sequence).
+    token_ids (seq_index optional: without it the scan is treated as one sequence). A store whose rows are
+    shuffled within shards (row_order "shuffled_in_shard") is read by whole shards and put in text order.
     Returns a ScanResult. ValueError when the store's d_in != the SAE's d_in (naming both) or the
     store has no token_ids (contexts cannot be shown).
     """
@@ -147,30 +168,27 @@ def scan_store(sae, store_path, *, tokens: int, batch_tokens: int = 4096, device
     _check_store(g, store_path, sae)
     acts = g["activations"]
     n = min(int(tokens), int(acts.shape[0]))
-    tok = np.asarray(g["token_ids"][:n], dtype=np.int64)
-    if "seq_index" in g:
-        seq = np.asarray(g["seq_index"][:n])
-        starts = np.flatnonzero(np.r_[True, seq[1:] != seq[:-1]])
-    else:
-        starts = np.zeros(1, np.int64)
+    scan_pos, tok, seq = _text_order(g, n)
+    starts = np.flatnonzero(np.r_[True, seq[1:] != seq[:-1]])
     seq_start = np.r_[starts, n].astype(np.int64)
     rows_l, lat_l, val_l = [], [], []
     sparse = hasattr(sae, "encode_sparse")
-    bar = tqdm(total=n, desc="encode", unit="tok", disable=not progress)
-    for i in range(0, n, batch_tokens):
-        j = min(n, i + batch_tokens)
+    bar = tqdm(total=len(scan_pos), desc="encode", unit="tok", disable=not progress)
+    for i in range(0, len(scan_pos), batch_tokens):
+        j = min(len(scan_pos), i + batch_tokens)
         x = torch.from_numpy(np.asarray(acts[i:j]).astype(np.float32)).to(device)
+        where = torch.from_numpy(scan_pos[i:j]).to(device)  # scan position of each row, -1: not scanned
         if sparse:
             v, idx = sae.encode_sparse(x)
-            r = torch.arange(i, j, device=device).unsqueeze(1).expand_as(idx)
-            keep = v > 0
+            r = where.unsqueeze(1).expand_as(idx)
+            keep = (v > 0) & (r >= 0)
             rows_l.append(r[keep].cpu().numpy())
             lat_l.append(idx[keep].cpu().numpy())
             val_l.append(v[keep].float().cpu().numpy())
         else:
             z = sae.encode(x)
-            r, c = torch.nonzero(z > 0, as_tuple=True)
-            rows_l.append((r + i).cpu().numpy())
+            r, c = torch.nonzero((z > 0) & (where >= 0).unsqueeze(1), as_tuple=True)
+            rows_l.append(where[r].cpu().numpy())
             lat_l.append(c.cpu().numpy())
             val_l.append(z[r, c].float().cpu().numpy())
         bar.update(j - i)

@@ -22,6 +22,11 @@ Design (deterministic and resumable; the store layout is docs/formats.md#activat
   (global sequence index i), `position` int32 (1..ctx_len-1). Group attributes: d_in, n_tokens, model,
   hook_name, layer, ctx_len, dataset, dtype, eval_fraction, norm_stats (merged over shards: mean_norm,
   mean_sq_norm, n), harvest (progress; complete), plus the caller's `attrs`.
+* Rows are shuffled within each shard (`shuffle_rows=True`, the default; store attribute
+  ``row_order = "shuffled_in_shard"``): shard s is written in the order of the fixed permutation
+  `shard_row_permutation(s, rows)`, the same for every worker, rerun and hook; `token_ids`, `seq_index` and
+  `position` are permuted with the activations, so each row still names its place in the text. With the
+  reader's random inner chunks (`store.reader`) a training batch then mixes rows of many documents.
 * Several hook points (`hook_name` a list) are harvested from ONE forward per batch, stopped after the
   deepest hooked module (`hooks.run_to_hooks`); each hook gets its own store ``store_path/<hook_name>``
   with the same token ids in the same order. A shard counts as done only when every store has its
@@ -52,9 +57,18 @@ from sae_dist.preempt import Preemption
 from .hooks import resolve_hook, run_to_hooks
 from .text import packed_sequences
 
-__all__ = ["harvest", "hook_store_path", "HarvestError", "STORE_DTYPES"]
+__all__ = ["harvest", "hook_store_path", "shard_row_permutation", "HarvestError", "STORE_DTYPES", "ROW_ORDERS"]
 
 STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+#: the store attribute row_order: rows in text order, or shuffled within each shard (`shard_row_permutation`)
+ROW_ORDERS = ("text", "shuffled_in_shard")
+_ROW_SEED = 0x5AE  # seeds every shard's row permutation (with the shard index): one fixed order per store layout
+
+
+def shard_row_permutation(shard: int, rows: int) -> np.ndarray:
+    """int64 [rows]: the order in which a harvest with shuffle_rows writes shard `shard`'s rows (store row
+    shard_start + j holds text row shard_start + perm[j]); a pure function of (shard, rows)."""
+    return np.random.default_rng([_ROW_SEED, int(shard)]).permutation(int(rows))
 
 
 class HarvestError(RuntimeError):
@@ -144,7 +158,7 @@ def harvest(
     ctx_len: int = 64, batch_size: int = 32, dtype: str = "float16", seqs_per_chunk: int = 64,
     seqs_per_shard: int = 1024, rank: int | None = None, world_size: int | None = None, eval_fraction: float = 0.05,
     attrs: dict | None = None, progress: bool = True, finalize: bool = True, barrier_timeout_s: float = 48 * 3600.0,
-    sequences=None,
+    sequences=None, shuffle_rows: bool = True,
 ) -> dict:
     """Harvest LM activations at `hook_name` into zarr v3 activation stores (resumable, multi-worker).
 
@@ -180,6 +194,9 @@ def harvest(
         sequences: the packed sequences already tokenised, random access (`pretokenize.PretokenizedSequences`:
             len() and [i] -> ctx_len token ids), used instead of tokenising `docs`: each worker reads only
             its shards' sequences, and a resumed harvest starts at its first unfinished shard.
+        shuffle_rows: write each shard's rows in a fixed random order (`shard_row_permutation`; store
+            attribute row_order "shuffled_in_shard"), else in text order ("text"). A store is resumed only
+            with the row order it was started with.
 
     The store's arrays and group attributes: module docstring.
 
@@ -197,7 +214,7 @@ def harvest(
                            tokens=tokens, ctx_len=ctx_len, batch_size=batch_size, dtype=dtype,
                            seqs_per_chunk=seqs_per_chunk, seqs_per_shard=seqs_per_shard, rank=rank,
                            world_size=world_size, eval_fraction=eval_fraction, attrs=attrs, progress=progress,
-                           sequences=sequences)
+                           sequences=sequences, shuffle_rows=shuffle_rows)
     summary = _new_summary(run, store_path)
     existing = {t.name: _read_complete(t.store_path) for t in run.targets}
     for t in run.targets:
@@ -307,11 +324,12 @@ class _HarvestRun:
     rank: int
     world_size: int
     harvest_info: dict  # the "harvest" attribute before completion
+    shuffle_rows: bool  # shards' rows in the order of `shard_row_permutation`
 
     @classmethod
     def plan(cls, *, model, tokenizer, hook_name, docs, store_path, tokens, ctx_len, batch_size, dtype,
              seqs_per_chunk, seqs_per_shard, rank, world_size, eval_fraction, attrs, progress,
-             sequences=None) -> _HarvestRun:
+             sequences=None, shuffle_rows=True) -> _HarvestRun:
         """Resolve rank / world_size and the hooks, validate the arguments (ValueError) and plan the stores."""
         rank, world_size = _resolve_rank(rank, world_size)
         _check_args(tokens=tokens, ctx_len=ctx_len, batch_size=batch_size, dtype=dtype,
@@ -319,7 +337,8 @@ class _HarvestRun:
         geom = _Geometry.plan(tokens, ctx_len, seqs_per_chunk, seqs_per_shard)
         d_model = _d_model(model)
         common = {"model": _model_name(model), "dataset": "unknown", **(attrs or {}), "d_in": d_model,
-                  "ctx_len": int(ctx_len), "dtype": dtype, "eval_fraction": float(eval_fraction)}
+                  "ctx_len": int(ctx_len), "dtype": dtype, "eval_fraction": float(eval_fraction),
+                  "row_order": ROW_ORDERS[bool(shuffle_rows)]}
         targets = tuple(_Target(spec, path, {**common, "hook_name": spec.name, "layer": spec.layer})
                         for spec, path in _resolve_targets(model, hook_name, store_path))
         harvest_info = {
@@ -332,7 +351,7 @@ class _HarvestRun:
         return cls(model=model, tokenizer=tokenizer, targets=targets, docs=docs, sequences=sequences, geom=geom,
                    batch_size=int(batch_size), d_model=d_model, dtype=dtype, device=_input_device(model),
                    eval_fraction=eval_fraction, progress=progress, rank=rank, world_size=world_size,
-                   harvest_info=harvest_info)
+                   harvest_info=harvest_info, shuffle_rows=bool(shuffle_rows))
 
     def without(self, names: set[str]) -> _HarvestRun:
         """This run less the hooks in `names` (their stores are complete)."""
@@ -378,8 +397,10 @@ def _new_summary(run: _HarvestRun, store_path) -> dict:
 
 def _check_same_harvest(target: _Target, existing: dict, attrs: dict | None) -> None:
     """StoreError when the complete store's attributes `existing` disagree with this target's hook_name, ctx_len,
-    d_in, model, dtype (and dataset, when `attrs` names one)."""
-    keys = ["hook_name", "ctx_len", "d_in", "model", "dtype"] + (["dataset"] if "dataset" in (attrs or {}) else [])
+    d_in, model, dtype, row_order (and dataset, when `attrs` names one)."""
+    keys = ["hook_name", "ctx_len", "d_in", "model", "dtype", "row_order"] + (["dataset"] if "dataset" in (attrs or {})
+                                                                               else [])
+    existing = {"row_order": "text", **existing}  # stores written before row_order existed are in text order
     for key in keys:
         if key in existing and existing[key] != target.store_attrs[key]:
             from sae_dist.store.errors import StoreError
@@ -598,13 +619,14 @@ class _ShardWriter:
         n = len(self.seq_ids)
         start_seq = s * self.run.geom.seqs_per_shard
         if n:
-            tok = np.asarray(self.seq_ids, dtype=np.int32)[:, 1:].reshape(-1)
-            sidx = np.repeat(np.arange(start_seq, start_seq + n, dtype=np.int64), body)
-            pos = np.tile(np.arange(1, body + 1, dtype=np.int32), n)
+            perm = shard_row_permutation(s, n * body) if self.run.shuffle_rows else np.arange(n * body)
+            tok = np.asarray(self.seq_ids, dtype=np.int32)[:, 1:].reshape(-1)[perm]
+            sidx = np.repeat(np.arange(start_seq, start_seq + n, dtype=np.int64), body)[perm]
+            pos = np.tile(np.arange(1, body + 1, dtype=np.int32), n)[perm]
         for t, group, parts in zip(self.run.targets, self.groups, self.acts_parts, strict=True):
             stats = None
             if n:
-                acts_np = to_numpy(torch.cat(parts, 0))
+                acts_np = to_numpy(torch.cat(parts, 0))[perm]
                 write_block(group, start_seq * body, acts_np, token_ids=tok, seq_index=sidx, position=pos)
                 stats = norm_stats_partial(acts_np)
             info = {"n_seqs": n, "n_tokens": n * body, "first_seq": start_seq,

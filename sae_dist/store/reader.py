@@ -2,21 +2,32 @@
 normalisation of activations and its exact inverse.
 
 Order of rows (a pure function of ``seed``, the epoch and the batch index, so resume is exact and
-free). The read unit is one shard file (``shard_tokens`` rows).
+free). The read unit is one inner zarr chunk (``chunk_tokens`` rows; zarr's sharding codec reads it
+alone), so the shuffle buffer gathers chunks from all over the store.
 
-1. Epoch e permutes the shards with ``np.random.default_rng([seed, e, 0])``.
-2. The permuted shards are cut into groups of ``shuffle_shards`` consecutive shards (the shuffle
-   buffer). Group g's rows (its shards concatenated in permuted order) are permuted with
-   ``np.random.default_rng([seed, e, 1, g])``.
+1. Epoch e permutes the read units (every inner chunk of every shard) with
+   ``np.random.default_rng([seed, e, 0])``.
+2. The permuted units are cut into groups of ``shuffle_shards * shard_tokens / chunk_tokens``
+   consecutive units (the shuffle buffer: ``shuffle_shards`` shards' worth of rows). Group g's rows
+   (its units concatenated in permuted order) are permuted with ``np.random.default_rng([seed, e, 1, g])``.
 3. The epoch's row stream is the concatenation of the permuted groups; global batch j is stream
    positions ``[j*B, (j+1)*B)`` (B = batch_tokens; a batch may straddle two groups). The incomplete
    last global batch of each epoch (``tokens_per_epoch % B`` rows) is dropped, so every epoch has
    ``tokens_per_epoch // B`` batches and no row appears twice in an epoch.
 4. dp rank r gets rows ``[r*b, (r+1)*b)`` of each global batch (b = B // dp_size): the union over
-   ranks is exactly the single-process global batch, whatever dp_size is. Every rank reads whole
-   shards (page cache is shared on a node) and gathers only its own rows.
+   ranks is exactly the single-process global batch, whatever dp_size is. Every rank reads its
+   groups' units whole (page cache is shared on a node) and gathers only its own rows.
 
-With ``shuffle=False`` shards and rows keep store order (stream = rows 0, 1, 2, ...).
+With ``shuffle=False`` units and rows keep store order (stream = rows 0, 1, 2, ...).
+
+How well a batch mixes documents: two rows of a batch come from the same unit with probability about
+1 / (units per group). A harvest with ``row_order = "shuffled_in_shard"`` (the default) spreads each
+document's rows over a whole shard, so the same-document rate of a batch is about (1 + N / (W * G)) times
+that of a uniform sample of the store (N store rows, W rows per shard, G units per group); a store in text
+order keeps a document's rows in one or two units, and the rate is about N / (G * chunk_tokens) times the
+uniform one. docs/internals.md has the derivation and measurements.
+
+Reader states of the earlier order (version 1: whole shards as the read unit) resume with that order.
 
 Resuming from ``state_dict() == {"epoch": e, "batch": j, ...}`` recomputes which group holds position
 j*B and starts there; nothing is replayed. A state saved at one dp_size can be loaded at another
@@ -67,7 +78,7 @@ from sae_dist.store.layout import (
 
 __all__ = ["ActivationStore", "MODES", "check_mode", "scalar_scale", "normalize", "denormalize"]
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 1: whole shards as the read unit; 2: inner chunks
 _ND = default_buffer_prototype().nd_buffer
 
 
@@ -242,8 +253,8 @@ class ActivationStore:
         self.local_batch_tokens = self.batch_tokens // self.dp_size
 
         complete = self._open_activations()
-        self._units = self._readable_units(complete, allow_incomplete)
-        self._unit_sizes = np.array([hi - lo for _, lo, hi in self._units], dtype=np.int64)
+        self._complete, self._allow_incomplete = complete, bool(allow_incomplete)
+        self._set_units(_STATE_VERSION)
         self.tokens_per_epoch = int(self._unit_sizes.sum())
         self.batches_per_epoch = self.tokens_per_epoch // self.batch_tokens
         if self.batches_per_epoch == 0:
@@ -275,8 +286,17 @@ class ActivationStore:
         self._own_layout = "layout_version" in self.attrs
         return bool((self.attrs.get("harvest") or {"complete": True}).get("complete", False))
 
-    def _readable_units(self, complete: bool, allow_incomplete: bool) -> list[tuple[int, int, int]]:
-        """The read units (shard index, first row, end row) of the store: every shard of a complete store;
+    def _set_units(self, version: int) -> None:
+        """The read units and the units per shuffle group of order `version` (1: shards, 2: inner chunks)."""
+        rows = self.shard_tokens if version == 1 else self.chunk_tokens
+        shards = self._readable_shards(self._complete, self._allow_incomplete)
+        self._units = [(i, a, min(a + rows, hi)) for i, lo, hi in shards for a in range(lo, hi, rows)]
+        self._unit_sizes = np.array([hi - lo for _, lo, hi in self._units], dtype=np.int64)
+        self._group_units = self.shuffle_shards * (self.shard_tokens // rows)
+        self._order_version = version
+
+    def _readable_shards(self, complete: bool, allow_incomplete: bool) -> list[tuple[int, int, int]]:
+        """(shard index, first row, end row) of the readable shards: every shard of a complete store;
         of an unfinished one (only with allow_incomplete, else IncompleteStoreError) the shards with a
         progress marker, cut to the rows the marker says were written (IncompleteStoreError if none)."""
         n_shards = math.ceil(self.n_tokens / self.shard_tokens)
@@ -325,11 +345,11 @@ class ActivationStore:
     # ------------------------------------------------------------------ order (pure functions)
 
     def epoch_groups(self, epoch: int) -> list[np.ndarray]:
-        """Unit (shard) indices into ``self._units`` of each shuffle group of an epoch, in stream order."""
-        n = len(self._units)
+        """Unit (inner chunk) indices into ``self._units`` of each shuffle group of an epoch, in stream order."""
+        n, g = len(self._units), self._group_units
         order = (np.random.default_rng([self.seed, epoch, 0]).permutation(n) if self.shuffle
                  else np.arange(n))
-        return [order[i : i + self.shuffle_shards] for i in range(0, n, self.shuffle_shards)]
+        return [order[i : i + g] for i in range(0, n, g)]
 
     def _group_perm(self, epoch: int, g: int, size: int) -> np.ndarray:
         if not self.shuffle:
@@ -358,9 +378,12 @@ class ActivationStore:
         return os.path.join(self.path, "activations", *key.split("/"))
 
     def _read_unit(self, u: int, out: np.ndarray | None = None) -> np.ndarray:
-        """Read unit (shard) u's rows [hi - lo, d] with one zarr call, into ``out`` if given."""
+        """Read unit u's rows [hi - lo, d] (one inner chunk of a shard) with one zarr call, into ``out`` if given."""
         shard, lo, hi = self._units[u]
         f = self._shard_file(shard)
+        s_lo = shard * self.shard_tokens
+        where = (f"shard {shard} (token rows [{s_lo}, {min(s_lo + self.shard_tokens, self.n_tokens)}); reading "
+                 f"rows [{lo}, {hi}))")
         marker = os.path.join(self.path, "_progress", f"shard_{shard:08d}.json")
         hint = (f"Re-harvest it: delete {f} and {marker}, then {HARVEST_RESUME_HINT}; "
                 f"for a store made by write_store(), write it again.")
@@ -369,7 +392,7 @@ class ActivationStore:
             warnings.warn(f"store {self.path!r}: no file {f} for shard {shard}; reading it as zeros (fill value)",
                           stacklevel=2)
         elif not os.path.isfile(f):
-            raise StoreError(f"store {self.path!r}: shard {shard} (token rows [{lo}, {hi})) is missing: no file "
+            raise StoreError(f"store {self.path!r}: {where} is missing: no file "
                              f"{f}. Re-harvest it: delete {marker} (if present), then {HARVEST_RESUME_HINT}; "
                              f"for a store made by write_store(), write it again.")
         try:
@@ -379,7 +402,7 @@ class ActivationStore:
                 self._acts.get_basic_selection((slice(lo, hi),), out=_ND.from_numpy_array(out))
                 a = out
         except Exception as e:
-            raise StoreError(f"store {self.path!r}: shard {shard} (token rows [{lo}, {hi})) is corrupt: cannot "
+            raise StoreError(f"store {self.path!r}: {where} is corrupt: cannot "
                              f"decode {f} ({type(e).__name__}: {e}). {hint}") from e
         if a.shape != (hi - lo, self.d_in):
             raise StoreError(f"store {self.path!r}: shard {shard} decoded to shape {a.shape}, expected "
@@ -569,9 +592,10 @@ class ActivationStore:
 
     def state_dict(self) -> dict:
         """Small dict for exact resume: position of the NEXT batch to be returned plus the order's inputs."""
-        return {"version": _STATE_VERSION, "epoch": self.epoch, "batch": self.batch_index, "seed": self.seed,
+        return {"version": self._order_version, "epoch": self.epoch, "batch": self.batch_index, "seed": self.seed,
                 "batch_tokens": self.batch_tokens, "shuffle": self.shuffle, "shuffle_shards": self.shuffle_shards,
                 "tokens_per_epoch": self.tokens_per_epoch, "shard_tokens": self.shard_tokens,
+                "chunk_tokens": self.chunk_tokens,
                 "dp_size": self.dp_size, "tokens_seen": (self.epoch * self.batches_per_epoch + self.batch_index)
                 * self.batch_tokens}
 
@@ -579,18 +603,25 @@ class ActivationStore:
         """Continue from a `state_dict()`: the next batch is the one an uninterrupted run would return.
 
         dp_size may differ from the saving run's (the global batches are the same). Raises ValueError if
-        seed, batch_tokens, shuffle, shuffle_shards, tokens_per_epoch or shard_tokens differ (the order
+        seed, batch_tokens, shuffle, shuffle_shards, tokens_per_epoch, shard_tokens or chunk_tokens differ (the order
         would differ), naming the value.
         """
-        for key in ("seed", "batch_tokens", "shuffle", "shuffle_shards", "tokens_per_epoch", "shard_tokens"):
+        for key in ("seed", "batch_tokens", "shuffle", "shuffle_shards", "tokens_per_epoch", "shard_tokens",
+                    "chunk_tokens"):
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(f"cannot resume: saved {key}={state[key]!r} but this ActivationStore has "
                                  f"{key}={getattr(self, key)!r}; use the same value (the data order depends on it)")
+        version = int(state.get("version", 1))
+        if version not in (1, _STATE_VERSION):
+            raise ValueError(f"cannot resume: reader state version {version} is newer than this sae-dist's "
+                             f"({_STATE_VERSION}); resume with the release that wrote it")
         epoch, batch = int(state["epoch"]), int(state["batch"])
         if epoch < 0 or not 0 <= batch < self.batches_per_epoch:
             raise ValueError(f"invalid resume position epoch={epoch}, batch={batch} "
                              f"(batches_per_epoch={self.batches_per_epoch})")
         self.close()
+        if version != self._order_version:
+            self._set_units(version)  # the order the run started with
         self.epoch, self.batch_index = epoch, batch
 
 

@@ -59,7 +59,7 @@ class TrainerConfig:
     keep_checkpoints: int = option(2, "checkpoints kept (0: none)")
     log_every_steps: int = option(10, "steps between jsonl / wandb / progress-bar logs")
     bf16: bool = option(True, "bf16 autocast on CUDA (fp32 master weights); ignored on CPU")
-    shuffle_shards: int = option(4, "shards read into the in-memory shuffle buffer together")
+    shuffle_shards: int = option(4, "shuffle buffer in shards' worth of rows, read as inner chunks from all shards")
     prefetch: int = option(2, "batches prepared ahead by the background thread")
     b_dec_sample_tokens: int = option(32768, "tokens sampled to initialise b_dec (sae.b_dec_init)")
     max_steps: int | None = option(None, "stop after this many steps without exporting (simulates an "

@@ -13,6 +13,7 @@ import tempfile
 import numpy as np
 import pytest
 import torch
+import zarr
 from helpers.seeds import numpy_seed
 from torch import nn
 
@@ -235,3 +236,30 @@ def test_clear_errors(setup, tmp_path):
         build_browser(sae, s["store"], tmp_path / "o3", opts=BrowseOptions(window_before=-1), progress=False)
     with pytest.raises(ValueError, match=r"latent_ids.*outside"):
         build_browser(sae, s["store"], tmp_path / "o4", opts=BrowseOptions(latent_ids=[D_SAE]), progress=False)
+
+
+def test_scan_of_rows_shuffled_within_shards_is_the_text_order_scan(setup, tmp_path):
+    """The setup's rows shuffled within each shard of 512 (row_order "shuffled_in_shard", as sae-harvest
+    writes by default) scan to the ScanResult of the rows in text order, also when the scan ends inside a
+    shard."""
+    from sae_dist import load_sae
+    from sae_dist.browse.build import scan_store
+    from sae_dist.store import write_store
+
+    s = setup
+    g = zarr.open_group(str(s["store"]), mode="r")
+    a = {k: g[k][:] for k in ("activations", "token_ids", "seq_index", "position")}
+    n = len(a["token_ids"])
+    perm = np.concatenate([lo + np.random.default_rng(lo).permutation(min(512, n - lo)) for lo in range(0, n, 512)])
+    shuffled = write_store(tmp_path / "shuffled.zarr", a["activations"][perm], token_ids=a["token_ids"][perm],
+                           seq_index=a["seq_index"][perm], position=a["position"][perm],
+                           attrs={**dict(g.attrs), "row_order": "shuffled_in_shard"}, chunk_tokens=256,
+                           shard_tokens=512)
+    sae = load_sae(s["sae_dir"])
+    for tokens in (n, 700):
+        want = scan_store(sae, s["store"], tokens=tokens, progress=False)
+        got = scan_store(sae, shuffled, tokens=tokens, progress=False)
+        assert got.n_tokens == want.n_tokens == min(n, tokens)
+        for name in ("token_ids", "seq_start", "rows", "latents"):
+            np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+        np.testing.assert_allclose(got.values, want.values, rtol=1e-5, atol=1e-6)

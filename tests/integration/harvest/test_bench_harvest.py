@@ -1,5 +1,5 @@
-"""`python -m sae_dist.bench_harvest` on the embedded SmolLM2 at a toy size: one JSON line whose ratio is
-its two medians' ratio; the deepest hook is the one the forward reaches last; a bad hook name is one line."""
+"""`python -m sae_dist.bench_harvest` on the tiny LM at a toy size: one JSON line whose ratio is its two
+medians' ratio; the deepest hook is the one the forward reaches last; a bad hook name is one line."""
 
 from __future__ import annotations
 
@@ -31,14 +31,15 @@ def test_deepest_hook_is_the_last_one_the_forward_reaches(lm):
 
 
 @pytest.mark.slow
-def test_bench_harvest_prints_one_record():
-    proc = _run("--tokens", "252", "--repeats", "1", "--hooks", "blocks.1.hook_resid_post,blocks.3.hook_mlp_out")
+def test_bench_harvest_prints_one_record(tiny_lm_dir):
+    proc = _run("--tokens", "252", "--repeats", "1", "--model", tiny_lm_dir, "--hooks",
+                "blocks.0.hook_resid_post,blocks.1.hook_mlp_out")
     assert proc.returncode == 0, proc.stderr[-4000:]
     (line,) = proc.stdout.strip().splitlines()
     rec = json.loads(line)
-    assert rec["deepest"] == "blocks.3.hook_mlp_out" and rec["tokens"] == 252 and rec["model"]
-    assert rec["hooks"] == ["blocks.1.hook_resid_post", "blocks.3.hook_mlp_out"]
+    assert rec["deepest"] == "blocks.1.hook_mlp_out" and rec["tokens"] == 252 and rec["model"] == tiny_lm_dir
+    assert rec["hooks"] == ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
     assert rec["single_s"] > 0 and rec["multi_s"] > 0
     assert math.isclose(rec["multi_over_single"], rec["multi_s"] / rec["single_s"], rel_tol=1e-3)
-    bad = _run("--tokens", "252", "--hooks", "blocks.99.hook_mlp_out")
+    bad = _run("--tokens", "252", "--model", tiny_lm_dir, "--hooks", "blocks.99.hook_mlp_out")
     assert bad.returncode != 0 and "blocks.99.hook_mlp_out" in bad.stderr and "Traceback" not in bad.stderr

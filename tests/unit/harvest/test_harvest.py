@@ -14,6 +14,8 @@ from helpers.harvest import BODY, CTX, EVAL, HOOK, SMALL, assert_same_store, rea
 from helpers.synthetic import tiny_corpus
 
 from sae_dist.harvest import HarvestError, packed_sequences, run_to_hook, splice_hook
+from sae_dist.harvest.harvester import shard_row_permutation
+from sae_dist.store import StoreError
 
 
 def test_harvest_values_layout_and_attrs(lm, tmp_path):
@@ -169,6 +171,31 @@ def test_disk_space_is_stated_and_checked_before_any_work(lm, tmp_path, capsys, 
     with pytest.raises(HarvestError, match=r"still has .* to write .* has 4.88 KiB free"):
         run_harvest(lm, tmp_path / "full", docs, 40 * BODY)
     assert not (tmp_path / "full").exists()
+
+
+def test_rows_are_shuffled_within_each_shard(lm, tmp_path):
+    """By default shard s holds the rows of the text-order harvest's shard s in the order
+    shard_row_permutation(s, rows), the same permutation for every array; shuffle_rows=False keeps text order;
+    a store is neither resumed nor reused in the other order."""
+    docs = tiny_corpus(**SMALL)
+    tokens = 40 * BODY  # shards of 16, 16 and 8 sequences
+    run_harvest(lm, tmp_path / "text", docs, tokens, shuffle_rows=False)
+    run_harvest(lm, tmp_path / "shuf", docs, tokens)
+    (text, at), (shuf, ash) = read_store(tmp_path / "text", False), read_store(tmp_path / "shuf", False)
+    assert at["row_order"] == "text" and ash["row_order"] == "shuffled_in_shard"
+    for s, lo in enumerate(range(0, tokens, 16 * BODY)):
+        hi = min(lo + 16 * BODY, tokens)
+        back = np.lexsort((shuf["position"][lo:hi], shuf["seq_index"][lo:hi]))  # text order, found from the rows
+        perm = shard_row_permutation(s, hi - lo)
+        for k in text:
+            np.testing.assert_array_equal(shuf[k][lo:hi][back], text[k][lo:hi], err_msg=k)
+            np.testing.assert_array_equal(shuf[k][lo:hi], text[k][lo:hi][perm], err_msg=k)
+        assert not np.array_equal(back, np.arange(hi - lo))
+    with pytest.raises(StoreError, match="row_order"):
+        run_harvest(lm, tmp_path / "shuf", docs, tokens, shuffle_rows=False)
+    run_harvest(lm, tmp_path / "half", docs, tokens, rank=0, world_size=2)
+    with pytest.raises(StoreError, match="row_order: store has 'shuffled_in_shard', requested 'text'"):
+        run_harvest(lm, tmp_path / "half", docs, tokens, rank=1, world_size=2, shuffle_rows=False)
 
 
 def test_nonfinite_activations_raise_naming_sequences(lm, tmp_path):

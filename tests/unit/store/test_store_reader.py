@@ -35,13 +35,15 @@ def _ids(batch):
     return batch[:, 0].round().long().numpy()
 
 
-def _naive_epoch_rows(seed, epoch, n, shard, shuffle_shards):
-    """Independent re-implementation of the documented order (reader module docstring)."""
-    n_shards = math.ceil(n / shard)
-    order = np.random.default_rng([seed, epoch, 0]).permutation(n_shards)
+def _naive_epoch_rows(seed, epoch, n, unit, per_group):
+    """Independent re-implementation of the documented order (reader module docstring): read units of `unit`
+    rows (an inner chunk; a shard in order version 1), `per_group` of them per shuffle group. The store's
+    shards are whole chunks, so the units are rows [u * unit, (u + 1) * unit) cut at n."""
+    n_units = math.ceil(n / unit)
+    order = np.random.default_rng([seed, epoch, 0]).permutation(n_units)
     stream = []
-    for g, i in enumerate(range(0, n_shards, shuffle_shards)):
-        rows = np.concatenate([np.arange(s * shard, min((s + 1) * shard, n)) for s in order[i : i + shuffle_shards]])
+    for g, i in enumerate(range(0, n_units, per_group)):
+        rows = np.concatenate([np.arange(u * unit, min((u + 1) * unit, n)) for u in order[i : i + per_group]])
         stream.append(rows[np.random.default_rng([seed, epoch, 1, g]).permutation(len(rows))])
     return np.concatenate(stream)
 
@@ -55,7 +57,7 @@ def test_epoch_covers_every_row_once_and_matches_documented_order(tmp_path):
         assert st.epoch == 2 and st.batch_index == 0
     for e, seen in enumerate(epochs):
         assert len(np.unique(seen)) == len(seen) == N // B * B  # no repeats; only the tail is dropped
-        np.testing.assert_array_equal(seen, _naive_epoch_rows(seed, e, N, SHARD, 3)[: N // B * B])
+        np.testing.assert_array_equal(seen, _naive_epoch_rows(seed, e, N, CHUNK, 3 * SHARD // CHUNK)[: N // B * B])
     assert not np.array_equal(epochs[0], epochs[1])
     assert sorted(epochs[0][:128]) != list(range(128))  # rows really shuffled
 
@@ -111,6 +113,25 @@ def test_resume_is_exact(tmp_path, k):
     c.close()
     with pytest.raises(ValueError, match="seed"):
         ActivationStore(tmp_path / "s", **{**kw, "seed": 12}).load_state_dict(state)
+
+
+def test_a_state_of_the_shard_order_resumes_in_that_order(tmp_path):
+    """A reader state of order version 1 (whole shards as the read unit, before inner chunks) continues a
+    run in that order; the current order is version 2."""
+    _id_store(tmp_path / "s")
+    kw = dict(batch_tokens=100, seed=5, shuffle_shards=2, normalize="none")
+    with ActivationStore(tmp_path / "s", **kw) as st:
+        state = st.state_dict()
+        assert state["version"] == 2
+        next(st)
+    st = ActivationStore(tmp_path / "s", **kw)
+    st.load_state_dict({**state, "version": 1, "batch": 3})
+    got = np.concatenate([_ids(next(st)) for _ in range(2)])
+    assert st.state_dict()["version"] == 1
+    st.close()
+    np.testing.assert_array_equal(got, _naive_epoch_rows(5, 0, N, SHARD, 2)[300:500])
+    with pytest.raises(ValueError, match="version 3 is newer"):
+        ActivationStore(tmp_path / "s", **kw).load_state_dict({**state, "version": 3})
 
 
 def test_corrupt_and_missing_shard_errors_name_the_shard(tmp_path):
@@ -275,3 +296,46 @@ def test_scalar_mode_without_norm_stats_computes_them(tmp_path):
         st = ActivationStore(tmp_path / "o.zarr", batch_tokens=100, normalize="scalar")
     assert st.scale == pytest.approx(math.sqrt(D) / np.linalg.norm(x.astype(np.float64), axis=1).mean(), rel=1e-9)
     st.close()
+
+
+def _document_store(path, n_shards: int, shuffled: bool, seed: int = 0) -> np.ndarray:
+    """A store laid out as sae-harvest lays one out: sequences of 63 rows, 64 to a shard, inner chunks of 8;
+    documents of 1 to 20 sequences; column 0 holds each row's document. With `shuffled`, each shard's rows are
+    in the order of the harvester's shard_row_permutation. Returns the rows per document."""
+    from sae_dist.harvest.harvester import shard_row_permutation
+
+    body, per_shard = 63, 64 * 63
+    lens = np.random.default_rng(seed).integers(1, 21, size=n_shards * 64)
+    doc = np.repeat(np.repeat(np.arange(len(lens)), lens)[: n_shards * 64], body)
+    if shuffled:
+        for s in range(n_shards):
+            doc[s * per_shard : (s + 1) * per_shard] = doc[s * per_shard : (s + 1) * per_shard][
+                shard_row_permutation(s, per_shard)]
+    write_store(path, np.stack([doc, np.zeros_like(doc)], 1).astype(np.float32), chunk_tokens=8 * body,
+                shard_tokens=per_shard)
+    return np.bincount(doc)
+
+
+def _same_document_ratio(path, rows_per_doc: np.ndarray, version: int) -> float:
+    """Mean over an epoch's batches of 4096 rows of the fraction of row pairs from one document, over the
+    same fraction's expectation for a uniform sample of the store; the reader order `version` (state)."""
+    n = int(rows_per_doc.sum())
+    uniform = float((rows_per_doc * (rows_per_doc - 1)).sum()) / (n * (n - 1))
+    with ActivationStore(path, batch_tokens=4096, seed=0, shuffle_shards=8, normalize="none") as st:
+        st.load_state_dict({**st.state_dict(), "version": version})
+        rates = []
+        for _ in range(st.batches_per_epoch):
+            k = np.bincount(_ids(next(st)))
+            rates.append((k * (k - 1)).sum() / (4096 * 4095))
+    return float(np.mean(rates)) / uniform
+
+
+def test_batches_mix_documents_about_as_a_uniform_sample_does(tmp_path):
+    """A 129,024-row harvest-like store (32 shards, documents of 63 to 1,260 rows) read with a buffer of 8
+    shards' worth of rows: with rows shuffled within shards and random inner chunks, a batch holds pairs of
+    rows of one document at most 2x as often as a uniform sample (the model in the reader's docstring:
+    1 + N / (W G) = 1.5); the earlier layout (text order, whole shards) 3x or more."""
+    rows = _document_store(tmp_path / "shuffled", 32, shuffled=True)
+    assert _same_document_ratio(tmp_path / "shuffled", rows, 2) <= 2.0
+    rows = _document_store(tmp_path / "text", 32, shuffled=False)
+    assert _same_document_ratio(tmp_path / "text", rows, 1) >= 3.0
