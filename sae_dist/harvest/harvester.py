@@ -4,9 +4,9 @@ one zarr store per hook.
 Design (deterministic and resumable; the store layout is docs/formats.md#activation-store):
 
 * The packed train-sequence stream (`text.packed_sequences`) is a deterministic function of the
-  documents, the tokenizer, `ctx_len` and `eval_fraction`. Sequence i (0-based) is stored at token
-  rows [i*(ctx_len-1), (i+1)*(ctx_len-1)): its positions 1..ctx_len-1 (position 0, BOS, the
-  attention sink, is never stored; Gao et al. 2024, App. A).
+  documents, the tokenizer, `ctx_len` and `eval_fraction`. Sequence i (0-based) is text rows
+  [i*(ctx_len-1), (i+1)*(ctx_len-1)): its positions 1..ctx_len-1 (position 0, BOS, the attention sink, is
+  never stored; Gao et al. 2024, App. A); text rows are store rows unless shuffled within shards (below).
 * n_seqs = ceil(tokens / (ctx_len-1)). Shard s holds sequences [s*seqs_per_shard, (s+1)*seqs_per_shard),
   i.e. exactly one zarr shard file of shard_tokens = seqs_per_shard*(ctx_len-1) rows (inner chunks of
   chunk_tokens = seqs_per_chunk*(ctx_len-1) rows). A shard is the unit of work and of resume.
