@@ -324,7 +324,6 @@ class _HarvestRun:
     rank: int
     world_size: int
     harvest_info: dict  # the "harvest" attribute before completion
-    shuffle_rows: bool  # shards' rows in the order of `shard_row_permutation`
 
     @classmethod
     def plan(cls, *, model, tokenizer, hook_name, docs, store_path, tokens, ctx_len, batch_size, dtype,
@@ -351,7 +350,12 @@ class _HarvestRun:
         return cls(model=model, tokenizer=tokenizer, targets=targets, docs=docs, sequences=sequences, geom=geom,
                    batch_size=int(batch_size), d_model=d_model, dtype=dtype, device=_input_device(model),
                    eval_fraction=eval_fraction, progress=progress, rank=rank, world_size=world_size,
-                   harvest_info=harvest_info, shuffle_rows=bool(shuffle_rows))
+                   harvest_info=harvest_info)
+
+    @property
+    def shuffle_rows(self) -> bool:
+        """Shards' rows in the order of `shard_row_permutation` (the stores' row_order attribute)."""
+        return self.targets[0].store_attrs["row_order"] == "shuffled_in_shard"
 
     def without(self, names: set[str]) -> _HarvestRun:
         """This run less the hooks in `names` (their stores are complete)."""

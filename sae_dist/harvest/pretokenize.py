@@ -65,17 +65,22 @@ def pretokenize(*, dataset: str, tokenizer, out_dir, ctx_len: int, eval_fraction
         raise FileExistsError(f"{out_dir} exists; pretokenize writes a new directory (delete it or choose another)")
     if int(ctx_len) < 2 or (max_sequences is not None and int(max_sequences) < 1):
         raise ValueError(f"ctx_len={ctx_len!r} must be >= 2 and max_sequences={max_sequences!r} >= 1 (or None)")
-    if not progress:
-        datasets.disable_progress_bars()
     ds, text_field = load_documents(dataset, split=split, text_field=text_field, data_files=data_files,
                                     streaming=False, name=name, revision=revision,
                                     trust_remote_code=trust_remote_code)
     n_proc = min(32, os.cpu_count() or 1) if num_proc is None else int(num_proc)
-    packed = ds.map(_pack_batch, batched=True, batch_size=64, remove_columns=ds.column_names,
-                    num_proc=n_proc if n_proc > 1 else None, desc="pretokenize",
-                    features=datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))}),
-                    fn_kwargs=dict(tokenizer=tokenizer, text_field=text_field, ctx_len=int(ctx_len),
-                                   eval_fraction=float(eval_fraction), bos=bos_token_id(tokenizer)))
+    bars_were_on = datasets.is_progress_bar_enabled()
+    if not progress:
+        datasets.disable_progress_bars()
+    try:
+        packed = ds.map(_pack_batch, batched=True, batch_size=64, remove_columns=ds.column_names,
+                        num_proc=n_proc if n_proc > 1 else None, desc="pretokenize",
+                        features=datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))}),
+                        fn_kwargs=dict(tokenizer=tokenizer, text_field=text_field, ctx_len=int(ctx_len),
+                                       eval_fraction=float(eval_fraction), bos=bos_token_id(tokenizer)))
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
     if max_sequences is not None and len(packed) > max_sequences:
         packed = packed.select(range(int(max_sequences)))
     if len(packed) == 0:

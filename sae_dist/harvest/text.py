@@ -64,8 +64,20 @@ def load_documents(
 ):
     """(HF datasets Dataset or IterableDataset, its text column) of a dataset, in its deterministic order.
 
-    Args: as `iter_documents`. Raises: ValueError when `text_field` is not a column (the message lists the
-    columns) or trust_remote_code is asked of a datasets release that runs no dataset scripts.
+    Args:
+        dataset: "stdlib" (the embedded default: `stdlib_corpus_files()` read with the datasets "text"
+            builder, one document per file), a hub dataset name, a local dataset directory, or a
+            builder name such as "text"/"json"/"parquet" together with `data_files`.
+        split: dataset split.
+        text_field: column holding the text.
+        data_files: passed to `datasets.load_dataset` (local files).
+        streaming: stream instead of downloading/materialising the whole dataset.
+        name: dataset configuration name (e.g. "sample-10BT").
+        revision: hub revision (branch, tag or commit) of the dataset.
+        trust_remote_code: run the dataset's loading script (datasets < 4 only).
+
+    Raises: ValueError when `text_field` is not a column (the message lists the columns) or
+    trust_remote_code is asked of a datasets release that runs no dataset scripts.
     """
     from datasets import load_dataset
 
@@ -103,38 +115,14 @@ def _remote_code_kwargs(trust_remote_code: bool) -> dict:
                      "data.dataset=parquet with data.data_files=...), and set data.trust_remote_code=false")
 
 
-def iter_documents(
-    dataset: str,
-    *,
-    split: str = "train",
-    text_field: str = "text",
-    data_files=None,
-    streaming: bool = True,
-    name: str | None = None,
-    revision: str | None = None,
-    trust_remote_code: bool = False,
-) -> Iterator[str]:
+def iter_documents(dataset: str, **load_kwargs) -> Iterator[str]:
     """Yield documents (strings) from a dataset, in the dataset's deterministic order, via HF datasets;
-    empty documents are skipped.
+    empty documents are skipped. `load_kwargs`: the keyword arguments of `load_documents` (split,
+    text_field, data_files, streaming (default True), name, revision, trust_remote_code).
 
-    Args:
-        dataset: "stdlib" (the embedded default: `stdlib_corpus_files()` read with the datasets "text"
-            builder, one document per file), a hub dataset name, a local dataset directory, or a
-            builder name such as "text"/"json"/"parquet" together with `data_files`.
-        split: dataset split.
-        text_field: column holding the text.
-        data_files: passed to `datasets.load_dataset` (local files).
-        streaming: stream instead of downloading/materialising the whole dataset.
-        name: dataset configuration name (e.g. "sample-10BT").
-        revision: hub revision (branch, tag or commit) of the dataset.
-        trust_remote_code: run the dataset's loading script (datasets < 4 only).
-
-    Raises:
-        ValueError: `text_field` is not a column (the message lists the columns); see `load_documents`.
+    Raises: ValueError as `load_documents` does, and when the first record has no `text_field`.
     """
-    ds, text_field = load_documents(dataset, split=split, text_field=text_field, data_files=data_files,
-                                    streaming=streaming, name=name, revision=revision,
-                                    trust_remote_code=trust_remote_code)
+    ds, text_field = load_documents(dataset, **load_kwargs)
     for i, row in enumerate(ds):
         if i == 0:
             _check_text_field(list(row.keys()), text_field, dataset)

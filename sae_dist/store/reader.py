@@ -377,13 +377,17 @@ class ActivationStore:
         key = self._acts.metadata.encode_chunk_key((shard, 0))
         return os.path.join(self.path, "activations", *key.split("/"))
 
+    def _where(self, u: int) -> str:
+        """Unit u for an error message: its shard's token rows and the rows being read."""
+        shard, lo, hi = self._units[u]
+        s_lo = shard * self.shard_tokens
+        return (f"shard {shard} (token rows [{s_lo}, {min(s_lo + self.shard_tokens, self.n_tokens)}); reading "
+                f"rows [{lo}, {hi}))")
+
     def _read_unit(self, u: int, out: np.ndarray | None = None) -> np.ndarray:
         """Read unit u's rows [hi - lo, d] (one inner chunk of a shard) with one zarr call, into ``out`` if given."""
         shard, lo, hi = self._units[u]
         f = self._shard_file(shard)
-        s_lo = shard * self.shard_tokens
-        where = (f"shard {shard} (token rows [{s_lo}, {min(s_lo + self.shard_tokens, self.n_tokens)}); reading "
-                 f"rows [{lo}, {hi}))")
         marker = os.path.join(self.path, "_progress", f"shard_{shard:08d}.json")
         hint = (f"Re-harvest it: delete {f} and {marker}, then {HARVEST_RESUME_HINT}; "
                 f"for a store made by write_store(), write it again.")
@@ -392,7 +396,7 @@ class ActivationStore:
             warnings.warn(f"store {self.path!r}: no file {f} for shard {shard}; reading it as zeros (fill value)",
                           stacklevel=2)
         elif not os.path.isfile(f):
-            raise StoreError(f"store {self.path!r}: {where} is missing: no file "
+            raise StoreError(f"store {self.path!r}: {self._where(u)} is missing: no file "
                              f"{f}. Re-harvest it: delete {marker} (if present), then {HARVEST_RESUME_HINT}; "
                              f"for a store made by write_store(), write it again.")
         try:
@@ -402,7 +406,7 @@ class ActivationStore:
                 self._acts.get_basic_selection((slice(lo, hi),), out=_ND.from_numpy_array(out))
                 a = out
         except Exception as e:
-            raise StoreError(f"store {self.path!r}: {where} is corrupt: cannot "
+            raise StoreError(f"store {self.path!r}: {self._where(u)} is corrupt: cannot "
                              f"decode {f} ({type(e).__name__}: {e}). {hint}") from e
         if a.shape != (hi - lo, self.d_in):
             raise StoreError(f"store {self.path!r}: shard {shard} decoded to shape {a.shape}, expected "
