@@ -363,36 +363,111 @@ def sae_config_from(sae: DictConfig, d_in: int):
     return sae_config(sae, d_in=d_in)
 
 
-def run_train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
-    """Train an SAE on `cfg.store.path`; checkpoints under out_dir/checkpoints, export to out_dir/sae."""
-    from sae_dist.config import config_error, trainer_config
-    from sae_dist.store import open_store, read_attrs
-    from sae_dist.train.trainer import train
+def _lm_source(cfg: DictConfig):
+    """(an `LMStream` factory for sae-train source=lm, its attributes d_in / hook_name / model): the LM of the
+    `model` node on stream.lm_device (default: device) over the `data` node's text (or data.pretokenized)."""
+    from sae_dist.config import DataConfig, HarvestConfig, StreamConfig, node_object
+    from sae_dist.harvest.harvester import lm_d_model
+    from sae_dist.harvest.stream import LMStream
 
-    store_attrs = read_attrs(open_store(cfg.store.path))
-    if cfg.sae.d_in is not None and int(cfg.sae.d_in) != int(store_attrs["d_in"]):
-        raise ValueError(f"sae.d_in={cfg.sae.d_in} but the store at store.path={cfg.store.path} has d_in "
-                         f"{store_attrs['d_in']}: sae-train takes d_in from the store (leave sae.d_in unset)")
-    with config_error("sae"):
-        sae_cfg = sae_config_from(cfg.sae, d_in=int(store_attrs["d_in"]))
-    trainer_cfg = trainer_config(cfg)
+    st, hc = node_object(cfg.stream, StreamConfig), node_object(cfg.harvest, HarvestConfig)
+    data = node_object(cfg.data, DataConfig)
+    model, tokenizer = load_configured_lm(cfg, resolve_device(st.lm_device or cfg.device))
+    hook = _hook_name(cfg, model)
+    sequences = None
+    if data.pretokenized is not None:
+        from sae_dist.harvest.pretokenize import PretokenizedSequences
+
+        sequences = PretokenizedSequences(data.pretokenized, ctx_len=data.ctx_len, eval_fraction=data.eval_fraction)
+    attrs = {"model": configured_model_name(cfg), "dataset": cfg.data.dataset}
+    factory = functools.partial(LMStream, model=model, tokenizer=tokenizer, hook_name=hook, sequences=sequences,
+                                docs=None if sequences is not None else functools.partial(_docs, cfg),
+                                ctx_len=data.ctx_len, eval_fraction=data.eval_fraction,
+                                buffer_tokens=st.buffer_tokens, lm_batch_size=hc.batch_size, dtype=hc.dtype,
+                                attrs=attrs)
+    return factory, {"d_in": lm_d_model(model), "hook_name": hook, "model": attrs["model"]}
+
+
+def _train_data(cfg: DictConfig):
+    """(sae-train's data: the store path or an LM-stream factory, its attributes d_in / hook_name / model)."""
+    if cfg.source == "lm":
+        return _lm_source(cfg)
+    from sae_dist.store import open_store, read_attrs
+
+    return cfg.store.path, read_attrs(open_store(cfg.store.path))
+
+
+def _wandb_cfg(cfg: DictConfig, name: str | None = None) -> dict:
     from sae_dist.sweep import sweep_wandb_group
 
     wandb_cfg = OmegaConf.to_container(cfg.wandb, resolve=True)
     wandb_cfg["group"] = sweep_wandb_group(cfg)  # all points of a sweep share one group
+    if name is not None:
+        wandb_cfg["name"] = wandb_cfg.get("name") or name
     wandb_cfg["config"] = OmegaConf.to_container(cfg, resolve=True)
-    return train(
-        store_path=cfg.store.path,
-        out_dir=str(out_dir),
-        sae_cfg=sae_cfg,
-        trainer_cfg=trainer_cfg,
+    return wandb_cfg
+
+
+def _grid_point_configs(cfg: DictConfig) -> list[DictConfig]:
+    """The configs of a shared sweep's points: the job's overrides plus each combination of `cfg.grid`'s
+    sweeps (Hydra's sweep syntax), composed like the job's own. ValueError for a grid key outside sae /
+    trainer / wandb (the rest fixes the one batch stream) or an empty grid."""
+    import itertools
+
+    from hydra import compose
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(cfg.grid))
+    if not parsed:
+        raise ValueError("grid=[]: give at least one override, e.g. grid=[\"sae.k=16,32\"]")
+    axes = []
+    for o in parsed:
+        key = o.get_key_element()
+        if not (key == "sae" or key.split(".")[0] in ("sae", "trainer", "wandb")):
+            raise ValueError(f"grid entry {o.input_line!r}: a shared sweep varies the SAE and its optimisation "
+                             "(sae=, sae.*, trainer.*, wandb.*); other keys fix the data that every point shares "
+                             "(use a Hydra multirun, -m, to vary them)")
+        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+        axes.append([f"{key}={v}" for v in values])
+    base = [o for o in HydraConfig.get().overrides.task if o.lstrip("+~").split("=")[0] != "grid"]
+    return [compose(config_name="config", overrides=[*base, *combo]) for combo in itertools.product(*axes)]
+
+
+def run_train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+    """Train an SAE on `cfg.store.path` (or, with source=lm, on the LM's activations computed on the fly);
+    checkpoints under out_dir/checkpoints, export to out_dir/sae. With `grid`, a shared sweep (`train_grid`):
+    one point per combination, each in out_dir/<i>_n<d_sae>_k<k>; returns {"points": [their results]}."""
+    from sae_dist.config import check_config, config_error, trainer_config
+    from sae_dist.train.trainer import GridPoint, train_grid
+
+    data, attrs = _train_data(cfg)
+    where = "the LM's hook point" if cfg.source == "lm" else f"the store at store.path={cfg.store.path}"
+    point_cfgs = _grid_point_configs(cfg) if cfg.grid is not None else [cfg]
+    points = []
+    for i, pc in enumerate(point_cfgs):
+        if pc.sae.d_in is not None and int(pc.sae.d_in) != int(attrs["d_in"]):
+            raise ValueError(f"sae.d_in={pc.sae.d_in} but {where} has d_in {attrs['d_in']}: sae-train takes "
+                             "d_in from its data (leave sae.d_in unset)")
+        check_config(pc, d_in=int(attrs["d_in"]))
+        with config_error("sae"):
+            sae_cfg = sae_config_from(pc.sae, d_in=int(attrs["d_in"]))
+        name = None if cfg.grid is None else f"{i}_n{sae_cfg.d_sae}_k{sae_cfg.k}"
+        out = out_dir if name is None else out_dir / name
+        points.append(GridPoint(out, sae_cfg, trainer_config(pc), _wandb_cfg(pc, name and f"{out_dir.name}/{name}")))
+    results = train_grid(
+        points=points,
+        store_path=None if callable(data) else data,
+        source=data if callable(data) else None,
         device=resolve_device(cfg.device),
         seed=int(cfg.seed),
-        hook_name=store_attrs.get("hook_name"),
-        model_name=store_attrs.get("model"),
-        wandb_cfg=wandb_cfg,
+        hook_name=attrs.get("hook_name"),
+        model_name=attrs.get("model"),
         tp=int(cfg.parallel.tp),
     )
+    if cfg.grid is None:
+        return results[0]
+    return {"points": results, "preempted": any(r.get("preempted") for r in results)}
 
 
 def _lm_family(cfg: DictConfig, device: str, lm_family: list) -> list[dict]:
@@ -500,8 +575,9 @@ def pretokenize_main(cfg: DictConfig) -> None:
 
 @hydra_app
 def train_main(cfg: DictConfig) -> None:
-    """sae-train: activation store -> SAE checkpoints + export (sae/cfg.json, sae/sae_weights.safetensors);
-    with `eval.after_train=true` also eval.json (global rank 0 evaluates after training).
+    """sae-train: activation store (or, with source=lm, the LM itself) -> SAE checkpoints + export
+    (sae/cfg.json, sae/sae_weights.safetensors); with `eval.after_train=true` also eval.json (global rank 0
+    evaluates after training). With `grid=[...]` one job trains a shared sweep (`run_train`).
     Under `-m` (a sweep) a failing point is recorded in its job_status.json and the sweep goes on;
     `sae_dist.sweep.SweepReport` reports the failures at the end.
 
@@ -520,10 +596,12 @@ def train_main(cfg: DictConfig) -> None:
         # failure report prints next to the rank's number
         summary = record(run_train)(cfg, out)
         if _dist_env()[0] == 0:
-            if cfg.eval.after_train and summary.get("sae_dir"):
+            trained = [r for r in summary.get("points", [summary]) if r.get("sae_dir")]
+            if cfg.eval.after_train and trained:
                 if dist.is_available() and dist.is_initialized():
                     dist.destroy_process_group()  # the evaluation runs on global rank 0 alone
-                summary["eval"] = run_eval(cfg, out, sae_path=summary["sae_dir"])
+                for r in trained:  # each point of a grid writes eval.json in its own directory
+                    r["eval"] = run_eval(cfg, Path(r["out_dir"]), sae_path=r["sae_dir"])
             print(json.dumps(summary, indent=2, default=str))
         return summary
 
@@ -550,6 +628,9 @@ def eval_main(cfg: DictConfig) -> None:
 def pipeline_main(cfg: DictConfig) -> None:
     """sae-pipeline: harvest -> train -> eval in one run directory, then a summary table."""
     out = _out_dir()
+    if cfg.source != "store" or cfg.grid is not None:
+        raise ValueError(f"source={cfg.source}, grid={cfg.grid}: sae-pipeline harvests a store and trains one SAE on "
+                         "it; train from the LM (source=lm) or a shared sweep (grid=[...]) with sae-train")
     if cfg.hooks is not None:
         raise ValueError(f"hooks={list(cfg.hooks)}: sae-pipeline trains one SAE on one store; set hook_name, or "
                          "run sae-harvest hooks=[...] and then sae-train store.path=<store.path>/<hook_name>")

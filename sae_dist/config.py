@@ -126,6 +126,24 @@ class HarvestConfig:
                                       "row_order), so training batches mix documents; false: text order")
 
 
+@dataclass
+class StreamConfig:
+    """sae-train source=lm (`stream`): activations computed by the LM during training, no store
+    (sae_dist.harvest.stream.LMStream; sequences per forward and the buffer dtype are harvest.batch_size /
+    harvest.dtype)."""
+
+    buffer_tokens: int = option(262_144, "rows per shuffle window of the LM stream (memory: two windows); "
+                                         "batches mix the text of one window")
+    lm_device: str | None = option(None, "device of the LM (e.g. cuda:1, the SAE on device=cuda:0); null: device")
+
+    def __post_init__(self) -> None:
+        if self.buffer_tokens < 1:
+            raise ValueError(f"stream.buffer_tokens={self.buffer_tokens} must be >= 1 (rows per shuffle window)")
+
+
+#: sae-train's data sources: the activation store at store.path, or the LM computed on the fly
+SOURCES = ("store", "lm")
+
 #: the trainer options that are the store's on the command line (`store.shuffle_shards`, `store.prefetch`)
 STORE_TRAINER_KEYS = ("shuffle_shards", "prefetch")
 
@@ -311,8 +329,14 @@ class AppConfig:
                                     "hook_mlp_out); null: the residual stream about 2/3 up the model")
     hooks: list[str] | None = option(None, "sae-harvest: several hook points from one LM pass, one store each "
                                            "at store.path/<hook_name>; null: the one store of hook_name")
+    source: str = option("store", "sae-train: store (the activation store at store.path) | lm (the LM's activations "
+                                  "computed during training, no store; options stream.*)")
+    grid: list[str] | None = option(None, "sae-train: a shared sweep, the SAEs of every combination of these "
+                                          "overrides (sweep syntax, e.g. [\"sae.k=16,32\",\"sae.d_sae=4096,8192\"]) "
+                                          "trained on one batch stream, each in run_dir/<i>_n<d_sae>_k<k>")
     sae_path: str = option("${run_dir}/sae", "exported SAE read by sae-eval and sae-browse (ours or a SAELens save)")
     store: StoreConfig = option(StoreConfig(), "")
+    stream: StreamConfig = option(StreamConfig(), "")
     wandb: WandbConfig = option(WandbConfig(), "")
     model: ModelConfig = option(ModelConfig(), "")
     data: DataConfig = option(DataConfig(), "")
@@ -326,6 +350,7 @@ class AppConfig:
 
 #: the nodes of AppConfig in --help-config order, with their schemas (sae: the selected architecture's)
 _GROUPS = {"model": ModelConfig, "data": DataConfig, "harvest": HarvestConfig, "store": StoreConfig,
+           "stream": StreamConfig,
            "trainer": TrainerNode, "eval": EvalConfig, "parallel": ParallelConfig, "browse": BrowseConfig,
            "wandb": WandbConfig}
 
@@ -425,7 +450,9 @@ def check_config(cfg, d_in: int | None = None) -> None:
         eval_config(cfg)
     with config_error("browse"):
         browse_config(cfg)
-    for name in ("model", "data", "harvest", "parallel", "wandb"):
+    if cfg.get("source", "store") not in SOURCES:
+        raise ValueError(f"source={cfg.source!r}; valid: {' | '.join(SOURCES)}")
+    for name in ("model", "data", "harvest", "stream", "parallel", "wandb"):
         with config_error(name, tolerate_missing=True):  # model=hf / data=hf name theirs only when used
             node_object(cfg[name], _GROUPS[name])
 

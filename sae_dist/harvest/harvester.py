@@ -57,7 +57,8 @@ from sae_dist.preempt import Preemption
 from .hooks import resolve_hook, run_to_hooks
 from .text import packed_sequences
 
-__all__ = ["harvest", "hook_store_path", "shard_row_permutation", "HarvestError", "STORE_DTYPES", "ROW_ORDERS"]
+__all__ = ["harvest", "hook_store_path", "shard_row_permutation", "HarvestError", "STORE_DTYPES", "ROW_ORDERS",
+           "lm_d_model", "lm_input_device"]
 
 STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 #: the store attribute row_order: rows in text order, or shuffled within each shard (`shard_row_permutation`)
@@ -86,7 +87,7 @@ def _model_name(model) -> str:
     return str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
 
 
-def _d_model(model) -> int:
+def lm_d_model(model) -> int:
     """Residual-stream width: config hidden_size (n_embd / d_model), else the embedding width."""
     cfg = getattr(model, "config", None)
     if cfg is not None and hasattr(cfg, "get_text_config"):
@@ -98,7 +99,8 @@ def _d_model(model) -> int:
     return int(model.get_input_embeddings().embedding_dim)
 
 
-def _input_device(model) -> torch.device:
+def lm_input_device(model) -> torch.device:
+    """The device of the LM's input embedding (where its input ids go)."""
     emb = model.get_input_embeddings()
     return emb.weight.device
 
@@ -316,7 +318,7 @@ class _HarvestRun:
     sequences: Any  # random-access packed sequences (`harvest` docstring), or None: tokenise `docs`
     geom: _Geometry
     batch_size: int  # sequences per LM forward
-    d_model: int  # residual-stream width (`_d_model`)
+    d_model: int  # residual-stream width (`lm_d_model`)
     dtype: str  # store dtype name, a key of STORE_DTYPES
     device: torch.device  # the model's input device
     eval_fraction: float
@@ -334,7 +336,7 @@ class _HarvestRun:
         _check_args(tokens=tokens, ctx_len=ctx_len, batch_size=batch_size, dtype=dtype,
                     seqs_per_chunk=seqs_per_chunk, seqs_per_shard=seqs_per_shard, rank=rank, world_size=world_size)
         geom = _Geometry.plan(tokens, ctx_len, seqs_per_chunk, seqs_per_shard)
-        d_model = _d_model(model)
+        d_model = lm_d_model(model)
         common = {"model": _model_name(model), "dataset": "unknown", **(attrs or {}), "d_in": d_model,
                   "ctx_len": int(ctx_len), "dtype": dtype, "eval_fraction": float(eval_fraction),
                   "row_order": ROW_ORDERS[bool(shuffle_rows)]}
@@ -348,7 +350,7 @@ class _HarvestRun:
         if docs is None and sequences is None:
             raise ValueError("harvest needs documents (docs=) or pretokenised sequences (sequences=)")
         return cls(model=model, tokenizer=tokenizer, targets=targets, docs=docs, sequences=sequences, geom=geom,
-                   batch_size=int(batch_size), d_model=d_model, dtype=dtype, device=_input_device(model),
+                   batch_size=int(batch_size), d_model=d_model, dtype=dtype, device=lm_input_device(model),
                    eval_fraction=eval_fraction, progress=progress, rank=rank, world_size=world_size,
                    harvest_info=harvest_info)
 

@@ -183,6 +183,24 @@ __all__ = ["MODES", "EPS", "normalize", "denormalize", "scalar_scale", "check_mo
 
 
 # ----------------------------------------------------------------------------------------- reader
+def worker_result(q: queue.Queue, thread: threading.Thread, close, stopped_message: str):
+    """The next ("ok", item) of a background worker's queue: its item. A ("error", exception) entry, or the
+    worker's thread ending with nothing queued, calls `close()` and raises that exception, or
+    RuntimeError(`stopped_message`)."""
+    while True:
+        try:
+            kind, item = q.get(timeout=1.0)
+            break
+        except queue.Empty:
+            if not thread.is_alive():
+                close()
+                raise RuntimeError(stopped_message) from None
+    if kind == "error":
+        close()
+        raise item
+    return item
+
+
 def _check_int(name: str, v, lo: int) -> int:
     """int(v) for an int (numpy ints included, bools not) >= lo; ValueError naming the argument otherwise."""
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
@@ -536,19 +554,8 @@ class ActivationStore:
             self._start()
         if self._gen is not None:
             return next(self._gen)
-        while True:
-            try:
-                kind, item = self._queue.get(timeout=1.0)
-                break
-            except queue.Empty:
-                if not self._thread.is_alive():
-                    self.close()
-                    raise RuntimeError(
-                        f"ActivationStore prefetch thread for {self.path!r} stopped unexpectedly") from None
-        if kind == "error":
-            self.close()
-            raise item
-        return item
+        return worker_result(self._queue, self._thread, self.close,
+                             f"ActivationStore prefetch thread for {self.path!r} stopped unexpectedly")
 
     def __iter__(self):
         return self

@@ -93,6 +93,7 @@ class WandbLogger:
             dir=str(out),
             id=run_id,
             resume="allow",
+            reinit="create_new",  # several runs open at once in a shared sweep (sae_dist.train.trainer.train_grid)
             config=config,
             settings=wandb.Settings(console="off", silent=True),
         )

@@ -64,22 +64,18 @@ def _set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def _open_store(store_path, batch_tokens, seed, tcfg: TrainerConfig, device, normalize,
+def _open_store(data, batch_tokens, seed, tcfg: TrainerConfig, device, normalize,
                 dp_rank: int = 0, dp_size: int = 1):
+    """The batch source of `data`: an ActivationStore over the store path, or `data(...)` for a source
+    factory (e.g. a `functools.partial` of `sae_dist.harvest.stream.LMStream`) with the same keywords and
+    `max_batches`, the run's steps (it computes nothing past them)."""
+    kw = dict(batch_tokens=batch_tokens, dp_rank=dp_rank, dp_size=dp_size, seed=seed, device=device,
+              normalize=normalize)
+    if callable(data):
+        return data(**kw, max_batches=max(1, tcfg.tokens // tcfg.batch_tokens))
     from sae_dist.store import ActivationStore
 
-    return ActivationStore(
-        store_path,
-        batch_tokens=batch_tokens,
-        dp_rank=dp_rank,
-        dp_size=dp_size,
-        seed=seed,
-        shuffle=True,
-        shuffle_shards=tcfg.shuffle_shards,
-        prefetch=tcfg.prefetch,
-        device=device,
-        normalize=normalize,
-    )
+    return ActivationStore(data, shuffle=True, shuffle_shards=tcfg.shuffle_shards, prefetch=tcfg.prefetch, **kw)
 
 
 def _close(obj) -> None:
@@ -112,7 +108,10 @@ _RESULT_TRAINER_KEYS = ("lr", "adam_betas", "adam_eps", "warmup_steps", "lr_deca
 
 def _store_fingerprint(store, store_path, attrs: dict) -> dict:
     """What identifies a run's training data: the store's absolute path, width, rows, harvest origin
-    and norm statistics (JSON-ready); attrs: the store's attributes."""
+    and norm statistics (JSON-ready); attrs: the store's attributes. A source with its own `fingerprint()`
+    (the LM stream) says itself."""
+    if hasattr(store, "fingerprint"):
+        return store.fingerprint()
     return {"path": str(Path(store_path).resolve()), "d_in": int(store.d_in),
             "n_tokens": getattr(store, "n_tokens", None), "model": attrs.get("model"),
             "hook_name": attrs.get("hook_name"), "norm_stats": attrs.get("norm_stats")}
@@ -284,26 +283,31 @@ def _global_metrics(res, ctx: ParallelContext, tracker: DeadLatentTracker, lr: f
     return m
 
 
-def _init_b_dec(sae, sae_cfg: SAEConfig, tcfg: TrainerConfig, store_path, seed: int, ctx: ParallelContext):
-    """b_dec at `sae_cfg.b_dec_init` of the first `b_dec_sample_tokens` tokens of the data order.
-    Every rank reads the same (whole) first batches, so b_dec is identical everywhere.
-    Raises FloatingPointError when the sample holds NaN/Inf."""
+def _init_b_dec(run: "_Run", data, seed: int) -> None:
+    """b_dec at `sae_cfg.b_dec_init` of the first `b_dec_sample_tokens` tokens of the data order: the first
+    global batches of a store (every rank reads the same ones), or the first rows of a source with
+    `sample_rows` (the LM stream's first window; rank 0's are broadcast). Raises FloatingPointError when
+    the sample holds NaN/Inf."""
+    sae_cfg, tcfg, ctx = run.sae_cfg, run.tcfg, run.ctx
     n_sample = max(1, math.ceil(tcfg.b_dec_sample_tokens / tcfg.batch_tokens))
-    sampler = _open_store(store_path, tcfg.batch_tokens, seed, tcfg, ctx.device, sae_cfg.normalize)
-    it0 = iter(sampler)
-    try:
-        sample = torch.cat([next(it0).float() for _ in range(n_sample)])
-    except NonFiniteError as e:
-        raise FloatingPointError(
-            f"non-finite activations in the b_dec sample (the first {n_sample} batches): {e}"
-        ) from e
-    finally:
-        _close(sampler)
+    if hasattr(run.store, "sample_rows"):
+        sample = run.store.sample_rows(n_sample * tcfg.batch_tokens)
+    else:
+        sampler = _open_store(data, tcfg.batch_tokens, seed, tcfg, ctx.device, sae_cfg.normalize)
+        it0 = iter(sampler)
+        try:
+            sample = torch.cat([next(it0).float() for _ in range(n_sample)])
+        except NonFiniteError as e:
+            raise FloatingPointError(
+                f"non-finite activations in the b_dec sample (the first {n_sample} batches): {e}"
+            ) from e
+        finally:
+            _close(sampler)
     if not torch.isfinite(sample).all():
         raise FloatingPointError("non-finite activations in the b_dec sample (first batches)")
-    init_b_dec_(sae, sample, sae_cfg.b_dec_init)
+    init_b_dec_(run.sae, sample, sae_cfg.b_dec_init)
     if ctx.distributed:  # guard against any float difference between ranks
-        torch.distributed.broadcast(sae.b_dec.data, src=0)
+        torch.distributed.broadcast(run.sae.b_dec.data, src=0)
 
 
 def _export_final(final, ctx: ParallelContext, sae_dir: Path, sae_cfg: SAEConfig, store, attrs: dict, hook_name,
@@ -341,7 +345,7 @@ def _warn_if_auxk_cannot_fire(sae_cfg: SAEConfig, dead_tokens: int, target_token
 
 def train(
     *,
-    store_path: str | os.PathLike,
+    store_path: str | os.PathLike | None = None,
     out_dir: str | os.PathLike,
     sae_cfg: SAEConfig,
     trainer_cfg: TrainerConfig,
@@ -352,13 +356,17 @@ def train(
     wandb_cfg: dict | None = None,
     progress: bool = True,
     tp: int = 1,
+    source=None,
 ) -> dict:
     """Train an SAE (`sae_cfg.architecture`, any of `sae_dist.sae.registry.ARCHITECTURES`) on an
-    activation store; resume from `out_dir/checkpoints` if present.
+    activation store or straight from the LM; resume from `out_dir/checkpoints` if present.
 
     Args:
       store_path: activation store (zarr v3, docs/formats.md#activation-store). Batches come normalised by
         the store with `sae_cfg.normalize`.
+      source: instead of store_path, a batch-source factory called with the reader's keywords (batch_tokens,
+        dp_rank, dp_size, seed, device, normalize), e.g. `functools.partial(LMStream, model=..., ...)`
+        (`sae_dist.harvest.stream`: LM activations computed on the fly, no store).
       out_dir: run directory: `train_log.jsonl`, `checkpoints/step_XXXXXXXX/` (DCP), `wandb/`,
         `sae/` (export: cfg.json, sae_weights.safetensors, training_state.json).
       sae_cfg, trainer_cfg: see SAEConfig / TrainerConfig. device: "cpu" | "cuda" | torch.device.
@@ -374,20 +382,77 @@ def train(
       naming the step when a batch or the loss is NaN/Inf.
     Resume is exact: the same losses (bit-for-bit on CPU fp32) as an uninterrupted run.
     """
-    tcfg = trainer_cfg
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"run_dir {out} is a file, not a directory: choose another run_dir")
-    out.mkdir(parents=True, exist_ok=True)
+    return train_grid(points=[GridPoint(out_dir, sae_cfg, trainer_cfg, wandb_cfg)], store_path=store_path,
+                      source=source, device=device, seed=seed, hook_name=hook_name, model_name=model_name,
+                      progress=progress, tp=tp)[0]
+
+
+@dataclass
+class GridPoint:
+    """One SAE of a shared sweep (`train_grid`): its run directory, options and wandb settings."""
+
+    out_dir: str | os.PathLike
+    sae_cfg: SAEConfig
+    trainer_cfg: TrainerConfig
+    wandb_cfg: dict | None = None
+
+
+#: Options every point of a shared sweep shares: they fix the one batch stream (its length, batch, order
+#: and normalisation) or the process (deterministic mode).
+GRID_SHARED_KEYS = ("trainer.tokens", "trainer.batch_tokens", "trainer.shuffle_shards", "trainer.prefetch",
+                    "trainer.b_dec_sample_tokens", "trainer.max_steps", "trainer.deterministic", "sae.d_in",
+                    "sae.normalize")
+
+
+def _check_grid(points: list[GridPoint]) -> list[Path]:
+    """The points' run directories (created); ValueError naming the option when two points differ in a
+    `GRID_SHARED_KEYS` option or share a run directory, or when a run directory is a file."""
+    if not points:
+        raise ValueError("train_grid needs at least one point")
+    for i, p in enumerate(points[1:], 1):
+        for key in GRID_SHARED_KEYS:
+            node, name = key.split(".")
+            a, b = (getattr(q.sae_cfg if node == "sae" else q.trainer_cfg, name) for q in (points[0], p))
+            if a != b:
+                raise ValueError(f"grid point {i} has {key}={b!r} but point 0 has {a!r}: the points of a shared "
+                                 "sweep train on one batch stream; give them the same value, or run them as "
+                                 "separate runs (a Hydra multirun, -m)")
+    outs = [Path(p.out_dir) for p in points]
+    if len({o.resolve() for o in outs}) != len(outs):
+        raise ValueError(f"grid points share a run directory ({[str(o) for o in outs]}): give each its own")
+    for out in outs:
+        if out.exists() and not out.is_dir():
+            raise NotADirectoryError(f"run_dir {out} is a file, not a directory: choose another run_dir")
+        out.mkdir(parents=True, exist_ok=True)
+    return outs
+
+
+def train_grid(*, points: list[GridPoint], store_path: str | os.PathLike | None = None, source=None,
+               device: str | torch.device = "cpu", seed: int = 0, hook_name: str | None = None,
+               model_name: str | None = None, progress: bool = True, tp: int = 1) -> list[dict]:
+    """Train several SAEs on ONE stream of batches (a shared sweep): each batch is read from the store, or
+    computed by the LM, once and stepped by every point. Each point has its own run directory, checkpoints,
+    log, wandb run, RNG stream and export, and ends exactly as `train` with the same arguments would (the
+    same weights: the points' RNG states are swapped in around their steps). Points differ in their SAE
+    (architecture, d_sae, k, ...) and optimisation options; `GRID_SHARED_KEYS` must agree. A resumed grid
+    restarts the stream at the earliest checkpoint; points ahead of it wait for their step.
+
+    Args: points (at least one); store_path / source, device, seed, hook_name, model_name, progress, tp as
+      `train`'s (every point runs on the same dp x tp mesh).
+    Returns one `train` result per point, in order. Raises ValueError (`_check_grid`) and what `train` raises.
+    """
+    if (store_path is None) == (source is None):
+        raise ValueError("give exactly one of store_path (an activation store) or source (e.g. an LM stream)")
+    outs = _check_grid(points)
     ctx = init_parallel(tp, torch.device(device))
-    lock = _lock_run_dir(out, ctx)
-    try:
-        with _deterministic_mode(tcfg.deterministic, ctx.device):
-            return _train_locked(store_path, out, sae_cfg, tcfg, ctx, seed, hook_name, model_name, wandb_cfg,
-                                 progress)
-    finally:
-        if lock is not None:
-            lock.release()
+    with contextlib.ExitStack() as locks:
+        for out in outs:
+            lock = _lock_run_dir(out, ctx)
+            if lock is not None:
+                locks.callback(lock.release)
+        with _deterministic_mode(points[0].trainer_cfg.deterministic, ctx.device):
+            return _train_locked(source if source is not None else store_path, outs, points, ctx, seed,
+                                 (hook_name, model_name), progress)
 
 
 @contextlib.contextmanager
@@ -408,9 +473,9 @@ def _deterministic_mode(enabled: bool, device: torch.device):
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
-def _open_training_store(store_path, sae_cfg: SAEConfig, tcfg: TrainerConfig, seed: int, ctx: ParallelContext):
-    """This rank's ActivationStore; ValueError (store closed) when its width is not sae_cfg.d_in."""
-    store = _open_store(store_path, tcfg.batch_tokens, seed, tcfg, ctx.device, sae_cfg.normalize,
+def _open_training_store(data, sae_cfg: SAEConfig, tcfg: TrainerConfig, seed: int, ctx: ParallelContext):
+    """This rank's batch source (`_open_store`); ValueError (source closed) when its width is not sae_cfg.d_in."""
+    store = _open_store(data, tcfg.batch_tokens, seed, tcfg, ctx.device, sae_cfg.normalize,
                         dp_rank=ctx.dp_rank, dp_size=ctx.dp)
     if int(store.d_in) != int(sae_cfg.d_in):
         _close(store)
@@ -441,11 +506,20 @@ class _Run:
     tokens_seen: int = 0
     last_metrics: dict = field(default_factory=dict)
     auxk_from: int | None = None
+    rng: dict | None = None  # this run's RNG states between its steps (`_rng_state`)
+    store_state: dict | None = None  # the data position of the checkpoint it resumed from
+    wb: object = None  # WandbLogger
+    log: tuple | None = None  # (progress bar, jsonl logger, [time, tokens] of the last log) during the loop
 
     @property
     def replicas(self) -> bool:
         """Whole-SAE replicas over dp (an architecture that does not shard): per-rank losses, averaged."""
         return self.sae.comm.dp > 1 and not self.sae.shardable
+
+    @property
+    def stop_at(self) -> int:
+        """The step the loop stops this run at: the run's end or `trainer.max_steps`."""
+        return self.n_steps if self.tcfg.max_steps is None else min(self.n_steps, self.tcfg.max_steps)
 
     def state(self, opt_state=None) -> dict:
         """The checkpointed state (model, Adam, EMA, dead-latent counters) under global shapes."""
@@ -455,62 +529,89 @@ class _Run:
     def checkpoint(self) -> None:
         save_checkpoint(self.out / "checkpoints", self.step, state=self.state(), keep=self.tcfg.keep_checkpoints,
                         ctx=self.ctx, trainer_state={"step": self.step, "tokens_seen": self.tokens_seen,
-                                                     "store": self.store.state_dict(), "rng": _rng_state(),
+                                                     "store": self.store.state_dict(), "rng": self.rng,
                                                      "metrics": self.last_metrics})
 
 
-def _train_locked(store_path, out: Path, sae_cfg: SAEConfig, tcfg: TrainerConfig, ctx: ParallelContext,
-                  seed: int, hook_name, model_name, wandb_cfg, progress: bool) -> dict:
-    """`train` once the run directory's lock is held (same arguments and result): check the inputs,
-    build, resume or initialise, step, finalise."""
+def _train_locked(data, outs: list[Path], points: list[GridPoint], ctx: ParallelContext, seed: int, names: tuple,
+                  progress: bool) -> list[dict]:
+    """`train_grid` once every run directory's lock is held: open the batch source, check and set up each
+    point (finished points are reported and skipped), position the source, step, finalise."""
+    store = _open_training_store(data, points[0].sae_cfg, points[0].trainer_cfg, seed, ctx)
+    try:
+        attrs = dict(getattr(store, "attrs", {}) or {})
+        names = (names[0] or attrs.get("hook_name"), names[1] or attrs.get("model"))
+        results: list[dict | None] = [None] * len(points)
+        runs: list[tuple[int, _Run]] = []
+        for i, (p, out) in enumerate(zip(points, outs, strict=True)):
+            results[i], run = _prepare_point(store, data, attrs, out, p, ctx, seed, names, progress)
+            if run is not None:
+                runs.append((i, run))
+        if not runs:
+            return results
+        resumed = [r for _, r in runs if r.store_state is not None]
+        if len(resumed) == len(runs):  # every point resumed: the stream restarts at the earliest checkpoint
+            store.load_state_dict(min(resumed, key=lambda r: r.step).store_state)
+        t0, tok0 = time.perf_counter(), [r.tokens_seen for _, r in runs]
+        preempted = _train_loop([r for _, r in runs], data, progress)
+        wall = max(time.perf_counter() - t0, 1e-9)
+        for (i, run), t in zip(runs, tok0, strict=True):
+            results[i] = _finish_point(run, data, attrs, names, seed, preempted, (run.tokens_seen - t) / wall)
+        return results
+    finally:
+        _close(store)
+
+
+def _prepare_point(store, data, attrs: dict, out: Path, p: GridPoint, ctx: ParallelContext, seed: int, names: tuple,
+                   progress: bool) -> tuple[dict | None, _Run | None]:
+    """(the result of a point finished before, None) or (None, the point's run: built, resumed or initialised,
+    its wandb run open and its RNG states kept in `run.rng`)."""
+    sae_cfg, tcfg = p.sae_cfg, p.trainer_cfg
     n_steps = max(1, tcfg.tokens // tcfg.batch_tokens)
-    store = _open_training_store(store_path, sae_cfg, tcfg, seed, ctx)
-    attrs = dict(getattr(store, "attrs", {}) or {})
-    finished, ck = _check_inputs(store, store_path, attrs, out, sae_cfg, tcfg, seed, n_steps, ctx)
+    finished, ck = _check_inputs(store, data, attrs, out, sae_cfg, tcfg, seed, n_steps, ctx)
     if finished is not None:
-        return finished
-    hook_name, model_name = hook_name or attrs.get("hook_name"), model_name or attrs.get("model")
+        return finished, None
     run = _setup_run(store, out, sae_cfg, tcfg, ctx, seed, n_steps)
-    _resume_or_init(run, ck, store_path, seed, progress)
-    wb = WandbLogger(out, wandb_cfg if ctx.is_main else {**(wandb_cfg or {}), "enabled": False},
-                     {"sae": asdict(sae_cfg), "trainer": asdict(tcfg), "seed": seed,
-                      "store_path": str(store_path), "hook_name": hook_name,
-                      "model_name": model_name, "parallel": {"tp": ctx.tp, "dp": ctx.dp}})
+    _resume_or_init(run, ck, data, seed, progress)
+    run.rng = _rng_state()
+    wandb_cfg = p.wandb_cfg if ctx.is_main else {**(p.wandb_cfg or {}), "enabled": False}
+    run.wb = WandbLogger(out, wandb_cfg, {"sae": asdict(sae_cfg), "trainer": asdict(tcfg), "seed": seed,
+                                          "store_path": str(data) if not callable(data) else "source=lm",
+                                          "hook_name": names[0], "model_name": names[1],
+                                          "parallel": {"tp": ctx.tp, "dp": ctx.dp}})
     _warn_if_auxk_cannot_fire(sae_cfg, run.dead_tokens, n_steps * tcfg.batch_tokens, ctx.is_main)
-    t0, tok0 = time.perf_counter(), run.tokens_seen
-    preempted = _train_loop(run, store_path, wb, progress)
-    result = {"out_dir": str(out), "steps": run.step, "tokens_trained": run.tokens_seen,
-              "metrics": run.last_metrics, "already_finished": False, "preempted": preempted,
-              "tokens_per_s": (run.tokens_seen - tok0) / max(time.perf_counter() - t0, 1e-9),
+    return None, run
+
+
+def _finish_point(run: _Run, data, attrs: dict, names: tuple, seed: int, preempted: bool, tps: float) -> dict:
+    """A run's result after the loop (`train`'s return value); exports it when it reached its last step."""
+    ctx = run.ctx
+    result = {"out_dir": str(run.out), "steps": run.step, "tokens_trained": run.tokens_seen,
+              "metrics": run.last_metrics, "already_finished": False, "preempted": preempted, "tokens_per_s": tps,
               "parallel": {"tp": ctx.tp, "dp": ctx.dp, "world_size": ctx.world_size}}
     dead_frac, window = _dead_summary(run.tracker, run.tokens_seen, ctx)
     result.update(dead_fraction=dead_frac, dead_fraction_window=window)
-    if run.step < n_steps:
-        wb.finish()
+    if run.step < run.n_steps:
+        run.wb.finish()
         return {**result, "sae_dir": None, "stopped_early": True}
-    _finalize(run, store_path, attrs, hook_name, model_name, seed, wb, dead_frac, window)
-    return {**result, "sae_dir": str(out / "sae"), "stopped_early": False}
+    _finalize(run, data, attrs, names[0], names[1], seed, run.wb, dead_frac, window)
+    return {**result, "sae_dir": str(run.out / "sae"), "stopped_early": False}
 
 
 def _check_inputs(store, store_path, attrs: dict, out: Path, sae_cfg: SAEConfig, tcfg: TrainerConfig, seed: int,
                   n_steps: int, ctx: ParallelContext):
     """Record or verify the run identity (`_check_run_identity`); for a finished run also its trainer
-    options (`_check_finished_run`). Returns (the result of an already finished run, store closed, or
-    None; the latest checkpoint or None). Closes the store before raising ValueError."""
+    options (`_check_finished_run`). Returns (the result of an already finished run, or None; the latest
+    checkpoint or None). Raises ValueError naming what changed."""
     target_tokens = n_steps * tcfg.batch_tokens
     sae_dir = out / "sae"
     state_file = sae_dir / "training_state.json"
     done = json.loads(state_file.read_text()) if state_file.is_file() else None
     ck = latest_checkpoint(out / "checkpoints")
     ident = _run_identity(sae_cfg, tcfg, seed, _store_fingerprint(store, store_path, attrs))
-    try:
-        _check_run_identity(out / "checkpoints", ident, existing=ck is not None or done is not None, ctx=ctx)
-    except ValueError:
-        _close(store)
-        raise
+    _check_run_identity(out / "checkpoints", ident, existing=ck is not None or done is not None, ctx=ctx)
     if done is None or int(done.get("tokens_trained", -1)) < target_tokens:
         return None, ck
-    _close(store)
     _check_finished_run(out, done, tcfg, target_tokens)
     if ctx.is_main:
         print(f"sae-train: {out} already finished ({done['tokens_trained']} tokens, same store and "
@@ -537,16 +638,17 @@ def _setup_run(store, out: Path, sae_cfg: SAEConfig, tcfg: TrainerConfig, ctx: P
     return _Run(sae, engine, ema, tracker, store, ctx, sae_cfg, tcfg, out, n_steps, base_lr, dead_tokens)
 
 
-def _resume_or_init(run: _Run, ck, store_path, seed: int, progress: bool) -> None:
-    """Resume from checkpoint `ck` (weights, Adam, EMA, counters, data position, RNG, the log cut back to
-    its step) or start afresh (b_dec from the data, empty log). ValueError for a checkpoint past the run."""
+def _resume_or_init(run: _Run, ck, data, seed: int, progress: bool) -> None:
+    """Resume from checkpoint `ck` (weights, Adam, EMA, counters, RNG, the log cut back to its step; its data
+    position kept in `run.store_state`) or start afresh (b_dec from the data, empty log). ValueError for a
+    checkpoint past the run."""
     log_path = run.out / "train_log.jsonl"
     main = run.ctx.is_main
     if ck is None:
         if main:
             truncate_jsonl(log_path, -1)
         if run.sae_cfg.b_dec_init != "zeros":
-            _init_b_dec(run.sae, run.sae_cfg, run.tcfg, store_path, seed, run.ctx)
+            _init_b_dec(run, data, seed)
         if run.ema is not None:
             run.ema.load_state_dict(run.sae.state_dict())
         return
@@ -558,7 +660,7 @@ def _resume_or_init(run: _Run, ck, store_path, seed: int, progress: bool) -> Non
         raise ValueError(f"the checkpoint {ck[1]} is at step {run.step}, past this run's {run.n_steps} steps "
                          f"(trainer.tokens={run.tcfg.tokens}): raise trainer.tokens or use a new run_dir")
     run.last_metrics = ts.get("metrics", {})
-    run.store.load_state_dict(ts["store"])
+    run.store_state = ts["store"]
     _set_rng_state(ts["rng"])
     if main:
         truncate_jsonl(log_path, run.step)
@@ -607,38 +709,60 @@ def _train_step(run: _Run, x: torch.Tensor) -> tuple[TrainOutput, float]:
     return res, lr
 
 
-def _train_loop(run: _Run, store_path, wb, progress: bool) -> bool:
-    """Steps until the run's end, `trainer.max_steps` or an agreed SIGTERM, with logs and checkpoints.
-    Closes the store, the log and the engine. Returns whether it stopped on SIGTERM."""
-    from tqdm.auto import tqdm
-
-    tcfg, main = run.tcfg, run.ctx.is_main
-    stop_at = run.n_steps if tcfg.max_steps is None else min(run.n_steps, tcfg.max_steps)
-    bar = tqdm(total=run.n_steps, initial=run.step, disable=not (progress and main), unit="step", dynamic_ncols=True)
-    jsonl = JsonlLogger(run.out / "train_log.jsonl") if main else None
-    clock = [time.perf_counter(), run.tokens_seen]
-    preempted, it = False, iter(run.store)
+def _train_loop(runs: list[_Run], store_path, progress: bool) -> bool:
+    """Steps every run to its end, `trainer.max_steps` or an agreed SIGTERM, with logs and checkpoints: one
+    batch per global step, stepped by each run at that step (a resumed run ahead of the others waits).
+    Closes the logs and engines. Returns whether it stopped on SIGTERM."""
+    ctx, store = runs[0].ctx, runs[0].store
+    step, preempted, it = min(r.step for r in runs), False, iter(store)
+    _open_logs(runs, progress)
     with Preemption("sae-train") as preempt:
         try:
-            while run.step < stop_at and not preempted:
-                res, lr = _train_step(run, _next_batch(it, run, store_path))
-                bar.update(1)
-                if run.step % tcfg.log_every_steps == 0 or run.step == run.n_steps:
-                    _log_step(run, res, lr, clock, bar, jsonl, wb)
-                preempted = preempt.agreed(run.ctx.device) and run.step < run.n_steps
-                due = run.step % tcfg.checkpoint_every_steps == 0 or run.step == run.n_steps or preempted
-                if tcfg.keep_checkpoints != 0 and due:
-                    run.checkpoint()
+            while not preempted and any(r.step < r.stop_at for r in runs):
+                now = [r for r in runs if r.step == step and r.step < r.stop_at]
+                x = _next_batch(it, now[0] if now else runs[0], store_path)
+                for run in now:
+                    _set_rng_state(run.rng)
+                    res, lr = _train_step(run, x)
+                    run.rng = _rng_state()
+                    _after_step(run, res, lr)
+                step += 1
+                preempted = preempt.agreed(ctx.device) and any(r.step < r.n_steps for r in runs)
+                for run in now:
+                    due = run.step % run.tcfg.checkpoint_every_steps == 0 or run.step == run.n_steps
+                    if run.tcfg.keep_checkpoints != 0 and (due or (preempted and run.step < run.n_steps)):
+                        run.checkpoint()
         finally:
-            bar.close()
-            if jsonl is not None:
-                jsonl.close()
-            _close(run.store)
-            run.engine.close()
-    if preempted and main:
-        print(f"sae-train: stopped on SIGTERM after step {run.step} (checkpoint written); rerun the same "
+            for run in runs:
+                run.log[0].close()
+                if run.log[1] is not None:
+                    run.log[1].close()
+                run.engine.close()
+            _close(store)
+    if preempted and ctx.is_main:
+        print(f"sae-train: stopped on SIGTERM after step {step} (checkpoint written); rerun the same "
               f"command to resume", file=sys.stderr)
     return preempted
+
+
+def _open_logs(runs: list[_Run], progress: bool) -> None:
+    """Each run's progress bar (one line per run, named after its directory in a grid), jsonl log (global
+    rank 0) and log clock, in `run.log`."""
+    from tqdm.auto import tqdm
+
+    main = runs[0].ctx.is_main
+    for i, run in enumerate(runs):
+        bar = tqdm(total=run.n_steps, initial=run.step, disable=not (progress and main), unit="step",
+                   dynamic_ncols=True, position=i, desc=run.out.name if len(runs) > 1 else None)
+        jsonl = JsonlLogger(run.out / "train_log.jsonl") if main else None
+        run.log = (bar, jsonl, [time.perf_counter(), run.tokens_seen])
+
+
+def _after_step(run: _Run, res: TrainOutput, lr: float) -> None:
+    """The progress bar, and every `log_every_steps` the global metrics (collective) to the logs."""
+    run.log[0].update(1)
+    if run.step % run.tcfg.log_every_steps == 0 or run.step == run.n_steps:
+        _log_step(run, res, lr, run.log[2], run.log[0], run.log[1], run.wb)
 
 
 def _log_step(run: _Run, res: TrainOutput, lr: float, clock: list, bar, jsonl, wb) -> None:

@@ -20,8 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from helpers.dist import free_port
+from helpers.dist import run_train_ranks
 from safetensors.torch import load_file
 
 from sae_dist.store import write_store
@@ -70,47 +69,10 @@ def _train(store, run_dir, nproc=1, tp=1, extra=(), check=True, **popen):
     return r
 
 
-def _rank_worker(rank, world, port, argv, log_files):
-    """One rank of `torchrun --standalone --nproc-per-node=world sae-train *argv` (with _env()'s
-    variables), or of a plain `sae-train *argv` when world == 1: torchrun's environment, then the
-    console script's entry point; its stdout and stderr go to `log_files[rank]`."""
-    env = {k: v for k, v in _env().items() if k in ("OMP_NUM_THREADS", "SAE_DIST_TIMEOUT_S")}
-    if world > 1:
-        env.update(RANK=str(rank), LOCAL_RANK=str(rank), GROUP_RANK="0", WORLD_SIZE=str(world),
-                   LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    os.environ.update(env)
-    torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
-    fd = os.open(log_files[rank], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    sys.argv = [str(BIN / "sae-train"), *argv]
-    from sae_dist.cli import train_main
-
-    try:
-        train_main()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-
-
 def _run_ranks(store, run_dir, nproc=1, tp=1, extra=(), fail=False) -> str:
     """`_train(store, run_dir, nproc, tp, extra)` with the ranks forked from the forkserver of
-    tests/conftest.py (torch, DeepSpeed and sae_dist imported once) instead of started by torchrun;
-    asserts that it succeeds (fail=True: that it fails) and returns the ranks' output (stdout and stderr)."""
-    logs = [Path(f"{run_dir}.rank{r}.log") for r in range(nproc)]
-    argv = [*_args(store, run_dir, extra), f"parallel.tp={tp}"]
-    try:
-        mp.start_processes(_rank_worker, args=(nproc, free_port(), argv, [str(f) for f in logs]), nprocs=nproc,
-                           join=True, start_method="forkserver")
-        error = None
-    except (mp.ProcessExitedException, mp.ProcessRaisedException) as e:
-        error = e
-    out = "".join(f.read_text() for f in logs if f.exists())
-    if fail:
-        assert error is not None, f"sae-train at nproc={nproc} tp={tp} succeeded:\n{out[-3000:]}"
-    elif error is not None:
-        raise AssertionError(f"sae-train at nproc={nproc} tp={tp} failed: {error}\n{out[-3000:]}")
-    return out
+    tests/conftest.py instead of started by torchrun (`helpers.dist.run_train_ranks`)."""
+    return run_train_ranks([*_args(store, run_dir, extra), f"parallel.tp={tp}"], run_dir, nproc, fail=fail)
 
 
 def _log(run_dir):

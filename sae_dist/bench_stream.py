@@ -1,0 +1,132 @@
+"""Streaming benchmark: training straight from the LM against harvesting then training, and a shared sweep
+against separate streamed runs.
+
+`python -m sae_dist.bench_stream [--tokens T] [--d-sae N] [--k K] [--batch B] [--buffer R] [--points P]
+[--threads N] [--model M]` loads the LM of the default config (the embedded SmolLM2-135M-Instruct, fp32 on
+CPU; `--model` a local transformers directory instead) and its default hook point, reads the default text
+(this interpreter's standard library; the documents are read into memory before any timing), and times, each
+into fresh temporary directories, with wandb and checkpoints off:
+
+1. `harvest` of T tokens, then `train` of a TopK SAE (N latents, k, batch B) on that store: `harvest_s`, `train_s`;
+2. the same training from the LM (`train(source=LMStream...)`, shuffle windows of R rows): `stream_s`;
+3. a shared sweep of P points from the LM (`train_grid`; k, 2k, 4k, 8k ...) and the same P points as
+   separate streamed runs: `grid_s`, `separate_s`.
+
+It prints ONE JSON line with those wall times and `stream_over_sum` = stream_s / (harvest_s + train_s) (the
+goal is <= 1.1) and `grid_over_separate` = grid_s / separate_s (the goal is <= 0.5), plus `threads`, `torch`,
+`device` and `date`. docs/benchmarks.md records the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import functools
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def _documents(tokens: int, ctx_len: int, tok) -> list[str]:
+    """The default text's first documents, enough for 2 x `tokens` train rows (read before any timing)."""
+    from sae_dist.config import DataConfig
+    from sae_dist.harvest.text import iter_documents, pack_document
+
+    docs, rows = [], 0
+    for text in iter_documents(DataConfig().dataset):
+        docs.append(text)
+        rows += len(pack_document(text, tok, ctx_len, 0)) * (ctx_len - 1)
+        if rows >= 2 * tokens:
+            return docs
+    return docs
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(sys.stderr):  # stdout holds the one JSON line
+        fn()
+    return time.perf_counter() - t0
+
+
+def _sae_runs(args, k: int, d_in: int):
+    from sae_dist.sae import SAEConfig
+    from sae_dist.train import TrainerConfig
+
+    return (SAEConfig(d_in=d_in, d_sae=args.d_sae, k=k),
+            TrainerConfig(tokens=args.tokens, batch_tokens=args.batch, keep_checkpoints=0, log_every_steps=50))
+
+
+def run_bench(args: argparse.Namespace) -> dict:
+    """Load the LM and the text once, then time the stages of the module docstring."""
+    from sae_dist.config import DataConfig, ModelConfig
+    from sae_dist.harvest.harvester import harvest, lm_d_model
+    from sae_dist.harvest.hooks import default_hook_name
+    from sae_dist.harvest.lm import load_lm, model_display_name
+    from sae_dist.harvest.stream import LMStream
+    from sae_dist.train.trainer import GridPoint, train, train_grid
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    mc, data = ModelConfig(), DataConfig()
+    name, gguf = (mc.name, mc.gguf_file) if args.model is None else (args.model, None)
+    model, tok = load_lm(name, gguf_file=gguf, dtype=mc.dtype, device="cpu")
+    hook, d_in = default_hook_name(model), lm_d_model(model)
+    docs = _documents(args.tokens, data.ctx_len, tok)
+    source = functools.partial(LMStream, model=model, tokenizer=tok, hook_name=hook, docs=lambda: docs,
+                               ctx_len=data.ctx_len, eval_fraction=data.eval_fraction, buffer_tokens=args.buffer)
+    quiet = dict(progress=False, wandb_cfg={"enabled": False})
+    ks = [args.k * 2**i for i in range(args.points)]
+    with tempfile.TemporaryDirectory(prefix="bench_stream_") as d:
+        d = Path(d)
+        sae_cfg, tcfg = _sae_runs(args, args.k, d_in)
+        harvest_s = _timed(lambda: harvest(model=model, tokenizer=tok, hook_name=hook, docs=iter(docs),
+                                           store_path=str(d / "store"), tokens=args.tokens, ctx_len=data.ctx_len,
+                                           progress=False))
+        train_s = _timed(lambda: train(store_path=d / "store", out_dir=d / "store_run", sae_cfg=sae_cfg,
+                                       trainer_cfg=tcfg, **quiet))
+        stream_s = _timed(lambda: train(source=source, out_dir=d / "lm_run", sae_cfg=sae_cfg, trainer_cfg=tcfg,
+                                        **quiet))
+        points = [GridPoint(d / f"grid/{k}", *_sae_runs(args, k, d_in), {"enabled": False}) for k in ks]
+        grid_s = _timed(lambda: train_grid(points=points, source=source, progress=False))
+        separate_s = sum(_timed(lambda p=p: train(source=source, out_dir=d / f"alone/{p.sae_cfg.k}", sae_cfg=p.sae_cfg,
+                                                  trainer_cfg=p.trainer_cfg, **quiet)) for p in points)
+    return {"model": model_display_name(name, gguf), "hook_name": hook, "tokens": args.tokens, "d_sae": args.d_sae,
+            "k": args.k, "batch": args.batch, "buffer_tokens": args.buffer, "grid_k": ks,
+            "harvest_s": round(harvest_s, 3), "train_s": round(train_s, 3), "stream_s": round(stream_s, 3),
+            "stream_over_sum": round(stream_s / (harvest_s + train_s), 4), "grid_s": round(grid_s, 3),
+            "separate_s": round(separate_s, 3), "grid_over_separate": round(grid_s / separate_s, 4),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "device": "cpu",
+            "date": _dt.date.today().isoformat()}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sae_dist.bench_stream", description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, default=65_536, help="training tokens (= harvested rows)")
+    p.add_argument("--d-sae", type=int, default=8192, help="latents of the SAE")
+    p.add_argument("--k", type=int, default=32, help="active latents (the grid uses k, 2k, 4k, ...)")
+    p.add_argument("--batch", type=int, default=4096, help="tokens per step")
+    p.add_argument("--buffer", type=int, default=16_384, help="rows per shuffle window of the stream")
+    p.add_argument("--points", type=int, default=4, help="points of the shared sweep")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--model", default=None, help="a local transformers LM directory (default: the embedded LM)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    bad = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+           if k in ("tokens", "d_sae", "k", "batch", "buffer", "points") and v < 1]
+    if bad or args.batch > args.tokens:
+        raise SystemExit(f"python -m sae_dist.bench_stream: error: {', '.join(bad) or '--batch > --tokens'}: "
+                         "sizes must be >= 1 and --batch <= --tokens")
+    print(json.dumps(run_bench(args)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,271 @@
+"""`LMStream`: training batches computed by the LM on the fly, with no activation store (`sae-train source=lm`).
+
+Order (a pure function of the seed and the position, so a resume is exact without saving the buffer):
+
+* The packed train-sequence stream is the harvester's (`text.packed_sequences`, or a `sae-pretokenize`
+  dataset): sequence i gives text rows [i*(ctx_len-1), (i+1)*(ctx_len-1)), position 0 (BOS) never used. When
+  the text ends it starts again from its first document (the stream is endless).
+* Window w is sequences [w*S, (w+1)*S), S = ceil(buffer_tokens / (ctx_len-1)): the shuffle buffer. Its
+  R = S*(ctx_len-1) rows are permuted with ``np.random.default_rng([seed, w])`` and cut into R // b
+  batches of b = batch_tokens // dp_size rows; the last R % b rows of a window are not used.
+* dp rank r takes windows r, r + dp_size, r + 2 dp_size, ...; its local batch j is batch j % (R // b) of its
+  window number j // (R // b). The global batch j is the union of the ranks' local batches j.
+
+A background thread runs the LM over the next window while the trainer consumes the current one: memory is
+two windows of R x d_in in `dtype` on `device`, plus the LM. `state_dict` holds the position (batches served,
+the window's first sequence, the batch inside the window); `load_state_dict` recomputes that window with the
+LM and continues there, so a resumed run neither repeats nor skips text. The recomputed activations equal
+the first computation's wherever the LM's forward is deterministic (bit for bit on CPU).
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from sae_dist.store.reader import check_mode, normalize, worker_result
+
+__all__ = ["LMStream"]
+
+_STATE_KIND = "lm_stream"
+_STATE_KEYS = ("seed", "batch_tokens", "dp_size", "window_sequences", "ctx_len")
+
+
+class LMStream:
+    """Endless iterator of float32 activation batches ``[batch_tokens // dp_size, d_in]`` on ``device``,
+    computed by `model` at `hook_name` over packed text (order: module docstring).
+
+    Args:
+        model, tokenizer: the causal LM (eval mode; its own device) and its tokenizer.
+        hook_name: one hook point (`sae_dist.harvest.hooks.resolve_hook`).
+        batch_tokens: global batch B (tokens over all dp ranks), divisible by dp_size.
+        docs: a callable returning a fresh iterable of document texts (called again when the text ends);
+            or `sequences`: random-access packed sequences (`PretokenizedSequences`), read by index.
+        ctx_len, eval_fraction: as the harvest's (`data.ctx_len`, `data.eval_fraction`).
+        buffer_tokens: rows per shuffle window (rounded up to whole sequences); >= batch_tokens // dp_size.
+        lm_batch_size: sequences per LM forward. dtype: "float16" | "bfloat16" | "float32", the buffer's
+            dtype (as a harvested store's).
+        dp_rank, dp_size, seed, device, normalize: as `ActivationStore`'s ("scalar" is refused: it needs a
+            dataset-wide mean norm, which only a store has).
+        attrs: extra attributes (e.g. model, dataset) reported in `attrs`.
+        max_batches: the local batches the run will take (the trainer passes its steps): no window after the
+            one holding the last is computed; None: endless.
+    Attributes: d_in, attrs, n_tokens (None: endless), scale (None), window_sequences, window_rows,
+        batches_per_window, local_batch_tokens.
+    Raises ValueError for bad arguments (naming them); during iteration HarvestError for non-finite
+    activations (naming the sequences) and ValueError when the text holds no train sequence.
+    """
+
+    def __init__(self, *, model, tokenizer, hook_name: str, batch_tokens: int,
+                 docs: Callable[[], Iterable[str]] | None = None, sequences: Sequence | None = None,
+                 ctx_len: int = 64, eval_fraction: float = 0.05, buffer_tokens: int = 262_144,
+                 lm_batch_size: int = 32, dtype: str = "float16", dp_rank: int = 0, dp_size: int = 1,
+                 seed: int = 0, device="cpu", normalize: str = "layer_norm", attrs: Mapping[str, Any] | None = None,
+                 max_batches: int | None = None):
+        from sae_dist.harvest.harvester import STORE_DTYPES, lm_d_model
+        from sae_dist.harvest.hooks import resolve_hook
+
+        if (docs is None) == (sequences is None):
+            raise ValueError("LMStream needs exactly one of docs (a callable giving the texts) or sequences")
+        if dtype not in STORE_DTYPES:
+            raise ValueError(f"dtype={dtype!r}; valid: {list(STORE_DTYPES)}")
+        if batch_tokens < 1 or dp_size < 1 or not 0 <= dp_rank < dp_size or batch_tokens % dp_size:
+            raise ValueError(f"batch_tokens={batch_tokens} must be >= 1 and divisible by dp_size={dp_size}, "
+                             f"and 0 <= dp_rank={dp_rank} < dp_size")
+        self.normalize = check_mode(normalize)
+        if self.normalize == "scalar":
+            raise ValueError("sae.normalize=scalar needs the mean activation norm of a whole store; with "
+                             "source=lm use sae.normalize=layer_norm (the default) or none")
+        self.model, self.tokenizer, self.spec = model, tokenizer, resolve_hook(model, hook_name)
+        self._docs, self._sequences = docs, sequences
+        self.ctx_len, self.eval_fraction = int(ctx_len), float(eval_fraction)
+        self.lm_batch_size, self.dtype = int(lm_batch_size), STORE_DTYPES[dtype]
+        self.batch_tokens, self.seed = int(batch_tokens), int(seed)
+        self.dp_rank, self.dp_size = int(dp_rank), int(dp_size)
+        self.device = torch.device(device)
+        self.local_batch_tokens = self.batch_tokens // self.dp_size
+        body = self.ctx_len - 1
+        if buffer_tokens < self.local_batch_tokens:
+            raise ValueError(f"stream.buffer_tokens={buffer_tokens} is below the batch of {self.local_batch_tokens} "
+                             f"rows per rank: raise stream.buffer_tokens (a few batches or more mixes text better)")
+        self.window_sequences = math.ceil(buffer_tokens / body)
+        self.window_rows = self.window_sequences * body
+        self.batches_per_window = self.window_rows // self.local_batch_tokens
+        self.d_in = lm_d_model(model)
+        self.attrs = {"d_in": self.d_in, "hook_name": self.spec.name, "ctx_len": self.ctx_len,
+                      "eval_fraction": self.eval_fraction, **dict(attrs or {})}
+        self.n_tokens, self.scale = None, None
+        self.max_batches = None if max_batches is None else int(max_batches)
+        self.batches = 0  # local batches served
+        self._window: torch.Tensor | None = None
+        self._in_window = 0
+        self._thread = self._queue = self._stop = self._slots = None
+
+    # ------------------------------------------------------------------ order
+
+    def window_of(self, batches: int) -> int:
+        """The global window index holding this rank's local batch number `batches`."""
+        return self.dp_rank + self.dp_size * (batches // self.batches_per_window)
+
+    def _text_from(self, start: int) -> Iterator[list[int]]:
+        """Packed train sequences from global sequence index `start` on, the text restarted at its end."""
+        from sae_dist.harvest.text import packed_sequences
+
+        i = 0
+        while True:
+            got = 0
+            for seq in packed_sequences(self._docs(), self.tokenizer, self.ctx_len,
+                                        eval_fraction=self.eval_fraction, split="train"):
+                got += 1
+                if i >= start:
+                    yield seq
+                i += 1
+            if got == 0:
+                raise ValueError(f"the text holds no train sequence of ctx_len={self.ctx_len} tokens: use longer "
+                                 "documents, a smaller data.ctx_len or a smaller data.eval_fraction")
+
+    def _windows(self, first: int) -> Iterator[tuple[int, list[list[int]]]]:
+        """(w, the S sequences of window w) for this rank's windows from window `first` on."""
+        S, w = self.window_sequences, first
+        if self._sequences is not None:
+            n = len(self._sequences)
+            while True:
+                yield w, [self._sequences[i % n] for i in range(w * S, (w + 1) * S)]
+                w += self.dp_size
+        text = self._text_from(first * S)
+        while True:
+            yield w, [next(text) for _ in range(S)]
+            for _ in range((self.dp_size - 1) * S):  # the other ranks' windows
+                next(text)
+            w += self.dp_size
+
+    @torch.inference_mode()
+    def window_rows_of(self, w: int, seqs: list[list[int]],
+                       stop: threading.Event | None = None) -> torch.Tensor | None:
+        """Window w's rows [R, d_in] in the buffer dtype on `device`, permuted (`default_rng([seed, w])`);
+        None when `stop` is set between two LM forwards. HarvestError naming the sequences when an activation
+        is NaN/Inf."""
+        from sae_dist.harvest.harvester import HarvestError, lm_input_device
+        from sae_dist.harvest.hooks import run_to_hooks
+
+        parts = []
+        for i in range(0, len(seqs), self.lm_batch_size):
+            if stop is not None and stop.is_set():
+                return None
+            ids = torch.tensor(seqs[i : i + self.lm_batch_size], dtype=torch.long, device=lm_input_device(self.model))
+            a = run_to_hooks(self.model, [self.spec], ids)[0][:, 1:, :]
+            if not bool(torch.isfinite(a).all()):
+                first = w * self.window_sequences + i
+                raise HarvestError(f"non-finite activations at hook {self.spec.name!r} in sequences "
+                                   f"[{first}, {first + len(ids)}) of the stream; try model.dtype=float32")
+            parts.append(a.to(self.device, self.dtype).reshape(-1, self.d_in))
+        rows = torch.cat(parts)
+        perm = torch.from_numpy(np.random.default_rng([self.seed, w]).permutation(len(rows))).to(self.device)
+        return rows.index_select(0, perm)
+
+    # ------------------------------------------------------------------ producer thread
+
+    def _produce(self, first: int) -> None:
+        """The producer thread: this rank's windows from `first` on, up to the one holding batch `max_batches`
+        - 1, each computed once a buffer slot is free (two windows in memory)."""
+        last = None if self.max_batches is None else self.window_of(max(self.max_batches - 1, 0))
+        try:
+            for w, seqs in self._windows(first):
+                if last is not None and w > last:
+                    return
+                while not self._slots.acquire(timeout=0.1):
+                    if self._stop.is_set():
+                        return
+                rows = self.window_rows_of(w, seqs, self._stop)
+                if rows is None:
+                    return
+                self._queue.put(("ok", rows))
+        except BaseException as e:  # re-raised by the consumer
+            self._queue.put(("error", e))
+
+    def _start(self) -> None:
+        self._queue, self._stop, self._slots = queue.Queue(), threading.Event(), threading.Semaphore(2)
+        self._thread = threading.Thread(target=self._produce, args=(self.window_of(self.batches),),
+                                        name=f"LMStream-r{self.dp_rank}", daemon=True)
+        self._thread.start()
+
+    def _next_window(self) -> None:
+        if self._thread is None:
+            self._start()
+        if self._window is not None:
+            self._window = None
+            self._slots.release()  # the producer may compute the window after the queued one
+        self._window = worker_result(self._queue, self._thread, self.close, f"LMStream: no window after batch "
+                                     f"{self.batches} (max_batches={self.max_batches}): more batches than announced")
+        self._in_window = self.batches % self.batches_per_window
+
+    # ------------------------------------------------------------------ iteration
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        """The next float32 batch [batch_tokens // dp_size, d_in] on `device`, normalised."""
+        if self._window is None or self._in_window == self.batches_per_window:
+            self._next_window()
+        b, j = self.local_batch_tokens, self._in_window
+        x = self._window[j * b : (j + 1) * b].float()
+        self._in_window += 1
+        self.batches += 1
+        return normalize(x, self.normalize)[0]
+
+    def sample_rows(self, n: int) -> torch.Tensor:
+        """The first min(n, R) rows of the current window, float32 and normalised (the b_dec sample of a new
+        run); the iteration is not advanced."""
+        if self._window is None:
+            self._next_window()
+        return normalize(self._window[: min(int(n), self.window_rows)].float(), self.normalize)[0]
+
+    def fingerprint(self) -> dict:
+        """What identifies the stream's data for a run's identity (JSON-ready)."""
+        return {"source": "lm", **{k: self.attrs.get(k) for k in ("model", "hook_name", "dataset", "ctx_len",
+                                                                  "eval_fraction", "d_in")},
+                "pretokenized": getattr(self._sequences, "path", None), "window_sequences": self.window_sequences}
+
+    # ------------------------------------------------------------------ resume
+
+    def state_dict(self) -> dict:
+        """The position of the next batch: batches served, the window's first sequence and the batch inside it."""
+        w = self.window_of(self.batches)
+        return {"kind": _STATE_KIND, "version": 1, "batches": self.batches, "window": w,
+                "first_sequence": w * self.window_sequences, "batch_in_window": self.batches % self.batches_per_window,
+                "tokens_seen": self.batches * self.batch_tokens, "seed": self.seed, "batch_tokens": self.batch_tokens,
+                "dp_size": self.dp_size, "window_sequences": self.window_sequences, "ctx_len": self.ctx_len}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from a `state_dict()`: the LM recomputes the saved window. ValueError when the state is a
+        store reader's, or seed, batch_tokens, dp_size, window_sequences or ctx_len differ (naming the value)."""
+        if state.get("kind") != _STATE_KIND:
+            raise ValueError("cannot resume: the checkpoint was trained from an activation store, not source=lm; "
+                             "use the same source or a new run_dir")
+        for key in _STATE_KEYS:
+            if state[key] != getattr(self, key):
+                hint = " (stream.buffer_tokens)" if key == "window_sequences" else ""
+                raise ValueError(f"cannot resume: saved {key}={state[key]!r} but this stream has {key}="
+                                 f"{getattr(self, key)!r}{hint}; use the same value (the data order depends on it)")
+        self.close()
+        self.batches = int(state["batches"])
+
+    def close(self) -> None:
+        """Stop the producer thread (idempotent); iterating again restarts it at the current position."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(timeout=60)
+        self._thread = self._queue = self._stop = self._slots = None
+        self._window = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass

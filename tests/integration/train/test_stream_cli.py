@@ -1,0 +1,58 @@
+"""`sae-train source=lm` and `sae-train grid=[...]` from the command line: a shared sweep streamed from the
+LM writes one complete run directory per point; grid keys that would change the shared data are refused by
+name; on 2 ranks (torchrun's environment, gloo) a streamed run stopped mid-way and resumed ends with the weights of an
+uninterrupted one."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers.dist import run_train_ranks
+from safetensors.torch import load_file
+
+
+def _args(tiny_lm_dir, run_dir, *extra):
+    return [f"run_dir={run_dir}", f"model.name={tiny_lm_dir}", "device=cpu", "seed=0", "data.ctx_len=16",
+            "source=lm", "stream.buffer_tokens=480", "harvest.batch_size=16", "sae.d_sae=128", "sae.k=4",
+            "trainer.tokens=2400", "trainer.batch_tokens=240", "trainer.log_every_steps=2",
+            "trainer.checkpoint_every_steps=4", "sae.dead_tokens=480", *extra]
+
+
+def test_a_streamed_shared_sweep_from_the_command_line(tiny_lm_dir, tmp_path, console_script):
+    run = tmp_path / "grid"
+    proc = console_script("sae-train", *_args(tiny_lm_dir, run, 'grid=["sae.k=2,4","trainer.lr=1e-3"]'), threads=1)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert [Path(p["out_dir"]).name for p in summary["points"]] == ["0_n128_k2", "1_n128_k4"]
+    for name, k in (("0_n128_k2", 2), ("1_n128_k4", 4)):
+        out = run / name
+        cfg = json.loads((out / "sae" / "cfg.json").read_text())
+        assert cfg["k"] == k and cfg["hook_name"] == "blocks.1.hook_resid_post" and cfg["d_in"] == 32
+        state = json.loads((out / "sae" / "training_state.json").read_text())
+        assert state["tokens_trained"] == 2400 and state["trainer_cfg"]["lr"] == 1e-3
+        assert [json.loads(r)["step"] for r in (out / "train_log.jsonl").read_text().splitlines()] == [2, 4, 6, 8, 10]
+        assert list((out / "wandb").glob("offline-run-*"))  # its own wandb run
+        ident = json.loads((out / "checkpoints" / "run_identity.json").read_text())
+        assert ident["store"]["source"] == "lm" and ident["store"]["window_sequences"] == 32
+
+
+def test_grid_keys_that_change_the_data_are_refused(tiny_lm_dir, tmp_path, console_script):
+    proc = console_script("sae-train", *_args(tiny_lm_dir, tmp_path / "g", 'grid=["data.ctx_len=16,32"]'))
+    assert proc.returncode == 2
+    assert "grid entry 'data.ctx_len=16,32'" in proc.stderr and "-m" in proc.stderr
+
+
+@pytest.mark.usefixtures("worker_forkserver")
+def test_two_rank_streamed_run_resumes_exactly(tiny_lm_dir, tmp_path):
+    """2 ranks (torchrun's environment, gloo), each streaming its own windows of the text."""
+    run_train_ranks(_args(tiny_lm_dir, tmp_path / "full"), tmp_path / "full", nproc=2)
+    run_train_ranks(_args(tiny_lm_dir, tmp_path / "part", "trainer.max_steps=6"), tmp_path / "part", nproc=2)
+    out = run_train_ranks(_args(tiny_lm_dir, tmp_path / "part"), tmp_path / "part", nproc=2)  # from step 4
+    assert "resuming from" in out and "step 4" in out
+    state = json.loads((tmp_path / "part" / "sae" / "training_state.json").read_text())
+    assert state["parallel"] == {"tp": 1, "dp": 2} and state["tokens_trained"] == 2400
+    full = load_file(str(tmp_path / "full" / "sae" / "sae_weights.safetensors"))
+    part = load_file(str(tmp_path / "part" / "sae" / "sae_weights.safetensors"))
+    for k in full:
+        assert torch.equal(full[k], part[k]), k
