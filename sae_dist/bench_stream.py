@@ -8,7 +8,8 @@ CPU; `--model` a local transformers directory instead) and its default hook poin
 into fresh temporary directories, with wandb and checkpoints off:
 
 1. `harvest` of T tokens, then `train` of a TopK SAE (N latents, k, batch B) on that store: `harvest_s`, `train_s`;
-2. the same training from the LM (`train(source=LMStream...)`, shuffle windows of R rows): `stream_s`;
+2. the same training from the LM (`train(source=LMStream...)`, shuffle windows of R rows): `stream_s`; and
+   the raw-space fvu of both SAEs on 64 held-out contexts (`heldout_fvu_store`, `heldout_fvu_stream`);
 3. a shared sweep of P points from the LM (`train_grid`; k, 2k, 4k, 8k ...) and the same P points as
    separate streamed runs: `grid_s`, `separate_s`.
 
@@ -23,6 +24,7 @@ import argparse
 import contextlib
 import datetime as _dt
 import functools
+import itertools
 import json
 import sys
 import tempfile
@@ -32,16 +34,21 @@ from pathlib import Path
 import torch
 
 
-def _documents(tokens: int, ctx_len: int, tok) -> list[str]:
-    """The default text's first documents, enough for 2 x `tokens` train rows (read before any timing)."""
+def _documents(tokens: int, ctx_len: int, eval_fraction: float, tok, eval_seqs: int = 64) -> list[str]:
+    """The default text's first documents, enough for 2 x `tokens` train rows and `eval_seqs` held-out
+    contexts (read before any timing)."""
     from sae_dist.config import DataConfig
-    from sae_dist.harvest.text import iter_documents, pack_document
+    from sae_dist.harvest.text import is_eval_document, iter_documents, pack_document
 
-    docs, rows = [], 0
+    docs, rows, held_out = [], 0, 0
     for text in iter_documents(DataConfig().dataset):
         docs.append(text)
-        rows += len(pack_document(text, tok, ctx_len, 0)) * (ctx_len - 1)
-        if rows >= 2 * tokens:
+        n = len(pack_document(text, tok, ctx_len, 0))
+        if is_eval_document(text, eval_fraction):
+            held_out += n
+        else:
+            rows += n * (ctx_len - 1)
+        if rows >= 2 * tokens and held_out >= eval_seqs:
             return docs
     return docs
 
@@ -61,6 +68,26 @@ def _sae_runs(args, k: int, d_in: int):
             TrainerConfig(tokens=args.tokens, batch_tokens=args.batch, keep_checkpoints=0, log_every_steps=50))
 
 
+@torch.no_grad()
+def heldout_fvu(model, tok, hook: str, docs: list[str], ctx_len: int, eval_fraction: float, sae_dirs: list,
+                n_seqs: int = 64) -> list[float]:
+    """Raw-space fvu of each exported SAE in `sae_dirs` on the hook's activations of the first `n_seqs`
+    held-out (eval split) contexts of `docs`: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2."""
+    import sae_dist
+    from sae_dist.harvest.harvester import lm_d_model
+    from sae_dist.harvest.hooks import run_to_hook
+    from sae_dist.harvest.text import packed_sequences
+
+    seqs = list(itertools.islice(packed_sequences(docs, tok, ctx_len, eval_fraction=eval_fraction, split="eval"),
+                                 n_seqs))
+    x = run_to_hook(model, hook, torch.tensor(seqs))[:, 1:].reshape(-1, lm_d_model(model)).double()
+    out = []
+    for d in sae_dirs:
+        xh = sae_dist.load_sae(d)(x.float()).double()
+        out.append(round(float(((x - xh) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()), 5))
+    return out
+
+
 def run_bench(args: argparse.Namespace) -> dict:
     """Load the LM and the text once, then time the stages of the module docstring."""
     from sae_dist.config import DataConfig, ModelConfig
@@ -76,7 +103,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     name, gguf = (mc.name, mc.gguf_file) if args.model is None else (args.model, None)
     model, tok = load_lm(name, gguf_file=gguf, dtype=mc.dtype, device="cpu")
     hook, d_in = default_hook_name(model), lm_d_model(model)
-    docs = _documents(args.tokens, data.ctx_len, tok)
+    docs = _documents(args.tokens, data.ctx_len, data.eval_fraction, tok)
     source = functools.partial(LMStream, model=model, tokenizer=tok, hook_name=hook, docs=lambda: docs,
                                ctx_len=data.ctx_len, eval_fraction=data.eval_fraction, buffer_tokens=args.buffer)
     quiet = dict(progress=False, wandb_cfg={"enabled": False})
@@ -93,12 +120,15 @@ def run_bench(args: argparse.Namespace) -> dict:
                                         **quiet))
         points = [GridPoint(d / f"grid/{k}", *_sae_runs(args, k, d_in), {"enabled": False}) for k in ks]
         grid_s = _timed(lambda: train_grid(points=points, source=source, progress=False))
+        fvu = heldout_fvu(model, tok, hook, docs, data.ctx_len, data.eval_fraction,
+                          [d / "store_run" / "sae", d / "lm_run" / "sae"])
         separate_s = sum(_timed(lambda p=p: train(source=source, out_dir=d / f"alone/{p.sae_cfg.k}", sae_cfg=p.sae_cfg,
                                                   trainer_cfg=p.trainer_cfg, **quiet)) for p in points)
     return {"model": model_display_name(name, gguf), "hook_name": hook, "tokens": args.tokens, "d_sae": args.d_sae,
             "k": args.k, "batch": args.batch, "buffer_tokens": args.buffer, "grid_k": ks,
             "harvest_s": round(harvest_s, 3), "train_s": round(train_s, 3), "stream_s": round(stream_s, 3),
-            "stream_over_sum": round(stream_s / (harvest_s + train_s), 4), "grid_s": round(grid_s, 3),
+            "stream_over_sum": round(stream_s / (harvest_s + train_s), 4), "heldout_fvu_store": fvu[0],
+            "heldout_fvu_stream": fvu[1], "grid_s": round(grid_s, 3),
             "separate_s": round(separate_s, 3), "grid_over_separate": round(grid_s / separate_s, 4),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "device": "cpu",
             "date": _dt.date.today().isoformat()}

@@ -11,6 +11,9 @@ Order (a pure function of the seed and the position, so a resume is exact withou
 * dp rank r takes windows r, r + dp_size, r + 2 dp_size, ...; its local batch j is batch j % (R // b) of its
   window number j // (R // b). The global batch j is the union of the ranks' local batches j.
 
+The ranks of a tensor-parallel group need the same batches: one of them (`share_src`) runs the LM and
+broadcasts each batch over the group (`share_group`), the others run no LM.
+
 A background thread runs the LM over the next window while the trainer consumes the current one: memory is
 two windows of R x d_in in `dtype` on `device`, plus the LM. `state_dict` holds the position (batches served,
 the window's first sequence, the batch inside the window); `load_state_dict` recomputes that window with the
@@ -55,6 +58,9 @@ class LMStream:
         attrs: extra attributes (e.g. model, dataset) reported in `attrs`.
         max_batches: the local batches the run will take (the trainer passes its steps): no window after the
             one holding the last is computed; None: endless.
+        share_group, share_src: a torch.distributed group whose ranks need the same batches (a tensor-parallel
+            group) and the global rank in it that runs the LM: it broadcasts each batch to the others, which
+            load no window (every rank of the group calls `next` once per step). None: this rank alone.
     Attributes: d_in, attrs, n_tokens (None: endless), scale (None), window_sequences, window_rows,
         batches_per_window, local_batch_tokens.
     Raises ValueError for bad arguments (naming them); during iteration HarvestError for non-finite
@@ -66,7 +72,7 @@ class LMStream:
                  ctx_len: int = 64, eval_fraction: float = 0.05, buffer_tokens: int = 262_144,
                  lm_batch_size: int = 32, dtype: str = "float16", dp_rank: int = 0, dp_size: int = 1,
                  seed: int = 0, device="cpu", normalize: str = "layer_norm", attrs: Mapping[str, Any] | None = None,
-                 max_batches: int | None = None):
+                 max_batches: int | None = None, share_group=None, share_src: int = 0):
         from sae_dist.harvest.harvester import STORE_DTYPES, lm_d_model
         from sae_dist.harvest.hooks import resolve_hook
 
@@ -101,6 +107,7 @@ class LMStream:
                       "eval_fraction": self.eval_fraction, **dict(attrs or {})}
         self.n_tokens, self.scale = None, None
         self.max_batches = None if max_batches is None else int(max_batches)
+        self.share_group, self.share_src = share_group, int(share_src)
         self.batches = 0  # local batches served
         self._window: torch.Tensor | None = None
         self._in_window = 0
@@ -209,22 +216,39 @@ class LMStream:
     def __iter__(self):
         return self
 
+    @property
+    def computes(self) -> bool:
+        """Whether this process runs the LM (False on the receiving ranks of a `share_group`)."""
+        return self.share_group is None or torch.distributed.get_rank() == self.share_src
+
+    def _rows(self, lo: int, hi: int) -> torch.Tensor:
+        """Rows [lo, hi) of the current window, float32 and normalised; with a `share_group` computed by
+        `share_src` and broadcast to the group in the buffer dtype."""
+        if self.computes:
+            x = self._window[lo:hi]
+        else:
+            x = torch.empty(hi - lo, self.d_in, dtype=self.dtype, device=self.device)
+        if self.share_group is not None:
+            x = x.contiguous()
+            torch.distributed.broadcast(x, src=self.share_src, group=self.share_group)
+        return normalize(x.float(), self.normalize)[0]
+
     def __next__(self) -> torch.Tensor:
         """The next float32 batch [batch_tokens // dp_size, d_in] on `device`, normalised."""
-        if self._window is None or self._in_window == self.batches_per_window:
+        if self.computes and (self._window is None or self._in_window == self.batches_per_window):
             self._next_window()
-        b, j = self.local_batch_tokens, self._in_window
-        x = self._window[j * b : (j + 1) * b].float()
-        self._in_window += 1
+        b, j = self.local_batch_tokens, self.batches % self.batches_per_window
+        x = self._rows(j * b, (j + 1) * b)
+        self._in_window = j + 1
         self.batches += 1
-        return normalize(x, self.normalize)[0]
+        return x
 
     def sample_rows(self, n: int) -> torch.Tensor:
         """The first min(n, R) rows of the current window, float32 and normalised (the b_dec sample of a new
         run); the iteration is not advanced."""
-        if self._window is None:
+        if self.computes and self._window is None:
             self._next_window()
-        return normalize(self._window[: min(int(n), self.window_rows)].float(), self.normalize)[0]
+        return self._rows(0, min(int(n), self.window_rows))
 
     def fingerprint(self) -> dict:
         """What identifies the stream's data for a run's identity (JSON-ready)."""

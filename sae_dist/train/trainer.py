@@ -65,14 +65,16 @@ def _set_rng_state(st: dict) -> None:
 
 
 def _open_store(data, batch_tokens, seed, tcfg: TrainerConfig, device, normalize,
-                dp_rank: int = 0, dp_size: int = 1):
+                dp_rank: int = 0, dp_size: int = 1, ctx: ParallelContext | None = None):
     """The batch source of `data`: an ActivationStore over the store path, or `data(...)` for a source
-    factory (e.g. a `functools.partial` of `sae_dist.harvest.stream.LMStream`) with the same keywords and
-    `max_batches`, the run's steps (it computes nothing past them)."""
+    factory (e.g. a `functools.partial` of `sae_dist.harvest.stream.LMStream`) with the same keywords,
+    `max_batches` (the run's steps: it computes nothing past them) and, under tp > 1 in `ctx`, the tp group
+    as `share_group` with its tp rank 0 as `share_src` (which computes the batches the group shares)."""
     kw = dict(batch_tokens=batch_tokens, dp_rank=dp_rank, dp_size=dp_size, seed=seed, device=device,
               normalize=normalize)
     if callable(data):
-        return data(**kw, max_batches=max(1, tcfg.tokens // tcfg.batch_tokens))
+        share = {} if ctx is None or ctx.tp == 1 else {"share_group": ctx.tp_group, "share_src": ctx.dp_rank * ctx.tp}
+        return data(**kw, max_batches=max(1, tcfg.tokens // tcfg.batch_tokens), **share)
     from sae_dist.store import ActivationStore
 
     return ActivationStore(data, shuffle=True, shuffle_shards=tcfg.shuffle_shards, prefetch=tcfg.prefetch, **kw)
@@ -476,7 +478,7 @@ def _deterministic_mode(enabled: bool, device: torch.device):
 def _open_training_store(data, sae_cfg: SAEConfig, tcfg: TrainerConfig, seed: int, ctx: ParallelContext):
     """This rank's batch source (`_open_store`); ValueError (source closed) when its width is not sae_cfg.d_in."""
     store = _open_store(data, tcfg.batch_tokens, seed, tcfg, ctx.device, sae_cfg.normalize,
-                        dp_rank=ctx.dp_rank, dp_size=ctx.dp)
+                        dp_rank=ctx.dp_rank, dp_size=ctx.dp, ctx=ctx)
     if int(store.d_in) != int(sae_cfg.d_in):
         _close(store)
         raise ValueError(

@@ -28,6 +28,7 @@ def test_bench_stream_prints_one_record(tiny_lm_dir):
     assert rec["model"] == tiny_lm_dir and rec["tokens"] == 1260 and rec["grid_k"] == [2, 4]
     assert all(rec[k] > 0 for k in ("harvest_s", "train_s", "stream_s", "grid_s", "separate_s"))
     assert math.isclose(rec["stream_over_sum"], rec["stream_s"] / (rec["harvest_s"] + rec["train_s"]), rel_tol=1e-2)
+    assert 0 < rec["heldout_fvu_store"] < 2 and 0 < rec["heldout_fvu_stream"] < 2
     assert math.isclose(rec["grid_over_separate"], rec["grid_s"] / rec["separate_s"], rel_tol=1e-2)
     bad = _run("--tokens", "100", "--batch", "200")
     assert bad.returncode != 0 and "--batch <= --tokens" in bad.stderr and "Traceback" not in bad.stderr

@@ -3,12 +3,13 @@ LM writes one complete run directory per point; grid keys that would change the 
 name; on 2 ranks (torchrun's environment, gloo) a streamed run stopped mid-way and resumed ends with the weights of an
 uninterrupted one."""
 
+import itertools
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from helpers.dist import run_train_ranks
+from helpers.dist import free_port, run_train_ranks
 from safetensors.torch import load_file
 
 
@@ -56,3 +57,52 @@ def test_two_rank_streamed_run_resumes_exactly(tiny_lm_dir, tmp_path):
     part = load_file(str(tmp_path / "part" / "sae" / "sae_weights.safetensors"))
     for k in full:
         assert torch.equal(full[k], part[k]), k
+
+
+def _shared_stream_worker(rank, port, lm_dir, out):
+    """Rank 0 runs the LM; rank 1's stream must not (its window computation raises) and still gets rank 0's
+    batches by broadcast."""
+    import torch.distributed as dist
+
+    from sae_dist.harvest.lm import load_lm
+    from sae_dist.harvest.stream import LMStream
+    from sae_dist.harvest.text import iter_documents
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    model, tok = load_lm(lm_dir, dtype="float32")
+    docs = list(itertools.islice(iter_documents("stdlib"), 4))
+    s = LMStream(model=model, tokenizer=tok, hook_name="blocks.1.hook_resid_post", batch_tokens=90,
+                 docs=lambda: docs, ctx_len=16, buffer_tokens=180, dtype="float32",
+                 share_group=dist.new_group([0, 1]), share_src=0)
+    if rank == 1:
+        s.window_rows_of = None  # calling it would raise TypeError
+    xs = [s.sample_rows(60)] + [next(s) for _ in range(5)]
+    torch.save([s.computes, xs], f"{out}/rank{rank}.pt")
+    s.close()
+    dist.destroy_process_group()
+
+
+@pytest.mark.usefixtures("worker_forkserver")
+def test_a_tensor_parallel_group_shares_one_lm_stream(tiny_lm_dir, tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_shared_stream_worker, args=(free_port(), tiny_lm_dir, str(tmp_path)), nprocs=2,
+                       join=True, start_method="forkserver")
+    (c0, x0), (c1, x1) = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert c0 and not c1
+    assert len(x0) == len(x1) == 6 and x0[0].shape == (60, 32) and x0[1].shape == (90, 32)
+    for a, b in zip(x0, x1, strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(x0[1], x0[2])  # distinct batches
+
+
+@pytest.mark.usefixtures("worker_forkserver")
+def test_tp2_streamed_run_equals_the_single_process_run(tiny_lm_dir, tmp_path, console_script):
+    """parallel.tp=2 on 2 ranks: tp rank 0 streams, the latent-sharded SAE ends at the one-process weights."""
+    one = console_script("sae-train", *_args(tiny_lm_dir, tmp_path / "one"), threads=1)
+    assert one.returncode == 0, one.stderr[-3000:]
+    run_train_ranks([*_args(tiny_lm_dir, tmp_path / "tp"), "parallel.tp=2"], tmp_path / "tp", nproc=2)
+    a = load_file(str(tmp_path / "one" / "sae" / "sae_weights.safetensors"))
+    b = load_file(str(tmp_path / "tp" / "sae" / "sae_weights.safetensors"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
