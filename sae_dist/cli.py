@@ -434,27 +434,55 @@ def _grid_point_configs(cfg: DictConfig) -> list[DictConfig]:
     return [compose(config_name="config", overrides=[*base, *combo]) for combo in itertools.product(*axes)]
 
 
-def run_train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
-    """Train an SAE on `cfg.store.path` (or, with source=lm, on the LM's activations computed on the fly);
-    checkpoints under out_dir/checkpoints, export to out_dir/sae. With `grid`, a shared sweep (`train_grid`):
-    one point per combination, each in out_dir/<i>_n<d_sae>_k<k>; returns {"points": [their results]}."""
+def _train_points(cfg: DictConfig, out_dir: Path, d_in: int) -> list:
+    """The GridPoints of sae-train: one in out_dir, or with `grid` one per combination in
+    out_dir/<i>_n<d_sae>_k<k>; ValueError naming sae.d_in when it is not the data's `d_in`."""
     from sae_dist.config import check_config, config_error, trainer_config
-    from sae_dist.train.trainer import GridPoint, train_grid
+    from sae_dist.train.trainer import GridPoint
 
-    data, attrs = _train_data(cfg)
-    where = "the LM's hook point" if cfg.source == "lm" else f"the store at store.path={cfg.store.path}"
     point_cfgs = _grid_point_configs(cfg) if cfg.grid is not None else [cfg]
     points = []
     for i, pc in enumerate(point_cfgs):
-        if pc.sae.d_in is not None and int(pc.sae.d_in) != int(attrs["d_in"]):
-            raise ValueError(f"sae.d_in={pc.sae.d_in} but {where} has d_in {attrs['d_in']}: sae-train takes "
-                             "d_in from its data (leave sae.d_in unset)")
-        check_config(pc, d_in=int(attrs["d_in"]))
+        if pc.sae.d_in is not None and int(pc.sae.d_in) != d_in:
+            where = "the LM's hook point" if cfg.source == "lm" else f"the store at store.path={cfg.store.path}"
+            raise ValueError(f"sae.d_in={pc.sae.d_in} but {where} has d_in {d_in}: sae-train takes d_in from its "
+                             "data (leave sae.d_in unset)")
+        check_config(pc, d_in=d_in)
         with config_error("sae"):
-            sae_cfg = sae_config_from(pc.sae, d_in=int(attrs["d_in"]))
+            sae_cfg = sae_config_from(pc.sae, d_in=d_in)
         name = None if cfg.grid is None else f"{i}_n{sae_cfg.d_sae}_k{sae_cfg.k}"
         out = out_dir if name is None else out_dir / name
         points.append(GridPoint(out, sae_cfg, trainer_config(pc), _wandb_cfg(pc, name and f"{out_dir.name}/{name}")))
+    return points
+
+
+def _placed_on_ranks(cfg: DictConfig) -> bool:
+    """A grid whose points are spread over the torchrun ranks (parallel.grid_placement=ranks, world size > 1);
+    ValueError when parallel.tp > 1 asks to shard them too."""
+    placed = cfg.grid is not None and cfg.parallel.grid_placement == "ranks" and _dist_env()[1] > 1
+    if placed and int(cfg.parallel.tp) != 1:
+        raise ValueError(f"parallel.grid_placement=ranks trains each point on one rank, but parallel.tp="
+                         f"{cfg.parallel.tp}: use parallel.tp=1, or grid_placement=mesh to shard every point")
+    return placed
+
+
+def run_train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+    """Train an SAE on `cfg.store.path` (or, with source=lm, on the LM's activations computed on the fly);
+    checkpoints under out_dir/checkpoints, export to out_dir/sae. With `grid`, a shared sweep (`train_grid`):
+    one point per combination, each in out_dir/<i>_n<d_sae>_k<k>, all on the mesh, or with
+    parallel.grid_placement=ranks those of index r, r + world size, ... on rank r alone; returns {"points":
+    [the results of this process's points]}."""
+    from sae_dist.train.trainer import train_grid
+
+    data, attrs = _train_data(cfg)
+    points = _train_points(cfg, out_dir, int(attrs["d_in"]))
+    placed = _placed_on_ranks(cfg)
+    if placed:
+        rank, world = _dist_env()
+        points = points[rank::world]
+        if not points:
+            print(f"sae-train: rank {rank} has no grid point ({world} ranks for fewer points)", file=sys.stderr)
+            return {"points": [], "preempted": False}
     results = train_grid(
         points=points,
         store_path=None if callable(data) else data,
@@ -464,6 +492,7 @@ def run_train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         hook_name=attrs.get("hook_name"),
         model_name=attrs.get("model"),
         tp=int(cfg.parallel.tp),
+        alone=placed,
     )
     if cfg.grid is None:
         return results[0]
@@ -595,7 +624,7 @@ def train_main(cfg: DictConfig) -> None:
         # record: under torchrun the failing rank's traceback goes to its error file, which torchrun's
         # failure report prints next to the rank's number
         summary = record(run_train)(cfg, out)
-        if _dist_env()[0] == 0:
+        if _dist_env()[0] == 0 or _placed_on_ranks(cfg):  # placed on ranks: each rank reports its points
             trained = [r for r in summary.get("points", [summary]) if r.get("sae_dir")]
             if cfg.eval.after_train and trained:
                 if dist.is_available() and dist.is_initialized():

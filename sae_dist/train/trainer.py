@@ -431,7 +431,7 @@ def _check_grid(points: list[GridPoint]) -> list[Path]:
 
 def train_grid(*, points: list[GridPoint], store_path: str | os.PathLike | None = None, source=None,
                device: str | torch.device = "cpu", seed: int = 0, hook_name: str | None = None,
-               model_name: str | None = None, progress: bool = True, tp: int = 1) -> list[dict]:
+               model_name: str | None = None, progress: bool = True, tp: int = 1, alone: bool = False) -> list[dict]:
     """Train several SAEs on ONE stream of batches (a shared sweep): each batch is read from the store, or
     computed by the LM, once and stepped by every point. Each point has its own run directory, checkpoints,
     log, wandb run, RNG stream and export, and ends exactly as `train` with the same arguments would (the
@@ -440,13 +440,16 @@ def train_grid(*, points: list[GridPoint], store_path: str | os.PathLike | None 
     restarts the stream at the earliest checkpoint; points ahead of it wait for their step.
 
     Args: points (at least one); store_path / source, device, seed, hook_name, model_name, progress, tp as
-      `train`'s (every point runs on the same dp x tp mesh).
+      `train`'s (every point runs on the same dp x tp mesh); alone: this process trains its points by itself,
+      with no process group, even under a launcher (a grid spread over ranks, one set of points each).
     Returns one `train` result per point, in order. Raises ValueError (`_check_grid`) and what `train` raises.
     """
     if (store_path is None) == (source is None):
         raise ValueError("give exactly one of store_path (an activation store) or source (e.g. an LM stream)")
     outs = _check_grid(points)
-    ctx = init_parallel(tp, torch.device(device))
+    if alone and tp != 1:
+        raise ValueError(f"parallel.tp={tp}: points trained alone on a rank are not sharded; use tp=1")
+    ctx = ParallelContext(device=torch.device(device)) if alone else init_parallel(tp, torch.device(device))
     with contextlib.ExitStack() as locks:
         for out in outs:
             lock = _lock_run_dir(out, ctx)

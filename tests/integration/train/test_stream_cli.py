@@ -106,3 +106,22 @@ def test_tp2_streamed_run_equals_the_single_process_run(tiny_lm_dir, tmp_path, c
     b = load_file(str(tmp_path / "tp" / "sae" / "sae_weights.safetensors"))
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.usefixtures("worker_forkserver")
+def test_grid_points_placed_on_ranks_equal_the_one_process_grid(tiny_lm_dir, tmp_path, console_script):
+    """parallel.grid_placement=ranks: rank r trains point r alone (its own LM stream); each point ends with the
+    weights of the same point in a one-process grid."""
+    grid = 'grid=["sae.k=2,4"]'
+    one = console_script("sae-train", *_args(tiny_lm_dir, tmp_path / "one", grid), threads=1)
+    assert one.returncode == 0, one.stderr[-3000:]
+    run_train_ranks([*_args(tiny_lm_dir, tmp_path / "ranks", grid), "parallel.grid_placement=ranks"],
+                    tmp_path / "ranks", nproc=2)
+    for point in ("0_n128_k2", "1_n128_k4"):
+        a = load_file(str(tmp_path / "one" / point / "sae" / "sae_weights.safetensors"))
+        b = load_file(str(tmp_path / "ranks" / point / "sae" / "sae_weights.safetensors"))
+        for k in a:
+            assert torch.equal(a[k], b[k]), (point, k)
+    for rank, (mine, other) in enumerate((("0_n128_k2", "1_n128_k4"), ("1_n128_k4", "0_n128_k2"))):
+        log = (tmp_path / f"ranks.rank{rank}.log").read_text()  # each rank's summary lists its own point
+        assert f'"out_dir": "{tmp_path / "ranks" / mine}"' in log and str(tmp_path / "ranks" / other) not in log
