@@ -456,33 +456,23 @@ def _train_points(cfg: DictConfig, out_dir: Path, d_in: int) -> list:
     return points
 
 
-def _placed_on_ranks(cfg: DictConfig) -> bool:
-    """A grid whose points are spread over the torchrun ranks (parallel.grid_placement=ranks, world size > 1);
-    ValueError when parallel.tp > 1 asks to shard them too."""
-    placed = cfg.grid is not None and cfg.parallel.grid_placement == "ranks" and _dist_env()[1] > 1
-    if placed and int(cfg.parallel.tp) != 1:
-        raise ValueError(f"parallel.grid_placement=ranks trains each point on one rank, but parallel.tp="
-                         f"{cfg.parallel.tp}: use parallel.tp=1, or grid_placement=mesh to shard every point")
-    return placed
+def _reports(cfg: DictConfig) -> bool:
+    """Whether this process prints sae-train's summary and evaluates: global rank 0, or with
+    parallel.grid_groups > 1 the first rank of each group (for its group's points)."""
+    rank, world = _dist_env()
+    groups = int(cfg.parallel.grid_groups) if cfg.grid is not None else 1
+    return rank % max(world // groups, 1) == 0
 
 
 def run_train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """Train an SAE on `cfg.store.path` (or, with source=lm, on the LM's activations computed on the fly);
     checkpoints under out_dir/checkpoints, export to out_dir/sae. With `grid`, a shared sweep (`train_grid`):
-    one point per combination, each in out_dir/<i>_n<d_sae>_k<k>, all on the mesh, or with
-    parallel.grid_placement=ranks those of index r, r + world size, ... on rank r alone; returns {"points":
-    [the results of this process's points]}."""
+    one point per combination, each in out_dir/<i>_n<d_sae>_k<k>, all on the whole mesh or, with
+    parallel.grid_groups=G, point i on rank group i % G; returns {"points": [this process's points' results]}."""
     from sae_dist.train.trainer import train_grid
 
     data, attrs = _train_data(cfg)
     points = _train_points(cfg, out_dir, int(attrs["d_in"]))
-    placed = _placed_on_ranks(cfg)
-    if placed:
-        rank, world = _dist_env()
-        points = points[rank::world]
-        if not points:
-            print(f"sae-train: rank {rank} has no grid point ({world} ranks for fewer points)", file=sys.stderr)
-            return {"points": [], "preempted": False}
     results = train_grid(
         points=points,
         store_path=None if callable(data) else data,
@@ -492,7 +482,7 @@ def run_train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         hook_name=attrs.get("hook_name"),
         model_name=attrs.get("model"),
         tp=int(cfg.parallel.tp),
-        alone=placed,
+        groups=int(cfg.parallel.grid_groups) if cfg.grid is not None else 1,
     )
     if cfg.grid is None:
         return results[0]
@@ -624,7 +614,7 @@ def train_main(cfg: DictConfig) -> None:
         # record: under torchrun the failing rank's traceback goes to its error file, which torchrun's
         # failure report prints next to the rank's number
         summary = record(run_train)(cfg, out)
-        if _dist_env()[0] == 0 or _placed_on_ranks(cfg):  # placed on ranks: each rank reports its points
+        if _reports(cfg):
             trained = [r for r in summary.get("points", [summary]) if r.get("sae_dir")]
             if cfg.eval.after_train and trained:
                 if dist.is_available() and dist.is_initialized():

@@ -225,13 +225,13 @@ class ParallelConfig:
     """Mesh dp x tp (`parallel` group): the same command runs under torchrun / slurm."""
 
     tp: int = option(1, "ranks the latents are sharded over (exact global TopK); dp = world size / tp")
-    grid_placement: str = option("mesh", "sae-train grid=[...] under torchrun: mesh (every point on every rank, "
-                                         "sharded like a standalone run) | ranks (rank r trains points r, r + "
-                                         "world size, ... alone, each rank with its own data stream)")
+    grid_groups: int = option(1, "sae-train grid=[...] under torchrun: split the ranks into this many groups, "
+                                 "group g training points g, g + groups, ... on its own dp x tp mesh and batch "
+                                 "stream; 1: every point on all ranks")
 
     def __post_init__(self) -> None:
-        if self.grid_placement not in ("mesh", "ranks"):
-            raise ValueError(f"parallel.grid_placement={self.grid_placement!r}; valid: mesh | ranks")
+        if self.tp < 1 or self.grid_groups < 1:
+            raise ValueError(f"parallel.tp={self.tp} and parallel.grid_groups={self.grid_groups} must be >= 1")
 
 
 _BROWSE_DOCS = {

@@ -48,13 +48,13 @@ class Preemption:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
 
-    def agreed(self, device: torch.device | None = None) -> bool:
+    def agreed(self, device: torch.device | None = None, group=None) -> bool:
         """Whether any process of the job was asked to stop: under an initialised torch.distributed, a
-        MAX all-reduce over the default group (a collective: every rank must call it at the same point,
-        so all stop after the same step); else this process's flag."""
+        MAX all-reduce over `group` (None: the default group; a collective: every rank of it must call it at
+        the same point, so all stop after the same step); else this process's flag."""
         dist = torch.distributed
         if not (dist.is_available() and dist.is_initialized()):
             return self.requested
         flag = torch.tensor([int(self.requested)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
         return bool(flag.item())

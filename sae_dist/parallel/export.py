@@ -140,8 +140,8 @@ def _write_strided(fd: int, t: torch.Tensor, base: int, row_stride: int, chunk_e
 def _agree(ctx: ParallelContext, step: str, err: BaseException | None, cleanup=None) -> None:
     """Every rank learns whether any rank failed `step`; all raise together (no rank left waiting).
 
-    One all-reduce (sum) of an int32 [world] flag vector over the default group; a no-op exchange in
-    a single-process context. The failing rank re-raises its own error; the others raise RuntimeError
+    One all-reduce (sum) of an int32 [world] flag vector over the context's ranks (`ctx.world_group`); a
+    no-op exchange in a single-process context. The failing rank re-raises its own error; the others raise RuntimeError
     naming the failed ranks. `cleanup` (rank 0 only) runs before raising.
     """
     failed: list[int]
@@ -151,7 +151,7 @@ def _agree(ctx: ParallelContext, step: str, err: BaseException | None, cleanup=N
         flags = torch.zeros(ctx.world_size, dtype=torch.int32, device=ctx.device)
         if err is not None:
             flags[ctx.rank] = 1
-        dist.all_reduce(flags)
+        dist.all_reduce(flags, group=ctx.world_group)
         failed = [int(r) for r in flags.nonzero().flatten().tolist()]
     if not failed:
         return

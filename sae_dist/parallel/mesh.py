@@ -49,6 +49,11 @@ class ParallelContext:
     world_size = dp * tp; rank = dp_rank * tp + tp_rank. `mesh` is the DeviceMesh (None in a
     single-process run); `dp_group` / `tp_group` its process groups (None when that dim is 1 or there
     is no mesh, so collectives over it are no-ops).
+
+    A job split into `grid_groups` groups of consecutive ranks (`init_parallel(groups=G)`, a shared sweep's
+    points placed on the groups) gives each process the context of its group: world_size, rank and the
+    mesh are the group's, `grid_index` says which group, `group_root` is the global rank of the group's
+    rank 0 and `world_group` its process group (None: the whole job, the default group).
     """
 
     world_size: int = 1
@@ -60,6 +65,10 @@ class ParallelContext:
     tp_rank: int = 0
     device: torch.device = torch.device("cpu")
     mesh: object | None = None
+    grid_index: int = 0
+    grid_groups: int = 1
+    group_root: int = 0
+    world_group: object | None = None
 
     @property
     def distributed(self) -> bool:
@@ -88,8 +97,9 @@ class ParallelContext:
         return shard_range(d_sae, self.tp, self.tp_rank)
 
     def barrier(self) -> None:
+        """Wait for every rank of this context (its group's, or the job's)."""
         if self.mesh is not None:
-            dist.barrier()
+            dist.barrier(group=self.world_group)
 
 
 def launcher_env() -> tuple[int, int, int]:
@@ -115,13 +125,15 @@ def _timeout_s(device: torch.device) -> float:
     return val
 
 
-def init_parallel(tp: int = 1, device: str | torch.device = "cpu") -> ParallelContext:
+def init_parallel(tp: int = 1, device: str | torch.device = "cpu", groups: int = 1) -> ParallelContext:
     """Build the dp x tp context of this process (module docstring: environment, timeouts).
 
-    tp: tensor-parallel degree (latent shards); dp = world_size / tp. device: "cpu" or "cuda[:i]"
-    (under a launcher, CUDA uses cuda:LOCAL_RANK). Initialises the default process group if needed
-    (NCCL for CUDA, gloo for CPU) and a DeviceMesh ("dp", "tp").
-    Raises ValueError when world_size is not divisible by tp, or tp > 1 in a plain single process.
+    tp: tensor-parallel degree (latent shards); dp = world_size / (groups * tp). device: "cpu" or "cuda[:i]"
+    (under a launcher, CUDA uses cuda:LOCAL_RANK). groups: split the job into this many groups of
+    consecutive ranks, each its own dp x tp mesh (`ParallelContext`); a group of one rank gets a
+    single-process context. Initialises the default process group if needed (NCCL for CUDA, gloo for CPU)
+    and a DeviceMesh ("dp", "tp"), or ("grid", "dp", "tp") sliced to this rank's group.
+    Raises ValueError when world_size is not divisible by groups * tp, or tp > 1 in a plain single process.
     """
     if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
         raise ValueError(f"parallel.tp={tp!r} must be an int >= 1")
@@ -134,14 +146,18 @@ def init_parallel(tp: int = 1, device: str | torch.device = "cpu") -> ParallelCo
                 f"process: launch with `torchrun --nproc-per-node {tp} ...` (launch/torchrun.sh {tp} ...)"
             )
         return ParallelContext(device=device)
-    if world % tp:
+    if world % (groups * tp):
         raise ValueError(
-            f"parallel.tp={tp} does not divide the world size {world} (dp = world / tp): use a tp in "
-            f"{[t for t in range(1, world + 1) if world % t == 0]}"
+            f"parallel.tp={tp} x {groups} group(s) does not divide the world size {world}: use a tp in "
+            f"{[t for t in range(1, world + 1) if world % (t * groups) == 0]}"
         )
     if device.type == "cuda":
         device = torch.device("cuda", local_rank if device.index is None else device.index)
         torch.cuda.set_device(device)
+    size = world // groups
+    where = dict(grid_index=rank // size, grid_groups=groups, group_root=rank - rank % size)
+    if size == 1:  # one rank per group: nothing to communicate
+        return ParallelContext(device=device, **where)
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(
@@ -150,12 +166,16 @@ def init_parallel(tp: int = 1, device: str | torch.device = "cpu") -> ParallelCo
         )
     from torch.distributed.device_mesh import init_device_mesh
 
-    dp = world // tp
-    mesh = init_device_mesh(device.type, (dp, tp), mesh_dim_names=("dp", "tp"))
-    return ParallelContext(
-        world_size=world, rank=rank, local_rank=local_rank, dp=dp, tp=tp,
-        dp_rank=rank // tp, tp_rank=rank % tp, device=device, mesh=mesh,
-    )
+    dp = size // tp
+    if groups == 1:
+        mesh, world_group = init_device_mesh(device.type, (dp, tp), mesh_dim_names=("dp", "tp")), None
+    else:
+        mesh = init_device_mesh(device.type, (groups, dp, tp), mesh_dim_names=("grid", "dp", "tp"))["dp", "tp"]
+        blocks = [dist.new_group(list(range(g * size, (g + 1) * size))) for g in range(groups)]  # every rank
+        world_group = blocks[rank // size]
+    r = rank % size
+    return ParallelContext(world_size=size, rank=r, local_rank=local_rank, dp=dp, tp=tp, dp_rank=r // tp,
+                           tp_rank=r % tp, device=device, mesh=mesh, world_group=world_group, **where)
 
 
 def destroy_parallel(ctx: ParallelContext) -> None:

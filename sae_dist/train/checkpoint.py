@@ -92,7 +92,7 @@ def save_checkpoint(
     full["trainer"] = {"blob": pickle.dumps(trainer_state)}
     qctx = _quiet()
     try:
-        dcp.save(full, checkpoint_id=str(tmp))
+        dcp.save(full, checkpoint_id=str(tmp), process_group=None if ctx is None else ctx.world_group)
     finally:
         qctx.__exit__(None, None, None)
     _barrier(ctx)
@@ -107,15 +107,16 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: str | Path, *, state: dict) -> dict:
+def load_checkpoint(path: str | Path, *, state: dict, ctx=None) -> dict:
     """Load a checkpoint directory in place into the tensors of `state` (as built for saving, at
     this run's mesh: DCP reads each rank's shard of the global tensors) and return the trainer_state
-    dict. RuntimeError from DCP if the checkpoint does not match (e.g. a different d_sae)."""
+    dict. ctx: the ParallelContext (None: single process; its ranks, `ctx.world_group`, load together).
+    RuntimeError from DCP if the checkpoint does not match (e.g. a different d_sae)."""
     full = dict(state)
     full["trainer"] = {"blob": b""}
     qctx = _quiet()
     try:
-        dcp.load(full, checkpoint_id=str(path))
+        dcp.load(full, checkpoint_id=str(path), process_group=None if ctx is None else ctx.world_group)
     finally:
         qctx.__exit__(None, None, None)
     return pickle.loads(full["trainer"]["blob"])

@@ -73,7 +73,8 @@ def _open_store(data, batch_tokens, seed, tcfg: TrainerConfig, device, normalize
     kw = dict(batch_tokens=batch_tokens, dp_rank=dp_rank, dp_size=dp_size, seed=seed, device=device,
               normalize=normalize)
     if callable(data):
-        share = {} if ctx is None or ctx.tp == 1 else {"share_group": ctx.tp_group, "share_src": ctx.dp_rank * ctx.tp}
+        share = {} if ctx is None or ctx.tp == 1 else {"share_group": ctx.tp_group,
+                                                       "share_src": ctx.group_root + ctx.dp_rank * ctx.tp}
         return data(**kw, max_batches=max(1, tcfg.tokens // tcfg.batch_tokens), **share)
     from sae_dist.store import ActivationStore
 
@@ -192,7 +193,7 @@ def _lock_run_dir(out: Path, ctx: ParallelContext) -> DirectoryLock | None:
             err = str(e)
     if ctx.distributed:
         box = [err]
-        torch.distributed.broadcast_object_list(box, src=0)
+        torch.distributed.broadcast_object_list(box, src=ctx.group_root, group=ctx.world_group)
         err = box[0]
     if err:
         raise DirectoryBusyError(err)
@@ -309,7 +310,7 @@ def _init_b_dec(run: "_Run", data, seed: int) -> None:
         raise FloatingPointError("non-finite activations in the b_dec sample (first batches)")
     init_b_dec_(run.sae, sample, sae_cfg.b_dec_init)
     if ctx.distributed:  # guard against any float difference between ranks
-        torch.distributed.broadcast(run.sae.b_dec.data, src=0)
+        torch.distributed.broadcast(run.sae.b_dec.data, src=ctx.group_root, group=ctx.world_group)
 
 
 def _export_final(final, ctx: ParallelContext, sae_dir: Path, sae_cfg: SAEConfig, store, attrs: dict, hook_name,
@@ -431,7 +432,7 @@ def _check_grid(points: list[GridPoint]) -> list[Path]:
 
 def train_grid(*, points: list[GridPoint], store_path: str | os.PathLike | None = None, source=None,
                device: str | torch.device = "cpu", seed: int = 0, hook_name: str | None = None,
-               model_name: str | None = None, progress: bool = True, tp: int = 1, alone: bool = False) -> list[dict]:
+               model_name: str | None = None, progress: bool = True, tp: int = 1, groups: int = 1) -> list[dict]:
     """Train several SAEs on ONE stream of batches (a shared sweep): each batch is read from the store, or
     computed by the LM, once and stepped by every point. Each point has its own run directory, checkpoints,
     log, wandb run, RNG stream and export, and ends exactly as `train` with the same arguments would (the
@@ -440,16 +441,22 @@ def train_grid(*, points: list[GridPoint], store_path: str | os.PathLike | None 
     restarts the stream at the earliest checkpoint; points ahead of it wait for their step.
 
     Args: points (at least one); store_path / source, device, seed, hook_name, model_name, progress, tp as
-      `train`'s (every point runs on the same dp x tp mesh); alone: this process trains its points by itself,
-      with no process group, even under a launcher (a grid spread over ranks, one set of points each).
-    Returns one `train` result per point, in order. Raises ValueError (`_check_grid`) and what `train` raises.
+      `train`'s; groups: under a launcher, split the job into this many groups of consecutive ranks
+      (`init_parallel`), group g training points g, g + groups, ... on its own dp x tp mesh with its own
+      batch stream (1: every point on the whole mesh, one stream).
+    Returns one `train` result per point of this process's group, in order. Raises ValueError
+    (`_check_grid`; also for the DeepSpeed engine with groups > 1) and what `train` raises.
     """
     if (store_path is None) == (source is None):
         raise ValueError("give exactly one of store_path (an activation store) or source (e.g. an LM stream)")
     outs = _check_grid(points)
-    if alone and tp != 1:
-        raise ValueError(f"parallel.tp={tp}: points trained alone on a rank are not sharded; use tp=1")
-    ctx = ParallelContext(device=torch.device(device)) if alone else init_parallel(tp, torch.device(device))
+    if groups > 1 and any(p.trainer_cfg.engine != "torch" for p in points):
+        raise ValueError(f"parallel.grid_groups={groups} runs each group on its own mesh, which "
+                         "trainer.engine=deepspeed does not support: use trainer.engine=torch")
+    ctx = init_parallel(tp, torch.device(device), groups=groups)
+    points, outs = points[ctx.grid_index :: ctx.grid_groups], outs[ctx.grid_index :: ctx.grid_groups]
+    if not points:
+        return []
     with contextlib.ExitStack() as locks:
         for out in outs:
             lock = _lock_run_dir(out, ctx)
@@ -658,7 +665,7 @@ def _resume_or_init(run: _Run, ck, data, seed: int, progress: bool) -> None:
             run.ema.load_state_dict(run.sae.state_dict())
         return
     opt_state = run.engine.optimizer_state()  # live tensors (torch) or gathered copies (DeepSpeed)
-    ts = load_checkpoint(ck[1], state=run.state(opt_state))
+    ts = load_checkpoint(ck[1], state=run.state(opt_state), ctx=run.ctx)
     run.engine.load_optimizer_state(opt_state)
     run.step, run.tokens_seen = int(ts["step"]), int(ts["tokens_seen"])
     if run.step > run.n_steps:
@@ -732,7 +739,7 @@ def _train_loop(runs: list[_Run], store_path, progress: bool) -> bool:
                     run.rng = _rng_state()
                     _after_step(run, res, lr)
                 step += 1
-                preempted = preempt.agreed(ctx.device) and any(r.step < r.n_steps for r in runs)
+                preempted = preempt.agreed(ctx.device, ctx.world_group) and any(r.step < r.n_steps for r in runs)
                 for run in now:
                     due = run.step % run.tcfg.checkpoint_every_steps == 0 or run.step == run.n_steps
                     if run.tcfg.keep_checkpoints != 0 and (due or (preempted and run.step < run.n_steps)):

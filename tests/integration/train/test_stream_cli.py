@@ -20,13 +20,27 @@ def _args(tiny_lm_dir, run_dir, *extra):
             "trainer.checkpoint_every_steps=4", "sae.dead_tokens=480", *extra]
 
 
-def test_a_streamed_shared_sweep_from_the_command_line(tiny_lm_dir, tmp_path, console_script):
-    run = tmp_path / "grid"
-    proc = console_script("sae-train", *_args(tiny_lm_dir, run, 'grid=["sae.k=2,4","trainer.lr=1e-3"]'), threads=1)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    summary = json.loads(proc.stdout[proc.stdout.index("{"):])
-    assert [Path(p["out_dir"]).name for p in summary["points"]] == ["0_n128_k2", "1_n128_k4"]
-    for name, k in (("0_n128_k2", 2), ("1_n128_k4", 4)):
+@pytest.fixture(scope="module")
+def one_process_grid(tiny_lm_dir, tmp_path_factory, worker_forkserver):
+    """A 2-point grid from the LM in one process (the reference of the placed grids)."""
+    run = tmp_path_factory.mktemp("grid1") / "one"
+    run_train_ranks(_args(tiny_lm_dir, run, GRID, "wandb.mode=offline"), run, nproc=1)
+    return run
+
+
+GRID, POINTS = 'grid=["sae.k=2,4","trainer.lr=1e-3"]', ("0_n128_k2", "1_n128_k4")
+
+
+def _point_weights(run, point):
+    return load_file(str(run / point / "sae" / "sae_weights.safetensors"))
+
+
+def test_a_streamed_shared_sweep_from_the_command_line(one_process_grid):
+    run = one_process_grid
+    log = Path(f"{run}.rank0.log").read_text()
+    summary = json.JSONDecoder().raw_decode(log[log.index("\n{\n") + 1 :])[0]  # the printed summary
+    assert [Path(p["out_dir"]).name for p in summary["points"]] == list(POINTS)
+    for name, k in zip(POINTS, (2, 4), strict=True):
         out = run / name
         cfg = json.loads((out / "sae" / "cfg.json").read_text())
         assert cfg["k"] == k and cfg["hook_name"] == "blocks.1.hook_resid_post" and cfg["d_in"] == 32
@@ -97,31 +111,32 @@ def test_a_tensor_parallel_group_shares_one_lm_stream(tiny_lm_dir, tmp_path):
 
 
 @pytest.mark.usefixtures("worker_forkserver")
-def test_tp2_streamed_run_equals_the_single_process_run(tiny_lm_dir, tmp_path, console_script):
-    """parallel.tp=2 on 2 ranks: tp rank 0 streams, the latent-sharded SAE ends at the one-process weights."""
-    one = console_script("sae-train", *_args(tiny_lm_dir, tmp_path / "one"), threads=1)
-    assert one.returncode == 0, one.stderr[-3000:]
-    run_train_ranks([*_args(tiny_lm_dir, tmp_path / "tp"), "parallel.tp=2"], tmp_path / "tp", nproc=2)
-    a = load_file(str(tmp_path / "one" / "sae" / "sae_weights.safetensors"))
-    b = load_file(str(tmp_path / "tp" / "sae" / "sae_weights.safetensors"))
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+def test_grid_points_placed_one_per_rank_equal_the_one_process_grid(tiny_lm_dir, tmp_path, one_process_grid):
+    """parallel.grid_groups=2 on 2 ranks: rank r trains point r alone (its own LM stream, no process group);
+    each point ends with the weights of the same point in the one-process grid."""
+    run_train_ranks([*_args(tiny_lm_dir, tmp_path / "ranks", GRID), "parallel.grid_groups=2"],
+                    tmp_path / "ranks", nproc=2)
+    for point in POINTS:
+        a, b = _point_weights(one_process_grid, point), _point_weights(tmp_path / "ranks", point)
+        for k in a:
+            assert torch.equal(a[k], b[k]), (point, k)
+    for rank, (mine, other) in enumerate((POINTS, POINTS[::-1])):
+        log = (tmp_path / f"ranks.rank{rank}.log").read_text()  # each rank's summary lists its own point
+        assert f'"out_dir": "{tmp_path / "ranks" / mine}"' in log and str(tmp_path / "ranks" / other) not in log
 
 
 @pytest.mark.usefixtures("worker_forkserver")
-def test_grid_points_placed_on_ranks_equal_the_one_process_grid(tiny_lm_dir, tmp_path, console_script):
-    """parallel.grid_placement=ranks: rank r trains point r alone (its own LM stream); each point ends with the
-    weights of the same point in a one-process grid."""
-    grid = 'grid=["sae.k=2,4"]'
-    one = console_script("sae-train", *_args(tiny_lm_dir, tmp_path / "one", grid), threads=1)
-    assert one.returncode == 0, one.stderr[-3000:]
-    run_train_ranks([*_args(tiny_lm_dir, tmp_path / "ranks", grid), "parallel.grid_placement=ranks"],
-                    tmp_path / "ranks", nproc=2)
-    for point in ("0_n128_k2", "1_n128_k4"):
-        a = load_file(str(tmp_path / "one" / point / "sae" / "sae_weights.safetensors"))
-        b = load_file(str(tmp_path / "ranks" / point / "sae" / "sae_weights.safetensors"))
+def test_grid_points_sharded_on_rank_groups_resume_and_match(tiny_lm_dir, tmp_path, one_process_grid):
+    """parallel.grid_groups=2 with parallel.tp=2 on 4 ranks: ranks {0, 1} shard point 0, ranks {2, 3} point 1,
+    each group with its own stream, checkpoints and export; stopped at step 6 and resumed (from step 4), each
+    point ends at the one-process grid's weights (to float tolerance: the sharded reductions differ)."""
+    args = [*_args(tiny_lm_dir, tmp_path / "g", GRID), "parallel.grid_groups=2", "parallel.tp=2"]
+    run_train_ranks([*args, "trainer.max_steps=6"], tmp_path / "g", nproc=4)
+    out = run_train_ranks(args, tmp_path / "g", nproc=4)
+    assert out.count("resuming from") == 2
+    for point in POINTS:
+        state = json.loads((tmp_path / "g" / point / "sae" / "training_state.json").read_text())
+        assert state["parallel"] == {"tp": 2, "dp": 1} and state["tokens_trained"] == 2400
+        a, b = _point_weights(one_process_grid, point), _point_weights(tmp_path / "g", point)
         for k in a:
-            assert torch.equal(a[k], b[k]), (point, k)
-    for rank, (mine, other) in enumerate((("0_n128_k2", "1_n128_k4"), ("1_n128_k4", "0_n128_k2"))):
-        log = (tmp_path / f"ranks.rank{rank}.log").read_text()  # each rank's summary lists its own point
-        assert f'"out_dir": "{tmp_path / "ranks" / mine}"' in log and str(tmp_path / "ranks" / other) not in log
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=f"{point} {k}")
