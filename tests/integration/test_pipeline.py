@@ -118,8 +118,11 @@ def test_eval_fvu_matches_an_independent_recomputation(pipeline_run: Path, tiny_
     assert abs(fvu_n - ev["fvu_normalized_inputs"]) < 1e-4, (fvu_n, ev["fvu_normalized_inputs"])
 
 
-def test_help_lists_config_groups():
-    out = _run("sae-train", "--help").stdout
+def test_help_lists_config_groups(console_script):
+    # the sae-train command line, run in this process (conftest.py): the help text, not the process, is tested
+    proc = console_script("sae-train", "--help")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
     for group in ["model", "data", "harvest", "sae", "trainer", "eval", "parallel"]:
         assert f"{group}:" in out or f"{group}/" in out or group in out.split(), group
 
