@@ -90,9 +90,13 @@ def _serve(server: socket.socket, name: str) -> None:
 def prestarted_console_script(name: str, bin_dir: Path):
     """Yields the path of `bin_dir/name` (see the module docstring); needs the `worker_forkserver` fixture.
     Runs are served one at a time, as a shell script runs its commands."""
+    import shutil
+    import tempfile
+
     bin_dir = Path(bin_dir)
     bin_dir.mkdir(parents=True, exist_ok=True)
-    sock = str(bin_dir / f".{name}.sock")
+    sock_dir = tempfile.mkdtemp(prefix="prestarted-")  # short: a unix socket path has at most 107 bytes
+    sock = os.path.join(sock_dir, "s")
     server = socket.socket(socket.AF_UNIX)
     server.bind(sock)
     server.listen(4)
@@ -111,8 +115,7 @@ def prestarted_console_script(name: str, bin_dir: Path):
             server.shutdown(socket.SHUT_RDWR)  # wakes the accept() of the server thread
         server.close()
         thread.join(5)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(sock)
+        shutil.rmtree(sock_dir, ignore_errors=True)
 
 
 def _run_module(module: str, argv: list[str], cwd: str, env: dict, out: str, err: str) -> None:
