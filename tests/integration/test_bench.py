@@ -104,25 +104,23 @@ def test_bench_bad_arguments():
         main(["--d", "0", "--n", "8", "--k", "1", "--batch", "2"])
 
 
-def test_bench_sparsify_micro_batches(capsys, monkeypatch):
+@pytest.mark.usefixtures("worker_forkserver")  # tests/conftest.py, for run_module_forked
+def test_bench_sparsify_micro_batches(tmp_path):
     # sparsify's trainer splits a batch into micro-batches to fit memory (micro_acc_steps); bench does the
     # same with --sparsify-micro-batches and records the count (`auto`, which doubles it on CUDA
-    # out-of-memory, runs in tests/unit/test_gpu_check.py's dry run). The command line runs in this
-    # process (bench.main): the process boundary is test_bench_cli_one_json_line's; main sets the torch
-    # thread count and SPARSIFY_DISABLE_TRITON, both restored after the test.
-    import torch
+    # out-of-memory, runs in tests/unit/test_gpu_check.py's dry run). `python -m sae_dist.bench` runs in a
+    # process forked from the test forkserver (run_module_forked): sparsify is imported there, never in the
+    # pytest process, whose later tests it could otherwise affect.
+    from helpers.prestarted import run_module_forked
 
-    from sae_dist.bench import main
-
-    monkeypatch.setenv("SPARSIFY_DISABLE_TRITON", os.environ.get("SPARSIFY_DISABLE_TRITON", "1"))
     args = ["--d", "16", "--n", "256", "--k", "4", "--batch", "64", "--iters", "1", "--warmup", "0",
             "--device", "cpu", "--threads", "1", "--vs", "sparsify"]
-    n_threads = torch.get_num_threads()
-    try:
-        assert main(args + ["--sparsify-micro-batches", "2"]) == 0
-    finally:
-        torch.set_num_threads(n_threads)
-    rec = json.loads(capsys.readouterr().out)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT)] + ([os.environ["PYTHONPATH"]]
+                                                                       if os.environ.get("PYTHONPATH") else []))}
+    p = run_module_forked("sae_dist.bench", args + ["--sparsify-micro-batches", "2"], cwd=ROOT, env=env,
+                          tmp_dir=tmp_path, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rec = json.loads(p.stdout)
     assert rec["sparsify_micro_batches"] == 2 and rec["sparsify_step_ms"] > 0
     from sae_dist.bench import build_parser
 
