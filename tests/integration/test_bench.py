@@ -66,9 +66,17 @@ def test_bench_cli_one_json_line(tmp_path):
                             rel_tol=1e-12)
 
 
-def test_bench_cli_plain_path_and_multi_topk():
-    p = _run(["--d", "32", "--n", "512", "--k", "4", "--batch", "64", "--iters", "2", "--warmup", "0",
-              "--device", "cpu", "--threads", "1", "--kernels", "off", "--multi-topk"])
+@pytest.mark.usefixtures("worker_forkserver")  # tests/conftest.py, for run_module_forked
+def test_bench_cli_plain_path_and_multi_topk(tmp_path):
+    # `python -m sae_dist.bench` in a process forked from the test forkserver (torch imported there, no
+    # tensor allocated: the step's memory high-water mark is measured as in a fresh process)
+    from helpers.prestarted import run_module_forked
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT)] + ([os.environ["PYTHONPATH"]]
+                                                                       if os.environ.get("PYTHONPATH") else []))}
+    p = run_module_forked("sae_dist.bench", ["--d", "32", "--n", "512", "--k", "4", "--batch", "64", "--iters", "2",
+                                             "--warmup", "0", "--device", "cpu", "--threads", "1", "--kernels", "off",
+                                             "--multi-topk"], cwd=ROOT, env=env, tmp_dir=tmp_path, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     rec = json.loads(p.stdout)
     _check_record(rec, 32, 512, 4, 64)
@@ -96,13 +104,21 @@ def test_bench_bad_arguments():
         main(["--d", "0", "--n", "8", "--k", "1", "--batch", "2"])
 
 
-def test_bench_sparsify_micro_batches():
+@pytest.mark.usefixtures("worker_forkserver")  # tests/conftest.py, for run_module_forked
+def test_bench_sparsify_micro_batches(tmp_path):
     # sparsify's trainer splits a batch into micro-batches to fit memory (micro_acc_steps); bench does the
     # same with --sparsify-micro-batches and records the count (`auto`, which doubles it on CUDA
-    # out-of-memory, runs in tests/unit/test_gpu_check.py's dry run)
+    # out-of-memory, runs in tests/unit/test_gpu_check.py's dry run). `python -m sae_dist.bench` runs in a
+    # process forked from the test forkserver (run_module_forked): sparsify is imported there, never in the
+    # pytest process, whose later tests it could otherwise affect.
+    from helpers.prestarted import run_module_forked
+
     args = ["--d", "16", "--n", "256", "--k", "4", "--batch", "64", "--iters", "1", "--warmup", "0",
             "--device", "cpu", "--threads", "1", "--vs", "sparsify"]
-    p = _run(args + ["--sparsify-micro-batches", "2"])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT)] + ([os.environ["PYTHONPATH"]]
+                                                                       if os.environ.get("PYTHONPATH") else []))}
+    p = run_module_forked("sae_dist.bench", args + ["--sparsify-micro-batches", "2"], cwd=ROOT, env=env,
+                          tmp_dir=tmp_path, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     rec = json.loads(p.stdout)
     assert rec["sparsify_micro_batches"] == 2 and rec["sparsify_step_ms"] > 0

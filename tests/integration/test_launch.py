@@ -575,9 +575,13 @@ def test_sweep_sh_command_line(shims, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("worker_forkserver")  # tests/conftest.py, for prestarted_console_script
 def test_sweep_local_launcher_end_to_end(tmp_path):
-    """The sweep path for real with submitit's local executor: 2 x 1 points of a tiny sae-train."""
+    """The sweep path for real with submitit's local executor: 2 x 1 points of a tiny sae-train. The
+    script's SAE_TRAIN is sae-train as tests/helpers/prestarted.py serves it (the `sae-train -m` command in
+    a process forked from the test forkserver); submitit starts each point as a process of its own."""
     import numpy as np
+    from helpers.prestarted import prestarted_console_script
 
     from sae_dist.store import write_store
 
@@ -585,11 +589,12 @@ def test_sweep_local_launcher_end_to_end(tmp_path):
     store = tmp_path / "acts.zarr"
     write_store(str(store), rng.standard_normal((2048, 16)).astype(np.float32), attrs={"model": "m", "hook_name": "h"})
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.update(LAUNCHER="local", N_LIST="32,64", K_LIST="4", SAE_TRAIN=str(VENV_BIN / "sae-train"))
     sweep = tmp_path / "sweep"
-    r = _run([str(SWEEP_SH), str(store), str(sweep), "trainer.tokens=1024", "trainer.batch_tokens=256",
-              "sae.dead_tokens=512", "wandb.enabled=false", "device=cpu", "seed=0", "eval.after_train=false"], env,
-             timeout=300)
+    with prestarted_console_script("sae-train", tmp_path / "bin") as sae_train:
+        env.update(LAUNCHER="local", N_LIST="32,64", K_LIST="4", SAE_TRAIN=str(sae_train))
+        r = _run([str(SWEEP_SH), str(store), str(sweep), "trainer.tokens=1024", "trainer.batch_tokens=256",
+                  "sae.dead_tokens=512", "wandb.enabled=false", "device=cpu", "seed=0", "eval.after_train=false"],
+                 env, timeout=300)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     for i, n in enumerate((32, 64)):
         point = sweep / f"{i}_n{n}_k4"

@@ -47,9 +47,16 @@ def _tiny(tiny_lm_dir: str, run_dir: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(tiny_lm_dir, tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("pipe") / "run"
-    proc = _run("sae-pipeline", *_tiny(tiny_lm_dir, run_dir))
+def pipeline_run(tiny_lm_dir, tmp_path_factory, worker_forkserver) -> Path:
+    """The sae-pipeline command line run as an executable whose process is forked from the test forkserver
+    (tests/helpers/prestarted.py: the same entry point, arguments and environment, without the ~5 s of
+    imports of a fresh interpreter)."""
+    from helpers.prestarted import prestarted_console_script
+
+    root = tmp_path_factory.mktemp("pipe")
+    run_dir = root / "run"
+    with prestarted_console_script("sae-pipeline", root / "bin") as sae_pipeline:
+        proc = _run(str(sae_pipeline), *_tiny(tiny_lm_dir, run_dir))  # an absolute path: BIN / it is it
     (run_dir / "stdout.txt").write_text(proc.stdout)
     return run_dir
 
@@ -118,8 +125,11 @@ def test_eval_fvu_matches_an_independent_recomputation(pipeline_run: Path, tiny_
     assert abs(fvu_n - ev["fvu_normalized_inputs"]) < 1e-4, (fvu_n, ev["fvu_normalized_inputs"])
 
 
-def test_help_lists_config_groups():
-    out = _run("sae-train", "--help").stdout
+def test_help_lists_config_groups(console_script):
+    # the sae-train command line, run in this process (conftest.py): the help text, not the process, is tested
+    proc = console_script("sae-train", "--help")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
     for group in ["model", "data", "harvest", "sae", "trainer", "eval", "parallel"]:
         assert f"{group}:" in out or f"{group}/" in out or group in out.split(), group
 
@@ -146,8 +156,10 @@ def test_hooks_and_hook_name_together_are_refused(tiny_lm_dir, tmp_path, console
 
 
 @pytest.mark.slow
-def test_contract_train_command_on_a_write_store_store(tmp_path):
-    """README's sae-train command, on a store written by write_store from arrays."""
+def test_contract_train_command_on_a_write_store_store(tmp_path, console_script):
+    """README's sae-train command, on a store written by write_store from arrays (the command line runs in
+    this process, conftest.py: the store and the command are under test here, the process boundary in
+    the pipeline run above)."""
     from sae_dist.store import write_store
 
     rng = np.random.default_rng(np.random.randint(2**31))
@@ -158,8 +170,9 @@ def test_contract_train_command_on_a_write_store_store(tmp_path):
     acts = (coef @ atoms + 0.01 * rng.normal(size=(20000, d))).astype(np.float32)
     store = write_store(tmp_path / "acts.zarr", acts, attrs={"model": "synthetic", "hook_name": "none"})
     run = tmp_path / "x"
-    _run("sae-train", f"run_dir={run}", f"store.path={store}", "sae=topk", "sae.d_sae=128",
-         "sae.k=8", "trainer.tokens=80000", "trainer.batch_tokens=1024", "device=cpu", "seed=0")
+    proc = console_script("sae-train", f"run_dir={run}", f"store.path={store}", "sae=topk", "sae.d_sae=128",
+                          "sae.k=8", "trainer.tokens=80000", "trainer.batch_tokens=1024", "device=cpu", "seed=0")
+    assert proc.returncode == 0, proc.stderr[-8000:]
     cfg = json.loads((run / "sae" / "cfg.json").read_text())
     assert cfg["d_in"] == d and cfg["d_sae"] == 128 and cfg["k"] == 8
     import torch
@@ -229,24 +242,18 @@ def test_torchrun_two_harvest_workers_and_two_hooks_equal_one(pipeline_run: Path
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("worker_forkserver")  # tests/conftest.py, for prestarted_console_script
 def test_architecture_comparison_script(pipeline_run: Path, tiny_lm_dir: str, tmp_path):
     """launch/compare_architectures.sh as docs/architectures.md runs it, at toy size on the pipeline's
     store: every architecture trains through `sae-train -m`, is evaluated (eval.after_train=true), and
-    lands in the comparison table with the exported format its method calls for."""
+    lands in the comparison table with the exported format its method calls for. Its SAE_TRAIN is
+    sae-train as tests/helpers/prestarted.py serves it: each of the script's five `sae-train -m` commands
+    runs in a process forked from the test forkserver, not a fresh interpreter (~5 s of imports each)."""
+    from helpers.prestarted import prestarted_console_script
+
     out = tmp_path / "cmp"
-    # wandb off: its start (~3 s a process, ~1 s a run) is most of a toy run here; the wandb offline files
-    # and the sweep's shared group are checked in test_trainer_processes.py and test_scaling.py
-    env = dict(os.environ, WANDB_MODE="disabled", N_LATENTS="128", TOKENS="10240", K_LIST="4",
-               TARGET_L0="4", RELU_L1="1", PROLU_L1="1", EXTRA_K="4", SAE_TRAIN=str(BIN / "sae-train"))
-    script = Path(__file__).resolve().parents[2] / "launch" / "compare_architectures.sh"
-    proc = subprocess.run(
-        [str(script), str(pipeline_run / "activations.zarr"), str(out), f"model.name={tiny_lm_dir}",
-         "device=cpu", "seed=0", "data.ctx_len=32", "trainer.batch_tokens=512", "sae.dead_tokens=20000",
-         "eval.eval_tokens=512", "eval.batch_size=16",
-         # the shrinkage refinement (FISTA) is most of the evaluation of the dense relu / prolu codes
-         "eval.shrinkage_tokens=256"],
-        capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-6000:]
+    with prestarted_console_script("sae-train", tmp_path / "bin") as sae_train:
+        _compare_architectures(pipeline_run, tiny_lm_dir, out, sae_train)
     rows = json.loads((out / "compare.json").read_text())
     expect = {"topk": "topk", "batchtopk": "jumprelu", "matryoshka": "jumprelu", "relu": "standard",
               "prolu": "prolu", "jumprelu": "jumprelu", "soft_topk": "topk", "tree": "topk"}
@@ -257,3 +264,19 @@ def test_architecture_comparison_script(pipeline_run: Path, tiny_lm_dir: str, tm
             assert r["l0"] <= 4 + 1e-9, r
     assert (out / "compare.png").stat().st_size > 10_000
     assert len((out / "compare.md").read_text().strip().splitlines()) == 2 + len(expect)
+
+
+def _compare_architectures(pipeline_run: Path, tiny_lm_dir: str, out: Path, sae_train: Path) -> None:
+    # wandb off: its start (~3 s a process, ~1 s a run) is most of a toy run here; the wandb offline files
+    # and the sweep's shared group are checked in test_trainer_processes.py and test_scaling.py
+    env = dict(os.environ, WANDB_MODE="disabled", N_LATENTS="128", TOKENS="10240", K_LIST="4",
+               TARGET_L0="4", RELU_L1="1", PROLU_L1="1", EXTRA_K="4", SAE_TRAIN=str(sae_train))
+    script = Path(__file__).resolve().parents[2] / "launch" / "compare_architectures.sh"
+    proc = subprocess.run(
+        [str(script), str(pipeline_run / "activations.zarr"), str(out), f"model.name={tiny_lm_dir}",
+         "device=cpu", "seed=0", "data.ctx_len=32", "trainer.batch_tokens=512", "sae.dead_tokens=20000",
+         "eval.eval_tokens=512", "eval.batch_size=16",
+         # the shrinkage refinement (FISTA) is most of the evaluation of the dense relu / prolu codes
+         "eval.shrinkage_tokens=256"],
+        capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-6000:]

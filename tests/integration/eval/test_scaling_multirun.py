@@ -5,10 +5,7 @@ of sae-scaling: tests/unit/eval/test_scaling.py."""
 from __future__ import annotations
 
 import json
-import os
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +15,6 @@ from helpers.seeds import numpy_rng_seed
 from sae_dist.eval.scaling import (
     run_scaling,
 )
-
-BIN = Path(sys.executable).parent
 
 
 def _wandb_records(path: Path):
@@ -50,10 +45,12 @@ def _wandb_records(path: Path):
 
 
 @pytest.mark.slow
-def test_multirun_failed_points_are_reported_and_share_a_wandb_group(tmp_path):
+def test_multirun_failed_points_are_reported_and_share_a_wandb_group(tmp_path, console_script, monkeypatch):
     """A real `sae-train -m` sweep where half the points fail (k > d_sae): the others complete,
     every point has job_status.json, sweep_summary.json lists the failures, the command exits 1, and
-    the completed points' wandb runs carry the sweep dir's name as their group."""
+    the completed points' wandb runs carry the sweep dir's name as their group. The command line runs in
+    this process (conftest.py's console_script; Hydra's basic launcher runs the points in it, as it does
+    in a `sae-train -m` process), on one thread, with wandb offline."""
     from sae_dist.store import write_store
 
     seed = numpy_rng_seed()
@@ -61,11 +58,10 @@ def test_multirun_failed_points_are_reported_and_share_a_wandb_group(tmp_path):
     acts = rng.normal(size=(6000, 16)).astype(np.float32)
     store = write_store(tmp_path / "acts.zarr", acts, attrs={"model": "synthetic", "hook_name": "none"})
     sweep = tmp_path / f"grid{seed % 10_000}"
-    env = dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [str(BIN / "sae-train"), "-m", f"run_dir={sweep}", f"store.path={store}", "sae.d_sae=32,64",
-         "sae.k=4,100", "trainer.tokens=6000", "trainer.batch_tokens=1000", "device=cpu", f"seed={seed % 1000}"],
-        capture_output=True, text=True, env=env, timeout=400)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    proc = console_script("sae-train", "-m", f"run_dir={sweep}", f"store.path={store}", "sae.d_sae=32,64",
+                          "sae.k=4,100", "trainer.tokens=6000", "trainer.batch_tokens=1000", "device=cpu",
+                          f"seed={seed % 1000}", threads=1)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "2/4 points completed, 2 failed" in proc.stderr, proc.stderr[-3000:]
     summary = json.loads((sweep / "sweep_summary.json").read_text())

@@ -41,5 +41,14 @@ def test_bench_harvest_prints_one_record(tiny_lm_dir):
     assert rec["hooks"] == ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
     assert rec["single_s"] > 0 and rec["multi_s"] > 0
     assert math.isclose(rec["multi_over_single"], rec["multi_s"] / rec["single_s"], rel_tol=1e-3)
-    bad = _run("--tokens", "252", "--model", tiny_lm_dir, "--hooks", "blocks.99.hook_mlp_out")
-    assert bad.returncode != 0 and "blocks.99.hook_mlp_out" in bad.stderr and "Traceback" not in bad.stderr
+
+def test_bench_harvest_bad_hook_is_one_line(tiny_lm_dir, capsys):
+    """A bad hook name ends the program with SystemExit and a one-line message naming it (the interpreter
+    prints that message, no traceback), before any output; main() runs in this process."""
+    from sae_dist.bench_harvest import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--tokens", "252", "--model", tiny_lm_dir, "--hooks", "blocks.99.hook_mlp_out"])
+    msg = str(e.value.code)
+    assert e.value.code not in (0, None) and "blocks.99.hook_mlp_out" in msg, msg
+    assert capsys.readouterr().out == ""
