@@ -126,10 +126,10 @@ def run_bench(args: argparse.Namespace) -> dict:
                                                   trainer_cfg=p.trainer_cfg, **quiet)) for p in points)
     return {"model": model_display_name(name, gguf), "hook_name": hook, "tokens": args.tokens, "d_sae": args.d_sae,
             "k": args.k, "batch": args.batch, "buffer_tokens": args.buffer, "grid_k": ks,
-            "harvest_s": round(harvest_s, 3), "train_s": round(train_s, 3), "stream_s": round(stream_s, 3),
+            "harvest_s": round(harvest_s, 6), "train_s": round(train_s, 6), "stream_s": round(stream_s, 6),
             "stream_over_sum": round(stream_s / (harvest_s + train_s), 4), "heldout_fvu_store": fvu[0],
-            "heldout_fvu_stream": fvu[1], "grid_s": round(grid_s, 3),
-            "separate_s": round(separate_s, 3), "grid_over_separate": round(grid_s / separate_s, 4),
+            "heldout_fvu_stream": fvu[1], "grid_s": round(grid_s, 6),
+            "separate_s": round(separate_s, 6), "grid_over_separate": round(grid_s / separate_s, 4),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "device": "cpu",
             "date": _dt.date.today().isoformat()}
 

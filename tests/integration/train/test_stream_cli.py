@@ -17,14 +17,15 @@ def _args(tiny_lm_dir, run_dir, *extra):
     return [f"run_dir={run_dir}", f"model.name={tiny_lm_dir}", "device=cpu", "seed=0", "data.ctx_len=16",
             "source=lm", "stream.buffer_tokens=480", "harvest.batch_size=16", "sae.d_sae=128", "sae.k=4",
             "trainer.tokens=2400", "trainer.batch_tokens=240", "trainer.log_every_steps=2",
-            "trainer.checkpoint_every_steps=4", "sae.dead_tokens=480", *extra]
+            "trainer.checkpoint_every_steps=4", "sae.dead_tokens=480",
+            *([] if any(e.startswith("wandb.mode=") for e in extra) else ["wandb.mode=disabled"]), *extra]
 
 
 @pytest.fixture(scope="module")
 def one_process_grid(tiny_lm_dir, tmp_path_factory, worker_forkserver):
     """A 2-point grid from the LM in one process (the reference of the placed grids)."""
     run = tmp_path_factory.mktemp("grid1") / "one"
-    run_train_ranks(_args(tiny_lm_dir, run, GRID, "wandb.mode=offline"), run, nproc=1)
+    run_train_ranks(_args(tiny_lm_dir, run, GRID, "wandb.mode=offline"), run, nproc=1)  # wandb files checked
     return run
 
 
