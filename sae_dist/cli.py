@@ -619,8 +619,9 @@ def train_main(cfg: DictConfig) -> None:
             if cfg.eval.after_train and trained:
                 if dist.is_available() and dist.is_initialized():
                     dist.destroy_process_group()  # the evaluation runs on global rank 0 alone
+                lm = load_configured_lm(cfg, resolve_device(cfg.device))
                 for r in trained:  # each point of a grid writes eval.json in its own directory
-                    r["eval"] = run_eval(cfg, Path(r["out_dir"]), sae_path=r["sae_dir"])
+                    r["eval"] = run_eval(cfg, Path(r["out_dir"]), lm=lm, sae_path=r["sae_dir"])
             print(json.dumps(summary, indent=2, default=str))
         return summary
 

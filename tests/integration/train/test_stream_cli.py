@@ -25,7 +25,8 @@ def _args(tiny_lm_dir, run_dir, *extra):
 def one_process_grid(tiny_lm_dir, tmp_path_factory, worker_forkserver):
     """A 2-point grid from the LM in one process (the reference of the placed grids)."""
     run = tmp_path_factory.mktemp("grid1") / "one"
-    run_train_ranks(_args(tiny_lm_dir, run, GRID, "wandb.mode=offline"), run, nproc=1)  # wandb files checked
+    run_train_ranks(_args(tiny_lm_dir, run, GRID, "wandb.mode=offline", "eval.after_train=true", "eval.eval_tokens=240",
+                          "eval.batch_size=16"), run, nproc=1)  # wandb files and eval.json checked
     return run
 
 
@@ -41,7 +42,7 @@ def test_a_streamed_shared_sweep_from_the_command_line(one_process_grid):
     log = Path(f"{run}.rank0.log").read_text()
     summary = json.JSONDecoder().raw_decode(log[log.index("\n{\n") + 1 :])[0]  # the printed summary
     assert [Path(p["out_dir"]).name for p in summary["points"]] == list(POINTS)
-    for name, k in zip(POINTS, (2, 4), strict=True):
+    for i, (name, k) in enumerate(zip(POINTS, (2, 4), strict=True)):
         out = run / name
         cfg = json.loads((out / "sae" / "cfg.json").read_text())
         assert cfg["k"] == k and cfg["hook_name"] == "blocks.1.hook_resid_post" and cfg["d_in"] == 32
@@ -51,6 +52,8 @@ def test_a_streamed_shared_sweep_from_the_command_line(one_process_grid):
         assert list((out / "wandb").glob("offline-run-*"))  # its own wandb run
         ident = json.loads((out / "checkpoints" / "run_identity.json").read_text())
         assert ident["store"]["source"] == "lm" and ident["store"]["window_sequences"] == 32
+        ev = json.loads((out / "eval.json").read_text())  # eval.after_train: each point evaluated
+        assert ev["k"] == k and 0 < ev["fvu"] < 2 and summary["points"][i]["eval"]["fvu"] == ev["fvu"]
 
 
 def test_grid_keys_that_change_the_data_are_refused(tiny_lm_dir, tmp_path, console_script):
