@@ -41,6 +41,21 @@ sys.exit(rc)
 """
 
 
+
+def _exit_code(e: SystemExit) -> int:
+    """The status a SystemExit gives the interpreter (a message is printed to stderr and gives 1)."""
+    if isinstance(e.code, int) or e.code is None:
+        return e.code or 0
+    print(e.code, file=sys.stderr)
+    return 1
+
+
+def _exit(code: int) -> None:
+    """Flush stdout and stderr, then end this forked process with `code` (no cleanup: it is a fork)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
 def _run_entry_point(name: str, argv: list[str], cwd: str, env: dict, out: str, err: str) -> None:
     """In the forked process: the client's directory, environment and argv, stdout / stderr to files,
     then the console script's entry point; its return value or SystemExit becomes the exit status."""
@@ -59,14 +74,8 @@ def _run_entry_point(name: str, argv: list[str], cwd: str, env: dict, out: str, 
         ret = ep.load()()
         code = 0 if ret is None else int(ret)
     except SystemExit as e:
-        if isinstance(e.code, int) or e.code is None:
-            code = e.code or 0
-        else:
-            print(e.code, file=sys.stderr)
-            code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+        code = _exit_code(e)
+    _exit(code)
 
 
 def _serve(server: socket.socket, name: str) -> None:
@@ -134,14 +143,8 @@ def _run_module(module: str, argv: list[str], cwd: str, env: dict, out: str, err
         runpy.run_module(module, run_name="__main__", alter_sys=True)
         code = 0
     except SystemExit as e:
-        if isinstance(e.code, int) or e.code is None:
-            code = e.code or 0
-        else:
-            print(e.code, file=sys.stderr)
-            code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+        code = _exit_code(e)
+    _exit(code)
 
 
 def run_module_forked(module: str, argv: list[str], *, cwd, env: dict, tmp_dir, timeout: float | None = None):
