@@ -56,11 +56,9 @@ def _exit(code: int) -> None:
     sys.stderr.flush()
     os._exit(code)
 
-def _run_entry_point(name: str, argv: list[str], cwd: str, env: dict, out: str, err: str) -> None:
-    """In the forked process: the client's directory, environment and argv, stdout / stderr to files,
-    then the console script's entry point; its return value or SystemExit becomes the exit status."""
-    from importlib.metadata import entry_points
 
+def _enter(cwd: str, env: dict, out: str, err: str) -> None:
+    """In the forked process: the client's directory and environment, stdout / stderr to the files."""
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
@@ -68,6 +66,14 @@ def _run_entry_point(name: str, argv: list[str], cwd: str, env: dict, out: str, 
         f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         os.dup2(f, fd)
         os.close(f)
+
+
+def _run_entry_point(name: str, argv: list[str], cwd: str, env: dict, out: str, err: str) -> None:
+    """In the forked process: the client's directory, environment and argv, stdout / stderr to files,
+    then the console script's entry point; its return value or SystemExit becomes the exit status."""
+    from importlib.metadata import entry_points
+
+    _enter(cwd, env, out, err)
     sys.argv = [name, *argv]
     (ep,) = entry_points(group="console_scripts", name=name)
     try:
@@ -131,13 +137,7 @@ def _run_module(module: str, argv: list[str], cwd: str, env: dict, out: str, err
     """In the forked process: `python -m module *argv` with the given directory and environment."""
     import runpy
 
-    os.chdir(cwd)
-    os.environ.clear()
-    os.environ.update(env)
-    for fd, path in ((1, out), (2, err)):
-        f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        os.dup2(f, fd)
-        os.close(f)
+    _enter(cwd, env, out, err)
     sys.argv = [module, *argv]
     try:
         runpy.run_module(module, run_name="__main__", alter_sys=True)
