@@ -72,8 +72,8 @@ def run_bench(args: argparse.Namespace) -> dict:
         multi.append(_timed_harvest(model, tok, hooks, args.tokens, ctx_len))
     s, m = statistics.median(single), statistics.median(multi)
     return {"model": model_display_name(name, gguf), "hooks": hooks, "deepest": deepest,
-            "tokens": args.tokens, "ctx_len": ctx_len, "repeats": args.repeats, "single_s": round(s, 4),
-            "multi_s": round(m, 4), "multi_over_single": round(m / s, 4), "single_all_s": [round(x, 3) for x in single],
+            "tokens": args.tokens, "ctx_len": ctx_len, "repeats": args.repeats, "single_s": round(s, 6),
+            "multi_s": round(m, 6), "multi_over_single": round(m / s, 4), "single_all_s": [round(x, 3) for x in single],
             "multi_all_s": [round(x, 3) for x in multi], "threads": torch.get_num_threads(), "torch": torch.__version__,
             "device": "cpu", "date": _dt.date.today().isoformat()}
 
