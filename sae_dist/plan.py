@@ -1346,7 +1346,7 @@ def store_bytes(tokens: int, d_in: int, *, dtype: str = "float16", chunk_tokens:
 
 
 def harvest_store_bytes(tokens: int, d_in: int, *, dtype: str = "float16", ctx_len: int = 64,
-                        seqs_per_chunk: int = 64, seqs_per_shard: int = 1024) -> dict[str, Any]:
+                        seqs_per_chunk: int = 8, seqs_per_shard: int = 1024) -> dict[str, Any]:
     """Size on disk of the store `sae-harvest harvest.tokens=<tokens>` writes for an LM of width
     d_in (harvest.dtype, data.ctx_len, harvest.seqs_per_chunk, harvest.seqs_per_shard; defaults:
     conf/harvest/default.yaml and conf/data/stdlib.yaml).

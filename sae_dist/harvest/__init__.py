@@ -6,7 +6,7 @@
     harvest / hook_store_path                (harvester.py) deterministic, resumable, multi-worker, multi-hook
 """
 
-from sae_dist.harvest.harvester import HarvestError, harvest, hook_store_path, shard_row_permutation
+from sae_dist.harvest.harvester import HarvestError, harvest, hook_store_path, sequence_order, shard_row_permutation
 from sae_dist.harvest.hooks import (
     HookSpec,
     decoder_layers,
@@ -31,5 +31,6 @@ __all__ = [
     "HarvestError", "HookSpec", "bos_token_id", "decoder_layers", "default_hook_name",
     "embedded_default_lm", "harvest", "hook_store_path", "is_eval_document", "iter_documents", "load_lm",
     "model_display_name", "packed_sequences", "resolve_hook", "run_to_hook", "run_to_hooks",
-    "shard_row_permutation", "splice_hook", "stdlib_corpus_files", "tokenize_document", "valid_hook_names",
+    "sequence_order", "shard_row_permutation", "splice_hook", "stdlib_corpus_files", "tokenize_document",
+    "valid_hook_names",
 ]

@@ -7,9 +7,10 @@ Design (deterministic and resumable; the store layout is docs/formats.md#activat
   documents, the tokenizer, `ctx_len` and `eval_fraction`. Sequence i (0-based) is text rows
   [i*(ctx_len-1), (i+1)*(ctx_len-1)): its positions 1..ctx_len-1 (position 0, BOS, the attention sink, is
   never stored; Gao et al. 2024, App. A); text rows are store rows unless shuffled within shards (below).
-* n_seqs = ceil(tokens / (ctx_len-1)). Shard s holds sequences [s*seqs_per_shard, (s+1)*seqs_per_shard),
-  i.e. exactly one zarr shard file of shard_tokens = seqs_per_shard*(ctx_len-1) rows (inner chunks of
-  chunk_tokens = seqs_per_chunk*(ctx_len-1) rows). A shard is the unit of work and of resume.
+* n_seqs = ceil(tokens / (ctx_len-1)). Shard s holds sequences [s*seqs_per_shard, (s+1)*seqs_per_shard)
+  (with row_order "shuffled_global": the sequences at those positions of a fixed permutation), i.e. exactly
+  one zarr shard file of shard_tokens = seqs_per_shard*(ctx_len-1) rows (inner chunks of chunk_tokens =
+  seqs_per_chunk*(ctx_len-1) rows). A shard is the unit of work and of resume.
 * Worker `rank` of `world_size` computes the shards with s % world_size == rank. It walks the whole
   stream but only tokenises the sequences of other workers' shards (no LM forward for them).
 * On start the worker reads the `_progress/` markers (`store.done_shards`) and skips finished shards.
@@ -22,11 +23,15 @@ Design (deterministic and resumable; the store layout is docs/formats.md#activat
   (global sequence index i), `position` int32 (1..ctx_len-1). Group attributes: d_in, n_tokens, model,
   hook_name, layer, ctx_len, dataset, dtype, eval_fraction, norm_stats (merged over shards: mean_norm,
   mean_sq_norm, n), harvest (progress; complete), plus the caller's `attrs`.
-* Rows are shuffled within each shard (`shuffle_rows=True`, the default; store attribute
-  ``row_order = "shuffled_in_shard"``): shard s is written in the order of the fixed permutation
-  `shard_row_permutation(s, rows)`, the same for every worker, rerun and hook; `token_ids`, `seq_index` and
-  `position` are permuted with the activations, so each row still names its place in the text. With the
-  reader's random inner chunks (`store.reader`) a training batch then mixes rows of many documents.
+* Row order (store attribute ``row_order``; `harvest`'s `row_order`). ``"shuffled_in_shard"`` (the default
+  for text): shard s is written in the order of the fixed permutation `shard_row_permutation(s, rows)`, the
+  same for every worker, rerun and hook. ``"shuffled_global"`` (the default for pretokenised sequences,
+  which allow random access): shard s holds the sequences at positions [s*seqs_per_shard,
+  (s+1)*seqs_per_shard) of the fixed permutation `sequence_order(n)` of all n sequences of the harvest, so
+  a shard is a uniform sample of the text, and its rows are then shuffled as above. ``"text"``: sequence
+  order, unshuffled. `token_ids`, `seq_index` and `position` are permuted with the activations, so each row
+  still names its place in the text. With the reader's random inner chunks (`store.reader`) a training
+  batch then mixes rows of many documents (docs/internals.md#how-well-a-batch-mixes-documents).
 * Several hook points (`hook_name` a list) are harvested from ONE forward per batch, stopped after the
   deepest hooked module (`hooks.run_to_hooks`); each hook gets its own store ``store_path/<hook_name>``
   with the same token ids in the same order. A shard counts as done only when every store has its
@@ -57,19 +62,42 @@ from sae_dist.preempt import Preemption
 from .hooks import resolve_hook, run_to_hooks
 from .text import packed_sequences
 
-__all__ = ["harvest", "hook_store_path", "shard_row_permutation", "HarvestError", "STORE_DTYPES", "ROW_ORDERS",
-           "lm_d_model", "lm_input_device"]
+__all__ = ["harvest", "hook_store_path", "shard_row_permutation", "sequence_order", "resolve_row_order",
+           "HarvestError", "STORE_DTYPES", "ROW_ORDERS", "lm_d_model", "lm_input_device"]
 
 STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-#: the store attribute row_order: rows in text order, or shuffled within each shard (`shard_row_permutation`)
-ROW_ORDERS = ("text", "shuffled_in_shard")
+#: the store attribute row_order: rows in text order, shuffled within each shard (`shard_row_permutation`), or
+#: sequences spread over the shards by a global permutation (`sequence_order`) and then shuffled within each shard
+ROW_ORDERS = ("text", "shuffled_in_shard", "shuffled_global")
 _ROW_SEED = 0x5AE  # seeds every shard's row permutation (with the shard index): one fixed order per store layout
+_SEQ_SEED = 0x5AE5  # seeds the global sequence permutation (with the number of sequences)
 
 
 def shard_row_permutation(shard: int, rows: int) -> np.ndarray:
-    """int64 [rows]: the order in which a harvest with shuffle_rows writes shard `shard`'s rows (store row
-    shard_start + j holds text row shard_start + perm[j]); a pure function of (shard, rows)."""
+    """int64 [rows]: the order in which a shuffled harvest writes shard `shard`'s rows (store row shard_start + j
+    holds row perm[j] of the shard's sequences laid end to end); a pure function of (shard, rows)."""
     return np.random.default_rng([_ROW_SEED, int(shard)]).permutation(int(rows))
+
+
+def sequence_order(n_seqs: int) -> np.ndarray:
+    """int64 [n_seqs]: with row_order "shuffled_global", shard position p (shard p // seqs_per_shard) holds
+    sequence order[p]; a pure function of n_seqs, the sequences the harvest writes."""
+    return np.random.default_rng([_SEQ_SEED, int(n_seqs)]).permutation(int(n_seqs))
+
+
+def resolve_row_order(row_order: str | None, pretokenized: bool) -> str:
+    """The row order a harvest writes: `row_order` (one of ROW_ORDERS), or for None "shuffled_global" when the
+    sequences are pretokenised (random access) and "shuffled_in_shard" when they are tokenised from text.
+    ValueError for an unknown order, or "shuffled_global" without pretokenised sequences."""
+    if row_order is None:
+        return ROW_ORDERS[2] if pretokenized else ROW_ORDERS[1]
+    if row_order not in ROW_ORDERS:
+        raise ValueError(f"row_order={row_order!r}: use one of {list(ROW_ORDERS)} (or null for the default)")
+    if row_order == "shuffled_global" and not pretokenized:
+        raise ValueError("row_order='shuffled_global' reads sequences in a random order, which needs them "
+                         "pretokenised: run sae-pretokenize data.pretokenized=DIR, then sae-harvest "
+                         "data.pretokenized=DIR (or use harvest.row_order=shuffled_in_shard)")
+    return row_order
 
 
 class HarvestError(RuntimeError):
@@ -157,10 +185,10 @@ def _maybe_dist(world_size: int, rank: int, timeout_s: float):
 
 def harvest(
     *, model, tokenizer, hook_name: str | Sequence[str], docs: Iterable[str] | None, store_path: str, tokens: int,
-    ctx_len: int = 64, batch_size: int = 32, dtype: str = "float16", seqs_per_chunk: int = 64,
+    ctx_len: int = 64, batch_size: int = 32, dtype: str = "float16", seqs_per_chunk: int = 8,
     seqs_per_shard: int = 1024, rank: int | None = None, world_size: int | None = None, eval_fraction: float = 0.05,
     attrs: dict | None = None, progress: bool = True, finalize: bool = True, barrier_timeout_s: float = 48 * 3600.0,
-    sequences=None, shuffle_rows: bool = True,
+    sequences=None, row_order: str | None = None,
 ) -> dict:
     """Harvest LM activations at `hook_name` into zarr v3 activation stores (resumable, multi-worker).
 
@@ -196,9 +224,11 @@ def harvest(
         sequences: the packed sequences already tokenised, random access (`pretokenize.PretokenizedSequences`:
             len() and [i] -> ctx_len token ids), used instead of tokenising `docs`: each worker reads only
             its shards' sequences, and a resumed harvest starts at its first unfinished shard.
-        shuffle_rows: write each shard's rows in a fixed random order (`shard_row_permutation`; store
-            attribute row_order "shuffled_in_shard"), else in text order ("text"). A store is resumed only
-            with the row order it was started with.
+        row_order: "shuffled_in_shard" (each shard's rows in the fixed random order `shard_row_permutation`),
+            "shuffled_global" (sequences assigned to shards by the permutation `sequence_order`, then
+            shuffled within each shard; needs `sequences`), "text" (sequence order), or None: shuffled_global
+            with `sequences`, else shuffled_in_shard. A store is resumed only with the row order it was
+            started with.
 
     The store's arrays and group attributes: module docstring.
 
@@ -216,7 +246,7 @@ def harvest(
                            tokens=tokens, ctx_len=ctx_len, batch_size=batch_size, dtype=dtype,
                            seqs_per_chunk=seqs_per_chunk, seqs_per_shard=seqs_per_shard, rank=rank,
                            world_size=world_size, eval_fraction=eval_fraction, attrs=attrs, progress=progress,
-                           sequences=sequences, shuffle_rows=shuffle_rows)
+                           sequences=sequences, row_order=row_order)
     summary = _new_summary(run, store_path)
     existing = {t.name: _read_complete(t.store_path) for t in run.targets}
     for t in run.targets:
@@ -330,7 +360,7 @@ class _HarvestRun:
     @classmethod
     def plan(cls, *, model, tokenizer, hook_name, docs, store_path, tokens, ctx_len, batch_size, dtype,
              seqs_per_chunk, seqs_per_shard, rank, world_size, eval_fraction, attrs, progress,
-             sequences=None, shuffle_rows=True) -> _HarvestRun:
+             sequences=None, row_order=None) -> _HarvestRun:
         """Resolve rank / world_size and the hooks, validate the arguments (ValueError) and plan the stores."""
         rank, world_size = _resolve_rank(rank, world_size)
         _check_args(tokens=tokens, ctx_len=ctx_len, batch_size=batch_size, dtype=dtype,
@@ -339,7 +369,7 @@ class _HarvestRun:
         d_model = lm_d_model(model)
         common = {"model": _model_name(model), "dataset": "unknown", **(attrs or {}), "d_in": d_model,
                   "ctx_len": int(ctx_len), "dtype": dtype, "eval_fraction": float(eval_fraction),
-                  "row_order": ROW_ORDERS[bool(shuffle_rows)]}
+                  "row_order": resolve_row_order(row_order, sequences is not None)}
         targets = tuple(_Target(spec, path, {**common, "hook_name": spec.name, "layer": spec.layer})
                         for spec, path in _resolve_targets(model, hook_name, store_path))
         harvest_info = {
@@ -355,9 +385,9 @@ class _HarvestRun:
                    harvest_info=harvest_info)
 
     @property
-    def shuffle_rows(self) -> bool:
-        """Shards' rows in the order of `shard_row_permutation` (the stores' row_order attribute)."""
-        return self.targets[0].store_attrs["row_order"] == "shuffled_in_shard"
+    def row_order(self) -> str:
+        """The stores' row_order attribute (module docstring)."""
+        return self.targets[0].store_attrs["row_order"]
 
     def without(self, names: set[str]) -> _HarvestRun:
         """This run less the hooks in `names` (their stores are complete)."""
@@ -569,15 +599,14 @@ class _ShardWriter:
         self.run, self.groups, self.bar = run, groups, bar
         self.written = 0  # token rows written by this call (per store)
         self.seq_ids: list[list[int]] = []  # sequences of the current shard (token ids incl. BOS)
+        self.seq_index: list[int] = []  # their global sequence indices
         self.acts_parts: list[list[torch.Tensor]] = [[] for _ in run.targets]  # per hook: [n * body, d] blocks
         self.pending: list[list[int]] = []  # sequences not yet run through the LM
-        self.pending_start = 0  # global index of pending[0]
 
     def add(self, i: int, seq: list[int]) -> None:
         """Queue sequence `i` (token ids incl. BOS) of the current shard; runs the LM on a full batch."""
-        if not self.pending:
-            self.pending_start = i
         self.seq_ids.append(seq)
+        self.seq_index.append(int(i))
         self.pending.append(seq)
         if len(self.pending) >= self.run.batch_size:
             self.flush_pending()
@@ -600,10 +629,11 @@ class _ShardWriter:
         """`a` [n, body, d] of the pending sequences at `hook`; HarvestError if non-finite or not d_model wide."""
         if not bool(torch.isfinite(a).all()):
             bad = (~torch.isfinite(a)).flatten(1).any(1).nonzero().flatten().tolist()
+            batch = self.seq_index[len(self.seq_index) - len(self.pending):]
             raise HarvestError(
-                f"non-finite activations at hook {hook!r} for sequences [{self.pending_start}, "
-                f"{self.pending_start + len(self.pending)}) (bad: {[self.pending_start + b for b in bad[:8]]}) "
-                f"in dtype {a.dtype}; try dtype='float32' or check the model"
+                f"non-finite activations at hook {hook!r} in the batch of sequences {batch[:8]}"
+                f"{'...' if len(batch) > 8 else ''} (bad: {[batch[b] for b in bad[:8]]}) in dtype {a.dtype}; "
+                f"try dtype='float32' or check the model"
             )
         if a.shape[-1] != self.run.d_model:
             raise HarvestError(
@@ -625,9 +655,9 @@ class _ShardWriter:
         n = len(self.seq_ids)
         start_seq = s * self.run.geom.seqs_per_shard
         if n:
-            perm = shard_row_permutation(s, n * body) if self.run.shuffle_rows else np.arange(n * body)
+            perm = np.arange(n * body) if self.run.row_order == "text" else shard_row_permutation(s, n * body)
             tok = np.asarray(self.seq_ids, dtype=np.int32)[:, 1:].reshape(-1)[perm]
-            sidx = np.repeat(np.arange(start_seq, start_seq + n, dtype=np.int64), body)[perm]
+            sidx = np.repeat(np.asarray(self.seq_index, dtype=np.int64), body)[perm]
             pos = np.tile(np.arange(1, body + 1, dtype=np.int32), n)[perm]
         for t, group, parts in zip(self.run.targets, self.groups, self.acts_parts, strict=True):
             stats = None
@@ -644,7 +674,7 @@ class _ShardWriter:
 
     def clear(self) -> None:
         """Drop the buffered sequences and activations."""
-        self.seq_ids = []
+        self.seq_ids, self.seq_index = [], []
         self.acts_parts = [[] for _ in self.run.targets]
 
 
@@ -677,10 +707,10 @@ def _walk_stream(run: _HarvestRun, writer: _ShardWriter, todo: set[int],
     last_needed = max(todo)
     stream, n_known = _sequence_stream(run, todo)
     cur_shard: int | None = None
-    i = -1
-    for i, seq in stream:
-        s = i // g.seqs_per_shard
-        if i >= g.n_seqs or s > last_needed:
+    p = -1
+    for p, i, seq in stream:
+        s = p // g.seqs_per_shard
+        if p >= g.n_seqs or s > last_needed:
             return None, False, cur_shard
         if s not in todo:
             continue
@@ -689,26 +719,31 @@ def _walk_stream(run: _HarvestRun, writer: _ShardWriter, todo: set[int],
                 writer.write_shard(cur_shard, end_of_data=False)
             cur_shard = s
         writer.add(i, seq)
-        if (i + 1) % g.seqs_per_shard == 0 or i + 1 == g.n_seqs:
+        if (p + 1) % g.seqs_per_shard == 0 or p + 1 == g.n_seqs:
             writer.write_shard(s, end_of_data=False)
             cur_shard = None
             if should_stop is not None and should_stop():
                 return None, True, cur_shard
     if n_known is None:  # the text ran out
-        return i + 1, False, cur_shard
+        return p + 1, False, cur_shard
     return (n_known if n_known < g.n_seqs else None), False, cur_shard
 
 
-def _sequence_stream(run: _HarvestRun, todo: set[int]) -> tuple[Iterable[tuple[int, list[int]]], int | None]:
-    """((sequence index, token ids) in order, covering at least the shards in `todo`; the corpus size in
-    sequences when known): the pretokenised sequences of `todo`'s shards only, else the whole packed text."""
+def _sequence_stream(run: _HarvestRun,
+                     todo: set[int]) -> tuple[Iterable[tuple[int, int, list[int]]], int | None]:
+    """((shard position, sequence index, token ids) in position order, covering at least the shards in
+    `todo`; the corpus size in sequences when known): the pretokenised sequences of `todo`'s shards only
+    (position p holds sequence `sequence_order(n)[p]` with row_order shuffled_global, else p), else the whole
+    packed text (position = sequence index)."""
     g = run.geom
     if run.sequences is None:
-        return enumerate(packed_sequences(run.docs, run.tokenizer, g.ctx_len, eval_fraction=run.eval_fraction,
-                                          split="train")), None
+        seqs = packed_sequences(run.docs, run.tokenizer, g.ctx_len, eval_fraction=run.eval_fraction, split="train")
+        return ((i, i, seq) for i, seq in enumerate(seqs)), None
     n = len(run.sequences)
-    idx = (i for s in sorted(todo) for i in range(s * g.seqs_per_shard, min((s + 1) * g.seqs_per_shard, g.n_seqs, n)))
-    return ((i, run.sequences[i]) for i in idx), n
+    order = sequence_order(min(n, g.n_seqs)) if run.row_order == "shuffled_global" else None
+    pos = (p for s in sorted(todo) for p in range(s * g.seqs_per_shard, min((s + 1) * g.seqs_per_shard, g.n_seqs, n)))
+    idx = ((p, p if order is None else int(order[p])) for p in pos)
+    return ((p, i, run.sequences[i]) for p, i in idx), n
 
 
 def _write_after_end(run: _HarvestRun, writer: _ShardWriter, todo: set[int], n_avail: int,

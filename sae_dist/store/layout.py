@@ -263,7 +263,7 @@ def _check_existing(path, *, n_tokens, d_in, dtype, chunk_tokens, shard_tokens, 
             problems.append(f"{key}: store has {a[key]!r}, requested {attrs[key]!r}")
     if "row_order" in attrs and attrs["row_order"] != a.get("row_order", "text"):  # stores before row_order: text
         problems.append(f"row_order: store has {a.get('row_order', 'text')!r}, requested {attrs['row_order']!r} "
-                        "(sae-harvest: harvest.shuffle_rows)")
+                        "(sae-harvest: harvest.row_order)")
     if problems:
         raise StoreError(f"store {path!r} exists with a different layout: " + "; ".join(problems)
                          + ". Use another store path, or delete the old store to re-harvest.")

@@ -21,11 +21,13 @@ alone), so the shuffle buffer gathers chunks from all over the store.
 With ``shuffle=False`` units and rows keep store order (stream = rows 0, 1, 2, ...).
 
 How well a batch mixes documents: two rows of a batch come from the same unit with probability about
-1 / (units per group). A harvest with ``row_order = "shuffled_in_shard"`` (the default) spreads each
-document's rows over a whole shard, so the same-document rate of a batch is about (1 + N / (W * G)) times
-that of a uniform sample of the store (N store rows, W rows per shard, G units per group); a store in text
-order keeps a document's rows in one or two units, and the rate is about N / (G * chunk_tokens) times the
-uniform one. docs/internals.md has the derivation and measurements.
+1 / G (G units per group). With the harvest's ``row_order = "shuffled_in_shard"`` (text input) each
+document's rows are spread over one shard, so the same-document rate of a batch is about (1 + N / (W * G))
+times that of a uniform sample of the store (N store rows, W rows per shard); with ``"shuffled_global"``
+(pretokenised input) a shard is a uniform sample of the text's sequences and only a sequence's own rows stay
+in one shard: about 1 + N / (c * W * G), c the length-weighted mean document length in sequences. A store
+in text order keeps a document's rows in one or two units: about N / (G * chunk_tokens). docs/internals.md
+has the derivation and measurements.
 
 Reader states of the earlier order (version 1: whole shards as the read unit) resume with that order.
 

@@ -29,10 +29,10 @@ def run_harvest(lm, path, docs, tokens, **kw):
 
 def read_store(path, text_order: bool = True):
     """(the store's arrays activations, token_ids, seq_index, position as numpy, its attributes); with
-    `text_order` the rows of a store with row_order "shuffled_in_shard" are sorted by (seq_index, position)."""
+    `text_order` the rows of a store with a shuffled row_order are sorted by (seq_index, position)."""
     g = zarr.open_group(str(path), mode="r")
     arrays = {k: g[k][:] for k in ("activations", "token_ids", "seq_index", "position")}
-    if text_order and g.attrs.get("row_order") == "shuffled_in_shard":
+    if text_order and g.attrs.get("row_order", "text") != "text":
         order = np.lexsort((arrays["position"], arrays["seq_index"]))
         arrays = {k: v[order] for k, v in arrays.items()}
     return arrays, dict(g.attrs)

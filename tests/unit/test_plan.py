@@ -809,9 +809,9 @@ def test_harvest_store_bytes_equal_a_harvest(tiny_lm_dir, tmp_path):
     meta = want["bytes"]["metadata"]
     assert data == want["total_bytes"] - meta
     assert meta - STORE_META_TOLERANCE <= total - data <= meta, (total - data, meta)
-    # sae-plan's default harvest: 1M tokens of 64-token contexts, 4032-token chunks, 64512-token shards
+    # sae-plan's default harvest: 1M tokens of 64-token contexts, 504-token chunks, 64512-token shards
     d = harvest_store_bytes(10**6, 4096)
-    assert (d["tokens"], d["chunk_tokens"], d["shard_tokens"], d["shards"]) == (1_000_062, 4032, 64512, 16)
-    # 15 full shards of 16 chunks, then 32,382 tokens in 9 chunks; 8192 bytes per token; indices of
-    # 16 x 16 bytes + a crc32c
-    assert d["bytes"]["activations"] == 15 * (16 * (4032 * 8192 + 4) + 260) + 9 * (4032 * 8192 + 4) + 260
+    assert (d["tokens"], d["chunk_tokens"], d["shard_tokens"], d["shards"]) == (1_000_062, 504, 64512, 16)
+    # 15 full shards of 128 chunks, then 32,382 tokens in 65 chunks; 8192 bytes per token; indices of
+    # 128 x 16 bytes + a crc32c
+    assert d["bytes"]["activations"] == 15 * (128 * (504 * 8192 + 4) + 2052) + 65 * (504 * 8192 + 4) + 2052

@@ -175,11 +175,11 @@ def test_disk_space_is_stated_and_checked_before_any_work(lm, tmp_path, capsys, 
 
 def test_rows_are_shuffled_within_each_shard(lm, tmp_path):
     """By default shard s holds the rows of the text-order harvest's shard s in the order
-    shard_row_permutation(s, rows), the same permutation for every array; shuffle_rows=False keeps text order;
+    shard_row_permutation(s, rows), the same permutation for every array; row_order="text" keeps text order;
     a store is neither resumed nor reused in the other order."""
     docs = tiny_corpus(**SMALL)
     tokens = 40 * BODY  # shards of 16, 16 and 8 sequences
-    run_harvest(lm, tmp_path / "text", docs, tokens, shuffle_rows=False)
+    run_harvest(lm, tmp_path / "text", docs, tokens, row_order="text")
     run_harvest(lm, tmp_path / "shuf", docs, tokens)
     (text, at), (shuf, ash) = read_store(tmp_path / "text", False), read_store(tmp_path / "shuf", False)
     assert at["row_order"] == "text" and ash["row_order"] == "shuffled_in_shard"
@@ -192,16 +192,16 @@ def test_rows_are_shuffled_within_each_shard(lm, tmp_path):
             np.testing.assert_array_equal(shuf[k][lo:hi], text[k][lo:hi][perm], err_msg=k)
         assert not np.array_equal(back, np.arange(hi - lo))
     with pytest.raises(StoreError, match="row_order"):
-        run_harvest(lm, tmp_path / "shuf", docs, tokens, shuffle_rows=False)
+        run_harvest(lm, tmp_path / "shuf", docs, tokens, row_order="text")
     run_harvest(lm, tmp_path / "half", docs, tokens, rank=0, world_size=2)
     with pytest.raises(StoreError, match="row_order: store has 'shuffled_in_shard', requested 'text'"):
-        run_harvest(lm, tmp_path / "half", docs, tokens, rank=1, world_size=2, shuffle_rows=False)
+        run_harvest(lm, tmp_path / "half", docs, tokens, rank=1, world_size=2, row_order="text")
 
 
 def test_nonfinite_activations_raise_naming_sequences(lm, tmp_path):
     model, _ = lm
     with splice_hook(model, "blocks.0.hook_mlp_out", lambda a: a * float("nan")):
-        with pytest.raises(HarvestError, match=r"non-finite activations .* sequences \[0, 5\)"):
+        with pytest.raises(HarvestError, match=r"non-finite .* sequences \[0, 1, 2, 3, 4\] \(bad: \[0, 1, 2, 3, 4\]\)"):
             run_harvest(lm, tmp_path / "nan", tiny_corpus(**SMALL), 300)
 
 
@@ -210,6 +210,10 @@ def test_bad_arguments(lm, tmp_path):
         run_harvest(lm, tmp_path / "x", [], 100, seqs_per_chunk=5)
     with pytest.raises(ValueError, match="unknown store dtype 'int8'"):
         run_harvest(lm, tmp_path / "x", [], 100, dtype="int8")
+    with pytest.raises(ValueError, match=r"row_order='random': use one of \['text', 'shuffled_in_shard', "):
+        run_harvest(lm, tmp_path / "x", [], 100, row_order="random")
+    with pytest.raises(ValueError, match="row_order='shuffled_global' .* needs them pretokenised: run sae-pretokenize"):
+        run_harvest(lm, tmp_path / "x", [], 100, row_order="shuffled_global")
     with pytest.raises(ValueError, match="blocks.9.hook_resid_post"):
         run_harvest(lm, tmp_path / "x", [], 100, hook_name="blocks.9.hook_resid_post")
     with pytest.raises(HarvestError, match="no train sequence"):

@@ -1,16 +1,20 @@
 """Pretokenised text: `pretokenize` (datasets.map over 1 or 2 processes) gives exactly the packed train
-sequences of the text; a harvest from them equals a harvest from the text, reads only its own shards'
-sequences (also when resumed) and never tokenises."""
+sequences of the text; a harvest from them holds the rows of a harvest from the text (by default with the
+sequences spread over the shards by a global permutation), reads only its own shards' sequences (also when
+resumed) and never tokenises."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
-from helpers.harvest import BODY, CTX, EVAL, assert_same_store, run_harvest
+import zarr
+from helpers.harvest import BODY, CTX, EVAL, assert_same_store, read_store, run_harvest
 from helpers.synthetic import tiny_corpus
 
 from sae_dist.harvest import packed_sequences
+from sae_dist.harvest.harvester import sequence_order
 from sae_dist.harvest.pretokenize import PretokenizedSequences, pretokenize
 
 DOCS = dict(n_files=4, max_chars=4000)
@@ -60,10 +64,13 @@ class _Recording:
         return self.seqs[i]
 
 
-def test_harvest_from_pretokenized_equals_harvest_from_text(lm, corpus_file, tmp_path):
+@pytest.mark.parametrize("row_order", ["shuffled_in_shard", None])
+def test_harvest_from_pretokenized_equals_harvest_from_text(lm, corpus_file, tmp_path, row_order):
     """Shards of 16 sequences; rank 0 of 2 reads shards 0 and 2 only; with shard 2's marker removed the
-    rerun reads shard 2 only; rank 1 finishes; the store equals the one harvested from the text, also when
-    the token budget is more than the text holds (the last shards short / empty). No tokenizer is used."""
+    rerun reads shard 2 only; rank 1 finishes; the store holds the rows of the one harvested from the text,
+    also when the token budget is more than the text holds (the last shards short / empty). No tokenizer is
+    used. The default order for pretokenised sequences is shuffled_global: shard s holds the sequences at
+    positions [16 s, 16 s + 16) of sequence_order(n), which a rank reads in that order."""
     _pretokenize(lm, corpus_file, tmp_path / "p", num_proc=2)
     seqs = PretokenizedSequences(tmp_path / "p", ctx_len=CTX, eval_fraction=EVAL)
     model = lm[0]
@@ -71,21 +78,36 @@ def test_harvest_from_pretokenized_equals_harvest_from_text(lm, corpus_file, tmp
         out = tmp_path / f"pre{tokens}"
         rec = _Recording(seqs)
         n = min(len(seqs), tokens // BODY)
-        r0 = run_harvest((model, None), out, None, tokens, sequences=rec, rank=0, world_size=2)
-        assert not r0["complete"] and rec.read == [i for i in range(n) if (i // 16) % 2 == 0]
+        order = sequence_order(n) if row_order is None else np.arange(n)
+        r0 = run_harvest((model, None), out, None, tokens, sequences=rec, rank=0, world_size=2, row_order=row_order)
+        assert not r0["complete"] and rec.read == [order[p] for p in range(n) if (p // 16) % 2 == 0]
         (out / "_progress" / "shard_00000002.json").unlink()
         rec.read.clear()
-        run_harvest((model, None), out, None, tokens, sequences=rec, rank=0, world_size=2)
-        assert rec.read == list(range(32, min(48, n)))
-        r1 = run_harvest((model, None), out, None, tokens, sequences=rec, rank=1, world_size=2)
+        run_harvest((model, None), out, None, tokens, sequences=rec, rank=0, world_size=2, row_order=row_order)
+        assert rec.read == list(order[32:48])
+        r1 = run_harvest((model, None), out, None, tokens, sequences=rec, rank=1, world_size=2, row_order=row_order)
         assert r1["complete"]
+        (arrays, attrs), shard_seqs = read_store(out, text_order=False), 16 * BODY
+        assert attrs["row_order"] == (row_order or "shuffled_global")
+        for s in range(-(-n // 16)):  # each shard holds its sequences (every row of each)
+            got = np.bincount(arrays["seq_index"][s * shard_seqs:(s + 1) * shard_seqs], minlength=n)
+            np.testing.assert_array_equal(np.flatnonzero(got), np.sort(order[16 * s:16 * s + 16]))
+            assert set(got[got > 0]) == {BODY}
         run_harvest(lm, tmp_path / f"text{tokens}", tiny_corpus(**DOCS), tokens)
+        _set_row_order(out, "shuffled_in_shard")
         assert_same_store(out, tmp_path / f"text{tokens}")
+
+
+def _set_row_order(path, row_order: str) -> None:
+    """Rewrite a store's row_order attribute (to compare its rows and other attributes with another store's)."""
+    g = zarr.open_group(str(path), mode="r+")
+    g.attrs["row_order"] = row_order
 
 
 def test_sae_pretokenize_then_sae_harvest_equals_sae_harvest(tiny_lm_dir, corpus_file, tmp_path, console_script):
     """The command lines: `sae-pretokenize data.num_proc=2`, then `sae-harvest data.pretokenized=DIR`, write
-    the store that `sae-harvest` from the text writes; a pretokenised directory of another ctx_len is refused."""
+    the rows of the store that `sae-harvest` from the text writes (in the global order); a pretokenised
+    directory of another ctx_len is refused."""
     common = [f"model.name={tiny_lm_dir}", "device=cpu", "data.dataset=json", f"data.data_files={corpus_file}",
               f"data.ctx_len={CTX}", f"data.eval_fraction={EVAL}", "harvest.tokens=600", "harvest.seqs_per_chunk=4",
               "harvest.seqs_per_shard=16", "harvest.batch_size=5", "harvest.dtype=float32"]
@@ -97,6 +119,8 @@ def test_sae_pretokenize_then_sae_harvest_equals_sae_harvest(tiny_lm_dir, corpus
     for name, extra in (("a", [f"data.pretokenized={pre}"]), ("b", [])):
         proc = console_script("sae-harvest", *common, f"run_dir={tmp_path / name}", *extra)
         assert proc.returncode == 0, proc.stderr[-3000:]
+    assert zarr.open_group(str(tmp_path / "a" / "activations.zarr")).attrs["row_order"] == "shuffled_global"
+    _set_row_order(tmp_path / "a" / "activations.zarr", "shuffled_in_shard")
     assert_same_store(tmp_path / "a" / "activations.zarr", tmp_path / "b" / "activations.zarr")
     proc = console_script("sae-harvest", *[c for c in common if not c.startswith("data.ctx_len")], "data.ctx_len=32",
                           f"run_dir={tmp_path / 'c'}", f"data.pretokenized={pre}")
