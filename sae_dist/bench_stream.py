@@ -2,10 +2,10 @@
 against separate streamed runs.
 
 `python -m sae_dist.bench_stream [--tokens T] [--d-sae N] [--k K] [--batch B] [--buffer R] [--points P]
-[--threads N] [--model M]` loads the LM of the default config (the embedded SmolLM2-135M-Instruct, fp32 on
-CPU; `--model` a local transformers directory instead) and its default hook point, reads the default text
-(this interpreter's standard library; the documents are read into memory before any timing), and times, each
-into fresh temporary directories, with wandb and checkpoints off:
+[--threads N] [--model M] [--quality-seeds S]` loads the LM of the default config (the embedded
+SmolLM2-135M-Instruct, fp32 on CPU; `--model` a local transformers directory instead) and its default hook
+point, reads the default text (this interpreter's standard library; the documents are read into memory
+before any timing), and times, each into fresh temporary directories, with wandb and checkpoints off:
 
 1. `harvest` of T tokens, then `train` of a TopK SAE (N latents, k, batch B) on that store: `harvest_s`, `train_s`;
 2. the same training from the LM (`train(source=LMStream...)`, shuffle windows of R rows): `stream_s`; and
@@ -16,6 +16,12 @@ into fresh temporary directories, with wandb and checkpoints off:
 It prints ONE JSON line with those wall times and `stream_over_sum` = stream_s / (harvest_s + train_s) (the
 goal is <= 1.1) and `grid_over_separate` = grid_s / separate_s (the goal is <= 0.5), plus `threads`, `torch`,
 `device` and `date`. docs/benchmarks.md records the results.
+
+`--quality-seeds S` measures quality instead of time: the first ceil(T / (ctx_len - 1)) train sequences of
+the text, packed once, are harvested into one store (`row_order=shuffled_in_shard`) and streamed as
+pretokenised sequences (the stream's shuffled order), and for seeds 0 .. S-1 an SAE is trained on each; the
+JSON line holds `heldout_fvu_store` and `heldout_fvu_stream` (one per seed), their means and
+`stream_over_store` = the ratio of the means (the goal is <= 1.05).
 """
 
 from __future__ import annotations
@@ -88,6 +94,38 @@ def heldout_fvu(model, tok, hook: str, docs: list[str], ctx_len: int, eval_fract
     return out
 
 
+def run_quality(args: argparse.Namespace, model, tok, hook: str, d_in: int, docs: list[str]) -> dict:
+    """Held-out fvu of SAEs trained on a store and streamed from the same packed sequences, per seed
+    (`--quality-seeds`, module docstring)."""
+    from sae_dist.config import DataConfig
+    from sae_dist.harvest.harvester import harvest
+    from sae_dist.harvest.stream import LMStream
+    from sae_dist.harvest.text import packed_sequences
+    from sae_dist.train.trainer import train
+
+    data, seeds = DataConfig(), range(args.quality_seeds)
+    n = -(-args.tokens // (data.ctx_len - 1))
+    seqs = list(itertools.islice(packed_sequences(docs, tok, data.ctx_len, eval_fraction=data.eval_fraction), n))
+    source = functools.partial(LMStream, model=model, tokenizer=tok, hook_name=hook, sequences=seqs,
+                               ctx_len=data.ctx_len, eval_fraction=data.eval_fraction, buffer_tokens=args.buffer)
+    quiet = dict(progress=False, wandb_cfg={"enabled": False})
+    sae_cfg, tcfg = _sae_runs(args, args.k, d_in)
+    with tempfile.TemporaryDirectory(prefix="bench_stream_q_") as d, contextlib.redirect_stdout(sys.stderr):
+        d = Path(d)
+        harvest(model=model, tokenizer=tok, hook_name=hook, docs=None, sequences=seqs, row_order="shuffled_in_shard",
+                store_path=str(d / "store"), tokens=args.tokens, ctx_len=data.ctx_len, progress=False)
+        for seed in seeds:
+            train(store_path=d / "store", out_dir=d / f"store{seed}", sae_cfg=sae_cfg, trainer_cfg=tcfg, seed=seed,
+                  **quiet)
+            train(source=source, out_dir=d / f"lm{seed}", sae_cfg=sae_cfg, trainer_cfg=tcfg, seed=seed, **quiet)
+        fvu = heldout_fvu(model, tok, hook, docs, data.ctx_len, data.eval_fraction,
+                          [d / f"{kind}{seed}" / "sae" for kind in ("store", "lm") for seed in seeds])
+    store, stream = fvu[: len(seeds)], fvu[len(seeds):]
+    mean_store, mean_stream = sum(store) / len(store), sum(stream) / len(stream)
+    return {"heldout_fvu_store": store, "heldout_fvu_stream": stream, "mean_store": round(mean_store, 5),
+            "mean_stream": round(mean_stream, 5), "stream_over_store": round(mean_stream / mean_store, 4)}
+
+
 def run_bench(args: argparse.Namespace) -> dict:
     """Load the LM and the text once, then time the stages of the module docstring."""
     from sae_dist.config import DataConfig, ModelConfig
@@ -104,6 +142,11 @@ def run_bench(args: argparse.Namespace) -> dict:
     model, tok = load_lm(name, gguf_file=gguf, dtype=mc.dtype, device="cpu")
     hook, d_in = default_hook_name(model), lm_d_model(model)
     docs = _documents(args.tokens, data.ctx_len, data.eval_fraction, tok)
+    common = {"model": model_display_name(name, gguf), "hook_name": hook, "tokens": args.tokens, "d_sae": args.d_sae,
+              "k": args.k, "batch": args.batch, "buffer_tokens": args.buffer, "threads": torch.get_num_threads(),
+              "torch": torch.__version__, "device": "cpu", "date": _dt.date.today().isoformat()}
+    if args.quality_seeds:
+        return {**common, "seeds": args.quality_seeds, **run_quality(args, model, tok, hook, d_in, docs)}
     source = functools.partial(LMStream, model=model, tokenizer=tok, hook_name=hook, docs=lambda: docs,
                                ctx_len=data.ctx_len, eval_fraction=data.eval_fraction, buffer_tokens=args.buffer)
     quiet = dict(progress=False, wandb_cfg={"enabled": False})
@@ -124,14 +167,10 @@ def run_bench(args: argparse.Namespace) -> dict:
                           [d / "store_run" / "sae", d / "lm_run" / "sae"])
         separate_s = sum(_timed(lambda p=p: train(source=source, out_dir=d / f"alone/{p.sae_cfg.k}", sae_cfg=p.sae_cfg,
                                                   trainer_cfg=p.trainer_cfg, **quiet)) for p in points)
-    return {"model": model_display_name(name, gguf), "hook_name": hook, "tokens": args.tokens, "d_sae": args.d_sae,
-            "k": args.k, "batch": args.batch, "buffer_tokens": args.buffer, "grid_k": ks,
-            "harvest_s": round(harvest_s, 6), "train_s": round(train_s, 6), "stream_s": round(stream_s, 6),
-            "stream_over_sum": round(stream_s / (harvest_s + train_s), 4), "heldout_fvu_store": fvu[0],
-            "heldout_fvu_stream": fvu[1], "grid_s": round(grid_s, 6),
-            "separate_s": round(separate_s, 6), "grid_over_separate": round(grid_s / separate_s, 4),
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "device": "cpu",
-            "date": _dt.date.today().isoformat()}
+    return {**common, "grid_k": ks, "harvest_s": round(harvest_s, 6), "train_s": round(train_s, 6),
+            "stream_s": round(stream_s, 6), "stream_over_sum": round(stream_s / (harvest_s + train_s), 4),
+            "heldout_fvu_store": fvu[0], "heldout_fvu_stream": fvu[1], "grid_s": round(grid_s, 6),
+            "separate_s": round(separate_s, 6), "grid_over_separate": round(grid_s / separate_s, 4)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--points", type=int, default=4, help="points of the shared sweep")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--model", default=None, help="a local transformers LM directory (default: the embedded LM)")
+    p.add_argument("--quality-seeds", type=int, default=0,
+                   help="instead of timing: held-out fvu of store-trained vs streamed SAEs over this many seeds")
     return p
 
 

@@ -5,7 +5,11 @@ Order (a pure function of the seed and the position, so a resume is exact withou
 * The packed train-sequence stream is the harvester's (`text.packed_sequences`, or a `sae-pretokenize`
   dataset): sequence i gives text rows [i*(ctx_len-1), (i+1)*(ctx_len-1)), position 0 (BOS) never used. When
   the text ends it starts again from its first document (the stream is endless).
-* Window w is sequences [w*S, (w+1)*S), S = ceil(buffer_tokens / (ctx_len-1)): the shuffle buffer. Its
+* With pretokenised sequences (random access), the stream visits them in a random order instead: its j-th
+  sequence is sequence ``perm_e[j % n]`` of the n, perm_e = ``np.random.default_rng([seed, e, _ORDER_KEY])
+  .permutation(n)`` for pass e = j // n, so a window is a uniform sample of the text (as a store harvested
+  with row_order "shuffled_global" is), not a stretch of consecutive documents.
+* Window w is stream sequences [w*S, (w+1)*S), S = ceil(buffer_tokens / (ctx_len-1)): the shuffle buffer. Its
   R = S*(ctx_len-1) rows are permuted with ``np.random.default_rng([seed, w])`` and cut into R // b
   batches of b = batch_tokens // dp_size rows; the last R % b rows of a window are not used.
 * dp rank r takes windows r, r + dp_size, r + 2 dp_size, ...; its local batch j is batch j % (R // b) of its
@@ -36,7 +40,8 @@ from sae_dist.store.reader import check_mode, normalize, worker_result
 __all__ = ["LMStream"]
 
 _STATE_KIND = "lm_stream"
-_STATE_KEYS = ("seed", "batch_tokens", "dp_size", "window_sequences", "ctx_len")
+_STATE_KEYS = ("seed", "batch_tokens", "dp_size", "window_sequences", "ctx_len", "sequence_order")
+_ORDER_KEY = 0x5EC  # with (seed, pass): the permutation of the pretokenised sequences in each pass
 
 
 class LMStream:
@@ -48,7 +53,8 @@ class LMStream:
         hook_name: one hook point (`sae_dist.harvest.hooks.resolve_hook`).
         batch_tokens: global batch B (tokens over all dp ranks), divisible by dp_size.
         docs: a callable returning a fresh iterable of document texts (called again when the text ends);
-            or `sequences`: random-access packed sequences (`PretokenizedSequences`), read by index.
+            or `sequences`: random-access packed sequences (`PretokenizedSequences`), read in a random order
+            (module docstring).
         ctx_len, eval_fraction: as the harvest's (`data.ctx_len`, `data.eval_fraction`).
         buffer_tokens: rows per shuffle window (rounded up to whole sequences); >= batch_tokens // dp_size.
         lm_batch_size: sequences per LM forward. dtype: "float16" | "bfloat16" | "float32", the buffer's
@@ -89,6 +95,7 @@ class LMStream:
                              "source=lm use sae.normalize=layer_norm (the default) or none")
         self.model, self.tokenizer, self.spec = model, tokenizer, resolve_hook(model, hook_name)
         self._docs, self._sequences = docs, sequences
+        self._pass_order: tuple[int, np.ndarray | None] = (-1, None)  # (pass e, perm_e) of `_shuffled_index`
         self.ctx_len, self.eval_fraction = int(ctx_len), float(eval_fraction)
         self.lm_batch_size, self.dtype = int(lm_batch_size), STORE_DTYPES[dtype]
         self.batch_tokens, self.seed = int(batch_tokens), int(seed)
@@ -140,9 +147,8 @@ class LMStream:
         """(w, the S sequences of window w) for this rank's windows from window `first` on."""
         S, w = self.window_sequences, first
         if self._sequences is not None:
-            n = len(self._sequences)
             while True:
-                yield w, [self._sequences[i % n] for i in range(w * S, (w + 1) * S)]
+                yield w, [self._sequences[self._shuffled_index(j)] for j in range(w * S, (w + 1) * S)]
                 w += self.dp_size
         text = self._text_from(first * S)
         while True:
@@ -150,6 +156,18 @@ class LMStream:
             for _ in range((self.dp_size - 1) * S):  # the other ranks' windows
                 next(text)
             w += self.dp_size
+
+    def _shuffled_index(self, j: int) -> int:
+        """The pretokenised sequence at stream position j: perm_e[j % n] of pass e = j // n (module docstring)."""
+        e, p = divmod(j, len(self._sequences))
+        if self._pass_order[0] != e:
+            self._pass_order = (e, np.random.default_rng([self.seed, e, _ORDER_KEY]).permutation(len(self._sequences)))
+        return int(self._pass_order[1][p])
+
+    @property
+    def sequence_order(self) -> str:
+        """"shuffled" (pretokenised sequences in a random order per pass) or "text" (the packed text in order)."""
+        return "text" if self._sequences is None else "shuffled"
 
     @torch.inference_mode()
     def window_rows_of(self, w: int, seqs: list[list[int]],
@@ -168,8 +186,8 @@ class LMStream:
             a = run_to_hooks(self.model, [self.spec], ids)[0][:, 1:, :]
             if not bool(torch.isfinite(a).all()):
                 first = w * self.window_sequences + i
-                raise HarvestError(f"non-finite activations at hook {self.spec.name!r} in sequences "
-                                   f"[{first}, {first + len(ids)}) of the stream; try model.dtype=float32")
+                raise HarvestError(f"non-finite activations at hook {self.spec.name!r} in stream sequences "
+                                   f"[{first}, {first + len(ids)}) (window {w}); try model.dtype=float32")
             parts.append(a.to(self.device, self.dtype).reshape(-1, self.d_in))
         rows = torch.cat(parts)
         perm = torch.from_numpy(np.random.default_rng([self.seed, w]).permutation(len(rows))).to(self.device)
@@ -261,20 +279,26 @@ class LMStream:
     def state_dict(self) -> dict:
         """The position of the next batch: batches served, the window's first sequence and the batch inside it."""
         w = self.window_of(self.batches)
-        return {"kind": _STATE_KIND, "version": 1, "batches": self.batches, "window": w,
+        return {"kind": _STATE_KIND, "version": 2, "batches": self.batches, "window": w,
                 "first_sequence": w * self.window_sequences, "batch_in_window": self.batches % self.batches_per_window,
                 "tokens_seen": self.batches * self.batch_tokens, "seed": self.seed, "batch_tokens": self.batch_tokens,
-                "dp_size": self.dp_size, "window_sequences": self.window_sequences, "ctx_len": self.ctx_len}
+                "dp_size": self.dp_size, "window_sequences": self.window_sequences, "ctx_len": self.ctx_len,
+                "sequence_order": self.sequence_order}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from a `state_dict()`: the LM recomputes the saved window. ValueError when the state is a
-        store reader's, or seed, batch_tokens, dp_size, window_sequences or ctx_len differ (naming the value)."""
+        store reader's, or seed, batch_tokens, dp_size, window_sequences, ctx_len or sequence_order differ
+        (naming the value)."""
         if state.get("kind") != _STATE_KIND:
             raise ValueError("cannot resume: the checkpoint was trained from an activation store, not source=lm; "
                              "use the same source or a new run_dir")
+        state = {"sequence_order": "text", **state}  # version 1: the pretokenised sequences were read in order
         for key in _STATE_KEYS:
             if state[key] != getattr(self, key):
-                hint = " (stream.buffer_tokens)" if key == "window_sequences" else ""
+                hint = {"window_sequences": " (stream.buffer_tokens)",
+                        "sequence_order": " (data.pretokenized gives the shuffled order; a checkpoint from before "
+                                          "2026-12-07 read pretokenised sequences in text order: start a new "
+                                          "run_dir)"}.get(key, "")
                 raise ValueError(f"cannot resume: saved {key}={state[key]!r} but this stream has {key}="
                                  f"{getattr(self, key)!r}{hint}; use the same value (the data order depends on it)")
         self.close()

@@ -30,6 +30,26 @@ def test_bench_stream_prints_one_record(tiny_lm_dir, capsys, monkeypatch):
     assert math.isclose(rec["grid_over_separate"], rec["grid_s"] / rec["separate_s"], rel_tol=1e-3)
 
 
+def test_bench_stream_quality_mode_compares_store_and_stream_per_seed(tiny_lm_dir, capsys, monkeypatch):
+    """--quality-seeds 2: two held-out fvu per source (different seeds train different SAEs) and the ratio
+    of their means, without the timing mode's stages."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    threads = torch.get_num_threads()
+    args = ["--tokens", "1260", "--d-sae", "64", "--k", "2", "--batch", "252", "--buffer", "504", "--threads", "1",
+            "--model", tiny_lm_dir]
+    try:
+        assert bench_stream.main([*args, "--quality-seeds", "2"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    (line,) = capsys.readouterr().out.strip().splitlines()
+    rec = json.loads(line)
+    assert rec["seeds"] == 2 and len(rec["heldout_fvu_store"]) == len(rec["heldout_fvu_stream"]) == 2
+    assert rec["heldout_fvu_store"][0] != rec["heldout_fvu_store"][1]
+    assert rec["mean_store"] == pytest.approx(sum(rec["heldout_fvu_store"]) / 2, abs=1e-5)
+    assert rec["stream_over_store"] == pytest.approx(rec["mean_stream"] / rec["mean_store"], rel=1e-3)
+    assert 0.5 < rec["stream_over_store"] < 2 and "harvest_s" not in rec and "grid_s" not in rec
+
+
 def test_bench_stream_bad_sizes_are_one_line():
     with pytest.raises(SystemExit, match=r"--batch <= --tokens"):
         bench_stream.main(["--tokens", "100", "--batch", "200"])

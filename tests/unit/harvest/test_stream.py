@@ -17,7 +17,8 @@ BATCH = 60  # rows per batch: a window of 8 sequences (120 rows) holds 2 batches
 
 def _stream(lm, docs, **kw):
     model, tok = lm
-    args = dict(model=model, tokenizer=tok, hook_name=HOOK, batch_tokens=BATCH, docs=lambda: docs, ctx_len=CTX,
+    args = dict(model=model, tokenizer=tok, hook_name=HOOK, batch_tokens=BATCH,
+                docs=None if docs is None else (lambda: docs), ctx_len=CTX,
                 eval_fraction=EVAL, buffer_tokens=8 * BODY, lm_batch_size=3, dtype="float32", seed=3,
                 normalize="none")
     args.update(kw)
@@ -98,6 +99,37 @@ def test_resume_returns_the_uninterrupted_batches(lm, docs):
     for want in ref[3:]:
         assert torch.equal(next(c), want)
     c.close()
+
+
+def test_pretokenised_sequences_are_read_in_a_new_random_order_each_pass(lm, docs):
+    """With random-access sequences the stream's position j holds sequence perm_e[j % n], perm_e the
+    permutation of pass e = j // n (default_rng([seed, e, 0x5EC])); a window's rows are those sequences'
+    hidden states; every sequence is read once per pass; a resumed stream in its second pass returns the
+    uninterrupted batches; a state of the text order is refused."""
+    seqs = list(packed_sequences(docs, lm[1], CTX, eval_fraction=EVAL))[:20]  # n = 20: 2.5 windows per pass
+    s = _stream(lm, None, sequences=seqs)
+    assert s.sequence_order == "shuffled"
+    order = [int(i) for e in range(2) for i in np.random.default_rng([3, e, 0x5EC]).permutation(20)]
+    windows = s._windows(0)
+    read = [q for _ in range(5) for q in next(windows)[1]]  # 40 positions = two passes
+    assert read == [seqs[i] for i in order] and sorted(order[:20]) == list(range(20)) and order[:20] != order[20:]
+    batches = [next(s) for _ in range(8)]  # windows 0..3
+    s.close()
+    got = torch.cat(batches[2:4])  # window 1: positions 8..15
+    np.testing.assert_allclose(_sorted_rows(got), _sorted_rows(_hidden_rows(lm, [seqs[i] for i in order[8:16]])),
+                               rtol=1e-5, atol=1e-5)
+    b = _stream(lm, None, sequences=seqs)
+    for _ in range(5):
+        next(b)
+    state = b.state_dict()
+    b.close()
+    c = _stream(lm, None, sequences=seqs)
+    c.load_state_dict(state)
+    for want in batches[5:]:
+        assert torch.equal(next(c), want)
+    c.close()
+    with pytest.raises(ValueError, match=r"sequence_order='text' .* sequence_order='shuffled' \(data.pretokenized"):
+        _stream(lm, None, sequences=seqs).load_state_dict({**state, "version": 1, "sequence_order": "text"})
 
 
 def test_bad_arguments_and_foreign_states_are_refused(lm, docs):
