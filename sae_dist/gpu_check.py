@@ -173,7 +173,7 @@ DRY = CheckSizes(
     mode="dry", device="cpu", dtype="fp32", d_in=32, k=8, batch=256, n_small=1024, n_large=2048,
     dead_frac=0.05, bench_iters=2, bench_warmup=1, matmul_iters=3, copy_mib=16,
     kernel_tests_k="bad or padding_index", kernel_test_workers=0,
-    train_n=1024, train_k=8, train_batch=256, train_steps=24, train_log_every=2,
+    train_n=1024, train_k=8, train_batch=256, train_steps=12, train_log_every=2,
     train_dead_tokens=2 * 256, store_tokens=8192, store_features=128, store_p_active=0.05,
     curve_rtol=0.02, curve_window=3, curve_skip_frac=0.1,
     budgets_s=dict(zip(_BUDGET_KEYS, (90, 60, 90, 60, 60, 60, 90, 90), strict=True)), total_budget_s=600.0,

@@ -5,22 +5,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+import torch
 
 from sae_dist.bench_harvest import deepest_hook
-
-ROOT = Path(__file__).resolve().parents[3]
-
-
-def _run(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "sae_dist.bench_harvest", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
 
 
 def test_deepest_hook_is_the_last_one_the_forward_reaches(lm):
@@ -30,17 +19,23 @@ def test_deepest_hook_is_the_last_one_the_forward_reaches(lm):
     assert deepest_hook(model, ["blocks.2.hook_resid_post", "blocks.2.hook_mlp_out"]) == "blocks.2.hook_resid_post"
 
 
-@pytest.mark.slow
-def test_bench_harvest_prints_one_record(tiny_lm_dir):
-    proc = _run("--tokens", "252", "--repeats", "1", "--model", tiny_lm_dir, "--hooks",
-                "blocks.0.hook_resid_post,blocks.1.hook_mlp_out")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    (line,) = proc.stdout.strip().splitlines()
+def test_bench_harvest_prints_one_record(tiny_lm_dir, capsys):
+    """main() in this process (the command line's own part is its argument parsing)."""
+    from sae_dist.bench_harvest import main
+
+    threads = torch.get_num_threads()
+    try:
+        assert main(["--tokens", "252", "--repeats", "1", "--threads", "1", "--model", tiny_lm_dir, "--hooks",
+                     "blocks.0.hook_resid_post,blocks.1.hook_mlp_out"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    (line,) = capsys.readouterr().out.strip().splitlines()
     rec = json.loads(line)
     assert rec["deepest"] == "blocks.1.hook_mlp_out" and rec["tokens"] == 252 and rec["model"] == tiny_lm_dir
     assert rec["hooks"] == ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
-    assert rec["single_s"] > 0 and rec["multi_s"] > 0
+    assert rec["single_s"] > 0 and rec["multi_s"] > 0 and rec["threads"] == 1
     assert math.isclose(rec["multi_over_single"], rec["multi_s"] / rec["single_s"], rel_tol=1e-3)
+
 
 def test_bench_harvest_bad_hook_is_one_line(tiny_lm_dir, capsys):
     """A bad hook name ends the program with SystemExit and a one-line message naming it (the interpreter
