@@ -57,4 +57,5 @@ def test_dry_run_every_step_and_both_outputs(tmp_path, capsys):
     assert wall < gc.DRY.total_budget_s
     # --recalibrate reads the record back
     assert gc.main(["--recalibrate", str(out / "gpu_check.json")]) in (0, 1)
-    assert "cluster.mfu" in capsys.readouterr().out
+    printed = capsys.readouterr().out  # mfu is fitted unless a loaded machine's copy rate makes it meaningless
+    assert "cluster.bf16_tflops" in printed and ("cluster.mfu" in printed or "mfu not fitted" in printed)
