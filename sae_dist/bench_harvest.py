@@ -26,7 +26,7 @@ import time
 import torch
 
 DEFAULT_HOOKS = "blocks.6.hook_resid_post,blocks.12.hook_mlp_out,blocks.20.hook_resid_post"
-_KIND_ORDER = ("resid_pre", "attn_out", "mlp_out", "resid_post")  # order of execution inside a layer
+_KIND_ORDER = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")  # order of execution in a layer
 
 
 def deepest_hook(model, hooks: list[str]) -> str:

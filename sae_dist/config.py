@@ -335,8 +335,8 @@ class AppConfig:
                                                             "checkpoints/, eval.json, .hydra/); Hydra's run dir")
     device: str = option("auto", "cpu | cuda | cuda:N | auto (cuda when available)")
     seed: int = option(0, "seed of the SAE init, the data order and the browser's random picks")
-    hook_name: str | None = option(None, "hook point (blocks.{L}.hook_resid_post | hook_resid_pre | hook_attn_out | "
-                                    "hook_mlp_out); null: the residual stream about 2/3 up the model")
+    hook_name: str | None = option(None, "hook point (blocks.{L}.hook_resid_post | hook_resid_pre | hook_resid_mid | "
+                                    "hook_attn_out | hook_mlp_out); null: the residual stream about 2/3 up the model")
     hooks: list[str] | None = option(None, "sae-harvest: several hook points from one LM pass, one store each "
                                            "at store.path/<hook_name>; null: the one store of hook_name")
     source: str = option("store", "sae-train: store (the activation store at store.path) | lm (the LM's activations "

@@ -1,7 +1,7 @@
 """sae_dist.harvest: LM loading, hook points, the text pipeline and the activation harvester.
 
     load_lm / embedded_default_lm            (lm.py)      transformers: HF name, local dir, GGUF
-    resolve_hook / run_to_hook(s) / splice_hook (hooks.py) blocks.{L}.hook_{resid_pre,resid_post,attn_out,mlp_out}
+    resolve_hook / run_to_hook(s) / splice_hook (hooks.py) blocks.{L}.hook_{resid_pre,resid_mid,resid_post,...}
     iter_documents / packed_sequences        (text.py)    HF datasets -> [BOS] + (ctx_len-1) tokens
     harvest / hook_store_path                (harvester.py) deterministic, resumable, multi-worker, multi-hook
 """

@@ -1,11 +1,19 @@
 """Hook names over HF transformers decoders, truncated forwards and activation splicing.
 
-Naming scheme (TransformerLens / SAELens style, 0-indexed decoder layers L):
+Naming scheme (TransformerLens / SAELens, 0-indexed decoder layers L); the names mean what they mean in
+TransformerLens for every family:
 
     blocks.{L}.hook_resid_pre    input of decoder layer L (residual stream before it)
+    blocks.{L}.hook_resid_mid    residual stream between attention and MLP (sequential blocks only: not in
+                                 parallel-residual layers such as GPT-NeoX/Pythia's default or GPT-J)
     blocks.{L}.hook_resid_post   output of decoder layer L (residual stream after it)
-    blocks.{L}.hook_attn_out     output of layer L's self-attention module (before the residual add)
-    blocks.{L}.hook_mlp_out      output of layer L's MLP module (before the residual add)
+    blocks.{L}.hook_attn_out     what the attention branch adds to the residual stream
+    blocks.{L}.hook_mlp_out      what the MLP branch adds to the residual stream
+
+So resid_post = resid_pre + attn_out + mlp_out and resid_mid = resid_pre + attn_out in every family. In the
+families with post-sublayer norms (Gemma 2, Gemma 3, OLMo 2: layers with `post_feedforward_layernorm`) the
+branches add the output of `post_attention_layernorm` / `post_feedforward_layernorm`, so attn_out and mlp_out
+are those norms' outputs, not the attention / MLP modules' (as in TransformerLens and Gemma Scope).
 
 Everything works through PyTorch module hooks on the unmodified HF model, so it applies to any
 architecture whose decoder layers `decoder_layers` can find. Module outputs may be a tensor or a tuple
@@ -34,7 +42,7 @@ __all__ = [
     "splice_hook",
 ]
 
-HOOK_KINDS = ("resid_pre", "resid_post", "attn_out", "mlp_out")
+HOOK_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 
 # Attribute paths (from the *ForCausalLM object) of the decoder-layer ModuleList, by layout.
 _LAYER_PATHS = (
@@ -50,7 +58,12 @@ _LAYER_PATHS = (
 )
 _ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
 _MLP_NAMES = ("mlp", "feed_forward", "ffn")
-_HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_post|attn_out|mlp_out)$")
+# Post-sublayer norms: a layer with _POST_MLP_NORM adds norm(attn(.)) and norm(mlp(.)) to the residual stream
+_POST_ATTN_NORM, _POST_MLP_NORM = "post_attention_layernorm", "post_feedforward_layernorm"
+# The norm in front of the MLP, whose input is resid_mid: Gemma 2/3, GPT-2, then Llama-style layers (Llama,
+# Mistral, Qwen2, Phi-3, GPT-NeoX), where post_attention_layernorm is the pre-MLP norm
+_PRE_MLP_NORMS = ("pre_feedforward_layernorm", "ln_2", "post_attention_layernorm")
+_HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_mid|resid_post|attn_out|mlp_out)$")
 
 
 @dataclass(frozen=True)
@@ -62,7 +75,10 @@ class HookSpec:
         layer: decoder layer index L (0-based).
         kind: one of HOOK_KINDS.
         module: the `nn.Module` whose input (`pre=True`) or output (`pre=False`) is the activation.
-        pre: True for resid_pre (a forward-pre-hook on decoder layer L), else a forward hook.
+        pre: True for resid_pre (a forward-pre-hook on decoder layer L) and resid_mid (on the module after
+            it), else a forward hook.
+        block: decoder layer L. attn_branch: for resid_mid, the module whose output the attention branch
+            adds to the residual stream (`splice_hook` changes resid_mid through it); else None.
     """
 
     name: str
@@ -70,6 +86,8 @@ class HookSpec:
     kind: str
     module: nn.Module
     pre: bool
+    block: nn.Module | None = None
+    attn_branch: nn.Module | None = None
 
 
 def _getattr_path(obj, path: str):
@@ -111,17 +129,36 @@ def _submodule(layer: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
     return None
 
 
+def _branch_output(layer: nn.Module, kind: str) -> nn.Module | None:
+    """The module whose output the attention ("attn_out") or MLP ("mlp_out") branch of `layer` adds to the
+    residual stream: the post-sublayer norm where the layer has them, else the attention / MLP module."""
+    if isinstance(getattr(layer, _POST_MLP_NORM, None), nn.Module):
+        return getattr(layer, _POST_ATTN_NORM if kind == "attn_out" else _POST_MLP_NORM, None)
+    return _submodule(layer, _ATTN_NAMES if kind == "attn_out" else _MLP_NAMES)
+
+
+def _resid_mid_module(layer: nn.Module) -> nn.Module | None:
+    """The module whose input is resid_mid (the MLP branch's first module), or None for a parallel-residual
+    layer (attention and MLP both read resid_pre) or one without both branches."""
+    if getattr(layer, "use_parallel_residual", False) or _branch_output(layer, "attn_out") is None:
+        return None
+    if isinstance(getattr(layer, _POST_MLP_NORM, None), nn.Module):  # Gemma 2/3: pre norm; OLMo 2: none
+        return _submodule(layer, ("pre_feedforward_layernorm", *_MLP_NAMES))
+    return _submodule(layer, _PRE_MLP_NORMS)
+
+
 def _kinds_available(layer: nn.Module) -> list[str]:
-    kinds = ["resid_pre", "resid_post"]
-    if _submodule(layer, _ATTN_NAMES) is not None:
-        kinds.append("attn_out")
-    if _submodule(layer, _MLP_NAMES) is not None:
-        kinds.append("mlp_out")
+    kinds = ["resid_pre"]
+    if _resid_mid_module(layer) is not None:
+        kinds.append("resid_mid")
+    kinds.append("resid_post")
+    kinds += [k for k in ("attn_out", "mlp_out") if _branch_output(layer, k) is not None]
     return kinds
 
 
 def valid_hook_names(model: nn.Module) -> list[str]:
-    """All hook names of `model`, layer-major: blocks.{L}.hook_{resid_pre,resid_post,attn_out,mlp_out}."""
+    """All hook names of `model`, layer-major: blocks.{L}.hook_{resid_pre,resid_mid,resid_post,attn_out,mlp_out}
+    (resid_mid only in sequential blocks)."""
     layers = decoder_layers(model)
     return [f"blocks.{i}.hook_{k}" for i, layer in enumerate(layers) for k in _kinds_available(layer)]
 
@@ -138,7 +175,7 @@ def resolve_hook(model: nn.Module, name: str) -> HookSpec:
     Raises:
         ValueError: malformed name, layer out of range, or a kind the layer lacks; the message names
             the bad value and lists the valid names compactly (e.g.
-            "blocks.{0..29}.hook_{resid_pre,resid_post,attn_out,mlp_out}").
+            "blocks.{0..29}.hook_{resid_pre,resid_mid,resid_post,attn_out,mlp_out}").
     """
     layers = decoder_layers(model)
     m = _HOOK_RE.match(str(name).strip())
@@ -155,19 +192,14 @@ def resolve_hook(model: nn.Module, name: str) -> HookSpec:
     if kind in ("resid_pre", "resid_post"):
         module = layer
     else:
-        module = _submodule(layer, _ATTN_NAMES if kind == "attn_out" else _MLP_NAMES)
-        if module is None:
-            raise ValueError(
-                f"hook {name!r}: decoder layer {type(layer).__name__} has no "
-                f"{'attention' if kind == 'attn_out' else 'MLP'} submodule; valid names: {valid}"
-            )
-    return HookSpec(
-        name=f"blocks.{layer_idx}.hook_{kind}",
-        layer=layer_idx,
-        kind=kind,
-        module=module,
-        pre=(kind == "resid_pre"),
-    )
+        module = _resid_mid_module(layer) if kind == "resid_mid" else _branch_output(layer, kind)
+    if module is None:
+        what = {"attn_out": "no attention submodule", "mlp_out": "no MLP submodule",
+                "resid_mid": "no residual stream between attention and MLP (a parallel-residual block)"}[kind]
+        raise ValueError(f"hook {name!r}: decoder layer {type(layer).__name__} has {what}; valid names: {valid}")
+    return HookSpec(name=f"blocks.{layer_idx}.hook_{kind}", layer=layer_idx, kind=kind, module=module,
+                    pre=kind in ("resid_pre", "resid_mid"), block=layer,
+                    attn_branch=_branch_output(layer, "attn_out") if kind == "resid_mid" else None)
 
 
 def default_hook_name(model: nn.Module) -> str:
@@ -290,6 +322,10 @@ def splice_hook(
             )
         return out.to(dtype=a.dtype, device=a.device)
 
+    if spec.kind == "resid_mid":
+        with _splice_resid_mid(spec, _apply):
+            yield spec
+        return
     if spec.pre:
 
         def pre_hook(_mod, args, kwargs):
@@ -314,3 +350,27 @@ def splice_hook(
         yield spec
     finally:
         handle.remove()
+
+
+@contextlib.contextmanager
+def _splice_resid_mid(spec: HookSpec, apply: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """resid_mid -> apply(resid_mid) during forwards: the layer's input r is kept by a pre-hook and the
+    attention branch's output o becomes apply(r + o) - r, so the layer's own residual add r + o' gives
+    apply(resid_mid) (up to one float rounding)."""
+    resid_pre: list[torch.Tensor] = []
+
+    def keep_input(_mod, args, kwargs):
+        resid_pre[:] = [_pre_hook_input(args, kwargs)]
+
+    def shift(_mod, _args, output):
+        o = _first_tensor(output)
+        new = apply(resid_pre[0] + o) - resid_pre[0]
+        return (new, *output[1:]) if isinstance(output, (tuple, list)) else new
+
+    handles = [spec.block.register_forward_pre_hook(keep_input, with_kwargs=True),
+               spec.attn_branch.register_forward_hook(shift)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

@@ -91,7 +91,7 @@ def test_two_workers_equal_one_worker_and_exhaustion_trims(lm, tmp_path):
     assert_same_store(tmp_path / "one", tmp_path / "two")
 
 
-HOOKS = ["blocks.0.hook_mlp_out", HOOK, "blocks.0.hook_resid_pre"]
+HOOKS = ["blocks.0.hook_mlp_out", "blocks.1.hook_resid_mid", HOOK, "blocks.0.hook_resid_pre"]
 
 
 def _single_hook_stores(lm, tmp_path, docs, tokens) -> dict:
