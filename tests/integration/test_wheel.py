@@ -47,8 +47,8 @@ def test_a_wheel_installs_into_a_fresh_venv_with_configs_kernels_and_console_scr
     p = _run([sys.executable, "-m", "pip", "--python", py, "install", "-q", "--no-deps", "--no-index", wheel],
              cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
-    where = _run([py, "-c", "import sae_dist, sae_dist.kernels.encoder_topk as k; print(sae_dist.__file__, k.__file__)"],
-                 tmp_path)
+    code = "import sae_dist, sae_dist.kernels.encoder_topk as k; print(sae_dist.__file__, k.__file__)"
+    where = _run([py, "-c", code], tmp_path)
     assert where.stdout.split() == [str(Path(site, "sae_dist", "__init__.py")),
                                     str(Path(site, "sae_dist", "kernels", "encoder_topk.py"))], where.stderr
     help_ = _run([env_dir / "bin" / "sae-train", "--help"], tmp_path)
