@@ -166,6 +166,8 @@ class WandbConfig:
 
     enabled: bool = option(True, "log to wandb")
     project: str = option("sae-dist", "wandb project")
+    entity: str | None = option(None, "wandb entity (team or user); null: the API key's default")
+    tags: list[str] | None = option(None, "wandb run tags, e.g. [gpt2,layer8]")
     mode: str | None = option(None, "online | offline | disabled; null: online when an API key is configured, "
                                     "else offline (files under run_dir/wandb)")
     group: str | None = option(None, "wandb group; null: the sweep directory's name under -m")

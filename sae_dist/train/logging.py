@@ -63,6 +63,42 @@ def wandb_has_api_key() -> bool:
     return rc.authenticators(host) is not None
 
 
+def saelens_term_name(name: str) -> str:
+    """SAELens' wandb name of an architecture's extra logged term `name` (`saelens_metrics`)."""
+    if name.endswith("_coef"):
+        return f"details/{name.removesuffix('_coef')}_coefficient"
+    return f"losses/{name}" if name.endswith("_loss") else f"losses/{name}_loss"
+
+
+def saelens_metrics(m: dict, tokens: int, d_sae: int) -> dict:
+    """The step metrics `m` (the `train/...` keys of `train_log.jsonl`) under the names SAELens' trainer logs
+    to wandb, so that dashboards built for SAELens runs read ours (docs/reference.md#wandb).
+
+    losses/overall_loss = train/loss; losses/mse_loss = train/fvu (the reconstruction term of the loss: the
+    normalized MSE of Gao et al. 2024, eq. 1, which is the fvu); metrics/explained_variance = 1 - train/fvu
+    (SAELens' definition, 1 - sum ||x - x_hat||^2 / sum ||x - mean x||^2 over the batch);
+    losses/auxiliary_reconstruction_loss = train/auxk_loss; metrics/l0 = train/l0; sparsity/dead_features =
+    the count of dead latents (train/dead_fraction * d_sae); details/current_learning_rate = train/lr;
+    details/n_training_samples = tokens (activation rows). Ours kept, as SAELens has no such name:
+    details/tokens_per_s, metrics/multi_topk_explained_variance (1 - train/multi_topk_fvu). An
+    architecture's extra terms train/<name> follow SAELens' pattern: a coefficient `<x>_coef` as
+    details/<x>_coefficient, a loss term as losses/<name>_loss (e.g. l1 -> losses/l1_loss)."""
+    out = {"losses/overall_loss": m["train/loss"], "losses/mse_loss": m["train/fvu"],
+           "metrics/explained_variance": 1.0 - m["train/fvu"],
+           "losses/auxiliary_reconstruction_loss": m["train/auxk_loss"], "metrics/l0": m["train/l0"],
+           "sparsity/dead_features": round(m["train/dead_fraction"] * d_sae),
+           "details/current_learning_rate": m["train/lr"], "details/n_training_samples": int(tokens),
+           "details/tokens_per_s": m["train/tokens_per_s"]}
+    if "train/multi_topk_fvu" in m:
+        out["metrics/multi_topk_explained_variance"] = 1.0 - m["train/multi_topk_fvu"]
+    known = {"loss", "fvu", "auxk_loss", "l0", "dead_fraction", "lr", "tokens_per_s", "multi_topk_fvu"}
+    for key, v in m.items():
+        name = key.removeprefix("train/")
+        if key.startswith("train/") and name not in known:
+            out[saelens_term_name(name)] = v
+    return out
+
+
 class WandbLogger:
     """Thin wandb wrapper; no-op when disabled. Logs scalar dicts with `tokens` as a metric."""
 
@@ -87,6 +123,8 @@ class WandbLogger:
             id_file.write_text(run_id)
         self.run = wandb.init(
             project=cfg.get("project", "sae-dist"),
+            entity=cfg.get("entity"),
+            tags=list(cfg.get("tags") or []) or None,
             group=cfg.get("group"),
             name=cfg.get("name"),
             mode=mode,

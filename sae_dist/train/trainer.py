@@ -44,7 +44,7 @@ from sae_dist.store.layout import RENAMED_ATTRS
 from sae_dist.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from sae_dist.train.config import TrainerConfig
 from sae_dist.train.engine import Engine, TorchEngine, budget_factor, default_lr, lr_at_step, make_optimizer
-from sae_dist.train.logging import JsonlLogger, WandbLogger, truncate_jsonl
+from sae_dist.train.logging import JsonlLogger, WandbLogger, saelens_metrics, truncate_jsonl
 
 __all__ = ["TrainerConfig", "train", "make_optimizer"]
 
@@ -787,7 +787,7 @@ def _log_step(run: _Run, res: TrainOutput, lr: float, clock: list, bar, jsonl, w
     if not run.ctx.is_main:
         return
     jsonl.log({"step": run.step, "tokens": run.tokens_seen, **m})
-    wb.log({**m, "tokens": run.tokens_seen}, step=run.step)
+    wb.log(saelens_metrics(m, run.tokens_seen, run.sae_cfg.d_sae), step=run.step)
     _show_progress(bar, m, run.tokens_seen, tps)
     if run.auxk_from is None and m["train/auxk_loss"] > 0:
         run.auxk_from = run.step

@@ -83,14 +83,16 @@ def make_tiny_lm(
 
 
 def train_on_synthetic(tmp_path, sae_cfg, *, dictionary=None, n_store_tokens: int = 32768,
-                       tokens: int = 300_000, batch_tokens: int = 1024, seed: int | None = None, **trainer_kw):
+                       tokens: int = 300_000, batch_tokens: int = 1024, seed: int | None = None,
+                       wandb_cfg: dict | None = None, **trainer_kw):
     """Train `sae_cfg` (any architecture) through the real trainer on activations drawn from a
     `sae_dist.eval.synthetic.SyntheticDictionary` and load the export back.
 
     Args: tmp_path: a fresh directory. sae_cfg: SAEConfig (its d_in must be the dictionary's d).
       dictionary: a SyntheticDictionary (default: d=sae_cfg.d_in, 64 features, p_active 0.05).
       n_store_tokens: samples written to the store; tokens / batch_tokens: training length;
-      seed: data-order / init seed (default: fresh random); trainer_kw: more TrainerConfig fields.
+      seed: data-order / init seed (default: fresh random); wandb_cfg: `train`'s (default: wandb off);
+      trainer_kw: more TrainerConfig fields.
     Returns (dictionary, train() result dict, loaded exported SAE (`sae_dist.load_sae`)).
     """
     import torch
@@ -108,5 +110,5 @@ def train_on_synthetic(tmp_path, sae_cfg, *, dictionary=None, n_store_tokens: in
     kw = dict(tokens=tokens, batch_tokens=batch_tokens, keep_checkpoints=0, log_every_steps=50)
     kw.update(trainer_kw)
     res = train(store_path=tmp_path / "s.zarr", out_dir=tmp_path / "run", sae_cfg=sae_cfg, seed=seed,
-                trainer_cfg=TrainerConfig(**kw), progress=False, wandb_cfg={"enabled": False})
+                trainer_cfg=TrainerConfig(**kw), progress=False, wandb_cfg=wandb_cfg or {"enabled": False})
     return sd, res, load_sae(tmp_path / "run" / "sae")

@@ -1,0 +1,63 @@
+"""What sae-train sends to wandb: SAELens' metric names (losses/overall_loss, metrics/explained_variance,
+metrics/l0, sparsity/dead_features, ...), each computed from the same step's train_log.jsonl record, and the
+wandb.entity / wandb.tags options. wandb itself is replaced by a recorder of what `wandb.init` and
+`run.log` receive (the real offline run files are checked in tests/integration/train/test_trainer_processes.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import wandb
+from helpers.synthetic import train_on_synthetic
+
+from sae_dist.sae import SAEConfig
+from sae_dist.train.logging import saelens_term_name
+
+SAELENS_KEYS = {"losses/overall_loss", "losses/mse_loss", "losses/auxiliary_reconstruction_loss",
+                "metrics/explained_variance", "metrics/l0", "sparsity/dead_features", "details/current_learning_rate",
+                "details/n_training_samples", "details/tokens_per_s"}
+
+
+class _Recorder:
+    """Stands in for a wandb run: keeps init's keywords and every log call."""
+
+    def __init__(self, **kw):
+        self.init, self.logged, self.summary = kw, [], {}
+
+    def log(self, metrics, step):
+        self.logged.append((step, dict(metrics)))
+
+    def finish(self):
+        pass
+
+
+@pytest.mark.parametrize("architecture", ["topk", "relu"])
+def test_wandb_gets_saelens_names_computed_from_the_logged_step(tmp_path, monkeypatch, architecture):
+    runs = []
+    monkeypatch.setattr(wandb, "init", lambda **kw: runs.append(_Recorder(**kw)) or runs[-1])
+    opts = {"target_l0": 4.0} if architecture == "relu" else {}
+    cfg = SAEConfig(d_in=16, d_sae=64, k=4 if architecture == "topk" else None, architecture=architecture,
+                    dead_tokens=1024, options=opts)
+    torch.manual_seed(0)
+    train_on_synthetic(tmp_path, cfg, tokens=512 * 12, batch_tokens=512, log_every_steps=4, seed=3,
+                       wandb_cfg={"mode": "offline", "entity": "lab", "tags": ["gpt2", "layer8"]})
+    (run,) = runs
+    assert run.init["entity"] == "lab" and run.init["tags"] == ["gpt2", "layer8"] and run.init["mode"] == "offline"
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [s for s, _ in run.logged] == [r["step"] for r in log] == [4, 8, 12]
+    for (_, got), rec in zip(run.logged, log, strict=True):
+        assert SAELENS_KEYS <= set(got) and not any(k.startswith("train/") for k in got)
+        assert got["losses/overall_loss"] == rec["train/loss"] and got["losses/mse_loss"] == rec["train/fvu"]
+        assert got["metrics/explained_variance"] == pytest.approx(1 - rec["train/fvu"], abs=1e-12)
+        assert got["metrics/l0"] == rec["train/l0"] and got["details/current_learning_rate"] == rec["train/lr"]
+        assert got["sparsity/dead_features"] == round(rec["train/dead_fraction"] * 64)
+        assert got["details/n_training_samples"] == rec["tokens"]
+        extra = {k for k in rec if k.startswith("train/")} - {
+            "train/loss", "train/fvu", "train/auxk_loss", "train/l0", "train/dead_fraction", "train/lr",
+            "train/tokens_per_s"}
+        for k in extra:  # an architecture's own terms, named as SAELens names them
+            assert got[saelens_term_name(k.removeprefix("train/"))] == rec[k]
+    if architecture == "relu":  # SAELens' names for the L1 penalty and its scheduled coefficient
+        assert {"losses/l1_loss", "details/l1_coefficient"} <= set(run.logged[-1][1])
