@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -30,8 +31,13 @@ def _run(args: list, cwd: Path, **kw) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_a_wheel_installs_into_a_fresh_venv_with_configs_kernels_and_console_scripts(tmp_path):
+    # built from a copy: a setuptools build writes build/ and sae_dist.egg-info into the source tree, and an
+    # egg-info in the repository root would shadow the installed metadata (entry points) of this checkout
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, symlinks=True, ignore=shutil.ignore_patterns(
+        ".venv*", ".git", "runs", "outputs", "multirun", "wandb", "build", "dist", "*.egg-info", "__pycache__"))
     p = _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-              tmp_path / "dist", ROOT], cwd=tmp_path)
+              tmp_path / "dist", src], cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     (wheel,) = (tmp_path / "dist").glob("sae_dist-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
