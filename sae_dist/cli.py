@@ -608,6 +608,7 @@ def train_main(cfg: DictConfig) -> None:
 
     from sae_dist.config import check_config
     from sae_dist.sweep import run_point
+    from sae_dist.train.logging import add_eval_to_wandb_run
 
     def point(out: Path) -> dict:
         check_config(cfg)  # before any work (under -m: this point's failure is recorded, the sweep goes on)
@@ -622,6 +623,7 @@ def train_main(cfg: DictConfig) -> None:
                 lm = load_configured_lm(cfg, resolve_device(cfg.device))
                 for r in trained:  # each point of a grid writes eval.json in its own directory
                     r["eval"] = run_eval(cfg, Path(r["out_dir"]), lm=lm, sae_path=r["sae_dir"])
+                    add_eval_to_wandb_run(r["out_dir"], _wandb_cfg(cfg), r["eval"])
             print(json.dumps(summary, indent=2, default=str))
         return summary
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import netrc
 import os
+import re
 import uuid
 from pathlib import Path
 
@@ -145,7 +146,42 @@ class WandbLogger:
             for k, v in metrics.items():
                 self.run.summary[k] = v
 
+    def log_sae(self, sae_dir: str | os.PathLike, name: str) -> None:
+        """The exported SAE directory as a wandb artifact of type "model" named `name` (characters other than
+        letters, digits, "-", "_" and "." become "-"); offline runs keep it with the run for `wandb sync`."""
+        if self.run is not None:
+            import wandb
+
+            art = wandb.Artifact(re.sub(r"[^A-Za-z0-9_.-]", "-", name), type="model",
+                                 description="sae-dist export (SAELens layout)")
+            art.add_dir(str(sae_dir))
+            self.run.log_artifact(art)
+
     def finish(self) -> None:
         if self.run is not None:
             self.run.finish()
             self.run = None
+
+
+def flat_scalars(d: dict, prefix: str) -> dict:
+    """{prefix/key[/subkey...]: value} of the int, float and bool leaves of nested dict `d` (e.g. eval.json
+    for a wandb run summary)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat_scalars(v, f"{prefix}/{k}"))
+        elif isinstance(v, (int, float, bool)):
+            out[f"{prefix}/{k}"] = v
+    return out
+
+
+def add_eval_to_wandb_run(out_dir: str | os.PathLike, wandb_cfg: dict | None, eval_result: dict) -> None:
+    """Reopen the wandb run of `out_dir` (its wandb_run_id.txt) and put `eval_result` (eval.json) into its
+    summary under eval/...; nothing when wandb is off or the run directory has no wandb run."""
+    if not (Path(out_dir) / "wandb_run_id.txt").exists():
+        return
+    wb = WandbLogger(out_dir, wandb_cfg, config=None)
+    try:
+        wb.summary(flat_scalars(eval_result, "eval"))
+    finally:
+        wb.finish()

@@ -815,5 +815,6 @@ def _finalize(run: _Run, store_path, attrs: dict, hook_name, model_name, seed: i
         tmp.write_text(json.dumps(training_state, indent=2))
         os.replace(tmp, state_file)
         wb.summary({"tokens_trained": run.tokens_seen, "dead_fraction": dead_frac})
+        wb.log_sae(run.out / "sae", f"sae-{run.out.name}")
     wb.finish()
     ctx.barrier()

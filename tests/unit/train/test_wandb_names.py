@@ -1,7 +1,8 @@
 """What sae-train sends to wandb: SAELens' metric names (losses/overall_loss, metrics/explained_variance,
 metrics/l0, sparsity/dead_features, ...), each computed from the same step's train_log.jsonl record, and the
-wandb.entity / wandb.tags options. wandb itself is replaced by a recorder of what `wandb.init` and
-`run.log` receive (the real offline run files are checked in tests/integration/train/test_trainer_processes.py)."""
+wandb.entity / wandb.tags options. wandb itself is replaced by a recorder of what `wandb.init`,
+`run.log` and `run.log_artifact` receive (the real offline run files are checked in
+tests/integration/train/test_trainer_processes.py)."""
 
 from __future__ import annotations
 
@@ -24,10 +25,13 @@ class _Recorder:
     """Stands in for a wandb run: keeps init's keywords and every log call."""
 
     def __init__(self, **kw):
-        self.init, self.logged, self.summary = kw, [], {}
+        self.init, self.logged, self.summary, self.artifacts = kw, [], {}, []
 
     def log(self, metrics, step):
         self.logged.append((step, dict(metrics)))
+
+    def log_artifact(self, artifact):
+        self.artifacts.append(artifact)
 
     def finish(self):
         pass
@@ -59,5 +63,29 @@ def test_wandb_gets_saelens_names_computed_from_the_logged_step(tmp_path, monkey
             "train/tokens_per_s"}
         for k in extra:  # an architecture's own terms, named as SAELens names them
             assert got[saelens_term_name(k.removeprefix("train/"))] == rec[k]
+    (art,) = run.artifacts  # the export, as a wandb model artifact
+    assert (art.name, art.type) == ("sae-run", "model")
+    assert {"cfg.json", "sae_weights.safetensors"} <= set(art.manifest.entries)
+    assert run.summary["tokens_trained"] == 512 * 12
     if architecture == "relu":  # SAELens' names for the L1 penalty and its scheduled coefficient
         assert {"losses/l1_loss", "details/l1_coefficient"} <= set(run.logged[-1][1])
+
+
+def test_eval_json_goes_into_the_summary_of_the_same_run(tmp_path, monkeypatch):
+    """eval.after_train: the run is reopened by the id in wandb_run_id.txt and eval.json's numbers land in its
+    summary under eval/...; a directory without a wandb run is left alone."""
+    from sae_dist.train.logging import add_eval_to_wandb_run
+
+    runs = []
+    monkeypatch.setattr(wandb, "init", lambda **kw: runs.append(_Recorder(**kw)) or runs[-1])
+    cfg = SAEConfig(d_in=16, d_sae=64, k=4)
+    train_on_synthetic(tmp_path, cfg, tokens=512 * 4, batch_tokens=512, log_every_steps=2, seed=1,
+                       wandb_cfg={"mode": "offline"})
+    result = {"fvu": 0.25, "l0": 4.0, "model": "tiny", "downstream": {"ce_loss_score": 0.9, "note": "x"}}
+    add_eval_to_wandb_run(tmp_path / "run", {"mode": "offline"}, result)
+    first, again = runs
+    assert again.init["id"] == first.init["id"] == (tmp_path / "run" / "wandb_run_id.txt").read_text().strip()
+    assert again.init["resume"] == "allow"
+    assert again.summary == {"eval/fvu": 0.25, "eval/l0": 4.0, "eval/downstream/ce_loss_score": 0.9}
+    add_eval_to_wandb_run(tmp_path / "elsewhere", {"mode": "offline"}, result)
+    assert len(runs) == 2
