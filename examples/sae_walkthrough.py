@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prompt", default="def add(a, b):\n    return a + b\n")
     p.add_argument("--browser", default=None, help="a sae-browse output directory (default: <sae>/../browser)")
     p.add_argument("--latent", type=int, default=None, help="latent to steer with (default: the prompt's top one)")
-    p.add_argument("--alpha", type=float, default=8.0, help="steering strength (times the unit decoder row)")
+    p.add_argument("--alpha", type=float, default=1.0,
+                   help="steering strength, in units of the prompt's mean activation norm at the hook")
     p.add_argument("--max-new-tokens", type=int, default=20)
     args = p.parse_args(argv)
 
@@ -125,13 +126,16 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{tok.decode([t])!r:>14}  {cells}")
     latent = args.latent if args.latent is not None else max((v, i) for row in tops for i, v in row)[1]
     direction = sae.W_dec[latent] / sae.W_dec[latent].norm()
+    with torch.no_grad():
+        alpha = args.alpha * float(run_to_hook(lm, hook, ids)[0, 1:].float().norm(dim=-1).mean())
     plain = generate(lm, tok, ids, args.max_new_tokens)
-    steered = generate(lm, tok, ids, args.max_new_tokens, hook, direction, args.alpha)
-    shift = next_token_logits(lm, ids, hook, direction, args.alpha) - next_token_logits(lm, ids)
-    print("steering raises the next-token logits of " + ", ".join(
+    steered = generate(lm, tok, ids, args.max_new_tokens, hook, direction, alpha)
+    shift = (next_token_logits(lm, ids, hook, direction, alpha).log_softmax(-1)
+             - next_token_logits(lm, ids).log_softmax(-1))
+    print("steering raises the next-token log-probabilities of " + ", ".join(
         f"{tok.decode([int(i)])!r} (+{float(shift[i]):.2f})" for i in shift.topk(5).indices))
     print(f"generation:           {tok.decode(plain)!r}")
-    print(f"steered ({latent}, x{args.alpha}): {tok.decode(steered)!r}")
+    print(f"steered (+{alpha:.1f} x latent {latent}'s direction): {tok.decode(steered)!r}")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ def sae_dir(tiny_lm_dir, tmp_path_factory):
 def test_the_walkthrough_runs_and_its_parts_match_independent_computations(sae_dir, tiny_lm_dir, capsys):
     ex = _example()
     ex.main(["--sae", str(sae_dir), "--prompt", "def f(x):\n    return x", "--max-new-tokens", "6",
-             "--alpha", "40"])
+             "--alpha", "2"])
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith(f"hook {HOOK}: next-token loss") and out[-2].startswith("generation:")
     assert out[-1].startswith("steered (")
