@@ -33,8 +33,10 @@ def make_tiny_lm(
     n_heads: int = 4,
     vocab_size: int = 384,
     seed: int = 0,
+    arch: str = "llama",
 ) -> str:
-    """Build a tiny random `LlamaForCausalLM` and its tokenizer and save both to `out_dir`.
+    """Build a tiny random `LlamaForCausalLM` (`arch="gpt2"`: `GPT2LMHeadModel`) and its tokenizer and save
+    both to `out_dir`.
 
     The directory loads with `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` and
     `AutoTokenizer.from_pretrained(out_dir)`, i.e. it exercises the "local directory" model path.
@@ -64,6 +66,14 @@ def make_tiny_lm(
     hf_tok.save_pretrained(out)
 
     torch.manual_seed(seed)
+    if arch == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        gpt2 = GPT2Config(vocab_size=len(hf_tok), n_embd=hidden_size, n_layer=n_layers, n_head=n_heads,
+                          n_positions=256, bos_token_id=hf_tok.bos_token_id, eos_token_id=hf_tok.eos_token_id,
+                          pad_token_id=hf_tok.pad_token_id)
+        GPT2LMHeadModel(gpt2).save_pretrained(out)
+        return str(out)
     cfg = LlamaConfig(
         vocab_size=len(hf_tok),
         hidden_size=hidden_size,
