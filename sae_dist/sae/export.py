@@ -87,6 +87,9 @@ def export_cfg_dict(*, d_in: int, d_sae: int, k: int | None, normalize: str, sca
         "prepend_bos": True,
         "context_size": None,
         "dataset_path": None,
+        # our hooks read the unmodified HF model; TransformerLens' default weight processing centres the
+        # residual stream's writing weights, which would change the activations SAELens feeds the SAE
+        "model_from_pretrained_kwargs": {"center_writing_weights": False},
     }
     if arch_cfg is None:
         arch_cfg = {"architecture": "topk", "k": int(k), "activation_fn": "topk",

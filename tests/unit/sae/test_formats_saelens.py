@@ -123,6 +123,9 @@ def _load_in_saelens(path):
         warnings.simplefilter("always")
         sl = SAE.load_from_disk(str(path))
     ours_warn = [str(w.message) for w in rec if "sae_lens" in (w.filename or "")]
+    # the one expected notice: load the LM with from_pretrained_no_processing(**model_from_pretrained_kwargs),
+    # which is right for our SAEs (trained on the unprocessed model's activations)
+    ours_warn = [m for m in ours_warn if "from_pretrained_no_processing" not in m]
     assert not ours_warn, f"SAELens warned while loading {path}: {ours_warn}"
     return sl.eval()
 
@@ -148,6 +151,8 @@ def test_our_export_loads_in_saelens(tmp_path, arch, mode):
             "prolu": "jumprelu"}[arch]
     assert sl.cfg.architecture() == want, f"seed {seed}"
     assert sl.cfg.metadata.hook_name == HOOK and sl.cfg.metadata.model_name == "tiny-lm"
+    # SAELens hands this to TransformerLens' from_pretrained: no centring of the residual stream
+    assert sl.cfg.metadata.model_from_pretrained_kwargs == {"center_writing_weights": False}
     assert sl.cfg.normalize_activations == ("layer_norm" if mode == "layer_norm" else "none")
     if uses_k and want == "topk":
         assert sl.cfg.k == k
