@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 __all__ = ["CURVES", "find_runs", "training_curves", "plot_training_curves", "main"]
@@ -80,8 +81,6 @@ def _labels(runs: list[Path]) -> list[str]:
     resolved = [r.resolve() for r in runs]
     if len(resolved) == 1:
         return [resolved[0].name]
-    import os
-
     root = Path(os.path.commonpath(resolved))
     return [str(r.relative_to(root)) or r.name for r in resolved]
 
