@@ -517,21 +517,64 @@ def _progressive_k_factors(cfg) -> list[float] | None:
 EVAL_KEYS_NOT_EVALUATE_ARGS = ("after_train", "progressive", "progressive_k_factors", "lm_family")
 
 
+#: (config key, the cfg.json key that records what the SAE was trained on)
+_PROVENANCE = (("model.name", "model_name"), ("data.dataset", "dataset_path"), ("data.ctx_len", "context_size"))
+_LOCAL_LOADERS = ("json", "csv", "text", "parquet", "arrow")  # datasets' builders for files named by data_files
+
+
+def _set_on_command_line(key: str) -> bool:
+    """Whether this command's overrides set `key` or choose its config group (model=gpt2 for model.name)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return True  # called from Python: the caller's config is taken as given
+    names = {o.lstrip("+~").split("=", 1)[0] for o in HydraConfig.get().overrides.task}
+    return key in names or key.split(".")[0] in names
+
+
+def apply_sae_provenance(cfg: DictConfig, trained: dict, app: str, source: str = "the SAE's cfg.json") -> None:
+    """Default `cfg`'s model, dataset and context length to what the SAE was trained on (`trained`, read from
+    `source`: keys model_name, dataset_path, context_size as in cfg.json). A different value given on the
+    command line is kept, with a warning on stderr (another model or text than the SAE's). ValueError when
+    the SAE's text was local files (a `datasets` loader such as json) that the command line does not name."""
+    from sae_dist.harvest.lm import EMBEDDED_MODEL_NAME
+
+    for key, field in _PROVENANCE:
+        have = configured_model_name(cfg) if key == "model.name" else OmegaConf.select(cfg, key)
+        want = trained.get(field)
+        if want is None or want == have:
+            continue
+        if _set_on_command_line(key):
+            print(f"{app}: warning: the SAE was trained with {field}={want!r} ({source}), but {key}={have!r} "
+                  f"is used: the results are for another {'model' if key == 'model.name' else 'text'} than it was "
+                  "trained on", file=sys.stderr)
+            continue
+        if key == "data.dataset" and want in _LOCAL_LOADERS and cfg.data.data_files is None:
+            raise ValueError(f"{app}: the SAE was trained on local files (dataset_path={want!r}); name them with "
+                             f"data.dataset={want} data.data_files=... (or evaluate on other text: data=...)")
+        if key == "model.name":
+            want, cfg.model.gguf_file = ("embedded" if want == EMBEDDED_MODEL_NAME else want), None
+        OmegaConf.update(cfg, key, want)
+        print(f"{app}: {key}={want} (from {source}: {field})", file=sys.stderr)
+
+
 def run_eval(cfg: DictConfig, out_dir: Path, lm=None, sae_path: str | None = None) -> dict[str, Any]:
-    """Evaluate the SAE at `sae_path` (default cfg.sae_path) on held-out text; writes out_dir/eval.json."""
+    """Evaluate the SAE at `sae_path` (default cfg.sae_path) on held-out text; writes out_dir/eval.json. Without
+    `lm` the model, dataset and context length default to the SAE's cfg.json (`apply_sae_provenance`)."""
     from sae_dist.config import eval_config
     from sae_dist.eval.evaluate import evaluate, write_eval_json
+    from sae_dist.sae.formats import read_sae_cfg
 
     ev = eval_config(cfg)
-
-    device = resolve_device(cfg.device)
-    model, tokenizer = lm if lm is not None else load_configured_lm(cfg, device)
     sae_path = sae_path or cfg.sae_path
     cfg_json = Path(sae_path) / "cfg.json"
     if not cfg_json.exists():
         raise FileNotFoundError(f"no exported SAE at sae_path={sae_path!r} ({cfg_json} is missing); "
                                 "train one with sae-train or point sae_path= at an export directory")
-    from sae_dist.sae.formats import read_sae_cfg
+    if lm is None:
+        apply_sae_provenance(cfg, read_sae_cfg(sae_path), "sae-eval")
+    device = resolve_device(cfg.device)
+    model, tokenizer = lm if lm is not None else load_configured_lm(cfg, device)
 
     # read_sae_cfg: ours or a SAELens save (which nests hook_name under "metadata")
     hook = cfg.hook_name if cfg.hook_name is not None else read_sae_cfg(sae_path).get("hook_name")

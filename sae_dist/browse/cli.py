@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import json
 import time
-import warnings
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from sae_dist.cli import configured_model_name, hydra_app, load_configured_lm, resolve_device
+from sae_dist.cli import apply_sae_provenance, hydra_app, load_configured_lm, resolve_device
 
 __all__ = ["main", "run_browse", "browse_options"]
 
@@ -48,13 +47,11 @@ def run_browse(cfg: DictConfig, lm=None, progress: bool = True) -> dict:
     sae = load_sae(sae_path, device=device)
     store_path = str(cfg.store.path)
     attrs = read_attrs(open_store(store_path))
-    model, tokenizer = lm if lm is not None else load_configured_lm(cfg, device)
-    want = configured_model_name(cfg)
-    if attrs.get("model") not in (None, want):
-        warnings.warn(f"the store was harvested from model {attrs.get('model')!r} but model={want!r} is loaded: "
-                      f"tokens and logit effects may be wrong (choose the store's model with model=...)",
-                      stacklevel=2)
     sae_cfg = read_sae_cfg(sae_path)  # ours or a SAELens save (hook_name under "metadata")
+    if lm is None:  # the LM decodes the store's token ids: the store's model unless the command names one
+        apply_sae_provenance(cfg, {"model_name": attrs.get("model") or sae_cfg.get("model_name")}, "sae-browse",
+                             "the store's attributes")
+    model, tokenizer = lm if lm is not None else load_configured_lm(cfg, device)
     sae_info = {k: sae_cfg.get(k) for k in ("architecture", "d_in", "d_sae", "k", "hook_name", "model_name")}
     sae_info["path"] = str(sae_path)
     store_info = {"path": store_path, "model": attrs.get("model"), "hook_name": attrs.get("hook_name"),
