@@ -564,9 +564,10 @@ def run_eval(cfg: DictConfig, out_dir: Path, lm=None, sae_path: str | None = Non
     from sae_dist.config import eval_config
     from sae_dist.eval.evaluate import evaluate, write_eval_json
     from sae_dist.sae.formats import read_sae_cfg
+    from sae_dist.sae.hub import resolve_sae_path
 
     ev = eval_config(cfg)
-    sae_path = sae_path or cfg.sae_path
+    sae_path = str(resolve_sae_path(sae_path or cfg.sae_path))  # hf://ORG/REPO/...: the hub's local copy
     cfg_json = Path(sae_path) / "cfg.json"
     if not cfg_json.exists():
         raise FileNotFoundError(f"no exported SAE at sae_path={sae_path!r} ({cfg_json} is missing); "

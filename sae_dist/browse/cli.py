@@ -39,11 +39,12 @@ def run_browse(cfg: DictConfig, lm=None, progress: bool = True) -> dict:
     from sae_dist.config import BrowseConfig, node_object
     from sae_dist.sae.export import load_sae
     from sae_dist.sae.formats import read_sae_cfg
+    from sae_dist.sae.hub import resolve_sae_path
     from sae_dist.store import open_store, read_attrs
 
     opts = browse_options(cfg)
     device = resolve_device(cfg.device)
-    sae_path = Path(cfg.sae_path)
+    sae_path = resolve_sae_path(cfg.sae_path)  # hf://ORG/REPO/...: the hub's local copy
     sae = load_sae(sae_path, device=device)
     store_path = str(cfg.store.path)
     attrs = read_attrs(open_store(store_path))

@@ -442,7 +442,8 @@ def check_d_in(sae, d: int) -> None:
 
 def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu") -> ExportedSAE:
     """Load an SAE directory -> `ExportedTopKSAE` (architecture "topk") or `ExportedSAE`
-    ("standard", "jumprelu", "prolu") on `device`, float32; it takes raw activations.
+    ("standard", "jumprelu", "prolu") on `device`, float32; it takes raw activations. `path` may be a
+    hub path, ``hf://ORG/REPO[/SUBFOLDER][@REVISION]`` (`sae_dist.sae.hub.resolve_sae_path`).
 
     Reads our exports and SAELens' own saves (`SAE.save_model`, any 6.x and the older layouts:
     hook_name under "metadata", "hook_point", "activation_fn_str", log_threshold, scaling_factor,
@@ -454,7 +455,9 @@ def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu") -> Exp
     SAELens' "gated"), an unsupported normalize_activations, or weights whose shapes disagree with
     cfg.json (or a jumprelu without `threshold`).
     """
-    p = Path(path)
+    from sae_dist.sae.hub import resolve_sae_path
+
+    p = resolve_sae_path(path)
     missing = [n for n in (CFG_FILENAME, WEIGHTS_FILENAME) if not (p / n).is_file()]
     if missing:
         raise FileNotFoundError(
