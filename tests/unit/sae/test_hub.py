@@ -94,3 +94,65 @@ def test_sae_eval_takes_a_hub_path(hub_cache, tiny_lm_dir, tmp_path, console_scr
     assert proc.returncode == 0, proc.stderr[-3000:]
     ev = json.loads((tmp_path / "e" / "eval.json").read_text())
     assert ev["hook_name"] == "blocks.1.hook_resid_post" and 0 < ev["fvu"]
+
+
+def _run_dir(tmp_path: Path) -> Path:
+    """A run directory as sae-train leaves it: sae/ export + training_state.json, eval.json."""
+    run = tmp_path / "run"
+    files = _sae_files(tmp_path, 3, "blocks.1.hook_resid_post")
+    (run / "sae").mkdir(parents=True)
+    for name, data in files.items():
+        (run / "sae" / name).write_bytes(data)
+    (run / "sae" / "training_state.json").write_text(json.dumps(
+        {"tokens_trained": 12345, "sae_cfg": {"d_sae": 64, "k": 4}, "trainer_cfg": {"lr": 0.001}, "seed": 7}))
+    (run / "eval.json").write_text(json.dumps({"fvu": 0.1234, "l0": 4.0, "ce_loss_score": 0.875, "model": "tiny"}))
+    return run
+
+
+def test_push_folder_and_model_card(tmp_path, monkeypatch):
+    from sae_dist.sae import hub
+
+    run = _run_dir(tmp_path)
+    folder = hub.push_folder(run, tmp_path / "up")
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "cfg.json", "eval.json", "sae_weights.safetensors",
+                                                       "training_state.json"]
+    card = (folder / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: saelens\n") and "| fvu | 0.1234 |" in card
+    assert "| ce_loss_score | 0.875 |" in card and "| training tokens | 12345 |" in card and '"lr": 0.001' in card
+    assert "blocks.1.hook_resid_post" in card
+    torch.testing.assert_close(sae_dist.load_sae(folder).W_dec, sae_dist.load_sae(run / "sae").W_dec, rtol=0, atol=0)
+    with pytest.raises(FileExistsError):
+        hub.push_folder(run, tmp_path / "up")
+    monkeypatch.setattr(hub, "HUB_MAX_FILE_BYTES", 1000)
+    with pytest.raises(ValueError, match="over the hub's 50 GB per file"):
+        hub.push_folder(run, tmp_path / "big")
+
+
+class _Api:
+    """Records what `push` asks of huggingface_hub.HfApi (no network)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def create_repo(self, repo_id, **kw):
+        self.calls.append(("create_repo", repo_id, kw))
+
+    def upload_folder(self, *, folder_path, **kw):
+        self.calls.append(("upload_folder", sorted(p.name for p in Path(folder_path).iterdir()), kw,
+                           (Path(folder_path) / "README.md").read_text()))
+        return type("Info", (), {"commit_url": f"https://huggingface.co/{kw['repo_id']}/commit/abc"})()
+
+
+def test_push_uploads_the_folder_and_sae_push_checks_its_arguments(tmp_path, console_script):
+    from sae_dist.sae.hub import push
+
+    run, api = _run_dir(tmp_path), _Api()
+    assert push(run, "me/tiny-sae", private=True, api=api) == "https://huggingface.co/me/tiny-sae/commit/abc"
+    (create, upload) = api.calls
+    assert create == ("create_repo", "me/tiny-sae", {"repo_type": "model", "private": True, "exist_ok": True})
+    assert upload[1] == ["README.md", "cfg.json", "eval.json", "sae_weights.safetensors", "training_state.json"]
+    assert upload[2]["repo_id"] == "me/tiny-sae" and 'load_sae("hf://me/tiny-sae")' in upload[3]
+    proc = console_script("sae-push", f"run_dir={run}", "dry_run=true")
+    assert proc.returncode == 0 and (run / "hub_upload" / "README.md").is_file(), proc.stderr
+    proc = console_script("sae-push", f"run_dir={run}", "repo=me/x")
+    assert proc.returncode == 2 and "unknown: ['repo']" in proc.stderr
