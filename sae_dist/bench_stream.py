@@ -59,6 +59,10 @@ def _documents(tokens: int, ctx_len: int, eval_fraction: float, tok, eval_seqs: 
     return docs
 
 
+#: train()'s keywords in every benchmark run: no progress bar, no wandb
+_QUIET = dict(progress=False, wandb_cfg={"enabled": False})
+
+
 def _timed(fn) -> float:
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):  # stdout holds the one JSON line
@@ -108,7 +112,6 @@ def run_quality(args: argparse.Namespace, model, tok, hook: str, d_in: int, docs
     seqs = list(itertools.islice(packed_sequences(docs, tok, data.ctx_len, eval_fraction=data.eval_fraction), n))
     source = functools.partial(LMStream, model=model, tokenizer=tok, hook_name=hook, sequences=seqs,
                                ctx_len=data.ctx_len, eval_fraction=data.eval_fraction, buffer_tokens=args.buffer)
-    quiet = dict(progress=False, wandb_cfg={"enabled": False})
     sae_cfg, tcfg = _sae_runs(args, args.k, d_in)
     with tempfile.TemporaryDirectory(prefix="bench_stream_q_") as d, contextlib.redirect_stdout(sys.stderr):
         d = Path(d)
@@ -116,8 +119,8 @@ def run_quality(args: argparse.Namespace, model, tok, hook: str, d_in: int, docs
                 store_path=str(d / "store"), tokens=args.tokens, ctx_len=data.ctx_len, progress=False)
         for seed in seeds:
             train(store_path=d / "store", out_dir=d / f"store{seed}", sae_cfg=sae_cfg, trainer_cfg=tcfg, seed=seed,
-                  **quiet)
-            train(source=source, out_dir=d / f"lm{seed}", sae_cfg=sae_cfg, trainer_cfg=tcfg, seed=seed, **quiet)
+                  **_QUIET)
+            train(source=source, out_dir=d / f"lm{seed}", sae_cfg=sae_cfg, trainer_cfg=tcfg, seed=seed, **_QUIET)
         fvu = heldout_fvu(model, tok, hook, docs, data.ctx_len, data.eval_fraction,
                           [d / f"{kind}{seed}" / "sae" for kind in ("store", "lm") for seed in seeds])
     store, stream = fvu[: len(seeds)], fvu[len(seeds):]
@@ -149,7 +152,6 @@ def run_bench(args: argparse.Namespace) -> dict:
         return {**common, "seeds": args.quality_seeds, **run_quality(args, model, tok, hook, d_in, docs)}
     source = functools.partial(LMStream, model=model, tokenizer=tok, hook_name=hook, docs=lambda: docs,
                                ctx_len=data.ctx_len, eval_fraction=data.eval_fraction, buffer_tokens=args.buffer)
-    quiet = dict(progress=False, wandb_cfg={"enabled": False})
     ks = [args.k * 2**i for i in range(args.points)]
     with tempfile.TemporaryDirectory(prefix="bench_stream_") as d:
         d = Path(d)
@@ -158,15 +160,15 @@ def run_bench(args: argparse.Namespace) -> dict:
                                            store_path=str(d / "store"), tokens=args.tokens, ctx_len=data.ctx_len,
                                            progress=False))
         train_s = _timed(lambda: train(store_path=d / "store", out_dir=d / "store_run", sae_cfg=sae_cfg,
-                                       trainer_cfg=tcfg, **quiet))
+                                       trainer_cfg=tcfg, **_QUIET))
         stream_s = _timed(lambda: train(source=source, out_dir=d / "lm_run", sae_cfg=sae_cfg, trainer_cfg=tcfg,
-                                        **quiet))
+                                        **_QUIET))
         points = [GridPoint(d / f"grid/{k}", *_sae_runs(args, k, d_in), {"enabled": False}) for k in ks]
         grid_s = _timed(lambda: train_grid(points=points, source=source, progress=False))
         fvu = heldout_fvu(model, tok, hook, docs, data.ctx_len, data.eval_fraction,
                           [d / "store_run" / "sae", d / "lm_run" / "sae"])
         separate_s = sum(_timed(lambda p=p: train(source=source, out_dir=d / f"alone/{p.sae_cfg.k}", sae_cfg=p.sae_cfg,
-                                                  trainer_cfg=p.trainer_cfg, **quiet)) for p in points)
+                                                  trainer_cfg=p.trainer_cfg, **_QUIET)) for p in points)
     return {**common, "grid_k": ks, "harvest_s": round(harvest_s, 6), "train_s": round(train_s, 6),
             "stream_s": round(stream_s, 6), "stream_over_sum": round(stream_s / (harvest_s + train_s), 4),
             "heldout_fvu_store": fvu[0], "heldout_fvu_stream": fvu[1], "grid_s": round(grid_s, 6),

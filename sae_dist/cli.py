@@ -430,7 +430,7 @@ def _grid_point_configs(cfg: DictConfig) -> list[DictConfig]:
                              "(use a Hydra multirun, -m, to vary them)")
         values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
         axes.append([f"{key}={v}" for v in values])
-    base = [o for o in HydraConfig.get().overrides.task if o.lstrip("+~").split("=")[0] != "grid"]
+    base = [o for o in HydraConfig.get().overrides.task if _override_key(o) != "grid"]
     return [compose(config_name="config", overrides=[*base, *combo]) for combo in itertools.product(*axes)]
 
 
@@ -522,13 +522,18 @@ _PROVENANCE = (("model.name", "model_name"), ("data.dataset", "dataset_path"), (
 _LOCAL_LOADERS = ("json", "csv", "text", "parquet", "arrow")  # datasets' builders for files named by data_files
 
 
+def _override_key(override: str) -> str:
+    """The key of a Hydra command-line override ("+a.b=1" -> "a.b")."""
+    return override.lstrip("+~").split("=", 1)[0]
+
+
 def _set_on_command_line(key: str) -> bool:
     """Whether this command's overrides set `key` or choose its config group (model=gpt2 for model.name)."""
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
         return True  # called from Python: the caller's config is taken as given
-    names = {o.lstrip("+~").split("=", 1)[0] for o in HydraConfig.get().overrides.task}
+    names = {_override_key(o) for o in HydraConfig.get().overrides.task}
     return key in names or key.split(".")[0] in names
 
 
@@ -572,13 +577,13 @@ def run_eval(cfg: DictConfig, out_dir: Path, lm=None, sae_path: str | None = Non
     if not cfg_json.exists():
         raise FileNotFoundError(f"no exported SAE at sae_path={sae_path!r} ({cfg_json} is missing); "
                                 "train one with sae-train or point sae_path= at an export directory")
+    sae_cfg = read_sae_cfg(sae_path)  # ours or a SAELens save (which nests hook_name under "metadata")
     if lm is None:
-        apply_sae_provenance(cfg, read_sae_cfg(sae_path), "sae-eval")
+        apply_sae_provenance(cfg, sae_cfg, "sae-eval")
     device = resolve_device(cfg.device)
     model, tokenizer = lm if lm is not None else load_configured_lm(cfg, device)
 
-    # read_sae_cfg: ours or a SAELens save (which nests hook_name under "metadata")
-    hook = cfg.hook_name if cfg.hook_name is not None else read_sae_cfg(sae_path).get("hook_name")
+    hook = cfg.hook_name if cfg.hook_name is not None else sae_cfg.get("hook_name")
     if hook is None:
         hook = _hook_name(cfg, model)
     result = evaluate(
@@ -664,10 +669,10 @@ def train_main(cfg: DictConfig) -> None:
             if cfg.eval.after_train and trained:
                 if dist.is_available() and dist.is_initialized():
                     dist.destroy_process_group()  # the evaluation runs on global rank 0 alone
-                lm = load_configured_lm(cfg, resolve_device(cfg.device))
+                lm, wandb_cfg = load_configured_lm(cfg, resolve_device(cfg.device)), _wandb_cfg(cfg)
                 for r in trained:  # each point of a grid writes eval.json in its own directory
                     r["eval"] = run_eval(cfg, Path(r["out_dir"]), lm=lm, sae_path=r["sae_dir"])
-                    add_eval_to_wandb_run(r["out_dir"], _wandb_cfg(cfg), r["eval"])
+                    add_eval_to_wandb_run(r["out_dir"], wandb_cfg, r["eval"])
             print(json.dumps(summary, indent=2, default=str))
         return summary
 

@@ -13,7 +13,7 @@ One function per node turns the composed YAML into Python objects: `trainer_conf
 
 `sae-train --help-config` (any of the Hydra apps) prints every option with its default and doc
 (`describe`). Keys renamed here are still accepted for one release with a deprecation line
-(`RENAMED_KEYS`, `upgrade_overrides`).
+(`RENAMED_KEYS`, `RENAMED_VALUES`, `upgrade_overrides`).
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from sae_dist.sae.config import SAEConfig
 from sae_dist.train.config import TrainerConfig
 
 __all__ = ["AppConfig", "ModelConfig", "DataConfig", "HarvestConfig", "StoreConfig", "WandbConfig", "EvalConfig",
-           "ParallelConfig", "BrowseConfig", "TrainerNode", "SAE_NODES", "RENAMED_KEYS", "register_configs",
-           "trainer_config", "sae_config", "eval_config", "browse_config", "node_object", "check_config",
-           "upgrade_overrides", "describe", "config_error"]
+           "ParallelConfig", "BrowseConfig", "TrainerNode", "SAE_NODES", "RENAMED_KEYS", "RENAMED_VALUES",
+           "register_configs", "trainer_config", "sae_config", "eval_config", "browse_config", "node_object",
+           "check_config", "upgrade_overrides", "describe", "config_error"]
 
 
 def make_node_class(name: str, specs: list[tuple], doc: str) -> type:
@@ -520,18 +520,24 @@ RENAMED_KEYS = {"trainer.betas": "trainer.adam_betas", "trainer.eps": "trainer.a
                 "trainer.b_pre_sample_tokens": "trainer.b_dec_sample_tokens", "hook": "hook_name"}
 
 
+#: old key -> (current key, {old value: current value}): a renamed key whose values changed too
+RENAMED_VALUES = {"harvest.shuffle_rows": ("harvest.row_order", {"true": "shuffled_in_shard", "false": "text"})}
+
+
 def upgrade_overrides(overrides: list[str], warn=None) -> list[str]:
-    """`overrides` with the old keys of RENAMED_KEYS replaced by the current ones; `warn(message)`
-    (default: print to stderr) gets one deprecation line per old key used."""
+    """`overrides` with the old keys of RENAMED_KEYS and RENAMED_VALUES replaced by the current ones (and
+    values, where they changed: a value the table lacks is passed on for the schema to refuse);
+    `warn(message)` (default: print to stderr) gets one deprecation line per old key used."""
     out = []
     for arg in overrides:
         name, eq, value = arg.partition("=")
         prefix = name[: len(name) - len(name.lstrip("+~"))]
         key = name[len(prefix):]
-        if eq and key in RENAMED_KEYS:
-            new = RENAMED_KEYS[key]
+        if eq and (key in RENAMED_KEYS or key in RENAMED_VALUES):
+            new, values = RENAMED_VALUES.get(key, (RENAMED_KEYS.get(key), {}))
+            value = values.get(value.lower(), value)
             message = f"warning: {key} is deprecated and will be removed in the next release; use {new}"
-            (warn or (lambda m: print(m, file=sys.stderr, flush=True)))(message)
+            (warn or (lambda m: print(m, file=sys.stderr, flush=True)))(message + (f"={value}" if values else ""))
             arg = f"{prefix}{new}={value}"
         out.append(arg)
     return out

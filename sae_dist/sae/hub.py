@@ -57,8 +57,8 @@ _CARD_METRICS = ("fvu", "explained_variance", "l0", "dead_fraction", "ce_loss_sc
 HUB_MAX_FILE_BYTES = 50 * 10**9
 
 
-def push_folder(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Lay out in `out_dir` (a new directory) what `push` uploads for the run `run_dir`: the export
+def push_folder(run_dir: str | os.PathLike, out_dir: str | os.PathLike, repo_id: str = "ORG/NAME") -> Path:
+    """Lay out in `out_dir` (a new directory) what `push` uploads to `repo_id` for the run `run_dir`: the export
     (`sae/cfg.json`, `sae/sae_weights.safetensors`), `eval.json` and `training_state.json` when present, and a
     model card `README.md` (front matter with ``library_name: saelens`` so the hub lists it as a SAELens SAE,
     the eval.json metrics, the training configuration, how to load it). FileNotFoundError without an export;
@@ -77,15 +77,21 @@ def push_folder(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     for f in (sae / "cfg.json", weights, *(run / name for name in _RUN_FILES)):
         if f.is_file():
             shutil.copy2(f, out / f.name)
-    (out / "README.md").write_text(model_card(out))
+    (out / "README.md").write_text(model_card(out, repo_id))
     return out
 
 
-def model_card(folder: Path) -> str:
-    """The hub model card (README.md) of a push folder: front matter, metrics, configuration, usage."""
-    cfg = json.loads((folder / "cfg.json").read_text())
-    ev = json.loads((folder / "eval.json").read_text()) if (folder / "eval.json").is_file() else {}
-    st = json.loads((folder / "training_state.json").read_text()) if (folder / "training_state.json").is_file() else {}
+def _json_or_empty(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def model_card(folder: Path, repo_id: str) -> str:
+    """The hub model card (README.md) of a push folder for `repo_id`: front matter, metrics, configuration,
+    usage."""
+    from sae_dist.sae.sae_files import read_sae_cfg
+
+    cfg = read_sae_cfg(folder)  # hook_name, model_name, ... at the top level, whatever the layout
+    ev, st = _json_or_empty(folder / "eval.json"), _json_or_empty(folder / "training_state.json")
     base = cfg.get("model_name") or ""
     front = ["---", "library_name: saelens", "tags:", "- sae-dist", "- sparse-autoencoder", "- saelens"]
     if "/" in base and not base.startswith(("/", ".")):  # a hub model id
@@ -105,7 +111,7 @@ def model_card(folder: Path) -> str:
     if st.get("trainer_cfg"):
         lines += ["", "## Training configuration", "", "```json", json.dumps(
             {"sae": st.get("sae_cfg"), "trainer": st.get("trainer_cfg"), "seed": st.get("seed")}, indent=2), "```"]
-    lines += ["", "## Usage", "", "```python", "import sae_dist", 'sae = sae_dist.load_sae("hf://REPO_ID")', "```",
+    lines += ["", "## Usage", "", "```python", "import sae_dist", f'sae = sae_dist.load_sae("hf://{repo_id}")', "```",
               "", "SAELens: `SAE.load_from_disk` on a download of this repository.", ""]
     return "\n".join(lines)
 
@@ -120,9 +126,7 @@ def push(run_dir: str | os.PathLike, repo_id: str, *, private: bool = False, rev
 
     api = api or HfApi()
     with tempfile.TemporaryDirectory(prefix="sae_push_") as d:
-        folder = push_folder(run_dir, Path(d) / "upload")
-        card = (folder / "README.md").read_text().replace("REPO_ID", repo_id)
-        (folder / "README.md").write_text(card)
+        folder = push_folder(run_dir, Path(d) / "upload", repo_id)
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
         info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model", revision=revision,
                                  commit_message=f"sae-dist export of {Path(run_dir).name}")
@@ -134,14 +138,15 @@ def push_main(argv: list[str] | None = None) -> int:
     export with a model card (`push`); dry_run writes the folder to DIR/hub_upload instead."""
     import sys
 
-    args = dict(a.split("=", 1) for a in (sys.argv[1:] if argv is None else argv) if "=" in a)
-    unknown = set(args) - {"run_dir", "repo_id", "private", "revision", "dry_run"}
+    pairs = [a.partition("=") for a in (sys.argv[1:] if argv is None else argv)]
+    args = {k: v for k, eq, v in pairs if eq}
+    unknown = set(args) - {"run_dir", "repo_id", "private", "revision", "dry_run"} | {k for k, eq, _ in pairs if not eq}
     if unknown or "run_dir" not in args or ("repo_id" not in args and args.get("dry_run") != "true"):
         print("usage: sae-push run_dir=DIR repo_id=ORG/NAME [private=true] [revision=BRANCH] [dry_run=true]"
               + (f"; unknown: {sorted(unknown)}" if unknown else ""), file=sys.stderr)
         return 2
     if args.get("dry_run") == "true":
-        folder = push_folder(args["run_dir"], Path(args["run_dir"]) / "hub_upload")
+        folder = push_folder(args["run_dir"], Path(args["run_dir"]) / "hub_upload", args.get("repo_id", "ORG/NAME"))
         print(f"sae-push: wrote {folder} (dry run: nothing uploaded)")
         return 0
     url = push(args["run_dir"], args["repo_id"], private=args.get("private") == "true", revision=args.get("revision"))

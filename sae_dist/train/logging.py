@@ -71,33 +71,40 @@ def saelens_term_name(name: str) -> str:
     return f"losses/{name}" if name.endswith("_loss") else f"losses/{name}_loss"
 
 
+#: train_log.jsonl keys that wandb gets under SAELens' name (or, for tokens_per_s, a name in its scheme)
+_SAELENS_NAMES = {"train/loss": "losses/overall_loss", "train/fvu": "losses/mse_loss",
+                  "train/auxk_loss": "losses/auxiliary_reconstruction_loss", "train/l0": "metrics/l0",
+                  "train/lr": "details/current_learning_rate", "train/tokens_per_s": "details/tokens_per_s"}
+#: train_log.jsonl keys that wandb gets as a derived value (`saelens_metrics`)
+_DERIVED = ("train/dead_fraction", "train/multi_topk_fvu")
+
+
 def saelens_metrics(m: dict, tokens: int, d_sae: int) -> dict:
     """The step metrics `m` (the `train/...` keys of `train_log.jsonl`) under the names SAELens' trainer logs
     to wandb, so that dashboards built for SAELens runs read ours (docs/reference.md#wandb).
 
-    losses/overall_loss = train/loss; losses/mse_loss = train/fvu (the reconstruction term of the loss: the
-    normalized MSE of Gao et al. 2024, eq. 1, which is the fvu); metrics/explained_variance = 1 - train/fvu
-    (SAELens' definition, 1 - sum ||x - x_hat||^2 / sum ||x - mean x||^2 over the batch);
-    losses/auxiliary_reconstruction_loss = train/auxk_loss; metrics/l0 = train/l0; sparsity/dead_features =
-    the count of dead latents (train/dead_fraction * d_sae); details/current_learning_rate = train/lr;
-    details/n_training_samples = tokens (activation rows). Ours kept, as SAELens has no such name:
-    details/tokens_per_s, metrics/multi_topk_explained_variance (1 - train/multi_topk_fvu). An
-    architecture's extra terms train/<name> follow SAELens' pattern: a coefficient `<x>_coef` as
-    details/<x>_coefficient, a loss term as losses/<name>_loss (e.g. l1 -> losses/l1_loss)."""
-    out = {"losses/overall_loss": m["train/loss"], "losses/mse_loss": m["train/fvu"],
-           "metrics/explained_variance": 1.0 - m["train/fvu"],
-           "losses/auxiliary_reconstruction_loss": m["train/auxk_loss"], "metrics/l0": m["train/l0"],
-           "sparsity/dead_features": round(m["train/dead_fraction"] * d_sae),
-           "details/current_learning_rate": m["train/lr"], "details/n_training_samples": int(tokens),
-           "details/tokens_per_s": m["train/tokens_per_s"]}
+    Renamed (`_SAELENS_NAMES`): losses/overall_loss = train/loss; losses/mse_loss = train/fvu (the
+    reconstruction term of the loss: the normalized MSE of Gao et al. 2024, eq. 1, which is the fvu);
+    losses/auxiliary_reconstruction_loss = train/auxk_loss; metrics/l0 = train/l0;
+    details/current_learning_rate = train/lr; details/tokens_per_s (ours: SAELens has no such name).
+    Derived: metrics/explained_variance = 1 - train/fvu (SAELens' definition, 1 - sum ||x - x_hat||^2 /
+    sum ||x - mean x||^2 over the batch); sparsity/dead_features = the count of dead latents
+    (train/dead_fraction * d_sae); details/n_training_samples = tokens (activation rows);
+    metrics/multi_topk_explained_variance = 1 - train/multi_topk_fvu (ours). An architecture's extra terms
+    train/<name> follow SAELens' pattern (`saelens_term_name`)."""
+    out = {_SAELENS_NAMES[k]: v for k, v in m.items() if k in _SAELENS_NAMES}
+    out.update({"metrics/explained_variance": 1.0 - m["train/fvu"], "details/n_training_samples": int(tokens),
+                "sparsity/dead_features": round(m["train/dead_fraction"] * d_sae)})
     if "train/multi_topk_fvu" in m:
         out["metrics/multi_topk_explained_variance"] = 1.0 - m["train/multi_topk_fvu"]
-    known = {"loss", "fvu", "auxk_loss", "l0", "dead_fraction", "lr", "tokens_per_s", "multi_topk_fvu"}
     for key, v in m.items():
-        name = key.removeprefix("train/")
-        if key.startswith("train/") and name not in known:
-            out[saelens_term_name(name)] = v
+        if key.startswith("train/") and key not in _SAELENS_NAMES and key not in _DERIVED:
+            out[saelens_term_name(key.removeprefix("train/"))] = v
     return out
+
+
+#: exports up to this size are uploaded as wandb artifacts; larger ones are logged as references
+ARTIFACT_UPLOAD_MAX_BYTES = 2 * 2**30
 
 
 class WandbLogger:
@@ -148,13 +155,20 @@ class WandbLogger:
 
     def log_sae(self, sae_dir: str | os.PathLike, name: str) -> None:
         """The exported SAE directory as a wandb artifact of type "model" named `name` (characters other than
-        letters, digits, "-", "_" and "." become "-"); offline runs keep it with the run for `wandb sync`."""
+        letters, digits, "-", "_" and "." become "-"); offline runs keep it with the run for `wandb sync`.
+        The files are not copied to a staging area (the export is final); an export over
+        ARTIFACT_UPLOAD_MAX_BYTES is logged as a reference to its directory (file://, no upload, no checksum
+        pass over the weights): a 16M-latent SAE is hundreds of GB."""
         if self.run is not None:
             import wandb
 
             art = wandb.Artifact(re.sub(r"[^A-Za-z0-9_.-]", "-", name), type="model",
                                  description="sae-dist export (SAELens layout)")
-            art.add_dir(str(sae_dir))
+            size = sum(f.stat().st_size for f in Path(sae_dir).iterdir() if f.is_file())
+            if size > ARTIFACT_UPLOAD_MAX_BYTES:
+                art.add_reference(Path(sae_dir).resolve().as_uri(), checksum=False)
+            else:
+                art.add_dir(str(sae_dir), policy="immutable")
             self.run.log_artifact(art)
 
     def finish(self) -> None:

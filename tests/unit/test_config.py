@@ -171,6 +171,10 @@ def test_upgrade_overrides():
     assert C.upgrade_overrides(["trainer.eps=1e-7", "+trainer.betas=[0.9,0.9]", "trainer.lr=1"], warn=seen.append) \
         == ["trainer.adam_eps=1e-7", "+trainer.adam_betas=[0.9,0.9]", "trainer.lr=1"]
     assert len(seen) == 2 and "trainer.eps is deprecated" in seen[0]
+    assert C.upgrade_overrides(["harvest.shuffle_rows=false", "harvest.shuffle_rows=True"], warn=seen.append) \
+        == ["harvest.row_order=text", "harvest.row_order=shuffled_in_shard"]
+    assert "harvest.shuffle_rows is deprecated and will be removed in the next release; use harvest.row_order=text" \
+        in seen[2]
 
 
 def test_sae_config_keeps_its_python_defaults():

@@ -156,3 +156,5 @@ def test_push_uploads_the_folder_and_sae_push_checks_its_arguments(tmp_path, con
     assert proc.returncode == 0 and (run / "hub_upload" / "README.md").is_file(), proc.stderr
     proc = console_script("sae-push", f"run_dir={run}", "repo=me/x")
     assert proc.returncode == 2 and "unknown: ['repo']" in proc.stderr
+    proc = console_script("sae-push", f"run_dir={run}", "repo_id=me/x", "me/y")  # a bare word is no option
+    assert proc.returncode == 2 and "unknown: ['me/y']" in proc.stderr

@@ -71,6 +71,23 @@ def test_wandb_gets_saelens_names_computed_from_the_logged_step(tmp_path, monkey
         assert {"losses/l1_loss", "details/l1_coefficient"} <= set(run.logged[-1][1])
 
 
+def test_an_export_over_the_upload_limit_is_logged_as_a_reference(tmp_path, monkeypatch):
+    """ARTIFACT_UPLOAD_MAX_BYTES below the export's size: the artifact points at the export directory
+    (file://) instead of carrying its files."""
+    from sae_dist.train import logging as tlog
+
+    runs = []
+    monkeypatch.setattr(wandb, "init", lambda **kw: runs.append(_Recorder(**kw)) or runs[-1])
+    monkeypatch.setattr(tlog, "ARTIFACT_UPLOAD_MAX_BYTES", 1000)
+    train_on_synthetic(tmp_path, SAEConfig(d_in=16, d_sae=64, k=4), tokens=512 * 2, batch_tokens=512, seed=1,
+                       wandb_cfg={"mode": "offline"})
+    (art,) = runs[0].artifacts
+    sae_dir = (tmp_path / "run" / "sae").resolve()
+    refs = {e.ref for e in art.manifest.entries.values()}
+    assert refs == {f.as_uri() for f in sae_dir.iterdir() if f.is_file()}, refs
+    assert (sae_dir / "sae_weights.safetensors").as_uri() in refs
+
+
 def test_eval_json_goes_into_the_summary_of_the_same_run(tmp_path, monkeypatch):
     """eval.after_train: the run is reopened by the id in wandb_run_id.txt and eval.json's numbers land in its
     summary under eval/...; a directory without a wandb run is left alone."""
