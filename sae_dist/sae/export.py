@@ -41,7 +41,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 from sae_dist.kernels.sparse_decode import sparse_decode_reference
-from sae_dist.sae.sae_files import CFG_FILENAME, WEIGHTS_FILENAME, hook_layer, read_sae_files
+from sae_dist.sae.sae_files import (
+    CFG_FILENAME,
+    SHARD_INDEX_FILENAME,
+    WEIGHTS_FILENAME,
+    has_weights,
+    hook_layer,
+    read_sae_files,
+)
 
 __all__ = ["export_sae", "load_sae", "ExportedSAE", "ExportedTopKSAE", "check_d_in", "topk_pre_blocked",
            "MAX_PRE_ELEMENTS", "CFG_FILENAME", "WEIGHTS_FILENAME", "export_cfg_dict", "tmp_weights_path",
@@ -449,21 +456,24 @@ def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu") -> Exp
     hook_name under "metadata", "hook_point", "activation_fn_str", log_threshold, scaling_factor,
     rescale_acts_by_decoder_norm, apply_b_dec_to_input false, bfloat16 weights); how each is
     mapped: `sae_dist.sae.sae_files.canonical_cfg` / `canonical_tensors`. The model's `cfg` is the
-    canonical dict (hook_name, model_name, ... at top level).
+    canonical dict (hook_name, model_name, ... at top level). The weights may be latent-sharded
+    (`sae_weights.safetensors.index.json` + shards, as `sae-push` uploads big SAEs: `sae_dist.sae.shards`).
 
-    FileNotFoundError naming the missing file(s); ValueError for an unsupported architecture (e.g.
-    SAELens' "gated"), an unsupported normalize_activations, or weights whose shapes disagree with
-    cfg.json (or a jumprelu without `threshold`).
+    FileNotFoundError naming the missing file(s) or shard(s); ValueError for an unsupported architecture
+    (e.g. SAELens' "gated"), an unsupported normalize_activations, weights whose shapes disagree with
+    cfg.json (or a jumprelu without `threshold`), or shards that do not fit together (a gap in the latent
+    ranges, a shard inconsistent with the index).
     """
     from sae_dist.sae.hub import resolve_sae_path
 
     p = resolve_sae_path(path)
-    missing = [n for n in (CFG_FILENAME, WEIGHTS_FILENAME) if not (p / n).is_file()]
+    missing = [n for n, ok in ((CFG_FILENAME, (p / CFG_FILENAME).is_file()), (WEIGHTS_FILENAME, has_weights(p)))
+               if not ok]
     if missing:
         raise FileNotFoundError(
             f"SAE directory {str(p)!r} lacks {', '.join(missing)} (expected an export made by "
             "sae_dist.sae.export.export_sae / sae-train, or SAELens' SAE.save_model: cfg.json + "
-            "sae_weights.safetensors)"
+            f"sae_weights.safetensors, or sharded weights with {SHARD_INDEX_FILENAME} as sae-push uploads them)"
         )
     cfg, tensors = read_sae_files(p)
     arch = cfg["architecture"]

@@ -7,8 +7,10 @@ sae_path=`, `sae-browse sae_path=`) accepts one.
 
 `sae-push run_dir=DIR repo_id=ORG/NAME` (`push`) uploads a run's export with `huggingface_hub.HfApi`: the
 folder `push_folder` lays out (cfg.json, sae_weights.safetensors, eval.json, training_state.json and a model
-card whose front matter says ``library_name: saelens``). Weights files over the hub's 50 GB per-file limit
-are refused: sharded uploads are not implemented.
+card whose front matter says ``library_name: saelens``). Weights over `max_shard_size` (default
+`sae_dist.sae.shards.DEFAULT_MAX_SHARD_SIZE`; at most the hub's 50 GB per-file limit) are uploaded as
+latent-range shards with an index (`sae_dist.sae.shards`), which `sae_dist.load_sae` reads and SAELens
+does not (its loader opens sae_weights.safetensors only); the model card then says so.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+
+from sae_dist.sae.shards import DEFAULT_MAX_SHARD_SIZE, SHARD_INDEX_FILENAME, parse_shard_size, write_shards
 
 __all__ = ["HF_PREFIX", "parse_hf_path", "resolve_sae_path", "push_folder", "model_card", "push", "push_main"]
 
@@ -43,9 +47,14 @@ def resolve_sae_path(path: str | os.PathLike, cache_dir: str | os.PathLike | Non
     from huggingface_hub import snapshot_download
 
     repo_id, sub, revision = parse_hf_path(s)
-    local = snapshot_download(repo_id, revision=revision, cache_dir=cache_dir,
-                              allow_patterns=[f"{sub}/*"] if sub else None)
+    local = snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=_allow_patterns(sub))
     return Path(local, sub) if sub else Path(local)
+
+
+def _allow_patterns(sub: str) -> list[str] | None:
+    """snapshot_download's allow_patterns for the SAE in `sub`: every file under it (cfg.json, the weights
+    or all the shards and their index, tree.json, ...); None (the whole repository) for the root."""
+    return [f"{sub}/*"] if sub else None
 
 
 #: the files of a run directory a push carries, besides the export's cfg.json and weights
@@ -53,31 +62,49 @@ _RUN_FILES = ("eval.json", "sae/training_state.json")
 #: the eval.json numbers the model card shows, in order
 _CARD_METRICS = ("fvu", "explained_variance", "l0", "dead_fraction", "ce_loss_score", "kl_div", "ce_loss_clean",
                  "ce_loss_sae")
-#: the hub's limit on one file; a bigger weights file is refused (sharded uploads: not yet)
+#: the hub's limit on one file: the largest max_shard_size
 HUB_MAX_FILE_BYTES = 50 * 10**9
 
 
-def push_folder(run_dir: str | os.PathLike, out_dir: str | os.PathLike, repo_id: str = "ORG/NAME") -> Path:
+def push_folder(run_dir: str | os.PathLike, out_dir: str | os.PathLike, repo_id: str = "ORG/NAME",
+                max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
     """Lay out in `out_dir` (a new directory) what `push` uploads to `repo_id` for the run `run_dir`: the export
     (`sae/cfg.json`, `sae/sae_weights.safetensors`), `eval.json` and `training_state.json` when present, and a
     model card `README.md` (front matter with ``library_name: saelens`` so the hub lists it as a SAELens SAE,
-    the eval.json metrics, the training configuration, how to load it). FileNotFoundError without an export;
-    ValueError for a weights file over the hub's 50 GB file limit. Returns `out_dir`."""
+    the eval.json metrics, the training configuration, how to load it).
+
+    max_shard_size: bytes or "20GB"-like (`sae_dist.sae.shards.parse_shard_size`), at most the hub's 50 GB per
+    file. A weights file larger than that is written as latent-range shards + `sae_weights.safetensors.index.json`
+    (`sae_dist.sae.shards.write_shards`, streamed from the export one shard at a time) instead of one file; the
+    model card then says the weights load with `sae_dist.load_sae` (SAELens reads a single file only).
+    FileNotFoundError without an export; ValueError for a max_shard_size over 50 GB or below one latent's bytes
+    (nothing is left in `out_dir` then). Returns `out_dir`."""
     import shutil
+
+    from sae_dist.sae.sae_files import WEIGHTS_FILENAME, read_sae_cfg
 
     run, out = Path(run_dir), Path(out_dir)
     sae = run / "sae"
-    weights = sae / "sae_weights.safetensors"
+    weights = sae / WEIGHTS_FILENAME
     if not (sae / "cfg.json").is_file() or not weights.is_file():
         raise FileNotFoundError(f"{run}: no export under sae/ (cfg.json and sae_weights.safetensors); train first")
-    if weights.stat().st_size > HUB_MAX_FILE_BYTES:
-        raise ValueError(f"{weights} is {weights.stat().st_size / 1e9:.1f} GB, over the hub's 50 GB per file: "
-                         "sharded uploads are not supported yet; upload the directory with git-xet or another store")
+    limit = parse_shard_size(max_shard_size)
+    if limit > HUB_MAX_FILE_BYTES:
+        raise ValueError(f"max_shard_size={max_shard_size!r} is over the hub's 50 GB per file; give at most 50GB "
+                         f"(default {DEFAULT_MAX_SHARD_SIZE})")
     out.mkdir(parents=True)
-    for f in (sae / "cfg.json", weights, *(run / name for name in _RUN_FILES)):
-        if f.is_file():
-            shutil.copy2(f, out / f.name)
-    (out / "README.md").write_text(model_card(out, repo_id))
+    try:
+        for f in (sae / "cfg.json", *(run / name for name in _RUN_FILES)):
+            if f.is_file():
+                shutil.copy2(f, out / f.name)
+        if weights.stat().st_size > limit:
+            write_shards(weights, out, int(read_sae_cfg(sae)["d_sae"]), limit)
+        else:
+            shutil.copy2(weights, out / weights.name)
+        (out / "README.md").write_text(model_card(out, repo_id))
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
     return out
 
 
@@ -85,15 +112,31 @@ def _json_or_empty(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def _weights_note(folder: Path) -> tuple[list[str], str]:
+    """(front matter lines naming the library, the model card's sentence on the weights files) of a push
+    folder: SAELens' for one sae_weights.safetensors; for shards, sae-dist's reader only."""
+    index = _json_or_empty(folder / SHARD_INDEX_FILENAME)
+    if not index:
+        return (["library_name: saelens", "tags:", "- sae-dist", "- sparse-autoencoder", "- saelens"],
+                "Files in SAELens' layout (`cfg.json`, `sae_weights.safetensors`).")
+    files = list(index["latent_ranges"])
+    return (["tags:", "- sae-dist", "- sparse-autoencoder"],
+            f"Files: `cfg.json` in SAELens' layout; the weights are sharded along the latents into {len(files)} "
+            f"files (`{files[0]}` ... `{files[-1]}`, index `{SHARD_INDEX_FILENAME}`: each file holds a "
+            "contiguous latent range of every tensor) and load with `sae_dist.load_sae` (below). SAELens reads "
+            "a single `sae_weights.safetensors` only.")
+
+
 def model_card(folder: Path, repo_id: str) -> str:
     """The hub model card (README.md) of a push folder for `repo_id`: front matter, metrics, configuration,
-    usage."""
+    usage; for sharded weights (`_weights_note`) neither ``library_name: saelens`` nor SAELens' usage."""
     from sae_dist.sae.sae_files import read_sae_cfg
 
     cfg = read_sae_cfg(folder)  # hook_name, model_name, ... at the top level, whatever the layout
     ev, st = _json_or_empty(folder / "eval.json"), _json_or_empty(folder / "training_state.json")
     base = cfg.get("model_name") or ""
-    front = ["---", "library_name: saelens", "tags:", "- sae-dist", "- sparse-autoencoder", "- saelens"]
+    library, files_note = _weights_note(folder)
+    front = ["---", *library]
     if "/" in base and not base.startswith(("/", ".")):  # a hub model id
         front.append(f"base_model: {base}")
     front.append("---")
@@ -102,8 +145,7 @@ def model_card(folder: Path, repo_id: str) -> str:
              "dataset": cfg.get("dataset_path"), "context_size": cfg.get("context_size"),
              "training tokens": st.get("tokens_trained", cfg.get("training_tokens"))}
     lines = [*front, "", f"# {cfg.get('architecture', 'SAE')} SAE on {base or 'an LM'} at {cfg.get('hook_name')}", "",
-             "Trained with sae-dist. Files in SAELens' layout (`cfg.json`, "
-             "`sae_weights.safetensors`).", "", "| | |", "|---|---|"]
+             f"Trained with sae-dist. {files_note}", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in about.items() if v is not None]
     if ev:
         lines += ["", "## Evaluation (eval.json)", "", "| metric | value |", "|---|---:|"]
@@ -112,43 +154,60 @@ def model_card(folder: Path, repo_id: str) -> str:
         lines += ["", "## Training configuration", "", "```json", json.dumps(
             {"sae": st.get("sae_cfg"), "trainer": st.get("trainer_cfg"), "seed": st.get("seed")}, indent=2), "```"]
     lines += ["", "## Usage", "", "```python", "import sae_dist", f'sae = sae_dist.load_sae("hf://{repo_id}")', "```",
-              "", "SAELens: `SAE.load_from_disk` on a download of this repository.", ""]
+              ""]
+    if not (folder / SHARD_INDEX_FILENAME).is_file():
+        lines += ["SAELens: `SAE.load_from_disk` on a download of this repository.", ""]
     return "\n".join(lines)
 
 
 def push(run_dir: str | os.PathLike, repo_id: str, *, private: bool = False, revision: str | None = None,
-         api=None) -> str:
-    """Upload the run's export (`push_folder`) to the hub model repository `repo_id` (created if missing) with
-    `huggingface_hub.HfApi` (`api`: another client, e.g. with a token); returns the commit URL."""
+         max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, api=None) -> str:
+    """Upload the run's export (`push_folder`, weights sharded above `max_shard_size`) to the hub model
+    repository `repo_id` (created if missing) with `huggingface_hub.HfApi` (`api`: another client, e.g. with a
+    token); returns the commit URL."""
     import tempfile
 
     from huggingface_hub import HfApi
 
     api = api or HfApi()
     with tempfile.TemporaryDirectory(prefix="sae_push_") as d:
-        folder = push_folder(run_dir, Path(d) / "upload", repo_id)
+        folder = push_folder(run_dir, Path(d) / "upload", repo_id, max_shard_size)
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
         info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model", revision=revision,
                                  commit_message=f"sae-dist export of {Path(run_dir).name}")
     return str(getattr(info, "commit_url", info))
 
 
+_USAGE = ("usage: sae-push run_dir=DIR repo_id=ORG/NAME [private=true] [revision=BRANCH] [max_shard_size=20GB] "
+          "[dry_run=true]")
+
+
 def push_main(argv: list[str] | None = None) -> int:
-    """`sae-push run_dir=DIR repo_id=ORG/NAME [private=true] [revision=BRANCH] [dry_run=true]`: upload a run's
-    export with a model card (`push`); dry_run writes the folder to DIR/hub_upload instead."""
+    """`sae-push run_dir=DIR repo_id=ORG/NAME [private=true] [revision=BRANCH] [max_shard_size=SIZE]
+    [dry_run=true]`: upload a run's export with a model card (`push`); dry_run writes the folder to
+    DIR/hub_upload instead. max_shard_size: bytes or e.g. "20GB" (default `DEFAULT_MAX_SHARD_SIZE`), the
+    size above which the weights are uploaded as shards. Exit status 2 (usage on stderr) for bad arguments."""
     import sys
 
     pairs = [a.partition("=") for a in (sys.argv[1:] if argv is None else argv)]
     args = {k: v for k, eq, v in pairs if eq}
-    unknown = set(args) - {"run_dir", "repo_id", "private", "revision", "dry_run"} | {k for k, eq, _ in pairs if not eq}
+    known = {"run_dir", "repo_id", "private", "revision", "max_shard_size", "dry_run"}
+    unknown = set(args) - known | {k for k, eq, _ in pairs if not eq}
     if unknown or "run_dir" not in args or ("repo_id" not in args and args.get("dry_run") != "true"):
-        print("usage: sae-push run_dir=DIR repo_id=ORG/NAME [private=true] [revision=BRANCH] [dry_run=true]"
-              + (f"; unknown: {sorted(unknown)}" if unknown else ""), file=sys.stderr)
+        print(_USAGE + (f"; unknown: {sorted(unknown)}" if unknown else ""), file=sys.stderr)
+        return 2
+    shard = args.get("max_shard_size", DEFAULT_MAX_SHARD_SIZE)
+    try:
+        parse_shard_size(shard)
+    except ValueError as e:
+        print(f"sae-push: {e}", file=sys.stderr)
         return 2
     if args.get("dry_run") == "true":
-        folder = push_folder(args["run_dir"], Path(args["run_dir"]) / "hub_upload", args.get("repo_id", "ORG/NAME"))
+        folder = push_folder(args["run_dir"], Path(args["run_dir"]) / "hub_upload", args.get("repo_id", "ORG/NAME"),
+                             shard)
         print(f"sae-push: wrote {folder} (dry run: nothing uploaded)")
         return 0
-    url = push(args["run_dir"], args["repo_id"], private=args.get("private") == "true", revision=args.get("revision"))
+    url = push(args["run_dir"], args["repo_id"], private=args.get("private") == "true", revision=args.get("revision"),
+               max_shard_size=shard)
     print(f"sae-push: {url}")
     return 0

@@ -1,5 +1,9 @@
 """Reading an SAE directory (cfg.json + sae_weights.safetensors), ours or SAELens', into one canonical form.
 
+The weights may also be latent-sharded (`sae_weights-0000i-of-0000N.safetensors` + the index
+`sae_weights.safetensors.index.json`, what `sae-push` uploads for an SAE over its shard size:
+`sae_dist.sae.shards`); `read_sae_files` reassembles them.
+
 Our export (`sae_dist.sae.export.export_sae`) IS SAELens' on-disk layout; SAELens' own saves
 (`SAE.save_model` in SAELens 6.x, and the older pre-6.0 layout) vary in key names, nesting and tensors.
 `canonical_cfg` / `canonical_tensors` map every variant onto the one dict and tensor set
@@ -19,8 +23,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-__all__ = ["CFG_FILENAME", "WEIGHTS_FILENAME", "SUPPORTED_ARCHITECTURES", "hook_layer", "canonical_cfg",
-           "canonical_tensors", "read_sae_cfg", "read_sae_files"]
+from sae_dist.sae.shards import SHARD_INDEX_FILENAME, read_shards
+
+__all__ = ["CFG_FILENAME", "WEIGHTS_FILENAME", "SHARD_INDEX_FILENAME", "SUPPORTED_ARCHITECTURES", "hook_layer",
+           "canonical_cfg", "canonical_tensors", "read_sae_cfg", "has_weights", "read_sae_files"]
 
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
@@ -190,10 +196,20 @@ def read_sae_cfg(path: str | os.PathLike) -> dict:
     return canonical_cfg(json.loads(f.read_text()), where=str(f))
 
 
+def has_weights(path: str | os.PathLike) -> bool:
+    """Whether the SAE directory `path` has weights: sae_weights.safetensors or a sharded-weights index."""
+    return (Path(path) / WEIGHTS_FILENAME).is_file() or (Path(path) / SHARD_INDEX_FILENAME).is_file()
+
+
 def read_sae_files(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(canonical cfg, float32 tensors) of the SAE directory `path` (cfg.json +
-    sae_weights.safetensors, ours or SAELens'); `canonical_cfg` + `canonical_tensors` on its files."""
+    """(canonical cfg, float32 tensors) of the SAE directory `path` (cfg.json + sae_weights.safetensors, ours
+    or SAELens'; or cfg.json + latent-sharded weights, `sae_dist.sae.shards.read_shards`, when the directory
+    has no sae_weights.safetensors but an index); `canonical_cfg` + `canonical_tensors` on its files.
+    FileNotFoundError when it has neither (or a shard is missing); ValueError as `canonical_tensors`, or for
+    shards that do not fit together (`read_shards`)."""
     p = Path(path)
     cfg = read_sae_cfg(p)
-    tensors = load_file(str(p / WEIGHTS_FILENAME), device="cpu")
-    return canonical_tensors(cfg, tensors, where=str(p / WEIGHTS_FILENAME))
+    if (p / WEIGHTS_FILENAME).is_file() or not (p / SHARD_INDEX_FILENAME).is_file():
+        tensors = load_file(str(p / WEIGHTS_FILENAME), device="cpu")
+        return canonical_tensors(cfg, tensors, where=str(p / WEIGHTS_FILENAME))
+    return canonical_tensors(cfg, read_shards(p), where=str(p / SHARD_INDEX_FILENAME))

@@ -109,7 +109,7 @@ def _run_dir(tmp_path: Path) -> Path:
     return run
 
 
-def test_push_folder_and_model_card(tmp_path, monkeypatch):
+def test_push_folder_and_model_card(tmp_path):
     from sae_dist.sae import hub
 
     run = _run_dir(tmp_path)
@@ -123,9 +123,11 @@ def test_push_folder_and_model_card(tmp_path, monkeypatch):
     torch.testing.assert_close(sae_dist.load_sae(folder).W_dec, sae_dist.load_sae(run / "sae").W_dec, rtol=0, atol=0)
     with pytest.raises(FileExistsError):
         hub.push_folder(run, tmp_path / "up")
-    monkeypatch.setattr(hub, "HUB_MAX_FILE_BYTES", 1000)
-    with pytest.raises(ValueError, match="over the hub's 50 GB per file"):
-        hub.push_folder(run, tmp_path / "big")
+    with pytest.raises(ValueError, match="max_shard_size='60GB' is over the hub's 50 GB per file"):
+        hub.push_folder(run, tmp_path / "big", max_shard_size="60GB")
+    with pytest.raises(ValueError, match="cannot hold one latent"):  # 260 bytes a latent, 128 of b_dec
+        hub.push_folder(run, tmp_path / "tiny", max_shard_size=387)
+    assert not (tmp_path / "tiny").exists()  # nothing half-written is left
 
 
 class _Api:
@@ -158,3 +160,53 @@ def test_push_uploads_the_folder_and_sae_push_checks_its_arguments(tmp_path, con
     assert proc.returncode == 2 and "unknown: ['repo']" in proc.stderr
     proc = console_script("sae-push", f"run_dir={run}", "repo_id=me/x", "me/y")  # a bare word is no option
     assert proc.returncode == 2 and "unknown: ['me/y']" in proc.stderr
+
+
+# _run_dir's export: d_in 32, d_sae 64 (float32): 260 bytes a latent, b_dec 128 bytes, 16768 in all; at most 5000
+# bytes a shard: (5000 - 128) // 260 = 18 latents -> 4 shards of 16
+SHARDS = [f"sae_weights-0000{i}-of-00004.safetensors" for i in range(1, 5)]
+SHARDED_UPLOAD = ["README.md", "cfg.json", "eval.json", *SHARDS, "sae_weights.safetensors.index.json",
+                  "training_state.json"]
+
+
+def test_a_big_export_is_pushed_as_shards_that_load_sae_reads(tmp_path, capsys):
+    from sae_dist.sae.hub import push, push_main
+
+    run, api = _run_dir(tmp_path), _Api()
+    push(run, "me/big-sae", api=api, max_shard_size="5KB")
+    (_, (_, names, _, card)) = api.calls
+    assert names == SHARDED_UPLOAD
+    assert "library_name" not in card and "sharded along the latents into 4 files" in card
+    assert "SAELens reads a single `sae_weights.safetensors` only" in card and 'load_sae("hf://me/big-sae")' in card
+    assert push_main([f"run_dir={run}", "repo_id=me/big-sae", "dry_run=true", "max_shard_size=5000"]) == 0
+    folder = run / "hub_upload"
+    assert sorted(p.name for p in folder.iterdir()) == SHARDED_UPLOAD and (folder / "README.md").read_text() == card
+    index = json.loads((folder / "sae_weights.safetensors.index.json").read_text())
+    assert index["latent_ranges"] == {f: [16 * i, 16 * (i + 1)] for i, f in enumerate(SHARDS)}
+    assert index["weight_map"] == {"b_dec": SHARDS[0]} and index["metadata"]["total_size"] == 16768
+    one, sharded = sae_dist.load_sae(run / "sae"), sae_dist.load_sae(folder)
+    x = torch.randn(8, 32, generator=torch.Generator().manual_seed(0))
+    z = one.encode(x)
+    assert torch.equal(sharded.encode(x), z) and torch.equal(sharded.decode(z), one.decode(z))
+    assert push_main([f"run_dir={run}", "dry_run=true", "max_shard_size=5 gigs"]) == 2
+    assert "max_shard_size='5 gigs': give bytes" in capsys.readouterr().err
+
+
+def test_sharded_weights_load_from_the_hub_cache(tmp_path, monkeypatch):
+    from huggingface_hub.utils import filter_repo_objects
+
+    from sae_dist.sae import hub
+
+    folder = hub.push_folder(_run_dir(tmp_path), tmp_path / "up", max_shard_size=5000)
+    files = {f"big/{p.name}": p.read_bytes() for p in folder.iterdir()}
+    cache = tmp_path / "hub"
+    snap = _cache_repo(cache, "c" * 40, {**files, "other/cfg.json": b"{}"}, "main")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    sae, local = sae_dist.load_sae(f"hf://{REPO}/big"), sae_dist.load_sae(tmp_path / "run" / "sae")
+    assert resolve_sae_path(f"hf://{REPO}/big") == snap / "big"
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert torch.equal(getattr(sae, name), getattr(local, name)), name
+    # the patterns snapshot_download filters the repository's files with, by huggingface_hub's own filter
+    assert sorted(filter_repo_objects(list(files) + ["other/cfg.json", "big2/cfg.json"],
+                                      allow_patterns=hub._allow_patterns("big"))) == sorted(files)
