@@ -69,7 +69,8 @@ HUB_MAX_FILE_BYTES = 50 * 10**9
 def push_folder(run_dir: str | os.PathLike, out_dir: str | os.PathLike, repo_id: str = "ORG/NAME",
                 max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
     """Lay out in `out_dir` (a new directory) what `push` uploads to `repo_id` for the run `run_dir`: the export
-    (`sae/cfg.json`, `sae/sae_weights.safetensors`), `eval.json` and `training_state.json` when present, and a
+    (`sae/cfg.json`, `sae/sae_weights.safetensors` and the architecture's other files, e.g. a tree's
+    `tree.json`), `eval.json` and `training_state.json` when present, and a
     model card `README.md` (front matter with ``library_name: saelens`` so the hub lists it as a SAELens SAE,
     the eval.json metrics, the training configuration, how to load it).
 
@@ -94,8 +95,9 @@ def push_folder(run_dir: str | os.PathLike, out_dir: str | os.PathLike, repo_id:
                          f"(default {DEFAULT_MAX_SHARD_SIZE})")
     out.mkdir(parents=True)
     try:
-        for f in (sae / "cfg.json", *(run / name for name in _RUN_FILES)):
-            if f.is_file():
+        export_files = [f for f in sae.iterdir() if f.is_file() and not f.name.startswith(WEIGHTS_FILENAME)]
+        for f in (*export_files, *(run / name for name in _RUN_FILES)):
+            if f.is_file() and not f.name.endswith(".tmp"):
                 shutil.copy2(f, out / f.name)
         if weights.stat().st_size > limit:
             write_shards(weights, out, int(read_sae_cfg(sae)["d_sae"]), limit)

@@ -105,6 +105,7 @@ def _run_dir(tmp_path: Path) -> Path:
         (run / "sae" / name).write_bytes(data)
     (run / "sae" / "training_state.json").write_text(json.dumps(
         {"tokens_trained": 12345, "sae_cfg": {"d_sae": 64, "k": 4}, "trainer_cfg": {"lr": 0.001}, "seed": 7}))
+    (run / "sae" / "tree.json").write_text('{"parents": [-1]}')  # an architecture's own file (sae=tree)
     (run / "eval.json").write_text(json.dumps({"fvu": 0.1234, "l0": 4.0, "ce_loss_score": 0.875, "model": "tiny"}))
     return run
 
@@ -115,7 +116,8 @@ def test_push_folder_and_model_card(tmp_path):
     run = _run_dir(tmp_path)
     folder = hub.push_folder(run, tmp_path / "up")
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "cfg.json", "eval.json", "sae_weights.safetensors",
-                                                       "training_state.json"]
+                                                       "training_state.json", "tree.json"]
+    assert (folder / "tree.json").read_text() == (run / "sae" / "tree.json").read_text()
     card = (folder / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: saelens\n") and "| fvu | 0.1234 |" in card
     assert "| ce_loss_score | 0.875 |" in card and "| training tokens | 12345 |" in card and '"lr": 0.001' in card
@@ -152,7 +154,8 @@ def test_push_uploads_the_folder_and_sae_push_checks_its_arguments(tmp_path, con
     assert push(run, "me/tiny-sae", private=True, api=api) == "https://huggingface.co/me/tiny-sae/commit/abc"
     (create, upload) = api.calls
     assert create == ("create_repo", "me/tiny-sae", {"repo_type": "model", "private": True, "exist_ok": True})
-    assert upload[1] == ["README.md", "cfg.json", "eval.json", "sae_weights.safetensors", "training_state.json"]
+    assert upload[1] == ["README.md", "cfg.json", "eval.json", "sae_weights.safetensors", "training_state.json",
+                         "tree.json"]
     assert upload[2]["repo_id"] == "me/tiny-sae" and 'load_sae("hf://me/tiny-sae")' in upload[3]
     proc = console_script("sae-push", f"run_dir={run}", "dry_run=true")
     assert proc.returncode == 0 and (run / "hub_upload" / "README.md").is_file(), proc.stderr
@@ -166,7 +169,7 @@ def test_push_uploads_the_folder_and_sae_push_checks_its_arguments(tmp_path, con
 # bytes a shard: (5000 - 128) // 260 = 18 latents -> 4 shards of 16
 SHARDS = [f"sae_weights-0000{i}-of-00004.safetensors" for i in range(1, 5)]
 SHARDED_UPLOAD = ["README.md", "cfg.json", "eval.json", *SHARDS, "sae_weights.safetensors.index.json",
-                  "training_state.json"]
+                  "training_state.json", "tree.json"]
 
 
 def test_a_big_export_is_pushed_as_shards_that_load_sae_reads(tmp_path, capsys):
