@@ -8,10 +8,10 @@ log10(f + 1e-10) (float32, as SAELens computes them).
 
 Cost. Per step each rank adds its rows' fire counts (int64 [d_sae / tp], `TrainOutput.latent_fire_counts`,
 one scatter-add the dead-latent tracker needs anyway) to its window (`sae_dist.sae.base.FeatureDensityWindow`,
-beside the dead-latent counters): no collective, no host sync. At a
-window's end (`window_frequency`, collective): one sum all-reduce of the counts over dp (int64
-[d_sae / tp] per rank), then the frequencies of the tp shards gathered onto the dp-rank-0 ranks (float32
-[d_sae]: 64 MB at 16M latents, once per window) and summarised on global rank 0, where wandb.Histogram
+beside the dead-latent counters): no collective, no host sync. At a window's end (`window_frequency`,
+collective): one sum all-reduce of the counts over dp (int64 [d_sae / tp] per rank), then the
+frequencies of the tp shards gathered onto the dp-rank-0 ranks (float32 [d_sae]: 64 MB at 16M latents,
+once per window) and summarised on global rank 0, where wandb.Histogram
 bins them (numpy over d_sae values: a fraction of a second at 16M latents). The vector is gathered
 rather than a fixed-bin histogram computed with collectives (cheaper: 64 bins per rank) because then the
 wandb histogram is exactly SAELens' (64 bins over the values' range, which a fixed range would change),
