@@ -15,6 +15,8 @@ Layout of the state dict (keys are the global names):
     ema/{...}   (when EMA is on)
     dead/{tokens_since_fired, ever_fired}
     buffers/{...} (the architecture's persistent buffers, e.g. BatchTopK's threshold; only when it has any)
+    density/{fire_counts} (the feature-density window, latent-indexed; added by the trainer when
+                trainer.feature_density_every_steps > 0: sae_dist.train.density)
 Architecture extras (e.g. JumpReLU's log_threshold) are latent-indexed along dim 0 unless listed.
 """
 

@@ -25,8 +25,9 @@ pre-activations (`auxk_term`).
 
 Also here, because every architecture's training step uses them: `LocalComm`, the collectives a
 step calls through `sae.comm` (identities on one process; `sae_dist.parallel.tp.MeshComm` over a
-mesh), `normalized_mse`, and `DeadLatentTracker`, the per-latent "tokens since last fired" counter
-that marks AuxK's dead latents.
+mesh), `normalized_mse`, `DeadLatentTracker`, the per-latent "tokens since last fired" counter
+that marks AuxK's dead latents, and `FeatureDensityWindow`, the per-latent fire counts of a window of
+steps (`count_fires` counts a batch's).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from sae_dist.kernels.sparse_decode import auxk_loss_reference
 from sae_dist.sae.config import SAEConfig
 
 __all__ = ["SparseAutoencoder", "TrainOutput", "NoOptions", "torch_dtype", "parse_options", "LocalComm",
-           "LOCAL", "normalized_mse", "dead_topk", "DeadLatentTracker"]
+           "LOCAL", "normalized_mse", "dead_topk", "count_fires", "DeadLatentTracker", "FeatureDensityWindow"]
 
 
 # ------------------------------------------------------------------------------------------ collectives
@@ -130,6 +131,17 @@ def dead_topk(pre_acts: torch.Tensor, dead_mask: torch.Tensor, k_aux: int) -> tu
 
 
 # ------------------------------------------------------------------------------------------ dead latents
+@torch.no_grad()
+def count_fires(values: torch.Tensor, indices: torch.Tensor, d_sae: int) -> torch.Tensor:
+    """int64 [d_sae]: the number of tokens on which each latent fired, from the kept latents of a batch
+    (values [B, k], indices [B, k] int64 in [0, d_sae), or -1 padding with value 0). A latent fires on a
+    token when it is kept with a value > 0 (indices are distinct within a row). One scatter-add, no
+    host synchronisation (unlike boolean-mask indexing)."""
+    on = (values.detach() > 0).reshape(-1).to(torch.int64)
+    counts = torch.zeros(d_sae, dtype=torch.int64, device=indices.device)
+    return counts.scatter_add_(0, indices.reshape(-1).clamp_min(0), on)
+
+
 class DeadLatentTracker:
     """Per-latent count of tokens since each latent last fired (section 2.4.1).
 
@@ -146,10 +158,8 @@ class DeadLatentTracker:
 
     @torch.no_grad()
     def fired(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """bool [d_sae]: latents among `indices` [B, k] with a value > 0 in `values` [B, k]."""
-        fired = torch.zeros(self.d_sae, dtype=torch.bool, device=indices.device)
-        fired[indices[values > 0]] = True
-        return fired
+        """bool [d_sae]: latents among `indices` [B, k] with a value > 0 in `values` [B, k] (`count_fires` > 0)."""
+        return count_fires(values, indices, self.d_sae) > 0
 
     @torch.no_grad()
     def update(self, values: torch.Tensor, indices: torch.Tensor) -> None:
@@ -182,6 +192,32 @@ class DeadLatentTracker:
         self.ever_fired.copy_(sd["ever_fired"])
 
 
+class FeatureDensityWindow:
+    """Per-latent fire counts over a window of training steps (the feature density SAELens logs every
+    `feature_sampling_window` steps; `sae_dist.train.density` ends windows and sums them over processes).
+
+    `fire_counts` int64 [d_sae]: tokens on which each latent fired (this module's latents; its shard under
+    tensor parallelism), counted on the rows given to `add_` (a data-parallel rank's own rows: the window's
+    counts are then the sum over the dp ranks); `n_tokens`: tokens of the global batches added.
+    """
+
+    def __init__(self, d_sae: int, device: torch.device | str = "cpu"):
+        self.fire_counts = torch.zeros(d_sae, dtype=torch.int64, device=device)
+        self.n_tokens = 0
+
+    @torch.no_grad()
+    def add_(self, fire_counts: torch.Tensor, n_tokens: int) -> None:
+        """Add one step: fire_counts int64 [d_sae] (`TrainOutput.latent_fire_counts`); n_tokens: the
+        global batch's tokens."""
+        self.fire_counts += fire_counts
+        self.n_tokens += int(n_tokens)
+
+    def reset_(self) -> None:
+        """Start a new window."""
+        self.fire_counts.zero_()
+        self.n_tokens = 0
+
+
 @dataclass
 class TrainOutput:
     """Result of `training_step_losses` for one batch x [B, d_in]. Losses are 0-d float32 tensors.
@@ -193,7 +229,8 @@ class TrainOutput:
     multi_topk_fvu: detached normalised MSE of the Multi-TopK reconstruction (at multi_topk_factor * k) or None.
     x_hat [B, d_in]: detached reconstruction.
     values, indices [B, k]: the kept latents of TopK-family architectures (None for dense ones).
-    fired: bool [d_sae] latents that fired on this batch (None: derived from values/indices).
+    fire_counts: int64 [d_sae], the tokens of this batch on which each latent fired (non-zero), or None:
+      counted from values/indices (`latent_fire_counts`). `fired` (bool [d_sae]) is fire_counts > 0.
     l0_sum: 0-d, number of non-zero latent activations in the batch (None: counted from values).
     terms: other detached loss terms, logged as train/<name> (e.g. l1, l0, tree).
     """
@@ -205,17 +242,29 @@ class TrainOutput:
     x_hat: torch.Tensor
     values: torch.Tensor | None = None
     indices: torch.Tensor | None = None
-    fired: torch.Tensor | None = None
+    fire_counts: torch.Tensor | None = None
     l0_sum: torch.Tensor | None = None
     terms: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    @property
+    def fired(self) -> torch.Tensor | None:
+        """bool [d_sae]: the latents that fired on this batch (None when fire_counts is None)."""
+        return None if self.fire_counts is None else self.fire_counts > 0
+
+    def latent_fire_counts(self, d_sae: int) -> torch.Tensor:
+        """int64 [d_sae]: `fire_counts`, or counted from values / indices (`count_fires`); d_sae: the
+        latents this module holds (its shard's width under tensor parallelism)."""
+        if self.fire_counts is not None:
+            return self.fire_counts
+        return count_fires(self.values, self.indices, d_sae)
+
     @staticmethod
     def from_dense(loss, nmse, z: torch.Tensor, x_hat: torch.Tensor, aux=None, terms=None) -> "TrainOutput":
-        """TrainOutput of an architecture with dense latents z [B, d_sae] (fired / L0 from z != 0)."""
+        """TrainOutput of an architecture with dense latents z [B, d_sae] (fire counts / L0 from z != 0)."""
         nz = z.detach() != 0
         zero = loss.new_zeros((), dtype=torch.float32)
         return TrainOutput(loss, nmse.detach().float(), zero if aux is None else aux.detach().float(), None,
-                           x_hat.detach(), fired=nz.any(0), l0_sum=nz.sum().to(torch.float64),
+                           x_hat.detach(), fire_counts=nz.sum(0), l0_sum=nz.sum().to(torch.float64),
                            terms={k: v.detach().float() for k, v in (terms or {}).items()})
 
 

@@ -204,7 +204,7 @@ class BatchTopKSAE(TopKSAE):
         (`reconstruction_losses`) + auxk_coef * AuxK (dense pre-activations of the dead latents
         reconstruct the residual x - x^.detach(); Gao et al. 2024 Appendix A.2), and, from
         `threshold_start()` on, the threshold update (`update_threshold_`).
-        dead_mask: bool [d_sae] or None (no AuxK). Returns a TrainOutput with fired (bool [d_sae]),
+        dead_mask: bool [d_sae] or None (no AuxK). Returns a TrainOutput with fire_counts (int64 [d_sae]),
         l0_sum (non-zero kept values), values/indices None and terms (e.g. "threshold").
         """
         cfg = self.cfg
@@ -218,13 +218,14 @@ class BatchTopKSAE(TopKSAE):
             self.update_threshold_(vals)
         with torch.no_grad():
             on = vals.detach() > 0
-            fired = torch.zeros(self.d_sae, device=pre.device).index_add_(0, cols, on.float()) > 0
+            fire_counts = torch.zeros(self.d_sae, dtype=torch.int64, device=pre.device).scatter_add_(
+                0, cols, on.to(torch.int64))
             l0_sum = on.sum().to(torch.float64)
         terms = {n: t.detach().float() for n, t in terms.items()}
         if self.uses_threshold():
             terms["threshold"] = self.threshold.detach().clone()
         return TrainOutput(loss, nmse.detach().float(), aux.detach().float(), None, x_hat.detach(),
-                           fired=fired, l0_sum=l0_sum, terms=terms)
+                           fire_counts=fire_counts, l0_sum=l0_sum, terms=terms)
 
     def uses_threshold(self) -> bool:
         """Whether inference (and the export) uses the estimated threshold (True for BatchTopK)."""

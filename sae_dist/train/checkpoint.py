@@ -107,12 +107,17 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: str | Path, *, state: dict, ctx=None) -> dict:
+def load_checkpoint(path: str | Path, *, state: dict, ctx=None, optional: tuple[str, ...] = ()) -> dict:
     """Load a checkpoint directory in place into the tensors of `state` (as built for saving, at
     this run's mesh: DCP reads each rank's shard of the global tensors) and return the trainer_state
     dict. ctx: the ParallelContext (None: single process; its ranks, `ctx.world_group`, load together).
+    optional: top-level keys of `state` loaded only when the checkpoint has them (else left as they are).
     RuntimeError from DCP if the checkpoint does not match (e.g. a different d_sae)."""
     full = dict(state)
+    if optional:
+        saved = {key.split(".")[0] for key in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata}
+        for key in set(optional) - saved:
+            full.pop(key, None)
     full["trainer"] = {"blob": b""}
     qctx = _quiet()
     try:

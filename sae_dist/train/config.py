@@ -30,6 +30,9 @@ class TrainerConfig:
     grad_clip_norm: None or max global grad norm.
     checkpoint_every_steps, keep_checkpoints: DCP checkpoint cadence / how many to keep (0: none).
     log_every_steps: jsonl/wandb/progress cadence.
+    feature_density_every_steps: the feature-density window in steps (SAELens' feature_sampling_window,
+      whose default 2000 it takes): at every multiple of it the window's per-latent firing frequencies
+      are summarised (sae_dist.train.density) and the window restarts; 0: off (no per-step counting).
     bf16: autocast to bfloat16 on CUDA (ignored on CPU); master weights stay fp32.
     shuffle_shards, prefetch: ActivationStore options. b_dec_sample_tokens: sample size for b_dec.
     max_steps: stop after this many (global) steps without exporting (simulates an interruption).
@@ -58,6 +61,9 @@ class TrainerConfig:
     checkpoint_every_steps: int = option(500, "steps between checkpoints (the unit of resume)")
     keep_checkpoints: int = option(2, "checkpoints kept (0: none)")
     log_every_steps: int = option(10, "steps between jsonl / wandb / progress-bar logs")
+    feature_density_every_steps: int = option(
+        2000, "steps per feature-density window (SAELens' feature_sampling_window): its per-latent firing "
+              "frequencies go to wandb as a histogram and three summaries; 0: off (docs/reference.md#wandb)")
     bf16: bool = option(True, "bf16 autocast on CUDA (fp32 master weights); ignored on CPU")
     shuffle_shards: int = option(4, "shuffle buffer in shards' worth of rows, read as inner chunks from all shards")
     prefetch: int = option(2, "batches prepared ahead by the background thread")
@@ -83,6 +89,9 @@ class TrainerConfig:
             raise ValueError(f"trainer.ema_decay={self.ema_decay} must be in (0, 1)")
         if self.checkpoint_every_steps < 1 or self.log_every_steps < 1:
             raise ValueError("trainer.checkpoint_every_steps and trainer.log_every_steps must be >= 1")
+        if self.feature_density_every_steps < 0:
+            raise ValueError(f"trainer.feature_density_every_steps={self.feature_density_every_steps} must be "
+                             ">= 0 (0: off)")
         self.adam_betas = tuple(self.adam_betas)
         if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
             raise ValueError(f"trainer.adam_betas={list(self.adam_betas)} must be two numbers in [0, 1)")

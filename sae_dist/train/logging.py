@@ -74,7 +74,12 @@ def saelens_term_name(name: str) -> str:
 #: train_log.jsonl keys that wandb gets under SAELens' name (or, for tokens_per_s, a name in its scheme)
 _SAELENS_NAMES = {"train/loss": "losses/overall_loss", "train/fvu": "losses/mse_loss",
                   "train/auxk_loss": "losses/auxiliary_reconstruction_loss", "train/l0": "metrics/l0",
-                  "train/lr": "details/current_learning_rate", "train/tokens_per_s": "details/tokens_per_s"}
+                  "train/lr": "details/current_learning_rate", "train/tokens_per_s": "details/tokens_per_s",
+                  "train/mean_log10_feature_density": "metrics/mean_log10_feature_sparsity",
+                  "train/latents_density_below_1e-5": "sparsity/below_1e-5",
+                  "train/latents_density_below_1e-6": "sparsity/below_1e-6"}
+#: SAELens' wandb name of the histogram of a feature-density window's log10 frequencies (sae_dist.train.density)
+FEATURE_DENSITY_PLOT = "plots/feature_density_line_chart"
 #: train_log.jsonl keys that wandb gets as a derived value (`saelens_metrics`)
 _DERIVED = ("train/dead_fraction", "train/multi_topk_fvu")
 
@@ -86,7 +91,9 @@ def saelens_metrics(m: dict, tokens: int, d_sae: int) -> dict:
     Renamed (`_SAELENS_NAMES`): losses/overall_loss = train/loss; losses/mse_loss = train/fvu (the
     reconstruction term of the loss: the normalized MSE of Gao et al. 2024, eq. 1, which is the fvu);
     losses/auxiliary_reconstruction_loss = train/auxk_loss; metrics/l0 = train/l0;
-    details/current_learning_rate = train/lr; details/tokens_per_s (ours: SAELens has no such name).
+    details/current_learning_rate = train/lr; details/tokens_per_s (ours: SAELens has no such name); at the
+    end of a feature-density window (sae_dist.train.density) metrics/mean_log10_feature_sparsity =
+    train/mean_log10_feature_density, sparsity/below_1e-5 / below_1e-6 = train/latents_density_below_1e-5 / 1e-6.
     Derived: metrics/explained_variance = 1 - train/fvu (SAELens' definition, 1 - sum ||x - x_hat||^2 /
     sum ||x - mean x||^2 over the batch); sparsity/dead_features = the count of dead latents
     (train/dead_fraction * d_sae); details/n_training_samples = tokens (activation rows);
@@ -144,8 +151,14 @@ class WandbLogger:
             settings=wandb.Settings(console="off", silent=True),
         )
 
-    def log(self, metrics: dict, step: int) -> None:
+    def log(self, metrics: dict, step: int, histograms: dict | None = None) -> None:
+        """Log scalar `metrics` at `step`, and each 1-D CPU tensor of `histograms` ({name: values}) as a
+        wandb.Histogram of its values (wandb's default 64 bins over their range)."""
         if self.run is not None:
+            if histograms:
+                import wandb
+
+                metrics = {**metrics, **{k: wandb.Histogram(v.numpy()) for k, v in histograms.items()}}
             self.run.log(metrics, step=step)
 
     def summary(self, metrics: dict) -> None:

@@ -6,8 +6,9 @@ batch) -> tied init (mesh-independent, `init_rows`) + b_dec at the geometric med
 batches -> steps through an engine (torch Adam or DeepSpeed ZeRO: gradient component parallel to the
 W_dec rows removed, W_dec rows renormalised after each step, optional clipping; EMA; bf16 autocast
 on CUDA with fp32 master weights) -> AuxK against latents dead for `dead_tokens` tokens (counters
-OR-reduced over dp) -> logs on global rank 0 (tqdm, jsonl, wandb) -> atomic, reshardable DCP
-checkpoints with exact resume -> export to `out_dir/sae/`.
+OR-reduced over dp) -> logs on global rank 0 (tqdm, jsonl, wandb; feature-density windows:
+`sae_dist.train.density`) -> atomic, reshardable DCP checkpoints with exact resume -> export to
+`out_dir/sae/`.
 The model is built, then `sae_dist.parallel.tp.parallelize_sae` applies the mesh: with parallel tp > 1
 each rank holds one latent shard of a TopK SAE; under data parallelism the ranks share the global
 batch's statistics through the model's `comm`, and the engine sums the gradients over dp.
@@ -31,10 +32,10 @@ import torch
 from sae_dist.lock import DirectoryBusyError, DirectoryLock
 from sae_dist.parallel.comm import all_reduce_
 from sae_dist.parallel.mesh import ParallelContext, init_parallel
-from sae_dist.parallel.state import build_state
+from sae_dist.parallel.state import build_state, global_view
 from sae_dist.parallel.tp import parallelize_sae
 from sae_dist.preempt import Preemption
-from sae_dist.sae.base import DeadLatentTracker, SparseAutoencoder, TrainOutput
+from sae_dist.sae.base import DeadLatentTracker, FeatureDensityWindow, SparseAutoencoder, TrainOutput
 from sae_dist.sae.config import SAEConfig, resolve_dead_tokens
 from sae_dist.sae.export import export_sae
 from sae_dist.sae.init import init_b_dec_, tied_init_rows_
@@ -43,8 +44,9 @@ from sae_dist.store.errors import NonFiniteError
 from sae_dist.store.layout import RENAMED_ATTRS
 from sae_dist.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from sae_dist.train.config import TrainerConfig
+from sae_dist.train.density import end_window, keep_on_first_dp_rank_, total_over_dp_
 from sae_dist.train.engine import Engine, TorchEngine, budget_factor, default_lr, lr_at_step, make_optimizer
-from sae_dist.train.logging import JsonlLogger, WandbLogger, saelens_metrics, truncate_jsonl
+from sae_dist.train.logging import FEATURE_DENSITY_PLOT, JsonlLogger, WandbLogger, saelens_metrics, truncate_jsonl
 
 __all__ = ["TrainerConfig", "train", "make_optimizer"]
 
@@ -522,6 +524,7 @@ class _Run:
     store_state: dict | None = None  # the data position of the checkpoint it resumed from
     wb: object = None  # WandbLogger
     log: tuple | None = None  # (progress bar, jsonl logger, [time, tokens] of the last log) during the loop
+    density: FeatureDensityWindow | None = None  # the feature-density window (trainer.feature_density_every_steps)
 
     @property
     def replicas(self) -> bool:
@@ -534,15 +537,24 @@ class _Run:
         return self.n_steps if self.tcfg.max_steps is None else min(self.n_steps, self.tcfg.max_steps)
 
     def state(self, opt_state=None) -> dict:
-        """The checkpointed state (model, Adam, EMA, dead-latent counters) under global shapes."""
+        """The checkpointed state (model, Adam, EMA, dead-latent counters, the feature-density window's
+        counts) under global shapes."""
         opt_state = self.engine.optimizer_state() if opt_state is None else opt_state
-        return build_state(self.sae, opt_state, self.ema, self.tracker.state_dict(), self.ctx)
+        state = build_state(self.sae, opt_state, self.ema, self.tracker.state_dict(), self.ctx)
+        if self.density is not None:
+            state["density"] = {"fire_counts": global_view(self.density.fire_counts, 0, self.ctx)}
+        return state
 
     def checkpoint(self) -> None:
+        trainer_state = {"step": self.step, "tokens_seen": self.tokens_seen, "store": self.store.state_dict(),
+                         "rng": self.rng, "metrics": self.last_metrics}
+        if self.density is not None:  # the window's counts, replicated over dp while saved
+            total_over_dp_(self.density, self.ctx)
+            trainer_state["feature_density_tokens"] = self.density.n_tokens
         save_checkpoint(self.out / "checkpoints", self.step, state=self.state(), keep=self.tcfg.keep_checkpoints,
-                        ctx=self.ctx, trainer_state={"step": self.step, "tokens_seen": self.tokens_seen,
-                                                     "store": self.store.state_dict(), "rng": self.rng,
-                                                     "metrics": self.last_metrics})
+                        ctx=self.ctx, trainer_state=trainer_state)
+        if self.density is not None:
+            keep_on_first_dp_rank_(self.density, self.ctx)
 
 
 def _train_locked(data, outs: list[Path], points: list[GridPoint], ctx: ParallelContext, seed: int, names: tuple,
@@ -647,7 +659,9 @@ def _setup_run(store, out: Path, sae_cfg: SAEConfig, tcfg: TrainerConfig, ctx: P
         ema.requires_grad_(False)
     dead_tokens = resolve_dead_tokens(sae_cfg.dead_tokens, n_steps * tcfg.batch_tokens)
     tracker = DeadLatentTracker(sae.W_dec.shape[0], dead_tokens, device=ctx.device)
-    return _Run(sae, engine, ema, tracker, store, ctx, sae_cfg, tcfg, out, n_steps, base_lr, dead_tokens)
+    density = FeatureDensityWindow(tracker.d_sae, ctx.device) if tcfg.feature_density_every_steps else None
+    return _Run(sae, engine, ema, tracker, store, ctx, sae_cfg, tcfg, out, n_steps, base_lr, dead_tokens,
+                density=density)
 
 
 def _resume_or_init(run: _Run, ck, data, seed: int, progress: bool) -> None:
@@ -665,7 +679,7 @@ def _resume_or_init(run: _Run, ck, data, seed: int, progress: bool) -> None:
             run.ema.load_state_dict(run.sae.state_dict())
         return
     opt_state = run.engine.optimizer_state()  # live tensors (torch) or gathered copies (DeepSpeed)
-    ts = load_checkpoint(ck[1], state=run.state(opt_state), ctx=run.ctx)
+    ts = load_checkpoint(ck[1], state=run.state(opt_state), ctx=run.ctx, optional=("density",))
     run.engine.load_optimizer_state(opt_state)
     run.step, run.tokens_seen = int(ts["step"]), int(ts["tokens_seen"])
     if run.step > run.n_steps:
@@ -673,6 +687,9 @@ def _resume_or_init(run: _Run, ck, data, seed: int, progress: bool) -> None:
                          f"(trainer.tokens={run.tcfg.tokens}): raise trainer.tokens or use a new run_dir")
     run.last_metrics = ts.get("metrics", {})
     run.store_state = ts["store"]
+    if run.density is not None:  # a checkpoint without the window (sae_dist.train.density) restarts it
+        run.density.n_tokens = int(ts.get("feature_density_tokens", 0))
+        keep_on_first_dp_rank_(run.density, run.ctx)
     _set_rng_state(ts["rng"])
     if main:
         truncate_jsonl(log_path, run.step)
@@ -712,10 +729,12 @@ def _train_step(run: _Run, x: torch.Tensor) -> tuple[TrainOutput, float]:
     run.engine.step(res.loss / comm.dp if run.replicas else res.loss)
     if run.ema is not None:
         _ema_update(run.ema, sae, tcfg.ema_decay)
-    fired = res.fired if res.fired is not None else run.tracker.fired(res.values, res.indices)
-    fired = comm.max_over_dp_(fired.to(torch.uint8)).bool()  # fired anywhere in the global batch
+    counts = res.latent_fire_counts(run.tracker.d_sae)  # this rank's rows
+    fired = comm.max_over_dp_((counts > 0).to(torch.uint8)).bool()  # fired anywhere in the global batch
     n_tokens = tcfg.batch_tokens if comm.dp > 1 else x.shape[0]  # the global batch
     run.tracker.update_fired(fired, n_tokens)
+    if run.density is not None:
+        run.density.add_(counts, n_tokens)
     run.step += 1
     run.tokens_seen += n_tokens
     return res, lr
@@ -771,23 +790,29 @@ def _open_logs(runs: list[_Run], progress: bool) -> None:
 
 
 def _after_step(run: _Run, res: TrainOutput, lr: float) -> None:
-    """The progress bar, and every `log_every_steps` the global metrics (collective) to the logs."""
+    """The progress bar, and every `log_every_steps` and at the end of a feature-density window the global
+    metrics (collective) to the logs."""
     run.log[0].update(1)
-    if run.step % run.tcfg.log_every_steps == 0 or run.step == run.n_steps:
-        _log_step(run, res, lr, run.log[2], run.log[0], run.log[1], run.wb)
+    density_due = run.density is not None and run.step % run.tcfg.feature_density_every_steps == 0
+    if density_due or run.step % run.tcfg.log_every_steps == 0 or run.step == run.n_steps:
+        _log_step(run, res, lr, run.log[2], run.log[0], run.log[1], run.wb,
+                  end_window(run.density, run.ctx, run.out, run.step) if density_due else None)
 
 
-def _log_step(run: _Run, res: TrainOutput, lr: float, clock: list, bar, jsonl, wb) -> None:
+def _log_step(run: _Run, res: TrainOutput, lr: float, clock: list, bar, jsonl, wb, density=None) -> None:
     """The global metrics of this step (`_global_metrics`, collective) to jsonl, wandb and the progress
-    bar on rank 0; announces AuxK's first activation. clock: [time, tokens] of the last log, updated."""
+    bar on rank 0, with a feature-density window's (`end_window`: summaries, histogram) when given;
+    announces AuxK's first activation. clock: [time, tokens] of the last log, updated."""
     now = time.perf_counter()
     tps = (run.tokens_seen - clock[1]) / max(now - clock[0], 1e-9)
     clock[:] = [now, run.tokens_seen]
     m = run.last_metrics = _global_metrics(res, run.ctx, run.tracker, lr, tps, dp_mean=run.replicas)
     if not run.ctx.is_main:
         return
-    jsonl.log({"step": run.step, "tokens": run.tokens_seen, **m})
-    wb.log(saelens_metrics(m, run.tokens_seen, run.sae_cfg.d_sae), step=run.step)
+    rec = m if density is None else {**m, **density[0]}
+    jsonl.log({"step": run.step, "tokens": run.tokens_seen, **rec})
+    wb.log(saelens_metrics(rec, run.tokens_seen, run.sae_cfg.d_sae), step=run.step,
+           histograms=None if density is None else {FEATURE_DENSITY_PLOT: density[1]})
     _show_progress(bar, m, run.tokens_seen, tps)
     if run.auxk_from is None and m["train/auxk_loss"] > 0:
         run.auxk_from = run.step

@@ -1,8 +1,8 @@
 """What the trainer and engine tests (tests/unit/train/, tests/integration/train/) share: the environment
 of the trainer tests (wandb offline, torch on one thread), data drawn from a known sparse dictionary, a
 small activation store made from it and a run's train_log.jsonl; the SAE config and learning rate of the
-engine tests. Random draws go through the seed a test passes in or the global torch RNG, as the tests
-always drew them."""
+engine tests; a recorder standing in for a wandb run. Random draws go through the seed a test passes in or
+the global torch RNG, as the tests always drew them."""
 
 from __future__ import annotations
 
@@ -55,3 +55,20 @@ def train_log(out):
 def engine_cfg() -> SAEConfig:
     """The engine tests' TopK SAE: d_in 16, 64 latents, k 4, k_aux 6."""
     return SAEConfig(d_in=16, d_sae=64, k=4, k_aux=6)
+
+
+class WandbRecorder:
+    """Stands in for a wandb run (`monkeypatch.setattr(wandb, "init", ...)`): keeps init's keywords, every
+    `log` call as (step, metrics), the summary and the logged artifacts."""
+
+    def __init__(self, **kw):
+        self.init, self.logged, self.summary, self.artifacts = kw, [], {}, []
+
+    def log(self, metrics, step):
+        self.logged.append((step, dict(metrics)))
+
+    def log_artifact(self, artifact):
+        self.artifacts.append(artifact)
+
+    def finish(self):
+        pass

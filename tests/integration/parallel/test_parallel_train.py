@@ -5,7 +5,12 @@ repeated steps). Every run trains the same tiny SAE on a synthetic store made he
 The runs compared with the reference start their ranks as processes forked from the test forkserver
 (`_run_ranks`: the `sae-train` entry point with torchrun's environment) rather than through torchrun,
 whose agent and per-rank imports cost ~2 + 4 s a launch; torchrun itself runs where its behaviour is
-under test (the killed rank)."""
+under test (the killed rank).
+
+Every run also logs feature-density windows of WINDOW steps (sae_dist.train.density: fire counts summed over dp,
+gathered over tp); the comparisons include their summaries and the last window's per-latent values
+(sparsity.safetensors), so a resume at another mesh also checks the window's counts in the checkpoint (the
+checkpoint of step 40 is inside the window of steps 31-60)."""
 
 from __future__ import annotations
 
@@ -28,7 +33,9 @@ from sae_dist.store import write_store
 pytestmark = pytest.mark.usefixtures("worker_forkserver")  # tests/conftest.py, for _run_ranks
 
 BIN = Path(sys.executable).parent
-STEPS, CKPT = 60, 20
+STEPS, CKPT, WINDOW = 60, 20, 30
+#: train_log.jsonl keys of a feature-density window's summaries
+DENSITY = ("train/mean_log10_feature_density", "train/latents_density_below_1e-5", "train/latents_density_below_1e-6")
 NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
 
 
@@ -49,7 +56,8 @@ def _args(store, run_dir, extra=()):
     return [f"run_dir={run_dir}", f"store.path={store}", "sae.d_sae=384", "sae.k=4",
             "++sae.k_aux=8", "sae.dead_tokens=512", f"trainer.tokens={STEPS * 256}",
             "trainer.batch_tokens=256", f"trainer.checkpoint_every_steps={CKPT}",
-            "trainer.keep_checkpoints=5", "trainer.log_every_steps=1", "device=cpu", "seed=0",
+            "trainer.keep_checkpoints=5", "trainer.log_every_steps=1", f"trainer.feature_density_every_steps={WINDOW}",
+            "device=cpu", "seed=0",
             "wandb.mode=disabled", *extra]
 
 
@@ -90,7 +98,16 @@ def _close(a, b, what):
         for key in ("train/loss", "train/fvu", "train/auxk_loss", "train/l0", "train/dead_fraction"):
             assert abs(x[key] - y[key]) <= 1e-5 + 1e-5 * abs(y[key]), (what, x["step"], key, x[key], y[key])
             worst = max(worst, abs(x[key] - y[key]))
+        assert [x.get(k) for k in DENSITY] == [y.get(k) for k in DENSITY], (what, x["step"])
+        assert (DENSITY[0] in x) == (x["step"] % WINDOW == 0), (what, x["step"])
     return worst
+
+
+def _same_density(run, reference, what):
+    """The last window's per-latent log10 densities (gathered over tp, in latent order) equal the reference's."""
+    got, want = (load_file(str(Path(r) / "sparsity.safetensors"))["sparsity"] for r in (run, reference))
+    assert want.shape == (384,) and 0 < int((want < -9).sum()) < 384, "no rare latent: a weak comparison"
+    torch.testing.assert_close(got, want, rtol=0, atol=0, msg=lambda m: f"{what}: {m}")
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +138,7 @@ def test_mesh_matches_single_process(store, reference, tmp_path, nproc, tp, requ
         run = tmp_path / "run"
         _run_ranks(store, run, nproc=nproc, tp=tp)
     worst = _close(_log(run), _log(reference), f"tp={tp} world={nproc}")
+    _same_density(run, reference, f"tp={tp} world={nproc}")
     ref_w, got_w = _weights(reference), _weights(run)
     for n in NAMES:
         torch.testing.assert_close(got_w[n], ref_w[n], rtol=1e-5, atol=1e-5)
@@ -149,6 +167,7 @@ def test_checkpoint_reshards_across_meshes(store, reference, tp2xdp2, tmp_path):
         out = _run_ranks(store, run, nproc=nproc, tp=tp)
         assert f"step_{2 * CKPT:08d} (step {2 * CKPT}" in out
         _close(_log(run), _log(reference), f"resumed at {name}")
+        _same_density(run, reference, f"resumed at {name}")
         for n in NAMES:
             torch.testing.assert_close(_weights(run)[n], _weights(reference)[n], rtol=1e-5, atol=1e-5)
 
