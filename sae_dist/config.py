@@ -258,6 +258,9 @@ _BROWSE_DOCS = {
     "n2g_min_precision": "N2G: fit precision an n-gram needs to be kept",
     "n2g_min_count": "N2G: fit matches an n-gram needs",
     "n2g_heldout_fraction": "N2G: last fraction of the scanned sequences precision / recall are scored on",
+    "neuronpedia": "also write the written latents as SAEDashboard's Neuronpedia batch files "
+                   "(out_dir/neuronpedia/batch-<n>.json; docs/formats.md)",
+    "neuronpedia_sae_set": "the sae_set name written into those batch files",
 }
 
 

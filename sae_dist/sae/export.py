@@ -91,7 +91,11 @@ def export_cfg_dict(*, d_in: int, d_sae: int, k: int | None, normalize: str, sca
         "hook_name": hook_name,
         "hook_layer": hook_layer(hook_name),
         "hook_head_index": None,
+        # our harvest puts BOS at position 0 of every sequence of context_size tokens (sae_dist.harvest.text
+        # .pack_document) and never stores it (the attention sink): the SAE saw positions 1.. only, which SAELens
+        # and SAEBench read from seqpos_slice (slice(1, None)); the trainer fills context_size and dataset_path
         "prepend_bos": True,
+        "seqpos_slice": [1, None],
         "context_size": None,
         "dataset_path": None,
         # our hooks read the unmodified HF model; TransformerLens' default weight processing centres the

@@ -85,6 +85,13 @@ def test_pipeline_outputs_follow_the_contract(pipeline_run: Path):
     for k in ["architecture", "d_in", "d_sae", "k", "hook_name", "model_name", "dtype", "normalize_activations"]:
         assert k in cfg, k
     assert cfg["hook_name"] == ev["hook_name"] == "blocks.1.hook_resid_post"  # 3 layers: round(2*3/3)-1
+    # the fields SAELens / SAEBench rebuild the activations from: 32-token contexts (data.ctx_len) with BOS at
+    # position 0, which the harvest never stores (seqpos_slice), from the stdlib corpus, the LM unprocessed
+    meta = {k: cfg["metadata"][k] for k in ("context_size", "prepend_bos", "seqpos_slice", "dataset_path",
+                                            "model_from_pretrained_kwargs")}
+    assert meta == {"context_size": 32, "prepend_bos": True, "seqpos_slice": [1, None], "dataset_path": "stdlib",
+                    "model_from_pretrained_kwargs": {"center_writing_weights": False}}
+    assert all(cfg[k] == v for k, v in meta.items())
     out = (run / "stdout.txt").read_text()
     for label in ["tokens harvested", "fvu", "normalized mse", "L0", "dead fraction", "CE loss score"]:
         assert label in out, f"summary table lacks {label!r}"

@@ -73,8 +73,9 @@ def _imported_top_modules() -> set[str]:
     return mods - set(sys.stdlib_module_names) - {"sae_dist"}
 
 
-#: imported only behind `require_extra` / a named install message (sae_dist.extras), or by the test helpers
-OPTIONAL_IMPORTS = {"deepspeed", "sparsify", "gguf", "hydra_plugins", "accelerate"}
+#: imported only behind `require_extra` / a named install message (sae_dist.extras, sae_dist.sae.saebench), or by
+#: the test helpers
+OPTIONAL_IMPORTS = {"deepspeed", "sparsify", "gguf", "hydra_plugins", "accelerate", "sae_bench"}
 
 
 def test_every_import_is_a_declared_dependency():

@@ -196,6 +196,56 @@ def test_latent_page_in_chromium(setup, built):
     assert pos == list(np.argsort(-eff)[:7]) and neg == list(np.argsort(eff)[:7]), msg
 
 
+def test_neuronpedia_batches_load_with_saedashboard_and_match_the_scan(setup, built):
+    """browser/neuronpedia/batch-0.json loads with SAEDashboard's own NeuronpediaDashboardBatch (and writes back
+    the same dict), and holds, for every written latent, the density, the histogram, the top / random examples
+    (whole stored sequences) and the logit effects recomputed here in numpy."""
+    np_dash = pytest.importorskip("sae_dashboard.neuronpedia.neuronpedia_dashboard",
+                                  reason="SAEDashboard is not installed: pip install --no-deps sae-dashboard==0.8.0")
+    s, (summary, out) = setup, built
+    z, seq, ids, tok = s["z"], s["seq_index"], s["token_ids"], s["tok"]
+    raw = json.loads((out / "neuronpedia" / "batch-0.json").read_text())
+    assert summary["neuronpedia_files"] == ["neuronpedia/batch-0.json"]
+    batch = np_dash.NeuronpediaDashboardBatch(**raw)
+    assert batch.to_dict() == raw  # exactly the library's keys and nesting
+    assert (batch.model_id, batch.layer, batch.sae_set) == (s["lm_dir"], 1, "sae-dist")
+    written = sorted(int(p.stem) for p in (out / "latents").glob("*.html"))
+    assert [f.feature_index for f in batch.features] == written
+    W_U = s["lm"].get_output_embeddings().weight.detach().numpy().astype(np.float64)
+    eff_all = (s["W_dec"] * s["lm"].model.norm.weight.detach().numpy()) @ W_U.T
+    texts = [(rows, [tok.decode([t]) for t in ids[rows]]) for rows in (np.flatnonzero(seq == q) for q in range(N_SEQ))]
+    for f in batch.features:
+        i, msg = f.feature_index, f"seed={s['seed']} latent={f.feature_index}"
+        fires = z[:, i] > 0
+        assert f.frac_nonzero == pytest.approx(fires.mean(), rel=1e-6), msg
+        assert sum(f.freq_hist_data_bar_heights) == fires.sum() and len(f.freq_hist_data_bar_values) == 30, msg
+        assert (f.n_prompts_total, f.n_tokens_in_prompt, f.dataset) == (N_SEQ, SEQ_LEN, ""), msg
+        eff = eff_all[i]
+        assert f.pos_str == [tok.decode([t]) for t in np.argsort(-eff)[:7]], msg
+        assert f.neg_str == [tok.decode([t]) for t in np.argsort(eff)[:7]], msg
+        np.testing.assert_allclose(f.pos_values, np.sort(eff)[::-1][:7], atol=2e-3, err_msg=msg)
+        top = [a for a in f.activations if a.bin_min == -1]
+        rnd = [a for a in f.activations if a.bin_min == 0]
+        assert len(top) == min(5, len(np.unique(seq[fires]))) and len(top) + len(rnd) == len(f.activations), msg
+        assert len(rnd) == min(3, fires.sum() - len(top)), msg
+        ex_rows = [_example_row(a, texts, z[:, i]) for a in top + rnd]
+        assert None not in ex_rows, f"{msg}: an example is no stored sequence of the scan: {ex_rows}"
+        assert all(a.bin_max == pytest.approx(z[:, i].max(), abs=6e-4) for a in f.activations), msg
+        assert (z[ex_rows, i] > 0).all() and len(set(ex_rows)) == len(ex_rows), msg
+        assert ex_rows[0] == int(np.argmax(z[:, i])), msg  # the first top example: the latent's max
+        top_vals = list(z[ex_rows[:len(top)], i])
+        assert top_vals == sorted(top_vals, reverse=True), msg
+
+
+def _example_row(a, texts, zi):
+    """The scan row of a Neuronpedia example `a`: the row at its qualifying token in the stored sequence (`texts`:
+    (rows, decoded tokens) of each) whose tokens and activations (3 decimals) it shows; None when none matches."""
+    for rows, text in texts:
+        if text == a.tokens and np.allclose(a.values, zi[rows], atol=6e-4):
+            return int(rows[a.qualifying_token_index])
+    return None
+
+
 def test_logit_effects_through_norm():
     seed = numpy_seed()
     g = torch.Generator().manual_seed(seed)
@@ -234,6 +284,8 @@ def test_clear_errors(setup, tmp_path):
         build_browser(sae, notext, tmp_path / "o2", progress=False)
     with pytest.raises(ValueError, match=r"browse.window_before=-1"):
         build_browser(sae, s["store"], tmp_path / "o3", opts=BrowseOptions(window_before=-1), progress=False)
+    with pytest.raises(ValueError, match=r"browse.neuronpedia_sae_set=''; must be a non-empty name"):
+        build_browser(sae, s["store"], tmp_path / "o5", opts=BrowseOptions(neuronpedia_sae_set=""), progress=False)
     with pytest.raises(ValueError, match=r"latent_ids.*outside"):
         build_browser(sae, s["store"], tmp_path / "o4", opts=BrowseOptions(latent_ids=[D_SAE]), progress=False)
 

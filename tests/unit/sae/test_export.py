@@ -62,7 +62,7 @@ def test_export_load_round_trip(tmp_path, mode):
     scale = math.sqrt(d) / float(x.norm(dim=-1).mean()) if mode == "scalar" else None
     ref = _reference_xhat(sae, x, mode, scale)
     out = export_sae(sae, tmp_path / "sae", hook_name="blocks.1.hook_resid_post", model_name="tiny",
-                     normalize=mode, scale=scale, extra_cfg={"context_size": 64})
+                     normalize=mode, scale=scale, extra_cfg={"context_size": 64, "dataset_path": "stdlib"})
     loaded = sae_dist.load_sae(out)
     with torch.no_grad():
         got = loaded(x)
@@ -87,6 +87,12 @@ def test_export_load_round_trip(tmp_path, mode):
     assert cfg["architecture"] == "topk" and cfg["d_in"] == d and cfg["d_sae"] == n and cfg["k"] == k
     assert cfg["hook_name"] == "blocks.1.hook_resid_post" and cfg["model_name"] == "tiny"
     assert cfg["hook_layer"] == 1 and cfg["context_size"] == 64 and cfg["dtype"] == "float32"
+    # what SAELens reads to rebuild the activations (top level and under "metadata", its 6.x place): BOS at
+    # position 0 and not trained on, the LM's weights unprocessed, the corpus
+    for c in (cfg, cfg["metadata"]):
+        assert (c["prepend_bos"], c["seqpos_slice"], c["context_size"], c["dataset_path"]) == (True, [1, None], 64,
+                                                                                               "stdlib")
+        assert c["model_from_pretrained_kwargs"] == {"center_writing_weights": False}
     assert cfg["normalize_activations"] == ("layer_norm" if mode == "layer_norm" else "none")
     # SAELens' computation on the same files gives our x^ (layer_norm: up to SAELens' eps)
     y = _saelens_formula(files, cfg, x)
