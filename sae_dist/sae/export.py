@@ -45,14 +45,16 @@ from sae_dist.sae.sae_files import (
     CFG_FILENAME,
     SHARD_INDEX_FILENAME,
     WEIGHTS_FILENAME,
+    canonical_cfg,
+    canonical_tensors,
     has_weights,
     hook_layer,
     read_sae_files,
 )
 
-__all__ = ["export_sae", "load_sae", "ExportedSAE", "ExportedTopKSAE", "check_d_in", "topk_pre_blocked",
-           "MAX_PRE_ELEMENTS", "CFG_FILENAME", "WEIGHTS_FILENAME", "export_cfg_dict", "tmp_weights_path",
-           "commit_export"]
+__all__ = ["export_sae", "export_state", "exported_view", "load_sae", "ExportedSAE", "ExportedTopKSAE", "check_d_in",
+           "topk_pre_blocked", "MAX_PRE_ELEMENTS", "CFG_FILENAME", "WEIGHTS_FILENAME", "export_cfg_dict",
+           "tmp_weights_path", "commit_export"]
 
 #: the SAELens cfg.json layout version our export follows (written as metadata.sae_lens_version)
 SAELENS_FORMAT_VERSION = "6.0.0"
@@ -152,6 +154,49 @@ def commit_export(out: Path, cfg: dict) -> None:
 
 
 @torch.no_grad()
+def export_state(
+    sae,
+    *,
+    hook_name: str | None,
+    model_name: str | None,
+    normalize: str,
+    scale: float | None = None,
+    extra_cfg: dict | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(cfg.json content, float32 tensors of sae_weights.safetensors) of the export of `sae` (`export_sae`'s
+    arguments; the input normalisation folded as the module docstring says), the tensors on `device`.
+
+    On the parameters' own device and dtype (float32) W_enc and W_dec are the parameters' storage, not copies
+    (detached); the folded biases are new tensors. ValueError for inconsistent shapes or a bad normalize /
+    missing scale.
+    """
+    params = sae.export_params() if hasattr(sae, "export_params") else {
+        "W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
+    W_enc, b_enc, W_dec, b_dec = (params[n].detach().to(device, torch.float32) for n in ("W_enc", "b_enc", "W_dec",
+                                                                                          "b_dec"))
+    d_in, d_sae = W_enc.shape
+    if W_dec.shape != (d_sae, d_in) or b_enc.shape != (d_sae,) or b_dec.shape != (d_in,):
+        raise ValueError(
+            f"inconsistent SAE shapes W_enc {tuple(W_enc.shape)} W_dec {tuple(W_dec.shape)} "
+            f"b_enc {tuple(b_enc.shape)} b_dec {tuple(b_dec.shape)}"
+        )
+    arch_cfg = sae.export_cfg() if hasattr(sae, "export_cfg") else None
+    cfg, f = export_cfg_dict(d_in=d_in, d_sae=d_sae, k=None if arch_cfg else int(sae.k), normalize=normalize,
+                             scale=scale, hook_name=hook_name, model_name=model_name, extra_cfg=extra_cfg,
+                             arch_cfg=arch_cfg)
+    tensors = {
+        "W_enc": W_enc.contiguous(),
+        "b_enc": (b_enc / f).contiguous(),
+        "W_dec": W_dec.contiguous(),
+        "b_dec": (b_dec / f).contiguous(),
+    }
+    extras = sae.export_extras() if hasattr(sae, "export_extras") else {}
+    for name, t in extras.items():
+        tensors[name] = (t.detach().to(device, torch.float32) / f).contiguous()
+    return cfg, tensors
+
+
 def export_sae(
     sae,
     out_dir: str | os.PathLike,
@@ -174,30 +219,10 @@ def export_sae(
     extra_cfg: merged into cfg.json (top level) e.g. {"context_size": 128, "dataset_path": ...}.
     Returns the output directory. The files are written to temporary names then renamed.
     A latent-sharded SAE is exported without gathering it by
-    `sae_dist.parallel.export.export_sae_sharded` (same files).
+    `sae_dist.parallel.export.export_sae_sharded` (same files). `exported_view` is the same SAE in memory.
     """
-    params = sae.export_params() if hasattr(sae, "export_params") else {
-        "W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
-    W_enc, b_enc, W_dec, b_dec = (params[n].detach().float().cpu() for n in ("W_enc", "b_enc", "W_dec", "b_dec"))
-    d_in, d_sae = W_enc.shape
-    if W_dec.shape != (d_sae, d_in) or b_enc.shape != (d_sae,) or b_dec.shape != (d_in,):
-        raise ValueError(
-            f"inconsistent SAE shapes W_enc {tuple(W_enc.shape)} W_dec {tuple(W_dec.shape)} "
-            f"b_enc {tuple(b_enc.shape)} b_dec {tuple(b_dec.shape)}"
-        )
-    arch_cfg = sae.export_cfg() if hasattr(sae, "export_cfg") else None
-    cfg, f = export_cfg_dict(d_in=d_in, d_sae=d_sae, k=None if arch_cfg else int(sae.k), normalize=normalize,
-                             scale=scale, hook_name=hook_name, model_name=model_name, extra_cfg=extra_cfg,
-                             arch_cfg=arch_cfg)
-    tensors = {
-        "W_enc": W_enc.contiguous(),
-        "b_enc": (b_enc / f).contiguous(),
-        "W_dec": W_dec.contiguous(),
-        "b_dec": (b_dec / f).contiguous(),
-    }
-    extras = sae.export_extras() if hasattr(sae, "export_extras") else {}
-    for name, t in extras.items():
-        tensors[name] = (t.detach().float().cpu() / f).contiguous()
+    cfg, tensors = export_state(sae, hook_name=hook_name, model_name=model_name, normalize=normalize, scale=scale,
+                                extra_cfg=extra_cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = sae.export_files() if hasattr(sae, "export_files") else {}
@@ -208,6 +233,26 @@ def export_sae(
     save_file(tensors, str(tmp_weights_path(out)))
     commit_export(out, cfg)
     return out
+
+
+def exported_view(sae, *, normalize: str, scale: float | None = None) -> ExportedSAE:
+    """The module `load_sae` would return for `export_sae(sae, ..., normalize=normalize, scale=scale)`, built in
+    memory on the SAE's device without writing files: an `ExportedTopKSAE` / `ExportedSAE` in eval mode taking
+    RAW activations [..., d_in]. W_enc and W_dec share the storage of float32 parameters (no copy: the view
+    follows the SAE until its next optimizer step); the folded biases are copies ([d_sae] + [d_in] floats).
+    For a whole SAE only: a latent shard (tp > 1) would give the shard's own SAE. ValueError as `export_state`.
+    """
+    device = sae.W_dec.device
+    cfg, tensors = export_state(sae, hook_name=None, model_name=None, normalize=normalize, scale=scale, device=device)
+    cfg, tensors = canonical_tensors(canonical_cfg(cfg), tensors)
+    return _exported_module(cfg, tensors)
+
+
+def _exported_module(cfg: dict, tensors: dict[str, torch.Tensor]) -> ExportedSAE:
+    """`ExportedTopKSAE` for architecture "topk", else `ExportedSAE`, of a canonical cfg and its tensors, in eval
+    mode."""
+    cls = ExportedTopKSAE if cfg["architecture"] == "topk" else ExportedSAE
+    return cls(cfg, tensors).eval()
 
 
 class ExportedSAE(nn.Module):
@@ -480,7 +525,4 @@ def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu") -> Exp
             f"sae_weights.safetensors, or sharded weights with {SHARD_INDEX_FILENAME} as sae-push uploads them)"
         )
     cfg, tensors = read_sae_files(p)
-    arch = cfg["architecture"]
-    cls = ExportedTopKSAE if arch == "topk" else ExportedSAE
-    model = cls(cfg, tensors)
-    return model.to(device).eval()
+    return _exported_module(cfg, tensors).to(device)

@@ -43,6 +43,9 @@ class TrainerConfig:
       CUBLAS_WORKSPACE_CONFIG=:4096:8 when unset: two runs of one configuration on one machine (same
       device, world size and thread count) give bit-identical weights and logs. An op without a
       deterministic implementation raises RuntimeError instead of running.
+    eval_every_steps, eval_contexts: the held-out evaluation during training (`sae_dist.train.heldout`): every
+      eval_every_steps steps (0: never) the LM's CE and KL with the SAE spliced in, on the first eval_contexts
+      held-out contexts; sae-train runs it when the LM loads from local files and parallel.tp is 1.
 
     Raises ValueError naming the option (as the CLI key `trainer.<name>`) and its valid range.
     """
@@ -75,6 +78,11 @@ class TrainerConfig:
     offload_optimizer: bool = option(False, "deepspeed only: keep the ZeRO optimizer state in CPU memory")
     deterministic: bool = option(False, "deterministic torch algorithms and kernels: bit-identical weights and "
                                         "logs on one machine (docs/reference.md#reproducibility)")
+    eval_every_steps: int = option(1000, "steps between held-out evaluations: the LM's CE loss and KL with the SAE "
+                                         "spliced in (the EMA when on); 0: off; off anyway without a local LM or "
+                                         "with parallel.tp > 1 (docs/reference.md#held-out-evaluation-during-training)")
+    eval_contexts: int = option(32, "held-out contexts of data.ctx_len tokens in each held-out evaluation (the "
+                                    "first ones of sae-eval's)")
 
     def __post_init__(self) -> None:
         if self.tokens < 1 or self.batch_tokens < 1:
@@ -92,6 +100,9 @@ class TrainerConfig:
         if self.feature_density_every_steps < 0:
             raise ValueError(f"trainer.feature_density_every_steps={self.feature_density_every_steps} must be "
                              ">= 0 (0: off)")
+        if self.eval_every_steps < 0 or self.eval_contexts < 1:
+            raise ValueError(f"trainer.eval_every_steps={self.eval_every_steps} must be >= 0 (0: off) and "
+                             f"trainer.eval_contexts={self.eval_contexts} >= 1")
         self.adam_betas = tuple(self.adam_betas)
         if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
             raise ValueError(f"trainer.adam_betas={list(self.adam_betas)} must be two numbers in [0, 1)")

@@ -362,6 +362,7 @@ def train(
     progress: bool = True,
     tp: int = 1,
     source=None,
+    heldout=None,
 ) -> dict:
     """Train an SAE (`sae_cfg.architecture`, any of `sae_dist.sae.registry.ARCHITECTURES`) on an
     activation store or straight from the LM; resume from `out_dir/checkpoints` if present.
@@ -381,6 +382,9 @@ def train(
       tp: tensor-parallel degree (latent shards). Under torchrun (WORLD_SIZE > 1) the process group
         and the dp x tp mesh are initialised here (`sae_dist.parallel.mesh.init_parallel`); dp =
         world size / tp, each dp rank reads its rows of every global batch of batch_tokens.
+      heldout: a `sae_dist.train.heldout.HeldoutEval` (the LM and held-out contexts): every
+        `trainer.eval_every_steps` steps the logging process evaluates the SAE spliced into the LM on them and
+        logs eval/... records (a whole SAE only: tp = 1). None: no held-out evaluation.
     Returns a dict: out_dir, sae_dir (None if stopped early), steps, tokens_trained, final metrics
       (`train/...` keys), dead_fraction, dead_fraction_window, already_finished, stopped_early.
     Raises ValueError "store d_in X != SAE d_in Y" on a width mismatch; FloatingPointError
@@ -389,7 +393,7 @@ def train(
     """
     return train_grid(points=[GridPoint(out_dir, sae_cfg, trainer_cfg, wandb_cfg)], store_path=store_path,
                       source=source, device=device, seed=seed, hook_name=hook_name, model_name=model_name,
-                      progress=progress, tp=tp)[0]
+                      progress=progress, tp=tp, heldout=heldout)[0]
 
 
 @dataclass
@@ -434,7 +438,8 @@ def _check_grid(points: list[GridPoint]) -> list[Path]:
 
 def train_grid(*, points: list[GridPoint], store_path: str | os.PathLike | None = None, source=None,
                device: str | torch.device = "cpu", seed: int = 0, hook_name: str | None = None,
-               model_name: str | None = None, progress: bool = True, tp: int = 1, groups: int = 1) -> list[dict]:
+               model_name: str | None = None, progress: bool = True, tp: int = 1, groups: int = 1,
+               heldout=None) -> list[dict]:
     """Train several SAEs on ONE stream of batches (a shared sweep): each batch is read from the store, or
     computed by the LM, once and stepped by every point. Each point has its own run directory, checkpoints,
     log, wandb run, RNG stream and export, and ends exactly as `train` with the same arguments would (the
@@ -442,12 +447,14 @@ def train_grid(*, points: list[GridPoint], store_path: str | os.PathLike | None 
     (architecture, d_sae, k, ...) and optimisation options; `GRID_SHARED_KEYS` must agree. A resumed grid
     restarts the stream at the earliest checkpoint; points ahead of it wait for their step.
 
-    Args: points (at least one); store_path / source, device, seed, hook_name, model_name, progress, tp as
-      `train`'s; groups: under a launcher, split the job into this many groups of consecutive ranks
-      (`init_parallel`), group g training points g, g + groups, ... on its own dp x tp mesh with its own
-      batch stream (1: every point on the whole mesh, one stream).
+    Args: points (at least one); store_path / source, device, seed, hook_name, model_name, progress, tp, heldout
+      as `train`'s (one held-out evaluation for every point, each at its own trainer.eval_every_steps); groups:
+      under a launcher, split the job into this many groups of consecutive ranks (`init_parallel`), group g
+      training points g, g + groups, ... on its own dp x tp mesh with its own batch stream (1: every point on
+      the whole mesh, one stream).
     Returns one `train` result per point of this process's group, in order. Raises ValueError
-    (`_check_grid`; also for the DeepSpeed engine with groups > 1) and what `train` raises.
+    (`_check_grid`; also for the DeepSpeed engine with groups > 1, and for heldout with tp > 1) and what
+    `train` raises.
     """
     if (store_path is None) == (source is None):
         raise ValueError("give exactly one of store_path (an activation store) or source (e.g. an LM stream)")
@@ -456,6 +463,9 @@ def train_grid(*, points: list[GridPoint], store_path: str | os.PathLike | None 
         raise ValueError(f"parallel.grid_groups={groups} runs each group on its own mesh, which "
                          "trainer.engine=deepspeed does not support: use trainer.engine=torch")
     ctx = init_parallel(tp, torch.device(device), groups=groups)
+    if heldout is not None and ctx.tp > 1:
+        raise ValueError(f"heldout: the held-out evaluation splices a whole SAE into the LM, but tp={ctx.tp} shards "
+                         "its latents over ranks: pass heldout=None (or tp=1)")
     points, outs = points[ctx.grid_index :: ctx.grid_groups], outs[ctx.grid_index :: ctx.grid_groups]
     if not points:
         return []
@@ -466,7 +476,7 @@ def train_grid(*, points: list[GridPoint], store_path: str | os.PathLike | None 
                 locks.callback(lock.release)
         with _deterministic_mode(points[0].trainer_cfg.deterministic, ctx.device):
             return _train_locked(source if source is not None else store_path, outs, points, ctx, seed,
-                                 (hook_name, model_name), progress)
+                                 (hook_name, model_name), progress, heldout)
 
 
 @contextlib.contextmanager
@@ -558,9 +568,10 @@ class _Run:
 
 
 def _train_locked(data, outs: list[Path], points: list[GridPoint], ctx: ParallelContext, seed: int, names: tuple,
-                  progress: bool) -> list[dict]:
+                  progress: bool, heldout=None) -> list[dict]:
     """`train_grid` once every run directory's lock is held: open the batch source, check and set up each
-    point (finished points are reported and skipped), position the source, step, finalise."""
+    point (finished points are reported and skipped), position the source, step (with the held-out evaluation
+    `heldout` or None), finalise."""
     store = _open_training_store(data, points[0].sae_cfg, points[0].trainer_cfg, seed, ctx)
     try:
         attrs = dict(getattr(store, "attrs", {}) or {})
@@ -577,7 +588,7 @@ def _train_locked(data, outs: list[Path], points: list[GridPoint], ctx: Parallel
         if len(resumed) == len(runs):  # every point resumed: the stream restarts at the earliest checkpoint
             store.load_state_dict(min(resumed, key=lambda r: r.step).store_state)
         t0, tok0 = time.perf_counter(), [r.tokens_seen for _, r in runs]
-        preempted = _train_loop([r for _, r in runs], data, progress)
+        preempted = _train_loop([r for _, r in runs], data, progress, heldout)
         wall = max(time.perf_counter() - t0, 1e-9)
         for (i, run), t in zip(runs, tok0, strict=True):
             results[i] = _finish_point(run, data, attrs, names, seed, preempted, (run.tokens_seen - t) / wall)
@@ -740,10 +751,11 @@ def _train_step(run: _Run, x: torch.Tensor) -> tuple[TrainOutput, float]:
     return res, lr
 
 
-def _train_loop(runs: list[_Run], store_path, progress: bool) -> bool:
-    """Steps every run to its end, `trainer.max_steps` or an agreed SIGTERM, with logs and checkpoints: one
-    batch per global step, stepped by each run at that step (a resumed run ahead of the others waits).
-    Closes the logs and engines. Returns whether it stopped on SIGTERM."""
+def _train_loop(runs: list[_Run], store_path, progress: bool, heldout=None) -> bool:
+    """Steps every run to its end, `trainer.max_steps` or an agreed SIGTERM, with logs, the held-out evaluation
+    (`heldout.after_step`, when given) and checkpoints: one batch per global step, stepped by each run at that
+    step (a resumed run ahead of the others waits). Closes the logs and engines. Returns whether it stopped on
+    SIGTERM."""
     ctx, store = runs[0].ctx, runs[0].store
     step, preempted, it = min(r.step for r in runs), False, iter(store)
     _open_logs(runs, progress)
@@ -757,6 +769,8 @@ def _train_loop(runs: list[_Run], store_path, progress: bool) -> bool:
                     res, lr = _train_step(run, x)
                     run.rng = _rng_state()
                     _after_step(run, res, lr)
+                    if heldout is not None:
+                        heldout.after_step(run)
                 step += 1
                 preempted = preempt.agreed(ctx.device, ctx.world_group) and any(r.step < r.n_steps for r in runs)
                 for run in now:

@@ -101,7 +101,7 @@ def test_sae_eval_reports_equivalent_compute_of_an_lm_family(tiny_lm_dir, tmp_pa
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sae_dist.cli import CONF_DIR, _docs, run_eval
-    from sae_dist.eval.evaluate import _collect_sequences
+    from sae_dist.eval.evaluate import heldout_sequences
     from sae_dist.sae.config import SAEConfig
     from sae_dist.sae.export import export_sae
     from sae_dist.sae.topk import TopKSAE
@@ -127,7 +127,7 @@ def test_sae_eval_reports_equivalent_compute_of_an_lm_family(tiny_lm_dir, tmp_pa
     assert json.loads((tmp_path / "run" / "eval.json").read_text())["lm_family_ce"] == res["lm_family_ce"]
 
     tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
-    seqs = _collect_sequences(_docs(cfg), tok, 32, 300, float(cfg.data.eval_fraction))
+    seqs = heldout_sequences(_docs(cfg), tok, 32, 300, float(cfg.data.eval_fraction))
     hand = []
     for m in family:
         lm = AutoModelForCausalLM.from_pretrained(m["name"], dtype=torch.float32).eval()

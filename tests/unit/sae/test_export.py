@@ -113,3 +113,32 @@ def test_load_errors(tmp_path):
         m(torch.randn(3, 9))
     with pytest.raises(ValueError, match="scale"):
         export_sae(sae, tmp_path / "t", hook_name=None, model_name=None, normalize="scalar")
+
+
+@pytest.mark.parametrize("architecture", ["topk", "jumprelu"])
+@pytest.mark.parametrize("mode", ["scalar", "layer_norm", "none"])
+def test_exported_view_is_the_loaded_export_without_files(tmp_path, architecture, mode):
+    """`exported_view` computes what `load_sae` of `export_sae`'s files computes, bit for bit, shares W_enc and
+    W_dec with the training module (no copy) and so follows it after an update."""
+    from sae_dist.sae.export import exported_view
+    from sae_dist.sae.registry import build_sae
+
+    d, n = 16, 48
+    g = torch.Generator().manual_seed(5)
+    sae = build_sae(SAEConfig(d_in=d, d_sae=n, k=4 if architecture == "topk" else None, normalize=mode,
+                              architecture=architecture), generator=g)
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.3, generator=g)
+        sae.b_dec.normal_(0, 0.5, generator=g)
+        sae.W_enc.add_(0.2 * torch.randn(d, n, generator=g))
+    x = _raw_acts(64, d)
+    scale = math.sqrt(d) / float(x.norm(dim=-1).mean()) if mode == "scalar" else None
+    view = exported_view(sae, normalize=mode, scale=scale)
+    export_sae(sae, tmp_path / "sae", hook_name=None, model_name=None, normalize=mode, scale=scale)
+    with torch.no_grad():
+        assert torch.equal(view(x), load_sae(tmp_path / "sae")(x))
+        assert view.W_enc.data_ptr() == sae.W_enc.data_ptr() and view.W_dec.data_ptr() == sae.W_dec.data_ptr()
+        sae.W_dec.mul_(0.5)
+        export_sae(sae, tmp_path / "sae2", hook_name=None, model_name=None, normalize=mode, scale=scale)
+        assert torch.equal(view(x), load_sae(tmp_path / "sae2")(x))
+    assert not view.training and type(view) is type(load_sae(tmp_path / "sae"))

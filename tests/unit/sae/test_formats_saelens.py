@@ -340,7 +340,7 @@ def test_saelens_save_through_eval_and_browse(tmp_path, tiny_lm_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sae_dist.browse.cli import run_browse
-    from sae_dist.eval.evaluate import _collect_sequences, evaluate
+    from sae_dist.eval.evaluate import evaluate, heldout_sequences
     from sae_dist.harvest.hooks import resolve_hook, run_to_hook
     from sae_dist.store import write_store
 
@@ -363,7 +363,7 @@ def test_saelens_save_through_eval_and_browse(tmp_path, tiny_lm_dir):
                    eval_tokens=600, eval_fraction=1.0, batch_size=8, progress=False, ablation_latents=2,
                    ablation_occurrences=1, shrinkage_tokens=100, n2g_latents=8, probe_min_count=5)
     assert res["hook_name"] == hook and res["k"] == k and res["d_sae"] == n and res["d_in"] == d
-    seqs = _collect_sequences(docs, tok, ctx, 600, 1.0)
+    seqs = heldout_sequences(docs, tok, ctx, 600, 1.0)
     with torch.no_grad():
         x = run_to_hook(lm, resolve_hook(lm, hook), seqs)[:, 1:].reshape(-1, d).double()
         err = (x - sl(x.float()).double()).pow(2).sum()

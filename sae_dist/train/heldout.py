@@ -1,0 +1,145 @@
+"""Held-out evaluation during training: every `trainer.eval_every_steps` steps, the LM's next-token cross entropy
+and KL divergence with the SAE spliced in at its hook (`sae_dist.eval.downstream.downstream_loss`: Gao et al. 2024
+sec. 4.1, the CE loss score as SAELens reports it), on a small fixed set of held-out contexts.
+
+What is evaluated: the SAE the run would export at that step (the EMA when `trainer.ema`), as
+`sae_dist.sae.export.exported_view` builds it in memory (the input normalisation folded exactly as the export
+folds it; W_enc and W_dec are not copied), on the device the SAE trains on. The LM stays on its own device; the
+hook's activations move to the SAE's device and back.
+
+Contexts: the first `trainer.eval_contexts` held-out contexts of sae-eval (`heldout_sequences`: the eval split of
+the text, packed as harvest packs it, in corpus order), tokenised once when the run starts and kept on the LM's
+input device: the same contexts at every evaluation, and the first ones sae-eval evaluates. A few dozen contexts
+give a noisier number than sae-eval's (16k tokens by default): a curve to watch, not a result.
+
+Where it runs: on the process that logs (global rank 0, or a grid group's first rank); the other processes go on
+to the next step's collective and wait for it there (the evaluation has no collective of its own). Only a whole
+SAE is evaluated (parallel.tp = 1; dp replicas each hold the whole SAE): sae-train turns the evaluation off with a
+notice under parallel.tp > 1.
+
+Cost of one evaluation: three LM forwards (clean, spliced, zero-ablated) over N contexts of T tokens, in batches of
+`batch_size` contexts, plus the SAE on N (T - 1) rows. Transient memory: `downstream_loss` holds about six
+[batch_size, T, vocab] float32 tensors (log-probabilities and their differences) at once on the LM's device;
+`batch_size` keeps each under MAX_LOGPROB_ELEMENTS (512 MiB, so about 3 GiB in all; e.g. one context per batch
+at 1024 tokens of a 128k vocabulary), and a TopK SAE holds at most 256 MiB of pre-activations
+(`topk_pre_blocked`). For the whole run the LM's weights are held on its device besides the SAE (sae-train loads
+the LM once at the start; with source=lm a second copy, as the stream's runs in its background thread). Its wall
+time is left out of `train/tokens_per_s`.
+
+Records: `train_log.jsonl` gets {"step", "tokens", "eval/<key>" for each key of `downstream_loss`'s dict} after the
+step's own record; wandb the same values under the names SAELens' in-training evaluator logs
+(`saelens_eval_metrics`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import nn
+
+__all__ = ["HeldoutEval", "evals_due", "saelens_eval_metrics", "MAX_LOGPROB_ELEMENTS"]
+
+#: Most elements of one [batch, T, vocab] float32 tensor of log-probabilities an evaluation batch makes (512 MiB):
+#: `downstream_loss` holds about six of them at once. Sets `HeldoutEval.batch_size` (at most 32 contexts).
+MAX_LOGPROB_ELEMENTS = 1 << 27
+
+
+def evals_due(tcfg) -> bool:
+    """Whether a run of TrainerConfig `tcfg` reaches a held-out evaluation: trainer.eval_every_steps > 0 and at
+    most the steps it runs (max(1, tokens // batch_tokens), or trainer.max_steps when fewer)."""
+    n_steps = max(1, tcfg.tokens // tcfg.batch_tokens)
+    stop_at = n_steps if tcfg.max_steps is None else min(n_steps, tcfg.max_steps)
+    return 0 < tcfg.eval_every_steps <= stop_at
+
+
+def saelens_eval_metrics(m: dict) -> dict:
+    """`downstream_loss`'s dict `m` under the names SAELens' in-training evaluator gives wandb (its `run_evals`
+    groups; wandb shows them as e.g. model_performance_preservation.ce_loss_score):
+    model_performance_preservation: ce_loss_score, ce_loss_with_sae (= ce_loss_sae), ce_loss_without_sae
+    (= ce_loss_clean), ce_loss_with_ablation (= ce_loss_zero_ablation); model_behavior_preservation:
+    kl_div_with_sae (= kl_div), kl_div_with_ablation (= kl_div_zero_ablation) and kl_div_score =
+    (kl_div_with_ablation - kl_div_with_sae) / kl_div_with_ablation (NaN when the ablation's KL is 0)."""
+    kl_abl = m["kl_div_zero_ablation"]
+    return {
+        "model_performance_preservation": {
+            "ce_loss_score": m["ce_loss_score"], "ce_loss_with_sae": m["ce_loss_sae"],
+            "ce_loss_without_sae": m["ce_loss_clean"], "ce_loss_with_ablation": m["ce_loss_zero_ablation"]},
+        "model_behavior_preservation": {
+            "kl_div_score": (kl_abl - m["kl_div"]) / kl_abl if kl_abl != 0 else math.nan,
+            "kl_div_with_sae": m["kl_div"], "kl_div_with_ablation": kl_abl},
+    }
+
+
+@dataclass
+class HeldoutEval:
+    """The LM, hook point and fixed held-out contexts of the held-out evaluation (module docstring).
+
+    model: HF causal LM (eval mode, gradients off). hook_name: where the SAE is spliced in
+    (`sae_dist.harvest.hooks` names). sequences: int64 [N, T] token ids on the LM's input device, BOS first.
+    batch_size: contexts per LM forward (`from_text`: as many as MAX_LOGPROB_ELEMENTS allows, 1 to 32).
+    """
+
+    model: nn.Module
+    hook_name: str
+    sequences: torch.Tensor
+    batch_size: int = 8
+
+    @classmethod
+    def from_text(cls, model: nn.Module, tokenizer, hook_name: str, docs: Iterable[str], *, ctx_len: int,
+                  eval_fraction: float, n_contexts: int, d_in: int) -> HeldoutEval:
+        """The first `n_contexts` held-out contexts of `docs` (`heldout_sequences`, with the harvest's ctx_len and
+        eval_fraction), tokenised once, on the LM's input device; the hook's width is checked on the first, the
+        vocabulary measured there sets `batch_size` (MAX_LOGPROB_ELEMENTS).
+
+        Raises ValueError: ctx_len < 3 (the CE needs BOS + 2 tokens), no held-out context (`heldout_sequences`),
+        an unknown hook (`resolve_hook` lists the valid names), or a hook width other than d_in (the SAE's).
+        """
+        from sae_dist.eval.evaluate import heldout_sequences
+        from sae_dist.harvest.harvester import lm_input_device
+        from sae_dist.harvest.hooks import run_to_hook
+
+        if ctx_len < 3:
+            raise ValueError(f"data.ctx_len={ctx_len}: the held-out CE needs contexts of >= 3 tokens (BOS + 2)")
+        seqs = heldout_sequences(docs, tokenizer, ctx_len, n_contexts * (ctx_len - 1), eval_fraction)
+        seqs = seqs.to(lm_input_device(model))
+        with torch.no_grad():
+            width = run_to_hook(model, hook_name, seqs[:1]).shape[-1]
+            vocab = model(input_ids=seqs[:1, :2], use_cache=False).logits.shape[-1]
+        if width != d_in:
+            raise ValueError(f"hook {hook_name!r} of this LM has width {width}, but the SAE has d_in={d_in}: "
+                             "the LM is not the one the activations came from (model.name)")
+        return cls(model, hook_name, seqs, max(1, min(32, MAX_LOGPROB_ELEMENTS // (ctx_len * vocab))))
+
+    def measure(self, sae: nn.Module, *, normalize: str, scale: float | None = None,
+                n_contexts: int | None = None) -> dict:
+        """`downstream_loss`'s dict (ce_loss_clean, ce_loss_sae, ce_loss_zero_ablation, ce_loss_score,
+        ce_loss_delta, kl_div, kl_div_zero_ablation in nats per token; ce_tokens) with the training SAE `sae` (a
+        whole `SparseAutoencoder` on inputs normalised by `normalize`, `scale` the store's for "scalar") spliced in
+        as its export would be (`exported_view`), on the first `n_contexts` contexts (None: all).
+        ValueError as `exported_view` and `downstream_loss`."""
+        from sae_dist.eval.downstream import downstream_loss
+        from sae_dist.sae.export import exported_view
+
+        view = exported_view(sae, normalize=normalize, scale=scale)
+        return downstream_loss(self.model, view, self.hook_name, self.sequences[:n_contexts],
+                               batch_size=self.batch_size, device=self.sequences.device)
+
+    def after_step(self, run) -> None:
+        """After a step of `run` (`sae_dist.train.trainer._Run`, its logs open) that is a multiple of
+        `trainer.eval_every_steps`, on the logging process: `measure` the SAE the run would export (the EMA
+        when on) on `trainer.eval_contexts` contexts, and log it to train_log.jsonl (eval/<key>) and wandb
+        (`saelens_eval_metrics`); its wall time is taken out of the next train/tokens_per_s."""
+        every = run.tcfg.eval_every_steps
+        if every <= 0 or run.step % every or not run.ctx.is_main:
+            return
+        t0 = time.perf_counter()
+        m = self.measure(run.ema if run.ema is not None else run.sae, normalize=run.sae_cfg.normalize,
+                         scale=getattr(run.store, "scale", None), n_contexts=run.tcfg.eval_contexts)
+        _bar, jsonl, clock = run.log
+        jsonl.log({"step": run.step, "tokens": run.tokens_seen, **{f"eval/{k}": v for k, v in m.items()}})
+        run.wb.log(saelens_eval_metrics(m), step=run.step)
+        clock[0] += time.perf_counter() - t0

@@ -1,0 +1,127 @@
+"""sae-train's held-out evaluation (sae_dist.train.heldout): every trainer.eval_every_steps steps the LM's CE and
+KL with the SAE spliced in, on the first trainer.eval_contexts held-out contexts of the store's text, logged to
+train_log.jsonl (eval/...) and to wandb under SAELens' names; the values at the last step are those of
+`downstream_loss` run independently on the exported SAE. Without a local LM the run trains the same with the
+evaluation off and says so."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import wandb
+import zarr
+from helpers.harvest import CTX, HOOK, run_harvest
+from helpers.synthetic import tiny_corpus
+from helpers.train import train_log
+
+from sae_dist.eval.downstream import downstream_loss
+from sae_dist.harvest.text import iter_documents, packed_sequences
+from sae_dist.sae.export import load_sae
+
+EVAL_FRACTION, CONTEXTS = 0.5, 4
+
+
+class _Recorder:
+    """Stands in for a wandb run: keeps every log call."""
+
+    def __init__(self, **kw):
+        self.logged, self.summary = [], {}
+
+    def log(self, metrics, step):
+        self.logged.append((step, metrics))
+
+    def log_artifact(self, artifact):
+        pass
+
+    def finish(self):
+        pass
+
+
+@pytest.fixture(scope="module")
+def store(lm, tmp_path_factory):
+    """A store of the tiny LM over 8 short documents (half held out), and the corpus file it names."""
+    d = tmp_path_factory.mktemp("heldout")
+    corpus = d / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in tiny_corpus(n_files=8, max_chars=4000)))
+    run_harvest(lm, d / "acts.zarr", list(iter_documents("json", data_files=str(corpus))), tokens=2400,
+                eval_fraction=EVAL_FRACTION, attrs={"dataset": "json"})
+    return d / "acts.zarr", corpus
+
+
+def _sae_train(console_script, run, store_path, corpus):
+    return console_script("sae-train", f"run_dir={run}", f"store.path={store_path}", "device=cpu", "seed=0",
+                          "data.dataset=json", f"data.data_files={corpus}", "sae.d_sae=64", "sae.k=4",
+                          "sae.dead_tokens=480", "trainer.tokens=1200", "trainer.batch_tokens=120",
+                          "trainer.log_every_steps=2", "trainer.eval_every_steps=2",
+                          f"trainer.eval_contexts={CONTEXTS}", "trainer.keep_checkpoints=0", "wandb.mode=offline")
+
+
+def _reference(lm, corpus, sae_dir):
+    """`downstream_loss` of the exported SAE at `sae_dir` spliced into the LM, on the first CONTEXTS held-out
+    contexts of the corpus (its eval split packed as the harvest packs text)."""
+    model, tok = lm
+    docs = iter_documents("json", data_files=str(corpus))
+    seqs = [s for _, s in zip(range(CONTEXTS), packed_sequences(docs, tok, CTX, eval_fraction=EVAL_FRACTION,
+                                                                 split="eval"), strict=False)]
+    return downstream_loss(model, load_sae(sae_dir), HOOK, torch.tensor(seqs))
+
+
+def _train_records(run):
+    return [{k: v for k, v in r.items() if k != "train/tokens_per_s"} for r in train_log(run) if "train/loss" in r]
+
+
+def test_held_out_ce_and_kl_during_training(lm, store, tmp_path, console_script, monkeypatch):
+    runs = []
+    monkeypatch.setattr(wandb, "init", lambda **kw: runs.append(_Recorder(**kw)) or runs[-1])
+    store_path, corpus = store
+    proc = _sae_train(console_script, tmp_path / "run", store_path, corpus)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evals = [r for r in train_log(tmp_path / "run") if "eval/ce_loss_score" in r]
+    assert [r["step"] for r in evals] == [2, 4, 6, 8, 10]
+
+    ref = _reference(lm, corpus, tmp_path / "run" / "sae")
+    assert ref["ce_tokens"] == CONTEXTS * (CTX - 2) and ref["ce_loss_sae"] > ref["ce_loss_clean"]
+    assert evals[-1] == {"step": 10, "tokens": 1200, **{f"eval/{k}": v for k, v in ref.items()}}
+    assert evals[0]["eval/ce_loss_clean"] == ref["ce_loss_clean"] != evals[0]["eval/ce_loss_sae"] != ref["ce_loss_sae"]
+
+    (wb,) = runs  # wandb: SAELens' in-training evaluator's groups and names
+    logged = [(s, m) for s, m in wb.logged if "model_performance_preservation" in m]
+    assert [s for s, _ in logged] == [2, 4, 6, 8, 10]
+    assert logged[-1][1] == {
+        "model_performance_preservation": {
+            "ce_loss_score": ref["ce_loss_score"], "ce_loss_with_sae": ref["ce_loss_sae"],
+            "ce_loss_without_sae": ref["ce_loss_clean"], "ce_loss_with_ablation": ref["ce_loss_zero_ablation"]},
+        "model_behavior_preservation": {
+            "kl_div_score": 1 - ref["kl_div"] / ref["kl_div_zero_ablation"], "kl_div_with_sae": ref["kl_div"],
+            "kl_div_with_ablation": ref["kl_div_zero_ablation"]}}
+
+    # the same store naming an LM that is neither a directory nor in the hub cache: trained alike, no evaluation
+    other = tmp_path / "other.zarr"
+    shutil.copytree(store_path, other)
+    zarr.open_group(str(other), mode="r+").attrs["model"] = "nobody/no-such-lm"
+    proc = _sae_train(console_script, tmp_path / "off", other, corpus)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert ("sae-train: held-out evaluation off (trainer.eval_every_steps): the LM model.name=nobody/no-such-lm does "
+            "not load from local files (a directory or the hub cache): OSError: ") in proc.stderr
+    assert not [r for r in train_log(tmp_path / "off") if "eval/ce_loss_score" in r]
+    assert _train_records(tmp_path / "off") == _train_records(tmp_path / "run")
+
+
+def test_a_run_streamed_from_the_lm_evaluates_on_its_held_out_text(lm, tiny_lm_dir, store, tmp_path, console_script):
+    """source=lm: the evaluation loads its own copy of the streamed LM (the stream runs its copy in a background
+    thread) and uses the data.* text, held-out split and context length."""
+    _, corpus = store
+    proc = console_script("sae-train", f"run_dir={tmp_path}", "source=lm", f"model.name={tiny_lm_dir}", "device=cpu",
+                          "data.dataset=json", f"data.data_files={corpus}", f"data.ctx_len={CTX}",
+                          f"data.eval_fraction={EVAL_FRACTION}", "stream.buffer_tokens=240", "sae.d_sae=64", "sae.k=4",
+                          "sae.dead_tokens=480", "trainer.tokens=1200", "trainer.batch_tokens=120",
+                          "trainer.eval_every_steps=5", f"trainer.eval_contexts={CONTEXTS}",
+                          "trainer.keep_checkpoints=0", "wandb.mode=disabled")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evals = [r for r in train_log(tmp_path) if "eval/ce_loss_score" in r]
+    ref = _reference(lm, corpus, tmp_path / "sae")
+    assert [r["step"] for r in evals] == [5, 10]
+    assert evals[-1] == {"step": 10, "tokens": 1200, **{f"eval/{k}": v for k, v in ref.items()}}
