@@ -48,7 +48,8 @@ def _wandb_records(path: Path):
 def test_multirun_failed_points_are_reported_and_share_a_wandb_group(tmp_path, console_script, monkeypatch):
     """A real `sae-train -m` sweep where half the points fail (k > d_sae): the others complete,
     every point has job_status.json, sweep_summary.json lists the failures, the command exits 1, and
-    the completed points' wandb runs carry the sweep dir's name as their group. The command line runs in
+    the completed points' wandb runs carry the sweep dir's name as their group and, in the offline run's own
+    file, SAELens' metric names with train_log.jsonl's values. The command line runs in
     this process (conftest.py's console_script; Hydra's basic launcher runs the points in it, as it does
     in a `sae-train -m` process), on one thread, with wandb offline."""
     from sae_dist.store import write_store
@@ -75,8 +76,23 @@ def test_multirun_failed_points_are_reported_and_share_a_wandb_group(tmp_path, c
         assert (sweep / name / "sae" / "sae_weights.safetensors").is_file()
         runs = list((sweep / name / "wandb").glob("offline-run-*/run-*.wandb"))
         assert len(runs) == 1, runs
-        groups = [r.run.run_group for r in _wandb_records(runs[0]) if r.WhichOneof("record_type") == "run"]
+        records = list(_wandb_records(runs[0]))
+        groups = [r.run.run_group for r in records if r.WhichOneof("record_type") == "run"]
         assert groups and set(groups) == {sweep.name}, groups
+        # the run's own file holds SAELens' names, with the values train_log.jsonl has under ours
+        history = {}
+        for r in records:
+            if r.WhichOneof("record_type") == "history":
+                items = {it.key or "/".join(it.nested_key): it.value_json for it in r.history.item}
+                history.setdefault(r.history.step.num, {}).update(items)
+        log = [json.loads(line) for line in (sweep / name / "train_log.jsonl").read_text().splitlines()]
+        assert [rec["step"] for rec in log] == sorted(history), (list(history), log)
+        last, h = log[-1], history[log[-1]["step"]]
+        assert json.loads(h["losses/mse_loss"]) == pytest.approx(last["train/fvu"], rel=1e-12)
+        assert json.loads(h["metrics/l0"]) == pytest.approx(last["train/l0"], rel=1e-12)
+        assert json.loads(h["details/current_learning_rate"]) == pytest.approx(last["train/lr"], rel=1e-12)
+        assert json.loads(h["metrics/explained_variance"]) == pytest.approx(1 - last["train/fvu"], rel=1e-12)
+        assert json.loads(h["sparsity/dead_features"]) == round(last["train/dead_fraction"] * (32 if job == 0 else 64))
     # sae-scaling over it lists the failed points and fits nothing from 2 points without failing
     res = run_scaling(sweep, tmp_path / "sc", metric="train/fvu", plots=False)
     assert len(res["points"]) == 2 and {p["n"] for p in res["points"]} == {32, 64}
