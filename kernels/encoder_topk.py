@@ -68,9 +68,12 @@ import torch.nn.functional as F
 
 from ._common import Launch, dense_rows_block, tf32_enabled
 
-__all__ = ["encode_topk", "encode_topk_reference", "triton_available", "BACKENDS"]
+__all__ = ["encode_topk", "encode_topk_reference", "triton_available", "BACKENDS", "LATENT_CHUNK"]
 
 BACKENDS = ("auto", "torch", "triton")
+
+#: `encode_topk`'s default latent_chunk (the trainer's): the torch path's [B, chunk] pre-activation buffer width.
+LATENT_CHUNK = 4096
 
 try:  # Triton is optional: the module (and the torch path) works without it.
     import triton
@@ -657,7 +660,7 @@ def encode_topk(
     dead_mask: torch.Tensor | None = None,
     k_aux: int = 0,
     backend: str = "auto",
-    latent_chunk: int = 4096,
+    latent_chunk: int = LATENT_CHUNK,
     need_x_grad: bool = False,
     token_chunk: int = 512,
 ):
@@ -731,7 +734,7 @@ def encode_topk_reference(
     dead_mask: torch.Tensor | None = None,
     k_aux: int = 0,
     backend: str = "auto",
-    latent_chunk: int = 4096,
+    latent_chunk: int = LATENT_CHUNK,
     need_x_grad: bool = False,
     token_chunk: int = 512,
 ):

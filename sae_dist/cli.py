@@ -458,12 +458,24 @@ def _train_points(cfg: DictConfig, out_dir: Path, d_in: int) -> list:
     return points
 
 
+def _group_rank(cfg: DictConfig) -> int:
+    """This process's rank in its mesh: the global rank, or with parallel.grid_groups > 1 its rank in its group."""
+    rank, world = _dist_env()
+    groups = int(cfg.parallel.grid_groups) if cfg.grid is not None else 1
+    return rank % max(world // groups, 1)
+
+
 def _reports(cfg: DictConfig) -> bool:
     """Whether this process prints sae-train's summary and evaluates: global rank 0, or with
     parallel.grid_groups > 1 the first rank of each group (for its group's points)."""
-    rank, world = _dist_env()
-    groups = int(cfg.parallel.grid_groups) if cfg.grid is not None else 1
-    return rank % max(world // groups, 1) == 0
+    return _group_rank(cfg) == 0
+
+
+def _evaluates(cfg: DictConfig) -> bool:
+    """Whether this process runs sae-train's held-out evaluation: the ranks of dp replica 0 of its mesh (mesh
+    rank < parallel.tp): with parallel.tp=1 the process that reports (`_reports`), with tp > 1 each tp rank of
+    that replica (`sae_dist.train.heldout`)."""
+    return _group_rank(cfg) < int(cfg.parallel.tp)
 
 
 def _heldout_off(why: str) -> None:
@@ -486,19 +498,17 @@ def _store_text_cfg(cfg: DictConfig, attrs: dict) -> DictConfig:
 
 def heldout_eval(cfg: DictConfig, attrs: dict, points: list, lm=None):
     """sae-train's held-out evaluation (`sae_dist.train.heldout.HeldoutEval`: the LM and held-out contexts) on the
-    process that reports, when a point's trainer.eval_every_steps falls inside its run; else None. Off (None, a
-    one-line notice on stderr saying why) under parallel.tp > 1, or when the LM, its hook or the held-out text
-    cannot be had from local files. attrs: the training data's (d_in, hook_name; a store's model, dataset, ctx_len,
-    eval_fraction). `lm`: sae-pipeline's loaded (model, tokenizer), the store's LM; else the LM is loaded from local
-    files: the store's (`_store_text_cfg`), or with source=lm a second copy of the streamed one (the stream runs
-    its copy in a background thread)."""
+    processes that run it (`_evaluates`: dp replica 0, each of its tp ranks), when a point's
+    trainer.eval_every_steps falls inside its run; else None. Off (None, a one-line notice on stderr saying why)
+    when the LM, its hook or the held-out text cannot be had from local files. attrs: the training data's (d_in,
+    hook_name; a store's model, dataset, ctx_len, eval_fraction). `lm`: sae-pipeline's loaded (model, tokenizer),
+    the store's LM; else the LM is loaded from local files: the store's (`_store_text_cfg`), or with source=lm a
+    second copy of the streamed one (the stream runs its copy in a background thread)."""
     from sae_dist.train.heldout import HeldoutEval, evals_due
 
     due = [p.trainer_cfg for p in points if evals_due(p.trainer_cfg)]
-    if not due or not _reports(cfg):
+    if not due or not _evaluates(cfg):
         return None
-    if int(cfg.parallel.tp) > 1:
-        return _heldout_off(f"parallel.tp={cfg.parallel.tp} shards the SAE; it evaluates a whole SAE (parallel.tp=1)")
     try:
         ecfg = cfg if cfg.source == "lm" else _store_text_cfg(cfg, attrs)
         device = resolve_device((cfg.stream.lm_device if cfg.source == "lm" else None) or cfg.device)

@@ -10,8 +10,9 @@ module (`sae_dist.sae.export.load_sae`) takes raw activations.
 
 `TopKSAE.training_step_losses` is the one training path, on one process and latent-sharded alike: the
 fused encoder + TopK of `sae_dist.kernels` (never the [B, d_sae] pre-activations), the exact global
-TopK through `self.comm.select_topk`, sparse decodes, Multi-TopK and AuxK. `topk_losses_reference`
-is the same loss computed densely with plain torch: the test oracle.
+TopK through `self.comm.select_topk`, sparse decodes, Multi-TopK and AuxK. `TopKSAE.reconstruct` is its
+reconstruction without the losses (no gradient; the held-out evaluation of a latent-sharded run splices it into
+the LM). `topk_losses_reference` is the same loss computed densely with plain torch: the test oracle.
 """
 
 from __future__ import annotations
@@ -129,11 +130,7 @@ class TopKSAE(SparseAutoencoder):
         if kk > cfg.d_sae:
             raise ValueError(f"k={kk} exceeds d_sae={cfg.d_sae}")
         k_aux, k_aux_local = self._auxk_widths(dead_mask)
-        xw, W, be, bp = encoder_operands(x, self.W_enc, self.b_enc, comm.copy_to_tp(self.b_dec))
-        vals, idx, aux_vals, aux_idx = encode_topk(
-            xw, W, be, bp, min(kk, self.n_local), dead_mask=dead_mask if k_aux_local else None,
-            k_aux=k_aux_local, backend=cfg.kernel_backend)
-        picks = comm.select_topk(vals, idx, (k, kk) if cfg.multi_topk else (k,))
+        picks, aux_vals, aux_idx = self._select(x, (k, kk) if cfg.multi_topk else (k,), dead_mask, k_aux_local)
         xf = x.float()
         den = comm.batch_variance(xf)
         x_hat = self._decode(*picks[0])
@@ -147,6 +144,32 @@ class TopKSAE(SparseAutoencoder):
         values, indices = picks[0]
         return TrainOutput(loss, nmse.detach(), aux.detach(), None if mt is None else mt.detach(),
                            x_hat.detach(), values, indices)
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """x^ [B, d_in] (normalised space, W_dec's dtype) of x [B, d_in] (normalised activations) by the training
+        step's path without its losses: this shard's fused-encoder candidates, the exact global TopK
+        (`comm.select_topk`), the sparse decodes summed over tp, + b_dec. On one process or a latent shard alike
+        (unlike `forward`, which needs the whole SAE), no gradient. Under tp > 1 it is collective over the tp
+        group: every tp rank calls it with the same x (its rows are selected and summed across the shards); no
+        collective over dp. Transient memory: as the training forward's on B rows (`encode_topk`: one
+        [B, latent_chunk] pre-activation buffer on the torch backend, never [B, d_sae]). ValueError for a wrong
+        input width."""
+        self._check_x(x)
+        ((values, indices),), _, _ = self._select(x, (self.cfg.k,))
+        return self._decode(values, indices)
+
+    def _select(self, x: torch.Tensor, ms: tuple[int, ...], dead_mask: torch.Tensor | None = None,
+                k_aux_local: int = 0):
+        """([(values, indices) of this shard's entries among the global top-m of each row, per m in ms]
+        (`comm.select_topk`), AuxK candidates (values, indices) or (None, None)) of x [B, d_in]: the fused
+        encoder's top-min(max(ms), n_local) candidates of this shard (and its top-`k_aux_local` among the
+        latents of `dead_mask`)."""
+        xw, W, be, bp = encoder_operands(x, self.W_enc, self.b_enc, self.comm.copy_to_tp(self.b_dec))
+        vals, idx, aux_vals, aux_idx = encode_topk(
+            xw, W, be, bp, min(max(ms), self.n_local), dead_mask=dead_mask if k_aux_local else None,
+            k_aux=k_aux_local, backend=self.cfg.kernel_backend)
+        return self.comm.select_topk(vals, idx, ms), aux_vals, aux_idx
 
     def _decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """x^ [B, d_in] = sum over the tp shards of this shard's sparse decode, + b_dec."""

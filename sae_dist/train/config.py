@@ -45,7 +45,8 @@ class TrainerConfig:
       deterministic implementation raises RuntimeError instead of running.
     eval_every_steps, eval_contexts: the held-out evaluation during training (`sae_dist.train.heldout`): every
       eval_every_steps steps (0: never) the LM's CE and KL with the SAE spliced in, on the first eval_contexts
-      held-out contexts; sae-train runs it when the LM loads from local files and parallel.tp is 1.
+      held-out contexts; sae-train runs it when the LM loads from local files (under parallel.tp > 1 on every tp
+      rank of dp replica 0, the latent shards spliced together).
 
     Raises ValueError naming the option (as the CLI key `trainer.<name>`) and its valid range.
     """
@@ -79,8 +80,8 @@ class TrainerConfig:
     deterministic: bool = option(False, "deterministic torch algorithms and kernels: bit-identical weights and "
                                         "logs on one machine (docs/reference.md#reproducibility)")
     eval_every_steps: int = option(1000, "steps between held-out evaluations: the LM's CE loss and KL with the SAE "
-                                         "spliced in (the EMA when on); 0: off; off anyway without a local LM or "
-                                         "with parallel.tp > 1 (docs/reference.md#held-out-evaluation-during-training)")
+                                         "spliced in (the EMA when on); 0: off; off anyway without a local LM "
+                                         "(docs/reference.md#held-out-evaluation-during-training)")
     eval_contexts: int = option(32, "held-out contexts of data.ctx_len tokens in each held-out evaluation (the "
                                     "first ones of sae-eval's)")
 

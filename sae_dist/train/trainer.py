@@ -383,8 +383,10 @@ def train(
         and the dp x tp mesh are initialised here (`sae_dist.parallel.mesh.init_parallel`); dp =
         world size / tp, each dp rank reads its rows of every global batch of batch_tokens.
       heldout: a `sae_dist.train.heldout.HeldoutEval` (the LM and held-out contexts): every
-        `trainer.eval_every_steps` steps the logging process evaluates the SAE spliced into the LM on them and
-        logs eval/... records (a whole SAE only: tp = 1). None: no held-out evaluation.
+        `trainer.eval_every_steps` steps dp replica 0 evaluates the SAE spliced into the LM on them and global
+        rank 0 logs eval/... records. Under tp > 1 give it on every tp rank of dp replica 0 (they splice the
+        latent shards together; if one lacks it, none runs it); other ranks ignore it. None: no held-out
+        evaluation.
     Returns a dict: out_dir, sae_dir (None if stopped early), steps, tokens_trained, final metrics
       (`train/...` keys), dead_fraction, dead_fraction_window, already_finished, stopped_early.
     Raises ValueError "store d_in X != SAE d_in Y" on a width mismatch; FloatingPointError
@@ -453,8 +455,7 @@ def train_grid(*, points: list[GridPoint], store_path: str | os.PathLike | None 
       training points g, g + groups, ... on its own dp x tp mesh with its own batch stream (1: every point on
       the whole mesh, one stream).
     Returns one `train` result per point of this process's group, in order. Raises ValueError
-    (`_check_grid`; also for the DeepSpeed engine with groups > 1, and for heldout with tp > 1) and what
-    `train` raises.
+    (`_check_grid`; also for the DeepSpeed engine with groups > 1) and what `train` raises.
     """
     if (store_path is None) == (source is None):
         raise ValueError("give exactly one of store_path (an activation store) or source (e.g. an LM stream)")
@@ -463,9 +464,7 @@ def train_grid(*, points: list[GridPoint], store_path: str | os.PathLike | None 
         raise ValueError(f"parallel.grid_groups={groups} runs each group on its own mesh, which "
                          "trainer.engine=deepspeed does not support: use trainer.engine=torch")
     ctx = init_parallel(tp, torch.device(device), groups=groups)
-    if heldout is not None and ctx.tp > 1:
-        raise ValueError(f"heldout: the held-out evaluation splices a whole SAE into the LM, but tp={ctx.tp} shards "
-                         "its latents over ranks: pass heldout=None (or tp=1)")
+    heldout = _agreed_heldout(heldout, ctx)
     points, outs = points[ctx.grid_index :: ctx.grid_groups], outs[ctx.grid_index :: ctx.grid_groups]
     if not points:
         return []
@@ -477,6 +476,21 @@ def train_grid(*, points: list[GridPoint], store_path: str | os.PathLike | None 
         with _deterministic_mode(points[0].trainer_cfg.deterministic, ctx.device):
             return _train_locked(source if source is not None else store_path, outs, points, ctx, seed,
                                  (hook_name, model_name), progress, heldout)
+
+
+def _agreed_heldout(heldout, ctx: ParallelContext):
+    """`heldout` as `train_grid` uses it: under tp > 1 the tp ranks of dp replica 0 splice the SAE's shards together
+    (collectives over their tp group), so unless every one of them has a held-out evaluation none runs it (a
+    notice on the group's first rank). Collective over that tp group; other ranks return `heldout` unchanged."""
+    if ctx.tp == 1 or ctx.dp_rank != 0:
+        return heldout
+    have = torch.tensor([heldout is not None], dtype=torch.int32, device=ctx.device)
+    if int(all_reduce_(have, ctx.tp_group, op=torch.distributed.ReduceOp.MIN)) == 1:
+        return heldout
+    if heldout is not None and ctx.is_main:
+        print("sae-train: held-out evaluation off (trainer.eval_every_steps): a tensor-parallel rank of dp replica 0 "
+              "has none (its LM or text did not load; see its notice), and every tp rank runs it", file=sys.stderr)
+    return None
 
 
 @contextlib.contextmanager

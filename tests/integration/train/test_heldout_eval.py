@@ -1,8 +1,9 @@
 """sae-train's held-out evaluation (sae_dist.train.heldout): every trainer.eval_every_steps steps the LM's CE and
 KL with the SAE spliced in, on the first trainer.eval_contexts held-out contexts of the store's text, logged to
 train_log.jsonl (eval/...) and to wandb under SAELens' names; the values at the last step are those of
-`downstream_loss` run independently on the exported SAE. Without a local LM the run trains the same with the
-evaluation off and says so."""
+`downstream_loss` run independently on the exported SAE, also when the SAE's latents are sharded over
+tensor-parallel ranks (never gathered: the shards are spliced in together). Without a local LM the run trains the
+same with the evaluation off and says so."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 import torch
 import wandb
 import zarr
+from helpers.dist import run_train_ranks
 from helpers.harvest import CTX, HOOK, run_harvest
 from helpers.synthetic import tiny_corpus
 from helpers.train import train_log
@@ -51,12 +53,15 @@ def store(lm, tmp_path_factory):
     return d / "acts.zarr", corpus
 
 
+def _train_args(run, store_path, corpus, wandb_mode="offline"):
+    return [f"run_dir={run}", f"store.path={store_path}", "device=cpu", "seed=0", "data.dataset=json",
+            f"data.data_files={corpus}", "sae.d_sae=64", "sae.k=4", "sae.dead_tokens=480", "trainer.tokens=1200",
+            "trainer.batch_tokens=120", "trainer.log_every_steps=2", "trainer.eval_every_steps=2",
+            f"trainer.eval_contexts={CONTEXTS}", "trainer.keep_checkpoints=0", f"wandb.mode={wandb_mode}"]
+
+
 def _sae_train(console_script, run, store_path, corpus):
-    return console_script("sae-train", f"run_dir={run}", f"store.path={store_path}", "device=cpu", "seed=0",
-                          "data.dataset=json", f"data.data_files={corpus}", "sae.d_sae=64", "sae.k=4",
-                          "sae.dead_tokens=480", "trainer.tokens=1200", "trainer.batch_tokens=120",
-                          "trainer.log_every_steps=2", "trainer.eval_every_steps=2",
-                          f"trainer.eval_contexts={CONTEXTS}", "trainer.keep_checkpoints=0", "wandb.mode=offline")
+    return console_script("sae-train", *_train_args(run, store_path, corpus))
 
 
 def _reference(lm, corpus, sae_dir):
@@ -125,3 +130,26 @@ def test_a_run_streamed_from_the_lm_evaluates_on_its_held_out_text(lm, tiny_lm_d
     ref = _reference(lm, corpus, tmp_path / "sae")
     assert [r["step"] for r in evals] == [5, 10]
     assert evals[-1] == {"step": 10, "tokens": 1200, **{f"eval/{k}": v for k, v in ref.items()}}
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("worker_forkserver")  # tests/conftest.py, for run_train_ranks
+def test_a_latent_sharded_run_splices_its_shards_together(lm, store, tmp_path):
+    """parallel.tp=2 x dp=2 (4 gloo processes) with the EMA: the tp ranks of dp replica 0 each run the LM and
+    splice their latent shards in together (exact global TopK, decodes summed over tp); dp replica 1 waits. The
+    logged values equal `downstream_loss` of the exported SAE (gathered from the shards) to float rounding."""
+    store_path, corpus = store
+    run = tmp_path / "run"
+    out = run_train_ranks([*_train_args(run, store_path, corpus, "disabled"), "parallel.tp=2", "trainer.ema=true"],
+                          run, nproc=4)
+    assert "held-out evaluation off" not in out
+    evals = [r for r in train_log(run) if "eval/ce_loss_score" in r]
+    assert [(r["step"], r["tokens"]) for r in evals] == [(s, 120 * s) for s in (2, 4, 6, 8, 10)]
+    state = json.loads((run / "sae" / "training_state.json").read_text())
+    assert state["parallel"] == {"tp": 2, "dp": 2} and state["used_ema"]
+
+    ref = _reference(lm, corpus, run / "sae")
+    got = {k[len("eval/"):]: v for k, v in evals[-1].items() if k.startswith("eval/")}
+    assert got.keys() == ref.keys() and got["ce_tokens"] == ref["ce_tokens"]
+    assert ref["ce_loss_sae"] - ref["ce_loss_clean"] > 1e-3 and ref["kl_div"] > 1e-4  # the SAE changes the LM
+    assert got == pytest.approx(ref, rel=1e-5, abs=1e-6)
