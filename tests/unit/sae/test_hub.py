@@ -1,76 +1,99 @@
-"""hf://ORG/REPO[/SUBFOLDER][@REVISION] SAE paths, offline: a hub cache laid out as huggingface_hub lays one
-out (its folder naming, content-addressed blobs, snapshot symlinks and refs; `scan_cache_dir` must
-recognise it) serves `load_sae`, `resolve_sae_path` with a revision, and `sae-eval sae_path=hf://...`."""
+"""hf://ORG/REPO[/SUBFOLDER][@REVISION] SAE paths: huggingface_hub's `snapshot_download` fills a hub cache in a
+temp dir from a local stand-in for the hub (tests/helpers/hub_server.py: a repository with revisions main and
+v1 and a sharded SAE, served over HTTP on 127.0.0.1), only the subfolder's files; `load_sae` returns the
+served SAEs exactly; then, offline and with the server stopped, the same paths load from that cache alone
+(`scan_cache_dir` recognises it) and `sae-eval sae_path=hf://...` runs off it. Also `sae-push`'s folder,
+model card, shards and calls to `HfApi` (through a recorder, no network)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 
 import huggingface_hub
 import pytest
 import torch
+from helpers.hub_server import LocalHub, use_local_hub
 from helpers.sae import perturb_topk_family
 from huggingface_hub.file_download import repo_folder_name
 
 import sae_dist
 from sae_dist.sae.config import SAEConfig
 from sae_dist.sae.export import export_sae
-from sae_dist.sae.hub import parse_hf_path, resolve_sae_path
+from sae_dist.sae.hub import parse_hf_path, push_folder, resolve_sae_path
 from sae_dist.sae.registry import build_sae
 
 REPO = "tiny-org/tiny-saes"
 
 
-def _cache_repo(cache: Path, commit: str, files: dict[str, bytes], ref: str) -> Path:
-    """Put `files` {path in repo: bytes} into the hub cache at `cache` as snapshot `commit`, pointed to by
-    refs/`ref`: blobs named by content hash, relative symlinks from the snapshot. Returns the snapshot dir."""
-    repo = cache / repo_folder_name(repo_id=REPO, repo_type="model")
-    snap = repo / "snapshots" / commit
-    for name, data in files.items():
-        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        blob.write_bytes(data)
-        link = snap / name
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    (repo / "refs").mkdir(exist_ok=True)
-    (repo / "refs" / ref).write_text(commit)
-    return snap
-
-
-def _sae_files(tmp_path: Path, seed: int, hook: str) -> dict[str, bytes]:
+def _export(out: Path, seed: int) -> Path:
+    """An exported SAE (d_in 32, d_sae 64, k 4; seed `seed`) at blocks.1.hook_resid_post in `out`."""
     g = torch.Generator().manual_seed(seed)
     sae = build_sae(SAEConfig(d_in=32, d_sae=64, k=4, normalize="none"), generator=g)
     with torch.no_grad():
         perturb_topk_family(sae, g)
-    out = export_sae(sae, tmp_path / f"export{seed}", hook_name=hook, model_name="tiny", normalize="none")
-    return {p.name: p.read_bytes() for p in Path(out).iterdir() if p.is_file()}
+    return export_sae(sae, out, hook_name="blocks.1.hook_resid_post", model_name="tiny", normalize="none")
+
+
+def _in(sub: str, folder: Path) -> dict[str, bytes]:
+    """{f"{sub}/{name}": bytes} of the files in `folder`."""
+    return {f"{sub}/{p.name}": p.read_bytes() for p in folder.iterdir() if p.is_file()}
 
 
 @pytest.fixture
-def hub_cache(tmp_path, monkeypatch):
+def hub(tmp_path, monkeypatch):
+    """REPO on a local hub with huggingface_hub pointed at it, online, its cache in tmp_path/hub. At main: an SAE
+    in layer1/ (seed 1), `_run_dir`'s SAE in big/ as 4 shards + index (`push_folder`), a big2/cfg.json that
+    big/'s allow_patterns must not take; at v1 and v2: another SAE in layer1/ (seed 2). Yields the LocalHub
+    and {hf:// path: the unsharded export it serves}."""
+    run = _run_dir(tmp_path)
+    sharded = push_folder(run, tmp_path / "up", max_shard_size=5000)
+    main, v1 = _export(tmp_path / "main", 1), _export(tmp_path / "v1", 2)
+    files = {"main": {**_in("layer1", main), **_in("big", sharded), "big2/cfg.json": b"{}"}, "v1": _in("layer1", v1)}
+    server = LocalHub({REPO: {**files, "v2": files["v1"]}})
+    use_local_hub(monkeypatch, server.endpoint, tmp_path / "hub")
+    yield server, {f"hf://{REPO}/layer1": main, f"hf://{REPO}/layer1@v1": v1, f"hf://{REPO}/big": run / "sae"}
+    server.stop()
+
+
+def _assert_same_sae(a, b, what: str) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys(), what
+    for name in sa:
+        assert torch.equal(sa[name], sb[name]), f"{what}: {name}"
+
+
+def _files_under(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def test_hub_paths_download_into_the_cache_then_load_offline(hub, tmp_path, monkeypatch):
+    server, served = hub
     cache = tmp_path / "hub"
-    main = {f"layer1/{k}": v for k, v in _sae_files(tmp_path, 1, "blocks.1.hook_resid_post").items()}
-    v1 = {f"layer1/{k}": v for k, v in _sae_files(tmp_path, 2, "blocks.1.hook_resid_post").items()}
-    snaps = {"main": _cache_repo(cache, "a" * 40, main, "main"), "v1": _cache_repo(cache, "b" * 40, v1, "v1")}
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    return cache, snaps
+    assert not torch.equal(sae_dist.load_sae(served[f"hf://{REPO}/layer1"]).W_enc,
+                           sae_dist.load_sae(served[f"hf://{REPO}/layer1@v1"]).W_enc)  # the revisions differ
+    for path, local in served.items():  # online: snapshot_download fills the cache
+        _assert_same_sae(sae_dist.load_sae(path), sae_dist.load_sae(local), path)
+    with pytest.raises(huggingface_hub.errors.RevisionNotFoundError):
+        resolve_sae_path(f"hf://{REPO}/layer1@v3")
+    commits = server.commits[REPO]
+    snaps = {rev: cache / repo_folder_name(repo_id=REPO, repo_type="model") / "snapshots" / commits[rev]
+             for rev in ("main", "v1")}
+    main_files = server.repos[REPO]["main"]
+    assert _files_under(snaps["main"]) == sorted(p for p in main_files if not p.startswith("big2/"))
+    assert _files_under(snaps["v1"]) == sorted(server.repos[REPO]["v1"])
+    (repo,) = huggingface_hub.scan_cache_dir(cache).repos  # huggingface_hub's own view of what it wrote
+    assert repo.repo_id == REPO and {(r.commit_hash, *r.refs) for r in repo.revisions} == {
+        (commits["main"], "main"), (commits["v1"], "v1")}
 
-
-def test_hub_paths_load_from_the_cache_offline(hub_cache, tmp_path):
-    cache, snaps = hub_cache
-    (repo,) = huggingface_hub.scan_cache_dir(cache).repos  # huggingface_hub recognises the layout
-    assert repo.repo_id == REPO and {r.commit_hash for r in repo.revisions} == {"a" * 40, "b" * 40}
+    server.stop()
+    use_local_hub(monkeypatch, server.endpoint, cache, offline=True)
+    for path, local in served.items():
+        _assert_same_sae(sae_dist.load_sae(path), sae_dist.load_sae(local), f"offline {path}")
     assert resolve_sae_path(f"hf://{REPO}/layer1") == snaps["main"] / "layer1"
     assert resolve_sae_path(f"hf://{REPO}/layer1@v1") == snaps["v1"] / "layer1"
-    sae = sae_dist.load_sae(f"hf://{REPO}/layer1")
-    local = sae_dist.load_sae(snaps["main"] / "layer1")
-    torch.testing.assert_close(sae.W_enc, local.W_enc, rtol=0, atol=0)
-    assert not torch.equal(sae_dist.load_sae(f"hf://{REPO}/layer1@v1").W_enc, sae.W_enc)
+    with pytest.raises(huggingface_hub.errors.LocalEntryNotFoundError):
+        resolve_sae_path(f"hf://{REPO}/layer1@v2")  # on the hub, never fetched
     with pytest.raises(huggingface_hub.errors.LocalEntryNotFoundError):
         resolve_sae_path("hf://tiny-org/not-cached/layer1")
     assert resolve_sae_path(tmp_path) == tmp_path  # a local directory is itself
@@ -83,9 +106,13 @@ def test_bad_hub_paths_are_refused_by_name(bad):
     assert parse_hf_path("hf://o/r/a/b@dev") == ("o/r", "a/b", "dev")
 
 
-def test_sae_eval_takes_a_hub_path(hub_cache, tiny_lm_dir, tmp_path, console_script):
+def test_sae_eval_takes_a_hub_path(hub, tiny_lm_dir, tmp_path, console_script, monkeypatch):
     from helpers.synthetic import tiny_corpus
 
+    server, _ = hub
+    resolve_sae_path(f"hf://{REPO}/layer1@v1")  # into the cache, then offline from it
+    server.stop()
+    use_local_hub(monkeypatch, server.endpoint, tmp_path / "hub", offline=True)
     corpus = tmp_path / "docs.jsonl"
     corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in tiny_corpus(n_files=8)))
     proc = console_script("sae-eval", f"run_dir={tmp_path / 'e'}", f"sae_path=hf://{REPO}/layer1@v1", "device=cpu",
@@ -97,12 +124,9 @@ def test_sae_eval_takes_a_hub_path(hub_cache, tiny_lm_dir, tmp_path, console_scr
 
 
 def _run_dir(tmp_path: Path) -> Path:
-    """A run directory as sae-train leaves it: sae/ export + training_state.json, eval.json."""
+    """A run directory as sae-train leaves it: sae/ export (seed 3) + training_state.json, eval.json."""
     run = tmp_path / "run"
-    files = _sae_files(tmp_path, 3, "blocks.1.hook_resid_post")
-    (run / "sae").mkdir(parents=True)
-    for name, data in files.items():
-        (run / "sae" / name).write_bytes(data)
+    _export(run / "sae", 3)
     (run / "sae" / "training_state.json").write_text(json.dumps(
         {"tokens_trained": 12345, "sae_cfg": {"d_sae": 64, "k": 4}, "trainer_cfg": {"lr": 0.001}, "seed": 7}))
     (run / "sae" / "tree.json").write_text('{"parents": [-1]}')  # an architecture's own file (sae=tree)
@@ -193,23 +217,3 @@ def test_a_big_export_is_pushed_as_shards_that_load_sae_reads(tmp_path, capsys):
     assert torch.equal(sharded.encode(x), z) and torch.equal(sharded.decode(z), one.decode(z))
     assert push_main([f"run_dir={run}", "dry_run=true", "max_shard_size=5 gigs"]) == 2
     assert "max_shard_size='5 gigs': give bytes" in capsys.readouterr().err
-
-
-def test_sharded_weights_load_from_the_hub_cache(tmp_path, monkeypatch):
-    from huggingface_hub.utils import filter_repo_objects
-
-    from sae_dist.sae import hub
-
-    folder = hub.push_folder(_run_dir(tmp_path), tmp_path / "up", max_shard_size=5000)
-    files = {f"big/{p.name}": p.read_bytes() for p in folder.iterdir()}
-    cache = tmp_path / "hub"
-    snap = _cache_repo(cache, "c" * 40, {**files, "other/cfg.json": b"{}"}, "main")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    sae, local = sae_dist.load_sae(f"hf://{REPO}/big"), sae_dist.load_sae(tmp_path / "run" / "sae")
-    assert resolve_sae_path(f"hf://{REPO}/big") == snap / "big"
-    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
-        assert torch.equal(getattr(sae, name), getattr(local, name)), name
-    # the patterns snapshot_download filters the repository's files with, by huggingface_hub's own filter
-    assert sorted(filter_repo_objects(list(files) + ["other/cfg.json", "big2/cfg.json"],
-                                      allow_patterns=hub._allow_patterns("big"))) == sorted(files)
