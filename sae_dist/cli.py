@@ -497,18 +497,29 @@ def _store_text_cfg(cfg: DictConfig, attrs: dict) -> DictConfig:
 
 
 def heldout_eval(cfg: DictConfig, attrs: dict, points: list, lm=None):
-    """sae-train's held-out evaluation (`sae_dist.train.heldout.HeldoutEval`: the LM and held-out contexts) on the
-    processes that run it (`_evaluates`: dp replica 0, each of its tp ranks), when a point's
-    trainer.eval_every_steps falls inside its run; else None. Off (None, a one-line notice on stderr saying why)
-    when the LM, its hook or the held-out text cannot be had from local files. attrs: the training data's (d_in,
-    hook_name; a store's model, dataset, ctx_len, eval_fraction). `lm`: sae-pipeline's loaded (model, tokenizer),
-    the store's LM; else the LM is loaded from local files: the store's (`_store_text_cfg`), or with source=lm a
-    second copy of the streamed one (the stream runs its copy in a background thread)."""
-    from sae_dist.train.heldout import HeldoutEval, evals_due
+    """sae-train's held-out evaluation on the processes that run it (`_evaluates`: dp replica 0, each of its tp
+    ranks), when a point's trainer.eval_every_steps falls inside its run: a loader (no argument) that `train_grid`
+    calls once it holds the run directories' locks and knows a point still has steps to run, returning the
+    `sae_dist.train.heldout.HeldoutEval` (the LM and held-out contexts) or None (off, with a one-line notice on
+    stderr saying why) when the LM, its hook or the held-out text cannot be had from local files. Else None.
+    attrs: the training data's (d_in, hook_name; a store's model, dataset, ctx_len, eval_fraction). `lm`:
+    sae-pipeline's loaded (model, tokenizer), the store's LM; else the LM is loaded from local files: the store's
+    (`_store_text_cfg`), or with source=lm a second copy of the streamed one (the stream runs its copy in a
+    background thread)."""
+    import functools
+
+    from sae_dist.train.heldout import evals_due
 
     due = [p.trainer_cfg for p in points if evals_due(p.trainer_cfg)]
     if not due or not _evaluates(cfg):
         return None
+    return functools.partial(_load_heldout, cfg, attrs, max(t.eval_contexts for t in due), lm)
+
+
+def _load_heldout(cfg: DictConfig, attrs: dict, n_contexts: int, lm=None):
+    """`heldout_eval`'s loader: the `HeldoutEval` of `n_contexts` contexts, or None with a notice."""
+    from sae_dist.train.heldout import HeldoutEval
+
     try:
         ecfg = cfg if cfg.source == "lm" else _store_text_cfg(cfg, attrs)
         device = resolve_device((cfg.stream.lm_device if cfg.source == "lm" else None) or cfg.device)
@@ -518,8 +529,8 @@ def heldout_eval(cfg: DictConfig, attrs: dict, points: list, lm=None):
             return _heldout_off(f"the LM model.name={ecfg.model.name} does not load from local files (a directory "
                                 f"or the hub cache): {_first_line(e)}")
         return HeldoutEval.from_text(model, tokenizer, attrs["hook_name"], _docs(ecfg), ctx_len=int(ecfg.data.ctx_len),
-                                     eval_fraction=float(ecfg.data.eval_fraction),
-                                     n_contexts=max(t.eval_contexts for t in due), d_in=int(attrs["d_in"]))
+                                     eval_fraction=float(ecfg.data.eval_fraction), n_contexts=n_contexts,
+                                     d_in=int(attrs["d_in"]))
     except (OSError, ImportError, ValueError) as e:  # no local LM or text: train without it
         return _heldout_off(_first_line(e))
 

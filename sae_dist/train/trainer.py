@@ -382,7 +382,9 @@ def train(
       tp: tensor-parallel degree (latent shards). Under torchrun (WORLD_SIZE > 1) the process group
         and the dp x tp mesh are initialised here (`sae_dist.parallel.mesh.init_parallel`); dp =
         world size / tp, each dp rank reads its rows of every global batch of batch_tokens.
-      heldout: a `sae_dist.train.heldout.HeldoutEval` (the LM and held-out contexts): every
+      heldout: a `sae_dist.train.heldout.HeldoutEval` (the LM and held-out contexts), or a function of no
+        argument returning one or None, called once the run directory is locked and has steps to run (so a
+        finished or busy run loads no LM; sae-train passes `sae_dist.cli.heldout_eval`'s): every
         `trainer.eval_every_steps` steps dp replica 0 evaluates the SAE spliced into the LM on them and global
         rank 0 logs eval/... records. Under tp > 1 give it on every tp rank of dp replica 0 (they splice the
         latent shards together; if one lacks it, none runs it); other ranks ignore it. None: no held-out
@@ -464,7 +466,6 @@ def train_grid(*, points: list[GridPoint], store_path: str | os.PathLike | None 
         raise ValueError(f"parallel.grid_groups={groups} runs each group on its own mesh, which "
                          "trainer.engine=deepspeed does not support: use trainer.engine=torch")
     ctx = init_parallel(tp, torch.device(device), groups=groups)
-    heldout = _agreed_heldout(heldout, ctx)
     points, outs = points[ctx.grid_index :: ctx.grid_groups], outs[ctx.grid_index :: ctx.grid_groups]
     if not points:
         return []
@@ -598,6 +599,7 @@ def _train_locked(data, outs: list[Path], points: list[GridPoint], ctx: Parallel
                 runs.append((i, run))
         if not runs:
             return results
+        heldout = _agreed_heldout(heldout() if callable(heldout) else heldout, ctx)  # loaded now: runs remain
         resumed = [r for _, r in runs if r.store_state is not None]
         if len(resumed) == len(runs):  # every point resumed: the stream restarts at the earliest checkpoint
             store.load_state_dict(min(resumed, key=lambda r: r.step).store_state)

@@ -113,6 +113,9 @@ def test_held_out_ce_and_kl_during_training(lm, store, tmp_path, console_script,
             "not load from local files (a directory or the hub cache): OSError: ") in proc.stderr
     assert not [r for r in train_log(tmp_path / "off") if "eval/ce_loss_score" in r]
     assert _train_records(tmp_path / "off") == _train_records(tmp_path / "run")
+    # rerun once finished: nothing left to train, so the LM is not even tried (no notice)
+    proc = _sae_train(console_script, tmp_path / "off", other, corpus)
+    assert proc.returncode == 0 and "held-out evaluation off" not in proc.stderr, proc.stderr[-3000:]
 
 
 def test_a_run_streamed_from_the_lm_evaluates_on_its_held_out_text(lm, tiny_lm_dir, store, tmp_path, console_script):
