@@ -1,7 +1,10 @@
 """`sae-plot RUN_DIR [RUN_DIR ...]`: the training curves of runs without wandb, from their `train_log.jsonl`.
 
 Draws the curves a wandb dashboard shows (loss, fvu, L0 and dead-latent fraction against training tokens)
-into one PNG each, `loss.png`, `fvu.png`, `l0.png` and `dead_fraction.png`, with one line per run. A
+into one PNG each, `loss.png`, `fvu.png`, `l0.png` and `dead_fraction.png`, with one line per run, and, when
+some run logged them, the held-out evaluation's CE loss score and KL (`ce_loss_score.png`, `kl_div.png`;
+`trainer.eval_every_steps`) and the feature-density windows' mean log10 density (`feature_density.png`;
+`trainer.feature_density_every_steps`). A
 directory without `train_log.jsonl` of its own contributes every run below it (a grid's or a multirun's
 points). Output: `--out` (default `<first RUN_DIR>/plots`).
 """
@@ -13,7 +16,7 @@ import json
 import os
 from pathlib import Path
 
-__all__ = ["CURVES", "find_runs", "training_curves", "plot_training_curves", "main"]
+__all__ = ["CURVES", "OPTIONAL_CURVES", "find_runs", "training_curves", "plot_training_curves", "main"]
 
 #: (file stem, train_log.jsonl key, y-axis label, log scale) of each PNG
 CURVES = (
@@ -21,6 +24,12 @@ CURVES = (
     ("fvu", "train/fvu", "fvu (fraction of variance unexplained)", True),
     ("l0", "train/l0", "L0 (non-zero latents per token)", False),
     ("dead_fraction", "train/dead_fraction", "dead-latent fraction", False),
+)
+#: curves drawn only when some run has their key (records written every few hundred or thousand steps)
+OPTIONAL_CURVES = (
+    ("ce_loss_score", "eval/ce_loss_score", "held-out CE loss score (SAE spliced in)", False),
+    ("kl_div", "eval/kl_div", "held-out KL(clean || SAE spliced in), nats/token", True),
+    ("feature_density", "train/mean_log10_feature_density", "mean log10 feature density (window)", False),
 )
 
 
@@ -37,18 +46,19 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
 
 
 def training_curves(run: str | Path) -> dict[str, tuple[list[int], list[float]]]:
-    """{file stem of CURVES: (tokens, values)} from a run's `train_log.jsonl` (records lacking a key skipped)."""
+    """{file stem of CURVES and OPTIONAL_CURVES: (tokens, values)} from a run's `train_log.jsonl` (records lacking
+    a key skipped)."""
     records = [json.loads(line) for line in Path(run, "train_log.jsonl").read_text().splitlines() if line.strip()]
     out = {}
-    for stem, key, _label, _log in CURVES:
+    for stem, key, _label, _log in CURVES + OPTIONAL_CURVES:
         pts = [(r["tokens"], r[key]) for r in records if key in r and "tokens" in r]
         out[stem] = ([t for t, _ in pts], [v for _, v in pts])
     return out
 
 
 def plot_training_curves(runs: list[Path], out_dir: str | Path) -> list[Path]:
-    """One PNG per CURVES entry in `out_dir`, one line per run (labelled by its path relative to the runs'
-    common parent); returns the PNG paths."""
+    """One PNG per CURVES entry in `out_dir`, and per OPTIONAL_CURVES entry that some run has points of, one line
+    per run (labelled by its path relative to the runs' common parent); returns the PNG paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -59,7 +69,8 @@ def plot_training_curves(runs: list[Path], out_dir: str | Path) -> list[Path]:
     curves = [training_curves(r) for r in runs]
     labels = _labels(runs)
     paths = []
-    for stem, _key, label, log in CURVES:
+    drawn = [c for c in OPTIONAL_CURVES if any(curve[c[0]][0] for curve in curves)]
+    for stem, _key, label, log in CURVES + tuple(drawn):
         fig, ax = plt.subplots(figsize=(7, 4.2))
         for lab, c in zip(labels, curves, strict=True):
             ax.plot(*c[stem], label=lab, marker="." if len(c[stem][0]) < 30 else None)
