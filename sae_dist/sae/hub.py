@@ -19,7 +19,13 @@ import json
 import os
 from pathlib import Path
 
-from sae_dist.sae.shards import DEFAULT_MAX_SHARD_SIZE, SHARD_INDEX_FILENAME, parse_shard_size, write_shards
+from sae_dist.sae.shards import (
+    DEFAULT_MAX_SHARD_SIZE,
+    SHARD_INDEX_FILENAME,
+    parse_shard_size,
+    plan_shards,
+    write_shards,
+)
 
 __all__ = ["HF_PREFIX", "parse_hf_path", "resolve_sae_path", "push_folder", "model_card", "push", "push_main"]
 
@@ -57,8 +63,8 @@ def _allow_patterns(sub: str) -> list[str] | None:
     return [f"{sub}/*"] if sub else None
 
 
-#: the files of a run directory a push carries, besides the export's cfg.json and weights
-_RUN_FILES = ("eval.json", "sae/training_state.json")
+#: the files of a run directory a push carries besides its export's (sae/: cfg.json, weights, training_state.json)
+_RUN_FILES = ("eval.json",)
 #: the eval.json numbers the model card shows, in order
 _CARD_METRICS = ("fvu", "explained_variance", "l0", "dead_fraction", "ce_loss_score", "kl_div", "ce_loss_clean",
                  "ce_loss_sae")
@@ -75,11 +81,12 @@ def push_folder(run_dir: str | os.PathLike, out_dir: str | os.PathLike, repo_id:
     the eval.json metrics, the training configuration, how to load it).
 
     max_shard_size: bytes or "20GB"-like (`sae_dist.sae.shards.parse_shard_size`), at most the hub's 50 GB per
-    file. A weights file larger than that is written as latent-range shards + `sae_weights.safetensors.index.json`
-    (`sae_dist.sae.shards.write_shards`, streamed from the export one shard at a time) instead of one file; the
-    model card then says the weights load with `sae_dist.load_sae` (SAELens reads a single file only).
-    FileNotFoundError without an export; ValueError for a max_shard_size over 50 GB or below one latent's bytes
-    (nothing is left in `out_dir` then). Returns `out_dir`."""
+    file. Weights whose tensors need more than one file of that size are written as latent-range shards +
+    `sae_weights.safetensors.index.json` (`sae_dist.sae.shards.write_shards`, streamed from the export one shard
+    at a time) instead of one file; the model card then says the weights load with `sae_dist.load_sae` (SAELens
+    reads a single file only). The other files are hard links to the run's (copies across file systems).
+    FileNotFoundError without an export; FileExistsError when `out_dir` exists; ValueError for a max_shard_size
+    over 50 GB or below one latent's bytes (nothing is left in `out_dir` then). Returns `out_dir`."""
     import shutil
 
     from sae_dist.sae.sae_files import WEIGHTS_FILENAME, read_sae_cfg
@@ -98,16 +105,27 @@ def push_folder(run_dir: str | os.PathLike, out_dir: str | os.PathLike, repo_id:
         export_files = [f for f in sae.iterdir() if f.is_file() and not f.name.startswith(WEIGHTS_FILENAME)]
         for f in (*export_files, *(run / name for name in _RUN_FILES)):
             if f.is_file() and not f.name.endswith(".tmp"):
-                shutil.copy2(f, out / f.name)
-        if weights.stat().st_size > limit:
-            write_shards(weights, out, int(read_sae_cfg(sae)["d_sae"]), limit)
+                _link_or_copy(f, out / f.name)
+        d_sae = int(read_sae_cfg(sae)["d_sae"])
+        if len(plan_shards(weights, d_sae, limit)["latent_ranges"]) > 1:
+            write_shards(weights, out, d_sae, limit)
         else:
-            shutil.copy2(weights, out / weights.name)
+            _link_or_copy(weights, out / weights.name)
         (out / "README.md").write_text(model_card(out, repo_id))
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
     return out
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """`dst` as a hard link to `src` (no second copy of a weights file of up to 50 GB), else a copy."""
+    import shutil
+
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _json_or_empty(path: Path) -> dict:
@@ -166,7 +184,7 @@ def push(run_dir: str | os.PathLike, repo_id: str, *, private: bool = False, rev
          max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, api=None) -> str:
     """Upload the run's export (`push_folder`, weights sharded above `max_shard_size`) to the hub model
     repository `repo_id` (created if missing) with `huggingface_hub.HfApi` (`api`: another client, e.g. with a
-    token); returns the commit URL."""
+    token); `revision`: a branch, created from the default branch when missing. Returns the commit URL."""
     import tempfile
 
     from huggingface_hub import HfApi
@@ -175,6 +193,8 @@ def push(run_dir: str | os.PathLike, repo_id: str, *, private: bool = False, rev
     with tempfile.TemporaryDirectory(prefix="sae_push_") as d:
         folder = push_folder(run_dir, Path(d) / "upload", repo_id, max_shard_size)
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        if revision is not None:
+            api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
         info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model", revision=revision,
                                  commit_message=f"sae-dist export of {Path(run_dir).name}")
     return str(getattr(info, "commit_url", info))
@@ -184,32 +204,46 @@ _USAGE = ("usage: sae-push run_dir=DIR repo_id=ORG/NAME [private=true] [revision
           "[dry_run=true]")
 
 
+def _flag(args: dict, name: str) -> bool:
+    """The boolean option `name` of `args` (true/false, 1/0, yes/no, any case; missing: false); ValueError
+    naming it otherwise."""
+    v = args.get(name, "false").strip().lower()
+    if v not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError(f"{name}={args[name]!r}: give true or false")
+    return v in ("true", "1", "yes")
+
+
 def push_main(argv: list[str] | None = None) -> int:
     """`sae-push run_dir=DIR repo_id=ORG/NAME [private=true] [revision=BRANCH] [max_shard_size=SIZE]
     [dry_run=true]`: upload a run's export with a model card (`push`); dry_run writes the folder to
     DIR/hub_upload instead. max_shard_size: bytes or e.g. "20GB" (default `DEFAULT_MAX_SHARD_SIZE`), the
-    size above which the weights are uploaded as shards. Exit status 2 (usage on stderr) for bad arguments."""
+    size above which the weights are uploaded as shards. Exit status 2 (the reason on stderr) for bad
+    arguments, a run without an export, or an existing DIR/hub_upload."""
     import sys
 
     pairs = [a.partition("=") for a in (sys.argv[1:] if argv is None else argv)]
     args = {k: v for k, eq, v in pairs if eq}
     known = {"run_dir", "repo_id", "private", "revision", "max_shard_size", "dry_run"}
     unknown = set(args) - known | {k for k, eq, _ in pairs if not eq}
-    if unknown or "run_dir" not in args or ("repo_id" not in args and args.get("dry_run") != "true"):
+    try:
+        dry_run, private = _flag(args, "dry_run"), _flag(args, "private")
+    except ValueError as e:
+        print(f"sae-push: {e}", file=sys.stderr)
+        return 2
+    if unknown or "run_dir" not in args or ("repo_id" not in args and not dry_run):
         print(_USAGE + (f"; unknown: {sorted(unknown)}" if unknown else ""), file=sys.stderr)
         return 2
     shard = args.get("max_shard_size", DEFAULT_MAX_SHARD_SIZE)
     try:
-        parse_shard_size(shard)
-    except ValueError as e:
+        if dry_run:
+            folder = push_folder(args["run_dir"], Path(args["run_dir"]) / "hub_upload",
+                                 args.get("repo_id", "ORG/NAME"), shard)
+            print(f"sae-push: wrote {folder} (dry run: nothing uploaded)")
+            return 0
+        url = push(args["run_dir"], args["repo_id"], private=private, revision=args.get("revision"),
+                   max_shard_size=shard)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"sae-push: {e}", file=sys.stderr)
         return 2
-    if args.get("dry_run") == "true":
-        folder = push_folder(args["run_dir"], Path(args["run_dir"]) / "hub_upload", args.get("repo_id", "ORG/NAME"),
-                             shard)
-        print(f"sae-push: wrote {folder} (dry run: nothing uploaded)")
-        return 0
-    url = push(args["run_dir"], args["repo_id"], private=args.get("private") == "true", revision=args.get("revision"),
-               max_shard_size=shard)
     print(f"sae-push: {url}")
     return 0

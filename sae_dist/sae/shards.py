@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -46,23 +47,22 @@ DEFAULT_MAX_SHARD_SIZE = "20GB"
 LATENT_AXES = {"W_enc": 1, "b_enc": 0, "W_dec": 0, "threshold": 0, "log_threshold": 0, "scaling_factor": 0}
 #: the index's metadata "format" (and "format_version": 1)
 SHARD_FORMAT = "sae_dist-latent-shards"
+#: the units a shard size may carry (powers of 1000, as huggingface_hub sizes shards)
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?B?)\s*", re.IGNORECASE)
 # bytes per element of safetensors' dtype names
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def parse_shard_size(size: int | str) -> int:
     """Bytes of a shard size: an int, a string of digits, or a size with a unit ("5GB", "500MB": KB, MB, GB,
-    TB, powers of 1000, by huggingface_hub's `parse_size_to_int`). ValueError naming the value otherwise or
-    when it is not positive."""
-    from huggingface_hub.serialization._base import parse_size_to_int
-
-    try:
-        if isinstance(size, bool):
-            raise ValueError("a bool")
-        n = int(size) if isinstance(size, int) or str(size).strip().isdigit() else parse_size_to_int(str(size))
-    except ValueError as e:
+    TB, powers of 1000, as huggingface_hub counts them). ValueError naming the value otherwise or when it is
+    not positive."""
+    m = None if isinstance(size, bool) else _SIZE_RE.fullmatch(str(size))
+    if m is None or m.group(2).upper() not in _SIZE_UNITS:
         raise ValueError(f"max_shard_size={size!r}: give bytes (e.g. 20000000000) or a size with a unit "
-                         f"KB/MB/GB/TB (e.g. '20GB') ({e})") from None
+                         "KB/MB/GB/TB (e.g. '20GB')")
+    n = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
     if n < 1:
         raise ValueError(f"max_shard_size={size!r}: must be positive")
     return n

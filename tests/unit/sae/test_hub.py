@@ -154,6 +154,11 @@ def test_push_folder_and_model_card(tmp_path):
     with pytest.raises(ValueError, match="cannot hold one latent"):  # 260 bytes a latent, 128 of b_dec
         hub.push_folder(run, tmp_path / "tiny", max_shard_size=387)
     assert not (tmp_path / "tiny").exists()  # nothing half-written is left
+    # 16768 bytes of tensors fit one file of that size (the file's header aside): no shards, SAELens can read it
+    folder = hub.push_folder(run, tmp_path / "one", max_shard_size=16768)
+    assert (folder / "sae_weights.safetensors").is_file()
+    assert not (folder / "sae_weights.safetensors.index.json").exists()
+    assert (run / "sae" / "sae_weights.safetensors").stat().st_size > 16768
 
 
 class _Api:
@@ -164,6 +169,9 @@ class _Api:
 
     def create_repo(self, repo_id, **kw):
         self.calls.append(("create_repo", repo_id, kw))
+
+    def create_branch(self, repo_id, **kw):
+        self.calls.append(("create_branch", repo_id, kw))
 
     def upload_folder(self, *, folder_path, **kw):
         self.calls.append(("upload_folder", sorted(p.name for p in Path(folder_path).iterdir()), kw,
@@ -181,8 +189,17 @@ def test_push_uploads_the_folder_and_sae_push_checks_its_arguments(tmp_path, con
     assert upload[1] == ["README.md", "cfg.json", "eval.json", "sae_weights.safetensors", "training_state.json",
                          "tree.json"]
     assert upload[2]["repo_id"] == "me/tiny-sae" and 'load_sae("hf://me/tiny-sae")' in upload[3]
+    api = _Api()  # a branch is created (from the default one) before the upload to it
+    push(run, "me/tiny-sae", revision="v1", api=api)
+    assert [c[0] for c in api.calls] == ["create_repo", "create_branch", "upload_folder"]
+    assert api.calls[1][2] == {"branch": "v1", "repo_type": "model", "exist_ok": True}
+    assert api.calls[2][2]["revision"] == "v1"
     proc = console_script("sae-push", f"run_dir={run}", "dry_run=true")
     assert proc.returncode == 0 and (run / "hub_upload" / "README.md").is_file(), proc.stderr
+    proc = console_script("sae-push", f"run_dir={run}", "dry_run=true")  # the folder exists: refused, kept
+    assert proc.returncode == 2 and "hub_upload" in proc.stderr and (run / "hub_upload" / "README.md").is_file()
+    proc = console_script("sae-push", f"run_dir={run}", "repo_id=me/x", "private=ture")  # never read as false
+    assert proc.returncode == 2 and "private='ture': give true or false" in proc.stderr
     proc = console_script("sae-push", f"run_dir={run}", "repo=me/x")
     assert proc.returncode == 2 and "unknown: ['repo']" in proc.stderr
     proc = console_script("sae-push", f"run_dir={run}", "repo_id=me/x", "me/y")  # a bare word is no option
