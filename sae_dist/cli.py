@@ -458,24 +458,12 @@ def _train_points(cfg: DictConfig, out_dir: Path, d_in: int) -> list:
     return points
 
 
-def _group_rank(cfg: DictConfig) -> int:
-    """This process's rank in its mesh: the global rank, or with parallel.grid_groups > 1 its rank in its group."""
-    rank, world = _dist_env()
-    groups = int(cfg.parallel.grid_groups) if cfg.grid is not None else 1
-    return rank % max(world // groups, 1)
-
-
 def _reports(cfg: DictConfig) -> bool:
     """Whether this process prints sae-train's summary and evaluates: global rank 0, or with
     parallel.grid_groups > 1 the first rank of each group (for its group's points)."""
-    return _group_rank(cfg) == 0
-
-
-def _evaluates(cfg: DictConfig) -> bool:
-    """Whether this process runs sae-train's held-out evaluation: the ranks of dp replica 0 of its mesh (mesh
-    rank < parallel.tp): with parallel.tp=1 the process that reports (`_reports`), with tp > 1 each tp rank of
-    that replica (`sae_dist.train.heldout`)."""
-    return _group_rank(cfg) < int(cfg.parallel.tp)
+    rank, world = _dist_env()
+    groups = int(cfg.parallel.grid_groups) if cfg.grid is not None else 1
+    return rank % max(world // groups, 1) == 0
 
 
 def _heldout_off(why: str) -> None:
@@ -496,28 +484,23 @@ def _store_text_cfg(cfg: DictConfig, attrs: dict) -> DictConfig:
     return ecfg
 
 
-def heldout_eval(cfg: DictConfig, attrs: dict, points: list, lm=None):
-    """sae-train's held-out evaluation on the processes that run it (`_evaluates`: dp replica 0, each of its tp
-    ranks), when a point's trainer.eval_every_steps falls inside its run: a loader (no argument) that `train_grid`
-    calls once it holds the run directories' locks and knows a point still has steps to run, returning the
-    `sae_dist.train.heldout.HeldoutEval` (the LM and held-out contexts) or None (off, with a one-line notice on
-    stderr saying why) when the LM, its hook or the held-out text cannot be had from local files. Else None.
-    attrs: the training data's (d_in, hook_name; a store's model, dataset, ctx_len, eval_fraction). `lm`:
-    sae-pipeline's loaded (model, tokenizer), the store's LM; else the LM is loaded from local files: the store's
-    (`_store_text_cfg`), or with source=lm a second copy of the streamed one (the stream runs its copy in a
-    background thread)."""
+def heldout_eval(cfg: DictConfig, attrs: dict, lm=None):
+    """sae-train's held-out evaluation loader: a function of the number of contexts that `train_grid` calls on the
+    ranks that evaluate (dp replica 0), once it holds the run directories' locks and only when a run has an
+    evaluation step ahead (`sae_dist.train.trainer._open_heldout`), returning the `HeldoutEval` (the LM and
+    held-out contexts), or None (off, with a one-line notice on stderr saying why) when the LM, its hook or the
+    held-out text cannot be had from local files. attrs: the training data's (d_in, hook_name; a store's model,
+    dataset, ctx_len, eval_fraction). `lm`: sae-pipeline's loaded (model, tokenizer), the store's LM; else the LM
+    is loaded from local files: the store's (`_store_text_cfg`), or with source=lm a second copy of the streamed
+    one (the stream runs its copy in a background thread)."""
     import functools
 
-    from sae_dist.train.heldout import evals_due
-
-    due = [p.trainer_cfg for p in points if evals_due(p.trainer_cfg)]
-    if not due or not _evaluates(cfg):
-        return None
-    return functools.partial(_load_heldout, cfg, attrs, max(t.eval_contexts for t in due), lm)
+    return functools.partial(_load_heldout, cfg, attrs, lm=lm)
 
 
 def _load_heldout(cfg: DictConfig, attrs: dict, n_contexts: int, lm=None):
-    """`heldout_eval`'s loader: the `HeldoutEval` of `n_contexts` contexts, or None with a notice."""
+    """`heldout_eval`'s loader: the `sae_dist.train.heldout.HeldoutEval` of `n_contexts` contexts, or None with a
+    notice."""
     from sae_dist.train.heldout import HeldoutEval
 
     try:
@@ -560,7 +543,7 @@ def run_train(cfg: DictConfig, out_dir: Path, lm=None) -> dict[str, Any]:
         model_name=attrs.get("model"),
         tp=int(cfg.parallel.tp),
         groups=int(cfg.parallel.grid_groups) if cfg.grid is not None else 1,
-        heldout=heldout_eval(cfg, attrs, points, lm),
+        heldout=heldout_eval(cfg, attrs, lm),
     )
     if cfg.grid is None:
         return results[0]

@@ -16,6 +16,8 @@ import json
 import os
 from pathlib import Path
 
+from sae_dist.train.logging import MEAN_LOG10_KEY
+
 __all__ = ["CURVES", "OPTIONAL_CURVES", "find_runs", "training_curves", "plot_training_curves", "main"]
 
 #: (file stem, train_log.jsonl key, y-axis label, log scale) of each PNG
@@ -29,7 +31,7 @@ CURVES = (
 OPTIONAL_CURVES = (
     ("ce_loss_score", "eval/ce_loss_score", "held-out CE loss score (SAE spliced in)", False),
     ("kl_div", "eval/kl_div", "held-out KL(clean || SAE spliced in), nats/token", True),
-    ("feature_density", "train/mean_log10_feature_density", "mean log10 feature density (window)", False),
+    ("feature_density", MEAN_LOG10_KEY, "mean log10 feature density (window)", False),
 )
 
 

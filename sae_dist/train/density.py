@@ -35,16 +35,12 @@ import torch
 from sae_dist.parallel.comm import all_gather_cat, all_reduce_
 from sae_dist.parallel.mesh import ParallelContext
 from sae_dist.sae.base import FeatureDensityWindow
+from sae_dist.train.logging import BELOW_KEYS, MEAN_LOG10_KEY
 
-__all__ = ["window_frequency", "density_summary", "write_sparsity", "end_window", "total_over_dp_",
-           "keep_on_first_dp_rank_", "LOG10_EPS", "MEAN_LOG10_KEY", "BELOW_KEYS", "SPARSITY_FILENAME"]
+__all__ = ["end_window", "total_over_dp_", "keep_on_first_dp_rank_", "SPARSITY_FILENAME"]
 
 #: SAELens' epsilon: log10(f + 1e-10), so a latent that never fired counts as -10
 LOG10_EPS = 1e-10
-#: train_log.jsonl key of the mean over latents of log10(f + 1e-10) (wandb: metrics/mean_log10_feature_sparsity)
-MEAN_LOG10_KEY = "train/mean_log10_feature_density"
-#: train_log.jsonl keys of the counts of latents with f below each threshold (wandb: sparsity/below_1e-5, ...)
-BELOW_KEYS = {"train/latents_density_below_1e-5": 1e-5, "train/latents_density_below_1e-6": 1e-6}
 #: SAELens' file of per-latent log10 feature densities (key "sparsity")
 SPARSITY_FILENAME = "sparsity.safetensors"
 

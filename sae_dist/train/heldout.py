@@ -32,55 +32,35 @@ at 1024 tokens of a 128k vocabulary), and a TopK SAE holds at most 256 MiB of pr
 (`topk_pre_blocked`; latent-sharded, `ShardedTopKSplice` encodes blocks of rows whose fused-encoder buffer stays
 within the same MAX_PRE_ELEMENTS). For the whole run the LM's weights are held on its device besides the SAE
 (sae-train loads the LM once at the start; with source=lm a second copy, as the stream's runs in its background
-thread), under parallel.tp > 1 on each of the tp ranks of dp replica 0 (one LM per GPU of that replica). Its wall
-time is left out of `train/tokens_per_s`.
+thread), under parallel.tp > 1 on each of the tp ranks of dp replica 0 (one LM per GPU of that replica).
 
-Records: `train_log.jsonl` gets {"step", "tokens", "eval/<key>" for each key of `downstream_loss`'s dict} after the
-step's own record; wandb the same values under the names SAELens' in-training evaluator logs
-(`saelens_eval_metrics`).
+The trainer (`sae_dist.train.trainer`) decides when: it loads the LM (sae-train's loader) once the run directory is
+locked, on dp replica 0, only when a run still has an evaluation step ahead (`evals_due`), calls `measure` at each
+multiple of trainer.eval_every_steps, logs the records (`train_log.jsonl`: {"step", "tokens", "eval/<key>" for each
+key of `downstream_loss`'s dict} after the step's own record; wandb: the names of SAELens' in-training evaluator,
+`sae_dist.train.logging.saelens_eval_metrics`) and leaves the evaluation's wall time out of every run's
+`train/tokens_per_s`.
 """
 
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import dataclass
 from typing import Iterable
 
 import torch
 from torch import nn
 
-__all__ = ["HeldoutEval", "ShardedTopKSplice", "evals_due", "saelens_eval_metrics", "MAX_LOGPROB_ELEMENTS"]
+__all__ = ["HeldoutEval", "ShardedTopKSplice", "evals_due", "MAX_LOGPROB_ELEMENTS"]
 
 #: Most elements of one [batch, T, vocab] float32 tensor of log-probabilities an evaluation batch makes (512 MiB):
 #: `downstream_loss` holds about six of them at once. Sets `HeldoutEval.batch_size` (at most 32 contexts).
 MAX_LOGPROB_ELEMENTS = 1 << 27
 
 
-def evals_due(tcfg) -> bool:
-    """Whether a run of TrainerConfig `tcfg` reaches a held-out evaluation: trainer.eval_every_steps > 0 and at
-    most the steps it runs (max(1, tokens // batch_tokens), or trainer.max_steps when fewer)."""
-    n_steps = max(1, tcfg.tokens // tcfg.batch_tokens)
-    stop_at = n_steps if tcfg.max_steps is None else min(n_steps, tcfg.max_steps)
-    return 0 < tcfg.eval_every_steps <= stop_at
-
-
-def saelens_eval_metrics(m: dict) -> dict:
-    """`downstream_loss`'s dict `m` under the names SAELens' in-training evaluator gives wandb (its `run_evals`
-    groups; wandb shows them as e.g. model_performance_preservation.ce_loss_score):
-    model_performance_preservation: ce_loss_score, ce_loss_with_sae (= ce_loss_sae), ce_loss_without_sae
-    (= ce_loss_clean), ce_loss_with_ablation (= ce_loss_zero_ablation); model_behavior_preservation:
-    kl_div_with_sae (= kl_div), kl_div_with_ablation (= kl_div_zero_ablation) and kl_div_score =
-    (kl_div_with_ablation - kl_div_with_sae) / kl_div_with_ablation (NaN when the ablation's KL is 0)."""
-    kl_abl = m["kl_div_zero_ablation"]
-    return {
-        "model_performance_preservation": {
-            "ce_loss_score": m["ce_loss_score"], "ce_loss_with_sae": m["ce_loss_sae"],
-            "ce_loss_without_sae": m["ce_loss_clean"], "ce_loss_with_ablation": m["ce_loss_zero_ablation"]},
-        "model_behavior_preservation": {
-            "kl_div_score": (kl_abl - m["kl_div"]) / kl_abl if kl_abl != 0 else math.nan,
-            "kl_div_with_sae": m["kl_div"], "kl_div_with_ablation": kl_abl},
-    }
+def evals_due(every: int, step: int, stop_at: int) -> bool:
+    """Whether a run at `step` that stops at `stop_at` (trainer.max_steps or its last step) has a held-out
+    evaluation left: every = trainer.eval_every_steps > 0 and a multiple of it in (step, stop_at]."""
+    return every > 0 and (step // every + 1) * every <= stop_at
 
 
 class ShardedTopKSplice(nn.Module):
@@ -174,21 +154,3 @@ class HeldoutEval:
             view = exported_view(sae, normalize=normalize, scale=scale)
         return downstream_loss(self.model, view, self.hook_name, self.sequences[:n_contexts],
                                batch_size=self.batch_size, device=self.sequences.device)
-
-    def after_step(self, run) -> None:
-        """After a step of `run` (`sae_dist.train.trainer._Run`, its logs open) that is a multiple of
-        `trainer.eval_every_steps`, on dp replica 0 (every tp rank of it; the other replicas return at once):
-        `measure` the SAE the run would export (the EMA when on) on `trainer.eval_contexts` contexts; global rank 0
-        logs it to train_log.jsonl (eval/<key>) and wandb (`saelens_eval_metrics`). Its wall time is taken out of
-        the next train/tokens_per_s."""
-        every = run.tcfg.eval_every_steps
-        if every <= 0 or run.step % every or run.ctx.dp_rank != 0:
-            return
-        t0 = time.perf_counter()
-        m = self.measure(run.ema if run.ema is not None else run.sae, normalize=run.sae_cfg.normalize,
-                         scale=getattr(run.store, "scale", None), n_contexts=run.tcfg.eval_contexts)
-        _bar, jsonl, clock = run.log
-        if run.ctx.is_main:
-            jsonl.log({"step": run.step, "tokens": run.tokens_seen, **{f"eval/{k}": v for k, v in m.items()}})
-            run.wb.log(saelens_eval_metrics(m), step=run.step)
-        clock[0] += time.perf_counter() - t0

@@ -8,13 +8,16 @@ network; `wandb_cfg` = {"project", "mode", "group", "name", "enabled"} overrides
 from __future__ import annotations
 
 import json
+import math
 import netrc
 import os
 import re
 import uuid
 from pathlib import Path
 
-__all__ = ["JsonlLogger", "WandbLogger", "wandb_has_api_key", "truncate_jsonl"]
+__all__ = ["JsonlLogger", "WandbLogger", "wandb_has_api_key", "truncate_jsonl", "saelens_metrics", "saelens_term_name",
+           "saelens_eval_metrics", "FEATURE_DENSITY_PLOT", "MEAN_LOG10_KEY", "BELOW_KEYS", "flat_scalars",
+           "add_eval_to_wandb_run"]
 
 
 class JsonlLogger:
@@ -71,13 +74,16 @@ def saelens_term_name(name: str) -> str:
     return f"losses/{name}" if name.endswith("_loss") else f"losses/{name}_loss"
 
 
+#: train_log.jsonl key of a feature-density window's mean over latents of log10(f + 1e-10) (sae_dist.train.density)
+MEAN_LOG10_KEY = "train/mean_log10_feature_density"
+#: train_log.jsonl keys of the counts of latents with f below each threshold (sae_dist.train.density)
+BELOW_KEYS = {"train/latents_density_below_1e-5": 1e-5, "train/latents_density_below_1e-6": 1e-6}
 #: train_log.jsonl keys that wandb gets under SAELens' name (or, for tokens_per_s, a name in its scheme)
 _SAELENS_NAMES = {"train/loss": "losses/overall_loss", "train/fvu": "losses/mse_loss",
                   "train/auxk_loss": "losses/auxiliary_reconstruction_loss", "train/l0": "metrics/l0",
                   "train/lr": "details/current_learning_rate", "train/tokens_per_s": "details/tokens_per_s",
-                  "train/mean_log10_feature_density": "metrics/mean_log10_feature_sparsity",
-                  "train/latents_density_below_1e-5": "sparsity/below_1e-5",
-                  "train/latents_density_below_1e-6": "sparsity/below_1e-6"}
+                  MEAN_LOG10_KEY: "metrics/mean_log10_feature_sparsity",
+                  **{key: key.replace("train/latents_density_", "sparsity/") for key in BELOW_KEYS}}
 #: SAELens' wandb name of the histogram of a feature-density window's log10 frequencies (sae_dist.train.density)
 FEATURE_DENSITY_PLOT = "plots/feature_density_line_chart"
 #: train_log.jsonl keys that wandb gets as a derived value (`saelens_metrics`)
@@ -110,12 +116,30 @@ def saelens_metrics(m: dict, tokens: int, d_sae: int) -> dict:
     return out
 
 
+def saelens_eval_metrics(m: dict) -> dict:
+    """`downstream_loss`'s dict `m` under the names SAELens' in-training evaluator gives wandb (its `run_evals`
+    groups; wandb shows them as e.g. model_performance_preservation.ce_loss_score):
+    model_performance_preservation: ce_loss_score, ce_loss_with_sae (= ce_loss_sae), ce_loss_without_sae
+    (= ce_loss_clean), ce_loss_with_ablation (= ce_loss_zero_ablation); model_behavior_preservation:
+    kl_div_with_sae (= kl_div), kl_div_with_ablation (= kl_div_zero_ablation) and kl_div_score =
+    (kl_div_with_ablation - kl_div_with_sae) / kl_div_with_ablation (NaN when the ablation's KL is 0)."""
+    kl_abl = m["kl_div_zero_ablation"]
+    return {
+        "model_performance_preservation": {
+            "ce_loss_score": m["ce_loss_score"], "ce_loss_with_sae": m["ce_loss_sae"],
+            "ce_loss_without_sae": m["ce_loss_clean"], "ce_loss_with_ablation": m["ce_loss_zero_ablation"]},
+        "model_behavior_preservation": {
+            "kl_div_score": (kl_abl - m["kl_div"]) / kl_abl if kl_abl != 0 else math.nan,
+            "kl_div_with_sae": m["kl_div"], "kl_div_with_ablation": kl_abl},
+    }
+
+
 #: exports up to this size are uploaded as wandb artifacts; larger ones are logged as references
 ARTIFACT_UPLOAD_MAX_BYTES = 2 * 2**30
 
 
 class WandbLogger:
-    """Thin wandb wrapper; no-op when disabled. Logs scalar dicts with `tokens` as a metric."""
+    """Thin wandb wrapper; no-op when disabled. Logs metric dicts (and histograms) at the training step."""
 
     def __init__(self, out_dir: str | os.PathLike, wandb_cfg: dict | None, config: dict):
         cfg = dict(wandb_cfg or {})

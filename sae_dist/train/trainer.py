@@ -46,7 +46,15 @@ from sae_dist.train.checkpoint import latest_checkpoint, load_checkpoint, save_c
 from sae_dist.train.config import TrainerConfig
 from sae_dist.train.density import end_window, keep_on_first_dp_rank_, total_over_dp_
 from sae_dist.train.engine import Engine, TorchEngine, budget_factor, default_lr, lr_at_step, make_optimizer
-from sae_dist.train.logging import FEATURE_DENSITY_PLOT, JsonlLogger, WandbLogger, saelens_metrics, truncate_jsonl
+from sae_dist.train.heldout import evals_due
+from sae_dist.train.logging import (
+    FEATURE_DENSITY_PLOT,
+    JsonlLogger,
+    WandbLogger,
+    saelens_eval_metrics,
+    saelens_metrics,
+    truncate_jsonl,
+)
 
 __all__ = ["TrainerConfig", "train", "make_optimizer"]
 
@@ -382,9 +390,9 @@ def train(
       tp: tensor-parallel degree (latent shards). Under torchrun (WORLD_SIZE > 1) the process group
         and the dp x tp mesh are initialised here (`sae_dist.parallel.mesh.init_parallel`); dp =
         world size / tp, each dp rank reads its rows of every global batch of batch_tokens.
-      heldout: a `sae_dist.train.heldout.HeldoutEval` (the LM and held-out contexts), or a function of no
-        argument returning one or None, called once the run directory is locked and has steps to run (so a
-        finished or busy run loads no LM; sae-train passes `sae_dist.cli.heldout_eval`'s): every
+      heldout: a `sae_dist.train.heldout.HeldoutEval` (the LM and held-out contexts), or a loader: a function of
+        the number of contexts returning one or None, called on dp replica 0 once the run directory is locked and
+        only when an evaluation step is ahead (`_open_heldout`; sae-train passes `sae_dist.cli.heldout_eval`'s): every
         `trainer.eval_every_steps` steps dp replica 0 evaluates the SAE spliced into the LM on them and global
         rank 0 logs eval/... records. Under tp > 1 give it on every tp rank of dp replica 0 (they splice the
         latent shards together; if one lacks it, none runs it); other ranks ignore it. None: no held-out
@@ -599,7 +607,7 @@ def _train_locked(data, outs: list[Path], points: list[GridPoint], ctx: Parallel
                 runs.append((i, run))
         if not runs:
             return results
-        heldout = _agreed_heldout(heldout() if callable(heldout) else heldout, ctx)  # loaded now: runs remain
+        heldout = _open_heldout(heldout, [r for _, r in runs], ctx)  # loaded now: the runs are locked, not done
         resumed = [r for _, r in runs if r.store_state is not None]
         if len(resumed) == len(runs):  # every point resumed: the stream restarts at the earliest checkpoint
             store.load_state_dict(min(resumed, key=lambda r: r.step).store_state)
@@ -769,7 +777,7 @@ def _train_step(run: _Run, x: torch.Tensor) -> tuple[TrainOutput, float]:
 
 def _train_loop(runs: list[_Run], store_path, progress: bool, heldout=None) -> bool:
     """Steps every run to its end, `trainer.max_steps` or an agreed SIGTERM, with logs, the held-out evaluation
-    (`heldout.after_step`, when given) and checkpoints: one batch per global step, stepped by each run at that
+    (`_evaluate_heldout`, when given) and checkpoints: one batch per global step, stepped by each run at that
     step (a resumed run ahead of the others waits). Closes the logs and engines. Returns whether it stopped on
     SIGTERM."""
     ctx, store = runs[0].ctx, runs[0].store
@@ -786,7 +794,7 @@ def _train_loop(runs: list[_Run], store_path, progress: bool, heldout=None) -> b
                     run.rng = _rng_state()
                     _after_step(run, res, lr)
                     if heldout is not None:
-                        heldout.after_step(run)
+                        _evaluate_heldout(heldout, run, runs)
                 step += 1
                 preempted = preempt.agreed(ctx.device, ctx.world_group) and any(r.step < r.n_steps for r in runs)
                 for run in now:
@@ -804,6 +812,41 @@ def _train_loop(runs: list[_Run], store_path, progress: bool, heldout=None) -> b
         print(f"sae-train: stopped on SIGTERM after step {step} (checkpoint written); rerun the same "
               f"command to resume", file=sys.stderr)
     return preempted
+
+
+def _evaluate_heldout(heldout, run: _Run, runs: list[_Run]) -> None:
+    """At a multiple of `run`'s trainer.eval_every_steps, on dp replica 0 (every tp rank of it): the held-out
+    evaluation (`HeldoutEval.measure`) of the SAE the run would export (the EMA when on) on its
+    trainer.eval_contexts contexts, logged by global rank 0 to train_log.jsonl (eval/<key>, after the step's
+    record) and wandb (`saelens_eval_metrics`); its wall time is left out of every run's next tokens_per_s."""
+    every = run.tcfg.eval_every_steps
+    if every <= 0 or run.step % every or run.ctx.dp_rank != 0:
+        return
+    t0 = time.perf_counter()
+    m = heldout.measure(run.ema if run.ema is not None else run.sae, normalize=run.sae_cfg.normalize,
+                        scale=getattr(run.store, "scale", None), n_contexts=run.tcfg.eval_contexts)
+    if run.ctx.is_main:
+        run.log[1].log({"step": run.step, "tokens": run.tokens_seen, **{f"eval/{k}": v for k, v in m.items()}})
+        run.wb.log(saelens_eval_metrics(m), step=run.step)
+    for r in runs:
+        r.log[2][0] += time.perf_counter() - t0
+
+
+def _open_heldout(heldout, runs: list[_Run], ctx: ParallelContext):
+    """The held-out evaluation the loop uses: `heldout` itself, or when it is a loader (a function of the number of
+    contexts) what it returns, called only on dp replica 0 and only when a run has an evaluation step ahead
+    (`evals_due`; so a finished, resumed-past-it or evaluation-free run loads no LM); then agreed over tp
+    (`_agreed_heldout`). A loader that raises turns the evaluation off with a notice rather than failing one rank
+    (the others would wait for it until the collective timeout)."""
+    if callable(heldout):
+        due = [r for r in runs if evals_due(r.tcfg.eval_every_steps, r.step, r.stop_at)]
+        try:
+            heldout = heldout(max(r.tcfg.eval_contexts for r in due)) if due and ctx.dp_rank == 0 else None
+        except Exception as e:  # noqa: BLE001 (any failure to load: train without the evaluation)
+            print(f"sae-train: held-out evaluation off (trainer.eval_every_steps): {type(e).__name__}: {e}",
+                  file=sys.stderr)
+            heldout = None
+    return _agreed_heldout(heldout, ctx)
 
 
 def _open_logs(runs: list[_Run], progress: bool) -> None:

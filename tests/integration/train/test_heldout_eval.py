@@ -17,29 +17,13 @@ import zarr
 from helpers.dist import run_train_ranks
 from helpers.harvest import CTX, HOOK, run_harvest
 from helpers.synthetic import tiny_corpus
-from helpers.train import train_log
+from helpers.train import WandbRecorder, train_log
 
 from sae_dist.eval.downstream import downstream_loss
 from sae_dist.harvest.text import iter_documents, packed_sequences
 from sae_dist.sae.export import load_sae
 
 EVAL_FRACTION, CONTEXTS = 0.5, 4
-
-
-class _Recorder:
-    """Stands in for a wandb run: keeps every log call."""
-
-    def __init__(self, **kw):
-        self.logged, self.summary = [], {}
-
-    def log(self, metrics, step):
-        self.logged.append((step, metrics))
-
-    def log_artifact(self, artifact):
-        pass
-
-    def finish(self):
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +64,7 @@ def _train_records(run):
 
 def test_held_out_ce_and_kl_during_training(lm, store, tmp_path, console_script, monkeypatch):
     runs = []
-    monkeypatch.setattr(wandb, "init", lambda **kw: runs.append(_Recorder(**kw)) or runs[-1])
+    monkeypatch.setattr(wandb, "init", lambda **kw: runs.append(WandbRecorder(**kw)) or runs[-1])
     store_path, corpus = store
     proc = _sae_train(console_script, tmp_path / "run", store_path, corpus)
     assert proc.returncode == 0, proc.stderr[-3000:]
