@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from sae_dist.sae.base import TrainOutput, normalized_mse
+from sae_dist.sae.base import TrainOutput, count_fires, normalized_mse
 from sae_dist.sae.config import SAEConfig
 from sae_dist.sae.topk import TopKSAE
 
@@ -217,10 +217,8 @@ class BatchTopKSAE(TopKSAE):
         if self.uses_threshold() and self.training and self.estimates_threshold():
             self.update_threshold_(vals)
         with torch.no_grad():
-            on = vals.detach() > 0
-            fire_counts = torch.zeros(self.d_sae, dtype=torch.int64, device=pre.device).scatter_add_(
-                0, cols, on.to(torch.int64))
-            l0_sum = on.sum().to(torch.float64)
+            fire_counts = count_fires(vals, cols, self.d_sae)
+            l0_sum = (vals.detach() > 0).sum().to(torch.float64)
         terms = {n: t.detach().float() for n, t in terms.items()}
         if self.uses_threshold():
             terms["threshold"] = self.threshold.detach().clone()

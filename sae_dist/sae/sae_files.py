@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from sae_dist.sae.shards import SHARD_INDEX_FILENAME, read_shards
+from sae_dist.sae.shards import LATENT_AXES, SHARD_INDEX_FILENAME, read_shards
 
 __all__ = ["CFG_FILENAME", "WEIGHTS_FILENAME", "SHARD_INDEX_FILENAME", "SUPPORTED_ARCHITECTURES", "hook_layer",
            "canonical_cfg", "canonical_tensors", "read_sae_cfg", "has_weights", "read_sae_files"]
@@ -37,7 +37,7 @@ SUPPORTED_ARCHITECTURES = ("topk", "standard", "jumprelu", "prolu")
 _RENAMED_KEYS = {"hook_point": "hook_name", "hook_point_layer": "hook_layer",
                  "hook_point_head_index": "hook_head_index", "activation_fn_str": "activation_fn"}
 # tensors a SAELens save may hold besides the four matrices/biases; anything else is warned about
-_KNOWN_TENSORS = {"W_enc", "b_enc", "W_dec", "b_dec", "threshold", "log_threshold", "scaling_factor"}
+_KNOWN_TENSORS = {*LATENT_AXES, "b_dec"}
 
 
 def hook_layer(hook_name: str | None) -> int | None:

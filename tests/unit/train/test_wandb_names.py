@@ -4,8 +4,8 @@ feature-density window's (metrics/mean_log10_feature_sparsity, sparsity/below_1e
 plots/feature_density_line_chart) at the window's end only (their values against a dense reference:
 tests/unit/train/test_feature_density.py), and the
 wandb.entity / wandb.tags options. wandb itself is replaced by a recorder of what `wandb.init`,
-`run.log` and `run.log_artifact` receive (the real offline run files are checked in
-tests/integration/train/test_trainer_processes.py)."""
+`run.log` and `run.log_artifact` receive (a real offline run's file is read back in
+tests/integration/eval/test_scaling_multirun.py)."""
 
 from __future__ import annotations
 
