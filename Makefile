@@ -70,10 +70,11 @@ lint: $(STAMP)
 # The suite on TEST_WORKERS pytest-xdist workers (whole files per worker), each with one torch thread: on two
 # cores that takes about 2/3 of the wall time of one process with two threads (measured 377 s vs 573 s).
 TEST_WORKERS ?= 2
-PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=10 tests
+# $(call pytest,VENV): the suite with that venv's Python
+pytest = OMP_NUM_THREADS=1 $(1)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=10 tests
 
 test: $(STAMP) lint
-	$(PYTEST)
+	$(call pytest,$(VENV))
 
 gpu-check:
 	$(GPU_CHECK_PYTHON) -m sae_dist.gpu_check $(if $(filter 1 yes true,$(DRY)),--dry) --out $(GPU_CHECK_OUT)
@@ -87,7 +88,7 @@ test-latest:
 	@$(LATEST_VENV)/bin/python -m pip freeze --exclude-editable | grep -v -i -E '^($(TORCH_BUILD))==' | sort \
 		| comm -13 <(sort constraints.txt) - | sed 's/^/  /' || true
 	$(LATEST_VENV)/bin/ruff check .
-	OMP_NUM_THREADS=1 $(LATEST_VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=10 tests
+	$(call pytest,$(LATEST_VENV))
 
 # Rewrite constraints.txt from $(VENV) after the suite passed there. torch, triton and the CUDA wheels
 # (TORCH_BUILD) are left to TORCH_PIN: they are a CPU or a CUDA build depending on the machine.

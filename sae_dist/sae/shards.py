@@ -145,6 +145,10 @@ def _read_index(index_file: Path) -> tuple[dict, int, list[tuple[int, int, str]]
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{index_file}: not a sharded-weights index (docs/formats.md#sharded-weights: metadata."
                          f"d_sae, latent_axis, latent_ranges {{file: [lo, hi]}}): {e!r}") from None
+    meta = index["metadata"]
+    if (meta.get("format", SHARD_FORMAT), meta.get("format_version", 1)) != (SHARD_FORMAT, 1):
+        raise ValueError(f"{index_file}: format {meta.get('format')!r} version {meta.get('format_version')!r}; this "
+                         f"release reads {SHARD_FORMAT!r} version 1 (a newer sae-dist wrote it: upgrade)")
     return index, d_sae, ranges
 
 

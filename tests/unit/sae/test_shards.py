@@ -93,6 +93,10 @@ def test_a_missing_shard_a_gap_or_an_inconsistent_shard_is_named(jumprelu_export
     index_file.write_text(json.dumps(short))
     with pytest.raises(ValueError, match=r"latents \[72, 96\) are in no shard \(d_sae=96"):
         sae_dist.load_sae(out)
+    newer = {**index, "metadata": {**index["metadata"], "format_version": 2}}  # a later release's layout
+    index_file.write_text(json.dumps(newer))
+    with pytest.raises(ValueError, match="format 'sae_dist-latent-shards' version 2; this release reads"):
+        sae_dist.load_sae(out)
     index_file.write_text(json.dumps(index))
     part = load_file(out / FILES[1])
     save_file({n: t for n, t in part.items() if n != "threshold"}, out / FILES[1])
