@@ -1,7 +1,7 @@
 """Hook names over HF transformers decoders, truncated forwards and activation splicing.
 
 Naming scheme (TransformerLens / SAELens, 0-indexed decoder layers L); the names mean what they mean in
-TransformerLens for every family:
+TransformerLens:
 
     blocks.{L}.hook_resid_pre    input of decoder layer L (residual stream before it)
     blocks.{L}.hook_resid_mid    residual stream between attention and MLP (sequential blocks only: not in
@@ -10,10 +10,14 @@ TransformerLens for every family:
     blocks.{L}.hook_attn_out     what the attention branch adds to the residual stream
     blocks.{L}.hook_mlp_out      what the MLP branch adds to the residual stream
 
-So resid_post = resid_pre + attn_out + mlp_out and resid_mid = resid_pre + attn_out in every family. In the
-families with post-sublayer norms (Gemma 2, Gemma 3, OLMo 2: layers with `post_feedforward_layernorm`) the
-branches add the output of `post_attention_layernorm` / `post_feedforward_layernorm`, so attn_out and mlp_out
-are those norms' outputs, not the attention / MLP modules' (as in TransformerLens and Gemma Scope).
+So resid_post = resid_pre + attn_out + mlp_out and resid_mid = resid_pre + attn_out wherever the hooks
+exist. In the families with post-sublayer norms (Gemma 2, Gemma 3, OLMo 2: layers with
+`post_feedforward_layernorm`) the branches add the output of `post_attention_layernorm` /
+`post_feedforward_layernorm`, so attn_out and mlp_out are those norms' outputs, not the attention / MLP
+modules' (as in TransformerLens and Gemma Scope). A branch module whose forward takes the residual stream
+and adds it itself (a `residual` parameter: Bloom's `self_attention` and `mlp`, MPT's `ffn`) outputs
+resid_mid / resid_post, not the branch's contribution, so its hooks are refused: attn_out, mlp_out and
+resid_mid in Bloom, mlp_out in MPT (resid_pre and resid_post work in every family).
 
 Everything works through PyTorch module hooks on the unmodified HF model, so it applies to any
 architecture whose decoder layers `decoder_layers` can find. Module outputs may be a tensor or a tuple
@@ -23,6 +27,7 @@ whose first element is the hidden states (that changed across transformers versi
 from __future__ import annotations
 
 import contextlib
+import inspect
 import re
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
@@ -61,8 +66,8 @@ _MLP_NAMES = ("mlp", "feed_forward", "ffn")
 # Post-sublayer norms: a layer with _POST_MLP_NORM adds norm(attn(.)) and norm(mlp(.)) to the residual stream
 _POST_ATTN_NORM, _POST_MLP_NORM = "post_attention_layernorm", "post_feedforward_layernorm"
 # The norm in front of the MLP, whose input is resid_mid: Gemma 2/3, GPT-2, then Llama-style layers (Llama,
-# Mistral, Qwen2, Phi-3, GPT-NeoX), where post_attention_layernorm is the pre-MLP norm
-_PRE_MLP_NORMS = ("pre_feedforward_layernorm", "ln_2", "post_attention_layernorm")
+# Mistral, Qwen2, Phi-3, GPT-NeoX), where post_attention_layernorm is the pre-MLP norm, then MPT
+_PRE_MLP_NORMS = ("pre_feedforward_layernorm", "ln_2", "post_attention_layernorm", "norm_2")
 _HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_mid|resid_post|attn_out|mlp_out)$")
 
 
@@ -137,6 +142,15 @@ def _branch_output(layer: nn.Module, kind: str) -> nn.Module | None:
     return _submodule(layer, _ATTN_NAMES if kind == "attn_out" else _MLP_NAMES)
 
 
+def _adds_residual(module: nn.Module) -> bool:
+    """True when `module`'s forward takes the residual stream (a `residual` parameter) and adds it itself
+    (Bloom's attention and MLP, MPT's MLP), so its output is not what its branch adds to the stream."""
+    try:
+        return "residual" in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):  # a forward without a readable signature
+        return False
+
+
 def _resid_mid_module(layer: nn.Module) -> nn.Module | None:
     """The module whose input is resid_mid (the MLP branch's first module), or None for a parallel-residual
     layer (attention and MLP both read resid_pre) or one without both branches."""
@@ -147,18 +161,27 @@ def _resid_mid_module(layer: nn.Module) -> nn.Module | None:
     return _submodule(layer, _PRE_MLP_NORMS)
 
 
+def _residual_adder(layer: nn.Module, kind: str) -> nn.Module | None:
+    """For attn_out / mlp_out / resid_mid, the branch module that adds the residual stream inside its forward
+    (so the hook cannot mean what its name says: attn_out is then resid_mid, and a resid_mid splice through
+    the attention output would be wrong), else None."""
+    branch = {"attn_out": "attn_out", "mlp_out": "mlp_out", "resid_mid": "attn_out"}.get(kind)
+    module = _branch_output(layer, branch) if branch else None
+    return module if module is not None and _adds_residual(module) else None
+
+
 def _kinds_available(layer: nn.Module) -> list[str]:
     kinds = ["resid_pre"]
     if _resid_mid_module(layer) is not None:
         kinds.append("resid_mid")
     kinds.append("resid_post")
     kinds += [k for k in ("attn_out", "mlp_out") if _branch_output(layer, k) is not None]
-    return kinds
+    return [k for k in kinds if _residual_adder(layer, k) is None]
 
 
 def valid_hook_names(model: nn.Module) -> list[str]:
     """All hook names of `model`, layer-major: blocks.{L}.hook_{resid_pre,resid_mid,resid_post,attn_out,mlp_out}
-    (resid_mid only in sequential blocks)."""
+    (resid_mid only in sequential blocks; none of a branch whose module adds the residual itself, as in Bloom)."""
     layers = decoder_layers(model)
     return [f"blocks.{i}.hook_{k}" for i, layer in enumerate(layers) for k in _kinds_available(layer)]
 
@@ -169,11 +192,30 @@ def _compact_names(model: nn.Module) -> str:
     return f"blocks.{{0..{len(layers) - 1}}}.hook_{{{','.join(kinds)}}}"
 
 
+def _refuse_residual_adder(name: str, layer: nn.Module, kind: str, valid: str) -> None:
+    """Raise ValueError when hook `name` (of `kind`) would read or splice a branch module of `layer` that adds
+    the residual stream inside its forward (see `_residual_adder`)."""
+    adder = _residual_adder(layer, kind)
+    if adder is None:
+        return
+    attr = next(n for n, child in layer.named_children() if child is adder)
+    branch = "MLP" if kind == "mlp_out" else "attention"
+    why = ("a resid_mid splice through it would be wrong" if kind == "resid_mid" else
+           f"hook_{kind} cannot be what the {branch} branch adds")
+    raise ValueError(
+        f"hook {name!r}: in decoder layer {type(layer).__name__}, {attr} ({type(adder).__name__}) adds the "
+        f"residual stream inside its forward (its `residual` argument), so its output is the residual stream "
+        f"after the {branch} branch and {why}; valid names for this model: {valid}"
+    )
+
+
 def resolve_hook(model: nn.Module, name: str) -> HookSpec:
     """Resolve a hook name to the module and hook type that produce it.
 
     Raises:
-        ValueError: malformed name, layer out of range, or a kind the layer lacks; the message names
+        ValueError: malformed name, layer out of range, a kind the layer lacks, or attn_out / mlp_out /
+            resid_mid through a branch module that adds the residual stream itself (Bloom's attention and
+            MLP, MPT's MLP: a `residual` parameter in its forward); the message names
             the bad value and lists the valid names compactly (e.g.
             "blocks.{0..29}.hook_{resid_pre,resid_mid,resid_post,attn_out,mlp_out}").
     """
@@ -189,6 +231,7 @@ def resolve_hook(model: nn.Module, name: str) -> HookSpec:
             f"layers); valid names: {valid}"
         )
     layer = layers[layer_idx]
+    _refuse_residual_adder(name, layer, kind, valid)
     if kind in ("resid_pre", "resid_post"):
         module = layer
     else:
