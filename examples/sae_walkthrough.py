@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import sae_dist
-from sae_dist.harvest import load_lm, run_to_hook, splice_hook
+from sae_dist.harvest import bos_token_id, load_lm, run_to_hook, splice_hook, tokenize_document
 from sae_dist.harvest.lm import EMBEDDED_MODEL_NAME
 
 
@@ -34,8 +34,16 @@ def load(sae_dir: str | Path, model: str | None = None):
 
 
 def prompt_ids(tok, prompt: str) -> torch.Tensor:
-    """int64 [1, T]: BOS then the prompt's tokens (as the harvester packs text)."""
-    return torch.tensor([[tok.bos_token_id, *tok(prompt, add_special_tokens=False)["input_ids"]]])
+    """int64 [1, T]: BOS (`bos_token_id`: the tokenizer's BOS, else its EOS) then the prompt's tokens
+    (`tokenize_document`), as the harvester packs text."""
+    return torch.tensor([[bos_token_id(tok), *tokenize_document(prompt, tok)]])
+
+
+@torch.no_grad()
+def hook_acts(lm, hook: str, ids: torch.Tensor) -> torch.Tensor:
+    """float32 [T - 1, d_in]: the hook's activations at positions 1.. of `ids` [1, T] (BOS, position 0, is
+    left out, as the SAE was trained)."""
+    return run_to_hook(lm, hook, ids)[0, 1:].float()
 
 
 # %% [markdown]
@@ -59,10 +67,10 @@ def spliced_loss(lm, sae, hook: str, ids: torch.Tensor) -> tuple[float, float]:
 
 # %%
 @torch.no_grad()
-def top_latents(lm, sae, hook: str, ids: torch.Tensor, n: int = 3) -> list[list[tuple[int, float]]]:
-    """For each position 1.. of `ids`: the `n` latents with the largest activations, [(latent, value)]
-    (only latents that fire)."""
-    z = sae.encode(run_to_hook(lm, hook, ids)[0, 1:].float())
+def top_latents(sae, acts: torch.Tensor, n: int = 3) -> list[list[tuple[int, float]]]:
+    """For each row of `acts` [T - 1, d_in] (`hook_acts`): the `n` latents with the largest activations,
+    [(latent, value)] (only latents that fire; a row may be empty)."""
+    z = sae.encode(acts)
     vals, idx = z.topk(min(n, z.shape[-1]), dim=-1)
     return [[(int(i), float(v)) for v, i in zip(vr, ir, strict=True) if v > 0]
             for vr, ir in zip(vals, idx, strict=True)]
@@ -84,7 +92,8 @@ def generate(lm, tok, ids: torch.Tensor, max_new_tokens: int, hook: str | None =
              direction: torch.Tensor | None = None, alpha: float = 0.0) -> list[int]:
     """Greedy continuation of `ids` (token ids); with `direction`, alpha * direction is added to the hook's
     activation at every position of every forward."""
-    kw = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    kw = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
     if direction is None:
         return lm.generate(ids, **kw)[0, ids.shape[1]:].tolist()
     with splice_hook(lm, hook, lambda a: a + alpha * direction.to(a.dtype)):
@@ -116,18 +125,24 @@ def main(argv: list[str] | None = None) -> None:
 
     sae, lm, tok, hook = load(args.sae, args.model)
     ids = prompt_ids(tok, args.prompt)
+    if ids.shape[1] < 2:
+        p.error(f"--prompt={args.prompt!r} gives no token; give some text")
     clean, spliced = spliced_loss(lm, sae, hook, ids)
     print(f"hook {hook}: next-token loss {clean:.4f} clean, {spliced:.4f} with the SAE spliced in")
     browser = Path(args.browser) if args.browser else Path(args.sae).parent / "browser"
-    tops = top_latents(lm, sae, hook, ids)
+    acts = hook_acts(lm, hook, ids)
+    tops = top_latents(sae, acts)
     for t, row in zip(ids[0, 1:].tolist(), tops, strict=True):
         cells = ", ".join(f"{i} ({v:.2f}{' ' + browser_page(browser, i) if browser_page(browser, i) else ''})"
                           for i, v in row)
         print(f"{tok.decode([t])!r:>14}  {cells}")
-    latent = args.latent if args.latent is not None else max((v, i) for row in tops for i, v in row)[1]
+    fired = [(v, i) for row in tops for i, v in row]
+    if args.latent is None and not fired:
+        print("no latent fires on the prompt: pass --latent N to steer with latent N, or a longer --prompt")
+        return
+    latent = args.latent if args.latent is not None else max(fired)[1]
     direction = sae.W_dec[latent] / sae.W_dec[latent].norm()
-    with torch.no_grad():
-        alpha = args.alpha * float(run_to_hook(lm, hook, ids)[0, 1:].float().norm(dim=-1).mean())
+    alpha = args.alpha * float(acts.norm(dim=-1).mean())
     plain = generate(lm, tok, ids, args.max_new_tokens)
     steered = generate(lm, tok, ids, args.max_new_tokens, hook, direction, alpha)
     shift = (next_token_logits(lm, ids, hook, direction, alpha).log_softmax(-1)

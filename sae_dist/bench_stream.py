@@ -40,14 +40,14 @@ from pathlib import Path
 import torch
 
 
-def _documents(tokens: int, ctx_len: int, eval_fraction: float, tok, eval_seqs: int = 64) -> list[str]:
-    """The default text's first documents, enough for 2 x `tokens` train rows and `eval_seqs` held-out
-    contexts (read before any timing)."""
-    from sae_dist.config import DataConfig
+def _documents(tokens: int, data, tok, eval_seqs: int = 64) -> list[str]:
+    """The first documents of `data.dataset` (a DataConfig; ctx_len and eval_fraction from it too), enough for
+    2 x `tokens` train rows and `eval_seqs` held-out contexts (read before any timing)."""
     from sae_dist.harvest.text import is_eval_document, iter_documents, pack_document
 
+    ctx_len, eval_fraction = data.ctx_len, data.eval_fraction
     docs, rows, held_out = [], 0, 0
-    for text in iter_documents(DataConfig().dataset):
+    for text in iter_documents(data.dataset):
         docs.append(text)
         n = len(pack_document(text, tok, ctx_len, 0))
         if is_eval_document(text, eval_fraction):
@@ -82,15 +82,15 @@ def _sae_runs(args, k: int, d_in: int):
 def heldout_fvu(model, tok, hook: str, docs: list[str], ctx_len: int, eval_fraction: float, sae_dirs: list,
                 n_seqs: int = 64) -> list[float]:
     """Raw-space fvu of each exported SAE in `sae_dirs` on the hook's activations of the first `n_seqs`
-    held-out (eval split) contexts of `docs`: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2."""
+    held-out (eval split) contexts of `docs` (sae-eval's, `heldout_sequences`):
+    sum ||x - x_hat||^2 / sum ||x - mean(x)||^2."""
     import sae_dist
+    from sae_dist.eval.evaluate import heldout_sequences
     from sae_dist.harvest.harvester import lm_d_model
     from sae_dist.harvest.hooks import run_to_hook
-    from sae_dist.harvest.text import packed_sequences
 
-    seqs = list(itertools.islice(packed_sequences(docs, tok, ctx_len, eval_fraction=eval_fraction, split="eval"),
-                                 n_seqs))
-    x = run_to_hook(model, hook, torch.tensor(seqs))[:, 1:].reshape(-1, lm_d_model(model)).double()
+    seqs = heldout_sequences(docs, tok, ctx_len, n_seqs * (ctx_len - 1), eval_fraction)
+    x = run_to_hook(model, hook, seqs)[:, 1:].reshape(-1, lm_d_model(model)).double()
     out = []
     for d in sae_dirs:
         xh = sae_dist.load_sae(d)(x.float()).double()
@@ -98,16 +98,16 @@ def heldout_fvu(model, tok, hook: str, docs: list[str], ctx_len: int, eval_fract
     return out
 
 
-def run_quality(args: argparse.Namespace, model, tok, hook: str, d_in: int, docs: list[str]) -> dict:
+def run_quality(args: argparse.Namespace, model, tok, hook: str, d_in: int, docs: list[str], data) -> dict:
     """Held-out fvu of SAEs trained on a store and streamed from the same packed sequences, per seed
-    (`--quality-seeds`, module docstring)."""
-    from sae_dist.config import DataConfig
+    (`--quality-seeds`, module docstring); `data` (a DataConfig) gives ctx_len and eval_fraction, as for the
+    timed runs."""
     from sae_dist.harvest.harvester import harvest
     from sae_dist.harvest.stream import LMStream
     from sae_dist.harvest.text import packed_sequences
     from sae_dist.train.trainer import train
 
-    data, seeds = DataConfig(), range(args.quality_seeds)
+    seeds = range(args.quality_seeds)
     n = -(-args.tokens // (data.ctx_len - 1))
     seqs = list(itertools.islice(packed_sequences(docs, tok, data.ctx_len, eval_fraction=data.eval_fraction), n))
     source = functools.partial(LMStream, model=model, tokenizer=tok, hook_name=hook, sequences=seqs,
@@ -144,12 +144,12 @@ def run_bench(args: argparse.Namespace) -> dict:
     name, gguf = (mc.name, mc.gguf_file) if args.model is None else (args.model, None)
     model, tok = load_lm(name, gguf_file=gguf, dtype=mc.dtype, device="cpu")
     hook, d_in = default_hook_name(model), lm_d_model(model)
-    docs = _documents(args.tokens, data.ctx_len, data.eval_fraction, tok)
+    docs = _documents(args.tokens, data, tok)
     common = {"model": model_display_name(name, gguf), "hook_name": hook, "tokens": args.tokens, "d_sae": args.d_sae,
               "k": args.k, "batch": args.batch, "buffer_tokens": args.buffer, "threads": torch.get_num_threads(),
               "torch": torch.__version__, "device": "cpu", "date": _dt.date.today().isoformat()}
     if args.quality_seeds:
-        return {**common, "seeds": args.quality_seeds, **run_quality(args, model, tok, hook, d_in, docs)}
+        return {**common, "seeds": args.quality_seeds, **run_quality(args, model, tok, hook, d_in, docs, data)}
     source = functools.partial(LMStream, model=model, tokenizer=tok, hook_name=hook, docs=lambda: docs,
                                ctx_len=data.ctx_len, eval_fraction=data.eval_fraction, buffer_tokens=args.buffer)
     ks = [args.k * 2**i for i in range(args.points)]

@@ -120,13 +120,14 @@ class HarvestConfig:
     tokens: int | None = option(1_000_000, "activation rows to store (positions 1..ctx_len-1 of each sequence)")
     batch_size: int = option(32, "sequences per LM forward")
     dtype: str = option("float16", "stored dtype: float16 | bfloat16 | float32")
-    seqs_per_chunk: int = option(8, "zarr chunk = seqs_per_chunk * (ctx_len - 1) tokens; the reader's unit "
-                                    "of random reads (small chunks mix batches better)")
+    seqs_per_chunk: int | None = option(None, "zarr chunk = seqs_per_chunk * (ctx_len - 1) tokens; the reader's "
+                                              "unit of random reads (small chunks mix batches better); null: an "
+                                              "existing store's, else 8")
     seqs_per_shard: int = option(1024, "shard file = seqs_per_shard * (ctx_len - 1) tokens; the unit of resume")
     row_order: str | None = option(None, "store row order: shuffled_global (sequences spread over the shards by "
                                          "a global permutation; needs data.pretokenized), shuffled_in_shard, "
-                                         "text; null: shuffled_global with data.pretokenized, else "
-                                         "shuffled_in_shard")
+                                         "text; null: an existing store's, else shuffled_global with "
+                                         "data.pretokenized and shuffled_in_shard without")
 
 
 @dataclass

@@ -1346,7 +1346,7 @@ def store_bytes(tokens: int, d_in: int, *, dtype: str = "float16", chunk_tokens:
 
 
 def harvest_store_bytes(tokens: int, d_in: int, *, dtype: str = "float16", ctx_len: int = 64,
-                        seqs_per_chunk: int = 8, seqs_per_shard: int = 1024) -> dict[str, Any]:
+                        seqs_per_chunk: int | None = None, seqs_per_shard: int = 1024) -> dict[str, Any]:
     """Size on disk of the store `sae-harvest harvest.tokens=<tokens>` writes for an LM of width
     d_in (harvest.dtype, data.ctx_len, harvest.seqs_per_chunk, harvest.seqs_per_shard; defaults:
     conf/harvest/default.yaml and conf/data/stdlib.yaml).
@@ -1355,8 +1355,12 @@ def harvest_store_bytes(tokens: int, d_in: int, *, dtype: str = "float16", ctx_l
     sequences, chunks by seqs_per_chunk and shards by seqs_per_shard sequences, writes the three text
     arrays and one progress marker per shard. Returns `store_bytes`'s dict plus tokens_requested and
     ctx_len. Raises ValueError for non-positive sizes, ctx_len < 2, an unknown dtype or
-    seqs_per_shard % seqs_per_chunk != 0.
+    seqs_per_shard % seqs_per_chunk != 0. seqs_per_chunk None: a new store's (harvester.DEFAULT_SEQS_PER_CHUNK).
     """
+    if seqs_per_chunk is None:
+        from sae_dist.harvest.harvester import DEFAULT_SEQS_PER_CHUNK
+
+        seqs_per_chunk = DEFAULT_SEQS_PER_CHUNK
     for name, v in (("tokens", tokens), ("seqs_per_chunk", seqs_per_chunk), ("seqs_per_shard", seqs_per_shard)):
         _posint(name, v)
     if not isinstance(ctx_len, int) or ctx_len < 2:
@@ -1607,7 +1611,7 @@ def store_from_cfg(cfg) -> dict | None:
     if h.get("tokens") is None:
         return None
     return harvest_store_bytes(int(h.tokens), int(cfg.sae.d_in), dtype=str(h.dtype), ctx_len=int(cfg.data.ctx_len),
-                               seqs_per_chunk=int(h.seqs_per_chunk), seqs_per_shard=int(h.seqs_per_shard))
+                               seqs_per_chunk=h.get("seqs_per_chunk"), seqs_per_shard=int(h.seqs_per_shard))
 
 
 def _run(cfg) -> int:

@@ -139,7 +139,9 @@ def _check_store(g, store_path, sae) -> None:
 def _text_order(g, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The first `n` rows of a store's text: (scan position of each store row to read, -1 for rows beyond the
     scan; token_ids [n] and seq_index [n] in text order). A store in text order reads its first n rows; one
-    with row_order "shuffled_in_shard" reads whole shards and sorts them by (seq_index, position)."""
+    with a shuffled row_order reads whole shards and sorts them by (seq_index, position): with
+    "shuffled_in_shard" that is the text's first n rows, with "shuffled_global" the first shards' sequences
+    (spread over the whole text by the harvest's permutation), each whole and in text order."""
     from sae_dist.store.layout import chunk_grid
 
     tok_all, has_seq = g["token_ids"], "seq_index" in g
@@ -163,7 +165,9 @@ def scan_store(sae, store_path, *, tokens: int, batch_tokens: int = 4096, device
 
     sae: an exported SAE (`sae_dist.load_sae`; raw activations in). store_path: a store with
     token_ids (seq_index optional: without it the scan is treated as one sequence). A store whose rows are
-    shuffled within shards (row_order "shuffled_in_shard") is read by whole shards and put in text order.
+    shuffled (row_order "shuffled_in_shard" or "shuffled_global") is read by whole shards and put in text
+    order (by seq_index, position): with "shuffled_global" the scan covers the first shards' sequences, a
+    sample of the whole text, rather than its beginning.
     Returns a ScanResult. ValueError when the store's d_in != the SAE's d_in (naming both) or the
     store has no token_ids (contexts cannot be shown).
     """

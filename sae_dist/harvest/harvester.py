@@ -31,7 +31,9 @@ Design (deterministic and resumable; the store layout is docs/formats.md#activat
   a shard is a uniform sample of the text, and its rows are then shuffled as above. ``"text"``: sequence
   order, unshuffled. `token_ids`, `seq_index` and `position` are permuted with the activations, so each row
   still names its place in the text. With the reader's random inner chunks (`store.reader`) a training
-  batch then mixes rows of many documents (docs/internals.md#how-well-a-batch-mixes-documents).
+  batch then mixes rows of many documents (docs/internals.md#how-well-a-batch-mixes-documents). These
+  defaults (and DEFAULT_SEQS_PER_CHUNK) are a new store's: a harvest given no row_order / seqs_per_chunk
+  resumes an existing store with its own (`_resolve_layout`).
 * Several hook points (`hook_name` a list) are harvested from ONE forward per batch, stopped after the
   deepest hooked module (`hooks.run_to_hooks`); each hook gets its own store ``store_path/<hook_name>``
   with the same token ids in the same order. A shard counts as done only when every store has its
@@ -63,12 +65,14 @@ from .hooks import resolve_hook, run_to_hooks
 from .text import packed_sequences
 
 __all__ = ["harvest", "hook_store_path", "shard_row_permutation", "sequence_order", "resolve_row_order",
-           "HarvestError", "STORE_DTYPES", "ROW_ORDERS", "lm_d_model", "lm_input_device"]
+           "HarvestError", "STORE_DTYPES", "ROW_ORDERS", "DEFAULT_SEQS_PER_CHUNK", "lm_d_model", "lm_input_device"]
 
 STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 #: the store attribute row_order: rows in text order, shuffled within each shard (`shard_row_permutation`), or
 #: sequences spread over the shards by a global permutation (`sequence_order`) and then shuffled within each shard
 ROW_ORDERS = ("text", "shuffled_in_shard", "shuffled_global")
+#: a new store's seqs_per_chunk when `harvest` is given none (an existing store keeps its own)
+DEFAULT_SEQS_PER_CHUNK = 8
 _ROW_SEED = 0x5AE  # seeds every shard's row permutation (with the shard index): one fixed order per store layout
 _SEQ_SEED = 0x5AE5  # seeds the global sequence permutation (with the number of sequences)
 
@@ -185,7 +189,7 @@ def _maybe_dist(world_size: int, rank: int, timeout_s: float):
 
 def harvest(
     *, model, tokenizer, hook_name: str | Sequence[str], docs: Iterable[str] | None, store_path: str, tokens: int,
-    ctx_len: int = 64, batch_size: int = 32, dtype: str = "float16", seqs_per_chunk: int = 8,
+    ctx_len: int = 64, batch_size: int = 32, dtype: str = "float16", seqs_per_chunk: int | None = None,
     seqs_per_shard: int = 1024, rank: int | None = None, world_size: int | None = None, eval_fraction: float = 0.05,
     attrs: dict | None = None, progress: bool = True, finalize: bool = True, barrier_timeout_s: float = 48 * 3600.0,
     sequences=None, row_order: str | None = None,
@@ -206,7 +210,8 @@ def harvest(
             n_seqs = ceil(tokens / (ctx_len - 1)), n_tokens = n_seqs * (ctx_len - 1).
         ctx_len: tokens per sequence including BOS (paper: 64). batch_size: sequences per LM forward.
         dtype: storage dtype of `activations`: "float16", "bfloat16" or "float32".
-        seqs_per_chunk: zarr chunk = seqs_per_chunk * (ctx_len - 1) rows.
+        seqs_per_chunk: zarr chunk = seqs_per_chunk * (ctx_len - 1) rows; None: the existing store's (a resumed
+            or complete harvest), else DEFAULT_SEQS_PER_CHUNK (8).
         seqs_per_shard: zarr shard file = seqs_per_shard * (ctx_len - 1) rows (multiple of seqs_per_chunk); the
             unit of work and of resume.
         rank, world_size: this worker and the number of workers; None (default) reads the torchrun env RANK /
@@ -226,9 +231,11 @@ def harvest(
             its shards' sequences, and a resumed harvest starts at its first unfinished shard.
         row_order: "shuffled_in_shard" (each shard's rows in the fixed random order `shard_row_permutation`),
             "shuffled_global" (sequences assigned to shards by the permutation `sequence_order`, then
-            shuffled within each shard; needs `sequences`), "text" (sequence order), or None: shuffled_global
-            with `sequences`, else shuffled_in_shard. A store is resumed only with the row order it was
-            started with.
+            shuffled within each shard; needs `sequences`), "text" (sequence order), or None: the existing
+            store's row order (a resumed or complete harvest; a store written before row_order existed is
+            "text"), else for a new store shuffled_global with `sequences` and shuffled_in_shard without.
+            A store is resumed only with the row order and chunk size it was started with: a given value
+            that contradicts the existing store's is a StoreError naming both.
 
     The store's arrays and group attributes: module docstring.
 
@@ -363,15 +370,18 @@ class _HarvestRun:
              sequences=None, row_order=None) -> _HarvestRun:
         """Resolve rank / world_size and the hooks, validate the arguments (ValueError) and plan the stores."""
         rank, world_size = _resolve_rank(rank, world_size)
+        resolved = _resolve_targets(model, hook_name, store_path)
+        row_order, seqs_per_chunk = _resolve_layout(row_order, seqs_per_chunk, [p for _, p in resolved], ctx_len,
+                                                    pretokenized=sequences is not None)
         _check_args(tokens=tokens, ctx_len=ctx_len, batch_size=batch_size, dtype=dtype,
                     seqs_per_chunk=seqs_per_chunk, seqs_per_shard=seqs_per_shard, rank=rank, world_size=world_size)
         geom = _Geometry.plan(tokens, ctx_len, seqs_per_chunk, seqs_per_shard)
         d_model = lm_d_model(model)
         common = {"model": _model_name(model), "dataset": "unknown", **(attrs or {}), "d_in": d_model,
                   "ctx_len": int(ctx_len), "dtype": dtype, "eval_fraction": float(eval_fraction),
-                  "row_order": resolve_row_order(row_order, sequences is not None)}
+                  "row_order": row_order}
         targets = tuple(_Target(spec, path, {**common, "hook_name": spec.name, "layer": spec.layer})
-                        for spec, path in _resolve_targets(model, hook_name, store_path))
+                        for spec, path in resolved)
         harvest_info = {
             "complete": False, "tokens_requested": int(tokens), "n_seqs_planned": geom.n_seqs,
             "n_shards": geom.n_shards, "seqs_per_shard": int(seqs_per_shard), "seqs_per_chunk": int(seqs_per_chunk),
@@ -412,6 +422,51 @@ def _resolve_targets(model, hook_name, store_path) -> list[tuple[Any, str]]:
     if not specs or len(set(names)) != len(names):
         raise ValueError(f"hook_name lists {names}: give at least one hook point and none twice")
     return [(spec, hook_store_path(store_path, spec.name)) for spec in specs]
+
+
+def _resolve_layout(row_order: str | None, seqs_per_chunk: int | None, store_paths: list[str], ctx_len: int, *,
+                    pretokenized: bool) -> tuple[str, int]:
+    """(row_order, seqs_per_chunk) of a harvest into `store_paths`: each None is the first existing store's value
+    (`_existing_layout`; so a harvest started by an earlier release, with other defaults, resumes as it began),
+    else a new store's default (`resolve_row_order`, DEFAULT_SEQS_PER_CHUNK). ValueError for a bad row order
+    (`resolve_row_order`); StoreError, naming both values, when a given value contradicts the existing store's."""
+    have = _existing_layout(store_paths, ctx_len)
+    order = resolve_row_order(row_order if row_order is not None else have.get("row_order"), pretokenized)
+    problems = [f"{key}: store has {have[key]!r}, requested {given!r}"
+                for key, given in (("row_order", row_order), ("seqs_per_chunk", seqs_per_chunk))
+                if given is not None and key in have and given != have[key]]
+    if problems:
+        from sae_dist.store.errors import StoreError
+
+        raise StoreError(f"store {have['path']!r} exists with a different layout: {'; '.join(problems)}. Leave "
+                         "harvest.row_order / harvest.seqs_per_chunk unset (null) to continue it as it was started, "
+                         "or use another store.path")
+    chunk = seqs_per_chunk if seqs_per_chunk is not None else have.get("seqs_per_chunk", DEFAULT_SEQS_PER_CHUNK)
+    return order, chunk
+
+
+def _existing_layout(store_paths: list[str], ctx_len: int) -> dict:
+    """{"path", "row_order", "seqs_per_chunk"} of the first of `store_paths` holding a store, complete or not (a
+    store without the row_order attribute predates it and is in text order; seqs_per_chunk is its chunk rows /
+    (ctx_len - 1), left out when that does not divide); {} when none exists or none opens (`create_store` then
+    reports what is wrong)."""
+    from sae_dist.store import open_store, read_attrs
+    from sae_dist.store.errors import StoreError
+    from sae_dist.store.layout import chunk_grid
+
+    for path in store_paths:
+        if not os.path.exists(path):
+            continue
+        try:
+            group = open_store(path, mode="r")
+        except (StoreError, FileNotFoundError, ValueError, KeyError):
+            continue
+        have = {"path": path, "row_order": read_attrs(group).get("row_order", "text")}
+        chunk, body = chunk_grid(group["activations"])[0], int(ctx_len) - 1
+        if body > 0 and chunk % body == 0:
+            have["seqs_per_chunk"] = chunk // body
+        return have
+    return {}
 
 
 def _new_summary(run: _HarvestRun, store_path) -> dict:

@@ -56,7 +56,7 @@ def test_the_walkthrough_runs_and_its_parts_match_independent_computations(sae_d
     clean, spliced = ex.spliced_loss(lm, sae, hook, ids)
     assert clean == pytest.approx(float(torch.nn.functional.cross_entropy(logits, ids[0, 1:])), rel=1e-5)
     assert spliced != pytest.approx(clean, rel=1e-3)
-    tops = ex.top_latents(lm, sae, hook, ids, n=3)
+    tops = ex.top_latents(sae, ex.hook_acts(lm, hook, ids), n=3)
     with torch.no_grad():
         z = sae.encode(hs)
     for t, row in enumerate(tops):
@@ -86,3 +86,20 @@ def test_the_walkthrough_runs_and_its_parts_match_independent_computations(sae_d
     assert ex.browser_page(sae_dir.parent / "browser", tops[0][0][0]) == ""
     page.write_text("<html></html>")
     assert ex.browser_page(sae_dir.parent / "browser", tops[0][0][0]) == str(page)
+
+
+def test_the_walkthrough_says_so_when_no_latent_fires(tiny_lm_dir, tmp_path, capsys):
+    """An SAE whose latents never fire (b_enc far below any pre-activation): the walkthrough prints the
+    losses and an empty row per token, then says no latent fired instead of steering; an empty prompt is a
+    usage error."""
+    sae = build_sae(SAEConfig(d_in=32, d_sae=96, k=4, normalize="none"), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        sae.b_enc.fill_(-1e4)
+    export_sae(sae, tmp_path / "sae", hook_name=HOOK, model_name=tiny_lm_dir, normalize="none")
+    ex = _example()
+    ex.main(["--sae", str(tmp_path / "sae"), "--prompt", "def f(x):\n    return x"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"hook {HOOK}: next-token loss") and out[-1].startswith("no latent fires on the prompt")
+    with pytest.raises(SystemExit):
+        ex.main(["--sae", str(tmp_path / "sae"), "--prompt", ""])
+    assert "gives no token" in capsys.readouterr().err

@@ -125,3 +125,29 @@ def test_sae_pretokenize_then_sae_harvest_equals_sae_harvest(tiny_lm_dir, corpus
     proc = console_script("sae-harvest", *[c for c in common if not c.startswith("data.ctx_len")], "data.ctx_len=32",
                           f"run_dir={tmp_path / 'c'}", f"data.pretokenized={pre}")
     assert proc.returncode != 0 and "pretokenised with ctx_len=16" in proc.stderr + proc.stdout
+
+
+def test_a_store_started_with_other_defaults_resumes_with_its_own(lm, tmp_path):
+    """A harvest from pretokenised sequences left unfinished under the earlier release's defaults (rows
+    shuffled_in_shard, chunks of 16 sequences here, of 64 then) and rerun without harvest.row_order /
+    harvest.seqs_per_chunk (today's defaults: shuffled_global, 8) keeps the store's order and chunks: it
+    ends as the uninterrupted harvest with those settings, and rerunning it then is a no-op. A given value
+    that contradicts the store's is an error naming both."""
+    from sae_dist.store.errors import StoreError
+    from sae_dist.store.layout import chunk_grid
+
+    seqs = list(packed_sequences(tiny_corpus(**DOCS), lm[1], CTX, eval_fraction=EVAL, split="train"))
+    tokens, old = 40 * BODY, dict(row_order="shuffled_in_shard", seqs_per_chunk=16)  # shards of 16, 16, 8
+    run_harvest(lm, tmp_path / "whole", None, tokens, sequences=seqs, **old)
+    out = tmp_path / "resumed"
+    assert not run_harvest(lm, out, None, tokens, sequences=seqs, rank=0, world_size=2, **old)["complete"]
+    for given, msg in (({"row_order": "shuffled_global"}, "row_order: store has 'shuffled_in_shard', requested "
+                                                          "'shuffled_global'"),
+                       ({"seqs_per_chunk": 8}, "seqs_per_chunk: store has 16, requested 8")):
+        with pytest.raises(StoreError, match=msg):
+            run_harvest(lm, out, None, tokens, sequences=seqs, **given)
+    r = run_harvest(lm, out, None, tokens, sequences=seqs, row_order=None, seqs_per_chunk=None)
+    assert r["complete"] and r["shards_written"] == 1
+    assert_same_store(out, tmp_path / "whole")
+    assert chunk_grid(zarr.open_group(str(out), mode="r")["activations"])[0] == 16 * BODY
+    assert run_harvest(lm, out, None, tokens, sequences=seqs, row_order=None, seqs_per_chunk=None)["already_complete"]
