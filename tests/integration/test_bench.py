@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -83,6 +84,35 @@ def test_bench_cli_plain_path_and_multi_topk(tmp_path):
     assert rec["kernels"] is False and rec["multi_topk"] is True
 
 
+@pytest.mark.usefixtures("worker_forkserver")  # tests/conftest.py, for run_module_forked
+def test_bench_baseline_dead_frac_pairs_the_steps(tmp_path):
+    # --baseline-dead-frac adds the interleaved pair: the step at --dead-frac and at the baseline fraction
+    from helpers.prestarted import run_module_forked
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT)] + ([os.environ["PYTHONPATH"]]
+                                                                       if os.environ.get("PYTHONPATH") else []))}
+    p = run_module_forked("sae_dist.bench", ["--d", "32", "--n", "512", "--k", "4", "--batch", "64", "--iters", "2",
+                                             "--warmup", "1", "--device", "cpu", "--threads", "1",
+                                             "--baseline-dead-frac", "0.02"], cwd=ROOT, env=env, tmp_dir=tmp_path,
+                          timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rec = json.loads(p.stdout)
+    _check_record(rec, 32, 512, 4, 64)
+    assert rec["baseline_dead_latents"] == round(0.02 * 512) == 10
+    assert rec["paired_step_ms"] > 0 and rec["baseline_step_ms"] > 0
+    assert math.isclose(rec["step_over_baseline"], rec["paired_step_ms"] / rec["baseline_step_ms"], rel_tol=1e-12)
+
+
+def test_time_interleaved_alternates_and_times_each():
+    from sae_dist.bench import time_interleaved
+
+    calls = []
+    times = time_interleaved([lambda i: calls.append(("a", i)), lambda i: calls.append(("b", i))],
+                             iters=3, warmup=1, device=torch.device("cpu"))
+    assert calls == [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("a", 2), ("b", 2), ("a", 3), ("b", 3)]
+    assert [len(t) for t in times] == [3, 3] and all(v >= 0 for t in times for v in t)
+
+
 def test_bench_vs_sparsify_missing_names_install(tmp_path):
     # Shadow the package with one that fails to import: the CLI must name the install command.
     fake = tmp_path / "sparsify"
@@ -102,6 +132,8 @@ def test_bench_bad_arguments():
         main(["--d", "4", "--n", "8", "--k", "9", "--batch", "2"])
     with pytest.raises(SystemExit):  # argparse: non-positive size
         main(["--d", "0", "--n", "8", "--k", "1", "--batch", "2"])
+    with pytest.raises(SystemExit, match=r"--baseline-dead-frac must be in \[0, 1\], got 1.5"):
+        main(["--d", "4", "--n", "8", "--k", "1", "--batch", "2", "--baseline-dead-frac", "1.5"])
 
 
 @pytest.mark.usefixtures("worker_forkserver")  # tests/conftest.py, for run_module_forked
