@@ -159,7 +159,7 @@ def time_interleaved(fns: list[Callable[[int], object]], iters: int, warmup: int
     _sync(device)
     times: list[list[float]] = [[] for _ in fns]
     for i in range(iters):
-        for fn, out in zip(fns, times):
+        for fn, out in zip(fns, times, strict=True):
             _sync(device)
             t0 = time.perf_counter()
             fn(warmup + i)
