@@ -484,7 +484,7 @@ def _store_text_cfg(cfg: DictConfig, attrs: dict) -> DictConfig:
     return ecfg
 
 
-def heldout_eval(cfg: DictConfig, attrs: dict, lm=None):
+def heldout_eval(cfg: DictConfig, attrs: dict, lm=None, keep: dict | None = None):
     """sae-train's held-out evaluation loader: a function of the number of contexts that `train_grid` calls on the
     ranks that evaluate (dp replica 0), once it holds the run directories' locks and only when a run has an
     evaluation step ahead (`sae_dist.train.trainer._open_heldout`), returning the `HeldoutEval` (the LM and
@@ -492,13 +492,15 @@ def heldout_eval(cfg: DictConfig, attrs: dict, lm=None):
     held-out text cannot be had from local files. attrs: the training data's (d_in, hook_name; a store's model,
     dataset, ctx_len, eval_fraction). `lm`: sae-pipeline's loaded (model, tokenizer), the store's LM; else the LM
     is loaded from local files: the store's (`_store_text_cfg`), or with source=lm a second copy of the streamed
-    one (the stream runs its copy in a background thread)."""
+    one (the stream runs its copy in a background thread). `keep`: a dict that gets the LM it loads, for
+    `eval.after_train` to use again (`_after_train_lm`): keys lm (model, tokenizer), model (the model group as a
+    dict) and device."""
     import functools
 
-    return functools.partial(_load_heldout, cfg, attrs, lm=lm)
+    return functools.partial(_load_heldout, cfg, attrs, lm=lm, keep=keep)
 
 
-def _load_heldout(cfg: DictConfig, attrs: dict, n_contexts: int, lm=None):
+def _load_heldout(cfg: DictConfig, attrs: dict, n_contexts: int, lm=None, keep: dict | None = None):
     """`heldout_eval`'s loader: the `sae_dist.train.heldout.HeldoutEval` of `n_contexts` contexts, or None with a
     notice."""
     from sae_dist.train.heldout import HeldoutEval
@@ -511,9 +513,12 @@ def _load_heldout(cfg: DictConfig, attrs: dict, n_contexts: int, lm=None):
         except (OSError, ImportError) as e:
             return _heldout_off(f"the LM model.name={ecfg.model.name} does not load from local files (a directory "
                                 f"or the hub cache): {_first_line(e)}")
-        return HeldoutEval.from_text(model, tokenizer, attrs["hook_name"], _docs(ecfg), ctx_len=int(ecfg.data.ctx_len),
+        held = HeldoutEval.from_text(model, tokenizer, attrs["hook_name"], _docs(ecfg), ctx_len=int(ecfg.data.ctx_len),
                                      eval_fraction=float(ecfg.data.eval_fraction), n_contexts=n_contexts,
                                      d_in=int(attrs["d_in"]))
+        if lm is None and keep is not None:
+            keep.update(lm=(model, tokenizer), model=OmegaConf.to_container(ecfg.model, resolve=True), device=device)
+        return held
     except (OSError, ImportError, ValueError) as e:  # no local LM or text: train without it
         return _heldout_off(_first_line(e))
 
@@ -523,12 +528,13 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: " + (str(e).strip().splitlines() or [""])[0]
 
 
-def run_train(cfg: DictConfig, out_dir: Path, lm=None) -> dict[str, Any]:
+def run_train(cfg: DictConfig, out_dir: Path, lm=None, keep_lm: dict | None = None) -> dict[str, Any]:
     """Train an SAE on `cfg.store.path` (or, with source=lm, on the LM's activations computed on the fly);
     checkpoints under out_dir/checkpoints, export to out_dir/sae. With `grid`, a shared sweep (`train_grid`):
     one point per combination, each in out_dir/<i>_n<d_sae>_k<k>, all on the whole mesh or, with
     parallel.grid_groups=G, point i on rank group i % G; returns {"points": [this process's points' results]}.
-    The held-out evaluation (`heldout_eval`) uses `lm`, a loaded (model, tokenizer) of the store's LM, if given."""
+    The held-out evaluation (`heldout_eval`) uses `lm`, a loaded (model, tokenizer) of the store's LM, if given;
+    else the LM it loads goes into `keep_lm` (a dict) when one is given."""
     from sae_dist.train.trainer import train_grid
 
     data, attrs = _train_data(cfg)
@@ -543,7 +549,7 @@ def run_train(cfg: DictConfig, out_dir: Path, lm=None) -> dict[str, Any]:
         model_name=attrs.get("model"),
         tp=int(cfg.parallel.tp),
         groups=int(cfg.parallel.grid_groups) if cfg.grid is not None else 1,
-        heldout=heldout_eval(cfg, attrs, lm),
+        heldout=heldout_eval(cfg, attrs, lm, keep=keep_lm),
     )
     if cfg.grid is None:
         return results[0]
@@ -702,6 +708,26 @@ def pretokenize_main(cfg: DictConfig) -> None:
     print(json.dumps(info, indent=2))
 
 
+def _after_train_lm(cfg: DictConfig, sae_dir: str, keep: dict | None):
+    """eval.after_train's (config, (model, tokenizer)): a copy of `cfg` with the model, text and context length the
+    SAE at `sae_dir` was trained on (its cfg.json: the store's, or the streamed LM's; `apply_sae_provenance`, so a
+    value set on the command line is kept, with a warning), and that LM: the one the held-out evaluation loaded on
+    this process during training (`keep`, filled by `heldout_eval`) when it is the same model on the same device,
+    else loaded now (`load_configured_lm`, which raises as it does for sae-eval)."""
+    import copy
+
+    from sae_dist.sae.formats import read_sae_cfg
+
+    ecfg = copy.deepcopy(cfg)
+    apply_sae_provenance(ecfg, read_sae_cfg(sae_dir), "sae-train eval.after_train")
+    device = resolve_device(ecfg.device)
+    held = keep or {}
+    if (held.get("lm") is not None and held.get("device") == device
+            and held.get("model") == OmegaConf.to_container(ecfg.model, resolve=True)):
+        return ecfg, held["lm"]
+    return ecfg, load_configured_lm(ecfg, device)
+
+
 @hydra_app
 def train_main(cfg: DictConfig) -> None:
     """sae-train: activation store (or, with source=lm, the LM itself) -> SAE checkpoints + export
@@ -724,15 +750,17 @@ def train_main(cfg: DictConfig) -> None:
         check_config(cfg)  # before any work (under -m: this point's failure is recorded, the sweep goes on)
         # record: under torchrun the failing rank's traceback goes to its error file, which torchrun's
         # failure report prints next to the rank's number
-        summary = record(run_train)(cfg, out)
+        keep_lm: dict = {}  # the held-out evaluation's LM, for eval.after_train
+        summary = record(run_train)(cfg, out, keep_lm=keep_lm if cfg.eval.after_train else None)
         if _reports(cfg):
             trained = [r for r in summary.get("points", [summary]) if r.get("sae_dir")]
             if cfg.eval.after_train and trained:
                 if dist.is_available() and dist.is_initialized():
                     dist.destroy_process_group()  # the evaluation runs on global rank 0 alone
-                lm, wandb_cfg = load_configured_lm(cfg, resolve_device(cfg.device)), _wandb_cfg(cfg)
+                ecfg, lm = _after_train_lm(cfg, trained[0]["sae_dir"], keep_lm)
+                wandb_cfg = _wandb_cfg(cfg)
                 for r in trained:  # each point of a grid writes eval.json in its own directory
-                    r["eval"] = run_eval(cfg, Path(r["out_dir"]), lm=lm, sae_path=r["sae_dir"])
+                    r["eval"] = run_eval(ecfg, Path(r["out_dir"]), lm=lm, sae_path=r["sae_dir"])
                     add_eval_to_wandb_run(r["out_dir"], wandb_cfg, r["eval"])
             print(json.dumps(summary, indent=2, default=str))
         return summary

@@ -140,3 +140,25 @@ def test_a_latent_sharded_run_splices_its_shards_together(lm, store, tmp_path):
     assert got.keys() == ref.keys() and got["ce_tokens"] == ref["ce_tokens"]
     assert ref["ce_loss_sae"] - ref["ce_loss_clean"] > 1e-3 and ref["kl_div"] > 1e-4  # the SAE changes the LM
     assert got == pytest.approx(ref, rel=1e-5, abs=1e-6)
+
+
+def test_after_train_evaluates_with_the_stores_lm_loaded_once(store, tmp_path, console_script, monkeypatch):
+    """eval.after_train: eval.json comes from the store's LM on the store's text (the command line names no model,
+    so the config's default model is not the one), and the LM the held-out evaluation loaded during training is
+    used again rather than loaded a second time; with that evaluation off, the store's LM is loaded once."""
+    import sae_dist.cli as cli
+
+    loads, real = [], cli.load_configured_lm
+    monkeypatch.setattr(cli, "load_configured_lm",
+                        lambda cfg, *a, **kw: loads.append(cfg.model.name) or real(cfg, *a, **kw))
+    store_path, corpus = store
+    model = zarr.open_group(str(store_path), mode="r").attrs["model"]
+    for every, run in ((2, tmp_path / "held"), (0, tmp_path / "off")):
+        loads.clear()
+        proc = console_script("sae-train", *_train_args(run, store_path, corpus, "disabled"), "eval.after_train=true",
+                              f"trainer.eval_every_steps={every}", "eval.eval_tokens=240", "eval.batch_size=16")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert loads == [model], (every, loads)
+        ev = json.loads((run / "eval.json").read_text())
+        assert ev["model"] == model and ev["hook_name"] == HOOK and 0 < ev["fvu"] < 2
+    assert [r["step"] for r in train_log(tmp_path / "held") if "eval/ce_loss_score" in r] == [2, 4, 6, 8, 10]
