@@ -157,7 +157,8 @@ larger of the forward's and the backward's transient peaks (`transient_bytes`):
     (4*d*latent_chunk; no full fp32 copy) and the fp32 input (Bl*d*4); atomic path, the masked
     gradients and ids (E_all*16) and the b_enc gradient (4*nl); or one extra [nl, d] fp32 W_dec
     gradient when two or more decode calls run; whichever is larger;
-plus a workspace margin (CUDA context, NCCL buffers, allocator slack).
+plus a workspace margin (CUDA context, NCCL buffers, allocator slack), and the held-out evaluation's LM
+(`estimate.heldout_lm_gib`, when trainer.eval_every_steps > 0: every GPU of the first replica holds it).
 
 Console script `sae-plan` (a Hydra app over `conf/plan.yaml`), e.g.
     sae-plan sae.d_in=4096 sae.d_sae=16777216 trainer.batch_tokens=131072 parallel.tp=64 \\
@@ -524,7 +525,8 @@ def plan(
     latent_chunk: int = 4096, candidate_buffer_bytes: int = CANDIDATE_BUFFER_BYTES,
     allgather_chunk_bytes: int = ALLGATHER_CHUNK_BYTES, bf16_operand_copies: bool = True,
     dead_fraction: float = DEAD_FRACTION, topk_value_bytes: int = 4, input_buffers: int = 2,
-    workspace_gib: float = 2.0, zero_bucket_elements: int = 500_000_000, suggest: bool = True,
+    workspace_gib: float = 2.0, zero_bucket_elements: int = 500_000_000, heldout_lm_gib: float = 0.0,
+    suggest: bool = True,
 ) -> dict[str, Any]:
     """Plan one training step of a latent-sharded TopK SAE; a pure function of its arguments.
 
@@ -544,7 +546,7 @@ def plan(
       cluster: the Cluster fields.
       shard_shapes: {name: [dims]} per GPU; params_per_gpu: int.
       memory_bytes: {params, grads, optimizer, ema, dead_latent_state, bf16_operand_copies,
-        activations, zero_buckets, workspace, total} per GPU in bytes; memory_gib: the same in GiB;
+        activations, zero_buckets, workspace, heldout_lm, total} per GPU in bytes; memory_gib: the same in GiB;
         host_memory_bytes: per GPU on the host (optimizer offload), else 0.
       activation_bytes: {component: bytes} kept for the backward; transient_bytes: {phase: {component:
         bytes}} for the phases "forward", "decode_backward" and "encoder_backward"; activation_phases:
@@ -630,6 +632,8 @@ class _PlanOptions:
       input_buffers: fp32 [Bl, d] batches resident (current + prefetched).
       workspace_gib: memory margin for the CUDA context, NCCL buffers and allocator slack.
       zero_bucket_elements: DeepSpeed's reduce bucket (fp32 elements) under ZeRO.
+      heldout_lm_gib: the held-out evaluation's LM during training (trainer.eval_every_steps > 0), GiB on
+        each GPU of the first data-parallel replica, the fullest GPU (an 8B LM in bf16: 14.9); 0 counts none.
       suggest: when the plan does not fit, search tp / engine / ZeRO stage / batch size settings of
         the same cluster that fit.
     """
@@ -663,6 +667,7 @@ class _PlanOptions:
     input_buffers: int
     workspace_gib: float
     zero_bucket_elements: int
+    heldout_lm_gib: float
     suggest: bool
 
 
@@ -729,7 +734,7 @@ class _Step:
 def _check_options(o: _PlanOptions) -> None:
     """Raise ValueError naming the first bad option that needs no shape to judge: the positive ints,
     trainer.engine / zero_stage / offload_optimizer, topk_exchange, estimate.decode_scan_slots,
-    sae.kernel_backend, workspace_gib >= 0 and estimate.dead_fraction in [0, 1]."""
+    sae.kernel_backend, workspace_gib and heldout_lm_gib >= 0 and estimate.dead_fraction in [0, 1]."""
     for name in ("d_in", "d_sae", "k", "batch_tokens", "tp", "latent_chunk", "multi_topk_factor",
                  "topk_value_bytes", "input_buffers", "zero_bucket_elements", "candidate_buffer_bytes",
                  "allgather_chunk_bytes"):
@@ -747,8 +752,10 @@ def _check_options(o: _PlanOptions) -> None:
                          "(\"compacted\" is the code)")
     if o.kernel_backend not in KERNEL_BACKENDS:
         raise ValueError(f"sae.kernel_backend={o.kernel_backend!r}; valid: {KERNEL_BACKENDS}")
-    if not o.workspace_gib >= 0:
-        raise ValueError(f"workspace_gib={o.workspace_gib!r} must be >= 0")
+    for name in ("workspace_gib", "heldout_lm_gib"):
+        v = getattr(o, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+            raise ValueError(f"estimate.{name}={v!r} must be a number of GiB >= 0")
     df = o.dead_fraction
     if isinstance(df, bool) or not isinstance(df, (int, float)) or not 0 <= df <= 1:
         raise ValueError(f"estimate.dead_fraction={df!r} must be a number in [0, 1] (the fraction "
@@ -879,7 +886,7 @@ class _Memory(NamedTuple):
 
 def _memory(s: _Step) -> _Memory:
     """Memory per GPU (module docstring, "Memory per GPU"): the persistent state, the activations
-    (what the forward keeps + the largest transient of the peak phase), ZeRO buckets, workspace."""
+    (what the forward keeps + the largest transient of the peak phase), ZeRO buckets, workspace, held-out LM."""
     o = s.o
     mem = _state_memory(s)
     kept = _kept_activations(s)
@@ -892,6 +899,7 @@ def _memory(s: _Step) -> _Memory:
     mem["activations"] = phases[peak_phase]
     mem["zero_buckets"] = 4 * o.zero_bucket_elements if s.zero else 0
     mem["workspace"] = int(round(o.workspace_gib * GiB))
+    mem["heldout_lm"] = int(round(o.heldout_lm_gib * GiB))
     mem["total"] = sum(mem.values())
     host = 16 * s.part if (s.zero and o.offload_optimizer) else 0  # master + its grad + 2 moments, fp32
     return _Memory(mem, host, kept, transient, phases, peak_phase)
@@ -1195,7 +1203,8 @@ def _config(s: _Step) -> dict[str, Any]:
         "auxk_dead_chunk": s.dead["chunk"] if s.dead else 0,
         "encoder_bwd_grad_w": ("atomic" if s.triton and not o.bf16_operand_copies else "csr"),
         "bf16_operand_copies": o.bf16_operand_copies, "topk_value_bytes": s.vx,
-        "input_buffers": o.input_buffers, "workspace_gib": o.workspace_gib, "tp_link": s.tp_link,
+        "input_buffers": o.input_buffers, "workspace_gib": o.workspace_gib,
+        "heldout_lm_gib": o.heldout_lm_gib, "tp_link": s.tp_link,
         "dp_link": s.dp_link,
     }
 
@@ -1237,11 +1246,17 @@ def _suggestion_kwargs(s: _Step) -> dict[str, Any]:
 def _suggestions(kw: dict, limit: int = 3) -> list[dict]:
     """Trainer settings of the same cluster that fit, highest tokens/s first: parallel.tp >= the given
     tp (dividing world and n), trainer.engine torch or DeepSpeed ZeRO-1/2, trainer.batch_tokens B,
-    B/2 or B/4. Returns up to `limit` {overrides, total_gib, step_time_s, tokens_per_s}."""
+    B/2 or B/4; and with a held-out evaluation LM counted, the same settings with that evaluation off
+    (trainer.eval_every_steps=0). Returns up to `limit` {overrides, total_gib, step_time_s, tokens_per_s}."""
     c: Cluster = kw["cluster"]
     world, n, B0 = c.world, kw["d_sae"], kw["batch_tokens"]
     cur_engine = (kw["engine"], kw["zero_stage"] if kw["engine"] == "deepspeed" else 0)
     found = []
+    if kw["heldout_lm_gib"] > 0:
+        r = plan(**{**kw, "heldout_lm_gib": 0.0}, suggest=False)
+        if r["fits"]:
+            found.append({"overrides": "trainer.eval_every_steps=0", "total_gib": r["memory_gib"]["total"],
+                          "step_time_s": r["step_time_s"], "tokens_per_s": r["tokens_per_s"]})
     for tp in (t for t in range(kw["tp"], world + 1) if world % t == 0 and n % t == 0):
         dp = world // tp
         engines = {cur_engine, ("torch", 0)} | ({("deepspeed", 1), ("deepspeed", 2)} if dp > 1 else set())
@@ -1268,7 +1283,8 @@ def _suggestions(kw: dict, limit: int = 3) -> list[dict]:
 
 def _refusal(r: dict) -> str:
     g, cfg = r["memory_gib"], r["config"]
-    parts = ", ".join(f"{k} {g[k]:.1f}" for k in ("params", "grads", "optimizer", "activations") if g[k] > 0)
+    parts = ", ".join(f"{k} {g[k]:.1f}" for k in ("params", "grads", "optimizer", "activations", "heldout_lm")
+                      if g[k] > 0)
     phase = r["activation_peak_phase"]
     tr = max(r["transient_bytes"][phase].items(), key=lambda kv: kv[1])
     msg = (
@@ -1564,7 +1580,7 @@ _COMPARE_KEYS = {"tp": int, "zero_stage": int, "topk_exchange": str, "latent_chu
 def plan_from_cfg(cfg, **overrides) -> dict:
     """`plan(...)` from a Hydra config composed from conf/plan.yaml: sae.* (d_in, d_sae, k,
     k_aux, auxk_coef, multi_topk, multi_topk_factor, kernels, kernel_backend), trainer.* (batch_tokens,
-    ema, engine, zero_stage, offload_optimizer, bf16), parallel.tp, topk_exchange, cluster.*,
+    ema, engine, zero_stage, offload_optimizer, bf16, eval_every_steps), parallel.tp, topk_exchange, cluster.*,
     estimate.* (estimate.bf16_operand_copies null: follow trainer.bf16, as the trainer's autocast does).
     `overrides` replace plan() keyword arguments. The result has one more key, store: the
     `harvest_store_bytes` dict for harvest.tokens (`store_from_cfg`), or None when that is null.
@@ -1596,6 +1612,8 @@ def plan_from_cfg(cfg, **overrides) -> dict:
         topk_value_bytes=int(e.topk_value_bytes),
         input_buffers=int(e.input_buffers), workspace_gib=float(e.workspace_gib),
         zero_bucket_elements=int(e.zero_bucket_elements),
+        # the held-out evaluation's LM is loaded only when it runs
+        heldout_lm_gib=float(e.heldout_lm_gib) if int(t.eval_every_steps) > 0 else 0.0,
     )
     kw.update(overrides)
     r = plan(**kw)

@@ -57,6 +57,8 @@ _ESTIMATE_DOCS = {
     "input_buffers": "fp32 [B/dp, d] batches resident (current + prefetched)",
     "workspace_gib": "CUDA context, NCCL buffers, allocator slack, GiB",
     "zero_bucket_elements": "DeepSpeed reduce_bucket_size (fp32 elements) under ZeRO",
+    "heldout_lm_gib": "GiB of the held-out evaluation's LM on each GPU of the first replica, counted when "
+                      "trainer.eval_every_steps > 0 (an 8B LM in bf16: 14.9); 0: not counted",
 }
 
 

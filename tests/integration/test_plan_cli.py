@@ -78,3 +78,19 @@ def test_cli_json_refusal_and_no_output_dir(tmp_path, console_script, monkeypatc
 
     assert list(tmp_path.iterdir()) == []  # Hydra wrote no outputs/, .hydra/ or log file here
     assert not math.isnan(plans[0]["step_time_s"])
+
+
+def test_cli_counts_the_heldout_lm_only_when_the_evaluation_runs(tmp_path, console_script, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["sae.d_in=4096", "sae.d_sae=4194304", "trainer.batch_tokens=131072", "cluster.nodes=2", "parallel.tp=16",
+            "estimate.heldout_lm_gib=14.9", "output=json"]
+    on = console_script("sae-plan", *args)  # trainer.eval_every_steps defaults to 1000: counted, does not fit
+    assert on.returncode == 1, on.stderr[-3000:]
+    r_on = json.loads(on.stdout)
+    assert r_on["memory_bytes"]["heldout_lm"] == round(14.9 * 2**30) and not r_on["fits"]
+    assert r_on["suggestions"][0]["overrides"] == "trainer.eval_every_steps=0"
+    off = console_script("sae-plan", *args, "trainer.eval_every_steps=0")
+    assert off.returncode == 0, off.stderr[-3000:]
+    r_off = json.loads(off.stdout)
+    assert r_off["memory_bytes"]["heldout_lm"] == 0 and r_off["fits"]
+    assert r_on["memory_bytes"]["total"] - r_off["memory_bytes"]["total"] == round(14.9 * 2**30)

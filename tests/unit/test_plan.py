@@ -727,6 +727,26 @@ def test_refuses_tp8_at_2_24_with_excess_in_gib():
     assert check_fits(ok) is ok and ok["message"] == "" and ok["excess_gib"] == 0
 
 
+def test_heldout_lm_is_counted_and_turning_it_off_is_suggested():
+    # 2^22 latents at tp=16 over 16 H100s: 66.0 GiB per GPU; an 8B LM in bf16 (14.9 GiB) beside it does not fit
+    kw = dict(d_in=D4K, d_sae=2**22, k=32, batch_tokens=B_PAPER, tp=16, cluster={"nodes": 2, "gpus_per_node": 8})
+    base, with_lm = plan(**kw), plan(**kw, heldout_lm_gib=14.9)
+    assert base["fits"] and base["memory_bytes"]["heldout_lm"] == 0
+    assert with_lm["memory_bytes"]["heldout_lm"] == round(14.9 * GiB)
+    assert with_lm["memory_bytes"]["total"] - base["memory_bytes"]["total"] == round(14.9 * GiB)
+    assert {k: v for k, v in with_lm["memory_bytes"].items() if k not in ("heldout_lm", "total")} == \
+        {k: v for k, v in base["memory_bytes"].items() if k not in ("heldout_lm", "total")}
+    assert not with_lm["fits"] and "heldout_lm 14.9" in with_lm["message"]
+    first, *rest = with_lm["suggestions"]
+    assert first["overrides"] == "trainer.eval_every_steps=0"
+    assert first["total_gib"] == base["memory_gib"]["total"] and first["tokens_per_s"] == base["tokens_per_s"]
+    for s in rest:  # the other settings keep the LM: 14.9 GiB of their total
+        assert 14.9 < s["total_gib"] <= 79.6 and "eval_every_steps" not in s["overrides"]
+    for bad in (-1.0, "1", True, float("nan")):
+        with pytest.raises(ValueError, match=r"estimate.heldout_lm_gib=.* must be a number of GiB >= 0"):
+            plan(**kw, heldout_lm_gib=bad)
+
+
 def test_bad_options_raise_with_the_fix():
     with pytest.raises(ValueError, match="must divide the world size 8"):
         plan(**{**SMALL, "tp": 3, "d_sae": 1023})
