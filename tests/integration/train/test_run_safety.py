@@ -222,7 +222,7 @@ def test_user_errors_come_first_and_bugs_keep_their_traceback(tmp_path, console_
     # a programming error is not dressed up as a user error
     import sae_dist.cli as cli
 
-    def bug(cfg, out):
+    def bug(cfg, out, **kw):
         raise KeyError("bug")
 
     monkeypatch.setattr(cli, "run_train", bug)
