@@ -322,6 +322,49 @@ def device_name(device: torch.device) -> str:
     return f"{name} ({torch.get_num_threads()} torch threads, {os.cpu_count()} cpus)"
 
 
+def _inputs(args: argparse.Namespace, device: torch.device):
+    """(xs: two distinct normalised [B, d] fp32 batches, as the store holds layer-norm'd activations of norm
+    sqrt(d); perm: a random permutation of the latents, whose prefix is the dead mask)."""
+    gen = torch.Generator().manual_seed(1234)
+    xs = []
+    for _ in range(2):
+        x = torch.randn(args.batch, args.d, generator=gen)
+        x = (x - x.mean(-1, keepdim=True))
+        x = x / x.norm(dim=-1, keepdim=True) * args.d**0.5
+        xs.append(x.to(device))
+    return xs, torch.randperm(args.n, generator=gen)
+
+
+def _time_matmul(W_src: torch.Tensor, xs, dtype, args: argparse.Namespace, device: torch.device):
+    """The bare matmul x[B, d] @ W_enc[d, n], timed with W_enc row-major [d, n] (TopKSAE's layout) and
+    latent-major (the transpose of a contiguous [n, d]): (the faster layout, {layout: times in ms})."""
+    xm = [x.to(dtype) for x in xs]
+    layouts = {}
+    for layout in ("d_n", "n_d_t"):
+        W = W_src.to(dtype).contiguous() if layout == "d_n" else W_src.t().to(dtype).contiguous().t()
+
+        def matmul(i: int, W=W) -> None:
+            xm[i % len(xm)] @ W
+
+        layouts[layout] = time_fn(matmul, args.iters, args.warmup, device)
+        del W, matmul
+        gc.collect()
+    return min(layouts, key=lambda key: statistics.median(layouts[key])), layouts
+
+
+def _environment(device: torch.device) -> dict:
+    try:
+        import triton
+
+        triton_ver = triton.__version__
+    except ImportError:
+        triton_ver = None
+    return {"torch": torch.__version__, "cuda": getattr(torch.version, "cuda", None), "triton": triton_ver,
+            "python": platform.python_version(),
+            "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+
+
 def run_bench(args: argparse.Namespace) -> dict:
     """Run the benchmark described in the module docstring; returns the JSON record (a dict)."""
     device = torch.device(args.device)
@@ -332,15 +375,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     dtype = _DTYPES[args.dtype]
     bf16 = dtype == torch.bfloat16
     d, n, k, B = args.d, args.n, args.k, args.batch
-    gen = torch.Generator().manual_seed(1234)
-    # A few distinct normalised batches (layer-norm'd activations have norm sqrt(d)), fp32 like the store.
-    xs = []
-    for _ in range(2):
-        x = torch.randn(B, d, generator=gen)
-        x = (x - x.mean(-1, keepdim=True))
-        x = x / x.norm(dim=-1, keepdim=True) * d**0.5
-        xs.append(x.to(device))
-    perm = torch.randperm(n, generator=gen)  # the dead latents: a prefix (a baseline's is a subset)
+    xs, perm = _inputs(args, device)
     n_dead = int(round(args.dead_frac * n))
     dead = _dead_mask(perm, n_dead, device)
 
@@ -357,33 +392,12 @@ def run_bench(args: argparse.Namespace) -> dict:
     W_src = sae.W_enc.detach()
     del opt, step, sae
     gc.collect()
-
-    # The bare matmul x[B, d] @ W_enc[d, n], timed with W_enc row-major [d, n] (TopKSAE's layout) and
-    # latent-major (the transpose of a contiguous [n, d]); the faster layout is the baseline.
-    xm = [x.to(dtype) for x in xs]
-    matmul_layouts = {}
-    for layout in ("d_n", "n_d_t"):
-        W = W_src.to(dtype).contiguous() if layout == "d_n" else W_src.t().to(dtype).contiguous().t()
-
-        def matmul(i: int, W=W) -> None:
-            xm[i % len(xm)] @ W
-
-        matmul_layouts[layout] = time_fn(matmul, args.iters, args.warmup, device)
-        del W, matmul
-        gc.collect()
+    best, matmul_layouts = _time_matmul(W_src, xs, dtype, args, device)
     del W_src
-    best = min(matmul_layouts, key=lambda key: statistics.median(matmul_layouts[key]))
     matmul_times = matmul_layouts[best]
 
     step_ms = statistics.median(step_times)
     matmul_ms = statistics.median(matmul_times)
-    tv = getattr(torch.version, "cuda", None)
-    try:
-        import triton
-
-        triton_ver = triton.__version__
-    except ImportError:
-        triton_ver = None
     rec = {
         "d": d, "n": n, "k": k, "batch": B, "dtype": args.dtype, "device": device.type,
         "device_name": device_name(device),
@@ -398,26 +412,26 @@ def run_bench(args: argparse.Namespace) -> dict:
         "matmul_gflop_per_s": 2 * B * d * n / (matmul_ms / 1e3) / 1e9,
         "peak_mem_mb": peak_mb, "peak_mem_method": mem.method,
         "param_grad_adam_mb": 4 * n_params / 2**20,
-        "torch": torch.__version__, "cuda": tv, "triton": triton_ver,
-        "python": platform.python_version(),
-        "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        **_environment(device),
     }
     if args.baseline_dead_frac is not None:
         rec.update(_time_vs_baseline(args, device, perm, dead, xs, dtype, bf16))
     if args.vs == "sparsify":
-        if device.type == "cuda":
-            torch.cuda.empty_cache()  # our step's cached blocks go back before sparsify's dense [B, n]
-        sp = _time_sparsify(args, device, dead, xs, bf16, auxk_alpha=cfg.auxk_coef)
-        rec["sparsify_micro_batches"] = sp["micro"]
-        if "error" in sp:
-            rec["sparsify_error"] = sp["error"]
-            return rec
-        sp_ms = statistics.median(sp["times"])
-        rec.update(sparsify_step_ms=sp_ms, sparsify_step_ms_min=min(sp["times"]),
-                   speedup_vs_sparsify=sp_ms / step_ms, sparsify_version=sp["version"],
-                   sparsify_over_matmul=sp_ms / matmul_ms)
+        rec.update(_sparsify_record(args, device, dead, xs, bf16, cfg.auxk_coef, step_ms, matmul_ms))
     return rec
+
+
+def _sparsify_record(args, device, dead, xs, bf16: bool, auxk_alpha: float, step_ms: float, matmul_ms: float) -> dict:
+    """`--vs sparsify`'s keys of the record (module docstring)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # our step's cached blocks go back before sparsify's dense [B, n]
+    sp = _time_sparsify(args, device, dead, xs, bf16, auxk_alpha=auxk_alpha)
+    if "error" in sp:
+        return {"sparsify_micro_batches": sp["micro"], "sparsify_error": sp["error"]}
+    sp_ms = statistics.median(sp["times"])
+    return {"sparsify_micro_batches": sp["micro"], "sparsify_step_ms": sp_ms, "sparsify_step_ms_min": min(sp["times"]),
+            "speedup_vs_sparsify": sp_ms / step_ms, "sparsify_version": sp["version"],
+            "sparsify_over_matmul": sp_ms / matmul_ms}
 
 
 def _positive_int(name):
