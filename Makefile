@@ -51,8 +51,15 @@ endef
 # It installs nothing (a lent GPU machine may be offline): the venv's Python when there is one.
 GPU_CHECK_OUT ?= runs/gpu_check
 GPU_CHECK_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
+# `make gpu-wheels`: for a GPU machine that has PyTorch but no network, the wheels of what gpu-check needs
+# beyond a PyTorch image (hydra, zarr, sparsify and their dependencies that such images lack), at the
+# versions of constraints.txt, for CPython $(GPU_WHEELS_PY) on x86-64 Linux, into .whl/ (docs/gpu-check.md).
+GPU_WHEELS_PY ?= 3.12
+GPU_WHEELS := hydra-core omegaconf zarr numcodecs donfig google-crc32c eai-sparsify datasets dill multiprocess \
+	schedulefree simple-parsing docstring-parser natsort
+GPU_WHEELS_SDIST := antlr4-python3-runtime
 
-.PHONY: demo test test-latest lint install constraints clean gpu-check
+.PHONY: demo test test-latest lint install constraints clean gpu-check gpu-wheels
 
 # The tested set: every version pinned by constraints.txt (the versions the suite last passed with).
 install: $(STAMP)
@@ -78,6 +85,14 @@ test: $(STAMP) lint
 
 gpu-check:
 	$(GPU_CHECK_PYTHON) -m sae_dist.gpu_check $(if $(filter 1 yes true,$(DRY)),--dry) --out $(GPU_CHECK_OUT)
+
+gpu-wheels:
+	rm -rf .whl && mkdir -p .whl
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: -c constraints.txt -d .whl \
+		--python-version $(GPU_WHEELS_PY) --implementation cp --platform manylinux_2_28_x86_64 \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 $(GPU_WHEELS)
+	$(PYTHON) -m pip wheel -q --no-deps -c constraints.txt -w .whl $(GPU_WHEELS_SDIST)  # pure Python, sdist only
+	@ls .whl && du -sh .whl
 
 # The newest versions pyproject allows (torch stays at TORCH_PIN), in a fresh venv: a breaking upstream
 # release fails here, after a list of every version that differs from constraints.txt.

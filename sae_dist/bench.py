@@ -173,8 +173,8 @@ def _make_our_step(d, n, k, dtype, device, kernels, multi_topk, dead, xs, bf16, 
     from sae_dist.sae.base import DeadLatentTracker
     from sae_dist.sae.config import PAPER_DEAD_TOKENS, SAEConfig
     from sae_dist.sae.topk import TopKSAE, topk_losses_reference
-    from sae_dist.train.engine import default_lr
-    from sae_dist.train.trainer import TrainerConfig, make_optimizer
+    from sae_dist.train.config import TrainerConfig
+    from sae_dist.train.engine import default_lr, make_optimizer
 
     cfg = SAEConfig(d_in=d, d_sae=n, k=k, multi_topk=multi_topk)
     tcfg = TrainerConfig()
@@ -379,9 +379,10 @@ def run_bench(args: argparse.Namespace) -> dict:
     n_dead = int(round(args.dead_frac * n))
     dead = _dead_mask(perm, n_dead, device)
 
-    # Import everything the step touches (kernels, Triton) before the memory baseline.
+    # Import everything the step touches (kernels, Triton) before the memory baseline; not the trainer
+    # (the store, zarr), which the step does not need.
     from sae_dist.sae import topk  # noqa: F401  (imports the kernels and Triton)
-    from sae_dist.train import trainer  # noqa: F401
+    from sae_dist.train import engine  # noqa: F401
     mem = PeakMemory(device)
     mem.start()
     sae, opt, step, cfg, kernels_used = _make_our_step(
@@ -422,10 +423,15 @@ def run_bench(args: argparse.Namespace) -> dict:
 
 
 def _sparsify_record(args, device, dead, xs, bf16: bool, auxk_alpha: float, step_ms: float, matmul_ms: float) -> dict:
-    """`--vs sparsify`'s keys of the record (module docstring)."""
+    """`--vs sparsify`'s keys of the record (module docstring). Any error of sparsify's step is recorded as
+    `sparsify_error`, so our step's numbers are printed whatever sparsify does."""
     if device.type == "cuda":
         torch.cuda.empty_cache()  # our step's cached blocks go back before sparsify's dense [B, n]
-    sp = _time_sparsify(args, device, dead, xs, bf16, auxk_alpha=auxk_alpha)
+    try:
+        sp = _time_sparsify(args, device, dead, xs, bf16, auxk_alpha=auxk_alpha)
+    except Exception as e:  # noqa: BLE001 - the comparison's failure must not lose our measured step
+        msg = (str(e).strip().splitlines() or [""])[0]
+        return {"sparsify_micro_batches": args.sparsify_micro_batches, "sparsify_error": f"{type(e).__name__}: {msg}"}
     if "error" in sp:
         return {"sparsify_micro_batches": sp["micro"], "sparsify_error": sp["error"]}
     sp_ms = statistics.median(sp["times"])

@@ -193,3 +193,34 @@ def test_sparsify_auto_micro_batches_double_on_cuda_oom(monkeypatch):
     args.sparsify_micro_batches = 1  # an explicit count keeps the exception
     with pytest.raises(torch.cuda.OutOfMemoryError):
         bench._time_sparsify(args, torch.device("cpu"), None, [], False, 1 / 32)
+
+
+def test_a_failing_sparsify_step_is_recorded_not_raised(monkeypatch):
+    # any error of sparsify's step (here a RuntimeError, as its Triton decoder could raise) becomes
+    # sparsify_error in the record, so our measured step is still printed
+    import argparse
+
+    from sae_dist import bench
+
+    def fake_make(d, n, k, device, multi_topk, dead, xs, bf16, auxk_alpha, micro=1):
+        def step(i):
+            raise RuntimeError("triton: out of resources\nsecond line")
+
+        return step, "fake"
+
+    monkeypatch.setattr(bench, "_make_sparsify_step", fake_make)
+    args = argparse.Namespace(d=8, n=32, k=2, batch=8, multi_topk=False, iters=2, warmup=1, sparsify_micro_batches=1)
+    rec = bench._sparsify_record(args, torch.device("cpu"), None, [], False, 1 / 32, step_ms=10.0, matmul_ms=5.0)
+    assert rec == {"sparsify_micro_batches": 1, "sparsify_error": "RuntimeError: triton: out of resources"}
+
+
+def test_the_bench_step_does_not_import_the_store():
+    # the step needs neither zarr nor the trainer module, so the benchmarks run on a machine whose Python lacks them
+    code = ("import sys; sys.modules['zarr'] = None; import torch; from sae_dist import bench; "
+            "bench._make_our_step(8, 32, 2, torch.float32, torch.device('cpu'), True, False, "
+            "torch.zeros(32, dtype=torch.bool), [torch.randn(4, 8)], False)[2](0); "
+            "print('trainer' in sys.modules, 'sae_dist.train.trainer' in sys.modules)")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.split() == ["False", "False"]

@@ -171,3 +171,25 @@ def test_failed_and_timed_out_commands_are_recorded(tmp_path):
     saved = json.loads((tmp_path / "gpu_check.json").read_text())["steps"]
     assert saved["kernel_tests"]["status"] == "error" and "boom" in saved["kernel_tests"]["stderr_tail"]
     assert "exit 3" in (tmp_path / "gpu_check.log").read_text()
+
+
+def test_steps_run_without_an_inherited_triton_interpreter_flag(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    env = gc.subprocess_env()
+    assert "TRITON_INTERPRET" not in env and env["HF_HUB_OFFLINE"] == "1"
+
+
+def test_sparsify_is_compared_only_when_it_imports(monkeypatch, tmp_path):
+    # installed but broken (its import raises): bench --vs sparsify would exit before our step, so no comparison
+    import sys
+
+    (tmp_path / "sparsify").mkdir()
+    (tmp_path / "sparsify" / "__init__.py").write_text("raise ImportError('a dependency is missing')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "sparsify", raising=False)
+    gc._sparsify_importable.cache_clear()
+    try:
+        assert gc._sparsify_importable() is False
+    finally:
+        gc._sparsify_importable.cache_clear()
+        sys.modules.pop("sparsify", None)
