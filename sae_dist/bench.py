@@ -22,6 +22,9 @@ Prints ONE JSON line (docs/benchmarks.md, "How a step is measured"):
   built, minus the RSS at that moment. (tracemalloc does not see torch's allocator and
   `ru_maxrss` cannot be reset, so a delta of it under-reports when an earlier phase peaked higher;
   it is only the fallback, named in `peak_mem_method`.)
+- `alloc_retries` (CUDA; null elsewhere): retries of PyTorch's caching allocator during the warmup and timed steps
+  (`num_alloc_retries`: an allocation that succeeded only after the cache was emptied); above 0 the step
+  ran at the memory limit and its time includes that. `sparsify_alloc_retries`: the same for sparsify's step.
 - `param_grad_adam_mb`: bytes of parameters + gradients + Adam's two moments (4 x parameter bytes),
   the reference of the memory goal `peak_mem_mb <= 1.15 * param_grad_adam_mb + 256`.
 - with `--baseline-dead-frac F0`: `paired_step_ms` and `baseline_step_ms`, the medians of the step at
@@ -203,6 +206,15 @@ def _make_our_step(d, n, k, dtype, device, kernels, multi_topk, dead, xs, bf16, 
     return sae, opt, step, cfg, kernels
 
 
+def _alloc_retries(device: torch.device, since: int | None = None) -> int | None:
+    """CUDA: the caching allocator's count of retries (a cudaMalloc that failed until its cache was freed,
+    which slows a step that runs at the memory limit), minus `since`; None on other devices."""
+    if device.type != "cuda":
+        return None
+    n = int(torch.cuda.memory_stats(device).get("num_alloc_retries", 0))
+    return n if since is None else n - since
+
+
 def _dead_mask(perm: torch.Tensor, n_dead: int, device: torch.device) -> torch.Tensor:
     dead = torch.zeros(perm.numel(), dtype=torch.bool)
     dead[perm[:n_dead]] = True
@@ -284,7 +296,8 @@ def _make_sparsify_step(d, n, k, device, multi_topk, dead, xs, bf16, auxk_alpha,
 def _time_sparsify(args: argparse.Namespace, device: torch.device, dead, xs, bf16: bool,
                    auxk_alpha: float) -> dict:
     """Time sparsify's step at `args.sparsify_micro_batches` (an int, or "auto": 1, doubled on CUDA
-    out-of-memory while a chunk keeps >= 1 token). Returns {"micro": M, "version": str, "times": [ms]}
+    out-of-memory while a chunk keeps >= 1 token). Returns {"micro": M, "version": str, "times": [ms],
+    "alloc_retries": int | None (`_alloc_retries`)}
     or, when "auto" ran out of micro-batch counts, {"micro": M, "error": message}."""
     auto = args.sparsify_micro_batches == "auto"
     micro = 1 if auto else int(args.sparsify_micro_batches)
@@ -292,7 +305,9 @@ def _time_sparsify(args: argparse.Namespace, device: torch.device, dead, xs, bf1
         try:
             sp_step, ver = _make_sparsify_step(args.d, args.n, args.k, device, args.multi_topk, dead, xs, bf16,
                                                auxk_alpha, micro)
-            return {"micro": micro, "version": ver, "times": time_fn(sp_step, args.iters, args.warmup, device)}
+            retries = _alloc_retries(device)
+            times = time_fn(sp_step, args.iters, args.warmup, device)
+            return {"micro": micro, "version": ver, "times": times, "alloc_retries": _alloc_retries(device, retries)}
         except torch.cuda.OutOfMemoryError as e:
             if not auto:
                 raise
@@ -387,7 +402,9 @@ def run_bench(args: argparse.Namespace) -> dict:
     mem.start()
     sae, opt, step, cfg, kernels_used = _make_our_step(
         d, n, k, dtype, device, args.kernels == "on", args.multi_topk, dead, xs, bf16, args.adam)
+    retries = _alloc_retries(device)
     step_times = time_fn(step, args.iters, args.warmup, device)
+    retries = _alloc_retries(device, retries)
     peak_mb = mem.peak_mb()
     n_params = sum(p.numel() * p.element_size() for p in sae.parameters())
     W_src = sae.W_enc.detach()
@@ -411,7 +428,7 @@ def run_bench(args: argparse.Namespace) -> dict:
         "matmul_layout": best,
         "matmul_ms_by_layout": {key: statistics.median(v) for key, v in matmul_layouts.items()},
         "matmul_gflop_per_s": 2 * B * d * n / (matmul_ms / 1e3) / 1e9,
-        "peak_mem_mb": peak_mb, "peak_mem_method": mem.method,
+        "peak_mem_mb": peak_mb, "peak_mem_method": mem.method, "alloc_retries": retries,
         "param_grad_adam_mb": 4 * n_params / 2**20,
         **_environment(device),
     }
@@ -435,7 +452,8 @@ def _sparsify_record(args, device, dead, xs, bf16: bool, auxk_alpha: float, step
     if "error" in sp:
         return {"sparsify_micro_batches": sp["micro"], "sparsify_error": sp["error"]}
     sp_ms = statistics.median(sp["times"])
-    return {"sparsify_micro_batches": sp["micro"], "sparsify_step_ms": sp_ms, "sparsify_step_ms_min": min(sp["times"]),
+    return {"sparsify_micro_batches": sp["micro"], "sparsify_alloc_retries": sp["alloc_retries"],
+            "sparsify_step_ms": sp_ms, "sparsify_step_ms_min": min(sp["times"]),
             "speedup_vs_sparsify": sp_ms / step_ms, "sparsify_version": sp["version"],
             "sparsify_over_matmul": sp_ms / matmul_ms}
 

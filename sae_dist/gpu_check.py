@@ -598,9 +598,13 @@ def step_bench(c: Check, name: str, budget_key: str, n: int, dead_frac: float, v
     b = _last_json_line(res.stdout)
     summary = (f"step {b['step_ms']:.1f} ms, matmul {b['matmul_ms']:.1f} ms ({b['step_over_matmul']:.2f}x), "
                f"peak {b['peak_mem_mb'] / 1024:.2f} GiB, {b['dead_latents']} dead")
+    if b.get("alloc_retries"):
+        summary += f" ({b['alloc_retries']} allocator retries: at the memory limit)"
     if "speedup_vs_sparsify" in b:
         summary += (f"; sparsify {b['sparsify_step_ms']:.1f} ms = {b['speedup_vs_sparsify']:.2f}x ours "
-                    f"({b['sparsify_micro_batches']} micro-batch(es))")
+                    f"({b['sparsify_micro_batches']} micro-batch(es)"
+                    + (f", {b['sparsify_alloc_retries']} allocator retries" if b.get("sparsify_alloc_retries") else "")
+                    + ")")
     elif "sparsify_error" in b:
         summary += f"; {b['sparsify_error'][:160]}"
     elif vs_sparsify and not have_sparsify:

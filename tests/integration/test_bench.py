@@ -44,6 +44,7 @@ def _check_record(rec: dict, d, n, k, batch) -> None:
     # the step holds all of those at once, so the measured growth cannot be smaller
     assert rec["peak_mem_mb"] >= 0.9 * rec["param_grad_adam_mb"]
     assert rec["dead_latents"] == round(0.05 * n)
+    assert rec["alloc_retries"] is None  # CUDA's allocator count only
 
 
 @pytest.mark.slow
@@ -153,7 +154,7 @@ def test_bench_sparsify_micro_batches(tmp_path):
                           tmp_dir=tmp_path, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     rec = json.loads(p.stdout)
-    assert rec["sparsify_micro_batches"] == 2 and rec["sparsify_step_ms"] > 0
+    assert rec["sparsify_micro_batches"] == 2 and rec["sparsify_step_ms"] > 0 and rec["sparsify_alloc_retries"] is None
     from sae_dist.bench import build_parser
 
     with pytest.raises(SystemExit):
@@ -224,3 +225,15 @@ def test_the_bench_step_does_not_import_the_store():
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.split() == ["False", "False"]
+
+
+def test_alloc_retries_count_the_cuda_allocators_retries_during_timing(monkeypatch):
+    from sae_dist import bench
+
+    seen = []
+    counts = iter([3, 7])
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda dev: seen.append(dev) or {"num_alloc_retries": next(counts)})
+    cuda = torch.device("cuda")
+    before = bench._alloc_retries(cuda)
+    assert (before, bench._alloc_retries(cuda, before), seen) == (3, 4, [cuda, cuda])
+    assert bench._alloc_retries(torch.device("cpu")) is None
