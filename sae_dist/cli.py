@@ -474,11 +474,8 @@ def _store_text_cfg(cfg: DictConfig, attrs: dict) -> DictConfig:
     """A copy of `cfg` whose model, text, context length and eval fraction are the store's (its attributes model,
     dataset, ctx_len, eval_fraction; a different value set on the command line is kept with a warning, as
     `apply_sae_provenance` does for sae-eval). ValueError when the store's text was local files not named."""
-    import copy
-
-    ecfg = copy.deepcopy(cfg)
-    apply_sae_provenance(ecfg, {"model_name": attrs.get("model"), "dataset_path": attrs.get("dataset"),
-                                "context_size": attrs.get("ctx_len")}, "sae-train", source="the store")
+    ecfg = _provenance_cfg(cfg, {"model_name": attrs.get("model"), "dataset_path": attrs.get("dataset"),
+                                 "context_size": attrs.get("ctx_len")}, "sae-train", source="the store")
     if attrs.get("eval_fraction") is not None:
         ecfg.data.eval_fraction = float(attrs["eval_fraction"])
     return ecfg
@@ -604,6 +601,15 @@ def _set_on_command_line(key: str) -> bool:
     return key in names or key.split(".")[0] in names
 
 
+def _provenance_cfg(cfg: DictConfig, trained: dict, app: str, source: str = "the SAE's cfg.json") -> DictConfig:
+    """A copy of `cfg` with `apply_sae_provenance` applied (`cfg` itself unchanged)."""
+    import copy
+
+    ecfg = copy.deepcopy(cfg)
+    apply_sae_provenance(ecfg, trained, app, source=source)
+    return ecfg
+
+
 def apply_sae_provenance(cfg: DictConfig, trained: dict, app: str, source: str = "the SAE's cfg.json") -> None:
     """Default `cfg`'s model, dataset and context length to what the SAE was trained on (`trained`, read from
     `source`: keys model_name, dataset_path, context_size as in cfg.json). A different value given on the
@@ -714,12 +720,9 @@ def _after_train_lm(cfg: DictConfig, sae_dir: str, keep: dict | None):
     value set on the command line is kept, with a warning), and that LM: the one the held-out evaluation loaded on
     this process during training (`keep`, filled by `heldout_eval`) when it is the same model on the same device,
     else loaded now (`load_configured_lm`, which raises as it does for sae-eval)."""
-    import copy
-
     from sae_dist.sae.formats import read_sae_cfg
 
-    ecfg = copy.deepcopy(cfg)
-    apply_sae_provenance(ecfg, read_sae_cfg(sae_dir), "sae-train eval.after_train")
+    ecfg = _provenance_cfg(cfg, read_sae_cfg(sae_dir), "sae-train eval.after_train")
     device = resolve_device(ecfg.device)
     held = keep or {}
     if (held.get("lm") is not None and held.get("device") == device

@@ -588,5 +588,6 @@ def describe(cfg) -> str:
         width = max(len(f"{k}={d}") for k, d, _ in rows)
         lines += [f"  {f'{k}={d}':<{width}}  {doc}".rstrip() for k, d, doc in rows]
     lines += ["", "Old keys still accepted (deprecated): "
-              + ", ".join(f"{old} -> {new}" for old, new in RENAMED_KEYS.items())]
+              + ", ".join([f"{old} -> {new}" for old, new in RENAMED_KEYS.items()]
+                          + [f"{old} -> {new}" for old, (new, _) in RENAMED_VALUES.items()])]
     return "\n".join(lines)

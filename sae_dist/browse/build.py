@@ -22,6 +22,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -508,18 +509,23 @@ def build_browser(sae, store_path, out_dir, *, tokenizer=None, lm=None, opts: Br
 def _write_neuronpedia(out: Path, scan: ScanResult, records: list[dict], examples: list, dec: _Decoder,
                        opts: BrowseOptions, sae_info: dict, store_info: dict) -> list[str]:
     """With opts.neuronpedia, out/neuronpedia/batch-<n>.json of the written latents (their `records` and the
-    pages' (top rows, random rows) `examples`, in `sel` order); returns those paths relative to `out`."""
+    pages' (top rows, random rows) `examples`, in `sel` order); returns those paths relative to `out`. None
+    (a notice on stderr) when the hook names no block, which Neuronpedia's `layer` needs."""
     if not opts.neuronpedia:
         return []
     from sae_dist.browse.neuronpedia import NEURONPEDIA_DIR, neuronpedia_feature, write_neuronpedia
     from sae_dist.sae.sae_files import hook_layer
 
+    hook = sae_info.get("hook_name") or store_info.get("hook_name")
+    if hook_layer(hook) is None:  # Neuronpedia files a dashboard under a block; a wrong layer 0 would mislead
+        print(f"sae-browse: Neuronpedia files not written: hook_name={hook!r} names no block "
+              "(blocks.<L>.<hook>)", file=sys.stderr)
+        return []
     features = []
     for rec, (top_rows, rnd) in zip(records, examples, strict=True):
         sl = scan.latent_slice(rec["latent"])
         features.append(neuronpedia_feature(rec, scan, scan.rows[sl], scan.values[sl], top_rows, rnd, dec.raw,
                                             opts.hist_bins, store_info.get("dataset")))
-    hook = sae_info.get("hook_name") or store_info.get("hook_name")
     paths = write_neuronpedia(out / NEURONPEDIA_DIR, features, model_id=store_info.get("model") or
                               sae_info.get("model_name"), layer=hook_layer(hook), sae_set=opts.neuronpedia_sae_set)
     return [str(p.relative_to(out)) for p in paths]

@@ -91,7 +91,7 @@ def neuronpedia_feature(rec: dict, scan, lat_rows: np.ndarray, lat_vals: np.ndar
     }
 
 
-def write_neuronpedia(out_dir: str | Path, features: list[dict], *, model_id: str | None, layer: int | None,
+def write_neuronpedia(out_dir: str | Path, features: list[dict], *, model_id: str | None, layer: int,
                       sae_set: str) -> list[Path]:
     """Write `features` (`neuronpedia_feature` dicts, in order) as out_dir/batch-0.json, batch-1.json, ... of
     FEATURES_PER_BATCH features each (NeuronpediaDashboardBatch.to_dict(): model_id, layer, sae_set,
@@ -103,7 +103,7 @@ def write_neuronpedia(out_dir: str | Path, features: list[dict], *, model_id: st
         old.unlink()
     paths = []
     for b, start in enumerate(range(0, len(features), FEATURES_PER_BATCH)):
-        batch = {"model_id": model_id or "", "layer": int(layer or 0), "sae_set": sae_set, "sae_id_suffix": None,
+        batch = {"model_id": model_id or "", "layer": int(layer), "sae_set": sae_set, "sae_id_suffix": None,
                  "features": features[start:start + FEATURES_PER_BATCH]}
         path = out / f"batch-{b}.json"
         path.write_text(json.dumps(batch), encoding="utf-8")

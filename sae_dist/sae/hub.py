@@ -190,7 +190,9 @@ def push(run_dir: str | os.PathLike, repo_id: str, *, private: bool = False, rev
     from huggingface_hub import HfApi
 
     api = api or HfApi()
-    with tempfile.TemporaryDirectory(prefix="sae_push_") as d:
+    # inside the run directory, on its file system, so that the weights are hard-linked, not copied (up to 50 GB)
+    here = run_dir if os.access(run_dir, os.W_OK) else None
+    with tempfile.TemporaryDirectory(prefix=".sae_push_", dir=here) as d:
         folder = push_folder(run_dir, Path(d) / "upload", repo_id, max_shard_size)
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
         if revision is not None:

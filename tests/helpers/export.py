@@ -71,3 +71,23 @@ def assert_same_export(got_dir, ref_dir, d, n):
     weights = "sae_weights.safetensors"
     assert (got_dir / weights).read_bytes() == (ref_dir / weights).read_bytes()
     assert sorted(os.listdir(got_dir)) == ["cfg.json", "sae_weights.safetensors"]
+
+
+def saelens_topk_forward(tensors: dict, cfg: dict, x: torch.Tensor) -> torch.Tensor:
+    """SAELens TopKSAE.forward on the exported files, written from its definition: optional
+    layer_norm in (x - mu) / (std + 1e-5) (unbiased std), (x - b_dec) W_enc + b_enc, TopK + ReLU,
+    z W_dec + b_dec, layer_norm out y * std + mu."""
+    x = x.double()
+    W_enc, b_enc, W_dec, b_dec = (tensors[n].double() for n in ("W_enc", "b_enc", "W_dec", "b_dec"))
+    if cfg["normalize_activations"] == "layer_norm":
+        mu = x.mean(-1, keepdim=True)
+        xc = x - mu
+        std = xc.std(-1, keepdim=True)
+        x = xc / (std + 1e-5)
+    pre = (x - b_dec) @ W_enc + b_enc
+    top = pre.topk(cfg["k"], dim=-1)
+    z = torch.zeros_like(pre).scatter_(-1, top.indices, torch.relu(top.values))
+    y = z @ W_dec + b_dec
+    if cfg["normalize_activations"] == "layer_norm":
+        y = y * std + mu
+    return y

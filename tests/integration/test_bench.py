@@ -220,7 +220,7 @@ def test_the_bench_step_does_not_import_the_store():
     code = ("import sys; sys.modules['zarr'] = None; import torch; from sae_dist import bench; "
             "bench._make_our_step(8, 32, 2, torch.float32, torch.device('cpu'), True, False, "
             "torch.zeros(32, dtype=torch.bool), [torch.randn(4, 8)], False)[2](0); "
-            "print('trainer' in sys.modules, 'sae_dist.train.trainer' in sys.modules)")
+            "print('sae_dist.store' in sys.modules, 'sae_dist.train.trainer' in sys.modules)")
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert p.returncode == 0, p.stderr[-3000:]

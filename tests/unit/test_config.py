@@ -134,6 +134,8 @@ def test_help_config_lists_every_field_with_its_doc(console_script):
     assert rows["sae.k"].split()[0] == "sae.k=null"  # conf/sae/jumprelu.yaml's
     assert rows["sae.l0_coef"].split()[0] == "sae.l0_coef=0.01"
     assert rows["seed"].split()[0] == "seed=0"
+    old = next(line for line in r.stdout.splitlines() if line.startswith("Old keys still accepted"))
+    assert "trainer.betas -> trainer.adam_betas" in old and "harvest.shuffle_rows -> harvest.row_order" in old
     h = console_script("sae-train", "--help")
     assert h.returncode == 0 and "--help-config" in h.stdout
 

@@ -315,3 +315,12 @@ def test_scan_of_rows_shuffled_within_shards_is_the_text_order_scan(setup, tmp_p
         for name in ("token_ids", "seq_start", "rows", "latents"):
             np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
         np.testing.assert_allclose(got.values, want.values, rtol=1e-5, atol=1e-6)
+
+
+def test_no_neuronpedia_files_for_a_hook_without_a_block(tmp_path, capsys):
+    # Neuronpedia files a dashboard under the hook's block: a hook with none gets no files (not a layer 0)
+    from sae_dist.browse.build import _write_neuronpedia
+
+    assert _write_neuronpedia(tmp_path, None, [], [], None, BrowseOptions(), {"hook_name": "hook_embed"}, {}) == []
+    assert "hook_name='hook_embed' names no block" in capsys.readouterr().err
+    assert not (tmp_path / "neuronpedia").exists()

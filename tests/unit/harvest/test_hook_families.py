@@ -75,6 +75,7 @@ def test_hook_points_add_up_to_the_residual_stream(family):
                 assert got["mlp_out"].abs().sum() > 0
             if "resid_mid" in got:
                 torch.testing.assert_close(got["resid_pre"] + got["attn_out"], got["resid_mid"], rtol=0, atol=0)
+            if "attn_out" in got:  # also where there is no resid_mid (parallel residual)
                 assert got["attn_out"].abs().sum() > 0
     if family in POST_NORM:  # the MLP module's own output is not what the branch adds
         layer = decoder_layers(model)[0]

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers.export import saelens_topk_forward
 from safetensors.torch import load_file
 
 import sae_dist
@@ -32,26 +33,6 @@ def _reference_xhat(sae, x, mode, scale=None):
     x_n, ctx = normalize(x, mode, scale=scale)
     with torch.no_grad():
         return denormalize(sae(x_n), mode, ctx)
-
-
-def _saelens_formula(tensors, cfg, x):
-    """SAELens TopKSAE.forward on the exported files, written from its definition: optional
-    layer_norm in (x - mu) / (std + 1e-5) (unbiased std), (x - b_dec) W_enc + b_enc, TopK + ReLU,
-    z W_dec + b_dec, layer_norm out y * std + mu."""
-    x = x.double()
-    W_enc, b_enc, W_dec, b_dec = (tensors[n].double() for n in ("W_enc", "b_enc", "W_dec", "b_dec"))
-    if cfg["normalize_activations"] == "layer_norm":
-        mu = x.mean(-1, keepdim=True)
-        xc = x - mu
-        std = xc.std(-1, keepdim=True)
-        x = xc / (std + 1e-5)
-    pre = (x - b_dec) @ W_enc + b_enc
-    top = pre.topk(cfg["k"], dim=-1)
-    z = torch.zeros_like(pre).scatter_(-1, top.indices, torch.relu(top.values))
-    y = z @ W_dec + b_dec
-    if cfg["normalize_activations"] == "layer_norm":
-        y = y * std + mu
-    return y
 
 
 @pytest.mark.parametrize("mode", ["scalar", "layer_norm", "none"])
@@ -95,7 +76,7 @@ def test_export_load_round_trip(tmp_path, mode):
         assert c["model_from_pretrained_kwargs"] == {"center_writing_weights": False}
     assert cfg["normalize_activations"] == ("layer_norm" if mode == "layer_norm" else "none")
     # SAELens' computation on the same files gives our x^ (layer_norm: up to SAELens' eps)
-    y = _saelens_formula(files, cfg, x)
+    y = saelens_topk_forward(files, cfg, x)
     torch.testing.assert_close(y.float(), ref, atol=1e-3 * float(x.abs().max()), rtol=1e-3)
 
 

@@ -174,6 +174,8 @@ class _Api:
         self.calls.append(("create_branch", repo_id, kw))
 
     def upload_folder(self, *, folder_path, **kw):
+        weights = Path(folder_path) / "sae_weights.safetensors"
+        self.folder, self.inodes = Path(folder_path), (weights.stat().st_ino,) if weights.is_file() else ()
         self.calls.append(("upload_folder", sorted(p.name for p in Path(folder_path).iterdir()), kw,
                            (Path(folder_path) / "README.md").read_text()))
         return type("Info", (), {"commit_url": f"https://huggingface.co/{kw['repo_id']}/commit/abc"})()
@@ -189,6 +191,11 @@ def test_push_uploads_the_folder_and_sae_push_checks_its_arguments(tmp_path, con
     assert upload[1] == ["README.md", "cfg.json", "eval.json", "sae_weights.safetensors", "training_state.json",
                          "tree.json"]
     assert upload[2]["repo_id"] == "me/tiny-sae" and 'load_sae("hf://me/tiny-sae")' in upload[3]
+    # built inside the run directory (its file system), so the uploaded weights are the export's file itself (a
+    # hard link), not a copy; nothing is left behind
+    assert run in api.folder.parents
+    assert api.inodes == ((run / "sae" / "sae_weights.safetensors").stat().st_ino,)
+    assert not list(run.glob(".sae_push_*"))
     api = _Api()  # a branch is created (from the default one) before the upload to it
     push(run, "me/tiny-sae", revision="v1", api=api)
     assert [c[0] for c in api.calls] == ["create_repo", "create_branch", "upload_folder"]

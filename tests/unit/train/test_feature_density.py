@@ -130,5 +130,7 @@ def test_resume_mid_window_logs_the_uninterrupted_densities(tmp_path):
     assert window_logs("resumed") == whole
     assert torch.equal(_sparsity(tmp_path / "resumed")[0], _sparsity(tmp_path / "whole")[0])
     window_logs("was_off", every=0, max_steps=6)  # its last checkpoint (step 4) holds no window
+    window_logs("was_off", max_steps=5)  # the window restarts at the resume: step 5's covers that step alone
+    assert _sparsity(tmp_path / "was_off")[1] == {"step": "5", "window_tokens": str(B)}
     assert [r["step"] for r in window_logs("was_off")] == [5, 10]
     assert _sparsity(tmp_path / "was_off")[1] == {"step": "10", "window_tokens": str(5 * B)}
