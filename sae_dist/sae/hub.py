@@ -80,8 +80,9 @@ def push_folder(run_dir: str | os.PathLike, out_dir: str | os.PathLike, repo_id:
     model card `README.md` (front matter with ``library_name: saelens`` so the hub lists it as a SAELens SAE,
     the eval.json metrics, the training configuration, how to load it).
 
-    max_shard_size: bytes or "20GB"-like (`sae_dist.sae.shards.parse_shard_size`), at most the hub's 50 GB per
-    file. Weights whose tensors need more than one file of that size are written as latent-range shards +
+    max_shard_size: bytes or "20GB"-like (`sae_dist.sae.shards.parse_shard_size`) of tensor data per file, at
+    most the hub's 50 GB per file; near that limit the files' headers count too, so no file exceeds it. Weights
+    whose tensors need more than one file of that size are written as latent-range shards +
     `sae_weights.safetensors.index.json` (`sae_dist.sae.shards.write_shards`, streamed from the export one shard
     at a time) instead of one file; the model card then says the weights load with `sae_dist.load_sae` (SAELens
     reads a single file only). The other files are hard links to the run's (copies across file systems).
@@ -107,8 +108,9 @@ def push_folder(run_dir: str | os.PathLike, out_dir: str | os.PathLike, repo_id:
             if f.is_file() and not f.name.endswith(".tmp"):
                 _link_or_copy(f, out / f.name)
         d_sae = int(read_sae_cfg(sae)["d_sae"])
-        if len(plan_shards(weights, d_sae, limit)["latent_ranges"]) > 1:
-            write_shards(weights, out, d_sae, limit)
+        cap = min(limit, HUB_MAX_FILE_BYTES - _header_bytes(weights))  # every file, header included, <= 50 GB
+        if len(plan_shards(weights, d_sae, cap)["latent_ranges"]) > 1:
+            write_shards(weights, out, d_sae, cap)
         else:
             _link_or_copy(weights, out / weights.name)
         (out / "README.md").write_text(model_card(out, repo_id))
@@ -116,6 +118,14 @@ def push_folder(run_dir: str | os.PathLike, out_dir: str | os.PathLike, repo_id:
         shutil.rmtree(out, ignore_errors=True)
         raise
     return out
+
+
+def _header_bytes(weights: Path) -> int:
+    """Bytes of the safetensors file `weights` before its tensor data (the 8-byte length and the JSON header). A
+    shard's header is no longer: it names the same tensors or fewer, with no larger shapes or offsets and no
+    metadata."""
+    with open(weights, "rb") as f:
+        return 8 + int.from_bytes(f.read(8), "little")
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

@@ -161,6 +161,25 @@ def test_push_folder_and_model_card(tmp_path):
     assert (run / "sae" / "sae_weights.safetensors").stat().st_size > 16768
 
 
+def test_push_keeps_every_file_within_the_hubs_limit_headers_included(tmp_path, monkeypatch):
+    """At max_shard_size = the hub's per-file limit, the tensor data alone fits one file, its header does not: the
+    weights go as shards, each file (header included) within the limit, and load as the export."""
+    from safetensors.torch import load_file
+
+    from sae_dist.sae import hub
+
+    run = _run_dir(tmp_path)
+    weights = run / "sae" / "sae_weights.safetensors"
+    data = sum(t.numel() * t.element_size() for t in load_file(weights).values())
+    assert data < weights.stat().st_size  # the header
+    monkeypatch.setattr(hub, "HUB_MAX_FILE_BYTES", data)
+    folder = push_folder(run, tmp_path / "up", max_shard_size=data)
+    shards = sorted(folder.glob("sae_weights-*.safetensors"))
+    assert len(shards) == 2 and not (folder / "sae_weights.safetensors").exists()
+    assert max(p.stat().st_size for p in folder.iterdir()) <= data
+    torch.testing.assert_close(sae_dist.load_sae(folder).W_enc, sae_dist.load_sae(run / "sae").W_enc, rtol=0, atol=0)
+
+
 class _Api:
     """Records what `push` asks of huggingface_hub.HfApi (no network)."""
 
