@@ -7,30 +7,49 @@ Triton; only `backend="triton"` (or `"auto"` on CUDA) needs it.
 from __future__ import annotations
 
 import os
+import re
+import warnings
 
 import torch
 
-__all__ = ["BACKENDS", "triton_available", "interpret_mode", "resolve_backend", "check_sparse_codes",
-           "drop_padding"]
+__all__ = ["BACKENDS", "MIN_TRITON", "triton_problem", "triton_available", "interpret_mode", "resolve_backend",
+           "check_sparse_codes", "drop_padding"]
 
 BACKENDS = ("auto", "torch", "triton")
 
 
-def triton_available() -> bool:
-    """True when `import triton` succeeds (the result is cached after the first call)."""
-    global _TRITON_OK
-    if _TRITON_OK is None:
+#: The oldest Triton release the kernels run with: every kernel compiles for sm_90a and the kernel tests pass
+#: under its interpreter (docs/benchmarks.md, "Triton releases"). 3.3 rejects the decode kernels' annotations at
+#: compile time; 3.2's interpreter aborts and 3.0 rejects the kernels. Older: the torch path (`resolve_backend`).
+MIN_TRITON = (3, 4)
+
+
+def triton_problem() -> str | None:
+    """Why the kernels cannot use this environment's Triton: it does not import, or it is older than MIN_TRITON
+    (the message names the version and the fix); None when they can. Cached after the first call."""
+    global _TRITON_PROBLEM
+    if _TRITON_PROBLEM is None:
         try:
-            import triton  # noqa: F401
+            import triton
             import triton.language  # noqa: F401
 
-            _TRITON_OK = True
-        except Exception:  # ImportError, or a broken install
-            _TRITON_OK = False
-    return _TRITON_OK
+            have = tuple(int(p) for p in re.findall(r"\d+", triton.__version__)[:2])
+            need = ".".join(map(str, MIN_TRITON))
+            _TRITON_PROBLEM = "" if have >= MIN_TRITON else (
+                f"triton {triton.__version__} is older than {need}, the oldest release sae-dist's kernels run with; "
+                f"upgrade it (pip install 'triton>={need}', or a PyTorch >= 2.8 build, which brings it)")
+        except Exception as e:  # ImportError, or a broken install
+            _TRITON_PROBLEM = f"the `triton` package does not import ({type(e).__name__}: {e}); install it"
+    return _TRITON_PROBLEM or None
 
 
-_TRITON_OK: bool | None = None
+def triton_available() -> bool:
+    """True when the kernels can use this environment's Triton (`triton_problem` is None)."""
+    return triton_problem() is None
+
+
+_TRITON_PROBLEM: str | None = None
+_WARNED_OLD_TRITON = False
 
 
 def interpret_mode() -> bool:
@@ -41,9 +60,10 @@ def interpret_mode() -> bool:
 def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
     """Map a requested backend to "torch" or "triton".
 
-    "auto": "triton" when every given tensor is on CUDA and Triton imports, else "torch".
-    "triton": forced; raises RuntimeError if Triton is missing, or if a tensor is on CPU while the
-    interpreter is off (set TRITON_INTERPRET=1 before importing the kernels to run Triton on CPU).
+    "auto": "triton" when every given tensor is on CUDA and the kernels can use Triton (`triton_available`),
+    else "torch" (on CUDA with a warning, once, saying why).
+    "triton": forced; raises RuntimeError naming the problem if Triton is missing or too old, or if a tensor
+    is on CPU while the interpreter is off (set TRITON_INTERPRET=1 before importing the kernels to run Triton on CPU).
     "torch": the torch reference path.
     Raises ValueError for any other string.
     """
@@ -53,15 +73,25 @@ def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
         return "torch"
     on_cuda = all(t.is_cuda for t in tensors if t is not None)
     if backend == "auto":
+        if on_cuda and not triton_available():
+            _warn_torch_path_on_cuda()
         return "triton" if on_cuda and triton_available() else "torch"
     if not triton_available():
-        raise RuntimeError("backend='triton' needs the `triton` package; install it or use backend='torch'")
+        raise RuntimeError(f"backend='triton': {triton_problem()}; or use backend='torch'")
     if not on_cuda and not interpret_mode():
         raise RuntimeError(
             "backend='triton' got CPU tensors but TRITON_INTERPRET is not set; move the tensors to CUDA, "
             "set TRITON_INTERPRET=1 before importing sae_dist.kernels, or use backend='torch'"
         )
     return "triton"
+
+
+def _warn_torch_path_on_cuda() -> None:
+    global _WARNED_OLD_TRITON
+    if not _WARNED_OLD_TRITON:
+        _WARNED_OLD_TRITON = True
+        warnings.warn(f"sae-dist's Triton kernels are off on this CUDA device, the torch path runs (slower): "
+                      f"{triton_problem()}", RuntimeWarning, stacklevel=3)
 
 
 def check_sparse_codes(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor,
@@ -174,10 +204,8 @@ class Launch:
         """Triton's specialisation of each runtime argument, as its JIT computes it: (type, attribute)
         pairs such as ('*bf16', 'D') (16-byte aligned pointer), ('i32', 'D') (int divisible by 16),
         ('i64', '') (an int >= 2^31) or ('constexpr', 1) (ints equal to 1 are specialised)."""
-        from triton._C.libtriton import native_specialize_impl
-        from triton.backends.compiler import BaseBackend
-
-        return [tuple(native_specialize_impl(BaseBackend, a, False, True, True)) for a in self.args]
+        spec = _specializer()
+        return [tuple(spec(a)) for a in self.args]
 
     def variant_key(self) -> tuple:
         """What selects a compiled binary: the argument specialisation, the constexprs and the launch
@@ -187,6 +215,28 @@ class Launch:
 
 
 _RECORDERS: list[set] = []
+
+
+def _specializer():
+    """Triton's JIT argument specialisation, arg -> (type, attribute), in each release from 3.3 on (3.5 moved
+    it to C++, 3.4 and 3.3 differ in how the backend's part is passed)."""
+    from triton.backends.compiler import BaseBackend
+
+    try:
+        from triton._C.libtriton import native_specialize_impl  # 3.5 and later
+
+        return lambda a: native_specialize_impl(BaseBackend, a, False, True, True)
+    except ImportError:
+        pass
+    from triton.runtime.jit import create_specialize_impl
+
+    extra = BaseBackend.get_arg_specialization
+    try:
+        impl = create_specialize_impl(extra)  # 3.4
+        return lambda a: impl(a, False, True, True)
+    except TypeError:  # 3.3
+        impl = create_specialize_impl()
+        return lambda a: impl(a, extra, False, True, True)
 
 
 class record_variants:

@@ -59,14 +59,14 @@ torch.topk: 1.12x), backward 0.08x; with AuxK (k_aux=256, 5% dead) forward 1.21x
 
 from __future__ import annotations
 
-import os
 import threading
 import warnings
 
 import torch
 import torch.nn.functional as F
 
-from ._common import Launch, dense_rows_block, tf32_enabled
+from . import _common
+from ._common import Launch, dense_rows_block, interpret_mode, resolve_backend, tf32_enabled
 
 __all__ = ["encode_topk", "encode_topk_reference", "triton_available", "BACKENDS", "LATENT_CHUNK"]
 
@@ -87,14 +87,11 @@ except Exception:  # pragma: no cover - exercised only where Triton is absent
 
 
 def triton_available(device: torch.device | str) -> bool:
-    """True when the Triton kernel can run on tensors of `device`: Triton importable and either a
-    CUDA device or the Triton interpreter (env TRITON_INTERPRET=1, CPU tensors)."""
-    if not _HAS_TRITON:
-        return False
+    """True when the Triton kernel can run on tensors of `device`: the kernels can use this environment's
+    Triton (`_common.triton_available`: it imports and is recent enough) and `device` is CUDA, or CPU under
+    the Triton interpreter (env TRITON_INTERPRET=1)."""
     dev = torch.device(device)
-    if dev.type == "cuda":
-        return True
-    return dev.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _common.triton_available() and (dev.type == "cuda" or (dev.type == "cpu" and interpret_mode()))
 
 
 # ---------------------------------------------------------------------------------------- checks
@@ -425,12 +422,7 @@ def _select_triton(xc, W_enc, b_enc, k, dead_mask, k_aux, latent_chunk):
     """Triton split-k selection; same contract as `_select_torch` (unsorted raw pre-acts). The kernel
     keeps only the k main slots per row; the AuxK candidates come from `_select_dead` (a pass over
     the dead latents' columns only), so no kernel depends on the dead count."""
-    if not triton_available(xc.device):
-        raise RuntimeError(
-            f"backend='triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1 for CPU "
-            f"tensors); tensors are on {xc.device}, triton importable: {_HAS_TRITON}. "
-            f"Use backend='torch' or 'auto'."
-        )
+    resolve_backend("triton", xc)  # RuntimeError when Triton cannot run here
     N = W_enc.shape[1]
     if N >= 2**31:
         raise ValueError(f"d_sae={N} per process must be < 2^31 (int32 latent ids); shard wider")
@@ -697,7 +689,7 @@ def encode_topk(
     latent_chunk); RuntimeError when backend="triton" cannot run on the tensors' device.
     """
     _check_inputs(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, backend, latent_chunk)
-    backend = _encoder_backend(backend, W_enc.device)
+    backend = resolve_backend(backend, W_enc)
     use_aux = k_aux > 0 and dead_mask is not None
     # AuxK candidates: k_eff = min(k_aux, number of dead latents) of them, among dead_mask's latents
     k_eff, dm = (min(k_aux, int(dead_mask.sum())), dead_mask) if use_aux else (0, None)
@@ -708,20 +700,6 @@ def encode_topk(
     if not use_aux:
         return values, indices, None, None
     return values, indices, aux_values, aux_indices
-
-
-def _encoder_backend(backend: str, device: torch.device) -> str:
-    """`encode_topk`'s backend ("torch" | "triton") for W_enc on `device`: "auto" is Triton on CUDA when
-    Triton imports, else torch. RuntimeError when "triton" cannot run there (`triton_available`)."""
-    if backend == "auto":
-        backend = "triton" if (device.type == "cuda" and _HAS_TRITON) else "torch"
-    if backend == "triton" and not triton_available(device):
-        raise RuntimeError(
-            f"backend='triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1 for CPU "
-            f"tensors); W_enc is on {device}, triton importable: {_HAS_TRITON}. "
-            f"Use backend='torch' or 'auto'."
-        )
-    return backend
 
 
 def encode_topk_reference(

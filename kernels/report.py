@@ -91,7 +91,11 @@ def _ptxas_stats(ptx: str, arch: str) -> tuple[int, int]:
     with the options Triton's own ptxas call uses."""
     from triton.backends.nvidia.compiler import get_ptxas
 
-    ptxas = get_ptxas(int(ARCH_RE.match(arch).group(1))).path
+    try:
+        tool = get_ptxas(int(ARCH_RE.match(arch).group(1)))
+    except TypeError:  # Triton 3.4: one ptxas for every architecture
+        tool = get_ptxas()
+    ptxas = tool[0] if isinstance(tool, tuple) else tool.path  # 3.3: (path, version)
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "k.ptx")
         with open(src, "w") as f:

@@ -469,15 +469,20 @@ def step_env(c: Check) -> None:
         triton_ver = triton.__version__
     except ImportError:
         triton_ver = None
+    from sae_dist.kernels._common import triton_problem
+
+    # on CUDA the kernels must be able to run, else every "kernels on" number would be the torch path's
+    problem = triton_problem() if dev == "cuda" else None
     env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
            "triton": triton_ver, "device": dev, "device_name": name, "peak": dataclasses.asdict(peak) if peak else None,
-           "missing_packages": missing, "optional_missing": optional_missing, "host": platform.node(),
-           "root": str(ROOT)}
+           "missing_packages": missing, "optional_missing": optional_missing, "kernels_problem": problem,
+           "host": platform.node(), "root": str(ROOT)}
     c.record["env"] = env
     miss = (f"; MISSING: {', '.join(missing)}" if missing else "") + (
-        f"; optional, not installed: {', '.join(optional_missing)}" if optional_missing else "")
+        f"; optional, not installed: {', '.join(optional_missing)}" if optional_missing else "") + (
+        f"; KERNELS OFF: {problem}" if problem else "")
     peak_s = f"{peak.bf16_tflops:g} TFLOP/s bf16, {peak.hbm_gbytes_per_s:g} GB/s" if peak else "no peak in the table"
-    c.save("env", "fail" if missing else "ok",
+    c.save("env", "fail" if missing or problem else "ok",
            f"{name} ({peak_s}); torch {torch.__version__}, triton {triton_ver}{miss}")
 
 

@@ -32,8 +32,27 @@ def choose_kernel_device(environ: MutableMapping[str, str] = os.environ) -> torc
     if torch.cuda.is_available():
         environ.pop("TRITON_INTERPRET", None)
         return torch.device("cuda")
+    _check_interpreter_numpy()
     environ["TRITON_INTERPRET"] = "1"
     return torch.device("cpu")
+
+
+def _check_interpreter_numpy() -> None:
+    """Triton's interpreter before 3.7 turns a one-element array into an int with `int()`, which NumPy 2.4
+    refuses: under it most kernel tests would fail with "only 0-dimensional arrays can be converted to Python
+    scalars" (measured with triton 3.6.0 and numpy 2.4.6; docs/benchmarks.md, "Triton releases"). Say so once."""
+    import re
+
+    try:
+        import numpy
+        import triton
+    except ImportError:
+        return
+    tri, npy = (tuple(int(p) for p in re.findall(r"\d+", v)[:2]) for v in (triton.__version__, numpy.__version__))
+    if tri < (3, 7) and npy >= (2, 4):
+        raise pytest.UsageError(
+            f"triton {triton.__version__}'s CPU interpreter cannot run the kernel tests with numpy "
+            f"{numpy.__version__}: install triton>=3.7 or numpy<2.4 (the tested set: `make install`)")
 
 
 requires_cuda = pytest.mark.skipif(

@@ -193,3 +193,34 @@ def test_sparsify_is_compared_only_when_it_imports(monkeypatch, tmp_path):
     finally:
         gc._sparsify_importable.cache_clear()
         sys.modules.pop("sparsify", None)
+
+
+def test_env_step_fails_on_cuda_when_the_kernels_cannot_use_triton(monkeypatch, tmp_path):
+    # a GPU machine whose Triton is older than the kernels need: every "kernels on" number would be the torch
+    # path's, so the check says so at its first step (CUDA stood in for: the device name and the chip's peak)
+    import torch
+    import triton
+
+    from sae_dist.kernels import _common
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(triton, "__version__", "3.3.1")
+    monkeypatch.setattr(_common, "_TRITON_PROBLEM", None)
+    c = gc.Check(dataclasses.replace(gc.DRY, device="cuda"), tmp_path, tmp_path)
+    try:
+        gc.step_env(c)
+    finally:
+        monkeypatch.setattr(_common, "_TRITON_PROBLEM", None)
+        c.log.close()
+    rec = c.record["steps"]["env"]
+    assert rec["status"] == "fail" and "KERNELS OFF: triton 3.3.1 is older than 3.4" in rec["summary"]
+    assert c.record["env"]["kernels_problem"].startswith("triton 3.3.1 is older")
+    monkeypatch.setattr(triton, "__version__", "3.6.0")  # the lent machines' release
+    (tmp_path / "ok").mkdir()
+    c = gc.Check(dataclasses.replace(gc.DRY, device="cuda"), tmp_path / "ok", tmp_path / "ok")
+    try:
+        gc.step_env(c)
+    finally:
+        monkeypatch.setattr(_common, "_TRITON_PROBLEM", None)
+        c.log.close()
+    assert c.record["env"]["kernels_problem"] is None and "KERNELS OFF" not in c.record["steps"]["env"]["summary"]
