@@ -32,8 +32,8 @@ def choose_kernel_device(environ: MutableMapping[str, str] = os.environ) -> torc
     if torch.cuda.is_available():
         environ.pop("TRITON_INTERPRET", None)
         return torch.device("cuda")
+    environ["TRITON_INTERPRET"] = "1"  # before anything imports Triton (its settings are read at import)
     _check_interpreter_numpy()
-    environ["TRITON_INTERPRET"] = "1"
     return torch.device("cpu")
 
 
