@@ -12,16 +12,28 @@ import warnings
 
 import torch
 
-__all__ = ["BACKENDS", "MIN_TRITON", "triton_problem", "triton_available", "interpret_mode", "resolve_backend",
-           "check_sparse_codes", "drop_padding"]
+__all__ = ["BACKENDS", "MIN_TRITON", "COMPILE_OPTIONS", "triton_release", "triton_problem", "triton_available",
+           "interpret_mode", "resolve_backend", "check_sparse_codes", "drop_padding"]
 
 BACKENDS = ("auto", "torch", "triton")
 
 
-#: The oldest Triton release the kernels run with: every kernel compiles for sm_90a and the kernel tests pass
-#: under its interpreter (docs/benchmarks.md, "Triton releases"). 3.3 rejects the decode kernels' annotations at
-#: compile time; 3.2's interpreter aborts and 3.0 rejects the kernels. Older: the torch path (`resolve_backend`).
-MIN_TRITON = (3, 4)
+#: The oldest Triton release the kernels run with: every kernel compiles for sm_90a without spills and the kernel
+#: tests pass under its interpreter (docs/benchmarks.md, "Triton releases"; 3.3 is PyTorch 2.7's). 3.2's
+#: interpreter aborts and 3.0 rejects the kernels. Older: the torch path (`resolve_backend`).
+MIN_TRITON = (3, 3)
+#: Launch options every compiled kernel states rather than leaving to Triton's defaults: FMA contraction on (the
+#: default through 3.9, which 3.10 turns off; stated, it also silences 3.9's warning about that change).
+COMPILE_OPTIONS = {"enable_fp_fusion": True}
+
+
+def triton_release() -> tuple[int, int] | None:
+    """(major, minor) of the installed Triton, or None when it does not import."""
+    try:
+        import triton
+    except Exception:
+        return None
+    return tuple(int(p) for p in re.findall(r"\d+", triton.__version__)[:2])
 
 
 def triton_problem() -> str | None:
@@ -33,11 +45,11 @@ def triton_problem() -> str | None:
             import triton
             import triton.language  # noqa: F401
 
-            have = tuple(int(p) for p in re.findall(r"\d+", triton.__version__)[:2])
+            have = triton_release()
             need = ".".join(map(str, MIN_TRITON))
             _TRITON_PROBLEM = "" if have >= MIN_TRITON else (
                 f"triton {triton.__version__} is older than {need}, the oldest release sae-dist's kernels run with; "
-                f"upgrade it (pip install 'triton>={need}', or a PyTorch >= 2.8 build, which brings it)")
+                f"upgrade it (pip install 'triton>={need}', or a PyTorch >= 2.7 build, which brings it)")
         except Exception as e:  # ImportError, or a broken install
             _TRITON_PROBLEM = f"the `triton` package does not import ({type(e).__name__}: {e}); install it"
     return _TRITON_PROBLEM or None
@@ -191,7 +203,8 @@ class Launch:
 
     def __init__(self, name, kernel, grid, args, constexprs, options=None):
         self.name, self.kernel, self.grid = name, kernel, tuple(int(g) for g in grid)
-        self.args, self.constexprs, self.options = tuple(args), dict(constexprs), dict(options or {})
+        self.args, self.constexprs = tuple(args), dict(constexprs)
+        self.options = {**COMPILE_OPTIONS, **(options or {})}  # the interpreter ignores them
 
     def run(self) -> None:
         if _RECORDERS:

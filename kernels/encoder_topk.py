@@ -66,7 +66,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _common
-from ._common import Launch, dense_rows_block, interpret_mode, resolve_backend, tf32_enabled
+from ._common import Launch, dense_rows_block, interpret_mode, resolve_backend, tf32_enabled, triton_release
 
 __all__ = ["encode_topk", "encode_topk_reference", "triton_available", "BACKENDS", "LATENT_CHUNK"]
 
@@ -363,7 +363,8 @@ def encoder_launch_config(d_in: int, k: int, precision: str | None, interpret: b
     on TF32 tensor cores) or "ieee" (fp32 FMA dots). Hopper (sm_90a) choices, checked offline with
     `python -m sae_dist.kernels.report` (0 spill bytes at d_in 768 / 2304 / 4096, k 32 / 64, bf16,
     tf32 and ieee): BLOCK_B x BLOCK_N pre-activation tiles over BLOCK_D steps with a 3-stage
-    pipeline, a running top-k of K_PAD = next_pow2(k) slots per row in registers. 16-bit inputs take
+    pipeline, a running top-k of K_PAD = next_pow2(k) slots per row in registers (8 warps, or 4 for 16-bit
+    inputs at K_PAD <= 32 from Triton 3.5 on: before it 4 warps spill there). 16-bit inputs take
     BLOCK_D = 64, fp32 BLOCK_D = 32, so a pipeline stage is the same number of bytes; IEEE dots hold
     their operands in registers and take half the token and latent blocks. The interpreter (CPU tests) takes
     small tiles. d_in enters only through masking (any d_in compiles to the same kernel).
@@ -373,8 +374,9 @@ def encoder_launch_config(d_in: int, k: int, precision: str | None, interpret: b
     if interpret:
         return dict(BLOCK_B=16, BLOCK_N=32, BLOCK_D=16, K_PAD=K_PAD, num_warps=4, num_stages=1)
     if precision is None:
-        return dict(BLOCK_B=64, BLOCK_N=128, BLOCK_D=64, K_PAD=K_PAD, num_warps=8 if K_PAD >= 64 else 4,
-                    num_stages=3)
+        # 4 warps spill at K_PAD = 32 before Triton 3.5 (616 / 48 bytes with 3.3 / 3.4), 8 do not
+        warps = 8 if K_PAD >= 64 or (triton_release() or (0, 0)) < (3, 5) else 4
+        return dict(BLOCK_B=64, BLOCK_N=128, BLOCK_D=64, K_PAD=K_PAD, num_warps=warps, num_stages=3)
     ieee = precision == "ieee"
     return dict(BLOCK_B=32 if ieee else 64, BLOCK_N=64 if ieee else 128, BLOCK_D=32, K_PAD=K_PAD,
                 num_warps=8, num_stages=3)

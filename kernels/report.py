@@ -207,7 +207,6 @@ def main(argv=None) -> int:
     args = _parse(argv)
     if os.environ.pop("TRITON_INTERPRET", None) not in (None, "", "0") and "triton" in sys.modules:
         raise SystemExit("TRITON_INTERPRET was set when Triton was imported; run the report in a fresh process")
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, stated (no warning)
     if not ARCH_RE.match(args.arch):
         raise SystemExit(f"--arch {args.arch!r}: use a CUDA architecture such as sm_90a or sm_80")
     bad = 0

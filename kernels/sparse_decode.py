@@ -61,6 +61,11 @@ import torch.nn.functional as F
 
 from ._common import Launch, check_sparse_codes, dense_rows_block, drop_padding, resolve_backend
 
+try:  # a module global, because Triton 3.3 resolves the kernels' `tl.constexpr` annotations in it
+    import triton.language as tl  # noqa: F401
+except Exception:  # the module (and the torch path) works without Triton
+    tl = None
+
 __all__ = ["sparse_decode", "sparse_decode_reference", "auxk_loss", "auxk_loss_reference", "decode_aux",
            "safe_ratio"]
 

@@ -204,7 +204,7 @@ def test_env_step_fails_on_cuda_when_the_kernels_cannot_use_triton(monkeypatch, 
     from sae_dist.kernels import _common
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "NVIDIA H100 80GB HBM3")
-    monkeypatch.setattr(triton, "__version__", "3.3.1")
+    monkeypatch.setattr(triton, "__version__", "3.2.0")
     monkeypatch.setattr(_common, "_TRITON_PROBLEM", None)
     c = gc.Check(dataclasses.replace(gc.DRY, device="cuda"), tmp_path, tmp_path)
     try:
@@ -213,8 +213,8 @@ def test_env_step_fails_on_cuda_when_the_kernels_cannot_use_triton(monkeypatch, 
         monkeypatch.setattr(_common, "_TRITON_PROBLEM", None)
         c.log.close()
     rec = c.record["steps"]["env"]
-    assert rec["status"] == "fail" and "KERNELS OFF: triton 3.3.1 is older than 3.4" in rec["summary"]
-    assert c.record["env"]["kernels_problem"].startswith("triton 3.3.1 is older")
+    assert rec["status"] == "fail" and "KERNELS OFF: triton 3.2.0 is older than 3.3" in rec["summary"]
+    assert c.record["env"]["kernels_problem"].startswith("triton 3.2.0 is older")
     monkeypatch.setattr(triton, "__version__", "3.6.0")  # the lent machines' release
     (tmp_path / "ok").mkdir()
     c = gc.Check(dataclasses.replace(gc.DRY, device="cuda"), tmp_path / "ok", tmp_path / "ok")
