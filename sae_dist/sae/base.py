@@ -25,9 +25,9 @@ pre-activations (`auxk_term`).
 
 Also here, because every architecture's training step uses them: `LocalComm`, the collectives a
 step calls through `sae.comm` (identities on one process; `sae_dist.parallel.tp.MeshComm` over a
-mesh), `normalized_mse`, and `DeadLatentTracker`, the per-latent "tokens since last fired" counter
-that marks AuxK's dead latents (`count_fires` counts a batch's fires; the trainer's feature-density window,
-`sae_dist.train.density.FeatureDensityWindow`, adds them up too).
+mesh), `normalized_mse`, `DeadLatentTracker`, the per-latent "tokens since last fired" counter
+that marks AuxK's dead latents, and `FeatureDensityWindow`, the per-latent fire counts of a window of
+steps (`count_fires` counts a batch's).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from sae_dist.kernels.sparse_decode import auxk_loss_reference
 from sae_dist.sae.config import SAEConfig
 
 __all__ = ["SparseAutoencoder", "TrainOutput", "NoOptions", "torch_dtype", "parse_options", "LocalComm",
-           "LOCAL", "normalized_mse", "dead_topk", "count_fires", "DeadLatentTracker"]
+           "LOCAL", "normalized_mse", "dead_topk", "count_fires", "DeadLatentTracker", "FeatureDensityWindow"]
 
 
 # ------------------------------------------------------------------------------------------ collectives
@@ -190,6 +190,32 @@ class DeadLatentTracker:
     def load_state_dict(self, sd: dict) -> None:
         self.tokens_since_fired.copy_(sd["tokens_since_fired"])
         self.ever_fired.copy_(sd["ever_fired"])
+
+
+class FeatureDensityWindow:
+    """Per-latent fire counts over a window of training steps (the feature density SAELens logs every
+    `feature_sampling_window` steps; `sae_dist.train.density` ends windows and sums them over processes).
+
+    `fire_counts` int64 [d_sae]: tokens on which each latent fired (this module's latents; its shard under
+    tensor parallelism), counted on the rows given to `add_` (a data-parallel rank's own rows: the window's
+    counts are then the sum over the dp ranks); `n_tokens`: tokens of the global batches added.
+    """
+
+    def __init__(self, d_sae: int, device: torch.device | str = "cpu"):
+        self.fire_counts = torch.zeros(d_sae, dtype=torch.int64, device=device)
+        self.n_tokens = 0
+
+    @torch.no_grad()
+    def add_(self, fire_counts: torch.Tensor, n_tokens: int) -> None:
+        """Add one step: fire_counts int64 [d_sae] (`TrainOutput.latent_fire_counts`); n_tokens: the
+        global batch's tokens."""
+        self.fire_counts += fire_counts
+        self.n_tokens += int(n_tokens)
+
+    def reset_(self) -> None:
+        """Start a new window."""
+        self.fire_counts.zero_()
+        self.n_tokens = 0
 
 
 @dataclass

@@ -7,7 +7,7 @@ over latents of log10(f + 1e-10), the counts of latents with f < 1e-5 and f < 1e
 log10(f + 1e-10) (float32, as SAELens computes them).
 
 Cost. Per step each rank adds its rows' fire counts (int64 [d_sae / tp], `TrainOutput.latent_fire_counts`,
-one scatter-add the dead-latent tracker needs anyway) to its window (`FeatureDensityWindow`,
+one scatter-add the dead-latent tracker needs anyway) to its window (`sae_dist.sae.base.FeatureDensityWindow`,
 beside the dead-latent counters): no collective, no host sync. At a window's end (`window_frequency`,
 collective): one sum all-reduce of the counts over dp (int64 [d_sae / tp] per rank), then the
 frequencies of the tp shards gathered onto the dp-rank-0 ranks (float32 [d_sae]: 64 MB at 16M latents,
@@ -34,40 +34,15 @@ import torch
 
 from sae_dist.parallel.comm import all_gather_cat, all_reduce_
 from sae_dist.parallel.mesh import ParallelContext
+from sae_dist.sae.base import FeatureDensityWindow
 from sae_dist.train.logging import BELOW_KEYS, MEAN_LOG10_KEY
 
-__all__ = ["FeatureDensityWindow", "end_window", "total_over_dp_", "keep_on_first_dp_rank_", "SPARSITY_FILENAME"]
+__all__ = ["end_window", "total_over_dp_", "keep_on_first_dp_rank_", "SPARSITY_FILENAME"]
 
 #: SAELens' epsilon: log10(f + 1e-10), so a latent that never fired counts as -10
 LOG10_EPS = 1e-10
 #: SAELens' file of per-latent log10 feature densities (key "sparsity")
 SPARSITY_FILENAME = "sparsity.safetensors"
-
-
-class FeatureDensityWindow:
-    """Per-latent fire counts over a window of training steps (the feature density SAELens logs every
-    `feature_sampling_window` steps; this module's functions end windows and sum them over processes).
-
-    `fire_counts` int64 [d_sae]: tokens on which each latent fired (this module's latents; its shard under
-    tensor parallelism), counted on the rows given to `add_` (a data-parallel rank's own rows: the window's
-    counts are then the sum over the dp ranks); `n_tokens`: tokens of the global batches added.
-    """
-
-    def __init__(self, d_sae: int, device: torch.device | str = "cpu"):
-        self.fire_counts = torch.zeros(d_sae, dtype=torch.int64, device=device)
-        self.n_tokens = 0
-
-    @torch.no_grad()
-    def add_(self, fire_counts: torch.Tensor, n_tokens: int) -> None:
-        """Add one step: fire_counts int64 [d_sae] (`TrainOutput.latent_fire_counts`); n_tokens: the
-        global batch's tokens."""
-        self.fire_counts += fire_counts
-        self.n_tokens += int(n_tokens)
-
-    def reset_(self) -> None:
-        """Start a new window."""
-        self.fire_counts.zero_()
-        self.n_tokens = 0
 
 
 def total_over_dp_(window: FeatureDensityWindow, ctx: ParallelContext) -> None:

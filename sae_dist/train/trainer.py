@@ -35,7 +35,7 @@ from sae_dist.parallel.mesh import ParallelContext, init_parallel
 from sae_dist.parallel.state import build_state, global_view
 from sae_dist.parallel.tp import parallelize_sae
 from sae_dist.preempt import Preemption
-from sae_dist.sae.base import DeadLatentTracker, SparseAutoencoder, TrainOutput
+from sae_dist.sae.base import DeadLatentTracker, FeatureDensityWindow, SparseAutoencoder, TrainOutput
 from sae_dist.sae.config import SAEConfig, resolve_dead_tokens
 from sae_dist.sae.export import export_sae
 from sae_dist.sae.init import init_b_dec_, tied_init_rows_
@@ -44,7 +44,7 @@ from sae_dist.store.errors import NonFiniteError
 from sae_dist.store.layout import RENAMED_ATTRS
 from sae_dist.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from sae_dist.train.config import TrainerConfig
-from sae_dist.train.density import FeatureDensityWindow, end_window, keep_on_first_dp_rank_, total_over_dp_
+from sae_dist.train.density import end_window, keep_on_first_dp_rank_, total_over_dp_
 from sae_dist.train.engine import Engine, TorchEngine, budget_factor, default_lr, lr_at_step, make_optimizer
 from sae_dist.train.heldout import evals_due
 from sae_dist.train.logging import (
