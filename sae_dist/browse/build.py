@@ -25,6 +25,7 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -123,6 +124,11 @@ class ScanResult:
     def seq_of(self, rows: np.ndarray) -> np.ndarray:
         """Sequence index (within the scan) of each row."""
         return np.searchsorted(self.seq_start, rows, side="right") - 1
+
+    @cached_property
+    def longest_seq(self) -> int:
+        """Rows of the longest scanned sequence (0 when none); computed once."""
+        return int(np.diff(self.seq_start).max()) if len(self.seq_start) > 1 else 0
 
 
 def _check_store(g, store_path, sae) -> None:

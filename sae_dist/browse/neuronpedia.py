@@ -84,7 +84,7 @@ def neuronpedia_feature(rec: dict, scan, lat_rows: np.ndarray, lat_vals: np.ndar
         "frac_nonzero": float(rec["density"]),
         "freq_hist_data_bar_values": centres, "freq_hist_data_bar_heights": heights,
         "n_prompts_total": int(len(scan.seq_start) - 1),
-        "n_tokens_in_prompt": int(np.diff(scan.seq_start).max()) if len(scan.seq_start) > 1 else 0,
+        "n_tokens_in_prompt": scan.longest_seq,
         "dataset": dataset or "",
         "activations": [_example(scan, lat_rows, lat_vals, int(r), decode, top) for r in top_rows]
         + [_example(scan, lat_rows, lat_vals, int(r), decode, rnd) for r in random_rows],
