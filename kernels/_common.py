@@ -1,7 +1,7 @@
-"""Helpers shared by the kernels: backend selection, lazy Triton import, input checks.
+"""Helpers shared by the kernels: backend selection, the Triton version gate, input checks, `Launch`.
 
-Triton is imported lazily so that `import sae_dist.kernels.<module>` works on a machine without
-Triton; only `backend="triton"` (or `"auto"` on CUDA) needs it.
+This module imports Triton only when asked whether the kernels can use it (`triton_problem`); every kernel
+module imports without Triton, and only `backend="triton"` (or `"auto"` on CUDA) needs it.
 """
 
 from __future__ import annotations

@@ -66,11 +66,9 @@ import torch
 import torch.nn.functional as F
 
 from . import _common
-from ._common import Launch, dense_rows_block, interpret_mode, resolve_backend, tf32_enabled, triton_release
+from ._common import BACKENDS, Launch, dense_rows_block, interpret_mode, resolve_backend, tf32_enabled, triton_release
 
 __all__ = ["encode_topk", "encode_topk_reference", "triton_available", "BACKENDS", "LATENT_CHUNK"]
-
-BACKENDS = ("auto", "torch", "triton")
 
 #: `encode_topk`'s default latent_chunk (the trainer's): the torch path's [B, chunk] pre-activation buffer width.
 LATENT_CHUNK = 4096
@@ -78,12 +76,9 @@ LATENT_CHUNK = 4096
 try:  # Triton is optional: the module (and the torch path) works without it.
     import triton
     import triton.language as tl
-
-    _HAS_TRITON = True
 except Exception:  # pragma: no cover - exercised only where Triton is absent
     triton = None
     tl = None
-    _HAS_TRITON = False
 
 
 def triton_available(device: torch.device | str) -> bool:
@@ -273,7 +268,7 @@ def _select_torch(xc, W_enc, b_enc, k, dead_mask, k_aux, latent_chunk):
 
 
 # --------------------------------------------------------------------------- Triton selection
-if _HAS_TRITON:
+if triton is not None:
 
     @triton.jit
     def _merge_tile(tile, n0, rv, ri, K_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
