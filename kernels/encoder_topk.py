@@ -42,7 +42,8 @@ selections together, duplicates summed),
     grad b_dec        = -W_enc @ grad b_enc         (one [d, n] x [n] matvec)
     grad x[b]         = sum_j g[b, j] * W_enc[:, i] (only when need_x_grad=True; gathered columns)
 Gradients are accumulated in float32 and cast to the parameters' dtypes. grad W_enc: on the Triton
-backend with fp32 weights (the trainer's master weights), one atomic-scatter kernel into the [d, n]
+backend with an fp32 W_enc (fp32 training; under the trainer's bf16 autocast this function gets
+`encoder_operands`' bf16 copy and takes the CSR path), one atomic-scatter kernel into the [d, n]
 gradient; otherwise per latent chunk (a slice of the latent-sorted CSR matrix, [chunk, d] product,
 copied transposed into a [d, n] buffer laid out like W_enc, chunks of up to GRAD_CHUNK_BYTES on
 CUDA), so no second parameter-sized temporary exists. Entries with g = 0 (ReLU-clipped) are dropped
