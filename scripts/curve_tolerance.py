@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -60,12 +61,18 @@ def train_one(work: Path, run: str, n: int, steps: int) -> None:
           wandb_cfg={"enabled": False})
 
 
+def _complete(run_dir: Path, steps: int) -> bool:
+    """True when run_dir's train_log.jsonl reached step `steps`."""
+    log = run_dir / "train_log.jsonl"
+    return log.is_file() and any(r.get("step") == steps for r in gc._read_jsonl(log))
+
+
 def compare(work: Path, steps: int) -> list[dict]:
-    """`compare_curves` of each pair of PAIRS whose two logs exist, as gpu-check calls it."""
+    """`compare_curves` of each pair of PAIRS whose two runs are complete, as gpu-check calls it."""
     s, out = gc.FULL, []
     for a, b in PAIRS:
         logs = [work / f"run_{r}" / "train_log.jsonl" for r in (a, b)]
-        if all(p.is_file() for p in logs):
+        if all(_complete(p.parent, steps) for p in logs):
             cmp = gc.compare_curves(gc._read_jsonl(logs[0]), gc._read_jsonl(logs[1]), window=s.curve_window,
                                     skip_steps=max(1, int(s.curve_skip_frac * steps)), rtol=s.curve_rtol)
             out.append({"a": a, "b": b, **cmp})
@@ -81,7 +88,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     for run in (args.run,) if args.run else RUNS:
-        if not (args.work / f"run_{run}" / "train_log.jsonl").is_file():
+        if not _complete(args.work / f"run_{run}", args.steps):
+            shutil.rmtree(args.work / f"run_{run}", ignore_errors=True)  # an interrupted run starts over
             train_one(args.work, run, args.n, args.steps)
     for rec in compare(args.work, args.steps):
         print(json.dumps(rec))
