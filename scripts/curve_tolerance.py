@@ -12,7 +12,7 @@ check's training shape (d_in, k, batch, steps, dead_tokens of `gpu_check.FULL`) 
   bf16_halfaux bf16 with sae.auxk_coef halved (a subtle defect)
   bf16_noaux   bf16 without AuxK (a gross defect)
 then compares them as the check does (`gpu_check.compare_curves`) and prints one JSON line per pair.
-About 25 minutes per run at n=8192 on one core of the 2-core development machine.
+9 (no AuxK) to 27 minutes per run at n=8192 on one core of the 2-core development machine.
 """
 
 from __future__ import annotations
@@ -51,30 +51,35 @@ def train_one(work: Path, run: str, n: int, steps: int) -> None:
         gc.write_synthetic_store(str(store), s.d_in, s.store_tokens, s.store_features, s.store_p_active, 0)
     coef = SAEConfig(d_in=s.d_in, d_sae=n, k=s.train_k).auxk_coef
     coef = {"bf16_halfaux": coef / 2, "bf16_noaux": 0.0}.get(run, coef)
+    plain = torch.autocast
     if run.startswith("bf16"):
         torch.autocast = _CPUBf16Autocast
-    train(store_path=store, out_dir=work / f"run_{run}", seed=0, progress=True,
-          sae_cfg=SAEConfig(d_in=s.d_in, d_sae=n, k=s.train_k, dead_tokens=s.train_dead_tokens,
-                            kernel_backend="torch", auxk_coef=coef),
-          trainer_cfg=TrainerConfig(tokens=steps * s.train_batch, batch_tokens=s.train_batch, keep_checkpoints=0,
-                                    log_every_steps=s.train_log_every, eval_every_steps=0),
-          wandb_cfg={"enabled": False})
+    try:
+        train(store_path=store, out_dir=work / f"run_{run}", seed=0, progress=True,
+              sae_cfg=SAEConfig(d_in=s.d_in, d_sae=n, k=s.train_k, dead_tokens=s.train_dead_tokens,
+                                kernel_backend="torch", auxk_coef=coef),
+              trainer_cfg=TrainerConfig(tokens=steps * s.train_batch, batch_tokens=s.train_batch,
+                                        keep_checkpoints=0, log_every_steps=s.train_log_every, eval_every_steps=0),
+              wandb_cfg={"enabled": False})
+    finally:
+        torch.autocast = plain
 
 
-def _complete(run_dir: Path, steps: int) -> bool:
-    """True when run_dir's train_log.jsonl reached step `steps`."""
+def _finished_log(run_dir: Path, steps: int) -> list[dict] | None:
+    """run_dir's train_log.jsonl records when the run reached step `steps`, else None."""
     log = run_dir / "train_log.jsonl"
-    return log.is_file() and any(r.get("step") == steps for r in gc._read_jsonl(log))
+    recs = gc._read_jsonl(log) if log.is_file() else []
+    return recs if any(r.get("step") == steps for r in recs) else None
 
 
 def compare(work: Path, steps: int) -> list[dict]:
     """`compare_curves` of each pair of PAIRS whose two runs are complete, as gpu-check calls it."""
     s, out = gc.FULL, []
     for a, b in PAIRS:
-        logs = [work / f"run_{r}" / "train_log.jsonl" for r in (a, b)]
-        if all(_complete(p.parent, steps) for p in logs):
-            cmp = gc.compare_curves(gc._read_jsonl(logs[0]), gc._read_jsonl(logs[1]), window=s.curve_window,
-                                    skip_steps=max(1, int(s.curve_skip_frac * steps)), rtol=s.curve_rtol)
+        la, lb = (_finished_log(work / f"run_{r}", steps) for r in (a, b))
+        if la and lb:
+            cmp = gc.compare_curves(la, lb, window=s.curve_window, rtol=s.curve_rtol,
+                                    skip_steps=max(1, int(s.curve_skip_frac * steps)))
             out.append({"a": a, "b": b, **cmp})
     return out
 
@@ -88,7 +93,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     for run in (args.run,) if args.run else RUNS:
-        if not _complete(args.work / f"run_{run}", args.steps):
+        if _finished_log(args.work / f"run_{run}", args.steps) is None:
             shutil.rmtree(args.work / f"run_{run}", ignore_errors=True)  # an interrupted run starts over
             train_one(args.work, run, args.n, args.steps)
     for rec in compare(args.work, args.steps):
