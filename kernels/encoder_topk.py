@@ -41,14 +41,18 @@ selections together, duplicates summed),
     grad b_enc[i]    += g[b, j]                     (index_add_)
     grad b_dec        = -W_enc @ grad b_enc         (one [d, n] x [n] matvec)
     grad x[b]         = sum_j g[b, j] * W_enc[:, i] (only when need_x_grad=True; gathered columns)
-Gradients are accumulated in float32 and cast to the parameters' dtypes. grad W_enc: on the Triton
-backend with an fp32 W_enc (fp32 training; under the trainer's bf16 autocast this function gets
-`encoder_operands`' bf16 copy and takes the CSR path), one atomic-scatter kernel into the [d, n]
-gradient; otherwise per latent chunk (a slice of the latent-sorted CSR matrix, [chunk, d] product,
-copied transposed into a [d, n] buffer laid out like W_enc, chunks of up to GRAD_CHUNK_BYTES on
-CUDA), so no second parameter-sized temporary exists. Entries with g = 0 (ReLU-clipped) are dropped
-first. On CPU (d=576, n=16384, k=32, B=4096, fp32) the CSR product measured 35 ms against 52 ms for a
-COO torch.sparse.mm and 137 ms for index_add_ of the [B*k, d] rows (which also needs a [B*k, d]
+Gradients are accumulated in float32 and cast to the parameters' dtypes (with fp32 master weights
+and a bf16 compute_dtype, as the trainer runs under autocast, they stay fp32; x - b_dec is the bf16
+operand the forward used). grad W_enc: on the Triton backend computing in fp32 (fp32 training), when
+at least DROP_ZEROS_BELOW (90 %) of the entries have a nonzero gradient, one atomic-scatter kernel
+into the [d, n] gradient. Otherwise the zero entries are dropped (under tensor parallelism most of a
+rank's AuxK candidates are other shards' winners, with zero gradient) and the rest go per latent
+chunk (a slice of the latent-sorted CSR matrix, [chunk, d] product, copied transposed into a [d, n]
+buffer laid out like W_enc, chunks of up to GRAD_CHUNK_BYTES on CUDA), so no second parameter-sized
+temporary exists. bf16 training keeps this CSR path, as it always had: sae-plan's model rates it at
+about half the atomic kernel's memory traffic, which `make gpu-check` has yet to measure. On CPU
+(d=576, n=16384, k=32, B=4096, fp32) the CSR product measured 35 ms against 52 ms for a COO
+torch.sparse.mm and 137 ms for index_add_ of the [B*k, d] rows (which also needs a [B*k, d]
 temporary). Deterministic on CPU (rows sorted by a stable sort, one thread per output row); on CUDA
 index_add_ and the atomic scatter use atomics (float summation order may vary between runs;
 `torch.use_deterministic_algorithms(True)` selects the CSR path for W_enc).
@@ -70,6 +74,9 @@ from . import _common
 from ._common import BACKENDS, Launch, dense_rows_block, interpret_mode, resolve_backend, tf32_enabled, triton_release
 
 __all__ = ["encode_topk", "encode_topk_reference", "triton_available", "BACKENDS", "LATENT_CHUNK"]
+
+#: The dtypes `encode_topk` computes in (its compute_dtype).
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 #: `encode_topk`'s default latent_chunk (the trainer's): the torch path's [B, chunk] pre-activation buffer width.
 LATENT_CHUNK = 4096
@@ -500,21 +507,25 @@ def _sort_desc(v, i):
 class _EncodeTopK(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, backend, latent_chunk,
-                need_x_grad, token_chunk):
-        xc = x.to(W_enc.dtype) - b_dec
+                need_x_grad, token_chunk, compute_dtype):
+        # The selection runs on operands in compute_dtype; a cast copy of W_enc lives only until this
+        # forward returns (the backward reads the parameter itself, and its gradients are in its dtype).
+        Wc, bc = ((W_enc, b_enc) if compute_dtype == W_enc.dtype
+                  else (W_enc.to(compute_dtype), b_enc.to(compute_dtype)))
+        xc = x.to(compute_dtype) - b_dec.to(compute_dtype)
         B = x.shape[0]
         if backend == "triton":
-            v, i, av, ai = _select_triton(xc.contiguous(), W_enc, b_enc, k, dead_mask, k_aux,
-                                          latent_chunk)
+            v, i, av, ai = _select_triton(xc.contiguous(), Wc, bc, k, dead_mask, k_aux, latent_chunk)
         else:
-            v, i, av, ai = _select_torch(xc, W_enc, b_enc, k, dead_mask, k_aux, latent_chunk)
+            v, i, av, ai = _select_torch(xc, Wc, bc, k, dead_mask, k_aux, latent_chunk)
+        del Wc, bc
         v, i = _sort_desc(v, i)
-        values = F.relu(v).to(W_enc.dtype)
+        values = F.relu(v).to(compute_dtype)
         if av is None:
             aux_values = values.new_zeros(B, 0)
             aux_indices = i.new_zeros(B, 0)
         else:
-            aux_values, aux_indices = F.relu(av).to(W_enc.dtype), ai  # unsorted: AuxK sums them
+            aux_values, aux_indices = F.relu(av).to(compute_dtype), ai  # unsorted: AuxK sums them
         ctx.save_for_backward(xc, W_enc, values, i, aux_values, aux_indices)
         ctx.x_dtype = x.dtype
         ctx.need_x_grad = need_x_grad
@@ -548,56 +559,71 @@ class _EncodeTopK(torch.autograd.Function):
             gsum.index_add_(0, idx.reshape(-1), g.reshape(-1))
             if block is not None:
                 gsum.index_add_(0, block[0], block[1].sum(0))
-        gW = _grad_w_enc(xcf, g, idx, block, W_enc, ctx.backend, ctx.latent_chunk) if need_w else None
+        atomic = ctx.backend == "triton" and xc.dtype == W_enc.dtype == torch.float32 and block is None
+        gW = _grad_w_enc(xcf, g, idx, block, W_enc, atomic, ctx.latent_chunk) if need_w else None
         gx = None
         if ctx.needs_input_grad[0] and ctx.need_x_grad:
             gx = _grad_x(g, idx, block, W_enc, ctx.token_chunk).to(ctx.x_dtype)
         g_benc = gsum.to(W_enc.dtype) if need_benc else None
         g_bpre = _grad_b_dec(W_enc, gsum, ctx.latent_chunk) if need_bpre else None
-        return gx, gW, g_benc, g_bpre, None, None, None, None, None, None, None
+        return gx, gW, g_benc, g_bpre, None, None, None, None, None, None, None, None
 
 
 #: Bound of the CSR W_enc-gradient path's per-chunk [chunk, d] fp32 product, in bytes.
 GRAD_CHUNK_BYTES = 1 << 28
 
 
-def _grad_w_enc(xcf, g, idx, block, W_enc, backend, latent_chunk):
+#: The W_enc gradient keeps only its nonzero entries (a CSR product over them, no atomics) when fewer
+#: than this fraction of its slots are nonzero: under tensor parallelism most of a rank's AuxK
+#: candidates are other shards' winners, with zero gradient (`sae_dist.plan` mirrors it).
+DROP_ZEROS_BELOW = 0.9
+
+
+def _grad_w_enc(xcf, g, idx, block, W_enc, atomic, latent_chunk):
     """grad W_enc [d, n] = (G^T @ (x - b_dec))^T for the sparse codes (g, idx) [B, kk] (plus the dense
-    AuxK block, CPU). Triton backend with an fp32 W_enc and nondeterminism allowed: one atomic-scatter
-    kernel (`sparse_decode`'s W_dec-gradient kernel writing through the [n, d] view of the [d, n]
-    gradient). Otherwise CSR x dense products per latent chunk (module docstring)."""
+    AuxK block, CPU). atomic (the Triton backend computing in fp32), nondeterminism allowed and at
+    least DROP_ZEROS_BELOW of the entries nonzero (one process): one atomic-scatter kernel
+    (`sparse_decode`'s W_dec-gradient kernel writing through the [n, d] view of the [d, n] gradient).
+    Otherwise CSR x dense products per latent chunk over the nonzero entries (module docstring)."""
     d, n = W_enc.shape
-    if (backend == "triton" and W_enc.dtype == torch.float32 and block is None
-            and not torch.are_deterministic_algorithms_enabled()):
+    gf = g.reshape(-1)
+    # entries with g = 0 add nothing: ReLU-clipped values, and under tensor parallelism the
+    # candidates another shard won (most of a rank's AuxK candidates)
+    nz = gf.nonzero().squeeze(1)
+    sparse = nz.numel() < DROP_ZEROS_BELOW * gf.numel()
+    if atomic and not sparse and not torch.are_deterministic_algorithms_enabled():
         from .sparse_decode import grad_wdec_atomic_launch
 
         gW = torch.zeros(d, n, dtype=torch.float32, device=g.device)
         if g.numel():
             grad_wdec_atomic_launch(xcf.contiguous(), idx.contiguous(), g.contiguous(), gW.t()).run()
         return gW
-    B, kk = g.shape
+    return _grad_w_enc_csr(xcf, gf, idx, nz if sparse else None, block, W_enc, latent_chunk)
+
+
+def _grad_w_enc_csr(xcf, gf, idx, nz, block, W_enc, latent_chunk):
+    """`_grad_w_enc` by CSR x dense products: gf [B * kk] the flat gradients of the entries idx [B, kk],
+    nz the positions of the nonzero ones to keep (None: keep all)."""
+    d, n = W_enc.shape
+    B, kk = idx.shape
     # The entries are sorted by latent (stable sort: deterministic on CPU), so each latent chunk is a
     # slice of one CSR matrix; its [chunk, d] product is copied transposed into the [d, n] gradient, so
     # no second parameter-sized temporary exists. Chunks of >= latent_chunk latents and up to
     # GRAD_CHUNK_BYTES per product (few Python iterations at large n).
     rows = idx.reshape(-1)
-    toks = torch.arange(B, device=g.device).repeat_interleave(kk)
-    gf = g.reshape(-1)
-    # entries with g = 0 add nothing: ReLU-clipped values, and under tensor parallelism the
-    # candidates another shard won (most of a rank's AuxK candidates)
-    nz = gf.nonzero().squeeze(1)
-    if nz.numel() < 0.9 * gf.numel():
+    toks = torch.arange(B, device=gf.device).repeat_interleave(kk)
+    if nz is not None:
         rows, toks, gf = rows[nz], toks[nz], gf[nz]
     order = torch.argsort(rows, stable=True)
     toks, gf = toks[order], gf[order]
-    crow = torch.zeros(n + 1, dtype=torch.int64, device=g.device)
+    crow = torch.zeros(n + 1, dtype=torch.int64, device=gf.device)
     torch.cumsum(torch.bincount(rows, minlength=n), 0, out=crow[1:])
-    gW = torch.empty(d, n, dtype=W_enc.dtype, device=g.device)
-    C = max(1, min(n, max(latent_chunk, GRAD_CHUNK_BYTES // (4 * d) if g.is_cuda else latent_chunk)))
+    gW = torch.empty(d, n, dtype=W_enc.dtype, device=gf.device)
+    C = max(1, min(n, max(latent_chunk, GRAD_CHUNK_BYTES // (4 * d) if gf.is_cuda else latent_chunk)))
     bounds = crow[::C].tolist() + ([] if n % C == 0 else [crow[-1].item()])
     if block is not None:  # the dense AuxK block's rows, split by chunk (rows ascending)
         b_rows, b_gw = block[0], block[1].t() @ xcf  # [u], [u, d] fp32
-        b_cut = torch.searchsorted(b_rows, torch.arange(0, n + C, C, device=g.device)).tolist()
+        b_cut = torch.searchsorted(b_rows, torch.arange(0, n + C, C, device=gf.device)).tolist()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
         for c, c0 in enumerate(range(0, n, C)):
@@ -653,6 +679,7 @@ def encode_topk(
     latent_chunk: int = LATENT_CHUNK,
     need_x_grad: bool = False,
     token_chunk: int = 512,
+    compute_dtype: torch.dtype | None = None,
 ):
     """Fused TopK-SAE encoder: ReLU(TopK_k((x - b_dec) @ W_enc + b_enc)) without a [B, n] matrix.
 
@@ -660,7 +687,7 @@ def encode_topk(
     candidates), section 5.1 (sparse kernels). See the module docstring for the algorithms.
 
     Args:
-      x: [B, d_in] float (any float dtype; cast to W_enc's dtype).
+      x: [B, d_in] float (any float dtype; cast to compute_dtype).
       W_enc: [d_in, d_sae] float32/bfloat16/float16; b_enc: [d_sae]; b_dec: [d_in]
         both in W_enc's dtype, all on one device.
       k: latents kept per token, 1 <= k <= d_sae.
@@ -673,9 +700,14 @@ def encode_topk(
       need_x_grad: also return a gradient for x (else x gets None).
       token_chunk: tokens per block when gathering W_enc columns for the x gradient (bounds its
         [token_chunk * k, d] temporary; only used with need_x_grad).
+      compute_dtype: dtype of the selection's operands and of the returned values (float32, bfloat16
+        or float16), or None for W_enc's dtype. With fp32 master weights under bf16 autocast pass
+        torch.bfloat16: x, W_enc, b_enc and b_dec are cast inside the forward, the cast W_enc is freed
+        when the forward returns (the backward holds only the parameter), and the gradients come out
+        in the parameters' dtype (fp32, no bf16 gradient to cast).
 
     Returns (values, indices, aux_values, aux_indices):
-      values [B, k] in W_enc's dtype, ReLU of the top-k pre-activations, sorted descending
+      values [B, k] in compute_dtype, ReLU of the top-k pre-activations, sorted descending
         (a value is 0 when fewer than k pre-activations are positive); indices [B, k] int64.
       aux_values / aux_indices [B, k_eff] with k_eff = min(k_aux, number of dead latents), the
         ReLU'd top pre-activations among dead latents, in no particular order (the AuxK input); width 0
@@ -684,16 +716,21 @@ def encode_topk(
     aux_values; the backward touches only the selected columns of W_enc (module docstring).
 
     Raises ValueError naming the bad argument (shapes, dtypes, devices, k, k_aux, backend,
-    latent_chunk); RuntimeError when backend="triton" cannot run on the tensors' device.
+    latent_chunk, compute_dtype); RuntimeError when backend="triton" cannot run on the tensors' device.
     """
     _check_inputs(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, backend, latent_chunk)
+    if compute_dtype is None:
+        compute_dtype = W_enc.dtype
+    elif compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype={compute_dtype!r}; choose one of {COMPUTE_DTYPES} or None "
+                         f"(W_enc's dtype)")
     backend = resolve_backend(backend, W_enc)
     use_aux = k_aux > 0 and dead_mask is not None
     # AuxK candidates: k_eff = min(k_aux, number of dead latents) of them, among dead_mask's latents
     k_eff, dm = (min(k_aux, int(dead_mask.sum())), dead_mask) if use_aux else (0, None)
     values, indices, aux_values, aux_indices = _EncodeTopK.apply(
         x, W_enc, b_enc, b_dec, k, dm, k_eff, backend, latent_chunk, bool(need_x_grad),
-        int(token_chunk),
+        int(token_chunk), compute_dtype,
     )
     if not use_aux:
         return values, indices, None, None

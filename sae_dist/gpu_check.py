@@ -15,8 +15,10 @@ markdown are rewritten after every step, so no step's result is lost:
                     skipped counts and duration from pytest's junit xml.
   encoder_matmul    the bare encoder matmul x[B, d] @ W_enc[d, n] at the large shape, timed with CUDA
                     events (median over iterations, two input batches alternated, random data), in ms
-                    and TFLOP/s (2*B*d*n FLOPs) against the chip's dense peak (`CHIP_PEAKS`); and a
-                    device-to-device copy's bandwidth (GB/s, bytes read + written).
+                    and TFLOP/s (2*B*d*n FLOPs) against the chip's dense peak (`CHIP_PEAKS`); a
+                    device-to-device copy's bandwidth (GB/s, bytes read + written); and the encoder
+                    backward's two W_enc-gradient paths, the atomic kernel and the CSR product, on
+                    the same B x (k + k_aux) random codes (ms each, and how far they differ).
   bench_n<N>[_dead0] `python -m sae_dist.bench` (its JSON line parsed) at d_in, k, B for n_small and
                     n_large with `--vs sparsify` (dead fraction 0.05), and n_large at --dead-frac 0.
   synthetic_store   a `SyntheticDictionary` activation store (`sae_dist.store.write_store`).
@@ -168,7 +170,7 @@ FULL = CheckSizes(
     train_n=2**16, train_k=32, train_batch=4096, train_steps=1000, train_log_every=10,
     train_dead_tokens=25 * 4096, store_tokens=65536, store_features=2048, store_p_active=0.015,
     curve_rtol=0.01, curve_window=5, curve_skip_frac=0.1,
-    budgets_s=dict(zip(_BUDGET_KEYS, (95, 25, 115, 45, 45, 15, 55, 55), strict=True)), total_budget_s=455.0,
+    budgets_s=dict(zip(_BUDGET_KEYS, (95, 35, 115, 45, 45, 15, 50, 50), strict=True)), total_budget_s=455.0,
 )
 
 #: Tiny shapes, fp32, the CPU: the same steps in well under a minute on a 2-core machine.
@@ -329,10 +331,39 @@ def _matmul_ms_by_layout(d: int, n: int, batch: int, dt, dev, gen, iters: int) -
     return by_layout
 
 
-def measure_matmul(d: int, n: int, batch: int, dtype: str, device: str, iters: int, copy_mib: int) -> dict:
+def measure_wgrad(d: int, n: int, batch: int, slots: int, device: str, iters: int) -> dict:
+    """The encoder backward's two W_enc-gradient paths (`encoder_topk._grad_w_enc`) on the same random
+    codes: [batch, slots] latent ids (uniform over n) with fp32 gradients, none zero, and an fp32
+    x - b_dec [batch, d]. atomic_ms / csr_ms: median ms of the atomic-scatter kernel (what fp32
+    training on one GPU runs) and of the CSR product (what bf16 training runs, and any run under
+    tp > 1); max_rel_diff: max |atomic - csr| / max |csr| of the two [d, n] fp32 gradients."""
+    import torch
+
+    from sae_dist.kernels import encoder_topk as et
+
+    dev = torch.device(device)
+    gen = torch.Generator(device=dev).manual_seed(1)
+    x = torch.randn(batch, d, device=dev, generator=gen)
+    idx = torch.randint(0, n, (batch, slots), device=dev, generator=gen)
+    g = torch.randn(batch, slots, device=dev, generator=gen)
+    W = torch.empty(d, n, device=dev)  # only its shape and dtype are read
+    out, grads = {"slots": slots}, {}
+    for path in ("atomic", "csr"):
+        def grad(i: int, atomic=path == "atomic") -> torch.Tensor:
+            return et._grad_w_enc(x, g, idx, None, W, atomic, et.LATENT_CHUNK)
+
+        grads[path] = grad(0)
+        out[f"{path}_ms"] = statistics.median(_time_ms(grad, iters, 1, dev))
+    out["max_rel_diff"] = float((grads["atomic"] - grads["csr"]).abs().max() / grads["csr"].abs().max())
+    return out
+
+
+def measure_matmul(d: int, n: int, batch: int, dtype: str, device: str, iters: int, copy_mib: int,
+                   wgrad_slots: int) -> dict:
     """The bare encoder matmul (`_matmul_ms_by_layout`; the faster layout reported, matmul_ms in ms,
-    tflops = 2*batch*d*n FLOPs / time in TFLOP/s) and a device-to-device copy of `copy_mib` MiB
-    (copy_gbytes_per_s: bytes read + written per second, GB = 1e9). Prints nothing; returns a dict."""
+    tflops = 2*batch*d*n FLOPs / time in TFLOP/s), a device-to-device copy of `copy_mib` MiB
+    (copy_gbytes_per_s: bytes read + written per second, GB = 1e9) and, under "wgrad", the two W_enc
+    gradient paths with `wgrad_slots` codes per token (`measure_wgrad`). Prints nothing; returns a dict."""
     import torch
 
     dev, dt = torch.device(device), {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
@@ -344,10 +375,12 @@ def measure_matmul(d: int, n: int, batch: int, dtype: str, device: str, iters: i
     src = torch.empty(copy_mib * 2**20 // 4, device=dev).uniform_(generator=gen)
     dst = torch.empty_like(src)
     copy_ms = statistics.median(_time_ms(lambda i: dst.copy_(src), iters, 2, dev))
+    src = dst = None  # the copy's buffers go before the W_enc-gradient timings
     return {"device_info": _device_info(dev), "d": d, "n": n, "batch": batch, "dtype": dtype,
             "matmul_ms": by_layout[best], "layout": best, "matmul_ms_by_layout": by_layout,
             "tflops": 2 * batch * d * n / (by_layout[best] * 1e-3) / 1e12,
-            "copy_gbytes_per_s": 2 * src.numel() * 4 / (copy_ms * 1e-3) / 1e9, "copy_mib": copy_mib}
+            "copy_gbytes_per_s": 2 * copy_mib * 2**20 / (copy_ms * 1e-3) / 1e9, "copy_mib": copy_mib,
+            "wgrad": measure_wgrad(d, n, batch, wgrad_slots, device, iters)}
 
 
 def write_synthetic_store(path: str, d: int, tokens: int, features: int, p_active: float, seed: int) -> dict:
@@ -549,11 +582,17 @@ def step_kernel_tests(c: Check) -> None:
 
 
 def step_matmul(c: Check) -> None:
-    """The bare encoder matmul at n_large timed with device events, and the copy bandwidth."""
+    """The bare encoder matmul at n_large timed with device events, the copy bandwidth and the two
+    W_enc-gradient paths."""
+    from sae_dist.sae.config import default_k_aux
+
     s = c.sizes
-    res = c.run("encoder_matmul", _worker_cmd(task="matmul", d=s.d_in, n=s.n_large, batch=s.batch, dtype=s.dtype,
-                                              device=s.device, iters=s.matmul_iters, copy_mib=s.copy_mib),
-                "encoder_matmul")
+    # the W_enc gradient's codes: k main + k_aux AuxK slots per token, as the benchmarked step's
+    cmd = _worker_cmd(task="matmul", d=s.d_in, n=s.n_large, batch=s.batch, dtype=s.dtype, device=s.device,
+                      iters=s.matmul_iters, copy_mib=s.copy_mib, wgrad_slots=s.k + default_k_aux(s.d_in))
+    # on the CPU the atomic kernel runs under Triton's interpreter
+    res = c.run("encoder_matmul", cmd, "encoder_matmul",
+                env=subprocess_env({"TRITON_INTERPRET": "1"}) if s.device == "cpu" else None)
     if res is None:
         return
     if res.rc != 0:
@@ -563,8 +602,11 @@ def step_matmul(c: Check) -> None:
     peak = (c.record.get("env") or {}).get("peak")
     m["fraction_of_peak"] = m["tflops"] / peak["bf16_tflops"] if peak and s.dtype == "bf16" else None
     frac = f" = {100 * m['fraction_of_peak']:.1f} % of {peak['bf16_tflops']:g}" if m["fraction_of_peak"] else ""
+    w = m["wgrad"]
     c.save("encoder_matmul", "ok", f"{m['matmul_ms']:.3g} ms ({m['layout']}), {m['tflops']:.4g} TFLOP/s{frac}; "
-           f"copy {m['copy_gbytes_per_s']:.0f} GB/s", res.duration_s, s.budget("encoder_matmul"), **m)
+           f"copy {m['copy_gbytes_per_s']:.0f} GB/s; W_enc gradient over {w['slots']} codes per token: atomic "
+           f"{w['atomic_ms']:.3g} ms, CSR {w['csr_ms']:.3g} ms (max rel diff {w['max_rel_diff']:.1e})",
+           res.duration_s, s.budget("encoder_matmul"), **m)
 
 
 def _bench_specs(s: CheckSizes) -> list[tuple[str, str, int, float, bool]]:

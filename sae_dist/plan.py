@@ -49,7 +49,8 @@ widths ms (main TopK: wx = wm, ms = (k,) or (4k, k) with Multi-TopK; AuxK: wx = 
 Compute. kind "matmul": FLOPs / (bf16 FLOP/s * mfu); "memory": HBM bytes / (HBM B/s * efficiency);
 "fused": counted, hidden in the fused encoder kernel (its cost is in the mfu derate); "host" / "pcie":
 optimizer offload (host memory bandwidth / PCIe bandwidth).
-  bf16_operand_casts   bf16 copies of W_enc, b_enc and x each step (`encoder_operands` under autocast)
+  bf16_operand_casts   bf16 copies of W_enc, b_enc and x each step (the fused encoder's compute_dtype
+                       under autocast, `sae_dist.sae.topk.encoder_compute_dtype`)
   encoder_matmul       2*Bl*d*nl          the encoder's dense matmul (Gao et al. 2024, eq. 3)
   topk_select          Bl*nl*(2 [+1])     bias add, running-top-k compares [+ the dead-masked AuxK
                        ones of the torch backend; the Triton kernel keeps only the ks main slots]
@@ -95,26 +96,28 @@ optimizer offload (host memory bandwidth / PCIe bandwidth).
                        read-modify-writes.
   decoder_grad_accumulate  12*nl*d per extra decode call (autograd sums the [nl, d] W_dec gradients)
   encoder_sparse_bwd   grad W_enc over E (token, latent) entries (`encoder_topk._grad_w_enc`), 2*E*d
-                       FLOPs. Triton backend with fp32 operands (bf16_operand_copies=False): one
-                       atomic-scatter kernel into a zero-filled fp32 [d, nl] gradient over every
-                       slot, E = E_all (the kernel adds the zero gradients too); HBM 4*d*nl (zero
-                       fill) + Bl*d*4 (x, once per tile) + E_all*12*TD (ids, values) + E*d*8 (atomic
-                       read-modify-writes) + E_all*40 (masks, concatenations, b_enc grad; rough).
-                       Otherwise (bf16 operands: the trainer's default; the torch backend) CSR x
-                       dense: HBM E*d*4 (gathered fp32 input rows) + E_all*60 (every slot: the masked
-                       fp32 gradients, the concatenated ids, token ids, the nonzero scan, the b_enc
+                       FLOPs, E_all = Bl*(wm + wa) local candidate slots. encoder_bwd_drop_zeros=True
+                       (the code): when fewer than 90 % of the slots have a nonzero gradient
+                       (`encoder_topk.DROP_ZEROS_BELOW`), the backward keeps only those, E = the
+                       winners Ew = Bl*(ks + ka)/tp (the rank's share of the exact global selections;
+                       ReLU zeros not subtracted), in the CSR path below; that is when Ew < 0.9*E_all,
+                       e.g. under tp > 1, where most AuxK slots are other shards' winners. False
+                       (what-if, the CUDA code before that filter): never.
+                       Otherwise, on the Triton backend with fp32 operands (bf16_operand_copies=False):
+                       one atomic-scatter kernel into a zero-filled fp32 [d, nl] gradient over every
+                       slot, E = E_all; HBM 4*d*nl (zero fill) + Bl*d*4 (x, once per tile) +
+                       E_all*12*TD (ids, values) + E*d*8 (atomic read-modify-writes) + E_all*40
+                       (masks, concatenations, b_enc grad; rough).
+                       CSR x dense (dropping zeros; bf16 operands, the trainer's default; the torch
+                       backend; deterministic algorithms): HBM
+                       E*d*4 (gathered fp32 input rows) + E_all*60 (every slot: the masked fp32
+                       gradients, the concatenated ids, token ids, the nonzero scan, the b_enc
                        gradient's index_add_; rough) + E*320 (the filter's gathers, stable argsort ~8
-                       radix passes, gathers; rough) + nl*d*(8 + gradient bytes), in products of
-                       C = min(nl, max(latent_chunk, GRAD_CHUNK_BYTES // (4*d))) latents (2^28 B). E_all = Bl*(wm + wa)
-                       local candidate slots. encoder_bwd_drop_zeros=True (the code's CSR path): the
-                       backward drops the zero-gradient entries when they are over 10 % of the slots
-                       (`nz.numel() < 0.9 * gf.numel()`), so E = the winners Ew = Bl*(ks + ka)/tp (the
-                       rank's share of the exact global selections; ReLU zeros not subtracted) when
-                       Ew < 0.9*E_all, else E_all (e.g. tp = 1); False (what-if, the CUDA code before
-                       the filter): E = E_all, the candidates another shard won included.
-  b_dec_grad           2*d*nl (-W_enc @ grad b_enc in fp32, a latent chunk at a time: reads the bf16
-                       W_enc copy, writes and reads its [d, latent_chunk] fp32 upcast)
-  bf16_grad_cast       the bf16 W_enc gradient cast to the fp32 parameter's gradient (6*d*nl bytes)
+                       radix passes, gathers; rough) + nl*d*12 (fp32 products), in products of C =
+                       min(nl, max(latent_chunk, GRAD_CHUNK_BYTES // (4*d))) latents (2^28 B).
+                       With bf16 operands both paths first upcast the saved bf16 input (Bl*d*6 bytes).
+  b_dec_grad           2*d*nl (-W_enc @ grad b_enc in fp32, a latent chunk at a time: reads the fp32
+                       W_enc, 4*d*nl bytes)
   decoder_grad_projection 4*nl*d; decoder_renorm 3*nl*d (section 2.4.1)
   adam                 12 FLOPs, 28 HBM bytes per parameter it updates (P, or P/dp under ZeRO)
 
@@ -134,28 +137,28 @@ synchronous collectives of `sae_dist.parallel` and DeepSpeed's overlap_comm=fals
 `step_time_overlapped_s` = max(compute, communication) is the perfect-overlap lower bound.
 tokens/s = B / step time.
 
-Memory per GPU: params 4P; grads 4P (ZeRO-2: none kept whole); Adam moments 8P, or under ZeRO-1/2
-(8 + 4 + 4)*P/dp (moments, DeepSpeed's fp32 master partition, its fp32 gradient partition) plus a
+Memory per GPU: params 4P; grads 4P (ZeRO-2: none kept whole); Adam moments 8P, or under ZeRO-1/2 (8
++ 4 + 4)*P/dp (moments, DeepSpeed's fp32 master partition, its fp32 gradient partition) plus a
 reduce bucket; with optimizer offload those partitions live in host memory. EMA 4P when trainer.ema;
-dead-latent state 9 bytes per latent; the bf16 W_enc copy (2*d*nl, saved for the backward);
-activations = what the forward keeps for the backward (inputs, [Bl, d] buffers, the encoder's saved
-input and selections, keep masks, the masked main TopK values [Bl, wm] the step returns, the decode
-calls' compacted values and -1-padded int64 ids [Bl, m] and the gathers' int64 order [Bl, m]) + the
-larger of the forward's and the backward's transient peaks (`transient_bytes`):
-  forward: the Triton split candidate buffers [Bl, splits * wm] fp32 values + int32 ids (8 bytes per
-    entry; `triton_encoder_splits`: splits = ceil(nl / span), span = latent_chunk widened so that the
-    buffers stay under candidate_buffer_bytes = 1 GiB, `CANDIDATE_BUFFER_BYTES`, then rounded up to
-    the kernel's BLOCK_N (128 for bf16 dots, 64 for IEEE fp32 dots); one split when even that is over
-    the cap); the AuxK dead-latent pass (Triton; the candidate buffers and the main selection are
-    still alive then): its [Bl, ka] result, the [d, C] gathered columns and one token block's
-    pre-activations, merge and topk (`_dead_pass`; planned for the worst case over dead counts, not
-    for nd); or the exchange buffers; whichever is largest;
-  backward: the encoder backward's transients: CSR path, its index arrays (E_all*16 + E*40 bytes),
-    its last [C, d] fp32 product (C above; still referenced when the b_dec gradient runs), and with
-    bf16 copies the bf16 W_enc
-    gradient (2*d*nl), the fp32 upcast of one [d, latent_chunk] W_enc chunk for the b_dec gradient
-    (4*d*latent_chunk; no full fp32 copy) and the fp32 input (Bl*d*4); atomic path, the masked
-    gradients and ids (E_all*16) and the b_enc gradient (4*nl); or one extra [nl, d] fp32 W_dec
+dead-latent state 9 bytes per latent; activations = what the forward keeps for the backward (inputs,
+[Bl, d] buffers, the encoder's saved input and selections, keep masks, the masked main TopK values
+[Bl, wm] the step returns, the decode calls' compacted values and -1-padded int64 ids [Bl, m] and
+the gathers' int64 order [Bl, m]) + the larger of the forward's and the backward's transient peaks
+(`transient_bytes`):
+  forward: with bf16 operands, the encoder forward's cast copies of W_enc, b_enc and x (2*d*nl +
+    2*nl + 2*Bl*d, freed when it returns: the backward holds only the fp32 parameter) under each of
+    its transients: the Triton split candidate buffers [Bl, splits * wm] fp32 values + int32 ids (8
+    bytes per entry; `triton_encoder_splits`: splits = ceil(nl / span), span = latent_chunk widened
+    so that the buffers stay under candidate_buffer_bytes = 1 GiB, `CANDIDATE_BUFFER_BYTES`, then
+    rounded up to the kernel's BLOCK_N (128 for bf16 dots, 64 for IEEE fp32 dots); one split when
+    even that is over the cap); the AuxK dead-latent pass (Triton; the candidate buffers and the
+    main selection are still alive then): its [Bl, ka] result, the [d, C] gathered columns and one
+    token block's pre-activations, merge and topk (`_dead_pass`; planned for the worst case over
+    dead counts, not for nd); or the exchange buffers; whichever is largest;
+  backward: the encoder backward's transients: CSR path, its index arrays (E_all*16 + E*40 bytes)
+    and its last [C, d] fp32 product (C above; still referenced when the b_dec gradient runs); atomic
+    path, the masked gradients and ids (E_all*16) and the b_enc gradient (4*nl); either path with
+    bf16 operands, the fp32 upcast of the saved input (Bl*d*4); or one extra [nl, d] fp32 W_dec
     gradient when two or more decode calls run; whichever is larger;
 plus a workspace margin (CUDA context, NCCL buffers, allocator slack), and the held-out evaluation's LM
 (`estimate.heldout_lm_gib`, when trainer.eval_every_steps > 0: every GPU of the first replica holds it).
@@ -237,8 +240,8 @@ KEPT_WIDTH_TAIL = 0.01
 _INDEX_WORK_BYTES = 320  # HBM bytes per CSR entry of the encoder backward's index work (rough, see docstring)
 _SLOT_WORK_BYTES = 60  # HBM bytes per candidate slot of the encoder backward's pre-filter work (rough)
 _ATOMIC_SLOT_WORK_BYTES = 40  # the same for the atomic W_enc-gradient path (no token ids, no filter; rough)
-#: The encoder backward drops zero-gradient entries when fewer than this fraction of its slots are
-#: nonzero (`encoder_topk._EncodeTopK.backward`: `nz.numel() < 0.9 * gf.numel()`).
+#: The encoder backward drops zero-gradient entries (and takes the CSR path) when fewer than this
+#: fraction of its slots are nonzero (mirrors `encoder_topk.DROP_ZEROS_BELOW`; tests check they agree).
 ENCODER_BWD_DROP_BELOW = 0.9
 #: Kept activations still alive when the encoder backward runs (the step's last backward op).
 KEPT_TO_ENCODER_BWD = ("inputs_fp32", "encoder_saved_input", "selections")
@@ -481,34 +484,36 @@ def _encoder_backward(Bl: int, d: int, nl: int, e_all: int, e_win: int, latent_c
     """The encoder backward (`encoder_topk._EncodeTopK.backward`, `_grad_w_enc`) of one rank over
     e_all candidate slots of which e_win are its winners (the nonzero gradients).
 
-    atomic (Triton backend, fp32 W_enc operands): grad W_enc is one atomic-scatter kernel
+    atomic (Triton backend computing in fp32, unless the CSR path drops zeros below): grad W_enc is
+    one atomic-scatter kernel
     (`sparse_decode`'s W_dec-gradient kernel through the [nl, d] view of a zero-filled fp32 [d, nl]
     gradient) over every slot: the kernel masks only invalid ids, so the zero gradients of the
     candidates another shard won issue their atomics too (E = e_all). HBM: the zero fill (4*d*nl),
     x read once per tile (Bl*d*4), ids and values re-read per 64-feature tile, E*d*8 atomic
     read-modify-writes (as the decode's W_dec gradient), E_all*_ATOMIC_SLOT_WORK_BYTES (rough).
     Transient: the masked fp32 gradients and ids and their concatenations (16 bytes per slot) and
-    the b_enc gradient (4*nl); no index arrays, no product.
-    Otherwise the CSR path: E = e_win when drop_zeros and e_win < 0.9*e_all, else e_all; products of
+    the b_enc gradient (4*nl); no index arrays, no product. bf16 (the saved bf16 input x - b_dec,
+    either path): its fp32 upcast, Bl*d*4 bytes held and Bl*d*6 moved.
+    Otherwise, and whenever drop_zeros and e_win < 0.9*e_all (the code checks the nonzero count first,
+    `encoder_topk.DROP_ZEROS_BELOW`: under tp > 1 most AuxK slots are other shards' winners), the CSR
+    path: E = e_win when it drops zeros, else e_all; products of
     C = min(nl, max(latent_chunk, GRAD_CHUNK_BYTES // (4*d))) latents (CUDA); formulas in the module
-    docstring. Returns {entries, flops, hbm_bytes, transient_bytes}."""
-    chunk = min(latent_chunk, nl)
-    if atomic:
+    docstring. Returns {atomic, entries, flops, hbm_bytes, transient_bytes}."""
+    upcast = (Bl * d * 4, Bl * d * 6) if bf16 else (0, 0)  # fp32 copy of the bf16 input: bytes held, moved
+    drop = drop_zeros and e_win < ENCODER_BWD_DROP_BELOW * e_all
+    if atomic and not drop:
         td = -(-d // _DEC_BLOCK_D)
-        return {"entries": e_all, "flops": 2 * e_all * d, "transient_bytes": e_all * 16 + nl * 4,
+        return {"atomic": True, "entries": e_all, "flops": 2 * e_all * d,
+                "transient_bytes": e_all * 16 + nl * 4 + upcast[0],
                 "hbm_bytes": 4 * d * nl + Bl * d * 4 + e_all * 12 * td + e_all * d * 8
-                + e_all * _ATOMIC_SLOT_WORK_BYTES}
-    e = e_win if (drop_zeros and e_win < ENCODER_BWD_DROP_BELOW * e_all) else e_all
+                + e_all * _ATOMIC_SLOT_WORK_BYTES + upcast[1]}
+    e = e_win if drop else e_all
     gchunk = min(nl, max(latent_chunk, GRAD_CHUNK_BYTES // (4 * d)))
-    gb = 2 if bf16 else 4  # bytes of the encoder's W_enc gradient
     # index arrays (g, ids, their concatenation; repeat_interleave, nonzero, argsort, gathers), CSR
-    # row pointers, the last [gchunk, d] fp32 product; bf16: the fp32 input, the bf16 W_enc gradient
-    # and the fp32 upcast of one [d, chunk] W_enc chunk for the b_dec gradient
-    transient = (e_all * 16 + e * 40 + (nl + 1) * 16 + nl * 4 + gchunk * d * 4
-                 + ((Bl * d * 4 + 2 * d * nl + 4 * d * chunk) if bf16 else 0))
-    hbm = (e * d * 4 + e_all * _SLOT_WORK_BYTES + e * _INDEX_WORK_BYTES + nl * d * (8 + gb)
-           + (Bl * d * 6 if bf16 else 0))
-    return {"entries": e, "flops": 2 * e * d, "hbm_bytes": hbm, "transient_bytes": transient}
+    # row pointers, the last [gchunk, d] fp32 product, the fp32 input
+    transient = e_all * 16 + e * 40 + (nl + 1) * 16 + nl * 4 + gchunk * d * 4 + upcast[0]
+    hbm = e * d * 4 + e_all * _SLOT_WORK_BYTES + e * _INDEX_WORK_BYTES + nl * d * 12 + upcast[1]
+    return {"atomic": False, "entries": e, "flops": 2 * e * d, "hbm_bytes": hbm, "transient_bytes": transient}
 
 
 def _posint(name: str, v) -> None:
@@ -607,11 +612,11 @@ class _PlanOptions:
         sparse-decode kernels scan (padding inside the m included), plus the sort / gather cost;
         "full" (the code before that compaction, for comparison): they scan all w local slots,
         padding included, and nothing is sorted.
-      encoder_bwd_drop_zeros: True (the code's CSR path: bf16 operands, or the torch backend): the
+      encoder_bwd_drop_zeros: True (the code): the
         encoder backward drops the zero-gradient entries (candidates another shard won) when they
         are over 10 % of its slots, so its CSR holds the rank's winners, Bl*(ks + ka)/tp on average;
         False (what-if, the CUDA code before that filter): every local candidate, Bl*(wm + wa). The
-        atomic path (Triton, fp32 operands) always scatters every slot, zeros included.
+        atomic path (Triton, fp32 operands, when nothing is dropped) scatters every slot, zeros included.
       kernels, kernel_backend, latent_chunk, candidate_buffer_bytes: sae.kernels, sae.kernel_backend,
         the fused encoder's `latent_chunk` (the trainer uses the default 4096) and its candidate
         buffer cap. "auto" plans the Triton path (a GPU plan; `triton_encoder_splits`, the tile
@@ -625,9 +630,9 @@ class _PlanOptions:
         the AuxK widths (exchange, decode) for >= k_aux dead latents, whatever dead_fraction is.
         ValueError outside [0, 1].
       bf16_operand_copies: True (the code under the trainer's bf16 autocast on CUDA,
-        `sae_dist.sae.topk.encoder_operands`): the fused encoder runs on bf16 copies of W_enc, b_enc
-        and x; False: fp32 operands (trainer.bf16=false: pass the tf32 / fp32 rate as
-        cluster.bf16_tflops).
+        `sae_dist.sae.topk.encoder_compute_dtype`): the fused encoder computes on bf16 copies of W_enc,
+        b_enc and x that its forward casts and frees (the gradients stay fp32); False: fp32 operands
+        (trainer.bf16=false: pass the tf32 / fp32 rate as cluster.bf16_tflops).
       topk_value_bytes: bytes of one exchanged candidate value (the code: 4, fp32).
       input_buffers: fp32 [Bl, d] batches resident (current + prefetched).
       workspace_gib: memory margin for the CUDA context, NCCL buffers and allocator slack.
@@ -906,8 +911,8 @@ def _memory(s: _Step) -> _Memory:
 
 
 def _state_memory(s: _Step) -> dict[str, int]:
-    """Bytes per GPU of the persistent state: params, grads, optimizer, ema, dead_latent_state and
-    bf16_operand_copies (fp32 master weights, Adam moments; ZeRO partitions of `part` elements)."""
+    """Bytes per GPU of the persistent state: params, grads, optimizer, ema and dead_latent_state
+    (fp32 master weights, Adam moments; ZeRO partitions of `part` elements)."""
     o, P, part, zero = s.o, s.P, s.part, s.zero
     return {
         "params": 4 * P,
@@ -915,8 +920,6 @@ def _state_memory(s: _Step) -> dict[str, int]:
         "optimizer": (12 * part if not o.offload_optimizer else 0) if zero else 8 * P,
         "ema": 4 * P if o.ema else 0,
         "dead_latent_state": 9 * s.nl,  # int64 tokens-since-fired + bool ever-fired
-        # saved W_enc, b_enc copies
-        "bf16_operand_copies": (2 * s.d * s.nl + 2 * s.nl) if o.bf16_operand_copies else 0,
     }
 
 
@@ -926,7 +929,6 @@ def _kept_activations(s: _Step) -> dict[str, int]:
     return {
         "inputs_fp32": s.o.input_buffers * s.bd,
         "dense_Bxd_buffers": s.n_bd * s.bd,
-        "bf16_input_copy": 2 * Bl * d if s.o.bf16_operand_copies else 0,  # x in bf16, held by the forward
         "encoder_saved_input": Bl * d * vb,  # x - b_dec in the operand dtype, saved for the backward
         "selections": s.e_all * (vb + 8),  # the encoder's values + int64 ids (main and AuxK)
         "keep_masks": sum(len(ms) * Bl * wx for _, wx, ms in s.selections),  # bool [Bl, wx] per width
@@ -941,15 +943,18 @@ def _transients(s: _Step) -> dict[str, dict[str, int]]:
     """Transient bytes per GPU by phase ("forward", "decode_backward", "encoder_backward") and
     component (`transient_bytes`)."""
     o, Bl, wm, vb = s.o, s.Bl, s.wm, s.vb
+    # bf16: the copies of W_enc, b_enc and x the encoder forward casts, alive until it returns
+    cast = (2 * s.d * s.nl + 2 * s.nl + 2 * Bl * s.d) if o.bf16_operand_copies else 0
     fwd: dict[str, int] = {}
     if not o.kernels:
-        fwd["dense_preacts"] = Bl * s.nl * 4 * (2 if s.ka else 1)
+        fwd["dense_preacts"] = cast + Bl * s.nl * 4 * (2 if s.ka else 1)
     elif s.backend == "torch":
-        fwd["encoder_chunk_buffers"] = Bl * s.chunk * vb * (2 if s.ka else 1) + Bl * (8 * wm + 2 * s.wa) * 12
+        fwd["encoder_chunk_buffers"] = (cast + Bl * s.chunk * vb * (2 if s.ka else 1)
+                                        + Bl * (8 * wm + 2 * s.wa) * 12)
     if s.triton:
-        fwd["encoder_split_candidates"] = Bl * s.splits * wm * 8
+        fwd["encoder_split_candidates"] = cast + Bl * s.splits * wm * 8
     if s.dead:  # with the candidate buffers and the main selection, still referenced by _select_triton
-        fwd["auxk_dead_pass"] = s.dead["transient_bytes"] + Bl * s.splits * wm * 8 + Bl * wm * 20
+        fwd["auxk_dead_pass"] = cast + s.dead["transient_bytes"] + Bl * s.splits * wm * 8 + Bl * wm * 20
     for prefix, (exchange_bytes, _, _) in s.exchanges.items():
         fwd[f"{prefix}_exchange"] = exchange_bytes
     return {
@@ -1028,8 +1033,8 @@ def _decode_costs(s: _Step, costs: _Costs) -> None:
 
 def _backward_costs(s: _Step, costs: _Costs) -> None:
     """The backward: the sparse decodes' (and their compactions'), the W_dec gradient sums, the
-    encoder's sparse backward, the b_dec gradient and the bf16 gradient cast."""
-    Bl, d, nl, vb, bf16 = s.Bl, s.d, s.nl, s.vb, s.o.bf16_operand_copies
+    encoder's sparse backward and the b_dec gradient."""
+    Bl, d, nl, vb = s.Bl, s.d, s.nl, s.vb
     for name, w, r, m in s.calls:
         go_reads = Bl * d * 4 * -(-m // _DEC_BLOCK_K)  # grad_out tile re-read per 8-slot code block
         grad_values = go_reads + r * d * 4 + Bl * m * 8 + Bl * m * vb
@@ -1041,9 +1046,7 @@ def _backward_costs(s: _Step, costs: _Costs) -> None:
     if extra:
         costs.add("decoder_grad_accumulate", "bwd", extra * nl * d, extra * 12 * nl * d, "memory")
     costs.add("encoder_sparse_bwd", "bwd", s.ebw["flops"], s.ebw["hbm_bytes"], "memory")
-    costs.add("b_dec_grad", "bwd", 2 * d * nl, d * nl * (10 if bf16 else 4), "memory")
-    if bf16:
-        costs.add("bf16_grad_cast", "bwd", d * nl, 6 * d * nl, "memory")
+    costs.add("b_dec_grad", "bwd", 2 * d * nl, d * nl * 4, "memory")  # reads the fp32 W_enc
 
 
 def _optimizer_costs(s: _Step, costs: _Costs) -> None:
@@ -1201,7 +1204,7 @@ def _config(s: _Step) -> dict[str, Any]:
         "encoder_splits": s.splits if s.triton else 0,
         "dead_fraction": o.dead_fraction, "dead_latents_per_gpu": s.n_dead,
         "auxk_dead_chunk": s.dead["chunk"] if s.dead else 0,
-        "encoder_bwd_grad_w": ("atomic" if s.triton and not o.bf16_operand_copies else "csr"),
+        "encoder_bwd_grad_w": "atomic" if s.ebw["atomic"] else "csr",
         "bf16_operand_copies": o.bf16_operand_copies, "topk_value_bytes": s.vx,
         "input_buffers": o.input_buffers, "workspace_gib": o.workspace_gib,
         "heldout_lm_gib": o.heldout_lm_gib, "tp_link": s.tp_link,
@@ -1495,7 +1498,7 @@ def store_table(st: dict) -> _Table:
 
 def compare_table(results: list[dict]) -> _Table:
     """One row per plan: mesh, memory (state = params + grads + optimizer + EMA + dead-latent state,
-    act = activations + the bf16 W_enc copy, GiB), fit, compute / communication / step time, tokens/s,
+    act = activations, GiB), fit, compute / communication / step time, tokens/s,
     communication share; "enc splits" = the Triton encoder's latent splits."""
     cols = [("B", "r"), ("tp x dp", "l"), ("tp link", "l"), ("ZeRO", "r"), ("exchange", "l"),
             ("enc splits", "r"), ("state GiB", "r"), ("act GiB", "r"), ("total GiB", "r"), ("fits", "l"),
@@ -1509,7 +1512,7 @@ def compare_table(results: list[dict]) -> _Table:
             str(c["zero_stage"]) if c["engine"] == "deepspeed" else "-", c["topk_exchange"],
             f"{c['encoder_splits']}",
             f"{g['params'] + g['grads'] + g['optimizer'] + g['ema'] + g['dead_latent_state']:,.1f}",
-            f"{g['activations'] + g['bf16_operand_copies']:,.1f}", f"{g['total']:,.1f}",
+            f"{g['activations']:,.1f}", f"{g['total']:,.1f}",
             "yes" if r["fits"] else f"no, +{r['excess_gib']:.1f}",
             f"{r['compute_s'] * 1e3:,.0f}", f"{r['tp_comm_s'] * 1e3:,.0f}", f"{r['dp_comm_s'] * 1e3:,.0f}",
             f"{r['step_time_s'] * 1e3:,.0f}", f"{r['tokens_per_s']:,.0f}", f"{100 * r['comm_fraction']:.0f}",

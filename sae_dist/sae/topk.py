@@ -25,23 +25,25 @@ from sae_dist.kernels.sparse_decode import decode_aux, safe_ratio, sparse_decode
 from sae_dist.sae.base import SparseAutoencoder, TrainOutput, normalized_mse
 from sae_dist.sae.config import SAEConfig
 
-__all__ = ["TopKSAE", "TrainOutput", "encoder_operands", "topk_losses_reference"]
+__all__ = ["TopKSAE", "TrainOutput", "encoder_compute_dtype", "topk_losses_reference"]
 
 
-def encoder_operands(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor):
-    """(x, W_enc, b_enc, b_dec) for the fused encoder, in the autocast dtype when autocast is on for
-    their device (e.g. bf16 on CUDA with fp32 master weights), else x cast to W_enc's dtype.
+def encoder_compute_dtype(W_enc: torch.Tensor) -> torch.dtype | None:
+    """The dtype the fused encoder computes in: the autocast dtype when autocast is on for W_enc's
+    device and differs from W_enc's dtype (e.g. bf16 on CUDA with fp32 master weights), else None
+    (W_enc's dtype).
 
     The fused encoder is a custom op that autocast does not see, so without this it would run its
-    matmul in fp32 (tf32 at best) under bf16 autocast; the casts are differentiable, so the fp32
-    parameters still get (fp32) gradients, as for an autocast matmul.
+    matmul in fp32 (tf32 at best) under bf16 autocast. It casts its operands itself
+    (`encode_topk`'s compute_dtype): the fp32 parameters get fp32 gradients, and no bf16 copy of
+    W_enc is held through the backward.
     """
     dev = W_enc.device.type
     if torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
         if dt != W_enc.dtype:
-            return x.to(dt), W_enc.to(dt), b_enc.to(dt), b_dec.to(dt)
-    return x.to(W_enc.dtype), W_enc, b_enc, b_dec
+            return dt
+    return None
 
 
 def _sse(target: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
@@ -165,10 +167,10 @@ class TopKSAE(SparseAutoencoder):
         (`comm.select_topk`), AuxK candidates (values, indices) or (None, None)) of x [B, d_in]: the fused
         encoder's top-min(max(ms), n_local) candidates of this shard (and its top-`k_aux_local` among the
         latents of `dead_mask`)."""
-        xw, W, be, bp = encoder_operands(x, self.W_enc, self.b_enc, self.comm.copy_to_tp(self.b_dec))
         vals, idx, aux_vals, aux_idx = encode_topk(
-            xw, W, be, bp, min(max(ms), self.n_local), dead_mask=dead_mask if k_aux_local else None,
-            k_aux=k_aux_local, backend=self.cfg.kernel_backend)
+            x, self.W_enc, self.b_enc, self.comm.copy_to_tp(self.b_dec), min(max(ms), self.n_local),
+            dead_mask=dead_mask if k_aux_local else None, k_aux=k_aux_local,
+            backend=self.cfg.kernel_backend, compute_dtype=encoder_compute_dtype(self.W_enc))
         return self.comm.select_topk(vals, idx, ms), aux_vals, aux_idx
 
     def _decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,14 @@ def test_full_sizes_fit_eight_minutes():
         gc.FULL.budget("nope")
 
 
+def test_wgrad_paths_agree():
+    """The encoder_matmul step's W_enc-gradient comparison: both paths of `_grad_w_enc` run on the same
+    codes (the atomic kernel under Triton's interpreter here) and agree to fp32 rounding."""
+    w = gc.measure_wgrad(d=8, n=64, batch=16, slots=5, device="cpu", iters=1)
+    assert w["slots"] == 5 and w["atomic_ms"] > 0 and w["csr_ms"] > 0
+    assert w["max_rel_diff"] < 1e-5
+
+
 def test_chip_peaks():
     assert gc.chip_peak("NVIDIA H100 80GB HBM3") == gc.ChipPeak("H100", 989.0, 3350.0)
     assert gc.chip_peak("NVIDIA H200").hbm_gbytes_per_s == 4800.0

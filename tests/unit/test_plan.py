@@ -76,7 +76,8 @@ def test_planned_shards_at_2_24_on_64_gpus():
     # cap allows 2^30 / (131072 x 32 x 8) = 32 splits, so the span widens from 4096 to 262144 / 32 =
     # 8192 latents and the buffers are exactly the cap
     assert r["config"]["encoder_splits"] == 32
-    assert r["transient_bytes"]["forward"]["encoder_split_candidates"] == 131072 * 32 * 32 * 8 == 2**30
+    cast = 2 * 4096 * 262144 + 2 * 262144 + 2 * 131072 * 4096  # the forward's bf16 W_enc, b_enc, x
+    assert r["transient_bytes"]["forward"]["encoder_split_candidates"] - cast == 131072 * 32 * 32 * 8 == 2**30
     # AuxK dead pass: chunks of max(4096, 2 x 2048) = 4096 dead columns, in blocks of
     # 2^27 // (2048 + 4096) = 21845 tokens
     assert r["config"]["auxk_dead_chunk"] == 4096
@@ -97,22 +98,24 @@ def test_memory_equals_hand_count_torch_engine():
     assert m["params"] == 132352 and m["grads"] == 132352  # 4 B each
     assert m["optimizer"] == 264704  # Adam: two fp32 moments
     assert m["dead_latent_state"] == 9 * 256
-    assert m["bf16_operand_copies"] == 64 * 256 * 2 + 256 * 2  # bf16 W_enc and b_enc
+    assert "bf16_operand_copies" not in m  # the encoder forward's bf16 copies are transient (below)
     a = r["activation_bytes"]
     bd = 128 * 64 * 4
     assert a["inputs_fp32"] == 2 * bd  # current + prefetched batch
     assert a["dense_Bxd_buffers"] == 8 * bd  # 4 loss-path + 4 AuxK [Bl, d] fp32 tensors
-    assert a["bf16_input_copy"] == 128 * 64 * 2
     assert a["encoder_saved_input"] == 128 * 64 * 2  # x - b_dec in bf16
     assert a["selections"] == 128 * 8 * (2 + 8) + 128 * 32 * (2 + 8)  # bf16 values + int64 ids
     assert a["keep_masks"] == 128 * 8 + 128 * 32  # one bool [Bl, w] per selection width
     # masked main bf16 values [128, 8] (returned); per decode call its compacted bf16 values, -1-padded
     # int64 ids and the gathers' int64 order over m = 7 (main) and 18 (AuxK) slots
     assert a["decode_inputs"] == 128 * 8 * 2 + 128 * (7 + 18) * (2 + 8 + 8)
-    kept = 65536 + 262144 + 16384 + 16384 + 51200 + 5120 + 59648
-    assert sum(a.values()) == kept == 476416
+    kept = 65536 + 262144 + 16384 + 51200 + 5120 + 59648
+    assert sum(a.values()) == kept == 460032
     t = r["transient_bytes"]
-    assert t["forward"]["encoder_split_candidates"] == 128 * 1 * 8 * 8  # one split (4096 > 256) of k = 8 slots
+    # the encoder forward's bf16 copies of W_enc [64, 256], b_enc [256] and x [128, 64], under each of its
+    # transients (freed when it returns)
+    cast = 64 * 256 * 2 + 256 * 2 + 128 * 64 * 2
+    assert t["forward"]["encoder_split_candidates"] == cast + 128 * 1 * 8 * 8  # one split (4096 > 256) of k = 8
     # AuxK dead pass, worst case (all 256 local latents dead): one chunk (C = min(4096, 256) = 256
     # columns, so never a merge) in one block of 128 tokens: the [128, 256] bf16 pre-activations and
     # its topk's bf16 values and int64 positions [128, 32]; the [128, 32] result (bf16 values, int64
@@ -120,7 +123,7 @@ def test_memory_equals_hand_count_torch_engine():
     # it: the split candidate buffers and the main selection (fp32 values, int64 positions and ids
     # [128, 8])
     dead = 128 * (256 * 2 + 32 * (2 + 8)) + 128 * 32 * (2 + 8) + 65 * 256 * 2 + 256 * 8
-    assert t["forward"]["auxk_dead_pass"] == dead + 8192 + 128 * 8 * 20 == 211456
+    assert t["forward"]["auxk_dead_pass"] == cast + dead + 8192 + 128 * 8 * 20 == 261120
     # AuxK exchange: fp32 copy of the bf16 values, received block + its transpose, 3 uint8 masks,
     # torch.topk's [Bl/tp, 32] values + ids
     assert t["forward"]["auxk_exchange"] == 128 * 32 * 4 + 2 * 128 * 32 * 4 + 3 * 128 * 32 + 32 * 32 * 12
@@ -130,25 +133,26 @@ def test_memory_equals_hand_count_torch_engine():
     assert t["decode_backward"]["decode_grad_buffers"] == 256 * 64 * 4 + 128 * (18 + 32) * 2
     # encoder backward: 16 bytes per candidate slot (5120: masked gradients, ids) and 40 per CSR
     # entry, which holds only the nonzero gradients, the rank's winners: 128 * (8 + 32) / 4 = 1280
-    # (< 0.9 * 5120, so the code filters); CSR pointers and bincount, b_enc grad, the last
-    # [chunk=256, d] fp32 product, fp32 input, bf16 W_enc grad, the fp32 upcast of one [d, chunk=256]
-    # W_enc chunk for the b_dec gradient (here the whole shard: nl = 256 = one chunk)
-    enc = 5120 * 16 + 1280 * 40 + 257 * 16 + 256 * 4 + 256 * 64 * 4 + 128 * 64 * 4 + 64 * 256 * 2 + 64 * 256 * 4
-    assert t["encoder_backward"]["encoder_backward"] == enc == 334864
+    # (< 0.9 * 5120, so the code filters, and takes the CSR path); CSR pointers and bincount, b_enc
+    # grad, the last [chunk=256, d] fp32 product, the fp32 upcast of the saved bf16 x - b_dec. No
+    # copy of W_enc: the gradient is the fp32 parameter's, and the b_dec gradient reads the parameter
+    enc = 5120 * 16 + 1280 * 40 + 257 * 16 + 256 * 4 + 256 * 64 * 4 + 128 * 64 * 4
+    assert r["config"]["encoder_bwd_grad_w"] == "csr"
+    assert t["encoder_backward"]["encoder_backward"] == enc == 236560
     phases = r["activation_phases"]
-    assert phases["forward"] == kept + 211456 and phases["decode_backward"] == kept + 78336
+    assert phases["forward"] == kept + 261120 and phases["decode_backward"] == kept + 78336
     assert phases["encoder_backward"] == 2 * bd + 16384 + 51200 + enc  # inputs, saved x, selections
     assert r["activation_peak_phase"] == "forward"
-    assert m["activations"] == max(phases.values()) == 687872
+    assert m["activations"] == max(phases.values()) == 721152
     assert m["workspace"] == 2 * GiB
-    assert m["total"] == 132352 * 2 + 264704 + 2304 + 33280 + 687872 + 2 * GiB
+    assert m["total"] == 132352 * 2 + 264704 + 2304 + 721152 + 2 * GiB
     assert r["memory_gib"]["total"] == pytest.approx(m["total"] / 2**30)
 
 
 def test_memory_fp32_operands_and_allgather_fallback():
     r = plan(**SMALL, bf16_operand_copies=False, topk_exchange="allgather")
     a, t = r["activation_bytes"], r["transient_bytes"]
-    assert r["memory_bytes"]["bf16_operand_copies"] == 0 and a["bf16_input_copy"] == 0
+    assert t["forward"]["encoder_split_candidates"] == 128 * 8 * 8  # no cast copies under the buffers
     assert a["selections"] == 128 * 40 * 12  # fp32 values + int64 ids
     # one chunk of all 128 tokens (C = 128 x 4 x 32 x 4 bytes under the 256 MiB cap); no send copy
     # (values already fp32): the larger of the gathered tp parts + their concatenation (2 C) and the
@@ -156,22 +160,10 @@ def test_memory_fp32_operands_and_allgather_fallback():
     C = 128 * 4 * 32 * 4
     assert t["forward"]["auxk_exchange"] == max(2 * C, C + 128 * 4 * 32 + 128 * 32 * 12)
     assert a["keep_masks"] == 128 * 8 + 128 * 32  # bool [Bl, w] masks, as with the all_to_all
-    # fp32 operands on the Triton backend: grad W_enc is the atomic-scatter kernel, no CSR index arrays
-    # and no product: the masked fp32 gradients and int64 ids of the 5120 slots and their
-    # concatenations (16 bytes per slot), the fp32 b_enc gradient
-    assert r["config"]["encoder_bwd_grad_w"] == "atomic"
-    assert t["encoder_backward"]["encoder_backward"] == 5120 * 16 + 256 * 4
-    # it scatters every slot (the kernel masks only invalid ids, not zero gradients): 2 x 5120 x 64
-    # FLOPs; HBM: the gradient's zero fill, x once, ids + values per 64-feature tile, atomics
-    assert r["config"]["encoder_bwd_entries"] == 5120
-    assert r["flops"]["encoder_sparse_bwd"]["flops"] == 2 * 5120 * 64
-    assert r["flops"]["encoder_sparse_bwd"]["hbm_bytes"] == (4 * 64 * 256 + 128 * 64 * 4 + 5120 * 12
-                                                             + 5120 * 64 * 8 + 5120 * 40)
-    # the torch backend keeps the CSR path: index arrays, CSR pointers, b_enc grad, the [256, d] product
-    csr = plan(**SMALL, bf16_operand_copies=False, kernel_backend="torch")
-    assert csr["config"]["encoder_bwd_grad_w"] == "csr"
-    assert csr["transient_bytes"]["encoder_backward"]["encoder_backward"] == (5120 * 16 + 1280 * 40 + 257 * 16
-                                                                              + 256 * 4 + 256 * 64 * 4)
+    # CSR over the rank's 1280 winners (tp = 4): index arrays, CSR pointers, b_enc grad, the [256, d]
+    # product; fp32 operands: no upcast of the saved input
+    assert r["config"]["encoder_bwd_grad_w"] == "csr"
+    assert t["encoder_backward"]["encoder_backward"] == 5120 * 16 + 1280 * 40 + 257 * 16 + 256 * 4 + 256 * 64 * 4
     # chunked: at most 5120 bytes of values gathered at a time: 10 tokens for AuxK (4 x 32 x 4 bytes
     # each), 40 for the main TopK (4 x 8 x 4); 13 and 4 gathers, the same bytes, more latency
     ch = plan(**SMALL, bf16_operand_copies=False, topk_exchange="allgather", allgather_chunk_bytes=5120)
@@ -186,13 +178,14 @@ def test_memory_fp32_operands_and_allgather_fallback():
         assert many[name]["time_s"] - one[name]["time_s"] == pytest.approx((calls - 1) * 3 * 5e-6)
 
 
-def test_b_dec_gradient_upcasts_one_latent_chunk_not_the_shard():
-    """The b_dec gradient runs a latent chunk at a time: with latent_chunk = 64 < nl = 256 the
-    encoder backward holds a [d, 64] fp32 W_enc chunk, not a [d, 256] copy. Its CSR products span
-    max(latent_chunk, GRAD_CHUNK_BYTES // (4 d)) latents on CUDA (capped at nl): here all 256."""
+def test_encoder_backward_csr_product_spans_the_cuda_chunk():
+    """The CSR products span max(latent_chunk, GRAD_CHUNK_BYTES // (4 d)) latents on CUDA (capped at
+    nl): here all 256 whatever latent_chunk is; the b_dec gradient reads the fp32 parameter, so no
+    [d, latent_chunk] upcast either."""
     t = plan(**SMALL, latent_chunk=64)["transient_bytes"]["encoder_backward"]["encoder_backward"]
-    assert t == 5120 * 16 + 1280 * 40 + 257 * 16 + 256 * 4 + 256 * 64 * 4 + 128 * 64 * 4 + 64 * 256 * 2 + 64 * 64 * 4
-    # what-if: every local candidate in the CSR (5120 entries of 40 bytes instead of 1280)
+    assert t == 5120 * 16 + 1280 * 40 + 257 * 16 + 256 * 4 + 256 * 64 * 4 + 128 * 64 * 4
+    assert plan(**SMALL)["transient_bytes"]["encoder_backward"]["encoder_backward"] == t
+    # what-if, no zero filter: every local candidate in the CSR (5120 entries of 40 bytes instead of 1280)
     w = plan(**SMALL, latent_chunk=64, encoder_bwd_drop_zeros=False)
     assert w["transient_bytes"]["encoder_backward"]["encoder_backward"] == t + (5120 - 1280) * 40
 
@@ -277,9 +270,9 @@ def test_decode_rows_slots_and_encoder_backward_entries():
     assert r["config"]["encoder_bwd_entries"] == 128 * (8 + 32) // 4  # winners: 1280 < 0.9 * 5120 slots
     assert r["flops"]["encoder_sparse_bwd"]["flops"] == 2 * 1280 * 64
     # HBM: gathered fp32 input rows per entry, 60 bytes per slot (5120) + 320 per entry of index work,
-    # the [nl, d] gradient work (fp32 product 8 + bf16 gradient 2 bytes), the fp32 input cast (6 B)
+    # the [nl, d] gradient work (fp32 product 8 + fp32 gradient 4 bytes), the fp32 input cast (6 B)
     assert r["flops"]["encoder_sparse_bwd"]["hbm_bytes"] == (1280 * 64 * 4 + 5120 * 60 + 1280 * 320
-                                                             + 256 * 64 * 10 + 128 * 64 * 6)
+                                                             + 256 * 64 * 12 + 128 * 64 * 6)
     # what-ifs: every candidate in the CSR; every candidate's row decoded
     w = plan(**SMALL, encoder_bwd_drop_zeros=False)
     assert w["config"]["encoder_bwd_entries"] == 128 * 40
@@ -288,6 +281,26 @@ def test_decode_rows_slots_and_encoder_backward_entries():
     # (4 + 4) / 2 = 4 winners per token, not under 0.9 of the slots, so the code keeps them all
     one = plan(**{**SMALL, "tp": 1})
     assert one["config"]["encoder_bwd_entries"] == 256 // 8 * (8 + 32)
+    # nothing to drop; bf16 operands: the CSR path over every slot (the last product spans all 1024
+    # latents), with the fp32 upcast of the saved bf16 input [32, 64]
+    assert one["config"]["encoder_bwd_grad_w"] == "csr"
+    assert one["transient_bytes"]["encoder_backward"]["encoder_backward"] == (1280 * 16 + 1280 * 40 + 1025 * 16
+                                                                              + 1024 * 4 + 1024 * 64 * 4 + 32 * 64 * 4)
+    # fp32 operands on the Triton backend: the atomic-scatter kernel, no CSR index arrays and no
+    # product; transient: the masked fp32 gradients and int64 ids and their concatenations (16 bytes
+    # per slot), the fp32 b_enc gradient. It scatters every slot: 2 x 1280 x 64 FLOPs; HBM: the
+    # gradient's zero fill, x once, ids + values per 64-feature tile, atomics, slot work
+    fp32 = plan(**{**SMALL, "tp": 1}, bf16_operand_copies=False)
+    assert fp32["config"]["encoder_bwd_grad_w"] == "atomic" and fp32["config"]["encoder_bwd_entries"] == 1280
+    assert fp32["transient_bytes"]["encoder_backward"]["encoder_backward"] == 1280 * 16 + 1024 * 4
+    assert fp32["flops"]["encoder_sparse_bwd"]["flops"] == 2 * 1280 * 64
+    assert fp32["flops"]["encoder_sparse_bwd"]["hbm_bytes"] == (4 * 64 * 1024 + 32 * 64 * 4 + 1280 * 12
+                                                                + 1280 * 64 * 8 + 1280 * 40)
+    # the torch backend keeps the CSR path
+    csr = plan(**{**SMALL, "tp": 1}, bf16_operand_copies=False, kernel_backend="torch")
+    assert csr["config"]["encoder_bwd_grad_w"] == "csr"
+    assert csr["transient_bytes"]["encoder_backward"]["encoder_backward"] == (1280 * 16 + 1280 * 40 + 1025 * 16
+                                                                              + 1024 * 4 + 1024 * 64 * 4)
     # tp = 1: every winner is local, m = w, no compaction
     assert one["config"]["decode_scan_width"] == {"decode": 8, "auxk_decode": 32}
     assert not any("compaction" in name for name in one["flops"])
@@ -515,9 +528,12 @@ def test_candidate_buffer_cap_matches_the_kernel(monkeypatch):
 
 
 def test_planner_constants_mirror_the_kernel_module():
-    """CANDIDATE_BUFFER_BYTES, DEAD_PASS_ELEMENTS, GRAD_CHUNK_BYTES and the tile BLOCK_N per dot
-    precision are the kernel module's (`encoder_topk`, `encoder_launch_config`)."""
+    """CANDIDATE_BUFFER_BYTES, DEAD_PASS_ELEMENTS, GRAD_CHUNK_BYTES, the zero-dropping threshold and the
+    tile BLOCK_N per dot precision are the kernel module's (`encoder_topk`, `encoder_launch_config`)."""
     from sae_dist.kernels import encoder_topk as et
+    from sae_dist.plan import ENCODER_BWD_DROP_BELOW
+
+    assert ENCODER_BWD_DROP_BELOW == et.DROP_ZEROS_BELOW == 0.9
 
     assert CANDIDATE_BUFFER_BYTES == et.CANDIDATE_BUFFER_BYTES == 2**30
     assert DEAD_PASS_ELEMENTS == et.DEAD_PASS_ELEMENTS == 2**27
@@ -694,15 +710,20 @@ def test_dead_fraction_scales_the_auxk_pass_only():
 
 
 def test_encoder_backward_grad_chunk_on_cuda_at_2_24():
-    """bf16 operands (the CSR path) at d_in 4096: the products span GRAD_CHUNK_BYTES // (4 d) = 16384
-    latents, so the last [16384, 4096] fp32 product (256 MiB) is held, not a [latent_chunk, d] one."""
-    r = plan(d_in=D4K, d_sae=N24, k=32, batch_tokens=B_PAPER, tp=64, cluster=H100_8x8)
+    """The CSR path with bf16 operands at d_in 4096: the products span GRAD_CHUNK_BYTES // (4 d) = 16384
+    latents, so the last [16384, 4096] fp32 product (256 MiB) is held, not a [latent_chunk, d] one; the
+    same on the torch and Triton backends (tp = 64: zeros dropped)."""
+    shape = dict(d_in=D4K, d_sae=N24, k=32, batch_tokens=B_PAPER, tp=64, cluster=H100_8x8)
+    r = plan(**shape, kernel_backend="torch")
     Bl, nl, d = 131072, 262144, 4096
     e_all, e = Bl * (32 + 2048), -(-Bl * (32 + 2048) // 64)
     assert r["config"]["encoder_bwd_grad_w"] == "csr" and r["config"]["encoder_bwd_entries"] == e
     want = (e_all * 16 + e * 40 + (nl + 1) * 16 + nl * 4 + (GRAD_CHUNK_BYTES // (4 * d)) * d * 4
-            + Bl * d * 4 + 2 * d * nl + 4 * d * 4096)
+            + Bl * d * 4)
     assert r["transient_bytes"]["encoder_backward"]["encoder_backward"] == want
+    t = plan(**shape)
+    assert t["config"]["encoder_bwd_grad_w"] == "csr" and t["config"]["encoder_bwd_entries"] == e
+    assert t["transient_bytes"]["encoder_backward"] == r["transient_bytes"]["encoder_backward"]
 
 
 # ------------------------------------------------------------------------------------ refusal

@@ -194,8 +194,9 @@ def test_kernels_switch_is_deprecated_and_ignored():
 
 
 def test_fused_encoder_runs_in_the_autocast_dtype(monkeypatch):
-    """Under bf16 autocast the fused encoder gets bf16 operands (autocast cannot see the custom op),
-    and the fp32 master parameters get fp32 gradients close to the fp32 step's."""
+    """Under bf16 autocast the fused encoder selects on bf16 operands (autocast cannot see the custom op),
+    holds no bf16 copy of W_enc for the backward, and the fp32 master parameters get fp32 gradients close
+    to the fp32 step's."""
     _check_autocast_step(monkeypatch, "torch", torch.device("cpu"))
 
 
@@ -206,24 +207,42 @@ def test_autocast_step_through_triton_kernels(monkeypatch, kernel_device):
 
 
 def _check_autocast_step(monkeypatch, backend, dev):
-    import sae_dist.sae.topk as topk_mod
+    import sae_dist.kernels.encoder_topk as enc_mod
+    import sae_dist.kernels.sparse_decode as dec_mod
 
     cfg = dict(d_in=32, d_sae=128, k=4, k_aux=8)
     a, b = _pair(cfg, backend=backend, device=dev)
-    enc = topk_mod.encode_topk
-    seen = []
+    seen, atomic = [], []
+    name = "_select_triton" if backend == "triton" else "_select_torch"
+    select, launch = getattr(enc_mod, name), dec_mod.grad_wdec_atomic_launch
 
-    def spy(x, W, *args, **kw):
-        seen.append((x.dtype, W.dtype))
-        return enc(x, W, *args, **kw)
+    def spy(xc, W, b_enc, *args):
+        seen.append((xc.dtype, W.dtype, b_enc.dtype))
+        return select(xc, W, b_enc, *args)
 
-    monkeypatch.setattr(topk_mod, "encode_topk", spy)
+    def spy_launch(x, idx, g, gw):
+        if gw.stride() == (1, gw.shape[0]):  # the [d_in, d_sae] W_enc gradient (the decoders' are [d_sae, d_in])
+            atomic.append((x.dtype, tuple(gw.shape)))
+        return launch(x, idx, g, gw)
+
+    monkeypatch.setattr(enc_mod, name, spy)
+    monkeypatch.setattr(dec_mod, "grad_wdec_atomic_launch", spy_launch)
     x = torch.randn(64, 32).to(dev)
     dead = (torch.rand(128) < 0.3).to(dev)
-    with torch.autocast(dev.type, dtype=torch.bfloat16):
+    saved = []
+
+    def pack(t):
+        saved.append((tuple(t.shape), t.dtype, t.data_ptr()))
+        return t
+
+    with torch.autocast(dev.type, dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         res_a = a.training_step_losses(x, dead)
     res_a.loss.backward()
-    assert seen == [(torch.bfloat16, torch.bfloat16)]
+    assert seen == [(torch.bfloat16,) * 3]
+    # the only [d_in, d_sae] tensor the graph keeps is the fp32 parameter itself
+    assert [s for s in saved if s[0] == (32, 128)] == [((32, 128), torch.float32, a.W_enc.data_ptr())]
+    # bf16 training takes the CSR W_enc gradient, not the atomic kernel of fp32 training
+    assert atomic == []
     res_b = topk_losses_reference(b, x, dead)  # the dense oracle, fp32
     res_b.loss.backward()
     # bf16 rounding may change which latents win near-ties, so compare directions, not entries

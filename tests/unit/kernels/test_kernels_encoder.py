@@ -171,6 +171,57 @@ def test_bf16_selection_values_and_grads(backend, chunk, kernel_device):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bf16_compute_of_fp32_parameters(backend, kernel_device):
+    """compute_dtype=bf16 with fp32 parameters (the trainer under autocast): the forward equals the
+    call on bf16 copies of the parameters (the same operands), and the gradients are fp32 dense
+    formulas on the bf16 operand x - b_dec, in fp32, with no bf16 rounding of the gradients."""
+    dev = _dev(backend, kernel_device)
+    B, d, n, k, k_aux = 12, 32, 200, 6, 3
+    x, W, be, bp, dead = _problem(B, d, n, seed=11, device=dev)
+    W1, be1, bp1 = _leaf(W, be, bp)
+    v, i, av, ai = encode_topk(x, W1, be1, bp1, k, dead_mask=dead, k_aux=k_aux, backend=backend,
+                               latent_chunk=40, compute_dtype=torch.bfloat16)
+    copies = [t.to(torch.bfloat16) for t in (W, be, bp)]
+    v2, i2, av2, ai2 = encode_topk(x, *copies, k, dead_mask=dead, k_aux=k_aux, backend=backend, latent_chunk=40)
+    assert v.dtype == av.dtype == torch.bfloat16
+    for got, want in ((v, v2), (i, i2), (av, av2), (ai, ai2)):
+        assert torch.equal(got, want)
+    gv, ga = torch.randn(B, k).to(dev), torch.randn(B, k_aux).to(dev)
+    ((v.float() * gv).sum() + (av.float() * ga).sum()).backward()
+    gv, ga = gv.bfloat16().float(), ga.bfloat16().float()  # the values' gradients arrive in bf16
+    G = torch.zeros(B, n, device=dev)
+    G.scatter_add_(1, i, gv * (v.float() > 0))
+    G.scatter_add_(1, ai, ga * (av.float() > 0))
+    xc = (x.to(torch.bfloat16) - bp.to(torch.bfloat16)).float()
+    assert W1.grad.dtype == be1.grad.dtype == bp1.grad.dtype == torch.float32
+    torch.testing.assert_close(W1.grad, xc.T @ G, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(be1.grad, G.sum(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bp1.grad, -(W @ G.sum(0)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("zero_frac", [0.0, 0.5])
+def test_triton_w_enc_gradient_atomic_unless_mostly_zeros(zero_frac, monkeypatch, kernel_device):
+    """Triton backend, fp32: the W_enc gradient is the atomic kernel's when (almost) every entry has a
+    gradient (one process); with half of them zero (under tp > 1, other shards' winners) it is the CSR
+    product over the nonzero ones. Both equal the dense formula."""
+    import sae_dist.kernels.sparse_decode as dec_mod
+
+    launch, calls = dec_mod.grad_wdec_atomic_launch, []
+    monkeypatch.setattr(dec_mod, "grad_wdec_atomic_launch", lambda *a: calls.append(1) or launch(*a))
+    dev = kernel_device
+    B, d, n, k = 16, 32, 200, 6
+    x, W, be, bp, _ = _problem(B, d, n, seed=5, device=dev)
+    W1, be1, bp1 = _leaf(W, be + 10.0, bp)  # every pre-activation positive: no ReLU zeros
+    v, i, _, _ = encode_topk(x, W1, be1, bp1, k, backend="triton")
+    gv = torch.randn(B, k, generator=torch.Generator().manual_seed(6)).to(dev)
+    gv[: int(zero_frac * B)] = 0.0
+    (v * gv).sum().backward()
+    assert len(calls) == (1 if zero_frac == 0 else 0)
+    G = torch.zeros(B, n, device=dev).scatter_add_(1, i, gv)
+    torch.testing.assert_close(W1.grad, (x - bp).T @ G, **kernel_tol(dev, torch.float32))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_dead_mask_edge_cases(backend, kernel_device):
     dev = _dev(backend, kernel_device)
     B, d, n, k = 9, 16, 70, 4
@@ -296,6 +347,7 @@ def test_torch_path_never_allocates_batch_by_latents():
         (dict(k=2, dead_mask=torch.zeros(30)), "dead_mask"),
         (dict(k=2, backend="cuda"), "backend='cuda'"),
         (dict(k=2, latent_chunk=0), "latent_chunk=0"),
+        (dict(k=2, compute_dtype=torch.float64), "compute_dtype=torch.float64"),
     ],
 )
 def test_bad_arguments(kwargs, match):
