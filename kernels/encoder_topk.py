@@ -227,12 +227,14 @@ def _chunk_topk(pre: torch.Tensor, k: int):
 
 @torch.no_grad()
 def _select_torch(xc, W_enc, b_enc, k, dead_mask, k_aux, latent_chunk):
-    """Chunked selection. xc [B, d] = x - b_dec in W_enc's dtype. Returns unsorted
-    (vals [B, k], idx [B, k] int64, aux_vals [B, k_aux] | None, aux_idx | None) of raw pre-acts."""
+    """Chunked selection. xc [B, d] = x - b_dec in the compute dtype; W_enc and b_enc are cast to it a
+    chunk at a time (no copy when they have it already). Returns unsorted (vals [B, k], idx [B, k]
+    int64, aux_vals [B, k_aux] | None, aux_idx | None) of raw pre-acts."""
     B = xc.shape[0]
     n = W_enc.shape[1]
     C = min(latent_chunk, n)
-    buf = _workspace(B * C, W_enc.dtype, W_enc.device)
+    dt = xc.dtype
+    buf = _workspace(B * C, dt, W_enc.device)
     want_aux = k_aux > 0
     if want_aux:
         # Per-chunk dead counts in one host transfer; chunks without dead latents are skipped.
@@ -241,7 +243,7 @@ def _select_torch(xc, W_enc, b_enc, k, dead_mask, k_aux, latent_chunk):
         dm = F.pad(dead_mask, (0, pad)) if pad else dead_mask
         dead_per_chunk = dm.view(n_chunks, C).sum(1).tolist()
         abuf = None  # [B * C] buffer for chunks where most latents are dead (made on first use)
-        neg_inf = torch.full((), float("-inf"), dtype=W_enc.dtype, device=W_enc.device)
+        neg_inf = torch.full((), float("-inf"), dtype=dt, device=W_enc.device)
     main = _RunningTopK(k, flush_width=8 * k)
     # AuxK candidates are few (at most the dead latents): buffer up to a [B, min(C, 2^24 / B)] block
     # of them and reduce once, rather than one torch.topk(k_aux) per chunk.
@@ -251,7 +253,7 @@ def _select_torch(xc, W_enc, b_enc, k, dead_mask, k_aux, latent_chunk):
         c1 = min(n, c0 + C)
         w = c1 - c0
         pre = buf[: B * w].view(B, w)
-        torch.addmm(b_enc[c0:c1], xc, W_enc[:, c0:c1], out=pre)
+        torch.addmm(b_enc[c0:c1].to(dt), xc, W_enc[:, c0:c1].to(dt), out=pre)
         v, i = _chunk_topk(pre, min(k, w))
         i += c0
         main.add(v, i)
@@ -264,7 +266,7 @@ def _select_torch(xc, W_enc, b_enc, k, dead_mask, k_aux, latent_chunk):
             v, i = pre.gather(1, cols.expand(B, nd)), cols + c0  # [B, nd]; faster than index_select
         else:
             if abuf is None:
-                abuf = torch.empty(B * C, dtype=W_enc.dtype, device=W_enc.device)
+                abuf = torch.empty(B * C, dtype=dt, device=W_enc.device)
             apre = abuf[: B * w].view(B, w)
             torch.where(dead_mask[c0:c1], pre, neg_inf, out=apre)
             v, i = apre.topk(min(k_aux, nd), dim=1, sorted=False)
@@ -431,9 +433,11 @@ def _select_triton(xc, W_enc, b_enc, k, dead_mask, k_aux, latent_chunk):
     N = W_enc.shape[1]
     if N >= 2**31:
         raise ValueError(f"d_sae={N} per process must be < 2^31 (int32 latent ids); shard wider")
-    launch, cand_v, cand_i = encoder_launch(xc, W_enc, b_enc, k, latent_chunk)
+    # the kernel reads W_enc in the compute dtype: a cast copy, freed with the launch before the dead pass
+    launch, cand_v, cand_i = encoder_launch(xc, W_enc.to(xc.dtype), b_enc.to(xc.dtype), k, latent_chunk)
     if xc.shape[0]:
         launch.run()
+    del launch
     v, j = cand_v.topk(k, dim=1, sorted=False)
     i = cand_i.gather(1, j).long()
     av = ai = None
@@ -452,11 +456,11 @@ def _select_dead(xc, W_enc, b_enc, dead_mask, k_aux, latent_chunk):
     row among the dead latents (k_aux <= n_dead, as `encode_topk` passes it).
 
     The dead latents' W_enc columns are gathered C = min(max(latent_chunk, 2 k_aux), n_dead) at a
-    time; for each chunk and each block of R = DEAD_PASS_ELEMENTS // (k_aux + C) rows, one [R, C]
-    addmm is merged into the running [B, k_aux] result (one torch.topk over k_aux + C columns). Costs
-    n_dead / n of an encoder matmul; transients are bounded by the block, whatever B and n_dead
-    (sizes: `sae_dist.plan._dead_pass`). Returns unsorted (values [B, k_aux] in W_enc's dtype,
-    int64 latent ids [B, k_aux])."""
+    time and cast to xc's dtype (the compute dtype); for each chunk and each block of
+    R = DEAD_PASS_ELEMENTS // (k_aux + C) rows, one [R, C] addmm is merged into the running
+    [B, k_aux] result (one torch.topk over k_aux + C columns). Costs n_dead / n of an encoder matmul;
+    transients are bounded by the block, whatever B and n_dead (sizes: `sae_dist.plan._dead_pass`).
+    Returns unsorted (values [B, k_aux] in xc's dtype, int64 latent ids [B, k_aux])."""
     B = xc.shape[0]
     dead = dead_mask.nonzero().squeeze(1)
     nd = dead.numel()
@@ -466,7 +470,8 @@ def _select_dead(xc, W_enc, b_enc, dead_mask, k_aux, latent_chunk):
     out_i = torch.empty(B, k_aux, dtype=torch.long, device=xc.device)
     for c0 in range(0, nd, C):
         cols = dead[c0:c0 + C]
-        Wc, bc = W_enc.index_select(1, cols), b_enc.index_select(0, cols)
+        Wc = bc = None  # the previous chunk's columns go before the next ones are gathered
+        Wc, bc = W_enc.index_select(1, cols).to(xc.dtype), b_enc.index_select(0, cols).to(xc.dtype)
         for r0 in range(0, B, R):
             _merge_dead(out_v[r0:r0 + R], out_i[r0:r0 + R], xc[r0:r0 + R], Wc, bc, cols, c0 == 0)
     return out_v, out_i
@@ -508,17 +513,14 @@ class _EncodeTopK(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, backend, latent_chunk,
                 need_x_grad, token_chunk, compute_dtype):
-        # The selection runs on operands in compute_dtype; a cast copy of W_enc lives only until this
-        # forward returns (the backward reads the parameter itself, and its gradients are in its dtype).
-        Wc, bc = ((W_enc, b_enc) if compute_dtype == W_enc.dtype
-                  else (W_enc.to(compute_dtype), b_enc.to(compute_dtype)))
+        # The selection runs on operands in compute_dtype; the selections cast W_enc themselves (the
+        # backward reads the parameter, and its gradients are in its dtype).
         xc = x.to(compute_dtype) - b_dec.to(compute_dtype)
         B = x.shape[0]
         if backend == "triton":
-            v, i, av, ai = _select_triton(xc.contiguous(), Wc, bc, k, dead_mask, k_aux, latent_chunk)
+            v, i, av, ai = _select_triton(xc.contiguous(), W_enc, b_enc, k, dead_mask, k_aux, latent_chunk)
         else:
-            v, i, av, ai = _select_torch(xc, Wc, bc, k, dead_mask, k_aux, latent_chunk)
-        del Wc, bc
+            v, i, av, ai = _select_torch(xc, W_enc, b_enc, k, dead_mask, k_aux, latent_chunk)
         v, i = _sort_desc(v, i)
         values = F.relu(v).to(compute_dtype)
         if av is None:
@@ -702,9 +704,10 @@ def encode_topk(
         [token_chunk * k, d] temporary; only used with need_x_grad).
       compute_dtype: dtype of the selection's operands and of the returned values (float32, bfloat16
         or float16), or None for W_enc's dtype. With fp32 master weights under bf16 autocast pass
-        torch.bfloat16: x, W_enc, b_enc and b_dec are cast inside the forward, the cast W_enc is freed
-        when the forward returns (the backward holds only the parameter), and the gradients come out
-        in the parameters' dtype (fp32, no bf16 gradient to cast).
+        torch.bfloat16: x, W_enc, b_enc and b_dec are cast inside the forward (W_enc a latent chunk at
+        a time on the torch backend; whole for the Triton kernel, freed before the AuxK pass, which
+        casts the dead latents' columns), the backward holds only the parameters, and the gradients
+        come out in their dtype (fp32, no bf16 gradient to cast).
 
     Returns (values, indices, aux_values, aux_indices):
       values [B, k] in compute_dtype, ReLU of the top-k pre-activations, sorted descending

@@ -61,7 +61,8 @@ optimizer offload (host memory bandwidth / PCIe bandwidth).
                        R = DEAD_PASS_ELEMENTS // (ka + C) tokens (DEAD_PASS_ELEMENTS = 2^27): one
                        addmm [R, C] each, 2*Bl*d*nd FLOPs in all (a dense matmul at mfu), merged
                        into the running [Bl, ka] result by one topk over ka + C; HBM: the gather
-                       (2*d*nd*vb, read + write), the blocks and the merges (`_dead_pass`; rough).
+                       from the fp32 parameter (8*d*nd, read + write; + 6*d*nd for the bf16 cast),
+                       the blocks and the merges (`_dead_pass`; rough).
   topk_merge/auxk_merge  the exchange's local selection, masks, and the keep masks applied (tp > 1)
   decode_compaction, multi_topk_/auxk_decode_compaction (`sae_dist.parallel.tp.compact_kept`, when m < w):
                        the rank's kept entries moved to the front of every row and the width cut to
@@ -145,16 +146,18 @@ dead-latent state 9 bytes per latent; activations = what the forward keeps for t
 [Bl, wm] the step returns, the decode calls' compacted values and -1-padded int64 ids [Bl, m] and
 the gathers' int64 order [Bl, m]) + the larger of the forward's and the backward's transient peaks
 (`transient_bytes`):
-  forward: with bf16 operands, the encoder forward's cast copies of W_enc, b_enc and x (2*d*nl +
-    2*nl + 2*Bl*d, freed when it returns: the backward holds only the fp32 parameter) under each of
-    its transients: the Triton split candidate buffers [Bl, splits * wm] fp32 values + int32 ids (8
-    bytes per entry; `triton_encoder_splits`: splits = ceil(nl / span), span = latent_chunk widened
-    so that the buffers stay under candidate_buffer_bytes = 1 GiB, `CANDIDATE_BUFFER_BYTES`, then
-    rounded up to the kernel's BLOCK_N (128 for bf16 dots, 64 for IEEE fp32 dots); one split when
-    even that is over the cap); the AuxK dead-latent pass (Triton; the candidate buffers and the
-    main selection are still alive then): its [Bl, ka] result, the [d, C] gathered columns and one
-    token block's pre-activations, merge and topk (`_dead_pass`; planned for the worst case over
-    dead counts, not for nd); or the exchange buffers; whichever is largest;
+  forward: the Triton split candidate buffers [Bl, splits * wm] fp32 values + int32 ids (8 bytes per
+    entry; `triton_encoder_splits`: splits = ceil(nl / span), span = latent_chunk widened so that
+    the buffers stay under candidate_buffer_bytes = 1 GiB, `CANDIDATE_BUFFER_BYTES`, then rounded up
+    to the kernel's BLOCK_N (128 for bf16 dots, 64 for IEEE fp32 dots); one split when even that is
+    over the cap), with bf16 operands beside the kernel's bf16 copy of W_enc and b_enc (2*d*nl +
+    2*nl, freed before the dead pass; the backward holds only the fp32 parameters); the AuxK
+    dead-latent pass (Triton; the candidate buffers and the main selection are still alive then):
+    its [Bl, ka] result, the [d, C] gathered columns (and, with bf16 operands, their fp32 gather
+    before the cast) and one token block's pre-activations, merge and topk (`_dead_pass`; planned
+    for the worst case over dead counts, not for nd); on the torch backend its [Bl, latent_chunk]
+    chunk buffers and one cast [d, latent_chunk] W_enc chunk; or the exchange buffers; whichever is
+    largest;
   backward: the encoder backward's transients: CSR path, its index arrays (E_all*16 + E*40 bytes)
     and its last [C, d] fp32 product (C above; still referenced when the b_dec gradient runs); atomic
     path, the masked gradients and ids (E_all*16) and the b_enc gradient (4*nl); either path with
@@ -437,7 +440,8 @@ def _gather_rows(tokens: int, tp: int, w: int, value_bytes: int, cap: int) -> in
 def _dead_pass(tokens: int, d: int, n_local: int, k_aux: int, latent_chunk: int, vb: int,
                n_dead: int) -> dict[str, int]:
     """The Triton backend's AuxK pass (`encoder_topk._select_dead`) over a rank's dead latents: chunks
-    of C = min(max(latent_chunk, 2*ka), nd) dead W_enc columns ([d, C] index_select), each in blocks
+    of C = min(max(latent_chunk, 2*ka), nd) dead W_enc columns ([d, C] index_select of the fp32
+    parameter, cast to the operand dtype), each in blocks
     of R = DEAD_PASS_ELEMENTS // (ka + C) tokens: one addmm [R, C] in the operand dtype (vb bytes)
     merged into the running [tokens, ka] result (the first chunk: topk(ka) of the [R, C] block;
     later ones: concatenation with the held ka values, topk(ka) over ka + C, the ids recovered by
@@ -445,12 +449,14 @@ def _dead_pass(tokens: int, d: int, n_local: int, k_aux: int, latent_chunk: int,
 
     Compute over n_dead dead latents (ka = min(k_aux, n_dead), as the code passes): matmul_flops =
     2*tokens*d*n_dead; select_flops: one compare per topk input (tokens*(nd + (chunks-1)*ka));
-    hbm_bytes (rough): the gather (2*d*nd*vb); per token every block written and read, the first
+    hbm_bytes (rough): the gather (8*d*nd: fp32 read + write; with bf16 operands + 6*d*nd for the
+    cast); per token every block written and read, the first
     chunk's topk outputs and ids, and per later chunk the concatenation written and read, topk
     outputs copied, and the id arithmetic (7 int64 passes over ka).
     transient_bytes, the worst case over dead counts (every latent dead: ka = k_aux, C widest):
     the int64 dead ids (8*n_local), the [d, C] gathered columns and C biases, the [tokens, ka]
-    result (values + int64 ids), plus the largest of a block's phases: the first chunk's block and
+    result (values + int64 ids), plus the largest of: the fp32 columns gathered before their cast
+    (4*(d + 1)*C, bf16 operands only), and a block's phases: the first chunk's block and
     its topk outputs (R*(C*vb + ka*(vb + 8))); when some dead count needs a second chunk (C <
     n_local), a merge's block and concatenation (R*vb*(ka + 2C)), the concatenation and topk's
     outputs (R*((ka + C)*vb + ka*(vb + 8))), and topk's outputs with the id temporaries
@@ -462,7 +468,8 @@ def _dead_pass(tokens: int, d: int, n_local: int, k_aux: int, latent_chunk: int,
 
     ka = min(k_aux, n_local)
     C, R = shape(ka, n_local)
-    phases = [R * (C * vb + (ka * (vb + 8) if C > ka else 0))]  # the first chunk's block and topk
+    # the fp32 columns gathered from the parameter before their cast (bf16), then each phase of a block
+    phases = [4 * (d + 1) * C if vb < 4 else 0, R * (C * vb + (ka * (vb + 8) if C > ka else 0))]
     if C < n_local:  # later chunks are merged (some dead count gives more than one chunk)
         phases += [R * vb * (ka + 2 * C), R * ((ka + C) * vb + ka * (vb + 8)), R * ka * (vb + 25)]
     out = {"chunk": C, "rows": R, "matmul_flops": 2 * tokens * d * n_dead, "select_flops": 0,
@@ -475,7 +482,7 @@ def _dead_pass(tokens: int, d: int, n_local: int, k_aux: int, latent_chunk: int,
         per_token = (2 * n_dead * vb + ka * (3 * vb + 24)
                      + later * (3 * (ka + Cp) * vb + ka * (3 * vb + 8 * 7)))
         out["select_flops"] = tokens * (n_dead + later * ka)
-        out["hbm_bytes"] = 2 * d * n_dead * vb + tokens * per_token
+        out["hbm_bytes"] = d * n_dead * (8 + (6 if vb < 4 else 0)) + tokens * per_token
     return out
 
 
@@ -943,18 +950,19 @@ def _transients(s: _Step) -> dict[str, dict[str, int]]:
     """Transient bytes per GPU by phase ("forward", "decode_backward", "encoder_backward") and
     component (`transient_bytes`)."""
     o, Bl, wm, vb = s.o, s.Bl, s.wm, s.vb
-    # bf16: the copies of W_enc, b_enc and x the encoder forward casts, alive until it returns
-    cast = (2 * s.d * s.nl + 2 * s.nl + 2 * Bl * s.d) if o.bf16_operand_copies else 0
+    # bf16: the encoder's cast copy of W_enc and b_enc, whole for the Triton kernel (freed before the
+    # dead pass), a chunk at a time on the torch backend
+    bf16 = o.bf16_operand_copies
     fwd: dict[str, int] = {}
     if not o.kernels:
-        fwd["dense_preacts"] = cast + Bl * s.nl * 4 * (2 if s.ka else 1)
+        fwd["dense_preacts"] = (2 * s.d * s.nl + 2 * s.nl if bf16 else 0) + Bl * s.nl * 4 * (2 if s.ka else 1)
     elif s.backend == "torch":
-        fwd["encoder_chunk_buffers"] = (cast + Bl * s.chunk * vb * (2 if s.ka else 1)
-                                        + Bl * (8 * wm + 2 * s.wa) * 12)
+        fwd["encoder_chunk_buffers"] = ((2 * s.d * s.chunk + 2 * s.chunk if bf16 else 0)
+                                        + Bl * s.chunk * vb * (2 if s.ka else 1) + Bl * (8 * wm + 2 * s.wa) * 12)
     if s.triton:
-        fwd["encoder_split_candidates"] = cast + Bl * s.splits * wm * 8
+        fwd["encoder_split_candidates"] = (2 * s.d * s.nl + 2 * s.nl if bf16 else 0) + Bl * s.splits * wm * 8
     if s.dead:  # with the candidate buffers and the main selection, still referenced by _select_triton
-        fwd["auxk_dead_pass"] = cast + s.dead["transient_bytes"] + Bl * s.splits * wm * 8 + Bl * wm * 20
+        fwd["auxk_dead_pass"] = s.dead["transient_bytes"] + Bl * s.splits * wm * 8 + Bl * wm * 20
     for prefix, (exchange_bytes, _, _) in s.exchanges.items():
         fwd[f"{prefix}_exchange"] = exchange_bytes
     return {

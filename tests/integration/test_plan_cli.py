@@ -82,7 +82,7 @@ def test_cli_json_refusal_and_no_output_dir(tmp_path, console_script, monkeypatc
 
 def test_cli_counts_the_heldout_lm_only_when_the_evaluation_runs(tmp_path, console_script, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = ["sae.d_in=4096", "sae.d_sae=4194304", "trainer.batch_tokens=131072", "cluster.nodes=2", "parallel.tp=16",
+    args = ["sae.d_in=4096", "sae.d_sae=4194304", "trainer.batch_tokens=163840", "cluster.nodes=2", "parallel.tp=16",
             "estimate.heldout_lm_gib=14.9", "output=json"]
     on = console_script("sae-plan", *args)  # trainer.eval_every_steps defaults to 1000: counted, does not fit
     assert on.returncode == 1, on.stderr[-3000:]

@@ -76,7 +76,7 @@ def test_planned_shards_at_2_24_on_64_gpus():
     # cap allows 2^30 / (131072 x 32 x 8) = 32 splits, so the span widens from 4096 to 262144 / 32 =
     # 8192 latents and the buffers are exactly the cap
     assert r["config"]["encoder_splits"] == 32
-    cast = 2 * 4096 * 262144 + 2 * 262144 + 2 * 131072 * 4096  # the forward's bf16 W_enc, b_enc, x
+    cast = 2 * 4096 * 262144 + 2 * 262144  # the kernel's bf16 copy of W_enc and b_enc
     assert r["transient_bytes"]["forward"]["encoder_split_candidates"] - cast == 131072 * 32 * 32 * 8 == 2**30
     # AuxK dead pass: chunks of max(4096, 2 x 2048) = 4096 dead columns, in blocks of
     # 2^27 // (2048 + 4096) = 21845 tokens
@@ -112,18 +112,19 @@ def test_memory_equals_hand_count_torch_engine():
     kept = 65536 + 262144 + 16384 + 51200 + 5120 + 59648
     assert sum(a.values()) == kept == 460032
     t = r["transient_bytes"]
-    # the encoder forward's bf16 copies of W_enc [64, 256], b_enc [256] and x [128, 64], under each of its
-    # transients (freed when it returns)
-    cast = 64 * 256 * 2 + 256 * 2 + 128 * 64 * 2
+    # the kernel's bf16 copy of W_enc [64, 256] and b_enc [256] beside its candidate buffers (freed before
+    # the dead pass)
+    cast = 64 * 256 * 2 + 256 * 2
     assert t["forward"]["encoder_split_candidates"] == cast + 128 * 1 * 8 * 8  # one split (4096 > 256) of k = 8
     # AuxK dead pass, worst case (all 256 local latents dead): one chunk (C = min(4096, 256) = 256
     # columns, so never a merge) in one block of 128 tokens: the [128, 256] bf16 pre-activations and
     # its topk's bf16 values and int64 positions [128, 32]; the [128, 32] result (bf16 values, int64
     # ids), the [64, 256] bf16 gathered columns and their 256 biases, the int64 dead ids. Alive with
     # it: the split candidate buffers and the main selection (fp32 values, int64 positions and ids
-    # [128, 8])
+    # [128, 8]). The columns' fp32 gather before their cast (65 x 256 x 4 bytes) is smaller than the block
     dead = 128 * (256 * 2 + 32 * (2 + 8)) + 128 * 32 * (2 + 8) + 65 * 256 * 2 + 256 * 8
-    assert t["forward"]["auxk_dead_pass"] == cast + dead + 8192 + 128 * 8 * 20 == 261120
+    assert 65 * 256 * 4 < 128 * (256 * 2 + 32 * (2 + 8))
+    assert t["forward"]["auxk_dead_pass"] == dead + 8192 + 128 * 8 * 20 == 211456
     # AuxK exchange: fp32 copy of the bf16 values, received block + its transpose, 3 uint8 masks,
     # torch.topk's [Bl/tp, 32] values + ids
     assert t["forward"]["auxk_exchange"] == 128 * 32 * 4 + 2 * 128 * 32 * 4 + 3 * 128 * 32 + 32 * 32 * 12
@@ -140,12 +141,12 @@ def test_memory_equals_hand_count_torch_engine():
     assert r["config"]["encoder_bwd_grad_w"] == "csr"
     assert t["encoder_backward"]["encoder_backward"] == enc == 236560
     phases = r["activation_phases"]
-    assert phases["forward"] == kept + 261120 and phases["decode_backward"] == kept + 78336
+    assert phases["forward"] == kept + 211456 and phases["decode_backward"] == kept + 78336
     assert phases["encoder_backward"] == 2 * bd + 16384 + 51200 + enc  # inputs, saved x, selections
     assert r["activation_peak_phase"] == "forward"
-    assert m["activations"] == max(phases.values()) == 721152
+    assert m["activations"] == max(phases.values()) == 671488
     assert m["workspace"] == 2 * GiB
-    assert m["total"] == 132352 * 2 + 264704 + 2304 + 721152 + 2 * GiB
+    assert m["total"] == 132352 * 2 + 264704 + 2304 + 671488 + 2 * GiB
     assert r["memory_gib"]["total"] == pytest.approx(m["total"] / 2**30)
 
 
@@ -616,8 +617,9 @@ def test_dead_pass_transient_bounds_its_allocations(monkeypatch, B, d, n, ka, lc
     for mod in (et, planmod):
         monkeypatch.setattr(mod, "DEAD_PASS_ELEMENTS", rows * (ka + C))
     g = torch.Generator().manual_seed(random.randrange(2**31))
-    x, W = torch.randn(B, d, generator=g).to(dtype), torch.randn(d, n, generator=g).to(dtype)
-    b, dead = torch.zeros(n, dtype=dtype), torch.ones(n, dtype=torch.bool)
+    # the trainer's operands: fp32 parameters (cast by the pass itself), x - b_dec in the compute dtype
+    x, W = torch.randn(B, d, generator=g).to(dtype), torch.randn(d, n, generator=g)
+    b, dead = torch.zeros(n), torch.ones(n, dtype=torch.bool)
     measured = _peak_cpu_bytes(lambda: et._select_dead(x, W, b, dead, ka, lc))
     planned = planmod._dead_pass(B, d, n, ka, lc, 2 if dtype == torch.bfloat16 else 4, n)["transient_bytes"]
     assert measured <= planned <= 1.15 * measured, (measured, planned)
@@ -690,10 +692,10 @@ def test_dead_fraction_scales_the_auxk_pass_only():
     assert base["config"]["dead_latents_per_gpu"] == 64
     assert base["flops"]["auxk_dead_matmul"]["flops"] == 2 * 128 * 64 * 64
     assert base["flops"]["auxk_dead_matmul"]["time_s"] == pytest.approx(2 * 128 * 64 * 64 / (989e12 * 0.5))
-    # nd = 64 columns in one chunk (C = min(4096, 64)), wider than ka = 32: gather (bf16 read +
-    # write), the block written and read, its topk's values and ids written, the values copied (read +
-    # write) and the ids gathered (read positions, write ids); no merge
-    assert base["flops"]["auxk_dead_gather_topk"]["hbm_bytes"] == 2 * 64 * 64 * 2 + 128 * (2 * 64 * 2 + 32 * 30)
+    # nd = 64 columns in one chunk (C = min(4096, 64)), wider than ka = 32: gather (fp32 read + write,
+    # then the bf16 cast's read + write), the block written and read, its topk's values and ids
+    # written, the values copied (read + write) and the ids gathered (read positions, write ids); no merge
+    assert base["flops"]["auxk_dead_gather_topk"]["hbm_bytes"] == 64 * 64 * 14 + 128 * (2 * 64 * 2 + 32 * 30)
     # every FLOP costed at mfu: the encoder matmul and the dead pass's
     assert base["matmul_flops"] == base["flops"]["encoder_matmul"]["flops"] + 2 * 128 * 64 * 64
     none = plan(**SMALL, dead_fraction=0)
@@ -749,8 +751,9 @@ def test_refuses_tp8_at_2_24_with_excess_in_gib():
 
 
 def test_heldout_lm_is_counted_and_turning_it_off_is_suggested():
-    # 2^22 latents at tp=16 over 16 H100s: 66.0 GiB per GPU; an 8B LM in bf16 (14.9 GiB) beside it does not fit
-    kw = dict(d_in=D4K, d_sae=2**22, k=32, batch_tokens=B_PAPER, tp=16, cluster={"nodes": 2, "gpus_per_node": 8})
+    # 2^22 latents at tp=16 over 16 H100s, B = 163840: 69.7 GiB per GPU; an 8B LM in bf16 (14.9 GiB) beside it
+    # does not fit
+    kw = dict(d_in=D4K, d_sae=2**22, k=32, batch_tokens=163840, tp=16, cluster={"nodes": 2, "gpus_per_node": 8})
     base, with_lm = plan(**kw), plan(**kw, heldout_lm_gib=14.9)
     assert base["fits"] and base["memory_bytes"]["heldout_lm"] == 0
     assert with_lm["memory_bytes"]["heldout_lm"] == round(14.9 * GiB)

@@ -212,20 +212,24 @@ def _check_autocast_step(monkeypatch, backend, dev):
 
     cfg = dict(d_in=32, d_sae=128, k=4, k_aux=8)
     a, b = _pair(cfg, backend=backend, device=dev)
-    seen, atomic = [], []
-    name = "_select_triton" if backend == "triton" else "_select_torch"
-    select, launch = getattr(enc_mod, name), dec_mod.grad_wdec_atomic_launch
+    mms, atomic = [], []
+    addmm, launch, enc_launch = torch.addmm, dec_mod.grad_wdec_atomic_launch, enc_mod.encoder_launch
 
-    def spy(xc, W, b_enc, *args):
-        seen.append((xc.dtype, W.dtype, b_enc.dtype))
-        return select(xc, W, b_enc, *args)
+    def spy_addmm(bias, m1, m2, *args, **kw):  # the torch path's chunks and the Triton path's dead pass
+        mms.append((bias.dtype, m1.dtype, m2.dtype))
+        return addmm(bias, m1, m2, *args, **kw)
+
+    def spy_encoder(xc, W, b_enc, *args):  # the Triton kernel's operands
+        mms.append((b_enc.dtype, xc.dtype, W.dtype))
+        return enc_launch(xc, W, b_enc, *args)
 
     def spy_launch(x, idx, g, gw):
         if gw.stride() == (1, gw.shape[0]):  # the [d_in, d_sae] W_enc gradient (the decoders' are [d_sae, d_in])
             atomic.append((x.dtype, tuple(gw.shape)))
         return launch(x, idx, g, gw)
 
-    monkeypatch.setattr(enc_mod, name, spy)
+    monkeypatch.setattr(torch, "addmm", spy_addmm)
+    monkeypatch.setattr(enc_mod, "encoder_launch", spy_encoder)
     monkeypatch.setattr(dec_mod, "grad_wdec_atomic_launch", spy_launch)
     x = torch.randn(64, 32).to(dev)
     dead = (torch.rand(128) < 0.3).to(dev)
@@ -238,7 +242,7 @@ def _check_autocast_step(monkeypatch, backend, dev):
     with torch.autocast(dev.type, dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         res_a = a.training_step_losses(x, dead)
     res_a.loss.backward()
-    assert seen == [(torch.bfloat16,) * 3]
+    assert mms and set(mms) == {(torch.bfloat16,) * 3}  # every encoder product on bf16 operands
     # the only [d_in, d_sae] tensor the graph keeps is the fp32 parameter itself
     assert [s for s in saved if s[0] == (32, 128)] == [((32, 128), torch.float32, a.W_enc.data_ptr())]
     # bf16 training takes the CSR W_enc gradient, not the atomic kernel of fp32 training

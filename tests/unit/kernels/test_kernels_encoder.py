@@ -199,6 +199,19 @@ def test_bf16_compute_of_fp32_parameters(backend, kernel_device):
     torch.testing.assert_close(bp1.grad, -(W @ G.sum(0)), rtol=1e-5, atol=1e-5)
 
 
+def test_bf16_compute_casts_w_enc_a_chunk_at_a_time():
+    """compute_dtype=bf16 with fp32 parameters on the torch backend: W_enc is cast one latent chunk at a
+    time, so no bf16 tensor of W_enc's size exists in the forward (every aten op's output recorded)."""
+    d, n, B, chunk = 64, 8192, 8, 256
+    x, W, be, bp, dead = _problem(B, d, n, seed=3)
+    rec = _ShapeRecorder()
+    with rec, torch.no_grad():
+        encode_topk(x, W, be, bp, 4, dead_mask=dead, k_aux=4, backend="torch", latent_chunk=chunk,
+                    compute_dtype=torch.bfloat16)
+    casts = [s for s in rec.biggest if "_to_copy" in s[2]]
+    assert casts and max(casts)[0] == d * chunk  # the largest cast: one [d, chunk] slice
+
+
 @pytest.mark.parametrize("zero_frac", [0.0, 0.5])
 def test_triton_w_enc_gradient_atomic_unless_mostly_zeros(zero_frac, monkeypatch, kernel_device):
     """Triton backend, fp32: the W_enc gradient is the atomic kernel's when (almost) every entry has a
