@@ -376,11 +376,15 @@ def measure_matmul(d: int, n: int, batch: int, dtype: str, device: str, iters: i
     dst = torch.empty_like(src)
     copy_ms = statistics.median(_time_ms(lambda i: dst.copy_(src), iters, 2, dev))
     src = dst = None  # the copy's buffers go before the W_enc-gradient timings
-    return {"device_info": _device_info(dev), "d": d, "n": n, "batch": batch, "dtype": dtype,
-            "matmul_ms": by_layout[best], "layout": best, "matmul_ms_by_layout": by_layout,
-            "tflops": 2 * batch * d * n / (by_layout[best] * 1e-3) / 1e12,
-            "copy_gbytes_per_s": 2 * copy_mib * 2**20 / (copy_ms * 1e-3) / 1e9, "copy_mib": copy_mib,
-            "wgrad": measure_wgrad(d, n, batch, wgrad_slots, device, iters)}
+    out = {"device_info": _device_info(dev), "d": d, "n": n, "batch": batch, "dtype": dtype,
+           "matmul_ms": by_layout[best], "layout": best, "matmul_ms_by_layout": by_layout,
+           "tflops": 2 * batch * d * n / (by_layout[best] * 1e-3) / 1e12,
+           "copy_gbytes_per_s": 2 * copy_mib * 2**20 / (copy_ms * 1e-3) / 1e9, "copy_mib": copy_mib}
+    try:  # a failure here must not cost the matmul numbers the goals need
+        out["wgrad"] = measure_wgrad(d, n, batch, wgrad_slots, device, iters)
+    except Exception as e:  # noqa: BLE001 - recorded, not raised
+        out["wgrad"] = {"slots": wgrad_slots, "error": f"{type(e).__name__}: {e}"[:2000]}
+    return out
 
 
 def write_synthetic_store(path: str, d: int, tokens: int, features: int, p_active: float, seed: int) -> dict:
@@ -603,9 +607,10 @@ def step_matmul(c: Check) -> None:
     m["fraction_of_peak"] = m["tflops"] / peak["bf16_tflops"] if peak and s.dtype == "bf16" else None
     frac = f" = {100 * m['fraction_of_peak']:.1f} % of {peak['bf16_tflops']:g}" if m["fraction_of_peak"] else ""
     w = m["wgrad"]
+    wg = (f"failed ({w['error'][:200]})" if "error" in w else
+          f"atomic {w['atomic_ms']:.3g} ms, CSR {w['csr_ms']:.3g} ms (max rel diff {w['max_rel_diff']:.1e})")
     c.save("encoder_matmul", "ok", f"{m['matmul_ms']:.3g} ms ({m['layout']}), {m['tflops']:.4g} TFLOP/s{frac}; "
-           f"copy {m['copy_gbytes_per_s']:.0f} GB/s; W_enc gradient over {w['slots']} codes per token: atomic "
-           f"{w['atomic_ms']:.3g} ms, CSR {w['csr_ms']:.3g} ms (max rel diff {w['max_rel_diff']:.1e})",
+           f"copy {m['copy_gbytes_per_s']:.0f} GB/s; W_enc gradient over {w['slots']} codes per token: {wg}",
            res.duration_s, s.budget("encoder_matmul"), **m)
 
 
