@@ -591,8 +591,7 @@ def _grad_w_enc(xcf, g, idx, block, W_enc, atomic, latent_chunk):
     gf = g.reshape(-1)
     # entries with g = 0 add nothing: ReLU-clipped values, and under tensor parallelism the
     # candidates another shard won (most of a rank's AuxK candidates)
-    nz = gf.nonzero().squeeze(1)
-    sparse = nz.numel() < DROP_ZEROS_BELOW * gf.numel()
+    sparse = int(torch.count_nonzero(gf)) < DROP_ZEROS_BELOW * gf.numel()
     if atomic and not sparse and not torch.are_deterministic_algorithms_enabled():
         from .sparse_decode import grad_wdec_atomic_launch
 
@@ -600,12 +599,12 @@ def _grad_w_enc(xcf, g, idx, block, W_enc, atomic, latent_chunk):
         if g.numel():
             grad_wdec_atomic_launch(xcf.contiguous(), idx.contiguous(), g.contiguous(), gW.t()).run()
         return gW
-    return _grad_w_enc_csr(xcf, gf, idx, nz if sparse else None, block, W_enc, latent_chunk)
+    return _grad_w_enc_csr(xcf, gf, idx, block, W_enc, latent_chunk, drop_zeros=sparse)
 
 
-def _grad_w_enc_csr(xcf, gf, idx, nz, block, W_enc, latent_chunk):
+def _grad_w_enc_csr(xcf, gf, idx, block, W_enc, latent_chunk, drop_zeros):
     """`_grad_w_enc` by CSR x dense products: gf [B * kk] the flat gradients of the entries idx [B, kk],
-    nz the positions of the nonzero ones to keep (None: keep all)."""
+    only the nonzero ones kept when drop_zeros."""
     d, n = W_enc.shape
     B, kk = idx.shape
     # The entries are sorted by latent (stable sort: deterministic on CPU), so each latent chunk is a
@@ -614,7 +613,8 @@ def _grad_w_enc_csr(xcf, gf, idx, nz, block, W_enc, latent_chunk):
     # GRAD_CHUNK_BYTES per product (few Python iterations at large n).
     rows = idx.reshape(-1)
     toks = torch.arange(B, device=gf.device).repeat_interleave(kk)
-    if nz is not None:
+    if drop_zeros:
+        nz = gf.nonzero().squeeze(1)
         rows, toks, gf = rows[nz], toks[nz], gf[nz]
     order = torch.argsort(rows, stable=True)
     toks, gf = toks[order], gf[order]

@@ -557,7 +557,7 @@ def plan(
         it), tp_link / dp_link ("intra" | "inter" | "none").
       cluster: the Cluster fields.
       shard_shapes: {name: [dims]} per GPU; params_per_gpu: int.
-      memory_bytes: {params, grads, optimizer, ema, dead_latent_state, bf16_operand_copies,
+      memory_bytes: {params, grads, optimizer, ema, dead_latent_state,
         activations, zero_buckets, workspace, heldout_lm, total} per GPU in bytes; memory_gib: the same in GiB;
         host_memory_bytes: per GPU on the host (optimizer offload), else 0.
       activation_bytes: {component: bytes} kept for the backward; transient_bytes: {phase: {component:
@@ -952,15 +952,15 @@ def _transients(s: _Step) -> dict[str, dict[str, int]]:
     o, Bl, wm, vb = s.o, s.Bl, s.wm, s.vb
     # bf16: the encoder's cast copy of W_enc and b_enc, whole for the Triton kernel (freed before the
     # dead pass), a chunk at a time on the torch backend
-    bf16 = o.bf16_operand_copies
+    cast = 2 * (s.d + 1) if o.bf16_operand_copies else 0  # bytes per latent of a bf16 W_enc, b_enc copy
     fwd: dict[str, int] = {}
     if not o.kernels:
-        fwd["dense_preacts"] = (2 * s.d * s.nl + 2 * s.nl if bf16 else 0) + Bl * s.nl * 4 * (2 if s.ka else 1)
+        fwd["dense_preacts"] = cast * s.nl + Bl * s.nl * 4 * (2 if s.ka else 1)
     elif s.backend == "torch":
-        fwd["encoder_chunk_buffers"] = ((2 * s.d * s.chunk + 2 * s.chunk if bf16 else 0)
-                                        + Bl * s.chunk * vb * (2 if s.ka else 1) + Bl * (8 * wm + 2 * s.wa) * 12)
+        fwd["encoder_chunk_buffers"] = (cast * s.chunk + Bl * s.chunk * vb * (2 if s.ka else 1)
+                                        + Bl * (8 * wm + 2 * s.wa) * 12)
     if s.triton:
-        fwd["encoder_split_candidates"] = (2 * s.d * s.nl + 2 * s.nl if bf16 else 0) + Bl * s.splits * wm * 8
+        fwd["encoder_split_candidates"] = cast * s.nl + Bl * s.splits * wm * 8
     if s.dead:  # with the candidate buffers and the main selection, still referenced by _select_triton
         fwd["auxk_dead_pass"] = s.dead["transient_bytes"] + Bl * s.splits * wm * 8 + Bl * wm * 20
     for prefix, (exchange_bytes, _, _) in s.exchanges.items():

@@ -67,8 +67,7 @@ def train_one(work: Path, run: str, n: int, steps: int) -> None:
 
 def _finished_log(run_dir: Path, steps: int) -> list[dict] | None:
     """run_dir's train_log.jsonl records when the run reached step `steps`, else None."""
-    log = run_dir / "train_log.jsonl"
-    recs = gc._read_jsonl(log) if log.is_file() else []
+    recs = gc._read_jsonl(run_dir / "train_log.jsonl")  # [] when absent
     return recs if any(r.get("step") == steps for r in recs) else None
 
 
