@@ -6,6 +6,7 @@ module imports without Triton, and only `backend="triton"` (or `"auto"` on CUDA)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import warnings
@@ -207,11 +208,16 @@ class Launch:
         self.options = {**COMPILE_OPTIONS, **(options or {})}  # the interpreter ignores them
 
     def run(self) -> None:
+        """Launch the kernel on the device of its CUDA tensor arguments (and that device's current stream):
+        Triton launches on the *current* CUDA device, which need not be the tensors' (a single process
+        on cuda:1 keeps cuda:0 current)."""
         if _RECORDERS:
             key = self.variant_key()
             for rec in _RECORDERS:
                 rec.add(key)
-        self.kernel[self.grid](*self.args, **self.constexprs, **self.options)
+        dev = next((a.device for a in self.args if isinstance(a, torch.Tensor) and a.is_cuda), None)
+        with torch.cuda.device(dev) if dev is not None else contextlib.nullcontext():
+            self.kernel[self.grid](*self.args, **self.constexprs, **self.options)
 
     def signature(self) -> list[tuple]:
         """Triton's specialisation of each runtime argument, as its JIT computes it: (type, attribute)

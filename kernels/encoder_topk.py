@@ -64,6 +64,7 @@ torch.topk: 1.12x), backward 0.08x; with AuxK (k_aux=256, 5% dead) forward 1.21x
 
 from __future__ import annotations
 
+import itertools
 import threading
 import warnings
 
@@ -242,6 +243,8 @@ def _select_torch(xc, W_enc, b_enc, k, dead_mask, k_aux, latent_chunk):
         pad = n_chunks * C - n
         dm = F.pad(dead_mask, (0, pad)) if pad else dead_mask
         dead_per_chunk = dm.view(n_chunks, C).sum(1).tolist()
+        dead_ids = dead_mask.nonzero().squeeze(1)  # ascending; chunk ci's are a slice (no sync per chunk)
+        dead_start = [0, *itertools.accumulate(dead_per_chunk)]
         abuf = None  # [B * C] buffer for chunks where most latents are dead (made on first use)
         neg_inf = torch.full((), float("-inf"), dtype=dt, device=W_enc.device)
     main = _RunningTopK(k, flush_width=8 * k)
@@ -262,8 +265,8 @@ def _select_torch(xc, W_enc, b_enc, k, dead_mask, k_aux, latent_chunk):
             continue
         if 2 * nd <= w:
             # few dead latents in this chunk (the usual case): gather their columns only
-            cols = dead_mask[c0:c1].nonzero().squeeze(1)
-            v, i = pre.gather(1, cols.expand(B, nd)), cols + c0  # [B, nd]; faster than index_select
+            ids = dead_ids[dead_start[ci]:dead_start[ci + 1]]
+            v, i = pre.gather(1, (ids - c0).expand(B, nd)), ids  # [B, nd]; faster than index_select
         else:
             if abuf is None:
                 abuf = torch.empty(B * C, dtype=dt, device=W_enc.device)
@@ -345,6 +348,9 @@ if triton is not None:
                 w_ptrs += w_step
             bias = tl.load(b_ptr + cols64, mask=col_ok, other=0.0).to(tl.float32)
             acc = tl.where(col_ok[None, :], acc + bias[None, :], float("-inf"))
+            # NaN ranks as +inf (torch.topk ranks it first): compiled tl.max skips NaN but tl.argmax
+            # does not, so a NaN left in would pair one column's value with another's index
+            acc = tl.where(acc != acc, float("inf"), acc)
             rv, ri = _merge_tile(acc, n0, rv, ri, K_PAD, BLOCK_N)
         # candidate buffers are [B, SPLITS * K]: this split's k slots of each row
         out_off = rows64[:, None] * stride_ob + (pid_s * K + kcols)[None, :].to(tl.int64)
@@ -371,19 +377,22 @@ def encoder_launch_config(d_in: int, k: int, precision: str | None, interpret: b
     pipeline, a running top-k of K_PAD = next_pow2(k) slots per row in registers (8 warps, or 4 for 16-bit
     inputs at K_PAD <= 32 from Triton 3.5 on: before it 4 warps spill there). 16-bit inputs take
     BLOCK_D = 64, fp32 BLOCK_D = 32, so a pipeline stage is the same number of bytes; IEEE dots hold
-    their operands in registers and take half the token and latent blocks. The interpreter (CPU tests) takes
-    small tiles. d_in enters only through masking (any d_in compiles to the same kernel).
+    their operands in registers and take half the token and latent blocks. From K_PAD = 256 (Multi-TopK's
+    4k at k = 64) the token block shrinks so that BLOCK_B x K_PAD stays 8192 slots (at 64 rows it spilled
+    168 / 404 bytes for bf16 / TF32 with Triton 3.9). The interpreter (CPU tests) takes small tiles. d_in
+    enters only through masking (any d_in compiles to the same kernel).
     Returns a dict with BLOCK_B, BLOCK_N, BLOCK_D, K_PAD, num_warps, num_stages.
     """
     K_PAD = max(2, _next_pow2(k))
     if interpret:
         return dict(BLOCK_B=16, BLOCK_N=32, BLOCK_D=16, K_PAD=K_PAD, num_warps=4, num_stages=1)
+    rows = max(16, min(64, 8192 // K_PAD))  # the running top-k's slots per program stay <= 8192
     if precision is None:
         # 4 warps spill at K_PAD = 32 before Triton 3.5 (616 / 48 bytes with 3.3 / 3.4), 8 do not
         warps = 8 if K_PAD >= 64 or (triton_release() or (0, 0)) < (3, 5) else 4
-        return dict(BLOCK_B=64, BLOCK_N=128, BLOCK_D=64, K_PAD=K_PAD, num_warps=warps, num_stages=3)
+        return dict(BLOCK_B=rows, BLOCK_N=128, BLOCK_D=64, K_PAD=K_PAD, num_warps=warps, num_stages=3)
     ieee = precision == "ieee"
-    return dict(BLOCK_B=32 if ieee else 64, BLOCK_N=64 if ieee else 128, BLOCK_D=32, K_PAD=K_PAD,
+    return dict(BLOCK_B=min(32, rows) if ieee else rows, BLOCK_N=64 if ieee else 128, BLOCK_D=32, K_PAD=K_PAD,
                 num_warps=8, num_stages=3)
 
 
@@ -658,8 +667,10 @@ def _grad_x(g, idx, block, W_enc, token_chunk):
 
 
 def _grad_b_dec(W_enc, gsum, latent_chunk):
-    """grad b_dec [d] = -W_enc @ gsum in fp32, a latent chunk at a time (no fp32 copy of a 16-bit
-    W_enc), cast to W_enc's dtype."""
+    """grad b_dec [d] = -W_enc @ gsum in fp32, cast to W_enc's dtype: one product for an fp32 W_enc, a latent
+    chunk at a time for a 16-bit one (no fp32 copy of it)."""
+    if W_enc.dtype == torch.float32:
+        return -(W_enc @ gsum)
     d, n = W_enc.shape
     acc = torch.zeros(d, dtype=torch.float32, device=gsum.device)
     C = max(1, min(latent_chunk, n))
@@ -711,7 +722,8 @@ def encode_topk(
 
     Returns (values, indices, aux_values, aux_indices):
       values [B, k] in compute_dtype, ReLU of the top-k pre-activations, sorted descending
-        (a value is 0 when fewer than k pre-activations are positive); indices [B, k] int64.
+        (a value is 0 when fewer than k pre-activations are positive); indices [B, k] int64. A NaN
+        pre-activation ranks first, as in torch.topk: NaN on the torch path, +inf from the Triton kernel.
       aux_values / aux_indices [B, k_eff] with k_eff = min(k_aux, number of dead latents), the
         ReLU'd top pre-activations among dead latents, in no particular order (the AuxK input); width 0
         when no latent is dead; both None when k_aux == 0 or dead_mask is None.

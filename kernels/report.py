@@ -51,11 +51,21 @@ def _torch_dtype(name: str):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp32-ieee": torch.float32}[name]
 
 
+def _multi_topk_factor() -> int:
+    """SAEConfig's default Multi-TopK factor (the encoder then selects factor x k latents per token)."""
+    import dataclasses
+
+    from sae_dist.sae.config import SAEConfig
+
+    return next(f.default for f in dataclasses.fields(SAEConfig) if f.name == "multi_topk_factor")
+
+
 def config_launches(d_in: int, k: int, k_aux: int, dtype: str) -> list:
     """The Triton launches of one TopK-SAE training step at (d_in, k, k_aux, dtype), built from meta
-    tensors of shape B = REPORT_TOKENS, n = REPORT_LATENTS: the fused encoder, the main sparse decode
-    (forward, grad of values, grad of W_dec by atomics and by the deterministic row sum) and the AuxK
-    decode (k_aux codes, fp32 output, no b_dec). Returns a list of `_common.Launch`."""
+    tensors of shape B = REPORT_TOKENS, n = REPORT_LATENTS: the fused encoder (at k, and at Multi-TopK's
+    factor x k with SAEConfig's default factor), the main sparse decode (forward, grad of values, grad of
+    W_dec by atomics and by the deterministic row sum) and the AuxK decode (k_aux codes, fp32 output, no
+    b_dec). Returns a list of `_common.Launch`."""
     import torch
 
     from . import encoder_topk as et
@@ -68,6 +78,9 @@ def config_launches(d_in: int, k: int, k_aux: int, dtype: str) -> list:
     W_dec = torch.empty(n, d_in, dtype=dt, device=m)
     b_enc, b_dec = torch.empty(n, dtype=dt, device=m), torch.empty(d_in, dtype=dt, device=m)
     out = [et.encoder_launch(xc, W_enc, b_enc, k, 4096)[0]]
+    multi = et.encoder_launch(xc, W_enc, b_enc, _multi_topk_factor() * k, 4096)[0]
+    multi.name = "encoder_topk.multi_topk"  # Multi-TopK's encoder selects factor x k per token
+    out.append(multi)
     for kk, name, bias, out_dtype in ((k, "decode", b_dec, dt), (k_aux, "auxk_decode", None, torch.float32)):
         vals = torch.empty(B, kk, dtype=dt, device=m)
         idx = torch.empty(B, kk, dtype=torch.int64, device=m)

@@ -3,7 +3,7 @@
     python -m sae_dist.gpu_check [--dry] [--out DIR] [--device cpu|cuda] [--keep-work]
     python -m sae_dist.gpu_check --recalibrate DIR/gpu_check.json
 
-On one H100/H200 it finishes within `FULL.total_budget_s` (455 s, under 8 minutes) and writes
+On one H100/H200 it finishes within `FULL.total_budget_s` (465 s, under 8 minutes) and writes
 `gpu_check.json` (every number), `gpu_check.md` (markdown tables), `kernel_tests.xml` (junit),
 `gpu_check.log` (every command with its output) and the two training logs into `--out`
 (default runs/gpu_check). Steps, in order, each a subprocess under its own time budget (seconds):
@@ -148,7 +148,7 @@ class CheckSizes:
     curve_window: int
     curve_skip_frac: float
     budgets_s: dict[str, float] = field(default_factory=dict)
-    total_budget_s: float = 455.0
+    total_budget_s: float = 465.0
 
     def budget(self, step: str) -> float:
         """Time budget of `step` in seconds (KeyError naming the step when it has none)."""
@@ -161,7 +161,8 @@ class CheckSizes:
 _BUDGET_KEYS = ("kernel_tests", "encoder_matmul", "bench_large", "bench_large_dead0", "bench_small",
                 "synthetic_store", "train_kernels_on", "train_kernels_off")
 
-#: One H100/H200: 450 s of step budgets inside a 455 s deadline, counted from the check's start: the 8-minute
+#: One H100/H200: 450 s of step budgets inside a 465 s deadline, counted from the check's start: 15 s for the
+#: check's own work between steps (the sparsify import check, sae-plan, the file writes), and the 8-minute
 #: limit less the interpreter's start, the imports and the last write.
 FULL = CheckSizes(
     mode="full", device="cuda", dtype="bf16", d_in=768, k=32, batch=32768, n_small=2**17, n_large=2**20,
@@ -170,7 +171,7 @@ FULL = CheckSizes(
     train_n=2**16, train_k=32, train_batch=4096, train_steps=1000, train_log_every=10,
     train_dead_tokens=25 * 4096, store_tokens=65536, store_features=2048, store_p_active=0.015,
     curve_rtol=0.01, curve_window=5, curve_skip_frac=0.1,
-    budgets_s=dict(zip(_BUDGET_KEYS, (95, 35, 115, 45, 45, 15, 50, 50), strict=True)), total_budget_s=455.0,
+    budgets_s=dict(zip(_BUDGET_KEYS, (95, 35, 115, 45, 45, 15, 50, 50), strict=True)), total_budget_s=465.0,
 )
 
 #: Tiny shapes, fp32, the CPU: the same steps in well under a minute on a 2-core machine.

@@ -141,11 +141,12 @@ def refine_all(
     """Non-negative least squares over ALL latents, started from the encoder code.
 
     Args:
-        x: SAE inputs [N, d_in]; z0: encoder code [N, d_sae] (dense); W_dec [d_sae, d_in]; b_dec [d_in].
+        x: SAE inputs [N, d_in]; z0: encoder code [N, d_sae] (dense; on any device: each chunk of tokens is
+        moved to W_dec's, where the iterations run); W_dec [d_sae, d_in]; b_dec [d_in].
         max_iter, tol: FISTA limits (step 1 / ||W_dec||_2^2); chunk: tokens per batch.
 
     Returns:
-        z float64 [N, d_sae] >= 0 approximately minimising ||x - b_dec - z W_dec||^2 (FISTA stops after
+        z float64 [N, d_sae] on the CPU, >= 0 approximately minimising ||x - b_dec - z W_dec||^2 (FISTA stops after
         max_iter iterations: with d_sae > d_in the minimiser is not unique; the result is the one
         reached from z0).
     """
@@ -154,7 +155,7 @@ def refine_all(
     out = torch.zeros(z0.shape, dtype=torch.float64)
     for i in range(0, x.shape[0], chunk):
         target = x[i : i + chunk].to(torch.float64) - b_dec.to(torch.float64)
-        zc = z0[i : i + chunk].to(torch.float64)
+        zc = z0[i : i + chunk].to(W.device, torch.float64)  # z0 may be on the CPU (the caller's scatter)
         lipb = lip.expand(zc.shape[0])
         out[i : i + chunk] = _fista(partial(_grad_lstsq, W=W, target=target), zc, lipb, max_iter, tol).cpu()
     return out

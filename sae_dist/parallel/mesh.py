@@ -145,6 +145,8 @@ def init_parallel(tp: int = 1, device: str | torch.device = "cpu", groups: int =
                 f"parallel.tp={tp} needs {tp} processes (one per latent shard) but this is a single "
                 f"process: launch with `torchrun --nproc-per-node {tp} ...` (launch/torchrun.sh {tp} ...)"
             )
+        if device.type == "cuda" and device.index is not None:  # as under a launcher: "cuda" means this GPU
+            torch.cuda.set_device(device)
         return ParallelContext(device=device)
     if world % (groups * tp):
         raise ValueError(

@@ -60,18 +60,28 @@ __all__ = ["TrainerConfig", "train", "make_optimizer"]
 
 
 def _rng_state() -> dict:
+    """The RNG states of this process: torch's CPU generator, Python's, NumPy's and, with CUDA, the current
+    device's generator only (the one this rank uses: a job resumed on fewer visible GPUs restores it)."""
     st = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
+        st["cuda"] = torch.cuda.get_rng_state()
     return st
 
 
 def _set_rng_state(st: dict) -> None:
+    """Restore `_rng_state`'s states; the CUDA one into the current device. A checkpoint of an older version
+    holds one CUDA state per visible device: the current device's is restored, if it was saved."""
     torch.set_rng_state(st["torch"])
     random.setstate(st["python"])
     np.random.set_state(st["numpy"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
+    cuda = st.get("cuda")
+    if cuda is None or not torch.cuda.is_available():
+        return
+    if isinstance(cuda, (list, tuple)):
+        i = torch.cuda.current_device()
+        cuda = cuda[i] if i < len(cuda) else None
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda)
 
 
 def _open_store(data, batch_tokens, seed, tcfg: TrainerConfig, device, normalize,

@@ -15,7 +15,7 @@ from sae_dist.kernels._common import record_variants
 from sae_dist.kernels.encoder_topk import encode_topk
 from sae_dist.kernels.sparse_decode import auxk_loss
 
-KERNELS = {"encoder_topk"} | {f"{p}.{k}" for p in ("decode", "auxk_decode")
+KERNELS = {"encoder_topk", "encoder_topk.multi_topk"} | {f"{p}.{k}" for p in ("decode", "auxk_decode")
                               for k in ("fwd", "grad_values", "grad_wdec_atomic", "grad_wdec_rows")}
 
 

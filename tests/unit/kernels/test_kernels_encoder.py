@@ -266,6 +266,24 @@ def test_dead_mask_edge_cases(backend, kernel_device):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_nan_pre_activations_rank_first_with_their_own_index(backend, kernel_device):
+    """A NaN pre-activation (a NaN b_enc entry) is selected first, as torch.topk ranks NaN, under its own
+    latent id and with a non-finite value, so the loss turns non-finite and the trainer stops. Compiled
+    Triton's tl.max skips NaN while tl.argmax does not: a kernel that left NaN in its tiles paired one
+    column's value with another's id; the interpreter (NumPy's nanmax / nanargmax) dropped the latent."""
+    dev = _dev(backend, kernel_device)
+    B, d, n, k = 6, 16, 150, 4
+    x, W, be, bp, _ = _problem(B, d, n, seed=7, device=dev)
+    be[[17, 101]] = float("nan")
+    v, i, _, _ = encode_topk(x, W, be, bp, k, backend=backend, latent_chunk=64)
+    _, ri, _, _ = _dense(x, W, be, bp, k)
+    assert _same_sets(i, ri) and _same_sets(i[:, :2], torch.tensor([[17, 101]] * B, device=dev))
+    assert not v[:, :2].isfinite().any() and v[:, 2:].isfinite().all()
+    finite = _dense(x, W, be.nan_to_num(nan=-1e4), bp, k - 2)[0]
+    torch.testing.assert_close(v[:, 2:], finite, **kernel_tol(dev, torch.float32))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_relu_zero_values_get_no_gradient(backend, kernel_device):
     """All pre-activations negative: values are 0 and nothing may flow back (ReLU)."""
     dev = _dev(backend, kernel_device)

@@ -256,3 +256,23 @@ def test_deterministic_runs_are_bit_identical_and_the_mode_is_scoped(tmp_path, m
     (w0, log0), (w1, log1) = runs
     assert log0 == log1 and len(log0) == 24 and log0[-1]["train/auxk_loss"] > 0
     assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
+
+
+def test_rng_state_holds_the_current_cuda_device_only(monkeypatch):
+    """With CUDA the trainer's RNG states hold the current device's generator only, so a job resumed on
+    fewer visible GPUs restores it (one state per visible device made `set_rng_state_all` index past the
+    devices); an older checkpoint's per-device list restores the current device's entry, if saved. CUDA's
+    generator functions are stand-ins that record what is restored."""
+    from sae_dist.train import trainer as tr
+
+    state, restored = torch.arange(16, dtype=torch.uint8), []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": state.clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device="cuda": restored.append(s.tolist()))
+    st = tr._rng_state()
+    assert torch.equal(st["cuda"], state)
+    tr._set_rng_state(st)
+    tr._set_rng_state({**st, "cuda": [state + i for i in range(8)]})  # saved by a process that saw 8 GPUs
+    tr._set_rng_state({**st, "cuda": [state + 5]})  # saw one GPU: nothing saved for cuda:1
+    assert restored == [state.tolist(), (state + 1).tolist()]
