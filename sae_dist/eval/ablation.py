@@ -20,8 +20,10 @@ What this module does (choices the paper leaves open are marked *ours*):
   those that fire on at least one eligible eval token; for each, up to `occurrences` of its firing
   tokens are drawn. A token index i is eligible if all T positions i .. i+T-1 exist in its sequence
   (T = min(positions, ctx_len - skip_positions)).
-* per ablation: delta [T, V] = logits_after - logits_before at positions i .. i+T-1 (float32 logits,
-  float64 arithmetic), minus each row's median (torch's lower median for even V), then
+* per ablation: delta [T, V] = logits_after - logits_before at positions i .. i+T-1 (float32 logits
+  whatever the LM's dtype: `fp32_logits` computes the output projection in float32, since a bf16 logit's
+  rounding step at logits of 8-32, 0.03-0.125, is as large as a single latent's effect; float64
+  arithmetic), minus each row's median (torch's lower median for even V), then
   S = (||delta||_1 / ||delta||_2)^2 in [1, V*T] and S / (V*T). An ablation that changes no logit
   (delta == 0 after the median) has no defined S; it is counted (`ablation_zero_effect`) and left out.
 * averaging (*ours*): mean over a latent's ablations, then mean over latents (each latent weighs the
@@ -31,15 +33,37 @@ What this module does (choices the paper leaves open are marked *ours*):
 from __future__ import annotations
 
 import math
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sae_dist.eval.downstream import eval_mode, module_device, replace_after
 from sae_dist.eval.metrics import LatentCodes
 
-__all__ = ["effective_logit_count", "ablation_sparsity", "collect_codes"]
+__all__ = ["effective_logit_count", "ablation_sparsity", "collect_codes", "fp32_logits"]
+
+
+@contextmanager
+def fp32_logits(model: nn.Module) -> Iterator[None]:
+    """Within the context the LM's logits [B, T, V] are float32 computed from the final hidden states:
+    `model.get_output_embeddings()` (a Linear) is recomputed in float32 by a forward hook, and what the
+    model applies after it (e.g. Gemma 2's logit soft-capping) then runs in float32 too. A no-op for a
+    float32 head or a model without `get_output_embeddings`. Memory: one float32 copy of the head's
+    weight for the context (V x d_model x 4 bytes, e.g. 2 GiB for a 128k x 4096 head)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or head.weight.dtype == torch.float32:
+        yield
+        return
+    w = head.weight.float()
+    b = None if getattr(head, "bias", None) is None else head.bias.float()
+    handle = head.register_forward_hook(lambda module, args, out: F.linear(args[0].float(), w, b))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def effective_logit_count(delta: torch.Tensor, subtract_median: bool = True) -> float:
@@ -242,7 +266,7 @@ def _run_ablations(model: nn.Module, sae: nn.Module, spec, sequences: torch.Tens
     sae_device = module_device(sae, device)
     details = []
     vocab = None
-    with eval_mode(model, sae):
+    with eval_mode(model, sae), fp32_logits(model):
         for i in range(0, len(jobs), batch_size):
             batch = jobs[i : i + batch_size]
             length = max(p for _, _, p in batch) + T

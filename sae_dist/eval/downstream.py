@@ -103,7 +103,9 @@ def downstream_loss(
             of `hook_name` (e.g. from `sae_dist.load_sae`).
         hook_name: hook name (`sae_dist.harvest.hooks` scheme), e.g. "blocks.19.hook_resid_post".
         sequences: int64 [N, T] token ids, every row a full sequence (no padding), T >= skip_positions+2.
-        batch_size: sequences per forward.
+        batch_size: sequences per forward, at most: capped so that one fp32 [B, T, V] log-prob tensor stays
+            under `sae_dist.train.heldout.MAX_LOGPROB_ELEMENTS` (about five exist at once), e.g. 1 for a
+            256k vocabulary at T = 1024.
         device: device the token ids are moved to (the model's, or its first device).
         skip_positions: leading positions left clean (default 1: BOS / attention sink).
         progress: show a tqdm bar.
@@ -118,8 +120,12 @@ def downstream_loss(
             `batch_size` < 1, or non-finite clean logits (names the sequence range).
     """
     from sae_dist.harvest.hooks import resolve_hook
+    from sae_dist.train.heldout import MAX_LOGPROB_ELEMENTS
 
     n, t = _check_downstream_inputs(sequences, skip_positions, batch_size)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None:  # the log-probs are fp32 [B, T, V]: bound them whatever the vocabulary
+        batch_size = min(batch_size, max(1, MAX_LOGPROB_ELEMENTS // (t * head.weight.shape[0])))
     device = torch.device(device)
     spec = resolve_hook(model, hook_name)
     s = skip_positions

@@ -117,7 +117,9 @@ def refine_support(
         c = (Ws @ target.unsqueeze(-1)).squeeze(-1)  # [B, k]
         # padded (masked) coordinates: identity rows so the systems stay non-singular; c = 0 there
         eye = torch.diag_embed(1.0 - mask)
-        sol = torch.linalg.lstsq(G + eye, c.unsqueeze(-1)).solution.squeeze(-1) * mask
+        # solved on the CPU: its default driver (gelsy, pivoted QR) handles a singular G (more active latents
+        # than d_in, or collinear rows); CUDA's only driver (gels) assumes full rank
+        sol = torch.linalg.lstsq((G + eye).cpu(), c.unsqueeze(-1).cpu()).solution.squeeze(-1).to(G.device) * mask
         bad = (sol < 0).any(1)
         if bool(bad.any()):
             Gb, cb = G[bad], c[bad]

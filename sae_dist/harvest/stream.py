@@ -183,12 +183,14 @@ class LMStream:
             if stop is not None and stop.is_set():
                 return None
             ids = torch.tensor(seqs[i : i + self.lm_batch_size], dtype=torch.long, device=lm_input_device(self.model))
-            a = run_to_hooks(self.model, [self.spec], ids)[0][:, 1:, :]
+            a = run_to_hooks(self.model, [self.spec], ids)[0][:, 1:, :].to(self.device, self.dtype)
+            # checked in the buffer dtype: a bf16 activation beyond float16's range turns Inf in the cast
             if not bool(torch.isfinite(a).all()):
                 first = w * self.window_sequences + i
                 raise HarvestError(f"non-finite activations at hook {self.spec.name!r} in stream sequences "
-                                   f"[{first}, {first + len(ids)}) (window {w}); try model.dtype=float32")
-            parts.append(a.to(self.device, self.dtype).reshape(-1, self.d_in))
+                                   f"[{first}, {first + len(ids)}) (window {w}) in {self.dtype}; try "
+                                   "model.dtype=float32 (or harvest.dtype=float32)")
+            parts.append(a.reshape(-1, self.d_in))
         rows = torch.cat(parts)
         perm = torch.from_numpy(np.random.default_rng([self.seed, w]).permutation(len(rows))).to(self.device)
         return rows.index_select(0, perm)

@@ -209,3 +209,22 @@ def test_evaluate_new_keys_end_to_end(lm, tmp_path):
     with pytest.raises(ValueError, match="dense_threshold must be in"):
         evaluate(sae_path=tmp_path / "sae", model=model, tokenizer=tok, hook_name=HOOK, docs=docs, ctx_len=32,
                  eval_tokens=200, eval_fraction=1.0, progress=False, dense_threshold=0.0)
+
+
+def test_fp32_logits_of_a_bfloat16_lm(tiny_lm_dir):
+    """Inside `fp32_logits` a bf16 LM's logits are float32 = final hidden state (upcast) @ head weight^T
+    in float32, an independent product; outside they are bf16 again (the hook is removed)."""
+    from sae_dist.eval.ablation import fp32_logits
+    from sae_dist.harvest.lm import load_lm
+
+    model, tok = load_lm(tiny_lm_dir, dtype="bfloat16")
+    ids = torch.randint(3, len(tok), (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+        ref = hidden.double() @ model.get_output_embeddings().weight.double().t()
+        with fp32_logits(model):
+            logits = model(input_ids=ids).logits
+        after = model(input_ids=ids).logits
+    assert logits.dtype == torch.float32 and after.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.double(), ref, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(logits, after.float())  # bf16 rounding is what the context removes

@@ -139,6 +139,29 @@ def test_random_sae_matches_manual_splice(lm):
     assert abs(ce_sae - ce_clean) > 1e-4  # the random SAE really changes the loss
 
 
+def test_batches_are_capped_by_the_vocabulary(lm, monkeypatch):
+    """The fp32 [B, T, V] log-probs are bounded whatever batch_size asks (MAX_LOGPROB_ELEMENTS): with room
+    for two 12-token contexts of this vocabulary, batch_size=32 runs forwards of at most 2 sequences, and
+    gives the numbers of batch_size=2."""
+    import sae_dist.train.heldout as heldout
+
+    model, tok = lm
+    ids = _sequences(tok, n=5, t=12, seed=3)
+    sae = RandomTopKSAE(model.config.hidden_size, 64, 4, seed=4)
+    ref = downstream_loss(model, sae, HOOK, ids, batch_size=2, device="cpu")
+    vocab = model.get_output_embeddings().weight.shape[0]
+    monkeypatch.setattr(heldout, "MAX_LOGPROB_ELEMENTS", 2 * 12 * vocab + 1)
+    rows = []
+    handle = model.register_forward_pre_hook(lambda m, args, kw: rows.append(kw["input_ids"].shape[0]),
+                                             with_kwargs=True)
+    try:
+        out = downstream_loss(model, sae, HOOK, ids, batch_size=32, device="cpu")
+    finally:
+        handle.remove()
+    assert rows == [2] * 6 + [1] * 3  # clean, SAE and zero forwards of batches [0, 2), [2, 4), [4, 5)
+    assert out == ref
+
+
 def test_bad_sequences_raise(lm):
     model, tok = lm
     with pytest.raises(ValueError, match="T=2"):

@@ -157,3 +157,24 @@ def test_no_window_past_max_batches_is_computed(lm, docs, monkeypatch):
     assert not s._thread.is_alive() and computed == [0, 1]
     with pytest.raises(RuntimeError, match="no window after batch 4"):
         next(s), next(s)
+
+
+def test_activations_beyond_the_buffer_dtype_are_refused_by_name(lm, docs, monkeypatch):
+    """A bfloat16 activation above float16's largest value (65504) is finite in the LM but Inf in a float16
+    buffer: the check runs after the cast and names the sequences, instead of an Inf reaching training."""
+    import sae_dist.harvest.hooks as hooks
+    from sae_dist.harvest.harvester import HarvestError
+
+    real = hooks.run_to_hooks
+
+    def loud(model, specs, ids):
+        (a,) = real(model, specs, ids)
+        a = a.to(torch.bfloat16)
+        a[-1, 2, 0] = 70000.0  # the batch's last sequence, a position the stream keeps
+        return [a]
+
+    monkeypatch.setattr(hooks, "run_to_hooks", loud)
+    seqs = list(packed_sequences(docs, lm[1], CTX, eval_fraction=EVAL))[:8]
+    assert _stream(lm, docs, dtype="bfloat16").window_rows_of(0, seqs).isfinite().all()
+    with pytest.raises(HarvestError, match=r"non-finite .* sequences \[0, 3\) \(window 0\) in torch.float16"):
+        _stream(lm, docs, dtype="float16").window_rows_of(0, seqs)
