@@ -26,6 +26,8 @@
 #   TORCH_NCCL_ASYNC_ERROR_HANDLING  set to 1 here unless given: a failed NCCL collective aborts
 #                    the process instead of hanging
 #   OMP_NUM_THREADS  threads per rank (torchrun sets 1 when unset)
+#   TORCH_ELASTIC_SHUTDOWN_TIMEOUT  seconds torchrun gives the workers to checkpoint and stop after a
+#                    SIGTERM before it kills them (default here 270; torchrun's own 30)
 # Full guide: docs/cluster.md.
 set -euo pipefail
 
@@ -86,6 +88,8 @@ sae_train=$(pick "${SAE_TRAIN:-}" "$here/.venv/bin/sae-train" sae-train)
 torchrun=$(pick "${TORCHRUN:-}" "$here/.venv/bin/torchrun" torchrun)
 
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+# after it forwards a SIGTERM or Ctrl-C, torchrun waits this long for the workers to checkpoint (its default: 30 s)
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-270}
 log_dir=${SAE_DIST_LOG_DIR:-$run_dir/torchrun_logs}
 
 cmd=("$torchrun" --standalone --nnodes 1 --nproc-per-node "$nproc" --max-restarts 0

@@ -218,10 +218,16 @@ def hydra_app(fn):
 
 
 def _exit_if_preempted(summary) -> None:
-    """Exit with PREEMPTED_EXIT_CODE when the job stopped on SIGTERM (state saved; rerun to resume)."""
+    """Exit with PREEMPTED_EXIT_CODE when the job stopped on SIGTERM (state saved; rerun to resume), after
+    touching the file SAE_DIST_PREEMPTED_MARKER names, when set: launchers read it because torchrun exits 1
+    whatever status its workers stopped with (launch/slurm.sbatch requeues on it)."""
     if isinstance(summary, dict) and summary.get("preempted"):
         from sae_dist.preempt import PREEMPTED_EXIT_CODE
 
+        marker = os.environ.get("SAE_DIST_PREEMPTED_MARKER")
+        if marker:
+            Path(marker).parent.mkdir(parents=True, exist_ok=True)
+            Path(marker).touch()
         raise SystemExit(PREEMPTED_EXIT_CODE)
 
 

@@ -125,6 +125,13 @@ def _timeout_s(device: torch.device) -> float:
     return val
 
 
+def local_cuda_device(local_rank: int) -> torch.device:
+    """The GPU of the process with this node-local rank: cuda:local_rank when the process sees every GPU of the
+    node, cuda:(local_rank mod visible GPUs) when slurm binds fewer to each task (`srun --gpus-per-task=1`
+    or `--gpu-bind`: each task sees one GPU, cuda:0, whatever its SLURM_LOCALID)."""
+    return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
+
+
 def init_parallel(tp: int = 1, device: str | torch.device = "cpu", groups: int = 1) -> ParallelContext:
     """Build the dp x tp context of this process (module docstring: environment, timeouts).
 
@@ -154,7 +161,7 @@ def init_parallel(tp: int = 1, device: str | torch.device = "cpu", groups: int =
             f"{[t for t in range(1, world + 1) if world % (t * groups) == 0]}"
         )
     if device.type == "cuda":
-        device = torch.device("cuda", local_rank if device.index is None else device.index)
+        device = local_cuda_device(local_rank) if device.index is None else device
         torch.cuda.set_device(device)
     size = world // groups
     where = dict(grid_index=rank // size, grid_groups=groups, group_root=rank - rank % size)

@@ -399,11 +399,15 @@ printf '%s\\n' {hosts}
 """
 
 # srun: records argv/env; with SRUN_EXEC=1 runs the command once per "node" (SLURM_NNODES copies,
-# SLURM_NODEID set) and, as --kill-on-bad-exit=1 does, stops the others when one fails.
+# SLURM_NODEID set) and, as --kill-on-bad-exit=1 does, stops the others when one fails. A SIGTERM to srun
+# itself SIGKILLs its tasks, as slurm's srun does ("forcing job termination"), and is recorded.
 SRUN = """#!{python}
 import os, signal, subprocess, sys, time
 from pathlib import Path
-signal.signal(signal.SIGTERM, lambda *a: [p.terminate() for p in procs])  # as srun forwards it to tasks
+def sigterm(*_):
+    Path(os.environ["SHIM_ARGS"] + ".srun_sigterm").touch()
+    [p.kill() for p in procs]
+signal.signal(signal.SIGTERM, sigterm)
 procs = []
 args = sys.argv[1:]
 Path(os.environ["SHIM_ARGS"]).write_text("\\n".join(args) + "\\n")
@@ -415,6 +419,7 @@ while i < len(args) and args[i].startswith("--"):
     i += 1
 procs += [subprocess.Popen(args[i:], env={{**os.environ, "SLURM_NODEID": str(n)}})
           for n in range(int(os.environ["SLURM_NNODES"]))]
+Path(os.environ["SHIM_ARGS"] + ".pids").write_text(" ".join(str(p.pid) for p in procs))  # for the scancel shim
 rc = 0
 while any(p.poll() is None for p in procs):
     bad = [p.returncode for p in procs if p.returncode not in (None, 0)]
@@ -428,9 +433,18 @@ sys.exit(rc or max(abs(p.returncode) for p in procs))
 """
 
 
+# scancel --signal=SIG JOBID: records its argv and, as slurm does for a job's steps, signals the srun shim's tasks.
+SCANCEL = """#!/bin/bash
+echo "$*" >> "$SHIM_ARGS.scancel"
+[[ $1 == --signal=* ]] && kill -s "${1#--signal=}" $(cat "$SHIM_ARGS.pids")
+exit 0
+"""
+
+
 def _slurm_env(shims, tmp_path, hosts, nnodes, gpus="h100:4"):
     bin_dir, env = shims
     _write_exe(bin_dir / "scontrol", SCONTROL.format(hosts=" ".join(hosts)))
+    _write_exe(bin_dir / "scancel", SCANCEL)
     _write_exe(bin_dir / "srun", SRUN.format(python=sys.executable))
     submit = tmp_path / "submit"
     submit.mkdir(exist_ok=True)
@@ -522,36 +536,55 @@ def test_sbatch_rendezvous_two_emulated_nodes(shims, fake_app, tmp_path):
     assert {s["TORCH_NCCL_ASYNC_ERROR_HANDLING"] for s in seen} == {"1"}
 
 
-# a rank as sae-train behaves on SIGTERM: finish, checkpoint, exit 75 (sae_dist.preempt)
-PREEMPTIBLE_RANK = """#!{python}
+# One node's torchrun with its workers as sae-train behaves on SIGTERM: finish, checkpoint, touch
+# SAE_DIST_PREEMPTED_MARKER (sae_dist.cli) and exit 75; torchrun then exits 1 (ChildFailedError).
+PREEMPTIBLE_NODE = """#!{python}
 import os, signal, sys, time
 from pathlib import Path
-signal.signal(signal.SIGTERM, lambda *a: sys.exit(75))
-Path(os.environ["RANK_READY"] + os.environ["SLURM_NODEID"]).touch()
+def stop(*_):
+    marker = Path(os.environ["SAE_DIST_PREEMPTED_MARKER"])
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    sys.exit(1)
+signal.signal(signal.SIGTERM, stop)
+Path(os.environ["RANK_READY"] + os.environ["SLURM_NODEID"]).write_text(str(os.getpid()))
 time.sleep(120)
 sys.exit(0)
 """
 
 
-@pytest.mark.parametrize("sig, requeued", [(signal.SIGUSR1, True), (signal.SIGTERM, False)])
-def test_sbatch_signal_stops_the_ranks_and_requeues_before_the_time_limit(shims, tmp_path, sig, requeued):
-    """USR1 (slurm's warning before the time limit, `--signal=B:USR1@300`) and SIGTERM (scancel,
-    preemption) both reach every rank as SIGTERM; only USR1 requeues, once the ranks exited with 75."""
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_sbatch_signal_stops_the_ranks_and_requeues_before_the_time_limit(shims, tmp_path, sig):
+    """USR1 (slurm's warning before the time limit, `--signal=B:USR1@300`): the script has slurm signal the
+    job's steps (`scancel --signal=TERM`), never srun itself (srun would SIGKILL its tasks), and requeues
+    once the ranks left the preemption marker. SIGTERM (scancel, preemption): slurm signals the ranks
+    itself; the script forwards nothing and does not requeue. Both exit 75, and torchrun's patience after a
+    SIGTERM is raised from 30 s."""
     env, submit = _slurm_env(shims, tmp_path, ["n1", "n2"], 2, gpus="1")
-    rank = tmp_path / "rank.py"
-    _write_exe(rank, PREEMPTIBLE_RANK.format(python=sys.executable))
-    env.update(SRUN_EXEC="1", TORCHRUN=str(rank), RANK_READY=str(tmp_path / "ready"))
+    node = tmp_path / "node.py"
+    _write_exe(node, PREEMPTIBLE_NODE.format(python=sys.executable))
+    env.update(SRUN_EXEC="1", TORCHRUN=str(node), RANK_READY=str(tmp_path / "ready"))
     proc = subprocess.Popen(["bash", str(SBATCH), "run_dir=r"], env=env, cwd=submit, stderr=subprocess.PIPE,
                             text=True)
+    ready = [tmp_path / f"ready{n}" for n in range(2)]
     t0 = time.monotonic()
-    while not all((tmp_path / f"ready{n}").exists() for n in range(2)):
+    while not all(f.exists() and f.read_text() for f in ready):
         assert proc.poll() is None and time.monotonic() - t0 < 60, proc.stderr.read() if proc.poll() else "slow"
         time.sleep(0.05)
     proc.send_signal(sig)
+    if sig == signal.SIGTERM:  # slurm's own SIGTERM to the steps' processes
+        for f in ready:
+            os.kill(int(f.read_text()), signal.SIGTERM)
     err = proc.communicate(timeout=60)[1]
     assert proc.returncode == 75, err
-    scontrol = Path(env["SHIM_ARGS"] + ".scontrol")
-    assert (scontrol.read_text() == "requeue 4242\n") if requeued else not scontrol.exists(), err
+    assert (submit / "r" / ".preempted").exists()
+    assert not Path(env["SHIM_ARGS"] + ".srun_sigterm").exists(), err
+    scancel, scontrol = (Path(env["SHIM_ARGS"] + ext) for ext in (".scancel", ".scontrol"))
+    if sig == signal.SIGUSR1:
+        assert scancel.read_text() == "--signal=TERM 4242\n" and scontrol.read_text() == "requeue 4242\n", err
+    else:
+        assert not scancel.exists() and not scontrol.exists(), err
+    assert _shim_env(env)["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "270"
 
 
 # ----------------------------------------------------------------------------------------------

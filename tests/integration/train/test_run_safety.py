@@ -147,13 +147,16 @@ def _log(run: Path) -> list[dict]:
 def test_sigterm_checkpoints_exits_75_and_the_rerun_resumes_exactly(tmp_path, console_script):
     store = _store(tmp_path / "acts.zarr", n_tokens=16384)
     run = tmp_path / "run"
+    marker = tmp_path / "launcher" / ".preempted"  # what launch/slurm.sbatch reads (torchrun exits 1)
     proc = subprocess.Popen(_train_cli(run, store), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=ENV)
+                            env={**ENV, "SAE_DIST_PREEMPTED_MARKER": str(marker)})
     _wait_for(lambda: _log_lines(run) >= 5, proc)
     seen = _log_lines(run)
+    assert not marker.exists()
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 75, err[-3000:]
+    assert marker.exists()
     assert "SIGTERM" in err and "rerun the same command to resume" in err
     ckpts = sorted((run / "checkpoints").glob("step_*"))
     assert len(ckpts) == 1

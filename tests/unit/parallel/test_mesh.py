@@ -32,3 +32,14 @@ def test_single_process_on_an_indexed_gpu_makes_it_current(single_process, monke
 def test_single_process_refuses_tensor_parallelism(single_process):
     with pytest.raises(ValueError, match="parallel.tp=2 needs 2 processes"):
         init_parallel(tp=2)
+
+
+def test_local_rank_maps_to_a_visible_gpu(monkeypatch):
+    """Under `srun` without torchrun the local rank is SLURM_LOCALID; with one GPU bound per task
+    (`--gpus-per-task=1`) every task sees only cuda:0, so local rank 3 must not ask for cuda:3."""
+    from sae_dist.parallel.mesh import local_cuda_device
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert [local_cuda_device(r).index for r in (0, 3, 7)] == [0, 3, 7]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert [local_cuda_device(r).index for r in (0, 3, 7)] == [0, 0, 0]
