@@ -117,12 +117,15 @@ def downstream_loss(
 
     Raises:
         ValueError: `sequences` not a 2-D integer tensor, too short for `skip_positions`, empty,
-            `batch_size` < 1, or non-finite clean logits (names the sequence range).
+            `batch_size` < 1, a token id outside the model's vocabulary, or non-finite clean logits (names
+            the sequence range).
     """
     from sae_dist.harvest.hooks import resolve_hook
+    from sae_dist.harvest.lm import check_token_ids
     from sae_dist.train.heldout import MAX_LOGPROB_ELEMENTS
 
     n, t = _check_downstream_inputs(sequences, skip_positions, batch_size)
+    check_token_ids(model, sequences)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None:  # the log-probs are fp32 [B, T, V]: bound them whatever the vocabulary
         batch_size = min(batch_size, max(1, MAX_LOGPROB_ELEMENTS // (t * head.weight.shape[0])))

@@ -308,12 +308,16 @@ def run_to_hooks(
         One tensor [B, T, d_model] per hook, in the order of `hooks`, in the model's dtype (detached).
 
     Raises:
-        ValueError: bad or repeated hook name, no hooks. RuntimeError: a hooked module never ran.
+        ValueError: bad or repeated hook name, no hooks, a token id outside the model's vocabulary
+        (`sae_dist.harvest.lm.check_token_ids`). RuntimeError: a hooked module never ran.
     """
+    from sae_dist.harvest.lm import check_token_ids
+
     specs = [_as_spec(model, h) for h in hooks]
     names = [s.name for s in specs]
     if not specs or len(set(names)) != len(names):
         raise ValueError(f"run_to_hooks needs at least one hook and no name twice, got {names}")
+    check_token_ids(model, input_ids)
     captured: dict[str, torch.Tensor] = {}
 
     def keep(name: str, a: torch.Tensor) -> None:

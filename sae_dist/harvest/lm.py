@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from sae_dist.extras import require_extra
 
@@ -19,6 +20,7 @@ __all__ = [
     "EMBEDDED_GGUF_FILE",
     "EMBEDDED_MODEL_NAME",
     "EMBEDDED_INSTALL_CMD",
+    "check_token_ids",
     "embedded_default_lm",
     "load_lm",
     "load_tokenizer",
@@ -116,6 +118,21 @@ def load_tokenizer(model: str, *, gguf_file: str | None = None, trust_remote_cod
         require_extra("demo", f"loading the GGUF checkpoint {display!r}")
         kw["gguf_file"] = gguf_file
     return AutoTokenizer.from_pretrained(model, **kw)
+
+
+def check_token_ids(model: nn.Module, input_ids: torch.Tensor) -> None:
+    """ValueError naming the bad id and the vocabulary size when `input_ids` (integer, any shape, any device)
+    holds an id outside the model's input embedding rows [0, V). On CUDA such an id is a device-side assert
+    that breaks the CUDA context and surfaces at a later, unrelated call; on CPU an IndexError. The usual
+    cause: pretokenized data from another tokenizer. One host synchronisation per call on CUDA."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is None or input_ids.numel() == 0:
+        return
+    lo, hi, vocab = int(input_ids.min()), int(input_ids.max()), int(emb.weight.shape[0])
+    if lo < 0 or hi >= vocab:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"token id {bad} is outside the model's vocabulary of {vocab} embedding rows: the "
+                         "token ids come from another tokenizer (pretokenized data for another model?)")
 
 
 def load_lm(

@@ -143,6 +143,23 @@ def test_bad_hook_name_lists_valid_names(tiny):
     assert default_hook_name(model) == "blocks.1.hook_resid_post"  # round(2*3/3) - 1
 
 
+def test_token_ids_outside_the_vocabulary_are_refused_by_name(tiny):
+    """An id >= the embedding rows (or < 0) is a ValueError naming it and the vocabulary size, before the
+    forward: on CUDA it would be a device-side assert surfacing later, on CPU a bare IndexError."""
+    from sae_dist.eval.downstream import downstream_loss
+
+    model, _ = tiny
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = _ids(model, seed=0)
+    assert run_to_hooks(model, ["blocks.0.hook_resid_post"], ids)[0].shape[:2] == ids.shape
+    for bad in (vocab, -1):
+        ids[1, 4] = bad
+        with pytest.raises(ValueError, match=f"token id {bad} is outside the model's vocabulary of {vocab} "):
+            run_to_hooks(model, ["blocks.0.hook_resid_post"], ids)
+        with pytest.raises(ValueError, match=f"token id {bad} is outside"):
+            downstream_loss(model, torch.nn.Identity(), "blocks.1.hook_resid_post", ids)
+
+
 def test_default_hook_name_thirty_layers():
     from transformers import LlamaConfig, LlamaForCausalLM
 
