@@ -178,7 +178,15 @@ class LMStream:
         from sae_dist.harvest.harvester import HarvestError, lm_input_device
         from sae_dist.harvest.hooks import run_to_hooks
 
-        parts = []
+        # row r of the window (sequence by sequence, positions 1..) goes straight to its shuffled slot: the
+        # window is one [R, d_in] buffer, never a list of parts plus their concatenation plus a permuted copy
+        n_rows = sum(len(s) - 1 for s in seqs)
+        perm = torch.from_numpy(np.random.default_rng([self.seed, w]).permutation(n_rows))
+        slot = torch.empty_like(perm)
+        slot[perm] = torch.arange(n_rows)
+        slot = slot.to(self.device)
+        out = torch.empty(n_rows, self.d_in, dtype=self.dtype, device=self.device)
+        r = 0
         for i in range(0, len(seqs), self.lm_batch_size):
             if stop is not None and stop.is_set():
                 return None
@@ -190,10 +198,10 @@ class LMStream:
                 raise HarvestError(f"non-finite activations at hook {self.spec.name!r} in stream sequences "
                                    f"[{first}, {first + len(ids)}) (window {w}) in {self.dtype}; try "
                                    "model.dtype=float32 (or harvest.dtype=float32)")
-            parts.append(a.reshape(-1, self.d_in))
-        rows = torch.cat(parts)
-        perm = torch.from_numpy(np.random.default_rng([self.seed, w]).permutation(len(rows))).to(self.device)
-        return rows.index_select(0, perm)
+            a = a.reshape(-1, self.d_in)
+            out.index_copy_(0, slot[r : r + len(a)], a)
+            r += len(a)
+        return out
 
     # ------------------------------------------------------------------ producer thread
 

@@ -211,13 +211,20 @@ def _lock_run_dir(out: Path, ctx: ParallelContext) -> DirectoryLock | None:
             lock.acquire()
         except DirectoryBusyError as e:
             err = str(e)
-    if ctx.distributed:
-        box = [err]
-        torch.distributed.broadcast_object_list(box, src=ctx.group_root, group=ctx.world_group)
-        err = box[0]
+    err = _from_group_root(err, ctx)
     if err:
         raise DirectoryBusyError(err)
     return lock
+
+
+def _from_group_root(obj, ctx: ParallelContext):
+    """The group root's `obj` (any picklable object) on every rank of the context's group; `obj` itself in a
+    single-process context. Collective over the group."""
+    if not ctx.distributed:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=ctx.group_root, group=ctx.world_group)
+    return box[0]
 
 
 #: The eval.json contract's dead-latent window: a latent is dead when it did not fire in the last 10M
@@ -676,7 +683,10 @@ def _check_inputs(store, store_path, attrs: dict, out: Path, sae_cfg: SAEConfig,
     sae_dir = out / "sae"
     state_file = sae_dir / "training_state.json"
     done = json.loads(state_file.read_text()) if state_file.is_file() else None
-    ck = latest_checkpoint(out / "checkpoints")
+    # Every rank takes the group root's view of the run directory: on a shared filesystem with attribute
+    # caching a node may list an older state, and ranks resuming from different checkpoints (or one of them
+    # afresh) would hang in mismatched collectives.
+    done, ck = _from_group_root((done, latest_checkpoint(out / "checkpoints")), ctx)
     ident = _run_identity(sae_cfg, tcfg, seed, _store_fingerprint(store, store_path, attrs))
     _check_run_identity(out / "checkpoints", ident, existing=ck is not None or done is not None, ctx=ctx)
     if done is None or int(done.get("tokens_trained", -1)) < target_tokens:

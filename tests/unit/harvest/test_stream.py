@@ -178,3 +178,16 @@ def test_activations_beyond_the_buffer_dtype_are_refused_by_name(lm, docs, monke
     assert _stream(lm, docs, dtype="bfloat16").window_rows_of(0, seqs).isfinite().all()
     with pytest.raises(HarvestError, match=r"non-finite .* sequences \[0, 3\) \(window 0\) in torch.float16"):
         _stream(lm, docs, dtype="float16").window_rows_of(0, seqs)
+
+
+def test_a_window_is_its_rows_in_the_seeded_order(lm, docs):
+    """Window w holds the hooked rows of its sequences (positions 1.., sequence by sequence) permuted by
+    `default_rng([seed, w]).permutation`: the order a resumed stream recomputes. Reference: the full
+    forward's hidden states, concatenated, then indexed by that permutation."""
+    seqs = list(packed_sequences(docs, lm[1], CTX, eval_fraction=EVAL))[8:16]
+    s = _stream(lm, docs)
+    got = s.window_rows_of(1, seqs)
+    s.close()
+    ref = _hidden_rows(lm, seqs)
+    perm = torch.from_numpy(np.random.default_rng([3, 1]).permutation(len(ref)))
+    torch.testing.assert_close(got, ref[perm], rtol=1e-5, atol=1e-5)
