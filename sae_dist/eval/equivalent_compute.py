@@ -50,13 +50,18 @@ def clean_cross_entropy(model: nn.Module, sequences: torch.Tensor, *, batch_size
                         device: str | torch.device = "cpu", skip_positions: int = 1) -> float:
     """Mean next-token cross entropy (nats) of `model` on `sequences` (int64 [N, T]) at the positions of
     `sae_dist.eval.downstream.downstream_loss` (logits skip..T-2 predicting tokens skip+1..T-1);
-    float32 log-softmax, float64 sums. Raises ValueError when the model's vocabulary is smaller than
-    the largest token id (a different tokenizer)."""
+    float32 log-softmax, float64 sums; batch_size is capped as in `downstream_loss` (one float32
+    [B, T, V] log-prob tensor under MAX_LOGPROB_ELEMENTS). Raises ValueError when the model's vocabulary
+    is smaller than the largest token id (a different tokenizer)."""
+    from sae_dist.train.heldout import MAX_LOGPROB_ELEMENTS
+
     n, t = sequences.shape
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if vocab is not None and int(sequences.max()) >= int(vocab):
         raise ValueError(f"token id {int(sequences.max())} >= the model's vocab_size {vocab}: the LM family must "
                          "share the evaluated model's tokenizer")
+    if vocab is not None:
+        batch_size = min(batch_size, max(1, MAX_LOGPROB_ELEMENTS // (t * int(vocab))))
     s = skip_positions
     total, count = 0.0, 0
     was = model.training

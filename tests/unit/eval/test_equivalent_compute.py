@@ -91,6 +91,27 @@ def test_clean_cross_entropy_matches_downstream_loss(tiny_lm_dir):
         clean_cross_entropy(model, bad)
 
 
+def test_clean_cross_entropy_caps_its_batches_by_the_vocabulary(tiny_lm_dir, monkeypatch):
+    """With room for two 12-token contexts of float32 log-probs, batch_size=32 runs forwards of at most two
+    sequences (as downstream_loss does), with the CE of batch_size=2."""
+    from transformers import AutoModelForCausalLM
+
+    import sae_dist.train.heldout as heldout
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir, dtype=torch.float32).eval()
+    ids = torch.randint(3, model.config.vocab_size, (5, 12), generator=torch.Generator().manual_seed(5))
+    ref = clean_cross_entropy(model, ids, batch_size=2)
+    monkeypatch.setattr(heldout, "MAX_LOGPROB_ELEMENTS", 2 * 12 * model.config.vocab_size + 1)
+    rows = []
+    handle = model.register_forward_pre_hook(lambda m, args, kw: rows.append(kw["input_ids"].shape[0]),
+                                             with_kwargs=True)
+    try:
+        ce = clean_cross_entropy(model, ids, batch_size=32)
+    finally:
+        handle.remove()
+    assert rows == [2, 2, 1] and ce == ref
+
+
 def test_sae_eval_reports_equivalent_compute_of_an_lm_family(tiny_lm_dir, tmp_path):
     """run_eval (sae-eval) with eval.lm_family: every member loaded from its directory, its clean CE measured
     on the eval sequences (checked against a float64 log-softmax by hand), and the equivalent compute equal
