@@ -559,9 +559,10 @@ def run_train(cfg: DictConfig, out_dir: Path, lm=None, keep_lm: dict | None = No
     return {"points": results, "preempted": any(r.get("preempted") for r in results)}
 
 
-def _lm_family(cfg: DictConfig, device: str, lm_family: list) -> list[dict]:
+def _lm_family(cfg: DictConfig, lm_family: list) -> list[dict]:
     """The loaded members of `eval.lm_family` (equivalent compute, Gao et al. 2024 sec. 4.1): each entry
-    {name, gguf_file?, compute | params + train_tokens} loaded like `model` (same dtype and device)."""
+    {name, gguf_file?, compute | params + train_tokens} loaded like `model` (same dtype) on the CPU, so a bad
+    entry stops the command before any work; the evaluation moves one member at a time to its device."""
     from sae_dist.harvest.lm import load_lm, model_display_name
 
     members = []
@@ -569,7 +570,7 @@ def _lm_family(cfg: DictConfig, device: str, lm_family: list) -> list[dict]:
         entry = dict(entry) if isinstance(entry, dict) else {}
         if not entry.get("name"):
             raise ValueError(f"eval.lm_family[{i}] has no `name` (an HF model name or local directory): {entry}")
-        model, _ = load_lm(entry["name"], gguf_file=entry.get("gguf_file"), dtype=cfg.model.dtype, device=device)
+        model, _ = load_lm(entry["name"], gguf_file=entry.get("gguf_file"), dtype=cfg.model.dtype, device="cpu")
         members.append({**entry, "name": model_display_name(entry["name"], entry.get("gguf_file")), "model": model})
     return members
 
@@ -675,7 +676,7 @@ def run_eval(cfg: DictConfig, out_dir: Path, lm=None, sae_path: str | None = Non
         eval_fraction=float(cfg.data.eval_fraction),
         device=device,
         model_name=configured_model_name(cfg),
-        lm_family=_lm_family(cfg, device, ev.lm_family),
+        lm_family=_lm_family(cfg, ev.lm_family),
         progressive_k_factors=list(ev.progressive_k_factors) if ev.progressive else None,
         # eval_tokens, batch_size and the metrics of Gao et al. 2024 sec. 4.3-5.1 (sae_dist.config.EvalConfig)
         **{k: v for k, v in dataclasses.asdict(ev).items() if k not in EVAL_KEYS_NOT_EVALUATE_ARGS},

@@ -216,8 +216,9 @@ class _EvalOptions:
         n2g_max_n: longest n-gram of an explanation. n2g_min_precision: fit precision an n-gram needs.
         lm_family: for the "equivalent compute" framing of the downstream loss (sec. 4.1;
             `sae_dist.eval.equivalent_compute`): >= 2 dicts {"name", "model" (a loaded causal LM with
-            the evaluated model's tokenizer), "compute" (pretraining FLOPs) or "params" +
-            "train_tokens" (6ND)}; their clean CE is measured on the eval sequences. None / empty: off.
+            the evaluated model's tokenizer, on any device: each is moved to `device` for its clean CE on the
+            eval sequences and back, one at a time), "compute" (pretraining FLOPs) or "params" +
+            "train_tokens" (6ND)}. None / empty: off.
         model_compute: pretraining FLOPs of the evaluated model (for `equivalent_compute_fraction`);
             None: the family member whose name equals `model_name`, else the fraction is None.
         progressive_k_factors: progressive recovery (sec. 5.3; `sae_dist.eval.progressive`), TopK SAEs
@@ -604,8 +605,13 @@ def _equivalent_compute(lm_family, model_compute, model_name, ce_sae, sequences,
                          f"{[m.get('name') for m in family]}")
     computes = [member_compute(m) for m in family]
     ce = {}
-    for m in family:
-        ce[str(m["name"])] = clean_cross_entropy(m["model"], sequences, batch_size=batch_size, device=device)
+    for m in family:  # one member on the evaluation's device at a time, then back where it was
+        model = m["model"]
+        home = next(model.parameters()).device
+        ce[str(m["name"])] = clean_cross_entropy(model.to(device), sequences, batch_size=batch_size, device=device)
+        model.to(home)
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
     if model_compute is None:
         own = [c for m, c in zip(family, computes, strict=True) if str(m["name"]) == str(model_name)]
         model_compute = own[0] if own else None

@@ -112,6 +112,34 @@ def test_clean_cross_entropy_caps_its_batches_by_the_vocabulary(tiny_lm_dir, mon
     assert rows == [2, 2, 1] and ce == ref
 
 
+def test_family_members_visit_the_eval_device_one_at_a_time(monkeypatch):
+    """Each LM-family member goes to the evaluation's device for its clean CE and back before the next one
+    (all members on one GPU at once would need the whole family's memory). The members are stand-ins that
+    record their moves instead of making them, so "cuda:0" needs no GPU."""
+    import sae_dist.eval.equivalent_compute as ec
+    from sae_dist.eval.evaluate import _equivalent_compute
+
+    log = []
+
+    class Member(torch.nn.Linear):
+        def to(self, device):
+            log.append((self.tag, "to", str(device)))
+            return self
+
+    family = []
+    for i, name in enumerate(("a", "b", "c", "d")):
+        m = Member(2, 2)
+        m.tag = name
+        family.append({"name": name, "model": m, "compute": 10.0 ** (18 + i)})
+    ce = {"a": 4.0, "b": 3.5, "c": 3.2, "d": 3.0}
+    monkeypatch.setattr(ec, "clean_cross_entropy", lambda model, seqs, **kw: log.append((model.tag, "ce")) or
+                        ce[model.tag])
+    out = _equivalent_compute(family, None, "c", 3.3, torch.zeros(2, 4, dtype=torch.long), batch_size=2,
+                              device="cuda:0")
+    assert log == [step for n in "abcd" for step in ((n, "to", "cuda:0"), (n, "ce"), (n, "to", "cpu"))]
+    assert out["lm_family_ce"] == ce
+
+
 def test_sae_eval_reports_equivalent_compute_of_an_lm_family(tiny_lm_dir, tmp_path):
     """run_eval (sae-eval) with eval.lm_family: every member loaded from its directory, its clean CE measured
     on the eval sequences (checked against a float64 log-softmax by hand), and the equivalent compute equal
