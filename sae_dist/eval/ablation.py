@@ -22,7 +22,7 @@ What this module does (choices the paper leaves open are marked *ours*):
   (T = min(positions, ctx_len - skip_positions)).
 * per ablation: delta [T, V] = logits_after - logits_before at positions i .. i+T-1 (float32 logits
   whatever the LM's dtype: `fp32_logits` computes the output projection in float32, since a bf16 logit's
-  rounding step at logits of 8-32, 0.03-0.125, is as large as a single latent's effect; float64
+  rounding step at logits of 4-32, 0.03-0.125, is as large as a single latent's effect; float64
   arithmetic), minus each row's median (torch's lower median for even V), then
   S = (||delta||_1 / ||delta||_2)^2 in [1, V*T] and S / (V*T). An ablation that changes no logit
   (delta == 0 after the median) has no defined S; it is counted (`ablation_zero_effect`) and left out.

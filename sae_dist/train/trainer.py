@@ -682,11 +682,14 @@ def _check_inputs(store, store_path, attrs: dict, out: Path, sae_cfg: SAEConfig,
     target_tokens = n_steps * tcfg.batch_tokens
     sae_dir = out / "sae"
     state_file = sae_dir / "training_state.json"
-    done = json.loads(state_file.read_text()) if state_file.is_file() else None
-    # Every rank takes the group root's view of the run directory: on a shared filesystem with attribute
-    # caching a node may list an older state, and ranks resuming from different checkpoints (or one of them
-    # afresh) would hang in mismatched collectives.
-    done, ck = _from_group_root((done, latest_checkpoint(out / "checkpoints")), ctx)
+    # The group root reads the run directory and every rank takes its view: on a shared filesystem with
+    # attribute caching a node may list an older state, and ranks resuming from different checkpoints (or
+    # one of them afresh) would hang in mismatched collectives.
+    view = None
+    if ctx.is_main:
+        view = (json.loads(state_file.read_text()) if state_file.is_file() else None,
+                latest_checkpoint(out / "checkpoints"))
+    done, ck = _from_group_root(view, ctx)
     ident = _run_identity(sae_cfg, tcfg, seed, _store_fingerprint(store, store_path, attrs))
     _check_run_identity(out / "checkpoints", ident, existing=ck is not None or done is not None, ctx=ctx)
     if done is None or int(done.get("tokens_trained", -1)) < target_tokens:
