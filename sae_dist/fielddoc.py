@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 
-__all__ = ["option", "field_doc"]
+__all__ = ["option", "field_doc", "field_default"]
 
 
 def option(default=dataclasses.MISSING, doc: str = "", **kwargs):
@@ -24,3 +24,12 @@ def option(default=dataclasses.MISSING, doc: str = "", **kwargs):
 def field_doc(f: dataclasses.Field) -> str:
     """The one-line doc of a dataclass field ('' when it has none)."""
     return str(f.metadata.get("doc", ""))
+
+
+def field_default(cls, name: str):
+    """The default of dataclass `cls`'s field `name` (for code that mirrors an option, so the default lives
+    in one place). Raises KeyError naming the field when `cls` has none of that name or it has no plain default."""
+    for f in dataclasses.fields(cls):
+        if f.name == name and f.default is not dataclasses.MISSING:
+            return f.default
+    raise KeyError(f"{cls.__name__} has no field {name!r} with a plain default")

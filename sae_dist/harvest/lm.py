@@ -71,7 +71,9 @@ def embedded_default_lm() -> tuple[str, str]:
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
-    """Map a dtype name to a `torch.dtype`; "auto" is bfloat16 on CUDA and float32 elsewhere.
+    """Map a dtype name to a `torch.dtype`; "auto" is bfloat16 on a CUDA GPU of compute capability 8.0 or
+    later (Ampere on: native bf16) and float32 elsewhere (CPU, and older GPUs, which only emulate bf16 and
+    where float16 can overflow an LM's activations; pass "float16" there to halve the memory).
 
     Raises:
         ValueError: unknown name (the message lists the accepted names).
@@ -80,7 +82,10 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") 
         return dtype
     name = str(dtype).lower().removeprefix("torch.")
     if name == "auto":
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        dev = torch.device(device)
+        if dev.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.get_device_capability(dev) >= (8, 0) else torch.float32
     if name not in _DTYPES:
         raise ValueError(
             f"unknown LM dtype {dtype!r}; use one of 'auto', {', '.join(repr(k) for k in _DTYPES)}"
@@ -124,11 +129,12 @@ def check_token_ids(model: nn.Module, input_ids: torch.Tensor) -> None:
     """ValueError naming the bad id and the vocabulary size when `input_ids` (integer, any shape, any device)
     holds an id outside the model's input embedding rows [0, V). On CUDA such an id is a device-side assert
     that breaks the CUDA context and surfaces at a later, unrelated call; on CPU an IndexError. The usual
-    cause: pretokenized data from another tokenizer. One host synchronisation per call on CUDA."""
+    cause: pretokenized data from another tokenizer. One host synchronisation per call on CUDA (none on CPU)."""
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if emb is None or input_ids.numel() == 0:
         return
-    lo, hi, vocab = int(input_ids.min()), int(input_ids.max()), int(emb.weight.shape[0])
+    lo, hi = torch.stack(torch.aminmax(input_ids.reshape(-1))).tolist()
+    vocab = int(emb.weight.shape[0])
     if lo < 0 or hi >= vocab:
         bad = lo if lo < 0 else hi
         raise ValueError(f"token id {bad} is outside the model's vocabulary of {vocab} embedding rows: the "

@@ -547,6 +547,25 @@ def test_planner_constants_mirror_the_kernel_module():
     assert triton_encoder_splits(131072, 3000, 32, latent_chunk=100) == -(-3000 // 128)
 
 
+def test_plan_defaults_mirror_the_config_options():
+    """plan()'s keyword defaults for the sae.* / trainer.* options it models are those options' defaults
+    (the planner stays importable without torch, so it repeats them; sae-plan itself passes the config)."""
+    import inspect
+
+    from sae_dist.fielddoc import field_default
+    from sae_dist.sae.config import SAEConfig
+    from sae_dist.train.config import TrainerConfig
+
+    params = inspect.signature(plan).parameters
+    mirrored = {SAEConfig: ("multi_topk_factor", "kernels", "kernel_backend"),
+                TrainerConfig: ("engine", "zero_stage", "offload_optimizer", "ema")}
+    for cls, names in mirrored.items():
+        for name in names:
+            assert params[name].default == field_default(cls, name), (cls.__name__, name)
+    with pytest.raises(KeyError, match="no field 'nope'"):
+        field_default(SAEConfig, "nope")
+
+
 def _recording_addmm(shapes: list, real, *args, **kw):
     """Stand-in for torch.addmm (bind `shapes`, `real` with partial): records the output shape."""
     out = real(*args, **kw)

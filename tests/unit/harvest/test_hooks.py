@@ -242,11 +242,19 @@ def test_embedded_missing_gives_install_command(monkeypatch):
         lm_mod.embedded_default_lm()
 
 
-def test_resolve_dtype():
+def test_resolve_dtype(monkeypatch):
     from sae_dist.harvest.lm import resolve_dtype
 
     assert resolve_dtype("auto", "cpu") == torch.float32
-    assert resolve_dtype("auto", "cuda:1") == torch.bfloat16
+    seen = []
+
+    def capability(major):  # what torch.cuda reports for an H100 (9, 0) or a V100 (7, 0)
+        return lambda dev=None: seen.append(dev) or (major, 0)
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability(9))
+    assert resolve_dtype("auto", "cuda:1") == torch.bfloat16 and seen == [torch.device("cuda:1")]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability(7))
+    assert resolve_dtype("auto", "cuda") == torch.float32  # pre-Ampere: bf16 only emulated
     assert resolve_dtype("bf16") == torch.bfloat16 and resolve_dtype("float16") == torch.float16
     with pytest.raises(ValueError, match="unknown LM dtype 'int4'"):
         resolve_dtype("int4")
