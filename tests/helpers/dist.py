@@ -36,7 +36,7 @@ def prefixed(prefix: str, report: str) -> str:
     return f"{prefix}: {report}"
 
 
-def _rank_worker(rank, world, port, argv, log_files):
+def rank_worker(rank, world, port, argv, log_files):
     """One rank of `torchrun --standalone --nproc-per-node=world sae-train *argv` (one thread, a 60 s
     collective timeout), or of a plain `sae-train *argv` when world == 1: torchrun's environment, then the
     console script's entry point; its stdout and stderr go to `log_files[rank]`."""
@@ -59,15 +59,16 @@ def _rank_worker(rank, world, port, argv, log_files):
         sys.stderr.flush()
 
 
-def run_train_ranks(argv: list[str], run_dir, nproc: int = 1, fail: bool = False) -> str:
+def run_train_ranks(argv: list[str], run_dir, nproc: int = 1, fail: bool = False, worker=rank_worker) -> str:
     """`sae-train *argv` on `nproc` ranks (gloo) forked from the forkserver of tests/conftest.py (torch,
     DeepSpeed and sae_dist imported once) instead of started by torchrun, whose agent and per-rank imports
     cost ~2 + 4 s a launch (the test needs `@pytest.mark.usefixtures("worker_forkserver")`). Asserts that
     it succeeds (fail=True: that it fails) and returns the ranks' output (stdout and stderr), logged to
-    `<run_dir>.rank<r>.log`."""
+    `<run_dir>.rank<r>.log`. `worker`: a module-level function with `rank_worker`'s arguments that ends in
+    calling `rank_worker` (e.g. after patching something in the rank's process)."""
     logs = [Path(f"{run_dir}.rank{r}.log") for r in range(nproc)]
     try:
-        mp.start_processes(_rank_worker, args=(nproc, free_port(), argv, [str(f) for f in logs]), nprocs=nproc,
+        mp.start_processes(worker, args=(nproc, free_port(), argv, [str(f) for f in logs]), nprocs=nproc,
                            join=True, start_method="forkserver")
         error = None
     except (mp.ProcessExitedException, mp.ProcessRaisedException) as e:

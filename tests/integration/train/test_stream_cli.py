@@ -1,7 +1,7 @@
 """`sae-train source=lm` and `sae-train grid=[...]` from the command line: a shared sweep streamed from the
 LM writes one complete run directory per point; grid keys that would change the shared data are refused by
 name; on 2 ranks (torchrun's environment, gloo) a streamed run stopped mid-way and resumed ends with the weights of an
-uninterrupted one."""
+uninterrupted one; under tensor parallelism only the rank that runs the LM loads its weights."""
 
 import itertools
 import json
@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.dist import free_port, run_train_ranks
+from helpers.dist import free_port, rank_worker, run_train_ranks
+from helpers.train import train_log
 from safetensors.torch import load_file
 
 
@@ -112,6 +113,120 @@ def test_a_tensor_parallel_group_shares_one_lm_stream(tiny_lm_dir, tmp_path):
     for a, b in zip(x0, x1, strict=True):
         assert torch.equal(a, b)
     assert not torch.equal(x0[1], x0[2])  # distinct batches
+
+
+def _lazy_stream_worker(rank, port, lm_dir, out, fail):
+    """Both ranks give the LM's structure and a loader (counting its calls; with `fail` it raises on rank 0, the
+    one that runs the LM): what each rank's stream holds, serves or raises goes to rank<r>.pt."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from sae_dist.harvest.lm import load_lm, load_lm_structure
+    from sae_dist.harvest.stream import LMStream
+    from sae_dist.harvest.text import iter_documents
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    loads = []
+
+    def load():
+        loads.append(rank)
+        if fail:
+            raise OSError("the weights are not readable here")
+        return load_lm(lm_dir, dtype="float32")
+
+    docs = list(itertools.islice(iter_documents("stdlib"), 4))
+    try:
+        s = LMStream(model=load_lm_structure(lm_dir, dtype="float32"), load_lm=load,
+                     hook_name="blocks.1.hook_resid_post", batch_tokens=90, docs=lambda: docs, ctx_len=16,
+                     buffer_tokens=180, dtype="float32",
+                     share_group=dist.new_group([0, 1]), share_src=0)
+        got = {"meta": {p.is_meta for p in s.model.parameters()}, "d_in": s.d_in, "hook": s.attrs["hook_name"],
+               "xs": [s.sample_rows(60)] + [next(s) for _ in range(3)]}
+        s.close()
+    except Exception as e:  # noqa: BLE001 (the test checks it)
+        got = {"error": f"{type(e).__name__}: {e}"}
+    torch.save({"loads": loads, **got}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.usefixtures("worker_forkserver")
+def test_only_the_rank_that_runs_the_lm_loads_it(lm, tiny_lm_dir, tmp_path):
+    """share_src (rank 0) calls load_lm and serves the batches an unshared stream of the loaded LM serves; rank 1
+    never calls it, its stream holds only the weightless structure (every parameter on the meta device), and it
+    receives the same batches. A load that fails on rank 0 raises there and, naming rank 0, on rank 1."""
+    import torch.multiprocessing as mp
+
+    from sae_dist.harvest.stream import LMStream
+    from sae_dist.harvest.text import iter_documents
+
+    mp.start_processes(_lazy_stream_worker, args=(free_port(), tiny_lm_dir, str(tmp_path), False), nprocs=2,
+                       join=True, start_method="forkserver")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert (r0["loads"], r1["loads"]) == ([0], [])
+    assert (r0["meta"], r1["meta"]) == ({False}, {True})
+    assert r0["d_in"] == r1["d_in"] == 32 and r0["hook"] == r1["hook"] == "blocks.1.hook_resid_post"
+    docs = list(itertools.islice(iter_documents("stdlib"), 4))
+    ref = LMStream(model=lm[0], tokenizer=lm[1], hook_name="blocks.1.hook_resid_post", batch_tokens=90,
+                   docs=lambda: docs, ctx_len=16, buffer_tokens=180, dtype="float32")
+    want = [ref.sample_rows(60)] + [next(ref) for _ in range(3)]
+    ref.close()
+    for a, b, c in zip(want, r0["xs"], r1["xs"], strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+    mp.start_processes(_lazy_stream_worker, args=(free_port(), tiny_lm_dir, str(tmp_path), True), nprocs=2,
+                       join=True, start_method="forkserver")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert (r0["loads"], r1["loads"]) == ([0], [])
+    assert r0["error"] == "OSError: the weights are not readable here"
+    assert r1["error"].startswith("RuntimeError: LMStream: the LM did not load on global rank 0, which runs it")
+
+
+def _weight_loads_counted(rank, world, port, argv, log_files):
+    """`rank_worker` with each load of an LM's weights (`AutoModelForCausalLM.from_pretrained`) counted: the
+    number goes to `<log file>.loads`."""
+    from transformers import AutoModelForCausalLM
+
+    real, loads = AutoModelForCausalLM.from_pretrained, []
+    AutoModelForCausalLM.from_pretrained = staticmethod(lambda *a, **kw: loads.append(a) or real(*a, **kw))
+    try:
+        rank_worker(rank, world, port, argv, log_files)
+    finally:
+        Path(f"{log_files[rank]}.loads").write_text(str(len(loads)))
+
+
+def _loads(run, nproc):
+    return [int(Path(f"{run}.rank{r}.log.loads").read_text()) for r in range(nproc)]
+
+
+def _logged(run):
+    """The run's logged training values by step (all but the timing)."""
+    return [{k: v for k, v in r.items() if k != "train/tokens_per_s"} for r in train_log(run)]
+
+
+@pytest.mark.usefixtures("worker_forkserver")
+def test_a_tensor_parallel_run_loads_the_lm_on_the_rank_that_runs_it_alone(tiny_lm_dir, tmp_path):
+    """parallel.tp=2 on 2 ranks: tp rank 0 loads the LM's weights (once) and rank 1, which receives its batches, loads
+    none, in a fresh run and in one resumed from its step-4 checkpoint; the run logs the one-process run's losses
+    (to float tolerance: the sharded reductions add in another order)."""
+    def args(run, *extra):
+        return _args(tiny_lm_dir, tmp_path / run, "trainer.eval_every_steps=0", *extra)
+
+    run_train_ranks(args("one"), tmp_path / "one", nproc=1, worker=_weight_loads_counted)
+    assert _loads(tmp_path / "one", 1) == [1]
+    run_train_ranks(args("tp", "parallel.tp=2", "trainer.max_steps=6"), tmp_path / "tp", nproc=2,
+                    worker=_weight_loads_counted)
+    assert _loads(tmp_path / "tp", 2) == [1, 0]
+    out = run_train_ranks(args("tp", "parallel.tp=2"), tmp_path / "tp", nproc=2, worker=_weight_loads_counted)
+    assert "resuming from" in out and "step 4" in out
+    assert _loads(tmp_path / "tp", 2) == [1, 0]
+    state = json.loads((tmp_path / "tp" / "sae" / "training_state.json").read_text())
+    assert state["parallel"] == {"tp": 2, "dp": 1} and state["tokens_trained"] == 2400
+    one, tp = _logged(tmp_path / "one"), _logged(tmp_path / "tp")
+    assert [r["step"] for r in tp] == [r["step"] for r in one] == [2, 4, 6, 8, 10]
+    for a, b in zip(tp, one, strict=True):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-6), a["step"]
 
 
 @pytest.mark.usefixtures("worker_forkserver")

@@ -143,6 +143,24 @@ def test_bad_hook_name_lists_valid_names(tiny):
     assert default_hook_name(model) == "blocks.1.hook_resid_post"  # round(2*3/3) - 1
 
 
+def test_the_lm_structure_has_the_hooks_and_width_but_no_weights(tiny, tiny_lm_dir):
+    """`load_lm_structure` builds the LM from its config on the meta device: the loaded LM's hook points and width,
+    every parameter without storage; a bad dtype is refused as `load_lm` refuses it."""
+    from sae_dist.harvest.harvester import lm_d_model
+    from sae_dist.harvest.lm import load_lm_structure
+
+    structure = load_lm_structure(tiny_lm_dir)
+    model, _ = tiny
+    assert {p.device.type for p in structure.parameters()} == {"meta"}
+    assert [(n, p.shape, p.dtype) for n, p in structure.named_parameters()] == [
+        (n, p.shape, p.dtype) for n, p in model.named_parameters()]
+    assert valid_hook_names(structure) == valid_hook_names(model) and lm_d_model(structure) == 32
+    assert default_hook_name(structure) == "blocks.1.hook_resid_post"
+    assert structure.sae_dist_name == tiny_lm_dir and not structure.training
+    with pytest.raises(ValueError, match="unknown LM dtype 'float8'"):
+        load_lm_structure(tiny_lm_dir, dtype="float8")
+
+
 def test_token_ids_outside_the_vocabulary_are_refused_by_name(tiny):
     """An id >= the embedding rows (or < 0) is a ValueError naming it and the vocabulary size, before the
     forward: on CUDA it would be a device-side assert surfacing later, on CPU a bare IndexError."""

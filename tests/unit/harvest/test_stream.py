@@ -146,6 +146,32 @@ def test_bad_arguments_and_foreign_states_are_refused(lm, docs):
         _stream(lm, docs).load_state_dict({"epoch": 0, "batch": 3})
 
 
+def test_the_lm_is_loaded_by_the_stream_from_its_structure(lm, docs, tiny_lm_dir):
+    """With the LM's structure and load_lm, a stream with no share_group (it runs the LM) loads it once and serves
+    the batches of a stream given the loaded LM; the structure alone is refused, and so is a hook it lacks or a
+    loaded LM of another width, by name."""
+    from sae_dist.harvest.lm import load_lm_structure
+
+    structure, loads = load_lm_structure(tiny_lm_dir, dtype="float32"), []
+    s = _stream(lm, docs, model=structure, tokenizer=None, load_lm=lambda: loads.append(1) or lm)
+    ref = _stream(lm, docs)
+    assert loads == [1] and s.model is lm[0] and s.spec.module is ref.spec.module
+    got = [next(s) for _ in range(3)]
+    s.close()  # one stream's producer thread at a time on the shared LM
+    want = [next(ref) for _ in range(3)]
+    ref.close()
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="model has no weights"):
+        _stream(lm, docs, model=structure, tokenizer=None)
+    with pytest.raises(ValueError, match="'blocks.7.hook_resid_post': layer 7 out of range"):
+        _stream(lm, docs, model=structure, tokenizer=None, load_lm=lambda: lm, hook_name="blocks.7.hook_resid_post")
+    wide = load_lm_structure(tiny_lm_dir, dtype="float32")
+    wide.config.hidden_size = 48
+    with pytest.raises(ValueError, match="load_lm gave an LM of width 32 but its structure .* d_in=48"):
+        _stream(lm, docs, model=wide, tokenizer=None, load_lm=lambda: lm)
+
+
 def test_no_window_past_max_batches_is_computed(lm, docs, monkeypatch):
     computed = []
     real = LMStream.window_rows_of
