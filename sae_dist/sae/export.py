@@ -49,6 +49,7 @@ from sae_dist.sae.sae_files import (
     canonical_tensors,
     has_weights,
     hook_layer,
+    read_sae_cfg,
     read_sae_files,
 )
 
@@ -511,7 +512,8 @@ def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu") -> Exp
     FileNotFoundError naming the missing file(s) or shard(s); ValueError for an unsupported architecture
     (e.g. SAELens' "gated"), an unsupported normalize_activations, weights whose shapes disagree with
     cfg.json (or a jumprelu without `threshold`), or shards that do not fit together (a gap in the latent
-    ranges, a shard inconsistent with the index).
+    ranges, a shard inconsistent with the index); MemoryError, before reading any weight, when `device` is a
+    CUDA device with less free memory than the float32 W_enc and W_dec (8 * d_sae * d_in bytes).
     """
     from sae_dist.sae.hub import resolve_sae_path
 
@@ -524,5 +526,23 @@ def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu") -> Exp
             "sae_dist.sae.export.export_sae / sae-train, or SAELens' SAE.save_model: cfg.json + "
             f"sae_weights.safetensors, or sharded weights with {SHARD_INDEX_FILENAME} as sae-push uploads them)"
         )
+    _check_fits_device(read_sae_cfg(p), torch.device(device), p)
     cfg, tensors = read_sae_files(p)
     return _exported_module(cfg, tensors).to(device)
+
+
+def _check_fits_device(cfg: dict, device: torch.device, where) -> None:
+    """MemoryError, before any weight is read, when the float32 weights of the canonical `cfg` (W_enc and
+    W_dec, 8 * d_sae * d_in bytes) exceed the free memory of the CUDA `device` (`torch.cuda.mem_get_info`).
+    Other devices are not checked."""
+    if device.type != "cuda":
+        return
+    need = 8 * int(cfg["d_sae"]) * int(cfg["d_in"])
+    free, total = torch.cuda.mem_get_info(device)
+    if need > free:
+        gib = 2.0**30
+        raise MemoryError(
+            f"the SAE at {str(where)!r} (d_sae={cfg['d_sae']}, d_in={cfg['d_in']}) needs {need / gib:.1f} GiB of "
+            f"float32 weights on {device}, which has {free / gib:.1f} GiB free of {total / gib:.1f} GiB: load it on "
+            "the CPU (device='cpu', sae-eval device=cpu) if host memory allows, or read the held-out metrics the "
+            "trainer computes on the latent-sharded SAE (trainer.eval_every_steps)")

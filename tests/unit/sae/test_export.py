@@ -96,6 +96,34 @@ def test_load_errors(tmp_path):
         export_sae(sae, tmp_path / "t", hook_name=None, model_name=None, normalize="scalar")
 
 
+def test_load_refuses_a_cuda_device_too_small_before_reading_weights(tmp_path, monkeypatch):
+    """On CUDA, load_sae compares the float32 W_enc + W_dec (8 d_sae d_in bytes) with the device's free memory
+    (torch.cuda.mem_get_info, stubbed here: no GPU) and raises MemoryError before reading the weights."""
+    import sae_dist.sae.export as ex
+
+    d, n = 8, 16
+    export_sae(_trained_like_sae(d, n, 2, "none"), tmp_path / "s", hook_name=None, model_name=None, normalize="none")
+    need, real_read = 8 * n * d, ex.read_sae_files
+    asked = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev: asked.append(dev) or (need - 1, 2**34))
+
+    def no_read(path):
+        raise AssertionError("weights read before the memory check")
+
+    monkeypatch.setattr(ex, "read_sae_files", no_read)
+    with pytest.raises(MemoryError, match=r"d_sae=16, d_in=8\) needs 0\.0 GiB .* on cuda:1, which has 0\.0 GiB free "
+                                          r"of 16\.0 GiB: load it on the CPU"):
+        load_sae(tmp_path / "s", device="cuda:1")
+    assert asked == [torch.device("cuda:1")]
+    # exactly enough passes the check (the weights are then read: here the stub's error)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev: (need, 2**34))
+    with pytest.raises(AssertionError, match="weights read"):
+        load_sae(tmp_path / "s", device="cuda:1")
+    # the CPU is not checked
+    monkeypatch.setattr(ex, "read_sae_files", real_read)
+    assert load_sae(tmp_path / "s").W_dec.shape == (n, d)
+
+
 @pytest.mark.parametrize("architecture", ["topk", "jumprelu"])
 @pytest.mark.parametrize("mode", ["scalar", "layer_norm", "none"])
 def test_exported_view_is_the_loaded_export_without_files(tmp_path, architecture, mode):
