@@ -6,7 +6,8 @@ memory (parameters, gradients, optimizer state, activations, workspace), FLOPs a
 component of the step, the bytes every collective moves, and an estimated step time and tokens/s. It
 refuses a shape that does not fit, saying by how many GiB and which trainer settings would fit.
 With harvest.tokens=T it also sizes the activation store a harvest of T tokens writes
-(`harvest_store_bytes`: exact shard files, a metadata allowance).
+(`harvest_store_bytes`: exact shard files, a metadata allowance), and it always sizes one training
+checkpoint on disk (`checkpoint_bytes`: exact tensor bytes, an allowance for headers and metadata).
 
 These are MODEL ESTIMATES from the formulas below, not measurements (`python -m sae_dist.bench`
 measures a step on one device). The defaults model the code as it is: `TopKSAE.
@@ -207,6 +208,7 @@ __all__ = [
     "store_bytes",
     "harvest_store_bytes",
     "STORE_DTYPE_BYTES",
+    "checkpoint_bytes",
 ]
 
 GiB = 2**30  # memory sizes are binary (GiB)
@@ -1398,6 +1400,46 @@ def harvest_store_bytes(tokens: int, d_in: int, *, dtype: str = "float16", ctx_l
     return {**r, "tokens_requested": tokens, "ctx_len": ctx_len}
 
 
+# ------------------------------------------------------------------------------------ checkpoint
+#: Allowances of a checkpoint's size on disk, bytes: per stored item (torch.distributed.checkpoint writes every
+#: tensor shard with torch.save: 1.5-1.6 KiB of headers measured, plus alignment), and for the .metadata file
+#: and the pickled trainer state (a fixed part plus a part per item).
+CHECKPOINT_ITEM_BYTES = 2048
+CHECKPOINT_META_BYTES = {"fixed": 65536, "item": 1024}
+
+
+def checkpoint_bytes(d_in: int, d_sae: int, *, tp: int = 1, param_bytes: int = 4, ema: bool = False,
+                     density: bool = False) -> dict[str, Any]:
+    """Size on disk of one sae-train checkpoint of a TopK SAE (a `checkpoints/step_*` directory:
+    torch.distributed.checkpoint in the layout of `sae_dist.parallel.state`), written once whatever dp is.
+
+    Args: d_in, d_sae; tp: latent shards (each tp rank's shard is written by one rank of its dp group);
+      param_bytes: bytes per parameter value (4: the fp32 master weights; Adam's moments and the EMA copy
+      take the parameters' dtype); ema: trainer.ema; density: trainer.feature_density_every_steps > 0.
+    Returns {bytes: {model, optimizer, ema, dead_latents, density, overhead}, total_bytes, total_gib,
+    writer_bytes (the most one rank writes: a latent shard, the replicated tensors and the overhead),
+    items (stored tensor shards)}. Tensor bytes are exact (a test reads them from written checkpoints);
+    "overhead" (torch.save headers, .metadata, trainer state) is an allowance.
+    Raises ValueError for non-positive sizes or a tp that does not divide d_sae."""
+    for name, v in (("d_in", d_in), ("d_sae", d_sae), ("tp", tp), ("param_bytes", param_bytes)):
+        _posint(name, v)
+    if d_sae % tp:
+        raise ValueError(f"parallel.tp={tp} must divide d_sae={d_sae}")
+    latent = {"model": (2 * d_in + 1) * param_bytes, "optimizer": 2 * (2 * d_in + 1) * param_bytes,
+              "ema": (2 * d_in + 1) * param_bytes if ema else 0, "dead_latents": 8 + 1, "density": 8 if density else 0}
+    # b_dec (with its two moments and EMA copy) and the four 0-d float32 Adam step counts are replicated
+    replicated = {"model": d_in * param_bytes, "optimizer": 2 * d_in * param_bytes + 4 * 4,
+                  "ema": d_in * param_bytes if ema else 0, "dead_latents": 0, "density": 0}
+    sharded_tensors = 3 + 6 + (3 if ema else 0) + 2 + (1 if density else 0)  # W_enc, b_enc, W_dec, moments, ...
+    items = tp * sharded_tensors + 3 + 4 + (1 if ema else 0) + 1  # b_dec + moments, steps, EMA b_dec, trainer
+    out = {key: d_sae * latent[key] + replicated[key] for key in latent}
+    overhead = items * (CHECKPOINT_ITEM_BYTES + CHECKPOINT_META_BYTES["item"]) + CHECKPOINT_META_BYTES["fixed"]
+    out["overhead"] = overhead
+    total = sum(out.values())
+    writer = d_sae // tp * sum(latent.values()) + sum(replicated.values()) + overhead
+    return {"bytes": out, "total_bytes": total, "total_gib": total / GiB, "writer_bytes": writer, "items": items}
+
+
 # ------------------------------------------------------------------------------------ rendering
 def format_bytes(b: float) -> str:
     """b bytes for people: "1.25 GiB", "3.10 MiB", "12.00 KiB" or "512 B" (powers of 1024)."""
@@ -1487,9 +1529,22 @@ def plan_tables(r: dict) -> list[_Table]:
     ]
     out.append((f"step prediction (sae-plan's model, not a measurement; encoder matmul assumed at mfu "
                 f"{r['cluster']['mfu']:g})", [("quantity", "l"), ("value", "r")], rows))
+    if r.get("checkpoint"):
+        out.append(checkpoint_table(r["checkpoint"]))
     if r.get("store"):
         out.append(store_table(r["store"]))
     return out
+
+
+def checkpoint_table(ck: dict) -> _Table:
+    """One checkpoint's size on disk (`checkpoint_bytes` dict, with keep: trainer.keep_checkpoints) as a table."""
+    rows = [[name, format_bytes(b)] for name, b in ck["bytes"].items() if b]
+    rows += [["total", format_bytes(ck["total_bytes"])],
+             ["most one rank writes", format_bytes(ck["writer_bytes"])]]
+    if ck.get("keep"):
+        rows.append([f"kept on disk (trainer.keep_checkpoints={ck['keep']}, +1 while the next is written)",
+                     format_bytes((ck["keep"] + 1) * ck["total_bytes"])])
+    return ("checkpoint on disk (tensors exact, overhead an allowance)", [("item", "l"), ("size", "r")], rows)
 
 
 def store_table(st: dict) -> _Table:
@@ -1593,8 +1648,10 @@ def plan_from_cfg(cfg, **overrides) -> dict:
     k_aux, auxk_coef, multi_topk, multi_topk_factor, kernels, kernel_backend), trainer.* (batch_tokens,
     ema, engine, zero_stage, offload_optimizer, bf16, eval_every_steps), parallel.tp, topk_exchange, cluster.*,
     estimate.* (estimate.bf16_operand_copies null: follow trainer.bf16, as the trainer's autocast does).
-    `overrides` replace plan() keyword arguments. The result has one more key, store: the
-    `harvest_store_bytes` dict for harvest.tokens (`store_from_cfg`), or None when that is null.
+    `overrides` replace plan() keyword arguments. The result has two more keys: store, the
+    `harvest_store_bytes` dict for harvest.tokens (`store_from_cfg`), or None when that is null; checkpoint,
+    the `checkpoint_bytes` dict of one checkpoint (fp32 weights; trainer.ema, trainer.feature_density_every_steps)
+    plus keep (trainer.keep_checkpoints).
     Raises ValueError when sae.d_in is null."""
     from omegaconf import OmegaConf
 
@@ -1629,6 +1686,9 @@ def plan_from_cfg(cfg, **overrides) -> dict:
     kw.update(overrides)
     r = plan(**kw)
     r["store"] = store_from_cfg(cfg)
+    r["checkpoint"] = {**checkpoint_bytes(kw["d_in"], kw["d_sae"], tp=kw["tp"], ema=kw["ema"],
+                                          density=int(t.feature_density_every_steps) > 0),
+                       "keep": int(t.keep_checkpoints)}
     return r
 
 

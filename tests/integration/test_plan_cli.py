@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 from sae_dist.plan import (
+    checkpoint_bytes,
     harvest_store_bytes,
     params_per_gpu,
     plan,
@@ -39,6 +40,9 @@ def test_cli_json_refusal_and_no_output_dir(tmp_path, console_script, monkeypatc
     # defaults model the code; bf16 copies follow trainer.bf16 = true)
     direct = plan(d_in=4096, d_sae=2**24, k=32, batch_tokens=131072, tp=64, cluster=H100_8x8)
     assert r.pop("store") is None  # no harvest.tokens: no store sized
+    # one checkpoint at the trainer's defaults (no EMA, the feature-density window on, 2 kept)
+    assert r.pop("checkpoint") == json.loads(json.dumps({**checkpoint_bytes(4096, 2**24, tp=64, density=True),
+                                                         "keep": 2}))
     assert r == json.loads(json.dumps(direct))
     c = r["config"]
     assert (c["topk_exchange"], c["decode_compact"], c["decode_scan_slots"], c["encoder_bwd_drop_zeros"],

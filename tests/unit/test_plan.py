@@ -878,3 +878,29 @@ def test_harvest_store_bytes_equal_a_harvest(tiny_lm_dir, tmp_path):
     # 15 full shards of 128 chunks, then 32,382 tokens in 65 chunks; 8192 bytes per token; indices of
     # 128 x 16 bytes + a crc32c
     assert d["bytes"]["activations"] == 15 * (128 * (504 * 8192 + 4) + 2052) + 65 * (504 * 8192 + 4) + 2052
+
+
+
+@pytest.mark.parametrize("ema, density", [(True, True), (False, False)])
+def test_checkpoint_bytes_equal_a_written_checkpoint(tmp_path, ema, density):
+    """checkpoint_bytes' tensor bytes are exactly what a trained run's checkpoint records, and the files on
+    disk fit within its total (the tp = 2 x dp = 2 case: tests/integration/parallel/test_parallel_train.py)."""
+    from helpers.checkpoint import checkpoint_on_disk
+    from helpers.synthetic import train_on_synthetic
+
+    from sae_dist.plan import checkpoint_bytes
+    from sae_dist.sae import SAEConfig
+
+    d, n = 12, 40
+    train_on_synthetic(tmp_path, SAEConfig(d_in=d, d_sae=n, k=3), n_store_tokens=2048, tokens=8 * 128,
+                       batch_tokens=128, seed=0, ema=ema, feature_density_every_steps=2 if density else 0,
+                       checkpoint_every_steps=4, keep_checkpoints=1)
+    (ck,) = (tmp_path / "run" / "checkpoints").glob("step_*")
+    tensors, on_disk, _ = checkpoint_on_disk(ck)
+    r = checkpoint_bytes(d, n, ema=ema, density=density)
+    assert tensors == r["total_bytes"] - r["bytes"]["overhead"]
+    assert tensors < on_disk <= r["total_bytes"] == r["writer_bytes"]
+    big = checkpoint_bytes(4096, 2**24, tp=64)
+    assert big["bytes"]["model"] + big["bytes"]["optimizer"] == 3 * (2 * 4096 * 2**24 + 2**24 + 4096) * 4 + 16
+    with pytest.raises(ValueError, match="parallel.tp=3 must divide d_sae=40"):
+        checkpoint_bytes(d, n, tp=3)

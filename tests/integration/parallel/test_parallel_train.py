@@ -159,6 +159,23 @@ def _restart_from(src: Path, dst: Path, step: int):
 
 
 @pytest.mark.slow
+def test_checkpoint_size_is_sae_plans(tp2xdp2):
+    """Each checkpoint of the tp=2 x dp=2 run records exactly sae-plan's tensor bytes (`checkpoint_bytes`), its
+    files fit within sae-plan's total, and no rank's file exceeds sae-plan's most bytes one rank writes."""
+    from helpers.checkpoint import checkpoint_on_disk
+
+    from sae_dist.plan import checkpoint_bytes
+
+    r = checkpoint_bytes(24, 384, tp=2, density=True)
+    cks = sorted((tp2xdp2 / "checkpoints").glob("step_*"))
+    assert cks
+    for ck in cks:
+        tensors, on_disk, per_file = checkpoint_on_disk(ck)
+        assert tensors == r["total_bytes"] - r["bytes"]["overhead"], ck.name
+        assert tensors < on_disk <= r["total_bytes"] and max(per_file) <= r["writer_bytes"] < r["total_bytes"]
+
+
+@pytest.mark.slow
 def test_checkpoint_reshards_across_meshes(store, reference, tp2xdp2, tmp_path):
     saved = tp2xdp2  # only copied (_restart_from)
     for name, nproc, tp in (("single", 1, 1), ("tp4", 4, 4), ("dp2", 2, 1)):
