@@ -141,7 +141,9 @@ tokens/s = B / step time.
 
 Memory per GPU: params 4P; grads 4P (ZeRO-2: none kept whole); Adam moments 8P, or under ZeRO-1/2 (8
 + 4 + 4)*P/dp (moments, DeepSpeed's fp32 master partition, its fp32 gradient partition) plus a
-reduce bucket; with optimizer offload those partitions live in host memory. EMA 4P when trainer.ema;
+reduce bucket; with optimizer offload those partitions live in host memory. At a checkpoint save or
+resume (between steps: no activations) DeepSpeed's optimizer_state() also gathers the rank's whole fp32
+Adam moments onto the GPU, 8P (`checkpoint_peak_bytes`; the plan must fit both). EMA 4P when trainer.ema;
 dead-latent state 9 bytes per latent; activations = what the forward keeps for the backward (inputs,
 [Bl, d] buffers, the encoder's saved input and selections, keep masks, the masked main TopK values
 [Bl, wm] the step returns, the decode calls' compacted values and -1-padded int64 ids [Bl, m] and
@@ -562,6 +564,9 @@ def plan(
       memory_bytes: {params, grads, optimizer, ema, dead_latent_state,
         activations, zero_buckets, workspace, heldout_lm, total} per GPU in bytes; memory_gib: the same in GiB;
         host_memory_bytes: per GPU on the host (optimizer offload), else 0.
+      checkpoint_peak_bytes: per GPU at a checkpoint save or resume (no activations; with
+        engine="deepspeed" plus the gathered fp32 Adam moments of the rank's parameters, 8P): the plan
+        fits when both it and memory_bytes' total fit.
       activation_bytes: {component: bytes} kept for the backward; transient_bytes: {phase: {component:
         bytes}} for the phases "forward", "decode_backward" and "encoder_backward"; activation_phases:
         {phase: kept + largest transient, bytes}; activation_peak_phase: the largest (memory_bytes'
@@ -574,7 +579,8 @@ def plan(
       compute_s, matmul_s, tp_comm_s, dp_comm_s, comm_s, step_time_s (compute + comm),
       step_time_overlapped_s (max of the two), tokens_per_s, tokens_per_s_overlapped, comm_fraction
       (comm_s / step_time_s), step_over_matmul, input_bytes_per_gpu (fp32 batch bytes per step).
-      gpu_memory_gib, fits, excess_gib (> 0 iff not fits), headroom_gib, message ("" when it fits,
+      gpu_memory_gib, fits, excess_gib (> 0 iff not fits; of the larger of the step's total and
+      checkpoint_peak_bytes), headroom_gib, message ("" when it fits,
       else the refusal, with the excess in GiB), suggestions (when it does not fit: up to 3
       {overrides, total_gib, step_time_s, tokens_per_s} that fit, highest tokens/s first), assumptions.
 
@@ -896,6 +902,7 @@ class _Memory(NamedTuple):
     transient: dict[str, dict[str, int]]
     phases: dict[str, int]
     peak_phase: str
+    checkpoint_peak: int
 
 
 def _memory(s: _Step) -> _Memory:
@@ -916,7 +923,10 @@ def _memory(s: _Step) -> _Memory:
     mem["heldout_lm"] = int(round(o.heldout_lm_gib * GiB))
     mem["total"] = sum(mem.values())
     host = 16 * s.part if (s.zero and o.offload_optimizer) else 0  # master + its grad + 2 moments, fp32
-    return _Memory(mem, host, kept, transient, phases, peak_phase)
+    # between steps, at a checkpoint or resume: no activations, but DeepSpeed's optimizer_state() holds this
+    # rank's whole fp32 Adam moments (8 bytes per local parameter) on the GPU; the torch engine's are its live state
+    gathered = 8 * s.P if o.engine == "deepspeed" else 0
+    return _Memory(mem, host, kept, transient, phases, peak_phase, mem["total"] - mem["activations"] + gathered)
 
 
 def _state_memory(s: _Step) -> dict[str, int]:
@@ -1166,7 +1176,7 @@ def _step_times(flops: dict[str, dict], comm: list[dict], B: int) -> dict[str, f
 def _result(s: _Step, m: _Memory, flops: dict[str, dict], comm: list[dict]) -> dict[str, Any]:
     """`plan`'s result dict (documented there) without the refusal: message "" and no suggestions,
     which `plan` adds when the step does not fit."""
-    excess = m.per_gpu["total"] - s.c.gpu_memory_gib * GiB
+    excess = max(m.per_gpu["total"], m.checkpoint_peak) - s.c.gpu_memory_gib * GiB
     return {
         "config": _config(s),
         "cluster": asdict(s.c),
@@ -1179,6 +1189,7 @@ def _result(s: _Step, m: _Memory, flops: dict[str, dict], comm: list[dict]) -> d
         "transient_bytes": m.transient,
         "activation_phases": m.phases,
         "activation_peak_phase": m.peak_phase,
+        "checkpoint_peak_bytes": m.checkpoint_peak,
         "flops": flops,
         "flops_total": sum(v["flops"] for v in flops.values()),
         "matmul_flops": sum(v["flops"] for v in flops.values() if v["kind"] == "matmul"),
@@ -1300,12 +1311,22 @@ def _refusal(r: dict) -> str:
                       if g[k] > 0)
     phase = r["activation_peak_phase"]
     tr = max(r["transient_bytes"][phase].items(), key=lambda kv: kv[1])
-    msg = (
-        f"does not fit: tp={cfg['tp']} x dp={cfg['dp']} needs {g['total']:.1f} GiB per GPU, "
-        f"{r['excess_gib']:.1f} GiB more than cluster.gpu_memory_gib={r['gpu_memory_gib']:g} "
-        f"({parts} GiB; activation peak in the {phase.replace('_', ' ')}, largest transient: {tr[0]} "
-        f"{tr[1] / GiB:.1f} GiB)."
-    )
+    gpu, ck = r["gpu_memory_gib"], r["checkpoint_peak_bytes"] / GiB
+    gathered = (f"DeepSpeed's optimizer_state() gathers the rank's fp32 Adam moments, "
+                f"{8 * r['params_per_gpu'] / GiB:.1f} GiB, onto the GPU besides its state")
+    if g["total"] > gpu:
+        msg = (
+            f"does not fit: tp={cfg['tp']} x dp={cfg['dp']} needs {g['total']:.1f} GiB per GPU, "
+            f"{g['total'] - gpu:.1f} GiB more than cluster.gpu_memory_gib={gpu:g} "
+            f"({parts} GiB; activation peak in the {phase.replace('_', ' ')}, largest transient: {tr[0]} "
+            f"{tr[1] / GiB:.1f} GiB)."
+        )
+        if ck > gpu:
+            msg += f" At every checkpoint save and resume it needs {ck:.1f} GiB ({gathered})."
+    else:
+        msg = (f"does not fit: tp={cfg['tp']} x dp={cfg['dp']} needs {ck:.1f} GiB per GPU at every checkpoint save "
+               f"and resume, {ck - gpu:.1f} GiB more than cluster.gpu_memory_gib={gpu:g} (the step itself: "
+               f"{g['total']:.1f} GiB): {gathered}.")
     if r.get("suggestions"):
         msg += " Settings that fit: " + "; ".join(
             f"{s['overrides']} ({s['total_gib']:.1f} GiB, {s['tokens_per_s']:,.0f} tokens/s predicted)"
@@ -1496,6 +1517,9 @@ def plan_tables(r: dict) -> list[_Table]:
                 rows += [[f"    transient: {tk}", format_bytes(tv)]
                          for tk, tv in r["transient_bytes"][phase].items() if tv]
     rows.append(["total", format_bytes(r["memory_bytes"]["total"])])
+    if r["config"]["engine"] == "deepspeed":
+        rows.append(["at a checkpoint (no activations; Adam moments gathered)",
+                     format_bytes(r["checkpoint_peak_bytes"])])
     rows.append(["GPU memory", f"{r['gpu_memory_gib']:,.2f} GiB"])
     if r["host_memory_bytes"]:
         rows.append(["host memory (offloaded optimizer)", format_bytes(r["host_memory_bytes"])])
@@ -1559,10 +1583,19 @@ def store_table(st: dict) -> _Table:
             [("item", "l"), ("size", "r")], rows)
 
 
+def _fits_cell(r: dict) -> str:
+    """ "yes", or "no, +<excess GiB>", marked "(checkpoint)" when the checkpoint (not the step) needs more."""
+    if r["fits"]:
+        return "yes"
+    ck = " (checkpoint)" if r["checkpoint_peak_bytes"] > r["memory_bytes"]["total"] else ""
+    return f"no, +{r['excess_gib']:.1f}{ck}"
+
+
 def compare_table(results: list[dict]) -> _Table:
     """One row per plan: mesh, memory (state = params + grads + optimizer + EMA + dead-latent state,
-    act = activations, GiB), fit, compute / communication / step time, tokens/s,
-    communication share; "enc splits" = the Triton encoder's latent splits."""
+    act = activations, GiB), fit (or the excess in GiB, marked "(checkpoint)" when DeepSpeed's checkpoint
+    needs more than the step), compute / communication / step time, tokens/s, communication share;
+    "enc splits" = the Triton encoder's latent splits."""
     cols = [("B", "r"), ("tp x dp", "l"), ("tp link", "l"), ("ZeRO", "r"), ("exchange", "l"),
             ("enc splits", "r"), ("state GiB", "r"), ("act GiB", "r"), ("total GiB", "r"), ("fits", "l"),
             ("compute ms", "r"), ("tp comm ms", "r"), ("dp comm ms", "r"), ("step ms", "r"), ("tokens/s", "r"),
@@ -1576,7 +1609,7 @@ def compare_table(results: list[dict]) -> _Table:
             f"{c['encoder_splits']}",
             f"{g['params'] + g['grads'] + g['optimizer'] + g['ema'] + g['dead_latent_state']:,.1f}",
             f"{g['activations']:,.1f}", f"{g['total']:,.1f}",
-            "yes" if r["fits"] else f"no, +{r['excess_gib']:.1f}",
+            _fits_cell(r),
             f"{r['compute_s'] * 1e3:,.0f}", f"{r['tp_comm_s'] * 1e3:,.0f}", f"{r['dp_comm_s'] * 1e3:,.0f}",
             f"{r['step_time_s'] * 1e3:,.0f}", f"{r['tokens_per_s']:,.0f}", f"{100 * r['comm_fraction']:.0f}",
         ])

@@ -71,6 +71,8 @@ every dp rank must call it, in the same order, like a checkpoint save. `load_opt
 Checkpoints: unlike `TorchEngine`, whose `optimizer_state()` returns the live Adam tensors,
 `optimizer_state()` here returns gathered COPIES: after loading a checkpoint into them, hand them
 back with `load_optimizer_state(state)` (a no-op for the torch engine, so a trainer can always do it).
+The copies are on the parameters' device, all at once: 8 bytes per local parameter of GPU memory at every
+checkpoint save and resume, beyond the step's state (`sae_dist.plan` counts it as checkpoint_peak_bytes).
 
 Tests: tests/integration/train/test_deepspeed_engine_gloo.py (single process and dp x tp meshes against the torch
 engine, optimizer-state round trip), tests/unit/train/test_deepspeed_engine.py (argument checks).

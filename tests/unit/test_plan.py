@@ -754,9 +754,30 @@ def test_refuses_tp8_at_2_24_with_excess_in_gib():
     # one weight shard is 4096 x 2^21 fp32 = 32 GiB; W_enc + W_dec = 64 GiB of parameters alone
     assert r["memory_gib"]["params"] == pytest.approx(64.0, abs=0.01)
     assert not r["fits"]
-    excess = r["memory_gib"]["total"] - 79.6
-    assert excess > 0 and r["excess_gib"] == pytest.approx(excess)
-    assert f"{excess:.1f} GiB more than cluster.gpu_memory_gib=79.6" in r["message"]
+    # at a checkpoint the activations are gone but DeepSpeed gathers the rank's fp32 Adam moments onto the
+    # GPU: 2 x 4 bytes per parameter = 128 GiB, which makes the checkpoint, not the step, the larger need
+    gathered = 8 * r["params_per_gpu"] / GiB
+    assert gathered == pytest.approx(128.0, abs=0.02)  # + b_enc, b_dec
+    ck = r["checkpoint_peak_bytes"] / GiB
+    assert ck == pytest.approx(r["memory_gib"]["total"] - r["memory_gib"]["activations"] + gathered)
+    assert ck > r["memory_gib"]["total"] and r["excess_gib"] == pytest.approx(ck - 79.6)
+    step_excess = r["memory_gib"]["total"] - 79.6
+    assert f"{step_excess:.1f} GiB more than cluster.gpu_memory_gib=79.6" in r["message"]
+    assert f"At every checkpoint save and resume it needs {ck:.1f} GiB (DeepSpeed's optimizer_state() gathers " \
+           f"the rank's fp32 Adam moments, {gathered:.1f} GiB" in r["message"]
+    # the torch engine's optimizer state is its live state: its checkpoint needs no more than the step
+    t = plan(d_in=D4K, d_sae=N24, k=32, batch_tokens=B_PAPER, tp=8, cluster=H100_8x8)
+    assert t["checkpoint_peak_bytes"] == t["memory_bytes"]["total"] - t["memory_bytes"]["activations"]
+    excess = t["memory_gib"]["total"] - 79.6
+    assert excess > 0 and t["excess_gib"] == pytest.approx(excess)
+    assert f"{excess:.1f} GiB more than cluster.gpu_memory_gib=79.6" in t["message"]
+    # a step that fits (72.2 GiB at tp=32 x dp=2, ZeRO-2) is refused for its checkpoint (+32 GiB of moments)
+    z2 = plan(d_in=D4K, d_sae=N24, k=32, batch_tokens=B_PAPER, tp=32, cluster=H100_8x8, engine="deepspeed",
+              zero_stage=2)
+    ck = z2["checkpoint_peak_bytes"] / GiB
+    assert z2["memory_gib"]["total"] < 79.6 < ck and not z2["fits"] and z2["excess_gib"] == pytest.approx(ck - 79.6)
+    assert z2["message"].startswith(f"does not fit: tp=32 x dp=2 needs {ck:.1f} GiB per GPU at every checkpoint save "
+                                    f"and resume, {ck - 79.6:.1f} GiB more than")
     with pytest.raises(PlanDoesNotFit, match=r"GiB more than"):
         check_fits(r)
     assert r["suggestions"], r["message"]
