@@ -17,6 +17,12 @@ Design (deterministic and resumable; the store layout is docs/formats.md#activat
   Each finished shard is written with ONE `write_block` and then marked with `mark_shard_done`
   (info: n_seqs, n_tokens, partial norm stats, end_of_data). A worker killed at any moment leaves at
   most one half-written shard without a marker, which the rerun rewrites entirely.
+* The writes run in one background thread, in shard order, while the LM fills the next shard: at most one
+  shard is being written at a time, and the LM waits for it only when the next shard is full. A failed
+  write is raised by `harvest` (at the next shard or at the end) and its shard keeps no marker; when the LM
+  loop fails, the shard being written is finished (and marked) first. Activations reach the host without a
+  wait per batch (non_blocking copies, finiteness checked on the device); the copies are waited for, and
+  the finiteness flags read, once per shard (`_ShardWriter`).
 * If the corpus ends before n_seqs sequences, the shard holding the end is partial (its marker says
   so) and later shards are marked empty; finalisation trims the arrays to the data actually written.
 * Store arrays: `activations` [n_tokens, d_in] (the store dtype), `token_ids` int32, `seq_index` int64
@@ -51,6 +57,7 @@ import datetime
 import math
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from typing import Any, Iterable, Sequence
@@ -245,8 +252,11 @@ def harvest(
         when complete), preempted (bool).
 
     Raises:
-        HarvestError: non-finite activations (names the sequence range), inconsistent arguments.
+        HarvestError: non-finite activations (names the batch's sequences; found when its shard is full),
+            inconsistent arguments.
         ValueError: bad hook name / dtype / sizes. StoreError: an existing store does not match.
+        Any exception of a shard write (e.g. OSError for a full disk), made in the background writer thread, is
+        re-raised here; that shard has no marker and a rerun writes it.
     """
     t0 = time.perf_counter()
     run = _HarvestRun.plan(model=model, tokenizer=tokenizer, hook_name=hook_name, docs=docs, store_path=store_path,
@@ -645,17 +655,74 @@ def _final_n_tokens(done: dict, geom: _Geometry, store_path: str) -> int:
     return total * geom.body
 
 
-class _ShardWriter:
-    """This worker's shard in progress: its sequences' token ids, their LM activations at each hook, and the
-    sequences not yet run through the LM. `write_shard` writes a shard into each store with ONE `write_block`
-    and marks it done there."""
+class _WriteQueue:
+    """One background thread running the shard writes in submission order, one at a time: `submit` first waits
+    for the write in flight, so at most one shard is being written while the caller fills the next. A write's
+    exception is re-raised in the caller: by `raise_failed` once it has happened, else by the next `submit` or
+    by `close`."""
 
-    def __init__(self, run: _HarvestRun, groups: list, bar):
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sae-harvest-writer")
+        self._inflight: Future | None = None
+
+    def raise_failed(self) -> None:
+        """Re-raise the exception of the write in flight if it has already failed (does not wait)."""
+        f = self._inflight
+        if f is not None and f.done() and f.exception() is not None:
+            self._inflight = None
+            f.result()
+
+    def wait(self) -> None:
+        """Wait for the write in flight (if any); its exception is re-raised here."""
+        f, self._inflight = self._inflight, None
+        if f is not None:
+            f.result()
+
+    def submit(self, fn, *args) -> None:
+        """Wait for the write in flight (re-raising its exception), then start fn(*args) in the writer thread."""
+        self.wait()
+        self._inflight = self._pool.submit(fn, *args)
+
+    def close(self, failing: BaseException | None, rank: int) -> None:
+        """Wait for the write in flight and stop the thread. Its exception is re-raised, unless the caller is
+        already failing with `failing`: then it is logged and added to `failing` as a note."""
+        try:
+            self.wait()
+        except BaseException as e:
+            if failing is None:
+                raise
+            failing.add_note(f"the background shard write failed too: {e!r}")
+            _log(f"the background shard write failed too: {e!r}", rank)
+        finally:
+            self._pool.shutdown(wait=True)
+
+
+class _ShardWriter:
+    """This worker's shard in progress: its sequences' token ids, their LM activations at each hook (in a host
+    buffer per hook, pinned when the LM is on CUDA) and the sequences not yet run through the LM. `write_shard`
+    hands a full shard to a background thread (`_WriteQueue`), which writes it into each store with ONE
+    `write_block` and then marks it done there, while the LM fills the next shard in the other set of buffers.
+
+    Memory: two shard buffers of `rows` x d_model (store dtype) per hook, plus the permuted copy of one shard
+    while it is written. The GPU does not wait for the host per batch: activations are copied out with
+    non_blocking, and each sequence's finiteness flag is copied out the same way; both are synchronised and
+    read once per shard (`_check_landed`)."""
+
+    def __init__(self, run: _HarvestRun, groups: list, bar, rows: int):
         self.run, self.groups, self.bar = run, groups, bar
-        self.written = 0  # token rows written by this call (per store)
-        self.seq_ids: list[list[int]] = []  # sequences of the current shard (token ids incl. BOS)
-        self.seq_index: list[int] = []  # their global sequence indices
-        self.acts_parts: list[list[torch.Tensor]] = [[] for _ in run.targets]  # per hook: [n * body, d] blocks
+        self.written = 0  # token rows written and marked done by this call (per store)
+        pin = run.device.type == "cuda" and torch.cuda.is_available()
+        dt, n_t = STORE_DTYPES[run.dtype], len(run.targets)
+        #: two sets of per-hook [rows, d_model] host buffers: one being filled, one being written
+        self.buffers = [[torch.empty((rows, run.d_model), dtype=dt, pin_memory=pin) for _ in range(n_t)]
+                        for _ in range(2)]
+        self.cur = 0  # the set being filled
+        #: bool [hooks, sequences]: the shard's sequences with a non-finite activation at each hook (a row per
+        #: hook, so that each batch's copy lands in contiguous memory: a strided one would wait)
+        self.nonfinite = torch.zeros((n_t, -(-rows // run.geom.body)), dtype=torch.bool, pin_memory=pin)
+        self.copied_from: set[torch.device] = set()  # CUDA devices with copies to the host in flight
+        self.queue = _WriteQueue()
+        self.clear()
         self.pending: list[list[int]] = []  # sequences not yet run through the LM
 
     def add(self, i: int, seq: list[int]) -> None:
@@ -668,28 +735,35 @@ class _ShardWriter:
             self.bar.update(self.run.batch_size * self.run.geom.body)
 
     def flush_pending(self) -> None:
-        """Run the LM on the pending sequences and keep each hook's activations at positions 1.. (store dtype).
-        HarvestError for a non-finite activation (naming the sequences) or a width other than d_model."""
+        """Run the LM on the pending sequences and start copying each hook's activations at positions 1.. (store
+        dtype) and their finiteness flags to the host (no wait). HarvestError for a width other than d_model;
+        a failed background write is re-raised here."""
         run, pending = self.run, self.pending
         if not pending:
             return
+        self.queue.raise_failed()
         ids = torch.tensor(pending, dtype=torch.long, device=run.device)
+        lo = len(self.seq_ids) - len(pending)
         with torch.inference_mode():
             acts = run_to_hooks(run.model, [t.spec for t in run.targets], ids)
-        for t, a, parts in zip(run.targets, acts, self.acts_parts, strict=True):
-            parts.append(self._checked(t.name, a[:, 1:, :].to(STORE_DTYPES[run.dtype])).reshape(-1, run.d_model).cpu())
+            for k, (t, a) in enumerate(zip(run.targets, acts, strict=True)):
+                a = self._checked(t.name, a[:, 1:, :].to(STORE_DTYPES[run.dtype]))
+                n, body = a.shape[0], a.shape[1]
+                self._copy_out(a, self.buffers[self.cur][k][lo * body : (lo + n) * body].view(n, body, -1))
+                self._copy_out((~torch.isfinite(a)).flatten(1).any(1), self.nonfinite[k, lo : lo + n])
+        self.batches.append((lo, len(self.seq_ids)))
         self.pending = []
 
+    def _copy_out(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """dst (host, contiguous: else torch copies through a pageable temporary and waits) <- src (any
+        device), without waiting for a CUDA source (`_check_landed` waits)."""
+        on_cuda = src.device.type == "cuda"
+        dst.copy_(src, non_blocking=on_cuda)  # another device (CPU, ...): a plain copy, done on return
+        if on_cuda:
+            self.copied_from.add(src.device)
+
     def _checked(self, hook: str, a: torch.Tensor) -> torch.Tensor:
-        """`a` [n, body, d] of the pending sequences at `hook`; HarvestError if non-finite or not d_model wide."""
-        if not bool(torch.isfinite(a).all()):
-            bad = (~torch.isfinite(a)).flatten(1).any(1).nonzero().flatten().tolist()
-            batch = self.seq_index[len(self.seq_index) - len(self.pending):]
-            raise HarvestError(
-                f"non-finite activations at hook {hook!r} in the batch of sequences {batch[:8]}"
-                f"{'...' if len(batch) > 8 else ''} (bad: {[batch[b] for b in bad[:8]]}) in dtype {a.dtype}; "
-                f"try dtype='float32' or check the model"
-            )
+        """`a` [n, body, d] of the pending sequences at `hook`; HarvestError if not d_model wide."""
         if a.shape[-1] != self.run.d_model:
             raise HarvestError(
                 f"hook {hook!r} gives activations of width {a.shape[-1]}, but the model config says "
@@ -697,56 +771,100 @@ class _ShardWriter:
             )
         return a
 
+    def _check_landed(self) -> None:
+        """Wait for the shard's copies to the host (one synchronisation per device); HarvestError for a
+        non-finite activation, naming the first batch that has one and its bad sequences."""
+        for dev in self.copied_from:
+            torch.cuda.current_stream(dev).synchronize()
+        self.copied_from = set()
+        bad = self.nonfinite[:, : len(self.seq_ids)].numpy()
+        if not bad.any():
+            return
+        for lo, hi in self.batches:
+            for k, t in enumerate(self.run.targets):
+                rows = np.flatnonzero(bad[k, lo:hi]).tolist()
+                if rows:
+                    batch = self.seq_index[lo:hi]
+                    raise HarvestError(
+                        f"non-finite activations at hook {t.name!r} in the batch of sequences {batch[:8]}"
+                        f"{'...' if len(batch) > 8 else ''} (bad: {[batch[b] for b in rows[:8]]}) in dtype "
+                        f"{STORE_DTYPES[self.run.dtype]}; try dtype='float32' or check the model"
+                    )
+
     def write_shard(self, s: int, end_of_data: bool) -> None:
-        """Write the buffered sequences as shard `s` of every store (none: an empty shard) and mark it done
-        there (info: n_seqs, n_tokens, first_seq, end_of_data, norm_stats, rank); advances the progress bar by
-        the rows the LM had not yet run on."""
+        """Hand the buffered sequences to the background writer as shard `s` of every store (none: an empty
+        shard), after the previous shard's write has finished (its exception is re-raised here); advances the
+        progress bar by the rows the LM had not yet run on. HarvestError for a non-finite activation."""
+        body = self.run.geom.body
+        left = len(self.pending)
+        self.flush_pending()
+        self._check_landed()
+        n = len(self.seq_ids)
+        acts = [b[: n * body] for b in self.buffers[self.cur]]
+        self.queue.submit(self._write, s, end_of_data, acts, self.seq_ids, self.seq_index)
+        self.cur = 1 - self.cur  # the other set: its shard's write has finished
+        self.clear()
+        self.bar.update(left * body)
+
+    def _write(self, s: int, end_of_data: bool, acts: list[torch.Tensor], seq_ids: list[list[int]],
+               seq_index: list[int]) -> None:
+        """(writer thread) Write shard `s` into every store with ONE `write_block` (rows permuted by the row
+        order) and then mark it done there (info: n_seqs, n_tokens, first_seq, end_of_data, norm_stats, rank).
+        acts: per hook, the shard's host rows [n * body, d_model] in sequence order."""
         from sae_dist.store import mark_shard_done, norm_stats_partial, write_block
         from sae_dist.store.layout import to_numpy
 
         body = self.run.geom.body
-        left = len(self.pending)
-        self.flush_pending()
-        n = len(self.seq_ids)
+        n = len(seq_ids)
         start_seq = s * self.run.geom.seqs_per_shard
         if n:
             perm = np.arange(n * body) if self.run.row_order == "text" else shard_row_permutation(s, n * body)
-            tok = np.asarray(self.seq_ids, dtype=np.int32)[:, 1:].reshape(-1)[perm]
-            sidx = np.repeat(np.asarray(self.seq_index, dtype=np.int64), body)[perm]
+            tok = np.asarray(seq_ids, dtype=np.int32)[:, 1:].reshape(-1)[perm]
+            sidx = np.repeat(np.asarray(seq_index, dtype=np.int64), body)[perm]
             pos = np.tile(np.arange(1, body + 1, dtype=np.int32), n)[perm]
-        for t, group, parts in zip(self.run.targets, self.groups, self.acts_parts, strict=True):
+        for t, group, a in zip(self.run.targets, self.groups, acts, strict=True):
             stats = None
             if n:
-                acts_np = to_numpy(torch.cat(parts, 0))[perm]
+                acts_np = to_numpy(a)[perm]
                 write_block(group, start_seq * body, acts_np, token_ids=tok, seq_index=sidx, position=pos)
                 stats = norm_stats_partial(acts_np)
             info = {"n_seqs": n, "n_tokens": n * body, "first_seq": start_seq,
                     "end_of_data": bool(end_of_data), "norm_stats": stats, "rank": self.run.rank}
             mark_shard_done(t.store_path, s, info)
         self.written += n * body
-        self.clear()
-        self.bar.update(left * body)
 
     def clear(self) -> None:
-        """Drop the buffered sequences and activations."""
-        self.seq_ids, self.seq_index = [], []
-        self.acts_parts = [[] for _ in self.run.targets]
+        """Drop the buffered sequences (the activations in the current buffers are overwritten by the next)."""
+        self.seq_ids: list[list[int]] = []  # sequences of the current shard (token ids incl. BOS)
+        self.seq_index: list[int] = []  # their global sequence indices
+        self.batches: list[tuple[int, int]] = []  # the LM batches so far: [lo, hi) positions in the shard
+
+    def close(self, failing: BaseException | None) -> None:
+        """Wait for the shard being written and stop the writer thread (`_WriteQueue.close`)."""
+        self.queue.close(failing, self.run.rank)
 
 
 def _harvest_shards(run: _HarvestRun, groups: list, todo: list[int], should_stop=None) -> tuple[int, bool]:
-    """Walk the sequence stream, run the LM on this worker's unfinished shards `todo` and write them.
-    Returns (tokens written, stopped): `should_stop()` is asked after every written shard, and True
-    ends the walk there (preemption)."""
+    """Walk the sequence stream, run the LM on this worker's unfinished shards `todo` and write them (in a
+    background thread, `_ShardWriter`; every write has finished, and its shard is marked, when this returns or
+    raises). Returns (tokens written, stopped): `should_stop()` is asked after every shard handed to the
+    writer, and True ends the walk there (preemption)."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=sum(run.geom.shard_tokens_planned(s) for s in todo), unit="tok", unit_scale=True,
+    g = run.geom
+    bar = tqdm(total=sum(g.shard_tokens_planned(s) for s in todo), unit="tok", unit_scale=True,
                disable=not run.progress, position=run.rank, desc=f"harvest r{run.rank}", dynamic_ncols=True,
                leave=run.rank == 0)
-    writer = _ShardWriter(run, groups, bar)
+    writer = _ShardWriter(run, groups, bar, rows=min(g.seqs_per_shard, g.n_seqs) * g.body)
     try:
         n_avail, stopped, cur_shard = _walk_stream(run, writer, set(todo), should_stop)
-        if n_avail is not None and n_avail < run.geom.n_seqs:
+        if n_avail is not None and n_avail < g.n_seqs:
             _write_after_end(run, writer, set(todo), n_avail, cur_shard)
+    except BaseException as e:
+        writer.close(e)
+        raise
+    else:
+        writer.close(None)
     finally:
         bar.close()
     return writer.written, stopped
