@@ -742,7 +742,7 @@ class _ShardWriter:
         if not pending:
             return
         self.queue.raise_failed()
-        ids = torch.tensor(pending, dtype=torch.long, device=run.device)
+        ids = torch.tensor(pending, dtype=torch.long)  # run_to_hooks checks them here, then moves them
         lo = len(self.seq_ids) - len(pending)
         with torch.inference_mode():
             acts = run_to_hooks(run.model, [t.spec for t in run.targets], ids)

@@ -301,8 +301,9 @@ def run_to_hooks(
     Args:
         model: HF causal LM (or bare decoder) in eval mode.
         hooks: hook names or `HookSpec`s, at least one, no name twice.
-        input_ids: int64 [B, T] token ids on the model's (first) device.
-        attention_mask: optional [B, T] (1 = attend).
+        input_ids: int64 [B, T] token ids on any device: moved (non_blocking) to the device of the model's input
+            embedding. Checked where they are given: on the CPU that costs no device synchronisation.
+        attention_mask: optional [B, T] (1 = attend), moved as input_ids.
 
     Returns:
         One tensor [B, T, d_model] per hook, in the order of `hooks`, in the model's dtype (detached).
@@ -318,6 +319,11 @@ def run_to_hooks(
     if not specs or len(set(names)) != len(names):
         raise ValueError(f"run_to_hooks needs at least one hook and no name twice, got {names}")
     check_token_ids(model, input_ids)
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None:
+        input_ids = input_ids.to(emb.weight.device, non_blocking=True)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(emb.weight.device, non_blocking=True)
     captured: dict[str, torch.Tensor] = {}
 
     def keep(name: str, a: torch.Tensor) -> None:

@@ -218,7 +218,7 @@ class LMStream:
         """Window w's rows [R, d_in] in the buffer dtype on `device`, permuted (`default_rng([seed, w])`);
         None when `stop` is set between two LM forwards. HarvestError naming the sequences when an activation
         is NaN/Inf."""
-        from sae_dist.harvest.harvester import HarvestError, lm_input_device
+        from sae_dist.harvest.harvester import HarvestError
         from sae_dist.harvest.hooks import run_to_hooks
 
         # row r of the window (sequence by sequence, positions 1..) goes straight to its shuffled slot: the
@@ -233,7 +233,7 @@ class LMStream:
         for i in range(0, len(seqs), self.lm_batch_size):
             if stop is not None and stop.is_set():
                 return None
-            ids = torch.tensor(seqs[i : i + self.lm_batch_size], dtype=torch.long, device=lm_input_device(self.model))
+            ids = torch.tensor(seqs[i : i + self.lm_batch_size], dtype=torch.long)  # run_to_hooks moves them
             a = run_to_hooks(self.model, [self.spec], ids)[0][:, 1:, :].to(self.device, self.dtype)
             # checked in the buffer dtype: a bf16 activation beyond float16's range turns Inf in the cast
             if not bool(torch.isfinite(a).all()):
