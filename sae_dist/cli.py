@@ -479,6 +479,20 @@ def _train_points(cfg: DictConfig, out_dir: Path, d_in: int) -> list:
     return points
 
 
+def _check_after_train_fits(points: list, device: str) -> None:
+    """ValueError before any training when `eval.after_train=true` could never load an exported SAE of `points`
+    onto `device` (global rank 0's evaluation holds the whole SAE: `sae_dist.sae.export.check_fits_device`
+    against the GPU's total memory)."""
+    from sae_dist.sae.export import check_fits_device
+
+    for p in points:
+        try:
+            check_fits_device(p.sae_cfg.d_in, p.sae_cfg.d_sae, device, "eval.after_train's SAE", memory="total")
+        except MemoryError as e:
+            raise ValueError(f"eval.after_train=true cannot evaluate this run on one GPU: {e}. Set "
+                             "eval.after_train=false (the training itself is sharded and unaffected)") from None
+
+
 def _reports(cfg: DictConfig) -> bool:
     """Whether this process prints sae-train's summary and evaluates: global rank 0, or with
     parallel.grid_groups > 1 the first rank of each group (for its group's points)."""
@@ -557,6 +571,8 @@ def run_train(cfg: DictConfig, out_dir: Path, lm=None, keep_lm: dict | None = No
 
     data, attrs = _train_data(cfg)
     points = _train_points(cfg, out_dir, int(attrs["d_in"]))
+    if cfg.eval.after_train:
+        _check_after_train_fits(points, resolve_device(cfg.device))
     results = train_grid(
         points=points,
         store_path=None if callable(data) else data,

@@ -526,23 +526,26 @@ def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu") -> Exp
             "sae_dist.sae.export.export_sae / sae-train, or SAELens' SAE.save_model: cfg.json + "
             f"sae_weights.safetensors, or sharded weights with {SHARD_INDEX_FILENAME} as sae-push uploads them)"
         )
-    _check_fits_device(read_sae_cfg(p), torch.device(device), p)
+    cfg = read_sae_cfg(p)
+    check_fits_device(int(cfg["d_in"]), int(cfg["d_sae"]), device, f"the SAE at {str(p)!r}")
     cfg, tensors = read_sae_files(p)
     return _exported_module(cfg, tensors).to(device)
 
 
-def _check_fits_device(cfg: dict, device: torch.device, where) -> None:
-    """MemoryError, before any weight is read, when the float32 weights of the canonical `cfg` (W_enc and
-    W_dec, 8 * d_sae * d_in bytes) exceed the free memory of the CUDA `device` (`torch.cuda.mem_get_info`).
-    Other devices are not checked."""
+def check_fits_device(d_in: int, d_sae: int, device: str | torch.device, what: str, memory: str = "free") -> None:
+    """MemoryError when the float32 W_enc and W_dec of a [d_in, d_sae] SAE (8 * d_sae * d_in bytes) exceed the
+    CUDA `device`'s free memory (memory="free", what `load_sae` checks before reading weights) or its total
+    memory (memory="total": it can never hold them). `what` names the SAE in the message. Other devices are
+    not checked."""
+    device = torch.device(device)
     if device.type != "cuda":
         return
-    need = 8 * int(cfg["d_sae"]) * int(cfg["d_in"])
+    need = 8 * d_sae * d_in
     free, total = torch.cuda.mem_get_info(device)
-    if need > free:
+    if need > (free if memory == "free" else total):
         gib = 2.0**30
         raise MemoryError(
-            f"the SAE at {str(where)!r} (d_sae={cfg['d_sae']}, d_in={cfg['d_in']}) needs {need / gib:.1f} GiB of "
+            f"{what} (d_sae={d_sae}, d_in={d_in}) needs {need / gib:.1f} GiB of "
             f"float32 weights on {device}, which has {free / gib:.1f} GiB free of {total / gib:.1f} GiB: load it on "
             "the CPU (device='cpu', sae-eval device=cpu) if host memory allows, or read the held-out metrics the "
             "trainer computes on the latent-sharded SAE (trainer.eval_every_steps)")

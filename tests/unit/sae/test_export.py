@@ -124,6 +124,26 @@ def test_load_refuses_a_cuda_device_too_small_before_reading_weights(tmp_path, m
     assert load_sae(tmp_path / "s").W_dec.shape == (n, d)
 
 
+def test_after_train_refuses_before_training_an_sae_no_gpu_can_hold(monkeypatch, tmp_path):
+    """sae-train eval.after_train=true checks, before training, that one GPU's total memory (stubbed: 80 GiB)
+    can hold each point's fp32 W_enc + W_dec: 2^24 x 4096 (512 GiB) is refused naming the fix, 2^20 x 4096
+    (32 GiB) passes, and the CPU is not checked."""
+    from sae_dist.cli import _check_after_train_fits
+    from sae_dist.train.trainer import GridPoint, TrainerConfig
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev: (2**30, 80 * 2**30))
+
+    def points(*widths):
+        return [GridPoint(tmp_path, SAEConfig(d_in=4096, d_sae=n, k=32), TrainerConfig()) for n in widths]
+
+    refused = (r"eval.after_train=true cannot evaluate this run on one GPU: eval.after_train's SAE "
+               r"\(d_sae=16777216, d_in=4096\) needs 512\.0 GiB .* Set eval.after_train=false")
+    with pytest.raises(ValueError, match=refused):
+        _check_after_train_fits(points(2**20, 2**24), "cuda:0")
+    _check_after_train_fits(points(2**20), "cuda:0")  # 32 GiB <= 80 GiB total (whatever is free now)
+    _check_after_train_fits(points(2**24), "cpu")
+
+
 @pytest.mark.parametrize("architecture", ["topk", "jumprelu"])
 @pytest.mark.parametrize("mode", ["scalar", "layer_norm", "none"])
 def test_exported_view_is_the_loaded_export_without_files(tmp_path, architecture, mode):
