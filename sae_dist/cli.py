@@ -269,14 +269,13 @@ def load_configured_lm(cfg: DictConfig, device: str, local_files_only: bool = Fa
     `local_files_only` from a local directory or the local hub cache only."""
     from sae_dist.harvest.lm import load_lm
 
-    return load_lm(
-        cfg.model.name,
-        gguf_file=cfg.model.gguf_file,
-        dtype=cfg.model.dtype,
-        device=device,
-        device_map=cfg.model.device_map,
-        local_files_only=local_files_only,
-    )
+    return load_lm(cfg.model.name, **_lm_options(cfg, device), local_files_only=local_files_only)
+
+
+def _lm_options(cfg: DictConfig, device: str) -> dict:
+    """`load_lm` / `load_lm_structure` keywords of the config's `model` node on `device`."""
+    return {"gguf_file": cfg.model.gguf_file, "dtype": cfg.model.dtype, "device": device,
+            "device_map": cfg.model.device_map}
 
 
 def configured_lm_structure(cfg: DictConfig, device: str):
@@ -285,8 +284,7 @@ def configured_lm_structure(cfg: DictConfig, device: str):
     `load_lm_structure`."""
     from sae_dist.harvest.lm import load_lm_structure
 
-    return load_lm_structure(cfg.model.name, gguf_file=cfg.model.gguf_file, dtype=cfg.model.dtype, device=device,
-                             device_map=cfg.model.device_map)
+    return load_lm_structure(cfg.model.name, **_lm_options(cfg, device))
 
 
 def _hook_name(cfg: DictConfig, model) -> str:

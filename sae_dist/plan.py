@@ -1312,8 +1312,9 @@ def _refusal(r: dict) -> str:
     phase = r["activation_peak_phase"]
     tr = max(r["transient_bytes"][phase].items(), key=lambda kv: kv[1])
     gpu, ck = r["gpu_memory_gib"], r["checkpoint_peak_bytes"] / GiB
-    gathered = (f"DeepSpeed's optimizer_state() gathers the rank's fp32 Adam moments, "
-                f"{8 * r['params_per_gpu'] / GiB:.1f} GiB, onto the GPU besides its state")
+    moments = ck - (g["total"] - g["activations"])  # what `_memory` adds to the state between steps
+    gathered = (f"DeepSpeed's optimizer_state() gathers the rank's fp32 Adam moments, {moments:.1f} GiB, onto "
+                "the GPU besides its state")
     if g["total"] > gpu:
         msg = (
             f"does not fit: tp={cfg['tp']} x dp={cfg['dp']} needs {g['total']:.1f} GiB per GPU, "

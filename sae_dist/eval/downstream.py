@@ -122,13 +122,13 @@ def downstream_loss(
     """
     from sae_dist.harvest.hooks import resolve_hook
     from sae_dist.harvest.lm import check_token_ids
-    from sae_dist.train.heldout import MAX_LOGPROB_ELEMENTS
+    from sae_dist.train.heldout import logprob_batch_size
 
     n, t = _check_downstream_inputs(sequences, skip_positions, batch_size)
     check_token_ids(model, sequences)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None:  # the log-probs are fp32 [B, T, V]: bound them whatever the vocabulary
-        batch_size = min(batch_size, max(1, MAX_LOGPROB_ELEMENTS // (t * head.weight.shape[0])))
+        batch_size = logprob_batch_size(batch_size, t, head.weight.shape[0])
     device = torch.device(device)
     spec = resolve_hook(model, hook_name)
     s = skip_positions

@@ -53,7 +53,7 @@ def clean_cross_entropy(model: nn.Module, sequences: torch.Tensor, *, batch_size
     float32 log-softmax, float64 sums; batch_size is capped as in `downstream_loss` (one float32
     [B, T, V] log-prob tensor under MAX_LOGPROB_ELEMENTS). Raises ValueError when the model's vocabulary
     is smaller than the largest token id (a different tokenizer)."""
-    from sae_dist.train.heldout import MAX_LOGPROB_ELEMENTS
+    from sae_dist.train.heldout import logprob_batch_size
 
     n, t = sequences.shape
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
@@ -61,7 +61,7 @@ def clean_cross_entropy(model: nn.Module, sequences: torch.Tensor, *, batch_size
         raise ValueError(f"token id {int(sequences.max())} >= the model's vocab_size {vocab}: the LM family must "
                          "share the evaluated model's tokenizer")
     if vocab is not None:
-        batch_size = min(batch_size, max(1, MAX_LOGPROB_ELEMENTS // (t * int(vocab))))
+        batch_size = logprob_batch_size(batch_size, t, int(vocab))
     s = skip_positions
     total, count = 0.0, 0
     was = model.training

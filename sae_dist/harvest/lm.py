@@ -193,6 +193,11 @@ def load_lm_structure(
     config = AutoConfig.from_pretrained(model, **kw)
     with torch.device("meta"):
         lm = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    return _frozen(lm, display)
+
+
+def _frozen(lm: nn.Module, display: str) -> nn.Module:
+    """`lm` in eval mode with gradients off, its display name in `sae_dist_name`."""
     lm.eval()
     lm.requires_grad_(False)
     lm.sae_dist_name = display
@@ -244,7 +249,4 @@ def load_lm(
     lm = AutoModelForCausalLM.from_pretrained(model, **mkw)
     if device_map is None:
         lm = lm.to(device)
-    lm.eval()
-    lm.requires_grad_(False)
-    lm.sae_dist_name = display
-    return lm, tokenizer
+    return _frozen(lm, display), tokenizer

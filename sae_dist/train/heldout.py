@@ -50,11 +50,17 @@ from typing import Iterable
 import torch
 from torch import nn
 
-__all__ = ["HeldoutEval", "ShardedTopKSplice", "evals_due", "MAX_LOGPROB_ELEMENTS"]
+__all__ = ["HeldoutEval", "ShardedTopKSplice", "evals_due", "MAX_LOGPROB_ELEMENTS", "logprob_batch_size"]
 
 #: Most elements of one [batch, T, vocab] float32 tensor of log-probabilities an evaluation batch makes (512 MiB):
 #: `downstream_loss` holds about six of them at once. Sets `HeldoutEval.batch_size` (at most 32 contexts).
 MAX_LOGPROB_ELEMENTS = 1 << 27
+
+
+def logprob_batch_size(batch_size: int, ctx_len: int, vocab: int) -> int:
+    """`batch_size` capped so that one float32 [batch, ctx_len, vocab] log-prob tensor stays under
+    MAX_LOGPROB_ELEMENTS (at least 1)."""
+    return min(batch_size, max(1, MAX_LOGPROB_ELEMENTS // (ctx_len * vocab)))
 
 
 def evals_due(every: int, step: int, stop_at: int) -> bool:
@@ -135,7 +141,7 @@ class HeldoutEval:
         if width != d_in:
             raise ValueError(f"hook {hook_name!r} of this LM has width {width}, but the SAE has d_in={d_in}: "
                              "the LM is not the one the activations came from (model.name)")
-        return cls(model, hook_name, seqs, max(1, min(32, MAX_LOGPROB_ELEMENTS // (ctx_len * vocab))))
+        return cls(model, hook_name, seqs, logprob_batch_size(32, ctx_len, vocab))
 
     def measure(self, sae: nn.Module, *, normalize: str, scale: float | None = None,
                 n_contexts: int | None = None) -> dict:
