@@ -49,6 +49,8 @@ endef
 # prediction, under 8 minutes on one H100/H200; writes $(GPU_CHECK_OUT)/gpu_check.json and gpu_check.md.
 # DRY=1: the same script at tiny shapes on the CPU (`make test` runs it too, tests/integration/test_gpu_check_dry.py).
 # It installs nothing (a lent GPU machine may be offline): the venv's Python when there is one.
+# RESUME=DIR/gpu_check.json: complete that earlier check (its passed steps kept, the others run);
+# RERUN=step,step: with RESUME, run these again although they passed.
 GPU_CHECK_OUT ?= runs/gpu_check
 GPU_CHECK_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
 # `make gpu-wheels`: for a GPU machine that has PyTorch but no network, the wheels of what gpu-check needs
@@ -84,7 +86,8 @@ test: $(STAMP) lint
 	$(call pytest,$(VENV))
 
 gpu-check:
-	$(GPU_CHECK_PYTHON) -m sae_dist.gpu_check $(if $(filter 1 yes true,$(DRY)),--dry) --out $(GPU_CHECK_OUT)
+	$(GPU_CHECK_PYTHON) -m sae_dist.gpu_check $(if $(filter 1 yes true,$(DRY)),--dry) --out $(GPU_CHECK_OUT) \
+		$(if $(RESUME),--resume $(RESUME)) $(if $(RERUN),--rerun $(RERUN))
 
 gpu-wheels:
 	rm -rf .whl && mkdir -p .whl

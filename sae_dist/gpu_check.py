@@ -1,6 +1,7 @@
 """`make gpu-check`: one prepared command for a GPU machine (docs/gpu-check.md).
 
     python -m sae_dist.gpu_check [--dry] [--out DIR] [--device cpu|cuda] [--keep-work]
+                                 [--resume DIR/gpu_check.json [--rerun STEP,...]]
     python -m sae_dist.gpu_check --recalibrate DIR/gpu_check.json
 
 On one H100/H200 it finishes within `FULL.total_budget_s` (465 s, under 8 minutes) and writes
@@ -36,8 +37,11 @@ the measured number, and the sae-plan constants this measurement recalibrates (`
 `--dry` runs the same steps at tiny shapes (`DRY`: fp32 on the CPU unless --device cuda, the kernel
 tests' `-k` subset under Triton's interpreter, a few training steps), so that a script bug is found
 before GPU minutes are spent; `tests/integration/test_gpu_check_dry.py` runs it in `make test`.
+`--resume DIR/gpu_check.json` completes an earlier check of the same sizes on the same device and
+versions (`plan_resume`): the steps that passed are copied from it, the others run (with their
+budgets, under a fresh deadline), so a short GPU lease need not repeat what already ran.
 Exit code: 0 when every step passed (goals are recorded, not enforced), 1 otherwise; 2 for bad usage
-(e.g. the full check without CUDA).
+(e.g. the full check without CUDA, or a --resume of a check that is not comparable), before any step.
 """
 
 from __future__ import annotations
@@ -425,8 +429,8 @@ class Check:
     duration_s, budget_s, summary, ...}}, goals, plan_comparison, recalibration, wall_s, ok.
     """
 
-    def __init__(self, sizes: CheckSizes, out: Path, work: Path):
-        self.sizes, self.out, self.work = sizes, out, work
+    def __init__(self, sizes: CheckSizes, out: Path, work: Path, resume: Resume | None = None):
+        self.sizes, self.out, self.work, self.resume = sizes, out, work, resume
         self.t0 = time.perf_counter()
         self.deadline = self.t0 + sizes.total_budget_s
         self.record: dict[str, Any] = {
@@ -434,11 +438,32 @@ class Check:
             "plan_comparison": [], "recalibration": {},
             "started": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         }
-        self.log = (out / "gpu_check.log").open("w", encoding="utf-8")
+        if resume is not None:
+            self.record["resumed_from"] = {"path": str(resume.path), "started": resume.earlier.get("started"),
+                                           "kept": list(resume.keep)}
+        self.log = (out / "gpu_check.log").open("a" if resume else "w", encoding="utf-8")
+        if resume is not None:
+            self.log.write(f"\n===== resumed from {resume.path} (run of {resume.earlier.get('started')}); "
+                           f"kept: {', '.join(resume.keep) or 'nothing'}\n")
 
     def step(self, name: str) -> dict | None:
         """The record of step `name`, None when it has not run."""
         return self.record["steps"].get(name)
+
+    def restore(self, name: str):
+        """Copy kept step `name`'s record from the resumed check (marked "kept_from": its start) and
+        return what the step would: a training run's logged records (from its log beside this
+        check's outputs), the scratch store's path (unused: a kept store means both runs were kept),
+        else None. A step already kept by the earlier check keeps the start of the check that ran it."""
+        rec = self.resume.earlier["steps"][name]
+        rec = {**rec, "kept_from": rec.get("kept_from") or self.resume.earlier.get("started")}
+        self.record["steps"][name] = rec
+        self.write()
+        print(f"gpu-check: {name}: {rec['status']} (kept from the run of {rec['kept_from']})", file=sys.stderr,
+              flush=True)
+        if name in _TRAIN_STEPS:
+            return _read_jsonl(self.out / _TRAIN_STEPS[name])
+        return self.work / "synthetic.zarr" if name == "synthetic_store" else None
 
     def time_left(self, budget_key: str) -> float:
         """min(the step's budget, seconds to the deadline)."""
@@ -488,6 +513,21 @@ class Check:
         (self.out / "gpu_check.md").write_text(render_markdown(self.record))
 
 
+def env_identity(device: str) -> dict:
+    """What makes two checks' measurements comparable: device_name, torch, cuda, triton (None when
+    Triton does not import). `device`: "cuda" (GPU 0) or "cpu"."""
+    import torch
+
+    name = torch.cuda.get_device_name(0) if device == "cuda" else _device_info(torch.device("cpu"))["name"]
+    try:
+        import triton
+
+        triton_ver = triton.__version__
+    except ImportError:
+        triton_ver = None
+    return {"device_name": name, "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton_ver}
+
+
 def step_env(c: Check) -> None:
     """Versions, the device, the chip's peaks and the Python packages the steps need (recorded
     missing ones name the wheels to carry to an offline GPU machine)."""
@@ -499,14 +539,9 @@ def step_env(c: Check) -> None:
     missing = sorted(pkg for mod, pkg in need.items() if importlib.util.find_spec(mod) is None)
     optional_missing = sorted(pkg for mod, pkg in optional.items() if importlib.util.find_spec(mod) is None)
     dev = c.sizes.device
-    name = torch.cuda.get_device_name(0) if dev == "cuda" else _device_info(torch.device("cpu"))["name"]
+    ident = env_identity(dev)
+    name, triton_ver = ident["device_name"], ident["triton"]
     peak = chip_peak(name) if dev == "cuda" else None
-    try:
-        import triton
-
-        triton_ver = triton.__version__
-    except ImportError:
-        triton_ver = None
     from sae_dist.kernels._common import triton_problem
 
     # on CUDA the kernels must be able to run, else every "kernels on" number would be the torch path's
@@ -975,7 +1010,16 @@ def _md_header(record: dict) -> list[str]:
             f"{record['started']}; torch {env.get('torch')}, triton {env.get('triton')}, CUDA {env.get('cuda')}. "
             f"Shapes: d_in={s['d_in']}, k={s['k']}, B={s['batch']:,}, n={_pow2(s['n_small'])} and "
             f"{_pow2(s['n_large'])}, {s['dtype']} on {s['device']}. Wall time {record.get('wall_s', 0):.0f} s "
-            f"(deadline {s['total_budget_s']:.0f} s). Steps: {verdict}.", ""]
+            f"(deadline {s['total_budget_s']:.0f} s). Steps: {verdict}.", ""] + _md_resumed(record)
+
+
+def _md_resumed(record: dict) -> list[str]:
+    r = record.get("resumed_from")
+    if not r:
+        return []
+    kept = ", ".join(r["kept"]) or "none"
+    return [f"Resumed from the check of {r['started']} ({r['path']}): the rows of {kept} are that check's; "
+            "the wall time is this run's.", ""]
 
 
 def render_markdown(record: dict) -> str:
@@ -1014,8 +1058,81 @@ def render_markdown(record: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------ driver
+# ------------------------------------------------------------------------------------------ --resume
+#: The training steps and their logs in the output directory (a kept run's records are read back).
+_TRAIN_STEPS = {"train_kernels_on": "train_log_kernels_on.jsonl", "train_kernels_off": "train_log_kernels_off.jsonl"}
+#: Steps computed in this process from the others' records: rerun on every resume, never kept.
+_DERIVED_STEPS = ("env", "plan", "train_curves")
+
+
+def step_names(sizes: CheckSizes) -> list[str]:
+    """Every step of a check at `sizes`, in run order (plan's record keeps its first place)."""
+    return ["env", "kernel_tests", "encoder_matmul", *(b[0] for b in _bench_specs(sizes)), "plan",
+            "synthetic_store", *_TRAIN_STEPS, "train_curves"]
+
+
+@dataclass
+class Resume:
+    """An earlier check that `--resume` completes: path (its gpu_check.json), earlier (its record), keep
+    (the steps copied from it rather than run again)."""
+
+    path: Path
+    earlier: dict
+    keep: tuple[str, ...]
+
+    def copy_files(self, out: Path) -> None:
+        """Bring the kept steps' files (training logs, junit xml) from the earlier check's directory to `out`."""
+        names = [f for n, f in _TRAIN_STEPS.items() if n in self.keep]
+        names += ["kernel_tests.xml"] if "kernel_tests" in self.keep else []
+        for f in names:
+            src, dst = self.path.parent / f, out / f
+            if src.is_file() and src.resolve() != dst.resolve():
+                shutil.copyfile(src, dst)
+
+
+def plan_resume(path: Path, sizes: CheckSizes, identity: dict, rerun: tuple[str, ...] = ()) -> Resume:
+    """Which steps of the earlier check at `path` (a gpu_check.json) a new check keeps: those that
+    passed ("pass"/"ok"), except the ones computed from the others (env, plan, train_curves), those named
+    in `rerun`, a training run whose log is not beside `path`, and the synthetic store unless both
+    training runs are kept (it lives in scratch space). `identity`: this machine's `env_identity`.
+
+    Raises ValueError (nothing is run): no such file or not a gpu_check.json; a check of other sizes
+    (mode, shapes or budgets differ: named); one on another device, torch, CUDA or Triton (named: the
+    numbers would not be comparable); an unknown step in `rerun` (the valid names listed).
+    """
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+        steps = earlier["steps"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"--resume {path}: not a readable gpu_check.json ({type(e).__name__}: {e}); "
+                         "run the check without --resume") from None
+    want = json.loads(json.dumps(dataclasses.asdict(sizes)))
+    differ = sorted(k for k in want.keys() | (earlier.get("sizes") or {}).keys()
+                    if want.get(k) != (earlier.get("sizes") or {}).get(k))
+    if differ:
+        raise ValueError(f"--resume {path}: that check ran with other sizes ({', '.join(differ)} differ; "
+                         f"mode {earlier.get('mode')!r}, this one {sizes.mode!r}): run the check without --resume")
+    env = earlier.get("env") or {}
+    moved = [f"{k} {env.get(k)!r} there, {v!r} here" for k, v in identity.items() if env.get(k) != v]
+    if moved:
+        raise ValueError(f"--resume {path}: not comparable with this machine ({'; '.join(moved)}): "
+                         "run the check without --resume")
+    unknown = sorted(set(rerun) - set(step_names(sizes)))
+    if unknown:
+        raise ValueError(f"--rerun {','.join(unknown)}: no such step; steps: {', '.join(step_names(sizes))}")
+    keep = [n for n in step_names(sizes) if n not in _DERIVED_STEPS and n not in rerun
+            and (steps.get(n) or {}).get("status") in ("pass", "ok")
+            and (n not in _TRAIN_STEPS or (path.parent / _TRAIN_STEPS[n]).is_file())]
+    if not all(n in keep for n in _TRAIN_STEPS) and "synthetic_store" in keep:
+        keep.remove("synthetic_store")
+    return Resume(path=path, earlier=earlier, keep=tuple(keep))
+
+
 def _guarded(c: Check, name: str, fn: Callable, *args):
-    """Run one step function; a Python error inside it is recorded as that step's "error"."""
+    """Run one step function (or restore it when --resume keeps it); a Python error inside it is
+    recorded as that step's "error"."""
+    if c.resume is not None and name in c.resume.keep:
+        return c.restore(name)
     try:
         return fn(c, *args)
     except Exception as e:  # noqa: BLE001 - one step's bug must not lose the other steps
@@ -1041,13 +1158,16 @@ def _run_steps(c: Check) -> None:
     _guarded(c, "plan", step_plan)
 
 
-def run_check(sizes: CheckSizes, out: Path, keep_work: bool = False) -> dict:
-    """Run every step at `sizes`, writing out/gpu_check.json and gpu_check.md after each; returns the
-    record (record["ok"]: every step passed). Scratch files (store, run dirs) go to a temporary
-    directory, removed at the end unless keep_work."""
+def run_check(sizes: CheckSizes, out: Path, keep_work: bool = False, resume: Resume | None = None) -> dict:
+    """Run every step at `sizes` (those `resume.keep` names are copied from the earlier check
+    instead), writing out/gpu_check.json and gpu_check.md after each; returns the record
+    (record["ok"]: every step passed). Scratch files (store, run dirs) go to a temporary directory,
+    removed at the end unless keep_work."""
     out.mkdir(parents=True, exist_ok=True)
+    if resume is not None:
+        resume.copy_files(out)
     work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
-    c = Check(sizes, out, work)
+    c = Check(sizes, out, work, resume)
     try:
         _run_steps(c)
     finally:
@@ -1062,16 +1182,16 @@ def run_check(sizes: CheckSizes, out: Path, keep_work: bool = False) -> dict:
 
 def sizes_for(dry: bool, device: str | None) -> CheckSizes:
     """FULL (needs CUDA) or DRY (the CPU, or tiny bf16 shapes on CUDA with device="cuda").
-    Raises SystemExit with the fix when the full check is asked for without CUDA."""
+    Raises ValueError with the fix when the full check is asked for without CUDA."""
     import torch
 
     has_cuda = torch.cuda.is_available()
     if device == "cuda" and not has_cuda:
-        raise SystemExit("gpu-check: --device cuda but torch.cuda.is_available() is False on this machine")
+        raise ValueError("--device cuda but torch.cuda.is_available() is False on this machine")
     if dry:
         return dataclasses.replace(DRY, device="cuda", dtype="bf16") if device == "cuda" else DRY
     if device == "cpu" or not has_cuda:
-        raise SystemExit("gpu-check: the full check needs a CUDA GPU (torch.cuda.is_available() is False); "
+        raise ValueError("the full check needs a CUDA GPU (torch.cuda.is_available() is False); "
                          "run `make gpu-check DRY=1` (python -m sae_dist.gpu_check --dry) to test the script here")
     return FULL
 
@@ -1086,22 +1206,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-work", action="store_true", help="keep the scratch store and run directories")
     p.add_argument("--recalibrate", metavar="GPU_CHECK_JSON", default=None,
                    help="print the sae-plan constants fitted to an earlier gpu_check.json, and exit")
+    p.add_argument("--resume", metavar="GPU_CHECK_JSON", default=None,
+                   help="complete an earlier check (same sizes, device and versions): keep the steps that "
+                        "passed, run the others")
+    p.add_argument("--rerun", metavar="STEP[,STEP...]", default="",
+                   help="with --resume: run these steps again even though they passed")
     return p
+
+
+def _recalibrate_main(path: Path) -> int:
+    if not path.is_file():
+        print(f"gpu-check: --recalibrate {path}: no such file (a gpu_check.json)", file=sys.stderr)
+        return 2
+    rc = recalibrate(json.loads(path.read_text()))
+    print(json.dumps(rc, indent=2))
+    if rc.get("sae_plan_args"):
+        print(f"\nsae-plan sae.d_in=... sae.d_sae=... {rc['sae_plan_args']}")
+    return 0 if rc["ok"] else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.recalibrate:
-        path = Path(args.recalibrate)
-        if not path.is_file():
-            raise SystemExit(f"gpu-check: --recalibrate {path}: no such file (a gpu_check.json)")
-        rc = recalibrate(json.loads(path.read_text()))
-        print(json.dumps(rc, indent=2))
-        if rc.get("sae_plan_args"):
-            print(f"\nsae-plan sae.d_in=... sae.d_sae=... {rc['sae_plan_args']}")
-        return 0 if rc["ok"] else 1
-    sizes = sizes_for(args.dry, args.device)
-    record = run_check(sizes, Path(args.out), keep_work=args.keep_work)
+        return _recalibrate_main(Path(args.recalibrate))
+    rerun = tuple(r for r in args.rerun.split(",") if r)
+    try:
+        if rerun and not args.resume:
+            raise ValueError("--rerun needs --resume GPU_CHECK_JSON (a plain check runs every step)")
+        sizes = sizes_for(args.dry, args.device)
+        resume = (plan_resume(Path(args.resume), sizes, env_identity(sizes.device), rerun)
+                  if args.resume else None)
+    except ValueError as e:  # bad usage: nothing ran
+        print(f"gpu-check: {e}", file=sys.stderr)
+        return 2
+    record = run_check(sizes, Path(args.out), keep_work=args.keep_work, resume=resume)
     print(render_markdown(record))
     print(f"gpu-check: wrote {Path(args.out) / 'gpu_check.json'} and gpu_check.md", file=sys.stderr)
     return 0 if record["ok"] else 1

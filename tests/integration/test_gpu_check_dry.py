@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -22,14 +23,24 @@ STEPS = ["env", "kernel_tests", "encoder_matmul", "bench_n2048", "bench_n2048_de
          "synthetic_store", "train_kernels_on", "train_kernels_off", "train_curves"]
 
 
-@pytest.mark.slow
-def test_dry_run_every_step_and_both_outputs(tmp_path, capsys):
-    out = tmp_path / "out"
+def _gpu_check(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "sae_dist.gpu_check", "--dry", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=540)
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    """One dry check for the module: (its output directory, the process, its wall time in s)."""
+    out = tmp_path_factory.mktemp("gpu_check") / "out"
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "sae_dist.gpu_check", "--dry", "--out", str(out)], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=540)
-    wall = time.perf_counter() - t0
+    p = _gpu_check("--out", str(out))
+    return out, p, time.perf_counter() - t0
+
+
+@pytest.mark.slow
+def test_dry_run_every_step_and_both_outputs(dry_run, capsys):
+    out, p, wall = dry_run
     rec = json.loads((out / "gpu_check.json").read_text())
     assert p.returncode == (0 if rec["ok"] else 1), p.stderr[-3000:]
     assert list(rec["steps"]) == STEPS and rec["mode"] == "dry"
@@ -60,3 +71,42 @@ def test_dry_run_every_step_and_both_outputs(tmp_path, capsys):
     assert gc.main(["--recalibrate", str(out / "gpu_check.json")]) in (0, 1)
     printed = capsys.readouterr().out  # mfu is fitted unless a loaded machine's copy rate makes it meaningless
     assert "cluster.bf16_tflops" in printed and ("cluster.mfu" in printed or "mfu not fitted" in printed)
+
+
+@pytest.mark.slow
+def test_resume_runs_only_what_did_not_pass(dry_run, tmp_path):
+    # the earlier check as a lease cut short would leave it: a benchmark that errored, a training run
+    # that timed out (statuses edited into a copy of the dry run's record)
+    out, _, _ = dry_run
+    before = tmp_path / "before"
+    shutil.copytree(out, before)
+    rec = json.loads((before / "gpu_check.json").read_text())
+    rec["steps"]["bench_n1024"]["status"] = "error"
+    rec["steps"]["train_kernels_off"]["status"] = "timeout"
+    (before / "gpu_check.json").write_text(json.dumps(rec))
+    after = tmp_path / "after"
+    p = _gpu_check("--resume", str(before / "gpu_check.json"), "--out", str(after))
+    new = json.loads((after / "gpu_check.json").read_text())
+    assert p.returncode == (0 if new["ok"] else 1), p.stderr[-3000:]
+    kept = ["kernel_tests", "encoder_matmul", "bench_n2048", "bench_n2048_dead0", "train_kernels_on"]
+    assert new["resumed_from"]["kept"] == kept and list(new["steps"]) == STEPS
+    for name in kept:  # copied, not run: the earlier record plus where it came from
+        assert new["steps"][name] == {**rec["steps"][name], "kept_from": rec["started"]}
+    for name in ("bench_n1024", "synthetic_store", "train_kernels_off", "train_curves"):
+        assert new["steps"][name]["status"] in ("ok", "pass"), (name, new["steps"][name])
+    log = (after / "gpu_check.log").read_text()
+    ran = {line.split(":")[0][6:] for line in log.splitlines() if line.startswith("===== ") and ": rc=" in line}
+    assert ran == {"bench_n1024", "synthetic_store", "train_kernels_off"}
+    # the kept run's log came along and was compared with the new one
+    assert (after / "train_log_kernels_on.jsonl").read_bytes() == (out / "train_log_kernels_on.jsonl").read_bytes()
+    assert new["steps"]["train_curves"]["curves"]["points"] >= 3
+    assert (after / "kernel_tests.xml").is_file()
+    assert "Resumed from the check of" in (after / "gpu_check.md").read_text()
+    # resumed again, in place: a step kept twice still names the check that ran it
+    again = _gpu_check("--resume", str(after / "gpu_check.json"), "--out", str(after), "--rerun", "bench_n1024")
+    third = json.loads((after / "gpu_check.json").read_text())
+    assert again.returncode == (0 if third["ok"] else 1), again.stderr[-3000:]
+    assert third["steps"]["bench_n2048"]["kept_from"] == rec["started"]
+    assert third["steps"]["train_kernels_off"]["kept_from"] == new["started"]
+    assert third["steps"]["bench_n1024"].get("kept_from") is None
+    assert (after / "gpu_check.log").read_text().startswith(log)  # appended to

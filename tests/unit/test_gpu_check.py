@@ -19,9 +19,9 @@ def test_full_check_needs_cuda(monkeypatch):
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(SystemExit, match="DRY=1"):
+    with pytest.raises(ValueError, match="DRY=1"):
         gc.sizes_for(False, None)
-    with pytest.raises(SystemExit, match="--device cuda"):
+    with pytest.raises(ValueError, match="--device cuda"):
         gc.sizes_for(True, "cuda")
     assert gc.sizes_for(True, None) is gc.DRY
 
@@ -243,3 +243,77 @@ def test_env_step_fails_on_cuda_when_the_kernels_cannot_use_triton(monkeypatch, 
         monkeypatch.setattr(_common, "_TRITON_PROBLEM", None)
         c.log.close()
     assert c.record["env"]["kernels_problem"] is None and "KERNELS OFF" not in c.record["steps"]["env"]["summary"]
+
+
+# ---------------------------------------------------------------------------- --resume
+_IDENT = {"device_name": "NVIDIA H100 80GB HBM3", "torch": "2.13.0", "cuda": "13.0", "triton": "3.9.0"}
+
+
+def _earlier(tmp_path, statuses: dict, sizes=gc.FULL, logs=("on", "off"), **env):
+    """An earlier check's gpu_check.json (every step "ok" unless `statuses` says otherwise) with the
+    training logs named in `logs` beside it."""
+    steps = {n: {"status": statuses.get(n, "ok"), "summary": n, "duration_s": 1.0} for n in gc.step_names(sizes)}
+    rec = {"mode": sizes.mode, "sizes": dataclasses.asdict(sizes), "started": "2026-12-07T10:00:00Z",
+           "env": {**_IDENT, **env}, "steps": steps}
+    path = tmp_path / "gpu_check.json"
+    path.write_text(json.dumps(rec))
+    for tag in logs:
+        (tmp_path / f"train_log_kernels_{tag}.jsonl").write_text('{"step": 10, "train/fvu": 0.5}\n')
+    return path
+
+
+def test_resume_keeps_what_passed_and_reruns_the_rest(tmp_path):
+    path = _earlier(tmp_path, {"bench_n131072": "timeout", "train_kernels_off": "error", "kernel_tests": "pass"})
+    r = gc.plan_resume(path, gc.FULL, _IDENT)
+    # env, plan and train_curves are recomputed every time; the store is scratch space, so a training
+    # run to redo needs it again
+    assert r.keep == ("kernel_tests", "encoder_matmul", "bench_n1048576", "bench_n1048576_dead0", "train_kernels_on")
+    (tmp_path / "all").mkdir()
+    everything_passed = gc.plan_resume(_earlier(tmp_path / "all", {}), gc.FULL, _IDENT)
+    assert everything_passed.keep == ("kernel_tests", "encoder_matmul", "bench_n1048576", "bench_n1048576_dead0",
+                                      "bench_n131072", "synthetic_store", "train_kernels_on", "train_kernels_off")
+    forced = gc.plan_resume(path, gc.FULL, _IDENT, rerun=("encoder_matmul", "bench_n1048576"))
+    assert forced.keep == ("kernel_tests", "bench_n1048576_dead0", "train_kernels_on")
+    (tmp_path / "train_log_kernels_on.jsonl").unlink()  # a kept run's log must come along: else it reruns
+    assert "train_kernels_on" not in gc.plan_resume(path, gc.FULL, _IDENT).keep
+
+
+def test_resume_copies_the_kept_files(tmp_path):
+    (tmp_path / "before").mkdir()
+    path = _earlier(tmp_path / "before", {"train_kernels_off": "fail"})
+    (tmp_path / "before" / "kernel_tests.xml").write_text("<testsuite/>")
+    r = gc.plan_resume(path, gc.FULL, _IDENT)
+    out = tmp_path / "after"
+    out.mkdir()
+    r.copy_files(out)
+    assert sorted(f.name for f in out.iterdir()) == ["kernel_tests.xml", "train_log_kernels_on.jsonl"]
+    r.copy_files(tmp_path / "before")  # resuming in place: the files are already there
+    assert (tmp_path / "before" / "kernel_tests.xml").read_text() == "<testsuite/>"
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (dict(sizes=dataclasses.replace(gc.FULL, batch=4096)), r"other sizes \(batch differ"),
+    (dict(sizes=gc.DRY), r"mode 'dry', this one 'full'"),
+    (dict(device_name="NVIDIA H200"), r"device_name 'NVIDIA H200' there, 'NVIDIA H100 80GB HBM3' here"),
+    (dict(triton="3.6.0"), r"triton '3.6.0' there, '3.9.0' here"),
+])
+def test_resume_refuses_a_check_that_is_not_comparable(tmp_path, change, message):
+    path = _earlier(tmp_path, {}, **change)
+    with pytest.raises(ValueError, match=message):
+        gc.plan_resume(path, gc.FULL, _IDENT)
+
+
+def test_resume_refuses_bad_input(tmp_path, capsys):
+    path = _earlier(tmp_path, {})
+    with pytest.raises(ValueError, match="--rerun bench_n1: no such step; steps: env, kernel_tests"):
+        gc.plan_resume(path, gc.FULL, _IDENT, rerun=("bench_n1",))
+    with pytest.raises(ValueError, match="not a readable gpu_check.json"):
+        gc.plan_resume(tmp_path / "missing.json", gc.FULL, _IDENT)
+    (tmp_path / "torn.json").write_text('{"steps": ')
+    with pytest.raises(ValueError, match="not a readable gpu_check.json"):
+        gc.plan_resume(tmp_path / "torn.json", gc.FULL, _IDENT)
+    # usage errors exit 2 before any step runs, with the message
+    assert gc.main(["--dry", "--rerun", "plan", "--out", str(tmp_path / "o")]) == 2
+    assert "--rerun needs --resume" in capsys.readouterr().err
+    assert gc.main(["--dry", "--resume", str(path), "--out", str(tmp_path / "o")]) == 2  # a full check's record
+    assert "other sizes" in capsys.readouterr().err and not (tmp_path / "o").exists()
