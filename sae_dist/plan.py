@@ -126,9 +126,11 @@ optimizer offload (host memory bandwidth / PCIe bandwidth).
 Communication (ring model; S = buffer bytes, p = group size, alpha = latency per ring step):
   all_reduce 2(p-1)/p*S/bw + 2(p-1)*alpha; all_gather (S = gathered total) and reduce_scatter (S =
   input) (p-1)/p*S/bw + (p-1)*alpha; all_to_all (S = bytes each rank sends, its own block included)
-  (p-1)/p*S/bw + (p-1)*alpha. bw = intra-node bandwidth when the group lies in one node, else the
-  inter-node bandwidth (per-GPU NIC; a collective crossing nodes runs at its slowest link).
-  tp: the TopK exchange above (main and AuxK), all-reduce of the partial reconstructions [Bl, d] fp32
+  (p-1)/p*S/bw + (p-1)*alpha; broadcast (pipelined along the ring) S/bw + (p-1)*alpha. bw = intra-node
+  bandwidth when the group lies in one node, else the inter-node bandwidth (per-GPU NIC; a collective
+  crossing nodes runs at its slowest link).
+  tp: the batch, read by the group's first rank and broadcast in the store's dtype (after a 4-byte status),
+  the TopK exchange above (main and AuxK), all-reduce of the partial reconstructions [Bl, d] fp32
   (main, Multi-TopK, AuxK), of the dead-latent count and of the b_dec gradient [d].
   dp: gradient all-reduce of the local shard (trainer.engine=torch) or reduce-scatter + parameter
   all-gather (DeepSpeed ZeRO-1/2); dead-latent "fired" flags [nl] uint8; the loss statistics (the
@@ -427,6 +429,8 @@ def _collective(name, group, op, size, p, link, bw_gbytes, latency_us, what, cou
         moved, steps = 2 * (p - 1) / p * size, 2 * (p - 1)
     elif op in ("all_gather", "reduce_scatter", "all_to_all"):
         moved, steps = (p - 1) / p * size, p - 1
+    elif op == "broadcast":  # pipelined along the ring: every rank but the root receives the whole buffer
+        moved, steps = size, p - 1
     else:  # pragma: no cover - internal
         raise ValueError(op)
     return {
@@ -542,7 +546,7 @@ def plan(
     allgather_chunk_bytes: int = ALLGATHER_CHUNK_BYTES, bf16_operand_copies: bool = True,
     dead_fraction: float = DEAD_FRACTION, topk_value_bytes: int = 4, input_buffers: int = 2,
     workspace_gib: float = 2.0, zero_bucket_elements: int = 500_000_000, heldout_lm_gib: float = 0.0,
-    suggest: bool = True,
+    store_dtype: str = "float16", suggest: bool = True,
 ) -> dict[str, Any]:
     """Plan one training step of a latent-sharded TopK SAE; a pure function of its arguments.
 
@@ -654,6 +658,8 @@ class _PlanOptions:
       zero_bucket_elements: DeepSpeed's reduce bucket (fp32 elements) under ZeRO.
       heldout_lm_gib: the held-out evaluation's LM during training (trainer.eval_every_steps > 0), GiB on
         each GPU of the first data-parallel replica, the fullest GPU (an 8B LM in bf16: 14.9); 0 counts none.
+      store_dtype: the training batches' dtype as read (harvest.dtype: the store's, or the LM stream's
+        buffer): under tp > 1 the tp group's first rank broadcasts each [Bl, d] batch in it.
       suggest: when the plan does not fit, search tp / engine / ZeRO stage / batch size settings of
         the same cluster that fit.
     """
@@ -688,6 +694,7 @@ class _PlanOptions:
     workspace_gib: float
     zero_bucket_elements: int
     heldout_lm_gib: float
+    store_dtype: str
     suggest: bool
 
 
@@ -772,6 +779,8 @@ def _check_options(o: _PlanOptions) -> None:
                          "(\"compacted\" is the code)")
     if o.kernel_backend not in KERNEL_BACKENDS:
         raise ValueError(f"sae.kernel_backend={o.kernel_backend!r}; valid: {KERNEL_BACKENDS}")
+    if o.store_dtype not in STORE_DTYPE_BYTES:
+        raise ValueError(f"harvest.dtype={o.store_dtype!r} (the store's dtype); valid: {tuple(STORE_DTYPE_BYTES)}")
     for name in ("workspace_gib", "heldout_lm_gib"):
         v = getattr(o, name)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
@@ -1117,10 +1126,15 @@ def _exchange_comms(s: _Step, prefix: str, wx: int, ms: tuple[int, ...], what: s
 
 
 def _tp_comms(s: _Step) -> list[dict]:
-    """The tp group's collectives: the TopK (and AuxK) exchanges and the all-reduces of the partial
-    reconstructions, the dead-latent count and the b_dec gradient."""
+    """The tp group's collectives: the batch its first rank reads and broadcasts (a status, then the batch),
+    the TopK (and AuxK) exchanges and the all-reduces of the partial reconstructions, the dead-latent count and
+    the b_dec gradient."""
     _, wm, ms = s.selections[0]
-    comm = _exchange_comms(s, "topk", wm, ms, "exact global TopK")
+    comm = [_group_collective(s, "tp", "batch_status_broadcast", "broadcast", 4,
+                              "whether the reading rank got its batch (int32)"),
+            _group_collective(s, "tp", "batch_broadcast", "broadcast", s.Bl * s.d * STORE_DTYPE_BYTES[s.o.store_dtype],
+                              f"the batch [Bl, d] {s.o.store_dtype}, read once per tp group")]
+    comm += _exchange_comms(s, "topk", wm, ms, "exact global TopK")
     comm.append(_group_collective(s, "tp", "recon_allreduce", "all_reduce", s.bd,
                                   "partial reconstructions [Bl, d] fp32"))
     if s.o.multi_topk:
@@ -1713,7 +1727,7 @@ def plan_from_cfg(cfg, **overrides) -> dict:
         dead_fraction=float(e.dead_fraction),
         topk_value_bytes=int(e.topk_value_bytes),
         input_buffers=int(e.input_buffers), workspace_gib=float(e.workspace_gib),
-        zero_bucket_elements=int(e.zero_bucket_elements),
+        zero_bucket_elements=int(e.zero_bucket_elements), store_dtype=str(cfg.harvest.dtype),
         # the held-out evaluation's LM is loaded only when it runs
         heldout_lm_gib=float(e.heldout_lm_gib) if int(t.eval_every_steps) > 0 else 0.0,
     )

@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
+from sae_dist.parallel.comm import broadcast_from
 from sae_dist.store.reader import check_mode, normalize, worker_result
 
 __all__ = ["LMStream"]
@@ -292,24 +293,26 @@ class LMStream:
         """Whether this process runs the LM (False on the receiving ranks of a `share_group`)."""
         return self.share_group is None or torch.distributed.get_rank() == self.share_src
 
-    def _rows(self, lo: int, hi: int) -> torch.Tensor:
-        """Rows [lo, hi) of the current window, float32 and normalised; with a `share_group` computed by
-        `share_src` and broadcast to the group in the buffer dtype."""
-        if self.computes:
-            x = self._window[lo:hi]
+    def _rows(self, lo: int, hi: int, next_window: bool) -> torch.Tensor:
+        """Rows [lo, hi) of the current window (of the next one first when `next_window`), float32 and
+        normalised; with a `share_group` computed by `share_src` and broadcast to the group in the buffer
+        dtype (`broadcast_from`: an LM error on share_src makes the other ranks raise too)."""
+        def window_rows() -> torch.Tensor:
+            if next_window:
+                self._next_window()
+            return self._window[lo:hi]
+
+        if self.share_group is None:
+            x = window_rows()
         else:
-            x = torch.empty(hi - lo, self.d_in, dtype=self.dtype, device=self.device)
-        if self.share_group is not None:
-            x = x.contiguous()
-            torch.distributed.broadcast(x, src=self.share_src, group=self.share_group)
+            x = broadcast_from(window_rows if self.computes else None, (hi - lo, self.d_in), self.dtype,
+                               self.device, self.share_group, self.share_src, "LMStream: computing a batch from the LM")
         return normalize(x.float(), self.normalize)[0]
 
     def __next__(self) -> torch.Tensor:
         """The next float32 batch [batch_tokens // dp_size, d_in] on `device`, normalised."""
-        if self.computes and (self._window is None or self._in_window == self.batches_per_window):
-            self._next_window()
         b, j = self.local_batch_tokens, self.batches % self.batches_per_window
-        x = self._rows(j * b, (j + 1) * b)
+        x = self._rows(j * b, (j + 1) * b, self._window is None or self._in_window == self.batches_per_window)
         self._in_window = j + 1
         self.batches += 1
         return x
@@ -317,9 +320,7 @@ class LMStream:
     def sample_rows(self, n: int) -> torch.Tensor:
         """The first min(n, R) rows of the current window, float32 and normalised (the b_dec sample of a new
         run); the iteration is not advanced."""
-        if self.computes and self._window is None:
-            self._next_window()
-        return self._rows(0, min(int(n), self.window_rows))
+        return self._rows(0, min(int(n), self.window_rows), self._window is None)
 
     def fingerprint(self) -> dict:
         """What identifies the stream's data for a run's identity (JSON-ready)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["copy_to_tp", "reduce_from_tp", "all_reduce_", "all_gather_cat", "group_size"]
+__all__ = ["copy_to_tp", "reduce_from_tp", "all_reduce_", "all_gather_cat", "broadcast_from", "group_size"]
 
 
 def group_size(group) -> int:
@@ -73,3 +73,34 @@ def all_gather_cat(t: torch.Tensor, group, dim: int = 1) -> torch.Tensor:
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, t.contiguous(), group=group)
     return torch.cat(parts, dim=dim)
+
+
+@torch.no_grad()
+def broadcast_from(produce, shape: tuple[int, ...], dtype: torch.dtype, device, group, src: int,
+                   what: str) -> torch.Tensor:
+    """A tensor computed on global rank `src` and received by the other ranks of `group` (e.g. the
+    batch a tensor-parallel group shares, read or computed once).
+
+    produce: on `src`, a callable returning the tensor ([*shape], `dtype`, on `device`); None on the
+    other ranks, which receive into a new tensor of that shape. group: a process group (not None).
+    Collective over `group`: first a one-element status, so that an error raised by produce on `src`
+    (re-raised there) makes every other rank raise RuntimeError naming `src` and `what` instead of
+    waiting in the broadcast until the process group's timeout; then the tensor itself.
+    """
+    status = torch.zeros(1, dtype=torch.int32, device=device)
+    x = None
+    try:
+        if produce is not None:
+            x = produce().contiguous()
+    except BaseException:
+        status.fill_(1)
+        dist.broadcast(status, src=src, group=group)
+        raise
+    dist.broadcast(status, src=src, group=group)
+    if produce is None and int(status.item()):
+        raise RuntimeError(f"{what} failed on global rank {src}, which produces it for this rank's group "
+                           "(share_group): see that rank's error")
+    if x is None:
+        x = torch.empty(shape, dtype=dtype, device=device)
+    dist.broadcast(x, src=src, group=group)
+    return x

@@ -16,7 +16,8 @@ alone), so the shuffle buffer gathers chunks from all over the store.
    ``tokens_per_epoch // B`` batches and no row appears twice in an epoch.
 4. dp rank r gets rows ``[r*b, (r+1)*b)`` of each global batch (b = B // dp_size): the union over
    ranks is exactly the single-process global batch, whatever dp_size is. Every rank reads its
-   groups' units whole (page cache is shared on a node) and gathers only its own rows.
+   groups' units whole (page cache is shared on a node) and gathers only its own rows; the ranks of
+   a ``share_group`` (a tensor-parallel group, one dp rank) read once, on ``share_src``.
 
 With ``shuffle=False`` units and rows keep store order (stream = rows 0, 1, 2, ...).
 
@@ -65,6 +66,7 @@ import numpy as np
 import torch
 from zarr.buffer import default_buffer_prototype
 
+from sae_dist.parallel.comm import broadcast_from
 from sae_dist.store.errors import IncompleteStoreError, NonFiniteError, StoreError
 from sae_dist.store.layout import (
     BF16,
@@ -210,6 +212,11 @@ def _check_int(name: str, v, lo: int) -> int:
     return int(v)
 
 
+def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+    """The torch dtype `_native_to_torch` gives an array of numpy dtype `dtype`."""
+    return torch.bfloat16 if dtype == BF16 else torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+
+
 def _native_to_torch(a: np.ndarray) -> torch.Tensor:
     """Zero-copy torch view of a numpy activation array (ml_dtypes.bfloat16 -> torch.bfloat16)."""
     if a.dtype == BF16:
@@ -240,6 +247,12 @@ class ActivationStore:
             markers (otherwise IncompleteStoreError).
         read_ahead: read the next shuffle group in a helper thread while serving the current one
             (hides read latency; host memory: two groups instead of one).
+        share_group, share_src: a torch.distributed group whose ranks need the same batches (a
+            tensor-parallel group: its ranks share dp_rank) and the global rank in it that reads the
+            store. The others read nothing and start no thread: each batch reaches them by broadcast in
+            the store's dtype (`sae_dist.parallel.comm.broadcast_from`; a read error on share_src
+            makes them raise RuntimeError naming it), and their position advances with it, so
+            state_dict() is the same on every rank. None: this rank reads its own batches.
 
     Attributes: d_in, n_tokens, attrs (group attributes), scale (s in "scalar" mode, else None),
         tokens_per_epoch, batches_per_epoch, local_batch_tokens, epoch, batch_index (next batch).
@@ -251,7 +264,7 @@ class ActivationStore:
     def __init__(self, path, *, batch_tokens: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0,
                  shuffle: bool = True, shuffle_shards: int = 4, prefetch: int = 2, device="cpu",
                  normalize: str = "layer_norm", check_finite: bool = True, allow_incomplete: bool = False,
-                 read_ahead: bool = True):
+                 read_ahead: bool = True, share_group=None, share_src: int = 0):
         self.path = os.fspath(path)
         self.batch_tokens = _check_int("batch_tokens", batch_tokens, 1)
         self.dp_size = _check_int("dp_size", dp_size, 1)
@@ -270,6 +283,9 @@ class ActivationStore:
         self.normalize = check_mode(normalize)
         self.check_finite = bool(check_finite)
         self.read_ahead = bool(read_ahead)
+        if share_group is not None and not torch.distributed.is_initialized():
+            raise ValueError("share_group needs an initialised torch.distributed process group")
+        self.share_group, self.share_src = share_group, _check_int("share_src", share_src, 0)
         self.local_batch_tokens = self.batch_tokens // self.dp_size
 
         complete = self._open_activations()
@@ -468,7 +484,8 @@ class ActivationStore:
         return groups, sizes, np.concatenate([[0], np.cumsum(sizes)])
 
     def _batches(self, epoch: int, batch: int) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """Generator of (epoch, batch index, float32 CPU tensor [b, d]) from a position, endless.
+        """Generator of (epoch, batch index, CPU tensor [b, d] in the store's dtype, pinned for a CUDA
+        device) from a position, endless.
 
         With read_ahead, the next shuffle group is read by a helper thread while the current one is
         being served (two groups in memory).
@@ -505,10 +522,10 @@ class ActivationStore:
                         xs.append(cur[0].index_select(0, idx))
                         rs.append(cur[1][idx.numpy()])
                         lo += take
-                    x = (xs[0] if len(xs) == 1 else torch.cat(xs)).float()
+                    x = xs[0] if len(xs) == 1 else torch.cat(xs)  # the store's dtype, up to the device
                     # fast check: the sum is finite iff every entry is (barring overflow, which the
                     # exact scan in _raise_nonfinite then clears)
-                    if self.check_finite and not bool(torch.isfinite(x.sum())):
+                    if self.check_finite and not bool(torch.isfinite(x.sum(dtype=torch.float32))):
                         self._raise_nonfinite(x, np.concatenate(rs))
                     if pin:
                         x = x.pin_memory()
@@ -562,15 +579,28 @@ class ActivationStore:
     def __iter__(self):
         return self
 
-    def __next__(self) -> torch.Tensor:
-        """Next float32 batch [batch_tokens // dp_size, d_in] on self.device, normalised."""
+    @property
+    def computes(self) -> bool:
+        """Whether this process reads the store (False on the receiving ranks of a `share_group`)."""
+        return self.share_group is None or torch.distributed.get_rank() == self.share_src
+
+    def _read_next(self) -> torch.Tensor:
         epoch, batch, x = self._next_raw()
         assert (epoch, batch) == (self.epoch, self.batch_index), "prefetch order out of sync"
+        return x.to(self.device, non_blocking=True)
+
+    def __next__(self) -> torch.Tensor:
+        """Next float32 batch [batch_tokens // dp_size, d_in] on self.device, normalised."""
+        if self.share_group is None:
+            x = self._read_next()
+        else:
+            x = broadcast_from(self._read_next if self.computes else None, (self.local_batch_tokens, self.d_in),
+                               _torch_dtype(self._acts.dtype), self.device, self.share_group, self.share_src,
+                               f"reading a batch of store {self.path!r}")
         self.batch_index += 1
         if self.batch_index == self.batches_per_epoch:
             self.epoch, self.batch_index = self.epoch + 1, 0
-        x = x.to(self.device, non_blocking=True)
-        x, _ = normalize(x, self.normalize, self.scale)
+        x, _ = normalize(x.float(), self.normalize, self.scale)
         return x
 
     def close(self):

@@ -87,15 +87,16 @@ def _set_rng_state(st: dict) -> None:
 def _open_store(data, batch_tokens, seed, tcfg: TrainerConfig, device, normalize,
                 dp_rank: int = 0, dp_size: int = 1, ctx: ParallelContext | None = None):
     """The batch source of `data`: an ActivationStore over the store path, or `data(...)` for a source
-    factory (e.g. a `functools.partial` of `sae_dist.harvest.stream.LMStream`) with the same keywords,
-    `max_batches` (the run's steps: it computes nothing past them) and, under tp > 1 in `ctx`, the tp group
-    as `share_group` with its tp rank 0 as `share_src` (which computes the batches the group shares)."""
+    factory (e.g. a `functools.partial` of `sae_dist.harvest.stream.LMStream`) with the same keywords and
+    `max_batches` (the run's steps: it computes nothing past them). Under tp > 1 in `ctx` both get the tp
+    group as `share_group` with its tp rank 0 as `share_src`: that rank reads (or computes) the batches the
+    group shares and broadcasts them, so a store is read once per dp rank, not once per GPU."""
     kw = dict(batch_tokens=batch_tokens, dp_rank=dp_rank, dp_size=dp_size, seed=seed, device=device,
               normalize=normalize)
+    if ctx is not None and ctx.tp > 1:
+        kw.update(share_group=ctx.tp_group, share_src=ctx.group_root + ctx.dp_rank * ctx.tp)
     if callable(data):
-        share = {} if ctx is None or ctx.tp == 1 else {"share_group": ctx.tp_group,
-                                                       "share_src": ctx.group_root + ctx.dp_rank * ctx.tp}
-        return data(**kw, max_batches=max(1, tcfg.tokens // tcfg.batch_tokens), **share)
+        return data(**kw, max_batches=max(1, tcfg.tokens // tcfg.batch_tokens))
     from sae_dist.store import ActivationStore
 
     return ActivationStore(data, shuffle=True, shuffle_shards=tcfg.shuffle_shards, prefetch=tcfg.prefetch, **kw)
@@ -315,15 +316,15 @@ def _global_metrics(res, ctx: ParallelContext, tracker: DeadLatentTracker, lr: f
 
 def _init_b_dec(run: "_Run", data, seed: int) -> None:
     """b_dec at `sae_cfg.b_dec_init` of the first `b_dec_sample_tokens` tokens of the data order: the first
-    global batches of a store (every rank reads the same ones), or the first rows of a source with
-    `sample_rows` (the LM stream's first window; rank 0's are broadcast). Raises FloatingPointError when
-    the sample holds NaN/Inf."""
+    global batches of a store (every rank gets the same ones, read once per tp group), or the first rows of a
+    source with `sample_rows` (the LM stream's first window; rank 0's are broadcast). Raises FloatingPointError
+    when the sample holds NaN/Inf."""
     sae_cfg, tcfg, ctx = run.sae_cfg, run.tcfg, run.ctx
     n_sample = max(1, math.ceil(tcfg.b_dec_sample_tokens / tcfg.batch_tokens))
     if hasattr(run.store, "sample_rows"):
         sample = run.store.sample_rows(n_sample * tcfg.batch_tokens)
     else:
-        sampler = _open_store(data, tcfg.batch_tokens, seed, tcfg, ctx.device, sae_cfg.normalize)
+        sampler = _open_store(data, tcfg.batch_tokens, seed, tcfg, ctx.device, sae_cfg.normalize, ctx=ctx)
         it0 = iter(sampler)
         try:
             sample = torch.cat([next(it0).float() for _ in range(n_sample)])

@@ -56,6 +56,11 @@ def test_cli_json_refusal_and_no_output_dir(tmp_path, console_script, monkeypatc
     assert f"| total | {total / 2**20:,.2f} MiB |" in p.stdout
     p = _cli(big + ["parallel.tp=64", "harvest.tokens=1000000", "output=json"], tmp_path)
     assert json.loads(p.stdout)["store"] == json.loads(json.dumps(harvest_store_bytes(10**6, 4096)))
+    # harvest.dtype is also the dtype the tp group's first rank broadcasts each batch in
+    p = _cli(big + ["parallel.tp=64", "harvest.dtype=float32", "output=json"], tmp_path)
+    sent = {x["name"]: x["size_bytes"] for x in json.loads(p.stdout)["comm"]}
+    assert sent["batch_broadcast"] == 131072 * 4096 * 4 == 2 * {x["name"]: x["size_bytes"] for x in r["comm"]}[
+        "batch_broadcast"]
 
     p = _cli(big + ["parallel.tp=64", "trainer.bf16=false", "estimate.encoder_bwd_drop_zeros=false",
                     "estimate.decode_scan_slots=full", "estimate.dead_fraction=0.1", "output=json"], tmp_path)

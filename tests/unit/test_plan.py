@@ -552,6 +552,7 @@ def test_plan_defaults_mirror_the_config_options():
     (the planner stays importable without torch, so it repeats them; sae-plan itself passes the config)."""
     import inspect
 
+    from sae_dist.config import HarvestConfig
     from sae_dist.fielddoc import field_default
     from sae_dist.sae.config import SAEConfig
     from sae_dist.train.config import TrainerConfig
@@ -562,6 +563,7 @@ def test_plan_defaults_mirror_the_config_options():
     for cls, names in mirrored.items():
         for name in names:
             assert params[name].default == field_default(cls, name), (cls.__name__, name)
+    assert params["store_dtype"].default == field_default(HarvestConfig, "dtype")
     with pytest.raises(KeyError, match="no field 'nope'"):
         field_default(SAEConfig, "nope")
 
@@ -669,6 +671,17 @@ def test_communication_hand_count_and_links():
     assert links == {("tp", "inter"), ("dp", "inter")}
     assert {x["link"] for x in plan(**{**SMALL, "tp": 1})["comm"]} == {"intra"}
     assert plan(**{**SMALL, "tp": 8})["config"]["dp_link"] == "none"
+    # the batch: read by the tp group's first rank, broadcast in the store's dtype after a 4-byte status
+    # (the bytes themselves: tests/integration/parallel/test_store_shared_over_tp.py)
+    bb = comm["batch_broadcast"]
+    assert (bb["op"], bb["size_bytes"], bb["bytes_per_gpu"]) == ("broadcast", 128 * 64 * 2, 128 * 64 * 2)
+    assert bb["time_s"] == pytest.approx(128 * 64 * 2 / 450e9 + 3 * 5e-6)
+    assert comm["batch_status_broadcast"]["size_bytes"] == 4
+    f32 = {x["name"]: x for x in plan(**SMALL, store_dtype="float32")["comm"]}
+    assert f32["batch_broadcast"]["size_bytes"] == 128 * 64 * 4
+    assert not any(x["name"].startswith("batch_") for x in plan(**{**SMALL, "tp": 1})["comm"])
+    with pytest.raises(ValueError, match="harvest.dtype='int8' .*valid: \\('float16', 'bfloat16', 'float32'\\)"):
+        plan(**SMALL, store_dtype="int8")
 
 
 def test_step_time_is_compute_plus_communication():

@@ -78,16 +78,20 @@ def test_two_rank_streamed_run_resumes_exactly(tiny_lm_dir, tmp_path):
         assert torch.equal(full[k], part[k]), k
 
 
-def _shared_stream_worker(rank, port, lm_dir, out):
+def _shared_stream_worker(rank, port, lm_dir, out, fail_from_window=None):
     """Rank 0 runs the LM; rank 1's stream must not (its window computation raises) and still gets rank 0's
-    batches by broadcast."""
+    batches by broadcast. With `fail_from_window`, rank 0's LM raises OSError from that window on: what each
+    rank got before its error, and the error, go to rank<r>.pt."""
+    import datetime
+
     import torch.distributed as dist
 
     from sae_dist.harvest.lm import load_lm
     from sae_dist.harvest.stream import LMStream
     from sae_dist.harvest.text import iter_documents
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))  # a rank left waiting fails, not hangs
     model, tok = load_lm(lm_dir, dtype="float32")
     docs = list(itertools.islice(iter_documents("stdlib"), 4))
     s = LMStream(model=model, tokenizer=tok, hook_name="blocks.1.hook_resid_post", batch_tokens=90,
@@ -95,10 +99,23 @@ def _shared_stream_worker(rank, port, lm_dir, out):
                  share_group=dist.new_group([0, 1]), share_src=0)
     if rank == 1:
         s.window_rows_of = None  # calling it would raise TypeError
-    xs = [s.sample_rows(60)] + [next(s) for _ in range(5)]
-    torch.save([s.computes, xs], f"{out}/rank{rank}.pt")
+    elif fail_from_window is not None:
+        real = s.window_rows_of
+        s.window_rows_of = lambda w, *a: real(w, *a) if w < fail_from_window else _raise(OSError("LM failed"))
+    xs, error = [], None
+    try:
+        xs.append(s.sample_rows(60))
+        for _ in range(5):
+            xs.append(next(s))
+    except Exception as e:  # noqa: BLE001 (the test checks it)
+        error = f"{type(e).__name__}: {e}"
+    torch.save([s.computes, xs] + ([error] if fail_from_window is not None else []), f"{out}/rank{rank}.pt")
     s.close()
     dist.destroy_process_group()
+
+
+def _raise(e: Exception):
+    raise e
 
 
 @pytest.mark.usefixtures("worker_forkserver")
@@ -113,6 +130,22 @@ def test_a_tensor_parallel_group_shares_one_lm_stream(tiny_lm_dir, tmp_path):
     for a, b in zip(x0, x1, strict=True):
         assert torch.equal(a, b)
     assert not torch.equal(x0[1], x0[2])  # distinct batches
+
+
+@pytest.mark.usefixtures("worker_forkserver")
+def test_an_lm_error_on_the_computing_rank_stops_its_group(tiny_lm_dir, tmp_path):
+    """The LM fails in its second window (batches 2 and 3) on rank 0: rank 0 raises that error and rank 1, instead
+    of waiting for a broadcast that never comes, a RuntimeError naming rank 0, both after the same batches."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_shared_stream_worker, args=(free_port(), tiny_lm_dir, str(tmp_path), 1), nprocs=2,
+                       join=True, start_method="forkserver")
+    (c0, x0, e0), (c1, x1, e1) = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert (c0, c1) == (True, False) and len(x0) == len(x1) == 3  # the sample and batches 0, 1
+    assert all(torch.equal(a, b) for a, b in zip(x0, x1, strict=True))
+    assert e0 == "OSError: LM failed"
+    assert e1 == ("RuntimeError: LMStream: computing a batch from the LM failed on global rank 0, which produces "
+                  "it for this rank's group (share_group): see that rank's error")
 
 
 def _lazy_stream_worker(rank, port, lm_dir, out, fail):
