@@ -143,9 +143,10 @@ tokens/s = B / step time.
 
 Memory per GPU: params 4P; grads 4P (ZeRO-2: none kept whole); Adam moments 8P, or under ZeRO-1/2 (8
 + 4 + 4)*P/dp (moments, DeepSpeed's fp32 master partition, its fp32 gradient partition) plus a
-reduce bucket; with optimizer offload those partitions live in host memory. At a checkpoint save or
-resume (between steps: no activations) DeepSpeed's optimizer_state() also gathers the rank's whole fp32
-Adam moments onto the GPU, 8P (`checkpoint_peak_bytes`; the plan must fit both). EMA 4P when trainer.ema;
+reduce bucket; with optimizer offload those partitions live in host memory. A checkpoint save or resume
+(between steps: no activations) saves and loads each rank's ZeRO partition in place, except with optimizer
+offload, where DeepSpeed's optimizer_state() gathers the rank's whole fp32 Adam moments onto the GPU, 8P
+(`checkpoint_peak_bytes`; the plan must fit both). EMA 4P when trainer.ema;
 dead-latent state 9 bytes per latent; activations = what the forward keeps for the backward (inputs,
 [Bl, d] buffers, the encoder's saved input and selections, keep masks, the masked main TopK values
 [Bl, wm] the step returns, the decode calls' compacted values and -1-padded int64 ids [Bl, m] and
@@ -569,8 +570,8 @@ def plan(
         activations, zero_buckets, workspace, heldout_lm, total} per GPU in bytes; memory_gib: the same in GiB;
         host_memory_bytes: per GPU on the host (optimizer offload), else 0.
       checkpoint_peak_bytes: per GPU at a checkpoint save or resume (no activations; with
-        engine="deepspeed" plus the gathered fp32 Adam moments of the rank's parameters, 8P): the plan
-        fits when both it and memory_bytes' total fit.
+        engine="deepspeed" and offload_optimizer plus the gathered fp32 Adam moments of the rank's
+        parameters, 8P): the plan fits when both it and memory_bytes' total fit.
       activation_bytes: {component: bytes} kept for the backward; transient_bytes: {phase: {component:
         bytes}} for the phases "forward", "decode_backward" and "encoder_backward"; activation_phases:
         {phase: kept + largest transient, bytes}; activation_peak_phase: the largest (memory_bytes'
@@ -932,9 +933,10 @@ def _memory(s: _Step) -> _Memory:
     mem["heldout_lm"] = int(round(o.heldout_lm_gib * GiB))
     mem["total"] = sum(mem.values())
     host = 16 * s.part if (s.zero and o.offload_optimizer) else 0  # master + its grad + 2 moments, fp32
-    # between steps, at a checkpoint or resume: no activations, but DeepSpeed's optimizer_state() holds this
-    # rank's whole fp32 Adam moments (8 bytes per local parameter) on the GPU; the torch engine's are its live state
-    gathered = 8 * s.P if o.engine == "deepspeed" else 0
+    # between steps, at a checkpoint or resume: no activations; the Adam moments are saved and loaded in place
+    # (the torch engine's live state, ZeRO's partitions), except that with offload DeepSpeed's optimizer_state()
+    # gathers this rank's whole fp32 moments (8 bytes per local parameter) onto the GPU
+    gathered = 8 * s.P if o.engine == "deepspeed" and o.offload_optimizer else 0
     return _Memory(mem, host, kept, transient, phases, peak_phase, mem["total"] - mem["activations"] + gathered)
 
 
@@ -1336,7 +1338,7 @@ def _refusal(r: dict) -> str:
             f"({parts} GiB; activation peak in the {phase.replace('_', ' ')}, largest transient: {tr[0]} "
             f"{tr[1] / GiB:.1f} GiB)."
         )
-        if ck > gpu:
+        if ck > max(gpu, g["total"]):
             msg += f" At every checkpoint save and resume it needs {ck:.1f} GiB ({gathered})."
     else:
         msg = (f"does not fit: tp={cfg['tp']} x dp={cfg['dp']} needs {ck:.1f} GiB per GPU at every checkpoint save "
@@ -1532,7 +1534,7 @@ def plan_tables(r: dict) -> list[_Table]:
                 rows += [[f"    transient: {tk}", format_bytes(tv)]
                          for tk, tv in r["transient_bytes"][phase].items() if tv]
     rows.append(["total", format_bytes(r["memory_bytes"]["total"])])
-    if r["config"]["engine"] == "deepspeed":
+    if r["config"]["engine"] == "deepspeed" and r["config"]["offload_optimizer"]:
         rows.append(["at a checkpoint (no activations; Adam moments gathered)",
                      format_bytes(r["checkpoint_peak_bytes"])])
     rows.append(["GPU memory", f"{r['gpu_memory_gib']:,.2f} GiB"])

@@ -65,17 +65,26 @@ Devices and process groups:
   `_import_deepspeed`): otherwise DeepSpeed JIT-compiles it (~30 s, a C++ toolchain) for nothing.
 
 Collectives: DeepSpeed's reductions and all-gathers are synchronous here (`overlap_comm: false`).
-`optimizer_state()` all-reduces each tensor over dp (DeepSpeed's `safe_get_full_optimizer_state`), so
-every dp rank must call it, in the same order, like a checkpoint save. `load_optimizer_state` is local.
+`full_optimizer_state()` all-reduces each tensor over dp (DeepSpeed's `safe_get_full_optimizer_state`), so
+every dp rank must call it, in the same order. `optimizer_state()` and `load_optimizer_state` are local
+(except on CUDA with the optimizer offloaded, below).
 
-Checkpoints: unlike `TorchEngine`, whose `optimizer_state()` returns the live Adam tensors,
-`optimizer_state()` here returns gathered COPIES: after loading a checkpoint into them, hand them
-back with `load_optimizer_state(state)` (a no-op for the torch engine, so a trainer can always do it).
-The copies are on the parameters' device, all at once: 8 bytes per local parameter of GPU memory at every
-checkpoint save and resume, beyond the step's state (`sae_dist.plan` counts it as checkpoint_peak_bytes).
+Checkpoints: like `TorchEngine`'s, `optimizer_state()` returns the live Adam state, no copies: each moment
+is a view into this rank's ZeRO partition, of the parameter's shape at dp = 1 and a
+`sae_dist.parallel.state.RankPart` (the rank's contiguous range of the flattened parameter) at dp > 1,
+which the checkpoint saves and loads in place as boxes at their global offsets. No rank gathers a
+moment, so a checkpoint needs no memory beyond the step's, and it loads at any mesh or engine. The one
+exception: with `offload_optimizer` on CUDA the partition is in host memory, and host tensors inside
+DTensors of the CUDA mesh have not been tried on a GPU, so there `optimizer_state()` is
+`full_optimizer_state()`: gathered copies on the GPU, all at once (8 bytes per local parameter at every
+checkpoint save and resume; `sae_dist.plan` counts it as checkpoint_peak_bytes), collective over dp.
+After loading a checkpoint into what `optimizer_state()` returned, hand it back with
+`load_optimizer_state(state)`: it sets the step count and copies what is not already in place (a no-op
+for the torch engine, so a trainer can always do it).
 
 Tests: tests/integration/train/test_deepspeed_engine_gloo.py (single process and dp x tp meshes against the torch
-engine, optimizer-state round trip), tests/unit/train/test_deepspeed_engine.py (argument checks).
+engine, optimizer-state round trip, checkpoints in pieces across meshes and engines),
+tests/unit/train/test_deepspeed_engine.py (argument checks).
 """
 
 from __future__ import annotations
@@ -88,6 +97,7 @@ import torch.distributed as dist
 
 from sae_dist.extras import require_extra
 from sae_dist.parallel.mesh import ParallelContext
+from sae_dist.parallel.state import RankPart
 from sae_dist.train.engine import make_optimizer
 
 __all__ = ["DeepSpeedEngine", "MeshMPU", "ZERO_STAGES"]
@@ -319,6 +329,7 @@ class DeepSpeedEngine:
         self.offload_optimizer = bool(offload_optimizer)
         self._names = [n for n, _ in params]
         self._params = dict(params)
+        self._live: dict[tuple[str, str], object] = {}  # the moments the last optimizer_state() returned
 
         deepspeed = _import_deepspeed(device)
         from deepspeed.utils import safe_get_full_optimizer_state, safe_set_full_optimizer_state
@@ -414,7 +425,36 @@ class DeepSpeedEngine:
         self.ds_engine.step()
         self.model.normalize_decoder_()
 
-    def optimizer_state(self) -> dict[str, dict[str, torch.Tensor]]:
+    def optimizer_state(self) -> dict[str, dict]:
+        """{param name: {"exp_avg", "exp_avg_sq": this rank's fp32 Adam moments, live, "step": a 0-d float32
+        copy}}: at dp = 1 views shaped like the parameter (its local tp shard), at dp > 1 `RankPart`s (this
+        rank's range of it in its ZeRO partition). Local, no copies; on CUDA with offload_optimizer the
+        gathered copies of `full_optimizer_state` instead (module docstring, "Checkpoints")."""
+        if self.offload_optimizer and self.ctx.device.type == "cuda":
+            return self.full_optimizer_state()
+        step = self._step_tensor()
+        out = {name: {key: self._live_moment(self._params[name], key) for key in _ADAM_KEYS} for name in self._names}
+        self._live = {(n, k): st[k] for n, st in out.items() for k in _ADAM_KEYS}
+        for name, st in out.items():
+            st["step"] = step.detach().clone().to(self._params[name].device)
+        return out
+
+    def _live_moment(self, p: torch.nn.Parameter, key: str):
+        """Adam moment `key` of parameter `p` in this rank's partition: a view of p's shape (dp = 1) or a
+        RankPart (dp > 1; empty when the partition holds none of p)."""
+        mapping = getattr(p, "_hp_mapping", None)
+        if mapping is None:
+            flat, start = torch.empty(0, dtype=torch.float32, device=self._flat_partitions()[0].device), 0
+        else:
+            flat, start = mapping.get_hp_fragment(key), mapping.lp_fragment_address.start
+        if self.ctx.dp == 1:
+            if flat.numel() != p.numel():
+                raise RuntimeError(f"DeepSpeed's partition holds {flat.numel()} of the {p.numel()} elements of a "
+                                   "parameter at dp = 1")
+            return flat.view(p.shape)
+        return RankPart(flat, start, tuple(p.shape))
+
+    def full_optimizer_state(self) -> dict[str, dict[str, torch.Tensor]]:
         """{param name: {"exp_avg", "exp_avg_sq": fp32 tensors shaped like the parameter on this rank
         (the local tp shard), "step": 0-d float32}} gathered from the dp partitions (new tensors, not
         views: write changes back with load_optimizer_state). Collective over dp."""
@@ -435,19 +475,23 @@ class DeepSpeedEngine:
 
     @torch.no_grad()
     def load_optimizer_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
-        """Set the Adam state from `state` (layout of optimizer_state(); every rank passes its own
-        local-shard tensors, each rank keeps its dp partition of them). Raises KeyError for an
-        unknown parameter name, ValueError for a wrong shape or for different "step" values (ZeRO
-        keeps one step count for the whole flat partition)."""
+        """Set the Adam state from `state` (layout of full_optimizer_state(): every rank passes its own
+        local-shard tensors, each rank keeps its dp partition of them; moments that are the live ones the
+        last optimizer_state() returned are in place already). Raises KeyError for an unknown parameter
+        name, ValueError for a wrong shape, a RankPart this engine did not return, or different "step"
+        values (ZeRO keeps one step count for the whole flat partition)."""
         steps = set()
         for name, st in state.items():
             if name not in self._params:
                 raise KeyError(f"optimizer state for unknown parameter {name!r}; have {self._names}")
             p = self._params[name]
             for key in _ADAM_KEYS:
-                if key not in st:
+                if key not in st or self._live.get((name, key)) is st[key]:
                     continue
                 v = st[key]
+                if isinstance(v, RankPart):
+                    raise ValueError(f"optimizer state {name}.{key} is a RankPart this engine's last "
+                                     "optimizer_state() did not return; pass whole local tensors")
                 if tuple(v.shape) != tuple(p.shape):
                     raise ValueError(f"optimizer state {name}.{key} has shape {tuple(v.shape)}, "
                                      f"parameter has {tuple(p.shape)}")

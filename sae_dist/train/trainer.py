@@ -737,7 +737,7 @@ def _resume_or_init(run: _Run, ck, data, seed: int, progress: bool) -> None:
         if run.ema is not None:
             run.ema.load_state_dict(run.sae.state_dict())
         return
-    opt_state = run.engine.optimizer_state()  # live tensors (torch) or gathered copies (DeepSpeed)
+    opt_state = run.engine.optimizer_state()  # live: tensors, or DeepSpeed's ZeRO pieces (RankPart)
     ts = load_checkpoint(ck[1], state=run.state(opt_state), ctx=run.ctx, optional=("density",))
     run.engine.load_optimizer_state(opt_state)
     run.step, run.tokens_seen = int(ts["step"]), int(ts["tokens_seen"])

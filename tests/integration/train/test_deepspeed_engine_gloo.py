@@ -11,8 +11,11 @@ independently:
   against the unsharded
   `TopKSAE` + `TorchEngine` run in this (pytest) process on the whole batch: global per-step losses,
   each rank's weight shard and Adam-state shard within 1e-5.
-- checkpoint round trip: optimizer_state() after a few steps, a fresh model + engine loading it,
+- checkpoint round trip: full_optimizer_state() after a few steps, a fresh model + engine loading it,
   then the same further steps as the uninterrupted engine: identical.
+- checkpoints in pieces: at dp > 1 optimizer_state() gives each rank's ZeRO partition as live RankParts; a
+  DCP checkpoint of them holds the global moments (read back in this process) and loads, exactly, into a
+  DeepSpeed run at another mesh; a torch engine's checkpoint loads into the pieces.
 AuxK is on (fixed random dead mask), the learning rate changes every step (set_lr), gradient
 clipping is active where tested (max norm below the gradients' norm) and DeepSpeed's global gradient
 norm is checked against an independent one; one case runs the forward under bf16 autocast (on CPU,
@@ -22,6 +25,7 @@ The engine's argument checks (in this process): tests/unit/train/test_deepspeed_
 
 from __future__ import annotations
 
+import math
 import os
 from functools import partial
 
@@ -109,7 +113,9 @@ def _weights(model) -> dict:
 
 
 def _opt_state(engine) -> dict:
-    return {n: {k: v.detach().clone() for k, v in st.items()} for n, st in engine.optimizer_state().items()}
+    """Whole local-shard copies of the Adam state (DeepSpeed's gathered over its dp partitions)."""
+    state = engine.full_optimizer_state() if hasattr(engine, "full_optimizer_state") else engine.optimizer_state()
+    return {n: {k: v.detach().clone() for k, v in st.items()} for n, st in state.items()}
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -336,3 +342,107 @@ def test_optimizer_state_round_trip(stage, offload, tmp_path):
             assert torch.equal(got["w_a"][n], got["w_b"][n]), f"weight {n}, rank {r}"
         assert _max_diff(got["opt_a"], got["opt_b"]) == 0.0
         assert float(got["opt_b"]["b_dec"]["step"]) == STEPS
+
+
+# ---------------------------------------------------------------------------------- checkpoints in pieces
+def _ckpt_worker(rank, world, tp, port, mode, data, stage, offload, out_dir):
+    """mode "save_ds" / "save_torch": STEPS // 2 steps, then a checkpoint (build_state of the engine's
+    optimizer_state(): at dp > 1 DeepSpeed's RankParts) and this rank's whole Adam state and weights;
+    "load_ds": a fresh DeepSpeed engine at this mesh loads that checkpoint and reports its Adam state."""
+    from sae_dist.parallel.mesh import destroy_parallel, init_parallel
+    from sae_dist.parallel.state import RankPart, build_state
+    from sae_dist.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    cfg, seed, xs, dead, b_dec = data
+    ctx = init_parallel(tp=tp, device="cpu")
+    try:
+        model = _sharded(ctx, cfg, seed, b_dec)
+        lo, hi = model.latent_start, model.latent_end
+        tcfg = TrainerConfig()
+        engine = (TorchEngine(model, LR, tcfg) if mode == "save_torch"
+                  else DeepSpeedEngine(model, LR, tcfg, ctx, zero_stage=stage, offload_optimizer=offload))
+        opt = engine.optimizer_state()
+        out = {"range": (lo, hi)}
+        if mode == "load_ds":
+            _, path = latest_checkpoint(os.path.join(out_dir, "ck"))
+            load_checkpoint(path, state=build_state(model, opt, None, {}, ctx), ctx=ctx)
+            engine.load_optimizer_state(opt)
+        else:
+            _run_engine(model, engine, xs, dead[lo:hi], _rows(ctx), steps=range(STEPS // 2))
+            opt = engine.optimizer_state()
+            parts = [st[k] for st in opt.values() for k in ("exp_avg", "exp_avg_sq")]
+            out["parts"] = [(p.start, p.flat.numel(), p.shape) if isinstance(p, RankPart) else None for p in parts]
+            if mode == "save_ds":  # live views of the partition's Adam state, not copies
+                storages = {engine._adam.state[f][k].untyped_storage().data_ptr()
+                            for f in engine._flat_partitions() for k in ("exp_avg", "exp_avg_sq")}
+                out["live"] = all((p.flat if isinstance(p, RankPart) else p).untyped_storage().data_ptr() in storages
+                                  for p in parts if (p.flat if isinstance(p, RankPart) else p).numel())
+            save_checkpoint(os.path.join(out_dir, "ck"), STEPS // 2, state=build_state(model, opt, None, {}, ctx),
+                            trainer_state={}, ctx=ctx)
+        out["opt"] = _opt_state(engine)
+        torch.save(out, os.path.join(out_dir, f"{mode}{ctx.rank}.pt"))
+        if hasattr(engine, "close"):
+            engine.close()
+    finally:
+        destroy_parallel(ctx)
+
+
+def _ckpt_run(nprocs, tp, mode, data, stage, out_dir, offload=False):
+    mp.start_processes(_ckpt_worker, args=(nprocs, tp, free_port(), mode, data, stage, offload, str(out_dir)),
+                       nprocs=nprocs, join=True, start_method="forkserver")
+    return [torch.load(out_dir / f"{mode}{r}.pt") for r in range(nprocs)]
+
+
+def _global(ranks, name, key):
+    """The global tensor of an Adam moment from every rank's whole local shard (tp shards concatenated)."""
+    dim = {"W_enc": 1, "b_enc": 0, "W_dec": 0, "b_dec": None}[name]
+    shards = {r["range"]: r["opt"][name][key] for r in ranks}
+    if dim is None:
+        return next(iter(shards.values()))
+    return torch.cat([shards[k] for k in sorted(shards)], dim=dim)
+
+
+@pytest.mark.usefixtures("worker_forkserver")
+@pytest.mark.parametrize("save,load,offload", [(("save_ds", 2, 1, 1), (2, 2), False),
+                                               (("save_ds", 4, 2, 2), (2, 1), False),
+                                               (("save_torch", 2, 2, 1), (2, 1), False),
+                                               (("save_ds", 2, 1, 1), (2, 1), True)])
+def test_checkpoints_hold_zero_partitions_without_gathering(save, load, offload, tmp_path):
+    """A DeepSpeed run at dp > 1 checkpoints each rank's piece of the Adam moments (live views, no gathered
+    copy); the checkpoint holds the global moments the pieces make up, and a DeepSpeed run at another mesh
+    (dp = 1: whole views; dp = 2: other pieces) loads them exactly, as it does a torch engine's checkpoint.
+    With the optimizer offloaded to the host (the CPU's memory here) the same holds."""
+    from sae_dist.train.checkpoint import latest_checkpoint, read_checkpoint_tensors
+
+    data = _data()
+    (mode, world, tp, stage), (lworld, ltp) = save, load  # loaded at ZeRO-2, saved at the `stage` given
+    saved = _ckpt_run(world, tp, mode, data, stage, tmp_path, offload)  # offload: host memory, the CPU's anyway
+    stored = read_checkpoint_tensors(latest_checkpoint(tmp_path / "ck")[1], prefix="optim")
+    for name in NAMES:
+        for key in ("exp_avg", "exp_avg_sq"):
+            want = _global(saved, name, key)
+            assert float(want.abs().max()) > 0
+            assert torch.equal(stored[f"{name}.{key}"], want), (name, key)
+    if mode == "save_ds":  # dp = 2: every local shard tiled by the dp ranks' pieces, each element once
+        assert all(r["live"] for r in saved)
+        by_shard: dict = {}
+        for r in saved:
+            by_shard.setdefault(r["range"], []).append(r["parts"])
+        for pieces in by_shard.values():
+            assert len(pieces) == 2
+            for i in range(len(pieces[0])):
+                (a, n), (b, m) = sorted((p[i][0], p[i][1]) for p in pieces)
+                assert a == 0 and a + n == b and b + m == math.prod(pieces[0][i][2]), (i, pieces)
+    loaded = _ckpt_run(lworld, ltp, "load_ds", data, 2, tmp_path, offload)
+    for r in loaded:
+        lo, hi = r["range"]
+        for name in NAMES:
+            dim = {"W_enc": 1, "b_enc": 0, "W_dec": 0, "b_dec": None}[name]
+            for key in ("exp_avg", "exp_avg_sq"):
+                want = stored[f"{name}.{key}"]
+                want = want if dim is None else want.narrow(dim, lo, hi - lo)
+                assert torch.equal(r["opt"][name][key], want), (name, key, r["range"])
+            assert float(r["opt"][name]["step"]) == STEPS // 2
