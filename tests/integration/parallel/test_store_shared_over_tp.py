@@ -57,7 +57,7 @@ def _run(path, out, world, steps):
 
 
 @pytest.mark.usefixtures("worker_forkserver")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_a_tp_group_reads_the_store_once_and_gets_its_dp_ranks_batches(tmp_path, dtype):
     path = _store(tmp_path / "s", dtype)
     steps = 13  # past the end of the first epoch
@@ -77,7 +77,8 @@ def test_a_tp_group_reads_the_store_once_and_gets_its_dp_ranks_batches(tmp_path,
     from sae_dist.plan import plan
 
     r = plan(d_in=D, d_sae=64, k=4, batch_tokens=B, tp=2, cluster={"nodes": 1, "gpus_per_node": 4},
-             store_dtype={torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype], suggest=False)
+             store_dtype={torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[dtype],
+             suggest=False)
     planned = {c["name"]: c["size_bytes"] for c in r["comm"]}
     for got in ranks:
         assert got["broadcast_bytes"] == [planned["batch_status_broadcast"], planned["batch_broadcast"]] * steps
