@@ -1057,7 +1057,6 @@ def render_markdown(record: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-# ------------------------------------------------------------------------------------------ driver
 # ------------------------------------------------------------------------------------------ --resume
 #: The training steps and their logs in the output directory (a kept run's records are read back).
 _TRAIN_STEPS = {"train_kernels_on": "train_log_kernels_on.jsonl", "train_kernels_off": "train_log_kernels_off.jsonl"}
@@ -1128,6 +1127,7 @@ def plan_resume(path: Path, sizes: CheckSizes, identity: dict, rerun: tuple[str,
     return Resume(path=path, earlier=earlier, keep=tuple(keep))
 
 
+# ------------------------------------------------------------------------------------------ driver
 def _guarded(c: Check, name: str, fn: Callable, *args):
     """Run one step function (or restore it when --resume keeps it); a Python error inside it is
     recorded as that step's "error"."""
