@@ -417,7 +417,9 @@ def test_checkpoints_hold_zero_partitions_without_gathering(save, load, offload,
     With the optimizer offloaded to the host (the CPU's memory here) the same holds."""
     from sae_dist.train.checkpoint import latest_checkpoint, read_checkpoint_tensors
 
-    data = _data()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)  # a fixed seed and data for this test
+        data = _data()
     (mode, world, tp, stage), (lworld, ltp) = save, load  # loaded at ZeRO-2, saved at the `stage` given
     saved = _ckpt_run(world, tp, mode, data, stage, tmp_path, offload)  # offload: host memory, the CPU's anyway
     stored = read_checkpoint_tensors(latest_checkpoint(tmp_path / "ck")[1], prefix="optim")
