@@ -438,9 +438,11 @@ class Check:
             "plan_comparison": [], "recalibration": {},
             "started": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         }
-        if resume is not None:
+        if resume is not None:  # the kept steps are in the record from its first write: a check cut short keeps them
             self.record["resumed_from"] = {"path": str(resume.path), "started": resume.earlier.get("started"),
+                                           "host": (resume.earlier.get("env") or {}).get("host"),
                                            "kept": list(resume.keep)}
+            self.record["steps"] = {n: self._kept_record(n) for n in resume.keep}
         self.log = (out / "gpu_check.log").open("a" if resume else "w", encoding="utf-8")
         if resume is not None:
             self.log.write(f"\n===== resumed from {resume.path} (run of {resume.earlier.get('started')}); "
@@ -450,15 +452,17 @@ class Check:
         """The record of step `name`, None when it has not run."""
         return self.record["steps"].get(name)
 
-    def restore(self, name: str):
-        """Copy kept step `name`'s record from the resumed check (marked "kept_from": its start) and
-        return what the step would: a training run's logged records (from its log beside this
-        check's outputs), the scratch store's path (unused: a kept store means both runs were kept),
-        else None. A step already kept by the earlier check keeps the start of the check that ran it."""
+    def _kept_record(self, name: str) -> dict:
+        """Kept step `name`'s record from the resumed check, marked "kept_from": the start of the check that
+        ran it (of an earlier one when the resumed check had kept it too)."""
         rec = self.resume.earlier["steps"][name]
-        rec = {**rec, "kept_from": rec.get("kept_from") or self.resume.earlier.get("started")}
-        self.record["steps"][name] = rec
-        self.write()
+        return {**rec, "kept_from": rec.get("kept_from") or self.resume.earlier.get("started")}
+
+    def restore(self, name: str):
+        """Report kept step `name` (its record is in place since the start) and return what the step would:
+        a training run's logged records (from its log beside this check's outputs), the scratch store's
+        path (unused: a kept store means both runs were kept), else None."""
+        rec = self.record["steps"][name]
         print(f"gpu-check: {name}: {rec['status']} (kept from the run of {rec['kept_from']})", file=sys.stderr,
               flush=True)
         if name in _TRAIN_STEPS:
@@ -474,7 +478,10 @@ class Check:
         """Record a step (status: pass | ok | fail | error | timeout | skipped) and rewrite the outputs."""
         rec = {"status": status, "summary": summary, "duration_s": round(duration_s, 2),
                "budget_s": None if budget_s is None else round(budget_s, 1), **detail}
-        self.record["steps"][name] = rec
+        steps = {**self.record["steps"], name: rec}
+        order = step_names(self.sizes)  # run order, whatever was kept
+        self.record["steps"] = {n: steps[n] for n in sorted(steps, key=lambda n: order.index(n) if n in order
+                                                                    else len(order))}
         self.write()
         print(f"gpu-check: {name}: {status} ({duration_s:.1f} s) {summary}", file=sys.stderr, flush=True)
         return rec
@@ -1018,8 +1025,8 @@ def _md_resumed(record: dict) -> list[str]:
     if not r:
         return []
     kept = ", ".join(r["kept"]) or "none"
-    return [f"Resumed from the check of {r['started']} ({r['path']}): the rows of {kept} are that check's; "
-            "the wall time is this run's.", ""]
+    return [f"Resumed from the check of {r['started']} on host {r.get('host')} ({r['path']}): the rows of {kept} "
+            "are that check's; the wall time is this run's.", ""]
 
 
 def render_markdown(record: dict) -> str:

@@ -95,6 +95,7 @@ def broadcast_from(produce, shape: tuple[int, ...], dtype: torch.dtype, device, 
     except BaseException:
         status.fill_(1)
         dist.broadcast(status, src=src, group=group)
+        status.cpu()  # waits for the broadcast (NCCL only queues it), so the others learn before this rank exits
         raise
     dist.broadcast(status, src=src, group=group)
     if produce is None and int(status.item()):

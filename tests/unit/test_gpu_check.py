@@ -317,3 +317,34 @@ def test_resume_refuses_bad_input(tmp_path, capsys):
     assert "--rerun needs --resume" in capsys.readouterr().err
     assert gc.main(["--dry", "--resume", str(path), "--out", str(tmp_path / "o")]) == 2  # a full check's record
     assert "other sizes" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_a_resumed_check_cut_short_keeps_what_it_kept(tmp_path, monkeypatch):
+    """The kept steps are in gpu_check.json from its first write: a resumed check killed in its first rerun step
+    (a lease ending) leaves a record that a second --resume keeps them from, and it names the earlier host."""
+    ident = gc.env_identity("cpu")
+    steps = {n: {"status": "ok", "summary": n, "duration_s": 1.0} for n in gc.step_names(gc.DRY)}
+    steps["kernel_tests"]["status"] = "error"
+    rec = {"mode": "dry", "sizes": dataclasses.asdict(gc.DRY), "started": "T0", "env": {**ident, "host": "gpu07"},
+           "steps": steps}
+    (tmp_path / "gpu_check.json").write_text(json.dumps(rec))
+    for tag in ("on", "off"):
+        (tmp_path / f"train_log_kernels_{tag}.jsonl").write_text('{"step": 1, "train/fvu": 0.5}\n')
+    first = gc.plan_resume(tmp_path / "gpu_check.json", gc.DRY, ident)
+
+    def env(c):
+        c.record["env"] = ident
+        c.save("env", "ok", "env")
+
+    def killed(c):
+        raise KeyboardInterrupt  # the lease ends inside the step being redone
+
+    monkeypatch.setattr(gc, "step_env", env)
+    monkeypatch.setattr(gc, "step_kernel_tests", killed)
+    with pytest.raises(KeyboardInterrupt):
+        gc.run_check(gc.DRY, tmp_path, resume=first)
+    after = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert list(after["steps"]) == ["env", *first.keep]  # in run order
+    assert all(after["steps"][n]["kept_from"] == "T0" for n in first.keep)
+    assert after["resumed_from"]["host"] == "gpu07" and "on host gpu07" in (tmp_path / "gpu_check.md").read_text()
+    assert gc.plan_resume(tmp_path / "gpu_check.json", gc.DRY, ident).keep == first.keep
