@@ -1457,7 +1457,9 @@ def checkpoint_bytes(d_in: int, d_sae: int, *, tp: int = 1, param_bytes: int = 4
     Returns {bytes: {model, optimizer, ema, dead_latents, density, overhead}, total_bytes, total_gib,
     writer_bytes (the most one rank writes: a latent shard, the replicated tensors and the overhead),
     items (stored tensor shards)}. Tensor bytes are exact (a test reads them from written checkpoints);
-    "overhead" (torch.save headers, .metadata, trainer state) is an allowance.
+    "overhead" (torch.save headers, .metadata, trainer state) is an allowance. With trainer.engine=deepspeed
+    at dp > 1 every dp rank writes its own pieces of the Adam moments (`sae_dist.parallel.state.RankPart`):
+    the same bytes, in more items, so writer_bytes is then an upper bound.
     Raises ValueError for non-positive sizes or a tp that does not divide d_sae."""
     for name, v in (("d_in", d_in), ("d_sae", d_sae), ("tp", tp), ("param_bytes", param_bytes)):
         _posint(name, v)

@@ -70,9 +70,9 @@ def row_major_boxes(start: int, numel: int, shape: tuple[int, ...]) -> list[tupl
     return out
 
 
-def _part_view(part: RankPart, latent_dim: int | None, ctx: ParallelContext, placements, shape):
-    """The DTensor of global `shape` whose local data are `part`'s boxes at their global offsets. Built
-    directly (not `from_local`, which would view or move the wrapper and lose it)."""
+def _part_view(part: RankPart, latent_dim: int | None, ctx: ParallelContext, placements, shape, stride):
+    """The DTensor of global `shape` and `stride` whose local data are `part`'s boxes at their global offsets.
+    Built directly (not `from_local`, which would view or move the wrapper and lose it)."""
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 
@@ -86,7 +86,6 @@ def _part_view(part: RankPart, latent_dim: int | None, ctx: ParallelContext, pla
         views.append(part.flat[pos:pos + math.prod(size)].view(size))
         offsets.append(tuple(o + d for o, d in zip(off, shift, strict=True)))
     local = Boxes(views, offsets)  # none: this rank holds no element, so saves and loads none
-    stride = torch.empty(shape, device="meta").stride()
     spec = DTensorSpec(ctx.mesh, tuple(placements), tensor_meta=TensorMeta(torch.Size(shape), stride, part.flat.dtype))
     return DTensor(local, spec, requires_grad=False)
 
@@ -110,17 +109,15 @@ def global_view(t: torch.Tensor | RankPart, latent_dim: int | None, ctx: Paralle
         return t
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
-    local_shape = t.shape
+    shape = list(t.shape)
     if latent_dim is None or ctx.tp == 1:
         placements = [Replicate(), Replicate()]
-        shape = list(local_shape)
     else:
         placements = [Replicate(), Shard(latent_dim)]
-        shape = list(local_shape)
         shape[latent_dim] *= ctx.tp
-    if isinstance(t, RankPart):
-        return _part_view(t, latent_dim, ctx, placements, shape)
     stride = torch.empty(shape, device="meta").stride()
+    if isinstance(t, RankPart):
+        return _part_view(t, latent_dim, ctx, placements, shape, stride)
     return DTensor.from_local(t, ctx.mesh, placements, run_check=False, shape=torch.Size(shape),
                               stride=stride)
 

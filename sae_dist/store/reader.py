@@ -289,6 +289,7 @@ class ActivationStore:
         self.local_batch_tokens = self.batch_tokens // self.dp_size
 
         complete = self._open_activations()
+        self._batch_dtype = _torch_dtype(self._acts.dtype)  # the batches' dtype up to the device
         self._complete, self._allow_incomplete = complete, bool(allow_incomplete)
         self._set_units(_STATE_VERSION)
         self.tokens_per_epoch = int(self._unit_sizes.sum())
@@ -595,7 +596,7 @@ class ActivationStore:
             x = self._read_next()
         else:
             x = broadcast_from(self._read_next if self.computes else None, (self.local_batch_tokens, self.d_in),
-                               _torch_dtype(self._acts.dtype), self.device, self.share_group, self.share_src,
+                               self._batch_dtype, self.device, self.share_group, self.share_src,
                                f"reading a batch of store {self.path!r}")
         self.batch_index += 1
         if self.batch_index == self.batches_per_epoch:
