@@ -30,7 +30,8 @@ Forward, two implementations with the same result:
   block into a running top-k_aux, costing n_dead / n of the encoder matmul with transients bounded
   by DEAD_PASS_ELEMENTS whatever B and n_dead are. No kernel argument depends on the data, so one
   compiled variant serves a whole run. Tile shapes and launch options per shape class:
-  `encoder_launch_config` (checked with `python -m sae_dist.kernels.report`). All pointer offsets
+  `encoder_launch_config` (checked with `python -m sae_dist.kernels.report`; on a GPU whose timings
+  `python -m sae_dist.kernels.tune` merged into its table, the fastest candidate). All pointer offsets
   are int64 (d_in x d_sae reaches 2^31 at production widths).
 
 Backward (both backends, torch ops touching only the selected latents): with
@@ -64,6 +65,7 @@ torch.topk: 1.12x), backward 0.08x; with AuxK (k_aux=256, 5% dead) forward 1.21x
 
 from __future__ import annotations
 
+import functools
 import itertools
 import threading
 import warnings
@@ -363,26 +365,17 @@ if triton is not None:
 CANDIDATE_BUFFER_BYTES = 1 << 30
 
 
+@functools.lru_cache(maxsize=None)
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device)
+
+
 def _next_pow2(v: int) -> int:
     return 1 << max(0, (int(v) - 1).bit_length())
 
 
-def encoder_launch_config(d_in: int, k: int, precision: str | None, interpret: bool = False) -> dict:
-    """Tile shape and launch options of the fused encoder kernel for one shape class.
-
-    precision: the dot's input precision: None (16-bit inputs, tensor cores), "tf32" (fp32 inputs
-    on TF32 tensor cores) or "ieee" (fp32 FMA dots). Hopper (sm_90a) choices, checked offline with
-    `python -m sae_dist.kernels.report` (0 spill bytes at d_in 768 / 2304 / 4096, k 32 / 64, bf16,
-    tf32 and ieee): BLOCK_B x BLOCK_N pre-activation tiles over BLOCK_D steps with a 3-stage
-    pipeline, a running top-k of K_PAD = next_pow2(k) slots per row in registers (8 warps, or 4 for 16-bit
-    inputs at K_PAD <= 32 from Triton 3.5 on: before it 4 warps spill there). 16-bit inputs take
-    BLOCK_D = 64, fp32 BLOCK_D = 32, so a pipeline stage is the same number of bytes; IEEE dots hold
-    their operands in registers and take half the token and latent blocks. From K_PAD = 256 (Multi-TopK's
-    4k at k = 64) the token block shrinks so that BLOCK_B x K_PAD stays 8192 slots (at 64 rows it spilled
-    168 / 404 bytes for bf16 / TF32 with Triton 3.9). The interpreter (CPU tests) takes small tiles. d_in
-    enters only through masking (any d_in compiles to the same kernel).
-    Returns a dict with BLOCK_B, BLOCK_N, BLOCK_D, K_PAD, num_warps, num_stages.
-    """
+def _default_config(k: int, precision: str | None, interpret: bool) -> dict:
+    """The launch configuration chosen offline for one shape class (`encoder_launch_config`'s fallback)."""
     K_PAD = max(2, _next_pow2(k))
     if interpret:
         return dict(BLOCK_B=16, BLOCK_N=32, BLOCK_D=16, K_PAD=K_PAD, num_warps=4, num_stages=1)
@@ -396,23 +389,82 @@ def encoder_launch_config(d_in: int, k: int, precision: str | None, interpret: b
                 num_warps=8, num_stages=3)
 
 
-def encoder_launch(xc, W_enc, b_enc, k, latent_chunk, cand_v=None, cand_i=None):
+def encoder_launch_config(d_in: int, k: int, precision: str | None, interpret: bool = False,
+                          device_name: str | None = None) -> dict:
+    """Tile shape and launch options of the fused encoder kernel for one shape class.
+
+    precision: the dot's input precision: None (16-bit inputs, tensor cores), "tf32" (fp32 inputs
+    on TF32 tensor cores) or "ieee" (fp32 FMA dots). device_name: the GPU's name
+    (`torch.cuda.get_device_name`); when the measured table (`sae_dist.kernels.tune`, file
+    `encoder_tuned.json`) holds this device, precision and K_PAD, its fastest candidate is returned.
+    Otherwise the configuration chosen offline for Hopper (sm_90a), checked with
+    `python -m sae_dist.kernels.report` (0 spill bytes at d_in 768 / 2304 / 4096, k 32 / 64, bf16,
+    tf32 and ieee): BLOCK_B x BLOCK_N pre-activation tiles over BLOCK_D steps with a 3-stage
+    pipeline, a running top-k of K_PAD = next_pow2(k) slots per row in registers (8 warps, or 4 for 16-bit
+    inputs at K_PAD <= 32 from Triton 3.5 on: before it 4 warps spill there). 16-bit inputs take
+    BLOCK_D = 64, fp32 BLOCK_D = 32, so a pipeline stage is the same number of bytes; IEEE dots hold
+    their operands in registers and take half the token and latent blocks. From K_PAD = 256 (Multi-TopK's
+    4k at k = 64) the token block shrinks so that BLOCK_B x K_PAD stays 8192 slots (at 64 rows it spilled
+    168 / 404 bytes for bf16 / TF32 with Triton 3.9). The interpreter (CPU tests) takes small tiles. d_in
+    enters only through masking (any d_in compiles to the same kernel).
+    Returns a dict with BLOCK_B, BLOCK_N, BLOCK_D, K_PAD, num_warps, num_stages.
+    """
+    default = _default_config(k, precision, interpret)
+    if interpret or device_name is None:
+        return default
+    from .tune import measured_config
+
+    return measured_config(device_name, precision, k) or default
+
+
+def encoder_candidates(k: int, precision: str | None) -> list[dict]:
+    """The launch configurations `python -m sae_dist.kernels.tune` times for one shape class on a GPU,
+    the offline default (`encoder_launch_config` without a measured entry) first, then: 2 and 4 pipeline
+    stages (IEEE dots: 2 only), half the reduction step BLOCK_D at 4 stages (IEEE: at 3), half the latent
+    tile BLOCK_N, and 8 warps where the default takes 4. Each keeps the default's BLOCK_N or half of it,
+    so that the latent splits (`encoder_launch`, aligned to the default's BLOCK_N) and sae-plan's model
+    do not depend on the choice, and the default's BLOCK_B x K_PAD running top-k slots. The variants
+    left out spilled registers for sm_90a with Triton 3.9 (4 warps where the default takes 8; IEEE dots
+    at 4 stages); `python -m sae_dist.kernels.report --candidates` compiles the others (0 spill bytes:
+    docs/benchmarks.md)."""
+    base = _default_config(k, precision, False)
+    ieee = precision == "ieee"
+    variants = [{}, {"num_stages": 2}, {"BLOCK_N": base["BLOCK_N"] // 2},
+                {"BLOCK_D": base["BLOCK_D"] // 2, "num_stages": 3 if ieee else 4}]
+    if not ieee:
+        variants.insert(1, {"num_stages": 4})
+    if base["num_warps"] == 4:
+        variants.append({"num_warps": 8})
+    return [{**base, **v} for v in variants]
+
+
+def dot_precision(xc: torch.Tensor) -> str | None:
+    """The fused encoder's `tl.dot` input precision for operands of xc's dtype and device: "ieee" under
+    the CPU interpreter (it upcasts 16-bit tiles, UPCAST), for fp32 "tf32" or "ieee" as torch's fp32
+    matmul setting says (so the Triton and torch paths select the same latents), None (native 16-bit
+    tensor-core dots, fp32 accumulation) for bf16 / fp16."""
+    if xc.device.type == "cpu":
+        return "ieee"
+    if xc.dtype == torch.float32:
+        return "tf32" if tf32_enabled() else "ieee"
+    return None
+
+
+def encoder_launch(xc, W_enc, b_enc, k, latent_chunk, cand_v=None, cand_i=None, config=None):
     """The fused encoder's `Launch` for xc [B, d] (= x - b_dec), W_enc [d, n], b_enc [n]: a grid of
     (token blocks, latent splits); split s writes its local top-k of every row into columns
     [s k, (s + 1) k) of the [B, splits * k] candidate buffers (fp32 values, int32 latent ids).
-    Returns (launch, cand_v, cand_i). Meta tensors are accepted (the report compiles from them)."""
+    config: a launch configuration (one of `encoder_candidates`; the tuner passes them), default
+    `encoder_launch_config` for the tensors' device. Returns (launch, cand_v, cand_i). Meta tensors are
+    accepted (the report compiles from them)."""
     B, D = xc.shape
     N = W_enc.shape[1]
     interp = xc.device.type == "cpu"
-    if interp:
-        precision = "ieee"  # 16-bit tiles are upcast to fp32 under the interpreter (UPCAST below)
-    elif W_enc.dtype == torch.float32:
-        # follow torch's matmul setting, so the Triton and torch paths select the same latents
-        precision = "tf32" if tf32_enabled() else "ieee"
-    else:
-        precision = None  # 16-bit inputs: native tensor-core dot, fp32 accumulation
-    cfg = encoder_launch_config(D, k, precision, interpret=interp)
-    bn = cfg["BLOCK_N"]
+    precision = dot_precision(xc)
+    cfg = config or encoder_launch_config(D, k, precision, interpret=interp,
+                                          device_name=_device_name(xc.device) if xc.is_cuda else None)
+    # the splits are aligned to the default tile, which every candidate's BLOCK_N divides
+    bn = _default_config(k, precision, interp)["BLOCK_N"]
     # Latent splits give parallelism when there are few token blocks; the candidate buffers
     # (8 bytes per entry) stay under CANDIDATE_BUFFER_BYTES by widening the span.
     max_splits = max(1, CANDIDATE_BUFFER_BYTES // max(1, B * k * 8))
@@ -425,7 +477,7 @@ def encoder_launch(xc, W_enc, b_enc, k, latent_chunk, cand_v=None, cand_i=None):
     grid = (-(-B // cfg["BLOCK_B"]), splits)
     args = (xc, W_enc, b_enc, cand_v, cand_i, B, D, N, span,
             xc.stride(0), xc.stride(1), W_enc.stride(0), W_enc.stride(1), cand_v.stride(0))
-    constexprs = dict(K=k, K_PAD=cfg["K_PAD"], BLOCK_B=cfg["BLOCK_B"], BLOCK_N=bn,
+    constexprs = dict(K=k, K_PAD=cfg["K_PAD"], BLOCK_B=cfg["BLOCK_B"], BLOCK_N=cfg["BLOCK_N"],
                       BLOCK_D=cfg["BLOCK_D"], PRECISION=precision,
                       UPCAST=interp and W_enc.dtype != torch.float32)
     options = {} if interp else dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])

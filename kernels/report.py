@@ -59,16 +59,18 @@ def _multi_topk_factor() -> int:
     return field_default(SAEConfig, "multi_topk_factor")
 
 
-def config_launches(d_in: int, k: int, k_aux: int, dtype: str) -> list:
+def config_launches(d_in: int, k: int, k_aux: int, dtype: str, candidates: bool = False) -> list:
     """The Triton launches of one TopK-SAE training step at (d_in, k, k_aux, dtype), built from meta
     tensors of shape B = REPORT_TOKENS, n = REPORT_LATENTS: the fused encoder (at k, and at Multi-TopK's
     factor x k with SAEConfig's default factor), the main sparse decode (forward, grad of values, grad of
     W_dec by atomics and by the deterministic row sum) and the AuxK decode (k_aux codes, fp32 output, no
-    b_dec). Returns a list of `_common.Launch`."""
+    b_dec). candidates: also the encoder's other tuning candidates (`encoder_topk.encoder_candidates`,
+    named "<encoder name> <config tag>"). Returns a list of `_common.Launch`."""
     import torch
 
     from . import encoder_topk as et
     from . import sparse_decode as sd
+    from .tune import config_tag
 
     B, n, dt, m = REPORT_TOKENS, REPORT_LATENTS, _torch_dtype(dtype), "meta"
     torch.backends.cuda.matmul.fp32_precision = "ieee" if dtype == "fp32-ieee" else "tf32"
@@ -76,10 +78,14 @@ def config_launches(d_in: int, k: int, k_aux: int, dtype: str) -> list:
     W_enc = torch.empty(d_in, n, dtype=dt, device=m)
     W_dec = torch.empty(n, d_in, dtype=dt, device=m)
     b_enc, b_dec = torch.empty(n, dtype=dt, device=m), torch.empty(d_in, dtype=dt, device=m)
-    out = [et.encoder_launch(xc, W_enc, b_enc, k, 4096)[0]]
-    multi = et.encoder_launch(xc, W_enc, b_enc, _multi_topk_factor() * k, 4096)[0]
-    multi.name = "encoder_topk.multi_topk"  # Multi-TopK's encoder selects factor x k per token
-    out.append(multi)
+    out = []
+    # Multi-TopK's encoder selects factor x k per token
+    for kk, name in ((k, "encoder_topk"), (_multi_topk_factor() * k, "encoder_topk.multi_topk")):
+        cands = et.encoder_candidates(kk, et.dot_precision(xc))[1:] if candidates else []
+        for cfg in [None, *cands]:
+            launch = et.encoder_launch(xc, W_enc, b_enc, kk, 4096, config=cfg)[0]
+            launch.name = name if cfg is None else f"{name} {config_tag(cfg)}"
+            out.append(launch)
     for kk, name, bias, out_dtype in ((k, "decode", b_dec, dt), (k_aux, "auxk_decode", None, torch.float32)):
         vals = torch.empty(B, kk, dtype=dt, device=m)
         idx = torch.empty(B, kk, dtype=torch.int64, device=m)
@@ -161,18 +167,19 @@ def compile_launch(launch, arch: str = "sm_90a") -> dict:
 
 
 def _compile_indexed(args) -> dict:
-    cfg, i, arch = args
-    return compile_launch(config_launches(*cfg)[i], arch)
+    cfg, i, arch, candidates = args
+    return compile_launch(config_launches(*cfg, candidates=candidates)[i], arch)
 
 
-def report(configs, arch: str = "sm_90a", jobs: int = 1):
+def report(configs, arch: str = "sm_90a", jobs: int = 1, candidates: bool = False):
     """Yield one report row (dict) per (kernel, configuration) in `configs`, an iterable of
-    (d_in, k, k_aux, dtype) tuples; identical variants are compiled once, `jobs` at a time."""
+    (d_in, k, k_aux, dtype) tuples (with `candidates`, also one per encoder tuning candidate);
+    identical variants are compiled once, `jobs` at a time."""
     rows, todo = [], {}
     for cfg in configs:
-        for i, launch in enumerate(config_launches(*cfg)):
+        for i, launch in enumerate(config_launches(*cfg, candidates=candidates)):
             key = launch.variant_key()
-            todo.setdefault(key, (cfg, i, arch))
+            todo.setdefault(key, (cfg, i, arch, candidates))
             rows.append((launch.name, cfg, key))
     with cf.ProcessPoolExecutor(max_workers=max(1, jobs)) as pool:
         done = dict(zip(todo, pool.map(_compile_indexed, todo.values()), strict=True))
@@ -212,6 +219,8 @@ def _parse(argv):
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
     p.add_argument("--no-fail", action="store_true", help="exit 0 even with spills or 32-bit offsets")
     p.add_argument("--markdown", action="store_true", help="also print a markdown table (after the JSON lines)")
+    p.add_argument("--candidates", action="store_true",
+                   help="also compile the encoder's launch configurations that `sae_dist.kernels.tune` times")
     return p.parse_args(argv)
 
 
@@ -227,7 +236,7 @@ def main(argv=None) -> int:
     os.environ["TRITON_CACHE_DIR"] = cache.name
     configs = itertools.product(args.d_in, args.k, args.k_aux, args.dtype)
     rows = []
-    for row in report(list(configs), args.arch, args.jobs):
+    for row in report(list(configs), args.arch, args.jobs, args.candidates):
         bad += row["spill_bytes"] > 0 or not row["int64_offsets"]
         rows.append(row)
         print(json.dumps(row), flush=True)

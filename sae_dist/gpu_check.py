@@ -31,6 +31,9 @@ markdown are rewritten after every step, so no step's result is lost:
                     pass when max |on - off| / off <= `curve_rtol` (1 %: docs/gpu-check.md says why).
   plan              sae-plan's prediction (`sae_dist.plan.plan`, one GPU) of step time and memory at
                     the bench shapes, beside the measured step_ms and peak_mem_mb.
+  encoder_tune      `python -m sae_dist.kernels.tune` in the time left before the deadline: the fused
+                    encoder's launch candidates at d_in, batch, tune_n latents, for k and 4k, checked
+                    against the default's selection and timed (encoder_tune.json in the output dir).
 Then the goals (issue 14 item 7, and item 3's dead-latent goal; `GOALS`), each pass / fail / n/a with
 the measured number, and the sae-plan constants this measurement recalibrates (`recalibrate`).
 
@@ -121,6 +124,8 @@ class CheckSizes:
     train_dead_tokens (tokens unfired before a latent is dead, small so that AuxK runs), store_tokens,
     store_features, store_p_active (the synthetic dictionary). Curve check: curve_rtol (relative),
     curve_window (logged points averaged), curve_skip_frac (fraction of steps skipped as warmup).
+    Encoder tuning (`sae_dist.kernels.tune`, at d_in and dtype, for k and Multi-TopK's 4k): tune_n latents,
+    tune_batch tokens, tune_warmup untimed and tune_iters timed launches per candidate.
     budgets_s: seconds per step name; total_budget_s: the whole check's deadline, seconds.
     """
 
@@ -151,6 +156,10 @@ class CheckSizes:
     curve_rtol: float
     curve_window: int
     curve_skip_frac: float
+    tune_n: int
+    tune_batch: int
+    tune_warmup: int
+    tune_iters: int
     budgets_s: dict[str, float] = field(default_factory=dict)
     total_budget_s: float = 465.0
 
@@ -163,19 +172,21 @@ class CheckSizes:
 
 
 _BUDGET_KEYS = ("kernel_tests", "encoder_matmul", "bench_large", "bench_large_dead0", "bench_small",
-                "synthetic_store", "train_kernels_on", "train_kernels_off")
+                "synthetic_store", "train_kernels_on", "train_kernels_off", "encoder_tune")
 
-#: One H100/H200: 450 s of step budgets inside a 465 s deadline, counted from the check's start: 15 s for the
-#: check's own work between steps (the sparsify import check, sae-plan, the file writes), and the 8-minute
-#: limit less the interpreter's start, the imports and the last write.
+#: One H100/H200: 450 s of step budgets before the encoder tuning inside a 465 s deadline, counted from the
+#: check's start: 15 s for the check's own work between steps (the sparsify import check, sae-plan, the file
+#: writes), and the 8-minute limit less the interpreter's start, the imports and the last write. The tuning
+#: comes last and takes what the steps before it left of the deadline (at most its 120 s budget).
 FULL = CheckSizes(
     mode="full", device="cuda", dtype="bf16", d_in=768, k=32, batch=32768, n_small=2**17, n_large=2**20,
     dead_frac=0.05, bench_iters=8, bench_warmup=2, matmul_iters=10, copy_mib=4096,
     kernel_tests_k=None, kernel_test_workers=8,
     train_n=2**16, train_k=32, train_batch=4096, train_steps=1000, train_log_every=10,
     train_dead_tokens=25 * 4096, store_tokens=65536, store_features=2048, store_p_active=0.015,
-    curve_rtol=0.01, curve_window=5, curve_skip_frac=0.1,
-    budgets_s=dict(zip(_BUDGET_KEYS, (95, 35, 115, 45, 45, 15, 50, 50), strict=True)), total_budget_s=465.0,
+    curve_rtol=0.01, curve_window=5, curve_skip_frac=0.1, tune_n=2**18, tune_batch=32768, tune_warmup=1,
+    tune_iters=10,
+    budgets_s=dict(zip(_BUDGET_KEYS, (95, 35, 115, 45, 45, 15, 50, 50, 120), strict=True)), total_budget_s=465.0,
 )
 
 #: Tiny shapes, fp32, the CPU: the same steps in well under a minute on a 2-core machine.
@@ -185,8 +196,8 @@ DRY = CheckSizes(
     kernel_tests_k="bad or padding_index", kernel_test_workers=0,
     train_n=1024, train_k=8, train_batch=256, train_steps=12, train_log_every=2,
     train_dead_tokens=2 * 256, store_tokens=8192, store_features=128, store_p_active=0.05,
-    curve_rtol=0.01, curve_window=3, curve_skip_frac=0.1,
-    budgets_s=dict(zip(_BUDGET_KEYS, (90, 60, 90, 60, 60, 60, 90, 90), strict=True)), total_budget_s=600.0,
+    curve_rtol=0.01, curve_window=3, curve_skip_frac=0.1, tune_n=256, tune_batch=64, tune_warmup=0, tune_iters=1,
+    budgets_s=dict(zip(_BUDGET_KEYS, (90, 60, 90, 60, 60, 60, 90, 90, 90), strict=True)), total_budget_s=600.0,
 )
 
 # Goals (issue 14 items 3 and 7): the thresholds live here and nowhere else.
@@ -840,6 +851,43 @@ def step_curves(c: Check, on: list[dict], off: list[dict]) -> None:
     c.save("train_curves", "pass" if cmp["ok"] else "fail", summary, curves=cmp)
 
 
+# ------------------------------------------------------------------------------------------ tuning
+TUNE_FILE = "encoder_tune.json"
+TUNE_MARGIN_S = 20.0  # the tuner's own budget stops new candidates this long before the step's time is up
+
+
+def step_tune(c: Check) -> None:
+    """The fused encoder's launch candidates timed (`sae_dist.kernels.tune`) in the time the other steps left;
+    its result file goes to the output directory (merge it into the measured table: docs/gpu-check.md)."""
+    s, name = c.sizes, "encoder_tune"
+    left = c.time_left(name)
+    if left < TUNE_MARGIN_S + MIN_STEP_S:
+        c.save(name, "skipped", f"{max(left, 0):.0f} s left before the {s.total_budget_s:.0f} s deadline")
+        return
+    out = c.out / TUNE_FILE
+    out.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "sae_dist.kernels.tune", "--d-in", str(s.d_in), "--n", str(s.tune_n),
+           "--batch", str(s.tune_batch), "--k", str(s.k), str(4 * s.k), "--dtype", s.dtype, "--device", s.device,
+           "--iters", str(s.tune_iters), "--warmup", str(s.tune_warmup), "--budget-s", f"{left - TUNE_MARGIN_S:.0f}",
+           "--out", str(out)]
+    res = c.run(name, cmd, name, env=subprocess_env({"TRITON_INTERPRET": "1"}) if s.device == "cpu" else None)
+    if res is None:
+        return
+    if not out.is_file():
+        c.failed_cmd(name, res, name, f"no {TUNE_FILE} written")
+        return
+    classes = json.loads(out.read_text())["classes"]
+    wrong = [f"K_PAD {cl['K_PAD']} {r['tag']}: {r['error']}" for cl in classes for r in cl["results"]
+             if r["status"] in ("wrong", "error")]
+    complete = all(cl["complete"] for cl in classes)
+    parts = [f"K_PAD {cl['K_PAD']}: " + (f"fastest {cl['best_tag']}, the default takes "
+                                         f"{_fmt(cl['default_over_best'], '.3f')}x its time"
+                                         if cl["best"] else "nothing timed") for cl in classes]
+    status = "fail" if wrong else "ok" if complete else "timeout"
+    summary = "; ".join(wrong[:3] if wrong else parts) + ("" if complete else " (not every candidate ran)")
+    c.save(name, status, summary, res.duration_s, s.budget(name), classes=classes, file=TUNE_FILE)
+
+
 # ------------------------------------------------------------------------------------------ sae-plan
 def _plan_cluster(c: Check) -> dict:
     """One GPU as sae-plan's `cluster`: its memory (from the matmul step), the chip's peaks (table)."""
@@ -1061,12 +1109,30 @@ def render_markdown(record: dict) -> str:
         lines += [f"- {note}" for note in rc.get("notes", [])]
     else:
         lines += [f"not computed: {rc.get('reason', 'no record')}"]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _md_tune(record)) + "\n"
+
+
+def _md_tune(record: dict) -> list[str]:
+    """The encoder_tune step's candidates as a table (none when the step did not run)."""
+    classes = (record["steps"].get("encoder_tune") or {}).get("classes")
+    if not classes:
+        return []
+    lines = ["", f"**Fused-encoder launch configurations** (`python -m sae_dist.kernels.tune --merge {TUNE_FILE}` "
+             "puts the fastest into the measured table)", ""]
+    rows = [[f"{cl['dtype']} k={cl['k']} (K_PAD {cl['K_PAD']})", r["tag"], r["status"], _fmt(r.get("ms_median"), ".4g"),
+             _fmt(r["ms_median"] / cl["default_ms"] if r.get("ms_median") and cl["default_ms"] else None, ".3f"),
+             "fastest" if r["config"] == cl["best"] else r.get("error", "")]
+            for cl in classes for r in cl["results"]]
+    return lines + _md_table(["class", "BLOCK_B x BLOCK_N x BLOCK_D, warps, stages", "status", "ms (median)",
+                              "/ default", "note"], rows, right={3, 4})
 
 
 # ------------------------------------------------------------------------------------------ --resume
 #: The training steps and their logs in the output directory (a kept run's records are read back).
 _TRAIN_STEPS = {"train_kernels_on": "train_log_kernels_on.jsonl", "train_kernels_off": "train_log_kernels_off.jsonl"}
+#: Steps whose output file must be beside a resumed record for the step to be kept (the training logs, the
+#: tuner's result).
+_STEP_FILES = {**_TRAIN_STEPS, "encoder_tune": TUNE_FILE}
 #: Steps computed in this process from the others' records: rerun on every resume, never kept.
 _DERIVED_STEPS = ("env", "plan", "train_curves")
 
@@ -1074,7 +1140,7 @@ _DERIVED_STEPS = ("env", "plan", "train_curves")
 def step_names(sizes: CheckSizes) -> list[str]:
     """Every step of a check at `sizes`, in run order (plan's record keeps its first place)."""
     return ["env", "kernel_tests", "encoder_matmul", *(b[0] for b in _bench_specs(sizes)), "plan",
-            "synthetic_store", *_TRAIN_STEPS, "train_curves"]
+            "synthetic_store", *_TRAIN_STEPS, "train_curves", "encoder_tune"]
 
 
 @dataclass
@@ -1088,7 +1154,7 @@ class Resume:
 
     def copy_files(self, out: Path) -> None:
         """Bring the kept steps' files (training logs, junit xml) from the earlier check's directory to `out`."""
-        names = [f for n, f in _TRAIN_STEPS.items() if n in self.keep]
+        names = [f for n, f in _STEP_FILES.items() if n in self.keep]
         names += ["kernel_tests.xml"] if "kernel_tests" in self.keep else []
         for f in names:
             src, dst = self.path.parent / f, out / f
@@ -1099,7 +1165,7 @@ class Resume:
 def plan_resume(path: Path, sizes: CheckSizes, identity: dict, rerun: tuple[str, ...] = ()) -> Resume:
     """Which steps of the earlier check at `path` (a gpu_check.json) a new check keeps: those that
     passed ("pass"/"ok"), except the ones computed from the others (env, plan, train_curves), those named
-    in `rerun`, a training run whose log is not beside `path`, and the synthetic store unless both
+    in `rerun`, a training run or the tuning whose output file is not beside `path`, and the synthetic store unless both
     training runs are kept (it lives in scratch space). `identity`: this machine's `env_identity`.
 
     Raises ValueError (nothing is run): no such file or not a gpu_check.json; a check of other sizes
@@ -1128,7 +1194,7 @@ def plan_resume(path: Path, sizes: CheckSizes, identity: dict, rerun: tuple[str,
         raise ValueError(f"--rerun {','.join(unknown)}: no such step; steps: {', '.join(step_names(sizes))}")
     keep = [n for n in step_names(sizes) if n not in _DERIVED_STEPS and n not in rerun
             and (steps.get(n) or {}).get("status") in ("pass", "ok")
-            and (n not in _TRAIN_STEPS or (path.parent / _TRAIN_STEPS[n]).is_file())]
+            and (n not in _STEP_FILES or (path.parent / _STEP_FILES[n]).is_file())]
     if not all(n in keep for n in _TRAIN_STEPS) and "synthetic_store" in keep:
         keep.remove("synthetic_store")
     return Resume(path=path, earlier=earlier, keep=tuple(keep))
@@ -1163,6 +1229,7 @@ def _run_steps(c: Check) -> None:
         off = _guarded(c, "train_kernels_off", step_train, store, False) or []
         _guarded(c, "train_curves", step_curves, on, off)
     _guarded(c, "plan", step_plan)
+    _guarded(c, "encoder_tune", step_tune)
 
 
 def run_check(sizes: CheckSizes, out: Path, keep_work: bool = False, resume: Resume | None = None) -> dict:

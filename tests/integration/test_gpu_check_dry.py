@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 
 from sae_dist import gpu_check as gc
+from sae_dist.kernels.encoder_topk import encoder_candidates
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 # the plan runs right after the benchmarks (its record keeps that place) and again at the end
 STEPS = ["env", "kernel_tests", "encoder_matmul", "bench_n2048", "bench_n2048_dead0", "bench_n1024", "plan",
-         "synthetic_store", "train_kernels_on", "train_kernels_off", "train_curves"]
+         "synthetic_store", "train_kernels_on", "train_kernels_off", "train_curves", "encoder_tune"]
 
 
 def _gpu_check(*args: str) -> subprocess.CompletedProcess:
@@ -61,10 +62,20 @@ def test_dry_run_every_step_and_both_outputs(dry_run, capsys):
     assert by_goal["gemm_fraction_of_peak"]["status"] == "n/a"  # a CPU has no bf16 peak in the table
     assert [r["n"] for r in rec["plan_comparison"]] == [2048, 1024]
     assert rec["recalibration"]["constants"]["hbm_efficiency"] == 1.0  # no table entry: measured copy
-    for name in ("train_log_kernels_on.jsonl", "train_log_kernels_off.jsonl", "gpu_check.log"):
+    for name in ("train_log_kernels_on.jsonl", "train_log_kernels_off.jsonl", "gpu_check.log", gc.TUNE_FILE):
         assert (out / name).stat().st_size > 0
+    # the encoder's launch candidates for k and 4k, each checked against the default's selection and timed
+    tune = json.loads((out / gc.TUNE_FILE).read_text())
+    assert [c["k"] for c in tune["classes"]] == [8, 32] and tune["device"] == "cpu (interpreter)"
+    for c in tune["classes"]:
+        assert c["complete"] and c["all_correct"] and {r["status"] for r in c["results"]} == {"timed"}
+        assert len(c["results"]) == len(encoder_candidates(c["k"], "ieee")) and c["best"] in encoder_candidates(
+            c["k"], "ieee")
+    assert rec["steps"]["encoder_tune"]["classes"] == tune["classes"]
     md = (out / "gpu_check.md").read_text()
     assert "| step | status | seconds | budget s | result |" in md and "**Goals**" in md
+    assert "**Fused-encoder launch configurations**" in md and md.count("| timed |") == sum(
+        len(c["results"]) for c in tune["classes"])
     assert all(f"| {name} |" in md for name in STEPS)
     assert wall < gc.DRY.total_budget_s
     # --recalibrate reads the record back
@@ -88,7 +99,8 @@ def test_resume_runs_only_what_did_not_pass(dry_run, tmp_path):
     p = _gpu_check("--resume", str(before / "gpu_check.json"), "--out", str(after))
     new = json.loads((after / "gpu_check.json").read_text())
     assert p.returncode == (0 if new["ok"] else 1), p.stderr[-3000:]
-    kept = ["kernel_tests", "encoder_matmul", "bench_n2048", "bench_n2048_dead0", "train_kernels_on"]
+    kept = ["kernel_tests", "encoder_matmul", "bench_n2048", "bench_n2048_dead0", "train_kernels_on",
+            "encoder_tune"]
     assert new["resumed_from"]["kept"] == kept and list(new["steps"]) == STEPS
     for name in kept:  # copied, not run: the earlier record plus where it came from
         assert new["steps"][name] == {**rec["steps"][name], "kept_from": rec["started"]}
@@ -101,6 +113,7 @@ def test_resume_runs_only_what_did_not_pass(dry_run, tmp_path):
     assert (after / "train_log_kernels_on.jsonl").read_bytes() == (out / "train_log_kernels_on.jsonl").read_bytes()
     assert new["steps"]["train_curves"]["curves"]["points"] >= 3
     assert (after / "kernel_tests.xml").is_file()
+    assert (after / gc.TUNE_FILE).read_bytes() == (out / gc.TUNE_FILE).read_bytes()
     assert "Resumed from the check of" in (after / "gpu_check.md").read_text()
     # resumed again, in place: a step kept twice still names the check that ran it
     again = _gpu_check("--resume", str(after / "gpu_check.json"), "--out", str(after), "--rerun", "bench_n1024")

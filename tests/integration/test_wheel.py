@@ -43,6 +43,7 @@ def test_a_wheel_installs_into_a_fresh_venv_with_configs_kernels_and_console_scr
     names = set(zipfile.ZipFile(wheel).namelist())
     want = {f"sae_dist/conf/{f.relative_to(ROOT / 'conf')}" for f in (ROOT / "conf").rglob("*.yaml")}
     want |= {f"sae_dist/kernels/{f.name}" for f in (ROOT / "kernels").glob("*.py")}
+    want.add("sae_dist/kernels/encoder_tuned.json")  # the measured launch table
     assert len(want) >= 25 and want <= names, sorted(want - names)
 
     env_dir = tmp_path / "fresh"

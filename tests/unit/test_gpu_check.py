@@ -27,7 +27,10 @@ def test_full_check_needs_cuda(monkeypatch):
 
 
 def test_full_sizes_fit_eight_minutes():
-    assert sum(gc.FULL.budgets_s.values()) <= gc.FULL.total_budget_s <= 8 * 60 - 10
+    # every step but the tuning has its whole budget; the tuning gets what they leave (never past the deadline)
+    before_tune = {k: v for k, v in gc.FULL.budgets_s.items() if k != "encoder_tune"}
+    assert sum(before_tune.values()) <= gc.FULL.total_budget_s <= 8 * 60 - 10
+    assert gc.step_names(gc.FULL)[-1] == "encoder_tune"
     assert set(gc.FULL.budgets_s) == set(gc.DRY.budgets_s)
     assert (gc.FULL.d_in, gc.FULL.k, gc.FULL.batch, gc.FULL.n_small, gc.FULL.n_large) == (768, 32, 32768, 2**17, 2**20)
     with pytest.raises(KeyError, match="no budget for step 'nope'"):
@@ -192,6 +195,16 @@ def test_failed_and_timed_out_commands_are_recorded(tmp_path):
     assert "exit 3" in (tmp_path / "gpu_check.log").read_text()
 
 
+def test_encoder_tuning_is_skipped_without_time_for_it(tmp_path):
+    # 10 s before the deadline: less than the tuner's margin plus a step's minimum, so it does not start
+    c = gc.Check(dataclasses.replace(gc.DRY, total_budget_s=gc.TUNE_MARGIN_S - 10), tmp_path, tmp_path)
+    gc.step_tune(c)
+    c.log.close()
+    rec = json.loads((tmp_path / "gpu_check.json").read_text())["steps"]["encoder_tune"]
+    assert rec["status"] == "skipped" and "s left before the" in rec["summary"]
+    assert not (tmp_path / gc.TUNE_FILE).exists() and "encoder_tune" not in (tmp_path / "gpu_check.log").read_text()
+
+
 def test_steps_run_without_an_inherited_triton_interpreter_flag(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     env = gc.subprocess_env()
@@ -249,9 +262,9 @@ def test_env_step_fails_on_cuda_when_the_kernels_cannot_use_triton(monkeypatch, 
 _IDENT = {"device_name": "NVIDIA H100 80GB HBM3", "torch": "2.13.0", "cuda": "13.0", "triton": "3.9.0"}
 
 
-def _earlier(tmp_path, statuses: dict, sizes=gc.FULL, logs=("on", "off"), **env):
+def _earlier(tmp_path, statuses: dict, sizes=gc.FULL, logs=("on", "off"), tune_file=True, **env):
     """An earlier check's gpu_check.json (every step "ok" unless `statuses` says otherwise) with the
-    training logs named in `logs` beside it."""
+    training logs named in `logs` (and the tuner's result file) beside it."""
     steps = {n: {"status": statuses.get(n, "ok"), "summary": n, "duration_s": 1.0} for n in gc.step_names(sizes)}
     rec = {"mode": sizes.mode, "sizes": dataclasses.asdict(sizes), "started": "2026-12-07T10:00:00Z",
            "env": {**_IDENT, **env}, "steps": steps}
@@ -259,6 +272,8 @@ def _earlier(tmp_path, statuses: dict, sizes=gc.FULL, logs=("on", "off"), **env)
     path.write_text(json.dumps(rec))
     for tag in logs:
         (tmp_path / f"train_log_kernels_{tag}.jsonl").write_text('{"step": 10, "train/fvu": 0.5}\n')
+    if tune_file:
+        (tmp_path / gc.TUNE_FILE).write_text('{"classes": []}\n')
     return path
 
 
@@ -267,15 +282,19 @@ def test_resume_keeps_what_passed_and_reruns_the_rest(tmp_path):
     r = gc.plan_resume(path, gc.FULL, _IDENT)
     # env, plan and train_curves are recomputed every time; the store is scratch space, so a training
     # run to redo needs it again
-    assert r.keep == ("kernel_tests", "encoder_matmul", "bench_n1048576", "bench_n1048576_dead0", "train_kernels_on")
+    assert r.keep == ("kernel_tests", "encoder_matmul", "bench_n1048576", "bench_n1048576_dead0", "train_kernels_on",
+                      "encoder_tune")
     (tmp_path / "all").mkdir()
     everything_passed = gc.plan_resume(_earlier(tmp_path / "all", {}), gc.FULL, _IDENT)
     assert everything_passed.keep == ("kernel_tests", "encoder_matmul", "bench_n1048576", "bench_n1048576_dead0",
-                                      "bench_n131072", "synthetic_store", "train_kernels_on", "train_kernels_off")
-    forced = gc.plan_resume(path, gc.FULL, _IDENT, rerun=("encoder_matmul", "bench_n1048576"))
+                                      "bench_n131072", "synthetic_store", "train_kernels_on", "train_kernels_off",
+                                      "encoder_tune")
+    forced = gc.plan_resume(path, gc.FULL, _IDENT, rerun=("encoder_matmul", "bench_n1048576", "encoder_tune"))
     assert forced.keep == ("kernel_tests", "bench_n1048576_dead0", "train_kernels_on")
-    (tmp_path / "train_log_kernels_on.jsonl").unlink()  # a kept run's log must come along: else it reruns
-    assert "train_kernels_on" not in gc.plan_resume(path, gc.FULL, _IDENT).keep
+    # a kept step's file (a training run's log, the tuner's result) must come along: else it reruns
+    (tmp_path / "train_log_kernels_on.jsonl").unlink()
+    (tmp_path / gc.TUNE_FILE).unlink()
+    assert {"train_kernels_on", "encoder_tune"}.isdisjoint(gc.plan_resume(path, gc.FULL, _IDENT).keep)
 
 
 def test_resume_copies_the_kept_files(tmp_path):
@@ -286,7 +305,7 @@ def test_resume_copies_the_kept_files(tmp_path):
     out = tmp_path / "after"
     out.mkdir()
     r.copy_files(out)
-    assert sorted(f.name for f in out.iterdir()) == ["kernel_tests.xml", "train_log_kernels_on.jsonl"]
+    assert sorted(f.name for f in out.iterdir()) == [gc.TUNE_FILE, "kernel_tests.xml", "train_log_kernels_on.jsonl"]
     r.copy_files(tmp_path / "before")  # resuming in place: the files are already there
     assert (tmp_path / "before" / "kernel_tests.xml").read_text() == "<testsuite/>"
 

@@ -1,6 +1,7 @@
 """The GPU code checked without a GPU: every kernel compiled for sm_90a (registers, spills, 64-bit
 offsets, by `sae_dist.kernels.report`), and a bounded number of compiled variants per shape."""
 
+import itertools
 import json
 import math
 import os
@@ -25,16 +26,25 @@ def _env():
 
 @pytest.mark.slow
 def test_report_compiles_every_kernel_for_sm90a_without_spills_and_with_int64_offsets():
-    """The production extremes (d_in 4096, k 64, k_aux 2048; bf16 and TF32) through the report CLI in a
-    process without the interpreter: every kernel of the step, 0 spill bytes, 64-bit offsets."""
-    cmd = [sys.executable, "-m", "sae_dist.kernels.report", "--d-in", "4096", "--k", "64", "--k-aux", "2048",
-           "--dtype", "bf16", "fp32", "--jobs", "2"]
+    """The production extremes (d_in 4096, k 32 and 64, k_aux 2048; bf16 and TF32) through the report CLI in
+    a process without the interpreter: every kernel of the step and every launch configuration the encoder's
+    tuner may choose (`--candidates`), 0 spill bytes, 64-bit offsets."""
+    from sae_dist.kernels.encoder_topk import encoder_candidates
+    from sae_dist.kernels.tune import config_tag
+
+    cmd = [sys.executable, "-m", "sae_dist.kernels.report", "--d-in", "4096", "--k", "32", "64", "--k-aux", "2048",
+           "--dtype", "bf16", "fp32", "--jobs", "2", "--candidates"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=_env())
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "TRITON_DEFAULT_FP_FUSION" not in r.stderr  # every launch states enable_fp_fusion (COMPILE_OPTIONS)
     rows = [json.loads(line) for line in r.stdout.splitlines()]
-    assert {row["kernel"] for row in rows} == KERNELS
-    assert len(rows) == 2 * len(KERNELS)
+    assert {row["kernel"] for row in rows if " " not in row["kernel"]} == KERNELS
+    want = set()
+    for (dtype, prec), k in itertools.product((("bf16", None), ("fp32", "tf32")), (32, 64)):
+        for name, kk in (("encoder_topk", k), ("encoder_topk.multi_topk", 4 * k)):
+            want |= {(f"{name} {config_tag(c)}", dtype, k) for c in encoder_candidates(kk, prec)[1:]}
+    assert {(row["kernel"], row["config"]["dtype"], row["config"]["k"]) for row in rows if " " in row["kernel"]} == want
+    assert len(rows) == 4 * len(KERNELS) + len(want)
     for row in rows:
         assert row["arch"] == "sm_90a" and row["config"]["d_in"] == 4096
         assert row["spill_bytes"] == 0 and row["int64_offsets"] is True, row

@@ -589,3 +589,42 @@ def test_robust_selection_check_can_fail():
     for v, i in (([5.0, 4.0, 1.0], [0, 1, 4]), ([5.0, 4.0, 3.1], [0, 1, 2]), ([5.0, 5.0, 4.0], [0, 0, 1])):
         with pytest.raises(AssertionError):
             check(v, i)
+
+
+def _candidate_tiles(k: int, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    """The tuning candidates to run: on CUDA the class of the operands' dot precision; under the interpreter
+    (which ignores warps and stages) every distinct tile shape of the three precision classes."""
+    if device.type == "cuda":
+        return et.encoder_candidates(k, et.dot_precision(torch.empty(0, dtype=dtype, device=device)))
+    seen, out = set(), []
+    for prec in (None, "tf32", "ieee"):
+        for cfg in et.encoder_candidates(k, prec):
+            tile = (cfg["BLOCK_B"], cfg["BLOCK_N"], cfg["BLOCK_D"])
+            if tile not in seen:
+                seen.add(tile)
+                out.append(cfg)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("k", [5, 40])
+def test_every_tuning_candidate_selects_the_top_k(k, dtype, kernel_device):
+    """Each launch configuration `sae_dist.kernels.tune` may pick (`encoder_candidates`) runs the fused
+    encoder to the fp64 oracle's selection: two token blocks, two latent splits with partial tiles, d_in
+    not a multiple of any BLOCK_D."""
+    dev = kernel_device
+    if dev.type == "cpu" and (dtype != torch.float32 or k > 32):
+        # the K_PAD 64 candidates differ from the K_PAD 8 ones only in warps, which the interpreter ignores
+        pytest.skip("the interpreter upcasts 16-bit tiles and ignores warps: fp32 at k = 5 covers every tile shape")
+    B, d, n = 70, 40, 300
+    x, W, be, bp, _ = _problem(B, d, n, dtype=dtype, seed=41 + k, device=dev)
+    xc = (x.to(dtype) - bp).contiguous()
+    pre = xc.double() @ W.double() + be.double()
+    tol = kernel_tol(dev, dtype, *((1e-5, 1e-5) if dtype == torch.float32 else (2e-2, 2e-2)))
+    for cfg in _candidate_tiles(k, dev, dtype):
+        launch, cand_v, cand_i = et.encoder_launch(xc, W, be, k, 160, config=cfg)
+        assert launch.grid[1] == 2 and launch.constexprs["BLOCK_N"] == cfg["BLOCK_N"], cfg
+        launch.run()
+        v, j = cand_v.topk(k, dim=1)  # the kernel's raw pre-activations, ReLU'd as the encoder returns them
+        assert_topk_selection(F.relu(v), cand_i.gather(1, j), pre, window=select_atol(dev, dtype), **tol,
+                              what=str(cfg))

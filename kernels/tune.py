@@ -1,0 +1,297 @@
+"""Measured launch configurations of the fused encoder: time `encoder_candidates` on a GPU, keep the fastest.
+
+    python -m sae_dist.kernels.tune [--d-in 768] [--n 262144] [--batch 32768] [--k 32 128] [--dtype bf16]
+                                    [--iters 10] [--budget-s 120] [--out FILE] [--device cuda]
+    python -m sae_dist.kernels.tune --merge FILE [--table PATH]
+
+`--dtype`: bf16 / fp16 (16-bit tensor-core dots), fp32 (IEEE dots, torch's default fp32 setting) or tf32
+(fp32 operands with torch's fp32 matmul precision set to "tf32" for the run, so the encoder takes TF32 dots).
+For each shape class (dtype and k, hence the dot precision and K_PAD = next_pow2(k)) it builds random
+operands x - b_dec [batch, d_in], W_enc [d_in, n], b_enc [n] (seed 0), compiles every candidate of
+`encoder_topk.encoder_candidates` (the offline default first), checks that each selects what the
+default selects (`check_selection`), and times the valid ones in turn (`sae_dist.bench.time_interleaved`:
+each iteration runs every candidate once, so drift of the machine hits all alike; median and min in
+ms of the kernel launch alone). A JSON line per candidate goes to stdout as it is done; `--out` writes
+the whole result (device, versions, shape, per class its candidates and the fastest). Candidates not
+started before `--budget-s` seconds are listed as "not run"; the exit status is 0 when every class was
+timed completely and every candidate selected correctly, 1 otherwise, 2 for bad usage.
+
+`--merge FILE` puts each class's fastest configuration of a result file into the measured table
+`encoder_tuned.json` beside this module (or `--table`), keyed by device name, precision and K_PAD, which
+`encoder_launch_config` then uses for that GPU (`measured_config`). Commit the table after a run on a
+new GPU model. `make gpu-check` runs the tuner as its last step (docs/gpu-check.md).
+
+Without CUDA (`--device cpu`) the candidates run under Triton's interpreter: their tile shapes and the
+correctness check are exercised (the dry gpu-check does), the timings mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+TABLE_PATH = Path(__file__).with_name("encoder_tuned.json")
+PRECISION_LABELS = {None: "16-bit", "tf32": "tf32", "ieee": "ieee"}
+#: --dtype: the operands' dtype and, for fp32, torch's fp32 matmul precision during the run ("tf32": TF32 dots)
+DTYPES = {"bf16": (torch.bfloat16, None), "fp16": (torch.float16, None), "fp32": (torch.float32, "ieee"),
+          "tf32": (torch.float32, "tf32")}
+#: A candidate's sorted selected values may differ from the default's by CHECK_RTOL relative to the largest
+#: (fp32 accumulation in another order), and its values from the IEEE fp32 pre-activations recomputed at its
+#: ids by that much too, or by CHECK_RTOL_TF32 for TF32 dots (inputs rounded to 10-bit mantissas).
+CHECK_RTOL = 1e-3
+CHECK_RTOL_TF32 = 1e-2
+CHECK_ROWS = 64  # rows whose values are recomputed at the selected indices
+CPU_DEVICE = "cpu (interpreter)"  # the device name of a result measured without a GPU
+
+
+# ------------------------------------------------------------------------------------------ the table
+@functools.lru_cache(maxsize=None)
+def _table(path: str) -> tuple:
+    p = Path(path)
+    if not p.exists():
+        return ()
+    return tuple(json.loads(p.read_text()).get("entries", ()))
+
+
+def measured_config(device_name: str, precision: str | None, k: int, path: Path | None = None) -> dict | None:
+    """The measured table's (`path`, default TABLE_PATH) configuration for (device_name, precision,
+    K_PAD = next_pow2(k)), or None when the table has no such entry or its configuration is not (any more)
+    one of `encoder_candidates`."""
+    from .encoder_topk import encoder_candidates
+
+    path = TABLE_PATH if path is None else path
+    label, k_pad = PRECISION_LABELS[precision], encoder_candidates(k, precision)[0]["K_PAD"]
+    for e in _table(str(path)):
+        if e["device"] == device_name and e["precision"] == label and e["K_PAD"] == k_pad:
+            return dict(e["config"]) if e["config"] in encoder_candidates(k, precision) else None
+    return None
+
+
+def merge(result: dict, path: Path | None = None) -> list[dict]:
+    """Put each timed class's fastest configuration of a tuner result (`run`'s dict) into the table at
+    `path` (default TABLE_PATH), replacing an entry of the same device, precision and K_PAD. Returns the
+    entries written. Raises ValueError when the result has no timed class, or comes from the interpreter."""
+    path = TABLE_PATH if path is None else path
+    if result.get("device") == CPU_DEVICE:
+        raise ValueError("the result was measured under Triton's CPU interpreter; its timings mean nothing")
+    new = [{"device": result["device"], "precision": c["precision"], "K_PAD": c["K_PAD"], "config": c["best"],
+            "ms": c["best_ms"], "default_ms": c["default_ms"], "dtype": c["dtype"], "k": c["k"],
+            "shape": result["shape"], "triton": result["triton"], "date": result["date"]}
+           for c in result["classes"] if c.get("best")]
+    if not new:
+        raise ValueError("the tuner result has no class with a timed candidate; nothing to merge")
+    keep = [e for e in (json.loads(path.read_text())["entries"] if path.exists() else [])
+            if not any((e["device"], e["precision"], e["K_PAD"]) == (n["device"], n["precision"], n["K_PAD"])
+                       for n in new)]
+    entries = sorted(keep + new, key=lambda e: (e["device"], e["precision"], e["K_PAD"]))
+    path.write_text(json.dumps({"entries": entries}, indent=1) + "\n")
+    _table.cache_clear()
+    return new
+
+
+# ------------------------------------------------------------------------------------------ the sweep
+def config_tag(cfg: dict) -> str:
+    """A launch configuration as BLOCK_B x BLOCK_N x BLOCK_D, warps, stages (e.g. "64x128x64 w4 s3")."""
+    return f"{cfg['BLOCK_B']}x{cfg['BLOCK_N']}x{cfg['BLOCK_D']} w{cfg['num_warps']} s{cfg['num_stages']}"
+
+
+def _select(xc, W_enc, b_enc, k, cfg):
+    """(launch, finish): the candidate's kernel launch, and the final top-k over its split candidates."""
+    from .encoder_topk import LATENT_CHUNK, encoder_launch
+
+    launch, cand_v, cand_i = encoder_launch(xc, W_enc, b_enc, k, LATENT_CHUNK, config=cfg)
+
+    def finish():
+        v, j = cand_v.topk(k, dim=1, sorted=False)
+        return v, cand_i.gather(1, j).long()
+
+    return launch, finish
+
+
+def check_selection(xc, W_enc, b_enc, ref_v, v, i, recompute_rtol: float = CHECK_RTOL) -> str | None:
+    """None when a candidate's selection (values v [B, k] fp32, latent ids i [B, k] int64) is the default's
+    ref_v up to CHECK_RTOL (rows compared sorted) and its values are the pre-activations (fp32 products
+    of the operands, summed elementwise so that no TF32 matmul enters) at its ids up to recompute_rtol on
+    the first CHECK_ROWS rows with distinct, in-range ids; else what differs, in words."""
+    n = W_enc.shape[1]
+    scale = max(1.0, float(ref_v.abs().max()))
+    err = float((v.sort(1).values - ref_v.sort(1).values).abs().max()) / scale
+    if not err <= CHECK_RTOL:
+        return f"selected values differ from the default's by {err:.3g} (relative to the largest)"
+    r = min(CHECK_ROWS, v.shape[0])
+    ids = i[:r]
+    if bool((ids < 0).any() or (ids >= n).any()) or bool((ids.sort(1).values.diff(dim=1) == 0).any()):
+        return "latent ids out of range or repeated in a row"
+    cols = W_enc.t().index_select(0, ids.reshape(-1)).float().view(r, -1, W_enc.shape[0])
+    pre = (cols * xc[:r].float().unsqueeze(1)).sum(-1) + b_enc.float()[ids]
+    err = float((pre - v[:r]).abs().max()) / scale
+    if not err <= recompute_rtol:
+        return f"values differ from the pre-activations at their ids by {err:.3g} (relative to the largest)"
+    return None
+
+
+def tune_class(xc, W_enc, b_enc, k: int, iters: int, warmup: int, deadline: float, emit) -> dict:
+    """Compile, check and time every candidate for one shape class; `emit(record)` is called per candidate.
+    Candidates not started before `deadline` (time.perf_counter) are recorded as "not run"."""
+    from sae_dist.bench import time_interleaved
+
+    from .encoder_topk import dot_precision, encoder_candidates
+
+    precision = dot_precision(xc)
+    cands = encoder_candidates(k, precision)
+    results, runs, ref_v = [], [], None
+    for cfg in cands:
+        rec = {"config": cfg, "tag": config_tag(cfg), "status": "not run"}
+        results.append(rec)
+        if time.perf_counter() >= deadline:
+            continue
+        launch, finish = _select(xc, W_enc, b_enc, k, cfg)
+        t0 = time.perf_counter()
+        try:
+            launch.run()
+            v, i = finish()
+        except Exception as e:  # a candidate that fails to compile or launch is reported, not fatal
+            rec.update(status="error", error=f"{type(e).__name__}: {e}"[:500])
+            continue
+        if xc.is_cuda:
+            torch.cuda.synchronize(xc.device)
+        rec["first_run_s"] = round(time.perf_counter() - t0, 3)  # compile + one launch
+        ref_v = v if ref_v is None else ref_v
+        bad = check_selection(xc, W_enc, b_enc, ref_v, v, i, CHECK_RTOL_TF32 if precision == "tf32" else CHECK_RTOL)
+        rec["status"] = "wrong" if bad else "checked"
+        if bad:
+            rec["error"] = bad
+        else:
+            runs.append((rec, launch))
+    if runs and time.perf_counter() < deadline:
+        times = time_interleaved([lambda _, la=la: la.run() for _, la in runs], iters, warmup, xc.device)
+        for (rec, _), t in zip(runs, times, strict=True):
+            rec.update(status="timed", ms_median=round(sorted(t)[len(t) // 2], 4), ms_min=round(min(t), 4))
+    for rec in results:
+        emit(rec)
+    timed = [r for r in results if r["status"] == "timed"]
+    best = min(timed, key=lambda r: r["ms_median"]) if timed else None
+    default_ms = results[0].get("ms_median")
+    return {"precision": PRECISION_LABELS[precision], "K_PAD": cands[0]["K_PAD"], "k": k, "results": results,
+            "complete": len(timed) == len(results), "all_correct": all(r["status"] != "wrong" for r in results),
+            "best": best["config"] if best else None, "best_tag": best["tag"] if best else None,
+            "best_ms": best["ms_median"] if best else None, "default_ms": default_ms,
+            "default_over_best": round(default_ms / best["ms_median"], 4) if best and default_ms else None}
+
+
+def _operands(d_in: int, n: int, batch: int, dtype: torch.dtype, device: torch.device, seed: int):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    xc = torch.randn(batch, d_in, generator=g).to(device, dtype)
+    W_enc = (torch.randn(d_in, n, generator=g) / d_in**0.5).to(device, dtype)
+    b_enc = (0.1 * torch.randn(n, generator=g)).to(device, dtype)
+    return xc, W_enc, b_enc
+
+
+def run(args: argparse.Namespace, emit=lambda rec: None) -> dict:
+    """The sweep of `main` (module docstring) as a dict: device, triton, torch, date, shape, classes."""
+    import triton
+
+    device = torch.device(args.device)
+    deadline = time.perf_counter() + args.budget_s
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else CPU_DEVICE,
+              "triton": triton.__version__, "torch": torch.__version__,
+              "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+              "shape": {"d_in": args.d_in, "n": args.n, "batch": args.batch}, "classes": []}
+    for dt in args.dtype:
+        dtype, fp32_precision = DTYPES[dt]
+        xc, W_enc, b_enc = _operands(args.d_in, args.n, args.batch, dtype, device, args.seed)
+        for k in args.k:
+            def tagged(rec, dt=dt, k=k):
+                emit({"dtype": dt, "k": k, **rec})
+
+            with _fp32_matmul(fp32_precision):  # the encoder follows torch's setting (`dot_precision`)
+                result["classes"].append(tune_class(xc, W_enc, b_enc, k, args.iters, args.warmup, deadline, tagged))
+            result["classes"][-1]["dtype"] = dt
+        del xc, W_enc, b_enc
+    return result
+
+
+@contextlib.contextmanager
+def _fp32_matmul(precision: str | None):
+    """torch's fp32 CUDA matmul precision set to "tf32" or "ieee" inside the block (None: left as it is)."""
+    m = torch.backends.cuda.matmul
+    if precision is None:
+        yield
+        return
+    new_api = hasattr(m, "fp32_precision")  # torch >= 2.9; allow_tf32 before
+    before = m.fp32_precision if new_api else m.allow_tf32
+    if new_api:
+        m.fp32_precision = precision
+    else:
+        m.allow_tf32 = precision == "tf32"
+    try:
+        yield
+    finally:
+        if new_api:
+            m.fp32_precision = before
+        else:
+            m.allow_tf32 = before
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(prog="python -m sae_dist.kernels.tune", description=__doc__.split("\n\n")[0])
+    p.add_argument("--d-in", type=int, default=768)
+    p.add_argument("--n", type=int, default=1 << 18, help="latents (2^18: the grid is full, a launch short)")
+    p.add_argument("--batch", type=int, default=32768)
+    p.add_argument("--k", type=int, nargs="+", default=[32, 128], help="k values (128: Multi-TopK's 4k at 32)")
+    p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["bf16"])
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--budget-s", type=float, default=120.0, help="no candidate starts after this many seconds")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", type=Path, help="write the whole result (JSON) here")
+    p.add_argument("--merge", type=Path, metavar="FILE", help="merge a result file into the measured table")
+    p.add_argument("--table", type=Path, default=TABLE_PATH, help="the measured table --merge writes")
+    args = p.parse_args(argv)
+    if args.warmup < 0:
+        p.error(f"--warmup must be >= 0, got {args.warmup}")
+    for name in ("d_in", "n", "batch", "iters"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if min(args.k) < 1 or max(args.k) > args.n:
+        p.error(f"--k {args.k}: every k must be in [1, --n = {args.n}]")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: CUDA is not available here (use --device cpu for the interpreter)")
+    if args.merge is None and not args.device.startswith("cuda"):
+        from ._common import interpret_mode
+
+        if not interpret_mode():
+            p.error(f"--device {args.device}: without CUDA the kernels run under Triton's interpreter; "
+                    "set TRITON_INTERPRET=1 before starting Python")
+    return args
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
+    if args.merge is not None:
+        try:
+            written = merge(json.loads(args.merge.read_text()), args.table)
+        except (OSError, ValueError, KeyError) as e:
+            print(f"tune: cannot merge {args.merge}: {e}", file=sys.stderr)
+            return 2
+        for e in written:
+            print(f"{args.table}: {e['device']} {e['precision']} K_PAD={e['K_PAD']}: {config_tag(e['config'])}")
+        return 0
+    result = run(args, emit=lambda rec: print(json.dumps(rec), flush=True))
+    if args.out is not None:
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    ok = all(c["complete"] and c["all_correct"] for c in result["classes"])
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

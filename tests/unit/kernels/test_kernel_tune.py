@@ -1,0 +1,144 @@
+"""`sae_dist.kernels.tune`: the encoder's launch candidates checked and timed, the measured table it
+merges into and that `encoder_launch_config` reads, and the check that keeps a wrong candidate out."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sae_dist.kernels import encoder_topk as et
+from sae_dist.kernels import tune
+
+
+def _operands(B=40, d=24, n=200, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, d, generator=g), torch.randn(d, n, generator=g) / d**0.5, 0.1 * torch.randn(n, generator=g)
+
+
+@pytest.mark.parametrize("precision", [None, "tf32", "ieee"])
+@pytest.mark.parametrize("k", [8, 32, 64, 128, 256])
+def test_candidates_start_with_the_default_and_keep_what_the_splits_and_registers_need(k, precision):
+    cands = et.encoder_candidates(k, precision)
+    base = et.encoder_launch_config(768, k, precision)
+    assert cands[0] == base and len(cands) == len({json.dumps(c, sort_keys=True) for c in cands}) >= 4
+    for c in cands:
+        assert base["BLOCK_N"] % c["BLOCK_N"] == 0  # the splits are aligned to the default's BLOCK_N
+        assert c["BLOCK_B"] == base["BLOCK_B"] and c["K_PAD"] == base["K_PAD"] >= k
+        assert c["BLOCK_B"] * c["K_PAD"] <= 8192 and c["num_warps"] in (4, 8) and 2 <= c["num_stages"] <= 4
+        if base["num_warps"] == 8:
+            assert c["num_warps"] == 8  # 4 warps spilled where the default takes 8
+        if precision == "ieee":
+            assert c["num_stages"] <= 3  # 4 stages spilled with IEEE dots
+
+
+def test_sweep_checks_and_times_every_candidate(kernel_device):
+    """`run` at a tiny shape (the interpreter on CPU): every candidate of both classes selects what the
+    default selects and is timed; the fastest is one of them."""
+    args = tune._parse(["--d-in", "24", "--n", "200", "--batch", "40", "--k", "4", "16", "--dtype", "fp32",
+                        "--iters", "1", "--warmup", "0", "--device", kernel_device.type])
+    seen = []
+    result = tune.run(args, emit=seen.append)
+    prec = et.dot_precision(torch.empty(0, device=kernel_device))
+    assert [c["k"] for c in result["classes"]] == [4, 16] and result["shape"] == {"d_in": 24, "n": 200, "batch": 40}
+    for c in result["classes"]:
+        cands = et.encoder_candidates(c["k"], prec)
+        assert [r["config"] for r in c["results"]] == cands
+        assert c["complete"] and c["all_correct"] and c["best"] in cands and c["best_ms"] > 0
+        assert c["default_ms"] == c["results"][0]["ms_median"]
+    assert len(seen) == sum(len(c["results"]) for c in result["classes"]) and seen[0]["k"] == 4
+
+
+def test_a_wrong_selection_is_caught():
+    xc, W, be = _operands()
+    ref_v, ref_i = (xc @ W + be).topk(6, dim=1)
+    assert tune.check_selection(xc, W, be, ref_v, ref_v, ref_i) is None
+    # another latent's value in one row (a misplaced tile offset would do this)
+    v = ref_v.clone()
+    v[3, 0] = (xc[3] @ W + be).sort(descending=True).values[10]
+    assert "differ from the default's" in tune.check_selection(xc, W, be, ref_v, v, ref_i)
+    # the right values under wrong ids
+    i = ref_i.clone()
+    i[0] = i[0].roll(1)
+    assert "pre-activations at their ids" in tune.check_selection(xc, W, be, ref_v, ref_v, i)
+    i = ref_i.clone()
+    i[1, 1] = i[1, 0]
+    assert "repeated" in tune.check_selection(xc, W, be, ref_v, ref_v, i)
+
+
+def _result(device="NVIDIA H100 80GB HBM3", best=None, k=32):
+    base = et.encoder_candidates(k, None)
+    best = base[2] if best is None else best
+    return {"device": device, "triton": "3.9.0", "torch": "2.13.0", "date": "2026-12-07T00:00:00Z",
+            "shape": {"d_in": 768, "n": 2**18, "batch": 32768},
+            "classes": [{"precision": "16-bit", "K_PAD": base[0]["K_PAD"], "k": k, "dtype": "bfloat16",
+                         "best": best, "best_ms": 20.0, "default_ms": 22.0}]}
+
+
+def test_merged_table_sets_the_launch_configuration_of_that_gpu(tmp_path, monkeypatch):
+    table = tmp_path / "encoder_tuned.json"
+    monkeypatch.setattr(tune, "TABLE_PATH", table)
+    name = "NVIDIA H100 80GB HBM3"
+    default = et.encoder_launch_config(768, 32, None, device_name=name)
+    assert default == et.encoder_candidates(32, None)[0]  # no table: the offline choice
+    written = tune.merge(_result())
+    assert written[0]["config"] == et.encoder_candidates(32, None)[2] and written[0]["default_ms"] == 22.0
+    assert et.encoder_launch_config(768, 32, None, device_name=name) == et.encoder_candidates(32, None)[2]
+    assert et.encoder_launch_config(4096, 20, None, device_name=name) == et.encoder_candidates(20, None)[2]  # K_PAD 32
+    # other GPUs, precisions and K_PAD, and the interpreter, keep the offline choice
+    assert et.encoder_launch_config(768, 32, None, device_name="NVIDIA H200") == default
+    assert et.encoder_launch_config(768, 32, "tf32", device_name=name) == et.encoder_candidates(32, "tf32")[0]
+    assert et.encoder_launch_config(768, 64, None, device_name=name) == et.encoder_candidates(64, None)[0]
+    assert et.encoder_launch_config(768, 32, None, interpret=True, device_name=name)["BLOCK_N"] == 32
+    # a second merge replaces the entry of the same class and keeps the others
+    tune.merge(_result(device="NVIDIA H200", best=et.encoder_candidates(32, None)[1]))
+    tune.merge(_result(best=et.encoder_candidates(32, None)[3]))
+    entries = json.loads(table.read_text())["entries"]
+    assert [(e["device"], e["config"]) for e in entries] == [
+        (name, et.encoder_candidates(32, None)[3]), ("NVIDIA H200", et.encoder_candidates(32, None)[1])]
+    # an entry whose configuration is no longer a candidate is ignored
+    entries[0]["config"] = {**entries[0]["config"], "BLOCK_N": 512}
+    table.write_text(json.dumps({"entries": entries}))
+    tune._table.cache_clear()
+    assert et.encoder_launch_config(768, 32, None, device_name=name) == default
+
+
+def test_merge_refuses_results_with_nothing_to_keep(tmp_path):
+    table = tmp_path / "t.json"
+    with pytest.raises(ValueError, match="interpreter"):
+        tune.merge(_result(device=tune.CPU_DEVICE), table)
+    empty = _result()
+    empty["classes"][0]["best"] = None
+    with pytest.raises(ValueError, match="no class with a timed candidate"):
+        tune.merge(empty, table)
+    assert not table.exists()
+    assert tune.main(["--merge", str(tmp_path / "missing.json"), "--table", str(table)]) == 2
+
+
+def test_shipped_table_holds_only_candidates():
+    """Every entry of the committed table is a current candidate of its class (else it would be ignored)."""
+    for e in json.loads(tune.TABLE_PATH.read_text())["entries"]:
+        prec = {"16-bit": None, "tf32": "tf32", "ieee": "ieee"}[e["precision"]]
+        assert e["config"] in et.encoder_candidates(e["k"], prec), e
+
+
+def test_bad_arguments_exit_2_naming_the_value(capsys):
+    for argv, words in ((["--k", "0"], "--k [0]"), (["--n", "0"], "--n must be >= 1"),
+                        (["--warmup", "-1"], "--warmup must be >= 0")):
+        with pytest.raises(SystemExit) as e:
+            tune._parse(argv + ["--device", "cpu"])
+        assert e.value.code == 2 and words in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("dtype", "want"), [("fp32", "ieee"), ("tf32", "tf32")])
+def test_fp32_classes_set_torch_matmul_precision_for_the_run_only(dtype, want, monkeypatch):
+    """--dtype fp32 / tf32 set torch's fp32 matmul precision while their classes run (what `dot_precision`
+    reads on CUDA) and restore it after."""
+    m = torch.backends.cuda.matmul
+    before = m.fp32_precision
+    seen = []
+    monkeypatch.setattr(tune, "tune_class", lambda *a, **kw: seen.append(m.fp32_precision) or {"k": 4})
+    args = tune._parse(["--n", "64", "--batch", "8", "--d-in", "8", "--k", "4", "--dtype", dtype, "--device", "cpu"])
+    result = tune.run(args)
+    assert seen == [want] and m.fp32_precision == before and result["classes"] == [{"k": 4, "dtype": dtype}]
