@@ -463,7 +463,8 @@ def encoder_launch(xc, W_enc, b_enc, k, latent_chunk, cand_v=None, cand_i=None, 
     precision = dot_precision(xc)
     cfg = config or encoder_launch_config(D, k, precision, interpret=interp,
                                           device_name=_device_name(xc.device) if xc.is_cuda else None)
-    # the splits are aligned to the default tile, which every candidate's BLOCK_N divides
+    # the splits are aligned to the default tile, which every candidate's BLOCK_N divides on a GPU (under the
+    # interpreter a split may end inside a tile: columns past its end are masked)
     bn = _default_config(k, precision, interp)["BLOCK_N"]
     # Latent splits give parallelism when there are few token blocks; the candidate buffers
     # (8 bytes per entry) stay under CANDIDATE_BUFFER_BYTES by widening the span.

@@ -11,10 +11,12 @@ operands x - b_dec [batch, d_in], W_enc [d_in, n], b_enc [n] (seed 0), compiles 
 `encoder_topk.encoder_candidates` (the offline default first), checks that each selects what the
 default selects (`check_selection`), and times the valid ones in turn (`sae_dist.bench.time_interleaved`:
 each iteration runs every candidate once, so drift of the machine hits all alike; median and min in
-ms of the kernel launch alone). A JSON line per candidate goes to stdout as it is done; `--out` writes
-the whole result (device, versions, shape, per class its candidates and the fastest). Candidates not
-started before `--budget-s` seconds are listed as "not run"; the exit status is 0 when every class was
-timed completely and every candidate selected correctly, 1 otherwise, 2 for bad usage.
+ms of the kernel launch alone). After each class, a JSON line per candidate goes to stdout and `--out` is
+rewritten with the result so far (device, versions, shape, per class its candidates and the fastest), so
+a tuner killed at a time limit keeps the classes it finished. Candidates not started before `--budget-s`
+seconds (or the Unix time `--stop-at`) are listed as "not run", and timing stops there after one round;
+the exit status is 0 when every class was timed completely and every candidate selected correctly, 1
+otherwise, 2 for bad usage.
 
 `--merge FILE` puts each class's fastest configuration of a result file into the measured table
 `encoder_tuned.json` beside this module (or `--table`), keyed by device name, precision and K_PAD, which
@@ -75,26 +77,46 @@ def measured_config(device_name: str, precision: str | None, k: int, path: Path 
     return None
 
 
-def merge(result: dict, path: Path | None = None) -> list[dict]:
-    """Put each timed class's fastest configuration of a tuner result (`run`'s dict) into the table at
-    `path` (default TABLE_PATH), replacing an entry of the same device, precision and K_PAD. Returns the
-    entries written. Raises ValueError when the result has no timed class, or comes from the interpreter."""
+#: The smallest shape whose timings --merge accepts without --force (a dry gpu-check's are far below):
+#: tokens, latents
+MIN_MERGE_SHAPE = (4096, 1 << 16)
+
+
+def _key(e: dict) -> tuple:
+    return e["device"], e["precision"], e["K_PAD"]
+
+
+def merge(result: dict, path: Path | None = None, force: bool = False) -> list[dict]:
+    """Put each class's fastest configuration of a tuner result (`run`'s dict) into the table at `path`
+    (default TABLE_PATH), replacing an entry of the same device, precision and K_PAD (of two such classes in
+    the result, the faster). Only classes whose candidates all selected correctly and whose default was
+    timed count. Returns the entries written.
+    Raises ValueError (the table unchanged): a result of the CPU interpreter, a shape below MIN_MERGE_SHAPE
+    (unless force: timings at tiny shapes say nothing about training), or no class that counts."""
     path = TABLE_PATH if path is None else path
     if result.get("device") == CPU_DEVICE:
         raise ValueError("the result was measured under Triton's CPU interpreter; its timings mean nothing")
-    new = [{"device": result["device"], "precision": c["precision"], "K_PAD": c["K_PAD"], "config": c["best"],
-            "ms": c["best_ms"], "default_ms": c["default_ms"], "dtype": c["dtype"], "k": c["k"],
-            "shape": result["shape"], "triton": result["triton"], "date": result["date"]}
-           for c in result["classes"] if c.get("best")]
-    if not new:
-        raise ValueError("the tuner result has no class with a timed candidate; nothing to merge")
-    keep = [e for e in (json.loads(path.read_text())["entries"] if path.exists() else [])
-            if not any((e["device"], e["precision"], e["K_PAD"]) == (n["device"], n["precision"], n["K_PAD"])
-                       for n in new)]
-    entries = sorted(keep + new, key=lambda e: (e["device"], e["precision"], e["K_PAD"]))
+    shape = result["shape"]
+    if not force and (shape["batch"] < MIN_MERGE_SHAPE[0] or shape["n"] < MIN_MERGE_SHAPE[1]):
+        raise ValueError(f"the result was measured at batch={shape['batch']}, n={shape['n']}, below "
+                         f"{MIN_MERGE_SHAPE[0]} tokens x {MIN_MERGE_SHAPE[1]} latents; pass --force to merge it")
+    best: dict[tuple, dict] = {}
+    for c in result["classes"]:
+        if not (c.get("best") and c.get("default_ms") and c.get("all_correct")):
+            continue
+        e = {"device": result["device"], "precision": c["precision"], "K_PAD": c["K_PAD"], "config": c["best"],
+             "ms": c["best_ms"], "default_ms": c["default_ms"], "dtype": c["dtype"], "k": c["k"],
+             "shape": shape, "triton": result["triton"], "date": result["date"]}
+        if _key(e) not in best or e["ms"] < best[_key(e)]["ms"]:
+            best[_key(e)] = e
+    if not best:
+        raise ValueError("the tuner result has no class whose default was timed and whose candidates all selected "
+                         "correctly; nothing to merge")
+    old = json.loads(path.read_text())["entries"] if path.exists() else []
+    entries = sorted([e for e in old if _key(e) not in best] + list(best.values()), key=_key)
     path.write_text(json.dumps({"entries": entries}, indent=1) + "\n")
     _table.cache_clear()
-    return new
+    return list(best.values())
 
 
 # ------------------------------------------------------------------------------------------ the sweep
@@ -116,67 +138,98 @@ def _select(xc, W_enc, b_enc, k, cfg):
     return launch, finish
 
 
-def check_selection(xc, W_enc, b_enc, ref_v, v, i, recompute_rtol: float = CHECK_RTOL) -> str | None:
-    """None when a candidate's selection (values v [B, k] fp32, latent ids i [B, k] int64) is the default's
-    ref_v up to CHECK_RTOL (rows compared sorted) and its values are the pre-activations (fp32 products
-    of the operands, summed elementwise so that no TF32 matmul enters) at its ids up to recompute_rtol on
-    the first CHECK_ROWS rows with distinct, in-range ids; else what differs, in words."""
+def check_values(xc, W_enc, b_enc, v, i, rtol: float = CHECK_RTOL) -> str | None:
+    """None when a selection (values v [B, k] fp32, latent ids i [B, k] int64) has distinct, in-range ids and
+    values that are the pre-activations at its ids (fp32 products of the operands summed elementwise, so no
+    TF32 matmul enters) up to rtol of the largest value, on CHECK_ROWS rows spread over the batch (every
+    token block's); else what is wrong, in words."""
     n = W_enc.shape[1]
-    scale = max(1.0, float(ref_v.abs().max()))
-    err = float((v.sort(1).values - ref_v.sort(1).values).abs().max()) / scale
-    if not err <= CHECK_RTOL:
-        return f"selected values differ from the default's by {err:.3g} (relative to the largest)"
-    r = min(CHECK_ROWS, v.shape[0])
-    ids = i[:r]
+    scale = max(1.0, float(v.abs().max()))
+    rows = torch.linspace(0, v.shape[0] - 1, min(CHECK_ROWS, v.shape[0]), device=v.device).long()
+    ids = i[rows]
     if bool((ids < 0).any() or (ids >= n).any()) or bool((ids.sort(1).values.diff(dim=1) == 0).any()):
         return "latent ids out of range or repeated in a row"
-    cols = W_enc.t().index_select(0, ids.reshape(-1)).float().view(r, -1, W_enc.shape[0])
-    pre = (cols * xc[:r].float().unsqueeze(1)).sum(-1) + b_enc.float()[ids]
-    err = float((pre - v[:r]).abs().max()) / scale
-    if not err <= recompute_rtol:
+    cols = W_enc.t().index_select(0, ids.reshape(-1)).float().view(len(rows), -1, W_enc.shape[0])
+    pre = (cols * xc[rows].float().unsqueeze(1)).sum(-1) + b_enc.float()[ids]
+    err = float((pre - v[rows]).abs().max()) / scale
+    if not err <= rtol:
         return f"values differ from the pre-activations at their ids by {err:.3g} (relative to the largest)"
     return None
 
 
-def tune_class(xc, W_enc, b_enc, k: int, iters: int, warmup: int, deadline: float, emit) -> dict:
-    """Compile, check and time every candidate for one shape class; `emit(record)` is called per candidate.
-    Candidates not started before `deadline` (time.perf_counter) are recorded as "not run"."""
+def check_selection(ref_v, v) -> str | None:
+    """None when a candidate's selected values v [B, k] are a correct reference's ref_v up to CHECK_RTOL of the
+    largest (each row compared sorted: near-ties may pick other latents, never other values); else how far."""
+    scale = max(1.0, float(ref_v.abs().max()))
+    err = float((v.sort(1).values - ref_v.sort(1).values).abs().max()) / scale
+    if not err <= CHECK_RTOL:
+        return f"selected values differ from the reference candidate's by {err:.3g} (relative to the largest)"
+    return None
+
+
+def _first_run(xc, W_enc, b_enc, k, cfg, rtol, ref_v, rec):
+    """Compile and run one candidate, check it (`check_values`, then against ref_v when given); fills `rec`
+    (status checked / wrong / error, first_run_s, error). Returns (launch, values) when it passed, else None.
+    Any exception (compile, launch, a fault surfacing at the synchronisation) is the candidate's error."""
+    t0 = time.perf_counter()
+    try:
+        launch, finish = _select(xc, W_enc, b_enc, k, cfg)
+        launch.run()
+        v, i = finish()
+        if xc.is_cuda:
+            torch.cuda.synchronize(xc.device)
+        rec["first_run_s"] = round(time.perf_counter() - t0, 3)  # compile + one launch
+        bad = check_values(xc, W_enc, b_enc, v, i, rtol) or (None if ref_v is None else check_selection(ref_v, v))
+    except Exception as e:  # reported, not fatal: the other candidates still run
+        rec.update(status="error", error=" ".join(f"{type(e).__name__}: {e}".split())[:500])
+        return None
+    rec["status"] = "wrong" if bad else "checked"
+    if bad:
+        rec["error"] = bad
+        return None
+    return launch, v
+
+
+def _time_runs(runs, iters: int, warmup: int, deadline: float, device) -> None:
+    """Time the checked candidates' launches in turn (`time_interleaved`, one round at a time): `warmup` rounds,
+    then up to `iters` timed ones, stopping early (after at least one) at `deadline`; fills ms_median, ms_min
+    and rounds into their records (status "timed")."""
     from sae_dist.bench import time_interleaved
 
+    fns = [lambda _, la=la: la.run() for _, la in runs]
+    time_interleaved(fns, 0, warmup, device)
+    times: list[list[float]] = [[] for _ in runs]
+    for r in range(iters):
+        if r and time.time() >= deadline:
+            break
+        for t, new in zip(times, time_interleaved(fns, 1, 0, device), strict=True):
+            t += new
+    for (rec, _), t in zip(runs, times, strict=True):
+        rec.update(status="timed", ms_median=round(sorted(t)[len(t) // 2], 4), ms_min=round(min(t), 4), rounds=len(t))
+
+
+def tune_class(xc, W_enc, b_enc, k: int, iters: int, warmup: int, deadline: float) -> dict:
+    """Compile, check and time every candidate for one shape class (module docstring). `deadline`: a Unix time
+    (time.time()); candidates not started before it are "not run", and timing stops at it after one round.
+    The reference of the selection check is the first candidate (normally the default) that passes its own
+    value check."""
     from .encoder_topk import dot_precision, encoder_candidates
 
     precision = dot_precision(xc)
+    rtol = CHECK_RTOL_TF32 if precision == "tf32" else CHECK_RTOL
     cands = encoder_candidates(k, precision)
     results, runs, ref_v = [], [], None
     for cfg in cands:
         rec = {"config": cfg, "tag": config_tag(cfg), "status": "not run"}
         results.append(rec)
-        if time.perf_counter() >= deadline:
+        if time.time() >= deadline:
             continue
-        launch, finish = _select(xc, W_enc, b_enc, k, cfg)
-        t0 = time.perf_counter()
-        try:
-            launch.run()
-            v, i = finish()
-        except Exception as e:  # a candidate that fails to compile or launch is reported, not fatal
-            rec.update(status="error", error=f"{type(e).__name__}: {e}"[:500])
-            continue
-        if xc.is_cuda:
-            torch.cuda.synchronize(xc.device)
-        rec["first_run_s"] = round(time.perf_counter() - t0, 3)  # compile + one launch
-        ref_v = v if ref_v is None else ref_v
-        bad = check_selection(xc, W_enc, b_enc, ref_v, v, i, CHECK_RTOL_TF32 if precision == "tf32" else CHECK_RTOL)
-        rec["status"] = "wrong" if bad else "checked"
-        if bad:
-            rec["error"] = bad
-        else:
-            runs.append((rec, launch))
-    if runs and time.perf_counter() < deadline:
-        times = time_interleaved([lambda _, la=la: la.run() for _, la in runs], iters, warmup, xc.device)
-        for (rec, _), t in zip(runs, times, strict=True):
-            rec.update(status="timed", ms_median=round(sorted(t)[len(t) // 2], 4), ms_min=round(min(t), 4))
-    for rec in results:
-        emit(rec)
+        ok = _first_run(xc, W_enc, b_enc, k, cfg, rtol, ref_v, rec)
+        if ok is not None:
+            runs.append((rec, ok[0]))
+            ref_v = ok[1] if ref_v is None else ref_v
+    if runs and time.time() < deadline:
+        _time_runs(runs, iters, warmup, deadline, xc.device)
     timed = [r for r in results if r["status"] == "timed"]
     best = min(timed, key=lambda r: r["ms_median"]) if timed else None
     default_ms = results[0].get("ms_median")
@@ -195,12 +248,13 @@ def _operands(d_in: int, n: int, batch: int, dtype: torch.dtype, device: torch.d
     return xc, W_enc, b_enc
 
 
-def run(args: argparse.Namespace, emit=lambda rec: None) -> dict:
-    """The sweep of `main` (module docstring) as a dict: device, triton, torch, date, shape, classes."""
+def run(args: argparse.Namespace, emit=lambda rec: None, save=lambda result: None) -> dict:
+    """The sweep of `main` (module docstring) as a dict: device, triton, torch, date, shape, classes. After each
+    class, `emit(record)` per candidate (with dtype and k) and `save(result so far)`."""
     import triton
 
     device = torch.device(args.device)
-    deadline = time.perf_counter() + args.budget_s
+    deadline = args.stop_at if args.stop_at is not None else time.time() + args.budget_s
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else CPU_DEVICE,
               "triton": triton.__version__, "torch": torch.__version__,
               "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -209,12 +263,12 @@ def run(args: argparse.Namespace, emit=lambda rec: None) -> dict:
         dtype, fp32_precision = DTYPES[dt]
         xc, W_enc, b_enc = _operands(args.d_in, args.n, args.batch, dtype, device, args.seed)
         for k in args.k:
-            def tagged(rec, dt=dt, k=k):
-                emit({"dtype": dt, "k": k, **rec})
-
             with _fp32_matmul(fp32_precision):  # the encoder follows torch's setting (`dot_precision`)
-                result["classes"].append(tune_class(xc, W_enc, b_enc, k, args.iters, args.warmup, deadline, tagged))
-            result["classes"][-1]["dtype"] = dt
+                cl = {"dtype": dt, **tune_class(xc, W_enc, b_enc, k, args.iters, args.warmup, deadline)}
+            result["classes"].append(cl)
+            for rec in cl["results"]:
+                emit({"dtype": dt, "k": k, **rec})
+            save(result)
         del xc, W_enc, b_enc
     return result
 
@@ -241,6 +295,12 @@ def _fp32_matmul(precision: str | None):
             m.allow_tf32 = before
 
 
+def _write_atomic(path: Path, result: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(path)
+
+
 def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m sae_dist.kernels.tune", description=__doc__.split("\n\n")[0])
     p.add_argument("--d-in", type=int, default=768)
@@ -251,11 +311,14 @@ def _parse(argv):
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--budget-s", type=float, default=120.0, help="no candidate starts after this many seconds")
+    p.add_argument("--stop-at", type=float, metavar="UNIX_TIME",
+                   help="no candidate starts after this time (time.time(); instead of --budget-s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, help="write the whole result (JSON) here")
     p.add_argument("--merge", type=Path, metavar="FILE", help="merge a result file into the measured table")
     p.add_argument("--table", type=Path, default=TABLE_PATH, help="the measured table --merge writes")
+    p.add_argument("--force", action="store_true", help="with --merge: accept a result of a tiny shape")
     args = p.parse_args(argv)
     if args.warmup < 0:
         p.error(f"--warmup must be >= 0, got {args.warmup}")
@@ -279,16 +342,15 @@ def main(argv=None) -> int:
     args = _parse(argv)
     if args.merge is not None:
         try:
-            written = merge(json.loads(args.merge.read_text()), args.table)
+            written = merge(json.loads(args.merge.read_text()), args.table, args.force)
         except (OSError, ValueError, KeyError) as e:
             print(f"tune: cannot merge {args.merge}: {e}", file=sys.stderr)
             return 2
         for e in written:
             print(f"{args.table}: {e['device']} {e['precision']} K_PAD={e['K_PAD']}: {config_tag(e['config'])}")
         return 0
-    result = run(args, emit=lambda rec: print(json.dumps(rec), flush=True))
-    if args.out is not None:
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    result = run(args, emit=lambda rec: print(json.dumps(rec), flush=True),
+                 save=lambda res: args.out is not None and _write_atomic(args.out, res))
     ok = all(c["complete"] and c["all_correct"] for c in result["classes"])
     return 0 if ok else 1
 

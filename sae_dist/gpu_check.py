@@ -524,7 +524,8 @@ class Check:
         self.record["goals"] = evaluate_goals(self.record)
         self.record["recalibration"] = recalibrate(self.record)
         self.record["ok"] = bool(self.record["steps"]) and all(
-            v["status"] in ("pass", "ok") for v in self.record["steps"].values())
+            v["status"] in ("pass", "ok") or (k in _LEFTOVER_STEPS and v["status"] in ("skipped", "timeout"))
+            for k, v in self.record["steps"].items())
         tmp = self.out / "gpu_check.json.tmp"
         tmp.write_text(json.dumps(self.record, indent=2, default=str))
         os.replace(tmp, self.out / "gpu_check.json")
@@ -853,12 +854,20 @@ def step_curves(c: Check, on: list[dict], off: list[dict]) -> None:
 
 # ------------------------------------------------------------------------------------------ tuning
 TUNE_FILE = "encoder_tune.json"
-TUNE_MARGIN_S = 20.0  # the tuner's own budget stops new candidates this long before the step's time is up
+TUNE_MARGIN_S = 20.0  # the tuner starts no candidate this close to the step's time limit
+#: Steps that run in the time the others left: skipped or cut short, they do not fail the check (`ok`); a
+#: --resume runs them again.
+_LEFTOVER_STEPS = ("encoder_tune",)
 
 
 def step_tune(c: Check) -> None:
-    """The fused encoder's launch candidates timed (`sae_dist.kernels.tune`) in the time the other steps left;
-    its result file goes to the output directory (merge it into the measured table: docs/gpu-check.md)."""
+    """The fused encoder's launch candidates timed (`sae_dist.kernels.tune`) in the time the other steps left,
+    for k and Multi-TopK's factor x k; its result file goes to the output directory (merge it into the measured
+    table: docs/gpu-check.md). Status: ok (every candidate checked and timed), fail (one selected wrongly or
+    did not compile or run), timeout (time ran out first: the classes finished are kept), skipped (no time)."""
+    from sae_dist.fielddoc import field_default
+    from sae_dist.sae.config import SAEConfig
+
     s, name = c.sizes, "encoder_tune"
     left = c.time_left(name)
     if left < TUNE_MARGIN_S + MIN_STEP_S:
@@ -866,10 +875,11 @@ def step_tune(c: Check) -> None:
         return
     out = c.out / TUNE_FILE
     out.unlink(missing_ok=True)
+    ks = (s.k, field_default(SAEConfig, "multi_topk_factor") * s.k)
     cmd = [sys.executable, "-m", "sae_dist.kernels.tune", "--d-in", str(s.d_in), "--n", str(s.tune_n),
-           "--batch", str(s.tune_batch), "--k", str(s.k), str(4 * s.k), "--dtype", s.dtype, "--device", s.device,
-           "--iters", str(s.tune_iters), "--warmup", str(s.tune_warmup), "--budget-s", f"{left - TUNE_MARGIN_S:.0f}",
-           "--out", str(out)]
+           "--batch", str(s.tune_batch), "--k", *map(str, ks), "--dtype", s.dtype, "--device", s.device,
+           "--iters", str(s.tune_iters), "--warmup", str(s.tune_warmup),
+           "--stop-at", f"{time.time() + left - TUNE_MARGIN_S:.1f}", "--out", str(out)]
     res = c.run(name, cmd, name, env=subprocess_env({"TRITON_INTERPRET": "1"}) if s.device == "cpu" else None)
     if res is None:
         return
@@ -877,14 +887,14 @@ def step_tune(c: Check) -> None:
         c.failed_cmd(name, res, name, f"no {TUNE_FILE} written")
         return
     classes = json.loads(out.read_text())["classes"]
-    wrong = [f"K_PAD {cl['K_PAD']} {r['tag']}: {r['error']}" for cl in classes for r in cl["results"]
-             if r["status"] in ("wrong", "error")]
-    complete = all(cl["complete"] for cl in classes)
-    parts = [f"K_PAD {cl['K_PAD']}: " + (f"fastest {cl['best_tag']}, the default takes "
-                                         f"{_fmt(cl['default_over_best'], '.3f')}x its time"
-                                         if cl["best"] else "nothing timed") for cl in classes]
-    status = "fail" if wrong else "ok" if complete else "timeout"
-    summary = "; ".join(wrong[:3] if wrong else parts) + ("" if complete else " (not every candidate ran)")
+    bad = [f"k={cl['k']} {r['tag']}: {r['status']}: {r['error']}" for cl in classes for r in cl["results"]
+           if r["status"] in ("wrong", "error")]
+    complete = len(classes) == len(ks) and all(cl["complete"] for cl in classes)
+    parts = [f"k={cl['k']} (K_PAD {cl['K_PAD']}): " + (f"fastest {cl['best_tag']}, the default takes "
+                                                       f"{_fmt(cl['default_over_best'], '.3f')}x its time"
+                                                       if cl["best"] else "nothing timed") for cl in classes]
+    status = "fail" if bad else "ok" if complete else "timeout"
+    summary = "; ".join(bad[:3] if bad else parts) + ("" if complete else " (time ran out before every candidate)")
     c.save(name, status, summary, res.duration_s, s.budget(name), classes=classes, file=TUNE_FILE)
 
 
@@ -1049,7 +1059,8 @@ def _predict_ms(row: dict, tflops: float, bw: float, eff: float, mfu: float | No
 def _md_table(header: list[str], rows: list[list[str]], right: set[int] = frozenset()) -> list[str]:
     align = "|".join("---:" if i in right else "---" for i in range(len(header)))
     out = ["| " + " | ".join(header) + " |", f"|{align}|"]
-    out += ["| " + " | ".join(str(cell).replace("|", "\\|") for cell in row) + " |" for row in rows]
+    out += ["| " + " | ".join(" ".join(str(cell).split()).replace("|", "\\|") for cell in row) + " |"
+            for row in rows]
     return out
 
 
@@ -1117,8 +1128,9 @@ def _md_tune(record: dict) -> list[str]:
     classes = (record["steps"].get("encoder_tune") or {}).get("classes")
     if not classes:
         return []
-    lines = ["", f"**Fused-encoder launch configurations** (`python -m sae_dist.kernels.tune --merge {TUNE_FILE}` "
-             "puts the fastest into the measured table)", ""]
+    merge = (f" (`python -m sae_dist.kernels.tune --merge {TUNE_FILE}` puts the fastest into the measured table)"
+             if record["mode"] == "full" else " (dry run: tiny shapes, not a measurement)")
+    lines = ["", f"**Fused-encoder launch configurations**{merge}", ""]
     rows = [[f"{cl['dtype']} k={cl['k']} (K_PAD {cl['K_PAD']})", r["tag"], r["status"], _fmt(r.get("ms_median"), ".4g"),
              _fmt(r["ms_median"] / cl["default_ms"] if r.get("ms_median") and cl["default_ms"] else None, ".3f"),
              "fastest" if r["config"] == cl["best"] else r.get("error", "")]

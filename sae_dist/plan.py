@@ -228,8 +228,9 @@ KERNEL_BACKENDS = ("auto", "triton", "torch")
 #: The Triton encoder's cap on its split candidate buffers (mirrors
 #: `sae_dist.kernels.encoder_topk.CANDIDATE_BUFFER_BYTES`; tests check they agree).
 CANDIDATE_BUFFER_BYTES = 1 << 30
-#: The Triton encoder's latent tile BLOCK_N per dot precision on a GPU (mirrors
-#: `encoder_topk.encoder_launch_config`: 16-bit and TF32 dots 128, IEEE fp32 dots 64; tests check).
+#: The Triton encoder's latent-split alignment per dot precision on a GPU: the BLOCK_N of its offline default
+#: (mirrors `encoder_topk.encoder_launch_config` without a measured entry: 16-bit and TF32 dots 128, IEEE fp32
+#: dots 64; every tuning candidate's BLOCK_N divides it; tests check).
 ENCODER_BLOCK_N = {"bf16": 128, "tf32": 128, "ieee": 64}
 #: Bound of one token block of the AuxK dead-latent pass's [rows, ka + chunk] merge, in elements
 #: (mirrors `encoder_topk.DEAD_PASS_ELEMENTS`; tests check they agree).
@@ -368,9 +369,9 @@ def triton_encoder_splits(tokens: int, n_local: int, k: int, latent_chunk: int =
     [tokens, splits * k] fp32 values + int32 ids: tokens * splits * k * 8 bytes.
 
     max_splits = max(1, cap_bytes // (tokens * k * 8)); span = max(latent_chunk, ceil(n_local /
-    max_splits)) rounded up to the latent tile block_n (`encoder_launch_config`'s BLOCK_N: 128 for
-    bf16 and TF32 dots on a GPU, 64 for IEEE fp32 dots, 32 under the CPU interpreter; see
-    ENCODER_BLOCK_N). The buffers stay under cap_bytes unless one split alone is larger.
+    max_splits)) rounded up to block_n (the BLOCK_N of `encoder_launch_config`'s offline default, whatever
+    configuration a measured table picks: 128 for bf16 and TF32 dots on a GPU, 64 for IEEE fp32 dots, 32
+    under the CPU interpreter; see ENCODER_BLOCK_N). The buffers stay under cap_bytes unless one split alone is larger.
     Returns ceil(n_local / span) (an int >= 1).
     Raises ValueError when an argument is not a positive int.
     """

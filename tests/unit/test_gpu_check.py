@@ -9,6 +9,7 @@ import json
 import math
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -203,6 +204,47 @@ def test_encoder_tuning_is_skipped_without_time_for_it(tmp_path):
     rec = json.loads((tmp_path / "gpu_check.json").read_text())["steps"]["encoder_tune"]
     assert rec["status"] == "skipped" and "s left before the" in rec["summary"]
     assert not (tmp_path / gc.TUNE_FILE).exists() and "encoder_tune" not in (tmp_path / "gpu_check.log").read_text()
+
+
+def _tuner_class(k, statuses):
+    results = [{"config": {"i": j}, "tag": f"c{j}", "status": st, **({"error": "boom"} if st in ("wrong", "error")
+                                                                     else {"ms_median": 2.0 - j / 10})}
+               for j, st in enumerate(statuses)]
+    timed = [r for r in results if r["status"] == "timed"]
+    return {"dtype": "fp32", "k": k, "K_PAD": k, "precision": "ieee", "results": results,
+            "complete": len(timed) == len(results), "all_correct": "wrong" not in statuses,
+            "best": timed[-1]["config"] if timed else None, "best_tag": timed[-1]["tag"] if timed else None,
+            "default_ms": results[0].get("ms_median"), "default_over_best": 1.1 if timed else None}
+
+
+@pytest.mark.parametrize(("classes", "rc", "status", "check_ok"), [
+    ([("timed", "timed"), ("timed", "timed")], 0, "ok", True),
+    ([("timed", "wrong"), ("timed", "timed")], 1, "fail", False),
+    ([("timed", "error"), ("timed", "timed")], 1, "fail", False),
+    ([("timed", "timed"), ("timed", "not run")], 1, "timeout", True),  # time ran out: not a failure
+    ([("timed", "timed")], None, "timeout", True),  # killed after its first class: that class kept
+    (None, 1, "error", False),  # no result file
+])
+def test_encoder_tuning_status(classes, rc, status, check_ok, tmp_path, monkeypatch):
+    """`step_tune` reads the tuner's result file: a wrong or failing candidate fails the check, running out of
+    time does not (the step is recorded as timeout and a --resume runs it again)."""
+    def fake(cmd, timeout_s, env=None):
+        assert cmd[cmd.index("--k") + 1:cmd.index("--k") + 3] == [str(gc.DRY.k), str(4 * gc.DRY.k)]
+        assert float(cmd[cmd.index("--stop-at") + 1]) <= time.time() + timeout_s - gc.TUNE_MARGIN_S + 1
+        if classes is not None:
+            out = {"classes": [_tuner_class(k, st) for k, st in zip((8, 32), classes, strict=False)]}
+            Path(cmd[cmd.index("--out") + 1]).write_text(json.dumps(out))
+        return gc.CmdResult(cmd, rc, "", "", 1.0)
+
+    monkeypatch.setattr(gc, "run_command", fake)
+    c = gc.Check(gc.DRY, tmp_path, tmp_path)
+    c.save("env", "ok", "env")
+    gc.step_tune(c)
+    c.log.close()
+    rec = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert rec["steps"]["encoder_tune"]["status"] == status and rec["ok"] is check_ok
+    if status == "fail":
+        assert "boom" in rec["steps"]["encoder_tune"]["summary"]
 
 
 def test_steps_run_without_an_inherited_triton_interpreter_flag(monkeypatch):

@@ -26,13 +26,14 @@ def _env():
 
 @pytest.mark.slow
 def test_report_compiles_every_kernel_for_sm90a_without_spills_and_with_int64_offsets():
-    """The production extremes (d_in 4096, k 32 and 64, k_aux 2048; bf16 and TF32) through the report CLI in
-    a process without the interpreter: every kernel of the step and every launch configuration the encoder's
-    tuner may choose (`--candidates`), 0 spill bytes, 64-bit offsets."""
+    """The production extremes (d_in 4096, k 64, k_aux 2048; bf16 and TF32) through the report CLI in a process
+    without the interpreter: every kernel of the step and every launch configuration the encoder's tuner may
+    choose there (`--candidates`: 64 and 256 top-k slots), 0 spill bytes, 64-bit offsets. (k = 32's
+    candidates: docs/benchmarks.md's run of the whole report, too slow for the suite.)"""
     from sae_dist.kernels.encoder_topk import encoder_candidates
     from sae_dist.kernels.tune import config_tag
 
-    cmd = [sys.executable, "-m", "sae_dist.kernels.report", "--d-in", "4096", "--k", "32", "64", "--k-aux", "2048",
+    cmd = [sys.executable, "-m", "sae_dist.kernels.report", "--d-in", "4096", "--k", "64", "--k-aux", "2048",
            "--dtype", "bf16", "fp32", "--jobs", "2", "--candidates"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=_env())
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
@@ -40,11 +41,11 @@ def test_report_compiles_every_kernel_for_sm90a_without_spills_and_with_int64_of
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     assert {row["kernel"] for row in rows if " " not in row["kernel"]} == KERNELS
     want = set()
-    for (dtype, prec), k in itertools.product((("bf16", None), ("fp32", "tf32")), (32, 64)):
+    for (dtype, prec), k in itertools.product((("bf16", None), ("fp32", "tf32")), (64,)):
         for name, kk in (("encoder_topk", k), ("encoder_topk.multi_topk", 4 * k)):
             want |= {(f"{name} {config_tag(c)}", dtype, k) for c in encoder_candidates(kk, prec)[1:]}
     assert {(row["kernel"], row["config"]["dtype"], row["config"]["k"]) for row in rows if " " in row["kernel"]} == want
-    assert len(rows) == 4 * len(KERNELS) + len(want)
+    assert len(rows) == 2 * len(KERNELS) + len(want)
     for row in rows:
         assert row["arch"] == "sm_90a" and row["config"]["d_in"] == 4096
         assert row["spill_bytes"] == 0 and row["int64_offsets"] is True, row

@@ -38,11 +38,13 @@ def test_sweep_checks_and_times_every_candidate(kernel_device):
     default selects and is timed; the fastest is one of them."""
     args = tune._parse(["--d-in", "24", "--n", "200", "--batch", "40", "--k", "4", "16", "--dtype", "fp32",
                         "--iters", "1", "--warmup", "0", "--device", kernel_device.type])
-    seen = []
-    result = tune.run(args, emit=seen.append)
-    prec = et.dot_precision(torch.empty(0, device=kernel_device))
+    seen, saved = [], []
+    result = tune.run(args, emit=seen.append, save=lambda r: saved.append(len(r["classes"])))
     assert [c["k"] for c in result["classes"]] == [4, 16] and result["shape"] == {"d_in": 24, "n": 200, "batch": 40}
+    assert saved == [1, 2]  # the result is saved after each class
     for c in result["classes"]:
+        prec = {v: k for k, v in tune.PRECISION_LABELS.items()}[c["precision"]]
+        assert prec == ("ieee" if kernel_device.type == "cpu" else None if c["dtype"] == "bf16" else "ieee")
         cands = et.encoder_candidates(c["k"], prec)
         assert [r["config"] for r in c["results"]] == cands
         assert c["complete"] and c["all_correct"] and c["best"] in cands and c["best_ms"] > 0
@@ -51,20 +53,26 @@ def test_sweep_checks_and_times_every_candidate(kernel_device):
 
 
 def test_a_wrong_selection_is_caught():
-    xc, W, be = _operands()
-    ref_v, ref_i = (xc @ W + be).topk(6, dim=1)
-    assert tune.check_selection(xc, W, be, ref_v, ref_v, ref_i) is None
-    # another latent's value in one row (a misplaced tile offset would do this)
-    v = ref_v.clone()
-    v[3, 0] = (xc[3] @ W + be).sort(descending=True).values[10]
-    assert "differ from the default's" in tune.check_selection(xc, W, be, ref_v, v, ref_i)
-    # the right values under wrong ids
+    xc, W, be = _operands(B=200)
+    pre = xc @ W + be
+    ref_v, ref_i = pre.topk(6, dim=1)
+    assert tune.check_values(xc, W, be, ref_v, ref_i) is None and tune.check_selection(ref_v, ref_v) is None
+    # a lower-ranked latent in place of a top one, its own value kept: the ids carry their values, the
+    # selection is not the top-k (a tile skipped, say)
+    v, i = ref_v.clone(), ref_i.clone()
+    sorted_v, sorted_i = pre[3].sort(descending=True)
+    v[3, 0], i[3, 0] = sorted_v[10], sorted_i[10]
+    assert tune.check_values(xc, W, be, v, i) is None
+    assert "differ from the reference candidate's" in tune.check_selection(ref_v, v)
+    # the right values under wrong ids, in a row of the last token block (the checked rows span the batch)
     i = ref_i.clone()
-    i[0] = i[0].roll(1)
-    assert "pre-activations at their ids" in tune.check_selection(xc, W, be, ref_v, ref_v, i)
+    i[199] = i[199].roll(1)
+    assert "pre-activations at their ids" in tune.check_values(xc, W, be, ref_v, i)
     i = ref_i.clone()
-    i[1, 1] = i[1, 0]
-    assert "repeated" in tune.check_selection(xc, W, be, ref_v, ref_v, i)
+    i[0, 1] = i[0, 0]
+    assert "repeated" in tune.check_values(xc, W, be, ref_v, i)
+    i[0, 1] = W.shape[1]
+    assert "out of range" in tune.check_values(xc, W, be, ref_v, i)
 
 
 def _result(device="NVIDIA H100 80GB HBM3", best=None, k=32):
@@ -72,8 +80,8 @@ def _result(device="NVIDIA H100 80GB HBM3", best=None, k=32):
     best = base[2] if best is None else best
     return {"device": device, "triton": "3.9.0", "torch": "2.13.0", "date": "2026-12-07T00:00:00Z",
             "shape": {"d_in": 768, "n": 2**18, "batch": 32768},
-            "classes": [{"precision": "16-bit", "K_PAD": base[0]["K_PAD"], "k": k, "dtype": "bfloat16",
-                         "best": best, "best_ms": 20.0, "default_ms": 22.0}]}
+            "classes": [{"precision": "16-bit", "K_PAD": base[0]["K_PAD"], "k": k, "dtype": "bf16",
+                         "best": best, "best_ms": 20.0, "default_ms": 22.0, "all_correct": True}]}
 
 
 def test_merged_table_sets_the_launch_configuration_of_that_gpu(tmp_path, monkeypatch):
@@ -104,21 +112,37 @@ def test_merged_table_sets_the_launch_configuration_of_that_gpu(tmp_path, monkey
     assert et.encoder_launch_config(768, 32, None, device_name=name) == default
 
 
+def test_merge_keeps_the_faster_of_two_classes_of_one_key(tmp_path):
+    # k = 20 and k = 32 share K_PAD 32 (and bf16 / fp16 share the 16-bit precision): the faster wins
+    r = _result()
+    slow = {**r["classes"][0], "k": 20, "best": et.encoder_candidates(20, None)[1], "best_ms": 30.0}
+    r["classes"].insert(0, slow)
+    (e,) = tune.merge(r, tmp_path / "t.json")
+    assert e["k"] == 32 and e["ms"] == 20.0 and e["config"] == et.encoder_candidates(32, None)[2]
+
+
 def test_merge_refuses_results_with_nothing_to_keep(tmp_path):
     table = tmp_path / "t.json"
     with pytest.raises(ValueError, match="interpreter"):
         tune.merge(_result(device=tune.CPU_DEVICE), table)
-    empty = _result()
-    empty["classes"][0]["best"] = None
-    with pytest.raises(ValueError, match="no class with a timed candidate"):
-        tune.merge(empty, table)
+    tiny = {**_result(), "shape": {"d_in": 32, "n": 256, "batch": 64}}  # a dry gpu-check on a GPU
+    with pytest.raises(ValueError, match="batch=64, n=256.*--force"):
+        tune.merge(tiny, table)
+    for change in ({"best": None}, {"default_ms": None}, {"all_correct": False}):
+        r = _result()
+        r["classes"][0].update(change)
+        with pytest.raises(ValueError, match="no class whose default was timed"):
+            tune.merge(r, table)
     assert not table.exists()
+    assert tune.merge(tiny, table, force=True)[0]["shape"]["batch"] == 64
     assert tune.main(["--merge", str(tmp_path / "missing.json"), "--table", str(table)]) == 2
 
 
 def test_shipped_table_holds_only_candidates():
     """Every entry of the committed table is a current candidate of its class (else it would be ignored)."""
-    for e in json.loads(tune.TABLE_PATH.read_text())["entries"]:
+    entries = json.loads(tune.TABLE_PATH.read_text())["entries"]
+    assert len({(e["device"], e["precision"], e["K_PAD"]) for e in entries}) == len(entries)
+    for e in entries:
         prec = {"16-bit": None, "tf32": "tf32", "ieee": "ieee"}[e["precision"]]
         assert e["config"] in et.encoder_candidates(e["k"], prec), e
 
@@ -138,7 +162,8 @@ def test_fp32_classes_set_torch_matmul_precision_for_the_run_only(dtype, want, m
     m = torch.backends.cuda.matmul
     before = m.fp32_precision
     seen = []
-    monkeypatch.setattr(tune, "tune_class", lambda *a, **kw: seen.append(m.fp32_precision) or {"k": 4})
+    monkeypatch.setattr(tune, "tune_class", lambda *a, **kw: seen.append(m.fp32_precision) or {"k": 4, "results": []})
     args = tune._parse(["--n", "64", "--batch", "8", "--d-in", "8", "--k", "4", "--dtype", dtype, "--device", "cpu"])
     result = tune.run(args)
-    assert seen == [want] and m.fp32_precision == before and result["classes"] == [{"k": 4, "dtype": dtype}]
+    assert seen == [want] and m.fp32_precision == before
+    assert result["classes"] == [{"dtype": dtype, "k": 4, "results": []}]

@@ -610,7 +610,7 @@ def _candidate_tiles(k: int, device: torch.device, dtype: torch.dtype) -> list[d
 @pytest.mark.parametrize("k", [5, 40])
 def test_every_tuning_candidate_selects_the_top_k(k, dtype, kernel_device):
     """Each launch configuration `sae_dist.kernels.tune` may pick (`encoder_candidates`) runs the fused
-    encoder to the fp64 oracle's selection: two token blocks, two latent splits with partial tiles, d_in
+    encoder to the fp64 oracle's selection: two token blocks, several latent splits with partial tiles, d_in
     not a multiple of any BLOCK_D."""
     dev = kernel_device
     if dev.type == "cpu" and (dtype != torch.float32 or k > 32):
@@ -621,9 +621,13 @@ def test_every_tuning_candidate_selects_the_top_k(k, dtype, kernel_device):
     xc = (x.to(dtype) - bp).contiguous()
     pre = xc.double() @ W.double() + be.double()
     tol = kernel_tol(dev, dtype, *((1e-5, 1e-5) if dtype == torch.float32 else (2e-2, 2e-2)))
+    # the splits are aligned to the offline default's BLOCK_N whichever candidate runs (sae-plan's model)
+    align = et.encoder_launch_config(d, k, et.dot_precision(xc), interpret=dev.type == "cpu")["BLOCK_N"]
+    span = -(-96 // align) * align
     for cfg in _candidate_tiles(k, dev, dtype):
-        launch, cand_v, cand_i = et.encoder_launch(xc, W, be, k, 160, config=cfg)
-        assert launch.grid[1] == 2 and launch.constexprs["BLOCK_N"] == cfg["BLOCK_N"], cfg
+        launch, cand_v, cand_i = et.encoder_launch(xc, W, be, k, 96, config=cfg)
+        assert launch.args[8] == span and launch.grid[1] == -(-n // span) >= 2, cfg
+        assert launch.constexprs["BLOCK_N"] == cfg["BLOCK_N"], cfg
         launch.run()
         v, j = cand_v.topk(k, dim=1)  # the kernel's raw pre-activations, ReLU'd as the encoder returns them
         assert_topk_selection(F.relu(v), cand_i.gather(1, j), pre, window=select_atol(dev, dtype), **tol,
