@@ -11,9 +11,10 @@ On one H100/H200 it finishes within `FULL.total_budget_s` (465 s, under 8 minute
 a step that overruns is killed and recorded as "timeout", and the check moves on; the JSON and the
 markdown are rewritten after every step, so no step's result is lost:
 
-  kernel_tests      pytest on the four kernel test files (CUDA tensors on a GPU machine, Triton's
-                    interpreter on CPU; a quick `-k` subset in dry mode): passed / failed / errors /
-                    skipped counts and duration from pytest's junit xml.
+  kernel_tests      pytest on the kernel test files and the harvester's CUDA tests (KERNEL_TEST_FILES;
+                    CUDA tensors on a GPU machine, Triton's interpreter on CPU; a quick `-k` subset in
+                    dry mode): passed / failed / errors / skipped counts and duration from pytest's
+                    junit xml.
   encoder_matmul    the bare encoder matmul x[B, d] @ W_enc[d, n] at the large shape, timed with CUDA
                     events (median over iterations, two input batches alternated, random data), in ms
                     and TFLOP/s (2*B*d*n FLOPs) against the chip's dense peak (`CHIP_PEAKS`); a
@@ -74,9 +75,10 @@ __all__ = ["CheckSizes", "FULL", "DRY", "ChipPeak", "CHIP_PEAKS", "chip_peak", "
            "evaluate_goals", "recalibrate", "render_markdown", "run_check", "main"]
 
 ROOT = Path(__file__).resolve().parents[1]
+#: The kernel_tests step's pytest files: the kernels', and the harvester's, LM stream's and load_sae's CUDA tests.
 KERNEL_TEST_FILES = ("tests/unit/kernels/test_kernels_encoder.py", "tests/unit/kernels/test_kernels_decode.py",
                      "tests/unit/kernels/test_kernels_auxk.py", "tests/unit/kernels/test_kernel_step.py",
-                     "tests/integration/kernels/test_kernels_import.py")
+                     "tests/integration/kernels/test_kernels_import.py", "tests/unit/harvest/test_harvest_cuda.py")
 GiB = 2**30
 
 

@@ -196,6 +196,10 @@ def test_failed_and_timed_out_commands_are_recorded(tmp_path):
     assert "exit 3" in (tmp_path / "gpu_check.log").read_text()
 
 
+def test_the_kernel_test_step_names_existing_files():
+    assert all((gc.ROOT / f).is_file() for f in gc.KERNEL_TEST_FILES) and len(set(gc.KERNEL_TEST_FILES)) == 6
+
+
 def test_encoder_tuning_is_skipped_without_time_for_it(tmp_path):
     # 10 s before the deadline: less than the tuner's margin plus a step's minimum, so it does not start
     c = gc.Check(dataclasses.replace(gc.DRY, total_budget_s=gc.TUNE_MARGIN_S - 10), tmp_path, tmp_path)
