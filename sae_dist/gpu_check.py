@@ -33,8 +33,9 @@ markdown are rewritten after every step, so no step's result is lost:
   plan              sae-plan's prediction (`sae_dist.plan.plan`, one GPU) of step time and memory at
                     the bench shapes, beside the measured step_ms and peak_mem_mb.
   encoder_tune      `python -m sae_dist.kernels.tune` in the time left before the deadline: the fused
-                    encoder's launch candidates at d_in, batch, tune_n latents, for k and 4k, checked
-                    against the default's selection and timed (encoder_tune.json in the output dir).
+                    encoder's launch candidates at d_in, tune_batch tokens, tune_n latents, for k and 4k,
+                    checked and timed (encoder_tune.json in the output dir); skipped or cut short by the
+                    deadline, it does not fail the check.
 Then the goals (issue 14 item 7, and item 3's dead-latent goal; `GOALS`), each pass / fail / n/a with
 the measured number, and the sae-plan constants this measurement recalibrates (`recalibrate`).
 
@@ -1167,7 +1168,8 @@ class Resume:
     keep: tuple[str, ...]
 
     def copy_files(self, out: Path) -> None:
-        """Bring the kept steps' files (training logs, junit xml) from the earlier check's directory to `out`."""
+        """Bring the kept steps' files (training logs, junit xml, the tuner's result) from the earlier check's
+        directory to `out`."""
         names = [f for n, f in _STEP_FILES.items() if n in self.keep]
         names += ["kernel_tests.xml"] if "kernel_tests" in self.keep else []
         for f in names:
@@ -1179,8 +1181,8 @@ class Resume:
 def plan_resume(path: Path, sizes: CheckSizes, identity: dict, rerun: tuple[str, ...] = ()) -> Resume:
     """Which steps of the earlier check at `path` (a gpu_check.json) a new check keeps: those that
     passed ("pass"/"ok"), except the ones computed from the others (env, plan, train_curves), those named
-    in `rerun`, a training run or the tuning whose output file is not beside `path`, and the synthetic store unless both
-    training runs are kept (it lives in scratch space). `identity`: this machine's `env_identity`.
+    in `rerun`, a training run or the tuning whose output file is not beside `path`, and the synthetic store
+    unless both training runs are kept (it lives in scratch space). `identity`: this machine's `env_identity`.
 
     Raises ValueError (nothing is run): no such file or not a gpu_check.json; a check of other sizes
     (mode, shapes or budgets differ: named); one on another device, torch, CUDA or Triton (named: the
