@@ -89,8 +89,9 @@ def _key(e: dict) -> tuple:
 def merge(result: dict, path: Path | None = None, force: bool = False) -> list[dict]:
     """Put each class's fastest configuration of a tuner result (`run`'s dict) into the table at `path`
     (default TABLE_PATH), replacing an entry of the same device, precision and K_PAD (of two such classes in
-    the result, the faster). Only classes whose candidates all selected correctly and whose default was
-    timed count. Returns the entries written.
+    the result, the faster). Only complete classes count (every candidate correct and timed over all rounds;
+    with force, incomplete ones whose default was timed and none of whose candidates failed). Returns the
+    entries written.
     Raises ValueError (the table unchanged): a result of the CPU interpreter, a shape below MIN_MERGE_SHAPE
     (unless force: timings at tiny shapes say nothing about training), or no class that counts."""
     path = TABLE_PATH if path is None else path
@@ -102,7 +103,7 @@ def merge(result: dict, path: Path | None = None, force: bool = False) -> list[d
                          f"{MIN_MERGE_SHAPE[0]} tokens x {MIN_MERGE_SHAPE[1]} latents; pass --force to merge it")
     best: dict[tuple, dict] = {}
     for c in result["classes"]:
-        if not (c.get("best") and c.get("default_ms") and c.get("all_correct")):
+        if not (c.get("best") and c.get("default_ms") and c.get("all_correct") and (c.get("complete") or force)):
             continue
         e = {"device": result["device"], "precision": c["precision"], "K_PAD": c["K_PAD"], "config": c["best"],
              "ms": c["best_ms"], "default_ms": c["default_ms"], "dtype": c["dtype"], "k": c["k"],
@@ -110,8 +111,8 @@ def merge(result: dict, path: Path | None = None, force: bool = False) -> list[d
         if _key(e) not in best or e["ms"] < best[_key(e)]["ms"]:
             best[_key(e)] = e
     if not best:
-        raise ValueError("the tuner result has no class whose default was timed and whose candidates all selected "
-                         "correctly; nothing to merge")
+        raise ValueError("the tuner result has no complete class (every candidate correct and timed over all "
+                         "rounds); nothing to merge (--force takes incomplete ones)")
     old = json.loads(path.read_text())["entries"] if path.exists() else []
     entries = sorted([e for e in old if _key(e) not in best] + list(best.values()), key=_key)
     path.write_text(json.dumps({"entries": entries}, indent=1) + "\n")
@@ -229,12 +230,18 @@ def tune_class(xc, W_enc, b_enc, k: int, iters: int, warmup: int, deadline: floa
             runs.append((rec, ok[0]))
             ref_v = ok[1] if ref_v is None else ref_v
     if runs and time.time() < deadline:
-        _time_runs(runs, iters, warmup, deadline, xc.device)
+        try:
+            _time_runs(runs, iters, warmup, deadline, xc.device)
+        except Exception as e:  # a launch that fails only now (a fault of an earlier one, say): the class is kept
+            for rec, _ in runs:
+                rec.update(status="error", error=" ".join(f"timing: {type(e).__name__}: {e}".split())[:500])
     timed = [r for r in results if r["status"] == "timed"]
     best = min(timed, key=lambda r: r["ms_median"]) if timed else None
     default_ms = results[0].get("ms_median")
+    # complete: every candidate timed over all `iters` rounds; all_correct: none wrong and none failed
     return {"precision": PRECISION_LABELS[precision], "K_PAD": cands[0]["K_PAD"], "k": k, "results": results,
-            "complete": len(timed) == len(results), "all_correct": all(r["status"] != "wrong" for r in results),
+            "complete": len(timed) == len(results) and all(r["rounds"] == iters for r in timed),
+            "all_correct": all(r["status"] not in ("wrong", "error") for r in results),
             "best": best["config"] if best else None, "best_tag": best["tag"] if best else None,
             "best_ms": best["ms_median"] if best else None, "default_ms": default_ms,
             "default_over_best": round(default_ms / best["ms_median"], 4) if best and default_ms else None}
@@ -318,7 +325,8 @@ def _parse(argv):
     p.add_argument("--out", type=Path, help="write the whole result (JSON) here")
     p.add_argument("--merge", type=Path, metavar="FILE", help="merge a result file into the measured table")
     p.add_argument("--table", type=Path, default=TABLE_PATH, help="the measured table --merge writes")
-    p.add_argument("--force", action="store_true", help="with --merge: accept a result of a tiny shape")
+    p.add_argument("--force", action="store_true",
+                   help="with --merge: accept a result of a tiny shape, and classes not timed completely")
     args = p.parse_args(argv)
     if args.warmup < 0:
         p.error(f"--warmup must be >= 0, got {args.warmup}")

@@ -858,6 +858,7 @@ def step_curves(c: Check, on: list[dict], off: list[dict]) -> None:
 # ------------------------------------------------------------------------------------------ tuning
 TUNE_FILE = "encoder_tune.json"
 TUNE_MARGIN_S = 20.0  # the tuner starts no candidate this close to the step's time limit
+TUNE_MIN_S = 20.0  # the least time for candidates (after the tuner's start) for which the step starts
 #: Steps that run in the time the others left: skipped or cut short, they do not fail the check (`ok`); a
 #: --resume runs them again.
 _LEFTOVER_STEPS = ("encoder_tune",)
@@ -866,14 +867,15 @@ _LEFTOVER_STEPS = ("encoder_tune",)
 def step_tune(c: Check) -> None:
     """The fused encoder's launch candidates timed (`sae_dist.kernels.tune`) in the time the other steps left,
     for k and Multi-TopK's factor x k; its result file goes to the output directory (merge it into the measured
-    table: docs/gpu-check.md). Status: ok (every candidate checked and timed), fail (one selected wrongly or
-    did not compile or run), timeout (time ran out first: the classes finished are kept), skipped (no time)."""
+    table: docs/gpu-check.md). Status: ok (every candidate checked and timed over all rounds), fail (one
+    selected wrongly or did not compile or run), timeout (time ran out first: the classes finished are kept),
+    skipped (no time), error (the tuner crashed, or wrote no result)."""
     from sae_dist.fielddoc import field_default
     from sae_dist.sae.config import SAEConfig
 
     s, name = c.sizes, "encoder_tune"
     left = c.time_left(name)
-    if left < TUNE_MARGIN_S + MIN_STEP_S:
+    if left < TUNE_MARGIN_S + TUNE_MIN_S:
         c.save(name, "skipped", f"{max(left, 0):.0f} s left before the {s.total_budget_s:.0f} s deadline")
         return
     out = c.out / TUNE_FILE
@@ -890,6 +892,9 @@ def step_tune(c: Check) -> None:
         c.failed_cmd(name, res, name, f"no {TUNE_FILE} written")
         return
     classes = json.loads(out.read_text())["classes"]
+    if not res.timed_out and (res.rc not in (0, 1) or len(classes) < len(ks)):  # it crashed: not time running out
+        c.failed_cmd(name, res, name, f"the tuner stopped after {len(classes)} of {len(ks)} classes")
+        return
     bad = [f"k={cl['k']} {r['tag']}: {r['status']}: {r['error']}" for cl in classes for r in cl["results"]
            if r["status"] in ("wrong", "error")]
     complete = len(classes) == len(ks) and all(cl["complete"] for cl in classes)

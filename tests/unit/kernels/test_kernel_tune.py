@@ -52,6 +52,37 @@ def test_sweep_checks_and_times_every_candidate(kernel_device):
     assert len(seen) == sum(len(c["results"]) for c in result["classes"]) and seen[0]["k"] == 4
 
 
+def test_the_deadline_stops_candidates_and_timing(monkeypatch):
+    """Past --stop-at no candidate starts ("not run", the class incomplete); timing that reaches the deadline
+    stops after one round, and the class is then incomplete too, so --merge refuses it."""
+    xc, W, be = _operands()
+    cl = tune.tune_class(xc, W, be, 4, iters=3, warmup=0, deadline=0.0)
+    assert {r["status"] for r in cl["results"]} == {"not run"} and not cl["complete"] and cl["best"] is None
+    calls = []
+    runs = [({"status": "checked"}, type("L", (), {"run": lambda self: calls.append(1)})()) for _ in range(2)]
+    tune._time_runs(runs, iters=5, warmup=1, deadline=0.0, device=torch.device("cpu"))
+    assert [r["rounds"] for r, _ in runs] == [1, 1] and len(calls) == 2 * (1 + 1)
+    tune._time_runs(runs, iters=5, warmup=0, deadline=float("inf"), device=torch.device("cpu"))
+    assert [r["rounds"] for r, _ in runs] == [5, 5]
+
+
+def test_a_candidate_that_fails_is_its_own_error(monkeypatch):
+    xc, W, be = _operands()
+    real = tune._select
+
+    def select(xc, W, be, k, cfg):
+        if cfg["num_stages"] == 2:
+            raise RuntimeError("out of\nshared memory")
+        return real(xc, W, be, k, cfg)
+
+    monkeypatch.setattr(tune, "_select", select)
+    cl = tune.tune_class(xc, W, be, 4, iters=1, warmup=0, deadline=float("inf"))
+    by = {r["config"]["num_stages"]: r for r in cl["results"] if r["config"]["BLOCK_D"] == cl["results"][0]["config"][
+        "BLOCK_D"] and r["config"]["BLOCK_N"] == cl["results"][0]["config"]["BLOCK_N"]}
+    assert by[2]["status"] == "error" and by[2]["error"] == "RuntimeError: out of shared memory"
+    assert by[3]["status"] == "timed" and not cl["all_correct"] and not cl["complete"]
+
+
 def test_a_wrong_selection_is_caught():
     xc, W, be = _operands(B=200)
     pre = xc @ W + be
@@ -81,7 +112,7 @@ def _result(device="NVIDIA H100 80GB HBM3", best=None, k=32):
     return {"device": device, "triton": "3.9.0", "torch": "2.13.0", "date": "2026-12-07T00:00:00Z",
             "shape": {"d_in": 768, "n": 2**18, "batch": 32768},
             "classes": [{"precision": "16-bit", "K_PAD": base[0]["K_PAD"], "k": k, "dtype": "bf16",
-                         "best": best, "best_ms": 20.0, "default_ms": 22.0, "all_correct": True}]}
+                         "best": best, "best_ms": 20.0, "default_ms": 22.0, "all_correct": True, "complete": True}]}
 
 
 def test_merged_table_sets_the_launch_configuration_of_that_gpu(tmp_path, monkeypatch):
@@ -112,11 +143,12 @@ def test_merged_table_sets_the_launch_configuration_of_that_gpu(tmp_path, monkey
     assert et.encoder_launch_config(768, 32, None, device_name=name) == default
 
 
-def test_merge_keeps_the_faster_of_two_classes_of_one_key(tmp_path):
+@pytest.mark.parametrize("slow_first", [True, False])
+def test_merge_keeps_the_faster_of_two_classes_of_one_key(slow_first, tmp_path):
     # k = 20 and k = 32 share K_PAD 32 (and bf16 / fp16 share the 16-bit precision): the faster wins
     r = _result()
     slow = {**r["classes"][0], "k": 20, "best": et.encoder_candidates(20, None)[1], "best_ms": 30.0}
-    r["classes"].insert(0, slow)
+    r["classes"].insert(0 if slow_first else 1, slow)
     (e,) = tune.merge(r, tmp_path / "t.json")
     assert e["k"] == 32 and e["ms"] == 20.0 and e["config"] == et.encoder_candidates(32, None)[2]
 
@@ -128,13 +160,16 @@ def test_merge_refuses_results_with_nothing_to_keep(tmp_path):
     tiny = {**_result(), "shape": {"d_in": 32, "n": 256, "batch": 64}}  # a dry gpu-check on a GPU
     with pytest.raises(ValueError, match="batch=64, n=256.*--force"):
         tune.merge(tiny, table)
-    for change in ({"best": None}, {"default_ms": None}, {"all_correct": False}):
+    for change in ({"best": None}, {"default_ms": None}, {"all_correct": False}, {"complete": False}):
         r = _result()
         r["classes"][0].update(change)
-        with pytest.raises(ValueError, match="no class whose default was timed"):
+        with pytest.raises(ValueError, match="no complete class"):
             tune.merge(r, table)
     assert not table.exists()
     assert tune.merge(tiny, table, force=True)[0]["shape"]["batch"] == 64
+    partial = _result()
+    partial["classes"][0]["complete"] = False  # --force takes a class cut short, if nothing in it failed
+    assert tune.merge(partial, table, force=True)[0]["ms"] == 20.0
     assert tune.main(["--merge", str(tmp_path / "missing.json"), "--table", str(table)]) == 2
 
 
