@@ -1,7 +1,6 @@
 """The GPU code checked without a GPU: every kernel compiled for sm_90a (registers, spills, 64-bit
 offsets, by `sae_dist.kernels.report`), and a bounded number of compiled variants per shape."""
 
-import itertools
 import json
 import math
 import os
@@ -25,27 +24,30 @@ def _env():
 
 
 @pytest.mark.slow
-def test_report_compiles_every_kernel_for_sm90a_without_spills_and_with_int64_offsets():
-    """The production extremes (d_in 4096, k 64, k_aux 2048; bf16 and TF32) through the report CLI in a process
-    without the interpreter: every kernel of the step and every launch configuration the encoder's tuner may
-    choose there (`--candidates`: 64 and 256 top-k slots), 0 spill bytes, 64-bit offsets. (k = 32's
-    candidates: docs/benchmarks.md's run of the whole report, too slow for the suite.)"""
+@pytest.mark.parametrize(("k", "dtypes"), [(64, ("bf16", "fp32")), (32, ("bf16",))])
+def test_report_compiles_every_kernel_for_sm90a_without_spills_and_with_int64_offsets(k, dtypes):
+    """The report CLI in a process without the interpreter at d_in 4096, k_aux 2048: every kernel of the step
+    and every launch configuration the encoder's tuner may choose there (`--candidates`), 0 spill bytes, 64-bit
+    offsets. k = 64 in bf16 and TF32: the production extremes (64 and 256 top-k slots); k = 32 in bf16: the
+    classes `make gpu-check` tunes (32 and 128 slots). (The rest: docs/benchmarks.md's run of the whole
+    report, too slow for the suite.)"""
     from sae_dist.kernels.encoder_topk import encoder_candidates
     from sae_dist.kernels.tune import config_tag
 
-    cmd = [sys.executable, "-m", "sae_dist.kernels.report", "--d-in", "4096", "--k", "64", "--k-aux", "2048",
-           "--dtype", "bf16", "fp32", "--jobs", "2", "--candidates"]
+    cmd = [sys.executable, "-m", "sae_dist.kernels.report", "--d-in", "4096", "--k", str(k), "--k-aux", "2048",
+           "--dtype", *dtypes, "--jobs", "2", "--candidates"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=_env())
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "TRITON_DEFAULT_FP_FUSION" not in r.stderr  # every launch states enable_fp_fusion (COMPILE_OPTIONS)
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     assert {row["kernel"] for row in rows if " " not in row["kernel"]} == KERNELS
     want = set()
-    for (dtype, prec), k in itertools.product((("bf16", None), ("fp32", "tf32")), (64,)):
+    for dtype in dtypes:
+        prec = None if dtype == "bf16" else "tf32"
         for name, kk in (("encoder_topk", k), ("encoder_topk.multi_topk", 4 * k)):
             want |= {(f"{name} {config_tag(c)}", dtype, k) for c in encoder_candidates(kk, prec)[1:]}
     assert {(row["kernel"], row["config"]["dtype"], row["config"]["k"]) for row in rows if " " in row["kernel"]} == want
-    assert len(rows) == 2 * len(KERNELS) + len(want)
+    assert len(rows) == len(dtypes) * len(KERNELS) + len(want)
     for row in rows:
         assert row["arch"] == "sm_90a" and row["config"]["d_in"] == 4096
         assert row["spill_bytes"] == 0 and row["int64_offsets"] is True, row
