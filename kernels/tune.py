@@ -69,11 +69,16 @@ def measured_config(device_name: str, precision: str | None, k: int, path: Path 
     one of `encoder_candidates`."""
     from .encoder_topk import encoder_candidates
 
-    path = TABLE_PATH if path is None else path
-    label, k_pad = PRECISION_LABELS[precision], encoder_candidates(k, precision)[0]["K_PAD"]
-    for e in _table(str(path)):
-        if e["device"] == device_name and e["precision"] == label and e["K_PAD"] == k_pad:
-            return dict(e["config"]) if e["config"] in encoder_candidates(k, precision) else None
+    # the training step calls this every launch: with no entry for this GPU (the usual case) nothing else runs
+    label = PRECISION_LABELS[precision]
+    mine = [e for e in _table(str(TABLE_PATH if path is None else path))
+            if e["device"] == device_name and e["precision"] == label]
+    if not mine:
+        return None
+    cands = encoder_candidates(k, precision)
+    for e in mine:
+        if e["K_PAD"] == cands[0]["K_PAD"]:
+            return dict(e["config"]) if e["config"] in cands else None
     return None
 
 
@@ -115,7 +120,7 @@ def merge(result: dict, path: Path | None = None, force: bool = False) -> list[d
                          "rounds); nothing to merge (--force takes incomplete ones)")
     old = json.loads(path.read_text())["entries"] if path.exists() else []
     entries = sorted([e for e in old if _key(e) not in best] + list(best.values()), key=_key)
-    path.write_text(json.dumps({"entries": entries}, indent=1) + "\n")
+    _write_atomic(path, {"entries": entries})
     _table.cache_clear()
     return list(best.values())
 

@@ -123,6 +123,8 @@ class LMStream:
         self.batches_per_window = self.window_rows // self.local_batch_tokens
         self.d_in = lm_d_model(model)
         self.share_group, self.share_src = share_group, int(share_src)
+        #: whether this process runs the LM (False on the receiving ranks of a `share_group`)
+        self.computes = share_group is None or torch.distributed.get_rank() == self.share_src
         self._take_lm(model, tokenizer, load_lm)
         self.attrs = {"d_in": self.d_in, "hook_name": self.spec.name, "ctx_len": self.ctx_len,
                       "eval_fraction": self.eval_fraction, **dict(attrs or {})}
@@ -287,11 +289,6 @@ class LMStream:
 
     def __iter__(self):
         return self
-
-    @property
-    def computes(self) -> bool:
-        """Whether this process runs the LM (False on the receiving ranks of a `share_group`)."""
-        return self.share_group is None or torch.distributed.get_rank() == self.share_src
 
     def _rows(self, lo: int, hi: int, next_window: bool) -> torch.Tensor:
         """Rows [lo, hi) of the current window (of the next one first when `next_window`), float32 and

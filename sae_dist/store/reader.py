@@ -212,11 +212,6 @@ def _check_int(name: str, v, lo: int) -> int:
     return int(v)
 
 
-def _torch_dtype(dtype: np.dtype) -> torch.dtype:
-    """The torch dtype `_native_to_torch` gives an array of numpy dtype `dtype`."""
-    return torch.bfloat16 if dtype == BF16 else torch.from_numpy(np.empty(0, dtype=dtype)).dtype
-
-
 def _native_to_torch(a: np.ndarray) -> torch.Tensor:
     """Zero-copy torch view of a numpy activation array (ml_dtypes.bfloat16 -> torch.bfloat16)."""
     if a.dtype == BF16:
@@ -286,10 +281,12 @@ class ActivationStore:
         if share_group is not None and not torch.distributed.is_initialized():
             raise ValueError("share_group needs an initialised torch.distributed process group")
         self.share_group, self.share_src = share_group, _check_int("share_src", share_src, 0)
+        #: whether this process reads the store (False on the receiving ranks of a `share_group`)
+        self.computes = share_group is None or torch.distributed.get_rank() == self.share_src
         self.local_batch_tokens = self.batch_tokens // self.dp_size
 
         complete = self._open_activations()
-        self._batch_dtype = _torch_dtype(self._acts.dtype)  # the batches' dtype up to the device
+        self._batch_dtype = _native_to_torch(np.empty(0, dtype=self._acts.dtype)).dtype  # up to the device
         self._complete, self._allow_incomplete = complete, bool(allow_incomplete)
         self._set_units(_STATE_VERSION)
         self.tokens_per_epoch = int(self._unit_sizes.sum())
@@ -579,11 +576,6 @@ class ActivationStore:
 
     def __iter__(self):
         return self
-
-    @property
-    def computes(self) -> bool:
-        """Whether this process reads the store (False on the receiving ranks of a `share_group`)."""
-        return self.share_group is None or torch.distributed.get_rank() == self.share_src
 
     def _read_next(self) -> torch.Tensor:
         epoch, batch, x = self._next_raw()

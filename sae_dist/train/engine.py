@@ -12,7 +12,9 @@ The DeepSpeed engine (trainer.engine=deepspeed, ZeRO-1/2 over the dp group) live
     engine.step(loss)                 # zero grads, backward, dp reduction, decoder-gradient projection,
                                       # optional clipping, optimizer step, W_dec row renormalisation
     engine.optimizer_state() -> {param name: {"exp_avg": T, "exp_avg_sq": T, "step": 0-d T}}
-    engine.load_optimizer_state(state)   # in place, same layout (this rank's local shard shapes)
+                                      # T: this rank's local shard, or (DeepSpeed at dp > 1) its ZeRO
+                                      # partition of it as a `sae_dist.parallel.state.RankPart`
+    engine.load_optimizer_state(state)   # in place, the layout optimizer_state() returns
     engine.close()                    # release what the engine holds (process groups, buffers)
 
 The per-step recipe is Gao et al. 2024, section 2.4.1 / Appendix A.1: remove the gradient component

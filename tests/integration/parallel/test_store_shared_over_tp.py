@@ -10,6 +10,7 @@ import torch
 from helpers.dist import free_port
 
 from sae_dist.store import ActivationStore, write_store
+from sae_dist.store.layout import dtype_name
 
 N, D, CHUNK, SHARD, B = 1024, 8, 32, 128, 96  # 8 shards; 10 global batches of 96 per epoch
 KW = dict(batch_tokens=B, dp_size=2, seed=3, shuffle_shards=2, normalize="layer_norm")
@@ -77,7 +78,7 @@ def test_a_tp_group_reads_the_store_once_and_gets_its_dp_ranks_batches(tmp_path,
     from sae_dist.plan import plan
 
     r = plan(d_in=D, d_sae=64, k=4, batch_tokens=B, tp=2, cluster={"nodes": 1, "gpus_per_node": 4},
-             store_dtype={torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[dtype],
+             store_dtype=dtype_name(dtype),
              suggest=False)
     planned = {c["name"]: c["size_bytes"] for c in r["comm"]}
     for got in ranks:

@@ -35,6 +35,7 @@ import torch.multiprocessing as mp
 from helpers.dist import free_port, prefixed, tp_shard
 from helpers.train import LR, engine_cfg
 
+from sae_dist.parallel.state import LATENT_DIM
 from sae_dist.sae.init import init_rows, tied_init_rows_
 from sae_dist.sae.topk import TopKSAE
 from sae_dist.train.deepspeed_engine import DeepSpeedEngine
@@ -398,7 +399,7 @@ def _ckpt_run(nprocs, tp, mode, data, stage, out_dir, offload=False):
 
 def _global(ranks, name, key):
     """The global tensor of an Adam moment from every rank's whole local shard (tp shards concatenated)."""
-    dim = {"W_enc": 1, "b_enc": 0, "W_dec": 0, "b_dec": None}[name]
+    dim = LATENT_DIM[name]
     shards = {r["range"]: r["opt"][name][key] for r in ranks}
     if dim is None:
         return next(iter(shards.values()))
@@ -442,7 +443,7 @@ def test_checkpoints_hold_zero_partitions_without_gathering(save, load, offload,
     for r in loaded:
         lo, hi = r["range"]
         for name in NAMES:
-            dim = {"W_enc": 1, "b_enc": 0, "W_dec": 0, "b_dec": None}[name]
+            dim = LATENT_DIM[name]
             for key in ("exp_avg", "exp_avg_sq"):
                 want = stored[f"{name}.{key}"]
                 want = want if dim is None else want.narrow(dim, lo, hi - lo)
