@@ -933,11 +933,12 @@ def _memory(s: _Step) -> _Memory:
     mem["workspace"] = int(round(o.workspace_gib * GiB))
     mem["heldout_lm"] = int(round(o.heldout_lm_gib * GiB))
     mem["total"] = sum(mem.values())
-    host = 16 * s.part if (s.zero and o.offload_optimizer) else 0  # master + its grad + 2 moments, fp32
+    # offload_optimizer is DeepSpeed's (`_check_options`), so a ZeRO partition: master + its grad + 2 moments, fp32
+    host = 16 * s.part if o.offload_optimizer else 0
     # between steps, at a checkpoint or resume: no activations; the Adam moments are saved and loaded in place
     # (the torch engine's live state, ZeRO's partitions), except that with offload DeepSpeed's optimizer_state()
     # gathers this rank's whole fp32 moments (8 bytes per local parameter) onto the GPU
-    gathered = 8 * s.P if o.engine == "deepspeed" and o.offload_optimizer else 0
+    gathered = 8 * s.P if o.offload_optimizer else 0
     return _Memory(mem, host, kept, transient, phases, peak_phase, mem["total"] - mem["activations"] + gathered)
 
 
@@ -1087,7 +1088,7 @@ def _optimizer_costs(s: _Step, costs: _Costs) -> None:
     o, d, nl, P = s.o, s.d, s.nl, s.P
     costs.add("decoder_grad_projection", "opt", 4 * nl * d, 3 * nl * d * 4, "memory")
     p_opt = s.part if s.zero else P
-    if s.zero and o.offload_optimizer:
+    if o.offload_optimizer:  # DeepSpeed's, on a ZeRO partition
         costs.add("offload_pcie_copies", "opt", 0, 8 * p_opt, "pcie")  # gradient partition down, weights up
         costs.add("adam_on_host", "opt", 12 * p_opt, 28 * p_opt, "host")
     else:

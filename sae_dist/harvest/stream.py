@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from sae_dist.parallel.comm import broadcast_from
+from sae_dist.parallel.comm import broadcast_from, broadcast_status
 from sae_dist.store.reader import check_mode, normalize, worker_result
 
 __all__ = ["LMStream"]
@@ -158,11 +158,8 @@ class LMStream:
             except Exception as e:  # noqa: BLE001 (raised below, after the group knows)
                 error = e
         if self.share_group is not None:
-            ok = torch.tensor([error is None], dtype=torch.int32, device=self.device)
-            torch.distributed.broadcast(ok, src=self.share_src, group=self.share_group)
-            if error is None and not int(ok):
-                raise RuntimeError(f"LMStream: the LM did not load on global rank {self.share_src}, which runs it for "
-                                   "this rank's tensor-parallel group (share_group): see that rank's error")
+            broadcast_status(error is not None, self.device, self.share_group, self.share_src,
+                             "LMStream: loading the LM")
         if error is not None:
             raise error
 

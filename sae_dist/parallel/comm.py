@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["copy_to_tp", "reduce_from_tp", "all_reduce_", "all_gather_cat", "broadcast_from", "group_size"]
+__all__ = ["copy_to_tp", "reduce_from_tp", "all_reduce_", "all_gather_cat", "broadcast_from", "broadcast_status",
+           "group_size"]
 
 
 def group_size(group) -> int:
@@ -75,6 +76,25 @@ def all_gather_cat(t: torch.Tensor, group, dim: int = 1) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
+def broadcast_status(failed: bool, device, group, src: int, what: str) -> None:
+    """Collective over `group`: global rank `src` tells the others whether `what` failed there.
+
+    failed: `src`'s outcome (ignored on the other ranks). The other ranks raise RuntimeError naming `src`
+    and `what` when it failed, so they do not wait in a later collective until the process group's
+    timeout; `src` returns (and raises its own error after), having waited for the status to leave when it
+    failed (NCCL only queues a broadcast, and the process may exit next).
+    """
+    status = torch.tensor([int(failed)], dtype=torch.int32, device=device)
+    dist.broadcast(status, src=src, group=group)
+    if dist.get_rank() == src:
+        if failed:
+            status.cpu()
+        return
+    if int(status.item()):
+        raise RuntimeError(f"{what} failed on global rank {src}, which produces it for this rank's group "
+                           "(share_group): see that rank's error")
+
+
 @torch.no_grad()
 def broadcast_from(produce, shape: tuple[int, ...], dtype: torch.dtype, device, group, src: int,
                    what: str) -> torch.Tensor:
@@ -83,24 +103,18 @@ def broadcast_from(produce, shape: tuple[int, ...], dtype: torch.dtype, device, 
 
     produce: on `src`, a callable returning the tensor ([*shape], `dtype`, on `device`); None on the
     other ranks, which receive into a new tensor of that shape. group: a process group (not None).
-    Collective over `group`: first a one-element status, so that an error raised by produce on `src`
-    (re-raised there) makes every other rank raise RuntimeError naming `src` and `what` instead of
-    waiting in the broadcast until the process group's timeout; then the tensor itself.
+    Collective over `group`: first `broadcast_status`, so that an error raised by produce on `src`
+    (re-raised there) makes every other rank raise RuntimeError naming `src` and `what`; then the
+    tensor itself.
     """
-    status = torch.zeros(1, dtype=torch.int32, device=device)
     x = None
     try:
         if produce is not None:
             x = produce().contiguous()
     except BaseException:
-        status.fill_(1)
-        dist.broadcast(status, src=src, group=group)
-        status.cpu()  # waits for the broadcast (NCCL only queues it), so the others learn before this rank exits
+        broadcast_status(True, device, group, src, what)
         raise
-    dist.broadcast(status, src=src, group=group)
-    if produce is None and int(status.item()):
-        raise RuntimeError(f"{what} failed on global rank {src}, which produces it for this rank's group "
-                           "(share_group): see that rank's error")
+    broadcast_status(False, device, group, src, what)
     if x is None:
         x = torch.empty(shape, dtype=dtype, device=device)
     dist.broadcast(x, src=src, group=group)

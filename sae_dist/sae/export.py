@@ -528,7 +528,7 @@ def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu") -> Exp
         )
     cfg = read_sae_cfg(p)
     check_fits_device(int(cfg["d_in"]), int(cfg["d_sae"]), device, f"the SAE at {str(p)!r}")
-    cfg, tensors = read_sae_files(p)
+    cfg, tensors = read_sae_files(p, cfg)
     return _exported_module(cfg, tensors).to(device)
 
 

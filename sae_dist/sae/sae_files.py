@@ -201,14 +201,15 @@ def has_weights(path: str | os.PathLike) -> bool:
     return (Path(path) / WEIGHTS_FILENAME).is_file() or (Path(path) / SHARD_INDEX_FILENAME).is_file()
 
 
-def read_sae_files(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+def read_sae_files(path: str | os.PathLike, cfg: dict | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
     """(canonical cfg, float32 tensors) of the SAE directory `path` (cfg.json + sae_weights.safetensors, ours
     or SAELens'; or cfg.json + latent-sharded weights, `sae_dist.sae.shards.read_shards`, when the directory
     has no sae_weights.safetensors but an index); `canonical_cfg` + `canonical_tensors` on its files.
+    cfg: its `read_sae_cfg`, when the caller has read it already (None: read here).
     FileNotFoundError when it has neither (or a shard is missing); ValueError as `canonical_tensors`, or for
     shards that do not fit together (`read_shards`)."""
     p = Path(path)
-    cfg = read_sae_cfg(p)
+    cfg = read_sae_cfg(p) if cfg is None else cfg
     if (p / WEIGHTS_FILENAME).is_file() or not (p / SHARD_INDEX_FILENAME).is_file():
         tensors = load_file(str(p / WEIGHTS_FILENAME), device="cpu")
         return canonical_tensors(cfg, tensors, where=str(p / WEIGHTS_FILENAME))

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from functools import partial
 
 import pytest
@@ -381,6 +382,14 @@ def _ckpt_worker(rank, world, tp, port, mode, data, stage, offload, out_dir):
                             for f in engine._flat_partitions() for k in ("exp_avg", "exp_avg_sq")}
                 out["live"] = all((p.flat if isinstance(p, RankPart) else p).untyped_storage().data_ptr() in storages
                                   for p in parts if (p.flat if isinstance(p, RankPart) else p).numel())
+                # a RankPart the engine did not return (a copy of its live one) is refused
+                foreign = {n: {k: RankPart(v.flat.clone(), v.start, v.shape) if isinstance(v, RankPart) else v
+                               for k, v in st.items()} for n, st in opt.items()}
+                try:
+                    engine.load_optimizer_state(foreign)
+                    out["foreign"] = None
+                except ValueError as e:
+                    out["foreign"] = str(e)
             save_checkpoint(os.path.join(out_dir, "ck"), STEPS // 2, state=build_state(model, opt, None, {}, ctx),
                             trainer_state={}, ctx=ctx)
         out["opt"] = _opt_state(engine)
@@ -431,6 +440,8 @@ def test_checkpoints_hold_zero_partitions_without_gathering(save, load, offload,
             assert torch.equal(stored[f"{name}.{key}"], want), (name, key)
     if mode == "save_ds":  # dp = 2: every local shard tiled by the dp ranks' pieces, each element once
         assert all(r["live"] for r in saved)
+        assert all(re.fullmatch(r"optimizer state \w+\.exp_avg is a RankPart this engine's last optimizer_state\(\) "
+                                r"did not return; pass whole local tensors", r["foreign"]) for r in saved), saved
         by_shard: dict = {}
         for r in saved:
             by_shard.setdefault(r["range"], []).append(r["parts"])

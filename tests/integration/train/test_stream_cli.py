@@ -213,7 +213,7 @@ def test_only_the_rank_that_runs_the_lm_loads_it(lm, tiny_lm_dir, tmp_path):
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert (r0["loads"], r1["loads"]) == ([0], [])
     assert r0["error"] == "OSError: the weights are not readable here"
-    assert r1["error"].startswith("RuntimeError: LMStream: the LM did not load on global rank 0, which runs it")
+    assert r1["error"].startswith("RuntimeError: LMStream: loading the LM failed on global rank 0, which produces it")
 
 
 def _weight_loads_counted(rank, world, port, argv, log_files):

@@ -107,7 +107,7 @@ def test_load_refuses_a_cuda_device_too_small_before_reading_weights(tmp_path, m
     asked = []
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev: asked.append(dev) or (need - 1, 2**34))
 
-    def no_read(path):
+    def no_read(path, cfg=None):
         raise AssertionError("weights read before the memory check")
 
     monkeypatch.setattr(ex, "read_sae_files", no_read)
