@@ -450,13 +450,30 @@ def dot_precision(xc: torch.Tensor) -> str | None:
     return None
 
 
+#: Row stride (elements) of the encoder's xc operand: Triton specialises a pointer stride divisible by 16 as
+#: aligned; an unaligned one (d_in not a multiple of 16) spilled 856 bytes per thread for sm_90a (bf16, k = 32).
+ROW_ALIGN = 16
+
+
+def _aligned_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [B, d] itself when its rows start 16 elements apart (row stride a multiple of 16, unit column
+    stride), else a copy in a buffer of rows padded to a multiple of 16 elements (the view [B, d] of it)."""
+    if x.stride(1) == 1 and x.stride(0) % ROW_ALIGN == 0:
+        return x
+    buf = x.new_empty(x.shape[0], -(-x.shape[1] // ROW_ALIGN) * ROW_ALIGN)[:, : x.shape[1]]
+    return buf.copy_(x)
+
+
 def encoder_launch(xc, W_enc, b_enc, k, latent_chunk, cand_v=None, cand_i=None, config=None):
     """The fused encoder's `Launch` for xc [B, d] (= x - b_dec), W_enc [d, n], b_enc [n]: a grid of
     (token blocks, latent splits); split s writes its local top-k of every row into columns
     [s k, (s + 1) k) of the [B, splits * k] candidate buffers (fp32 values, int32 latent ids).
+    xc is copied into rows padded to a multiple of ROW_ALIGN elements when its row stride is not one
+    (a [B, d] copy, d_in not a multiple of 16: aligned loads keep the kernel from spilling).
     config: a launch configuration (one of `encoder_candidates`; the tuner passes them), default
     `encoder_launch_config` for the tensors' device. Returns (launch, cand_v, cand_i). Meta tensors are
     accepted (the report compiles from them)."""
+    xc = _aligned_rows(xc)
     B, D = xc.shape
     N = W_enc.shape[1]
     interp = xc.device.type == "cpu"

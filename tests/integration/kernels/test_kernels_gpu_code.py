@@ -54,6 +54,21 @@ def test_report_compiles_every_kernel_for_sm90a_without_spills_and_with_int64_of
         assert 0 < row["registers"] <= 255 and row["shared_bytes"] <= 228 * 1024, row
 
 
+def test_an_unaligned_d_in_is_padded_and_compiles_the_encoder_without_spills():
+    """d_in = 1000 (not a multiple of 16): `encoder_launch` gives the kernel xc in rows padded to 1008 elements, so
+    Triton specialises its row stride as aligned; with the unpadded stride this launch (bf16, k = 32, sm_90a)
+    spilled 856 bytes per thread."""
+    code = ("import torch\nfrom sae_dist.kernels import encoder_topk as et\n"
+            "from sae_dist.kernels.report import compile_launch\n"
+            "xc = torch.empty(32768, 1000, dtype=torch.bfloat16, device='meta')\n"
+            "W = torch.empty(1000, 1 << 20, dtype=torch.bfloat16, device='meta')\n"
+            "launch = et.encoder_launch(xc, W, W[0], 32, 4096)[0]\n"
+            "print(launch.args[0].shape[1], launch.args[9], compile_launch(launch)['spill_bytes'])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split() == ["1000", "1008", "0"]
+
+
 def _compile_ttir(src: str, tmp_path, name: str) -> str:
     """Triton IR of a one-kernel module `src` compiled for sm_90a in a fresh process."""
     path = tmp_path / f"{name}.py"
