@@ -14,7 +14,7 @@ import warnings
 import torch
 
 __all__ = ["BACKENDS", "MIN_TRITON", "COMPILE_OPTIONS", "triton_release", "triton_problem", "triton_available",
-           "interpret_mode", "resolve_backend", "check_sparse_codes", "drop_padding"]
+           "interpret_mode", "resolve_backend", "check_sparse_codes", "drop_padding", "csr_offsets"]
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -186,6 +186,14 @@ def dense_rows_block(values: torch.Tensor, indices: torch.Tensor, n_rows: int, d
     local = (torch.cumsum(present, 0) - 1).index_select(0, indices.reshape(-1)).view(B, k)
     Z = torch.zeros(B, u, dtype=dtype, device=indices.device).scatter_add_(1, local, values.to(dtype))
     return rows, Z
+
+
+def csr_offsets(sorted_rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """CSR row offsets of entries sorted by row: int64 [n_rows + 1], offsets[r] = number of entries
+    with row < r. sorted_rows: int64 [E] ascending (entries with row >= n_rows, e.g. a padding
+    sentinel, are left out). A binary search per row, with no host synchronisation on CUDA (torch's
+    bincount reads the rows' min and max on the host)."""
+    return torch.searchsorted(sorted_rows, torch.arange(n_rows + 1, device=sorted_rows.device))
 
 
 # ------------------------------------------------------------------------------------ launches

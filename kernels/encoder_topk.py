@@ -512,6 +512,8 @@ def _select_triton(xc, W_enc, b_enc, k, dead_mask, k_aux, latent_chunk):
     N = W_enc.shape[1]
     if N >= 2**31:
         raise ValueError(f"d_sae={N} per process must be < 2^31 (int32 latent ids); shard wider")
+    # the dead latents' ids: nonzero() waits for the device, so before the kernel is queued, not after it
+    dead = dead_mask.nonzero().squeeze(1) if k_aux > 0 and dead_mask is not None else None
     # the kernel reads W_enc in the compute dtype: a cast copy, freed with the launch before the dead pass
     launch, cand_v, cand_i = encoder_launch(xc, W_enc.to(xc.dtype), b_enc.to(xc.dtype), k, latent_chunk)
     if xc.shape[0]:
@@ -520,8 +522,8 @@ def _select_triton(xc, W_enc, b_enc, k, dead_mask, k_aux, latent_chunk):
     v, j = cand_v.topk(k, dim=1, sorted=False)
     i = cand_i.gather(1, j).long()
     av = ai = None
-    if k_aux > 0 and dead_mask is not None:
-        av, ai = _select_dead(xc, W_enc, b_enc, dead_mask, k_aux, latent_chunk)
+    if dead is not None:
+        av, ai = _select_dead(xc, W_enc, b_enc, dead, k_aux, latent_chunk)
     return v, i, av, ai
 
 
@@ -530,9 +532,10 @@ DEAD_PASS_ELEMENTS = 1 << 27
 
 
 @torch.no_grad()
-def _select_dead(xc, W_enc, b_enc, dead_mask, k_aux, latent_chunk):
+def _select_dead(xc, W_enc, b_enc, dead, k_aux, latent_chunk):
     """AuxK candidates (Gao et al. 2024, section 2.4.1): the top-k_aux raw pre-activations of each
-    row among the dead latents (k_aux <= n_dead, as `encode_topk` passes it).
+    row among the dead latents, int64 ids `dead` [n_dead] ascending (k_aux <= n_dead, as `encode_topk`
+    passes it).
 
     The dead latents' W_enc columns are gathered C = min(max(latent_chunk, 2 k_aux), n_dead) at a
     time and cast to xc's dtype (the compute dtype); for each chunk and each block of
@@ -541,7 +544,6 @@ def _select_dead(xc, W_enc, b_enc, dead_mask, k_aux, latent_chunk):
     transients are bounded by the block, whatever B and n_dead (sizes: `sae_dist.plan._dead_pass`).
     Returns unsorted (values [B, k_aux] in xc's dtype, int64 latent ids [B, k_aux])."""
     B = xc.shape[0]
-    dead = dead_mask.nonzero().squeeze(1)
     nd = dead.numel()
     C = max(1, min(max(latent_chunk, 2 * k_aux), nd))
     R = max(1, DEAD_PASS_ELEMENTS // (k_aux + C))
@@ -695,10 +697,9 @@ def _grad_w_enc_csr(xcf, gf, idx, block, W_enc, latent_chunk, drop_zeros):
     if drop_zeros:
         nz = gf.nonzero().squeeze(1)
         rows, toks, gf = rows[nz], toks[nz], gf[nz]
-    order = torch.argsort(rows, stable=True)
+    rows, order = torch.sort(rows, stable=True)
     toks, gf = toks[order], gf[order]
-    crow = torch.zeros(n + 1, dtype=torch.int64, device=gf.device)
-    torch.cumsum(torch.bincount(rows, minlength=n), 0, out=crow[1:])
+    crow = _common.csr_offsets(rows, n)
     gW = torch.empty(d, n, dtype=W_enc.dtype, device=gf.device)
     C = max(1, min(n, max(latent_chunk, GRAD_CHUNK_BYTES // (4 * d) if gf.is_cuda else latent_chunk)))
     bounds = crow[::C].tolist() + ([] if n % C == 0 else [crow[-1].item()])

@@ -59,7 +59,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import Launch, check_sparse_codes, dense_rows_block, drop_padding, resolve_backend
+from ._common import Launch, check_sparse_codes, csr_offsets, dense_rows_block, drop_padding, resolve_backend
 
 try:  # a module global, because Triton 3.3 resolves the kernels' `tl.constexpr` annotations in it
     import triton.language as tl  # noqa: F401
@@ -336,10 +336,7 @@ def triton_grad_wdec(grad_out, indices, values, d_sae, out_dtype, deterministic)
     rows_sorted, perm = torch.sort(flat, stable=True)
     tok = torch.div(perm, K, rounding_mode="floor").contiguous()
     wt = values.reshape(-1)[perm].contiguous()
-    offs = torch.zeros(d_sae + 1, dtype=torch.int64, device=dev)
-    if flat.numel():
-        counts = torch.bincount(rows_sorted, minlength=d_sae + 1)[:d_sae]
-        torch.cumsum(counts, 0, out=offs[1:])
+    offs = csr_offsets(rows_sorted, d_sae)  # the sentinel rows (d_sae) left out
     gw = _empty((d_sae, D), out_dtype, dev)
     if d_sae:
         grad_wdec_rows_launch(grad_out, tok, wt, offs, gw).run()

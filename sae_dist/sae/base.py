@@ -171,7 +171,7 @@ class DeadLatentTracker:
         """Advance the counters by a batch of n_tokens in which the latents of bool [d_sae] `fired`
         fired (under data parallelism: OR-reduced over dp, n_tokens = the global batch)."""
         self.tokens_since_fired += int(n_tokens)
-        self.tokens_since_fired[fired] = 0
+        self.tokens_since_fired.masked_fill_(fired, 0)  # no host sync (a bool index is a nonzero() on CUDA)
         self.ever_fired |= fired
 
     def dead_mask(self) -> torch.Tensor:

@@ -596,7 +596,7 @@ def test_dead_pass_blocks_match_select_dead(monkeypatch, B, n, n_dead, ka, lc, c
     ka = min(ka, n_dead)
     shapes = []
     monkeypatch.setattr(torch, "addmm", partial(_recording_addmm, shapes, torch.addmm))
-    v, i = et._select_dead(x, W, b, dead, ka, lc)
+    v, i = et._select_dead(x, W, b, dead.nonzero().squeeze(1), ka, lc)
     p = planmod._dead_pass(B, d, n_dead, ka, lc, 4, n_dead)
     C, R = p["chunk"], p["rows"]
     assert C == min(max(lc, 2 * ka), n_dead) and R == min(B, max(1, cap // (ka + C)))
@@ -640,7 +640,7 @@ def test_dead_pass_transient_bounds_its_allocations(monkeypatch, B, d, n, ka, lc
     g = torch.Generator().manual_seed(random.randrange(2**31))
     # the trainer's operands: fp32 parameters (cast by the pass itself), x - b_dec in the compute dtype
     x, W = torch.randn(B, d, generator=g).to(dtype), torch.randn(d, n, generator=g)
-    b, dead = torch.zeros(n), torch.ones(n, dtype=torch.bool)
+    b, dead = torch.zeros(n), torch.arange(n)
     measured = _peak_cpu_bytes(lambda: et._select_dead(x, W, b, dead, ka, lc))
     planned = planmod._dead_pass(B, d, n, ka, lc, 2 if dtype == torch.bfloat16 else 4, n)["transient_bytes"]
     assert measured <= planned <= 1.15 * measured, (measured, planned)

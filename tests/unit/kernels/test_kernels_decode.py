@@ -276,3 +276,28 @@ def test_kernel_device_is_chosen_once_from_torch_cuda(kernel_device, monkeypatch
         for env in ({}, {"TRITON_INTERPRET": "1"}, {"TRITON_INTERPRET": "0"}):
             assert choose_kernel_device(env) == torch.device(device)
             assert env == env_after, (available, env)
+
+
+def test_csr_offsets_count_the_rows_below_each_without_a_host_sync(kernel_device):
+    """`csr_offsets` (the deterministic W_dec gradient's and the encoder's CSR W_enc gradient's row offsets)
+    equals the cumulative bincount of the rows it replaced, sentinel rows >= n_rows left out and rows without
+    entries included; on CUDA it runs under torch's sync debug mode "error" (bincount reads min and max on the
+    host, which that mode raises for)."""
+    from sae_dist.kernels._common import csr_offsets
+
+    g = torch.Generator().manual_seed(0)
+    n = 50
+    for numel in (0, 1, 7, 400):
+        rows = torch.randint(0, n + 1, (numel,), generator=g)  # row n: the padding sentinel
+        sorted_rows = rows.sort().values.to(kernel_device)
+        want = torch.zeros(n + 1, dtype=torch.int64)
+        want[1:] = torch.cumsum(torch.bincount(rows, minlength=n + 1)[:n], 0)
+        if sorted_rows.is_cuda:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            got = csr_offsets(sorted_rows, n)
+        finally:
+            if sorted_rows.is_cuda:
+                torch.cuda.set_sync_debug_mode("default")
+        assert got.dtype == torch.int64 and torch.equal(got.cpu(), want), numel
