@@ -78,8 +78,9 @@ __all__ = ["CheckSizes", "FULL", "DRY", "ChipPeak", "CHIP_PEAKS", "chip_peak", "
 ROOT = Path(__file__).resolve().parents[1]
 #: The kernel_tests step's pytest files: the kernels', and the harvester's, LM stream's and load_sae's CUDA tests.
 KERNEL_TEST_FILES = ("tests/unit/kernels/test_kernels_encoder.py", "tests/unit/kernels/test_kernels_decode.py",
-                     "tests/unit/kernels/test_kernels_auxk.py", "tests/unit/kernels/test_kernel_step.py",
-                     "tests/integration/kernels/test_kernels_import.py", "tests/unit/harvest/test_harvest_cuda.py")
+                     "tests/unit/kernels/test_kernels_auxk.py", "tests/unit/kernels/test_kernels_dead_pass.py",
+                     "tests/unit/kernels/test_kernel_step.py", "tests/integration/kernels/test_kernels_import.py",
+                     "tests/unit/harvest/test_harvest_cuda.py")
 GiB = 2**30
 
 
