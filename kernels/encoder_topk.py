@@ -456,9 +456,10 @@ ROW_ALIGN = 16
 
 
 def _aligned_rows(x: torch.Tensor) -> torch.Tensor:
-    """x [B, d] itself when its rows start 16 elements apart (row stride a multiple of 16, unit column
-    stride), else a copy in a buffer of rows padded to a multiple of 16 elements (the view [B, d] of it)."""
-    if x.stride(1) == 1 and x.stride(0) % ROW_ALIGN == 0:
+    """x [B, d] itself when it starts 16-byte aligned with rows ROW_ALIGN elements apart (row stride a
+    multiple of it, unit column stride), else a copy in a buffer of rows padded to a multiple of ROW_ALIGN
+    elements (the view [B, d] of it)."""
+    if x.stride(1) == 1 and x.stride(0) % ROW_ALIGN == 0 and x.data_ptr() % 16 == 0:
         return x
     buf = x.new_empty(x.shape[0], -(-x.shape[1] // ROW_ALIGN) * ROW_ALIGN)[:, : x.shape[1]]
     return buf.copy_(x)

@@ -157,7 +157,8 @@ the gathers' int64 order [Bl, m]) + the larger of the forward's and the backward
     the buffers stay under candidate_buffer_bytes = 1 GiB, `CANDIDATE_BUFFER_BYTES`, then rounded up
     to the kernel's BLOCK_N (128 for bf16 dots, 64 for IEEE fp32 dots); one split when even that is
     over the cap), with bf16 operands beside the kernel's bf16 copy of W_enc and b_enc (2*d*nl +
-    2*nl, freed before the dead pass; the backward holds only the fp32 parameters); the AuxK
+    2*nl, freed before the dead pass; the backward holds only the fp32 parameters) and, when d_in is not a
+    multiple of 16 (`ENCODER_ROW_ALIGN`), the kernel's copy of x - b_dec in padded rows; the AuxK
     dead-latent pass (Triton; the candidate buffers and the main selection are still alive then):
     its [Bl, ka] result, the [d, C] gathered columns (and, with bf16 operands, their fp32 gather
     before the cast) and one token block's pre-activations, merge and topk (`_dead_pass`; planned
@@ -204,6 +205,7 @@ __all__ = [
     "TOPK_EXCHANGES",
     "CANDIDATE_BUFFER_BYTES",
     "ENCODER_BLOCK_N",
+    "ENCODER_ROW_ALIGN",
     "DEAD_PASS_ELEMENTS",
     "GRAD_CHUNK_BYTES",
     "DEAD_FRACTION",
@@ -232,6 +234,9 @@ CANDIDATE_BUFFER_BYTES = 1 << 30
 #: (mirrors `encoder_topk.encoder_launch_config` without a measured entry: 16-bit and TF32 dots 128, IEEE fp32
 #: dots 64; every tuning candidate's BLOCK_N divides it; tests check).
 ENCODER_BLOCK_N = {"bf16": 128, "tf32": 128, "ieee": 64}
+#: The Triton encoder copies x - b_dec into rows padded to a multiple of this many elements when d_in is not one
+#: (mirrors `encoder_topk.ROW_ALIGN`; tests check they agree).
+ENCODER_ROW_ALIGN = 16
 #: Bound of one token block of the AuxK dead-latent pass's [rows, ka + chunk] merge, in elements
 #: (mirrors `encoder_topk.DEAD_PASS_ELEMENTS`; tests check they agree).
 DEAD_PASS_ELEMENTS = 1 << 27
@@ -984,8 +989,9 @@ def _transients(s: _Step) -> dict[str, dict[str, int]]:
     elif s.backend == "torch":
         fwd["encoder_chunk_buffers"] = (cast * s.chunk + Bl * s.chunk * vb * (2 if s.ka else 1)
                                         + Bl * (8 * wm + 2 * s.wa) * 12)
-    if s.triton:
-        fwd["encoder_split_candidates"] = cast * s.nl + Bl * s.splits * wm * 8
+    if s.triton:  # + xc's copy in padded rows when d_in is not a multiple of ENCODER_ROW_ALIGN
+        padded = Bl * -(-s.d // ENCODER_ROW_ALIGN) * ENCODER_ROW_ALIGN * vb if s.d % ENCODER_ROW_ALIGN else 0
+        fwd["encoder_split_candidates"] = cast * s.nl + Bl * s.splits * wm * 8 + padded
     if s.dead:  # with the candidate buffers and the main selection, still referenced by _select_triton
         fwd["auxk_dead_pass"] = s.dead["transient_bytes"] + Bl * s.splits * wm * 8 + Bl * wm * 20
     for prefix, (exchange_bytes, _, _) in s.exchanges.items():

@@ -84,7 +84,7 @@ def broadcast_status(failed: bool, device, group, src: int, what: str) -> None:
     timeout; `src` returns (and raises its own error after), having waited for the status to leave when it
     failed (NCCL only queues a broadcast, and the process may exit next).
     """
-    status = torch.tensor([int(failed)], dtype=torch.int32, device=device)
+    status = torch.full((1,), int(failed), dtype=torch.int32, device=device)  # torch.tensor(...) would sync on CUDA
     dist.broadcast(status, src=src, group=group)
     if dist.get_rank() == src:
         if failed:

@@ -21,6 +21,7 @@ from sae_dist.plan import (
     CANDIDATE_BUFFER_BYTES,
     DEAD_PASS_ELEMENTS,
     ENCODER_BLOCK_N,
+    ENCODER_ROW_ALIGN,
     GRAD_CHUNK_BYTES,
     Cluster,
     GiB,
@@ -529,8 +530,9 @@ def test_candidate_buffer_cap_matches_the_kernel(monkeypatch):
 
 
 def test_planner_constants_mirror_the_kernel_module():
-    """CANDIDATE_BUFFER_BYTES, DEAD_PASS_ELEMENTS, GRAD_CHUNK_BYTES, the zero-dropping threshold and the
-    tile BLOCK_N per dot precision are the kernel module's (`encoder_topk`, `encoder_launch_config`)."""
+    """CANDIDATE_BUFFER_BYTES, DEAD_PASS_ELEMENTS, GRAD_CHUNK_BYTES, the row alignment, the zero-dropping
+    threshold and the tile BLOCK_N per dot precision are the kernel module's (`encoder_topk`,
+    `encoder_launch_config`)."""
     from sae_dist.kernels import encoder_topk as et
     from sae_dist.plan import ENCODER_BWD_DROP_BELOW
 
@@ -539,6 +541,7 @@ def test_planner_constants_mirror_the_kernel_module():
     assert CANDIDATE_BUFFER_BYTES == et.CANDIDATE_BUFFER_BYTES == 2**30
     assert DEAD_PASS_ELEMENTS == et.DEAD_PASS_ELEMENTS == 2**27
     assert GRAD_CHUNK_BYTES == et.GRAD_CHUNK_BYTES == 2**28
+    assert ENCODER_ROW_ALIGN == et.ROW_ALIGN == 16
     for d_in, k in itertools.product((768, 2304, 4096), (8, 32, 64, 128)):
         assert {key: et.encoder_launch_config(d_in, k, None if key == "bf16" else key)["BLOCK_N"]
                 for key in ENCODER_BLOCK_N} == ENCODER_BLOCK_N
