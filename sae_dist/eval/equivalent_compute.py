@@ -53,15 +53,17 @@ def clean_cross_entropy(model: nn.Module, sequences: torch.Tensor, *, batch_size
     float32 log-softmax, float64 sums; batch_size is capped as in `downstream_loss` (one float32
     [B, T, V] log-prob tensor under MAX_LOGPROB_ELEMENTS). Raises ValueError when the model's vocabulary
     is smaller than the largest token id (a different tokenizer)."""
+    from sae_dist.harvest.lm import check_token_ids
     from sae_dist.train.heldout import logprob_batch_size
 
     n, t = sequences.shape
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if vocab is not None and int(sequences.max()) >= int(vocab):
-        raise ValueError(f"token id {int(sequences.max())} >= the model's vocab_size {vocab}: the LM family must "
-                         "share the evaluated model's tokenizer")
-    if vocab is not None:
-        batch_size = logprob_batch_size(batch_size, t, int(vocab))
+    try:
+        check_token_ids(model, sequences)
+    except ValueError as e:
+        raise ValueError(f"{e}; the LM family must share the evaluated model's tokenizer") from None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None:  # as downstream_loss: the fp32 [B, T, V] log-probs bounded whatever the vocabulary
+        batch_size = logprob_batch_size(batch_size, t, head.weight.shape[0])
     s = skip_positions
     total, count = 0.0, 0
     was = model.training
