@@ -469,8 +469,9 @@ def encoder_launch(xc, W_enc, b_enc, k, latent_chunk, cand_v=None, cand_i=None, 
     """The fused encoder's `Launch` for xc [B, d] (= x - b_dec), W_enc [d, n], b_enc [n]: a grid of
     (token blocks, latent splits); split s writes its local top-k of every row into columns
     [s k, (s + 1) k) of the [B, splits * k] candidate buffers (fp32 values, int32 latent ids).
-    xc is copied into rows padded to a multiple of ROW_ALIGN elements when its row stride is not one
-    (a [B, d] copy, d_in not a multiple of 16: aligned loads keep the kernel from spilling).
+    xc is copied into rows padded to a multiple of ROW_ALIGN elements when its rows are not aligned
+    (`_aligned_rows`; a [B, d] copy when d_in is not a multiple of 16: aligned loads keep the kernel
+    from spilling).
     config: a launch configuration (one of `encoder_candidates`; the tuner passes them), default
     `encoder_launch_config` for the tensors' device. Returns (launch, cand_v, cand_i). Meta tensors are
     accepted (the report compiles from them)."""
