@@ -25,6 +25,9 @@ Prints ONE JSON line (docs/benchmarks.md, "How a step is measured"):
 - `alloc_retries` (CUDA; null elsewhere): retries of PyTorch's caching allocator during the warmup and timed steps
   (`num_alloc_retries`: an allocation that succeeded only after the cache was emptied); above 0 the step
   ran at the memory limit and its time includes that. `sparsify_alloc_retries`: the same for sparsify's step.
+- `host_syncs_per_step` (CUDA; null elsewhere): the synchronising CUDA calls of one more step after the
+  timed ones (where the host waits for the GPU: `.item()`, a bool-mask index, `nonzero`, ...), counted as
+  the warnings of `torch.cuda.set_sync_debug_mode("warn")` (`host_syncs`).
 - `param_grad_adam_mb`: bytes of parameters + gradients + Adam's two moments (4 x parameter bytes),
   the reference of the memory goal `peak_mem_mb <= 1.15 * param_grad_adam_mb + 256`.
 - with `--baseline-dead-frac F0`: `paired_step_ms` and `baseline_step_ms`, the medians of the step at
@@ -59,13 +62,14 @@ import resource
 import statistics
 import sys
 import time
+import warnings
 from typing import Callable
 
 import torch
 
 from sae_dist.extras import install_command
 
-__all__ = ["main", "run_bench", "time_fn", "time_interleaved", "PeakMemory"]
+__all__ = ["main", "run_bench", "time_fn", "time_interleaved", "host_syncs", "PeakMemory"]
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -141,6 +145,22 @@ class PeakMemory:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def host_syncs(fn: Callable[[int], object], i: int, device: torch.device) -> int | None:
+    """On CUDA, the number of synchronising CUDA calls fn(i) makes (each a warning of
+    `torch.cuda.set_sync_debug_mode("warn")`, recorded; the mode restored after); None on other devices."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn(i)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in seen)
 
 
 def time_fn(fn: Callable[[int], object], iters: int, warmup: int, device: torch.device) -> list[float]:
@@ -406,6 +426,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     step_times = time_fn(step, args.iters, args.warmup, device)
     retries = _alloc_retries(device, retries)
     peak_mb = mem.peak_mb()
+    syncs = host_syncs(step, args.warmup + args.iters, device)
     n_params = sum(p.numel() * p.element_size() for p in sae.parameters())
     W_src = sae.W_enc.detach()
     del opt, step, sae
@@ -429,6 +450,7 @@ def run_bench(args: argparse.Namespace) -> dict:
         "matmul_ms_by_layout": {key: statistics.median(v) for key, v in matmul_layouts.items()},
         "matmul_gflop_per_s": 2 * B * d * n / (matmul_ms / 1e3) / 1e9,
         "peak_mem_mb": peak_mb, "peak_mem_method": mem.method, "alloc_retries": retries,
+        "host_syncs_per_step": syncs,
         "param_grad_adam_mb": 4 * n_params / 2**20,
         **_environment(device),
     }

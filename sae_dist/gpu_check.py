@@ -711,6 +711,8 @@ def step_bench(c: Check, name: str, budget_key: str, n: int, dead_frac: float, v
                f"peak {b['peak_mem_mb'] / 1024:.2f} GiB, {b['dead_latents']} dead")
     if b.get("alloc_retries"):
         summary += f" ({b['alloc_retries']} allocator retries: at the memory limit)"
+    if b.get("host_syncs_per_step") is not None:
+        summary += f", {b['host_syncs_per_step']} host syncs per step"
     if "speedup_vs_sparsify" in b:
         summary += (f"; sparsify {b['sparsify_step_ms']:.1f} ms = {b['speedup_vs_sparsify']:.2f}x ours "
                     f"({b['sparsify_micro_batches']} micro-batch(es)"

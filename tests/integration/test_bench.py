@@ -37,6 +37,7 @@ def _check_record(rec: dict, d, n, k, batch) -> None:
     for key in POSITIVE:
         assert isinstance(rec[key], (int, float)) and rec[key] > 0, (key, rec[key])
     assert math.isclose(rec["step_over_matmul"], rec["step_ms"] / rec["matmul_ms"], rel_tol=1e-12)
+    assert rec["host_syncs_per_step"] is None  # counted on CUDA only
     assert math.isclose(rec["tokens_per_s"], batch / (rec["step_ms"] / 1e3), rel_tol=1e-12)
     assert (rec["d"], rec["n"], rec["k"], rec["batch"], rec["device"]) == (d, n, k, batch, "cpu")
     # params + grads + Adam's two moments, fp32: 4 tensors of (2*d*n + n + d) floats

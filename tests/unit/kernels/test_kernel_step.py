@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _kernel_tol import kernel_tol
+from _kernel_tol import kernel_tol, requires_cuda
 
 from sae_dist.sae.config import SAEConfig
 from sae_dist.sae.topk import TopKSAE, topk_losses_reference
@@ -257,3 +257,17 @@ def _check_autocast_step(monkeypatch, backend, dev):
         ref = getattr(b, n).grad
         cos = float((g * ref).sum() / (g.norm() * ref.norm()))
         assert cos > 0.9, (n, cos)
+
+
+@requires_cuda
+def test_bench_counts_the_host_syncs_of_a_step():
+    """`sae_dist.bench.host_syncs` (the benchmark's host_syncs_per_step) counts one wait per .item() and none for
+    work that stays on the device, and leaves torch's sync debug mode off."""
+    from sae_dist.bench import host_syncs
+
+    dev = torch.device("cuda")
+    x = torch.randn(64, 64, device=dev)
+    assert host_syncs(lambda i: [float((x * j).sum()) for j in range(3)], 0, dev) == 3
+    assert host_syncs(lambda i: x @ x + i, 0, dev) == 0
+    assert torch.cuda.get_sync_debug_mode() == 0
+    assert host_syncs(lambda i: x.sum().item(), 0, torch.device("cpu")) is None
