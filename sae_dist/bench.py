@@ -27,7 +27,8 @@ Prints ONE JSON line (docs/benchmarks.md, "How a step is measured"):
   ran at the memory limit and its time includes that. `sparsify_alloc_retries`: the same for sparsify's step.
 - `host_syncs_per_step` (CUDA; null elsewhere): the synchronising CUDA calls of one more step after the
   timed ones (where the host waits for the GPU: `.item()`, a bool-mask index, `nonzero`, ...), counted as
-  the warnings of `torch.cuda.set_sync_debug_mode("warn")` (`host_syncs`).
+  the warnings of `torch.cuda.set_sync_debug_mode("warn")` (`host_syncs`); should that extra step raise,
+  null and `host_syncs_error` (the message).
 - `param_grad_adam_mb`: bytes of parameters + gradients + Adam's two moments (4 x parameter bytes),
   the reference of the memory goal `peak_mem_mb <= 1.15 * param_grad_adam_mb + 256`.
 - with `--baseline-dead-frac F0`: `paired_step_ms` and `baseline_step_ms`, the medians of the step at
@@ -426,7 +427,11 @@ def run_bench(args: argparse.Namespace) -> dict:
     step_times = time_fn(step, args.iters, args.warmup, device)
     retries = _alloc_retries(device, retries)
     peak_mb = mem.peak_mb()
-    syncs = host_syncs(step, args.warmup + args.iters, device)
+    syncs, sync_error = None, None
+    try:  # a count beside the timings: its failure is recorded, never the benchmark's
+        syncs = host_syncs(step, args.warmup + args.iters, device)
+    except Exception as e:  # noqa: BLE001
+        sync_error = f"{type(e).__name__}: {e}"[:300]
     n_params = sum(p.numel() * p.element_size() for p in sae.parameters())
     W_src = sae.W_enc.detach()
     del opt, step, sae
@@ -450,7 +455,7 @@ def run_bench(args: argparse.Namespace) -> dict:
         "matmul_ms_by_layout": {key: statistics.median(v) for key, v in matmul_layouts.items()},
         "matmul_gflop_per_s": 2 * B * d * n / (matmul_ms / 1e3) / 1e9,
         "peak_mem_mb": peak_mb, "peak_mem_method": mem.method, "alloc_retries": retries,
-        "host_syncs_per_step": syncs,
+        "host_syncs_per_step": syncs, **({"host_syncs_error": sync_error} if sync_error else {}),
         "param_grad_adam_mb": 4 * n_params / 2**20,
         **_environment(device),
     }
