@@ -1,8 +1,9 @@
 """Measured launch configurations of the fused encoder: time `encoder_candidates` on a GPU, keep the fastest.
 
     python -m sae_dist.kernels.tune [--d-in 768] [--n 262144] [--batch 32768] [--k 32 128] [--dtype bf16]
-                                    [--iters 10] [--budget-s 120] [--out FILE] [--device cuda]
-    python -m sae_dist.kernels.tune --merge FILE [--table PATH]
+                                    [--iters 10] [--warmup 2] [--budget-s 120] [--stop-at UNIX_TIME]
+                                    [--seed 0] [--out FILE] [--device cuda]
+    python -m sae_dist.kernels.tune --merge FILE [--table PATH] [--force]
 
 `--dtype`: bf16 / fp16 (16-bit tensor-core dots), fp32 (IEEE dots, torch's default fp32 setting) or tf32
 (fp32 operands with torch's fp32 matmul precision set to "tf32" for the run, so the encoder takes TF32 dots).
@@ -34,6 +35,7 @@ import contextlib
 import datetime as _dt
 import functools
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -173,6 +175,11 @@ def check_selection(ref_v, v) -> str | None:
     return None
 
 
+def _one_line(e: BaseException, prefix: str = "") -> str:
+    """An exception as one line of at most 500 characters (it goes into markdown tables)."""
+    return " ".join(f"{prefix}{type(e).__name__}: {e}".split())[:500]
+
+
 def _first_run(xc, W_enc, b_enc, k, cfg, rtol, ref_v, rec):
     """Compile and run one candidate, check it (`check_values`, then against ref_v when given); fills `rec`
     (status checked / wrong / error, first_run_s, error). Returns (launch, values) when it passed, else None.
@@ -187,7 +194,7 @@ def _first_run(xc, W_enc, b_enc, k, cfg, rtol, ref_v, rec):
         rec["first_run_s"] = round(time.perf_counter() - t0, 3)  # compile + one launch
         bad = check_values(xc, W_enc, b_enc, v, i, rtol) or (None if ref_v is None else check_selection(ref_v, v))
     except Exception as e:  # reported, not fatal: the other candidates still run
-        rec.update(status="error", error=" ".join(f"{type(e).__name__}: {e}".split())[:500])
+        rec.update(status="error", error=_one_line(e))
         return None
     rec["status"] = "wrong" if bad else "checked"
     if bad:
@@ -211,7 +218,7 @@ def _time_runs(runs, iters: int, warmup: int, deadline: float, device) -> None:
         for t, new in zip(times, time_interleaved(fns, 1, 0, device), strict=True):
             t += new
     for (rec, _), t in zip(runs, times, strict=True):
-        rec.update(status="timed", ms_median=round(sorted(t)[len(t) // 2], 4), ms_min=round(min(t), 4), rounds=len(t))
+        rec.update(status="timed", ms_median=round(statistics.median(t), 4), ms_min=round(min(t), 4), rounds=len(t))
 
 
 def tune_class(xc, W_enc, b_enc, k: int, iters: int, warmup: int, deadline: float) -> dict:
@@ -239,7 +246,7 @@ def tune_class(xc, W_enc, b_enc, k: int, iters: int, warmup: int, deadline: floa
             _time_runs(runs, iters, warmup, deadline, xc.device)
         except Exception as e:  # a launch that fails only now (a fault of an earlier one, say): the class is kept
             for rec, _ in runs:
-                rec.update(status="error", error=" ".join(f"timing: {type(e).__name__}: {e}".split())[:500])
+                rec.update(status="error", error=_one_line(e, "timing: "))
     timed = [r for r in results if r["status"] == "timed"]
     best = min(timed, key=lambda r: r["ms_median"]) if timed else None
     default_ms = results[0].get("ms_median")

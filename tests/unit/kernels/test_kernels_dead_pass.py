@@ -4,6 +4,7 @@ a CPU; `make gpu-check` runs this file): a bounded number of compiled variants w
 the dead-latent pass in several chunks against the reference."""
 
 import math
+from collections import Counter
 
 import pytest
 import torch
@@ -11,13 +12,6 @@ import torch
 from sae_dist.kernels._common import record_variants
 from sae_dist.kernels.encoder_topk import encode_topk
 from sae_dist.kernels.sparse_decode import auxk_loss
-
-
-def _variants_by_kernel(seen) -> dict:
-    out: dict = {}
-    for key in seen:
-        out[key[0]] = out.get(key[0], 0) + 1
-    return out
 
 
 @pytest.mark.parametrize("k_aux", [16, 24])
@@ -40,7 +34,7 @@ def test_dead_count_sweep_compiles_a_bounded_number_of_variants(k_aux, kernel_de
             v, i, av, ai = encode_topk(x, W_enc, b_enc, b_dec, k, dead_mask=dead, k_aux=k_aux, backend="triton")
             loss = auxk_loss(av, ai, W_dec, x, backend="triton") if av is not None else W_dec.sum() * 0
             (loss + v.sum()).backward()
-    counts = _variants_by_kernel(seen)
+    counts = Counter(key[0] for key in seen)  # variants per kernel name
     assert counts["encoder_topk"] == 1, counts
     assert counts["fwd"] >= 2  # the AuxK decode did run at several widths
     assert max(counts.values()) <= math.log2(k_aux) + 2, counts
